@@ -1,0 +1,1 @@
+"""The audit log: every action's outcome, hash-chained, group-committed, verifiable."""

@@ -1,0 +1,68 @@
+"""What the kernel needs from a plugin runtime, and what a running tool may ask of the client.
+
+Runtimes (``process`` now; ``wasm`` and ``upstream`` later) implement
+:class:`PluginRuntime`. The kernel hands each call a :class:`ClientBridge`
+through which the tool reports progress, logs, and makes requests of the MCP
+client (sampling, elicitation, roots) — the rpc layer implements the bridge, so
+the sandbox never sees the transport.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+JSON = dict[str, Any]
+
+
+class ClientBridge(Protocol):
+    """The calling client, as seen from inside one tool call."""
+
+    async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        """Send a ``notifications/progress`` for this call (dropped if the client gave no token)."""
+
+    async def log(self, level: str, data: Any, logger: str | None) -> None:
+        """Send a ``notifications/message`` at ``level`` (dropped below the session's level)."""
+
+    async def request(self, method: str, params: JSON) -> JSON:
+        """Send a request to the client (``sampling/createMessage``, ``elicitation/create``,
+        ``roots/list``) and return its result; raises :class:`~mcp_zero.errors.McpZeroError`
+        when the client answers with an error or cannot be reached."""
+        ...
+
+
+class PluginRuntime(Protocol):
+    """A started plugin. All methods are safe to call concurrently.
+
+    Results are MCP result objects, ready to send: ``call_tool`` returns a
+    ``CallToolResult`` (``content``, optional ``structuredContent``, ``isError``);
+    ``read_resource`` a ``ReadResourceResult``; ``get_prompt`` a ``GetPromptResult``;
+    ``complete`` a ``CompleteResult``.
+
+    Raises ``ToolTimeout`` when ``timeout`` (seconds) passes (the call is abandoned
+    and the worker killed or told to cancel), ``PluginCrashed`` when the worker
+    dies mid-call (it is restarted for later calls), ``ResourceNotFound`` /
+    ``PromptNotFound`` for unknown names.
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def call_tool(
+        self, tool: str, arguments: JSON, *, agent: str, bridge: ClientBridge, timeout: float
+    ) -> JSON: ...
+
+    async def read_resource(
+        self, uri: str, *, agent: str, bridge: ClientBridge, timeout: float
+    ) -> JSON: ...
+
+    async def get_prompt(
+        self, name: str, arguments: dict[str, str], *, agent: str, bridge: ClientBridge,
+        timeout: float,
+    ) -> JSON: ...
+
+    async def complete(
+        self, ref: JSON, argument: JSON, context: JSON | None, *, agent: str, timeout: float
+    ) -> JSON: ...
+
+    async def close(self) -> None: ...

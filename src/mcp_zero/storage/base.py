@@ -1,0 +1,79 @@
+"""The ``Store`` protocol every backend implements, and the records it keeps.
+
+SQLite (embedded, the default) implements it now; PostgreSQL later. Every
+method is synchronous and thread-safe: reads and the rare administrative writes
+take microseconds on SQLite. The hot write — the audit record of every action —
+arrives in batches from the one writer thread of ``mcp_zero.audit.AuditLog``
+(group commit); ``append_audit_batch`` returns only once the batch is durable
+(fsynced). The store keeps audit rows as given: the chain is the audit log's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class AgentRecord:
+    name: str
+    token_hash: str
+    plugins: list[str] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)  # free-form, persisted by snapshots
+    status: str = "active"  # "active" | "terminated"
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class PluginRecord:
+    name: str
+    version: str
+    manifest: dict[str, Any]  # the manifest as installed (JSON)
+    path: str  # installed plugin directory
+    installed_at: float = 0.0
+
+
+@dataclass(slots=True)
+class SnapshotRecord:
+    id: str
+    agent: str
+    data: dict[str, Any]  # the AgentRecord's name, plugins, state, status
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """A record as stored: ``seq`` from 1, gap-free; ``hash`` chains to ``prev_hash``."""
+
+    seq: int
+    ts: float
+    body: bytes  # canonical JSON of the event
+    prev_hash: str  # hex SHA-256
+    hash: str  # hex SHA-256
+
+
+class Store(Protocol):
+    # agents
+    def create_agent(self, agent: AgentRecord) -> None: ...  # Conflict if the name is taken
+    def get_agent(self, name: str) -> AgentRecord | None: ...
+    def agent_by_token_hash(self, token_hash: str) -> AgentRecord | None: ...
+    def list_agents(self) -> list[AgentRecord]: ...
+    def update_agent(self, agent: AgentRecord) -> None: ...  # AgentNotFound if missing
+
+    # plugins
+    def put_plugin(self, plugin: PluginRecord) -> None: ...  # insert or replace
+    def get_plugin(self, name: str) -> PluginRecord | None: ...
+    def list_plugins(self) -> list[PluginRecord]: ...
+    def delete_plugin(self, name: str) -> bool: ...
+    def plugins_version(self) -> int: ...  # changes whenever the plugin set changes
+
+    # snapshots
+    def put_snapshot(self, snapshot: SnapshotRecord) -> None: ...
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None: ...
+
+    # audit: append-only; rows arrive in seq order, durable when the call returns
+    def append_audit_batch(self, entries: list[AuditEntry]) -> None: ...
+    def read_audit(self, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]: ...
+    def audit_head(self) -> AuditEntry | None: ...
+
+    def close(self) -> None: ...
