@@ -1,0 +1,34 @@
+"""The answer of the policy engine for one action."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    """Whether an action is allowed, and which policies decided it, and why.
+
+    ``policies`` holds policy ids: for an allow, the permits that matched; for
+    an explicit deny, the forbids that matched; for a default deny (no permit
+    matched), the permits that cover the action but whose conditions did not
+    hold (empty when no permit covers it at all). ``reasons`` holds one
+    sentence per entry of ``policies`` (the policy's ``@reason``), or, for a
+    default deny, the one sentence that explains it. ``errors`` holds Cedar's
+    evaluation errors (a policy that errors is skipped). ``message`` is the
+    sentence shown to the user.
+    """
+
+    allowed: bool
+    policies: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    message: str = ""
+
+    def to_data(self) -> dict[str, Any]:
+        """The decision as JSON-ready ``data`` for errors and audit records."""
+        data: dict[str, Any] = {"policies": list(self.policies), "reasons": list(self.reasons)}
+        if self.errors:
+            data["errors"] = list(self.errors)
+        return data

@@ -1,0 +1,219 @@
+"""The policy engine: Cedar decisions for actions, with the reasons behind them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import cedarpy
+
+from mcp_zero.errors import PolicyDenied
+from mcp_zero.kernel.action import Action, Principal, Verb
+from mcp_zero.policy.decision import PolicyDecision
+from mcp_zero.policy.loader import CompiledPolicies, PolicyInfo, compile_sources, read_policy_dir
+from mcp_zero.policy.request import (
+    AGENT,
+    PLUGIN_VERBS,
+    Uid,
+    context_json,
+    describe,
+    entities_json,
+    target_of,
+)
+from mcp_zero.policy.schema import load_schema
+
+DEFAULT_CACHE_SIZE = 4096
+_NO_LABELS: frozenset[str] = frozenset()
+_ACTIONS = {verb: {"type": "Action", "id": verb.value} for verb in Verb}
+
+
+class PolicyEngine:
+    """Decides actions against one immutable, pre-parsed Cedar policy set.
+
+    The policy set and schema are parsed once, at load. Per call the engine
+    reuses the Cedar entities built for the same principal and target, and
+    remembers decisions: a Cedar decision is a pure function of the policy set,
+    the entities and the request, and the key below determines all three, so a
+    remembered decision is exactly what Cedar would answer again. A reload
+    builds a new engine, so nothing cached outlives its policy set. Caches are
+    bounded (oldest entries go first). Not thread-safe; use it from one event
+    loop.
+    """
+
+    def __init__(self, compiled: CompiledPolicies, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self._compiled = compiled
+        self._policy_set = compiled.policy_set
+        self._infos = compiled.infos
+        self._cache_size = cache_size
+        self._decisions: dict[tuple[Any, ...], PolicyDecision] = {}
+        self._entities: dict[tuple[Any, ...], cedarpy.Entities] = {}
+        self._contexts: dict[tuple[Any, ...], str] = {}
+
+    @classmethod
+    def load(cls, policy_dir: Path, *, cache_size: int = DEFAULT_CACHE_SIZE) -> PolicyEngine:
+        """Read, parse and validate every ``*.cedar`` file in ``policy_dir``.
+
+        A directory with no policy file gives an engine that denies everything.
+        Raises PolicyError naming the file (and line) when a file cannot be
+        read, parsed or validated, or when the directory does not exist.
+        """
+        return cls.from_sources(read_policy_dir(policy_dir), cache_size=cache_size)
+
+    @classmethod
+    def from_sources(
+        cls, sources: Mapping[str, str], *, cache_size: int = DEFAULT_CACHE_SIZE
+    ) -> PolicyEngine:
+        """Build an engine from Cedar texts keyed by file name.
+
+        Raises PolicyError as ``load`` does.
+        """
+        return cls(compile_sources(sources, load_schema()), cache_size=cache_size)
+
+    @property
+    def policies(self) -> Mapping[str, PolicyInfo]:
+        """Every loaded policy by id."""
+        return self._infos
+
+    @property
+    def sources(self) -> Mapping[str, str]:
+        """The Cedar text of every loaded file, by file name."""
+        return self._compiled.sources
+
+    @property
+    def digest(self) -> str:
+        """sha256 (hex) of the loaded files: names the policy set in audit records."""
+        return self._compiled.digest
+
+    def decide(self, action: Action) -> PolicyDecision:
+        """Decide ``action``. Never raises for a well-formed action."""
+        context = action.context
+        labels = context.get("labels")
+        key = (
+            action.principal,
+            action.verb,
+            action.resource,
+            action.plugin,
+            context.get("transport", "unknown"),
+            _NO_LABELS if not labels else frozenset(labels),
+        )
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._evaluate(action, key)
+            if self._cache_size > 0:
+                _remember(self._decisions, key, decision, self._cache_size)
+        return decision
+
+    def require(self, action: Action) -> PolicyDecision:
+        """Decide ``action`` and return the decision when it is allowed.
+
+        Raises PolicyDenied with ``data={"policies": [...], "reasons": [...]}``
+        (and ``errors`` when Cedar reported some) when it is denied.
+        """
+        decision = self.decide(action)
+        if not decision.allowed:
+            raise PolicyDenied(decision.message, data=decision.to_data())
+        return decision
+
+    def _evaluate(self, action: Action, key: tuple[Any, ...]) -> PolicyDecision:
+        principal = action.principal
+        verb = action.verb
+        rtype, rid, parent = target_of(verb, action.resource, action.plugin)
+        request = {
+            "principal": {"type": AGENT, "id": principal.agent},
+            "action": _ACTIONS[verb],
+            "resource": {"type": rtype, "id": rid},
+            "context": self._context(key, principal, action.plugin),
+        }
+        entities = self._entities_for(principal, rtype, rid, parent)
+        result = cedarpy.is_authorized(request, self._policy_set, entities)
+        diagnostics = result.diagnostics
+        matched = tuple(diagnostics.reasons)
+        errors = tuple(_error_text(e) for e in diagnostics.errors)
+        if result.allowed:
+            reasons = tuple(self._reason(pid, "permits it") for pid in matched)
+            return PolicyDecision(True, matched, reasons, errors, "allowed by " + _ids(matched))
+        if matched:
+            reasons = tuple(self._reason(pid, "forbids it") for pid in matched)
+            sentence = "; ".join(
+                f'policy "{pid}" forbids {describe(principal.agent, verb, rid)}: {reason}'
+                for pid, reason in zip(matched, reasons, strict=True)
+            )
+            return PolicyDecision(False, matched, reasons, errors, sentence)
+        return self._default_deny(action, rtype, rid, parent, errors)
+
+    def _default_deny(
+        self, action: Action, rtype: str, rid: str, parent: Uid | None, errors: tuple[str, ...]
+    ) -> PolicyDecision:
+        agent = action.principal.agent
+        verb = action.verb.value
+        covering = [
+            info
+            for info in self._infos.values()
+            if info.effect == "permit"
+            and not info.template
+            and info.covers(agent, verb, rtype, rid, parent)
+        ]
+        # Name the permits written for this verb; permits for every action
+        # (e.g. admin-all) only when nothing more specific exists.
+        specific = [info for info in covering if info.verbs is not None]
+        candidates = specific or covering
+        if candidates:
+            why = "; ".join(
+                f'policy "{info.id}" {info.reason or "did not match"}' for info in candidates
+            )
+        else:
+            why = f"no permit policy covers {verb}"
+        if action.verb in PLUGIN_VERBS:
+            attached = ", ".join(sorted(action.principal.plugins)) or "none"
+            why += f" (attached: {attached})"
+        if errors:
+            why += " (policies that failed to evaluate: " + "; ".join(errors) + ")"
+        sentence = f"no policy permits {describe(agent, action.verb, rid)}: {why}"
+        ids = tuple(info.id for info in candidates)
+        return PolicyDecision(False, ids, (sentence,), errors, sentence)
+
+    def _reason(self, policy_id: str, fallback: str) -> str:
+        info = self._infos.get(policy_id)
+        if info is not None and info.reason:
+            return info.reason
+        return f'policy "{policy_id}" {fallback}'
+
+    def _context(self, key: tuple[Any, ...], principal: Principal, plugin: str | None) -> str:
+        ckey = (key[4], principal.anonymous, key[5], plugin)
+        text = self._contexts.get(ckey)
+        if text is None:
+            text = context_json(key[4], principal.anonymous, key[5], plugin)
+            _remember(self._contexts, ckey, text, max(self._cache_size, 64))
+        return text
+
+    def _entities_for(
+        self, principal: Principal, rtype: str, rid: str, parent: Uid | None
+    ) -> cedarpy.Entities:
+        ekey = (principal, rtype, rid, parent)
+        entities = self._entities.get(ekey)
+        if entities is None:
+            entities = cedarpy.Entities.from_json_str(
+                entities_json(principal, rtype, rid, parent), load_schema()
+            )
+            _remember(self._entities, ekey, entities, max(self._cache_size, 64))
+        return entities
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    if len(cache) >= limit:
+        # Dicts keep insertion order: drop the oldest entry.
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
+def _ids(policy_ids: tuple[str, ...]) -> str:
+    return ", ".join(f'policy "{pid}"' for pid in policy_ids)
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        policy = error.get("policy_id") or error.get("policyId")
+        message = error.get("error") or error.get("message") or str(error)
+        return f'policy "{policy}": {message}' if policy else str(message)
+    return str(error)

@@ -1,0 +1,287 @@
+"""Turn Cedar policy files into one validated, pre-parsed policy set.
+
+Each file is parsed and validated against the schema on its own, so an error
+names its file; the policies of all files are then renamed to their ``@id``
+(or ``<file>#<n>`` when they have none) and joined into one ``cedarpy.PolicySet``,
+so Cedar's diagnostics name our ids directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import cedarpy
+from cedarpy import pst
+
+from mcp_zero.errors import PolicyError
+
+POLICY_GLOB = "*.cedar"
+_POSITIONAL_ID = re.compile(r"policy(\d+)")
+_FOR_POLICY = re.compile(r"^for policy `[^`]*`, ")
+
+
+@dataclass(frozen=True, slots=True)
+class TargetScope:
+    """A principal or resource scope of a policy, reduced to what denial messages need.
+
+    ``entity_type`` None means any type; ``entity`` None means any entity (or a
+    template slot); ``within`` is True for ``in``, where the entity or its
+    plugin may match.
+    """
+
+    entity_type: str | None = None
+    entity: tuple[str, str] | None = None
+    within: bool = False
+
+    def matches(self, etype: str, eid: str, parent: tuple[str, str] | None) -> bool:
+        """Whether an entity of that type and id (and parent) can fall in this scope."""
+        if self.entity_type is not None and self.entity_type != etype:
+            return False
+        if self.entity is None or self.entity == (etype, eid):
+            return True
+        return self.within and parent == self.entity
+
+
+ANY_SCOPE = TargetScope()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    """What MCP-ZERO knows about one loaded policy, for decisions and denial messages."""
+
+    id: str
+    effect: Literal["permit", "forbid"]
+    reason: str | None
+    file: str
+    line: int | None
+    # Action ids the policy's scope names; None when it covers every action.
+    verbs: frozenset[str] | None
+    principal: TargetScope
+    resource: TargetScope
+    template: bool = False
+
+    def covers(
+        self, agent: str, verb: str, rtype: str, rid: str, parent: tuple[str, str] | None
+    ) -> bool:
+        """Whether the policy's scope (not its conditions) includes this request."""
+        return (
+            (self.verbs is None or verb in self.verbs)
+            and self.principal.matches("Agent", agent, None)
+            and self.resource.matches(rtype, rid, parent)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicies:
+    """A validated policy set, ready for ``cedarpy.is_authorized``."""
+
+    policy_set: cedarpy.PolicySet
+    infos: Mapping[str, PolicyInfo]
+    sources: Mapping[str, str]
+    # sha256 over file names and contents: which policy set decided, for audit records.
+    digest: str
+
+
+def read_policy_dir(policy_dir: Path) -> dict[str, str]:
+    """Every ``*.cedar`` file of ``policy_dir`` by file name.
+
+    Raises PolicyError when the directory is missing or a file cannot be read.
+    """
+    if not policy_dir.is_dir():
+        raise PolicyError(
+            f"policy directory {policy_dir} does not exist; create it, "
+            "or let mcp0 write the default policy there"
+        )
+    sources: dict[str, str] = {}
+    for path in sorted(policy_dir.glob(POLICY_GLOB)):
+        try:
+            sources[path.name] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(
+                f"{path.name}: cannot read policy file: {exc}", data={"file": path.name}
+            ) from exc
+    return sources
+
+
+def compile_sources(sources: Mapping[str, str], schema: cedarpy.Schema) -> CompiledPolicies:
+    """Parse and validate every source (file name -> Cedar text) and join them.
+
+    Raises PolicyError naming the file, the line of the offending policy and
+    Cedar's message when a file does not parse or validate, or when two
+    policies share an ``@id``.
+    """
+    infos: dict[str, PolicyInfo] = {}
+    statics: dict[str, pst.Template] = {}
+    templates: dict[str, pst.Template] = {}
+    digest = hashlib.sha256()
+    for name in sorted(sources):
+        text = sources[name]
+        digest.update(f"{len(name)}:{name}{len(text)}:".encode())
+        digest.update(text.encode())
+        parsed = _parse_file(name, text, schema)
+        lines = [line for line, _ in _statements(text)]
+        for template, is_template in parsed:
+            info = _describe(name, template, lines, is_template)
+            if info.id in infos:
+                first = infos[info.id]
+                raise PolicyError(
+                    f'{name}:{info.line}: policy id "{info.id}" is already used at '
+                    f"{first.file}:{first.line}; give each policy its own @id",
+                    data={"file": name, "line": info.line, "policy": info.id},
+                )
+            infos[info.id] = info
+            (templates if is_template else statics)[info.id] = replace(template, id=info.id)
+    joined = pst.PolicySet(
+        templates=pst.FrozenMap(templates),
+        static_policies=pst.FrozenMap(statics),
+        template_links=(),
+    )
+    try:
+        policy_set = cedarpy.PolicySet.from_pst(joined)
+    except ValueError as exc:  # pragma: no cover - every file was valid on its own
+        raise PolicyError(f"cannot join the policy files: {exc}") from exc
+    return CompiledPolicies(policy_set, infos, dict(sources), digest.hexdigest())
+
+
+def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.Template, bool]]:
+    """The file's policies in source order, each with whether it is a template."""
+    try:
+        parsed = cedarpy.PolicySet.from_str(text)
+    except ValueError as exc:
+        line = _failing_line(text)
+        where = f"{name}:{line}" if line is not None else name
+        raise PolicyError(
+            f"{where}: cannot parse policy: {exc}",
+            data={"file": name, "line": line, "errors": [str(exc)]},
+        ) from exc
+    validation = cedarpy.validate_policies(text, schema)
+    if not validation.validation_passed:
+        lines = [line for line, _ in _statements(text)]
+        ids = validation.id_annotations_by_policy_id
+        errors: list[str] = []
+        for err in validation.errors:
+            label = ids.get(err.policy_id) or err.policy_id
+            line = _line_of(err.policy_id, lines)
+            where = f"{name}:{line}" if line is not None else name
+            message = _FOR_POLICY.sub("", err.error)
+            entry = f'{where}: policy "{label}": {message}' if label else f"{where}: {message}"
+            if entry not in errors:  # Cedar repeats an error once per request environment
+                errors.append(entry)
+        raise PolicyError(
+            "policy does not validate against the MCP-ZERO schema: " + "; ".join(errors),
+            data={"file": name, "errors": errors},
+        )
+    try:
+        tree = parsed.to_pst()
+    except ValueError as exc:
+        raise PolicyError(
+            f"{name}: policy uses Cedar syntax this version cannot inspect: {exc}",
+            data={"file": name},
+        ) from exc
+    found = [(t, False) for t in tree.static_policies.values()]
+    found += [(t, True) for t in tree.templates.values()]
+    found.sort(key=lambda item: _position(item[0].id))
+    return found
+
+
+def _describe(name: str, template: pst.Template, lines: list[int], is_template: bool) -> PolicyInfo:
+    annotations = template.annotations
+    position = _position(template.id)
+    policy_id = annotations.get("id") or f"{name}#{position}"
+    verbs: frozenset[str] | None
+    action = template.action
+    if isinstance(action, pst.ActionEq):
+        verbs = frozenset({action.entity.id})
+    elif isinstance(action, pst.ActionIn):
+        verbs = frozenset(uid.id for uid in action.entities)
+    else:
+        verbs = None
+    return PolicyInfo(
+        id=policy_id,
+        effect=template.effect,
+        reason=annotations.get("reason") or None,
+        file=name,
+        line=_line_of(template.id, lines),
+        verbs=verbs,
+        principal=_scope(template.principal),
+        resource=_scope(template.resource),
+        template=is_template,
+    )
+
+
+def _scope(scope: pst.PrincipalOrResourceConstraint) -> TargetScope:
+    if isinstance(scope, pst.ScopeAny):
+        return ANY_SCOPE
+    if isinstance(scope, pst.ScopeIs):
+        return TargetScope(entity_type=scope.entity_type.basename)
+    etype = scope.entity_type.basename if isinstance(scope, pst.ScopeIsIn) else None
+    entity = scope.entity
+    uid = (entity.type.basename, entity.id) if isinstance(entity, pst.EntityUid) else None
+    return TargetScope(entity_type=etype, entity=uid, within=not isinstance(scope, pst.ScopeEq))
+
+
+def _position(positional_id: str) -> int:
+    match = _POSITIONAL_ID.fullmatch(positional_id)
+    return int(match.group(1)) if match else 0
+
+
+def _line_of(positional_id: str, lines: list[int]) -> int | None:
+    match = _POSITIONAL_ID.fullmatch(positional_id)
+    if match is None:
+        return None
+    index = int(match.group(1))
+    return lines[index] if index < len(lines) else None
+
+
+def _statements(text: str) -> list[tuple[int, str]]:
+    """Split Cedar text into policy statements: (line where it starts, its text).
+
+    Cedar's parse errors carry no position through cedarpy, so we find the
+    statement that fails ourselves; this splitter knows strings and ``//``
+    comments, which is all Cedar has that could hide a ``;``.
+    """
+    out: list[tuple[int, str]] = []
+    line = 1
+    start: int | None = None
+    start_line = 1
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\n":
+            line += 1
+        elif ch == "/" and text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif not ch.isspace():
+            if start is None:
+                start, start_line = i, line
+            if ch == '"':
+                i += 1
+                while i < n and text[i] != '"':
+                    if text[i] == "\n":
+                        line += 1
+                    i += 2 if text[i] == "\\" else 1
+            elif ch == ";":
+                out.append((start_line, text[start : i + 1]))
+                start = None
+        i += 1
+    if start is not None:
+        out.append((start_line, text[start:]))
+    return out
+
+
+def _failing_line(text: str) -> int | None:
+    """The line where the first statement that does not parse on its own starts."""
+    for line, statement in _statements(text):
+        try:
+            cedarpy.PolicySet.from_str(statement)
+        except ValueError:
+            return line
+    return None

@@ -1,0 +1,59 @@
+"""The policy set in force, swapped atomically on reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mcp_zero.kernel.action import Action
+from mcp_zero.policy.decision import PolicyDecision
+from mcp_zero.policy.engine import DEFAULT_CACHE_SIZE, PolicyEngine
+
+
+class PolicyStore:
+    """Holds the engine for a policy directory and replaces it on ``reload``.
+
+    Readers call ``decide``/``require`` (or take ``engine``); a reload parses
+    and validates the new files completely before one reference swap, so a
+    call sees either the old set or the new one, never a mix, and a bad file
+    leaves the old set in force.
+    """
+
+    def __init__(self, policy_dir: Path, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        """Load the policies of ``policy_dir``. Raises PolicyError as PolicyEngine.load."""
+        self._dir = policy_dir
+        self._cache_size = cache_size
+        self._engine = PolicyEngine.load(policy_dir, cache_size=cache_size)
+        self._generation = 1
+
+    @property
+    def policy_dir(self) -> Path:
+        return self._dir
+
+    @property
+    def engine(self) -> PolicyEngine:
+        """The engine in force now."""
+        return self._engine
+
+    @property
+    def generation(self) -> int:
+        """1 at load, incremented by every successful reload."""
+        return self._generation
+
+    def reload(self) -> PolicyEngine:
+        """Re-read the directory and put the new policy set in force.
+
+        Returns the new engine. Raises PolicyError (naming the file and line)
+        when the new files do not parse or validate; the old set stays in force.
+        """
+        engine = PolicyEngine.load(self._dir, cache_size=self._cache_size)
+        self._engine = engine
+        self._generation += 1
+        return engine
+
+    def decide(self, action: Action) -> PolicyDecision:
+        """``engine.decide(action)`` on the set in force."""
+        return self._engine.decide(action)
+
+    def require(self, action: Action) -> PolicyDecision:
+        """``engine.require(action)`` on the set in force. Raises PolicyDenied."""
+        return self._engine.require(action)
