@@ -68,8 +68,9 @@ class Store(Protocol):
     def plugins_version(self) -> int: ...  # changes whenever the plugin set changes
 
     # snapshots
-    def put_snapshot(self, snapshot: SnapshotRecord) -> None: ...
+    def put_snapshot(self, snapshot: SnapshotRecord) -> None: ...  # Conflict if the id is taken
     def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None: ...
+    def list_snapshots(self, agent: str) -> list[SnapshotRecord]: ...  # oldest first
 
     # audit: append-only; rows arrive in seq order, durable when the call returns
     def append_audit_batch(self, entries: list[AuditEntry]) -> None: ...

@@ -1,0 +1,102 @@
+"""The SQLite schema, as an ordered list of migration steps.
+
+``PRAGMA user_version`` holds how many steps a database has applied. Each step
+runs in its own ``BEGIN IMMEDIATE`` transaction together with the bump of
+``user_version``, so a crash mid-migration leaves the previous version intact,
+and two processes opening the same new file do not both apply a step. Steps are
+append-only: never edit a released step, add a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+# Each step is a tuple of single SQL statements (no executescript: it would
+# commit behind our back and break the one-transaction-per-step guarantee).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: agents, plugins, snapshots, the append-only audit table.
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO meta (key, value) VALUES ('plugins_version', 0)",
+        """CREATE TABLE agents (
+            name TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL,
+            plugins TEXT NOT NULL,
+            state TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX agents_token_hash ON agents (token_hash)",
+        """CREATE TABLE plugins (
+            name TEXT PRIMARY KEY,
+            version TEXT NOT NULL,
+            manifest TEXT NOT NULL,
+            path TEXT NOT NULL,
+            installed_at REAL NOT NULL
+        )""",
+        """CREATE TABLE snapshots (
+            id TEXT PRIMARY KEY,
+            agent TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX snapshots_agent ON snapshots (agent, created_at)",
+        """CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            body BLOB NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""",
+        # Append-only is enforced by the database, not by convention.
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+           BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+           BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer release (its ``user_version`` is ahead of ours)."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"schema version {found} > {SCHEMA_VERSION}")
+        self.found = found
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    """The number of migration steps ``conn``'s database has applied."""
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every step the database lacks; return the resulting version.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Raises
+    :class:`SchemaTooNew` if the database is ahead of this code, and lets
+    ``sqlite3.Error`` through (the store turns it into ``StorageError``).
+    """
+    version = user_version(conn)
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(version)
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = user_version(conn)
+            if version < SCHEMA_VERSION:
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+                # PRAGMA takes no parameters; version is our own int.
+                conn.execute(f"PRAGMA user_version = {version:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return version

@@ -1,0 +1,458 @@
+"""The embedded SQLite backend of the :class:`~mcp_zero.storage.base.Store` protocol.
+
+One file in WAL mode, two connections:
+
+- the *main* connection serves reads and the rare administrative writes
+  (agents, plugins, snapshots), serialised by a lock;
+- the *audit* connection is used only by :meth:`SqliteStore.append_audit_batch`
+  (the audit log's writer thread), so an audit fsync never holds the lock that
+  reads on the event-loop thread take. WAL lets those reads proceed while the
+  audit batch commits.
+
+Both connections run ``synchronous=FULL`` (a commit is on disk when it returns)
+and a busy timeout, so administrative and audit writes wait for each other
+rather than fail. Every ``sqlite3`` error leaves as
+:class:`~mcp_zero.errors.StorageError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mcp_zero.errors import AgentNotFound, Conflict, StorageError
+from mcp_zero.storage.base import AgentRecord, AuditEntry, PluginRecord, SnapshotRecord
+from mcp_zero.storage.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
+from mcp_zero.storage.sqlite_errors import storage_error
+
+# Every statement is a literal, prepared once and cached by the sqlite3 module.
+_INSERT_AGENT = (
+    "INSERT INTO agents (name, token_hash, plugins, state, status, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_AGENT_BY_NAME = (
+    "SELECT name, token_hash, plugins, state, status, created_at FROM agents WHERE name = ?"
+)
+_AGENT_BY_CREDENTIAL = (
+    "SELECT name, token_hash, plugins, state, status, created_at "
+    "FROM agents "
+    "WHERE token_hash = ? LIMIT 1"
+)
+_ALL_AGENTS = (
+    "SELECT name, token_hash, plugins, state, status, created_at FROM agents ORDER BY name"
+)
+_PUT_PLUGIN = (
+    "INSERT OR REPLACE INTO plugins (name, version, manifest, path, installed_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+_PLUGIN_BY_NAME = "SELECT name, version, manifest, path, installed_at FROM plugins WHERE name = ?"
+_ALL_PLUGINS = "SELECT name, version, manifest, path, installed_at FROM plugins ORDER BY name"
+_INSERT_SNAPSHOT = "INSERT INTO snapshots (id, agent, data, created_at) VALUES (?, ?, ?, ?)"
+_SNAPSHOT_BY_ID = "SELECT id, agent, data, created_at FROM snapshots WHERE id = ?"
+_SNAPSHOTS_OF_AGENT = (
+    "SELECT id, agent, data, created_at FROM snapshots WHERE agent = ? ORDER BY created_at, id"
+)
+_INSERT_AUDIT = "INSERT INTO audit (seq, ts, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)"
+_AUDIT_AFTER = "SELECT seq, ts, body, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?"
+_AUDIT_HEAD = "SELECT seq, ts, body, prev_hash, hash FROM audit ORDER BY seq DESC LIMIT 1"
+
+
+class SqliteStore:
+    """A :class:`~mcp_zero.storage.base.Store` in one SQLite file at ``path``.
+
+    Creates the file (mode 0600: it holds token hashes) and its parent
+    directories if missing, and migrates the schema to the current version.
+    ``busy_timeout`` is how long, in seconds, a write waits for another writer.
+    ``max_size_bytes`` caps the database file (for small devices); past it,
+    writes fail with ``StorageError`` like a full disk.
+
+    Raises :class:`~mcp_zero.errors.StorageError` if the file cannot be created,
+    opened or migrated, or was written by a newer release.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 5.0,
+        max_size_bytes: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._max_size_bytes = max_size_bytes
+        self._lock = threading.Lock()
+        self._audit_lock = threading.Lock()
+        self._closed = False
+        self._create_file()
+        self._conn = self._connect()
+        try:
+            self._migrate()
+            self._audit_conn = self._connect()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # lifecycle
+
+    def close(self) -> None:
+        """Close both connections; idempotent. Later calls raise ``StorageError``."""
+        with self._lock, self._audit_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._audit_conn.close()
+            self._conn.close()
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # agents
+
+    def create_agent(self, agent: AgentRecord) -> None:
+        """Insert ``agent``; raises :class:`~mcp_zero.errors.Conflict` if the name is taken."""
+        with self._transaction("create agent") as conn:
+            try:
+                conn.execute(
+                    _INSERT_AGENT,
+                    (
+                        agent.name,
+                        agent.token_hash,
+                        _dumps(agent.plugins),
+                        _dumps(agent.state),
+                        agent.status,
+                        agent.created_at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(
+                    f"agent {agent.name!r} already exists: choose another name",
+                    data={"agent": agent.name},
+                ) from None
+
+    def get_agent(self, name: str) -> AgentRecord | None:
+        rows = self._query(
+            "read agent",
+            _AGENT_BY_NAME,
+            (name,),
+        )
+        return _agent(rows[0]) if rows else None
+
+    def agent_by_token_hash(self, token_hash: str) -> AgentRecord | None:
+        """The agent whose token hashes to ``token_hash`` (indexed lookup), or None."""
+        rows = self._query(
+            "authenticate agent",
+            _AGENT_BY_CREDENTIAL,
+            (token_hash,),
+        )
+        return _agent(rows[0]) if rows else None
+
+    def list_agents(self) -> list[AgentRecord]:
+        rows = self._query(
+            "list agents",
+            _ALL_AGENTS,
+        )
+        return [_agent(row) for row in rows]
+
+    def update_agent(self, agent: AgentRecord) -> None:
+        """Replace every field of agent ``agent.name`` but ``created_at``.
+
+        Raises :class:`~mcp_zero.errors.AgentNotFound` if there is no such agent.
+        """
+        with self._transaction("update agent") as conn:
+            cursor = conn.execute(
+                "UPDATE agents SET token_hash = ?, plugins = ?, state = ?, status = ?"
+                " WHERE name = ?",
+                (
+                    agent.token_hash,
+                    _dumps(agent.plugins),
+                    _dumps(agent.state),
+                    agent.status,
+                    agent.name,
+                ),
+            )
+            if cursor.rowcount == 0:
+                raise AgentNotFound(
+                    f"agent {agent.name!r} does not exist: list agents with `mcp0 agent list`",
+                    data={"agent": agent.name},
+                )
+
+    # plugins
+
+    def put_plugin(self, plugin: PluginRecord) -> None:
+        """Insert or replace ``plugin`` and bump :meth:`plugins_version`."""
+        with self._transaction("install plugin") as conn:
+            conn.execute(
+                _PUT_PLUGIN,
+                (
+                    plugin.name,
+                    plugin.version,
+                    _dumps(plugin.manifest),
+                    plugin.path,
+                    plugin.installed_at,
+                ),
+            )
+            _bump_plugins_version(conn)
+
+    def get_plugin(self, name: str) -> PluginRecord | None:
+        rows = self._query(
+            "read plugin",
+            _PLUGIN_BY_NAME,
+            (name,),
+        )
+        return _plugin(rows[0]) if rows else None
+
+    def list_plugins(self) -> list[PluginRecord]:
+        rows = self._query(
+            "list plugins",
+            _ALL_PLUGINS,
+        )
+        return [_plugin(row) for row in rows]
+
+    def delete_plugin(self, name: str) -> bool:
+        """Delete plugin ``name``; True if it existed (then :meth:`plugins_version` moves)."""
+        with self._transaction("remove plugin") as conn:
+            deleted = conn.execute("DELETE FROM plugins WHERE name = ?", (name,)).rowcount > 0
+            if deleted:
+                _bump_plugins_version(conn)
+            return deleted
+
+    def plugins_version(self) -> int:
+        """A counter bumped by every plugin put/delete, from any process using this file."""
+        rows = self._query(
+            "read plugins version", "SELECT value FROM meta WHERE key = 'plugins_version'"
+        )
+        return int(rows[0][0])
+
+    # snapshots
+
+    def put_snapshot(self, snapshot: SnapshotRecord) -> None:
+        """Store ``snapshot``; snapshots are immutable, so a taken id raises ``Conflict``."""
+        with self._transaction("save snapshot") as conn:
+            try:
+                conn.execute(
+                    _INSERT_SNAPSHOT,
+                    (snapshot.id, snapshot.agent, _dumps(snapshot.data), snapshot.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(
+                    f"snapshot {snapshot.id!r} already exists: snapshots are immutable",
+                    data={"snapshot": snapshot.id},
+                ) from None
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        rows = self._query(
+            "read snapshot",
+            _SNAPSHOT_BY_ID,
+            (snapshot_id,),
+        )
+        return _snapshot(rows[0]) if rows else None
+
+    def list_snapshots(self, agent: str) -> list[SnapshotRecord]:
+        """Agent ``agent``'s snapshots, oldest first."""
+        rows = self._query(
+            "list snapshots",
+            _SNAPSHOTS_OF_AGENT,
+            (agent,),
+        )
+        return [_snapshot(row) for row in rows]
+
+    # audit
+
+    def append_audit_batch(self, entries: list[AuditEntry]) -> None:
+        """Insert ``entries`` in one transaction; return once it is durable (fsynced).
+
+        All or nothing: on error nothing of the batch is stored. Raises
+        ``StorageError``, also when a ``seq`` is already stored (another
+        process is appending to the same log).
+        """
+        if not entries:
+            return
+        rows = [(e.seq, e.ts, e.body, e.prev_hash, e.hash) for e in entries]
+        with self._audit_lock:
+            self._check_open()
+            conn = self._audit_conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(
+                        _INSERT_AUDIT,
+                        rows,
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(
+                    f"audit entries {entries[0].seq}..{entries[-1].seq} collide with entries"
+                    f" already in {self.path}: only one process may append to an audit log;"
+                    " restart the appender so it continues from the stored head",
+                    data={"path": str(self.path), "sqlite": str(exc)},
+                ) from exc
+            except sqlite3.Error as exc:
+                raise storage_error(exc, self.path, "append audit entries") from exc
+
+    def read_audit(self, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        """Up to ``limit`` audit entries with ``seq > after_seq``, in seq order."""
+        rows = self._query(
+            "read audit log",
+            _AUDIT_AFTER,
+            (after_seq, limit),
+        )
+        return [_audit(row) for row in rows]
+
+    def audit_head(self) -> AuditEntry | None:
+        """The audit entry with the highest seq, or None for an empty log."""
+        rows = self._query(
+            "read audit head",
+            _AUDIT_HEAD,
+        )
+        return _audit(rows[0]) if rows else None
+
+    # internals
+
+    def _create_file(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Create it ourselves so it is 0600; SQLite gives -wal/-shm the same mode.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create database at {self.path}: {exc.strerror};"
+                " check the data directory's path and permissions",
+                data={"path": str(self.path)},
+            ) from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # guarded by our locks
+            )
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, "open database") from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(
+                    f"cannot use WAL mode at {self.path} (got {mode!r}):"
+                    " put the data dir on a local filesystem",
+                    data={"path": str(self.path)},
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            if self._max_size_bytes is not None:
+                page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+                pages = max(1, self._max_size_bytes // page_size)
+                conn.execute(f"PRAGMA max_page_count = {pages:d}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise storage_error(exc, self.path, "open database") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self) -> None:
+        try:
+            migrate(self._conn)
+        except SchemaTooNew as exc:
+            raise StorageError(
+                f"database at {self.path} has schema version {exc.found}, newer than this"
+                f" release understands ({SCHEMA_VERSION}): upgrade mcp-zero",
+                data={"path": str(self.path), "found": exc.found, "supported": SCHEMA_VERSION},
+            ) from exc
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, "migrate database schema") from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(
+                f"store at {self.path} is closed: open a new SqliteStore",
+                data={"path": str(self.path)},
+            )
+
+    def _query(self, doing: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            self._check_open()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise storage_error(exc, self.path, doing) from exc
+
+    @contextmanager
+    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the main connection, committed when the block ends."""
+        with self._lock:
+            self._check_open()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise storage_error(exc, self.path, doing) from exc
+
+
+def _bump_plugins_version(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'plugins_version'")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _agent(row: Any) -> AgentRecord:
+    name, token_hash, plugins, state, status, created_at = row
+    return AgentRecord(
+        name=name,
+        token_hash=token_hash,
+        plugins=json.loads(plugins),
+        state=json.loads(state),
+        status=status,
+        created_at=created_at,
+    )
+
+
+def _plugin(row: Any) -> PluginRecord:
+    name, version, manifest, path, installed_at = row
+    return PluginRecord(
+        name=name,
+        version=version,
+        manifest=json.loads(manifest),
+        path=path,
+        installed_at=installed_at,
+    )
+
+
+def _snapshot(row: Any) -> SnapshotRecord:
+    snapshot_id, agent, data, created_at = row
+    return SnapshotRecord(id=snapshot_id, agent=agent, data=json.loads(data), created_at=created_at)
+
+
+def _audit(row: Any) -> AuditEntry:
+    seq, ts, body, prev_hash, entry_hash = row
+    return AuditEntry(seq=seq, ts=ts, body=bytes(body), prev_hash=prev_hash, hash=entry_hash)
