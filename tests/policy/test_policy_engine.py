@@ -1,0 +1,256 @@
+"""Decisions of the policy engine against real Cedar, with the reasons users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mcp_zero.errors import PolicyDenied
+from mcp_zero.kernel.action import Action, Principal, Verb
+from mcp_zero.policy import (
+    DEFAULT_POLICIES,
+    PolicyDecision,
+    PolicyEngine,
+    write_default_policies,
+)
+
+NO_ANON = """
+@id("no-anonymous-shell")
+@reason("anonymous agents may not run shell commands")
+forbid (principal, action == Action::"call_tool", resource == Tool::"shell_exec")
+when { context.anonymous };
+"""
+
+BOB_ONE_TOOL = """
+@id("bob-notes-list")
+@reason("bob may list notes")
+permit (principal == Agent::"bob", action == Action::"call_tool", resource == Tool::"notes_list");
+"""
+
+
+def call(agent: Principal, tool: str, plugin: str = "notes", **context: object) -> Action:
+    return Action(agent, Verb.CALL_TOOL, tool, plugin=plugin, context=dict(context))
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> PolicyEngine:
+    write_default_policies(tmp_path)
+    return PolicyEngine.load(tmp_path)
+
+
+def test_agent_may_call_tools_of_attached_plugins(engine: PolicyEngine) -> None:
+    alice = Principal("alice", frozenset({"notes"}))
+    decision = engine.decide(call(alice, "notes_add"))
+    assert decision.allowed
+    assert decision.policies == ("attached-plugins-only",)
+    assert decision.reasons == ("permits only tools of plugins attached to the agent",)
+
+
+def test_default_deny_names_the_permit_and_the_attached_plugins(engine: PolicyEngine) -> None:
+    decision = engine.decide(call(Principal("bob"), "notes_add"))
+    assert not decision.allowed
+    assert decision.policies == ("attached-plugins-only",)
+    assert decision.reasons == (
+        'no policy permits agent "bob" to call_tool "notes_add": policy '
+        '"attached-plugins-only" permits only tools of plugins attached to the agent '
+        "(attached: none)",
+    )
+    carol = Principal("carol", frozenset({"mail", "calendar"}))
+    assert "(attached: calendar, mail)" in engine.decide(call(carol, "notes_add")).reasons[0]
+
+
+def test_require_raises_policy_denied_with_policies_and_reasons(engine: PolicyEngine) -> None:
+    with pytest.raises(PolicyDenied) as caught:
+        engine.require(call(Principal("bob"), "notes_add"))
+    err = caught.value
+    assert err.code == "policy_denied"
+    assert err.data is not None
+    assert err.data["policies"] == ["attached-plugins-only"]
+    assert err.data["reasons"] == [err.message]
+    assert 'agent "bob"' in err.message
+
+
+def test_require_returns_the_decision_when_allowed(engine: PolicyEngine) -> None:
+    decision = engine.require(call(Principal("alice", frozenset({"notes"})), "notes_add"))
+    assert decision.allowed
+
+
+def test_explicit_forbid_reports_its_id_and_reason() -> None:
+    engine = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES, "shell.cedar": NO_ANON})
+    anon = Principal("anon", frozenset({"shell"}), anonymous=True)
+    decision = engine.decide(call(anon, "shell_exec", plugin="shell"))
+    assert decision == PolicyDecision(
+        allowed=False,
+        policies=("no-anonymous-shell",),
+        reasons=("anonymous agents may not run shell commands",),
+        errors=(),
+        message='policy "no-anonymous-shell" forbids agent "anon" to call_tool "shell_exec": '
+        "anonymous agents may not run shell commands",
+    )
+    with pytest.raises(PolicyDenied) as caught:
+        engine.require(call(anon, "shell_exec", plugin="shell"))
+    assert caught.value.data == {
+        "policies": ["no-anonymous-shell"],
+        "reasons": ["anonymous agents may not run shell commands"],
+    }
+    # The same agent with a token is allowed: the forbid looks at context.anonymous.
+    named = Principal("anon", frozenset({"shell"}))
+    assert engine.decide(call(named, "shell_exec", plugin="shell")).allowed
+
+
+def test_forbid_without_reason_still_names_itself() -> None:
+    engine = PolicyEngine.from_sources(
+        {
+            "default.cedar": DEFAULT_POLICIES,
+            "x.cedar": 'forbid (principal, action, resource == Tool::"rm");',
+        }
+    )
+    decision = engine.decide(call(Principal("a", frozenset({"fs"})), "rm", plugin="fs"))
+    assert decision.policies == ("x.cedar#0",)
+    assert decision.reasons == ('policy "x.cedar#0" forbids it',)
+
+
+def test_permit_a_single_tool_to_one_agent() -> None:
+    engine = PolicyEngine.from_sources(
+        {"default.cedar": DEFAULT_POLICIES, "bob.cedar": BOB_ONE_TOOL}
+    )
+    bob = Principal("bob")
+    assert engine.decide(call(bob, "notes_list")).policies == ("bob-notes-list",)
+    denied = engine.decide(call(bob, "notes_add"))
+    assert not denied.allowed
+    # bob's single-tool permit does not cover notes_add, so only the default is named.
+    assert denied.policies == ("attached-plugins-only",)
+    assert not engine.decide(call(Principal("eve"), "notes_list")).allowed
+
+
+def test_detector_labels_reach_policies_and_are_part_of_the_cache_key() -> None:
+    no_secrets = """
+    @id("no-secrets-out")
+    @reason("calls carrying secrets are blocked")
+    forbid (principal, action, resource) when { context.labels.contains("secret") };
+    """
+    engine = PolicyEngine.from_sources(
+        {"default.cedar": DEFAULT_POLICIES, "secrets.cedar": no_secrets}
+    )
+    alice = Principal("alice", frozenset({"notes"}))
+    assert engine.decide(call(alice, "notes_add")).allowed
+    assert engine.decide(call(alice, "notes_add", labels=["pii"])).allowed
+    blocked = engine.decide(call(alice, "notes_add", labels=["secret", "pii"]))
+    assert blocked.policies == ("no-secrets-out",)
+    assert engine.decide(call(alice, "notes_add")).allowed
+
+
+def test_transport_reaches_policies() -> None:
+    stdio_only = """
+    @id("no-http-admin")
+    @reason("agent management only over stdio")
+    forbid (principal, action == Action::"spawn_agent", resource)
+    unless { context.transport == "stdio" };
+    """
+    engine = PolicyEngine.from_sources(
+        {"default.cedar": DEFAULT_POLICIES, "admin.cedar": stdio_only}
+    )
+    root = Principal("root", admin=True)
+    over_stdio = Action(root, Verb.SPAWN_AGENT, "worker", context={"transport": "stdio"})
+    over_http = Action(root, Verb.SPAWN_AGENT, "worker", context={"transport": "http"})
+    assert engine.decide(over_stdio).allowed
+    assert engine.decide(over_http).policies == ("no-http-admin",)
+
+
+@pytest.mark.parametrize(
+    ("verb", "target", "policy"),
+    [
+        (Verb.READ_RESOURCE, "notes://inbox/1", "attached-plugins-content"),
+        (Verb.GET_PROMPT, "summarize", "attached-plugins-content"),
+        (Verb.COMPLETE, "summarize", "attached-plugins-content"),
+        (Verb.COMPLETE, "notes://inbox/{id}", "attached-plugins-content"),
+        (Verb.LIST_TOOLS, "notes", "attached-plugins-list"),
+    ],
+)
+def test_plugin_content_follows_attachment(
+    engine: PolicyEngine, verb: Verb, target: str, policy: str
+) -> None:
+    alice = Principal("alice", frozenset({"notes"}))
+    assert engine.decide(Action(alice, verb, target, plugin="notes")).policies == (policy,)
+    denied = engine.decide(Action(Principal("bob"), verb, target, plugin="notes"))
+    assert not denied.allowed
+    assert denied.policies == (policy,)
+    assert denied.reasons[0].endswith("(attached: none)")
+
+
+def test_admin_verbs_need_the_admin(engine: PolicyEngine) -> None:
+    spawn = Action(Principal("root", admin=True), Verb.SPAWN_AGENT, "worker")
+    assert engine.decide(spawn).policies == ("admin-all",)
+    denied = engine.decide(Action(Principal("bob"), Verb.INSTALL_PLUGIN, "notes"))
+    assert denied.reasons == (
+        'no policy permits agent "bob" to install_plugin "notes": policy "admin-all" '
+        "permits the admin every action",
+    )
+
+
+def test_default_deny_when_no_permit_covers_the_verb() -> None:
+    engine = PolicyEngine.from_sources({"only.cedar": BOB_ONE_TOOL})
+    denied = engine.decide(Action(Principal("bob"), Verb.SPAWN_AGENT, "x"))
+    assert denied.policies == ()
+    assert denied.reasons == (
+        'no policy permits agent "bob" to spawn_agent "x": no permit policy covers spawn_agent',
+    )
+
+
+def test_empty_policy_dir_denies_everything(tmp_path: Path) -> None:
+    engine = PolicyEngine.load(tmp_path)
+    assert not engine.decide(call(Principal("root", admin=True), "notes_add")).allowed
+
+
+def test_policy_that_fails_to_evaluate_is_reported() -> None:
+    # Another agent is known by id only, so reading its attributes is an evaluation error.
+    engine = PolicyEngine.from_sources(
+        {
+            "peers.cedar": '@id("peer-plugins")\npermit (principal, '
+            'action == Action::"snapshot_agent", resource) '
+            'when { resource.plugins.contains("x") };'
+        }
+    )
+    decision = engine.decide(Action(Principal("bob"), Verb.SNAPSHOT_AGENT, "other"))
+    assert not decision.allowed
+    assert len(decision.errors) == 1
+    assert "peer-plugins" in decision.errors[0]
+    assert decision.to_data()["errors"] == list(decision.errors)
+
+
+def test_cached_decisions_equal_uncached_ones() -> None:
+    sources = {"default.cedar": DEFAULT_POLICIES, "shell.cedar": NO_ANON, "bob.cedar": BOB_ONE_TOOL}
+    cached = PolicyEngine.from_sources(sources, cache_size=3)
+    uncached = PolicyEngine.from_sources(sources, cache_size=0)
+    principals = [
+        Principal("bob"),
+        Principal("alice", frozenset({"notes"})),
+        Principal("anon", frozenset({"shell", "notes"}), anonymous=True),
+        Principal("root", admin=True),
+    ]
+    actions = [
+        call(p, tool, plugin)
+        for p in principals
+        for tool, plugin in [
+            ("notes_add", "notes"),
+            ("notes_list", "notes"),
+            ("shell_exec", "shell"),
+        ]
+    ]
+    for _ in range(3):  # later rounds are served from (and evicted out of) the cache
+        for action in actions:
+            assert cached.decide(action) == uncached.decide(action)
+
+
+def test_digest_names_the_policy_set() -> None:
+    a = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES})
+    b = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES})
+    c = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES + "\n// edited\n"})
+    assert a.digest == b.digest != c.digest
+    assert set(a.policies) == {
+        "attached-plugins-only",
+        "attached-plugins-content",
+        "attached-plugins-list",
+        "admin-all",
+    }

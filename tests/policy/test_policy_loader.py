@@ -1,0 +1,123 @@
+"""Loading policy files: the schema, the default file, and errors that name file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cedarpy
+import pytest
+
+from mcp_zero.errors import PolicyError
+from mcp_zero.kernel.action import Verb
+from mcp_zero.policy import (
+    DEFAULT_POLICIES,
+    DEFAULT_POLICY_FILE,
+    PolicyEngine,
+    load_schema,
+    write_default_policies,
+)
+
+
+@pytest.mark.parametrize("verb", list(Verb))
+def test_schema_declares_an_action_for_every_verb(verb: Verb) -> None:
+    policy = f'permit (principal, action == Action::"{verb.value}", resource);'
+    result = cedarpy.validate_policies(policy, load_schema())
+    assert result.validation_passed, [str(e) for e in result.errors]
+
+
+def test_schema_rejects_an_unknown_action() -> None:
+    result = cedarpy.validate_policies(
+        'permit (principal, action == Action::"fly", resource);', load_schema()
+    )
+    assert not result.validation_passed
+
+
+def test_default_policies_are_written_once(tmp_path: Path) -> None:
+    policy_dir = tmp_path / "policies"
+    assert write_default_policies(policy_dir)
+    path = policy_dir / DEFAULT_POLICY_FILE
+    assert path.read_text() == DEFAULT_POLICIES
+    path.write_text("// mine\n")
+    assert not write_default_policies(policy_dir)
+    assert path.read_text() == "// mine\n"
+
+
+def test_default_policies_carry_id_and_reason(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    engine = PolicyEngine.load(tmp_path)
+    assert engine.policies
+    for info in engine.policies.values():
+        assert info.reason
+        assert info.file == DEFAULT_POLICY_FILE
+        assert info.line is not None
+
+
+def test_parse_error_names_file_and_line(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    (tmp_path / "broken.cedar").write_text(
+        '@id("fine")\npermit (principal, action, resource);\n\n'
+        "// a comment; with a semicolon\n"
+        '@id("has;semicolon")\n'
+        "forbid (principal, action, resource)\n"
+        "when { context.anonymous == };\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(tmp_path)
+    err = caught.value
+    assert err.message.startswith("broken.cedar:5: cannot parse policy: ")
+    assert "unexpected token" in err.message
+    assert err.data is not None
+    assert err.data["file"] == "broken.cedar"
+    assert err.data["line"] == 5
+
+
+def test_validation_error_names_file_policy_and_line(tmp_path: Path) -> None:
+    (tmp_path / "typo.cedar").write_text(
+        '@id("ok")\npermit (principal, action == Action::"call_tool", resource);\n'
+        '@id("typo")\n'
+        'permit (principal, action == Action::"call_tool", resource)\n'
+        "when { principal.plugin.contains(resource.plugin) };\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(tmp_path)
+    assert 'typo.cedar:3: policy "typo": attribute `plugin` on entity type `Agent` not found' in (
+        caught.value.message
+    )
+
+
+def test_unknown_action_does_not_validate(tmp_path: Path) -> None:
+    (tmp_path / "a.cedar").write_text('permit (principal, action == Action::"fly", resource);\n')
+    with pytest.raises(PolicyError, match=r"a\.cedar:1: .*unrecognized action"):
+        PolicyEngine.load(tmp_path)
+
+
+def test_duplicate_ids_across_files_are_rejected(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    (tmp_path / "more.cedar").write_text(
+        '\n@id("admin-all")\n@reason("again")\npermit (principal, action, resource);\n'
+    )
+    with pytest.raises(PolicyError, match=r'more\.cedar:2: policy id "admin-all" is already used'):
+        PolicyEngine.load(tmp_path)
+
+
+def test_missing_directory_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="does not exist"):
+        PolicyEngine.load(tmp_path / "nope")
+
+
+def test_only_cedar_files_are_read(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    (tmp_path / "notes.txt").write_text("not cedar at all {")
+    assert set(PolicyEngine.load(tmp_path).sources) == {DEFAULT_POLICY_FILE}
+
+
+def test_policies_without_id_are_named_by_file_and_position() -> None:
+    engine = PolicyEngine.from_sources(
+        {
+            "x.cedar": "permit (principal, action, resource);\n"
+            'forbid (principal, action, resource == Tool::"rm");\n'
+        }
+    )
+    assert list(engine.policies) == ["x.cedar#0", "x.cedar#1"]
+    assert engine.policies["x.cedar#1"].effect == "forbid"
+    assert engine.policies["x.cedar#1"].line == 2

@@ -1,0 +1,59 @@
+"""Hot reload: a new policy set replaces the old one whole, or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mcp_zero.errors import PolicyError
+from mcp_zero.kernel.action import Action, Principal, Verb
+from mcp_zero.policy import DEFAULT_POLICY_FILE, PolicyStore, write_default_policies
+
+BOB_CALL = Action(Principal("bob"), Verb.CALL_TOOL, "notes_list", plugin="notes")
+
+
+def test_reload_puts_new_policies_in_force(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    store = PolicyStore(tmp_path)
+    assert not store.decide(BOB_CALL).allowed
+    old_engine = store.engine
+    (tmp_path / "bob.cedar").write_text(
+        '@id("bob-notes")\n@reason("bob may list notes")\n'
+        'permit (principal == Agent::"bob", action, resource == Tool::"notes_list");\n'
+    )
+    new_engine = store.reload()
+    assert store.engine is new_engine is not old_engine
+    assert store.generation == 2
+    assert store.require(BOB_CALL).policies == ("bob-notes",)
+    # An engine taken before the reload keeps answering with its own set.
+    assert not old_engine.decide(BOB_CALL).allowed
+
+
+def test_invalid_reload_keeps_the_old_set(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    store = PolicyStore(tmp_path)
+    before = store.engine
+    (tmp_path / "bad.cedar").write_text(
+        'permit (principal, action, resource) when { resource.colour == "red" };\n'
+    )
+    with pytest.raises(PolicyError, match=r"bad\.cedar:1"):
+        store.reload()
+    assert store.engine is before
+    assert store.generation == 1
+    assert not store.decide(BOB_CALL).allowed
+
+
+def test_removing_a_policy_file_takes_effect_on_reload(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    alice = Action(Principal("alice", frozenset({"notes"})), Verb.CALL_TOOL, "n", plugin="notes")
+    store = PolicyStore(tmp_path)
+    assert store.decide(alice).allowed
+    (tmp_path / DEFAULT_POLICY_FILE).unlink()
+    store.reload()
+    assert not store.decide(alice).allowed
+
+
+def test_store_needs_a_valid_directory_to_start(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError):
+        PolicyStore(tmp_path / "missing")
