@@ -1,0 +1,164 @@
+"""Concurrency quotas per agent and per plugin, and the wall-clock limit of a call.
+
+A call over a limit fails at once with QuotaExceeded: nothing queues, so a
+flood from one agent cannot grow memory or starve the others. Counting needs
+no lock because the kernel runs on one asyncio event loop (one thread).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from mcp_zero.errors import QuotaExceeded
+
+DEFAULT_AGENT_CONCURRENCY = 16
+DEFAULT_CALL_TIMEOUT_S = 30.0
+MAX_CALL_TIMEOUT_S = 300.0
+
+
+class Admission:
+    """One call's claim on its agent's and plugin's concurrency; see ``QuotaGate.admit``."""
+
+    __slots__ = ("_agent", "_agent_limit", "_entered", "_gate", "_plugin", "_plugin_limit")
+
+    def __init__(
+        self,
+        gate: QuotaGate,
+        agent: str,
+        plugin: str | None,
+        agent_limit: int,
+        plugin_limit: int | None,
+    ) -> None:
+        self._gate = gate
+        self._agent = agent
+        self._plugin = plugin
+        self._agent_limit = agent_limit
+        self._plugin_limit = plugin_limit
+        self._entered = False
+
+    async def __aenter__(self) -> Admission:
+        self._gate._acquire(self._agent, self._plugin, self._agent_limit, self._plugin_limit)
+        self._entered = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._entered:
+            self._entered = False
+            self._gate._release(self._agent, self._plugin)
+
+
+class QuotaGate:
+    """Admits calls while their agent and plugin are under their concurrency limits.
+
+    ``agent_concurrency`` is the default number of calls one agent may have in
+    flight (an agent's own limit can be passed to ``admit``). Call timeouts
+    fall back to ``default_timeout_s`` and never exceed ``max_timeout_s``.
+    Raises ValueError for a limit below 1 or a non-positive timeout.
+    """
+
+    def __init__(
+        self,
+        *,
+        agent_concurrency: int = DEFAULT_AGENT_CONCURRENCY,
+        default_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        max_timeout_s: float = MAX_CALL_TIMEOUT_S,
+    ) -> None:
+        if agent_concurrency < 1:
+            raise ValueError(f"agent_concurrency must be at least 1, not {agent_concurrency}")
+        if default_timeout_s <= 0 or max_timeout_s <= 0:
+            raise ValueError("call timeouts must be positive")
+        self.agent_concurrency = agent_concurrency
+        self.default_timeout_s = min(default_timeout_s, max_timeout_s)
+        self.max_timeout_s = max_timeout_s
+        self._agents: dict[str, int] = {}
+        self._plugins: dict[str, int] = {}
+        self._total = 0
+
+    def admit(
+        self,
+        agent: str,
+        plugin: str | None = None,
+        *,
+        plugin_concurrency: int | None = None,
+        agent_concurrency: int | None = None,
+    ) -> Admission:
+        """An async context manager holding one in-flight slot of ``agent`` (and ``plugin``).
+
+        ``plugin_concurrency`` is the plugin manifest's max_concurrency (None:
+        unlimited); ``agent_concurrency`` overrides the gate's default for this
+        agent. Entering raises QuotaExceeded when either is already full;
+        leaving (also by an exception or cancellation) frees the slot.
+        """
+        limit = self.agent_concurrency if agent_concurrency is None else agent_concurrency
+        return Admission(self, agent, plugin, limit, plugin_concurrency)
+
+    def inflight(self, agent: str) -> int:
+        """Calls of ``agent`` in flight now."""
+        return self._agents.get(agent, 0)
+
+    def plugin_inflight(self, plugin: str) -> int:
+        """Calls into ``plugin`` in flight now."""
+        return self._plugins.get(plugin, 0)
+
+    @property
+    def total_inflight(self) -> int:
+        """Calls in flight now, over all agents."""
+        return self._total
+
+    def timeout_for(self, tool_timeout_ms: int | None, plugin_timeout_ms: int | None) -> float:
+        """The wall-clock limit of a call, in seconds.
+
+        The tool's own timeout wins over its plugin's, which wins over the
+        gate's default; the result never exceeds ``max_timeout_s``. A missing
+        or non-positive value counts as not set.
+        """
+        for ms in (tool_timeout_ms, plugin_timeout_ms):
+            if ms is not None and ms > 0:
+                return min(ms / 1000.0, self.max_timeout_s)
+        return self.default_timeout_s
+
+    def _acquire(
+        self, agent: str, plugin: str | None, agent_limit: int, plugin_limit: int | None
+    ) -> None:
+        agents = self._agents
+        running = agents.get(agent, 0)
+        if running >= agent_limit:
+            raise QuotaExceeded(
+                f'agent "{agent}" already has {running} calls in flight, its limit of '
+                f"{agent_limit}; wait for one to finish, or raise the limit "
+                "(agent_concurrency under [quotas] in mcp0.toml)",
+                data={"scope": "agent", "agent": agent, "limit": agent_limit},
+            )
+        if plugin is not None:
+            plugins = self._plugins
+            busy = plugins.get(plugin, 0)
+            if plugin_limit is not None and busy >= plugin_limit:
+                raise QuotaExceeded(
+                    f'plugin "{plugin}" already runs {busy} calls, its max_concurrency of '
+                    f"{plugin_limit}; wait for one to finish, or raise quotas.max_concurrency "
+                    "in the plugin's manifest",
+                    data={"scope": "plugin", "plugin": plugin, "limit": plugin_limit},
+                )
+            plugins[plugin] = busy + 1
+        agents[agent] = running + 1
+        self._total += 1
+
+    def _release(self, agent: str, plugin: str | None) -> None:
+        # Drop zero counts so idle agents and plugins cost no memory.
+        running = self._agents[agent] - 1
+        if running:
+            self._agents[agent] = running
+        else:
+            del self._agents[agent]
+        if plugin is not None:
+            busy = self._plugins[plugin] - 1
+            if busy:
+                self._plugins[plugin] = busy
+            else:
+                del self._plugins[plugin]
+        self._total -= 1
