@@ -1,0 +1,118 @@
+"""The /metrics exposition, read back with prometheus_client's text-format parser."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from mcp_zero.rpc.metrics import CONTENT_TYPE, DEFAULT_BUCKETS, STAGES, Metrics
+
+
+def samples(metrics: Metrics) -> dict[str, list[Sample]]:
+    body, content_type = metrics.render()
+    assert content_type == CONTENT_TYPE
+    return {
+        family.name: list(family.samples)
+        for family in text_string_to_metric_families(body.decode())
+    }
+
+
+def value(found: list[Sample], name: str, **labels: str) -> float:
+    matches = [s.value for s in found if s.name == name and s.labels == labels]
+    assert len(matches) == 1, (name, labels, found)
+    return matches[0]
+
+
+def test_families_and_types_are_declared() -> None:
+    body, _ = Metrics().render()
+    families = {f.name: f.type for f in text_string_to_metric_families(body.decode())}
+    assert families == {
+        "mcp0_calls": "counter",
+        "mcp0_policy_denials": "counter",
+        "mcp0_stage_seconds": "histogram",
+        "mcp0_inflight_calls": "gauge",
+        "mcp0_plugin_restarts": "counter",
+    }
+
+
+def test_counters_count_by_label() -> None:
+    m = Metrics()
+    for _ in range(3):
+        m.count_call("tools/call", "allowed")
+    m.count_call("tools/call", "denied")
+    m.count_call("resources/read", "allowed")
+    m.count_denial("attached-plugins-only")
+    m.count_denial("attached-plugins-only")
+    m.count_plugin_restart("ocr")
+    found = samples(m)
+    calls = found["mcp0_calls"]
+    assert value(calls, "mcp0_calls_total", method="tools/call", outcome="allowed") == 3
+    assert value(calls, "mcp0_calls_total", method="tools/call", outcome="denied") == 1
+    assert value(calls, "mcp0_calls_total", method="resources/read", outcome="allowed") == 1
+    denials = found["mcp0_policy_denials"]
+    assert value(denials, "mcp0_policy_denials_total", policy="attached-plugins-only") == 2
+    restarts = found["mcp0_plugin_restarts"]
+    assert value(restarts, "mcp0_plugin_restarts_total", plugin="ocr") == 1
+
+
+def test_stage_histogram_matches_prometheus_client() -> None:
+    observations = [0.0, 4e-6, 1e-5, 4e-5, 0.0003, 0.0003, 0.002, 0.7, 10.0, 42.0]
+    ours = Metrics()
+    for seconds in observations:
+        ours.observe_stage("policy", seconds)
+    registry = CollectorRegistry()
+    oracle = Histogram(
+        "mcp0_stage_seconds", "oracle", ["stage"], buckets=DEFAULT_BUCKETS, registry=registry
+    )
+    for seconds in observations:
+        oracle.labels("policy").observe(seconds)
+    expected = next(
+        f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    ).samples
+    got = [s for s in samples(ours)["mcp0_stage_seconds"] if s.labels.get("stage") == "policy"]
+
+    def as_set(found: list[Sample]) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+            for s in found
+            if not s.name.endswith("_created")
+        }
+
+    assert as_set(got) == as_set(expected)
+    assert value(got, "mcp0_stage_seconds_count", stage="policy") == len(observations)
+
+
+def test_every_stage_is_exposed_before_its_first_call() -> None:
+    found = samples(Metrics())["mcp0_stage_seconds"]
+    for stage in STAGES:
+        assert value(found, "mcp0_stage_seconds_count", stage=stage) == 0
+        assert value(found, "mcp0_stage_seconds_bucket", stage=stage, le="+Inf") == 0
+
+
+def test_unknown_stage_gets_its_own_series() -> None:
+    m = Metrics()
+    m.observe_stage("detectors", 0.001)
+    found = samples(m)["mcp0_stage_seconds"]
+    assert value(found, "mcp0_stage_seconds_count", stage="detectors") == 1
+
+
+def test_inflight_gauge_follows_calls_or_a_source() -> None:
+    m = Metrics()
+    m.call_started()
+    m.call_started()
+    m.call_finished()
+    assert value(samples(m)["mcp0_inflight_calls"], "mcp0_inflight_calls") == 1
+    live = [7]
+    sourced = Metrics(inflight=lambda: live[0])
+    assert value(samples(sourced)["mcp0_inflight_calls"], "mcp0_inflight_calls") == 7
+    live[0] = 2
+    assert value(samples(sourced)["mcp0_inflight_calls"], "mcp0_inflight_calls") == 2
+
+
+def test_label_values_are_escaped() -> None:
+    m = Metrics()
+    nasty = 'weird "policy"\\with\nnewline'
+    m.count_denial(nasty)
+    found = samples(m)["mcp0_policy_denials"]
+    assert value(found, "mcp0_policy_denials_total", policy=nasty) == 1
