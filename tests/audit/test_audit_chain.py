@@ -1,0 +1,97 @@
+"""The chain format and its verifier, on hand-built entries."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import orjson
+import pytest
+
+from mcp_zero.audit import GENESIS, ChainBroken, canonical, chain_hash, verify_chain
+from mcp_zero.storage import AuditEntry
+
+
+def _chain(
+    events: list[dict[str, object]], prev: str = GENESIS, first: int = 1
+) -> list[AuditEntry]:
+    out = []
+    for offset, event in enumerate(events):
+        ts = 1000.0 + first + offset
+        body = canonical({**event, "ts": ts})
+        digest = chain_hash(prev, body)
+        out.append(AuditEntry(seq=first + offset, ts=ts, body=body, prev_hash=prev, hash=digest))
+        prev = digest
+    return out
+
+
+def test_canonical_sorts_keys_at_every_depth_without_whitespace() -> None:
+    assert (
+        canonical({"b": 1, "a": {"z": [1, 2], "y": "é"}})
+        == '{"a":{"y":"é","z":[1,2]},"b":1}'.encode()
+    )
+
+
+def test_hash_is_sha256_of_raw_prev_hash_then_body() -> None:
+    body = b'{"ts":1.5}'
+    assert chain_hash(GENESIS, body) == hashlib.sha256(bytes(32) + body).hexdigest()
+    prev = "ab" * 32
+    assert chain_hash(prev, body) == hashlib.sha256(bytes.fromhex(prev) + body).hexdigest()
+
+
+def test_valid_chain_verifies_whole_and_in_pages() -> None:
+    entries = _chain([{"verb": "call_tool", "n": i} for i in range(10)])
+    report = verify_chain(entries)
+    assert (report.count, report.head_seq, report.head_hash) == (10, 10, entries[-1].hash)
+
+    first = verify_chain(entries[:4])
+    rest = verify_chain(entries[4:], first.head_hash, start_seq=first.head_seq + 1)
+    assert rest.head_hash == report.head_hash
+
+    empty = verify_chain([])
+    assert (empty.count, empty.head_seq, empty.head_hash) == (0, 0, GENESIS)
+
+
+def test_edited_body_is_reported_at_its_seq() -> None:
+    entries = _chain([{"outcome": "denied"}] * 5)
+    body = entries[2].body.replace(b"denied", b"allowed")
+    entries[2] = replace(entries[2], body=body)
+    with pytest.raises(ChainBroken) as caught:
+        verify_chain(entries)
+    assert caught.value.seq == 3
+    assert "seq 3" in caught.value.message
+
+
+def test_removed_entry_is_reported() -> None:
+    entries = _chain([{"i": i} for i in range(5)])
+    del entries[1]
+    with pytest.raises(ChainBroken) as caught:
+        verify_chain(entries)
+    assert caught.value.seq == 3
+    assert "expected seq 2" in caught.value.reason
+
+
+def test_chain_must_start_at_genesis() -> None:
+    entries = _chain([{"i": 1}], prev="11" * 32)
+    with pytest.raises(ChainBroken, match="prev_hash"):
+        verify_chain(entries)
+
+
+def test_rehashed_non_canonical_body_is_reported() -> None:
+    # A forger who recomputes hashes must still write canonical bodies.
+    body = b'{"ts": 1001.0}'
+    forged = AuditEntry(1, 1001.0, body, GENESIS, chain_hash(GENESIS, body))
+    with pytest.raises(ChainBroken, match="canonical"):
+        verify_chain([forged])
+
+
+def test_ts_column_must_match_the_hashed_ts() -> None:
+    entry = _chain([{"i": 1}])[0]
+    with pytest.raises(ChainBroken, match="ts column"):
+        verify_chain([replace(entry, ts=entry.ts + 1)])
+
+
+def test_body_round_trips_to_the_same_bytes() -> None:
+    event = {"f": 0.1, "big": 2**63 - 1, "neg": -1e-300, "u": "✓\u2028", "n": None, "l": [True]}
+    body = canonical({**event, "ts": 1.25})
+    assert canonical(orjson.loads(body)) == body

@@ -1,0 +1,225 @@
+"""AuditLog on a real SQLite store: group commit, chaining, failures, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from mcp_zero.audit import GENESIS, AuditLog, ChainBroken, verify_chain, verify_store
+from mcp_zero.errors import StorageError
+from mcp_zero.storage import AuditEntry, SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+
+class FullDiskStore(SqliteStore):
+    """A store whose audit writes fail like a full disk while ``full`` is set."""
+
+    full = False
+
+    def append_audit_batch(self, entries: list[AuditEntry]) -> None:
+        if self.full:
+            raise sqlite3.OperationalError("database or disk is full")
+        super().append_audit_batch(entries)
+
+
+def _event(i: int) -> dict[str, object]:
+    return {
+        "agent": f"a{i % 7}",
+        "verb": "call_tool",
+        "resource": "echo",
+        "outcome": "allowed",
+        "i": i,
+    }
+
+
+async def _append_many(log: AuditLog, count: int) -> list[AuditEntry]:
+    results: list[AuditEntry | None] = [None] * count
+
+    async def one(i: int) -> None:
+        results[i] = await log.append(_event(i))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(one, i)
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
+async def test_concurrent_appends_are_gap_free_chained_and_batched(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store:
+        log = AuditLog(store)
+        log.start()
+        try:
+            acked = await _append_many(log, 500)
+        finally:
+            await log.aclose()
+
+        assert sorted(e.seq for e in acked) == list(range(1, 501))
+        stored = store.read_audit(limit=1000)
+        assert stored == sorted(acked, key=lambda e: e.seq)
+        report = verify_store(store)
+        assert (report.count, report.head_hash) == (500, stored[-1].hash)
+        assert log.stats.events == 500
+        assert log.stats.batches <= 50  # group commit: far fewer fsyncs than events
+        assert log.stats.largest_batch > 1
+        assert log.head == stored[-1]
+        # What was acknowledged is the event plus ts, nothing lost.
+        by_i = {orjson.loads(e.body)["i"]: e for e in acked}
+        assert orjson.loads(by_i[42].body) == {**_event(42), "ts": by_i[42].ts}
+
+
+async def test_sequential_appends_keep_submission_order(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0) as log:
+        seqs = [(await log.append({"i": i})).seq for i in range(20)]
+        assert seqs == list(range(1, 21))
+        assert [orjson.loads(e.body)["i"] for e in store.read_audit()] == list(range(20))
+
+
+async def test_restart_continues_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store, AuditLog(store) as log:
+        await _append_many(log, 30)
+        head = log.head
+    assert head is not None
+    assert head.seq == 30
+
+    with SqliteStore(path) as store, AuditLog(store) as log:
+        assert log.head == head
+        entry = await log.append({"after": "restart"})
+        assert (entry.seq, entry.prev_hash) == (31, head.hash)
+        assert verify_store(store).count == 31
+
+
+async def test_tampered_row_is_found_by_seq(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store, AuditLog(store) as log:
+        await _append_many(log, 40)
+
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TRIGGER audit_no_update")  # an attacker with file access
+    body = raw.execute("SELECT body FROM audit WHERE seq = 17").fetchone()[0]
+    raw.execute(
+        "UPDATE audit SET body = ? WHERE seq = 17", (bytes(body).replace(b"allowed", b"denied"),)
+    )
+    raw.commit()
+    raw.close()
+
+    with SqliteStore(path) as store:
+        with pytest.raises(ChainBroken) as caught:
+            verify_store(store, page=7)
+        assert caught.value.seq == 17
+        # Entries before the tampered one still verify.
+        assert verify_chain(store.read_audit(limit=16)).head_seq == 16
+
+
+async def test_failed_batch_errors_every_appender_and_the_chain_resumes(tmp_path: Path) -> None:
+    with FullDiskStore(tmp_path / "a.db") as store, AuditLog(store) as log:
+        before = await _append_many(log, 10)
+        store.full = True
+        outcomes: list[BaseException | AuditEntry] = []
+
+        async def one(i: int) -> None:
+            try:
+                outcomes.append(await log.append(_event(i)))
+            except StorageError as exc:
+                outcomes.append(exc)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(25):
+                    tg.start_soon(one, i)
+        assert len(outcomes) == 25
+        assert all(isinstance(o, StorageError) for o in outcomes)
+        assert "database or disk is full" in str(outcomes[0])
+        assert log.stats.failed_events == 25
+        assert log.head == max(before, key=lambda e: e.seq)
+
+        store.full = False
+        after = await _append_many(log, 10)
+        assert sorted(e.seq for e in after) == list(range(11, 21))
+        assert verify_store(store).count == 20
+
+
+async def test_really_full_database_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    acked: list[AuditEntry] = []
+    with SqliteStore(path, max_size_bytes=96 * 1024) as store, AuditLog(store) as log:
+        failure: StorageError | None = None
+        with anyio.fail_after(30):
+            while failure is None:
+                try:
+                    acked.append(await log.append({"pad": "x" * 1500, "n": len(acked)}))
+                except StorageError as exc:
+                    failure = exc
+        assert "free space" in failure.message
+        assert acked  # some fitted before the cap
+        # Still full: a retry fails the same way and skips no seq.
+        with pytest.raises(StorageError, match="full"):
+            await log.append({"pad": "x" * 1500, "retry": True})
+
+    with SqliteStore(path) as store, AuditLog(store) as log:  # space freed (no cap)
+        entry = await log.append({"after": "space freed"})
+        assert entry.seq == acked[-1].seq + 1
+        assert entry.prev_hash == acked[-1].hash
+        assert store.read_audit(limit=10_000)[:-1] == acked
+        assert verify_store(store).count == len(acked) + 1
+
+
+async def test_second_appender_is_refused_then_continues_from_the_stored_head(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store_a, SqliteStore(path) as store_b:
+        with AuditLog(store_a) as log_a, AuditLog(store_b) as log_b:
+            first = await log_a.append({"by": "a"})
+            # b read an empty head at start: its seq 1 collides and nothing forks.
+            with pytest.raises(StorageError, match="only one process may append"):
+                await log_b.append({"by": "b"})
+            second = await log_b.append({"by": "b", "try": 2})
+        assert (second.seq, second.prev_hash) == (2, first.hash)
+        assert verify_store(store_a).count == 2
+
+
+async def test_close_drains_submitted_events(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store:
+        log = AuditLog(store, window=0.05)
+        log.start()
+        tasks = [asyncio.ensure_future(log.append({"i": i})) for i in range(100)]
+        await asyncio.sleep(0)  # one loop turn: each task runs up to its await, so it has submitted
+        await log.aclose()
+        with anyio.fail_after(10):
+            entries = await asyncio.gather(*tasks)
+        assert sorted(e.seq for e in entries) == list(range(1, 101))
+        assert len(store.read_audit()) == 100
+        with pytest.raises(StorageError, match="not running"):
+            await log.append({"late": True})
+
+
+async def test_bad_events_fail_their_caller_only(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store) as log:
+        with pytest.raises(ValueError, match="ts"):
+            await log.append({"ts": 1.0})
+        with pytest.raises(TypeError):
+            await log.append({"obj": object()})
+        entry = await log.append({"ok": True})
+        assert entry.seq == 1
+        assert entry.prev_hash == GENESIS
+
+
+def test_append_sync_without_an_event_loop(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store:
+        log = AuditLog(store)
+        with pytest.raises(StorageError, match="not running"):
+            log.append_sync({"early": True})
+        with log:
+            first = log.append_sync({"cli": "agent create"})
+            second = log.append_sync({"cli": "plugin install"})
+        assert (first.seq, second.seq, second.prev_hash) == (1, 2, first.hash)
+        assert verify_store(store).head_hash == second.hash

@@ -1,0 +1,306 @@
+"""SqliteStore against real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from mcp_zero.errors import AgentNotFound, Conflict, StorageError
+from mcp_zero.storage import (
+    AgentRecord,
+    AuditEntry,
+    PluginRecord,
+    SnapshotRecord,
+    SqliteStore,
+)
+from mcp_zero.storage.migrations import SCHEMA_VERSION
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "nested" / "mcp0.db"
+
+
+@pytest.fixture
+def store(db: Path) -> SqliteStore:
+    s = SqliteStore(db)
+    yield s
+    s.close()
+
+
+def _entry(seq: int, body: bytes = b"{}") -> AuditEntry:
+    return AuditEntry(seq=seq, ts=float(seq), body=body, prev_hash="0" * 64, hash=f"{seq:064x}")
+
+
+def test_creates_private_file_and_parents_in_wal_mode(db: Path, store: SqliteStore) -> None:
+    assert db.is_file()
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    raw = sqlite3.connect(db)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        raw.close()
+
+
+def test_agent_crud(store: SqliteStore) -> None:
+    alice = AgentRecord(name="alice", token_hash="h1", plugins=["fs"], state={"n": 1}, created_at=5)
+    store.create_agent(alice)
+    store.create_agent(AgentRecord(name="bob", token_hash="h2"))
+
+    assert store.get_agent("alice") == alice
+    assert store.get_agent("nobody") is None
+    assert store.agent_by_token_hash("h2") == AgentRecord(name="bob", token_hash="h2")
+    assert store.agent_by_token_hash("nope") is None
+    assert [a.name for a in store.list_agents()] == ["alice", "bob"]
+
+    changed = AgentRecord(
+        name="alice",
+        token_hash="h3",
+        plugins=["fs", "web"],
+        state={"n": 2, "ü": [1, None]},
+        status="terminated",
+        created_at=99,
+    )
+    store.update_agent(changed)
+    got = store.get_agent("alice")
+    assert got is not None
+    assert (got.token_hash, got.plugins, got.state, got.status) == (
+        "h3",
+        ["fs", "web"],
+        {"n": 2, "ü": [1, None]},
+        "terminated",
+    )
+    assert got.created_at == 5  # creation time is not rewritten by updates
+    assert store.agent_by_token_hash("h1") is None
+
+
+def test_create_existing_agent_is_a_conflict(store: SqliteStore) -> None:
+    store.create_agent(AgentRecord(name="alice", token_hash="h1"))
+    with pytest.raises(Conflict, match="alice"):
+        store.create_agent(AgentRecord(name="alice", token_hash="other"))
+    assert store.get_agent("alice") == AgentRecord(name="alice", token_hash="h1")
+
+
+def test_update_missing_agent_raises_agent_not_found(store: SqliteStore) -> None:
+    with pytest.raises(AgentNotFound, match="ghost"):
+        store.update_agent(AgentRecord(name="ghost", token_hash="h"))
+
+
+def test_token_hash_lookup_uses_the_index(db: Path, store: SqliteStore) -> None:
+    raw = sqlite3.connect(db)
+    try:
+        plan = raw.execute(
+            "EXPLAIN QUERY PLAN SELECT name FROM agents WHERE token_hash = ? LIMIT 1", ("x",)
+        ).fetchall()
+    finally:
+        raw.close()
+    assert any("USING INDEX agents_token_hash" in row[-1] for row in plan), plan
+
+
+def test_plugins_put_replace_delete_bump_the_version(db: Path, store: SqliteStore) -> None:
+    v0 = store.plugins_version()
+    fs = PluginRecord(name="fs", version="1.0", manifest={"tools": [{"name": "read"}]}, path="/p")
+    store.put_plugin(fs)
+    assert store.get_plugin("fs") == fs
+    v1 = store.plugins_version()
+    assert v1 > v0
+
+    fs2 = PluginRecord(name="fs", version="2.0", manifest={}, path="/p2", installed_at=3)
+    store.put_plugin(fs2)
+    assert store.list_plugins() == [fs2]
+    v2 = store.plugins_version()
+    assert v2 > v1
+
+    # Another store on the same file (a CLI install) sees the same counter move.
+    other = SqliteStore(db)
+    try:
+        other.put_plugin(PluginRecord(name="web", version="1", manifest={}, path="/w"))
+        assert store.plugins_version() > v2
+        assert [p.name for p in store.list_plugins()] == ["fs", "web"]
+    finally:
+        other.close()
+
+    v3 = store.plugins_version()
+    assert store.delete_plugin("fs") is True
+    assert store.get_plugin("fs") is None
+    v4 = store.plugins_version()
+    assert v4 > v3
+    assert store.delete_plugin("fs") is False
+    assert store.plugins_version() == v4
+
+
+def test_snapshots_are_immutable(store: SqliteStore) -> None:
+    first = SnapshotRecord(id="s1", agent="alice", data={"plugins": ["fs"]}, created_at=1)
+    second = SnapshotRecord(id="s2", agent="alice", data={"state": {}}, created_at=2)
+    store.put_snapshot(second)
+    store.put_snapshot(first)
+    store.put_snapshot(SnapshotRecord(id="s3", agent="bob", data={}, created_at=0))
+    assert store.get_snapshot("s1") == first
+    assert store.get_snapshot("nope") is None
+    assert store.list_snapshots("alice") == [first, second]
+    with pytest.raises(Conflict, match="s1"):
+        store.put_snapshot(SnapshotRecord(id="s1", agent="alice", data={"x": 1}))
+    assert store.get_snapshot("s1") == first
+
+
+def test_reopen_keeps_data_and_does_not_migrate_again(db: Path) -> None:
+    with SqliteStore(db) as first:
+        first.create_agent(AgentRecord(name="alice", token_hash="h"))
+        first.put_plugin(PluginRecord(name="fs", version="1", manifest={}, path="/p"))
+        version = first.plugins_version()
+    for _ in range(2):
+        with SqliteStore(db) as again:
+            assert again.get_agent("alice") == AgentRecord(name="alice", token_hash="h")
+            assert again.plugins_version() == version
+    raw = sqlite3.connect(db)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        raw.close()
+
+
+def test_database_from_a_newer_release_is_refused(db: Path) -> None:
+    SqliteStore(db).close()
+    raw = sqlite3.connect(db)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(StorageError, match="upgrade mcp-zero"):
+        SqliteStore(db)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError, match="not an SQLite database"):
+        SqliteStore(path)
+
+
+def test_audit_rows_round_trip_in_seq_order(store: SqliteStore) -> None:
+    assert store.audit_head() is None
+    entries = [_entry(seq, body=b'{"n":%d}' % seq) for seq in range(1, 8)]
+    store.append_audit_batch(entries[:3])
+    store.append_audit_batch(entries[3:])
+    store.append_audit_batch([])
+    assert store.audit_head() == entries[-1]
+    assert store.read_audit() == entries
+    assert store.read_audit(after_seq=2, limit=3) == entries[2:5]
+    assert store.read_audit(after_seq=7) == []
+
+
+def test_audit_table_refuses_update_and_delete(db: Path, store: SqliteStore) -> None:
+    store.append_audit_batch([_entry(1), _entry(2)])
+    raw = sqlite3.connect(db)
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            raw.execute("UPDATE audit SET body = x'00' WHERE seq = 1")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            raw.execute("DELETE FROM audit WHERE seq = 2")
+        raw.rollback()
+    finally:
+        raw.close()
+    assert store.read_audit() == [_entry(1), _entry(2)]
+
+
+def test_audit_batch_is_all_or_nothing(store: SqliteStore) -> None:
+    store.append_audit_batch([_entry(1)])
+    with pytest.raises(StorageError, match="only one process may append"):
+        store.append_audit_batch([_entry(2), _entry(3), _entry(1)])
+    assert [e.seq for e in store.read_audit()] == [1]
+
+
+def test_full_database_raises_actionable_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "small.db"
+    store = SqliteStore(path, max_size_bytes=64 * 1024)
+    try:
+        seq = 0
+        failure: StorageError | None = None
+        while failure is None:
+            seq += 1
+            try:
+                store.append_audit_batch([_entry(seq, body=b"x" * 2000)])
+            except StorageError as exc:
+                failure = exc
+        assert seq > 1
+        assert failure.message == f"database or disk is full at {path}: free space and retry"
+        assert failure.data is not None
+        assert failure.data["sqlite_error"] == "SQLITE_FULL"
+        # Everything committed before the failure is still there, nothing after it.
+        assert [e.seq for e in store.read_audit(limit=100_000)] == list(range(1, seq))
+        # Admin writes fail the same way, reads keep working.
+        with pytest.raises(StorageError, match="free space"):
+            store.put_plugin(
+                PluginRecord(name="p", version="1", manifest={"x": "y" * 70_000}, path="/")
+            )
+        assert store.list_plugins() == []
+    finally:
+        store.close()
+
+
+def test_write_waiting_on_another_writer_times_out_with_a_clear_error(db: Path) -> None:
+    store = SqliteStore(db, busy_timeout=0.05)
+    raw = sqlite3.connect(db, isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        store.get_agent("alice")  # WAL: reads are not blocked by a writer
+        with pytest.raises(StorageError, match="database is locked"):
+            store.create_agent(AgentRecord(name="alice", token_hash="h"))
+        with pytest.raises(StorageError, match="database is locked"):
+            store.append_audit_batch([_entry(1)])
+        raw.execute("COMMIT")
+        store.create_agent(AgentRecord(name="alice", token_hash="h"))
+        store.append_audit_batch([_entry(1)])
+    finally:
+        raw.close()
+        store.close()
+
+
+def test_admin_and_audit_writes_from_threads_wait_for_each_other(store: SqliteStore) -> None:
+    errors: list[BaseException] = []
+
+    def admin() -> None:
+        try:
+            for i in range(150):
+                store.create_agent(AgentRecord(name=f"a{i}", token_hash=f"h{i}"))
+                store.put_plugin(PluginRecord(name=f"p{i % 5}", version="1", manifest={}, path="/"))
+                assert store.get_agent(f"a{i}") is not None
+        except BaseException as exc:
+            errors.append(exc)
+
+    def audit() -> None:
+        try:
+            for seq in range(1, 301):
+                store.append_audit_batch([_entry(seq)])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=admin), threading.Thread(target=audit)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    assert errors == []
+    assert len(store.list_agents()) == 150
+    assert [e.seq for e in store.read_audit(limit=1000)] == list(range(1, 301))
+
+
+def test_closed_store_raises_storage_error(db: Path) -> None:
+    store = SqliteStore(db)
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(StorageError, match="closed"):
+        store.get_agent("alice")
+    with pytest.raises(StorageError, match="closed"):
+        store.append_audit_batch([_entry(1)])
+
+
+def test_unwritable_location_raises_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StorageError, match="cannot create database"):
+        SqliteStore(blocker / "sub" / "mcp0.db")
