@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import cedarpy
 import pytest
 
 from mcp_zero.errors import PolicyDenied
@@ -12,8 +14,10 @@ from mcp_zero.policy import (
     DEFAULT_POLICIES,
     PolicyDecision,
     PolicyEngine,
+    load_schema,
     write_default_policies,
 )
+from mcp_zero.policy.request import context_json, entities_json, target_of
 
 NO_ANON = """
 @id("no-anonymous-shell")
@@ -254,3 +258,26 @@ def test_digest_names_the_policy_set() -> None:
         "attached-plugins-list",
         "admin-all",
     }
+
+
+@pytest.mark.parametrize("verb", list(Verb))
+@pytest.mark.parametrize("plugin", ["notes", None])
+def test_request_entities_conform_to_the_schema(verb: Verb, plugin: str | None) -> None:
+    principal = Principal("alice", frozenset({"notes", "mail"}), anonymous=True)
+    target = "notes://a" if verb is Verb.COMPLETE else "target"
+    rtype, rid, parent = target_of(verb, target, plugin)
+    # Raises ValueError when an entity does not match the schema's types.
+    cedarpy.Entities.from_json_str(entities_json(principal, rtype, rid, parent), load_schema())
+    context = json.loads(context_json("stdio", True, ["pii"], plugin))
+    request = {
+        "principal": {"type": "Agent", "id": "alice"},
+        "action": {"type": "Action", "id": verb.value},
+        "resource": {"type": rtype, "id": rid},
+        "context": context,
+    }
+    entities = entities_json(principal, rtype, rid, parent)
+    # With the schema, Cedar validates the request (types of target and context) too.
+    result = cedarpy.is_authorized(
+        request, "permit (principal, action, resource);", entities, load_schema()
+    )
+    assert result.allowed, result.diagnostics.errors

@@ -193,9 +193,9 @@ class PolicyEngine:
         ekey = (principal, rtype, rid, parent)
         entities = self._entities.get(ekey)
         if entities is None:
-            entities = cedarpy.Entities.from_json_str(
-                entities_json(principal, rtype, rid, parent), load_schema()
-            )
+            # Not re-validated against the schema here (it costs a third of a cold
+            # decision); tests check that what entities_json builds conforms.
+            entities = cedarpy.Entities.from_json_str(entities_json(principal, rtype, rid, parent))
             _remember(self._entities, ekey, entities, max(self._cache_size, 64))
         return entities
 
