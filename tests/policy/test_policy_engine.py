@@ -143,6 +143,7 @@ def test_detector_labels_reach_policies_and_are_part_of_the_cache_key() -> None:
     blocked = engine.decide(call(alice, "notes_add", labels=["secret", "pii"]))
     assert blocked.policies == ("no-secrets-out",)
     assert engine.decide(call(alice, "notes_add")).allowed
+    assert not engine.decide(call(alice, "notes_add", labels="secret")).allowed
 
 
 def test_transport_reaches_policies() -> None:

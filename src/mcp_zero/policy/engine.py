@@ -86,7 +86,12 @@ class PolicyEngine:
         return self._compiled.digest
 
     def decide(self, action: Action) -> PolicyDecision:
-        """Decide ``action``. Never raises for a well-formed action."""
+        """Decide ``action``. Never raises for a well-formed action.
+
+        Cedar sees ``action.context["transport"]`` (default "unknown") and
+        ``action.context["labels"]`` (an iterable of strings, or one string);
+        other context keys and the arguments are not part of the request.
+        """
         context = action.context
         labels = context.get("labels")
         key = (
@@ -95,7 +100,7 @@ class PolicyEngine:
             action.resource,
             action.plugin,
             context.get("transport", "unknown"),
-            _NO_LABELS if not labels else frozenset(labels),
+            _NO_LABELS if not labels else _label_set(labels),
         )
         decision = self._decisions.get(key)
         if decision is None:
@@ -205,6 +210,11 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
         # Dicts keep insertion order: drop the oldest entry.
         del cache[next(iter(cache))]
     cache[key] = value
+
+
+def _label_set(labels: Any) -> frozenset[str]:
+    # A lone string is one label, not a set of characters.
+    return frozenset((labels,)) if isinstance(labels, str) else frozenset(labels)
 
 
 def _ids(policy_ids: tuple[str, ...]) -> str:
