@@ -223,3 +223,23 @@ def test_append_sync_without_an_event_loop(tmp_path: Path) -> None:
             second = log.append_sync({"cli": "plugin install"})
         assert (first.seq, second.seq, second.prev_hash) == (1, 2, first.hash)
         assert verify_store(store).head_hash == second.hash
+
+
+async def test_cancelled_appender_does_not_withdraw_its_event(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store) as log:
+        task = asyncio.ensure_future(log.append({"who": "cancelled"}))
+        await asyncio.sleep(0)  # one loop turn: the task submits, then awaits durability
+        task.cancel()
+        later = await log.append({"who": "later"})
+        assert later.seq == 2
+        assert task.cancelled()
+        assert [orjson.loads(e.body)["who"] for e in store.read_audit()] == ["cancelled", "later"]
+
+
+def test_start_twice_is_an_error(tmp_path: Path) -> None:
+    with (
+        SqliteStore(tmp_path / "a.db") as store,
+        AuditLog(store) as log,
+        pytest.raises(RuntimeError, match="twice"),
+    ):
+        log.start()
