@@ -1,0 +1,300 @@
+"""End to end, as a user runs it: the `mcp0` CLI, a real server process, the official MCP client.
+
+- `mcp0 serve` on embedded defaults (bundled `notes` plugin), an agent made with
+  `mcp0 agent create --json`, and the official `mcp` client over streamable HTTP
+  with the agent's bearer token, then over stdio (`mcp0 serve --stdio`);
+- durability: `kill -9` the server under concurrent load, restart it on the same
+  data dir, and check that the audit hash chain verifies and that every call
+  whose answer arrived has its audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+MCP0 = str(Path(sys.executable).parent / "mcp0")
+NOTES_TOOLS = {"notes_add", "notes_search", "notes_list", "notes_delete"}
+START_TIMEOUT_S = 30.0
+CLI_TIMEOUT_S = 60.0
+CLIENT_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def mcp0(*args: str) -> str:
+    """Runs the mcp0 CLI; returns its stdout, fails the test with its stderr on a non-zero exit."""
+    done = subprocess.run([MCP0, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    if done.returncode != 0:
+        pytest.fail(f"mcp0 {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A `mcp0 serve` subprocess on 127.0.0.1; its output goes to `log`."""
+
+    data_dir: Path
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self) -> None:
+        """Starts the server and waits (bounded) until GET /readyz answers 200."""
+        with self.log.open("ab") as sink:
+            self.proc = subprocess.Popen(
+                [
+                    MCP0,
+                    "serve",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with httpx2.Client(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"mcp0 serve exited {self.proc.returncode}:\n{self.output()}")
+                try:
+                    if http.get(f"http://127.0.0.1:{self.port}/readyz").status_code == 200:
+                        return
+                except httpx2.TransportError:
+                    pass
+                time.sleep(0.05)
+        pytest.fail(f"mcp0 serve not ready after {START_TIMEOUT_S:.0f}s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=15)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A started server on a fresh data dir (first start: bundled example plugin installed)."""
+    srv = Server(tmp_path / "data", free_port(), tmp_path / "serve.log")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def create_agent(data_dir: Path, name: str) -> str:
+    """`mcp0 agent create NAME --plugin notes --json`; returns the agent's bearer token."""
+    created = json.loads(
+        mcp0("agent", "create", name, "--plugin", "notes", "--data-dir", str(data_dir), "--json")
+    )
+    assert created["name"] == name
+    token: str = created["token"]
+    return token
+
+
+def text_of(result: Any) -> str:
+    return "\n".join(block.text for block in result.content if getattr(block, "text", None))
+
+
+async def add_then_search(client: Client) -> None:
+    """What a user does first: list the tools, add a note, find it again."""
+    tools = await client.list_tools()
+    assert {tool.name for tool in tools.tools} >= NOTES_TOOLS
+    marker = f"marker{uuid.uuid4().hex[:12]}"
+    added = await client.call_tool("notes_add", {"text": f"buy milk {marker}", "tags": ["e2e"]})
+    assert not added.isError, text_of(added)
+    assert added.structuredContent is not None
+    note = added.structuredContent["note"]
+    assert note["text"] == f"buy milk {marker}"
+    assert note["tags"] == ["e2e"]
+    found = await client.call_tool("notes_search", {"query": marker})
+    assert not found.isError, text_of(found)
+    assert found.structuredContent is not None
+    assert [n["id"] for n in found.structuredContent["notes"]] == [note["id"]]
+    assert marker in text_of(found)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_official_client_over_http_lists_adds_and_finds_a_note(
+    server: Server, mode: Any
+) -> None:
+    token = create_agent(server.data_dir, "e2e-http")
+    async with httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {token}"}, timeout=CLIENT_TIMEOUT_S
+    ) as http:
+        with anyio.fail_after(CLIENT_TIMEOUT_S):
+            transport = streamable_http_client(server.url, http_client=http)
+            async with Client(transport, mode=mode) as client:
+                await add_then_search(client)
+
+
+@pytest.mark.anyio
+async def test_official_client_over_stdio_lists_adds_and_finds_a_note(server: Server) -> None:
+    create_agent(server.data_dir, "e2e-stdio")
+    server.stop()  # one server process on a data dir at a time
+    params = StdioServerParameters(
+        command=MCP0,
+        args=["serve", "--stdio", "--agent", "e2e-stdio", "--data-dir", str(server.data_dir)],
+    )
+    with anyio.fail_after(CLIENT_TIMEOUT_S):
+        async with Client(params) as client:
+            await add_then_search(client)
+
+
+# --- durability -------------------------------------------------------------------------------
+
+
+async def drive_until_killed(
+    url: str, token: str, answered: list[str], workers: int, kill_after: int, kill: Any
+) -> None:
+    """`workers` concurrent clients call notes_add until the server dies.
+
+    Every call has a unique JSON-RPC id; the ids of calls whose successful answer
+    arrived go to `answered`. Once `kill_after` calls are answered, `kill()` runs.
+    Bounded: each client stops after its first transport error or 2,000 calls.
+    """
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    killed = asyncio.Event()
+
+    async def client(worker: int, http: httpx2.AsyncClient) -> None:
+        for n in range(2000):
+            request_id = f"kill9-{worker}-{n}"
+            body = {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "method": "tools/call",
+                "params": {"name": "notes_add", "arguments": {"text": f"durable {request_id}"}},
+            }
+            try:
+                response = await http.post(url, json=body)
+            except httpx2.TransportError:
+                assert killed.is_set(), "the server failed before it was killed"
+                return
+            assert response.status_code == 200, response.text
+            message = decode(response)
+            assert "result" in message, message
+            assert not message["result"].get("isError"), message
+            answered.append(request_id)
+            if len(answered) >= kill_after and not killed.is_set():
+                killed.set()
+                kill()
+
+    limits = httpx2.Limits(max_connections=workers)
+    async with httpx2.AsyncClient(headers=headers, timeout=10.0, limits=limits) as http:
+        await initialize(http, url)
+        async with asyncio.TaskGroup() as group:
+            for worker in range(workers):
+                group.create_task(client(worker, http))
+    assert killed.is_set(), "the load ended before the server was killed"
+
+
+async def initialize(http: httpx2.AsyncClient, url: str) -> None:
+    """The MCP handshake; keeps the session id on `http` when the server hands one out."""
+    hello = {
+        "jsonrpc": "2.0",
+        "id": "init",
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "e2e-durability", "version": "1"},
+        },
+    }
+    response = await http.post(url, json=hello)
+    assert response.status_code == 200, response.text
+    assert "result" in decode(response)
+    session = response.headers.get("mcp-session-id")
+    if session:
+        http.headers["Mcp-Session-Id"] = session
+    done = await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert done.status_code in (200, 202), done.text
+
+
+def decode(response: httpx2.Response) -> dict[str, Any]:
+    """The JSON-RPC message of a JSON or a single-event SSE response."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        data = [ln[5:] for ln in response.text.splitlines() if ln.startswith("data:")]
+        message: dict[str, Any] = json.loads(next(d for d in data if d.strip()))
+        return message
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.mark.slow
+def test_every_answered_call_is_audited_after_kill_9(server: Server) -> None:
+    token = create_agent(server.data_dir, "e2e-durable")
+    answered: list[str] = []
+    asyncio.run(
+        asyncio.wait_for(
+            drive_until_killed(server.url, token, answered, 16, 400, server.kill9),
+            timeout=120,
+        )
+    )
+    assert len(answered) >= 400
+
+    server.start()  # recovery on the same data dir
+    verified = json.loads(mcp0("audit", "verify", "--data-dir", str(server.data_dir), "--json"))
+    assert verified["ok"] is True, verified
+    assert verified["count"] >= len(answered)
+
+    records = json.loads(mcp0("audit", "list", "--data-dir", str(server.data_dir), "--json"))
+    audited = {
+        r["request_id"]: r
+        for r in records
+        if r.get("resource", "").endswith("notes_add")
+        and r.get("agent", "e2e-durable") == "e2e-durable"
+    }
+    missing = [rid for rid in answered if rid not in audited]
+    assert not missing, f"{len(missing)} answered calls have no audit record, e.g. {missing[:5]}"
+    assert {audited[rid]["outcome"] for rid in answered} == {"allowed"}
