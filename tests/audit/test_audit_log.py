@@ -172,19 +172,18 @@ async def test_really_full_database_loses_no_acknowledged_entry(tmp_path: Path) 
         assert verify_store(store).count == len(acked) + 1
 
 
-async def test_second_appender_is_refused_then_continues_from_the_stored_head(
-    tmp_path: Path,
-) -> None:
+async def test_second_appender_chains_after_the_other_process(tmp_path: Path) -> None:
     path = tmp_path / "a.db"
     with SqliteStore(path) as store_a, SqliteStore(path) as store_b:
         with AuditLog(store_a) as log_a, AuditLog(store_b) as log_b:
             first = await log_a.append({"by": "a"})
-            # b read an empty head at start: its seq 1 collides and nothing forks.
-            with pytest.raises(StorageError, match="only one process may append"):
-                await log_b.append({"by": "b"})
-            second = await log_b.append({"by": "b", "try": 2})
+            # b read an empty head at start: its seq 1 collides, it re-reads the head and
+            # chains after a's entry instead of forking or failing.
+            second = await log_b.append({"by": "b"})
+            third = await log_a.append({"by": "a", "again": True})
         assert (second.seq, second.prev_hash) == (2, first.hash)
-        assert verify_store(store_a).count == 2
+        assert (third.seq, third.prev_hash) == (3, second.hash)
+        assert verify_store(store_a).count == 3
 
 
 async def test_close_drains_submitted_events(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ from mcp_zero.storage.base import AuditEntry, Store
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
 
 
+_MAX_ATTEMPTS = 3
+
+
 @dataclass(slots=True)
 class AuditStats:
     """Counters kept by the writer thread (read them from anywhere)."""
@@ -203,15 +206,22 @@ class AuditLog:
             self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
-        try:
-            entries = self._seal(batch)
-            self._store.append_audit_batch(entries)
-        except Exception as exc:  # any failure fails the batch, never the writer thread
-            self._resync()
-            self.stats.failed_batches += 1
-            self.stats.failed_events += len(batch)
-            _settle(batch, None, exc)
-            return
+        for attempt in range(_MAX_ATTEMPTS):
+            try:
+                entries = self._seal(batch)
+                self._store.append_audit_batch(entries)
+                break
+            except Exception as exc:  # any failure fails the batch, never the writer thread
+                before = self._head
+                self._resync()
+                # Another process (a CLI command beside the server) appended first: chain
+                # this batch after its entries and try again. Any other failure is final.
+                if self._head != before and attempt + 1 < _MAX_ATTEMPTS:
+                    continue
+                self.stats.failed_batches += 1
+                self.stats.failed_events += len(batch)
+                _settle(batch, None, exc)
+                return
         self._head = entries[-1]
         self.stats.batches += 1
         self.stats.events += len(entries)
