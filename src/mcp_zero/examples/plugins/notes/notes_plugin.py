@@ -1,0 +1,125 @@
+"""Example plugin: per-agent notes with ranked full-text search.
+
+Notes live in one SQLite database in the plugin's private data directory, with
+an FTS5 index ranked by BM25. Every query is scoped to ``ctx.agent``, so an
+agent sees, finds and deletes only its own notes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mcp_zero.plugin import Context, Plugin, ToolError
+
+plugin = Plugin("notes")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS notes (
+    id      INTEGER PRIMARY KEY,
+    agent   TEXT NOT NULL,
+    text    TEXT NOT NULL,
+    tags    TEXT NOT NULL DEFAULT '',
+    created TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notes_agent ON notes(agent, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS notes_fts USING fts5(
+    text, tags, content='notes', content_rowid='id', tokenize='porter unicode61'
+);
+CREATE TRIGGER IF NOT EXISTS notes_ai AFTER INSERT ON notes BEGIN
+    INSERT INTO notes_fts(rowid, text, tags) VALUES (new.id, new.text, new.tags);
+END;
+CREATE TRIGGER IF NOT EXISTS notes_ad AFTER DELETE ON notes BEGIN
+    INSERT INTO notes_fts(notes_fts, rowid, text, tags) VALUES ('delete', old.id, old.text, old.tags);
+END;
+"""
+
+_local = threading.local()
+
+
+def _db(data_dir: Path) -> sqlite3.Connection:
+    # One connection per handler thread; WAL lets readers run beside the writer.
+    conn: sqlite3.Connection | None = getattr(_local, "conn", None)
+    if conn is None:
+        conn = sqlite3.connect(data_dir / "notes.db", timeout=5.0)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        _local.conn = conn
+    return conn
+
+
+def _note(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "text": row["text"],
+        "tags": row["tags"].split() if row["tags"] else [],
+        "created": row["created"],
+    }
+
+
+def _tag_clause(tag: str | None) -> tuple[str, list[Any]]:
+    if not tag:
+        return "", []
+    # Tags are stored space-separated with a leading and trailing space for exact matching.
+    return " AND n.tags LIKE ?", [f"% {tag} %"]
+
+
+@plugin.tool("notes_add")
+def notes_add(ctx: Context, text: str, tags: list[str] | None = None) -> dict[str, Any]:
+    clean = sorted({t.strip() for t in tags or [] if t.strip()})
+    stored = f" {' '.join(clean)} " if clean else ""
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    conn = _db(ctx.data_dir)
+    with conn:
+        cur = conn.execute(
+            "INSERT INTO notes(agent, text, tags, created) VALUES (?, ?, ?, ?)",
+            (ctx.agent, text, stored, created),
+        )
+    return {"note": {"id": cur.lastrowid, "text": text, "tags": clean, "created": created}}
+
+
+@plugin.tool("notes_search")
+def notes_search(
+    ctx: Context, query: str, tag: str | None = None, limit: int = 10
+) -> dict[str, Any]:
+    clause, params = _tag_clause(tag)
+    try:
+        rows = _db(ctx.data_dir).execute(
+            "SELECT n.id, n.text, n.tags, n.created, bm25(notes_fts) AS score"
+            " FROM notes_fts JOIN notes n ON n.id = notes_fts.rowid"
+            " WHERE notes_fts MATCH ? AND n.agent = ?" + clause +
+            " ORDER BY score LIMIT ?",
+            [query, ctx.agent, *params, limit],
+        ).fetchall()
+    except sqlite3.OperationalError as exc:
+        raise ToolError(f"cannot search for {query!r}: {exc} (check the FTS5 query syntax)") from None
+    # bm25() is lower-is-better; report a higher-is-better score.
+    notes = [{**_note(r), "score": round(-r["score"], 4)} for r in rows]
+    return {"query": query, "count": len(notes), "notes": notes}
+
+
+@plugin.tool("notes_list")
+def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> dict[str, Any]:
+    clause, params = _tag_clause(tag)
+    rows = _db(ctx.data_dir).execute(
+        "SELECT n.id, n.text, n.tags, n.created FROM notes n WHERE n.agent = ?" + clause +
+        " ORDER BY n.id DESC LIMIT ?",
+        [ctx.agent, *params, limit],
+    ).fetchall()
+    notes = [_note(r) for r in rows]
+    return {"count": len(notes), "notes": notes}
+
+
+@plugin.tool("notes_delete")
+def notes_delete(ctx: Context, id: int) -> dict[str, Any]:  # noqa: A002 - the schema's name
+    conn = _db(ctx.data_dir)
+    with conn:
+        cur = conn.execute("DELETE FROM notes WHERE id = ? AND agent = ?", (id, ctx.agent))
+    if cur.rowcount == 0:
+        raise ToolError(f"you have no note with id {id}")
+    return {"deleted": id}

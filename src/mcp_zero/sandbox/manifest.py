@@ -1,0 +1,453 @@
+"""Plugin manifests: ``plugin.json``, parsed and validated once at the edge.
+
+Every field is documented in ``docs/plugins.md``. :func:`parse_manifest` and
+:func:`load_manifest` raise :class:`~mcp_zero.errors.ManifestError` naming the
+offending field; inside the kernel a :class:`PluginManifest` is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import jsonschema.validators
+
+from mcp_zero.errors import ManifestError
+
+JSON = dict[str, Any]
+ABI_VERSION = 1
+RUNTIMES = frozenset({"process"})
+FILESYSTEM_MODES = frozenset({"none", "private"})
+MANIFEST_FILE = "plugin.json"
+
+_PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_MCP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$")
+_DIALECTS = frozenset(
+    str(c.META_SCHEMA.get("$id") or c.META_SCHEMA.get("id")).rstrip("#")
+    for c in (
+        jsonschema.Draft4Validator,
+        jsonschema.Draft6Validator,
+        jsonschema.Draft7Validator,
+        jsonschema.Draft201909Validator,
+        jsonschema.Draft202012Validator,
+    )
+)
+# (key, default, minimum, maximum)
+_QUOTAS = (
+    ("timeout_ms", 10_000, 1, 3_600_000),
+    ("memory_mb", 256, 32, 65_536),
+    ("max_concurrency", 8, 1, 1024),
+    ("workers", 1, 1, 64),
+)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the plugin may reach: ``network`` (bool), ``filesystem`` (``none`` | ``private``)."""
+
+    network: bool = False
+    filesystem: str = "private"
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per-plugin limits: wall-clock per call, address space per worker, calls, workers."""
+
+    timeout_ms: int = 10_000
+    memory_mb: int = 256
+    max_concurrency: int = 8
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One tool as the manifest declares it (and as ``tools/list`` shows it)."""
+
+    name: str
+    description: str
+    input_schema: JSON
+    output_schema: JSON | None = None
+    annotations: JSON | None = None
+    title: str | None = None
+
+    def to_mcp(self) -> JSON:
+        """The MCP ``Tool`` object, schemas verbatim (``$schema``, ``$defs`` preserved)."""
+        out: JSON = {
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": self.input_schema,
+        }
+        if self.title is not None:
+            out["title"] = self.title
+        if self.output_schema is not None:
+            out["outputSchema"] = self.output_schema
+        if self.annotations is not None:
+            out["annotations"] = self.annotations
+        return out
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """A static resource (``resources/list``)."""
+
+    uri: str
+    name: str
+    description: str | None = None
+    mime_type: str | None = None
+    title: str | None = None
+
+    def to_mcp(self) -> JSON:
+        """The MCP ``Resource`` object."""
+        return _drop_none(
+            {
+                "uri": self.uri,
+                "name": self.name,
+                "title": self.title,
+                "description": self.description,
+                "mimeType": self.mime_type,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class ResourceTemplateSpec:
+    """A resource template (``resources/templates/list``), RFC 6570 ``{var}`` / ``{+var}``."""
+
+    uri_template: str
+    name: str
+    description: str | None = None
+    mime_type: str | None = None
+    title: str | None = None
+
+    def to_mcp(self) -> JSON:
+        """The MCP ``ResourceTemplate`` object."""
+        return _drop_none(
+            {
+                "uriTemplate": self.uri_template,
+                "name": self.name,
+                "title": self.title,
+                "description": self.description,
+                "mimeType": self.mime_type,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class PromptArgument:
+    """One prompt argument."""
+
+    name: str
+    description: str | None = None
+    required: bool = False
+
+    def to_mcp(self) -> JSON:
+        """The MCP ``PromptArgument`` object."""
+        return _drop_none(
+            {"name": self.name, "description": self.description, "required": self.required}
+        )
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt (``prompts/list``)."""
+
+    name: str
+    description: str | None = None
+    arguments: tuple[PromptArgument, ...] = ()
+    title: str | None = None
+
+    def to_mcp(self) -> JSON:
+        """The MCP ``Prompt`` object."""
+        out = _drop_none({"name": self.name, "title": self.title, "description": self.description})
+        out["arguments"] = [a.to_mcp() for a in self.arguments]
+        return out
+
+
+@dataclass(frozen=True)
+class PluginManifest:
+    """A validated ``plugin.json``."""
+
+    name: str
+    version: str
+    entry: str
+    abi: int = ABI_VERSION
+    runtime: str = "process"
+    description: str = ""
+    publisher: str = ""
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    quotas: Quotas = field(default_factory=Quotas)
+    tools: tuple[ToolSpec, ...] = ()
+    resources: tuple[ResourceSpec, ...] = ()
+    resource_templates: tuple[ResourceTemplateSpec, ...] = ()
+    prompts: tuple[PromptSpec, ...] = ()
+
+    def tool(self, name: str) -> ToolSpec | None:
+        """The declared tool ``name``, or ``None``."""
+        for t in self.tools:
+            if t.name == name:
+                return t
+        return None
+
+    def to_dict(self) -> JSON:
+        """The manifest as ``plugin.json`` spells it (round-trips through :func:`parse_manifest`)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "abi": self.abi,
+            "runtime": self.runtime,
+            "entry": self.entry,
+            "description": self.description,
+            "publisher": self.publisher,
+            "capabilities": {
+                "network": self.capabilities.network,
+                "filesystem": self.capabilities.filesystem,
+            },
+            "quotas": {key: getattr(self.quotas, key) for key, *_ in _QUOTAS},
+            "tools": [t.to_mcp() for t in self.tools],
+            "resources": [r.to_mcp() for r in self.resources],
+            "resourceTemplates": [r.to_mcp() for r in self.resource_templates],
+            "prompts": [p.to_mcp() for p in self.prompts],
+        }
+
+
+def _drop_none(d: JSON) -> JSON:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _fail(where: str, problem: str) -> ManifestError:
+    return ManifestError(f"plugin.json: {where}: {problem}", data={"field": where})
+
+
+def _str(d: JSON, key: str, where: str, *, required: bool = True) -> str | None:
+    value = d.get(key)
+    if value is None:
+        if required:
+            raise _fail(f"{where}{key}", "is required")
+        return None
+    if not isinstance(value, str):
+        raise _fail(f"{where}{key}", f"must be a string, not {type(value).__name__}")
+    return value
+
+
+def _obj(value: Any, where: str) -> JSON:
+    if not isinstance(value, dict):
+        raise _fail(where, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _list(d: JSON, key: str) -> list[Any]:
+    value = d.get(key, [])
+    if not isinstance(value, list):
+        raise _fail(key, f"must be a list, not {type(value).__name__}")
+    return value
+
+
+def _schema(value: Any, where: str, *, required: bool) -> JSON | None:
+    if value is None:
+        if required:
+            raise _fail(where, "is required (a JSON Schema with \"type\": \"object\")")
+        return None
+    schema = _obj(value, where)
+    if schema.get("type") != "object":
+        raise _fail(where, 'must be an object schema ("type": "object")')
+    dialect = schema.get("$schema")
+    if dialect is not None and str(dialect).rstrip("#") not in _DIALECTS:
+        raise _fail(f"{where}.$schema", f"unknown JSON Schema dialect {dialect!r}")
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        path = "/".join(str(p) for p in exc.path)
+        raise _fail(where, f"is not a valid JSON Schema ({exc.message} at /{path})") from None
+    return schema
+
+
+def _tool(raw: Any, i: int) -> ToolSpec:
+    where = f"tools[{i}]"
+    d = _obj(raw, where)
+    name = _str(d, "name", f"{where}.") or ""
+    if not _MCP_NAME.match(name):
+        raise _fail(f"{where}.name", f"{name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
+    where = f"tools[{name}]"
+    description = _str(d, "description", f"{where}.") or ""
+    annotations = d.get("annotations")
+    if annotations is not None:
+        _obj(annotations, f"{where}.annotations")
+    return ToolSpec(
+        name=name,
+        description=description,
+        input_schema=_schema(d.get("inputSchema"), f"{where}.inputSchema", required=True) or {},
+        output_schema=_schema(d.get("outputSchema"), f"{where}.outputSchema", required=False),
+        annotations=annotations,
+        title=_str(d, "title", f"{where}.", required=False),
+    )
+
+
+def _resource(raw: Any, i: int) -> ResourceSpec:
+    where = f"resources[{i}]."
+    d = _obj(raw, where[:-1])
+    return ResourceSpec(
+        uri=_str(d, "uri", where) or "",
+        name=_str(d, "name", where) or "",
+        description=_str(d, "description", where, required=False),
+        mime_type=_str(d, "mimeType", where, required=False),
+        title=_str(d, "title", where, required=False),
+    )
+
+
+def _template(raw: Any, i: int) -> ResourceTemplateSpec:
+    where = f"resourceTemplates[{i}]."
+    d = _obj(raw, where[:-1])
+    return ResourceTemplateSpec(
+        uri_template=_str(d, "uriTemplate", where) or "",
+        name=_str(d, "name", where) or "",
+        description=_str(d, "description", where, required=False),
+        mime_type=_str(d, "mimeType", where, required=False),
+        title=_str(d, "title", where, required=False),
+    )
+
+
+def _prompt(raw: Any, i: int) -> PromptSpec:
+    where = f"prompts[{i}]"
+    d = _obj(raw, where)
+    name = _str(d, "name", f"{where}.") or ""
+    if not _MCP_NAME.match(name):
+        raise _fail(f"{where}.name", f"{name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
+    args: list[PromptArgument] = []
+    for j, a in enumerate(_list(d, "arguments")):
+        aw = f"prompts[{name}].arguments[{j}]."
+        ad = _obj(a, aw[:-1])
+        required = ad.get("required", False)
+        if not isinstance(required, bool):
+            raise _fail(f"{aw}required", "must be true or false")
+        args.append(
+            PromptArgument(
+                name=_str(ad, "name", aw) or "",
+                description=_str(ad, "description", aw, required=False),
+                required=required,
+            )
+        )
+    _unique([a.name for a in args], f"prompts[{name}].arguments", "argument")
+    return PromptSpec(
+        name=name,
+        description=_str(d, "description", f"{where}.", required=False),
+        arguments=tuple(args),
+        title=_str(d, "title", f"{where}.", required=False),
+    )
+
+
+def _unique(names: list[str], where: str, what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise _fail(where, f"duplicate {what} {n!r}")
+        seen.add(n)
+
+
+def _capabilities(raw: Any) -> Capabilities:
+    d = _obj(raw if raw is not None else {}, "capabilities")
+    network = d.get("network", False)
+    if not isinstance(network, bool):
+        raise _fail("capabilities.network", "must be true or false")
+    fs = d.get("filesystem", "private")
+    if fs not in FILESYSTEM_MODES:
+        raise _fail("capabilities.filesystem", f"must be one of {sorted(FILESYSTEM_MODES)}")
+    return Capabilities(network=network, filesystem=fs)
+
+
+def _quotas(raw: Any) -> Quotas:
+    d = _obj(raw if raw is not None else {}, "quotas")
+    values: dict[str, int] = {}
+    for key, default, low, high in _QUOTAS:
+        v = d.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise _fail(f"quotas.{key}", f"must be an integer from {low} to {high}")
+        values[key] = v
+    unknown = set(d) - {k for k, *_ in _QUOTAS}
+    if unknown:
+        raise _fail("quotas", f"unknown keys {sorted(unknown)}")
+    return Quotas(**values)
+
+
+def parse_manifest(raw: Any) -> PluginManifest:
+    """Validate a decoded ``plugin.json``; raises :class:`ManifestError` naming the field."""
+    d = _obj(raw, "manifest")
+    name = _str(d, "name", "") or ""
+    if not _PLUGIN_NAME.match(name):
+        raise _fail("name", f"{name!r} must be 1-64 of [a-z0-9_-], starting with a letter")
+    version = _str(d, "version", "") or ""
+    if not _VERSION.match(version):
+        raise _fail("version", f"{version!r} is not a version (e.g. 1.2.0)")
+    abi = d.get("abi")
+    if abi != ABI_VERSION or isinstance(abi, bool):
+        raise _fail("abi", f"must be {ABI_VERSION} (this MCP-ZERO speaks plugin ABI {ABI_VERSION})")
+    runtime = d.get("runtime", "process")
+    if runtime not in RUNTIMES:
+        raise _fail("runtime", f"{runtime!r} is not a known runtime ({', '.join(sorted(RUNTIMES))})")
+    entry = _str(d, "entry", "") or ""
+    if not _ENTRY.match(entry):
+        raise _fail("entry", f"{entry!r} must be 'module:attribute' (e.g. notes_plugin:plugin)")
+    tools = tuple(_tool(t, i) for i, t in enumerate(_list(d, "tools")))
+    _unique([t.name for t in tools], "tools", "tool name")
+    resources = tuple(_resource(r, i) for i, r in enumerate(_list(d, "resources")))
+    _unique([r.uri for r in resources], "resources", "resource uri")
+    templates = tuple(_template(r, i) for i, r in enumerate(_list(d, "resourceTemplates")))
+    _unique([t.uri_template for t in templates], "resourceTemplates", "uriTemplate")
+    prompts = tuple(_prompt(p, i) for i, p in enumerate(_list(d, "prompts")))
+    _unique([p.name for p in prompts], "prompts", "prompt name")
+    return PluginManifest(
+        name=name,
+        version=version,
+        abi=ABI_VERSION,
+        runtime=runtime,
+        entry=entry,
+        description=_str(d, "description", "", required=False) or "",
+        publisher=_str(d, "publisher", "", required=False) or "",
+        capabilities=_capabilities(d.get("capabilities")),
+        quotas=_quotas(d.get("quotas")),
+        tools=tools,
+        resources=resources,
+        resource_templates=templates,
+        prompts=prompts,
+    )
+
+
+def load_manifest(plugin_dir: str | Path) -> PluginManifest:
+    """Read and validate ``plugin_dir/plugin.json`` and check its entry module exists.
+
+    Raises :class:`ManifestError` when the file is missing, not JSON, or invalid.
+    """
+    path = Path(plugin_dir) / MANIFEST_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no plugin.json in the plugin directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read plugin.json ({exc})") from None
+    manifest = parse_manifest(raw)
+    module = manifest.entry.partition(":")[0].replace(".", "/")
+    base = Path(plugin_dir)
+    if not ((base / f"{module}.py").is_file() or (base / module / "__init__.py").is_file()):
+        raise _fail("entry", f"module file {module}.py not found in {base}")
+    return manifest
+
+
+__all__ = [
+    "ABI_VERSION",
+    "Capabilities",
+    "PluginManifest",
+    "PromptArgument",
+    "PromptSpec",
+    "Quotas",
+    "ResourceSpec",
+    "ResourceTemplateSpec",
+    "ToolSpec",
+    "load_manifest",
+    "parse_manifest",
+]

@@ -1,0 +1,320 @@
+"""The ``process`` runtime: a plugin served by long-lived, confined worker processes.
+
+:class:`ProcessRuntime` implements :class:`~mcp_zero.sandbox.base.PluginRuntime`.
+It keeps ``quotas.workers`` workers (each a :class:`WorkerProcess`) and sends
+each call to the least busy one. A worker that dies is restarted with a small
+backoff; one that ignores a cancel after a timeout is killed and restarted.
+
+Each worker runs with a scrubbed environment, ``cwd`` = the plugin's private
+data directory, its own process group, rlimits (address space from
+``memory_mb``, no core dumps, few open files), no new privileges, and — when
+``capabilities.network`` is false and the host allows it — an empty network
+namespace (:attr:`ProcessRuntime.network_isolated` tells whether it held).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mcp_zero
+from mcp_zero.errors import (
+    InvalidParams,
+    ManifestError,
+    McpZeroError,
+    NotFound,
+    PluginFailure,
+    PromptNotFound,
+    ResourceNotFound,
+    ToolNotFound,
+)
+from mcp_zero.sandbox.base import ClientBridge
+from mcp_zero.sandbox.manifest import PluginManifest
+from mcp_zero.sandbox.worker_process import WorkerProcess
+
+JSON = dict[str, Any]
+# A worker that dies sooner than this after starting counts as failing to start.
+_EARLY_DEATH_S = 1.0
+_MAX_BACKOFF_S = 2.0
+# Past this many early deaths in a row, restart only when a call needs a worker.
+_EAGER_RESTARTS = 5
+
+
+class ProcessRuntime:
+    """A plugin run in ``quotas.workers`` worker processes; see the module docstring.
+
+    ``plugin_dir`` holds ``plugin.json`` and the code; ``data_dir`` is the plugin's
+    private writable directory (created if missing). All call methods are safe to
+    use concurrently and raise what :class:`~mcp_zero.sandbox.base.PluginRuntime` says.
+    """
+
+    def __init__(
+        self,
+        manifest: PluginManifest,
+        plugin_dir: str | Path,
+        data_dir: str | Path,
+        *,
+        python: str | None = None,
+        start_timeout: float = 15.0,
+        cancel_grace: float = 0.5,
+    ) -> None:
+        self.name = manifest.name
+        self.manifest = manifest
+        self.plugin_dir = Path(plugin_dir).resolve()
+        self.data_dir = Path(data_dir).resolve()
+        #: True when every running worker sits in its own empty network namespace.
+        self.network_isolated = False
+        self._start_timeout = start_timeout
+        self._grace = cancel_grace
+        n = manifest.quotas.workers
+        self._slots: list[WorkerProcess | None] = [None] * n
+        self._starting: list[asyncio.Task[WorkerProcess] | None] = [None] * n
+        self._failures = [0] * n
+        self._retired: set[WorkerProcess] = set()
+        self._closed = False
+        self._argv = [
+            python or sys.executable,
+            "-P",  # no cwd (the writable data dir) on sys.path
+            "-s",
+            "-m",
+            "mcp_zero.sandbox.worker",
+            str(self.plugin_dir),
+            manifest.entry,
+        ]
+        self._env = self._worker_env()
+
+    def _worker_env(self) -> dict[str, str]:
+        """The worker's whole environment: nothing inherited from the server (secrets)."""
+        package_root = Path(mcp_zero.__file__).resolve().parent.parent
+        tmp = self.data_dir / ".tmp"
+        q = self.manifest.quotas
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.data_dir),
+            "TMPDIR": str(tmp),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONPATH": str(package_root),
+            "PYTHONDONTWRITEBYTECODE": "1",  # the plugin dir is signed content: keep it as is
+            "PYTHONUNBUFFERED": "1",
+            "MALLOC_ARENA_MAX": "2",  # glibc's per-thread arenas would eat RLIMIT_AS
+            "MCP0_PLUGIN_DIR": str(self.plugin_dir),
+            "MCP0_PLUGIN_ENTRY": self.manifest.entry,
+            "MCP0_DATA_DIR": str(self.data_dir),
+            "MCP0_MEMORY_MB": str(q.memory_mb),
+            "MCP0_MAX_THREADS": str(q.max_concurrency),
+            "MCP0_NETWORK": "1" if self.manifest.capabilities.network else "0",
+            "MCP0_PARENT_PID": str(os.getpid()),
+        }
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running workers."""
+        return [w.pid for w in self._slots if w is not None and w.alive]
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker; raises :class:`PluginFailure` or :class:`ManifestError`
+        (code and manifest disagree) when the plugin cannot be served."""
+        self._closed = False
+        (self.data_dir / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.chmod(0o700)
+        tasks = [self._kick(i) for i in range(len(self._slots))]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop all workers (calls in flight fail with PluginCrashed)."""
+        self._closed = True
+        for t in self._starting:
+            if t is not None:
+                t.cancel()
+        workers = [w for w in self._slots if w is not None] + list(self._retired)
+        self._slots = [None] * len(self._slots)
+        self._retired.clear()
+        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+
+    def _kick(self, slot: int) -> asyncio.Task[WorkerProcess]:
+        task = self._starting[slot]
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._start_slot(slot))
+            # A failed background restart is reported to the next caller, not logged as lost.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._starting[slot] = task
+        return task
+
+    async def _start_slot(self, slot: int) -> WorkerProcess:
+        try:
+            failures = self._failures[slot]
+            if failures:
+                await asyncio.sleep(min(0.05 * 2 ** (failures - 1), _MAX_BACKOFF_S))
+            worker = WorkerProcess(
+                self.name,
+                self._argv,
+                self._env,
+                self.data_dir,
+                cancel_grace=self._grace,
+                on_exit=self._on_exit,
+                on_retire=self._on_retire,
+            )
+            try:
+                ready = await worker.start(self._start_timeout)
+                self._check_ready(ready)
+            except McpZeroError as exc:
+                self._failures[slot] += 1
+                worker.kill("its plugin could not be served")
+                await worker.wait_gone()
+                if self._failures[slot] > 1:
+                    exc.message = f"{exc.message} (failed {self._failures[slot]} times in a row)"
+                    exc.args = (exc.message,)
+                raise
+            if self._closed:
+                await worker.close()
+                raise PluginFailure(f"plugin '{self.name}' runtime is closed")
+            self._slots[slot] = worker
+            self._update_isolation()
+            return worker
+        finally:
+            self._starting[slot] = None
+
+    def _check_ready(self, ready: JSON) -> None:
+        m = self.manifest
+        declared = {
+            "tools": sorted(t.name for t in m.tools),
+            "resources": sorted(r.uri for r in m.resources),
+            "templates": sorted(t.uri_template for t in m.resource_templates),
+            "prompts": sorted(p.name for p in m.prompts),
+        }
+        for kind, names in declared.items():
+            served = sorted(ready.get(kind) or [])
+            if served != names:
+                missing = sorted(set(names) - set(served))
+                extra = sorted(set(served) - set(names))
+                raise ManifestError(
+                    f"plugin '{self.name}': {kind} in plugin.json and in {m.entry} differ "
+                    f"(declared but not registered: {missing}; registered but not declared: "
+                    f"{extra})",
+                    data={"field": kind},
+                )
+
+    def _update_isolation(self) -> None:
+        running = [w for w in self._slots if w is not None and w.alive]
+        self.network_isolated = bool(running) and all(w.network_isolated for w in running)
+
+    def _on_exit(self, worker: WorkerProcess) -> None:
+        self._retired.discard(worker)
+        for i, w in enumerate(self._slots):
+            if w is worker:
+                self._slots[i] = None
+                if time.monotonic() - worker.started_at < _EARLY_DEATH_S:
+                    self._failures[i] += 1
+                else:
+                    self._failures[i] = 0
+                if not self._closed and self._failures[i] <= _EAGER_RESTARTS:
+                    self._kick(i)
+
+    def _on_retire(self, worker: WorkerProcess) -> None:
+        for i, w in enumerate(self._slots):
+            if w is worker:
+                self._slots[i] = None
+                self._retired.add(worker)
+                if not self._closed:
+                    self._kick(i)
+
+    async def _acquire(self) -> WorkerProcess:
+        if self._closed:
+            raise PluginFailure(f"plugin '{self.name}' runtime is closed; start it first")
+        best: WorkerProcess | None = None
+        for i, w in enumerate(self._slots):
+            if w is None or not w.alive:
+                self._kick(i)
+            elif best is None or w.inflight < best.inflight:
+                best = w
+        if best is not None:
+            return best
+        task = next(t for t in self._starting if t is not None)
+        return await asyncio.shield(task)
+
+    # -- calls ----------------------------------------------------------------
+
+    async def _call(
+        self, frame: JSON, bridge: ClientBridge | None, timeout: float, label: str
+    ) -> JSON:
+        worker = await self._acquire()
+        reply = await worker.call(frame, bridge, timeout, label)
+        result = reply.get("result")
+        if isinstance(result, dict):
+            return result
+        error = reply.get("error")
+        if not isinstance(error, dict):
+            raise PluginFailure(f"plugin '{self.name}' answered {label} with no result")
+        message = str(error.get("message"))
+        kind = error.get("kind")
+        if kind == "not_found":
+            raise NotFound(message)
+        if kind == "invalid":
+            raise InvalidParams(f"{label}: {message}")
+        raise PluginFailure(f"plugin '{self.name}' failed in {label}: {message}")
+
+    async def call_tool(
+        self, tool: str, arguments: JSON, *, agent: str, bridge: ClientBridge, timeout: float
+    ) -> JSON:
+        """Run ``tool``; returns its ``CallToolResult`` (handler errors are ``isError``)."""
+        frame = {"op": "call_tool", "name": tool, "arguments": arguments, "agent": agent}
+        try:
+            result = await self._call(frame, bridge, timeout, f"tool '{tool}'")
+        except NotFound as exc:
+            raise ToolNotFound(exc.message) from None
+        if not isinstance(result.get("content"), list):
+            raise PluginFailure(f"plugin '{self.name}' returned a malformed result for '{tool}'")
+        return result
+
+    async def read_resource(
+        self, uri: str, *, agent: str, bridge: ClientBridge, timeout: float
+    ) -> JSON:
+        """Read ``uri``; returns its ``ReadResourceResult``."""
+        frame = {"op": "read_resource", "uri": uri, "agent": agent}
+        try:
+            return await self._call(frame, bridge, timeout, f"resource '{uri}'")
+        except NotFound as exc:
+            raise ResourceNotFound(exc.message, data={"uri": uri}) from None
+
+    async def get_prompt(
+        self,
+        name: str,
+        arguments: dict[str, str],
+        *,
+        agent: str,
+        bridge: ClientBridge,
+        timeout: float,
+    ) -> JSON:
+        """Render prompt ``name``; returns its ``GetPromptResult``."""
+        frame = {"op": "get_prompt", "name": name, "arguments": arguments, "agent": agent}
+        try:
+            return await self._call(frame, bridge, timeout, f"prompt '{name}'")
+        except NotFound as exc:
+            raise PromptNotFound(exc.message) from None
+
+    async def complete(
+        self, ref: JSON, argument: JSON, context: JSON | None, *, agent: str, timeout: float
+    ) -> JSON:
+        """Complete a prompt argument or template variable; returns a ``CompleteResult``."""
+        frame = {
+            "op": "complete",
+            "ref": ref,
+            "argument": argument,
+            "context": context,
+            "agent": agent,
+        }
+        return await self._call(frame, None, timeout, "completion")
+
+
+__all__ = ["ProcessRuntime"]

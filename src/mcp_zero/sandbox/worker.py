@@ -1,0 +1,404 @@
+"""The plugin worker: one sandboxed process serving one plugin's handlers.
+
+Run as ``python -m mcp_zero.sandbox.worker PLUGIN_DIR MODULE:ATTR`` (or with
+``MCP0_PLUGIN_DIR`` / ``MCP0_PLUGIN_ENTRY`` in the environment). Other settings
+come from the environment: ``MCP0_DATA_DIR`` (the plugin's private directory,
+default the cwd), ``MCP0_MEMORY_MB`` (address-space limit, 0 for none),
+``MCP0_MAX_THREADS`` (threads for plain handlers), ``MCP0_NETWORK`` (``1`` keeps
+the network; otherwise the worker enters an empty network namespace when the
+host allows it) and ``MCP0_PARENT_PID``. Stdlib only (orjson/uvloop if present).
+
+Protocol: JSON lines (one object per line) on the worker's stdin and stdout.
+The plugin's own ``print()`` and fd-1 writes go to stderr, never into frames.
+
+Kernel → worker::
+
+    {"id": N, "op": "call_tool", "name": str, "arguments": {...}, "agent": str}
+    {"id": N, "op": "read_resource", "uri": str, "agent": str}
+    {"id": N, "op": "get_prompt", "name": str, "arguments": {...}, "agent": str}
+    {"id": N, "op": "complete", "ref": {...}, "argument": {"name", "value"},
+     "context": {"arguments": {...}} | null, "agent": str}
+    {"op": "cancel", "id": N}                       # abandon call N
+    {"op": "reply", "id": R, "result": {...}}       # answer to worker request R
+    {"op": "reply", "id": R, "error": {"message": str, "code": int | null}}
+
+Worker → kernel::
+
+    {"op": "ready", "pid", "network_isolated", "tools", "resources", "templates",
+     "prompts"}                                     # once, after the plugin loaded
+    {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
+    {"id": N, "result": {...}}                      # an MCP result object
+    {"id": N, "error": {"kind": "not_found" | "invalid" | "failed" | "cancelled",
+                        "message": str}}
+    {"op": "progress", "call": N, "progress", "total", "message"}
+    {"op": "log", "call": N, "level", "data", "logger"}
+    {"op": "request", "call": N, "id": R, "method": str, "params": {...}}
+    {"op": "retire", "reason": str}                 # replace me (after a MemoryError)
+
+Every call gets exactly one response frame, also after a cancel (the kernel
+uses it to know the handler really stopped). Async handlers run as tasks on
+the worker's loop, plain ones in a thread pool, so calls overlap. End of stdin
+ends the worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import itertools
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
+from mcp_zero.sandbox import isolation, results
+from mcp_zero.sandbox.frames import decode, encode
+
+JSON = dict[str, Any]
+FATAL_EXIT = 3
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class Worker:
+    """Serves one loaded :class:`~mcp_zero.plugin.Plugin` over the frame protocol."""
+
+    def __init__(self, plugin: Plugin, out_fd: int, data_dir: Path, max_threads: int) -> None:
+        self.plugin = plugin
+        self.data_dir = data_dir
+        self._out_fd = out_fd
+        self._write_lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix="plugin"
+        )
+        self._active: dict[int, Context] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._requests: dict[int, tuple[int, asyncio.Future[JSON]]] = {}
+        self._request_ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._retired = False
+
+    # -- output ---------------------------------------------------------------
+
+    def send(self, frame: JSON) -> None:
+        """Write one frame; safe from any thread."""
+        data = encode(frame)
+        with self._write_lock:
+            _write_all(self._out_fd, data)
+
+    def notify(self, frame: JSON) -> None:
+        """:class:`~mcp_zero.plugin.Channel` notifications; unserializable data is stringified."""
+        try:
+            data = encode(frame)
+        except TypeError:
+            frame = {**frame, "data": repr(frame.get("data"))}
+            data = encode(frame)
+        with self._write_lock:
+            _write_all(self._out_fd, data)
+
+    def _respond(self, call_id: int, body: JSON) -> None:
+        self._active.pop(call_id, None)
+        self._tasks.pop(call_id, None)
+        try:
+            data = encode({"id": call_id, **body})
+        except TypeError as exc:
+            data = encode(
+                {"id": call_id, "result": results.error_result(f"result is not JSON: {exc}")}
+            )
+        with self._write_lock:
+            _write_all(self._out_fd, data)
+
+    # -- requests to the client ----------------------------------------------
+
+    async def request(self, call_id: int, method: str, params: JSON) -> JSON:
+        """Relay a request to the MCP client through the kernel and await its answer."""
+        assert self._loop is not None
+        rid = next(self._request_ids)
+        fut: asyncio.Future[JSON] = self._loop.create_future()
+        self._requests[rid] = (call_id, fut)
+        try:
+            self.send(
+                {"op": "request", "call": call_id, "id": rid, "method": method, "params": params}
+            )
+            return await fut
+        finally:
+            self._requests.pop(rid, None)
+
+    def request_blocking(self, call_id: int, method: str, params: JSON) -> JSON:
+        """:meth:`request` from a handler thread."""
+        assert self._loop is not None
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("in an async handler use 'await ctx.request(...)'")
+        return asyncio.run_coroutine_threadsafe(
+            self.request(call_id, method, params), self._loop
+        ).result()
+
+    # -- input ----------------------------------------------------------------
+
+    def dispatch(self, line: bytes) -> None:
+        """Handle one frame from the kernel."""
+        frame = decode(line)
+        op = frame.get("op")
+        if op == "reply":
+            self._on_reply(frame)
+        elif op == "cancel":
+            self._on_cancel(int(frame["id"]))
+        else:
+            self._start(frame)
+
+    def _on_reply(self, frame: JSON) -> None:
+        entry = self._requests.get(int(frame["id"]))
+        if entry is None or entry[1].done():
+            return
+        fut = entry[1]
+        if "error" in frame:
+            err = frame["error"] or {}
+            fut.set_exception(ClientRequestError(str(err.get("message")), err.get("code")))
+        else:
+            fut.set_result(frame.get("result") or {})
+
+    def _on_cancel(self, call_id: int) -> None:
+        ctx = self._active.get(call_id)
+        if ctx is not None:
+            ctx.cancelled = True
+        task = self._tasks.get(call_id)
+        if task is not None:
+            task.cancel()
+        for owner, fut in list(self._requests.values()):
+            if owner == call_id:
+                fut.cancel()
+
+    def _start(self, frame: JSON) -> None:
+        call_id = int(frame["id"])
+        op = frame.get("op")
+        try:
+            handler, args, kwargs, finish = self._resolve(op, frame)
+        except LookupError as exc:
+            self._respond(call_id, {"error": {"kind": "not_found", "message": str(exc)}})
+            return
+        if handler is None:  # nothing registered: an empty answer (completion)
+            self._respond(call_id, {"result": finish(None)})
+            return
+        ctx = Context(str(frame.get("agent", "")), self.data_dir, call_id, self)
+        self._active[call_id] = ctx
+        if handler.is_async:
+            assert self._loop is not None
+            self._tasks[call_id] = self._loop.create_task(
+                self._run_async(call_id, op, handler, ctx, args, kwargs, finish)
+            )
+        else:
+            self._pool.submit(self._run_sync, call_id, op, handler, ctx, args, kwargs, finish)
+
+    def _resolve(self, op: Any, frame: JSON) -> tuple[Handler | None, tuple[Any, ...], JSON, Any]:
+        p = self.plugin
+        if op == "call_tool":
+            name = frame["name"]
+            tool = p.tools.get(name)
+            if tool is None:
+                raise LookupError(f"tool {name!r} is not served by this plugin")
+            return tool, (), frame.get("arguments") or {}, results.tool_result
+        if op == "read_resource":
+            uri = frame["uri"]
+            match = p.match_resource(uri)
+            if match is None:
+                raise LookupError(f"no resource {uri!r} in this plugin")
+            handler, variables = match
+            mime = handler.mime_type
+            return handler, (), variables, lambda v: results.resource_result(uri, v, mime)
+        if op == "get_prompt":
+            name = frame["name"]
+            prompt = p.prompts.get(name)
+            if prompt is None:
+                raise LookupError(f"prompt {name!r} is not served by this plugin")
+            return prompt, (), frame.get("arguments") or {}, results.prompt_result
+        if op == "complete":
+            ref = frame.get("ref") or {}
+            arg = frame.get("argument") or {}
+            target = ref.get("name") if ref.get("type") == "ref/prompt" else ref.get("uri")
+            key = (str(ref.get("type")), str(target), str(arg.get("name")))
+            chosen = (frame.get("context") or {}).get("arguments") or {}
+            return (
+                p.completions.get(key),
+                (str(arg.get("value", "")), chosen),
+                {},
+                results.completion_result,
+            )
+        raise LookupError(f"unknown op {op!r}")
+
+    # -- running handlers -----------------------------------------------------
+
+    async def _run_async(
+        self,
+        call_id: int,
+        op: str,
+        handler: Handler,
+        ctx: Context,
+        args: tuple[Any, ...],
+        kwargs: JSON,
+        finish: Any,
+    ) -> None:
+        try:
+            body = {"result": finish(await handler.fn(ctx, *args, **kwargs))}
+        except BaseException as exc:  # the handler's failure is the caller's answer
+            body = self._failure(op, exc)
+        self._respond(call_id, body)
+
+    def _run_sync(
+        self,
+        call_id: int,
+        op: str,
+        handler: Handler,
+        ctx: Context,
+        args: tuple[Any, ...],
+        kwargs: JSON,
+        finish: Any,
+    ) -> None:
+        try:
+            body = {"result": finish(handler.fn(ctx, *args, **kwargs))}
+        except BaseException as exc:  # the handler's failure is the caller's answer
+            body = self._failure(op, exc)
+        self._respond(call_id, body)
+
+    def _failure(self, op: str, exc: BaseException) -> JSON:
+        if isinstance(exc, asyncio.CancelledError | concurrent.futures.CancelledError):
+            return {"error": {"kind": "cancelled", "message": "cancelled"}}
+        if isinstance(exc, MemoryError):
+            # The heap may be fragmented or a library half-updated: ask to be replaced.
+            self._retire("MemoryError")
+        if not isinstance(exc, ToolError | NotFoundError):
+            traceback.print_exception(exc, file=sys.stderr)
+        described = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
+        if op == "call_tool":
+            return {"result": results.error_result(described)}
+        if isinstance(exc, NotFoundError):
+            return {"error": {"kind": "not_found", "message": str(exc)}}
+        kind = "invalid" if isinstance(exc, ToolError | TypeError) else "failed"
+        return {"error": {"kind": kind, "message": described}}
+
+    def _retire(self, reason: str) -> None:
+        if not self._retired:
+            self._retired = True
+            self.send({"op": "retire", "reason": reason})
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """End of input: the kernel is gone or wants this worker gone."""
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def serve(self, in_fd: int, ready: JSON) -> None:
+        """Announce ``ready`` and serve frames from ``in_fd`` until it closes."""
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
+        self.send(ready)
+        reader = open(in_fd, "rb", buffering=0)  # noqa: SIM115 - owned by the transport
+        await self._loop.connect_read_pipe(lambda: _FrameReader(self), reader)
+        await self._done
+
+
+class _FrameReader(asyncio.Protocol):
+    """Splits the kernel's byte stream into frames."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._parts: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        if b"\n" not in data:
+            self._parts.append(data)
+            return
+        if self._parts:
+            self._parts.append(data)
+            data = b"".join(self._parts)
+            self._parts = []
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self._parts.append(rest)
+        for line in lines:
+            if line:
+                self._worker.dispatch(line)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._worker.stop()
+
+
+def load_plugin(plugin_dir: str, entry: str) -> Plugin:
+    """Import ``module:attribute`` from ``plugin_dir``; raises ``ImportError`` / ``TypeError``."""
+    module_name, _, attr = entry.partition(":")
+    sys.path.insert(0, plugin_dir)
+    module = importlib.import_module(module_name)
+    obj = getattr(module, attr or "plugin", None)
+    if not isinstance(obj, Plugin):
+        raise TypeError(f"{entry!r} is {type(obj).__name__}, not a mcp_zero.plugin.Plugin")
+    return obj
+
+
+def _isolate_stdio() -> tuple[int, int]:
+    """Keep private copies of the protocol fds; point fds 0/1 at /dev/null and stderr."""
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return in_fd, out_fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point; returns the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    env = os.environ
+    plugin_dir = args[0] if args else env.get("MCP0_PLUGIN_DIR", "")
+    entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
+    in_fd, out_fd = _isolate_stdio()
+    isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
+    network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network()
+    memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
+    if memory_mb > 0:
+        isolation.apply_rlimits(memory_mb)
+    try:
+        plugin = load_plugin(plugin_dir, entry)
+    except BaseException as exc:  # report any load failure to the kernel, then exit
+        traceback.print_exc(file=sys.stderr)
+        _write_all(out_fd, encode({"op": "fatal", "message": f"{type(exc).__name__}: {exc}"}))
+        return FATAL_EXIT
+    worker = Worker(
+        plugin,
+        out_fd,
+        Path(env.get("MCP0_DATA_DIR") or os.getcwd()),
+        int(env.get("MCP0_MAX_THREADS", "8")),
+    )
+    ready = {
+        "op": "ready",
+        "pid": os.getpid(),
+        "network_isolated": network_isolated,
+        "tools": sorted(plugin.tools),
+        "resources": sorted(plugin.resources),
+        "templates": sorted(t.template for t in plugin.templates),
+        "prompts": sorted(plugin.prompts),
+    }
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    run(worker.serve(in_fd, ready))
+    sys.stderr.flush()
+    # Handler threads may still be blocked in plugin code: do not wait for them.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The kernel's side of one worker process: start it, send calls, route its frames.
+
+One :class:`WorkerProcess` owns one child (see :mod:`mcp_zero.sandbox.worker`
+for the protocol). Frames are parsed straight from the pipe callbacks, calls
+are futures keyed by id, and the wall-clock limit is a timer per call — no
+task or process per call. When the child dies every call in flight fails with
+:class:`~mcp_zero.errors.PluginCrashed`; replacing it is the runtime's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+from mcp_zero.errors import McpZeroError, PluginCrashed, PluginFailure, ToolTimeout
+from mcp_zero.sandbox.base import ClientBridge
+from mcp_zero.sandbox.frames import decode, encode
+
+JSON = dict[str, Any]
+_STDERR_TAIL_LINES = 40
+
+
+class _Call:
+    """One call in flight."""
+
+    __slots__ = ("bridge", "chain", "future", "label", "requests")
+
+    def __init__(self, future: asyncio.Future[JSON], bridge: ClientBridge | None, label: str):
+        self.future = future
+        self.bridge = bridge
+        self.label = label
+        # The last progress/log relay; each awaits the one before, so order holds.
+        self.chain: asyncio.Task[None] | None = None
+        self.requests: set[asyncio.Task[None]] = set()
+
+
+class WorkerProcess:
+    """One running worker. Create, ``await start()``, then ``await call(...)`` concurrently.
+
+    ``on_exit`` runs once when the child has gone; ``on_retire`` when the child asks
+    to be replaced (it then finishes its calls and exits).
+    """
+
+    def __init__(
+        self,
+        plugin: str,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        *,
+        cancel_grace: float,
+        on_exit: Callable[[WorkerProcess], None],
+        on_retire: Callable[[WorkerProcess], None],
+    ) -> None:
+        self.plugin = plugin
+        self.pid = 0
+        self.alive = False
+        self.retiring = False
+        self.started_at = 0.0
+        self.returncode: int | None = None
+        self.network_isolated = False
+        self._argv = argv
+        self._env = env
+        self._cwd = cwd
+        self._grace = cancel_grace
+        self._on_exit = on_exit
+        self._on_retire = on_retire
+        self._calls: dict[int, _Call] = {}
+        self._zombies: dict[int, asyncio.TimerHandle] = {}
+        self._ids = itertools.count(1)
+        self._stderr: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self._stderr_partial = b""
+        self._log = logging.getLogger(f"mcp_zero.sandbox.plugin.{plugin}")
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future[JSON] | None = None
+        self._exited: asyncio.Future[None] | None = None
+        self._stdout_open = True
+        self._process_running = True
+        self._kill_reason: str | None = None
+
+    @property
+    def inflight(self) -> int:
+        """Calls sent and not yet answered."""
+        return len(self._calls)
+
+    def stderr_tail(self) -> str:
+        """The last lines the worker wrote to stderr (plugin prints, tracebacks)."""
+        return "\n".join(self._stderr)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self, timeout: float) -> JSON:
+        """Spawn the child and wait for its ``ready`` frame, which is returned.
+
+        Raises :class:`PluginFailure` when it fails to load the plugin, exits, or
+        is not ready within ``timeout`` seconds.
+        """
+        loop = self._loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._exited = loop.create_future()
+        self.started_at = time.monotonic()
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _Pipes(self),
+                *self._argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                cwd=str(self._cwd),
+                start_new_session=True,  # own process group: one killpg takes its children too
+            )
+        except OSError as exc:
+            raise PluginFailure(f"plugin '{self.plugin}': cannot start a worker: {exc}") from exc
+        self._transport = transport
+        self.pid = transport.get_pid()
+        # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
+        self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
+        try:
+            async with asyncio.timeout(timeout):
+                ready = await self._ready
+        except TimeoutError:
+            self.kill("it was not ready in time")
+            await self.wait_gone()
+            raise PluginFailure(
+                f"plugin '{self.plugin}': worker not ready within {timeout:g} s; "
+                f"its stderr: {self._last_words()}"
+            ) from None
+        self.network_isolated = bool(ready.get("network_isolated"))
+        self.alive = True
+        return ready
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker's whole process group; calls in flight fail with PluginCrashed."""
+        if self._kill_reason is None:
+            self._kill_reason = reason
+        if self.pid and self._process_running:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    async def wait_gone(self) -> None:
+        """Wait until the child has exited and its pipes are closed (after :meth:`kill`)."""
+        if self._transport is not None and self._exited is not None:
+            await asyncio.shield(self._exited)
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Ask the worker to exit (end of its stdin); kill it if it lingers past ``grace``."""
+        if self._exited is None:
+            return
+        self._kill_reason = self._kill_reason or "the plugin runtime was closed"
+        if self._stdin is not None:
+            self._stdin.close()
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.shield(self._exited)
+        except TimeoutError:
+            self.kill("it did not exit when closed")
+            await asyncio.shield(self._exited)
+
+    # -- calls ----------------------------------------------------------------
+
+    async def call(
+        self, frame: JSON, bridge: ClientBridge | None, timeout: float, label: str
+    ) -> JSON:
+        """Send a call frame and return the worker's response frame.
+
+        Raises :class:`ToolTimeout` after ``timeout`` seconds (the worker is told to
+        cancel and is killed if the handler does not stop within the grace), and
+        :class:`PluginCrashed` if the worker dies first.
+        """
+        if not self.alive:
+            raise PluginCrashed(f"plugin '{self.plugin}': worker is not running")
+        assert self._loop is not None
+        call_id = next(self._ids)
+        frame["id"] = call_id
+        fut: asyncio.Future[JSON] = self._loop.create_future()
+        call = _Call(fut, bridge, label)
+        self._calls[call_id] = call
+        self._send(frame)
+        timer = self._loop.call_later(timeout, self._timed_out, call_id, timeout)
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            # Our caller gave up (client cancelled): stop the handler as on timeout.
+            if self._calls.pop(call_id, None) is not None:
+                self._abandon(call_id, call)
+            raise
+        finally:
+            timer.cancel()
+        if call.chain is not None:
+            await call.chain  # progress/log sent before the result reach the client first
+        return reply
+
+    def _send(self, frame: JSON) -> None:
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(encode(frame))
+
+    def _timed_out(self, call_id: int, timeout: float) -> None:
+        call = self._calls.pop(call_id, None)
+        if call is None:
+            return
+        self._abandon(call_id, call)
+        call.future.set_exception(
+            ToolTimeout(
+                f"{call.label} of plugin '{self.plugin}' did not finish within {timeout:g} s; "
+                "raise the plugin's timeout_ms quota or make it faster"
+            )
+        )
+
+    def _abandon(self, call_id: int, call: _Call) -> None:
+        for task in call.requests:
+            task.cancel()
+        self._send({"op": "cancel", "id": call_id})
+        assert self._loop is not None
+        self._zombies[call_id] = self._loop.call_later(
+            self._grace, self.kill, f"{call.label} ignored cancellation for {self._grace:g} s"
+        )
+        self._close_if_retired()
+
+    def _close_if_retired(self) -> None:
+        if self.retiring and not self._calls and not self._zombies and self._stdin is not None:
+            self._stdin.close()
+
+    # -- frames from the worker -----------------------------------------------
+
+    def on_line(self, line: bytes) -> None:
+        """Route one frame from the worker."""
+        try:
+            frame = decode(line)
+            op = frame.get("op")
+            if op is None:
+                self._on_response(int(frame["id"]), frame)
+            elif op == "progress" or op == "log":
+                self._on_notification(op, frame)
+            elif op == "request":
+                self._on_request(frame)
+            elif op == "ready" or op == "fatal":
+                self._on_hello(op, frame)
+            elif op == "retire":
+                self._log.warning("worker %d asks to be replaced: %s", self.pid, frame.get("reason"))
+                self.retiring = True
+                self._on_retire(self)
+                self._close_if_retired()
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._log.error("worker %d broke the protocol: %s", self.pid, exc)
+            self.kill(f"it broke the frame protocol ({exc})")
+
+    def _on_response(self, call_id: int, frame: JSON) -> None:
+        call = self._calls.pop(call_id, None)
+        if call is None:
+            zombie = self._zombies.pop(call_id, None)
+            if zombie is not None:
+                zombie.cancel()  # the abandoned handler did stop: no need to kill
+            self._close_if_retired()
+            return
+        if not call.future.done():
+            call.future.set_result(frame)
+        self._close_if_retired()
+
+    def _on_notification(self, op: str, frame: JSON) -> None:
+        call = self._calls.get(int(frame["call"]))
+        if call is None or call.bridge is None:
+            return
+        bridge = call.bridge
+        if op == "progress":
+            send: Callable[[], Awaitable[None]] = lambda: bridge.progress(  # noqa: E731
+                frame["progress"], frame.get("total"), frame.get("message")
+            )
+        else:
+            send = lambda: bridge.log(frame["level"], frame.get("data"), frame.get("logger"))  # noqa: E731
+        assert self._loop is not None
+        call.chain = self._loop.create_task(self._relay(call.chain, send))
+
+    async def _relay(
+        self, previous: asyncio.Task[None] | None, send: Callable[[], Awaitable[None]]
+    ) -> None:
+        if previous is not None:
+            await previous
+        try:
+            await send()
+        except Exception as exc:  # a lost notification must not fail the call
+            self._log.debug("could not relay a notification: %s", exc)
+
+    def _on_request(self, frame: JSON) -> None:
+        request_id = int(frame["id"])
+        call = self._calls.get(int(frame["call"]))
+        if call is None:
+            self._send(
+                {"op": "reply", "id": request_id, "error": {"message": "call is over", "code": None}}
+            )
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(
+            self._relay_request(call, request_id, str(frame["method"]), frame.get("params") or {})
+        )
+        call.requests.add(task)
+        task.add_done_callback(call.requests.discard)
+
+    async def _relay_request(self, call: _Call, request_id: int, method: str, params: JSON) -> None:
+        try:
+            if call.bridge is None:
+                raise McpZeroError(f"{method} is not available during this kind of call")
+            result = await call.bridge.request(method, params)
+            reply: JSON = {"op": "reply", "id": request_id, "result": result}
+        except McpZeroError as exc:
+            reply = {"op": "reply", "id": request_id, "error": {"message": exc.message, "code": exc.rpc_code}}
+        except Exception as exc:  # the plugin gets the failure, not the kernel
+            reply = {"op": "reply", "id": request_id, "error": {"message": f"{type(exc).__name__}: {exc}", "code": None}}
+        self._send(reply)
+
+    def _on_hello(self, op: str, frame: JSON) -> None:
+        if self._ready is None or self._ready.done():
+            raise ValueError(f"unexpected {op} frame")
+        if op == "ready":
+            self._ready.set_result(frame)
+        else:
+            self._ready.set_exception(
+                PluginFailure(f"plugin '{self.plugin}' failed to load: {frame.get('message')}")
+            )
+
+    def on_stderr(self, data: bytes) -> None:
+        """Keep the tail of the worker's stderr and pass its lines to logging."""
+        data = self._stderr_partial + data
+        *lines, self._stderr_partial = data.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            self._stderr.append(line)
+            self._log.info("%s", line)
+
+    # -- death ----------------------------------------------------------------
+
+    def on_stdout_closed(self) -> None:
+        self._stdout_open = False
+        self._maybe_gone()
+
+    def on_process_exited(self) -> None:
+        self._process_running = False
+        self._maybe_gone()
+
+    def _last_words(self) -> str:
+        lines = [line for line in self._stderr if line.strip()]
+        return " | ".join(lines[-3:]) if lines else "(nothing)"
+
+    def _describe_exit(self) -> str:
+        code = self.returncode
+        if self._kill_reason is not None:
+            how = f"was killed because {self._kill_reason}"
+        elif code is not None and code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with status {code}"
+        return f"plugin '{self.plugin}' worker (pid {self.pid}) {how}"
+
+    def _maybe_gone(self) -> None:
+        if self._stdout_open or self._process_running:
+            return
+        assert self._transport is not None and self._exited is not None
+        self.alive = False
+        self.returncode = self._transport.get_returncode()
+        if self._stderr_partial:
+            self._stderr.append(self._stderr_partial.decode("utf-8", "replace"))
+            self._stderr_partial = b""
+        described = self._describe_exit()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(
+                PluginFailure(f"{described} while starting; its stderr: {self._last_words()}")
+            )
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            for task in call.requests:
+                task.cancel()
+            if not call.future.done():
+                call.future.set_exception(
+                    PluginCrashed(
+                        f"{described} during {call.label}; it is restarted for later calls. "
+                        f"Last stderr: {self._last_words()}"
+                    )
+                )
+        for zombie in self._zombies.values():
+            zombie.cancel()
+        self._zombies.clear()
+        self._transport.close()
+        if not self._exited.done():
+            self._exited.set_result(None)
+        self._on_exit(self)
+
+
+class _Pipes(asyncio.SubprocessProtocol):
+    """Feeds the worker's stdout frames and stderr bytes to its :class:`WorkerProcess`."""
+
+    def __init__(self, owner: WorkerProcess) -> None:
+        self._owner = owner
+        self._parts: list[bytes] = []
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 2:
+            self._owner.on_stderr(data)
+            return
+        if b"\n" not in data:
+            self._parts.append(data)
+            return
+        if self._parts:
+            self._parts.append(data)
+            data = b"".join(self._parts)
+            self._parts = []
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self._parts.append(rest)
+        for line in lines:
+            if line:
+                self._owner.on_line(line)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self._owner.on_stdout_closed()
+
+    def process_exited(self) -> None:
+        self._owner.on_process_exited()
+
+
+__all__ = ["WorkerProcess"]

@@ -1,0 +1,152 @@
+"""A plugin that misbehaves on request, for the process runtime's tests."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import socket
+import time
+from typing import Any
+
+from mcp_zero.plugin import Context, NotFoundError, Plugin, ToolError, ToolResult, image, text
+
+plugin = Plugin("kit")
+
+
+@plugin.tool("echo")
+def echo(ctx: Context, text: str = "hi") -> str:
+    return text
+
+
+@plugin.tool("aecho")
+async def aecho(ctx: Context, text: str = "hi") -> dict[str, Any]:
+    return {"text": text, "agent": ctx.agent}
+
+
+@plugin.tool("slow_sync")
+def slow_sync(ctx: Context, seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+@plugin.tool("slow_async")
+async def slow_async(ctx: Context, seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "slept"
+
+
+@plugin.tool("hang_sync")
+def hang_sync(ctx: Context) -> str:
+    time.sleep(3600)  # ignores cancellation: only SIGKILL stops it
+    return "never"
+
+
+@plugin.tool("hang_async")
+async def hang_async(ctx: Context) -> str:
+    await asyncio.sleep(3600)
+    return "never"
+
+
+@plugin.tool("crash")
+def crash(ctx: Context, status: int = 7) -> str:
+    os._exit(status)
+
+
+@plugin.tool("segfault")
+def segfault(ctx: Context) -> str:
+    ctypes.string_at(0)
+    return "unreachable"
+
+
+@plugin.tool("alloc")
+def alloc(ctx: Context, mb: int) -> str:
+    block = bytearray(mb * 1024 * 1024)
+    return f"allocated {len(block)}"
+
+
+@plugin.tool("noisy")
+def noisy(ctx: Context) -> str:
+    print("noise from print()")
+    os.write(1, b"noise written to fd 1\n")
+    return "still fine"
+
+
+@plugin.tool("fail")
+def fail(ctx: Context, how: str) -> str:
+    if how == "tool":
+        raise ToolError("the tool refused")
+    raise KeyError("boom")
+
+
+@plugin.tool("blocks")
+def blocks(ctx: Context) -> Any:
+    return [text("a picture:"), image(b"\x89PNG fake", "image/png"), "and a string"]
+
+
+@plugin.tool("explicit")
+def explicit(ctx: Context) -> ToolResult:
+    return ToolResult(content=["partial"], structured={"n": 1}, is_error=True)
+
+
+@plugin.tool("chatty")
+async def chatty(ctx: Context, question: str) -> dict[str, Any]:
+    ctx.progress(1, 3, "starting")
+    ctx.log("info", {"asked": question}, "kit")
+    answer = await ctx.sample(question, max_tokens=10)
+    ctx.progress(2, 3)
+    choice = await ctx.elicit("pick one", {"type": "object", "properties": {}})
+    ctx.progress(3, 3, "done")
+    return {"answer": answer, "choice": choice}
+
+
+@plugin.tool("chatty_sync")
+def chatty_sync(ctx: Context, question: str) -> dict[str, Any]:
+    ctx.progress(1, 2)
+    ctx.log("warning", "from a thread")
+    answer = ctx.sample_sync(question)
+    ctx.progress(2, 2)
+    return {"answer": answer}
+
+
+@plugin.tool("whoami")
+def whoami(ctx: Context) -> dict[str, Any]:
+    return {
+        "agent": ctx.agent,
+        "data_dir": str(ctx.data_dir),
+        "cwd": os.getcwd(),
+        "env": sorted(os.environ),
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0),
+    }
+
+
+@plugin.tool("connect")
+def connect(ctx: Context, port: int) -> str:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return "connected"
+    except OSError as exc:
+        raise ToolError(f"no network: {exc}") from None
+
+
+@plugin.resource("kit://hello", mime_type="text/plain")
+def hello(ctx: Context) -> str:
+    return f"hello {ctx.agent}"
+
+
+@plugin.resource_template("kit://items/{id}")
+def item(ctx: Context, id: str) -> dict[str, Any]:  # noqa: A002
+    if id == "missing":
+        raise NotFoundError(f"no item {id}")
+    return {"text": f"item {id}", "mimeType": "text/plain"}
+
+
+@plugin.prompt("greet")
+def greet(ctx: Context, name: str) -> str:
+    return f"Say hello to {name}"
+
+
+@plugin.completion(prompt="greet", argument="name")
+def names(ctx: Context, value: str, arguments: dict[str, str]) -> list[str]:
+    return [n for n in ("alice", "albert", "bob") if n.startswith(value)]

@@ -1,0 +1,349 @@
+"""The process runtime with real worker subprocesses (the misbehaving ``kit`` plugin)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from conftest import KIT_DIR, RecordingBridge
+from mcp_zero.errors import (
+    InvalidParams,
+    ManifestError,
+    PluginCrashed,
+    PluginFailure,
+    PromptNotFound,
+    ResourceNotFound,
+    ToolNotFound,
+    ToolTimeout,
+)
+from mcp_zero.sandbox.manifest import load_manifest
+from mcp_zero.sandbox.process import ProcessRuntime
+
+pytestmark = pytest.mark.anyio
+ANSWERS = {
+    "sampling/createMessage": {"role": "assistant", "content": {"type": "text", "text": "42"}},
+    "elicitation/create": {"action": "accept", "content": {"pick": "a"}},
+}
+
+
+async def call(rt, tool, args=None, *, bridge=None, timeout=5.0, agent="alice"):
+    return await rt.call_tool(
+        tool, args or {}, agent=agent, bridge=bridge or RecordingBridge(), timeout=timeout
+    )
+
+
+async def test_sync_tool_returns_text(make_runtime):
+    rt = await make_runtime()
+    assert await call(rt, "echo", {"text": "hey"}) == {"content": [{"type": "text", "text": "hey"}]}
+
+
+async def test_async_tool_dict_becomes_structured_content(make_runtime):
+    rt = await make_runtime()
+    result = await call(rt, "aecho", {"text": "x"}, agent="bob")
+    assert result["structuredContent"] == {"text": "x", "agent": "bob"}
+    assert json.loads(result["content"][0]["text"]) == {"text": "x", "agent": "bob"}
+    assert "isError" not in result
+
+
+async def test_content_blocks_and_explicit_results(make_runtime):
+    rt = await make_runtime()
+    blocks = await call(rt, "blocks")
+    assert [b["type"] for b in blocks["content"]] == ["text", "image", "text"]
+    assert blocks["content"][1]["mimeType"] == "image/png"
+    explicit = await call(rt, "explicit")
+    assert explicit == {
+        "content": [{"type": "text", "text": "partial"}],
+        "structuredContent": {"n": 1},
+        "isError": True,
+    }
+
+
+async def test_tool_errors_become_error_results_and_worker_stays(make_runtime):
+    rt = await make_runtime()
+    pid = rt.pids[0]
+    refused = await call(rt, "fail", {"how": "tool"})
+    assert refused == {"content": [{"type": "text", "text": "the tool refused"}], "isError": True}
+    crashed = await call(rt, "fail", {"how": "other"})
+    assert crashed["isError"] is True
+    assert crashed["content"][0]["text"] == "KeyError: 'boom'"
+    wrong_args = await call(rt, "echo", {"nope": 1})
+    assert wrong_args["isError"] is True and "TypeError" in wrong_args["content"][0]["text"]
+    assert rt.pids == [pid]
+
+
+async def test_unknown_tool_resource_prompt(make_runtime):
+    rt = await make_runtime()
+    b = RecordingBridge()
+    with pytest.raises(ToolNotFound):
+        await call(rt, "no_such_tool")
+    with pytest.raises(ResourceNotFound):
+        await rt.read_resource("kit://nothing", agent="a", bridge=b, timeout=5)
+    with pytest.raises(ResourceNotFound, match="no item missing"):
+        await rt.read_resource("kit://items/missing", agent="a", bridge=b, timeout=5)
+    with pytest.raises(PromptNotFound):
+        await rt.get_prompt("nope", {}, agent="a", bridge=b, timeout=5)
+    with pytest.raises(InvalidParams):
+        await rt.get_prompt("greet", {}, agent="a", bridge=b, timeout=5)
+
+
+async def test_resources_prompts_completion(make_runtime):
+    rt = await make_runtime()
+    b = RecordingBridge()
+    hello = await rt.read_resource("kit://hello", agent="carol", bridge=b, timeout=5)
+    assert hello == {"contents": [{"uri": "kit://hello", "mimeType": "text/plain", "text": "hello carol"}]}
+    item = await rt.read_resource("kit://items/a%20b", agent="a", bridge=b, timeout=5)
+    assert item["contents"][0]["text"] == "item a b"
+    prompt = await rt.get_prompt("greet", {"name": "Ann"}, agent="a", bridge=b, timeout=5)
+    assert prompt == {"messages": [{"role": "user", "content": {"type": "text", "text": "Say hello to Ann"}}]}
+    done = await rt.complete(
+        {"type": "ref/prompt", "name": "greet"}, {"name": "name", "value": "al"}, None, agent="a", timeout=5
+    )
+    assert done == {"completion": {"values": ["alice", "albert"], "total": 2, "hasMore": False}}
+    nothing = await rt.complete(
+        {"type": "ref/prompt", "name": "greet"}, {"name": "other", "value": ""}, None, agent="a", timeout=5
+    )
+    assert nothing["completion"]["values"] == []
+
+
+async def test_slow_calls_overlap(make_runtime):
+    rt = await make_runtime()
+    for tool in ("slow_sync", "slow_async"):
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(call, rt, tool, {"seconds": 0.4})
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, f"{tool}: three 0.4 s calls took {elapsed:.2f} s, so they did not overlap"
+
+
+async def test_progress_log_and_requests_are_relayed_in_order(make_runtime):
+    rt = await make_runtime()
+    b = RecordingBridge(ANSWERS)
+    result = await call(rt, "chatty", {"question": "meaning?"}, bridge=b)
+    assert result["structuredContent"] == {
+        "answer": ANSWERS["sampling/createMessage"],
+        "choice": ANSWERS["elicitation/create"],
+    }
+    assert [kind for kind, _ in b.events] == ["progress", "log", "request", "progress", "request", "progress"]
+    assert b.events[0] == ("progress", (1, 3, "starting"))
+    assert b.events[1] == ("log", ("info", {"asked": "meaning?"}, "kit"))
+    method, params = b.events[2][1]
+    assert method == "sampling/createMessage"
+    assert params["messages"][0]["content"]["text"] == "meaning?" and params["maxTokens"] == 10
+    assert b.events[-1] == ("progress", (3, 3, "done"))
+
+
+async def test_sync_handler_requests_and_client_errors(make_runtime):
+    rt = await make_runtime()
+    b = RecordingBridge(ANSWERS)
+    result = await call(rt, "chatty_sync", {"question": "q"}, bridge=b)
+    assert result["structuredContent"]["answer"] == ANSWERS["sampling/createMessage"]
+    assert ("log", ("warning", "from a thread", None)) in b.events
+    refusing = RecordingBridge()  # supports no client requests
+    failed = await call(rt, "chatty_sync", {"question": "q"}, bridge=refusing)
+    assert failed["isError"] is True
+    assert "client does not support sampling/createMessage" in failed["content"][0]["text"]
+
+
+async def test_crash_fails_the_call_and_the_next_call_gets_a_new_worker(make_runtime):
+    rt = await make_runtime()
+    first = rt.pids[0]
+    with pytest.raises(PluginCrashed, match="exited with status 7"):
+        await call(rt, "crash", {"status": 7})
+    with anyio.fail_after(10):
+        who = await call(rt, "whoami")
+    assert who["structuredContent"]["pid"] != first
+
+
+async def test_segfault_is_reported_as_a_signal(make_runtime):
+    rt = await make_runtime()
+    with pytest.raises(PluginCrashed, match="SIGSEGV"):
+        await call(rt, "segfault")
+    assert (await call(rt, "echo"))["content"][0]["text"] == "hi"
+
+
+async def test_crash_fails_other_calls_in_flight(make_runtime):
+    rt = await make_runtime()
+    errors: list[Exception] = []
+
+    async def slow() -> None:
+        try:
+            await call(rt, "slow_async", {"seconds": 5})
+        except PluginCrashed as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(PluginCrashed):
+                await call(rt, "crash")
+    assert len(errors) == 1
+
+
+async def test_hung_sync_handler_times_out_and_worker_is_replaced(make_runtime):
+    rt = await make_runtime(cancel_grace=0.3)
+    first = rt.pids[0]
+    started = time.monotonic()
+    with pytest.raises(ToolTimeout, match="did not finish within 0.3 s"):
+        await call(rt, "hang_sync", timeout=0.3)
+    assert time.monotonic() - started < 1.0
+    with anyio.fail_after(10):
+        while rt.pids == [first]:  # killed once the grace has passed
+            await anyio.sleep(0.02)
+        who = await call(rt, "whoami")
+    assert who["structuredContent"]["pid"] != first
+
+
+async def test_timeout_kill_fails_other_calls_on_that_worker(make_runtime):
+    rt = await make_runtime(cancel_grace=0.2)
+
+    async def hang() -> None:
+        with pytest.raises(ToolTimeout):
+            await call(rt, "hang_sync", timeout=0.3)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hang)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(PluginCrashed, match="hang_sync' ignored cancellation"):
+                await call(rt, "slow_async", {"seconds": 5})
+
+
+async def test_cancelled_async_handler_keeps_the_worker(make_runtime):
+    rt = await make_runtime(cancel_grace=0.5)
+    pid = rt.pids[0]
+    with pytest.raises(ToolTimeout):
+        await call(rt, "hang_async", timeout=0.2)
+    with anyio.move_on_after(0.2):
+        await call(rt, "hang_async")  # the caller gives up: cancellation, not a timeout
+    with anyio.fail_after(5):
+        assert (await call(rt, "echo"))["content"][0]["text"] == "hi"
+        await anyio.sleep(0.6)  # past the grace: the worker must not have been killed
+        assert (await call(rt, "whoami"))["structuredContent"]["pid"] == pid
+
+
+async def test_plugin_output_does_not_corrupt_the_protocol(make_runtime, caplog):
+    caplog.set_level(logging.INFO, logger="mcp_zero.sandbox.plugin.kit")
+    rt = await make_runtime()
+    assert (await call(rt, "noisy"))["content"][0]["text"] == "still fine"
+    assert (await call(rt, "echo", {"text": "after"}))["content"][0]["text"] == "after"
+    with anyio.fail_after(5):
+        while "noise written to fd 1" not in caplog.text:
+            await anyio.sleep(0.01)
+    assert "noise from print()" in caplog.text
+
+
+async def test_memory_limit_fails_cleanly_and_worker_is_replaced(make_runtime):
+    rt = await make_runtime()
+    first = rt.pids[0]
+    result = await call(rt, "alloc", {"mb": 1024})  # the kit's limit is 256 MB
+    assert result["isError"] is True
+    assert result["content"][0]["text"].startswith("MemoryError")
+    with anyio.fail_after(10):
+        who = await call(rt, "whoami")
+    assert who["structuredContent"]["pid"] != first
+    assert (await call(rt, "alloc", {"mb": 16}))["content"][0]["text"] == f"allocated {16 << 20}"
+
+
+async def test_worker_is_confined(make_runtime, tmp_path, monkeypatch):
+    monkeypatch.setenv("MCP0_TEST_SECRET", "do-not-leak")
+    rt = await make_runtime()
+    who = (await call(rt, "whoami", agent="dora"))["structuredContent"]
+    assert who["agent"] == "dora"
+    assert who["cwd"] == who["data_dir"] == str(rt.data_dir)
+    assert "MCP0_TEST_SECRET" not in who["env"]
+    assert who["pgid"] == who["pid"]  # its own process group
+    assert oct(os.stat(rt.data_dir).st_mode & 0o777) == "0o700"
+
+
+async def test_network_is_cut_when_not_granted(make_runtime):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        rt = await make_runtime()
+        if not rt.network_isolated:
+            pytest.skip("this host allows no network namespaces")
+        result = await call(rt, "connect", {"port": port})
+        assert result["isError"] is True and "no network" in result["content"][0]["text"]
+
+
+async def test_network_kept_when_granted(make_runtime, tmp_path):
+    granted = tmp_path / "granted"
+    shutil.copytree(KIT_DIR, granted)
+    manifest = json.loads((granted / "plugin.json").read_text())
+    manifest["capabilities"]["network"] = True
+    (granted / "plugin.json").write_text(json.dumps(manifest))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        rt = await make_runtime(granted)
+        assert rt.network_isolated is False
+        result = await call(rt, "connect", {"port": server.getsockname()[1]})
+        assert result["content"][0]["text"] == "connected"
+
+
+async def test_calls_spread_over_workers(make_runtime, tmp_path):
+    two = tmp_path / "two"
+    shutil.copytree(KIT_DIR, two)
+    manifest = json.loads((two / "plugin.json").read_text())
+    manifest["quotas"]["workers"] = 2
+    (two / "plugin.json").write_text(json.dumps(manifest))
+    rt = await make_runtime(two)
+    assert len(rt.pids) == 2
+    seen: set[int] = set()
+
+    async def who() -> None:
+        seen.add((await call(rt, "whoami"))["structuredContent"]["pid"])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, rt, "slow_async", {"seconds": 0.3})
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(who)
+    assert seen and seen <= set(rt.pids)
+    assert len(seen) == 1
+
+
+def _plugin(tmp_path: Path, code: str, tools: list[str]) -> Path:
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "broken_plugin.py").write_text(code)
+    (d / "plugin.json").write_text(
+        json.dumps(
+            {
+                "name": "broken",
+                "version": "1.0",
+                "abi": 1,
+                "entry": "broken_plugin:plugin",
+                "tools": [{"name": t, "description": t, "inputSchema": {"type": "object"}} for t in tools],
+            }
+        )
+    )
+    return d
+
+
+async def test_import_error_is_a_clear_start_failure(tmp_path):
+    d = _plugin(tmp_path, "import no_such_module_here\n", ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    with anyio.fail_after(20), pytest.raises(PluginFailure, match="No module named 'no_such_module_here'"):
+        await rt.start()
+
+
+async def test_worker_dying_at_start_is_reported_with_its_stderr(tmp_path):
+    d = _plugin(tmp_path, "import os, sys\nprint('dying now', file=sys.stderr)\nos._exit(4)\n", ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    with anyio.fail_after(20), pytest.raises(PluginFailure, match=r"status 4 while starting.*dying now"):
+        await rt.start()
+
+
+async def test_code_and_manifest_must_agree(tmp_path):
+    code = "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n@plugin.tool('y')\ndef y(ctx): return 'y'\n"
+    d = _plugin(tmp_path, code, ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    with anyio.fail_after(20), pytest.raises(ManifestError, match=r"declared but not registered: \['x'\]"):
+        await rt.start()
