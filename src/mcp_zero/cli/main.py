@@ -1,0 +1,443 @@
+"""``mcp0``: serve, and manage agents, plugins, policies and the audit log of a data dir.
+
+Every command takes ``--data-dir`` and ``--json`` (stable output shapes for scripts:
+see docs/cli.md). Errors print one line to stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from mcp_zero import __version__
+from mcp_zero.errors import McpZeroError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _common(fn: F) -> F:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
+    fn = click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Data directory (default ./.mcp0, or $MCP0_DATA_DIR).",
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path, exists=True),
+        default=None,
+        help="Settings file (mcp0.toml).",
+    )(fn)
+    return fn
+
+
+def _fail(message: str) -> None:
+    click.echo(f"mcp0: error: {message}", err=True)
+    sys.exit(1)
+
+
+def _errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except McpZeroError as exc:
+            _fail(exc.message)
+        except ModuleNotFoundError as exc:
+            _fail(f"{exc}: install the server side with: pip install 'mcp-zero[server]'")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _out(as_json: bool, value: Any, text: str) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True) if as_json else text)
+
+
+def _settings(config_file: Path | None, data_dir: Path | None, **overrides: Any) -> Any:
+    from mcp_zero.config import load_settings
+
+    return load_settings(config_file, {"data_dir": data_dir, **overrides})
+
+
+@contextmanager
+def _runtime(config_file: Path | None, data_dir: Path | None) -> Iterator[Any]:
+    from mcp_zero.runtime import Runtime
+
+    runtime = Runtime(_settings(config_file, data_dir))
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@click.group()
+@click.version_option(__version__, prog_name="mcp0")
+def main() -> None:
+    """MCP-ZERO: a governed, verifiable runtime for AI agents and their MCP tools."""
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+@main.command()
+@_common
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8390).")
+@click.option("--stdio", is_flag=True, help="Speak MCP on stdin/stdout instead of HTTP.")
+@click.option("--agent", default=None, help="With --stdio: the agent the session runs as.")
+@click.option(
+    "--anonymous-agent",
+    default=None,
+    help="Let requests without a token act as this agent (loopback only; audited as anonymous).",
+)
+@click.option("--no-examples", is_flag=True, help="Do not install the example plugin.")
+@_errors
+def serve(
+    config_file: Path | None,
+    data_dir: Path | None,
+    as_json: bool,
+    host: str | None,
+    port: int | None,
+    stdio: bool,
+    agent: str | None,
+    anonymous_agent: str | None,
+    no_examples: bool,
+) -> None:
+    """Run the server: MCP at /mcp (or on stdio), admin API at /api/v1."""
+    from mcp_zero.cli.serve import run_http, run_stdio
+
+    settings = _settings(
+        config_file,
+        data_dir,
+        host=host,
+        port=port,
+        anonymous_agent=anonymous_agent,
+        examples=False if no_examples else None,
+    )
+    if stdio:
+        run_stdio(settings, agent or os.environ.get("MCP0_AGENT"), os.environ.get("MCP0_TOKEN"))
+    else:
+        run_http(settings, as_json=as_json)
+
+
+# -- agents -----------------------------------------------------------------------------------
+
+
+@main.group()
+def agent() -> None:
+    """Create, inspect and terminate agents."""
+
+
+def _agent_view(record: Any) -> dict[str, Any]:
+    from mcp_zero.kernel.agents import agent_view
+
+    return agent_view(record)
+
+
+@agent.command("create")
+@_common
+@click.argument("name")
+@click.option("--plugin", "plugins", multiple=True, help="Attach this plugin (repeatable).")
+@_errors
+def agent_create(
+    config_file: Path | None,
+    data_dir: Path | None,
+    as_json: bool,
+    name: str,
+    plugins: tuple[str, ...],
+) -> None:
+    """Create agent NAME and print its bearer token (shown only this once)."""
+    with _runtime(config_file, data_dir) as rt:
+        spawned = asyncio.run(rt.agents.spawn(name, list(plugins)))
+    view = {**_agent_view(spawned.agent), "token": spawned.token}
+    _out(as_json, view, f"agent {name} created; its token (shown once):\n{spawned.token}")
+
+
+@agent.command("list")
+@_common
+@_errors
+def agent_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """List agents."""
+    with _runtime(config_file, data_dir) as rt:
+        views = [_agent_view(a) for a in rt.agents.list_agents()]
+    lines = [f"{v['name']:24} {v['status']:11} {','.join(v['plugins']) or '-'}" for v in views]
+    _out(as_json, views, "\n".join(lines) or "no agents")
+
+
+@agent.command("show")
+@_common
+@click.argument("name")
+@_errors
+def agent_show(config_file: Path | None, data_dir: Path | None, as_json: bool, name: str) -> None:
+    """Show one agent."""
+    with _runtime(config_file, data_dir) as rt:
+        view = _agent_view(rt.agents.get(name))
+    _out(as_json, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
+
+
+@agent.command("attach")
+@_common
+@click.argument("name")
+@click.argument("plugin")
+@_errors
+def agent_attach(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, name: str, plugin: str
+) -> None:
+    """Attach PLUGIN to agent NAME."""
+    with _runtime(config_file, data_dir) as rt:
+        view = _agent_view(asyncio.run(rt.agents.attach(name, plugin)))
+    _out(as_json, view, f"attached {plugin} to {name}")
+
+
+@agent.command("terminate")
+@_common
+@click.argument("name")
+@_errors
+def agent_terminate(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
+) -> None:
+    """Terminate agent NAME: its token stops working."""
+    with _runtime(config_file, data_dir) as rt:
+        view = _agent_view(asyncio.run(rt.agents.terminate(name)))
+    _out(as_json, view, f"agent {name} terminated")
+
+
+@agent.command("snapshot")
+@_common
+@click.argument("name")
+@_errors
+def agent_snapshot(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
+) -> None:
+    """Persist agent NAME's attachments and state; prints the snapshot id."""
+    with _runtime(config_file, data_dir) as rt:
+        snap = asyncio.run(rt.agents.snapshot(name))
+    _out(as_json, {"snapshot_id": snap.id, "agent": snap.agent, "data": snap.data}, snap.id)
+
+
+@agent.command("recover")
+@_common
+@click.argument("snapshot_id")
+@_errors
+def agent_recover(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, snapshot_id: str
+) -> None:
+    """Restore an agent from SNAPSHOT_ID."""
+    with _runtime(config_file, data_dir) as rt:
+        view = _agent_view(asyncio.run(rt.agents.recover(snapshot_id)))
+    _out(as_json, view, f"agent {view['name']} recovered from {snapshot_id}")
+
+
+@agent.command("exec")
+@_common
+@click.argument("name")
+@click.argument("tool")
+@click.argument("arguments", default="{}")
+@_errors
+def agent_exec(
+    config_file: Path | None,
+    data_dir: Path | None,
+    as_json: bool,
+    name: str,
+    tool: str,
+    arguments: str,
+) -> None:
+    """Call TOOL as agent NAME with ARGUMENTS (a JSON object), through the governed path."""
+    from mcp_zero.cli.serve import execute_once
+
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"ARGUMENTS is not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise click.BadParameter("ARGUMENTS must be a JSON object")
+    settings = _settings(config_file, data_dir)
+    result = execute_once(settings, name, tool, args)
+    texts = [c.get("text", "") for c in result.get("content", []) if c.get("type") == "text"]
+    _out(as_json, result, "\n".join(texts))
+    if result.get("isError"):
+        sys.exit(1)
+
+
+# -- plugins ----------------------------------------------------------------------------------
+
+
+@main.group()
+def plugin() -> None:
+    """Install, inspect and remove plugins."""
+
+
+@plugin.command("install")
+@_common
+@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--replace", is_flag=True, help="Replace an installed plugin of the same name.")
+@_errors
+def plugin_install(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, path: Path, replace: bool
+) -> None:
+    """Install the plugin in directory PATH (it holds plugin.json)."""
+    with _runtime(config_file, data_dir) as rt:
+        manifest = rt.plugins.install(path, replace=replace)
+        rt.audit.append_sync(
+            {
+                "agent": "admin",
+                "anonymous": False,
+                "verb": "install_plugin",
+                "resource": manifest.name,
+                "outcome": "allowed",
+                "version": manifest.version,
+            }
+        )
+    view = {
+        "name": manifest.name,
+        "version": manifest.version,
+        "tools": [t.name for t in manifest.tools],
+    }
+    _out(
+        as_json, view, f"installed {manifest.name} {manifest.version} ({len(manifest.tools)} tools)"
+    )
+
+
+@plugin.command("list")
+@_common
+@_errors
+def plugin_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """List installed plugins."""
+    from mcp_zero.rpc.admin import plugin_view
+
+    with _runtime(config_file, data_dir) as rt:
+        views = [plugin_view(r.manifest, tools=False) for r in rt.store.list_plugins()]
+    lines = [f"{v['name']:24} {v['version']:10} {v['description']}" for v in views]
+    _out(as_json, views, "\n".join(lines) or "no plugins")
+
+
+@plugin.command("show")
+@_common
+@click.argument("name")
+@_errors
+def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, name: str) -> None:
+    """Show plugin NAME with its tools."""
+    from mcp_zero.errors import PluginNotFound
+    from mcp_zero.rpc.admin import plugin_view
+
+    with _runtime(config_file, data_dir) as rt:
+        record = rt.store.get_plugin(name)
+    if record is None:
+        raise PluginNotFound(f"no plugin named {name!r} is installed")
+    view = plugin_view(record.manifest, tools=True)
+    lines = [f"{view['name']} {view['version']} ({view['runtime']})", view["description"], ""]
+    lines += [f"  {t['name']}: {t.get('description', '')}" for t in view["tools"]]
+    _out(as_json, view, "\n".join(lines))
+
+
+@plugin.command("remove")
+@_common
+@click.argument("name")
+@_errors
+def plugin_remove(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
+) -> None:
+    """Remove plugin NAME (its data stays in plugin-data/)."""
+    with _runtime(config_file, data_dir) as rt:
+        rt.plugins.remove(name)
+        rt.audit.append_sync(
+            {
+                "agent": "admin",
+                "anonymous": False,
+                "verb": "remove_plugin",
+                "resource": name,
+                "outcome": "allowed",
+            }
+        )
+    _out(as_json, {"name": name, "removed": True}, f"removed {name}")
+
+
+# -- audit and policy -------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """Read and verify the audit log."""
+
+
+@audit.command("list")
+@_common
+@click.option("--after", type=int, default=0, help="Only records after this sequence number.")
+@click.option("--limit", type=int, default=100, help="At most this many records.")
+@_errors
+def audit_list(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, after: int, limit: int
+) -> None:
+    """Print audit records."""
+    from mcp_zero.rpc.admin import audit_view
+    from mcp_zero.storage.sqlite import SqliteStore
+
+    settings = _settings(config_file, data_dir)
+    with SqliteStore(settings.db_path) as store:
+        views = [audit_view(e) for e in store.read_audit(after, limit)]
+    lines = [
+        f"{v['seq']:>8} {v.get('outcome', ''):8} {v.get('agent', ''):16} "
+        f"{v.get('verb', ''):14} {v.get('resource', '')} {v.get('code', '')}"
+        for v in views
+    ]
+    _out(as_json, views, "\n".join(lines) or "no records")
+
+
+@audit.command("verify")
+@_common
+@_errors
+def audit_verify(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """Verify the audit log's hash chain from the first record to the last."""
+    from mcp_zero.audit.chain import ChainBroken, verify_store
+    from mcp_zero.storage.sqlite import SqliteStore
+
+    settings = _settings(config_file, data_dir)
+    with SqliteStore(settings.db_path) as store:
+        try:
+            report = verify_store(store)
+        except ChainBroken as exc:
+            _out(
+                as_json,
+                {"ok": False, "seq": exc.seq, "reason": exc.reason},
+                f"BROKEN at seq {exc.seq}: {exc.reason}",
+            )
+            sys.exit(2)
+    _out(
+        as_json,
+        {
+            "ok": True,
+            "count": report.count,
+            "head_seq": report.head_seq,
+            "head_hash": report.head_hash,
+        },
+        f"ok: {report.count} records, head {report.head_hash}",
+    )
+
+
+@main.group()
+def policy() -> None:
+    """Check policies."""
+
+
+@policy.command("check")
+@_common
+@_errors
+def policy_check(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """Parse and validate the data dir's policies against the schema."""
+    from mcp_zero.policy.engine import PolicyEngine
+
+    settings = _settings(config_file, data_dir)
+    engine = PolicyEngine.load(settings.policy_dir)
+    ids = sorted(engine.policies)
+    _out(as_json, {"ok": True, "policies": ids}, f"ok: {len(ids)} policies: {', '.join(ids)}")

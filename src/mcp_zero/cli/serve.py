@@ -1,0 +1,132 @@
+"""Running the server (HTTP or stdio) and one-off governed calls for the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from mcp_zero.config import Settings
+from mcp_zero.errors import ConfigError, Unauthorized
+from mcp_zero.runtime import Runtime
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: plain asyncio works, only slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _prepare(settings: Settings) -> tuple[Runtime, list[str]]:
+    if settings.anonymous_agent and not settings.on_loopback_only():
+        raise ConfigError(
+            f"--anonymous-agent is refused on {settings.host}: token-less access is allowed "
+            "only when the server listens on loopback (127.0.0.1, ::1, localhost)"
+        )
+    runtime = Runtime(settings)
+    installed: list[str] = []
+    if runtime.created and settings.examples:
+        installed = runtime.install_examples()
+    if settings.anonymous_agent and runtime.store.get_agent(settings.anonymous_agent) is None:
+        runtime.close()
+        raise ConfigError(
+            f"--anonymous-agent {settings.anonymous_agent!r}: no such agent; create it first "
+            f"with 'mcp0 agent create {settings.anonymous_agent} --plugin ...'"
+        )
+    return runtime, installed
+
+
+def run_http(settings: Settings, *, as_json: bool = False) -> None:
+    """Serve MCP over streamable HTTP until interrupted."""
+    import uvicorn
+
+    from mcp_zero.rpc.http import HttpApp
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _install_uvloop()
+    runtime, installed = _prepare(settings)
+    first_token = None
+    if installed and not runtime.store.list_agents():
+        spawned = asyncio.run(runtime.agents.spawn("default", installed))
+        first_token = spawned.token
+    app = HttpApp(runtime)
+    url = f"http://{settings.host}:{settings.port}/mcp"
+    info: dict[str, Any] = {
+        "url": url,
+        "data_dir": str(settings.data_dir),
+        "admin_token_file": str(settings.admin_token_path),
+        "plugins_installed": installed,
+    }
+    if first_token:
+        info["agent"] = {"name": "default", "token": first_token}
+    if as_json:
+        print(json.dumps(info), flush=True)
+    else:
+        if installed:
+            print(f"installed example plugins: {', '.join(installed)}", flush=True)
+        if first_token:
+            print(
+                "created agent 'default' with the example plugins; its token (shown once):",
+                flush=True,
+            )
+            print(f"  {first_token}", flush=True)
+        print(f"admin token: {settings.admin_token_path}", flush=True)
+        print(f"mcp0 listening on {url}", flush=True)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        loop="uvloop" if "uvloop" in sys.modules else "asyncio",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()
+
+
+def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
+    """Serve one MCP session on stdin/stdout as ``agent`` (or the agent of ``token``)."""
+    from mcp_zero.rpc.stdio import serve_stdio
+
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
+    _install_uvloop()
+    runtime, _ = _prepare(settings)
+    try:
+        if agent:
+            principal = runtime.agents.principal(agent)
+        elif token:
+            principal = runtime.agents.authenticate(token)
+        else:
+            raise Unauthorized("--stdio needs --agent NAME or the agent's token in MCP0_TOKEN")
+    except Exception:
+        runtime.close()
+        raise
+    asyncio.run(serve_stdio(runtime, principal))
+
+
+def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str, Any]) -> Any:
+    """Call one tool as ``agent`` through the governed path, in this process."""
+    from mcp_zero.rpc.admin import _NoBridge
+
+    async def run() -> Any:
+        runtime = Runtime(settings)
+        try:
+            await runtime.start()
+            principal = runtime.agents.principal(agent)
+            return await runtime.kernel.call_tool(
+                principal, tool, arguments, _NoBridge(), request_id="cli", transport="cli"
+            )
+        finally:
+            await runtime.aclose()
+
+    return asyncio.run(run())

@@ -1,0 +1,127 @@
+"""Settings: built-in defaults, then ``mcp0.toml``, then ``MCP0_*`` environment variables,
+then command-line options — each later source overriding the earlier ones."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mcp_zero.errors import ConfigError
+
+DEFAULT_PORT = 8390
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of a server; each is documented in docs/configuration.md."""
+
+    data_dir: Path = Path(".mcp0")
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    profile: str = "default"  # "default" | "edge" (fewer workers, smaller buffers)
+    max_body_bytes: int = 1 << 20
+    rate_limit: float = 200.0  # tool calls per second per agent; 0 disables
+    rate_burst: int = 400
+    max_concurrency: int = 64  # calls in flight per agent
+    default_timeout_s: float = 30.0  # a tool call's wall-clock limit unless its manifest says less
+    max_timeout_s: float = 300.0
+    audit_window_ms: float = 2.0  # group-commit window of the audit writer
+    page_size: int = 100  # tools/list, resources/list, prompts/list
+    session_idle_s: float = 3600.0
+    max_sessions: int = 10_000
+    allowed_origins: tuple[str, ...] = ()  # besides loopback origins
+    anonymous_agent: str | None = None
+    examples: bool = True
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "mcp0.db"
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.data_dir / "policies"
+
+    @property
+    def plugins_dir(self) -> Path:
+        return self.data_dir / "plugins"
+
+    @property
+    def plugin_data_dir(self) -> Path:
+        return self.data_dir / "plugin-data"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    def on_loopback_only(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+
+_ENV_PREFIX = "MCP0_"
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, Path):
+            return Path(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot use {value!r} ({exc})") from exc
+    return value
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Resolve settings. Raises ConfigError for an unreadable file or an unknown or bad setting."""
+    base = Settings()
+    known = {f.name: f for f in fields(Settings) if f.name != "extra"}
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            raw = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        section = raw.get("server", raw)
+        for key, value in section.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"unknown setting {key!r} in {config_file}; known: {', '.join(sorted(known))}"
+                )
+            values[name] = value
+    env = os.environ if environ is None else environ
+    for name in known:
+        env_value = env.get(_ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    coerced = {n: _coerce(n, v, getattr(base, n)) for n, v in values.items()}
+    settings = replace(base, **coerced)
+    if settings.profile not in ("default", "edge"):
+        raise ConfigError(f"unknown profile {settings.profile!r}: use 'default' or 'edge'")
+    return settings

@@ -1,0 +1,217 @@
+"""Agents: spawn, list, get, attach a plugin, execute, snapshot, recover, terminate.
+
+An agent is a principal with a bearer token (kept only as a hash), the plugins
+attached to it, and free-form state. Every change is an audited action.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mcp_zero.audit.log import AuditLog
+from mcp_zero.errors import (
+    AgentNotFound,
+    InvalidParams,
+    PluginNotFound,
+    SnapshotNotFound,
+    Unauthorized,
+)
+from mcp_zero.kernel.action import Outcome, Principal, Verb
+from mcp_zero.security.tokens import hash_token, new_token
+from mcp_zero.storage.base import AgentRecord, SnapshotRecord, Store
+
+JSON = dict[str, Any]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+# How long a token's agent is remembered before the store is asked again. Changes made
+# through this process invalidate at once; changes by another process (the CLI) within this.
+PRINCIPAL_TTL_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnedAgent:
+    agent: AgentRecord
+    token: str  # shown once; only its hash is stored
+
+
+def agent_view(agent: AgentRecord) -> JSON:
+    """An agent as the admin API and ``--json`` output show it (never the token hash)."""
+    return {
+        "name": agent.name,
+        "plugins": list(agent.plugins),
+        "state": agent.state,
+        "status": agent.status,
+        "created_at": agent.created_at,
+    }
+
+
+def check_name(name: str, what: str = "agent") -> str:
+    if not _NAME.match(name):
+        raise InvalidParams(
+            f"invalid {what} name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class AgentService:
+    """Agent lifecycle on a store, audited through an audit log."""
+
+    def __init__(
+        self, store: Store, audit: AuditLog, *, anonymous_agent: str | None = None
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.anonymous_agent = anonymous_agent
+        self._principals: dict[str, tuple[float, Principal]] = {}
+
+    # -- authentication -------------------------------------------------------------------
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal a bearer token stands for; the anonymous agent for no token when
+        one is configured. Raises Unauthorized."""
+        if not token:
+            if self.anonymous_agent is None:
+                raise Unauthorized(
+                    "missing bearer token: send 'Authorization: Bearer <token>' "
+                    "(create one with 'mcp0 agent create NAME')"
+                )
+            return self._principal_for(self.anonymous_agent, anonymous=True)
+        token_hash = hash_token(token)
+        now = time.monotonic()
+        cached = self._principals.get(token_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        agent = self.store.agent_by_token_hash(token_hash)
+        if agent is None or agent.status != "active":
+            raise Unauthorized("invalid or revoked bearer token")
+        principal = Principal(agent.name, frozenset(agent.plugins))
+        if len(self._principals) > 10_000:
+            self._principals.clear()
+        self._principals[token_hash] = (now + PRINCIPAL_TTL_S, principal)
+        return principal
+
+    def _principal_for(self, name: str, *, anonymous: bool = False) -> Principal:
+        key = "name:" + name
+        now = time.monotonic()
+        cached = self._principals.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        agent = self.store.get_agent(name)
+        if agent is None or agent.status != "active":
+            raise Unauthorized(f"agent {name!r} does not exist or was terminated")
+        principal = Principal(agent.name, frozenset(agent.plugins), anonymous=anonymous)
+        self._principals[key] = (now + PRINCIPAL_TTL_S, principal)
+        return principal
+
+    def principal(self, name: str, *, anonymous: bool = False) -> Principal:
+        """The principal of agent ``name`` (stdio sessions, the admin's execute)."""
+        return self._principal_for(name, anonymous=anonymous)
+
+    def _forget(self, name: str) -> None:
+        self._principals = {k: v for k, v in self._principals.items() if v[1].agent != name}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        name: str,
+        plugins: list[str] | None = None,
+        state: JSON | None = None,
+        *,
+        actor: str = "admin",
+    ) -> SpawnedAgent:
+        """Create agent ``name``. Raises Conflict, InvalidParams, PluginNotFound."""
+        check_name(name)
+        plugins = self._check_plugins(plugins or [])
+        token = new_token()
+        record = AgentRecord(
+            name=name,
+            token_hash=hash_token(token),
+            plugins=plugins,
+            state=state or {},
+            status="active",
+            created_at=time.time(),
+        )
+        self.store.create_agent(record)
+        await self._audit(actor, Verb.SPAWN_AGENT, name, {"plugins": plugins})
+        return SpawnedAgent(record, token)
+
+    def list_agents(self) -> list[AgentRecord]:
+        return self.store.list_agents()
+
+    def get(self, name: str) -> AgentRecord:
+        agent = self.store.get_agent(name)
+        if agent is None:
+            raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
+        return agent
+
+    async def attach(self, name: str, plugin: str, *, actor: str = "admin") -> AgentRecord:
+        """Attach ``plugin`` to agent ``name``. Raises AgentNotFound, PluginNotFound."""
+        agent = self.get(name)
+        self._check_plugins([plugin])
+        if plugin not in agent.plugins:
+            agent.plugins.append(plugin)
+            self.store.update_agent(agent)
+        self._forget(name)
+        await self._audit(actor, Verb.ATTACH_PLUGIN, name, {"attached": plugin})
+        return agent
+
+    async def terminate(self, name: str, *, actor: str = "admin") -> AgentRecord:
+        """Revoke agent ``name``: its token stops working at once (in this process)."""
+        agent = self.get(name)
+        agent.status = "terminated"
+        self.store.update_agent(agent)
+        self._forget(name)
+        await self._audit(actor, Verb.TERMINATE_AGENT, name, {})
+        return agent
+
+    async def snapshot(self, name: str, *, actor: str = "admin") -> SnapshotRecord:
+        """Persist the agent's plugins, state and status; returns the snapshot (with its id)."""
+        agent = self.get(name)
+        snap = SnapshotRecord(
+            id="snap_" + secrets.token_hex(12),
+            agent=name,
+            data={"plugins": list(agent.plugins), "state": agent.state, "status": agent.status},
+            created_at=time.time(),
+        )
+        self.store.put_snapshot(snap)
+        await self._audit(actor, Verb.SNAPSHOT_AGENT, name, {"snapshot_id": snap.id})
+        return snap
+
+    async def recover(self, snapshot_id: str, *, actor: str = "admin") -> AgentRecord:
+        """Restore an agent from a snapshot (also after terminate); its token is kept."""
+        snap = self.store.get_snapshot(snapshot_id)
+        if snap is None:
+            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
+        agent = self.get(snap.agent)
+        agent.plugins = [p for p in snap.data.get("plugins", []) if self.store.get_plugin(p)]
+        agent.state = dict(snap.data.get("state", {}))
+        agent.status = str(snap.data.get("status", "active"))
+        self.store.update_agent(agent)
+        self._forget(agent.name)
+        await self._audit(actor, Verb.RECOVER_AGENT, agent.name, {"snapshot_id": snapshot_id})
+        return agent
+
+    def _check_plugins(self, plugins: list[str]) -> list[str]:
+        for plugin in plugins:
+            if self.store.get_plugin(plugin) is None:
+                raise PluginNotFound(
+                    f"no plugin named {plugin!r} is installed: 'mcp0 plugin list' shows them"
+                )
+        return list(dict.fromkeys(plugins))
+
+    async def _audit(self, actor: str, verb: Verb, resource: str, detail: JSON) -> None:
+        await self.audit.append(
+            {
+                "agent": actor,
+                "anonymous": False,
+                "verb": verb.value,
+                "resource": resource,
+                "outcome": Outcome.ALLOWED.value,
+                **detail,
+            }
+        )

@@ -1,0 +1,381 @@
+"""The governed path every agent action takes.
+
+    rate limit → resolve target → policy (Cedar) → arguments vs schema
+      → quota admission → sandbox (with timeout) → obligations → audit → result
+
+Every outcome — allowed, denied, error, timeout — is appended to the audit log,
+and the caller gets its answer only after that record is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from mcp_zero.audit.log import AuditLog
+from mcp_zero.errors import (
+    InvalidParams,
+    McpZeroError,
+    PluginCrashed,
+    PolicyDenied,
+    PromptNotFound,
+    ResourceNotFound,
+    ToolNotFound,
+    ToolTimeout,
+)
+from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.kernel.plugins import PluginHost
+from mcp_zero.kernel.quotas import QuotaGate
+from mcp_zero.policy.store import PolicyStore
+from mcp_zero.rpc.metrics import Metrics
+from mcp_zero.rpc.ratelimit import RateLimiter
+from mcp_zero.sandbox.base import ClientBridge, PluginRuntime
+
+JSON = dict[str, Any]
+log = logging.getLogger("mcp_zero.kernel")
+
+
+def _outcome_of(exc: BaseException) -> Outcome:
+    if isinstance(exc, PolicyDenied):
+        return Outcome.DENIED
+    if isinstance(exc, ToolTimeout):
+        return Outcome.TIMEOUT
+    return Outcome.ERROR
+
+
+def _arguments_digest(arguments: JSON) -> str:
+    # The audit log keeps a digest, not the arguments: they may hold personal data.
+    return hashlib.sha256(orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _schema_error(exc: Any) -> InvalidParams:
+    path = "/" + "/".join(str(p) for p in exc.absolute_path)
+    return InvalidParams(
+        f"invalid arguments at {path}: {exc.message}",
+        data={"path": path, "schemaPath": "/" + "/".join(str(p) for p in exc.schema_path)},
+    )
+
+
+class Kernel:
+    """Composes policy, quotas, sandbox and audit into the one governed path."""
+
+    def __init__(
+        self,
+        *,
+        plugins: PluginHost,
+        policy: PolicyStore,
+        audit: AuditLog,
+        quotas: QuotaGate,
+        metrics: Metrics,
+        limiter: RateLimiter | None,
+    ) -> None:
+        self.plugins = plugins
+        self.policy = policy
+        self.audit = audit
+        self.quotas = quotas
+        self.metrics = metrics
+        self.limiter = limiter
+        self._listing_cache: dict[Any, list[JSON]] = {}
+
+    # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
+
+    def visible_plugins(self, principal: Principal) -> list[str]:
+        key = (
+            "plugins",
+            principal.plugins,
+            principal.anonymous,
+            principal.admin,
+            self.policy.generation,
+            self.plugins.version,
+        )
+        cached = self._listing_cache.get(key)
+        if cached is None:
+            cached = [
+                {"name": name}
+                for name in self.plugins.manifests
+                if self.policy.decide(Action(principal, Verb.LIST_TOOLS, name, name)).allowed
+            ]
+            if len(self._listing_cache) > 4096:
+                self._listing_cache.clear()
+            self._listing_cache[key] = cached
+        return [entry["name"] for entry in cached]
+
+    def list_tools(self, principal: Principal) -> list[JSON]:
+        visible = set(self.visible_plugins(principal))
+        return [t.listing for t in self.plugins.tools.values() if t.plugin in visible]
+
+    def list_resources(self, principal: Principal) -> list[JSON]:
+        visible = set(self.visible_plugins(principal))
+        return [r for plugin, r in self.plugins.resources.values() if plugin in visible]
+
+    def list_resource_templates(self, principal: Principal) -> list[JSON]:
+        visible = set(self.visible_plugins(principal))
+        return [t.listing for t in self.plugins.templates if t.plugin in visible]
+
+    def list_prompts(self, principal: Principal) -> list[JSON]:
+        visible = set(self.visible_plugins(principal))
+        return [p for plugin, p in self.plugins.prompts.values() if plugin in visible]
+
+    def check_resource(self, principal: Principal, uri: str) -> None:
+        """Raise unless ``uri`` exists and the principal may read it (for subscriptions)."""
+        plugin = self.plugins.resource_owner(uri)
+        if plugin is None:
+            raise ResourceNotFound(
+                f"no installed plugin serves resource {uri!r}", data={"uri": uri}
+            )
+        self.policy.require(Action(principal, Verb.READ_RESOURCE, uri, plugin))
+
+    # -- the governed actions ---------------------------------------------------------------
+
+    async def call_tool(
+        self,
+        principal: Principal,
+        name: str,
+        arguments: JSON,
+        bridge: ClientBridge,
+        *,
+        request_id: str,
+        transport: str,
+    ) -> JSON:
+        entry = self.plugins.tools.get(name)
+        plugin = entry.plugin if entry is not None else None
+
+        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+            assert entry is not None
+            t = time.perf_counter()
+            errors = entry.validator.iter_errors(arguments)
+            first = next(errors, None)
+            self.metrics.observe_stage("schema", time.perf_counter() - t)
+            if first is not None:
+                raise _schema_error(first)
+            return await runtime.call_tool(
+                name, arguments, agent=principal.agent, bridge=bridge, timeout=timeout
+            )
+
+        def missing() -> McpZeroError:
+            return ToolNotFound(
+                f"unknown tool {name!r}: tools/list shows the tools you may call",
+                data={"tool": name},
+            )
+
+        return await self._govern(
+            Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
+            "tools/call",
+            request_id,
+            run,
+            missing if entry is None else None,
+            {"arguments_sha256": _arguments_digest(arguments)},
+        )
+
+    async def read_resource(
+        self,
+        principal: Principal,
+        uri: str,
+        bridge: ClientBridge,
+        *,
+        request_id: str,
+        transport: str,
+    ) -> JSON:
+        plugin = self.plugins.resource_owner(uri)
+
+        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+            return await runtime.read_resource(
+                uri, agent=principal.agent, bridge=bridge, timeout=timeout
+            )
+
+        def missing() -> McpZeroError:
+            return ResourceNotFound(
+                f"no installed plugin serves resource {uri!r}", data={"uri": uri}
+            )
+
+        return await self._govern(
+            Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, {"transport": transport}),
+            "resources/read",
+            request_id,
+            run,
+            missing if plugin is None else None,
+            {},
+        )
+
+    async def get_prompt(
+        self,
+        principal: Principal,
+        name: str,
+        arguments: dict[str, str],
+        bridge: ClientBridge,
+        *,
+        request_id: str,
+        transport: str,
+    ) -> JSON:
+        hit = self.plugins.prompts.get(name)
+        plugin = hit[0] if hit is not None else None
+
+        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+            assert hit is not None
+            for arg in hit[1].get("arguments", []):
+                if arg.get("required") and arg["name"] not in arguments:
+                    raise InvalidParams(
+                        f"prompt {name!r} needs argument {arg['name']!r}",
+                        data={"path": f"/arguments/{arg['name']}"},
+                    )
+            return await runtime.get_prompt(
+                name, arguments, agent=principal.agent, bridge=bridge, timeout=timeout
+            )
+
+        def missing() -> McpZeroError:
+            return PromptNotFound(
+                f"unknown prompt {name!r}: prompts/list shows what exists", data={"prompt": name}
+            )
+
+        return await self._govern(
+            Action(
+                principal, Verb.GET_PROMPT, name, plugin, dict(arguments), {"transport": transport}
+            ),
+            "prompts/get",
+            request_id,
+            run,
+            missing if plugin is None else None,
+            {},
+        )
+
+    async def complete(
+        self,
+        principal: Principal,
+        ref: JSON,
+        argument: JSON,
+        context: JSON | None,
+        *,
+        request_id: str,
+        transport: str,
+    ) -> JSON:
+        if ref.get("type") == "ref/prompt":
+            target = str(ref.get("name", ""))
+            hit = self.plugins.prompts.get(target)
+            plugin = hit[0] if hit is not None else None
+        else:
+            target = str(ref.get("uri", ""))
+            plugin = self.plugins.resource_owner(target) or next(
+                (
+                    t.plugin
+                    for t in self.plugins.templates
+                    if t.listing.get("uriTemplate") == target
+                ),
+                None,
+            )
+
+        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+            return await runtime.complete(
+                ref, argument, context, agent=principal.agent, timeout=timeout
+            )
+
+        def missing() -> McpZeroError:
+            if ref.get("type") == "ref/prompt":
+                return PromptNotFound(f"unknown prompt {target!r}", data={"prompt": target})
+            return ResourceNotFound(f"no installed plugin serves {target!r}", data={"uri": target})
+
+        return await self._govern(
+            Action(principal, Verb.COMPLETE, target, plugin, {}, {"transport": transport}),
+            "completion/complete",
+            request_id,
+            run,
+            missing if plugin is None else None,
+            {},
+        )
+
+    # -- the one path ---------------------------------------------------------------------
+
+    async def _govern(
+        self,
+        action: Action,
+        method: str,
+        request_id: str,
+        run: Callable[[PluginRuntime, float], Awaitable[JSON]],
+        missing: Callable[[], McpZeroError] | None,
+        detail: JSON,
+    ) -> JSON:
+        metrics = self.metrics
+        start = time.perf_counter()
+        metrics.call_started()
+        principal = action.principal
+        event: JSON = {
+            "agent": principal.agent,
+            "anonymous": principal.anonymous,
+            "verb": action.verb.value,
+            "resource": action.resource,
+            "plugin": action.plugin,
+            "request_id": request_id,
+            "transport": action.context.get("transport"),
+            **detail,
+        }
+        result: JSON | None = None
+        failure: BaseException | None = None
+        try:
+            if self.limiter is not None:
+                self.limiter.check(principal.agent)
+            if missing is not None:
+                raise missing()
+            t = time.perf_counter()
+            decision = self.policy.decide(action)
+            metrics.observe_stage("policy", time.perf_counter() - t)
+            if not decision.allowed:
+                for policy in decision.policies or ("default-deny",):
+                    metrics.count_denial(policy)
+                raise PolicyDenied(decision.message, data=decision.to_data())
+            event["policies"] = list(decision.policies)
+            assert action.plugin is not None
+            runtime = self.plugins.runtime(action.plugin)
+            quotas = self.plugins.manifests[action.plugin].quotas
+            timeout = self.quotas.timeout_for(None, quotas.timeout_ms)
+            async with self.quotas.admit(
+                principal.agent, action.plugin, plugin_concurrency=quotas.max_concurrency
+            ):
+                t = time.perf_counter()
+                try:
+                    result = await run(runtime, timeout)
+                finally:
+                    metrics.observe_stage("sandbox", time.perf_counter() - t)
+            if result.get("isError"):
+                event["tool_error"] = True
+        except asyncio.CancelledError as exc:
+            failure = exc
+            event["outcome"] = Outcome.ERROR.value
+            event["code"] = "cancelled"
+        except McpZeroError as exc:
+            failure = exc
+            event["outcome"] = _outcome_of(exc).value
+            event["code"] = exc.code
+            if isinstance(exc, PolicyDenied) and exc.data:
+                event["policies"] = exc.data.get("policies", [])
+                event["reasons"] = exc.data.get("reasons", [])
+            if isinstance(exc, PluginCrashed) and action.plugin:
+                metrics.count_plugin_restart(action.plugin)
+        except Exception as exc:
+            failure = exc
+            event["outcome"] = Outcome.ERROR.value
+            event["code"] = "internal"
+            log.exception("internal error in %s", method)
+        else:
+            event["outcome"] = Outcome.ALLOWED.value
+        finally:
+            metrics.call_finished()
+        event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        t = time.perf_counter()
+        # The record must be durable before the caller learns the outcome — even when the
+        # caller has gone (cancelled), so shield the append from the cancellation.
+        await asyncio.shield(self.audit.append(event))
+        metrics.observe_stage("audit", time.perf_counter() - t)
+        metrics.observe_stage("total", time.perf_counter() - start)
+        metrics.count_call(method, event["outcome"])
+        if failure is not None:
+            raise failure
+        assert result is not None
+        return result
+
+    def log_internal_error(self, method: str, exc: BaseException) -> None:
+        log.error("internal error handling %s", method, exc_info=exc)

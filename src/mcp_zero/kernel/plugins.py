@@ -1,0 +1,221 @@
+"""The installed plugins: their runtimes, and which plugin owns each tool, resource and prompt.
+
+Installing copies the plugin directory into the data dir (so later edits to the
+source do not change what runs) and records the manifest in the store. A
+running server notices installs and removals made by another process (the CLI)
+through the store's ``plugins_version`` and rebuilds its index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
+
+from mcp_zero.errors import Conflict, ManifestError, PluginNotFound
+from mcp_zero.sandbox.base import PluginRuntime
+from mcp_zero.sandbox.manifest import PluginManifest, ToolSpec, load_manifest, parse_manifest
+from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.storage.base import PluginRecord, Store
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolEntry:
+    plugin: str
+    spec: ToolSpec
+    listing: JSON  # the MCP Tool object, built once
+    validator: Validator
+    timeout_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateEntry:
+    plugin: str
+    pattern: re.Pattern[str]
+    listing: JSON
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """Match URIs of an RFC 6570 level-1/2 template: ``{var}`` is one segment, ``{+var}`` any."""
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\+?)([A-Za-z0-9_.]+)\}", template):
+        out.append(re.escape(template[pos : m.start()]))
+        out.append("(.+)" if m.group(1) else "([^/]+)")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+def _validator(schema: JSON) -> Validator:
+    cls = validator_for(schema, default=Draft202012Validator)
+    validator: Validator = cls(schema)
+    return validator
+
+
+class PluginHost:
+    """Runtimes of the installed plugins and the index from names to plugins."""
+
+    def __init__(self, store: Store, plugins_dir: Path, plugin_data_dir: Path) -> None:
+        self.store = store
+        self.plugins_dir = plugins_dir
+        self.plugin_data_dir = plugin_data_dir
+        self.manifests: dict[str, PluginManifest] = {}
+        self.runtimes: dict[str, PluginRuntime] = {}
+        self.tools: dict[str, ToolEntry] = {}
+        self.resources: dict[str, tuple[str, JSON]] = {}
+        self.templates: list[TemplateEntry] = []
+        self.prompts: dict[str, tuple[str, JSON]] = {}
+        self.version = -1
+        self.on_change: Callable[[], None] | None = None  # told after the index changed
+        self._lock = asyncio.Lock()
+
+    # -- installing (works without a running server) -----------------------------------------
+
+    def install(self, source: Path, *, replace: bool = False) -> PluginManifest:
+        """Validate the plugin at ``source``, copy it into the data dir and record it.
+
+        Raises ManifestError for an invalid plugin, Conflict when the name is
+        installed (unless ``replace``) or a tool name is taken by another plugin.
+        """
+        manifest = load_manifest(source)
+        existing = self.store.get_plugin(manifest.name)
+        if existing is not None and not replace:
+            raise Conflict(
+                f"plugin {manifest.name!r} is already installed (version {existing.version}); "
+                "remove it first or install with --replace"
+            )
+        taken = {
+            tool["name"]: record.name
+            for record in self.store.list_plugins()
+            if record.name != manifest.name
+            for tool in record.manifest.get("tools", [])
+        }
+        for tool in manifest.tools:
+            if tool.name in taken:
+                raise Conflict(
+                    f"tool {tool.name!r} of plugin {manifest.name!r} is already provided by "
+                    f"plugin {taken[tool.name]!r}; tool names must be unique across plugins"
+                )
+        target = self.plugins_dir / manifest.name / manifest.version
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+        self.store.put_plugin(
+            PluginRecord(
+                name=manifest.name,
+                version=manifest.version,
+                manifest=manifest.to_dict(),
+                path=str(target),
+                installed_at=time.time(),
+            )
+        )
+        return manifest
+
+    def remove(self, name: str) -> None:
+        """Forget plugin ``name`` and delete its installed files (its data dir stays)."""
+        record = self.store.get_plugin(name)
+        if record is None or not self.store.delete_plugin(name):
+            raise PluginNotFound(f"no plugin named {name!r} is installed")
+        shutil.rmtree(Path(record.path), ignore_errors=True)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def refresh(self, *, force: bool = False) -> bool:
+        """Bring runtimes and index in line with the store; True when something changed."""
+        version = self.store.plugins_version()
+        if version == self.version and not force:
+            return False
+        async with self._lock:
+            if version == self.version and not force:
+                return False
+            records = {r.name: r for r in self.store.list_plugins()}
+            for name in list(self.runtimes):
+                record = records.get(name)
+                if record is None or record.manifest != self.manifests[name].to_dict():
+                    runtime = self.runtimes.pop(name)
+                    self.manifests.pop(name, None)
+                    await runtime.close()
+            for name, record in records.items():
+                if name in self.runtimes:
+                    continue
+                try:
+                    manifest = parse_manifest(record.manifest)
+                except ManifestError:
+                    continue  # recorded by an older, looser version: not served
+                runtime = self._runtime(manifest, Path(record.path))
+                self.manifests[name] = manifest
+                self.runtimes[name] = runtime
+            self._reindex()
+            self.version = version
+            await asyncio.gather(*(rt.start() for rt in self.runtimes.values()))
+        if self.on_change is not None:
+            self.on_change()
+        return True
+
+    def _runtime(self, manifest: PluginManifest, path: Path) -> PluginRuntime:
+        if manifest.runtime != "process":
+            raise ManifestError(
+                f"plugin {manifest.name!r}: runtime {manifest.runtime!r} is unknown"
+            )
+        data_dir = self.plugin_data_dir / manifest.name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return ProcessRuntime(manifest, path, data_dir)
+
+    def _reindex(self) -> None:
+        tools: dict[str, ToolEntry] = {}
+        resources: dict[str, tuple[str, JSON]] = {}
+        templates: list[TemplateEntry] = []
+        prompts: dict[str, tuple[str, JSON]] = {}
+        for name in sorted(self.manifests):
+            manifest = self.manifests[name]
+            for spec in manifest.tools:
+                tools.setdefault(
+                    spec.name,
+                    ToolEntry(name, spec, spec.to_mcp(), _validator(spec.input_schema), None),
+                )
+            for resource in manifest.resources:
+                resources.setdefault(resource.uri, (name, resource.to_mcp()))
+            for template in manifest.resource_templates:
+                templates.append(
+                    TemplateEntry(name, _template_pattern(template.uri_template), template.to_mcp())
+                )
+            for prompt in manifest.prompts:
+                prompts.setdefault(prompt.name, (name, prompt.to_mcp()))
+        self.tools, self.resources, self.templates, self.prompts = (
+            tools,
+            resources,
+            templates,
+            prompts,
+        )
+
+    def resource_owner(self, uri: str) -> str | None:
+        """The plugin serving ``uri``, by exact resource or by template."""
+        hit = self.resources.get(uri)
+        if hit is not None:
+            return hit[0]
+        for template in self.templates:
+            if template.pattern.match(uri):
+                return template.plugin
+        return None
+
+    def runtime(self, name: str) -> PluginRuntime:
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            raise PluginNotFound(f"plugin {name!r} is not installed")
+        return runtime
+
+    async def close(self) -> None:
+        runtimes, self.runtimes = list(self.runtimes.values()), {}
+        await asyncio.gather(*(rt.close() for rt in runtimes), return_exceptions=True)

@@ -1,0 +1,196 @@
+"""The admin API under ``/api/v1`` (bearer: the admin token from ``<data dir>/admin.token``).
+
+GET    /agents                         list agents
+POST   /agents                         spawn {name, plugins?, state?} → agent + token (once)
+GET    /agents/{name}                  one agent
+DELETE /agents/{name}                  terminate
+POST   /agents/{name}/plugins          attach {plugin}
+POST   /agents/{name}/execute          call a tool as the agent {tool, arguments?}
+POST   /agents/{name}/snapshot         → {snapshot_id}
+POST   /snapshots/{id}/recover         restore the agent from a snapshot
+GET    /plugins                        installed plugins
+GET    /plugins/{name}                 one plugin with its tools
+GET    /audit?after=N&limit=M          audit records
+GET    /audit/verify                   verify the hash chain
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from mcp_zero.audit.chain import verify_store
+from mcp_zero.errors import InvalidRequest, McpZeroError, NotFound, PluginNotFound, Unauthorized
+from mcp_zero.kernel.agents import agent_view
+from mcp_zero.security.tokens import hash_token
+
+if TYPE_CHECKING:
+    from mcp_zero.runtime import Runtime
+
+JSON = dict[str, Any]
+Route = Callable[[re.Match[str], JSON, dict[str, list[str]]], Awaitable[tuple[int, Any]]]
+
+
+class _NoBridge:
+    """The admin's execute has no MCP client behind it: no progress, no sampling."""
+
+    async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        return None
+
+    async def log(self, level: str, data: Any, logger: str | None) -> None:
+        return None
+
+    async def request(self, method: str, params: JSON) -> JSON:
+        raise McpZeroError(f"{method} needs an MCP client; call this tool over /mcp instead")
+
+
+def plugin_view(record_manifest: JSON, *, tools: bool) -> JSON:
+    out: JSON = {
+        "name": record_manifest["name"],
+        "version": record_manifest["version"],
+        "runtime": record_manifest.get("runtime"),
+        "description": record_manifest.get("description", ""),
+    }
+    if tools:
+        out["tools"] = record_manifest.get("tools", [])
+        out["resources"] = record_manifest.get("resources", [])
+        out["resourceTemplates"] = record_manifest.get("resourceTemplates", [])
+        out["prompts"] = record_manifest.get("prompts", [])
+        out["quotas"] = record_manifest.get("quotas", {})
+        out["capabilities"] = record_manifest.get("capabilities", {})
+    return out
+
+
+class AdminApi:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._routes: list[tuple[str, re.Pattern[str], Route]] = [
+            ("GET", re.compile(r"/agents/?\Z"), self._list_agents),
+            ("POST", re.compile(r"/agents/?\Z"), self._spawn),
+            ("GET", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._get_agent),
+            ("DELETE", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._terminate),
+            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/plugins\Z"), self._attach),
+            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/execute\Z"), self._execute),
+            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/snapshot\Z"), self._snapshot),
+            ("POST", re.compile(r"/snapshots/(?P<id>[^/]+)/recover\Z"), self._recover),
+            ("GET", re.compile(r"/plugins/?\Z"), self._list_plugins),
+            ("GET", re.compile(r"/plugins/(?P<name>[^/]+)\Z"), self._get_plugin),
+            ("GET", re.compile(r"/audit/?\Z"), self._audit),
+            ("GET", re.compile(r"/audit/verify\Z"), self._verify),
+        ]
+
+    async def handle(
+        self, method: str, path: str, authorization: str | None, body: bytes, query: str
+    ) -> tuple[int, Any]:
+        """Route one admin request; returns (HTTP status, JSON body)."""
+        try:
+            self._check_admin(authorization)
+            for verb, pattern, route in self._routes:
+                match = pattern.match(path)
+                if match and verb == method:
+                    payload: Any = orjson.loads(body) if body.strip() else {}
+                    if not isinstance(payload, dict):
+                        raise InvalidRequest("the request body must be a JSON object")
+                    return await route(match, payload, parse_qs(query))
+            raise NotFound(f"no admin route {method} /api/v1{path}")
+        except orjson.JSONDecodeError as exc:
+            return 400, {"error": {"code": "parse_error", "message": f"invalid JSON: {exc}"}}
+        except McpZeroError as exc:
+            return exc.http_status, {"error": exc.to_dict()}
+
+    def _check_admin(self, authorization: str | None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            hash_token(token.strip()), self.runtime.admin_token_hash
+        ):
+            raise Unauthorized(
+                "the admin API needs 'Authorization: Bearer <admin token>' "
+                "(the token is in <data dir>/admin.token)"
+            )
+
+    async def _list_agents(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        return 200, [agent_view(a) for a in self.runtime.agents.list_agents()]
+
+    async def _spawn(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        name = body.get("name")
+        plugins = body.get("plugins", [])
+        state = body.get("state", {})
+        if not isinstance(name, str):
+            raise InvalidRequest('"name" must be a string')
+        if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+            raise InvalidRequest('"plugins" must be a list of plugin names')
+        if not isinstance(state, dict):
+            raise InvalidRequest('"state" must be an object')
+        spawned = await self.runtime.agents.spawn(name, plugins, state)
+        return 201, {**agent_view(spawned.agent), "token": spawned.token}
+
+    async def _get_agent(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        return 200, agent_view(self.runtime.agents.get(m["name"]))
+
+    async def _terminate(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        return 200, agent_view(await self.runtime.agents.terminate(m["name"]))
+
+    async def _attach(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        plugin = body.get("plugin")
+        if not isinstance(plugin, str):
+            raise InvalidRequest('"plugin" must be a string')
+        return 200, agent_view(await self.runtime.agents.attach(m["name"], plugin))
+
+    async def _execute(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        tool = body.get("tool")
+        arguments = body.get("arguments", {})
+        if not isinstance(tool, str) or not isinstance(arguments, dict):
+            raise InvalidRequest('"tool" must be a string and "arguments" an object')
+        principal = self.runtime.agents.principal(m["name"])
+        result = await self.runtime.kernel.call_tool(
+            principal, tool, arguments, _NoBridge(), request_id="admin", transport="admin"
+        )
+        return 200, result
+
+    async def _snapshot(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        snap = await self.runtime.agents.snapshot(m["name"])
+        return 201, {"snapshot_id": snap.id, "agent": snap.agent, "data": snap.data}
+
+    async def _recover(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        return 200, agent_view(await self.runtime.agents.recover(m["id"]))
+
+    async def _list_plugins(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        return 200, [
+            plugin_view(r.manifest, tools=False) for r in self.runtime.store.list_plugins()
+        ]
+
+    async def _get_plugin(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        record = self.runtime.store.get_plugin(m["name"])
+        if record is None:
+            raise PluginNotFound(f"no plugin named {m['name']!r} is installed")
+        return 200, plugin_view(record.manifest, tools=True)
+
+    async def _audit(
+        self, m: re.Match[str], body: JSON, q: dict[str, list[str]]
+    ) -> tuple[int, Any]:
+        try:
+            after = int(q.get("after", ["0"])[0])
+            limit = min(int(q.get("limit", ["100"])[0]), 10_000)
+        except ValueError:
+            raise InvalidRequest("after and limit must be integers") from None
+        return 200, [audit_view(e) for e in self.runtime.store.read_audit(after, limit)]
+
+    async def _verify(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        report = verify_store(self.runtime.store)
+        return 200, {
+            "ok": True,
+            "count": report.count,
+            "head_seq": report.head_seq,
+            "head_hash": report.head_hash,
+        }
+
+
+def audit_view(entry: Any) -> JSON:
+    """An audit entry as the admin API and ``mcp0 audit list --json`` show it."""
+    record: JSON = orjson.loads(entry.body)
+    return {"seq": entry.seq, "hash": entry.hash, "prev_hash": entry.prev_hash, **record}

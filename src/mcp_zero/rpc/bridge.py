@@ -1,0 +1,76 @@
+"""The ``ClientBridge`` a tool call uses to reach its MCP client, over the request's channel."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from mcp_zero.errors import McpZeroError
+from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed, Session
+
+# Which client capability each server→client request needs.
+_CAPABILITY = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+CLIENT_REQUEST_TIMEOUT_S = 600.0  # a person may be answering an elicitation
+
+
+class RequestBridge:
+    """Progress, log messages and requests to the client, tied to one incoming request."""
+
+    __slots__ = ("_channel", "_progress_token", "_related", "_session")
+
+    def __init__(
+        self, session: Session, channel: Channel, progress_token: Any, related: Any
+    ) -> None:
+        self._session = session
+        self._channel = channel
+        self._progress_token = progress_token
+        self._related = related
+
+    async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        if self._progress_token is None:
+            return
+        params: JSON = {"progressToken": self._progress_token, "progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None:
+            params["message"] = message
+        await self._channel.send(
+            {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+        )
+
+    async def log(self, level: str, data: Any, logger: str | None) -> None:
+        if not self._session.wants_log(level):
+            return
+        params: JSON = {"level": level, "data": data}
+        if logger is not None:
+            params["logger"] = logger
+        await self._channel.send(
+            {"jsonrpc": "2.0", "method": "notifications/message", "params": params}
+        )
+
+    async def request(self, method: str, params: JSON) -> JSON:
+        capability = _CAPABILITY.get(method)
+        if capability is None:
+            raise McpZeroError(f"plugins may not send {method!r} to the client")
+        if capability not in self._session.client_capabilities:
+            raise ClientRequestFailed(
+                f"the client did not declare the {capability!r} capability, so it cannot "
+                f"answer {method}"
+            )
+        request_id, future = self._session.new_request()
+        await self._channel.send(
+            {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        )
+        try:
+            async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT_S):
+                return await future
+        except TimeoutError:
+            raise ClientRequestFailed(
+                f"the client did not answer {method} within {CLIENT_REQUEST_TIMEOUT_S:.0f} s"
+            ) from None
+        finally:
+            self._session.pending.pop(request_id, None)

@@ -1,0 +1,497 @@
+"""Streamable HTTP: MCP at ``/mcp``, the admin API at ``/api/v1``, ``/healthz``, ``/readyz``,
+``/metrics`` — a lean ASGI application (no framework on the hot path).
+
+POST /mcp carries one JSON-RPC message. A request is answered with
+``application/json`` when its result comes before anything else; if the call
+first sends progress, a log message or a request to the client, the answer
+switches to an SSE stream (priming event first, resumable with GET and
+``Last-Event-ID``). GET /mcp without ``Last-Event-ID`` opens the session's
+stream for server-initiated notifications; DELETE ends the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from mcp_zero.errors import (
+    InvalidRequest,
+    McpZeroError,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from mcp_zero.kernel.action import Principal
+from mcp_zero.rpc import jsonrpc
+from mcp_zero.rpc.admin import AdminApi
+from mcp_zero.rpc.server import McpServer
+from mcp_zero.rpc.session import HEADER_VERSIONS, JSON, Session
+from mcp_zero.rpc.streams import EventStream, parse_event_id
+from mcp_zero.runtime import Runtime
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+log = logging.getLogger("mcp_zero.http")
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _hostname(value: str) -> str:
+    """The host part of a Host header or an origin's authority, without the port."""
+    if value.startswith("["):
+        return value[: value.find("]") + 1]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers if headers is not None else _JSON_HEADERS,
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _respond_json(
+    send: Send, status: int, obj: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _respond(send, status, orjson.dumps(obj), _JSON_HEADERS + (extra or []))
+
+
+class _PostChannel:
+    """Messages related to one POST: nothing is sent until the first one, which turns the
+    response into an SSE stream; until then the result can still go out as plain JSON."""
+
+    __slots__ = ("_asgi_send", "session", "stream")
+
+    def __init__(self, session: Session, asgi_send: Send) -> None:
+        self.session = session
+        self._asgi_send = asgi_send
+        self.stream: EventStream | None = None
+
+    async def send(self, message: JSON) -> None:
+        stream = self.stream
+        if stream is None:
+            stream = EventStream(self._asgi_send)
+            self.session.streams[stream.id] = stream
+            self.stream = stream
+            await self._asgi_send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": _SSE_HEADERS + _session_header(self.session),
+                }
+            )
+            await self._asgi_send(
+                {"type": "http.response.body", "body": stream.priming(), "more_body": True}
+            )
+        await stream.push(message)
+
+    async def finish(self) -> None:
+        """End the SSE stream (after the response was pushed)."""
+        stream = self.stream
+        assert stream is not None
+        stream.close()
+        if stream.send is not None:
+            with contextlib.suppress(OSError):
+                await self._asgi_send({"type": "http.response.body", "body": b""})
+
+
+def _session_header(session: Session | None) -> list[tuple[bytes, bytes]]:
+    if session is None or session.id.startswith("ephemeral"):
+        return []
+    return [(b"mcp-session-id", session.id.encode())]
+
+
+class HttpApp:
+    """The ASGI application of one runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.server = McpServer(runtime.kernel, page_size=runtime.settings.page_size)
+        self.admin = AdminApi(runtime)
+        self.sessions: dict[str, Session] = {}
+        self.ready = False
+        self._janitor: asyncio.Task[None] | None = None
+        self._loopback_only = runtime.settings.on_loopback_only()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- lifespan ---------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        await self.runtime.start()
+        self.runtime.plugins.on_change = self._broadcast_list_changed
+        self._janitor = asyncio.create_task(self._expire_sessions())
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        for session in self.sessions.values():
+            session.close()
+        await self.runtime.aclose()
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            cutoff = time.monotonic() - self.settings.session_idle_s
+            for sid in [s.id for s in self.sessions.values() if s.last_seen < cutoff]:
+                self.sessions.pop(sid).close()
+
+    def _broadcast_list_changed(self) -> None:
+        for session in self.sessions.values():
+            if session.notices is not None:
+                for method in ("tools", "resources", "prompts"):
+                    session.notices.put_nowait(
+                        {"jsonrpc": "2.0", "method": f"notifications/{method}/list_changed"}
+                    )
+
+    # -- routing ----------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path == "/mcp" or path == "/mcp/":
+            if not self._origin_allowed(scope):
+                await _respond_json(
+                    send,
+                    403,
+                    jsonrpc.error_message(
+                        None,
+                        -32600,
+                        "request refused: Host/Origin is not an allowed origin of this server "
+                        "(DNS-rebinding protection); add it to allowed_origins if it is yours",
+                    ),
+                )
+                return
+            if method == "POST":
+                await self._post(scope, receive, send)
+            elif method == "GET":
+                await self._get(scope, receive, send)
+            elif method == "DELETE":
+                await self._delete(scope, send)
+            else:
+                await _respond(send, 405, b"", [(b"allow", b"GET, POST, DELETE")])
+        elif path == "/healthz":
+            await _respond_json(send, 200, {"status": "ok"})
+        elif path == "/readyz":
+            status = 200 if self.ready else 503
+            await _respond_json(send, status, {"ready": self.ready})
+        elif path == "/metrics":
+            body, content_type = self.runtime.metrics.render()
+            await _respond(send, 200, body, [(b"content-type", content_type.encode())])
+        elif path.startswith("/api/v1/"):
+            if not self._origin_allowed(scope):
+                await _respond_json(
+                    send,
+                    403,
+                    {"error": {"code": "forbidden_origin", "message": "origin not allowed"}},
+                )
+                return
+            body, error = await self._read_body(receive)
+            if error is not None:
+                await _respond_json(send, error.http_status, {"error": error.to_dict()})
+                return
+            status, payload = await self.admin.handle(
+                method,
+                path[len("/api/v1") :],
+                _header(scope, b"authorization"),
+                body,
+                scope.get("query_string", b"").decode(),
+            )
+            await _respond_json(send, status, payload)
+        else:
+            await _respond_json(
+                send, 404, {"error": {"code": "not_found", "message": f"no route {path}"}}
+            )
+
+    def _origin_allowed(self, scope: Scope) -> bool:
+        origin = _header(scope, b"origin")
+        if origin is not None and origin != "null":
+            if origin in self.settings.allowed_origins:
+                return True
+            authority = origin.split("://", 1)[-1]
+            if _hostname(authority) not in _LOOPBACK_HOSTS:
+                return False
+        if self._loopback_only:
+            host = _header(scope, b"host")
+            if host is not None and _hostname(host) not in _LOOPBACK_HOSTS:
+                return host in self.settings.allowed_origins
+        return True
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes, McpZeroError | None]:
+        limit = self.settings.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        too_large = False
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                too_large = True
+            elif chunk:
+                chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        if too_large:
+            return b"", PayloadTooLarge(
+                f"request body is {size} bytes, over the limit of {limit} bytes "
+                "(setting max_body_bytes)"
+            )
+        return b"".join(chunks), None
+
+    # -- MCP --------------------------------------------------------------------------------
+
+    def _authenticate(self, scope: Scope) -> Principal:
+        auth = _header(scope, b"authorization")
+        token = None
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+            token = value.strip()
+        return self.runtime.agents.authenticate(token)
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        body, error = await self._read_body(receive)
+        if error is not None:
+            await _respond_json(send, 413, jsonrpc.error_from_exception(None, error))
+            return
+        try:
+            principal = self._authenticate(scope)
+        except Unauthorized as exc:
+            await _respond_json(
+                send,
+                401,
+                jsonrpc.error_from_exception(None, exc),
+                [(b"www-authenticate", b'Bearer realm="mcp0"')],
+            )
+            return
+        self.runtime.metrics.observe_stage("auth", time.perf_counter() - t0)
+        try:
+            message = jsonrpc.decode(body)
+        except InvalidRequest as exc:
+            await _respond_json(send, 400, jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
+            return
+        version = _header(scope, b"mcp-protocol-version")
+        if version is not None and version not in HEADER_VERSIONS:
+            bad = InvalidRequest(f"unsupported MCP-Protocol-Version {version!r}")
+            await _respond_json(
+                send, 400, jsonrpc.error_from_exception(getattr(message, "id", None), bad)
+            )
+            return
+        session_id = _header(scope, b"mcp-session-id")
+        if isinstance(message, jsonrpc.Request) and message.method == "initialize":
+            if len(self.sessions) >= self.settings.max_sessions:
+                await _respond_json(
+                    send,
+                    503,
+                    jsonrpc.error_message(
+                        message.id, -32000, "too many open sessions; retry later"
+                    ),
+                )
+                return
+            session = Session(principal)
+            self.sessions[session.id] = session
+        elif session_id is not None:
+            found = self.sessions.get(session_id)
+            if found is None or found.principal.agent != principal.agent:
+                await _respond_json(
+                    send,
+                    404,
+                    jsonrpc.error_message(
+                        getattr(message, "id", None),
+                        -32001,
+                        "unknown or expired session: initialize a new one",
+                    ),
+                )
+                return
+            session = found
+            if found.principal != principal:  # the agent's plugins changed since initialize
+                session.principal = principal
+        else:
+            # No session header: a self-contained request (curl, stateless clients).
+            session = Session(principal, id="ephemeral")
+        if isinstance(message, jsonrpc.Notification):
+            self.server.handle_notification(session, message)
+            await _respond(send, 202, b"", [])
+            return
+        if isinstance(message, jsonrpc.Response):
+            self.server.handle_response(session, message)
+            await _respond(send, 202, b"", [])
+            return
+        channel = _PostChannel(session, send)
+        response = await self.server.handle_request(session, message, channel)
+        stream = channel.stream
+        if stream is None:
+            if response is None:  # cancelled before anything was sent
+                await _respond(send, 202, b"", [])
+            else:
+                await _respond(
+                    send, 200, orjson.dumps(response), _JSON_HEADERS + _session_header(session)
+                )
+            return
+        if response is not None:
+            await stream.push(response)
+        await channel.finish()
+        # keep the finished stream a little for a client that is about to resume
+        asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
+
+    async def _get(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            principal = self._authenticate(scope)
+        except Unauthorized as exc:
+            await _respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
+            return
+        accept = _header(scope, b"accept") or ""
+        if "text/event-stream" not in accept:
+            await _respond(
+                send,
+                406,
+                b"GET /mcp needs 'Accept: text/event-stream'",
+                [(b"content-type", b"text/plain")],
+            )
+            return
+        session = self.sessions.get(_header(scope, b"mcp-session-id") or "")
+        if session is None or session.principal.agent != principal.agent:
+            await _respond_json(
+                send,
+                404,
+                jsonrpc.error_message(
+                    None, -32001, "unknown or expired session: initialize a new one"
+                ),
+            )
+            return
+        last = _header(scope, b"last-event-id")
+        if last is not None:
+            parsed = parse_event_id(last)
+            stream = session.streams.get(parsed[0]) if parsed else None
+            if stream is None or parsed is None:
+                await _respond_json(
+                    send,
+                    404,
+                    jsonrpc.error_message(
+                        None, -32001, f"no stream to resume for Last-Event-ID {last!r}"
+                    ),
+                )
+                return
+            stream.send = None  # the old connection is gone: this one takes over
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": _SSE_HEADERS + _session_header(session),
+                }
+            )
+            with contextlib.suppress(OSError):
+                await stream.replay(parsed[1], send)
+                await send({"type": "http.response.body", "body": b""})
+            return
+        if session.notices is not None:
+            await _respond_json(
+                send,
+                409,
+                jsonrpc.error_message(None, -32600, "this session already has an open GET stream"),
+            )
+            return
+        await self._standalone(session, receive, send)
+
+    async def _standalone(self, session: Session, receive: Receive, send: Send) -> None:
+        queue: asyncio.Queue[JSON] = asyncio.Queue()
+        session.notices = queue
+        stream = EventStream(send)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": _SSE_HEADERS + _session_header(session),
+            }
+        )
+        await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
+
+        async def until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.create_task(until_disconnect())
+        try:
+            while not watcher.done():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await stream.push(getter.result())
+                    if stream.send is None:
+                        break
+                else:
+                    getter.cancel()
+        finally:
+            watcher.cancel()
+            session.notices = None
+
+    async def _delete(self, scope: Scope, send: Send) -> None:
+        try:
+            principal = self._authenticate(scope)
+        except Unauthorized as exc:
+            await _respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
+            return
+        session = self.sessions.get(_header(scope, b"mcp-session-id") or "")
+        if session is None or session.principal.agent != principal.agent:
+            await _respond_json(
+                send, 404, jsonrpc.error_message(None, -32001, "unknown or expired session")
+            )
+            return
+        self.sessions.pop(session.id).close()
+        await _respond(send, 204, b"", [])

@@ -1,0 +1,289 @@
+"""MCP method dispatch, independent of transport.
+
+A transport authenticates the caller, finds or makes the session, decodes one
+message and hands it here with a :class:`Channel` for messages related to it.
+Every governed method goes to the kernel; this layer only speaks MCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mcp_zero import __version__
+from mcp_zero.errors import (
+    INTERNAL_ERROR,
+    InvalidParams,
+    McpZeroError,
+    MethodNotFound,
+)
+from mcp_zero.kernel.pipeline import Kernel
+from mcp_zero.rpc import jsonrpc
+from mcp_zero.rpc.bridge import RequestBridge
+from mcp_zero.rpc.session import (
+    JSON,
+    LOG_LEVELS,
+    SUPPORTED_VERSIONS,
+    Channel,
+    Session,
+)
+
+Handler = Callable[[Session, JSON, Channel, Any], Awaitable[JSON]]
+
+SERVER_INFO = {"name": "mcp-zero", "title": "MCP-ZERO governed runtime", "version": __version__}
+INSTRUCTIONS = (
+    "Tools here run under MCP-ZERO governance: every call is checked against policy, "
+    "sandboxed, and recorded in an audit log. A denied call's error says which policy denied it."
+)
+
+
+def negotiate_version(requested: Any) -> str:
+    """The spec's rule: echo a version we support, else offer our newest."""
+    if isinstance(requested, str) and requested in SUPPORTED_VERSIONS:
+        return requested
+    return SUPPORTED_VERSIONS[0]
+
+
+def _page(items: list[JSON], cursor: Any, size: int, key: str) -> JSON:
+    start = 0
+    if cursor is not None:
+        try:
+            start = int(base64.urlsafe_b64decode(str(cursor).encode()).decode())
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise InvalidParams(f"invalid cursor {cursor!r}: pass a nextCursor we sent") from None
+        if start < 0 or start > len(items):
+            raise InvalidParams(f"cursor {cursor!r} is out of range")
+    page: JSON = {key: items[start : start + size]}
+    if start + size < len(items):
+        page["nextCursor"] = base64.urlsafe_b64encode(str(start + size).encode()).decode()
+    return page
+
+
+def _require_str(params: JSON, name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidParams(f"params.{name} must be a non-empty string", data={"path": f"/{name}"})
+    return value
+
+
+def _optional_dict(params: JSON, name: str) -> JSON:
+    value = params.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidParams(f"params.{name} must be an object", data={"path": f"/{name}"})
+    return value
+
+
+class McpServer:
+    """Answers MCP requests for sessions; the governed ones through the kernel."""
+
+    def __init__(self, kernel: Kernel, *, page_size: int = 100, transport: str = "http") -> None:
+        self.kernel = kernel
+        self.page_size = page_size
+        self.transport = transport
+        self._handlers: dict[str, Handler] = {
+            "initialize": self._initialize,
+            "ping": self._ping,
+            "tools/list": self._tools_list,
+            "tools/call": self._tools_call,
+            "resources/list": self._resources_list,
+            "resources/templates/list": self._resource_templates_list,
+            "resources/read": self._resources_read,
+            "resources/subscribe": self._resources_subscribe,
+            "resources/unsubscribe": self._resources_unsubscribe,
+            "prompts/list": self._prompts_list,
+            "prompts/get": self._prompts_get,
+            "completion/complete": self._complete,
+            "logging/setLevel": self._set_level,
+        }
+
+    # -- entry points -------------------------------------------------------------------------
+
+    async def handle_request(
+        self, session: Session, request: jsonrpc.Request, channel: Channel
+    ) -> JSON | None:
+        """Run one request; return its response message, or None if it was cancelled."""
+        handler = self._handlers.get(request.method)
+        if handler is None:
+            return jsonrpc.error_from_exception(
+                request.id, MethodNotFound(f"unknown method {request.method!r}")
+            )
+        session.last_seen = time.monotonic()
+        task = asyncio.current_task()
+        if task is not None:
+            session.inflight[request.id] = task
+        try:
+            result = await handler(session, request.params, channel, request.id)
+            return jsonrpc.result_message(request.id, result)
+        except McpZeroError as exc:
+            return jsonrpc.error_from_exception(request.id, exc)
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling() and request.id in session.cancelled:
+                return None  # cancelled by the client: the spec says send nothing
+            raise
+        except Exception as exc:  # a bug of ours must not kill the session
+            self.kernel.log_internal_error(request.method, exc)
+            return jsonrpc.error_message(
+                request.id, INTERNAL_ERROR, f"internal error handling {request.method}"
+            )
+        finally:
+            session.inflight.pop(request.id, None)
+            session.cancelled.discard(request.id)
+
+    def handle_notification(self, session: Session, note: jsonrpc.Notification) -> None:
+        if note.method == "notifications/initialized":
+            session.initialized = True
+        elif note.method == "notifications/cancelled":
+            request_id = note.params.get("requestId")
+            task = session.inflight.get(request_id)
+            if task is not None and request_id != "initialize":
+                session.cancelled.add(request_id)
+                task.cancel()
+        # notifications/roots/list_changed and unknown notifications need no action
+
+    def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
+        session.resolve(response.id, response.result, response.error)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def _initialize(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        session.protocol_version = negotiate_version(params.get("protocolVersion"))
+        caps = params.get("capabilities")
+        session.client_capabilities = caps if isinstance(caps, dict) else {}
+        info = params.get("clientInfo")
+        session.client_info = info if isinstance(info, dict) else {}
+        return {
+            "protocolVersion": session.protocol_version,
+            "capabilities": {
+                "tools": {"listChanged": True},
+                "resources": {"subscribe": True, "listChanged": True},
+                "prompts": {"listChanged": True},
+                "logging": {},
+                "completions": {},
+            },
+            "serverInfo": SERVER_INFO,
+            "instructions": INSTRUCTIONS,
+        }
+
+    async def _ping(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        return {}
+
+    async def _set_level(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        level = params.get("level")
+        if level not in LOG_LEVELS:
+            raise InvalidParams(
+                f"unknown log level {level!r}; use one of {', '.join(LOG_LEVELS)}",
+                data={"path": "/level"},
+            )
+        session.log_level = level
+        return {}
+
+    # -- tools ----------------------------------------------------------------------------------
+
+    async def _tools_list(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        tools = self.kernel.list_tools(session.principal)
+        return _page(tools, params.get("cursor"), self.page_size, "tools")
+
+    async def _tools_call(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        name = _require_str(params, "name")
+        arguments = _optional_dict(params, "arguments")
+        bridge = self._bridge(session, params, channel, rid)
+        return await self.kernel.call_tool(
+            session.principal,
+            name,
+            arguments,
+            bridge,
+            request_id=str(rid),
+            transport=self.transport,
+        )
+
+    # -- resources ------------------------------------------------------------------------------
+
+    async def _resources_list(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> JSON:
+        items = self.kernel.list_resources(session.principal)
+        return _page(items, params.get("cursor"), self.page_size, "resources")
+
+    async def _resource_templates_list(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> JSON:
+        items = self.kernel.list_resource_templates(session.principal)
+        return _page(items, params.get("cursor"), self.page_size, "resourceTemplates")
+
+    async def _resources_read(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> JSON:
+        uri = _require_str(params, "uri")
+        bridge = self._bridge(session, params, channel, rid)
+        return await self.kernel.read_resource(
+            session.principal, uri, bridge, request_id=str(rid), transport=self.transport
+        )
+
+    async def _resources_subscribe(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> JSON:
+        uri = _require_str(params, "uri")
+        self.kernel.check_resource(session.principal, uri)
+        session.subscriptions.add(uri)
+        return {}
+
+    async def _resources_unsubscribe(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> JSON:
+        session.subscriptions.discard(_require_str(params, "uri"))
+        return {}
+
+    # -- prompts and completion -----------------------------------------------------------------
+
+    async def _prompts_list(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> JSON:
+        items = self.kernel.list_prompts(session.principal)
+        return _page(items, params.get("cursor"), self.page_size, "prompts")
+
+    async def _prompts_get(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> JSON:
+        name = _require_str(params, "name")
+        arguments = _optional_dict(params, "arguments")
+        if not all(isinstance(v, str) for v in arguments.values()):
+            raise InvalidParams("prompt arguments must be strings", data={"path": "/arguments"})
+        bridge = self._bridge(session, params, channel, rid)
+        return await self.kernel.get_prompt(
+            session.principal,
+            name,
+            arguments,
+            bridge,
+            request_id=str(rid),
+            transport=self.transport,
+        )
+
+    async def _complete(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        ref = _optional_dict(params, "ref")
+        argument = _optional_dict(params, "argument")
+        if ref.get("type") not in ("ref/prompt", "ref/resource"):
+            raise InvalidParams(
+                'params.ref.type must be "ref/prompt" or "ref/resource"', data={"path": "/ref/type"}
+            )
+        if not isinstance(argument.get("name"), str):
+            raise InvalidParams("params.argument.name must be a string", data={"path": "/argument"})
+        context = params.get("context")
+        return await self.kernel.complete(
+            session.principal,
+            ref,
+            argument,
+            context if isinstance(context, dict) else None,
+            request_id=str(rid),
+            transport=self.transport,
+        )
+
+    def _bridge(self, session: Session, params: JSON, channel: Channel, rid: Any) -> RequestBridge:
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        return RequestBridge(session, channel, token, rid)

@@ -1,0 +1,89 @@
+"""One MCP session: what was negotiated, what the client can do, and the requests we have
+sent it that await an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mcp_zero.errors import McpZeroError
+from mcp_zero.kernel.action import Principal
+
+JSON = dict[str, Any]
+
+# Newest first; the first is what we offer a client asking for a version we do not know.
+SUPPORTED_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18")
+# Versions a client may name in the MCP-Protocol-Version header (older clients and test suites
+# send 2025-03-26, whose messages we understand).
+HEADER_VERSIONS = frozenset((*SUPPORTED_VERSIONS, "2025-03-26"))
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+LOG_RANK = {name: rank for rank, name in enumerate(LOG_LEVELS)}
+
+
+class Channel(Protocol):
+    """Where the messages related to one incoming request go (SSE stream, stdout…)."""
+
+    async def send(self, message: JSON) -> None: ...
+
+
+class ClientRequestFailed(McpZeroError):
+    code = "client_request_failed"
+
+
+@dataclass(slots=True)
+class Session:
+    """State of one MCP session. Belongs to exactly one principal."""
+
+    principal: Principal
+    id: str = field(default_factory=lambda: secrets.token_hex(16))
+    protocol_version: str = SUPPORTED_VERSIONS[0]
+    client_info: JSON = field(default_factory=dict)
+    client_capabilities: JSON = field(default_factory=dict)
+    initialized: bool = False
+    log_level: str = "info"
+    subscriptions: set[str] = field(default_factory=set)
+    inflight: dict[Any, asyncio.Task[Any]] = field(default_factory=dict)
+    cancelled: set[Any] = field(default_factory=set)
+    pending: dict[int, asyncio.Future[JSON]] = field(default_factory=dict)
+    streams: dict[str, Any] = field(default_factory=dict)  # SSE streams open for resumption
+    notices: asyncio.Queue[JSON] | None = None  # the standalone GET stream, while one is open
+    last_seen: float = field(default_factory=time.monotonic)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def wants_log(self, level: str) -> bool:
+        return LOG_RANK.get(level, 0) >= LOG_RANK.get(self.log_level, 1)
+
+    def new_request(self) -> tuple[int, asyncio.Future[JSON]]:
+        """Allocate an id for a request to the client and the future its answer resolves."""
+        request_id = next(self._ids)
+        future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        return request_id, future
+
+    def resolve(self, request_id: Any, result: JSON | None, error: JSON | None) -> bool:
+        """Deliver the client's answer; False when no such request is pending."""
+        future = self.pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if future is None or future.done():
+            return False
+        if error is not None:
+            future.set_exception(
+                ClientRequestFailed(
+                    f"the client answered with an error: {error.get('message', error)}",
+                    data={"client_error": error},
+                )
+            )
+        else:
+            future.set_result(result or {})
+        return True
+
+    def close(self) -> None:
+        for task in self.inflight.values():
+            task.cancel()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ClientRequestFailed("the session was closed"))
+        self.pending.clear()

@@ -1,0 +1,97 @@
+"""MCP over stdio: newline-delimited JSON-RPC on stdin/stdout, one session, one agent.
+
+Clients such as Claude Desktop launch ``mcp0 serve --stdio --agent NAME``.
+Requests run concurrently (a slow tool does not block ``ping``); stdout carries
+only protocol messages, logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from typing import Any, BinaryIO
+
+from mcp_zero.errors import InvalidRequest
+from mcp_zero.kernel.action import Principal
+from mcp_zero.rpc import jsonrpc
+from mcp_zero.rpc.server import McpServer
+from mcp_zero.rpc.session import JSON, Session
+from mcp_zero.runtime import Runtime
+
+MAX_LINE = 16 << 20
+
+
+class _StdoutChannel:
+    __slots__ = ("_lock", "_out")
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._lock = asyncio.Lock()
+
+    async def send(self, message: JSON) -> None:
+        data = jsonrpc.encode(message) + b"\n"
+        async with self._lock:
+            self._out.write(data)
+            self._out.flush()
+
+
+async def serve_stdio(
+    runtime: Runtime,
+    principal: Principal,
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+) -> None:
+    """Serve one MCP session on stdin/stdout until stdin closes."""
+    server = McpServer(runtime.kernel, page_size=runtime.settings.page_size, transport="stdio")
+    session = Session(principal)
+    channel = _StdoutChannel(stdout or sys.stdout.buffer)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), stdin or sys.stdin.buffer
+    )
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(request: jsonrpc.Request) -> None:
+        response = await server.handle_request(session, request, channel)
+        if response is not None:
+            await channel.send(response)
+
+    await runtime.start()
+    try:
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # a line over MAX_LINE
+                await channel.send(
+                    jsonrpc.error_message(
+                        None, jsonrpc.INVALID_REQUEST, f"message over {MAX_LINE} bytes"
+                    )
+                )
+                continue
+            if not line:
+                break
+            if not line.strip():
+                continue
+            try:
+                message = jsonrpc.decode(line)
+            except InvalidRequest as exc:
+                await channel.send(jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
+                continue
+            if isinstance(message, jsonrpc.Request):
+                task = asyncio.create_task(run(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif isinstance(message, jsonrpc.Notification):
+                server.handle_notification(session, message)
+            else:
+                server.handle_response(session, message)
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+    finally:
+        session.close()
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await runtime.aclose()

@@ -1,0 +1,131 @@
+"""One MCP-ZERO instance on a data dir: storage, audit, policy, plugins, agents and the kernel,
+built from ``Settings``, started and stopped together.
+
+The data dir holds ``mcp0.db`` (SQLite), ``keys/``, ``admin.token`` (mode 0600),
+``policies/*.cedar``, ``plugins/`` (installed copies) and ``plugin-data/``
+(each plugin's private files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from mcp_zero.audit.log import AuditLog
+from mcp_zero.config import Settings
+from mcp_zero.errors import ConfigError
+from mcp_zero.kernel.agents import AgentService
+from mcp_zero.kernel.pipeline import Kernel
+from mcp_zero.kernel.plugins import PluginHost
+from mcp_zero.kernel.quotas import QuotaGate
+from mcp_zero.policy.defaults import write_default_policies
+from mcp_zero.policy.store import PolicyStore
+from mcp_zero.rpc.metrics import Metrics
+from mcp_zero.rpc.ratelimit import RateLimiter
+from mcp_zero.security.keys import load_or_create_signing_key
+from mcp_zero.security.tokens import new_token, write_secret_file
+from mcp_zero.storage.sqlite import SqliteStore
+
+log = logging.getLogger("mcp_zero")
+EXAMPLES_DIR = Path(__file__).parent / "examples" / "plugins"
+REFRESH_INTERVAL_S = 1.0
+
+
+def example_plugins() -> list[Path]:
+    """The plugins bundled with the package."""
+    return sorted(p.parent for p in EXAMPLES_DIR.glob("*/plugin.json"))
+
+
+class Runtime:
+    """Everything one server process (or one CLI command) works with."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.created = self._prepare_data_dir()
+        self.store = SqliteStore(settings.db_path)
+        self.audit = AuditLog(self.store, window=settings.audit_window_ms / 1000)
+        self.policy = PolicyStore(settings.policy_dir)
+        self.plugins = PluginHost(self.store, settings.plugins_dir, settings.plugin_data_dir)
+        self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
+        self.quotas = QuotaGate(
+            agent_concurrency=settings.max_concurrency,
+            default_timeout_s=settings.default_timeout_s,
+            max_timeout_s=settings.max_timeout_s,
+        )
+        limiter = (
+            RateLimiter(settings.rate_limit, settings.rate_burst)
+            if settings.rate_limit > 0
+            else None
+        )
+        self.kernel = Kernel(
+            plugins=self.plugins,
+            policy=self.policy,
+            audit=self.audit,
+            quotas=self.quotas,
+            metrics=self.metrics,
+            limiter=limiter,
+        )
+        self.agents = AgentService(self.store, self.audit, anonymous_agent=settings.anonymous_agent)
+        self.admin_token_hash = hashlib.sha256(self.admin_token().encode()).hexdigest()
+        self._refresher: asyncio.Task[None] | None = None
+        self.audit.start()
+
+    def _prepare_data_dir(self) -> bool:
+        """Create the data dir layout, keys, admin token and default policy; True if new."""
+        s = self.settings
+        created = not s.db_path.exists()
+        try:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(s.data_dir, 0o700)
+            s.keys_dir.mkdir(exist_ok=True)
+            load_or_create_signing_key(s.keys_dir / "signing.key")
+            if not s.admin_token_path.exists():
+                write_secret_file(s.admin_token_path, new_token() + "\n")
+            write_default_policies(s.policy_dir)
+            s.plugins_dir.mkdir(exist_ok=True)
+            s.plugin_data_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot prepare data dir {s.data_dir}: {exc}") from exc
+        return created
+
+    def admin_token(self) -> str:
+        return self.settings.admin_token_path.read_text().strip()
+
+    def install_examples(self) -> list[str]:
+        """Install the bundled example plugins that are not installed yet."""
+        names = []
+        for path in example_plugins():
+            manifest = self.plugins.install(path, replace=True)
+            names.append(manifest.name)
+        return names
+
+    async def start(self) -> None:
+        """Start the plugin runtimes and the watcher that picks up plugin changes."""
+        await self.plugins.refresh(force=True)
+        self._refresher = asyncio.create_task(self._watch_plugins())
+
+    async def _watch_plugins(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL_S)
+            try:
+                await self.plugins.refresh()
+            except Exception:
+                log.exception("reloading plugins failed; serving the previous set")
+
+    async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.plugins.close()
+        await self.audit.aclose()
+        self.store.close()
+
+    def close(self) -> None:
+        """Close without a running loop (CLI commands): drain the audit log, close the store."""
+        self.audit.close()
+        self.store.close()
