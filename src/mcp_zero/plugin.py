@@ -336,7 +336,7 @@ class Plugin:
         self.completions: dict[tuple[str, str, str], Handler] = {}
 
     def tool(self, name: str) -> Callable[[F], F]:
-        """Register ``fn(ctx, **arguments)`` as the tool ``name`` (1–128 of [A-Za-z0-9_.-])."""
+        """Register ``fn(ctx, **arguments)`` as the tool ``name`` (1-128 of [A-Za-z0-9_.-])."""
         if not _NAME.match(name):
             raise ValueError(f"tool name {name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
 
@@ -407,7 +407,7 @@ class Plugin:
 
         def register(fn: F) -> F:
             _unique(self.completions, key, "completion")
-            self.completions[key] = _handler(fn)  # type: ignore[index]
+            self.completions[key] = _handler(fn)
             return fn
 
         return register

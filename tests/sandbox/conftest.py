@@ -60,7 +60,9 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[RuntimeFactory]:
     async def make(plugin_dir: Path = KIT_DIR, **kwargs: Any) -> ProcessRuntime:
         copy = tmp_path / f"plugin{len(started)}"
         shutil.copytree(plugin_dir, copy, ignore=shutil.ignore_patterns("__pycache__"))
-        runtime = ProcessRuntime(load_manifest(copy), copy, tmp_path / f"data{len(started)}", **kwargs)
+        runtime = ProcessRuntime(
+            load_manifest(copy), copy, tmp_path / f"data{len(started)}", **kwargs
+        )
         started.append(runtime)
         await runtime.start()
         return runtime

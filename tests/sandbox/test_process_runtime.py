@@ -12,8 +12,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from conftest import KIT_DIR, RecordingBridge
+
 from mcp_zero.errors import (
     InvalidParams,
     ManifestError,
@@ -75,7 +75,8 @@ async def test_tool_errors_become_error_results_and_worker_stays(make_runtime):
     assert crashed["isError"] is True
     assert crashed["content"][0]["text"] == "KeyError: 'boom'"
     wrong_args = await call(rt, "echo", {"nope": 1})
-    assert wrong_args["isError"] is True and "TypeError" in wrong_args["content"][0]["text"]
+    assert wrong_args["isError"] is True
+    assert "TypeError" in wrong_args["content"][0]["text"]
     assert rt.pids == [pid]
 
 
@@ -98,17 +99,29 @@ async def test_resources_prompts_completion(make_runtime):
     rt = await make_runtime()
     b = RecordingBridge()
     hello = await rt.read_resource("kit://hello", agent="carol", bridge=b, timeout=5)
-    assert hello == {"contents": [{"uri": "kit://hello", "mimeType": "text/plain", "text": "hello carol"}]}
+    assert hello == {
+        "contents": [{"uri": "kit://hello", "mimeType": "text/plain", "text": "hello carol"}]
+    }
     item = await rt.read_resource("kit://items/a%20b", agent="a", bridge=b, timeout=5)
     assert item["contents"][0]["text"] == "item a b"
     prompt = await rt.get_prompt("greet", {"name": "Ann"}, agent="a", bridge=b, timeout=5)
-    assert prompt == {"messages": [{"role": "user", "content": {"type": "text", "text": "Say hello to Ann"}}]}
+    assert prompt == {
+        "messages": [{"role": "user", "content": {"type": "text", "text": "Say hello to Ann"}}]
+    }
     done = await rt.complete(
-        {"type": "ref/prompt", "name": "greet"}, {"name": "name", "value": "al"}, None, agent="a", timeout=5
+        {"type": "ref/prompt", "name": "greet"},
+        {"name": "name", "value": "al"},
+        None,
+        agent="a",
+        timeout=5,
     )
     assert done == {"completion": {"values": ["alice", "albert"], "total": 2, "hasMore": False}}
     nothing = await rt.complete(
-        {"type": "ref/prompt", "name": "greet"}, {"name": "other", "value": ""}, None, agent="a", timeout=5
+        {"type": "ref/prompt", "name": "greet"},
+        {"name": "other", "value": ""},
+        None,
+        agent="a",
+        timeout=5,
     )
     assert nothing["completion"]["values"] == []
 
@@ -121,7 +134,9 @@ async def test_slow_calls_overlap(make_runtime):
             for _ in range(3):
                 tg.start_soon(call, rt, tool, {"seconds": 0.4})
         elapsed = time.monotonic() - started
-        assert elapsed < 1.0, f"{tool}: three 0.4 s calls took {elapsed:.2f} s, so they did not overlap"
+        assert elapsed < 1.0, (
+            f"{tool}: three 0.4 s calls took {elapsed:.2f} s, so they did not overlap"
+        )
 
 
 async def test_progress_log_and_requests_are_relayed_in_order(make_runtime):
@@ -132,12 +147,20 @@ async def test_progress_log_and_requests_are_relayed_in_order(make_runtime):
         "answer": ANSWERS["sampling/createMessage"],
         "choice": ANSWERS["elicitation/create"],
     }
-    assert [kind for kind, _ in b.events] == ["progress", "log", "request", "progress", "request", "progress"]
+    assert [kind for kind, _ in b.events] == [
+        "progress",
+        "log",
+        "request",
+        "progress",
+        "request",
+        "progress",
+    ]
     assert b.events[0] == ("progress", (1, 3, "starting"))
     assert b.events[1] == ("log", ("info", {"asked": "meaning?"}, "kit"))
     method, params = b.events[2][1]
     assert method == "sampling/createMessage"
-    assert params["messages"][0]["content"]["text"] == "meaning?" and params["maxTokens"] == 10
+    assert params["messages"][0]["content"]["text"] == "meaning?"
+    assert params["maxTokens"] == 10
     assert b.events[-1] == ("progress", (3, 3, "done"))
 
 
@@ -193,7 +216,7 @@ async def test_hung_sync_handler_times_out_and_worker_is_replaced(make_runtime):
     rt = await make_runtime(cancel_grace=0.3)
     first = rt.pids[0]
     started = time.monotonic()
-    with pytest.raises(ToolTimeout, match="did not finish within 0.3 s"):
+    with pytest.raises(ToolTimeout, match=r"did not finish within 0\.3 s"):
         await call(rt, "hang_sync", timeout=0.3)
     assert time.monotonic() - started < 1.0
     with anyio.fail_after(10):
@@ -214,7 +237,7 @@ async def test_timeout_kill_fails_other_calls_on_that_worker(make_runtime):
         async with anyio.create_task_group() as tg:
             tg.start_soon(hang)
             await anyio.wait_all_tasks_blocked()
-            with pytest.raises(PluginCrashed, match="hang_sync' ignored cancellation"):
+            with pytest.raises(PluginCrashed, match=r"hang_sync' ignored cancellation"):
                 await call(rt, "slow_async", {"seconds": 5})
 
 
@@ -272,7 +295,8 @@ async def test_network_is_cut_when_not_granted(make_runtime):
         if not rt.network_isolated:
             pytest.skip("this host allows no network namespaces")
         result = await call(rt, "connect", {"port": port})
-        assert result["isError"] is True and "no network" in result["content"][0]["text"]
+        assert result["isError"] is True
+        assert "no network" in result["content"][0]["text"]
 
 
 async def test_network_kept_when_granted(make_runtime, tmp_path):
@@ -305,7 +329,8 @@ async def test_calls_spread_over_workers(make_runtime, tmp_path):
         tg.start_soon(call, rt, "slow_async", {"seconds": 0.3})
         await anyio.wait_all_tasks_blocked()
         tg.start_soon(who)
-    assert seen and seen <= set(rt.pids)
+    assert seen
+    assert seen <= set(rt.pids)
     assert len(seen) == 1
 
 
@@ -320,7 +345,9 @@ def _plugin(tmp_path: Path, code: str, tools: list[str]) -> Path:
                 "version": "1.0",
                 "abi": 1,
                 "entry": "broken_plugin:plugin",
-                "tools": [{"name": t, "description": t, "inputSchema": {"type": "object"}} for t in tools],
+                "tools": [
+                    {"name": t, "description": t, "inputSchema": {"type": "object"}} for t in tools
+                ],
             }
         )
     )
@@ -330,20 +357,34 @@ def _plugin(tmp_path: Path, code: str, tools: list[str]) -> Path:
 async def test_import_error_is_a_clear_start_failure(tmp_path):
     d = _plugin(tmp_path, "import no_such_module_here\n", ["x"])
     rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
-    with anyio.fail_after(20), pytest.raises(PluginFailure, match="No module named 'no_such_module_here'"):
+    with (
+        anyio.fail_after(20),
+        pytest.raises(PluginFailure, match="No module named 'no_such_module_here'"),
+    ):
         await rt.start()
 
 
 async def test_worker_dying_at_start_is_reported_with_its_stderr(tmp_path):
-    d = _plugin(tmp_path, "import os, sys\nprint('dying now', file=sys.stderr)\nos._exit(4)\n", ["x"])
+    d = _plugin(
+        tmp_path, "import os, sys\nprint('dying now', file=sys.stderr)\nos._exit(4)\n", ["x"]
+    )
     rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
-    with anyio.fail_after(20), pytest.raises(PluginFailure, match=r"status 4 while starting.*dying now"):
+    with (
+        anyio.fail_after(20),
+        pytest.raises(PluginFailure, match=r"status 4 while starting.*dying now"),
+    ):
         await rt.start()
 
 
 async def test_code_and_manifest_must_agree(tmp_path):
-    code = "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n@plugin.tool('y')\ndef y(ctx): return 'y'\n"
+    code = (
+        "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "@plugin.tool('y')\ndef y(ctx): return 'y'\n"
+    )
     d = _plugin(tmp_path, code, ["x"])
     rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
-    with anyio.fail_after(20), pytest.raises(ManifestError, match=r"declared but not registered: \['x'\]"):
+    with (
+        anyio.fail_after(20),
+        pytest.raises(ManifestError, match=r"declared but not registered: \['x'\]"),
+    ):
         await rt.start()

@@ -57,7 +57,12 @@ class PluginRuntime(Protocol):
     ) -> JSON: ...
 
     async def get_prompt(
-        self, name: str, arguments: dict[str, str], *, agent: str, bridge: ClientBridge,
+        self,
+        name: str,
+        arguments: dict[str, str],
+        *,
+        agent: str,
+        bridge: ClientBridge,
         timeout: float,
     ) -> JSON: ...
 

@@ -195,7 +195,7 @@ class PluginManifest:
         return None
 
     def to_dict(self) -> JSON:
-        """The manifest as ``plugin.json`` spells it (round-trips through :func:`parse_manifest`)."""
+        """The manifest as ``plugin.json`` spells it (:func:`parse_manifest` reads it back)."""
         return {
             "name": self.name,
             "version": self.version,
@@ -251,7 +251,7 @@ def _list(d: JSON, key: str) -> list[Any]:
 def _schema(value: Any, where: str, *, required: bool) -> JSON | None:
     if value is None:
         if required:
-            raise _fail(where, "is required (a JSON Schema with \"type\": \"object\")")
+            raise _fail(where, 'is required (a JSON Schema with "type": "object")')
         return None
     schema = _obj(value, where)
     if schema.get("type") != "object":
@@ -389,7 +389,9 @@ def parse_manifest(raw: Any) -> PluginManifest:
         raise _fail("abi", f"must be {ABI_VERSION} (this MCP-ZERO speaks plugin ABI {ABI_VERSION})")
     runtime = d.get("runtime", "process")
     if runtime not in RUNTIMES:
-        raise _fail("runtime", f"{runtime!r} is not a known runtime ({', '.join(sorted(RUNTIMES))})")
+        raise _fail(
+            "runtime", f"{runtime!r} is not a known runtime ({', '.join(sorted(RUNTIMES))})"
+        )
     entry = _str(d, "entry", "") or ""
     if not _ENTRY.match(entry):
         raise _fail("entry", f"{entry!r} must be 'module:attribute' (e.g. notes_plugin:plugin)")

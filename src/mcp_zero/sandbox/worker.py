@@ -180,7 +180,7 @@ class Worker:
 
     def _start(self, frame: JSON) -> None:
         call_id = int(frame["id"])
-        op = frame.get("op")
+        op = str(frame.get("op"))
         try:
             handler, args, kwargs, finish = self._resolve(op, frame)
         except LookupError as exc:
@@ -199,7 +199,7 @@ class Worker:
         else:
             self._pool.submit(self._run_sync, call_id, op, handler, ctx, args, kwargs, finish)
 
-    def _resolve(self, op: Any, frame: JSON) -> tuple[Handler | None, tuple[Any, ...], JSON, Any]:
+    def _resolve(self, op: str, frame: JSON) -> tuple[Handler | None, tuple[Any, ...], JSON, Any]:
         p = self.plugin
         if op == "call_tool":
             name = frame["name"]
@@ -302,7 +302,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
         self.send(ready)
-        reader = open(in_fd, "rb", buffering=0)  # noqa: SIM115 - owned by the transport
+        reader = open(in_fd, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - a pipe, owned by the transport
         await self._loop.connect_read_pipe(lambda: _FrameReader(self), reader)
         await self._done
 
@@ -389,12 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": sorted(plugin.prompts),
     }
     try:
-        import uvloop
+        import uvloop  # faster frame handling when the server's extras are installed
 
-        run = uvloop.run
+        uvloop.run(worker.serve(in_fd, ready))
     except ImportError:
-        run = asyncio.run
-    run(worker.serve(in_fd, ready))
+        asyncio.run(worker.serve(in_fd, ready))
     sys.stderr.flush()
     # Handler threads may still be blocked in plugin code: do not wait for them.
     os._exit(0)

@@ -10,6 +10,7 @@ task or process per call. When the child dies every call in flight fails with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -146,10 +147,8 @@ class WorkerProcess:
         if self._kill_reason is None:
             self._kill_reason = reason
         if self.pid and self._process_running:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     async def wait_gone(self) -> None:
         """Wait until the child has exited and its pipes are closed (after :meth:`kill`)."""
@@ -250,7 +249,9 @@ class WorkerProcess:
             elif op == "ready" or op == "fatal":
                 self._on_hello(op, frame)
             elif op == "retire":
-                self._log.warning("worker %d asks to be replaced: %s", self.pid, frame.get("reason"))
+                self._log.warning(
+                    "worker %d asks to be replaced: %s", self.pid, frame.get("reason")
+                )
                 self.retiring = True
                 self._on_retire(self)
                 self._close_if_retired()
@@ -301,7 +302,11 @@ class WorkerProcess:
         call = self._calls.get(int(frame["call"]))
         if call is None:
             self._send(
-                {"op": "reply", "id": request_id, "error": {"message": "call is over", "code": None}}
+                {
+                    "op": "reply",
+                    "id": request_id,
+                    "error": {"message": "call is over", "code": None},
+                }
             )
             return
         assert self._loop is not None
@@ -318,9 +323,17 @@ class WorkerProcess:
             result = await call.bridge.request(method, params)
             reply: JSON = {"op": "reply", "id": request_id, "result": result}
         except McpZeroError as exc:
-            reply = {"op": "reply", "id": request_id, "error": {"message": exc.message, "code": exc.rpc_code}}
+            reply = {
+                "op": "reply",
+                "id": request_id,
+                "error": {"message": exc.message, "code": exc.rpc_code},
+            }
         except Exception as exc:  # the plugin gets the failure, not the kernel
-            reply = {"op": "reply", "id": request_id, "error": {"message": f"{type(exc).__name__}: {exc}", "code": None}}
+            reply = {
+                "op": "reply",
+                "id": request_id,
+                "error": {"message": f"{type(exc).__name__}: {exc}", "code": None},
+            }
         self._send(reply)
 
     def _on_hello(self, op: str, frame: JSON) -> None:
@@ -369,7 +382,8 @@ class WorkerProcess:
     def _maybe_gone(self) -> None:
         if self._stdout_open or self._process_running:
             return
-        assert self._transport is not None and self._exited is not None
+        assert self._transport is not None
+        assert self._exited is not None
         self.alive = False
         self.returncode = self._transport.get_returncode()
         if self._stderr_partial:

@@ -36,16 +36,24 @@ def _png_1x1_red() -> bytes:
 
     header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)  # 1x1, 8-bit RGB
     pixels = zlib.compress(b"\x00\xff\x00\x00")  # filter byte + one red pixel
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
 
 
 def _wav_silence(samples: int = 80, rate: int = 8000) -> bytes:
     data = b"\x00\x00" * samples  # 16-bit mono silence
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
     return (
-        b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
-        + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-        + b"data" + struct.pack("<I", len(data)) + data
+        b"RIFF"
+        + struct.pack("<I", 36 + len(data))
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
     )
 
 
@@ -174,7 +182,10 @@ async def elicitation_defaults(ctx: Context) -> str:
         "required": [],
     }
     return await _elicit(
-        ctx, "Please review and update the form fields with defaults", schema, "Elicitation completed"
+        ctx,
+        "Please review and update the form fields with defaults",
+        schema,
+        "Elicitation completed",
     )
 
 
@@ -222,7 +233,9 @@ async def elicitation_enums(ctx: Context) -> str:
         },
         "required": [],
     }
-    return await _elicit(ctx, "Please select options from the enum fields", schema, "Elicitation completed")
+    return await _elicit(
+        ctx, "Please select options from the enum fields", schema, "Elicitation completed"
+    )
 
 
 @plugin.tool("json_schema_2020_12_tool")
@@ -257,7 +270,7 @@ def watched(ctx: Context) -> str:
 
 
 @plugin.resource_template("test://template/{id}/data", mime_type="application/json")
-def template_data(ctx: Context, id: str) -> str:  # noqa: A002 - the template's variable
+def template_data(ctx: Context, id: str) -> str:
     return json.dumps(
         {"id": id, "templateTest": True, "data": f"Data for ID: {id}"}, separators=(",", ":")
     )
@@ -277,7 +290,7 @@ def prompt_with_arguments(ctx: Context, arg1: str, arg2: str) -> str:
 
 
 @plugin.prompt("test_prompt_with_embedded_resource")
-def prompt_with_resource(ctx: Context, resourceUri: str) -> Any:  # noqa: N803 - MCP's name
+def prompt_with_resource(ctx: Context, resourceUri: str) -> Any:
     return [
         message(
             "user",
@@ -291,7 +304,10 @@ def prompt_with_resource(ctx: Context, resourceUri: str) -> Any:  # noqa: N803 -
 
 @plugin.prompt("test_prompt_with_image")
 def prompt_with_image(ctx: Context) -> Any:
-    return [message("user", image(PNG, "image/png")), message("user", "Please analyze the image above.")]
+    return [
+        message("user", image(PNG, "image/png")),
+        message("user", "Please analyze the image above."),
+    ]
 
 
 # -- completions ---------------------------------------------------------------

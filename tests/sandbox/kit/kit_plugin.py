@@ -136,7 +136,7 @@ def hello(ctx: Context) -> str:
 
 
 @plugin.resource_template("kit://items/{id}")
-def item(ctx: Context, id: str) -> dict[str, Any]:  # noqa: A002
+def item(ctx: Context, id: str) -> dict[str, Any]:
     if id == "missing":
         raise NotFoundError(f"no item {id}")
     return {"text": f"item {id}", "mimeType": "text/plain"}

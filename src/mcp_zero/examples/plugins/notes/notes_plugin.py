@@ -33,7 +33,8 @@ CREATE TRIGGER IF NOT EXISTS notes_ai AFTER INSERT ON notes BEGIN
     INSERT INTO notes_fts(rowid, text, tags) VALUES (new.id, new.text, new.tags);
 END;
 CREATE TRIGGER IF NOT EXISTS notes_ad AFTER DELETE ON notes BEGIN
-    INSERT INTO notes_fts(notes_fts, rowid, text, tags) VALUES ('delete', old.id, old.text, old.tags);
+    INSERT INTO notes_fts(notes_fts, rowid, text, tags)
+    VALUES ('delete', old.id, old.text, old.tags);
 END;
 """
 
@@ -62,11 +63,9 @@ def _note(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def _tag_clause(tag: str | None) -> tuple[str, list[Any]]:
-    if not tag:
-        return "", []
+def _tag_pattern(tag: str | None) -> str | None:
     # Tags are stored space-separated with a leading and trailing space for exact matching.
-    return " AND n.tags LIKE ?", [f"% {tag} %"]
+    return f"% {tag} %" if tag else None
 
 
 @plugin.tool("notes_add")
@@ -87,36 +86,46 @@ def notes_add(ctx: Context, text: str, tags: list[str] | None = None) -> dict[st
 def notes_search(
     ctx: Context, query: str, tag: str | None = None, limit: int = 10
 ) -> dict[str, Any]:
-    clause, params = _tag_clause(tag)
+    pattern = _tag_pattern(tag)
     try:
-        rows = _db(ctx.data_dir).execute(
-            "SELECT n.id, n.text, n.tags, n.created, bm25(notes_fts) AS score"
-            " FROM notes_fts JOIN notes n ON n.id = notes_fts.rowid"
-            " WHERE notes_fts MATCH ? AND n.agent = ?" + clause +
-            " ORDER BY score LIMIT ?",
-            [query, ctx.agent, *params, limit],
-        ).fetchall()
+        rows = (
+            _db(ctx.data_dir)
+            .execute(
+                "SELECT n.id, n.text, n.tags, n.created, bm25(notes_fts) AS score"
+                " FROM notes_fts JOIN notes n ON n.id = notes_fts.rowid"
+                " WHERE notes_fts MATCH ? AND n.agent = ? AND (? IS NULL OR n.tags LIKE ?)"
+                " ORDER BY score LIMIT ?",
+                (query, ctx.agent, pattern, pattern, limit),
+            )
+            .fetchall()
+        )
     except sqlite3.OperationalError as exc:
-        raise ToolError(f"cannot search for {query!r}: {exc} (check the FTS5 query syntax)") from None
+        raise ToolError(
+            f"cannot search for {query!r}: {exc} (check the FTS5 query syntax)"
+        ) from None
     # bm25() is lower-is-better; report a higher-is-better score.
-    notes = [{**_note(r), "score": round(-r["score"], 4)} for r in rows]
+    notes = [{**_note(r), "score": -r["score"]} for r in rows]
     return {"query": query, "count": len(notes), "notes": notes}
 
 
 @plugin.tool("notes_list")
 def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> dict[str, Any]:
-    clause, params = _tag_clause(tag)
-    rows = _db(ctx.data_dir).execute(
-        "SELECT n.id, n.text, n.tags, n.created FROM notes n WHERE n.agent = ?" + clause +
-        " ORDER BY n.id DESC LIMIT ?",
-        [ctx.agent, *params, limit],
-    ).fetchall()
+    pattern = _tag_pattern(tag)
+    rows = (
+        _db(ctx.data_dir)
+        .execute(
+            "SELECT n.id, n.text, n.tags, n.created FROM notes n"
+            " WHERE n.agent = ? AND (? IS NULL OR n.tags LIKE ?) ORDER BY n.id DESC LIMIT ?",
+            (ctx.agent, pattern, pattern, limit),
+        )
+        .fetchall()
+    )
     notes = [_note(r) for r in rows]
     return {"count": len(notes), "notes": notes}
 
 
 @plugin.tool("notes_delete")
-def notes_delete(ctx: Context, id: int) -> dict[str, Any]:  # noqa: A002 - the schema's name
+def notes_delete(ctx: Context, id: int) -> dict[str, Any]:
     conn = _db(ctx.data_dir)
     with conn:
         cur = conn.execute("DELETE FROM notes WHERE id = ? AND agent = ?", (id, ctx.agent))

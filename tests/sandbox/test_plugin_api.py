@@ -1,0 +1,108 @@
+"""The plugin-author API and result normalisation, without a worker."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from mcp_zero.plugin import (
+    Content,
+    Plugin,
+    ToolResult,
+    audio,
+    embedded_resource,
+    image,
+    message,
+    resource_link,
+    text,
+)
+from mcp_zero.sandbox import results
+
+
+def test_helpers_build_mcp_blocks():
+    assert image(b"\x01\x02", "image/gif") == {
+        "type": "image",
+        "data": "AQI=",
+        "mimeType": "image/gif",
+    }
+    assert base64.b64decode(audio(b"RIFF")["data"]) == b"RIFF"
+    assert embedded_resource("a://b", blob=b"\x00")["resource"] == {"uri": "a://b", "blob": "AA=="}
+    assert resource_link("a://b", "b", mime_type="text/plain") == {
+        "type": "resource_link",
+        "uri": "a://b",
+        "name": "b",
+        "mimeType": "text/plain",
+    }
+    with pytest.raises(ValueError, match="exactly one"):
+        embedded_resource("a://b")
+    with pytest.raises(ValueError, match="role"):
+        message("system", "x")
+
+
+def test_tool_results_are_normalised():
+    assert results.tool_result("hi") == {"content": [{"type": "text", "text": "hi"}]}
+    assert results.tool_result(None) == {"content": []}
+    assert results.tool_result({"a": 1}) == {
+        "content": [{"type": "text", "text": '{"a":1}'}],
+        "structuredContent": {"a": 1},
+    }
+    # A plain dict that happens to have "type" is data, a Content block is content.
+    assert "structuredContent" in results.tool_result({"type": "text", "text": "x"})
+    assert results.tool_result(text("x")) == {"content": [{"type": "text", "text": "x"}]}
+    assert results.tool_result([text("a"), "b"])["content"][1] == {"type": "text", "text": "b"}
+    assert results.tool_result(3) == {"content": [{"type": "text", "text": "3"}]}
+    assert results.tool_result(ToolResult(["x"], {"k": 1}, True))["isError"] is True
+    with pytest.raises(TypeError):
+        results.tool_result(object())
+    with pytest.raises(TypeError):
+        results.tool_result([{"not": "a block"}])
+
+
+def test_resource_prompt_completion_results():
+    assert results.resource_result("u://x", b"\x00", None)["contents"][0] == {
+        "uri": "u://x",
+        "mimeType": "application/octet-stream",
+        "blob": "AA==",
+    }
+    assert (
+        results.prompt_result([message("assistant", "hi"), image(b"")])["messages"][1]["role"]
+        == "user"
+    )
+    assert results.prompt_result({"description": "d", "messages": ["x"]})["description"] == "d"
+    many = results.completion_result([str(i) for i in range(150)])["completion"]
+    assert len(many["values"]) == 100
+    assert many["total"] == 150
+    assert many["hasMore"] is True
+
+
+def test_registration_and_template_matching():
+    p = Plugin("t")
+
+    @p.tool("a.b-c_1")
+    async def t(ctx):
+        return None
+
+    @p.resource_template("docs://{+path}")
+    def doc(ctx, path):
+        return path
+
+    @p.resource_template("items://{id}/v/{version}")
+    def item(ctx, id, version):
+        return id
+
+    assert p.tools["a.b-c_1"].is_async is True
+    handler, variables = p.match_resource("docs://a/b%20c.md")
+    assert handler.fn is doc
+    assert variables == {"path": "a/b c.md"}
+    assert p.match_resource("items://7/v/2")[1] == {"id": "7", "version": "2"}
+    assert p.match_resource("items://7/x/v/2") is None
+    with pytest.raises(ValueError, match="registered twice"):
+        p.tool("a.b-c_1")(t)
+    with pytest.raises(ValueError, match="1-128"):
+        p.tool("bad name")
+    with pytest.raises(ValueError, match="unsupported URI template"):
+        p.resource_template("q://x{?page}")
+    with pytest.raises(ValueError, match="exactly one"):
+        p.completion(argument="a")
+    assert isinstance(text("x"), Content)

@@ -1,0 +1,153 @@
+"""Manifest validation: every mistake is reported with the field it is in."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CONFORMANCE_DIR, KIT_DIR, NOTES_DIR
+
+from mcp_zero.errors import ManifestError
+from mcp_zero.sandbox.manifest import Quotas, load_manifest, parse_manifest
+
+GOOD: dict[str, Any] = {
+    "name": "notes",
+    "version": "0.1.0",
+    "abi": 1,
+    "runtime": "process",
+    "entry": "notes_plugin:plugin",
+    "tools": [
+        {
+            "name": "notes_add",
+            "description": "add",
+            "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}},
+        }
+    ],
+}
+
+
+def variant(**changes: Any) -> dict[str, Any]:
+    m = copy.deepcopy(GOOD)
+    for key, value in changes.items():
+        if value is None:
+            m.pop(key, None)
+        else:
+            m[key] = value
+    return m
+
+
+def tool(**fields: Any) -> dict[str, Any]:
+    t = copy.deepcopy(GOOD["tools"][0])
+    t.update(fields)
+    return t
+
+
+def test_minimal_manifest_gets_defaults():
+    m = parse_manifest(GOOD)
+    assert m.quotas == Quotas(timeout_ms=10_000, memory_mb=256, max_concurrency=8, workers=1)
+    assert m.capabilities.network is False
+    assert m.capabilities.filesystem == "private"
+    assert m.tool("notes_add").input_schema["properties"]["text"] == {"type": "string"}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "field", "says"),
+    [
+        (variant(name=None), "name", "is required"),
+        (variant(name="Bad Name"), "name", "must be 1-64"),
+        (variant(version=None), "version", "is required"),
+        (variant(abi=2), "abi", "must be 1"),
+        (variant(abi=None), "abi", "must be 1"),
+        (variant(runtime="docker"), "runtime", "not a known runtime"),
+        (variant(entry="no_colon"), "entry", "module:attribute"),
+        (variant(tools=[tool(name="")]), "tools[0].name", "1-128 characters"),
+        (variant(tools=[tool(name="has space")]), "tools[0].name", "1-128 characters"),
+        (variant(tools=[tool(name="x" * 129)]), "tools[0].name", "1-128 characters"),
+        (variant(tools=[tool(), tool()]), "tools", "duplicate tool name 'notes_add'"),
+        (variant(tools=[tool(description=None)]), "tools[notes_add].description", "is required"),
+        (variant(tools=[tool(inputSchema=None)]), "tools[notes_add].inputSchema", "is required"),
+        (
+            variant(tools=[tool(inputSchema={"type": "string"})]),
+            "tools[notes_add].inputSchema",
+            "object schema",
+        ),
+        (
+            variant(
+                tools=[tool(inputSchema={"type": "object", "properties": {"a": {"type": "nope"}}})]
+            ),
+            "tools[notes_add].inputSchema",
+            "not a valid JSON Schema",
+        ),
+        (
+            variant(
+                tools=[tool(inputSchema={"type": "object", "$schema": "https://example.com/s"})]
+            ),
+            "tools[notes_add].inputSchema.$schema",
+            "unknown JSON Schema dialect",
+        ),
+        (
+            variant(tools=[tool(outputSchema={"type": "array"})]),
+            "tools[notes_add].outputSchema",
+            "object",
+        ),
+        (variant(tools="x"), "tools", "must be a list"),
+        (variant(capabilities={"network": "yes"}), "capabilities.network", "true or false"),
+        (variant(capabilities={"filesystem": "all"}), "capabilities.filesystem", "one of"),
+        (variant(quotas={"timeout_ms": 0}), "quotas.timeout_ms", "integer from 1"),
+        (variant(quotas={"memory_mb": "big"}), "quotas.memory_mb", "integer"),
+        (variant(quotas={"workers": 100}), "quotas.workers", "from 1 to 64"),
+        (variant(quotas={"cpus": 1}), "quotas", "unknown keys"),
+        (variant(resources=[{"uri": "a://b"}]), "resources[0].name", "is required"),
+        (variant(resources=[{"uri": "a://b", "name": "b"}] * 2), "resources", "duplicate"),
+        (
+            variant(prompts=[{"name": "p", "arguments": [{"name": "a", "required": "y"}]}]),
+            "prompts[p].arguments[0].required",
+            "true or false",
+        ),
+        (variant(prompts=[{"name": "p"}, {"name": "p"}]), "prompts", "duplicate prompt name"),
+        ([], "manifest", "must be an object"),
+    ],
+)
+def test_invalid_manifests_name_the_field(manifest, field, says):
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(manifest)
+    assert info.value.data == {"field": field}
+    assert field in info.value.message
+    assert says in info.value.message
+
+
+def test_schema_dialect_is_honoured():
+    draft7 = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+    }
+    assert parse_manifest(variant(tools=[tool(inputSchema=draft7)])).tools[0].input_schema == draft7
+    # 2020-12 keywords are kept verbatim for tools/list.
+    schema = json.loads((CONFORMANCE_DIR / "plugin.json").read_text())["tools"][-2]["inputSchema"]
+    assert (
+        parse_manifest(variant(tools=[tool(inputSchema=schema)])).tools[0].to_mcp()["inputSchema"]
+        == schema
+    )
+
+
+def test_to_dict_round_trips():
+    for d in (KIT_DIR, NOTES_DIR, CONFORMANCE_DIR):
+        m = load_manifest(d)
+        assert parse_manifest(json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_load_manifest_errors(tmp_path: Path):
+    with pytest.raises(ManifestError, match=r"no plugin\.json"):
+        load_manifest(tmp_path)
+    (tmp_path / "plugin.json").write_text("{not json")
+    with pytest.raises(ManifestError, match=r"cannot read plugin\.json"):
+        load_manifest(tmp_path)
+    (tmp_path / "plugin.json").write_text(json.dumps(GOOD))
+    with pytest.raises(ManifestError, match=r"notes_plugin\.py not found"):
+        load_manifest(tmp_path)
+    (tmp_path / "notes_plugin.py").write_text("")
+    assert load_manifest(tmp_path).name == "notes"
