@@ -23,6 +23,7 @@ from mcp_zero.errors import (
     InvalidParams,
     McpZeroError,
     PluginCrashed,
+    PluginFailure,
     PolicyDenied,
     PromptNotFound,
     ResourceNotFound,
@@ -60,6 +61,23 @@ def _schema_error(exc: Any) -> InvalidParams:
         f"invalid arguments at {path}: {exc.message}",
         data={"path": path, "schemaPath": "/" + "/".join(str(p) for p in exc.schema_path)},
     )
+
+
+def _check_output(tool: str, validator: Any, result: JSON) -> None:
+    """The spec requires structured results to match the tool's outputSchema."""
+    structured = result.get("structuredContent")
+    if structured is None:
+        raise PluginFailure(
+            f"tool {tool!r} declares an outputSchema but returned no structuredContent"
+        )
+    problem = next(validator.iter_errors(structured), None)
+    if problem is not None:
+        path = "/" + "/".join(str(p) for p in problem.absolute_path)
+        raise PluginFailure(
+            f"tool {tool!r} returned structuredContent that does not match its outputSchema "
+            f"at {path}: {problem.message}",
+            data={"path": path},
+        )
 
 
 class Kernel:
@@ -154,9 +172,12 @@ class Kernel:
             self.metrics.observe_stage("schema", time.perf_counter() - t)
             if first is not None:
                 raise _schema_error(first)
-            return await runtime.call_tool(
+            result = await runtime.call_tool(
                 name, arguments, agent=principal.agent, bridge=bridge, timeout=timeout
             )
+            if entry.output_validator is not None and not result.get("isError"):
+                _check_output(name, entry.output_validator, result)
+            return result
 
         def missing() -> McpZeroError:
             return ToolNotFound(

@@ -35,8 +35,8 @@ class ToolEntry:
     plugin: str
     spec: ToolSpec
     listing: JSON  # the MCP Tool object, built once
-    validator: Validator
-    timeout_ms: int | None
+    validator: Validator  # of the arguments
+    output_validator: Validator | None  # of structuredContent, when the tool declares a schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +183,13 @@ class PluginHost:
             for spec in manifest.tools:
                 tools.setdefault(
                     spec.name,
-                    ToolEntry(name, spec, spec.to_mcp(), _validator(spec.input_schema), None),
+                    ToolEntry(
+                        name,
+                        spec,
+                        spec.to_mcp(),
+                        _validator(spec.input_schema),
+                        _validator(spec.output_schema) if spec.output_schema else None,
+                    ),
                 )
             for resource in manifest.resources:
                 resources.setdefault(resource.uri, (name, resource.to_mcp()))

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from mcp_zero.audit.chain import verify_store
+from mcp_zero.audit.chain import ChainBroken, verify_store
 from mcp_zero.errors import InvalidRequest, McpZeroError, NotFound, PluginNotFound, Unauthorized
 from mcp_zero.kernel.agents import agent_view
 from mcp_zero.security.tokens import hash_token
@@ -181,7 +181,10 @@ class AdminApi:
         return 200, [audit_view(e) for e in self.runtime.store.read_audit(after, limit)]
 
     async def _verify(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
-        report = verify_store(self.runtime.store)
+        try:
+            report = verify_store(self.runtime.store)
+        except ChainBroken as exc:
+            return 200, {"ok": False, "seq": exc.seq, "reason": exc.reason}
         return 200, {
             "ok": True,
             "count": report.count,
