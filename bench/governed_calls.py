@@ -116,22 +116,49 @@ def spawn_mcp0(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
             stdout=sink,
             stderr=subprocess.STDOUT,
             cwd=data_dir.parent,
+            # The per-agent rate limit (200 calls/s by default) would turn most of the
+            # load into refusals: the bench measures the governed path, not the limit.
+            env={**os.environ, "MCP0_RATE_LIMIT": "0"},
         )
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx2.get(f"{base}/readyz").status_code == 200, proc, "mcp0 serve", log)
     return proc
 
 
-def start_mcp0(workdir: Path) -> Target:
-    """mcp0 on embedded defaults with the bundled `notes` plugin and an agent allowed to use it.
+def notes_plugin_for(workdir: Path, concurrency: int) -> Path:
+    """A copy of the bundled notes plugin whose max_concurrency admits `concurrency` calls.
 
-    The first start creates the data dir and installs the example plugin; the
-    agent is created with the server stopped, then the server starts again.
+    Its manifest allows 8 calls at once and refuses the 9th (quota_exceeded); the
+    code, tools and other quotas stay as shipped.
+    """
+    import mcp_zero
+
+    shipped = Path(mcp_zero.__file__).parent / "examples" / "plugins" / "notes"
+    copy = workdir / "notes-plugin"
+    shutil.copytree(shipped, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((copy / "plugin.json").read_text())
+    quotas = manifest["quotas"]
+    quotas["max_concurrency"] = max(quotas.get("max_concurrency", 1), concurrency)
+    # Each concurrent call is a thread in the worker, and its stack counts against
+    # the worker's address-space limit: 256 MB cannot start 32 threads.
+    quotas["memory_mb"] = max(quotas.get("memory_mb", 0), 256 + 16 * concurrency)
+    (copy / "plugin.json").write_text(json.dumps(manifest, indent=2))
+    return copy
+
+
+def start_mcp0(workdir: Path, concurrency: int) -> Target:
+    """mcp0 on embedded defaults with the `notes` plugin and an agent allowed to use it.
+
+    The first start creates the data dir and installs the example plugin; with
+    the server stopped, the plugin is reinstalled with room for `concurrency`
+    calls and the agent is created; then the server starts again.
     """
     data_dir = workdir / "mcp0-data"
     log = workdir / "mcp0.log"
     port = free_port()
     stop(spawn_mcp0(data_dir, port, log))
+    plugin = notes_plugin_for(workdir, concurrency)
+    mcp0_cli("plugin", "install", str(plugin), "--replace", "--data-dir", str(data_dir))
     agent = json.loads(
         mcp0_cli(
             "agent", "create", "bench", "--plugin", "notes", "--data-dir", str(data_dir), "--json"
@@ -142,7 +169,7 @@ def start_mcp0(workdir: Path) -> Target:
     return Target("mcp0 (governed)", f"http://127.0.0.1:{port}/mcp", proc, headers)
 
 
-def start_plain(workdir: Path) -> Target:
+def start_plain(workdir: Path, concurrency: int) -> Target:
     """The official SDK's MCPServer serving the same tool (bench/plain_server.py)."""
     log = workdir / "plain.log"
     port = free_port()
@@ -545,6 +572,11 @@ def main() -> None:
         "concurrency": args.concurrency,
         "rate": args.rate,
         "cpus": os.cpu_count(),
+        "mcp0_overrides": {
+            "MCP0_RATE_LIMIT": "0",
+            "notes.quotas.max_concurrency": f">= {args.concurrency}",
+            "notes.quotas.memory_mb": f">= {256 + 16 * args.concurrency}",
+        },
     }
     with tempfile.TemporaryDirectory(prefix="mcp0-bench-") as tmp:
         workdir = Path(tmp)
@@ -552,7 +584,7 @@ def main() -> None:
         for key, start in starters.items():
             if args.only and args.only != key:
                 continue
-            target = start(workdir)
+            target = start(workdir, args.concurrency)
             try:
                 print(f"measuring {target.name} at {target.url} ...", flush=True)
                 results[key] = measure(
