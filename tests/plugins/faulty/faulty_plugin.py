@@ -1,0 +1,60 @@
+"""A plugin that misbehaves on request, for the tests of the governed path over MCP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from mcp_zero.plugin import Context, Plugin
+
+plugin = Plugin("faulty")
+
+
+@plugin.tool("faulty_echo")
+def echo(ctx: Context, text: str) -> str:
+    return text
+
+
+@plugin.tool("faulty_crash")
+def crash(ctx: Context) -> str:
+    os._exit(3)
+
+
+@plugin.tool("faulty_hang")
+def hang(ctx: Context) -> str:
+    time.sleep(3600)  # a thread ignores cancellation: only killing the worker stops it
+    return "never"
+
+
+@plugin.tool("faulty_raise")
+def raise_(ctx: Context) -> str:
+    raise RuntimeError("faulty plugin raised on purpose")
+
+
+@plugin.tool("faulty_nap")
+async def nap(ctx: Context, seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return f"napped {seconds}"
+
+
+@plugin.tool("faulty_progress")
+async def progress(ctx: Context, steps: int, pause: float = 0.01) -> str:
+    for step in range(1, steps + 1):
+        ctx.progress(step, steps, f"step {step}")
+        await asyncio.sleep(pause)
+    return f"done {steps} steps"
+
+
+@plugin.tool("faulty_started_then_wait")
+async def started_then_wait(ctx: Context) -> str:
+    ctx.progress(1, None, "started")
+    await asyncio.sleep(3600)
+    return "never"
+
+
+@plugin.tool("faulty_log_levels")
+def log_levels(ctx: Context) -> str:
+    for level in ("debug", "info", "warning", "error"):
+        ctx.log(level, f"a {level} message", "faulty")
+    return "logged"

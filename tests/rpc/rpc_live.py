@@ -1,0 +1,214 @@
+"""Helpers of the MCP transport tests: a real Runtime on a data dir, served by uvicorn in the
+test's event loop, and a small raw MCP-over-HTTP client (httpx2) that shows status codes,
+headers and SSE events as they are on the wire.
+
+A module of its own (not conftest.py): test modules import it by this unique name."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+import pytest
+import uvicorn
+
+from mcp_zero.config import load_settings
+from mcp_zero.rpc.http import HttpApp
+from mcp_zero.runtime import Runtime
+
+TESTS_DIR = Path(__file__).parents[1]
+FAULTY_DIR = TESTS_DIR / "plugins" / "faulty"
+CONFORMANCE_DIR = TESTS_DIR / "plugins" / "conformance"
+NOTES_DIR = TESTS_DIR.parent / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
+START_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 20.0
+JSON = dict[str, Any]
+
+
+def make_runtime(data_dir: Path, **overrides: Any) -> Runtime:
+    """A Runtime on ``data_dir`` with built-in defaults, ``overrides`` and no environment."""
+    settings = load_settings(None, {"data_dir": data_dir, **overrides}, environ={})
+    return Runtime(settings)
+
+
+@dataclass
+class LiveServer:
+    """A uvicorn server running ``HttpApp(runtime)`` on 127.0.0.1 in this event loop."""
+
+    runtime: Runtime
+    app: HttpApp
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/mcp"
+
+    def client(self, token: str | None = None) -> McpHttp:
+        return McpHttp(self, token)
+
+
+@contextlib.asynccontextmanager
+async def serve(runtime: Runtime) -> AsyncIterator[LiveServer]:
+    """Serve the runtime until the block ends; the lifespan starts and closes the runtime."""
+    app = HttpApp(runtime)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    with anyio.fail_after(START_TIMEOUT_S):
+        while not server.started:
+            if task.done():
+                task.result()
+                pytest.fail("uvicorn exited before it started")
+            await asyncio.sleep(0.01)
+    port = int(server.servers[0].sockets[0].getsockname()[1])
+    try:
+        yield LiveServer(runtime, app, server, task, port)
+    finally:
+        server.should_exit = True
+        with anyio.fail_after(START_TIMEOUT_S):
+            await task
+
+
+@dataclass
+class SseEvent:
+    id: str | None
+    data: str
+
+    @property
+    def message(self) -> JSON:
+        value: JSON = orjson.loads(self.data)
+        return value
+
+
+async def sse_events(response: httpx2.Response) -> AsyncIterator[SseEvent]:
+    """The events of an SSE response, as they arrive."""
+    event_id: str | None = None
+    data: list[str] = []
+    seen_field = False
+    async for line in response.aiter_lines():
+        if line == "":
+            if seen_field:
+                yield SseEvent(event_id, "\n".join(data))
+            event_id, data, seen_field = None, [], False
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        seen_field = True
+        if name == "id":
+            event_id = value
+        elif name == "data":
+            data.append(value)
+
+
+@dataclass
+class McpHttp:
+    """Raw JSON-RPC over POST /mcp with one agent's bearer token."""
+
+    live: LiveServer
+    token: str | None
+    session_id: str | None = None
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        out = {"Accept": "application/json, text/event-stream"}
+        if self.token is not None:
+            out["Authorization"] = f"Bearer {self.token}"
+        if self.session_id is not None:
+            out["Mcp-Session-Id"] = self.session_id
+        out.update(extra)
+        return out
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def post_raw(self, body: bytes, **headers: str) -> httpx2.Response:
+        async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                return await http.post(self.live.url, content=body, headers=self.headers(**headers))
+
+    async def post(self, message: JSON, **headers: str) -> httpx2.Response:
+        return await self.post_raw(orjson.dumps(message), **headers)
+
+    async def request(self, method: str, params: JSON | None = None, **headers: str) -> JSON:
+        """Send one request and return the JSON-RPC response (plain JSON or the SSE's last)."""
+        message: JSON = {"jsonrpc": "2.0", "id": self.next_id(), "method": method}
+        if params is not None:
+            message["params"] = params
+        response = await self.post(message, **headers)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            events = [e for e in parse_sse_text(response.text) if e.data]
+            reply = events[-1].message
+        else:
+            reply = response.json()
+        assert reply["id"] == message["id"], reply
+        return reply
+
+    async def call(self, tool: str, arguments: JSON | None = None) -> JSON:
+        return await self.request("tools/call", {"name": tool, "arguments": arguments or {}})
+
+    async def initialize(
+        self, version: str = "2025-11-25", capabilities: JSON | None = None
+    ) -> JSON:
+        response = await self.post(
+            {
+                "jsonrpc": "2.0",
+                "id": self.next_id(),
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": version,
+                    "capabilities": capabilities or {},
+                    "clientInfo": {"name": "tests", "version": "0"},
+                },
+            }
+        )
+        assert response.status_code == 200, response.text
+        self.session_id = response.headers["mcp-session-id"]
+        note = await self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert note.status_code == 202
+        reply: JSON = response.json()
+        return reply
+
+
+def parse_sse_text(text: str) -> list[SseEvent]:
+    """The events of a complete SSE body."""
+    events: list[SseEvent] = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        if not block.strip():
+            continue
+        event_id, data = None, []
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "id":
+                event_id = value
+            elif name == "data":
+                data.append(value)
+        events.append(SseEvent(event_id, "\n".join(data)))
+    return events
+
+
+def error_of(reply: JSON) -> JSON:
+    assert "error" in reply, f"expected an error, got {reply}"
+    error: JSON = reply["error"]
+    return error
+
+
+def text_of(reply: JSON) -> str:
+    assert "result" in reply, f"expected a result, got {reply}"
+    return "\n".join(b.get("text", "") for b in reply["result"]["content"])

@@ -1,0 +1,128 @@
+"""Every governed call over HTTP leaves exactly one audit record with its outcome, and the
+caller hears back only after that record is durable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, McpHttp, make_runtime, serve
+
+from mcp_zero.audit.chain import verify_store
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Env:
+    live: LiveServer
+    full: str
+    bare: str
+
+
+@pytest.fixture(scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    runtime = make_runtime(
+        tmp_path_factory.mktemp("http-audit") / "data", anonymous_agent="visitor"
+    )
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    full = await runtime.agents.spawn("auditee", ["notes", "faulty"])
+    bare = await runtime.agents.spawn("outsider", [])
+    await runtime.agents.spawn("visitor", ["faulty"])
+    async with serve(runtime) as live:
+        yield Env(live, full.token, bare.token)
+
+
+def records_for(live: LiveServer, request_id: str) -> list[dict[str, Any]]:
+    """The audit records of the tools/call with this JSON-RPC id, read straight from the store."""
+    out = []
+    for entry in live.runtime.store.read_audit(0, 100_000):
+        body = orjson.loads(entry.body)
+        if body.get("verb") == "call_tool" and body.get("request_id") == request_id:
+            out.append(body)
+    return out
+
+
+async def call_with_id(client: McpHttp, request_id: str, tool: str, args: dict[str, Any]) -> Any:
+    response = await client.post(
+        {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": args},
+        }
+    )
+    reply = response.json()
+    assert reply["id"] == request_id
+    # Read the store before anything else can run: the record must already be there.
+    return reply, records_for(client.live, request_id)
+
+
+async def test_every_outcome_is_audited_once_before_the_answer(env: Env) -> None:
+    live = env.live
+    full, bare, anon = live.client(env.full), live.client(env.bare), live.client(None)
+    # (client, id, tool, arguments, expected agent, outcome, code)
+    cases: list[tuple[McpHttp, str, str, dict[str, Any], str, str, str | None]] = [
+        (full, "a-allowed", "faulty_echo", {"text": "hi"}, "auditee", "allowed", None),
+        (full, "a-note", "notes_add", {"text": "audited note"}, "auditee", "allowed", None),
+        (bare, "a-denied", "faulty_echo", {"text": "hi"}, "outsider", "denied", "policy_denied"),
+        (full, "a-schema", "notes_add", {"text": 3}, "auditee", "error", "invalid_params"),
+        (full, "a-unknown", "nope", {}, "auditee", "error", "tool_not_found"),
+        (full, "a-crash", "faulty_crash", {}, "auditee", "error", "plugin_crashed"),
+        (full, "a-timeout", "faulty_hang", {}, "auditee", "timeout", "tool_timeout"),
+        (full, "a-toolerr", "faulty_raise", {}, "auditee", "allowed", None),
+        (anon, "a-anon", "faulty_echo", {"text": "anon"}, "visitor", "allowed", None),
+    ]
+    for client, rid, tool, args, agent, outcome, code in cases:
+        reply, records = await call_with_id(client, rid, tool, args)
+        assert len(records) == 1, (rid, reply, records)
+        record = records[0]
+        assert record["agent"] == agent, rid
+        assert record["outcome"] == outcome, (rid, record)
+        assert record.get("code") == code, (rid, record)
+        assert record["resource"] == tool
+        assert record["transport"] == "http"
+        assert record["anonymous"] is (client is anon)
+        assert ("error" in reply) is (code is not None), (rid, reply)
+    denied = records_for(live, "a-denied")[0]
+    assert denied["policies"] == ["attached-plugins-only"]
+    assert denied["reasons"]
+    assert records_for(live, "a-toolerr")[0]["tool_error"] is True
+    # arguments are kept as a digest, never in clear
+    assert "audited note" not in orjson.dumps(records_for(live, "a-note")[0]).decode()
+    report = verify_store(live.runtime.store)
+    assert report.count == len(live.runtime.store.read_audit(0, 100_000))
+
+
+async def test_the_head_at_answer_time_already_holds_the_call(env: Env) -> None:
+    store = env.live.runtime.store
+    client = env.live.client(env.full)
+    for n in range(5):
+        before = store.audit_head()
+        reply, records = await call_with_id(client, f"head-{n}", "faulty_echo", {"text": str(n)})
+        head = store.audit_head()
+        assert "result" in reply
+        assert head is not None
+        assert before is None or head.seq > before.seq
+        assert orjson.loads(head.body)["request_id"] == f"head-{n}"
+        assert len(records) == 1
+
+
+async def test_a_call_without_token_is_marked_anonymous(env: Env) -> None:
+    reply, records = await call_with_id(
+        env.live.client(None), "anon-2", "faulty_echo", {"text": "who"}
+    )
+    assert reply["result"]["content"][0]["text"] == "who"
+    assert records == [records[0]]
+    assert records[0]["anonymous"] is True
+    assert records[0]["agent"] == "visitor"
+    # a token still wins over the anonymous agent, and is not anonymous
+    _, named = await call_with_id(
+        env.live.client(env.full), "named-2", "faulty_echo", {"text": "me"}
+    )
+    assert named[0]["anonymous"] is False
+    assert named[0]["agent"] == "auditee"

@@ -1,0 +1,297 @@
+"""What a client sees when something is wrong, over streamable HTTP against a real server:
+bad JSON-RPC, bad arguments, bad tokens, oversized bodies, policy denials, crashing and
+hanging plugins, bad protocol headers and sessions, and DNS-rebinding attempts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import pytest
+from rpc_live import (
+    FAULTY_DIR,
+    NOTES_DIR,
+    LiveServer,
+    error_of,
+    make_runtime,
+    serve,
+    text_of,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Env:
+    live: LiveServer
+    full: str  # token of an agent with notes and faulty attached
+    bare: str  # token of an agent with no plugin
+
+
+@pytest.fixture(scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    runtime = make_runtime(tmp_path_factory.mktemp("http-errors") / "data")
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    full = await runtime.agents.spawn("full", ["notes", "faulty"])
+    bare = await runtime.agents.spawn("bare", [])
+    async with serve(runtime) as live:
+        yield Env(live, full.token, bare.token)
+
+
+# -- JSON-RPC envelope -------------------------------------------------------------------------
+
+
+async def test_malformed_json_is_http_400_with_parse_error(env: Env) -> None:
+    response = await env.live.client(env.full).post_raw(b'{"jsonrpc": "2.0", "id": 1, "meth')
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"]["code"] == -32700
+    assert body["id"] is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": 1, "method": "ping"}',
+        b'[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]',
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": [1, 2]}',
+        b'{"jsonrpc": "2.0", "id": 1, "method": 42}',
+        b'"just a string"',
+    ],
+    ids=["no-jsonrpc", "batch", "params-array", "method-not-string", "not-an-object"],
+)
+async def test_invalid_request_is_32600(env: Env, body: bytes) -> None:
+    response = await env.live.client(env.full).post_raw(body)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == -32600
+
+
+async def test_invalid_request_keeps_the_id_when_readable(env: Env) -> None:
+    response = await env.live.client(env.full).post_raw(
+        b'{"jsonrpc": "2.0", "id": "abc", "method": "tools/list", "params": 3}'
+    )
+    assert response.json()["id"] == "abc"
+
+
+async def test_unknown_method_is_32601(env: Env) -> None:
+    reply = await env.live.client(env.full).request("tools/frobnicate", {})
+    assert error_of(reply)["code"] == -32601
+    assert "tools/frobnicate" in error_of(reply)["message"]
+
+
+# -- tool arguments and names ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "path"),
+    [
+        ({"text": 5}, "/text"),
+        ({"text": "ok", "tags": ["not a tag!"]}, "/tags/0"),
+        ({"text": "ok", "tags": ["fine", "also fine", "x"]}, "/tags/1"),
+        ({}, "/"),
+    ],
+)
+async def test_arguments_failing_the_schema_are_32602_naming_the_path(
+    env: Env, arguments: dict[str, object], path: str
+) -> None:
+    reply = await env.live.client(env.full).call("notes_add", arguments)
+    error = error_of(reply)
+    assert error["code"] == -32602
+    assert error["data"]["path"] == path
+    assert error["data"]["code"] == "invalid_params"
+
+
+async def test_unknown_tool_is_tool_not_found(env: Env) -> None:
+    reply = await env.live.client(env.full).call("no_such_tool", {})
+    error = error_of(reply)
+    assert error["code"] == -32602
+    assert error["data"]["code"] == "tool_not_found"
+    assert error["data"]["tool"] == "no_such_tool"
+
+
+async def test_tools_call_without_a_name_is_32602(env: Env) -> None:
+    reply = await env.live.client(env.full).request("tools/call", {"arguments": {}})
+    assert error_of(reply)["code"] == -32602
+    assert error_of(reply)["data"]["path"] == "/name"
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "not-a-real-token"], ids=["missing", "wrong"])
+async def test_missing_or_wrong_token_is_401_with_www_authenticate(
+    env: Env, token: str | None
+) -> None:
+    response = await env.live.client(token).post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].lower().startswith("bearer")
+    assert response.json()["error"]["code"] == -32001
+
+
+async def test_a_non_bearer_authorization_is_401(env: Env) -> None:
+    client = env.live.client(None)
+    response = await client.post(
+        {"jsonrpc": "2.0", "id": 1, "method": "ping"}, Authorization="Basic dXNlcjpwdw=="
+    )
+    assert response.status_code == 401
+
+
+# -- body size -------------------------------------------------------------------------------
+
+
+async def test_two_mib_body_is_413_under_the_default_limit(env: Env) -> None:
+    big = b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "'
+    big += b"x" * (2 << 20) + b'"}}'
+    response = await env.live.client(env.full).post_raw(big)
+    assert response.status_code == 413
+    assert response.json()["error"]["data"]["code"] == "payload_too_large"
+    # the server still serves
+    assert "result" in await env.live.client(env.full).request("ping")
+
+
+async def test_body_over_a_small_limit_is_413_and_under_it_is_served(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path / "data", max_body_bytes=200)
+    agent = await runtime.agents.spawn("small", [])
+    async with serve(runtime) as live:
+        client = live.client(agent.token)
+        ping = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+        assert (await client.post_raw(ping)).status_code == 200
+        padded = b'{"jsonrpc": "2.0", "id": 2, "method": "ping", "params": {"p": "'
+        padded += b"y" * 200 + b'"}}'
+        response = await client.post_raw(padded)
+        assert response.status_code == 413
+        assert "200 bytes" in response.json()["error"]["message"]
+
+
+# -- policy -------------------------------------------------------------------------------------
+
+
+async def test_agent_without_the_plugin_is_denied_by_attached_plugins_only(env: Env) -> None:
+    reply = await env.live.client(env.bare).call("faulty_echo", {"text": "hi"})
+    error = error_of(reply)
+    assert error["code"] == -32003
+    assert error["data"]["code"] == "policy_denied"
+    assert error["data"]["policies"] == ["attached-plugins-only"]
+    assert "attached-plugins-only" in error["data"]["reasons"][0]
+    assert 'agent "bare"' in error["message"]
+    # the bare agent does not even see the tool
+    listed = await env.live.client(env.bare).request("tools/list")
+    assert listed["result"]["tools"] == []
+
+
+async def test_an_explicit_forbid_policy_names_its_id_and_reason(env: Env) -> None:
+    runtime = env.live.runtime
+    forbid = runtime.settings.policy_dir / "zz-no-echo.cedar"
+    forbid.write_text(
+        '@id("no-faulty-echo")\n'
+        '@reason("faulty_echo is switched off for maintenance")\n'
+        'forbid (principal, action == Action::"call_tool", resource == Tool::"faulty_echo");\n'
+    )
+    runtime.policy.reload()
+    try:
+        reply = await env.live.client(env.full).call("faulty_echo", {"text": "hi"})
+        error = error_of(reply)
+        assert error["code"] == -32003
+        assert error["data"]["policies"] == ["no-faulty-echo"]
+        assert error["data"]["reasons"] == ["faulty_echo is switched off for maintenance"]
+        # other tools of the plugin are still allowed
+        assert text_of(await env.live.client(env.full).call("faulty_nap", {"seconds": 0}))
+    finally:
+        forbid.unlink()
+        runtime.policy.reload()
+    assert text_of(await env.live.client(env.full).call("faulty_echo", {"text": "back"})) == "back"
+
+
+# -- plugin failures ----------------------------------------------------------------------------
+
+
+async def test_a_crashing_plugin_is_32010_and_the_next_call_succeeds(env: Env) -> None:
+    client = env.live.client(env.full)
+    reply = await client.call("faulty_crash", {})
+    error = error_of(reply)
+    assert error["code"] == -32010
+    assert error["data"]["code"] == "plugin_crashed"
+    # the server keeps serving other plugins, and the crashed one comes back
+    assert "result" in await client.request("ping")
+    assert text_of(await client.call("faulty_echo", {"text": "alive"})) == "alive"
+
+
+async def test_a_hanging_plugin_times_out_with_32008_and_recovers(env: Env) -> None:
+    client = env.live.client(env.full)
+    started = time.monotonic()
+    reply = await client.call("faulty_hang", {})
+    elapsed = time.monotonic() - started
+    error = error_of(reply)
+    assert error["code"] == -32008
+    assert error["data"]["code"] == "tool_timeout"
+    assert 1.4 <= elapsed < 10.0  # the manifest's timeout_ms is 1500
+    assert text_of(await client.call("faulty_echo", {"text": "after"})) == "after"
+
+
+async def test_a_raising_tool_is_a_tool_error_not_a_protocol_error(env: Env) -> None:
+    reply = await env.live.client(env.full).call("faulty_raise", {})
+    assert reply["result"]["isError"] is True
+    assert "raised on purpose" in text_of(reply)
+
+
+# -- protocol headers and sessions --------------------------------------------------------------
+
+
+async def test_unsupported_protocol_version_header_is_400(env: Env) -> None:
+    client = env.live.client(env.full)
+    response = await client.post(
+        {"jsonrpc": "2.0", "id": 7, "method": "ping"}, **{"MCP-Protocol-Version": "1999-01-01"}
+    )
+    assert response.status_code == 400
+    assert response.json()["id"] == 7
+    assert "1999-01-01" in response.json()["error"]["message"]
+    ok = await client.post(
+        {"jsonrpc": "2.0", "id": 8, "method": "ping"}, **{"MCP-Protocol-Version": "2025-06-18"}
+    )
+    assert ok.status_code == 200
+
+
+async def test_unknown_session_id_is_404(env: Env) -> None:
+    client = env.live.client(env.full)
+    client.session_id = "0123456789abcdef0123456789abcdef"
+    response = await client.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert response.status_code == 404
+
+
+async def test_a_session_used_with_another_agents_token_is_404(env: Env) -> None:
+    owner = env.live.client(env.full)
+    await owner.initialize()
+    intruder = env.live.client(env.bare)
+    intruder.session_id = owner.session_id
+    response = await intruder.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert response.status_code == 404
+    for method in ("GET", "DELETE"):
+        async with httpx2.AsyncClient(timeout=10) as http:
+            other = await http.request(
+                method,
+                env.live.url,
+                headers=intruder.headers(Accept="text/event-stream"),
+            )
+        assert other.status_code == 404, method
+    # the owner's session is untouched
+    assert (await owner.post({"jsonrpc": "2.0", "id": 2, "method": "ping"})).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Host": "evil.example.com"}, {"Origin": "http://evil.example.com"}],
+    ids=["host", "origin"],
+)
+async def test_foreign_host_or_origin_is_403_on_loopback(env: Env, headers: dict[str, str]) -> None:
+    client = env.live.client(env.full)
+    response = await client.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}, **headers)
+    assert response.status_code == 403
+    local = await client.post(
+        {"jsonrpc": "2.0", "id": 2, "method": "ping"},
+        Origin=f"http://localhost:{env.live.port}",
+    )
+    assert local.status_code == 200

@@ -1,0 +1,68 @@
+"""Per-agent rate limits and concurrency quotas as a client over HTTP meets them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from rpc_live import FAULTY_DIR, LiveServer, error_of, make_runtime, serve, text_of
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveServer]:
+    runtime = make_runtime(
+        tmp_path_factory.mktemp("http-limits") / "data",
+        rate_limit=0.5,
+        rate_burst=3,
+        max_concurrency=2,
+    )
+    runtime.plugins.install(FAULTY_DIR)
+    async with serve(runtime) as live:
+        yield live
+
+
+async def test_calls_over_the_rate_limit_are_32004_with_retry_after(live: LiveServer) -> None:
+    agent = await live.runtime.agents.spawn("rater", ["faulty"])
+    client = live.client(agent.token)
+    for n in range(3):  # the burst
+        assert text_of(await client.call("faulty_echo", {"text": str(n)})) == str(n)
+    reply = await client.call("faulty_echo", {"text": "one too many"})
+    error = error_of(reply)
+    assert error["code"] == -32004
+    assert error["data"]["code"] == "rate_limited"
+    assert 0 < error["data"]["retry_after"] <= 2.0
+    # the limit is per agent: another agent is not affected
+    other = await live.runtime.agents.spawn("rater2", ["faulty"])
+    assert text_of(await live.client(other.token).call("faulty_echo", {"text": "x"})) == "x"
+    # and the refused call is audited
+    records = [e.body for e in live.runtime.store.read_audit(0, 10_000)]
+    assert any(b'"rate_limited"' in body and b'"rater"' in body for body in records)
+
+
+async def test_calls_over_the_agent_concurrency_are_32005(live: LiveServer) -> None:
+    agent = await live.runtime.agents.spawn("busy", ["faulty"])
+    client = live.client(agent.token)
+    quotas = live.runtime.quotas
+    async with anyio.create_task_group() as group:
+        replies: list[dict[str, object]] = []
+
+        async def nap() -> None:
+            replies.append(await client.call("faulty_nap", {"seconds": 1.0}))
+
+        group.start_soon(nap)
+        group.start_soon(nap)
+        with anyio.fail_after(10):
+            while quotas.inflight("busy") < 2:  # both naps admitted and running
+                await asyncio.sleep(0.01)
+        reply = await client.call("faulty_echo", {"text": "third"})
+        error = error_of(reply)
+        assert error["code"] == -32005
+        assert error["data"]["code"] == "quota_exceeded"
+        assert error["data"]["scope"] == "agent"
+        assert error["data"]["limit"] == 2
+    assert [text_of(r) for r in replies] == ["napped 1.0", "napped 1.0"]
+    assert quotas.inflight("busy") == 0

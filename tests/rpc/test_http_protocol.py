@@ -1,0 +1,366 @@
+"""The MCP protocol over streamable HTTP as a client lives it: version negotiation, sessions,
+pagination, notifications, progress over SSE, resuming a dropped stream, cancellation,
+log levels, ending a session, and the standalone GET stream's list_changed notices."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+import pytest
+from rpc_live import (
+    CALL_TIMEOUT_S,
+    CONFORMANCE_DIR,
+    FAULTY_DIR,
+    NOTES_DIR,
+    LiveServer,
+    McpHttp,
+    SseEvent,
+    error_of,
+    make_runtime,
+    parse_sse_text,
+    serve,
+    sse_events,
+)
+
+from mcp_zero.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+JSON = dict[str, Any]
+
+
+@dataclass
+class Env:
+    live: LiveServer
+    token: str
+
+
+@pytest.fixture(scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    runtime = make_runtime(tmp_path_factory.mktemp("http-protocol") / "data", page_size=2)
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    agent = await runtime.agents.spawn("proto", ["notes", "faulty"])
+    async with serve(runtime) as live:
+        yield Env(live, agent.token)
+
+
+async def session(env: Env) -> McpHttp:
+    client = env.live.client(env.token)
+    await client.initialize()
+    return client
+
+
+def call_message(rid: Any, tool: str, arguments: JSON, token: Any = None) -> bytes:
+    params: JSON = {"name": tool, "arguments": arguments}
+    if token is not None:
+        params["_meta"] = {"progressToken": token}
+    return orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params})
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("asked", "agreed"),
+    [
+        ("2025-06-18", "2025-06-18"),
+        ("2025-11-25", "2025-11-25"),
+        ("2026-07-28", "2026-07-28"),
+        ("2024-01-01", "2026-07-28"),
+        ("not a version", "2026-07-28"),
+    ],
+)
+async def test_initialize_echoes_a_supported_version_else_offers_the_newest(
+    env: Env, asked: str, agreed: str
+) -> None:
+    client = env.live.client(env.token)
+    reply = await client.initialize(version=asked)
+    assert reply["result"]["protocolVersion"] == agreed
+    assert reply["result"]["capabilities"]["tools"] == {"listChanged": True}
+    assert reply["result"]["serverInfo"]["name"] == "mcp-zero"
+    assert client.session_id
+    assert len(client.session_id) >= 16
+
+
+async def test_each_initialize_opens_a_distinct_session(env: Env) -> None:
+    first, second = await session(env), await session(env)
+    assert first.session_id != second.session_id
+
+
+async def test_ping_answers_an_empty_result(env: Env) -> None:
+    client = await session(env)
+    assert await client.request("ping") == {"jsonrpc": "2.0", "id": 2, "result": {}}
+
+
+async def test_notifications_are_accepted_with_202(env: Env) -> None:
+    client = await session(env)
+    for method in ("notifications/initialized", "notifications/roots/list_changed", "x/unknown"):
+        response = await client.post({"jsonrpc": "2.0", "method": method})
+        assert response.status_code == 202, method
+        assert response.content == b""
+
+
+async def test_delete_ends_the_session(env: Env) -> None:
+    client = await session(env)
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        deleted = await http.delete(env.live.url, headers=client.headers())
+    assert deleted.status_code == 204
+    after = await client.post({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+    assert after.status_code == 404
+    assert after.json()["error"]["code"] == -32001
+
+
+async def test_other_http_methods_are_405(env: Env) -> None:
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        response = await http.put(env.live.url, headers=env.live.client(env.token).headers())
+    assert response.status_code == 405
+    assert "POST" in response.headers["allow"]
+
+
+# -- pagination -------------------------------------------------------------------------------
+
+
+async def test_tools_list_pages_chain_through_every_tool(env: Env) -> None:
+    client = await session(env)
+    names: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        reply = await client.request("tools/list", {"cursor": cursor} if cursor else {})
+        page = reply["result"]
+        assert 1 <= len(page["tools"]) <= 2
+        names += [tool["name"] for tool in page["tools"]]
+        pages += 1
+        cursor = page.get("nextCursor")
+        if cursor is None:
+            break
+        assert pages < 50
+    runtime = env.live.runtime
+    expected = sorted(
+        spec.name
+        for plugin in ("notes", "faulty")
+        for spec in runtime.plugins.manifests[plugin].tools
+    )
+    assert sorted(names) == expected
+    assert len(names) == len(set(names))
+    assert pages == (len(expected) + 1) // 2
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "%%%not base64",
+        base64.urlsafe_b64encode(b"abc").decode(),
+        base64.urlsafe_b64encode(b"999").decode(),
+        12,
+    ],
+    ids=["garbage", "not-a-number", "out-of-range", "integer"],
+)
+async def test_a_bad_cursor_is_32602(env: Env, cursor: Any) -> None:
+    client = await session(env)
+    reply = await client.request("tools/list", {"cursor": cursor})
+    assert error_of(reply)["code"] == -32602
+
+
+# -- progress over SSE and resumption --------------------------------------------------------
+
+
+async def test_progress_turns_the_answer_into_an_sse_stream(env: Env) -> None:
+    client = await session(env)
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            response = await http.post(
+                env.live.url,
+                content=call_message("p1", "faulty_progress", {"steps": 3}, token="tok-1"),
+                headers=client.headers(),
+            )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["mcp-session-id"] == client.session_id
+    events = parse_sse_text(response.text)
+    priming = events[0]
+    assert priming.id
+    assert priming.data == ""
+    messages = [e.message for e in events[1:]]
+    progress = [m for m in messages if m.get("method") == "notifications/progress"]
+    assert [p["params"]["progress"] for p in progress] == [1, 2, 3]
+    assert all(p["params"]["progressToken"] == "tok-1" for p in progress)
+    assert all(p["params"]["total"] == 3 for p in progress)
+    assert messages[-1]["id"] == "p1"
+    assert messages[-1]["result"]["content"][0]["text"] == "done 3 steps"
+    # every event after the priming one has an id of the same stream
+    stream = priming.id.rsplit("-", 1)[0]
+    assert all(e.id and e.id.startswith(stream + "-") for e in events[1:])
+
+
+async def test_without_a_progress_token_the_answer_is_plain_json(env: Env) -> None:
+    client = await session(env)
+    response = await client.post_raw(call_message("p2", "faulty_progress", {"steps": 2}))
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["result"]["content"][0]["text"] == "done 2 steps"
+
+
+async def test_a_dropped_stream_is_resumed_with_last_event_id(env: Env) -> None:
+    client = await session(env)
+    seen: list[SseEvent] = []
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "POST",
+                env.live.url,
+                content=call_message(
+                    "r1", "faulty_progress", {"steps": 5, "pause": 0.15}, token="resume"
+                ),
+                headers=client.headers(),
+            ) as response:
+                async for event in sse_events(response):
+                    seen.append(event)
+                    if event.data:  # the first progress notification: drop the connection
+                        break
+        assert seen[0].data == ""
+        assert seen[1].message["params"]["progress"] == 1
+        last_id = seen[-1].id
+        assert last_id is not None
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            resumed = await http.get(
+                env.live.url,
+                headers=client.headers(Accept="text/event-stream", **{"Last-Event-ID": last_id}),
+            )
+    assert resumed.status_code == 200
+    rest = [e.message for e in parse_sse_text(resumed.text) if e.data]
+    progress = [m["params"]["progress"] for m in rest if m.get("method")]
+    assert progress == [2, 3, 4, 5]
+    assert rest[-1]["id"] == "r1"
+    assert rest[-1]["result"]["content"][0]["text"] == "done 5 steps"
+
+
+async def test_resuming_an_unknown_stream_is_404(env: Env) -> None:
+    client = await session(env)
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        response = await http.get(
+            env.live.url,
+            headers=client.headers(Accept="text/event-stream", **{"Last-Event-ID": "feed-3"}),
+        )
+    assert response.status_code == 404
+
+
+# -- cancellation -----------------------------------------------------------------------------
+
+
+async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None:
+    client = await session(env)
+    runtime = env.live.runtime
+    messages: list[JSON] = []
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "POST",
+                env.live.url,
+                content=call_message("c1", "faulty_started_then_wait", {}, token="cancel-me"),
+                headers=client.headers(),
+            ) as response:
+                async for event in sse_events(response):
+                    if not event.data:
+                        continue
+                    messages.append(event.message)
+                    if event.message.get("method") == "notifications/progress":
+                        cancel = await client.post(
+                            {
+                                "jsonrpc": "2.0",
+                                "method": "notifications/cancelled",
+                                "params": {"requestId": "c1", "reason": "user pressed stop"},
+                            }
+                        )
+                        assert cancel.status_code == 202
+    # the stream ended without a response to the cancelled request
+    assert [m.get("method") for m in messages] == ["notifications/progress"]
+    assert not any(m.get("id") == "c1" for m in messages)
+    records = [
+        orjson.loads(e.body)
+        for e in runtime.store.read_audit(0, 100_000)
+        if orjson.loads(e.body).get("request_id") == "c1"
+    ]
+    assert len(records) == 1
+    assert records[0]["code"] == "cancelled"
+    assert records[0]["outcome"] == "error"
+    assert runtime.quotas.inflight("proto") == 0
+    # the plugin still serves
+    assert (await client.call("faulty_echo", {"text": "next"}))["result"]["content"][0][
+        "text"
+    ] == "next"
+
+
+# -- logging --------------------------------------------------------------------------------
+
+
+async def log_levels_seen(client: McpHttp, rid: str) -> list[str]:
+    response = await client.post_raw(call_message(rid, "faulty_log_levels", {}))
+    if response.headers["content-type"] == "application/json":
+        assert "result" in response.json()
+        return []
+    messages = [e.message for e in parse_sse_text(response.text) if e.data]
+    assert messages[-1]["id"] == rid
+    return [m["params"]["level"] for m in messages if m.get("method") == "notifications/message"]
+
+
+async def test_logging_set_level_filters_log_notifications(env: Env) -> None:
+    client = await session(env)
+    assert await log_levels_seen(client, "l0") == ["info", "warning", "error"]  # default: info
+    assert "result" in await client.request("logging/setLevel", {"level": "warning"})
+    assert await log_levels_seen(client, "l1") == ["warning", "error"]
+    assert "result" in await client.request("logging/setLevel", {"level": "debug"})
+    assert await log_levels_seen(client, "l2") == ["debug", "info", "warning", "error"]
+    assert "result" in await client.request("logging/setLevel", {"level": "emergency"})
+    assert await log_levels_seen(client, "l3") == []
+    bad = await client.request("logging/setLevel", {"level": "verbose"})
+    assert error_of(bad)["code"] == -32602
+
+
+# -- the standalone GET stream ----------------------------------------------------------------
+
+
+async def test_get_stream_needs_accept_event_stream(env: Env) -> None:
+    client = await session(env)
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        response = await http.get(env.live.url, headers=client.headers(Accept="application/json"))
+    assert response.status_code == 406
+
+
+async def test_get_stream_hears_list_changed_after_another_process_installs_a_plugin(
+    env: Env,
+) -> None:
+    client = await session(env)
+    live = env.live
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "GET", live.url, headers=client.headers(Accept="text/event-stream")
+            ) as response:
+                assert response.status_code == 200
+                events = sse_events(response)
+                priming = await anext(events)
+                assert priming.data == ""
+                # a second GET stream on the same session is refused while this one is open
+                second = await http.get(
+                    live.url, headers=client.headers(Accept="text/event-stream")
+                )
+                assert second.status_code == 409
+                # another Runtime on the same data dir (as `mcp0 plugin install` would be)
+                other = Runtime(live.runtime.settings)
+                try:
+                    other.plugins.install(CONFORMANCE_DIR)
+                finally:
+                    other.close()
+                methods = []
+                async for event in events:
+                    methods.append(event.message["method"])
+                    if "notifications/tools/list_changed" in methods:
+                        break
+    assert "notifications/tools/list_changed" in methods
+    assert "conformance" in live.runtime.plugins.manifests
