@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx2
 import orjson
 import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, McpHttp, make_runtime, serve
@@ -126,3 +127,23 @@ async def test_a_call_without_token_is_marked_anonymous(env: Env) -> None:
     )
     assert named[0]["anonymous"] is False
     assert named[0]["agent"] == "auditee"
+
+
+async def test_anonymity_is_kept_after_the_admin_executes_as_the_same_agent(env: Env) -> None:
+    live = env.live
+    async with httpx2.AsyncClient(timeout=20) as http:
+        executed = await http.post(
+            f"{live.base}/api/v1/agents/visitor/execute",
+            json={"tool": "faulty_echo", "arguments": {"text": "by admin"}},
+            headers={"Authorization": f"Bearer {live.runtime.admin_token()}"},
+        )
+    assert executed.status_code == 200
+    _, records = await call_with_id(live.client(None), "anon-3", "faulty_echo", {"text": "anon"})
+    assert records[0]["anonymous"] is True
+    by_admin = [
+        orjson.loads(e.body)
+        for e in live.runtime.store.read_audit(0, 100_000)
+        if b'"transport":"admin"' in e.body
+    ]
+    assert by_admin[-1]["agent"] == "visitor"
+    assert by_admin[-1]["anonymous"] is False

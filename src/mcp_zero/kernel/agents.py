@@ -95,7 +95,9 @@ class AgentService:
         return principal
 
     def _principal_for(self, name: str, *, anonymous: bool = False) -> Principal:
-        key = "name:" + name
+        # The anonymity is part of the key: a token-less caller and the admin's execute may
+        # name the same agent, and each must be audited (and judged by policy) as it is.
+        key = ("anon:" if anonymous else "name:") + name
         now = time.monotonic()
         cached = self._principals.get(key)
         if cached is not None and cached[0] > now:

@@ -1,0 +1,162 @@
+"""Agents: spawn, authenticate, attach, terminate, snapshot and recover, each audited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from mcp_zero.errors import (
+    AgentNotFound,
+    Conflict,
+    InvalidParams,
+    PluginNotFound,
+    SnapshotNotFound,
+    Unauthorized,
+)
+from mcp_zero.runtime import Runtime
+from mcp_zero.security.tokens import hash_token
+
+pytestmark = pytest.mark.anyio
+TESTS_DIR = Path(__file__).parents[1]
+FAULTY_DIR = TESTS_DIR / "plugins" / "faulty"
+NOTES_DIR = TESTS_DIR.parent / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
+
+
+@pytest.fixture
+def runtime(make_runtime: Any) -> Runtime:
+    rt: Runtime = make_runtime(anonymous_agent="guest")
+    rt.plugins.install(NOTES_DIR)
+    rt.plugins.install(FAULTY_DIR)
+    return rt
+
+
+def audited(runtime: Runtime, resource: str) -> list[str]:
+    return [
+        body["verb"]
+        for body in (orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000))
+        if body.get("resource") == resource
+    ]
+
+
+async def test_spawn_returns_a_token_and_stores_only_its_hash(runtime: Runtime) -> None:
+    spawned = await runtime.agents.spawn("ann", ["notes"], {"mood": "calm"})
+    stored = runtime.store.get_agent("ann")
+    assert stored is not None
+    assert stored.token_hash == hash_token(spawned.token) != spawned.token
+    assert spawned.token not in repr(stored)
+    principal = runtime.agents.authenticate(spawned.token)
+    assert principal.agent == "ann"
+    assert principal.plugins == frozenset({"notes"})
+    assert principal.anonymous is False
+    assert audited(runtime, "ann") == ["spawn_agent"]
+
+
+async def test_two_agents_get_different_tokens(runtime: Runtime) -> None:
+    first = await runtime.agents.spawn("one")
+    second = await runtime.agents.spawn("two")
+    assert first.token != second.token
+    assert runtime.agents.authenticate(second.token).agent == "two"
+
+
+@pytest.mark.parametrize("name", ["", "-dash-first", "has space", "x" * 65, "slash/name", "ünï"])
+async def test_spawn_refuses_bad_names(runtime: Runtime, name: str) -> None:
+    with pytest.raises(InvalidParams):
+        await runtime.agents.spawn(name)
+
+
+async def test_spawn_refuses_a_taken_name_and_unknown_plugins(runtime: Runtime) -> None:
+    await runtime.agents.spawn("taken")
+    with pytest.raises(Conflict):
+        await runtime.agents.spawn("taken")
+    with pytest.raises(PluginNotFound):
+        await runtime.agents.spawn("fresh", ["no-such-plugin"])
+    assert runtime.store.get_agent("fresh") is None
+
+
+async def test_authenticate_refuses_missing_and_wrong_tokens(make_runtime: Any) -> None:
+    runtime = make_runtime()  # no anonymous agent
+    with pytest.raises(Unauthorized):
+        runtime.agents.authenticate(None)
+    with pytest.raises(Unauthorized):
+        runtime.agents.authenticate("forged")
+
+
+async def test_attach_takes_effect_at_once_and_is_idempotent(runtime: Runtime) -> None:
+    spawned = await runtime.agents.spawn("bea", ["notes"])
+    assert runtime.agents.authenticate(spawned.token).plugins == frozenset({"notes"})
+    await runtime.agents.attach("bea", "faulty")
+    await runtime.agents.attach("bea", "faulty")
+    assert runtime.agents.get("bea").plugins == ["notes", "faulty"]
+    assert runtime.agents.authenticate(spawned.token).plugins == frozenset({"notes", "faulty"})
+    with pytest.raises(PluginNotFound):
+        await runtime.agents.attach("bea", "nope")
+    with pytest.raises(AgentNotFound):
+        await runtime.agents.attach("nobody", "notes")
+
+
+async def test_terminate_revokes_the_token_at_once(runtime: Runtime) -> None:
+    spawned = await runtime.agents.spawn("cid", ["notes"])
+    runtime.agents.authenticate(spawned.token)  # cached now
+    await runtime.agents.terminate("cid")
+    with pytest.raises(Unauthorized):
+        runtime.agents.authenticate(spawned.token)
+    with pytest.raises(Unauthorized):
+        runtime.agents.principal("cid")
+    assert runtime.agents.get("cid").status == "terminated"
+
+
+async def test_snapshot_and_recover_restore_plugins_state_and_token(runtime: Runtime) -> None:
+    spawned = await runtime.agents.spawn("dee", ["notes", "faulty"], {"step": 3})
+    snap = await runtime.agents.snapshot("dee")
+    assert snap.id.startswith("snap_")
+    assert snap.data == {"plugins": ["notes", "faulty"], "state": {"step": 3}, "status": "active"}
+    await runtime.agents.terminate("dee")
+    recovered = await runtime.agents.recover(snap.id)
+    assert recovered.status == "active"
+    assert recovered.plugins == ["notes", "faulty"]
+    assert recovered.state == {"step": 3}
+    assert runtime.agents.authenticate(spawned.token).plugins == frozenset({"notes", "faulty"})
+    assert audited(runtime, "dee") == [
+        "spawn_agent",
+        "snapshot_agent",
+        "terminate_agent",
+        "recover_agent",
+    ]
+    with pytest.raises(SnapshotNotFound):
+        await runtime.agents.recover("snap_nothing")
+
+
+async def test_recover_drops_plugins_removed_since_the_snapshot(runtime: Runtime) -> None:
+    await runtime.agents.spawn("eve", ["notes", "faulty"])
+    snap = await runtime.agents.snapshot("eve")
+    runtime.plugins.remove("faulty")
+    recovered = await runtime.agents.recover(snap.id)
+    assert recovered.plugins == ["notes"]
+
+
+async def test_anonymous_agent_is_used_without_a_token(runtime: Runtime) -> None:
+    await runtime.agents.spawn("guest", ["notes"])
+    principal = runtime.agents.authenticate(None)
+    assert principal.agent == "guest"
+    assert principal.anonymous is True
+
+
+async def test_anonymity_does_not_leak_between_token_less_and_named_use(runtime: Runtime) -> None:
+    # the admin's execute (principal by name) and a token-less caller share an agent:
+    # each must see the anonymity of its own request, whatever came first
+    await runtime.agents.spawn("guest", ["notes"])
+    assert runtime.agents.principal("guest").anonymous is False
+    assert runtime.agents.authenticate(None).anonymous is True
+    assert runtime.agents.principal("guest").anonymous is False
+    assert runtime.agents.authenticate(None).anonymous is True
+
+
+async def test_terminated_anonymous_agent_refuses_token_less_calls(runtime: Runtime) -> None:
+    await runtime.agents.spawn("guest", ["notes"])
+    runtime.agents.authenticate(None)
+    await runtime.agents.terminate("guest")
+    with pytest.raises(Unauthorized):
+        runtime.agents.authenticate(None)

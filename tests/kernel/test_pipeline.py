@@ -1,0 +1,244 @@
+"""The governed path in the kernel, without a transport: policy, schema, quotas, sandbox and
+the audit record every outcome leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from mcp_zero.errors import (
+    InvalidParams,
+    PluginCrashed,
+    PolicyDenied,
+    PromptNotFound,
+    ResourceNotFound,
+    ToolNotFound,
+    ToolTimeout,
+)
+from mcp_zero.kernel.action import Principal
+from mcp_zero.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+ALL = frozenset({"notes", "faulty", "conformance"})
+TIMEOUT_S = 20.0
+
+
+def records(runtime: Runtime, **match: Any) -> list[dict[str, Any]]:
+    out = []
+    for entry in runtime.store.read_audit(0, 100_000):
+        body = orjson.loads(entry.body)
+        if all(body.get(k) == v for k, v in match.items()):
+            out.append(body)
+    return out
+
+
+async def call(
+    runtime: Runtime, principal: Principal, tool: str, args: dict[str, Any], rid: str, bridge: Any
+) -> Any:
+    with anyio.fail_after(TIMEOUT_S):
+        return await runtime.kernel.call_tool(
+            principal, tool, args, bridge, request_id=rid, transport="test"
+        )
+
+
+async def test_an_allowed_call_returns_the_result_and_is_audited(
+    started: Runtime, bridge: Any
+) -> None:
+    agent = Principal("alice", frozenset({"faulty"}))
+    args = {"text": "hello"}
+    result = await call(started, agent, "faulty_echo", args, "k1", bridge)
+    assert result["content"] == [{"type": "text", "text": "hello"}]
+    [record] = records(started, request_id="k1")
+    assert record["outcome"] == "allowed"
+    assert record["agent"] == "alice"
+    assert record["plugin"] == "faulty"
+    assert record["verb"] == "call_tool"
+    assert record["transport"] == "test"
+    assert record["policies"] == ["attached-plugins-only"]
+    assert record["duration_ms"] >= 0
+    digest = hashlib.sha256(orjson.dumps(args, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert record["arguments_sha256"] == digest
+    assert "hello" not in orjson.dumps(record).decode()
+
+
+async def test_a_call_outside_the_attached_plugins_is_denied(started: Runtime, bridge: Any) -> None:
+    agent = Principal("bob", frozenset({"notes"}))
+    with pytest.raises(PolicyDenied) as caught:
+        await call(started, agent, "faulty_echo", {"text": "x"}, "k2", bridge)
+    assert caught.value.data is not None
+    assert caught.value.data["policies"] == ["attached-plugins-only"]
+    [record] = records(started, request_id="k2")
+    assert record["outcome"] == "denied"
+    assert record["code"] == "policy_denied"
+    assert record["policies"] == ["attached-plugins-only"]
+
+
+async def test_the_admin_may_call_any_tool(started: Runtime, bridge: Any) -> None:
+    admin = Principal("admin", frozenset(), admin=True)
+    result = await call(started, admin, "faulty_echo", {"text": "root"}, "k3", bridge)
+    assert result["content"][0]["text"] == "root"
+    assert records(started, request_id="k3")[0]["policies"] == ["admin-all"]
+
+
+async def test_schema_errors_name_the_path_before_the_plugin_runs(
+    started: Runtime, bridge: Any
+) -> None:
+    agent = Principal("carol", ALL)
+    with pytest.raises(InvalidParams) as caught:
+        await call(started, agent, "faulty_progress", {"steps": 0}, "k4", bridge)
+    assert caught.value.data == {"path": "/steps", "schemaPath": "/properties/steps/minimum"}
+    assert bridge.events == []  # the tool never ran
+    assert records(started, request_id="k4")[0]["code"] == "invalid_params"
+
+
+async def test_schema_is_checked_only_after_policy(started: Runtime, bridge: Any) -> None:
+    # a denied agent learns nothing about the tool's schema
+    with pytest.raises(PolicyDenied):
+        await call(started, Principal("dave"), "faulty_progress", {"steps": "x"}, "k5", bridge)
+
+
+async def test_an_unknown_tool_is_tool_not_found_and_audited(started: Runtime, bridge: Any) -> None:
+    with pytest.raises(ToolNotFound):
+        await call(started, Principal("erin", ALL), "nope", {}, "k6", bridge)
+    [record] = records(started, request_id="k6")
+    assert record["outcome"] == "error"
+    assert record["code"] == "tool_not_found"
+    assert record["plugin"] is None
+
+
+async def test_progress_and_logs_go_to_the_bridge(started: Runtime, bridge: Any) -> None:
+    agent = Principal("frank", ALL)
+    await call(started, agent, "faulty_progress", {"steps": 3}, "k7", bridge)
+    assert bridge.events == [("progress", 1), ("progress", 2), ("progress", 3)]
+    bridge.events.clear()
+    await call(started, agent, "faulty_log_levels", {}, "k8", bridge)
+    assert bridge.events == [
+        ("log", "debug"),
+        ("log", "info"),
+        ("log", "warning"),
+        ("log", "error"),
+    ]
+
+
+async def test_sampling_goes_through_the_bridge(started: Runtime, bridge: Any) -> None:
+    agent = Principal("gina", ALL)
+    result = await call(started, agent, "test_sampling", {"prompt": "p"}, "k9", bridge)
+    assert result["content"][0]["text"] == "LLM response: sampled"
+
+
+async def test_crash_and_timeout_are_audited_with_their_outcomes(
+    started: Runtime, bridge: Any
+) -> None:
+    agent = Principal("hank", ALL)
+    with pytest.raises(PluginCrashed):
+        await call(started, agent, "faulty_crash", {}, "k10", bridge)
+    with pytest.raises(ToolTimeout):
+        await call(started, agent, "faulty_hang", {}, "k11", bridge)
+    assert records(started, request_id="k10")[0]["outcome"] == "error"
+    assert records(started, request_id="k10")[0]["code"] == "plugin_crashed"
+    assert records(started, request_id="k11")[0]["outcome"] == "timeout"
+    assert records(started, request_id="k11")[0]["code"] == "tool_timeout"
+    assert (await call(started, agent, "faulty_echo", {"text": "ok"}, "k12", bridge))["content"]
+    assert started.quotas.inflight("hank") == 0
+
+
+async def test_a_cancelled_call_is_still_audited(started: Runtime, bridge: Any) -> None:
+    agent = Principal("ivy", ALL)
+    task = asyncio.create_task(call(started, agent, "faulty_nap", {"seconds": 5}, "k13", bridge))
+    with anyio.fail_after(TIMEOUT_S):
+        while started.quotas.inflight("ivy") == 0:
+            await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [record] = records(started, request_id="k13")
+    assert record["code"] == "cancelled"
+    assert started.quotas.inflight("ivy") == 0
+
+
+async def test_list_tools_shows_only_attached_plugins_and_follows_policy_reloads(
+    started: Runtime,
+) -> None:
+    kernel = started.kernel
+    notes_only = Principal("jo", frozenset({"notes"}))
+    assert {t["name"] for t in kernel.list_tools(notes_only)} == {
+        "notes_add",
+        "notes_search",
+        "notes_list",
+        "notes_delete",
+    }
+    assert kernel.list_tools(Principal("nobody")) == []
+    hide = started.settings.policy_dir / "hide.cedar"
+    hide.write_text(
+        '@id("hide-notes")\n@reason("notes are hidden")\n'
+        'forbid (principal, action == Action::"list_tools", resource == Plugin::"notes");\n'
+    )
+    started.policy.reload()
+    assert kernel.list_tools(notes_only) == []
+    hide.unlink()
+    started.policy.reload()
+    assert len(kernel.list_tools(notes_only)) == 4
+
+
+async def test_resources_prompts_and_completions_are_governed(
+    started: Runtime, bridge: Any
+) -> None:
+    kernel = started.kernel
+    agent = Principal("kim", frozenset({"conformance"}))
+    outsider = Principal("lee", frozenset({"notes"}))
+    read = await kernel.read_resource(
+        agent, "test://static-text", bridge, request_id="r1", transport="t"
+    )
+    assert read["contents"][0]["uri"] == "test://static-text"
+    templated = await kernel.read_resource(
+        agent, "test://template/7/data", bridge, request_id="r2", transport="t"
+    )
+    assert templated["contents"]
+    with pytest.raises(PolicyDenied):
+        await kernel.read_resource(
+            outsider, "test://static-text", bridge, request_id="r3", transport="t"
+        )
+    with pytest.raises(ResourceNotFound):
+        await kernel.read_resource(
+            agent, "test://nothing-here", bridge, request_id="r4", transport="t"
+        )
+    prompt = await kernel.get_prompt(
+        agent, "test_simple_prompt", {}, bridge, request_id="r5", transport="t"
+    )
+    assert prompt["messages"]
+    with pytest.raises(InvalidParams) as caught:
+        await kernel.get_prompt(
+            agent,
+            "test_prompt_with_arguments",
+            {"arg1": "a"},
+            bridge,
+            request_id="r6",
+            transport="t",
+        )
+    assert caught.value.data == {"path": "/arguments/arg2"}
+    with pytest.raises(PromptNotFound):
+        await kernel.get_prompt(agent, "no_prompt", {}, bridge, request_id="r7", transport="t")
+    with pytest.raises(PolicyDenied):
+        await kernel.get_prompt(
+            outsider, "test_simple_prompt", {}, bridge, request_id="r8", transport="t"
+        )
+    outcomes = {
+        r["request_id"]: (r["verb"], r["outcome"])
+        for r in records(started)
+        if r.get("request_id", "").startswith("r")
+    }
+    assert outcomes == {
+        "r1": ("read_resource", "allowed"),
+        "r2": ("read_resource", "allowed"),
+        "r3": ("read_resource", "denied"),
+        "r4": ("read_resource", "error"),
+        "r5": ("get_prompt", "allowed"),
+        "r6": ("get_prompt", "error"),
+        "r7": ("get_prompt", "error"),
+        "r8": ("get_prompt", "denied"),
+    }

@@ -1,0 +1,233 @@
+"""The admin API under /api/v1 over HTTP with the admin token: the agent lifecycle (spawn,
+list, get, attach, execute, snapshot, terminate, recover), plugins and the audit log."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import pytest
+from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
+
+pytestmark = pytest.mark.anyio
+TIMEOUT_S = 20.0
+
+
+@dataclass
+class Admin:
+    live: LiveServer
+    http: httpx2.AsyncClient
+
+    async def call(self, method: str, path: str, json: Any = None, **kw: Any) -> httpx2.Response:
+        return await self.http.request(method, f"{self.live.base}/api/v1{path}", json=json, **kw)
+
+
+@pytest.fixture(scope="module")
+async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveServer]:
+    runtime = make_runtime(tmp_path_factory.mktemp("admin-api") / "data")
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    async with serve(runtime) as live:
+        yield live
+
+
+@pytest.fixture
+async def admin(live: LiveServer) -> AsyncIterator[Admin]:
+    token = live.runtime.admin_token()
+    async with httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_S
+    ) as http:
+        yield Admin(live, http)
+
+
+@pytest.mark.parametrize(
+    "auth", [None, "Bearer wrong", "Basic abc"], ids=["none", "wrong", "basic"]
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/agents"), ("POST", "/agents"), ("GET", "/audit")]
+)
+async def test_every_route_needs_the_admin_token(
+    live: LiveServer, auth: str | None, method: str, path: str
+) -> None:
+    headers = {"Authorization": auth} if auth else {}
+    async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+        response = await http.request(
+            method, f"{live.base}/api/v1{path}", headers=headers, json={"name": "sneaky"}
+        )
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert live.runtime.store.get_agent("sneaky") is None
+
+
+async def test_an_agent_token_is_not_an_admin_token(admin: Admin) -> None:
+    spawned = (await admin.call("POST", "/agents", {"name": "not-admin"})).json()
+    async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+        response = await http.get(
+            f"{admin.live.base}/api/v1/agents",
+            headers={"Authorization": f"Bearer {spawned['token']}"},
+        )
+    assert response.status_code == 401
+
+
+async def mcp_call(
+    live: LiveServer, token: str, tool: str, args: dict[str, Any]
+) -> httpx2.Response:
+    return await live.client(token).post(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": args},
+        }
+    )
+
+
+async def test_agent_lifecycle_through_the_admin_api(admin: Admin) -> None:
+    live = admin.live
+    # spawn: the token is returned once
+    created = await admin.call(
+        "POST", "/agents", {"name": "worker", "plugins": ["notes"], "state": {"k": 1}}
+    )
+    assert created.status_code == 201
+    body = created.json()
+    token = body["token"]
+    assert body["name"] == "worker" and body["plugins"] == ["notes"] and body["status"] == "active"
+    assert len(token) >= 20
+    # list and get never show the token (or its hash)
+    listed = (await admin.call("GET", "/agents")).json()
+    assert "worker" in [a["name"] for a in listed]
+    got = await admin.call("GET", "/agents/worker")
+    assert got.status_code == 200
+    assert got.json()["state"] == {"k": 1}
+    assert token not in got.text and "token" not in got.json()
+    assert all("token" not in a for a in listed)
+    # the token works on /mcp; faulty is not attached yet
+    assert "error" in (await mcp_call(live, token, "faulty_echo", {"text": "x"})).json()
+    attached = await admin.call("POST", "/agents/worker/plugins", {"plugin": "faulty"})
+    assert attached.status_code == 200
+    assert attached.json()["plugins"] == ["notes", "faulty"]
+    ok = (await mcp_call(live, token, "faulty_echo", {"text": "attached"})).json()
+    assert ok["result"]["content"][0]["text"] == "attached"
+    # execute: a governed call as the agent
+    executed = await admin.call(
+        "POST",
+        "/agents/worker/execute",
+        {"tool": "faulty_echo", "arguments": {"text": "admin says"}},
+    )
+    assert executed.status_code == 200
+    assert executed.json()["content"][0]["text"] == "admin says"
+    # snapshot
+    snap = await admin.call("POST", "/agents/worker/snapshot")
+    assert snap.status_code == 201
+    snapshot_id = snap.json()["snapshot_id"]
+    assert snap.json()["data"]["plugins"] == ["notes", "faulty"]
+    # terminate: the token stops working at once
+    terminated = await admin.call("DELETE", "/agents/worker")
+    assert terminated.status_code == 200
+    assert terminated.json()["status"] == "terminated"
+    assert (await mcp_call(live, token, "faulty_echo", {"text": "x"})).status_code == 401
+    # recover from the snapshot: active again, plugins back, same token
+    recovered = await admin.call("POST", f"/snapshots/{snapshot_id}/recover")
+    assert recovered.status_code == 200
+    assert recovered.json()["status"] == "active"
+    assert recovered.json()["plugins"] == ["notes", "faulty"]
+    back = (await mcp_call(live, token, "faulty_echo", {"text": "back"})).json()
+    assert back["result"]["content"][0]["text"] == "back"
+    # every step is in the audit log
+    verbs = [
+        (r["verb"], r["resource"])
+        for r in (await admin.call("GET", "/audit", params={"limit": 1000})).json()
+        if r.get("resource") == "worker"
+    ]
+    assert verbs == [
+        ("spawn_agent", "worker"),
+        ("attach_plugin", "worker"),
+        ("snapshot_agent", "worker"),
+        ("terminate_agent", "worker"),
+        ("recover_agent", "worker"),
+    ]
+
+
+async def test_execute_is_governed_and_audited(admin: Admin) -> None:
+    await admin.call("POST", "/agents", {"name": "exec-bare"})
+    denied = await admin.call(
+        "POST", "/agents/exec-bare/execute", {"tool": "faulty_echo", "arguments": {"text": "x"}}
+    )
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "policy_denied"
+    assert denied.json()["error"]["data"]["policies"] == ["attached-plugins-only"]
+    records = (await admin.call("GET", "/audit", params={"limit": 10_000})).json()
+    mine = [r for r in records if r.get("agent") == "exec-bare" and r["verb"] == "call_tool"]
+    assert len(mine) == 1
+    assert mine[0]["outcome"] == "denied"
+    assert mine[0]["transport"] == "admin"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("GET", "/agents/nobody", None, 404, "agent_not_found"),
+        ("DELETE", "/agents/nobody", None, 404, "agent_not_found"),
+        ("POST", "/agents", {"name": "bad name!"}, 400, "invalid_params"),
+        ("POST", "/agents", {"name": "p", "plugins": ["no-such-plugin"]}, 404, "plugin_not_found"),
+        ("POST", "/agents", {"plugins": []}, 400, "invalid_request"),
+        ("POST", "/snapshots/snap_missing/recover", None, 404, "snapshot_not_found"),
+        ("GET", "/plugins/no-such-plugin", None, 404, "plugin_not_found"),
+        ("GET", "/nowhere", None, 404, "not_found"),
+        ("GET", "/audit?after=x", None, 400, "invalid_request"),
+    ],
+)
+async def test_admin_errors_have_status_and_code(
+    admin: Admin, method: str, path: str, body: Any, status: int, code: str
+) -> None:
+    response = await admin.call(method, path, body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+async def test_spawning_a_taken_name_is_409(admin: Admin) -> None:
+    assert (await admin.call("POST", "/agents", {"name": "twice"})).status_code == 201
+    again = await admin.call("POST", "/agents", {"name": "twice"})
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "conflict"
+
+
+async def test_malformed_admin_json_is_400(admin: Admin) -> None:
+    response = await admin.http.post(f"{admin.live.base}/api/v1/agents", content=b"{nope")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "parse_error"
+
+
+async def test_plugins_list_and_show(admin: Admin) -> None:
+    listed = (await admin.call("GET", "/plugins")).json()
+    assert sorted(p["name"] for p in listed) == ["faulty", "notes"]
+    assert all("tools" not in p for p in listed)
+    shown = await admin.call("GET", "/plugins/notes")
+    assert shown.status_code == 200
+    assert {t["name"] for t in shown.json()["tools"]} == {
+        "notes_add",
+        "notes_search",
+        "notes_list",
+        "notes_delete",
+    }
+    assert shown.json()["quotas"]["max_concurrency"] == 8
+
+
+async def test_audit_list_pages_and_verify(admin: Admin) -> None:
+    await admin.call("POST", "/agents", {"name": "audit-a"})
+    await admin.call("POST", "/agents", {"name": "audit-b"})
+    everything = (await admin.call("GET", "/audit", params={"limit": 10_000})).json()
+    seqs = [r["seq"] for r in everything]
+    assert seqs == list(range(1, len(seqs) + 1))
+    first = (await admin.call("GET", "/audit", params={"after": 0, "limit": 2})).json()
+    assert [r["seq"] for r in first] == [1, 2]
+    rest = (await admin.call("GET", "/audit", params={"after": 2, "limit": 10_000})).json()
+    assert [r["seq"] for r in rest] == seqs[2:]
+    assert everything[1]["prev_hash"] == everything[0]["hash"]
+    verified = (await admin.call("GET", "/audit/verify")).json()
+    assert verified["ok"] is True
+    assert verified["count"] == len(seqs)
+    assert verified["head_seq"] == seqs[-1]
+    assert verified["head_hash"] == everything[-1]["hash"]

@@ -1,0 +1,166 @@
+"""The official MCP Python client (``mcp``) against the in-process server: tools listed and
+called through the governed path, and server-to-client requests (sampling, elicitation) relayed
+from a plugin to the client and the client's answer back to the plugin."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+import orjson
+import pytest
+from mcp import Client
+from mcp.client.session import ClientRequestContext
+from mcp.client.streamable_http import streamable_http_client
+from rpc_live import CONFORMANCE_DIR, FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
+
+pytestmark = pytest.mark.anyio
+TIMEOUT_S = 30.0
+
+
+@dataclass
+class Env:
+    live: LiveServer
+    token: str
+
+
+@pytest.fixture(scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    runtime = make_runtime(tmp_path_factory.mktemp("official-client") / "data")
+    for plugin in (NOTES_DIR, FAULTY_DIR, CONFORMANCE_DIR):
+        runtime.plugins.install(plugin)
+    agent = await runtime.agents.spawn("sdk", ["notes", "faulty", "conformance"])
+    async with serve(runtime) as live:
+        yield Env(live, agent.token)
+
+
+def text_of(result: types.CallToolResult) -> str:
+    return "\n".join(b.text for b in result.content if isinstance(b, types.TextContent))
+
+
+@pytest.fixture(params=["legacy", "auto"])
+async def client(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Client]:
+    async with httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {env.token}"}, timeout=TIMEOUT_S
+    ) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            async with Client(
+                streamable_http_client(env.live.url, http_client=http), mode=request.param
+            ) as connected:
+                yield connected
+
+
+async def test_lists_tools_and_adds_then_finds_a_note(client: Client) -> None:
+    with anyio.fail_after(TIMEOUT_S):
+        tools = await client.list_tools()
+        names = {tool.name for tool in tools.tools}
+        assert {"notes_add", "notes_search", "faulty_echo", "test_sampling"} <= names
+        added = await client.call_tool(
+            "notes_add", {"text": "official client note", "tags": ["sdk"]}
+        )
+        assert not added.is_error, text_of(added)
+        assert added.structured_content is not None
+        note = added.structured_content["note"]
+        found = await client.call_tool("notes_search", {"query": "official"})
+        assert found.structured_content is not None
+        assert note["id"] in [n["id"] for n in found.structured_content["notes"]]
+
+
+async def test_a_tool_error_reaches_the_client_as_is_error(client: Client) -> None:
+    with anyio.fail_after(TIMEOUT_S):
+        result = await client.call_tool("faulty_raise", {})
+    assert result.is_error
+    assert "raised on purpose" in text_of(result)
+
+
+async def test_progress_reaches_the_clients_callback(client: Client) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    with anyio.fail_after(TIMEOUT_S):
+        result = await client.call_tool(
+            "faulty_progress", {"steps": 3}, progress_callback=on_progress
+        )
+    assert text_of(result) == "done 3 steps"
+    assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+
+
+async def test_sampling_is_relayed_to_the_client_and_back(env: Env) -> None:
+    asked: list[types.CreateMessageRequestParams] = []
+
+    async def sample(
+        context: ClientRequestContext, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResult:
+        asked.append(params)
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text="forty-two"),
+            model="test-model",
+            stop_reason="endTurn",
+        )
+
+    store = env.live.runtime.store
+    head = store.audit_head()
+    after = head.seq if head is not None else 0
+    async with httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {env.token}"}, timeout=TIMEOUT_S
+    ) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            async with Client(
+                streamable_http_client(env.live.url, http_client=http),
+                mode="legacy",
+                sampling_callback=sample,
+            ) as connected:
+                result = await connected.call_tool(
+                    "test_sampling", {"prompt": "what is six by seven?"}
+                )
+    assert not result.is_error, text_of(result)
+    assert text_of(result) == "LLM response: forty-two"
+    assert len(asked) == 1
+    message = asked[0].messages[0]
+    assert isinstance(message.content, types.TextContent)
+    assert message.content.text == "what is six by seven?"
+    # the call went through the governed path: one allowed audit record for it
+    records = [orjson.loads(e.body) for e in store.read_audit(after, 1000)]
+    sampled = [r for r in records if r.get("resource") == "test_sampling"]
+    assert len(sampled) == 1
+    assert sampled[0]["outcome"] == "allowed"
+    assert sampled[0]["agent"] == "sdk"
+
+
+async def test_elicitation_is_relayed_to_the_client_and_back(env: Env) -> None:
+    async def elicit(
+        context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult:
+        assert isinstance(params, types.ElicitRequestFormParams)
+        assert params.message == "who are you?"
+        return types.ElicitResult(
+            action="accept", content={"username": "ada", "email": "ada@example.org"}
+        )
+
+    async with httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {env.token}"}, timeout=TIMEOUT_S
+    ) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            async with Client(
+                streamable_http_client(env.live.url, http_client=http),
+                mode="legacy",
+                elicitation_callback=elicit,
+            ) as connected:
+                result = await connected.call_tool("test_elicitation", {"message": "who are you?"})
+    assert not result.is_error, text_of(result)
+    assert "action=accept" in text_of(result)
+    assert '"username":"ada"' in text_of(result)
+
+
+async def test_sampling_without_the_capability_is_a_tool_error(client: Client) -> None:
+    with anyio.fail_after(TIMEOUT_S):
+        result = await client.call_tool("test_sampling", {"prompt": "anyone there?"})
+    assert result.is_error
+    assert "Sampling is not available" in text_of(result)

@@ -1,0 +1,222 @@
+"""MCP over stdio: newline-delimited JSON-RPC, in process (``serve_stdio`` on OS pipes) and as
+``mcp0 serve --stdio`` speaking raw JSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from rpc_live import FAULTY_DIR, NOTES_DIR, make_runtime
+
+from mcp_zero.rpc.stdio import serve_stdio
+
+pytestmark = pytest.mark.anyio
+JSON = dict[str, Any]
+TIMEOUT_S = 20.0
+MCP0 = str(Path(sys.executable).parent / "mcp0")
+
+
+class StdioPeer:
+    """The client end of the pipes: write lines to the server's stdin, read its stdout."""
+
+    def __init__(self, write_fd: int, reader: asyncio.StreamReader) -> None:
+        self.write_fd = write_fd
+        self.reader = reader
+
+    def send_line(self, line: bytes) -> None:
+        os.write(self.write_fd, line + b"\n")
+
+    def send(self, message: JSON) -> None:
+        self.send_line(orjson.dumps(message))
+
+    async def receive(self) -> JSON:
+        with anyio.fail_after(TIMEOUT_S):
+            line = await self.reader.readline()
+        assert line, "the server closed stdout"
+        message: JSON = orjson.loads(line)
+        return message
+
+    async def until_id(self, rid: Any) -> list[JSON]:
+        """Messages up to and including the response with id ``rid``."""
+        out = []
+        while True:
+            message = await self.receive()
+            out.append(message)
+            if message.get("id") == rid and "method" not in message:
+                return out
+
+
+@contextlib.asynccontextmanager
+async def stdio_server(tmp_path: Path) -> AsyncIterator[StdioPeer]:
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.agents.spawn("piper", ["notes", "faulty"])
+    principal = runtime.agents.principal("piper")
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    stdin = open(in_r, "rb", buffering=0)  # noqa: SIM115 - closed below
+    stdout = open(out_w, "wb", buffering=0)  # noqa: SIM115
+    stdout_reader_file = open(out_r, "rb", buffering=0)  # noqa: SIM115
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), stdout_reader_file
+    )
+    task = asyncio.create_task(serve_stdio(runtime, principal, stdin, stdout))
+    try:
+        yield StdioPeer(in_w, reader)
+    finally:
+        os.close(in_w)  # end of stdin: the server finishes and closes the runtime
+        with anyio.fail_after(TIMEOUT_S):
+            await task
+        transport.close()
+        stdin.close()
+        stdout.close()
+
+
+def initialize_message(rid: int = 1, version: str = "2025-06-18") -> JSON:
+    return {
+        "jsonrpc": "2.0",
+        "id": rid,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": {"name": "pipes", "version": "0"},
+        },
+    }
+
+
+async def test_initialize_call_and_a_malformed_line_over_pipes(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        reply = await peer.receive()
+        assert reply["id"] == 1
+        assert reply["result"]["protocolVersion"] == "2025-06-18"
+        peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        peer.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "notes_add", "arguments": {"text": "over a pipe"}},
+            }
+        )
+        added = await peer.receive()
+        assert added["id"] == 2
+        assert added["result"]["structuredContent"]["note"]["text"] == "over a pipe"
+        peer.send_line(b'{"jsonrpc": "2.0", "id": 3, "method": ')
+        broken = await peer.receive()
+        assert broken["error"]["code"] == -32700
+        assert broken["id"] is None
+        peer.send_line(b"")  # blank lines are ignored
+        peer.send_line(b'[{"jsonrpc": "2.0", "id": 4, "method": "ping"}]')
+        assert (await peer.receive())["error"]["code"] == -32600
+        peer.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
+        assert await peer.receive() == {"jsonrpc": "2.0", "id": 5, "result": {}}
+
+
+async def test_a_slow_call_does_not_block_ping(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        peer.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "slow",
+                "method": "tools/call",
+                "params": {"name": "faulty_nap", "arguments": {"seconds": 0.8}},
+            }
+        )
+        peer.send({"jsonrpc": "2.0", "id": "quick", "method": "ping"})
+        first = await peer.receive()
+        assert first["id"] == "quick"
+        second = await peer.receive()
+        assert second["id"] == "slow"
+        assert second["result"]["content"][0]["text"] == "napped 0.8"
+
+
+async def test_progress_and_errors_over_stdio(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        peer.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 10,
+                "method": "tools/call",
+                "params": {
+                    "name": "faulty_progress",
+                    "arguments": {"steps": 2},
+                    "_meta": {"progressToken": 99},
+                },
+            }
+        )
+        messages = await peer.until_id(10)
+        progress = [m["params"]["progress"] for m in messages[:-1]]
+        assert progress == [1, 2]
+        assert all(m["params"]["progressToken"] == 99 for m in messages[:-1])
+        peer.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 11,
+                "method": "tools/call",
+                "params": {"name": "notes_add", "arguments": {"text": 1}},
+            }
+        )
+        error = (await peer.receive())["error"]
+        assert error["code"] == -32602
+        assert error["data"]["path"] == "/text"
+
+
+async def test_mcp0_serve_stdio_speaks_json_lines(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    runtime = make_runtime(data_dir)
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.agents.spawn("cli-piper", ["faulty"])
+    runtime.close()
+    lines = [
+        orjson.dumps(initialize_message(version="2025-11-25")),
+        b'{"jsonrpc": "2.0", "method": "notifications/initialized"}',
+        b"this is not json",
+        orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "faulty_echo", "arguments": {"text": "from cli"}},
+            }
+        ),
+    ]
+    done = await anyio.run_process(
+        [MCP0, "serve", "--stdio", "--agent", "cli-piper", "--data-dir", str(data_dir)],
+        input=b"\n".join(lines) + b"\n",
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    # requests run concurrently, so answers may come in any order
+    replies = {r.get("id"): r for r in map(orjson.loads, done.stdout.splitlines())}
+    assert sorted(replies, key=str) == [1, 2, None]
+    assert replies[1]["result"]["protocolVersion"] == "2025-11-25"
+    assert replies[None]["error"]["code"] == -32700
+    assert replies[2]["result"]["content"][0]["text"] == "from cli"
+
+
+async def test_mcp0_serve_stdio_for_an_unknown_agent_fails_with_one_line(tmp_path: Path) -> None:
+    done = await anyio.run_process(
+        [MCP0, "serve", "--stdio", "--agent", "ghost", "--data-dir", str(tmp_path / "d")],
+        input=b"",
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stdout == b""
+    assert "ghost" in done.stderr.decode()
