@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -280,18 +281,20 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(root: int) -> float:
-    """CPU time of the tree so far, including reaped children (the root's cutime/cstime)."""
-    ticks = 0
+def cpu_seconds(root: int) -> tuple[float, float]:
+    """CPU time so far of (the root process, the whole tree including reaped children)."""
+    own = tree = 0
     for pid in process_tree(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        tree += ticks
         if pid == root:
-            ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return ticks / CLK_TCK
+            own = ticks
+            tree += int(fields[13]) + int(fields[14])  # cutime, cstime of reaped children
+    return own / CLK_TCK, tree / CLK_TCK
 
 
 def rss_bytes(root: int) -> int:
@@ -306,7 +309,8 @@ def rss_bytes(root: int) -> int:
 
 @contextmanager
 def resource_watch(root: int) -> Iterator[dict[str, float]]:
-    """Yields a dict filled on exit with cpu_percent (of one core) and peak_rss_bytes."""
+    """Yields a dict filled on exit with cpu_percent (of one core; server and children),
+    server_cpu_percent (the server process alone) and peak_rss_bytes."""
     figures: dict[str, float] = {}
     peak = [rss_bytes(root)]
     stopped = threading.Event()
@@ -323,7 +327,10 @@ def resource_watch(root: int) -> Iterator[dict[str, float]]:
     finally:
         stopped.set()
         sampler.join(timeout=5)
-        figures["cpu_percent"] = 100.0 * (cpu_seconds(root) - cpu0) / (time.monotonic() - wall0)
+        own1, tree1 = cpu_seconds(root)
+        wall = time.monotonic() - wall0
+        figures["cpu_percent"] = 100.0 * (tree1 - cpu0[1]) / wall
+        figures["server_cpu_percent"] = 100.0 * (own1 - cpu0[0]) / wall
         figures["peak_rss_bytes"] = float(peak[0])
 
 
@@ -448,6 +455,7 @@ def run_wrk(
     """Runs one wrk load against `target` and returns its figures (calls/s, latency in ms)."""
     script = workdir / f"load-{os.getpid()}-{int(rate)}.lua"
     script.write_text(lua_script(target, rate))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [
             wrk,
@@ -467,8 +475,10 @@ def run_wrk(
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("MCP0_BENCH ")]
     if done.returncode != 0 or not lines:
         sys.exit(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     raw = json.loads(lines[-1].removeprefix("MCP0_BENCH "))
     seconds = raw["duration_us"] / 1e6
+    wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
         "requests": raw["requests"],
         "failed": raw["bad"] + raw["socket_errors"],
@@ -478,6 +488,7 @@ def run_wrk(
         "mean_ms": raw["mean_us"] / 1000,
         "max_ms": raw["max_us"] / 1000,
         "seconds": seconds,
+        "load_generator_cpu_percent": 100.0 * wrk_cpu / seconds,
     }
 
 
@@ -501,6 +512,7 @@ def measure(
             **load,
             "concurrency": concurrency,
             "cpu_percent": saturated["cpu_percent"],
+            "server_cpu_percent": saturated["server_cpu_percent"],
             "idle_rss_mib": idle_rss / 2**20,
             "peak_rss_mib": saturated["peak_rss_bytes"] / 2**20,
         },
@@ -508,6 +520,7 @@ def measure(
             **fixed,
             "target_calls_per_s": rate,
             "cpu_percent": paced["cpu_percent"],
+            "server_cpu_percent": paced["server_cpu_percent"],
             # The plain server may not reach the rate: compare CPU per 1,000 calls/s too.
             "cpu_percent_per_1k_calls_per_s": paced["cpu_percent"] * 1000 / fixed["calls_per_s"],
             "peak_rss_mib": paced["peak_rss_bytes"] / 2**20,
@@ -526,11 +539,14 @@ def report(governed: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
         ("p50 latency ms", "saturation", "p50_ms", "{:.2f}"),
         ("p99 latency ms", "saturation", "p99_ms", "{:.2f}"),
         ("CPU % of one core (saturation)", "saturation", "cpu_percent", "{:.0f}"),
+        ("  of which the server process", "saturation", "server_cpu_percent", "{:.0f}"),
         ("RSS idle MiB", "saturation", "idle_rss_mib", "{:.1f}"),
         ("RSS peak under load MiB", "saturation", "peak_rss_mib", "{:.1f}"),
         ("failed calls (saturation)", "saturation", "failed", "{:d}"),
+        ("wrk's own CPU % (saturation)", "saturation", "load_generator_cpu_percent", "{:.0f}"),
         ("calls/s achieved (paced)", "fixed_rate", "calls_per_s", "{:,.0f}"),
         ("CPU % of one core (paced)", "fixed_rate", "cpu_percent", "{:.1f}"),
+        ("  of which the server process", "fixed_rate", "server_cpu_percent", "{:.1f}"),
         (
             "CPU % per 1,000 calls/s (paced)",
             "fixed_rate",
