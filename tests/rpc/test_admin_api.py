@@ -93,7 +93,9 @@ async def test_agent_lifecycle_through_the_admin_api(admin: Admin) -> None:
     assert created.status_code == 201
     body = created.json()
     token = body["token"]
-    assert body["name"] == "worker" and body["plugins"] == ["notes"] and body["status"] == "active"
+    assert body["name"] == "worker"
+    assert body["plugins"] == ["notes"]
+    assert body["status"] == "active"
     assert len(token) >= 20
     # list and get never show the token (or its hash)
     listed = (await admin.call("GET", "/agents")).json()
@@ -101,7 +103,8 @@ async def test_agent_lifecycle_through_the_admin_api(admin: Admin) -> None:
     got = await admin.call("GET", "/agents/worker")
     assert got.status_code == 200
     assert got.json()["state"] == {"k": 1}
-    assert token not in got.text and "token" not in got.json()
+    assert token not in got.text
+    assert "token" not in got.json()
     assert all("token" not in a for a in listed)
     # the token works on /mcp; faulty is not attached yet
     assert "error" in (await mcp_call(live, token, "faulty_echo", {"text": "x"})).json()
