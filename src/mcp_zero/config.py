@@ -124,4 +124,25 @@ def load_settings(
     settings = replace(base, **coerced)
     if settings.profile not in ("default", "edge"):
         raise ConfigError(f"unknown profile {settings.profile!r}: use 'default' or 'edge'")
+    for name, low, high in _RANGES:
+        value = getattr(settings, name)
+        if not low <= value <= high:
+            raise ConfigError(f"setting {name!r} is {value!r}; it must be in [{low}, {high}]")
     return settings
+
+
+# Bounds checked once here, so a bad value is one clear error rather than a crash later
+# (page_size 0 would make tools/list hand out the same cursor forever).
+_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("port", 0, 65535),
+    ("max_body_bytes", 1, 1 << 40),
+    ("rate_limit", 0, float("inf")),
+    ("rate_burst", 1, 1 << 31),
+    ("max_concurrency", 1, 1 << 31),
+    ("default_timeout_s", 1e-3, float("inf")),
+    ("max_timeout_s", 1e-3, float("inf")),
+    ("audit_window_ms", 0, 60_000),
+    ("page_size", 1, 1 << 31),
+    ("session_idle_s", 1e-3, float("inf")),
+    ("max_sessions", 1, 1 << 31),
+)

@@ -1,0 +1,182 @@
+"""Settings: built-in defaults < mcp0.toml < MCP0_* environment < command-line overrides, and
+the errors a user gets for a bad file, key or value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mcp_zero.cli.main import main
+from mcp_zero.cli.serve import _prepare
+from mcp_zero.config import DEFAULT_PORT, Settings, load_settings
+from mcp_zero.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mcp0.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file_or_environment() -> None:
+    settings = load_settings(None, None, environ={})
+    assert settings == Settings()
+    assert settings.port == DEFAULT_PORT
+    assert settings.host == "127.0.0.1"
+    assert settings.data_dir == Path(".mcp0")
+    assert settings.max_body_bytes == 1 << 20
+    assert settings.on_loopback_only()
+
+
+def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        '[server]\nport = 9000\nhost = "127.0.0.2"\npage-size = 7\nrate_limit = 5.5\n'
+        'allowed_origins = ["https://app.example.com"]\n',
+    )
+    from_file = load_settings(config, None, environ={})
+    assert (from_file.port, from_file.host, from_file.page_size) == (9000, "127.0.0.2", 7)
+    assert from_file.rate_limit == 5.5
+    assert from_file.allowed_origins == ("https://app.example.com",)
+    env = {"MCP0_PORT": "9100", "MCP0_PAGE_SIZE": "9", "MCP0_EXAMPLES": "false"}
+    from_env = load_settings(config, None, environ=env)
+    assert (from_env.port, from_env.page_size, from_env.host) == (9100, 9, "127.0.0.2")
+    assert from_env.examples is False
+    overridden = load_settings(config, {"port": 9200, "host": None}, environ=env)
+    assert overridden.port == 9200
+    assert overridden.host == "127.0.0.2"  # None means "not given on the command line"
+    assert overridden.page_size == 9
+
+
+def test_top_level_keys_work_without_a_server_table(tmp_path: Path) -> None:
+    config = write(tmp_path, 'data_dir = "/srv/mcp0"\nmax_concurrency = 3\n')
+    settings = load_settings(config, None, environ={})
+    assert settings.data_dir == Path("/srv/mcp0")
+    assert settings.max_concurrency == 3
+
+
+def test_environment_values_are_coerced() -> None:
+    settings = load_settings(
+        None,
+        None,
+        environ={
+            "MCP0_ALLOWED_ORIGINS": "https://a.example, https://b.example ,",
+            "MCP0_EXAMPLES": "0",
+            "MCP0_DATA_DIR": "/tmp/elsewhere",
+            "MCP0_AUDIT_WINDOW_MS": "5",
+            "MCP0_ANONYMOUS_AGENT": "guest",
+            "MCP0_TOKEN": "not a setting, used by the CLI",
+        },
+    )
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert settings.examples is False
+    assert settings.data_dir == Path("/tmp/elsewhere")
+    assert settings.audit_window_ms == 5.0
+    assert settings.anonymous_agent == "guest"
+
+
+def test_an_unknown_key_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    config = write(tmp_path, "[server]\nport = 9000\nmax_bodysize = 12\n")
+    with pytest.raises(ConfigError, match="max_bodysize") as caught:
+        load_settings(config, None, environ={})
+    assert str(config) in caught.value.message
+    assert "max_body_bytes" in caught.value.message  # the known settings are listed
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [({"MCP0_PORT": "eighty"}, "port"), ({"MCP0_RATE_LIMIT": "fast"}, "rate_limit")],
+)
+def test_a_bad_value_is_a_config_error_naming_the_setting(
+    source: dict[str, str], name: str
+) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings(None, None, environ=source)
+
+
+def test_an_unknown_profile_is_refused() -> None:
+    with pytest.raises(ConfigError, match="profile"):
+        load_settings(None, {"profile": "turbo"}, environ={})
+    assert load_settings(None, {"profile": "edge"}, environ={}).profile == "edge"
+
+
+def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "absent.toml", None, environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(write(tmp_path, "port = = 3\n"), None, environ={})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("page_size", 0),
+        ("max_concurrency", 0),
+        ("max_body_bytes", 0),
+        ("rate_burst", 0),
+        ("default_timeout_s", 0),
+        ("max_sessions", -1),
+        ("port", 70000),
+    ],
+)
+def test_out_of_range_values_are_config_errors(name: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings(None, {name: value}, environ={})
+
+
+def test_data_dir_paths_derive_from_the_data_dir(tmp_path: Path) -> None:
+    settings = load_settings(None, {"data_dir": tmp_path}, environ={})
+    assert settings.db_path == tmp_path / "mcp0.db"
+    assert settings.policy_dir == tmp_path / "policies"
+    assert settings.admin_token_path == tmp_path / "admin.token"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "localhost", "::1"])
+def test_loopback_hosts(host: str) -> None:
+    assert Settings(host=host).on_loopback_only()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.com"])
+def test_non_loopback_hosts(host: str) -> None:
+    assert not Settings(host=host).on_loopback_only()
+
+
+def test_anonymous_agent_is_refused_off_loopback(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        {"data_dir": tmp_path / "d", "host": "0.0.0.0", "anonymous_agent": "guest"},
+        environ={},
+    )
+    with pytest.raises(ConfigError, match="loopback"):
+        _prepare(settings)
+    assert not (tmp_path / "d").exists()  # refused before anything was created
+
+
+def test_anonymous_agent_must_exist(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        {"data_dir": tmp_path / "d", "anonymous_agent": "guest", "examples": False},
+        environ={},
+    )
+    with pytest.raises(ConfigError, match="guest"):
+        _prepare(settings)
+
+
+def test_mcp0_serve_refuses_anonymous_off_loopback_with_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--host",
+            "0.0.0.0",
+            "--anonymous-agent",
+            "guest",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "loopback" in result.output
+    assert "Traceback" not in result.output
