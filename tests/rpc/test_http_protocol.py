@@ -116,6 +116,35 @@ async def test_delete_ends_the_session(env: Env) -> None:
     assert after.json()["error"]["code"] == -32001
 
 
+async def test_delete_during_a_call_answers_the_call_with_an_error(env: Env) -> None:
+    client = await session(env)
+    quotas = env.live.runtime.quotas
+    before = quotas.inflight("proto")
+    async with anyio.create_task_group() as group:
+        replies: list[httpx2.Response] = []
+
+        async def slow_call() -> None:
+            replies.append(await client.post_raw(call_message("d1", "faulty_nap", {"seconds": 5})))
+
+        group.start_soon(slow_call)
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            while quotas.inflight("proto") == before:
+                await anyio.sleep(0.01)
+        async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+            deleted = await http.delete(env.live.url, headers=client.headers())
+        assert deleted.status_code == 204
+    [reply] = replies
+    assert reply.status_code == 200
+    assert reply.json()["id"] == "d1"
+    assert reply.json()["error"]["code"] == -32001
+    record = [
+        orjson.loads(e.body)
+        for e in env.live.runtime.store.read_audit(0, 100_000)
+        if orjson.loads(e.body).get("request_id") == "d1"
+    ]
+    assert [r["code"] for r in record] == ["cancelled"]
+
+
 async def test_other_http_methods_are_405(env: Env) -> None:
     async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
         response = await http.put(env.live.url, headers=env.live.client(env.token).headers())

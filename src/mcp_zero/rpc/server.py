@@ -17,6 +17,7 @@ from typing import Any
 from mcp_zero import __version__
 from mcp_zero.errors import (
     INTERNAL_ERROR,
+    UNAUTHORIZED,
     InvalidParams,
     McpZeroError,
     MethodNotFound,
@@ -125,6 +126,13 @@ class McpServer:
         except asyncio.CancelledError:
             if task is not None and task.cancelling() and request.id in session.cancelled:
                 return None  # cancelled by the client: the spec says send nothing
+            if task is not None and task.cancelling() and session.closed:
+                # The session ended under the request (DELETE, expiry): answer instead of
+                # failing the HTTP exchange with a 500 and an error in the server's log.
+                task.uncancel()
+                return jsonrpc.error_message(
+                    request.id, UNAUTHORIZED, "the session ended while this request was running"
+                )
             raise
         except Exception as exc:  # a bug of ours must not kill the session
             self.kernel.log_internal_error(request.method, exc)

@@ -52,6 +52,7 @@ class Session:
     streams: dict[str, Any] = field(default_factory=dict)  # SSE streams open for resumption
     notices: asyncio.Queue[JSON] | None = None  # the standalone GET stream, while one is open
     last_seen: float = field(default_factory=time.monotonic)
+    closed: bool = False  # ended by DELETE, expiry or shutdown
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def wants_log(self, level: str) -> bool:
@@ -81,6 +82,7 @@ class Session:
         return True
 
     def close(self) -> None:
+        self.closed = True
         for task in self.inflight.values():
             task.cancel()
         for future in self.pending.values():
