@@ -1,0 +1,169 @@
+"""The plugin host: installing (a private copy, recorded in the store), unique tool names,
+removing, and a running host following installs and removals made by another process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from mcp_zero.errors import Conflict, ManifestError, PluginNotFound
+from mcp_zero.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+TESTS_DIR = Path(__file__).parents[1]
+FAULTY_DIR = TESTS_DIR / "plugins" / "faulty"
+CONFORMANCE_DIR = TESTS_DIR / "plugins" / "conformance"
+NOTES_DIR = TESTS_DIR.parent / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
+FAULTY_TOOLS = {
+    "faulty_echo",
+    "faulty_crash",
+    "faulty_hang",
+    "faulty_raise",
+    "faulty_nap",
+    "faulty_progress",
+    "faulty_started_then_wait",
+    "faulty_log_levels",
+}
+
+
+def edited_copy(tmp_path: Path, source: Path, **changes: Any) -> Path:
+    """A copy of a plugin dir with top-level manifest fields changed."""
+    target = tmp_path / f"{source.name}-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((target / "plugin.json").read_text())
+    manifest.update(changes)
+    (target / "plugin.json").write_text(json.dumps(manifest))
+    return target
+
+
+async def test_install_copies_the_plugin_and_records_it(make_runtime: Any, tmp_path: Path) -> None:
+    runtime: Runtime = make_runtime()
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    manifest = runtime.plugins.install(source)
+    assert manifest.name == "faulty"
+    record = runtime.store.get_plugin("faulty")
+    assert record is not None
+    installed = Path(record.path)
+    assert installed.is_relative_to(runtime.settings.plugins_dir)
+    assert (installed / "faulty_plugin.py").read_text() == (source / "faulty_plugin.py").read_text()
+    # later edits to the source do not change what runs
+    (source / "faulty_plugin.py").write_text("raise SystemExit('edited')\n")
+    assert "edited" not in (installed / "faulty_plugin.py").read_text()
+
+
+async def test_installing_twice_needs_replace(make_runtime: Any) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    with pytest.raises(Conflict, match="already installed"):
+        runtime.plugins.install(FAULTY_DIR)
+    assert runtime.plugins.install(FAULTY_DIR, replace=True).name == "faulty"
+
+
+async def test_tool_names_must_be_unique_across_plugins(make_runtime: Any, tmp_path: Path) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    twin = edited_copy(tmp_path, FAULTY_DIR, name="faulty-twin")
+    with pytest.raises(Conflict, match=r"faulty_echo|faulty_crash"):
+        runtime.plugins.install(twin)
+    assert runtime.store.get_plugin("faulty-twin") is None
+
+
+async def test_an_invalid_manifest_is_refused(make_runtime: Any, tmp_path: Path) -> None:
+    runtime: Runtime = make_runtime()
+    with pytest.raises(ManifestError):
+        runtime.plugins.install(edited_copy(tmp_path, FAULTY_DIR, runtime="docker"))
+    with pytest.raises(ManifestError):
+        runtime.plugins.install(tmp_path / "missing")
+    assert runtime.store.list_plugins() == []
+
+
+async def test_remove_deletes_the_installed_copy(make_runtime: Any) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    record = runtime.store.get_plugin("faulty")
+    assert record is not None
+    runtime.plugins.remove("faulty")
+    assert runtime.store.get_plugin("faulty") is None
+    assert not Path(record.path).exists()
+    with pytest.raises(PluginNotFound):
+        runtime.plugins.remove("faulty")
+
+
+async def test_refresh_indexes_tools_resources_and_prompts(make_runtime: Any) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    runtime.plugins.install(CONFORMANCE_DIR)
+    host = runtime.plugins
+    changes: list[int] = []
+    host.on_change = lambda: changes.append(1)
+    try:
+        with anyio.fail_after(30):
+            assert await host.refresh(force=True) is True
+            assert await host.refresh() is False  # nothing changed since
+        assert changes == [1]
+        assert {n for n, e in host.tools.items() if e.plugin == "faulty"} == FAULTY_TOOLS
+        assert host.tools["test_simple_text"].plugin == "conformance"
+        assert host.resource_owner("test://static-text") == "conformance"
+        assert host.resource_owner("test://template/42/data") == "conformance"
+        assert host.resource_owner("test://template/a/b/data") is None  # {id} is one segment
+        assert host.resource_owner("other://x") is None
+        assert host.prompts["test_simple_prompt"][0] == "conformance"
+        with pytest.raises(PluginNotFound):
+            host.runtime("notes")
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_running_host_follows_another_process(make_runtime: Any) -> None:
+    server: Runtime = make_runtime()
+    server.plugins.install(FAULTY_DIR)
+    try:
+        with anyio.fail_after(30):
+            await server.plugins.refresh(force=True)
+        assert "notes_add" not in server.plugins.tools
+        # `mcp0 plugin install` on the same data dir, in another Runtime
+        cli = Runtime(server.settings)
+        try:
+            cli.plugins.install(NOTES_DIR)
+        finally:
+            cli.close()
+        with anyio.fail_after(30):
+            assert await server.plugins.refresh() is True
+        assert server.plugins.tools["notes_add"].plugin == "notes"
+        assert "notes" in server.plugins.runtimes
+        cli = Runtime(server.settings)
+        try:
+            cli.plugins.remove("faulty")
+        finally:
+            cli.close()
+        with anyio.fail_after(30):
+            assert await server.plugins.refresh() is True
+        assert not any(e.plugin == "faulty" for e in server.plugins.tools.values())
+        assert "faulty" not in server.plugins.runtimes
+    finally:
+        await server.aclose()
+
+
+async def test_a_replaced_plugin_restarts_with_the_new_manifest(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    try:
+        with anyio.fail_after(30):
+            await runtime.plugins.refresh(force=True)
+        old = runtime.plugins.runtime("faulty")
+        runtime.plugins.install(
+            edited_copy(tmp_path, FAULTY_DIR, description="second edition"), replace=True
+        )
+        with anyio.fail_after(30):
+            assert await runtime.plugins.refresh() is True
+        assert runtime.plugins.runtime("faulty") is not old
+        assert runtime.plugins.manifests["faulty"].description == "second edition"
+    finally:
+        await runtime.aclose()
