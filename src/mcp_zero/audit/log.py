@@ -148,10 +148,19 @@ class AuditLog:
         ``event`` is not JSON-encodable, ``ValueError`` if it has ``"ts"``,
         and ``StorageError`` if the log is not running or its batch failed.
         """
+        return await self.submit(event)
+
+    def submit(self, event: Mapping[str, Any]) -> asyncio.Future[AuditEntry]:
+        """Submit ``event`` and return the future its durable entry resolves.
+
+        For callers that must not lose the record when they are cancelled:
+        ``await asyncio.shield(log.submit(event))`` (no task is created).
+        Raises as :meth:`append`.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AuditEntry] = loop.create_future()
         self._submit(self._prepare(event, future, loop))
-        return await future
+        return future
 
     def append_sync(self, event: Mapping[str, Any], timeout: float | None = 30.0) -> AuditEntry:
         """:meth:`append` for code without an event loop (the CLI); blocks until durable.

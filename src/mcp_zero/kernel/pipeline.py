@@ -55,11 +55,15 @@ def _arguments_digest(arguments: JSON) -> str:
     return hashlib.sha256(orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _pointer(parts: Any) -> str:
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
 def _schema_error(exc: Any) -> InvalidParams:
-    path = "/" + "/".join(str(p) for p in exc.absolute_path)
+    path = _pointer(exc.instance_path)
     return InvalidParams(
         f"invalid arguments at {path}: {exc.message}",
-        data={"path": path, "schemaPath": "/" + "/".join(str(p) for p in exc.schema_path)},
+        data={"path": path, "schemaPath": _pointer(exc.schema_path)},
     )
 
 
@@ -72,7 +76,7 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         )
     problem = next(validator.iter_errors(structured), None)
     if problem is not None:
-        path = "/" + "/".join(str(p) for p in problem.absolute_path)
+        path = _pointer(problem.instance_path)
         raise PluginFailure(
             f"tool {tool!r} returned structuredContent that does not match its outputSchema "
             f"at {path}: {problem.message}",
@@ -389,7 +393,7 @@ class Kernel:
         t = time.perf_counter()
         # The record must be durable before the caller learns the outcome — even when the
         # caller has gone (cancelled), so shield the append from the cancellation.
-        await asyncio.shield(self.audit.append(event))
+        await asyncio.shield(self.audit.submit(event))
         metrics.observe_stage("audit", time.perf_counter() - t)
         metrics.observe_stage("total", time.perf_counter() - start)
         metrics.count_call(method, event["outcome"])

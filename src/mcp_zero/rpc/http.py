@@ -49,10 +49,11 @@ _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+    headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
+    if headers is None:  # parsed once per request (ASGI gives lower-cased names)
+        headers = scope["mcp0.headers"] = dict(scope["headers"])
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
 
 
 def _hostname(value: str) -> str:
