@@ -190,6 +190,18 @@ async def test_admin_errors_have_status_and_code(
     assert response.json()["error"]["code"] == code
 
 
+async def test_execute_as_an_unknown_or_terminated_agent_is_404_or_409(admin: Admin) -> None:
+    call = {"tool": "faulty_echo", "arguments": {"text": "x"}}
+    unknown = await admin.call("POST", "/agents/ghost/execute", call)
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "agent_not_found"
+    await admin.call("POST", "/agents", {"name": "gone", "plugins": ["faulty"]})
+    await admin.call("DELETE", "/agents/gone")
+    terminated = await admin.call("POST", "/agents/gone/execute", call)
+    assert terminated.status_code == 409
+    assert "terminated" in terminated.json()["error"]["message"]
+
+
 async def test_spawning_a_taken_name_is_409(admin: Admin) -> None:
     assert (await admin.call("POST", "/agents", {"name": "twice"})).status_code == 201
     again = await admin.call("POST", "/agents", {"name": "twice"})

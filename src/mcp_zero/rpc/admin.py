@@ -25,7 +25,14 @@ from urllib.parse import parse_qs
 import orjson
 
 from mcp_zero.audit.chain import ChainBroken, verify_store
-from mcp_zero.errors import InvalidRequest, McpZeroError, NotFound, PluginNotFound, Unauthorized
+from mcp_zero.errors import (
+    Conflict,
+    InvalidRequest,
+    McpZeroError,
+    NotFound,
+    PluginNotFound,
+    Unauthorized,
+)
 from mcp_zero.kernel.agents import agent_view
 from mcp_zero.security.tokens import hash_token
 
@@ -146,7 +153,11 @@ class AdminApi:
         arguments = body.get("arguments", {})
         if not isinstance(tool, str) or not isinstance(arguments, dict):
             raise InvalidRequest('"tool" must be a string and "arguments" an object')
-        principal = self.runtime.agents.principal(m["name"])
+        # An unknown or terminated agent is the request's fault, not a bad admin token (401).
+        agent = self.runtime.agents.get(m["name"])
+        if agent.status != "active":
+            raise Conflict(f"agent {agent.name!r} is {agent.status}; recover it from a snapshot")
+        principal = self.runtime.agents.principal(agent.name)
         result = await self.runtime.kernel.call_tool(
             principal, tool, arguments, _NoBridge(), request_id="admin", transport="admin"
         )
