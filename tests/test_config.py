@@ -116,7 +116,6 @@ def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None
         ("max_concurrency", 0),
         ("max_body_bytes", 0),
         ("rate_burst", 0),
-        ("default_timeout_s", 0),
         ("max_sessions", -1),
         ("port", 70000),
     ],

@@ -26,7 +26,6 @@ class Settings:
     rate_limit: float = 200.0  # tool calls per second per agent; 0 disables
     rate_burst: int = 400
     max_concurrency: int = 64  # calls in flight per agent
-    default_timeout_s: float = 30.0  # a tool call's wall-clock limit unless its manifest says less
     max_timeout_s: float = 300.0
     audit_window_ms: float = 2.0  # group-commit window of the audit writer
     page_size: int = 100  # tools/list, resources/list, prompts/list
@@ -139,7 +138,6 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("rate_limit", 0, float("inf")),
     ("rate_burst", 1, 1 << 31),
     ("max_concurrency", 1, 1 << 31),
-    ("default_timeout_s", 1e-3, float("inf")),
     ("max_timeout_s", 1e-3, float("inf")),
     ("audit_window_ms", 0, 60_000),
     ("page_size", 1, 1 << 31),

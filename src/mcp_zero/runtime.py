@@ -53,7 +53,6 @@ class Runtime:
         self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
         self.quotas = QuotaGate(
             agent_concurrency=settings.max_concurrency,
-            default_timeout_s=settings.default_timeout_s,
             max_timeout_s=settings.max_timeout_s,
         )
         limiter = (

@@ -45,7 +45,7 @@ async def test_agent_over_its_concurrency_is_refused_at_once() -> None:
                     pytest.fail("the 17th call must not run")
             err = caught.value
             assert "limit of 16" in err.message
-            assert "agent_concurrency" in err.message
+            assert "max_concurrency" in err.message
             assert err.data == {"scope": "agent", "agent": "bob", "limit": 16}
             assert err.code == "quota_exceeded"
             # Another agent is not held back by bob's calls.

@@ -84,6 +84,17 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         )
 
 
+async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float, plugin: str, limit: int) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await slots.acquire()
+    except TimeoutError:
+        raise ToolTimeout(
+            f"plugin {plugin!r} stayed busy with {limit} calls (its max_concurrency) for "
+            f"{timeout:g} s; retry later or raise the plugin's max_concurrency quota"
+        ) from None
+
+
 class Kernel:
     """Composes policy, quotas, sandbox and audit into the one governed path."""
 
@@ -104,6 +115,7 @@ class Kernel:
         self.metrics = metrics
         self.limiter = limiter
         self._listing_cache: dict[Any, list[JSON]] = {}
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
 
@@ -357,13 +369,18 @@ class Kernel:
             runtime = self.plugins.runtime(action.plugin)
             quotas = self.plugins.manifests[action.plugin].quotas
             timeout = self.quotas.timeout_for(None, quotas.timeout_ms)
-            async with self.quotas.admit(
-                principal.agent, action.plugin, plugin_concurrency=quotas.max_concurrency
-            ):
+            async with self.quotas.admit(principal.agent):
+                slots = self._plugin_slots(action.plugin, quotas.max_concurrency)
                 t = time.perf_counter()
+                if slots.locked():  # the plugin is busy: queue, within the call's time limit
+                    await _wait_for_slot(slots, timeout, action.plugin, quotas.max_concurrency)
+                    timeout = max(timeout - (time.perf_counter() - t), 0.001)
+                else:
+                    await slots.acquire()
                 try:
                     result = await run(runtime, timeout)
                 finally:
+                    slots.release()
                     metrics.observe_stage("sandbox", time.perf_counter() - t)
             if result.get("isError"):
                 event["tool_error"] = True
@@ -401,6 +418,14 @@ class Kernel:
             raise failure
         assert result is not None
         return result
+
+    def _plugin_slots(self, plugin: str, limit: int) -> asyncio.Semaphore:
+        """The semaphore holding a plugin to its manifest's max_concurrency calls at once."""
+        key = (plugin, limit)
+        slots = self._slots.get(key)
+        if slots is None:
+            slots = self._slots[key] = asyncio.Semaphore(limit)
+        return slots
 
     def log_internal_error(self, method: str, exc: BaseException) -> None:
         log.error("internal error handling %s", method, exc_info=exc)

@@ -131,7 +131,7 @@ class QuotaGate:
             raise QuotaExceeded(
                 f'agent "{agent}" already has {running} calls in flight, its limit of '
                 f"{agent_limit}; wait for one to finish, or raise the limit "
-                "(agent_concurrency under [quotas] in mcp0.toml)",
+                "(setting max_concurrency in mcp0.toml, or MCP0_MAX_CONCURRENCY)",
                 data={"scope": "agent", "agent": agent, "limit": agent_limit},
             )
         if plugin is not None:

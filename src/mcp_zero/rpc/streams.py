@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,13 +29,18 @@ def sse_event(event_id: str, data: bytes, *, retry: int | None = None) -> bytes:
 
 
 class EventStream:
-    """One SSE stream: buffered events plus, while a connection is attached, live delivery."""
+    """One SSE stream: buffered events plus, while a connection is attached, live delivery.
 
-    __slots__ = ("_changed", "closed", "events", "id", "send")
+    Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS are
+    kept for resumption; numbering goes on past that, so ids never repeat.
+    """
 
-    def __init__(self, send: Send | None = None) -> None:
+    __slots__ = ("_changed", "closed", "count", "events", "id", "send")
+
+    def __init__(self, send: Send | None = None, *, keep: int = MAX_BUFFERED_EVENTS) -> None:
         self.id = secrets.token_hex(8)
-        self.events: list[bytes] = []
+        self.events: deque[bytes] = deque(maxlen=keep)
+        self.count = 0  # events pushed so far; the buffer holds the last len(events)
         self.send = send  # the attached connection's ASGI send, or None while detached
         self.closed = False
         self._changed = asyncio.Event()
@@ -45,10 +51,9 @@ class EventStream:
 
     async def push(self, message: dict[str, Any]) -> None:
         """Append a JSON-RPC message and deliver it if a connection is attached."""
-        n = len(self.events) + 1
-        chunk = sse_event(f"{self.id}-{n}", orjson.dumps(message))
-        if len(self.events) < MAX_BUFFERED_EVENTS:
-            self.events.append(chunk)
+        self.count += 1
+        chunk = sse_event(f"{self.id}-{self.count}", orjson.dumps(message))
+        self.events.append(chunk)
         await self._deliver(chunk)
         self._changed.set()
 
@@ -66,17 +71,22 @@ class EventStream:
         self._changed.set()
 
     async def replay(self, after: int, send: Send) -> None:
-        """Send events after number ``after`` on ``send``, then follow until the stream ends."""
+        """Send events after number ``after`` on ``send``, then follow until the stream ends.
+
+        Events older than the buffer are gone; the replay starts at the oldest kept.
+        """
         sent = after
         while True:
             self._changed.clear()
-            for chunk in self.events[sent:]:
+            while sent < self.count:
+                oldest = self.count - len(self.events) + 1
+                sent = max(sent, oldest - 1)
+                chunk = self.events[sent - oldest + 1]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sent += 1
-            if self.closed and sent >= len(self.events):
+            if self.closed:
                 return
-            if sent >= len(self.events):
-                await self._changed.wait()
+            await self._changed.wait()
 
 
 def parse_event_id(value: str) -> tuple[str, int] | None:

@@ -69,6 +69,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+_THREAD_STACK_BYTES = 1 << 20
+
+
 class Worker:
     """Serves one loaded :class:`~mcp_zero.plugin.Plugin` over the frame protocol."""
 
@@ -77,6 +80,9 @@ class Worker:
         self.data_dir = data_dir
         self._out_fd = out_fd
         self._write_lock = threading.Lock()
+        # Handler threads are counted against RLIMIT_AS: the default 8 MiB stack each would
+        # let 32 concurrent calls exhaust a 256 MiB plugin ("can't start new thread").
+        threading.stack_size(_THREAD_STACK_BYTES)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_threads, thread_name_prefix="plugin"
         )

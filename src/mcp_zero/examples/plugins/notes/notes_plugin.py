@@ -69,7 +69,7 @@ def _tag_pattern(tag: str | None) -> str | None:
 
 
 @plugin.tool("notes_add")
-def notes_add(ctx: Context, text: str, tags: list[str] | None = None) -> dict[str, Any]:
+async def notes_add(ctx: Context, text: str, tags: list[str] | None = None) -> dict[str, Any]:
     clean = sorted({t.strip() for t in tags or [] if t.strip()})
     stored = f" {' '.join(clean)} " if clean else ""
     created = datetime.now(UTC).isoformat(timespec="seconds")
@@ -83,7 +83,7 @@ def notes_add(ctx: Context, text: str, tags: list[str] | None = None) -> dict[st
 
 
 @plugin.tool("notes_search")
-def notes_search(
+async def notes_search(
     ctx: Context, query: str, tag: str | None = None, limit: int = 10
 ) -> dict[str, Any]:
     pattern = _tag_pattern(tag)
@@ -109,7 +109,7 @@ def notes_search(
 
 
 @plugin.tool("notes_list")
-def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> dict[str, Any]:
+async def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> dict[str, Any]:
     pattern = _tag_pattern(tag)
     rows = (
         _db(ctx.data_dir)
@@ -125,7 +125,7 @@ def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> dict[st
 
 
 @plugin.tool("notes_delete")
-def notes_delete(ctx: Context, id: int) -> dict[str, Any]:
+async def notes_delete(ctx: Context, id: int) -> dict[str, Any]:
     conn = _db(ctx.data_dir)
     with conn:
         cur = conn.execute("DELETE FROM notes WHERE id = ? AND agent = ?", (id, ctx.agent))
