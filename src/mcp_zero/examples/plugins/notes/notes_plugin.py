@@ -42,7 +42,10 @@ _local = threading.local()
 
 
 def _db(data_dir: Path) -> sqlite3.Connection:
-    # One connection per handler thread; WAL lets readers run beside the writer.
+    # The handlers are ``async def``: they run on the worker's event loop, one at a time,
+    # because each is a short SQLite statement — a thread hop per call would cost more
+    # than the query. So this is one connection; it stays per-thread should a handler
+    # ever become a plain ``def`` (which the worker runs in its thread pool).
     conn: sqlite3.Connection | None = getattr(_local, "conn", None)
     if conn is None:
         conn = sqlite3.connect(data_dir / "notes.db", timeout=5.0)
