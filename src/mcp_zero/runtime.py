@@ -26,7 +26,6 @@ from mcp_zero.policy.defaults import write_default_policies
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
-from mcp_zero.security.keys import load_or_create_signing_key
 from mcp_zero.security.tokens import new_token, write_secret_file
 from mcp_zero.storage.sqlite import SqliteStore
 
@@ -81,7 +80,13 @@ class Runtime:
             s.data_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(s.data_dir, 0o700)
             s.keys_dir.mkdir(exist_ok=True)
-            load_or_create_signing_key(s.keys_dir / "signing.key")
+            key_path = s.keys_dir / "signing.key"
+            if not key_path.exists():
+                # Imported only here: cryptography costs ~8 MiB of RSS, and a running
+                # server does not sign anything yet (signed checkpoints come later).
+                from mcp_zero.security.keys import load_or_create_signing_key
+
+                load_or_create_signing_key(key_path)
             if not s.admin_token_path.exists():
                 write_secret_file(s.admin_token_path, new_token() + "\n")
             write_default_policies(s.policy_dir)

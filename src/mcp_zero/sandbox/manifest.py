@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import jsonschema.validators
+import jsonschema_rs
 
 from mcp_zero.errors import ManifestError
 
@@ -28,14 +27,15 @@ _PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _MCP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$")
+# The dialects a schema may name in "$schema"; anything else is refused before it is
+# looked up (an unknown meta-schema URI would otherwise be fetched over the network).
 _DIALECTS = frozenset(
-    str(c.META_SCHEMA.get("$id") or c.META_SCHEMA.get("id")).rstrip("#")
-    for c in (
-        jsonschema.Draft4Validator,
-        jsonschema.Draft6Validator,
-        jsonschema.Draft7Validator,
-        jsonschema.Draft201909Validator,
-        jsonschema.Draft202012Validator,
+    (
+        "http://json-schema.org/draft-04/schema",
+        "http://json-schema.org/draft-06/schema",
+        "http://json-schema.org/draft-07/schema",
+        "https://json-schema.org/draft/2019-09/schema",
+        "https://json-schema.org/draft/2020-12/schema",
     )
 )
 # (key, default, minimum, maximum)
@@ -259,12 +259,14 @@ def _schema(value: Any, where: str, *, required: bool) -> JSON | None:
     dialect = schema.get("$schema")
     if dialect is not None and str(dialect).rstrip("#") not in _DIALECTS:
         raise _fail(f"{where}.$schema", f"unknown JSON Schema dialect {dialect!r}")
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
-        cls.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        path = "/".join(str(p) for p in exc.path)
+        # Checked against its dialect's meta-schema (2020-12 when "$schema" is absent).
+        jsonschema_rs.meta.validate(schema)
+    except jsonschema_rs.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.instance_path)
         raise _fail(where, f"is not a valid JSON Schema ({exc.message} at /{path})") from None
+    except jsonschema_rs.ReferencingError as exc:
+        raise _fail(where, f"is not a usable JSON Schema ({exc})") from None
     return schema
 
 
