@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from conftest import CONFORMANCE_DIR, RecordingBridge
+from sandbox_support import CONFORMANCE_DIR, RecordingBridge
 
 from mcp_zero.sandbox.manifest import load_manifest
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import NOTES_DIR, RecordingBridge
+from sandbox_support import NOTES_DIR, RecordingBridge
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import KIT_DIR, RecordingBridge
+from sandbox_support import KIT_DIR, RecordingBridge
 
 from mcp_zero.errors import (
     InvalidParams,

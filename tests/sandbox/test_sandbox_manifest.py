@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CONFORMANCE_DIR, KIT_DIR, NOTES_DIR
+from sandbox_support import CONFORMANCE_DIR, KIT_DIR, NOTES_DIR
 
 from mcp_zero.errors import ManifestError
 from mcp_zero.sandbox.manifest import Quotas, load_manifest, parse_manifest
