@@ -67,7 +67,9 @@ class Runtime:
             metrics=self.metrics,
             limiter=limiter,
         )
-        self.agents = AgentService(self.store, self.audit, anonymous_agent=settings.anonymous_agent)
+        self.agents = AgentService(
+            self.store, self.audit, policy=self.policy, anonymous_agent=settings.anonymous_agent
+        )
         self.admin_token_hash = hashlib.sha256(self.admin_token().encode()).hexdigest()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()

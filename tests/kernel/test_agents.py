@@ -13,6 +13,7 @@ from mcp_zero.errors import (
     Conflict,
     InvalidParams,
     PluginNotFound,
+    PolicyDenied,
     SnapshotNotFound,
     Unauthorized,
 )
@@ -160,3 +161,32 @@ async def test_terminated_anonymous_agent_refuses_token_less_calls(runtime: Runt
     await runtime.agents.terminate("guest")
     with pytest.raises(Unauthorized):
         runtime.agents.authenticate(None)
+
+
+async def test_agent_management_is_decided_by_policy_and_denials_are_audited(
+    runtime: Runtime,
+) -> None:
+    (runtime.settings.policy_dir / "cli-only.cedar").write_text(
+        '@id("spawn-from-cli-only")\n'
+        '@reason("agents are created only with mcp0 on the server\'s machine")\n'
+        'forbid (principal, action == Action::"spawn_agent", resource)\n'
+        'unless { context.transport == "cli" };\n'
+    )
+    runtime.policy.reload()
+    with pytest.raises(PolicyDenied) as caught:
+        await runtime.agents.spawn("eve", ["notes"], via="admin")
+    assert caught.value.data is not None
+    assert caught.value.data["policies"] == ["spawn-from-cli-only"]
+    assert runtime.store.get_agent("eve") is None
+    spawned = await runtime.agents.spawn("eve", ["notes"], via="cli")
+    assert spawned.agent.name == "eve"
+    records = [
+        orjson.loads(e.body)
+        for e in runtime.store.read_audit(0, 10_000)
+        if orjson.loads(e.body).get("resource") == "eve"
+    ]
+    assert [(r["outcome"], r["transport"]) for r in records] == [
+        ("denied", "admin"),
+        ("allowed", "cli"),
+    ]
+    assert records[0]["reasons"] == ["agents are created only with mcp0 on the server's machine"]

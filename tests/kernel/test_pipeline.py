@@ -129,6 +129,34 @@ async def test_sampling_goes_through_the_bridge(started: Runtime, bridge: Any) -
     agent = Principal("gina", ALL)
     result = await call(started, agent, "test_sampling", {"prompt": "p"}, "k9", bridge)
     assert result["content"][0]["text"] == "LLM response: sampled"
+    # The plugin's request to the client is an action of its own: decided and audited.
+    [relayed] = records(started, request_id="k9", verb="client_request")
+    assert relayed["resource"] == "sampling/createMessage"
+    assert relayed["plugin"] == "conformance"
+    assert relayed["outcome"] == "allowed"
+    assert relayed["policies"] == ["attached-plugins-client-requests"]
+
+
+async def test_a_policy_can_forbid_a_plugin_to_sample_the_client(
+    started: Runtime, bridge: Any
+) -> None:
+    (started.settings.policy_dir / "no-sampling.cedar").write_text(
+        '@id("no-sampling")\n'
+        '@reason("plugins may not ask this client for completions")\n'
+        'forbid (principal, action == Action::"client_request",\n'
+        '        resource == ClientRequest::"sampling/createMessage");\n'
+    )
+    started.policy.reload()
+    agent = Principal("gina", ALL)
+    result = await call(started, agent, "test_sampling", {"prompt": "p"}, "k9b", bridge)
+    assert result.get("isError") is True
+    assert "no-sampling" in result["content"][0]["text"]
+    [relayed] = records(started, request_id="k9b", verb="client_request")
+    assert relayed["outcome"] == "denied"
+    assert relayed["policies"] == ["no-sampling"]
+    assert relayed["reasons"] == ["plugins may not ask this client for completions"]
+    [call_record] = records(started, request_id="k9b", verb="call_tool")
+    assert call_record["tool_error"] is True
 
 
 async def test_crash_and_timeout_are_audited_with_their_outcomes(

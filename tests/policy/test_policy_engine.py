@@ -257,6 +257,7 @@ def test_digest_names_the_policy_set() -> None:
         "attached-plugins-only",
         "attached-plugins-content",
         "attached-plugins-list",
+        "attached-plugins-client-requests",
         "admin-all",
     }
 

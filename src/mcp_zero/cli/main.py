@@ -159,7 +159,7 @@ def agent_create(
 ) -> None:
     """Create agent NAME and print its bearer token (shown only this once)."""
     with _runtime(config_file, data_dir) as rt:
-        spawned = asyncio.run(rt.agents.spawn(name, list(plugins)))
+        spawned = asyncio.run(rt.agents.spawn(name, list(plugins), via="cli"))
     view = {**_agent_view(spawned.agent), "token": spawned.token}
     _out(as_json, view, f"agent {name} created; its token (shown once):\n{spawned.token}")
 
@@ -196,7 +196,7 @@ def agent_attach(
 ) -> None:
     """Attach PLUGIN to agent NAME."""
     with _runtime(config_file, data_dir) as rt:
-        view = _agent_view(asyncio.run(rt.agents.attach(name, plugin)))
+        view = _agent_view(asyncio.run(rt.agents.attach(name, plugin, via="cli")))
     _out(as_json, view, f"attached {plugin} to {name}")
 
 
@@ -209,7 +209,7 @@ def agent_terminate(
 ) -> None:
     """Terminate agent NAME: its token stops working."""
     with _runtime(config_file, data_dir) as rt:
-        view = _agent_view(asyncio.run(rt.agents.terminate(name)))
+        view = _agent_view(asyncio.run(rt.agents.terminate(name, via="cli")))
     _out(as_json, view, f"agent {name} terminated")
 
 
@@ -222,7 +222,7 @@ def agent_snapshot(
 ) -> None:
     """Persist agent NAME's attachments and state; prints the snapshot id."""
     with _runtime(config_file, data_dir) as rt:
-        snap = asyncio.run(rt.agents.snapshot(name))
+        snap = asyncio.run(rt.agents.snapshot(name, via="cli"))
     _out(as_json, {"snapshot_id": snap.id, "agent": snap.agent, "data": snap.data}, snap.id)
 
 
@@ -235,7 +235,7 @@ def agent_recover(
 ) -> None:
     """Restore an agent from SNAPSHOT_ID."""
     with _runtime(config_file, data_dir) as rt:
-        view = _agent_view(asyncio.run(rt.agents.recover(snapshot_id)))
+        view = _agent_view(asyncio.run(rt.agents.recover(snapshot_id, via="cli")))
     _out(as_json, view, f"agent {view['name']} recovered from {snapshot_id}")
 
 

@@ -55,7 +55,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     runtime, installed = _prepare(settings)
     first_token = None
     if installed and not runtime.store.list_agents():
-        spawned = asyncio.run(runtime.agents.spawn("default", installed))
+        spawned = asyncio.run(runtime.agents.spawn("default", installed, via="cli"))
         first_token = spawned.token
     app = HttpApp(runtime)
     url = f"http://{settings.host}:{settings.port}/mcp"

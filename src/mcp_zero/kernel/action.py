@@ -15,6 +15,7 @@ class Verb(StrEnum):
     READ_RESOURCE = "read_resource"
     GET_PROMPT = "get_prompt"
     COMPLETE = "complete"
+    CLIENT_REQUEST = "client_request"  # a plugin asks the agent's client (sampling, elicitation)
     SPAWN_AGENT = "spawn_agent"
     TERMINATE_AGENT = "terminate_agent"
     ATTACH_PLUGIN = "attach_plugin"

@@ -17,10 +17,12 @@ from mcp_zero.errors import (
     AgentNotFound,
     InvalidParams,
     PluginNotFound,
+    PolicyDenied,
     SnapshotNotFound,
     Unauthorized,
 )
-from mcp_zero.kernel.action import Outcome, Principal, Verb
+from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.policy.store import PolicyStore
 from mcp_zero.security.tokens import hash_token, new_token
 from mcp_zero.storage.base import AgentRecord, SnapshotRecord, Store
 
@@ -29,6 +31,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # How long a token's agent is remembered before the store is asked again. Changes made
 # through this process invalidate at once; changes by another process (the CLI) within this.
 PRINCIPAL_TTL_S = 2.0
+# Who manages agents: the admin API's and the CLI's caller (Cedar: admin == true).
+ADMIN = Principal("admin", admin=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +65,16 @@ class AgentService:
     """Agent lifecycle on a store, audited through an audit log."""
 
     def __init__(
-        self, store: Store, audit: AuditLog, *, anonymous_agent: str | None = None
+        self,
+        store: Store,
+        audit: AuditLog,
+        *,
+        policy: PolicyStore | None = None,
+        anonymous_agent: str | None = None,
     ) -> None:
         self.store = store
         self.audit = audit
+        self.policy = policy
         self.anonymous_agent = anonymous_agent
         self._principals: dict[str, tuple[float, Principal]] = {}
 
@@ -124,10 +134,11 @@ class AgentService:
         plugins: list[str] | None = None,
         state: JSON | None = None,
         *,
-        actor: str = "admin",
+        via: str = "admin",
     ) -> SpawnedAgent:
         """Create agent ``name``. Raises Conflict, InvalidParams, PluginNotFound."""
         check_name(name)
+        await self._authorize(Verb.SPAWN_AGENT, name, via)
         plugins = self._check_plugins(plugins or [])
         token = new_token()
         record = AgentRecord(
@@ -139,7 +150,7 @@ class AgentService:
             created_at=time.time(),
         )
         self.store.create_agent(record)
-        await self._audit(actor, Verb.SPAWN_AGENT, name, {"plugins": plugins})
+        await self._audit(Verb.SPAWN_AGENT, name, via, {"plugins": plugins})
         return SpawnedAgent(record, token)
 
     def list_agents(self) -> list[AgentRecord]:
@@ -151,29 +162,32 @@ class AgentService:
             raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
         return agent
 
-    async def attach(self, name: str, plugin: str, *, actor: str = "admin") -> AgentRecord:
+    async def attach(self, name: str, plugin: str, *, via: str = "admin") -> AgentRecord:
         """Attach ``plugin`` to agent ``name``. Raises AgentNotFound, PluginNotFound."""
         agent = self.get(name)
+        await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
         self._check_plugins([plugin])
         if plugin not in agent.plugins:
             agent.plugins.append(plugin)
             self.store.update_agent(agent)
         self._forget(name)
-        await self._audit(actor, Verb.ATTACH_PLUGIN, name, {"attached": plugin})
+        await self._audit(Verb.ATTACH_PLUGIN, name, via, {"attached": plugin})
         return agent
 
-    async def terminate(self, name: str, *, actor: str = "admin") -> AgentRecord:
+    async def terminate(self, name: str, *, via: str = "admin") -> AgentRecord:
         """Revoke agent ``name``: its token stops working at once (in this process)."""
         agent = self.get(name)
+        await self._authorize(Verb.TERMINATE_AGENT, name, via)
         agent.status = "terminated"
         self.store.update_agent(agent)
         self._forget(name)
-        await self._audit(actor, Verb.TERMINATE_AGENT, name, {})
+        await self._audit(Verb.TERMINATE_AGENT, name, via, {})
         return agent
 
-    async def snapshot(self, name: str, *, actor: str = "admin") -> SnapshotRecord:
+    async def snapshot(self, name: str, *, via: str = "admin") -> SnapshotRecord:
         """Persist the agent's plugins, state and status; returns the snapshot (with its id)."""
         agent = self.get(name)
+        await self._authorize(Verb.SNAPSHOT_AGENT, name, via)
         snap = SnapshotRecord(
             id="snap_" + secrets.token_hex(12),
             agent=name,
@@ -181,21 +195,22 @@ class AgentService:
             created_at=time.time(),
         )
         self.store.put_snapshot(snap)
-        await self._audit(actor, Verb.SNAPSHOT_AGENT, name, {"snapshot_id": snap.id})
+        await self._audit(Verb.SNAPSHOT_AGENT, name, via, {"snapshot_id": snap.id})
         return snap
 
-    async def recover(self, snapshot_id: str, *, actor: str = "admin") -> AgentRecord:
+    async def recover(self, snapshot_id: str, *, via: str = "admin") -> AgentRecord:
         """Restore an agent from a snapshot (also after terminate); its token is kept."""
         snap = self.store.get_snapshot(snapshot_id)
         if snap is None:
             raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
         agent = self.get(snap.agent)
+        await self._authorize(Verb.RECOVER_AGENT, agent.name, via)
         agent.plugins = [p for p in snap.data.get("plugins", []) if self.store.get_plugin(p)]
         agent.state = dict(snap.data.get("state", {}))
         agent.status = str(snap.data.get("status", "active"))
         self.store.update_agent(agent)
         self._forget(agent.name)
-        await self._audit(actor, Verb.RECOVER_AGENT, agent.name, {"snapshot_id": snapshot_id})
+        await self._audit(Verb.RECOVER_AGENT, agent.name, via, {"snapshot_id": snapshot_id})
         return agent
 
     def _check_plugins(self, plugins: list[str]) -> list[str]:
@@ -206,13 +221,38 @@ class AgentService:
                 )
         return list(dict.fromkeys(plugins))
 
-    async def _audit(self, actor: str, verb: Verb, resource: str, detail: JSON) -> None:
+    async def _authorize(
+        self, verb: Verb, resource: str, via: str, *, plugin: str | None = None
+    ) -> None:
+        """Ask the policy whether the admin may do this here; a denial is audited and raised."""
+        if self.policy is None:
+            return
+        action = Action(ADMIN, verb, resource, plugin, context={"transport": via})
+        decision = self.policy.decide(action)
+        if decision.allowed:
+            return
         await self.audit.append(
             {
-                "agent": actor,
+                "agent": ADMIN.agent,
                 "anonymous": False,
                 "verb": verb.value,
                 "resource": resource,
+                "transport": via,
+                "outcome": Outcome.DENIED.value,
+                "code": PolicyDenied.code,
+                **decision.to_data(),
+            }
+        )
+        raise PolicyDenied(decision.message, data=decision.to_data())
+
+    async def _audit(self, verb: Verb, resource: str, via: str, detail: JSON) -> None:
+        await self.audit.append(
+            {
+                "agent": ADMIN.agent,
+                "anonymous": False,
+                "verb": verb.value,
+                "resource": resource,
+                "transport": via,
                 "outcome": Outcome.ALLOWED.value,
                 **detail,
             }

@@ -31,6 +31,7 @@ from mcp_zero.errors import (
     ToolTimeout,
 )
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.kernel.client_requests import GovernedBridge
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.store import PolicyStore
@@ -189,7 +190,11 @@ class Kernel:
             if first is not None:
                 raise _schema_error(first)
             result = await runtime.call_tool(
-                name, arguments, agent=principal.agent, bridge=bridge, timeout=timeout
+                name,
+                arguments,
+                agent=principal.agent,
+                bridge=self._client_bridge(bridge, principal, entry.plugin, request_id, transport),
+                timeout=timeout,
             )
             if entry.output_validator is not None and not result.get("isError"):
                 _check_output(name, entry.output_validator, result)
@@ -223,7 +228,10 @@ class Kernel:
 
         async def run(runtime: PluginRuntime, timeout: float) -> JSON:
             return await runtime.read_resource(
-                uri, agent=principal.agent, bridge=bridge, timeout=timeout
+                uri,
+                agent=principal.agent,
+                bridge=self._client_bridge(bridge, principal, plugin, request_id, transport),
+                timeout=timeout,
             )
 
         def missing() -> McpZeroError:
@@ -262,7 +270,11 @@ class Kernel:
                         data={"path": f"/arguments/{arg['name']}"},
                     )
             return await runtime.get_prompt(
-                name, arguments, agent=principal.agent, bridge=bridge, timeout=timeout
+                name,
+                arguments,
+                agent=principal.agent,
+                bridge=self._client_bridge(bridge, principal, hit[0], request_id, transport),
+                timeout=timeout,
             )
 
         def missing() -> McpZeroError:
@@ -418,6 +430,20 @@ class Kernel:
             raise failure
         assert result is not None
         return result
+
+    def _client_bridge(
+        self,
+        bridge: ClientBridge,
+        principal: Principal,
+        plugin: str | None,
+        request_id: str,
+        transport: str,
+    ) -> ClientBridge:
+        """The bridge a plugin's call gets: its requests to the client are governed too."""
+        assert plugin is not None
+        return GovernedBridge(
+            self, bridge, principal, plugin, request_id=request_id, transport=transport
+        )
 
     def _plugin_slots(self, plugin: str, limit: int) -> asyncio.Semaphore:
         """The semaphore holding a plugin to its manifest's max_concurrency calls at once."""

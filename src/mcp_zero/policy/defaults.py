@@ -29,6 +29,15 @@ permit (
 )
 when { principal.plugins.contains(resource.plugin) };
 
+@id("attached-plugins-client-requests")
+@reason("lets only plugins attached to the agent ask its client for sampling, elicitation or roots")
+permit (
+  principal is Agent,
+  action == Action::"client_request",
+  resource is ClientRequest
+)
+when { principal.plugins.contains(resource.plugin) };
+
 @id("attached-plugins-list")
 @reason("permits listing the tools only of plugins attached to the agent")
 permit (

@@ -6,6 +6,7 @@ Target by verb:
 - ``call_tool``: ``Tool::"<tool>"`` in ``Plugin::"<plugin>"``
 - ``read_resource``: ``Resource::"<uri>"`` in its plugin
 - ``get_prompt``: ``Prompt::"<name>"`` in its plugin
+- ``client_request``: ``ClientRequest::"<method>"`` in the plugin that asks
 - ``complete``: ``Resource`` when the target has a URI scheme (contains ``:``), else ``Prompt``
 - ``list_tools``, ``install_plugin``, ``remove_plugin``: ``Plugin::"<plugin or resource>"``
 - agent verbs (``spawn_agent``, ``attach_plugin``, ...): ``Agent::"<resource>"``; only the
@@ -25,15 +26,24 @@ PLUGIN = "Plugin"
 TOOL = "Tool"
 RESOURCE = "Resource"
 PROMPT = "Prompt"
+CLIENT_REQUEST = "ClientRequest"
 
 # Verbs whose target belongs to a plugin the agent must have attached.
 PLUGIN_VERBS = frozenset(
-    {Verb.CALL_TOOL, Verb.LIST_TOOLS, Verb.READ_RESOURCE, Verb.GET_PROMPT, Verb.COMPLETE}
+    {
+        Verb.CALL_TOOL,
+        Verb.LIST_TOOLS,
+        Verb.READ_RESOURCE,
+        Verb.GET_PROMPT,
+        Verb.COMPLETE,
+        Verb.CLIENT_REQUEST,
+    }
 )
 _TARGET_TYPES: dict[Verb, str] = {
     Verb.CALL_TOOL: TOOL,
     Verb.READ_RESOURCE: RESOURCE,
     Verb.GET_PROMPT: PROMPT,
+    Verb.CLIENT_REQUEST: CLIENT_REQUEST,
     Verb.LIST_TOOLS: PLUGIN,
     Verb.INSTALL_PLUGIN: PLUGIN,
     Verb.REMOVE_PLUGIN: PLUGIN,

@@ -1,0 +1,93 @@
+"""Requests a plugin makes of the calling agent's MCP client, through the governed path.
+
+A tool may ask the client for a completion (``sampling/createMessage``), for the
+user's input (``elicitation/create``) or for its roots (``roots/list``). Each such
+request is an action of its own: Cedar decides it (``client_request`` on
+``ClientRequest::"<method>"`` in the plugin), and its outcome is audited, before
+and after it travels to the client.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from mcp_zero.errors import McpZeroError, PolicyDenied
+from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.sandbox.base import ClientBridge
+
+if TYPE_CHECKING:
+    from mcp_zero.kernel.pipeline import Kernel
+
+JSON = dict[str, Any]
+
+
+class GovernedBridge:
+    """Wraps the transport's bridge for one call: progress and logs pass through; requests
+    to the client are decided by policy and audited."""
+
+    __slots__ = ("_inner", "_kernel", "_plugin", "_principal", "_request_id", "_transport")
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        inner: ClientBridge,
+        principal: Principal,
+        plugin: str,
+        *,
+        request_id: str,
+        transport: str,
+    ) -> None:
+        self._kernel = kernel
+        self._inner = inner
+        self._principal = principal
+        self._plugin = plugin
+        self._request_id = request_id
+        self._transport = transport
+
+    async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        await self._inner.progress(progress, total, message)
+
+    async def log(self, level: str, data: Any, logger: str | None) -> None:
+        await self._inner.log(level, data, logger)
+
+    async def request(self, method: str, params: JSON) -> JSON:
+        kernel = self._kernel
+        action = Action(
+            self._principal,
+            Verb.CLIENT_REQUEST,
+            method,
+            self._plugin,
+            context={"transport": self._transport},
+        )
+        event: JSON = {
+            "agent": self._principal.agent,
+            "anonymous": self._principal.anonymous,
+            "verb": Verb.CLIENT_REQUEST.value,
+            "resource": method,
+            "plugin": self._plugin,
+            "request_id": self._request_id,
+            "transport": self._transport,
+        }
+        start = time.perf_counter()
+        try:
+            decision = kernel.policy.decide(action)
+            if not decision.allowed:
+                raise PolicyDenied(decision.message, data=decision.to_data())
+            event["policies"] = list(decision.policies)
+            result = await self._inner.request(method, params)
+        except McpZeroError as exc:
+            event["outcome"] = (
+                Outcome.DENIED if isinstance(exc, PolicyDenied) else Outcome.ERROR
+            ).value
+            event["code"] = exc.code
+            if isinstance(exc, PolicyDenied) and exc.data:
+                event["policies"] = exc.data.get("policies", [])
+                event["reasons"] = exc.data.get("reasons", [])
+            event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+            await kernel.audit.append(event)
+            raise
+        event["outcome"] = Outcome.ALLOWED.value
+        event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        await kernel.audit.append(event)
+        return result
