@@ -14,11 +14,13 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
-from mcp_zero.errors import ConfigError
-from mcp_zero.kernel.agents import AgentService
+from mcp_zero.errors import ConfigError, PolicyDenied
+from mcp_zero.kernel.action import Action, Outcome, Verb
+from mcp_zero.kernel.agents import ADMIN, AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
@@ -26,6 +28,7 @@ from mcp_zero.policy.defaults import write_default_policies
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
+from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
 from mcp_zero.security.tokens import new_token, write_secret_file
 from mcp_zero.storage.sqlite import SqliteStore
 
@@ -102,12 +105,53 @@ class Runtime:
         return self.settings.admin_token_path.read_text().strip()
 
     def install_examples(self) -> list[str]:
-        """Install the bundled example plugins that are not installed yet."""
-        names = []
-        for path in example_plugins():
-            manifest = self.plugins.install(path, replace=True)
-            names.append(manifest.name)
-        return names
+        """Install the bundled example plugins."""
+        return [self.install_plugin(path, replace=True).name for path in example_plugins()]
+
+    def install_plugin(
+        self, path: Path, *, replace: bool = False, via: str = "cli"
+    ) -> PluginManifest:
+        """Install the plugin at ``path`` as the admin: decided by policy, audited.
+
+        Raises PolicyDenied, ManifestError, Conflict (see ``PluginHost.install``).
+        """
+        manifest = load_manifest(path)
+        self._authorize(Verb.INSTALL_PLUGIN, manifest.name, via)
+        self.plugins.install(path, replace=replace)
+        self._audited(Verb.INSTALL_PLUGIN, manifest.name, via, {"version": manifest.version})
+        return manifest
+
+    def remove_plugin(self, name: str, *, via: str = "cli") -> None:
+        """Remove plugin ``name`` as the admin: decided by policy, audited."""
+        self._authorize(Verb.REMOVE_PLUGIN, name, via)
+        self.plugins.remove(name)
+        self._audited(Verb.REMOVE_PLUGIN, name, via, {})
+
+    def _authorize(self, verb: Verb, resource: str, via: str) -> None:
+        decision = self.policy.decide(
+            Action(ADMIN, verb, resource, resource, context={"transport": via})
+        )
+        if not decision.allowed:
+            self._audited(
+                verb,
+                resource,
+                via,
+                {"outcome": Outcome.DENIED.value, "code": PolicyDenied.code, **decision.to_data()},
+            )
+            raise PolicyDenied(decision.message, data=decision.to_data())
+
+    def _audited(self, verb: Verb, resource: str, via: str, detail: dict[str, Any]) -> None:
+        self.audit.append_sync(
+            {
+                "agent": ADMIN.agent,
+                "anonymous": False,
+                "verb": verb.value,
+                "resource": resource,
+                "transport": via,
+                "outcome": Outcome.ALLOWED.value,
+                **detail,
+            }
+        )
 
     async def start(self) -> None:
         """Start the plugin runtimes and the watcher that picks up plugin changes."""

@@ -288,17 +288,7 @@ def plugin_install(
 ) -> None:
     """Install the plugin in directory PATH (it holds plugin.json)."""
     with _runtime(config_file, data_dir) as rt:
-        manifest = rt.plugins.install(path, replace=replace)
-        rt.audit.append_sync(
-            {
-                "agent": "admin",
-                "anonymous": False,
-                "verb": "install_plugin",
-                "resource": manifest.name,
-                "outcome": "allowed",
-                "version": manifest.version,
-            }
-        )
+        manifest = rt.install_plugin(path, replace=replace)
     view = {
         "name": manifest.name,
         "version": manifest.version,
@@ -350,16 +340,7 @@ def plugin_remove(
 ) -> None:
     """Remove plugin NAME (its data stays in plugin-data/)."""
     with _runtime(config_file, data_dir) as rt:
-        rt.plugins.remove(name)
-        rt.audit.append_sync(
-            {
-                "agent": "admin",
-                "anonymous": False,
-                "verb": "remove_plugin",
-                "resource": name,
-                "outcome": "allowed",
-            }
-        )
+        rt.remove_plugin(name)
     _out(as_json, {"name": name, "removed": True}, f"removed {name}")
 
 

@@ -1,0 +1,60 @@
+"""The runtime on a data dir: first-start layout, and plugin installs as governed actions."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from mcp_zero.config import load_settings
+from mcp_zero.errors import PolicyDenied
+from mcp_zero.runtime import Runtime
+
+NOTES_DIR = Path(__file__).parents[1] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    rt = Runtime(load_settings(None, {"data_dir": tmp_path / "data"}, environ={}))
+    yield rt
+    rt.close()
+
+
+def test_first_start_lays_out_the_data_dir_with_private_secrets(runtime: Runtime) -> None:
+    s = runtime.settings
+    assert runtime.created
+    assert s.db_path.exists()
+    assert (s.policy_dir / "default.cedar").exists()
+    for secret in (s.admin_token_path, s.keys_dir / "signing.key"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert runtime.admin_token().startswith("mcp0_")
+
+
+def test_plugin_install_and_remove_are_audited(runtime: Runtime) -> None:
+    manifest = runtime.install_plugin(NOTES_DIR)
+    assert runtime.store.get_plugin(manifest.name) is not None
+    runtime.remove_plugin(manifest.name)
+    assert runtime.store.get_plugin(manifest.name) is None
+    verbs = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100)]
+    assert [(v["verb"], v["resource"], v["outcome"]) for v in verbs] == [
+        ("install_plugin", "notes", "allowed"),
+        ("remove_plugin", "notes", "allowed"),
+    ]
+
+
+def test_a_policy_can_forbid_installing_a_plugin(runtime: Runtime) -> None:
+    (runtime.settings.policy_dir / "frozen.cedar").write_text(
+        '@id("frozen-plugins")\n'
+        '@reason("the plugin set is frozen")\n'
+        'forbid (principal, action == Action::"install_plugin", resource);\n'
+    )
+    runtime.policy.reload()
+    with pytest.raises(PolicyDenied, match="frozen-plugins"):
+        runtime.install_plugin(NOTES_DIR)
+    assert runtime.store.get_plugin("notes") is None
+    [record] = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100)]
+    assert record["outcome"] == "denied"
+    assert record["policies"] == ["frozen-plugins"]
