@@ -96,12 +96,6 @@ def test_a_bad_value_is_a_config_error_naming_the_setting(
         load_settings(None, None, environ=source)
 
 
-def test_an_unknown_profile_is_refused() -> None:
-    with pytest.raises(ConfigError, match="profile"):
-        load_settings(None, {"profile": "turbo"}, environ={})
-    assert load_settings(None, {"profile": "edge"}, environ={}).profile == "edge"
-
-
 def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "absent.toml", None, environ={})

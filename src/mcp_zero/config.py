@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ class Settings:
     data_dir: Path = Path(".mcp0")
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    profile: str = "default"  # "default" | "edge" (fewer workers, smaller buffers)
     max_body_bytes: int = 1 << 20
     rate_limit: float = 200.0  # tool calls per second per agent; 0 disables
     rate_burst: int = 400
@@ -35,7 +34,6 @@ class Settings:
     anonymous_agent: str | None = None
     examples: bool = True
     log_level: str = "info"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def db_path(self) -> Path:
@@ -96,7 +94,7 @@ def load_settings(
 ) -> Settings:
     """Resolve settings. Raises ConfigError for an unreadable file or an unknown or bad setting."""
     base = Settings()
-    known = {f.name: f for f in fields(Settings) if f.name != "extra"}
+    known = {f.name: f for f in fields(Settings)}
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -121,8 +119,6 @@ def load_settings(
             values[name] = value
     coerced = {n: _coerce(n, v, getattr(base, n)) for n, v in values.items()}
     settings = replace(base, **coerced)
-    if settings.profile not in ("default", "edge"):
-        raise ConfigError(f"unknown profile {settings.profile!r}: use 'default' or 'edge'")
     for name, low, high in _RANGES:
         value = getattr(settings, name)
         if not low <= value <= high:
