@@ -18,9 +18,10 @@ from typing import Any
 
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
-from mcp_zero.errors import ConfigError, PolicyDenied
-from mcp_zero.kernel.action import Action, Outcome, Verb
-from mcp_zero.kernel.agents import ADMIN, AgentService
+from mcp_zero.errors import ConfigError
+from mcp_zero.kernel.action import Outcome, Verb
+from mcp_zero.kernel.admin import admin_denial, admin_event
+from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
@@ -128,30 +129,13 @@ class Runtime:
         self._audited(Verb.REMOVE_PLUGIN, name, via, {})
 
     def _authorize(self, verb: Verb, resource: str, via: str) -> None:
-        decision = self.policy.decide(
-            Action(ADMIN, verb, resource, resource, context={"transport": via})
-        )
-        if not decision.allowed:
-            self._audited(
-                verb,
-                resource,
-                via,
-                {"outcome": Outcome.DENIED.value, "code": PolicyDenied.code, **decision.to_data()},
-            )
-            raise PolicyDenied(decision.message, data=decision.to_data())
+        denial = admin_denial(self.policy, verb, resource, via, resource)
+        if denial is not None:
+            self.audit.append_sync(denial[0])
+            raise denial[1]
 
     def _audited(self, verb: Verb, resource: str, via: str, detail: dict[str, Any]) -> None:
-        self.audit.append_sync(
-            {
-                "agent": ADMIN.agent,
-                "anonymous": False,
-                "verb": verb.value,
-                "resource": resource,
-                "transport": via,
-                "outcome": Outcome.ALLOWED.value,
-                **detail,
-            }
-        )
+        self.audit.append_sync(admin_event(verb, resource, via, Outcome.ALLOWED, detail))
 
     async def start(self) -> None:
         """Start the plugin runtimes and the watcher that picks up plugin changes."""

@@ -17,11 +17,11 @@ from mcp_zero.errors import (
     AgentNotFound,
     InvalidParams,
     PluginNotFound,
-    PolicyDenied,
     SnapshotNotFound,
     Unauthorized,
 )
-from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.kernel.action import Outcome, Principal, Verb
+from mcp_zero.kernel.admin import admin_denial, admin_event
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.security.tokens import hash_token, new_token
 from mcp_zero.storage.base import AgentRecord, SnapshotRecord, Store
@@ -31,8 +31,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # How long a token's agent is remembered before the store is asked again. Changes made
 # through this process invalidate at once; changes by another process (the CLI) within this.
 PRINCIPAL_TTL_S = 2.0
-# Who manages agents: the admin API's and the CLI's caller (Cedar: admin == true).
-ADMIN = Principal("admin", admin=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,35 +223,10 @@ class AgentService:
         self, verb: Verb, resource: str, via: str, *, plugin: str | None = None
     ) -> None:
         """Ask the policy whether the admin may do this here; a denial is audited and raised."""
-        if self.policy is None:
-            return
-        action = Action(ADMIN, verb, resource, plugin, context={"transport": via})
-        decision = self.policy.decide(action)
-        if decision.allowed:
-            return
-        await self.audit.append(
-            {
-                "agent": ADMIN.agent,
-                "anonymous": False,
-                "verb": verb.value,
-                "resource": resource,
-                "transport": via,
-                "outcome": Outcome.DENIED.value,
-                "code": PolicyDenied.code,
-                **decision.to_data(),
-            }
-        )
-        raise PolicyDenied(decision.message, data=decision.to_data())
+        denial = admin_denial(self.policy, verb, resource, via, plugin)
+        if denial is not None:
+            await self.audit.append(denial[0])
+            raise denial[1]
 
     async def _audit(self, verb: Verb, resource: str, via: str, detail: JSON) -> None:
-        await self.audit.append(
-            {
-                "agent": ADMIN.agent,
-                "anonymous": False,
-                "verb": verb.value,
-                "resource": resource,
-                "transport": via,
-                "outcome": Outcome.ALLOWED.value,
-                **detail,
-            }
-        )
+        await self.audit.append(admin_event(verb, resource, via, Outcome.ALLOWED, detail))

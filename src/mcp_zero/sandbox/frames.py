@@ -33,4 +33,27 @@ except ImportError:  # pragma: no cover - exercised only where orjson is absent
         return json.loads(line)
 
 
-__all__ = ["decode", "encode"]
+class LineSplitter:
+    """Cuts a byte stream into frames: ``feed`` returns the complete non-empty lines so far
+    and keeps a trailing partial line for the next chunk."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if b"\n" not in data:
+            self._parts.append(data)
+            return []
+        if self._parts:
+            self._parts.append(data)
+            data = b"".join(self._parts)
+            self._parts = []
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self._parts.append(rest)
+        return [line for line in lines if line]
+
+
+__all__ = ["LineSplitter", "decode", "encode"]

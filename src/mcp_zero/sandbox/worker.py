@@ -56,7 +56,7 @@ from typing import Any
 
 from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
 from mcp_zero.sandbox import isolation, results
-from mcp_zero.sandbox.frames import decode, encode
+from mcp_zero.sandbox.frames import LineSplitter, decode, encode
 
 JSON = dict[str, Any]
 FATAL_EXIT = 3
@@ -318,22 +318,11 @@ class _FrameReader(asyncio.Protocol):
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
-        self._parts: list[bytes] = []
+        self._lines = LineSplitter()
 
     def data_received(self, data: bytes) -> None:
-        if b"\n" not in data:
-            self._parts.append(data)
-            return
-        if self._parts:
-            self._parts.append(data)
-            data = b"".join(self._parts)
-            self._parts = []
-        *lines, rest = data.split(b"\n")
-        if rest:
-            self._parts.append(rest)
-        for line in lines:
-            if line:
-                self._worker.dispatch(line)
+        for line in self._lines.feed(data):
+            self._worker.dispatch(line)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._worker.stop()

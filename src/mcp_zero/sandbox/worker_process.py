@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from mcp_zero.errors import McpZeroError, PluginCrashed, PluginFailure, ToolTimeout
 from mcp_zero.sandbox.base import ClientBridge
-from mcp_zero.sandbox.frames import decode, encode
+from mcp_zero.sandbox.frames import LineSplitter, decode, encode
 
 JSON = dict[str, Any]
 _STDERR_TAIL_LINES = 40
@@ -419,25 +419,14 @@ class _Pipes(asyncio.SubprocessProtocol):
 
     def __init__(self, owner: WorkerProcess) -> None:
         self._owner = owner
-        self._parts: list[bytes] = []
+        self._lines = LineSplitter()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 2:
             self._owner.on_stderr(data)
             return
-        if b"\n" not in data:
-            self._parts.append(data)
-            return
-        if self._parts:
-            self._parts.append(data)
-            data = b"".join(self._parts)
-            self._parts = []
-        *lines, rest = data.split(b"\n")
-        if rest:
-            self._parts.append(rest)
-        for line in lines:
-            if line:
-                self._owner.on_line(line)
+        for line in self._lines.feed(data):
+            self._owner.on_line(line)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1:

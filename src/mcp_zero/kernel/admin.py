@@ -1,0 +1,45 @@
+"""Actions of the admin (the admin API's and the CLI's caller): decided by policy, audited.
+
+Agent management and plugin installs are actions like a tool call: Cedar sees the
+principal ``Agent::"admin"`` with ``admin == true`` and the caller's transport
+(``"admin"`` for the API, ``"cli"`` for ``mcp0``), and the outcome is audited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp_zero.errors import PolicyDenied
+from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.policy.store import PolicyStore
+
+JSON = dict[str, Any]
+ADMIN = Principal("admin", admin=True)
+
+
+def admin_event(verb: Verb, resource: str, via: str, outcome: Outcome, detail: JSON) -> JSON:
+    """The audit event of an admin action."""
+    return {
+        "agent": ADMIN.agent,
+        "anonymous": False,
+        "verb": verb.value,
+        "resource": resource,
+        "transport": via,
+        "outcome": outcome.value,
+        **detail,
+    }
+
+
+def admin_denial(
+    policy: PolicyStore | None, verb: Verb, resource: str, via: str, plugin: str | None = None
+) -> tuple[JSON, PolicyDenied] | None:
+    """None when policy lets the admin do this here; else the denial's audit event and error
+    (the caller appends the one, then raises the other)."""
+    if policy is None:
+        return None
+    decision = policy.decide(Action(ADMIN, verb, resource, plugin, context={"transport": via}))
+    if decision.allowed:
+        return None
+    data = decision.to_data()
+    event = admin_event(verb, resource, via, Outcome.DENIED, {"code": PolicyDenied.code, **data})
+    return event, PolicyDenied(decision.message, data=data)
