@@ -1,18 +1,22 @@
 """Governed tool calls through mcp0 against the plain official SDK server, in one run.
 
-Both servers get the same load: `tools/call notes_add` over streamable HTTP
-(POST /mcp, JSON-RPC, after one `initialize`), from `wrk` in its own process so
-the load generator is not the bottleneck. Measured per server:
+Both servers get the same load: `tools/call` of one tool (`notes_add`, or `echo`
+to measure the governed path rather than the tool's SQLite work) over streamable
+HTTP (POST /mcp, JSON-RPC, after one `initialize`), from `wrk` in its own process
+so the load generator is not the bottleneck. Measured per server:
 
 1. saturation: N concurrent keep-alive connections for D seconds: calls/s,
    p50/p99 latency, CPU% (server process + its children, from /proc), RSS idle
    and peak under load (server + children, e.g. plugin workers);
 2. fixed rate: 1,000 calls/s for D seconds: CPU% of one core and latency.
 
-Prints a table and the governed/plain ratios; writes .bench/governed_calls.json.
+`--floor` also measures a bare ASGI app (bench/floor_server.py) under the same
+load: what the HTTP stack alone costs on this machine.
+
+Prints a table and the governed/plain ratios; writes .bench/governed_calls_<tool>.json.
 Not a pass/fail test: figures vary with the machine, compare the ratios.
 
-    .venv/bin/python bench/governed_calls.py [--duration 10] [--concurrency 32]
+    .venv/bin/python bench/governed_calls.py [--tool notes_add|echo] [--floor]
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV_BIN = Path(sys.executable).parent
 PROTOCOL_VERSION = "2025-11-25"
-TOOL = "notes_add"
-ARGUMENTS = {"text": "benchmark note", "tags": ["bench"]}
+# The arguments of every call, per tool.
+TOOLS: dict[str, dict[str, Any]] = {
+    "notes_add": {"text": "benchmark note", "tags": ["bench"]},
+    "echo": {"text": "benchmark note"},
+}
+ECHO_PLUGIN = BENCH / "plugins" / "echo"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 START_TIMEOUT_S = 60.0
@@ -53,12 +61,21 @@ START_TIMEOUT_S = 60.0
 
 @dataclass
 class Target:
-    """A running server under test and the headers its tools/call requests carry."""
+    """A running server under test, the tool called and the headers its requests carry.
+
+    `mcp` is False for the floor, which speaks no MCP (no session to open).
+    """
 
     name: str
     url: str
     proc: subprocess.Popen[bytes]
+    tool: str
     headers: dict[str, str] = field(default_factory=dict)
+    mcp: bool = True
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return TOOLS[self.tool]
 
 
 def free_port() -> int:
@@ -126,51 +143,37 @@ def spawn_mcp0(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def notes_plugin_for(workdir: Path, concurrency: int) -> Path:
-    """A copy of the bundled notes plugin whose max_concurrency admits `concurrency` calls.
-
-    Its manifest allows 8 calls at once and refuses the 9th (quota_exceeded); the
-    code, tools and other quotas stay as shipped.
-    """
-    import mcp_zero
-
-    shipped = Path(mcp_zero.__file__).parent / "examples" / "plugins" / "notes"
-    copy = workdir / "notes-plugin"
-    shutil.copytree(shipped, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = json.loads((copy / "plugin.json").read_text())
-    quotas = manifest["quotas"]
-    quotas["max_concurrency"] = max(quotas.get("max_concurrency", 1), concurrency)
-    # Each concurrent call is a thread in the worker, and its stack counts against
-    # the worker's address-space limit: 256 MB cannot start 32 threads.
-    quotas["memory_mb"] = max(quotas.get("memory_mb", 0), 256 + 16 * concurrency)
-    (copy / "plugin.json").write_text(json.dumps(manifest, indent=2))
-    return copy
-
-
-def start_mcp0(workdir: Path, concurrency: int) -> Target:
+def start_mcp0(workdir: Path, tool: str) -> Target:
     """mcp0 on embedded defaults with the `notes` plugin and an agent allowed to use it.
 
     The first start creates the data dir and installs the example plugin; with
-    the server stopped, the plugin is reinstalled with room for `concurrency`
-    calls and the agent is created; then the server starts again.
+    the server stopped, the `echo` bench plugin is installed when `tool` is echo
+    and the agent is created; then the server starts again. The plugins' quotas
+    stay as shipped.
     """
     data_dir = workdir / "mcp0-data"
     log = workdir / "mcp0.log"
     port = free_port()
     stop(spawn_mcp0(data_dir, port, log))
-    plugin = notes_plugin_for(workdir, concurrency)
-    mcp0_cli("plugin", "install", str(plugin), "--replace", "--data-dir", str(data_dir))
+    plugins = ["--plugin", "notes"]
+    if tool == "echo":
+        mcp0_cli("plugin", "install", str(ECHO_PLUGIN), "--data-dir", str(data_dir))
+        plugins += ["--plugin", "echo"]
     agent = json.loads(
-        mcp0_cli(
-            "agent", "create", "bench", "--plugin", "notes", "--data-dir", str(data_dir), "--json"
-        )
+        mcp0_cli("agent", "create", "bench", *plugins, "--data-dir", str(data_dir), "--json")
     )
     proc = spawn_mcp0(data_dir, port, log)
     headers = {"Authorization": f"Bearer {agent['token']}"}
-    return Target("mcp0 (governed)", f"http://127.0.0.1:{port}/mcp", proc, headers)
+    return Target("mcp0 (governed)", f"http://127.0.0.1:{port}/mcp", proc, tool, headers)
 
 
-def start_plain(workdir: Path, concurrency: int) -> Target:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    wait_until(
+        lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, proc, what, log
+    )
+
+
+def start_plain(workdir: Path, tool: str) -> Target:
     """The official SDK's MCPServer serving the same tool (bench/plain_server.py)."""
     log = workdir / "plain.log"
     port = free_port()
@@ -187,14 +190,22 @@ def start_plain(workdir: Path, concurrency: int) -> Target:
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}/mcp"
-    wait_until(
-        lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None,
-        proc,
-        "plain server",
-        log,
-    )
-    return Target("plain SDK server", url, proc)
+    wait_listening(port, proc, "plain server", log)
+    return Target("plain SDK server", f"http://127.0.0.1:{port}/mcp", proc, tool)
+
+
+def start_floor(workdir: Path, tool: str) -> Target:
+    """The bare ASGI app of bench/floor_server.py: a constant answer to every POST."""
+    log = workdir / "floor.log"
+    port = free_port()
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    wait_listening(port, proc, "floor server", log)
+    return Target("bare ASGI floor", f"http://127.0.0.1:{port}/mcp", proc, tool, mcp=False)
 
 
 # --- the protocol, done once per server with a real client -------------------------------------
@@ -245,17 +256,14 @@ def open_session(target: Target) -> None:
             target.headers["Mcp-Session-Id"] = session
         http.headers.update(target.headers)
         http.post(target.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
-        call = http.post(
-            target.url, json=rpc_body(1, "tools/call", {"name": TOOL, "arguments": ARGUMENTS})
-        )
+        params = {"name": target.tool, "arguments": target.arguments}
+        call = http.post(target.url, json=rpc_body(1, "tools/call", params))
         message = decode(call)
         if call.status_code != 200 or "error" in message or message["result"].get("isError"):
-            sys.exit(f"{target.name}: tools/call {TOOL} failed: {call.status_code} {message}")
+            failed = f"{call.status_code} {message}"
+            sys.exit(f"{target.name}: tools/call {target.tool} failed: {failed}")
         for request_id in range(2, 200):  # warm-up: caches, plugin workers, JIT-free paths
-            http.post(
-                target.url,
-                json=rpc_body(request_id, "tools/call", {"name": TOOL, "arguments": ARGUMENTS}),
-            )
+            http.post(target.url, json=rpc_body(request_id, "tools/call", params))
 
 
 # --- /proc: CPU and memory of the server and its children --------------------------------------
@@ -429,7 +437,7 @@ def ensure_wrk() -> str:
 def lua_script(target: Target, rate: float) -> str:
     """The wrk script for `target`: headers, the tools/call body, and pacing when rate > 0."""
     call = json.dumps(
-        {"method": "tools/call", "params": {"name": TOOL, "arguments": ARGUMENTS}},
+        {"method": "tools/call", "params": {"name": target.tool, "arguments": target.arguments}},
         separators=(",", ":"),
     )
     suffix = "," + call[1:]  # the id goes first, then the rest of the object
@@ -499,7 +507,8 @@ def measure(
     target: Target, wrk: str, workdir: Path, concurrency: int, duration: float, rate: float
 ) -> dict[str, Any]:
     """Both phases against one running server."""
-    open_session(target)
+    if target.mcp:
+        open_session(target)
     pid = target.proc.pid
     idle_rss = rss_bytes(pid)
     with resource_watch(pid) as saturated:
@@ -532,40 +541,44 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def report(governed: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
-    """Prints the table; returns the ratios governed / plain."""
-    rows = [
-        ("calls/s (saturation)", "saturation", "calls_per_s", "{:,.0f}"),
-        ("p50 latency ms", "saturation", "p50_ms", "{:.2f}"),
-        ("p99 latency ms", "saturation", "p99_ms", "{:.2f}"),
-        ("CPU % of one core (saturation)", "saturation", "cpu_percent", "{:.0f}"),
-        ("  of which the server process", "saturation", "server_cpu_percent", "{:.0f}"),
-        ("RSS idle MiB", "saturation", "idle_rss_mib", "{:.1f}"),
-        ("RSS peak under load MiB", "saturation", "peak_rss_mib", "{:.1f}"),
-        ("failed calls (saturation)", "saturation", "failed", "{:d}"),
-        ("wrk's own CPU % (saturation)", "saturation", "load_generator_cpu_percent", "{:.0f}"),
-        ("calls/s achieved (paced)", "fixed_rate", "calls_per_s", "{:,.0f}"),
-        ("CPU % of one core (paced)", "fixed_rate", "cpu_percent", "{:.1f}"),
-        ("  of which the server process", "fixed_rate", "server_cpu_percent", "{:.1f}"),
-        (
-            "CPU % per 1,000 calls/s (paced)",
-            "fixed_rate",
-            "cpu_percent_per_1k_calls_per_s",
-            "{:.1f}",
-        ),
-        ("p50 latency ms (paced)", "fixed_rate", "p50_ms", "{:.2f}"),
-        ("p99 latency ms (paced)", "fixed_rate", "p99_ms", "{:.2f}"),
-        ("failed calls (paced)", "fixed_rate", "failed", "{:d}"),
-    ]
-    ratios: dict[str, Any] = {}
-    print(f"\n{'':34} {'mcp0 (governed)':>16} {'plain SDK':>12} {'governed/plain':>15}")
-    for label, phase, key, fmt in rows:
-        g, p = governed[phase][key], plain[phase][key]
-        r = ratio(float(g), float(p))
-        ratios[f"{phase}.{key}"] = r
-        shown = f"{r:.2f}x" if r is not None else "-"
-        print(f"{label:34} {fmt.format(g):>16} {fmt.format(p):>12} {shown:>15}")
-    return ratios
+ROWS = [
+    ("calls/s (saturation)", "saturation", "calls_per_s", "{:,.0f}"),
+    ("p50 latency ms", "saturation", "p50_ms", "{:.2f}"),
+    ("p99 latency ms", "saturation", "p99_ms", "{:.2f}"),
+    ("CPU % of one core (saturation)", "saturation", "cpu_percent", "{:.0f}"),
+    ("  of which the server process", "saturation", "server_cpu_percent", "{:.0f}"),
+    ("RSS idle MiB", "saturation", "idle_rss_mib", "{:.1f}"),
+    ("RSS peak under load MiB", "saturation", "peak_rss_mib", "{:.1f}"),
+    ("failed calls (saturation)", "saturation", "failed", "{:d}"),
+    ("wrk's own CPU % (saturation)", "saturation", "load_generator_cpu_percent", "{:.0f}"),
+    ("calls/s achieved (paced)", "fixed_rate", "calls_per_s", "{:,.0f}"),
+    ("CPU % of one core (paced)", "fixed_rate", "cpu_percent", "{:.1f}"),
+    ("  of which the server process", "fixed_rate", "server_cpu_percent", "{:.1f}"),
+    ("CPU % per 1,000 calls/s (paced)", "fixed_rate", "cpu_percent_per_1k_calls_per_s", "{:.1f}"),
+    ("p50 latency ms (paced)", "fixed_rate", "p50_ms", "{:.2f}"),
+    ("p99 latency ms (paced)", "fixed_rate", "p99_ms", "{:.2f}"),
+    ("failed calls (paced)", "fixed_rate", "failed", "{:d}"),
+]
+COLUMNS = {"mcp0": "mcp0 (governed)", "plain": "plain SDK", "floor": "bare ASGI"}
+
+
+def report(results: dict[str, Any]) -> dict[str, float | None] | None:
+    """Prints the table of the servers measured; returns the ratios governed / plain when
+    both were measured (the floor gets a column, no ratio)."""
+    measured = [key for key in COLUMNS if key in results]
+    both = "mcp0" in results and "plain" in results
+    ratios: dict[str, float | None] = {}
+    head = "".join(f"{COLUMNS[key]:>16}" for key in measured)
+    print(f"\n{results['tool']:34}{head}{'governed/plain':>16}" if both else f"\n{'':34}{head}")
+    for label, phase, key, fmt in ROWS:
+        cells = "".join(f"{fmt.format(results[col][phase][key]):>16}" for col in measured)
+        shown = ""
+        if both:
+            r = ratio(float(results["mcp0"][phase][key]), float(results["plain"][phase][key]))
+            ratios[f"{phase}.{key}"] = r
+            shown = f"{r:.2f}x" if r is not None else "-"
+        print(f"{label:34}{cells}{shown:>16}")
+    return ratios if both else None
 
 
 def main() -> None:
@@ -575,32 +588,36 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (>= 10)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent connections")
     parser.add_argument("--rate", type=float, default=1000.0, help="calls/s of the paced phase")
+    parser.add_argument("--tool", choices=tuple(TOOLS), default="notes_add", help="tool called")
     parser.add_argument(
-        "--only", choices=("mcp0", "plain"), help="measure one server only (no ratios)"
+        "--floor", action="store_true", help="also measure a bare ASGI app (the HTTP floor)"
     )
-    parser.add_argument("--output", type=Path, default=REPO / ".bench" / "governed_calls.json")
+    parser.add_argument(
+        "--only", choices=("mcp0", "plain", "floor"), help="measure one server only (no ratios)"
+    )
+    parser.add_argument("--output", type=Path, help="default .bench/governed_calls_<tool>.json")
     args = parser.parse_args()
+    output: Path = args.output or REPO / ".bench" / f"governed_calls_{args.tool}.json"
 
     wrk = ensure_wrk()
     results: dict[str, Any] = {
-        "tool": TOOL,
+        "tool": args.tool,
+        "arguments": TOOLS[args.tool],
         "duration_s": args.duration,
         "concurrency": args.concurrency,
         "rate": args.rate,
         "cpus": os.cpu_count(),
-        "mcp0_overrides": {
-            "MCP0_RATE_LIMIT": "0",
-            "notes.quotas.max_concurrency": f">= {args.concurrency}",
-            "notes.quotas.memory_mb": f">= {256 + 16 * args.concurrency}",
-        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_before": os.getloadavg(),
+        # The only limit lifted; the plugins' quotas are the shipped manifests'.
+        "mcp0_overrides": {"MCP0_RATE_LIMIT": "0"},
     }
+    starters = {"mcp0": start_mcp0, "plain": start_plain, "floor": start_floor}
+    wanted = [args.only] if args.only else ["mcp0", "plain", *(["floor"] if args.floor else [])]
     with tempfile.TemporaryDirectory(prefix="mcp0-bench-") as tmp:
         workdir = Path(tmp)
-        starters = {"mcp0": start_mcp0, "plain": start_plain}
-        for key, start in starters.items():
-            if args.only and args.only != key:
-                continue
-            target = start(workdir, args.concurrency)
+        for key in wanted:
+            target = starters[key](workdir, args.tool)
             try:
                 print(f"measuring {target.name} at {target.url} ...", flush=True)
                 results[key] = measure(
@@ -608,13 +625,12 @@ def main() -> None:
                 )
             finally:
                 stop(target.proc)
-    if "mcp0" in results and "plain" in results:
-        results["ratios_governed_over_plain"] = report(results["mcp0"], results["plain"])
-    else:
-        print(json.dumps(results, indent=2))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    ratios = report(results)
+    if ratios is not None:
+        results["ratios_governed_over_plain"] = ratios
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {output}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 `MCPServer` (the SDK's FastMCP) in stateless streamable HTTP with JSON responses,
 under uvicorn (uvloop + httptools when installed, as mcp0 uses), exposing
 `notes_add` with the same name, arguments, behaviour and result as the bundled
-`notes` example plugin: the note goes into SQLite (WAL, FTS5-indexed) the same way.
+`notes` example plugin: the note goes into SQLite (WAL, FTS5-indexed) the same way;
+and `echo`, as bench/plugins/echo: its text (a string of at most 10,000 characters)
+comes back as one text content block.
 
 Run: python bench/plain_server.py --port 8766 --data-dir /tmp/notes  (serves http://127.0.0.1:8766/mcp)
 """
@@ -15,10 +17,11 @@ import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from pydantic import Field
 
 server: MCPServer[Any] = MCPServer("plain-notes")
 DATA_DIR = Path(".")
@@ -68,6 +71,12 @@ def notes_add(text: str, tags: list[str] | None = None) -> dict[str, Any]:
             (AGENT, text, stored, created),
         )
     return {"note": {"id": cur.lastrowid, "text": text, "tags": clean, "created": created}}
+
+
+@server.tool(name="echo", description="Return the text it was given.", structured_output=False)
+async def echo(text: Annotated[str, Field(max_length=10000)]) -> str:
+    """The echo plugin's tool: an async handler, as the plugin's, returning its text."""
+    return text
 
 
 def main() -> None:
