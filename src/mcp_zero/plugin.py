@@ -226,6 +226,16 @@ class Context:
             {"op": "log", "call": self._call_id, "level": level, "data": data, "logger": logger}
         )
 
+    def close_stream(self) -> None:
+        """Ask the transport to close the client's event stream now (SEP-1699 polling).
+
+        Over streamable HTTP the client reconnects with ``Last-Event-ID`` and receives
+        the rest of the call, the result included; long calls use this so that no
+        connection is held open for their whole length. Elsewhere (stdio) it does
+        nothing. Never blocks.
+        """
+        self._channel.notify({"op": "close_stream", "call": self._call_id})
+
     async def request(self, method: str, params: JSON) -> JSON:
         """Send a request to the MCP client (e.g. ``sampling/createMessage``) and return its result.
 

@@ -35,6 +35,9 @@ class KernelBridge:
     async def log(self, level: str, data: Any, logger: str | None) -> None:
         self.events.append(("log", level))
 
+    async def close_stream(self) -> None:
+        self.events.append(("close_stream", None))
+
     async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method != "sampling/createMessage":
             raise McpZeroError(f"{method} is not supported here")

@@ -269,6 +269,32 @@ async def test_a_dropped_stream_is_resumed_with_last_event_id(env: Env) -> None:
     assert rest[-1]["result"]["content"][0]["text"] == "done 5 steps"
 
 
+async def test_a_tool_can_close_the_stream_and_the_client_resumes_to_the_result(env: Env) -> None:
+    client = await session(env)
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            first = await http.post(
+                env.live.url,
+                content=call_message("z1", "faulty_close_then_finish", {}, token="z"),
+                headers=client.headers(),
+            )
+        # The POST ends early with only the priming event: the result is not on it.
+        assert first.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse_text(first.text)
+        assert [e.data for e in events] == [""]
+        priming = events[0].id
+        assert priming is not None
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            resumed = await http.get(
+                env.live.url,
+                headers=client.headers(Accept="text/event-stream", **{"Last-Event-ID": priming}),
+            )
+    rest = [e.message for e in parse_sse_text(resumed.text) if e.data]
+    assert rest[0]["method"] == "notifications/progress"
+    assert rest[-1]["id"] == "z1"
+    assert rest[-1]["result"]["content"][0]["text"] == "finished after the close"
+
+
 async def test_resuming_an_unknown_stream_is_404(env: Env) -> None:
     client = await session(env)
     async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:

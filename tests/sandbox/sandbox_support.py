@@ -27,6 +27,9 @@ class RecordingBridge:
     async def log(self, level: str, data: Any, logger: str | None) -> None:
         self.events.append(("log", (level, data, logger)))
 
+    async def close_stream(self) -> None:
+        self.events.append(("close_stream", None))
+
     async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         self.events.append(("request", (method, params)))
         if method not in self.answers:

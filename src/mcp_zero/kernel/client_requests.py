@@ -51,6 +51,9 @@ class GovernedBridge:
     async def log(self, level: str, data: Any, logger: str | None) -> None:
         await self._inner.log(level, data, logger)
 
+    async def close_stream(self) -> None:
+        await self._inner.close_stream()
+
     async def request(self, method: str, params: JSON) -> JSON:
         kernel = self._kernel
         action = Action(

@@ -52,6 +52,9 @@ class _NoBridge:
     async def log(self, level: str, data: Any, logger: str | None) -> None:
         return None
 
+    async def close_stream(self) -> None:
+        return None
+
     async def request(self, method: str, params: JSON) -> JSON:
         raise McpZeroError(f"{method} needs an MCP client; call this tool over /mcp instead")
 

@@ -52,6 +52,9 @@ class RequestBridge:
             {"jsonrpc": "2.0", "method": "notifications/message", "params": params}
         )
 
+    async def close_stream(self) -> None:
+        await self._channel.close_stream()
+
     async def request(self, method: str, params: JSON) -> JSON:
         capability = _CAPABILITY.get(method)
         if capability is None:

@@ -111,6 +111,27 @@ class _PostChannel:
             )
         await stream.push(message)
 
+    async def close_stream(self) -> None:
+        """End the HTTP response now (SSE first, so there is an event id to resume from); what
+        the call sends later is kept for the client's GET with Last-Event-ID."""
+        if self.stream is None:
+            self.stream = EventStream(self._asgi_send)
+            self.session.streams[self.stream.id] = self.stream
+            await self._asgi_send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": _SSE_HEADERS + _session_header(self.session),
+                }
+            )
+            await self._asgi_send(
+                {"type": "http.response.body", "body": self.stream.priming(), "more_body": True}
+            )
+        if self.stream.send is not None:
+            self.stream.send = None
+            with contextlib.suppress(OSError):
+                await self._asgi_send({"type": "http.response.body", "body": b""})
+
     async def finish(self) -> None:
         """End the SSE stream (after the response was pushed)."""
         stream = self.stream

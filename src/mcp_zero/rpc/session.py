@@ -29,6 +29,9 @@ class Channel(Protocol):
 
     async def send(self, message: JSON) -> None: ...
 
+    async def close_stream(self) -> None:
+        """End the client's connection, keeping the stream for a resume (if resumable)."""
+
 
 class ClientRequestFailed(McpZeroError):
     code = "client_request_failed"

@@ -35,6 +35,9 @@ class _StdoutChannel:
             self._out.write(data)
             self._out.flush()
 
+    async def close_stream(self) -> None:
+        return None  # stdio has no stream to close and resume
+
 
 async def serve_stdio(
     runtime: Runtime,

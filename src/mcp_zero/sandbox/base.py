@@ -23,6 +23,10 @@ class ClientBridge(Protocol):
     async def log(self, level: str, data: Any, logger: str | None) -> None:
         """Send a ``notifications/message`` at ``level`` (dropped below the session's level)."""
 
+    async def close_stream(self) -> None:
+        """Close the client's event stream now; the client resumes it and gets the rest of
+        the call (streamable HTTP, SEP-1699). A no-op where there is no stream to resume."""
+
     async def request(self, method: str, params: JSON) -> JSON:
         """Send a request to the client (``sampling/createMessage``, ``elicitation/create``,
         ``roots/list``) and return its result; raises :class:`~mcp_zero.errors.McpZeroError`

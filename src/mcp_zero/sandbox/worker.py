@@ -32,6 +32,7 @@ Worker → kernel::
                         "message": str}}
     {"op": "progress", "call": N, "progress", "total", "message"}
     {"op": "log", "call": N, "level", "data", "logger"}
+    {"op": "close_stream", "call": N}               # let the client reconnect (SEP-1699)
     {"op": "request", "call": N, "id": R, "method": str, "params": {...}}
     {"op": "retire", "reason": str}                 # replace me (after a MemoryError)
 

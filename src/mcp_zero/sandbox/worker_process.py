@@ -242,7 +242,7 @@ class WorkerProcess:
             op = frame.get("op")
             if op is None:
                 self._on_response(int(frame["id"]), frame)
-            elif op == "progress" or op == "log":
+            elif op == "progress" or op == "log" or op == "close_stream":
                 self._on_notification(op, frame)
             elif op == "request":
                 self._on_request(frame)
@@ -282,8 +282,10 @@ class WorkerProcess:
             send: Callable[[], Awaitable[None]] = lambda: bridge.progress(  # noqa: E731
                 frame["progress"], frame.get("total"), frame.get("message")
             )
-        else:
+        elif op == "log":
             send = lambda: bridge.log(frame["level"], frame.get("data"), frame.get("logger"))  # noqa: E731
+        else:
+            send = bridge.close_stream
         assert self._loop is not None
         call.chain = self._loop.create_task(self._relay(call.chain, send))
 

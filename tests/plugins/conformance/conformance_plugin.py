@@ -245,8 +245,9 @@ def json_schema_2020_12(ctx: Context, name: str | None = None, address: Any = No
 
 @plugin.tool("test_reconnection")
 async def reconnection(ctx: Context) -> str:
-    # The transport closes the SSE stream mid-call (SEP-1699); the result arrives after
-    # the client reconnects, so the tool must outlive the close.
+    # Close the client's SSE stream mid-call (SEP-1699): the result arrives after the
+    # client reconnects with Last-Event-ID, so the tool must outlive the close.
+    ctx.close_stream()
     await asyncio.sleep(0.1)
     return "Reconnection test completed successfully"
 

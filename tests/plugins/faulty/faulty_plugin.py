@@ -53,6 +53,14 @@ async def started_then_wait(ctx: Context) -> str:
     return "never"
 
 
+@plugin.tool("faulty_close_then_finish")
+async def close_then_finish(ctx: Context) -> str:
+    ctx.close_stream()
+    await asyncio.sleep(0.05)
+    ctx.progress(1, 1, "after the close")
+    return "finished after the close"
+
+
 @plugin.tool("faulty_log_levels")
 def log_levels(ctx: Context) -> str:
     for level in ("debug", "info", "warning", "error"):
