@@ -226,6 +226,11 @@ class Context:
             {"op": "log", "call": self._call_id, "level": level, "data": data, "logger": logger}
         )
 
+    def resource_updated(self, uri: str) -> None:
+        """Tell the clients subscribed to ``uri`` (one of this plugin's resources) that it
+        changed: they get ``notifications/resources/updated``. Never blocks."""
+        self._channel.notify({"op": "resource_updated", "call": self._call_id, "uri": uri})
+
     def close_stream(self) -> None:
         """Ask the transport to close the client's event stream now (SEP-1699 polling).
 

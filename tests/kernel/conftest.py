@@ -38,6 +38,9 @@ class KernelBridge:
     async def close_stream(self) -> None:
         self.events.append(("close_stream", None))
 
+    async def resource_updated(self, uri: str) -> None:
+        self.events.append(("resource_updated", uri))
+
     async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method != "sampling/createMessage":
             raise McpZeroError(f"{method} is not supported here")

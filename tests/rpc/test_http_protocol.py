@@ -26,6 +26,7 @@ from rpc_live import (
     parse_sse_text,
     serve,
     sse_events,
+    text_of,
 )
 
 from mcp_zero.runtime import Runtime
@@ -385,6 +386,29 @@ async def test_get_stream_needs_accept_event_stream(env: Env) -> None:
     async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
         response = await http.get(env.live.url, headers=client.headers(Accept="application/json"))
     assert response.status_code == 406
+
+
+async def test_subscribers_hear_resources_updated_when_a_tool_changes_the_resource(
+    env: Env,
+) -> None:
+    client = await session(env)
+    live = env.live
+    subscribed = await client.request("resources/subscribe", {"uri": "faulty://counter"})
+    assert subscribed["result"] == {}
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "GET", live.url, headers=client.headers(Accept="text/event-stream")
+            ) as response:
+                events = sse_events(response)
+                assert (await anext(events)).data == ""
+                reply = await client.call("faulty_bump")
+                assert "bumped to" in text_of(reply)
+                update = await anext(events)
+    assert update.message["method"] == "notifications/resources/updated"
+    assert update.message["params"] == {"uri": "faulty://counter"}
+    read = await client.request("resources/read", {"uri": "faulty://counter"})
+    assert read["result"]["contents"][0]["text"] != "0"
 
 
 async def test_get_stream_hears_list_changed_after_another_process_installs_a_plugin(

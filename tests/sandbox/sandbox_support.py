@@ -30,6 +30,9 @@ class RecordingBridge:
     async def close_stream(self) -> None:
         self.events.append(("close_stream", None))
 
+    async def resource_updated(self, uri: str) -> None:
+        self.events.append(("resource_updated", uri))
+
     async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         self.events.append(("request", (method, params)))
         if method not in self.answers:

@@ -54,6 +54,11 @@ class GovernedBridge:
     async def close_stream(self) -> None:
         await self._inner.close_stream()
 
+    async def resource_updated(self, uri: str) -> None:
+        # A plugin speaks only for its own resources: no spoofed updates of another's.
+        if self._kernel.plugins.resource_owner(uri) == self._plugin:
+            await self._inner.resource_updated(uri)
+
     async def request(self, method: str, params: JSON) -> JSON:
         kernel = self._kernel
         action = Action(

@@ -55,6 +55,9 @@ class _NoBridge:
     async def close_stream(self) -> None:
         return None
 
+    async def resource_updated(self, uri: str) -> None:
+        return None
+
     async def request(self, method: str, params: JSON) -> JSON:
         raise McpZeroError(f"{method} needs an MCP client; call this tool over /mcp instead")
 

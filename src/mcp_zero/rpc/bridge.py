@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mcp_zero.errors import McpZeroError
@@ -20,11 +21,17 @@ CLIENT_REQUEST_TIMEOUT_S = 600.0  # a person may be answering an elicitation
 class RequestBridge:
     """Progress, log messages and requests to the client, tied to one incoming request."""
 
-    __slots__ = ("_channel", "_progress_token", "_related", "_session")
+    __slots__ = ("_announce", "_channel", "_progress_token", "_related", "_session")
 
     def __init__(
-        self, session: Session, channel: Channel, progress_token: Any, related: Any
+        self,
+        session: Session,
+        channel: Channel,
+        progress_token: Any,
+        related: Any,
+        announce: Callable[[str], Awaitable[None]],
     ) -> None:
+        self._announce = announce  # tells the subscribers of a resource that it changed
         self._session = session
         self._channel = channel
         self._progress_token = progress_token
@@ -54,6 +61,9 @@ class RequestBridge:
 
     async def close_stream(self) -> None:
         await self._channel.close_stream()
+
+    async def resource_updated(self, uri: str) -> None:
+        await self._announce(uri)
 
     async def request(self, method: str, params: JSON) -> JSON:
         capability = _CAPABILITY.get(method)

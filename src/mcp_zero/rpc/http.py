@@ -142,6 +142,21 @@ class _PostChannel:
                 await self._asgi_send({"type": "http.response.body", "body": b""})
 
 
+class _NoticeChannel:
+    """Server-initiated messages of a session: onto its open GET stream."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: asyncio.Queue[JSON]) -> None:
+        self._queue = queue
+
+    async def send(self, message: JSON) -> None:
+        self._queue.put_nowait(message)
+
+    async def close_stream(self) -> None:
+        return None
+
+
 def _session_header(session: Session | None) -> list[tuple[bytes, bytes]]:
     if session is None or session.id.startswith("ephemeral"):
         return []
@@ -155,6 +170,7 @@ class HttpApp:
         self.runtime = runtime
         self.settings = runtime.settings
         self.server = McpServer(runtime.kernel, page_size=runtime.settings.page_size)
+        self.server.sessions = self._listening_sessions
         self.admin = AdminApi(runtime)
         self.sessions: dict[str, Session] = {}
         self.ready = False
@@ -208,6 +224,12 @@ class HttpApp:
             cutoff = time.monotonic() - self.settings.session_idle_s
             for sid in [s.id for s in self.sessions.values() if s.last_seen < cutoff]:
                 self.sessions.pop(sid).close()
+
+    def _listening_sessions(self) -> list[tuple[Session, _NoticeChannel | None]]:
+        return [
+            (s, _NoticeChannel(s.notices) if s.notices is not None else None)
+            for s in self.sessions.values()
+        ]
 
     def _broadcast_list_changed(self) -> None:
         for session in self.sessions.values():

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import binascii
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from mcp_zero import __version__
@@ -87,6 +87,8 @@ class McpServer:
         self.kernel = kernel
         self.page_size = page_size
         self.transport = transport
+        # The sessions that may hear of resource changes; a transport registers its own.
+        self.sessions: Callable[[], Iterable[tuple[Session, Channel | None]]] = lambda: ()
         self._handlers: dict[str, Handler] = {
             "initialize": self._initialize,
             "ping": self._ping,
@@ -153,6 +155,18 @@ class McpServer:
                 session.cancelled.add(request_id)
                 task.cancel()
         # notifications/roots/list_changed and unknown notifications need no action
+
+    async def announce_resource_updated(self, uri: str) -> None:
+        """``notifications/resources/updated`` to every session subscribed to ``uri``, on the
+        channel its transport gives for server-initiated messages (dropped where none)."""
+        note = {
+            "jsonrpc": "2.0",
+            "method": "notifications/resources/updated",
+            "params": {"uri": uri},
+        }
+        for session, channel in self.sessions():
+            if uri in session.subscriptions and channel is not None:
+                await channel.send(note)
 
     def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
         session.resolve(response.id, response.result, response.error)
@@ -294,4 +308,4 @@ class McpServer:
     def _bridge(self, session: Session, params: JSON, channel: Channel, rid: Any) -> RequestBridge:
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
-        return RequestBridge(session, channel, token, rid)
+        return RequestBridge(session, channel, token, rid, self.announce_resource_updated)

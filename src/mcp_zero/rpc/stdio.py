@@ -49,6 +49,7 @@ async def serve_stdio(
     server = McpServer(runtime.kernel, page_size=runtime.settings.page_size, transport="stdio")
     session = Session(principal)
     channel = _StdoutChannel(stdout or sys.stdout.buffer)
+    server.sessions = lambda: [(session, channel)]
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
     await loop.connect_read_pipe(

@@ -23,6 +23,9 @@ class ClientBridge(Protocol):
     async def log(self, level: str, data: Any, logger: str | None) -> None:
         """Send a ``notifications/message`` at ``level`` (dropped below the session's level)."""
 
+    async def resource_updated(self, uri: str) -> None:
+        """Send ``notifications/resources/updated`` to every session subscribed to ``uri``."""
+
     async def close_stream(self) -> None:
         """Close the client's event stream now; the client resumes it and gets the rest of
         the call (streamable HTTP, SEP-1699). A no-op where there is no stream to resume."""

@@ -33,6 +33,7 @@ Worker → kernel::
     {"op": "progress", "call": N, "progress", "total", "message"}
     {"op": "log", "call": N, "level", "data", "logger"}
     {"op": "close_stream", "call": N}               # let the client reconnect (SEP-1699)
+    {"op": "resource_updated", "call": N, "uri": str}  # tell the resource's subscribers
     {"op": "request", "call": N, "id": R, "method": str, "params": {...}}
     {"op": "retire", "reason": str}                 # replace me (after a MemoryError)
 

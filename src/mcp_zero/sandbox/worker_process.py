@@ -242,7 +242,7 @@ class WorkerProcess:
             op = frame.get("op")
             if op is None:
                 self._on_response(int(frame["id"]), frame)
-            elif op == "progress" or op == "log" or op == "close_stream":
+            elif op in ("progress", "log", "close_stream", "resource_updated"):
                 self._on_notification(op, frame)
             elif op == "request":
                 self._on_request(frame)
@@ -284,6 +284,8 @@ class WorkerProcess:
             )
         elif op == "log":
             send = lambda: bridge.log(frame["level"], frame.get("data"), frame.get("logger"))  # noqa: E731
+        elif op == "resource_updated":
+            send = lambda: bridge.resource_updated(str(frame["uri"]))  # noqa: E731
         else:
             send = bridge.close_stream
         assert self._loop is not None

@@ -61,6 +61,22 @@ async def close_then_finish(ctx: Context) -> str:
     return "finished after the close"
 
 
+_bumps = [0]
+
+
+@plugin.resource("faulty://counter", mime_type="text/plain")
+def counter(ctx: Context) -> str:
+    return str(_bumps[0])
+
+
+@plugin.tool("faulty_bump")
+def bump(ctx: Context) -> str:
+    _bumps[0] += 1
+    ctx.resource_updated("notes://not-ours")  # the kernel drops a change of another's resource
+    ctx.resource_updated("faulty://counter")
+    return f"bumped to {_bumps[0]}"
+
+
 @plugin.tool("faulty_log_levels")
 def log_levels(ctx: Context) -> str:
     for level in ("debug", "info", "warning", "error"):
