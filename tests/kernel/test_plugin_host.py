@@ -28,6 +28,8 @@ FAULTY_TOOLS = {
     "faulty_progress",
     "faulty_started_then_wait",
     "faulty_log_levels",
+    "faulty_close_then_finish",
+    "faulty_bump",
 }
 
 
