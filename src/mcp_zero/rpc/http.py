@@ -15,152 +15,41 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import orjson
 
 from mcp_zero.errors import (
     InvalidRequest,
-    McpZeroError,
-    PayloadTooLarge,
     Unauthorized,
 )
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.admin import AdminApi
+from mcp_zero.rpc.asgi import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    Receive,
+    Scope,
+    Send,
+    header,
+    hostname,
+    read_body,
+    respond,
+    respond_json,
+)
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import HEADER_VERSIONS, JSON, Session
-from mcp_zero.rpc.streams import EventStream, parse_event_id
+from mcp_zero.rpc.streams import (
+    EventStream,
+    NoticeChannel,
+    PostChannel,
+    parse_event_id,
+    session_header,
+)
 from mcp_zero.runtime import Runtime
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("mcp_zero.http")
-
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
-    if headers is None:  # parsed once per request (ASGI gives lower-cased names)
-        headers = scope["mcp0.headers"] = dict(scope["headers"])
-    value = headers.get(name)
-    return None if value is None else value.decode("latin-1")
-
-
-def _hostname(value: str) -> str:
-    """The host part of a Host header or an origin's authority, without the port."""
-    if value.startswith("["):
-        return value[: value.find("]") + 1]
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": headers if headers is not None else _JSON_HEADERS,
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _respond_json(
-    send: Send, status: int, obj: Any, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await _respond(send, status, orjson.dumps(obj), _JSON_HEADERS + (extra or []))
-
-
-class _PostChannel:
-    """Messages related to one POST: nothing is sent until the first one, which turns the
-    response into an SSE stream; until then the result can still go out as plain JSON."""
-
-    __slots__ = ("_asgi_send", "session", "stream")
-
-    def __init__(self, session: Session, asgi_send: Send) -> None:
-        self.session = session
-        self._asgi_send = asgi_send
-        self.stream: EventStream | None = None
-
-    async def send(self, message: JSON) -> None:
-        stream = self.stream
-        if stream is None:
-            stream = EventStream(self._asgi_send)
-            self.session.streams[stream.id] = stream
-            self.stream = stream
-            await self._asgi_send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": _SSE_HEADERS + _session_header(self.session),
-                }
-            )
-            await self._asgi_send(
-                {"type": "http.response.body", "body": stream.priming(), "more_body": True}
-            )
-        await stream.push(message)
-
-    async def close_stream(self) -> None:
-        """End the HTTP response now (SSE first, so there is an event id to resume from); what
-        the call sends later is kept for the client's GET with Last-Event-ID."""
-        if self.stream is None:
-            self.stream = EventStream(self._asgi_send)
-            self.session.streams[self.stream.id] = self.stream
-            await self._asgi_send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": _SSE_HEADERS + _session_header(self.session),
-                }
-            )
-            await self._asgi_send(
-                {"type": "http.response.body", "body": self.stream.priming(), "more_body": True}
-            )
-        if self.stream.send is not None:
-            self.stream.send = None
-            with contextlib.suppress(OSError):
-                await self._asgi_send({"type": "http.response.body", "body": b""})
-
-    async def finish(self) -> None:
-        """End the SSE stream (after the response was pushed)."""
-        stream = self.stream
-        assert stream is not None
-        stream.close()
-        if stream.send is not None:
-            with contextlib.suppress(OSError):
-                await self._asgi_send({"type": "http.response.body", "body": b""})
-
-
-class _NoticeChannel:
-    """Server-initiated messages of a session: onto its open GET stream."""
-
-    __slots__ = ("_queue",)
-
-    def __init__(self, queue: asyncio.Queue[JSON]) -> None:
-        self._queue = queue
-
-    async def send(self, message: JSON) -> None:
-        self._queue.put_nowait(message)
-
-    async def close_stream(self) -> None:
-        return None
-
-
-def _session_header(session: Session | None) -> list[tuple[bytes, bytes]]:
-    if session is None or session.id.startswith("ephemeral"):
-        return []
-    return [(b"mcp-session-id", session.id.encode())]
 
 
 class HttpApp:
@@ -225,9 +114,9 @@ class HttpApp:
             for sid in [s.id for s in self.sessions.values() if s.last_seen < cutoff]:
                 self.sessions.pop(sid).close()
 
-    def _listening_sessions(self) -> list[tuple[Session, _NoticeChannel | None]]:
+    def _listening_sessions(self) -> list[tuple[Session, NoticeChannel | None]]:
         return [
-            (s, _NoticeChannel(s.notices) if s.notices is not None else None)
+            (s, NoticeChannel(s.notices) if s.notices is not None else None)
             for s in self.sessions.values()
         ]
 
@@ -246,7 +135,7 @@ class HttpApp:
         method: str = scope["method"]
         if path == "/mcp" or path == "/mcp/":
             if not self._origin_allowed(scope):
-                await _respond_json(
+                await respond_json(
                     send,
                     403,
                     jsonrpc.error_message(
@@ -264,82 +153,58 @@ class HttpApp:
             elif method == "DELETE":
                 await self._delete(scope, send)
             else:
-                await _respond(send, 405, b"", [(b"allow", b"GET, POST, DELETE")])
+                await respond(send, 405, b"", [(b"allow", b"GET, POST, DELETE")])
         elif path == "/healthz":
-            await _respond_json(send, 200, {"status": "ok"})
+            await respond_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
             status = 200 if self.ready else 503
-            await _respond_json(send, status, {"ready": self.ready})
+            await respond_json(send, status, {"ready": self.ready})
         elif path == "/metrics":
             body, content_type = self.runtime.metrics.render()
-            await _respond(send, 200, body, [(b"content-type", content_type.encode())])
+            await respond(send, 200, body, [(b"content-type", content_type.encode())])
         elif path.startswith("/api/v1/"):
             if not self._origin_allowed(scope):
-                await _respond_json(
+                await respond_json(
                     send,
                     403,
                     {"error": {"code": "forbidden_origin", "message": "origin not allowed"}},
                 )
                 return
-            body, error = await self._read_body(receive)
+            body, error = await read_body(receive, self.settings.max_body_bytes)
             if error is not None:
-                await _respond_json(send, error.http_status, {"error": error.to_dict()})
+                await respond_json(send, error.http_status, {"error": error.to_dict()})
                 return
             status, payload = await self.admin.handle(
                 method,
                 path[len("/api/v1") :],
-                _header(scope, b"authorization"),
+                header(scope, b"authorization"),
                 body,
                 scope.get("query_string", b"").decode(),
             )
-            await _respond_json(send, status, payload)
+            await respond_json(send, status, payload)
         else:
-            await _respond_json(
+            await respond_json(
                 send, 404, {"error": {"code": "not_found", "message": f"no route {path}"}}
             )
 
     def _origin_allowed(self, scope: Scope) -> bool:
-        origin = _header(scope, b"origin")
+        origin = header(scope, b"origin")
         if origin is not None and origin != "null":
             if origin in self.settings.allowed_origins:
                 return True
             authority = origin.split("://", 1)[-1]
-            if _hostname(authority) not in _LOOPBACK_HOSTS:
+            if hostname(authority) not in _LOOPBACK_HOSTS:
                 return False
         if self._loopback_only:
-            host = _header(scope, b"host")
-            if host is not None and _hostname(host) not in _LOOPBACK_HOSTS:
+            host = header(scope, b"host")
+            if host is not None and hostname(host) not in _LOOPBACK_HOSTS:
                 return host in self.settings.allowed_origins
         return True
-
-    async def _read_body(self, receive: Receive) -> tuple[bytes, McpZeroError | None]:
-        limit = self.settings.max_body_bytes
-        chunks: list[bytes] = []
-        size = 0
-        too_large = False
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                too_large = True
-            elif chunk:
-                chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        if too_large:
-            return b"", PayloadTooLarge(
-                f"request body is {size} bytes, over the limit of {limit} bytes "
-                "(setting max_body_bytes)"
-            )
-        return b"".join(chunks), None
 
     # -- MCP --------------------------------------------------------------------------------
 
     def _authenticate(self, scope: Scope) -> Principal:
-        auth = _header(scope, b"authorization")
+        auth = header(scope, b"authorization")
         token = None
         if auth is not None:
             scheme, _, value = auth.partition(" ")
@@ -350,14 +215,14 @@ class HttpApp:
 
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
-        body, error = await self._read_body(receive)
+        body, error = await read_body(receive, self.settings.max_body_bytes)
         if error is not None:
-            await _respond_json(send, 413, jsonrpc.error_from_exception(None, error))
+            await respond_json(send, 413, jsonrpc.error_from_exception(None, error))
             return
         try:
             principal = self._authenticate(scope)
         except Unauthorized as exc:
-            await _respond_json(
+            await respond_json(
                 send,
                 401,
                 jsonrpc.error_from_exception(None, exc),
@@ -368,19 +233,19 @@ class HttpApp:
         try:
             message = jsonrpc.decode(body)
         except InvalidRequest as exc:
-            await _respond_json(send, 400, jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
+            await respond_json(send, 400, jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
             return
-        version = _header(scope, b"mcp-protocol-version")
+        version = header(scope, b"mcp-protocol-version")
         if version is not None and version not in HEADER_VERSIONS:
             bad = InvalidRequest(f"unsupported MCP-Protocol-Version {version!r}")
-            await _respond_json(
+            await respond_json(
                 send, 400, jsonrpc.error_from_exception(getattr(message, "id", None), bad)
             )
             return
-        session_id = _header(scope, b"mcp-session-id")
+        session_id = header(scope, b"mcp-session-id")
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
             if len(self.sessions) >= self.settings.max_sessions:
-                await _respond_json(
+                await respond_json(
                     send,
                     503,
                     jsonrpc.error_message(
@@ -393,7 +258,7 @@ class HttpApp:
         elif session_id is not None:
             found = self.sessions.get(session_id)
             if found is None or found.principal.agent != principal.agent:
-                await _respond_json(
+                await respond_json(
                     send,
                     404,
                     jsonrpc.error_message(
@@ -411,21 +276,21 @@ class HttpApp:
             session = Session(principal, id="ephemeral")
         if isinstance(message, jsonrpc.Notification):
             self.server.handle_notification(session, message)
-            await _respond(send, 202, b"", [])
+            await respond(send, 202, b"", [])
             return
         if isinstance(message, jsonrpc.Response):
             self.server.handle_response(session, message)
-            await _respond(send, 202, b"", [])
+            await respond(send, 202, b"", [])
             return
-        channel = _PostChannel(session, send)
+        channel = PostChannel(session, send)
         response = await self.server.handle_request(session, message, channel)
         stream = channel.stream
         if stream is None:
             if response is None:  # cancelled before anything was sent
-                await _respond(send, 202, b"", [])
+                await respond(send, 202, b"", [])
             else:
-                await _respond(
-                    send, 200, orjson.dumps(response), _JSON_HEADERS + _session_header(session)
+                await respond(
+                    send, 200, orjson.dumps(response), JSON_HEADERS + session_header(session)
                 )
             return
         if response is not None:
@@ -438,20 +303,20 @@ class HttpApp:
         try:
             principal = self._authenticate(scope)
         except Unauthorized as exc:
-            await _respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
+            await respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
             return
-        accept = _header(scope, b"accept") or ""
+        accept = header(scope, b"accept") or ""
         if "text/event-stream" not in accept:
-            await _respond(
+            await respond(
                 send,
                 406,
                 b"GET /mcp needs 'Accept: text/event-stream'",
                 [(b"content-type", b"text/plain")],
             )
             return
-        session = self.sessions.get(_header(scope, b"mcp-session-id") or "")
+        session = self.sessions.get(header(scope, b"mcp-session-id") or "")
         if session is None or session.principal.agent != principal.agent:
-            await _respond_json(
+            await respond_json(
                 send,
                 404,
                 jsonrpc.error_message(
@@ -459,12 +324,12 @@ class HttpApp:
                 ),
             )
             return
-        last = _header(scope, b"last-event-id")
+        last = header(scope, b"last-event-id")
         if last is not None:
             parsed = parse_event_id(last)
             stream = session.streams.get(parsed[0]) if parsed else None
             if stream is None or parsed is None:
-                await _respond_json(
+                await respond_json(
                     send,
                     404,
                     jsonrpc.error_message(
@@ -477,7 +342,7 @@ class HttpApp:
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": _SSE_HEADERS + _session_header(session),
+                    "headers": SSE_HEADERS + session_header(session),
                 }
             )
             with contextlib.suppress(OSError):
@@ -485,7 +350,7 @@ class HttpApp:
                 await send({"type": "http.response.body", "body": b""})
             return
         if session.notices is not None:
-            await _respond_json(
+            await respond_json(
                 send,
                 409,
                 jsonrpc.error_message(None, -32600, "this session already has an open GET stream"),
@@ -501,7 +366,7 @@ class HttpApp:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": _SSE_HEADERS + _session_header(session),
+                "headers": SSE_HEADERS + session_header(session),
             }
         )
         await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
@@ -529,13 +394,13 @@ class HttpApp:
         try:
             principal = self._authenticate(scope)
         except Unauthorized as exc:
-            await _respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
+            await respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
             return
-        session = self.sessions.get(_header(scope, b"mcp-session-id") or "")
+        session = self.sessions.get(header(scope, b"mcp-session-id") or "")
         if session is None or session.principal.agent != principal.agent:
-            await _respond_json(
+            await respond_json(
                 send, 404, jsonrpc.error_message(None, -32001, "unknown or expired session")
             )
             return
         self.sessions.pop(session.id).close()
-        await _respond(send, 204, b"", [])
+        await respond(send, 204, b"", [])

@@ -4,19 +4,25 @@ Every SSE stream gets an id; each event's id is ``<stream>-<n>``. Events are kep
 (up to a bound) until the stream ends, so a client whose connection dropped can
 reconnect with ``GET`` and ``Last-Event-ID`` and receive what it missed, then the
 rest live — the response to a long tool call is not lost with the connection.
+
+The channels here are where a request's messages go: ``PostChannel`` answers one
+POST (plain JSON until the first notification turns it into a stream),
+``NoticeChannel`` feeds a session's standalone GET stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from mcp_zero.rpc.asgi import SSE_HEADERS, Send
+from mcp_zero.rpc.session import JSON, Session
+
 RETRY_MS = 1000
 MAX_BUFFERED_EVENTS = 10_000
 
@@ -94,3 +100,84 @@ def parse_event_id(value: str) -> tuple[str, int] | None:
     if not stream or not number.isdigit():
         return None
     return stream, int(number)
+
+
+class PostChannel:
+    """Messages related to one POST: nothing is sent until the first one, which turns the
+    response into an SSE stream; until then the result can still go out as plain JSON."""
+
+    __slots__ = ("_asgi_send", "session", "stream")
+
+    def __init__(self, session: Session, asgi_send: Send) -> None:
+        self.session = session
+        self._asgi_send = asgi_send
+        self.stream: EventStream | None = None
+
+    async def send(self, message: JSON) -> None:
+        stream = self.stream
+        if stream is None:
+            stream = EventStream(self._asgi_send)
+            self.session.streams[stream.id] = stream
+            self.stream = stream
+            await self._asgi_send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": SSE_HEADERS + session_header(self.session),
+                }
+            )
+            await self._asgi_send(
+                {"type": "http.response.body", "body": stream.priming(), "more_body": True}
+            )
+        await stream.push(message)
+
+    async def close_stream(self) -> None:
+        """End the HTTP response now (SSE first, so there is an event id to resume from); what
+        the call sends later is kept for the client's GET with Last-Event-ID."""
+        if self.stream is None:
+            self.stream = EventStream(self._asgi_send)
+            self.session.streams[self.stream.id] = self.stream
+            await self._asgi_send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": SSE_HEADERS + session_header(self.session),
+                }
+            )
+            await self._asgi_send(
+                {"type": "http.response.body", "body": self.stream.priming(), "more_body": True}
+            )
+        if self.stream.send is not None:
+            self.stream.send = None
+            with contextlib.suppress(OSError):
+                await self._asgi_send({"type": "http.response.body", "body": b""})
+
+    async def finish(self) -> None:
+        """End the SSE stream (after the response was pushed)."""
+        stream = self.stream
+        assert stream is not None
+        stream.close()
+        if stream.send is not None:
+            with contextlib.suppress(OSError):
+                await self._asgi_send({"type": "http.response.body", "body": b""})
+
+
+class NoticeChannel:
+    """Server-initiated messages of a session: onto its open GET stream."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: asyncio.Queue[JSON]) -> None:
+        self._queue = queue
+
+    async def send(self, message: JSON) -> None:
+        self._queue.put_nowait(message)
+
+    async def close_stream(self) -> None:
+        return None
+
+
+def session_header(session: Session | None) -> list[tuple[bytes, bytes]]:
+    if session is None or session.id.startswith("ephemeral"):
+        return []
+    return [(b"mcp-session-id", session.id.encode())]

@@ -1,0 +1,81 @@
+"""The ASGI plumbing the HTTP endpoints share: types, headers, plain responses, bodies."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from mcp_zero.errors import McpZeroError, PayloadTooLarge
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
+    if headers is None:  # parsed once per request (ASGI gives lower-cased names)
+        headers = scope["mcp0.headers"] = dict(scope["headers"])
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def hostname(value: str) -> str:
+    """The host part of a Host header or an origin's authority, without the port."""
+    if value.startswith("["):
+        return value[: value.find("]") + 1]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+async def respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers if headers is not None else JSON_HEADERS,
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_json(
+    send: Send, status: int, obj: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await respond(send, status, orjson.dumps(obj), JSON_HEADERS + (extra or []))
+
+
+async def read_body(receive: Receive, limit: int) -> tuple[bytes, McpZeroError | None]:
+    """The request body, or the PayloadTooLarge error once it passes ``limit`` bytes
+    (the rest is read and dropped, so the connection stays usable)."""
+    chunks: list[bytes] = []
+    size = 0
+    too_large = False
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            too_large = True
+        elif chunk:
+            chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    if too_large:
+        return b"", PayloadTooLarge(
+            f"request body is {size} bytes, over the limit of {limit} bytes "
+            "(setting max_body_bytes)"
+        )
+    return b"".join(chunks), None
