@@ -455,4 +455,7 @@ def _snapshot(row: Any) -> SnapshotRecord:
 
 def _audit(row: Any) -> AuditEntry:
     seq, ts, body, prev_hash, entry_hash = row
-    return AuditEntry(seq=seq, ts=ts, body=bytes(body), prev_hash=prev_hash, hash=entry_hash)
+    # Written as a BLOB; a row edited by hand may hold TEXT: read it as it is, so the
+    # verifier reports the tampering instead of the reader crashing on it.
+    raw = body.encode() if isinstance(body, str) else bytes(body)
+    return AuditEntry(seq=seq, ts=ts, body=raw, prev_hash=prev_hash, hash=entry_hash)

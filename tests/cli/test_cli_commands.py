@@ -1,0 +1,117 @@
+"""The `mcp0` commands on a real data dir, through click's runner: their `--json` shapes,
+their errors (one line, non-zero exit), and what they change."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from mcp_zero.cli.main import main
+
+NOTES_DIR = Path(__file__).parents[2] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def run(data_dir: Path, *args: str, ok: bool = True) -> Result:
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(data_dir)], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def as_json(data_dir: Path, *args: str) -> Any:
+    return json.loads(run(data_dir, *args, "--json").stdout)
+
+
+def test_plugin_commands_print_their_documented_shapes(data_dir: Path) -> None:
+    installed = as_json(data_dir, "plugin", "install", str(NOTES_DIR))
+    assert installed["name"] == "notes"
+    assert "notes_add" in installed["tools"]
+    listed = as_json(data_dir, "plugin", "list")
+    assert [p["name"] for p in listed] == ["notes"]
+    shown = as_json(data_dir, "plugin", "show", "notes")
+    tools = {t["name"]: t for t in shown["tools"]}
+    assert tools["notes_add"]["inputSchema"]["type"] == "object"
+    assert tools["notes_add"]["description"]
+    assert as_json(data_dir, "plugin", "remove", "notes") == {"name": "notes", "removed": True}
+    assert as_json(data_dir, "plugin", "list") == []
+
+
+def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    created = as_json(data_dir, "agent", "create", "ada")
+    assert created["name"] == "ada"
+    assert created["token"].startswith("mcp0_")
+    assert as_json(data_dir, "agent", "attach", "ada", "notes")["plugins"] == ["notes"]
+    snap = as_json(data_dir, "agent", "snapshot", "ada")
+    assert snap["snapshot_id"].startswith("snap_")
+    assert as_json(data_dir, "agent", "terminate", "ada")["status"] == "terminated"
+    assert as_json(data_dir, "agent", "show", "ada")["status"] == "terminated"
+    recovered = as_json(data_dir, "agent", "recover", snap["snapshot_id"])
+    assert recovered["status"] == "active"
+    assert recovered["plugins"] == ["notes"]
+    assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["ada"]
+    # the token is never shown again
+    assert "token" not in as_json(data_dir, "agent", "show", "ada")
+
+
+def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    run(data_dir, "agent", "create", "bob")
+    added = as_json(data_dir, "agent", "exec", "ada", "notes_add", '{"text": "from the cli"}')
+    assert added["structuredContent"]["note"]["text"] == "from the cli"
+    denied = run(data_dir, "agent", "exec", "bob", "notes_add", '{"text": "x"}', ok=False)
+    assert denied.exit_code == 1
+    assert "attached-plugins-only" in denied.stderr
+    records = as_json(data_dir, "audit", "list")
+    calls = [(r["agent"], r["outcome"]) for r in records if r["verb"] == "call_tool"]
+    assert calls == [("ada", "allowed"), ("bob", "denied")]
+
+
+def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
+    missing = run(data_dir, "agent", "show", "nobody", ok=False)
+    assert missing.exit_code == 1
+    assert missing.stderr.strip().count("\n") == 0
+    assert missing.stderr.startswith("mcp0: error: no agent named 'nobody'")
+    bad_plugin = run(data_dir, "agent", "create", "ada", "--plugin", "nope", ok=False)
+    assert "no plugin named 'nope'" in bad_plugin.stderr
+    bad_args = run(data_dir, "agent", "exec", "ada", "notes_add", "not json", ok=False)
+    assert bad_args.exit_code == 2
+
+
+def test_audit_verify_reports_a_tampered_chain(data_dir: Path) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    report = as_json(data_dir, "audit", "verify")
+    assert report["ok"] is True
+    assert report["count"] == 2
+    with sqlite3.connect(data_dir / "mcp0.db") as conn:
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("UPDATE audit SET body = replace(body, 'ada', 'eve') WHERE seq = 2")
+    broken = run(data_dir, "audit", "verify", "--json", ok=False)
+    assert broken.exit_code == 2
+    verdict = json.loads(broken.stdout)
+    assert verdict["ok"] is False
+    assert verdict["seq"] == 2
+    assert verdict["reason"]
+
+
+def test_policy_check_names_the_policies_and_refuses_a_broken_file(data_dir: Path) -> None:
+    run(data_dir, "agent", "list")  # any command lays out a new data dir, default policy included
+    checked = as_json(data_dir, "policy", "check")
+    assert "attached-plugins-only" in checked["policies"]
+    (data_dir / "policies" / "broken.cedar").write_text("permit (principal, action, resource")
+    broken = run(data_dir, "policy", "check", ok=False)
+    assert broken.exit_code == 1
+    assert "broken.cedar" in broken.stderr
