@@ -59,8 +59,10 @@ def _db() -> sqlite3.Connection:
 
 
 @server.tool()
-def notes_add(text: str, tags: list[str] | None = None) -> dict[str, Any]:
+async def notes_add(text: str, tags: list[str] | None = None) -> dict[str, Any]:
     """Save a note for the calling agent. Returns the new note with its id."""
+    # async def, as the plugin's handler: the short insert runs on the event loop, on one
+    # connection, instead of a thread pool where connections contend for the write lock.
     clean = sorted({t.strip() for t in tags or [] if t.strip()})
     stored = f" {' '.join(clean)} " if clean else ""
     created = datetime.now(UTC).isoformat(timespec="seconds")
