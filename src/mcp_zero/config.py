@@ -26,6 +26,7 @@ class Settings:
     rate_burst: int = 400
     max_concurrency: int = 64  # calls in flight per agent
     max_timeout_s: float = 300.0
+    db_max_mb: int = 0  # cap on the SQLite file (small devices); 0: only the disk limits it
     audit_window_ms: float = 2.0  # group-commit window of the audit writer
     page_size: int = 100  # tools/list, resources/list, prompts/list
     session_idle_s: float = 3600.0
@@ -136,6 +137,7 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("max_concurrency", 1, 1 << 31),
     ("max_timeout_s", 1e-3, float("inf")),
     ("audit_window_ms", 0, 60_000),
+    ("db_max_mb", 0, 1 << 31),
     ("page_size", 1, 1 << 31),
     ("session_idle_s", 1e-3, float("inf")),
     ("max_sessions", 1, 1 << 31),

@@ -49,7 +49,9 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.created = self._prepare_data_dir()
-        self.store = SqliteStore(settings.db_path)
+        self.store = SqliteStore(
+            settings.db_path, max_size_bytes=settings.db_max_mb * 2**20 or None
+        )
         self.audit = AuditLog(self.store, window=settings.audit_window_ms / 1000)
         self.policy = PolicyStore(settings.policy_dir)
         self.plugins = PluginHost(self.store, settings.plugins_dir, settings.plugin_data_dir)

@@ -52,7 +52,7 @@ async def test_every_route_needs_the_admin_token(
     live: LiveServer, auth: str | None, method: str, path: str
 ) -> None:
     headers = {"Authorization": auth} if auth else {}
-    async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
         response = await http.request(
             method, f"{live.base}/api/v1{path}", headers=headers, json={"name": "sneaky"}
         )
@@ -63,7 +63,7 @@ async def test_every_route_needs_the_admin_token(
 
 async def test_an_agent_token_is_not_an_admin_token(admin: Admin) -> None:
     spawned = (await admin.call("POST", "/agents", {"name": "not-admin"})).json()
-    async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
         response = await http.get(
             f"{admin.live.base}/api/v1/agents",
             headers={"Authorization": f"Bearer {spawned['token']}"},

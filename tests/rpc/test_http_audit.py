@@ -131,7 +131,7 @@ async def test_a_call_without_token_is_marked_anonymous(env: Env) -> None:
 
 async def test_anonymity_is_kept_after_the_admin_executes_as_the_same_agent(env: Env) -> None:
     live = env.live
-    async with httpx2.AsyncClient(timeout=20) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=20) as http:
         executed = await http.post(
             f"{live.base}/api/v1/agents/visitor/execute",
             json={"tool": "faulty_echo", "arguments": {"text": "by admin"}},

@@ -109,7 +109,7 @@ async def test_notifications_are_accepted_with_202(env: Env) -> None:
 
 async def test_delete_ends_the_session(env: Env) -> None:
     client = await session(env)
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         deleted = await http.delete(env.live.url, headers=client.headers())
     assert deleted.status_code == 204
     after = await client.post({"jsonrpc": "2.0", "id": 9, "method": "ping"})
@@ -131,7 +131,7 @@ async def test_delete_during_a_call_answers_the_call_with_an_error(env: Env) -> 
         with anyio.fail_after(CALL_TIMEOUT_S):
             while quotas.inflight("proto") == before:
                 await anyio.sleep(0.01)
-        async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
             deleted = await http.delete(env.live.url, headers=client.headers())
         assert deleted.status_code == 204
     [reply] = replies
@@ -147,7 +147,7 @@ async def test_delete_during_a_call_answers_the_call_with_an_error(env: Env) -> 
 
 
 async def test_other_http_methods_are_405(env: Env) -> None:
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         response = await http.put(env.live.url, headers=env.live.client(env.token).headers())
     assert response.status_code == 405
     assert "POST" in response.headers["allow"]
@@ -203,7 +203,7 @@ async def test_a_bad_cursor_is_32602(env: Env, cursor: Any) -> None:
 
 async def test_progress_turns_the_answer_into_an_sse_stream(env: Env) -> None:
     client = await session(env)
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         with anyio.fail_after(CALL_TIMEOUT_S):
             response = await http.post(
                 env.live.url,
@@ -239,7 +239,7 @@ async def test_without_a_progress_token_the_answer_is_plain_json(env: Env) -> No
 async def test_a_dropped_stream_is_resumed_with_last_event_id(env: Env) -> None:
     client = await session(env)
     seen: list[SseEvent] = []
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         with anyio.fail_after(CALL_TIMEOUT_S):
             async with http.stream(
                 "POST",
@@ -272,7 +272,7 @@ async def test_a_dropped_stream_is_resumed_with_last_event_id(env: Env) -> None:
 
 async def test_a_tool_can_close_the_stream_and_the_client_resumes_to_the_result(env: Env) -> None:
     client = await session(env)
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         with anyio.fail_after(CALL_TIMEOUT_S):
             first = await http.post(
                 env.live.url,
@@ -298,7 +298,7 @@ async def test_a_tool_can_close_the_stream_and_the_client_resumes_to_the_result(
 
 async def test_resuming_an_unknown_stream_is_404(env: Env) -> None:
     client = await session(env)
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         response = await http.get(
             env.live.url,
             headers=client.headers(Accept="text/event-stream", **{"Last-Event-ID": "feed-3"}),
@@ -313,7 +313,7 @@ async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None
     client = await session(env)
     runtime = env.live.runtime
     messages: list[JSON] = []
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         with anyio.fail_after(CALL_TIMEOUT_S):
             async with http.stream(
                 "POST",
@@ -383,7 +383,7 @@ async def test_logging_set_level_filters_log_notifications(env: Env) -> None:
 
 async def test_get_stream_needs_accept_event_stream(env: Env) -> None:
     client = await session(env)
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         response = await http.get(env.live.url, headers=client.headers(Accept="application/json"))
     assert response.status_code == 406
 
@@ -395,7 +395,7 @@ async def test_subscribers_hear_resources_updated_when_a_tool_changes_the_resour
     live = env.live
     subscribed = await client.request("resources/subscribe", {"uri": "faulty://counter"})
     assert subscribed["result"] == {}
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         with anyio.fail_after(CALL_TIMEOUT_S):
             async with http.stream(
                 "GET", live.url, headers=client.headers(Accept="text/event-stream")
@@ -416,7 +416,7 @@ async def test_get_stream_hears_list_changed_after_another_process_installs_a_pl
 ) -> None:
     client = await session(env)
     live = env.live
-    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         with anyio.fail_after(CALL_TIMEOUT_S):
             async with http.stream(
                 "GET", live.url, headers=client.headers(Accept="text/event-stream")

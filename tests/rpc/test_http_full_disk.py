@@ -1,0 +1,72 @@
+"""A full store: calls get a clear storage error, nothing acknowledged is lost, and the
+chain goes on once there is room again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from rpc_live import FAULTY_DIR, error_of, make_runtime, serve
+
+from mcp_zero.audit.chain import verify_store
+from mcp_zero.errors import STORAGE_FAILURE
+from mcp_zero.storage.sqlite import SqliteStore
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_a_full_store_refuses_calls_clearly_and_loses_no_acknowledged_record(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    runtime = make_runtime(data, db_max_mb=1, rate_limit=0, audit_window_ms=0)
+    runtime.plugins.install(FAULTY_DIR)
+    token = (await runtime.agents.spawn("filler", ["faulty"])).token
+    answered: list[str] = []
+    refused: list[dict[str, object]] = []
+    async with serve(runtime) as live:
+        client = live.client(token)
+
+        async def fill(worker: int) -> None:
+            for i in range(5_000):
+                if len(refused) >= 3:
+                    return
+                reply = await client.request(
+                    "tools/call", {"name": "faulty_echo", "arguments": {"text": f"{worker}/{i}"}}
+                )
+                if "error" in reply:
+                    refused.append(error_of(reply))
+                else:
+                    answered.append(str(reply["id"]))
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for worker in range(16):
+                    tg.start_soon(fill, worker)
+        assert refused, "the 1 MiB store never filled up"
+        for error in refused:
+            assert error["code"] == STORAGE_FAILURE
+            assert "full" in str(error["message"])
+        health = await client.request("ping")
+        assert health["result"] == {}
+    # Every answered call has its record, and the chain verifies.
+    with SqliteStore(data / "mcp0.db") as store:
+        entries = store.read_audit(0, 1_000_000)
+        assert set(answered) <= {orjson.loads(e.body).get("request_id") for e in entries}
+        assert verify_store(store).count == len(entries)
+    # With room again (a bigger cap), the same data dir goes on where the chain stopped.
+    again = make_runtime(data, db_max_mb=4, rate_limit=0)
+    async with serve(again) as live:
+        reply = await live.client(token).request(
+            "tools/call", {"name": "faulty_echo", "arguments": {"text": "room again"}}
+        )
+    assert reply["result"]["content"][0]["text"] == "room again"
+    with SqliteStore(data / "mcp0.db") as store:
+        assert verify_store(store).count == len(entries) + 1
