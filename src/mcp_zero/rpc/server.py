@@ -22,6 +22,7 @@ from mcp_zero.errors import (
     McpZeroError,
     MethodNotFound,
 )
+from mcp_zero.kernel.action import Principal
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
@@ -92,14 +93,16 @@ class McpServer:
         self._handlers: dict[str, Handler] = {
             "initialize": self._initialize,
             "ping": self._ping,
-            "tools/list": self._tools_list,
+            "tools/list": self._lister(kernel.list_tools, "tools"),
             "tools/call": self._tools_call,
-            "resources/list": self._resources_list,
-            "resources/templates/list": self._resource_templates_list,
+            "resources/list": self._lister(kernel.list_resources, "resources"),
+            "resources/templates/list": self._lister(
+                kernel.list_resource_templates, "resourceTemplates"
+            ),
             "resources/read": self._resources_read,
             "resources/subscribe": self._resources_subscribe,
             "resources/unsubscribe": self._resources_unsubscribe,
-            "prompts/list": self._prompts_list,
+            "prompts/list": self._lister(kernel.list_prompts, "prompts"),
             "prompts/get": self._prompts_get,
             "completion/complete": self._complete,
             "logging/setLevel": self._set_level,
@@ -171,6 +174,14 @@ class McpServer:
     def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
         session.resolve(response.id, response.result, response.error)
 
+    def _lister(self, items: Callable[[Principal], list[JSON]], key: str) -> Handler:
+        """A paginated ``*/list`` method over what the kernel lets the principal see."""
+
+        async def handler(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+            return _page(items(session.principal), params.get("cursor"), self.page_size, key)
+
+        return handler
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _initialize(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
@@ -207,10 +218,6 @@ class McpServer:
 
     # -- tools ----------------------------------------------------------------------------------
 
-    async def _tools_list(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
-        tools = self.kernel.list_tools(session.principal)
-        return _page(tools, params.get("cursor"), self.page_size, "tools")
-
     async def _tools_call(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
         name = _require_str(params, "name")
         arguments = _optional_dict(params, "arguments")
@@ -225,18 +232,6 @@ class McpServer:
         )
 
     # -- resources ------------------------------------------------------------------------------
-
-    async def _resources_list(
-        self, session: Session, params: JSON, channel: Channel, rid: Any
-    ) -> JSON:
-        items = self.kernel.list_resources(session.principal)
-        return _page(items, params.get("cursor"), self.page_size, "resources")
-
-    async def _resource_templates_list(
-        self, session: Session, params: JSON, channel: Channel, rid: Any
-    ) -> JSON:
-        items = self.kernel.list_resource_templates(session.principal)
-        return _page(items, params.get("cursor"), self.page_size, "resourceTemplates")
 
     async def _resources_read(
         self, session: Session, params: JSON, channel: Channel, rid: Any
@@ -262,12 +257,6 @@ class McpServer:
         return {}
 
     # -- prompts and completion -----------------------------------------------------------------
-
-    async def _prompts_list(
-        self, session: Session, params: JSON, channel: Channel, rid: Any
-    ) -> JSON:
-        items = self.kernel.list_prompts(session.principal)
-        return _page(items, params.get("cursor"), self.page_size, "prompts")
 
     async def _prompts_get(
         self, session: Session, params: JSON, channel: Channel, rid: Any
