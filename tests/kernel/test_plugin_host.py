@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from mcp_zero.errors import Conflict, ManifestError, PluginNotFound
+from mcp_zero.errors import Conflict, ManifestError, PluginFailure, PluginNotFound
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -167,5 +167,61 @@ async def test_a_replaced_plugin_restarts_with_the_new_manifest(
             assert await runtime.plugins.refresh() is True
         assert runtime.plugins.runtime("faulty") is not old
         assert runtime.plugins.manifests["faulty"].description == "second edition"
+    finally:
+        await runtime.aclose()
+
+
+async def test_installing_another_plugin_leaves_running_workers_alone(
+    make_runtime: Any,
+) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    try:
+        with anyio.fail_after(30):
+            await runtime.plugins.refresh(force=True)
+        faulty = runtime.plugins.runtime("faulty")
+        pids_before = list(faulty.pids)  # type: ignore[attr-defined]
+        runtime.plugins.install(NOTES_DIR)
+        with anyio.fail_after(30):
+            assert await runtime.plugins.refresh() is True
+        # the same runtime, the same workers: no second set started beside the first
+        assert runtime.plugins.runtime("faulty") is faulty
+        assert faulty.pids == pids_before  # type: ignore[attr-defined]
+        assert len(runtime.plugins.runtime("notes").pids) == 1  # type: ignore[attr-defined]
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_reinstall_of_the_same_version_restarts_it(make_runtime: Any) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    try:
+        with anyio.fail_after(30):
+            await runtime.plugins.refresh(force=True)
+        old = runtime.plugins.runtime("faulty")
+        runtime.plugins.install(FAULTY_DIR, replace=True)  # new code, same manifest
+        with anyio.fail_after(30):
+            assert await runtime.plugins.refresh() is True
+        assert runtime.plugins.runtime("faulty") is not old
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_plugin_that_cannot_start_does_not_take_the_others_down(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    runtime: Runtime = make_runtime()
+    broken = edited_copy(tmp_path, FAULTY_DIR)
+    (broken / "faulty_plugin.py").write_text("raise RuntimeError('broken at import')\n")
+    runtime.plugins.install(broken)
+    runtime.plugins.install(NOTES_DIR)
+    try:
+        with anyio.fail_after(30):
+            await runtime.start()
+        assert "notes" not in runtime.plugins.failed
+        assert "broken at import" in runtime.plugins.failed["faulty"]
+        with pytest.raises(PluginFailure, match="could not start"):
+            runtime.plugins.runtime("faulty")
+        assert runtime.plugins.runtime("notes").pids  # type: ignore[attr-defined]
     finally:
         await runtime.aclose()

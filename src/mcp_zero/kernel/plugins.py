@@ -9,6 +9,7 @@ through the store's ``plugins_version`` and rebuilds its index.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import time
@@ -19,13 +20,14 @@ from typing import Any
 
 import jsonschema_rs
 
-from mcp_zero.errors import Conflict, ManifestError, PluginNotFound
+from mcp_zero.errors import Conflict, ManifestError, PluginFailure, PluginNotFound
 from mcp_zero.sandbox.base import PluginRuntime
 from mcp_zero.sandbox.manifest import PluginManifest, ToolSpec, load_manifest, parse_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.storage.base import PluginRecord, Store
 
 JSON = dict[str, Any]
+log = logging.getLogger("mcp_zero.plugins")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,11 @@ class TemplateEntry:
     plugin: str
     pattern: re.Pattern[str]
     listing: JSON
+
+
+def _fingerprint(record: PluginRecord) -> tuple[Any, ...]:
+    """What identifies an installed copy: a new install changes it."""
+    return (record.version, record.path, record.installed_at)
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:
@@ -78,6 +85,8 @@ class PluginHost:
         self.templates: list[TemplateEntry] = []
         self.prompts: dict[str, tuple[str, JSON]] = {}
         self.version = -1
+        self.failed: dict[str, str] = {}  # plugins whose runtime could not start, and why
+        self._fingerprints: dict[str, tuple[Any, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # told after the index changed
         self._lock = asyncio.Lock()
 
@@ -144,10 +153,14 @@ class PluginHost:
             records = {r.name: r for r in self.store.list_plugins()}
             for name in list(self.runtimes):
                 record = records.get(name)
-                if record is None or record.manifest != self.manifests[name].to_dict():
+                # A reinstall (even of the same version) replaces the code: restart it.
+                if record is None or _fingerprint(record) != self._fingerprints.get(name):
                     runtime = self.runtimes.pop(name)
                     self.manifests.pop(name, None)
+                    self._fingerprints.pop(name, None)
+                    self.failed.pop(name, None)
                     await runtime.close()
+            fresh: list[tuple[str, PluginRuntime]] = []
             for name, record in records.items():
                 if name in self.runtimes:
                     continue
@@ -158,9 +171,17 @@ class PluginHost:
                 runtime = self._runtime(manifest, Path(record.path))
                 self.manifests[name] = manifest
                 self.runtimes[name] = runtime
+                self._fingerprints[name] = _fingerprint(record)
+                fresh.append((name, runtime))
             self._reindex()
             self.version = version
-            await asyncio.gather(*(rt.start() for rt in self.runtimes.values()))
+            # Only the new runtimes start (a running one would get a second set of workers);
+            # one plugin that cannot start must not keep the others, or the server, down.
+            started = await asyncio.gather(*(rt.start() for _, rt in fresh), return_exceptions=True)
+            for (name, _), outcome in zip(fresh, started, strict=True):
+                if isinstance(outcome, Exception):
+                    self.failed[name] = str(outcome)
+                    log.error("plugin %r could not start: %s", name, outcome)
         if self.on_change is not None:
             self.on_change()
         return True
@@ -218,9 +239,17 @@ class PluginHost:
         return None
 
     def runtime(self, name: str) -> PluginRuntime:
+        """The running runtime of plugin ``name``. Raises PluginNotFound, or PluginFailure
+        (with the reason) when the plugin could not start."""
         runtime = self.runtimes.get(name)
         if runtime is None:
             raise PluginNotFound(f"plugin {name!r} is not installed")
+        reason = self.failed.get(name)
+        if reason is not None:
+            raise PluginFailure(
+                f"plugin {name!r} could not start ({reason}); fix it and reinstall it "
+                "with 'mcp0 plugin install --replace'"
+            )
         return runtime
 
     async def close(self) -> None:
