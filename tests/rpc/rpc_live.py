@@ -1,6 +1,6 @@
-"""Helpers of the MCP transport tests: a real Runtime on a data dir, served by uvicorn in the
-test's event loop, and a small raw MCP-over-HTTP client (httpx2) that shows status codes,
-headers and SSE events as they are on the wire.
+"""Helpers of the MCP transport tests: a real Runtime on a data dir, served by our HTTP
+server in the test's event loop, and a small raw MCP-over-HTTP client (httpx2) that shows
+status codes, headers and SSE events as they are on the wire.
 
 A module of its own (not conftest.py): test modules import it by this unique name."""
 
@@ -18,10 +18,10 @@ import anyio
 import httpx2
 import orjson
 import pytest
-import uvicorn
 
 from mcp_zero.config import load_settings
 from mcp_zero.rpc.http import HttpApp
+from mcp_zero.rpc.wire import HttpServer
 from mcp_zero.runtime import Runtime
 
 TESTS_DIR = Path(__file__).parents[1]
@@ -41,11 +41,11 @@ def make_runtime(data_dir: Path, **overrides: Any) -> Runtime:
 
 @dataclass
 class LiveServer:
-    """A uvicorn server running ``HttpApp(runtime)`` on 127.0.0.1 in this event loop."""
+    """Our HTTP server running ``HttpApp(runtime)`` on 127.0.0.1 in this event loop."""
 
     runtime: Runtime
     app: HttpApp
-    server: uvicorn.Server
+    server: HttpServer
     task: asyncio.Task[None]
     port: int
 
@@ -63,24 +63,28 @@ class LiveServer:
 
 @contextlib.asynccontextmanager
 async def serve(runtime: Runtime) -> AsyncIterator[LiveServer]:
-    """Serve the runtime until the block ends; the lifespan starts and closes the runtime."""
+    """Serve the runtime the way `mcp0 serve` does (HttpApp on our HTTP/1.1 server, port 0)
+    until the block ends; startup starts the runtime and shutdown closes it."""
     app = HttpApp(runtime)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=runtime.settings.max_body_bytes)
+    started = asyncio.Event()
+
+    async def on_start() -> None:
+        await app.startup()
+        await server.start()
+        started.set()
+
+    task = asyncio.create_task(server.run(on_start, app.shutdown, listen=False))
     with anyio.fail_after(START_TIMEOUT_S):
-        while not server.started:
+        while not started.is_set():
             if task.done():
                 task.result()
-                pytest.fail("uvicorn exited before it started")
+                pytest.fail("the server exited before it started")
             await asyncio.sleep(0.01)
-    port = int(server.servers[0].sockets[0].getsockname()[1])
     try:
-        yield LiveServer(runtime, app, server, task, port)
+        yield LiveServer(runtime, app, server, task, server.port)
     finally:
-        server.should_exit = True
+        server.stop()
         with anyio.fail_after(START_TIMEOUT_S):
             await task
 

@@ -41,10 +41,9 @@ def _prepare(settings: Settings) -> tuple[Runtime, list[str]]:
 
 
 def run_http(settings: Settings, *, as_json: bool = False) -> None:
-    """Serve MCP over streamable HTTP until interrupted."""
-    import uvicorn
-
+    """Serve MCP over streamable HTTP until SIGTERM or SIGINT."""
     from mcp_zero.rpc.http import HttpApp
+    from mcp_zero.rpc.wire import HttpServer
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -58,40 +57,40 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         spawned = asyncio.run(runtime.agents.spawn("default", installed, via="cli"))
         first_token = spawned.token
     app = HttpApp(runtime)
-    url = f"http://{settings.host}:{settings.port}/mcp"
+    server = HttpServer(app, settings.host, settings.port, max_body_bytes=settings.max_body_bytes)
+
+    async def started() -> None:
+        await app.startup()
+        await server.start()  # listening only once the plugins run: /readyz is 200 at once
+        _announce(settings, server.port, installed, first_token, as_json=as_json)
+
+    asyncio.run(server.run(on_start=started, on_stop=app.shutdown, listen=False))
+
+
+def _announce(
+    settings: Settings, port: int, installed: list[str], token: str | None, *, as_json: bool
+) -> None:
+    url = f"http://{settings.host}:{port}/mcp"
     info: dict[str, Any] = {
         "url": url,
         "data_dir": str(settings.data_dir),
         "admin_token_file": str(settings.admin_token_path),
         "plugins_installed": installed,
     }
-    if first_token:
-        info["agent"] = {"name": "default", "token": first_token}
+    if token:
+        info["agent"] = {"name": "default", "token": token}
     if as_json:
         print(json.dumps(info), flush=True)
-    else:
-        if installed:
-            print(f"installed example plugins: {', '.join(installed)}", flush=True)
-        if first_token:
-            print(
-                "created agent 'default' with the example plugins; its token (shown once):",
-                flush=True,
-            )
-            print(f"  {first_token}", flush=True)
-        print(f"admin token: {settings.admin_token_path}", flush=True)
-        print(f"mcp0 listening on {url}", flush=True)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        loop="uvloop" if "uvloop" in sys.modules else "asyncio",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    uvicorn.Server(config).run()
+        return
+    if installed:
+        print(f"installed example plugins: {', '.join(installed)}", flush=True)
+    if token:
+        print(
+            "created agent 'default' with the example plugins; its token (shown once):", flush=True
+        )
+        print(f"  {token}", flush=True)
+    print(f"admin token: {settings.admin_token_path}", flush=True)
+    print(f"mcp0 listening on {url}", flush=True)
 
 
 def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:

@@ -1,0 +1,232 @@
+"""The HTTP/1.1 server under `mcp0 serve`, spoken to over raw sockets: keep-alive,
+pipelining, chunked bodies both ways, limits, malformed input, disconnects, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from mcp_zero.rpc.wire import MAX_HEADER_BYTES, HttpServer
+
+pytestmark = pytest.mark.anyio
+LIMIT = 64
+TIMEOUT_S = 10.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class EchoApp:
+    """Echoes the body; /stream sends three chunks; /wait-disconnect reports the disconnect."""
+
+    def __init__(self) -> None:
+        self.disconnected = asyncio.Event()
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        message = await receive()
+        body = message["body"]
+        if scope["path"] == "/stream":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            for i in range(3):
+                await send(
+                    {"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if scope["path"] == "/wait-disconnect":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"hello", "more_body": True})
+            assert (await receive())["type"] == "http.disconnect"
+            self.disconnected.set()
+            return
+        if scope["path"] == "/crash":
+            raise RuntimeError("the app broke")
+        status = 413 if len(body) > LIMIT else 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"%s %s" % (scope["method"].encode(), body[:LIMIT]),
+            }
+        )
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[HttpServer, EchoApp]]:
+    app = EchoApp()
+    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT)
+    task = asyncio.create_task(server.run())
+    with anyio.fail_after(TIMEOUT_S):
+        while server._server is None:
+            await asyncio.sleep(0.01)
+    yield server, app
+    server.stop()
+    with anyio.fail_after(TIMEOUT_S):
+        await task
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    server: HttpServer,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    with anyio.fail_after(TIMEOUT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:] if line)}
+        if "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int((await reader.readline()).strip(), 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                body += await reader.readexactly(size)
+                await reader.readline()
+        else:
+            body = await reader.read()
+    return status, headers, body
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        for i in range(3):
+            body = b"ping %d" % i
+            writer.write(
+                b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            status, headers, answer = await read_response(reader)
+            assert (status, answer) == (200, b"POST " + body)
+            assert "date" in headers
+
+
+async def test_pipelined_requests_are_answered_in_order(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"".join(
+                b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\n%d" % i for i in range(5)
+            )
+        )
+        answers = [(await read_response(reader))[2] for _ in range(5)]
+        assert answers == [b"POST %d" % i for i in range(5)]
+
+
+async def test_a_chunked_request_body_is_joined(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+        assert (await read_response(reader))[2] == b"POST abcde"
+
+
+async def test_a_streamed_response_is_chunked_and_arrives_whole(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+        _, headers, body = await read_response(reader)
+        assert headers["transfer-encoding"] == "chunked"
+        assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+async def test_a_body_over_the_limit_is_cut_so_the_app_can_refuse_it(served: Any) -> None:
+    server, _app = served
+    async with connect(server) as (reader, writer):
+        big = b"x" * (LIMIT * 100)
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
+        )
+        status, _, _ = await read_response(reader)
+        assert status == 413
+
+
+async def test_malformed_requests_and_huge_headers_are_refused(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == 400
+        assert headers["connection"] == "close"
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /x HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n")
+        assert (await read_response(reader))[0] == 431
+
+
+async def test_connection_close_is_honoured(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == 200
+        assert headers["connection"] == "close"
+        with anyio.fail_after(TIMEOUT_S):
+            assert await reader.read() == b""  # the server closed it
+
+
+async def test_the_app_hears_the_client_go(served: Any) -> None:
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /wait-disconnect HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(TIMEOUT_S):
+            await reader.readuntil(b"hello")
+    # the client has closed its end
+    with anyio.fail_after(TIMEOUT_S):
+        await app.disconnected.wait()
+
+
+async def test_an_app_failure_is_a_500_and_the_server_goes_on(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /crash HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await read_response(reader))[0] == 500
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+
+
+async def test_the_scope_carries_path_query_and_lowercased_headers(served: Any) -> None:
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /api/v1/audit?after=3 HTTP/1.1\r\nHost: h\r\nX-Thing: Yes\r\n\r\n")
+        await read_response(reader)
+        scope = app.scopes[-1]
+        assert scope["path"] == "/api/v1/audit"
+        assert scope["query_string"] == b"after=3"
+        assert (b"x-thing", b"Yes") in scope["headers"]
+        assert scope["client"][0] == "127.0.0.1"
