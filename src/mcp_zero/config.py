@@ -27,10 +27,10 @@ class Settings:
     max_concurrency: int = 64  # calls in flight per agent
     max_timeout_s: float = 300.0
     db_max_mb: int = 0  # cap on the SQLite file (small devices); 0: only the disk limits it
-    # How long the audit writer waits for more events before it commits. 0 (as PostgreSQL's
-    # commit_delay): it commits at once, and what arrives during one fsync forms the next
-    # batch. Measured here, 2 ms halved throughput and tripled p50 at the same CPU.
-    audit_window_ms: float = 0.0
+    # How long the audit writer waits for more events before it commits a batch. A few ms
+    # means fewer fsyncs at a steady load (less CPU); 0 means lower latency and, under
+    # saturation, more throughput (see docs/configuration.md for the measured trade).
+    audit_window_ms: float = 2.0
     page_size: int = 100  # tools/list, resources/list, prompts/list
     session_idle_s: float = 3600.0
     max_sessions: int = 10_000
