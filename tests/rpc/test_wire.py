@@ -230,3 +230,20 @@ async def test_the_scope_carries_path_query_and_lowercased_headers(served: Any) 
         assert scope["query_string"] == b"after=3"
         assert (b"x-thing", b"Yes") in scope["headers"]
         assert scope["client"][0] == "127.0.0.1"
+
+
+async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() -> None:
+    app = EchoApp()
+    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT)
+    task = asyncio.create_task(server.run())
+    with anyio.fail_after(TIMEOUT_S):
+        while server._server is None:
+            await asyncio.sleep(0.01)
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /wait-disconnect HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(TIMEOUT_S):
+            await reader.readuntil(b"hello")
+        server.stop()
+        with anyio.fail_after(2):  # well under the 5 s grace
+            await task
+    assert app.disconnected.is_set()

@@ -377,6 +377,10 @@ class HttpServer:
         for conn in list(self.connections):
             if not conn.busy:
                 conn.close()
+            else:
+                # Tell long-lived handlers (event streams) that their client is going, so
+                # they end now instead of holding shutdown for the whole grace period.
+                conn.gone.set()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
         for conn in list(self.connections):
