@@ -247,3 +247,27 @@ async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() ->
         with anyio.fail_after(2):  # well under the 5 s grace
             await task
     assert app.disconnected.is_set()
+
+
+async def test_expect_100_continue_is_answered_before_the_body(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"body")
+        assert (await read_response(reader))[2] == b"POST body"
+
+
+async def test_a_head_answer_has_no_body(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"HEAD /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"content-length: 5" in head  # what a GET would carry ("HEAD ")
+        writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")  # the connection is still in sync
+        assert (await read_response(reader))[2] == b"GET "

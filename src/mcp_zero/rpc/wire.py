@@ -149,6 +149,9 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.current.method = self.parser.get_method().decode("ascii", "replace")
         self.current.keep_alive = self.parser.should_keep_alive()
+        # curl and others wait (1 s) for this before sending a body over 1 KiB
+        if (b"expect", b"100-continue") in self.current.headers and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -314,7 +317,9 @@ class _Response:
             prefix = b"".join(head)
         else:
             prefix = b""
-        if self.chunked:
+        if self.request.method == "HEAD":
+            self.write(prefix)  # a HEAD answer has the headers of a GET and no body
+        elif self.chunked:
             chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
             end = b"0\r\n\r\n" if not more else b""
             self.write(prefix + chunk + end)
