@@ -104,15 +104,7 @@ class ResourceSpec:
 
     def to_mcp(self) -> JSON:
         """The MCP ``Resource`` object."""
-        return _drop_none(
-            {
-                "uri": self.uri,
-                "name": self.name,
-                "title": self.title,
-                "description": self.description,
-                "mimeType": self.mime_type,
-            }
-        )
+        return _resource_listing("uri", self.uri, self)
 
 
 @dataclass(frozen=True)
@@ -127,15 +119,7 @@ class ResourceTemplateSpec:
 
     def to_mcp(self) -> JSON:
         """The MCP ``ResourceTemplate`` object."""
-        return _drop_none(
-            {
-                "uriTemplate": self.uri_template,
-                "name": self.name,
-                "title": self.title,
-                "description": self.description,
-                "mimeType": self.mime_type,
-            }
-        )
+        return _resource_listing("uriTemplate", self.uri_template, self)
 
 
 @dataclass(frozen=True)
@@ -214,6 +198,19 @@ class PluginManifest:
             "resourceTemplates": [r.to_mcp() for r in self.resource_templates],
             "prompts": [p.to_mcp() for p in self.prompts],
         }
+
+
+def _resource_listing(key: str, target: str, spec: ResourceSpec | ResourceTemplateSpec) -> JSON:
+    """A resource or template as MCP lists it: its address under ``key``, then the rest."""
+    return _drop_none(
+        {
+            key: target,
+            "name": spec.name,
+            "title": spec.title,
+            "description": spec.description,
+            "mimeType": spec.mime_type,
+        }
+    )
 
 
 def _drop_none(d: JSON) -> JSON:
