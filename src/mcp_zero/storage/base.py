@@ -3,8 +3,8 @@
 SQLite (embedded, the default) implements it now; PostgreSQL later. Every
 method is synchronous and thread-safe: reads and the rare administrative writes
 take microseconds on SQLite. The hot write — the audit record of every action —
-arrives in batches from the one writer thread of ``mcp_zero.audit.AuditLog``
-(group commit); ``append_audit_batch`` returns only once the batch is durable
+arrives in batches from ``mcp_zero.audit.AuditLog`` (group commit, one batch
+at a time); ``append_audit_batch`` returns only once the batch is durable
 (fsynced). The store keeps audit rows as given: the chain is the audit log's.
 """
 

@@ -5,9 +5,9 @@ One file in WAL mode, two connections:
 - the *main* connection serves reads and the rare administrative writes
   (agents, plugins, snapshots), serialised by a lock;
 - the *audit* connection is used only by :meth:`SqliteStore.append_audit_batch`
-  (the audit log's writer thread), so an audit fsync never holds the lock that
-  reads on the event-loop thread take. WAL lets those reads proceed while the
-  audit batch commits.
+  (the audit log's group commits), under its own lock, so an audit fsync never
+  holds the lock that reads take. WAL lets those reads proceed while an audit
+  batch commits.
 
 Both connections run ``synchronous=FULL`` (a commit is on disk when it returns)
 and a busy timeout, so administrative and audit writes wait for each other
