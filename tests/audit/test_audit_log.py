@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import anyio
@@ -242,3 +243,52 @@ def test_start_twice_is_an_error(tmp_path: Path) -> None:
         pytest.raises(RuntimeError, match="twice"),
     ):
         log.start()
+
+
+async def test_zero_window_commits_what_one_loop_turn_submitted(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0) as log:
+        futures = [log.submit({"i": i}) for i in range(10)]  # one loop turn
+        assert not any(f.done() for f in futures)  # nothing is durable before the commit
+        with anyio.fail_after(10):
+            entries = await asyncio.gather(*futures)
+        assert [e.seq for e in entries] == list(range(1, 11))
+        assert (log.stats.batches, log.stats.largest_batch) == (1, 10)
+
+
+async def test_append_sync_on_the_loop_commits_the_gathering_batch_with_it(
+    tmp_path: Path,
+) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=60) as log:
+        gathering = [log.submit({"call": i}) for i in range(3)]
+        admin = log.append_sync({"admin": "plugin install"})
+        # Submission order is chain order, and the sync append did not wait out the window.
+        assert admin.seq == 4
+        assert all(f.done() for f in gathering)
+        assert [f.result().seq for f in gathering] == [1, 2, 3]
+        assert log.stats.batches == 1
+        assert verify_store(store).count == 4
+
+
+def test_close_from_another_thread_resolves_callers_on_their_loop(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store:
+        log = AuditLog(store, window=60)
+        log.start()
+        submitted = threading.Event()
+        outcome: list[AuditEntry] = []
+
+        async def caller() -> None:
+            future = log.submit({"from": "loop thread"})
+            submitted.set()
+            outcome.append(await future)
+
+        def run_loop() -> None:
+            asyncio.run(caller())
+
+        thread = threading.Thread(target=run_loop)
+        thread.start()
+        assert submitted.wait(10)
+        log.close()  # commits the loop's gathering batch from this thread
+        thread.join(10)
+        assert not thread.is_alive()
+        assert [e.seq for e in outcome] == [1]
+        assert len(store.read_audit()) == 1

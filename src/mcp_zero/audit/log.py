@@ -171,9 +171,9 @@ class AuditLog:
     def submit(self, event: Mapping[str, Any]) -> asyncio.Future[AuditEntry]:
         """Submit ``event`` to this loop's batch; return the future its durable entry resolves.
 
-        For callers that must not lose the record when they are cancelled:
-        ``await asyncio.shield(log.submit(event))`` (no task is created).
-        Raises as :meth:`append`.
+        Once submitted, the event is committed with its batch whatever happens
+        to the caller: cancelling the future (or the task awaiting it) only
+        stops the waiting. Raises as :meth:`append`.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AuditEntry] = loop.create_future()

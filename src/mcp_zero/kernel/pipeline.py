@@ -420,9 +420,9 @@ class Kernel:
             metrics.call_finished()
         event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
         t = time.perf_counter()
-        # The record must be durable before the caller learns the outcome — even when the
-        # caller has gone (cancelled), so shield the append from the cancellation.
-        await asyncio.shield(self.audit.submit(event))
+        # The record must be durable before the caller learns the outcome. A cancelled caller
+        # stops waiting here, but its submitted event is still committed with its batch.
+        await self.audit.submit(event)
         metrics.observe_stage("audit", time.perf_counter() - t)
         metrics.observe_stage("total", time.perf_counter() - start)
         metrics.count_call(method, event["outcome"])
