@@ -210,6 +210,20 @@ def start_floor(workdir: Path, tool: str) -> Target:
     return Target("bare ASGI floor", f"http://127.0.0.1:{port}/mcp", proc, tool, mcp=False)
 
 
+def start_isolation(workdir: Path, tool: str) -> Target:
+    """bench/isolation_floor.py: raw HTTP in front of an echo worker process, no governance."""
+    log = workdir / "isolation.log"
+    port = free_port()
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(BENCH / "isolation_floor.py"), "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    wait_listening(port, proc, "isolation floor", log)
+    return Target("HTTP + worker floor", f"http://127.0.0.1:{port}/mcp", proc, tool, mcp=False)
+
+
 # --- the protocol, done once per server with a real client -------------------------------------
 
 
@@ -584,12 +598,17 @@ ROWS = [
     ("failed calls (paced)", "fixed_rate", "failed", "{:d}"),
     ("other processes' CPU % (paced)", "fixed_rate", "others_cpu_percent", "{:.0f}"),
 ]
-COLUMNS = {"mcp0": "mcp0 (governed)", "plain": "plain SDK", "floor": "bare ASGI"}
+COLUMNS = {
+    "mcp0": "mcp0 (governed)",
+    "plain": "plain SDK",
+    "floor": "bare ASGI",
+    "isolation": "HTTP+worker",
+}
 
 
 def report(results: dict[str, Any]) -> dict[str, float | None] | None:
     """Prints the table of the servers measured; returns the ratios governed / plain when
-    both were measured (the floor gets a column, no ratio)."""
+    both were measured (the floors get a column, no ratio)."""
     measured = [key for key in COLUMNS if key in results]
     both = "mcp0" in results and "plain" in results
     ratios: dict[str, float | None] = {}
@@ -615,10 +634,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="calls/s of the paced phase")
     parser.add_argument("--tool", choices=tuple(TOOLS), default="notes_add", help="tool called")
     parser.add_argument(
-        "--floor", action="store_true", help="also measure a bare ASGI app (the HTTP floor)"
+        "--floor",
+        action="store_true",
+        help="also measure the floors: a bare ASGI app, and raw HTTP + an echo worker process",
     )
     parser.add_argument(
-        "--only", choices=("mcp0", "plain", "floor"), help="measure one server only (no ratios)"
+        "--only", choices=tuple(COLUMNS), help="measure one server only (no ratios)"
     )
     parser.add_argument("--output", type=Path, help="default .bench/governed_calls_<tool>.json")
     args = parser.parse_args()
@@ -637,8 +658,14 @@ def main() -> None:
         # The only limit lifted; the plugins' quotas are the shipped manifests'.
         "mcp0_overrides": {"MCP0_RATE_LIMIT": "0"},
     }
-    starters = {"mcp0": start_mcp0, "plain": start_plain, "floor": start_floor}
-    wanted = [args.only] if args.only else ["mcp0", "plain", *(["floor"] if args.floor else [])]
+    starters = {
+        "mcp0": start_mcp0,
+        "plain": start_plain,
+        "floor": start_floor,
+        "isolation": start_isolation,
+    }
+    floors = ["floor", "isolation"] if args.floor else []
+    wanted = [args.only] if args.only else ["mcp0", "plain", *floors]
     with tempfile.TemporaryDirectory(prefix="mcp0-bench-") as tmp:
         workdir = Path(tmp)
         for key in wanted:
