@@ -27,8 +27,8 @@ class Settings:
     max_concurrency: int = 64  # calls in flight per agent
     max_timeout_s: float = 300.0
     db_max_mb: int = 0  # cap on the SQLite file (small devices); 0: only the disk limits it
-    # How long the audit writer waits for more events before it commits a batch. A few ms
-    # means fewer fsyncs at a steady load (less CPU); 0 means lower latency and, under
+    # How long a batch of audit events gathers before it is committed. A few ms means
+    # fewer fsyncs at a steady load (less CPU); 0 means lower latency and, under
     # saturation, more throughput (see docs/configuration.md for the measured trade).
     audit_window_ms: float = 2.0
     page_size: int = 100  # tools/list, resources/list, prompts/list
