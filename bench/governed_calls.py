@@ -196,32 +196,28 @@ def start_plain(workdir: Path, tool: str) -> Target:
     return Target("plain SDK server", f"http://127.0.0.1:{port}/mcp", proc, tool)
 
 
-def start_floor(workdir: Path, tool: str) -> Target:
-    """The bare ASGI app of bench/floor_server.py: a constant answer to every POST."""
-    log = workdir / "floor.log"
+def start_script(workdir: Path, script: str, name: str, tool: str) -> Target:
+    """One of the bench's own servers, `script --port N` (speaks no MCP: no session)."""
+    log = workdir / f"{Path(script).stem}.log"
     port = free_port()
     with log.open("ab") as sink:
         proc = subprocess.Popen(
-            [sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
+            [sys.executable, str(BENCH / script), "--port", str(port)],
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    wait_listening(port, proc, "floor server", log)
-    return Target("bare ASGI floor", f"http://127.0.0.1:{port}/mcp", proc, tool, mcp=False)
+    wait_listening(port, proc, name, log)
+    return Target(name, f"http://127.0.0.1:{port}/mcp", proc, tool, mcp=False)
+
+
+def start_floor(workdir: Path, tool: str) -> Target:
+    """The bare ASGI app of bench/floor_server.py: a constant answer to every POST."""
+    return start_script(workdir, "floor_server.py", "bare ASGI floor", tool)
 
 
 def start_isolation(workdir: Path, tool: str) -> Target:
     """bench/isolation_floor.py: raw HTTP in front of an echo worker process, no governance."""
-    log = workdir / "isolation.log"
-    port = free_port()
-    with log.open("ab") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, str(BENCH / "isolation_floor.py"), "--port", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    wait_listening(port, proc, "isolation floor", log)
-    return Target("HTTP + worker floor", f"http://127.0.0.1:{port}/mcp", proc, tool, mcp=False)
+    return start_script(workdir, "isolation_floor.py", "HTTP + worker floor", tool)
 
 
 # --- the protocol, done once per server with a real client -------------------------------------
