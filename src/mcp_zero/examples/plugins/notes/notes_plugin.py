@@ -41,7 +41,8 @@ END;
 _local = threading.local()
 
 
-def _db(data_dir: Path) -> sqlite3.Connection:
+def connect(data_dir: Path) -> sqlite3.Connection:
+    """This thread's connection to the notes database in ``data_dir`` (created on first use)."""
     # The handlers are ``async def``: they run on the worker's event loop, one at a time,
     # because each is a short SQLite statement — a thread hop per call would cost more
     # than the query. So this is one connection; it stays per-thread should a handler
@@ -71,18 +72,24 @@ def _tag_pattern(tag: str | None) -> str | None:
     return f"% {tag} %" if tag else None
 
 
-@plugin.tool("notes_add")
-async def notes_add(ctx: Context, text: str, tags: list[str] | None = None) -> dict[str, Any]:
+def add_note(
+    conn: sqlite3.Connection, agent: str, text: str, tags: list[str] | None
+) -> dict[str, Any]:
+    """Insert a note of ``agent`` (and index it); return the ``notes_add`` result."""
     clean = sorted({t.strip() for t in tags or [] if t.strip()})
     stored = f" {' '.join(clean)} " if clean else ""
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    conn = _db(ctx.data_dir)
     with conn:
         cur = conn.execute(
             "INSERT INTO notes(agent, text, tags, created) VALUES (?, ?, ?, ?)",
-            (ctx.agent, text, stored, created),
+            (agent, text, stored, created),
         )
     return {"note": {"id": cur.lastrowid, "text": text, "tags": clean, "created": created}}
+
+
+@plugin.tool("notes_add")
+async def notes_add(ctx: Context, text: str, tags: list[str] | None = None) -> dict[str, Any]:
+    return add_note(connect(ctx.data_dir), ctx.agent, text, tags)
 
 
 @plugin.tool("notes_search")
@@ -92,7 +99,7 @@ async def notes_search(
     pattern = _tag_pattern(tag)
     try:
         rows = (
-            _db(ctx.data_dir)
+            connect(ctx.data_dir)
             .execute(
                 "SELECT n.id, n.text, n.tags, n.created, bm25(notes_fts) AS score"
                 " FROM notes_fts JOIN notes n ON n.id = notes_fts.rowid"
@@ -115,7 +122,7 @@ async def notes_search(
 async def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> dict[str, Any]:
     pattern = _tag_pattern(tag)
     rows = (
-        _db(ctx.data_dir)
+        connect(ctx.data_dir)
         .execute(
             "SELECT n.id, n.text, n.tags, n.created FROM notes n"
             " WHERE n.agent = ? AND (? IS NULL OR n.tags LIKE ?) ORDER BY n.id DESC LIMIT ?",
@@ -129,7 +136,7 @@ async def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> d
 
 @plugin.tool("notes_delete")
 async def notes_delete(ctx: Context, id: int) -> dict[str, Any]:
-    conn = _db(ctx.data_dir)
+    conn = connect(ctx.data_dir)
     with conn:
         cur = conn.execute("DELETE FROM notes WHERE id = ? AND agent = ?", (id, ctx.agent))
     if cur.rowcount == 0:
