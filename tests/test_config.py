@@ -66,6 +66,7 @@ def test_environment_values_are_coerced() -> None:
             "MCP0_EXAMPLES": "0",
             "MCP0_DATA_DIR": "/tmp/elsewhere",
             "MCP0_AUDIT_WINDOW_MS": "5",
+            "MCP0_AUDIT_MAX_BATCH": "8",
             "MCP0_ANONYMOUS_AGENT": "guest",
             "MCP0_TOKEN": "not a setting, used by the CLI",
         },
@@ -74,6 +75,7 @@ def test_environment_values_are_coerced() -> None:
     assert settings.examples is False
     assert settings.data_dir == Path("/tmp/elsewhere")
     assert settings.audit_window_ms == 5.0
+    assert settings.audit_max_batch == 8
     assert settings.anonymous_agent == "guest"
 
 
@@ -112,6 +114,7 @@ def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None
         ("rate_burst", 0),
         ("max_sessions", -1),
         ("port", 70000),
+        ("audit_max_batch", 0),
     ],
 )
 def test_out_of_range_values_are_config_errors(name: str, value: int) -> None:

@@ -52,7 +52,11 @@ class Runtime:
         self.store = SqliteStore(
             settings.db_path, max_size_bytes=settings.db_max_mb * 2**20 or None
         )
-        self.audit = AuditLog(self.store, window=settings.audit_window_ms / 1000)
+        self.audit = AuditLog(
+            self.store,
+            window=settings.audit_window_ms / 1000,
+            max_batch=settings.audit_max_batch,
+        )
         self.policy = PolicyStore(settings.policy_dir)
         self.plugins = PluginHost(self.store, settings.plugins_dir, settings.plugin_data_dir)
         self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)

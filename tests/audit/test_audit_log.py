@@ -255,6 +255,21 @@ async def test_zero_window_commits_what_one_loop_turn_submitted(tmp_path: Path) 
         assert (log.stats.batches, log.stats.largest_batch) == (1, 10)
 
 
+async def test_a_full_batch_commits_without_waiting_out_the_window(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store:
+        with AuditLog(store, window=60, max_batch=3) as log:
+            first = [log.submit({"i": i}) for i in range(3)]
+            # The third submit filled the batch: it is durable now, not in a minute.
+            assert all(f.done() for f in first)
+            assert [f.result().seq for f in first] == [1, 2, 3]
+            late = log.submit({"i": 3})
+            assert not late.done()  # a new batch, gathering again
+            assert (log.stats.batches, log.stats.largest_batch) == (1, 3)
+        # Closing the log committed the gathering one.
+        assert late.result().seq == 4
+        assert verify_store(store).count == 4
+
+
 async def test_append_sync_on_the_loop_commits_the_gathering_batch_with_it(
     tmp_path: Path,
 ) -> None:
