@@ -93,7 +93,7 @@ class AuditLog:
     AuditLog(store) as log:``.
     """
 
-    def __init__(self, store: Store, *, window: float = 0.002, max_batch: int = 1000) -> None:
+    def __init__(self, store: Store, *, window: float = 0.005, max_batch: int = 32) -> None:
         if window < 0:
             raise ValueError("window must be >= 0 seconds")
         if max_batch < 1:
