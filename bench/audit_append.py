@@ -4,9 +4,9 @@
 
 Every run uses AuditLog on a fresh SqliteStore (WAL, synchronous=FULL) and the
 same event, appended from C coroutines. Group commit runs with the defaults
-(window 5 ms, max_batch 32, as ``mcp0 serve``) and with window 0 (batches form only while the
-previous fsync runs); the baseline sets ``max_batch=1, window=0``, so each event
-is its own transaction and fsync. The baseline is slow (about 0.1 ms
+(those of ``mcp0 serve``) and with window 0 (what one loop turn submits, up to
+1000 events, is a batch); the baseline sets ``max_batch=1, window=0``, so each
+event is its own transaction and fsync. The baseline is slow (about 0.1 ms
 per event here), so it runs over fewer events by default; rates are per event.
 """
 
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from mcp_zero.audit import AuditLog, verify_store
+from mcp_zero.audit.log import DEFAULT_MAX_BATCH, DEFAULT_WINDOW
 from mcp_zero.storage import SqliteStore
 
 EVENT = {
@@ -75,7 +76,12 @@ def main() -> None:
     runs: list[tuple[str, int, float, float, int]] = []
     with tempfile.TemporaryDirectory(prefix="mcp0-bench-") as tmp:
         for label, events, window, max_batch in (
-            ("group commit (5 ms, 32)", args.events, 0.005, 32),
+            (
+                f"group commit ({DEFAULT_WINDOW * 1000:g} ms, {DEFAULT_MAX_BATCH})",
+                args.events,
+                DEFAULT_WINDOW,
+                DEFAULT_MAX_BATCH,
+            ),
             ("group commit (window 0)", args.events, 0.0, 1000),
             ("one commit per event", args.baseline_events, 0.0, 1),
         ):

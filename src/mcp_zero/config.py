@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mcp_zero.audit.log import DEFAULT_MAX_BATCH, DEFAULT_WINDOW
 from mcp_zero.errors import ConfigError
 
 DEFAULT_PORT = 8390
@@ -28,13 +29,9 @@ class Settings:
     max_timeout_s: float = 300.0
     db_max_mb: int = 0  # cap on the SQLite file (small devices); 0: only the disk limits it
     # Group commit of audit events: a batch gathers for up to audit_window_ms after its
-    # first event, or until audit_max_batch events wait, then is committed in one
-    # transaction and one fsync. A few ms means fewer fsyncs at a steady load (less
-    # CPU); the cap ends the wait as soon as enough callers share it, so many
-    # concurrent clients do not each wait out the window (docs/configuration.md has
-    # the measured trade).
-    audit_window_ms: float = 5.0
-    audit_max_batch: int = 32
+    # first event, or until audit_max_batch events wait (see mcp_zero.audit.log).
+    audit_window_ms: float = DEFAULT_WINDOW * 1000
+    audit_max_batch: int = DEFAULT_MAX_BATCH
     page_size: int = 100  # tools/list, resources/list, prompts/list
     session_idle_s: float = 3600.0
     max_sessions: int = 10_000

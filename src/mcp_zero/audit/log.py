@@ -47,6 +47,13 @@ _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[Audi
 
 _MAX_ATTEMPTS = 3
 
+# The group-commit defaults (and ``mcp0 serve``'s, through config.Settings). A batch
+# waits up to DEFAULT_WINDOW seconds after its first event, so a steady load pays one
+# fsync per few calls; DEFAULT_MAX_BATCH ends the wait early, so many concurrent
+# callers do not each sit out the window (measured trade: docs/configuration.md).
+DEFAULT_WINDOW = 0.005
+DEFAULT_MAX_BATCH = 32
+
 
 @dataclass(slots=True)
 class AuditStats:
@@ -93,7 +100,13 @@ class AuditLog:
     AuditLog(store) as log:``.
     """
 
-    def __init__(self, store: Store, *, window: float = 0.005, max_batch: int = 32) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        window: float = DEFAULT_WINDOW,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         if window < 0:
             raise ValueError("window must be >= 0 seconds")
         if max_batch < 1:
