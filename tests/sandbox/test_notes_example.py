@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+
 import pytest
 from sandbox_support import NOTES_DIR, RecordingBridge
 
@@ -78,3 +81,101 @@ async def test_notes_survive_a_worker_restart(make_runtime):
     await rt.start()
     found = (await notes(rt, "notes_search", "erin", query="thought"))["structuredContent"]
     assert found["count"] == 1
+
+
+# The pending list, in-process: the module's storage code without a worker around it.
+
+
+@pytest.fixture
+def notes_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(NOTES_DIR))
+    import notes_plugin
+
+    monkeypatch.setattr(notes_plugin, "_local", threading.local())
+    return notes_plugin
+
+
+def _fts_matches_notes(db) -> None:
+    # FTS5's own check of the index against its external content table (`rank` = 1).
+    db.conn.execute("INSERT INTO notes_fts(notes_fts, rank) VALUES ('integrity-check', 1)")
+
+
+def _search(db, query: str) -> list[int]:
+    db.index_pending()
+    sql = "SELECT rowid FROM notes_fts WHERE notes_fts MATCH ? ORDER BY rowid"
+    return [r[0] for r in db.conn.execute(sql, (query,))]
+
+
+@pytest.mark.parametrize("indexed_first", [False, True])
+def test_a_deleted_note_leaves_the_index_whether_it_was_pending_or_not(
+    notes_module, tmp_path, indexed_first
+):
+    db = notes_module.connect(tmp_path)
+    keep = notes_module.add_note(db, "a", "apples to keep", None)["note"]["id"]
+    gone = notes_module.add_note(db, "a", "apples to drop", None)["note"]["id"]
+    assert db.pending == 2
+    if indexed_first:
+        db.index_pending()
+        assert db.pending == 0
+    db.conn.execute("DELETE FROM notes WHERE id = ?", (gone,))
+    db.conn.commit()
+    assert _search(db, "apples") == [keep]
+    _fts_matches_notes(db)
+
+
+def test_a_full_pending_list_is_indexed_in_one_go(notes_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(notes_module, "INDEX_BATCH", 5)
+    db = notes_module.connect(tmp_path)
+    for i in range(4):
+        notes_module.add_note(db, "a", f"note {i}", None)
+    assert db.pending == 4
+    assert db.conn.execute("SELECT count(*) FROM notes_fts_docsize").fetchone()[0] == 0
+    notes_module.add_note(db, "a", "note 4", None)
+    assert db.pending == 0
+    assert db.conn.execute("SELECT count(*) FROM notes_fts_docsize").fetchone()[0] == 5
+    _fts_matches_notes(db)
+
+
+def test_pending_notes_survive_a_reopen(notes_module, tmp_path):
+    db = notes_module.connect(tmp_path)
+    notes_module.add_note(db, "a", "written before the crash", None)
+    db.conn.close()
+    notes_module._local.db = None
+    reopened = notes_module.connect(tmp_path)
+    assert reopened.pending == 1
+    assert len(_search(reopened, "crash")) == 1
+
+
+def test_a_database_of_the_first_schema_is_migrated_in_place(notes_module, tmp_path):
+    # Version 0 (0.1.0 before the pending list): triggers indexed each note on insert.
+    old = sqlite3.connect(tmp_path / "notes.db")
+    old.executescript(
+        """
+        CREATE TABLE notes (id INTEGER PRIMARY KEY, agent TEXT NOT NULL, text TEXT NOT NULL,
+                            tags TEXT NOT NULL DEFAULT '', created TEXT NOT NULL);
+        CREATE INDEX notes_agent ON notes(agent, id);
+        CREATE VIRTUAL TABLE notes_fts USING fts5(
+            text, tags, content='notes', content_rowid='id', tokenize='porter unicode61');
+        CREATE TRIGGER notes_ai AFTER INSERT ON notes BEGIN
+            INSERT INTO notes_fts(rowid, text, tags) VALUES (new.id, new.text, new.tags);
+        END;
+        CREATE TRIGGER notes_ad AFTER DELETE ON notes BEGIN
+            INSERT INTO notes_fts(notes_fts, rowid, text, tags)
+            VALUES ('delete', old.id, old.text, old.tags);
+        END;
+        INSERT INTO notes(agent, text, created) VALUES ('a', 'old pears', 'x');
+        INSERT INTO notes(agent, text, created) VALUES ('a', 'old figs', 'x');
+        """
+    )
+    old.close()
+    db = notes_module.connect(tmp_path)
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    triggers = {r[0] for r in db.conn.execute(sql)}
+    assert triggers == {"notes_ad"}
+    assert db.pending == 0
+    assert _search(db, "pears") == [1]
+    db.conn.execute("DELETE FROM notes WHERE id = 1")
+    db.conn.commit()
+    assert _search(db, "pears OR figs") == [2]
+    _fts_matches_notes(db)
