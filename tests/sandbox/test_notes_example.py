@@ -136,6 +136,16 @@ def test_a_full_pending_list_is_indexed_in_one_go(notes_module, tmp_path, monkey
     _fts_matches_notes(db)
 
 
+def test_a_search_indexes_notes_another_worker_added(notes_module, tmp_path):
+    # Two workers of the plugin: two connections, each with its own count.
+    first = notes_module.NotesDB(tmp_path / "notes.db")
+    second = notes_module.NotesDB(tmp_path / "notes.db")
+    notes_module.add_note(first, "a", "plums from the first worker", None)
+    assert second.pending == 0
+    assert len(_search(second, "plums")) == 1
+    _fts_matches_notes(second)
+
+
 def test_pending_notes_survive_a_reopen(notes_module, tmp_path):
     db = notes_module.connect(tmp_path)
     notes_module.add_note(db, "a", "written before the crash", None)

@@ -74,11 +74,17 @@ class NotesDB:
                 conn.close()
                 raise
         self.conn = conn
+        # Notes added since this connection last indexed (or found waiting when it opened).
         self.pending: int = conn.execute("SELECT count(*) FROM notes_pending").fetchone()[0]
 
     def index_pending(self) -> None:
-        """Index every pending note in one transaction (one FTS5 segment)."""
-        if not self.pending:
+        """Index every pending note in one transaction (one FTS5 segment).
+
+        The table decides, not ``pending``: another worker of the plugin may have
+        added notes through its own connection.
+        """
+        self.pending = 0
+        if not self.conn.execute("SELECT EXISTS (SELECT 1 FROM notes_pending)").fetchone()[0]:
             return
         with self.conn:
             self.conn.execute(
@@ -86,7 +92,6 @@ class NotesDB:
                 " SELECT n.id, n.text, n.tags FROM notes_pending p JOIN notes n ON n.id = p.id"
             )
             self.conn.execute("DELETE FROM notes_pending")
-        self.pending = 0
 
 
 _local = threading.local()
@@ -184,9 +189,8 @@ async def notes_list(ctx: Context, tag: str | None = None, limit: int = 20) -> d
 async def notes_delete(ctx: Context, id: int) -> dict[str, Any]:
     db = connect(ctx.data_dir)
     with db.conn:
+        # The trigger also takes the note off the pending list, if it is on it.
         cur = db.conn.execute("DELETE FROM notes WHERE id = ? AND agent = ?", (id, ctx.agent))
-        # The trigger took the note off the pending list, if it was on it.
-        db.pending = db.conn.execute("SELECT count(*) FROM notes_pending").fetchone()[0]
     if cur.rowcount == 0:
         raise ToolError(f"you have no note with id {id}")
     return {"deleted": id}
