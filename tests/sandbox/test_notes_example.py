@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 
 import pytest
 from sandbox_support import NOTES_DIR, RecordingBridge
@@ -91,7 +90,6 @@ def notes_module(monkeypatch):
     monkeypatch.syspath_prepend(str(NOTES_DIR))
     import notes_plugin
 
-    monkeypatch.setattr(notes_plugin, "_local", threading.local())
     return notes_plugin
 
 
@@ -110,7 +108,7 @@ def _search(db, query: str) -> list[int]:
 def test_a_deleted_note_leaves_the_index_whether_it_was_pending_or_not(
     notes_module, tmp_path, indexed_first
 ):
-    db = notes_module.connect(tmp_path)
+    db = notes_module.NotesDB(tmp_path / "notes.db")
     keep = notes_module.add_note(db, "a", "apples to keep", None)["note"]["id"]
     gone = notes_module.add_note(db, "a", "apples to drop", None)["note"]["id"]
     assert db.pending == 2
@@ -123,9 +121,8 @@ def test_a_deleted_note_leaves_the_index_whether_it_was_pending_or_not(
     _fts_matches_notes(db)
 
 
-def test_a_full_pending_list_is_indexed_in_one_go(notes_module, tmp_path, monkeypatch):
-    monkeypatch.setattr(notes_module, "INDEX_BATCH", 5)
-    db = notes_module.connect(tmp_path)
+def test_a_full_pending_list_is_indexed_in_one_go(notes_module, tmp_path):
+    db = notes_module.NotesDB(tmp_path / "notes.db", index_batch=5)
     for i in range(4):
         notes_module.add_note(db, "a", f"note {i}", None)
     assert db.pending == 4
@@ -147,11 +144,10 @@ def test_a_search_indexes_notes_another_worker_added(notes_module, tmp_path):
 
 
 def test_pending_notes_survive_a_reopen(notes_module, tmp_path):
-    db = notes_module.connect(tmp_path)
+    db = notes_module.NotesDB(tmp_path / "notes.db")
     notes_module.add_note(db, "a", "written before the crash", None)
     db.conn.close()
-    notes_module._local.db = None
-    reopened = notes_module.connect(tmp_path)
+    reopened = notes_module.NotesDB(tmp_path / "notes.db")
     assert reopened.pending == 1
     assert len(_search(reopened, "crash")) == 1
 
@@ -178,7 +174,7 @@ def test_a_database_of_the_first_schema_is_migrated_in_place(notes_module, tmp_p
         """
     )
     old.close()
-    db = notes_module.connect(tmp_path)
+    db = notes_module.NotesDB(tmp_path / "notes.db")
     assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 1
     sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
     triggers = {r[0] for r in db.conn.execute(sql)}

@@ -56,9 +56,10 @@ END;
 
 
 class NotesDB:
-    """One connection to the notes database, with the count of notes waiting for the index."""
+    """One connection to the notes database; it indexes the pending notes once
+    ``index_batch`` of its own inserts wait."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, index_batch: int = INDEX_BATCH) -> None:
         conn = sqlite3.connect(path, timeout=5.0)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
@@ -74,6 +75,7 @@ class NotesDB:
                 conn.close()
                 raise
         self.conn = conn
+        self.index_batch = index_batch
         # Notes added since this connection last indexed (or found waiting when it opened).
         self.pending: int = conn.execute("SELECT count(*) FROM notes_pending").fetchone()[0]
 
@@ -135,7 +137,7 @@ def add_note(db: NotesDB, agent: str, text: str, tags: list[str] | None) -> dict
         )
         db.conn.execute("INSERT INTO notes_pending(id) VALUES (?)", (cur.lastrowid,))
     db.pending += 1
-    if db.pending >= INDEX_BATCH:
+    if db.pending >= db.index_batch:
         db.index_pending()
     return {"note": {"id": cur.lastrowid, "text": text, "tags": clean, "created": created}}
 
