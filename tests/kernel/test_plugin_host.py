@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,25 @@ def edited_copy(tmp_path: Path, source: Path, **changes: Any) -> Path:
     manifest.update(changes)
     (target / "plugin.json").write_text(json.dumps(manifest))
     return target
+
+
+@asynccontextmanager
+async def running_faulty(make_runtime: Any) -> AsyncIterator[Runtime]:
+    """A runtime with the faulty plugin installed and its workers started; closed after."""
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    try:
+        with anyio.fail_after(30):
+            await runtime.plugins.refresh(force=True)
+        yield runtime
+    finally:
+        await runtime.aclose()
+
+
+async def assert_refresh_changes(runtime: Runtime) -> None:
+    """The host's next refresh finds a change (within 30 s)."""
+    with anyio.fail_after(30):
+        assert await runtime.plugins.refresh() is True
 
 
 async def test_install_copies_the_plugin_and_records_it(make_runtime: Any, tmp_path: Path) -> None:
@@ -122,11 +143,7 @@ async def test_refresh_indexes_tools_resources_and_prompts(make_runtime: Any) ->
 
 
 async def test_a_running_host_follows_another_process(make_runtime: Any) -> None:
-    server: Runtime = make_runtime()
-    server.plugins.install(FAULTY_DIR)
-    try:
-        with anyio.fail_after(30):
-            await server.plugins.refresh(force=True)
+    async with running_faulty(make_runtime) as server:
         assert "notes_add" not in server.plugins.tools
         # `mcp0 plugin install` on the same data dir, in another Runtime
         cli = Runtime(server.settings)
@@ -134,8 +151,7 @@ async def test_a_running_host_follows_another_process(make_runtime: Any) -> None
             cli.plugins.install(NOTES_DIR)
         finally:
             cli.close()
-        with anyio.fail_after(30):
-            assert await server.plugins.refresh() is True
+        await assert_refresh_changes(server)
         assert server.plugins.tools["notes_add"].plugin == "notes"
         assert "notes" in server.plugins.runtimes
         cli = Runtime(server.settings)
@@ -143,68 +159,44 @@ async def test_a_running_host_follows_another_process(make_runtime: Any) -> None
             cli.plugins.remove("faulty")
         finally:
             cli.close()
-        with anyio.fail_after(30):
-            assert await server.plugins.refresh() is True
+        await assert_refresh_changes(server)
         assert not any(e.plugin == "faulty" for e in server.plugins.tools.values())
         assert "faulty" not in server.plugins.runtimes
-    finally:
-        await server.aclose()
 
 
 async def test_a_replaced_plugin_restarts_with_the_new_manifest(
     make_runtime: Any, tmp_path: Path
 ) -> None:
-    runtime: Runtime = make_runtime()
-    runtime.plugins.install(FAULTY_DIR)
-    try:
-        with anyio.fail_after(30):
-            await runtime.plugins.refresh(force=True)
+    async with running_faulty(make_runtime) as runtime:
         old = runtime.plugins.runtime("faulty")
         runtime.plugins.install(
             edited_copy(tmp_path, FAULTY_DIR, description="second edition"), replace=True
         )
-        with anyio.fail_after(30):
-            assert await runtime.plugins.refresh() is True
+        await assert_refresh_changes(runtime)
         assert runtime.plugins.runtime("faulty") is not old
         assert runtime.plugins.manifests["faulty"].description == "second edition"
-    finally:
-        await runtime.aclose()
 
 
 async def test_installing_another_plugin_leaves_running_workers_alone(
     make_runtime: Any,
 ) -> None:
-    runtime: Runtime = make_runtime()
-    runtime.plugins.install(FAULTY_DIR)
-    try:
-        with anyio.fail_after(30):
-            await runtime.plugins.refresh(force=True)
+    async with running_faulty(make_runtime) as runtime:
         faulty = runtime.plugins.runtime("faulty")
         pids_before = list(faulty.pids)  # type: ignore[attr-defined]
         runtime.plugins.install(NOTES_DIR)
-        with anyio.fail_after(30):
-            assert await runtime.plugins.refresh() is True
+        await assert_refresh_changes(runtime)
         # the same runtime, the same workers: no second set started beside the first
         assert runtime.plugins.runtime("faulty") is faulty
         assert faulty.pids == pids_before  # type: ignore[attr-defined]
         assert len(runtime.plugins.runtime("notes").pids) == 1  # type: ignore[attr-defined]
-    finally:
-        await runtime.aclose()
 
 
 async def test_a_reinstall_of_the_same_version_restarts_it(make_runtime: Any) -> None:
-    runtime: Runtime = make_runtime()
-    runtime.plugins.install(FAULTY_DIR)
-    try:
-        with anyio.fail_after(30):
-            await runtime.plugins.refresh(force=True)
+    async with running_faulty(make_runtime) as runtime:
         old = runtime.plugins.runtime("faulty")
         runtime.plugins.install(FAULTY_DIR, replace=True)  # new code, same manifest
-        with anyio.fail_after(30):
-            assert await runtime.plugins.refresh() is True
+        await assert_refresh_changes(runtime)
         assert runtime.plugins.runtime("faulty") is not old
-    finally:
-        await runtime.aclose()
 
 
 async def test_a_plugin_that_cannot_start_does_not_take_the_others_down(
