@@ -5,7 +5,9 @@ from a plugin to the client and the client's answer back to the plugin."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import httpx2
@@ -41,16 +43,23 @@ def text_of(result: types.CallToolResult) -> str:
     return "\n".join(b.text for b in result.content if isinstance(b, types.TextContent))
 
 
-@pytest.fixture(params=["legacy", "auto"])
-async def client(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Client]:
+@asynccontextmanager
+async def connect(env: Env, mode: str = "legacy", **callbacks: Any) -> AsyncIterator[Client]:
+    """The official client, connected as the test agent (``callbacks``: sampling etc.)."""
     async with httpx2.AsyncClient(
         headers={"Authorization": f"Bearer {env.token}"}, timeout=TIMEOUT_S
     ) as http:
         with anyio.fail_after(TIMEOUT_S):
             async with Client(
-                streamable_http_client(env.live.url, http_client=http), mode=request.param
+                streamable_http_client(env.live.url, http_client=http), mode=mode, **callbacks
             ) as connected:
                 yield connected
+
+
+@pytest.fixture(params=["legacy", "auto"])
+async def client(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Client]:
+    async with connect(env, request.param) as connected:
+        yield connected
 
 
 async def test_lists_tools_and_adds_then_finds_a_note(client: Client) -> None:
@@ -107,18 +116,8 @@ async def test_sampling_is_relayed_to_the_client_and_back(env: Env) -> None:
     store = env.live.runtime.store
     head = store.audit_head()
     after = head.seq if head is not None else 0
-    async with httpx2.AsyncClient(
-        headers={"Authorization": f"Bearer {env.token}"}, timeout=TIMEOUT_S
-    ) as http:
-        with anyio.fail_after(TIMEOUT_S):
-            async with Client(
-                streamable_http_client(env.live.url, http_client=http),
-                mode="legacy",
-                sampling_callback=sample,
-            ) as connected:
-                result = await connected.call_tool(
-                    "test_sampling", {"prompt": "what is six by seven?"}
-                )
+    async with connect(env, sampling_callback=sample) as connected:
+        result = await connected.call_tool("test_sampling", {"prompt": "what is six by seven?"})
     assert not result.is_error, text_of(result)
     assert text_of(result) == "LLM response: forty-two"
     assert len(asked) == 1
@@ -143,16 +142,8 @@ async def test_elicitation_is_relayed_to_the_client_and_back(env: Env) -> None:
             action="accept", content={"username": "ada", "email": "ada@example.org"}
         )
 
-    async with httpx2.AsyncClient(
-        headers={"Authorization": f"Bearer {env.token}"}, timeout=TIMEOUT_S
-    ) as http:
-        with anyio.fail_after(TIMEOUT_S):
-            async with Client(
-                streamable_http_client(env.live.url, http_client=http),
-                mode="legacy",
-                elicitation_callback=elicit,
-            ) as connected:
-                result = await connected.call_tool("test_elicitation", {"message": "who are you?"})
+    async with connect(env, elicitation_callback=elicit) as connected:
+        result = await connected.call_tool("test_elicitation", {"message": "who are you?"})
     assert not result.is_error, text_of(result)
     assert "action=accept" in text_of(result)
     assert '"username":"ada"' in text_of(result)
