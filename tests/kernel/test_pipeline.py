@@ -96,6 +96,19 @@ async def test_schema_errors_name_the_path_before_the_plugin_runs(
     assert records(started, request_id="k4")[0]["code"] == "invalid_params"
 
 
+async def test_a_schema_error_quotes_a_huge_value_only_in_part(
+    started: Runtime, bridge: Any
+) -> None:
+    agent = Principal("carol", ALL)
+    with pytest.raises(InvalidParams) as caught:
+        await call(started, agent, "faulty_echo", {"text": ["x" * 500_000]}, "k4b", bridge)
+    message = caught.value.message
+    assert message.startswith('invalid arguments at /text: ["xxx')
+    assert message.endswith('is not of type "string"')
+    assert "characters omitted" in message
+    assert len(message) < 300
+
+
 async def test_schema_is_checked_only_after_policy(started: Runtime, bridge: Any) -> None:
     # a denied agent learns nothing about the tool's schema
     with pytest.raises(PolicyDenied):

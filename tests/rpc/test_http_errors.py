@@ -61,8 +61,18 @@ async def test_malformed_json_is_http_400_with_parse_error(env: Env) -> None:
         b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": [1, 2]}',
         b'{"jsonrpc": "2.0", "id": 1, "method": 42}',
         b'"just a string"',
+        b'{"jsonrpc": "2.0", "id": null, "method": "ping"}',
+        b'{"jsonrpc": "2.0", "id": 1.5, "method": "ping"}',
     ],
-    ids=["no-jsonrpc", "batch", "params-array", "method-not-string", "not-an-object"],
+    ids=[
+        "no-jsonrpc",
+        "batch",
+        "params-array",
+        "method-not-string",
+        "not-an-object",
+        "null-id",
+        "fractional-id",
+    ],
 )
 async def test_invalid_request_is_32600(env: Env, body: bytes) -> None:
     response = await env.live.client(env.full).post_raw(body)

@@ -60,10 +60,21 @@ def _pointer(parts: Any) -> str:
     return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
+_MESSAGE_LIMIT = 200
+
+
+def _brief(message: str) -> str:
+    """A validator's message quotes the failing value; keep a huge value from filling it."""
+    if len(message) <= _MESSAGE_LIMIT:
+        return message
+    # The value comes first and the reason last ("… is longer than 10 characters").
+    return f"{message[:80]}…({len(message) - 180} characters omitted)…{message[-100:]}"
+
+
 def _schema_error(exc: Any) -> InvalidParams:
     path = _pointer(exc.instance_path)
     return InvalidParams(
-        f"invalid arguments at {path}: {exc.message}",
+        f"invalid arguments at {path}: {_brief(exc.message)}",
         data={"path": path, "schemaPath": _pointer(exc.schema_path)},
     )
 
@@ -80,7 +91,7 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         path = _pointer(problem.instance_path)
         raise PluginFailure(
             f"tool {tool!r} returned structuredContent that does not match its outputSchema "
-            f"at {path}: {problem.message}",
+            f"at {path}: {_brief(problem.message)}",
             data={"path": path},
         )
 

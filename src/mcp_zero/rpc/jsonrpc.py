@@ -83,6 +83,9 @@ def classify(obj: Any) -> Message:
         return Response(msg_id, result, error)
     if not isinstance(method, str) or not method:
         raise InvalidRequest('"method" must be a non-empty string', data=_id_data(msg_id))
+    if msg_id is None and "id" in obj:
+        # MCP: a request's id is a string or an integer, never null; a notification has none.
+        raise InvalidRequest('"id" must not be null: send a string or an integer, or no id')
     params = obj.get("params", {})
     if params is None:
         params = {}
