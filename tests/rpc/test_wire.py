@@ -72,18 +72,27 @@ class EchoApp:
         )
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[HttpServer, EchoApp]]:
+@contextlib.asynccontextmanager
+async def serving(**options: Any) -> AsyncIterator[tuple[HttpServer, EchoApp, asyncio.Task[None]]]:
+    """An EchoApp served on a free port; stopped on exit unless the body already stopped it."""
     app = EchoApp()
-    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT)
+    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT, **options)
     task = asyncio.create_task(server.run())
     with anyio.fail_after(TIMEOUT_S):
         while server._server is None:
             await asyncio.sleep(0.01)
-    yield server, app
-    server.stop()
-    with anyio.fail_after(TIMEOUT_S):
-        await task
+    try:
+        yield server, app, task
+    finally:
+        server.stop()
+        with anyio.fail_after(TIMEOUT_S):
+            await task
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[HttpServer, EchoApp]]:
+    async with serving() as (server, app, _):
+        yield server, app
 
 
 @contextlib.asynccontextmanager
@@ -233,13 +242,7 @@ async def test_the_scope_carries_path_query_and_lowercased_headers(served: Any) 
 
 
 async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() -> None:
-    app = EchoApp()
-    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT)
-    task = asyncio.create_task(server.run())
-    with anyio.fail_after(TIMEOUT_S):
-        while server._server is None:
-            await asyncio.sleep(0.01)
-    async with connect(server) as (reader, writer):
+    async with serving() as (server, app, task), connect(server) as (reader, writer):
         writer.write(b"GET /wait-disconnect HTTP/1.1\r\nHost: h\r\n\r\n")
         with anyio.fail_after(TIMEOUT_S):
             await reader.readuntil(b"hello")
@@ -247,6 +250,30 @@ async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() ->
         with anyio.fail_after(2):  # well under the 5 s grace
             await task
     assert app.disconnected.is_set()
+
+
+async def test_a_request_trickling_in_past_the_deadline_is_408_and_closed() -> None:
+    async with serving(request_read_s=0.5) as (server, app, _):
+        async with connect(server) as (reader, writer):
+
+            async def trickle() -> None:  # never silent for long, never finished in time
+                for byte in b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n":
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.05)
+
+            trickling = asyncio.create_task(trickle())
+            status, headers, body = await read_response(reader)
+            trickling.cancel()
+            assert status == 408
+            assert headers["connection"] == "close"
+            assert body == b"the request did not arrive in time"
+            with anyio.fail_after(TIMEOUT_S):
+                assert await reader.read() == b""
+        assert app.scopes == []  # the app never saw the partial request
+        # a request that arrives whole in time is served as before
+        async with connect(server) as (reader, writer):
+            writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok")
+            assert (await read_response(reader))[:1] == (200,)
 
 
 async def test_expect_100_continue_is_answered_before_the_body(served: Any) -> None:

@@ -8,8 +8,10 @@ request). What it does: keep-alive, pipelined requests answered in order,
 request bodies capped at ``max_body_bytes`` (the app answers 413 past it),
 ``Content-Length`` or chunked responses (server-sent events stream chunked),
 ``http.disconnect`` for the app when the client goes, an idle keep-alive timeout,
-a header size limit (431), and 400 for what does not parse. No TLS, no HTTP/2,
-no WebSocket: put a proxy in front for those.
+a deadline for receiving a whole request (408 after 30 s from its first byte or
+5 s without one, so a client that trickles bytes cannot hold a connection), a
+header size limit (431), and 400 for what does not parse. No TLS, no HTTP/2, no
+WebSocket: put a proxy in front for those.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ log = logging.getLogger("mcp_zero.wire")
 
 MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_S = 5.0
+REQUEST_READ_S = 30.0  # from a request's first byte to its last
 _REASONS = {
     200: b"OK",
     201: b"Created",
@@ -44,6 +47,7 @@ _REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     406: b"Not Acceptable",
+    408: b"Request Timeout",
     409: b"Conflict",
     413: b"Payload Too Large",
     429: b"Too Many Requests",
@@ -103,6 +107,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.gone = asyncio.Event()
         self.last_active = time.monotonic()
+        self.reading_since = 0.0  # when the request being received began; 0 between requests
         self.client: tuple[str, int] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -124,13 +129,14 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, b"protocol upgrades are not supported")
+            self.refuse(400, b"protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"malformed HTTP request: {exc}".encode())
+            self.refuse(400, f"malformed HTTP request: {exc}".encode())
 
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.reading_since = time.monotonic()
         self.current = _Request()
         self.header_bytes = 0
         self.body_bytes = 0
@@ -142,7 +148,7 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
-            self._refuse(431, b"request headers too large")
+            self.refuse(431, b"request headers too large")
             return
         self.current.headers.append((name.lower(), value))
 
@@ -162,6 +168,7 @@ class _Connection(asyncio.Protocol):
             self.current.body.append(body[:room])
 
     def on_message_complete(self) -> None:
+        self.reading_since = 0.0
         self.queue.append(self.current)
         if not self.busy:
             self._next()
@@ -217,7 +224,7 @@ class _Connection(asyncio.Protocol):
             "server": self.server.address,
         }
 
-    def _refuse(self, status: int, text: bytes) -> None:
+    def refuse(self, status: int, text: bytes) -> None:
         if self.transport is not None and not self.closed and not self.busy:
             self.transport.write(_plain(status, text))
         self.close()
@@ -332,12 +339,21 @@ class _Response:
 class HttpServer:
     """Serves ``app`` on ``host:port`` until :meth:`stop` (or SIGTERM/SIGINT in :meth:`run`)."""
 
-    def __init__(self, app: App, host: str, port: int, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        *,
+        max_body_bytes: int,
+        request_read_s: float = REQUEST_READ_S,
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.address = (host, port)
         self.max_body_bytes = max_body_bytes
+        self.request_read_s = request_read_s
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -361,11 +377,17 @@ class HttpServer:
         assert self._stopping is not None
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(KEEPALIVE_S / 2):
+                async with asyncio.timeout(min(KEEPALIVE_S, self.request_read_s) / 2):
                     await self._stopping.wait()
-            cutoff = time.monotonic() - KEEPALIVE_S
+            now = time.monotonic()
             for conn in list(self.connections):
-                if not conn.busy and not conn.queue and conn.last_active < cutoff:
+                if conn.busy or conn.queue:
+                    continue  # a request is being answered; what follows it waits its turn
+                silent = conn.last_active < now - KEEPALIVE_S
+                late = now - conn.reading_since > self.request_read_s
+                if conn.reading_since and (silent or late):
+                    conn.refuse(408, b"the request did not arrive in time")
+                elif silent:
                     conn.close()
 
     def stop(self) -> None:
