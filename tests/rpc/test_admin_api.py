@@ -180,6 +180,9 @@ async def test_execute_is_governed_and_audited(admin: Admin) -> None:
         ("GET", "/plugins/no-such-plugin", None, 404, "plugin_not_found"),
         ("GET", "/nowhere", None, 404, "not_found"),
         ("GET", "/audit?after=x", None, 400, "invalid_request"),
+        ("GET", "/audit?limit=-5", None, 400, "invalid_request"),
+        ("GET", "/audit?limit=0", None, 400, "invalid_request"),
+        ("GET", "/audit?after=-1", None, 400, "invalid_request"),
     ],
 )
 async def test_admin_errors_have_status_and_code(

@@ -354,8 +354,13 @@ def audit() -> None:
 
 @audit.command("list")
 @_common
-@click.option("--after", type=int, default=0, help="Only records after this sequence number.")
-@click.option("--limit", type=int, default=100, help="At most this many records.")
+@click.option(
+    "--after",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Only records after this sequence number.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=100, help="At most this many records.")
 @_errors
 def audit_list(
     config_file: Path | None, data_dir: Path | None, as_json: bool, after: int, limit: int

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from mcp_zero.runtime import Runtime
 
 JSON = dict[str, Any]
+AUDIT_PAGE_MAX = 10_000  # records one GET /audit returns at most
 Route = Callable[[re.Match[str], JSON, dict[str, list[str]]], Awaitable[tuple[int, Any]]]
 
 
@@ -192,9 +193,13 @@ class AdminApi:
     ) -> tuple[int, Any]:
         try:
             after = int(q.get("after", ["0"])[0])
-            limit = min(int(q.get("limit", ["100"])[0]), 10_000)
+            limit = int(q.get("limit", ["100"])[0])
         except ValueError:
             raise InvalidRequest("after and limit must be integers") from None
+        if after < 0 or limit < 1:
+            # SQLite reads a negative LIMIT as "no limit": that would be the whole log
+            raise InvalidRequest("after must be 0 or more and limit 1 or more")
+        limit = min(limit, AUDIT_PAGE_MAX)
         return 200, [audit_view(e) for e in self.runtime.store.read_audit(after, limit)]
 
     async def _verify(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
