@@ -265,6 +265,44 @@ async def test_plugin_output_does_not_corrupt_the_protocol(make_runtime, caplog)
     assert "noise from print()" in caplog.text
 
 
+async def test_a_result_over_the_frame_limit_is_an_error_result(make_runtime):
+    rt = await make_runtime()
+    first = rt.pids[0]
+    # 20 MB of text: orjson would crash a 256 MB worker reserving room for it (SIGSEGV)
+    assert (await call(rt, "huge", {"mb": 20}))["content"][0]["text"] == "x" * (20 << 20)
+    too_big = await call(rt, "huge", {"mb": 40})
+    assert too_big["isError"] is True
+    assert "a plugin's result may be at most 32 MiB" in too_big["content"][0]["text"]
+    no_room = await call(rt, "huge", {"mb": 100})  # built, but no room to encode it
+    assert no_room["isError"] is True
+    assert no_room["content"][0]["text"].startswith("MemoryError")
+    with anyio.fail_after(10):
+        who = await call(rt, "whoami")
+    assert who["structuredContent"]["pid"] != first  # replaced after its MemoryError
+
+
+async def test_a_worker_flooding_its_pipe_is_killed_at_the_frame_limit(make_runtime):
+    rt = await make_runtime()
+    first = rt.pids[0]
+    with pytest.raises(PluginCrashed, match=r"sent a frame over 32 MiB.*restarted"):
+        await call(rt, "flood", {"mb": 48})
+    with anyio.fail_after(10):
+        who = await call(rt, "whoami")
+    assert who["structuredContent"]["pid"] != first
+
+
+async def test_stderr_without_newlines_is_logged_in_pieces(make_runtime, caplog):
+    caplog.set_level(logging.INFO, logger="mcp_zero.sandbox.plugin.kit")
+    rt = await make_runtime()
+    assert (await call(rt, "shout", {"mb": 4}))["content"][0]["text"] == "shouted"
+    with anyio.fail_after(5):
+        while sum(len(r.getMessage()) for r in caplog.records) < (4 << 20) - (8 << 10):
+            await anyio.sleep(0.01)
+    pieces = [r.getMessage() for r in caplog.records if r.getMessage().startswith("y")]
+    assert max(len(p) for p in pieces) == 8 << 10  # never one 4 MiB line held and logged
+    assert (await call(rt, "echo", {"text": "after"}))["content"][0]["text"] == "after"
+
+
 async def test_memory_limit_fails_cleanly_and_worker_is_replaced(make_runtime):
     rt = await make_runtime()
     first = rt.pids[0]

@@ -33,27 +33,110 @@ except ImportError:  # pragma: no cover - exercised only where orjson is absent
         return json.loads(line)
 
 
+#: The largest frame a worker may send (one result with its content blocks, as JSON). The
+#: worker answers a larger result with an error; a worker that sends one anyway is killed by
+#: the kernel, as a crash would be, before the kernel holds it all.
+MAX_FRAME_BYTES = 32 * 1024 * 1024
+#: Strings adding up to more than this many characters are encoded with the stdlib (below).
+LARGE_FRAME_CHARS = 1 << 20
+
+
+def _has_large_strings(value: Any) -> bool:
+    total, limit = 0, LARGE_FRAME_CHARS
+    pending = [value]
+    pop, extend = pending.pop, pending.extend
+    while pending:
+        item = pop()
+        kind = type(item)  # exact types first: this runs on every result
+        if kind is str:
+            total += len(item)
+            if total > limit:
+                return True
+        elif kind is dict:
+            extend(item.values())
+        elif kind is list:
+            extend(item)
+        elif kind is int or kind is float or kind is bool or item is None:
+            continue
+        elif isinstance(item, str):
+            total += len(item)
+            if total > limit:
+                return True
+        elif isinstance(item, dict):
+            extend(item.values())
+        elif isinstance(item, list | tuple):
+            extend(item)
+    return False
+
+
+def encode_result(frame: dict[str, Any]) -> bytes:
+    """:func:`encode` for a worker's results, which may be large, under its address-space limit.
+
+    orjson reserves several times a string's length before writing it, and when that
+    reservation fails under RLIMIT_AS it crashes the process (SIGSEGV) instead of raising
+    MemoryError: a tool returning 20 MB of text killed a 256 MB worker. A frame with more than
+    ``LARGE_FRAME_CHARS`` of strings is encoded by the stdlib, which raises MemoryError.
+    """
+    if not _has_large_strings(frame):
+        return encode(frame)
+    return (json.dumps(frame, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
 class LineSplitter:
     """Cuts a byte stream into frames: ``feed`` returns the complete non-empty lines so far
-    and keeps a trailing partial line for the next chunk."""
+    and keeps a trailing partial line for the next chunk.
 
-    __slots__ = ("_parts",)
+    With a ``limit`` (bytes), a line longer than it is never assembled: ``feed`` returns the
+    lines before it, sets ``overflowed`` and from then on returns nothing, so a peer that
+    never sends a newline cannot make the reader hold more than ``limit`` bytes.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_limit", "_parts", "_pending", "overflowed")
+
+    def __init__(self, limit: int = 0) -> None:
+        self._limit = limit  # 0: none
         self._parts: list[bytes] = []
+        self._pending = 0
+        self.overflowed = False
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self.overflowed:
+            return []
         if b"\n" not in data:
             self._parts.append(data)
+            self._pending += len(data)
+            if self._limit and self._pending > self._limit:
+                self._overflow()
             return []
         if self._parts:
             self._parts.append(data)
             data = b"".join(self._parts)
             self._parts = []
         *lines, rest = data.split(b"\n")
+        self._pending = len(rest)
+        if self._limit and len(data) > self._limit:  # only then can one line be too long
+            for i, line in enumerate(lines):
+                if len(line) > self._limit:
+                    self._overflow()
+                    return [line for line in lines[:i] if line]
+            if len(rest) > self._limit:
+                self._overflow()
+                return [line for line in lines if line]
         if rest:
             self._parts.append(rest)
         return [line for line in lines if line]
 
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._parts = []
+        self._pending = 0
 
-__all__ = ["LineSplitter", "decode", "encode"]
+
+__all__ = [
+    "LARGE_FRAME_CHARS",
+    "MAX_FRAME_BYTES",
+    "LineSplitter",
+    "decode",
+    "encode",
+    "encode_result",
+]

@@ -58,7 +58,13 @@ from typing import Any
 
 from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
 from mcp_zero.sandbox import isolation, results
-from mcp_zero.sandbox.frames import LineSplitter, decode, encode
+from mcp_zero.sandbox.frames import (
+    MAX_FRAME_BYTES,
+    LineSplitter,
+    decode,
+    encode,
+    encode_result,
+)
 
 JSON = dict[str, Any]
 FATAL_EXIT = 3
@@ -118,11 +124,21 @@ class Worker:
         self._active.pop(call_id, None)
         self._tasks.pop(call_id, None)
         try:
-            data = encode({"id": call_id, **body})
+            data = encode_result({"id": call_id, **body})
         except TypeError as exc:
             data = encode(
                 {"id": call_id, "result": results.error_result(f"result is not JSON: {exc}")}
             )
+        except MemoryError:
+            self._retire("MemoryError")  # the heap may be fragmented: ask to be replaced
+            message = "MemoryError: the result does not fit the plugin's memory_mb quota"
+            data = encode({"id": call_id, "result": results.error_result(message)})
+        if len(data) > MAX_FRAME_BYTES:
+            message = (
+                f"the result is {len(data) / 2**20:.1f} MiB as JSON; a plugin's result may be "
+                f"at most {MAX_FRAME_BYTES >> 20} MiB"
+            )
+            data = encode({"id": call_id, "result": results.error_result(message)})
         with self._write_lock:
             _write_all(self._out_fd, data)
 

@@ -24,10 +24,11 @@ from typing import Any, cast
 
 from mcp_zero.errors import McpZeroError, PluginCrashed, PluginFailure, ToolTimeout
 from mcp_zero.sandbox.base import ClientBridge
-from mcp_zero.sandbox.frames import LineSplitter, decode, encode
+from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
 
 JSON = dict[str, Any]
 _STDERR_TAIL_LINES = 40
+_STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in pieces this big
 
 
 class _Call:
@@ -353,11 +354,19 @@ class WorkerProcess:
     def on_stderr(self, data: bytes) -> None:
         """Keep the tail of the worker's stderr and pass its lines to logging."""
         data = self._stderr_partial + data
-        *lines, self._stderr_partial = data.split(b"\n")
-        for raw in lines:
-            line = raw.decode("utf-8", "replace")
-            self._stderr.append(line)
-            self._log.info("%s", line)
+        *lines, partial = data.split(b"\n")
+        if len(partial) > _STDERR_LINE_BYTES:  # no newline coming: do not hold it all
+            lines.append(partial)
+            partial = b""
+        self._stderr_partial = partial
+        for whole in lines:
+            for start in range(0, max(len(whole), 1), _STDERR_LINE_BYTES):
+                self._stderr_line(whole[start : start + _STDERR_LINE_BYTES])
+
+    def _stderr_line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace")
+        self._stderr.append(line)
+        self._log.info("%s", line)
 
     # -- death ----------------------------------------------------------------
 
@@ -423,14 +432,21 @@ class _Pipes(asyncio.SubprocessProtocol):
 
     def __init__(self, owner: WorkerProcess) -> None:
         self._owner = owner
-        self._lines = LineSplitter()
+        self._lines = LineSplitter(MAX_FRAME_BYTES)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 2:
             self._owner.on_stderr(data)
             return
-        for line in self._lines.feed(data):
+        lines = self._lines
+        if lines.overflowed:
+            return  # the worker is being killed; what it still sends is dropped
+        for line in lines.feed(data):
             self._owner.on_line(line)
+        if lines.overflowed:
+            self._owner.kill(
+                f"it sent a frame over {MAX_FRAME_BYTES >> 20} MiB (a result that large is refused)"
+            )
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1:

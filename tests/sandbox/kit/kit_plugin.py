@@ -65,6 +65,28 @@ def alloc(ctx: Context, mb: int) -> str:
     return f"allocated {len(block)}"
 
 
+@plugin.tool("huge")
+def huge(ctx: Context, mb: int) -> str:
+    return "x" * (mb << 20)
+
+
+@plugin.tool("flood")
+def flood(ctx: Context, mb: int) -> str:
+    out_fd = ctx._channel._out_fd  # type: ignore[attr-defined]  # the worker's protocol pipe
+    chunk = b"z" * (64 << 10)
+    for _ in range(mb * 16):
+        os.write(out_fd, chunk)  # one endless frame, behind the worker's back
+    return "flooded"
+
+
+@plugin.tool("shout")
+def shout(ctx: Context, mb: int) -> str:
+    chunk = b"y" * (64 << 10)
+    for _ in range(mb * 16):
+        os.write(2, chunk)  # never a newline
+    return "shouted"
+
+
 @plugin.tool("noisy")
 def noisy(ctx: Context) -> str:
     print("noise from print()")
