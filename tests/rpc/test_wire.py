@@ -24,11 +24,13 @@ def anyio_backend() -> str:
 
 
 class EchoApp:
-    """Echoes the body; /stream sends three chunks; /wait-disconnect reports the disconnect."""
+    """Echoes the body; /stream sends three chunks; /wait-disconnect reports the disconnect;
+    /firehose streams until sending fails."""
 
     def __init__(self) -> None:
         self.disconnected = asyncio.Event()
         self.scopes: list[dict[str, Any]] = []
+        self.streamed = 0  # bytes /firehose got sent
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scopes.append(scope)
@@ -53,6 +55,17 @@ class EchoApp:
             await send({"type": "http.response.body", "body": b"hello", "more_body": True})
             assert (await receive())["type"] == "http.disconnect"
             self.disconnected.set()
+            return
+        if scope["path"] == "/firehose":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            chunk = b"x" * (64 << 10)
+            try:
+                while True:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    self.streamed += len(chunk)
+                    await asyncio.sleep(0)  # let the transport write what the client takes
+            except ConnectionResetError:
+                self.disconnected.set()
             return
         if scope["path"] == "/crash":
             raise RuntimeError("the app broke")
@@ -250,6 +263,16 @@ async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() ->
         with anyio.fail_after(2):  # well under the 5 s grace
             await task
     assert app.disconnected.is_set()
+
+
+async def test_a_stream_the_client_does_not_read_is_dropped(served: Any) -> None:
+    server, app = served
+    async with connect(server) as (_, writer):
+        writer.write(b"GET /firehose HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(TIMEOUT_S):
+            await app.disconnected.wait()  # the app heard it go, having sent a bounded amount
+    # the socket buffers take a few MiB, the server holds at most MAX_STREAM_BACKLOG more
+    assert app.streamed < 64 << 20
 
 
 async def test_a_request_trickling_in_past_the_deadline_is_408_and_closed() -> None:

@@ -7,7 +7,8 @@ does not need (proxy headers, access log, flow-control objects, timers per
 request). What it does: keep-alive, pipelined requests answered in order,
 request bodies capped at ``max_body_bytes`` (the app answers 413 past it),
 ``Content-Length`` or chunked responses (server-sent events stream chunked),
-``http.disconnect`` for the app when the client goes, an idle keep-alive timeout,
+``http.disconnect`` for the app when the client goes (or stops reading a stream
+it is sent: past 4 MiB unread it is dropped), an idle keep-alive timeout,
 a deadline for receiving a whole request (408 after 30 s from its first byte or
 5 s without one, so a client that trickles bytes cannot hold a connection), a
 header size limit (431), and 400 for what does not parse. No TLS, no HTTP/2, no
@@ -36,6 +37,10 @@ log = logging.getLogger("mcp_zero.wire")
 MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_S = 5.0
 REQUEST_READ_S = 30.0  # from a request's first byte to its last
+#: Bytes a streaming response may have waiting for a client that does not read. Past this
+#: the connection is dropped (an SSE client resumes with Last-Event-ID) instead of the
+#: server holding whatever the app goes on sending.
+MAX_STREAM_BACKLOG = 4 * 1024 * 1024
 _REASONS = {
     200: b"OK",
     201: b"Created",
@@ -234,6 +239,12 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection and whatever it still had to send."""
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+
 
 class _Response:
     """The ASGI receive/send pair of one request."""
@@ -327,6 +338,19 @@ class _Response:
         if self.request.method == "HEAD":
             self.write(prefix)  # a HEAD answer has the headers of a GET and no body
         elif self.chunked:
+            transport = self.conn.transport
+            if (
+                more
+                and transport is not None
+                and (transport.get_write_buffer_size() > MAX_STREAM_BACKLOG)
+            ):
+                log.warning(
+                    "dropping a stream to %s: over %d MiB unread",
+                    self.conn.client,
+                    MAX_STREAM_BACKLOG >> 20,
+                )
+                self.conn.abort()
+                raise ConnectionResetError("the client does not read its stream")
             chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
             end = b"0\r\n\r\n" if not more else b""
             self.write(prefix + chunk + end)
