@@ -35,6 +35,9 @@ class Settings:
     page_size: int = 100  # tools/list, resources/list, prompts/list
     session_idle_s: float = 3600.0
     max_sessions: int = 10_000
+    # One agent opening more sessions loses its least recently used one, so it cannot take
+    # all of max_sessions from the others.
+    max_sessions_per_agent: int = 100
     allowed_origins: tuple[str, ...] = ()  # besides loopback origins
     anonymous_agent: str | None = None
     examples: bool = True
@@ -146,4 +149,5 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("page_size", 1, 1 << 31),
     ("session_idle_s", 1e-3, float("inf")),
     ("max_sessions", 1, 1 << 31),
+    ("max_sessions_per_agent", 1, 1 << 31),
 )

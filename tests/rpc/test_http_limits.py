@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -66,3 +67,43 @@ async def test_calls_over_the_agent_concurrency_are_32005(live: LiveServer) -> N
         assert error["data"]["limit"] == 2
     assert [text_of(r) for r in replies] == ["napped 1.0", "napped 1.0"]
     assert quotas.inflight("busy") == 0
+
+
+@pytest.fixture
+async def few_sessions(tmp_path: Path) -> AsyncIterator[LiveServer]:
+    runtime = make_runtime(tmp_path / "data", max_sessions=3, max_sessions_per_agent=2)
+    runtime.plugins.install(FAULTY_DIR)
+    async with serve(runtime) as live:
+        yield live
+
+
+async def test_an_agent_opening_too_many_sessions_loses_its_least_recent(
+    few_sessions: LiveServer,
+) -> None:
+    live = few_sessions
+    greedy = await live.runtime.agents.spawn("greedy", ["faulty"])
+    first, second, third = (live.client(greedy.token) for _ in range(3))
+    await first.initialize()
+    await second.initialize()
+    assert "result" in await first.request("ping")  # now `second` is the least recent
+    await third.initialize()
+    gone = await second.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert gone.status_code == 404
+    for kept in (first, third):
+        assert text_of(await kept.call("faulty_echo", {"text": "still here"})) == "still here"
+    # the greedy agent holds 2 of the 3: another agent still gets the last one ...
+    other = live.client((await live.runtime.agents.spawn("other", ["faulty"])).token)
+    await other.initialize()
+    # ... and past the server's limit an initialize is refused, not anyone's session dropped
+    late = live.client((await live.runtime.agents.spawn("late", ["faulty"])).token)
+    refused = await late.post(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}},
+        }
+    )
+    assert refused.status_code == 503
+    assert refused.json()["error"]["message"] == "too many open sessions; retry later"
+    assert "result" in await other.request("ping")

@@ -114,6 +114,14 @@ class HttpApp:
             for sid in [s.id for s in self.sessions.values() if s.last_seen < cutoff]:
                 self.sessions.pop(sid).close()
 
+    def _make_room_for(self, agent: str) -> None:
+        """Drop the agent's least recently used session if it has as many as it may."""
+        mine = [s for s in self.sessions.values() if s.principal.agent == agent]
+        if len(mine) >= self.settings.max_sessions_per_agent:
+            oldest = min(mine, key=lambda s: s.last_seen)
+            log.info("agent %r opened more sessions than it may: dropping %s", agent, oldest.id)
+            self.sessions.pop(oldest.id).close()
+
     def _listening_sessions(self) -> list[tuple[Session, NoticeChannel | None]]:
         return [
             (s, NoticeChannel(s.notices) if s.notices is not None else None)
@@ -244,6 +252,7 @@ class HttpApp:
             return
         session_id = header(scope, b"mcp-session-id")
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
+            self._make_room_for(principal.agent)
             if len(self.sessions) >= self.settings.max_sessions:
                 await respond_json(
                     send,
