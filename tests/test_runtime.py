@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import orjson
@@ -58,3 +59,39 @@ def test_a_policy_can_forbid_installing_a_plugin(runtime: Runtime) -> None:
     [record] = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100)]
     assert record["outcome"] == "denied"
     assert record["policies"] == ["frozen-plugins"]
+
+
+@pytest.mark.anyio
+async def test_changed_policy_files_are_put_in_force_or_refused_and_audited(
+    runtime: Runtime,
+) -> None:
+    def records() -> list[dict[str, Any]]:
+        bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100)]
+        return [b for b in bodies if b["verb"] == "load_policies"]
+
+    assert not await runtime.refresh_policies()  # nothing changed since the start
+    frozen = runtime.settings.policy_dir / "frozen.cedar"
+    frozen.write_text(
+        '@id("frozen")\nforbid (principal, action == Action::"install_plugin", resource);\n'
+    )
+    assert await runtime.refresh_policies()
+    assert "frozen" in runtime.policy.engine.policies
+    [loaded] = records()
+    assert loaded["outcome"] == "allowed"
+    assert loaded["transport"] == "files"
+    assert loaded["policies_sha256"] == runtime.policy.engine.digest
+    assert loaded["generation"] == 2
+
+    frozen.write_text("forbid (principal, action, resource")  # does not parse
+    assert not await runtime.refresh_policies()
+    assert not await runtime.refresh_policies()  # the same broken files: not tried again
+    assert "frozen" in runtime.policy.engine.policies  # the previous set stays in force
+    [_, refused] = records()
+    assert refused["outcome"] == "error"
+    assert refused["code"] == "policy_invalid"
+    assert refused["message"].startswith("frozen.cedar:1: cannot parse policy")
+
+    frozen.unlink()
+    assert await runtime.refresh_policies()
+    assert "frozen" not in runtime.policy.engine.policies
+    assert [r["outcome"] for r in records()] == ["allowed", "error", "allowed"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
-from mcp_zero.errors import ConfigError
+from mcp_zero.errors import ConfigError, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import admin_denial, admin_event
 from mcp_zero.kernel.agents import AgentService
@@ -144,17 +144,46 @@ class Runtime:
         self.audit.append_sync(admin_event(verb, resource, via, Outcome.ALLOWED, detail))
 
     async def start(self) -> None:
-        """Start the plugin runtimes and the watcher that picks up plugin changes."""
+        """Start the plugin runtimes and the watcher that picks up plugin and policy changes."""
         await self.plugins.refresh(force=True)
-        self._refresher = asyncio.create_task(self._watch_plugins())
+        self._refresher = asyncio.create_task(self._watch())
 
-    async def _watch_plugins(self) -> None:
+    async def _watch(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_INTERVAL_S)
             try:
                 await self.plugins.refresh()
             except Exception:
                 log.exception("reloading plugins failed; serving the previous set")
+            try:
+                await self.refresh_policies()
+            except Exception:
+                log.exception("reloading policies failed; the previous set stays in force")
+
+    async def refresh_policies(self) -> bool:
+        """Put changed policy files in force, or keep the old set if they do not load; the
+        outcome is logged and audited. True when a new set was put in force."""
+        resource = self.policy.policy_dir.name
+        try:
+            engine = self.policy.refresh()
+        except PolicyError as exc:
+            log.error("policy files changed but do not load; the previous set stays: %s", exc)
+            await self._audit_policies(Outcome.ERROR, {"code": exc.code, "message": exc.message})
+            return False
+        if engine is None:
+            return False
+        log.info("policy files changed: %d policies in force (%s)", len(engine.policies), resource)
+        await self._audit_policies(
+            Outcome.ALLOWED,
+            {"policies_sha256": engine.digest, "generation": self.policy.generation},
+        )
+        return True
+
+    async def _audit_policies(self, outcome: Outcome, detail: dict[str, Any]) -> None:
+        via = "files"  # the change came from the policy directory, not through an API
+        await self.audit.submit(
+            admin_event(Verb.LOAD_POLICIES, self.policy.policy_dir.name, via, outcome, detail)
+        )
 
     async def aclose(self) -> None:
         if self._refresher is not None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx2
 import pytest
 from rpc_live import (
@@ -201,18 +202,22 @@ async def test_an_explicit_forbid_policy_names_its_id_and_reason(env: Env) -> No
         '@reason("faulty_echo is switched off for maintenance")\n'
         'forbid (principal, action == Action::"call_tool", resource == Tool::"faulty_echo");\n'
     )
-    runtime.policy.reload()
+    client = env.live.client(env.full)
     try:
-        reply = await env.live.client(env.full).call("faulty_echo", {"text": "hi"})
+        with anyio.fail_after(10):  # the running server notices the new file by itself
+            while "error" not in (reply := await client.call("faulty_echo", {"text": "hi"})):
+                await anyio.sleep(0.1)
         error = error_of(reply)
         assert error["code"] == -32003
         assert error["data"]["policies"] == ["no-faulty-echo"]
         assert error["data"]["reasons"] == ["faulty_echo is switched off for maintenance"]
         # other tools of the plugin are still allowed
-        assert text_of(await env.live.client(env.full).call("faulty_nap", {"seconds": 0}))
+        assert text_of(await client.call("faulty_nap", {"seconds": 0}))
     finally:
         forbid.unlink()
-        runtime.policy.reload()
+    with anyio.fail_after(10):  # and that it is gone
+        while "error" in await client.call("faulty_echo", {"text": "hi"}):
+            await anyio.sleep(0.1)
     assert text_of(await env.live.client(env.full).call("faulty_echo", {"text": "back"})) == "back"
 
 

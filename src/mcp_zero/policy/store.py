@@ -7,6 +7,7 @@ from pathlib import Path
 from mcp_zero.kernel.action import Action
 from mcp_zero.policy.decision import PolicyDecision
 from mcp_zero.policy.engine import DEFAULT_CACHE_SIZE, PolicyEngine
+from mcp_zero.policy.loader import read_policy_dir
 
 
 class PolicyStore:
@@ -24,6 +25,7 @@ class PolicyStore:
         self._cache_size = cache_size
         self._engine = PolicyEngine.load(policy_dir, cache_size=cache_size)
         self._generation = 1
+        self._refused: dict[str, str] | None = None  # the last set refresh() could not load
 
     @property
     def policy_dir(self) -> Path:
@@ -46,6 +48,25 @@ class PolicyStore:
         when the new files do not parse or validate; the old set stays in force.
         """
         engine = PolicyEngine.load(self._dir, cache_size=self._cache_size)
+        self._engine = engine
+        self._generation += 1
+        return engine
+
+    def refresh(self) -> PolicyEngine | None:
+        """Reload if the directory's files differ from the set in force; None if they do not.
+
+        Raises PolicyError (as :meth:`reload`) once for a changed set that does not load; the
+        old set stays in force, and the same files are not tried again until they change.
+        """
+        sources = read_policy_dir(self._dir)
+        if sources == self._engine.sources or sources == self._refused:
+            return None
+        try:
+            engine = PolicyEngine.from_sources(sources, cache_size=self._cache_size)
+        except Exception:
+            self._refused = sources
+            raise
+        self._refused = None
         self._engine = engine
         self._generation += 1
         return engine
