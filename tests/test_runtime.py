@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest

@@ -20,7 +20,7 @@ from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
-from mcp_zero.kernel.admin import admin_denial, admin_event
+from mcp_zero.kernel.admin import LOAD_POLICIES, admin_denial, admin_event
 from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
@@ -182,7 +182,7 @@ class Runtime:
     async def _audit_policies(self, outcome: Outcome, detail: dict[str, Any]) -> None:
         via = "files"  # the change came from the policy directory, not through an API
         await self.audit.submit(
-            admin_event(Verb.LOAD_POLICIES, self.policy.policy_dir.name, via, outcome, detail)
+            admin_event(LOAD_POLICIES, self.policy.policy_dir.name, via, outcome, detail)
         )
 
     async def aclose(self) -> None:

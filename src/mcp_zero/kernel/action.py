@@ -23,9 +23,6 @@ class Verb(StrEnum):
     RECOVER_AGENT = "recover_agent"
     INSTALL_PLUGIN = "install_plugin"
     REMOVE_PLUGIN = "remove_plugin"
-    # Audited, never decided: the policy files changed on disk and the server loaded them
-    # (or could not). Not a Cedar action: nobody asks permission to edit the files.
-    LOAD_POLICIES = "load_policies"
 
 
 class Outcome(StrEnum):

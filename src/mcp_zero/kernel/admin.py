@@ -15,14 +15,17 @@ from mcp_zero.policy.store import PolicyStore
 
 JSON = dict[str, Any]
 ADMIN = Principal("admin", admin=True)
+# Audited, never decided: the policy files changed on disk and the server loaded them (or
+# could not). Not a Cedar action, so not a Verb: nobody asks the server to edit the files.
+LOAD_POLICIES = "load_policies"
 
 
-def admin_event(verb: Verb, resource: str, via: str, outcome: Outcome, detail: JSON) -> JSON:
-    """The audit event of an admin action."""
+def admin_event(verb: Verb | str, resource: str, via: str, outcome: Outcome, detail: JSON) -> JSON:
+    """The audit event of an admin action (or of ``LOAD_POLICIES``)."""
     return {
         "agent": ADMIN.agent,
         "anonymous": False,
-        "verb": verb.value,
+        "verb": str(verb),
         "resource": resource,
         "transport": via,
         "outcome": outcome.value,
