@@ -79,6 +79,7 @@ def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> Non
 
 
 def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "someone")
     missing = run(data_dir, "agent", "show", "nobody", ok=False)
     assert missing.exit_code == 1
     assert missing.stderr.strip().count("\n") == 0
@@ -113,10 +114,31 @@ def test_audit_verify_reports_a_tampered_chain(data_dir: Path) -> None:
 
 
 def test_policy_check_names_the_policies_and_refuses_a_broken_file(data_dir: Path) -> None:
-    run(data_dir, "agent", "list")  # any command lays out a new data dir, default policy included
+    run(data_dir, "agent", "create", "ada")  # lays out a new data dir, default policy included
     checked = as_json(data_dir, "policy", "check")
     assert "attached-plugins-only" in checked["policies"]
     (data_dir / "policies" / "broken.cedar").write_text("permit (principal, action, resource")
     broken = run(data_dir, "policy", "check", ok=False)
     assert broken.exit_code == 1
     assert "broken.cedar" in broken.stderr
+
+
+def test_commands_on_a_mistyped_data_dir_fail_instead_of_creating_one(tmp_path: Path) -> None:
+    typo = tmp_path / "typo"
+    for command in (
+        ("agent", "list"),
+        ("agent", "show", "ada"),
+        ("agent", "terminate", "ada"),
+        ("agent", "exec", "ada", "notes_list"),
+        ("plugin", "list"),
+        ("plugin", "remove", "notes"),
+        ("audit", "list"),
+        ("audit", "verify"),  # an integrity check must not say "ok: 0 records" here
+    ):
+        failed = run(typo, *command, ok=False)
+        assert failed.exit_code == 1, command
+        assert failed.stderr.startswith(f"mcp0: error: no MCP-ZERO data dir at {typo}"), command
+        assert not typo.exists(), command
+    # the commands that set one up still do
+    assert as_json(typo, "agent", "create", "ada")["name"] == "ada"
+    assert as_json(typo, "agent", "list")[0]["name"] == "ada"

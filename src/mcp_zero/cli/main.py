@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from mcp_zero import __version__
-from mcp_zero.errors import McpZeroError
+from mcp_zero.errors import ConfigError, McpZeroError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,11 +70,27 @@ def _settings(config_file: Path | None, data_dir: Path | None, **overrides: Any)
     return load_settings(config_file, {"data_dir": data_dir, **overrides})
 
 
+def _existing(settings: Any) -> Any:
+    """``settings``, if their data dir has been set up: a command that reads or changes what is
+    there must not lay out a new one (with new keys) at a mistyped path and report it empty."""
+    if not settings.db_path.exists():
+        raise ConfigError(
+            f"no MCP-ZERO data dir at {settings.data_dir} (no {settings.db_path.name}): check "
+            "--data-dir, or create one with 'mcp0 serve', 'mcp0 agent create' or "
+            "'mcp0 plugin install'"
+        )
+    return settings
+
+
 @contextmanager
-def _runtime(config_file: Path | None, data_dir: Path | None) -> Iterator[Any]:
+def _runtime(
+    config_file: Path | None, data_dir: Path | None, *, create: bool = False
+) -> Iterator[Any]:
+    """The runtime on the data dir; only ``create`` commands may lay out a new one."""
     from mcp_zero.runtime import Runtime
 
-    runtime = Runtime(_settings(config_file, data_dir))
+    settings = _settings(config_file, data_dir)
+    runtime = Runtime(settings if create else _existing(settings))
     try:
         yield runtime
     finally:
@@ -158,7 +174,7 @@ def agent_create(
     plugins: tuple[str, ...],
 ) -> None:
     """Create agent NAME and print its bearer token (shown only this once)."""
-    with _runtime(config_file, data_dir) as rt:
+    with _runtime(config_file, data_dir, create=True) as rt:
         spawned = asyncio.run(rt.agents.spawn(name, list(plugins), via="cli"))
     view = {**_agent_view(spawned.agent), "token": spawned.token}
     _out(as_json, view, f"agent {name} created; its token (shown once):\n{spawned.token}")
@@ -262,7 +278,7 @@ def agent_exec(
         raise click.BadParameter(f"ARGUMENTS is not JSON: {exc}") from None
     if not isinstance(args, dict):
         raise click.BadParameter("ARGUMENTS must be a JSON object")
-    settings = _settings(config_file, data_dir)
+    settings = _existing(_settings(config_file, data_dir))
     result = execute_once(settings, name, tool, args)
     texts = [c.get("text", "") for c in result.get("content", []) if c.get("type") == "text"]
     _out(as_json, result, "\n".join(texts))
@@ -287,7 +303,7 @@ def plugin_install(
     config_file: Path | None, data_dir: Path | None, as_json: bool, path: Path, replace: bool
 ) -> None:
     """Install the plugin in directory PATH (it holds plugin.json)."""
-    with _runtime(config_file, data_dir) as rt:
+    with _runtime(config_file, data_dir, create=True) as rt:
         manifest = rt.install_plugin(path, replace=replace)
     view = {
         "name": manifest.name,
@@ -369,7 +385,7 @@ def audit_list(
     from mcp_zero.rpc.admin import audit_view
     from mcp_zero.storage.sqlite import SqliteStore
 
-    settings = _settings(config_file, data_dir)
+    settings = _existing(_settings(config_file, data_dir))
     with SqliteStore(settings.db_path) as store:
         views = [audit_view(e) for e in store.read_audit(after, limit)]
     lines = [
@@ -388,7 +404,7 @@ def audit_verify(config_file: Path | None, data_dir: Path | None, as_json: bool)
     from mcp_zero.audit.chain import ChainBroken, verify_store
     from mcp_zero.storage.sqlite import SqliteStore
 
-    settings = _settings(config_file, data_dir)
+    settings = _existing(_settings(config_file, data_dir))
     with SqliteStore(settings.db_path) as store:
         try:
             report = verify_store(store)
