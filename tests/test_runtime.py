@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcp_zero.config import load_settings
 from mcp_zero.errors import PolicyDenied
@@ -32,6 +36,32 @@ def test_first_start_lays_out_the_data_dir_with_private_secrets(runtime: Runtime
     for secret in (s.admin_token_path, s.keys_dir / "signing.key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert runtime.admin_token().startswith("mcp0_")
+
+
+def test_the_first_start_makes_the_signing_key_without_loading_cryptography(
+    tmp_path: Path,
+) -> None:
+    # cryptography would stay resident in the server, ~10 MiB for a key it does not use yet
+    probe = (
+        "import sys; from mcp_zero.config import load_settings; from mcp_zero.runtime import"
+        " Runtime; rt = Runtime(load_settings(None, {'data_dir': sys.argv[1]}, environ={}));"
+        " rt.close(); print(rt.created, 'cryptography' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == ["True", "False"]
+    key = serialization.load_pem_private_key(
+        (tmp_path / "data" / "keys" / "signing.key").read_bytes(), password=None
+    )
+    assert isinstance(key, Ed25519PrivateKey)
+    public = (tmp_path / "data" / "keys" / "signing.pub").read_bytes()
+    assert public == key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def test_plugin_install_and_remove_are_audited(runtime: Runtime) -> None:

@@ -13,9 +13,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import mcp_zero
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, PolicyError
@@ -41,6 +44,26 @@ REFRESH_INTERVAL_S = 1.0
 def example_plugins() -> list[Path]:
     """The plugins bundled with the package."""
     return sorted(p.parent for p in EXAMPLES_DIR.glob("*/plugin.json"))
+
+
+def _create_signing_key(path: Path) -> None:
+    """Create the signing key in a child process (see :mod:`mcp_zero.security.keys`):
+    cryptography would stay resident in this one, ~10 MiB for a key nothing here uses yet."""
+    package_root = str(Path(mcp_zero.__file__).resolve().parent.parent)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_zero.security.keys", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 or not path.exists():
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(f"cannot create the signing key {path}: {last}")
 
 
 class Runtime:
@@ -94,11 +117,7 @@ class Runtime:
             s.keys_dir.mkdir(exist_ok=True)
             key_path = s.keys_dir / "signing.key"
             if not key_path.exists():
-                # Imported only here: cryptography costs ~8 MiB of RSS, and a running
-                # server does not sign anything yet (signed checkpoints come later).
-                from mcp_zero.security.keys import load_or_create_signing_key
-
-                load_or_create_signing_key(key_path)
+                _create_signing_key(key_path)
             if not s.admin_token_path.exists():
                 write_secret_file(s.admin_token_path, new_token() + "\n")
             write_default_policies(s.policy_dir)

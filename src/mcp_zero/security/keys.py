@@ -1,7 +1,13 @@
-"""The server's Ed25519 signing key, created on first start and kept in the data dir."""
+"""The server's Ed25519 signing key, created on first start and kept in the data dir.
+
+``python -m mcp_zero.security.keys PATH`` creates the key at PATH in a process of its own:
+the server does so on first start, because importing ``cryptography`` would keep ~10 MiB
+resident in it for a key that a running server does not use yet.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -29,3 +35,7 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     )
     path.with_suffix(".pub").write_bytes(public)
     return key
+
+
+if __name__ == "__main__":
+    load_or_create_signing_key(Path(sys.argv[1]))
