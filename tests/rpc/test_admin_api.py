@@ -193,6 +193,22 @@ async def test_admin_errors_have_status_and_code(
     assert response.json()["error"]["code"] == code
 
 
+async def test_execute_records_the_callers_request_id_or_a_fresh_one(admin: Admin) -> None:
+    await admin.call("POST", "/agents", {"name": "tagged", "plugins": ["faulty"]})
+    call = {"tool": "faulty_echo", "arguments": {"text": "x"}}
+    assert (await admin.call("POST", "/agents/tagged/execute", call)).status_code == 200
+    assert (await admin.call("POST", "/agents/tagged/execute", call)).status_code == 200
+    mine = {**call, "request_id": "deploy-42"}
+    assert (await admin.call("POST", "/agents/tagged/execute", mine)).status_code == 200
+    bad = await admin.call("POST", "/agents/tagged/execute", {**call, "request_id": 7})
+    assert bad.status_code == 400
+    records = (await admin.call("GET", "/audit", params={"limit": 10_000})).json()
+    ids = [r["request_id"] for r in records if r.get("agent") == "tagged"]
+    assert len(ids) == 3
+    assert ids[2] == "deploy-42"
+    assert ids[0].startswith("admin-") and ids[1].startswith("admin-") and ids[0] != ids[1]
+
+
 async def test_execute_as_an_unknown_or_terminated_agent_is_404_or_409(admin: Admin) -> None:
     call = {"tool": "faulty_echo", "arguments": {"text": "x"}}
     unknown = await admin.call("POST", "/agents/ghost/execute", call)

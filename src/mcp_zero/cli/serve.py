@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import sys
 from typing import Any
 
@@ -123,7 +124,12 @@ def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str,
             await runtime.start()
             principal = runtime.agents.principal(agent)
             return await runtime.kernel.call_tool(
-                principal, tool, arguments, _NoBridge(), request_id="cli", transport="cli"
+                principal,
+                tool,
+                arguments,
+                _NoBridge(),
+                request_id=f"cli-{secrets.token_hex(8)}",
+                transport="cli",
             )
         finally:
             await runtime.aclose()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -158,15 +159,19 @@ class AdminApi:
     async def _execute(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         tool = body.get("tool")
         arguments = body.get("arguments", {})
+        # The caller's id for the call, so its audit record can be found; one is made up else.
+        request_id = body.get("request_id", f"admin-{secrets.token_hex(8)}")
         if not isinstance(tool, str) or not isinstance(arguments, dict):
             raise InvalidRequest('"tool" must be a string and "arguments" an object')
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 200:
+            raise InvalidRequest('"request_id" must be a string of 1 to 200 characters')
         # An unknown or terminated agent is the request's fault, not a bad admin token (401).
         agent = self.runtime.agents.get(m["name"])
         if agent.status != "active":
             raise Conflict(f"agent {agent.name!r} is {agent.status}; recover it from a snapshot")
         principal = self.runtime.agents.principal(agent.name)
         result = await self.runtime.kernel.call_tool(
-            principal, tool, arguments, _NoBridge(), request_id="admin", transport="admin"
+            principal, tool, arguments, _NoBridge(), request_id=request_id, transport="admin"
         )
         return 200, result
 
