@@ -206,7 +206,8 @@ async def test_execute_records_the_callers_request_id_or_a_fresh_one(admin: Admi
     ids = [r["request_id"] for r in records if r.get("agent") == "tagged"]
     assert len(ids) == 3
     assert ids[2] == "deploy-42"
-    assert ids[0].startswith("admin-") and ids[1].startswith("admin-") and ids[0] != ids[1]
+    assert all(i.startswith("admin-") for i in ids[:2])
+    assert ids[0] != ids[1]
 
 
 async def test_execute_as_an_unknown_or_terminated_agent_is_404_or_409(admin: Admin) -> None:
