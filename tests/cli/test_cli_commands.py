@@ -123,6 +123,21 @@ def test_policy_check_names_the_policies_and_refuses_a_broken_file(data_dir: Pat
     assert "broken.cedar" in broken.stderr
 
 
+def test_reading_commands_work_while_a_policy_file_is_broken(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    (data_dir / "policies" / "broken.cedar").write_text("permit (principal, action, resource")
+    assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["ada"]
+    assert as_json(data_dir, "agent", "show", "ada")["status"] == "active"
+    assert [p["name"] for p in as_json(data_dir, "plugin", "list")] == ["notes"]
+    assert as_json(data_dir, "plugin", "show", "notes")["tools"]
+    assert as_json(data_dir, "audit", "verify")["ok"] is True
+    # what changes something is still decided by policy: it fails closed, naming the file
+    refused = run(data_dir, "agent", "create", "bob", ok=False)
+    assert refused.exit_code == 1
+    assert "broken.cedar" in refused.stderr
+
+
 def test_commands_on_a_mistyped_data_dir_fail_instead_of_creating_one(tmp_path: Path) -> None:
     typo = tmp_path / "typo"
     for command in (

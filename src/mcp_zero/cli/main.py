@@ -83,6 +83,16 @@ def _existing(settings: Any) -> Any:
 
 
 @contextmanager
+def _store(config_file: Path | None, data_dir: Path | None) -> Iterator[Any]:
+    """The data dir's store alone, for commands that only read: they work while a policy
+    file is broken (a Runtime would refuse to load), which is when one wants to look."""
+    from mcp_zero.storage.sqlite import SqliteStore
+
+    with SqliteStore(_existing(_settings(config_file, data_dir)).db_path) as store:
+        yield store
+
+
+@contextmanager
 def _runtime(
     config_file: Path | None, data_dir: Path | None, *, create: bool = False
 ) -> Iterator[Any]:
@@ -185,8 +195,8 @@ def agent_create(
 @_errors
 def agent_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """List agents."""
-    with _runtime(config_file, data_dir) as rt:
-        views = [_agent_view(a) for a in rt.agents.list_agents()]
+    with _store(config_file, data_dir) as store:
+        views = [_agent_view(a) for a in store.list_agents()]
     lines = [f"{v['name']:24} {v['status']:11} {','.join(v['plugins']) or '-'}" for v in views]
     _out(as_json, views, "\n".join(lines) or "no agents")
 
@@ -197,8 +207,13 @@ def agent_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -
 @_errors
 def agent_show(config_file: Path | None, data_dir: Path | None, as_json: bool, name: str) -> None:
     """Show one agent."""
-    with _runtime(config_file, data_dir) as rt:
-        view = _agent_view(rt.agents.get(name))
+    from mcp_zero.errors import AgentNotFound
+
+    with _store(config_file, data_dir) as store:
+        record = store.get_agent(name)
+    if record is None:
+        raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
+    view = _agent_view(record)
     _out(as_json, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
 
 
@@ -322,8 +337,8 @@ def plugin_list(config_file: Path | None, data_dir: Path | None, as_json: bool) 
     """List installed plugins."""
     from mcp_zero.rpc.admin import plugin_view
 
-    with _runtime(config_file, data_dir) as rt:
-        views = [plugin_view(r.manifest, tools=False) for r in rt.store.list_plugins()]
+    with _store(config_file, data_dir) as store:
+        views = [plugin_view(r.manifest, tools=False) for r in store.list_plugins()]
     lines = [f"{v['name']:24} {v['version']:10} {v['description']}" for v in views]
     _out(as_json, views, "\n".join(lines) or "no plugins")
 
@@ -337,8 +352,8 @@ def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, 
     from mcp_zero.errors import PluginNotFound
     from mcp_zero.rpc.admin import plugin_view
 
-    with _runtime(config_file, data_dir) as rt:
-        record = rt.store.get_plugin(name)
+    with _store(config_file, data_dir) as store:
+        record = store.get_plugin(name)
     if record is None:
         raise PluginNotFound(f"no plugin named {name!r} is installed")
     view = plugin_view(record.manifest, tools=True)
@@ -383,10 +398,8 @@ def audit_list(
 ) -> None:
     """Print audit records."""
     from mcp_zero.rpc.admin import audit_view
-    from mcp_zero.storage.sqlite import SqliteStore
 
-    settings = _existing(_settings(config_file, data_dir))
-    with SqliteStore(settings.db_path) as store:
+    with _store(config_file, data_dir) as store:
         views = [audit_view(e) for e in store.read_audit(after, limit)]
     lines = [
         f"{v['seq']:>8} {v.get('outcome', ''):8} {v.get('agent', ''):16} "
@@ -402,10 +415,8 @@ def audit_list(
 def audit_verify(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Verify the audit log's hash chain from the first record to the last."""
     from mcp_zero.audit.chain import ChainBroken, verify_store
-    from mcp_zero.storage.sqlite import SqliteStore
 
-    settings = _existing(_settings(config_file, data_dir))
-    with SqliteStore(settings.db_path) as store:
+    with _store(config_file, data_dir) as store:
         try:
             report = verify_store(store)
         except ChainBroken as exc:
