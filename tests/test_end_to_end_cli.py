@@ -325,3 +325,20 @@ def test_every_answered_call_is_audited_after_kill_9(server: Server) -> None:
     assert not missing, f"{len(missing)} answered calls have no audit record, e.g. {missing[:5]}"
     assert all("notes_add" in audited[rid]["resource"] for rid in answered)
     assert {audited[rid]["outcome"] for rid, ok in answered.items() if ok} == {"allowed"}
+
+
+def test_serve_on_a_port_in_use_fails_in_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [MCP0, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+        )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"mcp0: error: cannot listen on 127.0.0.1:{port}: ")
+    assert done.stderr.count("\n") == 1  # no traceback
+    assert not (tmp_path / "data").exists()  # nor a first start whose token nobody saw

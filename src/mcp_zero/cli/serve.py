@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+import socket
 import sys
 from typing import Any
 
@@ -20,6 +21,28 @@ def _install_uvloop() -> None:
     except ImportError:  # optional: plain asyncio works, only slower
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; is another "
+        "server using that port? Choose another with --port (or port in mcp0.toml)"
+    )
+
+
+def _check_listen(settings: Settings) -> None:
+    """Fail before the data dir is touched (and a first start's token shown to nobody) when
+    the address cannot be bound; the server's own bind can still lose a race, see run_http."""
+    if settings.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise _cannot_listen(settings, exc) from exc
 
 
 def _prepare(settings: Settings) -> tuple[Runtime, list[str]]:
@@ -52,6 +75,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _install_uvloop()
+    _check_listen(settings)
     runtime, installed = _prepare(settings)
     first_token = None
     if installed and not runtime.store.list_agents():
@@ -62,7 +86,11 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
 
     async def started() -> None:
         await app.startup()
-        await server.start()  # listening only once the plugins run: /readyz is 200 at once
+        try:
+            await server.start()  # listening only once the plugins run: /readyz is 200 at once
+        except OSError as exc:
+            await app.shutdown()
+            raise _cannot_listen(settings, exc) from exc
         _announce(settings, server.port, installed, first_token, as_json=as_json)
 
     asyncio.run(server.run(on_start=started, on_stop=app.shutdown, listen=False))
