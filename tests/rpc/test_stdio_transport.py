@@ -220,3 +220,17 @@ async def test_mcp0_serve_stdio_for_an_unknown_agent_fails_with_one_line(tmp_pat
     assert done.returncode != 0
     assert done.stdout == b""
     assert "ghost" in done.stderr.decode()
+
+
+async def test_a_client_closing_stdout_ends_the_session_cleanly(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.agents.spawn("leaver", ["faulty"])
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.close(out_r)  # the client is gone before the first answer
+    with open(in_r, "rb", buffering=0) as stdin, open(out_w, "wb", buffering=0) as stdout:
+        os.write(in_w, orjson.dumps(initialize_message()) + b"\n")  # stdin stays open
+        with anyio.fail_after(TIMEOUT_S):
+            await serve_stdio(runtime, runtime.agents.principal("leaver"), stdin, stdout)
+    os.close(in_w)

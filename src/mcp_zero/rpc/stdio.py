@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from mcp_zero.errors import InvalidRequest
@@ -20,20 +22,33 @@ from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import Runtime
 
 MAX_LINE = 16 << 20
+log = logging.getLogger("mcp_zero.stdio")
 
 
 class _StdoutChannel:
-    __slots__ = ("_lock", "_out")
+    """Writes messages to stdout. When the client has closed its end, ``on_gone`` runs once
+    (the session ends as at the end of stdin) and later messages are dropped."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    __slots__ = ("_gone", "_lock", "_on_gone", "_out")
+
+    def __init__(self, out: BinaryIO, on_gone: Callable[[], None]) -> None:
         self._out = out
         self._lock = asyncio.Lock()
+        self._on_gone = on_gone
+        self._gone = False
 
     async def send(self, message: JSON) -> None:
         data = jsonrpc.encode(message) + b"\n"
         async with self._lock:
-            self._out.write(data)
-            self._out.flush()
+            if self._gone:
+                return
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self._gone = True
+                log.info("the client closed stdout: ending the session")
+                self._on_gone()
 
     async def close_stream(self) -> None:
         return None  # stdio has no stream to close and resume
@@ -48,13 +63,14 @@ async def serve_stdio(
     """Serve one MCP session on stdin/stdout until stdin closes."""
     server = McpServer(runtime.kernel, page_size=runtime.settings.page_size, transport="stdio")
     session = Session(principal)
-    channel = _StdoutChannel(stdout or sys.stdout.buffer)
-    server.sessions = lambda: [(session, channel)]
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
-    await loop.connect_read_pipe(
+    stdin_transport, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), stdin or sys.stdin.buffer
     )
+    # Closing stdin's transport ends the reader as the end of stdin would.
+    channel = _StdoutChannel(stdout or sys.stdout.buffer, stdin_transport.close)
+    server.sessions = lambda: [(session, channel)]
     tasks: set[asyncio.Task[Any]] = set()
 
     async def run(request: jsonrpc.Request) -> None:
