@@ -125,3 +125,14 @@ async def test_changed_policy_files_are_put_in_force_or_refused_and_audited(
     assert await runtime.refresh_policies()
     assert "frozen" not in runtime.policy.engine.policies
     assert [r["outcome"] for r in records()] == ["allowed", "error", "allowed"]
+
+    # a directory that cannot be read is one error too, not one a second
+    policy_dir = runtime.settings.policy_dir
+    policy_dir.rename(policy_dir.with_name("moved"))
+    assert not await runtime.refresh_policies()
+    assert not await runtime.refresh_policies()
+    assert [r["outcome"] for r in records()][-1] == "error"
+    assert len(records()) == 4
+    policy_dir.with_name("moved").rename(policy_dir)
+    assert not await runtime.refresh_policies()  # the set in force again: nothing to load
+    assert len(records()) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mcp_zero.errors import PolicyError
 from mcp_zero.kernel.action import Action
 from mcp_zero.policy.decision import PolicyDecision
 from mcp_zero.policy.engine import DEFAULT_CACHE_SIZE, PolicyEngine
@@ -25,7 +26,8 @@ class PolicyStore:
         self._cache_size = cache_size
         self._engine = PolicyEngine.load(policy_dir, cache_size=cache_size)
         self._generation = 1
-        self._refused: dict[str, str] | None = None  # the last set refresh() could not load
+        # What refresh() last failed on: the files that did not load, or the read error.
+        self._refused: dict[str, str] | str | None = None
 
     @property
     def policy_dir(self) -> Path:
@@ -55,11 +57,21 @@ class PolicyStore:
     def refresh(self) -> PolicyEngine | None:
         """Reload if the directory's files differ from the set in force; None if they do not.
 
-        Raises PolicyError (as :meth:`reload`) once for a changed set that does not load; the
-        old set stays in force, and the same files are not tried again until they change.
+        Raises PolicyError (as :meth:`reload`) once for a changed set that does not load, or
+        a directory that cannot be read; the old set stays in force, and the same failure is
+        not reported again until something changes.
         """
-        sources = read_policy_dir(self._dir)
-        if sources == self._engine.sources or sources == self._refused:
+        try:
+            sources = read_policy_dir(self._dir)
+        except PolicyError as exc:
+            if self._refused == exc.message:
+                return None
+            self._refused = exc.message
+            raise
+        if sources == self._engine.sources:
+            self._refused = None  # back to the set in force: a new failure is news again
+            return None
+        if sources == self._refused:
             return None
         try:
             engine = PolicyEngine.from_sources(sources, cache_size=self._cache_size)
