@@ -330,14 +330,16 @@ async def test_network_is_cut_when_not_granted(make_runtime):
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         rt = await make_runtime()
-        if not rt.network_isolated:
-            # Root can always unshare (CI runs as root): only an unprivileged user on a host
-            # without user namespaces may run a worker with the network reachable.
-            assert os.geteuid() != 0, "as root the worker must get its own network namespace"
-            pytest.skip("this host allows an unprivileged user no network namespaces")
         result = await call(rt, "connect", {"port": port})
-        assert result["isError"] is True
-        assert "no network" in result["content"][0]["text"]
+        if rt.network_isolated:
+            assert result["isError"] is True
+            assert "no network" in result["content"][0]["text"]
+        else:
+            # Root can always unshare (CI runs as root): only an unprivileged user on a host
+            # without user namespaces gets here, where the documented fallback holds — the
+            # worker runs with the network and the runtime says so.
+            assert os.geteuid() != 0, "as root the worker must get its own network namespace"
+            assert result["content"][0]["text"] == "connected"
 
 
 async def test_network_kept_when_granted(make_runtime, tmp_path):
