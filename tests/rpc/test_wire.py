@@ -143,6 +143,16 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return status, headers, body
 
 
+async def read_closing_response(reader: asyncio.StreamReader, status: int) -> bytes:
+    """A response with ``status`` after which the server closes the connection; its body."""
+    got, headers, body = await read_response(reader)
+    assert got == status
+    assert headers["connection"] == "close"
+    with anyio.fail_after(TIMEOUT_S):
+        assert await reader.read() == b""  # the server closed it
+    return body
+
+
 async def test_keep_alive_serves_several_requests_on_one_connection(served: Any) -> None:
     server, _ = served
     async with connect(server) as (reader, writer):
@@ -202,9 +212,7 @@ async def test_malformed_requests_and_huge_headers_are_refused(served: Any) -> N
     server, _ = served
     async with connect(server) as (reader, writer):
         writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-        status, headers, _ = await read_response(reader)
-        assert status == 400
-        assert headers["connection"] == "close"
+        await read_closing_response(reader, 400)
     async with connect(server) as (reader, writer):
         writer.write(b"GET /x HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n")
         assert (await read_response(reader))[0] == 431
@@ -214,11 +222,7 @@ async def test_connection_close_is_honoured(served: Any) -> None:
     server, _ = served
     async with connect(server) as (reader, writer):
         writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        status, headers, _ = await read_response(reader)
-        assert status == 200
-        assert headers["connection"] == "close"
-        with anyio.fail_after(TIMEOUT_S):
-            assert await reader.read() == b""  # the server closed it
+        await read_closing_response(reader, 200)
 
 
 async def test_the_app_hears_the_client_go(served: Any) -> None:
@@ -285,13 +289,9 @@ async def test_a_request_trickling_in_past_the_deadline_is_408_and_closed() -> N
                     await asyncio.sleep(0.05)
 
             trickling = asyncio.create_task(trickle())
-            status, headers, body = await read_response(reader)
+            body = await read_closing_response(reader, 408)
             trickling.cancel()
-            assert status == 408
-            assert headers["connection"] == "close"
             assert body == b"the request did not arrive in time"
-            with anyio.fail_after(TIMEOUT_S):
-                assert await reader.read() == b""
         assert app.scopes == []  # the app never saw the partial request
         # a request that arrives whole in time is served as before
         async with connect(server) as (reader, writer):
