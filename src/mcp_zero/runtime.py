@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import mcp_zero
+from mcp_zero import PACKAGE_ROOT
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, PolicyError
@@ -49,14 +49,9 @@ def example_plugins() -> list[Path]:
 def _create_signing_key(path: Path) -> None:
     """Create the signing key in a child process (see :mod:`mcp_zero.security.keys`):
     cryptography would stay resident in this one, ~10 MiB for a key nothing here uses yet."""
-    package_root = str(Path(mcp_zero.__file__).resolve().parent.parent)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-    }
     done = subprocess.run(
         [sys.executable, "-m", "mcp_zero.security.keys", str(path)],
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
         capture_output=True,
         text=True,
         check=False,

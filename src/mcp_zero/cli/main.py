@@ -207,13 +207,10 @@ def agent_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -
 @_errors
 def agent_show(config_file: Path | None, data_dir: Path | None, as_json: bool, name: str) -> None:
     """Show one agent."""
-    from mcp_zero.errors import AgentNotFound
+    from mcp_zero.kernel.agents import require_agent
 
     with _store(config_file, data_dir) as store:
-        record = store.get_agent(name)
-    if record is None:
-        raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
-    view = _agent_view(record)
+        view = _agent_view(require_agent(store, name))
     _out(as_json, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
 
 

@@ -59,6 +59,14 @@ def check_name(name: str, what: str = "agent") -> str:
     return name
 
 
+def require_agent(store: Store, name: str) -> AgentRecord:
+    """Agent ``name`` from ``store``. Raises AgentNotFound."""
+    agent = store.get_agent(name)
+    if agent is None:
+        raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
+    return agent
+
+
 class AgentService:
     """Agent lifecycle on a store, audited through an audit log."""
 
@@ -155,10 +163,7 @@ class AgentService:
         return self.store.list_agents()
 
     def get(self, name: str) -> AgentRecord:
-        agent = self.store.get_agent(name)
-        if agent is None:
-            raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
-        return agent
+        return require_agent(self.store, name)
 
     async def attach(self, name: str, plugin: str, *, via: str = "admin") -> AgentRecord:
         """Attach ``plugin`` to agent ``name``. Raises AgentNotFound, PluginNotFound."""

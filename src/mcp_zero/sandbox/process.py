@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mcp_zero
+from mcp_zero import PACKAGE_ROOT
 from mcp_zero.errors import (
     InvalidParams,
     ManifestError,
@@ -89,7 +89,6 @@ class ProcessRuntime:
 
     def _worker_env(self) -> dict[str, str]:
         """The worker's whole environment: nothing inherited from the server (secrets)."""
-        package_root = Path(mcp_zero.__file__).resolve().parent.parent
         tmp = self.data_dir / ".tmp"
         q = self.manifest.quotas
         return {
@@ -98,7 +97,7 @@ class ProcessRuntime:
             "TMPDIR": str(tmp),
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
-            "PYTHONPATH": str(package_root),
+            "PYTHONPATH": str(PACKAGE_ROOT),
             "PYTHONDONTWRITEBYTECODE": "1",  # the plugin dir is signed content: keep it as is
             "PYTHONUNBUFFERED": "1",
             "MALLOC_ARENA_MAX": "2",  # glibc's per-thread arenas would eat RLIMIT_AS
