@@ -196,13 +196,13 @@ def start_plain(workdir: Path, tool: str) -> Target:
     return Target("plain SDK server", f"http://127.0.0.1:{port}/mcp", proc, tool)
 
 
-def start_script(workdir: Path, script: str, name: str, tool: str) -> Target:
-    """One of the bench's own servers, `script --port N` (speaks no MCP: no session)."""
-    log = workdir / f"{Path(script).stem}.log"
+def start_script(workdir: Path, script: str, name: str, tool: str, *args: str) -> Target:
+    """One of the bench's own servers, `script --port N [args]` (speaks no MCP: no session)."""
     port = free_port()
+    log = workdir / f"{Path(script).stem}-{port}.log"
     with log.open("ab") as sink:
         proc = subprocess.Popen(
-            [sys.executable, str(BENCH / script), "--port", str(port)],
+            [sys.executable, str(BENCH / script), "--port", str(port), *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
@@ -218,6 +218,13 @@ def start_floor(workdir: Path, tool: str) -> Target:
 def start_isolation(workdir: Path, tool: str) -> Target:
     """bench/isolation_floor.py: raw HTTP in front of an echo worker process, no governance."""
     return start_script(workdir, "isolation_floor.py", "HTTP + worker floor", tool)
+
+
+def start_audited(workdir: Path, tool: str) -> Target:
+    """bench/isolation_floor.py --audit: the same, writing each call's record durably first."""
+    audit_dir = str(workdir / "floor-audit")
+    name = "HTTP + worker + audit floor"
+    return start_script(workdir, "isolation_floor.py", name, tool, "--audit", audit_dir)
 
 
 # --- the protocol, done once per server with a real client -------------------------------------
@@ -553,6 +560,9 @@ def measure(
             "concurrency": concurrency,
             "cpu_percent": saturated["cpu_percent"],
             "server_cpu_percent": saturated["server_cpu_percent"],
+            # What a call costs when the server never sleeps (hot caches, no wake-ups),
+            # comparable to the paced figure per 1,000 calls/s.
+            "cpu_percent_per_1k_calls_per_s": saturated["cpu_percent"] * 1000 / load["calls_per_s"],
             "idle_rss_mib": idle_rss / 2**20,
             "peak_rss_mib": saturated["peak_rss_bytes"] / 2**20,
             "others_cpu_percent": others(saturated, load),
@@ -574,12 +584,14 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+PER_1K = "cpu_percent_per_1k_calls_per_s"
 ROWS = [
     ("calls/s (saturation)", "saturation", "calls_per_s", "{:,.0f}"),
     ("p50 latency ms", "saturation", "p50_ms", "{:.2f}"),
     ("p99 latency ms", "saturation", "p99_ms", "{:.2f}"),
     ("CPU % of one core (saturation)", "saturation", "cpu_percent", "{:.0f}"),
     ("  of which the server process", "saturation", "server_cpu_percent", "{:.0f}"),
+    ("CPU % per 1,000 calls/s (saturation)", "saturation", PER_1K, "{:.1f}"),
     ("RSS idle MiB", "saturation", "idle_rss_mib", "{:.1f}"),
     ("RSS peak under load MiB", "saturation", "peak_rss_mib", "{:.1f}"),
     ("failed calls (saturation)", "saturation", "failed", "{:d}"),
@@ -588,7 +600,7 @@ ROWS = [
     ("calls/s achieved (paced)", "fixed_rate", "calls_per_s", "{:,.0f}"),
     ("CPU % of one core (paced)", "fixed_rate", "cpu_percent", "{:.1f}"),
     ("  of which the server process", "fixed_rate", "server_cpu_percent", "{:.1f}"),
-    ("CPU % per 1,000 calls/s (paced)", "fixed_rate", "cpu_percent_per_1k_calls_per_s", "{:.1f}"),
+    ("CPU % per 1,000 calls/s (paced)", "fixed_rate", PER_1K, "{:.1f}"),
     ("p50 latency ms (paced)", "fixed_rate", "p50_ms", "{:.2f}"),
     ("p99 latency ms (paced)", "fixed_rate", "p99_ms", "{:.2f}"),
     ("failed calls (paced)", "fixed_rate", "failed", "{:d}"),
@@ -599,6 +611,7 @@ COLUMNS = {
     "plain": "plain SDK",
     "floor": "bare ASGI",
     "isolation": "HTTP+worker",
+    "audited": "+audit",
 }
 
 
@@ -632,7 +645,8 @@ def main() -> None:
     parser.add_argument(
         "--floor",
         action="store_true",
-        help="also measure the floors: a bare ASGI app, and raw HTTP + an echo worker process",
+        help="also measure the floors: a bare ASGI app; raw HTTP + an echo worker process;"
+        " and the same writing a durable audit record per call",
     )
     parser.add_argument(
         "--only", choices=tuple(COLUMNS), help="measure one server only (no ratios)"
@@ -659,8 +673,9 @@ def main() -> None:
         "plain": start_plain,
         "floor": start_floor,
         "isolation": start_isolation,
+        "audited": start_audited,
     }
-    floors = ["floor", "isolation"] if args.floor else []
+    floors = ["floor", "isolation", "audited"] if args.floor else []
     wanted = [args.only] if args.only else ["mcp0", "plain", *floors]
     with tempfile.TemporaryDirectory(prefix="mcp0-bench-") as tmp:
         workdir = Path(tmp)

@@ -10,16 +10,27 @@ the rate the MCP servers are paced at, its CPU (server plus worker) is what an
 HTTP front and a process boundary cost on this machine before any governance.
 Answers every call with the echo tool's result, whatever the tool asked for.
 
-Run: python bench/isolation_floor.py --port 8768  (answers POST on any path)
+With ``--audit DIR`` it also writes each call's record durably before it
+answers, as mcp0's audit log does and with its defaults: one row per call
+(sequence number, time, the call as JSON, the SHA-256 chain hash) appended to
+a SQLite table in WAL mode with ``synchronous=FULL``, group-committed on the
+event loop 5 ms after a batch's first row or at 32 rows. Still no MCP and no
+governance: its CPU is the least a design that isolates plugins *and* keeps a
+durable audit can spend here.
+
+Run: python bench/isolation_floor.py --port 8768 [--audit DIR]  (answers POST on any path)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import os
+import sqlite3
 import sys
+import time
 from typing import Any, cast
 
 import httptools
@@ -61,11 +72,59 @@ class _Worker(asyncio.SubprocessProtocol):
         return future
 
 
+class _Audit:
+    """mcp0's group commit in a few lines: rows gather for ``window`` seconds after a batch's
+    first (or until ``max_batch``), then one transaction and one fsync; then their callers go on."""
+
+    def __init__(self, directory: str, window: float = 0.005, max_batch: int = 32) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self._db = sqlite3.connect(os.path.join(directory, "audit.db"), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS audit"
+            " (seq INTEGER PRIMARY KEY, ts REAL, body BLOB, prev TEXT, hash TEXT)"
+        )
+        self._window, self._max_batch = window, max_batch
+        self._seq, self._prev = 0, "0" * 64
+        self._batch: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def append(self, body: bytes) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._batch.append((body, future))
+        if len(self._batch) >= self._max_batch:
+            self._commit()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._window, self._commit)
+        return future
+
+    def _commit(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._batch = self._batch, []
+        rows = []
+        for body, _ in batch:
+            self._seq += 1
+            digest = hashlib.sha256(bytes.fromhex(self._prev) + body).hexdigest()
+            rows.append((self._seq, time.time(), body, self._prev, digest))
+            self._prev = digest
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?)", rows)
+        self._db.execute("COMMIT")
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+
+
 class _Connection(asyncio.Protocol):
     """One client connection; requests are answered in order (wrk sends one at a time)."""
 
-    def __init__(self, worker: _Worker) -> None:
+    def __init__(self, worker: _Worker, audit: _Audit | None) -> None:
         self.worker = worker
+        self.audit = audit
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.body: list[bytes] = []
@@ -93,12 +152,14 @@ class _Connection(asyncio.Protocol):
         reply = await self.worker.call(params.get("arguments") or {})
         text = str(reply["arguments"].get("text", ""))
         result = {"content": [{"type": "text", "text": text}], "isError": False}
+        if self.audit is not None:
+            await self.audit.append(orjson.dumps({"request": request, "result": result}))
         out = orjson.dumps({"jsonrpc": "2.0", "id": request.get("id"), "result": result})
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_HEAD % len(out) + out)
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve(host: str, port: int, audit_dir: str | None) -> None:
     loop = asyncio.get_running_loop()
     _, worker = await loop.subprocess_exec(
         _Worker,
@@ -108,7 +169,8 @@ async def _serve(host: str, port: int) -> None:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    server = await loop.create_server(lambda: _Connection(worker), host, port)
+    audit = _Audit(audit_dir) if audit_dir else None
+    server = await loop.create_server(lambda: _Connection(worker, audit), host, port)
     async with server:
         await server.serve_forever()
 
@@ -144,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int)
+    parser.add_argument("--audit", metavar="DIR", help="write each call's record durably first")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -151,7 +214,7 @@ def main() -> None:
     elif args.port is None:
         parser.error("--port is required")
     else:
-        uvloop.run(_serve(args.host, args.port))
+        uvloop.run(_serve(args.host, args.port, args.audit))
 
 
 if __name__ == "__main__":
