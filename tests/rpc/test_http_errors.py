@@ -4,6 +4,7 @@ hanging plugins, bad protocol headers and sessions, and DNS-rebinding attempts."
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -310,3 +311,27 @@ async def test_foreign_host_or_origin_is_403_on_loopback(env: Env, headers: dict
         Origin=f"http://localhost:{env.live.port}",
     )
     assert local.status_code == 200
+
+
+async def test_an_absolute_form_target_is_held_to_its_own_host(env: Env) -> None:
+    """RFC 9112 has a server take an absolute-form target's authority for the Host: a foreign
+    one is refused as a foreign Host header is, a loopback one is served."""
+    ping = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+
+    async def status_of(target: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.live.port)
+        try:
+            writer.write(
+                f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{env.live.port}\r\n"
+                f"Authorization: Bearer {env.full}\r\nContent-Type: application/json\r\n"
+                f"Accept: application/json, text/event-stream\r\n"
+                f"Content-Length: {len(ping)}\r\n\r\n".encode()
+                + ping
+            )
+            with anyio.fail_after(10):
+                return int((await reader.readline()).split()[1])
+        finally:
+            writer.close()
+
+    assert await status_of("http://evil.example.com/mcp") == 403
+    assert await status_of(f"http://127.0.0.1:{env.live.port}/mcp") == 200

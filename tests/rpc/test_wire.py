@@ -218,6 +218,36 @@ async def test_malformed_requests_and_huge_headers_are_refused(served: Any) -> N
         assert (await read_response(reader))[0] == 431
 
 
+async def test_a_request_without_exactly_one_host_is_refused(served: Any) -> None:
+    server, _ = served
+    for head in (b"GET /x HTTP/1.1\r\n", b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n"):
+        async with connect(server) as (reader, writer):
+            writer.write(head + b"\r\n")
+            assert b"Host" in await read_closing_response(reader, 400)
+    async with connect(server) as (reader, writer):  # HTTP/1.0 had no Host
+        writer.write(b"GET /x HTTP/1.0\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+
+
+async def test_an_absolute_form_target_gives_its_path_and_its_authority_as_host(
+    served: Any,
+) -> None:
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET HTTP://h:1/api/v1/audit?after=3 HTTP/1.1\r\nHost: other\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+        writer.write(b"GET http://h:1 HTTP/1.1\r\nHost: h:1\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+    first, second = app.scopes[-2:]
+    assert (first["path"], first["query_string"]) == ("/api/v1/audit", b"after=3")
+    assert [v for k, v in first["headers"] if k == b"host"] == [b"h:1"]
+    assert (second["path"], second["query_string"]) == ("/", b"")
+    for target in (b"ftp://h/x", b"http://user@h/x"):
+        async with connect(server) as (reader, writer):
+            writer.write(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % target)
+            assert b"target" in await read_closing_response(reader, 400), target
+
+
 async def test_connection_close_is_honoured(served: Any) -> None:
     server, _ = served
     async with connect(server) as (reader, writer):

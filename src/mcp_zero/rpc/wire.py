@@ -158,11 +158,41 @@ class _Connection(asyncio.Protocol):
         self.current.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.current.method = self.parser.get_method().decode("ascii", "replace")
-        self.current.keep_alive = self.parser.should_keep_alive()
+        request = self.current
+        request.method = self.parser.get_method().decode("ascii", "replace")
+        request.keep_alive = self.parser.should_keep_alive()
+        # RFC 9112 3.2: exactly one Host in HTTP/1.1 (at most one before), else 400.
+        hosts = [value for name, value in request.headers if name == b"host"]
+        if len(hosts) > 1 or (not hosts and self.parser.get_http_version() != "1.0"):
+            self.refuse(400, b"a request needs one Host header (HTTP/1.0: at most one)")
+            return
+        if request.target[:1] != b"/" and not self._origin_form(request):
+            return
         # curl and others wait (1 s) for this before sending a body over 1 KiB
-        if (b"expect", b"100-continue") in self.current.headers and self.transport is not None:
+        if (b"expect", b"100-continue") in request.headers and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _origin_form(self, request: _Request) -> bool:
+        """An absolute-form target (``http://host/path``) becomes its path, and its authority
+        the Host, as RFC 9112 3.2.2 has a server take it; False (refused) if it is neither
+        that nor ``*``."""
+        target = request.target
+        if target == b"*":
+            return True
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            url = None
+        scheme = url.schema.lower() if url is not None and url.schema else b""
+        if url is None or scheme not in (b"http", b"https") or not url.host or url.userinfo:
+            self.refuse(400, b"the request target must be a path or an http(s) URL")
+            return False
+        authority = target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0]
+        path = url.path or b"/"
+        request.target = path + b"?" + url.query if url.query is not None else path
+        request.headers = [h for h in request.headers if h[0] != b"host"]
+        request.headers.append((b"host", authority))
+        return True
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
