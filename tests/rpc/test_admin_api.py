@@ -229,6 +229,31 @@ async def test_spawning_a_taken_name_is_409(admin: Admin) -> None:
     assert again.json()["error"]["code"] == "conflict"
 
 
+async def test_a_body_field_the_route_does_not_take_is_400_and_nothing_happens(
+    admin: Admin,
+) -> None:
+    typo = await admin.call("POST", "/agents", {"name": "typo", "plugin": ["faulty"]})
+    assert typo.status_code == 400
+    message = typo.json()["error"]["message"]
+    assert "'plugin'" in message
+    assert "name, plugins, state" in message
+    assert (await admin.call("GET", "/agents/typo")).status_code == 404  # not half-made
+    await admin.call("POST", "/agents", {"name": "strict", "plugins": ["faulty"]})
+    call = {"tool": "faulty_echo", "args": {"text": "x"}}
+    assert (await admin.call("POST", "/agents/strict/execute", call)).status_code == 400
+    snap = await admin.call("POST", "/agents/strict/snapshot", {"label": "x"})
+    assert snap.status_code == 400
+    assert "takes no body" in snap.json()["error"]["message"]
+
+
+async def test_a_huge_bad_name_is_not_echoed_whole(admin: Admin) -> None:
+    response = await admin.call("POST", "/agents", {"name": "x" * 100_000 + "!"})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert len(message) < 300
+    assert "100001 characters" in message
+
+
 async def test_malformed_admin_json_is_400(admin: Admin) -> None:
     response = await admin.http.post(f"{admin.live.base}/api/v1/agents", content=b"{nope")
     assert response.status_code == 400

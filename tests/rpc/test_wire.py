@@ -288,6 +288,17 @@ async def test_the_scope_carries_path_query_and_lowercased_headers(served: Any) 
         assert scope["client"][0] == "127.0.0.1"
 
 
+async def test_the_scope_path_is_percent_decoded_as_asgi_says(served: Any) -> None:
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /a%2Fb%20c/%C3%A4?x=%20 HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+    scope = app.scopes[-1]
+    assert scope["path"] == "/a/b c/\u00e4"
+    assert scope["raw_path"] == b"/a%2Fb%20c/%C3%A4"
+    assert scope["query_string"] == b"x=%20"
+
+
 async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() -> None:
     async with serving() as (server, app, task), connect(server) as (reader, writer):
         writer.write(b"GET /wait-disconnect HTTP/1.1\r\nHost: h\r\n\r\n")

@@ -52,8 +52,9 @@ def agent_view(agent: AgentRecord) -> JSON:
 
 def check_name(name: str, what: str = "agent") -> str:
     if not _NAME.match(name):
+        shown = repr(name) if len(name) <= 80 else f"{name[:64]!r}… ({len(name)} characters)"
         raise InvalidParams(
-            f"invalid {what} name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+            f"invalid {what} name {shown}: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
         )
     return name

@@ -45,6 +45,21 @@ AUDIT_PAGE_MAX = 10_000  # records one GET /audit returns at most
 Route = Callable[[re.Match[str], JSON, dict[str, list[str]]], Awaitable[tuple[int, Any]]]
 
 
+def _fields(names: str) -> frozenset[str]:
+    return frozenset(names.split())
+
+
+_NO_BODY: frozenset[str] = frozenset()
+
+
+def _check_fields(payload: JSON, fields: frozenset[str]) -> None:
+    unknown = sorted(set(payload) - fields)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(fields))}" if fields else "it takes no body"
+        shown = ", ".join(repr(f[:64]) for f in unknown[:10])
+        raise InvalidRequest(f"unknown field(s) {shown} in the request body: {takes}")
+
+
 class _NoBridge:
     """The admin's execute has no MCP client behind it: no progress, no sampling."""
 
@@ -84,19 +99,31 @@ def plugin_view(record_manifest: JSON, *, tools: bool) -> JSON:
 class AdminApi:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._routes: list[tuple[str, re.Pattern[str], Route]] = [
-            ("GET", re.compile(r"/agents/?\Z"), self._list_agents),
-            ("POST", re.compile(r"/agents/?\Z"), self._spawn),
-            ("GET", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._get_agent),
-            ("DELETE", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._terminate),
-            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/plugins\Z"), self._attach),
-            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/execute\Z"), self._execute),
-            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/snapshot\Z"), self._snapshot),
-            ("POST", re.compile(r"/snapshots/(?P<id>[^/]+)/recover\Z"), self._recover),
-            ("GET", re.compile(r"/plugins/?\Z"), self._list_plugins),
-            ("GET", re.compile(r"/plugins/(?P<name>[^/]+)\Z"), self._get_plugin),
-            ("GET", re.compile(r"/audit/?\Z"), self._audit),
-            ("GET", re.compile(r"/audit/verify\Z"), self._verify),
+        # method, path, handler, and the body fields it takes (any other is refused: a
+        # mistyped "plugin" for "plugins" must not create an agent without its plugins)
+        self._routes: list[tuple[str, re.Pattern[str], Route, frozenset[str]]] = [
+            ("GET", re.compile(r"/agents/?\Z"), self._list_agents, _NO_BODY),
+            ("POST", re.compile(r"/agents/?\Z"), self._spawn, _fields("name plugins state")),
+            ("GET", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._get_agent, _NO_BODY),
+            ("DELETE", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._terminate, _NO_BODY),
+            (
+                "POST",
+                re.compile(r"/agents/(?P<name>[^/]+)/plugins\Z"),
+                self._attach,
+                _fields("plugin"),
+            ),
+            (
+                "POST",
+                re.compile(r"/agents/(?P<name>[^/]+)/execute\Z"),
+                self._execute,
+                _fields("tool arguments request_id"),
+            ),
+            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/snapshot\Z"), self._snapshot, _NO_BODY),
+            ("POST", re.compile(r"/snapshots/(?P<id>[^/]+)/recover\Z"), self._recover, _NO_BODY),
+            ("GET", re.compile(r"/plugins/?\Z"), self._list_plugins, _NO_BODY),
+            ("GET", re.compile(r"/plugins/(?P<name>[^/]+)\Z"), self._get_plugin, _NO_BODY),
+            ("GET", re.compile(r"/audit/?\Z"), self._audit, _NO_BODY),
+            ("GET", re.compile(r"/audit/verify\Z"), self._verify, _NO_BODY),
         ]
 
     async def handle(
@@ -105,12 +132,13 @@ class AdminApi:
         """Route one admin request; returns (HTTP status, JSON body)."""
         try:
             self._check_admin(authorization)
-            for verb, pattern, route in self._routes:
+            for verb, pattern, route, fields in self._routes:
                 match = pattern.match(path)
                 if match and verb == method:
                     payload: Any = orjson.loads(body) if body.strip() else {}
                     if not isinstance(payload, dict):
                         raise InvalidRequest("the request body must be a JSON object")
+                    _check_fields(payload, fields)
                     return await route(match, payload, parse_qs(query))
             raise NotFound(f"no admin route {method} /api/v1{path}")
         except orjson.JSONDecodeError as exc:

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any, cast
+from urllib.parse import unquote_to_bytes
 
 import httptools
 
@@ -243,15 +244,19 @@ class _Connection(asyncio.Protocol):
         self._next()
 
     def _scope(self, request: _Request) -> Scope:
-        path, _, query = request.target.partition(b"?")
+        raw_path, _, query = request.target.partition(b"?")
+        # ASGI's path is the target's path with %-escapes and UTF-8 decoded
+        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
+            "utf-8", "replace"
+        )
         return {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1",
             "method": request.method,
             "scheme": "http",
-            "path": path.decode("latin-1"),
-            "raw_path": path,
+            "path": path,
+            "raw_path": raw_path,
             "query_string": query,
             "root_path": "",
             "headers": request.headers,
