@@ -189,13 +189,15 @@ async def test_tools_list_pages_chain_through_every_tool(env: Env) -> None:
         base64.urlsafe_b64encode(b"abc").decode(),
         base64.urlsafe_b64encode(b"999").decode(),
         12,
+        "A" * 10_000,
     ],
-    ids=["garbage", "not-a-number", "out-of-range", "integer"],
+    ids=["garbage", "not-a-number", "out-of-range", "integer", "huge"],
 )
 async def test_a_bad_cursor_is_32602(env: Env, cursor: Any) -> None:
     client = await session(env)
     reply = await client.request("tools/list", {"cursor": cursor})
     assert error_of(reply)["code"] == -32602
+    assert len(error_of(reply)["message"]) < 200  # not the whole cursor back
 
 
 # -- progress over SSE and resumption --------------------------------------------------------

@@ -56,7 +56,8 @@ def _page(items: list[JSON], cursor: Any, size: int, key: str) -> JSON:
         try:
             start = int(base64.urlsafe_b64decode(str(cursor).encode()).decode())
         except (ValueError, binascii.Error, UnicodeDecodeError):
-            raise InvalidParams(f"invalid cursor {cursor!r}: pass a nextCursor we sent") from None
+            shown = repr(cursor) if len(repr(cursor)) <= 80 else f"{repr(cursor)[:64]}…"
+            raise InvalidParams(f"invalid cursor {shown}: pass a nextCursor we sent") from None
         if start < 0 or start > len(items):
             raise InvalidParams(f"cursor {cursor!r} is out of range")
     page: JSON = {key: items[start : start + size]}
