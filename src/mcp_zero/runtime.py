@@ -142,11 +142,13 @@ class Runtime:
         self._audited(Verb.INSTALL_PLUGIN, manifest.name, via, {"version": manifest.version})
         return manifest
 
-    def remove_plugin(self, name: str, *, via: str = "cli") -> None:
-        """Remove plugin ``name`` as the admin: decided by policy, audited."""
+    def remove_plugin(self, name: str, *, via: str = "cli") -> list[str]:
+        """Remove plugin ``name`` as the admin: decided by policy, audited. Returns the
+        agents it was detached from."""
         self._authorize(Verb.REMOVE_PLUGIN, name, via)
-        self.plugins.remove(name)
-        self._audited(Verb.REMOVE_PLUGIN, name, via, {})
+        detached = self.plugins.remove(name)
+        self._audited(Verb.REMOVE_PLUGIN, name, via, {"detached_from": detached})
+        return detached
 
     def _authorize(self, verb: Verb, resource: str, via: str) -> None:
         denial = admin_denial(self.policy, verb, resource, via, resource)

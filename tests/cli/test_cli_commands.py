@@ -42,8 +42,11 @@ def test_plugin_commands_print_their_documented_shapes(data_dir: Path) -> None:
     tools = {t["name"]: t for t in shown["tools"]}
     assert tools["notes_add"]["inputSchema"]["type"] == "object"
     assert tools["notes_add"]["description"]
-    assert as_json(data_dir, "plugin", "remove", "notes") == {"name": "notes", "removed": True}
+    run(data_dir, "agent", "create", "reader", "--plugin", "notes")
+    removed = as_json(data_dir, "plugin", "remove", "notes")
+    assert removed == {"name": "notes", "removed": True, "detached_from": ["reader"]}
     assert as_json(data_dir, "plugin", "list") == []
+    assert as_json(data_dir, "agent", "show", "reader")["plugins"] == []
 
 
 def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:

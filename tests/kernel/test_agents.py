@@ -130,6 +130,22 @@ async def test_snapshot_and_recover_restore_plugins_state_and_token(runtime: Run
         await runtime.agents.recover("snap_nothing")
 
 
+async def test_removing_a_plugin_detaches_it_so_a_namesake_is_attached_to_no_one(
+    runtime: Runtime,
+) -> None:
+    await runtime.agents.spawn("ann", ["notes", "faulty"])
+    await runtime.agents.spawn("bob", ["faulty"])
+    await runtime.agents.spawn("cyd", ["notes"])
+    assert runtime.remove_plugin("faulty") == ["ann", "bob"]
+    assert runtime.agents.get("ann").plugins == ["notes"]
+    assert runtime.agents.get("bob").plugins == []
+    runtime.plugins.install(FAULTY_DIR)  # a new plugin under the old name
+    assert runtime.agents.get("bob").plugins == []
+    removal = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 1000)][-1]
+    assert removal["verb"] == "remove_plugin"
+    assert removal["detached_from"] == ["ann", "bob"]
+
+
 async def test_recover_drops_plugins_removed_since_the_snapshot(runtime: Runtime) -> None:
     await runtime.agents.spawn("eve", ["notes", "faulty"])
     snap = await runtime.agents.snapshot("eve")

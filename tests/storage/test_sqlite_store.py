@@ -126,11 +126,11 @@ def test_plugins_put_replace_delete_bump_the_version(db: Path, store: SqliteStor
         other.close()
 
     v3 = store.plugins_version()
-    assert store.delete_plugin("fs") is True
+    assert store.delete_plugin("fs") == []
     assert store.get_plugin("fs") is None
     v4 = store.plugins_version()
     assert v4 > v3
-    assert store.delete_plugin("fs") is False
+    assert store.delete_plugin("fs") is None
     assert store.plugins_version() == v4
 
 

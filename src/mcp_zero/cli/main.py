@@ -366,10 +366,11 @@ def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, 
 def plugin_remove(
     config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
 ) -> None:
-    """Remove plugin NAME (its data stays in plugin-data/)."""
+    """Remove plugin NAME and detach it from every agent (its data stays in plugin-data/)."""
     with _runtime(config_file, data_dir) as rt:
-        rt.remove_plugin(name)
-    _out(as_json, {"name": name, "removed": True}, f"removed {name}")
+        detached = rt.remove_plugin(name)
+    text = f"removed {name}" + (f" (detached from {', '.join(detached)})" if detached else "")
+    _out(as_json, {"name": name, "removed": True, "detached_from": detached}, text)
 
 
 # -- audit and policy -------------------------------------------------------------------------

@@ -133,12 +133,15 @@ class PluginHost:
         )
         return manifest
 
-    def remove(self, name: str) -> None:
-        """Forget plugin ``name`` and delete its installed files (its data dir stays)."""
+    def remove(self, name: str) -> list[str]:
+        """Forget plugin ``name``, detach it from every agent and delete its installed files
+        (its data dir stays); returns the agents it was detached from."""
         record = self.store.get_plugin(name)
-        if record is None or not self.store.delete_plugin(name):
+        detached = self.store.delete_plugin(name) if record is not None else None
+        if record is None or detached is None:
             raise PluginNotFound(f"no plugin named {name!r} is installed")
         shutil.rmtree(Path(record.path), ignore_errors=True)
+        return detached
 
     # -- running -------------------------------------------------------------------------------
 

@@ -223,13 +223,27 @@ class SqliteStore:
         )
         return [_plugin(row) for row in rows]
 
-    def delete_plugin(self, name: str) -> bool:
-        """Delete plugin ``name``; True if it existed (then :meth:`plugins_version` moves)."""
+    def delete_plugin(self, name: str) -> list[str] | None:
+        """Delete plugin ``name`` and detach it from every agent, in one transaction.
+
+        Returns the agents it was detached from, or None if there was no such plugin
+        (otherwise :meth:`plugins_version` moves). A plugin installed later under the
+        same name is not attached to anyone.
+        """
         with self._transaction("remove plugin") as conn:
-            deleted = conn.execute("DELETE FROM plugins WHERE name = ?", (name,)).rowcount > 0
-            if deleted:
-                _bump_plugins_version(conn)
-            return deleted
+            if conn.execute("DELETE FROM plugins WHERE name = ?", (name,)).rowcount == 0:
+                return None
+            _bump_plugins_version(conn)
+            detached = []
+            for agent, plugins_json in conn.execute("SELECT name, plugins FROM agents").fetchall():
+                plugins = json.loads(plugins_json)
+                if name in plugins:
+                    kept = [p for p in plugins if p != name]
+                    conn.execute(
+                        "UPDATE agents SET plugins = ? WHERE name = ?", (_dumps(kept), agent)
+                    )
+                    detached.append(agent)
+            return detached
 
     def plugins_version(self) -> int:
         """A counter bumped by every plugin put/delete, from any process using this file."""
