@@ -311,6 +311,36 @@ async def test_resuming_an_unknown_stream_is_404(env: Env) -> None:
 # -- cancellation -----------------------------------------------------------------------------
 
 
+PING_D1 = {"jsonrpc": "2.0", "id": "d1", "method": "ping"}
+
+
+async def test_an_id_in_use_by_a_request_in_flight_is_refused(env: Env) -> None:
+    client = await session(env)
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "POST",
+                env.live.url,
+                content=call_message("d1", "faulty_started_then_wait", {}, token="dup"),
+                headers=client.headers(),
+            ) as response:
+                async for event in sse_events(response):
+                    if event.data and event.message.get("method") == "notifications/progress":
+                        again = (await client.post(PING_D1)).json()
+                        assert error_of(again)["code"] == -32600
+                        assert "in flight" in error_of(again)["message"]
+                        # the first still belongs to its own id: cancelling it works
+                        await client.post(
+                            {
+                                "jsonrpc": "2.0",
+                                "method": "notifications/cancelled",
+                                "params": {"requestId": "d1"},
+                            }
+                        )
+    # once it is over, the id may be used again
+    assert "result" in (await client.post(PING_D1)).json()
+
+
 async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None:
     client = await session(env)
     runtime = env.live.runtime

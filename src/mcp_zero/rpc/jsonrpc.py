@@ -53,7 +53,7 @@ def decode(body: bytes | str) -> Message:
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ParseError(f"body is not valid JSON: {exc}") from exc
+        raise ParseError(f"the message is not valid JSON: {exc}") from exc
     return classify(obj)
 
 

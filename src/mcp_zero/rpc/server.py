@@ -19,6 +19,7 @@ from mcp_zero.errors import (
     INTERNAL_ERROR,
     UNAUTHORIZED,
     InvalidParams,
+    InvalidRequest,
     McpZeroError,
     MethodNotFound,
 )
@@ -121,6 +122,13 @@ class McpServer:
                 request.id, MethodNotFound(f"unknown method {request.method!r}")
             )
         session.last_seen = time.monotonic()
+        if request.id in session.inflight:
+            # ids are unique per session (MCP): a second one would take over the first's
+            # cancellation, and the client could not tell the two answers apart
+            return jsonrpc.error_from_exception(
+                request.id,
+                InvalidRequest(f"request id {request.id!r} is in use by a request in flight"),
+            )
         task = asyncio.current_task()
         if task is not None:
             session.inflight[request.id] = task
