@@ -4,6 +4,7 @@ the errors a user gets for a bad file, key or value."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -115,9 +116,14 @@ def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None
         ("max_sessions", -1),
         ("port", 70000),
         ("audit_max_batch", 0),
+        ("rate_limit", float("inf")),
+        ("rate_limit", float("nan")),
+        ("max_timeout_s", float("inf")),
+        ("session_idle_s", float("inf")),
+        ("log_level", "loud"),
     ],
 )
-def test_out_of_range_values_are_config_errors(name: str, value: int) -> None:
+def test_out_of_range_values_are_config_errors(name: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings(None, {name: value}, environ={})
 

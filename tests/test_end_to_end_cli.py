@@ -340,5 +340,20 @@ def test_serve_on_a_port_in_use_fails_in_one_line_and_creates_nothing(tmp_path: 
         )
     assert done.returncode == 1
     assert done.stderr.startswith(f"mcp0: error: cannot listen on 127.0.0.1:{port}: ")
+    assert "another server" in done.stderr
     assert done.stderr.count("\n") == 1  # no traceback
     assert not (tmp_path / "data").exists()  # nor a first start whose token nobody saw
+
+
+def test_serve_on_an_address_not_of_this_machine_says_so(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [MCP0, "serve", "--host", "192.0.2.1", "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("mcp0: error: cannot listen on 192.0.2.1:")
+    assert "--host" in done.stderr
+    assert "another server" not in done.stderr
+    assert done.stderr.count("\n") == 1

@@ -131,7 +131,14 @@ def load_settings(
         value = getattr(settings, name)
         if not low <= value <= high:
             raise ConfigError(f"setting {name!r} is {value!r}; it must be in [{low}, {high}]")
+    if settings.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"setting 'log_level' is {settings.log_level!r}; use one of {', '.join(LOG_LEVELS)}"
+        )
     return settings
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 # Bounds checked once here, so a bad value is one clear error rather than a crash later
@@ -139,15 +146,15 @@ def load_settings(
 _RANGES: tuple[tuple[str, float, float], ...] = (
     ("port", 0, 65535),
     ("max_body_bytes", 1, 1 << 40),
-    ("rate_limit", 0, float("inf")),
+    ("rate_limit", 0, 1e9),  # 0: no limit
     ("rate_burst", 1, 1 << 31),
     ("max_concurrency", 1, 1 << 31),
-    ("max_timeout_s", 1e-3, float("inf")),
+    ("max_timeout_s", 1e-3, 7 * 86_400),
     ("audit_window_ms", 0, 60_000),
     ("audit_max_batch", 1, 1 << 20),
     ("db_max_mb", 0, 1 << 31),
     ("page_size", 1, 1 << 31),
-    ("session_idle_s", 1e-3, float("inf")),
+    ("session_idle_s", 1e-3, 365 * 86_400),
     ("max_sessions", 1, 1 << 31),
     ("max_sessions_per_agent", 1, 1 << 31),
 )

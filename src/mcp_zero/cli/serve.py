@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import secrets
@@ -24,10 +25,14 @@ def _install_uvloop() -> None:
 
 
 def _cannot_listen(settings: Settings, exc: OSError) -> ConfigError:
-    return ConfigError(
-        f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; is another "
-        "server using that port? Choose another with --port (or port in mcp0.toml)"
-    )
+    where = f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        hint = "is another server using that port? Choose another with --port (or in mcp0.toml)"
+    elif isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        hint = "use an address of this machine with --host (or host in mcp0.toml)"
+    else:
+        hint = "choose another address with --host and --port"
+    return ConfigError(f"{where}; {hint}")
 
 
 def _check_listen(settings: Settings) -> None:
