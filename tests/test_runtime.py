@@ -76,6 +76,23 @@ def test_plugin_install_and_remove_are_audited(runtime: Runtime) -> None:
     ]
 
 
+def test_a_restart_does_not_bring_back_a_default_policy_the_admin_removed(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = runtime.settings
+    (settings.policy_dir / "default.cedar").unlink()  # "deny everything"
+    runtime.close()
+    again = Runtime(settings)
+    try:
+        assert not again.created
+        assert list(settings.policy_dir.iterdir()) == []
+        assert "every action is denied" in caplog.text
+        with pytest.raises(PolicyDenied):
+            again.install_plugin(NOTES_DIR)  # the admin's actions too
+    finally:
+        again.close()
+
+
 def test_a_policy_can_forbid_installing_a_plugin(runtime: Runtime) -> None:
     (runtime.settings.policy_dir / "frozen.cedar").write_text(
         '@id("frozen-plugins")\n'

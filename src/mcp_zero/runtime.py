@@ -76,6 +76,12 @@ class Runtime:
             max_batch=settings.audit_max_batch,
         )
         self.policy = PolicyStore(settings.policy_dir)
+        if not any(settings.policy_dir.glob("*.cedar")):
+            log.warning(
+                "no policy in %s: every action is denied, the admin's too; docs/policy.md "
+                "shows the default policy to start from",
+                settings.policy_dir,
+            )
         self.plugins = PluginHost(self.store, settings.plugins_dir, settings.plugin_data_dir)
         self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
         self.quotas = QuotaGate(
@@ -115,7 +121,12 @@ class Runtime:
                 _create_signing_key(key_path)
             if not s.admin_token_path.exists():
                 write_secret_file(s.admin_token_path, new_token() + "\n")
-            write_default_policies(s.policy_dir)
+            if created:
+                write_default_policies(s.policy_dir)
+            else:
+                # Never again: an admin who removed every policy meant "deny everything",
+                # as the running server already took it; a restart must not permit it all.
+                s.policy_dir.mkdir(exist_ok=True)
             s.plugins_dir.mkdir(exist_ok=True)
             s.plugin_data_dir.mkdir(exist_ok=True)
         except OSError as exc:
