@@ -29,6 +29,7 @@ from rpc_live import (
     text_of,
 )
 
+from mcp_zero.rpc.http import SSE_KEEPALIVE_S
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -441,6 +442,28 @@ async def test_subscribers_hear_resources_updated_when_a_tool_changes_the_resour
     assert update.message["params"] == {"uri": "faulty://counter"}
     read = await client.request("resources/read", {"uri": "faulty://counter"})
     assert read["result"]["contents"][0]["text"] != "0"
+
+
+async def test_a_quiet_get_stream_carries_keepalive_comments(env: Env) -> None:
+    client = await session(env)
+    live = env.live
+    live.app.sse_keepalive_s = 0.05
+    raw = b""
+    try:
+        async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                async with http.stream(
+                    "GET", live.url, headers=client.headers(Accept="text/event-stream")
+                ) as response:
+                    async for chunk in response.aiter_raw():
+                        raw += chunk
+                        if raw.count(b": keepalive\n\n") >= 2:
+                            break
+    finally:
+        live.app.sse_keepalive_s = SSE_KEEPALIVE_S
+    assert raw.startswith(b"id: ")  # the priming event came first
+    # comments only: an SSE client sees no event in them
+    assert [e for e in parse_sse_text(raw.decode()) if e.data] == []
 
 
 async def test_get_stream_hears_list_changed_after_another_process_installs_a_plugin(

@@ -50,6 +50,9 @@ from mcp_zero.runtime import Runtime
 
 log = logging.getLogger("mcp_zero.http")
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
+# A quiet GET stream gets an SSE comment this often: proxies that drop idle connections
+# (nginx: 60 s) keep it, and a client that vanished is found when the write fails.
+SSE_KEEPALIVE_S = 25.0
 
 
 class HttpApp:
@@ -65,6 +68,7 @@ class HttpApp:
         self.ready = False
         self._janitor: asyncio.Task[None] | None = None
         self._loopback_only = runtime.settings.on_loopback_only()
+        self.sse_keepalive_s = SSE_KEEPALIVE_S
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -388,13 +392,28 @@ class HttpApp:
         try:
             while not watcher.done():
                 getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, watcher},
+                    timeout=self.sse_keepalive_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if getter in done:
                     await stream.push(getter.result())
                     if stream.send is None:
                         break
-                else:
-                    getter.cancel()
+                    continue
+                getter.cancel()
+                if not done:  # quiet for a while: a comment, which clients ignore
+                    try:
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": b": keepalive\n\n",
+                                "more_body": True,
+                            }
+                        )
+                    except OSError:
+                        break
         finally:
             watcher.cancel()
             session.notices = None
