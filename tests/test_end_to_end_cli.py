@@ -345,6 +345,20 @@ def test_serve_on_a_port_in_use_fails_in_one_line_and_creates_nothing(tmp_path: 
     assert not (tmp_path / "data").exists()  # nor a first start whose token nobody saw
 
 
+def test_serve_stdio_on_a_missing_data_dir_fails_and_creates_nothing(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [MCP0, "serve", "--stdio", "--agent", "claude", "--data-dir", str(tmp_path / "typo")],
+        input='{"jsonrpc":"2.0","id":1,"method":"ping"}\n',
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("mcp0: error: no MCP-ZERO data dir at ")
+    assert done.stdout == ""
+    assert not (tmp_path / "typo").exists()
+
+
 def test_serve_on_an_address_not_of_this_machine_says_so(tmp_path: Path) -> None:
     done = subprocess.run(
         [MCP0, "serve", "--host", "192.0.2.1", "--data-dir", str(tmp_path / "data")],

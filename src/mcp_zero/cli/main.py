@@ -152,7 +152,10 @@ def serve(
         examples=False if no_examples else None,
     )
     if stdio:
-        run_stdio(settings, agent or os.environ.get("MCP0_AGENT"), os.environ.get("MCP0_TOKEN"))
+        # its agent must exist already: a mistyped --data-dir must not lay out a new, empty one
+        run_stdio(
+            _existing(settings), agent or os.environ.get("MCP0_AGENT"), os.environ.get("MCP0_TOKEN")
+        )
     else:
         run_http(settings, as_json=as_json)
 
