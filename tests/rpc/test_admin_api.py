@@ -3,6 +3,8 @@ list, get, attach, execute, snapshot, terminate, recover), plugins and the audit
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -291,3 +293,26 @@ async def test_audit_list_pages_and_verify(admin: Admin) -> None:
     assert verified["count"] == len(seqs)
     assert verified["head_seq"] == seqs[-1]
     assert verified["head_hash"] == everything[-1]["hash"]
+
+
+async def test_verifying_a_long_log_does_not_stop_the_governed_path(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A log of millions of records takes minutes to verify: stand-in, a verify that blocks
+    # for two seconds. A call made meanwhile must be answered before it ends.
+    from mcp_zero.rpc import admin as admin_module
+
+    real = admin_module.verify_store
+
+    def slow_verify(store: Any) -> Any:
+        time.sleep(2.0)
+        return real(store)
+
+    monkeypatch.setattr(admin_module, "verify_store", slow_verify)
+    token = (await admin.call("POST", "/agents", {"name": "busy", "plugins": ["faulty"]})).json()
+    verifying = asyncio.ensure_future(admin.call("GET", "/audit/verify"))
+    await asyncio.sleep(0.2)  # the verification is under way
+    reply = await mcp_call(admin.live, token["token"], "faulty_echo", {"text": "meanwhile"})
+    assert not verifying.done()  # answered while the verification still ran
+    assert "meanwhile" in reply.text
+    assert (await verifying).json()["ok"] is True
