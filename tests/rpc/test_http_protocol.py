@@ -5,6 +5,7 @@ log levels, ending a session, and the standalone GET stream's list_changed notic
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -315,29 +316,42 @@ async def test_resuming_an_unknown_stream_is_404(env: Env) -> None:
 PING_D1 = {"jsonrpc": "2.0", "id": "d1", "method": "ping"}
 
 
-async def test_an_id_in_use_by_a_request_in_flight_is_refused(env: Env) -> None:
-    client = await session(env)
+@contextlib.asynccontextmanager
+async def waiting_call(
+    env: Env, client: McpHttp, request_id: str, token: str
+) -> AsyncIterator[AsyncIterator[SseEvent]]:
+    """faulty_started_then_wait called as ``request_id``: the events of its SSE answer, the
+    first a progress notice once it runs; then it waits until it is cancelled."""
     async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         with anyio.fail_after(CALL_TIMEOUT_S):
             async with http.stream(
                 "POST",
                 env.live.url,
-                content=call_message("d1", "faulty_started_then_wait", {}, token="dup"),
+                content=call_message(request_id, "faulty_started_then_wait", {}, token=token),
                 headers=client.headers(),
             ) as response:
-                async for event in sse_events(response):
-                    if event.data and event.message.get("method") == "notifications/progress":
-                        again = (await client.post(PING_D1)).json()
-                        assert error_of(again)["code"] == -32600
-                        assert "in flight" in error_of(again)["message"]
-                        # the first still belongs to its own id: cancelling it works
-                        await client.post(
-                            {
-                                "jsonrpc": "2.0",
-                                "method": "notifications/cancelled",
-                                "params": {"requestId": "d1"},
-                            }
-                        )
+                yield sse_events(response)
+
+
+async def cancel(client: McpHttp, request_id: str, reason: str | None = None) -> httpx2.Response:
+    params: JSON = {"requestId": request_id}
+    if reason is not None:
+        params["reason"] = reason
+    return await client.post(
+        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
+    )
+
+
+async def test_an_id_in_use_by_a_request_in_flight_is_refused(env: Env) -> None:
+    client = await session(env)
+    async with waiting_call(env, client, "d1", "dup") as events:
+        async for event in events:
+            if event.data and event.message.get("method") == "notifications/progress":
+                again = (await client.post(PING_D1)).json()
+                assert error_of(again)["code"] == -32600
+                assert "in flight" in error_of(again)["message"]
+                # the first still belongs to its own id: cancelling it works
+                await cancel(client, "d1")
     # once it is over, the id may be used again
     assert "result" in (await client.post(PING_D1)).json()
 
@@ -346,27 +360,13 @@ async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None
     client = await session(env)
     runtime = env.live.runtime
     messages: list[JSON] = []
-    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
-        with anyio.fail_after(CALL_TIMEOUT_S):
-            async with http.stream(
-                "POST",
-                env.live.url,
-                content=call_message("c1", "faulty_started_then_wait", {}, token="cancel-me"),
-                headers=client.headers(),
-            ) as response:
-                async for event in sse_events(response):
-                    if not event.data:
-                        continue
-                    messages.append(event.message)
-                    if event.message.get("method") == "notifications/progress":
-                        cancel = await client.post(
-                            {
-                                "jsonrpc": "2.0",
-                                "method": "notifications/cancelled",
-                                "params": {"requestId": "c1", "reason": "user pressed stop"},
-                            }
-                        )
-                        assert cancel.status_code == 202
+    async with waiting_call(env, client, "c1", "cancel-me") as events:
+        async for event in events:
+            if not event.data:
+                continue
+            messages.append(event.message)
+            if event.message.get("method") == "notifications/progress":
+                assert (await cancel(client, "c1", "user pressed stop")).status_code == 202
     # the stream ended without a response to the cancelled request
     assert [m.get("method") for m in messages] == ["notifications/progress"]
     assert not any(m.get("id") == "c1" for m in messages)
