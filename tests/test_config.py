@@ -182,3 +182,25 @@ def test_mcp0_serve_refuses_anonymous_off_loopback_with_one_line(tmp_path: Path)
     assert result.exit_code != 0
     assert "loopback" in result.output
     assert "Traceback" not in result.output
+
+
+def test_plain_http_off_loopback_gets_a_warning_and_https_or_loopback_none(
+    tmp_path: Path,
+) -> None:
+    from mcp_zero.cli.serve import plain_http_warning
+
+    exposed = load_settings(None, {"host": "0.0.0.0"}, environ={})
+    warning = plain_http_warning(exposed)
+    assert warning is not None
+    assert "--tls-cert" in warning
+    assert plain_http_warning(load_settings(None, {}, environ={})) is None
+    tls = {"host": "0.0.0.0", "tls_cert": tmp_path / "c.pem", "tls_key": tmp_path / "k.pem"}
+    assert plain_http_warning(load_settings(None, tls, environ={})) is None
+
+
+def test_tls_cert_and_key_go_together() -> None:
+    with pytest.raises(ConfigError, match="tls_cert and tls_key"):
+        load_settings(None, {"tls_cert": "c.pem"}, environ={})
+    env = {"MCP0_TLS_CERT": "c.pem", "MCP0_TLS_KEY": "k.pem"}
+    settings = load_settings(None, None, environ=env)
+    assert (settings.tls_cert, settings.tls_key) == (Path("c.pem"), Path("k.pem"))

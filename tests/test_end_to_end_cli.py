@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -64,13 +67,24 @@ class Server:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    tls: tuple[Path, Path] | None = None  # certificate and key: serve HTTPS
+
+    @property
+    def base(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"{self.base}/mcp"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What a client trusts to reach this server: its own certificate, when it has one."""
+        return ssl.create_default_context(cafile=str(self.tls[0])) if self.tls else True
 
     def start(self) -> None:
         """Starts the server and waits (bounded) until GET /readyz answers 200."""
+        tls = ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
                 [
@@ -82,17 +96,18 @@ class Server:
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    *tls,
                 ],
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
-        with httpx2.Client(timeout=2.0) as http:
+        with httpx2.Client(timeout=2.0, verify=self.verify) as http:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     pytest.fail(f"mcp0 serve exited {self.proc.returncode}:\n{self.output()}")
                 try:
-                    if http.get(f"http://127.0.0.1:{self.port}/readyz").status_code == 200:
+                    if http.get(f"{self.base}/readyz").status_code == 200:
                         return
                 except httpx2.TransportError:
                     pass
@@ -173,6 +188,82 @@ async def test_official_client_over_http_lists_adds_and_finds_a_note(
             transport = streamable_http_client(server.url, http_client=http)
             async with Client(transport, mode=mode) as client:
                 await add_then_search(client)
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, both as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mcp0 test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.anyio
+async def test_official_client_over_https_lists_adds_and_finds_a_note(tmp_path: Path) -> None:
+    tls = self_signed_certificate(tmp_path)
+    srv = Server(tmp_path / "data", free_port(), tmp_path / "serve.log", tls=tls)
+    srv.start()
+    try:
+        assert f"listening on https://127.0.0.1:{srv.port}/mcp" in srv.output()
+        token = create_agent(srv.data_dir, "e2e-https")
+        async with httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=CLIENT_TIMEOUT_S,
+            verify=srv.verify,
+        ) as http:
+            with anyio.fail_after(CLIENT_TIMEOUT_S):
+                async with Client(streamable_http_client(srv.url, http_client=http)) as client:
+                    await add_then_search(client)
+            # plain HTTP on the HTTPS port gets no answer, and the server goes on
+            with pytest.raises(httpx2.TransportError):
+                await http.get(f"http://127.0.0.1:{srv.port}/healthz")
+            assert (await http.get(f"{srv.base}/healthz")).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_certificate_without_its_key_or_with_a_wrong_one_is_one_line(tmp_path: Path) -> None:
+    cert, _ = self_signed_certificate(tmp_path)
+    for tls in (["--tls-cert", str(cert)], ["--tls-cert", str(cert), "--tls-key", str(cert)]):
+        done = subprocess.run(
+            [MCP0, "serve", "--port", "0", "--data-dir", str(tmp_path / "data"), *tls],
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+        )
+        assert done.returncode == 1
+        assert done.stderr.startswith("mcp0: error: ")
+        assert "tls" in done.stderr.lower()
+        assert done.stderr.count("\n") == 1
 
 
 @pytest.mark.anyio

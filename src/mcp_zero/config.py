@@ -42,6 +42,9 @@ class Settings:
     anonymous_agent: str | None = None
     examples: bool = True
     log_level: str = "info"
+    # HTTPS: a PEM certificate chain and its private key (both, or neither for plain HTTP).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @property
     def db_path(self) -> Path:
@@ -74,7 +77,12 @@ class Settings:
 _ENV_PREFIX = "MCP0_"
 
 
+_OPTIONAL_PATHS = frozenset({"tls_cert", "tls_key"})
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
+    if name in _OPTIONAL_PATHS:
+        return Path(value) if value not in (None, "") else None
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
@@ -131,6 +139,8 @@ def load_settings(
         value = getattr(settings, name)
         if not low <= value <= high:
             raise ConfigError(f"setting {name!r} is {value!r}; it must be in [{low}, {high}]")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together: give both for HTTPS, or neither")
     if settings.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(
             f"setting 'log_level' is {settings.log_level!r}; use one of {', '.join(LOG_LEVELS)}"

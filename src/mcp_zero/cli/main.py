@@ -128,6 +128,8 @@ def main() -> None:
     help="Let requests without a token act as this agent (loopback only; audited as anonymous).",
 )
 @click.option("--no-examples", is_flag=True, help="Do not install the example plugin.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve HTTPS: PEM certificate.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="With --tls-cert: its key.")
 @_errors
 def serve(
     config_file: Path | None,
@@ -139,6 +141,8 @@ def serve(
     agent: str | None,
     anonymous_agent: str | None,
     no_examples: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run the server: MCP at /mcp (or on stdio), admin API at /api/v1."""
     from mcp_zero.cli.serve import run_http, run_stdio
@@ -150,6 +154,8 @@ def serve(
         port=port,
         anonymous_agent=anonymous_agent,
         examples=False if no_examples else None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     if stdio:
         # its agent must exist already: a mistyped --data-dir must not lay out a new, empty one

@@ -8,12 +8,15 @@ import json
 import logging
 import secrets
 import socket
+import ssl
 import sys
 from typing import Any
 
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Unauthorized
 from mcp_zero.runtime import Runtime
+
+log = logging.getLogger("mcp_zero.serve")
 
 
 def _install_uvloop() -> None:
@@ -33,6 +36,32 @@ def _cannot_listen(settings: Settings, exc: OSError) -> ConfigError:
     else:
         hint = "choose another address with --host and --port"
     return ConfigError(f"{where}; {hint}")
+
+
+def plain_http_warning(settings: Settings) -> str | None:
+    """What to tell the operator of a server that others reach without TLS, if it is one."""
+    if settings.tls_cert is not None or settings.on_loopback_only():
+        return None
+    return (
+        f"serving plain HTTP on {settings.host}: bearer tokens cross the network in clear; "
+        "give --tls-cert and --tls-key, or put a TLS proxy in front"
+    )
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context from ``tls_cert`` and ``tls_key`` (TLS 1.2 or later), or None."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot use TLS certificate {settings.tls_cert} with key {settings.tls_key}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from exc
+    return context
 
 
 def _check_listen(settings: Settings) -> None:
@@ -80,14 +109,20 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _install_uvloop()
+    tls = _tls_context(settings)
     _check_listen(settings)
+    warning = plain_http_warning(settings)
+    if warning is not None:
+        log.warning("%s", warning)
     runtime, installed = _prepare(settings)
     first_token = None
     if installed and not runtime.store.list_agents():
         spawned = asyncio.run(runtime.agents.spawn("default", installed, via="cli"))
         first_token = spawned.token
     app = HttpApp(runtime)
-    server = HttpServer(app, settings.host, settings.port, max_body_bytes=settings.max_body_bytes)
+    server = HttpServer(
+        app, settings.host, settings.port, max_body_bytes=settings.max_body_bytes, tls=tls
+    )
 
     async def started() -> None:
         await app.startup()
@@ -104,7 +139,8 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
 def _announce(
     settings: Settings, port: int, installed: list[str], token: str | None, *, as_json: bool
 ) -> None:
-    url = f"http://{settings.host}:{port}/mcp"
+    scheme = "https" if settings.tls_cert is not None else "http"
+    url = f"{scheme}://{settings.host}:{port}/mcp"
     info: dict[str, Any] = {
         "url": url,
         "data_dir": str(settings.data_dir),

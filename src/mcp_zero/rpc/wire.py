@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -254,7 +255,7 @@ class _Connection(asyncio.Protocol):
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1",
             "method": request.method,
-            "scheme": "http",
+            "scheme": self.server.scheme,
             "path": path,
             "raw_path": raw_path,
             "query_string": query,
@@ -406,6 +407,7 @@ class HttpServer:
         *,
         max_body_bytes: int,
         request_read_s: float = REQUEST_READ_S,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -413,6 +415,8 @@ class HttpServer:
         self.address = (host, port)
         self.max_body_bytes = max_body_bytes
         self.request_read_s = request_read_s
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -425,7 +429,12 @@ class HttpServer:
         if self._stopping is None:
             self._stopping = asyncio.Event()
         self._server = await loop.create_server(
-            lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
+            lambda: _Connection(self),
+            self.host,
+            self.port,
+            reuse_address=True,
+            backlog=1024,
+            ssl=self.tls,
         )
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
