@@ -212,14 +212,17 @@ async def test_mcp0_serve_stdio_speaks_json_lines(tmp_path: Path) -> None:
 
 
 async def test_mcp0_serve_stdio_for_an_unknown_agent_fails_with_one_line(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "d")
+    await anyio.run_process([MCP0, "agent", "create", "someone", "--data-dir", data_dir])
     done = await anyio.run_process(
-        [MCP0, "serve", "--stdio", "--agent", "ghost", "--data-dir", str(tmp_path / "d")],
+        [MCP0, "serve", "--stdio", "--agent", "ghost", "--data-dir", data_dir],
         input=b"",
         check=False,
     )
     assert done.returncode != 0
     assert done.stdout == b""
     assert "ghost" in done.stderr.decode()
+    assert done.stderr.count(b"\n") == 1
 
 
 async def test_a_client_closing_stdout_ends_the_session_cleanly(tmp_path: Path) -> None:
