@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +27,7 @@ from mcp_zero.runtime import Runtime
 pytestmark = pytest.mark.anyio
 ALL = frozenset({"notes", "faulty", "conformance"})
 TIMEOUT_S = 20.0
+FAULTY_DIR = Path(__file__).parents[1] / "plugins" / "faulty"
 
 
 def records(runtime: Runtime, **match: Any) -> list[dict[str, Any]]:
@@ -283,3 +285,27 @@ async def test_resources_prompts_and_completions_are_governed(
         "r7": ("get_prompt", "error"),
         "r8": ("get_prompt", "denied"),
     }
+
+
+async def test_a_call_queued_for_a_slot_runs_on_the_new_code_after_an_upgrade(
+    started: Runtime, bridge: Any
+) -> None:
+    agent = Principal("queuer", frozenset({"faulty"}))
+    slots = started.plugins.manifests["faulty"].quotas.max_concurrency
+    naps = [
+        asyncio.ensure_future(call(started, agent, "faulty_nap", {"seconds": 1.0}, f"n{i}", bridge))
+        for i in range(slots)
+    ]
+    await anyio.sleep(0.2)  # every slot is taken
+    queued = asyncio.ensure_future(call(started, agent, "faulty_echo", {"text": "q"}, "q", bridge))
+    await anyio.sleep(0.1)
+    assert not queued.done()
+    old = started.plugins.runtime("faulty")
+    started.plugins.install(FAULTY_DIR, replace=True)
+    with anyio.fail_after(30):
+        assert await started.plugins.refresh() is True
+    assert started.plugins.runtime("faulty") is not old
+    for nap in naps:  # the old code finishes what it had
+        assert (await nap)["content"][0]["text"] == "napped 1.0"
+    # and the queued call, which had the old runtime in hand, went to the new one
+    assert (await queued)["content"] == [{"type": "text", "text": "q"}]

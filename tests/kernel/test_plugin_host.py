@@ -3,6 +3,7 @@ removing, and a running host following installs and removals made by another pro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator
@@ -13,7 +14,12 @@ from typing import Any
 import anyio
 import pytest
 
-from mcp_zero.errors import Conflict, ManifestError, PluginFailure, PluginNotFound
+from mcp_zero.errors import (
+    Conflict,
+    ManifestError,
+    PluginFailure,
+    PluginNotFound,
+)
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -189,6 +195,63 @@ async def test_installing_another_plugin_leaves_running_workers_alone(
         assert runtime.plugins.runtime("faulty") is faulty
         assert faulty.pids == pids_before  # type: ignore[attr-defined]
         assert len(runtime.plugins.runtime("notes").pids) == 1  # type: ignore[attr-defined]
+
+
+async def nap_on(runtime: Any, seconds: float, bridge: Any) -> dict[str, Any]:
+    result: dict[str, Any] = await runtime.call_tool(
+        "faulty_nap", {"seconds": seconds}, agent="a", bridge=bridge, timeout=90
+    )
+    return result
+
+
+async def gone(runtime: Any) -> None:
+    """Until the runtime's workers have all exited (bounded)."""
+    with anyio.fail_after(20):
+        while runtime.pids:
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("change", ["replace", "remove"])
+async def test_calls_in_flight_finish_when_their_plugin_is_replaced_or_removed(
+    make_runtime: Any, bridge: Any, change: str
+) -> None:
+    async with running_faulty(make_runtime) as runtime:
+        old = runtime.plugins.runtime("faulty")
+        napping = asyncio.ensure_future(nap_on(old, 1.0, bridge))
+        await anyio.sleep(0.3)  # the call is running in the old worker
+        if change == "replace":
+            runtime.plugins.install(FAULTY_DIR, replace=True)
+        else:
+            runtime.plugins.remove("faulty")
+        await assert_refresh_changes(runtime)
+        assert not napping.done()
+        if change == "replace":  # new calls go to the new code meanwhile
+            new = runtime.plugins.runtime("faulty")
+            assert new is not old
+            assert (await nap_on(new, 0.0, bridge))["content"][0]["text"] == "napped 0.0"
+            assert not napping.done()
+        else:
+            assert "faulty_nap" not in runtime.plugins.tools
+        with anyio.fail_after(20):
+            result = await napping
+        assert result["content"][0]["text"] == "napped 1.0"  # not cut off
+        await gone(old)  # and then the old workers leave
+
+
+async def test_closing_the_host_stops_a_replaced_plugin_still_draining(
+    make_runtime: Any, bridge: Any
+) -> None:
+    async with running_faulty(make_runtime) as runtime:
+        old = runtime.plugins.runtime("faulty")
+        waiting = asyncio.ensure_future(nap_on(old, 60.0, bridge))
+        await anyio.sleep(0.3)
+        runtime.plugins.install(FAULTY_DIR, replace=True)
+        await assert_refresh_changes(runtime)
+        with anyio.fail_after(20):
+            await runtime.plugins.close()  # does not wait out the 60 s call
+        with pytest.raises(PluginFailure):  # cancelled, or killed: not left hanging
+            await waiting
+        await gone(old)
 
 
 async def test_a_reinstall_of_the_same_version_restarts_it(make_runtime: Any) -> None:

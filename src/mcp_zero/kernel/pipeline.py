@@ -398,6 +398,11 @@ class Kernel:
                 if slots.locked():  # the plugin is busy: queue, within the call's time limit
                     await _wait_for_slot(slots, timeout, action.plugin, quotas.max_concurrency)
                     timeout = max(timeout - (time.perf_counter() - t), 0.001)
+                    try:  # replaced or removed meanwhile? then the new code, or the error
+                        runtime = self.plugins.runtime(action.plugin)
+                    except BaseException:
+                        slots.release()
+                        raise
                 else:
                     await slots.acquire()
                 try:

@@ -89,6 +89,7 @@ class PluginHost:
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # told after the index changed
         self._lock = asyncio.Lock()
+        self._leaving: dict[asyncio.Task[None], PluginRuntime] = {}  # replaced, draining
 
     # -- installing (works without a running server) -----------------------------------------
 
@@ -162,7 +163,9 @@ class PluginHost:
                     self.manifests.pop(name, None)
                     self._fingerprints.pop(name, None)
                     self.failed.pop(name, None)
-                    await runtime.close()
+                    # New calls go to the new code at once; the calls the old one is running
+                    # finish there (an upgrade must not cut a tool off mid-way).
+                    self._leave(runtime)
             fresh: list[tuple[str, PluginRuntime]] = []
             for name, record in records.items():
                 if name in self.runtimes:
@@ -255,6 +258,20 @@ class PluginHost:
             )
         return runtime
 
+    def _leave(self, runtime: PluginRuntime) -> None:
+        task = asyncio.get_running_loop().create_task(runtime.drain())
+        self._leaving[task] = runtime
+        task.add_done_callback(self._left)
+
+    def _left(self, task: asyncio.Task[None]) -> None:
+        runtime = self._leaving.pop(task, None)
+        if runtime is not None and not task.cancelled() and task.exception() is not None:
+            log.error("plugin %r did not stop cleanly: %s", runtime.name, task.exception())
+
     async def close(self) -> None:
         runtimes, self.runtimes = list(self.runtimes.values()), {}
+        leaving, self._leaving = dict(self._leaving), {}
+        for task in leaving:
+            task.cancel()
+        runtimes += list(leaving.values())
         await asyncio.gather(*(rt.close() for rt in runtimes), return_exceptions=True)

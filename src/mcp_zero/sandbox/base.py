@@ -77,4 +77,8 @@ class PluginRuntime(Protocol):
         self, ref: JSON, argument: JSON, context: JSON | None, *, agent: str, timeout: float
     ) -> JSON: ...
 
+    async def drain(self) -> None:
+        """Take no more calls, let the calls in flight finish (within their time limits),
+        then stop: how a replaced or removed plugin leaves."""
+
     async def close(self) -> None: ...

@@ -15,6 +15,7 @@ namespace (:attr:`ProcessRuntime.network_isolated` tells whether it held).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -129,6 +130,26 @@ class ProcessRuntime:
         except BaseException:
             await self.close()
             raise
+
+    async def drain(self) -> None:
+        """Take no more calls; let those in flight finish, then stop the workers.
+
+        A call runs for the manifest's ``timeout_ms`` at most, and an abandoned one is killed
+        after the cancel grace, so this ends by then; what is left is killed.
+        """
+        self._closed = True  # no new calls, no restarts
+        for t in self._starting:
+            if t is not None:
+                t.cancel()
+        workers = [w for w in self._slots if w is not None] + list(self._retired)
+        for worker in workers:
+            worker.retire()
+        if workers:
+            limit = self.manifest.quotas.timeout_ms / 1000 + 2 * self._grace + 1.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit):
+                    await asyncio.gather(*(w.wait_gone() for w in workers))
+        await self.close()
 
     async def close(self) -> None:
         """Stop all workers (calls in flight fail with PluginCrashed)."""

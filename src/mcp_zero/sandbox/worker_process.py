@@ -151,6 +151,11 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
 
+    def retire(self) -> None:
+        """Exit once the calls in flight are answered (end of stdin then); take no more."""
+        self.retiring = True
+        self._close_if_retired()
+
     async def wait_gone(self) -> None:
         """Wait until the child has exited and its pipes are closed (after :meth:`kill`)."""
         if self._transport is not None and self._exited is not None:
