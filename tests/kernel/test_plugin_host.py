@@ -111,6 +111,54 @@ async def test_an_invalid_manifest_is_refused(make_runtime: Any, tmp_path: Path)
     assert runtime.store.list_plugins() == []
 
 
+async def test_a_symbolic_link_in_a_plugin_is_refused_before_anything_is_copied(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    runtime: Runtime = make_runtime()
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    (source / ".git").mkdir()
+    (source / ".git" / "root").symlink_to("/")  # in what is not copied: harmless
+    (source / "everything").symlink_to("/")  # would copy the whole file system
+    with pytest.raises(ManifestError, match=r"everything .*symbolic link"):
+        runtime.plugins.install(source)
+    assert runtime.store.list_plugins() == []
+    assert not (runtime.settings.plugins_dir / "faulty").exists()  # nothing was copied
+
+
+async def test_a_plugin_over_the_size_limit_is_refused(
+    make_runtime: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcp_zero.kernel import plugins as host_module
+
+    monkeypatch.setattr(host_module, "MAX_PLUGIN_BYTES", 4096)
+    runtime: Runtime = make_runtime()
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    (source / "blob.bin").write_bytes(b"x" * 8192)
+    with pytest.raises(ManifestError, match="more than a plugin may"):
+        runtime.plugins.install(source)
+    assert runtime.store.list_plugins() == []
+
+
+async def test_a_copy_that_fails_half_way_leaves_the_installed_version(
+    make_runtime: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    before = runtime.store.get_plugin("faulty")
+    assert before is not None
+    files = sorted(p.name for p in Path(before.path).iterdir())
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        runtime.plugins.install(FAULTY_DIR, replace=True)
+    assert runtime.store.get_plugin("faulty") == before
+    assert sorted(p.name for p in Path(before.path).iterdir()) == files
+    assert [p.name for p in Path(before.path).parent.iterdir()] == [Path(before.path).name]
+
+
 async def test_remove_deletes_the_installed_copy(make_runtime: Any) -> None:
     runtime: Runtime = make_runtime()
     runtime.plugins.install(FAULTY_DIR)

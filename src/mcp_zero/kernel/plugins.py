@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +73,36 @@ def _validator(schema: JSON) -> Validator:
     return jsonschema_rs.validator_for(schema, offline=True)
 
 
+MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
+_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+
+
+def _check_tree(source: Path) -> None:
+    """Refuse what must not be copied into the data dir: a symbolic link (one to ``/`` would
+    copy the whole file system) and a tree over MAX_PLUGIN_BYTES."""
+    total = 0
+    for root, dirs, files in os.walk(source):  # does not follow links
+        ignored = set(_NOT_COPIED(root, dirs + files))
+        dirs[:] = [d for d in dirs if d not in ignored]
+        for name in dirs + files:
+            path = Path(root, name)
+            if name in ignored:
+                continue
+            if path.is_symlink():
+                raise ManifestError(
+                    f"{path.relative_to(source)} in {source} is a symbolic link (to "
+                    f"{os.readlink(path)}): a plugin is installed as a copy of its files; put "
+                    "the file itself there"
+                )
+            if name in files:
+                total += path.lstat().st_size
+                if total > MAX_PLUGIN_BYTES:
+                    raise ManifestError(
+                        f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of "
+                        "files, more than a plugin may"
+                    )
+
+
 class PluginHost:
     """Runtimes of the installed plugins and the index from names to plugins."""
 
@@ -118,11 +150,20 @@ class PluginHost:
                     f"tool {tool.name!r} of plugin {manifest.name!r} is already provided by "
                     f"plugin {taken[tool.name]!r}; tool names must be unique across plugins"
                 )
+        _check_tree(source)
         target = self.plugins_dir / manifest.name / manifest.version
-        if target.exists():
-            shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+        # Copied beside the target, then renamed into place: a copy that fails half-way (a
+        # full disk) leaves the installed version as it was.
+        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=target.parent))
+        try:
+            shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         self.store.put_plugin(
             PluginRecord(
                 name=manifest.name,
