@@ -155,6 +155,51 @@ async def test_other_http_methods_are_405(env: Env) -> None:
     assert "POST" in response.headers["allow"]
 
 
+async def test_a_browser_page_from_an_allowed_origin_gets_cors_answers(env: Env) -> None:
+    page = f"http://localhost:{env.live.port}"
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        preflight = await http.options(
+            env.live.url,
+            headers={
+                "Origin": page,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type, mcp-session-id",
+            },
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == page
+        allowed = preflight.headers["access-control-allow-headers"]
+        assert {"authorization", "mcp-session-id", "mcp-protocol-version"} <= {
+            h.strip() for h in allowed.split(",")
+        }
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        # the real request: the page may read the answer and the session id
+        client = env.live.client(env.token)
+        init = await client.post(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "page", "version": "1"},
+                },
+            },
+            Origin=page,
+        )
+        assert init.status_code == 200
+        assert init.headers["access-control-allow-origin"] == page
+        assert "mcp-session-id" in init.headers["access-control-expose-headers"]
+        # a page from elsewhere gets neither a preflight nor an answer
+        foreign = await http.options(env.live.url, headers={"Origin": "https://evil.example"})
+        assert foreign.status_code == 403
+        assert "access-control-allow-origin" not in foreign.headers
+    # and clients without an Origin see no CORS headers at all
+    plain = await env.live.client(env.token).post({"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    assert "access-control-allow-origin" not in plain.headers
+
+
 # -- pagination -------------------------------------------------------------------------------
 
 

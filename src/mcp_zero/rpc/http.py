@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import orjson
 
@@ -50,6 +51,35 @@ from mcp_zero.runtime import Runtime
 
 log = logging.getLogger("mcp_zero.http")
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
+_ALLOW = [(b"allow", b"GET, POST, DELETE, OPTIONS")]
+_PREFLIGHT = [
+    *_ALLOW,
+    (b"access-control-allow-methods", b"GET, POST, DELETE"),
+    (
+        b"access-control-allow-headers",
+        b"authorization, content-type, accept, mcp-session-id, mcp-protocol-version, last-event-id",
+    ),
+    (b"access-control-max-age", b"600"),
+]
+_CORS_EXPOSED = (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version")
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """``send`` with the CORS headers that let a page from ``origin`` use the response."""
+    extra = [
+        (b"access-control-allow-origin", origin.encode("latin-1")),
+        _CORS_EXPOSED,
+        (b"vary", b"origin"),
+    ]
+
+    async def cors_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return cors_send
+
+
 # A quiet GET stream gets an SSE comment this often: proxies that drop idle connections
 # (nginx: 60 s) keep it, and a client that vanished is found when the write fails.
 SSE_KEEPALIVE_S = 25.0
@@ -158,14 +188,21 @@ class HttpApp:
                     ),
                 )
                 return
+            origin = header(scope, b"origin")
+            if origin is not None and origin != "null":
+                # A browser's page from an allowed origin (checked above): let it read the
+                # answers and the session header (CORS); other clients send no Origin.
+                send = _with_cors(send, origin)
             if method == "POST":
                 await self._post(scope, receive, send)
             elif method == "GET":
                 await self._get(scope, receive, send)
             elif method == "DELETE":
                 await self._delete(scope, send)
+            elif method == "OPTIONS":  # a CORS preflight, or a client asking what we take
+                await respond(send, 204, b"", _PREFLIGHT if origin is not None else _ALLOW)
             else:
-                await respond(send, 405, b"", [(b"allow", b"GET, POST, DELETE")])
+                await respond(send, 405, b"", _ALLOW)
         elif path == "/healthz":
             await respond_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
