@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import subprocess
@@ -23,7 +22,7 @@ from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
-from mcp_zero.kernel.admin import LOAD_POLICIES, admin_denial, admin_event
+from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
 from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
@@ -33,7 +32,7 @@ from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
-from mcp_zero.security.tokens import new_token, write_secret_file
+from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
 from mcp_zero.storage.sqlite import SqliteStore
 
 log = logging.getLogger("mcp_zero")
@@ -104,7 +103,9 @@ class Runtime:
         self.agents = AgentService(
             self.store, self.audit, policy=self.policy, anonymous_agent=settings.anonymous_agent
         )
-        self.admin_token_hash = hashlib.sha256(self.admin_token().encode()).hexdigest()
+        self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
+        self._admin_token_seen: tuple[int, int, int] | None = None
+        self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
 
@@ -135,6 +136,38 @@ class Runtime:
 
     def admin_token(self) -> str:
         return self.settings.admin_token_path.read_text().strip()
+
+    def refresh_admin_token(self) -> bool:
+        """Take up the admin token file again if it changed; True when it did.
+
+        The token can be rotated without a restart (``mcp0 admin rotate-token``, or by
+        rewriting the file). A missing or empty file closes the admin API.
+        """
+        path = self.settings.admin_token_path
+        try:
+            st = path.stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        if seen == self._admin_token_seen and self._admin_token_seen is not None:
+            return False
+        first = self._admin_token_seen is None and self.admin_token_hash is None
+        self._admin_token_seen = seen
+        try:
+            token = self.admin_token() if seen is not None else ""
+        except OSError as exc:
+            log.error("cannot read the admin token file %s: %s", path, exc)
+            token = ""
+        new_hash = hash_token(token) if token else None
+        if new_hash == self.admin_token_hash:
+            return False
+        self.admin_token_hash = new_hash
+        if not first:
+            if new_hash is None:
+                log.warning("%s holds no token: the admin API refuses every request", path)
+            else:
+                log.info("the admin token in %s changed: the old one no longer works", path)
+        return True
 
     def install_examples(self) -> list[str]:
         """Install the bundled example plugins."""
@@ -186,6 +219,17 @@ class Runtime:
                 await self.refresh_policies()
             except Exception:
                 log.exception("reloading policies failed; the previous set stays in force")
+            if self.refresh_admin_token():
+                closed = self.admin_token_hash is None
+                await self.audit.submit(
+                    admin_event(
+                        CHANGE_ADMIN_TOKEN,
+                        self.settings.admin_token_path.name,
+                        "files",
+                        Outcome.ERROR if closed else Outcome.ALLOWED,
+                        {"code": "no_admin_token"} if closed else {},
+                    )
+                )
 
     async def refresh_policies(self) -> bool:
         """Put changed policy files in force, or keep the old set if they do not load; the

@@ -160,3 +160,20 @@ def test_commands_on_a_mistyped_data_dir_fail_instead_of_creating_one(tmp_path: 
     # the commands that set one up still do
     assert as_json(typo, "agent", "create", "ada")["name"] == "ada"
     assert as_json(typo, "agent", "list")[0]["name"] == "ada"
+
+
+def test_admin_rotate_token_writes_a_new_private_token_and_audits_it(data_dir: Path) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))  # lays out the data dir
+    token_file = data_dir / "admin.token"
+    before = token_file.read_text()
+    rotated = as_json(data_dir, "admin", "rotate-token")
+    assert rotated == {"admin_token_file": str(token_file), "rotated": True}
+    after = token_file.read_text()
+    assert after.strip().startswith("mcp0_")
+    assert after != before
+    said = run(data_dir, "admin", "rotate-token").output
+    assert str(token_file) in said
+    assert token_file.read_text().strip() not in said  # the token stays in its file
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    verbs = [r["verb"] for r in as_json(data_dir, "audit", "list")]
+    assert verbs.count("change_admin_token") == 2

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx2
+import orjson
 import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
 
@@ -316,3 +318,47 @@ async def test_verifying_a_long_log_does_not_stop_the_governed_path(
     assert not verifying.done()  # answered while the verification still ran
     assert "meanwhile" in reply.text
     assert (await verifying).json()["ok"] is True
+
+
+async def test_the_admin_token_rotates_without_a_restart(admin: Admin) -> None:
+    runtime = admin.live.runtime
+    path = runtime.settings.admin_token_path
+    original = path.read_text()
+    url = f"{admin.live.base}/api/v1/agents"
+
+    async def status_with(token: str) -> int:
+        async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+            response = await http.get(url, headers={"Authorization": f"Bearer {token}"})
+        return response.status_code
+
+    async def taken_up(check: Any) -> None:
+        with anyio.fail_after(TIMEOUT_S):  # the server's watcher looks every second
+            while not await check():
+                await anyio.sleep(0.1)
+
+    try:
+        path.write_text("mcp0_rotated-for-the-test\n")
+        await taken_up(lambda: _is(status_with(original.strip()), 401))
+        assert await status_with("mcp0_rotated-for-the-test") == 200
+        path.write_text("")  # an empty file closes the admin API
+        await taken_up(lambda: _is(status_with("mcp0_rotated-for-the-test"), 401))
+        async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+            closed = await http.get(url, headers={"Authorization": "Bearer anything"})
+        assert "holds no token" in closed.json()["error"]["message"]
+    finally:
+        path.write_text(original)
+        await taken_up(lambda: _is(status_with(original.strip()), 200))
+    changes = [
+        orjson.loads(e.body)
+        for e in runtime.store.read_audit(0, 100_000)
+        if orjson.loads(e.body)["verb"] == "change_admin_token"
+    ]
+    assert [(c["transport"], c["outcome"]) for c in changes] == [
+        ("files", "allowed"),
+        ("files", "error"),
+        ("files", "allowed"),
+    ]
+
+
+async def _is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)

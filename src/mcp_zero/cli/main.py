@@ -446,6 +446,32 @@ def audit_verify(config_file: Path | None, data_dir: Path | None, as_json: bool)
 
 
 @main.group()
+def admin() -> None:
+    """The admin token (the admin API's credential)."""
+
+
+@admin.command("rotate-token")
+@_common
+@_errors
+def admin_rotate_token(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """Write a new admin token into the data dir; the old one stops working (a running
+    server takes the new one up within a second). The token is in the file, not printed."""
+    from mcp_zero.kernel.action import Outcome
+    from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
+    from mcp_zero.security.tokens import new_token, write_secret_file
+
+    with _runtime(config_file, data_dir) as rt:
+        path = rt.settings.admin_token_path
+        write_secret_file(path, new_token() + "\n")
+        rt.audit.append_sync(admin_event(CHANGE_ADMIN_TOKEN, path.name, "cli", Outcome.ALLOWED, {}))
+    _out(
+        as_json,
+        {"admin_token_file": str(path), "rotated": True},
+        f"new admin token in {path}; the old one no longer works",
+    )
+
+
+@main.group()
 def policy() -> None:
     """Check policies."""
 

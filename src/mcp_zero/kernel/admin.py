@@ -18,10 +18,12 @@ ADMIN = Principal("admin", admin=True)
 # Audited, never decided: the policy files changed on disk and the server loaded them (or
 # could not). Not a Cedar action, so not a Verb: nobody asks the server to edit the files.
 LOAD_POLICIES = "load_policies"
+# Audited, never decided, the same way: the admin token file changed (rotated, or emptied).
+CHANGE_ADMIN_TOKEN = "change_admin_token"  # noqa: S105 - a verb, not a secret
 
 
 def admin_event(verb: Verb | str, resource: str, via: str, outcome: Outcome, detail: JSON) -> JSON:
-    """The audit event of an admin action (or of ``LOAD_POLICIES``)."""
+    """The audit event of an admin action (or of ``LOAD_POLICIES``, ``CHANGE_ADMIN_TOKEN``)."""
     return {
         "agent": ADMIN.agent,
         "anonymous": False,

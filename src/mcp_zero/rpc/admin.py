@@ -149,8 +149,14 @@ class AdminApi:
 
     def _check_admin(self, authorization: str | None) -> None:
         scheme, _, token = (authorization or "").partition(" ")
+        expected = self.runtime.admin_token_hash
+        if expected is None:
+            raise Unauthorized(
+                f"the admin API is closed: {self.runtime.settings.admin_token_path} holds no "
+                "token ('mcp0 admin rotate-token' writes one)"
+            )
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            hash_token(token.strip()), self.runtime.admin_token_hash
+            hash_token(token.strip()), expected
         ):
             raise Unauthorized(
                 "the admin API needs 'Authorization: Bearer <admin token>' "
