@@ -152,6 +152,25 @@ async def test_a_non_bearer_authorization_is_401(env: Env) -> None:
     assert response.status_code == 401
 
 
+async def test_refused_credentials_are_counted_in_metrics_not_audited(env: Env) -> None:
+    def refused(endpoint: str) -> float:
+        body = env.live.runtime.metrics.render()[0].decode()
+        line = f'mcp0_unauthorized_total{{endpoint="{endpoint}"}} '
+        found = [ln for ln in body.splitlines() if ln.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    audited = len(env.live.runtime.store.read_audit(0, 100_000))
+    mcp, admin = refused("mcp"), refused("admin")
+    await env.live.client("wrong").post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    async with httpx2.AsyncClient(timeout=10) as http:
+        response = await http.get(
+            f"{env.live.base}/api/v1/agents", headers={"Authorization": "Bearer wrong"}
+        )
+    assert response.status_code == 401
+    assert (refused("mcp"), refused("admin")) == (mcp + 1, admin + 1)
+    assert len(env.live.runtime.store.read_audit(0, 100_000)) == audited
+
+
 # -- body size -------------------------------------------------------------------------------
 
 

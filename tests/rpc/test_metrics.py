@@ -33,6 +33,7 @@ def test_families_and_types_are_declared() -> None:
         "mcp0_stage_seconds": "histogram",
         "mcp0_inflight_calls": "gauge",
         "mcp0_plugin_restarts": "counter",
+        "mcp0_unauthorized": "counter",
     }
 
 
@@ -45,6 +46,9 @@ def test_counters_count_by_label() -> None:
     m.count_denial("attached-plugins-only")
     m.count_denial("attached-plugins-only")
     m.count_plugin_restart("ocr")
+    m.count_unauthorized("mcp")
+    m.count_unauthorized("mcp")
+    m.count_unauthorized("admin")
     found = samples(m)
     calls = found["mcp0_calls"]
     assert value(calls, "mcp0_calls_total", method="tools/call", outcome="allowed") == 3
@@ -54,6 +58,9 @@ def test_counters_count_by_label() -> None:
     assert value(denials, "mcp0_policy_denials_total", policy="attached-plugins-only") == 2
     restarts = found["mcp0_plugin_restarts"]
     assert value(restarts, "mcp0_plugin_restarts_total", plugin="ocr") == 1
+    refused = found["mcp0_unauthorized"]
+    assert value(refused, "mcp0_unauthorized_total", endpoint="mcp") == 2
+    assert value(refused, "mcp0_unauthorized_total", endpoint="admin") == 1
 
 
 def test_stage_histogram_matches_prometheus_client() -> None:

@@ -132,7 +132,11 @@ class AdminApi:
     ) -> tuple[int, Any]:
         """Route one admin request; returns (HTTP status, JSON body)."""
         try:
-            self._check_admin(authorization)
+            try:
+                self._check_admin(authorization)
+            except Unauthorized:
+                self.runtime.metrics.count_unauthorized("admin")
+                raise
             for verb, pattern, route, fields in self._routes:
                 match = pattern.match(path)
                 if match and verb == method:

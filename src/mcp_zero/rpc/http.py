@@ -255,12 +255,16 @@ class HttpApp:
     def _authenticate(self, scope: Scope) -> Principal:
         auth = header(scope, b"authorization")
         token = None
-        if auth is not None:
-            scheme, _, value = auth.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-            token = value.strip()
-        return self.runtime.agents.authenticate(token)
+        try:
+            if auth is not None:
+                scheme, _, value = auth.partition(" ")
+                if scheme.lower() != "bearer" or not value.strip():
+                    raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+                token = value.strip()
+            return self.runtime.agents.authenticate(token)
+        except Unauthorized:
+            self.runtime.metrics.count_unauthorized("mcp")
+            raise
 
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ thread-safe, since the kernel records from one event loop.
                                             schema, sandbox, audit, total)
     mcp0_inflight_calls                     gauge
     mcp0_plugin_restarts_total{plugin}      counter
+    mcp0_unauthorized_total{endpoint}       counter (401s: "mcp" or "admin")
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Metrics:
         self._calls: dict[tuple[str, str], int] = {}
         self._denials: dict[str, int] = {}
         self._restarts: dict[str, int] = {}
+        self._unauthorized: dict[str, int] = {}
         self._stages: dict[str, _Histogram] = {s: _Histogram(len(self._buckets)) for s in STAGES}
 
     def count_call(self, method: str, outcome: str) -> None:
@@ -93,6 +95,12 @@ class Metrics:
         """Count one restart of ``plugin``'s sandbox."""
         restarts = self._restarts
         restarts[plugin] = restarts.get(plugin, 0) + 1
+
+    def count_unauthorized(self, endpoint: str) -> None:
+        """Count one request refused for its credentials (401) at ``endpoint``: failed
+        authentication is not audited, so that no one without a token can write the log."""
+        counts = self._unauthorized
+        counts[endpoint] = counts.get(endpoint, 0) + 1
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record that ``stage`` of one call took ``seconds``."""
@@ -138,6 +146,9 @@ class Metrics:
         _family(out, "mcp0_plugin_restarts_total", "counter", "Plugin sandbox restarts.")
         for plugin, value in sorted(self._restarts.items()):
             out.append(f'mcp0_plugin_restarts_total{{plugin="{_esc(plugin)}"}} {value}')
+        _family(out, "mcp0_unauthorized_total", "counter", "Requests refused for credentials.")
+        for endpoint, value in sorted(self._unauthorized.items()):
+            out.append(f'mcp0_unauthorized_total{{endpoint="{_esc(endpoint)}"}} {value}')
         out.append("")
         return "\n".join(out).encode(), CONTENT_TYPE
 
