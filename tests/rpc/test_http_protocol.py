@@ -250,6 +250,21 @@ async def test_a_bad_cursor_is_32602(env: Env, cursor: Any) -> None:
 # -- progress over SSE and resumption --------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "token", [{"a": 1}, 1.5, True, ["x"]], ids=["object", "float", "bool", "list"]
+)
+async def test_a_progress_token_that_is_not_a_string_or_integer_is_32602(
+    env: Env, token: Any
+) -> None:
+    client = await session(env)
+    response = await client.post(
+        orjson.loads(call_message("p0", "faulty_echo", {"text": "x"}, token=token))
+    )
+    error = error_of(response.json())
+    assert error["code"] == -32602
+    assert error["data"]["path"] == "/_meta/progressToken"
+
+
 async def test_progress_turns_the_answer_into_an_sse_stream(env: Env) -> None:
     client = await session(env)
     async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:

@@ -306,4 +306,9 @@ class McpServer:
     def _bridge(self, session: Session, params: JSON, channel: Channel, rid: Any) -> RequestBridge:
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
+        if token is not None and (type(token) is not int and type(token) is not str):
+            raise InvalidParams(
+                "params._meta.progressToken must be a string or an integer",
+                data={"path": "/_meta/progressToken"},
+            )
         return RequestBridge(session, channel, token, rid, self.announce_resource_updated)
