@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from mcp_zero.errors import (
     PluginFailure,
     PluginNotFound,
 )
+from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -125,35 +128,41 @@ async def test_a_symbolic_link_in_a_plugin_is_refused_before_anything_is_copied(
     assert not (runtime.settings.plugins_dir / "faulty").exists()  # nothing was copied
 
 
-async def test_a_plugin_over_the_size_limit_is_refused(
-    make_runtime: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mcp_zero.kernel import plugins as host_module
-
-    monkeypatch.setattr(host_module, "MAX_PLUGIN_BYTES", 4096)
+async def test_a_plugin_over_the_size_limit_is_refused(make_runtime: Any, tmp_path: Path) -> None:
     runtime: Runtime = make_runtime()
     source = edited_copy(tmp_path, FAULTY_DIR)
-    (source / "blob.bin").write_bytes(b"x" * 8192)
+    with (source / "blob.bin").open("wb") as blob:  # sparse: the size, without the disk
+        blob.truncate(MAX_PLUGIN_BYTES + 1)
     with pytest.raises(ManifestError, match="more than a plugin may"):
         runtime.plugins.install(source)
     assert runtime.store.list_plugins() == []
 
 
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes fail with EFBIG in this process, as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 async def test_a_copy_that_fails_half_way_leaves_the_installed_version(
-    make_runtime: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_runtime: Any, tmp_path: Path
 ) -> None:
     runtime: Runtime = make_runtime()
     runtime.plugins.install(FAULTY_DIR)
     before = runtime.store.get_plugin("faulty")
     assert before is not None
     files = sorted(p.name for p in Path(before.path).iterdir())
-
-    def full_disk(*args: Any, **kwargs: Any) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(shutil, "copytree", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        runtime.plugins.install(FAULTY_DIR, replace=True)
+    bigger = edited_copy(tmp_path, FAULTY_DIR)
+    (bigger / "blob.bin").write_bytes(b"x" * (2 << 20))
+    with file_size_limit(1 << 20), pytest.raises(OSError, match="too large"):
+        runtime.plugins.install(bigger, replace=True)
     assert runtime.store.get_plugin("faulty") == before
     assert sorted(p.name for p in Path(before.path).iterdir()) == files
     assert [p.name for p in Path(before.path).parent.iterdir()] == [Path(before.path).name]
