@@ -38,6 +38,7 @@ from mcp_zero.storage.sqlite import SqliteStore
 log = logging.getLogger("mcp_zero")
 EXAMPLES_DIR = Path(__file__).parent / "examples" / "plugins"
 REFRESH_INTERVAL_S = 1.0
+_UNSEEN = object()
 
 
 def example_plugins() -> list[Path]:
@@ -104,7 +105,7 @@ class Runtime:
             self.store, self.audit, policy=self.policy, anonymous_agent=settings.anonymous_agent
         )
         self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
-        self._admin_token_seen: tuple[int, int, int] | None = None
+        self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
@@ -149,10 +150,9 @@ class Runtime:
             seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             seen = None
-        if seen == self._admin_token_seen and self._admin_token_seen is not None:
+        if seen == self._admin_token_seen:
             return False
-        first = self._admin_token_seen is None and self.admin_token_hash is None
-        self._admin_token_seen = seen
+        first, self._admin_token_seen = self._admin_token_seen is _UNSEEN, seen
         try:
             token = self.admin_token() if seen is not None else ""
         except OSError as exc:
@@ -162,11 +162,10 @@ class Runtime:
         if new_hash == self.admin_token_hash:
             return False
         self.admin_token_hash = new_hash
-        if not first:
-            if new_hash is None:
-                log.warning("%s holds no token: the admin API refuses every request", path)
-            else:
-                log.info("the admin token in %s changed: the old one no longer works", path)
+        if new_hash is None:
+            log.warning("%s holds no token: the admin API refuses every request", path)
+        elif not first:
+            log.info("the admin token in %s changed: the old one no longer works", path)
         return True
 
     def install_examples(self) -> list[str]:
@@ -221,14 +220,11 @@ class Runtime:
                 log.exception("reloading policies failed; the previous set stays in force")
             if self.refresh_admin_token():
                 closed = self.admin_token_hash is None
-                await self.audit.submit(
-                    admin_event(
-                        CHANGE_ADMIN_TOKEN,
-                        self.settings.admin_token_path.name,
-                        "files",
-                        Outcome.ERROR if closed else Outcome.ALLOWED,
-                        {"code": "no_admin_token"} if closed else {},
-                    )
+                await self._audit_file_change(
+                    CHANGE_ADMIN_TOKEN,
+                    self.settings.admin_token_path.name,
+                    Outcome.ERROR if closed else Outcome.ALLOWED,
+                    {"code": "no_admin_token"} if closed else {},
                 )
 
     async def refresh_policies(self) -> bool:
@@ -239,22 +235,26 @@ class Runtime:
             engine = self.policy.refresh()
         except PolicyError as exc:
             log.error("policy files changed but do not load; the previous set stays: %s", exc)
-            await self._audit_policies(Outcome.ERROR, {"code": exc.code, "message": exc.message})
+            await self._audit_file_change(
+                LOAD_POLICIES, resource, Outcome.ERROR, {"code": exc.code, "message": exc.message}
+            )
             return False
         if engine is None:
             return False
         log.info("policy files changed: %d policies in force (%s)", len(engine.policies), resource)
-        await self._audit_policies(
+        await self._audit_file_change(
+            LOAD_POLICIES,
+            resource,
             Outcome.ALLOWED,
             {"policies_sha256": engine.digest, "generation": self.policy.generation},
         )
         return True
 
-    async def _audit_policies(self, outcome: Outcome, detail: dict[str, Any]) -> None:
-        via = "files"  # the change came from the policy directory, not through an API
-        await self.audit.submit(
-            admin_event(LOAD_POLICIES, self.policy.policy_dir.name, via, outcome, detail)
-        )
+    async def _audit_file_change(
+        self, verb: str, resource: str, outcome: Outcome, detail: dict[str, Any]
+    ) -> None:
+        # the change came from files in the data dir, not through an API
+        await self.audit.submit(admin_event(verb, resource, "files", outcome, detail))
 
     async def aclose(self) -> None:
         if self._refresher is not None:

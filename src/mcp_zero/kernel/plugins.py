@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -82,25 +83,24 @@ def _check_tree(source: Path) -> None:
     copy the whole file system) and a tree over MAX_PLUGIN_BYTES."""
     total = 0
     for root, dirs, files in os.walk(source):  # does not follow links
-        ignored = set(_NOT_COPIED(root, dirs + files))
+        ignored = _NOT_COPIED(root, dirs + files)
         dirs[:] = [d for d in dirs if d not in ignored]
-        for name in dirs + files:
-            path = Path(root, name)
-            if name in ignored:
-                continue
-            if path.is_symlink():
+        for name in dirs + [f for f in files if f not in ignored]:
+            info = os.lstat(os.path.join(root, name))
+            if stat.S_ISLNK(info.st_mode):
+                path = Path(root, name)
                 raise ManifestError(
                     f"{path.relative_to(source)} in {source} is a symbolic link (to "
                     f"{os.readlink(path)}): a plugin is installed as a copy of its files; put "
                     "the file itself there"
                 )
-            if name in files:
-                total += path.lstat().st_size
-                if total > MAX_PLUGIN_BYTES:
-                    raise ManifestError(
-                        f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of "
-                        "files, more than a plugin may"
-                    )
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+        if total > MAX_PLUGIN_BYTES:
+            raise ManifestError(
+                f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of files, "
+                "more than a plugin may"
+            )
 
 
 class PluginHost:
