@@ -362,12 +362,18 @@ async def test_the_admin_token_rotates_without_a_restart(admin: Admin) -> None:
     finally:
         path.write_text(original)
         await taken_up(lambda: _is(status_with(original.strip()), 200))
-    changes = [
-        orjson.loads(e.body)
-        for e in runtime.store.read_audit(0, 100_000)
-        if orjson.loads(e.body)["verb"] == "change_admin_token"
-    ]
-    assert [(c["transport"], c["outcome"]) for c in changes] == [
+
+    def changes() -> list[Any]:
+        return [
+            orjson.loads(e.body)
+            for e in runtime.store.read_audit(0, 100_000)
+            if orjson.loads(e.body)["verb"] == "change_admin_token"
+        ]
+
+    with anyio.fail_after(TIMEOUT_S):  # the last record commits a moment after the token
+        while len(changes()) < 3:
+            await anyio.sleep(0.05)
+    assert [(c["transport"], c["outcome"]) for c in changes()] == [
         ("files", "allowed"),
         ("files", "error"),
         ("files", "allowed"),
