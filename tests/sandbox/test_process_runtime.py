@@ -80,6 +80,24 @@ async def test_tool_errors_become_error_results_and_worker_stays(make_runtime):
     assert rt.pids == [pid]
 
 
+async def test_async_tool_results_and_failures(make_runtime):
+    rt = await make_runtime()
+    pid = rt.pids[0]
+    refused = await call(rt, "afail", {"how": "tool"})
+    assert refused == {"content": [{"type": "text", "text": "the tool refused"}], "isError": True}
+    crashed = await call(rt, "afail", {"how": "other"})
+    assert crashed == {"content": [{"type": "text", "text": "KeyError: 'boom'"}], "isError": True}
+    wrong = await call(rt, "afail", {"how": "object"})
+    assert wrong["isError"] is True
+    assert wrong["content"][0]["text"].startswith("TypeError: a tool cannot return object")
+    number = await call(rt, "afail", {"how": "number"})
+    assert number == {"content": [{"type": "text", "text": "7"}]}
+    long = await call(rt, "afail", {"how": "long"})
+    assert long["content"][0]["text"] == "x" * (1 << 20) + "y"
+    assert "isError" not in long
+    assert rt.pids == [pid]
+
+
 async def test_unknown_tool_resource_prompt(make_runtime):
     rt = await make_runtime()
     b = RecordingBridge()

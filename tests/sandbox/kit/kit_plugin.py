@@ -101,6 +101,20 @@ def fail(ctx: Context, how: str) -> str:
     raise KeyError("boom")
 
 
+@plugin.tool("afail")
+async def afail(ctx: Context, how: str) -> Any:
+    """The async twin of ``fail``, and what an async tool may return that is not text."""
+    if how == "tool":
+        raise ToolError("the tool refused")
+    if how == "object":
+        return object()  # not a result a tool may return
+    if how == "long":
+        return "x" * (1 << 20) + "y"  # just over the size the worker sends without a check
+    if how == "number":
+        return 7
+    raise KeyError("boom")
+
+
 @plugin.tool("blocks")
 def blocks(ctx: Context) -> Any:
     return [text("a picture:"), image(b"\x89PNG fake", "image/png"), "and a string"]
