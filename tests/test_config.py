@@ -116,6 +116,8 @@ def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None
         ("max_sessions", -1),
         ("port", 70000),
         ("audit_max_batch", 0),
+        ("max_workers", 0),
+        ("max_workers", 5000),
         ("rate_limit", float("inf")),
         ("rate_limit", float("nan")),
         ("max_timeout_s", float("inf")),

@@ -13,6 +13,9 @@ from mcp_zero.audit.log import DEFAULT_MAX_BATCH, DEFAULT_WINDOW
 from mcp_zero.errors import ConfigError
 
 DEFAULT_PORT = 8390
+#: Worker processes of all plugins together (``max_workers``): each is a Python process
+#: (~26 MiB resident for the notes example), and a manifest may ask for up to 64.
+DEFAULT_MAX_WORKERS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,7 @@ class Settings:
     rate_burst: int = 400
     max_concurrency: int = 64  # calls in flight per agent
     max_timeout_s: float = 300.0
+    max_workers: int = DEFAULT_MAX_WORKERS  # plugin worker processes, all plugins together
     db_max_mb: int = 0  # cap on the SQLite file (small devices); 0: only the disk limits it
     # Group commit of audit events: a batch gathers for up to audit_window_ms after its
     # first event, or until audit_max_batch events wait (see mcp_zero.audit.log).
@@ -160,6 +164,7 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("rate_burst", 1, 1 << 31),
     ("max_concurrency", 1, 1 << 31),
     ("max_timeout_s", 1e-3, 7 * 86_400),
+    ("max_workers", 1, 4096),
     ("audit_window_ms", 0, 60_000),
     ("audit_max_batch", 1, 1 << 20),
     ("db_max_mb", 0, 1 << 31),

@@ -82,7 +82,12 @@ class Runtime:
                 "shows the default policy to start from",
                 settings.policy_dir,
             )
-        self.plugins = PluginHost(self.store, settings.plugins_dir, settings.plugin_data_dir)
+        self.plugins = PluginHost(
+            self.store,
+            settings.plugins_dir,
+            settings.plugin_data_dir,
+            max_workers=settings.max_workers,
+        )
         self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
         self.quotas = QuotaGate(
             agent_concurrency=settings.max_concurrency,

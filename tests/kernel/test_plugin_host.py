@@ -337,3 +337,43 @@ async def test_a_plugin_that_cannot_start_does_not_take_the_others_down(
         assert runtime.plugins.runtime("notes").pids  # type: ignore[attr-defined]
     finally:
         await runtime.aclose()
+
+
+def pids_of(runtime: Runtime, name: str) -> list[int]:
+    pids: list[int] = runtime.plugins.runtimes[name].pids  # type: ignore[attr-defined]
+    return pids
+
+
+async def test_plugins_get_workers_only_within_the_servers_max_workers(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    runtime: Runtime = make_runtime(max_workers=3)
+    quotas = {"timeout_ms": 1500, "memory_mb": 256, "max_concurrency": 16, "workers": 2}
+    runtime.plugins.install(CONFORMANCE_DIR)  # 1 worker
+    runtime.plugins.install(edited_copy(tmp_path, FAULTY_DIR, quotas=quotas))  # 2 workers
+    runtime.plugins.install(NOTES_DIR)  # 1 worker: one too many
+    try:
+        with anyio.fail_after(30):
+            await runtime.start()
+        assert len(pids_of(runtime, "conformance")) == 1
+        assert len(pids_of(runtime, "faulty")) == 2
+        assert pids_of(runtime, "notes") == []  # not started at all
+        with pytest.raises(PluginFailure) as refused:
+            runtime.plugins.runtime("notes")
+        assert (
+            "it needs 1 worker process (quotas.workers) and 0 of the server's max_workers = 3 "
+            "are free" in str(refused.value)
+        )
+        # A removal frees workers: the refused plugin starts at the next refresh.
+        runtime.plugins.remove("faulty")
+        await assert_refresh_changes(runtime)
+        assert "notes" not in runtime.plugins.failed
+        assert len(runtime.plugins.runtime("notes").pids) == 1  # type: ignore[attr-defined]
+        # A plugin asking for more than the whole budget is refused whatever runs.
+        runtime.plugins.install(edited_copy(tmp_path, FAULTY_DIR, quotas={**quotas, "workers": 4}))
+        await assert_refresh_changes(runtime)
+        assert pids_of(runtime, "faulty") == []
+        assert "needs 4 worker processes" in runtime.plugins.failed["faulty"]
+        assert "1 of the server's max_workers = 3 are free" in runtime.plugins.failed["faulty"]
+    finally:
+        await runtime.aclose()

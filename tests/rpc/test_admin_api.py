@@ -267,6 +267,7 @@ async def test_plugins_list_and_show(admin: Admin) -> None:
     listed = (await admin.call("GET", "/plugins")).json()
     assert sorted(p["name"] for p in listed) == ["faulty", "notes"]
     assert all("tools" not in p for p in listed)
+    assert all(p["running"] is True and "error" not in p for p in listed)
     shown = await admin.call("GET", "/plugins/notes")
     assert shown.status_code == 200
     assert {t["name"] for t in shown.json()["tools"]} == {
@@ -382,3 +383,20 @@ async def test_the_admin_token_rotates_without_a_restart(admin: Admin) -> None:
 
 async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
+
+
+async def test_a_plugin_the_server_does_not_run_says_why(tmp_path: Any) -> None:
+    runtime = make_runtime(tmp_path / "data", max_workers=1)
+    runtime.plugins.install(FAULTY_DIR)
+    runtime.plugins.install(NOTES_DIR)  # "faulty" comes first and takes the only worker
+    async with serve(runtime) as live:
+        headers = {"Authorization": f"Bearer {runtime.admin_token()}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=TIMEOUT_S) as http:
+            listed = (await http.get(f"{live.base}/api/v1/plugins")).json()
+            shown = (await http.get(f"{live.base}/api/v1/plugins/notes")).json()
+    states = {p["name"]: (p["running"], p.get("error")) for p in listed}
+    assert states["faulty"] == (True, None)
+    assert states["notes"][0] is False
+    assert "0 of the server's max_workers = 1 are free" in states["notes"][1]
+    assert shown["running"] is False
+    assert shown["error"] == states["notes"][1]

@@ -23,6 +23,7 @@ from typing import Any
 
 import jsonschema_rs
 
+from mcp_zero.config import DEFAULT_MAX_WORKERS
 from mcp_zero.errors import Conflict, ManifestError, PluginFailure, PluginNotFound
 from mcp_zero.sandbox.base import PluginRuntime
 from mcp_zero.sandbox.manifest import PluginManifest, ToolSpec, load_manifest, parse_manifest
@@ -106,10 +107,18 @@ def _check_tree(source: Path) -> None:
 class PluginHost:
     """Runtimes of the installed plugins and the index from names to plugins."""
 
-    def __init__(self, store: Store, plugins_dir: Path, plugin_data_dir: Path) -> None:
+    def __init__(
+        self,
+        store: Store,
+        plugins_dir: Path,
+        plugin_data_dir: Path,
+        *,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+    ) -> None:
         self.store = store
         self.plugins_dir = plugins_dir
         self.plugin_data_dir = plugin_data_dir
+        self.max_workers = max_workers
         self.manifests: dict[str, PluginManifest] = {}
         self.runtimes: dict[str, PluginRuntime] = {}
         self.tools: dict[str, ToolEntry] = {}
@@ -118,6 +127,7 @@ class PluginHost:
         self.prompts: dict[str, tuple[str, JSON]] = {}
         self.version = -1
         self.failed: dict[str, str] = {}  # plugins whose runtime could not start, and why
+        self._unstarted: set[str] = set()  # refused for want of workers: retried on refresh
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # told after the index changed
         self._lock = asyncio.Lock()
@@ -198,12 +208,18 @@ class PluginHost:
             records = {r.name: r for r in self.store.list_plugins()}
             for name in list(self.runtimes):
                 record = records.get(name)
-                # A reinstall (even of the same version) replaces the code: restart it.
-                if record is None or _fingerprint(record) != self._fingerprints.get(name):
+                # A reinstall (even of the same version) replaces the code: restart it; one
+                # that found no free workers tries again (a removal may have freed some).
+                if (
+                    record is None
+                    or _fingerprint(record) != self._fingerprints.get(name)
+                    or name in self._unstarted
+                ):
                     runtime = self.runtimes.pop(name)
                     self.manifests.pop(name, None)
                     self._fingerprints.pop(name, None)
                     self.failed.pop(name, None)
+                    self._unstarted.discard(name)
                     # New calls go to the new code at once; the calls the old one is running
                     # finish there (an upgrade must not cut a tool off mid-way).
                     self._leave(runtime)
@@ -222,6 +238,7 @@ class PluginHost:
                 fresh.append((name, runtime))
             self._reindex()
             self.version = version
+            fresh = self._within_worker_budget(fresh)
             # Only the new runtimes start (a running one would get a second set of workers);
             # one plugin that cannot start must not keep the others, or the server, down.
             started = await asyncio.gather(*(rt.start() for _, rt in fresh), return_exceptions=True)
@@ -232,6 +249,34 @@ class PluginHost:
         if self.on_change is not None:
             self.on_change()
         return True
+
+    def _within_worker_budget(
+        self, fresh: list[tuple[str, PluginRuntime]]
+    ) -> list[tuple[str, PluginRuntime]]:
+        """The fresh runtimes whose workers fit in ``max_workers`` beside the running ones
+        (in name order); the others are marked failed, with what to change, and not started."""
+        starting = {name for name, _ in fresh}
+        in_use = sum(
+            self.manifests[name].quotas.workers
+            for name in self.runtimes
+            if name not in starting and name not in self.failed
+        )
+        fits = []
+        for name, runtime in sorted(fresh, key=lambda item: item[0]):
+            need = self.manifests[name].quotas.workers
+            if in_use + need <= self.max_workers:
+                in_use += need
+                fits.append((name, runtime))
+                continue
+            self._unstarted.add(name)
+            self.failed[name] = (
+                f"it needs {need} worker process{'es' if need > 1 else ''} (quotas.workers) "
+                f"and {max(self.max_workers - in_use, 0)} of the server's max_workers = "
+                f"{self.max_workers} are free; lower its quotas.workers, remove a plugin, or "
+                "raise max_workers"
+            )
+            log.error("plugin %r not started: %s", name, self.failed[name])
+        return fits
 
     def _runtime(self, manifest: PluginManifest, path: Path) -> PluginRuntime:
         if manifest.runtime != "process":

@@ -223,14 +223,26 @@ class AdminApi:
 
     async def _list_plugins(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         return 200, [
-            plugin_view(r.manifest, tools=False) for r in self.runtime.store.list_plugins()
+            self._with_state(plugin_view(r.manifest, tools=False))
+            for r in self.runtime.store.list_plugins()
         ]
 
     async def _get_plugin(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         record = self.runtime.store.get_plugin(m["name"])
         if record is None:
             raise PluginNotFound(f"no plugin named {m['name']!r} is installed")
-        return 200, plugin_view(record.manifest, tools=True)
+        return 200, self._with_state(plugin_view(record.manifest, tools=True))
+
+    def _with_state(self, view: JSON) -> JSON:
+        """``view`` and whether this server serves the plugin (``error``: why not)."""
+        host = self.runtime.plugins
+        error = host.failed.get(view["name"])
+        if error is None and view["name"] not in host.runtimes:
+            error = "not loaded yet: the server takes installs up within a second"
+        view["running"] = error is None
+        if error is not None:
+            view["error"] = error
+        return view
 
     async def _audit(
         self, m: re.Match[str], body: JSON, q: dict[str, list[str]]
