@@ -130,7 +130,7 @@ class McpHttp:
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def headers(self, **extra: str) -> dict[str, str]:
-        out = {"Accept": "application/json, text/event-stream"}
+        out = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
         if self.token is not None:
             out["Authorization"] = f"Bearer {self.token}"
         if self.session_id is not None:

@@ -5,6 +5,7 @@ hanging plugins, bad protocol headers and sessions, and DNS-rebinding attempts."
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -196,6 +197,68 @@ async def test_body_over_a_small_limit_is_413_and_under_it_is_served(tmp_path: P
         response = await client.post_raw(padded)
         assert response.status_code == 413
         assert "200 bytes" in response.json()["error"]["message"]
+
+
+# -- media types --------------------------------------------------------------------------------
+
+PING = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+BOTH = "application/json, text/event-stream"
+
+
+async def post_ping(env: Env, headers: dict[str, str], body: bytes = PING) -> httpx2.Response:
+    """POST with exactly these headers (and the token); httpx adds no Content-Type for bytes."""
+    async with httpx2.AsyncClient(timeout=20) as http:
+        return await http.post(
+            env.live.url, content=body, headers={"Authorization": f"Bearer {env.full}", **headers}
+        )
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "says"),
+    [
+        ({"Accept": BOTH}, 415, "'Content-Type: application/json' (got none)"),
+        ({"Content-Type": "text/plain", "Accept": BOTH}, 415, "(got 'text/plain')"),
+        (  # what curl -d sends unless told otherwise
+            {"Content-Type": "application/x-www-form-urlencoded", "Accept": "*/*"},
+            415,
+            "(got 'application/x-www-form-urlencoded')",
+        ),
+        ({"Content-Type": "application/json", "Accept": "application/json"}, 406, "Accept"),
+        ({"Content-Type": "application/json", "Accept": "text/event-stream"}, 406, "Accept"),
+        ({"Content-Type": "application/json", "Accept": "*/*, text/*;q=0"}, 406, "Accept"),
+    ],
+)
+async def test_a_post_the_transport_does_not_take_is_415_or_406(
+    env: Env, headers: dict[str, str], status: int, says: str
+) -> None:
+    audited = len(env.live.runtime.store.read_audit(0, 100_000))
+    response = await post_ping(env, headers)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == -32600
+    assert says in response.json()["error"]["message"]
+    assert len(env.live.runtime.store.read_audit(0, 100_000)) == audited  # nothing ran
+
+
+async def test_a_compressed_body_is_415_naming_the_encoding(env: Env) -> None:
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", "Accept": BOTH}
+    response = await post_ping(env, headers, gzip.compress(PING))
+    assert response.status_code == 415
+    assert "Content-Encoding 'gzip' is not supported" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/json; charset=utf-8", "Accept": BOTH},
+        {"Content-Type": "Application/JSON", "Accept": "*/*"},  # curl's default Accept
+        {"Content-Type": "application/json", "Accept": "application/*, text/*;q=0.5"},
+        {"Content-Type": "application/json", "Content-Encoding": "identity", "Accept": BOTH},
+    ],
+)
+async def test_the_ways_to_say_json_are_served(env: Env, headers: dict[str, str]) -> None:
+    response = await post_ping(env, headers)
+    assert response.status_code == 200
+    assert response.json()["result"] == {}
 
 
 # -- policy -------------------------------------------------------------------------------------

@@ -29,6 +29,41 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+def accepts(accept: str | None, media: str) -> bool:
+    """Whether a request with this ``Accept`` value takes ``media`` (RFC 9110 §12.5.1).
+
+    The most specific matching range decides (``text/event-stream`` over ``text/*`` over
+    ``*/*``), and its ``q=0`` refuses; a request without the header takes anything.
+    """
+    if accept is None:
+        return True
+    family = media.split("/", 1)[0] + "/*"
+    rank, quality = -1, 0.0
+    for item in accept.split(","):
+        range_, _, params = item.partition(";")
+        range_ = range_.strip().lower()
+        this = 2 if range_ == media else 1 if range_ == family else 0 if range_ == "*/*" else -1
+        if this > rank:
+            rank, quality = this, _quality(params)
+    return rank >= 0 and quality > 0
+
+
+def _quality(params: str) -> float:
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return 1.0  # unreadable weight: as if none was given
+    return 1.0
+
+
+def media_type(value: str) -> str:
+    """The ``type/subtype`` of a Content-Type value, lower-cased, without parameters."""
+    return value.split(";", 1)[0].strip().lower()
+
+
 def hostname(value: str) -> str:
     """The host part of a Host header or an origin's authority, without the port."""
     if value.startswith("["):

@@ -32,8 +32,10 @@ from mcp_zero.rpc.asgi import (
     Receive,
     Scope,
     Send,
+    accepts,
     header,
     hostname,
+    media_type,
     read_body,
     respond,
     respond_json,
@@ -62,6 +64,31 @@ _PREFLIGHT = [
     (b"access-control-max-age", b"600"),
 ]
 _CORS_EXPOSED = (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version")
+
+
+def _unreadable_post(scope: Scope) -> tuple[int, str] | None:
+    """The status (415, 406) and reason when a POST to /mcp is not sent as MCP's streamable
+    HTTP transport asks (one JSON message; answers as JSON or an SSE stream); else None."""
+    encoding = header(scope, b"content-encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        return 415, (
+            f"Content-Encoding {encoding[:100]!r} is not supported: send the JSON-RPC message "
+            "uncompressed"
+        )
+    content_type = header(scope, b"content-type")
+    if content_type is None or media_type(content_type) != "application/json":
+        got = "none" if content_type is None else repr(content_type[:100])
+        return 415, (
+            "a POST to /mcp carries one JSON-RPC message as 'Content-Type: application/json' "
+            f"(got {got})"
+        )
+    accept = header(scope, b"accept")
+    if not (accepts(accept, "application/json") and accepts(accept, "text/event-stream")):
+        return 406, (
+            "the answer to a POST to /mcp is JSON or an SSE stream: send 'Accept: "
+            f"application/json, text/event-stream' (got {(accept or '')[:100]!r})"
+        )
+    return None
 
 
 def _with_cors(send: Send, origin: str) -> Send:
@@ -283,6 +310,10 @@ class HttpApp:
             )
             return
         self.runtime.metrics.observe_stage("auth", time.perf_counter() - t0)
+        refused = _unreadable_post(scope)
+        if refused is not None:
+            await respond_json(send, refused[0], jsonrpc.error_message(None, -32600, refused[1]))
+            return
         try:
             message = jsonrpc.decode(body)
         except InvalidRequest as exc:
