@@ -90,6 +90,23 @@ async def test_invalid_request_keeps_the_id_when_readable(env: Env) -> None:
     assert response.json()["id"] == "abc"
 
 
+@pytest.mark.parametrize(
+    ("raw_id", "shown"),
+    [(b"18446744073709551616", "1.8446744073709552e+19"), (b"1.5", "1.5"), (b"1e3", "1000.0")],
+)
+async def test_an_id_that_is_not_a_64_bit_integer_says_so(
+    env: Env, raw_id: bytes, shown: str
+) -> None:
+    body = b'{"jsonrpc": "2.0", "id": ' + raw_id + b', "method": "ping"}'
+    response = await env.live.client(env.full).post_raw(body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32600
+    assert error["message"] == (
+        f'"id" must be a string or an integer of at most 64 bits, not {shown}'
+    )
+
+
 async def test_unknown_method_is_32601(env: Env) -> None:
     reply = await env.live.client(env.full).request("tools/frobnicate", {})
     assert error_of(reply)["code"] == -32601

@@ -67,6 +67,10 @@ def classify(obj: Any) -> Message:
     if obj.get("jsonrpc") != "2.0":
         raise InvalidRequest('"jsonrpc" must be "2.0"', data=_id_data(msg_id))
     if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, str | int)):
+        if isinstance(msg_id, float):  # also what an integer past 64 bits is parsed as
+            raise InvalidRequest(
+                f'"id" must be a string or an integer of at most 64 bits, not {msg_id!r}'
+            )
         raise InvalidRequest('"id" must be a string or an integer')
     method = obj.get("method")
     if method is None:
