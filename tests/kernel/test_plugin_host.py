@@ -360,9 +360,10 @@ async def test_plugins_get_workers_only_within_the_servers_max_workers(
         assert pids_of(runtime, "notes") == []  # not started at all
         with pytest.raises(PluginFailure) as refused:
             runtime.plugins.runtime("notes")
-        assert (
-            "it needs 1 worker process (quotas.workers) and 0 of the server's max_workers = 3 "
-            "are free" in str(refused.value)
+        assert str(refused.value) == (
+            "plugin 'notes' is not running: it needs 1 worker process (quotas.workers) and 0 of "
+            "the server's max_workers = 3 are free; lower its quotas.workers, remove a plugin, "
+            "or raise max_workers"
         )
         # A removal frees workers: the refused plugin starts at the next refresh.
         runtime.plugins.remove("faulty")

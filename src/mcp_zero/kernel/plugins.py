@@ -337,6 +337,8 @@ class PluginHost:
         if runtime is None:
             raise PluginNotFound(f"plugin {name!r} is not installed")
         reason = self.failed.get(name)
+        if reason is not None and name in self._unstarted:
+            raise PluginFailure(f"plugin {name!r} is not running: {reason}")
         if reason is not None:
             raise PluginFailure(
                 f"plugin {name!r} could not start ({reason}); fix it and reinstall it "
