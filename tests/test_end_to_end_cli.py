@@ -462,3 +462,56 @@ def test_serve_on_an_address_not_of_this_machine_says_so(tmp_path: Path) -> None
     assert "--host" in done.stderr
     assert "another server" not in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+FAULTY_DIR = Path(__file__).parent / "plugins" / "faulty"
+
+
+async def nap_calls(url: str, token: str, seconds: float, count: int, then: Any) -> list[Any]:
+    """`count` concurrent faulty_nap calls; `then()` runs once they are all in flight."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    async with httpx2.AsyncClient(headers=headers, timeout=CLIENT_TIMEOUT_S) as http:
+
+        async def nap(n: int) -> Any:
+            body = {
+                "jsonrpc": "2.0",
+                "id": f"term-{n}",
+                "method": "tools/call",
+                "params": {"name": "faulty_nap", "arguments": {"seconds": seconds}},
+            }
+            response = await http.post(url, json=body)
+            return response.status_code, response.json()
+
+        calls = [asyncio.ensure_future(nap(n)) for n in range(count)]
+        await asyncio.sleep(seconds / 3)  # each is napping in the plugin now
+        then()
+        return list(await asyncio.gather(*calls))
+
+
+def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> None:
+    data_dir = str(server.data_dir)
+    mcp0("plugin", "install", str(FAULTY_DIR), "--data-dir", data_dir)
+    created = mcp0(
+        "agent", "create", "sleepy", "--plugin", "faulty", "--data-dir", data_dir, "--json"
+    )
+    token = json.loads(created)["token"]
+    admin = {"Authorization": f"Bearer {(server.data_dir / 'admin.token').read_text().strip()}"}
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx2.Client(headers=admin, timeout=5) as http:  # until the server has taken it up
+        while http.get(f"{server.base}/api/v1/plugins/faulty").json().get("running") is not True:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+    assert server.proc is not None
+    proc = server.proc
+    answers = asyncio.run(nap_calls(server.url, token, 1.0, 3, proc.terminate))
+    assert proc.wait(timeout=15) == 0, server.output()
+    assert "stopping: 3 request(s) in flight get up to 5 s" in server.output()
+    assert "cut off" not in server.output()
+    for status, reply in answers:
+        assert status == 200, reply
+        assert reply["result"]["content"][0]["text"] == "napped 1.0", reply
+    naps = [r for r in audit_records(server.data_dir) if r.get("resource") == "faulty_nap"]
+    assert sorted(r["request_id"] for r in naps) == ["term-0", "term-1", "term-2"]
+    assert {r["outcome"] for r in naps} == {"allowed"}
+    verified = json.loads(mcp0("audit", "verify", "--data-dir", data_dir, "--json"))
+    assert verified["ok"] is True, verified

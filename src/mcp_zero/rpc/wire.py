@@ -477,7 +477,14 @@ class HttpServer:
                 # they end now instead of holding shutdown for the whole grace period.
                 conn.gone.set()
         if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=grace)
+            log.info("stopping: %d request(s) in flight get up to %g s", len(self.tasks), grace)
+            _, late = await asyncio.wait(set(self.tasks), timeout=grace)
+            if late:
+                log.warning(
+                    "stopping: %d request(s) still running after %g s are cut off",
+                    len(late),
+                    grace,
+                )
         for conn in list(self.connections):
             conn.close()
         for task in list(self.tasks):
