@@ -118,6 +118,8 @@ def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None
         ("audit_max_batch", 0),
         ("max_workers", 0),
         ("max_workers", 5000),
+        ("shutdown_grace_s", -1),
+        ("shutdown_grace_s", float("inf")),
         ("rate_limit", float("inf")),
         ("rate_limit", float("nan")),
         ("max_timeout_s", float("inf")),

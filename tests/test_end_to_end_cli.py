@@ -488,19 +488,27 @@ async def nap_calls(url: str, token: str, seconds: float, count: int, then: Any)
         return list(await asyncio.gather(*calls))
 
 
-def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> None:
+def sleepy_agent(server: Server) -> str:
+    """Installs the faulty plugin (its faulty_nap tool sleeps) into a running server and
+    creates an agent with it; returns the agent's token once the server serves the plugin."""
     data_dir = str(server.data_dir)
     mcp0("plugin", "install", str(FAULTY_DIR), "--data-dir", data_dir)
     created = mcp0(
         "agent", "create", "sleepy", "--plugin", "faulty", "--data-dir", data_dir, "--json"
     )
-    token = json.loads(created)["token"]
+    token: str = json.loads(created)["token"]
     admin = {"Authorization": f"Bearer {(server.data_dir / 'admin.token').read_text().strip()}"}
     deadline = time.monotonic() + START_TIMEOUT_S
     with httpx2.Client(headers=admin, timeout=5) as http:  # until the server has taken it up
         while http.get(f"{server.base}/api/v1/plugins/faulty").json().get("running") is not True:
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.05)
+    return token
+
+
+def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> None:
+    data_dir = str(server.data_dir)
+    token = sleepy_agent(server)
     assert server.proc is not None
     proc = server.proc
     answers = asyncio.run(nap_calls(server.url, token, 1.0, 3, proc.terminate))
@@ -515,3 +523,27 @@ def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> 
     assert {r["outcome"] for r in naps} == {"allowed"}
     verified = json.loads(mcp0("audit", "verify", "--data-dir", data_dir, "--json"))
     assert verified["ok"] is True, verified
+
+
+def test_calls_still_running_after_the_shutdown_grace_are_answered_and_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MCP0_SHUTDOWN_GRACE_S", "0.3")
+    server = Server(tmp_path / "data", free_port(), tmp_path / "serve.log")
+    server.start()
+    try:
+        token = sleepy_agent(server)
+        assert server.proc is not None
+        proc = server.proc
+        answers = asyncio.run(nap_calls(server.url, token, 1.4, 2, proc.terminate))
+        assert proc.wait(timeout=15) == 0, server.output()
+    finally:
+        server.stop()
+    assert "stopping: 2 request(s) still running after 0.3 s are cut off" in server.output()
+    for status, reply in answers:  # an answer the client can act on, not a dropped connection
+        assert status == 200, reply
+        assert reply["error"]["code"] == -32030, reply
+        assert "shutting down" in reply["error"]["message"]
+    naps = [r for r in audit_records(server.data_dir) if r.get("resource") == "faulty_nap"]
+    assert sorted(r["request_id"] for r in naps) == ["term-0", "term-1"]
+    assert {(r["outcome"], r["code"]) for r in naps} == {("error", "cancelled")}

@@ -30,6 +30,7 @@ class Settings:
     rate_burst: int = 400
     max_concurrency: int = 64  # calls in flight per agent
     max_timeout_s: float = 300.0
+    shutdown_grace_s: float = 5.0  # on SIGTERM: how long requests in flight may still run
     max_workers: int = DEFAULT_MAX_WORKERS  # plugin worker processes, all plugins together
     db_max_mb: int = 0  # cap on the SQLite file (small devices); 0: only the disk limits it
     # Group commit of audit events: a batch gathers for up to audit_window_ms after its
@@ -165,6 +166,7 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("max_concurrency", 1, 1 << 31),
     ("max_timeout_s", 1e-3, 7 * 86_400),
     ("max_workers", 1, 4096),
+    ("shutdown_grace_s", 0, 3600),
     ("audit_window_ms", 0, 60_000),
     ("audit_max_batch", 1, 1 << 20),
     ("db_max_mb", 0, 1 << 31),

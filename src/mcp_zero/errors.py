@@ -51,6 +51,11 @@ TOOL_TIMEOUT = -32008
 PLUGIN_CRASHED = -32010
 PLUGIN_FAILURE = -32011
 STORAGE_FAILURE = -32020
+SERVER_STOPPING = -32030  # the server stopped the request at shutdown: retry it elsewhere/later
+
+#: The cancel message of requests a stopping server cuts off after its grace period
+#: (``Task.cancel(SHUTTING_DOWN)``), so that they answer SERVER_STOPPING instead of nothing.
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class McpZeroError(Exception):

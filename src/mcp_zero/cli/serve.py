@@ -133,7 +133,14 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
             raise _cannot_listen(settings, exc) from exc
         _announce(settings, server.port, installed, first_token, as_json=as_json)
 
-    asyncio.run(server.run(on_start=started, on_stop=app.shutdown, listen=False))
+    asyncio.run(
+        server.run(
+            on_start=started,
+            on_stop=app.shutdown,
+            listen=False,
+            grace=settings.shutdown_grace_s,
+        )
+    )
 
 
 def _announce(

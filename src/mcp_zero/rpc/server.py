@@ -17,6 +17,8 @@ from typing import Any
 from mcp_zero import __version__
 from mcp_zero.errors import (
     INTERNAL_ERROR,
+    SERVER_STOPPING,
+    SHUTTING_DOWN,
     UNAUTHORIZED,
     InvalidParams,
     InvalidRequest,
@@ -137,9 +139,18 @@ class McpServer:
             return jsonrpc.result_message(request.id, result)
         except McpZeroError as exc:
             return jsonrpc.error_from_exception(request.id, exc)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if task is not None and task.cancelling() and request.id in session.cancelled:
                 return None  # cancelled by the client: the spec says send nothing
+            if task is not None and task.cancelling() and exc.args == (SHUTTING_DOWN,):
+                # Cut off by a stopping server after its grace period: say so, so that the
+                # client can retry, instead of a dropped connection.
+                task.uncancel()
+                return jsonrpc.error_message(
+                    request.id,
+                    SERVER_STOPPING,
+                    "the server is shutting down and stopped this request; retry it",
+                )
             if task is not None and task.cancelling() and session.closed:
                 # The session ended under the request (DELETE, expiry): answer instead of
                 # failing the HTTP exchange with a 500 and an error in the server's log.

@@ -31,10 +31,12 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from mcp_zero.errors import SHUTTING_DOWN
 from mcp_zero.rpc.asgi import Receive, Scope, Send
 
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("mcp_zero.wire")
+_LAST_WORDS_S = 1.0  # for requests cut off at shutdown to send their error answer
 
 MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_S = 5.0
@@ -464,7 +466,9 @@ class HttpServer:
 
     async def wait_stopped(self, grace: float = 5.0) -> None:
         """After :meth:`stop`: stop accepting, close idle connections, let running requests
-        finish for ``grace`` seconds, then close what is left."""
+        finish for ``grace`` seconds, then cancel what still runs (with the message
+        ``SHUTTING_DOWN``, so that a handler can still answer, for up to a second) and close
+        what is left."""
         assert self._stopping is not None
         assert self._server is not None
         await self._stopping.wait()
@@ -485,6 +489,9 @@ class HttpServer:
                     len(late),
                     grace,
                 )
+                for task in late:
+                    task.cancel(SHUTTING_DOWN)
+                await asyncio.wait(late, timeout=_LAST_WORDS_S)
         for conn in list(self.connections):
             conn.close()
         for task in list(self.tasks):
@@ -497,9 +504,11 @@ class HttpServer:
         on_stop: Callable[[], Awaitable[None]] | None = None,
         *,
         listen: bool = True,
+        grace: float = 5.0,
     ) -> None:
-        """Serve until SIGTERM/SIGINT, then shut down gracefully. ``on_start`` runs first;
-        with ``listen=False`` it is ``on_start`` that calls :meth:`start`."""
+        """Serve until SIGTERM/SIGINT, then shut down gracefully (:meth:`wait_stopped` with
+        ``grace``). ``on_start`` runs first; with ``listen=False`` it is ``on_start`` that
+        calls :meth:`start`."""
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         if on_start is not None:
@@ -509,7 +518,7 @@ class HttpServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         try:
-            await self.wait_stopped()
+            await self.wait_stopped(grace)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
