@@ -90,6 +90,11 @@ async def test_async_tool_results_and_failures(make_runtime):
     wrong = await call(rt, "afail", {"how": "object"})
     assert wrong["isError"] is True
     assert wrong["content"][0]["text"].startswith("TypeError: a tool cannot return object")
+    unprintable = await call(rt, "afail", {"how": "unprintable"}, timeout=3)
+    assert unprintable["isError"] is True
+    assert unprintable["content"][0]["text"] == (
+        "Unprintable: (its message could not be made: RuntimeError)"
+    )
     number = await call(rt, "afail", {"how": "number"})
     assert number == {"content": [{"type": "text", "text": "7"}]}
     long = await call(rt, "afail", {"how": "long"})

@@ -94,6 +94,38 @@ def test_minimal_manifest_gets_defaults():
             "object",
         ),
         (variant(tools="x"), "tools", "must be a list"),
+        (  # valid JSON Schema, but no validator can be built from it
+            variant(
+                tools=[
+                    tool(
+                        inputSchema={
+                            "type": "object",
+                            "properties": {"a": {"type": "string", "pattern": "("}},
+                        }
+                    )
+                ]
+            ),
+            "tools[notes_add].inputSchema",
+            "is not a usable JSON Schema",
+        ),
+        (
+            variant(
+                tools=[
+                    tool(
+                        inputSchema={
+                            "type": "object",
+                            "properties": {"a": {"$ref": "https://example.com/s.json"}},
+                        }
+                    )
+                ]
+            ),
+            "tools[notes_add].inputSchema",
+            "Retrieval is disabled",
+        ),
+        (variant(name="notes\n"), "name", "must be"),
+        (variant(version="1.0.0\n"), "version", ""),
+        (variant(entry="notes_plugin:plugin\n"), "entry", ""),
+        (variant(tools=[tool(name="notes_add\n")]), "tools[0].name", ""),
         (variant(capabilities={"network": "yes"}), "capabilities.network", "true or false"),
         (variant(capabilities={"filesystem": "all"}), "capabilities.filesystem", "one of"),
         (variant(quotas={"timeout_ms": 0}), "quotas.timeout_ms", "integer from 1"),

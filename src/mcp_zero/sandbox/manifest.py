@@ -23,10 +23,10 @@ RUNTIMES = frozenset({"process"})
 FILESYSTEM_MODES = frozenset({"none", "private"})
 MANIFEST_FILE = "plugin.json"
 
-_PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_MCP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-_ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$")
+_PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
+_MCP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
+_ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}\Z")
 # The dialects a schema may name in "$schema"; anything else is refused before it is
 # looked up (an unknown meta-schema URI would otherwise be fetched over the network).
 _DIALECTS = frozenset(
@@ -264,6 +264,13 @@ def _schema(value: Any, where: str, *, required: bool) -> JSON | None:
         raise _fail(where, f"is not a valid JSON Schema ({exc.message} at /{path})") from None
     except jsonschema_rs.ReferencingError as exc:
         raise _fail(where, f"is not a usable JSON Schema ({exc})") from None
+    try:
+        # What the server will build from it: a valid schema can still fail here (a pattern
+        # that is not a regex, a $ref it cannot resolve offline).
+        jsonschema_rs.validator_for(schema, offline=True)
+    except Exception as exc:  # the library raises several types; any is the same refusal
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _fail(where, f"is not a usable JSON Schema ({message[:200]})") from None
     return schema
 
 

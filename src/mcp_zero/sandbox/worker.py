@@ -341,11 +341,15 @@ class Worker:
             self._retire("MemoryError")
         if not isinstance(exc, ToolError | NotFoundError):
             traceback.print_exception(exc, file=sys.stderr)
-        described = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
+        try:
+            text = str(exc)
+        except Exception as broken:  # the exception's own __str__ failed: the call still ends
+            text = f"(its message could not be made: {type(broken).__name__})"
+        described = text if isinstance(exc, ToolError) else f"{type(exc).__name__}: {text}"
         if op == "call_tool":
             return {"result": results.error_result(described)}
         if isinstance(exc, NotFoundError):
-            return {"error": {"kind": "not_found", "message": str(exc)}}
+            return {"error": {"kind": "not_found", "message": text}}
         kind = "invalid" if isinstance(exc, ToolError | TypeError) else "failed"
         return {"error": {"kind": kind, "message": described}}
 

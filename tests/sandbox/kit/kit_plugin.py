@@ -112,6 +112,13 @@ async def afail(ctx: Context, how: str) -> Any:
         return "x" * (1 << 20) + "y"  # just over the size the worker sends without a check
     if how == "number":
         return 7
+    if how == "unprintable":
+
+        class Unprintable(Exception):
+            def __str__(self) -> str:
+                raise RuntimeError("no words")
+
+        raise Unprintable()
     raise KeyError("boom")
 
 
