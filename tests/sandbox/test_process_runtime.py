@@ -209,6 +209,19 @@ async def test_crash_fails_the_call_and_the_next_call_gets_a_new_worker(make_run
     assert who["structuredContent"]["pid"] != first
 
 
+async def test_a_worker_dying_with_a_child_on_its_pipes_is_replaced(make_runtime):
+    rt = await make_runtime()
+    pid = rt.pids[0]
+    with pytest.raises(PluginCrashed, match=r"status 7|leaving processes"):
+        await call(rt, "fork_then_exit", timeout=10)
+    # The child that held the pipes is killed with the group; a new worker serves the next call.
+    assert await call(rt, "echo", {"text": "after"}, timeout=10) == {
+        "content": [{"type": "text", "text": "after"}]
+    }
+    assert rt.pids
+    assert rt.pids[0] != pid
+
+
 async def test_segfault_is_reported_as_a_signal(make_runtime):
     rt = await make_runtime()
     with pytest.raises(PluginCrashed, match="SIGSEGV"):

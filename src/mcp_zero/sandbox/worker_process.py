@@ -147,7 +147,9 @@ class WorkerProcess:
         """SIGKILL the worker's whole process group; calls in flight fail with PluginCrashed."""
         if self._kill_reason is None:
             self._kill_reason = reason
-        if self.pid and self._process_running:
+        # Also once the worker itself has exited: a child it forked may still hold the
+        # group, and its pipes (the group is ours while any member is left in it).
+        if self.pid and (self._process_running or self._stdout_open):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
 
@@ -381,6 +383,10 @@ class WorkerProcess:
 
     def on_process_exited(self) -> None:
         self._process_running = False
+        if self._stdout_open:
+            # A process the worker started kept its protocol pipe open (it inherited it):
+            # the worker is gone all the same, and so must be what it left behind.
+            self.kill("it exited, leaving processes that held its pipes")
         self._maybe_gone()
 
     def _last_words(self) -> str:

@@ -122,6 +122,15 @@ async def afail(ctx: Context, how: str) -> Any:
     raise KeyError("boom")
 
 
+@plugin.tool("fork_then_exit")
+def fork_then_exit(ctx: Context) -> str:
+    """Leaves a child holding the worker's pipes (in its process group), then dies."""
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+    os._exit(7)
+
+
 @plugin.tool("blocks")
 def blocks(ctx: Context) -> Any:
     return [text("a picture:"), image(b"\x89PNG fake", "image/png"), "and a string"]
