@@ -92,7 +92,8 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
     bad_args = run(data_dir, "agent", "exec", "ada", "notes_add", "not json", ok=False)
     assert bad_args.exit_code == 2
     # SQLite would read a negative LIMIT as no limit at all
-    for option in (("--limit", "-5"), ("--limit", "0"), ("--after", "-1")):
+    huge = str(1 << 80)  # past what SQLite binds: a usage error, not a traceback
+    for option in (("--limit", "-5"), ("--limit", "0"), ("--after", "-1"), ("--after", huge)):
         bad_page = run(data_dir, "audit", "list", *option, ok=False)
         assert bad_page.exit_code == 2
         assert option[0] in bad_page.stderr

@@ -186,6 +186,8 @@ async def test_execute_is_governed_and_audited(admin: Admin) -> None:
         ("GET", "/audit?limit=-5", None, 400, "invalid_request"),
         ("GET", "/audit?limit=0", None, 400, "invalid_request"),
         ("GET", "/audit?after=-1", None, 400, "invalid_request"),
+        ("GET", "/audit?after=99999999999999999999999", None, 400, "invalid_request"),
+        ("GET", "/audit?after=9223372036854775808", None, 400, "invalid_request"),
     ],
 )
 async def test_admin_errors_have_status_and_code(

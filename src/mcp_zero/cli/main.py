@@ -394,11 +394,16 @@ def audit() -> None:
 @_common
 @click.option(
     "--after",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=(1 << 63) - 1),
     default=0,
     help="Only records after this sequence number.",
 )
-@click.option("--limit", type=click.IntRange(min=1), default=100, help="At most this many records.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1, max=(1 << 63) - 1),
+    default=100,
+    help="At most this many records.",
+)
 @_errors
 def audit_list(
     config_file: Path | None, data_dir: Path | None, as_json: bool, after: int, limit: int

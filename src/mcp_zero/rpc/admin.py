@@ -252,9 +252,10 @@ class AdminApi:
             limit = int(q.get("limit", ["100"])[0])
         except ValueError:
             raise InvalidRequest("after and limit must be integers") from None
-        if after < 0 or limit < 1:
-            # SQLite reads a negative LIMIT as "no limit": that would be the whole log
-            raise InvalidRequest("after must be 0 or more and limit 1 or more")
+        if not 0 <= after < 1 << 63 or limit < 1:
+            # SQLite reads a negative LIMIT as "no limit": that would be the whole log; and
+            # past 64 bits it cannot bind the number at all
+            raise InvalidRequest("after must be from 0 to 2**63 - 1, and limit 1 or more")
         limit = min(limit, AUDIT_PAGE_MAX)
         store = self.runtime.store
         # a full page is tens of ms of reading and decoding: off the event loop too
