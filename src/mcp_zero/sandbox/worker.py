@@ -105,11 +105,14 @@ class Worker:
 
     # -- output ---------------------------------------------------------------
 
-    def send(self, frame: JSON) -> None:
-        """Write one frame; safe from any thread."""
-        data = encode(frame)
+    def _write(self, data: bytes) -> None:
+        """Write encoded frames whole; safe from any thread."""
         with self._write_lock:
             _write_all(self._out_fd, data)
+
+    def send(self, frame: JSON) -> None:
+        """Write one frame; safe from any thread."""
+        self._write(encode(frame))
 
     def notify(self, frame: JSON) -> None:
         """:class:`~mcp_zero.plugin.Channel` notifications; unserializable data is stringified."""
@@ -118,8 +121,7 @@ class Worker:
         except TypeError:
             frame = {**frame, "data": repr(frame.get("data"))}
             data = encode(frame)
-        with self._write_lock:
-            _write_all(self._out_fd, data)
+        self._write(data)
 
     def _respond(self, call_id: int, body: JSON) -> None:
         self._active.pop(call_id, None)
@@ -140,8 +142,7 @@ class Worker:
                 f"at most {MAX_FRAME_BYTES >> 20} MiB"
             )
             data = encode({"id": call_id, "result": results.error_result(message)})
-        with self._write_lock:
-            _write_all(self._out_fd, data)
+        self._write(data)
 
     # -- requests to the client ----------------------------------------------
 
@@ -239,8 +240,7 @@ class Worker:
             self._active.pop(call_id, None)
             self._tasks.pop(call_id, None)
             data = encode({"id": call_id, "result": {"content": [{"type": "text", "text": value}]}})
-            with self._write_lock:
-                _write_all(self._out_fd, data)
+            self._write(data)
             return
         try:
             body = {"result": results.tool_result(value)}
