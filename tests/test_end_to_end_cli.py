@@ -33,6 +33,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
+from mcp_zero.errors import SERVER_STOPPING
+
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 NOTES_TOOLS = {"notes_add", "notes_search", "notes_list", "notes_delete"}
 START_TIMEOUT_S = 30.0
@@ -267,7 +269,10 @@ def test_a_certificate_without_its_key_or_with_a_wrong_one_is_one_line(tmp_path:
 
 
 @pytest.mark.anyio
-async def test_official_client_over_stdio_lists_adds_and_finds_a_note(server: Server) -> None:
+@pytest.mark.parametrize(("mode", "version"), [("legacy", "2025-11-25"), ("auto", "2026-07-28")])
+async def test_official_client_over_stdio_lists_adds_and_finds_a_note(
+    server: Server, mode: str, version: str
+) -> None:
     create_agent(server.data_dir, "e2e-stdio")
     server.stop()  # one server process on a data dir at a time
     params = StdioServerParameters(
@@ -275,7 +280,8 @@ async def test_official_client_over_stdio_lists_adds_and_finds_a_note(server: Se
         args=["serve", "--stdio", "--agent", "e2e-stdio", "--data-dir", str(server.data_dir)],
     )
     with anyio.fail_after(CLIENT_TIMEOUT_S):
-        async with Client(params) as client:
+        async with Client(params, mode=mode) as client:
+            assert client.protocol_version == version
             await add_then_search(client)
 
 
@@ -542,7 +548,7 @@ def test_calls_still_running_after_the_shutdown_grace_are_answered_and_audited(
     assert "stopping: 2 request(s) still running after 0.3 s are cut off" in server.output()
     for status, reply in answers:  # an answer the client can act on, not a dropped connection
         assert status == 200, reply
-        assert reply["error"]["code"] == -32030, reply
+        assert reply["error"]["code"] == SERVER_STOPPING, reply
         assert "shutting down" in reply["error"]["message"]
     naps = [r for r in audit_records(server.data_dir) if r.get("resource") == "faulty_nap"]
     assert sorted(r["request_id"] for r in naps) == ["term-0", "term-1"]

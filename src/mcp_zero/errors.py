@@ -11,6 +11,8 @@ to on the admin API, and a message that tells the user what to do next.
     │   ├── ParseError           body is not JSON
     │   ├── MethodNotFound       unknown JSON-RPC method
     │   ├── InvalidParams        params fail the method's or the tool's schema
+    │   ├── HeaderMismatch       an HTTP header disagrees with the body (MCP 2026-07-28)
+    │   ├── UnsupportedProtocolVersion   a request's protocol version is not one we speak
     │   └── PayloadTooLarge      body over the size limit
     ├── NotFound
     │   ├── AgentNotFound
@@ -41,7 +43,8 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
-# Implementation-defined server errors (-32000..-32099), stable across releases.
+# MCP (2026-07-28) splits JSON-RPC's server-error range: -32000..-32019 is ours
+# (stable across releases), -32020..-32099 is the specification's.
 UNAUTHORIZED = -32001
 RESOURCE_NOT_FOUND = -32002  # the MCP spec's code for an unknown resource URI
 POLICY_DENIED = -32003
@@ -50,8 +53,11 @@ QUOTA_EXCEEDED = -32005
 TOOL_TIMEOUT = -32008
 PLUGIN_CRASHED = -32010
 PLUGIN_FAILURE = -32011
-STORAGE_FAILURE = -32020
-SERVER_STOPPING = -32030  # the server stopped the request at shutdown: retry it elsewhere/later
+STORAGE_FAILURE = -32012
+SERVER_STOPPING = -32013  # the server stopped the request at shutdown: retry it elsewhere/later
+# Defined by MCP 2026-07-28.
+HEADER_MISMATCH = -32020  # an HTTP header disagrees with the request body
+UNSUPPORTED_PROTOCOL_VERSION = -32022  # data: {"supported": [...], "requested": "..."}
 
 #: The cancel message of requests a stopping server cuts off after its grace period
 #: (``Task.cancel(SHUTTING_DOWN)``), so that they answer SERVER_STOPPING instead of nothing.
@@ -109,6 +115,18 @@ class MethodNotFound(InvalidRequest):
 class InvalidParams(InvalidRequest):
     code = "invalid_params"
     rpc_code = INVALID_PARAMS
+
+
+class HeaderMismatch(InvalidRequest):
+    code = "header_mismatch"
+    rpc_code = HEADER_MISMATCH
+
+
+class UnsupportedProtocolVersion(InvalidRequest):
+    """``data`` holds ``supported`` (the versions we speak) and ``requested``."""
+
+    code = "unsupported_protocol_version"
+    rpc_code = UNSUPPORTED_PROTOCOL_VERSION
 
 
 class PayloadTooLarge(InvalidRequest):

@@ -24,6 +24,8 @@ from rpc_live import (
     text_of,
 )
 
+from mcp_zero.errors import UNSUPPORTED_PROTOCOL_VERSION
+
 pytestmark = pytest.mark.anyio
 
 
@@ -363,7 +365,9 @@ async def test_unsupported_protocol_version_header_is_400(env: Env) -> None:
     )
     assert response.status_code == 400
     assert response.json()["id"] == 7
+    assert response.json()["error"]["code"] == UNSUPPORTED_PROTOCOL_VERSION
     assert "1999-01-01" in response.json()["error"]["message"]
+    assert "2025-06-18" in response.json()["error"]["data"]["supported"]
     ok = await client.post(
         {"jsonrpc": "2.0", "id": 8, "method": "ping"}, **{"MCP-Protocol-Version": "2025-06-18"}
     )

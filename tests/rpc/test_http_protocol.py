@@ -74,9 +74,9 @@ def call_message(rid: Any, tool: str, arguments: JSON, token: Any = None) -> byt
     [
         ("2025-06-18", "2025-06-18"),
         ("2025-11-25", "2025-11-25"),
-        ("2026-07-28", "2026-07-28"),
-        ("2024-01-01", "2026-07-28"),
-        ("not a version", "2026-07-28"),
+        ("2026-07-28", "2025-11-25"),  # stateless: not something initialize negotiates
+        ("2024-01-01", "2025-11-25"),
+        ("not a version", "2025-11-25"),
     ],
 )
 async def test_initialize_echoes_a_supported_version_else_offers_the_newest(

@@ -56,10 +56,37 @@ async def connect(env: Env, mode: str = "legacy", **callbacks: Any) -> AsyncIter
                 yield connected
 
 
-@pytest.fixture(params=["legacy", "auto"])
+# "legacy": the initialize handshake; "auto": server/discover, which finds 2026-07-28 here;
+# "2026-07-28": that revision pinned (no discover).
+@pytest.fixture(params=["legacy", "auto", "2026-07-28"])
 async def client(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Client]:
     async with connect(env, request.param) as connected:
         yield connected
+
+
+@pytest.mark.parametrize(("mode", "version"), [("legacy", "2025-11-25"), ("auto", "2026-07-28")])
+async def test_the_client_negotiates_the_newest_version_of_its_mode(
+    env: Env, mode: str, version: str
+) -> None:
+    async with connect(env, mode) as connected:
+        assert connected.protocol_version == version
+        assert connected.server_info is not None
+        assert connected.server_info.name == "mcp-zero"
+
+
+async def test_listen_brings_the_change_of_a_subscribed_resource(env: Env) -> None:
+    async with connect(env, "2026-07-28") as connected:
+        with anyio.fail_after(TIMEOUT_S):
+            async with connected.listen(
+                tools_list_changed=True, resource_subscriptions=["faulty://counter"]
+            ) as subscription:
+                assert subscription.honored.tools_list_changed is True
+                assert subscription.honored.resource_subscriptions == ["faulty://counter"]
+                bumped = await connected.call_tool("faulty_bump", {})
+                assert not bumped.is_error, text_of(bumped)
+                async for event in subscription:
+                    assert getattr(event, "uri", None) == "faulty://counter", event
+                    break
 
 
 async def test_lists_tools_and_adds_then_finds_a_note(client: Client) -> None:

@@ -237,3 +237,76 @@ async def test_a_client_closing_stdout_ends_the_session_cleanly(tmp_path: Path) 
         with anyio.fail_after(TIMEOUT_S):
             await serve_stdio(runtime, runtime.agents.principal("leaver"), stdin, stdout)
     os.close(in_w)
+
+
+# --- MCP 2026-07-28 over stdio -----------------------------------------------------------------
+
+STATELESS_META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def stateless(rid: Any, method: str, params: JSON | None = None, **meta: Any) -> JSON:
+    return {
+        "jsonrpc": "2.0",
+        "id": rid,
+        "method": method,
+        "params": {**(params or {}), "_meta": {**STATELESS_META, **meta}},
+    }
+
+
+async def test_an_enveloped_first_request_makes_every_request_stand_alone(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(stateless(1, "server/discover"))
+        discovered = (await peer.receive())["result"]
+        assert discovered["supportedVersions"][0] == "2026-07-28"
+        assert discovered["resultType"] == "complete"
+        peer.send(stateless(2, "tools/call", {"name": "notes_add", "arguments": {"text": "n"}}))
+        added = await peer.receive()
+        assert added["result"]["structuredContent"]["note"]["text"] == "n"
+        assert added["result"]["resultType"] == "complete"
+        peer.send(initialize_message(3))  # too late: this connection speaks 2026-07-28
+        refused = (await peer.receive())["error"]
+        assert refused["code"] == -32022
+        assert refused["data"]["supported"] == ["2026-07-28"]
+        peer.send({"jsonrpc": "2.0", "id": 4, "method": "tools/list"})  # no envelope
+        assert (await peer.receive())["error"]["code"] == -32602
+
+
+async def test_an_enveloped_request_in_a_handshake_session_is_refused(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message(1, "2026-07-28"))
+        assert (await peer.receive())["result"]["protocolVersion"] == "2025-11-25"
+        peer.send(stateless(2, "tools/list"))
+        assert (await peer.receive())["error"]["code"] == -32600
+
+
+async def test_listen_over_stdio_ends_when_cancelled_or_at_the_end_of_stdin(
+    tmp_path: Path,
+) -> None:
+    async with stdio_server(tmp_path) as peer:
+        wanted = {"notifications": {"resourceSubscriptions": ["faulty://counter"]}}
+        peer.send(stateless("l1", "subscriptions/listen", wanted))
+        ack = await peer.receive()
+        assert ack["method"] == "notifications/subscriptions/acknowledged"
+        assert ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "l1"
+        peer.send(stateless(5, "tools/call", {"name": "faulty_bump"}))
+        got = await peer.until_id(5)
+        updates = [m for m in got if m.get("method") == "notifications/resources/updated"]
+        assert updates[0]["params"]["uri"] == "faulty://counter"
+        assert updates[0]["params"]["_meta"] == {"io.modelcontextprotocol/subscriptionId": "l1"}
+        peer.send(
+            {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "l1"}}
+        )
+        peer.send(stateless("l2", "subscriptions/listen", {"notifications": {}}))
+        assert (await peer.receive())["params"]["_meta"] == {
+            "io.modelcontextprotocol/subscriptionId": "l2"
+        }
+        peer.send(stateless(6, "tools/list"))
+        assert (await peer.receive())["id"] == 6  # "l1" sent nothing after its cancel
+        os.close(peer.write_fd)  # end of stdin: "l2" ends with its result
+        peer.write_fd = os.open(os.devnull, os.O_WRONLY)  # for the fixture's close
+        ended = await peer.receive()
+        assert ended["id"] == "l2"
+        assert ended["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "l2"

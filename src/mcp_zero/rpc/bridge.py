@@ -69,6 +69,14 @@ class RequestBridge:
         capability = _CAPABILITY.get(method)
         if capability is None:
             raise McpZeroError(f"plugins may not send {method!r} to the client")
+        if self._session.stateless:
+            # 2026-07-28 asks the client through an input_required result and a retry of
+            # the whole request (SEP-2322); a tool here waits for the answer mid-call.
+            raise ClientRequestFailed(
+                f"this request uses MCP {self._session.protocol_version}, which has no "
+                f"requests to the client; {method} needs a session opened with initialize "
+                "(2025-11-25 or 2025-06-18)"
+            )
         if capability not in self._session.client_capabilities:
             raise ClientRequestFailed(
                 f"the client did not declare the {capability!r} capability, so it cannot "

@@ -20,6 +20,12 @@ from typing import Any
 import orjson
 
 from mcp_zero.errors import (
+    HEADER_MISMATCH,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    UNSUPPORTED_PROTOCOL_VERSION,
     InvalidRequest,
     Unauthorized,
 )
@@ -40,10 +46,12 @@ from mcp_zero.rpc.asgi import (
     respond,
     respond_json,
 )
+from mcp_zero.rpc.envelope import MODERN_VERSIONS, has_envelope, unsupported
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import HEADER_VERSIONS, JSON, Session
 from mcp_zero.rpc.streams import (
     EventStream,
+    ExchangeChannel,
     NoticeChannel,
     PostChannel,
     parse_event_id,
@@ -65,6 +73,16 @@ _PREFLIGHT = [
 ]
 _CORS_EXPOSED = (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version")
 
+
+# MCP 2026-07-28: the HTTP status of an error answered as JSON, so that proxies see it.
+_ERROR_STATUS = {
+    PARSE_ERROR: 400,
+    INVALID_REQUEST: 400,
+    INVALID_PARAMS: 400,
+    HEADER_MISMATCH: 400,
+    UNSUPPORTED_PROTOCOL_VERSION: 400,
+    METHOD_NOT_FOUND: 404,
+}
 
 _MediaHeaders = tuple[str | None, str | None, str | None]
 # Verdicts by (Content-Type, Content-Encoding, Accept): a client sends the same ones on every
@@ -182,6 +200,7 @@ class HttpApp:
 
     async def shutdown(self) -> None:
         self.ready = False
+        self.server.end_listeners()
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -212,6 +231,7 @@ class HttpApp:
         ]
 
     def _broadcast_list_changed(self) -> None:
+        self.server.announce_list_changed()
         for session in self.sessions.values():
             if session.notices is not None:
                 for method in ("tools", "resources", "prompts"):
@@ -242,8 +262,19 @@ class HttpApp:
                 # A browser's page from an allowed origin (checked above): let it read the
                 # answers and the session header (CORS); other clients send no Origin.
                 send = _with_cors(send, origin)
+            version = header(scope, b"mcp-protocol-version")
+            stateless = version is not None and version not in HEADER_VERSIONS
             if method == "POST":
                 await self._post(scope, receive, send)
+            elif method in ("GET", "DELETE") and stateless:
+                assert version is not None
+                await respond(
+                    send,
+                    405,
+                    f"MCP {version[:40]} has no sessions: POST each request (server-sent "
+                    "notifications come on a subscriptions/listen request)".encode(),
+                    [(b"allow", b"POST"), (b"content-type", b"text/plain; charset=utf-8")],
+                )
             elif method == "GET":
                 await self._get(scope, receive, send)
             elif method == "DELETE":
@@ -342,13 +373,30 @@ class HttpApp:
             await respond_json(send, 400, jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
             return
         version = header(scope, b"mcp-protocol-version")
-        if version is not None and version not in HEADER_VERSIONS:
-            bad = InvalidRequest(f"unsupported MCP-Protocol-Version {version!r}")
-            await respond_json(
-                send, 400, jsonrpc.error_from_exception(getattr(message, "id", None), bad)
-            )
-            return
         session_id = header(scope, b"mcp-session-id")
+        if (version is not None and version not in HEADER_VERSIONS) or (
+            version is None
+            and session_id is None
+            and isinstance(message, jsonrpc.Request)
+            and has_envelope(message.params)
+        ):
+            # MCP 2026-07-28 (or a version we do not know, which its rules answer): every
+            # request stands alone. Notifications have nothing to act on (a client cancels
+            # by closing the request's stream), and no request of ours awaits an answer.
+            if (
+                isinstance(message, jsonrpc.Request)
+                and version not in MODERN_VERSIONS
+                and not has_envelope(message.params)
+            ):
+                # neither a version we speak nor a 2026-07-28 request: say which we speak
+                assert version is not None
+                answer = jsonrpc.error_from_exception(message.id, unsupported(version))
+                await respond_json(send, 400, answer)
+            elif isinstance(message, jsonrpc.Request):
+                await self._post_stateless(scope, receive, send, principal, message)
+            else:
+                await respond(send, 202, b"", [])
+            return
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
             self._make_room_for(principal.agent)
             if len(self.sessions) >= self.settings.max_sessions:
@@ -405,6 +453,43 @@ class HttpApp:
         await channel.finish()
         # keep the finished stream a little for a client that is about to resume
         asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
+
+    async def _post_stateless(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        request: jsonrpc.Request,
+    ) -> None:
+        connection = Session(principal, id="ephemeral")
+        channel = ExchangeChannel(send)
+
+        async def until_disconnect() -> None:
+            message = await receive()
+            while message["type"] != "http.disconnect":
+                message = await receive()
+            if not self.server.end_listener(channel) and not message.get("mcp0.server_stopping"):
+                # Closing the stream is how a 2026-07-28 client cancels (audited as such).
+                channel.gone = True
+                self.server.cancel(connection, request.id)
+
+        watcher = asyncio.create_task(until_disconnect())
+        try:
+            response = await self.server.handle_stateless_request(
+                connection, request, channel, lambda name: header(scope, name.encode())
+            )
+        finally:
+            watcher.cancel()
+        if channel.started:
+            await channel.finish(response)
+        elif response is None:
+            with contextlib.suppress(OSError):  # the client left: nobody to answer
+                await respond(send, 202, b"", [])
+        else:
+            error = response.get("error")
+            status = _ERROR_STATUS.get(error.get("code"), 200) if error else 200
+            await respond(send, status, orjson.dumps(response), JSON_HEADERS)
 
     async def _get(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -20,19 +20,29 @@ from mcp_zero.errors import (
     SERVER_STOPPING,
     SHUTTING_DOWN,
     UNAUTHORIZED,
+    UNSUPPORTED_PROTOCOL_VERSION,
     InvalidParams,
     InvalidRequest,
     McpZeroError,
     MethodNotFound,
+    QuotaExceeded,
 )
 from mcp_zero.kernel.action import Principal
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
+from mcp_zero.rpc.envelope import (
+    HANDSHAKE_VERSIONS,
+    MODERN_VERSIONS,
+    SERVER_INFO_META,
+    SUBSCRIPTION_ID,
+    SUPPORTED_VERSIONS,
+    has_envelope,
+    open_envelope,
+)
 from mcp_zero.rpc.session import (
     JSON,
     LOG_LEVELS,
-    SUPPORTED_VERSIONS,
     Channel,
     Session,
 )
@@ -46,11 +56,43 @@ INSTRUCTIONS = (
 )
 
 
+# Results a 2026-07-28 client may cache: they carry ttlMs and cacheScope. What an agent
+# sees depends on its token ("private") and changes with plugins (announced, so ttl 0).
+_CACHEABLE = frozenset(
+    (
+        "server/discover",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "prompts/list",
+    )
+)
+_LISTEN_KINDS = {
+    "tools": "toolsListChanged",
+    "resources": "resourcesListChanged",
+    "prompts": "promptsListChanged",
+}
+
+
 def negotiate_version(requested: Any) -> str:
-    """The spec's rule: echo a version we support, else offer our newest."""
-    if isinstance(requested, str) and requested in SUPPORTED_VERSIONS:
+    """The spec's rule: echo a version the handshake supports, else offer our newest one.
+    (2026-07-28 has no handshake: a client asking for it gets 2025-11-25.)"""
+    if isinstance(requested, str) and requested in HANDSHAKE_VERSIONS:
         return requested
-    return SUPPORTED_VERSIONS[0]
+    return HANDSHAKE_VERSIONS[0]
+
+
+class Listener:
+    """One open ``subscriptions/listen`` request: what it asked for and its mailbox."""
+
+    __slots__ = ("kinds", "mailbox", "principal", "uris")
+
+    def __init__(self, principal: Principal, kinds: frozenset[str], uris: frozenset[str]):
+        self.principal = principal
+        self.kinds = kinds  # of "tools", "resources", "prompts"
+        self.uris = uris
+        self.mailbox: asyncio.Queue[JSON | None] = asyncio.Queue()  # None: the server ends it
 
 
 def _page(items: list[JSON], cursor: Any, size: int, key: str) -> JSON:
@@ -88,9 +130,17 @@ def _optional_dict(params: JSON, name: str) -> JSON:
 class McpServer:
     """Answers MCP requests for sessions; the governed ones through the kernel."""
 
-    def __init__(self, kernel: Kernel, *, page_size: int = 100, transport: str = "http") -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        *,
+        page_size: int = 100,
+        transport: str = "http",
+        max_listeners: int = 1000,
+    ) -> None:
         self.kernel = kernel
         self.page_size = page_size
+        self.max_listeners = max_listeners
         self.transport = transport
         # The sessions that may hear of resource changes; a transport registers its own.
         self.sessions: Callable[[], Iterable[tuple[Session, Channel | None]]] = lambda: ()
@@ -111,19 +161,117 @@ class McpServer:
             "completion/complete": self._complete,
             "logging/setLevel": self._set_level,
         }
+        # MCP 2026-07-28: no handshake, ping, setLevel or subscribe (subscriptions/listen
+        # replaces the last and the GET stream).
+        stateless = ("initialize", "ping", "logging/setLevel", "resources/subscribe")
+        self._stateless_handlers: dict[str, Handler] = {
+            **{k: v for k, v in self._handlers.items() if not k.startswith(stateless)},
+            "server/discover": self._discover,
+            "subscriptions/listen": self._listen,
+        }
+        self.listeners: dict[Channel, Listener] = {}
+        self.keepalive_s = 25.0  # a quiet listen stream gets a comment this often (HTTP)
 
     # -- entry points -------------------------------------------------------------------------
 
     async def handle_request(
         self, session: Session, request: jsonrpc.Request, channel: Channel
     ) -> JSON | None:
-        """Run one request; return its response message, or None if it was cancelled."""
+        """Run one request of a session opened by ``initialize``; return its response
+        message, or None if it was cancelled."""
         handler = self._handlers.get(request.method)
         if handler is None:
             return jsonrpc.error_from_exception(
                 request.id, MethodNotFound(f"unknown method {request.method!r}")
             )
+        if request.method != "initialize" and has_envelope(request.params):
+            return jsonrpc.error_from_exception(
+                request.id,
+                InvalidRequest(
+                    "this session was opened with initialize (MCP "
+                    f"{session.protocol_version}); a request carrying the 2026-07-28 envelope "
+                    "(params._meta protocolVersion) does not belong in it"
+                ),
+            )
         session.last_seen = time.monotonic()
+        return await self._run(session, request, channel, handler)
+
+    async def handle_stateless_request(
+        self,
+        connection: Session,
+        request: jsonrpc.Request,
+        channel: Channel,
+        header: Callable[[str], str | None] | None = None,
+    ) -> JSON | None:
+        """Run one MCP 2026-07-28 request, which carries its own protocol version and client
+        capabilities. ``connection`` holds what outlives the request (the principal, and on
+        stdio the requests in flight); ``header`` reads the HTTP request's headers."""
+        if request.method == "initialize":
+            asked = request.params.get("protocolVersion")
+            return jsonrpc.error_message(
+                request.id,
+                UNSUPPORTED_PROTOCOL_VERSION,
+                "MCP 2026-07-28 has no initialize: send server/discover, or initialize "
+                f"with one of {', '.join(HANDSHAKE_VERSIONS)} on a new connection (over HTTP: "
+                "without MCP-Protocol-Version: 2026-07-28)",
+                {
+                    "supported": list(MODERN_VERSIONS),
+                    "requested": asked if isinstance(asked, str) else "",
+                },
+            )
+        try:
+            envelope = open_envelope(request.method, request.params, header)
+        except McpZeroError as exc:
+            return jsonrpc.error_from_exception(request.id, exc)
+        handler = self._stateless_handlers.get(request.method)
+        if handler is None:
+            return jsonrpc.error_from_exception(
+                request.id,
+                MethodNotFound(
+                    f"unknown method {request.method!r}"
+                    + (" in MCP 2026-07-28" if request.method in self._handlers else "")
+                ),
+            )
+        session = Session(
+            connection.principal,
+            id="ephemeral",
+            protocol_version=envelope.protocol_version,
+            client_info=envelope.client_info,
+            client_capabilities=envelope.client_capabilities,
+            log_level=envelope.log_level or "off",
+            inflight=connection.inflight,
+            cancelled=connection.cancelled,
+        )
+        response = await self._run(session, request, channel, handler)
+        if response is None or "result" not in response:
+            return response
+        result: JSON = response["result"]
+        meta = result.get("_meta")
+        stamped: JSON = {
+            **result,
+            "_meta": {**meta, SERVER_INFO_META: SERVER_INFO}
+            if isinstance(meta, dict)
+            else {SERVER_INFO_META: SERVER_INFO},
+            "resultType": result.get("resultType", "complete"),
+        }
+        if request.method in _CACHEABLE:
+            stamped.setdefault("ttlMs", 0)
+            stamped.setdefault("cacheScope", "private")
+        response["result"] = stamped
+        return response
+
+    def cancel(self, session: Session, request_id: Any) -> bool:
+        """Cancel a request in flight, as the client asked: it ends without an answer."""
+        task = session.inflight.get(request_id)
+        if task is None:
+            return False
+        session.cancelled.add(request_id)
+        task.cancel()
+        return True
+
+    async def _run(
+        self, session: Session, request: jsonrpc.Request, channel: Channel, handler: Handler
+    ) -> JSON | None:
         if request.id in session.inflight:
             # ids are unique per session (MCP): a second one would take over the first's
             # cancellation, and the client could not tell the two answers apart
@@ -173,10 +321,8 @@ class McpServer:
             session.initialized = True
         elif note.method == "notifications/cancelled":
             request_id = note.params.get("requestId")
-            task = session.inflight.get(request_id)
-            if task is not None and request_id != "initialize":
-                session.cancelled.add(request_id)
-                task.cancel()
+            if request_id != "initialize":
+                self.cancel(session, request_id)
         # notifications/roots/list_changed and unknown notifications need no action
 
     async def announce_resource_updated(self, uri: str) -> None:
@@ -190,6 +336,30 @@ class McpServer:
         for session, channel in self.sessions():
             if uri in session.subscriptions and channel is not None:
                 await channel.send(note)
+        for listener in self.listeners.values():
+            if uri in listener.uris:
+                listener.mailbox.put_nowait(note)
+
+    def announce_list_changed(self, kinds: Iterable[str] = tuple(_LISTEN_KINDS)) -> None:
+        """``notifications/<kind>/list_changed`` to the ``subscriptions/listen`` streams that
+        asked for it (sessions of the handshake get theirs from their transport)."""
+        for kind in kinds:
+            note = {"jsonrpc": "2.0", "method": f"notifications/{kind}/list_changed"}
+            for listener in self.listeners.values():
+                if kind in listener.kinds:
+                    listener.mailbox.put_nowait(note)
+
+    def end_listener(self, channel: Channel) -> bool:
+        """End the listen stream on ``channel`` with its result (False: there is none)."""
+        listener = self.listeners.get(channel)
+        if listener is not None:
+            listener.mailbox.put_nowait(None)
+        return listener is not None
+
+    def end_listeners(self) -> None:
+        """The server is stopping: every listen stream ends with its result."""
+        for listener in self.listeners.values():
+            listener.mailbox.put_nowait(None)
 
     def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
         session.resolve(response.id, response.result, response.error)
@@ -212,16 +382,88 @@ class McpServer:
         session.client_info = info if isinstance(info, dict) else {}
         return {
             "protocolVersion": session.protocol_version,
-            "capabilities": {
-                "tools": {"listChanged": True},
-                "resources": {"subscribe": True, "listChanged": True},
-                "prompts": {"listChanged": True},
-                "logging": {},
-                "completions": {},
-            },
+            "capabilities": self._capabilities(handshake=True),
             "serverInfo": SERVER_INFO,
             "instructions": INSTRUCTIONS,
         }
+
+    def _capabilities(self, *, handshake: bool) -> JSON:
+        caps: JSON = {
+            "tools": {"listChanged": True},
+            "resources": {"subscribe": True, "listChanged": True},
+            "prompts": {"listChanged": True},
+            "completions": {},
+        }
+        if handshake:
+            caps["logging"] = {}  # 2026-07-28: a request asks for log messages in its _meta
+        return caps
+
+    async def _discover(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        return {
+            "supportedVersions": list(SUPPORTED_VERSIONS),
+            "capabilities": self._capabilities(handshake=False),
+            "serverInfo": SERVER_INFO,
+            "instructions": INSTRUCTIONS,
+        }
+
+    async def _listen(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        """``subscriptions/listen``: acknowledge what we will send, then send it on this
+        request's stream until the client closes it (or cancels it) or the server stops."""
+        wanted = params.get("notifications")
+        if not isinstance(wanted, dict):
+            raise InvalidParams(
+                "params.notifications must be an object (toolsListChanged, "
+                "resourcesListChanged, promptsListChanged, resourceSubscriptions)",
+                data={"path": "/notifications"},
+            )
+        uris = wanted.get("resourceSubscriptions", [])
+        if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+            raise InvalidParams(
+                "params.notifications.resourceSubscriptions must be a list of URIs",
+                data={"path": "/notifications/resourceSubscriptions"},
+            )
+        if len(self.listeners) >= self.max_listeners:
+            raise QuotaExceeded(
+                f"this server has {len(self.listeners)} open subscriptions/listen streams, "
+                "its limit; retry later"
+            )
+        kinds = frozenset(k for k, flag in _LISTEN_KINDS.items() if wanted.get(flag) is True)
+        honoured = frozenset(u for u in uris if self._may_watch(session.principal, u))
+        granted: JSON = {_LISTEN_KINDS[k]: True for k in sorted(kinds)}
+        if "resourceSubscriptions" in wanted:
+            granted["resourceSubscriptions"] = sorted(honoured)
+        listener = Listener(session.principal, kinds, honoured)
+        tag = {SUBSCRIPTION_ID: rid}
+        self.listeners[channel] = listener
+        try:
+            await channel.send(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/subscriptions/acknowledged",
+                    "params": {"notifications": granted, "_meta": tag},
+                }
+            )
+            keepalive = getattr(channel, "keepalive", None)
+            while True:
+                try:
+                    async with asyncio.timeout(self.keepalive_s if keepalive else None):
+                        note = await listener.mailbox.get()
+                except TimeoutError:
+                    assert keepalive is not None
+                    await keepalive()
+                    continue
+                if note is None:
+                    return {"_meta": tag}
+                await channel.send({**note, "params": {**note.get("params", {}), "_meta": tag}})
+        finally:
+            del self.listeners[channel]
+
+    def _may_watch(self, principal: Principal, uri: str) -> bool:
+        try:
+            self.kernel.check_resource(principal, uri)
+        except McpZeroError:
+            return False
+        return True
 
     async def _ping(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
         return {}

@@ -12,16 +12,16 @@ from typing import Any, Protocol
 
 from mcp_zero.errors import McpZeroError
 from mcp_zero.kernel.action import Principal
+from mcp_zero.rpc.envelope import HANDSHAKE_VERSIONS, MODERN_VERSIONS
 
 JSON = dict[str, Any]
 
-# Newest first; the first is what we offer a client asking for a version we do not know.
-SUPPORTED_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18")
-# Versions a client may name in the MCP-Protocol-Version header (older clients and test suites
-# send 2025-03-26, whose messages we understand).
-HEADER_VERSIONS = frozenset((*SUPPORTED_VERSIONS, "2025-03-26"))
+# Versions a client of the initialize handshake may name in the MCP-Protocol-Version header
+# (older clients and test suites send 2025-03-26, whose messages we understand).
+HEADER_VERSIONS = frozenset((*HANDSHAKE_VERSIONS, "2025-03-26"))
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
-LOG_RANK = {name: rank for rank, name in enumerate(LOG_LEVELS)}
+# "off" (above every level): a 2026-07-28 request that did not ask for log messages gets none.
+LOG_RANK = {**{name: rank for rank, name in enumerate(LOG_LEVELS)}, "off": len(LOG_LEVELS)}
 
 
 class Channel(Protocol):
@@ -43,7 +43,7 @@ class Session:
 
     principal: Principal
     id: str = field(default_factory=lambda: secrets.token_hex(16))
-    protocol_version: str = SUPPORTED_VERSIONS[0]
+    protocol_version: str = HANDSHAKE_VERSIONS[0]
     client_info: JSON = field(default_factory=dict)
     client_capabilities: JSON = field(default_factory=dict)
     initialized: bool = False
@@ -57,6 +57,12 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False  # ended by DELETE, expiry or shutdown
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def stateless(self) -> bool:
+        """A 2026-07-28 request's own session: no handshake, nothing kept, no requests to
+        the client."""
+        return self.protocol_version in MODERN_VERSIONS
 
     def wants_log(self, level: str) -> bool:
         return LOG_RANK.get(level, 0) >= LOG_RANK.get(self.log_level, 1)

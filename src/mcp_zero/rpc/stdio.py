@@ -1,5 +1,9 @@
 """MCP over stdio: newline-delimited JSON-RPC on stdin/stdout, one session, one agent.
 
+The client's first request decides the protocol: ``initialize`` opens a session
+(2025-11-25, 2025-06-18); a request carrying the MCP 2026-07-28 envelope in its
+``_meta`` makes every request stand alone, as that revision has it.
+
 Clients such as Claude Desktop launch ``mcp0 serve --stdio --agent NAME``.
 Requests run concurrently (a slow tool does not block ``ping``); stdout carries
 only protocol messages, logs go to stderr.
@@ -17,6 +21,7 @@ from typing import Any, BinaryIO
 from mcp_zero.errors import InvalidRequest
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import jsonrpc
+from mcp_zero.rpc.envelope import has_envelope
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import Runtime
@@ -73,8 +78,13 @@ async def serve_stdio(
     server.sessions = lambda: [(session, channel)]
     tasks: set[asyncio.Task[Any]] = set()
 
+    stateless: bool | None = None  # the first request decides: MCP 2026-07-28 or a session
+
     async def run(request: jsonrpc.Request) -> None:
-        response = await server.handle_request(session, request, channel)
+        if stateless:
+            response = await server.handle_stateless_request(session, request, channel)
+        else:
+            response = await server.handle_request(session, request, channel)
         if response is not None:
             await channel.send(response)
 
@@ -100,6 +110,8 @@ async def serve_stdio(
                 await channel.send(jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
                 continue
             if isinstance(message, jsonrpc.Request):
+                if stateless is None:
+                    stateless = message.method != "initialize" and has_envelope(message.params)
                 task = asyncio.create_task(run(message))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -107,6 +119,7 @@ async def serve_stdio(
                 server.handle_notification(session, message)
             else:
                 server.handle_response(session, message)
+        server.end_listeners()  # stdin closed: subscriptions/listen streams end
         if tasks:
             await asyncio.wait(tasks, timeout=30)
     finally:

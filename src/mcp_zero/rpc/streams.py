@@ -7,7 +7,8 @@ rest live — the response to a long tool call is not lost with the connection.
 
 The channels here are where a request's messages go: ``PostChannel`` answers one
 POST (plain JSON until the first notification turns it into a stream),
-``NoticeChannel`` feeds a session's standalone GET stream.
+``NoticeChannel`` feeds a session's standalone GET stream, ``ExchangeChannel`` answers
+one MCP 2026-07-28 POST (no session, no resumption).
 """
 
 from __future__ import annotations
@@ -160,6 +161,50 @@ class PostChannel:
         if stream.send is not None:
             with contextlib.suppress(OSError):
                 await self._asgi_send({"type": "http.response.body", "body": b""})
+
+
+class ExchangeChannel:
+    """Messages related to one MCP 2026-07-28 POST. That revision has no sessions and no
+    resumption: the first message turns the answer into a plain SSE stream, and a client
+    that drops the connection has cancelled the request."""
+
+    __slots__ = ("_asgi_send", "gone", "started")
+
+    def __init__(self, asgi_send: Send) -> None:
+        self._asgi_send = asgi_send
+        self.started = False
+        self.gone = False
+
+    async def send(self, message: JSON) -> None:
+        await self._write(b"event: message\ndata: " + orjson.dumps(message) + b"\n\n")
+
+    async def keepalive(self) -> None:
+        """A comment, which clients ignore, so that proxies keep a quiet stream open."""
+        await self._write(b": keepalive\n\n")
+
+    async def close_stream(self) -> None:
+        return None  # nothing to resume from in 2026-07-28: the stream stays open
+
+    async def finish(self, response: JSON | None) -> None:
+        """Send the response as the stream's last event and end the stream."""
+        if response is not None:
+            await self.send(response)
+        if not self.gone:
+            with contextlib.suppress(OSError):
+                await self._asgi_send({"type": "http.response.body", "body": b""})
+
+    async def _write(self, chunk: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            if not self.started:
+                self.started = True
+                await self._asgi_send(
+                    {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+                )
+            await self._asgi_send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except OSError:
+            self.gone = True
 
 
 class NoticeChannel:

@@ -317,7 +317,9 @@ class _Response:
             self.read = True
             return {"type": "http.request", "body": b"".join(self.request.body), "more_body": False}
         await self.conn.gone.wait()  # after the body: only the disconnect is left to hear
-        return {"type": "http.disconnect"}
+        # Also heard when the server begins to stop (the connection still open): long-lived
+        # handlers end then, others may finish within the grace period.
+        return {"type": "http.disconnect", "mcp0.server_stopping": not self.conn.closed}
 
     def write(self, data: bytes) -> None:
         transport = self.conn.transport

@@ -1,0 +1,363 @@
+"""MCP 2026-07-28 over streamable HTTP, on the wire: no handshake, every request carries its
+protocol version and client capabilities in ``_meta`` (and the headers repeat it), results
+say their ``resultType``, a dropped connection cancels, and ``subscriptions/listen`` replaces
+the GET stream. The official client in that mode is in test_official_client_inprocess.py."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+import pytest
+from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, parse_sse_text, serve
+
+from mcp_zero.errors import HEADER_MISMATCH, UNSUPPORTED_PROTOCOL_VERSION
+
+pytestmark = pytest.mark.anyio
+JSON = dict[str, Any]
+V = "2026-07-28"
+TIMEOUT_S = 20.0
+_ids = itertools.count(1)
+
+
+@dataclass
+class Env:
+    live: LiveServer
+    token: str
+    reader_token: str  # an agent without the faulty plugin
+
+
+@pytest.fixture(scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    runtime = make_runtime(tmp_path_factory.mktemp("stateless") / "data")
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    agent = await runtime.agents.spawn("modern", ["notes", "faulty"])
+    reader = await runtime.agents.spawn("reader", ["notes"])
+    async with serve(runtime) as live:
+        yield Env(live, agent.token, reader.token)
+
+
+def envelope(**extra: Any) -> JSON:
+    return {
+        "io.modelcontextprotocol/protocolVersion": V,
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "wire-test", "version": "0"},
+        **extra,
+    }
+
+
+def message(method: str, params: JSON | None = None, meta: JSON | None = None) -> JSON:
+    return {
+        "jsonrpc": "2.0",
+        "id": next(_ids),
+        "method": method,
+        "params": {**(params or {}), "_meta": envelope() if meta is None else meta},
+    }
+
+
+def headers_for(env: Env, body: JSON, token: str | None = None, **extra: str) -> dict[str, str]:
+    out = {
+        "Authorization": f"Bearer {token or env.token}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": V,
+        "Mcp-Method": body["method"],
+    }
+    named = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+    field = named.get(body["method"])
+    if field is not None:
+        out["Mcp-Name"] = body["params"][field]
+    out.update(extra)
+    return out
+
+
+async def post(env: Env, body: JSON, **extra: str) -> httpx2.Response:
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            return await http.post(
+                env.live.url, content=orjson.dumps(body), headers=headers_for(env, body, **extra)
+            )
+
+
+def messages_of(response: httpx2.Response) -> list[JSON]:
+    if response.headers["content-type"].startswith("text/event-stream"):
+        return [e.message for e in parse_sse_text(response.text) if e.data]
+    return [response.json()]
+
+
+def audit_outcomes(env: Env, request_id: Any) -> list[tuple[str, str | None]]:
+    """(outcome, code) of the audit records of one request."""
+    store = env.live.runtime.store
+    records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
+    return [
+        (r["outcome"], r.get("code")) for r in records if r.get("request_id") == str(request_id)
+    ]
+
+
+async def test_discover_says_what_the_server_speaks_without_a_session(env: Env) -> None:
+    response = await post(env, message("server/discover"))
+    assert response.status_code == 200, response.text
+    assert "mcp-session-id" not in response.headers
+    result = response.json()["result"]
+    assert result["supportedVersions"][0] == V
+    assert {"2025-11-25", "2025-06-18"} <= set(result["supportedVersions"])
+    assert set(result["capabilities"]) == {"tools", "resources", "prompts", "completions"}
+    assert result["resultType"] == "complete"
+    assert result["ttlMs"] == 0
+    assert result["cacheScope"] == "private"
+    assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "mcp-zero"
+
+
+async def test_results_carry_result_type_and_lists_their_cache_hints(env: Env) -> None:
+    listed = (await post(env, message("tools/list"))).json()["result"]
+    assert listed["resultType"] == "complete"
+    assert (listed["ttlMs"], listed["cacheScope"]) == (0, "private")
+    assert "faulty_echo" in {t["name"] for t in listed["tools"]}
+    called = (
+        await post(env, message("tools/call", {"name": "faulty_echo", "arguments": {"text": "x"}}))
+    ).json()["result"]
+    assert called["resultType"] == "complete"
+    assert "ttlMs" not in called  # a tool call is not cacheable
+    assert called["content"] == [{"type": "text", "text": "x"}]
+
+
+async def test_a_request_without_the_envelope_is_refused_with_the_missing_keys(env: Env) -> None:
+    body = message("tools/list", meta={"io.modelcontextprotocol/protocolVersion": V})
+    response = await post(env, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32602
+    assert "clientCapabilities" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("MCP-Protocol-Version", "2026-07-29"), ("Mcp-Method", "tools/list"), ("Mcp-Name", "other")],
+)
+async def test_headers_that_disagree_with_the_body_are_refused(
+    env: Env, header: str, value: str
+) -> None:
+    body = message("tools/call", {"name": "faulty_echo", "arguments": {"text": "x"}})
+    response = await post(env, body, **{header: value})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == HEADER_MISMATCH
+    assert audit_outcomes(env, body["id"]) == []  # the tool was not called
+
+
+async def test_an_unknown_version_is_answered_with_the_versions_we_speak(env: Env) -> None:
+    body = message(
+        "tools/list", meta=envelope(**{"io.modelcontextprotocol/protocolVersion": "2099-01-01"})
+    )
+    response = await post(env, body, **{"MCP-Protocol-Version": "2099-01-01"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == UNSUPPORTED_PROTOCOL_VERSION
+    assert error["data"]["requested"] == "2099-01-01"
+    assert V in error["data"]["supported"]
+
+
+async def test_methods_the_revision_removed_are_not_found(env: Env) -> None:
+    for method in ("ping", "logging/setLevel", "resources/subscribe"):
+        response = await post(env, message(method, {"level": "info", "uri": "faulty://counter"}))
+        assert response.status_code == 404, (method, response.text)
+        assert response.json()["error"]["code"] == -32601
+
+
+async def test_initialize_never_negotiates_the_stateless_revision(env: Env) -> None:
+    for asked, got in (
+        (V, "2025-11-25"),
+        ("2099-01-01", "2025-11-25"),
+        ("2025-06-18", "2025-06-18"),
+    ):
+        body = {
+            "jsonrpc": "2.0",
+            "id": next(_ids),
+            "method": "initialize",
+            "params": {
+                "protocolVersion": asked,
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "0"},
+            },
+        }
+        async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+            response = await http.post(
+                env.live.url,
+                content=orjson.dumps(body),
+                headers={
+                    "Authorization": f"Bearer {env.token}",
+                    "Accept": "application/json, text/event-stream",
+                    "Content-Type": "application/json",
+                },
+            )
+        assert response.json()["result"]["protocolVersion"] == got, asked
+
+
+async def test_an_enveloped_request_does_not_belong_in_a_handshake_session(env: Env) -> None:
+    client = env.live.client(env.token)
+    await client.initialize("2025-11-25")
+    reply = await client.request("tools/list", {"_meta": envelope()})
+    assert reply["error"]["code"] == -32600
+    assert "initialize" in reply["error"]["message"]
+
+
+async def test_log_messages_only_when_the_request_asks_for_them(env: Env) -> None:
+    quiet = messages_of(await post(env, message("tools/call", {"name": "faulty_log_levels"})))
+    assert [m for m in quiet if m.get("method") == "notifications/message"] == []
+    body = message(
+        "tools/call",
+        {"name": "faulty_log_levels"},
+        meta=envelope(**{"io.modelcontextprotocol/logLevel": "warning"}),
+    )
+    loud = messages_of(await post(env, body))
+    levels = [m["params"]["level"] for m in loud if m.get("method") == "notifications/message"]
+    assert levels == ["warning", "error"]
+    assert loud[-1]["result"]["resultType"] == "complete"
+
+
+async def test_progress_then_the_result_on_the_requests_own_stream(env: Env) -> None:
+    body = message(
+        "tools/call",
+        {"name": "faulty_progress", "arguments": {"steps": 2}},
+        meta=envelope(progressToken="p1"),
+    )
+    response = await post(env, body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert "mcp-session-id" not in response.headers
+    got = messages_of(response)
+    assert [m["params"]["progress"] for m in got[:-1]] == [1, 2]
+    assert got[-1]["id"] == body["id"]
+    assert got[-1]["result"]["resultType"] == "complete"
+
+
+async def test_closing_the_connection_cancels_the_call_and_the_audit_says_so(env: Env) -> None:
+    body = message(
+        "tools/call", {"name": "faulty_started_then_wait"}, meta=envelope(progressToken=1)
+    )
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            async with http.stream(
+                "POST", env.live.url, content=orjson.dumps(body), headers=headers_for(env, body)
+            ) as response:
+                async for line in response.aiter_lines():
+                    if "notifications/progress" in line:
+                        break  # the tool runs: hang up
+    with anyio.fail_after(TIMEOUT_S):
+        while audit_outcomes(env, body["id"]) != [("error", "cancelled")]:
+            await asyncio.sleep(0.02)
+
+
+async def test_listen_acknowledges_then_delivers_what_was_asked(env: Env) -> None:
+    body = message(
+        "subscriptions/listen",
+        {
+            "notifications": {
+                "toolsListChanged": True,
+                "resourceSubscriptions": ["faulty://counter", "notes://nowhere"],
+            }
+        },
+    )
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            async with http.stream(
+                "POST", env.live.url, content=orjson.dumps(body), headers=headers_for(env, body)
+            ) as response:
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                ack = await _next_message(lines)
+                assert ack["method"] == "notifications/subscriptions/acknowledged"
+                tag = {"io.modelcontextprotocol/subscriptionId": body["id"]}
+                assert ack["params"] == {
+                    "notifications": {
+                        "toolsListChanged": True,
+                        "resourceSubscriptions": ["faulty://counter"],  # the other is unknown
+                    },
+                    "_meta": tag,
+                }
+                bumped = await post(env, message("tools/call", {"name": "faulty_bump"}))
+                assert bumped.status_code == 200
+                updated = await _next_message(lines)
+                assert updated == {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/resources/updated",
+                    "params": {"uri": "faulty://counter", "_meta": tag},
+                }
+                env.live.runtime.plugins.on_change()  # what an install or removal runs
+                changed = await _next_message(lines)
+                assert changed["method"] == "notifications/tools/list_changed"
+                assert changed["params"] == {"_meta": tag}
+
+
+async def test_listen_refuses_resources_the_agent_may_not_read(env: Env) -> None:
+    body = message(
+        "subscriptions/listen", {"notifications": {"resourceSubscriptions": ["faulty://counter"]}}
+    )
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            async with http.stream(
+                "POST",
+                env.live.url,
+                content=orjson.dumps(body),
+                headers=headers_for(env, body, token=env.reader_token),
+            ) as response:
+                ack = await _next_message(response.aiter_lines())
+    assert ack["params"]["notifications"] == {"resourceSubscriptions": []}
+
+
+async def test_a_bad_listen_filter_is_invalid_params(env: Env) -> None:
+    response = await post(env, message("subscriptions/listen", {"notifications": ["tools"]}))
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == -32602
+
+
+async def test_get_and_delete_have_no_sessions_to_serve(env: Env) -> None:
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+        for verb in ("GET", "DELETE"):
+            response = await http.request(
+                verb,
+                env.live.url,
+                headers={
+                    "Authorization": f"Bearer {env.token}",
+                    "Accept": "text/event-stream",
+                    "MCP-Protocol-Version": V,
+                },
+            )
+            assert response.status_code == 405, verb
+            assert response.headers["allow"] == "POST"
+
+
+async def test_a_listen_stream_ends_with_its_result_when_the_server_stops(
+    tmp_path: Any,
+) -> None:
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(NOTES_DIR)
+    agent = await runtime.agents.spawn("stopper", ["notes"])
+    async with serve(runtime) as live:
+        local = Env(live, agent.token, agent.token)
+        body = message("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+        async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+            with anyio.fail_after(TIMEOUT_S):
+                async with http.stream(
+                    "POST", live.url, content=orjson.dumps(body), headers=headers_for(local, body)
+                ) as response:
+                    lines = response.aiter_lines()
+                    await _next_message(lines)  # the acknowledgement
+                    live.server.stop()
+                    last = await _next_message(lines)
+    assert last["id"] == body["id"]
+    assert last["result"]["resultType"] == "complete"
+    assert last["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == body["id"]
+
+
+async def _next_message(lines: AsyncIterator[str]) -> JSON:
+    async for line in lines:
+        if line.startswith("data: ") and line[6:].strip():
+            value: JSON = orjson.loads(line[6:])
+            return value
+    raise AssertionError("the stream ended")
