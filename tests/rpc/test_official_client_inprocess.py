@@ -126,7 +126,8 @@ async def test_progress_reaches_the_clients_callback(client: Client) -> None:
     assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
 
 
-async def test_sampling_is_relayed_to_the_client_and_back(env: Env) -> None:
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_sampling_is_relayed_to_the_client_and_back(env: Env, mode: str) -> None:
     asked: list[types.CreateMessageRequestParams] = []
 
     async def sample(
@@ -143,7 +144,7 @@ async def test_sampling_is_relayed_to_the_client_and_back(env: Env) -> None:
     store = env.live.runtime.store
     head = store.audit_head()
     after = head.seq if head is not None else 0
-    async with connect(env, sampling_callback=sample) as connected:
+    async with connect(env, mode, sampling_callback=sample) as connected:
         result = await connected.call_tool("test_sampling", {"prompt": "what is six by seven?"})
     assert not result.is_error, text_of(result)
     assert text_of(result) == "LLM response: forty-two"
@@ -159,7 +160,8 @@ async def test_sampling_is_relayed_to_the_client_and_back(env: Env) -> None:
     assert sampled[0]["agent"] == "sdk"
 
 
-async def test_elicitation_is_relayed_to_the_client_and_back(env: Env) -> None:
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_elicitation_is_relayed_to_the_client_and_back(env: Env, mode: str) -> None:
     async def elicit(
         context: ClientRequestContext, params: types.ElicitRequestParams
     ) -> types.ElicitResult:
@@ -169,7 +171,7 @@ async def test_elicitation_is_relayed_to_the_client_and_back(env: Env) -> None:
             action="accept", content={"username": "ada", "email": "ada@example.org"}
         )
 
-    async with connect(env, elicitation_callback=elicit) as connected:
+    async with connect(env, mode, elicitation_callback=elicit) as connected:
         result = await connected.call_tool("test_elicitation", {"message": "who are you?"})
     assert not result.is_error, text_of(result)
     assert "action=accept" in text_of(result)

@@ -15,7 +15,15 @@ import anyio
 import httpx2
 import orjson
 import pytest
-from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, parse_sse_text, serve
+from rpc_live import (
+    CONFORMANCE_DIR,
+    FAULTY_DIR,
+    NOTES_DIR,
+    LiveServer,
+    make_runtime,
+    parse_sse_text,
+    serve,
+)
 
 from mcp_zero.errors import HEADER_MISMATCH, UNSUPPORTED_PROTOCOL_VERSION
 
@@ -38,7 +46,8 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     runtime = make_runtime(tmp_path_factory.mktemp("stateless") / "data")
     runtime.plugins.install(NOTES_DIR)
     runtime.plugins.install(FAULTY_DIR)
-    agent = await runtime.agents.spawn("modern", ["notes", "faulty"])
+    runtime.plugins.install(CONFORMANCE_DIR)
+    agent = await runtime.agents.spawn("modern", ["notes", "faulty", "conformance"])
     reader = await runtime.agents.spawn("reader", ["notes"])
     async with serve(runtime) as live:
         yield Env(live, agent.token, reader.token)
@@ -353,6 +362,89 @@ async def test_a_listen_stream_ends_with_its_result_when_the_server_stops(
     assert last["id"] == body["id"]
     assert last["result"]["resultType"] == "complete"
     assert last["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == body["id"]
+
+
+# -- input_required: a tool that asks the client, across requests ---------------------------------
+
+ELICITING = {"elicitation": {}}
+ASK = {"name": "test_elicitation", "arguments": {"message": "who are you?"}}
+
+
+async def test_a_question_comes_back_as_input_required_and_the_retry_gets_the_result(
+    env: Env,
+) -> None:
+    body = message("tools/call", ASK, meta=envelope(**capable()))
+    asked = (await post(env, body)).json()["result"]
+    assert asked["resultType"] == "input_required", asked
+    [(key, question)] = asked["inputRequests"].items()
+    assert question["method"] == "elicitation/create"
+    assert question["params"]["message"] == "who are you?"
+    answer = {"action": "accept", "content": {"username": "ada", "email": "ada@example.org"}}
+    retry = message(
+        "tools/call",
+        {**ASK, "inputResponses": {key: answer}, "requestState": asked["requestState"]},
+        meta=envelope(**capable()),
+    )
+    done = (await post(env, retry)).json()["result"]
+    assert done["resultType"] == "complete"
+    assert "action=accept" in done["content"][0]["text"]
+    # audited once, under the first request's id, and the question as an action of its own
+    assert audit_outcomes(env, body["id"]) == [("allowed", None), ("allowed", None)]
+
+
+async def test_a_retry_must_be_the_same_request_by_the_same_agent(env: Env) -> None:
+    asked = (await post(env, message("tools/call", ASK, meta=envelope(**capable())))).json()
+    state = asked["result"]["requestState"]
+    key = next(iter(asked["result"]["inputRequests"]))
+    answer = {key: {"action": "decline"}}
+    for params, token, given in (
+        ({"name": "faulty_echo", "arguments": {"text": "x"}}, None, state),  # another tool
+        ({**ASK, "arguments": {"message": "else"}}, None, state),  # other arguments
+        (ASK, env.reader_token, state),  # another agent
+        (ASK, None, "not-a-state"),  # a state never given
+    ):
+        body = message(
+            "tools/call",
+            {**params, "inputResponses": answer, "requestState": given},
+            meta=envelope(**capable()),
+        )
+        response = await post(env, body, token=token)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["data"]["path"] == "/requestState"
+    body = message(
+        "tools/call",
+        {**ASK, "inputResponses": answer, "requestState": state},
+        meta=envelope(**capable()),
+    )
+    declined = (await post(env, body)).json()["result"]
+    assert "action=decline" in declined["content"][0]["text"]
+
+
+async def test_a_call_whose_client_never_answers_is_cancelled(env: Env) -> None:
+    resumptions = env.live.app.server.resumptions
+    before = resumptions.timeout_s
+    resumptions.timeout_s = 0.2
+    try:
+        body = message("tools/call", ASK, meta=envelope(**capable()))
+        asked = (await post(env, body)).json()["result"]
+        assert asked["resultType"] == "input_required"
+        with anyio.fail_after(TIMEOUT_S):
+            while ("error", "cancelled") not in audit_outcomes(env, body["id"]):
+                await asyncio.sleep(0.02)
+        assert len(resumptions) == 0
+    finally:
+        resumptions.timeout_s = before
+
+
+async def test_without_the_capability_the_tool_hears_so(env: Env) -> None:
+    result = (await post(env, message("tools/call", ASK))).json()["result"]
+    assert result["resultType"] == "complete"
+    assert result["isError"] is True
+    assert "elicitation" in result["content"][0]["text"]
+
+
+def capable() -> JSON:
+    return {"io.modelcontextprotocol/clientCapabilities": ELICITING}
 
 
 async def _next_message(lines: AsyncIterator[str]) -> JSON:

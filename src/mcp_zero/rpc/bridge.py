@@ -21,7 +21,7 @@ CLIENT_REQUEST_TIMEOUT_S = 600.0  # a person may be answering an elicitation
 class RequestBridge:
     """Progress, log messages and requests to the client, tied to one incoming request."""
 
-    __slots__ = ("_announce", "_channel", "_progress_token", "_related", "_session")
+    __slots__ = ("_announce", "_ask", "_channel", "_progress_token", "_related", "_session")
 
     def __init__(
         self,
@@ -30,8 +30,10 @@ class RequestBridge:
         progress_token: Any,
         related: Any,
         announce: Callable[[str], Awaitable[None]],
+        ask: Callable[[str, JSON], Awaitable[JSON]] | None = None,
     ) -> None:
         self._announce = announce  # tells the subscribers of a resource that it changed
+        self._ask = ask  # MCP 2026-07-28: the question goes into an input_required answer
         self._session = session
         self._channel = channel
         self._progress_token = progress_token
@@ -69,19 +71,18 @@ class RequestBridge:
         capability = _CAPABILITY.get(method)
         if capability is None:
             raise McpZeroError(f"plugins may not send {method!r} to the client")
-        if self._session.stateless:
-            # 2026-07-28 asks the client through an input_required result and a retry of
-            # the whole request (SEP-2322); a tool here waits for the answer mid-call.
-            raise ClientRequestFailed(
-                f"this request uses MCP {self._session.protocol_version}, which has no "
-                f"requests to the client; {method} needs a session opened with initialize "
-                "(2025-11-25 or 2025-06-18)"
-            )
         if capability not in self._session.client_capabilities:
             raise ClientRequestFailed(
                 f"the client did not declare the {capability!r} capability, so it cannot "
                 f"answer {method}"
             )
+        if self._session.stateless:
+            if self._ask is None:  # a method that cannot answer input_required
+                raise ClientRequestFailed(
+                    f"MCP {self._session.protocol_version} lets only tools/call, prompts/get "
+                    f"and resources/read ask the client ({method})"
+                )
+            return await self._ask(method, params)
         request_id, future = self._session.new_request()
         await self._channel.send(
             {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}

@@ -40,6 +40,7 @@ from mcp_zero.rpc.envelope import (
     has_envelope,
     open_envelope,
 )
+from mcp_zero.rpc.resume import Continuation, Resumptions
 from mcp_zero.rpc.session import (
     JSON,
     LOG_LEVELS,
@@ -168,7 +169,12 @@ class McpServer:
             **{k: v for k, v in self._handlers.items() if not k.startswith(stateless)},
             "server/discover": self._discover,
             "subscriptions/listen": self._listen,
+            # these may ask the client (input_required), across requests
+            "tools/call": self._resumable("tools/call", self._tools_call),
+            "resources/read": self._resumable("resources/read", self._resources_read),
+            "prompts/get": self._resumable("prompts/get", self._prompts_get),
         }
+        self.resumptions = Resumptions()
         self.listeners: dict[Channel, Listener] = {}
         self.keepalive_s = 25.0  # a quiet listen stream gets a comment this often (HTTP)
 
@@ -357,7 +363,9 @@ class McpServer:
         return listener is not None
 
     def end_listeners(self) -> None:
-        """The server is stopping: every listen stream ends with its result."""
+        """The server is stopping: every listen stream ends with its result, and calls that
+        wait for a client's input_required answer are cancelled."""
+        self.resumptions.close()
         for listener in self.listeners.values():
             listener.mailbox.put_nowait(None)
 
@@ -556,6 +564,18 @@ class McpServer:
             transport=self.transport,
         )
 
+    def _resumable(self, method: str, handler: Handler) -> Handler:
+        async def run(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+            return await self.resumptions.run(
+                session.principal.agent,
+                method,
+                params,
+                channel,
+                lambda call: handler(session, params, call, rid),
+            )
+
+        return run
+
     def _bridge(self, session: Session, params: JSON, channel: Channel, rid: Any) -> RequestBridge:
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
@@ -564,4 +584,5 @@ class McpServer:
                 "params._meta.progressToken must be a string or an integer",
                 data={"path": "/_meta/progressToken"},
             )
-        return RequestBridge(session, channel, token, rid, self.announce_resource_updated)
+        ask = channel.ask if isinstance(channel, Continuation) else None
+        return RequestBridge(session, channel, token, rid, self.announce_resource_updated, ask)

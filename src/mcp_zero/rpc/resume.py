@@ -1,0 +1,200 @@
+"""MCP 2026-07-28 ``input_required``: a call that asks the client something spans requests.
+
+That revision has no requests from server to client. A tool that needs the
+client (elicitation, sampling, roots) makes its request answer
+``resultType: "input_required"`` with the questions and an opaque
+``requestState``; the client answers them and sends the same request again with
+``inputResponses`` and that ``requestState``.
+
+Here the tool is a running call in a worker, waiting for its answer. So the
+call goes on across the requests: it runs as a task of its own
+(:class:`Continuation`), a request that finds it asking answers
+``input_required`` and parks it under a fresh random ``requestState``, and the
+retry delivers the answers and waits for what comes next (the result, or more
+questions). Progress and log messages go to whichever request is being answered.
+A parked call nobody comes back to is cancelled after
+``CLIENT_REQUEST_TIMEOUT_S`` (audited as cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mcp_zero.errors import InvalidParams, QuotaExceeded
+from mcp_zero.rpc.bridge import CLIENT_REQUEST_TIMEOUT_S
+from mcp_zero.rpc.session import JSON, Channel
+
+# What identifies "the same request again": the method and these params.
+_SAME = {
+    "tools/call": ("name", "arguments"),
+    "prompts/get": ("name", "arguments"),
+    "resources/read": ("uri",),
+}
+
+
+class Continuation:
+    """One call that may span several requests: a Channel that forwards to the request being
+    answered (dropping messages while none is), and the client's pending questions."""
+
+    __slots__ = ("_asked", "_keys", "agent", "current", "key", "pending", "work")
+
+    def __init__(self, agent: str, key: tuple[Any, ...], channel: Channel) -> None:
+        self.agent = agent
+        self.key = key  # method and identifying params of the original request
+        self.current: Channel | None = channel
+        self.work: asyncio.Task[JSON] | None = None
+        self.pending: dict[str, tuple[JSON, asyncio.Future[JSON]]] = {}
+        self._asked = asyncio.Event()
+        self._keys = itertools.count(1)
+
+    async def send(self, message: JSON) -> None:
+        if self.current is not None:
+            await self.current.send(message)
+
+    async def close_stream(self) -> None:
+        if self.current is not None:
+            await self.current.close_stream()
+
+    async def ask(self, method: str, params: JSON) -> JSON:
+        """What the tool's request to the client becomes: a question for the next
+        ``input_required`` answer; returns the client's answer from the retry."""
+        key = f"q{next(self._keys)}"
+        future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
+        self.pending[key] = ({"method": method, "params": params}, future)
+        self._asked.set()
+        try:
+            return await future
+        finally:
+            self.pending.pop(key, None)
+
+    def answer(self, responses: Any) -> None:
+        if responses is None:
+            return
+        if not isinstance(responses, dict) or not all(
+            isinstance(v, dict) for v in responses.values()
+        ):
+            raise InvalidParams(
+                "params.inputResponses must map each key of inputRequests to the client's result",
+                data={"path": "/inputResponses"},
+            )
+        for key, result in responses.items():
+            entry = self.pending.get(key)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(result)
+
+    async def outcome(self) -> JSON | None:
+        """The call's result, or None when it waits for the client (questions pending)."""
+        assert self.work is not None
+        asked = asyncio.ensure_future(self._asked.wait())
+        try:
+            await asyncio.wait({self.work, asked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+        if self.work.done():
+            return self.work.result()
+        self._asked.clear()
+        return None
+
+    def questions(self) -> JSON:
+        return {
+            key: request for key, (request, future) in self.pending.items() if not future.done()
+        }
+
+
+class Resumptions:
+    """The calls parked while their client answers, by ``requestState``."""
+
+    def __init__(self, limit: int = 1000, timeout_s: float = CLIENT_REQUEST_TIMEOUT_S) -> None:
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self._parked: dict[str, tuple[Continuation, asyncio.TimerHandle]] = {}
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    async def run(
+        self,
+        agent: str,
+        method: str,
+        params: JSON,
+        channel: Channel,
+        start: Callable[[Continuation], Awaitable[JSON]],
+    ) -> JSON:
+        """Answer one request of a call that may ask the client: start the call (no
+        ``requestState``) or resume the parked one, and wait for its result or questions."""
+        key = (method, *(params.get(name) for name in _SAME[method]))
+        state = params.get("requestState")
+        if state is None:
+            call = Continuation(agent, key, channel)
+            call.work = asyncio.ensure_future(start(call))
+            call.work.add_done_callback(_retrieve)
+        else:
+            call = self._resume(agent, key, state)
+            call.current = channel
+            call.answer(params.get("inputResponses"))
+        try:
+            result = await call.outcome()
+        except asyncio.CancelledError:
+            assert call.work is not None
+            call.work.cancel()  # the client cancelled (or left): so is the call
+            raise
+        if result is not None:
+            return result
+        if len(self._parked) >= self.limit:
+            assert call.work is not None
+            call.work.cancel()
+            raise QuotaExceeded(
+                f"{len(self._parked)} calls already wait for their clients' answers, this "
+                "server's limit; retry later"
+            )
+        call.current = None
+        token = secrets.token_urlsafe(24)
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, token)
+        self._parked[token] = (call, timer)
+        return {
+            "resultType": "input_required",
+            "inputRequests": call.questions(),
+            "requestState": token,
+        }
+
+    def _resume(self, agent: str, key: tuple[Any, ...], state: Any) -> Continuation:
+        parked = self._parked.get(state) if isinstance(state, str) else None
+        if parked is None or parked[0].agent != agent:
+            raise InvalidParams(
+                "params.requestState is unknown or expired (an answer is awaited for "
+                f"{self.timeout_s:.0f} s): send the request again without it",
+                data={"path": "/requestState"},
+            )
+        call, timer = parked
+        if call.key != key:
+            raise InvalidParams(
+                "params.requestState belongs to another request: a retry repeats the "
+                "original request's method and parameters",
+                data={"path": "/requestState"},
+            )
+        del self._parked[state]
+        timer.cancel()
+        return call
+
+    def _expire(self, token: str) -> None:
+        parked = self._parked.pop(token, None)
+        if parked is not None and parked[0].work is not None:
+            parked[0].work.cancel()
+
+    def close(self) -> None:
+        for call, timer in self._parked.values():
+            timer.cancel()
+            if call.work is not None:
+                call.work.cancel()
+        self._parked.clear()
+
+
+def _retrieve(task: asyncio.Task[JSON]) -> None:
+    """A parked call's outcome may have no reader (its client never came back)."""
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
