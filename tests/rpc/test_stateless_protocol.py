@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -453,3 +454,59 @@ async def _next_message(lines: AsyncIterator[str]) -> JSON:
             value: JSON = orjson.loads(line[6:])
             return value
     raise AssertionError("the stream ended")
+
+
+# -- Mcp-Param-* headers: the arguments a schema marks with x-mcp-header ---------------------------
+
+
+@pytest.fixture(scope="module")
+async def marked(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    """A server whose faulty_echo marks its text argument with "x-mcp-header": "Text"."""
+    root = tmp_path_factory.mktemp("marked")
+    plugin = root / "faulty"
+    shutil.copytree(FAULTY_DIR, plugin, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = orjson.loads((plugin / "plugin.json").read_bytes())
+    echo = next(t for t in manifest["tools"] if t["name"] == "faulty_echo")
+    echo["inputSchema"]["properties"]["text"]["x-mcp-header"] = "Text"
+    (plugin / "plugin.json").write_bytes(orjson.dumps(manifest))
+    runtime = make_runtime(root / "data")
+    runtime.plugins.install(plugin)
+    agent = await runtime.agents.spawn("marked", ["faulty"])
+    async with serve(runtime) as live:
+        yield Env(live, agent.token, agent.token)
+
+
+@pytest.mark.parametrize(
+    ("text", "headers", "answered"),
+    [
+        ("eu-west", {"Mcp-Param-Text": "eu-west"}, True),
+        ("ünïcode", {"Mcp-Param-Text": "=?base64?w7xuw69jb2Rl?="}, True),
+        ("eu-west", {}, False),  # the header is missing
+        ("eu-west", {"Mcp-Param-Text": "us-east"}, False),  # it says something else
+        ("eu-west", {"Mcp-Param-Text": "=?base64?not base64?="}, False),
+    ],
+)
+async def test_marked_arguments_must_match_their_headers(
+    marked: Env, text: str, headers: dict[str, str], answered: bool
+) -> None:
+    body = message("tools/call", {"name": "faulty_echo", "arguments": {"text": text}})
+    response = await post(marked, body, **headers)
+    if answered:
+        assert response.status_code == 200, response.text
+        assert response.json()["result"]["content"][0]["text"] == text
+    else:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == HEADER_MISMATCH
+        assert "Mcp-Param-Text" in response.json()["error"]["message"]
+        assert audit_outcomes(marked, body["id"]) == []  # refused before anything ran
+
+
+async def test_a_routing_header_sent_twice_is_refused(marked: Env) -> None:
+    body = message("tools/call", {"name": "faulty_echo", "arguments": {"text": "a"}})
+    headers = headers_for(marked, body)
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    raw += [(b"mcp-param-text", b"a"), (b"mcp-param-text", b"b")]
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+        response = await http.post(marked.live.url, content=orjson.dumps(body), headers=raw)
+    assert response.status_code == 400
+    assert "once" in response.json()["error"]["message"]

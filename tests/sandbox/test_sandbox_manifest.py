@@ -151,6 +151,55 @@ def test_invalid_manifests_name_the_field(manifest, field, says):
     assert says in info.value.message
 
 
+def schema_with(**properties: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties}
+
+
+def test_param_headers_are_read_from_plain_properties_chains():
+    schema = schema_with(
+        region={"type": "string", "x-mcp-header": "Region"},
+        opts={
+            "type": "object",
+            "properties": {"dry": {"type": "boolean", "x-mcp-header": "Dry-Run"}},
+        },
+    )
+    spec = parse_manifest(variant(tools=[tool(inputSchema=schema)])).tools[0]
+    assert [(h.path, h.token, h.type) for h in spec.param_headers] == [
+        (("opts", "dry"), "Dry-Run", "boolean"),
+        (("region",), "Region", "string"),
+    ]
+    assert spec.to_mcp()["inputSchema"] == schema  # listed as written
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        (
+            schema_with(tags={"type": "array", "items": {"type": "string", "x-mcp-header": "T"}}),
+            'through "properties" alone',
+        ),
+        (
+            {**schema_with(a={"type": "string"}), "anyOf": [schema_with(a={"x-mcp-header": "A"})]},
+            'through "properties" alone',
+        ),
+        (schema_with(a={"type": "string", "x-mcp-header": "Bad Name"}), "header name token"),
+        (schema_with(a={"type": "number", "x-mcp-header": "A"}), '"integer" or "boolean"'),
+        (
+            schema_with(
+                a={"type": "string", "x-mcp-header": "Same"},
+                b={"type": "string", "x-mcp-header": "same"},
+            ),
+            "marks both",
+        ),
+    ],
+)
+def test_param_headers_mcp_does_not_allow_are_refused(schema, says):
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(variant(tools=[tool(inputSchema=schema)]))
+    assert info.value.data == {"field": "tools[notes_add].inputSchema"}
+    assert says in info.value.message
+
+
 def test_schema_dialect_is_honoured():
     draft7 = {
         "$schema": "http://json-schema.org/draft-07/schema#",

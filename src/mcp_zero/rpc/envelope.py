@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from mcp_zero.errors import HeaderMismatch, InvalidParams, UnsupportedProtocolVersion
+from mcp_zero.sandbox.manifest import ParamHeader
 
 JSON = dict[str, Any]
 
@@ -33,8 +35,34 @@ LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
 
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?\Z")
 # The body parameter each method's Mcp-Name header repeats.
 NAMED_BY = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+@dataclass(frozen=True, slots=True)
+class HttpHeaders:
+    """A request's headers by lower-cased name, and which names came more than once (a
+    proxy reading the first copy and we the last would disagree)."""
+
+    values: dict[str, str]
+    repeated: frozenset[str]
+
+    @classmethod
+    def from_asgi(cls, raw: Iterable[tuple[bytes, bytes]]) -> HttpHeaders:
+        values: dict[str, str] = {}
+        repeated: set[str] = set()
+        for name, value in raw:
+            key = name.decode("latin-1").lower()
+            if key in values:
+                repeated.add(key)
+            values[key] = value.decode("latin-1")
+        return cls(values, frozenset(repeated))
+
+    def get(self, name: str) -> str | None:
+        if name in self.repeated:
+            raise HeaderMismatch(f"the {name} header must be sent once")
+        return self.values.get(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +87,9 @@ def unsupported(requested: str) -> UnsupportedProtocolVersion:
     )
 
 
-def open_envelope(
-    method: str, params: JSON, header: Callable[[str], str | None] | None = None
-) -> Envelope:
-    """The request's envelope, checked; ``header`` reads an HTTP request header (None on
-    stdio). Raises InvalidParams, HeaderMismatch or UnsupportedProtocolVersion."""
+def open_envelope(method: str, params: JSON, headers: HttpHeaders | None = None) -> Envelope:
+    """The request's envelope, checked; ``headers`` are the HTTP request's (None on stdio).
+    Raises InvalidParams, HeaderMismatch or UnsupportedProtocolVersion."""
     meta = params.get("_meta")
     if not isinstance(meta, dict):
         raise InvalidParams(
@@ -78,8 +104,8 @@ def open_envelope(
             f"params._meta lacks {' and '.join(map(repr, missing))}", data={"path": "/_meta"}
         )
     version = meta[PROTOCOL_VERSION]
-    if header is not None:
-        _check_headers(method, params, version, header)
+    if headers is not None:
+        _check_headers(method, params, version, headers)
     if not isinstance(version, str):
         raise InvalidParams(
             f"params._meta[{PROTOCOL_VERSION!r}] must be a string",
@@ -103,27 +129,76 @@ def open_envelope(
     return Envelope(version, capabilities, info if isinstance(info, dict) else {}, level)
 
 
-def _check_headers(
-    method: str, params: JSON, version: Any, header: Callable[[str], str | None]
-) -> None:
-    sent = header("mcp-protocol-version")
+def _check_headers(method: str, params: JSON, version: Any, headers: HttpHeaders) -> None:
+    sent = headers.get("mcp-protocol-version")
     if sent is None or sent != version:
         raise HeaderMismatch(
             f"the MCP-Protocol-Version header ({sent!r}) must equal the protocol version in "
             f"params._meta ({version!r})"
         )
-    sent = header("mcp-method")
+    sent = headers.get("mcp-method")
     if sent != method:
         raise HeaderMismatch(
             f"the Mcp-Method header ({sent!r}) must equal the request's method ({method!r})"
         )
     field = NAMED_BY.get(method)
     if field is not None and params.get(field) is not None:
-        sent = decode_header_value(header("mcp-name"))
+        sent = decode_header_value(headers.get("mcp-name"))
         if sent != params[field]:
             raise HeaderMismatch(
                 f"the Mcp-Name header must equal params.{field} ({str(params[field])[:100]!r})"
             )
+
+
+def check_param_headers(marks: Iterable[ParamHeader], arguments: Any, headers: HttpHeaders) -> None:
+    """Each argument the tool's schema marks with ``x-mcp-header`` and its ``Mcp-Param-*``
+    header must agree: both absent, or equal (integers compared as numbers). Intermediaries
+    route and filter on these headers, so a body that says otherwise is refused."""
+    for mark in marks:
+        name = f"mcp-param-{mark.token.lower()}"
+        sent = headers.get(name)
+        value: Any = arguments
+        for key in mark.path:
+            value = value.get(key) if isinstance(value, dict) else None
+        where = ".".join(mark.path)
+        shown = _header_text(value)
+        if shown is None:  # absent (or not a value a header can carry)
+            if sent is not None:
+                raise HeaderMismatch(
+                    f"the Mcp-Param-{mark.token} header is sent but argument {where!r} is not"
+                )
+            continue
+        if sent is None:
+            raise HeaderMismatch(
+                f"argument {where!r} needs its Mcp-Param-{mark.token} header (the tool's "
+                "schema marks it with x-mcp-header)"
+            )
+        decoded = decode_header_value(sent)
+        if not (decoded == shown or _same_integer(mark, value, decoded)):
+            raise HeaderMismatch(
+                f"the Mcp-Param-{mark.token} header does not match argument {where!r}"
+            )
+
+
+def _header_text(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        try:
+            return str(value)
+        except ValueError:  # an int past Python's digit limit
+            return None
+    return None
+
+
+def _same_integer(mark: ParamHeader, value: Any, sent: str | None) -> bool:
+    """``42`` in the header matches ``42.0`` in the body for an integer argument."""
+    if mark.type != "integer" or sent is None or not _DECIMAL.match(sent):
+        return False
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    whole, _, fraction = sent.partition(".")
+    return not fraction.strip("0") and float(value).is_integer() and int(whole) == int(value)
 
 
 def decode_header_value(value: str | None) -> str | None:

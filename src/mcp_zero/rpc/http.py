@@ -46,7 +46,7 @@ from mcp_zero.rpc.asgi import (
     respond,
     respond_json,
 )
-from mcp_zero.rpc.envelope import MODERN_VERSIONS, has_envelope, unsupported
+from mcp_zero.rpc.envelope import MODERN_VERSIONS, HttpHeaders, has_envelope, unsupported
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import HEADER_VERSIONS, JSON, Session
 from mcp_zero.rpc.streams import (
@@ -477,7 +477,7 @@ class HttpApp:
         watcher = asyncio.create_task(until_disconnect())
         try:
             response = await self.server.handle_stateless_request(
-                connection, request, channel, lambda name: header(scope, name.encode())
+                connection, request, channel, HttpHeaders.from_asgi(scope["headers"])
             )
         finally:
             watcher.cancel()

@@ -37,6 +37,8 @@ from mcp_zero.rpc.envelope import (
     SERVER_INFO_META,
     SUBSCRIPTION_ID,
     SUPPORTED_VERSIONS,
+    HttpHeaders,
+    check_param_headers,
     has_envelope,
     open_envelope,
 )
@@ -207,11 +209,11 @@ class McpServer:
         connection: Session,
         request: jsonrpc.Request,
         channel: Channel,
-        header: Callable[[str], str | None] | None = None,
+        headers: HttpHeaders | None = None,
     ) -> JSON | None:
         """Run one MCP 2026-07-28 request, which carries its own protocol version and client
         capabilities. ``connection`` holds what outlives the request (the principal, and on
-        stdio the requests in flight); ``header`` reads the HTTP request's headers."""
+        stdio the requests in flight); ``headers`` are the HTTP request's."""
         if request.method == "initialize":
             asked = request.params.get("protocolVersion")
             return jsonrpc.error_message(
@@ -226,7 +228,13 @@ class McpServer:
                 },
             )
         try:
-            envelope = open_envelope(request.method, request.params, header)
+            envelope = open_envelope(request.method, request.params, headers)
+            if headers is not None and request.method == "tools/call":
+                name = request.params.get("name")
+                entry = self.kernel.plugins.tools.get(name) if isinstance(name, str) else None
+                if entry is not None and entry.spec.param_headers:
+                    arguments = request.params.get("arguments")
+                    check_param_headers(entry.spec.param_headers, arguments, headers)
         except McpZeroError as exc:
             return jsonrpc.error_from_exception(request.id, exc)
         handler = self._stateless_handlers.get(request.method)

@@ -66,6 +66,16 @@ class Quotas:
 
 
 @dataclass(frozen=True)
+class ParamHeader:
+    """An argument a client repeats in an ``Mcp-Param-<token>`` HTTP header (MCP
+    2026-07-28), as the tool's input schema marks it with ``"x-mcp-header": "<token>"``."""
+
+    path: tuple[str, ...]  # property names from the schema's root
+    token: str
+    type: str  # "string", "integer" or "boolean"
+
+
+@dataclass(frozen=True)
 class ToolSpec:
     """One tool as the manifest declares it (and as ``tools/list`` shows it)."""
 
@@ -75,6 +85,7 @@ class ToolSpec:
     output_schema: JSON | None = None
     annotations: JSON | None = None
     title: str | None = None
+    param_headers: tuple[ParamHeader, ...] = ()
 
     def to_mcp(self) -> JSON:
         """The MCP ``Tool`` object, schemas verbatim (``$schema``, ``$defs`` preserved)."""
@@ -285,14 +296,93 @@ def _tool(raw: Any, i: int) -> ToolSpec:
     annotations = d.get("annotations")
     if annotations is not None:
         _obj(annotations, f"{where}.annotations")
+    input_schema = _schema(d.get("inputSchema"), f"{where}.inputSchema", required=True) or {}
+    try:
+        headers = param_headers(input_schema)
+    except ValueError as exc:
+        raise _fail(f"{where}.inputSchema", str(exc)) from None
     return ToolSpec(
         name=name,
         description=description,
-        input_schema=_schema(d.get("inputSchema"), f"{where}.inputSchema", required=True) or {},
+        input_schema=input_schema,
+        param_headers=headers,
         output_schema=_schema(d.get("outputSchema"), f"{where}.outputSchema", required=False),
         annotations=annotations,
         title=_str(d, "title", f"{where}.", required=False),
     )
+
+
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token
+_HEADER_TYPES = ("string", "integer", "boolean")
+# JSON Schema keywords whose values are schemas (one, a list, a map of them): an
+# "x-mcp-header" below one of these is not a fixed place in the arguments.
+_SUBSCHEMA = frozenset(
+    [
+        "items",
+        "contains",
+        "additionalProperties",
+        "propertyNames",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+        "not",
+        "if",
+        "then",
+        "else",
+        "contentSchema",
+    ]
+)
+_SUBSCHEMAS = frozenset(("allOf", "anyOf", "oneOf", "prefixItems"))
+_SUBSCHEMA_MAPS = frozenset(("patternProperties", "dependentSchemas", "$defs", "definitions"))
+
+
+def param_headers(schema: JSON) -> tuple[ParamHeader, ...]:
+    """The ``x-mcp-header`` marks of an input schema; ValueError for one MCP 2026-07-28 does
+    not allow: off a plain chain of ``properties``, not a header token, on a property that is
+    not a string, integer or boolean, or the same header twice (case-insensitively)."""
+    found: list[ParamHeader] = []
+    stack: list[tuple[tuple[str, ...] | None, Any]] = [((), schema)]
+    while stack:
+        path, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if "x-mcp-header" in node:
+            found.append(_param_header(path, node))
+        for keyword, value in node.items():
+            if keyword == "properties" and isinstance(value, dict):
+                for name, sub in value.items():
+                    stack.append(((*path, name) if path is not None else None, sub))
+            elif keyword in _SUBSCHEMA:
+                stack.append((None, value))
+            elif keyword in _SUBSCHEMAS and isinstance(value, list):
+                stack.extend((None, sub) for sub in value)
+            elif keyword in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                stack.extend((None, sub) for sub in value.values())
+    seen: dict[str, ParamHeader] = {}
+    for header in found:
+        other = seen.setdefault(header.token.lower(), header)
+        if other is not header:
+            raise ValueError(
+                f'"x-mcp-header": {header.token!r} marks both {".".join(other.path)!r} and '
+                f"{'.'.join(header.path)!r}"
+            )
+    return tuple(sorted(found, key=lambda h: h.path))
+
+
+def _param_header(path: tuple[str, ...] | None, node: JSON) -> ParamHeader:
+    token = node["x-mcp-header"]
+    if not path:
+        raise ValueError(
+            '"x-mcp-header" may mark only a property reached through "properties" alone '
+            "(not the root, nor inside items, allOf, $defs…)"
+        )
+    where = ".".join(path)
+    if not isinstance(token, str) or not _HEADER_TOKEN.match(token):
+        raise ValueError(f'"x-mcp-header" of {where!r} must be an HTTP header name token')
+    if node.get("type") not in _HEADER_TYPES:
+        raise ValueError(
+            f'"x-mcp-header" of {where!r} needs "type": "string", "integer" or "boolean"'
+        )
+    return ParamHeader(path, token, node["type"])
 
 
 def _resource(raw: Any, i: int) -> ResourceSpec:
