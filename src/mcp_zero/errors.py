@@ -13,6 +13,7 @@ to on the admin API, and a message that tells the user what to do next.
     │   ├── InvalidParams        params fail the method's or the tool's schema
     │   ├── HeaderMismatch       an HTTP header disagrees with the body (MCP 2026-07-28)
     │   ├── UnsupportedProtocolVersion   a request's protocol version is not one we speak
+    │   ├── MissingClientCapability      the call needs what the request did not declare
     │   └── PayloadTooLarge      body over the size limit
     ├── NotFound
     │   ├── AgentNotFound
@@ -57,6 +58,7 @@ STORAGE_FAILURE = -32012
 SERVER_STOPPING = -32013  # the server stopped the request at shutdown: retry it elsewhere/later
 # Defined by MCP 2026-07-28.
 HEADER_MISMATCH = -32020  # an HTTP header disagrees with the request body
+MISSING_CLIENT_CAPABILITY = -32021  # data: {"requiredCapabilities": {"sampling": {}}}
 UNSUPPORTED_PROTOCOL_VERSION = -32022  # data: {"supported": [...], "requested": "..."}
 
 #: The cancel message of requests a stopping server cuts off after its grace period
@@ -120,6 +122,13 @@ class InvalidParams(InvalidRequest):
 class HeaderMismatch(InvalidRequest):
     code = "header_mismatch"
     rpc_code = HEADER_MISMATCH
+
+
+class MissingClientCapability(InvalidRequest):
+    """``data`` holds ``requiredCapabilities``, a ClientCapabilities object."""
+
+    code = "missing_client_capability"
+    rpc_code = MISSING_CLIENT_CAPABILITY
 
 
 class UnsupportedProtocolVersion(InvalidRequest):

@@ -174,11 +174,15 @@ class Channel(Protocol):
     def notify(self, frame: JSON) -> None:
         """Send a notification frame (progress, log); safe from any thread."""
 
-    async def request(self, call_id: int, method: str, params: JSON) -> JSON:
+    async def request(
+        self, call_id: int, method: str, params: JSON, key: str | None = None
+    ) -> JSON:
         """Ask the MCP client, through the kernel, and wait for its answer."""
         ...
 
-    def request_blocking(self, call_id: int, method: str, params: JSON) -> JSON:
+    def request_blocking(
+        self, call_id: int, method: str, params: JSON, key: str | None = None
+    ) -> JSON:
         """:meth:`request` for code running in a worker thread."""
         ...
 
@@ -241,44 +245,64 @@ class Context:
         """
         self._channel.notify({"op": "close_stream", "call": self._call_id})
 
-    async def request(self, method: str, params: JSON) -> JSON:
+    async def request(self, method: str, params: JSON, *, key: str | None = None) -> JSON:
         """Send a request to the MCP client (e.g. ``sampling/createMessage``) and return its result.
 
         Raises :class:`ClientRequestError` when the client refuses or cannot be reached.
         Use :meth:`request_sync` from a plain (non-async) handler.
-        """
-        return await self._channel.request(self._call_id, method, params)
 
-    def request_sync(self, method: str, params: JSON) -> JSON:
+        ``key`` names the question where MCP 2026-07-28 carries it (the ``inputRequests``
+        of an ``input_required`` result; requests made at once travel together); by
+        default the server numbers them.
+        """
+        return await self._channel.request(self._call_id, method, params, key)
+
+    def request_sync(self, method: str, params: JSON, *, key: str | None = None) -> JSON:
         """:meth:`request` for plain handlers (they run in a thread); blocks until answered."""
-        return self._channel.request_blocking(self._call_id, method, params)
+        return self._channel.request_blocking(self._call_id, method, params, key)
 
     async def sample(
-        self, messages: str | list[JSON], *, max_tokens: int = 256, **params: Any
+        self,
+        messages: str | list[JSON],
+        *,
+        max_tokens: int = 256,
+        key: str | None = None,
+        **params: Any,
     ) -> JSON:
         """Ask the client's LLM (``sampling/createMessage``); returns the ``CreateMessageResult``.
 
         ``messages`` is a user prompt or a list of sampling messages; ``params`` adds
         fields such as ``systemPrompt``, ``temperature``, ``modelPreferences``.
         """
-        return await self.request("sampling/createMessage", _sampling(messages, max_tokens, params))
+        sampling = _sampling(messages, max_tokens, params)
+        return await self.request("sampling/createMessage", sampling, key=key)
 
     def sample_sync(
-        self, messages: str | list[JSON], *, max_tokens: int = 256, **params: Any
+        self,
+        messages: str | list[JSON],
+        *,
+        max_tokens: int = 256,
+        key: str | None = None,
+        **params: Any,
     ) -> JSON:
         """:meth:`sample` for plain handlers."""
-        return self.request_sync("sampling/createMessage", _sampling(messages, max_tokens, params))
+        sampling = _sampling(messages, max_tokens, params)
+        return self.request_sync("sampling/createMessage", sampling, key=key)
 
-    async def elicit(self, message: str, requested_schema: JSON) -> JSON:
+    async def elicit(self, message: str, requested_schema: JSON, *, key: str | None = None) -> JSON:
         """Ask the user for input (``elicitation/create``); returns ``{"action", "content"}``."""
         return await self.request(
-            "elicitation/create", {"message": message, "requestedSchema": requested_schema}
+            "elicitation/create",
+            {"message": message, "requestedSchema": requested_schema},
+            key=key,
         )
 
-    def elicit_sync(self, message: str, requested_schema: JSON) -> JSON:
+    def elicit_sync(self, message: str, requested_schema: JSON, *, key: str | None = None) -> JSON:
         """:meth:`elicit` for plain handlers."""
         return self.request_sync(
-            "elicitation/create", {"message": message, "requestedSchema": requested_schema}
+            "elicitation/create",
+            {"message": message, "requestedSchema": requested_schema},
+            key=key,
         )
 
 

@@ -41,7 +41,9 @@ class KernelBridge:
     async def resource_updated(self, uri: str) -> None:
         self.events.append(("resource_updated", uri))
 
-    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def request(
+        self, method: str, params: dict[str, Any], key: str | None = None
+    ) -> dict[str, Any]:
         if method != "sampling/createMessage":
             raise McpZeroError(f"{method} is not supported here")
         return {"role": "assistant", "content": {"type": "text", "text": "sampled"}, "model": "m"}

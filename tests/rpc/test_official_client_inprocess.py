@@ -17,7 +17,10 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from rpc_live import CONFORMANCE_DIR, FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
+
+from mcp_zero.errors import MISSING_CLIENT_CAPABILITY
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 30.0
@@ -178,8 +181,19 @@ async def test_elicitation_is_relayed_to_the_client_and_back(env: Env, mode: str
     assert '"username":"ada"' in text_of(result)
 
 
-async def test_sampling_without_the_capability_is_a_tool_error(client: Client) -> None:
-    with anyio.fail_after(TIMEOUT_S):
-        result = await client.call_tool("test_sampling", {"prompt": "anyone there?"})
+async def test_sampling_without_the_capability_is_a_tool_error_on_a_session(env: Env) -> None:
+    async with connect(env, "legacy") as connected:
+        result = await connected.call_tool("test_sampling", {"prompt": "anyone there?"})
     assert result.is_error
     assert "Sampling is not available" in text_of(result)
+
+
+@pytest.mark.parametrize("mode", ["auto", "2026-07-28"])
+async def test_sampling_without_the_capability_is_missing_client_capability(
+    env: Env, mode: str
+) -> None:
+    async with connect(env, mode) as connected:
+        with pytest.raises(MCPError) as info:
+            await connected.call_tool("test_sampling", {"prompt": "anyone there?"})
+    assert info.value.error.code == MISSING_CLIENT_CAPABILITY
+    assert info.value.error.data["requiredCapabilities"] == {"sampling": {}}

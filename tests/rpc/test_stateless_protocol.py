@@ -26,7 +26,7 @@ from rpc_live import (
     serve,
 )
 
-from mcp_zero.errors import HEADER_MISMATCH, UNSUPPORTED_PROTOCOL_VERSION
+from mcp_zero.errors import HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -174,10 +174,29 @@ async def test_an_unknown_version_is_answered_with_the_versions_we_speak(env: En
 
 
 async def test_methods_the_revision_removed_are_not_found(env: Env) -> None:
-    for method in ("ping", "logging/setLevel", "resources/subscribe"):
+    removed = ("initialize", "ping", "logging/setLevel", "resources/subscribe")
+    for method in (*removed, "resources/unsubscribe"):
         response = await post(env, message(method, {"level": "info", "uri": "faulty://counter"}))
         assert response.status_code == 404, (method, response.text)
         assert response.json()["error"]["code"] == -32601
+
+
+async def test_whitespace_around_header_values_is_not_part_of_them(env: Env) -> None:
+    body = orjson.dumps(message("tools/call", {"name": "faulty_echo", "arguments": {"text": "x"}}))
+    head = (
+        f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{env.live.port}\r\n"
+        f"Authorization: Bearer {env.token}\r\nContent-Type: application/json\r\n"
+        "Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2026-07-28\r\n"
+        "Mcp-Method:  tools/call \r\nMcp-Name: \tfaulty_echo\t\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    # (HTTP client libraries will not send such headers: a raw socket)
+    with anyio.fail_after(TIMEOUT_S):
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.live.port)
+        writer.write(head.encode() + body)
+        answer = await reader.read()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
 
 
 async def test_initialize_never_negotiates_the_stateless_revision(env: Env) -> None:
@@ -437,11 +456,12 @@ async def test_a_call_whose_client_never_answers_is_cancelled(env: Env) -> None:
         resumptions.timeout_s = before
 
 
-async def test_without_the_capability_the_tool_hears_so(env: Env) -> None:
-    result = (await post(env, message("tools/call", ASK))).json()["result"]
-    assert result["resultType"] == "complete"
-    assert result["isError"] is True
-    assert "elicitation" in result["content"][0]["text"]
+async def test_a_call_that_needs_an_undeclared_capability_says_which(env: Env) -> None:
+    response = await post(env, message("tools/call", ASK))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == MISSING_CLIENT_CAPABILITY
+    assert error["data"]["requiredCapabilities"] == {"elicitation": {}}
 
 
 def capable() -> JSON:

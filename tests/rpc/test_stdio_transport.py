@@ -268,8 +268,8 @@ async def test_an_enveloped_first_request_makes_every_request_stand_alone(tmp_pa
         assert added["result"]["resultType"] == "complete"
         peer.send(initialize_message(3))  # too late: this connection speaks 2026-07-28
         refused = (await peer.receive())["error"]
-        assert refused["code"] == -32022
-        assert refused["data"]["supported"] == ["2026-07-28"]
+        assert refused["code"] == -32601  # a method 2026-07-28 removed
+        assert "server/discover" in refused["message"]
         peer.send({"jsonrpc": "2.0", "id": 4, "method": "tools/list"})  # no envelope
         assert (await peer.receive())["error"]["code"] == -32602
 

@@ -33,7 +33,9 @@ class RecordingBridge:
     async def resource_updated(self, uri: str) -> None:
         self.events.append(("resource_updated", uri))
 
-    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def request(
+        self, method: str, params: dict[str, Any], key: str | None = None
+    ) -> dict[str, Any]:
         self.events.append(("request", (method, params)))
         if method not in self.answers:
             raise McpZeroError(f"client does not support {method}")

@@ -59,7 +59,7 @@ class GovernedBridge:
         if self._kernel.plugins.resource_owner(uri) == self._plugin:
             await self._inner.resource_updated(uri)
 
-    async def request(self, method: str, params: JSON) -> JSON:
+    async def request(self, method: str, params: JSON, key: str | None = None) -> JSON:
         kernel = self._kernel
         action = Action(
             self._principal,
@@ -83,7 +83,7 @@ class GovernedBridge:
             if not decision.allowed:
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = list(decision.policies)
-            result = await self._inner.request(method, params)
+            result = await self._inner.request(method, params, key)
         except McpZeroError as exc:
             event["outcome"] = (
                 Outcome.DENIED if isinstance(exc, PolicyDenied) else Outcome.ERROR

@@ -76,7 +76,7 @@ class _NoBridge:
     async def resource_updated(self, uri: str) -> None:
         return None
 
-    async def request(self, method: str, params: JSON) -> JSON:
+    async def request(self, method: str, params: JSON, key: str | None = None) -> JSON:
         raise McpZeroError(f"{method} needs an MCP client; call this tool over /mcp instead")
 
 

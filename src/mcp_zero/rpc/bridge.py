@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from mcp_zero.errors import McpZeroError
 from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed, Session
@@ -16,6 +16,15 @@ _CAPABILITY = {
     "roots/list": "roots",
 }
 CLIENT_REQUEST_TIMEOUT_S = 600.0  # a person may be answering an elicitation
+
+
+class Asker(Protocol):
+    """Where an MCP 2026-07-28 call's questions to the client go (rpc/resume.py)."""
+
+    async def ask(self, method: str, params: JSON, key: str | None) -> JSON: ...
+
+    def lacks(self, capability: str) -> None:
+        """The call was refused ``capability``, which its request did not declare."""
 
 
 class RequestBridge:
@@ -30,10 +39,10 @@ class RequestBridge:
         progress_token: Any,
         related: Any,
         announce: Callable[[str], Awaitable[None]],
-        ask: Callable[[str, JSON], Awaitable[JSON]] | None = None,
+        asker: Asker | None = None,
     ) -> None:
         self._announce = announce  # tells the subscribers of a resource that it changed
-        self._ask = ask  # MCP 2026-07-28: the question goes into an input_required answer
+        self._ask = asker  # MCP 2026-07-28: the question goes into an input_required answer
         self._session = session
         self._channel = channel
         self._progress_token = progress_token
@@ -67,11 +76,13 @@ class RequestBridge:
     async def resource_updated(self, uri: str) -> None:
         await self._announce(uri)
 
-    async def request(self, method: str, params: JSON) -> JSON:
+    async def request(self, method: str, params: JSON, key: str | None = None) -> JSON:
         capability = _CAPABILITY.get(method)
         if capability is None:
             raise McpZeroError(f"plugins may not send {method!r} to the client")
         if capability not in self._session.client_capabilities:
+            if self._ask is not None:
+                self._ask.lacks(capability)
             raise ClientRequestFailed(
                 f"the client did not declare the {capability!r} capability, so it cannot "
                 f"answer {method}"
@@ -82,7 +93,7 @@ class RequestBridge:
                     f"MCP {self._session.protocol_version} lets only tools/call, prompts/get "
                     f"and resources/read ask the client ({method})"
                 )
-            return await self._ask(method, params)
+            return await self._ask.ask(method, params, key)
         request_id, future = self._session.new_request()
         await self._channel.send(
             {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}

@@ -25,10 +25,12 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mcp_zero.errors import InvalidParams, QuotaExceeded
+from mcp_zero.errors import InvalidParams, McpZeroError, MissingClientCapability, QuotaExceeded
 from mcp_zero.rpc.bridge import CLIENT_REQUEST_TIMEOUT_S
 from mcp_zero.rpc.session import JSON, Channel
 
+_GATHER_S = 0.005  # a question this soon after the last travels with it
+_GATHER_MAX_S = 0.05
 # What identifies "the same request again": the method and these params.
 _SAME = {
     "tools/call": ("name", "arguments"),
@@ -41,7 +43,7 @@ class Continuation:
     """One call that may span several requests: a Channel that forwards to the request being
     answered (dropping messages while none is), and the client's pending questions."""
 
-    __slots__ = ("_asked", "_keys", "agent", "current", "key", "pending", "work")
+    __slots__ = ("_asked", "_keys", "agent", "current", "key", "lacking", "pending", "work")
 
     def __init__(self, agent: str, key: tuple[Any, ...], channel: Channel) -> None:
         self.agent = agent
@@ -51,6 +53,7 @@ class Continuation:
         self.pending: dict[str, tuple[JSON, asyncio.Future[JSON]]] = {}
         self._asked = asyncio.Event()
         self._keys = itertools.count(1)
+        self.lacking: set[str] = set()  # capabilities the call was refused
 
     async def send(self, message: JSON) -> None:
         if self.current is not None:
@@ -60,10 +63,14 @@ class Continuation:
         if self.current is not None:
             await self.current.close_stream()
 
-    async def ask(self, method: str, params: JSON) -> JSON:
+    async def ask(self, method: str, params: JSON, key: str | None = None) -> JSON:
         """What the tool's request to the client becomes: a question for the next
-        ``input_required`` answer; returns the client's answer from the retry."""
-        key = f"q{next(self._keys)}"
+        ``input_required`` answer (under ``key`` if the plugin named it and the name is
+        free); returns the client's answer from the retry."""
+        if key is None or key in self.pending:
+            key = f"q{next(self._keys)}"
+            while key in self.pending:
+                key = f"q{next(self._keys)}"
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self.pending[key] = ({"method": method, "params": params}, future)
         self._asked.set()
@@ -71,6 +78,9 @@ class Continuation:
             return await future
         finally:
             self.pending.pop(key, None)
+
+    def lacks(self, capability: str) -> None:
+        self.lacking.add(capability)
 
     def answer(self, responses: Any) -> None:
         if responses is None:
@@ -95,10 +105,40 @@ class Continuation:
             await asyncio.wait({self.work, asked}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             asked.cancel()
+        # Questions asked together (asyncio.gather) come a moment apart over the worker's
+        # pipe: gather them into one answer, as long as they keep coming.
+        deadline = asyncio.get_running_loop().time() + _GATHER_MAX_S
+        while not self.work.done():
+            self._asked.clear()
+            more = asyncio.ensure_future(self._asked.wait())
+            try:
+                await asyncio.wait({self.work, more}, timeout=_GATHER_S)
+            finally:
+                more.cancel()
+            if not self._asked.is_set() or asyncio.get_running_loop().time() > deadline:
+                break
         if self.work.done():
-            return self.work.result()
+            return self._result(self.work)
         self._asked.clear()
         return None
+
+    def _result(self, work: asyncio.Task[JSON]) -> JSON:
+        """The call's result; but a call that failed after it was refused a capability its
+        request did not declare failed for want of it: -32021, naming what it needs."""
+        try:
+            result = work.result()
+        except McpZeroError:
+            if not self.lacking:
+                raise
+            result = {"isError": True}
+        if self.lacking and result.get("isError"):
+            needed = ", ".join(sorted(self.lacking))
+            raise MissingClientCapability(
+                f"this call needs the client capability {needed}, which the request's "
+                "_meta clientCapabilities does not declare",
+                data={"requiredCapabilities": {name: {} for name in sorted(self.lacking)}},
+            )
+        return result
 
     def questions(self) -> JSON:
         return {

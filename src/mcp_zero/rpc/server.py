@@ -20,7 +20,6 @@ from mcp_zero.errors import (
     SERVER_STOPPING,
     SHUTTING_DOWN,
     UNAUTHORIZED,
-    UNSUPPORTED_PROTOCOL_VERSION,
     InvalidParams,
     InvalidRequest,
     McpZeroError,
@@ -33,7 +32,6 @@ from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
 from mcp_zero.rpc.envelope import (
     HANDSHAKE_VERSIONS,
-    MODERN_VERSIONS,
     SERVER_INFO_META,
     SUBSCRIPTION_ID,
     SUPPORTED_VERSIONS,
@@ -166,9 +164,15 @@ class McpServer:
         }
         # MCP 2026-07-28: no handshake, ping, setLevel or subscribe (subscriptions/listen
         # replaces the last and the GET stream).
-        stateless = ("initialize", "ping", "logging/setLevel", "resources/subscribe")
+        removed = {
+            "initialize",
+            "ping",
+            "logging/setLevel",
+            "resources/subscribe",
+            "resources/unsubscribe",
+        }
         self._stateless_handlers: dict[str, Handler] = {
-            **{k: v for k, v in self._handlers.items() if not k.startswith(stateless)},
+            **{k: v for k, v in self._handlers.items() if k not in removed},
             "server/discover": self._discover,
             "subscriptions/listen": self._listen,
             # these may ask the client (input_required), across requests
@@ -215,17 +219,13 @@ class McpServer:
         capabilities. ``connection`` holds what outlives the request (the principal, and on
         stdio the requests in flight); ``headers`` are the HTTP request's."""
         if request.method == "initialize":
-            asked = request.params.get("protocolVersion")
-            return jsonrpc.error_message(
+            return jsonrpc.error_from_exception(
                 request.id,
-                UNSUPPORTED_PROTOCOL_VERSION,
-                "MCP 2026-07-28 has no initialize: send server/discover, or initialize "
-                f"with one of {', '.join(HANDSHAKE_VERSIONS)} on a new connection (over HTTP: "
-                "without MCP-Protocol-Version: 2026-07-28)",
-                {
-                    "supported": list(MODERN_VERSIONS),
-                    "requested": asked if isinstance(asked, str) else "",
-                },
+                MethodNotFound(
+                    "MCP 2026-07-28 has no initialize: send server/discover, or initialize "
+                    f"with one of {', '.join(HANDSHAKE_VERSIONS)} on a new connection (over "
+                    "HTTP: without MCP-Protocol-Version: 2026-07-28)"
+                ),
             )
         try:
             envelope = open_envelope(request.method, request.params, headers)
@@ -592,5 +592,5 @@ class McpServer:
                 "params._meta.progressToken must be a string or an integer",
                 data={"path": "/_meta/progressToken"},
             )
-        ask = channel.ask if isinstance(channel, Continuation) else None
-        return RequestBridge(session, channel, token, rid, self.announce_resource_updated, ask)
+        asker = channel if isinstance(channel, Continuation) else None
+        return RequestBridge(session, channel, token, rid, self.announce_resource_updated, asker)

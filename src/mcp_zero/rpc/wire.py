@@ -159,7 +159,8 @@ class _Connection(asyncio.Protocol):
         if self.header_bytes > MAX_HEADER_BYTES:
             self.refuse(431, b"request headers too large")
             return
-        self.current.headers.append((name.lower(), value))
+        # RFC 9110 5.5: whitespace around a field value is not part of it
+        self.current.headers.append((name.lower(), value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
         request = self.current

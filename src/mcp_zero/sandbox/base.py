@@ -30,10 +30,11 @@ class ClientBridge(Protocol):
         """Close the client's event stream now; the client resumes it and gets the rest of
         the call (streamable HTTP, SEP-1699). A no-op where there is no stream to resume."""
 
-    async def request(self, method: str, params: JSON) -> JSON:
+    async def request(self, method: str, params: JSON, key: str | None = None) -> JSON:
         """Send a request to the client (``sampling/createMessage``, ``elicitation/create``,
         ``roots/list``) and return its result; raises :class:`~mcp_zero.errors.McpZeroError`
-        when the client answers with an error or cannot be reached."""
+        when the client answers with an error or cannot be reached. ``key`` is the plugin's
+        name for the question (MCP 2026-07-28 ``inputRequests``), if it gave one."""
         ...
 
 

@@ -34,7 +34,7 @@ Worker → kernel::
     {"op": "log", "call": N, "level", "data", "logger"}
     {"op": "close_stream", "call": N}               # let the client reconnect (SEP-1699)
     {"op": "resource_updated", "call": N, "uri": str}  # tell the resource's subscribers
-    {"op": "request", "call": N, "id": R, "method": str, "params": {...}}
+    {"op": "request", "call": N, "id": R, "method": str, "params": {...}, "key"?: str}
     {"op": "retire", "reason": str}                 # replace me (after a MemoryError)
 
 Every call gets exactly one response frame, also after a cancel (the kernel
@@ -146,27 +146,33 @@ class Worker:
 
     # -- requests to the client ----------------------------------------------
 
-    async def request(self, call_id: int, method: str, params: JSON) -> JSON:
+    async def request(
+        self, call_id: int, method: str, params: JSON, key: str | None = None
+    ) -> JSON:
         """Relay a request to the MCP client through the kernel and await its answer."""
         assert self._loop is not None
         rid = next(self._request_ids)
         fut: asyncio.Future[JSON] = self._loop.create_future()
         self._requests[rid] = (call_id, fut)
+        frame: JSON = {"op": "request", "call": call_id, "id": rid, "method": method}
+        frame["params"] = params
+        if key is not None:
+            frame["key"] = key
         try:
-            self.send(
-                {"op": "request", "call": call_id, "id": rid, "method": method, "params": params}
-            )
+            self.send(frame)
             return await fut
         finally:
             self._requests.pop(rid, None)
 
-    def request_blocking(self, call_id: int, method: str, params: JSON) -> JSON:
+    def request_blocking(
+        self, call_id: int, method: str, params: JSON, key: str | None = None
+    ) -> JSON:
         """:meth:`request` from a handler thread."""
         assert self._loop is not None
         if threading.current_thread() is threading.main_thread():
             raise RuntimeError("in an async handler use 'await ctx.request(...)'")
         return asyncio.run_coroutine_threadsafe(
-            self.request(call_id, method, params), self._loop
+            self.request(call_id, method, params, key), self._loop
         ).result()
 
     # -- input ----------------------------------------------------------------

@@ -323,16 +323,24 @@ class WorkerProcess:
             return
         assert self._loop is not None
         task = self._loop.create_task(
-            self._relay_request(call, request_id, str(frame["method"]), frame.get("params") or {})
+            self._relay_request(
+                call,
+                request_id,
+                str(frame["method"]),
+                frame.get("params") or {},
+                key if isinstance(key := frame.get("key"), str) else None,
+            )
         )
         call.requests.add(task)
         task.add_done_callback(call.requests.discard)
 
-    async def _relay_request(self, call: _Call, request_id: int, method: str, params: JSON) -> None:
+    async def _relay_request(
+        self, call: _Call, request_id: int, method: str, params: JSON, key: str | None
+    ) -> None:
         try:
             if call.bridge is None:
                 raise McpZeroError(f"{method} is not available during this kind of call")
-            result = await call.bridge.request(method, params)
+            result = await call.bridge.request(method, params, key)
             reply: JSON = {"op": "reply", "id": request_id, "result": result}
         except McpZeroError as exc:
             reply = {
