@@ -59,6 +59,20 @@ def test_tool_results_are_normalised():
         results.tool_result([{"not": "a block"}])
 
 
+def test_a_tool_result_of_one_string_or_block_is_one_block_not_split():
+    # a str is iterable: taken as a list, "done" was four one-letter text blocks
+    assert results.tool_result(ToolResult("done", {"n": 1})) == {
+        "content": [{"type": "text", "text": "done"}],
+        "structuredContent": {"n": 1},
+    }
+    assert ToolResult("done").content == ["done"]
+    assert ToolResult(text("a block")).content == [{"type": "text", "text": "a block"}]
+    assert ToolResult(b for b in ("a", "b")).content == ["a", "b"]
+    for wrong in (7, b"bytes"):
+        with pytest.raises(TypeError, match="a str, a content block or a list of them"):
+            ToolResult(wrong)
+
+
 def test_resource_prompt_completion_results():
     assert results.resource_result("u://x", b"\x00", None)["contents"][0] == {
         "uri": "u://x",
