@@ -18,6 +18,7 @@ from mcp_zero.plugin import (
     text,
 )
 from mcp_zero.sandbox import results
+from mcp_zero.sandbox.frames import LARGE_FRAME_CHARS, encode_result
 
 
 def test_helpers_build_mcp_blocks():
@@ -71,6 +72,13 @@ def test_a_tool_result_of_one_string_or_block_is_one_block_not_split():
     for wrong in (7, b"bytes"):
         with pytest.raises(TypeError, match="a str, a content block or a list of them"):
             ToolResult(wrong)
+
+
+def test_a_large_frame_with_nan_is_refused_not_written_as_nan():
+    # past LARGE_FRAME_CHARS the stdlib encodes, and it writes NaN, which no JSON reader takes
+    frame = {"id": 1, "result": {"big": "x" * (LARGE_FRAME_CHARS + 1), "n": float("nan")}}
+    with pytest.raises(TypeError, match="not JSON compliant"):
+        encode_result(frame)
 
 
 def test_resource_prompt_completion_results():

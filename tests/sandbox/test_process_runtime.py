@@ -103,6 +103,28 @@ async def test_async_tool_results_and_failures(make_runtime):
     assert rt.pids == [pid]
 
 
+@pytest.mark.parametrize(
+    ("how", "where"),
+    [
+        ("dict", "structuredContent.mean is nan"),
+        ("structured", "structuredContent.bounds[1] is inf"),
+        ("block", "content[0].annotations.priority is nan"),
+        ("number", "the result is -inf"),
+    ],
+)
+async def test_a_result_holding_nan_or_infinity_is_an_error_result(make_runtime, how, where):
+    # JSON has no NaN: it was sent as "NaN" in the text block (not JSON) and null beside it
+    rt = await make_runtime()
+    pid = rt.pids[0]
+    result = await call(rt, "not_finite", {"how": how})
+    assert result["isError"] is True
+    assert "structuredContent" not in result
+    message = result["content"][0]["text"]
+    assert message.startswith(f"TypeError: {where}, which JSON cannot express")
+    assert (await call(rt, "echo"))["content"][0]["text"] == "hi"
+    assert rt.pids == [pid]
+
+
 async def test_unknown_tool_resource_prompt(make_runtime):
     rt = await make_runtime()
     b = RecordingBridge()

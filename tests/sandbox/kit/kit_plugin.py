@@ -141,6 +141,18 @@ def explicit(ctx: Context) -> ToolResult:
     return ToolResult(content=["partial"], structured={"n": 1}, is_error=True)
 
 
+@plugin.tool("not_finite")
+def not_finite(ctx: Context, how: str) -> Any:
+    """Results holding a float that JSON has no number for."""
+    if how == "dict":
+        return {"count": 2, "mean": float("nan")}
+    if how == "structured":
+        return ToolResult("see structuredContent", {"bounds": [0.0, float("inf")]})
+    if how == "block":
+        return text("ranked", annotations={"priority": float("nan")})
+    return float("-inf")
+
+
 @plugin.tool("chatty")
 async def chatty(ctx: Context, question: str) -> dict[str, Any]:
     ctx.progress(1, 3, "starting")
