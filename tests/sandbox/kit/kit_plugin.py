@@ -87,6 +87,15 @@ def shout(ctx: Context, mb: int) -> str:
     return "shouted"
 
 
+@plugin.tool("spew")
+def spew(ctx: Context, lines: int) -> str:
+    """Writes stderr lines as fast as the pipe takes them."""
+    view = memoryview(b"".join(b"spew %d\n" % i for i in range(lines)))
+    while view:
+        view = view[os.write(2, view) :]
+    return "spewed"
+
+
 @plugin.tool("noisy")
 def noisy(ctx: Context) -> str:
     print("noise from print()")
