@@ -49,6 +49,50 @@ def test_plugin_commands_print_their_documented_shapes(data_dir: Path) -> None:
     assert as_json(data_dir, "agent", "show", "reader")["plugins"] == []
 
 
+def named_plugin(tmp_path: Path, module: str) -> Path:
+    """A valid one-tool plugin whose entry module is ``module``."""
+    source = tmp_path / f"plugin-{module}"
+    source.mkdir()
+    (source / f"{module}.py").write_text(
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('clash')\n"
+        "@plugin.tool('clash_echo')\n"
+        "def echo(ctx, text: str = 'x') -> str:\n"
+        "    return text\n"
+    )
+    manifest = {
+        "name": "clash",
+        "version": "1.0.0",
+        "abi": 1,
+        "entry": f"{module}:plugin",
+        "tools": [{"name": "clash_echo", "description": "echo", "inputSchema": {"type": "object"}}],
+    }
+    (source / "plugin.json").write_text(json.dumps(manifest))
+    return source
+
+
+@pytest.mark.parametrize(
+    ("module", "clash"),
+    [
+        ("json", "a module of Python's standard library"),  # the worker has imported it
+        ("csv", "a module of Python's standard library"),  # it has not: the plugin's hides it
+        ("mcp_zero", "a module the plugin worker itself imports"),
+    ],
+)
+def test_a_plugin_module_named_like_a_stdlib_or_worker_module_is_refused_at_install(
+    data_dir: Path, tmp_path: Path, module: str, clash: str
+) -> None:
+    # It installed, and then could not load: the worker's json was found, not the plugin's.
+    refused = run(data_dir, "plugin", "install", str(named_plugin(tmp_path, module)), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"mcp0: error: plugin.json: entry: module {module!r} has the name of {clash}: in the "
+        f"worker one would hide the other; rename the plugin's module (e.g. to "
+        f"plugin_{module}.py) and its entry\n"
+    )
+    assert as_json(data_dir, "plugin", "list") == []
+
+
 def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     created = as_json(data_dir, "agent", "create", "ada")
