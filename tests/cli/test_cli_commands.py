@@ -4,6 +4,8 @@ their errors (one line, non-zero exit), and what they change."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,32 @@ def test_a_plugin_module_named_like_a_stdlib_or_worker_module_is_refused_at_inst
         f"plugin_{module}.py) and its entry\n"
     )
     assert as_json(data_dir, "plugin", "list") == []
+
+
+@pytest.mark.parametrize(
+    ("special", "kind"), [("fifo", "a named pipe (FIFO)"), ("socket", "a socket")]
+)
+def test_a_fifo_or_socket_in_a_plugin_is_one_clear_error(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, special: str, kind: str
+) -> None:
+    # shutil.copytree cannot copy them: install died with a shutil.Error traceback
+    source = named_plugin(tmp_path, "clash_plugin")
+    (source / "cache").mkdir()
+    if special == "fifo":
+        os.mkfifo(source / "cache" / "feed")
+    else:
+        monkeypatch.chdir(source / "cache")  # a socket path is short (108 bytes at most)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind("feed")
+        listener.close()
+    refused = run(data_dir, "plugin", "install", str(source), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"mcp0: error: cache/feed in {source} is {kind}: a plugin directory may hold only "
+        "regular files and directories; remove it, or move it out of the plugin\n"
+    )
+    assert as_json(data_dir, "plugin", "list") == []
+    assert not (data_dir / "plugins" / "clash").exists()  # refused before anything was copied
 
 
 def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:

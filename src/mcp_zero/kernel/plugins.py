@@ -79,21 +79,42 @@ MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
 _NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
 
 
+def _special_kind(mode: int) -> str | None:
+    """What a file that is neither regular nor a directory is, for an error message."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "not a regular file"
+
+
 def _check_tree(source: Path) -> None:
     """Refuse what must not be copied into the data dir: a symbolic link (one to ``/`` would
-    copy the whole file system) and a tree over MAX_PLUGIN_BYTES."""
+    copy the whole file system), a special file (a FIFO or a socket cannot be copied; a
+    device must not be read), and a tree over MAX_PLUGIN_BYTES."""
     total = 0
     for root, dirs, files in os.walk(source):  # does not follow links
         ignored = _NOT_COPIED(root, dirs + files)
         dirs[:] = [d for d in dirs if d not in ignored]
         for name in dirs + [f for f in files if f not in ignored]:
-            info = os.lstat(os.path.join(root, name))
+            path = Path(root, name)
+            info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
-                path = Path(root, name)
                 raise ManifestError(
                     f"{path.relative_to(source)} in {source} is a symbolic link (to "
                     f"{os.readlink(path)}): a plugin is installed as a copy of its files; put "
                     "the file itself there"
+                )
+            kind = _special_kind(info.st_mode)
+            if kind is not None:
+                raise ManifestError(
+                    f"{path.relative_to(source)} in {source} is {kind}: a plugin directory "
+                    "may hold only regular files and directories; remove it, or move it "
+                    "out of the plugin"
                 )
             if stat.S_ISREG(info.st_mode):
                 total += info.st_size
