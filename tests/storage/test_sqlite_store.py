@@ -105,13 +105,13 @@ def test_token_hash_lookup_uses_the_index(db: Path, store: SqliteStore) -> None:
 def test_plugins_put_replace_delete_bump_the_version(db: Path, store: SqliteStore) -> None:
     v0 = store.plugins_version()
     fs = PluginRecord(name="fs", version="1.0", manifest={"tools": [{"name": "read"}]}, path="/p")
-    store.put_plugin(fs)
+    assert store.put_plugin(fs) is None
     assert store.get_plugin("fs") == fs
     v1 = store.plugins_version()
     assert v1 > v0
 
     fs2 = PluginRecord(name="fs", version="2.0", manifest={}, path="/p2", installed_at=3)
-    store.put_plugin(fs2)
+    assert store.put_plugin(fs2) == fs  # what it replaced
     assert store.list_plugins() == [fs2]
     v2 = store.plugins_version()
     assert v2 > v1
@@ -132,6 +132,24 @@ def test_plugins_put_replace_delete_bump_the_version(db: Path, store: SqliteStor
     assert v4 > v3
     assert store.delete_plugin("fs") is None
     assert store.plugins_version() == v4
+
+
+def test_a_plugin_check_that_raises_cancels_the_write(store: SqliteStore) -> None:
+    seen: list[list[str]] = []
+    store.put_plugin(PluginRecord(name="fs", version="1", manifest={}, path="/p"))
+
+    def refuse(installed: list[PluginRecord]) -> None:
+        seen.append([p.name for p in installed])
+        raise Conflict("no")
+
+    version = store.plugins_version()
+    with pytest.raises(Conflict):
+        store.put_plugin(
+            PluginRecord(name="web", version="1", manifest={}, path="/w"), check=refuse
+        )
+    assert seen == [["fs"]]
+    assert [p.name for p in store.list_plugins()] == ["fs"]
+    assert store.plugins_version() == version
 
 
 def test_snapshots_are_immutable(store: SqliteStore) -> None:

@@ -125,6 +125,29 @@ def _check_tree(source: Path) -> None:
             )
 
 
+def _check_unique(manifest: PluginManifest, installed: list[PluginRecord], replace: bool) -> None:
+    """Raise Conflict when ``manifest``'s name is installed (unless ``replace``) or one of its
+    tool names is another installed plugin's."""
+    existing = next((r for r in installed if r.name == manifest.name), None)
+    if existing is not None and not replace:
+        raise Conflict(
+            f"plugin {manifest.name!r} is already installed (version {existing.version}); "
+            "remove it first or install with --replace"
+        )
+    taken = {
+        tool["name"]: record.name
+        for record in installed
+        if record.name != manifest.name
+        for tool in record.manifest.get("tools", [])
+    }
+    for tool in manifest.tools:
+        if tool.name in taken:
+            raise Conflict(
+                f"tool {tool.name!r} of plugin {manifest.name!r} is already provided by "
+                f"plugin {taken[tool.name]!r}; tool names must be unique across plugins"
+            )
+
+
 class PluginHost:
     """Runtimes of the installed plugins and the index from names to plugins."""
 
@@ -160,50 +183,38 @@ class PluginHost:
         """Validate the plugin at ``source``, copy it into the data dir and record it.
 
         Raises ManifestError for an invalid plugin, Conflict when the name is
-        installed (unless ``replace``) or a tool name is taken by another plugin.
+        installed (unless ``replace``) or a tool name is taken by another plugin;
+        of two installs racing (from two processes), one gets Conflict.
         """
         manifest = load_manifest(source)
-        existing = self.store.get_plugin(manifest.name)
-        if existing is not None and not replace:
-            raise Conflict(
-                f"plugin {manifest.name!r} is already installed (version {existing.version}); "
-                "remove it first or install with --replace"
-            )
-        taken = {
-            tool["name"]: record.name
-            for record in self.store.list_plugins()
-            if record.name != manifest.name
-            for tool in record.manifest.get("tools", [])
-        }
-        for tool in manifest.tools:
-            if tool.name in taken:
-                raise Conflict(
-                    f"tool {tool.name!r} of plugin {manifest.name!r} is already provided by "
-                    f"plugin {taken[tool.name]!r}; tool names must be unique across plugins"
-                )
+        _check_unique(manifest, self.store.list_plugins(), replace)  # before copying it all
         _check_tree(source)
-        target = self.plugins_dir / manifest.name / manifest.version
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Copied beside the target, then renamed into place: a copy that fails half-way (a
-        # full disk) leaves the installed version as it was.
-        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=target.parent))
+        parent = self.plugins_dir / manifest.name
+        parent.mkdir(parents=True, exist_ok=True)
+        # Each install copies into a directory of its own, so two installs at once never
+        # write into the same one; the record says which copy is installed.
+        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=parent))
+        target = parent / staging.name[1:]
         try:
             shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
             staging.rename(target)
+            replaced = self.store.put_plugin(
+                PluginRecord(
+                    name=manifest.name,
+                    version=manifest.version,
+                    manifest=manifest.to_dict(),
+                    path=str(target),
+                    installed_at=time.time(),
+                ),
+                # again, where no other install can come in between
+                check=lambda installed: _check_unique(manifest, installed, replace),
+            )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
             raise
-        self.store.put_plugin(
-            PluginRecord(
-                name=manifest.name,
-                version=manifest.version,
-                manifest=manifest.to_dict(),
-                path=str(target),
-                installed_at=time.time(),
-            )
-        )
+        if replaced is not None and Path(replaced.path) != target:
+            shutil.rmtree(Path(replaced.path), ignore_errors=True)
         return manifest
 
     def remove(self, name: str) -> list[str]:

@@ -10,6 +10,7 @@ at a time); ``append_audit_batch`` returns only once the batch is durable
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,7 +62,13 @@ class Store(Protocol):
     def update_agent(self, agent: AgentRecord) -> None: ...  # AgentNotFound if missing
 
     # plugins
-    def put_plugin(self, plugin: PluginRecord) -> None: ...  # insert or replace
+    # insert or replace; check(installed plugins) runs in the same write transaction
+    def put_plugin(
+        self,
+        plugin: PluginRecord,
+        *,
+        check: Callable[[list[PluginRecord]], None] | None = None,
+    ) -> PluginRecord | None: ...  # the record it replaced
     def get_plugin(self, name: str) -> PluginRecord | None: ...
     def list_plugins(self) -> list[PluginRecord]: ...
     def delete_plugin(self, name: str) -> list[str] | None: ...  # detached agents; None: no such

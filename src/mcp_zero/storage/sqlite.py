@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -193,9 +193,23 @@ class SqliteStore:
 
     # plugins
 
-    def put_plugin(self, plugin: PluginRecord) -> None:
-        """Insert or replace ``plugin`` and bump :meth:`plugins_version`."""
+    def put_plugin(
+        self,
+        plugin: PluginRecord,
+        *,
+        check: Callable[[list[PluginRecord]], None] | None = None,
+    ) -> PluginRecord | None:
+        """Insert or replace ``plugin`` and bump :meth:`plugins_version`; returns the record
+        it replaced, if any.
+
+        ``check`` is called with the installed plugins inside the write transaction, so
+        what it sees is still true when ``plugin`` is written (another process installing
+        at the same time waits); an exception it raises cancels the write.
+        """
         with self._transaction("install plugin") as conn:
+            installed = [_plugin(row) for row in conn.execute(_ALL_PLUGINS).fetchall()]
+            if check is not None:
+                check(installed)
             conn.execute(
                 _PUT_PLUGIN,
                 (
@@ -207,6 +221,7 @@ class SqliteStore:
                 ),
             )
             _bump_plugins_version(conn)
+            return next((p for p in installed if p.name == plugin.name), None)
 
     def get_plugin(self, name: str) -> PluginRecord | None:
         rows = self._query(
