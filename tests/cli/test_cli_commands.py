@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 from pathlib import Path
@@ -137,6 +138,38 @@ def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:
     assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["ada"]
     # the token is never shown again
     assert "token" not in as_json(data_dir, "agent", "show", "ada")
+
+
+@pytest.mark.parametrize("change", ["removed, then another installed", "replaced"])
+def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
+    data_dir: Path, tmp_path: Path, change: str
+) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    snap = as_json(data_dir, "agent", "snapshot", "ada")
+    other = tmp_path / "other-notes"  # someone else's "notes"
+    shutil.copytree(NOTES_DIR, other, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((other / "plugin.json").read_text())
+    (other / "plugin.json").write_text(json.dumps({**manifest, "version": "9.0.0"}))
+    if change == "replaced":
+        run(data_dir, "plugin", "install", str(other), "--replace")
+    else:
+        run(data_dir, "plugin", "remove", "notes")
+        run(data_dir, "plugin", "install", str(other))
+    # It was attached again by name: the agent got a plugin nobody attached to it.
+    recovered = as_json(data_dir, "agent", "recover", snap["snapshot_id"])
+    assert recovered["plugins"] == []
+    reason = (
+        f"the plugin installed under this name now (version 9.0.0) is not the one the "
+        f"snapshot saw (version {manifest['version']}); attach it again ('mcp0 agent attach') "
+        "if the agent is to have it"
+    )
+    assert recovered["not_restored"] == [{"plugin": "notes", "reason": reason}]
+    assert as_json(data_dir, "agent", "show", "ada")["plugins"] == []
+    said = run(data_dir, "agent", "recover", snap["snapshot_id"]).stdout
+    assert f"not attached again: notes: {reason}" in said
+    audited = [r for r in as_json(data_dir, "audit", "list") if r["verb"] == "recover_agent"]
+    assert audited[-1]["not_restored"] == {"notes": reason}
 
 
 def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> None:

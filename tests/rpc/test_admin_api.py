@@ -139,6 +139,7 @@ async def test_agent_lifecycle_through_the_admin_api(admin: Admin) -> None:
     assert recovered.status_code == 200
     assert recovered.json()["status"] == "active"
     assert recovered.json()["plugins"] == ["notes", "faulty"]
+    assert recovered.json()["not_restored"] == []
     back = (await mcp_call(live, token, "faulty_echo", {"text": "back"})).json()
     assert back["result"]["content"][0]["text"] == "back"
     # every step is in the audit log

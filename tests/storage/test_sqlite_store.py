@@ -17,7 +17,7 @@ from mcp_zero.storage import (
     SnapshotRecord,
     SqliteStore,
 )
-from mcp_zero.storage.migrations import SCHEMA_VERSION
+from mcp_zero.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -180,6 +180,25 @@ def test_reopen_keeps_data_and_does_not_migrate_again(db: Path) -> None:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         raw.close()
+
+
+def test_plugins_of_the_first_schema_get_an_empty_digest(db: Path) -> None:
+    db.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(db, isolation_level=None)
+    try:
+        for statement in MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("INSERT INTO plugins VALUES ('fs', '1', '{}', '/p', 2.0)")
+    finally:
+        raw.close()
+    with SqliteStore(db) as store:
+        fs = PluginRecord(name="fs", version="1", manifest={}, path="/p", installed_at=2.0)
+        assert store.get_plugin("fs") == fs
+        assert fs.digest == ""
+        web = PluginRecord(name="web", version="1", manifest={}, path="/w", digest="ab")
+        store.put_plugin(web)
+        assert store.get_plugin("web") == web
 
 
 def test_database_from_a_newer_release_is_refused(db: Path) -> None:

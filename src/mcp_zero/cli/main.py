@@ -270,10 +270,14 @@ def agent_snapshot(
 def agent_recover(
     config_file: Path | None, data_dir: Path | None, as_json: bool, snapshot_id: str
 ) -> None:
-    """Restore an agent from SNAPSHOT_ID."""
+    """Restore an agent from SNAPSHOT_ID (a plugin replaced since is not attached again)."""
+    from mcp_zero.kernel.agents import recovery_view
+
     with _runtime(config_file, data_dir) as rt:
-        view = _agent_view(asyncio.run(rt.agents.recover(snapshot_id, via="cli")))
-    _out(as_json, view, f"agent {view['name']} recovered from {snapshot_id}")
+        view = recovery_view(asyncio.run(rt.agents.recover(snapshot_id, via="cli")))
+    lines = [f"agent {view['name']} recovered from {snapshot_id}"]
+    lines += [f"not attached again: {n['plugin']}: {n['reason']}" for n in view["not_restored"]]
+    _out(as_json, view, "\n".join(lines))
 
 
 @agent.command("exec")

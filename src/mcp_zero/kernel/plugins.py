@@ -9,6 +9,7 @@ through the store's ``plugins_version`` and rebuilds its index.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -125,6 +126,17 @@ def _check_tree(source: Path) -> None:
             )
 
 
+def _tree_digest(root: Path) -> str:
+    """sha256 over the paths and contents of the files under ``root``: which copy it is."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix().encode()
+        digest.update(len(name).to_bytes(4, "big") + name)
+        with path.open("rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()
+
+
 def _check_unique(manifest: PluginManifest, installed: list[PluginRecord], replace: bool) -> None:
     """Raise Conflict when ``manifest``'s name is installed (unless ``replace``) or one of its
     tool names is another installed plugin's."""
@@ -197,6 +209,7 @@ class PluginHost:
         target = parent / staging.name[1:]
         try:
             shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
+            digest = _tree_digest(staging)
             staging.rename(target)
             replaced = self.store.put_plugin(
                 PluginRecord(
@@ -205,6 +218,7 @@ class PluginHost:
                     manifest=manifest.to_dict(),
                     path=str(target),
                     installed_at=time.time(),
+                    digest=digest,
                 ),
                 # again, where no other install can come in between
                 check=lambda installed: _check_unique(manifest, installed, replace),

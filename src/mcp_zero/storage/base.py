@@ -32,6 +32,7 @@ class PluginRecord:
     manifest: dict[str, Any]  # the manifest as installed (JSON)
     path: str  # installed plugin directory
     installed_at: float = 0.0
+    digest: str = ""  # sha256 of the installed files ('' for copies installed before it was kept)
 
 
 @dataclass(slots=True)

@@ -49,11 +49,15 @@ _ALL_AGENTS = (
     "SELECT name, token_hash, plugins, state, status, created_at FROM agents ORDER BY name"
 )
 _PUT_PLUGIN = (
-    "INSERT OR REPLACE INTO plugins (name, version, manifest, path, installed_at) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO plugins (name, version, manifest, path, installed_at, digest) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
-_PLUGIN_BY_NAME = "SELECT name, version, manifest, path, installed_at FROM plugins WHERE name = ?"
-_ALL_PLUGINS = "SELECT name, version, manifest, path, installed_at FROM plugins ORDER BY name"
+_PLUGIN_BY_NAME = (
+    "SELECT name, version, manifest, path, installed_at, digest FROM plugins WHERE name = ?"
+)
+_ALL_PLUGINS = (
+    "SELECT name, version, manifest, path, installed_at, digest FROM plugins ORDER BY name"
+)
 _INSERT_SNAPSHOT = "INSERT INTO snapshots (id, agent, data, created_at) VALUES (?, ?, ?, ?)"
 _SNAPSHOT_BY_ID = "SELECT id, agent, data, created_at FROM snapshots WHERE id = ?"
 _SNAPSHOTS_OF_AGENT = (
@@ -218,6 +222,7 @@ class SqliteStore:
                     _dumps(plugin.manifest),
                     plugin.path,
                     plugin.installed_at,
+                    plugin.digest,
                 ),
             )
             _bump_plugins_version(conn)
@@ -467,13 +472,14 @@ def _agent(row: Any) -> AgentRecord:
 
 
 def _plugin(row: Any) -> PluginRecord:
-    name, version, manifest, path, installed_at = row
+    name, version, manifest, path, installed_at, digest = row
     return PluginRecord(
         name=name,
         version=version,
         manifest=json.loads(manifest),
         path=path,
         installed_at=installed_at,
+        digest=digest,
     )
 
 
