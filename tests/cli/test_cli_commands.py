@@ -8,6 +8,8 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from click.testing import CliRunner, Result
 
 from mcp_zero.cli.main import main
 
+MCP0 = str(Path(sys.executable).parent / "mcp0")
 NOTES_DIR = Path(__file__).parents[2] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
 
 
@@ -202,6 +205,34 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
         bad_page = run(data_dir, "audit", "list", *option, ok=False)
         assert bad_page.exit_code == 2
         assert option[0] in bad_page.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "error"),
+    [
+        (["agent", "show"], "Usage: mcp0 agent show [OPTIONS] NAME", "missing argument 'NAME'."),
+        (["agent", "list", "--bogus"], "Usage: mcp0 agent list [OPTIONS]", "no such option"),
+        (["bogus"], "Usage: mcp0 [OPTIONS] COMMAND [ARGS]...", "no such command 'bogus'."),
+        (
+            ["audit", "list", "--limit", "0"],
+            "Usage: mcp0 audit list [OPTIONS]",
+            "invalid value for '--limit': 0 is not in the range",
+        ),
+    ],
+)
+def test_usage_errors_keep_the_usage_line_and_end_in_the_documented_error_line(
+    tmp_path: Path, args: list[str], usage: str, error: str
+) -> None:
+    # click printed its own "Error: ..." where the docs promise "mcp0: error: ..."
+    done = subprocess.run(
+        [MCP0, *args, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0] == usage
+    assert lines[-1].startswith(f"mcp0: error: {error}")
+    assert not any(line.startswith("Error") for line in lines)
 
 
 def test_audit_verify_reports_a_tampered_chain(data_dir: Path) -> None:
