@@ -263,6 +263,15 @@ def test_policy_check_names_the_policies_and_refuses_a_broken_file(data_dir: Pat
     assert "broken.cedar" in broken.stderr
 
 
+def test_policy_files_with_a_byte_order_mark_are_read(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    default = data_dir / "policies" / "default.cedar"
+    default.write_text(default.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    assert default.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert "admin-all" in as_json(data_dir, "policy", "check")["policies"]
+    assert as_json(data_dir, "agent", "create", "bob")["name"] == "bob"  # decided by policy
+
+
 def test_reading_commands_work_while_a_policy_file_is_broken(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "ada")
     run(data_dir, "plugin", "install", str(NOTES_DIR))
