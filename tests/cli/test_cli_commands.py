@@ -175,6 +175,19 @@ def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
     assert audited[-1]["not_restored"] == {"notes": reason}
 
 
+def test_terminating_a_terminated_agent_is_an_error_and_audited_once(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    run(data_dir, "agent", "terminate", "ada")
+    again = run(data_dir, "agent", "terminate", "ada", ok=False)
+    assert again.exit_code == 1
+    assert again.stderr == (
+        "mcp0: error: agent 'ada' is already terminated; recover it from a snapshot "
+        "('mcp0 agent recover SNAPSHOT_ID') to use it again\n"
+    )
+    verbs = [r["verb"] for r in as_json(data_dir, "audit", "list") if r["resource"] == "ada"]
+    assert verbs == ["spawn_agent", "terminate_agent"]
+
+
 def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> None:
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     run(data_dir, "agent", "create", "ada", "--plugin", "notes")

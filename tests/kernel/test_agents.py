@@ -107,6 +107,9 @@ async def test_terminate_revokes_the_token_at_once(runtime: Runtime) -> None:
     with pytest.raises(Unauthorized):
         runtime.agents.principal("cid")
     assert runtime.agents.get("cid").status == "terminated"
+    with pytest.raises(Conflict, match="already terminated"):
+        await runtime.agents.terminate("cid")
+    assert audited(runtime, "cid") == ["spawn_agent", "terminate_agent"]
 
 
 async def test_snapshot_and_recover_restore_plugins_state_and_token(runtime: Runtime) -> None:

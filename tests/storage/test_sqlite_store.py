@@ -91,6 +91,22 @@ def test_update_missing_agent_raises_agent_not_found(store: SqliteStore) -> None
         store.update_agent(AgentRecord(name="ghost", token_hash="h"))
 
 
+def test_an_agent_check_that_raises_cancels_the_update(store: SqliteStore) -> None:
+    store.create_agent(AgentRecord(name="alice", token_hash="h", status="terminated"))
+    seen: list[str] = []
+
+    def refuse(stored: AgentRecord) -> None:
+        seen.append(stored.status)
+        raise Conflict("no")
+
+    with pytest.raises(Conflict):
+        store.update_agent(AgentRecord(name="alice", token_hash="h2"), check=refuse)
+    assert seen == ["terminated"]
+    assert store.get_agent("alice") == AgentRecord(
+        name="alice", token_hash="h", status="terminated"
+    )
+
+
 def test_token_hash_lookup_uses_the_index(db: Path, store: SqliteStore) -> None:
     raw = sqlite3.connect(db)
     try:

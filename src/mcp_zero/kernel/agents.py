@@ -15,6 +15,7 @@ from typing import Any
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.errors import (
     AgentNotFound,
+    Conflict,
     InvalidParams,
     PluginNotFound,
     SnapshotNotFound,
@@ -86,6 +87,15 @@ def require_agent(store: Store, name: str) -> AgentRecord:
     if agent is None:
         raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
     return agent
+
+
+def _not_terminated(agent: AgentRecord) -> None:
+    if agent.status == "terminated":
+        raise Conflict(
+            f"agent {agent.name!r} is already terminated; recover it from a snapshot "
+            "('mcp0 agent recover SNAPSHOT_ID') to use it again",
+            data={"agent": agent.name},
+        )
 
 
 class AgentService:
@@ -199,11 +209,15 @@ class AgentService:
         return agent
 
     async def terminate(self, name: str, *, via: str = "admin") -> AgentRecord:
-        """Revoke agent ``name``: its token stops working at once (in this process)."""
+        """Revoke agent ``name``: its token stops working at once (in this process).
+
+        Raises AgentNotFound, and Conflict when the agent is terminated already (also by
+        another process at the same time): it is not terminated, nor audited, twice.
+        """
         agent = self.get(name)
         await self._authorize(Verb.TERMINATE_AGENT, name, via)
         agent.status = "terminated"
-        self.store.update_agent(agent)
+        self.store.update_agent(agent, check=_not_terminated)
         self._forget(name)
         await self._audit(Verb.TERMINATE_AGENT, name, via, {})
         return agent

@@ -172,12 +172,20 @@ class SqliteStore:
         )
         return [_agent(row) for row in rows]
 
-    def update_agent(self, agent: AgentRecord) -> None:
+    def update_agent(
+        self, agent: AgentRecord, *, check: Callable[[AgentRecord], None] | None = None
+    ) -> None:
         """Replace every field of agent ``agent.name`` but ``created_at``.
 
-        Raises :class:`~mcp_zero.errors.AgentNotFound` if there is no such agent.
+        ``check`` is called with the stored agent inside the write transaction, so what it
+        sees is still true when ``agent`` is written; an exception it raises cancels the
+        write. Raises :class:`~mcp_zero.errors.AgentNotFound` if there is no such agent.
         """
         with self._transaction("update agent") as conn:
+            if check is not None:
+                row = conn.execute(_AGENT_BY_NAME, (agent.name,)).fetchone()
+                if row is not None:
+                    check(_agent(row))
             cursor = conn.execute(
                 "UPDATE agents SET token_hash = ?, plugins = ?, state = ?, status = ?"
                 " WHERE name = ?",
