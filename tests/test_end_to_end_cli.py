@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -36,6 +37,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_zero.errors import SERVER_STOPPING
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
+FAULTY_DIR = Path(__file__).parent / "plugins" / "faulty"
 NOTES_TOOLS = {"notes_add", "notes_search", "notes_list", "notes_delete"}
 START_TIMEOUT_S = 30.0
 CLI_TIMEOUT_S = 60.0
@@ -422,6 +424,33 @@ def test_every_answered_call_is_audited_after_kill_9(server: Server) -> None:
     assert not missing, f"{len(missing)} answered calls have no audit record, e.g. {missing[:5]}"
     assert all("notes_add" in audited[rid]["resource"] for rid in answered)
     assert {audited[rid]["outcome"] for rid, ok in answered.items() if ok} == {"allowed"}
+
+
+def test_of_two_plugin_installs_at_once_one_wins_and_the_other_says_why(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    mcp0("agent", "create", "someone", "--data-dir", data_dir)  # the data dir, laid out once
+    source = tmp_path / "faulty"
+    shutil.copytree(FAULTY_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
+    (source / "blob.bin").write_bytes(bytes(32 << 20))  # a copy that takes a while
+    installs = [
+        subprocess.Popen(
+            [MCP0, "plugin", "install", str(source), "--data-dir", data_dir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    said = [p.communicate(timeout=CLI_TIMEOUT_S)[1] for p in installs]
+    done = sorted(zip((p.returncode for p in installs), said, strict=True))
+    assert done[0] == (0, "")
+    assert done[1] == (
+        1,
+        "mcp0: error: plugin 'faulty' is already installed (version 1.0.0); remove it first "
+        "or install with --replace\n",
+    )
+    listed = json.loads(mcp0("plugin", "list", "--data-dir", data_dir, "--json"))
+    assert [p["name"] for p in listed] == ["faulty"]
 
 
 def test_serve_on_a_port_in_use_fails_in_one_line_and_creates_nothing(tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ from __future__ import annotations
 import base64
 import re
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -159,13 +159,40 @@ def message(role: str, content: str | Content) -> JSON:
     return {"role": role, "content": text(content) if isinstance(content, str) else content}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ToolResult:
-    """A tool result spelled out: content blocks, optional structured content, error flag."""
+    """A tool result spelled out: content blocks, optional structured content, error flag.
 
-    content: list[Content | str] = field(default_factory=list)
-    structured: JSON | None = None
-    is_error: bool = False
+    ``content`` is a list of content blocks and strings, or a single one of them: a
+    ``str`` is one text block, never split into characters. Raises ``TypeError`` for
+    anything else.
+    """
+
+    content: list[Content | str]
+    structured: JSON | None
+    is_error: bool
+
+    def __init__(
+        self,
+        content: str | Content | Iterable[Content | str] = (),
+        structured: JSON | None = None,
+        is_error: bool = False,
+    ) -> None:
+        # A str and a block (a dict) are iterable too, but iterating them means nothing here.
+        if isinstance(content, str | Content):
+            blocks: list[Content | str] = [content]
+        elif isinstance(content, dict):
+            blocks = [Content(content)]
+        elif isinstance(content, Iterable) and not isinstance(content, bytes | bytearray):
+            blocks = list(content)
+        else:
+            raise TypeError(
+                "ToolResult content is a str, a content block or a list of them, "
+                f"not {type(content).__name__}"
+            )
+        object.__setattr__(self, "content", blocks)
+        object.__setattr__(self, "structured", structured)
+        object.__setattr__(self, "is_error", is_error)
 
 
 class Channel(Protocol):

@@ -4,7 +4,12 @@ their errors (one line, non-zero exit), and what they change."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,7 @@ from click.testing import CliRunner, Result
 
 from mcp_zero.cli.main import main
 
+MCP0 = str(Path(sys.executable).parent / "mcp0")
 NOTES_DIR = Path(__file__).parents[2] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
 
 
@@ -49,6 +55,76 @@ def test_plugin_commands_print_their_documented_shapes(data_dir: Path) -> None:
     assert as_json(data_dir, "agent", "show", "reader")["plugins"] == []
 
 
+def named_plugin(tmp_path: Path, module: str) -> Path:
+    """A valid one-tool plugin whose entry module is ``module``."""
+    source = tmp_path / f"plugin-{module}"
+    source.mkdir()
+    (source / f"{module}.py").write_text(
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('clash')\n"
+        "@plugin.tool('clash_echo')\n"
+        "def echo(ctx, text: str = 'x') -> str:\n"
+        "    return text\n"
+    )
+    manifest = {
+        "name": "clash",
+        "version": "1.0.0",
+        "abi": 1,
+        "entry": f"{module}:plugin",
+        "tools": [{"name": "clash_echo", "description": "echo", "inputSchema": {"type": "object"}}],
+    }
+    (source / "plugin.json").write_text(json.dumps(manifest))
+    return source
+
+
+@pytest.mark.parametrize(
+    ("module", "clash"),
+    [
+        ("json", "a module of Python's standard library"),  # the worker has imported it
+        ("csv", "a module of Python's standard library"),  # it has not: the plugin's hides it
+        ("mcp_zero", "a module the plugin worker itself imports"),
+    ],
+)
+def test_a_plugin_module_named_like_a_stdlib_or_worker_module_is_refused_at_install(
+    data_dir: Path, tmp_path: Path, module: str, clash: str
+) -> None:
+    # It installed, and then could not load: the worker's json was found, not the plugin's.
+    refused = run(data_dir, "plugin", "install", str(named_plugin(tmp_path, module)), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"mcp0: error: plugin.json: entry: module {module!r} has the name of {clash}: in the "
+        f"worker one would hide the other; rename the plugin's module (e.g. to "
+        f"plugin_{module}.py) and its entry\n"
+    )
+    assert as_json(data_dir, "plugin", "list") == []
+
+
+@pytest.mark.parametrize(
+    ("special", "kind"), [("fifo", "a named pipe (FIFO)"), ("socket", "a socket")]
+)
+def test_a_fifo_or_socket_in_a_plugin_is_one_clear_error(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, special: str, kind: str
+) -> None:
+    # shutil.copytree cannot copy them: install died with a shutil.Error traceback
+    source = named_plugin(tmp_path, "clash_plugin")
+    (source / "cache").mkdir()
+    if special == "fifo":
+        os.mkfifo(source / "cache" / "feed")
+    else:
+        monkeypatch.chdir(source / "cache")  # a socket path is short (108 bytes at most)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind("feed")
+        listener.close()
+    refused = run(data_dir, "plugin", "install", str(source), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"mcp0: error: cache/feed in {source} is {kind}: a plugin directory may hold only "
+        "regular files and directories; remove it, or move it out of the plugin\n"
+    )
+    assert as_json(data_dir, "plugin", "list") == []
+    assert not (data_dir / "plugins" / "clash").exists()  # refused before anything was copied
+
+
 def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     created = as_json(data_dir, "agent", "create", "ada")
@@ -65,6 +141,51 @@ def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:
     assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["ada"]
     # the token is never shown again
     assert "token" not in as_json(data_dir, "agent", "show", "ada")
+
+
+@pytest.mark.parametrize("change", ["removed, then another installed", "replaced"])
+def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
+    data_dir: Path, tmp_path: Path, change: str
+) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    snap = as_json(data_dir, "agent", "snapshot", "ada")
+    other = tmp_path / "other-notes"  # someone else's "notes"
+    shutil.copytree(NOTES_DIR, other, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((other / "plugin.json").read_text())
+    (other / "plugin.json").write_text(json.dumps({**manifest, "version": "9.0.0"}))
+    if change == "replaced":
+        run(data_dir, "plugin", "install", str(other), "--replace")
+    else:
+        run(data_dir, "plugin", "remove", "notes")
+        run(data_dir, "plugin", "install", str(other))
+    # It was attached again by name: the agent got a plugin nobody attached to it.
+    recovered = as_json(data_dir, "agent", "recover", snap["snapshot_id"])
+    assert recovered["plugins"] == []
+    reason = (
+        f"the plugin installed under this name now (version 9.0.0) is not the one the "
+        f"snapshot saw (version {manifest['version']}); attach it again ('mcp0 agent attach') "
+        "if the agent is to have it"
+    )
+    assert recovered["not_restored"] == [{"plugin": "notes", "reason": reason}]
+    assert as_json(data_dir, "agent", "show", "ada")["plugins"] == []
+    said = run(data_dir, "agent", "recover", snap["snapshot_id"]).stdout
+    assert f"not attached again: notes: {reason}" in said
+    audited = [r for r in as_json(data_dir, "audit", "list") if r["verb"] == "recover_agent"]
+    assert audited[-1]["not_restored"] == {"notes": reason}
+
+
+def test_terminating_a_terminated_agent_is_an_error_and_audited_once(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    run(data_dir, "agent", "terminate", "ada")
+    again = run(data_dir, "agent", "terminate", "ada", ok=False)
+    assert again.exit_code == 1
+    assert again.stderr == (
+        "mcp0: error: agent 'ada' is already terminated; recover it from a snapshot "
+        "('mcp0 agent recover SNAPSHOT_ID') to use it again\n"
+    )
+    verbs = [r["verb"] for r in as_json(data_dir, "audit", "list") if r["resource"] == "ada"]
+    assert verbs == ["spawn_agent", "terminate_agent"]
 
 
 def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> None:
@@ -99,6 +220,34 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
         assert option[0] in bad_page.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "usage", "error"),
+    [
+        (["agent", "show"], "Usage: mcp0 agent show [OPTIONS] NAME", "missing argument 'NAME'."),
+        (["agent", "list", "--bogus"], "Usage: mcp0 agent list [OPTIONS]", "no such option"),
+        (["bogus"], "Usage: mcp0 [OPTIONS] COMMAND [ARGS]...", "no such command 'bogus'."),
+        (
+            ["audit", "list", "--limit", "0"],
+            "Usage: mcp0 audit list [OPTIONS]",
+            "invalid value for '--limit': 0 is not in the range",
+        ),
+    ],
+)
+def test_usage_errors_keep_the_usage_line_and_end_in_the_documented_error_line(
+    tmp_path: Path, args: list[str], usage: str, error: str
+) -> None:
+    # click printed its own "Error: ..." where the docs promise "mcp0: error: ..."
+    done = subprocess.run(
+        [MCP0, *args, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0] == usage
+    assert lines[-1].startswith(f"mcp0: error: {error}")
+    assert not any(line.startswith("Error") for line in lines)
+
+
 def test_audit_verify_reports_a_tampered_chain(data_dir: Path) -> None:
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     run(data_dir, "agent", "create", "ada", "--plugin", "notes")
@@ -125,6 +274,15 @@ def test_policy_check_names_the_policies_and_refuses_a_broken_file(data_dir: Pat
     broken = run(data_dir, "policy", "check", ok=False)
     assert broken.exit_code == 1
     assert "broken.cedar" in broken.stderr
+
+
+def test_policy_files_with_a_byte_order_mark_are_read(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    default = data_dir / "policies" / "default.cedar"
+    default.write_text(default.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    assert default.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert "admin-all" in as_json(data_dir, "policy", "check")["policies"]
+    assert as_json(data_dir, "agent", "create", "bob")["name"] == "bob"  # decided by policy
 
 
 def test_reading_commands_work_while_a_policy_file_is_broken(data_dir: Path) -> None:

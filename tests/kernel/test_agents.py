@@ -107,15 +107,31 @@ async def test_terminate_revokes_the_token_at_once(runtime: Runtime) -> None:
     with pytest.raises(Unauthorized):
         runtime.agents.principal("cid")
     assert runtime.agents.get("cid").status == "terminated"
+    with pytest.raises(Conflict, match="already terminated"):
+        await runtime.agents.terminate("cid")
+    assert audited(runtime, "cid") == ["spawn_agent", "terminate_agent"]
 
 
 async def test_snapshot_and_recover_restore_plugins_state_and_token(runtime: Runtime) -> None:
     spawned = await runtime.agents.spawn("dee", ["notes", "faulty"], {"step": 3})
     snap = await runtime.agents.snapshot("dee")
     assert snap.id.startswith("snap_")
-    assert snap.data == {"plugins": ["notes", "faulty"], "state": {"step": 3}, "status": "active"}
+    copies = {
+        name: {"version": record.version, "sha256": record.digest}
+        for name in ("notes", "faulty")
+        if (record := runtime.store.get_plugin(name)) is not None
+    }
+    assert len(copies["notes"]["sha256"]) == 64
+    assert snap.data == {
+        "plugins": ["notes", "faulty"],
+        "plugin_copies": copies,
+        "state": {"step": 3},
+        "status": "active",
+    }
     await runtime.agents.terminate("dee")
-    recovered = await runtime.agents.recover(snap.id)
+    recovery = await runtime.agents.recover(snap.id)
+    recovered = recovery.agent
+    assert recovery.not_restored == {}
     assert recovered.status == "active"
     assert recovered.plugins == ["notes", "faulty"]
     assert recovered.state == {"step": 3}
@@ -150,8 +166,20 @@ async def test_recover_drops_plugins_removed_since_the_snapshot(runtime: Runtime
     await runtime.agents.spawn("eve", ["notes", "faulty"])
     snap = await runtime.agents.snapshot("eve")
     runtime.plugins.remove("faulty")
-    recovered = await runtime.agents.recover(snap.id)
-    assert recovered.plugins == ["notes"]
+    recovery = await runtime.agents.recover(snap.id)
+    assert recovery.agent.plugins == ["notes"]
+    assert recovery.not_restored == {"faulty": "it is not installed any more"}
+
+
+async def test_recover_attaches_a_plugin_reinstalled_with_the_same_files(
+    runtime: Runtime,
+) -> None:
+    await runtime.agents.spawn("fay", ["faulty"])
+    snap = await runtime.agents.snapshot("fay")
+    runtime.plugins.install(FAULTY_DIR, replace=True)  # the same files: the same plugin
+    recovery = await runtime.agents.recover(snap.id)
+    assert recovery.agent.plugins == ["faulty"]
+    assert recovery.not_restored == {}
 
 
 async def test_anonymous_agent_is_used_without_a_token(runtime: Runtime) -> None:

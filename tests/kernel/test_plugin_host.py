@@ -8,7 +8,8 @@ import json
 import resource
 import shutil
 import signal
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,57 @@ async def test_tool_names_must_be_unique_across_plugins(make_runtime: Any, tmp_p
     with pytest.raises(Conflict, match=r"faulty_echo|faulty_crash"):
         runtime.plugins.install(twin)
     assert runtime.store.get_plugin("faulty-twin") is None
+
+
+def race(*installs: Callable[[], object]) -> list[object]:
+    """Run the installs in threads released at once (as two `mcp0 plugin install` processes,
+    each with a Runtime of its own); what each returned or raised, in order."""
+    barrier = threading.Barrier(len(installs))
+    outcomes: list[object] = [None] * len(installs)
+
+    def run(i: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            outcomes[i] = installs[i]()
+        except Exception as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(installs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    return outcomes
+
+
+def slow_copy(tmp_path: Path, **changes: Any) -> Path:
+    """A faulty copy with 32 MiB more to copy: installing it takes a while."""
+    source = edited_copy(tmp_path, FAULTY_DIR, **changes)
+    (source / "blob.bin").write_bytes(bytes(32 << 20))
+    return source
+
+
+@pytest.mark.parametrize("clash", ["same name", "same tool names"])
+async def test_of_two_installs_racing_one_wins_and_the_other_gets_a_conflict(
+    make_runtime: Any, tmp_path: Path, clash: str
+) -> None:
+    # Both checked before either wrote: both were installed (the second over the first,
+    # or two plugins serving the same tools).
+    first, second = make_runtime(), make_runtime()  # one data dir, two stores
+    source_a = slow_copy(tmp_path)
+    source_b = slow_copy(tmp_path) if clash == "same name" else slow_copy(tmp_path, name="twin")
+    outcomes = race(
+        lambda: first.plugins.install(source_a), lambda: second.plugins.install(source_b)
+    )
+    conflicts = [o for o in outcomes if isinstance(o, Conflict)]
+    assert len(conflicts) == 1, outcomes
+    said = "already installed" if clash == "same name" else "already provided by plugin"
+    assert said in conflicts[0].message
+    (record,) = first.store.list_plugins()
+    assert (Path(record.path) / "faulty_plugin.py").is_file()
+    # the loser's copy is gone: only the recorded one is left
+    assert [p.name for p in (first.settings.plugins_dir).glob("*/*")] == [Path(record.path).name]
 
 
 async def test_an_invalid_manifest_is_refused(make_runtime: Any, tmp_path: Path) -> None:

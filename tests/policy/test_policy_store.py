@@ -30,6 +30,19 @@ def test_reload_puts_new_policies_in_force(tmp_path: Path) -> None:
     assert not old_engine.decide(BOB_CALL).allowed
 
 
+def test_a_policy_file_starting_with_a_byte_order_mark_is_put_in_force(tmp_path: Path) -> None:
+    # as Notepad saves UTF-8: Cedar took the BOM for a token and refused the file
+    write_default_policies(tmp_path)
+    store = PolicyStore(tmp_path)
+    (tmp_path / "bob.cedar").write_text(
+        '@id("bob-notes")\n@reason("bob may list notes")\n'
+        'permit (principal == Agent::"bob", action, resource == Tool::"notes_list");\n',
+        encoding="utf-8-sig",
+    )
+    assert store.refresh() is not None
+    assert store.require(BOB_CALL).policies == ("bob-notes",)
+
+
 def test_invalid_reload_keeps_the_old_set(tmp_path: Path) -> None:
     write_default_policies(tmp_path)
     store = PolicyStore(tmp_path)

@@ -134,11 +134,15 @@ async def test_agent_lifecycle_through_the_admin_api(admin: Admin) -> None:
     assert terminated.status_code == 200
     assert terminated.json()["status"] == "terminated"
     assert (await mcp_call(live, token, "faulty_echo", {"text": "x"})).status_code == 401
+    again = await admin.call("DELETE", "/agents/worker")  # not terminated (nor audited) twice
+    assert again.status_code == 409
+    assert again.json()["error"]["message"].startswith("agent 'worker' is already terminated")
     # recover from the snapshot: active again, plugins back, same token
     recovered = await admin.call("POST", f"/snapshots/{snapshot_id}/recover")
     assert recovered.status_code == 200
     assert recovered.json()["status"] == "active"
     assert recovered.json()["plugins"] == ["notes", "faulty"]
+    assert recovered.json()["not_restored"] == []
     back = (await mcp_call(live, token, "faulty_echo", {"text": "back"})).json()
     assert back["result"]["content"][0]["text"] == "back"
     # every step is in the audit log

@@ -18,6 +18,7 @@ from mcp_zero.plugin import (
     text,
 )
 from mcp_zero.sandbox import results
+from mcp_zero.sandbox.frames import LARGE_FRAME_CHARS, encode_result
 
 
 def test_helpers_build_mcp_blocks():
@@ -57,6 +58,27 @@ def test_tool_results_are_normalised():
         results.tool_result(object())
     with pytest.raises(TypeError):
         results.tool_result([{"not": "a block"}])
+
+
+def test_a_tool_result_of_one_string_or_block_is_one_block_not_split():
+    # a str is iterable: taken as a list, "done" was four one-letter text blocks
+    assert results.tool_result(ToolResult("done", {"n": 1})) == {
+        "content": [{"type": "text", "text": "done"}],
+        "structuredContent": {"n": 1},
+    }
+    assert ToolResult("done").content == ["done"]
+    assert ToolResult(text("a block")).content == [{"type": "text", "text": "a block"}]
+    assert ToolResult(b for b in ("a", "b")).content == ["a", "b"]
+    for wrong in (7, b"bytes"):
+        with pytest.raises(TypeError, match="a str, a content block or a list of them"):
+            ToolResult(wrong)
+
+
+def test_a_large_frame_with_nan_is_refused_not_written_as_nan():
+    # past LARGE_FRAME_CHARS the stdlib encodes, and it writes NaN, which no JSON reader takes
+    frame = {"id": 1, "result": {"big": "x" * (LARGE_FRAME_CHARS + 1), "n": float("nan")}}
+    with pytest.raises(TypeError, match="not JSON compliant"):
+        encode_result(frame)
 
 
 def test_resource_prompt_completion_results():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -26,6 +27,7 @@ from mcp_zero.errors import (
 )
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S
 
 pytestmark = pytest.mark.anyio
 ANSWERS = {
@@ -100,6 +102,28 @@ async def test_async_tool_results_and_failures(make_runtime):
     long = await call(rt, "afail", {"how": "long"})
     assert long["content"][0]["text"] == "x" * (1 << 20) + "y"
     assert "isError" not in long
+    assert rt.pids == [pid]
+
+
+@pytest.mark.parametrize(
+    ("how", "where"),
+    [
+        ("dict", "structuredContent.mean is nan"),
+        ("structured", "structuredContent.bounds[1] is inf"),
+        ("block", "content[0].annotations.priority is nan"),
+        ("number", "the result is -inf"),
+    ],
+)
+async def test_a_result_holding_nan_or_infinity_is_an_error_result(make_runtime, how, where):
+    # JSON has no NaN: it was sent as "NaN" in the text block (not JSON) and null beside it
+    rt = await make_runtime()
+    pid = rt.pids[0]
+    result = await call(rt, "not_finite", {"how": how})
+    assert result["isError"] is True
+    assert "structuredContent" not in result
+    message = result["content"][0]["text"]
+    assert message.startswith(f"TypeError: {where}, which JSON cannot express")
+    assert (await call(rt, "echo"))["content"][0]["text"] == "hi"
     assert rt.pids == [pid]
 
 
@@ -327,15 +351,55 @@ async def test_a_worker_flooding_its_pipe_is_killed_at_the_frame_limit(make_runt
     assert who["structuredContent"]["pid"] != first
 
 
+DROPPED = re.compile(r"(\d+) lines \((\d+) bytes\) dropped")
+
+
+def stderr_seen(caplog, prefix):
+    """The kit's stderr lines logged (those starting with ``prefix``), and the lines and
+    bytes the log says were dropped."""
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+    reports = [DROPPED.search(r.getMessage()) for r in caplog.records]
+    dropped = [(int(m[1]), int(m[2])) for m in reports if m]
+    return logged, sum(n for n, _ in dropped), sum(b for _, b in dropped), len(dropped)
+
+
+async def test_a_plugin_writing_stderr_in_a_loop_is_logged_within_its_budget(make_runtime, caplog):
+    caplog.set_level(logging.INFO, logger="mcp_zero.sandbox.plugin.kit")
+    rt = await make_runtime()
+    started = time.monotonic()
+    assert (await call(rt, "spew", {"lines": 50_000}))["content"][0]["text"] == "spewed"
+
+    def accounted() -> int:
+        logged, dropped, _, _ = stderr_seen(caplog, "spew ")
+        return len(logged) + dropped
+
+    with anyio.fail_after(10):
+        while accounted() < 50_000:
+            await anyio.sleep(0.05)
+    elapsed = time.monotonic() - started
+    logged, dropped, _, reports = stderr_seen(caplog, "spew ")
+    assert len(logged) + dropped == 50_000  # each line is logged or counted, none twice
+    assert logged[: BURST_LINES - 5] == [f"spew {i}" for i in range(BURST_LINES - 5)]
+    assert len(logged) <= BURST_LINES + LINES_PER_S * elapsed + 1
+    assert 1 <= reports <= elapsed / 1.0 + 2  # about one report a second while it drops
+    assert (await call(rt, "echo", {"text": "after"}))["content"][0]["text"] == "after"
+
+
 async def test_stderr_without_newlines_is_logged_in_pieces(make_runtime, caplog):
     caplog.set_level(logging.INFO, logger="mcp_zero.sandbox.plugin.kit")
     rt = await make_runtime()
-    assert (await call(rt, "shout", {"mb": 4}))["content"][0]["text"] == "shouted"
-    with anyio.fail_after(5):
-        while sum(len(r.getMessage()) for r in caplog.records) < (4 << 20) - (8 << 10):
+    assert (await call(rt, "shout", {"mb": 1}))["content"][0]["text"] == "shouted"
+
+    def accounted() -> int:
+        logged, _, dropped_bytes, _ = stderr_seen(caplog, "y")
+        return sum(len(p) for p in logged) + dropped_bytes
+
+    with anyio.fail_after(10):
+        while accounted() < (1 << 20) - (8 << 10):  # the last piece may wait for more
             await anyio.sleep(0.01)
-    pieces = [r.getMessage() for r in caplog.records if r.getMessage().startswith("y")]
-    assert max(len(p) for p in pieces) == 8 << 10  # never one 4 MiB line held and logged
+    pieces = stderr_seen(caplog, "y")[0]
+    assert max(len(p) for p in pieces) == 8 << 10  # never one 1 MiB line held and logged
+    assert accounted() <= 1 << 20
     assert (await call(rt, "echo", {"text": "after"}))["content"][0]["text"] == "after"
 
 

@@ -17,7 +17,7 @@ from mcp_zero.storage import (
     SnapshotRecord,
     SqliteStore,
 )
-from mcp_zero.storage.migrations import SCHEMA_VERSION
+from mcp_zero.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -91,6 +91,22 @@ def test_update_missing_agent_raises_agent_not_found(store: SqliteStore) -> None
         store.update_agent(AgentRecord(name="ghost", token_hash="h"))
 
 
+def test_an_agent_check_that_raises_cancels_the_update(store: SqliteStore) -> None:
+    store.create_agent(AgentRecord(name="alice", token_hash="h", status="terminated"))
+    seen: list[str] = []
+
+    def refuse(stored: AgentRecord) -> None:
+        seen.append(stored.status)
+        raise Conflict("no")
+
+    with pytest.raises(Conflict):
+        store.update_agent(AgentRecord(name="alice", token_hash="h2"), check=refuse)
+    assert seen == ["terminated"]
+    assert store.get_agent("alice") == AgentRecord(
+        name="alice", token_hash="h", status="terminated"
+    )
+
+
 def test_token_hash_lookup_uses_the_index(db: Path, store: SqliteStore) -> None:
     raw = sqlite3.connect(db)
     try:
@@ -105,13 +121,13 @@ def test_token_hash_lookup_uses_the_index(db: Path, store: SqliteStore) -> None:
 def test_plugins_put_replace_delete_bump_the_version(db: Path, store: SqliteStore) -> None:
     v0 = store.plugins_version()
     fs = PluginRecord(name="fs", version="1.0", manifest={"tools": [{"name": "read"}]}, path="/p")
-    store.put_plugin(fs)
+    assert store.put_plugin(fs) is None
     assert store.get_plugin("fs") == fs
     v1 = store.plugins_version()
     assert v1 > v0
 
     fs2 = PluginRecord(name="fs", version="2.0", manifest={}, path="/p2", installed_at=3)
-    store.put_plugin(fs2)
+    assert store.put_plugin(fs2) == fs  # what it replaced
     assert store.list_plugins() == [fs2]
     v2 = store.plugins_version()
     assert v2 > v1
@@ -132,6 +148,24 @@ def test_plugins_put_replace_delete_bump_the_version(db: Path, store: SqliteStor
     assert v4 > v3
     assert store.delete_plugin("fs") is None
     assert store.plugins_version() == v4
+
+
+def test_a_plugin_check_that_raises_cancels_the_write(store: SqliteStore) -> None:
+    seen: list[list[str]] = []
+    store.put_plugin(PluginRecord(name="fs", version="1", manifest={}, path="/p"))
+
+    def refuse(installed: list[PluginRecord]) -> None:
+        seen.append([p.name for p in installed])
+        raise Conflict("no")
+
+    version = store.plugins_version()
+    with pytest.raises(Conflict):
+        store.put_plugin(
+            PluginRecord(name="web", version="1", manifest={}, path="/w"), check=refuse
+        )
+    assert seen == [["fs"]]
+    assert [p.name for p in store.list_plugins()] == ["fs"]
+    assert store.plugins_version() == version
 
 
 def test_snapshots_are_immutable(store: SqliteStore) -> None:
@@ -162,6 +196,25 @@ def test_reopen_keeps_data_and_does_not_migrate_again(db: Path) -> None:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         raw.close()
+
+
+def test_plugins_of_the_first_schema_get_an_empty_digest(db: Path) -> None:
+    db.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(db, isolation_level=None)
+    try:
+        for statement in MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("INSERT INTO plugins VALUES ('fs', '1', '{}', '/p', 2.0)")
+    finally:
+        raw.close()
+    with SqliteStore(db) as store:
+        fs = PluginRecord(name="fs", version="1", manifest={}, path="/p", installed_at=2.0)
+        assert store.get_plugin("fs") == fs
+        assert fs.digest == ""
+        web = PluginRecord(name="web", version="1", manifest={}, path="/w", digest="ab")
+        store.put_plugin(web)
+        assert store.get_plugin("web") == web
 
 
 def test_database_from_a_newer_release_is_refused(db: Path) -> None:

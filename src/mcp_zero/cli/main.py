@@ -1,7 +1,8 @@
 """``mcp0``: serve, and manage agents, plugins, policies and the audit log of a data dir.
 
 Every command takes ``--data-dir`` and ``--json`` (stable output shapes for scripts:
-see docs/cli.md). Errors print one line to stderr and exit with status 1.
+see docs/cli.md). Errors print one line to stderr and exit with status 1; usage errors
+print the usage line before it and exit with status 2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
@@ -107,7 +108,53 @@ def _runtime(
         runtime.close()
 
 
-@click.group()
+class _UsageError(click.UsageError):
+    """A usage error shown as docs/cli.md says errors are: the command's usage line, where
+    help is, then one ``mcp0: error: …`` line; exit status 2."""
+
+    def __init__(self, cause: click.UsageError) -> None:
+        message = cause.format_message()
+        if message[1:2].islower():  # click's "Missing argument": ours start in lower case
+            message = message[0].lower() + message[1:]
+        super().__init__(message, cause.ctx)
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        if self.ctx is not None:
+            click.echo(self.ctx.get_usage(), file=file, err=True)
+            click.echo(f"Try '{self.ctx.command_path} --help' for help.", file=file, err=True)
+        click.echo(f"mcp0: error: {self.message}", file=file, err=True)
+
+
+@contextmanager
+def _documented_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except (click.exceptions.NoArgsIsHelpError, _UsageError):
+        raise  # a group given no command shows its help; one converted already
+    except click.UsageError as exc:
+        raise _UsageError(exc) from None
+
+
+class _Main(click.Group):
+    """The ``mcp0`` group: click's usage errors (an unknown option, a missing argument, a
+    bad value) of every command below it, printed the documented way."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _documented_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _documented_usage_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="mcp0")
 def main() -> None:
     """MCP-ZERO: a governed, verifiable runtime for AI agents and their MCP tools."""
@@ -270,10 +317,14 @@ def agent_snapshot(
 def agent_recover(
     config_file: Path | None, data_dir: Path | None, as_json: bool, snapshot_id: str
 ) -> None:
-    """Restore an agent from SNAPSHOT_ID."""
+    """Restore an agent from SNAPSHOT_ID (a plugin replaced since is not attached again)."""
+    from mcp_zero.kernel.agents import recovery_view
+
     with _runtime(config_file, data_dir) as rt:
-        view = _agent_view(asyncio.run(rt.agents.recover(snapshot_id, via="cli")))
-    _out(as_json, view, f"agent {view['name']} recovered from {snapshot_id}")
+        view = recovery_view(asyncio.run(rt.agents.recover(snapshot_id, via="cli")))
+    lines = [f"agent {view['name']} recovered from {snapshot_id}"]
+    lines += [f"not attached again: {n['plugin']}: {n['reason']}" for n in view["not_restored"]]
+    _out(as_json, view, "\n".join(lines))
 
 
 @agent.command("exec")

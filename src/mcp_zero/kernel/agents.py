@@ -15,6 +15,7 @@ from typing import Any
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.errors import (
     AgentNotFound,
+    Conflict,
     InvalidParams,
     PluginNotFound,
     SnapshotNotFound,
@@ -37,6 +38,26 @@ PRINCIPAL_TTL_S = 2.0
 class SpawnedAgent:
     agent: AgentRecord
     token: str  # shown once; only its hash is stored
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """An agent restored from a snapshot, and the plugins it had then that were not
+    attached again (name -> why): the plugin installed under that name now is another."""
+
+    agent: AgentRecord
+    not_restored: dict[str, str]
+
+
+def recovery_view(recovery: Recovery) -> JSON:
+    """A recovery as the admin API and ``--json`` output show it: the agent and
+    ``not_restored``, a list of ``{"plugin", "reason"}``."""
+    return {
+        **agent_view(recovery.agent),
+        "not_restored": [
+            {"plugin": plugin, "reason": reason} for plugin, reason in recovery.not_restored.items()
+        ],
+    }
 
 
 def agent_view(agent: AgentRecord) -> JSON:
@@ -66,6 +87,15 @@ def require_agent(store: Store, name: str) -> AgentRecord:
     if agent is None:
         raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
     return agent
+
+
+def _not_terminated(agent: AgentRecord) -> None:
+    if agent.status == "terminated":
+        raise Conflict(
+            f"agent {agent.name!r} is already terminated; recover it from a snapshot "
+            "('mcp0 agent recover SNAPSHOT_ID') to use it again",
+            data={"agent": agent.name},
+        )
 
 
 class AgentService:
@@ -179,43 +209,96 @@ class AgentService:
         return agent
 
     async def terminate(self, name: str, *, via: str = "admin") -> AgentRecord:
-        """Revoke agent ``name``: its token stops working at once (in this process)."""
+        """Revoke agent ``name``: its token stops working at once (in this process).
+
+        Raises AgentNotFound, and Conflict when the agent is terminated already (also by
+        another process at the same time): it is not terminated, nor audited, twice.
+        """
         agent = self.get(name)
         await self._authorize(Verb.TERMINATE_AGENT, name, via)
         agent.status = "terminated"
-        self.store.update_agent(agent)
+        self.store.update_agent(agent, check=_not_terminated)
         self._forget(name)
         await self._audit(Verb.TERMINATE_AGENT, name, via, {})
         return agent
 
     async def snapshot(self, name: str, *, via: str = "admin") -> SnapshotRecord:
-        """Persist the agent's plugins, state and status; returns the snapshot (with its id)."""
+        """Persist the agent's plugins (and which installed copy of each), state and status;
+        returns the snapshot (with its id)."""
         agent = self.get(name)
         await self._authorize(Verb.SNAPSHOT_AGENT, name, via)
+        copies = {}
+        for plugin in agent.plugins:
+            record = self.store.get_plugin(plugin)
+            if record is not None:
+                copies[plugin] = {"version": record.version, "sha256": record.digest}
         snap = SnapshotRecord(
             id="snap_" + secrets.token_hex(12),
             agent=name,
-            data={"plugins": list(agent.plugins), "state": agent.state, "status": agent.status},
+            data={
+                "plugins": list(agent.plugins),
+                "plugin_copies": copies,
+                "state": agent.state,
+                "status": agent.status,
+            },
             created_at=time.time(),
         )
         self.store.put_snapshot(snap)
         await self._audit(Verb.SNAPSHOT_AGENT, name, via, {"snapshot_id": snap.id})
         return snap
 
-    async def recover(self, snapshot_id: str, *, via: str = "admin") -> AgentRecord:
-        """Restore an agent from a snapshot (also after terminate); its token is kept."""
+    async def recover(self, snapshot_id: str, *, via: str = "admin") -> Recovery:
+        """Restore an agent from a snapshot (also after terminate); its token is kept.
+
+        A plugin is attached again only if the copy installed under its name is the one the
+        snapshot saw (same files); one removed, upgraded or replaced by another plugin since
+        is left out and reported in ``not_restored``, as in the audit record: granting the
+        agent a plugin it never had is an attach, for the admin to decide.
+        """
         snap = self.store.get_snapshot(snapshot_id)
         if snap is None:
             raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
         agent = self.get(snap.agent)
         await self._authorize(Verb.RECOVER_AGENT, agent.name, via)
-        agent.plugins = [p for p in snap.data.get("plugins", []) if self.store.get_plugin(p)]
+        copies = snap.data.get("plugin_copies") or {}
+        plugins, not_restored = [], {}
+        for plugin in snap.data.get("plugins", []):
+            changed = self._changed_since(plugin, copies.get(plugin))
+            if changed is None:
+                plugins.append(plugin)
+            else:
+                not_restored[plugin] = changed
+        agent.plugins = plugins
         agent.state = dict(snap.data.get("state", {}))
         agent.status = str(snap.data.get("status", "active"))
         self.store.update_agent(agent)
         self._forget(agent.name)
-        await self._audit(Verb.RECOVER_AGENT, agent.name, via, {"snapshot_id": snapshot_id})
-        return agent
+        detail: JSON = {"snapshot_id": snapshot_id}
+        if not_restored:
+            detail["not_restored"] = not_restored
+        await self._audit(Verb.RECOVER_AGENT, agent.name, via, detail)
+        return Recovery(agent, not_restored)
+
+    def _changed_since(self, plugin: str, then: Any) -> str | None:
+        """Why plugin ``plugin`` as installed now is not the copy a snapshot saw (``then``:
+        its ``{"version", "sha256"}``), or None when it is."""
+        now = self.store.get_plugin(plugin)
+        if now is None:
+            return "it is not installed any more"
+        again = "attach it again ('mcp0 agent attach') if the agent is to have it"
+        if not isinstance(then, dict) or not then.get("sha256") or not now.digest:
+            return f"which copy of it the snapshot saw is not known (an older install); {again}"
+        if then["sha256"] == now.digest:
+            return None
+        if then.get("version") != now.version:
+            return (
+                f"the plugin installed under this name now (version {now.version}) is not the "
+                f"one the snapshot saw (version {then.get('version')}); {again}"
+            )
+        return (
+            f"the plugin installed under this name now has other files than the one the "
+            f"snapshot saw (both version {now.version}); {again}"
+        )
 
     def _check_plugins(self, plugins: list[str]) -> list[str]:
         for plugin in plugins:

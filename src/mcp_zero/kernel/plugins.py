@@ -9,6 +9,7 @@ through the store's ``plugins_version`` and rebuilds its index.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -79,21 +80,42 @@ MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
 _NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
 
 
+def _special_kind(mode: int) -> str | None:
+    """What a file that is neither regular nor a directory is, for an error message."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "not a regular file"
+
+
 def _check_tree(source: Path) -> None:
     """Refuse what must not be copied into the data dir: a symbolic link (one to ``/`` would
-    copy the whole file system) and a tree over MAX_PLUGIN_BYTES."""
+    copy the whole file system), a special file (a FIFO or a socket cannot be copied; a
+    device must not be read), and a tree over MAX_PLUGIN_BYTES."""
     total = 0
     for root, dirs, files in os.walk(source):  # does not follow links
         ignored = _NOT_COPIED(root, dirs + files)
         dirs[:] = [d for d in dirs if d not in ignored]
         for name in dirs + [f for f in files if f not in ignored]:
-            info = os.lstat(os.path.join(root, name))
+            path = Path(root, name)
+            info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
-                path = Path(root, name)
                 raise ManifestError(
                     f"{path.relative_to(source)} in {source} is a symbolic link (to "
                     f"{os.readlink(path)}): a plugin is installed as a copy of its files; put "
                     "the file itself there"
+                )
+            kind = _special_kind(info.st_mode)
+            if kind is not None:
+                raise ManifestError(
+                    f"{path.relative_to(source)} in {source} is {kind}: a plugin directory "
+                    "may hold only regular files and directories; remove it, or move it "
+                    "out of the plugin"
                 )
             if stat.S_ISREG(info.st_mode):
                 total += info.st_size
@@ -101,6 +123,40 @@ def _check_tree(source: Path) -> None:
             raise ManifestError(
                 f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of files, "
                 "more than a plugin may"
+            )
+
+
+def _tree_digest(root: Path) -> str:
+    """sha256 over the paths and contents of the files under ``root``: which copy it is."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix().encode()
+        digest.update(len(name).to_bytes(4, "big") + name)
+        with path.open("rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _check_unique(manifest: PluginManifest, installed: list[PluginRecord], replace: bool) -> None:
+    """Raise Conflict when ``manifest``'s name is installed (unless ``replace``) or one of its
+    tool names is another installed plugin's."""
+    existing = next((r for r in installed if r.name == manifest.name), None)
+    if existing is not None and not replace:
+        raise Conflict(
+            f"plugin {manifest.name!r} is already installed (version {existing.version}); "
+            "remove it first or install with --replace"
+        )
+    taken = {
+        tool["name"]: record.name
+        for record in installed
+        if record.name != manifest.name
+        for tool in record.manifest.get("tools", [])
+    }
+    for tool in manifest.tools:
+        if tool.name in taken:
+            raise Conflict(
+                f"tool {tool.name!r} of plugin {manifest.name!r} is already provided by "
+                f"plugin {taken[tool.name]!r}; tool names must be unique across plugins"
             )
 
 
@@ -139,50 +195,40 @@ class PluginHost:
         """Validate the plugin at ``source``, copy it into the data dir and record it.
 
         Raises ManifestError for an invalid plugin, Conflict when the name is
-        installed (unless ``replace``) or a tool name is taken by another plugin.
+        installed (unless ``replace``) or a tool name is taken by another plugin;
+        of two installs racing (from two processes), one gets Conflict.
         """
         manifest = load_manifest(source)
-        existing = self.store.get_plugin(manifest.name)
-        if existing is not None and not replace:
-            raise Conflict(
-                f"plugin {manifest.name!r} is already installed (version {existing.version}); "
-                "remove it first or install with --replace"
-            )
-        taken = {
-            tool["name"]: record.name
-            for record in self.store.list_plugins()
-            if record.name != manifest.name
-            for tool in record.manifest.get("tools", [])
-        }
-        for tool in manifest.tools:
-            if tool.name in taken:
-                raise Conflict(
-                    f"tool {tool.name!r} of plugin {manifest.name!r} is already provided by "
-                    f"plugin {taken[tool.name]!r}; tool names must be unique across plugins"
-                )
+        _check_unique(manifest, self.store.list_plugins(), replace)  # before copying it all
         _check_tree(source)
-        target = self.plugins_dir / manifest.name / manifest.version
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Copied beside the target, then renamed into place: a copy that fails half-way (a
-        # full disk) leaves the installed version as it was.
-        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=target.parent))
+        parent = self.plugins_dir / manifest.name
+        parent.mkdir(parents=True, exist_ok=True)
+        # Each install copies into a directory of its own, so two installs at once never
+        # write into the same one; the record says which copy is installed.
+        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=parent))
+        target = parent / staging.name[1:]
         try:
             shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
+            digest = _tree_digest(staging)
             staging.rename(target)
+            replaced = self.store.put_plugin(
+                PluginRecord(
+                    name=manifest.name,
+                    version=manifest.version,
+                    manifest=manifest.to_dict(),
+                    path=str(target),
+                    installed_at=time.time(),
+                    digest=digest,
+                ),
+                # again, where no other install can come in between
+                check=lambda installed: _check_unique(manifest, installed, replace),
+            )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
             raise
-        self.store.put_plugin(
-            PluginRecord(
-                name=manifest.name,
-                version=manifest.version,
-                manifest=manifest.to_dict(),
-                path=str(target),
-                installed_at=time.time(),
-            )
-        )
+        if replaced is not None and Path(replaced.path) != target:
+            shutil.rmtree(Path(replaced.path), ignore_errors=True)
         return manifest
 
     def remove(self, name: str) -> list[str]:

@@ -88,7 +88,7 @@ class CompiledPolicies:
 
 
 def read_policy_dir(policy_dir: Path) -> dict[str, str]:
-    """Every ``*.cedar`` file of ``policy_dir`` by file name.
+    """Every ``*.cedar`` file of ``policy_dir`` by file name (UTF-8, a leading BOM dropped).
 
     Raises PolicyError when the directory is missing or a file cannot be read.
     """
@@ -100,7 +100,8 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
     sources: dict[str, str] = {}
     for path in sorted(policy_dir.glob(POLICY_GLOB)):
         try:
-            sources[path.name] = path.read_text(encoding="utf-8")
+            # utf-8-sig: a byte-order mark, as editors on Windows write, is not Cedar
+            sources[path.name] = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise PolicyError(
                 f"{path.name}: cannot read policy file: {exc}", data={"file": path.name}

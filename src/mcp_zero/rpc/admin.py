@@ -35,7 +35,7 @@ from mcp_zero.errors import (
     PluginNotFound,
     Unauthorized,
 )
-from mcp_zero.kernel.agents import agent_view
+from mcp_zero.kernel.agents import agent_view, recovery_view
 from mcp_zero.security.tokens import hash_token
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ class AdminApi:
         return 201, {"snapshot_id": snap.id, "agent": snap.agent, "data": snap.data}
 
     async def _recover(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
-        return 200, agent_view(await self.runtime.agents.recover(m["id"]))
+        return 200, recovery_view(await self.runtime.agents.recover(m["id"]))
 
     async def _list_plugins(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         return 200, [

@@ -11,6 +11,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+
+def _stdlib_line(frame: dict[str, Any]) -> bytes:
+    try:
+        text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:  # a NaN, an infinity or a cycle: not JSON (the stdlib writes NaN)
+        raise TypeError(str(exc)) from None
+    return (text + "\n").encode()
+
+
 try:
     import orjson
 
@@ -26,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where orjson is absent
 
     def encode(frame: dict[str, Any]) -> bytes:
         """``frame`` as one line; raises ``TypeError`` when it is not JSON-serializable."""
-        return (json.dumps(frame, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        return _stdlib_line(frame)
 
     def decode(line: bytes) -> Any:
         """The value of one line; raises ``ValueError`` when it is not JSON."""
@@ -79,7 +88,7 @@ def encode_result(frame: dict[str, Any]) -> bytes:
     """
     if not _has_large_strings(frame):
         return encode(frame)
-    return (json.dumps(frame, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    return _stdlib_line(frame)
 
 
 class LineSplitter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ MANIFEST_FILE = "plugin.json"
 _PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
 _MCP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
 _ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
+# What the worker has imported before it loads the plugin, besides the standard library:
+# a plugin module of one of these names would be shadowed by it and never loaded.
+_WORKER_MODULES = frozenset({"__main__", "mcp_zero", "orjson", "uvloop"})
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}\Z")
 # The dialects a schema may name in "$schema"; anything else is refused before it is
 # looked up (an unknown meta-schema URI would otherwise be fetched over the network).
@@ -471,6 +475,24 @@ def _quotas(raw: Any) -> Quotas:
     return Quotas(**values)
 
 
+def _check_module_name(top: str) -> None:
+    """Refuse an entry module named like a module of the standard library or of the worker:
+    the worker imports many of those before the plugin (``json`` among them), and then
+    ``import`` finds its module instead of the plugin's; one it has not imported yet the
+    plugin's would hide, from the plugin and from the worker alike."""
+    if top in sys.stdlib_module_names:
+        clash = "a module of Python's standard library"
+    elif top in _WORKER_MODULES:
+        clash = "a module the plugin worker itself imports"
+    else:
+        return
+    raise _fail(
+        "entry",
+        f"module {top!r} has the name of {clash}: in the worker one would hide the other; "
+        f"rename the plugin's module (e.g. to plugin_{top.strip('_')}.py) and its entry",
+    )
+
+
 def parse_manifest(raw: Any) -> PluginManifest:
     """Validate a decoded ``plugin.json``; raises :class:`ManifestError` naming the field."""
     d = _obj(raw, "manifest")
@@ -517,7 +539,8 @@ def parse_manifest(raw: Any) -> PluginManifest:
 
 
 def load_manifest(plugin_dir: str | Path) -> PluginManifest:
-    """Read and validate ``plugin_dir/plugin.json`` and check its entry module exists.
+    """Read and validate ``plugin_dir/plugin.json`` and check its entry module exists and
+    is not named like a module of the standard library or of the worker.
 
     Raises :class:`ManifestError` when the file is missing, not JSON, or invalid.
     """
@@ -529,6 +552,7 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read plugin.json ({exc})") from None
     manifest = parse_manifest(raw)
+    _check_module_name(manifest.entry.partition(":")[0].partition(".")[0])
     module = manifest.entry.partition(":")[0].replace(".", "/")
     base = Path(plugin_dir)
     if not ((base / f"{module}.py").is_file() or (base / module / "__init__.py").is_file()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from mcp_zero.errors import (
 )
 from mcp_zero.sandbox.base import ClientBridge
 from mcp_zero.sandbox.manifest import PluginManifest
+from mcp_zero.sandbox.stderr import StderrBudget
 from mcp_zero.sandbox.worker_process import WorkerProcess
 
 JSON = dict[str, Any]
@@ -77,6 +79,10 @@ class ProcessRuntime:
         self._failures = [0] * n
         self._retired: set[WorkerProcess] = set()
         self._closed = False
+        # One for all the workers, restarted ones too: a crash loop earns no fresh allowance.
+        self._stderr_budget = StderrBudget(
+            logging.getLogger(f"mcp_zero.sandbox.plugin.{self.name}")
+        )
         self._argv = [
             python or sys.executable,
             "-P",  # no cwd (the writable data dir) on sys.path
@@ -184,6 +190,7 @@ class ProcessRuntime:
                 cancel_grace=self._grace,
                 on_exit=self._on_exit,
                 on_retire=self._on_retire,
+                stderr_budget=self._stderr_budget,
             )
             try:
                 ready = await worker.start(self._start_timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 from mcp_zero.plugin import Content, ToolResult
@@ -27,32 +28,67 @@ def _block(item: Any) -> JSON:
     )
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+def _dumps(value: Any, where: str = "the result") -> str:
+    try:
+        return json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False
+        )
+    except ValueError:  # a NaN or an infinity: Python writes them, JSON has no such numbers
+        _require_finite(value, where)
+        raise
+
+
+def _require_finite(value: Any, where: str) -> None:
+    """Raise ``TypeError`` naming the first NaN or infinity in ``value`` (found at ``where``)."""
+    pending = [(value, where)]
+    seen: set[int] = set()  # a container holding itself is walked once
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise TypeError(
+                f"{path} is {item}, which JSON cannot express (it has no NaN or Infinity); "
+                "return None or a string there instead"
+            )
+        if isinstance(item, dict | list | tuple):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+        if isinstance(item, dict):
+            pending.extend((v, f"{path}.{k}") for k, v in reversed(item.items()))
+        elif isinstance(item, list | tuple):
+            pending.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
 
 
 def tool_result(value: Any) -> JSON:
-    """A ``CallToolResult`` for a tool's return value (see :mod:`mcp_zero.plugin`)."""
+    """A ``CallToolResult`` for a tool's return value (see :mod:`mcp_zero.plugin`).
+
+    Raises ``TypeError`` also for a float NaN or infinity anywhere in it, naming where.
+    """
     if isinstance(value, str):
         return {"content": [{"type": "text", "text": value}]}
     if value is None:
         return {"content": []}
     if isinstance(value, Content):
+        _require_finite(value, "content[0]")
         return {"content": [dict(value)]}
     if isinstance(value, dict):
         return {
-            "content": [{"type": "text", "text": _dumps(value)}],
+            "content": [{"type": "text", "text": _dumps(value, "structuredContent")}],
             "structuredContent": value,
         }
     if isinstance(value, ToolResult):
         out: JSON = {"content": [_block(b) for b in value.content]}
+        _require_finite(out["content"], "content")
         if value.structured is not None:
+            _require_finite(value.structured, "structuredContent")
             out["structuredContent"] = value.structured
         if value.is_error:
             out["isError"] = True
         return out
     if isinstance(value, list | tuple):
-        return {"content": [_block(b) for b in value]}
+        out = {"content": [_block(b) for b in value]}
+        _require_finite(out["content"], "content")
+        return out
     if isinstance(value, int | float | bool):
         return {"content": [{"type": "text", "text": _dumps(value)}]}
     raise TypeError(f"a tool cannot return {type(value).__name__}; return str, dict or content")

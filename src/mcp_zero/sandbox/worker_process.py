@@ -25,6 +25,7 @@ from typing import Any, cast
 from mcp_zero.errors import McpZeroError, PluginCrashed, PluginFailure, ToolTimeout
 from mcp_zero.sandbox.base import ClientBridge
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
+from mcp_zero.sandbox.stderr import StderrBudget
 
 JSON = dict[str, Any]
 _STDERR_TAIL_LINES = 40
@@ -49,7 +50,8 @@ class WorkerProcess:
     """One running worker. Create, ``await start()``, then ``await call(...)`` concurrently.
 
     ``on_exit`` runs once when the child has gone; ``on_retire`` when the child asks
-    to be replaced (it then finishes its calls and exits).
+    to be replaced (it then finishes its calls and exits). Its stderr is logged within
+    ``stderr_budget`` (the plugin's, shared by its workers; one of its own if None).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class WorkerProcess:
         cancel_grace: float,
         on_exit: Callable[[WorkerProcess], None],
         on_retire: Callable[[WorkerProcess], None],
+        stderr_budget: StderrBudget | None = None,
     ) -> None:
         self.plugin = plugin
         self.pid = 0
@@ -79,9 +82,10 @@ class WorkerProcess:
         self._calls: dict[int, _Call] = {}
         self._zombies: dict[int, asyncio.TimerHandle] = {}
         self._ids = itertools.count(1)
-        self._stderr: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self._stderr: deque[bytes] = deque(maxlen=_STDERR_TAIL_LINES)  # also lines not logged
         self._stderr_partial = b""
         self._log = logging.getLogger(f"mcp_zero.sandbox.plugin.{plugin}")
+        self._stderr_budget = stderr_budget or StderrBudget(self._log)
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,7 +102,7 @@ class WorkerProcess:
 
     def stderr_tail(self) -> str:
         """The last lines the worker wrote to stderr (plugin prints, tracebacks)."""
-        return "\n".join(self._stderr)
+        return "\n".join(raw.decode("utf-8", "replace") for raw in self._stderr)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -367,7 +371,8 @@ class WorkerProcess:
             )
 
     def on_stderr(self, data: bytes) -> None:
-        """Keep the tail of the worker's stderr and pass its lines to logging."""
+        """Keep the tail of the worker's stderr and pass its lines to logging, within the
+        plugin's stderr budget (a plugin writing stderr in a loop must not fill the disk)."""
         data = self._stderr_partial + data
         *lines, partial = data.split(b"\n")
         if len(partial) > _STDERR_LINE_BYTES:  # no newline coming: do not hold it all
@@ -379,9 +384,8 @@ class WorkerProcess:
                 self._stderr_line(whole[start : start + _STDERR_LINE_BYTES])
 
     def _stderr_line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace")
-        self._stderr.append(line)
-        self._log.info("%s", line)
+        self._stderr.append(raw)
+        self._stderr_budget.emit(raw)
 
     # -- death ----------------------------------------------------------------
 
@@ -398,7 +402,7 @@ class WorkerProcess:
         self._maybe_gone()
 
     def _last_words(self) -> str:
-        lines = [line for line in self._stderr if line.strip()]
+        lines = [raw.decode("utf-8", "replace") for raw in self._stderr if raw.strip()]
         return " | ".join(lines[-3:]) if lines else "(nothing)"
 
     def _describe_exit(self) -> str:
@@ -419,8 +423,9 @@ class WorkerProcess:
         self.alive = False
         self.returncode = self._transport.get_returncode()
         if self._stderr_partial:
-            self._stderr.append(self._stderr_partial.decode("utf-8", "replace"))
+            self._stderr.append(self._stderr_partial)
             self._stderr_partial = b""
+        self._stderr_budget.report()  # what it dropped, before what its death brings
         described = self._describe_exit()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(

@@ -10,6 +10,7 @@ at a time); ``append_audit_batch`` returns only once the batch is durable
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ class PluginRecord:
     manifest: dict[str, Any]  # the manifest as installed (JSON)
     path: str  # installed plugin directory
     installed_at: float = 0.0
+    digest: str = ""  # sha256 of the installed files ('' for copies installed before it was kept)
 
 
 @dataclass(slots=True)
@@ -58,10 +60,19 @@ class Store(Protocol):
     def get_agent(self, name: str) -> AgentRecord | None: ...
     def agent_by_token_hash(self, token_hash: str) -> AgentRecord | None: ...
     def list_agents(self) -> list[AgentRecord]: ...
-    def update_agent(self, agent: AgentRecord) -> None: ...  # AgentNotFound if missing
+    # AgentNotFound if missing; check(stored agent) runs in the same write transaction
+    def update_agent(
+        self, agent: AgentRecord, *, check: Callable[[AgentRecord], None] | None = None
+    ) -> None: ...
 
     # plugins
-    def put_plugin(self, plugin: PluginRecord) -> None: ...  # insert or replace
+    # insert or replace; check(installed plugins) runs in the same write transaction
+    def put_plugin(
+        self,
+        plugin: PluginRecord,
+        *,
+        check: Callable[[list[PluginRecord]], None] | None = None,
+    ) -> PluginRecord | None: ...  # the record it replaced
     def get_plugin(self, name: str) -> PluginRecord | None: ...
     def list_plugins(self) -> list[PluginRecord]: ...
     def delete_plugin(self, name: str) -> list[str] | None: ...  # detached agents; None: no such

@@ -54,6 +54,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
            BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
     ),
+    # 2: which copy of a plugin is installed (sha256 of its files), so that a snapshot can
+    # tell it from another plugin installed later under the same name; '' before this step.
+    ("ALTER TABLE plugins ADD COLUMN digest TEXT NOT NULL DEFAULT ''",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -49,11 +49,15 @@ _ALL_AGENTS = (
     "SELECT name, token_hash, plugins, state, status, created_at FROM agents ORDER BY name"
 )
 _PUT_PLUGIN = (
-    "INSERT OR REPLACE INTO plugins (name, version, manifest, path, installed_at) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO plugins (name, version, manifest, path, installed_at, digest) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
-_PLUGIN_BY_NAME = "SELECT name, version, manifest, path, installed_at FROM plugins WHERE name = ?"
-_ALL_PLUGINS = "SELECT name, version, manifest, path, installed_at FROM plugins ORDER BY name"
+_PLUGIN_BY_NAME = (
+    "SELECT name, version, manifest, path, installed_at, digest FROM plugins WHERE name = ?"
+)
+_ALL_PLUGINS = (
+    "SELECT name, version, manifest, path, installed_at, digest FROM plugins ORDER BY name"
+)
 _INSERT_SNAPSHOT = "INSERT INTO snapshots (id, agent, data, created_at) VALUES (?, ?, ?, ?)"
 _SNAPSHOT_BY_ID = "SELECT id, agent, data, created_at FROM snapshots WHERE id = ?"
 _SNAPSHOTS_OF_AGENT = (
@@ -168,12 +172,20 @@ class SqliteStore:
         )
         return [_agent(row) for row in rows]
 
-    def update_agent(self, agent: AgentRecord) -> None:
+    def update_agent(
+        self, agent: AgentRecord, *, check: Callable[[AgentRecord], None] | None = None
+    ) -> None:
         """Replace every field of agent ``agent.name`` but ``created_at``.
 
-        Raises :class:`~mcp_zero.errors.AgentNotFound` if there is no such agent.
+        ``check`` is called with the stored agent inside the write transaction, so what it
+        sees is still true when ``agent`` is written; an exception it raises cancels the
+        write. Raises :class:`~mcp_zero.errors.AgentNotFound` if there is no such agent.
         """
         with self._transaction("update agent") as conn:
+            if check is not None:
+                row = conn.execute(_AGENT_BY_NAME, (agent.name,)).fetchone()
+                if row is not None:
+                    check(_agent(row))
             cursor = conn.execute(
                 "UPDATE agents SET token_hash = ?, plugins = ?, state = ?, status = ?"
                 " WHERE name = ?",
@@ -193,9 +205,23 @@ class SqliteStore:
 
     # plugins
 
-    def put_plugin(self, plugin: PluginRecord) -> None:
-        """Insert or replace ``plugin`` and bump :meth:`plugins_version`."""
+    def put_plugin(
+        self,
+        plugin: PluginRecord,
+        *,
+        check: Callable[[list[PluginRecord]], None] | None = None,
+    ) -> PluginRecord | None:
+        """Insert or replace ``plugin`` and bump :meth:`plugins_version`; returns the record
+        it replaced, if any.
+
+        ``check`` is called with the installed plugins inside the write transaction, so
+        what it sees is still true when ``plugin`` is written (another process installing
+        at the same time waits); an exception it raises cancels the write.
+        """
         with self._transaction("install plugin") as conn:
+            installed = [_plugin(row) for row in conn.execute(_ALL_PLUGINS).fetchall()]
+            if check is not None:
+                check(installed)
             conn.execute(
                 _PUT_PLUGIN,
                 (
@@ -204,9 +230,11 @@ class SqliteStore:
                     _dumps(plugin.manifest),
                     plugin.path,
                     plugin.installed_at,
+                    plugin.digest,
                 ),
             )
             _bump_plugins_version(conn)
+            return next((p for p in installed if p.name == plugin.name), None)
 
     def get_plugin(self, name: str) -> PluginRecord | None:
         rows = self._query(
@@ -452,13 +480,14 @@ def _agent(row: Any) -> AgentRecord:
 
 
 def _plugin(row: Any) -> PluginRecord:
-    name, version, manifest, path, installed_at = row
+    name, version, manifest, path, installed_at, digest = row
     return PluginRecord(
         name=name,
         version=version,
         manifest=json.loads(manifest),
         path=path,
         installed_at=installed_at,
+        digest=digest,
     )
 
 

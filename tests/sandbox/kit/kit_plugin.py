@@ -87,6 +87,15 @@ def shout(ctx: Context, mb: int) -> str:
     return "shouted"
 
 
+@plugin.tool("spew")
+def spew(ctx: Context, lines: int) -> str:
+    """Writes stderr lines as fast as the pipe takes them."""
+    view = memoryview(b"".join(b"spew %d\n" % i for i in range(lines)))
+    while view:
+        view = view[os.write(2, view) :]
+    return "spewed"
+
+
 @plugin.tool("noisy")
 def noisy(ctx: Context) -> str:
     print("noise from print()")
@@ -139,6 +148,18 @@ def blocks(ctx: Context) -> Any:
 @plugin.tool("explicit")
 def explicit(ctx: Context) -> ToolResult:
     return ToolResult(content=["partial"], structured={"n": 1}, is_error=True)
+
+
+@plugin.tool("not_finite")
+def not_finite(ctx: Context, how: str) -> Any:
+    """Results holding a float that JSON has no number for."""
+    if how == "dict":
+        return {"count": 2, "mean": float("nan")}
+    if how == "structured":
+        return ToolResult("see structuredContent", {"bounds": [0.0, float("inf")]})
+    if how == "block":
+        return text("ranked", annotations={"priority": float("nan")})
+    return float("-inf")
 
 
 @plugin.tool("chatty")
