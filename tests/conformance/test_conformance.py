@@ -30,6 +30,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SUITE_JS = HERE / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
+# 0.2.0-alpha.12 under an npm alias: the first release with the scenarios of MCP 2026-07-28.
+SUITE_2026_JS = HERE / "node_modules" / "conformance-2026" / "dist" / "index.js"
 BASELINE = HERE / "expected-failures.yml"
 FIXTURE_PLUGIN = REPO / "tests" / "plugins" / "conformance"
 AGENT = "conformance"
@@ -71,6 +73,53 @@ SERVER_SCENARIOS = (
     "dns-rebinding-protection",
 )
 
+# Its scenarios for 2026-07-28 (`list --server`, those tagged 2026-07-28), guarded by
+# test_suite_2026_lists_the_pinned_scenarios. Left out: the tasks extension (an optional
+# extension of 2026-07-28, not its core; mcp0 does not offer it, and --requirements does
+# not score it).
+STATELESS_SCENARIOS = (
+    "server-stateless",
+    "completion-complete",
+    "tools-list",
+    "tools-call-simple-text",
+    "tools-call-image",
+    "tools-call-audio",
+    "tools-call-embedded-resource",
+    "tools-call-mixed-content",
+    "tools-call-error",
+    "tools-call-with-progress",
+    "json-schema-2020-12",
+    "server-sse-multiple-streams",
+    "resources-list",
+    "resources-read-text",
+    "resources-read-binary",
+    "resources-templates-read",
+    "sep-2164-resource-not-found",
+    "prompts-list",
+    "prompts-get-simple",
+    "prompts-get-with-args",
+    "prompts-get-embedded-resource",
+    "prompts-get-with-image",
+    "dns-rebinding-protection",
+    "caching",
+    "http-header-validation",
+    "http-custom-header-server-validation",
+    "input-required-result-basic-elicitation",
+    "input-required-result-basic-sampling",
+    "input-required-result-basic-list-roots",
+    "input-required-result-request-state",
+    "input-required-result-multiple-input-requests",
+    "input-required-result-multi-round",
+    "input-required-result-missing-input-response",
+    "input-required-result-non-tool-request",
+    "input-required-result-result-type",
+    "input-required-result-unsupported-methods",
+    "input-required-result-tampered-state",
+    "input-required-result-capability-check",
+    "input-required-result-ignore-extra-params",
+    "input-required-result-validate-input",
+)
+
 SCENARIO_TIMEOUT_S = 60.0
 SERVER_START_TIMEOUT_S = 30.0
 CLI_TIMEOUT_S = 60.0
@@ -85,13 +134,15 @@ def node_binary() -> Path:
     return node
 
 
-def run_suite(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_suite(
+    *args: str, timeout: float, suite: Path = SUITE_JS
+) -> subprocess.CompletedProcess[str]:
     """Runs the conformance CLI; fails the test if it is missing or exceeds `timeout`."""
-    if not SUITE_JS.exists():
-        pytest.fail(f"conformance suite not installed at {SUITE_JS}: run scripts/setup")
+    if not suite.exists():
+        pytest.fail(f"conformance suite not installed at {suite}: run scripts/setup")
     try:
         return subprocess.run(
-            [str(node_binary()), str(SUITE_JS), *args],
+            [str(node_binary()), str(suite), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -216,25 +267,48 @@ def test_suite_lists_the_pinned_scenarios() -> None:
     assert tuple(names) == SERVER_SCENARIOS
 
 
+def test_suite_2026_lists_the_pinned_scenarios() -> None:
+    listed = run_suite("list", "--server", timeout=60, suite=SUITE_2026_JS).stdout
+    tagged = re.findall(r"^\s*-\s*([\w.-]+)\s*\[([^\]]*)\]", listed, flags=re.MULTILINE)
+    names = [name for name, versions in tagged if "2026-07-28" in versions.split(",")]
+    assert tuple(names) == STATELESS_SCENARIOS
+
+
 def test_every_baseline_entry_is_a_known_scenario_with_a_reason() -> None:
     entries = baseline_entries()
-    assert set(entries) <= set(SERVER_SCENARIOS), set(entries) - set(SERVER_SCENARIOS)
+    known = {*SERVER_SCENARIOS, *STATELESS_SCENARIOS}
+    assert set(entries) <= known, set(entries) - known
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", SERVER_SCENARIOS)
 def test_scenario(scenario: str, server_url: str, tmp_path: Path) -> None:
+    check_scenario(scenario, server_url, tmp_path, SUITE_JS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", STATELESS_SCENARIOS)
+def test_scenario_2026(scenario: str, server_url: str, tmp_path: Path) -> None:
+    check_scenario(scenario, server_url, tmp_path, SUITE_2026_JS, "--spec-version", "2026-07-28")
+
+
+def check_scenario(
+    scenario: str, server_url: str, tmp_path: Path, suite: Path, *extra: str
+) -> None:
+    """One scenario against the server: every check passes (or it is in the baseline)."""
     done = run_suite(
         "server",
         "--url",
         server_url,
         "--scenario",
         scenario,
+        *extra,
         "--expected-failures",
         str(BASELINE),
         "--output-dir",
         str(tmp_path),
         timeout=SCENARIO_TIMEOUT_S,
+        suite=suite,
     )
     results = sorted(tmp_path.glob("*/checks.json"))
     checks = json.loads(results[0].read_text()) if results else []

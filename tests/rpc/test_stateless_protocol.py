@@ -464,6 +464,51 @@ async def test_a_call_that_needs_an_undeclared_capability_says_which(env: Env) -
     assert error["data"]["requiredCapabilities"] == {"elicitation": {}}
 
 
+async def test_an_unanswered_question_is_asked_again_and_unknown_answers_ignored(env: Env) -> None:
+    ask = {"name": "test_input_required_result_multiple_inputs", "arguments": {}}
+    meta = envelope(
+        **{
+            "io.modelcontextprotocol/clientCapabilities": {
+                "elicitation": {},
+                "sampling": {},
+                "roots": {},
+            }
+        }
+    )
+    asked = (await post(env, message("tools/call", ask, meta=meta))).json()["result"]
+    assert set(asked["inputRequests"]) == {"user_name", "greeting", "client_roots"}  # together
+    name = {"action": "accept", "content": {"name": "Ada"}}
+    partial = {"user_name": name, "never_asked": {"x": 1}}
+    retry = {**ask, "inputResponses": partial, "requestState": asked["requestState"]}
+    again = (await post(env, message("tools/call", retry, meta=meta))).json()["result"]
+    assert again["resultType"] == "input_required"
+    assert set(again["inputRequests"]) == {"greeting", "client_roots"}
+    rest = {
+        "greeting": {"role": "assistant", "content": {"type": "text", "text": "Hi"}, "model": "m"},
+        "client_roots": {"roots": [{"uri": "file:///w"}]},
+    }
+    last = {**ask, "inputResponses": rest, "requestState": again["requestState"]}
+    done = (await post(env, message("tools/call", last, meta=meta))).json()["result"]
+    assert done["content"][0]["text"] == "Hi Ada (1 roots)"
+
+
+async def test_answers_brought_by_the_first_request_are_used_when_asked(env: Env) -> None:
+    answers = {"user_name": {"action": "accept", "content": {"name": "Alice"}}}
+    params = {
+        "name": "test_input_required_result_elicitation",
+        "arguments": {},
+        "inputResponses": answers,
+    }
+    result = (await post(env, message("tools/call", params, meta=envelope(**capable())))).json()
+    assert result["result"]["content"][0]["text"] == "Hello, Alice!"
+
+
+async def test_an_unknown_resource_is_invalid_params_in_2026(env: Env) -> None:
+    response = await post(env, message("resources/read", {"uri": "faulty://nothing"}))
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == -32602  # SEP-2164 (it was -32002)
+
+
 def capable() -> JSON:
     return {"io.modelcontextprotocol/clientCapabilities": ELICITING}
 

@@ -1,4 +1,6 @@
-"""The conformance fixture plugin returns what the MCP conformance suite 0.1.16 checks."""
+"""The conformance fixture plugin returns what the MCP conformance suite checks (0.1.16, and
+0.2.0-alpha.12 for MCP 2026-07-28: those fixtures ask the client, tested through the server in
+tests/rpc/test_stateless_protocol.py and by the suite itself)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,21 @@ EMPTY_ARGS_TOOLS = {
     "test_elicitation_sep1330_enums",
     "test_reconnection",
 }
+# Fixtures of the 2026-07-28 scenarios (conformance 0.2.0-alpha.12).
+STATELESS_TOOLS = {
+    "test_input_required_result_elicitation",
+    "test_input_required_result_sampling",
+    "test_input_required_result_list_roots",
+    "test_input_required_result_request_state",
+    "test_input_required_result_tampered_state",
+    "test_input_required_result_multiple_inputs",
+    "test_input_required_result_multi_round",
+    "test_input_required_result_capabilities",
+    "test_missing_capability",
+    "test_streaming_elicitation",
+    "test_logging_tool",
+    "test_custom_headers",
+}
 
 
 async def tool(rt, tool_name, bridge=None, **args):
@@ -36,15 +53,17 @@ async def tool(rt, tool_name, bridge=None, **args):
 def test_manifest_lists_every_fixture_with_descriptions():
     m = load_manifest(CONFORMANCE_DIR)
     names = {t.name for t in m.tools}
-    assert (
-        EMPTY_ARGS_TOOLS | {"test_sampling", "test_elicitation", "json_schema_2020_12_tool"}
-        == names
-    )
+    fixed = {"test_sampling", "test_elicitation", "json_schema_2020_12_tool"}
+    assert EMPTY_ARGS_TOOLS | fixed | STATELESS_TOOLS == names
     assert all(t.description for t in m.tools)
     schema = m.tool("json_schema_2020_12_tool").to_mcp()["inputSchema"]
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert "address" in schema["$defs"]
     assert schema["additionalProperties"] is False
+    assert {"allOf", "if", "then", "else"} <= set(schema)  # SEP-2106 keywords, kept as written
+    assert schema["$defs"]["address"]["$anchor"] == "addressDef"
+    headers = m.tool("test_custom_headers").param_headers
+    assert [(h.path, h.token) for h in headers] == [(("region",), "Region")]
     assert {r.uri for r in m.resources} == {
         "test://static-text",
         "test://static-binary",

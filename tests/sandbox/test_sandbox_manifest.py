@@ -208,7 +208,8 @@ def test_schema_dialect_is_honoured():
     }
     assert parse_manifest(variant(tools=[tool(inputSchema=draft7)])).tools[0].input_schema == draft7
     # 2020-12 keywords are kept verbatim for tools/list.
-    schema = json.loads((CONFORMANCE_DIR / "plugin.json").read_text())["tools"][-2]["inputSchema"]
+    tools = json.loads((CONFORMANCE_DIR / "plugin.json").read_text())["tools"]
+    schema = next(t for t in tools if t["name"] == "json_schema_2020_12_tool")["inputSchema"]
     assert (
         parse_manifest(variant(tools=[tool(inputSchema=schema)])).tools[0].to_mcp()["inputSchema"]
         == schema

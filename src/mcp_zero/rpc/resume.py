@@ -43,9 +43,21 @@ class Continuation:
     """One call that may span several requests: a Channel that forwards to the request being
     answered (dropping messages while none is), and the client's pending questions."""
 
-    __slots__ = ("_asked", "_keys", "agent", "current", "key", "lacking", "pending", "work")
+    __slots__ = (
+        "_asked",
+        "_keys",
+        "agent",
+        "current",
+        "given",
+        "key",
+        "lacking",
+        "pending",
+        "work",
+    )
 
-    def __init__(self, agent: str, key: tuple[Any, ...], channel: Channel) -> None:
+    def __init__(
+        self, agent: str, key: tuple[Any, ...], channel: Channel, given: Any = None
+    ) -> None:
         self.agent = agent
         self.key = key  # method and identifying params of the original request
         self.current: Channel | None = channel
@@ -54,6 +66,9 @@ class Continuation:
         self._asked = asyncio.Event()
         self._keys = itertools.count(1)
         self.lacking: set[str] = set()  # capabilities the call was refused
+        # Answers the first request brought along (a client that retries without the
+        # requestState, as to a server that keeps none): used when that question comes.
+        self.given: dict[str, Any] = given if isinstance(given, dict) else {}
 
     async def send(self, message: JSON) -> None:
         if self.current is not None:
@@ -71,6 +86,9 @@ class Continuation:
             key = f"q{next(self._keys)}"
             while key in self.pending:
                 key = f"q{next(self._keys)}"
+        given = self.given.pop(key, None)
+        if isinstance(given, dict):
+            return given
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self.pending[key] = ({"method": method, "params": params}, future)
         self._asked.set()
@@ -85,17 +103,22 @@ class Continuation:
     def answer(self, responses: Any) -> None:
         if responses is None:
             return
-        if not isinstance(responses, dict) or not all(
-            isinstance(v, dict) for v in responses.values()
-        ):
+        if not isinstance(responses, dict):
             raise InvalidParams(
                 "params.inputResponses must map each key of inputRequests to the client's result",
                 data={"path": "/inputResponses"},
             )
-        for key, result in responses.items():
-            entry = self.pending.get(key)
-            if entry is not None and not entry[1].done():
-                entry[1].set_result(result)
+        answers = {key: responses[key] for key in self.pending if key in responses}
+        for key, result in answers.items():  # keys we did not ask are ignored
+            if not isinstance(result, dict):
+                raise InvalidParams(
+                    f"params.inputResponses.{key} must be the client's result (an object)",
+                    data={"path": f"/inputResponses/{key}"},
+                )
+        for key, result in answers.items():
+            future = self.pending[key][1]
+            if not future.done():
+                future.set_result(result)
 
     async def outcome(self) -> JSON | None:
         """The call's result, or None when it waits for the client (questions pending)."""
@@ -170,13 +193,15 @@ class Resumptions:
         key = (method, *(params.get(name) for name in _SAME[method]))
         state = params.get("requestState")
         if state is None:
-            call = Continuation(agent, key, channel)
+            call = Continuation(agent, key, channel, params.get("inputResponses"))
             call.work = asyncio.ensure_future(start(call))
             call.work.add_done_callback(_retrieve)
         else:
             call = self._resume(agent, key, state)
             call.current = channel
             call.answer(params.get("inputResponses"))
+            if call.questions():  # some left unanswered: asked again in this answer
+                call._asked.set()
         try:
             result = await call.outcome()
         except asyncio.CancelledError:

@@ -17,6 +17,8 @@ from typing import Any
 from mcp_zero import __version__
 from mcp_zero.errors import (
     INTERNAL_ERROR,
+    INVALID_PARAMS,
+    RESOURCE_NOT_FOUND,
     SERVER_STOPPING,
     SHUTTING_DOWN,
     UNAUTHORIZED,
@@ -257,7 +259,12 @@ class McpServer:
             cancelled=connection.cancelled,
         )
         response = await self._run(session, request, channel, handler)
-        if response is None or "result" not in response:
+        if response is None:
+            return None
+        if "result" not in response:
+            error = response["error"]
+            if error["code"] == RESOURCE_NOT_FOUND:  # 2026-07-28 (SEP-2164): invalid params
+                error["code"] = INVALID_PARAMS
             return response
         result: JSON = response["result"]
         meta = result.get("_meta")

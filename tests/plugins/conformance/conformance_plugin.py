@@ -1,4 +1,5 @@
-"""Fixtures the official MCP conformance suite (0.1.16) calls, served as an MCP-ZERO plugin.
+"""Fixtures the official MCP conformance suite calls (0.1.16, and 0.2.0-alpha.12 for MCP
+2026-07-28), served as an MCP-ZERO plugin.
 
 Names, contents and timings follow the suite's server scenarios
 (``tools-call-*``, ``resources-*``, ``prompts-*``, ``completion-complete``,
@@ -239,8 +240,10 @@ async def elicitation_enums(ctx: Context) -> str:
 
 
 @plugin.tool("json_schema_2020_12_tool")
-def json_schema_2020_12(ctx: Context, name: str | None = None, address: Any = None) -> Any:
-    return {"name": name, "address": address}
+def json_schema_2020_12(
+    ctx: Context, name: str | None = None, address: Any = None, **contact: Any
+) -> Any:
+    return {"name": name, "address": address, **contact}
 
 
 @plugin.tool("test_reconnection")
@@ -324,3 +327,126 @@ def complete_arg1(ctx: Context, value: str, arguments: dict[str, str]) -> list[s
 @plugin.completion(resource_template="test://template/{id}/data", argument="id")
 def complete_id(ctx: Context, value: str, arguments: dict[str, str]) -> list[str]:
     return [v for v in ("1", "123", "42") if v.startswith(value)]
+
+
+# --- MCP 2026-07-28 (conformance 0.2.0-alpha.12, --requirements 2026-07-28) ----------------------
+# A question to the client travels in an input_required answer there; `key` names it as the
+# scenarios expect. The tool itself just asks and waits, as on a session.
+
+
+def _said(result: dict[str, Any]) -> str:
+    content = result.get("content")
+    blocks = content if isinstance(content, list) else [content]
+    return " ".join(b.get("text", "") for b in blocks if isinstance(b, dict))
+
+
+NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+@plugin.tool("test_input_required_result_elicitation")
+async def ir_elicitation(ctx: Context) -> str:
+    answer = await ctx.elicit("What is your name?", NAME_SCHEMA, key="user_name")
+    return f"Hello, {(answer.get('content') or {}).get('name', 'stranger')}!"
+
+
+@plugin.tool("test_input_required_result_sampling")
+async def ir_sampling(ctx: Context) -> str:
+    result = await ctx.sample(
+        "What is the capital of France?", max_tokens=100, key="capital_question"
+    )
+    return f"The client's model said: {_said(result)}"
+
+
+@plugin.tool("test_input_required_result_list_roots")
+async def ir_roots(ctx: Context) -> str:
+    result = await ctx.request("roots/list", {}, key="client_roots")
+    uris = [r.get("uri", "") for r in result.get("roots", []) if isinstance(r, dict)]
+    return f"The client's roots: {', '.join(uris) or 'none'}"
+
+
+@plugin.tool("test_input_required_result_request_state")
+async def ir_request_state(ctx: Context) -> str:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    answer = await ctx.elicit("Please confirm", schema, key="confirm")
+    # the server hands the answer over only for the requestState it gave: state-ok
+    return f"state-ok: confirmed={(answer.get('content') or {}).get('ok')}"
+
+
+@plugin.tool("test_input_required_result_tampered_state")
+async def ir_tampered_state(ctx: Context) -> str:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    await ctx.elicit("Please confirm", schema, key="confirm")
+    return "state-ok"
+
+
+@plugin.tool("test_input_required_result_multiple_inputs")
+async def ir_multiple(ctx: Context) -> str:
+    name, greeting, roots = await asyncio.gather(
+        ctx.elicit("What is your name?", NAME_SCHEMA, key="user_name"),
+        ctx.sample("Generate a greeting", max_tokens=50, key="greeting"),
+        ctx.request("roots/list", {}, key="client_roots"),
+    )
+    who = (name.get("content") or {}).get("name", "stranger")
+    return f"{_said(greeting)} {who} ({len(roots.get('roots', []))} roots)"
+
+
+@plugin.tool("test_input_required_result_multi_round")
+async def ir_multi_round(ctx: Context) -> str:
+    first = await ctx.elicit("Step 1: What is your name?", NAME_SCHEMA, key="step1")
+    color_schema = {
+        "type": "object",
+        "properties": {"color": {"type": "string"}},
+        "required": ["color"],
+    }
+    second = await ctx.elicit("Step 2: What is your favorite color?", color_schema, key="step2")
+    name = (first.get("content") or {}).get("name")
+    color = (second.get("content") or {}).get("color")
+    return f"{name} likes {color}"
+
+
+@plugin.tool("test_input_required_result_capabilities")
+async def ir_capabilities(ctx: Context) -> str:
+    """Asks only what the client can answer: a question it did not declare fails at once."""
+    asked = await asyncio.gather(
+        ctx.elicit("What is your name?", NAME_SCHEMA, key="user_name"),
+        ctx.sample("Generate a greeting", max_tokens=50, key="greeting"),
+        return_exceptions=True,
+    )
+    answered = [a for a in asked if not isinstance(a, ClientRequestError)]
+    return f"{len(answered)} of the client's capabilities were used"
+
+
+@plugin.tool("test_missing_capability")
+async def missing_capability(ctx: Context) -> str:
+    """Cannot do without sampling: the refusal is not caught, so the request fails (-32021)."""
+    return _said(await ctx.sample("Say something", max_tokens=20))
+
+
+@plugin.tool("test_streaming_elicitation")
+async def streaming_elicitation(ctx: Context) -> str:
+    ctx.progress(1, 2, "about to ask")
+    answer = await ctx.elicit("What is your name?", NAME_SCHEMA)
+    return f"Hello, {(answer.get('content') or {}).get('name', 'stranger')}!"
+
+
+@plugin.tool("test_logging_tool")
+async def logging_tool(ctx: Context) -> str:
+    for level in ("debug", "info", "warning"):
+        ctx.log(level, f"a {level} message")
+    return "logged"
+
+
+@plugin.prompt("test_input_required_result_prompt")
+async def ir_prompt(ctx: Context) -> str:
+    schema = {
+        "type": "object",
+        "properties": {"context": {"type": "string"}},
+        "required": ["context"],
+    }
+    answer = await ctx.elicit("What context should the prompt use?", schema, key="user_context")
+    return f"Use this context: {(answer.get('content') or {}).get('context', '')}"
+
+
+@plugin.tool("test_custom_headers")
+def custom_headers(ctx: Context, region: str) -> str:
+    return f"region={region}"
