@@ -440,6 +440,20 @@ async def test_a_retry_must_be_the_same_request_by_the_same_agent(env: Env) -> N
     assert "action=decline" in declined["content"][0]["text"]
 
 
+async def test_a_retry_with_answers_that_are_not_answers_keeps_the_call(env: Env) -> None:
+    asked = (await post(env, message("tools/call", ASK, meta=envelope(**capable())))).json()
+    state = asked["result"]["requestState"]
+    key = next(iter(asked["result"]["inputRequests"]))
+    for broken in ({key: 12345}, "yes"):
+        bad = {**ASK, "inputResponses": broken, "requestState": state}
+        response = await post(env, message("tools/call", bad, meta=envelope(**capable())))
+        assert response.status_code == 400
+        assert response.json()["error"]["data"]["path"].startswith("/inputResponses")
+    good = {**ASK, "inputResponses": {key: {"action": "cancel"}}, "requestState": state}
+    done = (await post(env, message("tools/call", good, meta=envelope(**capable())))).json()
+    assert "action=cancel" in done["result"]["content"][0]["text"]
+
+
 async def test_a_call_whose_client_never_answers_is_cancelled(env: Env) -> None:
     resumptions = env.live.app.server.resumptions
     before = resumptions.timeout_s

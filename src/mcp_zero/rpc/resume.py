@@ -100,25 +100,35 @@ class Continuation:
     def lacks(self, capability: str) -> None:
         self.lacking.add(capability)
 
-    def answer(self, responses: Any) -> None:
+    def answers(self, responses: Any) -> dict[str, JSON]:
+        """The answers of a retry to this call's questions (keys we did not ask are
+        ignored); InvalidParams when they are not answers."""
         if responses is None:
-            return
+            return {}
         if not isinstance(responses, dict):
             raise InvalidParams(
                 "params.inputResponses must map each key of inputRequests to the client's result",
                 data={"path": "/inputResponses"},
             )
         answers = {key: responses[key] for key in self.pending if key in responses}
-        for key, result in answers.items():  # keys we did not ask are ignored
+        for key, result in answers.items():
             if not isinstance(result, dict):
                 raise InvalidParams(
                     f"params.inputResponses.{key} must be the client's result (an object)",
                     data={"path": f"/inputResponses/{key}"},
                 )
+        return answers
+
+    def resume(self, channel: Channel, answers: dict[str, JSON]) -> None:
+        """The client's retry: messages go to it now, its answers to the questions; a
+        question it left unanswered is asked again in this retry's answer."""
+        self.current = channel
         for key, result in answers.items():
             future = self.pending[key][1]
             if not future.done():
                 future.set_result(result)
+        if self.questions():
+            self._asked.set()
 
     async def outcome(self) -> JSON | None:
         """The call's result, or None when it waits for the client (questions pending)."""
@@ -197,11 +207,8 @@ class Resumptions:
             call.work = asyncio.ensure_future(start(call))
             call.work.add_done_callback(_retrieve)
         else:
-            call = self._resume(agent, key, state)
-            call.current = channel
-            call.answer(params.get("inputResponses"))
-            if call.questions():  # some left unanswered: asked again in this answer
-                call._asked.set()
+            call, answers = self._resume(agent, key, state, params.get("inputResponses"))
+            call.resume(channel, answers)
         try:
             result = await call.outcome()
         except asyncio.CancelledError:
@@ -227,7 +234,11 @@ class Resumptions:
             "requestState": token,
         }
 
-    def _resume(self, agent: str, key: tuple[Any, ...], state: Any) -> Continuation:
+    def _resume(
+        self, agent: str, key: tuple[Any, ...], state: Any, responses: Any
+    ) -> tuple[Continuation, dict[str, JSON]]:
+        """The parked call a retry continues, and its answers; it stays parked when the
+        retry is refused."""
         parked = self._parked.get(state) if isinstance(state, str) else None
         if parked is None or parked[0].agent != agent:
             raise InvalidParams(
@@ -242,9 +253,10 @@ class Resumptions:
                 "original request's method and parameters",
                 data={"path": "/requestState"},
             )
+        answers = call.answers(responses)
         del self._parked[state]
         timer.cancel()
-        return call
+        return call, answers
 
     def _expire(self, token: str) -> None:
         parked = self._parked.pop(token, None)
