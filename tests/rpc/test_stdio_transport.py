@@ -17,6 +17,7 @@ import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, make_runtime
 
 from mcp_zero.rpc.stdio import serve_stdio
+from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -27,9 +28,15 @@ MCP0 = str(Path(sys.executable).parent / "mcp0")
 class StdioPeer:
     """The client end of the pipes: write lines to the server's stdin, read its stdout."""
 
-    def __init__(self, write_fd: int, reader: asyncio.StreamReader) -> None:
+    def __init__(self, write_fd: int, reader: asyncio.StreamReader, runtime: Runtime) -> None:
         self.write_fd = write_fd
         self.reader = reader
+        self.runtime = runtime
+
+    def audited(self, request_id: str) -> list[JSON]:
+        """The audit records of ``request_id``, as committed so far."""
+        records = (orjson.loads(e.body) for e in self.runtime.store.read_audit(0, 100_000))
+        return [r for r in records if r.get("request_id") == request_id]
 
     def send_line(self, line: bytes) -> None:
         os.write(self.write_fd, line + b"\n")
@@ -73,7 +80,7 @@ async def stdio_server(tmp_path: Path) -> AsyncIterator[StdioPeer]:
     )
     task = asyncio.create_task(serve_stdio(runtime, principal, stdin, stdout))
     try:
-        yield StdioPeer(in_w, reader)
+        yield StdioPeer(in_w, reader, runtime)
     finally:
         os.close(in_w)  # end of stdin: the server finishes and closes the runtime
         with anyio.fail_after(TIMEOUT_S):
@@ -237,3 +244,39 @@ async def test_a_client_closing_stdout_ends_the_session_cleanly(tmp_path: Path) 
         with anyio.fail_after(TIMEOUT_S):
             await serve_stdio(runtime, runtime.agents.principal("leaver"), stdin, stdout)
     os.close(in_w)
+
+
+def call(rid: Any, tool: str, arguments: JSON, token: Any = None) -> JSON:
+    params: JSON = {"name": tool, "arguments": arguments}
+    if token is not None:
+        params["_meta"] = {"progressToken": token}
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
+
+
+def cancelled(rid: Any) -> JSON:
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": rid}}
+
+
+async def test_a_cancel_in_the_same_write_as_its_request_keeps_it_from_running(
+    tmp_path: Path,
+) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        # one write: the server reads all three lines before the call's task first runs
+        lines = [call("c1", "faulty_started_then_wait", {}, token="c1"), cancelled("c1")]
+        lines.append(call("e1", "faulty_echo", {"text": "after"}))
+        peer.send_line(b"\n".join(orjson.dumps(m) for m in lines))
+        messages = await peer.until_id("e1")
+        assert messages[-1]["result"]["content"][0]["text"] == "after"
+        # the call never reached the plugin (it would have sent progress first) ...
+        assert not any(m.get("params", {}).get("progressToken") == "c1" for m in messages)
+        # ... and is audited as cancelled; its record was submitted before the echo's
+        records = peer.audited("c1")
+        assert [(r["outcome"], r["code"], r["plugin"]) for r in records] == [
+            ("error", "cancelled", "faulty")
+        ]
+        assert records[0]["verb"] == "call_tool"
+        assert records[0]["transport"] == "stdio"
+        peer.send({"jsonrpc": "2.0", "id": "c1", "method": "ping"})  # its id is free again
+        assert (await peer.receive()) == {"jsonrpc": "2.0", "id": "c1", "result": {}}

@@ -348,6 +348,49 @@ class Kernel:
             {},
         )
 
+    async def audit_cancelled(
+        self,
+        principal: Principal,
+        verb: Verb,
+        target: str,
+        *,
+        method: str,
+        request_id: str,
+        transport: str,
+        arguments: JSON | None = None,
+    ) -> None:
+        """Audit an action the client cancelled before it started: it reached neither policy
+        nor a plugin, and it is recorded as ``cancelled``, like one cut off while it ran."""
+        event: JSON = {
+            "agent": principal.agent,
+            "anonymous": principal.anonymous,
+            "verb": verb.value,
+            "resource": target,
+            "plugin": self._owner(verb, target),
+            "request_id": request_id,
+            "transport": transport,
+        }
+        if verb is Verb.CALL_TOOL:
+            event["arguments_sha256"] = _arguments_digest(arguments or {})
+        event.update(outcome=Outcome.ERROR.value, code="cancelled", duration_ms=0.0)
+        await self.audit.submit(event)
+        self.metrics.count_call(method, Outcome.ERROR.value)
+
+    def _owner(self, verb: Verb, target: str) -> str | None:
+        """The plugin that serves ``target`` of an action ``verb``, if one does."""
+        if verb is Verb.CALL_TOOL:
+            entry = self.plugins.tools.get(target)
+            return entry.plugin if entry is not None else None
+        if verb is Verb.GET_PROMPT:
+            prompt = self.plugins.prompts.get(target)
+            return prompt[0] if prompt is not None else None
+        if verb is Verb.COMPLETE and target in self.plugins.prompts:
+            return self.plugins.prompts[target][0]
+        return self.plugins.resource_owner(target) or next(
+            (t.plugin for t in self.plugins.templates if t.listing.get("uriTemplate") == target),
+            None,
+        )
+
     # -- the one path ---------------------------------------------------------------------
 
     async def _govern(

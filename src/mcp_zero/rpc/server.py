@@ -25,7 +25,7 @@ from mcp_zero.errors import (
     McpZeroError,
     MethodNotFound,
 )
-from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
@@ -38,6 +38,13 @@ from mcp_zero.rpc.session import (
 )
 
 Handler = Callable[[Session, JSON, Channel, Any], Awaitable[JSON]]
+# The methods that take the governed path, and the verb each is audited as.
+_GOVERNED = {
+    "tools/call": Verb.CALL_TOOL,
+    "resources/read": Verb.READ_RESOURCE,
+    "prompts/get": Verb.GET_PROMPT,
+    "completion/complete": Verb.COMPLETE,
+}
 
 SERVER_INFO = {"name": "mcp-zero", "title": "MCP-ZERO governed runtime", "version": __version__}
 INSTRUCTIONS = (
@@ -124,16 +131,10 @@ class McpServer:
                 request.id, MethodNotFound(f"unknown method {request.method!r}")
             )
         session.last_seen = time.monotonic()
-        if request.id in session.inflight:
-            # ids are unique per session (MCP): a second one would take over the first's
-            # cancellation, and the client could not tell the two answers apart
-            return jsonrpc.error_from_exception(
-                request.id,
-                InvalidRequest(f"request id {request.id!r} is in use by a request in flight"),
-            )
         task = asyncio.current_task()
-        if task is not None:
-            session.inflight[request.id] = task
+        refused = self.admit(session, request, task)
+        if refused is not None:
+            return refused
         try:
             result = await handler(session, request.params, channel, request.id)
             return jsonrpc.result_message(request.id, result)
@@ -165,8 +166,54 @@ class McpServer:
                 request.id, INTERNAL_ERROR, f"internal error handling {request.method}"
             )
         finally:
-            session.inflight.pop(request.id, None)
+            if session.inflight.get(request.id) is task:
+                del session.inflight[request.id]
             session.cancelled.discard(request.id)
+
+    def admit(
+        self, session: Session, request: jsonrpc.Request, task: asyncio.Task[Any] | None
+    ) -> JSON | None:
+        """Register ``request`` as in flight in ``session``, run by ``task``, so that
+        ``notifications/cancelled`` finds it; the error answer instead when its id is taken.
+
+        A transport that reads requests faster than they start (stdio) admits each one as it
+        reads it: a cancel right behind it must find it, and keep it from running.
+        """
+        running = session.inflight.get(request.id)
+        if running is not None and running is not task:
+            # ids are unique per session (MCP): a second one would take over the first's
+            # cancellation, and the client could not tell the two answers apart
+            return jsonrpc.error_from_exception(
+                request.id,
+                InvalidRequest(f"request id {request.id!r} is in use by a request in flight"),
+            )
+        if task is not None:
+            session.inflight[request.id] = task
+        return None
+
+    async def audit_unstarted(self, session: Session, request: jsonrpc.Request) -> None:
+        """Audit a governed request that the client cancelled before it started (others are
+        not audited when they run either)."""
+        verb = _GOVERNED.get(request.method)
+        if verb is None:
+            return
+        params = request.params
+        if verb is Verb.COMPLETE:
+            ref = params.get("ref")
+            ref = ref if isinstance(ref, dict) else {}
+            target = ref.get("name") if ref.get("type") == "ref/prompt" else ref.get("uri")
+        else:
+            target = params.get("uri" if verb is Verb.READ_RESOURCE else "name")
+        arguments = params.get("arguments")
+        await self.kernel.audit_cancelled(
+            session.principal,
+            verb,
+            target if isinstance(target, str) else "",
+            method=request.method,
+            request_id=str(request.id),
+            transport=self.transport,
+            arguments=arguments if isinstance(arguments, dict) else None,
+        )
 
     def handle_notification(self, session: Session, note: jsonrpc.Notification) -> None:
         if note.method == "notifications/initialized":

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
 
 from mcp_zero.errors import InvalidRequest
@@ -78,6 +78,29 @@ async def serve_stdio(
         if response is not None:
             await channel.send(response)
 
+    def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    def start(request: jsonrpc.Request) -> None:
+        task = spawn(run(request))
+        # Admitted now, not when the task first runs: a notifications/cancelled read in the
+        # same chunk of stdin must find it (a refused id is answered when the task runs).
+        server.admit(session, request, task)
+        task.add_done_callback(lambda done: ended(request, done))
+
+    def ended(request: jsonrpc.Request, task: asyncio.Task[None]) -> None:
+        if session.inflight.get(request.id) is not task:
+            return  # it ran: handle_request unregistered it
+        # Cancelled before it started: by the client (audited, as a call cut off while it
+        # ran would be), or by the end of the session.
+        del session.inflight[request.id]
+        if request.id in session.cancelled:
+            session.cancelled.discard(request.id)
+            spawn(server.audit_unstarted(session, request))
+
     await runtime.start()
     try:
         while True:
@@ -100,9 +123,7 @@ async def serve_stdio(
                 await channel.send(jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
                 continue
             if isinstance(message, jsonrpc.Request):
-                task = asyncio.create_task(run(message))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                start(message)
             elif isinstance(message, jsonrpc.Notification):
                 server.handle_notification(session, message)
             else:
