@@ -445,6 +445,23 @@ async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None
     ] == "next"
 
 
+async def test_a_call_whose_id_is_the_string_initialize_can_be_cancelled(env: Env) -> None:
+    client = await session(env)
+    messages: list[JSON] = []
+    async with waiting_call(env, client, "initialize", "named-initialize") as events:
+        async for event in events:
+            if event.data:
+                messages.append(event.message)
+                assert (await cancel(client, "initialize")).status_code == 202
+    assert [m.get("method") for m in messages] == ["notifications/progress"]
+    records = [
+        orjson.loads(e.body)
+        for e in env.live.runtime.store.read_audit(0, 100_000)
+        if orjson.loads(e.body).get("request_id") == "initialize"
+    ]
+    assert [(r["verb"], r["code"]) for r in records] == [("call_tool", "cancelled")]
+
+
 # -- logging --------------------------------------------------------------------------------
 
 

@@ -280,3 +280,13 @@ async def test_a_cancel_in_the_same_write_as_its_request_keeps_it_from_running(
         assert records[0]["transport"] == "stdio"
         peer.send({"jsonrpc": "2.0", "id": "c1", "method": "ping"})  # its id is free again
         assert (await peer.receive()) == {"jsonrpc": "2.0", "id": "c1", "result": {}}
+
+
+async def test_a_cancel_of_initialize_is_ignored(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        # in one write, so that the initialize request is still in flight when the cancel is read
+        lines = [initialize_message(rid=7), cancelled(7)]
+        peer.send_line(b"\n".join(orjson.dumps(m) for m in lines))
+        reply = await peer.receive()
+        assert reply["id"] == 7
+        assert reply["result"]["protocolVersion"] == "2025-06-18"

@@ -187,7 +187,9 @@ class McpServer:
                 request.id,
                 InvalidRequest(f"request id {request.id!r} is in use by a request in flight"),
             )
-        if task is not None:
+        if task is not None and request.method != "initialize":
+            # MCP: "the initialize request MUST NOT be cancelled by clients"; a request that
+            # is not registered is one notifications/cancelled cannot find
             session.inflight[request.id] = task
         return None
 
@@ -220,8 +222,8 @@ class McpServer:
             session.initialized = True
         elif note.method == "notifications/cancelled":
             request_id = note.params.get("requestId")
-            task = session.inflight.get(request_id)
-            if task is not None and request_id != "initialize":
+            task = session.inflight.get(request_id)  # never an initialize (see admit)
+            if task is not None:
                 session.cancelled.add(request_id)
                 task.cancel()
         # notifications/roots/list_changed and unknown notifications need no action
