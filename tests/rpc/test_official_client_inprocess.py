@@ -17,6 +17,7 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from rpc_live import CONFORMANCE_DIR, FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
 
 pytestmark = pytest.mark.anyio
@@ -154,3 +155,31 @@ async def test_sampling_without_the_capability_is_a_tool_error(client: Client) -
         result = await client.call_tool("test_sampling", {"prompt": "anyone there?"})
     assert result.is_error
     assert "Sampling is not available" in text_of(result)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "arguments", "named"),
+    [
+        ("test_simple_prompt", {"extra": "x"}, "'extra' (its arguments: none)"),
+        (
+            "test_prompt_with_arguments",
+            {"arg1": "a", "arg2": "b", "arg3": "c"},
+            "'arg3' (its arguments: arg1, arg2)",
+        ),
+    ],
+)
+async def test_a_prompt_argument_the_prompt_does_not_take_is_32602_naming_it(
+    client: Client, prompt: str, arguments: dict[str, str], named: str
+) -> None:
+    with anyio.fail_after(TIMEOUT_S), pytest.raises(MCPError) as refused:
+        await client.get_prompt(prompt, arguments)
+    assert refused.value.code == -32602
+    assert (
+        refused.value.message
+        == f"prompt {prompt!r} has no argument {named}; prompts/list shows them"
+    )
+    assert "TypeError" not in refused.value.message
+    # the declared ones still work
+    declared = {k: v for k, v in arguments.items() if k in ("arg1", "arg2")}
+    with anyio.fail_after(TIMEOUT_S):
+        assert (await client.get_prompt(prompt, declared)).messages

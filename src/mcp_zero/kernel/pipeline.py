@@ -274,6 +274,16 @@ class Kernel:
 
         async def run(runtime: PluginRuntime, timeout: float) -> JSON:
             assert hit is not None
+            declared = [arg["name"] for arg in hit[1].get("arguments", [])]
+            unknown = sorted(set(arguments) - set(declared))
+            if unknown:
+                # the plugin's handler would fail on it with a Python TypeError
+                takes = ", ".join(declared) if declared else "none"
+                raise InvalidParams(
+                    f"prompt {name!r} has no argument {', '.join(map(repr, unknown))} "
+                    f"(its arguments: {takes}); prompts/list shows them",
+                    data={"path": f"/arguments/{unknown[0]}"},
+                )
             for arg in hit[1].get("arguments", []):
                 if arg.get("required") and arg["name"] not in arguments:
                     raise InvalidParams(
