@@ -129,6 +129,11 @@ def _with_cors(send: Send, origin: str) -> Send:
     return cors_send
 
 
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 # A quiet GET stream gets an SSE comment this often: proxies that drop idle connections
 # (nginx: 60 s) keep it, and a client that vanished is found when the write fails.
 SSE_KEEPALIVE_S = 25.0
@@ -444,7 +449,6 @@ class HttpApp:
                     ),
                 )
                 return
-            stream.send = None  # the old connection is gone: this one takes over
             await send(
                 {
                     "type": "http.response.start",
@@ -452,9 +456,9 @@ class HttpApp:
                     "headers": SSE_HEADERS + session_header(session),
                 }
             )
-            with contextlib.suppress(OSError):
-                await stream.replay(parsed[1], send)
-                await send({"type": "http.response.body", "body": b""})
+            # the headers go out now, not with the first event: there may be none for long
+            await send({"type": "http.response.body", "body": b"", "more_body": True})
+            await self._carry(stream, parsed[1], receive, send)
             return
         if session.notices is not None:
             await respond_json(
@@ -464,6 +468,40 @@ class HttpApp:
             )
             return
         await self._standalone(session, receive, send)
+
+    async def _carry(self, stream: EventStream, after: int, receive: Receive, send: Send) -> None:
+        """Carry ``stream`` on this response from event number ``after`` on, taking it over
+        from the connection it had, until the stream is done with this one (it closed, or a
+        newer resume took it over) or the client goes; keepalive comments while it is quiet."""
+        conn = await stream.attach(after, send)
+        watcher = asyncio.create_task(_until_disconnect(receive))
+        ended = asyncio.create_task(conn.ended.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {ended, watcher},
+                    timeout=self.sse_keepalive_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if conn.ended.is_set():  # perhaps before ``ended`` had its turn to see it
+                    return
+                if watcher in done:
+                    stream.lost(conn)
+                    return
+                try:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b": keepalive\n\n",
+                            "more_body": True,
+                        }
+                    )
+                except OSError:
+                    stream.lost(conn)
+                    return
+        finally:
+            watcher.cancel()
+            ended.cancel()
 
     async def _standalone(self, session: Session, receive: Receive, send: Send) -> None:
         queue: asyncio.Queue[JSON] = asyncio.Queue()
@@ -478,11 +516,7 @@ class HttpApp:
         )
         await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
 
-        async def until_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.create_task(until_disconnect())
+        watcher = asyncio.create_task(_until_disconnect(receive))
         try:
             while not watcher.done():
                 getter = asyncio.ensure_future(queue.get())
@@ -493,7 +527,7 @@ class HttpApp:
                 )
                 if getter in done:
                     await stream.push(getter.result())
-                    if stream.send is None:
+                    if not stream.attached:
                         break
                     continue
                 getter.cancel()
