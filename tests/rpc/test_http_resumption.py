@@ -104,3 +104,56 @@ async def test_a_second_resume_takes_the_stream_over_and_each_message_goes_out_o
                         result = await rest(sse_events(two))
     assert [m["id"] for m in result] == ["s1"]
     assert result[0]["result"]["content"][0]["text"] == "LLM response: hi"
+
+
+async def bumped(client: McpHttp) -> None:
+    """faulty_bump: subscribers of faulty://counter get notifications/resources/updated."""
+    reply = await client.call("faulty_bump")
+    assert "bumped to" in reply["result"]["content"][0]["text"]
+
+
+async def test_the_get_stream_is_resumed_after_the_last_event_then_goes_on_live(
+    env: Env,
+) -> None:
+    client = env.live.client(env.token)
+    await client.initialize()
+    assert "result" in await client.request("resources/subscribe", {"uri": "faulty://counter"})
+    get = client.headers(Accept="text/event-stream")
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream("GET", env.live.url, headers=get) as response:
+                events = sse_events(response)
+                assert (await anext(events)).data == ""  # priming
+                await bumped(client)
+                seen = await anext(events)
+            assert seen.id is not None
+            # the connection is gone: what the session is told meanwhile is kept for it
+            await bumped(client)
+            await bumped(client)
+            async with http.stream("GET", env.live.url, headers=resuming(client, seen.id)) as again:
+                assert again.status_code == 200
+                resumed = sse_events(again)
+                missed = [await anext(resumed), await anext(resumed)]
+                await bumped(client)  # live again
+                live = await anext(resumed)
+                # a plain GET is refused while the resumed one carries the stream
+                second = await http.get(env.live.url, headers=get)
+                assert second.status_code == 409
+    for event in [seen, *missed, live]:
+        assert event.message["method"] == "notifications/resources/updated"
+    stream, first = seen.id.rsplit("-", 1)
+    assert [e.id for e in [*missed, live]] == [f"{stream}-{int(first) + n}" for n in (1, 2, 3)]
+
+
+async def test_deleting_the_session_ends_its_get_stream(env: Env) -> None:
+    client = env.live.client(env.token)
+    await client.initialize()
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            headers = client.headers(Accept="text/event-stream")
+            async with http.stream("GET", env.live.url, headers=headers) as response:
+                events = sse_events(response)
+                assert (await anext(events)).data == ""
+                deleted = await http.delete(env.live.url, headers=client.headers())
+                assert deleted.status_code == 204
+                assert await rest(events) == []  # ended, cleanly

@@ -6,7 +6,8 @@ POST /mcp carries one JSON-RPC message. A request is answered with
 first sends progress, a log message or a request to the client, the answer
 switches to an SSE stream (priming event first, resumable with GET and
 ``Last-Event-ID``). GET /mcp without ``Last-Event-ID`` opens the session's
-stream for server-initiated notifications; DELETE ends the session.
+stream for server-initiated notifications, resumable in the same way (what it is
+sent while no connection carries it is kept); DELETE ends the session.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from mcp_zero.rpc.asgi import (
     respond_json,
 )
 from mcp_zero.rpc.server import McpServer
-from mcp_zero.rpc.session import HEADER_VERSIONS, JSON, Session
+from mcp_zero.rpc.session import HEADER_VERSIONS, Session
 from mcp_zero.rpc.streams import (
+    MAX_BUFFERED_NOTICES,
     EventStream,
     NoticeChannel,
     PostChannel,
@@ -151,6 +153,7 @@ class HttpApp:
         self.sessions: dict[str, Session] = {}
         self.ready = False
         self._janitor: asyncio.Task[None] | None = None
+        self._announcing: set[asyncio.Task[None]] = set()
         self._loopback_only = runtime.settings.on_loopback_only()
         self.sse_keepalive_s = SSE_KEEPALIVE_S
 
@@ -200,15 +203,15 @@ class HttpApp:
             await asyncio.sleep(60)
             cutoff = time.monotonic() - self.settings.session_idle_s
             for sid in [s.id for s in self.sessions.values() if s.last_seen < cutoff]:
-                self.sessions.pop(sid).close()
+                await self._close_session(self.sessions.pop(sid))
 
-    def _make_room_for(self, agent: str) -> None:
+    async def _make_room_for(self, agent: str) -> None:
         """Drop the agent's least recently used session if it has as many as it may."""
         mine = [s for s in self.sessions.values() if s.principal.agent == agent]
         if len(mine) >= self.settings.max_sessions_per_agent:
             oldest = min(mine, key=lambda s: s.last_seen)
             log.info("agent %r opened more sessions than it may: dropping %s", agent, oldest.id)
-            self.sessions.pop(oldest.id).close()
+            await self._close_session(self.sessions.pop(oldest.id))
 
     def _listening_sessions(self) -> list[tuple[Session, NoticeChannel | None]]:
         return [
@@ -217,10 +220,15 @@ class HttpApp:
         ]
 
     def _broadcast_list_changed(self) -> None:
-        for session in self.sessions.values():
-            if session.notices is not None:
+        task = asyncio.get_running_loop().create_task(self._announce_list_changed())
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce_list_changed(self) -> None:
+        for _, channel in self._listening_sessions():
+            if channel is not None:
                 for method in ("tools", "resources", "prompts"):
-                    session.notices.put_nowait(
+                    await channel.send(
                         {"jsonrpc": "2.0", "method": f"notifications/{method}/list_changed"}
                     )
 
@@ -355,7 +363,7 @@ class HttpApp:
             return
         session_id = header(scope, b"mcp-session-id")
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
-            self._make_room_for(principal.agent)
+            await self._make_room_for(principal.agent)
             if len(self.sessions) >= self.settings.max_sessions:
                 await respond_json(
                     send,
@@ -460,14 +468,29 @@ class HttpApp:
             await send({"type": "http.response.body", "body": b"", "more_body": True})
             await self._carry(stream, parsed[1], receive, send)
             return
-        if session.notices is not None:
+        previous = session.notices
+        if previous is not None and previous.attached:
             await respond_json(
                 send,
                 409,
                 jsonrpc.error_message(None, -32600, "this session already has an open GET stream"),
             )
             return
-        await self._standalone(session, receive, send)
+        if previous is not None:  # not resumed: what it kept for a resume is not wanted
+            session.streams.pop(previous.id, None)
+        # Kept after its connection drops, with what it is sent meanwhile, for a resume.
+        stream = EventStream(keep=MAX_BUFFERED_NOTICES)
+        session.streams[stream.id] = stream
+        session.notices = stream
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": SSE_HEADERS + session_header(session),
+            }
+        )
+        await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
+        await self._carry(stream, 0, receive, send)
 
     async def _carry(self, stream: EventStream, after: int, receive: Receive, send: Send) -> None:
         """Carry ``stream`` on this response from event number ``after`` on, taking it over
@@ -503,49 +526,6 @@ class HttpApp:
             watcher.cancel()
             ended.cancel()
 
-    async def _standalone(self, session: Session, receive: Receive, send: Send) -> None:
-        queue: asyncio.Queue[JSON] = asyncio.Queue()
-        session.notices = queue
-        stream = EventStream(send)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": SSE_HEADERS + session_header(session),
-            }
-        )
-        await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
-
-        watcher = asyncio.create_task(_until_disconnect(receive))
-        try:
-            while not watcher.done():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, watcher},
-                    timeout=self.sse_keepalive_s,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if getter in done:
-                    await stream.push(getter.result())
-                    if not stream.attached:
-                        break
-                    continue
-                getter.cancel()
-                if not done:  # quiet for a while: a comment, which clients ignore
-                    try:
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": b": keepalive\n\n",
-                                "more_body": True,
-                            }
-                        )
-                    except OSError:
-                        break
-        finally:
-            watcher.cancel()
-            session.notices = None
-
     async def _delete(self, scope: Scope, send: Send) -> None:
         try:
             principal = self._authenticate(scope)
@@ -558,5 +538,12 @@ class HttpApp:
                 send, 404, jsonrpc.error_message(None, -32001, "unknown or expired session")
             )
             return
-        self.sessions.pop(session.id).close()
+        await self._close_session(self.sessions.pop(session.id))
         await respond(send, 204, b"", [])
+
+    async def _close_session(self, session: Session) -> None:
+        """End ``session``: its calls, and its streams' connections (their clients would
+        otherwise hold them open for a session that is gone)."""
+        session.close()
+        for stream in list(session.streams.values()):
+            await stream.close()

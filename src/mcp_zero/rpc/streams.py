@@ -7,7 +7,7 @@ rest live — the response to a long tool call is not lost with the connection.
 
 The channels here are where a request's messages go: ``PostChannel`` answers one
 POST (plain JSON until the first notification turns it into a stream),
-``NoticeChannel`` feeds a session's standalone GET stream.
+``NoticeChannel`` feeds a session's standalone GET stream, which is resumable too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mcp_zero.rpc.session import JSON, Session
 
 RETRY_MS = 1000
 MAX_BUFFERED_EVENTS = 10_000
+MAX_BUFFERED_NOTICES = 1_000  # a session's GET stream: kept while the session lives
 
 
 def sse_event(event_id: str, data: bytes, *, retry: int | None = None) -> bytes:
@@ -202,15 +203,16 @@ class PostChannel:
 
 
 class NoticeChannel:
-    """Server-initiated messages of a session: onto its open GET stream."""
+    """Server-initiated messages of a session: onto its GET stream (kept for a resume while
+    no connection carries it)."""
 
-    __slots__ = ("_queue",)
+    __slots__ = ("_stream",)
 
-    def __init__(self, queue: asyncio.Queue[JSON]) -> None:
-        self._queue = queue
+    def __init__(self, stream: EventStream) -> None:
+        self._stream = stream
 
     async def send(self, message: JSON) -> None:
-        self._queue.put_nowait(message)
+        await self._stream.push(message)
 
     async def close_stream(self) -> None:
         return None
