@@ -201,9 +201,16 @@ class HttpApp:
     async def _expire_sessions(self) -> None:
         while True:
             await asyncio.sleep(60)
-            cutoff = time.monotonic() - self.settings.session_idle_s
-            for sid in [s.id for s in self.sessions.values() if s.last_seen < cutoff]:
-                await self._close_session(self.sessions.pop(sid))
+            await self.expire_idle()
+
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """End the sessions idle for ``session_idle_s`` at ``now`` (default: now, on the
+        monotonic clock); their ids."""
+        cutoff = (time.monotonic() if now is None else now) - self.settings.session_idle_s
+        idle = [s.id for s in self.sessions.values() if s.last_seen < cutoff]
+        for sid in idle:
+            await self._close_session(self.sessions.pop(sid))
+        return idle
 
     async def _make_room_for(self, agent: str) -> None:
         """Drop the agent's least recently used session if it has as many as it may."""
