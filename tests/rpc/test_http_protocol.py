@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +108,35 @@ async def test_notifications_are_accepted_with_202(env: Env) -> None:
         response = await client.post({"jsonrpc": "2.0", "method": method})
         assert response.status_code == 202, method
         assert response.content == b""
+
+
+async def test_notifications_keep_a_session_alive(env: Env) -> None:
+    client = await session(env)
+    app = env.live.app
+    idle = env.live.runtime.settings.session_idle_s
+    quiet_since = time.monotonic()
+    note = {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}
+    assert (await client.post(note)).status_code == 202
+    # idle_s after the last request, but not after the notification: kept
+    assert client.session_id not in await app.expire_idle(quiet_since + idle)
+    assert "result" in await client.request("ping")
+    assert client.session_id in await app.expire_idle(time.monotonic() + idle + 1)
+    assert (await client.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})).status_code == 404
+
+
+async def test_an_open_get_stream_keeps_its_session_alive(env: Env) -> None:
+    client = await session(env)
+    app = env.live.app
+    idle = env.live.runtime.settings.session_idle_s
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "GET", env.live.url, headers=client.headers(Accept="text/event-stream")
+            ) as response:
+                assert (await anext(sse_events(response))).data == ""
+                # long past idle_s, with nothing but the open stream
+                assert client.session_id not in await app.expire_idle(time.monotonic() + idle + 1)
+                assert "result" in await client.request("ping")
 
 
 async def test_delete_ends_the_session(env: Env) -> None:

@@ -131,6 +131,11 @@ def _with_cors(send: Send, origin: str) -> Send:
     return cors_send
 
 
+def _busy(session: Session) -> bool:
+    """Whether the session runs a request or has a stream that a connection carries."""
+    return bool(session.inflight) or any(s.attached for s in session.streams.values())
+
+
 async def _until_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -205,9 +210,10 @@ class HttpApp:
 
     async def expire_idle(self, now: float | None = None) -> list[str]:
         """End the sessions idle for ``session_idle_s`` at ``now`` (default: now, on the
-        monotonic clock); their ids."""
+        monotonic clock); their ids. A session is idle while the client sends it nothing,
+        runs no request in it and holds none of its streams open."""
         cutoff = (time.monotonic() if now is None else now) - self.settings.session_idle_s
-        idle = [s.id for s in self.sessions.values() if s.last_seen < cutoff]
+        idle = [s.id for s in self.sessions.values() if s.last_seen < cutoff and not _busy(s)]
         for sid in idle:
             await self._close_session(self.sessions.pop(sid))
         return idle
@@ -396,6 +402,7 @@ class HttpApp:
                 )
                 return
             session = found
+            session.last_seen = time.monotonic()  # a notification or an answer counts too
             if found.principal != principal:  # the agent's plugins changed since initialize
                 session.principal = principal
         else:
@@ -411,6 +418,7 @@ class HttpApp:
             return
         channel = PostChannel(session, send)
         response = await self.server.handle_request(session, message, channel)
+        session.last_seen = time.monotonic()  # idle from the end of a long call, not its start
         stream = channel.stream
         if stream is None:
             if response is None:  # cancelled before anything was sent
@@ -473,7 +481,7 @@ class HttpApp:
             )
             # the headers go out now, not with the first event: there may be none for long
             await send({"type": "http.response.body", "body": b"", "more_body": True})
-            await self._carry(stream, parsed[1], receive, send)
+            await self._carry(session, stream, parsed[1], receive, send)
             return
         previous = session.notices
         if previous is not None and previous.attached:
@@ -497,12 +505,16 @@ class HttpApp:
             }
         )
         await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
-        await self._carry(stream, 0, receive, send)
+        await self._carry(session, stream, 0, receive, send)
 
-    async def _carry(self, stream: EventStream, after: int, receive: Receive, send: Send) -> None:
+    async def _carry(
+        self, session: Session, stream: EventStream, after: int, receive: Receive, send: Send
+    ) -> None:
         """Carry ``stream`` on this response from event number ``after`` on, taking it over
         from the connection it had, until the stream is done with this one (it closed, or a
-        newer resume took it over) or the client goes; keepalive comments while it is quiet."""
+        newer resume took it over) or the client goes; keepalive comments while it is quiet.
+        The session is not idle meanwhile: it is idle from the end of this."""
+        session.last_seen = time.monotonic()
         conn = await stream.attach(after, send)
         watcher = asyncio.create_task(_until_disconnect(receive))
         ended = asyncio.create_task(conn.ended.wait())
@@ -532,6 +544,7 @@ class HttpApp:
         finally:
             watcher.cancel()
             ended.cancel()
+            session.last_seen = time.monotonic()
 
     async def _delete(self, scope: Scope, send: Send) -> None:
         try:
