@@ -127,6 +127,13 @@ class Kernel:
         self.metrics = metrics
         self.limiter = limiter
         self._listing_cache: dict[Any, list[JSON]] = {}
+        self._listings: dict[Any, tuple[list[JSON], str]] = {}
+        self._listers: dict[str, Callable[[Principal], list[JSON]]] = {
+            "tools": self.list_tools,
+            "resources": self.list_resources,
+            "resourceTemplates": self.list_resource_templates,
+            "prompts": self.list_prompts,
+        }
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
@@ -167,6 +174,20 @@ class Kernel:
     def list_prompts(self, principal: Principal) -> list[JSON]:
         visible = set(self.visible_plugins(principal))
         return [p for plugin, p in self.plugins.prompts.values() if plugin in visible]
+
+    def listing(self, principal: Principal, kind: str) -> tuple[list[JSON], str]:
+        """The list ``kind`` (``tools``, ``resources``, ``resourceTemplates``, ``prompts``)
+        as the principal may see it, and its version: a digest of the list, which changes
+        when (and only when) what the principal sees in it does."""
+        key = (kind, principal, self.policy.generation, self.plugins.version)
+        hit = self._listings.get(key)
+        if hit is None:
+            items = self._listers[kind](principal)
+            hit = (items, hashlib.sha256(orjson.dumps(items)).hexdigest()[:16])
+            if len(self._listings) > 4096:
+                self._listings.clear()
+            self._listings[key] = hit
+        return hit
 
     def check_resource(self, principal: Principal, uri: str) -> None:
         """Raise unless ``uri`` exists and the principal may read it (for subscriptions)."""

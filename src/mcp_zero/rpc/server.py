@@ -25,7 +25,7 @@ from mcp_zero.errors import (
     McpZeroError,
     MethodNotFound,
 )
-from mcp_zero.kernel.action import Principal, Verb
+from mcp_zero.kernel.action import Verb
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
@@ -60,20 +60,54 @@ def negotiate_version(requested: Any) -> str:
     return SUPPORTED_VERSIONS[0]
 
 
-def _page(items: list[JSON], cursor: Any, size: int, key: str) -> JSON:
-    start = 0
-    if cursor is not None:
-        try:
-            start = int(base64.urlsafe_b64decode(str(cursor).encode()).decode())
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            shown = repr(cursor) if len(repr(cursor)) <= 80 else f"{repr(cursor)[:64]}…"
-            raise InvalidParams(f"invalid cursor {shown}: pass a nextCursor we sent") from None
-        if start < 0 or start > len(items):
-            raise InvalidParams(f"cursor {cursor!r} is out of range")
+def _page(items: list[JSON], cursor: Any, size: int, key: str, method: str, version: str) -> JSON:
+    start = 0 if cursor is None else _read_cursor(cursor, method, version, len(items))
     page: JSON = {key: items[start : start + size]}
     if start + size < len(items):
-        page["nextCursor"] = base64.urlsafe_b64encode(str(start + size).encode()).decode()
+        page["nextCursor"] = _cursor(method, version, start + size)
     return page
+
+
+# A cursor is opaque to the client: the list method that made it, the version of the list it
+# pages through (its digest: see Kernel.listing) and where the next page starts, in base64url.
+# Nothing is kept per cursor. It is not signed: a forged one can only choose where to start
+# in a list the client may see whole anyway.
+
+
+def _cursor(method: str, version: str, start: int) -> str:
+    return base64.urlsafe_b64encode(f"{method} {version} {start}".encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: Any, method: str, version: str, length: int) -> int:
+    """Where the page a ``nextCursor`` of ``method`` asks for starts. Raises InvalidParams
+    when it is not one, is another method's, or the list changed since it was made."""
+    shown = repr(cursor) if len(repr(cursor)) <= 80 else f"{repr(cursor)[:64]}…"
+    try:
+        if not isinstance(cursor, str) or len(cursor) > 256:
+            raise ValueError(cursor)
+        padded = cursor + "=" * (-len(cursor) % 4)
+        made_by, made_of, start = base64.urlsafe_b64decode(padded).decode().split(" ")
+        if not start.isascii() or not start.isdigit():
+            raise ValueError(start)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidParams(
+            f"invalid cursor {shown}: pass a nextCursor we sent", data={"path": "/cursor"}
+        ) from None
+    if made_by != method:
+        raise InvalidParams(
+            f"cursor {shown} was made by {made_by[:40]!r}, not {method}: pass a nextCursor "
+            f"that {method} sent",
+            data={"path": "/cursor"},
+        )
+    if made_of != version:
+        raise InvalidParams(
+            "cursor is stale: the list changed since it was made; list again from the start "
+            "(without a cursor)",
+            data={"path": "/cursor", "stale": True},
+        )
+    if not 0 < int(start) < length:  # a version fixes the length: only a forged one gets here
+        raise InvalidParams(f"cursor {shown} is out of range", data={"path": "/cursor"})
+    return int(start)
 
 
 def _require_str(params: JSON, name: str) -> str:
@@ -104,16 +138,16 @@ class McpServer:
         self._handlers: dict[str, Handler] = {
             "initialize": self._initialize,
             "ping": self._ping,
-            "tools/list": self._lister(kernel.list_tools, "tools"),
+            "tools/list": self._lister("tools/list", "tools"),
             "tools/call": self._tools_call,
-            "resources/list": self._lister(kernel.list_resources, "resources"),
+            "resources/list": self._lister("resources/list", "resources"),
             "resources/templates/list": self._lister(
-                kernel.list_resource_templates, "resourceTemplates"
+                "resources/templates/list", "resourceTemplates"
             ),
             "resources/read": self._resources_read,
             "resources/subscribe": self._resources_subscribe,
             "resources/unsubscribe": self._resources_unsubscribe,
-            "prompts/list": self._lister(kernel.list_prompts, "prompts"),
+            "prompts/list": self._lister("prompts/list", "prompts"),
             "prompts/get": self._prompts_get,
             "completion/complete": self._complete,
             "logging/setLevel": self._set_level,
@@ -243,11 +277,13 @@ class McpServer:
     def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
         session.resolve(response.id, response.result, response.error)
 
-    def _lister(self, items: Callable[[Principal], list[JSON]], key: str) -> Handler:
-        """A paginated ``*/list`` method over what the kernel lets the principal see."""
+    def _lister(self, method: str, key: str) -> Handler:
+        """The paginated ``method``: the list ``key`` as the kernel lets the principal see it."""
 
         async def handler(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
-            return _page(items(session.principal), params.get("cursor"), self.page_size, key)
+            items, version = self.kernel.listing(session.principal, key)
+            cursor = params.get("cursor")
+            return _page(items, cursor, self.page_size, key, method, version)
 
         return handler
 
