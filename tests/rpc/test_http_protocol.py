@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,10 +34,10 @@ from rpc_live import (
 )
 
 from mcp_zero.rpc.http import SSE_KEEPALIVE_S
-from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
+MCP0 = str(Path(sys.executable).parent / "mcp0")
 
 
 @dataclass
@@ -573,7 +575,7 @@ async def test_a_quiet_get_stream_carries_keepalive_comments(env: Env) -> None:
     assert [e for e in parse_sse_text(raw.decode()) if e.data] == []
 
 
-async def test_get_stream_hears_list_changed_after_another_process_installs_a_plugin(
+async def test_get_stream_hears_list_changed_after_another_process_attaches_a_plugin(
     env: Env,
 ) -> None:
     client = await session(env)
@@ -592,16 +594,18 @@ async def test_get_stream_hears_list_changed_after_another_process_installs_a_pl
                     live.url, headers=client.headers(Accept="text/event-stream")
                 )
                 assert second.status_code == 409
-                # another Runtime on the same data dir (as `mcp0 plugin install` would be)
-                other = Runtime(live.runtime.settings)
-                try:
-                    other.plugins.install(CONFORMANCE_DIR)
-                finally:
-                    other.close()
-                methods = []
-                async for event in events:
-                    methods.append(event.message["method"])
-                    if "notifications/tools/list_changed" in methods:
-                        break
-    assert "notifications/tools/list_changed" in methods
+                # other processes, as `mcp0 plugin install` and `mcp0 agent attach` are
+                data_dir = str(live.runtime.settings.data_dir)
+                for command in (
+                    ["plugin", "install", str(CONFORMANCE_DIR)],
+                    ["agent", "attach", "proto", "conformance"],
+                ):
+                    await anyio.run_process([MCP0, *command, "--data-dir", data_dir])
+                # conformance has tools, resources and prompts: each list changed, once
+                methods = [(await anext(events)).message["method"] for _ in range(3)]
+    assert sorted(methods) == [
+        "notifications/prompts/list_changed",
+        "notifications/resources/list_changed",
+        "notifications/tools/list_changed",
+    ]
     assert "conformance" in live.runtime.plugins.manifests

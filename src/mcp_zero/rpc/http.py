@@ -41,6 +41,7 @@ from mcp_zero.rpc.asgi import (
     respond,
     respond_json,
 )
+from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import HEADER_VERSIONS, Session
 from mcp_zero.rpc.streams import (
@@ -158,7 +159,8 @@ class HttpApp:
         self.sessions: dict[str, Session] = {}
         self.ready = False
         self._janitor: asyncio.Task[None] | None = None
-        self._announcing: set[asyncio.Task[None]] = set()
+        self.list_changes = ListChanges(runtime.kernel, runtime.agents, self._listening_sessions)
+        self._list_watch: asyncio.Task[None] | None = None
         self._loopback_only = runtime.settings.on_loopback_only()
         self.sse_keepalive_s = SSE_KEEPALIVE_S
 
@@ -189,16 +191,18 @@ class HttpApp:
 
     async def startup(self) -> None:
         await self.runtime.start()
-        self.runtime.plugins.on_change = self._broadcast_list_changed
+        self.runtime.plugins.on_change = self.list_changes.poke
         self._janitor = asyncio.create_task(self._expire_sessions())
+        self._list_watch = asyncio.create_task(self.list_changes.run())
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
-        if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+        for task in (self._janitor, self._list_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for session in self.sessions.values():
             session.close()
         await self.runtime.aclose()
@@ -231,19 +235,6 @@ class HttpApp:
             (s, NoticeChannel(s.notices) if s.notices is not None else None)
             for s in self.sessions.values()
         ]
-
-    def _broadcast_list_changed(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._announce_list_changed())
-        self._announcing.add(task)
-        task.add_done_callback(self._announcing.discard)
-
-    async def _announce_list_changed(self) -> None:
-        for _, channel in self._listening_sessions():
-            if channel is not None:
-                for method in ("tools", "resources", "prompts"):
-                    await channel.send(
-                        {"jsonrpc": "2.0", "method": f"notifications/{method}/list_changed"}
-                    )
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -387,6 +378,7 @@ class HttpApp:
                 )
                 return
             session = Session(principal)
+            self.list_changes.seen(session)
             self.sessions[session.id] = session
         elif session_id is not None:
             found = self.sessions.get(session_id)

@@ -57,6 +57,7 @@ class Session:
     pending: dict[int, asyncio.Future[JSON]] = field(default_factory=dict)
     streams: dict[str, Any] = field(default_factory=dict)  # SSE streams open for resumption
     notices: EventStream | None = None  # the standalone GET stream, once one was opened
+    views: dict[str, str] = field(default_factory=dict)  # list versions the client knows of
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False  # ended by DELETE, expiry or shutdown
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
