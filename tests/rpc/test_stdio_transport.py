@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -62,11 +63,13 @@ class StdioPeer:
 
 
 @contextlib.asynccontextmanager
-async def stdio_server(tmp_path: Path) -> AsyncIterator[StdioPeer]:
+async def stdio_server(
+    tmp_path: Path, plugins: tuple[str, ...] = ("notes", "faulty")
+) -> AsyncIterator[StdioPeer]:
     runtime = make_runtime(tmp_path / "data")
     runtime.plugins.install(NOTES_DIR)
     runtime.plugins.install(FAULTY_DIR)
-    await runtime.agents.spawn("piper", ["notes", "faulty"])
+    await runtime.agents.spawn("piper", list(plugins))
     principal = runtime.agents.principal("piper")
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -290,3 +293,53 @@ async def test_a_cancel_of_initialize_is_ignored(tmp_path: Path) -> None:
         reply = await peer.receive()
         assert reply["id"] == 7
         assert reply["result"]["protocolVersion"] == "2025-06-18"
+
+
+async def mcp0(peer: StdioPeer, *args: str) -> None:
+    """``mcp0 ARGS`` on the server's data dir: another process, which writes the store."""
+    data_dir = str(peer.runtime.settings.data_dir)
+    await anyio.run_process([MCP0, *args, "--data-dir", data_dir])
+
+
+async def tool_names(peer: StdioPeer, rid: str) -> list[str]:
+    peer.send({"jsonrpc": "2.0", "id": rid, "method": "tools/list"})
+    reply = (await peer.until_id(rid))[-1]
+    return [tool["name"] for tool in reply["result"]["tools"]]
+
+
+async def notices_until(peer: StdioPeer, method: str) -> list[str]:
+    """The methods of what the server sends, up to the first ``method``."""
+    seen = []
+    while not seen or seen[-1] != method:
+        seen.append((await peer.receive())["method"])
+    return seen
+
+
+async def test_stdio_hears_list_changed_and_lists_a_plugin_another_process_attached(
+    tmp_path: Path,
+) -> None:
+    async with stdio_server(tmp_path, plugins=("faulty",)) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        assert "notes_add" not in await tool_names(peer, "before")
+        await mcp0(peer, "agent", "attach", "piper", "notes")
+        changed = "notifications/tools/list_changed"
+        assert await notices_until(peer, changed) == [changed]
+        # notes has no resources or prompts: nothing else came before this answer
+        assert "notes_add" in await tool_names(peer, "after")
+
+
+async def test_stdio_hears_which_lists_a_reinstalled_plugin_changed(tmp_path: Path) -> None:
+    changed = tmp_path / "notes"
+    shutil.copytree(NOTES_DIR, changed)
+    manifest = orjson.loads((changed / "plugin.json").read_bytes())
+    manifest["tools"][0]["description"] += " (now with a better description)"
+    (changed / "plugin.json").write_bytes(orjson.dumps(manifest))
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        await mcp0(peer, "plugin", "install", "--replace", str(changed))
+        notice = "notifications/tools/list_changed"
+        assert await notices_until(peer, notice) == [notice]
+        peer.send({"jsonrpc": "2.0", "id": "p", "method": "ping"})
+        assert await peer.receive() == {"jsonrpc": "2.0", "id": "p", "result": {}}

@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
 
-from mcp_zero.errors import InvalidRequest
+from mcp_zero.errors import InvalidRequest, Unauthorized
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import jsonrpc
+from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import Runtime
@@ -74,6 +75,13 @@ async def serve_stdio(
     tasks: set[asyncio.Task[Any]] = set()
 
     async def run(request: jsonrpc.Request) -> None:
+        try:  # as HTTP authenticates each request: the agent's plugins may have changed
+            session.principal = runtime.agents.principal(
+                principal.agent, anonymous=principal.anonymous
+            )
+        except Unauthorized as exc:  # terminated
+            await channel.send(jsonrpc.error_from_exception(request.id, exc))
+            return
         response = await server.handle_request(session, request, channel)
         if response is not None:
             await channel.send(response)
@@ -102,6 +110,10 @@ async def serve_stdio(
             spawn(server.audit_unstarted(session, request))
 
     await runtime.start()
+    list_changes = ListChanges(runtime.kernel, runtime.agents, server.sessions)
+    list_changes.seen(session)
+    runtime.plugins.on_change = list_changes.poke
+    watch = asyncio.create_task(list_changes.run())
     try:
         while True:
             try:
@@ -131,6 +143,8 @@ async def serve_stdio(
         if tasks:
             await asyncio.wait(tasks, timeout=30)
     finally:
+        watch.cancel()
+        runtime.plugins.on_change = None
         session.close()
         for task in tasks:
             task.cancel()
