@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,10 +34,10 @@ from rpc_live import (
 )
 
 from mcp_zero.rpc.http import SSE_KEEPALIVE_S
-from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
+MCP0 = str(Path(sys.executable).parent / "mcp0")
 
 
 @dataclass
@@ -107,6 +110,35 @@ async def test_notifications_are_accepted_with_202(env: Env) -> None:
         response = await client.post({"jsonrpc": "2.0", "method": method})
         assert response.status_code == 202, method
         assert response.content == b""
+
+
+async def test_notifications_keep_a_session_alive(env: Env) -> None:
+    client = await session(env)
+    app = env.live.app
+    idle = env.live.runtime.settings.session_idle_s
+    quiet_since = time.monotonic()
+    note = {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}
+    assert (await client.post(note)).status_code == 202
+    # idle_s after the last request, but not after the notification: kept
+    assert client.session_id not in await app.expire_idle(quiet_since + idle)
+    assert "result" in await client.request("ping")
+    assert client.session_id in await app.expire_idle(time.monotonic() + idle + 1)
+    assert (await client.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})).status_code == 404
+
+
+async def test_an_open_get_stream_keeps_its_session_alive(env: Env) -> None:
+    client = await session(env)
+    app = env.live.app
+    idle = env.live.runtime.settings.session_idle_s
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "GET", env.live.url, headers=client.headers(Accept="text/event-stream")
+            ) as response:
+                assert (await anext(sse_events(response))).data == ""
+                # long past idle_s, with nothing but the open stream
+                assert client.session_id not in await app.expire_idle(time.monotonic() + idle + 1)
+                assert "result" in await client.request("ping")
 
 
 async def test_delete_ends_the_session(env: Env) -> None:
@@ -445,6 +477,23 @@ async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None
     ] == "next"
 
 
+async def test_a_call_whose_id_is_the_string_initialize_can_be_cancelled(env: Env) -> None:
+    client = await session(env)
+    messages: list[JSON] = []
+    async with waiting_call(env, client, "initialize", "named-initialize") as events:
+        async for event in events:
+            if event.data:
+                messages.append(event.message)
+                assert (await cancel(client, "initialize")).status_code == 202
+    assert [m.get("method") for m in messages] == ["notifications/progress"]
+    records = [
+        orjson.loads(e.body)
+        for e in env.live.runtime.store.read_audit(0, 100_000)
+        if orjson.loads(e.body).get("request_id") == "initialize"
+    ]
+    assert [(r["verb"], r["code"]) for r in records] == [("call_tool", "cancelled")]
+
+
 # -- logging --------------------------------------------------------------------------------
 
 
@@ -526,7 +575,7 @@ async def test_a_quiet_get_stream_carries_keepalive_comments(env: Env) -> None:
     assert [e for e in parse_sse_text(raw.decode()) if e.data] == []
 
 
-async def test_get_stream_hears_list_changed_after_another_process_installs_a_plugin(
+async def test_get_stream_hears_list_changed_after_another_process_attaches_a_plugin(
     env: Env,
 ) -> None:
     client = await session(env)
@@ -545,16 +594,18 @@ async def test_get_stream_hears_list_changed_after_another_process_installs_a_pl
                     live.url, headers=client.headers(Accept="text/event-stream")
                 )
                 assert second.status_code == 409
-                # another Runtime on the same data dir (as `mcp0 plugin install` would be)
-                other = Runtime(live.runtime.settings)
-                try:
-                    other.plugins.install(CONFORMANCE_DIR)
-                finally:
-                    other.close()
-                methods = []
-                async for event in events:
-                    methods.append(event.message["method"])
-                    if "notifications/tools/list_changed" in methods:
-                        break
-    assert "notifications/tools/list_changed" in methods
+                # other processes, as `mcp0 plugin install` and `mcp0 agent attach` are
+                data_dir = str(live.runtime.settings.data_dir)
+                for command in (
+                    ["plugin", "install", str(CONFORMANCE_DIR)],
+                    ["agent", "attach", "proto", "conformance"],
+                ):
+                    await anyio.run_process([MCP0, *command, "--data-dir", data_dir])
+                # conformance has tools, resources and prompts: each list changed, once
+                methods = [(await anext(events)).message["method"] for _ in range(3)]
+    assert sorted(methods) == [
+        "notifications/prompts/list_changed",
+        "notifications/resources/list_changed",
+        "notifications/tools/list_changed",
+    ]
     assert "conformance" in live.runtime.plugins.manifests

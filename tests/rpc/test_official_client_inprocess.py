@@ -197,3 +197,31 @@ async def test_sampling_without_the_capability_is_missing_client_capability(
             await connected.call_tool("test_sampling", {"prompt": "anyone there?"})
     assert info.value.error.code == MISSING_CLIENT_CAPABILITY
     assert info.value.error.data["requiredCapabilities"] == {"sampling": {}}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "arguments", "named"),
+    [
+        ("test_simple_prompt", {"extra": "x"}, "'extra' (its arguments: none)"),
+        (
+            "test_prompt_with_arguments",
+            {"arg1": "a", "arg2": "b", "arg3": "c"},
+            "'arg3' (its arguments: arg1, arg2)",
+        ),
+    ],
+)
+async def test_a_prompt_argument_the_prompt_does_not_take_is_32602_naming_it(
+    client: Client, prompt: str, arguments: dict[str, str], named: str
+) -> None:
+    with anyio.fail_after(TIMEOUT_S), pytest.raises(MCPError) as refused:
+        await client.get_prompt(prompt, arguments)
+    assert refused.value.code == -32602
+    assert (
+        refused.value.message
+        == f"prompt {prompt!r} has no argument {named}; prompts/list shows them"
+    )
+    assert "TypeError" not in refused.value.message
+    # the declared ones still work
+    declared = {k: v for k, v in arguments.items() if k in ("arg1", "arg2")}
+    with anyio.fail_after(TIMEOUT_S):
+        assert (await client.get_prompt(prompt, declared)).messages

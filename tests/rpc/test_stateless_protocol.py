@@ -283,6 +283,7 @@ async def test_closing_the_connection_cancels_the_call_and_the_audit_says_so(env
 
 
 async def test_listen_acknowledges_then_delivers_what_was_asked(env: Env) -> None:
+    lister = (await env.live.runtime.agents.spawn("lister", ["faulty"])).token
     body = message(
         "subscriptions/listen",
         {
@@ -295,7 +296,10 @@ async def test_listen_acknowledges_then_delivers_what_was_asked(env: Env) -> Non
     async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
         with anyio.fail_after(TIMEOUT_S):
             async with http.stream(
-                "POST", env.live.url, content=orjson.dumps(body), headers=headers_for(env, body)
+                "POST",
+                env.live.url,
+                content=orjson.dumps(body),
+                headers=headers_for(env, body, token=lister),
             ) as response:
                 assert response.status_code == 200
                 lines = response.aiter_lines()
@@ -309,7 +313,9 @@ async def test_listen_acknowledges_then_delivers_what_was_asked(env: Env) -> Non
                     },
                     "_meta": tag,
                 }
-                bumped = await post(env, message("tools/call", {"name": "faulty_bump"}))
+                bumped = await post(
+                    env, message("tools/call", {"name": "faulty_bump"}), token=lister
+                )
                 assert bumped.status_code == 200
                 updated = await _next_message(lines)
                 assert updated == {
@@ -317,7 +323,8 @@ async def test_listen_acknowledges_then_delivers_what_was_asked(env: Env) -> Non
                     "method": "notifications/resources/updated",
                     "params": {"uri": "faulty://counter", "_meta": tag},
                 }
-                env.live.runtime.plugins.on_change()  # what an install or removal runs
+                # the agent's tools change (its resources and prompts do not: notes has none)
+                await env.live.runtime.agents.attach("lister", "notes")
                 changed = await _next_message(lines)
                 assert changed["method"] == "notifications/tools/list_changed"
                 assert changed["params"] == {"_meta": tag}

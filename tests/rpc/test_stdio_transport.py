@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, make_runtime
 
 from mcp_zero.rpc.stdio import serve_stdio
+from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -27,9 +29,15 @@ MCP0 = str(Path(sys.executable).parent / "mcp0")
 class StdioPeer:
     """The client end of the pipes: write lines to the server's stdin, read its stdout."""
 
-    def __init__(self, write_fd: int, reader: asyncio.StreamReader) -> None:
+    def __init__(self, write_fd: int, reader: asyncio.StreamReader, runtime: Runtime) -> None:
         self.write_fd = write_fd
         self.reader = reader
+        self.runtime = runtime
+
+    def audited(self, request_id: str) -> list[JSON]:
+        """The audit records of ``request_id``, as committed so far."""
+        records = (orjson.loads(e.body) for e in self.runtime.store.read_audit(0, 100_000))
+        return [r for r in records if r.get("request_id") == request_id]
 
     def send_line(self, line: bytes) -> None:
         os.write(self.write_fd, line + b"\n")
@@ -55,11 +63,13 @@ class StdioPeer:
 
 
 @contextlib.asynccontextmanager
-async def stdio_server(tmp_path: Path) -> AsyncIterator[StdioPeer]:
+async def stdio_server(
+    tmp_path: Path, plugins: tuple[str, ...] = ("notes", "faulty")
+) -> AsyncIterator[StdioPeer]:
     runtime = make_runtime(tmp_path / "data")
     runtime.plugins.install(NOTES_DIR)
     runtime.plugins.install(FAULTY_DIR)
-    await runtime.agents.spawn("piper", ["notes", "faulty"])
+    await runtime.agents.spawn("piper", list(plugins))
     principal = runtime.agents.principal("piper")
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -73,7 +83,7 @@ async def stdio_server(tmp_path: Path) -> AsyncIterator[StdioPeer]:
     )
     task = asyncio.create_task(serve_stdio(runtime, principal, stdin, stdout))
     try:
-        yield StdioPeer(in_w, reader)
+        yield StdioPeer(in_w, reader, runtime)
     finally:
         os.close(in_w)  # end of stdin: the server finishes and closes the runtime
         with anyio.fail_after(TIMEOUT_S):
@@ -310,3 +320,99 @@ async def test_listen_over_stdio_ends_when_cancelled_or_at_the_end_of_stdin(
         ended = await peer.receive()
         assert ended["id"] == "l2"
         assert ended["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "l2"
+
+
+def call(rid: Any, tool: str, arguments: JSON, token: Any = None) -> JSON:
+    params: JSON = {"name": tool, "arguments": arguments}
+    if token is not None:
+        params["_meta"] = {"progressToken": token}
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
+
+
+def cancelled(rid: Any) -> JSON:
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": rid}}
+
+
+async def test_a_cancel_in_the_same_write_as_its_request_keeps_it_from_running(
+    tmp_path: Path,
+) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        # one write: the server reads all three lines before the call's task first runs
+        lines = [call("c1", "faulty_started_then_wait", {}, token="c1"), cancelled("c1")]
+        lines.append(call("e1", "faulty_echo", {"text": "after"}))
+        peer.send_line(b"\n".join(orjson.dumps(m) for m in lines))
+        messages = await peer.until_id("e1")
+        assert messages[-1]["result"]["content"][0]["text"] == "after"
+        # the call never reached the plugin (it would have sent progress first) ...
+        assert not any(m.get("params", {}).get("progressToken") == "c1" for m in messages)
+        # ... and is audited as cancelled; its record was submitted before the echo's
+        records = peer.audited("c1")
+        assert [(r["outcome"], r["code"], r["plugin"]) for r in records] == [
+            ("error", "cancelled", "faulty")
+        ]
+        assert records[0]["verb"] == "call_tool"
+        assert records[0]["transport"] == "stdio"
+        peer.send({"jsonrpc": "2.0", "id": "c1", "method": "ping"})  # its id is free again
+        assert (await peer.receive()) == {"jsonrpc": "2.0", "id": "c1", "result": {}}
+
+
+async def test_a_cancel_of_initialize_is_ignored(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        # in one write, so that the initialize request is still in flight when the cancel is read
+        lines = [initialize_message(rid=7), cancelled(7)]
+        peer.send_line(b"\n".join(orjson.dumps(m) for m in lines))
+        reply = await peer.receive()
+        assert reply["id"] == 7
+        assert reply["result"]["protocolVersion"] == "2025-06-18"
+
+
+async def mcp0(peer: StdioPeer, *args: str) -> None:
+    """``mcp0 ARGS`` on the server's data dir: another process, which writes the store."""
+    data_dir = str(peer.runtime.settings.data_dir)
+    await anyio.run_process([MCP0, *args, "--data-dir", data_dir])
+
+
+async def tool_names(peer: StdioPeer, rid: str) -> list[str]:
+    peer.send({"jsonrpc": "2.0", "id": rid, "method": "tools/list"})
+    reply = (await peer.until_id(rid))[-1]
+    return [tool["name"] for tool in reply["result"]["tools"]]
+
+
+async def notices_until(peer: StdioPeer, method: str) -> list[str]:
+    """The methods of what the server sends, up to the first ``method``."""
+    seen = []
+    while not seen or seen[-1] != method:
+        seen.append((await peer.receive())["method"])
+    return seen
+
+
+async def test_stdio_hears_list_changed_and_lists_a_plugin_another_process_attached(
+    tmp_path: Path,
+) -> None:
+    async with stdio_server(tmp_path, plugins=("faulty",)) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        assert "notes_add" not in await tool_names(peer, "before")
+        await mcp0(peer, "agent", "attach", "piper", "notes")
+        changed = "notifications/tools/list_changed"
+        assert await notices_until(peer, changed) == [changed]
+        # notes has no resources or prompts: nothing else came before this answer
+        assert "notes_add" in await tool_names(peer, "after")
+
+
+async def test_stdio_hears_which_lists_a_reinstalled_plugin_changed(tmp_path: Path) -> None:
+    changed = tmp_path / "notes"
+    shutil.copytree(NOTES_DIR, changed)
+    manifest = orjson.loads((changed / "plugin.json").read_bytes())
+    manifest["tools"][0]["description"] += " (now with a better description)"
+    (changed / "plugin.json").write_bytes(orjson.dumps(manifest))
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        await mcp0(peer, "plugin", "install", "--replace", str(changed))
+        notice = "notifications/tools/list_changed"
+        assert await notices_until(peer, notice) == [notice]
+        peer.send({"jsonrpc": "2.0", "id": "p", "method": "ping"})
+        assert await peer.receive() == {"jsonrpc": "2.0", "id": "p", "result": {}}

@@ -26,22 +26,23 @@ async def test_ids_keep_counting_past_the_buffer_and_resume_from_the_oldest_kept
     stream = EventStream(keep=3)
     for i in range(5):
         await stream.push({"jsonrpc": "2.0", "method": "notifications/message", "params": {"i": i}})
-    stream.close()
+    await stream.close()
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
     with anyio.fail_after(5):
-        await stream.replay(1, send)  # events 2 and 3 are gone: 3, 4, 5 are kept
-    assert _ids(sent) == [3, 4, 5]
+        await stream.attach(1, send)  # events 2 and 3 are gone: 3, 4, 5 are kept
+    assert _ids(sent[:-1]) == [3, 4, 5]
+    assert sent[-1] == {"type": "http.response.body", "body": b""}  # closed: the end follows
     sent.clear()
     with anyio.fail_after(5):
-        await stream.replay(4, send)
-    assert _ids(sent) == [5]
+        await stream.attach(4, send)
+    assert _ids(sent[:-1]) == [5]
 
 
-async def test_replay_follows_live_events_until_the_stream_closes() -> None:
+async def test_a_connection_catches_up_then_gets_live_events_until_the_stream_closes() -> None:
     stream = EventStream()
     await stream.push({"jsonrpc": "2.0", "id": 1, "method": "ping"})
     sent: list[dict[str, Any]] = []
@@ -50,12 +51,35 @@ async def test_replay_follows_live_events_until_the_stream_closes() -> None:
         sent.append(message)
 
     with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stream.replay, 0, send)
-            await anyio.wait_all_tasks_blocked()
-            await stream.push({"jsonrpc": "2.0", "id": 1, "result": {}})
-            stream.close()
-    assert _ids(sent) == [1, 2]
+        conn = await stream.attach(0, send)
+        await stream.push({"jsonrpc": "2.0", "id": 1, "result": {}})
+        assert not conn.ended.is_set()
+        await stream.close()
+    assert conn.ended.is_set()
+    assert _ids(sent[:-1]) == [1, 2]
+    assert sent[-1]["body"] == b""
+
+
+async def test_a_resume_takes_the_stream_over_and_ends_the_connection_before() -> None:
+    first: list[dict[str, Any]] = []
+    second: list[dict[str, Any]] = []
+
+    async def send_first(message: dict[str, Any]) -> None:
+        first.append(message)
+
+    async def send_second(message: dict[str, Any]) -> None:
+        second.append(message)
+
+    stream = EventStream(send_first)
+    with anyio.fail_after(5):
+        await stream.push({"jsonrpc": "2.0", "method": "notifications/progress"})
+        conn = await stream.attach(1, send_second)
+        await stream.push({"jsonrpc": "2.0", "id": 1, "result": {}})
+        await stream.close()
+    assert _ids(first[:-1]) == [1]
+    assert first[-1]["body"] == b""  # ended cleanly when the resume took over
+    assert _ids(second[:-1]) == [2]  # only the second has what came after
+    assert conn.ended.is_set()
 
 
 def test_parse_event_id_rejects_garbage() -> None:

@@ -25,12 +25,13 @@ def anyio_backend() -> str:
 
 class EchoApp:
     """Echoes the body; /stream sends three chunks; /wait-disconnect reports the disconnect;
-    /firehose streams until sending fails."""
+    /firehose streams until sending fails; /end-then-linger answers, then runs on."""
 
     def __init__(self) -> None:
         self.disconnected = asyncio.Event()
         self.scopes: list[dict[str, Any]] = []
         self.streamed = 0  # bytes /firehose got sent
+        self.lingering = asyncio.Event()  # /end-then-linger returns once this is set
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scopes.append(scope)
@@ -66,6 +67,11 @@ class EchoApp:
                     await asyncio.sleep(0)  # let the transport write what the client takes
             except ConnectionResetError:
                 self.disconnected.set()
+            return
+        if scope["path"] == "/end-then-linger":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ended"})
+            await self.lingering.wait()  # like a call whose SSE stream ended early
             return
         if scope["path"] == "/crash":
             raise RuntimeError("the app broke")
@@ -176,6 +182,18 @@ async def test_pipelined_requests_are_answered_in_order(served: Any) -> None:
         )
         answers = [(await read_response(reader))[2] for _ in range(5)]
         assert answers == [b"POST %d" % i for i in range(5)]
+
+
+async def test_the_next_request_is_served_once_the_response_ended_though_its_app_runs_on(
+    served: Any,
+) -> None:
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /end-then-linger HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await read_response(reader))[2] == b"ended"
+        writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nnext")
+        assert (await read_response(reader))[2] == b"POST next"
+    app.lingering.set()
 
 
 async def test_a_chunked_request_body_is_joined(served: Any) -> None:

@@ -160,6 +160,11 @@ class AgentService:
         """The principal of agent ``name`` (stdio sessions, the admin's execute)."""
         return self._principal_for(name, anonymous=anonymous)
 
+    def forget(self, name: str) -> None:
+        """Drop what is remembered of agent ``name`` (another process changed it): its next
+        authentication reads the store."""
+        self._forget(name)
+
     def _forget(self, name: str) -> None:
         self._principals = {k: v for k, v in self._principals.items() if v[1].agent != name}
 

@@ -127,6 +127,13 @@ class Kernel:
         self.metrics = metrics
         self.limiter = limiter
         self._listing_cache: dict[Any, list[JSON]] = {}
+        self._listings: dict[Any, tuple[list[JSON], str]] = {}
+        self._listers: dict[str, Callable[[Principal], list[JSON]]] = {
+            "tools": self.list_tools,
+            "resources": self.list_resources,
+            "resourceTemplates": self.list_resource_templates,
+            "prompts": self.list_prompts,
+        }
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
@@ -167,6 +174,20 @@ class Kernel:
     def list_prompts(self, principal: Principal) -> list[JSON]:
         visible = set(self.visible_plugins(principal))
         return [p for plugin, p in self.plugins.prompts.values() if plugin in visible]
+
+    def listing(self, principal: Principal, kind: str) -> tuple[list[JSON], str]:
+        """The list ``kind`` (``tools``, ``resources``, ``resourceTemplates``, ``prompts``)
+        as the principal may see it, and its version: a digest of the list, which changes
+        when (and only when) what the principal sees in it does."""
+        key = (kind, principal, self.policy.generation, self.plugins.version)
+        hit = self._listings.get(key)
+        if hit is None:
+            items = self._listers[kind](principal)
+            hit = (items, hashlib.sha256(orjson.dumps(items)).hexdigest()[:16])
+            if len(self._listings) > 4096:
+                self._listings.clear()
+            self._listings[key] = hit
+        return hit
 
     def check_resource(self, principal: Principal, uri: str) -> None:
         """Raise unless ``uri`` exists and the principal may read it (for subscriptions)."""
@@ -274,6 +295,16 @@ class Kernel:
 
         async def run(runtime: PluginRuntime, timeout: float) -> JSON:
             assert hit is not None
+            declared = [arg["name"] for arg in hit[1].get("arguments", [])]
+            unknown = sorted(set(arguments) - set(declared))
+            if unknown:
+                # the plugin's handler would fail on it with a Python TypeError
+                takes = ", ".join(declared) if declared else "none"
+                raise InvalidParams(
+                    f"prompt {name!r} has no argument {', '.join(map(repr, unknown))} "
+                    f"(its arguments: {takes}); prompts/list shows them",
+                    data={"path": f"/arguments/{unknown[0]}"},
+                )
             for arg in hit[1].get("arguments", []):
                 if arg.get("required") and arg["name"] not in arguments:
                     raise InvalidParams(
@@ -346,6 +377,49 @@ class Kernel:
             run,
             missing if plugin is None else None,
             {},
+        )
+
+    async def audit_cancelled(
+        self,
+        principal: Principal,
+        verb: Verb,
+        target: str,
+        *,
+        method: str,
+        request_id: str,
+        transport: str,
+        arguments: JSON | None = None,
+    ) -> None:
+        """Audit an action the client cancelled before it started: it reached neither policy
+        nor a plugin, and it is recorded as ``cancelled``, like one cut off while it ran."""
+        event: JSON = {
+            "agent": principal.agent,
+            "anonymous": principal.anonymous,
+            "verb": verb.value,
+            "resource": target,
+            "plugin": self._owner(verb, target),
+            "request_id": request_id,
+            "transport": transport,
+        }
+        if verb is Verb.CALL_TOOL:
+            event["arguments_sha256"] = _arguments_digest(arguments or {})
+        event.update(outcome=Outcome.ERROR.value, code="cancelled", duration_ms=0.0)
+        await self.audit.submit(event)
+        self.metrics.count_call(method, Outcome.ERROR.value)
+
+    def _owner(self, verb: Verb, target: str) -> str | None:
+        """The plugin that serves ``target`` of an action ``verb``, if one does."""
+        if verb is Verb.CALL_TOOL:
+            entry = self.plugins.tools.get(target)
+            return entry.plugin if entry is not None else None
+        if verb is Verb.GET_PROMPT:
+            prompt = self.plugins.prompts.get(target)
+            return prompt[0] if prompt is not None else None
+        if verb is Verb.COMPLETE and target in self.plugins.prompts:
+            return self.plugins.prompts[target][0]
+        return self.plugins.resource_owner(target) or next(
+            (t.plugin for t in self.plugins.templates if t.listing.get("uriTemplate") == target),
+            None,
         )
 
     # -- the one path ---------------------------------------------------------------------

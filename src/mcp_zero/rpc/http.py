@@ -6,7 +6,8 @@ POST /mcp carries one JSON-RPC message. A request is answered with
 first sends progress, a log message or a request to the client, the answer
 switches to an SSE stream (priming event first, resumable with GET and
 ``Last-Event-ID``). GET /mcp without ``Last-Event-ID`` opens the session's
-stream for server-initiated notifications; DELETE ends the session.
+stream for server-initiated notifications, resumable in the same way (what it is
+sent while no connection carries it is kept); DELETE ends the session.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ from mcp_zero.rpc.asgi import (
     respond_json,
 )
 from mcp_zero.rpc.envelope import MODERN_VERSIONS, HttpHeaders, has_envelope, unsupported
+from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
-from mcp_zero.rpc.session import HEADER_VERSIONS, JSON, Session
+from mcp_zero.rpc.session import HEADER_VERSIONS, Session
 from mcp_zero.rpc.streams import (
+    MAX_BUFFERED_NOTICES,
     EventStream,
     ExchangeChannel,
     NoticeChannel,
@@ -149,6 +152,16 @@ def _with_cors(send: Send, origin: str) -> Send:
     return cors_send
 
 
+def _busy(session: Session) -> bool:
+    """Whether the session runs a request or has a stream that a connection carries."""
+    return bool(session.inflight) or any(s.attached for s in session.streams.values())
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 # A quiet GET stream gets an SSE comment this often: proxies that drop idle connections
 # (nginx: 60 s) keep it, and a client that vanished is found when the write fails.
 SSE_KEEPALIVE_S = 25.0
@@ -166,6 +179,13 @@ class HttpApp:
         self.sessions: dict[str, Session] = {}
         self.ready = False
         self._janitor: asyncio.Task[None] | None = None
+        self.list_changes = ListChanges(
+            runtime.kernel,
+            runtime.agents,
+            self._listening_sessions,
+            lambda: self.server.listeners.values(),
+        )
+        self._list_watch: asyncio.Task[None] | None = None
         self._loopback_only = runtime.settings.on_loopback_only()
         self.sse_keepalive_s = SSE_KEEPALIVE_S
 
@@ -196,17 +216,19 @@ class HttpApp:
 
     async def startup(self) -> None:
         await self.runtime.start()
-        self.runtime.plugins.on_change = self._broadcast_list_changed
+        self.runtime.plugins.on_change = self.list_changes.poke
         self._janitor = asyncio.create_task(self._expire_sessions())
+        self._list_watch = asyncio.create_task(self.list_changes.run())
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
         self.server.end_listeners()
-        if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+        for task in (self._janitor, self._list_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for session in self.sessions.values():
             session.close()
         await self.runtime.aclose()
@@ -214,32 +236,31 @@ class HttpApp:
     async def _expire_sessions(self) -> None:
         while True:
             await asyncio.sleep(60)
-            cutoff = time.monotonic() - self.settings.session_idle_s
-            for sid in [s.id for s in self.sessions.values() if s.last_seen < cutoff]:
-                self.sessions.pop(sid).close()
+            await self.expire_idle()
 
-    def _make_room_for(self, agent: str) -> None:
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """End the sessions idle for ``session_idle_s`` at ``now`` (default: now, on the
+        monotonic clock); their ids. A session is idle while the client sends it nothing,
+        runs no request in it and holds none of its streams open."""
+        cutoff = (time.monotonic() if now is None else now) - self.settings.session_idle_s
+        idle = [s.id for s in self.sessions.values() if s.last_seen < cutoff and not _busy(s)]
+        for sid in idle:
+            await self._close_session(self.sessions.pop(sid))
+        return idle
+
+    async def _make_room_for(self, agent: str) -> None:
         """Drop the agent's least recently used session if it has as many as it may."""
         mine = [s for s in self.sessions.values() if s.principal.agent == agent]
         if len(mine) >= self.settings.max_sessions_per_agent:
             oldest = min(mine, key=lambda s: s.last_seen)
             log.info("agent %r opened more sessions than it may: dropping %s", agent, oldest.id)
-            self.sessions.pop(oldest.id).close()
+            await self._close_session(self.sessions.pop(oldest.id))
 
     def _listening_sessions(self) -> list[tuple[Session, NoticeChannel | None]]:
         return [
             (s, NoticeChannel(s.notices) if s.notices is not None else None)
             for s in self.sessions.values()
         ]
-
-    def _broadcast_list_changed(self) -> None:
-        self.server.announce_list_changed()
-        for session in self.sessions.values():
-            if session.notices is not None:
-                for method in ("tools", "resources", "prompts"):
-                    session.notices.put_nowait(
-                        {"jsonrpc": "2.0", "method": f"notifications/{method}/list_changed"}
-                    )
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -400,7 +421,7 @@ class HttpApp:
                 await respond(send, 202, b"", [])
             return
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
-            self._make_room_for(principal.agent)
+            await self._make_room_for(principal.agent)
             if len(self.sessions) >= self.settings.max_sessions:
                 await respond_json(
                     send,
@@ -411,6 +432,7 @@ class HttpApp:
                 )
                 return
             session = Session(principal)
+            self.list_changes.seen(session)
             self.sessions[session.id] = session
         elif session_id is not None:
             found = self.sessions.get(session_id)
@@ -426,6 +448,7 @@ class HttpApp:
                 )
                 return
             session = found
+            session.last_seen = time.monotonic()  # a notification or an answer counts too
             if found.principal != principal:  # the agent's plugins changed since initialize
                 session.principal = principal
         else:
@@ -441,6 +464,7 @@ class HttpApp:
             return
         channel = PostChannel(session, send)
         response = await self.server.handle_request(session, message, channel)
+        session.last_seen = time.monotonic()  # idle from the end of a long call, not its start
         stream = channel.stream
         if stream is None:
             if response is None:  # cancelled before anything was sent
@@ -531,7 +555,6 @@ class HttpApp:
                     ),
                 )
                 return
-            stream.send = None  # the old connection is gone: this one takes over
             await send(
                 {
                     "type": "http.response.start",
@@ -539,23 +562,24 @@ class HttpApp:
                     "headers": SSE_HEADERS + session_header(session),
                 }
             )
-            with contextlib.suppress(OSError):
-                await stream.replay(parsed[1], send)
-                await send({"type": "http.response.body", "body": b""})
+            # the headers go out now, not with the first event: there may be none for long
+            await send({"type": "http.response.body", "body": b"", "more_body": True})
+            await self._carry(session, stream, parsed[1], receive, send)
             return
-        if session.notices is not None:
+        previous = session.notices
+        if previous is not None and previous.attached:
             await respond_json(
                 send,
                 409,
                 jsonrpc.error_message(None, -32600, "this session already has an open GET stream"),
             )
             return
-        await self._standalone(session, receive, send)
-
-    async def _standalone(self, session: Session, receive: Receive, send: Send) -> None:
-        queue: asyncio.Queue[JSON] = asyncio.Queue()
-        session.notices = queue
-        stream = EventStream(send)
+        if previous is not None:  # not resumed: what it kept for a resume is not wanted
+            session.streams.pop(previous.id, None)
+        # Kept after its connection drops, with what it is sent meanwhile, for a resume.
+        stream = EventStream(keep=MAX_BUFFERED_NOTICES)
+        session.streams[stream.id] = stream
+        session.notices = stream
         await send(
             {
                 "type": "http.response.start",
@@ -564,40 +588,46 @@ class HttpApp:
             }
         )
         await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
+        await self._carry(session, stream, 0, receive, send)
 
-        async def until_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.create_task(until_disconnect())
+    async def _carry(
+        self, session: Session, stream: EventStream, after: int, receive: Receive, send: Send
+    ) -> None:
+        """Carry ``stream`` on this response from event number ``after`` on, taking it over
+        from the connection it had, until the stream is done with this one (it closed, or a
+        newer resume took it over) or the client goes; keepalive comments while it is quiet.
+        The session is not idle meanwhile: it is idle from the end of this."""
+        session.last_seen = time.monotonic()
+        conn = await stream.attach(after, send)
+        watcher = asyncio.create_task(_until_disconnect(receive))
+        ended = asyncio.create_task(conn.ended.wait())
         try:
-            while not watcher.done():
-                getter = asyncio.ensure_future(queue.get())
+            while True:
                 done, _ = await asyncio.wait(
-                    {getter, watcher},
+                    {ended, watcher},
                     timeout=self.sse_keepalive_s,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if getter in done:
-                    await stream.push(getter.result())
-                    if stream.send is None:
-                        break
-                    continue
-                getter.cancel()
-                if not done:  # quiet for a while: a comment, which clients ignore
-                    try:
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": b": keepalive\n\n",
-                                "more_body": True,
-                            }
-                        )
-                    except OSError:
-                        break
+                if conn.ended.is_set():  # perhaps before ``ended`` had its turn to see it
+                    return
+                if watcher in done:
+                    stream.lost(conn)
+                    return
+                try:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b": keepalive\n\n",
+                            "more_body": True,
+                        }
+                    )
+                except OSError:
+                    stream.lost(conn)
+                    return
         finally:
             watcher.cancel()
-            session.notices = None
+            ended.cancel()
+            session.last_seen = time.monotonic()
 
     async def _delete(self, scope: Scope, send: Send) -> None:
         try:
@@ -611,5 +641,12 @@ class HttpApp:
                 send, 404, jsonrpc.error_message(None, -32001, "unknown or expired session")
             )
             return
-        self.sessions.pop(session.id).close()
+        await self._close_session(self.sessions.pop(session.id))
         await respond(send, 204, b"", [])
+
+    async def _close_session(self, session: Session) -> None:
+        """End ``session``: its calls, and its streams' connections (their clients would
+        otherwise hold them open for a session that is gone)."""
+        session.close()
+        for stream in list(session.streams.values()):
+            await stream.close()

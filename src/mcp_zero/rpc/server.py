@@ -28,7 +28,7 @@ from mcp_zero.errors import (
     MethodNotFound,
     QuotaExceeded,
 )
-from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
@@ -42,6 +42,7 @@ from mcp_zero.rpc.envelope import (
     has_envelope,
     open_envelope,
 )
+from mcp_zero.rpc.list_changes import Listener, versions
 from mcp_zero.rpc.resume import Continuation, Resumptions
 from mcp_zero.rpc.session import (
     JSON,
@@ -51,6 +52,13 @@ from mcp_zero.rpc.session import (
 )
 
 Handler = Callable[[Session, JSON, Channel, Any], Awaitable[JSON]]
+# The methods that take the governed path, and the verb each is audited as.
+_GOVERNED = {
+    "tools/call": Verb.CALL_TOOL,
+    "resources/read": Verb.READ_RESOURCE,
+    "prompts/get": Verb.GET_PROMPT,
+    "completion/complete": Verb.COMPLETE,
+}
 
 SERVER_INFO = {"name": "mcp-zero", "title": "MCP-ZERO governed runtime", "version": __version__}
 INSTRUCTIONS = (
@@ -71,10 +79,11 @@ _CACHEABLE = frozenset(
         "prompts/list",
     )
 )
-_LISTEN_KINDS = {
-    "tools": "toolsListChanged",
-    "resources": "resourcesListChanged",
-    "prompts": "promptsListChanged",
+# What subscriptions/listen may ask for: its flag and the notice it brings.
+_LISTEN_FLAGS = {
+    "toolsListChanged": "notifications/tools/list_changed",
+    "resourcesListChanged": "notifications/resources/list_changed",
+    "promptsListChanged": "notifications/prompts/list_changed",
 }
 
 
@@ -86,32 +95,54 @@ def negotiate_version(requested: Any) -> str:
     return HANDSHAKE_VERSIONS[0]
 
 
-class Listener:
-    """One open ``subscriptions/listen`` request: what it asked for and its mailbox."""
-
-    __slots__ = ("kinds", "mailbox", "principal", "uris")
-
-    def __init__(self, principal: Principal, kinds: frozenset[str], uris: frozenset[str]):
-        self.principal = principal
-        self.kinds = kinds  # of "tools", "resources", "prompts"
-        self.uris = uris
-        self.mailbox: asyncio.Queue[JSON | None] = asyncio.Queue()  # None: the server ends it
-
-
-def _page(items: list[JSON], cursor: Any, size: int, key: str) -> JSON:
-    start = 0
-    if cursor is not None:
-        try:
-            start = int(base64.urlsafe_b64decode(str(cursor).encode()).decode())
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            shown = repr(cursor) if len(repr(cursor)) <= 80 else f"{repr(cursor)[:64]}…"
-            raise InvalidParams(f"invalid cursor {shown}: pass a nextCursor we sent") from None
-        if start < 0 or start > len(items):
-            raise InvalidParams(f"cursor {cursor!r} is out of range")
+def _page(items: list[JSON], cursor: Any, size: int, key: str, method: str, version: str) -> JSON:
+    start = 0 if cursor is None else _read_cursor(cursor, method, version, len(items))
     page: JSON = {key: items[start : start + size]}
     if start + size < len(items):
-        page["nextCursor"] = base64.urlsafe_b64encode(str(start + size).encode()).decode()
+        page["nextCursor"] = _cursor(method, version, start + size)
     return page
+
+
+# A cursor is opaque to the client: the list method that made it, the version of the list it
+# pages through (its digest: see Kernel.listing) and where the next page starts, in base64url.
+# Nothing is kept per cursor. It is not signed: a forged one can only choose where to start
+# in a list the client may see whole anyway.
+
+
+def _cursor(method: str, version: str, start: int) -> str:
+    return base64.urlsafe_b64encode(f"{method} {version} {start}".encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: Any, method: str, version: str, length: int) -> int:
+    """Where the page a ``nextCursor`` of ``method`` asks for starts. Raises InvalidParams
+    when it is not one, is another method's, or the list changed since it was made."""
+    shown = repr(cursor) if len(repr(cursor)) <= 80 else f"{repr(cursor)[:64]}…"
+    try:
+        if not isinstance(cursor, str) or len(cursor) > 256:
+            raise ValueError(cursor)
+        padded = cursor + "=" * (-len(cursor) % 4)
+        made_by, made_of, start = base64.urlsafe_b64decode(padded).decode().split(" ")
+        if not start.isascii() or not start.isdigit():
+            raise ValueError(start)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidParams(
+            f"invalid cursor {shown}: pass a nextCursor we sent", data={"path": "/cursor"}
+        ) from None
+    if made_by != method:
+        raise InvalidParams(
+            f"cursor {shown} was made by {made_by[:40]!r}, not {method}: pass a nextCursor "
+            f"that {method} sent",
+            data={"path": "/cursor"},
+        )
+    if made_of != version:
+        raise InvalidParams(
+            "cursor is stale: the list changed since it was made; list again from the start "
+            "(without a cursor)",
+            data={"path": "/cursor", "stale": True},
+        )
+    if not 0 < int(start) < length:  # a version fixes the length: only a forged one gets here
+        raise InvalidParams(f"cursor {shown} is out of range", data={"path": "/cursor"})
+    return int(start)
 
 
 def _require_str(params: JSON, name: str) -> str:
@@ -150,16 +181,16 @@ class McpServer:
         self._handlers: dict[str, Handler] = {
             "initialize": self._initialize,
             "ping": self._ping,
-            "tools/list": self._lister(kernel.list_tools, "tools"),
+            "tools/list": self._lister("tools/list", "tools"),
             "tools/call": self._tools_call,
-            "resources/list": self._lister(kernel.list_resources, "resources"),
+            "resources/list": self._lister("resources/list", "resources"),
             "resources/templates/list": self._lister(
-                kernel.list_resource_templates, "resourceTemplates"
+                "resources/templates/list", "resourceTemplates"
             ),
             "resources/read": self._resources_read,
             "resources/subscribe": self._resources_subscribe,
             "resources/unsubscribe": self._resources_unsubscribe,
-            "prompts/list": self._lister(kernel.list_prompts, "prompts"),
+            "prompts/list": self._lister("prompts/list", "prompts"),
             "prompts/get": self._prompts_get,
             "completion/complete": self._complete,
             "logging/setLevel": self._set_level,
@@ -293,16 +324,10 @@ class McpServer:
     async def _run(
         self, session: Session, request: jsonrpc.Request, channel: Channel, handler: Handler
     ) -> JSON | None:
-        if request.id in session.inflight:
-            # ids are unique per session (MCP): a second one would take over the first's
-            # cancellation, and the client could not tell the two answers apart
-            return jsonrpc.error_from_exception(
-                request.id,
-                InvalidRequest(f"request id {request.id!r} is in use by a request in flight"),
-            )
         task = asyncio.current_task()
-        if task is not None:
-            session.inflight[request.id] = task
+        refused = self.admit(session, request, task)
+        if refused is not None:
+            return refused
         try:
             result = await handler(session, request.params, channel, request.id)
             return jsonrpc.result_message(request.id, result)
@@ -334,16 +359,62 @@ class McpServer:
                 request.id, INTERNAL_ERROR, f"internal error handling {request.method}"
             )
         finally:
-            session.inflight.pop(request.id, None)
+            if session.inflight.get(request.id) is task:
+                del session.inflight[request.id]
             session.cancelled.discard(request.id)
+
+    def admit(
+        self, session: Session, request: jsonrpc.Request, task: asyncio.Task[Any] | None
+    ) -> JSON | None:
+        """Register ``request`` as in flight in ``session``, run by ``task``, so that
+        ``notifications/cancelled`` finds it; the error answer instead when its id is taken.
+
+        A transport that reads requests faster than they start (stdio) admits each one as it
+        reads it: a cancel right behind it must find it, and keep it from running.
+        """
+        running = session.inflight.get(request.id)
+        if running is not None and running is not task:
+            # ids are unique per session (MCP): a second one would take over the first's
+            # cancellation, and the client could not tell the two answers apart
+            return jsonrpc.error_from_exception(
+                request.id,
+                InvalidRequest(f"request id {request.id!r} is in use by a request in flight"),
+            )
+        if task is not None and request.method != "initialize":
+            # MCP: "the initialize request MUST NOT be cancelled by clients"; a request that
+            # is not registered is one notifications/cancelled cannot find
+            session.inflight[request.id] = task
+        return None
+
+    async def audit_unstarted(self, session: Session, request: jsonrpc.Request) -> None:
+        """Audit a governed request that the client cancelled before it started (others are
+        not audited when they run either)."""
+        verb = _GOVERNED.get(request.method)
+        if verb is None:
+            return
+        params = request.params
+        if verb is Verb.COMPLETE:
+            ref = params.get("ref")
+            ref = ref if isinstance(ref, dict) else {}
+            target = ref.get("name") if ref.get("type") == "ref/prompt" else ref.get("uri")
+        else:
+            target = params.get("uri" if verb is Verb.READ_RESOURCE else "name")
+        arguments = params.get("arguments")
+        await self.kernel.audit_cancelled(
+            session.principal,
+            verb,
+            target if isinstance(target, str) else "",
+            method=request.method,
+            request_id=str(request.id),
+            transport=self.transport,
+            arguments=arguments if isinstance(arguments, dict) else None,
+        )
 
     def handle_notification(self, session: Session, note: jsonrpc.Notification) -> None:
         if note.method == "notifications/initialized":
             session.initialized = True
         elif note.method == "notifications/cancelled":
-            request_id = note.params.get("requestId")
-            if request_id != "initialize":
-                self.cancel(session, request_id)
+            self.cancel(session, note.params.get("requestId"))  # never an initialize: admit
         # notifications/roots/list_changed and unknown notifications need no action
 
     async def announce_resource_updated(self, uri: str) -> None:
@@ -360,15 +431,6 @@ class McpServer:
         for listener in self.listeners.values():
             if uri in listener.uris:
                 listener.mailbox.put_nowait(note)
-
-    def announce_list_changed(self, kinds: Iterable[str] = tuple(_LISTEN_KINDS)) -> None:
-        """``notifications/<kind>/list_changed`` to the ``subscriptions/listen`` streams that
-        asked for it (sessions of the handshake get theirs from their transport)."""
-        for kind in kinds:
-            note = {"jsonrpc": "2.0", "method": f"notifications/{kind}/list_changed"}
-            for listener in self.listeners.values():
-                if kind in listener.kinds:
-                    listener.mailbox.put_nowait(note)
 
     def end_listener(self, channel: Channel) -> bool:
         """End the listen stream on ``channel`` with its result (False: there is none)."""
@@ -387,11 +449,13 @@ class McpServer:
     def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
         session.resolve(response.id, response.result, response.error)
 
-    def _lister(self, items: Callable[[Principal], list[JSON]], key: str) -> Handler:
-        """A paginated ``*/list`` method over what the kernel lets the principal see."""
+    def _lister(self, method: str, key: str) -> Handler:
+        """The paginated ``method``: the list ``key`` as the kernel lets the principal see it."""
 
         async def handler(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
-            return _page(items(session.principal), params.get("cursor"), self.page_size, key)
+            items, version = self.kernel.listing(session.principal, key)
+            cursor = params.get("cursor")
+            return _page(items, cursor, self.page_size, key, method, version)
 
         return handler
 
@@ -450,12 +514,14 @@ class McpServer:
                 f"this server has {len(self.listeners)} open subscriptions/listen streams, "
                 "its limit; retry later"
             )
-        kinds = frozenset(k for k, flag in _LISTEN_KINDS.items() if wanted.get(flag) is True)
+        flags = sorted(flag for flag in _LISTEN_FLAGS if wanted.get(flag) is True)
         honoured = frozenset(u for u in uris if self._may_watch(session.principal, u))
-        granted: JSON = {_LISTEN_KINDS[k]: True for k in sorted(kinds)}
+        granted: JSON = dict.fromkeys(flags, True)
         if "resourceSubscriptions" in wanted:
             granted["resourceSubscriptions"] = sorted(honoured)
-        listener = Listener(session.principal, kinds, honoured)
+        notices = frozenset(_LISTEN_FLAGS[flag] for flag in flags)
+        listener = Listener(session.principal, notices, honoured)
+        listener.views = versions(self.kernel, session.principal)
         tag = {SUBSCRIPTION_ID: rid}
         self.listeners[channel] = listener
         try:

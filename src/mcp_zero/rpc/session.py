@@ -8,11 +8,14 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mcp_zero.errors import McpZeroError
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc.envelope import HANDSHAKE_VERSIONS, MODERN_VERSIONS
+
+if TYPE_CHECKING:
+    from mcp_zero.rpc.streams import EventStream
 
 JSON = dict[str, Any]
 
@@ -53,7 +56,8 @@ class Session:
     cancelled: set[Any] = field(default_factory=set)
     pending: dict[int, asyncio.Future[JSON]] = field(default_factory=dict)
     streams: dict[str, Any] = field(default_factory=dict)  # SSE streams open for resumption
-    notices: asyncio.Queue[JSON] | None = None  # the standalone GET stream, while one is open
+    notices: EventStream | None = None  # the standalone GET stream, once one was opened
+    views: dict[str, str] = field(default_factory=dict)  # list versions the client knows of
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False  # ended by DELETE, expiry or shutdown
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))

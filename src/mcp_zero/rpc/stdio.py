@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
 
-from mcp_zero.errors import InvalidRequest
+from mcp_zero.errors import InvalidRequest, Unauthorized
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.envelope import has_envelope
+from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import Runtime
@@ -75,12 +76,20 @@ async def serve_stdio(
     )
     # Closing stdin's transport ends the reader as the end of stdin would.
     channel = _StdoutChannel(stdout or sys.stdout.buffer, stdin_transport.close)
-    server.sessions = lambda: [(session, channel)]
+    # Server-initiated messages go to a session; 2026-07-28 has none (listen streams instead).
+    server.sessions = lambda: [] if stateless else [(session, channel)]
     tasks: set[asyncio.Task[Any]] = set()
 
     stateless: bool | None = None  # the first request decides: MCP 2026-07-28 or a session
 
     async def run(request: jsonrpc.Request) -> None:
+        try:  # as HTTP authenticates each request: the agent's plugins may have changed
+            session.principal = runtime.agents.principal(
+                principal.agent, anonymous=principal.anonymous
+            )
+        except Unauthorized as exc:  # terminated
+            await channel.send(jsonrpc.error_from_exception(request.id, exc))
+            return
         if stateless:
             response = await server.handle_stateless_request(session, request, channel)
         else:
@@ -88,7 +97,36 @@ async def serve_stdio(
         if response is not None:
             await channel.send(response)
 
+    def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    def start(request: jsonrpc.Request) -> None:
+        task = spawn(run(request))
+        # Admitted now, not when the task first runs: a notifications/cancelled read in the
+        # same chunk of stdin must find it (a refused id is answered when the task runs).
+        server.admit(session, request, task)
+        task.add_done_callback(lambda done: ended(request, done))
+
+    def ended(request: jsonrpc.Request, task: asyncio.Task[None]) -> None:
+        if session.inflight.get(request.id) is not task:
+            return  # it ran: handle_request unregistered it
+        # Cancelled before it started: by the client (audited, as a call cut off while it
+        # ran would be), or by the end of the session.
+        del session.inflight[request.id]
+        if request.id in session.cancelled:
+            session.cancelled.discard(request.id)
+            spawn(server.audit_unstarted(session, request))
+
     await runtime.start()
+    list_changes = ListChanges(
+        runtime.kernel, runtime.agents, server.sessions, lambda: server.listeners.values()
+    )
+    list_changes.seen(session)
+    runtime.plugins.on_change = list_changes.poke
+    watch = asyncio.create_task(list_changes.run())
     try:
         while True:
             try:
@@ -112,9 +150,7 @@ async def serve_stdio(
             if isinstance(message, jsonrpc.Request):
                 if stateless is None:
                     stateless = message.method != "initialize" and has_envelope(message.params)
-                task = asyncio.create_task(run(message))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                start(message)
             elif isinstance(message, jsonrpc.Notification):
                 server.handle_notification(session, message)
             else:
@@ -123,6 +159,8 @@ async def serve_stdio(
         if tasks:
             await asyncio.wait(tasks, timeout=30)
     finally:
+        watch.cancel()
+        runtime.plugins.on_change = None
         session.close()
         for task in tasks:
             task.cancel()

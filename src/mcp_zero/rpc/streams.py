@@ -7,8 +7,8 @@ rest live — the response to a long tool call is not lost with the connection.
 
 The channels here are where a request's messages go: ``PostChannel`` answers one
 POST (plain JSON until the first notification turns it into a stream),
-``NoticeChannel`` feeds a session's standalone GET stream, ``ExchangeChannel`` answers
-one MCP 2026-07-28 POST (no session, no resumption).
+``NoticeChannel`` feeds a session's standalone GET stream, which is resumable too;
+``ExchangeChannel`` answers one MCP 2026-07-28 POST (no session, no resumption).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mcp_zero.rpc.session import JSON, Session
 
 RETRY_MS = 1000
 MAX_BUFFERED_EVENTS = 10_000
+MAX_BUFFERED_NOTICES = 1_000  # a session's GET stream: kept while the session lives
 
 
 def sse_event(event_id: str, data: bytes, *, retry: int | None = None) -> bytes:
@@ -35,65 +36,120 @@ def sse_event(event_id: str, data: bytes, *, retry: int | None = None) -> bytes:
     return head + b"event: message\ndata: " + data + b"\n\n"
 
 
+class Connection:
+    """One HTTP response carrying an SSE stream: its ASGI send, and whether the stream is
+    done with it (``ended``: the stream closed, or another connection took over)."""
+
+    __slots__ = ("ended", "live", "send")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.live = False  # events go out on it as they are pushed (it has caught up)
+        self.ended = asyncio.Event()
+
+
 class EventStream:
-    """One SSE stream: buffered events plus, while a connection is attached, live delivery.
+    """One SSE stream: buffered events, and at most one connection that carries them.
 
     Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS are
-    kept for resumption; numbering goes on past that, so ids never repeat.
+    kept for resumption; numbering goes on past that, so ids never repeat. A stream has
+    one connection at a time (MCP: a message goes out on one stream only, and a stream is
+    one connection): a client that resumes takes the stream over, and the connection it
+    had before is ended — it resumes because it holds that one for lost, and the server
+    may not have noticed yet.
     """
 
-    __slots__ = ("_changed", "closed", "count", "events", "id", "send")
+    __slots__ = ("_owner", "closed", "count", "events", "id")
 
     def __init__(self, send: Send | None = None, *, keep: int = MAX_BUFFERED_EVENTS) -> None:
         self.id = secrets.token_hex(8)
         self.events: deque[bytes] = deque(maxlen=keep)
         self.count = 0  # events pushed so far; the buffer holds the last len(events)
-        self.send = send  # the attached connection's ASGI send, or None while detached
         self.closed = False
-        self._changed = asyncio.Event()
+        self._owner: Connection | None = None
+        if send is not None:  # the response that opened the stream, with nothing to catch up
+            self._owner = Connection(send)
+            self._owner.live = True
+
+    @property
+    def attached(self) -> bool:
+        """Whether a connection carries the stream (or is catching up on it)."""
+        return self._owner is not None
 
     def priming(self) -> bytes:
         """The first event: an id and empty data, so the client can resume from the start."""
         return f"id: {self.id}-0\nretry: {RETRY_MS}\ndata: \n\n".encode()
 
     async def push(self, message: dict[str, Any]) -> None:
-        """Append a JSON-RPC message and deliver it if a connection is attached."""
+        """Append a JSON-RPC message and deliver it on the stream's connection, if it has one."""
         self.count += 1
         chunk = sse_event(f"{self.id}-{self.count}", orjson.dumps(message))
         self.events.append(chunk)
-        await self._deliver(chunk)
-        self._changed.set()
+        owner = self._owner
+        if owner is not None and owner.live:
+            try:
+                await owner.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except OSError:
+                self.lost(owner)  # the client went away; keep buffering for a resume
 
-    async def _deliver(self, chunk: bytes) -> None:
-        send = self.send
-        if send is None:
-            return
-        try:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except OSError:
-            self.send = None  # the client went away; keep buffering for a resume
-
-    def close(self) -> None:
-        self.closed = True
-        self._changed.set()
-
-    async def replay(self, after: int, send: Send) -> None:
-        """Send events after number ``after`` on ``send``, then follow until the stream ends.
+    async def attach(self, after: int, send: Send) -> Connection:
+        """Make ``send`` the stream's connection: end the one before, send the events after
+        number ``after``, then deliver live. If the stream has closed, the connection ends
+        after the replay; ``ended`` is set when the stream is done with it.
 
         Events older than the buffer are gone; the replay starts at the oldest kept.
         """
-        sent = after
-        while True:
-            self._changed.clear()
-            while sent < self.count:
-                oldest = self.count - len(self.events) + 1
-                sent = max(sent, oldest - 1)
-                chunk = self.events[sent - oldest + 1]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                sent += 1
+        conn = Connection(send)
+        previous, self._owner = self._owner, conn
+        if previous is not None:
+            await self._end(previous)
+        sent = min(after, self.count)
+        while sent < self.count and self._owner is conn:
+            base = self.count - len(self.events)  # the number of the event before the oldest
+            sent = max(sent, base)
+            try:
+                body = self.events[sent - base]
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            except OSError:
+                self.lost(conn)
+                return conn
+            sent += 1
+        if self._owner is conn:  # not taken over while it caught up
             if self.closed:
-                return
-            await self._changed.wait()
+                await self._end(conn)
+            else:
+                conn.live = True  # caught up: what is pushed from now on goes out at once
+        return conn
+
+    async def detach(self) -> None:
+        """End the current connection, keeping the stream for a resume (SEP-1699)."""
+        if self._owner is not None:
+            await self._end(self._owner)
+
+    async def close(self) -> None:
+        """No more events: end the connection once it has them all."""
+        self.closed = True
+        owner = self._owner
+        if owner is not None and owner.live:
+            await self._end(owner)
+        # one still catching up ends when it has caught up
+
+    def lost(self, conn: Connection) -> None:
+        """The client of ``conn`` is gone: keep buffering for its resume."""
+        if self._owner is conn:
+            self._owner = None
+        conn.live = False
+        conn.ended.set()
+
+    async def _end(self, conn: Connection) -> None:
+        if self._owner is conn:
+            self._owner = None
+        if conn.ended.is_set():
+            return
+        conn.live = False
+        conn.ended.set()
+        with contextlib.suppress(OSError):
+            await conn.send({"type": "http.response.body", "body": b""})
 
 
 def parse_event_id(value: str) -> tuple[str, int] | None:
@@ -114,53 +170,37 @@ class PostChannel:
         self._asgi_send = asgi_send
         self.stream: EventStream | None = None
 
+    async def _open(self) -> EventStream:
+        stream = EventStream(self._asgi_send)
+        self.session.streams[stream.id] = stream
+        self.stream = stream
+        await self._asgi_send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": SSE_HEADERS + session_header(self.session),
+            }
+        )
+        await self._asgi_send(
+            {"type": "http.response.body", "body": stream.priming(), "more_body": True}
+        )
+        return stream
+
     async def send(self, message: JSON) -> None:
-        stream = self.stream
-        if stream is None:
-            stream = EventStream(self._asgi_send)
-            self.session.streams[stream.id] = stream
-            self.stream = stream
-            await self._asgi_send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": SSE_HEADERS + session_header(self.session),
-                }
-            )
-            await self._asgi_send(
-                {"type": "http.response.body", "body": stream.priming(), "more_body": True}
-            )
+        stream = self.stream or await self._open()
         await stream.push(message)
 
     async def close_stream(self) -> None:
-        """End the HTTP response now (SSE first, so there is an event id to resume from); what
-        the call sends later is kept for the client's GET with Last-Event-ID."""
-        if self.stream is None:
-            self.stream = EventStream(self._asgi_send)
-            self.session.streams[self.stream.id] = self.stream
-            await self._asgi_send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": SSE_HEADERS + session_header(self.session),
-                }
-            )
-            await self._asgi_send(
-                {"type": "http.response.body", "body": self.stream.priming(), "more_body": True}
-            )
-        if self.stream.send is not None:
-            self.stream.send = None
-            with contextlib.suppress(OSError):
-                await self._asgi_send({"type": "http.response.body", "body": b""})
+        """End the client's connection now (SSE first, so there is an event id to resume
+        from); what the call sends later is kept for the client's GET with Last-Event-ID."""
+        stream = self.stream or await self._open()
+        await stream.detach()
 
     async def finish(self) -> None:
-        """End the SSE stream (after the response was pushed)."""
-        stream = self.stream
-        assert stream is not None
-        stream.close()
-        if stream.send is not None:
-            with contextlib.suppress(OSError):
-                await self._asgi_send({"type": "http.response.body", "body": b""})
+        """End the SSE stream (after the response was pushed), on whichever connection now
+        carries it."""
+        assert self.stream is not None
+        await self.stream.close()
 
 
 class ExchangeChannel:
@@ -208,15 +248,16 @@ class ExchangeChannel:
 
 
 class NoticeChannel:
-    """Server-initiated messages of a session: onto its open GET stream."""
+    """Server-initiated messages of a session: onto its GET stream (kept for a resume while
+    no connection carries it)."""
 
-    __slots__ = ("_queue",)
+    __slots__ = ("_stream",)
 
-    def __init__(self, queue: asyncio.Queue[JSON]) -> None:
-        self._queue = queue
+    def __init__(self, stream: EventStream) -> None:
+        self._stream = stream
 
     async def send(self, message: JSON) -> None:
-        self._queue.put_nowait(message)
+        await self._stream.push(message)
 
     async def close_stream(self) -> None:
         return None

@@ -238,8 +238,18 @@ class _Connection(asyncio.Protocol):
             response.keep_alive = False
         elif response.started and not response.finished:
             response.keep_alive = False  # the app stopped mid-body: the framing is broken
+        self.release(response)
+
+    def release(self, response: _Response) -> None:
+        """``response`` is complete, or its app returned: go on to the next request. An app
+        may go on running after it ended its response (a call whose SSE stream it ended
+        early, to be resumed elsewhere): the client may already be sending the next request
+        on this connection, and it must not wait for that call."""
+        if response.released:
+            return
+        response.released = True
         self.busy = False
-        if not response.keep_alive or not request.keep_alive:
+        if not response.keep_alive or not response.request.keep_alive:
             self.close()
             return
         self.last_active = time.monotonic()
@@ -295,6 +305,7 @@ class _Response:
         "head",
         "keep_alive",
         "read",
+        "released",
         "request",
         "sized",
         "started",
@@ -309,6 +320,7 @@ class _Response:
         self.chunked = False
         self.keep_alive = True
         self.read = False
+        self.released = False  # the connection went on to its next request
         self.head: list[bytes] | None = None  # status line and headers, until the first body
         self.sized = False  # the app gave a content-length
         self.status = 0
@@ -399,6 +411,7 @@ class _Response:
             self.write(prefix + body)
         if not more:
             self.finished = True
+            self.conn.release(self)
 
 
 class HttpServer:

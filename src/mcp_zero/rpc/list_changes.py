@@ -1,0 +1,162 @@
+"""``notifications/{tools,resources,prompts}/list_changed``: a session is told when what it
+sees in one of those lists changes, and only then, and only of that list.
+
+The same goes for MCP 2026-07-28's ``subscriptions/listen`` streams (:class:`Listener`),
+each for the lists it asked about.
+
+What a session sees depends on its agent's attached plugins, on the installed plugins and
+on the policies. Each can change in this process (the admin API) or in another (the CLI
+writes the store), so sessions are checked when the plugin host reports a new index and
+every second. A check compares each list's version (``Kernel.listing``: a digest, cached)
+with the one the session was last told of: a few dictionary lookups per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from mcp_zero.errors import Unauthorized
+from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.agents import AgentService
+from mcp_zero.kernel.pipeline import Kernel
+from mcp_zero.rpc.session import JSON, Channel, Session
+
+log = logging.getLogger("mcp_zero.list_changes")
+# Each notification and the lists (Kernel.listing kinds) it speaks for.
+NOTICES = {
+    "notifications/tools/list_changed": ("tools",),
+    "notifications/resources/list_changed": ("resources", "resourceTemplates"),
+    "notifications/prompts/list_changed": ("prompts",),
+}
+LISTS = tuple(kind for kinds in NOTICES.values() for kind in kinds)
+CHECK_INTERVAL_S = 1.0
+
+Listeners = Callable[[], Iterable[tuple[Session, Channel | None]]]
+
+
+class Listener:
+    """One open ``subscriptions/listen`` request (MCP 2026-07-28): the list notices and the
+    resources it asked for, the list versions its client knows, and its mailbox."""
+
+    __slots__ = ("mailbox", "notices", "principal", "uris", "views")
+
+    def __init__(self, principal: Principal, notices: frozenset[str], uris: frozenset[str]) -> None:
+        self.principal = principal
+        self.notices = notices  # of NOTICES
+        self.uris = uris
+        self.views: dict[str, str] = {}
+        self.mailbox: asyncio.Queue[JSON | None] = asyncio.Queue()  # None: the server ends it
+
+
+class ListChanges:
+    """Tells the sessions ``listeners`` returns (with the channel for server-initiated
+    messages, or None where there is none) when their lists change."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        agents: AgentService,
+        listeners: Listeners,
+        streams: Callable[[], Iterable[Listener]] = tuple,
+    ) -> None:
+        self.kernel = kernel
+        self.agents = agents
+        self.listeners = listeners
+        self.streams = streams  # the open listen streams
+        self._checks: set[asyncio.Task[None]] = set()
+
+    def seen(self, session: Session) -> None:
+        """Take what ``session`` sees now as what its client knows (a new session)."""
+        session.views = versions(self.kernel, session.principal)
+
+    def poke(self) -> None:
+        """Check soon (from synchronous code: the plugin host's ``on_change``)."""
+        task = asyncio.get_running_loop().create_task(self.check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def run(self, interval: float = CHECK_INTERVAL_S) -> None:
+        """Check every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("checking the sessions' lists failed; trying again")
+
+    async def check(self) -> None:
+        """Bring each session's principal up to date (its agent's plugins may have changed)
+        and send it a ``list_changed`` for each list whose version changed."""
+        now = _Now(self.kernel, self.agents)
+        for session, channel in list(self.listeners()):
+            if session.closed:
+                continue
+            looked = now.look(session.principal)
+            if looked is None:
+                continue  # the agent was terminated: its next request is refused
+            session.principal, current = looked
+            if not session.views:  # a session no one took a first look at
+                session.views = current
+                continue
+            changed = _changed(session.views, current, NOTICES)
+            session.views = current  # before sending: a check meanwhile finds nothing new
+            if channel is not None:
+                for method in changed:
+                    await channel.send({"jsonrpc": "2.0", "method": method})
+        for stream in list(self.streams()):
+            looked = now.look(stream.principal)
+            if looked is None:
+                continue
+            stream.principal, current = looked
+            for method in _changed(stream.views, current, stream.notices):
+                stream.mailbox.put_nowait({"jsonrpc": "2.0", "method": method})
+            stream.views = current
+
+
+def versions(kernel: Kernel, principal: Principal) -> dict[str, str]:
+    """The version of each list as ``principal`` sees it."""
+    return {kind: kernel.listing(principal, kind)[1] for kind in LISTS}
+
+
+def _changed(known: dict[str, str], current: dict[str, str], notices: Iterable[str]) -> list[str]:
+    """The notices (of ``notices``) whose lists changed from ``known`` to ``current``."""
+    return [
+        method
+        for method in notices
+        if any(known.get(kind) != current[kind] for kind in NOTICES[method])
+    ]
+
+
+class _Now:
+    """One check's view of the principals (their agents' plugins may have changed in another
+    process) and of what each sees: many sessions and streams share one."""
+
+    def __init__(self, kernel: Kernel, agents: AgentService) -> None:
+        self.kernel = kernel
+        self.agents = agents
+        self._principals: dict[tuple[str, bool], Principal | None] = {}
+        self._versions: dict[Principal, dict[str, str]] = {}
+
+    def look(self, known: Principal) -> tuple[Principal, dict[str, str]] | None:
+        """The principal as it is now and what it sees; None for a terminated agent."""
+        key = (known.agent, known.anonymous)
+        if key not in self._principals:
+            try:
+                self._principals[key] = self.agents.principal(
+                    known.agent, anonymous=known.anonymous
+                )
+            except Unauthorized:
+                self._principals[key] = None
+        principal = self._principals[key]
+        if principal is None:
+            return None
+        if principal != known:
+            # Changed by another process: the token cache must not hand the old plugins
+            # back to the client that relists on this notice.
+            self.agents.forget(known.agent)
+        current = self._versions.get(principal)
+        if current is None:
+            current = self._versions[principal] = versions(self.kernel, principal)
+        return principal, current

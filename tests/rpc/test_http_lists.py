@@ -1,0 +1,186 @@
+"""tools/list, resources/list and prompts/list as a client sees them over HTTP: cursors good
+only for the list they came from, and list_changed notices on the session's GET stream for
+the lists that changed, to the sessions that see them, whoever changed them (the admin API,
+the CLI in another process)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+import pytest
+from rpc_live import (
+    CALL_TIMEOUT_S,
+    CONFORMANCE_DIR,
+    FAULTY_DIR,
+    NOTES_DIR,
+    LiveServer,
+    McpHttp,
+    SseEvent,
+    error_of,
+    make_runtime,
+    serve,
+    sse_events,
+)
+
+pytestmark = pytest.mark.anyio
+JSON = dict[str, Any]
+MCP0 = str(Path(sys.executable).parent / "mcp0")
+
+
+@dataclass
+class Env:
+    live: LiveServer
+
+
+@pytest.fixture(scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    runtime = make_runtime(tmp_path_factory.mktemp("http-lists") / "data", page_size=2)
+    for plugin in (CONFORMANCE_DIR, FAULTY_DIR, NOTES_DIR):
+        runtime.plugins.install(plugin)
+    async with serve(runtime) as live:
+        yield Env(live)
+
+
+async def agent_session(env: Env, name: str, plugins: list[str]) -> McpHttp:
+    spawned = await env.live.runtime.agents.spawn(name, plugins)
+    client = env.live.client(spawned.token)
+    await client.initialize()
+    return client
+
+
+async def every_page(client: McpHttp, method: str, key: str) -> list[str]:
+    names: list[str] = []
+    params: JSON = {}
+    for _ in range(50):
+        page = (await client.request(method, params))["result"]
+        names += [item.get("name") or item["uri"] for item in page[key]]
+        if "nextCursor" not in page:
+            return names
+        params = {"cursor": page["nextCursor"]}
+    raise AssertionError(f"{method} did not end")
+
+
+async def test_a_cursor_is_good_only_for_the_list_method_that_made_it(env: Env) -> None:
+    client = await agent_session(env, "pager", ["conformance"])
+    cursor = (await client.request("tools/list"))["result"]["nextCursor"]
+    for other in ("prompts/list", "resources/list"):
+        error = error_of(await client.request(other, {"cursor": cursor}))
+        assert error["code"] == -32602
+        assert "'tools/list'" in error["message"]
+        assert error["message"].endswith(f"pass a nextCursor that {other} sent")
+    # and the list it came from takes it
+    assert (await client.request("tools/list", {"cursor": cursor}))["result"]["tools"]
+
+
+async def test_a_cursor_from_before_the_list_changed_is_refused_as_stale(env: Env) -> None:
+    client = await agent_session(env, "watcher", ["faulty"])
+    before = await every_page(client, "tools/list", "tools")
+    cursor = (await client.request("tools/list"))["result"]["nextCursor"]
+    await env.live.runtime.agents.attach("watcher", "notes")  # its tools list grows
+    error = error_of(await client.request("tools/list", {"cursor": cursor}))
+    assert error["code"] == -32602
+    assert error["message"].startswith("cursor is stale: the list changed since it was made")
+    assert error["data"]["stale"] is True
+    # listed again from the start, it pages through the new list
+    after = await every_page(client, "tools/list", "tools")
+    assert set(after) - set(before) == {"notes_add", "notes_search", "notes_list", "notes_delete"}
+    assert len(after) == len(set(after))
+
+
+async def test_a_cursor_stays_good_while_its_list_does_not_change(env: Env) -> None:
+    client = await agent_session(env, "steady", ["faulty"])
+    cursor = (await client.request("tools/list"))["result"]["nextCursor"]
+    # another agent's attachment changes nothing this agent sees
+    await env.live.runtime.agents.spawn("bystander", [])
+    await env.live.runtime.agents.attach("bystander", "notes")
+    assert (await client.request("tools/list", {"cursor": cursor}))["result"]["tools"]
+
+
+# -- list_changed -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def listening(env: Env, client: McpHttp) -> AsyncIterator[AsyncIterator[SseEvent]]:
+    """The events of the client's GET stream after the priming one. The session subscribes
+    to faulty://counter first: faulty_bump then sends a notice that marks a point in it."""
+    assert "result" in await client.request("resources/subscribe", {"uri": "faulty://counter"})
+    async with (
+        httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http,
+        http.stream("GET", env.live.url, headers=client.headers(Accept="text/event-stream")) as got,
+    ):
+        events = sse_events(got)
+        assert (await anext(events)).data == ""
+        yield events
+
+
+async def next_method(events: AsyncIterator[SseEvent]) -> str:
+    method: str = (await anext(events)).message["method"]
+    return method
+
+
+async def bump(client: McpHttp) -> None:
+    assert "bumped to" in (await client.call("faulty_bump"))["result"]["content"][0]["text"]
+
+
+async def mcp0(env: Env, *args: str) -> None:
+    data_dir = str(env.live.runtime.settings.data_dir)
+    await anyio.run_process([MCP0, *args, "--data-dir", data_dir])
+
+
+async def attach(env: Env, via: str, agent: str, plugin: str) -> None:
+    if via == "cli":  # another process, which writes the store
+        await mcp0(env, "agent", "attach", agent, plugin)
+        return
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        response = await http.post(
+            f"{env.live.base}/api/v1/agents/{agent}/plugins",
+            json={"plugin": plugin},
+            headers={"Authorization": f"Bearer {env.live.runtime.admin_token()}"},
+        )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("via", ["admin-api", "cli"])
+async def test_attaching_a_plugin_tells_the_agents_sessions_which_lists_changed(
+    env: Env, via: str
+) -> None:
+    gains = await agent_session(env, f"gains-{via}", ["faulty"])
+    keeps = await agent_session(env, f"keeps-{via}", ["faulty"])
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        async with listening(env, gains) as heard, listening(env, keeps) as other_heard:
+            await attach(env, via, f"gains-{via}", "notes")  # notes adds tools only
+            assert await next_method(heard) == "notifications/tools/list_changed"
+            await bump(gains)
+            # nothing came before the resource notice: no resources or prompts list_changed
+            # to the agent, and nothing at all to the other agent's session
+            assert await next_method(heard) == "notifications/resources/updated"
+            assert await next_method(other_heard) == "notifications/resources/updated"
+    assert "notes_add" in await every_page(gains, "tools/list", "tools")
+
+
+async def test_a_changed_plugin_is_told_only_to_sessions_that_see_it_and_only_what_changed(
+    env: Env, tmp_path: Path
+) -> None:
+    sees = await agent_session(env, "sees-notes", ["notes", "faulty"])
+    blind = await agent_session(env, "blind-to-notes", ["faulty"])
+    changed = tmp_path / "notes"
+    shutil.copytree(NOTES_DIR, changed)
+    manifest = orjson.loads((changed / "plugin.json").read_bytes())
+    manifest["tools"][0]["description"] += " (now with a better description)"
+    (changed / "plugin.json").write_bytes(orjson.dumps(manifest))
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        async with listening(env, sees) as heard, listening(env, blind) as other_heard:
+            await mcp0(env, "plugin", "install", "--replace", str(changed))
+            assert await next_method(heard) == "notifications/tools/list_changed"
+            await bump(sees)
+            assert await next_method(heard) == "notifications/resources/updated"
+            assert await next_method(other_heard) == "notifications/resources/updated"
