@@ -228,6 +228,22 @@ async def test_list_tools_shows_only_attached_plugins_and_follows_policy_reloads
     assert len(kernel.list_tools(notes_only)) == 4
 
 
+async def test_a_policy_naming_one_agent_hides_its_list_whoever_listed_first(
+    started: Runtime,
+) -> None:
+    kernel = started.kernel
+    alice = Principal("alice", frozenset({"notes"}))
+    bob = Principal("bob", frozenset({"notes"}))  # the same plugins as alice
+    (started.settings.policy_dir / "bob.cedar").write_text(
+        '@id("no-lists-for-bob")\n'
+        'forbid (principal == Agent::"bob", action == Action::"list_tools", resource);\n'
+    )
+    started.policy.reload()
+    assert len(kernel.list_tools(alice)) == 4
+    assert kernel.list_tools(bob) == []  # not alice's list, cached for the same plugins
+    assert kernel.listing(bob, "tools")[0] == []
+
+
 async def test_resources_prompts_and_completions_are_governed(
     started: Runtime, bridge: Any
 ) -> None:

@@ -139,14 +139,9 @@ class Kernel:
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
 
     def visible_plugins(self, principal: Principal) -> list[str]:
-        key = (
-            "plugins",
-            principal.plugins,
-            principal.anonymous,
-            principal.admin,
-            self.policy.generation,
-            self.plugins.version,
-        )
+        # The whole principal: a policy may name the agent, so two agents with the same
+        # plugins may see different lists.
+        key = ("plugins", principal, self.policy.generation, self.plugins.version)
         cached = self._listing_cache.get(key)
         if cached is None:
             cached = [
