@@ -21,6 +21,19 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "mcp0.toml"
+    path.write_bytes(b"\xef\xbb\xbf[server]\nport = 9123\n")
+    assert load_settings(path, None, environ={}).port == 9123
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "mcp0.toml"
+    path.write_bytes(b"[server]\nhost = '\xff'\n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(path, None, environ={})
+
+
 def test_defaults_without_file_or_environment() -> None:
     settings = load_settings(None, None, environ={})
     assert settings == Settings()

@@ -119,8 +119,9 @@ def load_settings(
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
-            raw = tomllib.loads(config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            # utf-8-sig: a byte-order mark (as Notepad saves UTF-8) is not part of the TOML
+            raw = tomllib.loads(config_file.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
         section = raw.get("server", raw)
         for key, value in section.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import sqlite3
@@ -123,6 +124,32 @@ def test_a_fifo_or_socket_in_a_plugin_is_one_clear_error(
     )
     assert as_json(data_dir, "plugin", "list") == []
     assert not (data_dir / "plugins" / "clash").exists()  # refused before anything was copied
+
+
+def test_a_copy_that_fails_is_one_clear_error_and_leaves_nothing(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # A write past RLIMIT_FSIZE fails with EFBIG (Python ignores SIGXFSZ): what a full disk
+    # or an unreadable file does to the copy (root reads any file, so that one is not tried).
+    source = named_plugin(tmp_path, "clash_plugin")
+    (source / "model.bin").write_bytes(b"\0" * (4 << 20))
+    run(data_dir, "plugin", "install", str(NOTES_DIR))  # the data dir exists before the limit
+    limit = 2 << 20
+    mcp0 = str(Path(sys.executable).parent / "mcp0")
+    done = subprocess.run(
+        [mcp0, "plugin", "install", str(source), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("mcp0: error: cannot copy plugin 'clash' from "), done.stderr
+    assert "model.bin" in done.stderr
+    assert "File too large" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert [p["name"] for p in as_json(data_dir, "plugin", "list")] == ["notes"]
+    assert list((data_dir / "plugins" / "clash").iterdir()) == []  # the partial copy is gone
 
 
 def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:

@@ -22,6 +22,7 @@ from mcp_zero.errors import (
     ManifestError,
     PluginFailure,
     PluginNotFound,
+    StorageError,
 )
 from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES
 from mcp_zero.runtime import Runtime
@@ -213,7 +214,7 @@ async def test_a_copy_that_fails_half_way_leaves_the_installed_version(
     files = sorted(p.name for p in Path(before.path).iterdir())
     bigger = edited_copy(tmp_path, FAULTY_DIR)
     (bigger / "blob.bin").write_bytes(b"x" * (2 << 20))
-    with file_size_limit(1 << 20), pytest.raises(OSError, match="too large"):
+    with file_size_limit(1 << 20), pytest.raises(StorageError, match=r"blob\.bin: .*too large"):
         runtime.plugins.install(bigger, replace=True)
     assert runtime.store.get_plugin("faulty") == before
     assert sorted(p.name for p in Path(before.path).iterdir()) == files

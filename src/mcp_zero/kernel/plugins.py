@@ -25,7 +25,13 @@ from typing import Any
 import jsonschema_rs
 
 from mcp_zero.config import DEFAULT_MAX_WORKERS
-from mcp_zero.errors import Conflict, ManifestError, PluginFailure, PluginNotFound
+from mcp_zero.errors import (
+    Conflict,
+    ManifestError,
+    PluginFailure,
+    PluginNotFound,
+    StorageError,
+)
 from mcp_zero.sandbox.base import PluginRuntime
 from mcp_zero.sandbox.manifest import PluginManifest, ToolSpec, load_manifest, parse_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
@@ -208,9 +214,15 @@ class PluginHost:
         staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=parent))
         target = parent / staging.name[1:]
         try:
-            shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
-            digest = _tree_digest(staging)
-            staging.rename(target)
+            try:
+                shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
+                digest = _tree_digest(staging)
+                staging.rename(target)
+            except OSError as exc:  # an unreadable file, a full disk…
+                raise StorageError(
+                    f"cannot copy plugin {manifest.name!r} from {source} into {parent}: "
+                    f"{_copy_failure(exc)}"
+                ) from exc
             replaced = self.store.put_plugin(
                 PluginRecord(
                     name=manifest.name,
@@ -409,3 +421,14 @@ class PluginHost:
             task.cancel()
         runtimes += list(leaving.values())
         await asyncio.gather(*(rt.close() for rt in runtimes), return_exceptions=True)
+
+
+def _copy_failure(exc: OSError) -> str:
+    """What went wrong in a copy, in words (shutil.Error holds a list of them)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        failures = exc.args[0]
+        if failures and isinstance(failures[0], tuple) and len(failures[0]) == 3:
+            src, _, why = failures[0]
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            return f"{src}: {why}{more}"
+    return str(exc)

@@ -157,9 +157,12 @@ def _busy(session: Session) -> bool:
     return bool(session.inflight) or any(s.attached for s in session.streams.values())
 
 
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def _until_disconnect(receive: Receive) -> dict[str, Any]:
+    """The ``http.disconnect`` message, once it comes (the body was read already)."""
+    message = await receive()
+    while message["type"] != "http.disconnect":
+        message = await receive()
+    return message
 
 
 # A quiet GET stream gets an SSE comment this often: proxies that drop idle connections
@@ -492,9 +495,7 @@ class HttpApp:
         channel = ExchangeChannel(send)
 
         async def until_disconnect() -> None:
-            message = await receive()
-            while message["type"] != "http.disconnect":
-                message = await receive()
+            message = await _until_disconnect(receive)
             if not self.server.end_listener(channel) and not message.get("mcp0.server_stopping"):
                 # Closing the stream is how a 2026-07-28 client cancels (audited as such).
                 channel.gone = True
