@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,22 @@ async def post(env: Env, body: JSON, **extra: str) -> httpx2.Response:
             return await http.post(
                 env.live.url, content=orjson.dumps(body), headers=headers_for(env, body, **extra)
             )
+
+
+@asynccontextmanager
+async def streamed(
+    env: Env, body: JSON, token: str | None = None
+) -> AsyncIterator[httpx2.Response]:
+    """POST ``body`` and hold its response open (an SSE stream), within the time limit."""
+    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+        with anyio.fail_after(TIMEOUT_S):
+            async with http.stream(
+                "POST",
+                env.live.url,
+                content=orjson.dumps(body),
+                headers=headers_for(env, body, token=token),
+            ) as response:
+                yield response
 
 
 def messages_of(response: httpx2.Response) -> list[JSON]:
@@ -269,14 +286,10 @@ async def test_closing_the_connection_cancels_the_call_and_the_audit_says_so(env
     body = message(
         "tools/call", {"name": "faulty_started_then_wait"}, meta=envelope(progressToken=1)
     )
-    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
-        with anyio.fail_after(TIMEOUT_S):
-            async with http.stream(
-                "POST", env.live.url, content=orjson.dumps(body), headers=headers_for(env, body)
-            ) as response:
-                async for line in response.aiter_lines():
-                    if "notifications/progress" in line:
-                        break  # the tool runs: hang up
+    async with streamed(env, body) as response:
+        async for line in response.aiter_lines():
+            if "notifications/progress" in line:
+                break  # the tool runs: hang up
     with anyio.fail_after(TIMEOUT_S):
         while audit_outcomes(env, body["id"]) != [("error", "cancelled")]:
             await asyncio.sleep(0.02)
@@ -293,56 +306,40 @@ async def test_listen_acknowledges_then_delivers_what_was_asked(env: Env) -> Non
             }
         },
     )
-    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
-        with anyio.fail_after(TIMEOUT_S):
-            async with http.stream(
-                "POST",
-                env.live.url,
-                content=orjson.dumps(body),
-                headers=headers_for(env, body, token=lister),
-            ) as response:
-                assert response.status_code == 200
-                lines = response.aiter_lines()
-                ack = await _next_message(lines)
-                assert ack["method"] == "notifications/subscriptions/acknowledged"
-                tag = {"io.modelcontextprotocol/subscriptionId": body["id"]}
-                assert ack["params"] == {
-                    "notifications": {
-                        "toolsListChanged": True,
-                        "resourceSubscriptions": ["faulty://counter"],  # the other is unknown
-                    },
-                    "_meta": tag,
-                }
-                bumped = await post(
-                    env, message("tools/call", {"name": "faulty_bump"}), token=lister
-                )
-                assert bumped.status_code == 200
-                updated = await _next_message(lines)
-                assert updated == {
-                    "jsonrpc": "2.0",
-                    "method": "notifications/resources/updated",
-                    "params": {"uri": "faulty://counter", "_meta": tag},
-                }
-                # the agent's tools change (its resources and prompts do not: notes has none)
-                await env.live.runtime.agents.attach("lister", "notes")
-                changed = await _next_message(lines)
-                assert changed["method"] == "notifications/tools/list_changed"
-                assert changed["params"] == {"_meta": tag}
+    async with streamed(env, body, lister) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        ack = await _next_message(lines)
+        assert ack["method"] == "notifications/subscriptions/acknowledged"
+        tag = {"io.modelcontextprotocol/subscriptionId": body["id"]}
+        assert ack["params"] == {
+            "notifications": {
+                "toolsListChanged": True,
+                "resourceSubscriptions": ["faulty://counter"],  # the other is unknown
+            },
+            "_meta": tag,
+        }
+        bumped = await post(env, message("tools/call", {"name": "faulty_bump"}), token=lister)
+        assert bumped.status_code == 200
+        updated = await _next_message(lines)
+        assert updated == {
+            "jsonrpc": "2.0",
+            "method": "notifications/resources/updated",
+            "params": {"uri": "faulty://counter", "_meta": tag},
+        }
+        # the agent's tools change (its resources and prompts do not: notes has none)
+        await env.live.runtime.agents.attach("lister", "notes")
+        changed = await _next_message(lines)
+        assert changed["method"] == "notifications/tools/list_changed"
+        assert changed["params"] == {"_meta": tag}
 
 
 async def test_listen_refuses_resources_the_agent_may_not_read(env: Env) -> None:
     body = message(
         "subscriptions/listen", {"notifications": {"resourceSubscriptions": ["faulty://counter"]}}
     )
-    async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
-        with anyio.fail_after(TIMEOUT_S):
-            async with http.stream(
-                "POST",
-                env.live.url,
-                content=orjson.dumps(body),
-                headers=headers_for(env, body, token=env.reader_token),
-            ) as response:
-                ack = await _next_message(response.aiter_lines())
+    async with streamed(env, body, env.reader_token) as response:
+        ack = await _next_message(response.aiter_lines())
     assert ack["params"]["notifications"] == {"resourceSubscriptions": []}
 
 
@@ -377,15 +374,11 @@ async def test_a_listen_stream_ends_with_its_result_when_the_server_stops(
     async with serve(runtime) as live:
         local = Env(live, agent.token, agent.token)
         body = message("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
-        async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
-            with anyio.fail_after(TIMEOUT_S):
-                async with http.stream(
-                    "POST", live.url, content=orjson.dumps(body), headers=headers_for(local, body)
-                ) as response:
-                    lines = response.aiter_lines()
-                    await _next_message(lines)  # the acknowledgement
-                    live.server.stop()
-                    last = await _next_message(lines)
+        async with streamed(local, body) as response:
+            lines = response.aiter_lines()
+            await _next_message(lines)  # the acknowledgement
+            live.server.stop()
+            last = await _next_message(lines)
     assert last["id"] == body["id"]
     assert last["result"]["resultType"] == "complete"
     assert last["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == body["id"]
