@@ -33,6 +33,7 @@ What a tool returns becomes an MCP ``CallToolResult``:
 from __future__ import annotations
 
 import base64
+import math
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -235,7 +236,13 @@ class Context:
     def progress(
         self, progress: float, total: float | None = None, message: str | None = None
     ) -> None:
-        """Report progress to the client (dropped if the client asked for none). Never blocks."""
+        """Report progress to the client (dropped if the client asked for none). Never blocks.
+
+        Raises ``ValueError`` for a NaN or infinite ``progress`` or ``total`` (JSON has no
+        such numbers, and a client needs a number there).
+        """
+        if not math.isfinite(progress) or (total is not None and not math.isfinite(total)):
+            raise ValueError(f"progress must be a finite number, not {progress!r} of {total!r}")
         self._channel.notify(
             {
                 "op": "progress",

@@ -239,6 +239,12 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
     assert "no plugin named 'nope'" in bad_plugin.stderr
     bad_args = run(data_dir, "agent", "exec", "ada", "notes_add", "not json", ok=False)
     assert bad_args.exit_code == 2
+    for number in ("NaN", "Infinity", "-Infinity"):  # Python's json reads them; JSON has none
+        not_json = run(
+            data_dir, "agent", "exec", "ada", "notes_add", f'{{"text": {number}}}', ok=False
+        )
+        assert not_json.exit_code == 2
+        assert f"{number} is not a JSON number" in not_json.stderr
     # SQLite would read a negative LIMIT as no limit at all
     huge = str(1 << 80)  # past what SQLite binds: a usage error, not a traceback
     for option in (("--limit", "-5"), ("--limit", "0"), ("--after", "-1"), ("--after", huge)):

@@ -332,6 +332,9 @@ async def test_a_crashing_plugin_is_32010_and_the_next_call_succeeds(env: Env) -
     error = error_of(reply)
     assert error["code"] == -32010
     assert error["data"]["code"] == "plugin_crashed"
+    # the worker's stderr (shared by the agents using it) is for the server's log only
+    assert "secret" not in error["message"]
+    assert "server's log" in error["message"]
     # the server keeps serving other plugins, and the crashed one comes back
     assert "result" in await client.request("ping")
     assert text_of(await client.call("faulty_echo", {"text": "alive"})) == "alive"

@@ -184,3 +184,15 @@ async def test_a_changed_plugin_is_told_only_to_sessions_that_see_it_and_only_wh
             await bump(sees)
             assert await next_method(heard) == "notifications/resources/updated"
             assert await next_method(other_heard) == "notifications/resources/updated"
+
+
+async def test_terminating_an_agent_ends_its_sessions_and_their_streams(env: Env) -> None:
+    doomed = await agent_session(env, "terminated-one", ["faulty"])
+    bystander = await agent_session(env, "onlooker", ["faulty"])
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        async with listening(env, doomed) as heard:
+            await env.live.runtime.agents.terminate("terminated-one")
+            await bump(bystander)  # a resource update the ended session must not hear
+            rest = [event async for event in heard]  # the stream ends
+    assert [e.message["method"] for e in rest if e.data] == []
+    assert doomed.session_id not in env.live.app.sessions

@@ -523,6 +523,84 @@ async def test_an_unknown_resource_is_invalid_params_in_2026(env: Env) -> None:
     assert response.json()["error"]["code"] == -32602  # SEP-2164 (it was -32002)
 
 
+async def test_questions_left_open_when_the_call_ends_are_settled_and_audited(
+    env: Env,
+) -> None:
+    ask = {"name": "test_input_required_result_multiple_inputs", "arguments": {}}
+    caps = {"elicitation": {}, "roots": {}}  # not sampling: the tool fails for want of it
+    meta = envelope(**{"io.modelcontextprotocol/clientCapabilities": caps})
+    body = message("tools/call", ask, meta=meta)
+    first = (await post(env, body)).json()
+    store = env.live.runtime.store
+    with anyio.fail_after(TIMEOUT_S):
+        while True:  # the call ends (the tool fails) while its client has not answered
+            records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
+            mine = [r for r in records if r.get("request_id") == str(body["id"])]
+            asked = sorted(
+                (r["resource"], r["outcome"]) for r in mine if r["verb"] == "client_request"
+            )
+            if len(asked) == 3 and any(r["verb"] == "call_tool" for r in mine):
+                break
+            await asyncio.sleep(0.02)
+    # each question has its record: the refused one, and the two the call left open
+    assert asked == [
+        ("elicitation/create", "error"),
+        ("roots/list", "error"),
+        ("sampling/createMessage", "error"),
+    ]
+    if "result" in first:  # it was parked: the retry hears how the call ended
+        retry = {**ask, "requestState": first["result"]["requestState"]}
+        first = (await post(env, message("tools/call", retry, meta=meta))).json()
+    assert first["error"]["code"] == MISSING_CLIENT_CAPABILITY
+
+
+async def test_an_unknown_log_level_is_invalid_params(env: Env) -> None:
+    for level in ("verbose", "DEBUG", "off"):
+        meta = envelope(**{"io.modelcontextprotocol/logLevel": level})
+        response = await post(env, message("tools/list", meta=meta))
+        assert response.status_code == 400, level
+        assert response.json()["error"]["code"] == -32602
+
+
+async def test_deeply_nested_values_are_refused_without_a_crash(env: Env) -> None:
+    nested = b"[" * 900 + b'"x"' + b"]" * 900  # (orjson writes no more than 255 deep)
+    meta = orjson.dumps(envelope())
+    for method, params, header in (
+        ("tools/call", b'{"name": ' + nested, {"Mcp-Name": "other"}),
+        ("tools/list", b'{"cursor": ' + nested, {}),
+    ):
+        raw = (
+            b'{"jsonrpc": "2.0", "id": 1, "method": "'
+            + method.encode()
+            + b'", "params": '
+            + params
+            + b', "_meta": '
+            + meta
+            + b"}}"
+        )
+        shape = {"method": method, "params": {"name": "x"}}
+        async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:
+            response = await http.post(
+                env.live.url, content=raw, headers=headers_for(env, shape, **header)
+            )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] in (HEADER_MISMATCH, -32602)
+        assert "list" in response.json()["error"]["message"]  # named by type, not printed
+
+
+async def test_a_terminated_agents_listen_stream_ends(env: Env) -> None:
+    doomed = (await env.live.runtime.agents.spawn("doomed", ["faulty"])).token
+    watch = {"notifications": {"resourceSubscriptions": ["faulty://counter"]}}
+    body = message("subscriptions/listen", watch)
+    async with streamed(env, body, doomed) as response:
+        lines = response.aiter_lines()
+        await _next_message(lines)  # the acknowledgement
+        await env.live.runtime.agents.terminate("doomed")
+        ended = await _next_message(lines)  # within the list-change check (a second)
+    assert ended["id"] == body["id"]
+    assert ended["result"]["resultType"] == "complete"
+
+
 def capable() -> JSON:
     return {"io.modelcontextprotocol/clientCapabilities": ELICITING}
 

@@ -278,7 +278,7 @@ async def test_an_enveloped_first_request_makes_every_request_stand_alone(tmp_pa
         assert added["result"]["resultType"] == "complete"
         peer.send(initialize_message(3))  # too late: this connection speaks 2026-07-28
         refused = (await peer.receive())["error"]
-        assert refused["code"] == -32601  # a method 2026-07-28 removed
+        assert refused["code"] == -32022
         assert "server/discover" in refused["message"]
         peer.send({"jsonrpc": "2.0", "id": 4, "method": "tools/list"})  # no envelope
         assert (await peer.receive())["error"]["code"] == -32602
@@ -416,3 +416,40 @@ async def test_stdio_hears_which_lists_a_reinstalled_plugin_changed(tmp_path: Pa
         assert await notices_until(peer, notice) == [notice]
         peer.send({"jsonrpc": "2.0", "id": "p", "method": "ping"})
         assert await peer.receive() == {"jsonrpc": "2.0", "id": "p", "result": {}}
+
+
+async def test_two_listen_streams_on_one_stdio_connection_are_each_their_own(
+    tmp_path: Path,
+) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(stateless("tools", "subscriptions/listen", {"notifications": {}}))
+        assert (await peer.receive())["method"] == "notifications/subscriptions/acknowledged"
+        watch = {"notifications": {"resourceSubscriptions": ["faulty://counter"]}}
+        peer.send(stateless("counter", "subscriptions/listen", watch))
+        assert (await peer.receive())["method"] == "notifications/subscriptions/acknowledged"
+        # ending the first leaves the second listening, and ends without an answer
+        cancel = {"requestId": "tools"}
+        peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": cancel})
+        peer.send(stateless(7, "tools/call", {"name": "faulty_bump"}))
+        got = await peer.until_id(7)
+        updates = [m for m in got if m.get("method") == "notifications/resources/updated"]
+        assert [u["params"]["_meta"] for u in updates] == [
+            {"io.modelcontextprotocol/subscriptionId": "counter"}
+        ]
+        assert all(m.get("id") != "tools" for m in got)
+        cancel = {"requestId": "counter"}
+        peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": cancel})
+        peer.send(stateless(8, "tools/list"))
+        assert (await peer.receive())["id"] == 8  # nothing for "counter", no error
+
+
+async def test_initialize_on_a_stateless_stdio_connection_names_what_it_serves(
+    tmp_path: Path,
+) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(stateless(1, "server/discover"))
+        await peer.receive()
+        peer.send(initialize_message(2, "2025-11-25"))
+        refused = (await peer.receive())["error"]
+        assert refused["code"] == -32022
+        assert refused["data"] == {"supported": ["2026-07-28"], "requested": "2025-11-25"}

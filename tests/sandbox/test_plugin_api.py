@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 
 from mcp_zero.plugin import (
     Content,
+    Context,
     Plugin,
     ToolResult,
     audio,
@@ -79,6 +81,26 @@ def test_a_large_frame_with_nan_is_refused_not_written_as_nan():
     frame = {"id": 1, "result": {"big": "x" * (LARGE_FRAME_CHARS + 1), "n": float("nan")}}
     with pytest.raises(TypeError, match="not JSON compliant"):
         encode_result(frame)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.frames: list[dict[str, object]] = []
+
+    def notify(self, frame: dict[str, object]) -> None:
+        self.frames.append(frame)
+
+
+@pytest.mark.parametrize(("progress", "total"), [(float("nan"), None), (1, float("inf"))])
+def test_progress_must_be_a_finite_number(progress: float, total: float | None) -> None:
+    sink = _Sink()
+    ctx = Context("a", Path("."), 1, sink)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        ctx.progress(progress, total)
+    ctx.progress(1, 2, "half")
+    assert sink.frames == [
+        {"op": "progress", "call": 1, "progress": 1, "total": 2, "message": "half"}
+    ]
 
 
 def test_resource_prompt_completion_results():

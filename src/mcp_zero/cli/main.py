@@ -345,8 +345,8 @@ def agent_exec(
     from mcp_zero.cli.serve import execute_once
 
     try:
-        args = json.loads(arguments)
-    except json.JSONDecodeError as exc:
+        args = json.loads(arguments, parse_constant=_not_json)
+    except (json.JSONDecodeError, ValueError) as exc:
         raise click.BadParameter(f"ARGUMENTS is not JSON: {exc}") from None
     if not isinstance(args, dict):
         raise click.BadParameter("ARGUMENTS must be a JSON object")
@@ -543,3 +543,8 @@ def policy_check(config_file: Path | None, data_dir: Path | None, as_json: bool)
     engine = PolicyEngine.load(settings.policy_dir)
     ids = sorted(engine.policies)
     _out(as_json, {"ok": True, "policies": ids}, f"ok: {len(ids)} policies: {', '.join(ids)}")
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity; JSON (and the MCP endpoint) has no such numbers."""
+    raise ValueError(f"{constant} is not a JSON number")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,9 @@ class AgentService:
         self.policy = policy
         self.anonymous_agent = anonymous_agent
         self._principals: dict[str, tuple[float, Principal]] = {}
+        # Told when an agent's plugins or status change here (the transports' list-change
+        # checks: its sessions hear of it, or end, at once rather than within a second).
+        self.on_change: Callable[[], None] | None = None
 
     # -- authentication -------------------------------------------------------------------
 
@@ -168,6 +172,11 @@ class AgentService:
     def _forget(self, name: str) -> None:
         self._principals = {k: v for k, v in self._principals.items() if v[1].agent != name}
 
+    def _changed(self, name: str) -> None:
+        self._forget(name)
+        if self.on_change is not None:
+            self.on_change()
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def spawn(
@@ -209,7 +218,7 @@ class AgentService:
         if plugin not in agent.plugins:
             agent.plugins.append(plugin)
             self.store.update_agent(agent)
-        self._forget(name)
+        self._changed(name)
         await self._audit(Verb.ATTACH_PLUGIN, name, via, {"attached": plugin})
         return agent
 
@@ -223,7 +232,7 @@ class AgentService:
         await self._authorize(Verb.TERMINATE_AGENT, name, via)
         agent.status = "terminated"
         self.store.update_agent(agent, check=_not_terminated)
-        self._forget(name)
+        self._changed(name)
         await self._audit(Verb.TERMINATE_AGENT, name, via, {})
         return agent
 
@@ -277,7 +286,7 @@ class AgentService:
         agent.state = dict(snap.data.get("state", {}))
         agent.status = str(snap.data.get("status", "active"))
         self.store.update_agent(agent)
-        self._forget(agent.name)
+        self._changed(agent.name)
         detail: JSON = {"snapshot_id": snapshot_id}
         if not_restored:
             detail["not_restored"] = not_restored

@@ -95,10 +95,10 @@ class RequestBridge:
                 )
             return await self._ask.ask(method, params, key)
         request_id, future = self._session.new_request()
-        await self._channel.send(
-            {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-        )
         try:
+            await self._channel.send(
+                {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+            )
             async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT_S):
                 return await future
         except TimeoutError:

@@ -133,21 +133,29 @@ def _check_headers(method: str, params: JSON, version: Any, headers: HttpHeaders
     sent = headers.get("mcp-protocol-version")
     if sent is None or sent != version:
         raise HeaderMismatch(
-            f"the MCP-Protocol-Version header ({sent!r}) must equal the protocol version in "
-            f"params._meta ({version!r})"
+            f"the MCP-Protocol-Version header ({_shown(sent)}) must equal the protocol "
+            f"version in params._meta ({_shown(version)})"
         )
     sent = headers.get("mcp-method")
     if sent != method:
         raise HeaderMismatch(
-            f"the Mcp-Method header ({sent!r}) must equal the request's method ({method!r})"
+            f"the Mcp-Method header ({_shown(sent)}) must equal the request's method "
+            f"({_shown(method)})"
         )
     field = NAMED_BY.get(method)
     if field is not None and params.get(field) is not None:
         sent = decode_header_value(headers.get("mcp-name"))
+        shown = _shown(params[field])
         if sent != params[field]:
-            raise HeaderMismatch(
-                f"the Mcp-Name header must equal params.{field} ({str(params[field])[:100]!r})"
-            )
+            raise HeaderMismatch(f"the Mcp-Name header must equal params.{field} ({shown})")
+
+
+def _shown(value: Any) -> str:
+    """A client's value for a message: a string quoted and cut short, else only its type
+    (repr of a deeply nested list would recurse, and of a long one would be long)."""
+    if isinstance(value, str):
+        return repr(value[:100])
+    return "none" if value is None else f"a JSON {type(value).__name__}"
 
 
 def check_param_headers(marks: Iterable[ParamHeader], arguments: Any, headers: HttpHeaders) -> None:

@@ -176,7 +176,13 @@ class HttpApp:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
-        self.server = McpServer(runtime.kernel, page_size=runtime.settings.page_size)
+        self.server = McpServer(
+            runtime.kernel,
+            page_size=runtime.settings.page_size,
+            # a listen stream is to 2026-07-28 what a session's GET stream is to 2025
+            max_listeners=runtime.settings.max_sessions,
+            max_listeners_per_agent=runtime.settings.max_sessions_per_agent,
+        )
         self.server.sessions = self._listening_sessions
         self.admin = AdminApi(runtime)
         self.sessions: dict[str, Session] = {}
@@ -187,6 +193,7 @@ class HttpApp:
             runtime.agents,
             self._listening_sessions,
             lambda: self.server.listeners.values(),
+            self._end_terminated,
         )
         self._list_watch: asyncio.Task[None] | None = None
         self._loopback_only = runtime.settings.on_loopback_only()
@@ -220,12 +227,15 @@ class HttpApp:
     async def startup(self) -> None:
         await self.runtime.start()
         self.runtime.plugins.on_change = self.list_changes.poke
+        self.runtime.agents.on_change = self.list_changes.poke
         self._janitor = asyncio.create_task(self._expire_sessions())
         self._list_watch = asyncio.create_task(self.list_changes.run())
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
+        self.runtime.plugins.on_change = None
+        self.runtime.agents.on_change = None
         self.server.end_listeners()
         for task in (self._janitor, self._list_watch):
             if task is not None:
@@ -496,7 +506,8 @@ class HttpApp:
 
         async def until_disconnect() -> None:
             message = await _until_disconnect(receive)
-            if not self.server.end_listener(channel) and not message.get("mcp0.server_stopping"):
+            ended = self.server.end_listener(channel, request.id)
+            if not ended and not message.get("mcp0.server_stopping"):
                 # Closing the stream is how a 2026-07-28 client cancels (audited as such).
                 channel.gone = True
                 self.server.cancel(connection, request.id)
@@ -644,6 +655,16 @@ class HttpApp:
             return
         await self._close_session(self.sessions.pop(session.id))
         await respond(send, 204, b"", [])
+
+    async def _end_terminated(self, session: Session) -> None:
+        """The session's agent was terminated: end it (its calls, its streams)."""
+        if self.sessions.get(session.id) is session:
+            log.info(
+                "agent %r was terminated: ending its session %s",
+                session.principal.agent,
+                session.id,
+            )
+            await self._close_session(self.sessions.pop(session.id))
 
     async def _close_session(self, session: Session) -> None:
         """End ``session``: its calls, and its streams' connections (their clients would

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from mcp_zero.errors import Unauthorized
 from mcp_zero.kernel.action import Principal
@@ -60,11 +60,13 @@ class ListChanges:
         agents: AgentService,
         listeners: Listeners,
         streams: Callable[[], Iterable[Listener]] = tuple,
+        ended: Callable[[Session], Awaitable[None]] | None = None,
     ) -> None:
         self.kernel = kernel
         self.agents = agents
         self.listeners = listeners
         self.streams = streams  # the open listen streams
+        self.ended = ended  # ends a session whose agent was terminated (its transport's way)
         self._checks: set[asyncio.Task[None]] = set()
 
     def seen(self, session: Session) -> None:
@@ -94,8 +96,10 @@ class ListChanges:
             if session.closed:
                 continue
             looked = now.look(session.principal)
-            if looked is None:
-                continue  # the agent was terminated: its next request is refused
+            if looked is None:  # the agent was terminated: so is the session, streams and all
+                if self.ended is not None:
+                    await self.ended(session)
+                continue
             session.principal, current = looked
             if not session.views:  # a session no one took a first look at
                 session.views = current
@@ -107,7 +111,8 @@ class ListChanges:
                     await channel.send({"jsonrpc": "2.0", "method": method})
         for stream in list(self.streams()):
             looked = now.look(stream.principal)
-            if looked is None:
+            if looked is None:  # the agent was terminated: its stream ends
+                stream.mailbox.put_nowait(None)
                 continue
             stream.principal, current = looked
             for method in _changed(stream.views, current, stream.notices):

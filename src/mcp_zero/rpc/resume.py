@@ -12,8 +12,12 @@ call goes on across the requests: it runs as a task of its own
 ``input_required`` and parks it under a fresh random ``requestState``, and the
 retry delivers the answers and waits for what comes next (the result, or more
 questions). Progress and log messages go to whichever request is being answered.
-A parked call nobody comes back to is cancelled after
-``CLIENT_REQUEST_TIMEOUT_S`` (audited as cancelled).
+A parked call is still a running call: it holds its agent's and its plugin's
+concurrency slots, and its plugin's wall-clock timeout still runs. One that ends
+meanwhile (timeout, crash) is kept a minute so that the retry hears how it ended;
+one nobody comes back to is cancelled after ``CLIENT_REQUEST_TIMEOUT_S`` (audited
+as cancelled). Questions still open when a call ends are answered with an error, so
+that each is audited.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any
 
 from mcp_zero.errors import InvalidParams, McpZeroError, MissingClientCapability, QuotaExceeded
 from mcp_zero.rpc.bridge import CLIENT_REQUEST_TIMEOUT_S
-from mcp_zero.rpc.session import JSON, Channel
+from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed
 
 _GATHER_S = 0.005  # a question this soon after the last travels with it
+_ENDED_KEPT_S = 60.0  # a parked call that ended is kept this long for its client's retry
 _GATHER_MAX_S = 0.05
 # What identifies "the same request again": the method and these params.
 _SAME = {
@@ -99,6 +104,15 @@ class Continuation:
 
     def lacks(self, capability: str) -> None:
         self.lacking.add(capability)
+
+    def settle(self, work: asyncio.Task[JSON]) -> None:
+        """The call ended: its questions still open get an error (their requests end, and
+        are audited as failed)."""
+        for _, future in list(self.pending.values()):
+            if not future.done():
+                future.set_exception(
+                    ClientRequestFailed("the call ended before its client answered this")
+                )
 
     def answers(self, responses: Any) -> dict[str, JSON]:
         """The answers of a retry to this call's questions (keys we did not ask are
@@ -206,6 +220,7 @@ class Resumptions:
             call = Continuation(agent, key, channel, params.get("inputResponses"))
             call.work = asyncio.ensure_future(start(call))
             call.work.add_done_callback(_retrieve)
+            call.work.add_done_callback(call.settle)
         else:
             call, answers = self._resume(agent, key, state, params.get("inputResponses"))
             call.resume(channel, answers)
@@ -217,17 +232,21 @@ class Resumptions:
             raise
         if result is not None:
             return result
-        if len(self._parked) >= self.limit:
+        waiting = sum(1 for parked, _ in self._parked.values() if not _ended(parked))
+        if waiting >= self.limit:
             assert call.work is not None
             call.work.cancel()
             raise QuotaExceeded(
-                f"{len(self._parked)} calls already wait for their clients' answers, this "
-                "server's limit; retry later"
+                f"{waiting} calls already wait for their clients' answers, this server's "
+                "limit; retry later"
             )
         call.current = None
         token = secrets.token_urlsafe(24)
-        timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, token)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.timeout_s, self._expire, token)
         self._parked[token] = (call, timer)
+        assert call.work is not None
+        call.work.add_done_callback(lambda _: self._ended(token))
         return {
             "resultType": "input_required",
             "inputRequests": call.questions(),
@@ -258,6 +277,14 @@ class Resumptions:
         timer.cancel()
         return call, answers
 
+    def _ended(self, token: str) -> None:
+        """A parked call ended (timeout, crash, cancel): keep it a little for the retry."""
+        parked = self._parked.get(token)
+        if parked is not None:
+            parked[1].cancel()
+            timer = asyncio.get_running_loop().call_later(_ENDED_KEPT_S, self._expire, token)
+            self._parked[token] = (parked[0], timer)
+
     def _expire(self, token: str) -> None:
         parked = self._parked.pop(token, None)
         if parked is not None and parked[0].work is not None:
@@ -269,6 +296,10 @@ class Resumptions:
             if call.work is not None:
                 call.work.cancel()
         self._parked.clear()
+
+
+def _ended(call: Continuation) -> bool:
+    return call.work is None or call.work.done()
 
 
 def _retrieve(task: asyncio.Task[JSON]) -> None:

@@ -22,6 +22,7 @@ from mcp_zero.errors import (
     SERVER_STOPPING,
     SHUTTING_DOWN,
     UNAUTHORIZED,
+    UNSUPPORTED_PROTOCOL_VERSION,
     InvalidParams,
     InvalidRequest,
     McpZeroError,
@@ -34,6 +35,7 @@ from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
 from mcp_zero.rpc.envelope import (
     HANDSHAKE_VERSIONS,
+    MODERN_VERSIONS,
     SERVER_INFO_META,
     SUBSCRIPTION_ID,
     SUPPORTED_VERSIONS,
@@ -116,7 +118,10 @@ def _cursor(method: str, version: str, start: int) -> str:
 def _read_cursor(cursor: Any, method: str, version: str, length: int) -> int:
     """Where the page a ``nextCursor`` of ``method`` asks for starts. Raises InvalidParams
     when it is not one, is another method's, or the list changed since it was made."""
-    shown = repr(cursor) if len(repr(cursor)) <= 80 else f"{repr(cursor)[:64]}…"
+    # (not repr of anything else: a deeply nested list would recurse)
+    shown = (
+        repr(cursor[:64]) if isinstance(cursor, str) else f"of JSON type {type(cursor).__name__}"
+    )
     try:
         if not isinstance(cursor, str) or len(cursor) > 256:
             raise ValueError(cursor)
@@ -171,10 +176,12 @@ class McpServer:
         page_size: int = 100,
         transport: str = "http",
         max_listeners: int = 1000,
+        max_listeners_per_agent: int = 100,
     ) -> None:
         self.kernel = kernel
         self.page_size = page_size
         self.max_listeners = max_listeners
+        self.max_listeners_per_agent = max_listeners_per_agent
         self.transport = transport
         # The sessions that may hear of resource changes; a transport registers its own.
         self.sessions: Callable[[], Iterable[tuple[Session, Channel | None]]] = lambda: ()
@@ -214,7 +221,8 @@ class McpServer:
             "prompts/get": self._resumable("prompts/get", self._prompts_get),
         }
         self.resumptions = Resumptions()
-        self.listeners: dict[Channel, Listener] = {}
+        # by (channel, request id): over stdio one channel carries every listen stream
+        self.listeners: dict[tuple[Channel, Any], Listener] = {}
         self.keepalive_s = 25.0  # a quiet listen stream gets a comment this often (HTTP)
 
     # -- entry points -------------------------------------------------------------------------
@@ -252,13 +260,21 @@ class McpServer:
         capabilities. ``connection`` holds what outlives the request (the principal, and on
         stdio the requests in flight); ``headers`` are the HTTP request's."""
         if request.method == "initialize":
-            return jsonrpc.error_from_exception(
+            how = (
+                "MCP 2026-07-28 has no initialize: send server/discover, or initialize with "
+                f"one of {', '.join(HANDSHAKE_VERSIONS)} on a new connection"
+            )
+            if headers is not None:  # HTTP: a method this revision removed (404)
+                return jsonrpc.error_from_exception(
+                    request.id, MethodNotFound(f"{how} (without MCP-Protocol-Version 2026-07-28)")
+                )
+            # stdio: this connection chose 2026-07-28 with its first request (as the SDKs)
+            asked = request.params.get("protocolVersion")
+            return jsonrpc.error_message(
                 request.id,
-                MethodNotFound(
-                    "MCP 2026-07-28 has no initialize: send server/discover, or initialize "
-                    f"with one of {', '.join(HANDSHAKE_VERSIONS)} on a new connection (over "
-                    "HTTP: without MCP-Protocol-Version: 2026-07-28)"
-                ),
+                UNSUPPORTED_PROTOCOL_VERSION,
+                how,
+                {"supported": list(MODERN_VERSIONS), "requested": str(asked)[:100]},
             )
         try:
             envelope = open_envelope(request.method, request.params, headers)
@@ -270,6 +286,15 @@ class McpServer:
                     check_param_headers(entry.spec.param_headers, arguments, headers)
         except McpZeroError as exc:
             return jsonrpc.error_from_exception(request.id, exc)
+        if envelope.log_level is not None and envelope.log_level not in LOG_LEVELS:
+            return jsonrpc.error_from_exception(
+                request.id,
+                InvalidParams(
+                    f"params._meta log level {envelope.log_level[:40]!r} is not one of "
+                    f"{', '.join(LOG_LEVELS)}",
+                    data={"path": "/_meta/io.modelcontextprotocol~1logLevel"},
+                ),
+            )
         handler = self._stateless_handlers.get(request.method)
         if handler is None:
             return jsonrpc.error_from_exception(
@@ -426,15 +451,21 @@ class McpServer:
             "params": {"uri": uri},
         }
         for session, channel in self.sessions():
-            if uri in session.subscriptions and channel is not None:
+            if (
+                uri in session.subscriptions
+                and channel is not None
+                and self._may_watch(session.principal, uri)  # the policy may have changed
+            ):
                 await channel.send(note)
         for listener in self.listeners.values():
-            if uri in listener.uris:
+            # checked again: the policy, or the agent's plugins, may have changed since
+            if uri in listener.uris and self._may_watch(listener.principal, uri):
                 listener.mailbox.put_nowait(note)
 
-    def end_listener(self, channel: Channel) -> bool:
-        """End the listen stream on ``channel`` with its result (False: there is none)."""
-        listener = self.listeners.get(channel)
+    def end_listener(self, channel: Channel, request_id: Any) -> bool:
+        """End the listen stream of request ``request_id`` on ``channel`` with its result
+        (False: there is none)."""
+        listener = self.listeners.get((channel, request_id))
         if listener is not None:
             listener.mailbox.put_nowait(None)
         return listener is not None
@@ -514,6 +545,14 @@ class McpServer:
                 f"this server has {len(self.listeners)} open subscriptions/listen streams, "
                 "its limit; retry later"
             )
+        agent = session.principal.agent
+        if sum(lis.principal.agent == agent for lis in self.listeners.values()) >= (
+            self.max_listeners_per_agent
+        ):
+            raise QuotaExceeded(
+                f"agent {agent!r} has {self.max_listeners_per_agent} open subscriptions/listen "
+                "streams, as many as it may; close one first"
+            )
         flags = sorted(flag for flag in _LISTEN_FLAGS if wanted.get(flag) is True)
         honoured = frozenset(u for u in uris if self._may_watch(session.principal, u))
         granted: JSON = dict.fromkeys(flags, True)
@@ -523,7 +562,10 @@ class McpServer:
         listener = Listener(session.principal, notices, honoured)
         listener.views = versions(self.kernel, session.principal)
         tag = {SUBSCRIPTION_ID: rid}
-        self.listeners[channel] = listener
+        key = (channel, rid)
+        if key in self.listeners:  # (a request id in use is refused before this)
+            raise InvalidRequest(f"request id {rid!r} is in use by a listen stream")
+        self.listeners[key] = listener
         try:
             await channel.send(
                 {
@@ -545,7 +587,7 @@ class McpServer:
                     return {"_meta": tag}
                 await channel.send({**note, "params": {**note.get("params", {}), "_meta": tag}})
         finally:
-            del self.listeners[channel]
+            del self.listeners[key]
 
     def _may_watch(self, principal: Principal, uri: str) -> bool:
         try:

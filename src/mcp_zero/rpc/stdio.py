@@ -77,7 +77,8 @@ async def serve_stdio(
     # Closing stdin's transport ends the reader as the end of stdin would.
     channel = _StdoutChannel(stdout or sys.stdout.buffer, stdin_transport.close)
     # Server-initiated messages go to a session; 2026-07-28 has none (listen streams instead).
-    server.sessions = lambda: [] if stateless else [(session, channel)]
+    # (nor before the first request says which it is)
+    server.sessions = lambda: [(session, channel)] if stateless is False else []
     tasks: set[asyncio.Task[Any]] = set()
 
     stateless: bool | None = None  # the first request decides: MCP 2026-07-28 or a session
@@ -126,6 +127,7 @@ async def serve_stdio(
     )
     list_changes.seen(session)
     runtime.plugins.on_change = list_changes.poke
+    runtime.agents.on_change = list_changes.poke
     watch = asyncio.create_task(list_changes.run())
     try:
         while True:
@@ -161,6 +163,7 @@ async def serve_stdio(
     finally:
         watch.cancel()
         runtime.plugins.on_change = None
+        runtime.agents.on_change = None
         session.close()
         for task in tasks:
             task.cancel()

@@ -432,14 +432,18 @@ class WorkerProcess:
                 PluginFailure(f"{described} while starting; its stderr: {self._last_words()}")
             )
         calls, self._calls = self._calls, {}
+        if calls:
+            # Its stderr goes to the log, not to the callers: agents sharing a worker would
+            # read each other's tracebacks in it.
+            self._log.warning("%s; its last stderr: %s", described, self._last_words())
         for call in calls.values():
             for task in call.requests:
                 task.cancel()
             if not call.future.done():
                 call.future.set_exception(
                     PluginCrashed(
-                        f"{described} during {call.label}; it is restarted for later calls. "
-                        f"Last stderr: {self._last_words()}"
+                        f"{described} during {call.label}; it is restarted for later calls "
+                        "(its stderr is in the server's log)"
                     )
                 )
         for zombie in self._zombies.values():

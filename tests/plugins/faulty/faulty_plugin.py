@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 
 from mcp_zero.plugin import Context, Plugin
@@ -18,6 +19,8 @@ def echo(ctx: Context, text: str) -> str:
 
 @plugin.tool("faulty_crash")
 def crash(ctx: Context) -> str:
+    # what another agent's call might have left in the shared worker's stderr
+    print("a secret of another call", file=sys.stderr, flush=True)
     os._exit(3)
 
 
