@@ -178,7 +178,8 @@ class PluginHost:
         max_workers: int = DEFAULT_MAX_WORKERS,
     ) -> None:
         self.store = store
-        self.plugins_dir = plugins_dir
+        # Absolute: a record must name the same copy whatever directory mcp0 is run from.
+        self.plugins_dir = plugins_dir.absolute()
         self.plugin_data_dir = plugin_data_dir
         self.max_workers = max_workers
         self.manifests: dict[str, PluginManifest] = {}
@@ -239,9 +240,18 @@ class PluginHost:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(target, ignore_errors=True)
             raise
-        if replaced is not None and Path(replaced.path) != target:
-            shutil.rmtree(Path(replaced.path), ignore_errors=True)
+        if replaced is not None and self.copy_path(replaced) != target:
+            shutil.rmtree(self.copy_path(replaced), ignore_errors=True)
         return manifest
+
+    def copy_path(self, record: PluginRecord) -> Path:
+        """The directory of ``record``'s installed copy. Records from before paths were kept
+        absolute hold one relative to the directory that install ran in; every copy lives in
+        ``plugins/<name>/``, so the copy is found there, never under the current directory."""
+        path = Path(record.path)
+        if path.is_absolute():
+            return path
+        return self.plugins_dir / record.name / path.name
 
     def remove(self, name: str) -> list[str]:
         """Forget plugin ``name``, detach it from every agent and delete its installed files
@@ -250,7 +260,7 @@ class PluginHost:
         detached = self.store.delete_plugin(name) if record is not None else None
         if record is None or detached is None:
             raise PluginNotFound(f"no plugin named {name!r} is installed")
-        shutil.rmtree(Path(record.path), ignore_errors=True)
+        shutil.rmtree(self.copy_path(record), ignore_errors=True)
         return detached
 
     # -- running -------------------------------------------------------------------------------
@@ -289,7 +299,7 @@ class PluginHost:
                     manifest = parse_manifest(record.manifest)
                 except ManifestError:
                     continue  # recorded by an older, looser version: not served
-                runtime = self._runtime(manifest, Path(record.path))
+                runtime = self._runtime(manifest, self.copy_path(record))
                 self.manifests[name] = manifest
                 self.runtimes[name] = runtime
                 self._fingerprints[name] = _fingerprint(record)
