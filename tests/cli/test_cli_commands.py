@@ -241,6 +241,28 @@ def test_a_plugin_installed_from_one_directory_is_used_and_removed_from_another(
     assert (decoy / "keep.txt").read_text() == "not mcp0's"
 
 
+def test_recover_attaches_again_a_plugin_installed_before_digests_were_kept(
+    data_dir: Path,
+) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    with sqlite3.connect(data_dir / "mcp0.db") as db:  # as the migration adding it left it
+        db.execute("UPDATE plugins SET digest = ''")
+    snap = as_json(data_dir, "agent", "snapshot", "ada")
+    run(data_dir, "agent", "terminate", "ada")
+    recovered = as_json(data_dir, "agent", "recover", snap["snapshot_id"])
+    assert (recovered["plugins"], recovered["not_restored"]) == (["notes"], [])
+    # a snapshot taken before then did not say which copy it saw: that cannot be proven
+    with sqlite3.connect(data_dir / "mcp0.db") as db:
+        db.execute("UPDATE snapshots SET data = json_set(data, '$.plugin_copies.notes.sha256', '')")
+    recovered = as_json(data_dir, "agent", "recover", snap["snapshot_id"])
+    assert recovered["plugins"] == []
+    assert (
+        "which copy of it the snapshot saw is not known (an older install)"
+        in (recovered["not_restored"][0]["reason"])
+    )
+
+
 def test_terminating_a_terminated_agent_is_an_error_and_audited_once(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "ada")
     run(data_dir, "agent", "terminate", "ada")

@@ -253,6 +253,20 @@ class PluginHost:
             return path
         return self.plugins_dir / record.name / path.name
 
+    def record_digests(self) -> None:
+        """Give each copy installed before digests were kept the digest install would have
+        recorded (from its installed files), so that snapshots can name which copy they saw."""
+        for record in self.store.list_plugins():
+            path = self.copy_path(record)
+            if record.digest or not path.is_dir():
+                continue
+            try:
+                digest = _tree_digest(path)
+            except OSError as exc:
+                log.warning("cannot read plugin %r at %s: %s", record.name, path, exc)
+                continue
+            self.store.set_plugin_digest(record.name, record.path, digest)
+
     def remove(self, name: str) -> list[str]:
         """Forget plugin ``name``, detach it from every agent and delete its installed files
         (its data dir stays); returns the agents it was detached from."""
