@@ -582,3 +582,65 @@ def test_calls_still_running_after_the_shutdown_grace_are_answered_and_audited(
     naps = [r for r in audit_records(server.data_dir) if r.get("resource") == "faulty_nap"]
     assert sorted(r["request_id"] for r in naps) == ["term-0", "term-1"]
     assert {(r["outcome"], r["code"]) for r in naps} == {("error", "cancelled")}
+
+
+def slow_reader(directory: Path, version: str) -> Path:
+    """A plugin whose tool waits for a ``go`` file in its data dir, then answers with the
+    ``data.txt`` beside its module (which says ``version``)."""
+    directory.mkdir()
+    (directory / "slow.py").write_text(
+        "import time\n"
+        "from pathlib import Path\n"
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('slow')\n"
+        "@plugin.tool('slow_read')\n"
+        "def slow_read(ctx) -> str:\n"
+        "    (ctx.data_dir / 'started').touch()\n"
+        "    while not (ctx.data_dir / 'go').exists():\n"
+        "        time.sleep(0.02)\n"
+        "    return (Path(__file__).parent / 'data.txt').read_text()\n"
+    )
+    (directory / "data.txt").write_text(f"data of {version}")
+    manifest = {
+        "name": "slow",
+        "version": version,
+        "abi": 1,
+        "entry": "slow:plugin",
+        "tools": [{"name": "slow_read", "description": "read", "inputSchema": {"type": "object"}}],
+    }
+    (directory / "plugin.json").write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.mark.anyio
+async def test_a_call_in_flight_reads_its_files_though_the_plugin_is_replaced(
+    server: Server, tmp_path: Path
+) -> None:
+    data = str(server.data_dir)
+    mcp0("plugin", "install", str(slow_reader(tmp_path / "v1", "1.0.0")), "--data-dir", data)
+    (old,) = (server.data_dir / "plugins" / "slow").iterdir()
+    created = mcp0("agent", "create", "ada", "--plugin", "slow", "--data-dir", data, "--json")
+    token = json.loads(created)["token"]
+    plugin_data = server.data_dir / "plugin-data" / "slow"
+    async with httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {token}"}, timeout=CLIENT_TIMEOUT_S
+    ) as http:
+        with anyio.fail_after(CLIENT_TIMEOUT_S):
+            async with Client(streamable_http_client(server.url, http_client=http)) as client:
+                while not (await client.list_tools()).tools:  # the server saw the install
+                    await asyncio.sleep(0.05)
+                call = asyncio.create_task(client.call_tool("slow_read", {}))
+                while not (plugin_data / "started").exists():
+                    await asyncio.sleep(0.02)
+                v2 = slow_reader(tmp_path / "v2", "2.0.0")
+                await asyncio.to_thread(
+                    mcp0, "plugin", "install", str(v2), "--replace", "--data-dir", data
+                )
+                (plugin_data / "go").touch()
+                result = await call
+                assert not result.is_error, text_of(result)
+                assert text_of(result) == "data of 1.0.0"
+                while old.exists():  # the server deletes the old copy once its calls ended
+                    await asyncio.sleep(0.05)
+                (new,) = (server.data_dir / "plugins" / "slow").iterdir()
+                assert (new / "data.txt").read_text() == "data of 2.0.0"

@@ -88,6 +88,8 @@ class Runtime:
             settings.plugin_data_dir,
             max_workers=settings.max_workers,
         )
+        self.plugins.record_digests()  # copies installed before digests were kept
+        self.plugins.sweep_copies()  # replaced copies no server deleted
         self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
         self.quotas = QuotaGate(
             agent_concurrency=settings.max_concurrency,

@@ -202,6 +202,67 @@ def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
     assert audited[-1]["not_restored"] == {"notes": reason}
 
 
+def mcp0_in(cwd: Path, *args: str) -> Any:
+    """``mcp0 ARGS --json`` run as a process in directory ``cwd``; its JSON output."""
+    done = subprocess.run(
+        [MCP0, *args, "--json"], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("recorded", ["by an install with a relative --data-dir", "relative"])
+def test_a_plugin_installed_from_one_directory_is_used_and_removed_from_another(
+    tmp_path: Path, recorded: str
+) -> None:
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    data = here / "data"
+    if recorded == "relative":  # as installs before paths were kept absolute left it
+        mcp0_in(here, "plugin", "install", str(NOTES_DIR), "--data-dir", str(data))
+        with sqlite3.connect(data / "mcp0.db") as db:
+            (path,) = db.execute("SELECT path FROM plugins").fetchone()
+            db.execute("UPDATE plugins SET path = ?", (str(Path(path).relative_to(here)),))
+    else:
+        mcp0_in(here, "plugin", "install", str(NOTES_DIR), "--data-dir", "data")
+    (copy,) = (data / "plugins" / "notes").iterdir()
+    # a directory of the same name under the other working directory is not the plugin
+    decoy = elsewhere / "data" / "plugins" / "notes" / copy.name
+    decoy.mkdir(parents=True)
+    (decoy / "keep.txt").write_text("not mcp0's")
+    mcp0_in(elsewhere, "agent", "create", "ada", "--plugin", "notes", "--data-dir", str(data))
+    added = mcp0_in(
+        elsewhere, "agent", "exec", "ada", "notes_add", '{"text": "hi"}', "--data-dir", str(data)
+    )
+    assert added["structuredContent"]["note"]["text"] == "hi"
+    mcp0_in(elsewhere, "plugin", "remove", "notes", "--data-dir", str(data))
+    assert not copy.exists()
+    assert (decoy / "keep.txt").read_text() == "not mcp0's"
+
+
+def test_recover_attaches_again_a_plugin_installed_before_digests_were_kept(
+    data_dir: Path,
+) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    with sqlite3.connect(data_dir / "mcp0.db") as db:  # as the migration adding it left it
+        db.execute("UPDATE plugins SET digest = ''")
+    snap = as_json(data_dir, "agent", "snapshot", "ada")
+    run(data_dir, "agent", "terminate", "ada")
+    recovered = as_json(data_dir, "agent", "recover", snap["snapshot_id"])
+    assert (recovered["plugins"], recovered["not_restored"]) == (["notes"], [])
+    # a snapshot taken before then did not say which copy it saw: that cannot be proven
+    with sqlite3.connect(data_dir / "mcp0.db") as db:
+        db.execute("UPDATE snapshots SET data = json_set(data, '$.plugin_copies.notes.sha256', '')")
+    recovered = as_json(data_dir, "agent", "recover", snap["snapshot_id"])
+    assert recovered["plugins"] == []
+    assert (
+        "which copy of it the snapshot saw is not known (an older install)"
+        in (recovered["not_restored"][0]["reason"])
+    )
+
+
 def test_terminating_a_terminated_agent_is_an_error_and_audited_once(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "ada")
     run(data_dir, "agent", "terminate", "ada")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import shutil
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ from mcp_zero.errors import (
     PluginNotFound,
     StorageError,
 )
-from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES
+from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES, REPLACED_COPY_KEPT_S
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -231,6 +233,32 @@ async def test_remove_deletes_the_installed_copy(make_runtime: Any) -> None:
     assert not Path(record.path).exists()
     with pytest.raises(PluginNotFound):
         runtime.plugins.remove("faulty")
+
+
+def installed_copy(runtime: Runtime) -> Path:
+    record = runtime.store.get_plugin("faulty")
+    assert record is not None
+    return runtime.plugins.copy_path(record)
+
+
+async def test_a_replaced_copy_is_kept_for_a_draining_server_then_swept_at_a_start(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    first = installed_copy(runtime)
+    runtime.plugins.install(edited_copy(tmp_path, FAULTY_DIR, version="2.0.0"), replace=True)
+    second = installed_copy(runtime)
+    runtime.plugins.install(edited_copy(tmp_path, FAULTY_DIR, version="3.0.0"), replace=True)
+    current = installed_copy(runtime)
+    assert first.is_dir()  # a server may still run calls on them
+    assert second.is_dir()
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
+    os.utime(first, (long_ago, long_ago))  # replaced before any call could still run on it
+    make_runtime()  # a start (a CLI command, a server) sweeps
+    assert not first.exists()
+    assert second.is_dir()
+    assert current.is_dir()
 
 
 async def test_refresh_indexes_tools_resources_and_prompts(make_runtime: Any) -> None:

@@ -32,6 +32,7 @@ class EchoApp:
         self.scopes: list[dict[str, Any]] = []
         self.streamed = 0  # bytes /firehose got sent
         self.lingering = asyncio.Event()  # /end-then-linger returns once this is set
+        self.holding = asyncio.Event()  # /hold ends its stream once this is set
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scopes.append(scope)
@@ -72,6 +73,12 @@ class EchoApp:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ended"})
             await self.lingering.wait()  # like a call whose SSE stream ended early
+            return
+        if scope["path"] == "/hold":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"held", "more_body": True})
+            await self.holding.wait()  # like an open event stream
+            await send({"type": "http.response.body", "body": b""})
             return
         if scope["path"] == "/crash":
             raise RuntimeError("the app broke")
@@ -194,6 +201,38 @@ async def test_the_next_request_is_served_once_the_response_ended_though_its_app
         writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nnext")
         assert (await read_response(reader))[2] == b"POST next"
     app.lingering.set()
+
+
+async def test_requests_pipelined_behind_a_long_response_are_not_read_ahead(
+    served: Any,
+) -> None:
+    server, app = served
+    count, size = 40, 1 << 20  # 40 MiB: far past what the socket buffers take
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(TIMEOUT_S):
+            await reader.readuntil(b"held")
+        for i in range(count):
+            body = b"%03d" % i + b"x" * (size - 3)
+            writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size)
+            writer.write(body)
+        (conn,) = server.connections
+        with anyio.fail_after(TIMEOUT_S):
+            while not conn.queue:
+                await asyncio.sleep(0.01)
+        # The server stopped reading: the client cannot hand it the rest of its bytes.
+        with anyio.move_on_after(0.5) as waited:
+            await writer.drain()
+        assert waited.cancelled_caught
+        assert len(conn.queue) == 1
+        assert writer.transport.get_write_buffer_size() > 0
+        app.holding.set()
+        with anyio.fail_after(TIMEOUT_S):
+            await reader.readuntil(b"\r\n0\r\n\r\n")  # the end of the held stream
+            await writer.drain()
+        answers = [await read_response(reader) for _ in range(count)]
+        # each body is over the limit: 413, echoing the start of the body in order
+        assert [(s, a[5:8]) for s, _, a in answers] == [(413, b"%03d" % i) for i in range(count)]
 
 
 async def test_a_chunked_request_body_is_joined(served: Any) -> None:

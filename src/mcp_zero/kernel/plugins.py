@@ -9,6 +9,7 @@ through the store's ``plugins_version`` and rebuilds its index.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -82,6 +83,9 @@ def _validator(schema: JSON) -> Validator:
     return jsonschema_rs.validator_for(schema, offline=True)
 
 
+#: How long a replaced copy no server deleted is kept before a start sweeps it: past the
+#: longest call (timeout_ms is at most an hour), so no server still drains calls on it.
+REPLACED_COPY_KEPT_S = 2 * 3600.0
 MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
 _NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
 
@@ -178,7 +182,8 @@ class PluginHost:
         max_workers: int = DEFAULT_MAX_WORKERS,
     ) -> None:
         self.store = store
-        self.plugins_dir = plugins_dir
+        # Absolute: a record must name the same copy whatever directory mcp0 is run from.
+        self.plugins_dir = plugins_dir.absolute()
         self.plugin_data_dir = plugin_data_dir
         self.max_workers = max_workers
         self.manifests: dict[str, PluginManifest] = {}
@@ -194,6 +199,7 @@ class PluginHost:
         self.on_change: Callable[[], None] | None = None  # told after the index changed
         self._lock = asyncio.Lock()
         self._leaving: dict[asyncio.Task[None], PluginRuntime] = {}  # replaced, draining
+        self._copies: dict[str, Path] = {}  # the installed copy each runtime runs
 
     # -- installing (works without a running server) -----------------------------------------
 
@@ -239,9 +245,58 @@ class PluginHost:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(target, ignore_errors=True)
             raise
-        if replaced is not None and Path(replaced.path) != target:
-            shutil.rmtree(Path(replaced.path), ignore_errors=True)
+        if replaced is not None and self.copy_path(replaced) != target:
+            # A running server may still be finishing calls on the old copy: it deletes the
+            # copy once they are done, else a later start sweeps it. Its time says when it
+            # was replaced, so the sweep waits out any drain.
+            with contextlib.suppress(OSError):
+                os.utime(self.copy_path(replaced))
         return manifest
+
+    def copy_path(self, record: PluginRecord) -> Path:
+        """The directory of ``record``'s installed copy. Records from before paths were kept
+        absolute hold one relative to the directory that install ran in; every copy lives in
+        ``plugins/<name>/``, so the copy is found there, never under the current directory."""
+        path = Path(record.path)
+        if path.is_absolute():
+            return path
+        return self.plugins_dir / record.name / path.name
+
+    def record_digests(self) -> None:
+        """Give each copy installed before digests were kept the digest install would have
+        recorded (from its installed files), so that snapshots can name which copy they saw."""
+        for record in self.store.list_plugins():
+            path = self.copy_path(record)
+            if record.digest or not path.is_dir():
+                continue
+            try:
+                digest = _tree_digest(path)
+            except OSError as exc:
+                log.warning("cannot read plugin %r at %s: %s", record.name, path, exc)
+                continue
+            self.store.set_plugin_digest(record.name, record.path, digest)
+
+    def sweep_copies(self) -> None:
+        """Delete the copies under ``plugins/<name>/`` that no record names, replaced over
+        ``REPLACED_COPY_KEPT_S`` ago (an install without a running server leaves them)."""
+        if not self.plugins_dir.is_dir():
+            return
+        used = {self.copy_path(record) for record in self.store.list_plugins()}
+        before = time.time() - REPLACED_COPY_KEPT_S
+        for parent in self.plugins_dir.iterdir():
+            if not parent.is_dir():
+                continue
+            for copy in parent.iterdir():
+                # a dotted one is an install being copied
+                if copy in used or copy.name.startswith(".") or not copy.is_dir():
+                    continue
+                with contextlib.suppress(OSError):
+                    if copy.stat().st_mtime < before:
+                        shutil.rmtree(copy)
+
+    def _delete_if_unused(self, copy: Path) -> None:
+        if copy not in {self.copy_path(record) for record in self.store.list_plugins()}:
+            shutil.rmtree(copy, ignore_errors=True)
 
     def remove(self, name: str) -> list[str]:
         """Forget plugin ``name``, detach it from every agent and delete its installed files
@@ -250,7 +305,7 @@ class PluginHost:
         detached = self.store.delete_plugin(name) if record is not None else None
         if record is None or detached is None:
             raise PluginNotFound(f"no plugin named {name!r} is installed")
-        shutil.rmtree(Path(record.path), ignore_errors=True)
+        shutil.rmtree(self.copy_path(record), ignore_errors=True)
         return detached
 
     # -- running -------------------------------------------------------------------------------
@@ -274,13 +329,14 @@ class PluginHost:
                     or name in self._unstarted
                 ):
                     runtime = self.runtimes.pop(name)
+                    copy = self._copies.pop(name)
                     self.manifests.pop(name, None)
                     self._fingerprints.pop(name, None)
                     self.failed.pop(name, None)
                     self._unstarted.discard(name)
                     # New calls go to the new code at once; the calls the old one is running
                     # finish there (an upgrade must not cut a tool off mid-way).
-                    self._leave(runtime)
+                    self._leave(runtime, copy)
             fresh: list[tuple[str, PluginRuntime]] = []
             for name, record in records.items():
                 if name in self.runtimes:
@@ -289,7 +345,9 @@ class PluginHost:
                     manifest = parse_manifest(record.manifest)
                 except ManifestError:
                     continue  # recorded by an older, looser version: not served
-                runtime = self._runtime(manifest, Path(record.path))
+                copy = self.copy_path(record)
+                runtime = self._runtime(manifest, copy)
+                self._copies[name] = copy
                 self.manifests[name] = manifest
                 self.runtimes[name] = runtime
                 self._fingerprints[name] = _fingerprint(record)
@@ -404,10 +462,15 @@ class PluginHost:
             )
         return runtime
 
-    def _leave(self, runtime: PluginRuntime) -> None:
-        task = asyncio.get_running_loop().create_task(runtime.drain())
+    def _leave(self, runtime: PluginRuntime, copy: Path) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(runtime, copy))
         self._leaving[task] = runtime
         task.add_done_callback(self._left)
+
+    async def _drain(self, runtime: PluginRuntime, copy: Path) -> None:
+        """Let ``runtime``'s calls finish, then delete its copy if no install names it."""
+        await runtime.drain()
+        await asyncio.to_thread(self._delete_if_unused, copy)
 
     def _left(self, task: asyncio.Task[None]) -> None:
         runtime = self._leaving.pop(task, None)

@@ -4,7 +4,8 @@
 requests/s, uvicorn spent 11-13% of a core answering a constant body and this
 server 5-6%, the difference being uvicorn's per-request machinery that MCP-ZERO
 does not need (proxy headers, access log, flow-control objects, timers per
-request). What it does: keep-alive, pipelined requests answered in order,
+request). What it does: keep-alive, pipelined requests answered in order (reading
+stops while one waits behind another, so a client cannot queue them without end),
 request bodies capped at ``max_body_bytes`` (the app answers 413 past it),
 ``Content-Length`` or chunked responses (server-sent events stream chunked),
 ``http.disconnect`` for the app when the client goes (or stops reading a stream
@@ -113,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self.body_bytes = 0
         self.queue: deque[_Request] = deque()
         self.busy = False
+        self.paused = False  # reading stopped while a request waits behind another
         self.closed = False
         self.gone = asyncio.Event()
         self.last_active = time.monotonic()
@@ -212,6 +214,10 @@ class _Connection(asyncio.Protocol):
         self.queue.append(self.current)
         if not self.busy:
             self._next()
+        else:
+            # Behind a long response (an event stream, a slow call) a client could pipeline
+            # requests without end: read no further until the queue drains.
+            self._pause()
 
     # -- running the app ----------------------------------------------------------------------
 
@@ -220,8 +226,10 @@ class _Connection(asyncio.Protocol):
             return
         request = self.queue.popleft()
         self.busy = True
-        if self.queue and self.transport is not None:
-            self.transport.pause_reading()  # pipelined requests wait their turn
+        if self.queue:
+            self._pause()  # pipelined requests wait their turn
+        else:
+            self._resume()
         task = asyncio.get_running_loop().create_task(self._run(request))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
@@ -253,9 +261,22 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.last_active = time.monotonic()
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        if not self.queue:
+            self._resume()
         self._next()
+
+    def _pause(self) -> None:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        """Read again, at most one request being buffered ahead of the one answered."""
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+            if self.reading_since:  # begun before reading paused: its deadline starts now
+                self.reading_since = time.monotonic()
 
     def _scope(self, request: _Request) -> Scope:
         raw_path, _, query = request.target.partition(b"?")

@@ -251,6 +251,16 @@ class SqliteStore:
         )
         return [_plugin(row) for row in rows]
 
+    def set_plugin_digest(self, name: str, path: str, digest: str) -> bool:
+        """Record ``digest`` for plugin ``name``'s copy at ``path`` if it has none (installed
+        before digests were kept); False when that record is gone, replaced or has one."""
+        with self._transaction("record plugin digest") as conn:
+            updated = conn.execute(
+                "UPDATE plugins SET digest = ? WHERE name = ? AND path = ? AND digest = ''",
+                (digest, name, path),
+            )
+            return updated.rowcount == 1
+
     def delete_plugin(self, name: str) -> list[str] | None:
         """Delete plugin ``name`` and detach it from every agent, in one transaction.
 
