@@ -523,10 +523,15 @@ async def test_logging_set_level_filters_log_notifications(env: Env) -> None:
 # -- the standalone GET stream ----------------------------------------------------------------
 
 
-async def test_get_stream_needs_accept_event_stream(env: Env) -> None:
+@pytest.mark.parametrize(
+    "accept", ["application/json", "text/plain, text/*;q=0", "*/*;q=0", "text/event-streams"]
+)
+async def test_get_stream_needs_accept_event_stream(env: Env, accept: str) -> None:
+    # read as RFC 9110 reads it (the most specific range decides; q=0 refuses), not as a
+    # substring: "text/event-streams" is another type, "text/*;q=0" a refusal
     client = await session(env)
     async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
-        response = await http.get(env.live.url, headers=client.headers(Accept="application/json"))
+        response = await http.get(env.live.url, headers=client.headers(Accept=accept))
     assert response.status_code == 406
 
 

@@ -535,12 +535,12 @@ class HttpApp:
         except Unauthorized as exc:
             await respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
             return
-        accept = header(scope, b"accept") or ""
-        if "text/event-stream" not in accept:
+        # RFC 9110, as for POST: "text/plain, */*;q=0" refuses it, no Accept takes anything
+        if not accepts(header(scope, b"accept"), "text/event-stream"):
             await respond(
                 send,
                 406,
-                b"GET /mcp needs 'Accept: text/event-stream'",
+                b"GET /mcp answers with an SSE stream: send 'Accept: text/event-stream'",
                 [(b"content-type", b"text/plain")],
             )
             return
