@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from mcp_zero.cli.main import main
+from mcp_zero.kernel.plugins import REPLACED_COPY_KEPT_S
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 NOTES_DIR = Path(__file__).parents[2] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
@@ -237,6 +239,9 @@ def test_a_plugin_installed_from_one_directory_is_used_and_removed_from_another(
     )
     assert added["structuredContent"]["note"]["text"] == "hi"
     mcp0_in(elsewhere, "plugin", "remove", "notes", "--data-dir", str(data))
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60  # no server drains it: let it go
+    os.utime(copy, (long_ago, long_ago))
+    mcp0_in(elsewhere, "agent", "terminate", "ada", "--data-dir", str(data))  # a start sweeps
     assert not copy.exists()
     assert (decoy / "keep.txt").read_text() == "not mcp0's"
 

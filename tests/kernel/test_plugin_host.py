@@ -223,16 +223,44 @@ async def test_a_copy_that_fails_half_way_leaves_the_installed_version(
     assert [p.name for p in Path(before.path).parent.iterdir()] == [Path(before.path).name]
 
 
-async def test_remove_deletes_the_installed_copy(make_runtime: Any) -> None:
+async def test_remove_leaves_the_copy_to_the_drain_then_the_sweep(make_runtime: Any) -> None:
     runtime: Runtime = make_runtime()
     runtime.plugins.install(FAULTY_DIR)
-    record = runtime.store.get_plugin("faulty")
-    assert record is not None
+    copy = installed_copy(runtime)
     runtime.plugins.remove("faulty")
     assert runtime.store.get_plugin("faulty") is None
-    assert not Path(record.path).exists()
+    assert copy.is_dir()  # a server may still run calls on it (its drain deletes it)
     with pytest.raises(PluginNotFound):
         runtime.plugins.remove("faulty")
+    make_runtime()
+    assert copy.is_dir()  # removed just now: a start leaves it
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
+    os.utime(copy, (long_ago, long_ago))
+    make_runtime()
+    assert not copy.exists()
+
+
+async def test_a_copied_data_dir_uses_and_touches_only_its_own_copies(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    original = installed_copy(runtime)
+    data = runtime.settings.data_dir
+    copied = tmp_path / "copied-data"
+    shutil.copytree(data, copied, symlinks=True)
+    other = make_runtime(data_dir=copied)
+    record = other.store.get_plugin("faulty")
+    assert record is not None
+    assert (
+        other.plugins.copy_path(record) == copied.absolute() / "plugins" / "faulty" / original.name
+    )
+    other.plugins.remove("faulty")
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
+    os.utime(copied / "plugins" / "faulty" / original.name, (long_ago, long_ago))
+    make_runtime(data_dir=copied)  # its sweep
+    assert not (copied / "plugins" / "faulty" / original.name).exists()
+    assert original.is_dir()  # the first data dir's copy is untouched
 
 
 def installed_copy(runtime: Runtime) -> Path:
@@ -459,3 +487,16 @@ async def test_plugins_get_workers_only_within_the_servers_max_workers(
         assert "1 of the server's max_workers = 3 are free" in runtime.plugins.failed["faulty"]
     finally:
         await runtime.aclose()
+
+
+async def test_a_copy_is_dated_by_its_install_not_by_its_source(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # copytree gives a copy its source's times: an old source made a fresh install look
+    # replaced long ago, and the next start swept the copy in use
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
+    os.utime(source, (long_ago, long_ago))
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(source)
+    assert time.time() - installed_copy(runtime).stat().st_mtime < 600

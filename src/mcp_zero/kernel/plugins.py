@@ -222,6 +222,8 @@ class PluginHost:
         try:
             try:
                 shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
+                # copytree gave it the source's time; the sweep reads it as the copy's age
+                os.utime(staging)
                 digest = _tree_digest(staging)
                 staging.rename(target)
             except OSError as exc:  # an unreadable file, a full disk…
@@ -254,13 +256,12 @@ class PluginHost:
         return manifest
 
     def copy_path(self, record: PluginRecord) -> Path:
-        """The directory of ``record``'s installed copy. Records from before paths were kept
-        absolute hold one relative to the directory that install ran in; every copy lives in
-        ``plugins/<name>/``, so the copy is found there, never under the current directory."""
-        path = Path(record.path)
-        if path.is_absolute():
-            return path
-        return self.plugins_dir / record.name / path.name
+        """The directory of ``record``'s installed copy: always ``plugins/<name>/<copy>`` of
+        this data dir. The record's own path only names the copy: it may have been written
+        relative to another directory (older installs), or in another place this data dir was
+        copied or moved from, or through a symlink — a path taken as written could load
+        another data dir's code, or delete its files."""
+        return self.plugins_dir / record.name / Path(record.path).name
 
     def record_digests(self) -> None:
         """Give each copy installed before digests were kept the digest install would have
@@ -299,13 +300,16 @@ class PluginHost:
             shutil.rmtree(copy, ignore_errors=True)
 
     def remove(self, name: str) -> list[str]:
-        """Forget plugin ``name``, detach it from every agent and delete its installed files
-        (its data dir stays); returns the agents it was detached from."""
+        """Forget plugin ``name`` and detach it from every agent; returns the agents it was
+        detached from. Its installed files go as a replaced copy's do: a running server
+        deletes them once its calls on them are done, a later start sweeps them (its data
+        dir stays)."""
         record = self.store.get_plugin(name)
         detached = self.store.delete_plugin(name) if record is not None else None
         if record is None or detached is None:
             raise PluginNotFound(f"no plugin named {name!r} is installed")
-        shutil.rmtree(self.copy_path(record), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.utime(self.copy_path(record))  # when it stopped being used
         return detached
 
     # -- running -------------------------------------------------------------------------------
