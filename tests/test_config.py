@@ -221,3 +221,32 @@ def test_tls_cert_and_key_go_together() -> None:
     env = {"MCP0_TLS_CERT": "c.pem", "MCP0_TLS_KEY": "k.pem"}
     settings = load_settings(None, None, environ=env)
     assert (settings.tls_cert, settings.tls_key) == (Path("c.pem"), Path("k.pem"))
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("port = true", "whole number"),  # was port 1
+        ("port = 1.5", "whole number"),  # was port 1
+        ("examples = 'treu'", "true or false"),  # was false
+        ("data_dir = ''", "give a path"),  # was the current directory
+        ("allowed_origins = [1, 2]", "list of strings"),
+        ("host = 8", "give a string"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_refused_not_bent(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_settings(write(tmp_path, f"[server]\n{text}\n"), None, environ={})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [("MCP0_PORT", "1_8731", "whole number"), ("MCP0_EXAMPLES", "treu", "true or false")],
+)
+def test_an_environment_value_of_the_wrong_kind_is_refused(
+    name: str, value: str, says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_settings(None, None, environ={name: value})

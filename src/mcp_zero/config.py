@@ -4,6 +4,7 @@ then command-line options — each later source overriding the earlier ones."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -85,26 +86,49 @@ _ENV_PREFIX = "MCP0_"
 _OPTIONAL_PATHS = frozenset({"tls_cert", "tls_key"})
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
+    """``value`` (from TOML, the environment or the command line) as the setting's type; a
+    value of another kind is a ConfigError, never silently made one (``port = true`` is
+    not port 1, nor ``examples = "treu"`` false)."""
     if name in _OPTIONAL_PATHS:
         return Path(value) if value not in (None, "") else None
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if isinstance(default, Path):
+    shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:64]}…"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"setting {name!r} is {shown}; use true or false")
+    if isinstance(default, Path):
+        if isinstance(value, str | Path) and str(value).strip():
             return Path(value)
-        if isinstance(default, int):
+        raise ConfigError(f"setting {name!r} is {shown}; give a path")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
             return int(value)
-        if isinstance(default, float):
+        raise ConfigError(f"setting {name!r} is {shown}; give a whole number")
+    if isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if isinstance(default, tuple):
+        try:
             if isinstance(value, str):
-                return tuple(v.strip() for v in value.split(",") if v.strip())
-            return tuple(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r}: cannot use {value!r} ({exc})") from exc
+                return float(value)
+        except ValueError:
+            pass
+        raise ConfigError(f"setting {name!r} is {shown}; give a number")
+    if isinstance(default, tuple):
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list | tuple) and all(isinstance(v, str) for v in items):
+            return tuple(v.strip() for v in items if v.strip())
+        raise ConfigError(f"setting {name!r} is {shown}; give a list of strings")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"setting {name!r} is {shown}; give a string")
     return value
 
 

@@ -110,6 +110,9 @@ async def test_terminate_revokes_the_token_at_once(runtime: Runtime) -> None:
     with pytest.raises(Conflict, match="already terminated"):
         await runtime.agents.terminate("cid")
     assert audited(runtime, "cid") == ["spawn_agent", "terminate_agent"]
+    with pytest.raises(Conflict, match="already terminated"):  # not given plugins either
+        await runtime.agents.attach("cid", "faulty")
+    assert runtime.agents.get("cid").plugins == ["notes"]
 
 
 async def test_snapshot_and_recover_restore_plugins_state_and_token(runtime: Runtime) -> None:

@@ -419,3 +419,61 @@ async def test_a_head_answer_has_no_body(served: Any) -> None:
         assert b"content-length: 5" in head  # what a GET would carry ("HEAD ")
         writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")  # the connection is still in sync
         assert (await read_response(reader))[2] == b"GET "
+
+
+async def test_100_continue_is_not_written_into_another_response(served: Any) -> None:
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n")
+        with anyio.fail_after(TIMEOUT_S):
+            await reader.readuntil(b"held")
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        await asyncio.sleep(0.2)  # it would have been written by now
+        app.holding.set()
+        with anyio.fail_after(TIMEOUT_S):
+            rest = await reader.readuntil(b"\r\n0\r\n\r\n")  # the end of the held stream
+        assert b"100 Continue" not in rest
+        writer.write(b"body")  # as a client does once its wait for 100 is over
+        assert (await read_response(reader))[2] == b"POST body"
+
+
+async def test_expect_100_continue_for_a_body_past_the_limit_is_413_at_once(
+    served: Any,
+) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 999999999\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            assert (await read_closing_response(reader, 413)).startswith(b"the request body")
+
+
+async def test_an_upgrade_request_is_answered_as_http_1_1_and_the_connection_closed(
+    served: Any,
+) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            status, headers, body = await read_response(reader)
+            assert (status, body) == (200, b"GET ")
+            assert headers.get("connection") == "close"
+            assert await reader.read() == b""  # closed after it
+
+
+async def test_a_transfer_coding_other_than_chunked_is_501(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            assert b"chunked" in await read_closing_response(reader, 501)

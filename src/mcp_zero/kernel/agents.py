@@ -215,9 +215,10 @@ class AgentService:
         agent = self.get(name)
         await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
         self._check_plugins([plugin])
+        _not_terminated(agent)  # (its token no longer works: recover it from a snapshot)
         if plugin not in agent.plugins:
             agent.plugins.append(plugin)
-            self.store.update_agent(agent)
+            self.store.update_agent(agent, check=_not_terminated)
         self._changed(name)
         await self._audit(Verb.ATTACH_PLUGIN, name, via, {"attached": plugin})
         return agent

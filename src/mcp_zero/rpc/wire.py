@@ -120,6 +120,7 @@ class _Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.reading_since = 0.0  # when the request being received began; 0 between requests
         self.client: tuple[str, int] | None = None
+        self.deaf = False  # after an Upgrade request: nothing more is read
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -137,10 +138,16 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        if self.deaf:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.refuse(400, b"protocol upgrades are not supported")
+            # An Upgrade (h2c, WebSocket) we do not do. The request was read whole (it is
+            # queued or running): answer it as HTTP/1.1 and close after it, as the parser
+            # goes no further than an upgrade.
+            self.current.keep_alive = False
+            self.deaf = True
         except httptools.HttpParserError as exc:
             self.refuse(400, f"malformed HTTP request: {exc}".encode())
 
@@ -175,9 +182,27 @@ class _Connection(asyncio.Protocol):
             return
         if request.target[:1] != b"/" and not self._origin_form(request):
             return
-        # curl and others wait (1 s) for this before sending a body over 1 KiB
-        if (b"expect", b"100-continue") in request.headers and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        codings = [v for n, v in request.headers if n == b"transfer-encoding"]
+        if codings and b",".join(codings).replace(b" ", b"").lower() != b"chunked":
+            # httptools would take "gzip, chunked" as chunked and hand on gzip as the body
+            self.refuse(501, b"only the chunked transfer coding is supported")
+            return
+        # curl and others wait (1 s) for this before sending a body over 1 KiB. Not while
+        # another response is being written (it would land in the middle of it; the client
+        # sends the body after its wait anyway), and not for a body past the limit.
+        expects = (b"expect", b"100-continue") in request.headers
+        if expects and self.transport is not None and not self.busy and not self.queue:
+            if self._declared_length(request) > self.server.max_body_bytes:
+                self.refuse(413, b"the request body is over the size limit")
+            else:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    @staticmethod
+    def _declared_length(request: _Request) -> int:
+        for name, value in request.headers:
+            if name == b"content-length" and value.isdigit():
+                return int(value)
+        return 0
 
     def _origin_form(self, request: _Request) -> bool:
         """An absolute-form target (``http://host/path``) becomes its path, and its authority
