@@ -68,6 +68,12 @@ async def test_spawn_refuses_bad_names(runtime: Runtime, name: str) -> None:
         await runtime.agents.spawn(name)
 
 
+@pytest.mark.parametrize("name", ["admin", "Admin"])
+async def test_no_agent_may_be_named_like_the_administrator(runtime: Runtime, name: str) -> None:
+    with pytest.raises(InvalidParams, match="administrator"):
+        await runtime.agents.spawn(name)
+
+
 async def test_spawn_refuses_a_taken_name_and_unknown_plugins(runtime: Runtime) -> None:
     await runtime.agents.spawn("taken")
     with pytest.raises(Conflict):

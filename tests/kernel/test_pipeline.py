@@ -14,6 +14,7 @@ import pytest
 
 from mcp_zero.errors import (
     InvalidParams,
+    McpZeroError,
     PluginCrashed,
     PolicyDenied,
     PromptNotFound,
@@ -325,3 +326,71 @@ async def test_a_call_queued_for_a_slot_runs_on_the_new_code_after_an_upgrade(
         assert (await nap)["content"][0]["text"] == "napped 1.0"
     # and the queued call, which had the old runtime in hand, went to the new one
     assert (await queued)["content"] == [{"type": "text", "text": "q"}]
+
+
+async def test_a_forbidden_resource_is_not_reached_under_a_percent_encoded_name(
+    started: Runtime, bridge: Any
+) -> None:
+    kernel = started.kernel
+    kim = Principal("kim", frozenset({"conformance"}))
+    (started.settings.policy_dir / "no-one.cedar").write_text(
+        '@id("not-one")\n'
+        'forbid (principal, action == Action::"read_resource", '
+        'resource == Resource::"test://template/1/data");\n'
+    )
+    started.policy.reload()
+    for uri in ("test://template/1/data", "test://template/%31/data", "test://t%65mplate/1/data"):
+        with pytest.raises(PolicyDenied):
+            await kernel.read_resource(kim, uri, bridge, request_id="pct", transport="t")
+    # the escape of a reserved character is another name: it reaches what it names
+    other = await kernel.read_resource(
+        kim, "test://template/2%2f/data", bridge, request_id="pct2", transport="t"
+    )
+    assert other["contents"][0]["uri"] == "test://template/2%2F/data"
+    assert {r["resource"] for r in records(started, request_id="pct")} == {"test://template/1/data"}
+
+
+async def test_arguments_nested_too_deep_are_refused_and_audited(
+    started: Runtime, bridge: Any
+) -> None:
+    deep: Any = "x"
+    for _ in range(300):  # orjson writes no more than 254 levels
+        deep = {"a": deep}
+    jo = Principal("jo", frozenset({"notes"}))
+    for tool in ("notes_add", "no_such_tool"):
+        with pytest.raises(McpZeroError):
+            await started.kernel.call_tool(
+                jo, tool, {"text": deep}, bridge, request_id=f"deep-{tool}", transport="t"
+            )
+        [record] = records(started, request_id=f"deep-{tool}")
+        assert record["outcome"] == "error"
+    [nested] = records(started, request_id="deep-notes_add")
+    assert nested["code"] == "invalid_params"
+
+
+async def test_a_question_to_the_client_cut_off_by_a_cancel_is_audited(
+    started: Runtime, bridge: Any
+) -> None:
+    asked = asyncio.Event()
+
+    class Silent(type(bridge)):  # type: ignore[misc]
+        async def request(self, method: str, params: Any, key: str | None = None) -> Any:
+            asked.set()
+            await asyncio.Event().wait()  # the client never answers
+
+    kim = Principal("kim", frozenset({"conformance"}))
+    task = asyncio.create_task(
+        started.kernel.call_tool(
+            kim, "test_sampling", {"prompt": "?"}, Silent(), request_id="cut", transport="t"
+        )
+    )
+    with anyio.fail_after(TIMEOUT_S):
+        await asked.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with anyio.fail_after(TIMEOUT_S):
+        while len(records(started, request_id="cut")) < 2:
+            await asyncio.sleep(0.02)
+    verbs = {(r["verb"], r.get("code")) for r in records(started, request_id="cut")}
+    assert verbs == {("call_tool", "cancelled"), ("client_request", "cancelled")}

@@ -22,6 +22,7 @@ class Env:
     live: LiveServer
     full: str
     bare: str
+    visitor: str  # the token of the agent token-less callers act as
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,9 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     runtime.plugins.install(FAULTY_DIR)
     full = await runtime.agents.spawn("auditee", ["notes", "faulty"])
     bare = await runtime.agents.spawn("outsider", [])
-    await runtime.agents.spawn("visitor", ["faulty"])
+    visitor = await runtime.agents.spawn("visitor", ["faulty"])
     async with serve(runtime) as live:
-        yield Env(live, full.token, bare.token)
+        yield Env(live, full.token, bare.token, visitor.token)
 
 
 def records_for(live: LiveServer, request_id: str) -> list[dict[str, Any]]:
@@ -147,3 +148,18 @@ async def test_anonymity_is_kept_after_the_admin_executes_as_the_same_agent(env:
     ]
     assert by_admin[-1]["agent"] == "visitor"
     assert by_admin[-1]["anonymous"] is False
+
+
+async def test_token_less_callers_and_the_agents_token_holder_do_not_share_sessions(
+    env: Env,
+) -> None:
+    holder = env.live.client(env.visitor)
+    await holder.initialize()
+    stranger = env.live.client(None)  # token-less: acts as "visitor" too, but anonymously
+    stranger.session_id = holder.session_id
+    response = await stranger.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert response.status_code == 404
+    async with httpx2.AsyncClient(verify=False, timeout=20) as http:
+        deleted = await http.delete(env.live.url, headers=stranger.headers())
+    assert deleted.status_code == 404
+    assert "result" in await holder.request("ping")  # still the holder's

@@ -189,6 +189,12 @@ class AgentService:
     ) -> SpawnedAgent:
         """Create agent ``name``. Raises Conflict, InvalidParams, PluginNotFound."""
         check_name(name)
+        if name.lower() == "admin":
+            # the administrator is Agent::"admin" to Cedar and "admin" in audit records
+            raise InvalidParams(
+                "'admin' names the administrator in policies and audit records; choose "
+                "another agent name"
+            )
         await self._authorize(Verb.SPAWN_AGENT, name, via)
         plugins = self._check_plugins(plugins or [])
         token = new_token()

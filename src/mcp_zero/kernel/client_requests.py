@@ -9,6 +9,7 @@ and after it travels to the client.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,15 @@ class GovernedBridge:
                 event["reasons"] = exc.data.get("reasons", [])
             event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
             await kernel.audit.append(event)
+            raise
+        except (asyncio.CancelledError, Exception) as exc:
+            # The call ended (timeout, cancel, crash, shutdown) while the client had the
+            # question: it was decided, and went out, so it is audited all the same —
+            # shielded, so that a second cancel cannot lose the record.
+            event["outcome"] = Outcome.ERROR.value
+            event["code"] = "cancelled" if isinstance(exc, asyncio.CancelledError) else "internal"
+            event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+            await asyncio.shield(kernel.audit.append(event))
             raise
         event["outcome"] = Outcome.ALLOWED.value
         event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,9 +52,49 @@ def _outcome_of(exc: BaseException) -> Outcome:
     return Outcome.ERROR
 
 
+# Arguments nested deeper than this are refused (audited): JSON decoders take 1,024 levels,
+# but orjson writes (and the audit digest, and the worker's frames need) at most 254.
+MAX_ARGUMENT_DEPTH = 64
+
+
 def _arguments_digest(arguments: JSON) -> str:
     # The audit log keeps a digest, not the arguments: they may hold personal data.
-    return hashlib.sha256(orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    try:
+        encoded = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # nested too deep to encode: refused before it runs (_depth)
+        encoded = b"<arguments nested too deep to encode>"
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (without recursing itself)."""
+    pending = [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict | list):
+            if level > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, level + 1) for child in children)
+    return False
+
+
+def normal_uri(uri: str) -> str:
+    """``uri`` in RFC 3986 normal form as far as percent-encoding goes (6.2.2.1-2): escapes
+    of unreserved characters decoded, the others in upper case. What policy and audit see,
+    so that ``test://x/%31`` is not another resource than ``test://x/1``."""
+    if "%" not in uri:
+        return uri
+    return _ESCAPE.sub(_normal_escape, uri)
+
+
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normal_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
 def _pointer(parts: Any) -> str:
@@ -186,6 +227,7 @@ class Kernel:
 
     def check_resource(self, principal: Principal, uri: str) -> None:
         """Raise unless ``uri`` exists and the principal may read it (for subscriptions)."""
+        uri = normal_uri(uri)
         plugin = self.plugins.resource_owner(uri)
         if plugin is None:
             raise ResourceNotFound(
@@ -233,12 +275,21 @@ class Kernel:
                 data={"tool": name},
             )
 
+        def too_deep() -> McpZeroError:
+            return InvalidParams(
+                f"the arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels",
+                data={"path": "/arguments"},
+            )
+
+        refused = missing if entry is None else None
+        if refused is None and _depth(arguments, MAX_ARGUMENT_DEPTH):
+            refused = too_deep
         return await self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
             "tools/call",
             request_id,
             run,
-            missing if entry is None else None,
+            refused,
             {"arguments_sha256": _arguments_digest(arguments)},
         )
 
@@ -251,6 +302,7 @@ class Kernel:
         request_id: str,
         transport: str,
     ) -> JSON:
+        uri = normal_uri(uri)  # the plugin, the policy and the audit see one form of it
         plugin = self.plugins.resource_owner(uri)
 
         async def run(runtime: PluginRuntime, timeout: float) -> JSON:

@@ -152,6 +152,15 @@ def _with_cors(send: Send, origin: str) -> Send:
     return cors_send
 
 
+def _owns(session: Session, principal: Principal) -> bool:
+    """Whether ``principal`` may use ``session``: the same agent, and token-less callers
+    (--anonymous-agent) never a token holder's session, nor the other way round."""
+    return (
+        session.principal.agent == principal.agent
+        and session.principal.anonymous == principal.anonymous
+    )
+
+
 def _busy(session: Session) -> bool:
     """Whether the session runs a request or has a stream that a connection carries."""
     return bool(session.inflight) or any(s.attached for s in session.streams.values())
@@ -449,7 +458,7 @@ class HttpApp:
             self.sessions[session.id] = session
         elif session_id is not None:
             found = self.sessions.get(session_id)
-            if found is None or found.principal.agent != principal.agent:
+            if found is None or not _owns(found, principal):
                 await respond_json(
                     send,
                     404,
@@ -545,7 +554,7 @@ class HttpApp:
             )
             return
         session = self.sessions.get(header(scope, b"mcp-session-id") or "")
-        if session is None or session.principal.agent != principal.agent:
+        if session is None or not _owns(session, principal):
             await respond_json(
                 send,
                 404,
@@ -648,7 +657,7 @@ class HttpApp:
             await respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
             return
         session = self.sessions.get(header(scope, b"mcp-session-id") or "")
-        if session is None or session.principal.agent != principal.agent:
+        if session is None or not _owns(session, principal):
             await respond_json(
                 send, 404, jsonrpc.error_message(None, -32001, "unknown or expired session")
             )

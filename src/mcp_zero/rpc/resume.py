@@ -61,9 +61,9 @@ class Continuation:
     )
 
     def __init__(
-        self, agent: str, key: tuple[Any, ...], channel: Channel, given: Any = None
+        self, agent: tuple[str, bool], key: tuple[Any, ...], channel: Channel, given: Any = None
     ) -> None:
-        self.agent = agent
+        self.agent = agent  # the agent, and whether token-less (--anonymous-agent)
         self.key = key  # method and identifying params of the original request
         self.current: Channel | None = channel
         self.work: asyncio.Task[JSON] | None = None
@@ -206,7 +206,7 @@ class Resumptions:
 
     async def run(
         self,
-        agent: str,
+        agent: tuple[str, bool],
         method: str,
         params: JSON,
         channel: Channel,
@@ -254,7 +254,7 @@ class Resumptions:
         }
 
     def _resume(
-        self, agent: str, key: tuple[Any, ...], state: Any, responses: Any
+        self, agent: tuple[str, bool], key: tuple[Any, ...], state: Any, responses: Any
     ) -> tuple[Continuation, dict[str, JSON]]:
         """The parked call a retry continues, and its answers; it stays parked when the
         retry is refused."""

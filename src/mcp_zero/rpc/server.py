@@ -30,7 +30,7 @@ from mcp_zero.errors import (
     QuotaExceeded,
 )
 from mcp_zero.kernel.action import Principal, Verb
-from mcp_zero.kernel.pipeline import Kernel
+from mcp_zero.kernel.pipeline import Kernel, normal_uri
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
 from mcp_zero.rpc.envelope import (
@@ -554,7 +554,7 @@ class McpServer:
                 "streams, as many as it may; close one first"
             )
         flags = sorted(flag for flag in _LISTEN_FLAGS if wanted.get(flag) is True)
-        honoured = frozenset(u for u in uris if self._may_watch(session.principal, u))
+        honoured = frozenset(normal_uri(u) for u in uris if self._may_watch(session.principal, u))
         granted: JSON = dict.fromkeys(flags, True)
         if "resourceSubscriptions" in wanted:
             granted["resourceSubscriptions"] = sorted(honoured)
@@ -640,13 +640,13 @@ class McpServer:
     ) -> JSON:
         uri = _require_str(params, "uri")
         self.kernel.check_resource(session.principal, uri)
-        session.subscriptions.add(uri)
+        session.subscriptions.add(normal_uri(uri))
         return {}
 
     async def _resources_unsubscribe(
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
-        session.subscriptions.discard(_require_str(params, "uri"))
+        session.subscriptions.discard(normal_uri(_require_str(params, "uri")))
         return {}
 
     # -- prompts and completion -----------------------------------------------------------------
@@ -690,7 +690,7 @@ class McpServer:
     def _resumable(self, method: str, handler: Handler) -> Handler:
         async def run(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
             return await self.resumptions.run(
-                session.principal.agent,
+                (session.principal.agent, session.principal.anonymous),
                 method,
                 params,
                 channel,
