@@ -596,9 +596,9 @@ async def test_a_terminated_agents_listen_stream_ends(env: Env) -> None:
         lines = response.aiter_lines()
         await _next_message(lines)  # the acknowledgement
         await env.live.runtime.agents.terminate("doomed")
-        ended = await _next_message(lines)  # within the list-change check (a second)
+        ended = await _next_message(lines)  # at once: the termination is in this process
     assert ended["id"] == body["id"]
-    assert ended["result"]["resultType"] == "complete"
+    assert ended["error"]["code"] == -32001  # as a terminated agent's session calls end
 
 
 def capable() -> JSON:
@@ -667,3 +667,32 @@ async def test_a_routing_header_sent_twice_is_refused(marked: Env) -> None:
         response = await http.post(marked.live.url, content=orjson.dumps(body), headers=raw)
     assert response.status_code == 400
     assert "once" in response.json()["error"]["message"]
+
+
+async def test_terminating_an_agent_stops_its_running_and_waiting_calls(env: Env) -> None:
+    token = (await env.live.runtime.agents.spawn("ending", ["faulty", "conformance"])).token
+    nap = message("tools/call", {"name": "faulty_nap", "arguments": {"seconds": 5}})
+    asked = (
+        await post(env, message("tools/call", ASK, meta=envelope(**capable())), token=token)
+    ).json()
+    state = asked["result"]["requestState"]
+
+    async def terminate_soon() -> None:
+        await asyncio.sleep(0.5)  # while the nap runs
+        await env.live.runtime.agents.terminate("ending")
+
+    with anyio.fail_after(4):  # well before the 5 s nap would end
+        async with anyio.create_task_group() as group:
+            group.start_soon(terminate_soon)
+            stopped = (await post(env, nap, token=token)).json()
+    assert stopped["error"]["code"] == -32001
+    assert "terminated" in stopped["error"]["message"]
+    with anyio.fail_after(TIMEOUT_S):
+        while audit_outcomes(env, nap["id"]) != [("error", "cancelled")]:
+            await asyncio.sleep(0.02)
+    # the call that waited for its client's answer is gone too
+    waiting = env.live.app.server.resumptions.principals()
+    assert all(p.agent != "ending" for p in waiting)
+    retry = {**ASK, "inputResponses": {}, "requestState": state}
+    refused = await post(env, message("tools/call", retry, meta=envelope(**capable())), token=token)
+    assert refused.status_code == 401  # the token no longer works

@@ -203,6 +203,8 @@ class HttpApp:
             self._listening_sessions,
             lambda: self.server.listeners.values(),
             self._end_terminated,
+            self.server.principals_at_work,
+            self.server.end_agent,
         )
         self._list_watch: asyncio.Task[None] | None = None
         self._loopback_only = runtime.settings.on_loopback_only()

@@ -61,12 +61,16 @@ class ListChanges:
         listeners: Listeners,
         streams: Callable[[], Iterable[Listener]] = tuple,
         ended: Callable[[Session], Awaitable[None]] | None = None,
+        at_work: Callable[[], Iterable[Principal]] = tuple,
+        end_agent: Callable[[str], None] | None = None,
     ) -> None:
         self.kernel = kernel
         self.agents = agents
         self.listeners = listeners
         self.streams = streams  # the open listen streams
         self.ended = ended  # ends a session whose agent was terminated (its transport's way)
+        self.at_work = at_work  # whose sessionless calls run now
+        self.end_agent = end_agent  # stops a terminated agent's sessionless calls
         self._checks: set[asyncio.Task[None]] = set()
 
     def seen(self, session: Session) -> None:
@@ -109,6 +113,10 @@ class ListChanges:
             if channel is not None:
                 for method in changed:
                     await channel.send({"jsonrpc": "2.0", "method": method})
+        if self.end_agent is not None:
+            for principal in {p.agent: p for p in self.at_work()}.values():
+                if now.look(principal) is None:
+                    self.end_agent(principal.agent)
         for stream in list(self.streams()):
             looked = now.look(stream.principal)
             if looked is None:  # the agent was terminated: its stream ends

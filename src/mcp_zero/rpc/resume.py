@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mcp_zero.errors import InvalidParams, McpZeroError, MissingClientCapability, QuotaExceeded
+from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc.bridge import CLIENT_REQUEST_TIMEOUT_S
 from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed
 
@@ -284,6 +285,23 @@ class Resumptions:
             parked[1].cancel()
             timer = asyncio.get_running_loop().call_later(_ENDED_KEPT_S, self._expire, token)
             self._parked[token] = (parked[0], timer)
+
+    def principals(self) -> list[Principal]:
+        """The callers whose calls wait here (and have not ended)."""
+        return [
+            Principal(call.agent[0], anonymous=call.agent[1])
+            for call, _ in self._parked.values()
+            if not _ended(call)
+        ]
+
+    def end_agent(self, agent: str) -> None:
+        """Cancel the waiting calls of agent ``agent`` (it was terminated)."""
+        for token, (call, timer) in list(self._parked.items()):
+            if call.agent[0] == agent:
+                del self._parked[token]
+                timer.cancel()
+                if call.work is not None:
+                    call.work.cancel()
 
     def _expire(self, token: str) -> None:
         parked = self._parked.pop(token, None)

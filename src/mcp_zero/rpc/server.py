@@ -221,6 +221,8 @@ class McpServer:
             "prompts/get": self._resumable("prompts/get", self._prompts_get),
         }
         self.resumptions = Resumptions()
+        # 2026-07-28 requests running now, with their request's session (for termination)
+        self.stateless_calls: dict[asyncio.Task[Any], Session] = {}
         # by (channel, request id): over stdio one channel carries every listen stream
         self.listeners: dict[tuple[Channel, Any], Listener] = {}
         self.keepalive_s = 25.0  # a quiet listen stream gets a comment this often (HTTP)
@@ -314,7 +316,14 @@ class McpServer:
             inflight=connection.inflight,
             cancelled=connection.cancelled,
         )
-        response = await self._run(session, request, channel, handler)
+        task = asyncio.current_task()
+        if task is not None:
+            self.stateless_calls[task] = session
+        try:
+            response = await self._run(session, request, channel, handler)
+        finally:
+            if task is not None:
+                self.stateless_calls.pop(task, None)
         if response is None:
             return None
         if "result" not in response:
@@ -375,7 +384,10 @@ class McpServer:
                 # failing the HTTP exchange with a 500 and an error in the server's log.
                 task.uncancel()
                 return jsonrpc.error_message(
-                    request.id, UNAUTHORIZED, "the session ended while this request was running"
+                    request.id,
+                    UNAUTHORIZED,
+                    "the session ended (or its agent was terminated) while this request was "
+                    "running",
                 )
             raise
         except Exception as exc:  # a bug of ours must not kill the session
@@ -469,6 +481,21 @@ class McpServer:
         if listener is not None:
             listener.mailbox.put_nowait(None)
         return listener is not None
+
+    def principals_at_work(self) -> list[Principal]:
+        """Whose 2026-07-28 calls run or wait for their client now (their sessions are the
+        transports' to watch)."""
+        running = [session.principal for session in self.stateless_calls.values()]
+        return running + self.resumptions.principals()
+
+    def end_agent(self, agent: str) -> None:
+        """Agent ``agent`` was terminated: its 2026-07-28 calls stop (answered as ended),
+        and so do those that wait for its client's input_required answer."""
+        for task, session in list(self.stateless_calls.items()):
+            if session.principal.agent == agent:
+                session.closed = True
+                task.cancel()
+        self.resumptions.end_agent(agent)
 
     def end_listeners(self) -> None:
         """The server is stopping: every listen stream ends with its result, and calls that

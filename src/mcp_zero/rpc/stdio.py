@@ -123,7 +123,12 @@ async def serve_stdio(
 
     await runtime.start()
     list_changes = ListChanges(
-        runtime.kernel, runtime.agents, server.sessions, lambda: server.listeners.values()
+        runtime.kernel,
+        runtime.agents,
+        server.sessions,
+        lambda: server.listeners.values(),
+        at_work=server.principals_at_work,
+        end_agent=server.end_agent,
     )
     list_changes.seen(session)
     runtime.plugins.on_change = list_changes.poke
