@@ -52,31 +52,19 @@ def _outcome_of(exc: BaseException) -> Outcome:
     return Outcome.ERROR
 
 
-# Arguments nested deeper than this are refused (audited): JSON decoders take 1,024 levels,
-# but orjson writes (and the audit digest, and the worker's frames need) at most 254.
-MAX_ARGUMENT_DEPTH = 64
+# JSON decoders take 1,024 levels of nesting, orjson writes (and the audit digest and the
+# worker's frames need) at most this many: deeper arguments are refused, and audited.
+MAX_ARGUMENT_DEPTH = 254
+_TOO_DEEP = hashlib.sha256(b"<arguments nested too deep to encode>").hexdigest()
 
 
 def _arguments_digest(arguments: JSON) -> str:
     # The audit log keeps a digest, not the arguments: they may hold personal data.
     try:
         encoded = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # nested too deep to encode: refused before it runs (_depth)
-        encoded = b"<arguments nested too deep to encode>"
+    except TypeError:  # nested too deep to encode: the call is refused (see call_tool)
+        return _TOO_DEEP
     return hashlib.sha256(encoded).hexdigest()
-
-
-def _depth(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests deeper than ``limit`` (without recursing itself)."""
-    pending = [(value, 1)]
-    while pending:
-        item, level = pending.pop()
-        if isinstance(item, dict | list):
-            if level > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            pending.extend((child, level + 1) for child in children)
-    return False
 
 
 def normal_uri(uri: str) -> str:
@@ -281,8 +269,9 @@ class Kernel:
                 data={"path": "/arguments"},
             )
 
+        digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
         refused = missing if entry is None else None
-        if refused is None and _depth(arguments, MAX_ARGUMENT_DEPTH):
+        if refused is None and digest == _TOO_DEEP:
             refused = too_deep
         return await self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
@@ -290,7 +279,7 @@ class Kernel:
             request_id,
             run,
             refused,
-            {"arguments_sha256": _arguments_digest(arguments)},
+            {"arguments_sha256": digest},
         )
 
     async def read_resource(
