@@ -386,7 +386,7 @@ class Kernel:
             hit = self.plugins.prompts.get(target)
             plugin = hit[0] if hit is not None else None
         else:
-            target = str(ref.get("uri", ""))
+            target = normal_uri(str(ref.get("uri", "")))  # as read_resource has it
             plugin = self.plugins.resource_owner(target) or next(
                 (
                     t.plugin

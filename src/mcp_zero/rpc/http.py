@@ -152,6 +152,12 @@ def _with_cors(send: Send, origin: str) -> Send:
     return cors_send
 
 
+def _stateless(version: str | None) -> bool:
+    """Whether an MCP-Protocol-Version header asks for MCP 2026-07-28's rules: that version,
+    or one we do not know (its rules answer with the versions we speak)."""
+    return version is not None and version not in HEADER_VERSIONS
+
+
 def _owns(session: Session, principal: Principal) -> bool:
     """Whether ``principal`` may use ``session``: the same agent, and token-less callers
     (--anonymous-agent) never a token holder's session, nor the other way round."""
@@ -310,11 +316,9 @@ class HttpApp:
                 # answers and the session header (CORS); other clients send no Origin.
                 send = _with_cors(send, origin)
             version = header(scope, b"mcp-protocol-version")
-            stateless = version is not None and version not in HEADER_VERSIONS
             if method == "POST":
                 await self._post(scope, receive, send)
-            elif method in ("GET", "DELETE") and stateless:
-                assert version is not None
+            elif method in ("GET", "DELETE") and version is not None and _stateless(version):
                 await respond(
                     send,
                     405,
@@ -421,28 +425,13 @@ class HttpApp:
             return
         version = header(scope, b"mcp-protocol-version")
         session_id = header(scope, b"mcp-session-id")
-        if (version is not None and version not in HEADER_VERSIONS) or (
+        if _stateless(version) or (
             version is None
             and session_id is None
             and isinstance(message, jsonrpc.Request)
             and has_envelope(message.params)
         ):
-            # MCP 2026-07-28 (or a version we do not know, which its rules answer): every
-            # request stands alone. Notifications have nothing to act on (a client cancels
-            # by closing the request's stream), and no request of ours awaits an answer.
-            if (
-                isinstance(message, jsonrpc.Request)
-                and version not in MODERN_VERSIONS
-                and not has_envelope(message.params)
-            ):
-                # neither a version we speak nor a 2026-07-28 request: say which we speak
-                assert version is not None
-                answer = jsonrpc.error_from_exception(message.id, unsupported(version))
-                await respond_json(send, 400, answer)
-            elif isinstance(message, jsonrpc.Request):
-                await self._post_stateless(scope, receive, send, principal, message)
-            else:
-                await respond(send, 202, b"", [])
+            await self._post_stateless(scope, receive, send, principal, message, version)
             return
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
             await self._make_room_for(principal.agent)
@@ -510,8 +499,24 @@ class HttpApp:
         receive: Receive,
         send: Send,
         principal: Principal,
-        request: jsonrpc.Request,
+        request: jsonrpc.Message,
+        version: str | None,
     ) -> None:
+        """A POST of MCP 2026-07-28 (or of a version we do not know, which its rules
+        answer): every request stands alone. Notifications have nothing to act on (a client
+        cancels by closing the request's stream), and no request of ours awaits an answer."""
+        if not isinstance(request, jsonrpc.Request):
+            await respond(send, 202, b"", [])
+            return
+        if (
+            version is not None
+            and version not in MODERN_VERSIONS
+            and not has_envelope(request.params)
+        ):
+            # neither a version we speak nor a 2026-07-28 request: say which we speak
+            answer = jsonrpc.error_from_exception(request.id, unsupported(version))
+            await respond_json(send, 400, answer)
+            return
         connection = Session(principal, id="ephemeral")
         channel = ExchangeChannel(send)
 

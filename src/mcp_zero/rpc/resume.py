@@ -247,7 +247,7 @@ class Resumptions:
         timer = loop.call_later(self.timeout_s, self._expire, token)
         self._parked[token] = (call, timer)
         assert call.work is not None
-        call.work.add_done_callback(lambda _: self._ended(token))
+        call.work.add_done_callback(lambda _: self._keep_ended(token))
         return {
             "resultType": "input_required",
             "inputRequests": call.questions(),
@@ -278,7 +278,7 @@ class Resumptions:
         timer.cancel()
         return call, answers
 
-    def _ended(self, token: str) -> None:
+    def _keep_ended(self, token: str) -> None:
         """A parked call ended (timeout, crash, cancel): keep it a little for the retry."""
         parked = self._parked.get(token)
         if parked is not None:

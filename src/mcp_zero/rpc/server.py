@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -248,7 +247,6 @@ class McpServer:
                     "(params._meta protocolVersion) does not belong in it"
                 ),
             )
-        session.last_seen = time.monotonic()
         return await self._run(session, request, channel, handler)
 
     async def handle_stateless_request(
