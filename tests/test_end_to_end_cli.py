@@ -541,6 +541,53 @@ def sleepy_agent(server: Server) -> str:
     return token
 
 
+def call_faulty(server: Server, token: str, tool: str, arguments: dict[str, Any]) -> Any:
+    """One tools/call over plain HTTP; the JSON-RPC answer."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}}
+    body["params"]["arguments"] = arguments
+    with httpx2.Client(headers=headers, timeout=CLIENT_TIMEOUT_S) as http:
+        return http.post(server.url, json=body).json()
+
+
+def wait_gone(pid: int, server: Server, case: str) -> None:
+    """Until process ``pid`` has ended (bounded): gone, or a zombie that is not the server's
+    (the server reaps what it inherits; once it has exited, that is init's or another's)."""
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists():
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[:2]
+        assert server.proc is not None
+        if state == "Z" and int(parent) != server.proc.pid:
+            return
+        assert time.monotonic() < deadline, (
+            f"{case}: process {pid} is left ({state}, parent {parent}):\n{server.output()}"
+        )
+        time.sleep(0.05)
+
+
+def test_nothing_a_plugin_starts_outlives_its_worker(server: Server, tmp_path: Path) -> None:
+    # A daemon leaves the worker's process group (setsid) and is orphaned at once: killing
+    # the group does not reach it, and it would run on under init. The worker is a subreaper,
+    # so the daemon stays in its tree: ended with a worker that exits, or is killed (a call
+    # past its time), and swept by the server when its worker crashes.
+    token = sleepy_agent(server)
+    for then in ("crash", "hang", "return"):
+        pidfile = tmp_path / f"daemon-{then}.pid"
+        answer = call_faulty(
+            server, token, "faulty_daemon", {"pidfile": str(pidfile), "then": then}
+        )
+        daemon = int(pidfile.read_text())
+        if then == "return":
+            assert answer["result"]["content"][0]["text"] == "daemon started", answer
+            assert Path(f"/proc/{daemon}").exists()  # it runs while its worker does
+            server.stop()  # the worker exits when the server stops
+        else:
+            assert "error" in answer, answer  # the worker crashed, or the call timed out
+        wait_gone(daemon, server, then)
+    assert "killed 1 process(es) a dead worker left running" in server.output()
+    assert "Traceback" not in server.output()
+
+
 def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> None:
     data_dir = str(server.data_dir)
     token = sleepy_agent(server)

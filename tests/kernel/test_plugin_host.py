@@ -45,6 +45,7 @@ FAULTY_TOOLS = {
     "faulty_log_levels",
     "faulty_close_then_finish",
     "faulty_bump",
+    "faulty_daemon",
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Unauthorized
 from mcp_zero.runtime import Runtime
+from mcp_zero.sandbox.worker_process import adopt_orphans
 
 log = logging.getLogger("mcp_zero.serve")
 
@@ -119,6 +120,9 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     if installed and not runtime.store.list_agents():
         spawned = asyncio.run(runtime.agents.spawn("default", installed, via="cli"))
         first_token = spawned.token
+    # The workers are subreapers; what one that dies by itself leaves running comes to the
+    # server, which ends it (mcp_zero.sandbox.proctree).
+    adopt_orphans()
     app = HttpApp(runtime)
     server = HttpServer(
         app, settings.host, settings.port, max_body_bytes=settings.max_body_bytes, tls=tls
@@ -187,6 +191,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     except Exception:
         runtime.close()
         raise
+    adopt_orphans()
     asyncio.run(serve_stdio(runtime, principal))
 
 

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
-from mcp_zero.sandbox import isolation, results
+from mcp_zero.sandbox import isolation, proctree, results
 from mcp_zero.sandbox.frames import (
     LARGE_FRAME_CHARS,
     MAX_FRAME_BYTES,
@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
     in_fd, out_fd = _isolate_stdio()
     isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
+    proctree.become_subreaper()  # what the plugin starts stays below us, setsid or not
     network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network()
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
         _write_all(out_fd, encode({"op": "fatal", "message": f"{type(exc).__name__}: {exc}"}))
+        proctree.kill_tree(os.getpid(), include_root=False)  # what its import started
         return FATAL_EXIT
     worker = Worker(
         plugin,
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         asyncio.run(worker.serve(in_fd, ready))
     sys.stderr.flush()
+    # Nothing the plugin started outlives its worker (daemons included).
+    proctree.kill_tree(os.getpid(), include_root=False)
     # Handler threads may still be blocked in plugin code: do not wait for them.
     os._exit(0)
 

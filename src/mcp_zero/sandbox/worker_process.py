@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mcp_zero.errors import McpZeroError, PluginCrashed, PluginFailure, ToolTimeout
+from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.base import ClientBridge
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
 from mcp_zero.sandbox.stderr import StderrBudget
@@ -30,6 +31,57 @@ from mcp_zero.sandbox.stderr import StderrBudget
 JSON = dict[str, Any]
 _STDERR_TAIL_LINES = 40
 _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in pieces this big
+
+
+#: Worker pids of this process that have not exited (or are being started: 0 stands for
+#: one whose pid is not known yet), so that a sweep of orphans never takes a worker.
+_LIVE: set[int] = set()
+_starting = [0]
+_subreaper = [False]
+_SWEEP_DELAY_S = 0.1
+_REAP_AGAIN_S = 1.0
+
+
+def adopt_orphans() -> bool:
+    """Make this process (the server) a child subreaper, so that what a worker that died by
+    itself leaves running comes to us and is swept (see :mod:`~mcp_zero.sandbox.proctree`);
+    ``True`` if that worked. For a server's process only: it changes whose children orphans
+    become for every subprocess of this process."""
+    _subreaper[0] = proctree.become_subreaper()
+    return _subreaper[0]
+
+
+def _sweep(log: logging.Logger) -> None:
+    """End what dead workers left to us. Which processes are orphans is decided here, on the
+    loop that starts workers (never while one starts); stopping and killing them, which may
+    wait on a process in uninterruptible sleep, in a thread."""
+    loop = asyncio.get_running_loop()
+    if _starting[0]:  # a worker's pid is not known yet: it must not be taken for an orphan
+        loop.call_later(_SWEEP_DELAY_S, _sweep, log)
+        return
+    found = proctree.orphans(_LIVE)
+    if found:
+        try:
+            loop.run_in_executor(None, _end_orphans, found, log, _REAP_AGAIN_S)
+        except RuntimeError:  # the server is stopping (no executor): here, and no waiting
+            _end_orphans(found, log, 0.0)
+
+
+def _end_orphans(roots: list[int], log: logging.Logger, reap_again_s: float) -> None:
+    killed = proctree.end_trees(roots)
+    if killed:
+        log.warning("killed %d process(es) a dead worker left running: %s", len(killed), killed)
+    if reap_again_s:
+        time.sleep(reap_again_s)  # those just killed are not gone yet
+        proctree.reap(roots)
+
+
+def _end_tree(pid: int) -> None:
+    """Kill a worker and everything it started. The worker is a subreaper: all of it is in
+    its tree, also what left its process group (setsid) and what its children orphaned."""
+    proctree.kill_tree(pid, include_root=True)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class _Call:
@@ -94,6 +146,7 @@ class WorkerProcess:
         self._stdout_open = True
         self._process_running = True
         self._kill_reason: str | None = None
+        self._ending_tree = False
 
     @property
     def inflight(self) -> int:
@@ -116,6 +169,7 @@ class WorkerProcess:
         self._ready = loop.create_future()
         self._exited = loop.create_future()
         self.started_at = time.monotonic()
+        _starting[0] += 1
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _Pipes(self),
@@ -129,8 +183,11 @@ class WorkerProcess:
             )
         except OSError as exc:
             raise PluginFailure(f"plugin '{self.plugin}': cannot start a worker: {exc}") from exc
+        finally:
+            _starting[0] -= 1
         self._transport = transport
         self.pid = transport.get_pid()
+        _LIVE.add(self.pid)
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         try:
@@ -148,12 +205,22 @@ class WorkerProcess:
         return ready
 
     def kill(self, reason: str) -> None:
-        """SIGKILL the worker's whole process group; calls in flight fail with PluginCrashed."""
+        """SIGKILL the worker and everything it started; calls in flight fail with
+        PluginCrashed."""
         if self._kill_reason is None:
             self._kill_reason = reason
-        # Also once the worker itself has exited: a child it forked may still hold the
-        # group, and its pipes (the group is ours while any member is left in it).
-        if self.pid and (self._process_running or self._stdout_open):
+        if self.pid and self._process_running:
+            if self._ending_tree:
+                return
+            self._ending_tree = True
+            try:  # in a thread: stopping a process that is in uninterruptible sleep waits
+                assert self._loop is not None
+                self._loop.run_in_executor(None, _end_tree, self.pid)
+            except RuntimeError:  # the loop is closing: its executor takes no more
+                _end_tree(self.pid)
+        elif self.pid and self._stdout_open:
+            # Once the worker itself has exited: a child it forked may still hold the group,
+            # and its pipes (the group is ours while any member is left in it).
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
 
@@ -395,6 +462,11 @@ class WorkerProcess:
 
     def on_process_exited(self) -> None:
         self._process_running = False
+        _LIVE.discard(self.pid)
+        if _subreaper[0] and self._loop is not None:
+            # what it left running was re-parented to us: give the kernel a moment to
+            # re-parent all of it, then sweep
+            self._loop.call_later(_SWEEP_DELAY_S, _sweep, self._log)
         if self._stdout_open:
             # A process the worker started kept its protocol pipe open (it inherited it):
             # the worker is gone all the same, and so must be what it left behind.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 
@@ -62,6 +63,33 @@ async def close_then_finish(ctx: Context) -> str:
     await asyncio.sleep(0.05)
     ctx.progress(1, 1, "after the close")
     return "finished after the close"
+
+
+# Run by a child of the worker, which exits at once: the sleeper it starts in a session of
+# its own is orphaned, out of the worker's process group, and holds none of its pipes.
+_DAEMONIZE = (
+    "import subprocess, sys\n"
+    "sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+    " start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,"
+    " stderr=subprocess.DEVNULL)\n"
+    "open(sys.argv[1], 'w').write(str(sleeper.pid))\n"
+)
+
+
+@plugin.tool("faulty_daemon")
+def daemon(ctx: Context, pidfile: str, then: str) -> str:
+    subprocess.run(
+        [sys.executable, "-c", _DAEMONIZE, pidfile],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=10,
+    )
+    if then == "crash":
+        os._exit(5)
+    if then == "hang":
+        time.sleep(3600)
+    return "daemon started"
 
 
 _bumps = [0]
