@@ -239,7 +239,8 @@ class Runtime:
         outcome is logged and audited. True when a new set was put in force."""
         resource = self.policy.policy_dir.name
         try:
-            engine = self.policy.refresh()
+            # in a thread: parsing and validating thousands of policies takes a second
+            engine = await asyncio.to_thread(self.policy.refresh)
         except PolicyError as exc:
             log.error("policy files changed but do not load; the previous set stays: %s", exc)
             await self._audit_file_change(

@@ -39,6 +39,7 @@ def test_a_policy_file_starting_with_a_byte_order_mark_is_put_in_force(tmp_path:
         'permit (principal == Agent::"bob", action, resource == Tool::"notes_list");\n',
         encoding="utf-8-sig",
     )
+    assert store.refresh() is None  # seen once
     assert store.refresh() is not None
     assert store.require(BOB_CALL).policies == ("bob-notes",)
 
@@ -70,3 +71,28 @@ def test_removing_a_policy_file_takes_effect_on_reload(tmp_path: Path) -> None:
 def test_store_needs_a_valid_directory_to_start(tmp_path: Path) -> None:
     with pytest.raises(PolicyError):
         PolicyStore(tmp_path / "missing")
+
+
+def test_a_file_being_written_in_place_is_not_put_in_force_half_written(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    forbid = '@id("no-notes")\nforbid (principal, action, resource == Tool::"n");\n'
+    alice = Action(Principal("alice", frozenset({"notes"})), Verb.CALL_TOOL, "n", plugin="notes")
+    deny = tmp_path / "deny.cedar"
+    deny.write_text(forbid)
+    store = PolicyStore(tmp_path)
+    assert not store.decide(alice).allowed
+    # An editor truncates the file, and writes it again a while later: each poll between
+    # reads a different state, none of which is put in force until it reads the same twice.
+    deny.write_text("")
+    assert store.refresh() is None
+    assert not store.decide(alice).allowed  # the forbid holds while the file is empty
+    deny.write_text(forbid.replace("no-notes", "no-notes-2"))
+    assert store.refresh() is None
+    assert store.refresh() is not None
+    assert not store.decide(alice).allowed
+    assert store.decide(alice).policies == ("no-notes-2",)
+    # an empty file that stays empty is a choice: it is put in force on the second read
+    deny.write_text("")
+    assert store.refresh() is None
+    assert store.refresh() is not None
+    assert store.decide(alice).allowed

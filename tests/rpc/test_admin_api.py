@@ -406,3 +406,25 @@ async def test_a_plugin_the_server_does_not_run_says_why(tmp_path: Any) -> None:
     assert "0 of the server's max_workers = 1 are free" in states["notes"][1]
     assert shown["running"] is False
     assert shown["error"] == states["notes"][1]
+
+
+async def test_a_state_too_deep_to_show_again_is_400_and_nothing_happens(admin: Admin) -> None:
+    # Stored, it would make every later GET /agents a 500 (JSON answers end at 255 levels).
+    body = b'{"name": "deep", "state": ' + _nested(300) + b"}"
+    refused = await admin.http.post(f"{admin.live.base}/api/v1/agents", content=body)
+    assert refused.status_code == 400, refused.text
+    assert "/state" in refused.text
+    assert (await admin.call("GET", "/agents/deep")).status_code == 404
+    assert (await admin.call("GET", "/agents")).status_code == 200
+    # a deep state that fits is kept as given
+    fits = await admin.http.post(
+        f"{admin.live.base}/api/v1/agents",
+        content=b'{"name": "deep-ok", "state": ' + _nested(200) + b"}",
+    )
+    assert fits.status_code == 201, fits.text
+    shown = (await admin.call("GET", "/agents/deep-ok")).json()["state"]
+    assert orjson.dumps(shown) == _nested(200)
+
+
+def _nested(levels: int) -> bytes:
+    return b'{"a":' * levels + b"1" + b"}" * levels

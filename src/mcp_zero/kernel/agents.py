@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.errors import (
     AgentNotFound,
@@ -97,6 +99,18 @@ def _not_terminated(agent: AgentRecord) -> None:
             "('mcp0 agent recover SNAPSHOT_ID') to use it again",
             data={"agent": agent.name},
         )
+
+
+def _check_state(state: JSON) -> None:
+    """Refuse a state that could be stored but not shown again: JSON responses (orjson) end
+    at 255 levels, and each listing of agents would fail on it."""
+    try:
+        orjson.dumps(state)
+    except TypeError as exc:
+        raise InvalidParams(
+            f'"state" cannot be stored: {exc} (it may nest at most 254 levels)',
+            data={"path": "/state"},
+        ) from None
 
 
 class AgentService:
@@ -197,6 +211,7 @@ class AgentService:
             )
         await self._authorize(Verb.SPAWN_AGENT, name, via)
         plugins = self._check_plugins(plugins or [])
+        _check_state(state or {})
         token = new_token()
         record = AgentRecord(
             name=name,

@@ -28,6 +28,8 @@ class PolicyStore:
         self._generation = 1
         # What refresh() last failed on: the files that did not load, or the read error.
         self._refused: dict[str, str] | str | None = None
+        # A change refresh() saw once and waits to read the same again before it loads it.
+        self._settling: dict[str, str] | None = None
 
     @property
     def policy_dir(self) -> Path:
@@ -55,24 +57,35 @@ class PolicyStore:
         return engine
 
     def refresh(self) -> PolicyEngine | None:
-        """Reload if the directory's files differ from the set in force; None if they do not.
+        """Reload if the directory's files differ from the set in force *and* read the same
+        as on the previous call; None otherwise.
 
-        Raises PolicyError (as :meth:`reload`) once for a changed set that does not load, or
-        a directory that cannot be read; the old set stays in force, and the same failure is
-        not reported again until something changes.
+        A change is taken up on the second call that reads it, not the first: a file being
+        written in place (truncated, then written) is not put in force half-written — an
+        empty file in the middle of an edit would drop its ``forbid`` policies for a while.
+        (Writing the new file under another name and renaming it over the old is atomic and
+        best.) Raises PolicyError (as :meth:`reload`) once for a changed set that does not
+        load, or a directory that cannot be read; the old set stays in force, and the same
+        failure is not reported again until something changes.
         """
         try:
             sources = read_policy_dir(self._dir)
         except PolicyError as exc:
+            self._settling = None
             if self._refused == exc.message:
                 return None
             self._refused = exc.message
             raise
         if sources == self._engine.sources:
+            self._settling = None
             self._refused = None  # back to the set in force: a new failure is news again
             return None
         if sources == self._refused:
             return None
+        if sources != self._settling:
+            self._settling = sources  # seen once: load it if the next call reads it again
+            return None
+        self._settling = None
         try:
             engine = PolicyEngine.from_sources(sources, cache_size=self._cache_size)
         except Exception:
