@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.anyio
 ALL = frozenset({"notes", "faulty", "conformance"})
 TIMEOUT_S = 20.0
 FAULTY_DIR = Path(__file__).parents[1] / "plugins" / "faulty"
+CONFORMANCE_DIR = Path(__file__).parents[1] / "plugins" / "conformance"
 
 
 def records(runtime: Runtime, **match: Any) -> list[dict[str, Any]]:
@@ -394,3 +396,39 @@ async def test_a_question_to_the_client_cut_off_by_a_cancel_is_audited(
             await asyncio.sleep(0.02)
     verbs = {(r["verb"], r.get("code")) for r in records(started, request_id="cut")}
     assert verbs == {("call_tool", "cancelled"), ("client_request", "cancelled")}
+
+
+async def test_a_call_waiting_on_its_client_leaves_its_plugin_slot_to_others(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    plugin = tmp_path / "conformance-1"
+    shutil.copytree(CONFORMANCE_DIR, plugin, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = orjson.loads((plugin / "plugin.json").read_bytes())
+    manifest["quotas"]["max_concurrency"] = 1
+    (plugin / "plugin.json").write_bytes(orjson.dumps(manifest))
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(plugin)
+    asked, answered = asyncio.Event(), asyncio.Event()
+
+    class Slow(type(bridge)):  # type: ignore[misc]
+        async def request(self, method: str, params: Any, key: str | None = None) -> Any:
+            asked.set()
+            await answered.wait()  # the user takes their time
+            return {"action": "accept", "content": {"username": "ada"}}
+
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"conformance"}))
+        waiting = asyncio.ensure_future(
+            call(runtime, ada, "test_elicitation", {"message": "name?"}, "w", Slow())
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            await asked.wait()
+        bob = Principal("bob", frozenset({"conformance"}))
+        with anyio.fail_after(5):  # the plugin's one slot is not held by the waiting call
+            simple = await call(runtime, bob, "test_simple_text", {}, "s", bridge)
+        assert simple["content"][0]["type"] == "text"
+        answered.set()  # then the waiting call takes the slot again, and finishes
+        assert "action=accept" in (await waiting)["content"][0]["text"]
+    finally:
+        await runtime.aclose()

@@ -613,6 +613,47 @@ async def _next_message(lines: AsyncIterator[str]) -> JSON:
     raise AssertionError("the stream ended")
 
 
+# -- parked calls and the plugin's concurrency -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def narrow(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    """A server whose conformance plugin runs 2 calls at once (max_concurrency), for an agent
+    that asks questions and one that does not."""
+    root = tmp_path_factory.mktemp("narrow")
+    plugin = root / "conformance"
+    shutil.copytree(CONFORMANCE_DIR, plugin, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = orjson.loads((plugin / "plugin.json").read_bytes())
+    manifest["quotas"]["max_concurrency"] = 2
+    (plugin / "plugin.json").write_bytes(orjson.dumps(manifest))
+    runtime = make_runtime(root / "data")
+    runtime.plugins.install(plugin)
+    asker = await runtime.agents.spawn("asker", ["conformance"])
+    other = await runtime.agents.spawn("other", ["conformance"])
+    async with serve(runtime) as live:
+        yield Env(live, asker.token, other.token)
+
+
+async def test_calls_parked_on_their_client_leave_the_plugin_to_other_agents(narrow: Env) -> None:
+    parked = []
+    for _ in range(2):  # as many as the plugin runs at once
+        body = message("tools/call", ASK, meta=envelope(**capable()))
+        asked = (await post(narrow, body)).json()["result"]
+        assert asked["resultType"] == "input_required", asked
+        parked.append(asked)
+    simple = message("tools/call", {"name": "test_simple_text", "arguments": {}})
+    with anyio.fail_after(5):  # (the parked calls would hold the slots for 30 s)
+        response = await post(narrow, simple, token=narrow.reader_token)
+    assert response.json()["result"]["content"][0]["text"], response.text
+    # and the parked calls take a slot again when their answers come, one by one
+    for asked in parked:
+        key = next(iter(asked["inputRequests"]))
+        answer = {key: {"action": "accept", "content": {"username": "ada"}}}
+        retry = {**ASK, "inputResponses": answer, "requestState": asked["requestState"]}
+        done = await post(narrow, message("tools/call", retry, meta=envelope(**capable())))
+        assert "action=accept" in done.json()["result"]["content"][0]["text"]
+
+
 # -- Mcp-Param-* headers: the arguments a schema marks with x-mcp-header ---------------------------
 
 

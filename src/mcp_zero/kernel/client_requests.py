@@ -18,7 +18,7 @@ from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.sandbox.base import ClientBridge
 
 if TYPE_CHECKING:
-    from mcp_zero.kernel.pipeline import Kernel
+    from mcp_zero.kernel.pipeline import Kernel, PluginSlot
 
 JSON = dict[str, Any]
 
@@ -27,7 +27,15 @@ class GovernedBridge:
     """Wraps the transport's bridge for one call: progress and logs pass through; requests
     to the client are decided by policy and audited."""
 
-    __slots__ = ("_inner", "_kernel", "_plugin", "_principal", "_request_id", "_transport")
+    __slots__ = (
+        "_inner",
+        "_kernel",
+        "_plugin",
+        "_principal",
+        "_request_id",
+        "_slot",
+        "_transport",
+    )
 
     def __init__(
         self,
@@ -35,11 +43,13 @@ class GovernedBridge:
         inner: ClientBridge,
         principal: Principal,
         plugin: str,
+        slot: PluginSlot,
         *,
         request_id: str,
         transport: str,
     ) -> None:
         self._kernel = kernel
+        self._slot = slot
         self._inner = inner
         self._principal = principal
         self._plugin = plugin
@@ -61,6 +71,20 @@ class GovernedBridge:
             await self._inner.resource_updated(uri)
 
     async def request(self, method: str, params: JSON, key: str | None = None) -> JSON:
+        slot = self._slot
+        slot.client_wait_started()
+        try:
+            result = await self._request(method, params, key)
+        except asyncio.CancelledError:
+            slot.client_wait_dropped()  # the call is ending
+            raise
+        except BaseException:
+            await slot.client_wait_ended()  # the plugin goes on with the error
+            raise
+        await slot.client_wait_ended()
+        return result
+
+    async def _request(self, method: str, params: JSON, key: str | None) -> JSON:
         kernel = self._kernel
         action = Action(
             self._principal,
