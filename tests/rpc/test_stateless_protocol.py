@@ -119,6 +119,13 @@ def messages_of(response: httpx2.Response) -> list[JSON]:
     return [response.json()]
 
 
+def audit_records(env: Env, request_id: Any) -> list[JSON]:
+    """The audit records of one request, in their order."""
+    store = env.live.runtime.store
+    records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
+    return [r for r in records if r.get("request_id") == str(request_id)]
+
+
 def audit_outcomes(env: Env, request_id: Any) -> list[tuple[str, str | None]]:
     """(outcome, code) of the audit records of one request."""
     store = env.live.runtime.store
@@ -340,7 +347,33 @@ async def test_listen_refuses_resources_the_agent_may_not_read(env: Env) -> None
     )
     async with streamed(env, body, env.reader_token) as response:
         ack = await _next_message(response.aiter_lines())
+        # and the refusal is audited, with the policy's reasons, before the acknowledgement
+        [record] = audit_records(env, body["id"])
     assert ack["params"]["notifications"] == {"resourceSubscriptions": []}
+    assert record["verb"] == "read_resource"
+    assert record["method"] == "subscriptions/listen"
+    assert (record["agent"], record["resource"], record["plugin"]) == (
+        "reader",
+        "faulty://counter",
+        "faulty",
+    )
+    assert (record["outcome"], record["code"]) == ("denied", "policy_denied")
+    assert record["policies"] == ["attached-plugins-content"]
+    assert record["reasons"]
+
+
+async def test_each_resource_a_listen_names_is_audited(env: Env) -> None:
+    watched = ["faulty://counter", "notes://nowhere"]
+    body = message("subscriptions/listen", {"notifications": {"resourceSubscriptions": watched}})
+    async with streamed(env, body) as response:
+        ack = await _next_message(response.aiter_lines())
+        records = audit_records(env, body["id"])
+    assert ack["params"]["notifications"] == {"resourceSubscriptions": ["faulty://counter"]}
+    assert [(r["resource"], r["outcome"], r.get("code")) for r in records] == [
+        ("faulty://counter", "allowed", None),
+        ("notes://nowhere", "error", "resource_not_found"),
+    ]
+    assert records[0]["policies"]
 
 
 async def test_a_bad_listen_filter_is_invalid_params(env: Env) -> None:

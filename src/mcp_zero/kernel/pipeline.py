@@ -277,6 +277,79 @@ class Kernel:
             self._listings[key] = hit
         return hit
 
+    def charge(self, principal: Principal) -> None:
+        """Take one request from the agent's rate limit, as ``_govern`` does; raises
+        RateLimited. For requests that are no governed call (lists, subscriptions): one
+        token each, so that an agent cannot send them without limit either."""
+        if self.limiter is not None:
+            self.limiter.check(principal.agent)
+
+    async def subscribe(
+        self,
+        principal: Principal,
+        uris: list[str],
+        *,
+        method: str,
+        request_id: str,
+        transport: str,
+    ) -> list[McpZeroError | None]:
+        """Decide the principal's subscription to each of ``uris`` (the policy asks
+        ``read_resource``: who may read a resource may hear that it changed) and audit each
+        outcome as ``_govern`` does, with the request's ``method``. The request takes one
+        token of the agent's rate limit first; over it, each URI is audited as refused and
+        RateLimited is raised. Returns, for each URI, None (allowed) or why not
+        (ResourceNotFound, PolicyDenied)."""
+        start = time.perf_counter()
+        limited: McpZeroError | None = None
+        try:
+            self.charge(principal)
+        except McpZeroError as exc:
+            limited = exc
+        verdicts: list[McpZeroError | None] = []
+        pending = []
+        for given in uris:
+            uri = normal_uri(given)
+            plugin = self.plugins.resource_owner(uri)
+            event: JSON = {
+                "agent": principal.agent,
+                "anonymous": principal.anonymous,
+                "verb": Verb.READ_RESOURCE.value,
+                "resource": uri,
+                "plugin": plugin,
+                "request_id": request_id,
+                "transport": transport,
+                "method": method,
+            }
+            refused = limited
+            if refused is None and plugin is None:
+                refused = ResourceNotFound(
+                    f"no installed plugin serves resource {uri!r}", data={"uri": uri}
+                )
+            if refused is None:
+                context = {"transport": transport}
+                decision = self.policy.decide(
+                    Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, context)
+                )
+                event["policies"] = list(decision.policies)
+                if not decision.allowed:
+                    for policy in decision.policies or ("default-deny",):
+                        self.metrics.count_denial(policy)
+                    refused = PolicyDenied(decision.message, data=decision.to_data())
+                    event["reasons"] = list(decision.reasons)
+            if refused is None:
+                event["outcome"] = Outcome.ALLOWED.value
+            else:
+                event["outcome"] = _outcome_of(refused).value
+                event["code"] = refused.code
+            event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+            pending.append(self.audit.submit(event))
+            verdicts.append(refused)
+        if pending:  # durable before the caller learns the outcome
+            await asyncio.gather(*pending)
+        if limited is not None:
+            raise limited
+        return verdicts
+
     def check_resource(self, principal: Principal, uri: str) -> None:
         """Raise unless ``uri`` exists and the principal may read it (for subscriptions)."""
         uri = normal_uri(uri)
