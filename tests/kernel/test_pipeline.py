@@ -31,6 +31,7 @@ ALL = frozenset({"notes", "faulty", "conformance"})
 TIMEOUT_S = 20.0
 FAULTY_DIR = Path(__file__).parents[1] / "plugins" / "faulty"
 CONFORMANCE_DIR = Path(__file__).parents[1] / "plugins" / "conformance"
+KIT_DIR = Path(__file__).parents[1] / "sandbox" / "kit"
 
 
 def records(runtime: Runtime, **match: Any) -> list[dict[str, Any]]:
@@ -398,29 +399,56 @@ async def test_a_question_to_the_client_cut_off_by_a_cancel_is_audited(
     assert verbs == {("call_tool", "cancelled"), ("client_request", "cancelled")}
 
 
-async def test_a_call_waiting_on_its_client_leaves_its_plugin_slot_to_others(
-    make_runtime: Any, tmp_path: Path, bridge: Any
-) -> None:
-    plugin = tmp_path / "conformance-1"
-    shutil.copytree(CONFORMANCE_DIR, plugin, ignore=shutil.ignore_patterns("__pycache__"))
+def one_slot_copy(tmp_path: Path, source: Path) -> Path:
+    """A copy of the plugin at ``source`` that runs one call at a time (max_concurrency 1)."""
+    plugin = tmp_path / f"{source.name}-1"
+    shutil.copytree(source, plugin, ignore=shutil.ignore_patterns("__pycache__"))
     manifest = orjson.loads((plugin / "plugin.json").read_bytes())
     manifest["quotas"]["max_concurrency"] = 1
     (plugin / "plugin.json").write_bytes(orjson.dumps(manifest))
+    return plugin
+
+
+class SlowClient:
+    """A client whose user takes their time: each request waits until ``answered`` is set."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+        self.asked = asyncio.Event()
+        self.answered = asyncio.Event()
+
+    async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        pass
+
+    async def log(self, level: str, data: Any, logger: str | None) -> None:
+        pass
+
+    async def close_stream(self) -> None:
+        pass
+
+    async def resource_updated(self, uri: str) -> None:
+        pass
+
+    async def request(
+        self, method: str, params: dict[str, Any], key: str | None = None
+    ) -> dict[str, Any]:
+        self.asked.set()
+        await self.answered.wait()
+        return self.answer
+
+
+async def test_a_call_waiting_on_its_client_leaves_its_plugin_slot_to_others(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
     runtime: Runtime = make_runtime()
-    runtime.plugins.install(plugin)
-    asked, answered = asyncio.Event(), asyncio.Event()
-
-    class Slow(type(bridge)):  # type: ignore[misc]
-        async def request(self, method: str, params: Any, key: str | None = None) -> Any:
-            asked.set()
-            await answered.wait()  # the user takes their time
-            return {"action": "accept", "content": {"username": "ada"}}
-
+    runtime.plugins.install(one_slot_copy(tmp_path, CONFORMANCE_DIR))
+    client = SlowClient({"action": "accept", "content": {"username": "ada"}})
+    asked, answered = client.asked, client.answered
     await runtime.start()
     try:
         ada = Principal("ada", frozenset({"conformance"}))
         waiting = asyncio.ensure_future(
-            call(runtime, ada, "test_elicitation", {"message": "name?"}, "w", Slow())
+            call(runtime, ada, "test_elicitation", {"message": "name?"}, "w", client)
         )
         with anyio.fail_after(TIMEOUT_S):
             await asked.wait()
@@ -430,5 +458,37 @@ async def test_a_call_waiting_on_its_client_leaves_its_plugin_slot_to_others(
         assert simple["content"][0]["type"] == "text"
         answered.set()  # then the waiting call takes the slot again, and finishes
         assert "action=accept" in (await waiting)["content"][0]["text"]
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # A plain handler's worker thread waits with it (the worker has max_concurrency
+    # threads): had it given its slot away, the next plain call would wait for that thread
+    # while the answered call waited for the slot, until a timeout killed the worker.
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
+    sampled = {"role": "assistant", "content": {"type": "text", "text": "42"}, "model": "m"}
+    client = SlowClient(sampled)
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        waiting = asyncio.ensure_future(
+            call(runtime, ada, "chatty_sync", {"question": "meaning?"}, "w", client)
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            await client.asked.wait()
+        bob = Principal("bob", frozenset({"kit"}))
+        queued = asyncio.ensure_future(call(runtime, bob, "echo", {"text": "b"}, "e", bridge))
+        await anyio.sleep(0.2)
+        assert not queued.done()  # it waits for the slot, not for a thread in the worker
+        client.answered.set()
+        with anyio.fail_after(4):  # (before kit's 5 s timeout)
+            answered = await waiting
+            echoed = await queued
+        assert "42" in orjson.dumps(answered).decode()
+        assert echoed["content"] == [{"type": "text", "text": "b"}]
     finally:
         await runtime.aclose()

@@ -11,7 +11,8 @@ while it waits for its client (an elicitation, a sampling, the roots; on MCP
 2026-07-28 a call parked on ``input_required``): it gives the slot back when it
 asks and takes one again, queuing like a new call, before it goes on with the
 answer (:class:`PluginSlot`). So calls waiting on their clients, one agent's or
-many, cannot keep other agents' calls from running.
+many, cannot keep other agents' calls from running. (Not a plain handler's call:
+its worker thread waits with it, so it keeps its slot; see ``GovernedBridge``.)
 """
 
 from __future__ import annotations

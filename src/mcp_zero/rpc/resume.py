@@ -15,11 +15,11 @@ questions). Progress and log messages go to whichever request is being answered.
 A parked call still counts against its agent's concurrency and its plugin's
 wall-clock timeout still runs, but it holds no plugin slot: a call waiting on its
 client gives its slot back and takes one again when answered (kernel/pipeline.py
-``PluginSlot``), so parked calls cannot starve a plugin's other callers. One that ends
-meanwhile (timeout, crash) is kept a minute so that the retry hears how it ended;
-one nobody comes back to is cancelled after ``CLIENT_REQUEST_TIMEOUT_S`` (audited
-as cancelled). Questions still open when a call ends are answered with an error, so
-that each is audited.
+``PluginSlot``; a plain handler's call keeps it), so parked calls cannot starve a
+plugin's other callers. One that ends meanwhile (timeout, crash) is kept a minute
+so that the retry hears how it ended; one nobody comes back to is cancelled after
+``CLIENT_REQUEST_TIMEOUT_S`` (audited as cancelled). Questions still open when a
+call ends are answered with an error, so that each is audited.
 """
 
 from __future__ import annotations
