@@ -363,7 +363,7 @@ async def test_listen_refuses_resources_the_agent_may_not_read(env: Env) -> None
 
 
 async def test_each_resource_a_listen_names_is_audited(env: Env) -> None:
-    watched = ["faulty://counter", "notes://nowhere"]
+    watched = ["faulty://counter", "notes://nowhere", "faulty://counter"]  # (a repeat)
     body = message("subscriptions/listen", {"notifications": {"resourceSubscriptions": watched}})
     async with streamed(env, body) as response:
         ack = await _next_message(response.aiter_lines())
@@ -374,6 +374,17 @@ async def test_each_resource_a_listen_names_is_audited(env: Env) -> None:
         ("notes://nowhere", "error", "resource_not_found"),
     ]
     assert records[0]["policies"]
+
+
+async def test_a_listen_names_a_bounded_number_of_resources(env: Env) -> None:
+    many = [f"notes://n{i}" for i in range(1001)]
+    body = message("subscriptions/listen", {"notifications": {"resourceSubscriptions": many}})
+    response = await post(env, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32602
+    assert "at most 1000" in error["message"]
+    assert audit_records(env, body["id"]) == []
 
 
 async def test_a_bad_listen_filter_is_invalid_params(env: Env) -> None:

@@ -80,6 +80,8 @@ _CACHEABLE = frozenset(
         "prompts/list",
     )
 )
+# Resources one subscriptions/listen may name (each is decided and audited).
+MAX_LISTEN_RESOURCES = 1000
 # What subscriptions/listen may ask for: its flag and the notice it brings.
 _LISTEN_FLAGS = {
     "toolsListChanged": "notifications/tools/list_changed",
@@ -568,6 +570,13 @@ class McpServer:
                 "params.notifications.resourceSubscriptions must be a list of URIs",
                 data={"path": "/notifications/resourceSubscriptions"},
             )
+        if len(uris) > MAX_LISTEN_RESOURCES:  # each is audited: one request, bounded records
+            raise InvalidParams(
+                f"params.notifications.resourceSubscriptions names {len(uris)} resources; a "
+                f"listen may name at most {MAX_LISTEN_RESOURCES}",
+                data={"path": "/notifications/resourceSubscriptions"},
+            )
+        uris = list(dict.fromkeys(uris))
         if len(self.listeners) >= self.max_listeners:
             raise QuotaExceeded(
                 f"this server has {len(self.listeners)} open subscriptions/listen streams, "
