@@ -24,6 +24,7 @@ from mcp_zero.errors import (
     ToolTimeout,
 )
 from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.pipeline import PluginSlot
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -492,3 +493,69 @@ async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
         assert echoed["content"] == [{"type": "text", "text": "b"}]
     finally:
         await runtime.aclose()
+
+
+# -- PluginSlot: the accounting of one call's slot -------------------------------------------
+
+
+async def free_slots(slots: asyncio.Semaphore) -> int:
+    """How many slots could be taken now (a release too many shows as one more)."""
+    taken = 0
+    while not slots.locked():
+        await slots.acquire()
+        taken += 1
+    for _ in range(taken):
+        slots.release()
+    return taken
+
+
+async def test_a_slot_is_free_while_questions_are_open_and_taken_again_after_the_last() -> None:
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()
+    slot = PluginSlot(slots)
+    slot.client_wait_started()
+    slot.client_wait_started()  # two questions at once (asyncio.gather)
+    assert not slots.locked()
+    await slot.client_wait_ended()  # one answered: the other still waits on the client
+    assert not slots.locked()
+    await slot.client_wait_ended()
+    assert slots.locked()  # the call runs again
+    slot.close()
+    assert not slots.locked()
+    slot.close()  # (twice is harmless: one release)
+    assert await free_slots(slots) == 1
+
+
+async def test_an_answered_call_queues_for_its_slot_and_leaks_none_when_it_ends() -> None:
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()
+    slot = PluginSlot(slots)
+    slot.client_wait_started()
+    await slots.acquire()  # another call takes the free slot
+    regain = asyncio.ensure_future(slot.client_wait_ended())
+    await asyncio.sleep(0)
+    assert not regain.done()  # queued behind the running call
+    slot.close()  # the waiting call ends (timeout) meanwhile
+    slots.release()  # the other call finishes
+    with anyio.fail_after(5):
+        await regain
+    assert await free_slots(slots) == 1  # nothing kept by the ended call
+
+
+async def test_a_call_that_asks_again_while_it_queues_for_its_slot_does_not_keep_it() -> None:
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()
+    slot = PluginSlot(slots)
+    slot.client_wait_started()
+    await slots.acquire()
+    regain = asyncio.ensure_future(slot.client_wait_ended())
+    await asyncio.sleep(0)
+    slot.client_wait_started()  # a second question while the first answer queues
+    slots.release()
+    with anyio.fail_after(5):
+        await regain
+    assert not slots.locked()  # free while that question is open
+    await slot.client_wait_ended()
+    assert slots.locked()
+    slot.close()
+    assert await free_slots(slots) == 1

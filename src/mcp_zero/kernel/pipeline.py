@@ -183,7 +183,7 @@ class PluginSlot:
             if self._held or self._closed or self._waiting:
                 return
             await self._slots.acquire()
-            if self._closed:  # the call ended meanwhile
+            if self._closed or self._waiting:  # the call ended, or asked again, meanwhile
                 self._slots.release()
             else:
                 self._held = True
