@@ -82,9 +82,11 @@ def test_environment_values_are_coerced() -> None:
             "MCP0_AUDIT_WINDOW_MS": "5",
             "MCP0_AUDIT_MAX_BATCH": "8",
             "MCP0_ANONYMOUS_AGENT": "guest",
+            "MCP0_METRICS_PUBLIC": "yes",
             "MCP0_TOKEN": "not a setting, used by the CLI",
         },
     )
+    assert settings.metrics_public is True
     assert settings.allowed_origins == ("https://a.example", "https://b.example")
     assert settings.examples is False
     assert settings.data_dir == Path("/tmp/elsewhere")
@@ -243,7 +245,11 @@ def test_a_value_of_the_wrong_kind_is_refused_not_bent(
 
 @pytest.mark.parametrize(
     ("name", "value", "says"),
-    [("MCP0_PORT", "1_8731", "whole number"), ("MCP0_EXAMPLES", "treu", "true or false")],
+    [
+        ("MCP0_PORT", "1_8731", "whole number"),
+        ("MCP0_EXAMPLES", "treu", "true or false"),
+        ("MCP0_METRICS_PUBLIC", "public", "true or false"),
+    ],
 )
 def test_an_environment_value_of_the_wrong_kind_is_refused(
     name: str, value: str, says: str

@@ -47,6 +47,9 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # besides loopback origins
     anonymous_agent: str | None = None
     examples: bool = True
+    # /metrics without the admin token on a server listening beyond loopback (on loopback
+    # it is always open)
+    metrics_public: bool = False
     log_level: str = "info"
     # HTTPS: a PEM certificate chain and its private key (both, or neither for plain HTTP).
     tls_cert: Path | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,15 @@ from mcp_zero.errors import (
     ToolTimeout,
 )
 from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.pipeline import PluginSlot
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 ALL = frozenset({"notes", "faulty", "conformance"})
 TIMEOUT_S = 20.0
 FAULTY_DIR = Path(__file__).parents[1] / "plugins" / "faulty"
+CONFORMANCE_DIR = Path(__file__).parents[1] / "plugins" / "conformance"
+KIT_DIR = Path(__file__).parents[1] / "sandbox" / "kit"
 
 
 def records(runtime: Runtime, **match: Any) -> list[dict[str, Any]]:
@@ -394,3 +398,164 @@ async def test_a_question_to_the_client_cut_off_by_a_cancel_is_audited(
             await asyncio.sleep(0.02)
     verbs = {(r["verb"], r.get("code")) for r in records(started, request_id="cut")}
     assert verbs == {("call_tool", "cancelled"), ("client_request", "cancelled")}
+
+
+def one_slot_copy(tmp_path: Path, source: Path) -> Path:
+    """A copy of the plugin at ``source`` that runs one call at a time (max_concurrency 1)."""
+    plugin = tmp_path / f"{source.name}-1"
+    shutil.copytree(source, plugin, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = orjson.loads((plugin / "plugin.json").read_bytes())
+    manifest["quotas"]["max_concurrency"] = 1
+    (plugin / "plugin.json").write_bytes(orjson.dumps(manifest))
+    return plugin
+
+
+class SlowClient:
+    """A client whose user takes their time: each request waits until ``answered`` is set."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+        self.asked = asyncio.Event()
+        self.answered = asyncio.Event()
+
+    async def progress(self, progress: float, total: float | None, message: str | None) -> None:
+        pass
+
+    async def log(self, level: str, data: Any, logger: str | None) -> None:
+        pass
+
+    async def close_stream(self) -> None:
+        pass
+
+    async def resource_updated(self, uri: str) -> None:
+        pass
+
+    async def request(
+        self, method: str, params: dict[str, Any], key: str | None = None
+    ) -> dict[str, Any]:
+        self.asked.set()
+        await self.answered.wait()
+        return self.answer
+
+
+async def test_a_call_waiting_on_its_client_leaves_its_plugin_slot_to_others(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(one_slot_copy(tmp_path, CONFORMANCE_DIR))
+    client = SlowClient({"action": "accept", "content": {"username": "ada"}})
+    asked, answered = client.asked, client.answered
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"conformance"}))
+        waiting = asyncio.ensure_future(
+            call(runtime, ada, "test_elicitation", {"message": "name?"}, "w", client)
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            await asked.wait()
+        bob = Principal("bob", frozenset({"conformance"}))
+        with anyio.fail_after(5):  # the plugin's one slot is not held by the waiting call
+            simple = await call(runtime, bob, "test_simple_text", {}, "s", bridge)
+        assert simple["content"][0]["type"] == "text"
+        answered.set()  # then the waiting call takes the slot again, and finishes
+        assert "action=accept" in (await waiting)["content"][0]["text"]
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # A plain handler's worker thread waits with it (the worker has max_concurrency
+    # threads): had it given its slot away, the next plain call would wait for that thread
+    # while the answered call waited for the slot, until a timeout killed the worker.
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
+    sampled = {"role": "assistant", "content": {"type": "text", "text": "42"}, "model": "m"}
+    client = SlowClient(sampled)
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        waiting = asyncio.ensure_future(
+            call(runtime, ada, "chatty_sync", {"question": "meaning?"}, "w", client)
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            await client.asked.wait()
+        bob = Principal("bob", frozenset({"kit"}))
+        queued = asyncio.ensure_future(call(runtime, bob, "echo", {"text": "b"}, "e", bridge))
+        await anyio.sleep(0.2)
+        assert not queued.done()  # it waits for the slot, not for a thread in the worker
+        client.answered.set()
+        with anyio.fail_after(4):  # (before kit's 5 s timeout)
+            answered = await waiting
+            echoed = await queued
+        assert "42" in orjson.dumps(answered).decode()
+        assert echoed["content"] == [{"type": "text", "text": "b"}]
+    finally:
+        await runtime.aclose()
+
+
+# -- PluginSlot: the accounting of one call's slot -------------------------------------------
+
+
+async def free_slots(slots: asyncio.Semaphore) -> int:
+    """How many slots could be taken now (a release too many shows as one more)."""
+    taken = 0
+    while not slots.locked():
+        await slots.acquire()
+        taken += 1
+    for _ in range(taken):
+        slots.release()
+    return taken
+
+
+async def test_a_slot_is_free_while_questions_are_open_and_taken_again_after_the_last() -> None:
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()
+    slot = PluginSlot(slots)
+    slot.client_wait_started()
+    slot.client_wait_started()  # two questions at once (asyncio.gather)
+    assert not slots.locked()
+    await slot.client_wait_ended()  # one answered: the other still waits on the client
+    assert not slots.locked()
+    await slot.client_wait_ended()
+    assert slots.locked()  # the call runs again
+    slot.close()
+    assert not slots.locked()
+    slot.close()  # (twice is harmless: one release)
+    assert await free_slots(slots) == 1
+
+
+async def test_an_answered_call_queues_for_its_slot_and_leaks_none_when_it_ends() -> None:
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()
+    slot = PluginSlot(slots)
+    slot.client_wait_started()
+    await slots.acquire()  # another call takes the free slot
+    regain = asyncio.ensure_future(slot.client_wait_ended())
+    await asyncio.sleep(0)
+    assert not regain.done()  # queued behind the running call
+    slot.close()  # the waiting call ends (timeout) meanwhile
+    slots.release()  # the other call finishes
+    with anyio.fail_after(5):
+        await regain
+    assert await free_slots(slots) == 1  # nothing kept by the ended call
+
+
+async def test_a_call_that_asks_again_while_it_queues_for_its_slot_does_not_keep_it() -> None:
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()
+    slot = PluginSlot(slots)
+    slot.client_wait_started()
+    await slots.acquire()
+    regain = asyncio.ensure_future(slot.client_wait_ended())
+    await asyncio.sleep(0)
+    slot.client_wait_started()  # a second question while the first answer queues
+    slots.release()
+    with anyio.fail_after(5):
+        await regain
+    assert not slots.locked()  # free while that question is open
+    await slot.client_wait_ended()
+    assert slots.locked()
+    slot.close()
+    assert await free_slots(slots) == 1

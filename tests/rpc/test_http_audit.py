@@ -163,3 +163,41 @@ async def test_token_less_callers_and_the_agents_token_holder_do_not_share_sessi
         deleted = await http.delete(env.live.url, headers=stranger.headers())
     assert deleted.status_code == 404
     assert "result" in await holder.request("ping")  # still the holder's
+
+
+async def test_a_subscription_is_audited_allowed_denied_or_unknown(env: Env) -> None:
+    live = env.live
+    full, bare = live.client(env.full), live.client(env.bare)
+    await full.initialize()
+    await bare.initialize()
+    cases = [  # (client, id, uri, agent, outcome, code)
+        (full, "s-allowed", "faulty://counter", "auditee", "allowed", None),
+        (bare, "s-denied", "faulty://counter", "outsider", "denied", "policy_denied"),
+        (full, "s-unknown", "faulty://nothing", "auditee", "error", "resource_not_found"),
+    ]
+    for client, rid, uri, agent, outcome, code in cases:
+        response = await client.post(
+            {"jsonrpc": "2.0", "id": rid, "method": "resources/subscribe", "params": {"uri": uri}}
+        )
+        reply = response.json()
+        # read at once: the record is durable before the answer
+        records = [
+            r
+            for r in (orjson.loads(e.body) for e in live.runtime.store.read_audit(0, 100_000))
+            if r.get("request_id") == rid
+        ]
+        assert ("error" in reply) is (code is not None), (rid, reply)
+        assert len(records) == 1, (rid, records)
+        record = records[0]
+        assert record["verb"] == "read_resource"
+        assert record["method"] == "resources/subscribe"
+        assert (record["agent"], record["resource"]) == (agent, uri)
+        assert (record["outcome"], record.get("code")) == (outcome, code), rid
+        assert record["transport"] == "http"
+        assert record["anonymous"] is False
+        if outcome == "denied":
+            assert record["policies"] == ["attached-plugins-content"]
+            assert record["reasons"] == reply["error"]["data"]["reasons"]
+        if outcome == "allowed":
+            assert record["plugin"] == "faulty"
+            assert record["policies"]

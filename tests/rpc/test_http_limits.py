@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import orjson
 import pytest
-from rpc_live import FAULTY_DIR, LiveServer, error_of, make_runtime, serve, text_of
+from rpc_live import FAULTY_DIR, LiveServer, McpHttp, error_of, make_runtime, serve, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -42,6 +44,55 @@ async def test_calls_over_the_rate_limit_are_32004_with_retry_after(live: LiveSe
     # and the refused call is audited
     records = [e.body for e in live.runtime.store.read_audit(0, 10_000)]
     assert any(b'"rate_limited"' in body and b'"rater"' in body for body in records)
+
+
+async def test_lists_and_subscriptions_count_against_the_rate_limit(live: LiveServer) -> None:
+    agent = await live.runtime.agents.spawn("chatty", ["faulty"])
+    client = live.client(agent.token)
+    await client.initialize()
+    for method in ("tools/list", "resources/list", "prompts/list"):  # the burst
+        assert "result" in await client.request(method)
+    refused = [
+        error_of(await client.request("tools/list")),
+        error_of(await client.request("resources/subscribe", {"uri": "faulty://counter"})),
+        error_of(await stateless_listen(client, ["faulty://counter"])),
+    ]
+    for error in refused:  # as a governed call over the limit is answered
+        assert error["code"] == -32004
+        assert error["data"]["code"] == "rate_limited"
+        assert 0 < error["data"]["retry_after"] <= 2.0
+    # the refused subscriptions are audited as such
+    records = [orjson.loads(e.body) for e in live.runtime.store.read_audit(0, 10_000)]
+    assert sorted(
+        r["method"]
+        for r in records
+        if r["agent"] == "chatty" and r.get("code") == "rate_limited" and "method" in r
+    ) == ["resources/subscribe", "subscriptions/listen"]
+
+
+async def stateless_listen(client: McpHttp, uris: list[str]) -> dict[str, Any]:
+    """An MCP 2026-07-28 subscriptions/listen (no session) by the client's agent, answered
+    at once (refused) as JSON."""
+    version = "2026-07-28"
+    body = {
+        "jsonrpc": "2.0",
+        "id": client.next_id(),
+        "method": "subscriptions/listen",
+        "params": {
+            "notifications": {"resourceSubscriptions": uris},
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": version,
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "tests", "version": "0"},
+            },
+        },
+    }
+    sessionless = McpHttp(client.live, client.token)
+    response = await sessionless.post(
+        body, **{"MCP-Protocol-Version": version, "Mcp-Method": "subscriptions/listen"}
+    )
+    reply: dict[str, Any] = response.json()
+    return reply
 
 
 async def test_calls_over_the_agent_concurrency_are_32005(live: LiveServer) -> None:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from rpc_live import make_runtime, serve
 
 from mcp_zero.rpc.metrics import CONTENT_TYPE, DEFAULT_BUCKETS, STAGES, Metrics
+from mcp_zero.runtime import Runtime
 
 
 def samples(metrics: Metrics) -> dict[str, list[Sample]]:
@@ -123,3 +131,54 @@ def test_label_values_are_escaped() -> None:
     m.count_denial(nasty)
     found = samples(m)["mcp0_policy_denials"]
     assert value(found, "mcp0_policy_denials_total", policy=nasty) == 1
+
+
+# -- who may read /metrics -------------------------------------------------------------------
+
+
+async def get_metrics(
+    tmp_path: Path, token: str | None = None, **settings: Any
+) -> tuple[httpx2.Response, Runtime]:
+    """GET /metrics of a live server with ``settings`` (served on 127.0.0.1 whatever its
+    ``host`` says: what counts is whether the server believes it listens beyond loopback)."""
+    runtime = make_runtime(tmp_path / "data", **settings)
+    async with serve(runtime) as live:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        if token == "admin":
+            headers = {"Authorization": f"Bearer {runtime.admin_token()}"}
+        async with httpx2.AsyncClient(verify=False, timeout=20) as http:
+            with anyio.fail_after(20):
+                response = await http.get(f"{live.base}/metrics", headers=headers)
+        return response, runtime
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("token", [None, "not-the-admin-token"])
+async def test_metrics_beyond_loopback_need_the_admin_token(
+    tmp_path: Path, token: str | None
+) -> None:
+    response, runtime = await get_metrics(tmp_path, token, host="0.0.0.0")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Bearer realm="mcp0"'
+    assert "/metrics needs 'Authorization: Bearer <admin token>'" in response.text
+    assert "mcp0_calls" not in response.text
+    found = samples(runtime.metrics)["mcp0_unauthorized"]
+    assert value(found, "mcp0_unauthorized_total", endpoint="metrics") == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("token", "settings"),
+    [
+        ("admin", {"host": "0.0.0.0"}),  # the admin token opens them
+        (None, {"host": "0.0.0.0", "metrics_public": True}),  # as the setting says
+        (None, {}),  # on loopback they are open
+    ],
+)
+async def test_metrics_are_served_to_whom_they_are_open(
+    tmp_path: Path, token: str | None, settings: dict[str, Any]
+) -> None:
+    response, _ = await get_metrics(tmp_path, token, **settings)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == CONTENT_TYPE
+    assert "mcp0_calls" in response.text

@@ -119,6 +119,13 @@ def messages_of(response: httpx2.Response) -> list[JSON]:
     return [response.json()]
 
 
+def audit_records(env: Env, request_id: Any) -> list[JSON]:
+    """The audit records of one request, in their order."""
+    store = env.live.runtime.store
+    records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
+    return [r for r in records if r.get("request_id") == str(request_id)]
+
+
 def audit_outcomes(env: Env, request_id: Any) -> list[tuple[str, str | None]]:
     """(outcome, code) of the audit records of one request."""
     store = env.live.runtime.store
@@ -340,7 +347,44 @@ async def test_listen_refuses_resources_the_agent_may_not_read(env: Env) -> None
     )
     async with streamed(env, body, env.reader_token) as response:
         ack = await _next_message(response.aiter_lines())
+        # and the refusal is audited, with the policy's reasons, before the acknowledgement
+        [record] = audit_records(env, body["id"])
     assert ack["params"]["notifications"] == {"resourceSubscriptions": []}
+    assert record["verb"] == "read_resource"
+    assert record["method"] == "subscriptions/listen"
+    assert (record["agent"], record["resource"], record["plugin"]) == (
+        "reader",
+        "faulty://counter",
+        "faulty",
+    )
+    assert (record["outcome"], record["code"]) == ("denied", "policy_denied")
+    assert record["policies"] == ["attached-plugins-content"]
+    assert record["reasons"]
+
+
+async def test_each_resource_a_listen_names_is_audited(env: Env) -> None:
+    watched = ["faulty://counter", "notes://nowhere", "faulty://counter"]  # (a repeat)
+    body = message("subscriptions/listen", {"notifications": {"resourceSubscriptions": watched}})
+    async with streamed(env, body) as response:
+        ack = await _next_message(response.aiter_lines())
+        records = audit_records(env, body["id"])
+    assert ack["params"]["notifications"] == {"resourceSubscriptions": ["faulty://counter"]}
+    assert [(r["resource"], r["outcome"], r.get("code")) for r in records] == [
+        ("faulty://counter", "allowed", None),
+        ("notes://nowhere", "error", "resource_not_found"),
+    ]
+    assert records[0]["policies"]
+
+
+async def test_a_listen_names_a_bounded_number_of_resources(env: Env) -> None:
+    many = [f"notes://n{i}" for i in range(1001)]
+    body = message("subscriptions/listen", {"notifications": {"resourceSubscriptions": many}})
+    response = await post(env, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32602
+    assert "at most 1000" in error["message"]
+    assert audit_records(env, body["id"]) == []
 
 
 async def test_a_bad_listen_filter_is_invalid_params(env: Env) -> None:
@@ -611,6 +655,47 @@ async def _next_message(lines: AsyncIterator[str]) -> JSON:
             value: JSON = orjson.loads(line[6:])
             return value
     raise AssertionError("the stream ended")
+
+
+# -- parked calls and the plugin's concurrency -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def narrow(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    """A server whose conformance plugin runs 2 calls at once (max_concurrency), for an agent
+    that asks questions and one that does not."""
+    root = tmp_path_factory.mktemp("narrow")
+    plugin = root / "conformance"
+    shutil.copytree(CONFORMANCE_DIR, plugin, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = orjson.loads((plugin / "plugin.json").read_bytes())
+    manifest["quotas"]["max_concurrency"] = 2
+    (plugin / "plugin.json").write_bytes(orjson.dumps(manifest))
+    runtime = make_runtime(root / "data")
+    runtime.plugins.install(plugin)
+    asker = await runtime.agents.spawn("asker", ["conformance"])
+    other = await runtime.agents.spawn("other", ["conformance"])
+    async with serve(runtime) as live:
+        yield Env(live, asker.token, other.token)
+
+
+async def test_calls_parked_on_their_client_leave_the_plugin_to_other_agents(narrow: Env) -> None:
+    parked = []
+    for _ in range(2):  # as many as the plugin runs at once
+        body = message("tools/call", ASK, meta=envelope(**capable()))
+        asked = (await post(narrow, body)).json()["result"]
+        assert asked["resultType"] == "input_required", asked
+        parked.append(asked)
+    simple = message("tools/call", {"name": "test_simple_text", "arguments": {}})
+    with anyio.fail_after(5):  # (the parked calls would hold the slots for 30 s)
+        response = await post(narrow, simple, token=narrow.reader_token)
+    assert response.json()["result"]["content"][0]["text"], response.text
+    # and the parked calls take a slot again when their answers come, one by one
+    for asked in parked:
+        key = next(iter(asked["inputRequests"]))
+        answer = {key: {"action": "accept", "content": {"username": "ada"}}}
+        retry = {**ASK, "inputResponses": answer, "requestState": asked["requestState"]}
+        done = await post(narrow, message("tools/call", retry, meta=envelope(**capable())))
+        assert "action=accept" in done.json()["result"]["content"][0]["text"]
 
 
 # -- Mcp-Param-* headers: the arguments a schema marks with x-mcp-header ---------------------------

@@ -4,7 +4,9 @@ A tool may ask the client for a completion (``sampling/createMessage``), for the
 user's input (``elicitation/create``) or for its roots (``roots/list``). Each such
 request is an action of its own: Cedar decides it (``client_request`` on
 ``ClientRequest::"<method>"`` in the plugin), and its outcome is audited, before
-and after it travels to the client.
+and after it travels to the client. While it waits for the answer, the call gives its
+plugin slot back (``PluginSlot``): a call waiting on its client is not running —
+unless a plain handler asked, whose worker thread stays taken meanwhile.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from mcp_zero.errors import McpZeroError, PolicyDenied
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
-from mcp_zero.sandbox.base import ClientBridge
+from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
 
 if TYPE_CHECKING:
-    from mcp_zero.kernel.pipeline import Kernel
+    from mcp_zero.kernel.pipeline import Kernel, PluginSlot
 
 JSON = dict[str, Any]
 
@@ -27,7 +29,15 @@ class GovernedBridge:
     """Wraps the transport's bridge for one call: progress and logs pass through; requests
     to the client are decided by policy and audited."""
 
-    __slots__ = ("_inner", "_kernel", "_plugin", "_principal", "_request_id", "_transport")
+    __slots__ = (
+        "_inner",
+        "_kernel",
+        "_plugin",
+        "_principal",
+        "_request_id",
+        "_slot",
+        "_transport",
+    )
 
     def __init__(
         self,
@@ -35,11 +45,13 @@ class GovernedBridge:
         inner: ClientBridge,
         principal: Principal,
         plugin: str,
+        slot: PluginSlot,
         *,
         request_id: str,
         transport: str,
     ) -> None:
         self._kernel = kernel
+        self._slot = slot
         self._inner = inner
         self._principal = principal
         self._plugin = plugin
@@ -61,6 +73,24 @@ class GovernedBridge:
             await self._inner.resource_updated(uri)
 
     async def request(self, method: str, params: JSON, key: str | None = None) -> JSON:
+        if REQUEST_HOLDS_THREAD.get():
+            # A plain handler's thread waits: the call keeps its slot, so that the plugin is
+            # never sent more plain calls than its worker has threads (max_concurrency).
+            return await self._request(method, params, key)
+        slot = self._slot
+        slot.client_wait_started()
+        try:
+            result = await self._request(method, params, key)
+        except asyncio.CancelledError:
+            slot.client_wait_dropped()  # the call is ending
+            raise
+        except BaseException:
+            await slot.client_wait_ended()  # the plugin goes on with the error
+            raise
+        await slot.client_wait_ended()
+        return result
+
+    async def _request(self, method: str, params: JSON, key: str | None) -> JSON:
         kernel = self._kernel
         action = Action(
             self._principal,

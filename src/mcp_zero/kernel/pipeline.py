@@ -5,6 +5,14 @@
 
 Every outcome — allowed, denied, error, timeout — is appended to the audit log,
 and the caller gets its answer only after that record is durable.
+
+A call holds one of its plugin's ``max_concurrency`` slots while it runs, but not
+while it waits for its client (an elicitation, a sampling, the roots; on MCP
+2026-07-28 a call parked on ``input_required``): it gives the slot back when it
+asks and takes one again, queuing like a new call, before it goes on with the
+answer (:class:`PluginSlot`). So calls waiting on their clients, one agent's or
+many, cannot keep other agents' calls from running. (Not a plain handler's call:
+its worker thread waits with it, so it keeps its slot; see ``GovernedBridge``.)
 """
 
 from __future__ import annotations
@@ -136,6 +144,63 @@ async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float, plugin: str, 
         ) from None
 
 
+class PluginSlot:
+    """One call's claim on one of its plugin's slots (``_plugin_slots``): held while the
+    call runs, given back while it has a question open to its client (``GovernedBridge``),
+    taken again when the last one is answered."""
+
+    __slots__ = ("_closed", "_held", "_regaining", "_slots", "_waiting")
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots  # already acquired by the caller
+        self._held = True
+        self._closed = False
+        self._waiting = 0  # the call's questions to its client not answered yet
+        self._regaining: asyncio.Lock | None = None  # made at the first question
+
+    def client_wait_started(self) -> None:
+        """The call asked its client something: the slot is free for others meanwhile."""
+        if self._closed:
+            return
+        self._waiting += 1
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    async def client_wait_ended(self) -> None:
+        """A question was answered (or failed). When none is left open, take a slot again,
+        queuing behind the calls that wait for one (the worker's timeout bounds the wait),
+        before the answer reaches the plugin. An answer while other questions are open
+        goes at once: the call still waits on its client."""
+        if self._closed:
+            return
+        self._waiting -= 1
+        if self._waiting:
+            return
+        if self._regaining is None:
+            self._regaining = asyncio.Lock()
+        async with self._regaining:  # (a question asked and answered meanwhile: once)
+            if self._held or self._closed or self._waiting:
+                return
+            await self._slots.acquire()
+            if self._closed or self._waiting:  # the call ended, or asked again, meanwhile
+                self._slots.release()
+            else:
+                self._held = True
+
+    def client_wait_dropped(self) -> None:
+        """A question was cut off with its call (cancelled): no slot to take again."""
+        if not self._closed:
+            self._waiting -= 1
+
+    def close(self) -> None:
+        """The call ended: give the slot back if it holds one."""
+        self._closed = True
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
 class Kernel:
     """Composes policy, quotas, sandbox and audit into the one governed path."""
 
@@ -213,6 +278,79 @@ class Kernel:
             self._listings[key] = hit
         return hit
 
+    def charge(self, principal: Principal) -> None:
+        """Take one request from the agent's rate limit, as ``_govern`` does; raises
+        RateLimited. For requests that are no governed call (lists, subscriptions): one
+        token each, so that an agent cannot send them without limit either."""
+        if self.limiter is not None:
+            self.limiter.check(principal.agent)
+
+    async def subscribe(
+        self,
+        principal: Principal,
+        uris: list[str],
+        *,
+        method: str,
+        request_id: str,
+        transport: str,
+    ) -> list[McpZeroError | None]:
+        """Decide the principal's subscription to each of ``uris`` (the policy asks
+        ``read_resource``: who may read a resource may hear that it changed) and audit each
+        outcome as ``_govern`` does, with the request's ``method``. The request takes one
+        token of the agent's rate limit first; over it, each URI is audited as refused and
+        RateLimited is raised. Returns, for each URI, None (allowed) or why not
+        (ResourceNotFound, PolicyDenied)."""
+        start = time.perf_counter()
+        limited: McpZeroError | None = None
+        try:
+            self.charge(principal)
+        except McpZeroError as exc:
+            limited = exc
+        verdicts: list[McpZeroError | None] = []
+        pending = []
+        for given in uris:
+            uri = normal_uri(given)
+            plugin = self.plugins.resource_owner(uri)
+            event: JSON = {
+                "agent": principal.agent,
+                "anonymous": principal.anonymous,
+                "verb": Verb.READ_RESOURCE.value,
+                "resource": uri,
+                "plugin": plugin,
+                "request_id": request_id,
+                "transport": transport,
+                "method": method,
+            }
+            refused = limited
+            if refused is None and plugin is None:
+                refused = ResourceNotFound(
+                    f"no installed plugin serves resource {uri!r}", data={"uri": uri}
+                )
+            if refused is None:
+                context = {"transport": transport}
+                decision = self.policy.decide(
+                    Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, context)
+                )
+                event["policies"] = list(decision.policies)
+                if not decision.allowed:
+                    for policy in decision.policies or ("default-deny",):
+                        self.metrics.count_denial(policy)
+                    refused = PolicyDenied(decision.message, data=decision.to_data())
+                    event["reasons"] = list(decision.reasons)
+            if refused is None:
+                event["outcome"] = Outcome.ALLOWED.value
+            else:
+                event["outcome"] = _outcome_of(refused).value
+                event["code"] = refused.code
+            event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+            pending.append(self.audit.submit(event))
+            verdicts.append(refused)
+        if pending:  # durable before the caller learns the outcome
+            await asyncio.gather(*pending)
+        if limited is not None:
+            raise limited
+        return verdicts
+
     def check_resource(self, principal: Principal, uri: str) -> None:
         """Raise unless ``uri`` exists and the principal may read it (for subscriptions)."""
         uri = normal_uri(uri)
@@ -238,7 +376,7 @@ class Kernel:
         entry = self.plugins.tools.get(name)
         plugin = entry.plugin if entry is not None else None
 
-        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
             assert entry is not None
             t = time.perf_counter()
             errors = entry.validator.iter_errors(arguments)
@@ -250,7 +388,9 @@ class Kernel:
                 name,
                 arguments,
                 agent=principal.agent,
-                bridge=self._client_bridge(bridge, principal, entry.plugin, request_id, transport),
+                bridge=self._client_bridge(
+                    bridge, principal, entry.plugin, slot, request_id, transport
+                ),
                 timeout=timeout,
             )
             if entry.output_validator is not None and not result.get("isError"):
@@ -294,11 +434,11 @@ class Kernel:
         uri = normal_uri(uri)  # the plugin, the policy and the audit see one form of it
         plugin = self.plugins.resource_owner(uri)
 
-        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
             return await runtime.read_resource(
                 uri,
                 agent=principal.agent,
-                bridge=self._client_bridge(bridge, principal, plugin, request_id, transport),
+                bridge=self._client_bridge(bridge, principal, plugin, slot, request_id, transport),
                 timeout=timeout,
             )
 
@@ -329,7 +469,7 @@ class Kernel:
         hit = self.plugins.prompts.get(name)
         plugin = hit[0] if hit is not None else None
 
-        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
             assert hit is not None
             declared = [arg["name"] for arg in hit[1].get("arguments", [])]
             unknown = sorted(set(arguments) - set(declared))
@@ -351,7 +491,7 @@ class Kernel:
                 name,
                 arguments,
                 agent=principal.agent,
-                bridge=self._client_bridge(bridge, principal, hit[0], request_id, transport),
+                bridge=self._client_bridge(bridge, principal, hit[0], slot, request_id, transport),
                 timeout=timeout,
             )
 
@@ -396,7 +536,7 @@ class Kernel:
                 None,
             )
 
-        async def run(runtime: PluginRuntime, timeout: float) -> JSON:
+        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
             return await runtime.complete(
                 ref, argument, context, agent=principal.agent, timeout=timeout
             )
@@ -465,7 +605,7 @@ class Kernel:
         action: Action,
         method: str,
         request_id: str,
-        run: Callable[[PluginRuntime, float], Awaitable[JSON]],
+        run: Callable[[PluginRuntime, float, PluginSlot], Awaitable[JSON]],
         missing: Callable[[], McpZeroError] | None,
         detail: JSON,
     ) -> JSON:
@@ -515,10 +655,11 @@ class Kernel:
                         raise
                 else:
                     await slots.acquire()
+                slot = PluginSlot(slots)
                 try:
-                    result = await run(runtime, timeout)
+                    result = await run(runtime, timeout, slot)
                 finally:
-                    slots.release()
+                    slot.close()
                     metrics.observe_stage("sandbox", time.perf_counter() - t)
             if result.get("isError"):
                 event["tool_error"] = True
@@ -562,13 +703,15 @@ class Kernel:
         bridge: ClientBridge,
         principal: Principal,
         plugin: str | None,
+        slot: PluginSlot,
         request_id: str,
         transport: str,
     ) -> ClientBridge:
-        """The bridge a plugin's call gets: its requests to the client are governed too."""
+        """The bridge a plugin's call gets: its requests to the client are governed too, and
+        free the call's plugin slot while they wait for the client."""
         assert plugin is not None
         return GovernedBridge(
-            self, bridge, principal, plugin, request_id=request_id, transport=transport
+            self, bridge, principal, plugin, slot, request_id=request_id, transport=transport
         )
 
     def _plugin_slots(self, plugin: str, limit: int) -> asyncio.Semaphore:

@@ -133,7 +133,7 @@ class AdminApi:
         """Route one admin request; returns (HTTP status, JSON body)."""
         try:
             try:
-                self._check_admin(authorization)
+                self.check_admin(authorization)
             except Unauthorized:
                 self.runtime.metrics.count_unauthorized("admin")
                 raise
@@ -151,19 +151,21 @@ class AdminApi:
         except McpZeroError as exc:
             return exc.http_status, {"error": exc.to_dict()}
 
-    def _check_admin(self, authorization: str | None) -> None:
+    def check_admin(self, authorization: str | None, what: str = "the admin API") -> None:
+        """Raise Unauthorized unless ``authorization`` (the header) carries the admin token;
+        ``what`` names what the token opens, for the error message."""
         scheme, _, token = (authorization or "").partition(" ")
         expected = self.runtime.admin_token_hash
         if expected is None:
             raise Unauthorized(
-                f"the admin API is closed: {self.runtime.settings.admin_token_path} holds no "
+                f"{what} is closed: {self.runtime.settings.admin_token_path} holds no "
                 "token ('mcp0 admin rotate-token' writes one)"
             )
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             hash_token(token.strip()), expected
         ):
             raise Unauthorized(
-                "the admin API needs 'Authorization: Bearer <admin token>' "
+                f"{what} needs 'Authorization: Bearer <admin token>' "
                 "(the token is in <data dir>/admin.token)"
             )
 

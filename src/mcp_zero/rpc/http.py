@@ -340,6 +340,20 @@ class HttpApp:
             status = 200 if self.ready else 503
             await respond_json(send, status, {"ready": self.ready})
         elif path == "/metrics":
+            if not (self._loopback_only or self.settings.metrics_public):
+                # Beyond loopback the counters (agents' activity, policy ids) are the
+                # administrator's: the admin token, unless metrics_public says otherwise.
+                try:
+                    self.admin.check_admin(header(scope, b"authorization"), "/metrics")
+                except Unauthorized as exc:
+                    self.runtime.metrics.count_unauthorized("metrics")
+                    await respond_json(
+                        send,
+                        401,
+                        {"error": exc.to_dict()},
+                        [(b"www-authenticate", b'Bearer realm="mcp0"')],
+                    )
+                    return
             body, content_type = self.runtime.metrics.render()
             await respond(send, 200, body, [(b"content-type", content_type.encode())])
         elif path.startswith("/api/v1/"):

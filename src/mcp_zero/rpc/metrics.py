@@ -12,7 +12,7 @@ thread-safe, since the kernel records from one event loop.
                                             schema, sandbox, audit, total)
     mcp0_inflight_calls                     gauge
     mcp0_plugin_restarts_total{plugin}      counter
-    mcp0_unauthorized_total{endpoint}       counter (401s: "mcp" or "admin")
+    mcp0_unauthorized_total{endpoint}       counter (401s: "mcp", "admin" or "metrics")
 """
 
 from __future__ import annotations

@@ -12,12 +12,14 @@ call goes on across the requests: it runs as a task of its own
 ``input_required`` and parks it under a fresh random ``requestState``, and the
 retry delivers the answers and waits for what comes next (the result, or more
 questions). Progress and log messages go to whichever request is being answered.
-A parked call is still a running call: it holds its agent's and its plugin's
-concurrency slots, and its plugin's wall-clock timeout still runs. One that ends
-meanwhile (timeout, crash) is kept a minute so that the retry hears how it ended;
-one nobody comes back to is cancelled after ``CLIENT_REQUEST_TIMEOUT_S`` (audited
-as cancelled). Questions still open when a call ends are answered with an error, so
-that each is audited.
+A parked call still counts against its agent's concurrency and its plugin's
+wall-clock timeout still runs, but it holds no plugin slot: a call waiting on its
+client gives its slot back and takes one again when answered (kernel/pipeline.py
+``PluginSlot``; a plain handler's call keeps it), so parked calls cannot starve a
+plugin's other callers. One that ends meanwhile (timeout, crash) is kept a minute
+so that the retry hears how it ended; one nobody comes back to is cancelled after
+``CLIENT_REQUEST_TIMEOUT_S`` (audited as cancelled). Questions still open when a
+call ends are answered with an error, so that each is audited.
 """
 
 from __future__ import annotations

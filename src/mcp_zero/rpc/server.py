@@ -80,6 +80,8 @@ _CACHEABLE = frozenset(
         "prompts/list",
     )
 )
+# Resources one subscriptions/listen may name (each is decided and audited).
+MAX_LISTEN_RESOURCES = 1000
 # What subscriptions/listen may ask for: its flag and the notice it brings.
 _LISTEN_FLAGS = {
     "toolsListChanged": "notifications/tools/list_changed",
@@ -509,6 +511,9 @@ class McpServer:
         """The paginated ``method``: the list ``key`` as the kernel lets the principal see it."""
 
         async def handler(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+            # Rate-limited as calls are, but not audited: a list changes nothing and shows
+            # only what policy lets the agent see (a record each would flood the log).
+            self.kernel.charge(session.principal)
             items, version = self.kernel.listing(session.principal, key)
             cursor = params.get("cursor")
             return _page(items, cursor, self.page_size, key, method, version)
@@ -565,6 +570,13 @@ class McpServer:
                 "params.notifications.resourceSubscriptions must be a list of URIs",
                 data={"path": "/notifications/resourceSubscriptions"},
             )
+        if len(uris) > MAX_LISTEN_RESOURCES:  # each is audited: one request, bounded records
+            raise InvalidParams(
+                f"params.notifications.resourceSubscriptions names {len(uris)} resources; a "
+                f"listen may name at most {MAX_LISTEN_RESOURCES}",
+                data={"path": "/notifications/resourceSubscriptions"},
+            )
+        uris = list(dict.fromkeys(uris))
         if len(self.listeners) >= self.max_listeners:
             raise QuotaExceeded(
                 f"this server has {len(self.listeners)} open subscriptions/listen streams, "
@@ -578,8 +590,19 @@ class McpServer:
                 f"agent {agent!r} has {self.max_listeners_per_agent} open subscriptions/listen "
                 "streams, as many as it may; close one first"
             )
+        # Rate-limited, and each resource named decided and audited, as resources/subscribe
+        # (the notices each stream is sent later are checked again, not audited).
+        verdicts = await self.kernel.subscribe(
+            session.principal,
+            uris,
+            method="subscriptions/listen",
+            request_id=str(rid),
+            transport=self.transport,
+        )
         flags = sorted(flag for flag in _LISTEN_FLAGS if wanted.get(flag) is True)
-        honoured = frozenset(normal_uri(u) for u in uris if self._may_watch(session.principal, u))
+        honoured = frozenset(
+            normal_uri(uri) for uri, refused in zip(uris, verdicts, strict=True) if refused is None
+        )
         granted: JSON = dict.fromkeys(flags, True)
         if "resourceSubscriptions" in wanted:
             granted["resourceSubscriptions"] = sorted(honoured)
@@ -664,7 +687,15 @@ class McpServer:
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
         uri = _require_str(params, "uri")
-        self.kernel.check_resource(session.principal, uri)
+        [refused] = await self.kernel.subscribe(
+            session.principal,
+            [uri],
+            method="resources/subscribe",
+            request_id=str(rid),
+            transport=self.transport,
+        )
+        if refused is not None:
+            raise refused
         session.subscriptions.add(normal_uri(uri))
         return {}
 

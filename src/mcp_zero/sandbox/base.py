@@ -9,9 +9,14 @@ the sandbox never sees the transport.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 JSON = dict[str, Any]
+
+#: True while a :meth:`ClientBridge.request` comes from a plain (threaded) handler: one of
+#: its worker's threads waits for the answer, so its call still occupies the plugin.
+REQUEST_HOLDS_THREAD: ContextVar[bool] = ContextVar("mcp0_request_holds_thread", default=False)
 
 
 class ClientBridge(Protocol):

@@ -34,7 +34,8 @@ Worker → kernel::
     {"op": "log", "call": N, "level", "data", "logger"}
     {"op": "close_stream", "call": N}               # let the client reconnect (SEP-1699)
     {"op": "resource_updated", "call": N, "uri": str}  # tell the resource's subscribers
-    {"op": "request", "call": N, "id": R, "method": str, "params": {...}, "key"?: str}
+    {"op": "request", "call": N, "id": R, "method": str, "params": {...}, "key"?: str,
+     "thread"?: true}                               # true: a plain handler's thread waits
     {"op": "retire", "reason": str}                 # replace me (after a MemoryError)
 
 Every call gets exactly one response frame, also after a cancel (the kernel
@@ -147,9 +148,16 @@ class Worker:
     # -- requests to the client ----------------------------------------------
 
     async def request(
-        self, call_id: int, method: str, params: JSON, key: str | None = None
+        self,
+        call_id: int,
+        method: str,
+        params: JSON,
+        key: str | None = None,
+        *,
+        thread: bool = False,
     ) -> JSON:
-        """Relay a request to the MCP client through the kernel and await its answer."""
+        """Relay a request to the MCP client through the kernel and await its answer;
+        ``thread``: a plain handler's thread is blocked on it."""
         assert self._loop is not None
         rid = next(self._request_ids)
         fut: asyncio.Future[JSON] = self._loop.create_future()
@@ -158,6 +166,8 @@ class Worker:
         frame["params"] = params
         if key is not None:
             frame["key"] = key
+        if thread:
+            frame["thread"] = True
         try:
             self.send(frame)
             return await fut
@@ -172,7 +182,7 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             raise RuntimeError("in an async handler use 'await ctx.request(...)'")
         return asyncio.run_coroutine_threadsafe(
-            self.request(call_id, method, params, key), self._loop
+            self.request(call_id, method, params, key, thread=True), self._loop
         ).result()
 
     # -- input ----------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from mcp_zero.errors import McpZeroError, PluginCrashed, PluginFailure, ToolTimeout
 from mcp_zero.sandbox import proctree
-from mcp_zero.sandbox.base import ClientBridge
+from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
 from mcp_zero.sandbox.stderr import StderrBudget
 
@@ -400,14 +400,22 @@ class WorkerProcess:
                 str(frame["method"]),
                 frame.get("params") or {},
                 key if isinstance(key := frame.get("key"), str) else None,
+                frame.get("thread") is True,
             )
         )
         call.requests.add(task)
         task.add_done_callback(call.requests.discard)
 
     async def _relay_request(
-        self, call: _Call, request_id: int, method: str, params: JSON, key: str | None
+        self,
+        call: _Call,
+        request_id: int,
+        method: str,
+        params: JSON,
+        key: str | None,
+        thread: bool,
     ) -> None:
+        REQUEST_HOLDS_THREAD.set(thread)  # (this task's own context)
         try:
             if call.bridge is None:
                 raise McpZeroError(f"{method} is not available during this kind of call")
