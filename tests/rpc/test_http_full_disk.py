@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import httpx2
 import orjson
 import pytest
 from rpc_live import FAULTY_DIR, error_of, make_runtime, serve
@@ -70,3 +71,41 @@ async def test_a_full_store_refuses_calls_clearly_and_loses_no_acknowledged_reco
     assert reply["result"]["content"][0]["text"] == "room again"
     with SqliteStore(data / "mcp0.db") as store:
         assert verify_store(store).count == len(entries) + 1
+
+
+async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugin_acts(
+    tmp_path: Path,
+) -> None:
+    # A call whose record cannot be kept must not run: after the first failed commit, the
+    # plugin is not reached (faulty_bump counts its runs) until a record lands again.
+    data = tmp_path / "data"
+    runtime = make_runtime(data, db_max_mb=1, rate_limit=0, audit_window_ms=0)
+    runtime.plugins.install(FAULTY_DIR)
+    token = (await runtime.agents.spawn("filler", ["faulty"])).token
+    async with serve(runtime) as live:
+        client = live.client(token)
+        bump = {"name": "faulty_bump", "arguments": {}}
+        assert "bumped to 1" in str(await client.request("tools/call", bump))
+        with anyio.fail_after(120):
+            for i in range(100_000):
+                echo = {"name": "faulty_echo", "arguments": {"text": "x" * 200 + str(i)}}
+                if "error" in await client.request("tools/call", echo):
+                    break
+        refused = await client.request("tools/call", bump)
+        assert error_of(refused)["code"] == STORAGE_FAILURE  # (and its record failed too)
+        async with httpx2.AsyncClient() as http:
+            ready = await http.get(f"{live.base}/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {"ready": False, "audit": "failing"}
+
+        # Room again (as if the disk were freed): the next record lands and opens the log.
+        for conn in (runtime.store._audit_conn, runtime.store._conn):
+            conn.execute("PRAGMA max_page_count = 1000000")
+        retried = await client.request("tools/call", bump)
+        if "error" in retried:  # the call that found the log failing is refused, recorded
+            assert error_of(retried)["code"] == STORAGE_FAILURE
+            retried = await client.request("tools/call", bump)
+        # the refused calls never reached the plugin: this is its second run
+        assert "bumped to 2" in str(retried), retried
+        async with httpx2.AsyncClient() as http:
+            assert (await http.get(f"{live.base}/readyz")).status_code == 200

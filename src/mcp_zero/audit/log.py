@@ -64,6 +64,7 @@ class AuditStats:
     failed_batches: int = 0
     failed_events: int = 0
     largest_batch: int = 0
+    failing: bool = False  # the last batch failed (a full disk…): nothing is durable now
 
 
 class _Pending:
@@ -259,6 +260,7 @@ class AuditLog:
                 else:
                     self._head = entries[-1]
                 break
+            self.stats.failing = error is not None
             if error is None:
                 self.stats.batches += 1
                 self.stats.events += len(entries)

@@ -36,6 +36,7 @@ from mcp_zero.errors import (
     PolicyDenied,
     PromptNotFound,
     ResourceNotFound,
+    StorageError,
     ToolNotFound,
     ToolTimeout,
 )
@@ -638,6 +639,15 @@ class Kernel:
                     metrics.count_denial(policy)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = list(decision.policies)
+            if self.audit.stats.failing:
+                # Its record could not be kept: refuse before the plugin acts. This call's
+                # own record below tries the log again, and a success opens it to the next.
+                raise StorageError(
+                    "the audit log cannot be written (its last commit failed: a full disk, "
+                    "or its size limit); calls are refused until it can — free space and "
+                    "retry",
+                    data={"failed_events": self.audit.stats.failed_events},
+                )
             assert action.plugin is not None
             runtime = self.plugins.runtime(action.plugin)
             quotas = self.plugins.manifests[action.plugin].quotas
@@ -689,7 +699,11 @@ class Kernel:
         t = time.perf_counter()
         # The record must be durable before the caller learns the outcome. A cancelled caller
         # stops waiting here, but its submitted event is still committed with its batch.
-        await self.audit.submit(event)
+        try:
+            await self.audit.submit(event)
+        except StorageError:
+            metrics.count_call(method, Outcome.ERROR.value)
+            raise
         metrics.observe_stage("audit", time.perf_counter() - t)
         metrics.observe_stage("total", time.perf_counter() - start)
         metrics.count_call(method, event["outcome"])

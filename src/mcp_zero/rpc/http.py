@@ -337,8 +337,13 @@ class HttpApp:
         elif path == "/healthz":
             await respond_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
-            status = 200 if self.ready else 503
-            await respond_json(send, status, {"ready": self.ready})
+            # not ready while the audit log cannot be written: calls are refused then
+            writable = not self.runtime.audit.stats.failing
+            ready = self.ready and writable
+            answer: dict[str, Any] = {"ready": ready}
+            if not writable:
+                answer["audit"] = "failing"
+            await respond_json(send, 200 if ready else 503, answer)
         elif path == "/metrics":
             if not (self._loopback_only or self.settings.metrics_public):
                 # Beyond loopback the counters (agents' activity, policy ids) are the
