@@ -188,26 +188,33 @@ class Runtime:
         """
         manifest = load_manifest(path)
         self._authorize(Verb.INSTALL_PLUGIN, manifest.name, via)
-        self.plugins.install(path, replace=replace)
-        self._audited(Verb.INSTALL_PLUGIN, manifest.name, via, {"version": manifest.version})
+        event = admin_event(
+            Verb.INSTALL_PLUGIN, manifest.name, via, Outcome.ALLOWED, {"version": manifest.version}
+        )
+        # the record is written in the transaction that records the plugin (the copy before)
+        self.plugins.install(
+            path,
+            replace=replace,
+            commit=lambda write: self.audit.append_with(write, lambda _: event),
+        )
         return manifest
 
     def remove_plugin(self, name: str, *, via: str = "cli") -> list[str]:
         """Remove plugin ``name`` as the admin: decided by policy, audited. Returns the
         agents it was detached from."""
         self._authorize(Verb.REMOVE_PLUGIN, name, via)
-        detached = self.plugins.remove(name)
-        self._audited(Verb.REMOVE_PLUGIN, name, via, {"detached_from": detached})
-        return detached
+        return self.audit.append_with(
+            lambda: self.plugins.remove(name),
+            lambda detached: admin_event(
+                Verb.REMOVE_PLUGIN, name, via, Outcome.ALLOWED, {"detached_from": detached}
+            ),
+        )
 
     def _authorize(self, verb: Verb, resource: str, via: str) -> None:
         denial = admin_denial(self.policy, verb, resource, via, resource)
         if denial is not None:
             self.audit.append_sync(denial[0])
             raise denial[1]
-
-    def _audited(self, verb: Verb, resource: str, via: str, detail: dict[str, Any]) -> None:
-        self.audit.append_sync(admin_event(verb, resource, via, Outcome.ALLOWED, detail))
 
     async def start(self) -> None:
         """Start the plugin runtimes and the watcher that picks up plugin and policy changes."""

@@ -15,6 +15,7 @@ from mcp_zero.errors import (
     PluginNotFound,
     PolicyDenied,
     SnapshotNotFound,
+    StorageError,
     Unauthorized,
 )
 from mcp_zero.runtime import Runtime
@@ -243,3 +244,50 @@ async def test_agent_management_is_decided_by_policy_and_denials_are_audited(
         ("allowed", "cli"),
     ]
     assert records[0]["reasons"] == ["agents are created only with mcp0 on the server's machine"]
+
+
+def refuse_audit_of(runtime: Runtime, verb: str) -> None:
+    """From now on the database refuses to store a record of ``verb`` (as a full disk would
+    refuse it): a trigger, made through a connection of its own."""
+    import sqlite3
+
+    with sqlite3.connect(runtime.store.path) as conn:
+        conn.execute(
+            f"CREATE TRIGGER refuse_{verb} BEFORE INSERT ON audit WHEN CAST(NEW.body AS TEXT) LIKE"
+            f" '%\"verb\":\"{verb}\"%' BEGIN SELECT RAISE(ABORT, 'no room for {verb}'); END"
+        )
+
+
+async def test_a_change_whose_record_cannot_be_written_is_not_made(runtime: Runtime) -> None:
+    # The change and its record are one transaction: a crash (or a full disk) between the
+    # two left an agent, a termination, a plugin nobody had recorded.
+    await runtime.agents.spawn("kept", ["notes"])
+    before = runtime.store.list_agents()
+
+    refuse_audit_of(runtime, "spawn_agent")
+    with pytest.raises(StorageError):
+        await runtime.agents.spawn("ghost", ["notes"])
+    assert runtime.store.get_agent("ghost") is None
+
+    refuse_audit_of(runtime, "terminate_agent")
+    with pytest.raises(StorageError):
+        await runtime.agents.terminate("kept")
+    kept = runtime.store.get_agent("kept")
+    assert kept is not None
+    assert kept.status == "active"
+
+    refuse_audit_of(runtime, "remove_plugin")
+    with pytest.raises(StorageError):
+        runtime.remove_plugin("faulty")
+    assert runtime.store.get_plugin("faulty") is not None
+
+    refuse_audit_of(runtime, "install_plugin")
+    with pytest.raises(StorageError):
+        runtime.install_plugin(NOTES_DIR, replace=True)
+    installed = runtime.store.get_plugin("notes")
+    assert installed is not None
+    copies = sorted(p.name for p in (runtime.plugins.plugins_dir / "notes").iterdir())
+    assert copies == [Path(installed.path).name]  # the refused install's copy is gone
+
+    assert [a.name for a in runtime.store.list_agents()] == [a.name for a in before]
+    assert runtime.audit.stats.failing  # and calls are refused until a record lands

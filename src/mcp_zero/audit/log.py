@@ -33,14 +33,16 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from mcp_zero.audit.chain import GENESIS, canonical
 from mcp_zero.errors import StorageError
 from mcp_zero.storage.base import AuditEntry, Store
+
+T = TypeVar("T")
 
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
 
@@ -225,6 +227,50 @@ class AuditLog:
         items.append(pending)
         self._commit(items)
         return future.result(0)
+
+    def append_with(self, change: Callable[[], T], event_of: Callable[[T], Mapping[str, Any]]) -> T:
+        """Make ``change`` (writes through the log's store) and append the event
+        ``event_of`` makes of its result, in one transaction; return what ``change``
+        returned. Both are durable then, or — when this raises — neither happened. For the
+        actions that change the store (agents, plugins): made apart, a crash between the
+        change and its commit left a change with no record. Blocks for one commit (the
+        loop's gathering batch is committed first, on its own). Raises what ``change``
+        raises, and as :meth:`append`."""
+        loop = _running_loop()
+        with self._lock:
+            self._check_running()
+            batch = self._batches.get(loop) if loop is not None else None
+            gathered = _take(batch, loop) if batch is not None else []
+        if gathered:
+            self._commit(gathered)  # not in our transaction: a refused change must not undo it
+
+        sealed: list[AuditEntry] = []
+
+        def entries_for(result: T) -> list[AuditEntry]:
+            future: concurrent.futures.Future[AuditEntry] = concurrent.futures.Future()
+            sealed[:] = self._seal([_prepare(event_of(result), future, None)])
+            return sealed
+
+        with self._write_lock:
+            for attempt in range(_MAX_ATTEMPTS):
+                try:
+                    result = self._store.append_audit_with(change, entries_for)
+                except Exception as exc:
+                    before = self._head
+                    self._resync()
+                    if self._head != before and attempt + 1 < _MAX_ATTEMPTS:
+                        continue  # another process appended first: chain after it, again
+                    if isinstance(exc, StorageError):
+                        self.stats.failing = True
+                        self.stats.failed_batches += 1
+                        self.stats.failed_events += 1
+                    raise
+                self._head = sealed[-1]
+                self.stats.failing = False
+                self.stats.batches += 1
+                self.stats.events += 1
+                return result
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _check_running(self) -> None:
         if not self._started or self._closing:

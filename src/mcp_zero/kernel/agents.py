@@ -221,8 +221,13 @@ class AgentService:
             status="active",
             created_at=time.time(),
         )
-        self.store.create_agent(record)
-        await self._audit(Verb.SPAWN_AGENT, name, via, {"plugins": plugins})
+        self._audited(
+            Verb.SPAWN_AGENT,
+            name,
+            via,
+            {"plugins": plugins},
+            lambda: self.store.create_agent(record),
+        )
         return SpawnedAgent(record, token)
 
     def list_agents(self) -> list[AgentRecord]:
@@ -239,9 +244,14 @@ class AgentService:
         _not_terminated(agent)  # (its token no longer works: recover it from a snapshot)
         if plugin not in agent.plugins:
             agent.plugins.append(plugin)
-            self.store.update_agent(agent, check=_not_terminated)
+        self._audited(
+            Verb.ATTACH_PLUGIN,
+            name,
+            via,
+            {"attached": plugin},
+            lambda: self.store.update_agent(agent, check=_not_terminated),
+        )
         self._changed(name)
-        await self._audit(Verb.ATTACH_PLUGIN, name, via, {"attached": plugin})
         return agent
 
     async def terminate(self, name: str, *, via: str = "admin") -> AgentRecord:
@@ -253,9 +263,14 @@ class AgentService:
         agent = self.get(name)
         await self._authorize(Verb.TERMINATE_AGENT, name, via)
         agent.status = "terminated"
-        self.store.update_agent(agent, check=_not_terminated)
+        self._audited(
+            Verb.TERMINATE_AGENT,
+            name,
+            via,
+            {},
+            lambda: self.store.update_agent(agent, check=_not_terminated),
+        )
         self._changed(name)
-        await self._audit(Verb.TERMINATE_AGENT, name, via, {})
         return agent
 
     async def snapshot(self, name: str, *, via: str = "admin") -> SnapshotRecord:
@@ -279,8 +294,13 @@ class AgentService:
             },
             created_at=time.time(),
         )
-        self.store.put_snapshot(snap)
-        await self._audit(Verb.SNAPSHOT_AGENT, name, via, {"snapshot_id": snap.id})
+        self._audited(
+            Verb.SNAPSHOT_AGENT,
+            name,
+            via,
+            {"snapshot_id": snap.id},
+            lambda: self.store.put_snapshot(snap),
+        )
         return snap
 
     async def recover(self, snapshot_id: str, *, via: str = "admin") -> Recovery:
@@ -307,12 +327,13 @@ class AgentService:
         agent.plugins = plugins
         agent.state = dict(snap.data.get("state", {}))
         agent.status = str(snap.data.get("status", "active"))
-        self.store.update_agent(agent)
-        self._changed(agent.name)
         detail: JSON = {"snapshot_id": snapshot_id}
         if not_restored:
             detail["not_restored"] = not_restored
-        await self._audit(Verb.RECOVER_AGENT, agent.name, via, detail)
+        self._audited(
+            Verb.RECOVER_AGENT, agent.name, via, detail, lambda: self.store.update_agent(agent)
+        )
+        self._changed(agent.name)
         return Recovery(agent, not_restored)
 
     def _changed_since(self, plugin: str, then: Any) -> str | None:
@@ -353,5 +374,10 @@ class AgentService:
             await self.audit.append(denial[0])
             raise denial[1]
 
-    async def _audit(self, verb: Verb, resource: str, via: str, detail: JSON) -> None:
-        await self.audit.append(admin_event(verb, resource, via, Outcome.ALLOWED, detail))
+    def _audited(
+        self, verb: Verb, resource: str, via: str, detail: JSON, change: Callable[[], None]
+    ) -> None:
+        """Make ``change`` and its ``allowed`` record in one transaction: no change without
+        its record, even if the process dies in between."""
+        event = admin_event(verb, resource, via, Outcome.ALLOWED, detail)
+        self.audit.append_with(change, lambda _: event)

@@ -170,6 +170,15 @@ def _check_unique(manifest: PluginManifest, installed: list[PluginRecord], repla
             )
 
 
+#: How an install's store write is made: given the write, make it (and what else belongs in
+#: its transaction) and return what it returned.
+Commit = Callable[[Callable[[], PluginRecord | None]], PluginRecord | None]
+
+
+def _now(write: Callable[[], PluginRecord | None]) -> PluginRecord | None:
+    return write()
+
+
 class PluginHost:
     """Runtimes of the installed plugins and the index from names to plugins."""
 
@@ -203,9 +212,13 @@ class PluginHost:
 
     # -- installing (works without a running server) -----------------------------------------
 
-    def install(self, source: Path, *, replace: bool = False) -> PluginManifest:
+    def install(
+        self, source: Path, *, replace: bool = False, commit: Commit | None = None
+    ) -> PluginManifest:
         """Validate the plugin at ``source``, copy it into the data dir and record it.
 
+        ``commit`` runs the store write it is given (and may make more in its transaction:
+        the install's audit record); the copy is made before, outside any transaction.
         Raises ManifestError for an invalid plugin, Conflict when the name is
         installed (unless ``replace``) or a tool name is taken by another plugin;
         of two installs racing (from two processes), one gets Conflict.
@@ -231,17 +244,20 @@ class PluginHost:
                     f"cannot copy plugin {manifest.name!r} from {source} into {parent}: "
                     f"{_copy_failure(exc)}"
                 ) from exc
-            replaced = self.store.put_plugin(
-                PluginRecord(
-                    name=manifest.name,
-                    version=manifest.version,
-                    manifest=manifest.to_dict(),
-                    path=str(target),
-                    installed_at=time.time(),
-                    digest=digest,
-                ),
-                # again, where no other install can come in between
-                check=lambda installed: _check_unique(manifest, installed, replace),
+            record = PluginRecord(
+                name=manifest.name,
+                version=manifest.version,
+                manifest=manifest.to_dict(),
+                path=str(target),
+                installed_at=time.time(),
+                digest=digest,
+            )
+            replaced = (commit or _now)(
+                lambda: self.store.put_plugin(
+                    record,
+                    # again, where no other install can come in between
+                    check=lambda installed: _check_unique(manifest, installed, replace),
+                )
             )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

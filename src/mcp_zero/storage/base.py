@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -87,6 +89,11 @@ class Store(Protocol):
 
     # audit: append-only; rows arrive in seq order, durable when the call returns
     def append_audit_batch(self, entries: list[AuditEntry]) -> None: ...
+    # ``change`` (writes through this store) and the entries made of its result in one
+    # transaction, or neither
+    def append_audit_with(
+        self, change: Callable[[], T], entries_for: Callable[[T], list[AuditEntry]]
+    ) -> T: ...
     def read_audit(self, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]: ...
     def audit_head(self) -> AuditEntry | None: ...
 

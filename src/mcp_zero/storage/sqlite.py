@@ -25,12 +25,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from mcp_zero.errors import AgentNotFound, Conflict, StorageError
 from mcp_zero.storage.base import AgentRecord, AuditEntry, PluginRecord, SnapshotRecord
 from mcp_zero.storage.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
 from mcp_zero.storage.sqlite_errors import storage_error
+
+T = TypeVar("T")
 
 # Every statement is a literal, prepared once and cached by the sqlite3 module.
 _INSERT_AGENT = (
@@ -91,7 +93,10 @@ class SqliteStore:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
         self._max_size_bytes = max_size_bytes
-        self._lock = threading.Lock()
+        # reentrant: a change made with its audit record (append_audit_with) runs the
+        # store's own writes inside one transaction, on this thread
+        self._lock = threading.RLock()
+        self._in_transaction = False
         self._audit_lock = threading.Lock()
         self._closed = False
         self._create_file()
@@ -334,7 +339,7 @@ class SqliteStore:
         """
         if not entries:
             return
-        rows = [(e.seq, e.ts, e.body, e.prev_hash, e.hash) for e in entries]
+        rows = [_audit_row(e) for e in entries]
         with self._audit_lock:
             self._check_open()
             conn = self._audit_conn
@@ -351,12 +356,7 @@ class SqliteStore:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.IntegrityError as exc:
-                raise StorageError(
-                    f"audit entries {entries[0].seq}..{entries[-1].seq} collide with entries"
-                    f" already in {self.path}: only one process may append to an audit log;"
-                    " restart the appender so it continues from the stored head",
-                    data={"path": str(self.path), "sqlite": str(exc)},
-                ) from exc
+                raise _collision(entries, self.path, exc) from exc
             except sqlite3.Error as exc:
                 raise storage_error(exc, self.path, "append audit entries") from exc
 
@@ -452,12 +452,17 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """A write transaction on the main connection, committed when the block ends."""
+        """A write transaction on the main connection, committed when the block ends; inside
+        another (on this thread), part of that one."""
         with self._lock:
             self._check_open()
             conn = self._conn
+            if self._in_transaction:
+                yield conn
+                return
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                self._in_transaction = True
                 try:
                     yield conn
                     conn.execute("COMMIT")
@@ -465,8 +470,39 @@ class SqliteStore:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
+                finally:
+                    self._in_transaction = False
             except sqlite3.Error as exc:
                 raise storage_error(exc, self.path, doing) from exc
+
+    def append_audit_with(
+        self, change: Callable[[], T], entries_for: Callable[[T], list[AuditEntry]]
+    ) -> T:
+        """Run ``change`` (writes through this store) and append the audit entries
+        ``entries_for`` makes of its result, in one transaction: when this returns both are
+        durable; when it raises, neither was written. Raises what ``change`` raises, and
+        ``StorageError`` as :meth:`append_audit_batch`."""
+        with self._transaction("change and audit it") as conn:
+            result = change()
+            entries = entries_for(result)
+            try:
+                conn.executemany(_INSERT_AUDIT, [_audit_row(e) for e in entries])
+            except sqlite3.IntegrityError as exc:
+                raise _collision(entries, self.path, exc) from exc
+        return result
+
+
+def _audit_row(entry: AuditEntry) -> tuple[int, float, bytes, str, str]:
+    return (entry.seq, entry.ts, entry.body, entry.prev_hash, entry.hash)
+
+
+def _collision(entries: list[AuditEntry], path: Path, exc: sqlite3.Error) -> StorageError:
+    return StorageError(
+        f"audit entries {entries[0].seq}..{entries[-1].seq} collide with entries"
+        f" already in {path}: only one process may append to an audit log;"
+        " restart the appender so it continues from the stored head",
+        data={"path": str(path), "sqlite": str(exc)},
+    )
 
 
 def _bump_plugins_version(conn: sqlite3.Connection) -> None:
