@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ from mcp_zero.storage.sqlite import SqliteStore
 log = logging.getLogger("mcp_zero")
 EXAMPLES_DIR = Path(__file__).parent / "examples" / "plugins"
 REFRESH_INTERVAL_S = 1.0
+#: How long a server waits for its plugins to start before it serves: one that takes longer
+#: (hanging as it loads) goes on starting, and its calls wait for it.
+STARTUP_WAIT_S = 3.0
 _UNSEEN = object()
 
 
@@ -216,9 +220,13 @@ class Runtime:
             self.audit.append_sync(denial[0])
             raise denial[1]
 
-    async def start(self) -> None:
-        """Start the plugin runtimes and the watcher that picks up plugin and policy changes."""
-        await self.plugins.refresh(force=True)
+    async def start(
+        self, *, wait: float | None = None, only: Collection[str] | None = None
+    ) -> None:
+        """Start the plugin runtimes (those named in ``only``, if given), waiting ``wait``
+        seconds at most for them (see ``PluginHost.refresh``), and the watcher that picks
+        up plugin and policy changes."""
+        await self.plugins.refresh(force=True, only=only, wait=wait)
         self._refresher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:

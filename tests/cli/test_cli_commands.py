@@ -15,11 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from click.testing import CliRunner, Result
 
 from mcp_zero.cli.main import main
+from mcp_zero.config import load_settings
 from mcp_zero.kernel.plugins import REPLACED_COPY_KEPT_S
+from mcp_zero.rpc.admin import _NoBridge
+from mcp_zero.runtime import Runtime
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 NOTES_DIR = Path(__file__).parents[2] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
@@ -435,3 +439,75 @@ def test_admin_rotate_token_writes_a_new_private_token_and_audits_it(data_dir: P
     assert token_file.stat().st_mode & 0o777 == 0o600
     verbs = [r["verb"] for r in as_json(data_dir, "audit", "list")]
     assert verbs.count("change_admin_token") == 2
+
+
+def stuck_plugin(directory: Path, marker: Path) -> Path:
+    """A plugin whose module, as it loads, leaves ``marker`` and then hangs."""
+    directory.mkdir(parents=True)
+    (directory / "plugin.json").write_text(
+        json.dumps(
+            {
+                "name": "stuck",
+                "version": "1.0.0",
+                "abi": 1,
+                "runtime": "process",
+                "entry": "stuck_plugin:plugin",
+                "description": "hangs while it loads",
+                "tools": [
+                    {
+                        "name": "stuck_echo",
+                        "description": "never",
+                        "inputSchema": {"type": "object"},
+                    }
+                ],
+            }
+        )
+    )
+    (directory / "stuck_plugin.py").write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(marker)!r}).write_text('loading')\n"
+        "time.sleep(100000)\n"
+    )
+    return directory
+
+
+def test_agent_exec_starts_only_the_plugin_of_its_tool(data_dir: Path, tmp_path: Path) -> None:
+    # A plugin that hangs as it loads held every one-off call for its 15 s start timeout.
+    marker = tmp_path / "stuck-was-started"
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "plugin", "install", str(stuck_plugin(tmp_path / "stuck", marker)))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes", "--plugin", "stuck")
+    added = as_json(data_dir, "agent", "exec", "ada", "notes_add", '{"text": "not held up"}')
+    assert added["structuredContent"]["note"]["text"] == "not held up"
+    assert not marker.exists()  # its worker was never started
+
+
+@pytest.mark.anyio
+async def test_a_plugin_that_hangs_as_it_loads_does_not_hold_up_the_others(
+    tmp_path: Path,
+) -> None:
+    # A server waits a bounded time for its plugins before it serves: one that hangs while
+    # loading goes on starting (its calls would wait for it), the others serve at once.
+    marker = tmp_path / "stuck-loading"
+    runtime = Runtime(load_settings(None, {"data_dir": tmp_path / "data"}, environ={}))
+    runtime.install_plugin(stuck_plugin(tmp_path / "stuck", marker))
+    runtime.install_plugin(NOTES_DIR)
+    token = (await runtime.agents.spawn("ada", ["notes", "stuck"])).token
+    try:
+        with anyio.fail_after(10):  # its start timeout is 15 s: waiting for it fails here
+            await runtime.start(wait=0.5)
+        assert marker.read_text() == "loading"  # it is being started
+        assert "stuck" not in runtime.plugins.failed  # not failed: still starting
+        principal = runtime.agents.authenticate(token)
+        with anyio.fail_after(10):
+            added = await runtime.kernel.call_tool(
+                principal,
+                "notes_add",
+                {"text": "served"},
+                _NoBridge(),
+                request_id="r1",
+                transport="test",
+            )
+        assert added["structuredContent"]["note"]["text"] == "served"
+    finally:
+        await runtime.aclose()

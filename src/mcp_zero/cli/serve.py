@@ -202,8 +202,11 @@ def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str,
     async def run() -> Any:
         runtime = Runtime(settings)
         try:
-            await runtime.start()
             principal = runtime.agents.principal(agent)
+            await runtime.start(only=())  # one call: start only the plugin that serves it
+            entry = runtime.plugins.tools.get(tool)
+            if entry is not None:
+                await runtime.plugins.start_plugin(entry.plugin)
             return await runtime.kernel.call_tool(
                 principal,
                 tool,

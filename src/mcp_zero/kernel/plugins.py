@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,8 +331,20 @@ class PluginHost:
 
     # -- running -------------------------------------------------------------------------------
 
-    async def refresh(self, *, force: bool = False) -> bool:
-        """Bring runtimes and index in line with the store; True when something changed."""
+    async def refresh(
+        self,
+        *,
+        force: bool = False,
+        only: Collection[str] | None = None,
+        wait: float | None = None,
+    ) -> bool:
+        """Bring runtimes and index in line with the store; True when something changed.
+
+        New runtimes are started (those named in ``only``, if given: a one-off call needs
+        one plugin), and waited for ``wait`` seconds at most (None: until all started or
+        failed): one that takes longer goes on starting, its calls wait for it, and a
+        failure is recorded when it comes. A plugin that hangs while it loads must not keep
+        a server from serving the others for its whole start timeout."""
         version = self.store.plugins_version()
         if version == self.version and not force:
             return False
@@ -377,14 +390,44 @@ class PluginHost:
             fresh = self._within_worker_budget(fresh)
             # Only the new runtimes start (a running one would get a second set of workers);
             # one plugin that cannot start must not keep the others, or the server, down.
-            started = await asyncio.gather(*(rt.start() for _, rt in fresh), return_exceptions=True)
-            for (name, _), outcome in zip(fresh, started, strict=True):
-                if isinstance(outcome, Exception):
-                    self.failed[name] = str(outcome)
-                    log.error("plugin %r could not start: %s", name, outcome)
+            starting = {}
+            for name, runtime in fresh:
+                if only is None or name in only:
+                    task = asyncio.ensure_future(runtime.start())
+                    task.add_done_callback(functools.partial(self._started, name, runtime))
+                    starting[name] = task
+            if starting:
+                await asyncio.wait(starting.values(), timeout=wait)
+            for name, task in starting.items():
+                if not task.done():
+                    log.warning(
+                        "plugin %r is still starting after %g s; serving the others, its "
+                        "calls wait for it",
+                        name,
+                        wait,
+                    )
         if self.on_change is not None:
             self.on_change()
         return True
+
+    async def start_plugin(self, name: str) -> None:
+        """Start plugin ``name``'s runtime, which ``refresh(only=...)`` left unstarted; a
+        failure is recorded as ``refresh`` records it."""
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            return
+        task = asyncio.ensure_future(runtime.start())
+        task.add_done_callback(functools.partial(self._started, name, runtime))
+        await asyncio.wait([task])
+
+    def _started(self, name: str, runtime: PluginRuntime, task: asyncio.Future[None]) -> None:
+        """A runtime's start ended: record its failure, if it is still the one installed."""
+        if task.cancelled():
+            return
+        failure = task.exception()
+        if failure is not None and self.runtimes.get(name) is runtime:
+            self.failed[name] = str(failure)
+            log.error("plugin %r could not start: %s", name, failure)
 
     def _within_worker_budget(
         self, fresh: list[tuple[str, PluginRuntime]]

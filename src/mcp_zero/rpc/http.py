@@ -61,7 +61,7 @@ from mcp_zero.rpc.streams import (
     parse_event_id,
     session_header,
 )
-from mcp_zero.runtime import Runtime
+from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 
 log = logging.getLogger("mcp_zero.http")
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
@@ -242,7 +242,7 @@ class HttpApp:
                 return
 
     async def startup(self) -> None:
-        await self.runtime.start()
+        await self.runtime.start(wait=STARTUP_WAIT_S)
         self.runtime.plugins.on_change = self.list_changes.poke
         self.runtime.agents.on_change = self.list_changes.poke
         self._janitor = asyncio.create_task(self._expire_sessions())

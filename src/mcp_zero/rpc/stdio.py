@@ -25,7 +25,7 @@ from mcp_zero.rpc.envelope import has_envelope
 from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import JSON, Session
-from mcp_zero.runtime import Runtime
+from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 
 MAX_LINE = 16 << 20
 log = logging.getLogger("mcp_zero.stdio")
@@ -121,7 +121,7 @@ async def serve_stdio(
             session.cancelled.discard(request.id)
             spawn(server.audit_unstarted(session, request))
 
-    await runtime.start()
+    await runtime.start(wait=STARTUP_WAIT_S)
     list_changes = ListChanges(
         runtime.kernel,
         runtime.agents,
