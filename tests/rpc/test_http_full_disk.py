@@ -13,6 +13,7 @@ from rpc_live import FAULTY_DIR, error_of, make_runtime, serve
 
 from mcp_zero.audit.chain import verify_store
 from mcp_zero.errors import STORAGE_FAILURE
+from mcp_zero.runtime import Runtime
 from mcp_zero.storage.sqlite import SqliteStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -23,13 +24,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def small_store(data: Path) -> tuple[Runtime, str]:
+    """A runtime whose store holds 1 MiB, with the faulty plugin and an agent using it."""
+    runtime = make_runtime(data, db_max_mb=1, rate_limit=0, audit_window_ms=0)
+    runtime.plugins.install(FAULTY_DIR)
+    return runtime, (await runtime.agents.spawn("filler", ["faulty"])).token
+
+
 async def test_a_full_store_refuses_calls_clearly_and_loses_no_acknowledged_record(
     tmp_path: Path,
 ) -> None:
     data = tmp_path / "data"
-    runtime = make_runtime(data, db_max_mb=1, rate_limit=0, audit_window_ms=0)
-    runtime.plugins.install(FAULTY_DIR)
-    token = (await runtime.agents.spawn("filler", ["faulty"])).token
+    runtime, token = await small_store(data)
     answered: list[str] = []
     refused: list[dict[str, object]] = []
     async with serve(runtime) as live:
@@ -79,9 +85,7 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
     # A call whose record cannot be kept must not run: after the first failed commit, the
     # plugin is not reached (faulty_bump counts its runs) until a record lands again.
     data = tmp_path / "data"
-    runtime = make_runtime(data, db_max_mb=1, rate_limit=0, audit_window_ms=0)
-    runtime.plugins.install(FAULTY_DIR)
-    token = (await runtime.agents.spawn("filler", ["faulty"])).token
+    runtime, token = await small_store(data)
     async with serve(runtime) as live:
         client = live.client(token)
         bump = {"name": "faulty_bump", "arguments": {}}
