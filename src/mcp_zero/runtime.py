@@ -28,6 +28,7 @@ from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.defaults import write_default_policies
+from mcp_zero.policy.loader import policy_files
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
@@ -76,7 +77,7 @@ class Runtime:
             max_batch=settings.audit_max_batch,
         )
         self.policy = PolicyStore(settings.policy_dir)
-        if not any(settings.policy_dir.glob("*.cedar")):
+        if not policy_files(settings.policy_dir):
             log.warning(
                 "no policy in %s: every action is denied, the admin's too; docs/policy.md "
                 "shows the default policy to start from",

@@ -384,6 +384,16 @@ def test_policy_files_with_a_byte_order_mark_are_read(data_dir: Path) -> None:
     assert as_json(data_dir, "agent", "create", "bob")["name"] == "bob"  # decided by policy
 
 
+def test_an_editor_lock_file_in_the_policy_dir_does_not_stop_the_commands(
+    data_dir: Path,
+) -> None:
+    run(data_dir, "agent", "create", "ada")
+    # Emacs makes this dangling symlink while default.cedar has unsaved changes
+    (data_dir / "policies" / ".#default.cedar").symlink_to("someone@host.1234:1700000000")
+    assert "admin-all" in as_json(data_dir, "policy", "check")["policies"]
+    assert as_json(data_dir, "agent", "create", "bob")["name"] == "bob"
+
+
 def test_reading_commands_work_while_a_policy_file_is_broken(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "ada")
     run(data_dir, "plugin", "install", str(NOTES_DIR))
