@@ -103,6 +103,69 @@ def test_a_plugin_module_named_like_a_stdlib_or_worker_module_is_refused_at_inst
 
 
 @pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (  # installed, then tools/list failed (-32603) for every agent it was attached to
+            {
+                "tools": [
+                    {
+                        "name": "clash_echo",
+                        "description": "echo",
+                        "inputSchema": {"type": "object"},
+                        "annotations": {"deep": json.loads("[" * 600 + "]" * 600)},
+                    }
+                ]
+            },
+            "plugin.json: tools[0].annotations.deep…: nests deeper than 64 levels of arrays "
+            "and objects (plugin.json may nest at most 64)",
+        ),
+        (  # silently the default quotas
+            {"quota": {"timeout_ms": 100}},
+            "plugin.json: quota: unknown key; a manifest has name, version, abi, runtime, entry, "
+            "description, publisher, capabilities, quotas, tools, resources, resourceTemplates, "
+            "prompts",
+        ),
+        ({"runtime": []}, "plugin.json: runtime: must be a string, not list"),  # was a traceback
+    ],
+)
+def test_a_manifest_the_server_could_not_serve_is_refused_at_install(
+    data_dir: Path, tmp_path: Path, change: dict[str, Any], error: str
+) -> None:
+    source = named_plugin(tmp_path, "clash_plugin")
+    manifest = json.loads((source / "plugin.json").read_text())
+    (source / "plugin.json").write_text(json.dumps({**manifest, **change}))
+    refused = run(data_dir, "plugin", "install", str(source), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == f"mcp0: error: {error}\n"
+    assert as_json(data_dir, "plugin", "list") == []
+
+
+def test_nan_in_a_manifest_is_refused_so_plugin_show_prints_json(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # Python's json reads NaN; it installed, and plugin show --json printed it (not JSON)
+    source = named_plugin(tmp_path, "clash_plugin")
+    text = (source / "plugin.json").read_text()
+    with_nan = text.replace(
+        '"description": "echo"', '"description": "echo", "annotations": {"r": NaN}'
+    )
+    (source / "plugin.json").write_text(with_nan)
+    refused = run(data_dir, "plugin", "install", str(source), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        "mcp0: error: plugin.json: tools[0].annotations.r: NaN is not a JSON number "
+        "(JSON has no NaN or Infinity)\n"
+    )
+    (source / "plugin.json").write_text(with_nan.replace("NaN", "0.5"))
+    run(data_dir, "plugin", "install", str(source))
+    shown = run(data_dir, "plugin", "show", "clash", "--json").stdout
+    tool = json.loads(shown, parse_constant=lambda c: pytest.fail(f"{c} in plugin show"))["tools"][
+        0
+    ]
+    assert tool["annotations"] == {"r": 0.5}
+
+
+@pytest.mark.parametrize(
     ("special", "kind"), [("fifo", "a named pipe (FIFO)"), ("socket", "a socket")]
 )
 def test_a_fifo_or_socket_in_a_plugin_is_one_clear_error(
