@@ -38,6 +38,24 @@ def test_first_start_lays_out_the_data_dir_with_private_secrets(runtime: Runtime
     assert runtime.admin_token().startswith("mcp0_")
 
 
+def test_a_data_dir_mcp0_creates_is_private(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "data"
+    Runtime(load_settings(None, {"data_dir": data_dir}, environ={})).close()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+
+
+def test_an_existing_data_dir_keeps_its_mode(tmp_path: Path) -> None:
+    # --data-dir /tmp (or a directory shared with others) had its mode clobbered to 0700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    for _ in range(2):  # a first start and a later one
+        Runtime(load_settings(None, {"data_dir": shared}, environ={})).close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "admin.token").stat().st_mode) == 0o600
+    assert stat.S_IMODE((shared / "keys" / "signing.key").stat().st_mode) == 0o600
+
+
 def test_the_first_start_makes_the_signing_key_without_loading_cryptography(
     tmp_path: Path,
 ) -> None:

@@ -123,8 +123,12 @@ class Runtime:
         s = self.settings
         created = not s.db_path.exists()
         try:
-            s.data_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(s.data_dir, 0o700)
+            try:
+                s.data_dir.mkdir(parents=True)
+            except FileExistsError:
+                pass  # the operator's directory (maybe /srv/x or shared): its mode is theirs
+            else:
+                os.chmod(s.data_dir, 0o700)  # ours: private whatever the umask
             s.keys_dir.mkdir(exist_ok=True)
             key_path = s.keys_dir / "signing.key"
             if not key_path.exists():
