@@ -309,6 +309,39 @@ def test_a_plugin_installed_from_one_directory_is_used_and_removed_from_another(
     assert (decoy / "keep.txt").read_text() == "not mcp0's"
 
 
+def test_the_staging_copy_of_a_killed_install_is_swept_once_it_is_old(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")  # the data dir exists before the install dies
+    # the install dies (kill -9, a reboot) once it has copied the plugin, before the rename
+    dies_after_copy = (
+        "import os, shutil, signal, sys\n"
+        "from mcp_zero.cli.main import main\n"
+        "copytree = shutil.copytree\n"
+        "def copy_and_die(*args, **kwargs):\n"
+        "    copytree(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shutil.copytree = copy_and_die\n"
+        "sys.argv = ['mcp0', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    install = ["plugin", "install", str(NOTES_DIR), "--data-dir", str(data_dir)]
+    done = subprocess.run(
+        [sys.executable, "-c", dies_after_copy, *install],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == -9, done.stderr
+    (staging,) = (data_dir / "plugins" / "notes").iterdir()
+    assert staging.name.startswith(".")
+    assert (staging / "plugin.json").is_file()
+    run(data_dir, "agent", "create", "bob")  # a start: an install may still be copying
+    assert staging.is_dir()
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
+    os.utime(staging, (long_ago, long_ago))
+    run(data_dir, "agent", "create", "cy")  # it was kept forever
+    assert not staging.exists()
+    assert as_json(data_dir, "plugin", "list") == []
+
+
 def test_recover_attaches_again_a_plugin_installed_before_digests_were_kept(
     data_dir: Path,
 ) -> None:
