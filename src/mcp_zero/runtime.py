@@ -184,6 +184,24 @@ class Runtime:
         """Install the bundled example plugins."""
         return [self.install_plugin(path, replace=True).name for path in example_plugins()]
 
+    async def finish_first_start(self) -> tuple[list[str], str | None]:
+        """Do the data dir's first start if it has not finished: install the example plugins
+        (unless ``settings.examples`` is false) and, when there is no agent yet, create agent
+        ``default`` with them. Returns the plugins installed and the new agent's token (shown
+        once), or ([], None) when the first start was done before.
+
+        Recorded as done only at the end, so a first start that died midway (kill -9, a full
+        disk) is finished by the next one. Raises what the install and the spawn raise.
+        """
+        if self.store.first_start_done():
+            return [], None
+        installed = self.install_examples() if self.settings.examples else []
+        token = None
+        if installed and not self.store.list_agents():
+            token = (await self.agents.spawn("default", installed, via="cli")).token
+        self.store.finish_first_start()
+        return installed, token
+
     def install_plugin(
         self, path: Path, *, replace: bool = False, via: str = "cli"
     ) -> PluginManifest:

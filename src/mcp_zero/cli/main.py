@@ -103,6 +103,9 @@ def _runtime(
     settings = _settings(config_file, data_dir)
     runtime = Runtime(settings if create else _existing(settings))
     try:
+        if runtime.created:
+            # laid out by this command, not by `mcp0 serve`: a later serve installs no examples
+            runtime.store.finish_first_start()
         yield runtime
     finally:
         runtime.close()
