@@ -80,7 +80,9 @@ def _check_listen(settings: Settings) -> None:
         raise _cannot_listen(settings, exc) from exc
 
 
-def _prepare(settings: Settings, *, first_start: bool) -> tuple[Runtime, list[str], str | None]:
+def _prepare(
+    settings: Settings, *, first_start: bool = False
+) -> tuple[Runtime, list[str], str | None]:
     """The runtime, with the data dir's first start finished if ``first_start`` (the
     example plugins installed and the default agent's token, if this start made them)."""
     if settings.anonymous_agent and not settings.on_loopback_only():
@@ -183,7 +185,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
     _install_uvloop()
     # a stdio session's agent exists already: the first start is left to an HTTP server
-    runtime, _, _ = _prepare(settings, first_start=False)
+    runtime, _, _ = _prepare(settings)
     try:
         if agent:
             principal = runtime.agents.principal(agent)
