@@ -541,3 +541,91 @@ def test_admin_rotate_token_writes_a_new_private_token_and_audits_it(data_dir: P
     assert token_file.stat().st_mode & 0o777 == 0o600
     verbs = [r["verb"] for r in as_json(data_dir, "audit", "list")]
     assert verbs.count("change_admin_token") == 2
+
+
+def test_admin_rotate_token_at_once_from_many_processes_leaves_one_whole_token(
+    data_dir: Path,
+) -> None:
+    # all wrote admin.token.tmp: one renamed another's away, a FileNotFoundError traceback
+    run(data_dir, "agent", "create", "ada")
+    rotate = [MCP0, "admin", "rotate-token", "--data-dir", str(data_dir)]
+    rotations = [subprocess.Popen(rotate, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for rotation in rotations:
+        _, err = rotation.communicate(timeout=60)
+        assert rotation.returncode == 0, err
+        assert err == ""
+    token = (data_dir / "admin.token").read_text()
+    assert token.startswith("mcp0_")
+    assert token.count("\n") == 1
+    assert not [
+        p.name for p in data_dir.iterdir() if "admin.token" in p.name and p.name != "admin.token"
+    ]
+    verbs = [r["verb"] for r in as_json(data_dir, "audit", "list")]
+    assert verbs.count("change_admin_token") == 8
+
+
+ON_A_FULL_DISK = """
+import json, os, sqlite3, subprocess, sys
+root, mcp0 = sys.argv[1], sys.argv[2]
+data = os.path.join(root, "data")
+create = [mcp0, "agent", "create", "ada", "--data-dir", data]
+subprocess.run(create, check=True, capture_output=True)
+token = open(os.path.join(data, "admin.token")).read()
+# a reader keeps SQLite's -wal and -shm in place: opening the store needs no new space
+held = sqlite3.connect(os.path.join(data, "mcp0.db"))
+held.execute("SELECT count(*) FROM agents").fetchall()
+filler = os.open(os.path.join(root, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(filler, bytes(4096))
+except OSError:
+    pass
+done = subprocess.run(
+    [mcp0, "admin", "rotate-token", "--data-dir", data], capture_output=True, text=True
+)
+print(json.dumps({
+    "returncode": done.returncode,
+    "stderr": done.stderr,
+    "files": sorted(os.listdir(data)),
+    "token_kept": open(os.path.join(data, "admin.token")).read() == token,
+}))
+"""
+
+
+def test_admin_rotate_token_on_a_full_disk_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    # an OSError traceback, and admin.token.tmp left behind
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs in a mount namespace")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(
+        [
+            unshare,
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=1m tmpfs "$1" || exit 77; exec "$2" -c "$3" "$1" "$4"',
+            "sh",
+            str(disk),
+            sys.executable,
+            ON_A_FULL_DISK,
+            MCP0,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode == 77:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["returncode"] == 1
+    assert seen["stderr"] == (
+        f"mcp0: error: cannot write a new admin token to {disk}/data/admin.token: No space left "
+        "on device; the old token still works\n"
+    )
+    assert seen["token_kept"]
+    assert not [name for name in seen["files"] if "admin.token" in name and name != "admin.token"]

@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from mcp_zero import __version__
-from mcp_zero.errors import ConfigError, McpZeroError
+from mcp_zero.errors import ConfigError, McpZeroError, StorageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -521,7 +521,13 @@ def admin_rotate_token(config_file: Path | None, data_dir: Path | None, as_json:
 
     with _runtime(config_file, data_dir) as rt:
         path = rt.settings.admin_token_path
-        write_secret_file(path, new_token() + "\n")
+        try:
+            write_secret_file(path, new_token() + "\n")
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write a new admin token to {path}: {exc.strerror or exc}; "
+                "the old token still works"
+            ) from exc
         rt.audit.append_sync(admin_event(CHANGE_ADMIN_TOKEN, path.name, "cli", Outcome.ALLOWED, {}))
     _out(
         as_json,
