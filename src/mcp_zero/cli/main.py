@@ -346,13 +346,19 @@ def agent_exec(
 ) -> None:
     """Call TOOL as agent NAME with ARGUMENTS (a JSON object), through the governed path."""
     from mcp_zero.cli.serve import execute_once
+    from mcp_zero.kernel.pipeline import MAX_ARGUMENT_DEPTH
 
+    too_deep = f"ARGUMENTS nest deeper than {MAX_ARGUMENT_DEPTH} levels, more than a tool takes"
     try:
         args = json.loads(arguments, parse_constant=_not_json)
     except (json.JSONDecodeError, ValueError) as exc:
         raise click.BadParameter(f"ARGUMENTS is not JSON: {exc}") from None
+    except RecursionError:  # past Python's own limit (~1,000 levels)
+        raise click.BadParameter(too_deep) from None
     if not isinstance(args, dict):
         raise click.BadParameter("ARGUMENTS must be a JSON object")
+    if _depth(args) > MAX_ARGUMENT_DEPTH:
+        raise click.BadParameter(too_deep)
     settings = _existing(_settings(config_file, data_dir))
     result = execute_once(settings, name, tool, args)
     texts = [c.get("text", "") for c in result.get("content", []) if c.get("type") == "text"]
@@ -552,6 +558,20 @@ def policy_check(config_file: Path | None, data_dir: Path | None, as_json: bool)
     engine = PolicyEngine.load(settings.policy_dir)
     ids = sorted(engine.policies)
     _out(as_json, {"ok": True, "policies": ids}, f"ok: {len(ids)} policies: {', '.join(ids)}")
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value`` (an object of scalars: 1)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            stack.extend(
+                (child, level + 1) for child in (node.values() if isinstance(node, dict) else node)
+            )
+    return deepest
 
 
 def _not_json(constant: str) -> Any:
