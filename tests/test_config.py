@@ -103,6 +103,46 @@ def test_an_unknown_key_is_a_config_error_naming_it(tmp_path: Path) -> None:
     assert "max_body_bytes" in caught.value.message  # the known settings are listed
 
 
+def test_a_setting_beside_the_server_table_is_refused_not_ignored(tmp_path: Path) -> None:
+    config = write(tmp_path, "rate_limit = 1\n[server]\nport = 9000\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, None, environ={})
+    assert caught.value.message == (
+        f"setting 'rate_limit' in {config} is at the top level, beside the [server] table, "
+        "where it would be ignored; put it under [server] (a key after the [server] line is "
+        "in it), or give every setting at the top level without [server]"
+    )
+    typo = write(tmp_path, "[sever]\nport = 1\n[server]\nport = 9000\n")
+    with pytest.raises(ConfigError, match=r"^key 'sever' in .* beside the \[server\] table"):
+        load_settings(typo, None, environ={})
+    moved = write(tmp_path, "[server]\nport = 9000\nrate_limit = 1\n")
+    assert load_settings(moved, None, environ={}).rate_limit == 1.0
+
+
+@pytest.mark.parametrize("server", ["5", '"x"', "[1, 2]", "true"])
+def test_a_server_that_is_not_a_table_is_a_config_error(tmp_path: Path, server: str) -> None:
+    config = write(tmp_path, f"server = {server}\n")
+    with pytest.raises(ConfigError, match=r"'server' in .* must be the \[server\] table"):
+        load_settings(config, None, environ={})
+
+
+def test_a_table_that_is_not_server_is_an_unknown_setting(tmp_path: Path) -> None:
+    config = write(tmp_path, "[sever]\nport = 9000\n")  # a typo: no [server] at all
+    with pytest.raises(ConfigError, match=r"unknown setting 'sever' in .*; known: allowed_"):
+        load_settings(config, None, environ={})
+
+
+def test_config_file_mistakes_are_one_line_from_the_cli(tmp_path: Path) -> None:
+    # server = 5 was an AttributeError traceback
+    config = write(tmp_path, "server = 5\n")
+    result = CliRunner().invoke(
+        main, ["agent", "list", "--config", str(config), "--data-dir", str(tmp_path / "d")]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"mcp0: error: 'server' in {config} is int 5; it must be")
+    assert result.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("source", "name"),
     [({"MCP0_PORT": "eighty"}, "port"), ({"MCP0_RATE_LIMIT": "fast"}, "rate_limit")],

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import select
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from mcp_zero.errors import PolicyDenied
 from mcp_zero.runtime import Runtime
 
 NOTES_DIR = Path(__file__).parents[1] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
+MCP0 = str(Path(sys.executable).parent / "mcp0")
 
 
 @pytest.fixture
@@ -36,6 +41,24 @@ def test_first_start_lays_out_the_data_dir_with_private_secrets(runtime: Runtime
     for secret in (s.admin_token_path, s.keys_dir / "signing.key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert runtime.admin_token().startswith("mcp0_")
+
+
+def test_a_data_dir_mcp0_creates_is_private(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "data"
+    Runtime(load_settings(None, {"data_dir": data_dir}, environ={})).close()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+
+
+def test_an_existing_data_dir_keeps_its_mode(tmp_path: Path) -> None:
+    # --data-dir /tmp (or a directory shared with others) had its mode clobbered to 0700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    for _ in range(2):  # a first start and a later one
+        Runtime(load_settings(None, {"data_dir": shared}, environ={})).close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "admin.token").stat().st_mode) == 0o600
+    assert stat.S_IMODE((shared / "keys" / "signing.key").stat().st_mode) == 0o600
 
 
 def test_the_first_start_makes_the_signing_key_without_loading_cryptography(
@@ -156,3 +179,67 @@ async def test_changed_policy_files_are_put_in_force_or_refused_and_audited(
     policy_dir.with_name("moved").rename(policy_dir)
     assert not await runtime.refresh_policies()  # the set in force again: nothing to load
     assert len(records()) == 4
+
+
+def serve_once(data_dir: Path) -> dict[str, Any]:
+    """Start ``mcp0 serve --port 0 --json``, read what it announces, stop it (SIGTERM)."""
+    proc = subprocess.Popen(
+        [MCP0, "serve", "--port", "0", "--json", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while not select.select([proc.stdout], [], [], 0.1)[0]:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "mcp0 serve announced nothing in 30 s"
+        announced: dict[str, Any] = json.loads(proc.stdout.readline())
+        return announced
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+def test_a_first_start_killed_midway_is_finished_by_the_next_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    # the first start dies (kill -9, a full disk) once the database exists, before the examples
+    dies_at_the_examples = (
+        "import os, signal, sys\n"
+        "from mcp_zero.runtime import Runtime\n"
+        "Runtime.install_examples = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from mcp_zero.cli.main import main\n"
+        "sys.argv = ['mcp0', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    serve = ["serve", "--port", "0", "--data-dir", str(data_dir)]
+    killed = subprocess.run(
+        [sys.executable, "-c", dies_at_the_examples, *serve],
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (data_dir / "mcp0.db").exists()
+    # it silently came up with no example plugin, no default agent and no token
+    finished = serve_once(data_dir)
+    assert finished["plugins_installed"] == ["notes"]
+    assert finished["agent"]["name"] == "default"
+    assert finished["agent"]["token"].startswith("mcp0_")
+    again = serve_once(data_dir)  # done once: never again
+    assert again["plugins_installed"] == []
+    assert "agent" not in again
+
+
+def test_a_data_dir_laid_out_by_another_command_gets_no_examples_from_serve(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    created = subprocess.run(
+        [MCP0, "agent", "create", "ada", "--data-dir", str(data_dir)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    announced = serve_once(data_dir)
+    assert announced["plugins_installed"] == []
+    assert "agent" not in announced

@@ -150,8 +150,7 @@ def load_settings(
             raw = tomllib.loads(config_file.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-        section = raw.get("server", raw)
-        for key, value in section.items():
+        for key, value in _file_section(raw, config_file).items():
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(
@@ -179,6 +178,30 @@ def load_settings(
             f"setting 'log_level' is {settings.log_level!r}; use one of {', '.join(LOG_LEVELS)}"
         )
     return settings
+
+
+def _file_section(raw: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    """The settings of a config file: its ``[server]`` table, or its top level when it has
+    none. Raises ConfigError for a ``server`` that is not a table and for a key beside the
+    ``[server]`` table (it would be ignored)."""
+    if "server" not in raw:
+        return raw
+    server = raw["server"]
+    if not isinstance(server, dict):
+        raise ConfigError(
+            f"'server' in {config_file} is {type(server).__name__} {server!r}; it must be the "
+            "[server] table of settings (or give the settings at the top level, without it)"
+        )
+    beside = sorted(key for key in raw if key != "server")
+    if beside:
+        key = beside[0]
+        where = "setting" if key.replace("-", "_") in {f.name for f in fields(Settings)} else "key"
+        raise ConfigError(
+            f"{where} {key!r} in {config_file} is at the top level, beside the [server] table, "
+            "where it would be ignored; put it under [server] (a key after the [server] line "
+            "is in it), or give every setting at the top level without [server]"
+        )
+    return server
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

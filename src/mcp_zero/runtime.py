@@ -29,6 +29,7 @@ from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.defaults import write_default_policies
+from mcp_zero.policy.loader import policy_files
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
@@ -80,7 +81,7 @@ class Runtime:
             max_batch=settings.audit_max_batch,
         )
         self.policy = PolicyStore(settings.policy_dir)
-        if not any(settings.policy_dir.glob("*.cedar")):
+        if not policy_files(settings.policy_dir):
             log.warning(
                 "no policy in %s: every action is denied, the admin's too; docs/policy.md "
                 "shows the default policy to start from",
@@ -126,8 +127,12 @@ class Runtime:
         s = self.settings
         created = not s.db_path.exists()
         try:
-            s.data_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(s.data_dir, 0o700)
+            try:
+                s.data_dir.mkdir(parents=True)
+            except FileExistsError:
+                pass  # the operator's directory (maybe /srv/x or shared): its mode is theirs
+            else:
+                os.chmod(s.data_dir, 0o700)  # ours: private whatever the umask
             s.keys_dir.mkdir(exist_ok=True)
             key_path = s.keys_dir / "signing.key"
             if not key_path.exists():
@@ -182,6 +187,24 @@ class Runtime:
     def install_examples(self) -> list[str]:
         """Install the bundled example plugins."""
         return [self.install_plugin(path, replace=True).name for path in example_plugins()]
+
+    async def finish_first_start(self) -> tuple[list[str], str | None]:
+        """Do the data dir's first start if it has not finished: install the example plugins
+        (unless ``settings.examples`` is false) and, when there is no agent yet, create agent
+        ``default`` with them. Returns the plugins installed and the new agent's token (shown
+        once), or ([], None) when the first start was done before.
+
+        Recorded as done only at the end, so a first start that died midway (kill -9, a full
+        disk) is finished by the next one. Raises what the install and the spawn raise.
+        """
+        if self.store.first_start_done():
+            return [], None
+        installed = self.install_examples() if self.settings.examples else []
+        token = None
+        if installed and not self.store.list_agents():
+            token = (await self.agents.spawn("default", installed, via="cli")).token
+        self.store.finish_first_start()
+        return installed, token
 
     def install_plugin(
         self, path: Path, *, replace: bool = False, via: str = "cli"

@@ -107,6 +107,69 @@ def test_a_plugin_module_named_like_a_stdlib_or_worker_module_is_refused_at_inst
 
 
 @pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (  # installed, then tools/list failed (-32603) for every agent it was attached to
+            {
+                "tools": [
+                    {
+                        "name": "clash_echo",
+                        "description": "echo",
+                        "inputSchema": {"type": "object"},
+                        "annotations": {"deep": json.loads("[" * 600 + "]" * 600)},
+                    }
+                ]
+            },
+            "plugin.json: tools[0].annotations.deep…: nests deeper than 64 levels of arrays "
+            "and objects (plugin.json may nest at most 64)",
+        ),
+        (  # silently the default quotas
+            {"quota": {"timeout_ms": 100}},
+            "plugin.json: quota: unknown key; a manifest has name, version, abi, runtime, entry, "
+            "description, publisher, capabilities, quotas, tools, resources, resourceTemplates, "
+            "prompts",
+        ),
+        ({"runtime": []}, "plugin.json: runtime: must be a string, not list"),  # was a traceback
+    ],
+)
+def test_a_manifest_the_server_could_not_serve_is_refused_at_install(
+    data_dir: Path, tmp_path: Path, change: dict[str, Any], error: str
+) -> None:
+    source = named_plugin(tmp_path, "clash_plugin")
+    manifest = json.loads((source / "plugin.json").read_text())
+    (source / "plugin.json").write_text(json.dumps({**manifest, **change}))
+    refused = run(data_dir, "plugin", "install", str(source), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == f"mcp0: error: {error}\n"
+    assert as_json(data_dir, "plugin", "list") == []
+
+
+def test_nan_in_a_manifest_is_refused_so_plugin_show_prints_json(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # Python's json reads NaN; it installed, and plugin show --json printed it (not JSON)
+    source = named_plugin(tmp_path, "clash_plugin")
+    text = (source / "plugin.json").read_text()
+    with_nan = text.replace(
+        '"description": "echo"', '"description": "echo", "annotations": {"r": NaN}'
+    )
+    (source / "plugin.json").write_text(with_nan)
+    refused = run(data_dir, "plugin", "install", str(source), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        "mcp0: error: plugin.json: tools[0].annotations.r: NaN is not a JSON number "
+        "(JSON has no NaN or Infinity)\n"
+    )
+    (source / "plugin.json").write_text(with_nan.replace("NaN", "0.5"))
+    run(data_dir, "plugin", "install", str(source))
+    shown = run(data_dir, "plugin", "show", "clash", "--json").stdout
+    tool = json.loads(shown, parse_constant=lambda c: pytest.fail(f"{c} in plugin show"))["tools"][
+        0
+    ]
+    assert tool["annotations"] == {"r": 0.5}
+
+
+@pytest.mark.parametrize(
     ("special", "kind"), [("fifo", "a named pipe (FIFO)"), ("socket", "a socket")]
 )
 def test_a_fifo_or_socket_in_a_plugin_is_one_clear_error(
@@ -250,6 +313,39 @@ def test_a_plugin_installed_from_one_directory_is_used_and_removed_from_another(
     assert (decoy / "keep.txt").read_text() == "not mcp0's"
 
 
+def test_the_staging_copy_of_a_killed_install_is_swept_once_it_is_old(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")  # the data dir exists before the install dies
+    # the install dies (kill -9, a reboot) once it has copied the plugin, before the rename
+    dies_after_copy = (
+        "import os, shutil, signal, sys\n"
+        "from mcp_zero.cli.main import main\n"
+        "copytree = shutil.copytree\n"
+        "def copy_and_die(*args, **kwargs):\n"
+        "    copytree(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shutil.copytree = copy_and_die\n"
+        "sys.argv = ['mcp0', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    install = ["plugin", "install", str(NOTES_DIR), "--data-dir", str(data_dir)]
+    done = subprocess.run(
+        [sys.executable, "-c", dies_after_copy, *install],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == -9, done.stderr
+    (staging,) = (data_dir / "plugins" / "notes").iterdir()
+    assert staging.name.startswith(".")
+    assert (staging / "plugin.json").is_file()
+    run(data_dir, "agent", "create", "bob")  # a start: an install may still be copying
+    assert staging.is_dir()
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
+    os.utime(staging, (long_ago, long_ago))
+    run(data_dir, "agent", "create", "cy")  # it was kept forever
+    assert not staging.exists()
+    assert as_json(data_dir, "plugin", "list") == []
+
+
 def test_recover_attaches_again_a_plugin_installed_before_digests_were_kept(
     data_dir: Path,
 ) -> None:
@@ -323,6 +419,24 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
         assert option[0] in bad_page.stderr
 
 
+def test_agent_exec_refuses_arguments_nested_deeper_than_a_tool_takes(data_dir: Path) -> None:
+    # 5,000 levels were a RecursionError traceback
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    for depth in (255, 5000):  # the object itself is a level: 254 is the pipeline's most
+        nested = '{"text": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+        refused = run(data_dir, "agent", "exec", "ada", "notes_add", nested, ok=False)
+        assert refused.exit_code == 2, refused.output
+        assert refused.stderr.splitlines()[-1] == (
+            "mcp0: error: invalid value: ARGUMENTS nest deeper than 254 levels, more than a "
+            "tool takes"
+        )
+    at_most = '{"text": ' + "[" * 253 + "]" * 253 + "}"
+    called = run(data_dir, "agent", "exec", "ada", "notes_add", at_most, ok=False)
+    assert called.exit_code == 1  # through the governed path: the tool's schema wants a string
+    assert "text" in called.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "usage", "error"),
     [
@@ -386,6 +500,16 @@ def test_policy_files_with_a_byte_order_mark_are_read(data_dir: Path) -> None:
     assert default.read_bytes().startswith(b"\xef\xbb\xbf")
     assert "admin-all" in as_json(data_dir, "policy", "check")["policies"]
     assert as_json(data_dir, "agent", "create", "bob")["name"] == "bob"  # decided by policy
+
+
+def test_an_editor_lock_file_in_the_policy_dir_does_not_stop_the_commands(
+    data_dir: Path,
+) -> None:
+    run(data_dir, "agent", "create", "ada")
+    # Emacs makes this dangling symlink while default.cedar has unsaved changes
+    (data_dir / "policies" / ".#default.cedar").symlink_to("someone@host.1234:1700000000")
+    assert "admin-all" in as_json(data_dir, "policy", "check")["policies"]
+    assert as_json(data_dir, "agent", "create", "bob")["name"] == "bob"
 
 
 def test_reading_commands_work_while_a_policy_file_is_broken(data_dir: Path) -> None:
@@ -511,3 +635,93 @@ async def test_a_plugin_that_hangs_as_it_loads_does_not_hold_up_the_others(
         assert added["structuredContent"]["note"]["text"] == "served"
     finally:
         await runtime.aclose()
+
+
+def test_admin_rotate_token_at_once_from_many_processes_leaves_one_whole_token(
+    data_dir: Path,
+) -> None:
+    # all wrote admin.token.tmp: one renamed another's away, a FileNotFoundError traceback
+    run(data_dir, "agent", "create", "ada")
+    rotate = [MCP0, "admin", "rotate-token", "--data-dir", str(data_dir)]
+    rotations = [subprocess.Popen(rotate, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for rotation in rotations:
+        _, err = rotation.communicate(timeout=60)
+        assert rotation.returncode == 0, err
+        assert err == ""
+    token = (data_dir / "admin.token").read_text()
+    assert token.startswith("mcp0_")
+    assert token.count("\n") == 1
+    assert not [
+        p.name for p in data_dir.iterdir() if "admin.token" in p.name and p.name != "admin.token"
+    ]
+    verbs = [r["verb"] for r in as_json(data_dir, "audit", "list")]
+    assert verbs.count("change_admin_token") == 8
+
+
+ON_A_FULL_DISK = """
+import json, os, sqlite3, subprocess, sys
+root, mcp0 = sys.argv[1], sys.argv[2]
+data = os.path.join(root, "data")
+create = [mcp0, "agent", "create", "ada", "--data-dir", data]
+subprocess.run(create, check=True, capture_output=True)
+token = open(os.path.join(data, "admin.token")).read()
+# a reader keeps SQLite's -wal and -shm in place: opening the store needs no new space
+held = sqlite3.connect(os.path.join(data, "mcp0.db"))
+held.execute("SELECT count(*) FROM agents").fetchall()
+filler = os.open(os.path.join(root, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(filler, bytes(4096))
+except OSError:
+    pass
+done = subprocess.run(
+    [mcp0, "admin", "rotate-token", "--data-dir", data], capture_output=True, text=True
+)
+print(json.dumps({
+    "returncode": done.returncode,
+    "stderr": done.stderr,
+    "files": sorted(os.listdir(data)),
+    "token_kept": open(os.path.join(data, "admin.token")).read() == token,
+}))
+"""
+
+
+def test_admin_rotate_token_on_a_full_disk_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    # an OSError traceback, and admin.token.tmp left behind
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs in a mount namespace")
+    if subprocess.run([unshare, "--mount", "true"], capture_output=True, timeout=30).returncode:
+        pytest.skip("cannot make a mount namespace here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(
+        [
+            unshare,
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=1m tmpfs "$1" || exit 77; exec "$2" -c "$3" "$1" "$4"',
+            "sh",
+            str(disk),
+            sys.executable,
+            ON_A_FULL_DISK,
+            MCP0,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode == 77:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["returncode"] == 1
+    assert seen["stderr"] == (
+        f"mcp0: error: cannot write a new admin token to {disk}/data/admin.token: No space left "
+        "on device; the old token still works\n"
+    )
+    assert seen["token_kept"]
+    assert not [name for name in seen["files"] if "admin.token" in name and name != "admin.token"]

@@ -111,6 +111,29 @@ def test_only_cedar_files_are_read(tmp_path: Path) -> None:
     assert set(PolicyEngine.load(tmp_path).sources) == {DEFAULT_POLICY_FILE}
 
 
+def test_hidden_files_beside_the_policies_are_not_read(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    # Emacs's lock file while default.cedar is being edited: a dangling symlink
+    (tmp_path / ".#default.cedar").symlink_to("someone@host.1234:1700000000")
+    # macOS's AppleDouble file on a foreign file system: binary, not Cedar
+    (tmp_path / "._default.cedar").write_bytes(b"\x00\x05\x16\x07\xff")
+    (tmp_path / ".hidden.cedar").write_text("permit (principal, action, resource")
+    assert set(PolicyEngine.load(tmp_path).sources) == {DEFAULT_POLICY_FILE}
+
+
+def test_a_dangling_symlink_that_is_not_hidden_is_an_error_naming_it(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    (tmp_path / "extra.cedar").symlink_to(tmp_path / "elsewhere" / "extra.cedar")
+    with pytest.raises(PolicyError, match=r"^extra\.cedar: cannot read policy file"):
+        PolicyEngine.load(tmp_path)
+
+
+def test_no_default_policy_is_written_beside_only_hidden_files(tmp_path: Path) -> None:
+    (tmp_path / ".#default.cedar").symlink_to("someone@host.1234:1700000000")
+    assert write_default_policies(tmp_path)
+    assert (tmp_path / DEFAULT_POLICY_FILE).read_text() == DEFAULT_POLICIES
+
+
 def test_policies_without_id_are_named_by_file_and_position() -> None:
     engine = PolicyEngine.from_sources(
         {

@@ -131,7 +131,54 @@ def test_minimal_manifest_gets_defaults():
         (variant(quotas={"timeout_ms": 0}), "quotas.timeout_ms", "integer from 1"),
         (variant(quotas={"memory_mb": "big"}), "quotas.memory_mb", "integer"),
         (variant(quotas={"workers": 100}), "quotas.workers", "from 1 to 64"),
-        (variant(quotas={"cpus": 1}), "quotas", "unknown keys"),
+        (variant(quotas={"cpus": 1}), "quotas", "unknown key 'cpus' (known: timeout_ms,"),
+        (variant(quota={"timeout_ms": 5}), "quota", "unknown key; a manifest has name,"),
+        (variant(quota={}, licence="MIT"), "licence, quota", "unknown keys; a manifest has"),
+        (
+            variant(capabilities={"net": True}),
+            "capabilities",
+            "unknown key 'net' (known: network, filesystem)",
+        ),
+        (variant(capabilities={"filesystem": []}), "capabilities.filesystem", "one of"),
+        (variant(abi=1.0), "abi", "must be 1, an integer"),
+        (variant(abi=True), "abi", "must be 1, an integer"),
+        (variant(runtime=[]), "runtime", "must be a string, not list"),
+        (variant(runtime={}), "runtime", "must be a string, not dict"),
+        (
+            variant(resourceTemplates=[{"uriTemplate": "x://{", "name": "x"}]),
+            "resourceTemplates[0].uriTemplate",
+            "'x://{' is not a URI template MCP-ZERO serves",
+        ),
+        (
+            variant(resourceTemplates=[{"uriTemplate": "x://{a}/}", "name": "x"}]),
+            "resourceTemplates[0].uriTemplate",
+            "only {var} and {+var}",
+        ),
+        (
+            variant(resourceTemplates=[{"uriTemplate": "x://{?q}", "name": "x"}]),
+            "resourceTemplates[0].uriTemplate",
+            "only {var} and {+var}",
+        ),
+        (
+            variant(resourceTemplates=[{"uriTemplate": "x://{a}/{+a}", "name": "x"}]),
+            "resourceTemplates[0].uriTemplate",
+            "names a variable twice",
+        ),
+        (
+            variant(tools=[tool(annotations={"title": float("nan")})]),
+            "tools[0].annotations.title",
+            "NaN is not a JSON number",
+        ),
+        (
+            variant(quotas={"timeout_ms": float("-inf")}),
+            "quotas.timeout_ms",
+            "-Infinity is not a JSON number",
+        ),
+        (
+            variant(tools=[tool(annotations={"x": [2**64]})]),
+            "tools[0].annotations.x[0]",
+            "integer past 64 bits",
+        ),
         (variant(resources=[{"uri": "a://b"}]), "resources[0].name", "is required"),
         (variant(resources=[{"uri": "a://b", "name": "b"}] * 2), "resources", "duplicate"),
         (
@@ -149,6 +196,41 @@ def test_invalid_manifests_name_the_field(manifest, field, says):
     assert info.value.data == {"field": field}
     assert field in info.value.message
     assert says in info.value.message
+
+
+def nested(depth: int) -> Any:
+    """Arrays within arrays, ``depth`` of them."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_manifests_nested_deeper_than_the_server_can_answer_are_refused():
+    # the manifest 1, tools 2, the tool 3, annotations 4: 60 more reach the limit of 64
+    at_limit = variant(tools=[tool(annotations={"deep": nested(64 - 4)})])
+    assert parse_manifest(at_limit).tools[0].annotations == {"deep": nested(60)}
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(variant(tools=[tool(annotations={"deep": nested(600)})]))
+    assert info.value.message == (
+        "plugin.json: tools[0].annotations.deep…: nests deeper than 64 levels of arrays "
+        "and objects (plugin.json may nest at most 64)"
+    )
+
+
+def test_load_manifest_refuses_nan_infinity_and_nesting_past_the_parser(tmp_path: Path):
+    (tmp_path / "notes_plugin.py").write_text("")
+    manifest = tmp_path / "plugin.json"
+    good = json.dumps(GOOD)
+    for number in ("NaN", "Infinity", "-Infinity", "1e400"):
+        manifest.write_text(
+            good.replace('"abi": 1', f'"abi": 1, "quotas": {{"workers": {number}}}')
+        )
+        with pytest.raises(ManifestError, match=r"quotas\.workers: -?(NaN|Infinity) is not a JSON"):
+            load_manifest(tmp_path)
+    manifest.write_text(good.replace('"abi": 1', '"abi": 1, "x": ' + "[" * 100_000 + "]" * 100_000))
+    with pytest.raises(ManifestError, match="nests deeper than 64 levels"):
+        load_manifest(tmp_path)
 
 
 def schema_with(**properties: Any) -> dict[str, Any]:

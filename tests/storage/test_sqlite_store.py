@@ -217,6 +217,41 @@ def test_plugins_of_the_first_schema_get_an_empty_digest(db: Path) -> None:
         assert store.get_plugin("web") == web
 
 
+def test_the_first_start_is_pending_in_a_new_database_until_it_is_finished(db: Path) -> None:
+    with SqliteStore(db) as store:
+        assert not store.first_start_done()
+        store.finish_first_start()
+        assert store.first_start_done()
+    with SqliteStore(db) as again:
+        assert again.first_start_done()
+
+
+@pytest.mark.parametrize(
+    ("holding", "done"),
+    [
+        ("INSERT INTO agents VALUES ('ada', 'h', '[]', '{}', 'active', 1.0)", True),
+        ("INSERT INTO plugins VALUES ('fs', '1', '{}', '/p', 2.0, '')", True),
+        ("INSERT INTO audit VALUES (1, 1.0, x'7b7d', '', 'h')", True),
+        (None, False),  # nothing yet: an earlier release's first start that died midway
+    ],
+)
+def test_a_database_of_an_earlier_release_has_had_its_first_start_if_it_holds_anything(
+    db: Path, holding: str | None, done: bool
+) -> None:
+    db.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(db, isolation_level=None)
+    try:
+        for statement in MIGRATIONS[0] + MIGRATIONS[1]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 2")
+        if holding is not None:
+            raw.execute(holding)
+    finally:
+        raw.close()
+    with SqliteStore(db) as store:
+        assert store.first_start_done() is done
+
+
 def test_database_from_a_newer_release_is_refused(db: Path) -> None:
     SqliteStore(db).close()
     raw = sqlite3.connect(db)

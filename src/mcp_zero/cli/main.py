@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from mcp_zero import __version__
-from mcp_zero.errors import ConfigError, McpZeroError
+from mcp_zero.errors import ConfigError, McpZeroError, StorageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -103,6 +103,9 @@ def _runtime(
     settings = _settings(config_file, data_dir)
     runtime = Runtime(settings if create else _existing(settings))
     try:
+        if runtime.created:
+            # laid out by this command, not by `mcp0 serve`: a later serve installs no examples
+            runtime.store.finish_first_start()
         yield runtime
     finally:
         runtime.close()
@@ -343,13 +346,19 @@ def agent_exec(
 ) -> None:
     """Call TOOL as agent NAME with ARGUMENTS (a JSON object), through the governed path."""
     from mcp_zero.cli.serve import execute_once
+    from mcp_zero.kernel.pipeline import MAX_ARGUMENT_DEPTH
 
+    too_deep = f"ARGUMENTS nest deeper than {MAX_ARGUMENT_DEPTH} levels, more than a tool takes"
     try:
         args = json.loads(arguments, parse_constant=_not_json)
     except (json.JSONDecodeError, ValueError) as exc:
         raise click.BadParameter(f"ARGUMENTS is not JSON: {exc}") from None
+    except RecursionError:  # past Python's own limit (~1,000 levels)
+        raise click.BadParameter(too_deep) from None
     if not isinstance(args, dict):
         raise click.BadParameter("ARGUMENTS must be a JSON object")
+    if _depth(args) > MAX_ARGUMENT_DEPTH:
+        raise click.BadParameter(too_deep)
     settings = _existing(_settings(config_file, data_dir))
     result = execute_once(settings, name, tool, args)
     texts = [c.get("text", "") for c in result.get("content", []) if c.get("type") == "text"]
@@ -518,7 +527,13 @@ def admin_rotate_token(config_file: Path | None, data_dir: Path | None, as_json:
 
     with _runtime(config_file, data_dir) as rt:
         path = rt.settings.admin_token_path
-        write_secret_file(path, new_token() + "\n")
+        try:
+            write_secret_file(path, new_token() + "\n")
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write a new admin token to {path}: {exc.strerror or exc}; "
+                "the old token still works"
+            ) from exc
         rt.audit.append_sync(admin_event(CHANGE_ADMIN_TOKEN, path.name, "cli", Outcome.ALLOWED, {}))
     _out(
         as_json,
@@ -543,6 +558,20 @@ def policy_check(config_file: Path | None, data_dir: Path | None, as_json: bool)
     engine = PolicyEngine.load(settings.policy_dir)
     ids = sorted(engine.policies)
     _out(as_json, {"ok": True, "policies": ids}, f"ok: {len(ids)} policies: {', '.join(ids)}")
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value`` (an object of scalars: 1)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            stack.extend(
+                (child, level + 1) for child in (node.values() if isinstance(node, dict) else node)
+            )
+    return deepest
 
 
 def _not_json(constant: str) -> Any:

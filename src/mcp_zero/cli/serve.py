@@ -80,7 +80,11 @@ def _check_listen(settings: Settings) -> None:
         raise _cannot_listen(settings, exc) from exc
 
 
-def _prepare(settings: Settings) -> tuple[Runtime, list[str]]:
+def _prepare(
+    settings: Settings, *, first_start: bool = False
+) -> tuple[Runtime, list[str], str | None]:
+    """The runtime, with the data dir's first start finished if ``first_start`` (the
+    example plugins installed and the default agent's token, if this start made them)."""
     if settings.anonymous_agent and not settings.on_loopback_only():
         raise ConfigError(
             f"--anonymous-agent is refused on {settings.host}: token-less access is allowed "
@@ -88,15 +92,19 @@ def _prepare(settings: Settings) -> tuple[Runtime, list[str]]:
         )
     runtime = Runtime(settings)
     installed: list[str] = []
-    if runtime.created and settings.examples:
-        installed = runtime.install_examples()
-    if settings.anonymous_agent and runtime.store.get_agent(settings.anonymous_agent) is None:
+    token = None
+    try:
+        if first_start:
+            installed, token = asyncio.run(runtime.finish_first_start())
+        if settings.anonymous_agent and runtime.store.get_agent(settings.anonymous_agent) is None:
+            raise ConfigError(
+                f"--anonymous-agent {settings.anonymous_agent!r}: no such agent; create it "
+                f"first with 'mcp0 agent create {settings.anonymous_agent} --plugin ...'"
+            )
+    except BaseException:
         runtime.close()
-        raise ConfigError(
-            f"--anonymous-agent {settings.anonymous_agent!r}: no such agent; create it first "
-            f"with 'mcp0 agent create {settings.anonymous_agent} --plugin ...'"
-        )
-    return runtime, installed
+        raise
+    return runtime, installed, token
 
 
 def run_http(settings: Settings, *, as_json: bool = False) -> None:
@@ -115,11 +123,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     warning = plain_http_warning(settings)
     if warning is not None:
         log.warning("%s", warning)
-    runtime, installed = _prepare(settings)
-    first_token = None
-    if installed and not runtime.store.list_agents():
-        spawned = asyncio.run(runtime.agents.spawn("default", installed, via="cli"))
-        first_token = spawned.token
+    runtime, installed, first_token = _prepare(settings, first_start=True)
     # The workers are subreapers; what one that dies by itself leaves running comes to the
     # server, which ends it (mcp_zero.sandbox.proctree).
     adopt_orphans()
@@ -180,7 +184,8 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
     _install_uvloop()
-    runtime, _ = _prepare(settings)
+    # a stdio session's agent exists already: the first start is left to an HTTP server
+    runtime, _, _ = _prepare(settings)
     try:
         if agent:
             principal = runtime.agents.principal(agent)

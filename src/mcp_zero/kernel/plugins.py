@@ -86,6 +86,8 @@ def _validator(schema: JSON) -> Validator:
 
 #: How long a replaced copy no server deleted is kept before a start sweeps it: past the
 #: longest call (timeout_ms is at most an hour), so no server still drains calls on it.
+#: An install's staging copy (``.VERSION-xxxx``) is swept after as long: an install copies at
+#: most MAX_PLUGIN_BYTES, seconds to minutes, so one that old was killed midway.
 REPLACED_COPY_KEPT_S = 2 * 3600.0
 MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
 _NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
@@ -296,7 +298,8 @@ class PluginHost:
 
     def sweep_copies(self) -> None:
         """Delete the copies under ``plugins/<name>/`` that no record names, replaced over
-        ``REPLACED_COPY_KEPT_S`` ago (an install without a running server leaves them)."""
+        ``REPLACED_COPY_KEPT_S`` ago (an install without a running server leaves them), and
+        the staging copies (dotted) of installs that began as long ago and were killed."""
         if not self.plugins_dir.is_dir():
             return
         used = {self.copy_path(record) for record in self.store.list_plugins()}
@@ -305,8 +308,8 @@ class PluginHost:
             if not parent.is_dir():
                 continue
             for copy in parent.iterdir():
-                # a dotted one is an install being copied
-                if copy in used or copy.name.startswith(".") or not copy.is_dir():
+                # a dotted one is an install being copied: young, or its install was killed
+                if copy in used or not copy.is_dir():
                     continue
                 with contextlib.suppress(OSError):
                     if copy.stat().st_mtime < before:

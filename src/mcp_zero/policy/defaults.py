@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mcp_zero.policy.loader import policy_files
+
 DEFAULT_POLICY_FILE = "default.cedar"
 
 # Each policy carries @id (named in decisions, denials, audit records and metrics)
@@ -62,7 +64,7 @@ def write_default_policies(policy_dir: Path) -> bool:
     Raises OSError when the directory cannot be created or written.
     """
     policy_dir.mkdir(parents=True, exist_ok=True)
-    if any(policy_dir.glob("*.cedar")):
+    if policy_files(policy_dir):
         return False
     target = policy_dir / DEFAULT_POLICY_FILE
     tmp = target.with_suffix(".cedar.tmp")

@@ -87,10 +87,22 @@ class CompiledPolicies:
     digest: str
 
 
-def read_policy_dir(policy_dir: Path) -> dict[str, str]:
-    """Every ``*.cedar`` file of ``policy_dir`` by file name (UTF-8, a leading BOM dropped).
+def policy_files(policy_dir: Path) -> list[Path]:
+    """The ``*.cedar`` files of ``policy_dir`` that are policies, sorted by name.
 
-    Raises PolicyError when the directory is missing or a file cannot be read.
+    Hidden names are not: editors and systems leave them beside the files they
+    belong to (Emacs's lock ``.#default.cedar``, a dangling symlink while the file
+    is being edited; macOS's ``._default.cedar`` on foreign file systems).
+    """
+    return sorted(p for p in policy_dir.glob(POLICY_GLOB) if not p.name.startswith("."))
+
+
+def read_policy_dir(policy_dir: Path) -> dict[str, str]:
+    """Every policy file of ``policy_dir`` (see :func:`policy_files`) by file name
+    (UTF-8, a leading BOM dropped).
+
+    Raises PolicyError when the directory is missing or a file cannot be read (a
+    dangling symlink among them too: it may be a policy the operator meant).
     """
     if not policy_dir.is_dir():
         raise PolicyError(
@@ -98,7 +110,7 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
             "or let mcp0 write the default policy there"
         )
     sources: dict[str, str] = {}
-    for path in sorted(policy_dir.glob(POLICY_GLOB)):
+    for path in policy_files(policy_dir):
         try:
             # utf-8-sig: a byte-order mark, as editors on Windows write, is not Cedar
             sources[path.name] = path.read_text(encoding="utf-8-sig")

@@ -8,6 +8,7 @@ offending field; inside the kernel a :class:`PluginManifest` is trusted.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,30 @@ _DIALECTS = frozenset(
         "https://json-schema.org/draft/2020-12/schema",
     )
 )
+#: How deep arrays and objects may nest in plugin.json. The server writes what it holds
+#: into tools/list and admin answers with orjson, which stops at 254 levels (the answer's
+#: own take a few); no manifest needs more than a few levels.
+MAX_MANIFEST_DEPTH = 64
+# What orjson writes: a 64-bit integer, signed or not.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+_TOP_LEVEL_KEYS = (
+    "name",
+    "version",
+    "abi",
+    "runtime",
+    "entry",
+    "description",
+    "publisher",
+    "capabilities",
+    "quotas",
+    "tools",
+    "resources",
+    "resourceTemplates",
+    "prompts",
+)
+_CAPABILITY_KEYS = ("network", "filesystem")
+# RFC 6570 level 1 and 2 as the worker compiles them (mcp_zero.plugin): {var} and {+var}.
+_TEMPLATE_VAR = re.compile(r"\{(\+?)([A-Za-z0-9_]+)\}")
 # (key, default, minimum, maximum)
 _QUOTAS = (
     ("timeout_ms", 10_000, 1, 3_600_000),
@@ -404,13 +429,30 @@ def _resource(raw: Any, i: int) -> ResourceSpec:
 def _template(raw: Any, i: int) -> ResourceTemplateSpec:
     where = f"resourceTemplates[{i}]."
     d = _obj(raw, where[:-1])
+    uri_template = _str(d, "uriTemplate", where) or ""
+    problem = _template_problem(uri_template)
+    if problem is not None:
+        raise _fail(f"{where}uriTemplate", f"{uri_template!r} {problem}")
     return ResourceTemplateSpec(
-        uri_template=_str(d, "uriTemplate", where) or "",
+        uri_template=uri_template,
         name=_str(d, "name", where) or "",
         description=_str(d, "description", where, required=False),
         mime_type=_str(d, "mimeType", where, required=False),
         title=_str(d, "title", where, required=False),
     )
+
+
+def _template_problem(template: str) -> str | None:
+    """What keeps ``template`` from being a template the worker can serve, or None."""
+    names = [m.group(2) for m in _TEMPLATE_VAR.finditer(template)]
+    if any(c in "{}" for c in _TEMPLATE_VAR.sub("", template)):
+        return (
+            "is not a URI template MCP-ZERO serves: only {var} and {+var} "
+            "(letters, digits, _) may stand in braces"
+        )
+    if len(set(names)) != len(names):
+        return "names a variable twice"
+    return None
 
 
 def _prompt(raw: Any, i: int) -> PromptSpec:
@@ -450,28 +492,41 @@ def _unique(names: list[str], where: str, what: str) -> None:
         seen.add(n)
 
 
+def _known_keys(d: JSON, where: str, known: tuple[str, ...]) -> None:
+    """Refuse keys of ``d`` not in ``known`` (a typo would silently mean a default);
+    ``where`` "" is the manifest itself."""
+    unknown = sorted(set(d) - set(known))
+    if not unknown:
+        return
+    keys = "key" if len(unknown) == 1 else "keys"
+    if not where:
+        raise _fail(", ".join(unknown), f"unknown {keys}; a manifest has {', '.join(known)}")
+    raise _fail(
+        where, f"unknown {keys} {', '.join(map(repr, unknown))} (known: {', '.join(known)})"
+    )
+
+
 def _capabilities(raw: Any) -> Capabilities:
     d = _obj(raw if raw is not None else {}, "capabilities")
+    _known_keys(d, "capabilities", _CAPABILITY_KEYS)
     network = d.get("network", False)
     if not isinstance(network, bool):
         raise _fail("capabilities.network", "must be true or false")
     fs = d.get("filesystem", "private")
-    if fs not in FILESYSTEM_MODES:
+    if not isinstance(fs, str) or fs not in FILESYSTEM_MODES:
         raise _fail("capabilities.filesystem", f"must be one of {sorted(FILESYSTEM_MODES)}")
     return Capabilities(network=network, filesystem=fs)
 
 
 def _quotas(raw: Any) -> Quotas:
     d = _obj(raw if raw is not None else {}, "quotas")
+    _known_keys(d, "quotas", tuple(k for k, *_ in _QUOTAS))
     values: dict[str, int] = {}
     for key, default, low, high in _QUOTAS:
         v = d.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
             raise _fail(f"quotas.{key}", f"must be an integer from {low} to {high}")
         values[key] = v
-    unknown = set(d) - {k for k, *_ in _QUOTAS}
-    if unknown:
-        raise _fail("quotas", f"unknown keys {sorted(unknown)}")
     return Quotas(**values)
 
 
@@ -493,9 +548,41 @@ def _check_module_name(top: str) -> None:
     )
 
 
+def _check_values(manifest: JSON) -> None:
+    """Refuse what the server could not write back out as JSON: arrays and objects nested
+    deeper than MAX_MANIFEST_DEPTH, NaN and Infinity, integers past 64 bits."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), manifest)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict | list):
+            if len(path) >= MAX_MANIFEST_DEPTH:
+                raise _fail(
+                    _path(path[:4]) + "…",
+                    f"nests deeper than {MAX_MANIFEST_DEPTH} levels of arrays and objects "
+                    f"(plugin.json may nest at most {MAX_MANIFEST_DEPTH})",
+                )
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend(((*path, key), value) for key, value in items)
+        elif isinstance(node, float) and not math.isfinite(node):
+            number = "NaN" if math.isnan(node) else ("Infinity" if node > 0 else "-Infinity")
+            raise _fail(_path(path), f"{number} is not a JSON number (JSON has no NaN or Infinity)")
+        elif isinstance(node, int) and not _INT_RANGE[0] <= node <= _INT_RANGE[1]:
+            raise _fail(_path(path), "is an integer past 64 bits, which JSON tools cannot read")
+
+
+def _path(path: tuple[str | int, ...]) -> str:
+    """``tools[0].annotations.title`` for ("tools", 0, "annotations", "title")."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
 def parse_manifest(raw: Any) -> PluginManifest:
     """Validate a decoded ``plugin.json``; raises :class:`ManifestError` naming the field."""
     d = _obj(raw, "manifest")
+    _check_values(d)
+    _known_keys(d, "", _TOP_LEVEL_KEYS)
     name = _str(d, "name", "") or ""
     if not _PLUGIN_NAME.match(name):
         raise _fail("name", f"{name!r} must be 1-64 of [a-z0-9_-], starting with a letter")
@@ -503,9 +590,14 @@ def parse_manifest(raw: Any) -> PluginManifest:
     if not _VERSION.match(version):
         raise _fail("version", f"{version!r} is not a version (e.g. 1.2.0)")
     abi = d.get("abi")
-    if abi != ABI_VERSION or isinstance(abi, bool):
-        raise _fail("abi", f"must be {ABI_VERSION} (this MCP-ZERO speaks plugin ABI {ABI_VERSION})")
+    if isinstance(abi, bool) or not isinstance(abi, int) or abi != ABI_VERSION:
+        raise _fail(
+            "abi",
+            f"must be {ABI_VERSION}, an integer (this MCP-ZERO speaks plugin ABI {ABI_VERSION})",
+        )
     runtime = d.get("runtime", "process")
+    if not isinstance(runtime, str):
+        raise _fail("runtime", f"must be a string, not {type(runtime).__name__}")
     if runtime not in RUNTIMES:
         raise _fail(
             "runtime", f"{runtime!r} is not a known runtime ({', '.join(sorted(RUNTIMES))})"
@@ -551,6 +643,11 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
         raise ManifestError(f"{path}: no plugin.json in the plugin directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read plugin.json ({exc})") from None
+    except RecursionError:
+        raise ManifestError(
+            f"{path}: nests deeper than {MAX_MANIFEST_DEPTH} levels of arrays and objects "
+            f"(plugin.json may nest at most {MAX_MANIFEST_DEPTH})"
+        ) from None
     manifest = parse_manifest(raw)
     _check_module_name(manifest.entry.partition(":")[0].partition(".")[0])
     module = manifest.entry.partition(":")[0].replace(".", "/")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from mcp_zero.security.files import write_atomically
 
 PREFIX = "mcp0_"
 
@@ -32,13 +33,6 @@ def tokens_match(token: str, token_hash: str) -> bool:
 
 
 def write_secret_file(path: Path, content: str) -> None:
-    """Write ``content`` to ``path`` readable by the owner only (mode 0600), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, content.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """Write ``content`` to ``path`` readable by the owner only (mode 0600), atomically (see
+    :func:`mcp_zero.security.files.write_atomically`). Raises OSError; nothing is left behind."""
+    write_atomically(path, content.encode(), mode=0o600)

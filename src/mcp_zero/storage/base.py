@@ -82,6 +82,10 @@ class Store(Protocol):
     def delete_plugin(self, name: str) -> list[str] | None: ...  # detached agents; None: no such
     def plugins_version(self) -> int: ...  # changes whenever the plugin set changes
 
+    # the data dir's first start (examples, default agent): done once, then never again
+    def first_start_done(self) -> bool: ...
+    def finish_first_start(self) -> None: ...
+
     # snapshots
     def put_snapshot(self, snapshot: SnapshotRecord) -> None: ...  # Conflict if the id is taken
     def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None: ...

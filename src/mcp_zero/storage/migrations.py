@@ -57,6 +57,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2: which copy of a plugin is installed (sha256 of its files), so that a snapshot can
     # tell it from another plugin installed later under the same name; '' before this step.
     ("ALTER TABLE plugins ADD COLUMN digest TEXT NOT NULL DEFAULT ''",),
+    # 3: whether the data dir's first start finished (examples installed or declined, the
+    # default agent made): 0 in a new database, so a first start that died after creating it
+    # is finished by the next. A database already holding something was set up by an
+    # earlier release.
+    (
+        """INSERT INTO meta (key, value) SELECT 'first_start_done',
+           EXISTS (SELECT 1 FROM agents) OR EXISTS (SELECT 1 FROM plugins)
+           OR EXISTS (SELECT 1 FROM audit)""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -295,6 +295,19 @@ class SqliteStore:
         )
         return int(rows[0][0])
 
+    def first_start_done(self) -> bool:
+        """Whether the data dir's first start (examples installed or declined, the default
+        agent made) finished; False for a new database until :meth:`finish_first_start`."""
+        rows = self._query(
+            "read first start", "SELECT value FROM meta WHERE key = 'first_start_done'"
+        )
+        return bool(rows[0][0])
+
+    def finish_first_start(self) -> None:
+        """Record that the data dir's first start finished (from any process)."""
+        with self._transaction("record first start") as conn:
+            conn.execute("UPDATE meta SET value = 1 WHERE key = 'first_start_done'")
+
     # snapshots
 
     def put_snapshot(self, snapshot: SnapshotRecord) -> None:
