@@ -337,12 +337,17 @@ def test_the_staging_copy_of_a_killed_install_is_swept_once_it_is_old(data_dir: 
     (staging,) = (data_dir / "plugins" / "notes").iterdir()
     assert staging.name.startswith(".")
     assert (staging / "plugin.json").is_file()
-    run(data_dir, "agent", "create", "bob")  # a start: an install may still be copying
-    assert staging.is_dir()
+    # copytree gave it the source's time, which may be long ago: its name says when it began
     long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
     os.utime(staging, (long_ago, long_ago))
+    run(data_dir, "agent", "create", "bob")  # a start: an install may still be copying
+    assert staging.is_dir()
+    started = int(staging.name.split("-")[1])
+    assert abs(started - time.time()) < 60
+    old = staging.with_name(staging.name.replace(f"-{started}-", f"-{int(long_ago)}-"))
+    staging.rename(old)  # as if it had begun over two hours ago
     run(data_dir, "agent", "create", "cy")  # it was kept forever
-    assert not staging.exists()
+    assert not old.exists()
     assert as_json(data_dir, "plugin", "list") == []
 
 

@@ -86,11 +86,24 @@ def _validator(schema: JSON) -> Validator:
 
 #: How long a replaced copy no server deleted is kept before a start sweeps it: past the
 #: longest call (timeout_ms is at most an hour), so no server still drains calls on it.
-#: An install's staging copy (``.VERSION-xxxx``) is swept after as long: an install copies at
-#: most MAX_PLUGIN_BYTES, seconds to minutes, so one that old was killed midway.
+#: An install's staging copy (``.install-STARTED-VERSION-xxxx``, STARTED in Unix seconds) is
+#: swept after as long: an install copies at most MAX_PLUGIN_BYTES, seconds to minutes, so
+#: one that old was killed midway. Its age is in its name: ``copytree`` gives the directory
+#: its source's modification time, which may be years old.
 REPLACED_COPY_KEPT_S = 2 * 3600.0
 MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
 _NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+_STAGING = ".install-"
+
+
+def _copy_time(copy: Path) -> float:
+    """When ``copy`` was made: a staging copy's start, from its name; an installed copy's
+    modification time (set at install, and when it was replaced). Raises OSError."""
+    if copy.name.startswith(_STAGING):
+        started = copy.name[len(_STAGING) :].split("-", 1)[0]
+        if started.isdigit():
+            return float(started)
+    return copy.stat().st_mtime
 
 
 def _special_kind(mode: int) -> str | None:
@@ -233,8 +246,10 @@ class PluginHost:
         parent.mkdir(parents=True, exist_ok=True)
         # Each install copies into a directory of its own, so two installs at once never
         # write into the same one; the record says which copy is installed.
-        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=parent))
-        target = parent / staging.name[1:]
+        staging = Path(
+            tempfile.mkdtemp(prefix=f"{_STAGING}{int(time.time())}-{manifest.version}-", dir=parent)
+        )
+        target = parent / f"{manifest.version}-{staging.name.rsplit('-', 1)[1]}"
         try:
             try:
                 shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
@@ -312,7 +327,7 @@ class PluginHost:
                 if copy in used or not copy.is_dir():
                     continue
                 with contextlib.suppress(OSError):
-                    if copy.stat().st_mtime < before:
+                    if _copy_time(copy) < before:
                         shutil.rmtree(copy)
 
     def _delete_if_unused(self, copy: Path) -> None:
