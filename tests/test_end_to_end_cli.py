@@ -35,6 +35,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_zero.errors import SERVER_STOPPING
+from mcp_zero.sandbox import proctree
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 FAULTY_DIR = Path(__file__).parent / "plugins" / "faulty"
@@ -565,26 +566,52 @@ def wait_gone(pid: int, server: Server, case: str) -> None:
         time.sleep(0.05)
 
 
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_nothing_a_plugin_starts_outlives_its_worker(server: Server, tmp_path: Path) -> None:
-    # A daemon leaves the worker's process group (setsid) and is orphaned at once: killing
-    # the group does not reach it, and it would run on under init. The worker is a subreaper,
-    # so the daemon stays in its tree: ended with a worker that exits, or is killed (a call
-    # past its time), and swept by the server when its worker crashes.
+    # A process a plugin starts is orphaned at once (its parent exits): it comes to the
+    # server (a subreaper), not init. One in its worker's process group (`cmd &`) lives as
+    # long as the worker; one that left the group (setsid: a daemon) is killed at once.
+    # Either way none outlives the worker: a crash, a call past its time, a server stop.
     token = sleepy_agent(server)
-    for then in ("crash", "hang", "return"):
-        pidfile = tmp_path / f"daemon-{then}.pid"
-        answer = call_faulty(
-            server, token, "faulty_daemon", {"pidfile": str(pidfile), "then": then}
-        )
-        daemon = int(pidfile.read_text())
-        if then == "return":
-            assert answer["result"]["content"][0]["text"] == "daemon started", answer
-            assert Path(f"/proc/{daemon}").exists()  # it runs while its worker does
-            server.stop()  # the worker exits when the server stops
-        else:
-            assert "error" in answer, answer  # the worker crashed, or the call timed out
-        wait_gone(daemon, server, then)
-    assert "killed 1 process(es) a dead worker left running" in server.output()
+
+    def start(case: str, then: str, *, detach: bool, seconds: float = 600) -> tuple[int, Any]:
+        pidfile = tmp_path / f"{case}.pid"
+        arguments = {"pidfile": str(pidfile), "then": then, "detach": detach, "seconds": seconds}
+        answer = call_faulty(server, token, "faulty_daemon", arguments)
+        return int(pidfile.read_text()), answer
+
+    daemon, answer = start("daemon", "return", detach=True)
+    assert answer["result"]["content"][0]["text"] == "daemon started", answer
+    wait_gone(daemon, server, "a daemon that left its worker's group")
+    assert "left outside its worker's process group" in server.output()
+
+    # one that ends by itself is reaped by the server (a zombie per `cmd &` would pile up)
+    short, _ = start("short", "return", detach=False, seconds=0.1)
+    wait_gone(short, server, "a zombie the server adopted")
+    assert server.proc is not None
+    assert not [
+        pid
+        for pid, proc in proctree.processes().items()
+        if proc.ppid == server.proc.pid and proc.state == "Z"
+    ]
+
+    for then in ("crash", "hang"):
+        background, answer = start(then, then, detach=False)
+        assert "error" in answer, answer  # the worker crashed, or the call timed out
+        wait_gone(background, server, f"a process in the group of a worker that {then}ed")
+
+    background, answer = start("stop", "return", detach=False)
+    assert answer["result"]["content"][0]["text"] == "daemon started", answer
+    time.sleep(2.5)  # two sweeps: it is its live worker's
+    assert alive(background)
+    server.stop()  # the worker exits with the server
+    wait_gone(background, server, "a process of a worker the server stopped")
     assert "Traceback" not in server.output()
 
 

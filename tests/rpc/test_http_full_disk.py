@@ -83,7 +83,7 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
     tmp_path: Path,
 ) -> None:
     # A call whose record cannot be kept must not run: after the first failed commit, the
-    # plugin is not reached (faulty_bump counts its runs) until a record lands again.
+    # plugin is not reached (faulty_bump counts its runs) until the store has room again.
     data = tmp_path / "data"
     runtime, token = await small_store(data)
     async with serve(runtime) as live:
@@ -102,14 +102,27 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
         assert ready.status_code == 503
         assert ready.json() == {"ready": False, "audit": "failing"}
 
-        # Room again (as if the disk were freed): the next record lands and opens the log.
+        # A record that still fits does not reopen the log: its calls' would not fit.
+        assert error_of(await client.request("tools/call", bump))["code"] == STORAGE_FAILURE
+
+        # Room again (as if the disk were freed): /readyz, and calls, find it.
+        runtime.store._max_size_bytes = 64 << 20
         for conn in (runtime.store._audit_conn, runtime.store._conn):
             conn.execute("PRAGMA max_page_count = 1000000")
-        retried = await client.request("tools/call", bump)
-        if "error" in retried:  # the call that found the log failing is refused, recorded
-            assert error_of(retried)["code"] == STORAGE_FAILURE
-            retried = await client.request("tools/call", bump)
-        # the refused calls never reached the plugin: this is its second run
-        assert "bumped to 2" in str(retried), retried
         async with httpx2.AsyncClient() as http:
-            assert (await http.get(f"{live.base}/readyz")).status_code == 200
+            with anyio.fail_after(10):
+                while (await http.get(f"{live.base}/readyz")).status_code != 200:
+                    await anyio.sleep(0.1)
+        # the refused calls never reached the plugin: this is its second run
+        assert "bumped to 2" in str(await client.request("tools/call", bump))
+
+    # A server started on a store that is full refuses from the first call on.
+    again = make_runtime(data, db_max_mb=1, rate_limit=0)
+    async with serve(again) as live:
+        pidfile = tmp_path / "ran.pid"
+        start = {"name": "faulty_daemon", "arguments": {"pidfile": str(pidfile), "then": "return"}}
+        refused = await live.client(token).request("tools/call", start)
+        assert error_of(refused)["code"] == STORAGE_FAILURE
+        assert not pidfile.exists()  # the plugin did not act
+        async with httpx2.AsyncClient() as http:
+            assert (await http.get(f"{live.base}/readyz")).status_code == 503

@@ -75,7 +75,7 @@ def _kill_a_growing_tree(root: subprocess.Popen[bytes], marker: str) -> None:
     time.sleep(0.1)  # the forker has a few children by now
     assert len(marked(marker)) >= 4  # root, daemon, forker and its children
     before = proctree.descendants(root.pid)
-    table = proctree.parents()
+    table = {pid: proc.ppid for pid, proc in proctree.processes().items()}
     # the daemon left its session and its parent: it is the root's child all the same
     sessions = {pid: os.getsid(pid) for pid in before if alive(pid)}
     assert any(table.get(pid) == root.pid and sid == pid for pid, sid in sessions.items()), sessions
@@ -103,7 +103,9 @@ def test_kill_tree_of_a_process_already_gone_does_nothing() -> None:
 
 
 def test_descendants_follow_the_parent_table() -> None:
-    table = {2: 1, 3: 2, 4: 2, 5: 3, 9: 8}
+    table = {
+        pid: proctree.Proc(ppid, pid, "S") for pid, ppid in {2: 1, 3: 2, 4: 2, 5: 3, 9: 8}.items()
+    }
     assert proctree.descendants(1, table) == [2, 3, 4, 5]
     assert proctree.descendants(8, table) == [9]
     assert proctree.descendants(5, table) == []

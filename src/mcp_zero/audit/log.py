@@ -44,6 +44,11 @@ from mcp_zero.storage.base import AuditEntry, Store
 
 T = TypeVar("T")
 
+#: What a failed log needs free (on disk, and under the store's size limit) to take calls
+#: again: a few batches' worth.
+ROOM_BYTES = 64 << 10
+ROOM_CHECK_S = 0.5
+
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
 
 
@@ -66,7 +71,7 @@ class AuditStats:
     failed_batches: int = 0
     failed_events: int = 0
     largest_batch: int = 0
-    failing: bool = False  # the last batch failed (a full disk…): nothing is durable now
+    failing: bool = False  # a batch failed (a full disk…) and the store has not room again
 
 
 class _Pending:
@@ -126,6 +131,7 @@ class AuditLog:
         self._closing = False
         self._head: AuditEntry | None = None
         self.stats = AuditStats()
+        self._room_checked = 0.0  # when writable() last asked the store for room
 
     @property
     def head(self) -> AuditEntry | None:
@@ -143,6 +149,9 @@ class AuditLog:
                 raise RuntimeError("AuditLog.start() called twice")
             with self._write_lock:
                 self._head = self._store.audit_head()
+            # a store already full refuses the first call too, not only those after a failure
+            self.stats.failing = not self._store.has_room(ROOM_BYTES)
+            self._room_checked = time.monotonic()
             self._started = True
 
     def close(self) -> None:
@@ -255,22 +264,30 @@ class AuditLog:
             for attempt in range(_MAX_ATTEMPTS):
                 try:
                     result = self._store.append_audit_with(change, entries_for)
-                except Exception as exc:
+                except Exception:
                     before = self._head
                     self._resync()
                     if self._head != before and attempt + 1 < _MAX_ATTEMPTS:
                         continue  # another process appended first: chain after it, again
-                    if isinstance(exc, StorageError):
-                        self.stats.failing = True
-                        self.stats.failed_batches += 1
-                        self.stats.failed_events += 1
-                    raise
+                    raise  # (the change's own failure, or the store's: the next batch tells)
                 self._head = sealed[-1]
-                self.stats.failing = False
                 self.stats.batches += 1
                 self.stats.events += 1
                 return result
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def writable(self) -> bool:
+        """Whether calls may run: False from a failed commit until the store has room again
+        (``ROOM_BYTES``; asked at most every ``ROOM_CHECK_S``). A record that still fits
+        does not reopen a full log: its calls' records, bigger and more, would not."""
+        if not self.stats.failing:
+            return True
+        now = time.monotonic()
+        if now - self._room_checked >= ROOM_CHECK_S:
+            self._room_checked = now
+            if self._store.has_room(ROOM_BYTES):
+                self.stats.failing = False
+        return not self.stats.failing
 
     def _check_running(self) -> None:
         if not self._started or self._closing:
@@ -306,7 +323,9 @@ class AuditLog:
                 else:
                     self._head = entries[-1]
                 break
-            self.stats.failing = error is not None
+            if error is not None:
+                self.stats.failing = True  # until writable() finds room again
+                self._room_checked = time.monotonic()
             if error is None:
                 self.stats.batches += 1
                 self.stats.events += len(entries)

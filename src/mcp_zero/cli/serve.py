@@ -15,7 +15,7 @@ from typing import Any
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Unauthorized
 from mcp_zero.runtime import Runtime
-from mcp_zero.sandbox.worker_process import adopt_orphans
+from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
 
 log = logging.getLogger("mcp_zero.serve")
 
@@ -141,14 +141,17 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
             raise _cannot_listen(settings, exc) from exc
         _announce(settings, server.port, installed, first_token, as_json=as_json)
 
-    asyncio.run(
-        server.run(
-            on_start=started,
-            on_stop=app.shutdown,
-            listen=False,
-            grace=settings.shutdown_grace_s,
+    try:
+        asyncio.run(
+            server.run(
+                on_start=started,
+                on_stop=app.shutdown,
+                listen=False,
+                grace=settings.shutdown_grace_s,
+            )
         )
-    )
+    finally:
+        end_adopted()
 
 
 def _announce(
@@ -197,7 +200,10 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
         runtime.close()
         raise
     adopt_orphans()
-    asyncio.run(serve_stdio(runtime, principal))
+    try:
+        asyncio.run(serve_stdio(runtime, principal))
+    finally:
+        end_adopted()
 
 
 def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str, Any]) -> Any:

@@ -145,6 +145,15 @@ async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float, plugin: str, 
         ) from None
 
 
+def _audit_failing(audit: AuditLog) -> StorageError:
+    """The refusal of a call whose record could not be kept: before its plugin acts."""
+    return StorageError(
+        "the audit log cannot be written (a commit failed: a full disk, or its size limit); "
+        "calls are refused until there is room again — free space and retry",
+        data={"failed_events": audit.stats.failed_events},
+    )
+
+
 class PluginSlot:
     """One call's claim on one of its plugin's slots (``_plugin_slots``): held while the
     call runs, given back while it has a question open to its client (``GovernedBridge``),
@@ -639,15 +648,8 @@ class Kernel:
                     metrics.count_denial(policy)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = list(decision.policies)
-            if self.audit.stats.failing:
-                # Its record could not be kept: refuse before the plugin acts. This call's
-                # own record below tries the log again, and a success opens it to the next.
-                raise StorageError(
-                    "the audit log cannot be written (its last commit failed: a full disk, "
-                    "or its size limit); calls are refused until it can — free space and "
-                    "retry",
-                    data={"failed_events": self.audit.stats.failed_events},
-                )
+            if not self.audit.writable():  # its record could not be kept: refuse first
+                raise _audit_failing(self.audit)
             assert action.plugin is not None
             runtime = self.plugins.runtime(action.plugin)
             quotas = self.plugins.manifests[action.plugin].quotas
@@ -667,6 +669,8 @@ class Kernel:
                     await slots.acquire()
                 slot = PluginSlot(slots)
                 try:
+                    if not self.audit.writable():  # (it may have failed while we queued)
+                        raise _audit_failing(self.audit)
                     result = await run(runtime, timeout, slot)
                 finally:
                     slot.close()

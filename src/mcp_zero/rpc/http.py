@@ -338,7 +338,7 @@ class HttpApp:
             await respond_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
             # not ready while the audit log cannot be written: calls are refused then
-            writable = not self.runtime.audit.stats.failing
+            writable = self.runtime.audit.writable()
             ready = self.ready and writable
             answer: dict[str, Any] = {"ready": ready}
             if not writable:

@@ -1,35 +1,52 @@
-"""Keeping a plugin's processes within reach, and ending all of them (Linux).
+"""Ending all of a plugin's processes, daemons included (Linux).
 
 A worker's process group is not enough to end what a plugin started: a child
-that calls ``setsid()`` (any daemonizing library does) leaves the group, and
-once its parent exits it belongs to init, out of reach. Two measures close that:
+that calls ``setsid()`` (any daemonizing library does) leaves the group, and a
+process whose parent exits is re-parented — to init, out of reach. Two measures:
 
-- the worker becomes a *child subreaper* before it loads plugin code, so every
-  orphan among its descendants is re-parented to the worker, not to init, and
-  stays in the worker's process tree; and
-- ending a worker ends its whole tree: each process is stopped (``SIGSTOP``, so
-  none can fork behind the walk), and then all are killed.
+- Ending a worker ends its whole tree: each process below it is stopped
+  (``SIGSTOP``, so none can fork behind the walk), then all are killed
+  (:func:`kill_tree`). A worker that exits does this to what it started.
+- ``mcp0 serve`` is a *child subreaper*: a process orphaned anywhere below it
+  becomes its child instead of init's. It sweeps them (:func:`adopted`): a
+  zombie is reaped; one still in the process group of a live worker is that
+  worker's (a ``cmd &`` of its shell) and is left to it — it goes with the
+  worker's group; any other (it left its group with ``setsid``, or its worker
+  is gone) is killed with its tree. So a plugin's processes live at most as
+  long as its worker, and a daemon that leaves its worker's group lives only as
+  long as its parent in the plugin does.
 
-A worker that dies by itself (a crash, the kernel's OOM killer) leaves its tree
-to the nearest subreaper above it: ``mcp0 serve`` is one, and ends the orphans
-it inherits (:func:`orphans`, :func:`end_trees`). What this cannot do is cap how many
-processes a plugin starts; a cgroup's ``pids`` controller is the tool for that.
+The workers are not subreapers themselves: a subreaper must reap what it
+adopts, and a worker cannot tell an adopted orphan from the plugin's own child,
+which the plugin waits for (``subprocess`` takes a child someone else reaped for
+a success). What this cannot do: end what a plugin started after ``kill -9`` of
+the server (nothing outlives it to do so), or cap how many processes a plugin
+starts — a cgroup's ``pids`` controller is the tool for both.
 
-Stdlib only: the worker imports it before any plugin code.
+Stdlib only: the worker imports it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
 import time
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 PR_SET_CHILD_SUBREAPER = 36
 _MAX_ROUNDS = 16  # walks of a tree whose processes keep forking while it is being stopped
 _STOP_WAIT_S = 0.5  # how long one round waits for the processes it stopped to stop
+
+
+@dataclass(frozen=True, slots=True)
+class Proc:
+    """What ``/proc/<pid>/stat`` says of a process."""
+
+    ppid: int
+    pgid: int
+    state: str  # R, S, D, T (stopped), Z (zombie)…
 
 
 def become_subreaper() -> bool:
@@ -41,33 +58,39 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-def parents() -> dict[int, int]:
-    """Every process's parent, by pid, from ``/proc`` (empty where there is none)."""
-    found: dict[int, int] = {}
+def _read(pid: int | str) -> Proc | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            line = stat.read()
+    except OSError:  # gone meanwhile
+        return None
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+    fields = line[line.rfind(b")") + 2 :].split()
+    if len(fields) < 3:
+        return None
+    return Proc(int(fields[1]), int(fields[2]), fields[0].decode("ascii", "replace"))
+
+
+def processes() -> dict[int, Proc]:
+    """Every process now, by pid, from ``/proc`` (empty where there is none)."""
     try:
         names = os.listdir("/proc")
     except OSError:
-        return found
+        return {}
+    found = {}
     for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                line = stat.read()
-        except OSError:  # gone meanwhile
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        fields = line[line.rfind(b")") + 2 :].split()
-        if len(fields) > 1:
-            found[int(name)] = int(fields[1])
+        if name.isdigit():
+            proc = _read(name)
+            if proc is not None:
+                found[int(name)] = proc
     return found
 
 
-def descendants(root: int, table: dict[int, int] | None = None) -> list[int]:
+def descendants(root: int, table: dict[int, Proc] | None = None) -> list[int]:
     """The pids below ``root`` in the process tree, parents before their children."""
     children: dict[int, list[int]] = {}
-    for pid, ppid in (parents() if table is None else table).items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, proc in (processes() if table is None else table).items():
+        children.setdefault(proc.ppid, []).append(pid)
     found: list[int] = []
     level = [root]
     while level:
@@ -77,13 +100,8 @@ def descendants(root: int, table: dict[int, int] | None = None) -> list[int]:
 
 
 def _state(pid: int) -> str:
-    """The process's state letter (``R``, ``S``, ``T`` stopped, ``Z`` zombie…); ``X`` if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            line = stat.read()
-    except OSError:
-        return "X"
-    return line[line.rfind(b")") + 2 :][:1].decode("ascii", "replace")
+    proc = _read(pid)
+    return "X" if proc is None else proc.state
 
 
 def _wait_stopped(pids: list[int]) -> None:
@@ -107,22 +125,24 @@ def _signal(pid: int, signum: int) -> bool:
 
 
 def kill_tree(root: int, *, include_root: bool) -> list[int]:
-    """SIGKILL every descendant of ``root`` (and ``root`` itself if ``include_root``); the
-    pids signalled. Each is stopped first, and the tree walked again until the walk finds
-    no one new, so that a process forking meanwhile cannot leave a child behind."""
+    """SIGKILL every live descendant of ``root`` (and ``root`` itself if ``include_root``);
+    the pids killed. Each is stopped first, and the tree walked again until the walk finds
+    no one new, so that a process forking meanwhile cannot leave a child behind. Zombies
+    are skipped: they are dead, their parent's to reap."""
     stopped: list[int] = []
     seen: set[int] = set()
     if include_root:
-        if _signal(root, signal.SIGSTOP):
+        if _state(root) not in ("Z", "X") and _signal(root, signal.SIGSTOP):
             _wait_stopped([root])
         else:
-            include_root = False  # already gone: its orphans went elsewhere
+            include_root = False  # already gone
     for _ in range(_MAX_ROUNDS):
-        fresh = [pid for pid in descendants(root) if pid not in seen]
+        table = processes()
+        fresh = [pid for pid in descendants(root, table) if pid not in seen]
         if not fresh:
             break
         seen.update(fresh)
-        now = [pid for pid in fresh if _signal(pid, signal.SIGSTOP)]
+        now = [pid for pid in fresh if table[pid].state != "Z" and _signal(pid, signal.SIGSTOP)]
         stopped.extend(now)
         _wait_stopped(now)
     killed = [pid for pid in stopped if _signal(pid, signal.SIGKILL)]
@@ -131,35 +151,46 @@ def kill_tree(root: int, *, include_root: bool) -> list[int]:
     return killed
 
 
-def orphans(keep: Collection[int]) -> list[int]:
-    """This process's children but those in ``keep``: in a subreaper that starts no other
-    processes than ``keep`` (its workers), those it inherited from a dead worker."""
+def adopted(workers: Collection[int]) -> tuple[list[int], list[int]]:
+    """In a subreaper whose own children are ``workers`` only: its other children, as
+    (zombies to reap, strays to kill). A live one in a worker's process group is that
+    worker's and in neither list (it ends with the group)."""
     me = os.getpid()
-    return [pid for pid, ppid in parents().items() if ppid == me and pid not in keep]
+    zombies, strays = [], []
+    for pid, proc in processes().items():
+        if proc.ppid != me or pid in workers:
+            continue
+        if proc.state == "Z":
+            zombies.append(pid)
+        elif proc.pgid not in workers:
+            strays.append(pid)
+    return zombies, strays
 
 
-def end_trees(roots: Iterable[int]) -> list[int]:
-    """Kill each of ``roots`` (this process's children) with its tree, and reap the roots
-    that have exited; the pids killed."""
-    roots = list(roots)
-    killed = [pid for root in roots for pid in kill_tree(root, include_root=True)]
-    reap(roots)
-    return killed
-
-
-def reap(pids: Iterable[int]) -> None:
-    """Collect the exit status of those of ``pids`` that have exited (no zombies left)."""
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
+def reap(pids: Iterable[int], wait: float = 0.0) -> None:
+    """Collect the exit status of those of ``pids`` (this process's children) that have
+    exited — waiting up to ``wait`` seconds for those just killed — so that no zombie is
+    left."""
+    left = set(pids)
+    deadline = time.monotonic() + wait
+    while left:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    left.discard(pid)
+            except OSError:  # not our child (any more)
+                left.discard(pid)
+        if not left or time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
 
 
 __all__ = [
+    "Proc",
+    "adopted",
     "become_subreaper",
     "descendants",
-    "end_trees",
     "kill_tree",
-    "orphans",
-    "parents",
+    "processes",
     "reap",
 ]

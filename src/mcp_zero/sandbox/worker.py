@@ -436,7 +436,6 @@ def main(argv: list[str] | None = None) -> int:
     entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
     in_fd, out_fd = _isolate_stdio()
     isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
-    proctree.become_subreaper()  # what the plugin starts stays below us, setsid or not
     network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network()
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
@@ -470,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         asyncio.run(worker.serve(in_fd, ready))
     sys.stderr.flush()
-    # Nothing the plugin started outlives its worker (daemons included).
+    # Nothing the plugin started outlives its worker: what is still below it ends here (what
+    # it orphaned went to the server, which sweeps it).
     proctree.kill_tree(os.getpid(), include_root=False)
     # Handler threads may still be blocked in plugin code: do not wait for them.
     os._exit(0)

@@ -33,52 +33,81 @@ _STDERR_TAIL_LINES = 40
 _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in pieces this big
 
 
-#: Worker pids of this process that have not exited (or are being started: 0 stands for
-#: one whose pid is not known yet), so that a sweep of orphans never takes a worker.
+#: Worker pids of this process that have not exited, so that a sweep of orphans never
+#: takes a worker (nor sweeps while one starts, its pid not known yet).
 _LIVE: set[int] = set()
 _starting = [0]
+_sweeping: list[asyncio.AbstractEventLoop | None] = [None]  # the loop whose sweeps run
 _subreaper = [False]
-_SWEEP_DELAY_S = 0.1
-_REAP_AGAIN_S = 1.0
+_SWEEP_DELAY_S = 0.1  # after a worker exits: the kernel re-parents what it left meanwhile
+_SWEEP_EVERY_S = 1.0
+_sweep_log = logging.getLogger("mcp_zero.sandbox.proctree")
 
 
 def adopt_orphans() -> bool:
-    """Make this process (the server) a child subreaper, so that what a worker that died by
-    itself leaves running comes to us and is swept (see :mod:`~mcp_zero.sandbox.proctree`);
-    ``True`` if that worked. For a server's process only: it changes whose children orphans
-    become for every subprocess of this process."""
+    """Make this process (the server) a child subreaper, so that processes orphaned below
+    its workers come to it and are swept (see :mod:`~mcp_zero.sandbox.proctree`): reaped,
+    left to their worker, or killed. ``True`` if that worked. For a server's process only:
+    it starts no other processes than workers."""
     _subreaper[0] = proctree.become_subreaper()
     return _subreaper[0]
 
 
-def _sweep(log: logging.Logger) -> None:
-    """End what dead workers left to us. Which processes are orphans is decided here, on the
-    loop that starts workers (never while one starts); stopping and killing them, which may
-    wait on a process in uninterruptible sleep, in a thread."""
-    loop = asyncio.get_running_loop()
-    if _starting[0]:  # a worker's pid is not known yet: it must not be taken for an orphan
-        loop.call_later(_SWEEP_DELAY_S, _sweep, log)
-        return
-    found = proctree.orphans(_LIVE)
-    if found:
+def _sweep_soon(loop: asyncio.AbstractEventLoop, delay: float) -> None:
+    """Sweep on ``loop`` after ``delay`` seconds, and every second from then on."""
+    if _subreaper[0] and _sweeping[0] is not loop:
+        _sweeping[0] = loop
+        loop.call_later(_SWEEP_EVERY_S, _sweep_every, loop)
+    if _subreaper[0]:
+        loop.call_later(delay, _sweep)
+
+
+def _sweep_every(loop: asyncio.AbstractEventLoop) -> None:
+    if _sweeping[0] is loop and not loop.is_closed():
+        _sweep()
+        loop.call_later(_SWEEP_EVERY_S, _sweep_every, loop)
+
+
+def _sweep() -> None:
+    """Reap the zombies this process adopted, and kill the strays (see ``adopted``). Which
+    processes they are is decided here, on the loop that starts workers, and never while one
+    starts; the killing, which may wait on a process in uninterruptible sleep, in a thread."""
+    if _starting[0]:
+        return  # the next sweep will do
+    zombies, strays = proctree.adopted(_LIVE)
+    proctree.reap(zombies)
+    if strays:
         try:
-            loop.run_in_executor(None, _end_orphans, found, log, _REAP_AGAIN_S)
-        except RuntimeError:  # the server is stopping (no executor): here, and no waiting
-            _end_orphans(found, log, 0.0)
+            asyncio.get_running_loop().run_in_executor(None, _end_strays, strays)
+        except RuntimeError:  # the server is stopping (no executor): here, then
+            _end_strays(strays)
 
 
-def _end_orphans(roots: list[int], log: logging.Logger, reap_again_s: float) -> None:
-    killed = proctree.end_trees(roots)
+def _end_strays(roots: list[int]) -> None:
+    killed = [pid for root in roots for pid in proctree.kill_tree(root, include_root=True)]
     if killed:
-        log.warning("killed %d process(es) a dead worker left running: %s", len(killed), killed)
-    if reap_again_s:
-        time.sleep(reap_again_s)  # those just killed are not gone yet
-        proctree.reap(roots)
+        _sweep_log.warning(
+            "killed %d process(es) a plugin left outside its worker's process group, or "
+            "behind a worker that is gone: %s",
+            len(killed),
+            killed,
+        )
+    proctree.reap(roots, wait=1.0)  # the next sweep reaps what took longer to die
+
+
+def end_adopted() -> None:
+    """Once a server's workers are gone: kill and reap every process it adopted (what a
+    plugin left running in its worker's group lived as long as the worker did)."""
+    if not _subreaper[0]:
+        return
+    zombies, strays = proctree.adopted(())
+    proctree.reap(zombies)
+    _end_strays(strays)
 
 
 def _end_tree(pid: int) -> None:
-    """Kill a worker and everything it started. The worker is a subreaper: all of it is in
-    its tree, also what left its process group (setsid) and what its children orphaned."""
+    """Kill a worker and everything below it; what it orphaned earlier is the server's to
+    sweep (or, in a process that is no subreaper, init's)."""
     proctree.kill_tree(pid, include_root=True)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -188,6 +217,7 @@ class WorkerProcess:
         self._transport = transport
         self.pid = transport.get_pid()
         _LIVE.add(self.pid)
+        _sweep_soon(loop, _SWEEP_EVERY_S)
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         try:
@@ -471,10 +501,8 @@ class WorkerProcess:
     def on_process_exited(self) -> None:
         self._process_running = False
         _LIVE.discard(self.pid)
-        if _subreaper[0] and self._loop is not None:
-            # what it left running was re-parented to us: give the kernel a moment to
-            # re-parent all of it, then sweep
-            self._loop.call_later(_SWEEP_DELAY_S, _sweep, self._log)
+        if self._loop is not None:
+            _sweep_soon(self._loop, _SWEEP_DELAY_S)  # what it left came to us
         if self._stdout_open:
             # A process the worker started kept its protocol pipe open (it inherited it):
             # the worker is gone all the same, and so must be what it left behind.

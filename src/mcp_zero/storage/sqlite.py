@@ -373,6 +373,28 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise storage_error(exc, self.path, "append audit entries") from exc
 
+    def has_room(self, min_bytes: int) -> bool:
+        """Whether ``min_bytes`` more can be written: free on the filesystem and, under a
+        size limit, in the database (True when that cannot be told: a commit will tell)."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return True
+        if fs.f_bavail * fs.f_frsize < min_bytes:
+            return False
+        if self._max_size_bytes is None:
+            return True
+        with self._audit_lock:
+            self._check_open()
+            try:
+                pages, free, size = (
+                    int(self._audit_conn.execute(f"PRAGMA {pragma}").fetchone()[0])
+                    for pragma in ("page_count", "freelist_count", "page_size")
+                )
+            except sqlite3.Error:
+                return True
+        return self._max_size_bytes - (pages - free) * size >= min_bytes
+
     def read_audit(self, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
         """Up to ``limit`` audit entries with ``seq > after_seq``, in seq order."""
         rows = self._query(

@@ -65,21 +65,25 @@ async def close_then_finish(ctx: Context) -> str:
     return "finished after the close"
 
 
-# Run by a child of the worker, which exits at once: the sleeper it starts in a session of
-# its own is orphaned, out of the worker's process group, and holds none of its pipes.
+# Run by a child of the worker, which exits at once: the sleeper it starts is orphaned —
+# in a session of its own if "detach", else in the worker's process group (as `cmd &` of a
+# shell) — and holds none of the worker's pipes.
 _DAEMONIZE = (
     "import subprocess, sys\n"
-    "sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
-    " start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,"
-    " stderr=subprocess.DEVNULL)\n"
+    "nap = f'import time; time.sleep({float(sys.argv[3])})'\n"
+    "sleeper = subprocess.Popen([sys.executable, '-c', nap],"
+    " start_new_session=sys.argv[2] == 'detach', stdin=subprocess.DEVNULL,"
+    " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
     "open(sys.argv[1], 'w').write(str(sleeper.pid))\n"
 )
 
 
 @plugin.tool("faulty_daemon")
-def daemon(ctx: Context, pidfile: str, then: str) -> str:
+def daemon(
+    ctx: Context, pidfile: str, then: str, detach: bool = False, seconds: float = 600
+) -> str:
     subprocess.run(
-        [sys.executable, "-c", _DAEMONIZE, pidfile],
+        [sys.executable, "-c", _DAEMONIZE, pidfile, "detach" if detach else "stay", str(seconds)],
         check=True,
         stdin=subprocess.DEVNULL,
         capture_output=True,
