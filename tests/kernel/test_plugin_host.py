@@ -26,6 +26,7 @@ from mcp_zero.errors import (
     PluginNotFound,
     StorageError,
 )
+from mcp_zero.kernel.action import Principal
 from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES, REPLACED_COPY_KEPT_S
 from mcp_zero.runtime import Runtime
 
@@ -501,3 +502,75 @@ async def test_a_copy_is_dated_by_its_install_not_by_its_source(
     runtime: Runtime = make_runtime()
     runtime.plugins.install(source)
     assert time.time() - installed_copy(runtime).stat().st_mtime < 600
+
+
+def loading_plugin(directory: Path, pid_file: Path) -> Path:
+    """A plugin whose module, as it loads, writes its pid to ``pid_file`` and sleeps 1,000 s."""
+    directory.mkdir(parents=True)
+    (directory / "plugin.json").write_text(
+        json.dumps(
+            {
+                "name": "slow",
+                "version": "1.0.0",
+                "abi": 1,
+                "entry": "slow_plugin:plugin",
+                "tools": [
+                    {"name": "slow_echo", "description": "never", "inputSchema": {"type": "object"}}
+                ],
+            }
+        )
+    )
+    (directory / "slow_plugin.py").write_text(
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(1000)\n"
+    )
+    return directory
+
+
+@pytest.mark.parametrize("change", ["replace", "remove"])
+async def test_a_call_waiting_for_a_plugin_removed_or_replaced_as_it_starts_is_answered(
+    make_runtime: Any, bridge: Any, tmp_path: Path, change: str
+) -> None:
+    # The call waited on the start that the removal cancelled: it got CancelledError (an
+    # HTTP request never answered), and the worker went on loading long after.
+    pid_file = tmp_path / "slow.pid"
+    source = loading_plugin(tmp_path / "slow", pid_file)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(source)
+    try:
+        with anyio.fail_after(10):
+            await runtime.plugins.refresh(force=True, wait=0.2)  # it goes on starting
+        principal = Principal("alice", frozenset({"slow"}))
+        waiting = asyncio.ensure_future(
+            runtime.kernel.call_tool(
+                principal, "slow_echo", {}, bridge, request_id="w1", transport="test"
+            )
+        )
+        with anyio.fail_after(20):
+            while not pid_file.exists() or not pid_file.read_text():
+                await anyio.sleep(0.02)
+        pid = int(pid_file.read_text())
+        await anyio.sleep(0.1)
+        assert not waiting.done()
+        if change == "replace":
+            runtime.plugins.install(source, replace=True)
+        else:
+            runtime.plugins.remove("slow")
+        with anyio.fail_after(10):  # (a replacing copy hangs as it loads too: do not wait)
+            assert await runtime.plugins.refresh(wait=0.2)
+        with (
+            anyio.fail_after(20),
+            pytest.raises(PluginFailure, match="while it was still starting"),
+        ):
+            await waiting
+        [record] = [
+            body
+            for entry in runtime.store.read_audit(0, 1000)
+            if (body := json.loads(entry.body)).get("request_id") == "w1"
+        ]
+        assert (record["outcome"], record["code"]) == ("error", "plugin_failure")
+        with pytest.raises(ProcessLookupError):  # the removed copy's worker is gone
+            os.kill(pid, 0)
+    finally:
+        await runtime.aclose()

@@ -441,3 +441,38 @@ async def test_an_absolute_form_target_is_held_to_its_own_host(env: Env) -> None
 
     assert await status_of("http://evil.example.com/mcp") == 403
     assert await status_of(f"http://127.0.0.1:{env.live.port}/mcp") == 200
+
+
+async def test_a_call_waiting_for_a_plugin_removed_as_it_starts_gets_an_answer(
+    tmp_path: Path,
+) -> None:
+    # The call waited on the start that the removal cancelled: it was audited `cancelled`
+    # and the HTTP request never got a response.
+    plugin = tmp_path / "slow"
+    plugin.mkdir()
+    (plugin / "plugin.json").write_text(
+        '{"name": "slow", "version": "1.0.0", "abi": 1, "entry": "slow_plugin:plugin", '
+        '"tools": [{"name": "slow_echo", "description": "never", '
+        '"inputSchema": {"type": "object"}}]}'
+    )
+    loading = tmp_path / "loading"
+    (plugin / "slow_plugin.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(loading)!r}).touch()\ntime.sleep(1000)\n"
+    )
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(plugin)
+    token = (await runtime.agents.spawn("ada", ["slow"])).token
+    async with serve(runtime) as live:  # (it waits 3 s for the plugin, then serves)
+        with anyio.fail_after(15):
+            while not loading.exists():
+                await asyncio.sleep(0.02)
+        client = live.client(token)
+        await client.initialize()
+        waiting = asyncio.ensure_future(client.call("slow_echo"))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        runtime.plugins.remove("slow")  # as `mcp0 plugin remove` does; the server follows
+        with anyio.fail_after(15):
+            error = error_of(await waiting)
+        assert error["code"] == -32011  # plugin failure
+        assert "while it was still starting" in error["message"]

@@ -70,6 +70,27 @@ async def test_lists_and_subscriptions_count_against_the_rate_limit(live: LiveSe
     ) == ["resources/subscribe", "subscriptions/listen"]
 
 
+async def test_a_subscription_refused_by_the_rate_limit_is_one_audit_record(
+    live: LiveServer,
+) -> None:
+    # It was one record per URI named: 30 listens of 1,000 URIs each over the limit wrote
+    # 28,000 records, and an agent could fill the audit log with refused requests.
+    agent = await live.runtime.agents.spawn("flooder", ["faulty"])
+    client = live.client(agent.token)
+    await client.initialize()
+    for _ in range(3):  # the burst
+        assert "result" in await client.request("tools/list")
+    uris = [f"faulty://counter/{n}" for n in range(500)]
+    error = error_of(await stateless_listen(client, uris))
+    assert error["data"]["code"] == "rate_limited"
+    records = [orjson.loads(e.body) for e in live.runtime.store.read_audit(0, 100_000)]
+    [record] = [r for r in records if r["agent"] == "flooder"]
+    assert record["method"] == "subscriptions/listen"
+    assert (record["outcome"], record["code"]) == ("error", "rate_limited")
+    assert record["uri_count"] == 500
+    assert record["resource"] == "faulty://counter/0"
+
+
 async def stateless_listen(client: McpHttp, uris: list[str]) -> dict[str, Any]:
     """An MCP 2026-07-28 subscriptions/listen (no session) by the client's agent, answered
     at once (refused) as JSON."""

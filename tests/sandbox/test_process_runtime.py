@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -531,3 +532,66 @@ async def test_code_and_manifest_must_agree(tmp_path):
         pytest.raises(ManifestError, match=r"declared but not registered: \['x'\]"),
     ):
         await rt.start()
+
+
+def _loading_forever(tmp_path: Path) -> tuple[Path, Path]:
+    """A plugin that, as it loads, writes its pid to a file and then sleeps 1,000 s."""
+    pid_file = tmp_path / "loading.pid"
+    code = (
+        f"import os, pathlib, time\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+    )
+    return _plugin(tmp_path, code + "time.sleep(1000)\n", ["x"]), pid_file
+
+
+async def _loading_pid(pid_file: Path) -> int:
+    with anyio.fail_after(20):
+        while not pid_file.exists() or not pid_file.read_text():
+            await anyio.sleep(0.02)
+    return int(pid_file.read_text())
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("stop", ["drain", "close"])
+async def test_stopping_a_runtime_still_starting_kills_its_worker_and_fails_waiting_calls(
+    tmp_path, stop
+):
+    # A removed or replaced plugin's start was cancelled, but its worker went on loading
+    # (past its start timeout), and the calls waiting for it were cancelled, never answered.
+    d, pid_file = _loading_forever(tmp_path)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    starting = asyncio.ensure_future(rt.start())
+    waiting = asyncio.ensure_future(call(rt, "x"))
+    pid = await _loading_pid(pid_file)
+    assert not waiting.done()
+    with anyio.fail_after(20):
+        await (rt.drain() if stop == "drain" else rt.close())
+    assert not _running(pid)  # gone (and reaped) once the runtime says it stopped
+    with anyio.fail_after(5), pytest.raises(PluginFailure, match="while it was still starting"):
+        await waiting
+    with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
+        await starting
+
+
+async def test_a_call_cancelled_while_its_worker_starts_is_cancelled(tmp_path):
+    d, pid_file = _loading_forever(tmp_path)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    starting = asyncio.ensure_future(rt.start())
+    try:
+        waiting = asyncio.ensure_future(call(rt, "x"))
+        pid = await _loading_pid(pid_file)
+        waiting.cancel()  # its client gave up: not an error of the plugin
+        with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert _running(pid)  # the start goes on, for other calls
+        assert not starting.done()
+    finally:
+        with anyio.fail_after(20):
+            await rt.close()
+    assert not _running(pid)

@@ -307,15 +307,34 @@ class Kernel:
         """Decide the principal's subscription to each of ``uris`` (the policy asks
         ``read_resource``: who may read a resource may hear that it changed) and audit each
         outcome as ``_govern`` does, with the request's ``method``. The request takes one
-        token of the agent's rate limit first; over it, each URI is audited as refused and
-        RateLimited is raised. Returns, for each URI, None (allowed) or why not
-        (ResourceNotFound, PolicyDenied)."""
+        token of the agent's rate limit first; over it, the request is audited once as
+        refused (its first URI, and ``uri_count``: how many it named) and RateLimited is
+        raised. Returns, for each URI, None (allowed) or why not (ResourceNotFound,
+        PolicyDenied)."""
         start = time.perf_counter()
-        limited: McpZeroError | None = None
         try:
             self.charge(principal)
-        except McpZeroError as exc:
-            limited = exc
+        except McpZeroError as limited:
+            # One record for the refused request, not one per URI: a listen names up to
+            # 1,000, and an agent over its limit must not fill the audit log with them.
+            first = normal_uri(uris[0]) if uris else None
+            await self.audit.submit(
+                {
+                    "agent": principal.agent,
+                    "anonymous": principal.anonymous,
+                    "verb": Verb.READ_RESOURCE.value,
+                    "resource": first,
+                    "plugin": self.plugins.resource_owner(first) if first else None,
+                    "uri_count": len(uris),
+                    "request_id": request_id,
+                    "transport": transport,
+                    "method": method,
+                    "outcome": _outcome_of(limited).value,
+                    "code": limited.code,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                }
+            )
+            raise
         verdicts: list[McpZeroError | None] = []
         pending = []
         for given in uris:
@@ -331,8 +350,8 @@ class Kernel:
                 "transport": transport,
                 "method": method,
             }
-            refused = limited
-            if refused is None and plugin is None:
+            refused: McpZeroError | None = None
+            if plugin is None:
                 refused = ResourceNotFound(
                     f"no installed plugin serves resource {uri!r}", data={"uri": uri}
                 )
@@ -357,8 +376,6 @@ class Kernel:
             verdicts.append(refused)
         if pending:  # durable before the caller learns the outcome
             await asyncio.gather(*pending)
-        if limited is not None:
-            raise limited
         return verdicts
 
     def check_resource(self, principal: Principal, uri: str) -> None:

@@ -158,15 +158,18 @@ class ProcessRuntime:
         await self.close()
 
     async def close(self) -> None:
-        """Stop all workers (calls in flight fail with PluginCrashed)."""
+        """Stop all workers (calls in flight fail with PluginCrashed, calls waiting for a
+        worker to start with PluginFailure); workers still starting are killed."""
         self._closed = True
-        for t in self._starting:
-            if t is not None:
-                t.cancel()
+        starting = [t for t in self._starting if t is not None]
+        for t in starting:
+            t.cancel()
         workers = [w for w in self._slots if w is not None] + list(self._retired)
         self._slots = [None] * len(self._slots)
         self._retired.clear()
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+        if starting:  # each kills its child as it is cancelled: wait until they are gone
+            await asyncio.wait(starting)
 
     def _kick(self, slot: int) -> asyncio.Task[WorkerProcess]:
         task = self._starting[slot]
@@ -268,7 +271,17 @@ class ProcessRuntime:
         if best is not None:
             return best
         task = next(t for t in self._starting if t is not None)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise  # this call itself was cancelled (its client gave up)
+            # The start was cancelled under it: drain or close, the plugin removed or replaced.
+            raise PluginFailure(
+                f"plugin '{self.name}' was stopped (removed or replaced) while it was still "
+                "starting; call again: a replaced plugin's new version serves the call"
+            ) from None
 
     # -- calls ----------------------------------------------------------------
 

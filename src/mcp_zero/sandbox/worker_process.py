@@ -192,7 +192,8 @@ class WorkerProcess:
         """Spawn the child and wait for its ``ready`` frame, which is returned.
 
         Raises :class:`PluginFailure` when it fails to load the plugin, exits, or
-        is not ready within ``timeout`` seconds.
+        is not ready within ``timeout`` seconds. Cancelled, it kills the child and waits
+        for it to go before it raises CancelledError.
         """
         loop = self._loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
@@ -230,6 +231,11 @@ class WorkerProcess:
                 f"plugin '{self.plugin}': worker not ready within {timeout:g} s; "
                 f"its stderr: {self._last_words()}"
             ) from None
+        except asyncio.CancelledError:
+            # Its plugin was removed or replaced while it loaded: nobody will use this child.
+            self.kill("its start was cancelled")
+            await self.wait_gone()
+            raise
         self.network_isolated = bool(ready.get("network_isolated"))
         self.alive = True
         return ready
@@ -526,7 +532,8 @@ class WorkerProcess:
     def _maybe_gone(self) -> None:
         if self._stdout_open or self._process_running:
             return
-        assert self._transport is not None
+        if self._transport is None:
+            return  # its start was cancelled as it spawned: asyncio killed and reaped it
         assert self._exited is not None
         self.alive = False
         self.returncode = self._transport.get_returncode()
