@@ -555,8 +555,12 @@ def wait_gone(pid: int, server: Server, case: str) -> None:
     """Until process ``pid`` has ended (bounded): gone, or a zombie that is not the server's
     (the server reaps what it inherits; once it has exited, that is init's or another's)."""
     deadline = time.monotonic() + 15
-    while Path(f"/proc/{pid}").exists():
-        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[:2]
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # gone (also between two looks)
+            return
+        state, parent = stat.rsplit(")", 1)[-1].split()[:2]
         assert server.proc is not None
         if state == "Z" and int(parent) != server.proc.pid:
             return

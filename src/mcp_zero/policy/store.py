@@ -61,10 +61,11 @@ class PolicyStore:
         as on the previous call; None otherwise.
 
         A change is taken up on the second call that reads it, not the first: a file being
-        written in place (truncated, then written) is not put in force half-written — an
-        empty file in the middle of an edit would drop its ``forbid`` policies for a while.
-        (Writing the new file under another name and renaming it over the old is atomic and
-        best.) Raises PolicyError (as :meth:`reload`) once for a changed set that does not
+        written in place (truncated, then written) within the time between two calls is not
+        put in force half-written — an empty file in the middle of an edit would drop its
+        ``forbid`` policies for a while. A write that pauses longer is not covered: writing
+        the new file under another name and renaming it over the old is atomic.
+        Raises PolicyError (as :meth:`reload`) once for a changed set that does not
         load, or a directory that cannot be read; the old set stays in force, and the same
         failure is not reported again until something changes.
         """
