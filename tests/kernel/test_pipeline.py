@@ -372,6 +372,19 @@ async def test_arguments_nested_too_deep_are_refused_and_audited(
     assert nested["code"] == "invalid_params"
 
 
+async def test_an_integer_past_64_bits_is_refused_as_such(started: Runtime, bridge: Any) -> None:
+    # (from the CLI's JSON; JSON parsers elsewhere read it as a float) — it was refused as
+    # "nested too deep", which sent its sender looking for the wrong thing
+    jo = Principal("jo", frozenset({"notes"}))
+    with pytest.raises(InvalidParams, match="integer past 64 bits") as refused:
+        await started.kernel.call_tool(
+            jo, "notes_add", {"text": "x", "n": 2**70}, bridge, request_id="big", transport="t"
+        )
+    assert refused.value.data == {"path": "/arguments"}
+    [record] = records(started, request_id="big")
+    assert record["code"] == "invalid_params"
+
+
 async def test_a_question_to_the_client_cut_off_by_a_cancel_is_audited(
     started: Runtime, bridge: Any
 ) -> None:

@@ -65,14 +65,17 @@ def _outcome_of(exc: BaseException) -> Outcome:
 # worker's frames need) at most this many: deeper arguments are refused, and audited.
 MAX_ARGUMENT_DEPTH = 254
 _TOO_DEEP = hashlib.sha256(b"<arguments nested too deep to encode>").hexdigest()
+_UNENCODABLE = hashlib.sha256(b"<arguments JSON cannot carry>").hexdigest()
 
 
 def _arguments_digest(arguments: JSON) -> str:
     # The audit log keeps a digest, not the arguments: they may hold personal data.
     try:
         encoded = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # nested too deep to encode: the call is refused (see call_tool)
-        return _TOO_DEEP
+    except TypeError as exc:  # the call is refused (see call_tool)
+        # too deep, or what JSON between programs cannot carry: an integer past 64 bits (a
+        # JSON parser reads it as a float, or refuses it)
+        return _TOO_DEEP if "ecursion" in str(exc) else _UNENCODABLE
     return hashlib.sha256(encoded).hexdigest()
 
 
@@ -436,10 +439,19 @@ class Kernel:
                 data={"path": "/arguments"},
             )
 
+        def unencodable() -> McpZeroError:
+            return InvalidParams(
+                "the arguments hold an integer past 64 bits, which JSON between programs "
+                "cannot carry exactly; send it as a string",
+                data={"path": "/arguments"},
+            )
+
         digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
         refused = missing if entry is None else None
         if refused is None and digest == _TOO_DEEP:
             refused = too_deep
+        elif refused is None and digest == _UNENCODABLE:
+            refused = unencodable
         return await self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
             "tools/call",
