@@ -29,6 +29,7 @@ from mcp_zero.errors import (
 from mcp_zero.kernel.action import Principal
 from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES, REPLACED_COPY_KEPT_S
 from mcp_zero.runtime import Runtime
+from plugin_builders import loading_plugin
 
 pytestmark = pytest.mark.anyio
 TESTS_DIR = Path(__file__).parents[1]
@@ -502,30 +503,6 @@ async def test_a_copy_is_dated_by_its_install_not_by_its_source(
     runtime: Runtime = make_runtime()
     runtime.plugins.install(source)
     assert time.time() - installed_copy(runtime).stat().st_mtime < 600
-
-
-def loading_plugin(directory: Path, pid_file: Path) -> Path:
-    """A plugin whose module, as it loads, writes its pid to ``pid_file`` and sleeps 1,000 s."""
-    directory.mkdir(parents=True)
-    (directory / "plugin.json").write_text(
-        json.dumps(
-            {
-                "name": "slow",
-                "version": "1.0.0",
-                "abi": 1,
-                "entry": "slow_plugin:plugin",
-                "tools": [
-                    {"name": "slow_echo", "description": "never", "inputSchema": {"type": "object"}}
-                ],
-            }
-        )
-    )
-    (directory / "slow_plugin.py").write_text(
-        "import os, pathlib, time\n"
-        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
-        "time.sleep(1000)\n"
-    )
-    return directory
 
 
 @pytest.mark.parametrize("change", ["replace", "remove"])
