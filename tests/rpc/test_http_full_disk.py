@@ -97,6 +97,8 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
                     break
         refused = await client.request("tools/call", bump)
         assert error_of(refused)["code"] == STORAGE_FAILURE  # (and its record failed too)
+        # the refusal says why, not only that its own record failed as well
+        assert "refused until there is room again" in str(error_of(refused)["message"])
         async with httpx2.AsyncClient() as http:
             ready = await http.get(f"{live.base}/readyz")
         assert ready.status_code == 503

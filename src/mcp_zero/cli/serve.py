@@ -124,8 +124,8 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     if warning is not None:
         log.warning("%s", warning)
     runtime, installed, first_token = _prepare(settings, first_start=True)
-    # The workers are subreapers; what one that dies by itself leaves running comes to the
-    # server, which ends it (mcp_zero.sandbox.proctree).
+    # A subreaper: what a plugin orphans comes to the server, not init, and the server
+    # sweeps it (mcp_zero.sandbox.proctree).
     adopt_orphans()
     app = HttpApp(runtime)
     server = HttpServer(

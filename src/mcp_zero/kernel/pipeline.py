@@ -736,6 +736,8 @@ class Kernel:
             await self.audit.submit(event)
         except StorageError:
             metrics.count_call(method, Outcome.ERROR.value)
+            if isinstance(failure, StorageError):
+                raise failure from None  # the refusal says more than its record's failure
             raise
         metrics.observe_stage("audit", time.perf_counter() - t)
         metrics.observe_stage("total", time.perf_counter() - start)

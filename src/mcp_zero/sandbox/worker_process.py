@@ -217,7 +217,8 @@ class WorkerProcess:
             _starting[0] -= 1
         self._transport = transport
         self.pid = transport.get_pid()
-        _LIVE.add(self.pid)
+        if self._process_running:  # (it may have exited already: then it is no worker)
+            _LIVE.add(self.pid)
         _sweep_soon(loop, _SWEEP_EVERY_S)
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
