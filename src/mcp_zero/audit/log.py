@@ -228,11 +228,7 @@ class AuditLog:
         """
         future: concurrent.futures.Future[AuditEntry] = concurrent.futures.Future()
         pending = _prepare(event, future, None)
-        loop = _running_loop()
-        with self._lock:
-            self._check_running()
-            batch = self._batches.get(loop) if loop is not None else None
-            items = _take(batch, loop) if batch is not None else []
+        items = self._gathered()
         items.append(pending)
         self._commit(items)
         return future.result(0)
@@ -245,36 +241,27 @@ class AuditLog:
         change and its commit left a change with no record. Blocks for one commit (the
         loop's gathering batch is committed first, on its own). Raises what ``change``
         raises, and as :meth:`append`."""
-        loop = _running_loop()
-        with self._lock:
-            self._check_running()
-            batch = self._batches.get(loop) if loop is not None else None
-            gathered = _take(batch, loop) if batch is not None else []
+        gathered = self._gathered()
         if gathered:
             self._commit(gathered)  # not in our transaction: a refused change must not undo it
+        results: list[T] = []
 
-        sealed: list[AuditEntry] = []
+        def write() -> list[AuditEntry]:
+            sealed: list[AuditEntry] = []
 
-        def entries_for(result: T) -> list[AuditEntry]:
-            future: concurrent.futures.Future[AuditEntry] = concurrent.futures.Future()
-            sealed[:] = self._seal([_prepare(event_of(result), future, None)])
+            def entries_for(result: T) -> list[AuditEntry]:
+                future: concurrent.futures.Future[AuditEntry] = concurrent.futures.Future()
+                sealed[:] = self._seal([_prepare(event_of(result), future, None)])
+                return sealed
+
+            results[:] = [self._store.append_audit_with(change, entries_for)]
             return sealed
 
-        with self._write_lock:
-            for attempt in range(_MAX_ATTEMPTS):
-                try:
-                    result = self._store.append_audit_with(change, entries_for)
-                except Exception:
-                    before = self._head
-                    self._resync()
-                    if self._head != before and attempt + 1 < _MAX_ATTEMPTS:
-                        continue  # another process appended first: chain after it, again
-                    raise  # (the change's own failure, or the store's: the next batch tells)
-                self._head = sealed[-1]
-                self.stats.batches += 1
-                self.stats.events += 1
-                return result
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        # (a failure is the change's own or the store's: the next batch tells the latter)
+        self._write_chained(write)
+        self.stats.batches += 1
+        self.stats.events += 1
+        return results[0]
 
     def writable(self) -> bool:
         """Whether calls may run: False from a failed commit until the store has room again
@@ -288,6 +275,15 @@ class AuditLog:
             if self._store.has_room(ROOM_BYTES):
                 self.stats.failing = False
         return not self.stats.failing
+
+    def _gathered(self) -> list[_Pending]:
+        """What this thread's loop has gathered and not committed (taken from its batch);
+        raises StorageError when the log is not running."""
+        loop = _running_loop()
+        with self._lock:
+            self._check_running()
+            batch = self._batches.get(loop) if loop is not None else None
+            return _take(batch, loop) if batch is not None else []
 
     def _check_running(self) -> None:
         if not self._started or self._closing:
@@ -303,37 +299,44 @@ class AuditLog:
         if items:
             self._commit(items)
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        entries: list[AuditEntry] = []
-        error: Exception | None = None
+    def _write_chained(self, write: Callable[[], list[AuditEntry]]) -> list[AuditEntry]:
+        """Run ``write`` (it seals entries after the head and stores them) under the write
+        lock, and advance the head to what it stored. Another process (a CLI command beside
+        the server) may have appended first: then chain after its entries and try again.
+        Any other failure is raised, the head left as the store has it."""
         with self._write_lock:
             for attempt in range(_MAX_ATTEMPTS):
                 try:
-                    entries = self._seal(batch)
-                    self._store.append_audit_batch(entries)
-                except Exception as exc:  # any failure fails the batch, never the log
+                    entries = write()
+                except Exception:
                     before = self._head
                     self._resync()
-                    # Another process (a CLI command beside the server) appended first:
-                    # chain this batch after its entries and try again. Any other
-                    # failure is final.
                     if self._head != before and attempt + 1 < _MAX_ATTEMPTS:
                         continue
-                    error = exc
-                else:
-                    self._head = entries[-1]
-                break
-            if error is not None:
-                self.stats.failing = True  # until writable() finds room again
-                self._room_checked = time.monotonic()
-            if error is None:
-                self.stats.batches += 1
-                self.stats.events += len(entries)
-                self.stats.largest_batch = max(self.stats.largest_batch, len(entries))
-            else:
-                self.stats.failed_batches += 1
-                self.stats.failed_events += len(batch)
-        _settle(batch, entries if error is None else None, error)
+                    raise
+                self._head = entries[-1]
+                return entries
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        def write() -> list[AuditEntry]:
+            entries = self._seal(batch)
+            self._store.append_audit_batch(entries)
+            return entries
+
+        try:
+            entries = self._write_chained(write)
+        except Exception as exc:  # any failure fails the batch, never the log
+            self.stats.failing = True  # until writable() finds room again
+            self._room_checked = time.monotonic()
+            self.stats.failed_batches += 1
+            self.stats.failed_events += len(batch)
+            _settle(batch, None, exc)
+            return
+        self.stats.batches += 1
+        self.stats.events += len(entries)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(entries))
+        _settle(batch, entries, None)
 
     def _seal(self, batch: list[_Pending]) -> list[AuditEntry]:
         head = self._head

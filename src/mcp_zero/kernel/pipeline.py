@@ -148,6 +148,26 @@ async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float, plugin: str, 
         ) from None
 
 
+def _event(
+    principal: Principal,
+    verb: Verb,
+    resource: str | None,
+    plugin: str | None,
+    request_id: str,
+    transport: Any,
+) -> JSON:
+    """What every audit record of an agent's action starts with."""
+    return {
+        "agent": principal.agent,
+        "anonymous": principal.anonymous,
+        "verb": verb.value,
+        "resource": resource,
+        "plugin": plugin,
+        "request_id": request_id,
+        "transport": transport,
+    }
+
+
 def _audit_failing(audit: AuditLog) -> StorageError:
     """The refusal of a call whose record could not be kept: before its plugin acts."""
     return StorageError(
@@ -321,16 +341,11 @@ class Kernel:
             # One record for the refused request, not one per URI: a listen names up to
             # 1,000, and an agent over its limit must not fill the audit log with them.
             first = normal_uri(uris[0]) if uris else None
+            owner = self.plugins.resource_owner(first) if first else None
             await self.audit.submit(
                 {
-                    "agent": principal.agent,
-                    "anonymous": principal.anonymous,
-                    "verb": Verb.READ_RESOURCE.value,
-                    "resource": first,
-                    "plugin": self.plugins.resource_owner(first) if first else None,
+                    **_event(principal, Verb.READ_RESOURCE, first, owner, request_id, transport),
                     "uri_count": len(uris),
-                    "request_id": request_id,
-                    "transport": transport,
                     "method": method,
                     "outcome": _outcome_of(limited).value,
                     "code": limited.code,
@@ -344,13 +359,7 @@ class Kernel:
             uri = normal_uri(given)
             plugin = self.plugins.resource_owner(uri)
             event: JSON = {
-                "agent": principal.agent,
-                "anonymous": principal.anonymous,
-                "verb": Verb.READ_RESOURCE.value,
-                "resource": uri,
-                "plugin": plugin,
-                "request_id": request_id,
-                "transport": transport,
+                **_event(principal, Verb.READ_RESOURCE, uri, plugin, request_id, transport),
                 "method": method,
             }
             refused: McpZeroError | None = None
@@ -607,15 +616,7 @@ class Kernel:
     ) -> None:
         """Audit an action the client cancelled before it started: it reached neither policy
         nor a plugin, and it is recorded as ``cancelled``, like one cut off while it ran."""
-        event: JSON = {
-            "agent": principal.agent,
-            "anonymous": principal.anonymous,
-            "verb": verb.value,
-            "resource": target,
-            "plugin": self._owner(verb, target),
-            "request_id": request_id,
-            "transport": transport,
-        }
+        event = _event(principal, verb, target, self._owner(verb, target), request_id, transport)
         if verb is Verb.CALL_TOOL:
             event["arguments_sha256"] = _arguments_digest(arguments or {})
         event.update(outcome=Outcome.ERROR.value, code="cancelled", duration_ms=0.0)
@@ -652,16 +653,11 @@ class Kernel:
         start = time.perf_counter()
         metrics.call_started()
         principal = action.principal
-        event: JSON = {
-            "agent": principal.agent,
-            "anonymous": principal.anonymous,
-            "verb": action.verb.value,
-            "resource": action.resource,
-            "plugin": action.plugin,
-            "request_id": request_id,
-            "transport": action.context.get("transport"),
-            **detail,
-        }
+        transport = action.context.get("transport")
+        event = _event(
+            principal, action.verb, action.resource, action.plugin, request_id, transport
+        )
+        event.update(detail)
         result: JSON | None = None
         failure: BaseException | None = None
         try:

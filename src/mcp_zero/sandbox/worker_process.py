@@ -53,13 +53,11 @@ def adopt_orphans() -> bool:
     return _subreaper[0]
 
 
-def _sweep_soon(loop: asyncio.AbstractEventLoop, delay: float) -> None:
-    """Sweep on ``loop`` after ``delay`` seconds, and every second from then on."""
+def _keep_sweeping(loop: asyncio.AbstractEventLoop) -> None:
+    """In a subreaper: sweep on ``loop`` every second (once started, for the loop's life)."""
     if _subreaper[0] and _sweeping[0] is not loop:
         _sweeping[0] = loop
         loop.call_later(_SWEEP_EVERY_S, _sweep_every, loop)
-    if _subreaper[0]:
-        loop.call_later(delay, _sweep)
 
 
 def _sweep_every(loop: asyncio.AbstractEventLoop) -> None:
@@ -219,7 +217,7 @@ class WorkerProcess:
         self.pid = transport.get_pid()
         if self._process_running:  # (it may have exited already: then it is no worker)
             _LIVE.add(self.pid)
-        _sweep_soon(loop, _SWEEP_EVERY_S)
+        _keep_sweeping(loop)
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         try:
@@ -508,8 +506,8 @@ class WorkerProcess:
     def on_process_exited(self) -> None:
         self._process_running = False
         _LIVE.discard(self.pid)
-        if self._loop is not None:
-            _sweep_soon(self._loop, _SWEEP_DELAY_S)  # what it left came to us
+        if _subreaper[0] and self._loop is not None:
+            self._loop.call_later(_SWEEP_DELAY_S, _sweep)  # what it left came to us
         if self._stdout_open:
             # A process the worker started kept its protocol pipe open (it inherited it):
             # the worker is gone all the same, and so must be what it left behind.
