@@ -237,8 +237,7 @@ async def test_remove_leaves_the_copy_to_the_drain_then_the_sweep(make_runtime: 
         runtime.plugins.remove("faulty")
     make_runtime()
     assert copy.is_dir()  # removed just now: a start leaves it
-    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
-    os.utime(copy, (long_ago, long_ago))
+    backdate(copy)
     make_runtime()
     assert not copy.exists()
 
@@ -259,11 +258,16 @@ async def test_a_copied_data_dir_uses_and_touches_only_its_own_copies(
         other.plugins.copy_path(record) == copied.absolute() / "plugins" / "faulty" / original.name
     )
     other.plugins.remove("faulty")
-    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
-    os.utime(copied / "plugins" / "faulty" / original.name, (long_ago, long_ago))
+    backdate(copied / "plugins" / "faulty" / original.name)
     make_runtime(data_dir=copied)  # its sweep
     assert not (copied / "plugins" / "faulty" / original.name).exists()
     assert original.is_dir()  # the first data dir's copy is untouched
+
+
+def backdate(path: Path) -> None:
+    """Make ``path`` look older than a replaced copy is kept: the next sweep takes it."""
+    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
+    os.utime(path, (long_ago, long_ago))
 
 
 def installed_copy(runtime: Runtime) -> Path:
@@ -284,8 +288,7 @@ async def test_a_replaced_copy_is_kept_for_a_draining_server_then_swept_at_a_sta
     current = installed_copy(runtime)
     assert first.is_dir()  # a server may still run calls on them
     assert second.is_dir()
-    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
-    os.utime(first, (long_ago, long_ago))  # replaced before any call could still run on it
+    backdate(first)  # replaced before any call could still run on it
     make_runtime()  # a start (a CLI command, a server) sweeps
     assert not first.exists()
     assert second.is_dir()
@@ -498,8 +501,7 @@ async def test_a_copy_is_dated_by_its_install_not_by_its_source(
     # copytree gives a copy its source's times: an old source made a fresh install look
     # replaced long ago, and the next start swept the copy in use
     source = edited_copy(tmp_path, FAULTY_DIR)
-    long_ago = time.time() - REPLACED_COPY_KEPT_S - 60
-    os.utime(source, (long_ago, long_ago))
+    backdate(source)
     runtime: Runtime = make_runtime()
     runtime.plugins.install(source)
     assert time.time() - installed_copy(runtime).stat().st_mtime < 600
