@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,51 @@ def test_descendants_follow_the_parent_table() -> None:
     assert proctree.descendants(1, table) == [2, 3, 4, 5]
     assert proctree.descendants(8, table) == [9]
     assert proctree.descendants(5, table) == []
+
+
+# A subreaper with children of every kind the sweep meets: one started by the main thread,
+# one by another thread, one exited and not reaped, and an orphan it adopted.
+FAMILY = """
+import json, os, subprocess, sys, threading, time
+from mcp_zero.sandbox import proctree
+assert proctree.become_subreaper()
+sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+mine = [subprocess.Popen(sleep)]
+helper = threading.Thread(target=lambda: mine.append(subprocess.Popen(sleep)))
+helper.start(); helper.join()
+done = subprocess.Popen([sys.executable, "-c", "pass"])
+middle = subprocess.run([sys.executable, "-c",
+    "import subprocess, sys; print(subprocess.Popen(sys.argv[1:], start_new_session=True, "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)",
+    *sleep], capture_output=True, text=True, check=True)
+orphan = int(middle.stdout)
+deadline = time.monotonic() + 10
+while proctree.processes().get(done.pid, proctree.Proc(0, 0, "R")).state != "Z":
+    assert time.monotonic() < deadline; time.sleep(0.01)
+while proctree.processes().get(orphan, proctree.Proc(0, 0, "R")).ppid != os.getpid():
+    assert time.monotonic() < deadline; time.sleep(0.01)
+me = os.getpid()
+print(json.dumps({
+    "children": {pid: proc.state for pid, proc in proctree.children().items()},
+    "scanned": {pid: p.state for pid, p in proctree.processes().items() if p.ppid == me},
+    "expected": [p.pid for p in mine] + [done.pid, orphan],
+}))
+for pid in [p.pid for p in mine] + [orphan]:
+    os.kill(pid, 9)
+"""
+
+
+def test_children_are_found_without_scanning_every_process() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FAMILY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert sorted(int(pid) for pid in found["children"]) == sorted(found["expected"])
+    assert found["children"] == found["scanned"]
+    assert sorted(found["children"].values()).count("Z") == 1

@@ -151,14 +151,39 @@ def kill_tree(root: int, *, include_root: bool) -> list[int]:
     return killed
 
 
+def children() -> dict[int, Proc]:
+    """This process's children, by pid: from each thread's ``/proc/self/task/*/children``
+    (a subreaper's adopted orphans go to any of its threads), so the cost is that of the
+    children, not of every process on the host; from all of ``/proc`` on a kernel without
+    those files (``CONFIG_PROC_CHILDREN``)."""
+    me = os.getpid()
+    try:
+        threads = os.listdir("/proc/self/task")
+        pids: set[int] = set()
+        for tid in threads:
+            try:
+                with open(f"/proc/self/task/{tid}/children", "rb") as listing:
+                    pids.update(int(pid) for pid in listing.read().split())
+            except FileNotFoundError:
+                if os.path.exists(f"/proc/self/task/{tid}"):
+                    raise  # the kernel has no such files: not a thread that just ended
+    except OSError:
+        return {pid: proc for pid, proc in processes().items() if proc.ppid == me}
+    found = {}
+    for pid in pids:
+        proc = _read(pid)
+        if proc is not None and proc.ppid == me:  # not reaped and reused meanwhile
+            found[pid] = proc
+    return found
+
+
 def adopted(workers: Collection[int]) -> tuple[list[int], list[int]]:
     """In a subreaper whose own children are ``workers`` only: its other children, as
     (zombies to reap, strays to kill). A live one in a worker's process group is that
     worker's and in neither list (it ends with the group)."""
-    me = os.getpid()
     zombies, strays = [], []
-    for pid, proc in processes().items():
-        if proc.ppid != me or pid in workers:
+    for pid, proc in children().items():
+        if pid in workers:
             continue
         if proc.state == "Z":
             zombies.append(pid)
@@ -189,6 +214,7 @@ __all__ = [
     "Proc",
     "adopted",
     "become_subreaper",
+    "children",
     "descendants",
     "kill_tree",
     "processes",
