@@ -619,6 +619,28 @@ def test_nothing_a_plugin_starts_outlives_its_worker(server: Server, tmp_path: P
     assert "Traceback" not in server.output()
 
 
+def test_what_plugins_left_running_after_kill_9_ends_at_the_next_start(
+    server: Server, tmp_path: Path
+) -> None:
+    # kill -9 of the server ends its workers (their parent-death signal), but what their
+    # plugins started runs on under init; the next server on the data dir ends it.
+    token = sleepy_agent(server)
+    pidfile = tmp_path / "left.pid"
+    arguments = {"pidfile": str(pidfile), "then": "return", "detach": False, "seconds": 600}
+    answer = call_faulty(server, token, "faulty_daemon", arguments)
+    assert answer["result"]["content"][0]["text"] == "daemon started", answer
+    left = int(pidfile.read_text())
+    plugin_data = str((server.data_dir / "plugin-data").resolve())
+    assert left not in proctree.left_behind(plugin_data)  # its server runs: its own
+
+    server.kill9()
+    assert alive(left)  # nothing ended it
+    assert left in proctree.left_behind(plugin_data)
+    server.start()
+    wait_gone(left, server, "a process a plugin of a killed server left")
+    assert "left behind" in server.output()
+
+
 def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> None:
     data_dir = str(server.data_dir)
     token = sleepy_agent(server)

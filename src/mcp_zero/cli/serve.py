@@ -15,6 +15,7 @@ from typing import Any
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Unauthorized
 from mcp_zero.runtime import Runtime
+from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
 
 log = logging.getLogger("mcp_zero.serve")
@@ -107,6 +108,20 @@ def _prepare(
     return runtime, installed, token
 
 
+def _end_left_behind(settings: Settings) -> None:
+    """End what plugins of a server on this data dir started and left running when that
+    server went without ending them (``kill -9``, the OOM killer): its workers die with it
+    (their parent-death signal), what they started is re-parented to init."""
+    roots = proctree.left_behind(str(settings.plugin_data_dir.resolve()))
+    killed = sorted({pid for root in roots for pid in proctree.kill_tree(root, include_root=True)})
+    if killed:
+        log.warning(
+            "ended %d process(es) that plugins of a server no longer running left behind: %s",
+            len(killed),
+            ", ".join(map(str, killed)),
+        )
+
+
 def run_http(settings: Settings, *, as_json: bool = False) -> None:
     """Serve MCP over streamable HTTP until SIGTERM or SIGINT."""
     from mcp_zero.rpc.http import HttpApp
@@ -124,6 +139,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     if warning is not None:
         log.warning("%s", warning)
     runtime, installed, first_token = _prepare(settings, first_start=True)
+    _end_left_behind(settings)
     # A subreaper: what a plugin orphans comes to the server, not init, and the server
     # sweeps it (mcp_zero.sandbox.proctree).
     adopt_orphans()
@@ -199,6 +215,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     except Exception:
         runtime.close()
         raise
+    _end_left_behind(settings)
     adopt_orphans()
     try:
         asyncio.run(serve_stdio(runtime, principal))

@@ -19,9 +19,11 @@ process whose parent exits is re-parented — to init, out of reach. Two measure
 The workers are not subreapers themselves: a subreaper must reap what it
 adopts, and a worker cannot tell an adopted orphan from the plugin's own child,
 which the plugin waits for (``subprocess`` takes a child someone else reaped for
-a success). What this cannot do: end what a plugin started after ``kill -9`` of
-the server (nothing outlives it to do so), or cap how many processes a plugin
-starts — a cgroup's ``pids`` controller is the tool for both.
+a success). After ``kill -9`` of the server
+nothing is left to end what its plugins started until the next server on the data dir
+finds it by its environment (:func:`left_behind`); and nothing here caps how many
+processes a plugin starts — a cgroup (its ``pids`` controller, ``cgroup.kill``) is the
+tool for both.
 
 Stdlib only: the worker imports it.
 """
@@ -47,6 +49,7 @@ class Proc:
     ppid: int
     pgid: int
     state: str  # R, S, D, T (stopped), Z (zombie)…
+    started: int = 0  # clock ticks after boot
 
 
 def become_subreaper() -> bool:
@@ -66,9 +69,11 @@ def _read(pid: int | str) -> Proc | None:
         return None
     # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
     fields = line[line.rfind(b")") + 2 :].split()
-    if len(fields) < 3:
+    if len(fields) < 20:
         return None
-    return Proc(int(fields[1]), int(fields[2]), fields[0].decode("ascii", "replace"))
+    return Proc(
+        int(fields[1]), int(fields[2]), fields[0].decode("ascii", "replace"), int(fields[19])
+    )
 
 
 def processes() -> dict[int, Proc]:
@@ -192,6 +197,40 @@ def adopted(workers: Collection[int]) -> tuple[list[int], list[int]]:
     return zombies, strays
 
 
+def _environ(pid: int) -> dict[bytes, bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            block = environ.read()
+    except OSError:  # gone, or another user's
+        return {}
+    return dict(entry.partition(b"=")[::2] for entry in block.split(b"\0") if entry)
+
+
+def left_behind(plugin_data_dir: str) -> list[int]:
+    """The processes that workers of a server on this data dir started (their environment
+    says so: ``MCP0_DATA_DIR`` below ``plugin_data_dir``) and that outlived that server
+    (``MCP0_PARENT_PID``): after ``kill -9`` of a server, its workers die with it, but what
+    their plugins started runs on under init. A server that is still running (a stdio
+    session beside an HTTP server on one data dir) keeps its own: its pid is alive and
+    older than they are, where a pid taken again since is younger."""
+    below = os.fsencode(os.path.join(plugin_data_dir, ""))
+    table = processes()
+    found = []
+    for pid, proc in table.items():
+        if pid == os.getpid() or proc.state == "Z":
+            continue
+        environ = _environ(pid)
+        if not environ.get(b"MCP0_DATA_DIR", b"").startswith(below):
+            continue
+        try:
+            server = table.get(int(environ.get(b"MCP0_PARENT_PID", b"")))
+        except ValueError:
+            continue  # not set by a worker
+        if server is None or server.state == "Z" or server.started > proc.started:
+            found.append(pid)
+    return found
+
+
 def reap(pids: Iterable[int], wait: float = 0.0) -> None:
     """Collect the exit status of those of ``pids`` (this process's children) that have
     exited — waiting up to ``wait`` seconds for those just killed — so that no zombie is
@@ -217,6 +256,7 @@ __all__ = [
     "children",
     "descendants",
     "kill_tree",
+    "left_behind",
     "processes",
     "reap",
 ]
