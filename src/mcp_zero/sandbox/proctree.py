@@ -226,9 +226,18 @@ def left_behind(plugin_data_dir: str) -> list[int]:
             server = table.get(int(environ.get(b"MCP0_PARENT_PID", b"")))
         except ValueError:
             continue  # not set by a worker
-        if server is None or server.state == "Z" or server.started > proc.started:
+        gone = server is None or server.state == "Z" or server.started > proc.started
+        # in another pid namespace (a container beside us), its server's pid is not ours
+        if gone and _pid_namespace(pid) == _pid_namespace("self"):
             found.append(pid)
     return found
+
+
+def _pid_namespace(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
 
 
 def reap(pids: Iterable[int], wait: float = 0.0) -> None:
