@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -622,6 +622,34 @@ class Kernel:
         event.update(outcome=Outcome.ERROR.value, code="cancelled", duration_ms=0.0)
         await self.audit.submit(event)
         self.metrics.count_call(method, Outcome.ERROR.value)
+
+    async def refuse(
+        self,
+        principal: Principal,
+        verb: Verb,
+        target: str,
+        refusal: McpZeroError,
+        *,
+        method: str,
+        request_id: str,
+        transport: str,
+    ) -> NoReturn:
+        """Audit a request of the principal refused before it named an action (malformed
+        params: ``target`` is what it named, "" if nothing valid), as ``_govern`` audits
+        refused calls — over the rate limit it is refused as such — and raise ``refusal``."""
+
+        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
+            raise AssertionError("a refused request does not run")  # pragma: no cover
+
+        await self._govern(
+            Action(principal, verb, target, None, {}, {"transport": transport}),
+            method,
+            request_id,
+            run,
+            lambda: refusal,
+            {},
+        )
+        raise AssertionError("_govern raises the refusal")  # pragma: no cover
 
     def _owner(self, verb: Verb, target: str) -> str | None:
         """The plugin that serves ``target`` of an action ``verb``, if one does."""

@@ -7,7 +7,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mcp_zero.errors import McpZeroError
-from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed, Session
+from mcp_zero.rpc.session import (
+    JSON,
+    Channel,
+    ClientRequestFailed,
+    Session,
+    too_deep_for_plugin,
+)
 
 # Which client capability each server→client request needs.
 _CAPABILITY = {
@@ -93,17 +99,27 @@ class RequestBridge:
                     f"MCP {self._session.protocol_version} lets only tools/call, prompts/get "
                     f"and resources/read ask the client ({method})"
                 )
-            return await self._ask.ask(method, params, key)
+            return _forwardable(method, await self._ask.ask(method, params, key))
         request_id, future = self._session.new_request()
         try:
             await self._channel.send(
                 {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
             )
             async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT_S):
-                return await future
+                return _forwardable(method, await future)
         except TimeoutError:
             raise ClientRequestFailed(
                 f"the client did not answer {method} within {CLIENT_REQUEST_TIMEOUT_S:.0f} s"
             ) from None
         finally:
             self._session.pending.pop(request_id, None)
+
+
+def _forwardable(method: str, answer: JSON) -> JSON:
+    """The client's ``answer``, unless it cannot be passed on to the plugin (its call gets
+    the error at once, instead of waiting for an answer that never comes)."""
+    if too_deep_for_plugin(answer):
+        raise ClientRequestFailed(
+            f"the client's answer to {method} nests too deep to be passed to the plugin"
+        )
+    return answer

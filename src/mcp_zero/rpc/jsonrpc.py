@@ -21,6 +21,9 @@ from mcp_zero.errors import (
 
 JSON = dict[str, Any]
 RequestId = str | int
+#: The longest string id a message may carry: ids are echoed in answers and kept in the
+#: audit log (an append-only log must not take a client's megabytes as an id).
+MAX_ID_LENGTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,10 @@ def classify(obj: Any) -> Message:
                 f'"id" must be a string or an integer of at most 64 bits, not {msg_id!r}'
             )
         raise InvalidRequest('"id" must be a string or an integer')
+    if isinstance(msg_id, str) and len(msg_id) > MAX_ID_LENGTH:
+        raise InvalidRequest(
+            f'"id" is a string of {len(msg_id)} characters; an id may have at most {MAX_ID_LENGTH}'
+        )
     method = obj.get("method")
     if method is None:
         if msg_id is None or ("result" in obj) == ("error" in obj):
@@ -137,6 +144,7 @@ def encode(message: JSON) -> bytes:
 
 __all__ = [
     "INVALID_REQUEST",
+    "MAX_ID_LENGTH",
     "PARSE_ERROR",
     "Message",
     "Notification",

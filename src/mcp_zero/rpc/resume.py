@@ -34,7 +34,7 @@ from typing import Any
 from mcp_zero.errors import InvalidParams, McpZeroError, MissingClientCapability, QuotaExceeded
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc.bridge import CLIENT_REQUEST_TIMEOUT_S
-from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed
+from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed, too_deep_for_plugin
 
 _GATHER_S = 0.005  # a question this soon after the last travels with it
 _ENDED_KEPT_S = 60.0  # a parked call that ended is kept this long for its client's retry
@@ -132,6 +132,11 @@ class Continuation:
             if not isinstance(result, dict):
                 raise InvalidParams(
                     f"params.inputResponses.{key} must be the client's result (an object)",
+                    data={"path": f"/inputResponses/{key}"},
+                )
+            if too_deep_for_plugin(result):  # refused: the call waits for a usable answer
+                raise InvalidParams(
+                    f"params.inputResponses.{key} nests too deep to be passed to the plugin",
                     data={"path": f"/inputResponses/{key}"},
                 )
         return answers

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from mcp_zero import __version__
 from mcp_zero.errors import (
@@ -51,6 +51,7 @@ from mcp_zero.rpc.session import (
     Channel,
     Session,
 )
+from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH, MAX_URI_LENGTH
 
 Handler = Callable[[Session, JSON, Channel, Any], Awaitable[JSON]]
 # The methods that take the governed path, and the verb each is audited as.
@@ -82,6 +83,8 @@ _CACHEABLE = frozenset(
 )
 # Resources one subscriptions/listen may name (each is decided and audited).
 MAX_LISTEN_RESOURCES = 1000
+# The longest string progressToken: it is copied into each progress notification of the call.
+MAX_PROGRESS_TOKEN_LENGTH = 256
 # What subscriptions/listen may ask for: its flag and the notice it brings.
 _LISTEN_FLAGS = {
     "toolsListChanged": "notifications/tools/list_changed",
@@ -151,11 +154,38 @@ def _read_cursor(cursor: Any, method: str, version: str, length: int) -> int:
     return int(start)
 
 
-def _require_str(params: JSON, name: str) -> str:
+def _require_str(params: JSON, name: str, limit: int | None = None, where: str = "") -> str:
+    """``params[name]``, a non-empty string of at most ``limit`` characters (``where``: the
+    path of ``params`` in the request's params, as ``ref.``); InvalidParams otherwise."""
     value = params.get(name)
+    path = "/" + f"{where}{name}".replace(".", "/")
     if not isinstance(value, str) or not value:
-        raise InvalidParams(f"params.{name} must be a non-empty string", data={"path": f"/{name}"})
+        raise InvalidParams(f"params.{where}{name} must be a non-empty string", data={"path": path})
+    if limit is not None and len(value) > limit:
+        # refused before it is echoed or audited: the audit log keeps what it is given
+        raise InvalidParams(
+            f"params.{where}{name} has {len(value)} characters; at most {limit} are allowed",
+            data={"path": path, "limit": limit},
+        )
     return value
+
+
+def _audited_target(verb: Verb, params: JSON) -> str:
+    """What a governed request names (tool, prompt, URI), as its audit record keeps it: ""
+    when that is not a string within its limit."""
+    target: Any
+    if verb is Verb.COMPLETE:
+        ref = params.get("ref")
+        ref = ref if isinstance(ref, dict) else {}
+        if ref.get("type") == "ref/prompt":
+            target, limit = ref.get("name"), MAX_NAME_LENGTH
+        else:
+            target, limit = ref.get("uri"), MAX_URI_LENGTH
+    elif verb is Verb.READ_RESOURCE:
+        target, limit = params.get("uri"), MAX_URI_LENGTH
+    else:
+        target, limit = params.get("name"), MAX_NAME_LENGTH
+    return target if isinstance(target, str) and len(target) <= limit else ""
 
 
 def _optional_dict(params: JSON, name: str) -> JSON:
@@ -348,6 +378,8 @@ class McpServer:
 
     def cancel(self, session: Session, request_id: Any) -> bool:
         """Cancel a request in flight, as the client asked: it ends without an answer."""
+        if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+            return False  # not a request id (an object would not even hash): nothing to cancel
         task = session.inflight.get(request_id)
         if task is None:
             return False
@@ -430,17 +462,11 @@ class McpServer:
         if verb is None:
             return
         params = request.params
-        if verb is Verb.COMPLETE:
-            ref = params.get("ref")
-            ref = ref if isinstance(ref, dict) else {}
-            target = ref.get("name") if ref.get("type") == "ref/prompt" else ref.get("uri")
-        else:
-            target = params.get("uri" if verb is Verb.READ_RESOURCE else "name")
         arguments = params.get("arguments")
         await self.kernel.audit_cancelled(
             session.principal,
             verb,
-            target if isinstance(target, str) else "",
+            _audited_target(verb, params),
             method=request.method,
             request_id=str(request.id),
             transport=self.transport,
@@ -523,6 +549,11 @@ class McpServer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _initialize(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+        if not isinstance(params.get("protocolVersion"), str):
+            raise InvalidParams(
+                "params.protocolVersion must be a string: the MCP version the client speaks",
+                data={"path": "/protocolVersion"},
+            )
         session.protocol_version = negotiate_version(params.get("protocolVersion"))
         caps = params.get("capabilities")
         session.client_capabilities = caps if isinstance(caps, dict) else {}
@@ -569,6 +600,12 @@ class McpServer:
             raise InvalidParams(
                 "params.notifications.resourceSubscriptions must be a list of URIs",
                 data={"path": "/notifications/resourceSubscriptions"},
+            )
+        if any(len(uri) > MAX_URI_LENGTH for uri in uris):  # (refused before it is audited)
+            raise InvalidParams(
+                f"params.notifications.resourceSubscriptions names a URI of more than "
+                f"{MAX_URI_LENGTH} characters",
+                data={"path": "/notifications/resourceSubscriptions", "limit": MAX_URI_LENGTH},
             )
         if len(uris) > MAX_LISTEN_RESOURCES:  # each is audited: one request, bounded records
             raise InvalidParams(
@@ -660,9 +697,12 @@ class McpServer:
     # -- tools ----------------------------------------------------------------------------------
 
     async def _tools_call(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
-        name = _require_str(params, "name")
-        arguments = _optional_dict(params, "arguments")
-        bridge = self._bridge(session, params, channel, rid)
+        try:
+            name = _require_str(params, "name", MAX_NAME_LENGTH)
+            arguments = _optional_dict(params, "arguments")
+            bridge = self._bridge(session, params, channel, rid)
+        except InvalidParams as exc:
+            await self._refuse(session, "tools/call", params, rid, exc)
         return await self.kernel.call_tool(
             session.principal,
             name,
@@ -677,8 +717,11 @@ class McpServer:
     async def _resources_read(
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
-        uri = _require_str(params, "uri")
-        bridge = self._bridge(session, params, channel, rid)
+        try:
+            uri = _require_str(params, "uri", MAX_URI_LENGTH)
+            bridge = self._bridge(session, params, channel, rid)
+        except InvalidParams as exc:
+            await self._refuse(session, "resources/read", params, rid, exc)
         return await self.kernel.read_resource(
             session.principal, uri, bridge, request_id=str(rid), transport=self.transport
         )
@@ -686,7 +729,7 @@ class McpServer:
     async def _resources_subscribe(
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
-        uri = _require_str(params, "uri")
+        uri = _require_str(params, "uri", MAX_URI_LENGTH)
         [refused] = await self.kernel.subscribe(
             session.principal,
             [uri],
@@ -702,7 +745,7 @@ class McpServer:
     async def _resources_unsubscribe(
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
-        session.subscriptions.discard(normal_uri(_require_str(params, "uri")))
+        session.subscriptions.discard(normal_uri(_require_str(params, "uri", MAX_URI_LENGTH)))
         return {}
 
     # -- prompts and completion -----------------------------------------------------------------
@@ -710,11 +753,14 @@ class McpServer:
     async def _prompts_get(
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
-        name = _require_str(params, "name")
-        arguments = _optional_dict(params, "arguments")
-        if not all(isinstance(v, str) for v in arguments.values()):
-            raise InvalidParams("prompt arguments must be strings", data={"path": "/arguments"})
-        bridge = self._bridge(session, params, channel, rid)
+        try:
+            name = _require_str(params, "name", MAX_NAME_LENGTH)
+            arguments = _optional_dict(params, "arguments")
+            if not all(isinstance(v, str) for v in arguments.values()):
+                raise InvalidParams("prompt arguments must be strings", data={"path": "/arguments"})
+            bridge = self._bridge(session, params, channel, rid)
+        except InvalidParams as exc:
+            await self._refuse(session, "prompts/get", params, rid, exc)
         return await self.kernel.get_prompt(
             session.principal,
             name,
@@ -725,20 +771,53 @@ class McpServer:
         )
 
     async def _complete(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
-        ref = _optional_dict(params, "ref")
-        argument = _optional_dict(params, "argument")
-        if ref.get("type") not in ("ref/prompt", "ref/resource"):
-            raise InvalidParams(
-                'params.ref.type must be "ref/prompt" or "ref/resource"', data={"path": "/ref/type"}
-            )
-        if not isinstance(argument.get("name"), str):
-            raise InvalidParams("params.argument.name must be a string", data={"path": "/argument"})
-        context = params.get("context")
+        try:
+            ref = _optional_dict(params, "ref")
+            argument = _optional_dict(params, "argument")
+            if ref.get("type") == "ref/prompt":
+                _require_str(ref, "name", MAX_NAME_LENGTH, where="ref.")
+            elif ref.get("type") == "ref/resource":
+                _require_str(ref, "uri", MAX_URI_LENGTH, where="ref.")
+            else:
+                raise InvalidParams(
+                    'params.ref.type must be "ref/prompt" or "ref/resource"',
+                    data={"path": "/ref/type"},
+                )
+            for key in ("name", "value"):
+                if not isinstance(argument.get(key), str):
+                    raise InvalidParams(
+                        f"params.argument.{key} must be a string", data={"path": f"/argument/{key}"}
+                    )
+            context = _optional_dict(params, "context")
+            given = context.get("arguments", {})
+            if not isinstance(given, dict) or not all(isinstance(v, str) for v in given.values()):
+                raise InvalidParams(
+                    "params.context.arguments must map argument names to strings",
+                    data={"path": "/context/arguments"},
+                )
+        except InvalidParams as exc:
+            await self._refuse(session, "completion/complete", params, rid, exc)
         return await self.kernel.complete(
             session.principal,
             ref,
             argument,
-            context if isinstance(context, dict) else None,
+            context if params.get("context") is not None else None,
+            request_id=str(rid),
+            transport=self.transport,
+        )
+
+    async def _refuse(
+        self, session: Session, method: str, params: JSON, rid: Any, refusal: InvalidParams
+    ) -> NoReturn:
+        """Audit a governed request refused for its params before it named an action (as
+        refused calls are), then raise ``refusal``."""
+        verb = _GOVERNED[method]
+        await self.kernel.refuse(
+            session.principal,
+            verb,
+            _audited_target(verb, params),
+            refusal,
+            method=method,
             request_id=str(rid),
             transport=self.transport,
         )
@@ -762,6 +841,13 @@ class McpServer:
             raise InvalidParams(
                 "params._meta.progressToken must be a string or an integer",
                 data={"path": "/_meta/progressToken"},
+            )
+        if type(token) is str and len(token) > MAX_PROGRESS_TOKEN_LENGTH:
+            # each progress notification of the call repeats it, and its stream keeps them
+            raise InvalidParams(
+                f"params._meta.progressToken has {len(token)} characters; at most "
+                f"{MAX_PROGRESS_TOKEN_LENGTH} are allowed",
+                data={"path": "/_meta/progressToken", "limit": MAX_PROGRESS_TOKEN_LENGTH},
             )
         asker = channel if isinstance(channel, Continuation) else None
         return RequestBridge(session, channel, token, rid, self.announce_resource_updated, asker)

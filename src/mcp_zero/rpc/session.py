@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 from mcp_zero.errors import McpZeroError
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc.envelope import HANDSHAKE_VERSIONS, MODERN_VERSIONS
@@ -38,6 +40,16 @@ class Channel(Protocol):
 
 class ClientRequestFailed(McpZeroError):
     code = "client_request_failed"
+
+
+def too_deep_for_plugin(answer: Any) -> bool:
+    """Whether a client's ``answer`` nests too deep to reach a plugin: its worker's frame
+    holds it one level down, and orjson writes 254 levels (a JSON decoder reads 1,024)."""
+    try:
+        orjson.dumps([answer])
+    except TypeError:
+        return True
+    return False
 
 
 @dataclass(slots=True)
@@ -90,8 +102,12 @@ class Session:
                     data={"client_error": error},
                 )
             )
+        elif result is None:
+            future.set_exception(
+                ClientRequestFailed("the client answered with a null result, not an object")
+            )
         else:
-            future.set_result(result or {})
+            future.set_result(result)
         return True
 
     def close(self) -> None:

@@ -26,7 +26,12 @@ FILESYSTEM_MODES = frozenset({"none", "private"})
 MANIFEST_FILE = "plugin.json"
 
 _PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
-_MCP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
+#: The longest tool or prompt name (MCP clients, and the server's refusal of longer names
+#: before they reach the audit log, rely on it).
+MAX_NAME_LENGTH = 128
+#: The longest resource URI or URI template a manifest may declare, and a client may name.
+MAX_URI_LENGTH = 8192
+_MCP_NAME = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_NAME_LENGTH}}}\Z")
 _ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
 # What the worker has imported before it loads the plugin, besides the standard library:
 # a plugin module of one of these names would be shadowed by it and never loaded.
@@ -417,8 +422,11 @@ def _param_header(path: tuple[str, ...] | None, node: JSON) -> ParamHeader:
 def _resource(raw: Any, i: int) -> ResourceSpec:
     where = f"resources[{i}]."
     d = _obj(raw, where[:-1])
+    uri = _str(d, "uri", where) or ""
+    if len(uri) > MAX_URI_LENGTH:
+        raise _fail(f"{where}uri", f"is longer than {MAX_URI_LENGTH} characters")
     return ResourceSpec(
-        uri=_str(d, "uri", where) or "",
+        uri=uri,
         name=_str(d, "name", where) or "",
         description=_str(d, "description", where, required=False),
         mime_type=_str(d, "mimeType", where, required=False),
@@ -431,6 +439,8 @@ def _template(raw: Any, i: int) -> ResourceTemplateSpec:
     d = _obj(raw, where[:-1])
     uri_template = _str(d, "uriTemplate", where) or ""
     problem = _template_problem(uri_template)
+    if len(uri_template) > MAX_URI_LENGTH:
+        problem = f"is longer than {MAX_URI_LENGTH} characters"
     if problem is not None:
         raise _fail(f"{where}uriTemplate", f"{uri_template!r} {problem}")
     return ResourceTemplateSpec(
@@ -659,6 +669,8 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
 
 __all__ = [
     "ABI_VERSION",
+    "MAX_NAME_LENGTH",
+    "MAX_URI_LENGTH",
     "Capabilities",
     "PluginManifest",
     "PromptArgument",

@@ -22,7 +22,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
-from mcp_zero.errors import McpZeroError, PluginCrashed, PluginFailure, ToolTimeout
+from mcp_zero.errors import (
+    InvalidParams,
+    McpZeroError,
+    PluginCrashed,
+    PluginFailure,
+    ToolTimeout,
+)
 from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
@@ -302,7 +308,13 @@ class WorkerProcess:
         fut: asyncio.Future[JSON] = self._loop.create_future()
         call = _Call(fut, bridge, label)
         self._calls[call_id] = call
-        self._send(frame)
+        try:
+            self._send(frame)
+        except TypeError:  # nested deeper than a frame carries (orjson: 254 levels)
+            del self._calls[call_id]
+            raise InvalidParams(
+                f"{call.label}: its parameters nest too deep to be passed to the plugin"
+            ) from None
         timer = self._loop.call_later(timeout, self._timed_out, call_id, timeout)
         try:
             reply = await fut
@@ -468,7 +480,13 @@ class WorkerProcess:
                 "id": request_id,
                 "error": {"message": f"{type(exc).__name__}: {exc}", "code": None},
             }
-        self._send(reply)
+        try:
+            self._send(reply)
+        except TypeError:  # an answer nested too deep for a frame: the plugin hears so
+            message = f"the client's answer to {method} nests too deep to be passed on"
+            self._send(
+                {"op": "reply", "id": request_id, "error": {"message": message, "code": None}}
+            )
 
     def _on_hello(self, op: str, frame: JSON) -> None:
         if self._ready is None or self._ready.done():
