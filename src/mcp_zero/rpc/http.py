@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -66,15 +67,16 @@ from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 log = logging.getLogger("mcp_zero.http")
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 _ALLOW = [(b"allow", b"GET, POST, DELETE, OPTIONS")]
+_ALLOWED_HEADERS = (
+    b"authorization, content-type, accept, mcp-session-id, mcp-protocol-version, "
+    b"last-event-id, mcp-method, mcp-name"
+)
 _PREFLIGHT = [
     *_ALLOW,
     (b"access-control-allow-methods", b"GET, POST, DELETE"),
-    (
-        b"access-control-allow-headers",
-        b"authorization, content-type, accept, mcp-session-id, mcp-protocol-version, last-event-id",
-    ),
     (b"access-control-max-age", b"600"),
 ]
+_PARAM_HEADER = re.compile(r"mcp-param-[0-9a-z!#$%&'*+.^_`|~-]+")  # an RFC 9110 token
 _CORS_EXPOSED = (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version")
 
 
@@ -150,6 +152,19 @@ def _with_cors(send: Send, origin: str) -> Send:
         await send(message)
 
     return cors_send
+
+
+def _preflight(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The answer to a CORS preflight: the headers we take, and the ``Mcp-Param-*`` headers
+    (MCP 2026-07-28) the request asks for — a header list cannot name a prefix."""
+    asked = header(scope, b"access-control-request-headers") or ""
+    params = sorted(
+        name
+        for name in {h.strip().lower() for h in asked.split(",")}
+        if _PARAM_HEADER.fullmatch(name)
+    )
+    allowed = ", ".join([_ALLOWED_HEADERS.decode(), *params]).encode("latin-1")
+    return [*_PREFLIGHT, (b"access-control-allow-headers", allowed)]
 
 
 def _stateless(version: str | None) -> bool:
@@ -278,11 +293,14 @@ class HttpApp:
             await self._close_session(self.sessions.pop(sid))
         return idle
 
-    async def _make_room_for(self, agent: str) -> None:
-        """Drop the agent's least recently used session if it has as many as it may."""
-        mine = [s for s in self.sessions.values() if s.principal.agent == agent]
+    async def _make_room_for(self, principal: Principal) -> None:
+        """Drop the principal's least recently used session if it has as many as it may
+        (token-less callers of --anonymous-agent and the agent's token holder count apart:
+        neither may use, nor push out, the other's sessions)."""
+        mine = [s for s in self.sessions.values() if _owns(s, principal)]
         if len(mine) >= self.settings.max_sessions_per_agent:
             oldest = min(mine, key=lambda s: s.last_seen)
+            agent = principal.agent
             log.info("agent %r opened more sessions than it may: dropping %s", agent, oldest.id)
             await self._close_session(self.sessions.pop(oldest.id))
 
@@ -318,6 +336,16 @@ class HttpApp:
             version = header(scope, b"mcp-protocol-version")
             if method == "POST":
                 await self._post(scope, receive, send)
+            elif (
+                method in ("GET", "DELETE")
+                and _stateless(version)
+                and version not in MODERN_VERSIONS
+            ):
+                # a version we do not speak: 400, as the transport asks of an unsupported one
+                assert version is not None
+                await respond_json(
+                    send, 400, jsonrpc.error_from_exception(None, unsupported(version[:100]))
+                )
             elif method in ("GET", "DELETE") and version is not None and _stateless(version):
                 await respond(
                     send,
@@ -331,7 +359,7 @@ class HttpApp:
             elif method == "DELETE":
                 await self._delete(scope, send)
             elif method == "OPTIONS":  # a CORS preflight, or a client asking what we take
-                await respond(send, 204, b"", _PREFLIGHT if origin is not None else _ALLOW)
+                await respond(send, 204, b"", _preflight(scope) if origin is not None else _ALLOW)
             else:
                 await respond(send, 405, b"", _ALLOW)
         elif path == "/healthz":
@@ -453,7 +481,7 @@ class HttpApp:
             await self._post_stateless(scope, receive, send, principal, message, version)
             return
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
-            await self._make_room_for(principal.agent)
+            await self._make_room_for(principal)
             if len(self.sessions) >= self.settings.max_sessions:
                 await respond_json(
                     send,
@@ -598,7 +626,7 @@ class HttpApp:
                     send,
                     404,
                     jsonrpc.error_message(
-                        None, -32001, f"no stream to resume for Last-Event-ID {last!r}"
+                        None, -32001, f"no stream to resume for Last-Event-ID {last[:100]!r}"
                     ),
                 )
                 return

@@ -154,7 +154,8 @@ class EventStream:
 
 def parse_event_id(value: str) -> tuple[str, int] | None:
     stream, _, number = value.rpartition("-")
-    if not stream or not number.isdigit():
+    # (ASCII digits, as we write them: str.isdigit takes "²", and int() 4,300 digits at most)
+    if not stream or not number.isascii() or not number.isdigit() or len(number) > 18:
         return None
     return stream, int(number)
 
