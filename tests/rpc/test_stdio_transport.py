@@ -453,3 +453,15 @@ async def test_initialize_on_a_stateless_stdio_connection_names_what_it_serves(
         refused = (await peer.receive())["error"]
         assert refused["code"] == -32022
         assert refused["data"] == {"supported": ["2026-07-28"], "requested": "2025-11-25"}
+
+
+async def test_a_cancel_naming_an_object_or_a_list_is_ignored(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        assert "result" in await peer.receive()
+        peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for request_id in ({"x": 1}, [1]):
+            note = {"method": "notifications/cancelled", "params": {"requestId": request_id}}
+            peer.send({"jsonrpc": "2.0", **note})
+        peer.send({"jsonrpc": "2.0", "id": 2, "method": "ping"})
+        assert await peer.receive() == {"jsonrpc": "2.0", "id": 2, "result": {}}

@@ -179,6 +179,16 @@ def test_minimal_manifest_gets_defaults():
             "tools[0].annotations.x[0]",
             "integer past 64 bits",
         ),
+        (
+            variant(resources=[{"uri": "a://" + "b" * 8189, "name": "b"}]),
+            "resources[0].uri",
+            "longer than 8192 characters",
+        ),
+        (
+            variant(resourceTemplates=[{"uriTemplate": "a://{x}" + "b" * 8186, "name": "x"}]),
+            "resourceTemplates[0].uriTemplate",
+            "longer than 8192 characters",
+        ),
         (variant(resources=[{"uri": "a://b"}]), "resources[0].name", "is required"),
         (variant(resources=[{"uri": "a://b", "name": "b"}] * 2), "resources", "duplicate"),
         (

@@ -525,6 +525,9 @@ class HttpApp:
         channel = PostChannel(session, send)
         response = await self.server.handle_request(session, message, channel)
         session.last_seen = time.monotonic()  # idle from the end of a long call, not its start
+        if message.method == "initialize" and response is not None and "error" in response:
+            self.sessions.pop(session.id, None)  # a refused initialize opens no session
+            session.id = "ephemeral"  # (and its answer names none)
         stream = channel.stream
         if stream is None:
             if response is None:  # cancelled before anything was sent
