@@ -459,3 +459,16 @@ async def test_anonymous_initializes_do_not_push_out_the_token_holders_sessions(
             await live.client(agent.token).initialize()
         gone = await holder.post(request(9, "ping", {}))
         assert gone.status_code == 404
+
+
+async def test_a_malformed_2026_call_is_32602_and_audited_once(env: Env) -> None:
+    meta = {**IR_META, "progressToken": "p" * 257}
+    params = {"name": "faulty_echo", "arguments": {"text": "x"}, "_meta": meta}
+    headers = {**IR_HEADERS, "Mcp-Name": "faulty_echo"}
+    response = await env.live.client(env.token).post(
+        request("malformed-2026", "tools/call", params), **headers
+    )
+    assert response.status_code == 400
+    assert error_of(response.json())["data"]["path"] == "/_meta/progressToken"
+    [record] = records_of(env.live, "malformed-2026")
+    assert (record["resource"], record["code"]) == ("faulty_echo", "invalid_params")
