@@ -502,6 +502,14 @@ async def test_a_request_head_past_64_kib_is_431_while_it_arrives(served: Any) -
             for _ in range(4):  # 4 x 32 KiB, and no end: the server answers without one
                 writer.write(b"a" * (32 << 10))
             assert b"64 KiB" in await read_refusal(reader, 431)
+    async with connect(server) as (reader, writer):  # trailer fields that never end
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Big: "
+        )
+        for _ in range(32):  # (what came with the body is counted from the next read on)
+            writer.write(b"a" * (32 << 10))
+        assert b"trailer fields" in await read_refusal(reader, 431)
     async with connect(server) as (reader, writer):  # a whole request, not a header in it
         writer.write(b"GET /x?%s HTTP/1.0\r\n\r\n" % (b"v" * (70 << 10)))
         assert b"64 KiB" in await read_closing_response(reader, 431)

@@ -7,13 +7,16 @@ does not need (proxy headers, access log, flow-control objects, timers per
 request). What it does: keep-alive, pipelined requests answered in order (reading
 stops while one waits behind another, so a client cannot queue them without end),
 request bodies capped at ``max_body_bytes`` (the app answers 413 past it),
-``Content-Length`` or chunked responses (server-sent events stream chunked),
+``Content-Length`` or chunked responses (server-sent events stream chunked; to an
+HTTP/1.0 client unchunked, the connection closing at their end),
 ``http.disconnect`` for the app when the client goes (or stops reading a stream
 it is sent: past 4 MiB unread it is dropped), an idle keep-alive timeout,
 a deadline for receiving a whole request (408 after 30 s from its first byte or
 5 s without one, so a client that trickles bytes cannot hold a connection), a
-header size limit (431), and 400 for what does not parse. No TLS, no HTTP/2, no
-WebSocket: put a proxy in front for those.
+size limit on the request head and on trailers, counted as they arrive (431),
+and 400 for what does not parse or repeats a field that must come once. No TLS,
+no HTTP/2, no WebSocket (an Upgrade is answered as HTTP/1.1): put a proxy in
+front for those.
 """
 
 from __future__ import annotations
@@ -125,9 +128,10 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.current = _Request()
         self.header_bytes = 0  # of the request line and header fields parsed so far
-        self.head_fed = 0  # bytes fed to the parser for the head being received
+        self.head_fed = 0  # bytes fed to the parser for the field section being received
         self.in_head = False  # between a request's first byte and the end of its headers
-        self.completed = 0  # requests received whole
+        self.trailing = False  # after a chunk header, before its data: maybe trailer fields
+        self.sections = 0  # field sections begun (a head, a chunk header and what follows)
         self.body_bytes = 0
         self.queue: deque[_Request] = deque()
         self.busy = False
@@ -158,10 +162,12 @@ class _Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         if self.deaf or self.closed:
             return
-        # httptools holds a field until it ends: what it was fed counts against the head limit
-        # (exactly when the head began at this data's start or before; else what it parsed).
-        from_start = self.in_head or not self.reading_since
-        completed = self.completed
+        # httptools holds a field until it ends: what it was fed for a head (or trailers)
+        # counts against the limit, exactly when the section began before this data or at its
+        # start; a head begun after another request in it, by what was parsed of it.
+        continuing = self.in_head or self.trailing
+        idle = not self.reading_since
+        sections = self.sections
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -178,13 +184,17 @@ class _Connection(asyncio.Protocol):
             if not self.deaf:  # (bytes past an upgrade request's body are not ours to parse)
                 self.refuse(400, f"malformed HTTP request: {exc}".encode())
             return
-        if self.in_head and not self.closed:
-            if from_start and completed == self.completed:
+        if (self.in_head or self.trailing) and not self.closed:
+            if continuing and sections == self.sections:
                 self.head_fed += len(data)
-            else:  # begun after another request in this data: what of it was parsed
+            elif idle and self.in_head and sections + 1 == self.sections:
+                self.head_fed = len(data)
+            elif self.in_head:
                 self.head_fed = self.header_bytes
-            if self.head_fed > MAX_HEADER_BYTES:
+            if self.head_fed > MAX_HEADER_BYTES and self.in_head:
                 self.refuse(431, b"the request head (request line and headers) is over 64 KiB")
+            elif self.head_fed > MAX_HEADER_BYTES:
+                self.refuse(431, b"the request's trailer fields are over 64 KiB")
 
     def _read_upgrade_body(self, rest: bytes) -> None:
         """Parse the body of the Upgrade request ``self.current`` from ``rest`` on: a parser
@@ -205,6 +215,8 @@ class _Connection(asyncio.Protocol):
         self.header_bytes = 0
         self.head_fed = 0
         self.in_head = True
+        self.trailing = False
+        self.sections += 1
         self.body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
@@ -298,7 +310,16 @@ class _Connection(asyncio.Protocol):
         request.headers.append((b"host", authority))
         return True
 
+    def on_chunk_header(self) -> None:
+        self.trailing = True  # until data of the chunk comes (the last chunk has none)
+        self.head_fed = 0
+        self.sections += 1
+
+    def on_chunk_complete(self) -> None:
+        self.trailing = False
+
     def on_body(self, body: bytes) -> None:
+        self.trailing = False
         self.body_bytes += len(body)
         # Keep one byte past the limit, so the app sees the body is too large and answers
         # 413; the rest is parsed and dropped, never held in memory.
@@ -315,7 +336,7 @@ class _Connection(asyncio.Protocol):
             self.upgrade_body = True
             return
         self.reading_since = 0.0
-        self.completed += 1
+        self.trailing = False
         self.queue.append(self.current)
         if not self.busy:
             self._next()
@@ -428,6 +449,12 @@ class _UpgradeBody:
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn
+
+    def on_chunk_header(self) -> None:
+        self.conn.on_chunk_header()
+
+    def on_chunk_complete(self) -> None:
+        self.conn.on_chunk_complete()
 
     def on_body(self, body: bytes) -> None:
         self.conn.on_body(body)
