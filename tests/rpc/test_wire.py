@@ -519,6 +519,20 @@ async def test_a_request_head_past_64_kib_is_431_while_it_arrives(served: Any) -
         assert (await read_response(reader))[0] == 200
 
 
+async def test_a_head_under_the_limit_is_served_after_requests_in_the_same_segment(
+    served: Any,
+) -> None:
+    server, _ = served
+    small = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n" * 2000  # 58 KiB before it
+    big = b"GET /x?%s HTTP/1.1\r\nHost: h\r\n\r\n" % (b"v" * (60 << 10))
+    async with connect(server) as (reader, writer):
+        writer.write(small + big[:-10])  # its head unfinished at the end of what is read
+        statuses = {(await read_response(reader))[0] for _ in range(2000)}
+        writer.write(big[-10:])
+        statuses.add((await read_response(reader))[0])
+        assert statuses == {200}
+
+
 async def test_a_request_head_behind_an_open_stream_has_the_same_deadline() -> None:
     async with serving(request_read_s=0.5) as (server, app, _):
         async with connect(server) as (reader, writer):
