@@ -17,7 +17,7 @@ import orjson
 import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, make_runtime
 
-from mcp_zero.rpc.stdio import serve_stdio
+from mcp_zero.rpc.stdio import MAX_LINE, serve_stdio
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -133,6 +133,35 @@ async def test_initialize_call_and_a_malformed_line_over_pipes(tmp_path: Path) -
         assert (await peer.receive())["error"]["code"] == -32600
         peer.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
         assert await peer.receive() == {"jsonrpc": "2.0", "id": 5, "result": {}}
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+async def test_a_line_over_the_limit_is_dropped_whole_with_one_error(tmp_path: Path) -> None:
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        # a ping hidden at the end of an oversized line, and a request 2.5 times the limit
+        hidden = (
+            b" " * (MAX_LINE + (1 << 20)) + b'{"jsonrpc": "2.0", "id": "hidden", "method": "ping"}'
+        )
+        huge = b'{"jsonrpc": "2.0", "id": 7, "method": "ping", "params": {"x": "%s"}}' % (
+            b"a" * (MAX_LINE * 5 // 2)
+        )
+        # from a thread: the pipe fills while the server, on this loop, reads it
+        await asyncio.to_thread(write_all, peer.write_fd, hidden + b"\n" + huge + b"\n")
+        peer.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+        answers = await peer.until_id(8)
+        over = {"code": -32600, "message": f"message over {MAX_LINE} bytes"}
+        assert [(a["id"], a.get("error")) for a in answers] == [
+            (None, over),
+            (None, over),
+            (8, None),
+        ]
 
 
 async def test_a_slow_call_does_not_block_ping(tmp_path: Path) -> None:

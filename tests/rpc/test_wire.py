@@ -166,6 +166,17 @@ async def read_closing_response(reader: asyncio.StreamReader, status: int) -> by
     return body
 
 
+async def read_refusal(reader: asyncio.StreamReader, status: int) -> bytes:
+    """As :func:`read_closing_response`, for a refusal while the client was still sending: the
+    close may come as a reset (unread bytes at the server), after the answer."""
+    got, headers, body = await read_response(reader)
+    assert got == status
+    assert headers["connection"] == "close"
+    with anyio.fail_after(TIMEOUT_S), contextlib.suppress(ConnectionResetError):
+        assert await reader.read() == b""
+    return body
+
+
 async def test_keep_alive_serves_several_requests_on_one_connection(served: Any) -> None:
     server, _ = served
     async with connect(server) as (reader, writer):
@@ -477,3 +488,132 @@ async def test_a_transfer_coding_other_than_chunked_is_501(served: Any) -> None:
         )
         with anyio.fail_after(TIMEOUT_S):
             assert b"chunked" in await read_closing_response(reader, 501)
+
+
+async def test_a_request_head_past_64_kib_is_431_while_it_arrives(served: Any) -> None:
+    server, app = served
+    starts = (
+        b"GET /",  # a URL that never ends
+        b"GET /x HTTP/1.1\r\nHost: h\r\nX-Big: ",  # a header value that never ends
+    )
+    for start in starts:
+        async with connect(server) as (reader, writer):
+            writer.write(start)
+            for _ in range(4):  # 4 x 32 KiB, and no end: the server answers without one
+                writer.write(b"a" * (32 << 10))
+            assert b"64 KiB" in await read_refusal(reader, 431)
+    async with connect(server) as (reader, writer):  # trailer fields that never end
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Big: "
+        )
+        for _ in range(32):  # (what came with the body is counted from the next read on)
+            writer.write(b"a" * (32 << 10))
+        assert b"trailer fields" in await read_refusal(reader, 431)
+    async with connect(server) as (reader, writer):  # a whole request, not a header in it
+        writer.write(b"GET /x?%s HTTP/1.0\r\n\r\n" % (b"v" * (70 << 10)))
+        assert b"64 KiB" in await read_closing_response(reader, 431)
+    assert app.scopes == []
+    async with connect(server) as (reader, writer):  # under the limit: served
+        writer.write(b"GET /x?%s HTTP/1.1\r\nHost: h\r\n\r\n" % (b"v" * (60 << 10)))
+        assert (await read_response(reader))[0] == 200
+
+
+async def test_a_head_under_the_limit_is_served_after_requests_in_the_same_segment(
+    served: Any,
+) -> None:
+    server, _ = served
+    small = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n" * 2000  # 58 KiB before it
+    big = b"GET /x?%s HTTP/1.1\r\nHost: h\r\n\r\n" % (b"v" * (60 << 10))
+    async with connect(server) as (reader, writer):
+        writer.write(small + big[:-10])  # its head unfinished at the end of what is read
+        statuses = {(await read_response(reader))[0] for _ in range(2000)}
+        writer.write(big[-10:])
+        statuses.add((await read_response(reader))[0])
+        assert statuses == {200}
+
+
+async def test_a_request_head_behind_an_open_stream_has_the_same_deadline() -> None:
+    async with serving(request_read_s=0.5) as (server, app, _):
+        async with connect(server) as (reader, writer):
+            writer.write(b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n")
+            with anyio.fail_after(TIMEOUT_S):
+                await reader.readuntil(b"held")
+
+            async def trickle() -> None:  # never silent for long, never finished
+                writer.write(b"GET /")
+                for _ in range(200):
+                    writer.write(b"a")
+                    await asyncio.sleep(0.05)
+
+            trickling = asyncio.create_task(trickle())
+            with anyio.fail_after(TIMEOUT_S):
+                rest = await reader.read()  # until the server closes the connection
+            assert not trickling.done()  # cut off, not waited out
+            trickling.cancel()
+            assert b"0\r\n\r\n" not in rest  # the stream was cut with it
+        app.holding.set()
+
+
+async def test_trailer_fields_are_not_merged_into_the_headers(served: Any) -> None:
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nAuthorization: Bearer t\r\nHost: other\r\n\r\n"
+        )
+        assert (await read_response(reader))[:3:2] == (200, b"POST abc")
+    names = [name for name, _ in app.scopes[-1]["headers"]]
+    assert names == [b"host", b"transfer-encoding"]
+
+
+async def test_a_field_that_must_come_once_and_comes_twice_is_400(served: Any) -> None:
+    server, app = served
+    for name in (b"Authorization", b"Mcp-Session-Id", b"MCP-Protocol-Version", b"Origin"):
+        async with connect(server) as (reader, writer):
+            writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n%s: a\r\n%s: b\r\n\r\n" % (name, name))
+            body = await read_closing_response(reader, 400)
+            assert body == b"a request may carry only one %s header" % name.lower()
+    assert app.scopes == []
+    async with connect(server) as (reader, writer):  # a list-valued field may repeat
+        writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\nAccept: a/b\r\nAccept: c/d\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+
+
+async def test_the_body_of_a_request_asking_for_an_upgrade_is_read(served: Any) -> None:
+    server, _ = served
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\n"
+    for framing, body in (
+        (b"Content-Length: 9\r\n", b"some body"),
+        (b"Transfer-Encoding: chunked\r\n", b"4\r\nsome\r\n5\r\n body\r\n0\r\n\r\n"),
+    ):
+        async with connect(server) as (reader, writer):
+            writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\n" + upgrade + framing + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the body in a later segment than the head, as may be
+            writer.write(body + b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert await read_closing_response(reader, 200) == b"POST some body"
+
+
+async def test_an_http_1_0_client_gets_a_stream_unchunked_and_closed_at_its_end(
+    served: Any,
+) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        _, headers, body = await read_response(reader)  # read to the end of the connection
+        assert "transfer-encoding" not in headers
+        assert headers["connection"] == "close"
+        assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+async def test_expect_100_continue_is_heard_in_any_case(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nExpect: 100-Continue\r\n\r\n"
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"body")
+        assert (await read_response(reader))[2] == b"POST body"

@@ -110,7 +110,6 @@ async def read_body(receive: Receive, limit: int) -> tuple[bytes, McpZeroError |
             break
     if too_large:
         return b"", PayloadTooLarge(
-            f"request body is {size} bytes, over the limit of {limit} bytes "
-            "(setting max_body_bytes)"
+            f"request body is over the limit of {limit} bytes (setting max_body_bytes)"
         )
     return b"".join(chunks), None

@@ -60,6 +60,20 @@ class _StdoutChannel:
         return None  # stdio has no stream to close and resume
 
 
+async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> None:
+    """Read and drop the rest of a line over MAX_LINE, through its newline (or the end of
+    stdin): ``consumed`` bytes of it are buffered, without the newline."""
+    while True:
+        await reader.readexactly(consumed)
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.IncompleteReadError:
+            return
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+
+
 async def serve_stdio(
     runtime: Runtime,
     principal: Principal,
@@ -137,8 +151,11 @@ async def serve_stdio(
     try:
         while True:
             try:
-                line = await reader.readline()
-            except ValueError:  # a line over MAX_LINE
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:  # the end of stdin
+                line = exc.partial
+            except asyncio.LimitOverrunError as exc:  # a line over MAX_LINE: dropped whole
+                await _skip_line(reader, exc.consumed)
                 await channel.send(
                     jsonrpc.error_message(
                         None, jsonrpc.INVALID_REQUEST, f"message over {MAX_LINE} bytes"

@@ -7,13 +7,16 @@ does not need (proxy headers, access log, flow-control objects, timers per
 request). What it does: keep-alive, pipelined requests answered in order (reading
 stops while one waits behind another, so a client cannot queue them without end),
 request bodies capped at ``max_body_bytes`` (the app answers 413 past it),
-``Content-Length`` or chunked responses (server-sent events stream chunked),
+``Content-Length`` or chunked responses (server-sent events stream chunked; to an
+HTTP/1.0 client unchunked, the connection closing at their end),
 ``http.disconnect`` for the app when the client goes (or stops reading a stream
 it is sent: past 4 MiB unread it is dropped), an idle keep-alive timeout,
 a deadline for receiving a whole request (408 after 30 s from its first byte or
 5 s without one, so a client that trickles bytes cannot hold a connection), a
-header size limit (431), and 400 for what does not parse. No TLS, no HTTP/2, no
-WebSocket: put a proxy in front for those.
+size limit on the request head and on trailers, counted as they arrive (431),
+and 400 for what does not parse or repeats a field that must come once. No TLS,
+no HTTP/2, no WebSocket (an Upgrade is answered as HTTP/1.1): put a proxy in
+front for those.
 """
 
 from __future__ import annotations
@@ -39,7 +42,20 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("mcp_zero.wire")
 _LAST_WORDS_S = 1.0  # for requests cut off at shutdown to send their error answer
 
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # the request head: request line and header fields
+#: Fields a request may carry once: a second copy (or a differing one) would let one reader
+#: see one value and another the other (RFC 9112 3.2 for Host). Content-Length: llhttp.
+SINGLE_FIELDS = frozenset(
+    (
+        b"authorization",
+        b"content-type",
+        b"host",
+        b"last-event-id",
+        b"mcp-protocol-version",
+        b"mcp-session-id",
+        b"origin",
+    )
+)
 KEEPALIVE_S = 5.0
 REQUEST_READ_S = 30.0  # from a request's first byte to its last
 #: Bytes a streaming response may have waiting for a client that does not read. Past this
@@ -92,7 +108,7 @@ def _plain(status: int, text: bytes) -> bytes:
 class _Request:
     """One parsed request waiting for (or being answered by) the app."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "target")
+    __slots__ = ("body", "headers", "http10", "keep_alive", "method", "target")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
@@ -100,6 +116,7 @@ class _Request:
         self.target = b""
         self.method = "GET"
         self.keep_alive = True
+        self.http10 = False
 
 
 class _Connection(asyncio.Protocol):
@@ -110,7 +127,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.current = _Request()
-        self.header_bytes = 0
+        self.header_bytes = 0  # of the request line and header fields parsed so far
+        self.head_fed = 0  # bytes fed to the parser for the field section being received
+        self.in_head = False  # between a request's first byte and the end of its headers
+        self.trailing = False  # after a chunk header, before its data: maybe trailer fields
+        self.sections = 0  # field sections begun (a head, a chunk header and what follows)
         self.body_bytes = 0
         self.queue: deque[_Request] = deque()
         self.busy = False
@@ -121,6 +142,7 @@ class _Connection(asyncio.Protocol):
         self.reading_since = 0.0  # when the request being received began; 0 between requests
         self.client: tuple[str, int] | None = None
         self.deaf = False  # after an Upgrade request: nothing more is read
+        self.upgrade_body = False  # reading the body of an Upgrade request (not upgraded)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -138,18 +160,52 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        if self.deaf:
+        if self.deaf or self.closed:
             return
+        # httptools holds a field until it ends: what it was fed for a head (or trailers)
+        # counts against the limit, exactly when the section began before this data or at its
+        # start; a head begun after another request in it, by what was parsed of it.
+        continuing = self.in_head or self.trailing
+        idle = not self.reading_since
+        sections = self.sections
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An Upgrade (h2c, WebSocket) we do not do. The request was read whole (it is
-            # queued or running): answer it as HTTP/1.1 and close after it, as the parser
-            # goes no further than an upgrade.
+        except httptools.HttpParserUpgrade as exc:
+            # An Upgrade (h2c, WebSocket) we do not do (RFC 9110 7.8: answer as HTTP/1.1).
+            # The parser goes no further than the head: read the body (if any) with another,
+            # answer, and close after it.
             self.current.keep_alive = False
-            self.deaf = True
+            if self.upgrade_body:
+                self._read_upgrade_body(data[exc.args[0] :])
+            else:
+                self.deaf = True
+            return
         except httptools.HttpParserError as exc:
-            self.refuse(400, f"malformed HTTP request: {exc}".encode())
+            if not self.deaf:  # (bytes past an upgrade request's body are not ours to parse)
+                self.refuse(400, f"malformed HTTP request: {exc}".encode())
+            return
+        if (self.in_head or self.trailing) and not self.closed:
+            if continuing and sections == self.sections:
+                self.head_fed += len(data)
+            elif idle and self.in_head and sections + 1 == self.sections:
+                self.head_fed = len(data)
+            elif self.in_head:
+                self.head_fed = self.header_bytes
+            if self.head_fed > MAX_HEADER_BYTES and self.in_head:
+                self.refuse(431, b"the request head (request line and headers) is over 64 KiB")
+            elif self.head_fed > MAX_HEADER_BYTES:
+                self.refuse(431, b"the request's trailer fields are over 64 KiB")
+
+    def _read_upgrade_body(self, rest: bytes) -> None:
+        """Parse the body of the Upgrade request ``self.current`` from ``rest`` on: a parser
+        of its own, given the framing of the request's head, hands it to ``on_body``."""
+        request = self.current
+        if any(name == b"transfer-encoding" for name, _ in request.headers):
+            framing = b"transfer-encoding: chunked"
+        else:
+            framing = b"content-length: %d" % self._declared_length(request)
+        self.parser = httptools.HttpRequestParser(_UpgradeBody(self))
+        self.data_received(b"POST / HTTP/1.1\r\n%s\r\n\r\n%s" % (framing, rest))
 
     # -- httptools callbacks ------------------------------------------------------------------
 
@@ -157,29 +213,48 @@ class _Connection(asyncio.Protocol):
         self.reading_since = time.monotonic()
         self.current = _Request()
         self.header_bytes = 0
+        self.head_fed = 0
+        self.in_head = True
+        self.trailing = False
+        self.sections += 1
         self.body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self.current.target += url
         self.header_bytes += len(url)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self.refuse(431, b"the request head (request line and headers) is over 64 KiB")
+            return
+        self.current.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a trailer field: not merged into the headers (RFC 9110 6.5.1)
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
-            self.refuse(431, b"request headers too large")
+            self.refuse(431, b"the request head (request line and headers) is over 64 KiB")
             return
         # RFC 9110 5.5: whitespace around a field value is not part of it
         self.current.headers.append((name.lower(), value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.closed:
+            return
         request = self.current
         request.method = self.parser.get_method().decode("ascii", "replace")
         request.keep_alive = self.parser.should_keep_alive()
+        request.http10 = self.parser.get_http_version() == "1.0"
         # RFC 9112 3.2: exactly one Host in HTTP/1.1 (at most one before), else 400.
         hosts = [value for name, value in request.headers if name == b"host"]
-        if len(hosts) > 1 or (not hosts and self.parser.get_http_version() != "1.0"):
+        if len(hosts) > 1 or (not hosts and not request.http10):
             self.refuse(400, b"a request needs one Host header (HTTP/1.0: at most one)")
             return
+        names = [name for name, _ in request.headers]
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if n in SINGLE_FIELDS and names.count(n) > 1})
+            if twice:
+                self.refuse(400, b"a request may carry only one %s header" % b", ".join(twice))
+                return
         if request.target[:1] != b"/" and not self._origin_form(request):
             return
         codings = [v for n, v in request.headers if n == b"transfer-encoding"]
@@ -190,12 +265,21 @@ class _Connection(asyncio.Protocol):
         # curl and others wait (1 s) for this before sending a body over 1 KiB. Not while
         # another response is being written (it would land in the middle of it; the client
         # sends the body after its wait anyway), and not for a body past the limit.
-        expects = (b"expect", b"100-continue") in request.headers
+        expects = any(
+            name == b"expect" and value.lower() == b"100-continue"
+            for name, value in request.headers
+        )
         if expects and self.transport is not None and not self.busy and not self.queue:
             if self._declared_length(request) > self.server.max_body_bytes:
                 self.refuse(413, b"the request body is over the size limit")
             else:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _has_body(self) -> bool:
+        headers = self.current.headers
+        return self._declared_length(self.current) > 0 or any(
+            name == b"transfer-encoding" for name, _ in headers
+        )
 
     @staticmethod
     def _declared_length(request: _Request) -> int:
@@ -226,7 +310,16 @@ class _Connection(asyncio.Protocol):
         request.headers.append((b"host", authority))
         return True
 
+    def on_chunk_header(self) -> None:
+        self.trailing = True  # until data of the chunk comes (the last chunk has none)
+        self.head_fed = 0
+        self.sections += 1
+
+    def on_chunk_complete(self) -> None:
+        self.trailing = False
+
     def on_body(self, body: bytes) -> None:
+        self.trailing = False
         self.body_bytes += len(body)
         # Keep one byte past the limit, so the app sees the body is too large and answers
         # 413; the rest is parsed and dropped, never held in memory.
@@ -235,7 +328,15 @@ class _Connection(asyncio.Protocol):
             self.current.body.append(body[:room])
 
     def on_message_complete(self) -> None:
+        if self.closed:
+            return
+        if not self.upgrade_body and self.parser.should_upgrade() and self._has_body():
+            # llhttp ends an Upgrade request at its head, the rest being another protocol's;
+            # not upgrading, we read its body as HTTP/1.1 (data_received goes on)
+            self.upgrade_body = True
+            return
         self.reading_since = 0.0
+        self.trailing = False
         self.queue.append(self.current)
         if not self.busy:
             self._next()
@@ -341,6 +442,28 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class _UpgradeBody:
+    """The parser protocol for the body of an Upgrade request that is not upgraded: the body
+    goes to the request as any other, and nothing after it is read (the connection closes
+    after the answer)."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+
+    def on_chunk_header(self) -> None:
+        self.conn.on_chunk_header()
+
+    def on_chunk_complete(self) -> None:
+        self.conn.on_chunk_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.deaf = True
+        self.conn.on_message_complete()
+
+
 class _Response:
     """The ASGI receive/send pair of one request."""
 
@@ -425,7 +548,10 @@ class _Response:
             if not self.sized and self.status not in (204, 304):
                 if more:
                     self.chunked = True
-                    head.append(b"transfer-encoding: chunked\r\n")
+                    if self.request.http10:  # no chunked coding for it (RFC 9112 6.1)
+                        self.keep_alive = False  # the end of the connection ends the body
+                    else:
+                        head.append(b"transfer-encoding: chunked\r\n")
                 else:
                     head.append(b"content-length: %d\r\n" % len(body))
             if not self.keep_alive or not self.request.keep_alive:
@@ -450,9 +576,12 @@ class _Response:
                 )
                 self.conn.abort()
                 raise ConnectionResetError("the client does not read its stream")
-            chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
-            end = b"0\r\n\r\n" if not more else b""
-            self.write(prefix + chunk + end)
+            if self.request.http10:
+                self.write(prefix + body)
+            else:
+                chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+                end = b"0\r\n\r\n" if not more else b""
+                self.write(prefix + chunk + end)
         else:
             self.write(prefix + body)
         if not more:
@@ -513,13 +642,15 @@ class HttpServer:
                     await self._stopping.wait()
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.busy or conn.queue:
-                    continue  # a request is being answered; what follows it waits its turn
+                if conn.paused:
+                    continue  # what follows the request being answered is not read yet
                 silent = conn.last_active < now - KEEPALIVE_S
                 late = now - conn.reading_since > self.request_read_s
                 if conn.reading_since and (silent or late):
+                    # also behind a long response (an event stream): closed, as no 408 can
+                    # be written into it
                     conn.refuse(408, b"the request did not arrive in time")
-                elif silent:
+                elif silent and not conn.busy and not conn.queue:
                     conn.close()
 
     def stop(self) -> None:
