@@ -156,5 +156,5 @@ def test_children_are_found_without_scanning_every_process() -> None:
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     assert sorted(int(pid) for pid in found["children"]) == sorted(found["expected"])
-    assert found["children"] == found["scanned"]
-    assert sorted(found["children"].values()).count("Z") == 1
+    assert found["children"].keys() == found["scanned"].keys()  # (states: two looks apart)
+    assert list(found["children"].values()).count("Z") == 1
