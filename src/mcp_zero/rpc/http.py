@@ -543,6 +543,8 @@ class HttpApp:
             message = await _until_disconnect(receive)
             ended = self.server.end_listener(channel, request.id)
             if not ended and not message.get("mcp0.server_stopping"):
+                if message.get("mcp0.dropped"):
+                    return  # we dropped a client that stopped reading: the call goes on
                 # Closing the stream is how a 2026-07-28 client cancels (audited as such).
                 channel.gone = True
                 self.server.cancel(connection, request.id)
