@@ -18,6 +18,9 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from rpc_live import CHATTY_DIR, LiveServer, make_runtime, parse_sse_text, serve
 
+from mcp_zero.rpc import streams
+from mcp_zero.sandbox import worker_process
+
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 60.0
 STALL_S = 0.5
@@ -174,3 +177,59 @@ async def test_a_resumable_stream_whose_client_stops_reading_keeps_the_result(
     events = [e for e in parse_sse_text(resumed.text) if e.data]
     assert events[-1].message["id"] == "stalled-2025"
     assert events[-1].message["result"]["content"][0]["text"] == "logged 2000"
+
+
+async def test_a_call_waiting_for_its_client_to_read_holds_up_no_other_call(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(env.live.server, "stream_stall_s", 60.0)  # it waits, all this test
+    monkeypatch.setattr(worker_process, "MAX_RELAY_BACKLOG", 1 << 20)
+    client = env.live.client(env.token)
+    await client.initialize()
+    assert client.session_id is not None
+    await client.post(
+        {"jsonrpc": "2.0", "id": 0, "method": "logging/setLevel", "params": {"level": "info"}}
+    )
+    message = {
+        "jsonrpc": "2.0",
+        "id": "waiting",
+        "method": "tools/call",
+        "params": {"name": "chatty_logs", "arguments": FLOOD},
+    }
+    sock = _post_and_stop_reading(
+        env.live, env.token, message, **{"Mcp-Session-Id": client.session_id}
+    )
+    try:
+        with anyio.fail_after(TIMEOUT_S):
+            while "dropping them past 1 MiB waiting" not in caplog.text:
+                await asyncio.sleep(0.05)
+        # its relay waits for the client while what the plugin sends past the bound is
+        # dropped; other calls, of the same plugin too, go on meanwhile
+        reply = await client.call("chatty_progress", {"steps": 3})
+        assert reply["result"]["content"][0]["text"] == "done 3"
+        assert outcomes(env.live, "waiting") == []
+    finally:
+        sock.close()  # the client goes: the call ends, its stream kept for a resume
+    assert await audited(env.live, "waiting") == ["allowed"]
+    session = env.live.app.sessions[client.session_id]
+    (stream,) = [s for s in session.streams.values() if s is not session.notices]
+    assert stream.count < FLOOD["n"] + 1  # some messages never reached it
+
+
+async def test_a_finished_stream_kept_for_resumption_holds_at_most_its_byte_bound(
+    env: Env,
+) -> None:
+    client = env.live.client(env.token)
+    await client.initialize()
+    assert client.session_id is not None
+    token = "t" * 40_000  # copied into each of 300 progress messages: 12 MB
+    reply = await client.request(
+        "tools/call",
+        {"name": "chatty_progress", "arguments": {"steps": 300}, "_meta": {"progressToken": token}},
+    )
+    assert reply["result"]["content"][0]["text"] == "done 300"
+    session = env.live.app.sessions[client.session_id]
+    (stream,) = session.streams.values()  # kept a minute for a client about to resume
+    assert stream.count == 301
+    assert sum(map(len, stream.events)) <= streams.MAX_BUFFERED_BYTES
+    assert b'"result"' in stream.events[-1]  # the response is always kept
