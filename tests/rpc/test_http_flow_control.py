@@ -233,3 +233,20 @@ async def test_a_finished_stream_kept_for_resumption_holds_at_most_its_byte_boun
     assert stream.count == 301
     assert sum(map(len, stream.events)) <= streams.MAX_BUFFERED_BYTES
     assert b'"result"' in stream.events[-1]  # the response is always kept
+
+
+async def test_a_finished_stream_without_a_session_is_not_kept(env: Env) -> None:
+    client = env.live.client(env.token)  # no session: nothing could resume its stream
+    before = streams.buffered_bytes()
+    reply = await client.request(
+        "tools/call",
+        {
+            "name": "chatty_progress",
+            "arguments": {"steps": 20},
+            "_meta": {"progressToken": "t" * 100_000},
+        },
+    )
+    assert reply["result"]["content"][0]["text"] == "done 20"
+    with anyio.fail_after(5):  # its handler returns after the answer's last byte
+        while streams.buffered_bytes() > before:
+            await asyncio.sleep(0.01)

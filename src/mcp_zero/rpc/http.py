@@ -509,8 +509,11 @@ class HttpApp:
         if response is not None:
             await stream.push(response)
         await channel.finish()
-        # keep the finished stream a little for a client that is about to resume
-        asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
+        if session.id == "ephemeral":
+            session.streams.pop(stream.id, None)  # no session to resume it in: not kept
+        else:
+            # keep the finished stream a little for a client that is about to resume
+            asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
 
     async def _post_stateless(
         self,
