@@ -39,7 +39,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     runtime = make_runtime(tmp_path_factory.mktemp("flow-control") / "data")
     runtime.plugins.install(CHATTY_DIR)
     agent = await runtime.agents.spawn("chatter", ["chatty"])
-    async with serve(runtime, stream_stall_s=STALL_S) as live:
+    async with serve(runtime) as live:
         yield Env(live, agent.token)
 
 
@@ -107,8 +107,9 @@ def _post_and_stop_reading(
 
 
 async def test_a_2026_client_that_stops_reading_is_dropped_and_the_call_goes_on(
-    env: Env,
+    env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(env.live.server, "stream_stall_s", STALL_S)
     message = {
         "jsonrpc": "2.0",
         "id": "stalled-2026",
@@ -142,8 +143,9 @@ async def test_a_2026_client_that_stops_reading_is_dropped_and_the_call_goes_on(
 
 
 async def test_a_resumable_stream_whose_client_stops_reading_keeps_the_result(
-    env: Env,
+    env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(env.live.server, "stream_stall_s", STALL_S)
     client = env.live.client(env.token)
     await client.initialize()
     assert client.session_id is not None
