@@ -27,6 +27,7 @@ from mcp_zero.runtime import Runtime
 TESTS_DIR = Path(__file__).parents[1]
 FAULTY_DIR = TESTS_DIR / "plugins" / "faulty"
 CONFORMANCE_DIR = TESTS_DIR / "plugins" / "conformance"
+CHATTY_DIR = TESTS_DIR / "plugins" / "chatty"
 NOTES_DIR = TESTS_DIR.parent / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 20.0
@@ -62,11 +63,14 @@ class LiveServer:
 
 
 @contextlib.asynccontextmanager
-async def serve(runtime: Runtime) -> AsyncIterator[LiveServer]:
+async def serve(runtime: Runtime, **options: Any) -> AsyncIterator[LiveServer]:
     """Serve the runtime the way `mcp0 serve` does (HttpApp on our HTTP/1.1 server, port 0)
-    until the block ends; startup starts the runtime and shutdown closes it."""
+    until the block ends; startup starts the runtime and shutdown closes it. ``options`` go
+    to the HttpServer."""
     app = HttpApp(runtime)
-    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=runtime.settings.max_body_bytes)
+    server = HttpServer(
+        app, "127.0.0.1", 0, max_body_bytes=runtime.settings.max_body_bytes, **options
+    )
     started = asyncio.Event()
 
     async def on_start() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
+from mcp_zero.rpc import streams
 from mcp_zero.rpc.streams import EventStream, parse_event_id
 
 pytestmark = pytest.mark.anyio
@@ -86,3 +87,55 @@ def test_parse_event_id_rejects_garbage() -> None:
     assert parse_event_id("abc-7") == ("abc", 7)
     assert parse_event_id("abc") is None
     assert parse_event_id("abc-x") is None
+
+
+def _padded(i: int, size: int) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "method": "notifications/message",
+        "params": {"i": i, "pad": "x" * size},
+    }
+
+
+async def test_a_stream_keeps_at_most_its_byte_bound_of_events_the_newest_first() -> None:
+    stream = EventStream(keep_bytes=100_000)
+    for i in range(100):  # 1 MB pushed, ten times the bound
+        await stream.push(_padded(i, 10_000))
+    await stream.close()
+    assert sum(map(len, stream.events)) <= 100_000
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await stream.attach(0, send)  # from the start: the replay begins at the oldest kept
+    ids = _ids(sent[:-1])
+    assert ids == list(range(101 - len(ids), 101))  # the newest, in order, numbered as pushed
+    assert 5 <= len(ids) <= 10
+
+
+async def test_an_event_over_the_bound_is_still_kept_when_it_is_the_newest() -> None:
+    stream = EventStream(keep_bytes=1_000)
+    await stream.push(_padded(0, 10))
+    await stream.push(_padded(1, 5_000))  # the response may be larger than the bound
+    assert len(stream.events) == 1
+    assert b'"i":1' in stream.events[0]
+
+
+async def test_all_streams_together_keep_at_most_the_total_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = streams.buffered_bytes()
+    monkeypatch.setattr(streams, "MAX_TOTAL_BUFFERED_BYTES", before + 300_000)
+    kept = [EventStream() for _ in range(10)]
+    for stream in kept:
+        for i in range(10):  # 100 KB each, a million bytes in all
+            await stream.push(_padded(i, 10_000))
+    # past the bound a stream keeps only its newest event: the bound and one event a stream
+    assert streams.buffered_bytes() <= before + 300_000 + len(kept) * 10_100
+    assert all(len(stream.events) >= 1 for stream in kept)  # the newest is always kept
+    assert [len(stream.events) for stream in kept[-5:]] == [1] * 5
+    del stream
+    kept.clear()  # streams that are gone no longer count
+    assert streams.buffered_bytes() == before

@@ -16,6 +16,7 @@ from mcp_zero.rpc.wire import MAX_HEADER_BYTES, HttpServer
 pytestmark = pytest.mark.anyio
 LIMIT = 64
 TIMEOUT_S = 10.0
+FLOOD_BYTES = 32 << 20  # eight times what the server holds unsent for a stream
 
 
 @pytest.fixture
@@ -25,12 +26,14 @@ def anyio_backend() -> str:
 
 class EchoApp:
     """Echoes the body; /stream sends three chunks; /wait-disconnect reports the disconnect;
-    /firehose streams until sending fails; /end-then-linger answers, then runs on."""
+    /firehose streams until sending fails, /flood FLOOD_BYTES; /end-then-linger answers, then
+    runs on."""
 
     def __init__(self) -> None:
         self.disconnected = asyncio.Event()
         self.scopes: list[dict[str, Any]] = []
-        self.streamed = 0  # bytes /firehose got sent
+        self.streamed = 0  # bytes /firehose (or /flood) got sent
+        self.farewell: dict[str, Any] = {}  # the disconnect message /firehose heard
         self.lingering = asyncio.Event()  # /end-then-linger returns once this is set
         self.holding = asyncio.Event()  # /hold ends its stream once this is set
 
@@ -58,16 +61,19 @@ class EchoApp:
             assert (await receive())["type"] == "http.disconnect"
             self.disconnected.set()
             return
-        if scope["path"] == "/firehose":
+        if scope["path"] in ("/firehose", "/flood"):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             chunk = b"x" * (64 << 10)
             try:
-                while True:
+                while scope["path"] == "/firehose" or self.streamed < FLOOD_BYTES:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     self.streamed += len(chunk)
                     await asyncio.sleep(0)  # let the transport write what the client takes
             except ConnectionResetError:
+                self.farewell = await receive()
                 self.disconnected.set()
+                return
+            await send({"type": "http.response.body", "body": b""})
             return
         if scope["path"] == "/end-then-linger":
             await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -378,14 +384,36 @@ async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() ->
     assert app.disconnected.is_set()
 
 
-async def test_a_stream_the_client_does_not_read_is_dropped(served: Any) -> None:
-    server, app = served
-    async with connect(server) as (_, writer):
+async def test_a_stream_the_client_does_not_read_is_dropped() -> None:
+    async with serving(stream_stall_s=0.5) as (server, app, _), connect(server) as (_, writer):
         writer.write(b"GET /firehose HTTP/1.1\r\nHost: h\r\n\r\n")
         with anyio.fail_after(TIMEOUT_S):
             await app.disconnected.wait()  # the app heard it go, having sent a bounded amount
     # the socket buffers take a few MiB, the server holds at most MAX_STREAM_BACKLOG more
     assert app.streamed < 64 << 20
+    # the app hears that the server dropped it (not that the client left)
+    assert app.farewell["type"] == "http.disconnect"
+    assert app.farewell["mcp0.dropped"] is True
+
+
+async def test_a_stream_goes_at_the_pace_of_a_client_that_reads() -> None:
+    async with serving(stream_stall_s=5.0) as (server, app, _), connect(server) as (reader, writer):
+        writer.write(b"GET /flood HTTP/1.1\r\nHost: h\r\n\r\n")
+        got = 0
+        with anyio.fail_after(TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"transfer-encoding: chunked" in head
+            tail = b""
+            while not tail.endswith(b"\r\n0\r\n\r\n"):
+                data = await reader.read(64 << 10)
+                assert data, "the server dropped the stream"
+                got += len(data)
+                tail = (tail + data)[-16:]
+                # a reader slower than the server writes: the stream waits for it
+                await asyncio.sleep(0.001)
+    assert got >= FLOOD_BYTES
+    assert app.streamed == FLOOD_BYTES
+    assert not app.disconnected.is_set()
 
 
 async def test_a_request_trickling_in_past_the_deadline_is_408_and_closed() -> None:

@@ -540,8 +540,11 @@ class HttpApp:
         if response is not None:
             await stream.push(response)
         await channel.finish()
-        # keep the finished stream a little for a client that is about to resume
-        asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
+        if session.id == "ephemeral":
+            session.streams.pop(stream.id, None)  # no session to resume it in: not kept
+        else:
+            # keep the finished stream a little for a client that is about to resume
+            asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
 
     async def _post_stateless(
         self,
@@ -574,6 +577,8 @@ class HttpApp:
             message = await _until_disconnect(receive)
             ended = self.server.end_listener(channel, request.id)
             if not ended and not message.get("mcp0.server_stopping"):
+                if message.get("mcp0.dropped"):
+                    return  # we dropped a client that stopped reading: the call goes on
                 # Closing the stream is how a 2026-07-28 client cancels (audited as such).
                 channel.gone = True
                 self.server.cancel(connection, request.id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import weakref
 from collections import deque
 from typing import Any
 
@@ -27,6 +28,24 @@ from mcp_zero.rpc.session import JSON, Session
 RETRY_MS = 1000
 MAX_BUFFERED_EVENTS = 10_000
 MAX_BUFFERED_NOTICES = 1_000  # a session's GET stream: kept while the session lives
+#: Bytes of events a stream keeps for resumption: more than a dropped connection can have
+#: had in flight (the server's MAX_STREAM_BACKLOG and the socket buffers), so a resume
+#: rarely misses any; past it the oldest go, as past MAX_BUFFERED_EVENTS.
+MAX_BUFFERED_BYTES = 8 * 1024 * 1024
+#: Bytes all streams together keep: past it a stream that is sent an event keeps only that
+#: one, so that many streams (finished ones are kept a minute) cannot pin memory without end.
+MAX_TOTAL_BUFFERED_BYTES = 256 * 1024 * 1024
+_total_buffered = [0]  # bytes held by the buffers of all streams
+
+
+def buffered_bytes() -> int:
+    """Bytes of events all streams hold for resumption."""
+    return _total_buffered[0]
+
+
+def _forget(held: list[int]) -> None:
+    """A stream is gone: its buffer no longer counts."""
+    _total_buffered[0] -= held[0]
 
 
 def sse_event(event_id: str, data: bytes, *, retry: int | None = None) -> bytes:
@@ -51,20 +70,30 @@ class Connection:
 class EventStream:
     """One SSE stream: buffered events, and at most one connection that carries them.
 
-    Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS are
-    kept for resumption; numbering goes on past that, so ids never repeat. A stream has
+    Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS (and no
+    more than MAX_BUFFERED_BYTES of them, but always the newest one) are kept for
+    resumption; numbering goes on past that, so ids never repeat. A stream has
     one connection at a time (MCP: a message goes out on one stream only, and a stream is
     one connection): a client that resumes takes the stream over, and the connection it
     had before is ended — it resumes because it holds that one for lost, and the server
     may not have noticed yet.
     """
 
-    __slots__ = ("_owner", "closed", "count", "events", "id")
+    __slots__ = ("__weakref__", "_held", "_keep_bytes", "_owner", "closed", "count", "events", "id")
 
-    def __init__(self, send: Send | None = None, *, keep: int = MAX_BUFFERED_EVENTS) -> None:
+    def __init__(
+        self,
+        send: Send | None = None,
+        *,
+        keep: int = MAX_BUFFERED_EVENTS,
+        keep_bytes: int = MAX_BUFFERED_BYTES,
+    ) -> None:
         self.id = secrets.token_hex(8)
         self.events: deque[bytes] = deque(maxlen=keep)
         self.count = 0  # events pushed so far; the buffer holds the last len(events)
+        self._keep_bytes = keep_bytes
+        self._held = [0]  # bytes in ``events``; boxed, for the finalizer to read when it goes
+        weakref.finalize(self, _forget, self._held)
         self.closed = False
         self._owner: Connection | None = None
         if send is not None:  # the response that opened the stream, with nothing to catch up
@@ -84,13 +113,29 @@ class EventStream:
         """Append a JSON-RPC message and deliver it on the stream's connection, if it has one."""
         self.count += 1
         chunk = sse_event(f"{self.id}-{self.count}", orjson.dumps(message))
-        self.events.append(chunk)
+        self._keep(chunk)
         owner = self._owner
         if owner is not None and owner.live:
             try:
                 await owner.send({"type": "http.response.body", "body": chunk, "more_body": True})
             except OSError:
                 self.lost(owner)  # the client went away; keep buffering for a resume
+
+    def _keep(self, chunk: bytes) -> None:
+        """Buffer ``chunk``, dropping the oldest events past the bounds."""
+        events, held = self.events, self._held
+        if len(events) == events.maxlen:  # the deque drops the oldest itself
+            held[0] -= len(events[0])
+            _total_buffered[0] -= len(events[0])
+        events.append(chunk)
+        held[0] += len(chunk)
+        _total_buffered[0] += len(chunk)
+        while len(events) > 1 and (
+            held[0] > self._keep_bytes or _total_buffered[0] > MAX_TOTAL_BUFFERED_BYTES
+        ):
+            size = len(events.popleft())
+            held[0] -= size
+            _total_buffered[0] -= size
 
     async def attach(self, after: int, send: Send) -> Connection:
         """Make ``send`` the stream's connection: end the one before, send the events after

@@ -9,8 +9,9 @@ stops while one waits behind another, so a client cannot queue them without end)
 request bodies capped at ``max_body_bytes`` (the app answers 413 past it),
 ``Content-Length`` or chunked responses (server-sent events stream chunked; to an
 HTTP/1.0 client unchunked, the connection closing at their end),
-``http.disconnect`` for the app when the client goes (or stops reading a stream
-it is sent: past 4 MiB unread it is dropped), an idle keep-alive timeout,
+``http.disconnect`` for the app when the client goes, flow control for streams
+(past 4 MiB unread a send waits for the client to read; one that reads nothing for
+30 s is dropped), an idle keep-alive timeout,
 a deadline for receiving a whole request (408 after 30 s from its first byte or
 5 s without one, so a client that trickles bytes cannot hold a connection), a
 size limit on the request head and on trailers, counted as they arrive (431),
@@ -58,10 +59,13 @@ SINGLE_FIELDS = frozenset(
 )
 KEEPALIVE_S = 5.0
 REQUEST_READ_S = 30.0  # from a request's first byte to its last
-#: Bytes a streaming response may have waiting for a client that does not read. Past this
-#: the connection is dropped (an SSE client resumes with Last-Event-ID) instead of the
-#: server holding whatever the app goes on sending.
+#: Bytes a streaming response may have waiting for its client. Past this the app's next
+#: send waits until the client has read most of it (flow control: a stream goes at its
+#: client's pace, and the server holds no more than this for it).
 MAX_STREAM_BACKLOG = 4 * 1024 * 1024
+#: A client that reads nothing of its backlog for this long is dropped (an SSE client
+#: resumes with Last-Event-ID): a waiting send is not held for ever.
+STREAM_STALL_S = 30.0
 _REASONS = {
     200: b"OK",
     201: b"Created",
@@ -143,6 +147,9 @@ class _Connection(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.deaf = False  # after an Upgrade request: nothing more is read
         self.upgrade_body = False  # reading the body of an Upgrade request (not upgraded)
+        self.writable = asyncio.Event()  # clear while the client has MAX_STREAM_BACKLOG unread
+        self.writable.set()
+        self.dropped = False  # we dropped it: its client did not read its stream
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -151,12 +158,20 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = (str(peer[0]), int(peer[1])) if peer else None
+        self.transport.set_write_buffer_limits(high=MAX_STREAM_BACKLOG)
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.gone.set()
+        self.writable.set()  # a send waiting for the client hears it is gone
         self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -501,7 +516,13 @@ class _Response:
         await self.conn.gone.wait()  # after the body: only the disconnect is left to hear
         # Also heard when the server begins to stop (the connection still open): long-lived
         # handlers end then, others may finish within the grace period.
-        return {"type": "http.disconnect", "mcp0.server_stopping": not self.conn.closed}
+        # "mcp0.dropped": the server dropped it, its client having stopped reading; it did
+        # not leave on its own
+        return {
+            "type": "http.disconnect",
+            "mcp0.server_stopping": not self.conn.closed,
+            "mcp0.dropped": self.conn.dropped,
+        }
 
     def write(self, data: bytes) -> None:
         transport = self.conn.transport
@@ -515,9 +536,43 @@ class _Response:
         if kind == "http.response.start":
             self._start(message)
         elif kind == "http.response.body":
-            self._body(message.get("body", b""), bool(message.get("more_body")))
+            more = bool(message.get("more_body"))
+            if more and not self.conn.writable.is_set():
+                await self._drain()
+            self._body(message.get("body", b""), more)
         else:
             raise RuntimeError(f"unknown ASGI message {kind!r}")
+
+    async def _drain(self) -> None:
+        """Wait until the client has read its backlog down (one wait: senders go out in the
+        order they came); drop the connection if it reads none of it for ``stream_stall_s``.
+
+        Raises ConnectionResetError if the connection is gone, or the response was ended
+        meanwhile."""
+        conn = self.conn
+        transport = conn.transport
+        assert transport is not None
+        while not conn.writable.is_set() and not conn.closed:
+            unsent = transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(conn.server.stream_stall_s):
+                    await conn.writable.wait()
+                break
+            except TimeoutError:
+                if transport.get_write_buffer_size() < unsent:
+                    continue  # a slow reader, but a reader
+                log.warning(
+                    "dropping a stream to %s: it read nothing of %d KiB in %g s",
+                    conn.client,
+                    unsent >> 10,
+                    conn.server.stream_stall_s,
+                )
+                conn.dropped = True
+                conn.abort()
+        if conn.closed:
+            raise ConnectionResetError("the client closed the connection")
+        if self.finished:
+            raise ConnectionResetError("the response was ended while this waited")
 
     def _start(self, message: dict[str, Any]) -> None:
         if self.started:
@@ -563,19 +618,6 @@ class _Response:
         if self.request.method == "HEAD":
             self.write(prefix)  # a HEAD answer has the headers of a GET and no body
         elif self.chunked:
-            transport = self.conn.transport
-            if (
-                more
-                and transport is not None
-                and (transport.get_write_buffer_size() > MAX_STREAM_BACKLOG)
-            ):
-                log.warning(
-                    "dropping a stream to %s: over %d MiB unread",
-                    self.conn.client,
-                    MAX_STREAM_BACKLOG >> 20,
-                )
-                self.conn.abort()
-                raise ConnectionResetError("the client does not read its stream")
             if self.request.http10:
                 self.write(prefix + body)
             else:
@@ -600,6 +642,7 @@ class HttpServer:
         *,
         max_body_bytes: int,
         request_read_s: float = REQUEST_READ_S,
+        stream_stall_s: float = STREAM_STALL_S,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
@@ -608,6 +651,7 @@ class HttpServer:
         self.address = (host, port)
         self.max_body_bytes = max_body_bytes
         self.request_read_s = request_read_s
+        self.stream_stall_s = stream_stall_s
         self.tls = tls
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
