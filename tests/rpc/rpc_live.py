@@ -94,6 +94,27 @@ async def serve(runtime: Runtime, **options: Any) -> AsyncIterator[LiveServer]:
 
 
 @dataclass
+class Env:
+    """A served runtime and the bearer token of its one agent."""
+
+    live: LiveServer
+    token: str
+
+
+@contextlib.asynccontextmanager
+async def served_agent(
+    data_dir: Path, agent: str, plugins: list[Path], **settings: Any
+) -> AsyncIterator[Env]:
+    """A runtime on ``data_dir`` (with ``settings``) that has ``plugins`` installed and an
+    agent named ``agent`` attached to all of them, served until the block ends."""
+    runtime = make_runtime(data_dir, **settings)
+    names = [runtime.plugins.install(plugin).name for plugin in plugins]
+    spawned = await runtime.agents.spawn(agent, names)
+    async with serve(runtime) as live:
+        yield Env(live, spawned.token)
+
+
+@dataclass
 class SseEvent:
     id: str | None
     data: str

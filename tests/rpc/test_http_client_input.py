@@ -6,7 +6,6 @@ answered as what they are (unknown ids, unsupported versions), never with a 500.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,14 @@ from rpc_live import (
     CALL_TIMEOUT_S,
     CONFORMANCE_DIR,
     FAULTY_DIR,
+    Env,
     LiveServer,
     McpHttp,
     error_of,
     make_runtime,
     parse_sse_text,
     serve,
+    served_agent,
     sse_events,
 )
 
@@ -34,20 +35,11 @@ V2026 = "2026-07-28"
 DEEP = "[" * 300 + "]" * 300
 
 
-@dataclass
-class Env:
-    live: LiveServer
-    token: str
-
-
 @pytest.fixture(scope="module")
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    runtime = make_runtime(tmp_path_factory.mktemp("client-input") / "data")
-    runtime.plugins.install(FAULTY_DIR)
-    runtime.plugins.install(CONFORMANCE_DIR)
-    agent = await runtime.agents.spawn("prober", ["faulty", "conformance"])
-    async with serve(runtime) as live:
-        yield Env(live, agent.token)
+    data = tmp_path_factory.mktemp("client-input") / "data"
+    async with served_agent(data, "prober", [FAULTY_DIR, CONFORMANCE_DIR]) as served:
+        yield served
 
 
 def audit_bodies(live: LiveServer) -> list[bytes]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -16,7 +15,14 @@ import orjson
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from rpc_live import CHATTY_DIR, LiveServer, make_runtime, parse_sse_text, serve
+from rpc_live import (
+    CHATTY_DIR,
+    Env,
+    LiveServer,
+    McpHttp,
+    parse_sse_text,
+    served_agent,
+)
 
 from mcp_zero.rpc import streams
 from mcp_zero.sandbox import worker_process
@@ -28,19 +34,11 @@ STALL_S = 0.5
 FLOOD = {"n": 2000, "size": 8000}
 
 
-@dataclass
-class Env:
-    live: LiveServer
-    token: str
-
-
 @pytest.fixture(scope="module")
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    runtime = make_runtime(tmp_path_factory.mktemp("flow-control") / "data")
-    runtime.plugins.install(CHATTY_DIR)
-    agent = await runtime.agents.spawn("chatter", ["chatty"])
-    async with serve(runtime) as live:
-        yield Env(live, agent.token)
+    data = tmp_path_factory.mktemp("flow-control") / "data"
+    async with served_agent(data, "chatter", [CHATTY_DIR]) as served:
+        yield served
 
 
 def outcomes(live: LiveServer, request_id: str) -> list[str]:
@@ -142,10 +140,9 @@ async def test_a_2026_client_that_stops_reading_is_dropped_and_the_call_goes_on(
         sock.close()
 
 
-async def test_a_resumable_stream_whose_client_stops_reading_keeps_the_result(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(env.live.server, "stream_stall_s", STALL_S)
+async def _flood_unread(env: Env, request_id: str) -> tuple[McpHttp, socket.socket]:
+    """A session whose client asks for log messages, then calls the flooding tool and reads
+    nothing of the answer: the session's client and the socket that carries that call."""
     client = env.live.client(env.token)
     await client.initialize()
     assert client.session_id is not None
@@ -154,13 +151,21 @@ async def test_a_resumable_stream_whose_client_stops_reading_keeps_the_result(
     )
     message = {
         "jsonrpc": "2.0",
-        "id": "stalled-2025",
+        "id": request_id,
         "method": "tools/call",
         "params": {"name": "chatty_logs", "arguments": FLOOD},
     }
     sock = _post_and_stop_reading(
         env.live, env.token, message, **{"Mcp-Session-Id": client.session_id}
     )
+    return client, sock
+
+
+async def test_a_resumable_stream_whose_client_stops_reading_keeps_the_result(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(env.live.server, "stream_stall_s", STALL_S)
+    client, sock = await _flood_unread(env, "stalled-2025")
     try:
         assert await audited(env.live, "stalled-2025") == ["allowed"]
         # what the client's connection took before it was dropped, up to the first event id
@@ -217,21 +222,7 @@ async def test_a_call_waiting_for_its_client_to_read_holds_up_no_other_call(
 ) -> None:
     monkeypatch.setattr(env.live.server, "stream_stall_s", 60.0)  # it waits, all this test
     monkeypatch.setattr(worker_process, "MAX_RELAY_BACKLOG", 1 << 20)
-    client = env.live.client(env.token)
-    await client.initialize()
-    assert client.session_id is not None
-    await client.post(
-        {"jsonrpc": "2.0", "id": 0, "method": "logging/setLevel", "params": {"level": "info"}}
-    )
-    message = {
-        "jsonrpc": "2.0",
-        "id": "waiting",
-        "method": "tools/call",
-        "params": {"name": "chatty_logs", "arguments": FLOOD},
-    }
-    sock = _post_and_stop_reading(
-        env.live, env.token, message, **{"Mcp-Session-Id": client.session_id}
-    )
+    client, sock = await _flood_unread(env, "waiting")
     try:
         with anyio.fail_after(TIMEOUT_S):
             while "dropping them past 1 MiB waiting" not in caplog.text:

@@ -9,7 +9,6 @@ import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,12 @@ from rpc_live import (
     CONFORMANCE_DIR,
     FAULTY_DIR,
     NOTES_DIR,
-    LiveServer,
+    Env,
     McpHttp,
     SseEvent,
     error_of,
-    make_runtime,
     parse_sse_text,
-    serve,
+    served_agent,
     sse_events,
     text_of,
 )
@@ -40,20 +38,11 @@ JSON = dict[str, Any]
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 
 
-@dataclass
-class Env:
-    live: LiveServer
-    token: str
-
-
 @pytest.fixture(scope="module")
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    runtime = make_runtime(tmp_path_factory.mktemp("http-protocol") / "data", page_size=2)
-    runtime.plugins.install(NOTES_DIR)
-    runtime.plugins.install(FAULTY_DIR)
-    agent = await runtime.agents.spawn("proto", ["notes", "faulty"])
-    async with serve(runtime) as live:
-        yield Env(live, agent.token)
+    data = tmp_path_factory.mktemp("http-protocol") / "data"
+    async with served_agent(data, "proto", [NOTES_DIR, FAULTY_DIR], page_size=2) as served:
+        yield served
 
 
 async def session(env: Env) -> McpHttp:

@@ -4,7 +4,6 @@ time, and a message goes out on one connection only."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -15,11 +14,10 @@ from rpc_live import (
     CALL_TIMEOUT_S,
     CONFORMANCE_DIR,
     FAULTY_DIR,
-    LiveServer,
+    Env,
     McpHttp,
     SseEvent,
-    make_runtime,
-    serve,
+    served_agent,
     sse_events,
 )
 
@@ -27,20 +25,11 @@ pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
 
 
-@dataclass
-class Env:
-    live: LiveServer
-    token: str
-
-
 @pytest.fixture(scope="module")
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    runtime = make_runtime(tmp_path_factory.mktemp("http-resumption") / "data")
-    runtime.plugins.install(CONFORMANCE_DIR)
-    runtime.plugins.install(FAULTY_DIR)
-    agent = await runtime.agents.spawn("resumer", ["conformance", "faulty"])
-    async with serve(runtime) as live:
-        yield Env(live, agent.token)
+    data = tmp_path_factory.mktemp("http-resumption") / "data"
+    async with served_agent(data, "resumer", [CONFORMANCE_DIR, FAULTY_DIR]) as served:
+        yield served
 
 
 def resuming(client: McpHttp, last_event_id: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -18,7 +17,13 @@ from mcp import Client
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from rpc_live import CONFORMANCE_DIR, FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
+from rpc_live import (
+    CONFORMANCE_DIR,
+    FAULTY_DIR,
+    NOTES_DIR,
+    Env,
+    served_agent,
+)
 
 from mcp_zero.errors import MISSING_CLIENT_CAPABILITY
 
@@ -26,20 +31,11 @@ pytestmark = pytest.mark.anyio
 TIMEOUT_S = 30.0
 
 
-@dataclass
-class Env:
-    live: LiveServer
-    token: str
-
-
 @pytest.fixture(scope="module")
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    runtime = make_runtime(tmp_path_factory.mktemp("official-client") / "data")
-    for plugin in (NOTES_DIR, FAULTY_DIR, CONFORMANCE_DIR):
-        runtime.plugins.install(plugin)
-    agent = await runtime.agents.spawn("sdk", ["notes", "faulty", "conformance"])
-    async with serve(runtime) as live:
-        yield Env(live, agent.token)
+    data = tmp_path_factory.mktemp("official-client") / "data"
+    async with served_agent(data, "sdk", [NOTES_DIR, FAULTY_DIR, CONFORMANCE_DIR]) as served:
+        yield served
 
 
 def text_of(result: types.CallToolResult) -> str:
