@@ -21,9 +21,18 @@ SSE_HEADERS = [
 ]
 
 
+def headers_of(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name (ASGI gives them lower-cased), the last of a repeated
+    one; made once per request."""
+    headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
+    if headers is None:
+        headers = scope["mcp0.headers"] = dict(scope["headers"])
+    return headers
+
+
 def header(scope: Scope, name: bytes) -> str | None:
     headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
-    if headers is None:  # parsed once per request (ASGI gives lower-cased names)
+    if headers is None:  # (headers_of, without a call more for each header read)
         headers = scope["mcp0.headers"] = dict(scope["headers"])
     value = headers.get(name)
     return None if value is None else value.decode("latin-1")

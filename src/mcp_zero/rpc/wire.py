@@ -69,6 +69,7 @@ _REASONS = {
 }
 
 
+_ASGI = {"version": "3.0", "spec_version": "2.3"}  # the same in every scope
 _date_cache: list[Any] = [0, b""]
 
 
@@ -175,22 +176,29 @@ class _Connection(asyncio.Protocol):
         request = self.current
         request.method = self.parser.get_method().decode("ascii", "replace")
         request.keep_alive = self.parser.should_keep_alive()
+        hosts = 0
+        codings: bytes | None = None  # the Transfer-Encoding headers' values, joined
+        expects = False
+        for name, value in request.headers:  # (one pass for the three)
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding":
+                codings = value if codings is None else codings + b"," + value
+            elif name == b"expect" and value == b"100-continue":
+                expects = True
         # RFC 9112 3.2: exactly one Host in HTTP/1.1 (at most one before), else 400.
-        hosts = [value for name, value in request.headers if name == b"host"]
-        if len(hosts) > 1 or (not hosts and self.parser.get_http_version() != "1.0"):
+        if hosts > 1 or (not hosts and self.parser.get_http_version() != "1.0"):
             self.refuse(400, b"a request needs one Host header (HTTP/1.0: at most one)")
             return
         if request.target[:1] != b"/" and not self._origin_form(request):
             return
-        codings = [v for n, v in request.headers if n == b"transfer-encoding"]
-        if codings and b",".join(codings).replace(b" ", b"").lower() != b"chunked":
+        if codings is not None and codings.replace(b" ", b"").lower() != b"chunked":
             # httptools would take "gzip, chunked" as chunked and hand on gzip as the body
             self.refuse(501, b"only the chunked transfer coding is supported")
             return
         # curl and others wait (1 s) for this before sending a body over 1 KiB. Not while
         # another response is being written (it would land in the middle of it; the client
         # sends the body after its wait anyway), and not for a body past the limit.
-        expects = (b"expect", b"100-continue") in request.headers
         if expects and self.transport is not None and not self.busy and not self.queue:
             if self._declared_length(request) > self.server.max_body_bytes:
                 self.refuse(413, b"the request body is over the size limit")
@@ -311,7 +319,7 @@ class _Connection(asyncio.Protocol):
         )
         return {
             "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "asgi": _ASGI,
             "http_version": "1.1",
             "method": request.method,
             "scheme": self.server.scheme,
