@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -148,6 +148,12 @@ async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float, plugin: str, 
         ) from None
 
 
+# The enums' values, read once: each ``.value`` is two Python calls (enum's property).
+_VERBS = {verb: verb.value for verb in Verb}
+_ALLOWED = Outcome.ALLOWED.value
+_ERROR = Outcome.ERROR.value
+
+
 def _event(
     principal: Principal,
     verb: Verb,
@@ -160,7 +166,7 @@ def _event(
     return {
         "agent": principal.agent,
         "anonymous": principal.anonymous,
-        "verb": verb.value,
+        "verb": _VERBS[verb],
         "resource": resource,
         "plugin": plugin,
         "request_id": request_id,
@@ -402,7 +408,7 @@ class Kernel:
 
     # -- the governed actions ---------------------------------------------------------------
 
-    async def call_tool(
+    def call_tool(
         self,
         principal: Principal,
         name: str,
@@ -411,7 +417,11 @@ class Kernel:
         *,
         request_id: str,
         transport: str,
-    ) -> JSON:
+    ) -> Coroutine[Any, Any, JSON]:
+        """Call tool ``name`` as ``principal`` through the governed path; await what this
+        returns (the path's coroutine: no coroutine of its own around it, whose frame every
+        suspension of the call would resume too) for the tool's result. Raises what the
+        path raises (McpZeroError, CancelledError)."""
         entry = self.plugins.tools.get(name)
         plugin = entry.plugin if entry is not None else None
 
@@ -436,32 +446,25 @@ class Kernel:
                 _check_output(name, entry.output_validator, result)
             return result
 
-        def missing() -> McpZeroError:
-            return ToolNotFound(
+        digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
+        refused: McpZeroError | None = None
+        if entry is None:
+            refused = ToolNotFound(
                 f"unknown tool {name!r}: tools/list shows the tools you may call",
                 data={"tool": name},
             )
-
-        def too_deep() -> McpZeroError:
-            return InvalidParams(
+        elif digest == _TOO_DEEP:
+            refused = InvalidParams(
                 f"the arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels",
                 data={"path": "/arguments"},
             )
-
-        def unencodable() -> McpZeroError:
-            return InvalidParams(
+        elif digest == _UNENCODABLE:
+            refused = InvalidParams(
                 "the arguments hold an integer past 64 bits, which JSON between programs "
                 "cannot carry exactly; send it as a string",
                 data={"path": "/arguments"},
             )
-
-        digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
-        refused = missing if entry is None else None
-        if refused is None and digest == _TOO_DEEP:
-            refused = too_deep
-        elif refused is None and digest == _UNENCODABLE:
-            refused = unencodable
-        return await self._govern(
+        return self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
             "tools/call",
             request_id,
@@ -490,17 +493,17 @@ class Kernel:
                 timeout=timeout,
             )
 
-        def missing() -> McpZeroError:
-            return ResourceNotFound(
+        missing = None
+        if plugin is None:
+            missing = ResourceNotFound(
                 f"no installed plugin serves resource {uri!r}", data={"uri": uri}
             )
-
         return await self._govern(
             Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, {"transport": transport}),
             "resources/read",
             request_id,
             run,
-            missing if plugin is None else None,
+            missing,
             {},
         )
 
@@ -543,11 +546,11 @@ class Kernel:
                 timeout=timeout,
             )
 
-        def missing() -> McpZeroError:
-            return PromptNotFound(
+        missing = None
+        if plugin is None:
+            missing = PromptNotFound(
                 f"unknown prompt {name!r}: prompts/list shows what exists", data={"prompt": name}
             )
-
         return await self._govern(
             Action(
                 principal, Verb.GET_PROMPT, name, plugin, dict(arguments), {"transport": transport}
@@ -555,7 +558,7 @@ class Kernel:
             "prompts/get",
             request_id,
             run,
-            missing if plugin is None else None,
+            missing,
             {},
         )
 
@@ -589,17 +592,19 @@ class Kernel:
                 ref, argument, context, agent=principal.agent, timeout=timeout
             )
 
-        def missing() -> McpZeroError:
-            if ref.get("type") == "ref/prompt":
-                return PromptNotFound(f"unknown prompt {target!r}", data={"prompt": target})
-            return ResourceNotFound(f"no installed plugin serves {target!r}", data={"uri": target})
-
+        missing: McpZeroError | None = None
+        if plugin is None and ref.get("type") == "ref/prompt":
+            missing = PromptNotFound(f"unknown prompt {target!r}", data={"prompt": target})
+        elif plugin is None:
+            missing = ResourceNotFound(
+                f"no installed plugin serves {target!r}", data={"uri": target}
+            )
         return await self._govern(
             Action(principal, Verb.COMPLETE, target, plugin, {}, {"transport": transport}),
             "completion/complete",
             request_id,
             run,
-            missing if plugin is None else None,
+            missing,
             {},
         )
 
@@ -646,9 +651,13 @@ class Kernel:
         method: str,
         request_id: str,
         run: Callable[[PluginRuntime, float, PluginSlot], Awaitable[JSON]],
-        missing: Callable[[], McpZeroError] | None,
+        refused: McpZeroError | None,
         detail: JSON,
     ) -> JSON:
+        """Govern ``action``: ``run`` it in its plugin's runtime if the rate limit, the
+        policy, the quotas and the audit log let it, or raise ``refused`` (a target that
+        does not exist, arguments that cannot be carried) once the rate limit is passed.
+        Every outcome is audited before this returns or raises."""
         metrics = self.metrics
         start = time.perf_counter()
         metrics.call_started()
@@ -663,8 +672,8 @@ class Kernel:
         try:
             if self.limiter is not None:
                 self.limiter.check(principal.agent)
-            if missing is not None:
-                raise missing()
+            if refused is not None:
+                raise refused
             t = time.perf_counter()
             decision = self.policy.decide(action)
             metrics.observe_stage("policy", time.perf_counter() - t)
@@ -672,14 +681,15 @@ class Kernel:
                 for policy in decision.policies or ("default-deny",):
                     metrics.count_denial(policy)
                 raise PolicyDenied(decision.message, data=decision.to_data())
-            event["policies"] = list(decision.policies)
+            event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
             if not self.audit.writable():  # its record could not be kept: refuse first
                 raise _audit_failing(self.audit)
             assert action.plugin is not None
             runtime = self.plugins.runtime(action.plugin)
             quotas = self.plugins.manifests[action.plugin].quotas
             timeout = self.quotas.timeout_for(None, quotas.timeout_ms)
-            async with self.quotas.admit(principal.agent):
+            self.quotas.enter(principal.agent)
+            try:
                 slots = self._plugin_slots(action.plugin, quotas.max_concurrency)
                 t = time.perf_counter()
                 if slots.locked():  # the plugin is busy: queue, within the call's time limit
@@ -700,11 +710,13 @@ class Kernel:
                 finally:
                     slot.close()
                     metrics.observe_stage("sandbox", time.perf_counter() - t)
+            finally:
+                self.quotas.leave(principal.agent)
             if result.get("isError"):
                 event["tool_error"] = True
         except asyncio.CancelledError as exc:
             failure = exc
-            event["outcome"] = Outcome.ERROR.value
+            event["outcome"] = _ERROR
             event["code"] = "cancelled"
         except McpZeroError as exc:
             failure = exc
@@ -717,26 +729,27 @@ class Kernel:
                 metrics.count_plugin_restart(action.plugin)
         except Exception as exc:
             failure = exc
-            event["outcome"] = Outcome.ERROR.value
+            event["outcome"] = _ERROR
             event["code"] = "internal"
             log.exception("internal error in %s", method)
         else:
-            event["outcome"] = Outcome.ALLOWED.value
+            event["outcome"] = _ALLOWED
         finally:
             metrics.call_finished()
-        event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
         t = time.perf_counter()
+        event["duration_ms"] = round((t - start) * 1000, 3)
         # The record must be durable before the caller learns the outcome. A cancelled caller
         # stops waiting here, but its submitted event is still committed with its batch.
         try:
             await self.audit.submit(event)
         except StorageError:
-            metrics.count_call(method, Outcome.ERROR.value)
+            metrics.count_call(method, _ERROR)
             if isinstance(failure, StorageError):
                 raise failure from None  # the refusal says more than its record's failure
             raise
-        metrics.observe_stage("audit", time.perf_counter() - t)
-        metrics.observe_stage("total", time.perf_counter() - start)
+        end = time.perf_counter()
+        metrics.observe_stage("audit", end - t)
+        metrics.observe_stage("total", end - start)
         metrics.count_call(method, event["outcome"])
         if failure is not None:
             raise failure

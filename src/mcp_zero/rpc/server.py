@@ -659,11 +659,15 @@ class McpServer:
 
     # -- tools ----------------------------------------------------------------------------------
 
-    async def _tools_call(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+    def _tools_call(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> Awaitable[JSON]:
+        # The kernel's coroutine itself (not awaited here: a level less to resume each time
+        # the call waits); the parameters are checked now, when _run calls this.
         name = _require_str(params, "name")
         arguments = _optional_dict(params, "arguments")
         bridge = self._bridge(session, params, channel, rid)
-        return await self.kernel.call_tool(
+        return self.kernel.call_tool(
             session.principal,
             name,
             arguments,
