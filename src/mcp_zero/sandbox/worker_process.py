@@ -122,7 +122,8 @@ class _Call:
         self.label = label
         # The last progress/log relay; each awaits the one before, so order holds.
         self.chain: asyncio.Task[None] | None = None
-        self.requests: set[asyncio.Task[None]] = set()
+        # Its requests to the client being relayed (made at the first: most calls ask none).
+        self.requests: set[asyncio.Task[None]] | None = None
 
 
 class WorkerProcess:
@@ -334,7 +335,7 @@ class WorkerProcess:
         )
 
     def _abandon(self, call_id: int, call: _Call) -> None:
-        for task in call.requests:
+        for task in call.requests or ():
             task.cancel()
         self._send({"op": "cancel", "id": call_id})
         assert self._loop is not None
@@ -385,7 +386,8 @@ class WorkerProcess:
             return
         if not call.future.done():
             call.future.set_result(frame)
-        self._close_if_retired()
+        if self.retiring:
+            self._close_if_retired()
 
     def _on_notification(self, op: str, frame: JSON) -> None:
         call = self._calls.get(int(frame["call"]))
@@ -438,6 +440,8 @@ class WorkerProcess:
                 frame.get("thread") is True,
             )
         )
+        if call.requests is None:
+            call.requests = set()
         call.requests.add(task)
         task.add_done_callback(call.requests.discard)
 
@@ -551,7 +555,7 @@ class WorkerProcess:
             # read each other's tracebacks in it.
             self._log.warning("%s; its last stderr: %s", described, self._last_words())
         for call in calls.values():
-            for task in call.requests:
+            for task in call.requests or ():
                 task.cancel()
             if not call.future.done():
                 call.future.set_exception(
