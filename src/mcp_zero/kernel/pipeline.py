@@ -18,6 +18,7 @@ its worker thread waits with it, so it keeps its slot; see ``GovernedBridge``.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -42,7 +43,7 @@ from mcp_zero.errors import (
 )
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.kernel.client_requests import GovernedBridge
-from mcp_zero.kernel.plugins import PluginHost
+from mcp_zero.kernel.plugins import PluginHost, ToolEntry
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
@@ -424,28 +425,6 @@ class Kernel:
         path raises (McpZeroError, CancelledError)."""
         entry = self.plugins.tools.get(name)
         plugin = entry.plugin if entry is not None else None
-
-        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
-            assert entry is not None
-            t = time.perf_counter()
-            errors = entry.validator.iter_errors(arguments)
-            first = next(errors, None)
-            self.metrics.observe_stage("schema", time.perf_counter() - t)
-            if first is not None:
-                raise _schema_error(first)
-            result = await runtime.call_tool(
-                name,
-                arguments,
-                agent=principal.agent,
-                bridge=self._client_bridge(
-                    bridge, principal, entry.plugin, slot, request_id, transport
-                ),
-                timeout=timeout,
-            )
-            if entry.output_validator is not None and not result.get("isError"):
-                _check_output(name, entry.output_validator, result)
-            return result
-
         digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
         refused: McpZeroError | None = None
         if entry is None:
@@ -464,6 +443,10 @@ class Kernel:
                 "cannot carry exactly; send it as a string",
                 data={"path": "/arguments"},
             )
+        # (a partial, not a closure: no cell per variable it would capture, on every call)
+        run = functools.partial(
+            self._run_tool, entry, name, arguments, bridge, principal, request_id, transport
+        )
         return self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
             "tools/call",
@@ -472,6 +455,48 @@ class Kernel:
             refused,
             {"arguments_sha256": digest},
         )
+
+    async def _run_tool(
+        self,
+        entry: ToolEntry | None,
+        name: str,
+        arguments: JSON,
+        bridge: ClientBridge,
+        principal: Principal,
+        request_id: str,
+        transport: str,
+        runtime: PluginRuntime,
+        timeout: float,
+        slot: PluginSlot,
+    ) -> JSON:
+        """The part of a tool call in its plugin (``call_tool``'s ``run``): its arguments
+        checked against the tool's schema, the call, the result against its outputSchema."""
+        assert entry is not None
+        t = time.perf_counter()
+        errors = entry.validator.iter_errors(arguments)
+        first = next(errors, None)
+        self.metrics.observe_stage("schema", time.perf_counter() - t)
+        if first is not None:
+            raise _schema_error(first)
+        result = await runtime.call_tool(
+            name,
+            arguments,
+            agent=principal.agent,
+            # its requests to the client are governed too, and free its slot while they wait
+            bridge=GovernedBridge(
+                self,
+                bridge,
+                principal,
+                entry.plugin,
+                slot,
+                request_id=request_id,
+                transport=transport,
+            ),
+            timeout=timeout,
+        )
+        if entry.output_validator is not None and not result.get("isError"):
+            _check_output(name, entry.output_validator, result)
+        return result
 
     async def read_resource(
         self,
@@ -682,7 +707,9 @@ class Kernel:
                     metrics.count_denial(policy)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
-            if not self.audit.writable():  # its record could not be kept: refuse first
+            # its record could not be kept: refuse first (writable() asks the store again
+            # only once the log failed)
+            if self.audit.stats.failing and not self.audit.writable():
                 raise _audit_failing(self.audit)
             assert action.plugin is not None
             runtime = self.plugins.runtime(action.plugin)
@@ -704,7 +731,8 @@ class Kernel:
                     await slots.acquire()
                 slot = PluginSlot(slots)
                 try:
-                    if not self.audit.writable():  # (it may have failed while we queued)
+                    # (it may have failed while we queued)
+                    if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)
                     result = await run(runtime, timeout, slot)
                 finally:

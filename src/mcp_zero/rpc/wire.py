@@ -83,6 +83,11 @@ def _date() -> bytes:
     return value
 
 
+_STATUS_LINES = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()
+}
+
+
 def _plain(status: int, text: bytes) -> bytes:
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
@@ -261,7 +266,7 @@ class _Connection(asyncio.Protocol):
         self.busy = True
         if self.queue:
             self._pause()  # pipelined requests wait their turn
-        else:
+        elif self.paused:
             self._resume()
         task = asyncio.get_running_loop().create_task(self._run(request))
         self.server.tasks.add(task)
@@ -279,7 +284,8 @@ class _Connection(asyncio.Protocol):
             response.keep_alive = False
         elif response.started and not response.finished:
             response.keep_alive = False  # the app stopped mid-body: the framing is broken
-        self.release(response)
+        if not response.released:
+            self.release(response)
 
     def release(self, response: _Response) -> None:
         """``response`` is complete, or its app returned: go on to the next request. An app
@@ -294,9 +300,10 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.last_active = time.monotonic()
-        if not self.queue:
+        if self.queue:
+            self._next()
+        elif self.paused:
             self._resume()
-        self._next()
 
     def _pause(self) -> None:
         if self.transport is not None and not self.closed and not self.paused:
@@ -409,7 +416,8 @@ class _Response:
             raise RuntimeError("http.response.start sent twice")
         self.started = True
         status = int(message["status"])
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")), _date()]
+        status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
+        lines = [status_line, _date()]
         length = False
         for name, value in message.get("headers", ()):
             lowered = name.lower()
@@ -417,7 +425,7 @@ class _Response:
                 length = True
             elif lowered == b"connection" and value.lower() == b"close":
                 self.keep_alive = False
-            lines.append(name + b": " + value + b"\r\n")
+            lines += (name, b": ", value, b"\r\n")  # (joined with the rest: no copy each)
         self.head = lines
         self.sized = length
         self.status = status
@@ -439,11 +447,9 @@ class _Response:
             if not self.keep_alive or not self.request.keep_alive:
                 head.append(b"connection: close\r\n")
             head.append(b"\r\n")
-            prefix = b"".join(head)
-        else:
-            prefix = b""
         if self.request.method == "HEAD":
-            self.write(prefix)  # a HEAD answer has the headers of a GET and no body
+            # a HEAD answer has the headers of a GET and no body
+            self.write(b"".join(head) if head is not None else b"")
         elif self.chunked:
             transport = self.conn.transport
             if (
@@ -460,9 +466,13 @@ class _Response:
                 raise ConnectionResetError("the client does not read its stream")
             chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
             end = b"0\r\n\r\n" if not more else b""
+            prefix = b"".join(head) if head is not None else b""
             self.write(prefix + chunk + end)
+        elif head is not None:
+            head.append(body)  # the head and the body in one join, the body copied once
+            self.write(b"".join(head))
         else:
-            self.write(prefix + body)
+            self.write(body)
         if not more:
             self.finished = True
             self.conn.release(self)
