@@ -23,6 +23,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -138,10 +139,10 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         )
 
 
-async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float, plugin: str, limit: int) -> None:
+async def _wait_for_slot(slots: PluginSlots, timeout: float, plugin: str, limit: int) -> None:
     try:
         async with asyncio.timeout(timeout):
-            await slots.acquire()
+            await slots.take()
     except TimeoutError:
         raise ToolTimeout(
             f"plugin {plugin!r} stayed busy with {limit} calls (its max_concurrency) for "
@@ -184,6 +185,54 @@ def _audit_failing(audit: AuditLog) -> StorageError:
     )
 
 
+class PluginSlots:
+    """A plugin's ``max_concurrency`` slots. A call takes a free one at once when no call
+    queues for one; otherwise it queues, first come first served, and a slot given back goes
+    to the first call in the queue. (asyncio.Semaphore's rules, but taking a free slot is
+    one plain call: the semaphore's ``locked()`` and ``acquire()`` were seven Python calls,
+    a generator and a coroutine on every tool call.)"""
+
+    __slots__ = ("_free", "_queue")
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        # Calls waiting for a slot, in order (a cancelled one stays until met or it leaves).
+        # A slot is free only while nobody queues: ``give`` hands it to the first in line.
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    def take_free(self) -> bool:
+        """Take a slot if one is free (then nobody queues); False, taking none, if not."""
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Take a slot, queuing for one when none is free."""
+        if self.take_free():
+            return
+        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(waiting)
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            if not waiting.cancelled():
+                self.give()  # handed a slot as the call was cancelled: on to the next
+            elif waiting in self._queue:  # (``give`` drops the cancelled ones it meets)
+                self._queue.remove(waiting)
+            raise
+
+    def give(self) -> None:
+        """Give a slot back: to the first call queuing for one, else to the free ones."""
+        queue = self._queue
+        while queue:
+            waiting = queue.popleft()
+            if not waiting.done():  # (not cancelled)
+                waiting.set_result(None)
+                return
+        self._free += 1
+
+
 class PluginSlot:
     """One call's claim on one of its plugin's slots (``_plugin_slots``): held while the
     call runs, given back while it has a question open to its client (``GovernedBridge``),
@@ -191,8 +240,8 @@ class PluginSlot:
 
     __slots__ = ("_closed", "_held", "_regaining", "_slots", "_waiting")
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots  # already acquired by the caller
+    def __init__(self, slots: PluginSlots) -> None:
+        self._slots = slots  # already taken by the caller
         self._held = True
         self._closed = False
         self._waiting = 0  # the call's questions to its client not answered yet
@@ -205,7 +254,7 @@ class PluginSlot:
         self._waiting += 1
         if self._held:
             self._held = False
-            self._slots.release()
+            self._slots.give()
 
     async def client_wait_ended(self) -> None:
         """A question was answered (or failed). When none is left open, take a slot again,
@@ -222,9 +271,9 @@ class PluginSlot:
         async with self._regaining:  # (a question asked and answered meanwhile: once)
             if self._held or self._closed or self._waiting:
                 return
-            await self._slots.acquire()
+            await self._slots.take()
             if self._closed or self._waiting:  # the call ended, or asked again, meanwhile
-                self._slots.release()
+                self._slots.give()
             else:
                 self._held = True
 
@@ -238,7 +287,7 @@ class PluginSlot:
         self._closed = True
         if self._held:
             self._held = False
-            self._slots.release()
+            self._slots.give()
 
 
 class Kernel:
@@ -268,7 +317,10 @@ class Kernel:
             "resourceTemplates": self.list_resource_templates,
             "prompts": self.list_prompts,
         }
-        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, int], PluginSlots] = {}
+        # The in-flight gauge is the quota gate's count of calls admitted to their plugins
+        # (unless the metrics were given a source of their own).
+        metrics.inflight_from(lambda: quotas.total_inflight)
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
 
@@ -685,7 +737,6 @@ class Kernel:
         Every outcome is audited before this returns or raises."""
         metrics = self.metrics
         start = time.perf_counter()
-        metrics.call_started()
         principal = action.principal
         transport = action.context.get("transport")
         event = _event(
@@ -719,16 +770,14 @@ class Kernel:
             try:
                 slots = self._plugin_slots(action.plugin, quotas.max_concurrency)
                 t = time.perf_counter()
-                if slots.locked():  # the plugin is busy: queue, within the call's time limit
+                if not slots.take_free():  # the plugin is busy: queue, within the time limit
                     await _wait_for_slot(slots, timeout, action.plugin, quotas.max_concurrency)
                     timeout = max(timeout - (time.perf_counter() - t), 0.001)
                     try:  # replaced or removed meanwhile? then the new code, or the error
                         runtime = self.plugins.runtime(action.plugin)
                     except BaseException:
-                        slots.release()
+                        slots.give()
                         raise
-                else:
-                    await slots.acquire()
                 slot = PluginSlot(slots)
                 try:
                     # (it may have failed while we queued)
@@ -762,8 +811,6 @@ class Kernel:
             log.exception("internal error in %s", method)
         else:
             event["outcome"] = _ALLOWED
-        finally:
-            metrics.call_finished()
         t = time.perf_counter()
         event["duration_ms"] = round((t - start) * 1000, 3)
         # The record must be durable before the caller learns the outcome. A cancelled caller
@@ -800,12 +847,12 @@ class Kernel:
             self, bridge, principal, plugin, slot, request_id=request_id, transport=transport
         )
 
-    def _plugin_slots(self, plugin: str, limit: int) -> asyncio.Semaphore:
-        """The semaphore holding a plugin to its manifest's max_concurrency calls at once."""
+    def _plugin_slots(self, plugin: str, limit: int) -> PluginSlots:
+        """The slots holding a plugin to its manifest's max_concurrency calls at once."""
         key = (plugin, limit)
         slots = self._slots.get(key)
         if slots is None:
-            slots = self._slots[key] = asyncio.Semaphore(limit)
+            slots = self._slots[key] = PluginSlots(limit)
         return slots
 
     def log_internal_error(self, method: str, exc: BaseException) -> None:

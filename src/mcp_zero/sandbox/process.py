@@ -293,7 +293,10 @@ class ProcessRuntime:
         self, frame: JSON, bridge: ClientBridge | None, timeout: float, label: str
     ) -> JSON:
         worker = self._running() or await self._started()
-        reply = await worker.call(frame, bridge, timeout, label)
+        return self._result(await worker.call(frame, bridge, timeout, label), label)
+
+    def _result(self, reply: JSON, label: str) -> JSON:
+        """The result a worker's reply carries; raises the error it carries instead."""
         result = reply.get("result")
         if isinstance(result, dict):
             return result
@@ -313,8 +316,11 @@ class ProcessRuntime:
     ) -> JSON:
         """Run ``tool``; returns its ``CallToolResult`` (handler errors are ``isError``)."""
         frame = {"op": "call_tool", "name": tool, "arguments": arguments, "agent": agent}
+        label = f"tool '{tool}'"
+        # (_call's work without its coroutine: one level less to resume when the reply comes)
+        worker = self._running() or await self._started()
         try:
-            result = await self._call(frame, bridge, timeout, f"tool '{tool}'")
+            result = self._result(await worker.call(frame, bridge, timeout, label), label)
         except NotFound as exc:
             raise ToolNotFound(exc.message) from None
         if not isinstance(result.get("content"), list):
