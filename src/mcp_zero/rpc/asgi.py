@@ -102,24 +102,26 @@ async def respond_json(
 async def read_body(receive: Receive, limit: int) -> tuple[bytes, McpZeroError | None]:
     """The request body, or the PayloadTooLarge error once it passes ``limit`` bytes
     (the rest is read and dropped, so the connection stays usable)."""
+    message = await receive()
+    if message["type"] != "http.disconnect" and not message.get("more_body"):
+        body: bytes = message.get("body", b"")  # the whole body in one message, as usual
+        return (body, None) if len(body) <= limit else (b"", _too_large(len(body), limit))
     chunks: list[bytes] = []
     size = 0
-    too_large = False
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
+    while message["type"] != "http.disconnect":
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            too_large = True
-        elif chunk:
+        if size <= limit and chunk:
             chunks.append(chunk)
         if not message.get("more_body"):
             break
-    if too_large:
-        return b"", PayloadTooLarge(
-            f"request body is {size} bytes, over the limit of {limit} bytes "
-            "(setting max_body_bytes)"
-        )
+        message = await receive()
+    if size > limit:
+        return b"", _too_large(size, limit)
     return b"".join(chunks), None
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"request body is {size} bytes, over the limit of {limit} bytes (setting max_body_bytes)"
+    )

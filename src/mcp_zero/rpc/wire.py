@@ -70,6 +70,10 @@ _REASONS = {
 
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}  # the same in every scope
+# Header names as sent, lower-cased: clients send the same few on every request, so one
+# object each instead of a new one per header per request (bounded: names are the client's).
+_LOWERED: dict[bytes, bytes] = {}
+_LOWERED_MAX = 256
 _date_cache: list[Any] = [0, b""]
 
 
@@ -174,8 +178,13 @@ class _Connection(asyncio.Protocol):
         if self.header_bytes > MAX_HEADER_BYTES:
             self.refuse(431, b"request headers too large")
             return
+        lowered = _LOWERED.get(name)
+        if lowered is None:
+            lowered = name.lower()
+            if len(_LOWERED) < _LOWERED_MAX:
+                _LOWERED[name] = lowered
         # RFC 9110 5.5: whitespace around a field value is not part of it
-        self.current.headers.append((name.lower(), value.strip(b" \t")))
+        self.current.headers.append((lowered, value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
         request = self.current
@@ -270,7 +279,7 @@ class _Connection(asyncio.Protocol):
             self._resume()
         task = asyncio.get_running_loop().create_task(self._run(request))
         self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
+        task.add_done_callback(self.server.forget)
 
     async def _run(self, request: _Request) -> None:
         response = _Response(self, request)
@@ -501,6 +510,7 @@ class HttpServer:
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.forget = self.tasks.discard  # a request's task when it is done (bound once)
         self._server: asyncio.base_events.Server | None = None
         self._stopping: asyncio.Event | None = None
         self._reaper: asyncio.Task[None] | None = None

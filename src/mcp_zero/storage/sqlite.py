@@ -354,14 +354,13 @@ class SqliteStore:
         """
         if not entries:
             return
-        rows = [_audit_row(e) for e in entries]
         with self._audit_lock:
             self._check_open()
             cursor = self._audit_cursor
             try:
                 cursor.execute("BEGIN IMMEDIATE")
                 try:
-                    cursor.executemany(_INSERT_AUDIT, rows)
+                    cursor.executemany(_INSERT_AUDIT, map(_audit_row, entries))
                     cursor.execute("COMMIT")
                 except BaseException:
                     if self._audit_conn.in_transaction:
