@@ -171,6 +171,9 @@ def client(url: str, token: str, tool: str, calls: int, warmup: int) -> None:
     for line in sys.stdin:
         if line.strip() != "go":
             break
+        # The server drops a connection idle for 5 s (the idle windows are as long as the
+        # calls'): a new one for each run, opened by the first request.
+        conn.close()
         for _ in range(calls):
             post({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params})
             request_id += 1
