@@ -24,7 +24,7 @@ from mcp_zero.errors import (
     ToolTimeout,
 )
 from mcp_zero.kernel.action import Principal
-from mcp_zero.kernel.pipeline import PluginSlot
+from mcp_zero.kernel.pipeline import PluginSlot, PluginSlots
 from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -511,64 +511,97 @@ async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
 # -- PluginSlot: the accounting of one call's slot -------------------------------------------
 
 
-async def free_slots(slots: asyncio.Semaphore) -> int:
+async def free_slots(slots: PluginSlots) -> int:
     """How many slots could be taken now (a release too many shows as one more)."""
     taken = 0
-    while not slots.locked():
-        await slots.acquire()
+    while slots.take_free():
         taken += 1
     for _ in range(taken):
-        slots.release()
+        slots.give()
     return taken
 
 
+def locked(slots: PluginSlots) -> bool:
+    """Whether a call would have to queue for a slot now."""
+    if slots.take_free():
+        slots.give()
+        return False
+    return True
+
+
 async def test_a_slot_is_free_while_questions_are_open_and_taken_again_after_the_last() -> None:
-    slots = asyncio.Semaphore(1)
-    await slots.acquire()
+    slots = PluginSlots(1)
+    await slots.take()
     slot = PluginSlot(slots)
     slot.client_wait_started()
     slot.client_wait_started()  # two questions at once (asyncio.gather)
-    assert not slots.locked()
+    assert not locked(slots)
     await slot.client_wait_ended()  # one answered: the other still waits on the client
-    assert not slots.locked()
+    assert not locked(slots)
     await slot.client_wait_ended()
-    assert slots.locked()  # the call runs again
+    assert locked(slots)  # the call runs again
     slot.close()
-    assert not slots.locked()
+    assert not locked(slots)
     slot.close()  # (twice is harmless: one release)
     assert await free_slots(slots) == 1
 
 
 async def test_an_answered_call_queues_for_its_slot_and_leaks_none_when_it_ends() -> None:
-    slots = asyncio.Semaphore(1)
-    await slots.acquire()
+    slots = PluginSlots(1)
+    await slots.take()
     slot = PluginSlot(slots)
     slot.client_wait_started()
-    await slots.acquire()  # another call takes the free slot
+    await slots.take()  # another call takes the free slot
     regain = asyncio.ensure_future(slot.client_wait_ended())
     await asyncio.sleep(0)
     assert not regain.done()  # queued behind the running call
     slot.close()  # the waiting call ends (timeout) meanwhile
-    slots.release()  # the other call finishes
+    slots.give()  # the other call finishes
     with anyio.fail_after(5):
         await regain
     assert await free_slots(slots) == 1  # nothing kept by the ended call
 
 
 async def test_a_call_that_asks_again_while_it_queues_for_its_slot_does_not_keep_it() -> None:
-    slots = asyncio.Semaphore(1)
-    await slots.acquire()
+    slots = PluginSlots(1)
+    await slots.take()
     slot = PluginSlot(slots)
     slot.client_wait_started()
-    await slots.acquire()
+    await slots.take()
     regain = asyncio.ensure_future(slot.client_wait_ended())
     await asyncio.sleep(0)
     slot.client_wait_started()  # a second question while the first answer queues
-    slots.release()
+    slots.give()
     with anyio.fail_after(5):
         await regain
-    assert not slots.locked()  # free while that question is open
+    assert not locked(slots)  # free while that question is open
     await slot.client_wait_ended()
-    assert slots.locked()
+    assert locked(slots)
     slot.close()
     assert await free_slots(slots) == 1
+
+
+async def test_plugin_slots_go_to_queued_calls_in_turn_and_a_cancelled_one_passes_its_on() -> None:
+    slots = PluginSlots(1)
+    assert slots.take_free()
+    order: list[str] = []
+
+    async def call(name: str) -> None:
+        await slots.take()
+        order.append(name)
+
+    first = asyncio.ensure_future(call("first"))
+    second = asyncio.ensure_future(call("second"))
+    third = asyncio.ensure_future(call("third"))
+    await asyncio.sleep(0)
+    assert not slots.take_free()  # taken, and calls queue
+    second.cancel()  # gives up while it queues: it is passed over
+    slots.give()  # to the first in line
+    first.cancel()  # ... which is cancelled before it runs: the slot goes on
+    with anyio.fail_after(5):
+        await third
+    assert order == ["third"]
+    assert first.cancelled()
+    assert second.cancelled()
+    slots.give()  # the third call ends
+    assert await free_slots(slots) == 1  # nothing lost, nothing made

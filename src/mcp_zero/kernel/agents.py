@@ -154,6 +154,10 @@ class AgentService:
         if agent is None or agent.status != "active":
             raise Unauthorized("invalid or revoked bearer token")
         principal = Principal(agent.name, frozenset(agent.plugins))
+        if cached is not None and cached[1] == principal:
+            # The same object while nothing changed: caches keyed by the principal (policy
+            # decisions, sessions) then find it by identity, without comparing fields.
+            principal = cached[1]
         if len(self._principals) > 10_000:
             self._principals.clear()
         self._principals[token_hash] = (now + PRINCIPAL_TTL_S, principal)

@@ -18,11 +18,13 @@ its worker thread waits with it, so it keeps its slot; see ``GovernedBridge``.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn
 
 import orjson
@@ -42,7 +44,7 @@ from mcp_zero.errors import (
 )
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.kernel.client_requests import GovernedBridge
-from mcp_zero.kernel.plugins import PluginHost
+from mcp_zero.kernel.plugins import PluginHost, ToolEntry
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
@@ -137,15 +139,21 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         )
 
 
-async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float, plugin: str, limit: int) -> None:
+async def _wait_for_slot(slots: PluginSlots, timeout: float, plugin: str, limit: int) -> None:
     try:
         async with asyncio.timeout(timeout):
-            await slots.acquire()
+            await slots.take()
     except TimeoutError:
         raise ToolTimeout(
             f"plugin {plugin!r} stayed busy with {limit} calls (its max_concurrency) for "
             f"{timeout:g} s; retry later or raise the plugin's max_concurrency quota"
         ) from None
+
+
+# The enums' values, read once: each ``.value`` is two Python calls (enum's property).
+_VERBS = {verb: verb.value for verb in Verb}
+_ALLOWED = Outcome.ALLOWED.value
+_ERROR = Outcome.ERROR.value
 
 
 def _event(
@@ -160,7 +168,7 @@ def _event(
     return {
         "agent": principal.agent,
         "anonymous": principal.anonymous,
-        "verb": verb.value,
+        "verb": _VERBS[verb],
         "resource": resource,
         "plugin": plugin,
         "request_id": request_id,
@@ -177,6 +185,54 @@ def _audit_failing(audit: AuditLog) -> StorageError:
     )
 
 
+class PluginSlots:
+    """A plugin's ``max_concurrency`` slots. A call takes a free one at once when no call
+    queues for one; otherwise it queues, first come first served, and a slot given back goes
+    to the first call in the queue. (asyncio.Semaphore's rules, but taking a free slot is
+    one plain call: the semaphore's ``locked()`` and ``acquire()`` were seven Python calls,
+    a generator and a coroutine on every tool call.)"""
+
+    __slots__ = ("_free", "_queue")
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        # Calls waiting for a slot, in order (a cancelled one stays until met or it leaves).
+        # A slot is free only while nobody queues: ``give`` hands it to the first in line.
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    def take_free(self) -> bool:
+        """Take a slot if one is free (then nobody queues); False, taking none, if not."""
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Take a slot, queuing for one when none is free."""
+        if self.take_free():
+            return
+        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(waiting)
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            if not waiting.cancelled():
+                self.give()  # handed a slot as the call was cancelled: on to the next
+            elif waiting in self._queue:  # (``give`` drops the cancelled ones it meets)
+                self._queue.remove(waiting)
+            raise
+
+    def give(self) -> None:
+        """Give a slot back: to the first call queuing for one, else to the free ones."""
+        queue = self._queue
+        while queue:
+            waiting = queue.popleft()
+            if not waiting.done():  # (not cancelled)
+                waiting.set_result(None)
+                return
+        self._free += 1
+
+
 class PluginSlot:
     """One call's claim on one of its plugin's slots (``_plugin_slots``): held while the
     call runs, given back while it has a question open to its client (``GovernedBridge``),
@@ -184,8 +240,8 @@ class PluginSlot:
 
     __slots__ = ("_closed", "_held", "_regaining", "_slots", "_waiting")
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots  # already acquired by the caller
+    def __init__(self, slots: PluginSlots) -> None:
+        self._slots = slots  # already taken by the caller
         self._held = True
         self._closed = False
         self._waiting = 0  # the call's questions to its client not answered yet
@@ -198,7 +254,7 @@ class PluginSlot:
         self._waiting += 1
         if self._held:
             self._held = False
-            self._slots.release()
+            self._slots.give()
 
     async def client_wait_ended(self) -> None:
         """A question was answered (or failed). When none is left open, take a slot again,
@@ -215,9 +271,9 @@ class PluginSlot:
         async with self._regaining:  # (a question asked and answered meanwhile: once)
             if self._held or self._closed or self._waiting:
                 return
-            await self._slots.acquire()
+            await self._slots.take()
             if self._closed or self._waiting:  # the call ended, or asked again, meanwhile
-                self._slots.release()
+                self._slots.give()
             else:
                 self._held = True
 
@@ -231,7 +287,7 @@ class PluginSlot:
         self._closed = True
         if self._held:
             self._held = False
-            self._slots.release()
+            self._slots.give()
 
 
 class Kernel:
@@ -261,7 +317,10 @@ class Kernel:
             "resourceTemplates": self.list_resource_templates,
             "prompts": self.list_prompts,
         }
-        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, int], PluginSlots] = {}
+        # The in-flight gauge is the quota gate's count of calls admitted to their plugins
+        # (unless the metrics were given a source of their own).
+        metrics.inflight_from(lambda: quotas.total_inflight)
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
 
@@ -402,7 +461,7 @@ class Kernel:
 
     # -- the governed actions ---------------------------------------------------------------
 
-    async def call_tool(
+    def call_tool(
         self,
         principal: Principal,
         name: str,
@@ -411,57 +470,36 @@ class Kernel:
         *,
         request_id: str,
         transport: str,
-    ) -> JSON:
+    ) -> Coroutine[Any, Any, JSON]:
+        """Call tool ``name`` as ``principal`` through the governed path; await what this
+        returns (the path's coroutine: no coroutine of its own around it, whose frame every
+        suspension of the call would resume too) for the tool's result. Raises what the
+        path raises (McpZeroError, CancelledError)."""
         entry = self.plugins.tools.get(name)
         plugin = entry.plugin if entry is not None else None
-
-        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
-            assert entry is not None
-            t = time.perf_counter()
-            errors = entry.validator.iter_errors(arguments)
-            first = next(errors, None)
-            self.metrics.observe_stage("schema", time.perf_counter() - t)
-            if first is not None:
-                raise _schema_error(first)
-            result = await runtime.call_tool(
-                name,
-                arguments,
-                agent=principal.agent,
-                bridge=self._client_bridge(
-                    bridge, principal, entry.plugin, slot, request_id, transport
-                ),
-                timeout=timeout,
-            )
-            if entry.output_validator is not None and not result.get("isError"):
-                _check_output(name, entry.output_validator, result)
-            return result
-
-        def missing() -> McpZeroError:
-            return ToolNotFound(
+        digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
+        refused: McpZeroError | None = None
+        if entry is None:
+            refused = ToolNotFound(
                 f"unknown tool {name!r}: tools/list shows the tools you may call",
                 data={"tool": name},
             )
-
-        def too_deep() -> McpZeroError:
-            return InvalidParams(
+        elif digest == _TOO_DEEP:
+            refused = InvalidParams(
                 f"the arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels",
                 data={"path": "/arguments"},
             )
-
-        def unencodable() -> McpZeroError:
-            return InvalidParams(
+        elif digest == _UNENCODABLE:
+            refused = InvalidParams(
                 "the arguments hold an integer past 64 bits, which JSON between programs "
                 "cannot carry exactly; send it as a string",
                 data={"path": "/arguments"},
             )
-
-        digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
-        refused = missing if entry is None else None
-        if refused is None and digest == _TOO_DEEP:
-            refused = too_deep
-        elif refused is None and digest == _UNENCODABLE:
-            refused = unencodable
-        return await self._govern(
+        # (a partial, not a closure: no cell per variable it would capture, on every call)
+        run = functools.partial(
+            self._run_tool, entry, name, arguments, bridge, principal, request_id, transport
+        )
+        return self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
             "tools/call",
             request_id,
@@ -469,6 +507,48 @@ class Kernel:
             refused,
             {"arguments_sha256": digest},
         )
+
+    async def _run_tool(
+        self,
+        entry: ToolEntry | None,
+        name: str,
+        arguments: JSON,
+        bridge: ClientBridge,
+        principal: Principal,
+        request_id: str,
+        transport: str,
+        runtime: PluginRuntime,
+        timeout: float,
+        slot: PluginSlot,
+    ) -> JSON:
+        """The part of a tool call in its plugin (``call_tool``'s ``run``): its arguments
+        checked against the tool's schema, the call, the result against its outputSchema."""
+        assert entry is not None
+        t = time.perf_counter()
+        errors = entry.validator.iter_errors(arguments)
+        first = next(errors, None)
+        self.metrics.observe_stage("schema", time.perf_counter() - t)
+        if first is not None:
+            raise _schema_error(first)
+        result = await runtime.call_tool(
+            name,
+            arguments,
+            agent=principal.agent,
+            # its requests to the client are governed too, and free its slot while they wait
+            bridge=GovernedBridge(
+                self,
+                bridge,
+                principal,
+                entry.plugin,
+                slot,
+                request_id=request_id,
+                transport=transport,
+            ),
+            timeout=timeout,
+        )
+        if entry.output_validator is not None and not result.get("isError"):
+            _check_output(name, entry.output_validator, result)
+        return result
 
     async def read_resource(
         self,
@@ -490,17 +570,17 @@ class Kernel:
                 timeout=timeout,
             )
 
-        def missing() -> McpZeroError:
-            return ResourceNotFound(
+        missing = None
+        if plugin is None:
+            missing = ResourceNotFound(
                 f"no installed plugin serves resource {uri!r}", data={"uri": uri}
             )
-
         return await self._govern(
             Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, {"transport": transport}),
             "resources/read",
             request_id,
             run,
-            missing if plugin is None else None,
+            missing,
             {},
         )
 
@@ -543,11 +623,11 @@ class Kernel:
                 timeout=timeout,
             )
 
-        def missing() -> McpZeroError:
-            return PromptNotFound(
+        missing = None
+        if plugin is None:
+            missing = PromptNotFound(
                 f"unknown prompt {name!r}: prompts/list shows what exists", data={"prompt": name}
             )
-
         return await self._govern(
             Action(
                 principal, Verb.GET_PROMPT, name, plugin, dict(arguments), {"transport": transport}
@@ -555,7 +635,7 @@ class Kernel:
             "prompts/get",
             request_id,
             run,
-            missing if plugin is None else None,
+            missing,
             {},
         )
 
@@ -589,17 +669,19 @@ class Kernel:
                 ref, argument, context, agent=principal.agent, timeout=timeout
             )
 
-        def missing() -> McpZeroError:
-            if ref.get("type") == "ref/prompt":
-                return PromptNotFound(f"unknown prompt {target!r}", data={"prompt": target})
-            return ResourceNotFound(f"no installed plugin serves {target!r}", data={"uri": target})
-
+        missing: McpZeroError | None = None
+        if plugin is None and ref.get("type") == "ref/prompt":
+            missing = PromptNotFound(f"unknown prompt {target!r}", data={"prompt": target})
+        elif plugin is None:
+            missing = ResourceNotFound(
+                f"no installed plugin serves {target!r}", data={"uri": target}
+            )
         return await self._govern(
             Action(principal, Verb.COMPLETE, target, plugin, {}, {"transport": transport}),
             "completion/complete",
             request_id,
             run,
-            missing if plugin is None else None,
+            missing,
             {},
         )
 
@@ -646,7 +728,7 @@ class Kernel:
             method,
             request_id,
             run,
-            lambda: refusal,
+            refusal,
             {},
         )
         raise AssertionError("_govern raises the refusal")  # pragma: no cover
@@ -674,12 +756,15 @@ class Kernel:
         method: str,
         request_id: str,
         run: Callable[[PluginRuntime, float, PluginSlot], Awaitable[JSON]],
-        missing: Callable[[], McpZeroError] | None,
+        refused: McpZeroError | None,
         detail: JSON,
     ) -> JSON:
+        """Govern ``action``: ``run`` it in its plugin's runtime if the rate limit, the
+        policy, the quotas and the audit log let it, or raise ``refused`` (a target that
+        does not exist, arguments that cannot be carried) once the rate limit is passed.
+        Every outcome is audited before this returns or raises."""
         metrics = self.metrics
         start = time.perf_counter()
-        metrics.call_started()
         principal = action.principal
         transport = action.context.get("transport")
         event = _event(
@@ -691,8 +776,8 @@ class Kernel:
         try:
             if self.limiter is not None:
                 self.limiter.check(principal.agent)
-            if missing is not None:
-                raise missing()
+            if refused is not None:
+                raise refused
             t = time.perf_counter()
             decision = self.policy.decide(action)
             metrics.observe_stage("policy", time.perf_counter() - t)
@@ -700,39 +785,43 @@ class Kernel:
                 for policy in decision.policies or ("default-deny",):
                     metrics.count_denial(policy)
                 raise PolicyDenied(decision.message, data=decision.to_data())
-            event["policies"] = list(decision.policies)
-            if not self.audit.writable():  # its record could not be kept: refuse first
+            event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
+            # its record could not be kept: refuse first (writable() asks the store again
+            # only once the log failed)
+            if self.audit.stats.failing and not self.audit.writable():
                 raise _audit_failing(self.audit)
             assert action.plugin is not None
             runtime = self.plugins.runtime(action.plugin)
             quotas = self.plugins.manifests[action.plugin].quotas
             timeout = self.quotas.timeout_for(None, quotas.timeout_ms)
-            async with self.quotas.admit(principal.agent):
+            self.quotas.enter(principal.agent)
+            try:
                 slots = self._plugin_slots(action.plugin, quotas.max_concurrency)
                 t = time.perf_counter()
-                if slots.locked():  # the plugin is busy: queue, within the call's time limit
+                if not slots.take_free():  # the plugin is busy: queue, within the time limit
                     await _wait_for_slot(slots, timeout, action.plugin, quotas.max_concurrency)
                     timeout = max(timeout - (time.perf_counter() - t), 0.001)
                     try:  # replaced or removed meanwhile? then the new code, or the error
                         runtime = self.plugins.runtime(action.plugin)
                     except BaseException:
-                        slots.release()
+                        slots.give()
                         raise
-                else:
-                    await slots.acquire()
                 slot = PluginSlot(slots)
                 try:
-                    if not self.audit.writable():  # (it may have failed while we queued)
+                    # (it may have failed while we queued)
+                    if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)
                     result = await run(runtime, timeout, slot)
                 finally:
                     slot.close()
                     metrics.observe_stage("sandbox", time.perf_counter() - t)
+            finally:
+                self.quotas.leave(principal.agent)
             if result.get("isError"):
                 event["tool_error"] = True
         except asyncio.CancelledError as exc:
             failure = exc
-            event["outcome"] = Outcome.ERROR.value
+            event["outcome"] = _ERROR
             event["code"] = "cancelled"
         except McpZeroError as exc:
             failure = exc
@@ -745,26 +834,25 @@ class Kernel:
                 metrics.count_plugin_restart(action.plugin)
         except Exception as exc:
             failure = exc
-            event["outcome"] = Outcome.ERROR.value
+            event["outcome"] = _ERROR
             event["code"] = "internal"
             log.exception("internal error in %s", method)
         else:
-            event["outcome"] = Outcome.ALLOWED.value
-        finally:
-            metrics.call_finished()
-        event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+            event["outcome"] = _ALLOWED
         t = time.perf_counter()
+        event["duration_ms"] = round((t - start) * 1000, 3)
         # The record must be durable before the caller learns the outcome. A cancelled caller
         # stops waiting here, but its submitted event is still committed with its batch.
         try:
             await self.audit.submit(event)
         except StorageError:
-            metrics.count_call(method, Outcome.ERROR.value)
+            metrics.count_call(method, _ERROR)
             if isinstance(failure, StorageError):
                 raise failure from None  # the refusal says more than its record's failure
             raise
-        metrics.observe_stage("audit", time.perf_counter() - t)
-        metrics.observe_stage("total", time.perf_counter() - start)
+        end = time.perf_counter()
+        metrics.observe_stage("audit", end - t)
+        metrics.observe_stage("total", end - start)
         metrics.count_call(method, event["outcome"])
         if failure is not None:
             raise failure
@@ -787,12 +875,12 @@ class Kernel:
             self, bridge, principal, plugin, slot, request_id=request_id, transport=transport
         )
 
-    def _plugin_slots(self, plugin: str, limit: int) -> asyncio.Semaphore:
-        """The semaphore holding a plugin to its manifest's max_concurrency calls at once."""
+    def _plugin_slots(self, plugin: str, limit: int) -> PluginSlots:
+        """The slots holding a plugin to its manifest's max_concurrency calls at once."""
         key = (plugin, limit)
         slots = self._slots.get(key)
         if slots is None:
-            slots = self._slots[key] = asyncio.Semaphore(limit)
+            slots = self._slots[key] = PluginSlots(limit)
         return slots
 
     def log_internal_error(self, method: str, exc: BaseException) -> None:

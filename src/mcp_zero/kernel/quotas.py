@@ -37,7 +37,7 @@ class Admission:
         self._entered = False
 
     async def __aenter__(self) -> Admission:
-        self._gate._acquire(self._agent, self._plugin, self._agent_limit, self._plugin_limit)
+        self._gate.enter(self._agent, self._plugin, self._agent_limit, self._plugin_limit)
         self._entered = True
         return self
 
@@ -49,7 +49,7 @@ class Admission:
     ) -> None:
         if self._entered:
             self._entered = False
-            self._gate._release(self._agent, self._plugin)
+            self._gate.leave(self._agent, self._plugin)
 
 
 class QuotaGate:
@@ -122,9 +122,18 @@ class QuotaGate:
                 return min(ms / 1000.0, self.max_timeout_s)
         return self.default_timeout_s
 
-    def _acquire(
-        self, agent: str, plugin: str | None, agent_limit: int, plugin_limit: int | None
+    def enter(
+        self,
+        agent: str,
+        plugin: str | None = None,
+        agent_limit: int | None = None,
+        plugin_limit: int | None = None,
     ) -> None:
+        """Take what ``admit`` holds, without its context manager (the kernel's hot path:
+        no object and no coroutines per call); give it back with :meth:`leave`, whatever
+        happens. ``agent_limit`` None: the gate's default. Raises QuotaExceeded."""
+        if agent_limit is None:
+            agent_limit = self.agent_concurrency
         agents = self._agents
         running = agents.get(agent, 0)
         if running >= agent_limit:
@@ -148,7 +157,8 @@ class QuotaGate:
         agents[agent] = running + 1
         self._total += 1
 
-    def _release(self, agent: str, plugin: str | None) -> None:
+    def leave(self, agent: str, plugin: str | None = None) -> None:
+        """Give back what :meth:`enter` took."""
         # Drop zero counts so idle agents and plugins cost no memory.
         running = self._agents[agent] - 1
         if running:

@@ -21,9 +21,18 @@ SSE_HEADERS = [
 ]
 
 
+def headers_of(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name (ASGI gives them lower-cased), the last of a repeated
+    one; made once per request."""
+    headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
+    if headers is None:
+        headers = scope["mcp0.headers"] = dict(scope["headers"])
+    return headers
+
+
 def header(scope: Scope, name: bytes) -> str | None:
     headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
-    if headers is None:  # parsed once per request (ASGI gives lower-cased names)
+    if headers is None:  # (headers_of, without a call more for each header read)
         headers = scope["mcp0.headers"] = dict(scope["headers"])
     value = headers.get(name)
     return None if value is None else value.decode("latin-1")
@@ -93,23 +102,27 @@ async def respond_json(
 async def read_body(receive: Receive, limit: int) -> tuple[bytes, McpZeroError | None]:
     """The request body, or the PayloadTooLarge error once it passes ``limit`` bytes
     (the rest is read and dropped, so the connection stays usable)."""
+    message = await receive()
+    if message["type"] != "http.disconnect" and not message.get("more_body"):
+        body: bytes = message.get("body", b"")  # the whole body in one message, as usual
+        return (body, None) if len(body) <= limit else (b"", _too_large(len(body), limit))
     chunks: list[bytes] = []
     size = 0
-    too_large = False
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
+    while message["type"] != "http.disconnect":
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            too_large = True
-        elif chunk:
+        if size <= limit and chunk:
             chunks.append(chunk)
         if not message.get("more_body"):
             break
-    if too_large:
-        return b"", PayloadTooLarge(
-            f"request body is over the limit of {limit} bytes (setting max_body_bytes)"
-        )
+        message = await receive()
+    if size > limit:
+        return b"", _too_large(size, limit)
     return b"".join(chunks), None
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLarge:
+    # (not its size: the server stops reading a body one byte past the limit)
+    return PayloadTooLarge(
+        f"request body is over the limit of {limit} bytes (setting max_body_bytes)"
+    )

@@ -43,6 +43,7 @@ from mcp_zero.rpc.asgi import (
     Send,
     accepts,
     header,
+    headers_of,
     hostname,
     media_type,
     read_body,
@@ -91,7 +92,7 @@ _ERROR_STATUS = {
     METHOD_NOT_FOUND: 404,
 }
 
-_MediaHeaders = tuple[str | None, str | None, str | None]
+_MediaHeaders = tuple[bytes | None, bytes | None, bytes | None]
 # Verdicts by (Content-Type, Content-Encoding, Accept): a client sends the same ones on every
 # call, and parsing Accept each time was ~1 µs of the hot path. Bounded: cleared when full.
 _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
@@ -100,16 +101,17 @@ _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
 def _unreadable_post(scope: Scope) -> tuple[int, str] | None:
     """The status (415, 406) and reason when a POST to /mcp is not sent as MCP's streamable
     HTTP transport asks (one JSON message; answers as JSON or an SSE stream); else None."""
+    headers = headers_of(scope)
     sent = (
-        header(scope, b"content-type"),
-        header(scope, b"content-encoding"),
-        header(scope, b"accept"),
+        headers.get(b"content-type"),
+        headers.get(b"content-encoding"),
+        headers.get(b"accept"),
     )
     try:
         return _media_verdicts[sent]
     except KeyError:
         pass
-    verdict = _media_verdict(*sent)
+    verdict = _media_verdict(*(None if v is None else v.decode("latin-1") for v in sent))
     if len(_media_verdicts) >= 64:
         _media_verdicts.clear()
     _media_verdicts[sent] = verdict
@@ -231,13 +233,6 @@ class HttpApp:
         self._loopback_only = runtime.settings.on_loopback_only()
         self.sse_keepalive_s = SSE_KEEPALIVE_S
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-
     # -- lifespan ---------------------------------------------------------------------------
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -312,11 +307,19 @@ class HttpApp:
 
     # -- routing ----------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one ASGI connection: the lifespan's events, or an HTTP request by its path
+        (routed here, not in a method of its own: every level of ``await`` is paid again at
+        each suspension of a call)."""
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            return
         path: str = scope["path"]
         method: str = scope["method"]
         if path == "/mcp" or path == "/mcp/":
-            if not self._origin_allowed(scope):
+            origin = header(scope, b"origin")
+            if not self._origin_allowed(scope, origin):
                 await respond_json(
                     send,
                     403,
@@ -328,14 +331,13 @@ class HttpApp:
                     ),
                 )
                 return
-            origin = header(scope, b"origin")
             if origin is not None and origin != "null":
                 # A browser's page from an allowed origin (checked above): let it read the
                 # answers and the session header (CORS); other clients send no Origin.
                 send = _with_cors(send, origin)
             version = header(scope, b"mcp-protocol-version")
             if method == "POST":
-                await self._post(scope, receive, send)
+                await self._post(scope, receive, send, version)
             elif (
                 method in ("GET", "DELETE")
                 and _stateless(version)
@@ -390,7 +392,7 @@ class HttpApp:
             body, content_type = self.runtime.metrics.render()
             await respond(send, 200, body, [(b"content-type", content_type.encode())])
         elif path.startswith("/api/v1/"):
-            if not self._origin_allowed(scope):
+            if not self._origin_allowed(scope, header(scope, b"origin")):
                 await respond_json(
                     send,
                     403,
@@ -414,8 +416,8 @@ class HttpApp:
                 send, 404, {"error": {"code": "not_found", "message": f"no route {path}"}}
             )
 
-    def _origin_allowed(self, scope: Scope) -> bool:
-        origin = header(scope, b"origin")
+    def _origin_allowed(self, scope: Scope, origin: str | None) -> bool:
+        """Whether the request's Origin (``origin``) and Host may reach this server."""
         if origin is not None and origin != "null":
             if origin in self.settings.allowed_origins:
                 return True
@@ -444,7 +446,8 @@ class HttpApp:
             self.runtime.metrics.count_unauthorized("mcp")
             raise
 
-    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _post(self, scope: Scope, receive: Receive, send: Send, version: str | None) -> None:
+        """A POST to /mcp; ``version`` is its MCP-Protocol-Version header."""
         t0 = time.perf_counter()
         body, error = await read_body(receive, self.settings.max_body_bytes)
         if error is not None:
@@ -470,7 +473,6 @@ class HttpApp:
         except InvalidRequest as exc:
             await respond_json(send, 400, jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
             return
-        version = header(scope, b"mcp-protocol-version")
         session_id = header(scope, b"mcp-session-id")
         if _stateless(version) or (
             version is None
@@ -509,7 +511,9 @@ class HttpApp:
                 return
             session = found
             session.last_seen = time.monotonic()  # a notification or an answer counts too
-            if found.principal != principal:  # the agent's plugins changed since initialize
+            # The agent's plugins may have changed since initialize. (Not compared: an equal
+            # principal is as good, and the same object makes the policy's cache key cheap.)
+            if found.principal is not principal:
                 session.principal = principal
         else:
             # No session header: a self-contained request (curl, stateless clients).

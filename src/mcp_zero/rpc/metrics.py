@@ -111,6 +111,13 @@ class Metrics:
         hist.counts[bisect_left(self._buckets, seconds)] += 1
         hist.sum += seconds
 
+    def inflight_from(self, source: Callable[[], int]) -> None:
+        """Read ``mcp0_inflight_calls`` from ``source`` from now on, unless the metrics were
+        made with an ``inflight`` source (the kernel gives its quota gate's count, so that
+        a call does not count itself in flight twice)."""
+        if self._inflight_source is None:
+            self._inflight_source = source
+
     def call_started(self) -> None:
         """One more call in flight."""
         self._inflight += 1

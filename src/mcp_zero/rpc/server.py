@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, NoReturn
 
 from mcp_zero import __version__
@@ -260,26 +260,23 @@ class McpServer:
 
     # -- entry points -------------------------------------------------------------------------
 
-    async def handle_request(
+    def handle_request(
         self, session: Session, request: jsonrpc.Request, channel: Channel
-    ) -> JSON | None:
-        """Run one request of a session opened by ``initialize``; return its response
-        message, or None if it was cancelled."""
+    ) -> Coroutine[Any, Any, JSON | None]:
+        """Run one request of a session opened by ``initialize``: await what this returns
+        for its response message, or None if it was cancelled. (The coroutine that runs it,
+        not one around it: a level less to resume at each suspension of the request.)"""
         handler = self._handlers.get(request.method)
+        refusal: McpZeroError | None = None
         if handler is None:
-            return jsonrpc.error_from_exception(
-                request.id, MethodNotFound(f"unknown method {request.method!r}")
+            refusal = MethodNotFound(f"unknown method {request.method!r}")
+        elif request.method != "initialize" and has_envelope(request.params):
+            refusal = InvalidRequest(
+                "this session was opened with initialize (MCP "
+                f"{session.protocol_version}); a request carrying the 2026-07-28 envelope "
+                "(params._meta protocolVersion) does not belong in it"
             )
-        if request.method != "initialize" and has_envelope(request.params):
-            return jsonrpc.error_from_exception(
-                request.id,
-                InvalidRequest(
-                    "this session was opened with initialize (MCP "
-                    f"{session.protocol_version}); a request carrying the 2026-07-28 envelope "
-                    "(params._meta protocolVersion) does not belong in it"
-                ),
-            )
-        return await self._run(session, request, channel, handler)
+        return self._run(session, request, channel, handler, refusal)
 
     async def handle_stateless_request(
         self,
@@ -388,8 +385,19 @@ class McpServer:
         return True
 
     async def _run(
-        self, session: Session, request: jsonrpc.Request, channel: Channel, handler: Handler
+        self,
+        session: Session,
+        request: jsonrpc.Request,
+        channel: Channel,
+        handler: Handler | None,
+        refusal: McpZeroError | None = None,
     ) -> JSON | None:
+        """Run ``request`` with ``handler``; its response message, or None if the client
+        cancelled it. A request with a ``refusal`` is answered with that error at once."""
+        if refusal is not None or handler is None:
+            return jsonrpc.error_from_exception(
+                request.id, refusal or MethodNotFound(f"unknown method {request.method!r}")
+            )
         task = asyncio.current_task()
         refused = self.admit(session, request, task)
         if refused is not None:
@@ -696,14 +704,18 @@ class McpServer:
 
     # -- tools ----------------------------------------------------------------------------------
 
-    async def _tools_call(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
+    def _tools_call(
+        self, session: Session, params: JSON, channel: Channel, rid: Any
+    ) -> Awaitable[JSON]:
+        # The kernel's coroutine itself (not awaited here: a level less to resume each time
+        # the call waits); the parameters are checked now, when _run calls this.
         try:
             name = _require_str(params, "name", MAX_NAME_LENGTH)
             arguments = _optional_dict(params, "arguments")
             bridge = self._bridge(session, params, channel, rid)
         except InvalidParams as exc:
-            await self._refuse(session, "tools/call", params, rid, exc)
-        return await self.kernel.call_tool(
+            return self._refuse(session, "tools/call", params, rid, exc)
+        return self.kernel.call_tool(
             session.principal,
             name,
             arguments,

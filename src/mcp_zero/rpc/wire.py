@@ -89,6 +89,11 @@ _REASONS = {
 }
 
 
+_ASGI = {"version": "3.0", "spec_version": "2.3"}  # the same in every scope
+# Header names as sent, lower-cased: clients send the same few on every request, so one
+# object each instead of a new one per header per request (bounded: names are the client's).
+_LOWERED: dict[bytes, bytes] = {}
+_LOWERED_MAX = 256
 _date_cache: list[Any] = [0, b""]
 
 
@@ -100,6 +105,11 @@ def _date() -> bytes:
         _date_cache[1] = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
     value: bytes = _date_cache[1]
     return value
+
+
+_STATUS_LINES = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()
+}
 
 
 def _plain(status: int, text: bytes) -> bytes:
@@ -248,8 +258,13 @@ class _Connection(asyncio.Protocol):
         if self.header_bytes > MAX_HEADER_BYTES:
             self.refuse(431, b"the request head (request line and headers) is over 64 KiB")
             return
+        lowered = _LOWERED.get(name)
+        if lowered is None:
+            lowered = name.lower()
+            if len(_LOWERED) < _LOWERED_MAX:
+                _LOWERED[name] = lowered
         # RFC 9110 5.5: whitespace around a field value is not part of it
-        self.current.headers.append((name.lower(), value.strip(b" \t")))
+        self.current.headers.append((lowered, value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -259,31 +274,38 @@ class _Connection(asyncio.Protocol):
         request.method = self.parser.get_method().decode("ascii", "replace")
         request.keep_alive = self.parser.should_keep_alive()
         request.http10 = self.parser.get_http_version() == "1.0"
+        hosts = 0
+        codings: bytes | None = None  # the Transfer-Encoding headers' values, joined
+        expects = False
+        once: set[bytes] = set()  # the fields that may come once, as they came
+        twice: set[bytes] = set()
+        for name, value in request.headers:  # (one pass for all the checks)
+            if name in SINGLE_FIELDS:
+                if name in once:
+                    twice.add(name)
+                once.add(name)
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding":
+                codings = value if codings is None else codings + b"," + value
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expects = True
         # RFC 9112 3.2: exactly one Host in HTTP/1.1 (at most one before), else 400.
-        hosts = [value for name, value in request.headers if name == b"host"]
-        if len(hosts) > 1 or (not hosts and not request.http10):
+        if hosts > 1 or (not hosts and not request.http10):
             self.refuse(400, b"a request needs one Host header (HTTP/1.0: at most one)")
             return
-        names = [name for name, _ in request.headers]
-        if len(set(names)) < len(names):
-            twice = sorted({n for n in names if n in SINGLE_FIELDS and names.count(n) > 1})
-            if twice:
-                self.refuse(400, b"a request may carry only one %s header" % b", ".join(twice))
-                return
+        if twice:
+            self.refuse(400, b"a request may carry only one %s header" % b", ".join(sorted(twice)))
+            return
         if request.target[:1] != b"/" and not self._origin_form(request):
             return
-        codings = [v for n, v in request.headers if n == b"transfer-encoding"]
-        if codings and b",".join(codings).replace(b" ", b"").lower() != b"chunked":
+        if codings is not None and codings.replace(b" ", b"").lower() != b"chunked":
             # httptools would take "gzip, chunked" as chunked and hand on gzip as the body
             self.refuse(501, b"only the chunked transfer coding is supported")
             return
         # curl and others wait (1 s) for this before sending a body over 1 KiB. Not while
         # another response is being written (it would land in the middle of it; the client
         # sends the body after its wait anyway), and not for a body past the limit.
-        expects = any(
-            name == b"expect" and value.lower() == b"100-continue"
-            for name, value in request.headers
-        )
         if expects and self.transport is not None and not self.busy and not self.queue:
             if self._declared_length(request) > self.server.max_body_bytes:
                 self.refuse(413, b"the request body is over the size limit")
@@ -369,11 +391,11 @@ class _Connection(asyncio.Protocol):
         self.busy = True
         if self.queue:
             self._pause()  # pipelined requests wait their turn
-        else:
+        elif self.paused:
             self._resume()
         task = asyncio.get_running_loop().create_task(self._run(request))
         self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
+        task.add_done_callback(self.server.forget)
 
     async def _run(self, request: _Request) -> None:
         response = _Response(self, request)
@@ -387,7 +409,8 @@ class _Connection(asyncio.Protocol):
             response.keep_alive = False
         elif response.started and not response.finished:
             response.keep_alive = False  # the app stopped mid-body: the framing is broken
-        self.release(response)
+        if not response.released:
+            self.release(response)
 
     def release(self, response: _Response) -> None:
         """``response`` is complete, or its app returned: go on to the next request. An app
@@ -402,9 +425,10 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.last_active = time.monotonic()
-        if not self.queue:
+        if self.queue:
+            self._next()
+        elif self.paused:
             self._resume()
-        self._next()
 
     def _pause(self) -> None:
         if self.transport is not None and not self.closed and not self.paused:
@@ -427,7 +451,7 @@ class _Connection(asyncio.Protocol):
         )
         return {
             "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "asgi": _ASGI,
             "http_version": "1.1",
             "method": request.method,
             "scheme": self.server.scheme,
@@ -579,7 +603,8 @@ class _Response:
             raise RuntimeError("http.response.start sent twice")
         self.started = True
         status = int(message["status"])
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")), _date()]
+        status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
+        lines = [status_line, _date()]
         length = False
         for name, value in message.get("headers", ()):
             lowered = name.lower()
@@ -587,7 +612,7 @@ class _Response:
                 length = True
             elif lowered == b"connection" and value.lower() == b"close":
                 self.keep_alive = False
-            lines.append(name + b": " + value + b"\r\n")
+            lines += (name, b": ", value, b"\r\n")  # (joined with the rest: no copy each)
         self.head = lines
         self.sized = length
         self.status = status
@@ -612,20 +637,22 @@ class _Response:
             if not self.keep_alive or not self.request.keep_alive:
                 head.append(b"connection: close\r\n")
             head.append(b"\r\n")
-            prefix = b"".join(head)
-        else:
-            prefix = b""
         if self.request.method == "HEAD":
-            self.write(prefix)  # a HEAD answer has the headers of a GET and no body
+            # a HEAD answer has the headers of a GET and no body
+            self.write(b"".join(head) if head is not None else b"")
         elif self.chunked:
+            prefix = b"".join(head) if head is not None else b""
             if self.request.http10:
                 self.write(prefix + body)
             else:
                 chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
                 end = b"0\r\n\r\n" if not more else b""
                 self.write(prefix + chunk + end)
+        elif head is not None:
+            head.append(body)  # the head and the body in one join, the body copied once
+            self.write(b"".join(head))
         else:
-            self.write(prefix + body)
+            self.write(body)
         if not more:
             self.finished = True
             self.conn.release(self)
@@ -656,6 +683,7 @@ class HttpServer:
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.forget = self.tasks.discard  # a request's task when it is done (bound once)
         self._server: asyncio.base_events.Server | None = None
         self._stopping: asyncio.Event | None = None
         self._reaper: asyncio.Task[None] | None = None

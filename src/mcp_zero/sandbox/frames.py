@@ -8,7 +8,9 @@ The frames themselves are described in :mod:`mcp_zero.sandbox.worker`.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 
@@ -20,26 +22,19 @@ def _stdlib_line(frame: dict[str, Any]) -> bytes:
     return (text + "\n").encode()
 
 
+#: ``encode(frame)``: ``frame`` as one line; raises ``TypeError`` when it is not
+#: JSON-serializable. ``decode(line)``: the value of one line; raises ``ValueError`` when
+#: it is not JSON. With orjson they are its own functions, with no Python call around them.
+encode: Callable[[dict[str, Any]], bytes]
+decode: Callable[[bytes], Any]
 try:
     import orjson
 
-    def encode(frame: dict[str, Any]) -> bytes:
-        """``frame`` as one line; raises ``TypeError`` when it is not JSON-serializable."""
-        return orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE)
-
-    def decode(line: bytes) -> Any:
-        """The value of one line; raises ``ValueError`` when it is not JSON."""
-        return orjson.loads(line)
-
+    encode = functools.partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
+    decode = orjson.loads
 except ImportError:  # pragma: no cover - exercised only where orjson is absent
-
-    def encode(frame: dict[str, Any]) -> bytes:
-        """``frame`` as one line; raises ``TypeError`` when it is not JSON-serializable."""
-        return _stdlib_line(frame)
-
-    def decode(line: bytes) -> Any:
-        """The value of one line; raises ``ValueError`` when it is not JSON."""
-        return json.loads(line)
+    encode = _stdlib_line
+    decode = json.loads
 
 
 #: The largest frame a worker may send (one result with its content blocks, as JSON). The
@@ -121,7 +116,8 @@ class LineSplitter:
             self._parts.append(data)
             data = b"".join(self._parts)
             self._parts = []
-        *lines, rest = data.split(b"\n")
+        lines = data.split(b"\n")
+        rest = lines.pop()
         self._pending = len(rest)
         if self._limit and len(data) > self._limit:  # only then can one line be too long
             for i, line in enumerate(lines):
@@ -133,7 +129,7 @@ class LineSplitter:
                 return [line for line in lines if line]
         if rest:
             self._parts.append(rest)
-        return [line for line in lines if line]
+        return [line for line in lines if line] if b"" in lines else lines
 
     def _overflow(self) -> None:
         self.overflowed = True

@@ -259,7 +259,9 @@ class ProcessRuntime:
                 if not self._closed:
                     self._kick(i)
 
-    async def _acquire(self) -> WorkerProcess:
+    def _running(self) -> WorkerProcess | None:
+        """The running worker with the fewest calls in flight, None while none runs; a slot
+        whose worker is gone gets one started."""
         if self._closed:
             raise PluginFailure(f"plugin '{self.name}' runtime is closed; start it first")
         best: WorkerProcess | None = None
@@ -268,8 +270,10 @@ class ProcessRuntime:
                 self._kick(i)
             elif best is None or w.inflight < best.inflight:
                 best = w
-        if best is not None:
-            return best
+        return best
+
+    async def _started(self) -> WorkerProcess:
+        """A worker being started, once it runs (when :meth:`_running` found none)."""
         task = next(t for t in self._starting if t is not None)
         try:
             return await asyncio.shield(task)
@@ -288,8 +292,11 @@ class ProcessRuntime:
     async def _call(
         self, frame: JSON, bridge: ClientBridge | None, timeout: float, label: str
     ) -> JSON:
-        worker = await self._acquire()
-        reply = await worker.call(frame, bridge, timeout, label)
+        worker = self._running() or await self._started()
+        return self._result(await worker.call(frame, bridge, timeout, label), label)
+
+    def _result(self, reply: JSON, label: str) -> JSON:
+        """The result a worker's reply carries; raises the error it carries instead."""
         result = reply.get("result")
         if isinstance(result, dict):
             return result
@@ -309,8 +316,11 @@ class ProcessRuntime:
     ) -> JSON:
         """Run ``tool``; returns its ``CallToolResult`` (handler errors are ``isError``)."""
         frame = {"op": "call_tool", "name": tool, "arguments": arguments, "agent": agent}
+        label = f"tool '{tool}'"
+        # (_call's work without its coroutine: one level less to resume when the reply comes)
+        worker = self._running() or await self._started()
         try:
-            result = await self._call(frame, bridge, timeout, f"tool '{tool}'")
+            result = self._result(await worker.call(frame, bridge, timeout, label), label)
         except NotFound as exc:
             raise ToolNotFound(exc.message) from None
         if not isinstance(result.get("content"), list):

@@ -73,10 +73,12 @@ FATAL_EXIT = 3
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    n = os.write(fd, data)
+    if n < len(data):  # the pipe was full: the rest as it drains
+        view = memoryview(data)[n:]
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
 
 
 _THREAD_STACK_BYTES = 1 << 20

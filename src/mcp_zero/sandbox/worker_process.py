@@ -135,7 +135,8 @@ class _Call:
         self.chain: asyncio.Task[None] | None = None
         self.backlog = 0  # bytes of progress and log messages the chain has yet to relay
         self.dropped = 0  # progress and log messages dropped past MAX_RELAY_BACKLOG
-        self.requests: set[asyncio.Task[None]] = set()
+        # Its requests to the client being relayed (made at the first: most calls ask none).
+        self.requests: set[asyncio.Task[None]] | None = None
 
 
 class WorkerProcess:
@@ -359,7 +360,7 @@ class WorkerProcess:
         )
 
     def _abandon(self, call_id: int, call: _Call) -> None:
-        for task in call.requests:
+        for task in call.requests or ():
             task.cancel()
         self._send({"op": "cancel", "id": call_id})
         assert self._loop is not None
@@ -410,7 +411,8 @@ class WorkerProcess:
             return
         if not call.future.done():
             call.future.set_result(frame)
-        self._close_if_retired()
+        if self.retiring:
+            self._close_if_retired()
 
     def _on_notification(self, op: str, frame: JSON, size: int) -> None:
         call = self._calls.get(int(frame["call"]))
@@ -482,6 +484,8 @@ class WorkerProcess:
                 frame.get("thread") is True,
             )
         )
+        if call.requests is None:
+            call.requests = set()
         call.requests.add(task)
         task.add_done_callback(call.requests.discard)
 
@@ -601,7 +605,7 @@ class WorkerProcess:
             # read each other's tracebacks in it.
             self._log.warning("%s; its last stderr: %s", described, self._last_words())
         for call in calls.values():
-            for task in call.requests:
+            for task in call.requests or ():
                 task.cancel()
             if not call.future.done():
                 call.future.set_exception(

@@ -104,6 +104,8 @@ class SqliteStore:
         try:
             self._migrate()
             self._audit_conn = self._connect()
+            # One cursor for every batch: conn.execute makes a cursor per statement.
+            self._audit_cursor = self._audit_conn.cursor()
         except BaseException:
             self._conn.close()
             raise
@@ -352,21 +354,17 @@ class SqliteStore:
         """
         if not entries:
             return
-        rows = [_audit_row(e) for e in entries]
         with self._audit_lock:
             self._check_open()
-            conn = self._audit_conn
+            cursor = self._audit_cursor
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                cursor.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(
-                        _INSERT_AUDIT,
-                        rows,
-                    )
-                    conn.execute("COMMIT")
+                    cursor.executemany(_INSERT_AUDIT, map(_audit_row, entries))
+                    cursor.execute("COMMIT")
                 except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                    if self._audit_conn.in_transaction:
+                        cursor.execute("ROLLBACK")
                     raise
             except sqlite3.IntegrityError as exc:
                 raise _collision(entries, self.path, exc) from exc
