@@ -64,9 +64,15 @@ class EchoApp:
         if scope["path"] in ("/firehose", "/flood"):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             chunk = b"x" * (64 << 10)
+            # /flood, and /firehose?wait, send as a resume's replay does: waiting for the
+            # client to read; /firehose sends as a live stream does: never waiting
+            wait = scope["path"] == "/flood" or scope["query_string"] == b"wait"
+            message = {"type": "http.response.body", "body": chunk, "more_body": True}
+            if wait:
+                message["mcp0.wait"] = True
             try:
                 while scope["path"] == "/firehose" or self.streamed < FLOOD_BYTES:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send(message)
                     self.streamed += len(chunk)
                     await asyncio.sleep(0)  # let the transport write what the client takes
             except ConnectionResetError:
@@ -384,9 +390,11 @@ async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() ->
     assert app.disconnected.is_set()
 
 
-async def test_a_stream_the_client_does_not_read_is_dropped() -> None:
+# A live send is dropped at once past the backlog; one that may wait, after the stall time.
+@pytest.mark.parametrize("target", [b"/firehose", b"/firehose?wait"])
+async def test_a_stream_the_client_does_not_read_is_dropped(target: bytes) -> None:
     async with serving(stream_stall_s=0.5) as (server, app, _), connect(server) as (_, writer):
-        writer.write(b"GET /firehose HTTP/1.1\r\nHost: h\r\n\r\n")
+        writer.write(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % target)
         with anyio.fail_after(TIMEOUT_S):
             await app.disconnected.wait()  # the app heard it go, having sent a bounded amount
     # the socket buffers take a few MiB, the server holds at most MAX_STREAM_BACKLOG more

@@ -542,7 +542,7 @@ class HttpApp:
                 )
             return
         if response is not None:
-            await stream.push(response)
+            await stream.push(response, wait=True)  # after the call: it holds up no one
         await channel.finish()
         if session.id == "ephemeral":
             session.streams.pop(stream.id, None)  # no session to resume it in: not kept

@@ -55,6 +55,10 @@ def sse_event(event_id: str, data: bytes, *, retry: int | None = None) -> bytes:
     return head + b"event: message\ndata: " + data + b"\n\n"
 
 
+#: Notifications a client that reads too slowly may miss live (rpc/wire.py).
+LOSSY_METHODS = frozenset({"notifications/progress", "notifications/message"})
+
+
 class Connection:
     """One HTTP response carrying an SSE stream: its ASGI send, and whether the stream is
     done with it (``ended``: the stream closed, or another connection took over)."""
@@ -109,15 +113,25 @@ class EventStream:
         """The first event: an id and empty data, so the client can resume from the start."""
         return f"id: {self.id}-0\nretry: {RETRY_MS}\ndata: \n\n".encode()
 
-    async def push(self, message: dict[str, Any]) -> None:
-        """Append a JSON-RPC message and deliver it on the stream's connection, if it has one."""
+    async def push(self, message: dict[str, Any], *, wait: bool = False) -> None:
+        """Append a JSON-RPC message and deliver it on the stream's connection, if it has one.
+
+        A client with too much unread (rpc/wire.py): a progress or log message is not sent
+        live (it stays in the buffer for a resume); another one waits for the client if
+        ``wait`` (a call's own response or request: its sender holds up no one else), else
+        the connection is dropped (a notice sent to many sessions in turn)."""
         self.count += 1
         chunk = sse_event(f"{self.id}-{self.count}", orjson.dumps(message))
         self._keep(chunk)
         owner = self._owner
         if owner is not None and owner.live:
+            body = {"type": "http.response.body", "body": chunk, "more_body": True}
+            if message.get("method") in LOSSY_METHODS:
+                body["mcp0.lossy"] = True
+            elif wait:
+                body["mcp0.wait"] = True
             try:
-                await owner.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await owner.send(body)
             except OSError:
                 self.lost(owner)  # the client went away; keep buffering for a resume
 
@@ -154,7 +168,16 @@ class EventStream:
             sent = max(sent, base)
             try:
                 body = self.events[sent - base]
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                # the replay waits for the client to read (flow control): it holds up only
+                # the request that resumes; live pushes never wait (see rpc/wire.py)
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": body,
+                        "more_body": True,
+                        "mcp0.wait": True,
+                    }
+                )
             except OSError:
                 self.lost(conn)
                 return conn
@@ -234,7 +257,7 @@ class PostChannel:
 
     async def send(self, message: JSON) -> None:
         stream = self.stream or await self._open()
-        await stream.push(message)
+        await stream.push(message, wait=True)  # this request's own stream
 
     async def close_stream(self) -> None:
         """End the client's connection now (SSE first, so there is an event id to resume
@@ -262,7 +285,8 @@ class ExchangeChannel:
         self.gone = False
 
     async def send(self, message: JSON) -> None:
-        await self._write(b"event: message\ndata: " + orjson.dumps(message) + b"\n\n")
+        lossy = message.get("method") in LOSSY_METHODS
+        await self._write(b"event: message\ndata: " + orjson.dumps(message) + b"\n\n", lossy)
 
     async def keepalive(self) -> None:
         """A comment, which clients ignore, so that proxies keep a quiet stream open."""
@@ -279,7 +303,7 @@ class ExchangeChannel:
             with contextlib.suppress(OSError):
                 await self._asgi_send({"type": "http.response.body", "body": b""})
 
-    async def _write(self, chunk: bytes) -> None:
+    async def _write(self, chunk: bytes, lossy: bool = False) -> None:
         if self.gone:
             return
         try:
@@ -288,7 +312,12 @@ class ExchangeChannel:
                 await self._asgi_send(
                     {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
                 )
-            await self._asgi_send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # this request's own stream: a progress or log message is skipped while the
+            # client has too much unread, anything else waits for it (rpc/wire.py)
+            flow = "mcp0.lossy" if lossy else "mcp0.wait"
+            await self._asgi_send(
+                {"type": "http.response.body", "body": chunk, "more_body": True, flow: True}
+            )
         except OSError:
             self.gone = True
 

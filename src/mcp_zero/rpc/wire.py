@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -160,6 +160,7 @@ class _Connection(asyncio.Protocol):
         self.writable = asyncio.Event()  # clear while the client has MAX_STREAM_BACKLOG unread
         self.writable.set()
         self.dropped = False  # we dropped it: its client did not read its stream
+        self.skipped = 0  # lossy messages not sent while its client had too much unread
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -562,10 +563,45 @@ class _Response:
         elif kind == "http.response.body":
             more = bool(message.get("more_body"))
             if more and not self.conn.writable.is_set():
-                await self._drain()
+                if message.get("mcp0.lossy"):  # a progress or log message: skipped
+                    self._skip_behind()
+                    return
+                if message.get("mcp0.wait"):  # its sender may wait for the client
+                    await self._drain()
+                else:
+                    self._drop_behind()
             self._body(message.get("body", b""), more)
         else:
             raise RuntimeError(f"unknown ASGI message {kind!r}")
+
+    def _skip_behind(self) -> None:
+        """A lossy message (``mcp0.lossy``: a call's progress or log notification) finds
+        MAX_STREAM_BACKLOG unread: it is not sent. Its sender is a call's notification
+        relay, which holds the call's plugin slot and quota: waiting there would hold up
+        other calls behind one client that reads slowly or not at all."""
+        conn = self.conn
+        if not conn.skipped:
+            log.warning(
+                "a stream to %s has over %d MiB unread: skipping its progress and log messages "
+                "while it does",
+                conn.client,
+                MAX_STREAM_BACKLOG >> 20,
+            )
+        conn.skipped += 1
+
+    def _drop_behind(self) -> NoReturn:
+        """A send that may not wait finds MAX_STREAM_BACKLOG unread: drop the connection.
+        Such a send is a notice sent to many sessions in turn (resource updates, list
+        changes): waiting there would hold up every session behind one client that does not
+        read. The events stay in their stream's buffer: the client resumes with
+        Last-Event-ID, and that replay (``mcp0.wait``) goes at its pace."""
+        conn = self.conn
+        log.warning(
+            "dropping a stream to %s: over %d MiB unread", conn.client, MAX_STREAM_BACKLOG >> 20
+        )
+        conn.dropped = True
+        conn.abort()
+        raise ConnectionResetError("the client does not read its stream")
 
     async def _drain(self) -> None:
         """Wait until the client has read its backlog down (one wait: senders go out in the
