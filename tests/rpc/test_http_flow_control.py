@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,14 +18,17 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from rpc_live import (
     CHATTY_DIR,
+    FAULTY_DIR,
     Env,
     LiveServer,
     McpHttp,
+    make_runtime,
     parse_sse_text,
+    serve,
     served_agent,
 )
 
-from mcp_zero.rpc import streams
+from mcp_zero.rpc import streams, wire
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 60.0
@@ -271,3 +275,54 @@ async def test_a_finished_stream_without_a_session_is_not_kept(env: Env) -> None
     with anyio.fail_after(5):  # its handler returns after the answer's last byte
         while streams.buffered_bytes() > before:
             await asyncio.sleep(0.01)
+
+
+async def test_a_session_that_does_not_read_its_get_stream_holds_up_no_other_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Resource updates go to each subscribed session in turn. One whose GET stream is not
+    # read is dropped once far behind (it resumes from the stream's buffer); it does not
+    # hold up the calls of another. Small buffers only reach "far behind" sooner.
+    monkeypatch.setattr(wire, "MAX_STREAM_BACKLOG", 8 << 10)
+    made = wire._Connection.connection_made
+
+    def small_send_buffer(self: wire._Connection, transport: Any) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        made(self, transport)
+
+    monkeypatch.setattr(wire._Connection, "connection_made", small_send_buffer)
+    runtime = make_runtime(tmp_path / "data", rate_limit=0)
+    runtime.plugins.install(FAULTY_DIR)
+    slow_agent = await runtime.agents.spawn("slow", ["faulty"])
+    busy_agent = await runtime.agents.spawn("busy", ["faulty"])
+    async with serve(runtime) as live:
+        slow = live.client(slow_agent.token)
+        await slow.initialize()
+        assert "result" in await slow.request("resources/subscribe", {"uri": "faulty://counter"})
+        assert slow.session_id is not None
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": slow.session_id}
+        sock = _get_and_stop_reading(live, slow_agent.token, headers)
+        busy = live.client(busy_agent.token)
+        await busy.initialize()
+        try:
+            for i in range(400):  # each bumps the counter: one notice to slow's stream
+                with anyio.fail_after(5):
+                    reply = await busy.request("tools/call", {"name": "faulty_bump"})
+                assert "result" in reply, (i, reply)
+        finally:
+            sock.close()
+    assert "dropping a stream" in caplog.text  # slow's, once far behind
+
+
+def _get_and_stop_reading(live: LiveServer, token: str, headers: dict[str, str]) -> socket.socket:
+    """A GET on a socket with a small receive buffer that is then never read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", live.port))
+    head = (
+        f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{live.port}\r\nAuthorization: Bearer {token}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
+    sock.sendall(head.encode())
+    return sock
