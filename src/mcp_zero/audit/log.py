@@ -50,6 +50,9 @@ ROOM_BYTES = 64 << 10
 ROOM_CHECK_S = 0.5
 
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
+# The running loop, or None outside one: asyncio's C function, without the exception (and
+# the Python function around it) that get_running_loop raises there.
+_running_loop = asyncio.events._get_running_loop
 
 
 _MAX_ATTEMPTS = 3
@@ -204,7 +207,8 @@ class AuditLog:
         future: asyncio.Future[AuditEntry] = loop.create_future()
         pending = _prepare(event, future, loop)
         with self._lock:
-            self._check_running()
+            if not self._started or self._closing:  # (as _check_running, a call less per event)
+                raise _not_running()
             batch = self._batches.get(loop)
             if batch is None:
                 batch = self._batches[loop] = _Batch()
@@ -287,7 +291,7 @@ class AuditLog:
 
     def _check_running(self) -> None:
         if not self._started or self._closing:
-            raise StorageError("audit log is not running: start it (or it was closed)")
+            raise _not_running()
 
     # committing
 
@@ -384,13 +388,6 @@ def _take(batch: _Batch, loop: asyncio.AbstractEventLoop | None) -> list[_Pendin
     return items
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
 def _settle(
     batch: list[_Pending], entries: list[AuditEntry] | None, error: Exception | None
 ) -> None:
@@ -424,6 +421,10 @@ def _resolve(waiter: _Waiter, outcome: AuditEntry | StorageError) -> None:
         waiter.set_exception(outcome)
     else:
         waiter.set_result(outcome)
+
+
+def _not_running() -> StorageError:
+    return StorageError("audit log is not running: start it (or it was closed)")
 
 
 def _batch_failed(error: Exception | None) -> StorageError:
