@@ -105,6 +105,24 @@ def test_every_stage_is_exposed_before_its_first_call() -> None:
         assert value(found, "mcp0_stage_seconds_bucket", stage=stage, le="+Inf") == 0
 
 
+def test_a_finished_call_observes_the_stages_that_ran_and_counts_its_outcome() -> None:
+    m = Metrics()
+    m.finish_call("tools/call", "allowed", 0.0002, 0.003, 0.004, 0.008)
+    m.finish_call("tools/call", "denied", 0.0001, None, 0.004, 0.005)  # refused by policy
+    m.finish_call("tools/call", None, 0.0001, 0.2, None, None)  # its wait cancelled: not counted
+    found = samples(m)
+    stages = found["mcp0_stage_seconds"]
+    counts = {"policy": 3, "sandbox": 2, "audit": 2, "total": 2, "schema": 0, "auth": 0}
+    for stage, count in counts.items():
+        assert value(stages, "mcp0_stage_seconds_count", stage=stage) == count
+    assert value(stages, "mcp0_stage_seconds_sum", stage="sandbox") == pytest.approx(0.203)
+    assert value(stages, "mcp0_stage_seconds_bucket", stage="sandbox", le="0.005") == 1
+    calls = found["mcp0_calls"]
+    assert value(calls, "mcp0_calls_total", method="tools/call", outcome="allowed") == 1
+    assert value(calls, "mcp0_calls_total", method="tools/call", outcome="denied") == 1
+    assert len([s for s in calls if s.name == "mcp0_calls_total"]) == 2
+
+
 def test_unknown_stage_gets_its_own_series() -> None:
     m = Metrics()
     m.observe_stage("detectors", 0.001)

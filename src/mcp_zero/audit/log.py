@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import threading
 import time
@@ -50,6 +51,9 @@ ROOM_BYTES = 64 << 10
 ROOM_CHECK_S = 0.5
 
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
+# The running loop, or None outside one: asyncio's C function, without the exception (and
+# the Python function around it) that get_running_loop raises there.
+_running_loop = asyncio.events._get_running_loop
 
 
 _MAX_ATTEMPTS = 3
@@ -75,16 +79,23 @@ class AuditStats:
 
 
 class _Pending:
+    """An event submitted, encoded with its time, and who waits for its entry."""
+
     __slots__ = ("body", "loop", "ts", "waiter")
 
     def __init__(
         self,
-        body: bytes,
-        ts: float,
+        event: Mapping[str, Any],
         waiter: _Waiter,
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
-        self.body = body
+        """Raises ValueError if ``event`` carries "ts", TypeError if JSON cannot hold it."""
+        if "ts" in event:
+            raise ValueError("audit events must not carry 'ts': the audit log sets it")
+        ts = time.time()
+        # Encoded at submission: a bad event fails its caller only, and later
+        # mutation of the caller's dict cannot change what is recorded.
+        self.body = canonical({**event, "ts": ts})
         self.ts = ts
         self.waiter = waiter
         self.loop = loop  # None: ``waiter`` is a concurrent future (append_sync)
@@ -202,9 +213,10 @@ class AuditLog:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AuditEntry] = loop.create_future()
-        pending = _prepare(event, future, loop)
+        pending = _Pending(event, future, loop)
         with self._lock:
-            self._check_running()
+            if not self._started or self._closing:  # (as _check_running, a call less per event)
+                raise _not_running()
             batch = self._batches.get(loop)
             if batch is None:
                 batch = self._batches[loop] = _Batch()
@@ -227,7 +239,7 @@ class AuditLog:
         :meth:`append`.
         """
         future: concurrent.futures.Future[AuditEntry] = concurrent.futures.Future()
-        pending = _prepare(event, future, None)
+        pending = _Pending(event, future, None)
         items = self._gathered()
         items.append(pending)
         self._commit(items)
@@ -251,7 +263,7 @@ class AuditLog:
 
             def entries_for(result: T) -> list[AuditEntry]:
                 future: concurrent.futures.Future[AuditEntry] = concurrent.futures.Future()
-                sealed[:] = self._seal([_prepare(event_of(result), future, None)])
+                sealed[:] = self._seal([_Pending(event_of(result), future, None)])
                 return sealed
 
             results[:] = [self._store.append_audit_with(change, entries_for)]
@@ -287,7 +299,7 @@ class AuditLog:
 
     def _check_running(self) -> None:
         if not self._started or self._closing:
-            raise StorageError("audit log is not running: start it (or it was closed)")
+            raise _not_running()
 
     # committing
 
@@ -319,13 +331,9 @@ class AuditLog:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _commit(self, batch: list[_Pending]) -> None:
-        def write() -> list[AuditEntry]:
-            entries = self._seal(batch)
-            self._store.append_audit_batch(entries)
-            return entries
-
         try:
-            entries = self._write_chained(write)
+            # (a partial, not a closure: no cells and function object made per batch)
+            entries = self._write_chained(functools.partial(self._store_sealed, batch))
         except Exception as exc:  # any failure fails the batch, never the log
             self.stats.failing = True  # until writable() finds room again
             self._room_checked = time.monotonic()
@@ -337,6 +345,12 @@ class AuditLog:
         self.stats.events += len(entries)
         self.stats.largest_batch = max(self.stats.largest_batch, len(entries))
         _settle(batch, entries, None)
+
+    def _store_sealed(self, batch: list[_Pending]) -> list[AuditEntry]:
+        """Seal ``batch`` after the head and store its entries, in one transaction."""
+        entries = self._seal(batch)
+        self._store.append_audit_batch(entries)
+        return entries
 
     def _seal(self, batch: list[_Pending]) -> list[AuditEntry]:
         head = self._head
@@ -359,18 +373,6 @@ class AuditLog:
             self._head = self._store.audit_head()
 
 
-def _prepare(
-    event: Mapping[str, Any], waiter: _Waiter, loop: asyncio.AbstractEventLoop | None
-) -> _Pending:
-    if "ts" in event:
-        raise ValueError("audit events must not carry 'ts': the audit log sets it")
-    ts = time.time()
-    # Encoded at submission: a bad event fails its caller only, and later
-    # mutation of the caller's dict cannot change what is recorded.
-    body = canonical({**event, "ts": ts})
-    return _Pending(body, ts, waiter, loop)
-
-
 def _take(batch: _Batch, loop: asyncio.AbstractEventLoop | None) -> list[_Pending]:
     """Empty ``loop``'s ``batch`` (under the log's lock) and return what it held."""
     items = batch.pending
@@ -382,13 +384,6 @@ def _take(batch: _Batch, loop: asyncio.AbstractEventLoop | None) -> list[_Pendin
             batch.timer.cancel()
         batch.timer = None
     return items
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _settle(
@@ -424,6 +419,10 @@ def _resolve(waiter: _Waiter, outcome: AuditEntry | StorageError) -> None:
         waiter.set_exception(outcome)
     else:
         waiter.set_result(outcome)
+
+
+def _not_running() -> StorageError:
+    return StorageError("audit log is not running: start it (or it was closed)")
 
 
 def _batch_failed(error: Exception | None) -> StorageError:

@@ -773,6 +773,9 @@ class Kernel:
         event.update(detail)
         result: JSON | None = None
         failure: BaseException | None = None
+        # the stages' seconds, recorded together at the end (None: the stage did not run)
+        policy_s: float | None = None
+        sandbox_s: float | None = None
         try:
             if self.limiter is not None:
                 self.limiter.check(principal.agent)
@@ -780,7 +783,7 @@ class Kernel:
                 raise refused
             t = time.perf_counter()
             decision = self.policy.decide(action)
-            metrics.observe_stage("policy", time.perf_counter() - t)
+            policy_s = time.perf_counter() - t
             if not decision.allowed:
                 for policy in decision.policies or ("default-deny",):
                     metrics.count_denial(policy)
@@ -814,7 +817,7 @@ class Kernel:
                     result = await run(runtime, timeout, slot)
                 finally:
                     slot.close()
-                    metrics.observe_stage("sandbox", time.perf_counter() - t)
+                    sandbox_s = time.perf_counter() - t
             finally:
                 self.quotas.leave(principal.agent)
             if result.get("isError"):
@@ -845,15 +848,17 @@ class Kernel:
         # stops waiting here, but its submitted event is still committed with its batch.
         try:
             await self.audit.submit(event)
-        except StorageError:
-            metrics.count_call(method, _ERROR)
-            if isinstance(failure, StorageError):
+        except BaseException as exc:
+            # the stages that ran are observed all the same; a call whose record failed is
+            # counted as an error (a cancelled wait is not counted: its record is committed)
+            record_failed = isinstance(exc, StorageError)
+            outcome = _ERROR if record_failed else None
+            metrics.finish_call(method, outcome, policy_s, sandbox_s, None, None)
+            if record_failed and isinstance(failure, StorageError):
                 raise failure from None  # the refusal says more than its record's failure
             raise
         end = time.perf_counter()
-        metrics.observe_stage("audit", end - t)
-        metrics.observe_stage("total", end - start)
-        metrics.count_call(method, event["outcome"])
+        metrics.finish_call(method, event["outcome"], policy_s, sandbox_s, end - t, end - start)
         if failure is not None:
             raise failure
         assert result is not None

@@ -94,8 +94,14 @@ class PolicyEngine:
         """
         context = action.context
         labels = context.get("labels")
+        principal = action.principal
+        # The principal's fields rather than the principal: its dataclass __hash__ is a
+        # Python call on every decision (the same key, as equal principals are equal fields).
         key = (
-            action.principal,
+            principal.agent,
+            principal.plugins,
+            principal.anonymous,
+            principal.admin,
             action.verb,
             action.resource,
             action.plugin,
@@ -185,10 +191,11 @@ class PolicyEngine:
         return f'policy "{policy_id}" {fallback}'
 
     def _context(self, key: tuple[Any, ...], principal: Principal, plugin: str | None) -> str:
-        ckey = (key[4], principal.anonymous, key[5], plugin)
+        transport, labels = key[7], key[8]
+        ckey = (transport, principal.anonymous, labels, plugin)
         text = self._contexts.get(ckey)
         if text is None:
-            text = context_json(key[4], principal.anonymous, key[5], plugin)
+            text = context_json(transport, principal.anonymous, labels, plugin)
             _remember(self._contexts, ckey, text, max(self._cache_size, 64))
         return text
 

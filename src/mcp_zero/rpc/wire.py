@@ -29,7 +29,7 @@ import signal
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
 from typing import Any, NoReturn, cast
 from urllib.parse import unquote_to_bytes
@@ -39,7 +39,7 @@ import httptools
 from mcp_zero.errors import SHUTTING_DOWN
 from mcp_zero.rpc.asgi import Receive, Scope, Send
 
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]
 log = logging.getLogger("mcp_zero.wire")
 _LAST_WORDS_S = 1.0  # for requests cut off at shutdown to send their error answer
 
@@ -394,24 +394,13 @@ class _Connection(asyncio.Protocol):
             self._pause()  # pipelined requests wait their turn
         elif self.paused:
             self._resume()
-        task = asyncio.get_running_loop().create_task(self._run(request))
-        self.server.tasks.add(task)
-        task.add_done_callback(self.server.forget)
-
-    async def _run(self, request: _Request) -> None:
         response = _Response(self, request)
-        try:
-            await self.server.app(self._scope(request), response.receive, response.send)
-        except Exception:
-            if not self.closed:
-                log.exception("the application failed on %s", request.target[:200])
-        if not response.started and not self.closed:
-            response.write(_plain(500, b"internal server error"))
-            response.keep_alive = False
-        elif response.started and not response.finished:
-            response.keep_alive = False  # the app stopped mid-body: the framing is broken
-        if not response.released:
-            self.release(response)
+        # The app's own coroutine is the task, and what follows it the task's callback: a
+        # coroutine around it would be resumed again at each of its suspensions.
+        app = self.server.app(self._scope(request), response.receive, response.send)
+        task = asyncio.get_running_loop().create_task(app)
+        self.server.tasks.add(task)
+        task.add_done_callback(response.app_returned)
 
     def release(self, response: _Response) -> None:
         """``response`` is complete, or its app returned: go on to the next request. An app
@@ -533,6 +522,28 @@ class _Response:
         self.head: list[bytes] | None = None  # status line and headers, until the first body
         self.sized = False  # the app gave a content-length
         self.status = 0
+
+    def app_returned(self, task: asyncio.Task[None]) -> None:
+        """The app's task ended (its done callback): answer 500 if it failed before it
+        began to, end the connection if it stopped mid-body, and go on to the next request."""
+        conn = self.conn
+        conn.server.tasks.discard(task)
+        if task.cancelled():
+            return
+        failure = task.exception()
+        if failure is not None:
+            if not isinstance(failure, Exception):
+                return  # (KeyboardInterrupt, SystemExit: the loop stops on them)
+            if not conn.closed:
+                target = self.request.target[:200]
+                log.error("the application failed on %s", target, exc_info=failure)
+        if not self.started and not conn.closed:
+            self.write(_plain(500, b"internal server error"))
+            self.keep_alive = False
+        elif self.started and not self.finished:
+            self.keep_alive = False  # the app stopped mid-body: the framing is broken
+        if not self.released:
+            conn.release(self)
 
     async def receive(self) -> dict[str, Any]:
         if not self.read:
@@ -719,7 +730,6 @@ class HttpServer:
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.forget = self.tasks.discard  # a request's task when it is done (bound once)
         self._server: asyncio.base_events.Server | None = None
         self._stopping: asyncio.Event | None = None
         self._reaper: asyncio.Task[None] | None = None
