@@ -378,6 +378,18 @@ async def test_initialize_without_a_protocol_version_is_32602_and_opens_no_sessi
     assert len(env.live.app.sessions) == sessions
 
 
+async def test_a_refused_initialize_pushes_out_no_session(tmp_path: Path) -> None:
+    async with served_agent(
+        tmp_path / "data", "single", [FAULTY_DIR], max_sessions_per_agent=1
+    ) as env:
+        live = env.live.client(env.token)
+        await live.initialize()
+        params = {"capabilities": {}, "clientInfo": {"name": "x", "version": "1"}}
+        refused = await env.live.client(env.token).post(request(1, "initialize", params))
+        assert error_of(refused.json())["data"]["path"] == "/protocolVersion"
+        assert "result" in await live.request("ping", {})  # still its session
+
+
 # -- headers --------------------------------------------------------------------------------------
 
 

@@ -483,7 +483,9 @@ class HttpApp:
             await self._post_stateless(scope, receive, send, principal, message, version)
             return
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
-            await self._make_room_for(principal)
+            if isinstance(message.params.get("protocolVersion"), str):
+                # (only for one McpServer._initialize takes: a refused one pushes out none)
+                await self._make_room_for(principal)
             if len(self.sessions) >= self.settings.max_sessions:
                 await respond_json(
                     send,
