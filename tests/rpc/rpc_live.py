@@ -103,14 +103,19 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def served_agent(
-    data_dir: Path, agent: str, plugins: list[Path], **settings: Any
+    data_dir: Path,
+    agent: str,
+    plugins: list[Path],
+    server: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Env]:
     """A runtime on ``data_dir`` (with ``settings``) that has ``plugins`` installed and an
-    agent named ``agent`` attached to all of them, served until the block ends."""
+    agent named ``agent`` attached to all of them, served (HttpServer options ``server``)
+    until the block ends."""
     runtime = make_runtime(data_dir, **settings)
     names = [runtime.plugins.install(plugin).name for plugin in plugins]
     spawned = await runtime.agents.spawn(agent, names)
-    async with serve(runtime) as live:
+    async with serve(runtime, **(server or {})) as live:
         yield Env(live, spawned.token)
 
 

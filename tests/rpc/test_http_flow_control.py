@@ -28,7 +28,7 @@ from rpc_live import (
     served_agent,
 )
 
-from mcp_zero.rpc import streams, wire
+from mcp_zero.rpc import streams
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 60.0
@@ -41,6 +41,15 @@ FLOOD = {"n": 2000, "size": 8000}
 async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     data = tmp_path_factory.mktemp("flow-control") / "data"
     async with served_agent(data, "chatter", [CHATTY_DIR]) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+async def stalling(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    """The same, where a client that reads nothing for STALL_S is dropped."""
+    data = tmp_path_factory.mktemp("flow-control-stall") / "data"
+    options = {"stream_stall_s": STALL_S}
+    async with served_agent(data, "chatter", [CHATTY_DIR], options) as served:
         yield served
 
 
@@ -111,9 +120,9 @@ def _post_and_stop_reading(
 
 
 async def test_a_2026_client_that_stops_reading_is_dropped_and_the_call_goes_on(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    stalling: Env,
 ) -> None:
-    monkeypatch.setattr(env.live.server, "stream_stall_s", STALL_S)
+    env = stalling
     message = {
         "jsonrpc": "2.0",
         "id": "stalled-2026",
@@ -168,9 +177,9 @@ async def _flood_unread(env: Env, request_id: str) -> tuple[McpHttp, socket.sock
 
 
 async def test_a_resumable_stream_whose_client_stops_reading_keeps_the_result(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    stalling: Env,
 ) -> None:
-    monkeypatch.setattr(env.live.server, "stream_stall_s", STALL_S)
+    env = stalling
     client, sock = await _flood_unread(env, "stalled-2025")
     try:
         assert await audited(env.live, "stalled-2025") == ["allowed"]
@@ -224,9 +233,9 @@ def _dechunked(body: bytes) -> bytes:
 
 
 async def test_a_client_that_does_not_read_holds_up_no_call_nor_its_own_slot(
-    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(env.live.server, "stream_stall_s", 60.0)  # not dropped in this test
+    # (the default stall, 30 s, is longer than this test: the client is not dropped)
     client, sock = await _flood_unread(env, "waiting")
     try:
         with anyio.fail_after(TIMEOUT_S):
@@ -278,30 +287,32 @@ async def test_a_finished_stream_without_a_session_is_not_kept(env: Env) -> None
 
 
 async def test_a_session_that_does_not_read_its_get_stream_holds_up_no_other_session(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Resource updates go to each subscribed session in turn. One whose GET stream is not
     # read is dropped once far behind (it resumes from the stream's buffer); it does not
-    # hold up the calls of another. Small buffers only reach "far behind" sooner.
-    monkeypatch.setattr(wire, "MAX_STREAM_BACKLOG", 8 << 10)
-    made = wire._Connection.connection_made
-
-    def small_send_buffer(self: wire._Connection, transport: Any) -> None:
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        made(self, transport)
-
-    monkeypatch.setattr(wire._Connection, "connection_made", small_send_buffer)
+    # hold up the calls of another. A small backlog only reaches "far behind" sooner.
     runtime = make_runtime(tmp_path / "data", rate_limit=0)
     runtime.plugins.install(FAULTY_DIR)
     slow_agent = await runtime.agents.spawn("slow", ["faulty"])
     busy_agent = await runtime.agents.spawn("busy", ["faulty"])
-    async with serve(runtime) as live:
+    async with serve(runtime, max_stream_backlog=8 << 10) as live:
         slow = live.client(slow_agent.token)
         await slow.initialize()
         assert "result" in await slow.request("resources/subscribe", {"uri": "faulty://counter"})
         assert slow.session_id is not None
         headers = {"Accept": "text/event-stream", "Mcp-Session-Id": slow.session_id}
         sock = _get_and_stop_reading(live, slow_agent.token, headers)
+        # its server side too sends into a small socket buffer (the kernel would grow it)
+        port = sock.getsockname()[1]
+        with anyio.fail_after(TIMEOUT_S):
+            while not (
+                ours := [c for c in live.server.connections if c.client and c.client[1] == port]
+            ):
+                await asyncio.sleep(0.01)
+        ours[0].transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
         busy = live.client(busy_agent.token)
         await busy.initialize()
         try:

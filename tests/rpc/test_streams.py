@@ -123,12 +123,9 @@ async def test_an_event_over_the_bound_is_still_kept_when_it_is_the_newest() -> 
     assert b'"i":1' in stream.events[0]
 
 
-async def test_all_streams_together_keep_at_most_the_total_bound(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_all_streams_together_keep_at_most_the_total_bound() -> None:
     before = streams.buffered_bytes()
-    monkeypatch.setattr(streams, "MAX_TOTAL_BUFFERED_BYTES", before + 300_000)
-    kept = [EventStream() for _ in range(10)]
+    kept = [EventStream(keep_total=before + 300_000) for _ in range(10)]
     for stream in kept:
         for i in range(10):  # 100 KB each, a million bytes in all
             await stream.push(_padded(i, 10_000))

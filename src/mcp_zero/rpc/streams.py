@@ -83,7 +83,17 @@ class EventStream:
     may not have noticed yet.
     """
 
-    __slots__ = ("__weakref__", "_held", "_keep_bytes", "_owner", "closed", "count", "events", "id")
+    __slots__ = (
+        "__weakref__",
+        "_held",
+        "_keep_bytes",
+        "_keep_total",
+        "_owner",
+        "closed",
+        "count",
+        "events",
+        "id",
+    )
 
     def __init__(
         self,
@@ -91,11 +101,13 @@ class EventStream:
         *,
         keep: int = MAX_BUFFERED_EVENTS,
         keep_bytes: int = MAX_BUFFERED_BYTES,
+        keep_total: int = MAX_TOTAL_BUFFERED_BYTES,
     ) -> None:
         self.id = secrets.token_hex(8)
         self.events: deque[bytes] = deque(maxlen=keep)
         self.count = 0  # events pushed so far; the buffer holds the last len(events)
         self._keep_bytes = keep_bytes
+        self._keep_total = keep_total  # what all streams together may hold, as it sees it
         self._held = [0]  # bytes in ``events``; boxed, for the finalizer to read when it goes
         weakref.finalize(self, _forget, self._held)
         self.closed = False
@@ -145,7 +157,7 @@ class EventStream:
         held[0] += len(chunk)
         _total_buffered[0] += len(chunk)
         while len(events) > 1 and (
-            held[0] > self._keep_bytes or _total_buffered[0] > MAX_TOTAL_BUFFERED_BYTES
+            held[0] > self._keep_bytes or _total_buffered[0] > self._keep_total
         ):
             size = len(events.popleft())
             held[0] -= size

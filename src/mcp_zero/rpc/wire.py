@@ -169,7 +169,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = (str(peer[0]), int(peer[1])) if peer else None
-        self.transport.set_write_buffer_limits(high=MAX_STREAM_BACKLOG)
+        self.transport.set_write_buffer_limits(high=self.server.max_stream_backlog)
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -596,7 +596,7 @@ class _Response:
                 "a stream to %s has over %d MiB unread: skipping its progress and log messages "
                 "while it does",
                 conn.client,
-                MAX_STREAM_BACKLOG >> 20,
+                conn.server.max_stream_backlog >> 20,
             )
         conn.skipped += 1
 
@@ -608,7 +608,9 @@ class _Response:
         Last-Event-ID, and that replay (``mcp0.wait``) goes at its pace."""
         conn = self.conn
         log.warning(
-            "dropping a stream to %s: over %d MiB unread", conn.client, MAX_STREAM_BACKLOG >> 20
+            "dropping a stream to %s: over %d MiB unread",
+            conn.client,
+            conn.server.max_stream_backlog >> 20,
         )
         conn.dropped = True
         conn.abort()
@@ -717,6 +719,7 @@ class HttpServer:
         max_body_bytes: int,
         request_read_s: float = REQUEST_READ_S,
         stream_stall_s: float = STREAM_STALL_S,
+        max_stream_backlog: int = MAX_STREAM_BACKLOG,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
@@ -726,6 +729,7 @@ class HttpServer:
         self.max_body_bytes = max_body_bytes
         self.request_read_s = request_read_s
         self.stream_stall_s = stream_stall_s
+        self.max_stream_backlog = max_stream_backlog
         self.tls = tls
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
