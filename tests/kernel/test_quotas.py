@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 
@@ -15,6 +18,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@contextlib.asynccontextmanager
+async def admit(
+    gate: QuotaGate,
+    agent: str,
+    plugin: str | None = None,
+    *,
+    plugin_concurrency: int | None = None,
+    agent_concurrency: int | None = None,
+) -> AsyncIterator[None]:
+    """One call's slot, as the kernel takes and gives it back."""
+    gate.enter(agent, plugin, agent_concurrency, plugin_concurrency)
+    try:
+        yield
+    finally:
+        gate.leave(agent, plugin)
+
+
 async def hold(
     gate: QuotaGate,
     agent: str,
@@ -23,7 +43,7 @@ async def hold(
     started: list[str],
     plugin_concurrency: int | None = None,
 ) -> None:
-    async with gate.admit(agent, plugin, plugin_concurrency=plugin_concurrency):
+    async with admit(gate, agent, plugin, plugin_concurrency=plugin_concurrency):
         started.append(agent)
         await release.wait()
 
@@ -41,7 +61,7 @@ async def test_agent_over_its_concurrency_is_refused_at_once() -> None:
                 await anyio.sleep(0)
             assert gate.inflight("bob") == 16
             with pytest.raises(QuotaExceeded) as caught:
-                async with gate.admit("bob", "notes"):
+                async with admit(gate, "bob", "notes"):
                     pytest.fail("the 17th call must not run")
             err = caught.value
             assert "limit of 16" in err.message
@@ -49,12 +69,12 @@ async def test_agent_over_its_concurrency_is_refused_at_once() -> None:
             assert err.data == {"scope": "agent", "agent": "bob", "limit": 16}
             assert err.code == "quota_exceeded"
             # Another agent is not held back by bob's calls.
-            async with gate.admit("alice", "notes"):
+            async with admit(gate, "alice", "notes"):
                 assert gate.inflight("alice") == 1
             release.set()
     assert gate.inflight("bob") == 0
     assert gate.total_inflight == 0
-    async with gate.admit("bob", "notes"):
+    async with admit(gate, "bob", "notes"):
         assert gate.inflight("bob") == 1
 
 
@@ -70,13 +90,13 @@ async def test_plugin_max_concurrency_is_shared_by_agents() -> None:
             while len(started) < 2:
                 await anyio.sleep(0)
             with pytest.raises(QuotaExceeded, match='plugin "ocr" already runs 2 calls') as caught:
-                async with gate.admit("c", "ocr", plugin_concurrency=2):
+                async with admit(gate, "c", "ocr", plugin_concurrency=2):
                     pytest.fail("over the plugin's limit")
             assert caught.value.data == {"scope": "plugin", "plugin": "ocr", "limit": 2}
             # The refused call took no agent slot.
             assert gate.inflight("c") == 0
             # Another plugin is unaffected.
-            async with gate.admit("c", "mail", plugin_concurrency=2):
+            async with admit(gate, "c", "mail", plugin_concurrency=2):
                 assert gate.plugin_inflight("mail") == 1
             release.set()
     assert gate.plugin_inflight("ocr") == 0
@@ -85,11 +105,11 @@ async def test_plugin_max_concurrency_is_shared_by_agents() -> None:
 @pytest.mark.anyio
 async def test_per_agent_limit_overrides_the_default() -> None:
     gate = QuotaGate(agent_concurrency=1)
-    async with gate.admit("batch", agent_concurrency=3), gate.admit("batch", agent_concurrency=3):
+    async with admit(gate, "batch", agent_concurrency=3), admit(gate, "batch", agent_concurrency=3):
         assert gate.inflight("batch") == 2
-    async with gate.admit("x"):
+    async with admit(gate, "x"):
         with pytest.raises(QuotaExceeded, match="limit of 1"):
-            async with gate.admit("x"):
+            async with admit(gate, "x"):
                 pass
 
 
@@ -97,7 +117,7 @@ async def test_per_agent_limit_overrides_the_default() -> None:
 async def test_slot_is_freed_by_an_exception_and_by_cancellation() -> None:
     gate = QuotaGate(agent_concurrency=1)
     with pytest.raises(RuntimeError):
-        async with gate.admit("bob", "notes", plugin_concurrency=1):
+        async with admit(gate, "bob", "notes", plugin_concurrency=1):
             raise RuntimeError("tool failed")
     assert gate.inflight("bob") == 0
     assert gate.plugin_inflight("notes") == 0
@@ -105,7 +125,7 @@ async def test_slot_is_freed_by_an_exception_and_by_cancellation() -> None:
     entered = anyio.Event()
 
     async def stuck() -> None:
-        async with gate.admit("bob", "notes", plugin_concurrency=1):
+        async with admit(gate, "bob", "notes", plugin_concurrency=1):
             entered.set()
             await anyio.sleep_forever()
 

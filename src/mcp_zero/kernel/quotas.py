@@ -7,8 +7,6 @@ no lock because the kernel runs on one asyncio event loop (one thread).
 
 from __future__ import annotations
 
-from types import TracebackType
-
 from mcp_zero.errors import QuotaExceeded
 
 DEFAULT_AGENT_CONCURRENCY = 16
@@ -16,47 +14,11 @@ DEFAULT_CALL_TIMEOUT_S = 30.0
 MAX_CALL_TIMEOUT_S = 300.0
 
 
-class Admission:
-    """One call's claim on its agent's and plugin's concurrency; see ``QuotaGate.admit``."""
-
-    __slots__ = ("_agent", "_agent_limit", "_entered", "_gate", "_plugin", "_plugin_limit")
-
-    def __init__(
-        self,
-        gate: QuotaGate,
-        agent: str,
-        plugin: str | None,
-        agent_limit: int,
-        plugin_limit: int | None,
-    ) -> None:
-        self._gate = gate
-        self._agent = agent
-        self._plugin = plugin
-        self._agent_limit = agent_limit
-        self._plugin_limit = plugin_limit
-        self._entered = False
-
-    async def __aenter__(self) -> Admission:
-        self._gate.enter(self._agent, self._plugin, self._agent_limit, self._plugin_limit)
-        self._entered = True
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._entered:
-            self._entered = False
-            self._gate.leave(self._agent, self._plugin)
-
-
 class QuotaGate:
     """Admits calls while their agent and plugin are under their concurrency limits.
 
     ``agent_concurrency`` is the default number of calls one agent may have in
-    flight (an agent's own limit can be passed to ``admit``). Call timeouts
+    flight (an agent's own limit can be passed to ``enter``). Call timeouts
     fall back to ``default_timeout_s`` and never exceed ``max_timeout_s``.
     Raises ValueError for a limit below 1 or a non-positive timeout.
     """
@@ -78,24 +40,6 @@ class QuotaGate:
         self._agents: dict[str, int] = {}
         self._plugins: dict[str, int] = {}
         self._total = 0
-
-    def admit(
-        self,
-        agent: str,
-        plugin: str | None = None,
-        *,
-        plugin_concurrency: int | None = None,
-        agent_concurrency: int | None = None,
-    ) -> Admission:
-        """An async context manager holding one in-flight slot of ``agent`` (and ``plugin``).
-
-        ``plugin_concurrency`` is the plugin manifest's max_concurrency (None:
-        unlimited); ``agent_concurrency`` overrides the gate's default for this
-        agent. Entering raises QuotaExceeded when either is already full;
-        leaving (also by an exception or cancellation) frees the slot.
-        """
-        limit = self.agent_concurrency if agent_concurrency is None else agent_concurrency
-        return Admission(self, agent, plugin, limit, plugin_concurrency)
 
     def inflight(self, agent: str) -> int:
         """Calls of ``agent`` in flight now."""
@@ -129,9 +73,11 @@ class QuotaGate:
         agent_limit: int | None = None,
         plugin_limit: int | None = None,
     ) -> None:
-        """Take what ``admit`` holds, without its context manager (the kernel's hot path:
-        no object and no coroutines per call); give it back with :meth:`leave`, whatever
-        happens. ``agent_limit`` None: the gate's default. Raises QuotaExceeded."""
+        """Take one in-flight slot of ``agent`` (and of ``plugin``); give it back with
+        :meth:`leave`, whatever happens (the kernel calls both on its hot path: no object
+        and no coroutine per call). ``agent_limit`` None: the gate's default;
+        ``plugin_limit`` is the manifest's max_concurrency (None: unlimited). Raises
+        QuotaExceeded when either is already full."""
         if agent_limit is None:
             agent_limit = self.agent_concurrency
         agents = self._agents
