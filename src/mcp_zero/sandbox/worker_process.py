@@ -37,11 +37,6 @@ from mcp_zero.sandbox.stderr import StderrBudget
 JSON = dict[str, Any]
 _STDERR_TAIL_LINES = 40
 _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in pieces this big
-#: Bytes of a call's progress and log messages (as the worker sent them) waiting to reach its
-#: client, whose stream goes at the client's pace. Past this the call's further ones are
-#: dropped (and counted in the log): a plugin that outruns a slow client cannot hold memory
-#: without end, nor stop its other calls (the worker's pipe is read on).
-MAX_RELAY_BACKLOG = MAX_FRAME_BYTES
 
 
 #: Worker pids of this process that have not exited, so that a sweep of orphans never
@@ -125,7 +120,7 @@ def _end_tree(pid: int) -> None:
 class _Call:
     """One call in flight."""
 
-    __slots__ = ("backlog", "bridge", "chain", "dropped", "future", "label", "requests")
+    __slots__ = ("bridge", "chain", "future", "label", "requests")
 
     def __init__(self, future: asyncio.Future[JSON], bridge: ClientBridge | None, label: str):
         self.future = future
@@ -133,8 +128,6 @@ class _Call:
         self.label = label
         # The last progress/log relay; each awaits the one before, so order holds.
         self.chain: asyncio.Task[None] | None = None
-        self.backlog = 0  # bytes of progress and log messages the chain has yet to relay
-        self.dropped = 0  # progress and log messages dropped past MAX_RELAY_BACKLOG
         # Its requests to the client being relayed (made at the first: most calls ask none).
         self.requests: set[asyncio.Task[None]] | None = None
 
@@ -335,12 +328,6 @@ class WorkerProcess:
             timer.cancel()
         if call.chain is not None:
             await call.chain  # progress/log sent before the result reach the client first
-        if call.dropped:
-            self._log.warning(
-                "%s: %d progress and log messages were dropped, its client reading slower",
-                label,
-                call.dropped,
-            )
         return reply
 
     def _send(self, frame: JSON) -> None:
@@ -383,7 +370,7 @@ class WorkerProcess:
             if op is None:
                 self._on_response(int(frame["id"]), frame)
             elif op in ("progress", "log", "close_stream", "resource_updated"):
-                self._on_notification(op, frame, len(line))
+                self._on_notification(op, frame)
             elif op == "request":
                 self._on_request(frame)
             elif op == "ready" or op == "fatal":
@@ -414,24 +401,11 @@ class WorkerProcess:
         if self.retiring:
             self._close_if_retired()
 
-    def _on_notification(self, op: str, frame: JSON, size: int) -> None:
+    def _on_notification(self, op: str, frame: JSON) -> None:
         call = self._calls.get(int(frame["call"]))
         if call is None or call.bridge is None:
             return
         bridge = call.bridge
-        if op not in ("progress", "log"):
-            size = 0  # rare and small: never dropped
-        elif call.backlog and call.backlog + size > MAX_RELAY_BACKLOG:
-            call.dropped += 1
-            if call.dropped == 1:
-                self._log.warning(
-                    "%s sends progress and log messages faster than its client reads them: "
-                    "dropping them past %d MiB waiting",
-                    call.label,
-                    MAX_RELAY_BACKLOG >> 20,
-                )
-            return
-        call.backlog += size
         if op == "progress":
             send: Callable[[], Awaitable[None]] = lambda: bridge.progress(  # noqa: E731
                 frame["progress"], frame.get("total"), frame.get("message")
@@ -443,23 +417,19 @@ class WorkerProcess:
         else:
             send = bridge.close_stream
         assert self._loop is not None
-        call.chain = self._loop.create_task(self._relay(call, call.chain, send, size))
+        call.chain = self._loop.create_task(self._relay(call.chain, send))
 
     async def _relay(
-        self,
-        call: _Call,
-        previous: asyncio.Task[None] | None,
-        send: Callable[[], Awaitable[None]],
-        size: int,
+        self, previous: asyncio.Task[None] | None, send: Callable[[], Awaitable[None]]
     ) -> None:
         if previous is not None:
             await previous
         try:
-            await send()  # waits while the client's stream has a backlog: this call only
+            # (never waits on a slow client: its progress and log messages are skipped
+            # then, rpc/wire.py, so a call's relay holds up neither it nor its slot)
+            await send()
         except Exception as exc:  # a lost notification must not fail the call
             self._log.debug("could not relay a notification: %s", exc)
-        finally:
-            call.backlog -= size
 
     def _on_request(self, frame: JSON) -> None:
         request_id = int(frame["id"])
