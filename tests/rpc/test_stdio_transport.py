@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -248,6 +249,97 @@ async def test_mcp0_serve_stdio_speaks_json_lines(tmp_path: Path) -> None:
     assert replies[1]["result"]["protocolVersion"] == "2025-11-25"
     assert replies[None]["error"]["code"] == -32700
     assert replies[2]["result"]["content"][0]["text"] == "from cli"
+
+
+async def test_a_client_slow_to_read_stdout_holds_up_its_answers_not_the_server(
+    tmp_path: Path,
+) -> None:
+    """While a 4 MiB answer waits for the client to read it, the server goes on: the next
+    call runs and its audit record is committed (writing stdout directly would block the
+    whole server in that write). Then both answers arrive, whole, in the order sent."""
+    data_dir = tmp_path / "data"
+    runtime = make_runtime(data_dir)
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.agents.spawn("slow-reader", ["faulty"])
+    big = "x" * (4 << 20)
+    # The client reads nothing while it sends: its end of stdout holds at most the pipe's
+    # buffer and its reader's (128 KiB, asyncio's default), the answer stays mostly unsent.
+    server = await asyncio.create_subprocess_exec(
+        *(MCP0, "serve", "--stdio", "--agent", "slow-reader", "--data-dir", str(data_dir)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert server.stdin is not None
+    assert server.stdout is not None
+    try:
+        call = {"jsonrpc": "2.0", "method": "tools/call"}
+        server.stdin.write(orjson.dumps(initialize_message()) + b"\n")
+        for rid, text in (("big", big), ("after", "small")):
+            params = {"name": "faulty_echo", "arguments": {"text": text}}
+            server.stdin.write(orjson.dumps({**call, "id": rid, "params": params}) + b"\n")
+            await server.stdin.drain()
+            with anyio.fail_after(TIMEOUT_S):  # (an answer is sent once its record is)
+                while not any(r.get("request_id") == rid for r in audited(runtime)):
+                    await asyncio.sleep(0.05)
+        out = b""
+        with anyio.fail_after(TIMEOUT_S):
+            while out.count(b"\n") < 3:
+                chunk = await server.stdout.read(1 << 20)
+                assert chunk, "the server closed stdout"
+                out += chunk
+        answers = [orjson.loads(line) for line in out.splitlines()]
+        assert [a["id"] for a in answers] == [1, "big", "after"]
+        assert answers[1]["result"]["content"][0]["text"] == big
+        server.stdin.close()
+        with anyio.fail_after(TIMEOUT_S):
+            assert await server.wait() == 0
+    finally:
+        if server.returncode is None:
+            server.kill()
+            with anyio.fail_after(TIMEOUT_S):
+                await server.communicate()  # (reads stdout to its end: wait() needs that)
+        runtime.close()
+
+
+@pytest.mark.parametrize("stdout", ["file", "pipe shared with stderr"])
+async def test_mcp0_serve_stdio_writes_to_a_file_or_a_pipe_shared_with_stderr(
+    tmp_path: Path, stdout: str
+) -> None:
+    """Written directly there: non-blocking mode on a pipe stderr shares would make its log
+    lines fail when the pipe is full."""
+    data_dir = tmp_path / "data"
+    runtime = make_runtime(data_dir)
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.agents.spawn("filer", ["faulty"])
+    runtime.close()
+    lines = [
+        orjson.dumps(initialize_message()),
+        orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "faulty_echo", "arguments": {"text": "to a file"}},
+            }
+        ),
+    ]
+    command = [MCP0, "serve", "--stdio", "--agent", "filer", "--data-dir", str(data_dir)]
+    stdin = b"\n".join(lines) + b"\n"
+    if stdout == "file":
+        with (tmp_path / "out").open("wb") as out:
+            done = await anyio.run_process(command, input=stdin, stdout=out, check=False)
+        written = (tmp_path / "out").read_bytes()
+    else:
+        done = await anyio.run_process(command, input=stdin, stderr=subprocess.STDOUT, check=False)
+        written = done.stdout
+    assert done.returncode == 0, written
+    replies = {r.get("id"): r for r in map(orjson.loads, written.splitlines())}
+    assert replies[2]["result"]["content"][0]["text"] == "to a file"
+
+
+def audited(runtime: Runtime) -> list[JSON]:
+    return [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
 
 
 async def test_mcp0_serve_stdio_for_an_unknown_agent_fails_with_one_line(tmp_path: Path) -> None:

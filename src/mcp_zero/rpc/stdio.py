@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
@@ -28,29 +31,81 @@ from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 
 MAX_LINE = 16 << 20
+_LAST_WRITE_S = 5.0  # for the client to read the last answers at the end of stdin
 log = logging.getLogger("mcp_zero.stdio")
+
+
+class _PipeFlow(asyncio.Protocol):
+    """Flow control of stdout's pipe transport: writable while the client keeps up."""
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.lost = asyncio.Event()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+        self.writable.set()  # a send waiting for the client hears it is gone
 
 
 class _StdoutChannel:
     """Writes messages to stdout. When the client has closed its end, ``on_gone`` runs once
-    (the session ends as at the end of stdin) and later messages are dropped."""
+    (the session ends as at the end of stdin) and later messages are dropped.
 
-    __slots__ = ("_gone", "_lock", "_on_gone", "_out")
+    On a pipe or socket (as MCP clients launch servers) the writes go through the event
+    loop: a client slow to read makes the senders wait, not the whole server (its calls go
+    on, their audit records are committed, cancellations are heard). Anything else (a file,
+    a terminal, a stdout shared with stderr) is written directly: non-blocking mode would be
+    set on what other writers, such as logging on stderr, share."""
+
+    __slots__ = ("_flow", "_gone", "_lock", "_on_gone", "_out", "_transport")
 
     def __init__(self, out: BinaryIO, on_gone: Callable[[], None]) -> None:
         self._out = out
         self._lock = asyncio.Lock()
         self._on_gone = on_gone
         self._gone = False
+        self._transport: asyncio.WriteTransport | None = None
+        self._flow: _PipeFlow | None = None
+
+    async def open(self) -> None:
+        """Write through the event loop if stdout is a pipe or socket of its own."""
+        if not _own_pipe(self._out):
+            return
+        # A duplicate for the transport to close: stdout itself stays open (and blocking
+        # again at the end) for whatever writes to it after the session.
+        pipe = open(os.dup(self._out.fileno()), "wb", buffering=0)  # noqa: ASYNC230, SIM115 (an fd)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, flow = await loop.connect_write_pipe(_PipeFlow, pipe)
+        except BaseException:
+            pipe.close()
+            raise
+        self._transport, self._flow = transport, flow
 
     async def send(self, message: JSON) -> None:
         data = jsonrpc.encode(message) + b"\n"
         async with self._lock:
             if self._gone:
                 return
+            transport, flow = self._transport, self._flow
             try:
-                self._out.write(data)
-                self._out.flush()
+                if transport is None or flow is None:
+                    self._out.write(data)
+                    self._out.flush()
+                    return
+                if flow.lost.is_set() or transport.is_closing():
+                    raise BrokenPipeError
+                transport.write(data)
+                await flow.writable.wait()
+                if flow.lost.is_set():
+                    raise BrokenPipeError
             except (BrokenPipeError, ConnectionResetError):
                 self._gone = True
                 log.info("the client closed stdout: ending the session")
@@ -58,6 +113,36 @@ class _StdoutChannel:
 
     async def close_stream(self) -> None:
         return None  # stdio has no stream to close and resume
+
+    async def aclose(self, timeout: float) -> None:
+        """Write out what is buffered (for at most ``timeout`` seconds), then close."""
+        if self._transport is None or self._flow is None:
+            return
+        self._transport.close()  # (after its buffer is written)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._flow.lost.wait()
+        except TimeoutError:
+            log.warning("the client did not read its last answers in %g s", timeout)
+            self._transport.abort()
+        with contextlib.suppress(OSError, ValueError):
+            os.set_blocking(self._out.fileno(), True)
+
+
+def _own_pipe(out: BinaryIO) -> bool:
+    """Whether ``out`` is a pipe or socket that stderr does not share."""
+    try:
+        fd = out.fileno()
+        mine = os.fstat(fd)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False  # no file descriptor (a test's buffer): written directly
+    if not (stat.S_ISFIFO(mine.st_mode) or stat.S_ISSOCK(mine.st_mode)):
+        return False
+    try:
+        err = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return True
+    return (err.st_dev, err.st_ino) != (mine.st_dev, mine.st_ino)
 
 
 async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> None:
@@ -90,6 +175,7 @@ async def serve_stdio(
     )
     # Closing stdin's transport ends the reader as the end of stdin would.
     channel = _StdoutChannel(stdout or sys.stdout.buffer, stdin_transport.close)
+    await channel.open()
     # Server-initiated messages go to a session; 2026-07-28 has none (listen streams instead).
     # (nor before the first request says which it is)
     server.sessions = lambda: [(session, channel)] if stateless is False else []
@@ -191,3 +277,4 @@ async def serve_stdio(
             task.cancel()
         with contextlib.suppress(Exception):
             await runtime.aclose()
+        await channel.aclose(_LAST_WRITE_S)
