@@ -96,6 +96,7 @@ class Runtime:
         self.plugins.record_digests()  # copies installed before digests were kept
         self.plugins.sweep_copies()  # replaced copies no server deleted
         self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
+        self.plugins.on_restart = self.metrics.count_plugin_restart
         self.quotas = QuotaGate(
             agent_concurrency=settings.max_concurrency,
             max_timeout_s=settings.max_timeout_s,

@@ -401,6 +401,20 @@ def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> Non
     assert calls == [("ada", "allowed"), ("bob", "denied")]
 
 
+def test_audit_list_shows_the_newest_records_unless_told_where_to_start(data_dir: Path) -> None:
+    for n in range(6):
+        run(data_dir, "agent", "create", f"a{n}")
+    every = [r["seq"] for r in as_json(data_dir, "audit", "list", "--after", "0")]
+    assert every == list(range(1, len(every) + 1))
+    assert [r["seq"] for r in as_json(data_dir, "audit", "list", "--limit", "3")] == every[-3:]
+    first = as_json(data_dir, "audit", "list", "--after", "0", "--limit", "3")
+    assert [r["seq"] for r in first] == every[:3]
+    newest = run(data_dir, "audit", "list", "--limit", "2")  # a text listing says what it left out
+    assert newest.stdout.split()[0] == str(every[-2])
+    assert f"records {every[-2]}-{every[-1]} of {every[-1]}" in newest.stderr
+    assert "records" not in run(data_dir, "audit", "list").stderr  # all of them: nothing to say
+
+
 def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "someone")
     missing = run(data_dir, "agent", "show", "nobody", ok=False)
@@ -544,11 +558,16 @@ def test_commands_on_a_mistyped_data_dir_fail_instead_of_creating_one(tmp_path: 
         ("plugin", "remove", "notes"),
         ("audit", "list"),
         ("audit", "verify"),  # an integrity check must not say "ok: 0 records" here
+        ("policy", "check"),
     ):
         failed = run(typo, *command, ok=False)
         assert failed.exit_code == 1, command
         assert failed.stderr.startswith(f"mcp0: error: no MCP-ZERO data dir at {typo}"), command
         assert not typo.exists(), command
+    # an empty policies dir beside no store is no data dir either (not "ok: 0 policies")
+    (typo / "policies").mkdir(parents=True)
+    assert "no MCP-ZERO data dir" in run(typo, "policy", "check", ok=False).stderr
+    (typo / "policies").rmdir()
     # the commands that set one up still do
     assert as_json(typo, "agent", "create", "ada")["name"] == "ada"
     assert as_json(typo, "agent", "list")[0]["name"] == "ada"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +195,42 @@ async def test_crash_and_timeout_are_audited_with_their_outcomes(
     assert records(started, request_id="k11")[0]["code"] == "tool_timeout"
     assert (await call(started, agent, "faulty_echo", {"text": "ok"}, "k12", bridge))["content"]
     assert started.quotas.inflight("hank") == 0
+
+
+async def test_each_replaced_worker_counts_one_plugin_restart(
+    started: Runtime, bridge: Any
+) -> None:
+    """A crash during a call, a kill past a call's timeout and the death of an idle worker
+    are three restarts (calls that fail are not what the counter counts)."""
+
+    def restarts() -> int:
+        body, _ = started.metrics.render()
+        line = 'mcp0_plugin_restarts_total{plugin="faulty"} '
+        found = [ln for ln in body.decode().splitlines() if ln.startswith(line)]
+        return int(float(found[0][len(line) :])) if found else 0
+
+    async def running_pid() -> int:
+        with anyio.fail_after(TIMEOUT_S):
+            while not (pids := started.plugins.runtimes["faulty"].pids):
+                await asyncio.sleep(0.02)
+        return int(pids[0])
+
+    agent = Principal("rita", ALL)
+    assert restarts() == 0
+    with pytest.raises(PluginCrashed):
+        await call(started, agent, "faulty_crash", {}, "r1", bridge)
+    assert restarts() == 1
+    with pytest.raises(ToolTimeout):
+        await call(started, agent, "faulty_hang", {}, "r2", bridge)
+    with anyio.fail_after(TIMEOUT_S):
+        while restarts() < 2:  # (killed once its grace is over)
+            await asyncio.sleep(0.02)
+    os.kill(await running_pid(), signal.SIGKILL)
+    with anyio.fail_after(TIMEOUT_S):
+        while restarts() < 3:
+            await asyncio.sleep(0.02)
+    assert (await call(started, agent, "faulty_echo", {"text": "ok"}, "r3", bridge))["content"]
+    assert restarts() == 3
 
 
 async def test_a_cancelled_call_is_still_audited(started: Runtime, bridge: Any) -> None:

@@ -455,29 +455,39 @@ def audit() -> None:
 @click.option(
     "--after",
     type=click.IntRange(min=0, max=(1 << 63) - 1),
-    default=0,
-    help="Only records after this sequence number.",
+    default=None,
+    help="The records after this sequence number (0: from the first); without it, the newest.",
 )
 @click.option(
     "--limit",
     type=click.IntRange(min=1, max=(1 << 63) - 1),
     default=100,
-    help="At most this many records.",
+    help="At most this many records (default 100).",
 )
 @_errors
 def audit_list(
-    config_file: Path | None, data_dir: Path | None, as_json: bool, after: int, limit: int
+    config_file: Path | None, data_dir: Path | None, as_json: bool, after: int | None, limit: int
 ) -> None:
-    """Print audit records."""
+    """Print audit records, oldest first: the newest LIMIT, or those after --after."""
     from mcp_zero.rpc.admin import audit_view
 
     with _store(config_file, data_dir) as store:
-        views = [audit_view(e) for e in store.read_audit(after, limit)]
+        head = store.audit_head()
+        last = head.seq if head is not None else 0
+        start = max(0, last - limit) if after is None else after
+        views = [audit_view(e) for e in store.read_audit(start, limit)]
     lines = [
         f"{v['seq']:>8} {v.get('outcome', ''):8} {v.get('agent', ''):16} "
         f"{v.get('verb', ''):14} {v.get('resource', '')} {v.get('code', '')}"
         for v in views
     ]
+    if not as_json and views and (views[0]["seq"] > 1 or views[-1]["seq"] < last):
+        # (to stderr: the lines on stdout stay records only)
+        click.echo(
+            f"records {views[0]['seq']}-{views[-1]['seq']} of {last}; "
+            "--after SEQ --limit N for others",
+            err=True,
+        )
     _out(as_json, views, "\n".join(lines) or "no records")
 
 
@@ -554,7 +564,7 @@ def policy_check(config_file: Path | None, data_dir: Path | None, as_json: bool)
     """Parse and validate the data dir's policies against the schema."""
     from mcp_zero.policy.engine import PolicyEngine
 
-    settings = _settings(config_file, data_dir)
+    settings = _existing(_settings(config_file, data_dir))
     engine = PolicyEngine.load(settings.policy_dir)
     ids = sorted(engine.policies)
     _out(as_json, {"ok": True, "policies": ids}, f"ok: {len(ids)} policies: {', '.join(ids)}")

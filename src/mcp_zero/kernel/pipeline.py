@@ -33,7 +33,6 @@ from mcp_zero.audit.log import AuditLog
 from mcp_zero.errors import (
     InvalidParams,
     McpZeroError,
-    PluginCrashed,
     PluginFailure,
     PolicyDenied,
     PromptNotFound,
@@ -833,8 +832,6 @@ class Kernel:
             if isinstance(exc, PolicyDenied) and exc.data:
                 event["policies"] = exc.data.get("policies", [])
                 event["reasons"] = exc.data.get("reasons", [])
-            if isinstance(exc, PluginCrashed) and action.plugin:
-                metrics.count_plugin_restart(action.plugin)
         except Exception as exc:
             failure = exc
             event["outcome"] = _ERROR

@@ -222,6 +222,7 @@ class PluginHost:
         self._unstarted: set[str] = set()  # refused for want of workers: retried on refresh
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # told after the index changed
+        self.on_restart: Callable[[str], None] | None = None  # a plugin's worker replaced
         self._lock = asyncio.Lock()
         self._leaving: dict[asyncio.Task[None], PluginRuntime] = {}  # replaced, draining
         self._copies: dict[str, Path] = {}  # the installed copy each runtime runs
@@ -482,7 +483,11 @@ class PluginHost:
             )
         data_dir = self.plugin_data_dir / manifest.name
         data_dir.mkdir(parents=True, exist_ok=True)
-        return ProcessRuntime(manifest, path, data_dir)
+        return ProcessRuntime(manifest, path, data_dir, on_restart=self._restarted)
+
+    def _restarted(self, plugin: str) -> None:
+        if self.on_restart is not None:
+            self.on_restart(plugin)
 
     def _reindex(self) -> None:
         tools: dict[str, ToolEntry] = {}

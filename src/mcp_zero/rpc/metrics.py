@@ -11,7 +11,7 @@ thread-safe, since the kernel records from one event loop.
     mcp0_stage_seconds{stage}               histogram (auth, ratelimit, policy, quota,
                                             schema, sandbox, audit, total)
     mcp0_inflight_calls                     gauge
-    mcp0_plugin_restarts_total{plugin}      counter
+    mcp0_plugin_restarts_total{plugin}      counter (workers replaced: died, or killed)
     mcp0_unauthorized_total{endpoint}       counter (401s: "mcp", "admin" or "metrics")
 """
 
@@ -94,7 +94,7 @@ class Metrics:
         denials[policy] = denials.get(policy, 0) + 1
 
     def count_plugin_restart(self, plugin: str) -> None:
-        """Count one restart of ``plugin``'s sandbox."""
+        """Count one worker of ``plugin`` replaced (it died, or was killed past a timeout)."""
         restarts = self._restarts
         restarts[plugin] = restarts.get(plugin, 0) + 1
 
@@ -184,7 +184,7 @@ class Metrics:
         _family(out, "mcp0_inflight_calls", "gauge", "Calls in flight now.")
         inflight = self._inflight_source() if self._inflight_source else self._inflight
         out.append(f"mcp0_inflight_calls {inflight}")
-        _family(out, "mcp0_plugin_restarts_total", "counter", "Plugin sandbox restarts.")
+        _family(out, "mcp0_plugin_restarts_total", "counter", "Plugin workers replaced.")
         for plugin, value in sorted(self._restarts.items()):
             out.append(f'mcp0_plugin_restarts_total{{plugin="{_esc(plugin)}"}} {value}')
         _family(out, "mcp0_unauthorized_total", "counter", "Requests refused for credentials.")

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,12 @@ class ProcessRuntime:
         python: str | None = None,
         start_timeout: float = 15.0,
         cancel_grace: float = 0.5,
+        on_restart: Callable[[str], None] | None = None,
     ) -> None:
         self.name = manifest.name
+        #: Told (with the plugin's name) each time a worker that died or was killed (a call
+        #: past its timeout) is replaced: the ``mcp0_plugin_restarts_total`` counter.
+        self.on_restart = on_restart
         self.manifest = manifest
         self.plugin_dir = Path(plugin_dir).resolve()
         self.data_dir = Path(data_dir).resolve()
@@ -248,8 +253,10 @@ class ProcessRuntime:
                     self._failures[i] += 1
                 else:
                     self._failures[i] = 0
-                if not self._closed and self._failures[i] <= _EAGER_RESTARTS:
-                    self._kick(i)
+                if not self._closed:
+                    self._restarting()
+                    if self._failures[i] <= _EAGER_RESTARTS:
+                        self._kick(i)
 
     def _on_retire(self, worker: WorkerProcess) -> None:
         for i, w in enumerate(self._slots):
@@ -257,7 +264,13 @@ class ProcessRuntime:
                 self._slots[i] = None
                 self._retired.add(worker)
                 if not self._closed:
+                    self._restarting()
                     self._kick(i)
+
+    def _restarting(self) -> None:
+        """A worker is being replaced (at once, or by the next call after a crash loop)."""
+        if self.on_restart is not None:
+            self.on_restart(self.name)
 
     def _running(self) -> WorkerProcess | None:
         """The running worker with the fewest calls in flight, None while none runs; a slot
