@@ -14,9 +14,9 @@ Same run, same machine: compare the ratios, not the absolute numbers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -69,7 +69,9 @@ def raw_request(action: Action) -> tuple[dict[str, object], str]:
 
 
 def main() -> None:
-    iterations = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("iterations", type=int, nargs="?", default=2000, help="per measurement")
+    iterations = parser.parse_args().iterations
     cached = PolicyEngine.from_sources(SOURCES)
     uncached = PolicyEngine.from_sources(SOURCES, cache_size=0)
     policy_set = cedarpy.PolicySet.from_str(POLICY_TEXT)

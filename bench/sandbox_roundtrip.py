@@ -7,6 +7,7 @@ Run: .venv/bin/python bench/sandbox_roundtrip.py [N]
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import sys
@@ -88,4 +89,6 @@ async def main(n: int) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5000))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("calls", type=int, nargs="?", default=5000, help="per measurement")
+    uvloop.run(main(parser.parse_args().calls))

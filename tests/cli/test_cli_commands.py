@@ -443,15 +443,15 @@ def test_agent_exec_refuses_arguments_nested_deeper_than_a_tool_takes(data_dir: 
     # 5,000 levels were a RecursionError traceback
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     run(data_dir, "agent", "create", "ada", "--plugin", "notes")
-    for depth in (255, 5000):  # the object itself is a level: 254 is the pipeline's most
+    for depth in (254, 5000):  # the object itself is a level: 253 is the pipeline's most
         nested = '{"text": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
         refused = run(data_dir, "agent", "exec", "ada", "notes_add", nested, ok=False)
         assert refused.exit_code == 2, refused.output
         assert refused.stderr.splitlines()[-1] == (
-            "mcp0: error: invalid value: ARGUMENTS nest deeper than 254 levels, more than a "
+            "mcp0: error: invalid value: ARGUMENTS nest deeper than 253 levels, more than a "
             "tool takes"
         )
-    at_most = '{"text": ' + "[" * 253 + "]" * 253 + "}"
+    at_most = '{"text": ' + "[" * 252 + "]" * 252 + "}"
     called = run(data_dir, "agent", "exec", "ada", "notes_add", at_most, ok=False)
     assert called.exit_code == 1  # through the governed path: the tool's schema wants a string
     assert "text" in called.stderr

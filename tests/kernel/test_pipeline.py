@@ -410,6 +410,27 @@ async def test_arguments_nested_too_deep_are_refused_and_audited(
     assert nested["code"] == "invalid_params"
 
 
+async def test_arguments_nest_253_levels_at_most(started: Runtime, bridge: Any) -> None:
+    """253 levels reach the tool; 254, which a worker's frame cannot carry, are refused as
+    what they are (as 255 and more are by the kernel), naming the limit, and audited."""
+
+    def nested(levels: int) -> Any:
+        value: Any = "x"
+        for _ in range(levels):  # (the arguments object itself is the first level)
+            value = {"a": value}
+        return value
+
+    kim = Principal("kim", frozenset({"conformance"}))
+    done = await call(started, kim, "test_simple_text", nested(253), "d253", bridge)
+    # it reached the plugin: its handler takes no arguments, and says so of this one
+    assert "unexpected keyword argument 'a'" in done["content"][0]["text"]
+    for levels in (254, 255):
+        with pytest.raises(InvalidParams, match="253 levels"):
+            await call(started, kim, "test_simple_text", nested(levels), f"d{levels}", bridge)
+        [record] = records(started, request_id=f"d{levels}")
+        assert record["code"] == "invalid_params"
+
+
 async def test_an_integer_past_64_bits_is_refused_as_such(started: Runtime, bridge: Any) -> None:
     # (from the CLI's JSON; JSON parsers elsewhere read it as a float) — it was refused as
     # "nested too deep", which sent its sender looking for the wrong thing

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,6 +14,8 @@ import httpx2
 import orjson
 import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
+
+from plugin_builders import loading_plugin
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 20.0
@@ -62,6 +65,20 @@ async def test_every_route_needs_the_admin_token(
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "unauthorized"
     assert live.runtime.store.get_agent("sneaky") is None
+
+
+async def test_a_plugin_still_starting_is_shown_starting_not_running(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(loading_plugin(tmp_path / "slow", tmp_path / "slow.pid"))
+    runtime.plugins.install(FAULTY_DIR)
+    async with serve(runtime) as live:  # (serves after 3 s, the slow one still starting)
+        token = runtime.admin_token()
+        async with httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_S
+        ) as http:
+            listed = (await http.get(f"{live.base}/api/v1/plugins")).json()
+    states = {p["name"]: (p["running"], p.get("starting"), p.get("error")) for p in listed}
+    assert states == {"slow": (False, True, None), "faulty": (True, None, None)}
 
 
 async def test_an_agent_token_is_not_an_admin_token(admin: Admin) -> None:

@@ -21,6 +21,7 @@ from rpc_live import (
     error_of,
     make_runtime,
     serve,
+    served_agent,
     text_of,
 )
 
@@ -420,6 +421,33 @@ async def test_foreign_host_or_origin_is_403_on_loopback(env: Env, headers: dict
         Origin=f"http://localhost:{env.live.port}",
     )
     assert local.status_code == 200
+
+
+async def test_allowed_origins_name_origins_or_hosts_in_any_case(tmp_path: Path) -> None:
+    """Behind a proxy the Host and the Origin carry one public name: one entry lets both in,
+    as browsers and proxies write it (any case; an entry without a port takes any port)."""
+    allowed = ("https://MCP.example.com", "proxy.internal")
+    async with served_agent(tmp_path / "d", "o", [FAULTY_DIR], allowed_origins=allowed) as env:
+        client = env.live.client(env.token)
+
+        async def status(**headers: str) -> int:
+            ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+            return (await client.post(ping, **headers)).status_code
+
+        for headers in (
+            {"Host": "mcp.example.com"},
+            {"Host": "MCP.Example.com:443"},
+            {"Host": "mcp.example.com", "Origin": "https://mcp.example.com"},
+            {"Host": "proxy.internal:8080", "Origin": "http://PROXY.internal:8080"},
+        ):
+            assert await status(**headers) == 200, headers
+        for headers in (
+            {"Host": "evil.example.com"},
+            {"Origin": "https://evil.example.com"},
+            {"Origin": "https://mcp.example.com.evil.com"},
+            {"Origin": "http://mcp.example.com"},  # (an origin entry is that origin only)
+        ):
+            assert await status(**headers) == 403, headers
 
 
 async def test_an_absolute_form_target_is_held_to_its_own_host(env: Env) -> None:

@@ -115,6 +115,19 @@ async def test_notifications_keep_a_session_alive(env: Env) -> None:
     assert (await client.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})).status_code == 404
 
 
+async def test_a_short_idle_time_ends_a_session_that_much_later_not_a_minute_on(
+    tmp_path: Path,
+) -> None:
+    async with served_agent(tmp_path / "data", "brief", [FAULTY_DIR], session_idle_s=0.4) as env:
+        client = env.live.client(env.token)
+        await client.initialize()
+        with anyio.fail_after(CALL_TIMEOUT_S):  # (looked for every 0.1 s: gone in 0.5 s)
+            while client.session_id in env.live.app.sessions:
+                await anyio.sleep(0.05)
+        response = await client.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert response.status_code == 404
+
+
 async def test_an_open_get_stream_keeps_its_session_alive(env: Env) -> None:
     client = await session(env)
     app = env.live.app

@@ -62,9 +62,10 @@ def _outcome_of(exc: BaseException) -> Outcome:
     return Outcome.ERROR
 
 
-# JSON decoders take 1,024 levels of nesting, orjson writes (and the audit digest and the
-# worker's frames need) at most this many: deeper arguments are refused, and audited.
-MAX_ARGUMENT_DEPTH = 254
+# JSON decoders take 1,024 levels of nesting, orjson writes 254 (the audit digest and the
+# worker's frames need that), and a frame carries the arguments one level down: deeper
+# arguments are refused, and audited (past 254 here, at 254 by the worker's frame).
+MAX_ARGUMENT_DEPTH = 253
 _TOO_DEEP = hashlib.sha256(b"<arguments nested too deep to encode>").hexdigest()
 _UNENCODABLE = hashlib.sha256(b"<arguments JSON cannot carry>").hexdigest()
 

@@ -219,6 +219,7 @@ class PluginHost:
         self.prompts: dict[str, tuple[str, JSON]] = {}
         self.version = -1
         self.failed: dict[str, str] = {}  # plugins whose runtime could not start, and why
+        self.starting: set[str] = set()  # plugins whose runtime is starting
         self._unstarted: set[str] = set()  # refused for want of workers: retried on refresh
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # told after the index changed
@@ -385,6 +386,7 @@ class PluginHost:
                     self.manifests.pop(name, None)
                     self._fingerprints.pop(name, None)
                     self.failed.pop(name, None)
+                    self.starting.discard(name)
                     self._unstarted.discard(name)
                     # New calls go to the new code at once; the calls the old one is running
                     # finish there (an upgrade must not cut a tool off mid-way).
@@ -413,6 +415,7 @@ class PluginHost:
             for name, runtime in fresh:
                 if only is None or name in only:
                     task = asyncio.ensure_future(runtime.start())
+                    self.starting.add(name)
                     task.add_done_callback(functools.partial(self._started, name, runtime))
                     starting[name] = task
             if starting:
@@ -436,11 +439,14 @@ class PluginHost:
         if runtime is None:
             return
         task = asyncio.ensure_future(runtime.start())
+        self.starting.add(name)
         task.add_done_callback(functools.partial(self._started, name, runtime))
         await asyncio.wait([task])
 
     def _started(self, name: str, runtime: PluginRuntime, task: asyncio.Future[None]) -> None:
         """A runtime's start ended: record its failure, if it is still the one installed."""
+        if self.runtimes.get(name) is runtime:
+            self.starting.discard(name)
         if task.cancelled():
             return
         failure = task.exception()

@@ -236,12 +236,16 @@ class AdminApi:
         return 200, self._with_state(plugin_view(record.manifest, tools=True))
 
     def _with_state(self, view: JSON) -> JSON:
-        """``view`` and whether this server serves the plugin (``error``: why not)."""
+        """``view`` and whether this server serves the plugin (``starting``: not yet, its
+        calls wait for it; ``error``: why not)."""
         host = self.runtime.plugins
         error = host.failed.get(view["name"])
         if error is None and view["name"] not in host.runtimes:
             error = "not loaded yet: the server takes installs up within a second"
-        view["running"] = error is None
+        starting = error is None and view["name"] in host.starting
+        view["running"] = error is None and not starting
+        if starting:
+            view["starting"] = True
         if error is not None:
             view["error"] = error
         return view

@@ -98,6 +98,42 @@ _MediaHeaders = tuple[bytes | None, bytes | None, bytes | None]
 _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
 
 
+class _Allowed:
+    """What ``allowed_origins`` lets in, lower-cased (origins and hosts are case-insensitive).
+
+    An origin entry (``https://mcp.example.com``) is that Origin, and its host a Host: a proxy
+    that passes on the Host and the Origin of one public name needs one entry. A host entry
+    (``mcp.example.com``, ``mcp.example.com:8443``) is a Host, and the host of an Origin of any
+    scheme. An entry without a port takes the host on any port."""
+
+    __slots__ = ("hosts", "origin_hosts", "origins")
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self.origins: set[str] = set()
+        self.origin_hosts: set[str] = set()
+        self.hosts: set[str] = set()
+        for entry in entries:
+            lowered = entry.strip().lower().rstrip("/")
+            if "://" in lowered:
+                self.origins.add(lowered)
+                self.origin_hosts.add(lowered.split("://", 1)[1])
+            else:
+                self.hosts.add(lowered)
+
+    def origin(self, origin: str) -> bool:
+        lowered = origin.lower()
+        return lowered in self.origins or self._host(lowered.split("://", 1)[-1], self.hosts)
+
+    def host(self, host: str) -> bool:
+        lowered = host.lower()
+        return self._host(lowered, self.hosts) or self._host(lowered, self.origin_hosts)
+
+    @staticmethod
+    def _host(authority: str, listed: set[str]) -> bool:
+        name = hostname(authority)
+        return name in _LOOPBACK_HOSTS or authority in listed or name in listed
+
+
 def _unreadable_post(scope: Scope) -> tuple[int, str] | None:
     """The status (415, 406) and reason when a POST to /mcp is not sent as MCP's streamable
     HTTP transport asks (one JSON message; answers as JSON or an SSE stream); else None."""
@@ -231,6 +267,7 @@ class HttpApp:
         )
         self._list_watch: asyncio.Task[None] | None = None
         self._loopback_only = runtime.settings.on_loopback_only()
+        self._allowed = _Allowed(runtime.settings.allowed_origins)
         self.sse_keepalive_s = SSE_KEEPALIVE_S
 
     # -- lifespan ---------------------------------------------------------------------------
@@ -274,8 +311,10 @@ class HttpApp:
         await self.runtime.aclose()
 
     async def _expire_sessions(self) -> None:
+        # every minute, or a quarter of a shorter idle time (a session goes at most that late)
+        period = min(60.0, self.settings.session_idle_s / 4)
         while True:
-            await asyncio.sleep(60)
+            await asyncio.sleep(period)
             await self.expire_idle()
 
     async def expire_idle(self, now: float | None = None) -> list[str]:
@@ -418,16 +457,12 @@ class HttpApp:
 
     def _origin_allowed(self, scope: Scope, origin: str | None) -> bool:
         """Whether the request's Origin (``origin``) and Host may reach this server."""
-        if origin is not None and origin != "null":
-            if origin in self.settings.allowed_origins:
-                return True
-            authority = origin.split("://", 1)[-1]
-            if hostname(authority) not in _LOOPBACK_HOSTS:
-                return False
+        if origin is not None and origin != "null" and not self._allowed.origin(origin):
+            return False
         if self._loopback_only:
             host = header(scope, b"host")
             if host is not None and hostname(host) not in _LOOPBACK_HOSTS:
-                return host in self.settings.allowed_origins
+                return self._allowed.host(host)
         return True
 
     # -- MCP --------------------------------------------------------------------------------

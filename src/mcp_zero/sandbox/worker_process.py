@@ -314,7 +314,8 @@ class WorkerProcess:
         except TypeError:  # nested deeper than a frame carries (orjson: 254 levels)
             del self._calls[call_id]
             raise InvalidParams(
-                f"{call.label}: its parameters nest too deep to be passed to the plugin"
+                f"{call.label}: its parameters nest too deep to be passed to the plugin "
+                "(arguments: at most 253 levels)"
             ) from None
         timer = self._loop.call_later(timeout, self._timed_out, call_id, timeout)
         try:
