@@ -218,12 +218,18 @@ async def test_progress_and_errors_over_stdio(tmp_path: Path) -> None:
         assert error["data"]["path"] == "/text"
 
 
-async def test_mcp0_serve_stdio_speaks_json_lines(tmp_path: Path) -> None:
+async def data_dir_with_agent(tmp_path: Path, agent: str) -> Path:
+    """A data dir with the faulty plugin and ``agent`` attached to it, for `mcp0 serve`."""
     data_dir = tmp_path / "data"
     runtime = make_runtime(data_dir)
     runtime.plugins.install(FAULTY_DIR)
-    await runtime.agents.spawn("cli-piper", ["faulty"])
+    await runtime.agents.spawn(agent, ["faulty"])
     runtime.close()
+    return data_dir
+
+
+async def test_mcp0_serve_stdio_speaks_json_lines(tmp_path: Path) -> None:
+    data_dir = await data_dir_with_agent(tmp_path, "cli-piper")
     lines = [
         orjson.dumps(initialize_message(version="2025-11-25")),
         b'{"jsonrpc": "2.0", "method": "notifications/initialized"}',
@@ -308,11 +314,7 @@ async def test_mcp0_serve_stdio_writes_to_a_file_or_a_pipe_shared_with_stderr(
 ) -> None:
     """Written directly there: non-blocking mode on a pipe stderr shares would make its log
     lines fail when the pipe is full."""
-    data_dir = tmp_path / "data"
-    runtime = make_runtime(data_dir)
-    runtime.plugins.install(FAULTY_DIR)
-    await runtime.agents.spawn("filer", ["faulty"])
-    runtime.close()
+    data_dir = await data_dir_with_agent(tmp_path, "filer")
     lines = [
         orjson.dumps(initialize_message()),
         orjson.dumps(
