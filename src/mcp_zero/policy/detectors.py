@@ -68,8 +68,9 @@ DETECTORS: tuple[Detector, ...] = (
         SECRET,
         "aws_secret_access_key",
         re.compile(
-            r"(?i)\baws_secret_access_key(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
-            r"(?P<value>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+            r"\baws_secret_access_key(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
+            r"(?P<value>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
+            re.IGNORECASE,
         ),
     ),
     Detector(
@@ -99,7 +100,9 @@ DETECTORS: tuple[Detector, ...] = (
         re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}" + _KEY_TAIL),
     ),
     Detector(
-        SECRET, "credential_assignment", re.compile("(?i)" + _CREDENTIAL_NAME + _CREDENTIAL_VALUE)
+        SECRET,
+        "credential_assignment",
+        re.compile(_CREDENTIAL_NAME + _CREDENTIAL_VALUE, re.IGNORECASE),
     ),
     Detector(
         PII,
@@ -120,11 +123,38 @@ _BY_LABEL: dict[str, tuple[Detector, ...]] = {
 }
 
 
+def _any_of(detectors: Iterable[Detector]) -> re.Pattern[str] | None:
+    """One pattern that matches where any of ``detectors`` (those without a check) does:
+    labelling a text is then one search per label, not one per detector."""
+    parts = []
+    for detector in detectors:
+        flags = ("i" if detector.pattern.flags & re.IGNORECASE else "") + (
+            "s" if detector.pattern.flags & re.DOTALL else ""
+        )
+        source = detector.pattern.pattern.replace("(?P<value>", "(?:")
+        parts.append(f"(?{flags}:{source})" if flags else f"(?:{source})")
+    return re.compile("|".join(parts)) if parts else None
+
+
+# (label, one pattern for its detectors without a check, its detectors with one)
+_LABELLERS: tuple[tuple[str, re.Pattern[str] | None, tuple[Detector, ...]], ...] = tuple(
+    (
+        label,
+        _any_of(d for d in detectors if d.check is None),
+        tuple(d for d in detectors if d.check is not None),
+    )
+    for label, detectors in sorted(_BY_LABEL.items())
+)
+
+
 def label_text(text: str) -> frozenset[str]:
     """The labels whose detectors find something in ``text``."""
     found: list[str] = []
-    for label, detectors in _BY_LABEL.items():
-        for detector in detectors:
+    for label, any_match, checked in _LABELLERS:
+        if any_match is not None and any_match.search(text) is not None:
+            found.append(label)
+            continue
+        for detector in checked:
             if _first(detector, text) is not None:
                 found.append(label)
                 break
