@@ -24,6 +24,8 @@ Writes .bench/call_work.json, and the server's profile of the calls to
 .bench/call_work.prof (for `python -m pstats`: who calls what).
 
     .venv/bin/python bench/call_work.py [--calls 1000] [--tool echo|notes_add] [--top 30]
+        [--policy FILE.cedar]   (a policy file put beside the default one, e.g. one that
+                                 reads context.labels, so that detectors run on every call)
 """
 
 from __future__ import annotations
@@ -421,8 +423,9 @@ async def serve_and_count(data_dir: Path, token: str, args: argparse.Namespace) 
     }
 
 
-def prepare(data_dir: Path, tool: str) -> str:
-    """Lay out the data dir (examples, echo installed), create agent `bench`; its token."""
+def prepare(data_dir: Path, tool: str, policy: Path | None = None) -> str:
+    """Lay out the data dir (examples, echo installed, ``policy`` beside the default one),
+    create agent `bench`; its token."""
     from mcp_zero.config import Settings
     from mcp_zero.runtime import Runtime
 
@@ -434,6 +437,8 @@ def prepare(data_dir: Path, tool: str) -> str:
             runtime.install_plugin(ECHO_PLUGIN)
             plugins.append("echo")
         spawned = asyncio.run(runtime.agents.spawn("bench", plugins, via="cli"))
+        if policy is not None:
+            (runtime.settings.policy_dir / policy.name).write_text(policy.read_text())
     finally:
         runtime.close()
     return spawned.token
@@ -463,6 +468,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--tool", choices=sorted(TOOLS), default="echo")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--policy", type=Path, help="a .cedar file to add to the policy set")
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -474,7 +480,7 @@ def main() -> None:
     OUT_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mcp0-call-work-") as tmp:
         data_dir = Path(tmp) / "mcp0-data"
-        token = prepare(data_dir, args.tool)
+        token = prepare(data_dir, args.tool, args.policy)
         result = {"tool": args.tool, **uvloop.run(serve_and_count(data_dir, token, args))}
     (OUT_DIR / "call_work.json").write_text(json.dumps(result, indent=1))
     report(result)

@@ -283,3 +283,31 @@ def test_request_entities_conform_to_the_schema(verb: Verb, plugin: str | None) 
         request, "permit (principal, action, resource);", entities, load_schema()
     )
     assert result.allowed, result.diagnostics.errors
+
+
+REDACT_NOTES = """
+@id("notes-redact-secrets")
+@redact("secret")
+permit (principal, action == Action::"call_tool", resource in Plugin::"notes");
+
+@id("notes-redact-pii")
+@redact("pii")
+permit (principal, action == Action::"call_tool", resource == Tool::"notes_search");
+"""
+
+
+def test_an_allow_carries_the_obligations_of_the_permits_that_made_it(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    (tmp_path / "redact.cedar").write_text(REDACT_NOTES)
+    engine = PolicyEngine.load(tmp_path)
+    alice = Principal("alice", frozenset({"notes"}))
+    search = engine.decide(call(alice, "notes_search"))
+    assert set(search.policies) == {
+        "attached-plugins-only",
+        "notes-redact-secrets",
+        "notes-redact-pii",
+    }
+    assert search.redact == ("pii", "secret")
+    assert engine.decide(call(alice, "notes_add")).redact == ("secret",)
+    assert engine.decide(call(alice, "echo", plugin="echo")).redact == ()
+    assert engine.decide(call(alice, "notes_add")) is engine.decide(call(alice, "notes_add"))

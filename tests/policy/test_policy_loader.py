@@ -144,3 +144,74 @@ def test_policies_without_id_are_named_by_file_and_position() -> None:
     assert list(engine.policies) == ["x.cedar#0", "x.cedar#1"]
     assert engine.policies["x.cedar#1"].effect == "forbid"
     assert engine.policies["x.cedar#1"].line == 2
+
+
+REDACTING_PERMIT = """
+@id("notes-redacted")
+@reason("notes, with secrets and personal data redacted")
+@redact("secret, pii")
+permit (principal, action == Action::"call_tool", resource in Plugin::"notes");
+"""
+
+
+def test_a_redact_obligation_is_read_with_its_labels(tmp_path: Path) -> None:
+    (tmp_path / "r.cedar").write_text(REDACTING_PERMIT)
+    engine = PolicyEngine.load(tmp_path)
+    assert engine.policies["notes-redacted"].redact == {"secret", "pii"}
+    assert engine.uses_labels
+
+
+@pytest.mark.parametrize(
+    ("annotation", "problem"),
+    [
+        (
+            '@redact("nonsense")',
+            "@redact names unknown label 'nonsense'; the labels are: pii, secret",
+        ),
+        ('@redact("secret, passwords")', "@redact names unknown label 'passwords'"),
+        ('@redact("")', "@redact names no label; name some of: pii, secret"),
+    ],
+)
+def test_a_redact_naming_no_known_label_is_refused(
+    tmp_path: Path, annotation: str, problem: str
+) -> None:
+    (tmp_path / "r.cedar").write_text(
+        f'\n@id("bad-redact")\n{annotation}\npermit (principal, action, resource);\n'
+    )
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(tmp_path)
+    assert caught.value.message.startswith(f'r.cedar:2: policy "bad-redact": {problem}')
+    assert caught.value.data == {"file": "r.cedar", "line": 2, "policy": "bad-redact"}
+
+
+def test_a_redact_on_a_forbid_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f.cedar").write_text(
+        '@id("forbid-redact")\n@redact("secret")\nforbid (principal, action, resource);\n'
+    )
+    with pytest.raises(
+        PolicyError,
+        match=r'^f\.cedar:1: policy "forbid-redact": @redact is an '
+        r"obligation of an allow; a forbid cannot carry it",
+    ):
+        PolicyEngine.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("condition", "uses"),
+    [
+        ('when { context.labels.contains("secret") }', True),
+        ("unless { context.labels.isEmpty() }", True),
+        ('when { context has plugin && context.labels.containsAny(["pii"]) }', True),
+        ('when { context.labels == ["secret"] }', True),
+        ("when { context.anonymous }", False),
+        ('when { context.transport == "labels" }', False),
+        ("when { principal.admin }", False),
+    ],
+)
+def test_the_engine_knows_whether_a_policy_reads_the_labels(
+    tmp_path: Path, condition: str, uses: bool
+) -> None:
+    write_default_policies(tmp_path)
+    assert not PolicyEngine.load(tmp_path).uses_labels
+    (tmp_path / "c.cedar").write_text(f"forbid (principal, action, resource) {condition};")
+    assert PolicyEngine.load(tmp_path).uses_labels is uses

@@ -45,6 +45,7 @@ from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.kernel.client_requests import GovernedBridge
 from mcp_zero.kernel.plugins import PluginHost, ToolEntry
 from mcp_zero.kernel.quotas import QuotaGate
+from mcp_zero.policy.detectors import label_text, redact
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
@@ -676,8 +677,10 @@ class Kernel:
             missing = ResourceNotFound(
                 f"no installed plugin serves {target!r}", data={"uri": target}
             )
+        # what policy labels: the value the client typed, under the argument's name
+        typed = {str(argument.get("name", "")): argument.get("value")}
         return await self._govern(
-            Action(principal, Verb.COMPLETE, target, plugin, {}, {"transport": transport}),
+            Action(principal, Verb.COMPLETE, target, plugin, typed, {"transport": transport}),
             "completion/complete",
             request_id,
             run,
@@ -781,6 +784,11 @@ class Kernel:
                 self.limiter.check(principal.agent)
             if refused is not None:
                 raise refused
+            if self.policy.uses_labels and action.arguments:  # (else detectors need not run)
+                labels = label_text(orjson.dumps(action.arguments).decode())
+                if labels:
+                    action.context["labels"] = labels
+                    event["labels"] = sorted(labels)
             t = time.perf_counter()
             decision = self.policy.decide(action)
             policy_s = time.perf_counter() - t
@@ -820,6 +828,10 @@ class Kernel:
                     sandbox_s = time.perf_counter() - t
             finally:
                 self.quotas.leave(principal.agent)
+            if decision.redact:  # the obligation of the permits that allowed it
+                result, redacted = redact(result, decision.redact)
+                event["obligations"] = ["redact:" + label for label in decision.redact]
+                event["redacted"] = redacted
             if result.get("isError"):
                 event["tool_error"] = True
         except asyncio.CancelledError as exc:

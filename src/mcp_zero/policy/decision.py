@@ -17,7 +17,9 @@ class PolicyDecision:
     sentence per entry of ``policies`` (the policy's ``@reason``), or, for a
     default deny, the one sentence that explains it. ``errors`` holds Cedar's
     evaluation errors (a policy that errors is skipped). ``message`` is the
-    sentence shown to the user.
+    sentence shown to the user. ``redact`` (an allow's obligation) holds the labels whose
+    detectors' matches are redacted from the action's result: those the ``@redact``
+    annotations of ``policies`` name, sorted.
     """
 
     allowed: bool
@@ -25,6 +27,7 @@ class PolicyDecision:
     reasons: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
     message: str = ""
+    redact: tuple[str, ...] = ()
 
     def to_data(self) -> dict[str, Any]:
         """The decision as JSON-ready ``data`` for errors and audit records."""

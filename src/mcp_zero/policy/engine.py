@@ -45,6 +45,9 @@ class PolicyEngine:
         self._compiled = compiled
         self._policy_set = compiled.policy_set
         self._infos = compiled.infos
+        # Whether a policy can use the labels of an action's arguments: one reads them, or
+        # carries an obligation (whose records show them). Else detectors need not run.
+        self.uses_labels = any(info.reads_labels or info.redact for info in self._infos.values())
         self._cache_size = cache_size
         self._decisions: dict[tuple[Any, ...], PolicyDecision] = {}
         self._entities: dict[tuple[Any, ...], cedarpy.Entities] = {}
@@ -143,7 +146,9 @@ class PolicyEngine:
         errors = tuple(_error_text(e) for e in diagnostics.errors)
         if result.allowed:
             reasons = tuple(self._reason(pid, "permits it") for pid in matched)
-            return PolicyDecision(True, matched, reasons, errors, "allowed by " + _ids(matched))
+            redact = sorted({label for pid in matched for label in self._redact_of(pid)})
+            message = "allowed by " + _ids(matched)
+            return PolicyDecision(True, matched, reasons, errors, message, tuple(redact))
         if matched:
             reasons = tuple(self._reason(pid, "forbids it") for pid in matched)
             sentence = "; ".join(
@@ -183,6 +188,10 @@ class PolicyEngine:
         sentence = f"no policy permits {describe(agent, action.verb, rid)}: {why}"
         ids = tuple(info.id for info in candidates)
         return PolicyDecision(False, ids, (sentence,), errors, sentence)
+
+    def _redact_of(self, policy_id: str) -> frozenset[str]:
+        info = self._infos.get(policy_id)
+        return info.redact if info is not None else _NO_LABELS
 
     def _reason(self, policy_id: str, fallback: str) -> str:
         info = self._infos.get(policy_id)

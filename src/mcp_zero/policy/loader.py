@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,7 @@ import cedarpy
 from cedarpy import pst
 
 from mcp_zero.errors import PolicyError
+from mcp_zero.policy.detectors import LABELS
 
 POLICY_GLOB = "*.cedar"
 _POSITIONAL_ID = re.compile(r"policy(\d+)")
@@ -64,6 +65,11 @@ class PolicyInfo:
     principal: TargetScope
     resource: TargetScope
     template: bool = False
+    # The labels a ``@redact`` obligation names: an allow it takes part in has them redacted
+    # from the action's result.
+    redact: frozenset[str] = frozenset()
+    # Its conditions read ``context.labels`` (or the whole context).
+    reads_labels: bool = False
 
     def covers(
         self, agent: str, verb: str, rtype: str, rid: str, parent: tuple[str, str] | None
@@ -206,6 +212,10 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     annotations = template.annotations
     position = _position(template.id)
     policy_id = annotations.get("id") or f"{name}#{position}"
+    line = _line_of(template.id, lines)
+    redact = frozenset[str]()
+    if "redact" in annotations:
+        redact = _redact_labels(name, line, policy_id, template.effect, annotations["redact"])
     verbs: frozenset[str] | None
     action = template.action
     if isinstance(action, pst.ActionEq):
@@ -219,12 +229,65 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
         effect=template.effect,
         reason=annotations.get("reason") or None,
         file=name,
-        line=_line_of(template.id, lines),
+        line=line,
         verbs=verbs,
         principal=_scope(template.principal),
         resource=_scope(template.resource),
         template=is_template,
+        redact=redact,
+        reads_labels=_reads_labels(template.clauses),
     )
+
+
+def _redact_labels(
+    name: str, line: int | None, policy_id: str, effect: str, value: str
+) -> frozenset[str]:
+    """The labels of a ``@redact("secret, pii")`` annotation. Raises PolicyError for one
+    on a forbid, one that names no label, or one that names a label no detector gives."""
+    where = f"{name}:{line}" if line is not None else name
+    data = {"file": name, "line": line, "policy": policy_id}
+    known = ", ".join(sorted(LABELS))
+    if effect != "permit":
+        raise PolicyError(
+            f'{where}: policy "{policy_id}": @redact is an obligation of an allow; '
+            "a forbid cannot carry it (put it on the permit that allows the action)",
+            data=data,
+        )
+    labels = [part.strip() for part in value.split(",")]
+    if not any(labels):
+        raise PolicyError(
+            f'{where}: policy "{policy_id}": @redact names no label; name some of: {known}',
+            data=data,
+        )
+    unknown = [label for label in labels if label not in LABELS]
+    if unknown:
+        raise PolicyError(
+            f'{where}: policy "{policy_id}": @redact names unknown label '
+            f"{', '.join(repr(label) for label in unknown)}; the labels are: {known}",
+            data=data,
+        )
+    return frozenset(labels)
+
+
+def _reads_labels(clauses: tuple[pst.Clause, ...]) -> bool:
+    """Whether a condition reads ``context.labels``, or the context whole (``context ==
+    {...}``): only then do detectors need to run for the policy."""
+    stack: list[object] = list(clauses)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, pst.GetAttr) and node.base == pst.Var("context"):
+            if node.attr == "labels":
+                return True
+            continue  # another attribute of the context
+        if isinstance(node, pst.Var) and node.name == "context":
+            return True
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, tuple):
+            stack.extend(node)
+        elif is_dataclass(node) and not isinstance(node, type):
+            stack.extend(getattr(node, f.name) for f in fields(node))
+    return False
 
 
 def _scope(scope: pst.PrincipalOrResourceConstraint) -> TargetScope:

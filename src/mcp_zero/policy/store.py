@@ -25,6 +25,8 @@ class PolicyStore:
         self._dir = policy_dir
         self._cache_size = cache_size
         self._engine = PolicyEngine.load(policy_dir, cache_size=cache_size)
+        # The engine's ``uses_labels``, a plain attribute the kernel reads on every call.
+        self.uses_labels = self._engine.uses_labels
         self._generation = 1
         # What refresh() last failed on: the files that did not load, or the read error.
         self._refused: dict[str, str] | str | None = None
@@ -53,6 +55,7 @@ class PolicyStore:
         """
         engine = PolicyEngine.load(self._dir, cache_size=self._cache_size)
         self._engine = engine
+        self.uses_labels = engine.uses_labels
         self._generation += 1
         return engine
 
@@ -94,6 +97,7 @@ class PolicyStore:
             raise
         self._refused = None
         self._engine = engine
+        self.uses_labels = engine.uses_labels
         self._generation += 1
         return engine
 

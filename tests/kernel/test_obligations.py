@@ -1,0 +1,207 @@
+"""Labels and obligations on the governed path: content detectors label an action's arguments
+for the policy, and a permit's ``@redact`` obligation redacts the action's result, with real
+Cedar, a real Runtime and real plugin workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from mcp_zero.errors import PolicyDenied, PolicyError
+from mcp_zero.kernel.action import Principal
+from mcp_zero.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+TIMEOUT_S = 20.0
+ALL = frozenset({"notes", "faulty", "conformance"})
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+PRIVATE_KEY = (
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+)
+
+NO_SECRETS_OUT = """
+@id("no-secrets-out")
+@reason("calls carrying secrets are blocked")
+forbid (principal, action, resource) when { context.labels.contains("secret") };
+"""
+
+
+def redacting(labels: str) -> str:
+    """The default permits of calls and content, carrying ``@redact(labels)``."""
+    return f"""
+@id("tools-redacted")
+@redact("{labels}")
+permit (principal is Agent, action == Action::"call_tool", resource is Tool)
+when {{ principal.plugins.contains(resource.plugin) }};
+
+@id("content-redacted")
+@redact("{labels}")
+permit (principal is Agent, action in [Action::"read_resource", Action::"get_prompt",
+        Action::"complete"], resource)
+when {{ principal.plugins.contains(resource.plugin) }};
+"""
+
+
+def use_policy(runtime: Runtime, name: str, text: str) -> None:
+    (runtime.settings.policy_dir / name).write_text(text)
+    runtime.policy.reload()
+
+
+def records(runtime: Runtime, request_id: str) -> list[dict[str, Any]]:
+    bodies = (orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000))
+    return [body for body in bodies if body.get("request_id") == request_id]
+
+
+async def call(
+    runtime: Runtime, tool: str, args: dict[str, Any], rid: str, bridge: Any
+) -> dict[str, Any]:
+    with anyio.fail_after(TIMEOUT_S):
+        return await runtime.kernel.call_tool(
+            Principal("alice", ALL), tool, args, bridge, request_id=rid, transport="test"
+        )
+
+
+async def test_the_no_secrets_out_policy_denies_calls_carrying_secrets(
+    started: Runtime, bridge: Any
+) -> None:
+    # the default policy reads no labels: no detector runs, and the call goes through
+    result = await call(started, "faulty_echo", {"text": f"key {AWS_KEY}"}, "s0", bridge)
+    assert result["content"][0]["text"] == f"key {AWS_KEY}"
+    [record] = records(started, "s0")
+    assert record["outcome"] == "allowed"
+    assert "labels" not in record
+    assert "obligations" not in record
+    use_policy(started, "no-secrets-out.cedar", NO_SECRETS_OUT)
+    for rid, text in (("s1", f"key {AWS_KEY}"), ("s2", PRIVATE_KEY)):
+        with pytest.raises(PolicyDenied) as caught:
+            await call(started, "faulty_echo", {"text": text}, rid, bridge)
+        assert caught.value.data is not None
+        assert caught.value.data["policies"] == ["no-secrets-out"]
+        [record] = records(started, rid)
+        assert record["outcome"] == "denied"
+        assert record["labels"] == ["secret"]
+        assert record["policies"] == ["no-secrets-out"]
+    clean = await call(started, "faulty_echo", {"text": "nothing secret"}, "s3", bridge)
+    assert clean["content"] == [{"type": "text", "text": "nothing secret"}]
+    [record] = records(started, "s3")
+    assert record["outcome"] == "allowed"
+    assert "labels" not in record
+
+
+async def test_labels_of_all_kinds_are_audited(started: Runtime, bridge: Any) -> None:
+    use_policy(started, "no-secrets-out.cedar", NO_SECRETS_OUT)
+    await call(started, "faulty_echo", {"text": "mail bob@example.com"}, "l1", bridge)
+    [record] = records(started, "l1")
+    assert record["outcome"] == "allowed"
+    assert record["labels"] == ["pii"]
+    with pytest.raises(PolicyDenied):
+        await call(started, "faulty_echo", {"text": "bob@example.com token=x9y8z7"}, "l2", bridge)
+    assert records(started, "l2")[0]["labels"] == ["pii", "secret"]
+    with pytest.raises(PolicyDenied):  # a prompt's arguments are labelled too
+        with anyio.fail_after(TIMEOUT_S):
+            await started.kernel.get_prompt(
+                Principal("alice", ALL),
+                "test_prompt_with_arguments",
+                {"arg1": AWS_KEY, "arg2": "b"},
+                bridge,
+                request_id="l3",
+                transport="test",
+            )
+    assert records(started, "l3")[0]["labels"] == ["secret"]
+    with pytest.raises(PolicyDenied):  # and the value a completion is asked for
+        with anyio.fail_after(TIMEOUT_S):
+            await started.kernel.complete(
+                Principal("alice", ALL),
+                {"type": "ref/prompt", "name": "test_prompt_with_arguments"},
+                {"name": "arg1", "value": "password=hunter22"},
+                None,
+                request_id="l4",
+                transport="test",
+            )
+    assert records(started, "l4")[0]["labels"] == ["secret"]
+
+
+async def test_a_redact_obligation_redacts_secrets_in_what_a_tool_returns(
+    started: Runtime, bridge: Any
+) -> None:
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("secret"))
+    result = await call(
+        started, "faulty_echo", {"text": f"key {AWS_KEY}, mail a@b.org"}, "r1", bridge
+    )
+    assert result["content"] == [{"type": "text", "text": "key [redacted:secret], mail a@b.org"}]
+    [record] = records(started, "r1")
+    assert record["outcome"] == "allowed"
+    assert record["policies"] == ["tools-redacted"]
+    assert record["obligations"] == ["redact:secret"]
+    assert record["redacted"] == 1
+    assert record["labels"] == ["pii", "secret"]
+    # structuredContent as well as the text of its content, after the outputSchema check
+    added = await call(started, "notes_add", {"text": f"deploy with {PRIVATE_KEY}"}, "r2", bridge)
+    assert added["structuredContent"]["note"]["text"] == "deploy with [redacted:secret]"
+    assert PRIVATE_KEY not in orjson.dumps(added).decode()
+    assert "[redacted:secret]" in added["content"][0]["text"]
+    [record] = records(started, "r2")
+    assert record["obligations"] == ["redact:secret"]
+    assert record["redacted"] == 2
+    # a clean result: the obligation ran and found nothing
+    clean = await call(started, "faulty_echo", {"text": "plain"}, "r3", bridge)
+    assert clean["content"][0]["text"] == "plain"
+    [record] = records(started, "r3")
+    assert (record["obligations"], record["redacted"]) == (["redact:secret"], 0)
+    assert "labels" not in record
+
+
+async def test_a_pii_obligation_redacts_e_mail_addresses_in_prompts_and_results(
+    started: Runtime, bridge: Any
+) -> None:
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("pii"))
+    result = await call(
+        started, "faulty_echo", {"text": f"write to jane@example.com, {AWS_KEY}"}, "p1", bridge
+    )
+    assert result["content"][0]["text"] == f"write to [redacted:pii], {AWS_KEY}"
+    [record] = records(started, "p1")
+    assert (record["obligations"], record["redacted"]) == (["redact:pii"], 1)
+    with anyio.fail_after(TIMEOUT_S):
+        prompt = await started.kernel.get_prompt(
+            Principal("alice", ALL),
+            "test_prompt_with_arguments",
+            {"arg1": "jane@example.com", "arg2": "4111 1111 1111 1111"},
+            bridge,
+            request_id="p2",
+            transport="test",
+        )
+    text = orjson.dumps(prompt).decode()
+    assert "jane@example.com" not in text
+    assert "4111 1111 1111 1111" not in text
+    assert text.count("[redacted:pii]") == 2
+    [record] = records(started, "p2")
+    assert (record["obligations"], record["redacted"]) == (["redact:pii"], 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '@id("odd")\n@redact("nonsense")\npermit (principal, action, resource);\n',
+            "odd.cedar:1: policy \"odd\": @redact names unknown label 'nonsense'",
+        ),
+        (
+            '@id("odd")\n@redact("secret")\nforbid (principal, action, resource);\n',
+            'odd.cedar:1: policy "odd": @redact is an obligation of an allow; a forbid cannot',
+        ),
+    ],
+)
+async def test_a_bad_redact_is_refused_and_the_policy_set_in_force_stays(
+    started: Runtime, bridge: Any, text: str, problem: str
+) -> None:
+    (started.settings.policy_dir / "odd.cedar").write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        started.policy.reload()
+    assert caught.value.message.startswith(problem)
+    result = await call(started, "faulty_echo", {"text": "still here"}, "b1", bridge)
+    assert result["content"][0]["text"] == "still here"

@@ -1,0 +1,157 @@
+"""Content detectors: each pattern finds what it is for, and leaves its near misses alone."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from mcp_zero.policy.detectors import LABELS, label_text, redact
+
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\n"
+    "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi\n"
+    "-----END RSA PRIVATE KEY-----"
+)
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+    "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
+
+SECRETS = {
+    "aws access key id": "key AKIAIOSFODNN7EXAMPLE here",
+    "aws session key id": "ASIAY34FZKBOKMUTVV7A",
+    "aws secret key": "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "pem private key": f"the key:\n{PEM}\nend",
+    "openssh private key": "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk",
+    "github classic token": "ghp_" + "A1b2C3d4E5" * 3 + "F6g7H8",
+    "github oauth token": "gho_" + "x" * 36,
+    "github app token": "ghs_" + "9" * 36,
+    "github fine-grained token": "github_pat_11ABCDEFG0123456789abc_" + "z" * 59,
+    "slack token": "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp",
+    "google api key": "AIzaSyA-1234567890abcdefghijklmnopqrstu",
+    "stripe live key": "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    "stripe restricted key": "rk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    "openai key": "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8t",
+    "anthropic key": "sk-ant-api03-Ab3dEf6hIj9kLm2nOp5qRs8tUv1w",
+    "jwt": f"Authorization: Bearer {JWT}",
+    "password in text": "password=hunter22",
+    "passwd in a config": "DB_PASSWD: s3cr3t!",
+    "api key in a url": "https://api.example.com/v1?api_key=abcd1234&x=1",
+    "token in text": "my token: abc123xyz",
+    "password in json text": '{"user": "bob", "password": "hunter2"}',
+    "secret in escaped json": '{\\"client_secret\\": \\"s3cr3t-value\\"}',
+}
+
+NOT_SECRETS = {
+    "akia too short": "AKIA1234567",
+    "akia lower case": "akiaiosfodnn7example",
+    "pem public key": "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A",
+    "ghp too short": "ghp_abc123",
+    "slack without a body": "xoxb-",
+    "google prefix alone": "AIza is how Google keys start",
+    "stripe test key": "sk_test_4eC39HqLyjWDarjtT1zdp7dc",
+    "sk- before words": "sk-some-long-hyphenated-words-here",
+    "jwt-like two parts": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0",
+    "token as a word": "the token is valid until noon",
+    "a tokens count": "max_tokens: 100",
+    "password without a value": "enter your password",
+    "password set to null": '{"password": null}',
+    "a tokenizer": "tokenizer=bpe",
+}
+
+PII = {
+    "email": "write to jane.doe+news@mail.example.co.uk today",
+    "visa with spaces": "card 4111 1111 1111 1111",
+    "mastercard with dashes": "5500-0000-0000-0004",
+    "amex, 15 digits": "378282246310005",
+    "ssn": "ssn 078-05-1120",
+}
+
+NOT_PII = {
+    "a 16-digit number failing luhn": "4111 1111 1111 1112",
+    "12 digits": "411111111111",
+    "an address without a domain": "root@localhost",
+    "a handle": "@jane.doe",
+    "a date": "2024-01-15",
+    "a phone number": "555-123-4567",
+    "an ssn with area 000": "000-12-3456",
+    "an ssn with group 00": "123-00-4567",
+    "an ssn inside a longer number": "1123-45-67890",
+}
+
+
+@pytest.mark.parametrize("text", SECRETS.values(), ids=SECRETS.keys())
+def test_secrets_are_labelled_secret(text: str) -> None:
+    assert label_text(text) == {"secret"}
+
+
+@pytest.mark.parametrize("text", NOT_SECRETS.values(), ids=NOT_SECRETS.keys())
+def test_near_miss_secrets_are_not_labelled(text: str) -> None:
+    assert label_text(text) == frozenset()
+
+
+@pytest.mark.parametrize("text", PII.values(), ids=PII.keys())
+def test_personal_data_is_labelled_pii(text: str) -> None:
+    assert label_text(text) == {"pii"}
+
+
+@pytest.mark.parametrize("text", NOT_PII.values(), ids=NOT_PII.keys())
+def test_near_miss_personal_data_is_not_labelled(text: str) -> None:
+    assert label_text(text) == frozenset()
+
+
+def test_arguments_as_json_text_carry_their_labels() -> None:
+    arguments = {"config": {"password": "hunter2"}, "to": "ops@example.com", "key": PEM}
+    assert label_text(orjson.dumps(arguments).decode()) == LABELS
+
+
+@pytest.mark.parametrize("text", SECRETS.values(), ids=SECRETS.keys())
+def test_every_secret_is_redacted(text: str) -> None:
+    redacted, count = redact(text, ["secret"])
+    assert count >= 1
+    assert "[redacted:secret]" in redacted
+    assert label_text(redacted) == frozenset()
+
+
+def test_a_credential_keeps_its_name_and_loses_its_value() -> None:
+    assert redact('{"password": "hunter2"}', ["secret"]) == (
+        '{"password": "[redacted:secret]"}',
+        1,
+    )
+    assert redact("token=abc123xyz&page=2", ["secret"]) == ("token=[redacted:secret]&page=2", 1)
+
+
+def test_a_private_key_block_is_redacted_whole() -> None:
+    assert redact(f"before\n{PEM}\nafter", ["secret"]) == ("before\n[redacted:secret]\nafter", 1)
+
+
+def test_redaction_walks_json_and_copies_what_it_changes() -> None:
+    value = {
+        "content": [{"type": "text", "text": "mail jane@example.com, key AKIAIOSFODNN7EXAMPLE"}],
+        "structuredContent": {"cards": ["4111 1111 1111 1111", "4111 1111 1111 1112"], "n": 3},
+        "isError": False,
+    }
+    before = orjson.dumps(value)
+    redacted, count = redact(value, ["pii"])
+    assert count == 2
+    assert redacted["content"][0]["text"] == "mail [redacted:pii], key AKIAIOSFODNN7EXAMPLE"
+    assert redacted["structuredContent"] == {
+        "cards": ["[redacted:pii]", "4111 1111 1111 1112"],
+        "n": 3,
+    }
+    assert orjson.dumps(value) == before  # the original is untouched
+    both, count = redact(value, ["secret", "pii"])
+    assert count == 3
+    assert both["content"][0]["text"] == "mail [redacted:pii], key [redacted:secret]"
+
+
+def test_a_value_without_matches_comes_back_as_it_was() -> None:
+    value = {"content": [{"type": "text", "text": "nothing to see"}], "n": [1, 2.5, None, True]}
+    redacted, count = redact(value, ["secret", "pii"])
+    assert count == 0
+    assert redacted is value
+
+
+def test_redacting_an_unknown_label_raises() -> None:
+    with pytest.raises(KeyError):
+        redact("x", ["nonsense"])
