@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from mcp_zero import memory
 from mcp_zero.errors import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
@@ -316,6 +317,7 @@ class HttpApp:
         while True:
             await asyncio.sleep(period)
             await self.expire_idle()
+            memory.trim()  # what ended sessions, streams and answers left in the heap
 
     async def expire_idle(self, now: float | None = None) -> list[str]:
         """End the sessions idle for ``session_idle_s`` at ``now`` (default: now, on the

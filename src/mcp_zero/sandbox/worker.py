@@ -57,6 +57,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from mcp_zero import memory
 from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
 from mcp_zero.sandbox import isolation, proctree, results
 from mcp_zero.sandbox.frames import (
@@ -439,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     in_fd, out_fd = _isolate_stdio()
     isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
     network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network()
+    memory.return_large_blocks()  # a plugin's large results do not stay resident
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
         isolation.apply_rlimits(memory_mb)
