@@ -504,7 +504,8 @@ FAULTY_DIR = Path(__file__).parent / "plugins" / "faulty"
 
 
 async def nap_calls(url: str, token: str, seconds: float, count: int, then: Any) -> list[Any]:
-    """`count` concurrent faulty_nap calls; `then()` runs once they are all in flight."""
+    """`count` concurrent faulty_nap calls; `then()` runs once they are all in flight. A call
+    that gets no answer (the server killed) is its exception."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
     async with httpx2.AsyncClient(headers=headers, timeout=CLIENT_TIMEOUT_S) as http:
 
@@ -521,7 +522,7 @@ async def nap_calls(url: str, token: str, seconds: float, count: int, then: Any)
         calls = [asyncio.ensure_future(nap(n)) for n in range(count)]
         await asyncio.sleep(seconds / 3)  # each is napping in the plugin now
         then()
-        return list(await asyncio.gather(*calls))
+        return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
 def sleepy_agent(server: Server) -> str:
@@ -657,6 +658,41 @@ def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> 
     assert sorted(r["request_id"] for r in naps) == ["term-0", "term-1", "term-2"]
     assert {r["outcome"] for r in naps} == {"allowed"}
     verified = json.loads(mcp0("audit", "verify", "--data-dir", data_dir, "--json"))
+    assert verified["ok"] is True, verified
+
+
+def test_calls_a_policy_audits_before_they_run_are_in_the_log_after_kill_9(
+    server: Server,
+) -> None:
+    """What `@audit("before")` is for: the server dies while the plugin acts, and the log
+    still says the actions were started (and that they never ended)."""
+
+    def loads() -> int:  # the server's records of policy files it loaded
+        records = audit_records(server.data_dir)
+        return sum(r["verb"] == "load_policies" and r["outcome"] == "allowed" for r in records)
+
+    before = loads()
+    (server.data_dir / "policies" / "audited.cedar").write_text(
+        '@id("faulty-audited-first")\n@audit("before")\n'
+        'permit (principal is Agent, action == Action::"call_tool", resource in Plugin::"faulty")'
+        "\nwhen { principal.plugins.contains(resource.plugin) };\n"
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while loads() == before:  # (in force once it reads the same twice)
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.1)
+    token = sleepy_agent(server)
+    answers = asyncio.run(nap_calls(server.url, token, 3.0, 3, server.kill9))
+    assert all(isinstance(a, httpx2.TransportError) for a in answers), answers
+    server.start()
+    naps = [r for r in audit_records(server.data_dir) if r.get("resource") == "faulty_nap"]
+    assert sorted((r["request_id"], r["outcome"]) for r in naps) == [
+        ("term-0", "intent"),
+        ("term-1", "intent"),
+        ("term-2", "intent"),
+    ]
+    assert all(r["obligations"] == ["audit:before"] for r in naps)
+    verified = json.loads(mcp0("audit", "verify", "--data-dir", str(server.data_dir), "--json"))
     assert verified["ok"] is True, verified
 
 

@@ -4,6 +4,7 @@ Cedar, a real Runtime and real plugin workers."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anyio
@@ -194,9 +195,17 @@ async def test_a_pii_obligation_redacts_e_mail_addresses_in_prompts_and_results(
             '@id("odd")\n@redact("secret")\nforbid (principal, action, resource);\n',
             'odd.cedar:1: policy "odd": @redact is an obligation of an allow; a forbid cannot',
         ),
+        (
+            '@id("odd")\n@audit("after")\npermit (principal, action, resource);\n',
+            'odd.cedar:1: policy "odd": @audit takes "before"',
+        ),
+        (
+            '@id("odd")\n@audit("before")\nforbid (principal, action, resource);\n',
+            'odd.cedar:1: policy "odd": @audit is an obligation of an allow; a forbid cannot',
+        ),
     ],
 )
-async def test_a_bad_redact_is_refused_and_the_policy_set_in_force_stays(
+async def test_a_bad_obligation_is_refused_and_the_policy_set_in_force_stays(
     started: Runtime, bridge: Any, text: str, problem: str
 ) -> None:
     (started.settings.policy_dir / "odd.cedar").write_text(text)
@@ -205,3 +214,51 @@ async def test_a_bad_redact_is_refused_and_the_policy_set_in_force_stays(
     assert caught.value.message.startswith(problem)
     result = await call(started, "faulty_echo", {"text": "still here"}, "b1", bridge)
     assert result["content"][0]["text"] == "still here"
+
+
+AUDITED_FIRST = """
+@id("tools-audited-first")
+@audit("before")
+@redact("secret")
+permit (principal is Agent, action == Action::"call_tool", resource is Tool)
+when { principal.plugins.contains(resource.plugin) };
+"""
+
+
+async def test_an_audit_before_obligation_records_a_call_durably_before_it_runs(
+    started: Runtime, bridge: Any
+) -> None:
+    """The intent is committed while the plugin still runs (so a kill -9 then leaves it in
+    the log), and the outcome follows under the same request id."""
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "audited.cedar", AUDITED_FIRST)
+    running = asyncio.ensure_future(call(started, "faulty_nap", {"seconds": 1.0}, "i1", bridge))
+    with anyio.fail_after(TIMEOUT_S):
+        while not records(started, "i1"):
+            await anyio.sleep(0.01)
+    assert not running.done()
+    [intent] = records(started, "i1")
+    assert intent["outcome"] == "intent"
+    assert intent["obligations"] == ["audit:before"]
+    assert intent["policies"] == ["tools-audited-first"]
+    assert (intent["verb"], intent["resource"], intent["agent"]) == (
+        "call_tool",
+        "faulty_nap",
+        "alice",
+    )
+    await running
+    first, outcome = records(started, "i1")
+    assert first == intent
+    assert outcome["outcome"] == "allowed"
+    assert outcome["obligations"] == ["audit:before", "redact:secret"]
+    # a call denied never gets one: the obligation is an allow's
+    with pytest.raises(PolicyDenied):
+        await started.kernel.call_tool(
+            Principal("bob", frozenset()),
+            "faulty_echo",
+            {"text": "x"},
+            bridge,
+            request_id="i2",
+            transport="test",
+        )
+    assert [r["outcome"] for r in records(started, "i2")] == ["denied"]

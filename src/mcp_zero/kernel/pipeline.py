@@ -155,6 +155,9 @@ async def _wait_for_slot(slots: PluginSlots, timeout: float, plugin: str, limit:
 _VERBS = {verb: verb.value for verb in Verb}
 _ALLOWED = Outcome.ALLOWED.value
 _ERROR = Outcome.ERROR.value
+#: The outcome field of the record an ``@audit("before")`` obligation writes before the action
+#: runs: not an outcome yet (its own record follows, with the same request_id).
+INTENT = "intent"
 
 
 def _event(
@@ -801,6 +804,9 @@ class Kernel:
             # only once the log failed)
             if self.audit.stats.failing and not self.audit.writable():
                 raise _audit_failing(self.audit)
+            if decision.audit_before:  # an obligation: recorded, durably, before it can act
+                event["obligations"] = ["audit:before"]
+                await self.audit.submit({**event, "outcome": INTENT})
             assert action.plugin is not None
             runtime = self.plugins.runtime(action.plugin)
             quotas = self.plugins.manifests[action.plugin].quotas
@@ -830,7 +836,8 @@ class Kernel:
                 self.quotas.leave(principal.agent)
             if decision.redact:  # the obligation of the permits that allowed it
                 result, redacted = redact(result, decision.redact)
-                event["obligations"] = ["redact:" + label for label in decision.redact]
+                done = ["redact:" + label for label in decision.redact]
+                event["obligations"] = event.get("obligations", []) + done
                 event["redacted"] = redacted
             if result.get("isError"):
                 event["tool_error"] = True

@@ -19,7 +19,9 @@ class PolicyDecision:
     evaluation errors (a policy that errors is skipped). ``message`` is the
     sentence shown to the user. ``redact`` (an allow's obligation) holds the labels whose
     detectors' matches are redacted from the action's result: those the ``@redact``
-    annotations of ``policies`` name, sorted.
+    annotations of ``policies`` name, sorted. ``audit_before`` (an allow's obligation too):
+    one of ``policies`` carries ``@audit("before")``, so the action is recorded, durably,
+    before it runs, as well as when it ends.
     """
 
     allowed: bool
@@ -28,6 +30,7 @@ class PolicyDecision:
     errors: tuple[str, ...] = ()
     message: str = ""
     redact: tuple[str, ...] = ()
+    audit_before: bool = False
 
     def to_data(self) -> dict[str, Any]:
         """The decision as JSON-ready ``data`` for errors and audit records."""

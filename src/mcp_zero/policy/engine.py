@@ -146,9 +146,11 @@ class PolicyEngine:
         errors = tuple(_error_text(e) for e in diagnostics.errors)
         if result.allowed:
             reasons = tuple(self._reason(pid, "permits it") for pid in matched)
-            redact = sorted({label for pid in matched for label in self._redact_of(pid)})
+            infos = [info for pid in matched if (info := self._infos.get(pid)) is not None]
+            redact = sorted({label for info in infos for label in info.redact})
+            before = any(info.audit_before for info in infos)
             message = "allowed by " + _ids(matched)
-            return PolicyDecision(True, matched, reasons, errors, message, tuple(redact))
+            return PolicyDecision(True, matched, reasons, errors, message, tuple(redact), before)
         if matched:
             reasons = tuple(self._reason(pid, "forbids it") for pid in matched)
             sentence = "; ".join(
@@ -188,10 +190,6 @@ class PolicyEngine:
         sentence = f"no policy permits {describe(agent, action.verb, rid)}: {why}"
         ids = tuple(info.id for info in candidates)
         return PolicyDecision(False, ids, (sentence,), errors, sentence)
-
-    def _redact_of(self, policy_id: str) -> frozenset[str]:
-        info = self._infos.get(policy_id)
-        return info.redact if info is not None else _NO_LABELS
 
     def _reason(self, policy_id: str, fallback: str) -> str:
         info = self._infos.get(policy_id)

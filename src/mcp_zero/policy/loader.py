@@ -70,6 +70,8 @@ class PolicyInfo:
     redact: frozenset[str] = frozenset()
     # Its conditions read ``context.labels`` (or the whole context).
     reads_labels: bool = False
+    # An ``@audit("before")`` obligation: an action it allows is recorded before it runs.
+    audit_before: bool = False
 
     def covers(
         self, agent: str, verb: str, rtype: str, rid: str, parent: tuple[str, str] | None
@@ -216,6 +218,9 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     redact = frozenset[str]()
     if "redact" in annotations:
         redact = _redact_labels(name, line, policy_id, template.effect, annotations["redact"])
+    audit_before = False
+    if "audit" in annotations:
+        audit_before = _audit_when(name, line, policy_id, template.effect, annotations["audit"])
     verbs: frozenset[str] | None
     action = template.action
     if isinstance(action, pst.ActionEq):
@@ -236,6 +241,7 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
         template=is_template,
         redact=redact,
         reads_labels=_reads_labels(template.clauses),
+        audit_before=audit_before,
     )
 
 
@@ -267,6 +273,26 @@ def _redact_labels(
             data=data,
         )
     return frozenset(labels)
+
+
+def _audit_when(name: str, line: int | None, policy_id: str, effect: str, value: str) -> bool:
+    """An ``@audit("before")`` annotation (True). Raises PolicyError for one on a forbid (a
+    denial is recorded anyway) or with another value."""
+    where = f"{name}:{line}" if line is not None else name
+    data = {"file": name, "line": line, "policy": policy_id}
+    if effect != "permit":
+        raise PolicyError(
+            f'{where}: policy "{policy_id}": @audit is an obligation of an allow; a forbid '
+            "cannot carry it (every denial is recorded anyway)",
+            data=data,
+        )
+    if value.strip() != "before":
+        raise PolicyError(
+            f'{where}: policy "{policy_id}": @audit takes "before" (record the action before '
+            f"it runs, as well as its outcome), not {value[:40]!r}",
+            data=data,
+        )
+    return True
 
 
 def _reads_labels(clauses: tuple[pst.Clause, ...]) -> bool:
