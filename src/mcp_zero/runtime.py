@@ -257,7 +257,10 @@ class Runtime:
         while True:
             await asyncio.sleep(REFRESH_INTERVAL_S)
             try:
-                await self.plugins.refresh()
+                if await self.plugins.refresh():
+                    # replaced copies no process can still run (as at start): a server up
+                    # for months under frequent replaces keeps two hours' worth, not all
+                    await asyncio.to_thread(self.plugins.sweep_copies)
             except Exception:
                 log.exception("reloading plugins failed; serving the previous set")
             try:

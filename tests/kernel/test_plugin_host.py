@@ -295,6 +295,31 @@ async def test_a_replaced_copy_is_kept_for_a_draining_server_then_swept_at_a_sta
     assert current.is_dir()
 
 
+async def test_a_running_server_sweeps_old_replaced_copies_when_plugins_change(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    """Not only at its next start: under frequent replaces a server up for months would keep
+    every copy its refreshes never loaded (a probe: 20 of 30 left behind)."""
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.start(wait=10)
+    try:
+        # a copy replaced again before this server's refresh loaded it: it never drains it
+        never_loaded = installed_copy(runtime).parent / "2.0.0-replaced"
+        shutil.copytree(FAULTY_DIR, never_loaded)
+        os.utime(never_loaded)  # made now (copytree kept the source's time)
+        cli = make_runtime()  # another process's install, as `mcp0 plugin install` makes
+        backdate(never_loaded)  # (after: a Runtime sweeps as it starts)
+        cli.plugins.install(edited_copy(tmp_path, FAULTY_DIR, version="3.0.0"), replace=True)
+        current = installed_copy(cli)
+        with anyio.fail_after(20):
+            while never_loaded.exists():
+                await anyio.sleep(0.05)
+        assert current.is_dir()
+    finally:
+        await runtime.aclose()
+
+
 async def test_refresh_indexes_tools_resources_and_prompts(make_runtime: Any) -> None:
     runtime: Runtime = make_runtime()
     runtime.plugins.install(FAULTY_DIR)
