@@ -5,7 +5,9 @@ and the log lines of sessions dropped for new ones."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -244,6 +246,49 @@ async def test_listen_streams_hold_the_shared_budget_while_open(env: Env) -> Non
                 await asyncio.sleep(0.01)
     finally:
         server.subscription_budget = saved
+
+
+async def test_an_open_listen_keeps_nothing_of_its_request(env: Env) -> None:
+    # A listen stream kept its whole request while open: its body's bytes (in the HTTP
+    # server and the ASGI app), the decoded params and the client capabilities of its
+    # _meta. 30 listens of 900 KB bodies held 2.7 MiB each; now ~22 KiB.
+    count, pad = 5, ["p" * 1000] * 450
+    body = listen_body([uri(0)], 0)
+    body["params"]["notifications"]["pad"] = pad
+    body["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = {"experimental": pad}
+    streams: list[asyncio.StreamWriter] = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for n in range(count):
+            body["id"] = 900_100 + n
+            raw = orjson.dumps(body)
+            head = "".join(f"{k}: {v}\r\n" for k, v in listen_headers(env).items())
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.live.port)
+            streams.append(writer)
+            writer.write(
+                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+                f"Content-Length: {len(raw)}\r\n\r\n".encode()
+                + raw
+            )
+            await writer.drain()
+            del raw
+            seen = b""
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                while b"subscriptions/acknowledged" not in seen:
+                    got = await reader.read(65536)
+                    assert got, seen
+                    seen += got
+        del body, pad
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+        assert len(env.live.app.server.listeners) >= count  # (all open now)
+    finally:
+        tracemalloc.stop()
+        for writer in streams:
+            writer.close()
+    assert held < count * 200 * 1024, f"{count} listens hold {held} bytes"
 
 
 async def test_dropped_sessions_are_logged_once_a_while_with_a_count(

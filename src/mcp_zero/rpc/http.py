@@ -529,6 +529,7 @@ class HttpApp:
         except InvalidRequest as exc:
             await respond_json(send, 400, jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
             return
+        del body  # (decoded: a request that lasts, a listen stream, keeps not its bytes too)
         session_id = header(scope, b"mcp-session-id")
         if _stateless(version) or (
             version is None

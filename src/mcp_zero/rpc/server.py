@@ -352,6 +352,7 @@ class McpServer:
             inflight=connection.inflight,
             cancelled=connection.cancelled,
         )
+        del envelope  # (what the session keeps of it is cut: a listen stream may last)
         task = asyncio.current_task()
         if task is not None:
             self.stateless_calls[task] = session
@@ -677,6 +678,9 @@ class McpServer:
         granted: JSON = dict.fromkeys(flags, True)
         if "resourceSubscriptions" in wanted:
             granted["resourceSubscriptions"] = sorted(honoured)
+        # A stream may stay open for days: it keeps nothing of its request (a body's size).
+        params.clear()
+        del wanted, uris, verdicts
         notices = frozenset(_LISTEN_FLAGS[flag] for flag in flags)
         listener = Listener(session.principal, notices, honoured)
         listener.views = versions(self.kernel, session.principal)
