@@ -17,6 +17,7 @@ from mcp_zero.policy import (
     load_schema,
     write_default_policies,
 )
+from mcp_zero.policy.engine import MAX_CACHED_RESOURCE_LENGTH
 from mcp_zero.policy.request import context_json, entities_json, target_of
 
 NO_ANON = """
@@ -246,6 +247,26 @@ def test_cached_decisions_equal_uncached_ones() -> None:
     for _ in range(3):  # later rounds are served from (and evicted out of) the cache
         for action in actions:
             assert cached.decide(action) == uncached.decide(action)
+
+
+def test_decisions_about_long_resource_ids_are_not_cached() -> None:
+    # 20,000 reads of distinct 8 KB URIs filled both caches (4,096 entries each) with the
+    # URIs and their Cedar entities: ~105 MiB. Short ids (tool names) are cached as before.
+    engine = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES})
+    uncached = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES}, cache_size=0)
+    alice = Principal("alice", frozenset({"notes"}))
+    for n in range(50):
+        uri = f"notes://inbox/{n}/" + "x" * 8000
+        action = Action(alice, Verb.READ_RESOURCE, uri, plugin="notes")
+        assert engine.decide(action) == uncached.decide(action)
+        assert engine.decide(action).allowed
+    assert not engine._decisions
+    assert not engine._entities
+    short = f"notes://inbox/{'y' * (MAX_CACHED_RESOURCE_LENGTH - 14)}"
+    assert len(short) == MAX_CACHED_RESOURCE_LENGTH
+    engine.decide(Action(alice, Verb.READ_RESOURCE, short, plugin="notes"))
+    engine.decide(call(alice, "notes_add"))
+    assert len(engine._decisions) == len(engine._entities) == 2
 
 
 def test_digest_names_the_policy_set() -> None:

@@ -24,6 +24,9 @@ from mcp_zero.policy.request import (
 from mcp_zero.policy.schema import load_schema
 
 DEFAULT_CACHE_SIZE = 4096
+# Decisions and entities about a longer resource id (a client's URI: up to 8,192 characters)
+# are not cached: the caches hold a few hundred bytes an entry, not the client's kilobytes.
+MAX_CACHED_RESOURCE_LENGTH = 256
 _NO_LABELS: frozenset[str] = frozenset()
 _ACTIONS = {verb: {"type": "Action", "id": verb.value} for verb in Verb}
 
@@ -114,7 +117,7 @@ class PolicyEngine:
         decision = self._decisions.get(key)
         if decision is None:
             decision = self._evaluate(action, key)
-            if self._cache_size > 0:
+            if self._cache_size > 0 and len(action.resource) <= MAX_CACHED_RESOURCE_LENGTH:
                 _remember(self._decisions, key, decision, self._cache_size)
         return decision
 
@@ -215,7 +218,8 @@ class PolicyEngine:
             # Not re-validated against the schema here (it costs a third of a cold
             # decision); tests check that what entities_json builds conforms.
             entities = cedarpy.Entities.from_json_str(entities_json(principal, rtype, rid, parent))
-            _remember(self._entities, ekey, entities, max(self._cache_size, 64))
+            if len(rid) <= MAX_CACHED_RESOURCE_LENGTH:
+                _remember(self._entities, ekey, entities, max(self._cache_size, 64))
         return entities
 
 

@@ -67,6 +67,7 @@ from mcp_zero.rpc.streams import (
 from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 
 log = logging.getLogger("mcp_zero.http")
+DROP_LOG_INTERVAL_S = 60.0  # an agent's dropped sessions are logged once a minute
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 _ALLOW = [(b"allow", b"GET, POST, DELETE, OPTIONS")]
 _ALLOWED_HEADERS = (
@@ -270,6 +271,8 @@ class HttpApp:
         self._loopback_only = runtime.settings.on_loopback_only()
         self._allowed = _Allowed(runtime.settings.allowed_origins)
         self.sse_keepalive_s = SSE_KEEPALIVE_S
+        # per agent: when its sessions were last logged as dropped, and how many since
+        self._drops_logged: dict[str, tuple[float, int]] = {}
 
     # -- lifespan ---------------------------------------------------------------------------
 
@@ -337,8 +340,26 @@ class HttpApp:
         if len(mine) >= self.settings.max_sessions_per_agent:
             oldest = min(mine, key=lambda s: s.last_seen)
             agent = principal.agent
-            log.info("agent %r opened more sessions than it may: dropping %s", agent, oldest.id)
+            self._log_dropped(agent, oldest.id)
             await self._close_session(self.sessions.pop(oldest.id))
+
+    def _log_dropped(self, agent: str, session_id: str) -> None:
+        """Log that ``agent``'s session was dropped for a new one, once a minute an agent
+        (a client opening sessions in a loop must not fill the log), with the count since."""
+        now = time.monotonic()
+        last, since = self._drops_logged.get(agent, (now - DROP_LOG_INTERVAL_S, 0))
+        if now - last < DROP_LOG_INTERVAL_S:
+            self._drops_logged[agent] = (last, since + 1)
+            return
+        if len(self._drops_logged) >= 1024:  # terminated agents' entries go in time
+            for name, (when, _) in list(self._drops_logged.items()):
+                if now - when >= DROP_LOG_INTERVAL_S:
+                    del self._drops_logged[name]
+        self._drops_logged[agent] = (now, 0)
+        more = f" ({since} more dropped since its last such line)" if since else ""
+        log.info(
+            "agent %r opened more sessions than it may: dropping %s%s", agent, session_id, more
+        )
 
     def _listening_sessions(self) -> list[tuple[Session, NoticeChannel | None]]:
         return [
@@ -510,6 +531,7 @@ class HttpApp:
         except InvalidRequest as exc:
             await respond_json(send, 400, jsonrpc.error_from_exception(jsonrpc.error_id(exc), exc))
             return
+        del body  # (decoded: a request that lasts, a listen stream, keeps not its bytes too)
         session_id = header(scope, b"mcp-session-id")
         if _stateless(version) or (
             version is None

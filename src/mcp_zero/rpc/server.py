@@ -48,8 +48,15 @@ from mcp_zero.rpc.resume import Continuation, Resumptions
 from mcp_zero.rpc.session import (
     JSON,
     LOG_LEVELS,
+    MAX_SUBSCRIBED_BYTES,
+    MAX_SUBSCRIPTIONS,
+    SUBSCRIPTION_OVERHEAD,
     Channel,
     Session,
+    SubscriptionBudget,
+    kept_capabilities,
+    kept_client_info,
+    subscription_cost,
 )
 from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH, MAX_URI_LENGTH
 
@@ -213,6 +220,8 @@ class McpServer:
         self.page_size = page_size
         self.max_listeners = max_listeners
         self.max_listeners_per_agent = max_listeners_per_agent
+        # what the resource subscriptions of all sessions and listen streams hold together
+        self.subscription_budget = SubscriptionBudget()
         self.transport = transport
         # The sessions that may hear of resource changes; a transport registers its own.
         self.sessions: Callable[[], Iterable[tuple[Session, Channel | None]]] = lambda: ()
@@ -337,12 +346,13 @@ class McpServer:
             connection.principal,
             id="ephemeral",
             protocol_version=envelope.protocol_version,
-            client_info=envelope.client_info,
-            client_capabilities=envelope.client_capabilities,
+            client_info=kept_client_info(envelope.client_info),
+            client_capabilities=kept_capabilities(envelope.client_capabilities),
             log_level=envelope.log_level or "off",
             inflight=connection.inflight,
             cancelled=connection.cancelled,
         )
+        del envelope  # (what the session keeps of it is cut: a listen stream may last)
         task = asyncio.current_task()
         if task is not None:
             self.stateless_calls[task] = session
@@ -563,10 +573,9 @@ class McpServer:
                 data={"path": "/protocolVersion"},
             )
         session.protocol_version = negotiate_version(params.get("protocolVersion"))
-        caps = params.get("capabilities")
-        session.client_capabilities = caps if isinstance(caps, dict) else {}
-        info = params.get("clientInfo")
-        session.client_info = info if isinstance(info, dict) else {}
+        # Kept as long as the session: what is consulted, not what the client sent.
+        session.client_capabilities = kept_capabilities(params.get("capabilities"))
+        session.client_info = kept_client_info(params.get("clientInfo"))
         return {
             "protocolVersion": session.protocol_version,
             "capabilities": self._capabilities(handshake=True),
@@ -622,6 +631,17 @@ class McpServer:
                 data={"path": "/notifications/resourceSubscriptions"},
             )
         uris = list(dict.fromkeys(uris))
+        cost = subscription_cost(uris)
+        if cost > MAX_SUBSCRIBED_BYTES:  # (refused before it is audited)
+            raise InvalidParams(
+                f"params.notifications.resourceSubscriptions names {cost} bytes of URIs "
+                f"(each counted with {SUBSCRIPTION_OVERHEAD} more); a listen may name at "
+                f"most {MAX_SUBSCRIBED_BYTES}",
+                data={
+                    "path": "/notifications/resourceSubscriptions",
+                    "limit": MAX_SUBSCRIBED_BYTES,
+                },
+            )
         if len(self.listeners) >= self.max_listeners:
             raise QuotaExceeded(
                 f"this server has {len(self.listeners)} open subscriptions/listen streams, "
@@ -635,28 +655,39 @@ class McpServer:
                 f"agent {agent!r} has {self.max_listeners_per_agent} open subscriptions/listen "
                 "streams, as many as it may; close one first"
             )
+        held = self._hold_subscriptions(cost)
         # Rate-limited, and each resource named decided and audited, as resources/subscribe
         # (the notices each stream is sent later are checked again, not audited).
-        verdicts = await self.kernel.subscribe(
-            session.principal,
-            uris,
-            method="subscriptions/listen",
-            request_id=str(rid),
-            transport=self.transport,
-        )
+        try:
+            verdicts = await self.kernel.subscribe(
+                session.principal,
+                uris,
+                method="subscriptions/listen",
+                request_id=str(rid),
+                transport=self.transport,
+            )
+        except BaseException:
+            self.subscription_budget.release(held)
+            raise
         flags = sorted(flag for flag in _LISTEN_FLAGS if wanted.get(flag) is True)
         honoured = frozenset(
             normal_uri(uri) for uri, refused in zip(uris, verdicts, strict=True) if refused is None
         )
+        self.subscription_budget.release(held - subscription_cost(honoured))
+        held = subscription_cost(honoured)
         granted: JSON = dict.fromkeys(flags, True)
         if "resourceSubscriptions" in wanted:
             granted["resourceSubscriptions"] = sorted(honoured)
+        # A stream may stay open for days: it keeps nothing of its request (a body's size).
+        params.clear()
+        del wanted, uris, verdicts
         notices = frozenset(_LISTEN_FLAGS[flag] for flag in flags)
         listener = Listener(session.principal, notices, honoured)
         listener.views = versions(self.kernel, session.principal)
         tag = {SUBSCRIPTION_ID: rid}
         key = (channel, rid)
         if key in self.listeners:  # (a request id in use is refused before this)
+            self.subscription_budget.release(held)
             raise InvalidRequest(f"request id {rid!r} is in use by a listen stream")
         self.listeners[key] = listener
         try:
@@ -681,6 +712,17 @@ class McpServer:
                 await channel.send({**note, "params": {**note.get("params", {}), "_meta": tag}})
         finally:
             del self.listeners[key]
+            self.subscription_budget.release(held)
+
+    def _hold_subscriptions(self, cost: int) -> int:
+        """Take ``cost`` of the server's subscription budget; QuotaExceeded when it is spent."""
+        if not self.subscription_budget.take(cost):
+            raise QuotaExceeded(
+                "this server's resource subscriptions (of all sessions and listen streams) "
+                f"hold {self.subscription_budget.held} of their {self.subscription_budget.limit}"
+                " bytes of URIs; unsubscribe, or retry later"
+            )
+        return cost
 
     def _may_watch(self, principal: Principal, uri: str) -> bool:
         try:
@@ -742,22 +784,57 @@ class McpServer:
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
         uri = _require_str(params, "uri", MAX_URI_LENGTH)
-        [refused] = await self.kernel.subscribe(
-            session.principal,
-            [uri],
-            method="resources/subscribe",
-            request_id=str(rid),
-            transport=self.transport,
-        )
-        if refused is not None:
-            raise refused
-        session.subscriptions.add(normal_uri(uri))
+        watched = normal_uri(uri)
+        held = 0
+        if watched not in session.subscriptions and not session.closed:  # (before the audit)
+            if len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
+                raise QuotaExceeded(
+                    f"this session is subscribed to {MAX_SUBSCRIPTIONS} resources, as many as "
+                    "it may; unsubscribe from one first"
+                )
+            held = subscription_cost((watched,))
+            if session.subscribed_bytes + held > MAX_SUBSCRIBED_BYTES:
+                raise QuotaExceeded(
+                    f"this session's subscriptions hold {session.subscribed_bytes} bytes of "
+                    f"URIs (each counted with {SUBSCRIPTION_OVERHEAD} more), {held} more "
+                    f"would pass its {MAX_SUBSCRIBED_BYTES}; unsubscribe from some first"
+                )
+            self._hold_subscriptions(held)
+            session.subscribed_bytes += held  # (held while decided: concurrent ones count)
+            session.budget = self.subscription_budget
+        try:
+            [refused] = await self.kernel.subscribe(
+                session.principal,
+                [uri],
+                method="resources/subscribe",
+                request_id=str(rid),
+                transport=self.transport,
+            )
+        except BaseException:
+            self._unhold(session, held)
+            raise
+        if refused is not None or session.closed or watched in session.subscriptions:
+            self._unhold(session, held)  # (or a second subscribe of it came first)
+            if refused is not None:
+                raise refused
+            return {}
+        session.subscriptions.add(watched)
         return {}
+
+    def _unhold(self, session: Session, held: int) -> None:
+        if not session.closed:  # (closing gave back what the session held)
+            session.subscribed_bytes -= held
+            self.subscription_budget.release(held)
 
     async def _resources_unsubscribe(
         self, session: Session, params: JSON, channel: Channel, rid: Any
     ) -> JSON:
-        session.subscriptions.discard(normal_uri(_require_str(params, "uri", MAX_URI_LENGTH)))
+        uri = normal_uri(_require_str(params, "uri", MAX_URI_LENGTH))
+        if uri in session.subscriptions:
+            session.subscriptions.discard(uri)
+            cost = subscription_cost((uri,))
+            session.subscribed_bytes -= cost
+            self.subscription_budget.release(cost)
         return {}
 
     # -- prompts and completion -----------------------------------------------------------------

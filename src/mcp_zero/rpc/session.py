@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +28,19 @@ HEADER_VERSIONS = frozenset((*HANDSHAKE_VERSIONS, "2025-03-26"))
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 # "off" (above every level): a 2026-07-28 request that did not ask for log messages gets none.
 LOG_RANK = {**{name: rank for rank, name in enumerate(LOG_LEVELS)}, "off": len(LOG_LEVELS)}
+# The client capabilities the server consults (rpc/bridge.py: may a plugin ask the client);
+# a session keeps only whether each was declared, not what the client sent under it.
+CONSULTED_CAPABILITIES = ("sampling", "elicitation", "roots")
+# clientInfo is kept for what it says (name, version, title), each at most this long.
+CLIENT_INFO_FIELDS = ("name", "version", "title")
+MAX_CLIENT_INFO_LENGTH = 256
+# What resource subscriptions may hold: per session or listen stream (its URIs), and all
+# of them together (SubscriptionBudget). A URI costs its length and an allowance for the
+# objects that hold it, so that many short URIs are counted too.
+MAX_SUBSCRIPTIONS = 1000
+MAX_SUBSCRIBED_BYTES = 256 * 1024
+SUBSCRIPTION_OVERHEAD = 100
+MAX_ALL_SUBSCRIBED_BYTES = 64 * 1024 * 1024
 
 
 class Channel(Protocol):
@@ -40,6 +54,49 @@ class Channel(Protocol):
 
 class ClientRequestFailed(McpZeroError):
     code = "client_request_failed"
+
+
+def kept_capabilities(capabilities: Any) -> JSON:
+    """What a session keeps of the client's ``capabilities``: the consulted ones declared."""
+    if not isinstance(capabilities, dict):
+        return {}
+    return {name: {} for name in CONSULTED_CAPABILITIES if name in capabilities}
+
+
+def kept_client_info(info: Any) -> JSON:
+    """What a session keeps of ``clientInfo``: its string name, version and title, cut."""
+    if not isinstance(info, dict):
+        return {}
+    return {
+        key: value[:MAX_CLIENT_INFO_LENGTH]
+        for key in CLIENT_INFO_FIELDS
+        if isinstance(value := info.get(key), str)
+    }
+
+
+def subscription_cost(uris: Iterable[str]) -> int:
+    """What ``uris`` count against the subscription budgets."""
+    return sum(len(uri) + SUBSCRIPTION_OVERHEAD for uri in uris)
+
+
+class SubscriptionBudget:
+    """The subscription cost all sessions and listen streams of a server hold together."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int = MAX_ALL_SUBSCRIBED_BYTES) -> None:
+        self.held = 0
+        self.limit = limit
+
+    def take(self, cost: int) -> bool:
+        """Hold ``cost`` more, unless that goes past the limit (False)."""
+        if self.held + cost > self.limit:
+            return False
+        self.held += cost
+        return True
+
+    def release(self, cost: int) -> None:
+        self.held -= cost
 
 
 def too_deep_for_plugin(answer: Any) -> bool:
@@ -64,6 +121,8 @@ class Session:
     initialized: bool = False
     log_level: str = "info"
     subscriptions: set[str] = field(default_factory=set)
+    subscribed_bytes: int = 0  # subscription_cost(subscriptions), held in budget
+    budget: SubscriptionBudget | None = None
     inflight: dict[Any, asyncio.Task[Any]] = field(default_factory=dict)
     cancelled: set[Any] = field(default_factory=set)
     pending: dict[int, asyncio.Future[JSON]] = field(default_factory=dict)
@@ -112,6 +171,10 @@ class Session:
 
     def close(self) -> None:
         self.closed = True
+        if self.budget is not None:  # (a session may be closed twice)
+            self.budget.release(self.subscribed_bytes)
+        self.subscribed_bytes = 0
+        self.subscriptions.clear()
         for task in self.inflight.values():
             task.cancel()
         for future in self.pending.values():

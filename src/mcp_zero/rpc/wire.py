@@ -548,7 +548,8 @@ class _Response:
     async def receive(self) -> dict[str, Any]:
         if not self.read:
             self.read = True
-            return {"type": "http.request", "body": b"".join(self.request.body), "more_body": False}
+            chunks, self.request.body = self.request.body, []  # (a listen stream may last)
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.conn.gone.wait()  # after the body: only the disconnect is left to hear
         # Also heard when the server begins to stop (the connection still open): long-lived
         # handlers end then, others may finish within the grace period.

@@ -1,0 +1,318 @@
+"""What one client can make the server hold is bounded: the capabilities and clientInfo a
+session keeps, its resource subscriptions, a listen stream's URIs and all of them together,
+and the log lines of sessions dropped for new ones."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+import pytest
+from rpc_live import (
+    CALL_TIMEOUT_S,
+    CONFORMANCE_DIR,
+    Env,
+    McpHttp,
+    error_of,
+    parse_sse_text,
+    served_agent,
+)
+
+from mcp_zero.rpc import bridge
+from mcp_zero.rpc import http as http_module
+from mcp_zero.rpc.session import (
+    CONSULTED_CAPABILITIES,
+    MAX_CLIENT_INFO_LENGTH,
+    MAX_SUBSCRIBED_BYTES,
+    MAX_SUBSCRIPTIONS,
+    SubscriptionBudget,
+    subscription_cost,
+)
+
+pytestmark = pytest.mark.anyio
+JSON = dict[str, Any]
+V = "2026-07-28"
+
+
+@pytest.fixture(scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    data = tmp_path_factory.mktemp("http-bounds") / "data"
+    async with served_agent(data, "bounded", [CONFORMANCE_DIR], rate_limit=0) as env:
+        yield env
+
+
+def uri(n: int, length: int = 40) -> str:
+    """A resource of the conformance plugin's template, ``length`` characters long."""
+    head = f"test://template/{n}-"
+    return head + "x" * (length - len(head) - len("/data")) + "/data"
+
+
+def audited(env: Env, request_id: Any) -> list[JSON]:
+    records = [orjson.loads(e.body) for e in env.live.runtime.store.read_audit(0, 1_000_000)]
+    return [r for r in records if r.get("request_id") == str(request_id)]
+
+
+async def subscribe(client: McpHttp, target: str) -> JSON:
+    return await client.request("resources/subscribe", {"uri": target})
+
+
+def listen_body(uris: list[str], rid: int) -> JSON:
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": V,
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    return {
+        "jsonrpc": "2.0",
+        "id": rid,
+        "method": "subscriptions/listen",
+        "params": {"notifications": {"resourceSubscriptions": uris}, "_meta": meta},
+    }
+
+
+def listen_headers(env: Env) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {env.token}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": V,
+        "Mcp-Method": "subscriptions/listen",
+    }
+
+
+@asynccontextmanager
+async def listening(env: Env, body: JSON) -> AsyncIterator[httpx2.Response]:
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "POST", env.live.url, content=orjson.dumps(body), headers=listen_headers(env)
+            ) as response:
+                yield response
+
+
+async def listen_refused(env: Env, body: JSON) -> tuple[int, JSON]:
+    async with listening(env, body) as response:
+        await response.aread()
+        assert response.headers["content-type"].startswith("application/json"), response.text
+        return response.status_code, error_of(response.json())
+
+
+async def first_message(response: httpx2.Response) -> JSON:
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            [event] = parse_sse_text(line)
+            return event.message
+    pytest.fail("the stream ended without a message")
+
+
+async def test_a_session_keeps_only_the_client_capabilities_it_consults(env: Env) -> None:
+    # A client's 900 KB capabilities.experimental were kept whole by its session: 1,200
+    # sessions held 1,214 MiB. Only whether sampling, elicitation and roots were declared is
+    # consulted (a plugin's requests to the client), and only that is kept.
+    assert set(bridge._CAPABILITY.values()) == set(CONSULTED_CAPABILITIES)
+    client = env.live.client(env.token)
+    response = await client.post(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {
+                    "experimental": {"pad": ["p" * 1000] * 500},
+                    "elicitation": {"form": {}, "pad": "q" * 10_000},
+                    "roots": {"listChanged": True},
+                },
+                "clientInfo": {
+                    "name": "n" * 100_000,
+                    "version": "1.2",
+                    "extra": ["e" * 1000] * 100,
+                },
+            },
+        }
+    )
+    assert response.status_code == 200, response.text
+    session = env.live.app.sessions[response.headers["mcp-session-id"]]
+    assert session.client_capabilities == {"elicitation": {}, "roots": {}}
+    assert session.client_info == {"name": "n" * MAX_CLIENT_INFO_LENGTH, "version": "1.2"}
+
+
+async def test_subscriptions_of_a_session_are_bounded_in_bytes(env: Env) -> None:
+    # 20,000 subscriptions of 8 KB URIs held +228 MiB in one session, each audited.
+    client = env.live.client(env.token)
+    await client.initialize()
+    long = 8000
+    fits = MAX_SUBSCRIBED_BYTES // subscription_cost([uri(0, long)])
+    for n in range(fits):
+        assert "result" in await subscribe(client, uri(n, long))
+    assert "result" in await subscribe(client, uri(0, long))  # a repeat holds nothing more
+    rid = client.next_id() + 1  # (request's next id)
+    error = error_of(await subscribe(client, uri(fits, long)))
+    assert error["code"] == -32005
+    assert f"would pass its {MAX_SUBSCRIBED_BYTES}" in error["message"]
+    assert audited(env, rid) == []  # refused before it is decided: no 8 KB record
+    # unsubscribing gives room back
+    assert "result" in await client.request("resources/unsubscribe", {"uri": uri(1, long)})
+    assert "result" in await subscribe(client, uri(fits, long))
+    session = env.live.app.sessions[client.session_id or ""]
+    assert session.subscribed_bytes == subscription_cost(session.subscriptions)
+
+
+async def test_subscriptions_of_a_session_are_bounded_in_number(env: Env) -> None:
+    client = env.live.client(env.token)
+    await client.initialize()
+    headers = client.headers()
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+
+        async def subscribe_some(first: int) -> None:
+            for n in range(first, MAX_SUBSCRIPTIONS, 10):
+                body = {
+                    "jsonrpc": "2.0",
+                    "id": n,
+                    "method": "resources/subscribe",
+                    "params": {"uri": uri(n, 30)},
+                }
+                reply = await http.post(env.live.url, content=orjson.dumps(body), headers=headers)
+                assert "result" in reply.json(), reply.text
+
+        with anyio.fail_after(120):
+            await asyncio.gather(*(subscribe_some(first) for first in range(10)))
+    error = error_of(await subscribe(client, uri(MAX_SUBSCRIPTIONS, 30)))
+    assert error["code"] == -32005
+    assert f"subscribed to {MAX_SUBSCRIPTIONS} resources" in error["message"]
+
+
+async def test_subscriptions_of_all_sessions_share_one_budget(env: Env) -> None:
+    server = env.live.app.server
+    saved = server.subscription_budget
+    server.subscription_budget = SubscriptionBudget(3 * subscription_cost([uri(0, 1000)]))
+    try:
+        first = env.live.client(env.token)
+        await first.initialize()
+        for n in range(2):
+            assert "result" in await subscribe(first, uri(n, 1000))
+        second = env.live.client(env.token)
+        await second.initialize()
+        assert "result" in await subscribe(second, uri(2, 1000))
+        error = error_of(await subscribe(second, uri(3, 1000)))
+        assert error["code"] == -32005
+        assert "this server's resource subscriptions" in error["message"]
+        # a listen stream draws on the same budget
+        status, error = await listen_refused(env, listen_body([uri(4, 1000)], 900_001))
+        assert (status, error["code"]) == (200, -32005)
+        # the first session ends: what it held is given back
+        async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+            ended = await http.delete(env.live.url, headers=first.headers())
+        assert ended.status_code in (200, 204)
+        assert server.subscription_budget.held == subscription_cost([uri(2, 1000)])
+        assert "result" in await subscribe(second, uri(3, 1000))
+    finally:
+        server.subscription_budget = saved
+
+
+async def test_a_listen_names_a_bounded_number_of_uri_bytes(env: Env) -> None:
+    # 300 listens of 1,000 URIs of 1 KB held 1,017 MiB.
+    many = [uri(n, 1000) for n in range(MAX_SUBSCRIBED_BYTES // 1000)]
+    status, error = await listen_refused(env, listen_body(many, 900_002))
+    assert status == 400
+    assert error["code"] == -32602
+    assert f"at most {MAX_SUBSCRIBED_BYTES}" in error["message"]
+    assert audited(env, 900_002) == []
+
+
+async def test_listen_streams_hold_the_shared_budget_while_open(env: Env) -> None:
+    server = env.live.app.server
+    saved = server.subscription_budget
+    cost = subscription_cost([uri(0, 2000)])
+    server.subscription_budget = SubscriptionBudget(cost)
+    try:
+        async with listening(env, listen_body([uri(0, 2000)], 900_003)) as response:
+            ack = await first_message(response)
+            assert ack["params"]["notifications"]["resourceSubscriptions"] == [uri(0, 2000)]
+            assert server.subscription_budget.held == cost
+            status, error = await listen_refused(env, listen_body([uri(1, 2000)], 900_004))
+            assert (status, error["code"]) == (200, -32005)
+            assert audited(env, 900_004) == []
+        with anyio.fail_after(CALL_TIMEOUT_S):  # the stream closed: its share comes back
+            while server.subscription_budget.held:
+                await asyncio.sleep(0.01)
+    finally:
+        server.subscription_budget = saved
+
+
+async def test_an_open_listen_keeps_nothing_of_its_request(env: Env) -> None:
+    # A listen stream kept its whole request while open: its body's bytes (in the HTTP
+    # server and the ASGI app), the decoded params and the client capabilities of its
+    # _meta. 30 listens of 900 KB bodies held 2.7 MiB each; now ~22 KiB.
+    count, pad = 5, ["p" * 1000] * 450
+    body = listen_body([uri(0)], 0)
+    body["params"]["notifications"]["pad"] = pad
+    body["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = {"experimental": pad}
+    streams: list[asyncio.StreamWriter] = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for n in range(count):
+            body["id"] = 900_100 + n
+            raw = orjson.dumps(body)
+            head = "".join(f"{k}: {v}\r\n" for k, v in listen_headers(env).items())
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.live.port)
+            streams.append(writer)
+            writer.write(
+                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+                f"Content-Length: {len(raw)}\r\n\r\n".encode()
+                + raw
+            )
+            await writer.drain()
+            del raw
+            seen = b""
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                while b"subscriptions/acknowledged" not in seen:
+                    got = await reader.read(65536)
+                    assert got, seen
+                    seen += got
+        del body, pad
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+        assert len(env.live.app.server.listeners) >= count  # (all open now)
+    finally:
+        tracemalloc.stop()
+        for writer in streams:
+            writer.close()
+    assert held < count * 200 * 1024, f"{count} listens hold {held} bytes"
+
+
+async def test_dropped_sessions_are_logged_once_a_while_with_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 5,000 initializes past max_sessions_per_agent wrote 642 KB of log, a line each.
+    monkeypatch.setattr(http_module, "DROP_LOG_INTERVAL_S", 0.5)
+    caplog.set_level(logging.INFO, logger="mcp_zero.http")
+    settings: dict[str, Any] = {"max_sessions_per_agent": 1, "rate_limit": 0}
+    async with served_agent(tmp_path / "data", "churner", [CONFORMANCE_DIR], **settings) as env:
+        client = env.live.client(env.token)
+        await client.initialize()
+        opened = 0
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+
+        with anyio.fail_after(60):
+            while len(lines()) < 2:
+                await client.initialize()
+                opened += 1
+    first, second = lines()[:2]
+    assert "more dropped" not in first
+    assert len(lines()) == 2
+    skipped = opened - 2  # every initialize after the first dropped one session
+    assert skipped > 0
+    assert f"({skipped} more dropped since its last such line)" in second
