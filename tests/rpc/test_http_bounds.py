@@ -28,7 +28,6 @@ from rpc_live import (
 )
 
 from mcp_zero.rpc import bridge
-from mcp_zero.rpc import http as http_module
 from mcp_zero.rpc.session import (
     CONSULTED_CAPABILITIES,
     MAX_CLIENT_INFO_LENGTH,
@@ -158,7 +157,9 @@ async def test_subscriptions_of_a_session_are_bounded_in_bytes(env: Env) -> None
     error = error_of(await subscribe(client, uri(fits, long)))
     assert error["code"] == -32005
     assert f"would pass its {MAX_SUBSCRIBED_BYTES}" in error["message"]
-    assert audited(env, rid) == []  # refused before it is decided: no 8 KB record
+    [record] = audited(env, rid)  # refused, and audited as such (as a denial would be)
+    assert (record["outcome"], record["code"]) == ("error", "quota_exceeded")
+    assert (record["verb"], record["resource"]) == ("read_resource", uri(fits, long))
     # unsubscribing gives room back
     assert "result" in await client.request("resources/unsubscribe", {"uri": uri(1, long)})
     assert "result" in await subscribe(client, uri(fits, long))
@@ -292,13 +293,13 @@ async def test_an_open_listen_keeps_nothing_of_its_request(env: Env) -> None:
 
 
 async def test_dropped_sessions_are_logged_once_a_while_with_a_count(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 5,000 initializes past max_sessions_per_agent wrote 642 KB of log, a line each.
-    monkeypatch.setattr(http_module, "DROP_LOG_INTERVAL_S", 0.5)
     caplog.set_level(logging.INFO, logger="mcp_zero.http")
     settings: dict[str, Any] = {"max_sessions_per_agent": 1, "rate_limit": 0}
     async with served_agent(tmp_path / "data", "churner", [CONFORMANCE_DIR], **settings) as env:
+        env.live.app.drop_log_interval_s = 0.5  # (a minute by default)
         client = env.live.client(env.token)
         await client.initialize()
         opened = 0

@@ -273,6 +273,8 @@ class HttpApp:
         self.sse_keepalive_s = SSE_KEEPALIVE_S
         # per agent: when its sessions were last logged as dropped, and how many since
         self._drops_logged: dict[str, tuple[float, int]] = {}
+        #: How often an agent's dropped sessions are logged (a line, with the count since).
+        self.drop_log_interval_s = DROP_LOG_INTERVAL_S
 
     # -- lifespan ---------------------------------------------------------------------------
 
@@ -347,13 +349,14 @@ class HttpApp:
         """Log that ``agent``'s session was dropped for a new one, once a minute an agent
         (a client opening sessions in a loop must not fill the log), with the count since."""
         now = time.monotonic()
-        last, since = self._drops_logged.get(agent, (now - DROP_LOG_INTERVAL_S, 0))
-        if now - last < DROP_LOG_INTERVAL_S:
+        interval = self.drop_log_interval_s
+        last, since = self._drops_logged.get(agent, (now - interval, 0))
+        if now - last < interval:
             self._drops_logged[agent] = (last, since + 1)
             return
         if len(self._drops_logged) >= 1024:  # terminated agents' entries go in time
             for name, (when, _) in list(self._drops_logged.items()):
-                if now - when >= DROP_LOG_INTERVAL_S:
+                if now - when >= interval:
                     del self._drops_logged[name]
         self._drops_logged[agent] = (now, 0)
         more = f" ({since} more dropped since its last such line)" if since else ""

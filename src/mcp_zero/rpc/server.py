@@ -786,20 +786,35 @@ class McpServer:
         uri = _require_str(params, "uri", MAX_URI_LENGTH)
         watched = normal_uri(uri)
         held = 0
-        if watched not in session.subscriptions and not session.closed:  # (before the audit)
+        if watched not in session.subscriptions and not session.closed:
+            refusal: QuotaExceeded | None = None
             if len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
-                raise QuotaExceeded(
+                refusal = QuotaExceeded(
                     f"this session is subscribed to {MAX_SUBSCRIPTIONS} resources, as many as "
                     "it may; unsubscribe from one first"
                 )
-            held = subscription_cost((watched,))
-            if session.subscribed_bytes + held > MAX_SUBSCRIBED_BYTES:
-                raise QuotaExceeded(
+            elif session.subscribed_bytes + subscription_cost((watched,)) > MAX_SUBSCRIBED_BYTES:
+                refusal = QuotaExceeded(
                     f"this session's subscriptions hold {session.subscribed_bytes} bytes of "
-                    f"URIs (each counted with {SUBSCRIPTION_OVERHEAD} more), {held} more "
-                    f"would pass its {MAX_SUBSCRIBED_BYTES}; unsubscribe from some first"
+                    f"URIs (each counted with {SUBSCRIPTION_OVERHEAD} more), "
+                    f"{subscription_cost((watched,))} more would pass its "
+                    f"{MAX_SUBSCRIBED_BYTES}; unsubscribe from some first"
                 )
-            self._hold_subscriptions(held)
+            else:
+                try:
+                    held = self._hold_subscriptions(subscription_cost((watched,)))
+                except QuotaExceeded as exc:
+                    refusal = exc
+            if refusal is not None:  # audited as a refused subscribe (over the rate limit: as such)
+                await self.kernel.refuse(
+                    session.principal,
+                    Verb.READ_RESOURCE,
+                    uri,
+                    refusal,
+                    method="resources/subscribe",
+                    request_id=str(rid),
+                    transport=self.transport,
+                )
             session.subscribed_bytes += held  # (held while decided: concurrent ones count)
             session.budget = self.subscription_budget
         try:
