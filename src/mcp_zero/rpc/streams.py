@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ MAX_TOTAL_BUFFERED_BYTES = 64 * 1024 * 1024
 _total_buffered = [0]  # bytes held by the buffers of all streams
 #: Finished streams that still hold events, the first finished first: what goes first past
 #: the total bound (their clients most likely have their answers already).
-_finished: dict[int, weakref.ref[EventStream]] = {}
+_finished: OrderedDict[int, weakref.ref[EventStream]] = OrderedDict()  # (first in O(1))
 
 
 def buffered_bytes() -> int:
@@ -56,8 +56,9 @@ def _forget(held: list[int], key: int) -> None:
 def _drop_finished(limit: int) -> None:
     """Drop the oldest events of finished streams, the first finished first, until all
     streams hold at most ``limit`` bytes (or no finished stream holds any)."""
-    for key, ref in list(_finished.items()):
-        stream = ref()
+    while _finished:
+        key = next(iter(_finished))
+        stream = _finished[key]()
         if stream is not None:
             events, held = stream.events, stream._held
             while events and _total_buffered[0] > limit:
