@@ -645,6 +645,31 @@ async def test_a_terminated_agents_listen_stream_ends(env: Env) -> None:
     assert ended["error"]["code"] == -32001  # as a terminated agent's session calls end
 
 
+async def test_a_listener_behind_holds_one_update_per_resource_however_many_come(
+    env: Env,
+) -> None:
+    watcher = (await env.live.runtime.agents.spawn("watcher", ["faulty"])).token
+    watch = {
+        "notifications": {"toolsListChanged": True, "resourceSubscriptions": ["faulty://counter"]}
+    }
+    body = message("subscriptions/listen", watch)
+    server = env.live.app.server
+    async with streamed(env, body, watcher) as response:
+        lines = response.aiter_lines()
+        await _next_message(lines)  # the acknowledgement
+        (listener,) = [lis for (_, rid), lis in server.listeners.items() if rid == body["id"]]
+        for _ in range(1_000):  # within one turn of the loop: the stream sends none meanwhile
+            await server.announce_resource_updated("faulty://counter")
+        assert listener.mailbox.qsize() == 1  # not 1,000: the client need hear it once
+        updated = await _next_message(lines)
+        assert updated["method"] == "notifications/resources/updated"
+        assert updated["params"]["uri"] == "faulty://counter"
+        # what comes next is the tools list's change, not the same update again
+        await env.live.runtime.agents.attach("watcher", "notes")
+        changed = await _next_message(lines)
+        assert changed["method"] == "notifications/tools/list_changed"
+
+
 def capable() -> JSON:
     return {"io.modelcontextprotocol/clientCapabilities": ELICITING}
 

@@ -123,16 +123,67 @@ async def test_an_event_over_the_bound_is_still_kept_when_it_is_the_newest() -> 
     assert b'"i":1' in stream.events[0]
 
 
+def _held(kept: list[EventStream]) -> int:
+    return sum(len(event) for stream in kept for event in stream.events)
+
+
+async def _live_bytes() -> int:
+    """What live streams hold, once the finished streams of other tests (which give way
+    first) hold nothing: a push past a total bound of 0 drops it all."""
+    await EventStream(keep_total=0).push(_padded(0, 1))
+    return streams.buffered_bytes()
+
+
 async def test_all_streams_together_keep_at_most_the_total_bound() -> None:
-    before = streams.buffered_bytes()
+    before = await _live_bytes()
     kept = [EventStream(keep_total=before + 300_000) for _ in range(10)]
     for stream in kept:
         for i in range(10):  # 100 KB each, a million bytes in all
             await stream.push(_padded(i, 10_000))
-    # past the bound a stream keeps only its newest event: the bound and one event a stream
-    assert streams.buffered_bytes() <= before + 300_000 + len(kept) * 10_100
-    assert all(len(stream.events) >= 1 for stream in kept)  # the newest is always kept
-    assert [len(stream.events) for stream in kept[-5:]] == [1] * 5
+            # the newest events count too: the bound holds after every push
+            assert streams.buffered_bytes() <= before + 300_000
+    assert 290_000 <= _held(kept) <= 300_000
+    assert [len(stream.events) for stream in kept[-5:]] == [0, 0, 0, 0, 0]
+    others = streams.buffered_bytes() - _held(kept)
     del stream
     kept.clear()  # streams that are gone no longer count
-    assert streams.buffered_bytes() == before
+    assert streams.buffered_bytes() == others
+
+
+async def test_finished_streams_with_large_answers_stay_under_the_total_bound() -> None:
+    before = await _live_bytes()
+    bound = before + 300_000
+    finished: list[EventStream] = []
+    for i in range(30):  # 30 calls answered with 100 KB each after a log message: 3 MB
+        stream = EventStream(keep_total=bound)
+        await stream.push(_padded(i, 100))
+        await stream.push({"jsonrpc": "2.0", "id": i, "result": {"pad": "x" * 100_000}})
+        await stream.close()
+        finished.append(stream)
+        assert streams.buffered_bytes() <= bound
+    # the first finished went first: the newest keep their answers, whole
+    assert [stream.spent for stream in finished[-2:]] == [False, False]
+    assert all(stream.spent for stream in finished[:-3])
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await finished[-1].attach(1, send)  # the client had the log message: the answer
+    assert _ids(sent[:-1]) == [2]
+    assert b'"id":29' in sent[0]["body"]
+    assert sent[-1] == {"type": "http.response.body", "body": b""}
+
+
+async def test_past_the_total_bound_finished_streams_give_way_before_live_ones() -> None:
+    bound = await _live_bytes() + 300_000
+    live, done, pushing = (EventStream(keep_total=bound) for _ in range(3))
+    await live.push(_padded(0, 150_000))
+    await done.push(_padded(1, 100_000))
+    await done.close()
+    await pushing.push(_padded(2, 100_000))  # 350 KB: the finished stream's event goes
+    assert streams.buffered_bytes() <= bound
+    assert done.spent
+    assert len(live.events) == 1
+    assert len(pushing.events) == 1

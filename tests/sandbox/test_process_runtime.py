@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -340,6 +342,24 @@ async def test_a_result_over_the_frame_limit_is_an_error_result(make_runtime):
     with anyio.fail_after(10):
         who = await call(rt, "whoami")
     assert who["structuredContent"]["pid"] != first  # replaced after its MemoryError
+
+
+@pytest.mark.parametrize("room_mb", [45, 120])  # no room to assemble the frame; to parse it
+def test_a_server_out_of_memory_reading_a_result_fails_the_call_not_the_worker(tmp_path, room_mb):
+    script = Path(__file__).parent / "short_of_memory.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(room_mb), "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["huge"].startswith("McpZeroError: tool 'huge' of plugin 'kit' failed: mcp0 serve")
+    assert "ran out of memory reading the 31457337 bytes the plugin sent" in out["huge"]
+    assert out["same_worker"] is True  # not killed as breaking the protocol
+    assert "broke the protocol" not in done.stderr
+    assert "out of memory reading a frame of 31457337 bytes" in done.stderr
 
 
 async def test_a_worker_flooding_its_pipe_is_killed_at_the_frame_limit(make_runtime):

@@ -697,7 +697,8 @@ class HttpApp:
         if last is not None:
             parsed = parse_event_id(last)
             stream = session.streams.get(parsed[0]) if parsed else None
-            if stream is None or parsed is None:
+            # a finished stream whose events the total bound took is gone, as after its minute
+            if stream is None or parsed is None or (stream.spent and parsed[1] < stream.count):
                 await respond_json(
                     send,
                     404,

@@ -36,6 +36,44 @@ CHECK_INTERVAL_S = 1.0
 Listeners = Callable[[], Iterable[tuple[Session, Channel | None]]]
 
 
+class Mailbox:
+    """What a listen stream is still to send, in the order first posted; a notice already
+    waiting is not posted again (one ``resources/updated`` of a URI, one ``list_changed`` of
+    a list, however often it changed until the client is told), so a client that reads
+    slowly holds at most one notice per resource and list it listens to. ``None`` ends the
+    stream, after what waits."""
+
+    __slots__ = ("_ended", "_notes", "_posted")
+
+    def __init__(self) -> None:
+        self._notes: dict[tuple[str, str | None], JSON] = {}
+        self._ended = False
+        self._posted = asyncio.Event()
+
+    def qsize(self) -> int:
+        """Notices waiting (and the end, once posted)."""
+        return len(self._notes) + self._ended
+
+    def put_nowait(self, note: JSON | None) -> None:
+        if note is None:
+            self._ended = True
+        elif not self._ended:
+            params = note.get("params")
+            uri = params.get("uri") if isinstance(params, dict) else None
+            self._notes.setdefault((note["method"], uri), note)
+        self._posted.set()
+
+    async def get(self) -> JSON | None:
+        """The oldest notice waiting (waiting for one); None once the stream is to end."""
+        while not self._notes:
+            if self._ended:
+                return None
+            self._posted.clear()
+            await self._posted.wait()
+        key = next(iter(self._notes))
+        return self._notes.pop(key)
+
+
 class Listener:
     """One open ``subscriptions/listen`` request (MCP 2026-07-28): the list notices and the
     resources it asked for, the list versions its client knows, and its mailbox."""
@@ -47,7 +85,7 @@ class Listener:
         self.notices = notices  # of NOTICES
         self.uris = uris
         self.views: dict[str, str] = {}
-        self.mailbox: asyncio.Queue[JSON | None] = asyncio.Queue()  # None: the server ends it
+        self.mailbox = Mailbox()  # None: the server ends it
 
 
 class ListChanges:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import orjson
@@ -32,10 +32,14 @@ MAX_BUFFERED_NOTICES = 1_000  # a session's GET stream: kept while the session l
 #: had in flight (the server's MAX_STREAM_BACKLOG and the socket buffers), so a resume
 #: rarely misses any; past it the oldest go, as past MAX_BUFFERED_EVENTS.
 MAX_BUFFERED_BYTES = 8 * 1024 * 1024
-#: Bytes all streams together keep: past it a stream that is sent an event keeps only that
-#: one, so that many streams (finished ones are kept a minute) cannot pin memory without end.
-MAX_TOTAL_BUFFERED_BYTES = 256 * 1024 * 1024
+#: Bytes all streams together keep, live and finished (a finished one is kept a minute),
+#: newest events included: past it the oldest events of finished streams go first, then
+#: the stream's own oldest. A part of the process's memory: see docs/architecture.md.
+MAX_TOTAL_BUFFERED_BYTES = 64 * 1024 * 1024
 _total_buffered = [0]  # bytes held by the buffers of all streams
+#: Finished streams that still hold events, the first finished first: what goes first past
+#: the total bound (their clients most likely have their answers already).
+_finished: OrderedDict[int, weakref.ref[EventStream]] = OrderedDict()  # (first in O(1))
 
 
 def buffered_bytes() -> int:
@@ -43,9 +47,27 @@ def buffered_bytes() -> int:
     return _total_buffered[0]
 
 
-def _forget(held: list[int]) -> None:
+def _forget(held: list[int], key: int) -> None:
     """A stream is gone: its buffer no longer counts."""
     _total_buffered[0] -= held[0]
+    _finished.pop(key, None)
+
+
+def _drop_finished(limit: int) -> None:
+    """Drop the oldest events of finished streams, the first finished first, until all
+    streams hold at most ``limit`` bytes (or no finished stream holds any)."""
+    while _finished:
+        key = next(iter(_finished))
+        stream = _finished[key]()
+        if stream is not None:
+            events, held = stream.events, stream._held
+            while events and _total_buffered[0] > limit:
+                size = len(events.popleft())
+                held[0] -= size
+                _total_buffered[0] -= size
+            if events:
+                return
+        del _finished[key]
 
 
 def sse_event(event_id: str, data: bytes, *, retry: int | None = None) -> bytes:
@@ -76,9 +98,10 @@ class EventStream:
 
     Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS (and no
     more than MAX_BUFFERED_BYTES of them, but always the newest one) are kept for
-    resumption; numbering goes on past that, so ids never repeat. A stream has
-    one connection at a time (MCP: a message goes out on one stream only, and a stream is
-    one connection): a client that resumes takes the stream over, and the connection it
+    resumption, while all streams together hold no more than MAX_TOTAL_BUFFERED_BYTES
+    (past which even the newest may go); numbering goes on past that, so ids never repeat.
+    A stream has one connection at a time (MCP: a message goes out on one stream only, and
+    a stream is one connection): a client that resumes takes the stream over, and the connection it
     had before is ended — it resumes because it holds that one for lost, and the server
     may not have noticed yet.
     """
@@ -109,12 +132,18 @@ class EventStream:
         self._keep_bytes = keep_bytes
         self._keep_total = keep_total  # what all streams together may hold, as it sees it
         self._held = [0]  # bytes in ``events``; boxed, for the finalizer to read when it goes
-        weakref.finalize(self, _forget, self._held)
+        weakref.finalize(self, _forget, self._held, id(self))
         self.closed = False
         self._owner: Connection | None = None
         if send is not None:  # the response that opened the stream, with nothing to catch up
             self._owner = Connection(send)
             self._owner.live = True
+
+    @property
+    def spent(self) -> bool:
+        """Finished, and none of its events kept (the total bound took them): nothing of it
+        can be resumed."""
+        return self.closed and not self.events and self.count > 0
 
     @property
     def attached(self) -> bool:
@@ -148,7 +177,9 @@ class EventStream:
                 self.lost(owner)  # the client went away; keep buffering for a resume
 
     def _keep(self, chunk: bytes) -> None:
-        """Buffer ``chunk``, dropping the oldest events past the bounds."""
+        """Buffer ``chunk``, dropping the oldest events past the bounds: past the stream's
+        own, its oldest (never the newest); past the total, those of finished streams first,
+        then its own (the newest too: it still goes out live)."""
         events, held = self.events, self._held
         if len(events) == events.maxlen:  # the deque drops the oldest itself
             held[0] -= len(events[0])
@@ -156,19 +187,24 @@ class EventStream:
         events.append(chunk)
         held[0] += len(chunk)
         _total_buffered[0] += len(chunk)
-        while len(events) > 1 and (
-            held[0] > self._keep_bytes or _total_buffered[0] > self._keep_total
-        ):
+        while len(events) > 1 and held[0] > self._keep_bytes:
             size = len(events.popleft())
             held[0] -= size
             _total_buffered[0] -= size
+        if _total_buffered[0] > self._keep_total:
+            _drop_finished(self._keep_total)
+            while events and _total_buffered[0] > self._keep_total:
+                size = len(events.popleft())
+                held[0] -= size
+                _total_buffered[0] -= size
 
     async def attach(self, after: int, send: Send) -> Connection:
         """Make ``send`` the stream's connection: end the one before, send the events after
         number ``after``, then deliver live. If the stream has closed, the connection ends
         after the replay; ``ended`` is set when the stream is done with it.
 
-        Events older than the buffer are gone; the replay starts at the oldest kept.
+        Events older than the buffer are gone; the replay starts at the oldest kept (with
+        none kept, at what comes next).
         """
         conn = Connection(send)
         previous, self._owner = self._owner, conn
@@ -178,6 +214,8 @@ class EventStream:
         while sent < self.count and self._owner is conn:
             base = self.count - len(self.events)  # the number of the event before the oldest
             sent = max(sent, base)
+            if sent == self.count:  # the bounds took the rest while it replayed
+                break
             try:
                 body = self.events[sent - base]
                 # the replay waits for the client to read (flow control): it holds up only
@@ -209,6 +247,8 @@ class EventStream:
     async def close(self) -> None:
         """No more events: end the connection once it has them all."""
         self.closed = True
+        if self.events:  # what it keeps now goes first past the total bound
+            _finished[id(self)] = weakref.ref(self)
         owner = self._owner
         if owner is not None and owner.live:
             await self._end(owner)

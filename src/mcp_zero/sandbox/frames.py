@@ -93,15 +93,19 @@ class LineSplitter:
     With a ``limit`` (bytes), a line longer than it is never assembled: ``feed`` returns the
     lines before it, sets ``overflowed`` and from then on returns nothing, so a peer that
     never sends a newline cannot make the reader hold more than ``limit`` bytes.
+
+    A line there is no memory to assemble (MemoryError) is skipped, the lines after it are
+    not: its first 64 bytes and its size are added to ``lost`` for the reader to deal with.
     """
 
-    __slots__ = ("_limit", "_parts", "_pending", "overflowed")
+    __slots__ = ("_limit", "_parts", "_pending", "lost", "overflowed")
 
     def __init__(self, limit: int = 0) -> None:
         self._limit = limit  # 0: none
         self._parts: list[bytes] = []
         self._pending = 0
         self.overflowed = False
+        self.lost: list[tuple[bytes, int]] = []
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.overflowed:
@@ -112,11 +116,15 @@ class LineSplitter:
             if self._limit and self._pending > self._limit:
                 self._overflow()
             return []
-        if self._parts:
-            self._parts.append(data)
-            data = b"".join(self._parts)
-            self._parts = []
-        lines = data.split(b"\n")
+        chunk = data
+        try:
+            if self._parts:
+                self._parts.append(data)
+                data = b"".join(self._parts)
+                self._parts = []
+            lines = data.split(b"\n")
+        except MemoryError:
+            return self._lose(self._parts[0] if self._parts else data, chunk)
         rest = lines.pop()
         self._pending = len(rest)
         if self._limit and len(data) > self._limit:  # only then can one line be too long
@@ -130,6 +138,14 @@ class LineSplitter:
         if rest:
             self._parts.append(rest)
         return [line for line in lines if line] if b"" in lines else lines
+
+    def _lose(self, head: bytes, chunk: bytes) -> list[bytes]:
+        """No memory to assemble the line ending in ``chunk``: skip it, go on after it."""
+        end = chunk.index(b"\n")
+        self.lost.append((head[:64], self._pending + end))
+        self._parts = []
+        self._pending = 0
+        return self.feed(chunk[end + 1 :]) if end + 1 < len(chunk) else []
 
     def _overflow(self) -> None:
         self.overflowed = True

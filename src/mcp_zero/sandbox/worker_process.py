@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -36,6 +37,10 @@ from mcp_zero.sandbox.stderr import StderrBudget
 
 JSON = dict[str, Any]
 _STDERR_TAIL_LINES = 40
+#: What orjson's ValueError says when it had no memory to parse a frame (a MemoryError).
+_DECODER_NO_MEMORY = "Not enough memory"
+#: A frame's call: ``{"id":N`` for its answer, ``{"op":"…","call":N`` for what it sends meanwhile.
+_FRAME_HEAD = re.compile(rb'\{"(id|op":"\w+","call)":(\d+)')
 _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in pieces this big
 
 
@@ -385,9 +390,42 @@ class WorkerProcess:
                 self._close_if_retired()
             else:
                 raise ValueError(f"unknown op {op!r}")
+        except MemoryError:
+            self.no_room(line, len(line))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if str(exc).startswith(_DECODER_NO_MEMORY):  # orjson's MemoryError, as ValueError
+                self.no_room(line, len(line))
+                return
             self._log.error("worker %d broke the protocol: %s", self.pid, exc)
             self.kill(f"it broke the frame protocol ({exc})")
+
+    def no_room(self, frame: bytes, size: int) -> None:
+        """The server had no memory for a frame of the worker (``size`` bytes, starting with
+        ``frame``): not the worker's fault (it is kept); the call the frame belongs to fails,
+        as it would miss what it was sent."""
+        head = _FRAME_HEAD.match(frame, 0, 64)
+        call_id = int(head[2]) if head else 0  # (call ids count from 1)
+        self._log.error(
+            "out of memory reading a frame of %d bytes from worker %d (call %d); the worker "
+            "is kept, the call fails",
+            size,
+            self.pid,
+            call_id,
+        )
+        call = self._calls.pop(call_id, None)
+        if call is None:
+            return
+        if head and head[1] != b"id":  # the call runs on (the frame was not its answer): stop it
+            self._abandon(call_id, call)
+        if not call.future.done():
+            call.future.set_exception(
+                McpZeroError(
+                    f"{call.label} of plugin '{self.plugin}' failed: mcp0 serve ran out of "
+                    f"memory reading the {size} bytes the plugin sent (the server's "
+                    "memory, not the plugin's fault); give the server more memory or make "
+                    "the result smaller"
+                )
+            )
 
     def _on_response(self, call_id: int, frame: JSON) -> None:
         call = self._calls.pop(call_id, None)
@@ -610,6 +648,8 @@ class _Pipes(asyncio.SubprocessProtocol):
             return  # the worker is being killed; what it still sends is dropped
         for line in lines.feed(data):
             self._owner.on_line(line)
+        while lines.lost:  # frames the server had no memory to assemble
+            self._owner.no_room(*lines.lost.pop(0))
         if lines.overflowed:
             self._owner.kill(
                 f"it sent a frame over {MAX_FRAME_BYTES >> 20} MiB (a result that large is refused)"
