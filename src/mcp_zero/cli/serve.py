@@ -12,7 +12,6 @@ import ssl
 import sys
 from typing import Any
 
-from mcp_zero import memory
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Unauthorized
 from mcp_zero.runtime import Runtime
@@ -134,7 +133,6 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _install_uvloop()
-    memory.return_large_blocks()
     tls = _tls_context(settings)
     _check_listen(settings)
     warning = plain_http_warning(settings)
@@ -205,7 +203,6 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
     _install_uvloop()
-    memory.return_large_blocks()
     # a stdio session's agent exists already: the first start is left to an HTTP server
     runtime, _, _ = _prepare(settings)
     try:

@@ -317,8 +317,9 @@ class HttpApp:
         await self.runtime.aclose()
 
     async def _expire_sessions(self) -> None:
-        # every minute, or a quarter of a shorter idle time (a session goes at most that late)
-        period = min(60.0, self.settings.session_idle_s / 4)
+        # every minute, or a quarter of a shorter idle time (a session goes at most that
+        # late), but not more than once a second (the setting may be a millisecond)
+        period = max(1.0, min(60.0, self.settings.session_idle_s / 4))
         while True:
             await asyncio.sleep(period)
             await self.expire_idle()

@@ -391,7 +391,14 @@ class Worker:
         self.send(ready)
         reader = open(in_fd, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - a pipe, owned by the transport
         await self._loop.connect_read_pipe(lambda: _FrameReader(self), reader)
+        self._loop.call_later(memory.TRIM_EVERY_S, self._trim)
         await self._done
+
+    def _trim(self) -> None:
+        """What a burst of large results left in the heap goes back to the system."""
+        memory.trim()
+        if self._loop is not None and self._done is not None and not self._done.done():
+            self._loop.call_later(memory.TRIM_EVERY_S, self._trim)
 
 
 class _FrameReader(asyncio.Protocol):
@@ -440,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     in_fd, out_fd = _isolate_stdio()
     isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
     network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network()
-    memory.return_large_blocks()  # a plugin's large results do not stay resident
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
         isolation.apply_rlimits(memory_mb)
