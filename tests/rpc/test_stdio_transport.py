@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -338,6 +339,56 @@ async def test_mcp0_serve_stdio_writes_to_a_file_or_a_pipe_shared_with_stderr(
     assert done.returncode == 0, written
     replies = {r.get("id"): r for r in map(orjson.loads, written.splitlines())}
     assert replies[2]["result"]["content"][0]["text"] == "to a file"
+
+
+async def test_mcp0_serve_stdio_on_one_socket_for_stdin_and_stdout(tmp_path: Path) -> None:
+    """As inetd, systemd's socket activation and socat give it: the client writes its
+    requests, half-closes, and reads every answer (writing through the event loop took the
+    requests, then the half-close, on the socket for the client gone)."""
+    data_dir = await data_dir_with_agent(tmp_path, "socketed")
+    ours, theirs = socket.socketpair()
+    command = [MCP0, "serve", "--stdio", "--agent", "socketed", "--data-dir", str(data_dir)]
+    with ours, theirs:
+        server = subprocess.Popen(command, stdin=theirs, stdout=theirs, stderr=subprocess.DEVNULL)
+        theirs.close()
+        try:
+            ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+            ours.sendall(orjson.dumps(initialize_message()) + b"\n" + orjson.dumps(ping) + b"\n")
+            ours.shutdown(socket.SHUT_WR)
+            ours.settimeout(TIMEOUT_S)
+            out = b""
+            while chunk := await asyncio.to_thread(ours.recv, 65536):
+                out += chunk
+            assert await asyncio.to_thread(server.wait, TIMEOUT_S) == 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    assert sorted(orjson.loads(line)["id"] for line in out.splitlines()) == [1, 2]
+
+
+async def test_mcp0_serve_stdio_reads_requests_from_a_file(tmp_path: Path) -> None:
+    # (`< requests.jsonl` aborted the process: the event loop's pipe transport takes no file)
+    data_dir = await data_dir_with_agent(tmp_path, "scripted")
+    requests = tmp_path / "requests.jsonl"
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+    requests.write_bytes(orjson.dumps(initialize_message()) + b"\n" + orjson.dumps(ping) + b"\n")
+    command = [MCP0, "serve", "--stdio", "--agent", "scripted", "--data-dir", str(data_dir)]
+    with requests.open("rb") as stdin:
+        done = await anyio.run_process(command, stdin=stdin, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert sorted(orjson.loads(line)["id"] for line in done.stdout.splitlines()) == [1, 2]
+
+
+async def test_mcp0_serve_stdio_with_stdout_closed_says_so(tmp_path: Path) -> None:
+    data_dir = await data_dir_with_agent(tmp_path, "mute")
+    command = [MCP0, "serve", "--stdio", "--agent", "mute", "--data-dir", str(data_dir)]
+    shell = " ".join(command) + " >&-"
+    done = await anyio.run_process(["sh", "-c", shell], input=b"", check=False)
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == (
+        "mcp0: error: --stdio speaks MCP on stdin and stdout, and stdout is closed"
+    )
 
 
 def audited(runtime: Runtime) -> list[JSON]:

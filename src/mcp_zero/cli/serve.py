@@ -201,6 +201,9 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     """Serve one MCP session on stdin/stdout as ``agent`` (or the agent of ``token``)."""
     from mcp_zero.rpc.stdio import serve_stdio
 
+    if sys.stdin is None or sys.stdout is None:  # (started with `<&-` or `>&-`)
+        closed = "stdin" if sys.stdin is None else "stdout"
+        raise ConfigError(f"--stdio speaks MCP on stdin and stdout, and {closed} is closed")
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
     _install_uvloop()
     # a stdio session's agent exists already: the first start is left to an HTTP server

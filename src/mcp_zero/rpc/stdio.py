@@ -58,10 +58,10 @@ class _StdoutChannel:
     """Writes messages to stdout. When the client has closed its end, ``on_gone`` runs once
     (the session ends as at the end of stdin) and later messages are dropped.
 
-    On a pipe or socket (as MCP clients launch servers) the writes go through the event
-    loop: a client slow to read makes the senders wait, not the whole server (its calls go
-    on, their audit records are committed, cancellations are heard). Anything else (a file,
-    a terminal, a stdout shared with stderr) is written directly: non-blocking mode would be
+    On a pipe (as most MCP clients launch servers) the writes go through the event loop: a
+    client slow to read makes the senders wait, not the whole server (its calls go on, their
+    audit records are committed, cancellations are heard). Anything else (a socket, a file,
+    a terminal, a pipe shared with stderr) is written directly: non-blocking mode would be
     set on what other writers, such as logging on stderr, share."""
 
     __slots__ = ("_flow", "_gone", "_lock", "_on_gone", "_out", "_transport")
@@ -75,7 +75,7 @@ class _StdoutChannel:
         self._flow: _PipeFlow | None = None
 
     async def open(self) -> None:
-        """Write through the event loop if stdout is a pipe or socket of its own."""
+        """Write through the event loop if stdout is a pipe of its own."""
         if not _own_pipe(self._out):
             return
         # A duplicate for the transport to close: stdout itself stays open (and blocking
@@ -130,19 +130,38 @@ class _StdoutChannel:
 
 
 def _own_pipe(out: BinaryIO) -> bool:
-    """Whether ``out`` is a pipe or socket that stderr does not share."""
+    """Whether ``out`` is a pipe that stderr does not share. (Not a socket: the transport
+    would read it too, taking a client's half-close, or stdin on the same socket as inetd
+    and socat give, for the client gone.)"""
     try:
         fd = out.fileno()
         mine = os.fstat(fd)
     except (OSError, ValueError, io.UnsupportedOperation):
         return False  # no file descriptor (a test's buffer): written directly
-    if not (stat.S_ISFIFO(mine.st_mode) or stat.S_ISSOCK(mine.st_mode)):
+    if not stat.S_ISFIFO(mine.st_mode):
         return False
     try:
         err = os.fstat(sys.stderr.fileno())
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
         return True
     return (err.st_dev, err.st_ino) != (mine.st_dev, mine.st_ino)
+
+
+def _regular_file(source: BinaryIO) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(source.fileno()).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
+async def _feed_from_file(source: BinaryIO, reader: asyncio.StreamReader) -> None:
+    """Read stdin that is a regular file into ``reader`` (reads from a file do not wait
+    on anyone, so a thread reads it a chunk at a time); its end, or a stop, ends it."""
+    try:
+        while chunk := await asyncio.to_thread(source.read, 1 << 16):
+            reader.feed_data(chunk)
+    finally:
+        reader.feed_eof()
 
 
 async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> None:
@@ -170,11 +189,20 @@ async def serve_stdio(
     session = Session(principal)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
-    stdin_transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), stdin or sys.stdin.buffer
-    )
+    source = stdin or sys.stdin.buffer
+    stop_reading: Callable[[], None]
+    if _regular_file(source):  # (`< requests.jsonl`: no pipe transport takes a file)
+        feeding = asyncio.create_task(_feed_from_file(source, reader))
+
+        def stop_reading() -> None:
+            feeding.cancel()
+    else:
+        stdin_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), source
+        )
+        stop_reading = stdin_transport.close
     # Closing stdin's transport ends the reader as the end of stdin would.
-    channel = _StdoutChannel(stdout or sys.stdout.buffer, stdin_transport.close)
+    channel = _StdoutChannel(stdout or sys.stdout.buffer, stop_reading)
     await channel.open()
     # Server-initiated messages go to a session; 2026-07-28 has none (listen streams instead).
     # (nor before the first request says which it is)
