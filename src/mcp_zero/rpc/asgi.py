@@ -76,7 +76,11 @@ def media_type(value: str) -> str:
 def hostname(value: str) -> str:
     """The host part of a Host header or an origin's authority, without the port."""
     if value.startswith("["):
-        return value[: value.find("]") + 1]
+        end = value.find("]") + 1
+        rest = value[end:]
+        if end and (not rest or (rest[0] == ":" and rest[1:].isdigit())):
+            return value[:end]
+        return value  # not "[v6]" or "[v6]:port": no host we know (never loopback)
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
