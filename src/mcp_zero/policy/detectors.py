@@ -52,7 +52,7 @@ class Detector:
     name: str
     pattern: re.Pattern[str]
     check: Callable[[re.Match[str]], bool] | None = None
-    hints: tuple[str, ...] = ()
+    hints: tuple[str, ...] = ("",)  # ("": any text)
     fold: bool = False
     begin: Callable[[str, int], int | None] | None = None
 
@@ -247,25 +247,24 @@ def label_text(text: str) -> frozenset[str]:
     lowered: str | None = None
     for label, detectors in _ORDERED:
         for detector in detectors:
-            if detector.hints:
-                if detector.fold:
-                    if lowered is None:
-                        lowered = text.lower()
-                    if not _holds(lowered, detector.hints):
-                        continue
-                elif not _holds(text, detector.hints):
+            haystack = text
+            if detector.fold:
+                if lowered is None:
+                    lowered = text.lower()
+                haystack = lowered
+            for hint in detector.hints:  # (inline: this runs on every governed call)
+                if hint in haystack:
+                    break
+            else:
+                continue
+            if detector.check is None and detector.begin is None:
+                if detector.pattern.search(text) is None:
                     continue
-            if _first(detector, text) is not None:
-                found.append(label)
-                break
+            elif _first(detector, text) is None:
+                continue
+            found.append(label)
+            break
     return frozenset(found)
-
-
-def _holds(text: str, hints: tuple[str, ...]) -> bool:
-    for hint in hints:  # noqa: SIM110 (no generator to resume per text)
-        if hint in text:
-            return True
-    return False
 
 
 def label_value(value: Any) -> frozenset[str]:
@@ -273,7 +272,14 @@ def label_value(value: Any) -> frozenset[str]:
     included, each as it is (not as JSON text, where a newline before a secret is ``\\n``),
     and of each ``name=value`` of an object (``{"password": "…"}``)."""
     parts: list[str] = []
-    _texts(value, parts)
+    if isinstance(value, dict):  # (the arguments' own level inline: one call less)
+        for key, item in value.items():
+            if isinstance(item, str):
+                parts.append(f"{key}={item}")
+            else:
+                _texts({key: item}, parts)
+    else:
+        _texts(value, parts)
     return label_text("\n".join(parts)) if parts else frozenset()
 
 
@@ -358,14 +364,16 @@ def _redact_text(text: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
     total = 0
     lowered: str | None = None
     for detector in detectors:
-        if detector.hints:
-            if detector.fold:
-                if lowered is None:
-                    lowered = text.lower()
-                if not _holds(lowered, detector.hints):
-                    continue
-            elif not _holds(text, detector.hints):
-                continue
+        haystack = text
+        if detector.fold:
+            if lowered is None:
+                lowered = text.lower()
+            haystack = lowered
+        for hint in detector.hints:
+            if hint in haystack:
+                break
+        else:
+            continue
         if _first(detector, text) is None:
             continue
         marker = f"[redacted:{detector.label}]"
@@ -402,4 +410,9 @@ def _spans(detector: Detector, text: str) -> Iterator[tuple[int, int]]:
 def _first(detector: Detector, text: str) -> object | None:
     if detector.check is None and detector.begin is None:
         return detector.pattern.search(text)
+    if detector.begin is None:  # (no generator to resume: this runs on every governed call)
+        for match in detector.pattern.finditer(text):
+            if detector.check is not None and detector.check(match):
+                return match
+        return None
     return next(_spans(detector, text), None)
