@@ -53,6 +53,7 @@ NOT_SECRETS = {
     "google prefix alone": "AIza is how Google keys start",
     "stripe test key": "sk_test_4eC39HqLyjWDarjtT1zdp7dc",
     "sk- before words": "sk-some-long-hyphenated-words-here",
+    "sk- too short": "sk-abc123def456ghi78x9",
     "jwt-like two parts": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0",
     "token as a word": "the token is valid until noon",
     "a tokens count": "max_tokens: 100",
@@ -202,6 +203,9 @@ def test_labelling_and_redacting_adversarial_text_takes_linear_time(unit: str) -
         f"Bearer\n{JWT}",
         "\x01AKIAIOSFODNN7EXAMPLE",
         "éAKIAIOSFODNN7EXAMPLE",
+        "x-AIzaSyA-1234567890abcdefghijklmnopqrstu",
+        "\n-sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8t",
+        f"-{JWT}",
     ],
 )
 def test_a_secret_after_a_control_character_in_arguments_is_labelled(text: str) -> None:

@@ -59,11 +59,17 @@ class Detector:
 
 def _after(chars: str, prefix: int) -> str:
     """Put after a token's first ``prefix`` characters (a literal: ``re`` then skips ahead to
-    it), it holds where the token starts not right after one of ``chars`` (a run of them is
-    tried once, at its start: what keeps every search linear in the text), or right after a
-    JSON escape (``\\n``, ``\\t``, ``\\u000a``...: in a text that is itself JSON)."""
+    it), it holds where the token starts not right after one of ``chars``, or right after a
+    JSON escape (``\\n``, ``\\t``, ``\\u000a``...: in a text that is itself JSON). A token
+    of unbounded length is given its own characters as ``chars``, so that a run of them is
+    tried once, at its start (and after a dash that starts it): what keeps the search linear
+    in the text; one of bounded length is tried at each of its literals (at most a few
+    hundred characters each)."""
     ahead = rf"[\s\S]{{{prefix}}}"
-    return rf"(?:(?<![{chars}]{ahead})|(?<=\\[nrtbf]{ahead})|(?<=\\u[0-9A-Fa-f]{{4}}{ahead}))"
+    return (
+        rf"(?:(?<![{chars}]{ahead})|(?<=\\[nrtbf]{ahead})|(?<=\\u[0-9A-Fa-f]{{4}}{ahead})"
+        rf"|(?<=(?<![{chars}])-{ahead}))"
+    )
 
 
 # A credential-like name, not part of a longer word (``max_tokens`` is not ``token``); it may
@@ -165,13 +171,13 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         SECRET,
         "slack_token",
-        re.compile(r"xox" + _after(_KEY, 3) + r"[abeoprs]-[A-Za-z0-9-]{10,250}+" + _KEY_TAIL),
+        re.compile(r"xox" + _after(_WORD, 3) + r"[abeoprs]-[A-Za-z0-9-]{10,250}+" + _KEY_TAIL),
         hints=("xox",),
     ),
     Detector(
         SECRET,
         "google_api_key",
-        re.compile(r"AIza" + _after(_KEY, 4) + r"[0-9A-Za-z_-]{35}" + _KEY_TAIL),
+        re.compile(r"AIza" + _after(_WORD, 4) + r"[0-9A-Za-z_-]{35}" + _KEY_TAIL),
         hints=("AIza",),
     ),
     Detector(
@@ -186,8 +192,8 @@ DETECTORS: tuple[Detector, ...] = (
         # a digit among them: ``sk-`` before hyphenated words is no key
         re.compile(
             r"sk-"
-            + _after(_KEY, 3)
-            + r"(?=[A-Za-z_-]{0,250}+[0-9])[A-Za-z0-9_-]{17,247}+"
+            + _after(_WORD, 3)
+            + r"(?=[A-Za-z_-]{0,250}+[0-9])[A-Za-z0-9_-]{20,250}+"
             + _KEY_TAIL
         ),
         hints=("sk-",),
