@@ -5,13 +5,14 @@ Cedar, a real Runtime and real plugin workers."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 import pytest
 
-from mcp_zero.errors import PolicyDenied, PolicyError
+from mcp_zero.errors import McpZeroError, PolicyDenied, PolicyError
 from mcp_zero.kernel.action import Principal
 from mcp_zero.runtime import Runtime
 
@@ -203,6 +204,17 @@ async def test_a_pii_obligation_redacts_e_mail_addresses_in_prompts_and_results(
             '@id("odd")\n@audit("before")\nforbid (principal, action, resource);\n',
             'odd.cedar:1: policy "odd": @audit is an obligation of an allow; a forbid cannot',
         ),
+        (
+            '@id("odd")\n@redact("secret")\npermit (principal, action == Action::"list_tools", '
+            "resource);\n",
+            'odd.cedar:1: policy "odd": @redact cannot apply to the actions it allows (list_tools)',
+        ),
+        (
+            '@id("odd")\n@audit("before")\npermit (principal, action in [Action::"spawn_agent", '
+            'Action::"install_plugin"], resource);\n',
+            'odd.cedar:1: policy "odd": @audit cannot apply to the actions it allows '
+            "(install_plugin, spawn_agent)",
+        ),
     ],
 )
 async def test_a_bad_obligation_is_refused_and_the_policy_set_in_force_stays(
@@ -262,3 +274,107 @@ async def test_an_audit_before_obligation_records_a_call_durably_before_it_runs(
             transport="test",
         )
     assert [r["outcome"] for r in records(started, "i2")] == ["denied"]
+
+
+async def test_a_secret_after_a_newline_or_an_escape_in_arguments_is_denied(
+    started: Runtime, bridge: Any
+) -> None:
+    use_policy(started, "no-secrets-out.cedar", NO_SECRETS_OUT)
+    texts = [
+        f"x\n{AWS_KEY}",
+        "user=bob\npassword=hunter22",
+        "a\tghp_" + "a" * 36,
+        # a client's JSON spelling it with escapes: \u000a\u0041KIA...
+        orjson.loads(b'"x\\u000a\\u0041KIAIOSFODNN7EXAMPLE"'),
+    ]
+    for n, text in enumerate(texts):
+        with pytest.raises(PolicyDenied):
+            await call(started, "faulty_echo", {"text": text}, f"n{n}", bridge)
+        [record] = records(started, f"n{n}")
+        assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
+
+
+async def test_the_arguments_a_completion_is_given_as_context_are_labelled(
+    started: Runtime, bridge: Any
+) -> None:
+    use_policy(started, "no-secrets-out.cedar", NO_SECRETS_OUT)
+    with pytest.raises(PolicyDenied), anyio.fail_after(TIMEOUT_S):
+        await started.kernel.complete(
+            Principal("alice", ALL),
+            {"type": "ref/prompt", "name": "test_prompt_with_arguments"},
+            {"name": "arg1", "value": "x"},
+            {"arguments": {"arg2": AWS_KEY}},
+            request_id="c1",
+            transport="test",
+        )
+    assert records(started, "c1")[0]["labels"] == ["secret"]
+
+
+async def test_a_secret_in_a_text_that_is_json_is_redacted(started: Runtime, bridge: Any) -> None:
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("secret, pii"))
+    text = f"deploy:\n{AWS_KEY}\npassword=hunter22\nmail\tjane@example.com"
+    added = await call(started, "notes_add", {"text": text}, "j1", bridge)
+    # content[0].text is the JSON of structuredContent: the newlines are \n escapes there
+    shown = orjson.dumps(added).decode()
+    for leaked in (AWS_KEY, "hunter22", "jane@example.com"):
+        assert leaked not in shown
+    assert orjson.loads(added["content"][0]["text"]) == added["structuredContent"]
+
+
+LEAKY_DIR = Path(__file__).parents[1] / "plugins" / "leaky"
+LEAKY_KEY = "AKIAIOSFODNN7EXAMPLE"
+
+
+async def test_a_redact_obligation_redacts_errors_and_credential_named_values(
+    started: Runtime, bridge: Any
+) -> None:
+    started.plugins.install(LEAKY_DIR)
+    await started.plugins.refresh(force=True)
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("secret"))
+    principal = Principal("alice", ALL | {"leaky"})
+    kernel = started.kernel
+    with anyio.fail_after(TIMEOUT_S):
+        keys = await kernel.call_tool(
+            principal, "leaky_keys", {}, bridge, request_id="e0", transport="test"
+        )
+    assert keys["structuredContent"] == {
+        "aws": "[redacted:secret]",
+        "password": "[redacted:secret]",
+        "db": {"token": "[redacted:secret]"},
+    }
+    for leaked in (LEAKY_KEY, "hunter22", "s3cr3t-t0ken"):
+        assert leaked not in orjson.dumps(keys).decode()
+    failing = {
+        "e1": kernel.read_resource(
+            principal, "leaky://broken", bridge, request_id="e1", transport="test"
+        ),
+        "e2": kernel.read_resource(
+            principal, "leaky://item/7", bridge, request_id="e2", transport="test"
+        ),
+        "e3": kernel.get_prompt(
+            principal, "leaky_prompt", {"a": "z"}, bridge, request_id="e3", transport="test"
+        ),
+        "e4": kernel.complete(
+            principal,
+            {"type": "ref/prompt", "name": "leaky_prompt"},
+            {"name": "a", "value": "q"},
+            None,
+            request_id="e4",
+            transport="test",
+        ),
+    }
+    for rid, action in failing.items():
+        with pytest.raises(McpZeroError) as caught, anyio.fail_after(TIMEOUT_S):
+            await action
+        error = caught.value
+        shown = orjson.dumps([error.message, str(error), error.data]).decode()
+        assert "[redacted:secret]" in error.message, rid
+        assert LEAKY_KEY not in shown, rid
+        assert "hunter22" not in shown, rid
+        [record] = records(started, rid)
+        assert record["outcome"] == "error", rid
+        assert record["obligations"] == ["redact:secret"], rid
+        assert record["redacted"] >= 1, rid
+        assert LEAKY_KEY not in orjson.dumps(record).decode()

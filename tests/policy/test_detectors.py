@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
-from mcp_zero.policy.detectors import LABELS, label_text, redact
+from mcp_zero.policy.detectors import LABELS, label_text, label_value, redact
 
 PEM = (
     "-----BEGIN RSA PRIVATE KEY-----\n"
@@ -51,6 +53,7 @@ NOT_SECRETS = {
     "google prefix alone": "AIza is how Google keys start",
     "stripe test key": "sk_test_4eC39HqLyjWDarjtT1zdp7dc",
     "sk- before words": "sk-some-long-hyphenated-words-here",
+    "sk- too short": "sk-abc123def456ghi78x9",
     "jwt-like two parts": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0",
     "token as a word": "the token is valid until noon",
     "a tokens count": "max_tokens: 100",
@@ -155,3 +158,121 @@ def test_a_value_without_matches_comes_back_as_it_was() -> None:
 def test_redacting_an_unknown_label_raises() -> None:
     with pytest.raises(KeyError):
         redact("x", ["nonsense"])
+
+
+# Texts on which a backtracking pattern takes time quadratic in their length (10 KB: 1.3 s,
+# 40 KB: 30 s each, before the patterns were made linear): each unit repeated to ~1 MiB.
+ADVERSARIAL_UNITS = [
+    "a.",  # an e-mail's local part
+    "a-",
+    "a_",  # a credential's name
+    "eyJ-",  # a JWT
+    "x@a.",  # an e-mail's domain
+    "a@",
+    "1 ",  # a card number
+    "-----BEGIN A ",
+    "sk-",
+    'password="',
+    "password=",
+    '"password":"',
+    "\\n",
+    "\\u000a",
+    "eyJaaaaaaaa.",
+    "123-45-",
+]
+
+
+@pytest.mark.parametrize("unit", ADVERSARIAL_UNITS)
+def test_labelling_and_redacting_adversarial_text_takes_linear_time(unit: str) -> None:
+    text = unit * ((1 << 20) // len(unit))
+    start = time.perf_counter()
+    label_text(text)
+    redact({"content": [{"type": "text", "text": text}]}, ["secret", "pii"])
+    # A liveness bound, not a timing assertion: linear patterns take well under a second
+    # here; a quadratic one takes hours (the server's event loop frozen all that time).
+    assert time.perf_counter() - start < 20.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x\nAKIAIOSFODNN7EXAMPLE",
+        "user=bob\npassword=hunter22",
+        "a\tghp_" + "a" * 36,
+        "x\nsk-abc123def456ghi789jkl",
+        f"Bearer\n{JWT}",
+        "\x01AKIAIOSFODNN7EXAMPLE",
+        "éAKIAIOSFODNN7EXAMPLE",
+        "x-AIzaSyA-1234567890abcdefghijklmnopqrstu",
+        "\n-sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8t",
+        f"-{JWT}",
+    ],
+)
+def test_a_secret_after_a_control_character_in_arguments_is_labelled(text: str) -> None:
+    # as JSON text, a newline before the secret is ``\n``: the argument's own string is read
+    assert label_value({"content": text}) == {"secret"}
+    assert label_value({"deep": [{"x": text}]}) == {"secret"}
+    # (a client's own escapes are decoded first: ``\u000a\u0041KIA…``)
+    decoded = orjson.loads(b'{"c": "x\\u000a\\u0041KIAIOSFODNN7EXAMPLE"}')
+    assert label_value(decoded) == {"secret"}
+
+
+def test_argument_keys_and_credential_names_with_their_values_are_labelled() -> None:
+    assert label_value({"AKIAIOSFODNN7EXAMPLE": 1}) == {"secret"}
+    assert label_value({"config": {"password": "hunter2"}, "key": PEM}) == {"secret"}
+    assert label_value({"db_password": 123456}) == {"secret"}
+    assert label_value({"to": "ops@example.com"}) == {"pii"}
+    assert label_value({"password": None, "token": "ab", "max_tokens": 100}) == frozenset()
+    assert label_value({"text": "nothing here", "n": [1, True, None]}) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("secret", "escaped"),
+    [
+        ("AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
+        ("ghp_" + "a" * 36, "ghp_" + "a" * 36),
+        ("sk-abc123def456ghi789jkl", "sk-abc123def456ghi789jkl"),
+        (JWT, JWT),
+        ("jane@example.com", "jane@example.com"),
+    ],
+)
+def test_a_secret_after_a_json_escape_in_a_json_text_is_redacted(secret: str, escaped: str) -> None:
+    for before in ("\n", "\t", "\r", "\x01"):
+        # a tool's text that is the JSON of its structured content
+        text = orjson.dumps({"note": f"deploy:{before}{secret}"}).decode()
+        redacted, count = redact(text, ["secret", "pii"])
+        assert count == 1, text
+        assert escaped not in redacted
+        orjson.loads(redacted)  # still JSON: the escape before it is kept
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('password="correct horse battery staple"', 'password="[redacted:secret]"'),
+        ("password='correct horse battery staple'", "password='[redacted:secret]'"),
+        ("DB_PASSWORD=Xy7$k;9(Lm]Qz&8 next", "DB_PASSWORD=[redacted:secret] next"),
+        ('{"password": "p@ss w0rd!"}', '{"password": "[redacted:secret]"}'),
+        ('{"password": "p\\"ss w0rd!", "a": 1}', '{"password": "[redacted:secret]", "a": 1}'),
+        ('{\\"password\\": \\"p@ss w0rd!\\"}', '{\\"password\\": \\"[redacted:secret]\\"}'),
+        ("user=bob\npassword=hunter22\nnext", "user=bob\npassword=[redacted:secret]\nnext"),
+        ("?api_key=abcd1234&page=2", "?api_key=[redacted:secret]&page=2"),
+        ('{"password": "\\nhunter22"}', '{"password": "[redacted:secret]"}'),
+    ],
+)
+def test_a_credential_value_is_redacted_whole(text: str, expected: str) -> None:
+    assert redact(text, ["secret"]) == (expected, 1)
+
+
+def test_the_value_of_a_credential_named_key_is_redacted() -> None:
+    value = {"password": "hunter22", "db_token": 123456, "token": None, "max_tokens": 100}
+    assert redact(value, ["secret"]) == (
+        {
+            "password": "[redacted:secret]",
+            "db_token": "[redacted:secret]",
+            "token": None,
+            "max_tokens": 100,
+        },
+        2,
+    )
+    assert redact(value, ["pii"]) == (value, 0)

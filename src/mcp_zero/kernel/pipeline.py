@@ -45,7 +45,7 @@ from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.kernel.client_requests import GovernedBridge
 from mcp_zero.kernel.plugins import PluginHost, ToolEntry
 from mcp_zero.kernel.quotas import QuotaGate
-from mcp_zero.policy.detectors import label_text, redact
+from mcp_zero.policy.detectors import label_value, redact
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
@@ -53,6 +53,18 @@ from mcp_zero.sandbox.base import ClientBridge, PluginRuntime
 
 JSON = dict[str, Any]
 log = logging.getLogger("mcp_zero.kernel")
+
+
+def _redact_error(exc: McpZeroError, labels: tuple[str, ...], event: JSON) -> None:
+    """Redact ``labels`` from the message and data of an action's error (a plugin's exception
+    text), as from its result, and note the obligation in its audit ``event``."""
+    (message, data), redacted = redact([exc.message, exc.data], labels)
+    if redacted:
+        exc.message = message
+        exc.args = (message,)
+        exc.data = data
+    event["obligations"] = event.get("obligations", []) + ["redact:" + label for label in labels]
+    event["redacted"] = redacted
 
 
 def _outcome_of(exc: BaseException) -> Outcome:
@@ -680,8 +692,12 @@ class Kernel:
             missing = ResourceNotFound(
                 f"no installed plugin serves {target!r}", data={"uri": target}
             )
-        # what policy labels: the value the client typed, under the argument's name
-        typed = {str(argument.get("name", "")): argument.get("value")}
+        # what policy labels: the value the client typed, under the argument's name, and the
+        # values of the arguments it gave as context
+        typed: JSON = {str(argument.get("name", "")): argument.get("value")}
+        given = context.get("arguments") if context is not None else None
+        if isinstance(given, dict) and given:
+            typed = {"argument": typed, "context": {"arguments": given}}
         return await self._govern(
             Action(principal, Verb.COMPLETE, target, plugin, typed, {"transport": transport}),
             "completion/complete",
@@ -779,6 +795,8 @@ class Kernel:
         event.update(detail)
         result: JSON | None = None
         failure: BaseException | None = None
+        # the labels the permits that allowed it have redacted, from its result or its error
+        redacting: tuple[str, ...] = ()
         # the stages' seconds, recorded together at the end (None: the stage did not run)
         policy_s: float | None = None
         sandbox_s: float | None = None
@@ -788,7 +806,7 @@ class Kernel:
             if refused is not None:
                 raise refused
             if self.policy.uses_labels and action.arguments:  # (else detectors need not run)
-                labels = label_text(orjson.dumps(action.arguments).decode())
+                labels = label_value(action.arguments)
                 if labels:
                     action.context["labels"] = labels
                     event["labels"] = sorted(labels)
@@ -804,6 +822,7 @@ class Kernel:
             # only once the log failed)
             if self.audit.stats.failing and not self.audit.writable():
                 raise _audit_failing(self.audit)
+            redacting = decision.redact
             if decision.audit_before:  # an obligation: recorded, durably, before it can act
                 event["obligations"] = ["audit:before"]
                 await self.audit.submit({**event, "outcome": INTENT})
@@ -847,6 +866,8 @@ class Kernel:
             event["code"] = "cancelled"
         except McpZeroError as exc:
             failure = exc
+            if redacting:  # a plugin's error message can carry what its result would have
+                _redact_error(exc, redacting, event)
             event["outcome"] = _outcome_of(exc).value
             event["code"] = exc.code
             if isinstance(exc, PolicyDenied) and exc.data:

@@ -16,7 +16,7 @@ Policies see the labels of an action's arguments as ``context.labels``; a permit
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,142 +42,310 @@ def _luhn(match: re.Match[str]) -> bool:
 @dataclass(frozen=True, slots=True)
 class Detector:
     """One pattern of a label. ``check``, when given, must also accept a match; a match with
-    a group ``value`` has only that group redacted (``password=[redacted:secret]``)."""
+    groups named ``value…`` has only the one that matched redacted (``password=[redacted:
+    secret]``); ``begin``, when given, gives where a match really begins (before where the
+    pattern starts it), or None to drop it. ``hints``: strings one of which a text holds
+    wherever the pattern matches (in the text lower-cased when ``fold``), so a text without
+    them is not searched."""
 
     label: str
     name: str
     pattern: re.Pattern[str]
     check: Callable[[re.Match[str]], bool] | None = None
+    hints: tuple[str, ...] = ("",)  # ("": any text)
+    fold: bool = False
+    begin: Callable[[str, int], int | None] | None = None
 
 
-# A credential-like name, not part of a longer word (``max_tokens`` is not ``token``).
+def _after(chars: str, prefix: int) -> str:
+    """Put after a token's first ``prefix`` characters (a literal: ``re`` then skips ahead to
+    it), it holds where the token starts not right after one of ``chars``, or right after a
+    JSON escape (``\\n``, ``\\t``, ``\\u000a``...: in a text that is itself JSON). A token
+    of unbounded length is given its own characters as ``chars``, so that a run of them is
+    tried once, at its start (and after a dash that starts it): what keeps the search linear
+    in the text; one of bounded length is tried at each of its literals (at most a few
+    hundred characters each)."""
+    ahead = rf"[\s\S]{{{prefix}}}"
+    return (
+        rf"(?:(?<![{chars}]{ahead})|(?<=\\[nrtbf]{ahead})|(?<=\\u[0-9A-Fa-f]{{4}}{ahead})"
+        rf"|(?<=(?<![{chars}])-{ahead}))"
+    )
+
+
+# A credential-like name, not part of a longer word (``max_tokens`` is not ``token``); it may
+# end a longer name (``DB_PASSWORD``, ``client_secret``). (Its first letter first: ``re``
+# skips ahead to the few places where one of them is.)
 _CREDENTIAL_NAME = (
-    r"(?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_.-])*"
-    r"(?:password|passwd|secret|api[_-]?key|token)(?:[_.-]?(?:key|value))?(?![A-Za-z0-9])"
+    r"(?:(?<=p)ass(?:word|wd)|(?<=s)ecret|(?<=a)pi[_-]?key|(?<=t)oken)"
+    r"(?:[_.-]?(?:key|value))?(?![A-Za-z0-9])"
 )
-# Its value after ``=`` or ``:``, quoted or not (in JSON text too, escaped quotes included).
+# (nor one already redacted)
+_NOT_A_VALUE = r"(?!(?:null|true|false|none)(?![A-Za-z0-9])|\[redacted:)"
+_NOT_A_QUOTED_VALUE = r"(?!(?:null|true|false|none)\\?[\"']|\[redacted:)"
+# Its value after ``=`` or ``:``: a quoted one whole, to its closing quote (escapes inside
+# considered; an escaped quote ``\"`` opens and closes it in a text of escaped JSON), an
+# unquoted one to the next whitespace, quote or backslash (or ``&name=``, in a URL).
 _CREDENTIAL_VALUE = (
-    r"(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
-    r"(?!(?:null|true|false|none)(?![A-Za-z0-9]))(?P<value>[^\s\"'\\,;&{}()\[\]<>]{3,})"
+    r"(?:\\?[\"'])?[ \t]*+[:=][ \t]*+(?:"
+    rf"\"(?P<value_dq>{_NOT_A_QUOTED_VALUE}(?:[^\"\\\n]|\\[^\n]){{3,}}+)\""
+    rf"|'(?P<value_sq>{_NOT_A_QUOTED_VALUE}(?:[^'\\\n]|\\[^\n]){{3,}}+)'"
+    rf"|\\\"(?P<value_esc>{_NOT_A_QUOTED_VALUE}(?:[^\"\\\n]|\\[^\"\n]){{3,}}+)\\\""
+    rf"|(?:\\?[\"'])?(?P<value>{_NOT_A_VALUE}"
+    r"(?:[^\s\"'\\&]|&(?![A-Za-z_][A-Za-z0-9_]{0,64}=)){3,}+))"
+)
+# A name alone (an object's key), whose value is then a credential.
+CREDENTIAL_KEY = re.compile(
+    r"(?:[A-Za-z0-9]{1,64}[_.-]){0,8}[pPsStTaA](?i:" + _CREDENTIAL_NAME + ")", re.ASCII
 )
 _KEY_TAIL = r"(?![A-Za-z0-9_-])"
+_WORD_TAIL = r"(?![A-Za-z0-9_])"
+_KEY = "A-Za-z0-9_-"
+_WORD = "A-Za-z0-9_"
+
+# An e-mail address is found at its ``@`` (``re`` skips ahead to it); its local part, at
+# most 64 characters, is then read back from there.
+_EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9-]{1,63}+\.){1,10}[A-Za-z]{2,63}+" + _WORD_TAIL)
+_LOCAL_REVERSED = re.compile(r"[A-Za-z0-9._%+-]{1,64}")
+_HEX4 = re.compile(r"[0-9A-Fa-f]{4}")
+
+
+def _local_part(text: str, at: int) -> int | None:
+    """Where the local part of the address whose ``@`` is at ``at`` begins (a JSON escape
+    before it is not part of it), or None when there is none."""
+    low = max(at - 64, 0)
+    run = _LOCAL_REVERSED.match(text[low:at][::-1])
+    if run is None:
+        return None
+    begin = at - run.end()
+    if begin > 0 and text[begin - 1] == "\\":  # ``\njane@…``: the address is ``jane@…``
+        if text[begin] in "nrtbf":
+            begin += 1
+        elif text[begin] == "u" and _HEX4.fullmatch(text, begin + 1, begin + 5):
+            begin += 5
+    return begin if begin < at else None
+
 
 DETECTORS: tuple[Detector, ...] = (
-    Detector(SECRET, "aws_access_key_id", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
+    Detector(
+        SECRET,
+        "aws_access_key_id",
+        re.compile(r"(?:AKIA|ASIA)" + _after(_WORD, 4) + "[0-9A-Z]{16}" + _WORD_TAIL),
+        hints=("AKIA", "ASIA"),
+    ),
     Detector(
         SECRET,
         "aws_secret_access_key",
         re.compile(
-            r"\baws_secret_access_key(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?"
+            r"[aA]"
+            + _after("A-Za-z0-9", 1)
+            + r"(?i:ws_secret_access_key)(?:\\?[\"'])?[ \t]*+[:=][ \t]*+(?:\\?[\"'])?"
             r"(?P<value>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
-            re.IGNORECASE,
+            re.ASCII,
         ),
+        hints=("aws_secret_access_key",),
+        fold=True,
     ),
     Detector(
         SECRET,
         "private_key",
         # a block cut short is still a key: then up to the end of the text
         re.compile(
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----"
-            r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----|.*)",
+            r"-----BEGIN (?:[A-Z0-9]{1,32} ){0,8}PRIVATE KEY( BLOCK)?-----"
+            r"(?:.*?-----END (?:[A-Z0-9]{1,32} ){0,8}PRIVATE KEY( BLOCK)?-----|.*)",
             re.DOTALL,
         ),
+        hints=("PRIVATE KEY",),
     ),
-    Detector(SECRET, "github_token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b")),
-    Detector(SECRET, "github_pat", re.compile(r"\bgithub_pat_[A-Za-z0-9_]{22,255}\b")),
-    Detector(SECRET, "slack_token", re.compile(r"\bxox[abeoprs]-[A-Za-z0-9-]{10,250}" + _KEY_TAIL)),
-    Detector(SECRET, "google_api_key", re.compile(r"\bAIza[0-9A-Za-z_-]{35}" + _KEY_TAIL)),
-    Detector(SECRET, "stripe_key", re.compile(r"\b(?:sk|rk)_live_[0-9A-Za-z]{16,247}\b")),
+    Detector(
+        SECRET,
+        "github_token",
+        re.compile(r"gh" + _after(_WORD, 2) + r"[pousr]_[A-Za-z0-9]{36,255}+" + _WORD_TAIL),
+        hints=("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    ),
+    Detector(
+        SECRET,
+        "github_pat",
+        re.compile(r"github_pat_" + _after(_WORD, 11) + r"[A-Za-z0-9_]{22,255}+" + _WORD_TAIL),
+        hints=("github_pat_",),
+    ),
+    Detector(
+        SECRET,
+        "slack_token",
+        re.compile(r"xox" + _after(_WORD, 3) + r"[abeoprs]-[A-Za-z0-9-]{10,250}+" + _KEY_TAIL),
+        hints=("xox",),
+    ),
+    Detector(
+        SECRET,
+        "google_api_key",
+        re.compile(r"AIza" + _after(_WORD, 4) + r"[0-9A-Za-z_-]{35}" + _KEY_TAIL),
+        hints=("AIza",),
+    ),
+    Detector(
+        SECRET,
+        "stripe_key",
+        re.compile(r"[sr]k_live_" + _after(_WORD, 8) + r"[0-9A-Za-z]{16,247}+" + _WORD_TAIL),
+        hints=("_live_",),
+    ),
     Detector(
         SECRET,
         "openai_anthropic_key",
         # a digit among them: ``sk-`` before hyphenated words is no key
-        re.compile(r"\bsk-(?=[A-Za-z0-9_-]{0,250}[0-9])[A-Za-z0-9_-]{20,250}" + _KEY_TAIL),
+        re.compile(
+            r"sk-"
+            + _after(_WORD, 3)
+            + r"(?=[A-Za-z_-]{0,250}+[0-9])[A-Za-z0-9_-]{20,250}+"
+            + _KEY_TAIL
+        ),
+        hints=("sk-",),
     ),
     Detector(
         SECRET,
         "jwt",
-        re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}" + _KEY_TAIL),
+        re.compile(
+            r"eyJ"
+            + _after(_KEY, 3)
+            + r"[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}+"
+            + _KEY_TAIL
+        ),
+        hints=("eyJ",),
     ),
     Detector(
         SECRET,
         "credential_assignment",
-        re.compile(_CREDENTIAL_NAME + _CREDENTIAL_VALUE, re.IGNORECASE),
+        re.compile(
+            r"[pPsStTaA]"
+            + _after("A-Za-z0-9", 1)
+            + "(?i:"
+            + _CREDENTIAL_NAME
+            + _CREDENTIAL_VALUE
+            + ")",
+            re.ASCII,
+        ),
+        hints=("pass", "secret", "api", "token"),
+        fold=True,
     ),
+    Detector(PII, "email", _EMAIL_DOMAIN, hints=("@",), begin=_local_part),
     Detector(
         PII,
-        "email",
-        re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
-    ),
-    Detector(
-        PII, "payment_card", re.compile(r"(?<![0-9-])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])"), _luhn
+        "payment_card",
+        re.compile(r"[0-9](?<![0-9-][0-9])(?:[ -]?[0-9]){12,18}(?![0-9])"),
+        _luhn,
     ),
     Detector(
         PII,
         "us_ssn",
-        re.compile(r"(?<![0-9-])(?!000|666|9)[0-9]{3}-(?!00)[0-9]{2}-(?!0000)[0-9]{4}(?![0-9-])"),
+        re.compile(
+            r"[0-8][0-9]{2}(?<![0-9-][0-9]{3})(?<!000)(?<!666)"
+            r"-(?!00)[0-9]{2}-(?!0000)[0-9]{4}(?![0-9-])"
+        ),
+        hints=("-",),
     ),
 )
 _BY_LABEL: dict[str, tuple[Detector, ...]] = {
     label: tuple(d for d in DETECTORS if d.label == label) for label in LABELS
 }
-
-
-def _any_of(detectors: Iterable[Detector]) -> re.Pattern[str] | None:
-    """One pattern that matches where any of ``detectors`` (those without a check) does:
-    labelling a text is then one search per label, not one per detector."""
-    parts = []
-    for detector in detectors:
-        flags = ("i" if detector.pattern.flags & re.IGNORECASE else "") + (
-            "s" if detector.pattern.flags & re.DOTALL else ""
-        )
-        source = detector.pattern.pattern.replace("(?P<value>", "(?:")
-        parts.append(f"(?{flags}:{source})" if flags else f"(?:{source})")
-    return re.compile("|".join(parts)) if parts else None
-
-
-# (label, one pattern for its detectors without a check, its detectors with one)
-_LABELLERS: tuple[tuple[str, re.Pattern[str] | None, tuple[Detector, ...]], ...] = tuple(
-    (
-        label,
-        _any_of(d for d in detectors if d.check is None),
-        tuple(d for d in detectors if d.check is not None),
-    )
-    for label, detectors in sorted(_BY_LABEL.items())
-)
+_ORDERED = tuple(sorted(_BY_LABEL.items()))
 
 
 def label_text(text: str) -> frozenset[str]:
     """The labels whose detectors find something in ``text``."""
     found: list[str] = []
-    for label, any_match, checked in _LABELLERS:
-        if any_match is not None and any_match.search(text) is not None:
+    lowered: str | None = None
+    for label, detectors in _ORDERED:
+        for detector in detectors:
+            haystack = text
+            if detector.fold:
+                if lowered is None:
+                    lowered = text.lower()
+                haystack = lowered
+            for hint in detector.hints:  # (inline: this runs on every governed call)
+                if hint in haystack:
+                    break
+            else:
+                continue
+            if detector.check is None and detector.begin is None:
+                if detector.pattern.search(text) is None:
+                    continue
+            elif _first(detector, text) is None:
+                continue
             found.append(label)
-            continue
-        for detector in checked:
-            if _first(detector, text) is not None:
-                found.append(label)
-                break
+            break
     return frozenset(found)
+
+
+def label_value(value: Any) -> frozenset[str]:
+    """The labels of a JSON value (an action's arguments): of its strings, object keys
+    included, each as it is (not as JSON text, where a newline before a secret is ``\\n``),
+    and of each ``name=value`` of an object (``{"password": "…"}``)."""
+    parts: list[str] = []
+    if isinstance(value, dict):  # (the arguments' own level inline: one call less)
+        for key, item in value.items():
+            if isinstance(item, str):
+                parts.append(f"{key}={item}")
+            else:
+                _texts({key: item}, parts)
+    else:
+        _texts(value, parts)
+    return label_text("\n".join(parts)) if parts else frozenset()
+
+
+def _texts(value: Any, parts: list[str]) -> None:
+    if isinstance(value, str):
+        parts.append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str) or (
+                isinstance(item, (int, float)) and not isinstance(item, bool)
+            ):
+                parts.append(f"{key}={item}")
+            else:
+                parts.append(str(key))
+                _texts(item, parts)
+    elif isinstance(value, list):
+        for item in value:
+            _texts(item, parts)
 
 
 def redact(value: Any, labels: Iterable[str]) -> tuple[Any, int]:
     """``value`` (JSON: dicts, lists, strings, numbers...) with every match of the detectors
     of ``labels`` in its strings replaced by ``[redacted:<label>]``, and how many matches
-    were. Object keys are kept as they are. ``value`` itself is not changed: what changed is
-    copied. Raises KeyError for a label that is not one of :data:`LABELS`."""
-    detectors = tuple(d for label in sorted(labels) for d in _BY_LABEL[label])
-    return _redact(value, detectors)
+    were; under ``secret``, the value of an object's credential-named key too (``{"password":
+    "…"}``). Object keys are kept as they are. ``value`` itself is not changed: what changed
+    is copied. Raises KeyError for a label that is not one of :data:`LABELS`."""
+    labels = sorted(labels)
+    detectors = tuple(d for label in labels for d in _BY_LABEL[label])
+    return _redact(value, detectors, SECRET in labels)
 
 
-def _redact(value: Any, detectors: tuple[Detector, ...]) -> tuple[Any, int]:
+_SECRET_MARKER = f"[redacted:{SECRET}]"
+
+
+def _credential_value(key: Any, item: Any) -> bool:
+    """Whether ``item`` is the value of a credential given by name: ``"password": "…"``."""
+    if isinstance(item, bool) or not isinstance(key, str) or len(key) > 128:
+        return False
+    if isinstance(item, str):
+        text = item.strip()
+    elif isinstance(item, (int, float)):
+        text = str(item)
+    else:
+        return False
+    if len(text) < 3 or text.lower() in ("null", "true", "false", "none"):
+        return False
+    return CREDENTIAL_KEY.fullmatch(key) is not None
+
+
+def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[Any, int]:
     if isinstance(value, str):
         return _redact_text(value, detectors)
     if isinstance(value, dict):
         total = 0
         out: dict[Any, Any] | None = None
         for key, item in value.items():
-            new, count = _redact(item, detectors)
+            if keys and _credential_value(key, item):
+                new, count = _SECRET_MARKER, 1
+            else:
+                new, count = _redact(item, detectors, keys)
             if count:
                 if out is None:
                     out = dict(value)
@@ -188,7 +356,7 @@ def _redact(value: Any, detectors: tuple[Detector, ...]) -> tuple[Any, int]:
         total = 0
         items: list[Any] | None = None
         for i, item in enumerate(value):
-            new, count = _redact(item, detectors)
+            new, count = _redact(item, detectors, keys)
             if count:
                 if items is None:
                     items = list(value)
@@ -200,20 +368,28 @@ def _redact(value: Any, detectors: tuple[Detector, ...]) -> tuple[Any, int]:
 
 def _redact_text(text: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
     total = 0
+    lowered: str | None = None
     for detector in detectors:
+        haystack = text
+        if detector.fold:
+            if lowered is None:
+                lowered = text.lower()
+            haystack = lowered
+        for hint in detector.hints:
+            if hint in haystack:
+                break
+        else:
+            continue
         if _first(detector, text) is None:
             continue
         marker = f"[redacted:{detector.label}]"
         count = 0
         parts: list[str] = []
         end = 0
-        for match in detector.pattern.finditer(text):
-            if detector.check is not None and not detector.check(match):
-                continue
-            group = "value" if "value" in detector.pattern.groupindex else 0
-            parts.append(text[end : match.start(group)])
+        for begin, stop in _spans(detector, text):
+            parts.append(text[end:begin])
             parts.append(marker)
-            end = match.end(group)
+            end = stop
             count += 1
         parts.append(text[end:])
         text = "".join(parts)
@@ -221,10 +397,28 @@ def _redact_text(text: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
     return text, total
 
 
-def _first(detector: Detector, text: str) -> re.Match[str] | None:
-    if detector.check is None:
-        return detector.pattern.search(text)
+def _spans(detector: Detector, text: str) -> Iterator[tuple[int, int]]:
+    """Where ``detector`` finds something in ``text``: what is to be redacted of each."""
+    groups = [name for name in detector.pattern.groupindex if name.startswith("value")]
     for match in detector.pattern.finditer(text):
-        if detector.check(match):
-            return match
-    return None
+        if detector.check is not None and not detector.check(match):
+            continue
+        group: str | int = next((g for g in groups if match.start(g) >= 0), 0)
+        begin = match.start(group)
+        if detector.begin is not None:
+            real = detector.begin(text, begin)
+            if real is None:
+                continue
+            begin = real
+        yield begin, match.end(group)
+
+
+def _first(detector: Detector, text: str) -> object | None:
+    if detector.check is None and detector.begin is None:
+        return detector.pattern.search(text)
+    if detector.begin is None:  # (no generator to resume: this runs on every governed call)
+        for match in detector.pattern.finditer(text):
+            if detector.check is not None and detector.check(match):
+                return match
+        return None
+    return next(_spans(detector, text), None)

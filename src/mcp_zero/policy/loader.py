@@ -210,6 +210,10 @@ def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.
     return found
 
 
+# The actions obligations apply to: those a plugin runs (the kernel's governed path).
+_OBLIGED_VERBS = frozenset({"call_tool", "read_resource", "get_prompt", "complete"})
+
+
 def _describe(name: str, template: pst.Template, lines: list[int], is_template: bool) -> PolicyInfo:
     annotations = template.annotations
     position = _position(template.id)
@@ -229,6 +233,15 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
         verbs = frozenset(uid.id for uid in action.entities)
     else:
         verbs = None
+    if (redact or audit_before) and verbs is not None and verbs.isdisjoint(_OBLIGED_VERBS):
+        where = f"{name}:{line}" if line is not None else name
+        obligation = "@redact" if redact else "@audit"
+        raise PolicyError(
+            f'{where}: policy "{policy_id}": {obligation} cannot apply to the actions it allows '
+            f"({', '.join(sorted(verbs))}): obligations apply to "
+            f"{', '.join(sorted(_OBLIGED_VERBS))}; widen its action scope or drop it",
+            data={"file": name, "line": line, "policy": policy_id},
+        )
     return PolicyInfo(
         id=policy_id,
         effect=template.effect,
