@@ -276,3 +276,46 @@ def test_the_value_of_a_credential_named_key_is_redacted() -> None:
         2,
     )
     assert redact(value, ["pii"]) == (value, 0)
+
+
+CAMEL_CASE_CREDENTIALS = {
+    "accessToken": "abcdef123",
+    "refreshToken": "xyz98765",
+    "clientSecret": "s3cr3tval",
+    "dbPassword": "hunter22",
+    "sessionToken": "FwoGZXIvYXdzEBYaD",
+    "AccessToken": "aaa11111",
+    "privateKey": "MIIEvQIBADANBg",
+    "SecretAccessKey": "wJalrXUtnFEMIK7MDENG",  # (`aws sts assume-role` prints it so)
+    "passphrase": "correct horse",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), CAMEL_CASE_CREDENTIALS.items(), ids=CAMEL_CASE_CREDENTIALS.keys()
+)
+def test_camel_case_credential_names_are_labelled_and_redacted(name: str, value: str) -> None:
+    # (a name had to follow a separator: accessToken, clientSecret went through in clear)
+    pair = {name: value}
+    text = orjson.dumps(pair).decode()
+    assert label_value(pair) == {"secret"}
+    assert label_text(text) == {"secret"}
+    assert redact(pair, ("secret",))[0] == {name: "[redacted:secret]"}
+    assert redact(text, ("secret",))[0] == orjson.dumps({name: "[redacted:secret]"}).decode()
+
+
+@pytest.mark.parametrize(
+    "ordinary",
+    [{"max_tokens": 100}, {"tokenizer": "bpe"}, {"password_policy": "strong"}, {"n": "a Token"}],
+)
+def test_names_that_merely_contain_a_credential_word_are_not_labelled(
+    ordinary: dict[str, object],
+) -> None:
+    assert label_value(ordinary) == set()
+    assert label_text(orjson.dumps(ordinary).decode()) == set()
+
+
+def test_a_number_that_no_card_network_issues_under_is_no_card() -> None:
+    # 10% of 13-19 digit numbers pass the Luhn check: times in milliseconds (17…) among them
+    assert label_text("at 1732612345675 ms") == set()  # passes Luhn, starts with 1
+    assert label_text("card 4111 1111 1111 1111") == {"pii"}

@@ -354,6 +354,8 @@ async def test_mcp0_serve_stdio_on_one_socket_for_stdin_and_stdout(tmp_path: Pat
         try:
             ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
             ours.sendall(orjson.dumps(initialize_message()) + b"\n" + orjson.dumps(ping) + b"\n")
+            for rid in range(3, 8):  # answers larger than the socket's buffer (were cut short)
+                ours.sendall(orjson.dumps(echo_call(rid, str(rid) * 300_000)) + b"\n")
             ours.shutdown(socket.SHUT_WR)
             ours.settimeout(TIMEOUT_S)
             out = b""
@@ -364,7 +366,15 @@ async def test_mcp0_serve_stdio_on_one_socket_for_stdin_and_stdout(tmp_path: Pat
             if server.poll() is None:
                 server.kill()
                 server.wait()
-    assert sorted(orjson.loads(line)["id"] for line in out.splitlines()) == [1, 2]
+    answers = {message["id"]: message for message in map(orjson.loads, out.splitlines())}
+    assert sorted(answers) == [1, 2, 3, 4, 5, 6, 7]
+    for rid in range(3, 8):
+        assert answers[rid]["result"]["content"][0]["text"] == str(rid) * 300_000
+
+
+def echo_call(rid: int, text: str) -> JSON:
+    params = {"name": "faulty_echo", "arguments": {"text": text}}
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
 
 
 async def test_mcp0_serve_stdio_reads_requests_from_a_file(tmp_path: Path) -> None:

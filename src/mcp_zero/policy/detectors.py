@@ -25,9 +25,17 @@ PII = "pii"
 LABELS = frozenset({SECRET, PII})
 
 
+# The first digits card networks issue under (Visa 4; Mastercard 51-55, 22-27; Amex 34, 37;
+# Diners 30, 36, 38, 39; JCB 35; Discover and UnionPay 6): a number that starts otherwise,
+# such as a time in milliseconds (17…), is no card, whatever its check digit says.
+_CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[04-9]|6")
+
+
 def _luhn(match: re.Match[str]) -> bool:
     digits = [int(c) for c in match.group(0) if c.isdigit()]
     if not 13 <= len(digits) <= 19:
+        return False
+    if not _CARD_PREFIX.match("".join(map(str, digits[:2]))):
         return False
     total = 0
     for i, digit in enumerate(reversed(digits)):
@@ -76,8 +84,9 @@ def _after(chars: str, prefix: int) -> str:
 # end a longer name (``DB_PASSWORD``, ``client_secret``). (Its first letter first: ``re``
 # skips ahead to the few places where one of them is.)
 _CREDENTIAL_NAME = (
-    r"(?:(?<=p)ass(?:word|wd)|(?<=s)ecret|(?<=a)pi[_-]?key|(?<=t)oken)"
-    r"(?:[_.-]?(?:key|value))?(?![A-Za-z0-9])"
+    r"(?:(?<=p)ass(?:word|wd|phrase)|(?<=s)ecret|(?<=a)pi[_-]?key|(?<=t)oken"
+    r"|(?<=p)rivate[_.-]?key)"
+    r"(?:[_.-]?(?:access[_.-]?)?(?:key|value))?(?![A-Za-z0-9])"
 )
 # (nor one already redacted)
 _NOT_A_VALUE = r"(?!(?:null|true|false|none)(?![A-Za-z0-9])|\[redacted:)"
@@ -95,7 +104,10 @@ _CREDENTIAL_VALUE = (
 )
 # A name alone (an object's key), whose value is then a credential.
 CREDENTIAL_KEY = re.compile(
-    r"(?:[A-Za-z0-9]{1,64}[_.-]){0,8}[pPsStTaA](?i:" + _CREDENTIAL_NAME + ")", re.ASCII
+    r"(?:[A-Za-z0-9]{1,64}[_.-]|[A-Za-z0-9]{0,63}[a-z0-9](?=[PSTA])){0,8}[pPsStTaA](?i:"
+    + _CREDENTIAL_NAME
+    + ")",
+    re.ASCII,
 )
 _KEY_TAIL = r"(?![A-Za-z0-9_-])"
 _WORD_TAIL = r"(?![A-Za-z0-9_])"
@@ -213,15 +225,17 @@ DETECTORS: tuple[Detector, ...] = (
         SECRET,
         "credential_assignment",
         re.compile(
-            r"[pPsStTaA]"
+            # a name's start, or a camelCase hump (``accessToken``, ``dbPassword``)
+            r"(?:[pPsStTaA]"
             + _after("A-Za-z0-9", 1)
+            + r"|(?<=[a-z0-9])[PSTA])"
             + "(?i:"
             + _CREDENTIAL_NAME
             + _CREDENTIAL_VALUE
             + ")",
             re.ASCII,
         ),
-        hints=("pass", "secret", "api", "token"),
+        hints=("pass", "secret", "api", "token", "private"),
         fold=True,
     ),
     Detector(PII, "email", _EMAIL_DOMAIN, hints=("@",), begin=_local_part),

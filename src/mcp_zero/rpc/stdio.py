@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import select
 import stat
 import sys
 from collections.abc import Callable, Coroutine
@@ -97,8 +98,7 @@ class _StdoutChannel:
             transport, flow = self._transport, self._flow
             try:
                 if transport is None or flow is None:
-                    self._out.write(data)
-                    self._out.flush()
+                    _write_blocking(self._out, data)
                     return
                 if flow.lost.is_set() or transport.is_closing():
                     raise BrokenPipeError
@@ -127,6 +127,25 @@ class _StdoutChannel:
             self._transport.abort()
         with contextlib.suppress(OSError, ValueError):
             os.set_blocking(self._out.fileno(), True)
+
+
+def _write_blocking(out: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` to ``out``, waiting for it if it is non-blocking: stdin's
+    transport makes a socket that is stdin and stdout both (inetd, socat) non-blocking, and
+    a write then takes only what the socket has room for (a 300 KB answer was cut short)."""
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        out.write(data)  # (a test's buffer)
+        out.flush()
+        return
+    out.flush()  # what the stream holds goes first
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 def _own_pipe(out: BinaryIO) -> bool:
@@ -296,6 +315,12 @@ async def serve_stdio(
         server.end_listeners()  # stdin closed: subscriptions/listen streams end
         if tasks:
             await asyncio.wait(tasks, timeout=30)
+            if left := sum(not task.done() for task in tasks):  # (cancelled below)
+                log.warning(
+                    "%d request(s) still running, or their answers unread, 30 s after the end "
+                    "of stdin: cancelled, their answers not sent",
+                    left,
+                )
     finally:
         watch.cancel()
         runtime.plugins.on_change = None
