@@ -414,8 +414,10 @@ async def test_a_session_used_with_another_agents_token_is_404(env: Env) -> None
         {"Origin": "http://evil.example.com"},
         {"Host": "[::1]evil.example.com"},  # (read as [::1] until the brackets were checked)
         {"Origin": "http://[::1]evil.example.com"},
+        {"Host": "localhost:1.evil.example.com"},  # (read as localhost, the "port" unchecked)
+        {"Origin": "http://localhost:1.evil.example.com"},
     ],
-    ids=["host", "origin", "bracketed-host", "bracketed-origin"],
+    ids=["host", "origin", "bracketed-host", "bracketed-origin", "port-host", "port-origin"],
 )
 async def test_foreign_host_or_origin_is_403_on_loopback(env: Env, headers: dict[str, str]) -> None:
     client = env.live.client(env.full)

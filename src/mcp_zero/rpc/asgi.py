@@ -81,7 +81,10 @@ def hostname(value: str) -> str:
         if end and (not rest or (rest[0] == ":" and rest[1:].isdigit())):
             return value[:end]
         return value  # not "[v6]" or "[v6]:port": no host we know (never loopback)
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    if value.count(":") == 1:
+        name, port = value.split(":")
+        return name if port.isdigit() else value  # ("localhost:1.evil.com" is no loopback)
+    return value
 
 
 async def respond(
