@@ -319,3 +319,34 @@ def test_a_number_that_no_card_network_issues_under_is_no_card() -> None:
     # 10% of 13-19 digit numbers pass the Luhn check: times in milliseconds (17…) among them
     assert label_text("at 1732612345675 ms") == set()  # passes Luhn, starts with 1
     assert label_text("card 4111 1111 1111 1111") == {"pii"}
+
+
+@pytest.mark.parametrize(
+    ("value", "redacted"),
+    [
+        ({"password": ["hunter22"]}, {"password": "[redacted:secret]"}),
+        ({"password": {"value": "hunter22"}}, {"password": "[redacted:secret]"}),
+        (
+            {"env": [{"name": "DB_PASSWORD", "value": "hunter22"}]},
+            {"env": [{"name": "DB_PASSWORD", "value": "[redacted:secret]"}]},
+        ),
+    ],
+    ids=["list", "object", "name-value pair"],
+)
+def test_a_credential_given_in_a_nested_shape_is_labelled_and_redacted(
+    value: dict[str, object], redacted: dict[str, object]
+) -> None:
+    # (a value one level down, or a k8s-style env pair, went through no-secrets-out)
+    assert label_value(value) == {"secret"}
+    assert redact(value, ("secret",)) == (redacted, 1)
+    ordinary = {"env": [{"name": "PATH", "value": "/usr/bin"}]}
+    assert label_value(ordinary) == set()
+    assert redact(ordinary, ("secret",)) == (ordinary, 0)
+
+
+def test_a_card_number_sent_as_a_number_is_redacted() -> None:
+    # (labelled pii, and returned in structuredContent as it was)
+    assert redact({"card": 4111111111111111, "n": 7}, ("pii",)) == (
+        {"card": "[redacted:pii]", "n": 7},
+        1,
+    )

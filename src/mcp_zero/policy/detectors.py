@@ -307,11 +307,18 @@ def _texts(value: Any, parts: list[str]) -> None:
     if isinstance(value, str):
         parts.append(value)
     elif isinstance(value, dict):
+        named = _named_value(value)
+        if named is not None:  # {"name": "DB_PASSWORD", "value": "…"} reads as DB_PASSWORD=…
+            parts.append(f"{value.get('name', value.get('Name'))}={value[named]}")
         for key, item in value.items():
             if isinstance(item, str) or (
                 isinstance(item, (int, float)) and not isinstance(item, bool)
             ):
                 parts.append(f"{key}={item}")
+            elif _credential_value(key, item):  # {"password": ["…"]}: under its name
+                nested: list[str] = []
+                _texts(item, nested)
+                parts.extend(f"{key}={text}" for text in nested)
             else:
                 parts.append(str(key))
                 _texts(item, parts)
@@ -335,13 +342,16 @@ _SECRET_MARKER = f"[redacted:{SECRET}]"
 
 
 def _credential_value(key: Any, item: Any) -> bool:
-    """Whether ``item`` is the value of a credential given by name: ``"password": "…"``."""
+    """Whether ``item`` is the value of a credential given by name: ``"password": "…"``,
+    or a list or object under such a name (``"password": ["…"]``) whole."""
     if isinstance(item, bool) or not isinstance(key, str) or len(key) > 128:
         return False
     if isinstance(item, str):
         text = item.strip()
     elif isinstance(item, (int, float)):
         text = str(item)
+    elif isinstance(item, (list, dict)):
+        return bool(item) and CREDENTIAL_KEY.fullmatch(key) is not None
     else:
         return False
     if len(text) < 3 or text.lower() in ("null", "true", "false", "none"):
@@ -355,8 +365,9 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
     if isinstance(value, dict):
         total = 0
         out: dict[Any, Any] | None = None
+        named = _named_value(value) if keys else None  # {"name": "DB_PASSWORD", "value": …}
         for key, item in value.items():
-            if keys and _credential_value(key, item):
+            if (keys and _credential_value(key, item)) or (named is not None and key == named):
                 new, count = _SECRET_MARKER, 1
             else:
                 new, count = _redact(item, detectors, keys)
@@ -377,7 +388,22 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
                 items[i] = new
                 total += count
         return (value if items is None else items), total
+    if isinstance(value, int) and not isinstance(value, bool):  # a card number as a number
+        text, count = _redact_text(str(value), detectors)
+        return (text, count) if count else (value, 0)
     return value, 0
+
+
+def _named_value(pair: dict[Any, Any]) -> str | None:
+    """The key of a name/value pair's value when the name is a credential's (environment
+    lists: ``{"name": "DB_PASSWORD", "value": "…"}``), else None."""
+    name = pair.get("name", pair.get("Name"))
+    if not isinstance(name, str):
+        return None
+    for key in ("value", "Value"):
+        if key in pair and _credential_value(name, pair[key]):
+            return key
+    return None
 
 
 def _redact_text(text: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
