@@ -63,6 +63,11 @@ def _redact_error(exc: McpZeroError, labels: tuple[str, ...], event: JSON) -> No
         exc.message = message
         exc.args = (message,)
         exc.data = data
+    _note_redaction(event, labels, redacted)
+
+
+def _note_redaction(event: JSON, labels: tuple[str, ...], redacted: int) -> None:
+    """The audit ``event`` says the redact obligation ran, and what it replaced."""
     event["obligations"] = event.get("obligations", []) + ["redact:" + label for label in labels]
     event["redacted"] = redacted
 
@@ -853,11 +858,9 @@ class Kernel:
                     sandbox_s = time.perf_counter() - t
             finally:
                 self.quotas.leave(principal.agent)
-            if decision.redact:  # the obligation of the permits that allowed it
-                result, redacted = redact(result, decision.redact)
-                done = ["redact:" + label for label in decision.redact]
-                event["obligations"] = event.get("obligations", []) + done
-                event["redacted"] = redacted
+            if redacting:  # the obligation of the permits that allowed it
+                result, redacted = redact(result, redacting)
+                _note_redaction(event, redacting, redacted)
             if result.get("isError"):
                 event["tool_error"] = True
         except asyncio.CancelledError as exc:

@@ -4,10 +4,12 @@ Two labels, each a handful of precompiled patterns:
 
 - ``secret``: credentials of well-known shapes (AWS access key ids and secret keys, PEM
   private keys, GitHub, Slack, Google, Stripe, OpenAI and Anthropic keys, JWTs) and a value
-  given to a ``password``/``passwd``/``secret``/``api_key``/``token`` name (``token=…``,
-  ``"password": "…"``);
+  given to a credential's name (``password``, ``passphrase``, ``secret``, ``api_key``,
+  ``private_key``, ``token``…, after a separator or as a camelCase word: ``token=…``,
+  ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``);
 - ``pii``: e-mail addresses, payment card numbers (13 to 19 digits, spaces or dashes
-  between them allowed, that pass the Luhn check) and US social security numbers.
+  between them allowed, starting as card numbers do and passing the Luhn check) and US
+  social security numbers.
 
 Policies see the labels of an action's arguments as ``context.labels``; a permit's
 ``@redact("secret")`` obligation has its result redacted with :func:`redact`.
@@ -292,14 +294,7 @@ def label_value(value: Any) -> frozenset[str]:
     included, each as it is (not as JSON text, where a newline before a secret is ``\\n``),
     and of each ``name=value`` of an object (``{"password": "…"}``)."""
     parts: list[str] = []
-    if isinstance(value, dict):  # (the arguments' own level inline: one call less)
-        for key, item in value.items():
-            if isinstance(item, str):
-                parts.append(f"{key}={item}")
-            else:
-                _texts({key: item}, parts)
-    else:
-        _texts(value, parts)
+    _texts(value, parts)
     return label_text("\n".join(parts)) if parts else frozenset()
 
 
