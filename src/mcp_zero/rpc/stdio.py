@@ -16,13 +16,13 @@ import contextlib
 import io
 import logging
 import os
-import select
 import stat
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from mcp_zero.errors import InvalidRequest, Unauthorized
+from mcp_zero.fdio import write_all
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.envelope import has_envelope
@@ -37,12 +37,16 @@ log = logging.getLogger("mcp_zero.stdio")
 
 
 class _PipeFlow(asyncio.Protocol):
-    """Flow control of stdout's pipe transport: writable while the client keeps up."""
+    """Stdout's pipe transport and its flow control: writable while the client keeps up."""
 
     def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
         self.writable = asyncio.Event()
         self.writable.set()
         self.lost = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -65,15 +69,14 @@ class _StdoutChannel:
     a terminal, a pipe shared with stderr) is written directly: non-blocking mode would be
     set on what other writers, such as logging on stderr, share."""
 
-    __slots__ = ("_flow", "_gone", "_lock", "_on_gone", "_out", "_transport")
+    __slots__ = ("_flow", "_gone", "_lock", "_on_gone", "_out")
 
     def __init__(self, out: BinaryIO, on_gone: Callable[[], None]) -> None:
         self._out = out
         self._lock = asyncio.Lock()
         self._on_gone = on_gone
         self._gone = False
-        self._transport: asyncio.WriteTransport | None = None
-        self._flow: _PipeFlow | None = None
+        self._flow: _PipeFlow | None = None  # on a pipe: the transport stdout is written by
 
     async def open(self) -> None:
         """Write through the event loop if stdout is a pipe of its own."""
@@ -84,22 +87,23 @@ class _StdoutChannel:
         pipe = open(os.dup(self._out.fileno()), "wb", buffering=0)  # noqa: ASYNC230, SIM115 (an fd)
         loop = asyncio.get_running_loop()
         try:
-            transport, flow = await loop.connect_write_pipe(_PipeFlow, pipe)
+            _, self._flow = await loop.connect_write_pipe(_PipeFlow, pipe)
         except BaseException:
             pipe.close()
             raise
-        self._transport, self._flow = transport, flow
 
     async def send(self, message: JSON) -> None:
         data = jsonrpc.encode(message) + b"\n"
         async with self._lock:
             if self._gone:
                 return
-            transport, flow = self._transport, self._flow
+            flow = self._flow
             try:
-                if transport is None or flow is None:
+                if flow is None:
                     _write_blocking(self._out, data)
                     return
+                transport = flow.transport
+                assert transport is not None
                 if flow.lost.is_set() or transport.is_closing():
                     raise BrokenPipeError
                 transport.write(data)
@@ -116,15 +120,16 @@ class _StdoutChannel:
 
     async def aclose(self, timeout: float) -> None:
         """Write out what is buffered (for at most ``timeout`` seconds), then close."""
-        if self._transport is None or self._flow is None:
+        flow = self._flow
+        if flow is None or flow.transport is None:
             return
-        self._transport.close()  # (after its buffer is written)
+        flow.transport.close()  # (after its buffer is written)
         try:
             async with asyncio.timeout(timeout):
-                await self._flow.lost.wait()
+                await flow.lost.wait()
         except TimeoutError:
             log.warning("the client did not read its last answers in %g s", timeout)
-            self._transport.abort()
+            flow.transport.abort()
         with contextlib.suppress(OSError, ValueError):
             os.set_blocking(self._out.fileno(), True)
 
@@ -140,12 +145,7 @@ def _write_blocking(out: BinaryIO, data: bytes) -> None:
         out.flush()
         return
     out.flush()  # what the stream holds goes first
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            select.select([], [fd], [])
+    write_all(fd, data)
 
 
 def _own_pipe(out: BinaryIO) -> bool:

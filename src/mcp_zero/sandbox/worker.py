@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_zero import memory
+from mcp_zero.fdio import write_all
 from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
 from mcp_zero.sandbox import isolation, proctree, results
 from mcp_zero.sandbox.frames import (
@@ -71,15 +72,6 @@ from mcp_zero.sandbox.frames import (
 
 JSON = dict[str, Any]
 FATAL_EXIT = 3
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    n = os.write(fd, data)
-    if n < len(data):  # the pipe was full: the rest as it drains
-        view = memoryview(data)[n:]
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
 
 
 _THREAD_STACK_BYTES = 1 << 20
@@ -112,7 +104,7 @@ class Worker:
     def _write(self, data: bytes) -> None:
         """Write encoded frames whole; safe from any thread."""
         with self._write_lock:
-            _write_all(self._out_fd, data)
+            write_all(self._out_fd, data)
 
     def send(self, frame: JSON) -> None:
         """Write one frame; safe from any thread."""
@@ -454,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         plugin = load_plugin(plugin_dir, entry)
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
-        _write_all(out_fd, encode({"op": "fatal", "message": f"{type(exc).__name__}: {exc}"}))
+        write_all(out_fd, encode({"op": "fatal", "message": f"{type(exc).__name__}: {exc}"}))
         proctree.kill_tree(os.getpid(), include_root=False)  # what its import started
         return FATAL_EXIT
     worker = Worker(
