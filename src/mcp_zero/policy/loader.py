@@ -234,13 +234,14 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     else:
         verbs = None
     if (redact or audit_before) and verbs is not None and verbs.isdisjoint(_OBLIGED_VERBS):
-        where = f"{name}:{line}" if line is not None else name
         obligation = "@redact" if redact else "@audit"
-        raise PolicyError(
-            f'{where}: policy "{policy_id}": {obligation} cannot apply to the actions it allows '
-            f"({', '.join(sorted(verbs))}): obligations apply to "
-            f"{', '.join(sorted(_OBLIGED_VERBS))}; widen its action scope or drop it",
-            data={"file": name, "line": line, "policy": policy_id},
+        raise _obligation_error(
+            name,
+            line,
+            policy_id,
+            f"{obligation} cannot apply to the actions it allows ({', '.join(sorted(verbs))}): "
+            f"obligations apply to {', '.join(sorted(_OBLIGED_VERBS))}; widen its action "
+            "scope or drop it",
         )
     return PolicyInfo(
         id=policy_id,
@@ -258,32 +259,41 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     )
 
 
+def _obligation_error(name: str, line: int | None, policy_id: str, problem: str) -> PolicyError:
+    where = f"{name}:{line}" if line is not None else name
+    return PolicyError(
+        f'{where}: policy "{policy_id}": {problem}',
+        data={"file": name, "line": line, "policy": policy_id},
+    )
+
+
 def _redact_labels(
     name: str, line: int | None, policy_id: str, effect: str, value: str
 ) -> frozenset[str]:
     """The labels of a ``@redact("secret, pii")`` annotation. Raises PolicyError for one
     on a forbid, one that names no label, or one that names a label no detector gives."""
-    where = f"{name}:{line}" if line is not None else name
-    data = {"file": name, "line": line, "policy": policy_id}
     known = ", ".join(sorted(LABELS))
     if effect != "permit":
-        raise PolicyError(
-            f'{where}: policy "{policy_id}": @redact is an obligation of an allow; '
-            "a forbid cannot carry it (put it on the permit that allows the action)",
-            data=data,
+        raise _obligation_error(
+            name,
+            line,
+            policy_id,
+            "@redact is an obligation of an allow; a forbid cannot carry it (put it on the "
+            "permit that allows the action)",
         )
     labels = [part.strip() for part in value.split(",")]
     if not any(labels):
-        raise PolicyError(
-            f'{where}: policy "{policy_id}": @redact names no label; name some of: {known}',
-            data=data,
+        raise _obligation_error(
+            name, line, policy_id, f"@redact names no label; name some of: {known}"
         )
     unknown = [label for label in labels if label not in LABELS]
     if unknown:
-        raise PolicyError(
-            f'{where}: policy "{policy_id}": @redact names unknown label '
-            f"{', '.join(repr(label) for label in unknown)}; the labels are: {known}",
-            data=data,
+        raise _obligation_error(
+            name,
+            line,
+            policy_id,
+            f"@redact names unknown label {', '.join(repr(label) for label in unknown)}; "
+            f"the labels are: {known}",
         )
     return frozenset(labels)
 
@@ -291,19 +301,21 @@ def _redact_labels(
 def _audit_when(name: str, line: int | None, policy_id: str, effect: str, value: str) -> bool:
     """An ``@audit("before")`` annotation (True). Raises PolicyError for one on a forbid (a
     denial is recorded anyway) or with another value."""
-    where = f"{name}:{line}" if line is not None else name
-    data = {"file": name, "line": line, "policy": policy_id}
     if effect != "permit":
-        raise PolicyError(
-            f'{where}: policy "{policy_id}": @audit is an obligation of an allow; a forbid '
-            "cannot carry it (every denial is recorded anyway)",
-            data=data,
+        raise _obligation_error(
+            name,
+            line,
+            policy_id,
+            "@audit is an obligation of an allow; a forbid cannot carry it (every denial is "
+            "recorded anyway)",
         )
     if value.strip() != "before":
-        raise PolicyError(
-            f'{where}: policy "{policy_id}": @audit takes "before" (record the action before '
-            f"it runs, as well as its outcome), not {value[:40]!r}",
-            data=data,
+        raise _obligation_error(
+            name,
+            line,
+            policy_id,
+            f'@audit takes "before" (record the action before it runs, as well as its '
+            f"outcome), not {value[:40]!r}",
         )
     return True
 
