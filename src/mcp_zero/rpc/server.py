@@ -788,21 +788,21 @@ class McpServer:
         held = 0
         if watched not in session.subscriptions and not session.closed:
             refusal: QuotaExceeded | None = None
+            cost = subscription_cost((watched,))
             if len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
                 refusal = QuotaExceeded(
                     f"this session is subscribed to {MAX_SUBSCRIPTIONS} resources, as many as "
                     "it may; unsubscribe from one first"
                 )
-            elif session.subscribed_bytes + subscription_cost((watched,)) > MAX_SUBSCRIBED_BYTES:
+            elif session.subscribed_bytes + cost > MAX_SUBSCRIBED_BYTES:
                 refusal = QuotaExceeded(
                     f"this session's subscriptions hold {session.subscribed_bytes} bytes of "
-                    f"URIs (each counted with {SUBSCRIPTION_OVERHEAD} more), "
-                    f"{subscription_cost((watched,))} more would pass its "
-                    f"{MAX_SUBSCRIBED_BYTES}; unsubscribe from some first"
+                    f"URIs (each counted with {SUBSCRIPTION_OVERHEAD} more), {cost} more would "
+                    f"pass its {MAX_SUBSCRIBED_BYTES}; unsubscribe from some first"
                 )
             else:
                 try:
-                    held = self._hold_subscriptions(subscription_cost((watched,)))
+                    held = self._hold_subscriptions(cost)
                 except QuotaExceeded as exc:
                     refusal = exc
             if refusal is not None:  # audited as a refused subscribe (over the rate limit: as such)
