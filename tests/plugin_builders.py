@@ -9,7 +9,10 @@ from pathlib import Path
 
 def loading_plugin(directory: Path, pid_file: Path, *, name: str = "slow") -> Path:
     """Plugin ``name`` whose module, as it loads, writes its pid to ``pid_file`` and sleeps
-    1,000 s: a plugin that hangs while it starts. Its one tool is ``<name>_echo``."""
+    1,000 s: a plugin that hangs while it starts. Its one tool is ``<name>_echo``.
+
+    A worker may write only its own data dir (``<data dir>/plugin-data/<name>``), so that
+    is where ``pid_file`` must be."""
     directory.mkdir(parents=True)
     (directory / "plugin.json").write_text(
         json.dumps(

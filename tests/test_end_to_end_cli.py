@@ -586,7 +586,7 @@ def test_nothing_a_plugin_starts_outlives_its_worker(server: Server, tmp_path: P
     token = sleepy_agent(server)
 
     def start(case: str, then: str, *, detach: bool, seconds: float = 600) -> tuple[int, Any]:
-        pidfile = tmp_path / f"{case}.pid"
+        pidfile = server.data_dir / "plugin-data" / "faulty" / f"{case}.pid"  # may write there
         arguments = {"pidfile": str(pidfile), "then": then, "detach": detach, "seconds": seconds}
         answer = call_faulty(server, token, "faulty_daemon", arguments)
         return int(pidfile.read_text()), answer
@@ -626,7 +626,7 @@ def test_what_plugins_left_running_after_kill_9_ends_at_the_next_start(
     # kill -9 of the server ends its workers (their parent-death signal), but what their
     # plugins started runs on under init; the next server on the data dir ends it.
     token = sleepy_agent(server)
-    pidfile = tmp_path / "left.pid"
+    pidfile = server.data_dir / "plugin-data" / "faulty" / "left.pid"  # it may write there
     arguments = {"pidfile": str(pidfile), "then": "return", "detach": False, "seconds": 600}
     answer = call_faulty(server, token, "faulty_daemon", arguments)
     assert answer["result"]["content"][0]["text"] == "daemon started", answer

@@ -33,6 +33,7 @@ from mcp_zero.policy.loader import policy_files
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
+from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
 from mcp_zero.storage.sqlite import SqliteStore
@@ -92,6 +93,7 @@ class Runtime:
             settings.plugins_dir,
             settings.plugin_data_dir,
             max_workers=settings.max_workers,
+            protect=settings.data_dir,
         )
         self.plugins.record_digests()  # copies installed before digests were kept
         self.plugins.sweep_copies()  # replaced copies no server deleted
@@ -249,7 +251,10 @@ class Runtime:
     ) -> None:
         """Start the plugin runtimes (those named in ``only``, if given), waiting ``wait``
         seconds at most for them (see ``PluginHost.refresh``), and the watcher that picks
-        up plugin and policy changes."""
+        up plugin and policy changes. From here on the process is non-dumpable: its
+        plugins' workers, though run by the same user, cannot read its environment or
+        memory through ``/proc``."""
+        isolation.hide_process()
         await self.plugins.refresh(force=True, only=only, wait=wait)
         self._refresher = asyncio.create_task(self._watch())
 

@@ -592,7 +592,7 @@ def test_admin_rotate_token_writes_a_new_private_token_and_audits_it(data_dir: P
 
 def test_agent_exec_starts_only_the_plugin_of_its_tool(data_dir: Path, tmp_path: Path) -> None:
     # A plugin that hangs as it loads held every one-off call for its 15 s start timeout.
-    marker = tmp_path / "stuck-was-started"
+    marker = data_dir / "plugin-data" / "stuck" / "was-started"  # where it may write
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     run(
         data_dir, "plugin", "install", str(loading_plugin(tmp_path / "stuck", marker, name="stuck"))
@@ -609,7 +609,7 @@ async def test_a_plugin_that_hangs_as_it_loads_does_not_hold_up_the_others(
 ) -> None:
     # A server waits a bounded time for its plugins before it serves: one that hangs while
     # loading goes on starting (its calls would wait for it), the others serve at once.
-    marker = tmp_path / "stuck-loading"
+    marker = tmp_path / "data" / "plugin-data" / "stuck" / "loading"  # where it may write
     runtime = Runtime(load_settings(None, {"data_dir": tmp_path / "data"}, environ={}))
     runtime.install_plugin(loading_plugin(tmp_path / "stuck", marker, name="stuck"))
     runtime.install_plugin(NOTES_DIR)

@@ -29,6 +29,7 @@ from mcp_zero.errors import (
 from mcp_zero.kernel.action import Principal
 from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES, REPLACED_COPY_KEPT_S
 from mcp_zero.runtime import Runtime
+from mcp_zero.sandbox.isolation import landlock_abi
 from plugin_builders import loading_plugin
 
 pytestmark = pytest.mark.anyio
@@ -538,7 +539,7 @@ async def test_a_call_waiting_for_a_plugin_removed_or_replaced_as_it_starts_is_a
 ) -> None:
     # The call waited on the start that the removal cancelled: it got CancelledError (an
     # HTTP request never answered), and the worker went on loading long after.
-    pid_file = tmp_path / "slow.pid"
+    pid_file = tmp_path / "data" / "plugin-data" / "slow" / "slow.pid"  # its data dir
     source = loading_plugin(tmp_path / "slow", pid_file)
     runtime: Runtime = make_runtime()
     runtime.plugins.install(source)
@@ -578,3 +579,39 @@ async def test_a_call_waiting_for_a_plugin_removed_or_replaced_as_it_starts_is_a
             os.kill(pid, 0)
     finally:
         await runtime.aclose()
+
+
+async def test_a_plugin_cannot_reach_the_servers_secrets(
+    make_runtime: Any, bridge: Any, tmp_path: Path
+) -> None:
+    # A worker ran as the server's user with nothing between it and the data dir: it could
+    # read the admin token, the signing keys and the audit database, and, through /proc,
+    # the server's environment (MCP0_TOKEN of a stdio server).
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(Path(__file__).parents[1] / "sandbox" / "kit")
+    await runtime.start()
+    data = runtime.settings.data_dir
+    own = data / "plugin-data" / "kit" / "notes.txt"
+    secrets = [runtime.settings.admin_token_path, runtime.settings.db_path]
+    try:
+        with anyio.fail_after(20):
+            result = await runtime.kernel.call_tool(
+                Principal("alice", frozenset({"kit"})),
+                "reach",
+                {
+                    "read": [*map(str, secrets), f"/proc/{os.getpid()}/environ"],
+                    "write": [str(own), str(data / "policies" / "allow-all.cedar")],
+                },
+                bridge,
+                request_id="r1",
+                transport="test",
+            )
+    finally:
+        await runtime.aclose()
+    reached = result["structuredContent"]
+    assert reached[f"write {own}"] == "ok"
+    if landlock_abi() >= 1:
+        denied = [f"read {s}" for s in secrets] + [f"write {data / 'policies' / 'allow-all.cedar'}"]
+        assert {k: reached[k] for k in denied} == dict.fromkeys(denied, "PermissionError")
+    # the server is non-dumpable once started, and a root server's worker holds no capability
+    assert reached[f"read /proc/{os.getpid()}/environ"] == "PermissionError"

@@ -4,6 +4,7 @@ list, get, attach, execute, snapshot, terminate, recover), plugins and the audit
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import orjson
 import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
 
+from mcp_zero.sandbox.isolation import landlock_abi
 from plugin_builders import loading_plugin
 
 pytestmark = pytest.mark.anyio
@@ -69,7 +71,8 @@ async def test_every_route_needs_the_admin_token(
 
 async def test_a_plugin_still_starting_is_shown_starting_not_running(tmp_path: Path) -> None:
     runtime = make_runtime(tmp_path / "data")
-    runtime.plugins.install(loading_plugin(tmp_path / "slow", tmp_path / "slow.pid"))
+    pid_file = tmp_path / "data" / "plugin-data" / "slow" / "slow.pid"  # its data dir
+    runtime.plugins.install(loading_plugin(tmp_path / "slow", pid_file))
     runtime.plugins.install(FAULTY_DIR)
     async with serve(runtime) as live:  # (serves after 3 s, the slow one still starting)
         token = runtime.admin_token()
@@ -419,6 +422,12 @@ async def test_a_plugin_the_server_does_not_run_says_why(tmp_path: Any) -> None:
             shown = (await http.get(f"{live.base}/api/v1/plugins/notes")).json()
     states = {p["name"]: (p["running"], p.get("error")) for p in listed}
     assert states["faulty"] == (True, None)
+    # what of its sandbox held here: the faulty plugin is granted no network
+    [faulty] = [p for p in listed if p["name"] == "faulty"]
+    assert faulty["sandbox"]["files_confined"] is (landlock_abi() >= 1)
+    if os.geteuid() == 0:  # root can always unshare; others only with user namespaces
+        assert faulty["sandbox"]["network_isolated"] is True
+    assert "sandbox" not in shown  # not running
     assert states["notes"][0] is False
     assert "0 of the server's max_workers = 1 are free" in states["notes"][1]
     assert shown["running"] is False

@@ -493,7 +493,7 @@ async def test_a_call_waiting_for_a_plugin_removed_as_it_starts_gets_an_answer(
         '"tools": [{"name": "slow_echo", "description": "never", '
         '"inputSchema": {"type": "object"}}]}'
     )
-    loading = tmp_path / "loading"
+    loading = tmp_path / "data" / "plugin-data" / "slow" / "loading"  # where it may write
     (plugin / "slow_plugin.py").write_text(
         f"import pathlib, time\npathlib.Path({str(loading)!r}).touch()\ntime.sleep(1000)\n"
     )

@@ -28,6 +28,7 @@ from mcp_zero.errors import (
     ToolNotFound,
     ToolTimeout,
 )
+from mcp_zero.sandbox.isolation import landlock_abi
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S
@@ -463,6 +464,82 @@ async def test_network_is_cut_when_not_granted(make_runtime):
             assert result["content"][0]["text"] == "connected"
 
 
+def _server_layout(tmp_path: Path, filesystem: str = "private") -> tuple[Path, Path, Path]:
+    """A server data dir with a secret, the kit's copy and data dir inside it, as
+    `mcp0 serve` lays them out; returns (server dir, plugin copy, plugin data dir)."""
+    server = tmp_path / "server"
+    copy = server / "plugins" / "kit" / "1.0.0-x"
+    shutil.copytree(KIT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((copy / "plugin.json").read_text())
+    manifest["capabilities"]["filesystem"] = filesystem
+    (copy / "plugin.json").write_text(json.dumps(manifest))
+    (server / "admin.token").write_text("secret")
+    (server / "mcp0.db").write_bytes(b"SQLite format 3\x00")
+    return server, copy, server / "plugin-data" / "kit"
+
+
+async def test_a_worker_reaches_only_its_own_files(tmp_path):
+    server, copy, data = _server_layout(tmp_path)
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not the plugin's")
+    rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
+    await rt.start()
+    try:
+        reached = (
+            await call(
+                rt,
+                "reach",
+                {
+                    "read": [
+                        str(copy / "plugin.json"),  # its own code
+                        "/etc/passwd",  # the system's settings
+                        str(server / "admin.token"),  # the server's secrets
+                        str(server / "mcp0.db"),
+                        str(elsewhere),  # anything else the server's user can read
+                    ],
+                    "write": [str(data / "own.txt"), str(tmp_path / "new.txt")],
+                    "signal": [os.getpid()],  # the server
+                    "modules": ["fractions", "sqlite3"],  # imports after confinement
+                },
+            )
+        )["structuredContent"]
+    finally:
+        await rt.close()
+    confined = landlock_abi() >= 1
+    assert rt.files_confined is confined
+    allowed = [
+        "read " + str(copy / "plugin.json"),
+        "read /etc/passwd",
+        "write " + str(data / "own.txt"),
+    ]
+    assert all(reached[key] == "ok" for key in allowed), reached
+    assert reached["import fractions"] == reached["import sqlite3"] == "ok"
+    denied = [
+        f"read {server / 'admin.token'}",
+        f"read {server / 'mcp0.db'}",
+        f"read {elsewhere}",
+        f"write {tmp_path / 'new.txt'}",
+    ]
+    if confined:
+        assert {k: reached[k] for k in denied} == dict.fromkeys(denied, "PermissionError")
+        assert not (tmp_path / "new.txt").exists()
+    else:  # the documented fallback: a kernel without Landlock confines nothing
+        assert all(reached[key] == "ok" for key in denied), reached
+    assert reached[f"signal {os.getpid()}"] == ("PermissionError" if landlock_abi() >= 6 else "ok")
+
+
+async def test_a_plugin_without_filesystem_writes_nowhere(tmp_path):
+    server, copy, data = _server_layout(tmp_path, filesystem="none")
+    rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
+    await rt.start()
+    try:
+        reached = (await call(rt, "reach", {"write": [str(data / "own.txt")]}))["structuredContent"]
+    finally:
+        await rt.close()
+    expected = "PermissionError" if landlock_abi() >= 1 else "ok"
+    assert reached[f"write {data / 'own.txt'}"] == expected
+
+
 async def test_network_kept_when_granted(make_runtime, tmp_path):
     granted = tmp_path / "granted"
     shutil.copytree(KIT_DIR, granted)
@@ -556,7 +633,7 @@ async def test_code_and_manifest_must_agree(tmp_path):
 
 def _loading_forever(tmp_path: Path) -> tuple[Path, Path]:
     """A plugin that, as it loads, writes its pid to a file and then sleeps 1,000 s."""
-    pid_file = tmp_path / "loading.pid"
+    pid_file = tmp_path / "data" / "loading.pid"  # the plugin may write only its data dir
     code = (
         f"import os, pathlib, time\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
     )

@@ -205,8 +205,12 @@ class PluginHost:
         plugin_data_dir: Path,
         *,
         max_workers: int = DEFAULT_MAX_WORKERS,
+        protect: Path | None = None,
     ) -> None:
         self.store = store
+        # Workers must not reach this directory (the server's data dir) but for their own
+        # parts of it: their plugin's copy and data dir.
+        self.protect = protect
         # Absolute: a record must name the same copy whatever directory mcp0 is run from.
         self.plugins_dir = plugins_dir.absolute()
         self.plugin_data_dir = plugin_data_dir
@@ -489,7 +493,9 @@ class PluginHost:
             )
         data_dir = self.plugin_data_dir / manifest.name
         data_dir.mkdir(parents=True, exist_ok=True)
-        return ProcessRuntime(manifest, path, data_dir, on_restart=self._restarted)
+        return ProcessRuntime(
+            manifest, path, data_dir, on_restart=self._restarted, protect=self.protect
+        )
 
     def _restarted(self, plugin: str) -> None:
         if self.on_restart is not None:

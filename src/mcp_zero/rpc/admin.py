@@ -244,6 +244,12 @@ class AdminApi:
             error = "not loaded yet: the server takes installs up within a second"
         starting = error is None and view["name"] in host.starting
         view["running"] = error is None and not starting
+        if view["running"]:  # what of the sandbox held on this host (docs/plugins.md)
+            runtime = host.runtimes[view["name"]]
+            view["sandbox"] = {
+                "network_isolated": bool(getattr(runtime, "network_isolated", False)),
+                "files_confined": bool(getattr(runtime, "files_confined", False)),
+            }
         if starting:
             view["starting"] = True
         if error is not None:

@@ -11,12 +11,46 @@ import ctypes
 import os
 import resource
 import signal
+import stat
+import struct
+from collections.abc import Iterable
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
+_CAPABILITY_VERSION_3 = 0x20080522
 MAX_OPEN_FILES = 256
+
+# Landlock (linux/landlock.h): the syscalls have these numbers on every architecture.
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+# The rights each ABI version knows: 1 has bits 0-12, 2 adds REFER, 3 TRUNCATE, 5 IOCTL_DEV.
+_FS_RIGHTS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+# Rights that apply to a file (the others only to directories).
+_FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV
+_READ = _EXECUTE | _READ_FILE | _READ_DIR
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
+# What a worker may read and execute: the system's programs, libraries and settings, and
+# the devices any program expects (not /dev as a whole: a root worker would read disks).
+# Its interpreter's prefixes and import path are added; the rest of the filesystem (homes,
+# /tmp, /var, /run, /srv, /opt…, the server's data dir) is out of reach.
+SYSTEM_READ = (
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/sys",
+    "/dev/random", "/dev/urandom", "/run/systemd/resolve",
+)  # fmt: skip
+# Device files and shared memory (multiprocessing's semaphores) a process expects to write.
+SYSTEM_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/shm")  # noqa: S108
 
 _libc: ctypes.CDLL | None = None
 
@@ -57,6 +91,30 @@ def tie_to_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def drop_capabilities() -> bool:
+    """Give up every capability (a worker of a server run as root would otherwise hold them
+    all: read any file, trace the server); ``True`` when this process holds none now."""
+    libc = _c()
+    number = _SYS_CAPSET.get(os.uname().machine)
+    if libc is None or number is None:
+        return False
+    for cap in range(64):  # the bounding set: nothing can bring one back
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none (two words)
+    return bool(libc.syscall(number, header, data) == 0)
+
+
+def hide_process() -> None:
+    """Make this process non-dumpable: processes of the same user without
+    ``CAP_SYS_PTRACE`` (the plugins' workers) can no longer read its environment, memory,
+    maps or open files through ``/proc``, nor attach to it; no core dump is written."""
+    libc = _c()
+    if libc is not None:
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def isolate_network() -> bool:
     """Move this process into a new, empty network namespace; ``True`` when that worked.
 
@@ -71,4 +129,113 @@ def isolate_network() -> bool:
     return any(libc.unshare(f) == 0 for f in flags)
 
 
-__all__ = ["apply_rlimits", "isolate_network", "tie_to_parent"]
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel offers; 0 when it has none (or it is disabled)."""
+    libc = _c()
+    if libc is None:
+        return 0
+    version = libc.syscall(
+        _SYS_LANDLOCK_CREATE_RULESET,
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    return max(int(version), 0)
+
+
+def _beneath_except(root: str, hidden: str) -> list[str]:
+    """Paths whose trees together are ``root``'s tree without ``hidden``'s (its descendant).
+
+    Symbolic links are left out: Landlock judges an access by the path it reaches, so a
+    link needs no rule of its own, and one into ``hidden`` must not get one.
+    """
+    paths: list[str] = []
+    here = root
+    for part in os.path.relpath(hidden, root).split(os.sep):
+        try:
+            with os.scandir(here) as entries:
+                paths.extend(e.path for e in entries if e.name != part and not e.is_symlink())
+        except OSError:
+            return paths
+        here = os.path.join(here, part)
+    return paths
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def confine_files(read: Iterable[str], write: Iterable[str], hidden: str = "") -> int:
+    """Restrict this process and its future children to reading and executing under
+    ``read`` and to anything under ``write`` (Landlock); returns the ABI version enforced,
+    0 when the kernel has no Landlock (nothing is restricted then).
+
+    Paths that do not exist are skipped. No ``read`` or ``write`` tree reaches into the
+    ``hidden`` one (the server's data dir): a tree that holds it is granted without it,
+    while a tree inside it (the plugin's own directories) is granted as asked. From ABI 6
+    the process also cannot signal, or connect to the abstract sockets of, processes outside
+    its domain (the server). Must run before any thread starts, after ``PR_SET_NO_NEW_PRIVS``.
+    """
+    abi = landlock_abi()
+    libc = _c()
+    if abi < 1 or libc is None:
+        return 0
+    handled = _FS_RIGHTS[max(v for v in _FS_RIGHTS if v <= abi)]
+    scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if abi >= 6 else 0
+    attr = struct.pack("QQQ", handled, 0, scoped)[: 24 if abi >= 6 else 8]
+    ruleset = libc.syscall(
+        _SYS_LANDLOCK_CREATE_RULESET,
+        ctypes.c_char_p(attr),
+        ctypes.c_size_t(len(attr)),
+        ctypes.c_uint32(0),
+    )
+    if ruleset < 0:
+        return 0
+    secret = os.path.realpath(hidden) if hidden else ""
+    try:
+        for rights, roots in ((_READ, read), (handled, write)):
+            for root in roots:
+                path = os.path.realpath(root)
+                if secret and _is_within(secret, path):
+                    allowed = _beneath_except(path, secret) if path != secret else []
+                else:
+                    allowed = [path]
+                for each in allowed:
+                    _allow(libc, ruleset, each, rights & handled)
+        if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)):
+            return 0
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+def _allow(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
+    """Grant ``rights`` under ``path`` (only a file's rights when it is a file)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= _FILE_RIGHTS
+        rule = struct.pack("=Qi", rights, fd)
+        libc.syscall(
+            _SYS_LANDLOCK_ADD_RULE,
+            ctypes.c_int(ruleset),
+            ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+            ctypes.c_char_p(rule),
+            ctypes.c_uint32(0),
+        )
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "apply_rlimits",
+    "confine_files",
+    "drop_capabilities",
+    "hide_process",
+    "isolate_network",
+    "landlock_abi",
+    "tie_to_parent",
+]

@@ -9,7 +9,9 @@ Each worker runs with a scrubbed environment, ``cwd`` = the plugin's private
 data directory, its own process group, rlimits (address space from
 ``memory_mb``, no core dumps, few open files), no new privileges, and — when
 ``capabilities.network`` is false and the host allows it — an empty network
-namespace (:attr:`ProcessRuntime.network_isolated` tells whether it held).
+namespace (:attr:`ProcessRuntime.network_isolated` tells whether it held), and,
+where the kernel has Landlock, file access confined to the system's files, its code
+and its data dir (:attr:`ProcessRuntime.files_confined`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class ProcessRuntime:
         start_timeout: float = 15.0,
         cancel_grace: float = 0.5,
         on_restart: Callable[[str], None] | None = None,
+        protect: str | Path | None = None,
     ) -> None:
         self.name = manifest.name
         #: Told (with the plugin's name) each time a worker that died or was killed (a call
@@ -76,6 +79,9 @@ class ProcessRuntime:
         self.data_dir = Path(data_dir).resolve()
         #: True when every running worker sits in its own empty network namespace.
         self.network_isolated = False
+        #: True when every running worker's file access is confined (Landlock).
+        self.files_confined = False
+        self._protect = str(Path(protect).resolve()) if protect is not None else ""
         self._start_timeout = start_timeout
         self._grace = cancel_grace
         n = manifest.quotas.workers
@@ -119,6 +125,8 @@ class ProcessRuntime:
             "MCP0_MEMORY_MB": str(q.memory_mb),
             "MCP0_MAX_THREADS": str(q.max_concurrency),
             "MCP0_NETWORK": "1" if self.manifest.capabilities.network else "0",
+            "MCP0_FILESYSTEM": self.manifest.capabilities.filesystem,
+            "MCP0_PROTECT": self._protect,
             "MCP0_PARENT_PID": str(os.getpid()),
         }
 
@@ -243,6 +251,7 @@ class ProcessRuntime:
     def _update_isolation(self) -> None:
         running = [w for w in self._slots if w is not None and w.alive]
         self.network_isolated = bool(running) and all(w.network_isolated for w in running)
+        self.files_confined = bool(running) and all(w.files_confined for w in running)
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         self._retired.discard(worker)

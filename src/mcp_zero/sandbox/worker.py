@@ -6,7 +6,12 @@ come from the environment: ``MCP0_DATA_DIR`` (the plugin's private directory,
 default the cwd), ``MCP0_MEMORY_MB`` (address-space limit, 0 for none),
 ``MCP0_MAX_THREADS`` (threads for plain handlers), ``MCP0_NETWORK`` (``1`` keeps
 the network; otherwise the worker enters an empty network namespace when the
-host allows it) and ``MCP0_PARENT_PID``. Stdlib only (orjson/uvloop if present).
+host allows it), ``MCP0_FILESYSTEM`` (``private``: it may write its data dir;
+``none``: nowhere), ``MCP0_PROTECT`` (a directory it must not reach: the
+server's data dir) and ``MCP0_PARENT_PID``. Where the kernel has Landlock, the
+worker confines its own file access before it loads the plugin: it reads the
+system's files, its interpreter and import path and the plugin's code, and
+writes only its data dir. Stdlib only (orjson/uvloop if present).
 
 Protocol: JSON lines (one object per line) on the worker's stdin and stdout.
 The plugin's own ``print()`` and fd-1 writes go to stderr, never into frames.
@@ -24,8 +29,8 @@ Kernel → worker::
 
 Worker → kernel::
 
-    {"op": "ready", "pid", "network_isolated", "tools", "resources", "templates",
-     "prompts"}                                     # once, after the plugin loaded
+    {"op": "ready", "pid", "network_isolated", "files_confined", "tools", "resources",
+     "templates", "prompts"}                        # once, after the plugin loaded
     {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
     {"id": N, "result": {...}}                      # an MCP result object
     {"id": N, "error": {"kind": "not_found" | "invalid" | "failed" | "cancelled",
@@ -430,6 +435,20 @@ def _isolate_stdio() -> tuple[int, int]:
     return in_fd, out_fd
 
 
+def _confine_files(plugin_dir: str, env: os._Environ[str]) -> int:
+    """Landlock the worker (see the module docstring); the ABI version, 0 if not confined."""
+    read = [
+        *isolation.SYSTEM_READ,
+        *{sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix},
+        *(p for p in sys.path if p and os.path.isdir(p)),
+        plugin_dir,
+    ]
+    write = list(isolation.SYSTEM_WRITE)
+    if env.get("MCP0_FILESYSTEM", "private") == "private":
+        write.append(env.get("MCP0_DATA_DIR") or os.getcwd())
+    return isolation.confine_files(read, write, hidden=env.get("MCP0_PROTECT", ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
@@ -442,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
         isolation.apply_rlimits(memory_mb)
+    files_confined = _confine_files(plugin_dir, env) > 0
+    if os.geteuid() == 0:
+        isolation.drop_capabilities()  # after unshare, which needs them
     try:
         plugin = load_plugin(plugin_dir, entry)
     except BaseException as exc:  # report any load failure to the kernel, then exit
@@ -459,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         "op": "ready",
         "pid": os.getpid(),
         "network_isolated": network_isolated,
+        "files_confined": files_confined,
         "tools": sorted(plugin.tools),
         "resources": sorted(plugin.resources),
         "templates": sorted(t.template for t in plugin.templates),

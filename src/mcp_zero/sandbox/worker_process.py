@@ -164,6 +164,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.returncode: int | None = None
         self.network_isolated = False
+        self.files_confined = False
         self._argv = argv
         self._env = env
         self._cwd = cwd
@@ -248,6 +249,7 @@ class WorkerProcess:
             await self.wait_gone()
             raise
         self.network_isolated = bool(ready.get("network_isolated"))
+        self.files_confined = bool(ready.get("files_confined"))
         self.alive = True
         return ready
 

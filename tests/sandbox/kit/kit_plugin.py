@@ -203,6 +203,44 @@ def connect(ctx: Context, port: int) -> str:
         raise ToolError(f"no network: {exc}") from None
 
 
+@plugin.tool("reach")
+def reach(
+    ctx: Context,
+    read: list[str] | None = None,
+    write: list[str] | None = None,
+    signal: list[int] | None = None,
+    modules: list[str] | None = None,
+) -> dict[str, str]:
+    """What this worker can do: "ok" or the error, per path read or written, per pid sent
+    signal 0, per module imported."""
+    outcome: dict[str, str] = {}
+
+    def attempt(key: str, action: Any) -> None:
+        try:
+            action()
+            outcome[key] = "ok"
+        except (OSError, ImportError) as exc:
+            outcome[key] = type(exc).__name__
+
+    def read_one(path: str) -> None:
+        with open(path, "rb") as file:
+            file.read(1)
+
+    def append(path: str) -> None:
+        with open(path, "ab"):
+            pass
+
+    for path in read or []:
+        attempt(f"read {path}", lambda path=path: read_one(path))
+    for path in write or []:
+        attempt(f"write {path}", lambda path=path: append(path))
+    for pid in signal or []:
+        attempt(f"signal {pid}", lambda pid=pid: os.kill(pid, 0))
+    for module in modules or []:
+        attempt(f"import {module}", lambda module=module: __import__(module))
+    return outcome
+
+
 @plugin.resource("kit://hello", mime_type="text/plain")
 def hello(ctx: Context) -> str:
     return f"hello {ctx.agent}"

@@ -1,0 +1,75 @@
+"""Landlock confinement (sandbox/isolation.py) in a real child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mcp_zero.sandbox.isolation import landlock_abi
+
+# The child confines itself as a worker does, then tries each path.
+CHILD = """
+import ctypes, json, sys
+from mcp_zero.sandbox import isolation
+read, write, hidden, tries = json.loads(sys.argv[1])
+ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, as the worker has
+abi = isolation.confine_files(read + list(isolation.SYSTEM_READ), write, hidden=hidden)
+outcome = {}
+for mode, path in tries:
+    try:
+        with open(path, mode):
+            outcome[mode + " " + path] = "ok"
+    except OSError as exc:
+        outcome[mode + " " + path] = type(exc).__name__
+print(json.dumps({"abi": abi, "outcome": outcome}))
+"""
+
+
+def _confined(read: list[Path], write: list[Path], hidden: Path, tries: list[tuple[str, Path]]):
+    spec = [[str(p) for p in read], [str(p) for p in write], str(hidden)]
+    spec.append([(mode, str(path)) for mode, path in tries])
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+def test_a_granted_tree_that_holds_the_hidden_one_is_granted_without_it(tmp_path: Path) -> None:
+    # The server's data dir under a tree a worker may read (a venv beside it, /etc/mcp0):
+    # granting the tree whole would hand over the data dir's secrets with it.
+    server = tmp_path / "app" / "data"
+    (server / "plugin-data" / "p").mkdir(parents=True)
+    (server / "admin.token").write_text("secret")
+    (tmp_path / "app" / "lib.py").write_text("code")
+    os.symlink(server, tmp_path / "app" / "shortcut")  # a way round, by a link
+    own = server / "plugin-data" / "p"
+    got = _confined(
+        read=[tmp_path / "app"],
+        write=[own],
+        hidden=server,
+        tries=[
+            ("r", tmp_path / "app" / "lib.py"),
+            ("r", server / "admin.token"),
+            ("r", tmp_path / "app" / "shortcut" / "admin.token"),
+            ("w", own / "mine.txt"),
+            ("w", tmp_path / "app" / "lib.py"),
+        ],
+    )
+    assert got["abi"] == landlock_abi()
+    if not got["abi"]:  # a kernel without Landlock: nothing is confined, as documented
+        assert set(got["outcome"].values()) == {"ok"}
+        return
+    assert got["outcome"] == {
+        f"r {tmp_path / 'app' / 'lib.py'}": "ok",
+        f"r {server / 'admin.token'}": "PermissionError",
+        f"r {tmp_path / 'app' / 'shortcut' / 'admin.token'}": "PermissionError",
+        f"w {own / 'mine.txt'}": "ok",
+        f"w {tmp_path / 'app' / 'lib.py'}": "PermissionError",  # read, not write
+    }
