@@ -179,6 +179,23 @@ ADVERSARIAL_UNITS = [
     "\\u000a",
     "eyJaaaaaaaa.",
     "123-45-",
+    "Bearer ",  # an HTTP credential
+    "Basic aaaaaaaaaaaaaaaa ",
+    "a://a:",  # a URL's password
+    "//a:a@a.co ",
+    "//a@a.co",  # a URL's login, not an address
+    "a@bb.cc.",  # an address before a remote's path
+    "x@a.b:",
+    "%20eyJaaaaaaaa.",  # a token after a percent-escape
+    "%20sk-",
+    "%3Dghp_",
+    "auth=1",  # a name whose value is a credential when it looks like one
+    '"credentials":"',
+    "pwd=/",
+    "a_pass=",
+    "page_token=",
+    "a123-45-6789",
+    "%20123-45-",
 ]
 
 
@@ -350,3 +367,264 @@ def test_a_card_number_sent_as_a_number_is_redacted() -> None:
         {"card": "[redacted:pii]", "n": 7},
         1,
     )
+
+
+HTTP_CREDENTIALS = {
+    "a bearer header in a curl command": (
+        "curl -H 'Authorization: Bearer 4fGh7Jk2Lm9Np3Qr5St8' https://api.example.com/v1",
+        "curl -H 'Authorization: Bearer [redacted:secret]' https://api.example.com/v1",
+    ),
+    "a header dump": (
+        "authorization: bearer 0123456789abcdef0123456789abcdef\nhost: x",
+        "authorization: bearer [redacted:secret]\nhost: x",
+    ),
+    "a bearer token alone": ("Bearer a1b2c3d4e5f6g7h8i9j0", "Bearer [redacted:secret]"),
+    "basic credentials": (
+        "Authorization: Basic dXNlcjpwYXNzd29yZA==",
+        "Authorization: Basic [redacted:secret]",
+    ),
+    "a basic credential in json text": (
+        '{"Authorization": "Basic YWxhZGRpbjpvcGVuc2VzYW1l"}',
+        '{"Authorization": "Basic [redacted:secret]"}',
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"), HTTP_CREDENTIALS.values(), ids=HTTP_CREDENTIALS.keys()
+)
+def test_an_http_authorization_credential_is_labelled_and_redacted(
+    text: str, redacted: str
+) -> None:
+    # (a token of no known shape after Bearer or Basic went through in clear)
+    assert label_text(text) == {"secret"}
+    assert label_value({"args": text}) == {"secret"}
+    assert redact(text, ["secret"]) == (redacted, 1)
+    assert label_text(redacted) == set()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the bearer of this letter",
+        "Bearer tokens are short-lived",
+        "Basic understanding/comprehension",
+        "a basic responsibilities-of-the-bearer list",
+        "Bearer abc123",  # too short to be a token
+    ],
+)
+def test_the_words_bearer_and_basic_are_not_credentials(text: str) -> None:
+    assert label_text(text) == set()
+    assert label_value({"text": text}) == set()
+
+
+URL_PASSWORDS = {
+    "a host without a dot": (
+        "postgres://app:s3cret@db:5432/x",
+        "postgres://app:[redacted:secret]@db:5432/x",
+    ),
+    "no user": ("redis://:pw@localhost", "redis://:[redacted:secret]@localhost"),
+    "an ip address": (
+        "mysql://root:pw@127.0.0.1/app",
+        "mysql://root:[redacted:secret]@127.0.0.1/app",
+    ),
+    "a host with a dot": (
+        "DATABASE_URL=postgres://app:s3cret@db.example.com:5432/x",
+        "DATABASE_URL=postgres://app:[redacted:secret]@db.example.com:5432/x",
+    ),
+    "an @ in the password": (
+        "amqp://guest:p@ss@rabbit/vhost",
+        "amqp://guest:[redacted:secret]@rabbit/vhost",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "redacted"), URL_PASSWORDS.values(), ids=URL_PASSWORDS.keys())
+def test_a_urls_password_is_a_secret_and_only_it_is_redacted(text: str, redacted: str) -> None:
+    # (not labelled at all, or with a dotted host labelled pii as an e-mail ``s3cret@db…``)
+    assert label_text(text) == {"secret"}
+    assert redact(text, ["secret", "pii"]) == (redacted, 1)
+    assert label_text(redacted) == set()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "http://localhost:8080/path",
+        "https://[::1]:8443/x y",
+        "ssh://git@github.com/org/repo.git",  # a login without a password
+        "see https://example.com/a:b@c",
+    ],
+)
+def test_a_url_without_a_password_is_not_a_secret(text: str) -> None:
+    assert label_text(text) == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("q=%20ghp_" + "a1" * 18, "q=%20[redacted:secret]"),
+        ("state=token%3Dghp_" + "a1" * 18 + "&x=1", "state=token%3D[redacted:secret]&x=1"),
+        ("next=%2Fcb%3Fkey%3Dsk-abc123def456ghi789jkl", "next=%2Fcb%3Fkey%3D[redacted:secret]"),
+        ("u=%22AKIAIOSFODNN7EXAMPLE%22", "u=%22[redacted:secret]%22"),
+        ("?key=sk-abc123def456ghi789jkl", "?key=[redacted:secret]"),
+    ],
+)
+def test_a_known_token_after_a_percent_escape_is_labelled_and_redacted(
+    text: str, redacted: str
+) -> None:
+    # (``%20ghp_…``: the escape's last hex digit read as the letter the token continued)
+    assert label_text(text) == {"secret"}
+    assert redact(text, ["secret"]) == (redacted, 1)
+
+
+MORE_CREDENTIAL_NAMES = {
+    "pwd": ("pwd=hunter22", {"pwd": "hunter22"}),
+    "an odbc pwd": ("Server=db;UID=sa;PWD=Xy7kz9", {"PWD": "Xy7kz9"}),
+    "passwd": ("passwd: hunter22", {"passwd": "hunter22"}),
+    "db_pass": ("DB_PASS=hunter22", {"DB_PASS": "hunter22"}),
+    "smtp_pass in json": ('{"smtp_pass": "hunter22"}', {"smtp_pass": "hunter22"}),
+    "credentials": ('"credentials": "dXNlcjpwYXNzd29yZA=="', {"credentials": "dXNlcjpwYXNz"}),
+    "auth": ("auth=u5er:p4ssw0rd", {"auth": "u5er:p4ssw0rd"}),
+    "proxy auth": ("HTTP_PROXY_AUTH: u5er:p4ssw0rd", {"http_proxy_auth": "u5er:p4ssw0rd"}),
+    "authorization without a scheme": (
+        "Authorization: 0123456789abcdef",
+        {"Authorization": "0123456789abcdef"},
+    ),
+    "api-key": ("api-key: abc123xyz", {"api-key": "abc123xyz"}),
+    "x-api-key": ("X-API-Key: abc123xyz", {"x-api-key": "abc123xyz"}),
+    "private_key": ("private_key=abc123xyz", {"private_key": "abc123xyz"}),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "pair"), MORE_CREDENTIAL_NAMES.values(), ids=MORE_CREDENTIAL_NAMES.keys()
+)
+def test_more_credential_names_are_labelled_and_redacted(text: str, pair: dict[str, str]) -> None:
+    assert label_text(text) == {"secret"}
+    redacted, count = redact(text, ["secret"])
+    assert count == 1
+    assert label_text(redacted) == set()
+    assert label_value(pair) == {"secret"}
+    (name,) = pair
+    assert redact(pair, ["secret"]) == ({name: "[redacted:secret]"}, 1)
+    env = {"env": [{"name": name, "value": pair[name]}]}
+    assert label_value(env) == {"secret"}
+    assert redact(env, ["secret"])[0] == {"env": [{"name": name, "value": "[redacted:secret]"}]}
+
+
+@pytest.mark.parametrize(
+    "ordinary",
+    [
+        {"PWD": "/home/me"},  # a working directory
+        {"pwd": "~/src"},
+        {"OLDPWD": "/tmp"},
+        {"pass": "12 of 14"},
+        {"bypass": "yes"},
+        {"auth": "required"},
+        {"auth": "oauth2"},
+        {"auth": {"type": "oauth2", "scopes": ["read"]}},
+        {"credentials": "include"},  # fetch()'s option
+        {"credentials": "same-origin"},
+        {"GOOGLE_APPLICATION_CREDENTIALS": "/keys/app.json"},  # where a key is, not a key
+        {"credential.helper": "manager"},
+        {"author": "Jane Q. Public 1984"},
+    ],
+)
+def test_names_near_the_new_credential_names_are_not_labelled(
+    ordinary: dict[str, object],
+) -> None:
+    assert label_value(ordinary) == set()
+    assert label_text(orjson.dumps(ordinary).decode()) == set()
+    (name,) = ordinary
+    assert label_text(f"{name}={ordinary[name]}") == set()
+    assert redact(ordinary, ["secret"]) == (ordinary, 0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ABC123-45-6789",  # part of a longer code
+        "ref 123-45-6789X",
+        "ID_123-45-6789",
+        "ABC-123-45-6789-X",
+        "2024-123-45-6789",
+        "666-12-3456",  # area 666
+        "900-12-3456",  # area 900-999
+        "999-12-3456",
+        "123-45-0000",  # serial 0000
+    ],
+)
+def test_codes_shaped_like_an_ssn_are_not_one(text: str) -> None:
+    assert label_text(text) == set()
+    assert redact(text, ["pii"]) == (text, 0)
+
+
+@pytest.mark.parametrize(
+    "text", ["123-45-6789", "ssn: 123-45-6789.", '{"ssn":"123-45-6789"}', "(078-05-1120)"]
+)
+def test_a_valid_ssn_standing_alone_is_pii(text: str) -> None:
+    assert label_text(text) == {"pii"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "git clone git@github.com:org/repo.git",
+        "origin\tgit@gitlab.example.com:group/sub/repo.git (fetch)",
+        "scp build.tgz deploy@host.example.org:~/releases/",
+        "ssh://git@github.com/org/repo.git",
+        "https://jane@example.com/dav/",
+        "postgres://app:s3cret@db.example.com:5432/x",
+    ],
+)
+def test_a_remote_or_a_urls_login_is_not_an_email_address(text: str) -> None:
+    # (``git@github.com`` was labelled pii and redacted out of clone commands)
+    assert "pii" not in label_text(text)
+    assert redact(text, ["pii"]) == (text, 0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["jane@example.com: see above", "mailto:jane@example.com", "<jane@example.com>:"],
+)
+def test_an_address_before_a_colon_is_still_one(text: str) -> None:
+    assert label_text(text) == {"pii"}
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        {"page_token": "CAUQAA"},
+        {"next_page_token": "abc123xyz"},
+        {"pageToken": "abc123xyz"},
+        {"nextPageToken": "CAUQAA"},
+        {"NextToken": "AAAAabc123=="},
+        {"next_token": "abc123xyz"},
+        {"ContinuationToken": "1ueGcxLPRx1Tr"},
+        {"continuation_token": "abc123xyz"},
+        {"pagination_token": "7140dibdnow9c7btw423x"},
+        {"cursor_token": "abc123xyz"},
+        {"nextSyncToken": "CPDAlvWDx70CEPDAlvWDx70CGAU="},
+    ],
+)
+def test_a_pagination_cursor_is_not_a_credential(pair: dict[str, str]) -> None:
+    # (a listing's ``nextPageToken`` labelled secret had lists refused or redacted)
+    assert label_value(pair) == set()
+    assert label_text(orjson.dumps(pair).decode()) == set()
+    (name,) = pair
+    assert label_text(f"{name}={pair[name]}") == set()
+    assert redact(pair, ["secret"]) == (pair, 0)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        {"access_token": "abc123xyz"},
+        {"csrf_token": "abc123xyz"},  # (tied to a session: a credential with it)
+        {"refreshToken": "abc123xyz"},
+        {"page": "2", "token": "abc123xyz"},
+    ],
+)
+def test_tokens_not_named_as_cursors_are_still_credentials(pair: dict[str, str]) -> None:
+    assert label_value(pair) == {"secret"}

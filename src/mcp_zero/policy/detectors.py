@@ -3,13 +3,17 @@
 Two labels, each a handful of precompiled patterns:
 
 - ``secret``: credentials of well-known shapes (AWS access key ids and secret keys, PEM
-  private keys, GitHub, Slack, Google, Stripe, OpenAI and Anthropic keys, JWTs) and a value
-  given to a credential's name (``password``, ``passphrase``, ``secret``, ``api_key``,
+  private keys, GitHub, Slack, Google, Stripe, OpenAI and Anthropic keys, JWTs, HTTP
+  ``Bearer``/``Basic`` credentials, a URL's password) and a value given to a credential's
+  name (``password``, ``pwd``, ``*_PASS``, ``passphrase``, ``secret``, ``api_key``,
   ``private_key``, ``token``…, after a separator or as a camelCase word: ``token=…``,
-  ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``);
-- ``pii``: e-mail addresses, payment card numbers (13 to 19 digits, spaces or dashes
-  between them allowed, starting as card numbers do and passing the Luhn check) and US
-  social security numbers.
+  ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``; ``auth``,
+  ``authorization`` and ``credentials`` when their value looks like a token), but not a
+  pagination cursor (``page_token``, ``nextToken``…);
+- ``pii``: e-mail addresses (not ``git@host:path`` nor a URL's login), payment card numbers
+  (13 to 19 digits, spaces or dashes between them allowed, starting as card numbers do and
+  passing the Luhn check) and US social security numbers (valid ones, not part of a longer
+  code).
 
 Policies see the labels of an action's arguments as ``context.labels``; a permit's
 ``@redact("secret")`` obligation has its result redacted with :func:`redact`.
@@ -74,20 +78,35 @@ def _after(chars: str, prefix: int) -> str:
     of unbounded length is given its own characters as ``chars``, so that a run of them is
     tried once, at its start (and after a dash that starts it): what keeps the search linear
     in the text; one of bounded length is tried at each of its literals (at most a few
-    hundred characters each)."""
+    hundred characters each). Right after a URL's percent-escape (``%20ghp_…``,
+    ``token%3Dghp_…``) counts too."""
     ahead = rf"[\s\S]{{{prefix}}}"
     return (
         rf"(?:(?<![{chars}]{ahead})|(?<=\\[nrtbf]{ahead})|(?<=\\u[0-9A-Fa-f]{{4}}{ahead})"
-        rf"|(?<=(?<![{chars}])-{ahead}))"
+        rf"|(?<=%[0-9A-Fa-f]{{2}}{ahead})|(?<=(?<![{chars}])-{ahead}))"
     )
 
 
 # A credential-like name, not part of a longer word (``max_tokens`` is not ``token``); it may
 # end a longer name (``DB_PASSWORD``, ``client_secret``). (Its first letter first: ``re``
 # skips ahead to the few places where one of them is.)
+# ``pass`` only ends a longer name (``DB_PASS``, not ``pass: 12 of 14``); ``pwd`` is none
+# when its value is a path (``PWD=/home/me``: a working directory). A pagination cursor is
+# named as a token but gives no access: ``page_token``, ``nextPageToken``, ``NextToken``,
+# ``continuation_token``, ``pagination_token``, ``cursor_token``, ``sync_token`` are none.
+_PATH = r"(?:[/~.]|[A-Za-z]:[\\/])"
+_SEPARATOR = r"(?:\\?[\"'])?[ \t]*+[:=][ \t]*+(?:\\?[\"'])?"
+_CURSOR = "".join(
+    rf"(?<!{word}[_.-]t)(?<!{word}t)"
+    for word in ("page", "next", "continuation", "pagination", "cursor", "sync")
+)
 _CREDENTIAL_NAME = (
-    r"(?:(?<=p)ass(?:word|wd|phrase)|(?<=s)ecret|(?<=a)pi[_-]?key|(?<=t)oken"
-    r"|(?<=p)rivate[_.-]?key)"
+    r"(?:(?<=p)ass(?:word|wd|phrase)|(?<=[A-Za-z0-9]_p)ass|(?<=p)wd(?!"
+    + _SEPARATOR
+    + _PATH
+    + r")|(?<=s)ecret|(?<=a)pi[_-]?key|(?<=t)"
+    + _CURSOR
+    + r"oken|(?<=p)rivate[_.-]?key)"
     r"(?:[_.-]?(?:access[_.-]?)?(?:key|value))?(?![A-Za-z0-9])"
 )
 # (nor one already redacted)
@@ -111,6 +130,22 @@ CREDENTIAL_KEY = re.compile(
     + ")",
     re.ASCII,
 )
+# Names whose value is a credential only when it looks like one — no space, not a path, and
+# 8 characters with a digit among them or 12 without: ``auth=dXNlcjpwYXNz``, not ``auth:
+# required``, ``credentials: 'include'`` nor ``GOOGLE_APPLICATION_CREDENTIALS=/keys/a.json``.
+_AUTH_NAME = r"(?:(?<=a)uth(?:orization)?|(?<=c)redentials?)(?![A-Za-z0-9])"
+_TOKEN_LIKE = (
+    r"(?!" + _PATH + r"|\[redacted:)"
+    r"(?:(?=[^\s\"'\\&,;0-9]{0,250}+[0-9])[^\s\"'\\&,;]{8,}+|[^\s\"'\\&,;]{12,}+)"
+)
+_AUTH_KEY = re.compile(
+    r"(?:[A-Za-z0-9]{1,64}[_.-]|[A-Za-z0-9]{0,63}[a-z0-9](?=[AC])){0,8}[aAcC](?i:"
+    + _AUTH_NAME
+    + ")",
+    re.ASCII,
+)
+_AUTH_VALUE = re.compile(_TOKEN_LIKE)
+_DIRECTORY = re.compile(_PATH)
 _KEY_TAIL = r"(?![A-Za-z0-9_-])"
 _WORD_TAIL = r"(?![A-Za-z0-9_])"
 _KEY = "A-Za-z0-9_-"
@@ -118,8 +153,15 @@ _WORD = "A-Za-z0-9_"
 
 # An e-mail address is found at its ``@`` (``re`` skips ahead to it); its local part, at
 # most 64 characters, is then read back from there.
-_EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9-]{1,63}+\.){1,10}[A-Za-z]{2,63}+" + _WORD_TAIL)
+# (``git@github.com:org/repo.git``, ``deploy@host:~/app``: a remote's path, not an address)
+_EMAIL_DOMAIN = re.compile(
+    r"@(?:[A-Za-z0-9-]{1,63}+\.){1,10}[A-Za-z]{2,63}+"
+    + _WORD_TAIL
+    + r"(?![A-Za-z0-9.-]*+:[A-Za-z0-9_~/.-])"
+)
 _LOCAL_REVERSED = re.compile(r"[A-Za-z0-9._%+-]{1,64}")
+# what precedes a URL's login, read backwards: ``https://`` or ``postgres://app:``
+_USERINFO_REVERSED = re.compile(r"(?::[^\s:/@?#\"'\\]{0,256}+)?//:")
 _HEX4 = re.compile(r"[0-9A-Fa-f]{4}")
 
 
@@ -131,12 +173,29 @@ def _local_part(text: str, at: int) -> int | None:
     if run is None:
         return None
     begin = at - run.end()
+    if (
+        begin > 0
+        and text[begin - 1] in ":/"
+        and _USERINFO_REVERSED.match(text[max(begin - 260, 0) : begin][::-1])
+    ):
+        return None  # ``https://jane@…``, ``postgres://app:pw@…``: a URL's login
     if begin > 0 and text[begin - 1] == "\\":  # ``\njane@…``: the address is ``jane@…``
         if text[begin] in "nrtbf":
             begin += 1
         elif text[begin] == "u" and _HEX4.fullmatch(text, begin + 1, begin + 5):
             begin += 5
     return begin if begin < at else None
+
+
+# What words lack: a digit, a lower-case letter before an upper-case one, base64's padding.
+_TOKEN_MARK = re.compile(r"[0-9]|[a-z][A-Z]|=")
+
+
+def _plausible_token(match: re.Match[str]) -> bool:
+    """Whether a ``Bearer``/``Basic`` credential is one, not a word (``Basic understanding``):
+    whether it has what words lack. (Decided from the credential alone, so that redacting a
+    value, without the name it is given to, takes what labelling it found.)"""
+    return _TOKEN_MARK.search(match.string, match.start("value"), match.end("value")) is not None
 
 
 DETECTORS: tuple[Detector, ...] = (
@@ -225,6 +284,30 @@ DETECTORS: tuple[Detector, ...] = (
     ),
     Detector(
         SECRET,
+        "http_authorization",
+        re.compile(
+            r"[bB](?=[eE][aA][rR][eE][rR]|[aA][sS][iI][cC])"
+            + _after(_WORD, 1)
+            + r"(?i:earer|asic)[ \t]++"
+            r"(?P<value>[A-Za-z0-9._~+/-]{16,}+=*+)",
+            re.ASCII,
+        ),
+        _plausible_token,
+        hints=("bearer", "basic"),
+        fold=True,
+    ),
+    Detector(
+        SECRET,
+        "url_password",
+        # ``scheme://user:password@host`` (``redis://:pw@localhost``), to the last ``@``
+        re.compile(
+            r"://(?<=[A-Za-z0-9+.-]://)[^\s:/@?#\"'\\]{0,256}+:"
+            r"(?P<value>(?!\[redacted:)[^\s/?#\"'\\]{1,256})@(?=[A-Za-z0-9\[_])"
+        ),
+        hints=("://",),
+    ),
+    Detector(
+        SECRET,
         "credential_assignment",
         re.compile(
             # a name's start, or a camelCase hump (``accessToken``, ``dbPassword``)
@@ -237,7 +320,26 @@ DETECTORS: tuple[Detector, ...] = (
             + ")",
             re.ASCII,
         ),
-        hints=("pass", "secret", "api", "token", "private"),
+        hints=("pass", "pwd", "secret", "api", "token", "private"),
+        fold=True,
+    ),
+    Detector(
+        SECRET,
+        "credential_token_assignment",
+        re.compile(
+            # (what follows the first letter looked at first: ``a`` and ``c`` are everywhere)
+            r"[aAcC](?=[uU][tT][hH]|[rR][eE][dD])(?:"
+            + _after("A-Za-z0-9", 1)
+            + r"|(?<=[a-z0-9][AC]))"
+            + "(?i:"
+            + _AUTH_NAME
+            + _SEPARATOR
+            + "(?P<value>"
+            + _TOKEN_LIKE
+            + "))",
+            re.ASCII,
+        ),
+        hints=("auth", "credential"),
         fold=True,
     ),
     Detector(PII, "email", _EMAIL_DOMAIN, hints=("@",), begin=_local_part),
@@ -250,9 +352,13 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         PII,
         "us_ssn",
+        # (area 001-899 but 666, group 01-99, serial 0001-9999; not part of a longer code or
+        # number: ``ABC123-45-6789``, ``1123-45-67890``, ``123-45-6789-X``)
         re.compile(
-            r"[0-8][0-9]{2}(?<![0-9-][0-9]{3})(?<!000)(?<!666)"
-            r"-(?!00)[0-9]{2}-(?!0000)[0-9]{4}(?![0-9-])"
+            r"[0-8](?=[0-9]{2}-)"
+            + _after(_KEY, 1)
+            + r"[0-9]{2}(?<!000)(?<!666)-(?!00)[0-9]{2}-(?!0000)[0-9]{4}"
+            + _KEY_TAIL
         ),
         hints=("-",),
     ),
@@ -351,7 +457,10 @@ def _credential_value(key: Any, item: Any) -> bool:
         return False
     if len(text) < 3 or text.lower() in ("null", "true", "false", "none"):
         return False
-    return CREDENTIAL_KEY.fullmatch(key) is not None
+    if CREDENTIAL_KEY.fullmatch(key) is not None:
+        # (``{"PWD": "/home/me"}``: a working directory)
+        return not (key[-3:].lower() == "pwd" and _DIRECTORY.match(text))
+    return _AUTH_KEY.fullmatch(key) is not None and _AUTH_VALUE.fullmatch(text) is not None
 
 
 def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[Any, int]:
