@@ -424,3 +424,21 @@ async def test_a_large_result_is_redacted_while_other_calls_go_on(
             assert body["redacted"] == 2 * lines
             assert body["obligations"] == ["redact:secret"]
     assert max(seqs[f"s{i}"] for i in range(3)) < seqs["bulk"]
+
+
+async def test_a_large_error_is_redacted_too(started: Runtime, bridge: Any) -> None:
+    started.plugins.install(LEAKY_DIR)
+    await started.plugins.refresh(force=True)
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("secret"))
+    principal = Principal("alice", ALL | {"leaky"})
+    with pytest.raises(McpZeroError) as caught, anyio.fail_after(TIMEOUT_S):
+        await started.kernel.read_resource(
+            principal, "leaky://broken/bulk", bridge, request_id="big-error", transport="test"
+        )
+    error = caught.value
+    assert len(error.message) > 1 << 20  # (redacted in a thread: see REDACT_OFF_LOOP_CHARS)
+    assert LEAKY_KEY not in orjson.dumps([error.message, str(error), error.data]).decode()
+    [record] = records(started, "big-error")
+    assert record["outcome"] == "error"
+    assert record["redacted"] == error.message.count("[redacted:secret]") >= 40_000

@@ -29,6 +29,11 @@ def broken(ctx: Context) -> str:
     raise ValueError(f"could not parse config: aws_key={KEY}")
 
 
+@plugin.resource("leaky://broken/bulk", mime_type="text/plain")
+def broken_bulk(ctx: Context) -> str:
+    raise ValueError(f"could not parse config: aws_key={KEY} " * 40_000)  # ~1.5 MiB
+
+
 @plugin.resource_template("leaky://item/{id}", mime_type="text/plain")
 def item(ctx: Context, id: str) -> str:
     raise NotFoundError(f"no item; the key is {KEY}")
