@@ -24,6 +24,7 @@ from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
+from mcp_zero.kernel.admin_token import finish_admin_token_rotations
 from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
@@ -121,6 +122,8 @@ class Runtime:
         )
         self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
         self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
+        # a rotation a crash cut short: in force if its record was committed, else dropped
+        finish_admin_token_rotations(settings.admin_token_path, self.store)
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()

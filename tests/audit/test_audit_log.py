@@ -23,10 +23,10 @@ class FullDiskStore(SqliteStore):
 
     full = False
 
-    def append_audit_batch(self, entries: list[AuditEntry]) -> None:
+    def append_audit_batch(self, entries: list[AuditEntry], *, wait: bool = True) -> None:
         if self.full:
             raise sqlite3.OperationalError("database or disk is full")
-        super().append_audit_batch(entries)
+        super().append_audit_batch(entries, wait=wait)
 
 
 def _event(i: int) -> dict[str, object]:
@@ -307,3 +307,54 @@ def test_close_from_another_thread_resolves_callers_on_their_loop(tmp_path: Path
         assert not thread.is_alive()
         assert [e.seq for e in outcome] == [1]
         assert len(store.read_audit()) == 1
+
+
+async def test_a_store_locked_by_another_writer_does_not_hold_up_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store, AuditLog(store, window=0) as log:
+        other = sqlite3.connect(path, isolation_level=None)  # a CLI command writing
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            first = log.submit({"n": 1})
+            # one loop turn: the batch was tried (call_soon runs before this task resumes),
+            # found the store locked, and gave the loop back instead of waiting seconds
+            await asyncio.sleep(0)
+            assert not first.done(), first
+            assert log.stats.busy_retries == 1
+            second = log.submit({"n": 2})  # joins the waiting batch, after it
+            await asyncio.sleep(0)
+            assert not second.done()
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        with anyio.fail_after(10):
+            entries = [await first, await second]
+        assert [e.seq for e in entries] == [1, 2]
+        assert log.stats.failed_batches == 0
+        assert verify_store(store).count == 2
+
+
+async def test_a_lock_held_past_the_busy_timeout_fails_the_batch_and_the_chain_resumes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    with SqliteStore(path, busy_timeout=0.2) as store, AuditLog(store, window=0) as log:
+        acked = await log.append({"n": 0})
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            first = log.submit({"n": 1})
+            await asyncio.sleep(0)
+            later = log.submit({"n": 2})  # submitted while the batch waits: fails with it
+            with anyio.fail_after(10), pytest.raises(StorageError, match="database is locked"):
+                await first
+            with pytest.raises(StorageError, match="database is locked"):
+                await later
+            assert log.stats.failing
+            assert log.stats.failed_events == 2
+            assert log.stats.busy_retries >= 1
+        finally:
+            other.close()  # (rolls back)
+        entry = await log.append({"n": 3})
+        assert (entry.seq, entry.prev_hash) == (2, acked.hash)
+        assert verify_store(store).count == 2

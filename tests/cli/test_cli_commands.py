@@ -3,6 +3,7 @@ their errors (one line, non-zero exit), and what they change."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -19,11 +20,15 @@ import anyio
 import pytest
 from click.testing import CliRunner, Result
 
+from mcp_zero.audit.log import AuditLog
 from mcp_zero.cli.main import main
 from mcp_zero.config import load_settings
+from mcp_zero.kernel.action import Outcome
+from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
 from mcp_zero.kernel.plugins import REPLACED_COPY_KEPT_S
 from mcp_zero.rpc.admin import _NoBridge
 from mcp_zero.runtime import Runtime
+from mcp_zero.storage.sqlite import SqliteStore
 from plugin_builders import loading_plugin
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
@@ -721,3 +726,84 @@ def test_admin_rotate_token_on_a_full_disk_is_one_line_and_leaves_nothing(
     )
     assert seen["token_kept"]
     assert not [name for name in seen["files"] if "admin.token" in name and name != "admin.token"]
+
+
+def _rotation_killed_at_its_record(data_dir: Path) -> None:
+    """Run `mcp0 admin rotate-token` while another connection holds the store's write lock,
+    and kill -9 it once it has written the new token (it waits for the lock to record it)."""
+    token_files = data_dir / "admin.token"
+
+    def seen() -> set[tuple[str, int]]:
+        found = set()
+        for path in data_dir.glob("admin.token*"):
+            with contextlib.suppress(FileNotFoundError):
+                found.add((path.name, path.stat().st_ino))
+        return found
+
+    before = seen()
+    held = sqlite3.connect(data_dir / "mcp0.db", isolation_level=None)
+    try:
+        held.execute("BEGIN IMMEDIATE")
+        rotation = subprocess.Popen(
+            [MCP0, "admin", "rotate-token", "--data-dir", str(data_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while seen() == before:  # (a bounded wait for the new token to be written)
+                assert rotation.poll() is None, rotation.communicate()[1]
+                assert time.monotonic() < deadline, f"{token_files} never changed"
+                time.sleep(0.01)
+        finally:
+            rotation.kill()
+            rotation.communicate(timeout=10)
+    finally:
+        held.close()  # (rolls back)
+
+
+def _open_runtime(data_dir: Path) -> None:
+    Runtime(load_settings(None, {"data_dir": data_dir}, environ={})).close()
+
+
+def _token_records(data_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in as_json(data_dir, "audit", "list") if r["verb"] == "change_admin_token"]
+
+
+def test_a_rotation_killed_before_its_record_leaves_the_old_token(data_dir: Path) -> None:
+    # the new token was written first, its record after: a kill between them left a token
+    # nobody recorded
+    run(data_dir, "agent", "create", "ada")
+    token_file = data_dir / "admin.token"
+    old = token_file.read_text()
+    _rotation_killed_at_its_record(data_dir)
+    _open_runtime(data_dir)  # (what any server or command that changes things does first)
+    assert token_file.read_text() == old
+    assert [p.name for p in data_dir.glob("admin.token*")] == ["admin.token"]
+    assert _token_records(data_dir) == []
+    assert as_json(data_dir, "audit", "verify")["ok"]
+
+
+def test_a_rotation_killed_after_its_record_is_put_in_force(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    token_file = data_dir / "admin.token"
+    _rotation_killed_at_its_record(data_dir)
+    [staged] = [p for p in data_dir.glob("admin.token*") if p.name != "admin.token"]
+    new = staged.read_text()
+    # as if it had been killed just after its record committed: the record it was making
+    rotation = staged.name.removesuffix(".next").rsplit("-", 1)[1]
+    with SqliteStore(data_dir / "mcp0.db") as store, AuditLog(store) as log:
+        log.append_sync(
+            admin_event(
+                CHANGE_ADMIN_TOKEN, "admin.token", "cli", Outcome.ALLOWED, {"rotation": rotation}
+            )
+        )
+    _open_runtime(data_dir)
+    assert token_file.read_text() == new
+    assert [p.name for p in data_dir.glob("admin.token*")] == ["admin.token"]
+    assert [r.get("rotation") for r in _token_records(data_dir)] == [rotation]
+    # and a rotation after it goes through as ever
+    run(data_dir, "admin", "rotate-token")
+    assert token_file.read_text() != new
+    assert len(_token_records(data_dir)) == 2

@@ -378,3 +378,67 @@ async def test_a_redact_obligation_redacts_errors_and_credential_named_values(
         assert record["obligations"] == ["redact:secret"], rid
         assert record["redacted"] >= 1, rid
         assert LEAKY_KEY not in orjson.dumps(record).decode()
+
+
+async def test_a_large_result_is_redacted_while_other_calls_go_on(
+    started: Runtime, bridge: Any
+) -> None:
+    started.plugins.install(LEAKY_DIR)
+    await started.plugins.refresh(force=True)
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("secret"))
+    principal = Principal("alice", ALL | {"leaky"})
+    kernel = started.kernel
+    bulk = asyncio.create_task(
+        kernel.call_tool(
+            principal, "leaky_bulk", {"mib": 8}, bridge, request_id="bulk", transport="test"
+        )
+    )
+    with anyio.fail_after(TIMEOUT_S):
+        while ("log", "info") not in bridge.events:  # it runs: it holds leaky's one slot
+            assert not bulk.done(), bulk.result()
+            await asyncio.sleep(0.01)
+    # These wait for the slot, and get it once the bulk call's plugin has answered: while its
+    # ~8 MiB are being redacted, if that leaves the loop free; else only after its record.
+    small = [
+        asyncio.create_task(
+            kernel.call_tool(
+                principal, "leaky_keys", {}, bridge, request_id=f"s{i}", transport="test"
+            )
+        )
+        for i in range(3)
+    ]
+    with anyio.fail_after(60):
+        result, *smalls = await asyncio.gather(bulk, *small)
+    text = result["content"][0]["text"]
+    assert LEAKY_KEY not in text
+    assert "hunter22" not in text
+    lines = text.count("\n")
+    assert text.count("[redacted:secret]") == 2 * lines
+    assert all(s["structuredContent"]["aws"] == "[redacted:secret]" for s in smalls)
+    seqs = {}
+    for entry in started.store.read_audit(0, 100_000):
+        body = orjson.loads(entry.body)
+        seqs[body.get("request_id")] = entry.seq
+        if body.get("request_id") == "bulk":
+            assert body["redacted"] == 2 * lines
+            assert body["obligations"] == ["redact:secret"]
+    assert max(seqs[f"s{i}"] for i in range(3)) < seqs["bulk"]
+
+
+async def test_a_large_error_is_redacted_too(started: Runtime, bridge: Any) -> None:
+    started.plugins.install(LEAKY_DIR)
+    await started.plugins.refresh(force=True)
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("secret"))
+    principal = Principal("alice", ALL | {"leaky"})
+    with pytest.raises(McpZeroError) as caught, anyio.fail_after(TIMEOUT_S):
+        await started.kernel.read_resource(
+            principal, "leaky://broken/bulk", bridge, request_id="big-error", transport="test"
+        )
+    error = caught.value
+    assert len(error.message) > 1 << 20  # (redacted in a thread: see REDACT_OFF_LOOP_CHARS)
+    assert LEAKY_KEY not in orjson.dumps([error.message, str(error), error.data]).decode()
+    [record] = records(started, "big-error")
+    assert record["outcome"] == "error"
+    assert record["redacted"] == error.message.count("[redacted:secret]") >= 40_000

@@ -17,6 +17,7 @@ from mcp_zero.storage import (
     SnapshotRecord,
     SqliteStore,
 )
+from mcp_zero.storage.base import StoreBusy
 from mcp_zero.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -339,6 +340,9 @@ def test_write_waiting_on_another_writer_times_out_with_a_clear_error(db: Path) 
             store.create_agent(AgentRecord(name="alice", token_hash="h"))
         with pytest.raises(StorageError, match="database is locked"):
             store.append_audit_batch([_entry(1)])
+        # (the audit log's way on its event loop: told at once, to retry later)
+        with pytest.raises(StoreBusy, match="database is locked"):
+            store.append_audit_batch([_entry(1)], wait=False)
         raw.execute("COMMIT")
         store.create_agent(AgentRecord(name="alice", token_hash="h"))
         store.append_audit_batch([_entry(1)])

@@ -17,6 +17,13 @@ answer goes out before its record is durable), so the loop waiting for the fsync
 (~0.2 ms here) delays nothing that was not already waiting for it. The cost is
 that other requests (ping, list) also wait while a slow disk syncs.
 
+The loop never waits for a lock, though: while another process holds the store's
+write lock (a CLI command writing to the same data dir), a batch is not blocked on
+it (the store's busy timeout, seconds) but put back, and tried again from the loop
+(after 1 ms, then up to every 50 ms) until the store's busy timeout has passed since
+its first try; events submitted meanwhile join it. Only then does it fail, as any
+failed batch. Callers without a loop (and :meth:`~AuditLog.close`) wait in the store.
+
 If a batch fails, every caller in it gets :class:`~mcp_zero.errors.StorageError`
 and the chain tip goes back to the last durable entry (re-read from the store,
 which stays the source of truth), so seqs stay gap-free and no acknowledged
@@ -41,7 +48,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from mcp_zero.audit.chain import GENESIS, canonical
 from mcp_zero.errors import StorageError
-from mcp_zero.storage.base import AuditEntry, Store
+from mcp_zero.storage.base import AuditEntry, Store, StoreBusy
 
 T = TypeVar("T")
 
@@ -65,6 +72,12 @@ _MAX_ATTEMPTS = 3
 DEFAULT_WINDOW = 0.005
 DEFAULT_MAX_BATCH = 32
 
+# A batch that found the store locked by another writer is tried again after half the time
+# it has waited, within these bounds: soon after a short lock, not 1,000 times a second
+# through a long one.
+_BUSY_MIN_DELAY = 0.001
+_BUSY_MAX_DELAY = 0.05
+
 
 @dataclass(slots=True)
 class AuditStats:
@@ -75,6 +88,7 @@ class AuditStats:
     failed_batches: int = 0
     failed_events: int = 0
     largest_batch: int = 0
+    busy_retries: int = 0  # times a batch found the store locked by another writer, retried
     failing: bool = False  # a batch failed (a full disk…) and the store has not room again
 
 
@@ -104,11 +118,13 @@ class _Pending:
 class _Batch:
     """The events one event loop has gathered, and the timer that commits them."""
 
-    __slots__ = ("pending", "timer")
+    __slots__ = ("busy_since", "pending", "timer")
 
     def __init__(self) -> None:
         self.pending: list[_Pending] = []
         self.timer: asyncio.Handle | None = None
+        # when the first of ``pending`` found the store locked by another writer (monotonic)
+        self.busy_since: float | None = None
 
 
 class AuditLog:
@@ -176,7 +192,7 @@ class AuditLog:
             self._closing = True
             loops = list(self._batches)
         for loop in loops:
-            self._flush(loop)
+            self._flush(loop, wait=True)
 
     async def aclose(self) -> None:
         """:meth:`close` from a coroutine."""
@@ -221,7 +237,8 @@ class AuditLog:
             if batch is None:
                 batch = self._batches[loop] = _Batch()
             batch.pending.append(pending)
-            full = len(batch.pending) >= self._max_batch
+            # (a batch waiting for another writer's lock is tried by its timer only)
+            full = len(batch.pending) >= self._max_batch and batch.busy_since is None
             if not full and batch.timer is None:
                 if self._window > 0:
                     batch.timer = loop.call_later(self._window, self._flush, loop)
@@ -295,7 +312,7 @@ class AuditLog:
         with self._lock:
             self._check_running()
             batch = self._batches.get(loop) if loop is not None else None
-            return _take(batch, loop) if batch is not None else []
+            return _take(batch, loop)[0] if batch is not None else []
 
     def _check_running(self) -> None:
         if not self._started or self._closing:
@@ -303,23 +320,51 @@ class AuditLog:
 
     # committing
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Commit ``loop``'s batch (its timer, a full batch, or close)."""
+    def _flush(self, loop: asyncio.AbstractEventLoop, *, wait: bool = False) -> None:
+        """Commit ``loop``'s batch (its timer, a full batch, or close: ``wait``). On the
+        loop's own thread and without ``wait``, a store locked by another writer is not
+        waited for: the batch goes back, to be tried again by a timer, until the store's
+        busy timeout has passed since its first try."""
         with self._lock:
             batch = self._batches.get(loop)
-            items = _take(batch, loop) if batch is not None else []
-        if items:
+            if batch is None:
+                return
+            items, busy_since = _take(batch, loop)
+        if not items:
+            return
+        if wait or loop is not _running_loop():
             self._commit(items)
+            return
+        now = time.monotonic()
+        final = busy_since is not None and now - busy_since >= self._store.busy_timeout
+        if self._commit(items, wait=False, retry=not final):
+            return
+        self.stats.busy_retries += 1
+        since = now if busy_since is None else busy_since
+        delay = min(max((now - since) / 2, _BUSY_MIN_DELAY), _BUSY_MAX_DELAY)
+        with self._lock:  # back in front of what was submitted meanwhile, tried again later
+            batch.pending[:0] = items
+            batch.busy_since = since
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.timer = loop.call_later(delay, self._flush, loop)
 
-    def _write_chained(self, write: Callable[[], list[AuditEntry]]) -> list[AuditEntry]:
+    def _write_chained(
+        self, write: Callable[[], list[AuditEntry]], *, wait: bool = True
+    ) -> list[AuditEntry]:
         """Run ``write`` (it seals entries after the head and stores them) under the write
         lock, and advance the head to what it stored. Another process (a CLI command beside
         the server) may have appended first: then chain after its entries and try again.
-        Any other failure is raised, the head left as the store has it."""
-        with self._write_lock:
+        Without ``wait``, raises StoreBusy when the write lock is held (by another thread's
+        commit). Any other failure is raised, the head left as the store has it."""
+        if not self._write_lock.acquire(blocking=wait):
+            raise StoreBusy("another thread is committing to the audit log: retry")
+        try:
             for attempt in range(_MAX_ATTEMPTS):
                 try:
                     entries = write()
+                except StoreBusy:
+                    raise  # nothing was written: the head stands
                 except Exception:
                     before = self._head
                     self._resync()
@@ -328,28 +373,38 @@ class AuditLog:
                     raise
                 self._head = entries[-1]
                 return entries
+        finally:
+            self._write_lock.release()
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending], *, wait: bool = True, retry: bool = False) -> bool:
+        """Commit ``batch`` and settle its callers: True. ``wait``: for another writer's
+        lock, up to the store's busy timeout; if not, with ``retry``, False (nothing written,
+        nothing settled) when another writer holds it."""
         try:
             # (a partial, not a closure: no cells and function object made per batch)
-            entries = self._write_chained(functools.partial(self._store_sealed, batch))
+            entries = self._write_chained(
+                functools.partial(self._store_sealed, batch, wait), wait=wait
+            )
         except Exception as exc:  # any failure fails the batch, never the log
+            if retry and isinstance(exc, StoreBusy):
+                return False
             self.stats.failing = True  # until writable() finds room again
             self._room_checked = time.monotonic()
             self.stats.failed_batches += 1
             self.stats.failed_events += len(batch)
             _settle(batch, None, exc)
-            return
+            return True
         self.stats.batches += 1
         self.stats.events += len(entries)
         self.stats.largest_batch = max(self.stats.largest_batch, len(entries))
         _settle(batch, entries, None)
+        return True
 
-    def _store_sealed(self, batch: list[_Pending]) -> list[AuditEntry]:
+    def _store_sealed(self, batch: list[_Pending], wait: bool) -> list[AuditEntry]:
         """Seal ``batch`` after the head and store its entries, in one transaction."""
         entries = self._seal(batch)
-        self._store.append_audit_batch(entries)
+        self._store.append_audit_batch(entries, wait=wait)
         return entries
 
     def _seal(self, batch: list[_Pending]) -> list[AuditEntry]:
@@ -373,17 +428,22 @@ class AuditLog:
             self._head = self._store.audit_head()
 
 
-def _take(batch: _Batch, loop: asyncio.AbstractEventLoop | None) -> list[_Pending]:
-    """Empty ``loop``'s ``batch`` (under the log's lock) and return what it held."""
+def _take(
+    batch: _Batch, loop: asyncio.AbstractEventLoop | None
+) -> tuple[list[_Pending], float | None]:
+    """Empty ``loop``'s ``batch`` (under the log's lock) and return what it held, and since
+    when it has found the store locked by another writer (None: it has not)."""
     items = batch.pending
+    busy_since = batch.busy_since
     batch.pending = []
+    batch.busy_since = None
     if batch.timer is not None:
         # Only a loop's own thread may cancel its timer; elsewhere it is left to
         # fire on an empty batch, which does nothing.
         if loop is not None and loop is _running_loop():
             batch.timer.cancel()
         batch.timer = None
-    return items
+    return items, busy_since
 
 
 def _settle(

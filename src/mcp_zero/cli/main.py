@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from mcp_zero import __version__
-from mcp_zero.errors import ConfigError, McpZeroError, StorageError
+from mcp_zero.errors import ConfigError, McpZeroError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -531,20 +531,11 @@ def admin() -> None:
 def admin_rotate_token(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Write a new admin token into the data dir; the old one stops working (a running
     server takes the new one up within a second). The token is in the file, not printed."""
-    from mcp_zero.kernel.action import Outcome
-    from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
-    from mcp_zero.security.tokens import new_token, write_secret_file
+    from mcp_zero.kernel.admin_token import rotate_admin_token
 
     with _runtime(config_file, data_dir) as rt:
         path = rt.settings.admin_token_path
-        try:
-            write_secret_file(path, new_token() + "\n")
-        except OSError as exc:
-            raise StorageError(
-                f"cannot write a new admin token to {path}: {exc.strerror or exc}; "
-                "the old token still works"
-            ) from exc
-        rt.audit.append_sync(admin_event(CHANGE_ADMIN_TOKEN, path.name, "cli", Outcome.ALLOWED, {}))
+        rotate_admin_token(path, rt.audit, rt.store)  # with its record, or not at all
     _out(
         as_json,
         {"admin_token_file": str(path), "rotated": True},

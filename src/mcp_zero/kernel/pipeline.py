@@ -55,10 +55,42 @@ JSON = dict[str, Any]
 log = logging.getLogger("mcp_zero.kernel")
 
 
-def _redact_error(exc: McpZeroError, labels: tuple[str, ...], event: JSON) -> None:
+# A result (or error) holding more than this, in characters of its strings, is redacted off
+# the event loop: redaction scans every string with each label's patterns (~75 ms a MiB of
+# text here, more where patterns nearly match), which would hold up every other request. A
+# smaller one costs less there than the hop to a thread (~1 ms at most).
+REDACT_OFF_LOOP_CHARS = 16 << 10
+
+
+def _large(value: Any, budget: int = REDACT_OFF_LOOP_CHARS) -> bool:
+    """Whether ``value`` (JSON) holds more than ``budget`` characters of strings, an object's
+    or a list's item counting as 8; stops counting as soon as it does."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            budget -= len(item)
+        elif isinstance(item, dict | list):
+            budget -= 8 * len(item)
+            if budget >= 0:
+                stack.extend(item.values() if isinstance(item, dict) else item)
+        if budget < 0:
+            return True
+    return False
+
+
+async def _redacted(value: Any, labels: tuple[str, ...]) -> tuple[Any, int]:
+    """``redact(value, labels)``, in a thread when ``value`` is large (the loop goes on; the
+    thread still holds the GIL through each pattern's scan of one string)."""
+    if _large(value):
+        return await asyncio.to_thread(redact, value, labels)
+    return redact(value, labels)
+
+
+async def _redact_error(exc: McpZeroError, labels: tuple[str, ...], event: JSON) -> None:
     """Redact ``labels`` from the message and data of an action's error (a plugin's exception
     text), as from its result, and note the obligation in its audit ``event``."""
-    (message, data), redacted = redact([exc.message, exc.data], labels)
+    (message, data), redacted = await _redacted([exc.message, exc.data], labels)
     if redacted:
         exc.message = message
         exc.args = (message,)
@@ -859,7 +891,7 @@ class Kernel:
             finally:
                 self.quotas.leave(principal.agent)
             if redacting:  # the obligation of the permits that allowed it
-                result, redacted = redact(result, redacting)
+                result, redacted = await _redacted(result, redacting)
                 _note_redaction(event, redacting, redacted)
             if result.get("isError"):
                 event["tool_error"] = True
@@ -870,9 +902,12 @@ class Kernel:
         except McpZeroError as exc:
             failure = exc
             if redacting:  # a plugin's error message can carry what its result would have
-                _redact_error(exc, redacting, event)
-            event["outcome"] = _outcome_of(exc).value
-            event["code"] = exc.code
+                try:
+                    await _redact_error(exc, redacting, event)
+                except asyncio.CancelledError as cancelled:  # (still audited, as cancelled)
+                    failure = cancelled
+            event["outcome"] = _outcome_of(failure).value
+            event["code"] = exc.code if failure is exc else "cancelled"
             if isinstance(exc, PolicyDenied) and exc.data:
                 event["policies"] = exc.data.get("policies", [])
                 event["reasons"] = exc.data.get("reasons", [])

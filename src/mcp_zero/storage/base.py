@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from mcp_zero.errors import StorageError
+
 T = TypeVar("T")
+
+
+class StoreBusy(StorageError):
+    """Another writer (a CLI command, another process's connection) holds the store's write
+    lock: ``append_audit_batch(..., wait=False)`` did not wait for it. Retry later."""
 
 
 @dataclass(slots=True)
@@ -91,8 +98,13 @@ class Store(Protocol):
     def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None: ...
     def list_snapshots(self, agent: str) -> list[SnapshotRecord]: ...  # oldest first
 
-    # audit: append-only; rows arrive in seq order, durable when the call returns
-    def append_audit_batch(self, entries: list[AuditEntry]) -> None: ...
+    # how long, in seconds, a write waits for another writer's lock before it fails
+    @property
+    def busy_timeout(self) -> float: ...
+
+    # audit: append-only; rows arrive in seq order, durable when the call returns; with
+    # wait=False, StoreBusy at once (nothing written) while another writer holds the lock
+    def append_audit_batch(self, entries: list[AuditEntry], *, wait: bool = True) -> None: ...
     # ``change`` (writes through this store) and the entries made of its result in one
     # transaction, or neither
     def append_audit_with(

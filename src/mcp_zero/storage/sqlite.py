@@ -9,10 +9,13 @@ One file in WAL mode, two connections:
   holds the lock that reads take. WAL lets those reads proceed while an audit
   batch commits.
 
-Both connections run ``synchronous=FULL`` (a commit is on disk when it returns)
-and a busy timeout, so administrative and audit writes wait for each other
-rather than fail. Every ``sqlite3`` error leaves as
-:class:`~mcp_zero.errors.StorageError` naming the file and what to do.
+Both connections run ``synchronous=FULL`` (a commit is on disk when it returns).
+The main connection has a busy timeout, so administrative writes wait for other
+writers rather than fail; the audit connection waits only when asked to
+(``append_audit_batch(wait=True)``): the audit log commits on the event loop, and
+tells a busy store (:class:`~mcp_zero.storage.base.StoreBusy`) to retry later
+rather than hold the loop while another process writes. Every ``sqlite3`` error
+leaves as :class:`~mcp_zero.errors.StorageError` naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mcp_zero.errors import AgentNotFound, Conflict, StorageError
-from mcp_zero.storage.base import AgentRecord, AuditEntry, PluginRecord, SnapshotRecord
+from mcp_zero.storage.base import (
+    AgentRecord,
+    AuditEntry,
+    PluginRecord,
+    SnapshotRecord,
+    StoreBusy,
+)
 from mcp_zero.storage.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
 from mcp_zero.storage.sqlite_errors import storage_error
 
@@ -69,6 +78,7 @@ _SNAPSHOTS_OF_AGENT = (
 _INSERT_AUDIT = "INSERT INTO audit (seq, ts, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)"
 _AUDIT_AFTER = "SELECT seq, ts, body, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?"
 _AUDIT_HEAD = "SELECT seq, ts, body, prev_hash, hash FROM audit ORDER BY seq DESC LIMIT 1"
+_SQLITE_BUSY = 5  # the primary result code of a lock another connection holds
 
 
 class SqliteStore:
@@ -105,11 +115,18 @@ class SqliteStore:
         try:
             self._migrate()
             self._audit_conn = self._connect()
+            # set up, it waits for no lock: append_audit_batch waits only when asked to
+            self._audit_conn.execute("PRAGMA busy_timeout = 0")
             # One cursor for every batch: conn.execute makes a cursor per statement.
             self._audit_cursor = self._audit_conn.cursor()
         except BaseException:
             self._conn.close()
             raise
+
+    @property
+    def busy_timeout(self) -> float:
+        """How long, in seconds, a write waits for another writer's lock."""
+        return self._busy_timeout
 
     # lifecycle
 
@@ -346,11 +363,13 @@ class SqliteStore:
 
     # audit
 
-    def append_audit_batch(self, entries: list[AuditEntry]) -> None:
+    def append_audit_batch(self, entries: list[AuditEntry], *, wait: bool = True) -> None:
         """Insert ``entries`` in one transaction; return once it is durable (fsynced).
 
-        All or nothing: on error nothing of the batch is stored. Raises
-        ``StorageError``, also when a ``seq`` is already stored (another
+        All or nothing: on error nothing of the batch is stored. While another
+        connection holds the write lock, waits up to :attr:`busy_timeout` for it, or
+        with ``wait=False`` raises :class:`~mcp_zero.storage.base.StoreBusy` at once.
+        Raises ``StorageError``, also when a ``seq`` is already stored (another
         process is appending to the same log).
         """
         if not entries:
@@ -359,7 +378,13 @@ class SqliteStore:
             self._check_open()
             cursor = self._audit_cursor
             try:
-                cursor.execute("BEGIN IMMEDIATE")
+                if wait:  # (the rare caller off the loop: the CLI, close)
+                    cursor.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000):d}")
+                try:
+                    cursor.execute("BEGIN IMMEDIATE")
+                finally:
+                    if wait:
+                        cursor.execute("PRAGMA busy_timeout = 0")
                 try:
                     cursor.executemany(_INSERT_AUDIT, map(_audit_row, entries))
                     cursor.execute("COMMIT")
@@ -370,7 +395,10 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 raise _collision(entries, self.path, exc) from exc
             except sqlite3.Error as exc:
-                raise storage_error(exc, self.path, "append audit entries") from exc
+                error = storage_error(exc, self.path, "append audit entries")
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY:
+                    raise StoreBusy(error.message, data=error.data) from exc
+                raise error from exc
 
     def has_room(self, min_bytes: int) -> bool:
         """Whether ``min_bytes`` more can be written: free on the filesystem and, under a

@@ -1,0 +1,59 @@
+"""Another process holding the store's write lock (a CLI command writing to the same data
+dir) holds up the calls whose records wait for it, not the server."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import anyio
+import httpx2
+import orjson
+import pytest
+from rpc_live import CALL_TIMEOUT_S, FAULTY_DIR, make_runtime, serve, text_of
+
+from mcp_zero.audit.chain import verify_store
+from mcp_zero.storage.sqlite import SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_the_server_answers_while_another_process_holds_the_store(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    runtime = make_runtime(data, rate_limit=0)
+    runtime.plugins.install(FAULTY_DIR)
+    token = (await runtime.agents.spawn("alice", ["faulty"])).token
+    async with serve(runtime) as live:
+        client = live.client(token)
+        other = sqlite3.connect(data / "mcp0.db", isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # as `mcp0 agent create` does, for a moment
+            call = asyncio.create_task(client.call("faulty_echo", {"text": "locked"}))
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                # the call ran; its record found the store locked and waits for it
+                while runtime.audit.stats.busy_retries == 0:
+                    assert not call.done(), call.result()
+                    await asyncio.sleep(0.01)
+            async with httpx2.AsyncClient(verify=False) as http:
+                with anyio.fail_after(CALL_TIMEOUT_S):
+                    health = await http.get(f"{live.base}/healthz")
+                    ping = await live.client(token).request("ping")
+            assert health.status_code == 200
+            assert ping["result"] == {}
+            assert not call.done()  # no answer before its record is durable
+            other.execute("ROLLBACK")  # the lock goes only once the server has answered
+        finally:
+            other.close()
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            reply = await call
+        assert text_of(reply) == "locked"
+    with SqliteStore(data / "mcp0.db") as store:
+        bodies = [orjson.loads(e.body) for e in store.read_audit(0, 10_000)]
+        assert [b["outcome"] for b in bodies if b.get("resource") == "faulty_echo"] == ["allowed"]
+        assert verify_store(store).count == len(bodies)
