@@ -591,7 +591,7 @@ class HttpApp:
             self.server.handle_response(session, message)
             await respond(send, 202, b"", [])
             return
-        channel = PostChannel(session, send)
+        channel = PostChannel(session, send, self.settings.sse_buffer_bytes)
         response = await self.server.handle_request(session, message, channel)
         session.last_seen = time.monotonic()  # idle from the end of a long call, not its start
         if message.method == "initialize" and response is not None and "error" in response:
@@ -730,7 +730,7 @@ class HttpApp:
         if previous is not None:  # not resumed: what it kept for a resume is not wanted
             session.streams.pop(previous.id, None)
         # Kept after its connection drops, with what it is sent meanwhile, for a resume.
-        stream = EventStream(keep=MAX_BUFFERED_NOTICES)
+        stream = EventStream(keep=MAX_BUFFERED_NOTICES, keep_total=self.settings.sse_buffer_bytes)
         session.streams[stream.id] = stream
         session.notices = stream
         await send(

@@ -34,7 +34,8 @@ MAX_BUFFERED_NOTICES = 1_000  # a session's GET stream: kept while the session l
 MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 #: Bytes all streams together keep, live and finished (a finished one is kept a minute),
 #: newest events included: past it the oldest events of finished streams go first, then
-#: the stream's own oldest. A part of the process's memory: see docs/architecture.md.
+#: the stream's own oldest. A part of the process's memory: see docs/architecture.md. The
+#: default of the ``sse_buffer_bytes`` setting, which the HTTP app gives its streams.
 MAX_TOTAL_BUFFERED_BYTES = 64 * 1024 * 1024
 _total_buffered = [0]  # bytes held by the buffers of all streams
 #: Finished streams that still hold events, the first finished first: what goes first past
@@ -98,8 +99,8 @@ class EventStream:
 
     Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS (and no
     more than MAX_BUFFERED_BYTES of them, but always the newest one) are kept for
-    resumption, while all streams together hold no more than MAX_TOTAL_BUFFERED_BYTES
-    (past which even the newest may go); numbering goes on past that, so ids never repeat.
+    resumption, while all streams together hold no more than ``keep_total`` (default
+    MAX_TOTAL_BUFFERED_BYTES; past it even the newest may go); numbering goes on past that, so ids never repeat.
     A stream has one connection at a time (MCP: a message goes out on one stream only, and
     a stream is one connection): a client that resumes takes the stream over, and the connection it
     had before is ended — it resumes because it holds that one for lost, and the server
@@ -284,15 +285,18 @@ class PostChannel:
     """Messages related to one POST: nothing is sent until the first one, which turns the
     response into an SSE stream; until then the result can still go out as plain JSON."""
 
-    __slots__ = ("_asgi_send", "session", "stream")
+    __slots__ = ("_asgi_send", "_keep_total", "session", "stream")
 
-    def __init__(self, session: Session, asgi_send: Send) -> None:
+    def __init__(
+        self, session: Session, asgi_send: Send, keep_total: int = MAX_TOTAL_BUFFERED_BYTES
+    ) -> None:
         self.session = session
         self._asgi_send = asgi_send
+        self._keep_total = keep_total  # the server's sse_buffer_bytes
         self.stream: EventStream | None = None
 
     async def _open(self) -> EventStream:
-        stream = EventStream(self._asgi_send)
+        stream = EventStream(self._asgi_send, keep_total=self._keep_total)
         self.session.streams[stream.id] = stream
         self.stream = stream
         await self._asgi_send(
