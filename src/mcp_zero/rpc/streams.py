@@ -100,7 +100,8 @@ class EventStream:
     Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS (and no
     more than MAX_BUFFERED_BYTES of them, but always the newest one) are kept for
     resumption, while all streams together hold no more than ``keep_total`` (default
-    MAX_TOTAL_BUFFERED_BYTES; past it even the newest may go); numbering goes on past that, so ids never repeat.
+    MAX_TOTAL_BUFFERED_BYTES; past it even the newest may go); numbering goes on past
+    that, so ids never repeat.
     A stream has one connection at a time (MCP: a message goes out on one stream only, and
     a stream is one connection): a client that resumes takes the stream over, and the connection it
     had before is ended — it resumes because it holds that one for lost, and the server
