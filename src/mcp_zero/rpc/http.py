@@ -59,6 +59,7 @@ from mcp_zero.rpc.streams import (
     MAX_BUFFERED_NOTICES,
     EventStream,
     ExchangeChannel,
+    FinishedStreams,
     NoticeChannel,
     PostChannel,
     parse_event_id,
@@ -271,6 +272,7 @@ class HttpApp:
         self._loopback_only = runtime.settings.on_loopback_only()
         self._allowed = _Allowed(runtime.settings.allowed_origins)
         self.sse_keepalive_s = SSE_KEEPALIVE_S
+        self.finished = FinishedStreams()  # finished SSE streams, kept a minute for a resume
         # per agent: when its sessions were last logged as dropped, and how many since
         self._drops_logged: dict[str, tuple[float, int]] = {}
         #: How often an agent's dropped sessions are logged (a line, with the count since).
@@ -613,7 +615,7 @@ class HttpApp:
             session.streams.pop(stream.id, None)  # no session to resume it in: not kept
         else:
             # keep the finished stream a little for a client that is about to resume
-            asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
+            self.finished.keep(session.streams, stream.id)
 
     async def _post_stateless(
         self,
