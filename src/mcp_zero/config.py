@@ -27,6 +27,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     max_body_bytes: int = 1 << 20
+    # SSE events all streams keep for resumption (rpc/streams.py MAX_TOTAL_BUFFERED_BYTES)
+    sse_buffer_bytes: int = 64 << 20
     rate_limit: float = 200.0  # tool calls per second per agent; 0 disables
     rate_burst: int = 400
     max_concurrency: int = 64  # calls in flight per agent
@@ -212,6 +214,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _RANGES: tuple[tuple[str, float, float], ...] = (
     ("port", 0, 65535),
     ("max_body_bytes", 1, 1 << 40),
+    ("sse_buffer_bytes", 0, 1 << 40),
     ("rate_limit", 0, 1e9),  # 0: no limit
     ("rate_burst", 1, 1 << 31),
     ("max_concurrency", 1, 1 << 31),

@@ -160,6 +160,7 @@ async def test_subscriptions_of_a_session_are_bounded_in_bytes(env: Env) -> None
     [record] = audited(env, rid)  # refused, and audited as such (as a denial would be)
     assert (record["outcome"], record["code"]) == ("error", "quota_exceeded")
     assert (record["verb"], record["resource"]) == ("read_resource", uri(fits, long))
+    assert record["method"] == "resources/subscribe"
     # unsubscribing gives room back
     assert "result" in await client.request("resources/unsubscribe", {"uri": uri(1, long)})
     assert "result" in await subscribe(client, uri(fits, long))
@@ -226,7 +227,12 @@ async def test_a_listen_names_a_bounded_number_of_uri_bytes(env: Env) -> None:
     assert status == 400
     assert error["code"] == -32602
     assert f"at most {MAX_SUBSCRIBED_BYTES}" in error["message"]
-    assert audited(env, 900_002) == []
+    # audited as a refused listen of its agent, as a subscribe past its session's bytes is
+    [record] = audited(env, 900_002)
+    assert (record["outcome"], record["code"]) == ("error", "invalid_params")
+    assert (record["agent"], record["method"]) == ("bounded", "subscriptions/listen")
+    assert (record["verb"], record["resource"]) == ("read_resource", many[0])
+    assert record["uri_count"] == len(many)
 
 
 async def test_listen_streams_hold_the_shared_budget_while_open(env: Env) -> None:
@@ -241,7 +247,12 @@ async def test_listen_streams_hold_the_shared_budget_while_open(env: Env) -> Non
             assert server.subscription_budget.held == cost
             status, error = await listen_refused(env, listen_body([uri(1, 2000)], 900_004))
             assert (status, error["code"]) == (200, -32005)
-            assert audited(env, 900_004) == []
+            # audited, as a subscribe refused by the shared budget is
+            [record] = audited(env, 900_004)
+            assert (record["outcome"], record["code"]) == ("error", "quota_exceeded")
+            assert (record["agent"], record["method"]) == ("bounded", "subscriptions/listen")
+            assert (record["verb"], record["resource"]) == ("read_resource", uri(1, 2000))
+            assert record["uri_count"] == 1
         with anyio.fail_after(CALL_TIMEOUT_S):  # the stream closed: its share comes back
             while server.subscription_budget.held:
                 await asyncio.sleep(0.01)

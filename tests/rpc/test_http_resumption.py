@@ -4,6 +4,7 @@ time, and a message goes out on one connection only."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,6 +13,7 @@ import orjson
 import pytest
 from rpc_live import (
     CALL_TIMEOUT_S,
+    CHATTY_DIR,
     CONFORMANCE_DIR,
     FAULTY_DIR,
     Env,
@@ -20,6 +22,9 @@ from rpc_live import (
     served_agent,
     sse_events,
 )
+
+from mcp_zero.config import Settings
+from mcp_zero.rpc.streams import MAX_TOTAL_BUFFERED_BYTES
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -146,3 +151,55 @@ async def test_deleting_the_session_ends_its_get_stream(env: Env) -> None:
                 deleted = await http.delete(env.live.url, headers=client.headers())
                 assert deleted.status_code == 204
                 assert await rest(events) == []  # ended, cleanly
+
+
+async def logged_call(
+    http: httpx2.AsyncClient, client: McpHttp, n: int, size: int
+) -> list[SseEvent]:
+    """chatty_logs: ``n`` log messages of ``size`` bytes, then the answer, on an SSE stream;
+    its events, read to the end (the stream is finished)."""
+    call = {
+        "jsonrpc": "2.0",
+        "id": client.next_id(),
+        "method": "tools/call",
+        "params": {"name": "chatty_logs", "arguments": {"n": n, "size": size}},
+    }
+    async with http.stream(
+        "POST", client.live.url, content=orjson.dumps(call), headers=client.headers()
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [event async for event in sse_events(response)]
+    assert events[-1].message["result"]["content"][0]["text"] == f"logged {n}"
+    return events
+
+
+async def test_a_finished_stream_whose_events_the_buffer_cap_took_is_gone(
+    tmp_path: Path,
+) -> None:
+    # 64 MiB by default, so this answer (architecture.md: "a finished stream with none of
+    # its events left is gone, 404 as after its minute") had no HTTP test; sse_buffer_bytes
+    # makes the cap small.
+    assert Settings().sse_buffer_bytes == MAX_TOTAL_BUFFERED_BYTES
+    cap = 100_000
+    data = tmp_path / "data"
+    async with served_agent(data, "capped", [CHATTY_DIR], sse_buffer_bytes=cap) as env:
+        client = env.live.client(env.token)
+        await client.initialize()
+        async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                first = await logged_call(http, client, 2, 1000)
+                priming = first[0].id
+                assert priming is not None
+                # finished, and kept: a resume replays what it sent
+                async with http.stream(
+                    "GET", env.live.url, headers=resuming(client, priming)
+                ) as again:
+                    assert again.status_code == 200
+                    replayed = await rest(sse_events(again))
+                assert replayed == [event.message for event in first[1:]]
+                # a second call's events fill the cap: the finished stream's go first
+                await logged_call(http, client, 5, cap // 4)
+                gone = await http.get(env.live.url, headers=resuming(client, priming))
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] == -32001
+    assert "no stream to resume" in gone.json()["error"]["message"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import itertools
 import os
 import shutil
 import socket
@@ -388,6 +390,60 @@ async def test_mcp0_serve_stdio_reads_requests_from_a_file(tmp_path: Path) -> No
         done = await anyio.run_process(command, stdin=stdin, check=False)
     assert done.returncode == 0, done.stderr.decode()
     assert sorted(orjson.loads(line)["id"] for line in done.stdout.splitlines()) == [1, 2]
+
+
+async def test_requests_from_a_file_are_read_no_further_ahead_than_they_are_answered(
+    tmp_path: Path,
+) -> None:
+    """`< requests.jsonl` was read whole at once and every request started: 100 MB of
+    requests held 285 MB while the client read no answers, and all but 64 of 3,000 calls
+    were refused for the agent's concurrency. Now the file is read as its requests are
+    answered: while the client reads nothing, the reader stays near the start."""
+    runtime = make_runtime(tmp_path / "data", rate_limit=0)
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.agents.spawn("scripted", ["faulty"])
+    principal = runtime.agents.principal("scripted")
+    count = 3000
+    lines = [orjson.dumps(initialize_message())]
+    lines += [orjson.dumps(echo_call(rid, "x" * 900)) for rid in range(2, count + 2)]
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    ends = list(itertools.accumulate(len(line) + 1 for line in lines))  # where each ends
+    out_r, out_w = os.pipe()
+    fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, 4096)  # (the smallest: little is answered unread)
+    stdout = open(out_w, "wb", buffering=0)  # noqa: SIM115 - closed below
+    with path.open("rb", buffering=0) as stdin, stdout, open(out_r, "rb", buffering=0) as out:
+        task = asyncio.create_task(serve_stdio(runtime, principal, stdin, stdout))
+        try:
+            # The client reads no answer: 64 calls (max_concurrency) wait for it to, besides
+            # those answered into the pipe and the transport's buffer (64 KiB, ~70 answers),
+            # and the reader is a chunk or two (64 KiB, ~65 lines each) past the loop: ~270
+            # lines in. (It was at the end.)
+            with anyio.fail_after(TIMEOUT_S):
+                while sum(r.get("verb") == "call_tool" for r in audited(runtime)) < 64:
+                    await asyncio.sleep(0.05)
+            read = stdin.tell()
+            assert read <= ends[600], f"{read} of {ends[-1]} bytes read, {count} requests"
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader()
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), out
+            )
+            try:
+                with anyio.fail_after(TIMEOUT_S * 3):
+                    answers = [orjson.loads(await reader.readline()) for _ in lines]
+                    await task  # (the end of the file: the session ends)
+            finally:
+                transport.close()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert sorted(answer["id"] for answer in answers) == list(range(1, count + 2))
+    # none refused for the agent's concurrency (they were: all read and started at once)
+    assert all("result" in answer for answer in answers), [
+        answer["error"] for answer in answers if "error" in answer
+    ][:3]
 
 
 async def test_mcp0_serve_stdio_with_stdout_closed_says_so(tmp_path: Path) -> None:

@@ -774,10 +774,12 @@ class Kernel:
         method: str,
         request_id: str,
         transport: str,
+        detail: JSON | None = None,
     ) -> NoReturn:
         """Audit a request of the principal refused before it named an action (malformed
         params: ``target`` is what it named, "" if nothing valid), as ``_govern`` audits
-        refused calls — over the rate limit it is refused as such — and raise ``refusal``."""
+        refused calls — over the rate limit it is refused as such — and raise ``refusal``.
+        ``detail`` goes into the record (a subscription's ``method``)."""
 
         async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
             raise AssertionError("a refused request does not run")  # pragma: no cover
@@ -788,7 +790,7 @@ class Kernel:
             request_id,
             run,
             refusal,
-            {},
+            detail or {},
         )
         raise AssertionError("_govern raises the refusal")  # pragma: no cover
 

@@ -59,6 +59,7 @@ from mcp_zero.rpc.streams import (
     MAX_BUFFERED_NOTICES,
     EventStream,
     ExchangeChannel,
+    FinishedStreams,
     NoticeChannel,
     PostChannel,
     parse_event_id,
@@ -271,6 +272,7 @@ class HttpApp:
         self._loopback_only = runtime.settings.on_loopback_only()
         self._allowed = _Allowed(runtime.settings.allowed_origins)
         self.sse_keepalive_s = SSE_KEEPALIVE_S
+        self.finished = FinishedStreams()  # finished SSE streams, kept a minute for a resume
         # per agent: when its sessions were last logged as dropped, and how many since
         self._drops_logged: dict[str, tuple[float, int]] = {}
         #: How often an agent's dropped sessions are logged (a line, with the count since).
@@ -591,7 +593,7 @@ class HttpApp:
             self.server.handle_response(session, message)
             await respond(send, 202, b"", [])
             return
-        channel = PostChannel(session, send)
+        channel = PostChannel(session, send, self.settings.sse_buffer_bytes)
         response = await self.server.handle_request(session, message, channel)
         session.last_seen = time.monotonic()  # idle from the end of a long call, not its start
         if message.method == "initialize" and response is not None and "error" in response:
@@ -613,7 +615,7 @@ class HttpApp:
             session.streams.pop(stream.id, None)  # no session to resume it in: not kept
         else:
             # keep the finished stream a little for a client that is about to resume
-            asyncio.get_running_loop().call_later(60, session.streams.pop, stream.id, None)
+            self.finished.keep(session.streams, stream.id)
 
     async def _post_stateless(
         self,
@@ -730,7 +732,7 @@ class HttpApp:
         if previous is not None:  # not resumed: what it kept for a resume is not wanted
             session.streams.pop(previous.id, None)
         # Kept after its connection drops, with what it is sent meanwhile, for a resume.
-        stream = EventStream(keep=MAX_BUFFERED_NOTICES)
+        stream = EventStream(keep=MAX_BUFFERED_NOTICES, keep_total=self.settings.sse_buffer_bytes)
         session.streams[stream.id] = stream
         session.notices = stream
         await send(

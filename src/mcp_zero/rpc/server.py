@@ -632,15 +632,20 @@ class McpServer:
             )
         uris = list(dict.fromkeys(uris))
         cost = subscription_cost(uris)
-        if cost > MAX_SUBSCRIBED_BYTES:  # (refused before it is audited)
-            raise InvalidParams(
-                f"params.notifications.resourceSubscriptions names {cost} bytes of URIs "
-                f"(each counted with {SUBSCRIPTION_OVERHEAD} more); a listen may name at "
-                f"most {MAX_SUBSCRIBED_BYTES}",
-                data={
-                    "path": "/notifications/resourceSubscriptions",
-                    "limit": MAX_SUBSCRIBED_BYTES,
-                },
+        if cost > MAX_SUBSCRIBED_BYTES:
+            await self._refuse_listen(
+                session,
+                uris,
+                rid,
+                InvalidParams(
+                    f"params.notifications.resourceSubscriptions names {cost} bytes of URIs "
+                    f"(each counted with {SUBSCRIPTION_OVERHEAD} more); a listen may name at "
+                    f"most {MAX_SUBSCRIBED_BYTES}",
+                    data={
+                        "path": "/notifications/resourceSubscriptions",
+                        "limit": MAX_SUBSCRIBED_BYTES,
+                    },
+                ),
             )
         if len(self.listeners) >= self.max_listeners:
             raise QuotaExceeded(
@@ -655,7 +660,10 @@ class McpServer:
                 f"agent {agent!r} has {self.max_listeners_per_agent} open subscriptions/listen "
                 "streams, as many as it may; close one first"
             )
-        held = self._hold_subscriptions(cost)
+        try:
+            held = self._hold_subscriptions(cost)
+        except QuotaExceeded as exc:
+            await self._refuse_listen(session, uris, rid, exc)
         # Rate-limited, and each resource named decided and audited, as resources/subscribe
         # (the notices each stream is sent later are checked again, not audited).
         try:
@@ -713,6 +721,22 @@ class McpServer:
         finally:
             del self.listeners[key]
             self.subscription_budget.release(held)
+
+    async def _refuse_listen(
+        self, session: Session, uris: list[str], rid: Any, refusal: McpZeroError
+    ) -> NoReturn:
+        """Audit a listen refused by a subscription byte budget as a subscribe refused by one
+        is (under its first resource, with ``uri_count`` as over the rate limit), then raise."""
+        await self.kernel.refuse(
+            session.principal,
+            Verb.READ_RESOURCE,
+            uris[0] if uris else "",
+            refusal,
+            method="subscriptions/listen",
+            request_id=str(rid),
+            transport=self.transport,
+            detail={"method": "subscriptions/listen", "uri_count": len(uris)},
+        )
 
     def _hold_subscriptions(self, cost: int) -> int:
         """Take ``cost`` of the server's subscription budget; QuotaExceeded when it is spent."""
@@ -814,6 +838,7 @@ class McpServer:
                     method="resources/subscribe",
                     request_id=str(rid),
                     transport=self.transport,
+                    detail={"method": "resources/subscribe"},
                 )
             session.subscribed_bytes += held  # (held while decided: concurrent ones count)
             session.budget = self.subscription_budget

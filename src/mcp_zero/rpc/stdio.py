@@ -173,11 +173,20 @@ def _regular_file(source: BinaryIO) -> bool:
         return False
 
 
-async def _feed_from_file(source: BinaryIO, reader: asyncio.StreamReader) -> None:
+async def _feed_from_file(
+    source: BinaryIO, reader: asyncio.StreamReader, wanted: asyncio.Event
+) -> None:
     """Read stdin that is a regular file into ``reader`` (reads from a file do not wait
-    on anyone, so a thread reads it a chunk at a time); its end, or a stop, ends it."""
+    on anyone, so a thread reads it a chunk at a time), only while the line loop waits on
+    ``reader`` for more (``wanted``): a file is read no further ahead than a chunk or two
+    past the line the loop reads, as a pipe would be. Its end, or a stop, ends it."""
     try:
-        while chunk := await asyncio.to_thread(source.read, 1 << 16):
+        while True:
+            while not wanted.is_set():  # (a wake-up the loop took back: it has lines)
+                await wanted.wait()
+            chunk = await asyncio.to_thread(source.read, 1 << 16)
+            if not chunk:
+                return
             reader.feed_data(chunk)
     finally:
         reader.feed_eof()
@@ -210,8 +219,10 @@ async def serve_stdio(
     reader = asyncio.StreamReader(limit=MAX_LINE)
     source = stdin or sys.stdin.buffer
     stop_reading: Callable[[], None]
-    if _regular_file(source):  # (`< requests.jsonl`: no pipe transport takes a file)
-        feeding = asyncio.create_task(_feed_from_file(source, reader))
+    wanted = asyncio.Event()  # the line loop waits on the reader (a file is read only then)
+    from_file = _regular_file(source)
+    if from_file:  # (`< requests.jsonl`: no pipe transport takes a file)
+        feeding = asyncio.create_task(_feed_from_file(source, reader, wanted))
 
         def stop_reading() -> None:
             feeding.cancel()
@@ -229,6 +240,12 @@ async def serve_stdio(
     tasks: set[asyncio.Task[Any]] = set()
 
     stateless: bool | None = None  # the first request decides: MCP 2026-07-28 or a session
+    # From a file, requests are read only as fast as they are answered: at most the agent's
+    # max_concurrency wait for their answers (more would be refused), and MAX_LINE of their
+    # lines. (Not listen streams: they stay open until the end of stdin.)
+    ahead = [0, 0]  # requests read from the file and not yet answered, and their bytes
+    answered = asyncio.Event()
+    max_ahead = runtime.settings.max_concurrency
 
     async def run(request: jsonrpc.Request) -> None:
         try:  # as HTTP authenticates each request: the agent's plugins may have changed
@@ -251,12 +268,21 @@ async def serve_stdio(
         task.add_done_callback(tasks.discard)
         return task
 
-    def start(request: jsonrpc.Request) -> None:
+    def start(request: jsonrpc.Request, size: int) -> None:
         task = spawn(run(request))
         # Admitted now, not when the task first runs: a notifications/cancelled read in the
         # same chunk of stdin must find it (a refused id is answered when the task runs).
         server.admit(session, request, task)
         task.add_done_callback(lambda done: ended(request, done))
+        if from_file and request.method != "subscriptions/listen":
+            ahead[0] += 1
+            ahead[1] += size
+            task.add_done_callback(lambda _: answer_came(size))
+
+    def answer_came(size: int) -> None:
+        ahead[0] -= 1
+        ahead[1] -= size
+        answered.set()
 
     def ended(request: jsonrpc.Request, task: asyncio.Task[None]) -> None:
         if session.inflight.get(request.id) is not task:
@@ -283,18 +309,24 @@ async def serve_stdio(
     watch = asyncio.create_task(list_changes.run())
     try:
         while True:
+            while ahead[0] >= max_ahead or ahead[1] >= MAX_LINE:
+                answered.clear()
+                await answered.wait()
+            wanted.set()
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.IncompleteReadError as exc:  # the end of stdin
                 line = exc.partial
             except asyncio.LimitOverrunError as exc:  # a line over MAX_LINE: dropped whole
                 await _skip_line(reader, exc.consumed)
+                wanted.clear()
                 await channel.send(
                     jsonrpc.error_message(
                         None, jsonrpc.INVALID_REQUEST, f"message over {MAX_LINE} bytes"
                     )
                 )
                 continue
+            wanted.clear()
             if not line:
                 break
             if not line.strip():
@@ -307,7 +339,7 @@ async def serve_stdio(
             if isinstance(message, jsonrpc.Request):
                 if stateless is None:
                     stateless = message.method != "initialize" and has_envelope(message.params)
-                start(message)
+                start(message, len(line))
             elif isinstance(message, jsonrpc.Notification):
                 server.handle_notification(session, message)
             else:

@@ -34,7 +34,8 @@ MAX_BUFFERED_NOTICES = 1_000  # a session's GET stream: kept while the session l
 MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 #: Bytes all streams together keep, live and finished (a finished one is kept a minute),
 #: newest events included: past it the oldest events of finished streams go first, then
-#: the stream's own oldest. A part of the process's memory: see docs/architecture.md.
+#: the stream's own oldest. A part of the process's memory: see docs/architecture.md. The
+#: default of the ``sse_buffer_bytes`` setting, which the HTTP app gives its streams.
 MAX_TOTAL_BUFFERED_BYTES = 64 * 1024 * 1024
 _total_buffered = [0]  # bytes held by the buffers of all streams
 #: Finished streams that still hold events, the first finished first: what goes first past
@@ -47,12 +48,6 @@ def buffered_bytes() -> int:
     return _total_buffered[0]
 
 
-def _forget(held: list[int], key: int) -> None:
-    """A stream is gone: its buffer no longer counts."""
-    _total_buffered[0] -= held[0]
-    _finished.pop(key, None)
-
-
 def _drop_finished(limit: int) -> None:
     """Drop the oldest events of finished streams, the first finished first, until all
     streams hold at most ``limit`` bytes (or no finished stream holds any)."""
@@ -60,11 +55,14 @@ def _drop_finished(limit: int) -> None:
         key = next(iter(_finished))
         stream = _finished[key]()
         if stream is not None:
-            events, held = stream.events, stream._held
-            while events and _total_buffered[0] > limit:
-                size = len(events.popleft())
-                held[0] -= size
-                _total_buffered[0] -= size
+            events, gone, size = stream.events, 0, 0
+            assert isinstance(events, list)  # (finished)
+            while gone < len(events) and _total_buffered[0] - size > limit:
+                size += len(events[gone])
+                gone += 1
+            del events[:gone]  # (a finished stream's list: one cut, not one shift an event)
+            stream._held -= size
+            _total_buffered[0] -= size
             if events:
                 return
         del _finished[key]
@@ -98,8 +96,9 @@ class EventStream:
 
     Event ``n`` (from 1) has id ``<stream>-<n>``. The newest MAX_BUFFERED_EVENTS (and no
     more than MAX_BUFFERED_BYTES of them, but always the newest one) are kept for
-    resumption, while all streams together hold no more than MAX_TOTAL_BUFFERED_BYTES
-    (past which even the newest may go); numbering goes on past that, so ids never repeat.
+    resumption, while all streams together hold no more than ``keep_total`` (default
+    MAX_TOTAL_BUFFERED_BYTES; past it even the newest may go); numbering goes on past
+    that, so ids never repeat.
     A stream has one connection at a time (MCP: a message goes out on one stream only, and
     a stream is one connection): a client that resumes takes the stream over, and the connection it
     had before is ended — it resumes because it holds that one for lost, and the server
@@ -127,17 +126,23 @@ class EventStream:
         keep_total: int = MAX_TOTAL_BUFFERED_BYTES,
     ) -> None:
         self.id = secrets.token_hex(8)
-        self.events: deque[bytes] = deque(maxlen=keep)
+        # a deque while events come; once finished, a list of just its events (see close)
+        self.events: deque[bytes] | list[bytes] = deque(maxlen=keep)
         self.count = 0  # events pushed so far; the buffer holds the last len(events)
         self._keep_bytes = keep_bytes
         self._keep_total = keep_total  # what all streams together may hold, as it sees it
-        self._held = [0]  # bytes in ``events``; boxed, for the finalizer to read when it goes
-        weakref.finalize(self, _forget, self._held, id(self))
+        self._held = 0  # bytes in ``events``
         self.closed = False
         self._owner: Connection | None = None
         if send is not None:  # the response that opened the stream, with nothing to catch up
             self._owner = Connection(send)
             self._owner.live = True
+
+    def __del__(self) -> None:
+        # The stream is gone: its buffer no longer counts. (Not weakref.finalize: ~500 bytes
+        # a stream, as much again as a finished stream's own state.)
+        _total_buffered[0] -= self._held
+        _finished.pop(id(self), None)
 
     @property
     def spent(self) -> bool:
@@ -160,7 +165,10 @@ class EventStream:
         A client with too much unread (rpc/wire.py): a progress or log message is not sent
         live (it stays in the buffer for a resume); another one waits for the client if
         ``wait`` (a call's own response or request: its sender holds up no one else), else
-        the connection is dropped (a notice sent to many sessions in turn)."""
+        the connection is dropped (a notice sent to many sessions in turn). A finished
+        stream takes nothing more: no connection will carry it."""
+        if self.closed:
+            return
         self.count += 1
         chunk = sse_event(f"{self.id}-{self.count}", orjson.dumps(message))
         self._keep(chunk)
@@ -180,22 +188,23 @@ class EventStream:
         """Buffer ``chunk``, dropping the oldest events past the bounds: past the stream's
         own, its oldest (never the newest); past the total, those of finished streams first,
         then its own (the newest too: it still goes out live)."""
-        events, held = self.events, self._held
+        events = self.events
+        assert isinstance(events, deque)  # (a finished stream's is a list: it takes no more)
         if len(events) == events.maxlen:  # the deque drops the oldest itself
-            held[0] -= len(events[0])
+            self._held -= len(events[0])
             _total_buffered[0] -= len(events[0])
         events.append(chunk)
-        held[0] += len(chunk)
+        self._held += len(chunk)
         _total_buffered[0] += len(chunk)
-        while len(events) > 1 and held[0] > self._keep_bytes:
+        while len(events) > 1 and self._held > self._keep_bytes:
             size = len(events.popleft())
-            held[0] -= size
+            self._held -= size
             _total_buffered[0] -= size
         if _total_buffered[0] > self._keep_total:
             _drop_finished(self._keep_total)
             while events and _total_buffered[0] > self._keep_total:
                 size = len(events.popleft())
-                held[0] -= size
+                self._held -= size
                 _total_buffered[0] -= size
 
     async def attach(self, after: int, send: Send) -> Connection:
@@ -247,6 +256,9 @@ class EventStream:
     async def close(self) -> None:
         """No more events: end the connection once it has them all."""
         self.closed = True
+        # Kept a minute for a resume, it keeps only what a resume needs: its events in a list
+        # of their number (a deque holds blocks of 64 however few it has: 760 bytes for two).
+        self.events = list(self.events)
         if self.events:  # what it keeps now goes first past the total bound
             _finished[id(self)] = weakref.ref(self)
         owner = self._owner
@@ -272,6 +284,39 @@ class EventStream:
             await conn.send({"type": "http.response.body", "body": b""})
 
 
+#: How long a finished stream is kept for a client that is about to resume it.
+FINISHED_KEEP_S = 60.0
+
+
+class FinishedStreams:
+    """Finished streams kept for a resume, each ``keep_s`` (a minute) from when it finished,
+    then dropped from its session: one queue and one timer for all (a timer each cost ~420
+    bytes a stream, as much as the rest of a small finished stream)."""
+
+    __slots__ = ("_keep_s", "_queue", "_timer")
+
+    def __init__(self, keep_s: float = FINISHED_KEEP_S) -> None:
+        self._keep_s = keep_s
+        #: (when it goes, its session's streams, its id), in the order they finished
+        self._queue: deque[tuple[float, dict[str, Any], str]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def keep(self, streams: dict[str, Any], stream_id: str) -> None:
+        """Keep stream ``stream_id`` in ``streams`` (its session's) for ``keep_s``."""
+        loop = asyncio.get_running_loop()
+        self._queue.append((loop.time() + self._keep_s, streams, stream_id))
+        if self._timer is None:
+            self._timer = loop.call_at(self._queue[0][0], self._expire)
+
+    def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while queue and queue[0][0] <= loop.time():
+            _, streams, stream_id = queue.popleft()
+            streams.pop(stream_id, None)
+        self._timer = loop.call_at(queue[0][0], self._expire) if queue else None
+
+
 def parse_event_id(value: str) -> tuple[str, int] | None:
     stream, _, number = value.rpartition("-")
     # (ASCII digits, as we write them: str.isdigit takes "²", and int() 4,300 digits at most)
@@ -284,15 +329,18 @@ class PostChannel:
     """Messages related to one POST: nothing is sent until the first one, which turns the
     response into an SSE stream; until then the result can still go out as plain JSON."""
 
-    __slots__ = ("_asgi_send", "session", "stream")
+    __slots__ = ("_asgi_send", "_keep_total", "session", "stream")
 
-    def __init__(self, session: Session, asgi_send: Send) -> None:
+    def __init__(
+        self, session: Session, asgi_send: Send, keep_total: int = MAX_TOTAL_BUFFERED_BYTES
+    ) -> None:
         self.session = session
         self._asgi_send = asgi_send
+        self._keep_total = keep_total  # the server's sse_buffer_bytes
         self.stream: EventStream | None = None
 
     async def _open(self) -> EventStream:
-        stream = EventStream(self._asgi_send)
+        stream = EventStream(self._asgi_send, keep_total=self._keep_total)
         self.session.streams[stream.id] = stream
         self.stream = stream
         await self._asgi_send(
