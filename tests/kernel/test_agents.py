@@ -20,6 +20,7 @@ from mcp_zero.errors import (
 )
 from mcp_zero.runtime import Runtime
 from mcp_zero.security.tokens import hash_token
+from mcp_zero.storage import SnapshotRecord
 
 pytestmark = pytest.mark.anyio
 TESTS_DIR = Path(__file__).parents[1]
@@ -356,3 +357,20 @@ async def test_recover_leaves_out_a_plugin_the_policy_forbids_to_attach(
     assert denied["policies"] == ["no-faulty-attach"]
     assert recovered["verb"] == "recover_agent"
     assert recovered["not_restored"] == recovery.not_restored
+
+
+async def test_recover_refuses_a_snapshot_whose_state_could_not_be_shown(
+    runtime: Runtime,
+) -> None:
+    # (taken before spawn refused such a state: restored, it would break the agent listing)
+    await runtime.agents.spawn("deep", ["notes"])
+    state: dict[str, Any] = {}
+    for _ in range(252):
+        state = {"a": state}
+    runtime.store.put_snapshot(
+        SnapshotRecord(id="snap_deep", agent="deep", data={"plugins": [], "state": state})
+    )
+    with pytest.raises(InvalidParams, match="at most 252 levels"):
+        await runtime.agents.recover("snap_deep")
+    assert runtime.agents.get("deep").plugins == ["notes"]
+    assert audited(runtime, "deep") == ["spawn_agent"]
