@@ -277,6 +277,20 @@ def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
     assert audited[-1]["not_restored"] == {"notes": reason}
 
 
+def test_create_with_a_plugin_the_policy_forbids_to_attach_is_refused(data_dir: Path) -> None:
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    (data_dir / "policies" / "no-notes.cedar").write_text(
+        '@id("no-notes-attach")\n'
+        '@reason("notes may not be granted to any agent")\n'
+        'forbid (principal, action == Action::"attach_plugin", resource)\n'
+        'when { context has plugin && context.plugin == "notes" };\n'
+    )
+    refused = run(data_dir, "agent", "create", "ada", "--plugin", "notes", ok=False)
+    assert refused.exit_code != 0
+    assert "notes may not be granted to any agent" in refused.output
+    assert as_json(data_dir, "agent", "list") == []
+
+
 def mcp0_in(cwd: Path, *args: str) -> Any:
     """``mcp0 ARGS --json`` run as a process in directory ``cwd``; its JSON output."""
     done = subprocess.run(

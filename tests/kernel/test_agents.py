@@ -20,6 +20,7 @@ from mcp_zero.errors import (
 )
 from mcp_zero.runtime import Runtime
 from mcp_zero.security.tokens import hash_token
+from mcp_zero.storage import SnapshotRecord
 
 pytestmark = pytest.mark.anyio
 TESTS_DIR = Path(__file__).parents[1]
@@ -290,3 +291,86 @@ async def test_a_change_whose_record_cannot_be_written_is_not_made(runtime: Runt
     assert copies == [Path(installed.path).name]  # the refused install's copy is gone
 
     assert [a.name for a in runtime.store.list_agents()] == [a.name for a in before]
+
+
+NO_FAULTY_ATTACH = (
+    '@id("no-faulty-attach")\n'
+    '@reason("faulty may not be granted to any agent")\n'
+    'forbid (principal, action == Action::"attach_plugin", resource)\n'
+    'when { context has plugin && context.plugin == "faulty" };\n'
+)
+
+
+def records_of(runtime: Runtime, resource: str) -> list[dict[str, Any]]:
+    return [
+        body
+        for body in (orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000))
+        if body.get("resource") == resource
+    ]
+
+
+@pytest.mark.parametrize("via", ["admin", "cli"])
+async def test_a_plugin_the_policy_forbids_to_attach_is_not_granted_by_spawn_either(
+    runtime: Runtime, via: str
+) -> None:
+    (runtime.settings.policy_dir / "no-faulty.cedar").write_text(NO_FAULTY_ATTACH)
+    runtime.policy.reload()
+    with pytest.raises(PolicyDenied) as caught:
+        await runtime.agents.spawn("eve", ["notes", "faulty"], via=via)
+    assert caught.value.data is not None
+    assert caught.value.data["policies"] == ["no-faulty-attach"]
+    assert runtime.store.get_agent("eve") is None
+    # decided and audited as the standalone attach is, naming the plugin
+    await runtime.agents.spawn("eve", ["notes"], via=via)
+    with pytest.raises(PolicyDenied):
+        await runtime.agents.attach("eve", "faulty", via=via)
+    denials = [
+        (r["verb"], r["transport"], r["plugin"], r["policies"])
+        for r in records_of(runtime, "eve")
+        if r["outcome"] == "denied"
+    ]
+    assert denials == [("attach_plugin", via, "faulty", ["no-faulty-attach"])] * 2
+    assert runtime.agents.get("eve").plugins == ["notes"]
+
+
+async def test_recover_leaves_out_a_plugin_the_policy_forbids_to_attach(
+    runtime: Runtime,
+) -> None:
+    await runtime.agents.spawn("eve", ["notes", "faulty"], {"step": 1})
+    snap = await runtime.agents.snapshot("eve")
+    await runtime.agents.terminate("eve")
+    (runtime.settings.policy_dir / "no-faulty.cedar").write_text(NO_FAULTY_ATTACH)
+    runtime.policy.reload()
+    recovery = await runtime.agents.recover(snap.id)
+    assert recovery.agent.plugins == ["notes"]
+    assert (recovery.agent.status, recovery.agent.state) == ("active", {"step": 1})
+    assert list(recovery.not_restored) == ["faulty"]
+    assert "faulty may not be granted to any agent" in recovery.not_restored["faulty"]
+    assert runtime.agents.get("eve").plugins == ["notes"]
+    records = records_of(runtime, "eve")
+    denied, recovered = records[-2:]
+    assert (denied["verb"], denied["outcome"], denied["plugin"]) == (
+        "attach_plugin",
+        "denied",
+        "faulty",
+    )
+    assert denied["policies"] == ["no-faulty-attach"]
+    assert recovered["verb"] == "recover_agent"
+    assert recovered["not_restored"] == recovery.not_restored
+
+
+async def test_recover_refuses_a_snapshot_whose_state_could_not_be_shown(
+    runtime: Runtime,
+) -> None:
+    # (taken before spawn refused such a state: restored, it would break the agent listing)
+    await runtime.agents.spawn("deep", ["notes"])
+    state: dict[str, Any] = {}
+    for _ in range(252):
+        state = {"a": state}
+    runtime.store.put_snapshot(
+        SnapshotRecord(id="snap_deep", agent="deep", data={"plugins": [], "state": state})
+    )
+    with pytest.raises(InvalidParams, match="at most 252 levels"):
+        await runtime.agents.recover("snap_deep")
+    assert runtime.agents.get("deep").plugins == ["notes"]
+    assert audited(runtime, "deep") == ["spawn_agent"]

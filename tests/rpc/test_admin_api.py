@@ -435,21 +435,71 @@ async def test_a_plugin_the_server_does_not_run_says_why(tmp_path: Any) -> None:
 
 
 async def test_a_state_too_deep_to_show_again_is_400_and_nothing_happens(admin: Admin) -> None:
-    # Stored, it would make every later GET /agents a 500 (JSON answers end at 255 levels).
-    body = b'{"name": "deep", "state": ' + _nested(300) + b"}"
-    refused = await admin.http.post(f"{admin.live.base}/api/v1/agents", content=body)
-    assert refused.status_code == 400, refused.text
-    assert "/state" in refused.text
-    assert (await admin.call("GET", "/agents/deep")).status_code == 404
-    assert (await admin.call("GET", "/agents")).status_code == 200
-    # a deep state that fits is kept as given
+    # Stored, it would make every later GET /agents a 500 (JSON answers end at 254 levels,
+    # and the listing holds a state 2 levels down, as a snapshot's answer does).
+    for levels in (253, 300):
+        body = b'{"name": "deep", "state": ' + _nested(levels) + b"}"
+        refused = await admin.http.post(f"{admin.live.base}/api/v1/agents", content=body)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["data"]["path"] == "/state"
+        assert "at most 252 levels" in error["message"]
+        assert (await admin.call("GET", "/agents/deep")).status_code == 404
+        assert (await admin.call("GET", "/agents")).status_code == 200
+    # the deepest state that fits is kept as given, and every answer carrying it is written
     fits = await admin.http.post(
         f"{admin.live.base}/api/v1/agents",
-        content=b'{"name": "deep-ok", "state": ' + _nested(200) + b"}",
+        content=b'{"name": "deep-ok", "state": ' + _nested(252) + b"}",
     )
     assert fits.status_code == 201, fits.text
     shown = (await admin.call("GET", "/agents/deep-ok")).json()["state"]
-    assert orjson.dumps(shown) == _nested(200)
+    assert orjson.dumps(shown) == _nested(252)
+    listed = await admin.call("GET", "/agents")
+    assert listed.status_code == 200, listed.text
+    [agent] = [a for a in listed.json() if a["name"] == "deep-ok"]
+    assert orjson.dumps(agent["state"]) == _nested(252)
+    snap = await admin.call("POST", "/agents/deep-ok/snapshot")
+    assert snap.status_code == 201, snap.text
+    assert orjson.dumps(snap.json()["data"]["state"]) == _nested(252)
+    recovered = await admin.call("POST", f"/snapshots/{snap.json()['snapshot_id']}/recover")
+    assert recovered.status_code == 200, recovered.text
+    assert orjson.dumps(recovered.json()["state"]) == _nested(252)
+
+
+async def test_spawn_and_recover_do_not_grant_a_plugin_the_policy_forbids_to_attach(
+    tmp_path: Path,
+) -> None:
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    async with serve(runtime) as live:
+        headers = {"Authorization": f"Bearer {runtime.admin_token()}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=TIMEOUT_S) as http:
+            admin = Admin(live, http)
+            assert (
+                await admin.call("POST", "/agents", {"name": "a1", "plugins": ["faulty"]})
+            ).status_code == 201
+            snap = (await admin.call("POST", "/agents/a1/snapshot")).json()["snapshot_id"]
+            (runtime.settings.policy_dir / "no-faulty.cedar").write_text(
+                '@id("no-faulty-attach")\n'
+                '@reason("faulty may not be granted to any agent")\n'
+                'forbid (principal, action == Action::"attach_plugin", resource)\n'
+                'when { context has plugin && context.plugin == "faulty" };\n'
+            )
+            runtime.policy.reload()
+            attach = await admin.call("POST", "/agents/a1/plugins", {"plugin": "faulty"})
+            assert attach.status_code == 403
+            spawn = await admin.call("POST", "/agents", {"name": "a2", "plugins": ["faulty"]})
+            assert spawn.status_code == 403, spawn.text
+            assert spawn.json()["error"]["data"]["policies"] == ["no-faulty-attach"]
+            assert (await admin.call("GET", "/agents/a2")).status_code == 404
+            assert (await admin.call("DELETE", "/agents/a1")).status_code == 200
+            recovered = await admin.call("POST", f"/snapshots/{snap}/recover")
+            assert recovered.status_code == 200, recovered.text
+            assert recovered.json()["plugins"] == []
+            [left_out] = recovered.json()["not_restored"]
+            assert left_out["plugin"] == "faulty"
+            assert "faulty may not be granted to any agent" in left_out["reason"]
 
 
 def _nested(levels: int) -> bytes:

@@ -59,25 +59,25 @@ def test_agent_crud(store: SqliteStore) -> None:
     assert store.agent_by_token_hash("nope") is None
     assert [a.name for a in store.list_agents()] == ["alice", "bob"]
 
-    changed = AgentRecord(
-        name="alice",
-        token_hash="h3",
-        plugins=["fs", "web"],
-        state={"n": 2, "ü": [1, None]},
-        status="terminated",
-        created_at=99,
-    )
-    store.update_agent(changed)
+    def change(agent: AgentRecord) -> None:
+        assert agent == alice  # as stored
+        agent.plugins.append("web")
+        agent.state = {"n": 2, "ü": [1, None]}
+        agent.status = "terminated"
+        agent.token_hash = "h3"  # not written: a token stays its agent's
+        agent.created_at = 99  # nor the creation time
+
+    written = store.change_agent("alice", change)
     got = store.get_agent("alice")
     assert got is not None
-    assert (got.token_hash, got.plugins, got.state, got.status) == (
-        "h3",
+    assert (got.token_hash, got.plugins, got.state, got.status, got.created_at) == (
+        "h1",
         ["fs", "web"],
         {"n": 2, "ü": [1, None]},
         "terminated",
+        5,
     )
-    assert got.created_at == 5  # creation time is not rewritten by updates
-    assert store.agent_by_token_hash("h1") is None
+    assert (written.plugins, written.state, written.status) == (got.plugins, got.state, got.status)
 
 
 def test_create_existing_agent_is_a_conflict(store: SqliteStore) -> None:
@@ -87,21 +87,22 @@ def test_create_existing_agent_is_a_conflict(store: SqliteStore) -> None:
     assert store.get_agent("alice") == AgentRecord(name="alice", token_hash="h1")
 
 
-def test_update_missing_agent_raises_agent_not_found(store: SqliteStore) -> None:
+def test_changing_a_missing_agent_raises_agent_not_found(store: SqliteStore) -> None:
     with pytest.raises(AgentNotFound, match="ghost"):
-        store.update_agent(AgentRecord(name="ghost", token_hash="h"))
+        store.change_agent("ghost", lambda agent: None)
 
 
-def test_an_agent_check_that_raises_cancels_the_update(store: SqliteStore) -> None:
+def test_an_agent_change_that_raises_cancels_the_update(store: SqliteStore) -> None:
     store.create_agent(AgentRecord(name="alice", token_hash="h", status="terminated"))
     seen: list[str] = []
 
     def refuse(stored: AgentRecord) -> None:
         seen.append(stored.status)
+        stored.plugins.append("fs")
         raise Conflict("no")
 
     with pytest.raises(Conflict):
-        store.update_agent(AgentRecord(name="alice", token_hash="h2"), check=refuse)
+        store.change_agent("alice", refuse)
     assert seen == ["terminated"]
     assert store.get_agent("alice") == AgentRecord(
         name="alice", token_hash="h", status="terminated"

@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -21,6 +21,7 @@ from mcp_zero.errors import (
     Conflict,
     InvalidParams,
     PluginNotFound,
+    PolicyDenied,
     SnapshotNotFound,
     Unauthorized,
 )
@@ -31,6 +32,7 @@ from mcp_zero.security.tokens import hash_token, new_token
 from mcp_zero.storage.base import AgentRecord, SnapshotRecord, Store
 
 JSON = dict[str, Any]
+T = TypeVar("T")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # How long a token's agent is remembered before the store is asked again. Changes made
 # through this process invalidate at once; changes by another process (the CLI) within this.
@@ -101,15 +103,23 @@ def _not_terminated(agent: AgentRecord) -> None:
         )
 
 
-def _check_state(state: JSON) -> None:
-    """Refuse a state that could be stored but not shown again: JSON responses (orjson) end
-    at 255 levels, and each listing of agents would fail on it."""
+# orjson writes 254 levels of nesting; the answers that carry an agent's state hold it at
+# most 2 levels down (GET /agents: a list of agents; a snapshot: its "data"), so a state
+# (itself a level) may nest 252, or some answer that shows it could not be written.
+MAX_STATE_DEPTH = 252
+
+
+def _check_state(state: JSON, what: str = '"state"') -> None:
+    """Refuse a state that could be stored but not shown again: JSON answers (orjson) end
+    at 254 levels, and the listing of agents and snapshots nest it 2 levels down."""
     try:
-        orjson.dumps(state)
+        orjson.dumps([[state]])  # as deep as the deepest answer that carries it
     except TypeError as exc:
         raise InvalidParams(
-            f'"state" cannot be stored: {exc} (it may nest at most 254 levels)',
-            data={"path": "/state"},
+            f"{what} cannot be stored: it may nest at most {MAX_STATE_DEPTH} levels, since "
+            f"agent listings and snapshots show it 2 levels down in the 254 a JSON answer "
+            f"may have ({exc})",
+            data={"path": "/state", "max_depth": MAX_STATE_DEPTH},
         ) from None
 
 
@@ -214,7 +224,9 @@ class AgentService:
                 "another agent name"
             )
         await self._authorize(Verb.SPAWN_AGENT, name, via)
-        plugins = self._check_plugins(plugins or [])
+        plugins = list(dict.fromkeys(plugins or []))
+        for plugin in plugins:  # each as a standalone attach: a policy on it holds here too
+            await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
         _check_state(state or {})
         token = new_token()
         record = AgentRecord(
@@ -225,13 +237,13 @@ class AgentService:
             status="active",
             created_at=time.time(),
         )
-        self._audited(
-            Verb.SPAWN_AGENT,
-            name,
-            via,
-            {"plugins": plugins},
-            lambda: self.store.create_agent(record),
-        )
+
+        def create() -> None:
+            # in the write transaction: a plugin removed meanwhile is refused, not granted
+            self._check_plugins(plugins)
+            self.store.create_agent(record)
+
+        self._audited(Verb.SPAWN_AGENT, name, via, create, lambda _: {"plugins": plugins})
         return SpawnedAgent(record, token)
 
     def list_agents(self) -> list[AgentRecord]:
@@ -241,19 +253,25 @@ class AgentService:
         return require_agent(self.store, name)
 
     async def attach(self, name: str, plugin: str, *, via: str = "admin") -> AgentRecord:
-        """Attach ``plugin`` to agent ``name``. Raises AgentNotFound, PluginNotFound."""
-        agent = self.get(name)
+        """Attach ``plugin`` to agent ``name``. Raises AgentNotFound, PluginNotFound, and
+        Conflict for a terminated agent."""
+        self.get(name)
         await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
-        self._check_plugins([plugin])
-        _not_terminated(agent)  # (its token no longer works: recover it from a snapshot)
-        if plugin not in agent.plugins:
-            agent.plugins.append(plugin)
-        self._audited(
+
+        def attach(agent: AgentRecord) -> None:
+            # checked in the write transaction: a remove of the plugin that commits after
+            # this attach began is either seen here or waits for it, and then detaches it
+            self._check_plugins([plugin])
+            _not_terminated(agent)  # (its token no longer works: recover it from a snapshot)
+            if plugin not in agent.plugins:
+                agent.plugins.append(plugin)
+
+        agent = self._audited(
             Verb.ATTACH_PLUGIN,
             name,
             via,
-            {"attached": plugin},
-            lambda: self.store.update_agent(agent, check=_not_terminated),
+            lambda: self.store.change_agent(name, attach),
+            lambda _: {"attached": plugin},
         )
         self._changed(name)
         return agent
@@ -264,15 +282,19 @@ class AgentService:
         Raises AgentNotFound, and Conflict when the agent is terminated already (also by
         another process at the same time): it is not terminated, nor audited, twice.
         """
-        agent = self.get(name)
+        self.get(name)
         await self._authorize(Verb.TERMINATE_AGENT, name, via)
-        agent.status = "terminated"
-        self._audited(
+
+        def terminate(agent: AgentRecord) -> None:
+            _not_terminated(agent)
+            agent.status = "terminated"  # only that: its plugins are as stored now
+
+        agent = self._audited(
             Verb.TERMINATE_AGENT,
             name,
             via,
-            {},
-            lambda: self.store.update_agent(agent, check=_not_terminated),
+            lambda: self.store.change_agent(name, terminate),
+            lambda _: {},
         )
         self._changed(name)
         return agent
@@ -302,43 +324,63 @@ class AgentService:
             Verb.SNAPSHOT_AGENT,
             name,
             via,
-            {"snapshot_id": snap.id},
             lambda: self.store.put_snapshot(snap),
+            lambda _: {"snapshot_id": snap.id},
         )
         return snap
 
     async def recover(self, snapshot_id: str, *, via: str = "admin") -> Recovery:
         """Restore an agent from a snapshot (also after terminate); its token is kept.
 
-        A plugin is attached again only if the copy installed under its name is the one the
-        snapshot saw (same files); one removed, upgraded or replaced by another plugin since
-        is left out and reported in ``not_restored``, as in the audit record: granting the
-        agent a plugin it never had is an attach, for the admin to decide.
+        A plugin is attached again only if the policy lets the admin attach it (the
+        ``attach_plugin`` decision of a standalone attach, a denial audited as one) and the
+        copy installed under its name is the one the snapshot saw (same files), checked in
+        the write transaction; one refused, removed, upgraded or replaced by another plugin
+        since is left out and reported in ``not_restored``, as in the audit record:
+        granting the agent a plugin it never had is an attach, for the admin to decide.
+        Raises SnapshotNotFound, AgentNotFound, and InvalidParams for a snapshot whose state
+        nests too deep to be shown (taken before that was refused).
         """
         snap = self.store.get_snapshot(snapshot_id)
         if snap is None:
             raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
-        agent = self.get(snap.agent)
-        await self._authorize(Verb.RECOVER_AGENT, agent.name, via)
+        name = self.get(snap.agent).name
+        await self._authorize(Verb.RECOVER_AGENT, name, via)
+        state = dict(snap.data.get("state", {}))
+        _check_state(state, f"the state of snapshot {snapshot_id!r}")
+        wanted = list(dict.fromkeys(snap.data.get("plugins", [])))
+        refused = {}
+        for plugin in wanted:
+            denial = await self._denied(Verb.ATTACH_PLUGIN, name, via, plugin)
+            if denial is not None:
+                refused[plugin] = f"the policy does not let the admin attach it: {denial.message}"
         copies = snap.data.get("plugin_copies") or {}
-        plugins, not_restored = [], {}
-        for plugin in snap.data.get("plugins", []):
-            changed = self._changed_since(plugin, copies.get(plugin))
-            if changed is None:
-                plugins.append(plugin)
-            else:
-                not_restored[plugin] = changed
-        agent.plugins = plugins
-        agent.state = dict(snap.data.get("state", {}))
-        agent.status = str(snap.data.get("status", "active"))
-        detail: JSON = {"snapshot_id": snapshot_id}
-        if not_restored:
-            detail["not_restored"] = not_restored
-        self._audited(
-            Verb.RECOVER_AGENT, agent.name, via, detail, lambda: self.store.update_agent(agent)
+        not_restored: dict[str, str] = {}
+
+        def restore(agent: AgentRecord) -> None:
+            not_restored.clear()  # (run again if the audit chain moved meanwhile)
+            plugins = []
+            for plugin in wanted:
+                why = refused.get(plugin) or self._changed_since(plugin, copies.get(plugin))
+                if why is None:
+                    plugins.append(plugin)
+                else:
+                    not_restored[plugin] = why
+            agent.plugins = plugins
+            agent.state = state
+            agent.status = str(snap.data.get("status", "active"))
+
+        def detail(_: AgentRecord) -> JSON:
+            done: JSON = {"snapshot_id": snapshot_id}
+            if not_restored:
+                done["not_restored"] = dict(not_restored)
+            return done
+
+        agent = self._audited(
+            Verb.RECOVER_AGENT, name, via, lambda: self.store.change_agent(name, restore), detail
         )
-        self._changed(agent.name)
-        return Recovery(agent, not_restored)
+        self._changed(name)
+        return Recovery(agent, dict(not_restored))
 
     def _changed_since(self, plugin: str, then: Any) -> str | None:
         """Why plugin ``plugin`` as installed now is not the copy a snapshot saw (``then``:
@@ -361,27 +403,43 @@ class AgentService:
             f"snapshot saw (both version {now.version}); {again}"
         )
 
-    def _check_plugins(self, plugins: list[str]) -> list[str]:
+    def _check_plugins(self, plugins: list[str]) -> None:
         for plugin in plugins:
             if self.store.get_plugin(plugin) is None:
                 raise PluginNotFound(
                     f"no plugin named {plugin!r} is installed: 'mcp0 plugin list' shows them"
                 )
-        return list(dict.fromkeys(plugins))
 
     async def _authorize(
         self, verb: Verb, resource: str, via: str, *, plugin: str | None = None
     ) -> None:
         """Ask the policy whether the admin may do this here; a denial is audited and raised."""
+        denied = await self._denied(verb, resource, via, plugin)
+        if denied is not None:
+            raise denied
+
+    async def _denied(
+        self, verb: Verb, resource: str, via: str, plugin: str | None = None
+    ) -> PolicyDenied | None:
+        """None when the policy lets the admin do this here; else the denial, audited (with
+        the plugin it concerns, if any)."""
         denial = admin_denial(self.policy, verb, resource, via, plugin)
-        if denial is not None:
-            await self.audit.append(denial[0])
-            raise denial[1]
+        if denial is None:
+            return None
+        event, error = denial
+        await self.audit.append(event if plugin is None else {**event, "plugin": plugin})
+        return error
 
     def _audited(
-        self, verb: Verb, resource: str, via: str, detail: JSON, change: Callable[[], None]
-    ) -> None:
-        """Make ``change`` and its ``allowed`` record in one transaction: no change without
-        its record, even if the process dies in between."""
-        event = admin_event(verb, resource, via, Outcome.ALLOWED, detail)
-        self.audit.append_with(change, lambda _: event)
+        self,
+        verb: Verb,
+        resource: str,
+        via: str,
+        change: Callable[[], T],
+        detail: Callable[[T], JSON],
+    ) -> T:
+        """Make ``change`` and its ``allowed`` record (``detail`` of its result) in one
+        transaction: no change without its record, even if the process dies in between."""
+        return self.audit.append_with(
+            change, lambda done: admin_event(verb, resource, via, Outcome.ALLOWED, detail(done))
+        )

@@ -197,36 +197,31 @@ class SqliteStore:
         )
         return [_agent(row) for row in rows]
 
-    def update_agent(
-        self, agent: AgentRecord, *, check: Callable[[AgentRecord], None] | None = None
-    ) -> None:
-        """Replace every field of agent ``agent.name`` but ``created_at``.
+    def change_agent(self, name: str, change: Callable[[AgentRecord], None]) -> AgentRecord:
+        """Apply ``change`` to agent ``name`` as stored, and store its plugins, state and
+        status as ``change`` left them; returns the agent written.
 
-        ``check`` is called with the stored agent inside the write transaction, so what it
-        sees is still true when ``agent`` is written; an exception it raises cancels the
-        write. Raises :class:`~mcp_zero.errors.AgentNotFound` if there is no such agent.
+        All in one write transaction: ``change`` sees the agent, and what it reads through
+        this store, as they are when the write is made (another writer — a plugin removed
+        by another process — waits, or has committed before), so nothing it checked and
+        nothing it did not change is overwritten by a stale copy. An exception it raises
+        cancels the write. Raises :class:`~mcp_zero.errors.AgentNotFound` if there is no
+        such agent.
         """
         with self._transaction("update agent") as conn:
-            if check is not None:
-                row = conn.execute(_AGENT_BY_NAME, (agent.name,)).fetchone()
-                if row is not None:
-                    check(_agent(row))
-            cursor = conn.execute(
-                "UPDATE agents SET token_hash = ?, plugins = ?, state = ?, status = ?"
-                " WHERE name = ?",
-                (
-                    agent.token_hash,
-                    _dumps(agent.plugins),
-                    _dumps(agent.state),
-                    agent.status,
-                    agent.name,
-                ),
-            )
-            if cursor.rowcount == 0:
+            row = conn.execute(_AGENT_BY_NAME, (name,)).fetchone()
+            if row is None:
                 raise AgentNotFound(
-                    f"agent {agent.name!r} does not exist: list agents with `mcp0 agent list`",
-                    data={"agent": agent.name},
+                    f"agent {name!r} does not exist: list agents with `mcp0 agent list`",
+                    data={"agent": name},
                 )
+            agent = _agent(row)
+            change(agent)
+            conn.execute(
+                "UPDATE agents SET plugins = ?, state = ?, status = ? WHERE name = ?",
+                (_dumps(agent.plugins), _dumps(agent.state), agent.status, name),
+            )
+            return agent
 
     # plugins
 
