@@ -372,9 +372,14 @@ def _common_char(a: tuple[str, str], b: tuple[str, str]) -> bool:
     return True  # two classes: both take any character but "/"
 
 
+#: How many steps of two templates' walk (_templates_overlap) are taken before they are held
+#: to overlap: templates of thousands of characters and variables; real ones take dozens.
+MAX_OVERLAP_STEPS = 200_000
+
+
 def _templates_overlap(first: str, second: str) -> bool:
     """Whether some URI matches both templates: a walk of the two in step (the product of
-    their automata), from both starts to both ends."""
+    their automata), from both starts to both ends; True too past MAX_OVERLAP_STEPS."""
     a, b = _template_steps(first), _template_steps(second)
     seen: set[tuple[int, int]] = set()
     todo = [(0, 0)]
@@ -382,6 +387,8 @@ def _templates_overlap(first: str, second: str) -> bool:
         i, j = todo.pop()
         if (i, j) in seen:
             continue
+        if len(seen) >= MAX_OVERLAP_STEPS:
+            return True
         seen.add((i, j))
         if i == len(a) and j == len(b):
             return True
