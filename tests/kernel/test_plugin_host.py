@@ -812,11 +812,12 @@ def file_reading_plugin(directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.parametrize("other", ["agent exec", "serve --stdio"])
 async def test_a_copy_is_not_deleted_while_another_process_runs_a_call_from_it(
-    make_runtime: Any, tmp_path: Path
+    make_runtime: Any, tmp_path: Path, other: str
 ) -> None:
     # The server deleted a replaced copy once its own calls were done: a call of `mcp0 agent
-    # exec` (or of a `serve --stdio` session) running from it then failed, FileNotFoundError.
+    # exec` or of a `serve --stdio` session running from it then failed, FileNotFoundError.
     source = file_reading_plugin(tmp_path / "pfile")
     server: Runtime = make_runtime()
     server.plugins.install(source)
@@ -832,16 +833,9 @@ async def test_a_copy_is_not_deleted_while_another_process_runs_a_call_from_it(
         )
         assert created.returncode == 0, created.stderr
         old = installed_copy_of(server, "pfile")
-        call = subprocess.Popen(
-            [mcp0, "agent", "exec", "a1", "pfile_read", "{}", "--data-dir", str(data)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        async with other_process_calling(mcp0, other, data, tmp_path / "stderr") as answer:
             with anyio.fail_after(60):
                 while not (own / "started").exists():
-                    assert call.poll() is None, call.communicate()
                     await anyio.sleep(0.02)
             server.plugins.install(source, replace=True)
             await assert_refresh_changes(server)
@@ -853,18 +847,97 @@ async def test_a_copy_is_not_deleted_while_another_process_runs_a_call_from_it(
             server.plugins.sweep_copies()  # a sweep leaves it too, however old
             assert old.is_dir()
             (own / "go").write_text("go")
-            out, err = call.communicate(timeout=60)
-        finally:
-            if call.poll() is None:
-                call.kill()
-                call.wait(10)
-        assert call.returncode == 0, err
-        assert "payload of the first copy" in out
-        # the call's process let go of it last: it deleted it; the new copy stays
-        assert not old.exists()
+            with anyio.fail_after(60):
+                assert "payload of the first copy" in await answer()
+            # the other process let go of it last, and deleted it; the new copy stays
+            with anyio.fail_after(30):
+                while old.exists():
+                    await anyio.sleep(0.02)
         assert installed_copy_of(server, "pfile").is_dir()
     finally:
         await server.aclose()
+
+
+@asynccontextmanager
+async def other_process_calling(
+    mcp0: str, how: str, data: Path, stderr: Path
+) -> AsyncIterator[Callable[[], Any]]:
+    """Another process calling ``pfile_read`` as agent a1 (``mcp0 agent exec``, or in a
+    ``serve --stdio`` session); yields what waits for its answer's text. Ended after."""
+    stdio = how == "serve --stdio"
+    args = (
+        ["serve", "--stdio", "--agent", "a1"]
+        if stdio
+        else ["agent", "exec", "a1", "pfile_read", "{}"]
+    )
+    with stderr.open("wb") as errors:
+        proc = await asyncio.create_subprocess_exec(
+            mcp0,
+            *args,
+            "--data-dir",
+            str(data),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=errors,
+        )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    async def send(message: dict[str, Any]) -> None:
+        stdin.write(json.dumps(message).encode() + b"\n")
+        await stdin.drain()
+
+    async def reply(to: int) -> dict[str, Any]:
+        while True:
+            line = await stdout.readline()
+            assert line, stderr.read_text()
+            message: dict[str, Any] = json.loads(line)
+            if message.get("id") == to:
+                return message
+
+    async def answer() -> str:
+        if stdio:
+            text: str = (await reply(2))["result"]["content"][0]["text"]
+            return text
+        out = await stdout.read()
+        assert await proc.wait() == 0, stderr.read_text()
+        return out.decode()
+
+    try:
+        if stdio:
+            with anyio.fail_after(60):
+                await send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "initialize",
+                        "params": {
+                            "protocolVersion": "2025-06-18",
+                            "capabilities": {},
+                            "clientInfo": {"name": "t", "version": "1"},
+                        },
+                    }
+                )
+                await reply(1)
+                await send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                await send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 2,
+                        "method": "tools/call",
+                        "params": {"name": "pfile_read", "arguments": {}},
+                    }
+                )
+        yield answer
+    finally:
+        if proc.returncode is None:
+            stdin.close()
+            with anyio.move_on_after(20):
+                await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 def installed_copy_of(runtime: Runtime, name: str) -> Path:
