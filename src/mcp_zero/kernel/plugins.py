@@ -230,7 +230,7 @@ def _tree_digest(root: Path) -> str:
 def _check_unique(manifest: PluginManifest, installed: list[PluginRecord], replace: bool) -> None:
     """Raise Conflict when ``manifest``'s name is installed (unless ``replace``), or one of its
     tool or prompt names is another installed plugin's, or a URI could be served by it and by
-    another installed plugin (see ``_collision``)."""
+    another installed plugin (see ``_clashes``)."""
     existing = next((r for r in installed if r.name == manifest.name), None)
     if existing is not None and not replace:
         raise Conflict(
@@ -460,8 +460,9 @@ class PluginHost:
         ``commit`` runs the store write it is given (and may make more in its transaction:
         the install's audit record); the copy is made before, outside any transaction.
         Raises ManifestError for an invalid plugin, Conflict when the name is
-        installed (unless ``replace``) or a tool name is taken by another plugin;
-        of two installs racing (from two processes), one gets Conflict.
+        installed (unless ``replace``) or another plugin serves one of its names or URIs
+        (``_check_unique``); of two installs racing (from two processes), one gets Conflict.
+        StorageError when the copy cannot be made.
         """
         _check_tree(source)  # first: reading a named pipe as plugin.json would never end
         manifest = load_manifest(source)
