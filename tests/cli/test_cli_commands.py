@@ -201,6 +201,73 @@ def test_a_fifo_or_socket_in_a_plugin_is_one_clear_error(
     assert not (data_dir / "plugins" / "clash").exists()  # refused before anything was copied
 
 
+def refused_install(data_dir: Path, source: Path) -> str:
+    """``mcp0 plugin install source`` in a process of its own (bounded: a hang fails): its
+    one line of error, checked to be that and no traceback."""
+    done = subprocess.run(
+        [MCP0, "plugin", "install", str(source), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("mcp0: error: "), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    return done.stderr.removeprefix("mcp0: error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize("where", ["plugin.json", "clash_plugin.py"])
+def test_a_named_pipe_as_the_manifest_or_the_entry_module_is_refused_without_reading_it(
+    data_dir: Path, tmp_path: Path, where: str
+) -> None:
+    # plugin.json was read before the tree was checked: a pipe as plugin.json hung the
+    # install for good, and a pipe as the module was "module file ... not found"
+    source = named_plugin(tmp_path, "clash_plugin")
+    (source / where).unlink()
+    os.mkfifo(source / where)
+    said = refused_install(data_dir, source)
+    assert (
+        said
+        == {
+            "plugin.json": f"{source}/plugin.json: a named pipe (FIFO), not a regular file; "
+            "plugin.json must be a file of JSON",
+            "clash_plugin.py": f"plugin.json: entry: module file {source}/clash_plugin.py is a "
+            "named pipe (FIFO), not a regular file",
+        }[where]
+    )
+    assert not (data_dir / "plugins" / "clash").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_one_clear_error(data_dir: Path, tmp_path: Path) -> None:
+    # UnicodeEncodeError traceback (the copy's digest encoded the name)
+    source = named_plugin(tmp_path, "clash_plugin")
+    (source / "data").mkdir()
+    (source / os.fsdecode(b"data/caf\xe9.txt")).write_text("latin-1 name")
+    said = refused_install(data_dir, source)
+    assert said == (
+        f"data/caf\\xe9.txt in {source}: the name is not valid UTF-8 (bytes that cannot be "
+        "decoded are shown escaped); rename the file, or move it out of the plugin"
+    )
+    assert not (data_dir / "plugins" / "clash").exists()
+
+
+def test_a_file_where_the_plugins_copies_go_is_one_clear_error(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # FileExistsError traceback from the mkdir of plugins/<name>
+    run(data_dir, "agent", "create", "ada")  # lays out the data dir
+    (data_dir / "plugins").mkdir(exist_ok=True)
+    (data_dir / "plugins" / "clash").write_text("not a directory")
+    said = refused_install(data_dir, named_plugin(tmp_path, "clash_plugin"))
+    assert said == (
+        f"cannot install plugin 'clash': {data_dir.absolute() / 'plugins' / 'clash'} is a file, "
+        "where mcp0 keeps installed plugins' copies in a directory; move it out of the data dir"
+    )
+    assert as_json(data_dir, "plugin", "list") == []
+
+
 def test_a_copy_that_fails_is_one_clear_error_and_leaves_nothing(
     data_dir: Path, tmp_path: Path
 ) -> None:

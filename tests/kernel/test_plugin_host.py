@@ -9,6 +9,8 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,6 +32,8 @@ from mcp_zero.kernel.action import Principal
 from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES, REPLACED_COPY_KEPT_S
 from mcp_zero.runtime import Runtime
 from mcp_zero.sandbox.isolation import landlock_abi
+from mcp_zero.sandbox.manifest import load_manifest
+from mcp_zero.storage.base import PluginRecord
 from plugin_builders import loading_plugin
 
 pytestmark = pytest.mark.anyio
@@ -615,3 +619,328 @@ async def test_a_plugin_cannot_reach_the_servers_secrets(
         assert {k: reached[k] for k in denied} == dict.fromkeys(denied, "PermissionError")
     # the server is non-dumpable once started, and a root server's worker holds no capability
     assert reached[f"read /proc/{os.getpid()}/environ"] == "PermissionError"
+
+
+def serving_plugin(
+    directory: Path,
+    name: str,
+    *,
+    prompts: tuple[str, ...] = (),
+    resources: tuple[str, ...] = (),
+    templates: tuple[str, ...] = (),
+) -> Path:
+    """Plugin ``name`` serving these prompts, resource URIs and templates (and no tool)."""
+    directory.mkdir(parents=True)
+    manifest = {
+        "name": name,
+        "version": "1.0.0",
+        "abi": 1,
+        "entry": f"{name}_plugin:plugin",
+        "prompts": [{"name": p} for p in prompts],
+        "resources": [{"uri": u, "name": f"r{i}"} for i, u in enumerate(resources)],
+        "resourceTemplates": [{"uriTemplate": t, "name": f"t{i}"} for i, t in enumerate(templates)],
+    }
+    (directory / "plugin.json").write_text(json.dumps(manifest))
+    code = ["from mcp_zero.plugin import Plugin", f"plugin = Plugin({name!r})"]
+    for i, prompt in enumerate(prompts):
+        code += [f"@plugin.prompt({prompt!r})", f"def p{i}(ctx):", f"    return {name!r}"]
+    for i, uri in enumerate(resources):
+        code += [f"@plugin.resource({uri!r})", f"def r{i}(ctx):", f"    return {name!r}"]
+    for i, template in enumerate(templates):
+        code += [
+            f"@plugin.resource_template({template!r})",
+            f"def t{i}(ctx, **variables):",
+            f"    return {name!r}",
+        ]
+    (directory / f"{name}_plugin.py").write_text("\n".join(code) + "\n")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("zeta", "alpha", "refusal"),
+    [
+        (
+            {"prompts": ("greet",)},
+            {"prompts": ("greet",)},
+            "prompt 'greet' of plugin 'alpha' is already provided by plugin 'zeta'",
+        ),
+        (
+            {"resources": ("mem://shared",)},
+            {"resources": ("mem://shared",)},
+            "resource 'mem://shared' of plugin 'alpha' is already served by plugin 'zeta'",
+        ),
+        (
+            {"templates": ("mem://t/{id}",)},
+            {"templates": ("mem://t/{name}",)},
+            "resource template 'mem://t/{name}' of plugin 'alpha' matches URIs that resource "
+            "template 'mem://t/{id}' matches too, of plugin 'zeta'",
+        ),
+        (
+            {"resources": ("mem://notes/today",)},
+            {"templates": ("mem://notes/{day}",)},
+            "resource template 'mem://notes/{day}' of plugin 'alpha' matches resource "
+            "'mem://notes/today' of plugin 'zeta'",
+        ),
+        (
+            {"templates": ("mem://notes/{day}",)},
+            {"resources": ("mem://notes/today",)},
+            "resource 'mem://notes/today' of plugin 'alpha' matches resource template "
+            "'mem://notes/{day}' of plugin 'zeta'",
+        ),
+        (  # a catch-all would take the other plugin's URIs
+            {"templates": ("mem://t/{id}/data",)},
+            {"templates": ("mem://{+rest}",)},
+            "resource template 'mem://{+rest}' of plugin 'alpha' matches URIs that resource "
+            "template 'mem://t/{id}/data' matches too, of plugin 'zeta'",
+        ),
+    ],
+)
+async def test_prompts_resources_and_templates_another_plugin_serves_are_refused_at_install(
+    make_runtime: Any, tmp_path: Path, zeta: Any, alpha: Any, refusal: str
+) -> None:
+    # They were installed, and the first plugin in name order took them over: agents of the
+    # plugin installed first got policy_denied for its own prompts and resources.
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(serving_plugin(tmp_path / "zeta", "zeta", **zeta))
+    with pytest.raises(Conflict) as refused:
+        runtime.plugins.install(serving_plugin(tmp_path / "alpha", "alpha", **alpha))
+    assert refused.value.message.startswith(refusal + "; "), refused.value.message
+    assert [r.name for r in runtime.store.list_plugins()] == ["zeta"]
+
+
+async def test_templates_no_uri_matches_twice_and_other_names_are_accepted(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(
+        serving_plugin(
+            tmp_path / "zeta",
+            "zeta",
+            prompts=("greet",),
+            resources=("mem://zeta",),
+            templates=("mem://a/{x}", "mem://t/{id}/data", "other://{+rest}"),
+        )
+    )
+    runtime.plugins.install(
+        serving_plugin(
+            tmp_path / "alpha",
+            "alpha",
+            prompts=("hello",),
+            resources=("mem://alpha",),
+            templates=("mem://b/{x}", "mem://t/{id}", "mem://t/{a}/{b}/data"),
+        )
+    )
+    assert sorted(r.name for r in runtime.store.list_plugins()) == ["alpha", "zeta"]
+
+
+async def test_what_two_plugins_installed_before_the_check_both_serve_neither_serves(
+    make_runtime: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A data dir whose plugins were installed before install refused collisions: the first
+    # plugin in name order silently served what both declared.
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(
+        serving_plugin(
+            tmp_path / "zeta",
+            "zeta",
+            prompts=("greet", "zeta_only"),
+            resources=("mem://shared",),
+            templates=("mem://t/{id}",),
+        )
+    )
+    alpha = serving_plugin(
+        tmp_path / "alpha",
+        "alpha",
+        prompts=("greet",),
+        resources=("mem://shared", "mem://alpha"),
+        templates=("mem://{+rest}",),
+    )
+    copy = runtime.settings.plugins_dir / "alpha" / "1.0.0-old"  # as an older install left it
+    shutil.copytree(alpha, copy)
+    manifest = load_manifest(alpha).to_dict()
+    runtime.store.put_plugin(PluginRecord("alpha", "1.0.0", manifest, str(copy), time.time()))
+    host = runtime.plugins
+    try:
+        with anyio.fail_after(30):
+            await host.refresh(force=True, only=())
+        assert "greet" not in host.prompts
+        assert host.prompts["zeta_only"][0] == "zeta"
+        assert host.resource_owner("mem://shared") is None
+        assert host.resource_owner("mem://t/1") is None  # alpha's catch-all matches it too
+        assert host.resource_owner("mem://elsewhere") is None
+        assert host.resource_owner("mem://alpha") == "alpha"  # alpha's alone
+        logged = [r.getMessage() for r in caplog.records if r.name == "mcp_zero.plugins"]
+        assert (
+            "prompt 'greet' of plugin 'alpha' is already provided by plugin 'zeta': neither "
+            "plugin serves it until one of them is removed, or reinstalled without it"
+        ) in logged
+    finally:
+        await runtime.aclose()
+
+
+def file_reading_plugin(directory: Path) -> Path:
+    """Plugin ``pfile``: ``pfile_read`` says it started (``started`` in its data dir), waits
+    for ``go`` there (60 s at most), then reads ``payload.txt`` beside its module."""
+    directory.mkdir(parents=True)
+    (directory / "plugin.json").write_text(
+        json.dumps(
+            {
+                "name": "pfile",
+                "version": "1.0.0",
+                "abi": 1,
+                "entry": "pfile_plugin:plugin",
+                "quotas": {"timeout_ms": 90_000},
+                "tools": [
+                    {"name": "pfile_read", "description": "r", "inputSchema": {"type": "object"}}
+                ],
+            }
+        )
+    )
+    (directory / "payload.txt").write_text("payload of the first copy")
+    (directory / "pfile_plugin.py").write_text(
+        "import pathlib, time\n"
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('pfile')\n"
+        "@plugin.tool('pfile_read')\n"
+        "def read(ctx):\n"
+        "    (ctx.data_dir / 'started').write_text('yes')\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while not (ctx.data_dir / 'go').exists() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+        "    return (pathlib.Path(__file__).parent / 'payload.txt').read_text()\n"
+    )
+    return directory
+
+
+@pytest.mark.parametrize("other", ["agent exec", "serve --stdio"])
+async def test_a_copy_is_not_deleted_while_another_process_runs_a_call_from_it(
+    make_runtime: Any, tmp_path: Path, other: str
+) -> None:
+    # The server deleted a replaced copy once its own calls were done: a call of `mcp0 agent
+    # exec` or of a `serve --stdio` session running from it then failed, FileNotFoundError.
+    source = file_reading_plugin(tmp_path / "pfile")
+    server: Runtime = make_runtime()
+    server.plugins.install(source)
+    await server.start()
+    data = server.settings.data_dir
+    own = data / "plugin-data" / "pfile"
+    mcp0 = str(Path(sys.executable).parent / "mcp0")
+    try:
+        created = subprocess.run(
+            [mcp0, "agent", "create", "a1", "--plugin", "pfile", "--data-dir", str(data)],
+            capture_output=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stderr
+        old = installed_copy_of(server, "pfile")
+        async with other_process_calling(mcp0, other, data, tmp_path / "stderr") as answer:
+            with anyio.fail_after(60):
+                while not (own / "started").exists():
+                    await anyio.sleep(0.02)
+            server.plugins.install(source, replace=True)
+            await assert_refresh_changes(server)
+            with anyio.fail_after(30):  # the server's old workers drained, its copy let go
+                while server.plugins._leaving:
+                    await anyio.sleep(0.02)
+            assert old.is_dir()
+            backdate(old)
+            server.plugins.sweep_copies()  # a sweep leaves it too, however old
+            assert old.is_dir()
+            (own / "go").write_text("go")
+            with anyio.fail_after(60):
+                assert "payload of the first copy" in await answer()
+            # the other process let go of it last, and deleted it; the new copy stays
+            with anyio.fail_after(30):
+                while old.exists():
+                    await anyio.sleep(0.02)
+        assert installed_copy_of(server, "pfile").is_dir()
+    finally:
+        await server.aclose()
+
+
+@asynccontextmanager
+async def other_process_calling(
+    mcp0: str, how: str, data: Path, stderr: Path
+) -> AsyncIterator[Callable[[], Any]]:
+    """Another process calling ``pfile_read`` as agent a1 (``mcp0 agent exec``, or in a
+    ``serve --stdio`` session); yields what waits for its answer's text. Ended after."""
+    stdio = how == "serve --stdio"
+    args = (
+        ["serve", "--stdio", "--agent", "a1"]
+        if stdio
+        else ["agent", "exec", "a1", "pfile_read", "{}"]
+    )
+    with stderr.open("wb") as errors:
+        proc = await asyncio.create_subprocess_exec(
+            mcp0,
+            *args,
+            "--data-dir",
+            str(data),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=errors,
+        )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    async def send(message: dict[str, Any]) -> None:
+        stdin.write(json.dumps(message).encode() + b"\n")
+        await stdin.drain()
+
+    async def reply(to: int) -> dict[str, Any]:
+        while True:
+            line = await stdout.readline()
+            assert line, stderr.read_text()
+            message: dict[str, Any] = json.loads(line)
+            if message.get("id") == to:
+                return message
+
+    async def answer() -> str:
+        if stdio:
+            text: str = (await reply(2))["result"]["content"][0]["text"]
+            return text
+        out = await stdout.read()
+        assert await proc.wait() == 0, stderr.read_text()
+        return out.decode()
+
+    try:
+        if stdio:
+            with anyio.fail_after(60):
+                await send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "initialize",
+                        "params": {
+                            "protocolVersion": "2025-06-18",
+                            "capabilities": {},
+                            "clientInfo": {"name": "t", "version": "1"},
+                        },
+                    }
+                )
+                await reply(1)
+                await send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                await send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 2,
+                        "method": "tools/call",
+                        "params": {"name": "pfile_read", "arguments": {}},
+                    }
+                )
+        yield answer
+    finally:
+        if proc.returncode is None:
+            stdin.close()
+            with anyio.move_on_after(20):
+                await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def installed_copy_of(runtime: Runtime, name: str) -> Path:
+    record = runtime.store.get_plugin(name)
+    assert record is not None
+    return runtime.plugins.copy_path(record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -19,7 +20,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,48 @@ def _copy_time(copy: Path) -> float:
     return copy.stat().st_mtime
 
 
+# An installed copy in use: every process running workers from it holds a shared flock on
+# its directory (the process itself, not its workers: the descriptor is close-on-exec), and
+# a process deletes a copy only under an exclusive one, taken without waiting. So a copy is
+# never deleted under another process's calls (`mcp0 agent exec`, a `serve --stdio` session
+# on the same data dir); the last process to let go of a copy no install names deletes it.
+_COPY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _lease(copy: Path) -> int | None:
+    """Take a shared lease on ``copy``: the descriptor holding it (close it to let go), or
+    None when the copy is gone or being deleted."""
+    try:
+        fd = os.open(copy, _COPY_FLAGS)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # a process holds it exclusively: it is deleting the copy
+        os.close(fd)
+        return None
+    return fd
+
+
+def _delete_unleased(copy: Path) -> bool:
+    """Delete ``copy`` unless a process holds a lease on it; True when it is gone."""
+    try:
+        fd = os.open(copy, _COPY_FLAGS)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # in use by another process: the last to let go deletes it
+            return False
+        shutil.rmtree(copy, ignore_errors=True)
+        return not copy.exists()
+    finally:
+        os.close(fd)
+
+
 def _special_kind(mode: int) -> str | None:
     """What a file that is neither regular nor a directory is, for an error message."""
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
@@ -129,6 +172,12 @@ def _check_tree(source: Path) -> None:
         dirs[:] = [d for d in dirs if d not in ignored]
         for name in dirs + [f for f in files if f not in ignored]:
             path = Path(root, name)
+            if not _utf8(name):
+                raise ManifestError(
+                    f"{_shown(path.relative_to(source))} in {_shown(source)}: the name is not "
+                    "valid UTF-8 (bytes that cannot be decoded are shown escaped); rename the "
+                    "file, or move it out of the plugin"
+                )
             info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
                 raise ManifestError(
@@ -152,11 +201,26 @@ def _check_tree(source: Path) -> None:
             )
 
 
+def _utf8(name: str) -> bool:
+    """Whether a file name read from the file system was valid UTF-8 (Python decodes the
+    others with lone surrogates standing for the bytes it could not decode)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: Path | str) -> str:
+    """``path`` for a message: bytes that are not UTF-8 escaped (``\\xff``)."""
+    return os.fsencode(path).decode(errors="backslashreplace")
+
+
 def _tree_digest(root: Path) -> str:
     """sha256 over the paths and contents of the files under ``root``: which copy it is."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        name = path.relative_to(root).as_posix().encode()
+        name = os.fsencode(path.relative_to(root).as_posix())  # any name a file system has
         digest.update(len(name).to_bytes(4, "big") + name)
         with path.open("rb") as file:
             digest.update(hashlib.file_digest(file, "sha256").digest())
@@ -164,26 +228,178 @@ def _tree_digest(root: Path) -> str:
 
 
 def _check_unique(manifest: PluginManifest, installed: list[PluginRecord], replace: bool) -> None:
-    """Raise Conflict when ``manifest``'s name is installed (unless ``replace``) or one of its
-    tool names is another installed plugin's."""
+    """Raise Conflict when ``manifest``'s name is installed (unless ``replace``), or one of its
+    tool or prompt names is another installed plugin's, or a URI could be served by it and by
+    another installed plugin (see ``_clashes``)."""
     existing = next((r for r in installed if r.name == manifest.name), None)
     if existing is not None and not replace:
         raise Conflict(
             f"plugin {manifest.name!r} is already installed (version {existing.version}); "
             "remove it first or install with --replace"
         )
-    taken = {
-        tool["name"]: record.name
-        for record in installed
-        if record.name != manifest.name
-        for tool in record.manifest.get("tools", [])
-    }
-    for tool in manifest.tools:
-        if tool.name in taken:
+    mine = _Offer.of(manifest)
+    for record in installed:
+        if record.name == manifest.name:
+            continue
+        for clash in _clashes(mine, _Offer.of_record(record.manifest)):
             raise Conflict(
-                f"tool {tool.name!r} of plugin {manifest.name!r} is already provided by "
-                f"plugin {taken[tool.name]!r}; tool names must be unique across plugins"
+                f"{clash.what} of plugin {manifest.name!r} {clash.how} plugin {record.name!r}; "
+                "a name or URI is served by one plugin only: rename it, or remove the other "
+                "plugin"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class _Offer:
+    """What a plugin serves under names and URIs that no other plugin may serve."""
+
+    tools: tuple[str, ...]
+    prompts: tuple[str, ...]
+    resources: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    @classmethod
+    def of(cls, manifest: PluginManifest) -> _Offer:
+        return cls(
+            tuple(t.name for t in manifest.tools),
+            tuple(p.name for p in manifest.prompts),
+            tuple(r.uri for r in manifest.resources),
+            tuple(t.uri_template for t in manifest.resource_templates),
+        )
+
+    @classmethod
+    def of_record(cls, manifest: JSON) -> _Offer:
+        """Of a manifest as recorded (``PluginManifest.to_dict``)."""
+
+        def values(key: str, field: str) -> tuple[str, ...]:
+            items = manifest.get(key, [])
+            return tuple(item[field] for item in items if isinstance(item.get(field), str))
+
+        return cls(
+            values("tools", "name"),
+            values("prompts", "name"),
+            values("resources", "uri"),
+            values("resourceTemplates", "uriTemplate"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Clash:
+    """One thing two plugins both serve: ``mine`` and ``theirs`` are (kind, name or URI)."""
+
+    mine: tuple[str, str]
+    theirs: tuple[str, str]
+    what: str  # of mine, for a message
+    how: str  # "... of" the other plugin
+
+
+def _clashes(mine: _Offer, theirs: _Offer) -> Iterator[_Clash]:
+    """What of ``mine`` ``theirs`` also serves: the same tool or prompt name, the same
+    resource URI, a template matching the other's resource, or two templates some one URI
+    matches (a ``{+var}`` catch-all included)."""
+    for tool in mine.tools:
+        if tool in theirs.tools:
+            yield _Clash(("tool", tool), ("tool", tool), f"tool {tool!r}", "is already provided by")
+    for prompt in mine.prompts:
+        if prompt in theirs.prompts:
+            yield _Clash(
+                ("prompt", prompt),
+                ("prompt", prompt),
+                f"prompt {prompt!r}",
+                "is already provided by",
+            )
+    for uri in mine.resources:
+        if uri in theirs.resources:
+            yield _Clash(
+                ("resource", uri), ("resource", uri), f"resource {uri!r}", "is already served by"
+            )
+        for template in theirs.templates:
+            if _template_pattern(template).match(uri):
+                yield _Clash(
+                    ("resource", uri),
+                    ("template", template),
+                    f"resource {uri!r}",
+                    f"matches resource template {template!r} of",
+                )
+    for template in mine.templates:
+        pattern = _template_pattern(template)
+        for uri in theirs.resources:
+            if pattern.match(uri):
+                yield _Clash(
+                    ("template", template),
+                    ("resource", uri),
+                    f"resource template {template!r}",
+                    f"matches resource {uri!r} of",
+                )
+        for other in theirs.templates:
+            if _templates_overlap(template, other):
+                yield _Clash(
+                    ("template", template),
+                    ("template", other),
+                    f"resource template {template!r}",
+                    f"matches URIs that resource template {other!r} matches too, of",
+                )
+
+
+# A template as a sequence of steps over the characters of a URI: a literal character, or a
+# class (one character of it, or any number of them) that {var} and {+var} stand for.
+_SEGMENT, _ANY = "[^/]", "."
+
+
+def _template_steps(template: str) -> list[tuple[str, str]]:
+    """``template`` as ("lit", char), ("one", class) and ("star", class) steps: ``{var}`` is
+    one or more characters but ``/``, ``{+var}`` one or more of any (as _template_pattern)."""
+    steps: list[tuple[str, str]] = []
+    pos = 0
+    for m in re.finditer(r"\{(\+?)([A-Za-z0-9_.]+)\}", template):
+        steps.extend(("lit", c) for c in template[pos : m.start()])
+        cls = _ANY if m.group(1) else _SEGMENT
+        steps += [("one", cls), ("star", cls)]
+        pos = m.end()
+    steps.extend(("lit", c) for c in template[pos:])
+    return steps
+
+
+def _common_char(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether one character can be taken by both steps (neither a "star" skipped)."""
+    (kind_a, a_val), (kind_b, b_val) = a, b
+    if kind_a == "lit" and kind_b == "lit":
+        return a_val == b_val
+    if kind_a == "lit":
+        return a_val != "/" or b_val == _ANY
+    if kind_b == "lit":
+        return b_val != "/" or a_val == _ANY
+    return True  # two classes: both take any character but "/"
+
+
+#: How many steps of two templates' walk (_templates_overlap) are taken before they are held
+#: to overlap: templates of thousands of characters and variables; real ones take dozens.
+MAX_OVERLAP_STEPS = 200_000
+
+
+def _templates_overlap(first: str, second: str) -> bool:
+    """Whether some URI matches both templates: a walk of the two in step (the product of
+    their automata), from both starts to both ends; True too past MAX_OVERLAP_STEPS."""
+    a, b = _template_steps(first), _template_steps(second)
+    seen: set[tuple[int, int]] = set()
+    todo = [(0, 0)]
+    while todo:
+        i, j = todo.pop()
+        if (i, j) in seen:
+            continue
+        if len(seen) >= MAX_OVERLAP_STEPS:
+            return True
+        seen.add((i, j))
+        if i == len(a) and j == len(b):
+            return True
+        # a "star" may take no character
+        if i < len(a) and a[i][0] == "star":
+            todo.append((i + 1, j))
+        if j < len(b) and b[j][0] == "star":
+            todo.append((i, j + 1))
+        if i < len(a) and j < len(b) and _common_char(a[i], b[j]):
+            todo.append((i if a[i][0] == "star" else i + 1, j if b[j][0] == "star" else j + 1))
+    return False
 
 
 #: How an install's store write is made: given the write, make it (and what else belongs in
@@ -231,6 +447,8 @@ class PluginHost:
         self._lock = asyncio.Lock()
         self._leaving: dict[asyncio.Task[None], PluginRuntime] = {}  # replaced, draining
         self._copies: dict[str, Path] = {}  # the installed copy each runtime runs
+        # each runtime's copy and the lease held on it while its workers may run (_lease)
+        self._leases: dict[PluginRuntime, tuple[Path, int]] = {}
 
     # -- installing (works without a running server) -----------------------------------------
 
@@ -242,14 +460,26 @@ class PluginHost:
         ``commit`` runs the store write it is given (and may make more in its transaction:
         the install's audit record); the copy is made before, outside any transaction.
         Raises ManifestError for an invalid plugin, Conflict when the name is
-        installed (unless ``replace``) or a tool name is taken by another plugin;
-        of two installs racing (from two processes), one gets Conflict.
+        installed (unless ``replace``) or another plugin serves one of its names or URIs
+        (``_check_unique``); of two installs racing (from two processes), one gets Conflict.
+        StorageError when the copy cannot be made.
         """
+        _check_tree(source)  # first: reading a named pipe as plugin.json would never end
         manifest = load_manifest(source)
         _check_unique(manifest, self.store.list_plugins(), replace)  # before copying it all
-        _check_tree(source)
         parent = self.plugins_dir / manifest.name
-        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocking = next(
+                (p for p in (self.plugins_dir, parent) if p.exists() and not p.is_dir()), None
+            )
+            if blocking is None:
+                raise StorageError(f"cannot install plugin {manifest.name!r}: {exc}") from exc
+            raise StorageError(
+                f"cannot install plugin {manifest.name!r}: {blocking} is a file, where mcp0 "
+                "keeps installed plugins' copies in a directory; move it out of the data dir"
+            ) from exc
         # Each install copies into a directory of its own, so two installs at once never
         # write into the same one; the record says which copy is installed.
         staging = Path(
@@ -334,11 +564,14 @@ class PluginHost:
                     continue
                 with contextlib.suppress(OSError):
                     if _copy_time(copy) < before:
-                        shutil.rmtree(copy)
+                        _delete_unleased(copy)
 
-    def _delete_if_unused(self, copy: Path) -> None:
-        if copy not in {self.copy_path(record) for record in self.store.list_plugins()}:
-            shutil.rmtree(copy, ignore_errors=True)
+    def _delete_if_unused(self, copies: Collection[Path]) -> None:
+        """Delete those of ``copies`` that no install names and no process runs."""
+        used = {self.copy_path(record) for record in self.store.list_plugins()}
+        for copy in copies:
+            if copy not in used:
+                _delete_unleased(copy)
 
     def remove(self, name: str) -> list[str]:
         """Forget plugin ``name`` and detach it from every agent; returns the agents it was
@@ -405,6 +638,9 @@ class PluginHost:
                     continue  # recorded by an older, looser version: not served
                 copy = self.copy_path(record)
                 runtime = self._runtime(manifest, copy)
+                lease = _lease(copy)  # before any worker runs from it (they start below)
+                if lease is not None:
+                    self._leases[runtime] = (copy, lease)
                 self._copies[name] = copy
                 self.manifests[name] = manifest
                 self.runtimes[name] = runtime
@@ -506,9 +742,13 @@ class PluginHost:
         resources: dict[str, tuple[str, JSON]] = {}
         templates: list[TemplateEntry] = []
         prompts: dict[str, tuple[str, JSON]] = {}
+        shared = self._shared()
         for name in sorted(self.manifests):
             manifest = self.manifests[name]
+            withheld = shared.get(name, set())
             for spec in manifest.tools:
+                if ("tool", spec.name) in withheld:
+                    continue
                 tools.setdefault(
                     spec.name,
                     ToolEntry(
@@ -520,19 +760,47 @@ class PluginHost:
                     ),
                 )
             for resource in manifest.resources:
-                resources.setdefault(resource.uri, (name, resource.to_mcp()))
+                if ("resource", resource.uri) not in withheld:
+                    resources.setdefault(resource.uri, (name, resource.to_mcp()))
             for template in manifest.resource_templates:
-                templates.append(
-                    TemplateEntry(name, _template_pattern(template.uri_template), template.to_mcp())
-                )
+                if ("template", template.uri_template) not in withheld:
+                    templates.append(
+                        TemplateEntry(
+                            name, _template_pattern(template.uri_template), template.to_mcp()
+                        )
+                    )
             for prompt in manifest.prompts:
-                prompts.setdefault(prompt.name, (name, prompt.to_mcp()))
+                if ("prompt", prompt.name) not in withheld:
+                    prompts.setdefault(prompt.name, (name, prompt.to_mcp()))
         self.tools, self.resources, self.templates, self.prompts = (
             tools,
             resources,
             templates,
             prompts,
         )
+
+    def _shared(self) -> dict[str, set[tuple[str, str]]]:
+        """What each plugin serves that another serves too, which neither may then serve:
+        installs refuse it, but a data dir may hold plugins installed before they did (or
+        before a check covered prompts, resources and templates). Serving it from one of them
+        would hand one plugin's callers to the other."""
+        offers = {name: _Offer.of(manifest) for name, manifest in self.manifests.items()}
+        names = sorted(offers)
+        shared: dict[str, set[tuple[str, str]]] = {}
+        for i, name in enumerate(names):
+            for other in names[i + 1 :]:
+                for clash in _clashes(offers[name], offers[other]):
+                    shared.setdefault(name, set()).add(clash.mine)
+                    shared.setdefault(other, set()).add(clash.theirs)
+                    log.error(
+                        "%s of plugin %r %s plugin %r: neither plugin serves it until one of "
+                        "them is removed, or reinstalled without it",
+                        clash.what,
+                        name,
+                        clash.how,
+                        other,
+                    )
+        return shared
 
     def resource_owner(self, uri: str) -> str | None:
         """The plugin serving ``uri``, by exact resource or by template."""
@@ -568,7 +836,14 @@ class PluginHost:
     async def _drain(self, runtime: PluginRuntime, copy: Path) -> None:
         """Let ``runtime``'s calls finish, then delete its copy if no install names it."""
         await runtime.drain()
-        await asyncio.to_thread(self._delete_if_unused, copy)
+        self._let_go(runtime)
+        await asyncio.to_thread(self._delete_if_unused, [copy])
+
+    def _let_go(self, runtime: PluginRuntime) -> None:
+        """Release ``runtime``'s lease on its copy: its workers are gone."""
+        leased = self._leases.pop(runtime, None)
+        if leased is not None:
+            os.close(leased[1])
 
     def _left(self, task: asyncio.Task[None]) -> None:
         runtime = self._leaving.pop(task, None)
@@ -582,6 +857,14 @@ class PluginHost:
             task.cancel()
         runtimes += list(leaving.values())
         await asyncio.gather(*(rt.close() for rt in runtimes), return_exceptions=True)
+        copies = {self._leases[rt][0] for rt in runtimes if rt in self._leases}
+        for runtime in runtimes:
+            self._let_go(runtime)
+        # a copy replaced while this process ran it, whose other users let go before it did
+        try:
+            await asyncio.to_thread(self._delete_if_unused, copies)
+        except StorageError as exc:
+            log.warning("cannot tell which plugin copies are still installed: %s", exc)
 
 
 def _copy_failure(exc: OSError) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -648,7 +650,7 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
     """
     path = Path(plugin_dir) / MANIFEST_FILE
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(_read_regular(path).decode("utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"{path}: no plugin.json in the plugin directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -663,8 +665,47 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
     module = manifest.entry.partition(":")[0].replace(".", "/")
     base = Path(plugin_dir)
     if not ((base / f"{module}.py").is_file() or (base / module / "__init__.py").is_file()):
+        for candidate in (base / f"{module}.py", base / module / "__init__.py"):
+            kind = _not_regular(candidate)
+            if kind is not None:
+                raise _fail("entry", f"module file {candidate} is {kind}, not a regular file")
         raise _fail("entry", f"module file {module}.py not found in {base}")
     return manifest
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, refused (ManifestError) unless it is a regular file: opened
+    without blocking, so a named pipe in its place cannot hang the reader. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        kind = _kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise ManifestError(
+                f"{path}: {kind}, not a regular file; plugin.json must be a file of JSON"
+            )
+        return file.read()
+
+
+def _not_regular(path: Path) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (nor a link to one)."""
+    try:
+        return _kind(path.stat().st_mode)
+    except OSError:
+        return None
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "a special file"
 
 
 __all__ = [
