@@ -73,3 +73,45 @@ def test_a_granted_tree_that_holds_the_hidden_one_is_granted_without_it(tmp_path
         f"w {own / 'mine.txt'}": "ok",
         f"w {tmp_path / 'app' / 'lib.py'}": "PermissionError",  # read, not write
     }
+
+
+def test_packages_installed_editable_are_readable_where_their_finder_points(
+    tmp_path: Path,
+) -> None:
+    # setuptools' editable installs import through a finder whose MAPPING names a checkout
+    # outside sys.path: confined to sys.path, a plugin importing such a package failed with
+    # PermissionError where the server imported it fine.
+    checkout = tmp_path / "checkout" / "edpkg"
+    checkout.mkdir(parents=True)
+    (checkout / "__init__.py").write_text("VALUE = 42\n")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "__editable___edpkg_1_0_finder.py").write_text(
+        "import importlib.util, sys\n"
+        f"MAPPING = {{'edpkg': {str(checkout)!r}}}\n"
+        "class Finder:\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name in MAPPING:\n"
+        "            return importlib.util.spec_from_file_location(\n"
+        "                name, MAPPING[name] + '/__init__.py',\n"
+        "                submodule_search_locations=[MAPPING[name]])\n"
+        "def install():\n"
+        "    sys.meta_path.append(Finder)\n"
+    )
+    (site / "__editable__.edpkg-1.0.pth").write_text(
+        "import __editable___edpkg_1_0_finder; __editable___edpkg_1_0_finder.install()\n"
+    )
+    child = (
+        "import ctypes, site, sys\n"
+        f"site.addsitedir({str(site)!r})\n"  # as site does for site-packages at start
+        "from mcp_zero.sandbox import isolation, worker\n"
+        "ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)\n"
+        "read = [*isolation.SYSTEM_READ, sys.prefix, sys.base_prefix, *sys.path[1:]]\n"
+        "isolation.confine_files(read + worker.editable_paths(), [])\n"
+        "import edpkg\n"
+        "print(edpkg.VALUE)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "42"

@@ -482,6 +482,11 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path):
     server, copy, data = _server_layout(tmp_path)
     elsewhere = tmp_path / "elsewhere.txt"
     elsewhere.write_text("not the plugin's")
+    # a service of the same user on a socket file (tmux, ssh-agent, Docker): through it, a
+    # plugin would act outside its sandbox
+    service = socket.socket(socket.AF_UNIX)
+    service.bind(str(tmp_path / "service.sock"))
+    service.listen()
     rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
     await rt.start()
     try:
@@ -500,12 +505,18 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path):
                     "write": [str(data / "own.txt"), str(tmp_path / "new.txt")],
                     "signal": [os.getpid()],  # the server
                     "modules": ["fractions", "sqlite3"],  # imports after confinement
+                    "unix": [str(tmp_path / "service.sock")],
+                    "keyring": True,
                 },
             )
         )["structuredContent"]
     finally:
         await rt.close()
+        service.close()
     confined = landlock_abi() >= 1
+    assert rt.syscalls_restricted is True  # (x86_64 and aarch64: CI's machines)
+    assert reached[f"unix {tmp_path / 'service.sock'}"] == "PermissionError"
+    assert reached["keyring"] == "PermissionError"
     assert rt.files_confined is confined
     allowed = [
         "read " + str(copy / "plugin.json"),
@@ -533,11 +544,14 @@ async def test_a_plugin_without_filesystem_writes_nowhere(tmp_path):
     rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
     await rt.start()
     try:
-        reached = (await call(rt, "reach", {"write": [str(data / "own.txt")]}))["structuredContent"]
+        shm = f"/dev/shm/mcp0-test-{os.getpid()}"
+        writes = {"write": [str(data / "own.txt"), shm]}
+        reached = (await call(rt, "reach", writes))["structuredContent"]
     finally:
         await rt.close()
     expected = "PermissionError" if landlock_abi() >= 1 else "ok"
     assert reached[f"write {data / 'own.txt'}"] == expected
+    assert reached[f"write {shm}"] == expected  # no scratch shared with other plugins
 
 
 async def test_network_kept_when_granted(make_runtime, tmp_path):

@@ -249,6 +249,7 @@ class AdminApi:
             view["sandbox"] = {
                 "network_isolated": bool(getattr(runtime, "network_isolated", False)),
                 "files_confined": bool(getattr(runtime, "files_confined", False)),
+                "syscalls_restricted": bool(getattr(runtime, "syscalls_restricted", False)),
             }
         if starting:
             view["starting"] = True

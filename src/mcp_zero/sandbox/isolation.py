@@ -8,6 +8,7 @@ reported, so the kernel can tell the operator what actually holds.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import resource
 import signal
@@ -25,6 +26,19 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 _CAPABILITY_VERSION_3 = 0x20080522
+
+# seccomp: what a worker may not do at all, per architecture (the audit arch, the syscall
+# numbers of socket() and of the kernel keyring's add_key, request_key and keyctl).
+PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_SECCOMP_ARCH = {
+    "x86_64": (0xC000003E, 41, (248, 249, 250)),
+    "aarch64": (0xC00000B7, 198, (217, 218, 219)),
+}
+_X32_SYSCALL_BIT = 0x40000000
+_AF_UNIX = 1
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
 MAX_OPEN_FILES = 256
 
 # Landlock (linux/landlock.h): the syscalls have these numbers on every architecture.
@@ -49,8 +63,10 @@ SYSTEM_READ = (
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/sys",
     "/dev/random", "/dev/urandom", "/run/systemd/resolve",
 )  # fmt: skip
-# Device files and shared memory (multiprocessing's semaphores) a process expects to write.
-SYSTEM_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/shm")  # noqa: S108
+# Device files a process expects to write.
+SYSTEM_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty")
+# Shared memory (multiprocessing's semaphores), for a plugin that may write.
+SHARED_MEMORY = "/dev/shm"  # noqa: S108
 
 _libc: ctypes.CDLL | None = None
 
@@ -104,6 +120,54 @@ def drop_capabilities() -> bool:
     header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none (two words)
     return bool(libc.syscall(number, header, data) == 0)
+
+
+def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> tuple[int, int, int, int]:
+    return (code, jt, jf, k)
+
+
+def restrict_syscalls() -> bool:
+    """Install a seccomp filter: no Unix-domain socket (``socket(AF_UNIX, …)`` fails with
+    EACCES) and no kernel keyring (``add_key``, ``request_key``, ``keyctl``: EPERM); ``True``
+    when it is in force. Landlock does not govern connecting to a socket file: through
+    one (tmux, ssh-agent, Docker, D-Bus) a plugin could make the user's other programs act
+    for it outside the sandbox. ``socketpair()`` stays allowed. Needs ``PR_SET_NO_NEW_PRIVS``.
+    """
+    libc = _c()
+    arch = _SECCOMP_ARCH.get(os.uname().machine)
+    if libc is None or arch is None:
+        return False
+    audit_arch, socket_nr, keyring = arch
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, …|JGE|K, BPF_RET|K
+    checks = [_bpf(jeq, nr, jt=0xFF) for nr in keyring]  # 0xFF: to "deny", resolved below
+    if audit_arch == 0xC000003E:  # the x32 ABI's numbers name other calls: none at all
+        checks.insert(0, _bpf(jge, _X32_SYSCALL_BIT, jt=0xFF))
+    program = [
+        _bpf(ld, 4),  # seccomp_data.arch: another ABI's numbers (i386's socketcall) get nothing
+        _bpf(jeq, audit_arch, jf=0xFF),
+        _bpf(ld, 0),  # seccomp_data.nr
+        *checks,
+        _bpf(jeq, socket_nr, jf=3),  # not socket(): allow
+        _bpf(ld, 16),  # its first argument (the low word of args[0]): the address family
+        _bpf(jeq, _AF_UNIX, jf=1),
+        _bpf(ret, _RET_ERRNO | errno.EACCES),
+        _bpf(ret, _RET_ALLOW),
+        _bpf(ret, _RET_ERRNO | errno.EPERM),  # "deny"
+    ]
+    deny = len(program) - 1
+    program = [
+        (code, deny - i - 1 if jt == 0xFF else jt, deny - i - 1 if jf == 0xFF else jf, k)
+        for i, (code, jt, jf, k) in enumerate(program)
+    ]
+    filters = (ctypes.c_uint64 * len(program))(
+        *(code | jt << 16 | jf << 24 | k << 32 for code, jt, jf, k in program)
+    )
+
+    class _Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = _Prog(len(program), ctypes.addressof(filters))
+    return bool(libc.prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) == 0)
 
 
 def hide_process() -> None:
@@ -237,5 +301,6 @@ __all__ = [
     "hide_process",
     "isolate_network",
     "landlock_abi",
+    "restrict_syscalls",
     "tie_to_parent",
 ]

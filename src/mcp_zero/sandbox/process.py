@@ -81,6 +81,8 @@ class ProcessRuntime:
         self.network_isolated = False
         #: True when every running worker's file access is confined (Landlock).
         self.files_confined = False
+        #: True when every running worker has the seccomp filter (no Unix sockets, keyring).
+        self.syscalls_restricted = False
         self._protect = str(Path(protect).resolve()) if protect is not None else ""
         self._start_timeout = start_timeout
         self._grace = cancel_grace
@@ -252,6 +254,7 @@ class ProcessRuntime:
         running = [w for w in self._slots if w is not None and w.alive]
         self.network_isolated = bool(running) and all(w.network_isolated for w in running)
         self.files_confined = bool(running) and all(w.files_confined for w in running)
+        self.syscalls_restricted = bool(running) and all(w.syscalls_restricted for w in running)
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         self._retired.discard(worker)

@@ -29,8 +29,8 @@ Kernel → worker::
 
 Worker → kernel::
 
-    {"op": "ready", "pid", "network_isolated", "files_confined", "tools", "resources",
-     "templates", "prompts"}                        # once, after the plugin loaded
+    {"op": "ready", "pid", "network_isolated", "files_confined", "syscalls_restricted",
+     "tools", "resources", "templates", "prompts"}  # once, after the plugin loaded
     {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
     {"id": N, "result": {...}}                      # an MCP result object
     {"id": N, "error": {"kind": "not_found" | "invalid" | "failed" | "cancelled",
@@ -435,17 +435,30 @@ def _isolate_stdio() -> tuple[int, int]:
     return in_fd, out_fd
 
 
+def editable_paths() -> list[str]:
+    """Where packages installed in editable mode import from, when not through ``sys.path``:
+    setuptools' finders (PEP 660, ``__editable___<name>_finder`` modules that site's
+    ``.pth`` files import at start) map package names to directories of a checkout."""
+    paths: list[str] = []
+    for name, module in list(sys.modules.items()):
+        mapping = getattr(module, "MAPPING", None) if name.startswith("__editable__") else None
+        if isinstance(mapping, dict):
+            paths.extend(str(p) for p in mapping.values())
+    return paths
+
+
 def _confine_files(plugin_dir: str, env: os._Environ[str]) -> int:
     """Landlock the worker (see the module docstring); the ABI version, 0 if not confined."""
     read = [
         *isolation.SYSTEM_READ,
         *{sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix},
         *(p for p in sys.path if p and os.path.isdir(p)),
+        *editable_paths(),
         plugin_dir,
     ]
     write = list(isolation.SYSTEM_WRITE)
     if env.get("MCP0_FILESYSTEM", "private") == "private":
-        write.append(env.get("MCP0_DATA_DIR") or os.getcwd())
+        write += [env.get("MCP0_DATA_DIR") or os.getcwd(), isolation.SHARED_MEMORY]
     return isolation.confine_files(read, write, hidden=env.get("MCP0_PROTECT", ""))
 
 
@@ -462,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     if memory_mb > 0:
         isolation.apply_rlimits(memory_mb)
     files_confined = _confine_files(plugin_dir, env) > 0
-    if os.geteuid() == 0:
-        isolation.drop_capabilities()  # after unshare, which needs them
+    # After unshare, which needs them: a root server's workers would hold them all, others
+    # their user namespace's, or ambient ones a service manager granted.
+    isolation.drop_capabilities()
+    syscalls_restricted = isolation.restrict_syscalls()
     try:
         plugin = load_plugin(plugin_dir, entry)
     except BaseException as exc:  # report any load failure to the kernel, then exit
@@ -482,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "pid": os.getpid(),
         "network_isolated": network_isolated,
         "files_confined": files_confined,
+        "syscalls_restricted": syscalls_restricted,
         "tools": sorted(plugin.tools),
         "resources": sorted(plugin.resources),
         "templates": sorted(t.template for t in plugin.templates),

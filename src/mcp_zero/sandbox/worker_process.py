@@ -165,6 +165,7 @@ class WorkerProcess:
         self.returncode: int | None = None
         self.network_isolated = False
         self.files_confined = False
+        self.syscalls_restricted = False
         self._argv = argv
         self._env = env
         self._cwd = cwd
@@ -250,6 +251,7 @@ class WorkerProcess:
             raise
         self.network_isolated = bool(ready.get("network_isolated"))
         self.files_confined = bool(ready.get("files_confined"))
+        self.syscalls_restricted = bool(ready.get("syscalls_restricted"))
         self.alive = True
         return ready
 

@@ -210,9 +210,11 @@ def reach(
     write: list[str] | None = None,
     signal: list[int] | None = None,
     modules: list[str] | None = None,
+    unix: list[str] | None = None,
+    keyring: bool = False,
 ) -> dict[str, str]:
     """What this worker can do: "ok" or the error, per path read or written, per pid sent
-    signal 0, per module imported."""
+    signal 0, per module imported, per Unix socket connected to, and the kernel keyring."""
     outcome: dict[str, str] = {}
 
     def attempt(key: str, action: Any) -> None:
@@ -238,6 +240,23 @@ def reach(
         attempt(f"signal {pid}", lambda pid=pid: os.kill(pid, 0))
     for module in modules or []:
         attempt(f"import {module}", lambda module=module: __import__(module))
+
+    def connect(path: str) -> None:
+        with socket.socket(socket.AF_UNIX) as unix_socket:
+            unix_socket.connect(path)
+
+    for path in unix or []:
+        attempt(f"unix {path}", lambda path=path: connect(path))
+
+    def keyctl() -> None:  # KEYCTL_GET_KEYRING_ID of the session keyring, via syscall()
+        libc = ctypes.CDLL(None, use_errno=True)
+        number = {"x86_64": 250, "aarch64": 219}[os.uname().machine]
+        if libc.syscall(number, 0, -3, 0) < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    if keyring:
+        attempt("keyring", keyctl)
     return outcome
 
 
