@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mcp_zero.config import load_settings
 from mcp_zero.errors import PolicyDenied
 from mcp_zero.runtime import Runtime
+from mcp_zero.security.tokens import hash_token
 
 NOTES_DIR = Path(__file__).parents[1] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
 MCP0 = str(Path(sys.executable).parent / "mcp0")
@@ -243,3 +245,54 @@ def test_a_data_dir_laid_out_by_another_command_gets_no_examples_from_serve(
     announced = serve_once(data_dir)
     assert announced["plugins_installed"] == []
     assert "agent" not in announced
+
+
+async def _until(check: Any, what: str) -> None:
+    """Wait (bounded) until ``check()`` is true; the watcher looks once a second."""
+    with anyio.move_on_after(30):
+        while not check():
+            await anyio.sleep(0.05)
+        return
+    raise AssertionError(f"waited 30 s for {what}")
+
+
+def _admin_token_changes(runtime: Runtime) -> list[dict[str, Any]]:
+    bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
+    return [b for b in bodies if b["verb"] == "change_admin_token"]
+
+
+@pytest.mark.anyio
+async def test_an_admin_token_file_that_is_not_utf8_closes_the_admin_api_and_the_watcher_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "data"
+    runtime = Runtime(load_settings(None, {"data_dir": data_dir, "examples": False}, environ={}))
+    await runtime.start(wait=10)
+    try:
+        path = runtime.settings.admin_token_path
+        path.write_bytes(b"mcp0_\xff\xfe-garbled\n")
+        # it killed the watcher (UnicodeDecodeError): nothing after was ever taken up
+        await _until(lambda: runtime.admin_token_hash is None, "the admin API closed")
+        await _until(lambda: len(_admin_token_changes(runtime)) == 1, "the change audited")
+        [closed] = _admin_token_changes(runtime)
+        assert (closed["outcome"], closed["code"]) == ("error", "no_admin_token")
+        in_data_dir = ["--data-dir", str(data_dir)]
+        # commands do not die on it with a traceback; rotate-token is the fix
+        listed = await anyio.run_process([MCP0, "agent", "list", *in_data_dir], check=False)
+        assert listed.returncode == 0, listed.stderr
+        rotated = await anyio.run_process(
+            [MCP0, "admin", "rotate-token", *in_data_dir], check=False
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        token = path.read_text().strip()
+        await _until(lambda: runtime.admin_token_hash == hash_token(token), "the new token")
+        installed = await anyio.run_process(
+            [MCP0, "plugin", "install", str(NOTES_DIR), *in_data_dir], check=False
+        )
+        assert installed.returncode == 0, installed.stderr
+        await _until(lambda: "notes" in runtime.plugins.manifests, "the new plugin")
+    finally:
+        await runtime.aclose()
+    unreadable = [r for r in caplog.records if "cannot read the admin token file" in r.message]
+    assert len(unreadable) == 1  # once, with the reason
+    assert "utf-8" in unreadable[0].getMessage()

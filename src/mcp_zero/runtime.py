@@ -158,13 +158,16 @@ class Runtime:
         return created
 
     def admin_token(self) -> str:
-        return self.settings.admin_token_path.read_text().strip()
+        """The token in the admin token file. Raises OSError, and UnicodeDecodeError for a
+        file that is not UTF-8 text."""
+        return self.settings.admin_token_path.read_text(encoding="utf-8").strip()
 
     def refresh_admin_token(self) -> bool:
         """Take up the admin token file again if it changed; True when it did.
 
         The token can be rotated without a restart (``mcp0 admin rotate-token``, or by
-        rewriting the file). A missing or empty file closes the admin API.
+        rewriting the file). A missing, empty or unreadable file (not UTF-8 text, say)
+        closes the admin API; it is logged once per change of the file.
         """
         path = self.settings.admin_token_path
         try:
@@ -175,16 +178,22 @@ class Runtime:
         if seen == self._admin_token_seen:
             return False
         first, self._admin_token_seen = self._admin_token_seen is _UNSEEN, seen
+        unreadable = None
         try:
             token = self.admin_token() if seen is not None else ""
-        except OSError as exc:
-            log.error("cannot read the admin token file %s: %s", path, exc)
-            token = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            unreadable, token = str(exc), ""
+            log.error(
+                "cannot read the admin token file %s (%s): the admin API refuses every "
+                "request until it holds a token ('mcp0 admin rotate-token' writes a new one)",
+                path,
+                unreadable,
+            )
         new_hash = hash_token(token) if token else None
         if new_hash == self.admin_token_hash:
             return False
         self.admin_token_hash = new_hash
-        if new_hash is None:
+        if new_hash is None and unreadable is None:
             log.warning("%s holds no token: the admin API refuses every request", path)
         elif not first:
             log.info("the admin token in %s changed: the old one no longer works", path)
@@ -275,14 +284,22 @@ class Runtime:
                 await self.refresh_policies()
             except Exception:
                 log.exception("reloading policies failed; the previous set stays in force")
-            if self.refresh_admin_token():
-                closed = self.admin_token_hash is None
-                await self._audit_file_change(
-                    CHANGE_ADMIN_TOKEN,
-                    self.settings.admin_token_path.name,
-                    Outcome.ERROR if closed else Outcome.ALLOWED,
-                    {"code": "no_admin_token"} if closed else {},
-                )
+            # each step on its own: one that fails must not stop the watcher (the others
+            # would never again be taken up until a restart)
+            try:
+                await self._refresh_admin_token_and_audit()
+            except Exception:
+                log.exception("taking up the admin token file failed; looking again later")
+
+    async def _refresh_admin_token_and_audit(self) -> None:
+        if self.refresh_admin_token():
+            closed = self.admin_token_hash is None
+            await self._audit_file_change(
+                CHANGE_ADMIN_TOKEN,
+                self.settings.admin_token_path.name,
+                Outcome.ERROR if closed else Outcome.ALLOWED,
+                {"code": "no_admin_token"} if closed else {},
+            )
 
     async def refresh_policies(self) -> bool:
         """Put changed policy files in force, or keep the old set if they do not load; the
