@@ -73,10 +73,16 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.created = self._prepare_data_dir()
-        self.store = SqliteStore(
-            settings.db_path, max_size_bytes=settings.db_max_mb * 2**20 or None
-        )
+        # an existing store is opened first: another program's mcp0.db is refused before
+        # anything (keys, token, policies) is laid out beside it
+        opened = self._open_store() if settings.db_path.exists() else None
+        try:
+            self.created = self._prepare_data_dir()
+        except BaseException:
+            if opened is not None:
+                opened.close()
+            raise
+        self.store = opened or self._open_store()
         self.audit = AuditLog(
             self.store,
             window=settings.audit_window_ms / 1000,
@@ -127,6 +133,10 @@ class Runtime:
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
+
+    def _open_store(self) -> SqliteStore:
+        s = self.settings
+        return SqliteStore(s.db_path, max_size_bytes=s.db_max_mb * 2**20 or None)
 
     def _prepare_data_dir(self) -> bool:
         """Create the data dir layout, keys, admin token and default policy; True if new."""

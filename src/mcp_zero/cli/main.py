@@ -85,11 +85,13 @@ def _existing(settings: Any) -> Any:
 
 @contextmanager
 def _store(config_file: Path | None, data_dir: Path | None) -> Iterator[Any]:
-    """The data dir's store alone, for commands that only read: they work while a policy
-    file is broken (a Runtime would refuse to load), which is when one wants to look."""
+    """The data dir's store alone, read-only, for commands that only read: they work while
+    a policy file is broken (a Runtime would refuse to load), which is when one wants to
+    look, and on a data dir they may not write; they create and migrate nothing."""
     from mcp_zero.storage.sqlite import SqliteStore
 
-    with SqliteStore(_existing(_settings(config_file, data_dir)).db_path) as store:
+    db_path = _existing(_settings(config_file, data_dir)).db_path
+    with SqliteStore(db_path, read_only=True) as store:
         yield store
 
 
