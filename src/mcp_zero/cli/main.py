@@ -25,11 +25,21 @@ from mcp_zero.errors import ConfigError, McpZeroError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _PathGiven(click.Path):
+    """A path option that refuses an empty value (``Path("")`` is the current directory),
+    as the setting does from mcp0.toml or the environment."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("it is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _common(fn: F) -> F:
     fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
     fn = click.option(
         "--data-dir",
-        type=click.Path(path_type=Path),
+        type=_PathGiven(path_type=Path),
         default=None,
         help="Data directory (default ./.mcp0, or $MCP0_DATA_DIR).",
     )(fn)
@@ -180,8 +190,8 @@ def main() -> None:
     help="Let requests without a token act as this agent (loopback only; audited as anonymous).",
 )
 @click.option("--no-examples", is_flag=True, help="Do not install the example plugin.")
-@click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve HTTPS: PEM certificate.")
-@click.option("--tls-key", type=click.Path(path_type=Path), help="With --tls-cert: its key.")
+@click.option("--tls-cert", type=_PathGiven(path_type=Path), help="Serve HTTPS: PEM certificate.")
+@click.option("--tls-key", type=_PathGiven(path_type=Path), help="With --tls-cert: its key.")
 @_errors
 def serve(
     config_file: Path | None,
