@@ -296,3 +296,39 @@ async def test_an_admin_token_file_that_is_not_utf8_closes_the_admin_api_and_the
     unreadable = [r for r in caplog.records if "cannot read the admin token file" in r.message]
     assert len(unreadable) == 1  # once, with the reason
     assert "utf-8" in unreadable[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_a_rotation_beside_a_running_server_is_recorded_once_and_a_hand_edit_too(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    runtime = Runtime(load_settings(None, {"data_dir": data_dir, "examples": False}, environ={}))
+    await runtime.start(wait=10)
+    try:
+        path = runtime.settings.admin_token_path
+        rotated = await anyio.run_process(
+            [MCP0, "admin", "rotate-token", "--data-dir", str(data_dir)], check=False
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        token = path.read_text().strip()
+        await _until(lambda: runtime.admin_token_hash == hash_token(token), "the new token")
+        path.write_text("mcp0_written-by-hand\n")  # no rotation explains this one
+        await _until(lambda: runtime.admin_token_hash == hash_token("mcp0_written-by-hand"), "it")
+        path.write_text("")  # and a last change, to know the watcher is done with the others
+
+        def closed() -> bool:
+            return any(c["outcome"] == "error" for c in _admin_token_changes(runtime))
+
+        await _until(closed, "the emptied file audited")
+        changes = _admin_token_changes(runtime)
+    finally:
+        await runtime.aclose()
+    # the server recorded the rotation again when it noticed it (transport files)
+    assert [(c["transport"], c["outcome"]) for c in changes] == [
+        ("cli", "allowed"),
+        ("files", "allowed"),
+        ("files", "error"),
+    ]
+    assert "rotation" in changes[0]
+    assert "rotation" not in changes[1]

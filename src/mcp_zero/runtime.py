@@ -24,7 +24,7 @@ from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
-from mcp_zero.kernel.admin_token import finish_admin_token_rotations
+from mcp_zero.kernel.admin_token import finish_admin_token_rotations, rotation_recorded
 from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
@@ -128,8 +128,12 @@ class Runtime:
         )
         self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
         self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
+        self._admin_token: str | None = None  # the token in force
+        self._admin_token_since = 0  # the audit head when it was taken up
         # a rotation a crash cut short: in force if its record was committed, else dropped
         finish_admin_token_rotations(settings.admin_token_path, self.store)
+        head = self.store.audit_head()
+        self._admin_token_since = head.seq if head is not None else 0
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
@@ -203,6 +207,7 @@ class Runtime:
         if new_hash == self.admin_token_hash:
             return False
         self.admin_token_hash = new_hash
+        self._admin_token = token or None
         if new_hash is None and unreadable is None:
             log.warning("%s holds no token: the admin API refuses every request", path)
         elif not first:
@@ -302,14 +307,23 @@ class Runtime:
                 log.exception("taking up the admin token file failed; looking again later")
 
     async def _refresh_admin_token_and_audit(self) -> None:
-        if self.refresh_admin_token():
-            closed = self.admin_token_hash is None
-            await self._audit_file_change(
-                CHANGE_ADMIN_TOKEN,
-                self.settings.admin_token_path.name,
-                Outcome.ERROR if closed else Outcome.ALLOWED,
-                {"code": "no_admin_token"} if closed else {},
-            )
+        since = self._admin_token_since
+        if not self.refresh_admin_token():
+            return
+        head = self.store.audit_head()
+        self._admin_token_since = head.seq if head is not None else 0
+        token = self._admin_token
+        # a rotation (mcp0 admin rotate-token) recorded the change before putting it in force
+        if token is not None and await asyncio.to_thread(
+            rotation_recorded, self.store, token, since
+        ):
+            return
+        await self._audit_file_change(
+            CHANGE_ADMIN_TOKEN,
+            self.settings.admin_token_path.name,
+            Outcome.ALLOWED if token is not None else Outcome.ERROR,
+            {} if token is not None else {"code": "no_admin_token"},
+        )
 
     async def refresh_policies(self) -> bool:
         """Put changed policy files in force, or keep the old set if they do not load; the
