@@ -23,6 +23,7 @@ from mcp_zero.config import load_settings
 from mcp_zero.errors import PolicyDenied
 from mcp_zero.runtime import Runtime
 from mcp_zero.security.tokens import hash_token
+from mcp_zero.storage.sqlite import SqliteStore
 
 NOTES_DIR = Path(__file__).parents[1] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
 MCP0 = str(Path(sys.executable).parent / "mcp0")
@@ -229,6 +230,43 @@ def test_a_first_start_killed_midway_is_finished_by_the_next_start(tmp_path: Pat
     assert finished["agent"]["token"].startswith("mcp0_")
     again = serve_once(data_dir)  # done once: never again
     assert again["plugins_installed"] == []
+    assert "agent" not in again
+
+
+def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    # the first start dies once agent default exists, before its token is shown
+    dies_before_the_token_is_shown = (
+        "import os, signal, sys\n"
+        "import mcp_zero.cli.serve as serve\n"
+        "serve._announce = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from mcp_zero.cli.main import main\n"
+        "sys.argv = ['mcp0', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    serve = ["serve", "--port", "0", "--data-dir", str(data_dir)]
+    killed = subprocess.run(
+        [sys.executable, "-c", dies_before_the_token_is_shown, *serve],
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
+        [made] = store.list_agents()
+    assert made.name == "default"
+    # the next start said nothing of it: default's token was never shown, by either start
+    finished = serve_once(data_dir)
+    assert finished["agent"]["name"] == "default"
+    assert finished["agent"]["reissued"] is True
+    token = finished["agent"]["token"]
+    with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
+        assert store.get_agent("default").token_hash == hash_token(token)  # type: ignore[union-attr]
+        reissued = orjson.loads(store.audit_head().body)  # type: ignore[union-attr]
+    assert (reissued["verb"], reissued["resource"]) == ("spawn_agent", "default")
+    assert reissued["token_reissued"] is True
+    again = serve_once(data_dir)  # done once: never again
     assert "agent" not in again
 
 

@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mcp_zero import PACKAGE_ROOT
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
-from mcp_zero.errors import ConfigError, PolicyError
+from mcp_zero.errors import ConfigError, Conflict, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
 from mcp_zero.kernel.admin_token import finish_admin_token_rotations, rotation_recorded
@@ -37,6 +38,7 @@ from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
+from mcp_zero.storage.base import AgentRecord
 from mcp_zero.storage.sqlite import SqliteStore
 
 log = logging.getLogger("mcp_zero")
@@ -46,6 +48,15 @@ REFRESH_INTERVAL_S = 1.0
 #: (hanging as it loads) goes on starting, and its calls wait for it.
 STARTUP_WAIT_S = 3.0
 _UNSEEN = object()
+
+
+class FirstStart(NamedTuple):
+    """What a data dir's first start did: the example plugins it installed, and the token
+    of agent ``default`` (to be shown once) if it made it or gave it a new one."""
+
+    installed: list[str]
+    token: str | None
+    reissued: bool = False  # the token is a new one for a ``default`` made before
 
 
 def example_plugins() -> list[Path]:
@@ -218,23 +229,55 @@ class Runtime:
         """Install the bundled example plugins."""
         return [self.install_plugin(path, replace=True).name for path in example_plugins()]
 
-    async def finish_first_start(self) -> tuple[list[str], str | None]:
+    async def finish_first_start(self, *, record: bool = True) -> FirstStart:
         """Do the data dir's first start if it has not finished: install the example plugins
         (unless ``settings.examples`` is false) and, when there is no agent yet, create agent
         ``default`` with them. Returns the plugins installed and the new agent's token (shown
-        once), or ([], None) when the first start was done before.
+        once), or nothing when the first start was done before.
 
-        Recorded as done only at the end, so a first start that died midway (kill -9, a full
-        disk) is finished by the next one. Raises what the install and the spawn raise.
+        Recorded as done only at the end (``record``; else by the caller, once it has shown
+        the token), so a first start that died midway (kill -9, a full disk) is finished by
+        the next one; if it died after making agent ``default``, whose token may never have
+        been shown, that agent gets a new token (audited as ``spawn_agent`` with
+        ``token_reissued``). Raises what the install and the spawn raise.
         """
         if self.store.first_start_done():
-            return [], None
+            return FirstStart([], None)
         installed = self.install_examples() if self.settings.examples else []
         token = None
-        if installed and not self.store.list_agents():
+        reissued = False
+        default = self.store.get_agent("default")
+        if default is not None and default.status == "active":
+            token, reissued = self._reissue_token(default), True
+        elif installed and not self.store.list_agents():
             token = (await self.agents.spawn("default", installed, via="cli")).token
-        self.store.finish_first_start()
-        return installed, token
+        if record:
+            self.store.finish_first_start()
+        return FirstStart(installed, token, reissued)
+
+    def _reissue_token(self, agent: AgentRecord) -> str:
+        """A new token for ``agent`` (the old one stops working), decided and audited as its
+        spawn was."""
+        self._authorize(Verb.SPAWN_AGENT, agent.name, "cli")
+        token = new_token()
+
+        def still_active(stored: AgentRecord) -> None:
+            if stored.status != "active" or stored.token_hash != agent.token_hash:
+                raise Conflict(f"agent {agent.name!r} changed meanwhile: start again")
+
+        self.audit.append_with(
+            lambda: self.store.update_agent(
+                replace(agent, token_hash=hash_token(token)), check=still_active
+            ),
+            lambda _: admin_event(
+                Verb.SPAWN_AGENT,
+                agent.name,
+                "cli",
+                Outcome.ALLOWED,
+                {"plugins": agent.plugins, "token_reissued": True},
+            ),
+        )
+        return token
 
     def install_plugin(
         self, path: Path, *, replace: bool = False, via: str = "cli"
