@@ -237,11 +237,12 @@ def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "data"
-    # the first start dies once agent default exists, before its token is shown
+    # the first start dies once agent default exists, before its token is shown (its
+    # plugins starting, the listen)
     dies_before_the_token_is_shown = (
         "import os, signal, sys\n"
         "import mcp_zero.cli.serve as serve\n"
-        "serve._announce = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "serve._end_left_behind = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "from mcp_zero.cli.main import main\n"
         "sys.argv = ['mcp0', *sys.argv[1:]]\n"
         "main()\n"

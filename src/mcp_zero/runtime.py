@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Collection
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -140,11 +140,10 @@ class Runtime:
         self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
         self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
         self._admin_token: str | None = None  # the token in force
-        self._admin_token_since = 0  # the audit head when it was taken up
         # a rotation a crash cut short: in force if its record was committed, else dropped
         finish_admin_token_rotations(settings.admin_token_path, self.store)
         head = self.store.audit_head()
-        self._admin_token_since = head.seq if head is not None else 0
+        self._admin_token_since = head.seq if head is not None else 0  # when it was taken up
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
@@ -267,7 +266,7 @@ class Runtime:
 
         self.audit.append_with(
             lambda: self.store.update_agent(
-                replace(agent, token_hash=hash_token(token)), check=still_active
+                dataclasses.replace(agent, token_hash=hash_token(token)), check=still_active
             ),
             lambda _: admin_event(
                 Verb.SPAWN_AGENT,

@@ -153,9 +153,10 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         except OSError as exc:
             await app.shutdown()
             raise _cannot_listen(settings, exc) from exc
-        _announce(settings, server.port, first_start, as_json=as_json)
-        # only now: killed before the token was shown, the next start gives a new one
+        # only now, as the token is shown: a start killed before (its plugins starting, the
+        # listen) has the next start give agent default a new token
         runtime.store.finish_first_start()
+        _announce(settings, server.port, first_start, as_json=as_json)
 
     try:
         asyncio.run(
