@@ -3,6 +3,9 @@ the errors a user gets for a bad file, key or value."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +299,97 @@ def test_an_environment_value_of_the_wrong_kind_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=says):
         load_settings(None, None, environ={name: value})
+
+
+# The kinds of TOML value each setting takes; every other kind is a ConfigError naming it.
+_KINDS: dict[str, set[str]] = {
+    **{n: {"int"} for n in ("port", "max_body_bytes", "rate_burst", "max_concurrency")},
+    **{n: {"int"} for n in ("max_workers", "db_max_mb", "audit_max_batch", "page_size")},
+    **{n: {"int"} for n in ("max_sessions", "max_sessions_per_agent")},
+    **{n: {"int", "float"} for n in ("rate_limit", "max_timeout_s", "shutdown_grace_s")},
+    **{n: {"int", "float"} for n in ("audit_window_ms", "session_idle_s")},
+    **{n: {"bool"} for n in ("examples", "metrics_public")},
+    **{n: {"str"} for n in ("data_dir", "tls_cert", "tls_key", "host", "anonymous_agent")},
+    "log_level": set(),  # a string, but "x" is no level
+    "allowed_origins": {"str", "list"},
+}
+_VALUES = {
+    "int": "5",
+    "float": "2.5",
+    "bool": "true",
+    "str": "'x'",
+    "list": "['a']",
+    "table": "{ a = 1 }",
+    "date": "2026-11-26",
+    "list of tables": "[{ a = 1 }]",
+}
+
+
+def test_every_setting_is_in_the_table_of_kinds() -> None:
+    assert set(_KINDS) == {f.name for f in fields(Settings)}
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [(n, k) for n in sorted(_KINDS) for k in _VALUES if k not in _KINDS[n]],
+)
+def test_a_setting_of_a_kind_it_does_not_take_is_a_config_error_naming_it(
+    tmp_path: Path, name: str, kind: str
+) -> None:
+    # tls_cert = 5 was a TypeError traceback; anonymous_agent = 5 was taken as it was
+    text = f"{name} = {_VALUES[kind]}\n"
+    if name in ("tls_cert", "tls_key"):  # (they go together)
+        text += f"{'tls_key' if name == 'tls_cert' else 'tls_cert'} = 'x'\n"
+    with pytest.raises(ConfigError, match=f"setting '{name}' is "):
+        load_settings(write(tmp_path, text), None, environ={})
+
+
+def test_a_whole_number_with_thousands_of_digits_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="'port' is '9999"):  # was int()'s ValueError
+        load_settings(None, None, environ={"MCP0_PORT": "9" * 5000})
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = write(
+        tmp_path, "data_dir = '~/mcp0'\ntls_cert = '~/tls/cert.pem'\ntls_key = '~/tls/key.pem'\n"
+    )
+    settings = load_settings(config, None, environ={})
+    assert settings.data_dir == tmp_path / "home" / "mcp0"  # was a directory named ~
+    assert settings.tls_cert == tmp_path / "home" / "tls" / "cert.pem"
+    assert settings.tls_key == tmp_path / "home" / "tls" / "key.pem"
+    from_env = load_settings(None, None, environ={"MCP0_DATA_DIR": "~/env"})
+    assert from_env.data_dir == tmp_path / "home" / "env"
+    with pytest.raises(ConfigError, match="'data_dir' is '~no-such-user-here/x'"):
+        load_settings(None, None, environ={"MCP0_DATA_DIR": "~no-such-user-here/x"})
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--tls-cert", "--tls-key"])
+def test_an_empty_path_option_is_refused_like_an_empty_setting(tmp_path: Path, option: str) -> None:
+    mcp0 = str(Path(sys.executable).parent / "mcp0")
+    served = subprocess.run(
+        [mcp0, "serve", "--port", "0", option, ""],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,  # (it served, from a data dir laid out in the cwd)
+    )
+    assert served.returncode == 2
+    assert served.stderr.endswith(
+        f"mcp0: error: invalid value for '{option}': it is empty; give a path\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+    created = subprocess.run(
+        [mcp0, "agent", "create", "ada", "--data-dir", ""],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 2
+    assert created.stderr.endswith(
+        "mcp0: error: invalid value for '--data-dir': it is empty; give a path\n"
+    )
+    assert list(tmp_path.iterdir()) == []

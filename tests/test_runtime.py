@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mcp_zero.config import load_settings
 from mcp_zero.errors import PolicyDenied
 from mcp_zero.runtime import Runtime
+from mcp_zero.security.tokens import hash_token
+from mcp_zero.storage.sqlite import SqliteStore
 
 NOTES_DIR = Path(__file__).parents[1] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
 MCP0 = str(Path(sys.executable).parent / "mcp0")
@@ -230,6 +233,44 @@ def test_a_first_start_killed_midway_is_finished_by_the_next_start(tmp_path: Pat
     assert "agent" not in again
 
 
+def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    # the first start dies once agent default exists, before its token is shown (its
+    # plugins starting, the listen)
+    dies_before_the_token_is_shown = (
+        "import os, signal, sys\n"
+        "import mcp_zero.cli.serve as serve\n"
+        "serve._end_left_behind = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from mcp_zero.cli.main import main\n"
+        "sys.argv = ['mcp0', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    serve = ["serve", "--port", "0", "--data-dir", str(data_dir)]
+    killed = subprocess.run(
+        [sys.executable, "-c", dies_before_the_token_is_shown, *serve],
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
+        [made] = store.list_agents()
+    assert made.name == "default"
+    # the next start said nothing of it: default's token was never shown, by either start
+    finished = serve_once(data_dir)
+    assert finished["agent"]["name"] == "default"
+    assert finished["agent"]["reissued"] is True
+    token = finished["agent"]["token"]
+    with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
+        assert store.get_agent("default").token_hash == hash_token(token)  # type: ignore[union-attr]
+        reissued = orjson.loads(store.audit_head().body)  # type: ignore[union-attr]
+    assert (reissued["verb"], reissued["resource"]) == ("spawn_agent", "default")
+    assert reissued["token_reissued"] is True
+    again = serve_once(data_dir)  # done once: never again
+    assert "agent" not in again
+
+
 def test_a_data_dir_laid_out_by_another_command_gets_no_examples_from_serve(
     tmp_path: Path,
 ) -> None:
@@ -243,3 +284,90 @@ def test_a_data_dir_laid_out_by_another_command_gets_no_examples_from_serve(
     announced = serve_once(data_dir)
     assert announced["plugins_installed"] == []
     assert "agent" not in announced
+
+
+async def _until(check: Any, what: str) -> None:
+    """Wait (bounded) until ``check()`` is true; the watcher looks once a second."""
+    with anyio.move_on_after(30):
+        while not check():
+            await anyio.sleep(0.05)
+        return
+    raise AssertionError(f"waited 30 s for {what}")
+
+
+def _admin_token_changes(runtime: Runtime) -> list[dict[str, Any]]:
+    bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
+    return [b for b in bodies if b["verb"] == "change_admin_token"]
+
+
+@pytest.mark.anyio
+async def test_an_admin_token_file_that_is_not_utf8_closes_the_admin_api_and_the_watcher_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "data"
+    runtime = Runtime(load_settings(None, {"data_dir": data_dir, "examples": False}, environ={}))
+    await runtime.start(wait=10)
+    try:
+        path = runtime.settings.admin_token_path
+        path.write_bytes(b"mcp0_\xff\xfe-garbled\n")
+        # it killed the watcher (UnicodeDecodeError): nothing after was ever taken up
+        await _until(lambda: runtime.admin_token_hash is None, "the admin API closed")
+        await _until(lambda: len(_admin_token_changes(runtime)) == 1, "the change audited")
+        [closed] = _admin_token_changes(runtime)
+        assert (closed["outcome"], closed["code"]) == ("error", "no_admin_token")
+        in_data_dir = ["--data-dir", str(data_dir)]
+        # commands do not die on it with a traceback; rotate-token is the fix
+        listed = await anyio.run_process([MCP0, "agent", "list", *in_data_dir], check=False)
+        assert listed.returncode == 0, listed.stderr
+        rotated = await anyio.run_process(
+            [MCP0, "admin", "rotate-token", *in_data_dir], check=False
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        token = path.read_text().strip()
+        await _until(lambda: runtime.admin_token_hash == hash_token(token), "the new token")
+        installed = await anyio.run_process(
+            [MCP0, "plugin", "install", str(NOTES_DIR), *in_data_dir], check=False
+        )
+        assert installed.returncode == 0, installed.stderr
+        await _until(lambda: "notes" in runtime.plugins.manifests, "the new plugin")
+    finally:
+        await runtime.aclose()
+    unreadable = [r for r in caplog.records if "cannot read the admin token file" in r.message]
+    assert len(unreadable) == 1  # once, with the reason
+    assert "utf-8" in unreadable[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_a_rotation_beside_a_running_server_is_recorded_once_and_a_hand_edit_too(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    runtime = Runtime(load_settings(None, {"data_dir": data_dir, "examples": False}, environ={}))
+    await runtime.start(wait=10)
+    try:
+        path = runtime.settings.admin_token_path
+        rotated = await anyio.run_process(
+            [MCP0, "admin", "rotate-token", "--data-dir", str(data_dir)], check=False
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        token = path.read_text().strip()
+        await _until(lambda: runtime.admin_token_hash == hash_token(token), "the new token")
+        path.write_text("mcp0_written-by-hand\n")  # no rotation explains this one
+        await _until(lambda: runtime.admin_token_hash == hash_token("mcp0_written-by-hand"), "it")
+        path.write_text("")  # and a last change, to know the watcher is done with the others
+
+        def closed() -> bool:
+            return any(c["outcome"] == "error" for c in _admin_token_changes(runtime))
+
+        await _until(closed, "the emptied file audited")
+        changes = _admin_token_changes(runtime)
+    finally:
+        await runtime.aclose()
+    # the server recorded the rotation again when it noticed it (transport files)
+    assert [(c["transport"], c["outcome"]) for c in changes] == [
+        ("cli", "allowed"),
+        ("files", "allowed"),
+        ("files", "error"),
+    ]
+    assert "rotation" in changes[0]
+    assert "rotation" not in changes[1]

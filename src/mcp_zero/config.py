@@ -89,6 +89,7 @@ _ENV_PREFIX = "MCP0_"
 
 
 _OPTIONAL_PATHS = frozenset({"tls_cert", "tls_key"})
+_OPTIONAL_STRINGS = frozenset({"anonymous_agent"})
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -98,24 +99,32 @@ _FALSE = ("0", "false", "no", "off")
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """``value`` (from TOML, the environment or the command line) as the setting's type; a
     value of another kind is a ConfigError, never silently made one (``port = true`` is
-    not port 1, nor ``examples = "treu"`` false)."""
-    if name in _OPTIONAL_PATHS:
-        return Path(value) if value not in (None, "") else None
+    not port 1, nor ``examples = "treu"`` false). A path's leading ``~`` is the home
+    directory, wherever the path comes from."""
     shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:64]}…"
+    if name in _OPTIONAL_PATHS and value in (None, ""):
+        return None
+    if name in _OPTIONAL_STRINGS:
+        if value is None or isinstance(value, str):
+            return value
+        raise ConfigError(f"setting {name!r} is {shown}; give a string")
+    if name in _OPTIONAL_PATHS or isinstance(default, Path):
+        if isinstance(value, str | Path) and str(value).strip():
+            try:
+                return Path(value).expanduser()
+            except RuntimeError as exc:  # ~user of no such user, or no home to expand
+                raise ConfigError(f"setting {name!r} is {shown}: {exc}") from None
+        raise ConfigError(f"setting {name!r} is {shown}; give a path")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"setting {name!r} is {shown}; use true or false")
-    if isinstance(default, Path):
-        if isinstance(value, str | Path) and str(value).strip():
-            return Path(value)
-        raise ConfigError(f"setting {name!r} is {shown}; give a path")
     if isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,30}", value.strip()):
             return int(value)
         raise ConfigError(f"setting {name!r} is {shown}; give a whole number")
     if isinstance(default, float):

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mcp_zero import PACKAGE_ROOT
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
-from mcp_zero.errors import ConfigError, PolicyError
+from mcp_zero.errors import ConfigError, Conflict, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
-from mcp_zero.kernel.admin_token import finish_admin_token_rotations
+from mcp_zero.kernel.admin_token import finish_admin_token_rotations, rotation_recorded
 from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
@@ -37,6 +38,7 @@ from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
+from mcp_zero.storage.base import AgentRecord
 from mcp_zero.storage.sqlite import SqliteStore
 
 log = logging.getLogger("mcp_zero")
@@ -46,6 +48,15 @@ REFRESH_INTERVAL_S = 1.0
 #: (hanging as it loads) goes on starting, and its calls wait for it.
 STARTUP_WAIT_S = 3.0
 _UNSEEN = object()
+
+
+class FirstStart(NamedTuple):
+    """What a data dir's first start did: the example plugins it installed, and the token
+    of agent ``default`` (to be shown once) if it made it or gave it a new one."""
+
+    installed: list[str]
+    token: str | None
+    reissued: bool = False  # the token is a new one for a ``default`` made before
 
 
 def example_plugins() -> list[Path]:
@@ -73,10 +84,16 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.created = self._prepare_data_dir()
-        self.store = SqliteStore(
-            settings.db_path, max_size_bytes=settings.db_max_mb * 2**20 or None
-        )
+        # an existing store is opened first: another program's mcp0.db is refused before
+        # anything (keys, token, policies) is laid out beside it
+        opened = self._open_store() if settings.db_path.exists() else None
+        try:
+            self.created = self._prepare_data_dir()
+        except BaseException:
+            if opened is not None:
+                opened.close()
+            raise
+        self.store = opened or self._open_store()
         self.audit = AuditLog(
             self.store,
             window=settings.audit_window_ms / 1000,
@@ -122,11 +139,18 @@ class Runtime:
         )
         self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
         self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
+        self._admin_token: str | None = None  # the token in force
         # a rotation a crash cut short: in force if its record was committed, else dropped
         finish_admin_token_rotations(settings.admin_token_path, self.store)
+        head = self.store.audit_head()
+        self._admin_token_since = head.seq if head is not None else 0  # when it was taken up
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
+
+    def _open_store(self) -> SqliteStore:
+        s = self.settings
+        return SqliteStore(s.db_path, max_size_bytes=s.db_max_mb * 2**20 or None)
 
     def _prepare_data_dir(self) -> bool:
         """Create the data dir layout, keys, admin token and default policy; True if new."""
@@ -158,13 +182,16 @@ class Runtime:
         return created
 
     def admin_token(self) -> str:
-        return self.settings.admin_token_path.read_text().strip()
+        """The token in the admin token file. Raises OSError, and UnicodeDecodeError for a
+        file that is not UTF-8 text."""
+        return self.settings.admin_token_path.read_text(encoding="utf-8").strip()
 
     def refresh_admin_token(self) -> bool:
         """Take up the admin token file again if it changed; True when it did.
 
         The token can be rotated without a restart (``mcp0 admin rotate-token``, or by
-        rewriting the file). A missing or empty file closes the admin API.
+        rewriting the file). A missing, empty or unreadable file (not UTF-8 text, say)
+        closes the admin API; it is logged once per change of the file.
         """
         path = self.settings.admin_token_path
         try:
@@ -175,16 +202,23 @@ class Runtime:
         if seen == self._admin_token_seen:
             return False
         first, self._admin_token_seen = self._admin_token_seen is _UNSEEN, seen
+        unreadable = None
         try:
             token = self.admin_token() if seen is not None else ""
-        except OSError as exc:
-            log.error("cannot read the admin token file %s: %s", path, exc)
-            token = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            unreadable, token = str(exc), ""
+            log.error(
+                "cannot read the admin token file %s (%s): the admin API refuses every "
+                "request until it holds a token ('mcp0 admin rotate-token' writes a new one)",
+                path,
+                unreadable,
+            )
         new_hash = hash_token(token) if token else None
         if new_hash == self.admin_token_hash:
             return False
         self.admin_token_hash = new_hash
-        if new_hash is None:
+        self._admin_token = token or None
+        if new_hash is None and unreadable is None:
             log.warning("%s holds no token: the admin API refuses every request", path)
         elif not first:
             log.info("the admin token in %s changed: the old one no longer works", path)
@@ -194,23 +228,55 @@ class Runtime:
         """Install the bundled example plugins."""
         return [self.install_plugin(path, replace=True).name for path in example_plugins()]
 
-    async def finish_first_start(self) -> tuple[list[str], str | None]:
+    async def finish_first_start(self, *, record: bool = True) -> FirstStart:
         """Do the data dir's first start if it has not finished: install the example plugins
         (unless ``settings.examples`` is false) and, when there is no agent yet, create agent
         ``default`` with them. Returns the plugins installed and the new agent's token (shown
-        once), or ([], None) when the first start was done before.
+        once), or nothing when the first start was done before.
 
-        Recorded as done only at the end, so a first start that died midway (kill -9, a full
-        disk) is finished by the next one. Raises what the install and the spawn raise.
+        Recorded as done only at the end (``record``; else by the caller, once it has shown
+        the token), so a first start that died midway (kill -9, a full disk) is finished by
+        the next one; if it died after making agent ``default``, whose token may never have
+        been shown, that agent gets a new token (audited as ``spawn_agent`` with
+        ``token_reissued``). Raises what the install and the spawn raise.
         """
         if self.store.first_start_done():
-            return [], None
+            return FirstStart([], None)
         installed = self.install_examples() if self.settings.examples else []
         token = None
-        if installed and not self.store.list_agents():
+        reissued = False
+        default = self.store.get_agent("default")
+        if default is not None and default.status == "active":
+            token, reissued = self._reissue_token(default), True
+        elif installed and not self.store.list_agents():
             token = (await self.agents.spawn("default", installed, via="cli")).token
-        self.store.finish_first_start()
-        return installed, token
+        if record:
+            self.store.finish_first_start()
+        return FirstStart(installed, token, reissued)
+
+    def _reissue_token(self, agent: AgentRecord) -> str:
+        """A new token for ``agent`` (the old one stops working), decided and audited as its
+        spawn was."""
+        self._authorize(Verb.SPAWN_AGENT, agent.name, "cli")
+        token = new_token()
+
+        def still_active(stored: AgentRecord) -> None:
+            if stored.status != "active" or stored.token_hash != agent.token_hash:
+                raise Conflict(f"agent {agent.name!r} changed meanwhile: start again")
+
+        self.audit.append_with(
+            lambda: self.store.update_agent(
+                dataclasses.replace(agent, token_hash=hash_token(token)), check=still_active
+            ),
+            lambda _: admin_event(
+                Verb.SPAWN_AGENT,
+                agent.name,
+                "cli",
+                Outcome.ALLOWED,
+                {"plugins": agent.plugins, "token_reissued": True},
+            ),
+        )
+        return token
 
     def install_plugin(
         self, path: Path, *, replace: bool = False, via: str = "cli"
@@ -275,14 +341,31 @@ class Runtime:
                 await self.refresh_policies()
             except Exception:
                 log.exception("reloading policies failed; the previous set stays in force")
-            if self.refresh_admin_token():
-                closed = self.admin_token_hash is None
-                await self._audit_file_change(
-                    CHANGE_ADMIN_TOKEN,
-                    self.settings.admin_token_path.name,
-                    Outcome.ERROR if closed else Outcome.ALLOWED,
-                    {"code": "no_admin_token"} if closed else {},
-                )
+            # each step on its own: one that fails must not stop the watcher (the others
+            # would never again be taken up until a restart)
+            try:
+                await self._refresh_admin_token_and_audit()
+            except Exception:
+                log.exception("taking up the admin token file failed; looking again later")
+
+    async def _refresh_admin_token_and_audit(self) -> None:
+        since = self._admin_token_since
+        if not self.refresh_admin_token():
+            return
+        head = self.store.audit_head()
+        self._admin_token_since = head.seq if head is not None else 0
+        token = self._admin_token
+        # a rotation (mcp0 admin rotate-token) recorded the change before putting it in force
+        if token is not None and await asyncio.to_thread(
+            rotation_recorded, self.store, token, since
+        ):
+            return
+        await self._audit_file_change(
+            CHANGE_ADMIN_TOKEN,
+            self.settings.admin_token_path.name,
+            Outcome.ALLOWED if token is not None else Outcome.ERROR,
+            {} if token is not None else {"code": "no_admin_token"},
+        )
 
     async def refresh_policies(self) -> bool:
         """Put changed policy files in force, or keep the old set if they do not load; the

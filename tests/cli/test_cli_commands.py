@@ -4,6 +4,7 @@ their errors (one line, non-zero exit), and what they change."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -657,6 +658,121 @@ def test_commands_on_a_mistyped_data_dir_fail_instead_of_creating_one(tmp_path: 
     # the commands that set one up still do
     assert as_json(typo, "agent", "create", "ada")["name"] == "ada"
     assert as_json(typo, "agent", "list")[0]["name"] == "ada"
+
+
+READING_COMMANDS = (
+    ("agent", "list"),
+    ("agent", "show", "ada"),
+    ("plugin", "list"),
+    ("plugin", "show", "notes"),
+    ("audit", "list"),
+    ("audit", "verify"),
+)
+
+
+def _file_state(directory: Path) -> dict[str, bytes]:
+    """The files in ``directory`` but SQLite's shared-memory index (a reader of a WAL store
+    may make it) and an empty -wal: what a write would change."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+        and not p.name.endswith("-shm")
+        and not (p.name.endswith("-wal") and p.stat().st_size == 0)
+    }
+
+
+def test_another_programs_database_is_refused_and_left_as_it_is(data_dir: Path) -> None:
+    data_dir.mkdir()
+    foreign = data_dir / "mcp0.db"
+    with contextlib.closing(sqlite3.connect(foreign)) as conn:
+        conn.execute("CREATE TABLE customers (name TEXT)")
+        conn.execute("INSERT INTO customers VALUES ('ada')")
+        conn.commit()
+    before = _file_state(data_dir)
+    # a reading command added mcp0's tables, switched the file to WAL and printed []
+    for command in (*READING_COMMANDS, ("agent", "create", "ada"), ("admin", "rotate-token")):
+        refused = run(data_dir, *command, ok=False)
+        assert refused.exit_code == 1, command
+        assert refused.stderr == (
+            f"mcp0: error: {foreign} is not an MCP-ZERO store (it holds another program's "
+            "tables); it was left as it is: give a data dir of its own (--data-dir)\n"
+        ), command
+        assert _file_state(data_dir) == before, command
+        assert [p.name for p in data_dir.iterdir()] == ["mcp0.db"], command
+
+
+def test_reading_commands_neither_create_nor_migrate_a_store(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    db = data_dir / "mcp0.db"
+    # a store an older release wrote (schema version 2): reading commands say so
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'first_start_done'")
+        conn.execute("PRAGMA user_version = 2")
+    before = _file_state(data_dir)
+    for command in READING_COMMANDS:
+        refused = run(data_dir, *command, ok=False)
+        assert refused.exit_code == 1, command
+        assert "was written by an older release: 'mcp0 serve'" in refused.stderr, command
+        assert _file_state(data_dir) == before, command
+    # a changing command migrates it; then they read it
+    run(data_dir, "agent", "create", "bob")
+    assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["ada", "bob"]
+    # an empty mcp0.db (a first start killed as it began) is not set up yet
+    db.unlink()
+    db.touch()
+    for command in READING_COMMANDS:
+        refused = run(data_dir, *command, ok=False)
+        assert "is not set up yet" in refused.stderr, command
+        assert db.stat().st_size == 0, command
+
+
+def _without_file_permission_override() -> None:
+    """(In the child, before exec.) Drop CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER
+    from the bounding set: root then obeys file modes as any owner does (tests run as root in
+    CI, where a chmod binds no one; nobody cannot run this venv's Python under /root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            os._exit(97)
+
+
+def test_reading_commands_work_on_a_data_dir_they_may_not_write(data_dir: Path) -> None:
+    # "cannot create database ... Permission denied" though it exists
+    run(data_dir, "agent", "create", "ada")
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    os.chmod(data_dir / "mcp0.db", 0o400)
+    os.chmod(data_dir, 0o500)
+    try:
+        as_root = os.geteuid() == 0
+
+        def read(*command: str) -> Any:
+            done = subprocess.run(
+                [MCP0, *command, "--data-dir", str(data_dir), "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=_without_file_permission_override if as_root else None,
+            )
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        if as_root:  # the child may indeed not write there
+            probe = subprocess.run(
+                ["touch", str(data_dir / "probe")],
+                capture_output=True,
+                preexec_fn=_without_file_permission_override,
+            )
+            assert probe.returncode == 1, probe
+        assert [a["name"] for a in read("agent", "list")] == ["ada"]
+        assert read("agent", "show", "ada")["status"] == "active"
+        assert [p["name"] for p in read("plugin", "list")] == ["notes"]
+        assert read("plugin", "show", "notes")["tools"]
+        assert read("audit", "list")
+        assert read("audit", "verify")["ok"] is True
+        assert sorted(p.name for p in data_dir.glob("mcp0.db*")) == ["mcp0.db"]
+    finally:
+        os.chmod(data_dir, 0o700)
 
 
 def test_admin_rotate_token_writes_a_new_private_token_and_audits_it(data_dir: Path) -> None:

@@ -25,11 +25,21 @@ from mcp_zero.errors import ConfigError, McpZeroError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _PathGiven(click.Path):
+    """A path option that refuses an empty value (``Path("")`` is the current directory),
+    as the setting does from mcp0.toml or the environment."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("it is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _common(fn: F) -> F:
     fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
     fn = click.option(
         "--data-dir",
-        type=click.Path(path_type=Path),
+        type=_PathGiven(path_type=Path),
         default=None,
         help="Data directory (default ./.mcp0, or $MCP0_DATA_DIR).",
     )(fn)
@@ -85,11 +95,13 @@ def _existing(settings: Any) -> Any:
 
 @contextmanager
 def _store(config_file: Path | None, data_dir: Path | None) -> Iterator[Any]:
-    """The data dir's store alone, for commands that only read: they work while a policy
-    file is broken (a Runtime would refuse to load), which is when one wants to look."""
+    """The data dir's store alone, read-only, for commands that only read: they work while
+    a policy file is broken (a Runtime would refuse to load), which is when one wants to
+    look, and on a data dir they may not write; they create and migrate nothing."""
     from mcp_zero.storage.sqlite import SqliteStore
 
-    with SqliteStore(_existing(_settings(config_file, data_dir)).db_path) as store:
+    db_path = _existing(_settings(config_file, data_dir)).db_path
+    with SqliteStore(db_path, read_only=True) as store:
         yield store
 
 
@@ -178,8 +190,8 @@ def main() -> None:
     help="Let requests without a token act as this agent (loopback only; audited as anonymous).",
 )
 @click.option("--no-examples", is_flag=True, help="Do not install the example plugin.")
-@click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve HTTPS: PEM certificate.")
-@click.option("--tls-key", type=click.Path(path_type=Path), help="With --tls-cert: its key.")
+@click.option("--tls-cert", type=_PathGiven(path_type=Path), help="Serve HTTPS: PEM certificate.")
+@click.option("--tls-key", type=_PathGiven(path_type=Path), help="With --tls-cert: its key.")
 @_errors
 def serve(
     config_file: Path | None,

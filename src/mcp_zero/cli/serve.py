@@ -14,7 +14,7 @@ from typing import Any
 
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Unauthorized
-from mcp_zero.runtime import Runtime
+from mcp_zero.runtime import FirstStart, Runtime
 from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
 
@@ -81,22 +81,20 @@ def _check_listen(settings: Settings) -> None:
         raise _cannot_listen(settings, exc) from exc
 
 
-def _prepare(
-    settings: Settings, *, first_start: bool = False
-) -> tuple[Runtime, list[str], str | None]:
-    """The runtime, with the data dir's first start finished if ``first_start`` (the
-    example plugins installed and the default agent's token, if this start made them)."""
+def _prepare(settings: Settings, *, first_start: bool = False) -> tuple[Runtime, FirstStart]:
+    """The runtime, with the data dir's first start done if ``first_start`` (the example
+    plugins installed and the default agent's token, if this start made them); the caller
+    records it finished once the token is shown."""
     if settings.anonymous_agent and not settings.on_loopback_only():
         raise ConfigError(
             f"--anonymous-agent is refused on {settings.host}: token-less access is allowed "
             "only when the server listens on loopback (127.0.0.1, ::1, localhost)"
         )
     runtime = Runtime(settings)
-    installed: list[str] = []
-    token = None
+    done = FirstStart([], None)
     try:
         if first_start:
-            installed, token = asyncio.run(runtime.finish_first_start())
+            done = asyncio.run(runtime.finish_first_start(record=False))
         if settings.anonymous_agent and runtime.store.get_agent(settings.anonymous_agent) is None:
             raise ConfigError(
                 f"--anonymous-agent {settings.anonymous_agent!r}: no such agent; create it "
@@ -105,7 +103,7 @@ def _prepare(
     except BaseException:
         runtime.close()
         raise
-    return runtime, installed, token
+    return runtime, done
 
 
 def _end_left_behind(settings: Settings) -> None:
@@ -138,7 +136,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     warning = plain_http_warning(settings)
     if warning is not None:
         log.warning("%s", warning)
-    runtime, installed, first_token = _prepare(settings, first_start=True)
+    runtime, first_start = _prepare(settings, first_start=True)
     _end_left_behind(settings)
     # A subreaper: what a plugin orphans comes to the server, not init, and the server
     # sweeps it (mcp_zero.sandbox.proctree).
@@ -155,7 +153,10 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         except OSError as exc:
             await app.shutdown()
             raise _cannot_listen(settings, exc) from exc
-        _announce(settings, server.port, installed, first_token, as_json=as_json)
+        # only now, as the token is shown: a start killed before (its plugins starting, the
+        # listen) has the next start give agent default a new token
+        runtime.store.finish_first_start()
+        _announce(settings, server.port, first_start, as_json=as_json)
 
     try:
         asyncio.run(
@@ -170,9 +171,8 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         end_adopted()
 
 
-def _announce(
-    settings: Settings, port: int, installed: list[str], token: str | None, *, as_json: bool
-) -> None:
+def _announce(settings: Settings, port: int, first_start: FirstStart, *, as_json: bool) -> None:
+    installed, token = first_start.installed, first_start.token
     scheme = "https" if settings.tls_cert is not None else "http"
     url = f"{scheme}://{settings.host}:{port}/mcp"
     info: dict[str, Any] = {
@@ -182,13 +182,20 @@ def _announce(
         "plugins_installed": installed,
     }
     if token:
-        info["agent"] = {"name": "default", "token": token}
+        info["agent"] = {"name": "default", "token": token, "reissued": first_start.reissued}
     if as_json:
         print(json.dumps(info), flush=True)
         return
     if installed:
         print(f"installed example plugins: {', '.join(installed)}", flush=True)
-    if token:
+    if token and first_start.reissued:
+        print(
+            "agent 'default' was made by a first start that did not finish, its token maybe "
+            "never shown; its new token (shown once, the old one no longer works):",
+            flush=True,
+        )
+        print(f"  {token}", flush=True)
+    elif token:
         print(
             "created agent 'default' with the example plugins; its token (shown once):", flush=True
         )
@@ -207,7 +214,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
     _install_uvloop()
     # a stdio session's agent exists already: the first start is left to an HTTP server
-    runtime, _, _ = _prepare(settings)
+    runtime, _ = _prepare(settings)
     try:
         if agent:
             principal = runtime.agents.principal(agent)

@@ -7,14 +7,18 @@ file is renamed over the token file. The record is the commit point: a rotation 
 cut short is finished — put in force if its record is in the log, dropped if not — by
 :func:`finish_admin_token_rotations`, which every runtime runs as it opens. So, once that
 has run, a new token is in force exactly when its record is in the log.
+
+A rotation's id is a digest of the token it writes (:func:`rotation_id`), so a running
+server that finds a new token in the file can tell whether a rotation's record explains it
+(:func:`rotation_recorded`) or the file was edited by hand (a change it records itself).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
-import secrets
 from pathlib import Path
 
 import orjson
@@ -25,7 +29,7 @@ from mcp_zero.kernel.action import Outcome
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
 from mcp_zero.security.files import exclusive_lock, sync_directory
 from mcp_zero.security.tokens import new_token, write_secret_file
-from mcp_zero.storage.base import Store
+from mcp_zero.storage.base import AuditEntry, Store
 
 # (no "admin.token" in its name: it stays, and is no token)
 _LOCK_NAME = ".rotate-token.lock"
@@ -44,9 +48,10 @@ def rotate_admin_token(path: Path, audit: AuditLog, store: Store, via: str = "cl
         with exclusive_lock(path.parent / _LOCK_NAME):
             _finish(path, store)  # a rotation cut short first: its record comes before ours
             head = store.audit_head()
-            rotation = secrets.token_hex(8)
+            token = new_token()
+            rotation = rotation_id(token)
             staged = path.with_name(f"{path.name}.{head.seq if head else 0}-{rotation}.next")
-            write_secret_file(staged, new_token() + "\n")
+            write_secret_file(staged, token + "\n")
             try:
                 audit.append_sync(
                     admin_event(
@@ -65,6 +70,27 @@ def rotate_admin_token(path: Path, audit: AuditLog, store: Store, via: str = "cl
             f"cannot write a new admin token to {path}: {exc.strerror or exc}; "
             "the old token still works"
         ) from exc
+
+
+def rotation_id(token: str) -> str:
+    """The id of the rotation that wrote ``token``: 64 bits of a digest of it (no help in
+    guessing a 256-bit random token, so the record may show it)."""
+    return hashlib.sha256(b"mcp0 admin token rotation\0" + token.encode()).hexdigest()[:16]
+
+
+def rotation_recorded(store: Store, token: str, after_seq: int) -> bool:
+    """Whether the log holds, after seq ``after_seq``, the record of a rotation that wrote
+    ``token``. Read back from the head a window at a time: the record of a rotation just
+    put in force is among the last."""
+    head = store.audit_head()
+    rotation = rotation_id(token)
+    high, window = (head.seq if head else 0), 256
+    while high > after_seq:
+        low = max(after_seq, high - window)
+        if _holds_record(store.read_audit(low, high - low), rotation):
+            return True
+        high, window = low, window * 2
+    return False
 
 
 def finish_admin_token_rotations(path: Path, store: Store) -> None:
@@ -111,12 +137,18 @@ def _finish(path: Path, store: Store) -> None:
 
 def _recorded(store: Store, after_seq: int, rotation: str) -> bool:
     """Whether the log holds the record of ``rotation``, committed after seq ``after_seq``."""
-    marker = rotation.encode()
     while entries := store.read_audit(after_seq, 1000):
-        for entry in entries:
-            if marker in entry.body:  # (a record is parsed only if it may be the one)
-                body = orjson.loads(entry.body)
-                if body.get("verb") == CHANGE_ADMIN_TOKEN and body.get("rotation") == rotation:
-                    return True
+        if _holds_record(entries, rotation):
+            return True
         after_seq = entries[-1].seq
+    return False
+
+
+def _holds_record(entries: list[AuditEntry], rotation: str) -> bool:
+    marker = rotation.encode()
+    for entry in entries:
+        if marker in entry.body:  # (a record is parsed only if it may be the one)
+            body = orjson.loads(entry.body)
+            if body.get("verb") == CHANGE_ADMIN_TOKEN and body.get("rotation") == rotation:
+                return True
     return False

@@ -79,6 +79,22 @@ class SchemaTooNew(Exception):
         self.found = found
 
 
+class NotOurs(Exception):
+    """The database holds another program's tables: it is no MCP-ZERO store."""
+
+
+def check_ours(conn: sqlite3.Connection) -> int:
+    """The version of ``conn``'s database if it is an MCP-ZERO store or empty (0: a new
+    file). Raises :class:`NotOurs` for a database that holds anything else: the first step
+    creates its tables together with the version bump, so a version-0 database with tables,
+    or a versioned one without our ``meta`` table, was written by another program."""
+    version = user_version(conn)
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    if (version == 0 and names) or (version > 0 and "meta" not in names):
+        raise NotOurs
+    return version
+
+
 def user_version(conn: sqlite3.Connection) -> int:
     """The number of migration steps ``conn``'s database has applied."""
     row = conn.execute("PRAGMA user_version").fetchone()
@@ -89,10 +105,11 @@ def migrate(conn: sqlite3.Connection) -> int:
     """Apply every step the database lacks; return the resulting version.
 
     ``conn`` must be in autocommit mode (``isolation_level=None``). Raises
-    :class:`SchemaTooNew` if the database is ahead of this code, and lets
+    :class:`NotOurs` for another program's database, :class:`SchemaTooNew` if the
+    database is ahead of this code, and lets
     ``sqlite3.Error`` through (the store turns it into ``StorageError``).
     """
-    version = user_version(conn)
+    version = check_ours(conn)
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(version)
     while version < SCHEMA_VERSION:

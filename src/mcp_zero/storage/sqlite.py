@@ -24,6 +24,7 @@ import json
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from operator import attrgetter
@@ -39,7 +40,13 @@ from mcp_zero.storage.base import (
     SnapshotRecord,
     StoreBusy,
 )
-from mcp_zero.storage.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
+from mcp_zero.storage.migrations import (
+    SCHEMA_VERSION,
+    NotOurs,
+    SchemaTooNew,
+    check_ours,
+    migrate,
+)
 from mcp_zero.storage.sqlite_errors import storage_error
 
 T = TypeVar("T")
@@ -90,8 +97,13 @@ class SqliteStore:
     ``max_size_bytes`` caps the database file (for small devices); past it,
     writes fail with ``StorageError`` like a full disk.
 
+    ``read_only`` opens an existing store for reading only (commands that only
+    read): nothing is created, migrated or switched to WAL, and a data dir that is
+    readable but not writable will do; a store that needs migrating is refused.
+
     Raises :class:`~mcp_zero.errors.StorageError` if the file cannot be created,
-    opened or migrated, or was written by a newer release.
+    opened or migrated, holds another program's database, or was written by a
+    newer release.
     """
 
     def __init__(
@@ -100,6 +112,7 @@ class SqliteStore:
         *,
         busy_timeout: float = 5.0,
         max_size_bytes: int | None = None,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
@@ -110,6 +123,10 @@ class SqliteStore:
         self._in_transaction = False
         self._audit_lock = threading.Lock()
         self._closed = False
+        if read_only:
+            self._conn = self._audit_conn = self._connect_read_only()
+            self._audit_cursor = self._conn.cursor()
+            return
         self._create_file()
         self._conn = self._connect()
         try:
@@ -460,6 +477,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise storage_error(exc, self.path, "open database") from exc
         try:
+            check_ours(conn)  # before WAL: another program's file is left as it is
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageError(
@@ -475,20 +493,69 @@ class SqliteStore:
         except sqlite3.Error as exc:
             conn.close()
             raise storage_error(exc, self.path, "open database") from exc
+        except NotOurs:
+            conn.close()
+            raise self._not_ours() from None
         except BaseException:
             conn.close()
             raise
         return conn
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+        try:
+            try:
+                conn, version = _open_checked(uri, self._busy_timeout)
+            except sqlite3.OperationalError:
+                # A WAL database read where its -shm cannot be made (a directory we may
+                # not write): with no -wal left, the file alone is the whole store.
+                wal = self.path.with_name(self.path.name + "-wal")
+                if wal.exists() and wal.stat().st_size > 0:
+                    raise
+                conn, version = _open_checked(uri + "&immutable=1", self._busy_timeout)
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, "open database for reading") from exc
+        except NotOurs:
+            raise self._not_ours() from None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read database at {self.path}: {exc.strerror or exc}",
+                data={"path": str(self.path)},
+            ) from exc
+        if version != SCHEMA_VERSION:
+            conn.close()
+            if version > SCHEMA_VERSION:
+                raise self._too_new(version)
+            raise StorageError(
+                f"database at {self.path} "
+                + ("is not set up yet" if version == 0 else "was written by an older release")
+                + ": 'mcp0 serve' (or any command that changes the data dir) sets it up;"
+                " reading commands change nothing",
+                data={"path": str(self.path), "found": version, "supported": SCHEMA_VERSION},
+            )
+        return conn
+
+    def _not_ours(self) -> StorageError:
+        return StorageError(
+            f"{self.path} is not an MCP-ZERO store (it holds another program's tables);"
+            " it was left as it is: give a data dir of its own (--data-dir)",
+            data={"path": str(self.path)},
+        )
+
+    def _too_new(self, found: int) -> StorageError:
+        return StorageError(
+            f"database at {self.path} has schema version {found}, newer than this"
+            f" release understands ({SCHEMA_VERSION}): upgrade mcp-zero",
+            data={"path": str(self.path), "found": found, "supported": SCHEMA_VERSION},
+        )
+
     def _migrate(self) -> None:
         try:
             migrate(self._conn)
         except SchemaTooNew as exc:
-            raise StorageError(
-                f"database at {self.path} has schema version {exc.found}, newer than this"
-                f" release understands ({SCHEMA_VERSION}): upgrade mcp-zero",
-                data={"path": str(self.path), "found": exc.found, "supported": SCHEMA_VERSION},
-            ) from exc
+            raise self._too_new(exc.found) from exc
+        except NotOurs:
+            raise self._not_ours() from None
         except sqlite3.Error as exc:
             raise storage_error(exc, self.path, "migrate database schema") from exc
 
@@ -547,6 +614,17 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 raise _collision(entries, self.path, exc) from exc
         return result
+
+
+def _open_checked(uri: str, timeout: float) -> tuple[sqlite3.Connection, int]:
+    """A read-only connection to ``uri`` and its store's version (see ``check_ours``)."""
+    conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+    try:
+        conn.isolation_level = None
+        return conn, check_ours(conn)
+    except BaseException:
+        conn.close()
+        raise
 
 
 # An entry's row, in _INSERT_AUDIT's order (attrgetter: a C function, not a Python one per row)
