@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import subprocess
@@ -260,14 +259,13 @@ class Runtime:
         self._authorize(Verb.SPAWN_AGENT, agent.name, "cli")
         token = new_token()
 
-        def still_active(stored: AgentRecord) -> None:
+        def reissue(stored: AgentRecord) -> None:
             if stored.status != "active" or stored.token_hash != agent.token_hash:
                 raise Conflict(f"agent {agent.name!r} changed meanwhile: start again")
+            stored.token_hash = hash_token(token)
 
         self.audit.append_with(
-            lambda: self.store.update_agent(
-                dataclasses.replace(agent, token_hash=hash_token(token)), check=still_active
-            ),
+            lambda: self.store.change_agent(agent.name, reissue),
             lambda _: admin_event(
                 Verb.SPAWN_AGENT,
                 agent.name,

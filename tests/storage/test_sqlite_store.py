@@ -64,14 +64,14 @@ def test_agent_crud(store: SqliteStore) -> None:
         agent.plugins.append("web")
         agent.state = {"n": 2, "ü": [1, None]}
         agent.status = "terminated"
-        agent.token_hash = "h3"  # not written: a token stays its agent's
-        agent.created_at = 99  # nor the creation time
+        agent.token_hash = "h3"  # a token reissued (a first start that died before showing it)
+        agent.created_at = 99  # not written: the creation time stays
 
     written = store.change_agent("alice", change)
     got = store.get_agent("alice")
     assert got is not None
     assert (got.token_hash, got.plugins, got.state, got.status, got.created_at) == (
-        "h1",
+        "h3",
         ["fs", "web"],
         {"n": 2, "ü": [1, None]},
         "terminated",

@@ -215,8 +215,8 @@ class SqliteStore:
         return [_agent(row) for row in rows]
 
     def change_agent(self, name: str, change: Callable[[AgentRecord], None]) -> AgentRecord:
-        """Apply ``change`` to agent ``name`` as stored, and store its plugins, state and
-        status as ``change`` left them; returns the agent written.
+        """Apply ``change`` to agent ``name`` as stored, and store its plugins, state,
+        status and token hash as ``change`` left them; returns the agent written.
 
         All in one write transaction: ``change`` sees the agent, and what it reads through
         this store, as they are when the write is made (another writer — a plugin removed
@@ -235,8 +235,9 @@ class SqliteStore:
             agent = _agent(row)
             change(agent)
             conn.execute(
-                "UPDATE agents SET plugins = ?, state = ?, status = ? WHERE name = ?",
-                (_dumps(agent.plugins), _dumps(agent.state), agent.status, name),
+                "UPDATE agents SET plugins = ?, state = ?, status = ?, token_hash = ? "
+                "WHERE name = ?",
+                (_dumps(agent.plugins), _dumps(agent.state), agent.status, agent.token_hash, name),
             )
             return agent
 
