@@ -59,10 +59,11 @@ TOOLS: dict[str, dict[str, Any]] = {
 WAIT_S = 30.0
 
 # The plugin workers run this instead of `python -m mcp_zero.sandbox.worker`: the same
-# worker, counting between two SIGUSR1 (it writes WORK_FILE.started, then WORK_FILE.json).
+# worker, counting between two SIGUSR1 (it writes worker-PID.started, then worker-PID.json,
+# in its HOME: the plugin's data dir, the one place a confined worker may write).
 WORKER_SHIM = """\
 import cProfile, json, os, signal, sys
-out, counter_dir = sys.argv[1], sys.argv[2]
+counter_dir = sys.argv[2]
 args = sys.argv[sys.argv.index("mcp_zero.sandbox.worker") + 1:]
 sys.path.insert(0, counter_dir)
 try:
@@ -70,7 +71,7 @@ try:
     alloc_count.install()
 except ImportError:
     alloc_count = None
-prefix = f"{out}/worker-{os.getpid()}"
+prefix = f"{os.environ['HOME']}/worker-{os.getpid()}"
 window = {}
 
 def allocations():
@@ -219,6 +220,13 @@ def worker_pids(shim: Path) -> list[int]:
     return pids
 
 
+def worker_file(pid: int, suffix: str) -> Path:
+    """The file ``suffix`` the counting shim of worker ``pid`` writes in its HOME."""
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        home = dict(e.partition(b"=")[::2] for e in environ.read().split(b"\0"))[b"HOME"]
+    return Path(os.fsdecode(home)) / f"worker-{pid}{suffix}"
+
+
 async def wait_for(path: Path) -> None:
     deadline = time.monotonic() + WAIT_S
     while not path.exists():
@@ -232,8 +240,7 @@ class Counting:
     ``profiled`` the calls (cProfile), which allocate themselves (a frame object per
     Python call profiled): a window counts one or the other, never both."""
 
-    def __init__(self, work: Path, shim: Path, counter: Any, *, profiled: bool) -> None:
-        self.work = work
+    def __init__(self, shim: Path, counter: Any, *, profiled: bool) -> None:
         self.shim = shim
         self.counter = counter
         self.profiled = profiled
@@ -241,13 +248,14 @@ class Counting:
         self.profile: cProfile.Profile | None = None
 
     async def __aenter__(self) -> Window:
-        for old in self.work.glob("worker-*"):
-            old.unlink()
         self.pids = worker_pids(self.shim)
+        for pid in self.pids:
+            for suffix in (".started", ".json", ".prof"):
+                worker_file(pid, suffix).unlink(missing_ok=True)
         for pid in self.pids:
             os.kill(pid, signal.SIGUSR2 if self.profiled else signal.SIGUSR1)
         for pid in self.pids:
-            await wait_for(self.work / f"worker-{pid}.started")
+            await wait_for(worker_file(pid, ".started"))
         self.window = Window()
         self.before = list(self.counter.allocations()) if self.counter else None
         self.started = time.monotonic()
@@ -273,10 +281,10 @@ class Counting:
         calls: Counter[tuple[str, int, str]] = Counter()
         allocations: list[int] | None = None
         for pid in self.pids:
-            done = self.work / f"worker-{pid}.json"
+            done = worker_file(pid, ".json")
             await wait_for(done)
             if self.profiled:
-                calls.update(profile_calls(pstats.Stats(str(self.work / f"worker-{pid}.prof"))))
+                calls.update(profile_calls(pstats.Stats(str(worker_file(pid, ".prof")))))
             counted = json.loads(done.read_text())["allocations"]
             if counted is not None:
                 so_far = allocations or [0, 0, 0]
@@ -383,7 +391,7 @@ async def serve_and_count(data_dir: Path, token: str, args: argparse.Namespace) 
             sys.exit("the client did not get ready")
         windows: dict[bool, tuple[Window, Window]] = {}
         for profiled in (False, True):
-            counting = Counting(work, shim, counter, profiled=profiled)
+            counting = Counting(shim, counter, profiled=profiled)
             async with counting as busy:
                 proc.stdin.write(b"go\n")
                 if (await proc.stdout.readline()).strip() != b"done":
