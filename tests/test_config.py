@@ -304,7 +304,10 @@ def test_an_environment_value_of_the_wrong_kind_is_refused(
 # The kinds of TOML value each setting takes; every other kind is a ConfigError naming it.
 _KINDS: dict[str, set[str]] = {
     **{n: {"int"} for n in ("port", "max_body_bytes", "rate_burst", "max_concurrency")},
-    **{n: {"int"} for n in ("max_workers", "db_max_mb", "audit_max_batch", "page_size")},
+    **{
+        n: {"int"}
+        for n in ("max_workers", "db_max_mb", "audit_max_batch", "page_size", "sse_buffer_bytes")
+    },
     **{n: {"int"} for n in ("max_sessions", "max_sessions_per_agent")},
     **{n: {"int", "float"} for n in ("rate_limit", "max_timeout_s", "shutdown_grace_s")},
     **{n: {"int", "float"} for n in ("audit_window_ms", "session_idle_s")},
