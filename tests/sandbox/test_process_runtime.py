@@ -507,6 +507,7 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path):
                     "modules": ["fractions", "sqlite3"],  # imports after confinement
                     "unix": [str(tmp_path / "service.sock")],
                     "keyring": True,
+                    "io_uring": True,
                 },
             )
         )["structuredContent"]
@@ -517,6 +518,8 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path):
     assert rt.syscalls_restricted is True  # (x86_64 and aarch64: CI's machines)
     assert reached[f"unix {tmp_path / 'service.sock'}"] == "PermissionError"
     assert reached["keyring"] == "PermissionError"
+    # io_uring makes sockets (IORING_OP_SOCKET) without the socket() the filter sees
+    assert reached["io_uring"] == "PermissionError"
     assert rt.files_confined is confined
     allowed = [
         "read " + str(copy / "plugin.json"),

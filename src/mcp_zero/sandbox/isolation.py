@@ -28,12 +28,14 @@ _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 _CAPABILITY_VERSION_3 = 0x20080522
 
 # seccomp: what a worker may not do at all, per architecture (the audit arch, the syscall
-# numbers of socket() and of the kernel keyring's add_key, request_key and keyctl).
+# number of socket(), and those refused outright: the kernel keyring's add_key, request_key
+# and keyctl, and io_uring's setup, enter and register — its IORING_OP_SOCKET makes a
+# socket no filter of socket() sees).
 PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _SECCOMP_ARCH = {
-    "x86_64": (0xC000003E, 41, (248, 249, 250)),
-    "aarch64": (0xC00000B7, 198, (217, 218, 219)),
+    "x86_64": (0xC000003E, 41, (248, 249, 250, 425, 426, 427)),
+    "aarch64": (0xC00000B7, 198, (217, 218, 219, 425, 426, 427)),
 }
 _X32_SYSCALL_BIT = 0x40000000
 _AF_UNIX = 1
@@ -128,8 +130,9 @@ def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> tuple[int, int, int, in
 
 def restrict_syscalls() -> bool:
     """Install a seccomp filter: no Unix-domain socket (``socket(AF_UNIX, …)`` fails with
-    EACCES) and no kernel keyring (``add_key``, ``request_key``, ``keyctl``: EPERM); ``True``
-    when it is in force. Landlock does not govern connecting to a socket file: through
+    EACCES), no kernel keyring (``add_key``, ``request_key``, ``keyctl``) and no io_uring
+    (through which a socket is made without ``socket()``): EPERM; ``True`` when it is in
+    force. Landlock does not govern connecting to a socket file: through
     one (tmux, ssh-agent, Docker, D-Bus) a plugin could make the user's other programs act
     for it outside the sandbox. ``socketpair()`` stays allowed. Needs ``PR_SET_NO_NEW_PRIVS``.
     """
@@ -137,9 +140,9 @@ def restrict_syscalls() -> bool:
     arch = _SECCOMP_ARCH.get(os.uname().machine)
     if libc is None or arch is None:
         return False
-    audit_arch, socket_nr, keyring = arch
+    audit_arch, socket_nr, refused = arch
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, …|JGE|K, BPF_RET|K
-    checks = [_bpf(jeq, nr, jt=0xFF) for nr in keyring]  # 0xFF: to "deny", resolved below
+    checks = [_bpf(jeq, nr, jt=0xFF) for nr in refused]  # 0xFF: to "deny", resolved below
     if audit_arch == 0xC000003E:  # the x32 ABI's numbers name other calls: none at all
         checks.insert(0, _bpf(jge, _X32_SYSCALL_BIT, jt=0xFF))
     program = [

@@ -212,6 +212,7 @@ def reach(
     modules: list[str] | None = None,
     unix: list[str] | None = None,
     keyring: bool = False,
+    io_uring: bool = False,
 ) -> dict[str, str]:
     """What this worker can do: "ok" or the error, per path read or written, per pid sent
     signal 0, per module imported, per Unix socket connected to, and the kernel keyring."""
@@ -257,6 +258,18 @@ def reach(
 
     if keyring:
         attempt("keyring", keyctl)
+
+    def setup_ring() -> None:  # io_uring_setup(1, &params): its IORING_OP_SOCKET would do
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+        ring = libc.syscall(425, 1, params)
+        if ring < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        os.close(ring)
+
+    if io_uring:
+        attempt("io_uring", setup_ring)
     return outcome
 
 
