@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import select
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -269,6 +270,22 @@ def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
     assert reissued["token_reissued"] is True
     again = serve_once(data_dir)  # done once: never again
     assert "agent" not in again
+
+
+def test_a_restart_needs_no_write_while_another_process_holds_the_store(tmp_path: Path) -> None:
+    # Every start recorded the first start done again, after listening: with a CLI command
+    # (or any writer) holding the store's lock past the busy timeout, a restart exited with
+    # "database is locked".
+    data_dir = tmp_path / "data"
+    serve_once(data_dir)  # the first start
+    writer = sqlite3.connect(data_dir / "mcp0.db", isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # held through the whole restart
+        announced = serve_once(data_dir)
+    finally:
+        writer.close()
+    assert announced["url"].startswith("http://127.0.0.1:")
+    assert "agent" not in announced
 
 
 def test_a_data_dir_laid_out_by_another_command_gets_no_examples_from_serve(

@@ -154,8 +154,10 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
             await app.shutdown()
             raise _cannot_listen(settings, exc) from exc
         # only now, as the token is shown: a start killed before (its plugins starting, the
-        # listen) has the next start give agent default a new token
-        runtime.store.finish_first_start()
+        # listen) has the next start give agent default a new token. (Read first: a restart
+        # writes nothing, so another process's write lock does not hold it up.)
+        if not runtime.store.first_start_done():
+            runtime.store.finish_first_start()
         _announce(settings, server.port, first_start, as_json=as_json)
 
     try:
