@@ -586,7 +586,14 @@ def test_a_remote_or_a_urls_login_is_not_an_email_address(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["jane@example.com: see above", "mailto:jane@example.com", "<jane@example.com>:"],
+    [
+        "jane@example.com: see above",
+        "mailto:jane@example.com",
+        "<jane@example.com>:",
+        # (an address, then a password: not a remote, which a path or a port would make it)
+        "alice@example.com:hunter2",
+        "login alice@example.com:hunter2 now",
+    ],
 )
 def test_an_address_before_a_colon_is_still_one(text: str) -> None:
     assert label_text(text) == {"pii"}

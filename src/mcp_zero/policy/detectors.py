@@ -157,7 +157,9 @@ _WORD = "A-Za-z0-9_"
 _EMAIL_DOMAIN = re.compile(
     r"@(?:[A-Za-z0-9-]{1,63}+\.){1,10}[A-Za-z]{2,63}+"
     + _WORD_TAIL
-    + r"(?![A-Za-z0-9.-]*+:[A-Za-z0-9_~/.-])"
+    # not an scp-style remote: ``:`` then a path (``~``, ``/``, ``org/repo.git``) or a
+    # port; ``jane@example.com:hunter2`` is still an address
+    + r"(?![A-Za-z0-9.-]*+:(?:[~/]|[0-9]++(?![A-Za-z_])|[A-Za-z0-9_.-]*+/))"
 )
 _LOCAL_REVERSED = re.compile(r"[A-Za-z0-9._%+-]{1,64}")
 # what precedes a URL's login, read backwards: ``https://`` or ``postgres://app:``
