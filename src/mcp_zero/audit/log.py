@@ -17,7 +17,7 @@ answer goes out before its record is durable), so the loop waiting for the fsync
 (~0.2 ms here) delays nothing that was not already waiting for it. The cost is
 that other requests (ping, list) also wait while a slow disk syncs.
 
-The loop never waits for a lock, though: while another process holds the store's
+The group commit does not wait for a lock, though: while another process holds the store's
 write lock (a CLI command writing to the same data dir), a batch is not blocked on
 it (the store's busy timeout, seconds) but put back, and tried again from the loop
 (after 1 ms, then up to every 50 ms) until the store's busy timeout has passed since
