@@ -23,6 +23,7 @@ from rpc_live import FAULTY_DIR, NOTES_DIR, make_runtime
 
 from mcp_zero.rpc.stdio import MAX_LINE, serve_stdio
 from mcp_zero.runtime import Runtime
+from mcp_zero.storage.sqlite import SqliteStore
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -417,13 +418,13 @@ async def test_requests_from_a_file_are_read_no_further_ahead_than_they_are_answ
         try:
             # The client reads no answer: 64 calls (max_concurrency) wait for it to, besides
             # those answered into the pipe and the transport's buffer (64 KiB, ~70 answers),
-            # and the reader is a chunk or two (64 KiB, ~65 lines each) past the loop: ~270
-            # lines in. (It was at the end.)
+            # ~270 wait their turn (MAX_QUEUED_BYTES), and the reader is a chunk or two
+            # (64 KiB, ~65 lines each) past the loop: ~550 lines in at most. (It was at the end.)
             with anyio.fail_after(TIMEOUT_S):
                 while sum(r.get("verb") == "call_tool" for r in audited(runtime)) < 64:
                     await asyncio.sleep(0.05)
             read = stdin.tell()
-            assert read <= ends[600], f"{read} of {ends[-1]} bytes read, {count} requests"
+            assert read <= ends[800], f"{read} of {ends[-1]} bytes read, {count} requests"
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader()
             transport, _ = await loop.connect_read_pipe(
@@ -444,6 +445,45 @@ async def test_requests_from_a_file_are_read_no_further_ahead_than_they_are_answ
     assert all("result" in answer for answer in answers), [
         answer["error"] for answer in answers if "error" in answer
     ][:3]
+
+
+async def test_a_cancel_in_a_file_is_heard_while_the_agents_calls_are_all_running(
+    tmp_path: Path,
+) -> None:
+    """With max_concurrency=1 the file was read no further while one call ran, so the cancel
+    of that call, next in the file, was read only when it answered: a call that waits until
+    cancelled ran on (a 4 s call cancelled at 0.4 s ran its 4 s, audited allowed). Requests
+    read past the free slots now wait their turn, and cancels are heard as read."""
+    runtime = make_runtime(tmp_path / "data", rate_limit=0, max_concurrency=1)
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.agents.spawn("scripted", ["faulty"])
+    principal = runtime.agents.principal("scripted")
+    lines = [initialize_message(), {"jsonrpc": "2.0", "method": "notifications/initialized"}]
+    lines += [call("c1", "faulty_started_then_wait", {}), call("c2", "faulty_echo", {"text": "x"})]
+    lines += [echo_call(3, "after"), cancelled("c2"), cancelled("c1"), echo_call(4, "last")]
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    out_r, out_w = os.pipe()
+    with path.open("rb", buffering=0) as stdin, open(out_w, "wb", buffering=0) as stdout:
+        task = asyncio.create_task(serve_stdio(runtime, principal, stdin, stdout))
+        try:
+            with anyio.fail_after(TIMEOUT_S):  # (it waited for c1 to answer: never)
+                await task  # (the end of the file: the session ends)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    with open(out_r, "rb") as out:
+        answers = [orjson.loads(line) for line in out.read().splitlines()]
+    # the cancelled calls are not answered (as the spec has it), the others in file order
+    assert [answer["id"] for answer in answers] == [1, 3, 4]
+    assert [answer["result"]["content"][0]["text"] for answer in answers[1:]] == ["after", "last"]
+    with SqliteStore(tmp_path / "data" / "mcp0.db") as store:  # (the session closed its own)
+        bodies = [orjson.loads(entry.body) for entry in store.read_audit(0, 1000)]
+    records = {r["request_id"]: r for r in bodies if r.get("verb") == "call_tool"}
+    outcomes = {rid: (r["outcome"], r.get("code")) for rid, r in records.items()}
+    cut = ("error", "cancelled")
+    assert outcomes == {"c1": cut, "c2": cut, "3": ("allowed", None), "4": ("allowed", None)}
 
 
 async def test_mcp0_serve_stdio_with_stdout_closed_says_so(tmp_path: Path) -> None:

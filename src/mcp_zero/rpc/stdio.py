@@ -32,6 +32,11 @@ from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 
 MAX_LINE = 16 << 20
+# Requests read from a file past the agent's free slots, waiting their turn (reading pauses
+# at either bound): the notifications behind them, such as a cancel of a running call, are
+# heard meanwhile.
+MAX_QUEUED = 1000
+MAX_QUEUED_BYTES = 256 << 10
 _LAST_WRITE_S = 5.0  # for the client to read the last answers at the end of stdin
 log = logging.getLogger("mcp_zero.stdio")
 
@@ -226,6 +231,8 @@ async def serve_stdio(
 
         def stop_reading() -> None:
             feeding.cancel()
+            for _, _, waiting in list(queued.values()):  # no client to answer
+                waiting.cancel()
     else:
         stdin_transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), source
@@ -240,14 +247,20 @@ async def serve_stdio(
     tasks: set[asyncio.Task[Any]] = set()
 
     stateless: bool | None = None  # the first request decides: MCP 2026-07-28 or a session
-    # From a file, requests are read only as fast as they are answered: at most the agent's
+    # From a file, requests start only as fast as they are answered: at most the agent's
     # max_concurrency wait for their answers (more would be refused), and MAX_LINE of their
-    # lines. (Not listen streams: they stay open until the end of stdin.)
-    ahead = [0, 0]  # requests read from the file and not yet answered, and their bytes
-    answered = asyncio.Event()
+    # lines (not listen streams: they stay open until the end of stdin). Those read past
+    # that wait in order, MAX_QUEUED or MAX_QUEUED_BYTES of them; the file is read no further.
+    ahead = [0, 0]  # requests started and not yet answered, and their bytes
     max_ahead = runtime.settings.max_concurrency
+    # waiting to start, in file order: their line's size, whether they take a slot, task
+    queued: dict[asyncio.Future[None], tuple[int, bool, asyncio.Task[None]]] = {}
+    queued_bytes = [0]
+    moved = asyncio.Event()  # a request left the queue
 
-    async def run(request: jsonrpc.Request) -> None:
+    async def run(request: jsonrpc.Request, turn: asyncio.Future[None] | None) -> None:
+        if turn is not None:
+            await turn  # (a cancel while it waits ends it unstarted)
         try:  # as HTTP authenticates each request: the agent's plugins may have changed
             session.principal = runtime.agents.principal(
                 principal.agent, anonymous=principal.anonymous
@@ -269,20 +282,48 @@ async def serve_stdio(
         return task
 
     def start(request: jsonrpc.Request, size: int) -> None:
-        task = spawn(run(request))
+        turn = loop.create_future() if from_file else None
+        task = spawn(run(request, turn))
         # Admitted now, not when the task first runs: a notifications/cancelled read in the
-        # same chunk of stdin must find it (a refused id is answered when the task runs).
+        # same chunk of stdin (or while it waits its turn) must find it (a refused id is
+        # answered when the task runs).
         server.admit(session, request, task)
         task.add_done_callback(lambda done: ended(request, done))
-        if from_file and request.method != "subscriptions/listen":
-            ahead[0] += 1
-            ahead[1] += size
-            task.add_done_callback(lambda _: answer_came(size))
+        if turn is not None:
+            slot = request.method != "subscriptions/listen"
+            queued[turn] = (size, slot, task)
+            queued_bytes[0] += size
+            task.add_done_callback(lambda _: answer_came(turn, size, slot))
+            start_queued()
 
-    def answer_came(size: int) -> None:
-        ahead[0] -= 1
-        ahead[1] -= size
-        answered.set()
+    def unqueue(turn: asyncio.Future[None], size: int) -> None:
+        del queued[turn]
+        queued_bytes[0] -= size
+        moved.set()
+
+    def start_queued() -> None:
+        """Start the queued requests, in order, while the agent has slots free."""
+        while queued:
+            turn = next(iter(queued))
+            size, slot, _ = queued[turn]
+            if turn.cancelled():  # (its task's end unqueues it too)
+                unqueue(turn, size)
+                continue
+            if slot and (ahead[0] >= max_ahead or ahead[1] >= MAX_LINE):
+                return
+            unqueue(turn, size)
+            if slot:
+                ahead[0] += 1
+                ahead[1] += size
+            turn.set_result(None)
+
+    def answer_came(turn: asyncio.Future[None], size: int, slot: bool) -> None:
+        if turn in queued:  # cancelled while it waited
+            unqueue(turn, size)
+        elif slot and not turn.cancelled():  # it started (a cancelled turn never did)
+            ahead[0] -= 1
+            ahead[1] -= size
+        start_queued()
 
     def ended(request: jsonrpc.Request, task: asyncio.Task[None]) -> None:
         if session.inflight.get(request.id) is not task:
@@ -309,9 +350,9 @@ async def serve_stdio(
     watch = asyncio.create_task(list_changes.run())
     try:
         while True:
-            while ahead[0] >= max_ahead or ahead[1] >= MAX_LINE:
-                answered.clear()
-                await answered.wait()
+            while len(queued) >= MAX_QUEUED or queued_bytes[0] >= MAX_QUEUED_BYTES:
+                moved.clear()
+                await moved.wait()
             wanted.set()
             try:
                 line = await reader.readuntil(b"\n")
@@ -344,6 +385,9 @@ async def serve_stdio(
                 server.handle_notification(session, message)
             else:
                 server.handle_response(session, message)
+        while queued:  # (the end of a file: what it asked for is yet to start)
+            moved.clear()
+            await moved.wait()
         server.end_listeners()  # stdin closed: subscriptions/listen streams end
         if tasks:
             await asyncio.wait(tasks, timeout=30)
