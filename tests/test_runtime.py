@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import select
 import signal
 import sqlite3
@@ -20,10 +22,21 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from mcp_zero.audit.chain import GENESIS
 from mcp_zero.config import load_settings
 from mcp_zero.errors import PolicyDenied
+from mcp_zero.kernel.action import Outcome
+from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
+from mcp_zero.kernel.admin_token import (
+    MAX_READ_BACK,
+    READ_BACK_PAGE,
+    rotate_admin_token,
+    rotation_id,
+)
 from mcp_zero.runtime import Runtime
-from mcp_zero.security.tokens import hash_token
+from mcp_zero.security.files import exclusive_lock
+from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
+from mcp_zero.storage.base import AuditEntry
 from mcp_zero.storage.sqlite import SqliteStore
 
 NOTES_DIR = Path(__file__).parents[1] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
@@ -388,3 +401,101 @@ async def test_a_rotation_beside_a_running_server_is_recorded_once_and_a_hand_ed
     ]
     assert "rotation" in changes[0]
     assert "rotation" not in changes[1]
+
+
+class _ReadBackStore(SqliteStore):
+    """A store that notes how many entries each read_audit asks for."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.reads: list[int] = []
+
+    def read_audit(self, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        self.reads.append(limit)
+        return super().read_audit(after_seq, limit)
+
+
+class _ReadBackRuntime(Runtime):
+    def _open_store(self) -> _ReadBackStore:
+        return _ReadBackStore(self.settings.db_path)
+
+
+@pytest.mark.anyio
+async def test_a_hand_edit_after_a_long_log_is_recorded_once_reading_it_back_a_page_at_a_time(
+    tmp_path: Path,
+) -> None:
+    runtime = _ReadBackRuntime(
+        load_settings(None, {"data_dir": tmp_path / "data", "examples": False}, environ={})
+    )
+    try:
+        # another process appends a long log after the server took up its token
+        head = runtime.store.audit_head()
+        start = head.seq if head is not None else 0
+        other = SqliteStore(runtime.settings.db_path)
+        body = orjson.dumps({"verb": "call_tool", "agent": "default", "outcome": "allowed"})
+        entries, prev = [], head.hash if head is not None else GENESIS
+        for seq in range(start + 1, start + MAX_READ_BACK + 20_001):
+            digest = hashlib.sha256(bytes.fromhex(prev) + body).hexdigest()
+            entries.append(AuditEntry(seq, 1.0, body, prev, digest))
+            prev = digest
+        other.append_audit_batch(entries)
+        other.close()
+        assert isinstance(runtime.store, _ReadBackStore)
+        runtime.store.reads.clear()
+        runtime.settings.admin_token_path.write_text("mcp0_written-by-hand\n")
+        await runtime._refresh_admin_token_and_audit()
+        reads = list(runtime.store.reads)
+    finally:
+        await runtime.aclose()
+    assert runtime.admin_token_hash == hash_token("mcp0_written-by-hand")
+    assert reads
+    assert max(reads) <= READ_BACK_PAGE  # memory bounded by a page
+    assert sum(reads) <= MAX_READ_BACK
+    store = SqliteStore(runtime.settings.db_path)
+    try:
+        tail = [orjson.loads(e.body) for e in store.read_audit(start + MAX_READ_BACK, 100_000)]
+    finally:
+        store.close()
+    assert [(c["transport"], c["outcome"]) for c in tail if c["verb"] == CHANGE_ADMIN_TOKEN] == [
+        ("files", "allowed")
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_rotation_between_its_record_and_its_rename_is_not_recorded_again(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(None, {"data_dir": tmp_path / "data", "examples": False}, environ={})
+    server, cli = Runtime(settings), Runtime(settings)
+    try:
+        path = settings.admin_token_path
+        rotate_admin_token(path, cli.audit, cli.store)  # in force, not yet taken up
+        # a second rotation, as rotate_admin_token makes it: under the rotation lock, its
+        # record committed, its token not yet renamed into place when the server looks
+        token = new_token()
+        with exclusive_lock(path.parent / ".rotate-token.lock"):
+            staged = path.with_name(f"{path.name}.test.next")
+            write_secret_file(staged, token + "\n")
+            cli.audit.append_sync(
+                admin_event(
+                    CHANGE_ADMIN_TOKEN,
+                    path.name,
+                    "cli",
+                    Outcome.ALLOWED,
+                    {"rotation": rotation_id(token)},
+                )
+            )
+            await server._refresh_admin_token_and_audit()
+            os.replace(staged, path)
+        await server._refresh_admin_token_and_audit()
+        assert server.admin_token_hash == hash_token(token)
+    finally:
+        await server.aclose()
+        cli.close()
+    store = SqliteStore(settings.db_path)
+    try:
+        bodies = [orjson.loads(e.body) for e in store.read_audit(0, 1000)]
+    finally:
+        store.close()
+    changes = [b for b in bodies if b["verb"] == CHANGE_ADMIN_TOKEN]
+    assert [(c["transport"], "rotation" in c) for c in changes] == [("cli", True), ("cli", True)]

@@ -24,7 +24,11 @@ from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Conflict, PolicyError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
-from mcp_zero.kernel.admin_token import finish_admin_token_rotations, rotation_recorded
+from mcp_zero.kernel.admin_token import (
+    finish_admin_token_rotations,
+    rotation_recorded,
+    rotations_held_off,
+)
 from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
@@ -348,9 +352,14 @@ class Runtime:
 
     async def _refresh_admin_token_and_audit(self) -> None:
         since = self._admin_token_since
-        if not self.refresh_admin_token():
-            return
-        head = self.store.audit_head()
+        # with no rotation between its record and its rename: else the position taken would
+        # pass a record whose token is not in the file yet, and it would be recorded twice
+        with rotations_held_off(self.settings.admin_token_path) as held_off:
+            if not held_off:
+                return  # a rotation is under way: look again at the next poll
+            head = self.store.audit_head()
+            if not self.refresh_admin_token():
+                return
         self._admin_token_since = head.seq if head is not None else 0
         token = self._admin_token
         # a rotation (mcp0 admin rotate-token) recorded the change before putting it in force

@@ -29,7 +29,15 @@ from mcp_zero.errors import (
     StorageError,
 )
 from mcp_zero.kernel.action import Principal
-from mcp_zero.kernel.plugins import MAX_PLUGIN_BYTES, REPLACED_COPY_KEPT_S
+from mcp_zero.kernel.plugins import (
+    MAX_OVERLAP_STEPS,
+    MAX_PLUGIN_BYTES,
+    REPLACED_COPY_KEPT_S,
+    _clashes,
+    _Offer,
+    _templates_overlap,
+    _walk_templates,
+)
 from mcp_zero.runtime import Runtime
 from mcp_zero.sandbox.isolation import landlock_abi
 from mcp_zero.sandbox.manifest import load_manifest
@@ -656,6 +664,29 @@ def serving_plugin(
     return directory
 
 
+def _long_template(var: str, end: str, k: int = 200) -> str:
+    """A template of ``k`` variables in a row: no URI matches it and one of another ``end``,
+    but a walk of the two visits ~(2k)² states to show it."""
+    return "x://" + "".join(f"{{{var}{i}}}" for i in range(k)) + end
+
+
+def test_templates_are_compared_in_few_steps_each_and_each_pair_once() -> None:
+    # two plugins of 20 such templates each: 400 pairs, walked at every reindex on the loop
+    mine = _Offer((), (), (), tuple(_long_template("a", f"Z{i:02}") for i in range(20)))
+    theirs = _Offer((), (), (), tuple(_long_template("b", f"Y{i:02}") for i in range(20)))
+    steps = [_walk_templates(a, b)[1] for a in mine.templates for b in theirs.templates]
+    assert max(steps) <= 5_000  # a few ms each (it took up to 200,000)
+    assert len(list(_clashes(mine, theirs))) == 400  # each held to overlap
+    before = _templates_overlap.cache_info()
+    assert len(list(_clashes(mine, theirs))) == 400
+    after = _templates_overlap.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (400, 0)
+    # below the cap, the answer is exact
+    assert _walk_templates("mem://{+rest}", "mem://t/{id}/data")[1] < MAX_OVERLAP_STEPS
+    assert _templates_overlap("mem://{+rest}", "mem://t/{id}/data") is True
+    assert _templates_overlap("mem://a/{x}", "mem://b/{x}") is False
+
+
 @pytest.mark.parametrize(
     ("zeta", "alpha", "refusal"),
     [
@@ -692,6 +723,13 @@ def serving_plugin(
             {"templates": ("mem://{+rest}",)},
             "resource template 'mem://{+rest}' of plugin 'alpha' matches URIs that resource "
             "template 'mem://t/{id}/data' matches too, of plugin 'zeta'",
+        ),
+        (  # two that would take long to tell apart are held to overlap, and told so
+            {"templates": (_long_template("a", "Z"),)},
+            {"templates": (_long_template("b", "Y"),)},
+            f"resource template {_long_template('b', 'Y')!r} of plugin 'alpha' is held to match "
+            f"URIs that resource template {_long_template('a', 'Z')!r} matches too (too long to "
+            "compare: shorten either), of plugin 'zeta'",
         ),
     ],
 )

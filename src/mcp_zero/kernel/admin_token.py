@@ -16,9 +16,11 @@ server that finds a new token in the file can tell whether a rotation's record e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -78,19 +80,50 @@ def rotation_id(token: str) -> str:
     return hashlib.sha256(b"mcp0 admin token rotation\0" + token.encode()).hexdigest()[:16]
 
 
+#: How many audit entries rotation_recorded reads back at a time (its memory bound), and at
+#: most in all: a rotation's record is committed just before its token is renamed into place
+#: and the server looks every second, so it is among the newest. One that far back is not
+#: found, and the change is recorded a second time, as a hand edit: a record more, none lost.
+READ_BACK_PAGE = 1000
+MAX_READ_BACK = 100_000
+
+
 def rotation_recorded(store: Store, token: str, after_seq: int) -> bool:
     """Whether the log holds, after seq ``after_seq``, the record of a rotation that wrote
-    ``token``. Read back from the head a window at a time: the record of a rotation just
-    put in force is among the last."""
+    ``token``. Read back from the head READ_BACK_PAGE entries at a time, MAX_READ_BACK at
+    most (past them: False)."""
     head = store.audit_head()
     rotation = rotation_id(token)
-    high, window = (head.seq if head else 0), 256
-    while high > after_seq:
-        low = max(after_seq, high - window)
+    high = head.seq if head else 0
+    stop = max(after_seq, high - MAX_READ_BACK)
+    while high > stop:
+        low = max(stop, high - READ_BACK_PAGE)
         if _holds_record(store.read_audit(low, high - low), rotation):
             return True
-        high, window = low, window * 2
+        high = low
     return False
+
+
+@contextlib.contextmanager
+def rotations_held_off(path: Path) -> Iterator[bool]:
+    """Hold off rotations of the admin token at ``path`` while the block runs: yields True
+    with their lock held, or False at once (without it) when a rotation holds it — it may be
+    between committing its record and putting its token in force, so take nothing up yet.
+    True without the lock when the lock file cannot be opened (as before there was one)."""
+    try:
+        fd = os.open(path.parent / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def finish_admin_token_rotations(path: Path, store: Store) -> None:

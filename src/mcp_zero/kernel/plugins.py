@@ -332,7 +332,16 @@ def _clashes(mine: _Offer, theirs: _Offer) -> Iterator[_Clash]:
                     f"matches resource {uri!r} of",
                 )
         for other in theirs.templates:
-            if _templates_overlap(template, other):
+            overlap = _templates_overlap(template, other)
+            if overlap is None:
+                yield _Clash(
+                    ("template", template),
+                    ("template", other),
+                    f"resource template {template!r}",
+                    f"is held to match URIs that resource template {other!r} matches too (too "
+                    "long to compare: shorten either), of",
+                )
+            elif overlap:
                 yield _Clash(
                     ("template", template),
                     ("template", other),
@@ -372,14 +381,23 @@ def _common_char(a: tuple[str, str], b: tuple[str, str]) -> bool:
     return True  # two classes: both take any character but "/"
 
 
-#: How many steps of two templates' walk (_templates_overlap) are taken before they are held
-#: to overlap: templates of thousands of characters and variables; real ones take dozens.
-MAX_OVERLAP_STEPS = 200_000
+#: How many states of two templates' walk (_walk_templates) are visited before they are held
+#: to overlap (a few ms; installs say so when they refuse for it): real templates take dozens,
+#: a catch-all beside one of 200 literal characters a thousand.
+MAX_OVERLAP_STEPS = 4_000
 
 
-def _templates_overlap(first: str, second: str) -> bool:
-    """Whether some URI matches both templates: a walk of the two in step (the product of
-    their automata), from both starts to both ends; True too past MAX_OVERLAP_STEPS."""
+@functools.lru_cache(maxsize=2048)
+def _templates_overlap(first: str, second: str) -> bool | None:
+    """Whether some URI matches both templates; None past MAX_OVERLAP_STEPS (not known: to
+    be held as overlapping). Cached: each reindex and install asks again of the same pairs."""
+    return _walk_templates(first, second)[0]
+
+
+def _walk_templates(first: str, second: str) -> tuple[bool | None, int]:
+    """Whether some URI matches both templates (None: not known past MAX_OVERLAP_STEPS), and
+    how many states it took: a walk of the two in step (the product of their automata),
+    from both starts to both ends."""
     a, b = _template_steps(first), _template_steps(second)
     seen: set[tuple[int, int]] = set()
     todo = [(0, 0)]
@@ -388,10 +406,10 @@ def _templates_overlap(first: str, second: str) -> bool:
         if (i, j) in seen:
             continue
         if len(seen) >= MAX_OVERLAP_STEPS:
-            return True
+            return None, len(seen)
         seen.add((i, j))
         if i == len(a) and j == len(b):
-            return True
+            return True, len(seen)
         # a "star" may take no character
         if i < len(a) and a[i][0] == "star":
             todo.append((i + 1, j))
@@ -399,7 +417,7 @@ def _templates_overlap(first: str, second: str) -> bool:
             todo.append((i, j + 1))
         if i < len(a) and j < len(b) and _common_char(a[i], b[j]):
             todo.append((i if a[i][0] == "star" else i + 1, j if b[j][0] == "star" else j + 1))
-    return False
+    return False, len(seen)
 
 
 #: How an install's store write is made: given the write, make it (and what else belongs in
