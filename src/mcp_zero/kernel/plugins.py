@@ -36,7 +36,13 @@ from mcp_zero.errors import (
     StorageError,
 )
 from mcp_zero.sandbox.base import PluginRuntime
-from mcp_zero.sandbox.manifest import PluginManifest, ToolSpec, load_manifest, parse_manifest
+from mcp_zero.sandbox.manifest import (
+    PluginManifest,
+    ToolSpec,
+    file_kind,
+    load_manifest,
+    parse_manifest,
+)
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.storage.base import PluginRecord, Store
 
@@ -149,19 +155,6 @@ def _delete_unleased(copy: Path) -> bool:
         os.close(fd)
 
 
-def _special_kind(mode: int) -> str | None:
-    """What a file that is neither regular nor a directory is, for an error message."""
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file"
-    return "not a regular file"
-
-
 def _check_tree(source: Path) -> None:
     """Refuse what must not be copied into the data dir: a symbolic link (one to ``/`` would
     copy the whole file system), a special file (a FIFO or a socket cannot be copied; a
@@ -185,7 +178,7 @@ def _check_tree(source: Path) -> None:
                     f"{os.readlink(path)}): a plugin is installed as a copy of its files; put "
                     "the file itself there"
                 )
-            kind = _special_kind(info.st_mode)
+            kind = None if stat.S_ISDIR(info.st_mode) else file_kind(info.st_mode)
             if kind is not None:
                 raise ManifestError(
                     f"{path.relative_to(source)} in {source} is {kind}: a plugin directory "

@@ -678,7 +678,7 @@ def _read_regular(path: Path) -> bytes:
     without blocking, so a named pipe in its place cannot hang the reader. Raises OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as file:
-        kind = _kind(os.fstat(fd).st_mode)
+        kind = file_kind(os.fstat(fd).st_mode)
         if kind is not None:
             raise ManifestError(
                 f"{path}: {kind}, not a regular file; plugin.json must be a file of JSON"
@@ -689,12 +689,13 @@ def _read_regular(path: Path) -> bytes:
 def _not_regular(path: Path) -> str | None:
     """What ``path`` is when it exists and is not a regular file (nor a link to one)."""
     try:
-        return _kind(path.stat().st_mode)
+        return file_kind(path.stat().st_mode)
     except OSError:
         return None
 
 
-def _kind(mode: int) -> str | None:
+def file_kind(mode: int) -> str | None:
+    """What a file that is not a regular one is, for an error message; None if regular."""
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
@@ -720,6 +721,7 @@ __all__ = [
     "ResourceSpec",
     "ResourceTemplateSpec",
     "ToolSpec",
+    "file_kind",
     "load_manifest",
     "parse_manifest",
 ]
