@@ -36,6 +36,7 @@ from mcp_zero.errors import (
     Unauthorized,
 )
 from mcp_zero.kernel.agents import agent_view, recovery_view
+from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.security.tokens import hash_token
 
 if TYPE_CHECKING:
@@ -245,12 +246,8 @@ class AdminApi:
         starting = error is None and view["name"] in host.starting
         view["running"] = error is None and not starting
         if view["running"]:  # what of the sandbox held on this host (docs/plugins.md)
-            runtime = host.runtimes[view["name"]]
-            view["sandbox"] = {
-                "network_isolated": bool(getattr(runtime, "network_isolated", False)),
-                "files_confined": bool(getattr(runtime, "files_confined", False)),
-                "syscalls_restricted": bool(getattr(runtime, "syscalls_restricted", False)),
-            }
+            held = getattr(host.runtimes[view["name"]], "sandbox", {})
+            view["sandbox"] = {measure: bool(held.get(measure)) for measure in MEASURES}
         if starting:
             view["starting"] = True
         if error is not None:

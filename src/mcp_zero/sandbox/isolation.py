@@ -70,6 +70,10 @@ SYSTEM_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty")
 # Shared memory (multiprocessing's semaphores), for a plugin that may write.
 SHARED_MEMORY = "/dev/shm"  # noqa: S108
 
+# What a worker reports of its confinement, each True when that measure held (its ready
+# frame's ``sandbox``; the runtime's and the admin API's ``sandbox``).
+MEASURES = ("network_isolated", "files_confined", "syscalls_restricted")
+
 _libc: ctypes.CDLL | None = None
 
 
@@ -298,6 +302,7 @@ def _allow(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
 
 
 __all__ = [
+    "MEASURES",
     "apply_rlimits",
     "confine_files",
     "drop_capabilities",

@@ -38,6 +38,7 @@ from mcp_zero.errors import (
     ToolNotFound,
 )
 from mcp_zero.sandbox.base import ClientBridge
+from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.manifest import PluginManifest
 from mcp_zero.sandbox.stderr import StderrBudget
 from mcp_zero.sandbox.worker_process import WorkerProcess
@@ -77,12 +78,8 @@ class ProcessRuntime:
         self.manifest = manifest
         self.plugin_dir = Path(plugin_dir).resolve()
         self.data_dir = Path(data_dir).resolve()
-        #: True when every running worker sits in its own empty network namespace.
-        self.network_isolated = False
-        #: True when every running worker's file access is confined (Landlock).
-        self.files_confined = False
-        #: True when every running worker has the seccomp filter (no Unix sockets, keyring).
-        self.syscalls_restricted = False
+        #: Each of isolation.MEASURES: True when it held for every running worker.
+        self.sandbox = dict.fromkeys(MEASURES, False)
         self._protect = str(Path(protect).resolve()) if protect is not None else ""
         self._start_timeout = start_timeout
         self._grace = cancel_grace
@@ -252,9 +249,24 @@ class ProcessRuntime:
 
     def _update_isolation(self) -> None:
         running = [w for w in self._slots if w is not None and w.alive]
-        self.network_isolated = bool(running) and all(w.network_isolated for w in running)
-        self.files_confined = bool(running) and all(w.files_confined for w in running)
-        self.syscalls_restricted = bool(running) and all(w.syscalls_restricted for w in running)
+        self.sandbox = {
+            m: bool(running) and all(w.sandbox.get(m, False) for w in running) for m in MEASURES
+        }
+
+    @property
+    def network_isolated(self) -> bool:
+        """Every running worker sits in its own empty network namespace."""
+        return self.sandbox["network_isolated"]
+
+    @property
+    def files_confined(self) -> bool:
+        """Every running worker's file access is confined (Landlock)."""
+        return self.sandbox["files_confined"]
+
+    @property
+    def syscalls_restricted(self) -> bool:
+        """Every running worker has the seccomp filter (no Unix sockets, io_uring, keyring)."""
+        return self.sandbox["syscalls_restricted"]
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         self._retired.discard(worker)

@@ -29,8 +29,9 @@ Kernel → worker::
 
 Worker → kernel::
 
-    {"op": "ready", "pid", "network_isolated", "files_confined", "syscalls_restricted",
-     "tools", "resources", "templates", "prompts"}  # once, after the plugin loaded
+    {"op": "ready", "pid", "sandbox": {"network_isolated", "files_confined",
+     "syscalls_restricted": bool}, "tools", "resources", "templates", "prompts"}
+                                                    # once, after the plugin loaded
     {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
     {"id": N, "result": {...}}                      # an MCP result object
     {"id": N, "error": {"kind": "not_found" | "invalid" | "failed" | "cancelled",
@@ -495,9 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     ready = {
         "op": "ready",
         "pid": os.getpid(),
-        "network_isolated": network_isolated,
-        "files_confined": files_confined,
-        "syscalls_restricted": syscalls_restricted,
+        "sandbox": {
+            "network_isolated": network_isolated,
+            "files_confined": files_confined,
+            "syscalls_restricted": syscalls_restricted,
+        },
         "tools": sorted(plugin.tools),
         "resources": sorted(plugin.resources),
         "templates": sorted(t.template for t in plugin.templates),

@@ -33,6 +33,7 @@ from mcp_zero.errors import (
 from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
+from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.stderr import StderrBudget
 
 JSON = dict[str, Any]
@@ -163,9 +164,7 @@ class WorkerProcess:
         self.retiring = False
         self.started_at = 0.0
         self.returncode: int | None = None
-        self.network_isolated = False
-        self.files_confined = False
-        self.syscalls_restricted = False
+        self.sandbox: dict[str, bool] = {}  # what of its confinement held (isolation.MEASURES)
         self._argv = argv
         self._env = env
         self._cwd = cwd
@@ -249,9 +248,8 @@ class WorkerProcess:
             self.kill("its start was cancelled")
             await self.wait_gone()
             raise
-        self.network_isolated = bool(ready.get("network_isolated"))
-        self.files_confined = bool(ready.get("files_confined"))
-        self.syscalls_restricted = bool(ready.get("syscalls_restricted"))
+        held = ready.get("sandbox") or {}
+        self.sandbox = {measure: bool(held.get(measure)) for measure in MEASURES}
         self.alive = True
         return ready
 
