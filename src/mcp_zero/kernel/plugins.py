@@ -71,14 +71,24 @@ def _fingerprint(record: PluginRecord) -> tuple[Any, ...]:
     return (record.version, record.path, record.installed_at)
 
 
+def _template_parts(template: str) -> Iterator[tuple[str, bool | None]]:
+    """An RFC 6570 level-1/2 template as (literal text, None) and ("", reserved) parts:
+    ``{var}`` (not reserved) is one segment, ``{+var}`` (reserved) any characters."""
+    pos = 0
+    for m in re.finditer(r"\{(\+?)([A-Za-z0-9_.]+)\}", template):
+        yield template[pos : m.start()], None
+        yield "", bool(m.group(1))
+        pos = m.end()
+    yield template[pos:], None
+
+
+@functools.lru_cache(maxsize=2048)
 def _template_pattern(template: str) -> re.Pattern[str]:
     """Match URIs of an RFC 6570 level-1/2 template: ``{var}`` is one segment, ``{+var}`` any."""
-    out, pos = [], 0
-    for m in re.finditer(r"\{(\+?)([A-Za-z0-9_.]+)\}", template):
-        out.append(re.escape(template[pos : m.start()]))
-        out.append("(.+)" if m.group(1) else "([^/]+)")
-        pos = m.end()
-    out.append(re.escape(template[pos:]))
+    out = [
+        re.escape(text) if reserved is None else "(.+)" if reserved else "([^/]+)"
+        for text, reserved in _template_parts(template)
+    ]
     return re.compile("".join(out) + r"\Z")
 
 
@@ -352,13 +362,12 @@ def _template_steps(template: str) -> list[tuple[str, str]]:
     """``template`` as ("lit", char), ("one", class) and ("star", class) steps: ``{var}`` is
     one or more characters but ``/``, ``{+var}`` one or more of any (as _template_pattern)."""
     steps: list[tuple[str, str]] = []
-    pos = 0
-    for m in re.finditer(r"\{(\+?)([A-Za-z0-9_.]+)\}", template):
-        steps.extend(("lit", c) for c in template[pos : m.start()])
-        cls = _ANY if m.group(1) else _SEGMENT
-        steps += [("one", cls), ("star", cls)]
-        pos = m.end()
-    steps.extend(("lit", c) for c in template[pos:])
+    for text, reserved in _template_parts(template):
+        if reserved is None:
+            steps.extend(("lit", c) for c in text)
+        else:
+            cls = _ANY if reserved else _SEGMENT
+            steps += [("one", cls), ("star", cls)]
     return steps
 
 
