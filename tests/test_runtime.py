@@ -218,24 +218,31 @@ def serve_once(data_dir: Path) -> dict[str, Any]:
         proc.communicate(timeout=30)
 
 
-def test_a_first_start_killed_midway_is_finished_by_the_next_start(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    # the first start dies (kill -9, a full disk) once the database exists, before the examples
-    dies_at_the_examples = (
-        "import os, signal, sys\n"
-        "from mcp_zero.runtime import Runtime\n"
-        "Runtime.install_examples = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+def first_start_killed_at(module: str, function: str, data_dir: Path) -> None:
+    """Run a first ``mcp0 serve`` on ``data_dir`` in a child that is SIGKILLed when it
+    calls ``function`` of ``module`` (``Class.method`` or a module function)."""
+    owner, _, name = function.rpartition(".")
+    target = f"{module}.{owner}" if owner else module
+    dies_there = (
+        "import importlib, os, signal, sys\n"
+        f"where = importlib.import_module({module!r})\n"
+        + (f"where = getattr(where, {owner!r})\n" if owner else "")
+        + f"setattr(where, {name!r}, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))\n"
         "from mcp_zero.cli.main import main\n"
         "sys.argv = ['mcp0', *sys.argv[1:]]\n"
         "main()\n"
     )
     serve = ["serve", "--port", "0", "--data-dir", str(data_dir)]
     killed = subprocess.run(
-        [sys.executable, "-c", dies_at_the_examples, *serve],
-        capture_output=True,
-        timeout=60,
+        [sys.executable, "-c", dies_there, *serve], capture_output=True, timeout=60
     )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.returncode == -signal.SIGKILL, (target, killed.stderr)
+
+
+def test_a_first_start_killed_midway_is_finished_by_the_next_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    # the first start dies (kill -9, a full disk) once the database exists, before the examples
+    first_start_killed_at("mcp_zero.runtime", "Runtime.install_examples", data_dir)
     assert (data_dir / "mcp0.db").exists()
     # it silently came up with no example plugin, no default agent and no token
     finished = serve_once(data_dir)
@@ -253,21 +260,7 @@ def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
     data_dir = tmp_path / "data"
     # the first start dies once agent default exists, before its token is shown (its
     # plugins starting, the listen)
-    dies_before_the_token_is_shown = (
-        "import os, signal, sys\n"
-        "import mcp_zero.cli.serve as serve\n"
-        "serve._end_left_behind = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "from mcp_zero.cli.main import main\n"
-        "sys.argv = ['mcp0', *sys.argv[1:]]\n"
-        "main()\n"
-    )
-    serve = ["serve", "--port", "0", "--data-dir", str(data_dir)]
-    killed = subprocess.run(
-        [sys.executable, "-c", dies_before_the_token_is_shown, *serve],
-        capture_output=True,
-        timeout=60,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    first_start_killed_at("mcp_zero.cli.serve", "_end_left_behind", data_dir)
     with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
         [made] = store.list_agents()
     assert made.name == "default"
