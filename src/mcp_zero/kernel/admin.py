@@ -38,13 +38,17 @@ def admin_event(verb: Verb | str, resource: str, via: str, outcome: Outcome, det
 def admin_denial(
     policy: PolicyStore | None, verb: Verb, resource: str, via: str, plugin: str | None = None
 ) -> tuple[JSON, PolicyDenied] | None:
-    """None when policy lets the admin do this here; else the denial's audit event and error
-    (the caller appends the one, then raises the other)."""
+    """None when policy lets the admin do this here; else the denial's audit event (naming
+    the ``plugin`` the action concerns, if any) and error (the caller appends the one, then
+    raises the other)."""
     if policy is None:
         return None
     decision = policy.decide(Action(ADMIN, verb, resource, plugin, context={"transport": via}))
     if decision.allowed:
         return None
     data = decision.to_data()
-    event = admin_event(verb, resource, via, Outcome.DENIED, {"code": PolicyDenied.code, **data})
+    detail = {"code": PolicyDenied.code, **data}
+    if plugin is not None:
+        detail["plugin"] = plugin
+    event = admin_event(verb, resource, via, Outcome.DENIED, detail)
     return event, PolicyDenied(decision.message, data=data)

@@ -421,13 +421,12 @@ class AgentService:
     async def _denied(
         self, verb: Verb, resource: str, via: str, plugin: str | None = None
     ) -> PolicyDenied | None:
-        """None when the policy lets the admin do this here; else the denial, audited (with
-        the plugin it concerns, if any)."""
+        """None when the policy lets the admin do this here; else the denial, audited."""
         denial = admin_denial(self.policy, verb, resource, via, plugin)
         if denial is None:
             return None
         event, error = denial
-        await self.audit.append(event if plugin is None else {**event, "plugin": plugin})
+        await self.audit.append(event)
         return error
 
     def _audited(
