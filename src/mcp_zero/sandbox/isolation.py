@@ -113,19 +113,19 @@ def tie_to_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def drop_capabilities() -> bool:
+def drop_capabilities() -> None:
     """Give up every capability (a worker of a server run as root would otherwise hold them
-    all: read any file, trace the server); ``True`` when this process holds none now."""
+    all: read any file, trace the server), where the architecture's ``capset`` is known."""
     libc = _c()
     number = _SYS_CAPSET.get(os.uname().machine)
     if libc is None or number is None:
-        return False
+        return
     for cap in range(64):  # the bounding set: nothing can bring one back
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none (two words)
-    return bool(libc.syscall(number, header, data) == 0)
+    libc.syscall(number, header, data)
 
 
 def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> tuple[int, int, int, int]:
