@@ -1,13 +1,18 @@
-"""Landlock confinement (sandbox/isolation.py) in a real child process."""
+"""Landlock confinement and the mount view (sandbox/isolation.py) in real child processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
+
+from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.isolation import landlock_abi
 
 # The child confines itself as a worker does, then tries each path.
@@ -115,3 +120,120 @@ def test_packages_installed_editable_are_readable_where_their_finder_points(
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "42"
+
+
+# The child (stdlib only, with isolation.py loaded from its path: an unprivileged user may
+# not reach this checkout's interpreter or package) gives itself a worker's mount view, then
+# tries to change and see each path.
+MOUNT_CHILD = """
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("isolation", sys.argv[1])
+isolation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(isolation)
+writable, hidden, keep, cwd, tries = json.loads(sys.argv[2])
+os.chdir(cwd)
+held = isolation.confine_mounts(writable, hidden=hidden, keep=keep)
+outcome = {}
+for action, path in tries:
+    try:
+        if action == "chmod":
+            os.chmod(path, 0o666)
+        elif action == "stat":
+            os.stat(path)
+        else:
+            with open(path, "a"):
+                pass
+        outcome[action + " " + path] = "ok"
+    except OSError as exc:
+        outcome[action + " " + path] = __import__("errno").errorcode[exc.errno]
+print(json.dumps({"held": held, "uid": os.getuid(), "cwd": os.getcwd(), "outcome": outcome}))
+"""
+
+NOBODY = 65534
+
+
+def _unprivileged_python() -> tuple[str, int | None]:
+    """An interpreter the child can run as an unprivileged user, and that user (None: the
+    tests' own, when they do not run as root)."""
+    if os.geteuid() != 0:
+        return sys.executable, None
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        try:
+            runs = subprocess.run([candidate, "-c", "pass"], user=NOBODY, timeout=30)
+        except OSError:
+            continue
+        if runs.returncode == 0:
+            return candidate, NOBODY
+    pytest.skip("no Python interpreter that an unprivileged user may run (this venv's is not)")
+
+
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["root", "unprivileged"])
+def test_a_mount_view_leaves_only_the_writable_trees_writable_and_covers_the_secret(
+    unprivileged: bool,
+) -> None:
+    if not unprivileged and os.geteuid() != 0:
+        pytest.skip("the root case needs root (CI runs as root)")
+    python, user = _unprivileged_python() if unprivileged else (sys.executable, None)
+    # Readable by the unprivileged user: not under pytest's tmp_path (mode 0700)
+    base = Path(tempfile.mkdtemp(prefix="mcp0-mounts-"))
+    try:
+        base.chmod(0o755)
+        module = base / "isolation.py"
+        shutil.copy(isolation.__file__, module)
+        server = base / "server"
+        copy, data = server / "plugins" / "p" / "1", server / "plugin-data" / "p"
+        for directory in (copy, data):
+            directory.mkdir(parents=True)
+        (copy / "plugin.json").write_text("{}")
+        (server / "admin.token").write_text("secret")
+        (base / "outside.txt").write_text("not the worker's")
+        for path in (server / "admin.token", base / "outside.txt"):
+            path.chmod(0o600)
+        if user is not None:
+            for path in (base, *base.rglob("*")):
+                os.chown(path, user, user)
+        tries = [
+            ("chmod", server / "admin.token"),
+            ("stat", server / "admin.token"),
+            ("chmod", base / "outside.txt"),
+            ("write", base / "new.txt"),
+            ("write", server / "new.txt"),  # the cover itself
+            ("chmod", copy / "plugin.json"),  # kept, read-only
+            ("stat", copy / "plugin.json"),
+            ("write", data / "own.txt"),
+            ("chmod", data / "own.txt"),
+            ("chmod", Path("../../admin.token")),  # from a cwd that was under the cover
+        ]
+        spec = [[str(data)], str(server), [str(copy), str(data)], str(data)]
+        spec.append([(action, str(path)) for action, path in tries])
+        done = subprocess.run(
+            [python, "-c", MOUNT_CHILD, str(module), json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            user=user,
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        modes = {
+            p.name: oct(p.stat().st_mode & 0o777)
+            for p in (server / "admin.token", base / "outside.txt")
+        }
+    finally:
+        shutil.rmtree(base)
+    assert report["held"] is True, report
+    assert report["uid"] == (user if user is not None else os.getuid())  # itself, mapped
+    assert report["cwd"] == str(data)
+    assert [report["outcome"][f"{a} {p}"] for a, p in tries] == [
+        "ENOENT",
+        "ENOENT",
+        "EROFS",
+        "EROFS",
+        "EROFS",
+        "EROFS",
+        "ok",
+        "ok",
+        "ok",
+        "ENOENT",
+    ]
+    assert modes == {"admin.token": "0o600", "outside.txt": "0o600"}

@@ -535,11 +535,55 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path):
         f"write {tmp_path / 'new.txt'}",
     ]
     if confined:
-        assert {k: reached[k] for k in denied} == dict.fromkeys(denied, "PermissionError")
+        # The server's files are not there at all in the worker's mounts; elsewhere, what
+        # is read-only there and what Landlock refuses
+        covered = "FileNotFoundError" if rt.mounts_confined else "PermissionError"
+        assert {k: reached[k] for k in denied} == {
+            denied[0]: covered,
+            denied[1]: covered,
+            denied[2]: "PermissionError",
+            denied[3]: "OSError" if rt.mounts_confined else "PermissionError",  # EROFS
+        }
         assert not (tmp_path / "new.txt").exists()
     else:  # the documented fallback: a kernel without Landlock confines nothing
         assert all(reached[key] == "ok" for key in denied), reached
     assert reached[f"signal {os.getpid()}"] == ("PermissionError" if landlock_abi() >= 6 else "ok")
+
+
+def _mounted_at(path: Path) -> bool:
+    """Whether a mount of this process's namespace has ``path`` for its mount point."""
+    points = (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    return str(path) in points
+
+
+async def test_a_worker_can_change_no_file_but_its_own_nor_see_the_servers(tmp_path):
+    # Landlock does not govern chmod, utime, xattrs or stat: the worker's own mount view does
+    server, copy, data = _server_layout(tmp_path)
+    (server / "admin.token").chmod(0o600)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the server user's")
+    outside.chmod(0o600)
+    rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
+    await rt.start()
+    try:
+        own = data / "own.txt"
+        await call(rt, "reach", {"write": [str(own)]})
+        paths = [str(server / "admin.token"), str(outside), str(own), "/etc/hostname"]
+        reached = (await call(rt, "reach", {"chmod": paths, "stat": paths}))["structuredContent"]
+        who = (await call(rt, "whoami"))["structuredContent"]
+    finally:
+        await rt.close()
+    assert rt.mounts_confined is True  # (root here, and CI; test_isolation runs it unprivileged)
+    assert reached[f"chmod {server / 'admin.token'}"] == "ENOENT"  # the data dir is covered
+    assert reached[f"stat {server / 'admin.token'}"] == "ENOENT"
+    assert reached[f"chmod {outside}"] == reached["chmod /etc/hostname"] == "EROFS"
+    assert reached[f"stat {outside}"] == "ok"  # (Landlock keeps it from being read)
+    assert reached[f"chmod {own}"] == reached[f"stat {own}"] == "ok"
+    assert who["cwd"] == str(data)  # its data dir, put back under the cover
+    assert oct((server / "admin.token").stat().st_mode & 0o777) == "0o600"
+    assert oct(outside.stat().st_mode & 0o777) == "0o600"
+    assert oct(own.stat().st_mode & 0o777) == "0o666"
+    assert not _mounted_at(server)  # none of it reached the server's own mounts
 
 
 async def test_a_plugin_without_filesystem_writes_nowhere(tmp_path):
@@ -552,9 +596,14 @@ async def test_a_plugin_without_filesystem_writes_nowhere(tmp_path):
         reached = (await call(rt, "reach", writes))["structuredContent"]
     finally:
         await rt.close()
-    expected = "PermissionError" if landlock_abi() >= 1 else "ok"
-    assert reached[f"write {data / 'own.txt'}"] == expected
-    assert reached[f"write {shm}"] == expected  # no scratch shared with other plugins
+    if rt.mounts_confined:  # its data dir is under the cover, /dev/shm read-only
+        assert reached[f"write {data / 'own.txt'}"] == "FileNotFoundError"
+        assert reached[f"write {shm}"] == "OSError"  # EROFS: no scratch shared with others
+    else:
+        expected = "PermissionError" if landlock_abi() >= 1 else "ok"
+        assert reached[f"write {data / 'own.txt'}"] == expected
+        assert reached[f"write {shm}"] == expected
+    assert not os.path.exists(shm)
 
 
 async def test_network_kept_when_granted(make_runtime, tmp_path):

@@ -16,6 +16,7 @@ import stat
 import struct
 from collections.abc import Iterable
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -42,6 +43,14 @@ _AF_UNIX = 1
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
 MAX_OPEN_FILES = 256
+
+# Mounts (linux/mount.h): mount(2) flags, and mount_setattr(2) (Linux 5.12; the same number
+# on every architecture), which sets a whole tree read-only without touching other flags.
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MS_BIND, _MS_REC, _MS_PRIVATE = 1 << 12, 1 << 14, 1 << 18
+_SYS_MOUNT_SETATTR = 442
+_MOUNT_ATTR_RDONLY = 1
+_AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
 
 # Landlock (linux/landlock.h): the syscalls have these numbers on every architecture.
 _SYS_LANDLOCK_CREATE_RULESET = 444
@@ -72,7 +81,7 @@ SHARED_MEMORY = "/dev/shm"  # noqa: S108
 
 # What a worker reports of its confinement, each True when that measure held (its ready
 # frame's ``sandbox``; the runtime's and the admin API's ``sandbox``).
-MEASURES = ("network_isolated", "files_confined", "syscalls_restricted")
+MEASURES = ("network_isolated", "files_confined", "mounts_confined", "syscalls_restricted")
 
 _libc: ctypes.CDLL | None = None
 
@@ -186,18 +195,123 @@ def hide_process() -> None:
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+def _unshare(libc: ctypes.CDLL, flags: int) -> bool:
+    """``unshare(flags)``; where that is refused (a non-root process outside a user
+    namespace of its own), again in a new user namespace that maps the process's user and
+    group to themselves. ``True`` when this process is in the new namespaces."""
+    if libc.unshare(flags) == 0:  # root, or a process already in its own user namespace
+        return True
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | flags) != 0:
+        return False
+    # Mapped, its files stay its own inside (unmapped, they would show as nobody's).
+    for name, line in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{uid} {uid} 1"),
+        ("gid_map", f"{gid} {gid} 1"),
+    ):
+        try:
+            with open(f"/proc/self/{name}", "w") as file:
+                file.write(line)
+        except OSError:
+            break
+    return True
+
+
 def isolate_network() -> bool:
     """Move this process into a new, empty network namespace; ``True`` when that worked.
 
     Root gets a plain ``CLONE_NEWNET``; others try an unprivileged user namespace
-    with it. Must run before any thread starts.
+    with it (where :func:`confine_mounts` then has the rights it needs). Must run before
+    any thread starts.
     """
     libc = _c()
-    if libc is None:
+    return libc is not None and _unshare(libc, CLONE_NEWNET)
+
+
+def _set_read_only(libc: ctypes.CDLL, path: str, read_only: bool, recursive: bool) -> bool:
+    """Set (or clear) the read-only flag of the mount at ``path`` (and, ``recursive``, of
+    every mount below it), leaving its other flags as they are."""
+    flag = _MOUNT_ATTR_RDONLY
+    attr = struct.pack("QQQQ", flag if read_only else 0, 0 if read_only else flag, 0, 0)
+    done: int = libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_uint(_AT_RECURSIVE if recursive else 0),
+        ctypes.c_char_p(attr),
+        ctypes.c_size_t(len(attr)),
+    )
+    return done == 0
+
+
+def confine_mounts(writable: Iterable[str], hidden: str = "", keep: Iterable[str] = ()) -> bool:
+    """Give this process (and its future children) its own view of the mounts: every
+    filesystem read-only but the ``writable`` directories' trees, and ``hidden`` (the
+    server's data dir) covered by an empty read-only ``tmpfs``, into which only the ``keep``
+    paths inside it (the plugin's copy and data dir) are put back; ``True`` when in force.
+
+    It closes what Landlock does not govern: ``chmod``, ``chown``, ``utime`` and extended
+    attributes of files the process's user owns (a root server's worker: all of the
+    system's), and ``stat`` of the server's files. Must run before any thread starts, before
+    Landlock (which forbids mounting) and while capabilities are held (a non-root process
+    gets them in a new user namespace). Paths that do not exist are skipped.
+    """
+    libc = _c()
+    if libc is None or not _unshare(libc, CLONE_NEWNS):
         return False
-    flags = [CLONE_NEWNET] if os.geteuid() == 0 else []
-    flags.append(CLONE_NEWUSER | CLONE_NEWNET)
-    return any(libc.unshare(f) == 0 for f in flags)
+    # Private first: nothing done here may reach the mounts of other processes.
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return False
+    cwd = os.getcwd()
+    secret = os.path.realpath(hidden) if hidden and os.path.isdir(hidden) else ""
+    if secret:
+        inside = sorted(
+            {os.path.realpath(p) for p in keep if _is_within(os.path.realpath(p), secret)}
+        )
+        if not _cover(libc, secret, [p for p in inside if p != secret]):
+            return False
+    dirs = sorted({os.path.realpath(p) for p in writable if os.path.isdir(p)})
+    for path in dirs:  # each its own mount, to be made writable again below
+        if libc.mount(os.fsencode(path), os.fsencode(path), None, _MS_BIND | _MS_REC, None) != 0:
+            return False
+    if not _set_read_only(libc, "/", True, recursive=True):
+        return False
+    for path in dirs:  # a tree that was read-only before stays so (the kernel locks it)
+        _set_read_only(libc, path, False, recursive=False)
+    try:
+        os.chdir(cwd)  # through the new mounts: a directory under the cover is gone
+    except OSError:
+        os.chdir("/")
+    return True
+
+
+def _cover(libc: ctypes.CDLL, secret: str, inside: list[str]) -> bool:
+    """Mount an empty tmpfs on ``secret``, then bind the ``inside`` paths back in place."""
+    held: list[tuple[str, int]] = []
+    try:
+        for path in inside:
+            try:
+                held.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
+            except OSError:
+                continue
+        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        if libc.mount(b"tmpfs", os.fsencode(secret), b"tmpfs", flags, b"size=64k,mode=0755") != 0:
+            return False
+        for path, fd in held:
+            if not os.path.lexists(path):  # (an outer kept path already holds this one)
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    os.mkdir(path, 0o755)
+                else:
+                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            source = os.fsencode(f"/proc/self/fd/{fd}")
+            if libc.mount(source, os.fsencode(path), None, _MS_BIND | _MS_REC, None) != 0:
+                return False
+        return True
+    finally:
+        for _, fd in held:
+            os.close(fd)
 
 
 def landlock_abi() -> int:
@@ -305,6 +419,7 @@ __all__ = [
     "MEASURES",
     "apply_rlimits",
     "confine_files",
+    "confine_mounts",
     "drop_capabilities",
     "hide_process",
     "isolate_network",

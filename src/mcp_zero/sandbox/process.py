@@ -264,6 +264,12 @@ class ProcessRuntime:
         return self.sandbox["files_confined"]
 
     @property
+    def mounts_confined(self) -> bool:
+        """Every running worker sees every filesystem read-only but its data dir, and the
+        server's data dir covered but for the plugin's own directories."""
+        return self.sandbox["mounts_confined"]
+
+    @property
     def syscalls_restricted(self) -> bool:
         """Every running worker has the seccomp filter (no Unix sockets, io_uring, keyring)."""
         return self.sandbox["syscalls_restricted"]

@@ -11,7 +11,10 @@ host allows it), ``MCP0_FILESYSTEM`` (``private``: it may write its data dir;
 server's data dir) and ``MCP0_PARENT_PID``. Where the kernel has Landlock, the
 worker confines its own file access before it loads the plugin: it reads the
 system's files, its interpreter and import path and the plugin's code, and
-writes only its data dir. Stdlib only (orjson/uvloop if present).
+writes only its data dir. In its own mount namespace, every filesystem is
+read-only but its data dir, and the server's data dir is covered but for the
+plugin's own directories (what Landlock does not govern: ``chmod``, ``stat``…).
+Stdlib only (orjson/uvloop if present).
 
 Protocol: JSON lines (one object per line) on the worker's stdin and stdout.
 The plugin's own ``print()`` and fd-1 writes go to stderr, never into frames.
@@ -30,7 +33,8 @@ Kernel → worker::
 Worker → kernel::
 
     {"op": "ready", "pid", "sandbox": {"network_isolated", "files_confined",
-     "syscalls_restricted": bool}, "tools", "resources", "templates", "prompts"}
+     "mounts_confined", "syscalls_restricted": bool}, "tools", "resources",
+     "templates", "prompts"}
                                                     # once, after the plugin loaded
     {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
     {"id": N, "result": {...}}                      # an MCP result object
@@ -448,8 +452,8 @@ def editable_paths() -> list[str]:
     return paths
 
 
-def _confine_files(plugin_dir: str, env: os._Environ[str]) -> int:
-    """Landlock the worker (see the module docstring); the ABI version, 0 if not confined."""
+def _file_access(plugin_dir: str, env: os._Environ[str]) -> tuple[list[str], list[str]]:
+    """What the worker may read and execute, and what it may write (the module docstring)."""
     read = [
         *isolation.SYSTEM_READ,
         *{sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix},
@@ -460,7 +464,7 @@ def _confine_files(plugin_dir: str, env: os._Environ[str]) -> int:
     write = list(isolation.SYSTEM_WRITE)
     if env.get("MCP0_FILESYSTEM", "private") == "private":
         write += [env.get("MCP0_DATA_DIR") or os.getcwd(), isolation.SHARED_MEMORY]
-    return isolation.confine_files(read, write, hidden=env.get("MCP0_PROTECT", ""))
+    return read, write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
         isolation.apply_rlimits(memory_mb)
-    files_confined = _confine_files(plugin_dir, env) > 0
+    read, write = _file_access(plugin_dir, env)
+    protect = env.get("MCP0_PROTECT", "")
+    # Mounts before Landlock, which forbids changing them; both while capabilities are held.
+    mounts_confined = isolation.confine_mounts(write, hidden=protect, keep=[*read, *write])
+    files_confined = isolation.confine_files(read, write, hidden=protect) > 0
     # After unshare, which needs them: a root server's workers would hold them all, others
     # their user namespace's, or ambient ones a service manager granted.
     isolation.drop_capabilities()
@@ -499,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "sandbox": {
             "network_isolated": network_isolated,
             "files_confined": files_confined,
+            "mounts_confined": mounts_confined,
             "syscalls_restricted": syscalls_restricted,
         },
         "tools": sorted(plugin.tools),

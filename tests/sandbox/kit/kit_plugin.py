@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 import socket
 import time
@@ -213,17 +214,21 @@ def reach(
     unix: list[str] | None = None,
     keyring: bool = False,
     io_uring: bool = False,
+    chmod: list[str] | None = None,
+    stat: list[str] | None = None,
 ) -> dict[str, str]:
     """What this worker can do: "ok" or the error, per path read or written, per pid sent
-    signal 0, per module imported, per Unix socket connected to, and the kernel keyring."""
+    signal 0, per module imported, per Unix socket connected to, and the kernel keyring;
+    per path whose mode it sets to 0o666 and per path it stats: "ok" or the errno's name."""
     outcome: dict[str, str] = {}
 
-    def attempt(key: str, action: Any) -> None:
+    def attempt(key: str, action: Any, by_errno: bool = False) -> None:
         try:
             action()
             outcome[key] = "ok"
         except (OSError, ImportError) as exc:
-            outcome[key] = type(exc).__name__
+            code = getattr(exc, "errno", None)
+            outcome[key] = errno.errorcode[code] if by_errno and code else type(exc).__name__
 
     def read_one(path: str) -> None:
         with open(path, "rb") as file:
@@ -239,6 +244,10 @@ def reach(
         attempt(f"write {path}", lambda path=path: append(path))
     for pid in signal or []:
         attempt(f"signal {pid}", lambda pid=pid: os.kill(pid, 0))
+    for path in chmod or []:
+        attempt(f"chmod {path}", lambda path=path: os.chmod(path, 0o666), by_errno=True)
+    for path in stat or []:
+        attempt(f"stat {path}", lambda path=path: os.stat(path), by_errno=True)
     for module in modules or []:
         attempt(f"import {module}", lambda module=module: __import__(module))
 
