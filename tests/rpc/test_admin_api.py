@@ -426,8 +426,10 @@ async def test_a_plugin_the_server_does_not_run_says_why(tmp_path: Any) -> None:
     [faulty] = [p for p in listed if p["name"] == "faulty"]
     assert faulty["sandbox"]["files_confined"] is (landlock_abi() >= 1)
     assert faulty["sandbox"]["syscalls_restricted"] is True  # (x86_64 and aarch64: CI's)
+    assert faulty["sandbox"]["unprivileged"] is True  # a root server's workers are nobody
     if os.geteuid() == 0:  # root can always unshare; others only with user namespaces
         assert faulty["sandbox"]["network_isolated"] is True
+        assert faulty["sandbox"]["mounts_confined"] is True
     assert "sandbox" not in shown  # not running
     assert states["notes"][0] is False
     assert "0 of the server's max_workers = 1 are free" in states["notes"][1]

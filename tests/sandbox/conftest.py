@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 from sandbox_support import KIT_DIR, RecordingBridge
 
 from mcp_zero.sandbox.manifest import load_manifest
-from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.sandbox.process import ProcessRuntime, worker_identity
 
 
 @pytest.fixture
@@ -45,3 +47,16 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[RuntimeFactory]:
     yield make
     for runtime in started:
         await runtime.close()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any user may search, owned by the workers' user: pytest's tmp_path is
+    under a 0700 directory, which a root server's workers (nobody) do not see at all."""
+    path = Path(tempfile.mkdtemp(prefix="mcp0-open-"))
+    path.chmod(0o755)
+    identity = worker_identity()
+    if identity is not None:
+        os.chown(path, *identity)
+    yield path
+    shutil.rmtree(path)

@@ -132,7 +132,7 @@ isolation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(isolation)
 writable, hidden, keep, cwd, tries = json.loads(sys.argv[2])
 os.chdir(cwd)
-held = isolation.confine_mounts(writable, hidden=hidden, keep=keep)
+held = isolation.confine_mounts(writable, cover=[hidden], keep=keep)
 outcome = {}
 for action, path in tries:
     try:

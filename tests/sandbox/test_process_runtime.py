@@ -30,7 +30,7 @@ from mcp_zero.errors import (
 )
 from mcp_zero.sandbox.isolation import landlock_abi
 from mcp_zero.sandbox.manifest import load_manifest
-from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.sandbox.process import ProcessRuntime, worker_identity
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S
 
 pytestmark = pytest.mark.anyio
@@ -478,9 +478,9 @@ def _server_layout(tmp_path: Path, filesystem: str = "private") -> tuple[Path, P
     return server, copy, server / "plugin-data" / "kit"
 
 
-async def test_a_worker_reaches_only_its_own_files(tmp_path):
+async def test_a_worker_reaches_only_its_own_files(tmp_path, open_dir):
     server, copy, data = _server_layout(tmp_path)
-    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere = open_dir / "elsewhere.txt"  # where Landlock, not the mount view, keeps it out
     elsewhere.write_text("not the plugin's")
     # a service of the same user on a socket file (tmux, ssh-agent, Docker): through it, a
     # plugin would act outside its sandbox
@@ -501,6 +501,7 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path):
                         str(server / "admin.token"),  # the server's secrets
                         str(server / "mcp0.db"),
                         str(elsewhere),  # anything else the server's user can read
+                        "/etc/shadow",  # root's own, where a worker may read
                     ],
                     "write": [str(data / "own.txt"), str(tmp_path / "new.txt")],
                     "signal": [os.getpid()],  # the server
@@ -547,6 +548,9 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path):
         assert not (tmp_path / "new.txt").exists()
     else:  # the documented fallback: a kernel without Landlock confines nothing
         assert all(reached[key] == "ok" for key in denied), reached
+    if worker_identity() is not None and os.path.exists("/etc/shadow"):
+        # root's files are not a root server's workers': they run as nobody, in no group
+        assert reached["read /etc/shadow"] == "PermissionError"
     assert reached[f"signal {os.getpid()}"] == ("PermissionError" if landlock_abi() >= 6 else "ok")
 
 
@@ -556,13 +560,15 @@ def _mounted_at(path: Path) -> bool:
     return str(path) in points
 
 
-async def test_a_worker_can_change_no_file_but_its_own_nor_see_the_servers(tmp_path):
+async def test_a_worker_can_change_no_file_but_its_own_nor_see_the_servers(tmp_path, open_dir):
     # Landlock does not govern chmod, utime, xattrs or stat: the worker's own mount view does
     server, copy, data = _server_layout(tmp_path)
     (server / "admin.token").chmod(0o600)
-    outside = tmp_path / "outside.txt"
-    outside.write_text("the server user's")
+    outside = open_dir / "outside.txt"  # a file of the workers' own user
+    outside.write_text("the worker user's")
     outside.chmod(0o600)
+    if worker_identity() is not None:
+        os.chown(outside, *worker_identity())
     rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
     await rt.start()
     try:
@@ -580,6 +586,11 @@ async def test_a_worker_can_change_no_file_but_its_own_nor_see_the_servers(tmp_p
     assert reached[f"stat {outside}"] == "ok"  # (Landlock keeps it from being read)
     assert reached[f"chmod {own}"] == reached[f"stat {own}"] == "ok"
     assert who["cwd"] == str(data)  # its data dir, put back under the cover
+    identity = worker_identity()  # a root server's workers are nobody
+    assert (who["uid"], who["gid"]) == (identity or (os.getuid(), os.getgid()))
+    if identity is not None:
+        assert who["groups"] == []
+    assert rt.sandbox["unprivileged"] is True
     assert oct((server / "admin.token").stat().st_mode & 0o777) == "0o600"
     assert oct(outside.stat().st_mode & 0o777) == "0o600"
     assert oct(own.stat().st_mode & 0o777) == "0o666"

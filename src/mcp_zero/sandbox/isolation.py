@@ -81,7 +81,13 @@ SHARED_MEMORY = "/dev/shm"  # noqa: S108
 
 # What a worker reports of its confinement, each True when that measure held (its ready
 # frame's ``sandbox``; the runtime's and the admin API's ``sandbox``).
-MEASURES = ("network_isolated", "files_confined", "mounts_confined", "syscalls_restricted")
+MEASURES = (
+    "network_isolated",
+    "files_confined",
+    "mounts_confined",
+    "syscalls_restricted",
+    "unprivileged",
+)
 
 _libc: ctypes.CDLL | None = None
 
@@ -245,11 +251,14 @@ def _set_read_only(libc: ctypes.CDLL, path: str, read_only: bool, recursive: boo
     return done == 0
 
 
-def confine_mounts(writable: Iterable[str], hidden: str = "", keep: Iterable[str] = ()) -> bool:
+def confine_mounts(
+    writable: Iterable[str], cover: Iterable[str] = (), keep: Iterable[str] = ()
+) -> bool:
     """Give this process (and its future children) its own view of the mounts: every
-    filesystem read-only but the ``writable`` directories' trees, and ``hidden`` (the
-    server's data dir) covered by an empty read-only ``tmpfs``, into which only the ``keep``
-    paths inside it (the plugin's copy and data dir) are put back; ``True`` when in force.
+    filesystem read-only but the ``writable`` directories' trees, and each ``cover``
+    directory (the server's data dir; directories the worker's user may not search) under an
+    empty read-only ``tmpfs``, into which only the ``keep`` paths inside it (the plugin's
+    copy and data dir, the interpreter) are put back; ``True`` when in force.
 
     It closes what Landlock does not govern: ``chmod``, ``chown``, ``utime`` and extended
     attributes of files the process's user owns (a root server's worker: all of the
@@ -264,12 +273,13 @@ def confine_mounts(writable: Iterable[str], hidden: str = "", keep: Iterable[str
     if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         return False
     cwd = os.getcwd()
-    secret = os.path.realpath(hidden) if hidden and os.path.isdir(hidden) else ""
-    if secret:
-        inside = sorted(
-            {os.path.realpath(p) for p in keep if _is_within(os.path.realpath(p), secret)}
-        )
-        if not _cover(libc, secret, [p for p in inside if p != secret]):
+    kept = {os.path.realpath(p) for p in keep}
+    covers = sorted({os.path.realpath(c) for c in cover if os.path.isdir(c)})
+    for secret in covers:
+        if any(_is_within(secret, outer) for outer in covers if outer != secret):
+            continue  # (what the outer cover keeps of it is put back with it)
+        inside = sorted(p for p in kept if p != secret and _is_within(p, secret))
+        if not _cover(libc, secret, inside):
             return False
     dirs = sorted({os.path.realpath(p) for p in writable if os.path.isdir(p)})
     for path in dirs:  # each its own mount, to be made writable again below
@@ -283,6 +293,46 @@ def confine_mounts(writable: Iterable[str], hidden: str = "", keep: Iterable[str
         os.chdir(cwd)  # through the new mounts: a directory under the cover is gone
     except OSError:
         os.chdir("/")
+    return True
+
+
+def unsearchable(paths: Iterable[str], uid: int, gid: int) -> list[str]:
+    """The directories above ``paths`` that user ``uid`` (group ``gid``, no other groups)
+    may not search, so cannot reach them through (a venv's interpreter under a ``0700``
+    home): covered by :func:`confine_mounts`, they are traversable again."""
+    found: set[str] = set()
+    for path in {os.path.realpath(p) for p in paths if os.path.exists(p)}:
+        here = os.path.dirname(path)
+        while here != os.path.dirname(here):  # up to, not including, "/"
+            try:
+                st = os.stat(here)
+            except OSError:
+                break
+            if st.st_uid == uid:
+                bit = stat.S_IXUSR
+            else:
+                bit = stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+            if not st.st_mode & bit:
+                found.add(here)
+            here = os.path.dirname(here)
+    return sorted(found)
+
+
+def become(uid: int, gid: int, parent_pid: int) -> bool:
+    """Switch this process to user ``uid`` and group ``gid`` with no other groups (a root
+    server's worker: root's files are not its own then); ``True`` when that held. The
+    kernel clears the parent-death signal on the change: it is set again."""
+    libc = _c()
+    try:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError:
+        return False
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(1)
     return True
 
 
@@ -418,6 +468,7 @@ def _allow(libc: ctypes.CDLL, ruleset: int, path: str, rights: int) -> None:
 __all__ = [
     "MEASURES",
     "apply_rlimits",
+    "become",
     "confine_files",
     "confine_mounts",
     "drop_capabilities",
@@ -426,4 +477,5 @@ __all__ = [
     "landlock_abi",
     "restrict_syscalls",
     "tie_to_parent",
+    "unsearchable",
 ]

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +50,34 @@ _EARLY_DEATH_S = 1.0
 _MAX_BACKOFF_S = 2.0
 # Past this many early deaths in a row, restart only when a call needs a worker.
 _EAGER_RESTARTS = 5
+
+
+#: Who the workers of a server run as root run as: never root, whose files would be theirs.
+WORKER_USER = "nobody"
+
+
+def worker_identity() -> tuple[int, int] | None:
+    """The user and group a root server's workers switch to (:data:`WORKER_USER`, or
+    65534 where the system has no such user); None for a server that is not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(WORKER_USER)
+    except KeyError:
+        return 65534, 65534
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(data_dir: Path, uid: int, gid: int) -> None:
+    """Make a plugin's data dir, and what is in it, the worker user's (written by an earlier
+    root worker, or by hand); nothing to do when the directory already is."""
+    tmp = data_dir / ".tmp"  # (made again by a start if it was removed)
+    if os.lstat(data_dir).st_uid == uid and not (tmp.is_dir() and os.lstat(tmp).st_uid != uid):
+        return
+    for root, dirs, files in os.walk(data_dir):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(root, name), uid, gid)
+    os.lchown(data_dir, uid, gid)  # last: it says the walk is done
 
 
 class ProcessRuntime:
@@ -102,13 +131,14 @@ class ProcessRuntime:
             str(self.plugin_dir),
             manifest.entry,
         ]
+        self._identity = worker_identity()
         self._env = self._worker_env()
 
     def _worker_env(self) -> dict[str, str]:
         """The worker's whole environment: nothing inherited from the server (secrets)."""
         tmp = self.data_dir / ".tmp"
         q = self.manifest.quotas
-        return {
+        env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": str(self.data_dir),
             "TMPDIR": str(tmp),
@@ -128,6 +158,9 @@ class ProcessRuntime:
             "MCP0_PROTECT": self._protect,
             "MCP0_PARENT_PID": str(os.getpid()),
         }
+        if self._identity is not None:
+            env["MCP0_WORKER_UID"], env["MCP0_WORKER_GID"] = map(str, self._identity)
+        return env
 
     @property
     def pids(self) -> list[int]:
@@ -142,6 +175,8 @@ class ProcessRuntime:
         self._closed = False
         (self.data_dir / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
         self.data_dir.chmod(0o700)
+        if self._identity is not None:
+            await asyncio.to_thread(hand_over, self.data_dir, *self._identity)
         tasks = [self._kick(i) for i in range(len(self._slots))]
         try:
             await asyncio.gather(*tasks)

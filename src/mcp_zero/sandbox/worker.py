@@ -8,7 +8,8 @@ default the cwd), ``MCP0_MEMORY_MB`` (address-space limit, 0 for none),
 the network; otherwise the worker enters an empty network namespace when the
 host allows it), ``MCP0_FILESYSTEM`` (``private``: it may write its data dir;
 ``none``: nowhere), ``MCP0_PROTECT`` (a directory it must not reach: the
-server's data dir) and ``MCP0_PARENT_PID``. Where the kernel has Landlock, the
+server's data dir), ``MCP0_WORKER_UID`` / ``MCP0_WORKER_GID`` (the user a worker
+started as root runs as) and ``MCP0_PARENT_PID``. Where the kernel has Landlock, the
 worker confines its own file access before it loads the plugin: it reads the
 system's files, its interpreter and import path and the plugin's code, and
 writes only its data dir. In its own mount namespace, every filesystem is
@@ -33,8 +34,8 @@ Kernel → worker::
 Worker → kernel::
 
     {"op": "ready", "pid", "sandbox": {"network_isolated", "files_confined",
-     "mounts_confined", "syscalls_restricted": bool}, "tools", "resources",
-     "templates", "prompts"}
+     "mounts_confined", "syscalls_restricted", "unprivileged": bool}, "tools",
+     "resources", "templates", "prompts"}
                                                     # once, after the plugin loaded
     {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
     {"id": N, "result": {...}}                      # an MCP result object
@@ -467,6 +468,14 @@ def _file_access(plugin_dir: str, env: os._Environ[str]) -> tuple[list[str], lis
     return read, write
 
 
+def _identity(env: os._Environ[str]) -> tuple[int, int] | None:
+    """The user and group a root worker switches to (``MCP0_WORKER_UID`` / ``_GID``)."""
+    uid, gid = env.get("MCP0_WORKER_UID"), env.get("MCP0_WORKER_GID")
+    if os.geteuid() != 0 or not uid or not gid:
+        return None
+    return int(uid), int(gid)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
@@ -481,8 +490,17 @@ def main(argv: list[str] | None = None) -> int:
         isolation.apply_rlimits(memory_mb)
     read, write = _file_access(plugin_dir, env)
     protect = env.get("MCP0_PROTECT", "")
+    cover = [protect] if protect else []
+    # A root server's worker runs as the user the server names (nobody): it must still
+    # reach its interpreter and code where they are below a directory only root may search.
+    identity = _identity(env)
+    unsearchable = isolation.unsearchable([*read, *write], *identity) if identity else []
     # Mounts before Landlock, which forbids changing them; both while capabilities are held.
-    mounts_confined = isolation.confine_mounts(write, hidden=protect, keep=[*read, *write])
+    mounts_confined = isolation.confine_mounts(
+        write, cover=cover + unsearchable, keep=[*read, *write]
+    )
+    if identity and (mounts_confined or not unsearchable):
+        isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
     files_confined = isolation.confine_files(read, write, hidden=protect) > 0
     # After unshare, which needs them: a root server's workers would hold them all, others
     # their user namespace's, or ambient ones a service manager granted.
@@ -508,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             "network_isolated": network_isolated,
             "files_confined": files_confined,
             "mounts_confined": mounts_confined,
+            "unprivileged": os.geteuid() != 0,
             "syscalls_restricted": syscalls_restricted,
         },
         "tools": sorted(plugin.tools),

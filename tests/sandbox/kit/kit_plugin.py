@@ -192,6 +192,9 @@ def whoami(ctx: Context) -> dict[str, Any]:
         "env": sorted(os.environ),
         "pid": os.getpid(),
         "pgid": os.getpgid(0),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": os.getgroups(),
     }
 
 
