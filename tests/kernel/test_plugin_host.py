@@ -108,6 +108,23 @@ async def test_install_copies_the_plugin_and_records_it(make_runtime: Any, tmp_p
     assert "edited" not in (installed / "faulty_plugin.py").read_text()
 
 
+async def test_an_installed_copy_is_readable_to_a_root_servers_workers(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # (they run as nobody; the copy is inside the server's 0700 data dir)
+    runtime: Runtime = make_runtime()
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    for path in (source, *source.rglob("*")):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    runtime.plugins.install(source)
+    record = runtime.store.get_plugin("faulty")
+    assert record is not None
+    copy = runtime.plugins.copy_path(record)
+    assert {oct(p.stat().st_mode & 0o777) for p in copy.rglob("*.py")} == {"0o644"}
+    assert oct(copy.stat().st_mode & 0o777) == "0o755"
+    assert oct(runtime.settings.data_dir.stat().st_mode & 0o777) == "0o700"
+
+
 async def test_installing_twice_needs_replace(make_runtime: Any) -> None:
     runtime: Runtime = make_runtime()
     runtime.plugins.install(FAULTY_DIR)

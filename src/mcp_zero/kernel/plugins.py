@@ -43,7 +43,7 @@ from mcp_zero.sandbox.manifest import (
     load_manifest,
     parse_manifest,
 )
-from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.sandbox.process import ProcessRuntime, readable_to_all
 from mcp_zero.storage.base import PluginRecord, Store
 
 JSON = dict[str, Any]
@@ -509,6 +509,7 @@ class PluginHost:
         try:
             try:
                 shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
+                readable_to_all(staging)  # a root server's workers run as nobody
                 # copytree gave it the source's time; the sweep reads it as the copy's age
                 os.utime(staging)
                 digest = _tree_digest(staging)

@@ -339,6 +339,7 @@ def become(uid: int, gid: int, parent_pid: int) -> bool:
 def _cover(libc: ctypes.CDLL, secret: str, inside: list[str]) -> bool:
     """Mount an empty tmpfs on ``secret``, then bind the ``inside`` paths back in place."""
     held: list[tuple[str, int]] = []
+    umask = os.umask(0o022)  # the way to what is put back: searchable by a worker's user
     try:
         for path in inside:
             try:
@@ -360,6 +361,7 @@ def _cover(libc: ctypes.CDLL, secret: str, inside: list[str]) -> bool:
                 return False
         return True
     finally:
+        os.umask(umask)
         for _, fd in held:
             os.close(fd)
 

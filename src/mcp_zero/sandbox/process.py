@@ -11,7 +11,11 @@ data directory, its own process group, rlimits (address space from
 ``capabilities.network`` is false and the host allows it — an empty network
 namespace (:attr:`ProcessRuntime.network_isolated` tells whether it held), and,
 where the kernel has Landlock, file access confined to the system's files, its code
-and its data dir (:attr:`ProcessRuntime.files_confined`).
+and its data dir (:attr:`ProcessRuntime.files_confined`), in a mount view of its own
+where all else is read-only and the server's data dir covered
+(:attr:`ProcessRuntime.mounts_confined`). A root server's workers run as
+:data:`WORKER_USER`: the runtime gives that user the plugin's data dir and makes the
+plugin's code readable to all when it starts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import logging
 import os
 import pwd
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -76,8 +81,35 @@ def hand_over(data_dir: Path, uid: int, gid: int) -> None:
         return
     for root, dirs, files in os.walk(data_dir):
         for name in (*dirs, *files):
-            os.lchown(os.path.join(root, name), uid, gid)
+            path = os.path.join(root, name)
+            # Not a file linked from elsewhere too (made by a root worker of old): chown
+            # would hand over the other name's file as well.
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                os.lchown(path, uid, gid)
     os.lchown(data_dir, uid, gid)  # last: it says the walk is done
+
+
+def readable_to_all(tree: Path) -> None:
+    """Let every user read ``tree``'s files, search its directories and run what its owner
+    may run: a plugin's copy, which a root server's workers (nobody) load. Inside the
+    server's ``0700`` data dir that opens it to no one else."""
+
+    def add(path: str, bits: int) -> None:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IXUSR:
+            bits |= 0o111
+        elif not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
+            return  # a link: what it points to is not ours to change
+        if st.st_mode & bits != bits:
+            os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
+
+    add(str(tree), 0o555)
+    for root, dirs, files in os.walk(tree):
+        for name in dirs:
+            add(os.path.join(root, name), 0o555)
+        for name in files:
+            add(os.path.join(root, name), 0o444)
 
 
 class ProcessRuntime:
@@ -162,6 +194,12 @@ class ProcessRuntime:
             env["MCP0_WORKER_UID"], env["MCP0_WORKER_GID"] = map(str, self._identity)
         return env
 
+    def _hand_over(self, uid: int, gid: int) -> None:
+        """Give the workers' user its data dir, and the plugin's code to read (a server's
+        copies are made readable when installed, not those of earlier releases)."""
+        hand_over(self.data_dir, uid, gid)
+        readable_to_all(self.plugin_dir)
+
     @property
     def pids(self) -> list[int]:
         """Process ids of the running workers."""
@@ -176,7 +214,7 @@ class ProcessRuntime:
         (self.data_dir / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
         self.data_dir.chmod(0o700)
         if self._identity is not None:
-            await asyncio.to_thread(hand_over, self.data_dir, *self._identity)
+            await asyncio.to_thread(self._hand_over, *self._identity)
         tasks = [self._kick(i) for i in range(len(self._slots))]
         try:
             await asyncio.gather(*tasks)
