@@ -5,6 +5,7 @@ no one (docs/cli.md), and a change writes over nothing it did not change."""
 from __future__ import annotations
 
 import linecache
+import re
 import sys
 import threading
 import time
@@ -34,11 +35,19 @@ def runtime(make_runtime: Any) -> Runtime:
     return rt
 
 
-def _waiting_for_the_write_lock(thread: int) -> bool:
-    """Whether ``thread`` is inside SQLite's ``BEGIN IMMEDIATE``: waiting for the lock."""
-    frame = sys._current_frames().get(thread)
-    return frame is not None and "BEGIN IMMEDIATE" in linecache.getline(
-        frame.f_code.co_filename, frame.f_lineno
+def _another_waits_for_the_write_lock() -> bool:
+    """Whether a thread other than this one is waiting for the write lock: in the store's
+    ``BEGIN IMMEDIATE`` or between its tries (the change runs in a thread of its own, so
+    the loop serves calls meanwhile)."""
+    me = threading.get_ident()
+    return any(
+        frame.f_code.co_name == "_begin"
+        and re.search(
+            r"BEGIN IMMEDIATE|waiting: write lock",
+            linecache.getline(frame.f_code.co_filename, frame.f_lineno),
+        )
+        for thread, frame in sys._current_frames().items()
+        if thread != me
     )
 
 
@@ -51,7 +60,6 @@ async def while_another_writes(
     commits. So the other write commits after whatever ``change`` reads before it takes
     the lock, and before ``change`` writes. Returns what ``change`` returns or raises."""
     holding, failed = threading.Event(), []
-    changer = threading.get_ident()
 
     def write_and_commit_once_the_change_waits() -> None:
         other = SqliteStore(runtime.store.path)
@@ -60,7 +68,7 @@ async def while_another_writes(
             def commit_once_the_change_waits(_: Any) -> list[Any]:
                 holding.set()
                 deadline = time.monotonic() + WAIT_S
-                while not _waiting_for_the_write_lock(changer):
+                while not _another_waits_for_the_write_lock():
                     if time.monotonic() > deadline:
                         raise TimeoutError("the change never waited for the write lock")
                     time.sleep(0.001)

@@ -57,3 +57,36 @@ async def test_the_server_answers_while_another_process_holds_the_store(tmp_path
         bodies = [orjson.loads(e.body) for e in store.read_audit(0, 10_000)]
         assert [b["outcome"] for b in bodies if b.get("resource") == "faulty_echo"] == ["allowed"]
         assert verify_store(store).count == len(bodies)
+
+
+async def test_an_admin_change_waits_for_another_process_without_holding_up_calls(
+    tmp_path: Path,
+) -> None:
+    # An agent change and its record are one transaction: it waits for the other writer's
+    # lock, in a thread, where it used to wait on the loop (up to the busy timeout, 5 s)
+    data = tmp_path / "data"
+    runtime = make_runtime(data, rate_limit=0)
+    runtime.plugins.install(FAULTY_DIR)
+    token = (await runtime.agents.spawn("alice", [])).token
+    admin = {"Authorization": f"Bearer {runtime.admin_token()}"}
+    async with serve(runtime) as live, httpx2.AsyncClient(headers=admin, timeout=60) as http:
+        other = sqlite3.connect(data / "mcp0.db", isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            attach = asyncio.create_task(
+                http.post(f"{live.base}/api/v1/agents/alice/plugins", json={"plugin": "faulty"})
+            )
+            await asyncio.sleep(0.3)  # the attach is waiting for the lock by now
+            with anyio.fail_after(2):  # well inside the busy timeout the attach may wait
+                health = await http.get(f"{live.base}/healthz")
+                ping = await live.client(token).request("ping")
+            assert health.status_code == 200
+            assert ping["result"] == {}
+            assert not attach.done()
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            attached = await attach
+        assert attached.status_code == 200, attached.text
+        assert attached.json()["plugins"] == ["faulty"]

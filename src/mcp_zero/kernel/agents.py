@@ -6,6 +6,7 @@ attached to it, and free-form state. Every change is an audited action.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -243,7 +244,7 @@ class AgentService:
             self._check_plugins(plugins)
             self.store.create_agent(record)
 
-        self._audited(Verb.SPAWN_AGENT, name, via, create, lambda _: {"plugins": plugins})
+        await self._audited(Verb.SPAWN_AGENT, name, via, create, lambda _: {"plugins": plugins})
         return SpawnedAgent(record, token)
 
     def list_agents(self) -> list[AgentRecord]:
@@ -266,7 +267,7 @@ class AgentService:
             if plugin not in agent.plugins:
                 agent.plugins.append(plugin)
 
-        agent = self._audited(
+        agent = await self._audited(
             Verb.ATTACH_PLUGIN,
             name,
             via,
@@ -289,7 +290,7 @@ class AgentService:
             _not_terminated(agent)
             agent.status = "terminated"  # only that: its plugins are as stored now
 
-        agent = self._audited(
+        agent = await self._audited(
             Verb.TERMINATE_AGENT,
             name,
             via,
@@ -320,7 +321,7 @@ class AgentService:
             },
             created_at=time.time(),
         )
-        self._audited(
+        await self._audited(
             Verb.SNAPSHOT_AGENT,
             name,
             via,
@@ -376,7 +377,7 @@ class AgentService:
                 done["not_restored"] = dict(not_restored)
             return done
 
-        agent = self._audited(
+        agent = await self._audited(
             Verb.RECOVER_AGENT, name, via, lambda: self.store.change_agent(name, restore), detail
         )
         self._changed(name)
@@ -429,7 +430,7 @@ class AgentService:
         await self.audit.append(event)
         return error
 
-    def _audited(
+    async def _audited(
         self,
         verb: Verb,
         resource: str,
@@ -438,7 +439,12 @@ class AgentService:
         detail: Callable[[T], JSON],
     ) -> T:
         """Make ``change`` and its ``allowed`` record (``detail`` of its result) in one
-        transaction: no change without its record, even if the process dies in between."""
-        return self.audit.append_with(
-            change, lambda done: admin_event(verb, resource, via, Outcome.ALLOWED, detail(done))
+        transaction: no change without its record, even if the process dies in between.
+
+        In a thread: the transaction may wait for another process's write lock (a CLI
+        command), up to the store's busy timeout, and the loop serves calls meanwhile."""
+        return await asyncio.to_thread(
+            self.audit.append_with,
+            change,
+            lambda done: admin_event(verb, resource, via, Outcome.ALLOWED, detail(done)),
         )

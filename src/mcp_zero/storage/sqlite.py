@@ -24,6 +24,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -581,24 +582,54 @@ class SqliteStore:
         another (on this thread), part of that one."""
         with self._lock:
             self._check_open()
-            conn = self._conn
             if self._in_transaction:
-                yield conn
+                yield self._conn
                 return
+        conn = self._begin(doing)
+        try:
+            self._in_transaction = True
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                self._in_transaction = True
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._in_transaction = False
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, doing) from exc
+        finally:
+            self._lock.release()
+
+    def _begin(self, doing: str) -> sqlite3.Connection:
+        """``BEGIN IMMEDIATE`` on the main connection; returns holding ``_lock``. While
+        another connection (another process) holds the write lock, waits for it up to
+        :attr:`busy_timeout` without holding ``_lock``: the connection's other users (the
+        server's reads, on its loop) go on meanwhile. Raises ``StorageError``."""
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.001
+        while True:
+            self._lock.acquire()
+            try:
+                self._check_open()
+                conn = self._conn
+                conn.execute("PRAGMA busy_timeout = 0")
                 try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                    conn.execute("BEGIN IMMEDIATE")
                 finally:
-                    self._in_transaction = False
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000):d}")
+                return conn
             except sqlite3.Error as exc:
-                raise storage_error(exc, self.path, doing) from exc
+                self._lock.release()
+                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY
+                if not busy or time.monotonic() >= deadline:
+                    raise storage_error(exc, self.path, doing) from exc
+            except BaseException:
+                self._lock.release()
+                raise
+            time.sleep(max(min(delay, deadline - time.monotonic()), 0))  # waiting: write lock
+            delay = min(delay * 2, 0.05)
 
     def append_audit_with(
         self, change: Callable[[], T], entries_for: Callable[[T], list[AuditEntry]]
