@@ -828,3 +828,18 @@ async def test_a_root_server_runs_a_plugin_whose_source_only_its_owner_could_rea
         await rt.close()
     assert who["uid"] == (worker_identity() or (os.getuid(),))[0]
     assert os.stat(rt.data_dir).st_uid == who["uid"]
+
+
+async def test_each_worker_has_shared_memory_of_its_own(make_runtime):
+    shm = f"/dev/shm/mcp0-test-{os.getpid()}"
+    one, two = await make_runtime(), await make_runtime()
+    written = (await call(one, "reach", {"write": [shm]}))["structuredContent"]
+    again = (await call(one, "reach", {"read": [shm]}))["structuredContent"]
+    other = (await call(two, "reach", {"read": [shm]}))["structuredContent"]
+    assert written[f"write {shm}"] == "ok"
+    if one.mounts_confined:  # a tmpfs of its own on /dev/shm: no scratch shared
+        assert again[f"read {shm}"] == "ok"
+        assert other[f"read {shm}"] == "FileNotFoundError"
+        assert not os.path.exists(shm)
+    else:
+        os.unlink(shm)

@@ -252,13 +252,20 @@ def _set_read_only(libc: ctypes.CDLL, path: str, read_only: bool, recursive: boo
 
 
 def confine_mounts(
-    writable: Iterable[str], cover: Iterable[str] = (), keep: Iterable[str] = ()
+    writable: Iterable[str],
+    cover: Iterable[str] = (),
+    keep: Iterable[str] = (),
+    private: Iterable[str] = (),
+    private_mb: int = 64,
+    owner: tuple[int, int] | None = None,
 ) -> bool:
     """Give this process (and its future children) its own view of the mounts: every
     filesystem read-only but the ``writable`` directories' trees, and each ``cover``
     directory (the server's data dir; directories the worker's user may not search) under an
     empty read-only ``tmpfs``, into which only the ``keep`` paths inside it (the plugin's
-    copy and data dir, the interpreter) are put back; ``True`` when in force.
+    copy and data dir, the interpreter) are put back; each ``private`` directory
+    (``/dev/shm``) replaced by an empty ``tmpfs`` of its own, of at most ``private_mb`` MiB,
+    for ``owner`` (user, group; default this process's) alone; ``True`` when in force.
 
     It closes what Landlock does not govern: ``chmod``, ``chown``, ``utime`` and extended
     attributes of files the process's user owns (a root server's worker: all of the
@@ -280,6 +287,12 @@ def confine_mounts(
             continue  # (what the outer cover keeps of it is put back with it)
         inside = sorted(p for p in kept if p != secret and _is_within(p, secret))
         if not _cover(libc, secret, inside):
+            return False
+    uid, gid = owner or (os.getuid(), os.getgid())
+    for path in {os.path.realpath(p) for p in private if os.path.isdir(p)}:
+        options = f"size={private_mb}m,mode=0700,uid={uid},gid={gid}".encode()
+        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        if libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", flags, options) != 0:
             return False
     dirs = sorted({os.path.realpath(p) for p in writable if os.path.isdir(p)})
     for path in dirs:  # each its own mount, to be made writable again below

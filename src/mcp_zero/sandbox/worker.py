@@ -497,7 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     unsearchable = isolation.unsearchable([*read, *write], *identity) if identity else []
     # Mounts before Landlock, which forbids changing them; both while capabilities are held.
     mounts_confined = isolation.confine_mounts(
-        write, cover=cover + unsearchable, keep=[*read, *write]
+        write,
+        cover=cover + unsearchable,
+        keep=[*read, *write],
+        # its own shared memory, not other plugins': within its memory quota
+        private=[isolation.SHARED_MEMORY],
+        private_mb=min(memory_mb, 64) if memory_mb > 0 else 64,
+        owner=identity,
     )
     if identity and (mounts_confined or not unsearchable):
         isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
