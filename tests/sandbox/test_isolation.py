@@ -130,9 +130,13 @@ import importlib.util, json, os, sys
 spec = importlib.util.spec_from_file_location("isolation", sys.argv[1])
 isolation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(isolation)
-writable, hidden, keep, cwd, tries = json.loads(sys.argv[2])
+writable, hidden, keep, cwd, network_first, tries = json.loads(sys.argv[2])
 os.chdir(cwd)
-held = isolation.confine_mounts(writable, cover=[hidden], keep=keep)
+if network_first:  # as a worker without the network does: in its user namespace then
+    assert isolation.isolate_network()
+held = isolation.confine_mounts(
+    writable + ["/dev/shm"], cover=[hidden], keep=keep, private=["/dev/shm"], private_mb=1
+)
 outcome = {}
 for action, path in tries:
     try:
@@ -167,15 +171,17 @@ def _unprivileged_python() -> tuple[str, int | None]:
     pytest.skip("no Python interpreter that an unprivileged user may run (this venv's is not)")
 
 
+@pytest.mark.parametrize("network_first", [False, True], ids=["", "after-netns"])
 @pytest.mark.parametrize("unprivileged", [False, True], ids=["root", "unprivileged"])
 def test_a_mount_view_leaves_only_the_writable_trees_writable_and_covers_the_secret(
-    unprivileged: bool,
+    unprivileged: bool, network_first: bool
 ) -> None:
     if not unprivileged and os.geteuid() != 0:
         pytest.skip("the root case needs root (CI runs as root)")
     python, user = _unprivileged_python() if unprivileged else (sys.executable, None)
     # Readable by the unprivileged user: not under pytest's tmp_path (mode 0700)
     base = Path(tempfile.mkdtemp(prefix="mcp0-mounts-"))
+    shm = Path(f"/dev/shm/{base.name}")
     try:
         base.chmod(0o755)
         module = base / "isolation.py"
@@ -203,8 +209,9 @@ def test_a_mount_view_leaves_only_the_writable_trees_writable_and_covers_the_sec
             ("write", data / "own.txt"),
             ("chmod", data / "own.txt"),
             ("chmod", Path("../../admin.token")),  # from a cwd that was under the cover
+            ("write", shm),  # its own /dev/shm
         ]
-        spec = [[str(data)], str(server), [str(copy), str(data)], str(data)]
+        spec = [[str(data)], str(server), [str(copy), str(data)], str(data), network_first]
         spec.append([(action, str(path)) for action, path in tries])
         done = subprocess.run(
             [python, "-c", MOUNT_CHILD, str(module), json.dumps(spec)],
@@ -235,5 +242,7 @@ def test_a_mount_view_leaves_only_the_writable_trees_writable_and_covers_the_sec
         "ok",
         "ok",
         "ENOENT",
+        "ok",
     ]
+    assert not shm.exists()  # (the host's /dev/shm)
     assert modes == {"admin.token": "0o600", "outside.txt": "0o600"}
