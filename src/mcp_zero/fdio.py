@@ -1,9 +1,20 @@
-"""Writing whole buffers to file descriptors."""
+"""File descriptors: writing whole buffers, and walking a tree another process may be
+changing."""
 
 from __future__ import annotations
 
+import logging
 import os
 import select
+import stat
+from collections.abc import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+#: How deep :func:`walk` goes (it holds a directory's descriptor per level).
+MAX_DEPTH = 128
+#: How :func:`walk` opens a directory: never through a symbolic link.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -22,3 +33,57 @@ def write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
             select.select([], [fd], [])
+
+
+def walk(
+    top: int, include: Callable[[str], bool] | None = None
+) -> Iterator[tuple[int, str, os.stat_result, str]]:
+    """Every entry below the directory open at ``top``: (its directory's descriptor, its
+    name, its own ``lstat``, its path relative to ``top``), a directory before what it
+    holds, names for which ``include`` is false left out (and not entered).
+
+    Made for trees that someone else may be changing while a privileged process walks them
+    (a plugin's data dir, a source directory a user owns): it goes by directory
+    descriptors, never follows a symbolic link, enters a directory only if it is still the
+    one it listed, stays on ``top``'s filesystem, and stops at :data:`MAX_DEPTH` levels
+    (logged). A name swapped for another meanwhile leads nowhere it should not. Act on an
+    entry through its directory's descriptor and ``follow_symlinks=False``, or ``O_NOFOLLOW``.
+    """
+    device = os.fstat(top).st_dev
+    stack = [(top, iter(sorted(os.listdir(top))), "")]
+    try:
+        while stack:
+            fd, names, prefix = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                if fd != top:
+                    os.close(fd)
+                continue
+            if include is not None and not include(name):
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile
+            if st.st_dev != device:
+                continue
+            relative = prefix + name
+            yield fd, name, st, relative
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if len(stack) > MAX_DEPTH:
+                logger.warning("%s: not walked below %d levels", relative, MAX_DEPTH)
+                continue
+            try:
+                sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue  # replaced by a link or a file meanwhile
+            if not os.path.samestat(os.fstat(sub), st):
+                os.close(sub)  # replaced by another directory meanwhile
+                continue
+            stack.append((sub, iter(sorted(os.listdir(sub))), relative + "/"))
+    finally:
+        for fd, _, _ in stack:
+            if fd != top:
+                os.close(fd)

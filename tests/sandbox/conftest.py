@@ -13,7 +13,8 @@ import pytest
 from sandbox_support import KIT_DIR, RecordingBridge
 
 from mcp_zero.sandbox.manifest import load_manifest
-from mcp_zero.sandbox.process import ProcessRuntime, worker_identity
+from mcp_zero.sandbox.ownership import worker_identity
+from mcp_zero.sandbox.process import ProcessRuntime
 
 
 @pytest.fixture

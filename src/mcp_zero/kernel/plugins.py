@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import fnmatch
 import functools
 import hashlib
 import logging
@@ -27,6 +28,7 @@ from typing import Any
 
 import jsonschema_rs
 
+from mcp_zero import fdio
 from mcp_zero.config import DEFAULT_MAX_WORKERS
 from mcp_zero.errors import (
     Conflict,
@@ -43,7 +45,8 @@ from mcp_zero.sandbox.manifest import (
     load_manifest,
     parse_manifest,
 )
-from mcp_zero.sandbox.process import ProcessRuntime, readable_to_all
+from mcp_zero.sandbox.ownership import readable_to_all
+from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.storage.base import PluginRecord, Store
 
 JSON = dict[str, Any]
@@ -109,7 +112,8 @@ def _validator(schema: JSON) -> Validator:
 #: its source's modification time, which may be years old.
 REPLACED_COPY_KEPT_S = 2 * 3600.0
 MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
-_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+_IGNORED = ("__pycache__", "*.pyc", ".*")  # not copied at install
+_NOT_COPIED = shutil.ignore_patterns(*_IGNORED)
 _STAGING = ".install-"
 
 
@@ -202,6 +206,71 @@ def _check_tree(source: Path) -> None:
                 f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of files, "
                 "more than a plugin may"
             )
+
+
+def _copied(name: str) -> bool:
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in _IGNORED)
+
+
+def _copy_tree(source: Path, into: Path) -> None:
+    """Copy the plugin directory ``source`` into the empty directory ``into``, leaving out
+    what ``_IGNORED`` names. The source may be a user's to change while root installs it:
+    it is read through directory descriptors without following a link (``fdio.walk``), so
+    a file swapped for a link (to ``/etc/shadow``) or for a FIFO after ``_check_tree`` saw
+    it is refused, not copied (it was: ``copytree`` follows links)."""
+    top = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    total = 0
+    try:
+        for fd, name, st, relative in fdio.walk(top, include=_copied):
+            target = into / relative
+            if stat.S_ISDIR(st.st_mode):
+                target.mkdir(mode=0o700)
+                continue
+            now = file_kind(st.st_mode) if not stat.S_ISLNK(st.st_mode) else "a symbolic link"
+            changed = ManifestError(
+                f"{relative} in {source} changed while it was being copied"
+                + (f" (it is {now} now)" if now else "")
+                + ": install again"
+            )
+            if not stat.S_ISREG(st.st_mode):
+                raise changed
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            try:
+                src = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:  # (ELOOP: a link now)
+                raise changed from exc
+            try:
+                info = os.fstat(src)
+                if not (stat.S_ISREG(info.st_mode) and os.path.samestat(info, st)):
+                    raise changed
+                total += _copy_file(src, target, info)
+            except OSError as exc:  # (named as copytree names them: see _copy_failure)
+                raise shutil.Error([(str(source / relative), str(target), str(exc))]) from exc
+            finally:
+                os.close(src)
+            if total > MAX_PLUGIN_BYTES:
+                raise ManifestError(
+                    f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of "
+                    "files, more than a plugin may"
+                )
+    finally:
+        os.close(top)
+
+
+def _copy_file(src: int, target: Path, info: os.stat_result) -> int:
+    """Copy the open file ``src`` to a new file ``target``; the bytes copied."""
+    mode = 0o700 if info.st_mode & stat.S_IXUSR else 0o600  # (readable_to_all adds the rest)
+    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    copied = 0
+    try:
+        while chunk := os.read(src, 1 << 20):
+            copied += len(chunk)
+            if copied > MAX_PLUGIN_BYTES:  # (grown since it was checked)
+                break
+            fdio.write_all(dst, chunk)
+    finally:
+        os.close(dst)
+    return copied
 
 
 def _utf8(name: str) -> bool:
@@ -508,7 +577,7 @@ class PluginHost:
         target = parent / f"{manifest.version}-{staging.name.rsplit('-', 1)[1]}"
         try:
             try:
-                shutil.copytree(source, staging, ignore=_NOT_COPIED, dirs_exist_ok=True)
+                _copy_tree(source, staging)
                 readable_to_all(staging)  # a root server's workers run as nobody
                 # copytree gave it the source's time; the sweep reads it as the copy's age
                 os.utime(staging)

@@ -128,6 +128,15 @@ def tie_to_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set (while ``CAP_SETPCAP`` is held: before switching
+    user): no capability can come back, by any means."""
+    libc = _c()
+    if libc is not None:
+        for cap in range(64):
+            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+
 def drop_capabilities() -> None:
     """Give up every capability (a worker of a server run as root would otherwise hold them
     all: read any file, trace the server), where the architecture's ``capset`` is known."""
@@ -135,8 +144,7 @@ def drop_capabilities() -> None:
     number = _SYS_CAPSET.get(os.uname().machine)
     if libc is None or number is None:
         return
-    for cap in range(64):  # the bounding set: nothing can bring one back
-        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    drop_bounding_set()
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none (two words)
@@ -486,6 +494,7 @@ __all__ = [
     "become",
     "confine_files",
     "confine_mounts",
+    "drop_bounding_set",
     "drop_capabilities",
     "hide_process",
     "isolate_network",

@@ -14,8 +14,8 @@ where the kernel has Landlock, file access confined to the system's files, its c
 and its data dir (:attr:`ProcessRuntime.files_confined`), in a mount view of its own
 where all else is read-only and the server's data dir covered
 (:attr:`ProcessRuntime.mounts_confined`). A root server's workers run as
-:data:`WORKER_USER`: the runtime gives that user the plugin's data dir and makes the
-plugin's code readable to all when it starts.
+:data:`~mcp_zero.sandbox.ownership.WORKER_USER`: the runtime gives that user the
+plugin's data dir and makes the plugin's code readable to all when it starts.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +44,13 @@ from mcp_zero.errors import (
 from mcp_zero.sandbox.base import ClientBridge
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.manifest import PluginManifest
+from mcp_zero.sandbox.ownership import (
+    WORKER_USER,
+    hand_over,
+    make_tmp,
+    readable_to_all,
+    worker_identity,
+)
 from mcp_zero.sandbox.stderr import StderrBudget
 from mcp_zero.sandbox.worker_process import WorkerProcess
 
@@ -57,59 +62,7 @@ _MAX_BACKOFF_S = 2.0
 _EAGER_RESTARTS = 5
 
 
-#: Who the workers of a server run as root run as: never root, whose files would be theirs.
-WORKER_USER = "nobody"
-
-
-def worker_identity() -> tuple[int, int] | None:
-    """The user and group a root server's workers switch to (:data:`WORKER_USER`, or
-    65534 where the system has no such user); None for a server that is not root."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        entry = pwd.getpwnam(WORKER_USER)
-    except KeyError:
-        return 65534, 65534
-    return entry.pw_uid, entry.pw_gid
-
-
-def hand_over(data_dir: Path, uid: int, gid: int) -> None:
-    """Make a plugin's data dir, and what is in it, the worker user's (written by an earlier
-    root worker, or by hand); nothing to do when the directory already is."""
-    tmp = data_dir / ".tmp"  # (made again by a start if it was removed)
-    if os.lstat(data_dir).st_uid == uid and not (tmp.is_dir() and os.lstat(tmp).st_uid != uid):
-        return
-    for root, dirs, files in os.walk(data_dir):
-        for name in (*dirs, *files):
-            path = os.path.join(root, name)
-            # Not a file linked from elsewhere too (made by a root worker of old): chown
-            # would hand over the other name's file as well.
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-                os.lchown(path, uid, gid)
-    os.lchown(data_dir, uid, gid)  # last: it says the walk is done
-
-
-def readable_to_all(tree: Path) -> None:
-    """Let every user read ``tree``'s files, search its directories and run what its owner
-    may run: a plugin's copy, which a root server's workers (nobody) load. Inside the
-    server's ``0700`` data dir that opens it to no one else."""
-
-    def add(path: str, bits: int) -> None:
-        st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IXUSR:
-            bits |= 0o111
-        elif not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
-            return  # a link: what it points to is not ours to change
-        if st.st_mode & bits != bits:
-            os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
-
-    add(str(tree), 0o555)
-    for root, dirs, files in os.walk(tree):
-        for name in dirs:
-            add(os.path.join(root, name), 0o555)
-        for name in files:
-            add(os.path.join(root, name), 0o444)
+logger = logging.getLogger(__name__)
 
 
 class ProcessRuntime:
@@ -164,6 +117,7 @@ class ProcessRuntime:
             manifest.entry,
         ]
         self._identity = worker_identity()
+        self._warned_privileged = False
         self._env = self._worker_env()
 
     def _worker_env(self) -> dict[str, str]:
@@ -194,11 +148,13 @@ class ProcessRuntime:
             env["MCP0_WORKER_UID"], env["MCP0_WORKER_GID"] = map(str, self._identity)
         return env
 
-    def _hand_over(self, uid: int, gid: int) -> None:
-        """Give the workers' user its data dir, and the plugin's code to read (a server's
-        copies are made readable when installed, not those of earlier releases)."""
-        hand_over(self.data_dir, uid, gid)
-        readable_to_all(self.plugin_dir)
+    def _prepare(self) -> None:
+        """Give the workers' user its data dir and ``TMPDIR``, and the plugin's code to read
+        (a server's copies are made readable when installed, not those of earlier releases)."""
+        if self._identity is not None:
+            hand_over(self.data_dir, *self._identity)
+            readable_to_all(self.plugin_dir)
+        make_tmp(self.data_dir, self._identity)
 
     @property
     def pids(self) -> list[int]:
@@ -211,10 +167,9 @@ class ProcessRuntime:
         """Start every worker; raises :class:`PluginFailure` or :class:`ManifestError`
         (code and manifest disagree) when the plugin cannot be served."""
         self._closed = False
-        (self.data_dir / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.data_dir.chmod(0o700)
-        if self._identity is not None:
-            await asyncio.to_thread(self._hand_over, *self._identity)
+        await asyncio.to_thread(self._prepare)
         tasks = [self._kick(i) for i in range(len(self._slots))]
         try:
             await asyncio.gather(*tasks)
@@ -296,6 +251,8 @@ class ProcessRuntime:
                 raise PluginFailure(f"plugin '{self.name}' runtime is closed")
             self._slots[slot] = worker
             self._update_isolation()
+            if self._identity is not None and not worker.sandbox.get("unprivileged"):
+                self._warn_privileged()
             return worker
         finally:
             self._starting[slot] = None
@@ -319,6 +276,19 @@ class ProcessRuntime:
                     f"{extra})",
                     data={"field": kind},
                 )
+
+    def _warn_privileged(self) -> None:
+        """Say once that a root server's worker could not leave root (its mount view failed
+        and its interpreter is below a directory only root may search)."""
+        if not self._warned_privileged:
+            self._warned_privileged = True
+            logger.warning(
+                "plugin %r: its worker runs as root (without capabilities): it could not "
+                "switch to %r, so it can read root's files where it may read; give the "
+                "server CAP_SYS_ADMIN, or run it as an unprivileged user",
+                self.name,
+                WORKER_USER,
+            )
 
     def _update_isolation(self) -> None:
         running = [w for w in self._slots if w is not None and w.alive]

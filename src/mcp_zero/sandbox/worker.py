@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         owner=identity,
     )
     if identity and (mounts_confined or not unsearchable):
+        isolation.drop_bounding_set()  # (needs CAP_SETPCAP, which the switch gives up)
         isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
     files_confined = isolation.confine_files(read, write, hidden=protect) > 0
     # After unshare, which needs them: a root server's workers would hold them all, others

@@ -195,6 +195,11 @@ def whoami(ctx: Context) -> dict[str, Any]:
         "uid": os.getuid(),
         "gid": os.getgid(),
         "groups": os.getgroups(),
+        "capabilities": {  # (hex masks, as /proc shows them)
+            line.split(":")[0]: line.split()[1]
+            for line in open("/proc/self/status").read().splitlines()
+            if line.startswith("Cap")
+        },
     }
 
 

@@ -1,0 +1,115 @@
+"""Who a root server's workers run as, and the files the server prepares for them.
+
+A worker of a server run as root switches to :data:`WORKER_USER` (see
+``isolation.become``): root's files are then not its own. Before it starts, the server
+(root) hands the plugin's data dir to that user and lets it read the plugin's code.
+
+The data dir is the plugin's to write, so whatever the server does in it runs against a
+plugin that may be changing it at that moment (an old worker still running, a second
+server on the same data dir): it is walked with :func:`mcp_zero.fdio.walk`, and every
+change made through a directory's descriptor without following a link.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from mcp_zero.fdio import DIR_FLAGS, walk
+
+#: Who the workers of a server run as root run as: never root, whose files would be theirs.
+WORKER_USER = "nobody"
+
+
+def worker_identity() -> tuple[int, int] | None:
+    """The user and group a root server's workers switch to (:data:`WORKER_USER`, or
+    65534 where the system has no such user); None for a server that is not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(WORKER_USER)
+    except KeyError:
+        return 65534, 65534
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(data_dir: Path, uid: int, gid: int) -> None:
+    """Make a plugin's data dir the worker user's, with what is in it (written by a root
+    worker of an earlier release, or by hand); nothing to do when the directory already is
+    that user's (a plugin cannot give its own data dir back to root, so cannot have the
+    server walk it again). A file with another name elsewhere (a hard link) is left as it
+    is: chown would hand over that other file as well."""
+    top = os.open(data_dir, DIR_FLAGS)
+    try:
+        if os.fstat(top).st_uid == uid:
+            return
+        for fd, name, st, _ in walk(top):
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+        os.fchown(top, uid, gid)  # last: it says the walk is done
+    finally:
+        os.close(top)
+
+
+def make_tmp(data_dir: Path, identity: tuple[int, int] | None) -> None:
+    """Make the data dir's ``.tmp`` (the worker's ``TMPDIR``) a directory of the worker's
+    user: made again if the plugin removed it, or put something else in its place."""
+    top = os.open(data_dir, DIR_FLAGS)
+    try:
+        try:
+            st = os.stat(".tmp", dir_fd=top, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(".tmp", dir_fd=top)
+            st = None
+        if st is None:
+            os.mkdir(".tmp", 0o700, dir_fd=top)
+            st = os.stat(".tmp", dir_fd=top, follow_symlinks=False)
+        if identity is not None and (st.st_uid, st.st_gid) != identity:
+            os.chown(".tmp", *identity, dir_fd=top, follow_symlinks=False)
+    finally:
+        os.close(top)
+
+
+def readable_to_all(tree: Path) -> None:
+    """Let every user read ``tree``'s files, search its directories and run what its owner
+    may run: a plugin's copy, which a root server's workers (nobody) load. Inside the
+    server's ``0700`` data dir that opens it to no one else. Links are left as they are."""
+    top = os.open(tree, DIR_FLAGS)
+    try:
+        _add_read(top, 0o555)
+        for fd, name, st, _ in walk(top):
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                try:
+                    opened = os.open(name, flags, dir_fd=fd)
+                except OSError:
+                    continue
+                try:
+                    _add_read(opened, 0o555 if stat.S_ISDIR(st.st_mode) else 0o444)
+                finally:
+                    os.close(opened)
+    finally:
+        os.close(top)
+
+
+def _add_read(fd: int, bits: int) -> None:
+    st = os.fstat(fd)
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        return  # (replaced by something else meanwhile)
+    if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IXUSR:
+        bits |= 0o111
+    if st.st_mode & bits != bits:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) | bits)
+
+
+__all__ = [
+    "WORKER_USER",
+    "hand_over",
+    "make_tmp",
+    "readable_to_all",
+    "worker_identity",
+]
