@@ -804,3 +804,51 @@ async def test_each_worker_has_shared_memory_of_its_own(make_runtime):
         assert not os.path.exists(shm)
     else:
         os.unlink(shm)
+
+
+# A root server that may not mount (no CAP_SYS_ADMIN: a container's root): its workers make
+# their namespaces in a user namespace, where they could not switch to nobody and stayed
+# root (found by review). Run in a child: the test process keeps its capabilities.
+WITHOUT_SYS_ADMIN = """
+import asyncio, json, shutil, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from test_process_runtime import KIT_DIR, call
+from mcp_zero.sandbox.manifest import load_manifest
+from mcp_zero.sandbox.process import ProcessRuntime
+
+async def main():
+    server = Path(sys.argv[2])
+    copy = server / "plugins" / "kit"
+    shutil.copytree(KIT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (server / "admin.token").write_text("secret")
+    rt = ProcessRuntime(load_manifest(copy), copy, server / "plugin-data" / "kit", protect=server)
+    await rt.start()
+    try:
+        who = (await call(rt, "whoami"))["structuredContent"]
+        reads = {"read": ["/etc/shadow", str(server / "admin.token")]}
+        reached = (await call(rt, "reach", reads))["structuredContent"]
+    finally:
+        await rt.close()
+    print(json.dumps({"sandbox": rt.sandbox, "uid": who["uid"], "reached": reached}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_root_server_without_sys_admin_still_runs_its_workers_as_nobody(tmp_path):
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
+    drop = [setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"]
+    child = [sys.executable, "-c", WITHOUT_SYS_ADMIN, str(Path(__file__).parent), str(tmp_path)]
+    done = subprocess.run([*drop, *child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["sandbox"]["unprivileged"] is True, done.stderr
+    assert report["sandbox"]["mounts_confined"] is True
+    assert report["sandbox"]["network_isolated"] is True
+    assert report["uid"] == worker_identity()[0]  # type: ignore[index]
+    assert report["reached"]["read /etc/shadow"] == "PermissionError"
+    assert report["reached"][f"read {tmp_path / 'admin.token'}"] == "FileNotFoundError"
+    assert "runs as root" not in done.stderr  # (the warning of a worker that could not)

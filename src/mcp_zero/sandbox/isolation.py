@@ -209,13 +209,17 @@ def hide_process() -> None:
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-def _unshare(libc: ctypes.CDLL, flags: int) -> bool:
+def _unshare(libc: ctypes.CDLL, flags: int, also: tuple[int, int] | None = None) -> bool:
     """``unshare(flags)``; where that is refused (a non-root process outside a user
-    namespace of its own), again in a new user namespace that maps the process's user and
-    group to themselves. ``True`` when this process is in the new namespaces."""
+    namespace of its own; root without ``CAP_SYS_ADMIN``, in a container), again in a new
+    user namespace that maps the process's user and group to themselves (root: and
+    ``also``, the user it will switch to). ``True`` when this process is in the new
+    namespaces."""
     if libc.unshare(flags) == 0:  # root, or a process already in its own user namespace
         return True
     uid, gid = os.getuid(), os.getgid()
+    if uid == 0 and also is not None and also != (0, 0):
+        return _unshare_mapped(libc, flags, also)
     if libc.unshare(CLONE_NEWUSER | flags) != 0:
         return False
     # Mapped, its files stay its own inside (unmapped, they would show as nobody's).
@@ -232,15 +236,44 @@ def _unshare(libc: ctypes.CDLL, flags: int) -> bool:
     return True
 
 
-def isolate_network() -> bool:
+def _unshare_mapped(libc: ctypes.CDLL, flags: int, also: tuple[int, int]) -> bool:
+    """As root, ``unshare(CLONE_NEWUSER | flags)`` with root and ``also`` mapped to
+    themselves, so that :func:`become` works inside. A process may map only its own ids
+    in its new user namespace: the others are written by a child it forks first, which
+    keeps root's ``CAP_SETUID`` in the parent namespace (as ``newuidmap`` does)."""
+    parent = os.getpid()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: single-threaded, leaves by os._exit only
+        code = 1
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1) == b"+":
+                for name, other in (("uid_map", also[0]), ("gid_map", also[1])):
+                    ids = sorted({0, other})
+                    with open(f"/proc/{parent}/{name}", "w") as file:
+                        file.write("".join(f"{i} {i} 1\n" for i in ids))
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_r)
+    done = libc.unshare(CLONE_NEWUSER | flags) == 0
+    os.write(ready_w, b"+" if done else b"-")
+    os.close(ready_w)
+    _, status = os.waitpid(pid, 0)
+    return done and os.waitstatus_to_exitcode(status) == 0
+
+
+def isolate_network(also: tuple[int, int] | None = None) -> bool:
     """Move this process into a new, empty network namespace; ``True`` when that worked.
 
-    Root gets a plain ``CLONE_NEWNET``; others try an unprivileged user namespace
-    with it (where :func:`confine_mounts` then has the rights it needs). Must run before
+    Root gets a plain ``CLONE_NEWNET``; others (and root without ``CAP_SYS_ADMIN``) try a
+    user namespace with it (where :func:`confine_mounts` then has the rights it needs;
+    ``also``: the user and group root will switch to, mapped there too). Must run before
     any thread starts.
     """
     libc = _c()
-    return libc is not None and _unshare(libc, CLONE_NEWNET)
+    return libc is not None and _unshare(libc, CLONE_NEWNET, also)
 
 
 def _set_read_only(libc: ctypes.CDLL, path: str, read_only: bool, recursive: bool) -> bool:
@@ -282,7 +315,7 @@ def confine_mounts(
     gets them in a new user namespace). Paths that do not exist are skipped.
     """
     libc = _c()
-    if libc is None or not _unshare(libc, CLONE_NEWNS):
+    if libc is None or not _unshare(libc, CLONE_NEWNS, owner):
         return False
     # Private first: nothing done here may reach the mounts of other processes.
     if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
@@ -296,11 +329,17 @@ def confine_mounts(
         inside = sorted(p for p in kept if p != secret and _is_within(p, secret))
         if not _cover(libc, secret, inside):
             return False
-    uid, gid = owner or (os.getuid(), os.getgid())
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
     for path in {os.path.realpath(p) for p in private if os.path.isdir(p)}:
-        options = f"size={private_mb}m,mode=0700,uid={uid},gid={gid}".encode()
-        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-        if libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", flags, options) != 0:
+        # (the owner's ids are not mapped in a user namespace a root process fell back to:
+        # then its own)
+        for uid, gid in dict.fromkeys(
+            [owner or (os.getuid(), os.getgid()), (os.getuid(), os.getgid())]
+        ):
+            options = f"size={private_mb}m,mode=0700,uid={uid},gid={gid}".encode()
+            if libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", flags, options) == 0:
+                break
+        else:
             return False
     dirs = sorted({os.path.realpath(p) for p in writable if os.path.isdir(p)})
     for path in dirs:  # each its own mount, to be made writable again below

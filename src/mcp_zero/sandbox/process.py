@@ -284,8 +284,8 @@ class ProcessRuntime:
             self._warned_privileged = True
             logger.warning(
                 "plugin %r: its worker runs as root (without capabilities): it could not "
-                "switch to %r, so it can read root's files where it may read; give the "
-                "server CAP_SYS_ADMIN, or run it as an unprivileged user",
+                "switch to %r (no mount namespace, nor a user namespace, for it), so it can "
+                "read root's files where it may read: run the server as an unprivileged user",
                 self.name,
                 WORKER_USER,
             )

@@ -484,16 +484,18 @@ def main(argv: list[str] | None = None) -> int:
     entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
     in_fd, out_fd = _isolate_stdio()
     isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
-    network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network()
+    # A root server's worker runs as the user the server names (nobody), mapped too where
+    # its namespaces are made in a user namespace (a root server without CAP_SYS_ADMIN).
+    identity = _identity(env)
+    network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network(identity)
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
         isolation.apply_rlimits(memory_mb)
     read, write = _file_access(plugin_dir, env)
     protect = env.get("MCP0_PROTECT", "")
     cover = [protect] if protect else []
-    # A root server's worker runs as the user the server names (nobody): it must still
-    # reach its interpreter and code where they are below a directory only root may search.
-    identity = _identity(env)
+    # As that user, it must still reach its interpreter and code where they are below a
+    # directory only root may search (a venv under /root): covered, with those put back.
     unsearchable = isolation.unsearchable([*read, *write], *identity) if identity else []
     # Mounts before Landlock, which forbids changing them; both while capabilities are held.
     mounts_confined = isolation.confine_mounts(
