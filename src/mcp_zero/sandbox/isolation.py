@@ -222,7 +222,13 @@ def _unshare(libc: ctypes.CDLL, flags: int, also: tuple[int, int] | None = None)
         return _unshare_mapped(libc, flags, also)
     if libc.unshare(CLONE_NEWUSER | flags) != 0:
         return False
-    # Mapped, its files stay its own inside (unmapped, they would show as nobody's).
+    _map_self(uid, gid)
+    return True
+
+
+def _map_self(uid: int, gid: int) -> None:
+    """Map this process's user and group to themselves in the user namespace it has just
+    entered: its files stay its own inside (unmapped, they would show as nobody's)."""
     for name, line in (
         ("setgroups", "deny"),
         ("uid_map", f"{uid} {uid} 1"),
@@ -232,8 +238,7 @@ def _unshare(libc: ctypes.CDLL, flags: int, also: tuple[int, int] | None = None)
             with open(f"/proc/self/{name}", "w") as file:
                 file.write(line)
         except OSError:
-            break
-    return True
+            continue  # (written already by the mapping child, or refused: left unmapped)
 
 
 def _unshare_mapped(libc: ctypes.CDLL, flags: int, also: tuple[int, int]) -> bool:
@@ -257,11 +262,13 @@ def _unshare_mapped(libc: ctypes.CDLL, flags: int, also: tuple[int, int]) -> boo
         finally:
             os._exit(code)
     os.close(ready_r)
-    done = libc.unshare(CLONE_NEWUSER | flags) == 0
+    done = bool(libc.unshare(CLONE_NEWUSER | flags) == 0)
     os.write(ready_w, b"+" if done else b"-")
     os.close(ready_w)
     _, status = os.waitpid(pid, 0)
-    return done and os.waitstatus_to_exitcode(status) == 0
+    if done and os.waitstatus_to_exitcode(status) != 0:
+        _map_self(0, 0)  # root alone, then: become() fails, and says so
+    return done
 
 
 def isolate_network(also: tuple[int, int] | None = None) -> bool:
