@@ -852,3 +852,29 @@ def test_a_root_server_without_sys_admin_still_runs_its_workers_as_nobody(tmp_pa
     assert report["reached"]["read /etc/shadow"] == "PermissionError"
     assert report["reached"][f"read {tmp_path / 'admin.token'}"] == "FileNotFoundError"
     assert "runs as root" not in done.stderr  # (the warning of a worker that could not)
+
+
+async def test_a_tree_on_the_import_path_that_holds_the_data_dir_stays_whole(tmp_path):
+    # A project whose root is on the import path with the default ./.mcp0 inside: Landlock
+    # alone granted its entries as they were at start, so a module written later could not
+    # be imported; under the mount view's cover the data dir is out of sight anyway.
+    project = tmp_path / "project"
+    shutil.copytree(KIT_DIR, project, ignore=shutil.ignore_patterns("__pycache__"))
+    server = project / ".mcp0"
+    (server / "plugin-data" / "kit").mkdir(parents=True)
+    (server / "admin.token").write_text("secret")
+    rt = ProcessRuntime(
+        load_manifest(project), project, server / "plugin-data" / "kit", protect=server
+    )
+    await rt.start()
+    try:
+        (project / "written_later.py").write_text("VALUE = 1\n")
+        reads = {"modules": ["written_later"], "read": [str(server / "admin.token")]}
+        reached = (await call(rt, "reach", reads))["structuredContent"]
+    finally:
+        await rt.close()
+    if rt.mounts_confined:
+        assert reached["import written_later"] == "ok"
+        assert reached[f"read {server / 'admin.token'}"] == "FileNotFoundError"
+    else:
+        assert reached[f"read {server / 'admin.token'}"] == "PermissionError"

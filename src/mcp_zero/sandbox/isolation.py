@@ -328,14 +328,9 @@ def confine_mounts(
     if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         return False
     cwd = os.getcwd()
-    kept = {os.path.realpath(p) for p in keep}
     covers = sorted({os.path.realpath(c) for c in cover if os.path.isdir(c)})
-    for secret in covers:
-        if any(_is_within(secret, outer) for outer in covers if outer != secret):
-            continue  # (what the outer cover keeps of it is put back with it)
-        inside = sorted(p for p in kept if p != secret and _is_within(p, secret))
-        if not _cover(libc, secret, inside):
-            return False
+    if not _cover_all(libc, covers, {os.path.realpath(p) for p in keep}):
+        return False
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
     for path in {os.path.realpath(p) for p in private if os.path.isdir(p)}:
         # (the owner's ids are not mapped in a user namespace a root process fell back to:
@@ -403,33 +398,43 @@ def become(uid: int, gid: int, parent_pid: int) -> bool:
     return True
 
 
-def _cover(libc: ctypes.CDLL, secret: str, inside: list[str]) -> bool:
-    """Mount an empty tmpfs on ``secret``, then bind the ``inside`` paths back in place."""
-    held: list[tuple[str, int]] = []
+def _cover_all(libc: ctypes.CDLL, covers: list[str], kept: set[str]) -> bool:
+    """Mount an empty tmpfs on each of ``covers``, outermost first, and bind back in place
+    the ``kept`` paths inside it. A cover inside what an outer one put back (the server's
+    data dir inside a project kept whole, under a home covered for ``nobody``) is covered
+    again; one the outer cover left out of sight needs nothing."""
+    held: dict[str, int] = {}
     umask = os.umask(0o022)  # the way to what is put back: searchable by a worker's user
     try:
-        for path in inside:
-            try:
-                held.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
-            except OSError:
-                continue
+        # Opened before anything is covered: what they name is out of sight after
+        for path in sorted(kept):
+            if any(path != c and _is_within(path, c) for c in covers):
+                try:
+                    held[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    continue
         flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-        if libc.mount(b"tmpfs", os.fsencode(secret), b"tmpfs", flags, b"size=64k,mode=0755") != 0:
-            return False
-        for path, fd in held:
-            if not os.path.lexists(path):  # (an outer kept path already holds this one)
-                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-                if stat.S_ISDIR(os.fstat(fd).st_mode):
-                    os.mkdir(path, 0o755)
-                else:
-                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            source = os.fsencode(f"/proc/self/fd/{fd}")
-            if libc.mount(source, os.fsencode(path), None, _MS_BIND | _MS_REC, None) != 0:
+        for secret in covers:
+            if not os.path.isdir(secret):
+                continue  # (under an outer cover, and nothing of it put back)
+            if libc.mount(b"tmpfs", os.fsencode(secret), b"tmpfs", flags, b"size=64k,mode=0755"):
                 return False
+            for path, fd in held.items():
+                if path == secret or not _is_within(path, secret):
+                    continue
+                if not os.path.lexists(path):  # (an outer kept path may hold this one)
+                    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                    if stat.S_ISDIR(os.fstat(fd).st_mode):
+                        os.mkdir(path, 0o755)
+                    else:
+                        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+                source = os.fsencode(f"/proc/self/fd/{fd}")
+                if libc.mount(source, os.fsencode(path), None, _MS_BIND | _MS_REC, None) != 0:
+                    return False
         return True
     finally:
         os.umask(umask)
-        for _, fd in held:
+        for fd in held.values():
             os.close(fd)
 
 

@@ -510,7 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     if identity and (mounts_confined or not unsearchable):
         isolation.drop_bounding_set()  # (needs CAP_SETPCAP, which the switch gives up)
         isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
-    files_confined = isolation.confine_files(read, write, hidden=protect) > 0
+    # Under the cover the server's data dir is gone from its view: a tree that holds it (a
+    # project on the import path, with ./.mcp0 inside) is granted whole, files made in it
+    # later too. Without the cover, Landlock keeps it out by itself.
+    hidden = "" if mounts_confined else protect
+    files_confined = isolation.confine_files(read, write, hidden=hidden) > 0
     # After unshare, which needs them: a root server's workers would hold them all, others
     # their user namespace's, or ambient ones a service manager granted.
     isolation.drop_capabilities()
