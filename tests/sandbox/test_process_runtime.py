@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -810,24 +811,45 @@ async def test_each_worker_has_shared_memory_of_its_own(make_runtime):
 # their namespaces in a user namespace, where they could not switch to nobody and stayed
 # root (found by review). Run in a child: the test process keeps its capabilities.
 WITHOUT_SYS_ADMIN = """
-import asyncio, json, shutil, sys
+import asyncio, json, os, shutil, sys
 from pathlib import Path
+from typing import Any
 sys.path.insert(0, sys.argv[1])
 from test_process_runtime import KIT_DIR, call
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
 
+def no_unshare():
+    # As Docker's default seccomp profile does without CAP_SYS_ADMIN: unshare() is refused
+    import ctypes, errno, os, struct
+    number = {"x86_64": 272, "aarch64": 97}[os.uname().machine]
+    program = [(0x20, 0, 0, 0), (0x15, 0, 1, number), (0x06, 0, 0, 0x50000 | errno.EPERM),
+               (0x06, 0, 0, 0x7FFF0000)]
+    filters = (ctypes.c_uint64 * len(program))(
+        *(code | jt << 16 | jf << 24 | k << 32 for code, jt, jf, k in program))
+    prog = struct.pack("HxxxxxxP", len(program), ctypes.addressof(filters))
+    libc = ctypes.CDLL(None)
+    libc.prctl(38, 1, 0, 0, 0)
+    assert libc.prctl(22, 2, ctypes.c_char_p(prog), 0, 0) == 0
+
 async def main():
     server = Path(sys.argv[2])
+    if sys.argv[3] == "no-unshare":
+        no_unshare()
     copy = server / "plugins" / "kit"
     shutil.copytree(KIT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     (server / "admin.token").write_text("secret")
-    rt = ProcessRuntime(load_manifest(copy), copy, server / "plugin-data" / "kit", protect=server)
+    data = server / "plugin-data" / "kit"
+    if sys.argv[4] == "handed-over":  # by a server that could switch, before
+        data.mkdir(parents=True)
+        os.chown(data, 65534, 65534)
+        data.chmod(0o700)
+    rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
     await rt.start()
     try:
         who = (await call(rt, "whoami"))["structuredContent"]
-        reads = {"read": ["/etc/shadow", str(server / "admin.token")]}
-        reached = (await call(rt, "reach", reads))["structuredContent"]
+        tries = {"read": ["/etc/shadow", str(server / "admin.token")], "write": [str(data / "own")]}
+        reached = (await call(rt, "reach", tries))["structuredContent"]
     finally:
         await rt.close()
     print(json.dumps({"sandbox": rt.sandbox, "uid": who["uid"], "reached": reached}))
@@ -836,15 +858,42 @@ asyncio.run(main())
 """
 
 
+def _without_sys_admin(
+    setpriv: str, tmp_path: Path, *, unshare: bool = True, handed_over: bool = False
+) -> tuple[dict[str, Any], str]:
+    drop = [setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"]
+    child = [sys.executable, "-c", WITHOUT_SYS_ADMIN, str(Path(__file__).parent), str(tmp_path)]
+    child += ["unshare" if unshare else "no-unshare", "handed-over" if handed_over else "-"]
+    done = subprocess.run([*drop, *child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize("handed_over", [False, True], ids=["new", "handed-over-before"])
+def test_a_root_worker_that_cannot_switch_keeps_a_data_dir_it_can_use(tmp_path, handed_over):
+    # Without CAP_SYS_ADMIN and with unshare() refused (Docker's default): no mount view,
+    # so no switch to nobody. The data dir was handed to nobody anyway, and the worker,
+    # root without capabilities, could not enter it (found by review): it stays, or goes
+    # back to, root's.
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
+    report, stderr = _without_sys_admin(setpriv, tmp_path, unshare=False, handed_over=handed_over)
+    assert report["sandbox"]["unprivileged"] is False
+    assert report["sandbox"]["mounts_confined"] is False
+    assert report["uid"] == 0
+    data = tmp_path / "plugin-data" / "kit"
+    assert report["reached"][f"write {data / 'own'}"] == "ok"
+    assert os.stat(data).st_uid == 0
+    assert "runs as root" in stderr  # said once, in the server's log
+
+
 def test_a_root_server_without_sys_admin_still_runs_its_workers_as_nobody(tmp_path):
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
-    drop = [setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"]
-    child = [sys.executable, "-c", WITHOUT_SYS_ADMIN, str(Path(__file__).parent), str(tmp_path)]
-    done = subprocess.run([*drop, *child], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.splitlines()[-1])
+    report, stderr = _without_sys_admin(setpriv, tmp_path)
+    done = subprocess.CompletedProcess([], 0, "", stderr)
     assert report["sandbox"]["unprivileged"] is True, done.stderr
     assert report["sandbox"]["mounts_confined"] is True
     assert report["sandbox"]["network_isolated"] is True

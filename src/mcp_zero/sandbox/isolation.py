@@ -380,6 +380,34 @@ def unsearchable(paths: Iterable[str], uid: int, gid: int) -> list[str]:
     return sorted(found)
 
 
+_CAP_CHOWN, _CAP_SETGID, _CAP_SETUID = 0, 6, 7
+
+
+def can_become(uid: int, gid: int) -> bool:
+    """Whether :func:`become` would work here, before anything is changed for it: this
+    process holds ``CAP_SETUID``, ``CAP_SETGID`` and ``CAP_CHOWN`` (to hand its data dir
+    over first), may set its groups, and ``uid`` and ``gid`` are mapped in its user
+    namespace."""
+    try:
+        with open("/proc/self/status") as file:
+            held = next(line for line in file if line.startswith("CapEff:"))
+        with open("/proc/self/setgroups") as file:
+            groups = file.read().strip()
+        maps = []
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/self/{name}") as file:
+                maps.append([tuple(map(int, line.split())) for line in file if line.strip()])
+    except (OSError, StopIteration, ValueError):
+        return False
+    needed = 1 << _CAP_CHOWN | 1 << _CAP_SETGID | 1 << _CAP_SETUID
+    if int(held.split()[1], 16) & needed != needed or groups != "allow":
+        return False
+    return all(
+        any(inside <= wanted < inside + count for inside, _, count in lines)
+        for wanted, lines in zip((uid, gid), maps, strict=True)
+    )
+
+
 def become(uid: int, gid: int, parent_pid: int) -> bool:
     """Switch this process to user ``uid`` and group ``gid`` with no other groups (a root
     server's worker: root's files are not its own then); ``True`` when that held. The
@@ -543,6 +571,7 @@ __all__ = [
     "MEASURES",
     "apply_rlimits",
     "become",
+    "can_become",
     "confine_files",
     "confine_mounts",
     "drop_bounding_set",

@@ -53,6 +53,19 @@ def hand_over(data_dir: Path, uid: int, gid: int) -> None:
         os.close(top)
 
 
+def settle(data_dir: Path, identity: tuple[int, int] | None) -> None:
+    """Make a worker's data dir, with its ``TMPDIR``, the user the worker runs as from now
+    on: ``identity`` (nobody, to which it is about to switch) or its own. Run by the worker
+    itself, as root, once it knows whether it can switch: a data dir handed over to a
+    worker that then stayed root would be closed to it (a root process without
+    capabilities may not enter nobody's 0700 directory); one handed over earlier goes back
+    to root then."""
+    owner = identity or (os.geteuid(), os.getegid())
+    if os.geteuid() == 0:
+        hand_over(data_dir, *owner)
+    make_tmp(data_dir, owner if os.geteuid() == 0 else None)
+
+
 def make_tmp(data_dir: Path, identity: tuple[int, int] | None) -> None:
     """Make the data dir's ``.tmp`` (the worker's ``TMPDIR``) a directory of the worker's
     user: made again if the plugin removed it, or put something else in its place."""
@@ -111,5 +124,6 @@ __all__ = [
     "hand_over",
     "make_tmp",
     "readable_to_all",
+    "settle",
     "worker_identity",
 ]

@@ -46,8 +46,6 @@ from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.manifest import PluginManifest
 from mcp_zero.sandbox.ownership import (
     WORKER_USER,
-    hand_over,
-    make_tmp,
     readable_to_all,
     worker_identity,
 )
@@ -149,12 +147,11 @@ class ProcessRuntime:
         return env
 
     def _prepare(self) -> None:
-        """Give the workers' user its data dir and ``TMPDIR``, and the plugin's code to read
-        (a server's copies are made readable when installed, not those of earlier releases)."""
+        """Let the workers' user read the plugin's code (a server's copies are made readable
+        when installed, not those of earlier releases). The data dir is the worker's to
+        settle: only it knows whether it can switch (``ownership.settle``)."""
         if self._identity is not None:
-            hand_over(self.data_dir, *self._identity)
             readable_to_all(self.plugin_dir)
-        make_tmp(self.data_dir, self._identity)
 
     @property
     def pids(self) -> list[int]:
@@ -278,14 +275,16 @@ class ProcessRuntime:
                 )
 
     def _warn_privileged(self) -> None:
-        """Say once that a root server's worker could not leave root (its mount view failed
-        and its interpreter is below a directory only root may search)."""
+        """Say once that a root server's worker could not leave root: without its mount view
+        (no mount namespace: no CAP_SYS_ADMIN, and user namespaces refused) it cannot reach
+        the plugin's code as nobody, or it may not switch (no CAP_SETUID, nobody unmapped)."""
         if not self._warned_privileged:
             self._warned_privileged = True
             logger.warning(
                 "plugin %r: its worker runs as root (without capabilities): it could not "
-                "switch to %r (no mount namespace, nor a user namespace, for it), so it can "
-                "read root's files where it may read: run the server as an unprivileged user",
+                "switch to %r (it had no mount view, or may not switch: see docs/plugins.md), "
+                "so it can read root's files where it may read: run the server as an "
+                "unprivileged user",
                 self.name,
                 WORKER_USER,
             )

@@ -71,7 +71,7 @@ from typing import Any
 from mcp_zero import memory
 from mcp_zero.fdio import write_all
 from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
-from mcp_zero.sandbox import isolation, proctree, results
+from mcp_zero.sandbox import isolation, ownership, proctree, results
 from mcp_zero.sandbox.frames import (
     LARGE_FRAME_CHARS,
     MAX_FRAME_BYTES,
@@ -507,7 +507,16 @@ def main(argv: list[str] | None = None) -> int:
         private_mb=min(memory_mb, 64) if memory_mb > 0 else 64,
         owner=identity,
     )
-    if identity and (mounts_confined or not unsearchable):
+    # Only as nobody may it leave root: the plugin's copy is under the server's 0700 data
+    # dir, out of its reach without the mount view. Its data dir is made the user it runs
+    # as from now on before it switches (while it holds CAP_CHOWN).
+    switch = bool(identity) and (mounts_confined or not unsearchable)
+    switch = switch and identity is not None and isolation.can_become(*identity)
+    if env.get("MCP0_FILESYSTEM", "private") == "private":
+        ownership.settle(
+            Path(env.get("MCP0_DATA_DIR") or os.getcwd()), identity if switch else None
+        )
+    if switch and identity is not None:
         isolation.drop_bounding_set()  # (needs CAP_SETPCAP, which the switch gives up)
         isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
     # Under the cover the server's data dir is gone from its view: a tree that holds it (a
