@@ -3,6 +3,7 @@ changing."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -36,7 +37,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def walk(
-    top: int, include: Callable[[str], bool] | None = None
+    top: int, include: Callable[[str], bool] | None = None, *, strict: bool = False
 ) -> Iterator[tuple[int, str, os.stat_result, str]]:
     """Every entry below the directory open at ``top``: (its directory's descriptor, its
     name, its own ``lstat``, its path relative to ``top``), a directory before what it
@@ -44,10 +45,15 @@ def walk(
 
     Made for trees that someone else may be changing while a privileged process walks them
     (a plugin's data dir, a source directory a user owns): it goes by directory
-    descriptors, never follows a symbolic link, enters a directory only if it is still the
-    one it listed, stays on ``top``'s filesystem, and stops at :data:`MAX_DEPTH` levels
-    (logged). A name swapped for another meanwhile leads nowhere it should not. Act on an
-    entry through its directory's descriptor and ``follow_symlinks=False``, or ``O_NOFOLLOW``.
+    descriptors, never follows a symbolic link, and enters a directory only if it is still
+    the one it listed. A name swapped for another meanwhile leads nowhere it should not.
+    Act on an entry through its directory's descriptor and ``follow_symlinks=False``, or
+    ``O_NOFOLLOW``.
+
+    By default it leaves out what it cannot enter, a directory on another filesystem (a
+    mount inside the tree) and what is below :data:`MAX_DEPTH` levels (logged). ``strict``
+    (a copy, which must have everything): it enters other filesystems and raises
+    ``OSError`` instead.
     """
     device = os.fstat(top).st_dev
     stack = [(top, iter(sorted(os.listdir(top))), "")]
@@ -64,25 +70,37 @@ def walk(
                 continue
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except OSError:
+            except FileNotFoundError:
+                if strict:
+                    raise
                 continue  # gone meanwhile
-            if st.st_dev != device:
-                continue
             relative = prefix + name
+            if stat.S_ISDIR(st.st_mode) and st.st_dev != device and not strict:
+                continue  # (files may show their layer's device: overlayfs)
             yield fd, name, st, relative
             if not stat.S_ISDIR(st.st_mode):
                 continue
             if len(stack) > MAX_DEPTH:
+                if strict:
+                    raise OSError(errno.ELOOP, f"more than {MAX_DEPTH} levels deep", relative)
                 logger.warning("%s: not walked below %d levels", relative, MAX_DEPTH)
                 continue
             try:
                 sub = os.open(name, DIR_FLAGS, dir_fd=fd)
             except OSError:
+                if strict:
+                    raise
                 continue  # replaced by a link or a file meanwhile
-            if not os.path.samestat(os.fstat(sub), st):
-                os.close(sub)  # replaced by another directory meanwhile
+            try:
+                if not os.path.samestat(os.fstat(sub), st):
+                    raise FileNotFoundError(errno.ENOENT, "replaced while walked", relative)
+                listed = iter(sorted(os.listdir(sub)))
+            except OSError:
+                os.close(sub)
+                if strict:
+                    raise
                 continue
-            stack.append((sub, iter(sorted(os.listdir(sub))), relative + "/"))
+            stack.append((sub, listed, relative + "/"))
     finally:
         for fd, _, _ in stack:
             if fd != top:

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from mcp_zero import fdio
 from mcp_zero.errors import ManifestError
 from mcp_zero.kernel.plugins import _copy_tree
 
@@ -93,3 +97,41 @@ def test_a_file_swapped_for_a_link_meanwhile_never_brings_the_links_target(
         stop.set()
         racer.join()
     assert copies + refused > 10
+
+
+def test_a_tree_deeper_than_a_walk_goes_fails_the_copy_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was left out, and the install said it had succeeded (found by review)
+    monkeypatch.setattr(fdio, "MAX_DEPTH", 2)
+    source = _source(tmp_path)
+    source.joinpath("a", "b", "c", "d").mkdir(parents=True)
+    into = tmp_path / "copy"
+    into.mkdir()
+    with pytest.raises(shutil.Error, match=r"levels deep"):
+        _copy_tree(source, into)
+
+
+def test_a_mount_inside_the_source_is_copied_too(tmp_path: Path) -> None:
+    # (a directory on another filesystem was left out, and the install succeeded)
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("mounting needs root and unshare (CI runs as root on Debian)")
+    source = _source(tmp_path)
+    into = tmp_path / "copy"
+    into.mkdir()
+    copy = (
+        "import sys; from pathlib import Path; from mcp_zero.kernel.plugins import _copy_tree; "
+        "_copy_tree(Path(sys.argv[1]), Path(sys.argv[2]))"
+    )
+    script = (
+        f'mount -t tmpfs none "$1/pkg" && echo "V = 1" > "$1/pkg/helper.py" && '
+        f'"{sys.executable}" -c "{copy}" "$1" "$2"'
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "-", source, into],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (into / "pkg" / "helper.py").read_text() == "V = 1\n"

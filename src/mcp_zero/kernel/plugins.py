@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import fnmatch
 import functools
@@ -217,11 +218,12 @@ def _copy_tree(source: Path, into: Path) -> None:
     what ``_IGNORED`` names. The source may be a user's to change while root installs it:
     it is read through directory descriptors without following a link (``fdio.walk``), so
     a file swapped for a link (to ``/etc/shadow``) or for a FIFO after ``_check_tree`` saw
-    it is refused, not copied (it was: ``copytree`` follows links)."""
-    top = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    it is refused, not copied (it was: ``copytree`` follows links). Anything that cannot be
+    copied fails the copy, naming the file (``shutil.Error``, as copytree's)."""
+    top = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     total = 0
     try:
-        for fd, name, st, relative in fdio.walk(top, include=_copied):
+        for fd, name, st, relative in fdio.walk(top, include=_copied, strict=True):
             target = into / relative
             if stat.S_ISDIR(st.st_mode):
                 target.mkdir(mode=0o700)
@@ -237,8 +239,10 @@ def _copy_tree(source: Path, into: Path) -> None:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             try:
                 src = os.open(name, flags, dir_fd=fd)
-            except OSError as exc:  # (ELOOP: a link now)
-                raise changed from exc
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link now
+                    raise changed from exc
+                raise shutil.Error([(str(source / relative), str(target), str(exc))]) from exc
             try:
                 info = os.fstat(src)
                 if not (stat.S_ISREG(info.st_mode) and os.path.samestat(info, st)):
@@ -253,6 +257,11 @@ def _copy_tree(source: Path, into: Path) -> None:
                     f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of "
                     "files, more than a plugin may"
                 )
+    except OSError as exc:
+        if isinstance(exc, shutil.Error):
+            raise
+        where = source / exc.filename if isinstance(exc.filename, str) else source
+        raise shutil.Error([(str(where), str(into), str(exc))]) from exc
     finally:
         os.close(top)
 
@@ -553,6 +562,7 @@ class PluginHost:
         (``_check_unique``); of two installs racing (from two processes), one gets Conflict.
         StorageError when the copy cannot be made.
         """
+        source = source.resolve()  # (a link to the directory names it; copied without one)
         _check_tree(source)  # first: reading a named pipe as plugin.json would never end
         manifest = load_manifest(source)
         _check_unique(manifest, self.store.list_plugins(), replace)  # before copying it all
@@ -578,6 +588,11 @@ class PluginHost:
         try:
             try:
                 _copy_tree(source, staging)
+                if load_manifest(staging).to_dict() != manifest.to_dict():
+                    raise ManifestError(
+                        f"{source / 'plugin.json'} changed while the plugin was being copied: "
+                        "install again"
+                    )
                 readable_to_all(staging)  # a root server's workers run as nobody
                 # copytree gave it the source's time; the sweep reads it as the copy's age
                 os.utime(staging)
