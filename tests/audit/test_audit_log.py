@@ -358,3 +358,34 @@ async def test_a_lock_held_past_the_busy_timeout_fails_the_batch_and_the_chain_r
         entry = await log.append({"n": 3})
         assert (entry.seq, entry.prev_hash) == (2, acked.hash)
         assert verify_store(store).count == 2
+
+
+async def test_admin_changes_in_threads_do_not_fail_the_loops_batches(tmp_path: Path) -> None:
+    # Admin changes commit with their records in threads, holding the log's write lock: the
+    # loop's batch, which only tried that lock, failed once its busy timeout passed, and
+    # the log then refused every call (found by review)
+    with SqliteStore(tmp_path / "a.db", busy_timeout=0.2) as store, AuditLog(store) as log:
+        stop = threading.Event()
+        changes = [0, 0, 0]
+
+        def change(n: int) -> None:
+            while not stop.is_set():
+                log.append_with(lambda: None, lambda _: {"verb": "attach_plugin", "n": n})
+                changes[n] += 1
+
+        threads = [threading.Thread(target=change, args=(n,)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            with anyio.fail_after(30):
+                for _ in range(5):
+                    await _append_many(log, 40)
+                    await asyncio.sleep(0.1)  # past the 0.2 s busy timeout in all
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert log.stats.failed_batches == 0
+        assert not log.stats.failing
+        assert min(changes) > 0
+        assert verify_store(store).count == 200 + sum(changes)

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -927,3 +928,25 @@ async def test_a_tree_on_the_import_path_that_holds_the_data_dir_stays_whole(tmp
         assert reached[f"read {server / 'admin.token'}"] == "FileNotFoundError"
     else:
         assert reached[f"read {server / 'admin.token'}"] == "PermissionError"
+
+
+async def test_a_root_servers_worker_that_cannot_read_an_import_says_why(tmp_path):
+    # As nobody it reads its packages as any user: one installed under umask 077 fails to
+    # import, and the load error says what to do (a review found the bare PermissionError)
+    if worker_identity() is None:
+        pytest.skip("the switch to nobody is a root server's (CI runs as root)")
+    name = f"mcp0_test_private_{os.getpid()}"
+    private = Path(sysconfig.get_paths()["purelib"]) / f"{name}.py"  # on the worker's path
+    plugin = tmp_path / "plugin"
+    shutil.copytree(KIT_DIR, plugin, ignore=shutil.ignore_patterns("__pycache__"))
+    code = plugin / "kit_plugin.py"
+    future = "from __future__ import annotations\n"
+    code.write_text(code.read_text().replace(future, f"{future}import {name}\n", 1))
+    private.write_text("VALUE = 1\n")
+    try:
+        private.chmod(0o600)
+        rt = ProcessRuntime(load_manifest(plugin), plugin, tmp_path / "data")
+        with pytest.raises(PluginFailure, match=r"PermissionError.*readable by every user"):
+            await rt.start()
+    finally:
+        private.unlink()

@@ -267,9 +267,11 @@ class AuditLog:
         ``event_of`` makes of its result, in one transaction; return what ``change``
         returned. Both are durable then, or — when this raises — neither happened. For the
         actions that change the store (agents, plugins): made apart, a crash between the
-        change and its commit left a change with no record. Blocks for one commit (the
-        loop's gathering batch is committed first, on its own). Raises what ``change``
-        raises, and as :meth:`append`."""
+        change and its commit left a change with no record. Blocks for one commit. On a
+        loop's thread, that loop's gathering batch is committed first, on its own; from
+        another thread (the admin API's changes), it commits on its own timer, so its
+        records may come after this one. Raises what ``change`` raises, and as
+        :meth:`append`."""
         gathered = self._gathered()
         if gathered:
             self._commit(gathered)  # not in our transaction: a refused change must not undo it
@@ -288,8 +290,9 @@ class AuditLog:
 
         # (a failure is the change's own or the store's: the next batch tells the latter)
         self._write_chained(write)
-        self.stats.batches += 1
-        self.stats.events += 1
+        with self._lock:  # (also the loop's thread counts)
+            self.stats.batches += 1
+            self.stats.events += 1
         return results[0]
 
     def writable(self) -> bool:
@@ -383,8 +386,10 @@ class AuditLog:
         nothing settled) when another writer holds it."""
         try:
             # (a partial, not a closure: no cells and function object made per batch)
+            # The last try waits for this log's lock (an admin change committing in a
+            # thread gives it up within its own busy timeout), not for another process's
             entries = self._write_chained(
-                functools.partial(self._store_sealed, batch, wait), wait=wait
+                functools.partial(self._store_sealed, batch, wait), wait=wait or not retry
             )
         except Exception as exc:  # any failure fails the batch, never the log
             if retry and isinstance(exc, StoreBusy):

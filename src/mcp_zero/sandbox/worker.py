@@ -502,9 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         write,
         cover=cover + unsearchable,
         keep=[*read, *write],
-        # its own shared memory, not other plugins': within its memory quota
+        # its own shared memory, not other plugins': as much as its memory quota (tmpfs
+        # pages are not counted against RLIMIT_AS, so this is on top of it)
         private=[isolation.SHARED_MEMORY],
-        private_mb=min(memory_mb, 64) if memory_mb > 0 else 64,
+        private_mb=memory_mb if memory_mb > 0 else 256,
         owner=identity,
     )
     # Only as nobody may it leave root: the plugin's copy is under the server's 0700 data
@@ -532,7 +533,14 @@ def main(argv: list[str] | None = None) -> int:
         plugin = load_plugin(plugin_dir, entry)
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
-        write_all(out_fd, encode({"op": "fatal", "message": f"{type(exc).__name__}: {exc}"}))
+        message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PermissionError) and switch:
+            message += (
+                f" (a root server's worker runs as {ownership.WORKER_USER}: the interpreter "
+                "and packages it imports must be readable by every user, e.g. a venv made "
+                "under umask 077 or 027 needs chmod -R a+rX)"
+            )
+        write_all(out_fd, encode({"op": "fatal", "message": message}))
         proctree.kill_tree(os.getpid(), include_root=False)  # what its import started
         return FATAL_EXIT
     worker = Worker(

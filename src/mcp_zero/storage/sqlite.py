@@ -20,6 +20,7 @@ leaves as :class:`~mcp_zero.errors.StorageError` naming the file and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -620,14 +621,16 @@ class SqliteStore:
                 finally:
                     conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000):d}")
                 return conn
-            except sqlite3.Error as exc:
+            except BaseException as exc:
+                if not self._closed and self._conn.in_transaction:  # (begun, then interrupted)
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 self._lock.release()
+                if not isinstance(exc, sqlite3.Error):
+                    raise
                 busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY
                 if not busy or time.monotonic() >= deadline:
                     raise storage_error(exc, self.path, doing) from exc
-            except BaseException:
-                self._lock.release()
-                raise
             time.sleep(max(min(delay, deadline - time.monotonic()), 0))  # waiting: write lock
             delay = min(delay * 2, 0.05)
 
