@@ -4,12 +4,10 @@ be a user's directory that root installs from)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,8 +16,7 @@ import pytest
 from mcp_zero import fdio
 from mcp_zero.errors import ManifestError
 from mcp_zero.kernel.plugins import _copy_tree
-
-_RENAME_EXCHANGE = 2
+from swapping import swapping
 
 
 def _source(tmp_path: Path) -> Path:
@@ -69,18 +66,8 @@ def test_a_file_swapped_for_a_link_meanwhile_never_brings_the_links_target(
     secret = tmp_path / "secret"
     secret.write_text("ROOT-ONLY")
     os.symlink(secret, source / ".hidden")  # ignored, so never checked
-    libc = ctypes.CDLL(None, use_errno=True)
-    stop = threading.Event()
-
-    def swap() -> None:
-        a, b = os.fsencode(source / "data.txt"), os.fsencode(source / ".hidden")
-        while not stop.is_set():
-            libc.renameat2(-100, a, -100, b, _RENAME_EXCHANGE)
-
-    racer = threading.Thread(target=swap, daemon=True)
-    racer.start()
     copies = refused = 0
-    try:
+    with swapping(source / "data.txt", source / ".hidden"):
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
             into = tmp_path / f"copy{copies + refused}"
@@ -93,9 +80,6 @@ def test_a_file_swapped_for_a_link_meanwhile_never_brings_the_links_target(
             copies += 1
             data = into / "data.txt"
             assert not data.exists() or data.read_text() == "the plugin's"
-    finally:
-        stop.set()
-        racer.join()
     assert copies + refused > 10
 
 

@@ -4,10 +4,8 @@ dir meanwhile."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
-import threading
 import time
 from pathlib import Path
 
@@ -15,9 +13,9 @@ import pytest
 
 from mcp_zero import fdio
 from mcp_zero.sandbox.ownership import hand_over, make_tmp, readable_to_all
+from swapping import swapping
 
 NOBODY = (65534, 65534)
-_RENAME_EXCHANGE = 2
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="chown to another user needs root (CI runs as root)"
@@ -72,27 +70,14 @@ def test_a_plugin_swapping_names_during_the_walk_hands_over_nothing_outside(
     (data / "x" / "sub").mkdir(parents=True)
     (data / "x" / "file").write_text("the plugin's")
     os.symlink(victim, data / "link")
-    libc = ctypes.CDLL(None, use_errno=True)
-    stop = threading.Event()
-
-    def swap() -> None:
-        a, b = os.fsencode(data / "x"), os.fsencode(data / "link")
-        while not stop.is_set():
-            libc.renameat2(-100, a, -100, b, _RENAME_EXCHANGE)
-
-    racer = threading.Thread(target=swap, daemon=True)
-    racer.start()
-    try:
+    walks = 0
+    with swapping(data / "x", data / "link"):
         deadline = time.monotonic() + 2
-        walks = 0
         while time.monotonic() < deadline:
             os.chown(data, 0, 0)  # handed back to root: walked again
             hand_over(data, *NOBODY)
             walks += 1
             assert set(_owners(victim).values()) == {(0, 0)}, f"after {walks} walks"
-    finally:
-        stop.set()
-        racer.join()
     assert walks > 10
 
 
