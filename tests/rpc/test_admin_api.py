@@ -430,6 +430,7 @@ async def test_a_plugin_the_server_does_not_run_says_why(tmp_path: Any) -> None:
     if os.geteuid() == 0:  # root can always unshare; others only with user namespaces
         assert faulty["sandbox"]["network_isolated"] is True
         assert faulty["sandbox"]["mounts_confined"] is True
+        assert faulty["sandbox"]["processes_hidden"] is True
     assert "sandbox" not in shown  # not running
     assert states["notes"][0] is False
     assert "0 of the server's max_workers = 1 are free" in states["notes"][1]

@@ -579,10 +579,16 @@ async def test_a_worker_can_change_no_file_but_its_own_nor_see_the_servers(tmp_p
         await call(rt, "reach", {"write": [str(own)]})
         paths = [str(server / "admin.token"), str(outside), str(own), "/etc/hostname"]
         reached = (await call(rt, "reach", {"chmod": paths, "stat": paths}))["structuredContent"]
+        # its own /proc: the server (and any process it may not trace) is not there
+        procs = [f"/proc/{os.getpid()}", f"/proc/{os.getppid()}", "/proc/self/status"]
+        seen = (await call(rt, "reach", {"stat": procs}))["structuredContent"]
         who = (await call(rt, "whoami"))["structuredContent"]
     finally:
         await rt.close()
     assert rt.mounts_confined is True  # (root here, and CI; test_isolation runs it unprivileged)
+    assert rt.sandbox["processes_hidden"] is True  # (root: unprivileged, it keeps the host's)
+    assert seen[f"stat /proc/{os.getpid()}"] == seen[f"stat /proc/{os.getppid()}"] == "ENOENT"
+    assert seen["stat /proc/self/status"] == "ok"
     assert reached[f"chmod {server / 'admin.token'}"] == "ENOENT"  # the data dir is covered
     assert reached[f"stat {server / 'admin.token'}"] == "ENOENT"
     assert reached[f"chmod {outside}"] == reached["chmod /etc/hostname"] == "EROFS"

@@ -85,6 +85,7 @@ MEASURES = (
     "network_isolated",
     "files_confined",
     "mounts_confined",
+    "processes_hidden",
     "syscalls_restricted",
     "unprivileged",
 )
@@ -343,6 +344,10 @@ def confine_mounts(
                 break
         else:
             return False
+    # Its own /proc, where only processes it may trace show (itself and what it starts: not
+    # the server, other plugins' workers, other users'). Mounting one needs CAP_SYS_ADMIN
+    # over the PID namespace, so a worker in a user namespace of its own keeps the host's.
+    libc.mount(b"proc", b"/proc", b"proc", flags, b"hidepid=invisible")
     dirs = sorted({os.path.realpath(p) for p in writable if os.path.isdir(p)})
     for path in dirs:  # each its own mount, to be made writable again below
         if libc.mount(os.fsencode(path), os.fsencode(path), None, _MS_BIND | _MS_REC, None) != 0:
@@ -356,6 +361,19 @@ def confine_mounts(
     except OSError:
         os.chdir("/")
     return True
+
+
+def processes_hidden() -> bool:
+    """Whether this process's ``/proc`` shows only the processes it may trace."""
+    try:
+        with open("/proc/self/mountinfo") as file:
+            for line in file:
+                fields = line.split()
+                if fields[4] == "/proc" and "hidepid=invisible" in line.split(" - ", 1)[-1]:
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def unsearchable(paths: Iterable[str], uid: int, gid: int) -> list[str]:
@@ -579,6 +597,7 @@ __all__ = [
     "hide_process",
     "isolate_network",
     "landlock_abi",
+    "processes_hidden",
     "restrict_syscalls",
     "tie_to_parent",
     "unsearchable",

@@ -34,7 +34,8 @@ Kernel → worker::
 Worker → kernel::
 
     {"op": "ready", "pid", "sandbox": {"network_isolated", "files_confined",
-     "mounts_confined", "syscalls_restricted", "unprivileged": bool}, "tools",
+     "mounts_confined", "processes_hidden", "syscalls_restricted", "unprivileged": bool},
+     "tools",
      "resources", "templates", "prompts"}
                                                     # once, after the plugin loaded
     {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
@@ -556,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             "network_isolated": network_isolated,
             "files_confined": files_confined,
             "mounts_confined": mounts_confined,
+            "processes_hidden": mounts_confined and isolation.processes_hidden(),
             "unprivileged": os.geteuid() != 0,
             "syscalls_restricted": syscalls_restricted,
         },
