@@ -70,13 +70,14 @@ def walk(
                 continue
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
+            except OSError as exc:
                 if strict:
+                    exc.filename = prefix + name
                     raise
                 continue  # gone meanwhile
             relative = prefix + name
-            if stat.S_ISDIR(st.st_mode) and st.st_dev != device and not strict:
-                continue  # (files may show their layer's device: overlayfs)
+            if st.st_dev != device and not strict:
+                continue  # (a mount inside the tree)
             yield fd, name, st, relative
             if not stat.S_ISDIR(st.st_mode):
                 continue
@@ -87,17 +88,19 @@ def walk(
                 continue
             try:
                 sub = os.open(name, DIR_FLAGS, dir_fd=fd)
-            except OSError:
+            except OSError as exc:
                 if strict:
+                    exc.filename = relative
                     raise
                 continue  # replaced by a link or a file meanwhile
             try:
                 if not os.path.samestat(os.fstat(sub), st):
                     raise FileNotFoundError(errno.ENOENT, "replaced while walked", relative)
                 listed = iter(sorted(os.listdir(sub)))
-            except OSError:
+            except OSError as exc:
                 os.close(sub)
                 if strict:
+                    exc.filename = relative
                     raise
                 continue
             stack.append((sub, listed, relative + "/"))

@@ -92,7 +92,7 @@ def test_a_tree_deeper_than_a_walk_goes_fails_the_copy_naming_it(
     source.joinpath("a", "b", "c", "d").mkdir(parents=True)
     into = tmp_path / "copy"
     into.mkdir()
-    with pytest.raises(shutil.Error, match=r"levels deep"):
+    with pytest.raises(shutil.Error, match=r"source/a/b/c', .*levels deep"):
         _copy_tree(source, into)
 
 

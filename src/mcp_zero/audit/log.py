@@ -353,14 +353,24 @@ class AuditLog:
             batch.timer = loop.call_later(delay, self._flush, loop)
 
     def _write_chained(
-        self, write: Callable[[], list[AuditEntry]], *, wait: bool = True
+        self,
+        write: Callable[[], list[AuditEntry]],
+        *,
+        wait: bool = True,
+        lock_timeout: float | None = None,
     ) -> list[AuditEntry]:
         """Run ``write`` (it seals entries after the head and stores them) under the write
         lock, and advance the head to what it stored. Another process (a CLI command beside
         the server) may have appended first: then chain after its entries and try again.
-        Without ``wait``, raises StoreBusy when the write lock is held (by another thread's
+        Without ``wait``, raises StoreBusy when the write lock is held (or, with
+        ``lock_timeout``, still held after that many seconds) (by another thread's
         commit). Any other failure is raised, the head left as the store has it."""
-        if not self._write_lock.acquire(blocking=wait):
+        got = (
+            self._write_lock.acquire(timeout=lock_timeout)
+            if lock_timeout is not None and not wait
+            else self._write_lock.acquire(blocking=wait)
+        )
+        if not got:
             raise StoreBusy("another thread is committing to the audit log: retry")
         try:
             for attempt in range(_MAX_ATTEMPTS):
@@ -386,10 +396,12 @@ class AuditLog:
         nothing settled) when another writer holds it."""
         try:
             # (a partial, not a closure: no cells and function object made per batch)
-            # The last try waits for this log's lock (an admin change committing in a
-            # thread gives it up within its own busy timeout), not for another process's
+            # The last try waits a busy timeout for this log's lock (an admin change
+            # committing in a thread), not for another process's
             entries = self._write_chained(
-                functools.partial(self._store_sealed, batch, wait), wait=wait or not retry
+                functools.partial(self._store_sealed, batch, wait),
+                wait=wait,
+                lock_timeout=None if retry else self._store.busy_timeout,
             )
         except Exception as exc:  # any failure fails the batch, never the log
             if retry and isinstance(exc, StoreBusy):

@@ -257,11 +257,11 @@ def _copy_tree(source: Path, into: Path) -> None:
                     f"plugin directory {source} holds over {MAX_PLUGIN_BYTES >> 20} MiB of "
                     "files, more than a plugin may"
                 )
-    except OSError as exc:
+    except OSError as exc:  # from the walk: its filename is the entry's, relative
         if isinstance(exc, shutil.Error):
             raise
-        where = source / exc.filename if isinstance(exc.filename, str) else source
-        raise shutil.Error([(str(where), str(into), str(exc))]) from exc
+        relative = exc.filename if isinstance(exc.filename, str) else ""
+        raise shutil.Error([(str(source / relative), str(into / relative), str(exc))]) from exc
     finally:
         os.close(top)
 

@@ -12,12 +12,15 @@ change made through a directory's descriptor without following a link.
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import stat
 from pathlib import Path
 
 from mcp_zero.fdio import DIR_FLAGS, walk
+
+logger = logging.getLogger(__name__)
 
 #: Who the workers of a server run as root run as: never root, whose files would be theirs.
 WORKER_USER = "nobody"
@@ -45,9 +48,17 @@ def hand_over(data_dir: Path, uid: int, gid: int) -> None:
     try:
         if os.fstat(top).st_uid == uid:
             return
+        left = 0
         for fd, name, st, _ in walk(top):
+            if (st.st_uid, st.st_gid) == (uid, gid):
+                continue  # (done by a walk that was cut short: each start gets further)
             if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                try:
+                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                except OSError:  # (another user's, not mapped in a user namespace)
+                    left += 1
+        if left:
+            logger.warning("%s: %d files left to their owners, who are not %d", data_dir, left, uid)
         os.fchown(top, uid, gid)  # last: it says the walk is done
     finally:
         os.close(top)

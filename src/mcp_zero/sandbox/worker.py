@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import itertools
 import os
@@ -514,18 +515,22 @@ def main(argv: list[str] | None = None) -> int:
     # as from now on before it switches (while it holds CAP_CHOWN).
     switch = bool(identity) and (mounts_confined or not unsearchable)
     switch = switch and identity is not None and isolation.can_become(*identity)
-    if env.get("MCP0_FILESYSTEM", "private") == "private":
-        ownership.settle(
-            Path(env.get("MCP0_DATA_DIR") or os.getcwd()), identity if switch else None
-        )
+    private = env.get("MCP0_FILESYSTEM", "private") == "private"
+    data_dir = Path(env.get("MCP0_DATA_DIR") or os.getcwd())
+    if private:
+        ownership.settle(data_dir, identity if switch else None)
     if switch and identity is not None:
         isolation.drop_bounding_set()  # (needs CAP_SETPCAP, which the switch gives up)
-        isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
-    # Under the cover the server's data dir is gone from its view: a tree that holds it (a
-    # project on the import path, with ./.mcp0 inside) is granted whole, files made in it
-    # later too. Without the cover, Landlock keeps it out by itself.
-    hidden = "" if mounts_confined else protect
-    files_confined = isolation.confine_files(read, write, hidden=hidden) > 0
+        switch = isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
+        if not switch and private:  # (not foreseen): it stays root, so do its files
+            ownership.settle(data_dir, None)
+    if not switch and identity is not None and mounts_confined:
+        # its own /dev/shm was made for nobody: the user it stays is root
+        with contextlib.suppress(OSError):
+            os.chown(isolation.SHARED_MEMORY, os.geteuid(), os.getegid())
+    # Landlock keeps the server's data dir out by itself too, on every mount of it (the
+    # cover is on one: the same tree mounted elsewhere shows it again).
+    files_confined = isolation.confine_files(read, write, hidden=protect) > 0
     # After unshare, which needs them: a root server's workers would hold them all, others
     # their user namespace's, or ambient ones a service manager granted.
     isolation.drop_capabilities()
@@ -535,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
         message = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, PermissionError) and switch:
+        denied = str(getattr(exc, "filename", "") or "")
+        on_path = any(p and denied.startswith(p.rstrip(os.sep) + os.sep) for p in sys.path)
+        if isinstance(exc, PermissionError) and switch and on_path:
             message += (
                 f" (a root server's worker runs as {ownership.WORKER_USER}: the interpreter "
                 "and packages it imports must be readable by every user, e.g. a venv made "
