@@ -76,8 +76,8 @@ def walk(
                     raise
                 continue  # gone meanwhile
             relative = prefix + name
-            if st.st_dev != device and not strict:
-                continue  # (a mount inside the tree)
+            if stat.S_ISDIR(st.st_mode) and st.st_dev != device and not strict:
+                continue  # a mount inside the tree (files may show their layer's: overlayfs)
             yield fd, name, st, relative
             if not stat.S_ISDIR(st.st_mode):
                 continue

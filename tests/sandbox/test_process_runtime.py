@@ -858,7 +858,7 @@ async def main():
     try:
         who = (await call(rt, "whoami"))["structuredContent"]
         tries = {
-            "read": ["/etc/shadow", str(server / "admin.token")],
+            "read": ["/etc/shadow", str(server / "admin.token"), "/proc/%d/cmdline" % os.getpid()],
             "write": [str(data / "own"), "/dev/shm/own"],
         }
         reached = (await call(rt, "reach", tries))["structuredContent"]
@@ -915,6 +915,10 @@ def test_a_root_worker_that_may_not_switch_keeps_its_mount_view_and_its_shared_m
     assert "runs as root" in stderr  # said once, in the server's log
     assert report["sandbox"]["mounts_confined"] is True
     assert report["sandbox"]["unprivileged"] is False
+    # its own /proc hides the server from it as root too ("invisible" showed gid 0 all)
+    assert report["sandbox"]["processes_hidden"] is True
+    [server] = [key for key in report["reached"] if key.startswith("read /proc/")]
+    assert report["reached"][server] == "FileNotFoundError"
     data = tmp_path / "plugin-data" / "kit"
     assert report["reached"][f"write {data / 'own'}"] == "ok"
     assert report["reached"]["write /dev/shm/own"] == "ok"

@@ -7,6 +7,7 @@ reported, so the kernel can tell the operator what actually holds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -345,9 +346,11 @@ def confine_mounts(
         else:
             return False
     # Its own /proc, where only processes it may trace show (itself and what it starts: not
-    # the server, other plugins' workers, other users'). Mounting one needs CAP_SYS_ADMIN
-    # over the PID namespace, so a worker in a user namespace of its own keeps the host's.
-    libc.mount(b"proc", b"/proc", b"proc", flags, b"hidepid=invisible")
+    # the server, other plugins' workers, other users'). "ptraceable", not "invisible",
+    # which shows everything to the mount's gid (0: a worker that stays root). Mounting one
+    # needs CAP_SYS_ADMIN over the PID namespace: a worker in a user namespace of its own
+    # keeps the host's.
+    libc.mount(b"proc", b"/proc", b"proc", flags, b"hidepid=ptraceable")
     dirs = sorted({os.path.realpath(p) for p in writable if os.path.isdir(p)})
     for path in dirs:  # each its own mount, to be made writable again below
         if libc.mount(os.fsencode(path), os.fsencode(path), None, _MS_BIND | _MS_REC, None) != 0:
@@ -364,16 +367,9 @@ def confine_mounts(
 
 
 def processes_hidden() -> bool:
-    """Whether this process's ``/proc`` shows only the processes it may trace."""
-    try:
-        with open("/proc/self/mountinfo") as file:
-            for line in file:
-                fields = line.split()
-                if fields[4] == "/proc" and "hidepid=invisible" in line.split(" - ", 1)[-1]:
-                    return True
-    except OSError:
-        pass
-    return False
+    """Whether this process's ``/proc`` hides the processes it may not trace: its parent
+    (the server: non-dumpable, outside its Landlock domain) is not there."""
+    return os.path.isdir("/proc/self") and not os.path.exists(f"/proc/{os.getppid()}")
 
 
 def unsearchable(paths: Iterable[str], uid: int, gid: int) -> list[str]:
@@ -436,6 +432,8 @@ def become(uid: int, gid: int, parent_pid: int) -> bool:
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     except OSError:
+        with contextlib.suppress(OSError):  # (half switched: root's group back)
+            os.setresgid(0, 0, 0)
         return False
     if libc is not None:
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

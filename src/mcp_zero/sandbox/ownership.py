@@ -12,6 +12,7 @@ change made through a directory's descriptor without following a link.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -87,11 +88,15 @@ def make_tmp(data_dir: Path, identity: tuple[int, int] | None) -> None:
         except FileNotFoundError:
             st = None
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            os.unlink(".tmp", dir_fd=top)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(".tmp", dir_fd=top)
             st = None
         if st is None:
-            os.mkdir(".tmp", 0o700, dir_fd=top)
+            with contextlib.suppress(FileExistsError):  # (another worker of the plugin's)
+                os.mkdir(".tmp", 0o700, dir_fd=top)
             st = os.stat(".tmp", dir_fd=top, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                return  # (the plugin is racing its own TMPDIR: it breaks only its own)
         if identity is not None and (st.st_uid, st.st_gid) != identity:
             os.chown(".tmp", *identity, dir_fd=top, follow_symlinks=False)
     finally:
