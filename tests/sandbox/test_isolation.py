@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -246,3 +247,37 @@ def test_a_mount_view_leaves_only_the_writable_trees_writable_and_covers_the_sec
     ]
     assert not shm.exists()  # (the host's /dev/shm)
     assert modes == {"admin.token": "0o600", "outside.txt": "0o600"}
+
+
+# A switch that fails half way (its group changed, its user not) gives the process its
+# groups back and arms its parent-death signal again, which the group change cleared.
+HALF_SWITCH = """
+import ctypes, json, os, signal
+from mcp_zero.sandbox import isolation
+libc = ctypes.CDLL(None)
+libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+before = (os.getresgid(), os.getgroups())
+def refused(*args):
+    raise PermissionError(1, "Operation not permitted")
+os.setresuid = refused
+switched = isolation.become(65534, 65534, os.getppid())
+signal_now = ctypes.c_int()
+libc.prctl(2, ctypes.byref(signal_now), 0, 0, 0)  # PR_GET_PDEATHSIG
+print(json.dumps({"switched": switched, "same": (os.getresgid(), os.getgroups()) == before,
+                  "uid": os.getuid(), "deathsig": signal_now.value}))
+"""
+
+
+def test_a_switch_that_fails_half_way_leaves_the_process_as_it_was() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching user needs root (CI runs as root)")
+    done = subprocess.run(
+        [sys.executable, "-c", HALF_SWITCH], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "switched": False,
+        "same": True,
+        "uid": 0,
+        "deathsig": int(signal.SIGKILL),
+    }

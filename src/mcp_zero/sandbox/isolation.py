@@ -427,19 +427,23 @@ def become(uid: int, gid: int, parent_pid: int) -> bool:
     server's worker: root's files are not its own then); ``True`` when that held. The
     kernel clears the parent-death signal on the change: it is set again."""
     libc = _c()
+    groups, gids = os.getgroups(), os.getresgid()
     try:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
+        switched = True
     except OSError:
-        with contextlib.suppress(OSError):  # (half switched: root's group back)
-            os.setresgid(0, 0, 0)
-        return False
+        switched = False
+        with contextlib.suppress(OSError):  # (half switched: its groups back)
+            os.setresgid(*gids)
+            os.setgroups(groups)
+    # (either way: a change of group alone clears it too)
     if libc is not None:
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if parent_pid and os.getppid() != parent_pid:
         os._exit(1)
-    return True
+    return switched
 
 
 def _cover_all(libc: ctypes.CDLL, covers: list[str], kept: set[str]) -> bool:

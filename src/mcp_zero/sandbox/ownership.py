@@ -88,15 +88,19 @@ def make_tmp(data_dir: Path, identity: tuple[int, int] | None) -> None:
         except FileNotFoundError:
             st = None
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            with contextlib.suppress(FileNotFoundError):
+            # (another worker of the plugin may have replaced it meanwhile)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(".tmp", dir_fd=top)
             st = None
         if st is None:
-            with contextlib.suppress(FileExistsError):  # (another worker of the plugin's)
+            with contextlib.suppress(FileExistsError):
                 os.mkdir(".tmp", 0o700, dir_fd=top)
-            st = os.stat(".tmp", dir_fd=top, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
+            try:
+                st = os.stat(".tmp", dir_fd=top, follow_symlinks=False)
+            except FileNotFoundError:
                 return  # (the plugin is racing its own TMPDIR: it breaks only its own)
+            if not stat.S_ISDIR(st.st_mode):
+                return
         if identity is not None and (st.st_uid, st.st_gid) != identity:
             os.chown(".tmp", *identity, dir_fd=top, follow_symlinks=False)
     finally:

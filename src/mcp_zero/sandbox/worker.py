@@ -564,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
             "network_isolated": network_isolated,
             "files_confined": files_confined,
             "mounts_confined": mounts_confined,
-            "processes_hidden": mounts_confined and isolation.processes_hidden(),
+            # (its parent hidden tells for all only where Landlock keeps it from tracing the
+            # processes of its own user: without, another plugin's child would show)
+            "processes_hidden": mounts_confined and files_confined and isolation.processes_hidden(),
             "unprivileged": os.geteuid() != 0,
             "syscalls_restricted": syscalls_restricted,
         },
