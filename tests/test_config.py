@@ -314,6 +314,7 @@ _KINDS: dict[str, set[str]] = {
     **{n: {"bool"} for n in ("examples", "metrics_public")},
     **{n: {"str"} for n in ("data_dir", "tls_cert", "tls_key", "host", "anonymous_agent")},
     "log_level": set(),  # a string, but "x" is no level
+    "worker_user": set(),  # a string, but "x" is no user
     "allowed_origins": {"str", "list"},
 }
 _VALUES = {
@@ -396,3 +397,10 @@ def test_an_empty_path_option_is_refused_like_an_empty_setting(tmp_path: Path, o
         "mcp0: error: invalid value for '--data-dir': it is empty; give a path\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_worker_user_must_name_a_user_of_the_system() -> None:
+    assert load_settings(None, None, environ={}).worker_user == "nobody"
+    assert load_settings(None, None, environ={"MCP0_WORKER_USER": "root"}).worker_user == "root"
+    with pytest.raises(ConfigError, match=r"'worker_user' is 'no-such-user-here'.*names no user"):
+        load_settings(None, None, environ={"MCP0_WORKER_USER": "no-such-user-here"})

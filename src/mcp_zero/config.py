@@ -4,6 +4,7 @@ then command-line options — each later source overriding the earlier ones."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -12,6 +13,7 @@ from typing import Any
 
 from mcp_zero.audit.log import DEFAULT_MAX_BATCH, DEFAULT_WINDOW
 from mcp_zero.errors import ConfigError
+from mcp_zero.sandbox.ownership import WORKER_USER
 
 DEFAULT_PORT = 8390
 #: Worker processes of all plugins together (``max_workers``): each is a Python process
@@ -56,6 +58,9 @@ class Settings:
     # HTTPS: a PEM certificate chain and its private key (both, or neither for plain HTTP).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Who the plugin workers of a server run as root run as ("root": they stay root,
+    # without capabilities)
+    worker_user: str = WORKER_USER
 
     @property
     def db_path(self) -> Path:
@@ -188,6 +193,14 @@ def load_settings(
         raise ConfigError(
             f"setting 'log_level' is {settings.log_level!r}; use one of {', '.join(LOG_LEVELS)}"
         )
+    if settings.worker_user != WORKER_USER:  # (nobody is 65534 where the system lacks it)
+        try:
+            pwd.getpwnam(settings.worker_user)
+        except KeyError:
+            raise ConfigError(
+                f"setting 'worker_user' is {settings.worker_user!r}, which names no user on "
+                "this system; name one (the default is nobody), or root to keep workers root"
+            ) from None
     return settings
 
 

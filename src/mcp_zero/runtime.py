@@ -115,6 +115,7 @@ class Runtime:
             settings.plugin_data_dir,
             max_workers=settings.max_workers,
             protect=settings.data_dir,
+            worker_user=settings.worker_user,
         )
         self.plugins.record_digests()  # copies installed before digests were kept
         self.plugins.sweep_copies()  # replaced copies no server deleted

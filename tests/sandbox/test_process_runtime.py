@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -1031,7 +1032,30 @@ async def test_a_root_servers_worker_that_cannot_read_an_import_says_why(tmp_pat
     try:
         private.chmod(0o600)
         rt = ProcessRuntime(load_manifest(plugin), plugin, tmp_path / "data")
-        with pytest.raises(PluginFailure, match=r"PermissionError.*readable by every user"):
+        with pytest.raises(PluginFailure, match=r"PermissionError.*must be readable by it"):
             await rt.start()
     finally:
         private.unlink()
+
+
+@pytest.mark.parametrize("user", ["daemon", "root"])
+async def test_the_user_a_root_servers_workers_run_as_is_a_setting(tmp_path, user):
+    # worker_user: a dedicated user rather than nobody, or root (workers stay root, without
+    # capabilities: for packages that cannot be made readable to all)
+    if worker_identity() is None:
+        pytest.skip("the switch is a root server's (CI runs as root)")
+    entry = pwd.getpwnam(user)
+    copy = tmp_path / "plugin"
+    shutil.copytree(KIT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    rt = ProcessRuntime(load_manifest(copy), copy, tmp_path / "data", worker_user=user)
+    await rt.start()
+    try:
+        who = (await call(rt, "whoami"))["structuredContent"]
+        own = {"write": [str(tmp_path / "data" / "own")]}
+        reached = (await call(rt, "reach", own))["structuredContent"]
+    finally:
+        await rt.close()
+    assert (who["uid"], who["gid"]) == (entry.pw_uid, entry.pw_gid)
+    assert rt.sandbox["unprivileged"] is (entry.pw_uid != 0)
+    assert reached[f"write {tmp_path / 'data' / 'own'}"] == "ok"
+    assert os.stat(tmp_path / "data").st_uid == entry.pw_uid

@@ -46,7 +46,7 @@ from mcp_zero.sandbox.manifest import (
     load_manifest,
     parse_manifest,
 )
-from mcp_zero.sandbox.ownership import readable_to_all
+from mcp_zero.sandbox.ownership import WORKER_USER, readable_to_all
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.storage.base import PluginRecord, Store
 
@@ -520,8 +520,11 @@ class PluginHost:
         *,
         max_workers: int = DEFAULT_MAX_WORKERS,
         protect: Path | None = None,
+        worker_user: str = WORKER_USER,
     ) -> None:
         self.store = store
+        # Who a root server's workers run as (the worker_user setting)
+        self.worker_user = worker_user
         # Workers must not reach this directory (the server's data dir) but for their own
         # parts of it: their plugin's copy and data dir.
         self.protect = protect
@@ -835,7 +838,12 @@ class PluginHost:
         data_dir = self.plugin_data_dir / manifest.name
         data_dir.mkdir(parents=True, exist_ok=True)
         return ProcessRuntime(
-            manifest, path, data_dir, on_restart=self._restarted, protect=self.protect
+            manifest,
+            path,
+            data_dir,
+            on_restart=self._restarted,
+            protect=self.protect,
+            worker_user=self.worker_user,
         )
 
     def _restarted(self, plugin: str) -> None:

@@ -27,16 +27,20 @@ logger = logging.getLogger(__name__)
 WORKER_USER = "nobody"
 
 
-def worker_identity() -> tuple[int, int] | None:
-    """The user and group a root server's workers switch to (:data:`WORKER_USER`, or
-    65534 where the system has no such user); None for a server that is not root."""
+def worker_identity(user: str = WORKER_USER) -> tuple[int, int] | None:
+    """The user and group (the user's own) a root server's workers switch to: ``user``
+    (the ``worker_user`` setting; ``nobody`` is 65534 where the system has no such user);
+    None for a server that is not root, or a user that is root (they stay root). Raises
+    KeyError for a user the system does not know."""
     if os.geteuid() != 0:
         return None
     try:
-        entry = pwd.getpwnam(WORKER_USER)
+        entry = pwd.getpwnam(user)
     except KeyError:
+        if user != WORKER_USER:
+            raise
         return 65534, 65534
-    return entry.pw_uid, entry.pw_gid
+    return None if entry.pw_uid == 0 else (entry.pw_uid, entry.pw_gid)
 
 
 def hand_over(data_dir: Path, uid: int, gid: int) -> None:

@@ -82,6 +82,7 @@ class ProcessRuntime:
         cancel_grace: float = 0.5,
         on_restart: Callable[[str], None] | None = None,
         protect: str | Path | None = None,
+        worker_user: str = WORKER_USER,
     ) -> None:
         self.name = manifest.name
         #: Told (with the plugin's name) each time a worker that died or was killed (a call
@@ -114,7 +115,8 @@ class ProcessRuntime:
             str(self.plugin_dir),
             manifest.entry,
         ]
-        self._identity = worker_identity()
+        self._identity = worker_identity(worker_user)
+        self._worker_user = worker_user
         self._warned_privileged = False
         self._env = self._worker_env()
 
@@ -286,7 +288,7 @@ class ProcessRuntime:
                 "so it can read root's files where it may read: run the server as an "
                 "unprivileged user",
                 self.name,
-                WORKER_USER,
+                self._worker_user,
             )
 
     def _update_isolation(self) -> None:

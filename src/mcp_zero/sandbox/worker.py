@@ -544,9 +544,9 @@ def main(argv: list[str] | None = None) -> int:
         on_path = any(p and denied.startswith(p.rstrip(os.sep) + os.sep) for p in sys.path)
         if isinstance(exc, PermissionError) and switch and on_path:
             message += (
-                f" (a root server's worker runs as {ownership.WORKER_USER}: the interpreter "
-                "and packages it imports must be readable by every user, e.g. a venv made "
-                "under umask 077 or 027 needs chmod -R a+rX)"
+                f" (a root server's worker runs as uid {os.getuid()}, the worker_user "
+                "setting: the interpreter and packages it imports must be readable by it, "
+                "e.g. a venv made under umask 077 or 027 needs chmod -R a+rX)"
             )
         write_all(out_fd, encode({"op": "fatal", "message": message}))
         proctree.kill_tree(os.getpid(), include_root=False)  # what its import started
