@@ -3,6 +3,7 @@ the errors a user gets for a bad file, key or value."""
 
 from __future__ import annotations
 
+import pwd
 import subprocess
 import sys
 from dataclasses import fields
@@ -404,3 +405,12 @@ def test_worker_user_must_name_a_user_of_the_system() -> None:
     assert load_settings(None, None, environ={"MCP0_WORKER_USER": "root"}).worker_user == "root"
     with pytest.raises(ConfigError, match=r"'worker_user' is 'no-such-user-here'.*names no user"):
         load_settings(None, None, environ={"MCP0_WORKER_USER": "no-such-user-here"})
+
+
+def test_a_worker_user_in_roots_group_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # its workers would read the files of root's group (found by review). No such user is on
+    # a Debian system, nor should a test add one: the lookup is replaced
+    entry = pwd.struct_passwd(("wheelie", "x", 5100, 0, "", "/", "/bin/false"))
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: entry)
+    with pytest.raises(ConfigError, match=r"'worker_user' is 'wheelie', whose group is root's"):
+        load_settings(None, None, environ={"MCP0_WORKER_USER": "wheelie"})

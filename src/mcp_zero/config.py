@@ -195,12 +195,18 @@ def load_settings(
         )
     if settings.worker_user != WORKER_USER:  # (nobody is 65534 where the system lacks it)
         try:
-            pwd.getpwnam(settings.worker_user)
+            entry = pwd.getpwnam(settings.worker_user)
         except KeyError:
             raise ConfigError(
                 f"setting 'worker_user' is {settings.worker_user!r}, which names no user on "
                 "this system; name one (the default is nobody), or root to keep workers root"
             ) from None
+        if entry.pw_uid != 0 and entry.pw_gid == 0:
+            raise ConfigError(
+                f"setting 'worker_user' is {settings.worker_user!r}, whose group is root's "
+                "(gid 0): its workers would read the files of root's group; give the user a "
+                "group of its own"
+            )
     return settings
 
 

@@ -854,6 +854,11 @@ async def main():
     if sys.argv[4] == "handed-over":  # by a server that could switch, before
         os.chown(data, 65534, 65534)
         data.chmod(0o700)
+    elif sys.argv[4] == "other-user":  # to another worker_user, before
+        for path in (data, data / "mine"):
+            path.mkdir(exist_ok=True)
+            os.chown(path, 1, 1)
+            path.chmod(0o700)
     rt = ProcessRuntime(load_manifest(copy), copy, data, protect=server)
     await rt.start()
     try:
@@ -878,10 +883,11 @@ def _without_sys_admin(
     unshare: bool = True,
     handed_over: bool = False,
     lacking: str = "sys_admin",
+    before: str = "-",
 ) -> tuple[dict[str, Any], str]:
     drop = [setpriv, "--bounding-set", f"-{lacking}", "--inh-caps", f"-{lacking}"]
     child = [sys.executable, "-c", WITHOUT_SYS_ADMIN, str(Path(__file__).parent), str(tmp_path)]
-    child += ["unshare" if unshare else "no-unshare", "handed-over" if handed_over else "-"]
+    child += ["unshare" if unshare else "no-unshare", "handed-over" if handed_over else before]
     done = subprocess.run([*drop, *child], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
@@ -1059,3 +1065,17 @@ async def test_the_user_a_root_servers_workers_run_as_is_a_setting(tmp_path, use
     assert rt.sandbox["unprivileged"] is (entry.pw_uid != 0)
     assert reached[f"write {tmp_path / 'data' / 'own'}"] == "ok"
     assert os.stat(tmp_path / "data").st_uid == entry.pw_uid
+
+
+def test_a_data_dir_of_a_former_worker_user_is_taken_over_in_a_user_namespace(tmp_path):
+    # worker_user changed, on a root server without CAP_SYS_ADMIN: the worker's namespace
+    # maps root and the new user only, so root there could not enter the former user's
+    # 0700 data dir, and every plugin failed to start (found by review)
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
+    report, _ = _without_sys_admin(setpriv, tmp_path, before="other-user")
+    data = tmp_path / "plugin-data" / "kit"
+    assert report["sandbox"]["unprivileged"] is True
+    assert report["reached"][f"write {data / 'own'}"] == "ok"
+    assert os.stat(data / "mine").st_uid == report["uid"]

@@ -1,8 +1,9 @@
 """Who a root server's workers run as, and the files the server prepares for them.
 
-A worker of a server run as root switches to :data:`WORKER_USER` (see
-``isolation.become``): root's files are then not its own. Before it starts, the server
-(root) hands the plugin's data dir to that user and lets it read the plugin's code.
+A worker of a server run as root switches to the ``worker_user`` setting's user
+(:data:`WORKER_USER` by default; see ``isolation.become``): root's files are then not its
+own. The server lets that user read the plugin's code; the worker itself, as root and
+before it switches, hands its data dir to that user (``settle``), or back to root.
 
 The data dir is the plugin's to write, so whatever the server does in it runs against a
 plugin that may be changing it at that moment (an old worker still running, a second
@@ -57,16 +58,33 @@ def hand_over(data_dir: Path, uid: int, gid: int) -> None:
         for fd, name, st, _ in walk(top):
             if (st.st_uid, st.st_gid) == (uid, gid):
                 continue  # (done by a walk that was cut short: each start gets further)
-            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-                try:
-                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-                except OSError:  # (another user's, not mapped in a user namespace)
-                    left += 1
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink != 1:
+                left += 1  # (a hard link)
+                continue
+            try:
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+            except OSError:  # (another user's, not mapped in a user namespace)
+                left += 1
         if left:
-            logger.warning("%s: %d files left to their owners, who are not %d", data_dir, left, uid)
+            logger.warning(
+                "%s: %d files (hard links, or of users not mapped here) left to their owners,"
+                " not given to uid %d",
+                data_dir,
+                left,
+                uid,
+            )
         os.fchown(top, uid, gid)  # last: it says the walk is done
     finally:
         os.close(top)
+
+
+def reclaim(data_dir: Path, identity: tuple[int, int] | None) -> None:
+    """Give a data dir owned by neither root nor ``identity`` (the ``worker_user`` setting
+    changed) back to root: run by a root worker before it enters any namespace, where it
+    may chown any user's files (in a user namespace only mapped users' are its)."""
+    owner = os.stat(data_dir, follow_symlinks=False).st_uid
+    if owner != 0 and (identity is None or owner != identity[0]):
+        hand_over(data_dir, 0, 0)
 
 
 def settle(data_dir: Path, identity: tuple[int, int] | None) -> None:
@@ -148,6 +166,7 @@ __all__ = [
     "hand_over",
     "make_tmp",
     "readable_to_all",
+    "reclaim",
     "settle",
     "worker_identity",
 ]

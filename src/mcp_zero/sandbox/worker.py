@@ -470,6 +470,12 @@ def _file_access(plugin_dir: str, env: os._Environ[str]) -> tuple[list[str], lis
     return read, write
 
 
+def _fatal(out_fd: int, message: str) -> int:
+    """Tell the kernel why this worker cannot serve (its load error), and end."""
+    write_all(out_fd, encode({"op": "fatal", "message": message}))
+    return FATAL_EXIT
+
+
 def _identity(env: os._Environ[str]) -> tuple[int, int] | None:
     """The user and group a root worker switches to (``MCP0_WORKER_UID`` / ``_GID``)."""
     uid, gid = env.get("MCP0_WORKER_UID"), env.get("MCP0_WORKER_GID")
@@ -489,6 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     # A root server's worker runs as the user the server names (nobody), mapped too where
     # its namespaces are made in a user namespace (a root server without CAP_SYS_ADMIN).
     identity = _identity(env)
+    private = env.get("MCP0_FILESYSTEM", "private") == "private"
+    data_dir = Path(env.get("MCP0_DATA_DIR") or os.getcwd())
+    try:
+        if private and os.geteuid() == 0:
+            # A data dir of another user (worker_user changed) goes back to root here,
+            # where all users are mapped: in a user namespace root could not enter it
+            ownership.reclaim(data_dir, identity)
+    except OSError as exc:
+        return _fatal(out_fd, f"cannot prepare the plugin's data dir {data_dir}: {exc}")
     network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network(identity)
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
@@ -515,10 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     # as from now on before it switches (while it holds CAP_CHOWN).
     switch = bool(identity) and (mounts_confined or not unsearchable)
     switch = switch and identity is not None and isolation.can_become(*identity)
-    private = env.get("MCP0_FILESYSTEM", "private") == "private"
-    data_dir = Path(env.get("MCP0_DATA_DIR") or os.getcwd())
-    if private:
-        ownership.settle(data_dir, identity if switch else None)
+    try:
+        if private:
+            ownership.settle(data_dir, identity if switch else None)
+    except OSError as exc:
+        return _fatal(out_fd, f"cannot prepare the plugin's data dir {data_dir}: {exc}")
     if switch and identity is not None:
         isolation.drop_bounding_set()  # (needs CAP_SETPCAP, which the switch gives up)
         switch = isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
