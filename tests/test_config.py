@@ -3,7 +3,6 @@ the errors a user gets for a bad file, key or value."""
 
 from __future__ import annotations
 
-import pwd
 import subprocess
 import sys
 from dataclasses import fields
@@ -17,6 +16,7 @@ from mcp_zero.cli.main import main
 from mcp_zero.cli.serve import _prepare
 from mcp_zero.config import DEFAULT_PORT, Settings, load_settings
 from mcp_zero.errors import ConfigError
+from requires import require_root
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -407,10 +407,35 @@ def test_worker_user_must_name_a_user_of_the_system() -> None:
         load_settings(None, None, environ={"MCP0_WORKER_USER": "no-such-user-here"})
 
 
-def test_a_worker_user_in_roots_group_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    # its workers would read the files of root's group (found by review). No such user is on
-    # a Debian system, nor should a test add one: the lookup is replaced
-    entry = pwd.struct_passwd(("wheelie", "x", 5100, 0, "", "/", "/bin/false"))
-    monkeypatch.setattr(pwd, "getpwnam", lambda name: entry)
-    with pytest.raises(ConfigError, match=r"'worker_user' is 'wheelie', whose group is root's"):
-        load_settings(None, None, environ={"MCP0_WORKER_USER": "wheelie"})
+# A user in root's group, added for this check only: to a copy of /etc/passwd mounted over
+# it in a mount namespace of the child's own (the system's is left as it is).
+ROOT_GROUP_USER = """
+set -e
+cp /etc/passwd "$1/passwd"
+echo 'wheelie:x:5100:0::/nonexistent:/usr/sbin/nologin' >> "$1/passwd"
+mount --bind "$1/passwd" /etc/passwd
+exec "$2" -c '
+from mcp_zero.config import load_settings
+from mcp_zero.errors import ConfigError
+try:
+    load_settings(None, None, environ={"MCP0_WORKER_USER": "wheelie"})
+except ConfigError as exc:
+    print(exc)
+'
+"""
+
+
+UNSHARE = ("unshare", "-m", "--propagation", "private")
+
+
+def test_a_worker_user_in_roots_group_is_refused(tmp_path: Path) -> None:
+    # its workers would read the files of root's group (found by review)
+    require_root("unshare")
+    done = subprocess.run(
+        [*UNSHARE, "sh", "-c", ROOT_GROUP_USER, "-", str(tmp_path), sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "'worker_user' is 'wheelie', whose group is root's (gid 0)" in done.stdout

@@ -15,6 +15,7 @@ import pytest
 
 from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.isolation import landlock_abi
+from requires import require, require_root
 
 # The child confines itself as a worker does, then tries each path.
 CHILD = """
@@ -169,7 +170,8 @@ def _unprivileged_python() -> tuple[str, int | None]:
             continue
         if runs.returncode == 0:
             return candidate, NOBODY
-    pytest.skip("no Python interpreter that an unprivileged user may run (this venv's is not)")
+    require(False, "no Python an unprivileged user may run: /usr/bin/python3 (this venv's is not)")
+    raise AssertionError("unreachable: require() skipped or failed")
 
 
 @pytest.mark.parametrize("network_first", [False, True], ids=["", "after-netns"])
@@ -177,8 +179,8 @@ def _unprivileged_python() -> tuple[str, int | None]:
 def test_a_mount_view_leaves_only_the_writable_trees_writable_and_covers_the_secret(
     unprivileged: bool, network_first: bool
 ) -> None:
-    if not unprivileged and os.geteuid() != 0:
-        pytest.skip("the root case needs root (CI runs as root)")
+    if not unprivileged:
+        require_root()
     python, user = _unprivileged_python() if unprivileged else (sys.executable, None)
     # Readable by the unprivileged user: not under pytest's tmp_path (mode 0700)
     base = Path(tempfile.mkdtemp(prefix="mcp0-mounts-"))
@@ -269,8 +271,7 @@ print(json.dumps({"switched": switched, "same": (os.getresgid(), os.getgroups())
 
 
 def test_a_switch_that_fails_half_way_leaves_the_process_as_it_was() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("switching user needs root (CI runs as root)")
+    require_root()
     done = subprocess.run(
         [sys.executable, "-c", HALF_SWITCH], capture_output=True, text=True, timeout=30
     )

@@ -13,13 +13,18 @@ import pytest
 
 from mcp_zero import fdio
 from mcp_zero.sandbox.ownership import hand_over, make_tmp, readable_to_all
+from requires import require_root
 from swapping import swapping
 
 NOBODY = (65534, 65534)
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="chown to another user needs root (CI runs as root)"
-)
+
+@pytest.fixture
+def as_root() -> None:
+    require_root()  # (chown to another user)
+
+
+needs_root = pytest.mark.usefixtures("as_root")
 
 
 def _owners(top: Path) -> dict[str, tuple[int, int]]:
@@ -83,16 +88,15 @@ def test_a_plugin_swapping_names_during_the_walk_hands_over_nothing_outside(
 
 @needs_root
 def test_a_tree_deeper_than_the_walk_goes_is_handed_over_as_far_as_it_goes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(fdio, "MAX_DEPTH", 3)
     data = tmp_path / "data"
-    deep = data.joinpath(*"abcdef")
-    deep.mkdir(parents=True)
+    levels = fdio.MAX_DEPTH + 10
+    data.joinpath(*map(str, range(levels))).mkdir(parents=True)
     hand_over(data, *NOBODY)  # (os.walk's recursion failed on a deep enough tree)
     owners = _owners(data)
-    assert owners["a"] == owners["d"] == NOBODY
-    assert owners["f"] == (0, 0)
+    assert owners["0"] == owners[str(fdio.MAX_DEPTH - 1)] == NOBODY
+    assert owners[str(levels - 1)] == (0, 0)
 
 
 @pytest.mark.parametrize("instead", ["file", "dangling link", "none"])

@@ -36,6 +36,7 @@ from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S
+from requires import require_root
 
 pytestmark = pytest.mark.anyio
 ANSWERS = {
@@ -899,9 +900,8 @@ def test_a_root_worker_that_cannot_switch_keeps_a_data_dir_it_can_use(tmp_path, 
     # so no switch to nobody. The data dir was handed to nobody anyway, and the worker,
     # root without capabilities, could not enter it (found by review): it stays, or goes
     # back to, root's.
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
+    require_root("setpriv")
+    setpriv = str(shutil.which("setpriv"))
     report, stderr = _without_sys_admin(setpriv, tmp_path, unshare=False, handed_over=handed_over)
     assert report["sandbox"]["unprivileged"] is False
     assert report["sandbox"]["mounts_confined"] is False
@@ -915,9 +915,8 @@ def test_a_root_worker_that_cannot_switch_keeps_a_data_dir_it_can_use(tmp_path, 
 def test_a_root_worker_that_may_not_switch_keeps_its_mount_view_and_its_shared_memory(tmp_path):
     # Without CAP_SETUID: the mount view holds, the switch cannot; its /dev/shm, made for
     # nobody, was closed to it (found by review)
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
+    require_root("setpriv")
+    setpriv = str(shutil.which("setpriv"))
     report, stderr = _without_sys_admin(setpriv, tmp_path, lacking="setuid")
     assert "runs as root" in stderr  # said once, in the server's log
     assert report["sandbox"]["mounts_confined"] is True
@@ -932,9 +931,8 @@ def test_a_root_worker_that_may_not_switch_keeps_its_mount_view_and_its_shared_m
 
 
 def test_a_root_server_without_sys_admin_still_runs_its_workers_as_nobody(tmp_path):
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
+    require_root("setpriv")
+    setpriv = str(shutil.which("setpriv"))
     report, stderr = _without_sys_admin(setpriv, tmp_path)
     done = subprocess.CompletedProcess([], 0, "", stderr)
     assert report["sandbox"]["unprivileged"] is True, done.stderr
@@ -1005,8 +1003,7 @@ asyncio.run(main())
 
 
 def test_the_data_dir_mounted_twice_is_out_of_reach_on_both(open_dir):
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("mounting needs root and unshare (CI runs as root on Debian)")
+    require_root("unshare")
     child = [sys.executable, "-c", SECOND_MOUNT, str(Path(__file__).parent), str(open_dir)]
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", *child],
@@ -1025,8 +1022,7 @@ def test_the_data_dir_mounted_twice_is_out_of_reach_on_both(open_dir):
 async def test_a_root_servers_worker_that_cannot_read_an_import_says_why(tmp_path):
     # As nobody it reads its packages as any user: one installed under umask 077 fails to
     # import, and the load error says what to do (a review found the bare PermissionError)
-    if worker_identity() is None:
-        pytest.skip("the switch to nobody is a root server's (CI runs as root)")
+    require_root()  # (the switch to nobody is a root server's)
     name = f"mcp0_test_private_{os.getpid()}"
     private = Path(sysconfig.get_paths()["purelib"]) / f"{name}.py"  # on the worker's path
     plugin = tmp_path / "plugin"
@@ -1048,8 +1044,7 @@ async def test_a_root_servers_worker_that_cannot_read_an_import_says_why(tmp_pat
 async def test_the_user_a_root_servers_workers_run_as_is_a_setting(tmp_path, user):
     # worker_user: a dedicated user rather than nobody, or root (workers stay root, without
     # capabilities: for packages that cannot be made readable to all)
-    if worker_identity() is None:
-        pytest.skip("the switch is a root server's (CI runs as root)")
+    require_root()  # (the switch is a root server's)
     entry = pwd.getpwnam(user)
     copy = tmp_path / "plugin"
     shutil.copytree(KIT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
@@ -1071,9 +1066,8 @@ def test_a_data_dir_of_a_former_worker_user_is_taken_over_in_a_user_namespace(tm
     # worker_user changed, on a root server without CAP_SYS_ADMIN: the worker's namespace
     # maps root and the new user only, so root there could not enter the former user's
     # 0700 data dir, and every plugin failed to start (found by review)
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux; CI runs as root on Debian)")
+    require_root("setpriv")
+    setpriv = str(shutil.which("setpriv"))
     report, _ = _without_sys_admin(setpriv, tmp_path, before="other-user")
     data = tmp_path / "plugin-data" / "kit"
     assert report["sandbox"]["unprivileged"] is True
