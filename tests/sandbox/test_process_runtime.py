@@ -823,7 +823,7 @@ WITHOUT_SYS_ADMIN = """
 import asyncio, json, os, shutil, sys
 from pathlib import Path
 from typing import Any
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]  # (and tests/, for requires)
 from test_process_runtime import KIT_DIR, call
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
@@ -975,7 +975,7 @@ async def test_a_kept_tree_that_holds_the_data_dir_does_not_bring_it_back(tmp_pa
 SECOND_MOUNT = """
 import asyncio, json, os, shutil, subprocess, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]  # (and tests/, for requires)
 from test_process_runtime import KIT_DIR, call
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
