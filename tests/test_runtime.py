@@ -12,7 +12,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -323,14 +324,23 @@ def _admin_token_changes(runtime: Runtime) -> list[dict[str, Any]]:
     return [b for b in bodies if b["verb"] == "change_admin_token"]
 
 
+@asynccontextmanager
+async def started(data_dir: Path) -> AsyncIterator[Runtime]:
+    """A runtime on ``data_dir`` (no examples), started, closed after."""
+    runtime = Runtime(load_settings(None, {"data_dir": data_dir, "examples": False}, environ={}))
+    await runtime.start(wait=10)
+    try:
+        yield runtime
+    finally:
+        await runtime.aclose()
+
+
 @pytest.mark.anyio
 async def test_an_admin_token_file_that_is_not_utf8_closes_the_admin_api_and_the_watcher_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data_dir = tmp_path / "data"
-    runtime = Runtime(load_settings(None, {"data_dir": data_dir, "examples": False}, environ={}))
-    await runtime.start(wait=10)
-    try:
+    async with started(data_dir) as runtime:
         path = runtime.settings.admin_token_path
         path.write_bytes(b"mcp0_\xff\xfe-garbled\n")
         # it killed the watcher (UnicodeDecodeError): nothing after was ever taken up
@@ -353,8 +363,6 @@ async def test_an_admin_token_file_that_is_not_utf8_closes_the_admin_api_and_the
         )
         assert installed.returncode == 0, installed.stderr
         await _until(lambda: "notes" in runtime.plugins.manifests, "the new plugin")
-    finally:
-        await runtime.aclose()
     unreadable = [r for r in caplog.records if "cannot read the admin token file" in r.message]
     assert len(unreadable) == 1  # once, with the reason
     assert "utf-8" in unreadable[0].getMessage()
@@ -365,9 +373,7 @@ async def test_a_rotation_beside_a_running_server_is_recorded_once_and_a_hand_ed
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "data"
-    runtime = Runtime(load_settings(None, {"data_dir": data_dir, "examples": False}, environ={}))
-    await runtime.start(wait=10)
-    try:
+    async with started(data_dir) as runtime:
         path = runtime.settings.admin_token_path
         rotated = await anyio.run_process(
             [MCP0, "admin", "rotate-token", "--data-dir", str(data_dir)], check=False
@@ -384,8 +390,6 @@ async def test_a_rotation_beside_a_running_server_is_recorded_once_and_a_hand_ed
 
         await _until(closed, "the emptied file audited")
         changes = _admin_token_changes(runtime)
-    finally:
-        await runtime.aclose()
     # the server recorded the rotation again when it noticed it (transport files)
     assert [(c["transport"], c["outcome"]) for c in changes] == [
         ("cli", "allowed"),
