@@ -484,40 +484,32 @@ def _identity(env: os._Environ[str]) -> tuple[int, int] | None:
     return int(uid), int(gid)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Worker entry point; returns the exit status."""
-    args = sys.argv[1:] if argv is None else argv
-    env = os.environ
-    plugin_dir = args[0] if args else env.get("MCP0_PLUGIN_DIR", "")
-    entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
-    in_fd, out_fd = _isolate_stdio()
-    isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
+def _confine(plugin_dir: str, env: os._Environ[str]) -> tuple[dict[str, bool], bool]:
+    """Confine this worker before it loads plugin code (the module docstring): what of it
+    held (``isolation.MEASURES``), and whether it switched to the ``worker_user``. Raises
+    OSError when its data dir cannot be prepared."""
     # A root server's worker runs as the user the server names (nobody), mapped too where
     # its namespaces are made in a user namespace (a root server without CAP_SYS_ADMIN).
     identity = _identity(env)
     private = env.get("MCP0_FILESYSTEM", "private") == "private"
     data_dir = Path(env.get("MCP0_DATA_DIR") or os.getcwd())
-    try:
-        if private and os.geteuid() == 0:
-            # A data dir of another user (worker_user changed) goes back to root here,
-            # where all users are mapped: in a user namespace root could not enter it
-            ownership.reclaim(data_dir, identity)
-    except OSError as exc:
-        return _fatal(out_fd, f"cannot prepare the plugin's data dir {data_dir}: {exc}")
+    if private and os.geteuid() == 0:
+        # A data dir of another user (worker_user changed) goes back to root here, where
+        # all users are mapped: in a user namespace root could not enter it
+        ownership.reclaim(data_dir, identity)
     network_isolated = env.get("MCP0_NETWORK") != "1" and isolation.isolate_network(identity)
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     if memory_mb > 0:
         isolation.apply_rlimits(memory_mb)
     read, write = _file_access(plugin_dir, env)
     protect = env.get("MCP0_PROTECT", "")
-    cover = [protect] if protect else []
     # As that user, it must still reach its interpreter and code where they are below a
     # directory only root may search (a venv under /root): covered, with those put back.
     unsearchable = isolation.unsearchable([*read, *write], *identity) if identity else []
     # Mounts before Landlock, which forbids changing them; both while capabilities are held.
     mounts_confined = isolation.confine_mounts(
         write,
-        cover=cover + unsearchable,
+        cover=([protect] if protect else []) + unsearchable,
         keep=[*read, *write],
         # its own shared memory, not other plugins': as much as its memory quota (tmpfs
         # pages are not counted against RLIMIT_AS, so this is on top of it)
@@ -525,23 +517,23 @@ def main(argv: list[str] | None = None) -> int:
         private_mb=memory_mb if memory_mb > 0 else 256,
         owner=identity,
     )
-    # Only as nobody may it leave root: the plugin's copy is under the server's 0700 data
-    # dir, out of its reach without the mount view. Its data dir is made the user it runs
-    # as from now on before it switches (while it holds CAP_CHOWN).
-    switch = bool(identity) and (mounts_confined or not unsearchable)
-    switch = switch and identity is not None and isolation.can_become(*identity)
-    try:
-        if private:
-            ownership.settle(data_dir, identity if switch else None)
-    except OSError as exc:
-        return _fatal(out_fd, f"cannot prepare the plugin's data dir {data_dir}: {exc}")
+    # Only with its mount view may it leave root: the plugin's copy is under the server's
+    # 0700 data dir. Its data dir is made the user it runs as from now on before it
+    # switches (while it holds CAP_CHOWN).
+    switch = (
+        identity is not None
+        and (mounts_confined or not unsearchable)
+        and isolation.can_become(*identity)
+    )
+    if private:
+        ownership.settle(data_dir, identity if switch else None)
     if switch and identity is not None:
         isolation.drop_bounding_set()  # (needs CAP_SETPCAP, which the switch gives up)
         switch = isolation.become(*identity, int(env.get("MCP0_PARENT_PID", "0")))
         if not switch and private:  # (not foreseen): it stays root, so do its files
             ownership.settle(data_dir, None)
     if not switch and identity is not None and mounts_confined:
-        # its own /dev/shm was made for nobody: the user it stays is root
+        # its own /dev/shm was made for that user: the user it stays is root
         with contextlib.suppress(OSError):
             os.chown(isolation.SHARED_MEMORY, os.geteuid(), os.getegid())
     # Landlock keeps the server's data dir out by itself too, on every mount of it (the
@@ -551,22 +543,52 @@ def main(argv: list[str] | None = None) -> int:
     # their user namespace's, or ambient ones a service manager granted.
     isolation.drop_capabilities()
     syscalls_restricted = isolation.restrict_syscalls()
+    sandbox = {
+        "network_isolated": network_isolated,
+        "files_confined": files_confined,
+        "mounts_confined": mounts_confined,
+        # (its parent hidden tells for all only where Landlock keeps it from tracing the
+        # processes of its own user: without, another plugin's child would show)
+        "processes_hidden": mounts_confined and files_confined and isolation.processes_hidden(),
+        "unprivileged": os.geteuid() != 0,
+        "syscalls_restricted": syscalls_restricted,
+    }
+    return sandbox, bool(switch)
+
+
+def _load_failure(exc: BaseException, switched: bool) -> str:
+    """The load error the kernel shows; one that a switched worker could not read a file
+    on its import path says why."""
+    message = f"{type(exc).__name__}: {exc}"
+    denied = str(getattr(exc, "filename", "") or "")
+    on_path = any(p and denied.startswith(p.rstrip(os.sep) + os.sep) for p in sys.path)
+    if isinstance(exc, PermissionError) and switched and on_path:
+        message += (
+            f" (a root server's worker runs as uid {os.getuid()}, the worker_user "
+            "setting: the interpreter and packages it imports must be readable by it, "
+            "e.g. a venv made under umask 077 or 027 needs chmod -R a+rX)"
+        )
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point; returns the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    env = os.environ
+    plugin_dir = args[0] if args else env.get("MCP0_PLUGIN_DIR", "")
+    entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
+    in_fd, out_fd = _isolate_stdio()
+    isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
+    try:
+        sandbox, switched = _confine(plugin_dir, env)
+    except OSError as exc:  # (its data dir could not be prepared, say)
+        return _fatal(out_fd, f"its sandbox could not be set up: {exc}")
     try:
         plugin = load_plugin(plugin_dir, entry)
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
-        message = f"{type(exc).__name__}: {exc}"
-        denied = str(getattr(exc, "filename", "") or "")
-        on_path = any(p and denied.startswith(p.rstrip(os.sep) + os.sep) for p in sys.path)
-        if isinstance(exc, PermissionError) and switch and on_path:
-            message += (
-                f" (a root server's worker runs as uid {os.getuid()}, the worker_user "
-                "setting: the interpreter and packages it imports must be readable by it, "
-                "e.g. a venv made under umask 077 or 027 needs chmod -R a+rX)"
-            )
-        write_all(out_fd, encode({"op": "fatal", "message": message}))
         proctree.kill_tree(os.getpid(), include_root=False)  # what its import started
-        return FATAL_EXIT
+        return _fatal(out_fd, _load_failure(exc, switched))
     worker = Worker(
         plugin,
         out_fd,
@@ -576,16 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     ready = {
         "op": "ready",
         "pid": os.getpid(),
-        "sandbox": {
-            "network_isolated": network_isolated,
-            "files_confined": files_confined,
-            "mounts_confined": mounts_confined,
-            # (its parent hidden tells for all only where Landlock keeps it from tracing the
-            # processes of its own user: without, another plugin's child would show)
-            "processes_hidden": mounts_confined and files_confined and isolation.processes_hidden(),
-            "unprivileged": os.geteuid() != 0,
-            "syscalls_restricted": syscalls_restricted,
-        },
+        "sandbox": sandbox,
         "tools": sorted(plugin.tools),
         "resources": sorted(plugin.resources),
         "templates": sorted(t.template for t in plugin.templates),
