@@ -456,7 +456,7 @@ def _cover_all(libc: ctypes.CDLL, covers: list[str], kept: set[str]) -> bool:
     try:
         # Opened before anything is covered: what they name is out of sight after
         for path in sorted(kept):
-            if any(path != c and _is_within(path, c) for c in covers):
+            if any(path != c and is_within(path, c) for c in covers):
                 try:
                     held[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
                 except OSError:
@@ -468,7 +468,7 @@ def _cover_all(libc: ctypes.CDLL, covers: list[str], kept: set[str]) -> bool:
             if libc.mount(b"tmpfs", os.fsencode(secret), b"tmpfs", flags, b"size=64k,mode=0755"):
                 return False
             for path, fd in held.items():
-                if path == secret or not _is_within(path, secret):
+                if path == secret or not is_within(path, secret):
                     continue
                 if not os.path.lexists(path):  # (an outer kept path may hold this one)
                     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
@@ -518,7 +518,8 @@ def _beneath_except(root: str, hidden: str) -> list[str]:
     return paths
 
 
-def _is_within(path: str, root: str) -> bool:
+def is_within(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (by name)."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
@@ -553,7 +554,7 @@ def confine_files(read: Iterable[str], write: Iterable[str], hidden: str = "") -
         for rights, roots in ((_READ, read), (handled, write)):
             for root in roots:
                 path = os.path.realpath(root)
-                if secret and _is_within(secret, path):
+                if secret and is_within(secret, path):
                     allowed = _beneath_except(path, secret) if path != secret else []
                 else:
                     allowed = [path]
@@ -597,6 +598,7 @@ __all__ = [
     "drop_bounding_set",
     "drop_capabilities",
     "hide_process",
+    "is_within",
     "isolate_network",
     "landlock_abi",
     "processes_hidden",

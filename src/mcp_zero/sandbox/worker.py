@@ -561,7 +561,7 @@ def _load_failure(exc: BaseException, switched: bool) -> str:
     on its import path says why."""
     message = f"{type(exc).__name__}: {exc}"
     denied = str(getattr(exc, "filename", "") or "")
-    on_path = any(p and denied.startswith(p.rstrip(os.sep) + os.sep) for p in sys.path)
+    on_path = bool(denied) and any(p and isolation.is_within(denied, p) for p in sys.path)
     if isinstance(exc, PermissionError) and switched and on_path:
         message += (
             f" (a root server's worker runs as uid {os.getuid()}, the worker_user "
