@@ -282,3 +282,78 @@ def test_a_switch_that_fails_half_way_leaves_the_process_as_it_was() -> None:
         "uid": 0,
         "deathsig": int(signal.SIGKILL),
     }
+
+
+# The child installs a worker's seccomp filter, naming the test's process (the server, for a
+# worker) and its process group, then signals each target with signal 0.
+SIGNAL_CHILD = """
+import ctypes, errno, json, os, sys
+from mcp_zero.sandbox import isolation
+server, group, bystander = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, as the worker has
+numbers = {"x86_64": (200, 234, 129), "aarch64": (130, 131, 138)}[os.uname().machine]
+tkill, tgkill, rt_sigqueueinfo = numbers
+def raw(number, *args):
+    if libc.syscall(number, *args) < 0:
+        raise OSError(ctypes.get_errno(), "")
+def queued(pid):  # rt_sigqueueinfo with si_code SI_QUEUE, as sigqueue() sends
+    info = (ctypes.c_int * 32)(0, 0, -1)
+    raw(rt_sigqueueinfo, pid, 0, info)
+tries = {
+    "kill server": lambda: os.kill(server, 0),
+    "kill group": lambda: os.kill(-group, 0),
+    "kill all": lambda: os.kill(-1, 0),
+    "tgkill server": lambda: raw(tgkill, server, server, 0),
+    "queue server": lambda: queued(server),
+    "pidfd server": lambda: os.close(os.pidfd_open(server)),
+    "tkill itself": lambda: raw(tkill, threading_id(), 0),
+    "kill bystander": lambda: os.kill(bystander, 0),
+    "queue bystander": lambda: queued(bystander),
+    "pidfd bystander": lambda: os.close(os.pidfd_open(bystander)),
+    "kill itself": lambda: os.kill(os.getpid(), 0),
+    "kill own group": lambda: os.kill(0, 0),
+}
+def threading_id():
+    return __import__("threading").get_native_id()
+assert isolation.restrict_syscalls(protected=[server, group])
+outcome = {}
+for name, attempt in tries.items():
+    try:
+        attempt()
+        outcome[name] = "ok"
+    except OSError as exc:
+        outcome[name] = errno.errorcode[exc.errno]
+print(json.dumps(outcome))
+"""
+
+
+def test_a_worker_may_not_signal_the_server_nor_every_process_at_once() -> None:
+    # Before Landlock ABI 6 (Linux 6.12) nothing else keeps a non-root server's worker, of
+    # the server's own user, from stopping or killing it (here, without Landlock, the child
+    # could signal the test's process)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                SIGNAL_CHILD,
+                json.dumps([os.getpid(), os.getpgid(0), bystander.pid]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            start_new_session=True,  # its own group, as a worker's
+        )
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout)
+    refused = ["kill server", "kill group", "kill all", "tgkill server", "queue server"]
+    refused += ["pidfd server", "tkill itself"]
+    assert {name: outcome[name] for name in refused} == dict.fromkeys(refused, "EPERM")
+    allowed = ["kill bystander", "queue bystander", "pidfd bystander", "kill itself"]
+    allowed.append("kill own group")
+    assert {name: outcome[name] for name in allowed} == dict.fromkeys(allowed, "ok")

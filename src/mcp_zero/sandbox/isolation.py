@@ -31,13 +31,15 @@ _CAPABILITY_VERSION_3 = 0x20080522
 
 # seccomp: what a worker may not do at all, per architecture (the audit arch, the syscall
 # number of socket(), and those refused outright: the kernel keyring's add_key, request_key
-# and keyctl, and io_uring's setup, enter and register — its IORING_OP_SOCKET makes a
-# socket no filter of socket() sees).
+# and keyctl, io_uring's setup, enter and register — its IORING_OP_SOCKET makes a socket no
+# filter of socket() sees — and tkill, which names a thread of any process), then those that
+# signal a process named by its first argument: kill, tgkill, rt_sigqueueinfo,
+# rt_tgsigqueueinfo and pidfd_open (kill's first in _SIGNALS).
 PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _SECCOMP_ARCH = {
-    "x86_64": (0xC000003E, 41, (248, 249, 250, 425, 426, 427)),
-    "aarch64": (0xC00000B7, 198, (217, 218, 219, 425, 426, 427)),
+    "x86_64": (0xC000003E, 41, (248, 249, 250, 425, 426, 427, 200), (62, 234, 129, 297, 434)),
+    "aarch64": (0xC00000B7, 198, (217, 218, 219, 425, 426, 427, 130), (129, 131, 138, 240, 434)),
 }
 _X32_SYSCALL_BIT = 0x40000000
 _AF_UNIX = 1
@@ -153,52 +155,91 @@ def drop_capabilities() -> None:
     libc.syscall(number, header, data)
 
 
-def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> tuple[int, int, int, int]:
-    return (code, jt, jf, k)
+_Instruction = tuple[int, int, int | str, int | str]  # code, k, jump if true, if false
+_BPF_JA = 0x05
 
 
-def restrict_syscalls() -> bool:
+def _assemble(program: list[_Instruction | str]) -> list[tuple[int, int, int, int]]:
+    """Classic BPF from instructions whose jumps name labels (the strings in ``program``),
+    or 0 for the next instruction: (code, jt, jf, k) with the offsets resolved (an
+    unconditional jump's, ``BPF_JA``, in ``k``)."""
+    labels: dict[str, int] = {}
+    code: list[_Instruction] = []
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = len(code)
+        else:
+            code.append(item)
+
+    def offset(here: int, target: int | str) -> int:
+        return labels[target] - here - 1 if isinstance(target, str) else target
+
+    return [
+        (op, 0, 0, offset(i, jt)) if op == _BPF_JA else (op, offset(i, jt), offset(i, jf), k)
+        for i, (op, k, jt, jf) in enumerate(code)
+    ]
+
+
+def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
     """Install a seccomp filter: no Unix-domain socket (``socket(AF_UNIX, …)`` fails with
-    EACCES), no kernel keyring (``add_key``, ``request_key``, ``keyctl``) and no io_uring
-    (through which a socket is made without ``socket()``): EPERM; ``True`` when it is in
-    force. Landlock does not govern connecting to a socket file: through
-    one (tmux, ssh-agent, Docker, D-Bus) a plugin could make the user's other programs act
-    for it outside the sandbox. ``socketpair()`` stays allowed. Needs ``PR_SET_NO_NEW_PRIVS``.
+    EACCES), no kernel keyring (``add_key``, ``request_key``, ``keyctl``), no io_uring
+    (through which a socket is made without ``socket()``), no ``tkill``, and no signal to
+    the ``protected`` processes (the server: its pid and process group) nor to every
+    process at once (``kill(-1)``): EPERM; ``True`` when it is in force. Landlock does not
+    govern connecting to a socket file: through one (tmux, ssh-agent, Docker, D-Bus) a
+    plugin could make the user's other programs act for it outside the sandbox. Nor, before
+    its ABI 6, signals: a worker of the server's own user could stop or kill it.
+    ``socketpair()`` stays allowed. Needs ``PR_SET_NO_NEW_PRIVS``.
     """
     libc = _c()
     arch = _SECCOMP_ARCH.get(os.uname().machine)
     if libc is None or arch is None:
         return False
-    audit_arch, socket_nr, refused = arch
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, …|JGE|K, BPF_RET|K
-    checks = [_bpf(jeq, nr, jt=0xFF) for nr in refused]  # 0xFF: to "deny", resolved below
+    audit_arch, socket_nr, refused, signals = arch
+    # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_JMP|JA, BPF_RET|K
+    ld, jeq, jge, ja, ret = 0x20, 0x15, 0x35, _BPF_JA, 0x06
+    pids = sorted({p for p in protected if p > 0})
+    program: list[_Instruction | str] = [
+        (ld, 4, 0, 0),  # seccomp_data.arch: another ABI's numbers (i386's socketcall): nothing
+        (jeq, audit_arch, 0, "deny"),
+        (ld, 0, 0, 0),  # seccomp_data.nr
+    ]
     if audit_arch == 0xC000003E:  # the x32 ABI's numbers name other calls: none at all
-        checks.insert(0, _bpf(jge, _X32_SYSCALL_BIT, jt=0xFF))
-    program = [
-        _bpf(ld, 4),  # seccomp_data.arch: another ABI's numbers (i386's socketcall) get nothing
-        _bpf(jeq, audit_arch, jf=0xFF),
-        _bpf(ld, 0),  # seccomp_data.nr
-        *checks,
-        _bpf(jeq, socket_nr, jf=3),  # not socket(): allow
-        _bpf(ld, 16),  # its first argument (the low word of args[0]): the address family
-        _bpf(jeq, _AF_UNIX, jf=1),
-        _bpf(ret, _RET_ERRNO | errno.EACCES),
-        _bpf(ret, _RET_ALLOW),
-        _bpf(ret, _RET_ERRNO | errno.EPERM),  # "deny"
+        program.append((jge, _X32_SYSCALL_BIT, "deny", 0))
+    program += [(jeq, nr, "deny", 0) for nr in refused]
+    program.append((jeq, signals[0], "kill", 0))
+    program += [(jeq, nr, "target", 0) for nr in signals[1:]]
+    program += [
+        (jeq, socket_nr, 0, "allow"),
+        (ld, 16, 0, 0),  # socket()'s first argument (args[0]'s low word): the address family
+        (jeq, _AF_UNIX, "refuse", "allow"),
+        # kill(): a pid of -1 is every process the worker may signal, -N process group N
+        "kill",
+        (ld, 16, 0, 0),  # (the low word: an int)
+        (jeq, 0xFFFFFFFF, "deny", 0),
+        *((jeq, -pid & 0xFFFFFFFF, "deny", 0) for pid in pids),
+        (ja, 0, "pid", "pid"),
+        "target",
+        (ld, 16, 0, 0),
+        "pid",
+        *((jeq, pid, "deny", 0) for pid in pids),
+        (ja, 0, "allow", "allow"),
+        "refuse",
+        (ret, _RET_ERRNO | errno.EACCES, 0, 0),
+        "allow",
+        (ret, _RET_ALLOW, 0, 0),
+        "deny",
+        (ret, _RET_ERRNO | errno.EPERM, 0, 0),
     ]
-    deny = len(program) - 1
-    program = [
-        (code, deny - i - 1 if jt == 0xFF else jt, deny - i - 1 if jf == 0xFF else jf, k)
-        for i, (code, jt, jf, k) in enumerate(program)
-    ]
-    filters = (ctypes.c_uint64 * len(program))(
-        *(code | jt << 16 | jf << 24 | k << 32 for code, jt, jf, k in program)
+    code = _assemble(program)
+    filters = (ctypes.c_uint64 * len(code))(
+        *(op | jt << 16 | jf << 24 | k << 32 for op, jt, jf, k in code)
     )
 
     class _Prog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    prog = _Prog(len(program), ctypes.addressof(filters))
+    prog = _Prog(len(code), ctypes.addressof(filters))
     return bool(libc.prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) == 0)
 
 

@@ -484,6 +484,15 @@ def _identity(env: os._Environ[str]) -> tuple[int, int] | None:
     return int(uid), int(gid)
 
 
+def _server(env: os._Environ[str]) -> list[int]:
+    """The server's pid and process group, which the worker may not signal."""
+    pid = int(env.get("MCP0_PARENT_PID", "0"))
+    try:
+        return [pid, os.getpgid(pid)] if pid > 0 else []
+    except OSError:  # (gone: the worker's parent-death signal ends it)
+        return [pid]
+
+
 def _confine(plugin_dir: str, env: os._Environ[str]) -> tuple[dict[str, bool], bool]:
     """Confine this worker before it loads plugin code (the module docstring): what of it
     held (``isolation.MEASURES``), and whether it switched to the ``worker_user``. Raises
@@ -542,7 +551,7 @@ def _confine(plugin_dir: str, env: os._Environ[str]) -> tuple[dict[str, bool], b
     # After unshare, which needs them: a root server's workers would hold them all, others
     # their user namespace's, or ambient ones a service manager granted.
     isolation.drop_capabilities()
-    syscalls_restricted = isolation.restrict_syscalls()
+    syscalls_restricted = isolation.restrict_syscalls(protected=_server(env))
     sandbox = {
         "network_isolated": network_isolated,
         "files_confined": files_confined,
