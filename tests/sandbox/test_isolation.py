@@ -287,7 +287,7 @@ def test_a_switch_that_fails_half_way_leaves_the_process_as_it_was() -> None:
 # The child installs a worker's seccomp filter, naming the test's process (the server, for a
 # worker) and its process group, then signals each target with signal 0.
 SIGNAL_CHILD = """
-import ctypes, errno, json, os, sys
+import ctypes, errno, json, os, resource, sys
 from mcp_zero.sandbox import isolation
 server, group, bystander = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
@@ -312,10 +312,21 @@ tries = {
     "queue bystander": lambda: queued(bystander),
     "pidfd bystander": lambda: os.close(os.pidfd_open(bystander)),
     "kill itself": lambda: os.kill(os.getpid(), 0),
+    "prlimit server": lambda: resource.prlimit(server, resource.RLIMIT_CPU, cpu(server)),
+    "affinity server": lambda: os.sched_setaffinity(server, os.sched_getaffinity(server)),
+    "nice server": lambda: os.setpriority(os.PRIO_PROCESS, server, nice(server)),
+    "nice user": lambda: os.setpriority(os.PRIO_USER, 0, 19),
+    "prlimit bystander": lambda: resource.prlimit(bystander, resource.RLIMIT_CPU, cpu(bystander)),
+    "affinity bystander": lambda: os.sched_setaffinity(bystander, {0}),
+    "nice bystander": lambda: os.setpriority(os.PRIO_PROCESS, bystander, 19),
     "kill own group": lambda: os.kill(0, 0),
 }
 def threading_id():
     return __import__("threading").get_native_id()
+def cpu(pid):  # (set to what it is: only whether it may is seen)
+    return resource.prlimit(pid, resource.RLIMIT_CPU)
+def nice(pid):
+    return os.getpriority(os.PRIO_PROCESS, pid)
 assert isolation.restrict_syscalls(protected=[server, group])
 outcome = {}
 for name, attempt in tries.items():
@@ -328,10 +339,11 @@ print(json.dumps(outcome))
 """
 
 
-def test_a_worker_may_not_signal_the_server_nor_every_process_at_once() -> None:
-    # Before Landlock ABI 6 (Linux 6.12) nothing else keeps a non-root server's worker, of
-    # the server's own user, from stopping or killing it (here, without Landlock, the child
-    # could signal the test's process)
+def test_a_worker_may_not_signal_the_server_nor_set_its_limits_or_scheduling() -> None:
+    # Nothing else keeps a non-root server's worker, of the server's own user, from setting
+    # its RLIMIT_CPU to a second (which kills it), nor, before Landlock ABI 6 (Linux 6.12),
+    # from stopping or killing it (here, without Landlock, the child could do all of it to
+    # the test's process)
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         done = subprocess.run(
@@ -352,8 +364,9 @@ def test_a_worker_may_not_signal_the_server_nor_every_process_at_once() -> None:
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout)
     refused = ["kill server", "kill group", "kill all", "tgkill server", "queue server"]
-    refused += ["pidfd server", "tkill itself"]
+    refused += ["pidfd server", "tkill itself", "prlimit server", "affinity server"]
+    refused += ["nice server", "nice user"]
     assert {name: outcome[name] for name in refused} == dict.fromkeys(refused, "EPERM")
     allowed = ["kill bystander", "queue bystander", "pidfd bystander", "kill itself"]
-    allowed.append("kill own group")
+    allowed += ["kill own group", "prlimit bystander", "affinity bystander", "nice bystander"]
     assert {name: outcome[name] for name in allowed} == dict.fromkeys(allowed, "ok")

@@ -16,6 +16,7 @@ import signal
 import stat
 import struct
 from collections.abc import Iterable
+from typing import NamedTuple
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -29,18 +30,39 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 _CAPABILITY_VERSION_3 = 0x20080522
 
-# seccomp: what a worker may not do at all, per architecture (the audit arch, the syscall
-# number of socket(), and those refused outright: the kernel keyring's add_key, request_key
-# and keyctl, io_uring's setup, enter and register — its IORING_OP_SOCKET makes a socket no
-# filter of socket() sees — and tkill, which names a thread of any process), then those that
-# signal a process named by its first argument: kill, tgkill, rt_sigqueueinfo,
-# rt_tgsigqueueinfo and pidfd_open (kill's first in _SIGNALS).
 PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
+
+
+class _Syscalls(NamedTuple):
+    """What the seccomp filter needs to know of an architecture: its audit arch and the
+    numbers of the syscalls it judges."""
+
+    audit_arch: int
+    socket: int
+    # Refused outright: the kernel keyring's add_key, request_key and keyctl; io_uring's
+    # setup, enter and register (its IORING_OP_SOCKET makes a socket no filter of socket()
+    # sees); tkill, which names a thread of any process.
+    refused: tuple[int, ...]
+    kill: int
+    # Those that act on the process their first argument names: tgkill, rt_sigqueueinfo,
+    # rt_tgsigqueueinfo and pidfd_open (a signal); prlimit64 (its rlimits: RLIMIT_CPU of 1 s
+    # kills it); sched_setaffinity, sched_setscheduler, sched_setparam, sched_setattr.
+    on_first: tuple[int, ...]
+    setpriority: int  # (which, who, …): PRIO_USER (2) is every process of a user
+    ioprio_set: int  # (which, who, …): IOPRIO_WHO_USER (3), the same
+
+
 _SECCOMP_ARCH = {
-    "x86_64": (0xC000003E, 41, (248, 249, 250, 425, 426, 427, 200), (62, 234, 129, 297, 434)),
-    "aarch64": (0xC00000B7, 198, (217, 218, 219, 425, 426, 427, 130), (129, 131, 138, 240, 434)),
-}
+    "x86_64": _Syscalls(
+        0xC000003E, 41, (248, 249, 250, 425, 426, 427, 200), 62,
+        (234, 129, 297, 434, 302, 203, 144, 142, 314), 141, 251,
+    ),
+    "aarch64": _Syscalls(
+        0xC00000B7, 198, (217, 218, 219, 425, 426, 427, 130), 129,
+        (131, 138, 240, 434, 261, 122, 119, 118, 274), 140, 30,
+    ),
+}  # fmt: skip
 _X32_SYSCALL_BIT = 0x40000000
 _AF_UNIX = 1
 _RET_ALLOW = 0x7FFF0000
@@ -183,44 +205,56 @@ def _assemble(program: list[_Instruction | str]) -> list[tuple[int, int, int, in
 def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
     """Install a seccomp filter: no Unix-domain socket (``socket(AF_UNIX, …)`` fails with
     EACCES), no kernel keyring (``add_key``, ``request_key``, ``keyctl``), no io_uring
-    (through which a socket is made without ``socket()``), no ``tkill``, and no signal to
-    the ``protected`` processes (the server: its pid and process group) nor to every
-    process at once (``kill(-1)``): EPERM; ``True`` when it is in force. Landlock does not
-    govern connecting to a socket file: through one (tmux, ssh-agent, Docker, D-Bus) a
-    plugin could make the user's other programs act for it outside the sandbox. Nor, before
-    its ABI 6, signals: a worker of the server's own user could stop or kill it.
-    ``socketpair()`` stays allowed. Needs ``PR_SET_NO_NEW_PRIVS``.
+    (through which a socket is made without ``socket()``), no ``tkill``; and nothing done
+    to the ``protected`` processes (the server: its pid and process group) that a process
+    of their user may do to them without tracing them — a signal, their rlimits, their
+    scheduling and priorities — nor to every process of the user at once (``kill(-1)``,
+    ``PRIO_USER``): EPERM. ``True`` when it is in force. Landlock governs none of this
+    (signals only from its ABI 6), nor connecting to a socket file: through one (tmux,
+    ssh-agent, Docker, D-Bus) a plugin could make the user's other programs act for it
+    outside the sandbox. ``socketpair()`` stays allowed. Needs ``PR_SET_NO_NEW_PRIVS``.
     """
     libc = _c()
     arch = _SECCOMP_ARCH.get(os.uname().machine)
     if libc is None or arch is None:
         return False
-    audit_arch, socket_nr, refused, signals = arch
     # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_JMP|JA, BPF_RET|K
     ld, jeq, jge, ja, ret = 0x20, 0x15, 0x35, _BPF_JA, 0x06
+    arg0, arg1 = 16, 24  # seccomp_data.args[0] and [1]: their low words (pids are ints)
     pids = sorted({p for p in protected if p > 0})
     program: list[_Instruction | str] = [
         (ld, 4, 0, 0),  # seccomp_data.arch: another ABI's numbers (i386's socketcall): nothing
-        (jeq, audit_arch, 0, "deny"),
+        (jeq, arch.audit_arch, 0, "deny"),
         (ld, 0, 0, 0),  # seccomp_data.nr
     ]
-    if audit_arch == 0xC000003E:  # the x32 ABI's numbers name other calls: none at all
+    if arch.audit_arch == 0xC000003E:  # the x32 ABI's numbers name other calls: none at all
         program.append((jge, _X32_SYSCALL_BIT, "deny", 0))
-    program += [(jeq, nr, "deny", 0) for nr in refused]
-    program.append((jeq, signals[0], "kill", 0))
-    program += [(jeq, nr, "target", 0) for nr in signals[1:]]
+    program += [(jeq, nr, "deny", 0) for nr in arch.refused]
+    program.append((jeq, arch.kill, "kill", 0))
+    program += [(jeq, nr, "first", 0) for nr in arch.on_first]
     program += [
-        (jeq, socket_nr, 0, "allow"),
-        (ld, 16, 0, 0),  # socket()'s first argument (args[0]'s low word): the address family
+        (jeq, arch.setpriority, "setpriority", 0),
+        (jeq, arch.ioprio_set, "ioprio_set", 0),
+        (jeq, arch.socket, 0, "allow"),
+        (ld, arg0, 0, 0),  # socket()'s address family
         (jeq, _AF_UNIX, "refuse", "allow"),
         # kill(): a pid of -1 is every process the worker may signal, -N process group N
         "kill",
-        (ld, 16, 0, 0),  # (the low word: an int)
+        (ld, arg0, 0, 0),
         (jeq, 0xFFFFFFFF, "deny", 0),
         *((jeq, -pid & 0xFFFFFFFF, "deny", 0) for pid in pids),
         (ja, 0, "pid", "pid"),
-        "target",
-        (ld, 16, 0, 0),
+        "setpriority",
+        (ld, arg0, 0, 0),
+        (jeq, 2, "deny", "who"),
+        "ioprio_set",
+        (ld, arg0, 0, 0),
+        (jeq, 3, "deny", "who"),
+        "who",
+        (ld, arg1, 0, 0),
+        (ja, 0, "pid", "pid"),
+        "first",
+        (ld, arg0, 0, 0),
         "pid",
         *((jeq, pid, "deny", 0) for pid in pids),
         (ja, 0, "allow", "allow"),
