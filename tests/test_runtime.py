@@ -279,6 +279,35 @@ def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
     assert "agent" not in again
 
 
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_policy_change_the_audit_log_cannot_record_is_not_put_in_force(
+    runtime: Runtime,
+) -> None:
+    # The new set went into force before its record was written: with the log failing (a
+    # full disk), calls were decided by a set no record announced (found by review)
+    frozen = runtime.settings.policy_dir / "frozen.cedar"
+    frozen.write_text(
+        '@id("frozen")\nforbid (principal, action == Action::"install_plugin", resource);\n'
+    )
+    assert not await runtime.refresh_policies()  # seen once
+    writer = sqlite3.connect(runtime.settings.db_path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # past the store's busy timeout: the record fails
+        assert not await runtime.refresh_policies()
+    finally:
+        writer.close()
+    assert "frozen" not in runtime.policy.engine.policies
+    assert runtime.policy.generation == 1
+    assert not await runtime.refresh_policies()  # the files still differ: loaded again
+    assert await runtime.refresh_policies()
+    assert "frozen" in runtime.policy.engine.policies
+    bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100)]
+    [loaded] = [b for b in bodies if b["verb"] == "load_policies"]
+    assert (loaded["outcome"], loaded["generation"]) == ("allowed", 2)
+    assert loaded["policies_sha256"] == runtime.policy.engine.digest
+
+
 def test_a_restart_needs_no_write_while_another_process_holds_the_store(tmp_path: Path) -> None:
     # Every start recorded the first start done again, after listening: with a CLI command
     # (or any writer) holding the store's lock past the busy timeout, a restart exited with

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from mcp_zero import PACKAGE_ROOT
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
-from mcp_zero.errors import ConfigError, Conflict, PolicyError
+from mcp_zero.errors import ConfigError, Conflict, PolicyError, StorageError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
 from mcp_zero.kernel.admin_token import (
@@ -381,7 +381,7 @@ class Runtime:
         resource = self.policy.policy_dir.name
         try:
             # in a thread: parsing and validating thousands of policies takes a second
-            engine = await asyncio.to_thread(self.policy.refresh)
+            engine = await asyncio.to_thread(self.policy.changed)
         except PolicyError as exc:
             log.error("policy files changed but do not load; the previous set stays: %s", exc)
             await self._audit_file_change(
@@ -390,13 +390,19 @@ class Runtime:
             return False
         if engine is None:
             return False
+        detail = {"policies_sha256": engine.digest, "generation": self.policy.generation + 1}
+        try:
+            # recorded before it is in force: no call is decided by a set the log lacks
+            await self._audit_file_change(LOAD_POLICIES, resource, Outcome.ALLOWED, detail)
+        except StorageError as exc:
+            log.error(
+                "policy files changed, but the audit log could not record it (%s): the "
+                "previous set stays in force until it can",
+                exc,
+            )
+            return False
+        self.policy.put_in_force(engine)
         log.info("policy files changed: %d policies in force (%s)", len(engine.policies), resource)
-        await self._audit_file_change(
-            LOAD_POLICIES,
-            resource,
-            Outcome.ALLOWED,
-            {"policies_sha256": engine.digest, "generation": self.policy.generation},
-        )
         return True
 
     async def _audit_file_change(

@@ -54,14 +54,21 @@ class PolicyStore:
         when the new files do not parse or validate; the old set stays in force.
         """
         engine = PolicyEngine.load(self._dir, cache_size=self._cache_size)
-        self._engine = engine
-        self.uses_labels = engine.uses_labels
-        self._generation += 1
+        self.put_in_force(engine)
         return engine
 
     def refresh(self) -> PolicyEngine | None:
-        """Reload if the directory's files differ from the set in force *and* read the same
-        as on the previous call; None otherwise.
+        """:meth:`changed`, put in force."""
+        engine = self.changed()
+        if engine is not None:
+            self.put_in_force(engine)
+        return engine
+
+    def changed(self) -> PolicyEngine | None:
+        """The directory's policy set, loaded but not in force yet, if its files differ from
+        the set in force *and* read the same as on the previous call; None otherwise. The
+        caller puts it in force (:meth:`put_in_force`) once its change is recorded; until
+        then the files still differ, and a later call loads them again.
 
         A change is taken up on the second call that reads it, not the first: a file being
         written in place (truncated, then written) within the time between two calls is not
@@ -96,10 +103,15 @@ class PolicyStore:
             self._refused = sources
             raise
         self._refused = None
+        return engine
+
+    def put_in_force(self, engine: PolicyEngine) -> None:
+        """Make ``engine`` (from :meth:`changed`) the set in force."""
+        # A call decided between the two lines meets labels whenever either set reads them
+        self.uses_labels = self.uses_labels or engine.uses_labels
         self._engine = engine
         self.uses_labels = engine.uses_labels
         self._generation += 1
-        return engine
 
     def decide(self, action: Action) -> PolicyDecision:
         """``engine.decide(action)`` on the set in force."""
