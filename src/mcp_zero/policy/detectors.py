@@ -409,6 +409,8 @@ def label_value(value: Any) -> frozenset[str]:
 def _texts(value: Any, parts: list[str]) -> None:
     if isinstance(value, str):
         parts.append(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        parts.append(str(value))  # (in a list: a card number, a PIN under its name)
     elif isinstance(value, dict):
         named = _named_value(value)
         if named is not None:  # {"name": "DB_PASSWORD", "value": "…"} reads as DB_PASSWORD=…
