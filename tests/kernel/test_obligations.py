@@ -442,3 +442,21 @@ async def test_a_large_error_is_redacted_too(started: Runtime, bridge: Any) -> N
     [record] = records(started, "big-error")
     assert record["outcome"] == "error"
     assert record["redacted"] == error.message.count("[redacted:secret]") >= 40_000
+
+
+async def test_a_permit_that_fails_to_evaluate_binds_its_obligations_and_is_recorded(
+    started: Runtime, bridge: Any
+) -> None:
+    # It might have matched: its @redact holds, and the skipped policy's error is evidence
+    use_policy(
+        started,
+        "careful.cedar",
+        '@id("careful")\n@redact("secret")\n'
+        'permit (principal, action == Action::"call_tool", resource) '
+        "when { 9223372036854775807 + 1 > 0 };",
+    )
+    result = await call(started, "faulty_echo", {"text": f"key {AWS_KEY}"}, "e1", bridge)
+    assert result["content"][0]["text"] == "key [redacted:secret]"
+    [record] = records(started, "e1")
+    assert record["outcome"] == "allowed"
+    assert ["careful" in error for error in record["policy_errors"]] == [True]

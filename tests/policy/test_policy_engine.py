@@ -225,6 +225,47 @@ def test_policy_that_fails_to_evaluate_is_reported() -> None:
     assert decision.to_data()["errors"] == list(decision.errors)
 
 
+# Evaluates to an error for a resource known by id only: another agent's attributes
+PEERS_FORBID = """
+@id("no-peer-snapshots")
+@reason("agents that use the faulty plugin may not be snapshotted")
+forbid (principal, action == Action::"snapshot_agent", resource)
+when { resource.plugins.contains("faulty") };
+"""
+OVERFLOWING = "when { 9223372036854775807 + 1 > 0 }"  # an evaluation error
+
+
+def test_a_forbid_that_fails_to_evaluate_denies_what_it_may_forbid() -> None:
+    # Cedar skips a policy that errors: the forbid did not forbid, and nothing said so
+    # (found by review). It denies now, naming itself and the error.
+    admin_all = '@id("admin-all")\npermit (principal, action, resource);'
+    engine = PolicyEngine.from_sources({"admin.cedar": admin_all, "peers.cedar": PEERS_FORBID})
+    decision = engine.decide(Action(Principal("bob"), Verb.SNAPSHOT_AGENT, "other"))
+    assert not decision.allowed
+    assert decision.policies == ("no-peer-snapshots",)
+    assert "could not be evaluated" in decision.message
+    assert "no-peer-snapshots" in decision.errors[0]
+    with pytest.raises(PolicyDenied, match="no-peer-snapshots"):
+        engine.require(Action(Principal("bob"), Verb.SNAPSHOT_AGENT, "other"))
+    # what it cannot be about is allowed as before
+    assert engine.decide(Action(Principal("bob"), Verb.TERMINATE_AGENT, "other")).allowed
+
+
+def test_the_obligations_of_a_permit_that_fails_to_evaluate_still_bind(tmp_path: Path) -> None:
+    # It might have matched: its @redact and @audit("before") hold, and the error is kept
+    write_default_policies(tmp_path)
+    (tmp_path / "careful.cedar").write_text(
+        '@id("careful")\n@redact("secret")\n@audit("before")\n'
+        f'permit (principal, action == Action::"call_tool", resource) {OVERFLOWING};'
+    )
+    engine = PolicyEngine.load(tmp_path)
+    decision = engine.decide(call(Principal("alice", frozenset({"notes"})), "notes_add"))
+    assert decision.allowed
+    assert decision.policies == ("attached-plugins-only",)
+    assert (decision.redact, decision.audit_before) == (("secret",), True)
+    assert ["careful" in e for e in decision.errors] == [True]
+
+
 def test_cached_decisions_equal_uncached_ones() -> None:
     sources = {"default.cedar": DEFAULT_POLICIES, "shell.cedar": NO_ANON, "bob.cedar": BOB_ONE_TOOL}
     cached = PolicyEngine.from_sources(sources, cache_size=3)

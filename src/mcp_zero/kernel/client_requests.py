@@ -114,6 +114,8 @@ class GovernedBridge:
             if not decision.allowed:
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = list(decision.policies)
+            if decision.errors:
+                event["policy_errors"] = list(decision.errors)
             result = await self._inner.request(method, params, key)
         except McpZeroError as exc:
             event["outcome"] = (

@@ -485,6 +485,8 @@ class Kernel:
                     Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, context)
                 )
                 event["policies"] = list(decision.policies)
+                if decision.errors:
+                    event["policy_errors"] = list(decision.errors)
                 if not decision.allowed:
                     for policy in decision.policies or ("default-deny",):
                         self.metrics.count_denial(policy)
@@ -857,6 +859,8 @@ class Kernel:
                     metrics.count_denial(policy)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
+            if decision.errors:  # policies skipped: what they might have said is evidence
+                event["policy_errors"] = decision.errors
             # its record could not be kept: refuse first (writable() asks the store again
             # only once the log failed)
             if self.audit.stats.failing and not self.audit.writable():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ DEFAULT_CACHE_SIZE = 4096
 # are not cached: the caches hold a few hundred bytes an entry, not the client's kilobytes.
 MAX_CACHED_RESOURCE_LENGTH = 256
 _NO_LABELS: frozenset[str] = frozenset()
+log = logging.getLogger(__name__)
 _ACTIONS = {verb: {"type": "Action", "id": verb.value} for verb in Verb}
 
 
@@ -147,9 +149,31 @@ class PolicyEngine:
         diagnostics = result.diagnostics
         matched = tuple(diagnostics.reasons)
         errors = tuple(_error_text(e) for e in diagnostics.errors)
+        if errors:  # (once per decision cached)
+            log.warning(
+                "policies failed to evaluate for %s: %s",
+                describe(principal.agent, verb, rid),
+                "; ".join(errors),
+            )
+        failed = [info for e in errors if (info := self._infos.get(_failed_id(e))) is not None]
+        unknown = [f for f in failed if f.effect == "forbid"]
+        if result.allowed and unknown:
+            # Cedar skips a policy that fails to evaluate: a forbid would not forbid. Here
+            # it does, as it might have: the action is denied until the policy is fixed
+            ids = tuple(f.id for f in unknown)
+            sentence = "; ".join(
+                f'policy "{f.id}" may forbid {describe(principal.agent, verb, rid)} but could '
+                f"not be evaluated ({e}): denied until it is fixed"
+                for f in unknown
+                for e in errors
+                if _failed_id(e) == f.id
+            )
+            reasons = (sentence,) * len(ids)
+            return PolicyDecision(False, ids, reasons, errors, sentence)
         if result.allowed:
             reasons = tuple(self._reason(pid, "permits it") for pid in matched)
-            infos = [info for pid in matched if (info := self._infos.get(pid)) is not None]
+            # and the obligations of a permit that failed to evaluate: it might have matched
+            infos = [info for pid in matched if (info := self._infos.get(pid)) is not None] + failed
             redact = sorted({label for info in infos for label in info.redact})
             before = any(info.audit_before for info in infos)
             message = "allowed by " + _ids(matched)
@@ -237,6 +261,13 @@ def _label_set(labels: Any) -> frozenset[str]:
 
 def _ids(policy_ids: tuple[str, ...]) -> str:
     return ", ".join(f'policy "{pid}"' for pid in policy_ids)
+
+
+def _failed_id(error: str) -> str:
+    """The id of the policy an evaluation error names ("error while evaluating policy
+    `ID`: …"), or ""."""
+    head, tick, rest = error.partition("policy `")
+    return rest.partition("`")[0] if tick and "evaluating" in head else ""
 
 
 def _error_text(error: Any) -> str:
