@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import select
+import shutil
 import signal
 import sqlite3
 import stat
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcp_zero.audit.chain import GENESIS
 from mcp_zero.config import load_settings
-from mcp_zero.errors import PolicyDenied
+from mcp_zero.errors import ManifestError, PolicyDenied
 from mcp_zero.kernel.action import Outcome
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
 from mcp_zero.kernel.admin_token import (
@@ -525,3 +526,38 @@ async def test_a_rotation_between_its_record_and_its_rename_is_not_recorded_agai
         store.close()
     changes = [b for b in bodies if b["verb"] == CHANGE_ADMIN_TOKEN]
     assert [(c["transport"], "rotation" in c) for c in changes] == [("cli", True), ("cli", True)]
+
+
+@pytest.mark.parametrize("name", ["data", "state/mcp0"])
+def test_a_plugin_directory_that_holds_the_data_dir_is_not_installed(
+    tmp_path: Path, name: str
+) -> None:
+    # (cd myplugin && mcp0 plugin install . --data-dir ./data) copied the admin token, the
+    # signing key and the audit log into the plugin's code, readable to its workers (found
+    # by review)
+    source = tmp_path / "myplugin"
+    shutil.copytree(NOTES_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
+    runtime = Runtime(load_settings(None, {"data_dir": source / name}, environ={}))
+    try:
+        with pytest.raises(ManifestError, match="holds the server's data dir"):
+            runtime.install_plugin(source)
+        assert runtime.store.get_plugin("notes") is None
+    finally:
+        runtime.close()
+
+
+def test_a_hidden_data_dir_inside_the_plugin_directory_is_left_out_of_its_copy(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "myplugin"
+    shutil.copytree(NOTES_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
+    runtime = Runtime(load_settings(None, {"data_dir": source / ".mcp0"}, environ={}))
+    try:
+        runtime.install_plugin(source)
+        record = runtime.store.get_plugin("notes")
+        assert record is not None
+        copy = runtime.plugins.copy_path(record)
+        assert not (copy / ".mcp0").exists()
+        assert not list(copy.rglob("admin.token"))
+    finally:
+        runtime.close()

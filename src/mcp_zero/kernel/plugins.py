@@ -170,6 +170,25 @@ def _delete_unleased(copy: Path) -> bool:
         os.close(fd)
 
 
+def _check_holds_no_data_dir(source: Path, data_dir: Path) -> None:
+    """Refuse a plugin directory that holds the server's data dir where it would be copied
+    (``cd myplugin && mcp0 plugin install . --data-dir ./data``): the admin token, the
+    signing key and the audit log would become part of the plugin's code, which its workers
+    read. A data dir left out of copies by name (the default ``.mcp0``) is no matter."""
+    try:
+        relative = data_dir.resolve().relative_to(source)
+    except ValueError:
+        return
+    if all(_copied(part) for part in relative.parts):
+        raise ManifestError(
+            f"plugin directory {source} holds the server's data dir ({data_dir}): its "
+            "secrets (admin token, signing key, audit log) would be copied with the plugin, "
+            "where the plugin reads them; keep the data dir outside the plugin's directory, "
+            "or give it a name starting with '.' (such as the default .mcp0), which "
+            "installs leave out"
+        )
+
+
 def _check_tree(source: Path) -> None:
     """Refuse what must not be copied into the data dir: a symbolic link (one to ``/`` would
     copy the whole file system), a special file (a FIFO or a socket cannot be copied; a
@@ -566,6 +585,7 @@ class PluginHost:
         StorageError when the copy cannot be made.
         """
         source = source.resolve()  # (a link to the directory names it; copied without one)
+        _check_holds_no_data_dir(source, self.protect or self.plugins_dir.parent)
         _check_tree(source)  # first: reading a named pipe as plugin.json would never end
         manifest = load_manifest(source)
         _check_unique(manifest, self.store.list_plugins(), replace)  # before copying it all
