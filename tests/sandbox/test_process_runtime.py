@@ -1074,3 +1074,31 @@ def test_a_data_dir_of_a_former_worker_user_is_taken_over_in_a_user_namespace(tm
     assert report["sandbox"]["unprivileged"] is True
     assert report["reached"][f"write {data / 'own'}"] == "ok"
     assert os.stat(data / "mine").st_uid == report["uid"]
+
+
+def test_a_worker_holds_no_descriptor_the_server_inherited(tmp_path):
+    # uvloop's subprocess_exec (the server's loop) does not close inheritable descriptors:
+    # a file the server was started with (a shell's `exec 77<>secret`) reached plugin code,
+    # past Landlock and the mount view, which govern opening (found by review)
+    import uvloop
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the server's")
+    opened = os.open(secret, os.O_RDWR)
+    fd = os.dup2(opened, 250)  # (high: no number a worker uses on its own)
+    os.close(opened)
+    held = f"/proc/self/fd/{fd}"
+
+    async def main() -> dict[str, str]:
+        rt = ProcessRuntime(load_manifest(KIT_DIR), KIT_DIR, tmp_path / "data")
+        await rt.start()
+        try:
+            return (await call(rt, "reach", {"stat": [held]}))["structuredContent"]
+        finally:
+            await rt.close()
+
+    try:
+        reached = uvloop.run(main())
+    finally:
+        os.close(fd)
+    assert reached[f"stat {held}"] == "ENOENT"

@@ -64,6 +64,7 @@ import contextlib
 import importlib
 import itertools
 import os
+import resource
 import sys
 import threading
 import traceback
@@ -432,8 +433,17 @@ def load_plugin(plugin_dir: str, entry: str) -> Plugin:
     return obj
 
 
+def _close_inherited(keep: int = 2) -> None:
+    """Close every descriptor above ``keep`` (stderr): uvloop's ``subprocess_exec`` does
+    not close the server's inheritable ones, and a file the server was started with (a
+    shell's ``exec 77<>secret``) would reach plugin code past Landlock and the mount view,
+    which govern opening, not what is already open."""
+    os.closerange(keep + 1, max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1024))
+
+
 def _isolate_stdio() -> tuple[int, int]:
     """Keep private copies of the protocol fds; point fds 0/1 at /dev/null and stderr."""
+    _close_inherited()
     in_fd, out_fd = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
