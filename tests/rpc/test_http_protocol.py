@@ -394,6 +394,28 @@ async def test_a_tool_can_close_the_stream_and_the_client_resumes_to_the_result(
     assert rest[-1]["result"]["content"][0]["text"] == "finished after the close"
 
 
+async def test_a_2025_06_18_stream_has_no_priming_event_and_is_not_closed_early(
+    env: Env,
+) -> None:
+    # Priming events and streams closed before their response are MCP 2025-11-25's
+    # (SEP-1699): a 2025-06-18 client (mcp 1.12) failed to parse the empty event on every
+    # stream, and hung on a closed one it does not resume (found by review)
+    client = env.live.client(env.token)
+    await client.initialize("2025-06-18")
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            closing = await http.post(
+                env.live.url,
+                content=call_message("o1", "faulty_close_then_finish", {}, token="o"),
+                headers=client.headers(),
+            )
+    events = parse_sse_text(closing.text)
+    assert all(e.data for e in events)
+    assert events[0].message["method"] == "notifications/progress"
+    assert events[-1].message["id"] == "o1"
+    assert events[-1].message["result"]["content"][0]["text"] == "finished after the close"
+
+
 async def test_resuming_an_unknown_stream_is_404(env: Env) -> None:
     client = await session(env)
     async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:

@@ -4,7 +4,7 @@
 POST /mcp carries one JSON-RPC message. A request is answered with
 ``application/json`` when its result comes before anything else; if the call
 first sends progress, a log message or a request to the client, the answer
-switches to an SSE stream (priming event first, resumable with GET and
+switches to an SSE stream (priming event first from MCP 2025-11-25; resumable with GET and
 ``Last-Event-ID``). GET /mcp without ``Last-Event-ID`` opens the session's
 stream for server-initiated notifications, resumable in the same way (what it is
 sent while no connection carries it is kept); DELETE ends the session.
@@ -742,7 +742,8 @@ class HttpApp:
                 "headers": SSE_HEADERS + session_header(session),
             }
         )
-        await send({"type": "http.response.body", "body": stream.priming(), "more_body": True})
+        primed = stream.priming(session.protocol_version)
+        await send({"type": "http.response.body", "body": primed, "more_body": True})
         await self._carry(session, stream, 0, receive, send)
 
     async def _carry(

@@ -155,8 +155,12 @@ class EventStream:
         """Whether a connection carries the stream (or is catching up on it)."""
         return self._owner is not None
 
-    def priming(self) -> bytes:
-        """The first event: an id and empty data, so the client can resume from the start."""
+    def priming(self, protocol_version: str) -> bytes:
+        """The first event: an id and empty data, so the client can resume from the start;
+        only from MCP 2025-11-25 (SEP-1699), whose clients expect it: older ones fail to
+        parse an event with empty data (nothing for them)."""
+        if protocol_version < PRIMED_FROM:
+            return b""
         return f"id: {self.id}-0\nretry: {RETRY_MS}\ndata: \n\n".encode()
 
     async def push(self, message: dict[str, Any], *, wait: bool = False) -> None:
@@ -288,6 +292,11 @@ class EventStream:
 FINISHED_KEEP_S = 60.0
 
 
+# The first MCP revision whose streams open with a priming event and may be closed by the
+# server before their response (SEP-1699); revisions are dates, so they compare as strings.
+PRIMED_FROM = "2025-11-25"
+
+
 class FinishedStreams:
     """Finished streams kept for a resume, each ``keep_s`` (a minute) from when it finished,
     then dropped from its session: one queue and one timer for all (a timer each cost ~420
@@ -350,9 +359,8 @@ class PostChannel:
                 "headers": SSE_HEADERS + session_header(self.session),
             }
         )
-        await self._asgi_send(
-            {"type": "http.response.body", "body": stream.priming(), "more_body": True}
-        )
+        primed = stream.priming(self.session.protocol_version)
+        await self._asgi_send({"type": "http.response.body", "body": primed, "more_body": True})
         return stream
 
     async def send(self, message: JSON) -> None:
@@ -361,7 +369,11 @@ class PostChannel:
 
     async def close_stream(self) -> None:
         """End the client's connection now (SSE first, so there is an event id to resume
-        from); what the call sends later is kept for the client's GET with Last-Event-ID."""
+        from); what the call sends later is kept for the client's GET with Last-Event-ID.
+        Before MCP 2025-11-25 the stream stays: a server "SHOULD NOT close the SSE stream
+        before sending the JSON-RPC response", and those clients do not resume."""
+        if self.session.protocol_version < PRIMED_FROM:
+            return
         stream = self.stream or await self._open()
         await stream.detach()
 
