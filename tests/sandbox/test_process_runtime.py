@@ -785,6 +785,24 @@ async def test_a_call_cancelled_while_its_worker_starts_is_cancelled(tmp_path):
     assert not _running(pid)
 
 
+async def test_a_call_waiting_for_its_worker_to_start_times_out_by_its_own_timeout(tmp_path):
+    # It waited the whole start timeout (15 s) whatever the plugin's timeout_ms, holding its
+    # slots (found by review)
+    d, pid_file = _loading_forever(tmp_path)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    starting = asyncio.ensure_future(rt.start())
+    try:
+        await _loading_pid(pid_file)
+        began = time.monotonic()
+        with anyio.fail_after(5), pytest.raises(ToolTimeout, match="still starting"):
+            await call(rt, "x", timeout=0.3)
+        assert time.monotonic() - began < 3
+        assert not starting.done()  # the start goes on, for later calls
+    finally:
+        with anyio.fail_after(20):
+            await rt.close()
+
+
 async def test_a_root_server_runs_a_plugin_whose_source_only_its_owner_could_read(tmp_path):
     source = tmp_path / "kit"
     shutil.copytree(KIT_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))

@@ -40,6 +40,7 @@ from mcp_zero.errors import (
     PromptNotFound,
     ResourceNotFound,
     ToolNotFound,
+    ToolTimeout,
 )
 from mcp_zero.sandbox.base import ClientBridge
 from mcp_zero.sandbox.isolation import MEASURES
@@ -359,11 +360,21 @@ class ProcessRuntime:
                 best = w
         return best
 
-    async def _started(self) -> WorkerProcess:
-        """A worker being started, once it runs (when :meth:`_running` found none)."""
+    async def _started(self, timeout: float, label: str) -> tuple[WorkerProcess, float]:
+        """A worker being started, once it runs (when :meth:`_running` found none), and what
+        is left of the call's ``timeout``: a start that takes longer (a plugin whose import
+        hangs takes the start timeout) fails the call as its quota says."""
         task = next(t for t in self._starting if t is not None)
+        began = time.monotonic()
         try:
-            return await asyncio.shield(task)
+            async with asyncio.timeout(timeout):
+                worker = await asyncio.shield(task)
+            return worker, max(timeout - (time.monotonic() - began), 0.001)
+        except TimeoutError:
+            raise ToolTimeout(
+                f"{label} of plugin '{self.name}' did not finish within {timeout:g} s: its "
+                "worker was still starting"
+            ) from None
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if not task.cancelled() or (current is not None and current.cancelling()):
@@ -379,7 +390,9 @@ class ProcessRuntime:
     async def _call(
         self, frame: JSON, bridge: ClientBridge | None, timeout: float, label: str
     ) -> JSON:
-        worker = self._running() or await self._started()
+        worker = self._running()
+        if worker is None:
+            worker, timeout = await self._started(timeout, label)
         return self._result(await worker.call(frame, bridge, timeout, label), label)
 
     def _result(self, reply: JSON, label: str) -> JSON:
@@ -405,7 +418,9 @@ class ProcessRuntime:
         frame = {"op": "call_tool", "name": tool, "arguments": arguments, "agent": agent}
         label = f"tool '{tool}'"
         # (_call's work without its coroutine: one level less to resume when the reply comes)
-        worker = self._running() or await self._started()
+        worker = self._running()
+        if worker is None:
+            worker, timeout = await self._started(timeout, label)
         try:
             result = self._result(await worker.call(frame, bridge, timeout, label), label)
         except NotFound as exc:
