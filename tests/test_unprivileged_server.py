@@ -32,7 +32,7 @@ import httpx2
 import pytest
 
 import mcp_zero
-from mcp_zero.sandbox.isolation import landlock_abi
+from mcp_zero.sandbox.isolation import landlock_abi, unsearchable
 from requires import require, require_root
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
@@ -41,24 +41,6 @@ START_TIMEOUT_S = 30.0
 PROTOCOL = "2025-11-25"
 
 pytestmark = pytest.mark.slow
-
-
-def _blocked_for(uid: int, gid: int, paths: list[str]) -> list[str]:
-    """The outermost directories above ``paths`` that ``uid`` (group ``gid``, no other
-    groups) may not search."""
-    blocked: set[str] = set()
-    for path in paths:
-        here = os.path.dirname(path)
-        while here != os.path.dirname(here):
-            st = os.stat(here)
-            if st.st_uid == uid:
-                bit = stat.S_IXUSR
-            else:
-                bit = stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
-            if not st.st_mode & bit:
-                blocked.add(here)
-            here = os.path.dirname(here)
-    return sorted(b for b in blocked if not any(b != o and b.startswith(o + "/") for o in blocked))
 
 
 def _reachable_as(uid: int, gid: int, stage: Path, argv: list[str]) -> list[str]:
@@ -75,7 +57,8 @@ def _reachable_as(uid: int, gid: int, stage: Path, argv: list[str]) -> list[str]
             )
         }
     )
-    blocked = _blocked_for(uid, gid, needed)
+    every = unsearchable(needed, uid, gid)
+    blocked = [b for b in every if not any(b != o and b.startswith(o + "/") for o in every)]
     kept = [p for p in needed if any(p.startswith(b + "/") for b in blocked)]
     script = ["set -e"]
     for i, path in enumerate(kept):  # held at a staging point while the covers go on
