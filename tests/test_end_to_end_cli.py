@@ -780,3 +780,49 @@ async def test_a_call_in_flight_reads_its_files_though_the_plugin_is_replaced(
                     await asyncio.sleep(0.05)
                 (new,) = (server.data_dir / "plugins" / "slow").iterdir()
                 assert (new / "data.txt").read_text() == "data of 2.0.0"
+
+
+def test_sigterm_ends_a_stdio_session_recording_the_call_it_cut_short(tmp_path: Path) -> None:
+    # The official client leaves by closing stdin, waiting 2 s, then SIGTERM: the server
+    # died at once, and a call still running got no audit record at all (found by review)
+    data_dir = str(tmp_path / "data")
+    mcp0("plugin", "install", str(FAULTY_DIR), "--data-dir", data_dir)
+    mcp0("agent", "create", "napper", "--plugin", "faulty", "--data-dir", data_dir)
+    proc = subprocess.Popen(
+        [MCP0, "serve", "--stdio", "--agent", "napper", "--data-dir", data_dir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "tests", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "faulty_nap", "arguments": {"seconds": 60}}},
+    ]  # fmt: skip
+    proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline())["id"] == 1  # initialized: the nap is next
+    time.sleep(1.5)  # the nap under way
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    proc.stdin.close()
+    proc.stdout.close()
+    assert code == 0
+    records = _audit(data_dir)
+    naps = [r for r in records if r.get("resource") == "faulty_nap"]
+    assert len(naps) == 1, records
+    [record] = naps
+    assert record["resource"] == "faulty_nap"
+    assert record["outcome"] in ("error", "cancelled"), record
+
+
+def _audit(data_dir: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = json.loads(
+        mcp0("audit", "list", "--after", "0", "--data-dir", data_dir, "--json")
+    )
+    return records

@@ -230,7 +230,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     _end_left_behind(settings)
     adopt_orphans()
     try:
-        asyncio.run(serve_stdio(runtime, principal))
+        asyncio.run(serve_stdio(runtime, principal, handle_signals=True))
     finally:
         end_adopted()
 

@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import stat
 import sys
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,7 @@ MAX_LINE = 16 << 20
 MAX_QUEUED = 1000
 MAX_QUEUED_BYTES = 256 << 10
 _LAST_WRITE_S = 5.0  # for the client to read the last answers at the end of stdin
+_CANCEL_WAIT_S = 5.0  # for cancelled requests to record their end
 log = logging.getLogger("mcp_zero.stdio")
 
 
@@ -216,8 +218,37 @@ async def serve_stdio(
     principal: Principal,
     stdin: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
+    *,
+    handle_signals: bool = False,
 ) -> None:
-    """Serve one MCP session on stdin/stdout until stdin closes."""
+    """Serve one MCP session on stdin/stdout until stdin closes (or, ``handle_signals``,
+    SIGTERM or SIGINT: the requests still running are cancelled and audited, the runtime
+    closed, as at the end of stdin but without waiting for them)."""
+    main = asyncio.current_task()
+    signalled: list[int] = []
+    if handle_signals and main is not None:
+
+        def stop(number: int) -> None:
+            if not signalled:
+                signalled.append(number)
+                main.cancel()
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(number, stop, number)
+    try:
+        await _serve_stdio(runtime, principal, stdin, stdout)
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        log.info("stopped by signal %d; the requests still running were cancelled", signalled[0])
+
+
+async def _serve_stdio(
+    runtime: Runtime,
+    principal: Principal,
+    stdin: BinaryIO | None,
+    stdout: BinaryIO | None,
+) -> None:
     server = McpServer(runtime.kernel, page_size=runtime.settings.page_size, transport="stdio")
     session = Session(principal)
     loop = asyncio.get_running_loop()
@@ -404,6 +435,8 @@ async def serve_stdio(
         session.close()
         for task in tasks:
             task.cancel()
+        if tasks:  # their records go in before the audit log closes
+            await asyncio.wait(tasks, timeout=_CANCEL_WAIT_S)
         with contextlib.suppress(Exception):
             await runtime.aclose()
         await channel.aclose(_LAST_WRITE_S)
