@@ -49,18 +49,20 @@ class _Syscalls(NamedTuple):
     # rt_tgsigqueueinfo and pidfd_open (a signal); prlimit64 (its rlimits: RLIMIT_CPU of 1 s
     # kills it); sched_setaffinity, sched_setscheduler, sched_setparam, sched_setattr.
     on_first: tuple[int, ...]
-    setpriority: int  # (which, who, …): PRIO_USER (2) is every process of a user
-    ioprio_set: int  # (which, who, …): IOPRIO_WHO_USER (3), the same
+    # Those that act on a process, group or user their first two arguments name (which,
+    # who): setpriority, and ioprio_set; with the ``which`` that means every process of a user
+    # (PRIO_USER, IOPRIO_WHO_USER)
+    on_who: tuple[tuple[int, int], ...]
 
 
 _SECCOMP_ARCH = {
     "x86_64": _Syscalls(
         0xC000003E, 41, (248, 249, 250, 425, 426, 427, 200), 62,
-        (234, 129, 297, 434, 302, 203, 144, 142, 314), 141, 251,
+        (234, 129, 297, 434, 302, 203, 144, 142, 314), ((141, 2), (251, 3)),
     ),
     "aarch64": _Syscalls(
         0xC00000B7, 198, (217, 218, 219, 425, 426, 427, 130), 129,
-        (131, 138, 240, 434, 261, 122, 119, 118, 274), 140, 30,
+        (131, 138, 240, 434, 261, 122, 119, 118, 274), ((140, 2), (30, 3)),
     ),
 }  # fmt: skip
 _X32_SYSCALL_BIT = 0x40000000
@@ -232,9 +234,8 @@ def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
     program += [(jeq, nr, "deny", 0) for nr in arch.refused]
     program.append((jeq, arch.kill, "kill", 0))
     program += [(jeq, nr, "first", 0) for nr in arch.on_first]
+    program += [(jeq, nr, f"which {every}", 0) for nr, every in arch.on_who]
     program += [
-        (jeq, arch.setpriority, "setpriority", 0),
-        (jeq, arch.ioprio_set, "ioprio_set", 0),
         (jeq, arch.socket, 0, "allow"),
         (ld, arg0, 0, 0),  # socket()'s address family
         (jeq, _AF_UNIX, "refuse", "allow"),
@@ -244,12 +245,11 @@ def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
         (jeq, 0xFFFFFFFF, "deny", 0),
         *((jeq, -pid & 0xFFFFFFFF, "deny", 0) for pid in pids),
         (ja, 0, "pid", "pid"),
-        "setpriority",
-        (ld, arg0, 0, 0),
-        (jeq, 2, "deny", "who"),
-        "ioprio_set",
-        (ld, arg0, 0, 0),
-        (jeq, 3, "deny", "who"),
+        *(
+            step
+            for _, every in arch.on_who
+            for step in (f"which {every}", (ld, arg0, 0, 0), (jeq, every, "deny", "who"))
+        ),
         "who",
         (ld, arg1, 0, 0),
         (ja, 0, "pid", "pid"),
