@@ -155,25 +155,24 @@ class PolicyEngine:
                 describe(principal.agent, verb, rid),
                 "; ".join(errors),
             )
-        failed = [info for e in errors if (info := self._infos.get(_failed_id(e))) is not None]
-        unknown = [f for f in failed if f.effect == "forbid"]
+        # (each policy that failed to evaluate, with Cedar's error)
+        failed = [(i, e) for e in errors if (i := self._infos.get(_failed_id(e))) is not None]
+        unknown = [(info, error) for info, error in failed if info.effect == "forbid"]
         if result.allowed and unknown:
             # Cedar skips a policy that fails to evaluate: a forbid would not forbid. Here
             # it does, as it might have: the action is denied until the policy is fixed
-            ids = tuple(f.id for f in unknown)
             sentence = "; ".join(
-                f'policy "{f.id}" may forbid {describe(principal.agent, verb, rid)} but could '
-                f"not be evaluated ({e}): denied until it is fixed"
-                for f in unknown
-                for e in errors
-                if _failed_id(e) == f.id
+                f'policy "{info.id}" may forbid {describe(principal.agent, verb, rid)} but '
+                f"could not be evaluated ({error}): denied until it is fixed"
+                for info, error in unknown
             )
-            reasons = (sentence,) * len(ids)
-            return PolicyDecision(False, ids, reasons, errors, sentence)
+            ids = tuple(info.id for info, _ in unknown)
+            return PolicyDecision(False, ids, (sentence,) * len(ids), errors, sentence)
         if result.allowed:
             reasons = tuple(self._reason(pid, "permits it") for pid in matched)
             # and the obligations of a permit that failed to evaluate: it might have matched
-            infos = [info for pid in matched if (info := self._infos.get(pid)) is not None] + failed
+            infos = [info for pid in matched if (info := self._infos.get(pid)) is not None]
+            infos += [info for info, _ in failed]
             redact = sorted({label for info in infos for label in info.redact})
             before = any(info.audit_before for info in infos)
             message = "allowed by " + _ids(matched)

@@ -26,6 +26,9 @@ from mcp_zero.rpc.asgi import SSE_HEADERS, Send
 from mcp_zero.rpc.session import JSON, Session
 
 RETRY_MS = 1000
+# The first MCP revision whose streams open with a priming event and may be closed by the
+# server before their response (SEP-1699); revisions are dates, so they compare as strings.
+PRIMED_FROM = "2025-11-25"
 MAX_BUFFERED_EVENTS = 10_000
 MAX_BUFFERED_NOTICES = 1_000  # a session's GET stream: kept while the session lives
 #: Bytes of events a stream keeps for resumption: more than a dropped connection can have
@@ -290,11 +293,6 @@ class EventStream:
 
 #: How long a finished stream is kept for a client that is about to resume it.
 FINISHED_KEEP_S = 60.0
-
-
-# The first MCP revision whose streams open with a priming event and may be closed by the
-# server before their response (SEP-1699); revisions are dates, so they compare as strings.
-PRIMED_FROM = "2025-11-25"
 
 
 class FinishedStreams:
