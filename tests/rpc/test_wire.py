@@ -642,3 +642,37 @@ async def test_an_http_1_0_client_gets_a_stream_unchunked_and_closed_at_its_end(
         assert "transfer-encoding" not in headers
         assert headers["connection"] == "close"
         assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+class VettingApp(EchoApp):
+    """An EchoApp that keeps only the bodies of requests carrying ``X-Key: yes``."""
+
+    def vet_body(self, scope: dict[str, Any]) -> bool:
+        return (b"x-key", b"yes") in scope["headers"]
+
+
+async def test_a_body_the_app_does_not_vet_is_parsed_and_dropped_not_held() -> None:
+    # A client without a token had the server hold max_body_bytes per connection before the
+    # app could refuse it from its headers (found by review): an app's vet_body decides, as
+    # the head comes, whether the body is kept
+    app = VettingApp()
+    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT)
+    task = asyncio.create_task(server.run())
+    try:
+        with anyio.fail_after(TIMEOUT_S):
+            while server._server is None:
+                await asyncio.sleep(0.01)
+        async with connect(server) as (reader, writer):
+            for key in (b"no", b"yes", b"no"):
+                writer.write(
+                    b"POST /x HTTP/1.1\r\nHost: h\r\nX-Key: %s\r\nContent-Length: 5\r\n\r\nhello"
+                    % key
+                )
+                status, _, answer = await read_response(reader)
+                assert status == 200
+                assert answer == (b"POST hello" if key == b"yes" else b"POST ")
+        assert [s.get("mcp0.body_withheld", False) for s in app.scopes] == [True, False, True]
+    finally:
+        server.stop()
+        with anyio.fail_after(TIMEOUT_S):
+            await task

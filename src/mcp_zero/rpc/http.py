@@ -496,19 +496,46 @@ class HttpApp:
 
     # -- MCP --------------------------------------------------------------------------------
 
-    def _authenticate(self, scope: Scope) -> Principal:
+    def _principal(self, scope: Scope) -> Principal:
+        """The agent the request's bearer token stands for. Raises Unauthorized."""
         auth = header(scope, b"authorization")
         token = None
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+            token = value.strip()
+        return self.runtime.agents.authenticate(token)
+
+    def _authenticate(self, scope: Scope) -> Principal:
+        """:meth:`_principal`, or the one :meth:`vet_body` found; a refusal is counted."""
+        principal: Principal | None = scope.get("mcp0.principal")
+        if principal is not None:
+            return principal
         try:
-            if auth is not None:
-                scheme, _, value = auth.partition(" ")
-                if scheme.lower() != "bearer" or not value.strip():
-                    raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-                token = value.strip()
-            return self.runtime.agents.authenticate(token)
+            principal = self._principal(scope)
         except Unauthorized:
             self.runtime.metrics.count_unauthorized("mcp")
             raise
+        if scope.get("mcp0.body_withheld"):  # (its token became valid while it was sent)
+            raise Unauthorized("the request's token was not valid when it came: send it again")
+        return principal
+
+    def vet_body(self, scope: Scope) -> bool:
+        """Whether the body of the request whose head is ``scope`` is worth reading (the
+        HTTP server asks as the head comes, rpc/wire.py): only what carries the credentials
+        its path needs; others are answered 401 from their headers, their bodies dropped."""
+        path = scope["path"]
+        try:
+            if path == "/mcp" or path == "/mcp/":
+                scope["mcp0.principal"] = self._principal(scope)
+                return True
+            if path.startswith("/api/v1/"):
+                self.admin.check_admin(header(scope, b"authorization"))
+                return True
+        except Unauthorized:
+            return False
+        return False  # (no other path reads a body)
 
     async def _post(self, scope: Scope, receive: Receive, send: Send, version: str | None) -> None:
         """A POST to /mcp; ``version`` is its MCP-Protocol-Version header."""

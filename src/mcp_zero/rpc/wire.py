@@ -122,11 +122,13 @@ def _plain(status: int, text: bytes) -> bytes:
 class _Request:
     """One parsed request waiting for (or being answered by) the app."""
 
-    __slots__ = ("body", "headers", "http10", "keep_alive", "method", "target")
+    __slots__ = ("body", "headers", "http10", "keep_alive", "method", "scope", "target", "withheld")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
+        self.scope: Scope | None = None  # made when its head came, for the app's vet_body
+        self.withheld = False  # its body is not kept: vet_body refused it
         self.target = b""
         self.method = "GET"
         self.keep_alive = True
@@ -304,10 +306,21 @@ class _Connection(asyncio.Protocol):
             # httptools would take "gzip, chunked" as chunked and hand on gzip as the body
             self.refuse(501, b"only the chunked transfer coding is supported")
             return
+        vet = self.server.vet_body
+        if vet is not None and self._has_body():
+            # whether its body is worth keeping, from its head: one without the credentials
+            # it needs is answered from its headers, its body parsed and dropped (else a
+            # client without a token has the server hold max_body_bytes per connection)
+            scope = request.scope = self._scope(request)
+            if not vet(scope):
+                request.withheld = True
+                scope["mcp0.body_withheld"] = True
         # curl and others wait (1 s) for this before sending a body over 1 KiB. Not while
         # another response is being written (it would land in the middle of it; the client
         # sends the body after its wait anyway), and not for a body past the limit.
         if expects and self.transport is not None and not self.busy and not self.queue:
+            if request.withheld:
+                return  # (not asked for: the client sends it after its wait, to be dropped)
             if self._declared_length(request) > self.server.max_body_bytes:
                 self.refuse(413, b"the request body is over the size limit")
             else:
@@ -362,7 +375,7 @@ class _Connection(asyncio.Protocol):
         # Keep one byte past the limit, so the app sees the body is too large and answers
         # 413; the rest is parsed and dropped, never held in memory.
         room = self.server.max_body_bytes + 1 - (self.body_bytes - len(body))
-        if room > 0:
+        if room > 0 and not self.current.withheld:
             self.current.body.append(body[:room])
 
     def on_message_complete(self) -> None:
@@ -397,7 +410,9 @@ class _Connection(asyncio.Protocol):
         response = _Response(self, request)
         # The app's own coroutine is the task, and what follows it the task's callback: a
         # coroutine around it would be resumed again at each of its suspensions.
-        app = self.server.app(self._scope(request), response.receive, response.send)
+        app = self.server.app(
+            request.scope or self._scope(request), response.receive, response.send
+        )
         task = asyncio.get_running_loop().create_task(app)
         self.server.tasks.add(task)
         task.add_done_callback(response.app_returned)
@@ -724,6 +739,9 @@ class HttpServer:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
+        # An app may judge from a request's head whether its body is to be kept (a callable
+        # of the scope; False: the body is dropped, the scope marked "mcp0.body_withheld")
+        self.vet_body: Callable[[Scope], bool] | None = getattr(app, "vet_body", None)
         self.host = host
         self.port = port
         self.address = (host, port)
