@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ from mcp_zero.sandbox import proctree
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 FAULTY_DIR = Path(__file__).parent / "plugins" / "faulty"
+KIT_DIR = Path(__file__).parent / "sandbox" / "kit"
 NOTES_TOOLS = {"notes_add", "notes_search", "notes_list", "notes_delete"}
 START_TIMEOUT_S = 30.0
 CLI_TIMEOUT_S = 60.0
@@ -782,12 +784,12 @@ async def test_a_call_in_flight_reads_its_files_though_the_plugin_is_replaced(
                 assert (new / "data.txt").read_text() == "data of 2.0.0"
 
 
-def test_sigterm_ends_a_stdio_session_recording_the_call_it_cut_short(tmp_path: Path) -> None:
-    # The official client leaves by closing stdin, waiting 2 s, then SIGTERM: the server
-    # died at once, and a call still running got no audit record at all (found by review)
+def _napping_stdio(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`mcp0 serve --stdio` as agent napper, initialized, its call of the kit's slow_async
+    (4.5 s of its 5 s timeout, id 2) under way; and its data dir."""
     data_dir = str(tmp_path / "data")
-    mcp0("plugin", "install", str(FAULTY_DIR), "--data-dir", data_dir)
-    mcp0("agent", "create", "napper", "--plugin", "faulty", "--data-dir", data_dir)
+    mcp0("plugin", "install", str(KIT_DIR), "--data-dir", data_dir)
+    mcp0("agent", "create", "napper", "--plugin", "kit", "--data-dir", data_dir)
     proc = subprocess.Popen(
         [MCP0, "serve", "--stdio", "--agent", "napper", "--data-dir", data_dir],
         stdin=subprocess.PIPE,
@@ -802,23 +804,50 @@ def test_sigterm_ends_a_stdio_session_recording_the_call_it_cut_short(tmp_path: 
             "clientInfo": {"name": "tests", "version": "0"}}},
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-            "name": "faulty_nap", "arguments": {"seconds": 60}}},
+            "name": "slow_async", "arguments": {"seconds": 4.5}}},
     ]  # fmt: skip
     proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
     proc.stdin.flush()
     assert json.loads(proc.stdout.readline())["id"] == 1  # initialized: the nap is next
-    time.sleep(1.5)  # the nap under way
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=30)
-    proc.stdin.close()
-    proc.stdout.close()
-    assert code == 0
+    time.sleep(0.5)  # the call under way
+    return proc, data_dir
+
+
+def _the_nap(data_dir: str) -> dict[str, Any]:
     records = _audit(data_dir)
-    naps = [r for r in records if r.get("resource") == "faulty_nap"]
+    naps = [r for r in records if r.get("resource") == "slow_async"]
     assert len(naps) == 1, records
-    [record] = naps
-    assert record["resource"] == "faulty_nap"
-    assert record["outcome"] in ("error", "cancelled"), record
+    return naps[0]
+
+
+def test_sigterm_ends_a_stdio_session_recording_the_call_it_cut_short(tmp_path: Path) -> None:
+    # The official client leaves by closing stdin, waiting 2 s, then SIGTERM: the server
+    # died at once, and a call still running got no audit record at all (found by review)
+    proc, data_dir = _napping_stdio(tmp_path)
+    with proc:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    nap = _the_nap(data_dir)
+    assert (nap["outcome"], nap.get("code")) == ("error", "cancelled")
+
+
+def test_terminating_the_agent_of_a_stdio_session_stops_its_running_call(tmp_path: Path) -> None:
+    # Only its next request was refused: the running call went on and was audited allowed
+    # after the termination's record (found by review)
+    proc, data_dir = _napping_stdio(tmp_path)
+    with proc:
+        assert proc.stdout is not None
+        mcp0("agent", "terminate", "napper", "--data-dir", data_dir)
+        ready, _, _ = select.select([proc.stdout], [], [], CLI_TIMEOUT_S)
+        assert ready, "no answer to the call after its agent was terminated"
+        answer = json.loads(proc.stdout.readline())
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    assert answer["id"] == 2
+    assert answer["error"]["code"] == -32001, answer
+    nap = _the_nap(data_dir)
+    assert (nap["outcome"], nap.get("code")) == ("error", "cancelled")
 
 
 def _audit(data_dir: str) -> list[dict[str, Any]]:

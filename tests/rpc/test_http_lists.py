@@ -196,3 +196,49 @@ async def test_terminating_an_agent_ends_its_sessions_and_their_streams(env: Env
             rest = [event async for event in heard]  # the stream ends
     assert [e.message["method"] for e in rest if e.data] == []
     assert doomed.session_id not in env.live.app.sessions
+
+
+async def test_terminating_an_agent_stops_its_calls_that_have_no_session(env: Env) -> None:
+    # A POST without Mcp-Session-Id, and the admin API's execute, ran on to their end after
+    # the agent was terminated, and were audited as allowed after the termination's record
+    # (found by review)
+    token = (await env.live.runtime.agents.spawn("sessionless", ["faulty"])).token
+    nap = {"name": "faulty_nap", "arguments": {"seconds": 5}}
+    admin = env.live.runtime.admin_token()
+
+    async def execute() -> httpx2.Response:
+        async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+            return await http.post(
+                f"{env.live.base}/api/v1/agents/sessionless/execute",
+                json={"tool": "faulty_nap", "arguments": {"seconds": 5}, "request_id": "ex1"},
+                headers={"Authorization": f"Bearer {admin}"},
+            )
+
+    answers: dict[str, Any] = {}
+
+    async def keep(name: str, call: Any) -> None:
+        answers[name] = await call()
+
+    with anyio.fail_after(4):  # well before the naps would end
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                keep, "post", lambda: env.live.client(token).call("faulty_nap", nap["arguments"])
+            )
+            group.start_soon(keep, "execute", execute)
+            await anyio.sleep(0.6)  # both napping
+            await env.live.runtime.agents.terminate("sessionless")
+    assert answers["post"]["error"]["code"] == -32001
+    assert answers["execute"].status_code == 409
+    assert "terminated" in answers["execute"].json()["error"]["message"]
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        while True:
+            bodies = [orjson.loads(e.body) for e in env.live.runtime.store.read_audit(0, 100_000)]
+            naps = [
+                (b["outcome"], b.get("code"))
+                for b in bodies
+                if b.get("agent") == "sessionless" and b.get("resource") == "faulty_nap"
+            ]
+            if len(naps) == 2:
+                break
+            await anyio.sleep(0.05)
+    assert naps == [("error", "cancelled")] * 2

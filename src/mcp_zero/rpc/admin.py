@@ -17,6 +17,7 @@ GET    /audit/verify                   verify the hash chain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import re
 import secrets
@@ -36,10 +37,12 @@ from mcp_zero.errors import (
     Unauthorized,
 )
 from mcp_zero.kernel.agents import agent_view, recovery_view
+from mcp_zero.rpc.session import Session
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.security.tokens import hash_token
 
 if TYPE_CHECKING:
+    from mcp_zero.rpc.server import McpServer
     from mcp_zero.runtime import Runtime
 
 JSON = dict[str, Any]
@@ -99,8 +102,9 @@ def plugin_view(record_manifest: JSON, *, tools: bool) -> JSON:
 
 
 class AdminApi:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, server: McpServer | None = None) -> None:
         self.runtime = runtime
+        self.server = server  # whose end_agent stops an execute when its agent is terminated
         # method, path, handler, and the body fields it takes (any other is refused: a
         # mistyped "plugin" for "plugins" must not create an agent without its plugins)
         self._routes: list[tuple[str, re.Pattern[str], Route, frozenset[str]]] = [
@@ -211,10 +215,26 @@ class AdminApi:
         agent = self.runtime.agents.get(m["name"])
         if agent.status != "active":
             raise Conflict(f"agent {agent.name!r} is {agent.status}; recover it from a snapshot")
-        principal = self.runtime.agents.principal(agent.name)
-        result = await self.runtime.kernel.call_tool(
-            principal, tool, arguments, _NoBridge(), request_id=request_id, transport="admin"
-        )
+        session = Session(self.runtime.agents.principal(agent.name), id="admin")
+        alone = self.server.running_alone(session) if self.server else contextlib.nullcontext()
+        with alone:
+            try:
+                result = await self.runtime.kernel.call_tool(
+                    session.principal,
+                    tool,
+                    arguments,
+                    _NoBridge(),
+                    request_id=request_id,
+                    transport="admin",
+                )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not session.closed or task is None or not task.cancelling():
+                    raise
+                task.uncancel()  # (its agent was terminated: an answer, not a dropped one)
+                raise Conflict(
+                    f"agent {agent.name!r} was terminated while the call ran; it was stopped"
+                ) from None
         return 200, result
 
     async def _snapshot(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:

@@ -101,6 +101,9 @@ _MediaHeaders = tuple[bytes | None, bytes | None, bytes | None]
 _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
 
 
+EPHEMERAL = "ephemeral"  # the id of a throwaway session (a POST without Mcp-Session-Id)
+
+
 class _Allowed:
     """What ``allowed_origins`` lets in, lower-cased (origins and hosts are case-insensitive).
 
@@ -255,7 +258,7 @@ class HttpApp:
             max_listeners_per_agent=runtime.settings.max_sessions_per_agent,
         )
         self.server.sessions = self._listening_sessions
-        self.admin = AdminApi(runtime)
+        self.admin = AdminApi(runtime, self.server)
         self.sessions: dict[str, Session] = {}
         self.ready = False
         self._janitor: asyncio.Task[None] | None = None
@@ -611,7 +614,7 @@ class HttpApp:
                 session.principal = principal
         else:
             # No session header: a self-contained request (curl, stateless clients).
-            session = Session(principal, id="ephemeral")
+            session = Session(principal, id=EPHEMERAL)
         if isinstance(message, jsonrpc.Notification):
             self.server.handle_notification(session, message)
             await respond(send, 202, b"", [])
@@ -621,11 +624,15 @@ class HttpApp:
             await respond(send, 202, b"", [])
             return
         channel = PostChannel(session, send, self.settings.sse_buffer_bytes)
-        response = await self.server.handle_request(session, message, channel)
+        if session.id == EPHEMERAL:  # no session to end: its agent's termination stops it
+            with self.server.running_alone(session):
+                response = await self.server.handle_request(session, message, channel)
+        else:
+            response = await self.server.handle_request(session, message, channel)
         session.last_seen = time.monotonic()  # idle from the end of a long call, not its start
         if message.method == "initialize" and response is not None and "error" in response:
             self.sessions.pop(session.id, None)  # a refused initialize opens no session
-            session.id = "ephemeral"  # (and its answer names none)
+            session.id = EPHEMERAL  # (and its answer names none)
         stream = channel.stream
         if stream is None:
             if response is None:  # cancelled before anything was sent
@@ -638,7 +645,7 @@ class HttpApp:
         if response is not None:
             await stream.push(response, wait=True)  # after the call: it holds up no one
         await channel.finish()
-        if session.id == "ephemeral":
+        if session.id == EPHEMERAL:
             session.streams.pop(stream.id, None)  # no session to resume it in: not kept
         else:
             # keep the finished stream a little for a client that is about to resume
@@ -668,7 +675,7 @@ class HttpApp:
             answer = jsonrpc.error_from_exception(request.id, unsupported(version))
             await respond_json(send, 400, answer)
             return
-        connection = Session(principal, id="ephemeral")
+        connection = Session(principal, id=EPHEMERAL)
         channel = ExchangeChannel(send)
 
         async def until_disconnect() -> None:

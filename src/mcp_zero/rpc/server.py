@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, NoReturn
 
 from mcp_zero import __version__
@@ -353,14 +354,8 @@ class McpServer:
             cancelled=connection.cancelled,
         )
         del envelope  # (what the session keeps of it is cut: a listen stream may last)
-        task = asyncio.current_task()
-        if task is not None:
-            self.stateless_calls[task] = session
-        try:
+        with self.running_alone(session):
             response = await self._run(session, request, channel, handler)
-        finally:
-            if task is not None:
-                self.stateless_calls.pop(task, None)
         if response is None:
             return None
         if "result" not in response:
@@ -526,15 +521,30 @@ class McpServer:
             listener.mailbox.put_nowait(None)
         return listener is not None
 
+    @contextlib.contextmanager
+    def running_alone(self, session: Session) -> Iterator[None]:
+        """Count the current task among the calls that run with no session to end (a POST
+        without ``Mcp-Session-Id``, the admin API's execute) while the block runs: its
+        agent's termination cancels it (:meth:`end_agent`), ``session.closed`` set."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.stateless_calls[task] = session
+        try:
+            yield
+        finally:
+            if task is not None:
+                self.stateless_calls.pop(task, None)
+
     def principals_at_work(self) -> list[Principal]:
-        """Whose 2026-07-28 calls run or wait for their client now (their sessions are the
-        transports' to watch)."""
+        """Whose calls with no session run (2026-07-28's, POSTs without a session, the
+        admin API's execute), or wait for their client now (sessions are the transports' to
+        watch)."""
         running = [session.principal for session in self.stateless_calls.values()]
         return running + self.resumptions.principals()
 
     def end_agent(self, agent: str) -> None:
-        """Agent ``agent`` was terminated: its 2026-07-28 calls stop (answered as ended),
-        and so do those that wait for its client's input_required answer."""
+        """Agent ``agent`` was terminated: its calls with no session stop (answered as
+        ended), and so do those that wait for its client's input_required answer."""
         for task, session in list(self.stateless_calls.items()):
             if session.principal.agent == agent:
                 session.closed = True

@@ -367,11 +367,19 @@ async def _serve_stdio(
             spawn(server.audit_unstarted(session, request))
 
     await runtime.start(wait=STARTUP_WAIT_S)
+
+    async def end_terminated(ended: Session) -> None:
+        """The session's agent was terminated: its calls running now stop, answered -32001
+        (later ones are refused as the agent's)."""
+        log.info("agent %r was terminated: ending this session", ended.principal.agent)
+        ended.close()
+
     list_changes = ListChanges(
         runtime.kernel,
         runtime.agents,
         server.sessions,
         lambda: server.listeners.values(),
+        end_terminated,
         at_work=server.principals_at_work,
         end_agent=server.end_agent,
     )
