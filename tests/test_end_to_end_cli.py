@@ -580,6 +580,25 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_a_daemon_that_forks_on_and_on_is_ended_with_its_group(server: Server) -> None:
+    # Each sweep found the stray a zombie already, its child re-parented to the server and
+    # out of the walk of its tree: it ran on, at full CPU, for tens of seconds (found by
+    # review). Its process group, which every generation keeps, is killed whole now.
+    token = sleepy_agent(server)
+    heartbeat = server.data_dir / "plugin-data" / "faulty" / "runner.beat"
+    answer = call_faulty(server, token, "faulty_runner", {"heartbeat": str(heartbeat)})
+    assert answer.get("result", {}).get("content", [{}])[0].get("text") == "runner started", answer
+    deadline = time.monotonic() + 15
+    while not heartbeat.exists():
+        assert time.monotonic() < deadline, "the runner never beat"
+        time.sleep(0.05)
+    time.sleep(3)  # sweeps come every second
+    before = heartbeat.read_text()
+    time.sleep(1.5)
+    assert heartbeat.read_text() == before, "the runner still runs"
+    assert not alive(int(before))
+
+
 def test_nothing_a_plugin_starts_outlives_its_worker(server: Server, tmp_path: Path) -> None:
     # A process a plugin starts is orphaned at once (its parent exits): it comes to the
     # server (a subreaper), not init. One in its worker's process group (`cmd &`) lives as

@@ -158,3 +158,19 @@ def test_children_are_found_without_scanning_every_process() -> None:
     assert sorted(int(pid) for pid in found["children"]) == sorted(found["expected"])
     assert found["children"].keys() == found["scanned"].keys()  # (states: two looks apart)
     assert list(found["children"].values()).count("Z") == 1
+
+
+def test_a_group_with_a_process_below_a_worker_is_not_killed_whole() -> None:
+    # A plugin's own child in a session of its own (start_new_session) keeps its group while
+    # it runs below its worker: an orphan of that group is a stray, the group is not (here
+    # the test's process stands for the worker)
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert proctree.kill_groups([child.pid], workers={os.getpid()}) == []
+        assert alive(child.pid)
+        # behind a worker that is gone, the group is killed whole
+        assert proctree.kill_groups([child.pid], workers=()) == [child.pid]
+        assert child.wait(timeout=10) == -9
+    finally:
+        child.kill()
+        child.wait()

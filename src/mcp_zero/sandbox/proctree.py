@@ -30,6 +30,7 @@ Stdlib only: the worker imports it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -182,11 +183,23 @@ def children() -> dict[int, Proc]:
     return found
 
 
-def adopted(workers: Collection[int]) -> tuple[list[int], list[int]]:
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """What :func:`adopted` found: zombies to reap, strays to kill, and the strays' process
+    groups, to kill whole (a stray that forks and exits in a loop leaves each child
+    re-parented to the subreaper before its tree can be walked: its group holds them all)."""
+
+    zombies: list[int]
+    strays: list[int]
+    groups: list[int]
+
+
+def adopted(workers: Collection[int]) -> Adopted:
     """In a subreaper whose own children are ``workers`` only: its other children, as
-    (zombies to reap, strays to kill). A live one in a worker's process group is that
-    worker's and in neither list (it ends with the group)."""
-    zombies, strays = [], []
+    zombies to reap and strays to kill, with the strays' groups. A live one in a worker's
+    process group is that worker's and in neither list (it ends with the group)."""
+    zombies, strays, groups = [], [], set()
+    own_group = os.getpgrp()
     for pid, proc in children().items():
         if pid in workers:
             continue
@@ -194,7 +207,40 @@ def adopted(workers: Collection[int]) -> tuple[list[int], list[int]]:
             zombies.append(pid)
         elif proc.pgid not in workers:
             strays.append(pid)
-    return zombies, strays
+        # (a zombie's group too: a generation that forked the next and exited, which the
+        # walk of a tree can no longer reach)
+        if proc.pgid not in workers and proc.pgid != own_group:
+            groups.add(proc.pgid)  # (own_group: never, a worker's session is not ours)
+    return Adopted(zombies, strays, sorted(groups))
+
+
+def kill_groups(groups: Iterable[int], workers: Collection[int]) -> list[int]:
+    """SIGKILL every process of each of ``groups`` at once (a fork under way is undone),
+    but not a group one of whose processes is still below one of ``workers``: a plugin's
+    own child in a session of its own (``start_new_session``) is its to end. The groups
+    killed."""
+    wanted = set(groups)
+    if not wanted:
+        return []
+    table = processes()
+
+    def below_a_worker(pid: int) -> bool:
+        for _ in range(len(table)):  # (a bound: ppids read at different times may loop)
+            proc = table.get(pid)
+            if proc is None or proc.ppid <= 1:
+                return False
+            if proc.ppid in workers:
+                return True
+            pid = proc.ppid
+        return False
+
+    kept = {proc.pgid for pid, proc in table.items() if proc.pgid in wanted and below_a_worker(pid)}
+    killed = []
+    for group in sorted(wanted - kept):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+            killed.append(group)
+    return killed
 
 
 def _environ(pid: int) -> dict[bytes, bytes]:
@@ -259,11 +305,13 @@ def reap(pids: Iterable[int], wait: float = 0.0) -> None:
 
 
 __all__ = [
+    "Adopted",
     "Proc",
     "adopted",
     "become_subreaper",
     "children",
     "descendants",
+    "kill_groups",
     "kill_tree",
     "left_behind",
     "processes",

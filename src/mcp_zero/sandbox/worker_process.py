@@ -84,23 +84,28 @@ def _sweep() -> None:
     starts; the killing, which may wait on a process in uninterruptible sleep, in a thread."""
     if _starting[0]:
         return  # the next sweep will do
-    zombies, strays = proctree.adopted(_LIVE)
-    proctree.reap(zombies)
-    if strays:
+    found = proctree.adopted(_LIVE)
+    proctree.reap(found.zombies)
+    if found.strays or found.groups:
         try:
-            asyncio.get_running_loop().run_in_executor(None, _end_strays, strays)
+            asyncio.get_running_loop().run_in_executor(None, _end_strays, found)
         except RuntimeError:  # the server is stopping (no executor): here, then
-            _end_strays(strays)
+            _end_strays(found)
 
 
-def _end_strays(roots: list[int]) -> None:
+def _end_strays(found: proctree.Adopted) -> None:
+    roots = found.strays
+    # Their groups first, whole: a stray that forks and exits in a loop has its child
+    # re-parented here before its tree can be walked, but the child keeps the group
+    groups = proctree.kill_groups(found.groups, _LIVE)
     killed = [pid for root in roots for pid in proctree.kill_tree(root, include_root=True)]
-    if killed:
+    if roots or groups:
         _sweep_log.warning(
             "killed %d process(es) a plugin left outside its worker's process group, or "
-            "behind a worker that is gone: %s",
-            len(killed),
-            killed,
+            "behind a worker that is gone, and process groups %s: %s",
+            len(roots),
+            groups,
+            sorted({*roots, *killed}),
         )
     proctree.reap(roots, wait=1.0)  # the next sweep reaps what took longer to die
 
@@ -110,9 +115,9 @@ def end_adopted() -> None:
     plugin left running in its worker's group lived as long as the worker did)."""
     if not _subreaper[0]:
         return
-    zombies, strays = proctree.adopted(())
-    proctree.reap(zombies)
-    _end_strays(strays)
+    found = proctree.adopted(())
+    proctree.reap(found.zombies)
+    _end_strays(found)
 
 
 def _end_tree(pid: int) -> None:

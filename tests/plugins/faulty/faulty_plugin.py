@@ -96,6 +96,34 @@ def daemon(
     return "daemon started"
 
 
+# A daemon that outruns a walk of its tree: in a session of its own, each generation forks
+# the next and exits at once; every 50th writes its pid to the heartbeat file.
+_RUNNER = (
+    "import os, sys, time\n"
+    "if os.fork():\n    os._exit(0)\n"
+    "os.setsid()\n"
+    "end, n = time.monotonic() + float(sys.argv[2]), 0\n"
+    "while time.monotonic() < end:\n"
+    "    if os.fork():\n        os._exit(0)\n"
+    "    n += 1\n"
+    "    if n % 50 == 0:\n"
+    "        with open(sys.argv[1], 'w') as beat:\n            beat.write(str(os.getpid()))\n"
+)
+
+
+@plugin.tool("faulty_runner")
+def runner(ctx: Context, heartbeat: str, seconds: float = 60) -> str:
+    subprocess.run(
+        [sys.executable, "-c", _RUNNER, heartbeat, str(seconds)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # (no pipe: its generations would hold it open)
+        stderr=subprocess.DEVNULL,
+        timeout=10,
+    )
+    return "runner started"
+
+
 _bumps = [0]
 
 
