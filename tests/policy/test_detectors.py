@@ -655,3 +655,20 @@ def test_a_pagination_cursor_is_not_a_credential(pair: dict[str, str]) -> None:
 )
 def test_tokens_not_named_as_cursors_are_still_credentials(pair: dict[str, str]) -> None:
     assert label_value(pair) == {"secret"}
+
+
+def test_a_blob_of_text_is_redacted_inside_its_base64_and_a_binary_one_is_left() -> None:
+    # An embedded resource's blob (a .env file read as a resource) went out with its
+    # secrets while the record said the redaction ran (found by review)
+    import base64
+
+    env = "DB_PASSWORD=hunter2hunter2\nmail bob@example.com\n"
+    blob = base64.b64encode(env.encode()).decode()
+    result = {"contents": [{"uri": "file:///app/.env", "blob": blob}]}
+    redacted, count = redact(result, ("secret", "pii"))
+    assert count == 2
+    text = base64.b64decode(redacted["contents"][0]["blob"]).decode()
+    assert text == "DB_PASSWORD=[redacted:secret]\nmail [redacted:pii]\n"
+    assert result["contents"][0]["blob"] == blob  # (a copy was changed)
+    image = {"blob": base64.b64encode(bytes(range(256))).decode()}
+    assert redact(image, ("secret", "pii")) == (image, 0)

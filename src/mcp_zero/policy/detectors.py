@@ -21,6 +21,8 @@ Policies see the labels of an action's arguments as ``context.labels``; a permit
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -477,6 +479,8 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
         for key, item in value.items():
             if (keys and _credential_value(key, item)) or (named is not None and key == named):
                 new, count = _SECRET_MARKER, 1
+            elif key == "blob" and isinstance(item, str):  # MCP's base64 resource contents
+                new, count = _redact_blob(item, detectors)
             else:
                 new, count = _redact(item, detectors, keys)
             if count:
@@ -500,6 +504,18 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
         text, count = _redact_text(str(value), detectors)
         return (text, count) if count else (value, 0)
     return value, 0
+
+
+def _redact_blob(blob: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
+    """A base64 ``blob`` whose bytes are UTF-8 text (a ``.env`` file, JSON, a log read as a
+    resource) with that text redacted, encoded again; one that is not text (an image) as it
+    was: its bytes are not the detectors' to read."""
+    try:
+        text = base64.b64decode(blob, validate=True).decode()
+    except (binascii.Error, ValueError):  # (UnicodeDecodeError is a ValueError)
+        return blob, 0
+    redacted, count = _redact_text(text, detectors)
+    return (base64.b64encode(redacted.encode()).decode(), count) if count else (blob, 0)
 
 
 def _named_value(pair: dict[Any, Any]) -> str | None:
