@@ -542,6 +542,14 @@ async def test_logging_set_level_filters_log_notifications(env: Env) -> None:
     assert await log_levels_seen(client, "l3") == []
     bad = await client.request("logging/setLevel", {"level": "verbose"})
     assert error_of(bad)["code"] == -32602
+    # a deeply nested level broke the answer (-32603, a traceback logged per request), and a
+    # long one came back whole (found by review)
+    for level in (b"[" * 1000 + b'"x"' + b"]" * 1000, b'"' + b"v" * 100_000 + b'"'):
+        body = b'{"jsonrpc":"2.0","id":"deep","method":"logging/setLevel","params":{"level":%s}}'
+        answer = await client.post_raw(body % level)
+        refused = error_of(answer.json())
+        assert refused["code"] == -32602
+        assert len(refused["message"]) < 200
 
 
 # -- the standalone GET stream ----------------------------------------------------------------

@@ -770,9 +770,12 @@ class McpServer:
 
     async def _set_level(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
         level = params.get("level")
-        if level not in LOG_LEVELS:
+        if not isinstance(level, str) or level not in LOG_LEVELS:
+            # (not its repr whole: a client's 1,000-deep list broke the answer, and a
+            # megabyte string would come back in it)
+            given = repr(level[:40]) if isinstance(level, str) else f"a {type(level).__name__}"
             raise InvalidParams(
-                f"unknown log level {level!r}; use one of {', '.join(LOG_LEVELS)}",
+                f"unknown log level {given}; use one of {', '.join(LOG_LEVELS)}",
                 data={"path": "/level"},
             )
         session.log_level = level
