@@ -646,3 +646,28 @@ async def test_get_stream_hears_list_changed_after_another_process_attaches_a_pl
         "notifications/tools/list_changed",
     ]
     assert "conformance" in live.runtime.plugins.manifests
+
+
+async def test_every_401_names_its_scheme_and_a_request_without_a_session_id_is_400(
+    env: Env,
+) -> None:
+    # GET, DELETE and the admin API answered 401 without WWW-Authenticate (RFC 9110
+    # 11.6.1); GET and DELETE without Mcp-Session-Id got 404, which tells a client its
+    # session expired (found by review)
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        unauthorized = [
+            await http.get(env.live.url, headers={"Accept": "text/event-stream"}),
+            await http.delete(env.live.url, headers={"Mcp-Session-Id": "x"}),
+            await http.get(f"{env.live.base}/api/v1/agents"),
+        ]
+        token = {"Authorization": f"Bearer {env.token}"}
+        sessionless = [
+            await http.get(env.live.url, headers={**token, "Accept": "text/event-stream"}),
+            await http.delete(env.live.url, headers=token),
+        ]
+    for response in unauthorized:
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == 'Bearer realm="mcp0"'
+    for response in sessionless:
+        assert response.status_code == 400
+        assert "Mcp-Session-Id" in response.json()["error"]["message"]

@@ -102,6 +102,8 @@ _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
 
 
 EPHEMERAL = "ephemeral"  # the id of a throwaway session (a POST without Mcp-Session-Id)
+# What a 401 carries (RFC 9110 11.6.1): the scheme that would be accepted
+CHALLENGE = [(b"www-authenticate", b'Bearer realm="mcp0"')]
 
 
 class _Allowed:
@@ -457,7 +459,7 @@ class HttpApp:
                         send,
                         401,
                         {"error": exc.to_dict()},
-                        [(b"www-authenticate", b'Bearer realm="mcp0"')],
+                        CHALLENGE,
                     )
                     return
             body, content_type = self.runtime.metrics.render()
@@ -481,7 +483,7 @@ class HttpApp:
                 body,
                 scope.get("query_string", b"").decode(),
             )
-            await respond_json(send, status, payload)
+            await respond_json(send, status, payload, CHALLENGE if status == 401 else [])
         else:
             await respond_json(
                 send, 404, {"error": {"code": "not_found", "message": f"no route {path}"}}
@@ -554,7 +556,7 @@ class HttpApp:
                 send,
                 401,
                 jsonrpc.error_from_exception(None, exc),
-                [(b"www-authenticate", b'Bearer realm="mcp0"')],
+                CHALLENGE,
             )
             return
         self.runtime.metrics.observe_stage("auth", time.perf_counter() - t0)
@@ -709,7 +711,7 @@ class HttpApp:
         try:
             principal = self._authenticate(scope)
         except Unauthorized as exc:
-            await respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
+            await respond_json(send, 401, jsonrpc.error_from_exception(None, exc), CHALLENGE)
             return
         # RFC 9110, as for POST: "text/plain, */*;q=0" refuses it, no Accept takes anything
         if not accepts(header(scope, b"accept"), "text/event-stream"):
@@ -720,15 +722,8 @@ class HttpApp:
                 [(b"content-type", b"text/plain")],
             )
             return
-        session = self.sessions.get(header(scope, b"mcp-session-id") or "")
-        if session is None or not _owns(session, principal):
-            await respond_json(
-                send,
-                404,
-                jsonrpc.error_message(
-                    None, -32001, "unknown or expired session: initialize a new one"
-                ),
-            )
+        session = await self._session_of(scope, principal, send)
+        if session is None:
             return
         last = header(scope, b"last-event-id")
         if last is not None:
@@ -823,16 +818,34 @@ class HttpApp:
         try:
             principal = self._authenticate(scope)
         except Unauthorized as exc:
-            await respond_json(send, 401, jsonrpc.error_from_exception(None, exc))
+            await respond_json(send, 401, jsonrpc.error_from_exception(None, exc), CHALLENGE)
             return
-        session = self.sessions.get(header(scope, b"mcp-session-id") or "")
-        if session is None or not _owns(session, principal):
-            await respond_json(
-                send, 404, jsonrpc.error_message(None, -32001, "unknown or expired session")
-            )
+        session = await self._session_of(scope, principal, send)
+        if session is None:
             return
         await self._close_session(self.sessions.pop(session.id))
         await respond(send, 204, b"", [])
+
+    async def _session_of(self, scope: Scope, principal: Principal, send: Send) -> Session | None:
+        """The principal's session the GET or DELETE names; None when there is none, and
+        the request was answered: 400 without ``Mcp-Session-Id`` (a 404 tells a client its
+        session expired, and it would initialize again), 404 for one unknown or not its."""
+        session_id = header(scope, b"mcp-session-id")
+        if session_id is None:
+            message = "this request needs the Mcp-Session-Id header of an initialized session"
+            await respond_json(send, 400, jsonrpc.error_message(None, -32600, message))
+            return None
+        session = self.sessions.get(session_id)
+        if session is None or not _owns(session, principal):
+            await respond_json(
+                send,
+                404,
+                jsonrpc.error_message(
+                    None, -32001, "unknown or expired session: initialize a new one"
+                ),
+            )
+            return None
+        return session
 
     async def _end_terminated(self, session: Session) -> None:
         """The session's agent was terminated: end it (its calls, its streams)."""
