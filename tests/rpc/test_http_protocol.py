@@ -31,6 +31,7 @@ from rpc_live import (
     text_of,
 )
 
+from mcp_zero.errors import UNSUPPORTED_PROTOCOL_VERSION
 from mcp_zero.rpc.http import SSE_KEEPALIVE_S
 
 pytestmark = pytest.mark.anyio
@@ -671,3 +672,15 @@ async def test_every_401_names_its_scheme_and_a_request_without_a_session_id_is_
     for response in sessionless:
         assert response.status_code == 400
         assert "Mcp-Session-Id" in response.json()["error"]["message"]
+
+
+async def test_a_notification_with_a_version_we_do_not_speak_is_400_not_dropped(
+    env: Env,
+) -> None:
+    # It was answered 202 and thrown away: a cancel or an answer sent so was lost without
+    # an error (found by review); a request with the same header was 400 already
+    client = await session(env)
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
+    answer = await client.post(cancel, **{"MCP-Protocol-Version": "2099-01-01"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == UNSUPPORTED_PROTOCOL_VERSION

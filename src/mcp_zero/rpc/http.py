@@ -666,7 +666,13 @@ class HttpApp:
         answer): every request stands alone. Notifications have nothing to act on (a client
         cancels by closing the request's stream), and no request of ours awaits an answer."""
         if not isinstance(request, jsonrpc.Request):
-            await respond(send, 202, b"", [])
+            if version is not None and version not in MODERN_VERSIONS:
+                # (a cancel or an answer with a version we do not speak: refused, not lost)
+                await respond_json(
+                    send, 400, jsonrpc.error_from_exception(None, unsupported(version[:100]))
+                )
+            else:
+                await respond(send, 202, b"", [])
             return
         if (
             version is not None
