@@ -684,3 +684,16 @@ async def test_a_notification_with_a_version_we_do_not_speak_is_400_not_dropped(
     answer = await client.post(cancel, **{"MCP-Protocol-Version": "2099-01-01"})
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == UNSUPPORTED_PROTOCOL_VERSION
+
+
+async def test_an_accept_sent_on_two_lines_is_read_as_one_list(env: Env) -> None:
+    # RFC 9110 5.3: the values of a list field sent on several lines are one list; only the
+    # last line was read, and the POST got 406 (found by review)
+    client = await session(env)
+    ping = orjson.dumps({"jsonrpc": "2.0", "id": "two-lines", "method": "ping"})
+    headers = [(k, v) for k, v in client.headers().items() if k != "Accept"]
+    headers += [("Accept", "application/json"), ("Accept", "text/event-stream")]
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        answer = await http.post(env.live.url, content=ping, headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["id"] == "two-lines"

@@ -30,6 +30,16 @@ def headers_of(scope: Scope) -> dict[bytes, bytes]:
     return headers
 
 
+def list_field(scope: Scope, name: bytes) -> bytes | None:
+    """A list-valued header (``Accept``) whole: sent on several lines, its values joined
+    with commas, as RFC 9110 5.3 reads them (the headers' dict keeps only the last)."""
+    headers = headers_of(scope)
+    value = headers.get(name)
+    if value is not None and len(headers) != len(scope["headers"]):  # (a field came twice)
+        value = b", ".join(v for n, v in scope["headers"] if n == name)
+    return value
+
+
 def header(scope: Scope, name: bytes) -> str | None:
     headers: dict[bytes, bytes] | None = scope.get("mcp0.headers")
     if headers is None:  # (headers_of, without a call more for each header read)

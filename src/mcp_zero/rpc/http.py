@@ -46,6 +46,7 @@ from mcp_zero.rpc.asgi import (
     header,
     headers_of,
     hostname,
+    list_field,
     media_type,
     read_body,
     respond,
@@ -149,7 +150,7 @@ def _unreadable_post(scope: Scope) -> tuple[int, str] | None:
     sent = (
         headers.get(b"content-type"),
         headers.get(b"content-encoding"),
-        headers.get(b"accept"),
+        list_field(scope, b"accept"),
     )
     try:
         return _media_verdicts[sent]
@@ -720,7 +721,8 @@ class HttpApp:
             await respond_json(send, 401, jsonrpc.error_from_exception(None, exc), CHALLENGE)
             return
         # RFC 9110, as for POST: "text/plain, */*;q=0" refuses it, no Accept takes anything
-        if not accepts(header(scope, b"accept"), "text/event-stream"):
+        accept = list_field(scope, b"accept")
+        if not accepts(None if accept is None else accept.decode("latin-1"), "text/event-stream"):
             await respond(
                 send,
                 406,
