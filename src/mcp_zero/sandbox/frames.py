@@ -83,7 +83,25 @@ def encode_result(frame: dict[str, Any]) -> bytes:
     """
     if not _has_large_strings(frame):
         return encode(frame)
+    if _deeper_than(frame, MAX_DEPTH):  # (orjson refuses those; the stdlib would not)
+        raise TypeError(f"it nests deeper than {MAX_DEPTH} levels")
     return _stdlib_line(frame)
+
+
+#: How deep a frame may nest: what orjson, which the kernel answers clients with, encodes.
+MAX_DEPTH = 250
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 class LineSplitter:
