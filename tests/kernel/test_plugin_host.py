@@ -61,6 +61,7 @@ FAULTY_TOOLS = {
     "faulty_close_then_finish",
     "faulty_bump",
     "faulty_daemon",
+    "faulty_runner",
 }
 
 

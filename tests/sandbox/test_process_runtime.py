@@ -1120,3 +1120,43 @@ def test_a_worker_holds_no_descriptor_the_server_inherited(tmp_path):
     finally:
         os.close(fd)
     assert reached[f"stat {held}"] == "ENOENT"
+
+
+async def test_a_plugin_dying_by_itself_in_a_loop_is_logged_and_counted(tmp_path, caplog):
+    # With no call in flight its deaths were logged nowhere, and the admin API said the
+    # plugin ran (found by review)
+    code = (
+        "import os, threading, time\nfrom mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "@plugin.tool('x')\ndef x(ctx): return 'x'\n"
+        "threading.Thread(target=lambda: (time.sleep(0.1), os._exit(9)), daemon=True).start()\n"
+    )
+    d = _plugin(tmp_path, code, ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    caplog.set_level(logging.WARNING, logger="mcp_zero.sandbox.plugin.broken")
+    await rt.start()
+    try:
+        with anyio.fail_after(20):
+            while rt.failures_in_a_row < 3:
+                await asyncio.sleep(0.05)
+    finally:
+        await rt.close()
+    assert sum("status 9" in r.getMessage() for r in caplog.records) >= 3
+
+
+async def test_a_worker_asking_to_be_replaced_at_once_backs_off_as_a_crash_does(tmp_path):
+    # A worker that sent "retire" right after its start was replaced at once, without end:
+    # several restarts a second (found by review)
+    code = (
+        "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "@plugin.tool('x')\ndef x(ctx): raise MemoryError\n"  # (a worker then asks to go)
+    )
+    d = _plugin(tmp_path, code, ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    await rt.start()
+    try:
+        for _ in range(3):  # each call within a second of its worker's start
+            result = await call(rt, "x")
+            assert result["isError"] is True
+        assert rt.failures_in_a_row >= 2
+    finally:
+        await rt.close()

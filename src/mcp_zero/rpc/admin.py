@@ -268,6 +268,9 @@ class AdminApi:
         if view["running"]:  # what of the sandbox held on this host (docs/plugins.md)
             held = getattr(host.runtimes[view["name"]], "sandbox", {})
             view["sandbox"] = {measure: bool(held.get(measure)) for measure in MEASURES}
+        failing = getattr(host.runtimes.get(view["name"]), "failures_in_a_row", 0)
+        if failing:  # (a crash loop: its calls wait for restarts, which back off)
+            view["failures_in_a_row"] = failing
         if starting:
             view["starting"] = True
         if error is not None:

@@ -338,9 +338,20 @@ class ProcessRuntime:
             if w is worker:
                 self._slots[i] = None
                 self._retired.add(worker)
+                # One that asks to be replaced as soon as it starts, again and again, backs
+                # off as a crash loop does (it restarted several times a second)
+                early = time.monotonic() - worker.started_at < _EARLY_DEATH_S
+                self._failures[i] = self._failures[i] + 1 if early else 0
                 if not self._closed:
                     self._restarting()
-                    self._kick(i)
+                    if self._failures[i] <= _EAGER_RESTARTS:
+                        self._kick(i)
+
+    @property
+    def failures_in_a_row(self) -> int:
+        """How many times in a row a worker of this plugin died (or asked to be replaced)
+        soon after it started, or failed to start: 0 for a healthy plugin."""
+        return max(self._failures, default=0)
 
     def _restarting(self) -> None:
         """A worker is being replaced (at once, or by the next call after a crash loop)."""

@@ -604,7 +604,7 @@ class WorkerProcess:
         if self._transport is None:
             return  # its start was cancelled as it spawned: asyncio killed and reaped it
         assert self._exited is not None
-        self.alive = False
+        served, self.alive = self.alive, False
         self.returncode = self._transport.get_returncode()
         if self._stderr_partial:
             self._stderr.append(self._stderr_partial)
@@ -616,9 +616,10 @@ class WorkerProcess:
                 PluginFailure(f"{described} while starting; its stderr: {self._last_words()}")
             )
         calls, self._calls = self._calls, {}
-        if calls:
+        if calls or (served and not self.retiring and self._kill_reason is None):
             # Its stderr goes to the log, not to the callers: agents sharing a worker would
-            # read each other's tracebacks in it.
+            # read each other's tracebacks in it. (Also with no call in flight: a plugin
+            # that dies by itself, in a loop, is seen.)
             self._log.warning("%s; its last stderr: %s", described, self._last_words())
         for call in calls.values():
             for task in call.requests or ():
