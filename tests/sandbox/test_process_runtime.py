@@ -1160,3 +1160,28 @@ async def test_a_worker_asking_to_be_replaced_at_once_backs_off_as_a_crash_does(
         assert rt.failures_in_a_row >= 2
     finally:
         await rt.close()
+
+
+async def test_a_worker_flooding_frames_for_no_call_is_killed(tmp_path, caplog):
+    # An idle plugin whose thread wrote frames for a call that does not exist kept the
+    # server's loop at 100% with no end: no call, so no timeout or kill (found by review)
+    code = (
+        "import gc, threading\nfrom mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "def flood():\n"  # (the worker runs as __main__: found by its class's name)
+        "    worker = next(o for o in gc.get_objects() if type(o).__name__ == 'Worker')\n"
+        "    for _ in range(100_000):\n"
+        "        worker.send({'op': 'progress', 'call': 987654, 'progress': 1})\n"
+        "@plugin.tool('x')\ndef x(ctx):\n"
+        "    threading.Thread(target=flood, daemon=True).start()\n    return 'flooding'\n"
+    )
+    d = _plugin(tmp_path, code, ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    caplog.set_level(logging.WARNING, logger="mcp_zero.sandbox.plugin.broken")
+    await rt.start()
+    try:
+        assert (await call(rt, "x"))["content"][0]["text"] == "flooding"
+        with anyio.fail_after(20):
+            while not any("for no call in flight" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.05)
+    finally:
+        await rt.close()

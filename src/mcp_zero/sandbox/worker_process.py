@@ -42,6 +42,7 @@ _STDERR_TAIL_LINES = 40
 _DECODER_NO_MEMORY = "Not enough memory"
 #: A frame's call: ``{"id":N`` for its answer, ``{"op":"…","call":N`` for what it sends meanwhile.
 _FRAME_HEAD = re.compile(rb'\{"(id|op":"\w+","call)":(\d+)')
+_MAX_STRAYS_PER_S = 1000  # frames for no call in flight a worker may send in a second
 _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in pieces this big
 
 
@@ -191,6 +192,7 @@ class WorkerProcess:
         self._stdout_open = True
         self._process_running = True
         self._kill_reason: str | None = None
+        self._strays: list[float] = [0, 0.0]  # frames for no call, since when (_stray)
         self._ending_tree = False
 
     @property
@@ -440,6 +442,8 @@ class WorkerProcess:
             zombie = self._zombies.pop(call_id, None)
             if zombie is not None:
                 zombie.cancel()  # the abandoned handler did stop: no need to kill
+            else:
+                self._stray()
             self._close_if_retired()
             return
         if not call.future.done():
@@ -450,6 +454,8 @@ class WorkerProcess:
     def _on_notification(self, op: str, frame: JSON) -> None:
         call = self._calls.get(int(frame["call"]))
         if call is None or call.bridge is None:
+            if call is None:
+                self._stray()
             return
         bridge = call.bridge
         if op == "progress":
@@ -464,6 +470,22 @@ class WorkerProcess:
             send = bridge.close_stream
         assert self._loop is not None
         call.chain = self._loop.create_task(self._relay(call.chain, send))
+
+    def _stray(self) -> None:
+        """A frame for no call in flight: one late from an abandoned handler is expected;
+        a stream of them (a plugin thread writing to the protocol pipe while the worker is
+        idle) would keep the server's loop busy with no call, timeout or kill to end it."""
+        now = time.monotonic()
+        if now - self._strays[1] > 1.0:
+            self._strays = [0, now]
+        self._strays[0] += 1
+        if self._strays[0] == _MAX_STRAYS_PER_S + 1:
+            self._log.error(
+                "worker %d sent over %d frames in a second for no call in flight",
+                self.pid,
+                _MAX_STRAYS_PER_S,
+            )
+            self.kill(f"it sent over {_MAX_STRAYS_PER_S} frames a second for no call")
 
     async def _relay(
         self, previous: asyncio.Task[None] | None, send: Callable[[], Awaitable[None]]
