@@ -664,3 +664,27 @@ async def test_plugin_slots_go_to_queued_calls_in_turn_and_a_cancelled_one_passe
     assert second.cancelled()
     slots.give()  # the third call ends
     assert await free_slots(slots) == 1  # nothing lost, nothing made
+
+
+@pytest.mark.slow
+async def test_a_queued_call_that_times_out_says_how_long_it_queued(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # It said it "did not finish within 0.03 s; raise the plugin's timeout_ms", the quota
+    # being 3 s: the rest went to queueing for a slot (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        first = asyncio.ensure_future(
+            call(runtime, ada, "slow_sync", {"seconds": 3}, "first", bridge)
+        )
+        await anyio.sleep(0.3)  # running: the plugin's one slot is taken
+        with anyio.fail_after(TIMEOUT_S), pytest.raises(ToolTimeout) as timed_out:
+            await call(runtime, ada, "slow_sync", {"seconds": 3}, "second", bridge)
+        await first
+    finally:
+        await runtime.aclose()
+    assert "of its 5 s limit, it waited" in timed_out.value.message
+    assert "for one of the plugin's 1 slots" in timed_out.value.message

@@ -877,9 +877,11 @@ class Kernel:
             try:
                 slots = self._plugin_slots(action.plugin, quotas.max_concurrency)
                 t = time.perf_counter()
+                queued = 0.0
                 if not slots.take_free():  # the plugin is busy: queue, within the time limit
                     await _wait_for_slot(slots, timeout, action.plugin, quotas.max_concurrency)
-                    timeout = max(timeout - (time.perf_counter() - t), 0.001)
+                    queued = time.perf_counter() - t
+                    timeout = max(timeout - queued, 0.001)
                     try:  # replaced or removed meanwhile? then the new code, or the error
                         runtime = self.plugins.runtime(action.plugin)
                     except BaseException:
@@ -891,6 +893,14 @@ class Kernel:
                     if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)
                     result = await run(runtime, timeout, slot)
+                except ToolTimeout as exc:
+                    if queued:  # (it ran for what its queueing left of the limit)
+                        exc.message += (
+                            f" (of its {timeout + queued:g} s limit, it waited {queued:.2f} s "
+                            f"for one of the plugin's {quotas.max_concurrency} slots)"
+                        )
+                        exc.args = (exc.message,)
+                    raise
                 finally:
                     slot.close()
                     sandbox_s = time.perf_counter() - t
