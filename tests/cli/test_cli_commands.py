@@ -110,7 +110,7 @@ def test_a_plugin_module_named_like_a_stdlib_or_worker_module_is_refused_at_inst
         f"worker one would hide the other; rename the plugin's module (e.g. to "
         f"plugin_{module}.py) and its entry\n"
     )
-    assert as_json(data_dir, "plugin", "list") == []
+    assert not data_dir.exists()  # (refused on a new data dir: none is left)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def test_a_manifest_the_server_could_not_serve_is_refused_at_install(
     refused = run(data_dir, "plugin", "install", str(source), ok=False)
     assert refused.exit_code == 1
     assert refused.stderr == f"mcp0: error: {error}\n"
-    assert as_json(data_dir, "plugin", "list") == []
+    assert not data_dir.exists()  # (refused on a new data dir: none is left)
 
 
 def test_nan_in_a_manifest_is_refused_so_plugin_show_prints_json(
@@ -198,7 +198,7 @@ def test_a_fifo_or_socket_in_a_plugin_is_one_clear_error(
         f"mcp0: error: cache/feed in {source} is {kind}: a plugin directory may hold only "
         "regular files and directories; remove it, or move it out of the plugin\n"
     )
-    assert as_json(data_dir, "plugin", "list") == []
+    assert not data_dir.exists()  # (refused on a new data dir: none is left)
     assert not (data_dir / "plugins" / "clash").exists()  # refused before anything was copied
 
 
@@ -1005,3 +1005,25 @@ def test_a_rotation_killed_after_its_record_is_put_in_force(data_dir: Path) -> N
     run(data_dir, "admin", "rotate-token")
     assert token_file.read_text() != new
     assert len(_token_records(data_dir)) == 2
+
+
+def test_a_setting_up_command_that_fails_leaves_no_data_dir_behind(tmp_path: Path) -> None:
+    # It laid out a whole data dir (keys, token, store) and marked its first start done: the
+    # first `mcp0 serve` there then installed no example and printed no token (found by
+    # review)
+    bad_manifest = tmp_path / "bad"
+    bad_manifest.mkdir()
+    (bad_manifest / "plugin.json").write_text("{not json")
+    for command in (("agent", "create", "bad_name!"), ("plugin", "install", str(bad_manifest))):
+        fresh = tmp_path / "fresh"
+        assert run(fresh, *command, ok=False).exit_code == 1, command
+        assert not fresh.exists(), command
+    # in a directory that was there, what it made stays, but the first start is serve's
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert run(mine, "agent", "create", "bad_name!", ok=False).exit_code == 1
+    runtime = Runtime(load_settings(None, {"data_dir": mine}, environ={}))
+    try:
+        assert not runtime.store.first_start_done()
+    finally:
+        runtime.close()

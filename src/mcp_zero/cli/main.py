@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -113,14 +114,20 @@ def _runtime(
     from mcp_zero.runtime import Runtime
 
     settings = _settings(config_file, data_dir)
+    existed = settings.data_dir.exists()
     runtime = Runtime(settings if create else _existing(settings))
     try:
-        if runtime.created:
-            # laid out by this command, not by `mcp0 serve`: a later serve installs no examples
-            runtime.store.finish_first_start()
         yield runtime
-    finally:
+    except BaseException:
         runtime.close()
+        if runtime.created and not existed:
+            # (a failed command, a mistyped --data-dir: nothing of it is left behind)
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+        raise
+    if runtime.created:
+        # laid out by this command, not by `mcp0 serve`: a later serve installs no examples
+        runtime.store.finish_first_start()
+    runtime.close()
 
 
 class _UsageError(click.UsageError):
