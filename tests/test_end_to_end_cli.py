@@ -727,17 +727,34 @@ def test_calls_still_running_after_the_shutdown_grace_are_answered_and_audited(
         token = sleepy_agent(server)
         assert server.proc is not None
         proc = server.proc
-        answers = asyncio.run(nap_calls(server.url, token, 1.4, 2, proc.terminate))
+        admin = {"Authorization": f"Bearer {(server.data_dir / 'admin.token').read_text().strip()}"}
+
+        async def calls_and_an_execute() -> tuple[list[Any], httpx2.Response]:
+            # (the admin API's execute too: it got no answer at all, found by review)
+            async with httpx2.AsyncClient(headers=admin, timeout=CLIENT_TIMEOUT_S) as http:
+                body = {"tool": "faulty_nap", "arguments": {"seconds": 1.4}}
+                executing = asyncio.ensure_future(
+                    http.post(
+                        f"{server.base}/api/v1/agents/sleepy/execute",
+                        json={**body, "request_id": "term-admin"},
+                    )
+                )
+                answers = await nap_calls(server.url, token, 1.4, 2, proc.terminate)
+                return answers, await executing
+
+        answers, executed = asyncio.run(calls_and_an_execute())
         assert proc.wait(timeout=15) == 0, server.output()
     finally:
         server.stop()
-    assert "stopping: 2 request(s) still running after 0.3 s are cut off" in server.output()
+    assert "stopping: 3 request(s) still running after 0.3 s are cut off" in server.output()
     for status, reply in answers:  # an answer the client can act on, not a dropped connection
         assert status == 200, reply
         assert reply["error"]["code"] == SERVER_STOPPING, reply
         assert "shutting down" in reply["error"]["message"]
+    assert executed.status_code == 503, executed.text
+    assert executed.json()["error"]["code"] == "server_stopping"
     naps = [r for r in audit_records(server.data_dir) if r.get("resource") == "faulty_nap"]
-    assert sorted(r["request_id"] for r in naps) == ["term-0", "term-1"]
+    assert sorted(r["request_id"] for r in naps) == ["term-0", "term-1", "term-admin"]
     assert {(r["outcome"], r["code"]) for r in naps} == {("error", "cancelled")}
 
 

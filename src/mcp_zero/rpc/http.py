@@ -29,6 +29,7 @@ from mcp_zero.errors import (
     METHOD_NOT_FOUND,
     MISSING_CLIENT_CAPABILITY,
     PARSE_ERROR,
+    SHUTTING_DOWN,
     UNSUPPORTED_PROTOCOL_VERSION,
     InvalidRequest,
     Unauthorized,
@@ -477,13 +478,23 @@ class HttpApp:
             if error is not None:
                 await respond_json(send, error.http_status, {"error": error.to_dict()})
                 return
-            status, payload = await self.admin.handle(
-                method,
-                path[len("/api/v1") :],
-                header(scope, b"authorization"),
-                body,
-                scope.get("query_string", b"").decode(),
-            )
+            try:
+                status, payload = await self.admin.handle(
+                    method,
+                    path[len("/api/v1") :],
+                    header(scope, b"authorization"),
+                    body,
+                    scope.get("query_string", b"").decode(),
+                )
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or not task.cancelling() or exc.args != (SHUTTING_DOWN,):
+                    raise
+                # Cut off by a stopping server after its grace period: an answer to retry
+                # on, as an MCP call gets, not a connection closed with none
+                task.uncancel()
+                message = "the server is shutting down and stopped this request; retry it"
+                status, payload = 503, {"error": {"code": "server_stopping", "message": message}}
             await respond_json(send, status, payload, CHALLENGE if status == 401 else [])
         else:
             await respond_json(
