@@ -262,6 +262,14 @@ async def test_an_audit_before_obligation_records_a_call_durably_before_it_runs(
     first, outcome = records(started, "i1")
     assert first == intent
     assert outcome["outcome"] == "allowed"
+    # it names its intent: request ids are the clients', reused by every session
+    [intent_seq] = [
+        e.seq
+        for e in started.store.read_audit(0, 100_000)
+        if orjson.loads(e.body).get("request_id") == "i1"
+        and orjson.loads(e.body)["outcome"] == "intent"
+    ]
+    assert outcome["intent_seq"] == intent_seq
     assert outcome["obligations"] == ["audit:before", "redact:secret"]
     # a call denied never gets one: the obligation is an allow's
     with pytest.raises(PolicyDenied):

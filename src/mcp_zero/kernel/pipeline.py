@@ -868,7 +868,10 @@ class Kernel:
             redacting = decision.redact
             if decision.audit_before:  # an obligation: recorded, durably, before it can act
                 event["obligations"] = ["audit:before"]
-                await self.audit.submit({**event, "outcome": INTENT})
+                intent = await self.audit.submit({**event, "outcome": INTENT})
+                # the action's own record names its intent: a request_id is the client's,
+                # and every session of every client reuses them
+                event["intent_seq"] = intent.seq
             assert action.plugin is not None
             runtime = self.plugins.runtime(action.plugin)
             quotas = self.plugins.manifests[action.plugin].quotas
