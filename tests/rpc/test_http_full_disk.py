@@ -12,7 +12,7 @@ import pytest
 from rpc_live import FAULTY_DIR, error_of, make_runtime, serve
 
 from mcp_zero.audit.chain import verify_store
-from mcp_zero.errors import STORAGE_FAILURE
+from mcp_zero.errors import STORAGE_FAILURE, StorageError
 from mcp_zero.runtime import Runtime
 from mcp_zero.storage.sqlite import SqliteStore
 
@@ -128,3 +128,30 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
         assert not pidfile.exists()  # the plugin did not act
         async with httpx2.AsyncClient() as http:
             assert (await http.get(f"{live.base}/readyz")).status_code == 503
+
+
+async def test_an_admin_change_the_full_store_refuses_makes_calls_refused_too(
+    tmp_path: Path,
+) -> None:
+    # A spawn whose commit failed for want of room did not mark the log failing: the next
+    # call still reached its plugin (found by review)
+    data = tmp_path / "data"
+    runtime, token = await small_store(data)
+    async with serve(runtime) as live:
+        client = live.client(token)
+        bump = {"name": "faulty_bump", "arguments": {}}
+        assert "bumped to 1" in str(await client.request("tools/call", bump))
+        with anyio.fail_after(120), pytest.raises(StorageError):
+            for i in range(100_000):  # admin changes only, until one does not fit
+                await runtime.agents.spawn(f"filler-{i}", ["faulty"], {"pad": "x" * 2000})
+        assert not runtime.audit.writable()
+        refused = await client.request("tools/call", bump)
+        assert error_of(refused)["code"] == STORAGE_FAILURE
+        # Room again: the refused call never reached the plugin, this is its second run
+        runtime.store._max_size_bytes = 64 << 20
+        for conn in (runtime.store._audit_conn, runtime.store._conn):
+            conn.execute("PRAGMA max_page_count = 1000000")
+        with anyio.fail_after(10):
+            while not runtime.audit.writable():
+                await anyio.sleep(0.1)
+        assert "bumped to 2" in str(await client.request("tools/call", bump))

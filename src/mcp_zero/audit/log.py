@@ -288,8 +288,17 @@ class AuditLog:
             results[:] = [self._store.append_audit_with(change, entries_for)]
             return sealed
 
-        # (a failure is the change's own or the store's: the next batch tells the latter)
-        self._write_chained(write)
+        try:
+            self._write_chained(write)
+        except StorageError:
+            # the store's failure, not the change's (a refused change raises its own): a
+            # full store refuses calls from now on, before their plugins run, as a failed
+            # batch makes it
+            if not self._store.has_room(ROOM_BYTES):
+                with self._lock:
+                    self.stats.failing = True
+                    self._room_checked = time.monotonic()
+            raise
         with self._lock:  # (also the loop's thread counts)
             self.stats.batches += 1
             self.stats.events += 1
