@@ -141,9 +141,13 @@ async def test_an_admin_change_the_full_store_refuses_makes_calls_refused_too(
         client = live.client(token)
         bump = {"name": "faulty_bump", "arguments": {}}
         assert "bumped to 1" in str(await client.request("tools/call", bump))
-        with anyio.fail_after(120), pytest.raises(StorageError):
-            for i in range(100_000):  # admin changes only, until one does not fit
+
+        async def fill() -> None:  # admin changes only, until one does not fit
+            for i in range(100_000):
                 await runtime.agents.spawn(f"filler-{i}", ["faulty"], {"pad": "x" * 2000})
+
+        with anyio.fail_after(120), pytest.raises(StorageError):
+            await fill()
         assert not runtime.audit.writable()
         refused = await client.request("tools/call", bump)
         assert error_of(refused)["code"] == STORAGE_FAILURE
