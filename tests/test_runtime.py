@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcp_zero.audit.chain import GENESIS
 from mcp_zero.config import load_settings
-from mcp_zero.errors import ManifestError, PolicyDenied
+from mcp_zero.errors import ManifestError, PolicyDenied, StorageError
 from mcp_zero.kernel.action import Outcome
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
 from mcp_zero.kernel.admin_token import (
@@ -561,3 +561,32 @@ def test_a_hidden_data_dir_inside_the_plugin_directory_is_left_out_of_its_copy(
         assert not list(copy.rglob("admin.token"))
     finally:
         runtime.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_an_admin_token_change_the_log_could_not_record_is_recorded_later(
+    tmp_path: Path,
+) -> None:
+    # Taken up, then its record failed (a full disk): no later poll saw a change, so it was
+    # never recorded (found by review). It is tried again at each poll until it is.
+    def changes(runtime: Runtime) -> list[dict[str, Any]]:
+        bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
+        return [b for b in bodies if b["verb"] == CHANGE_ADMIN_TOKEN]
+
+    async with started(tmp_path / "data") as runtime:
+        runtime.settings.admin_token_path.write_text("mcp0_written-by-hand\n")
+        writer = sqlite3.connect(runtime.settings.db_path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # past the store's busy timeout
+            with pytest.raises(StorageError):
+                await runtime._refresh_admin_token_and_audit()
+        finally:
+            writer.close()
+        assert runtime.admin_token_hash == hash_token("mcp0_written-by-hand")  # in force
+        assert changes(runtime) == []
+        await runtime._refresh_admin_token_and_audit()  # the next poll: nothing changed since
+        [recorded] = changes(runtime)
+        assert recorded["outcome"] == "allowed"
+        await runtime._refresh_admin_token_and_audit()
+        assert len(changes(runtime)) == 1  # once

@@ -148,6 +148,7 @@ class Runtime:
         finish_admin_token_rotations(settings.admin_token_path, self.store)
         head = self.store.audit_head()
         self._admin_token_since = head.seq if head is not None else 0  # when it was taken up
+        self._admin_token_unrecorded: int | None = None  # (_refresh_admin_token_and_audit)
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
@@ -352,28 +353,34 @@ class Runtime:
                 log.exception("taking up the admin token file failed; looking again later")
 
     async def _refresh_admin_token_and_audit(self) -> None:
-        since = self._admin_token_since
+        # the log's position before a change taken up whose record could not be written yet
+        # (a full disk): tried again at each poll until it is
+        pending = self._admin_token_unrecorded
         # with no rotation between its record and its rename: else the position taken would
         # pass a record whose token is not in the file yet, and it would be recorded twice
         with rotations_held_off(self.settings.admin_token_path) as held_off:
             if not held_off:
                 return  # a rotation is under way: look again at the next poll
             head = self.store.audit_head()
-            if not self.refresh_admin_token():
-                return
-        self._admin_token_since = head.seq if head is not None else 0
+            changed = self.refresh_admin_token()
+        if not changed and pending is None:
+            return
+        since = self._admin_token_since if pending is None else pending
+        if changed:
+            self._admin_token_since = head.seq if head is not None else 0
+        self._admin_token_unrecorded = since
         token = self._admin_token
         # a rotation (mcp0 admin rotate-token) recorded the change before putting it in force
-        if token is not None and await asyncio.to_thread(
+        if token is None or not await asyncio.to_thread(
             rotation_recorded, self.store, token, since
         ):
-            return
-        await self._audit_file_change(
-            CHANGE_ADMIN_TOKEN,
-            self.settings.admin_token_path.name,
-            Outcome.ALLOWED if token is not None else Outcome.ERROR,
-            {} if token is not None else {"code": "no_admin_token"},
-        )
+            await self._audit_file_change(
+                CHANGE_ADMIN_TOKEN,
+                self.settings.admin_token_path.name,
+                Outcome.ALLOWED if token is not None else Outcome.ERROR,
+                {} if token is not None else {"code": "no_admin_token"},
+            )
+        self._admin_token_unrecorded = None
 
     async def refresh_policies(self) -> bool:
         """Put changed policy files in force, or keep the old set if they do not load; the
