@@ -31,7 +31,7 @@ from rpc_live import (
     text_of,
 )
 
-from mcp_zero.errors import UNSUPPORTED_PROTOCOL_VERSION
+from mcp_zero.errors import HEADER_MISMATCH, UNSUPPORTED_PROTOCOL_VERSION
 from mcp_zero.rpc.http import SSE_KEEPALIVE_S
 
 pytestmark = pytest.mark.anyio
@@ -697,3 +697,20 @@ async def test_an_accept_sent_on_two_lines_is_read_as_one_list(env: Env) -> None
         answer = await http.post(env.live.url, content=ping, headers=headers)
     assert answer.status_code == 200, answer.text
     assert answer.json()["id"] == "two-lines"
+
+
+async def test_a_2025_header_on_a_2026_request_without_a_session_is_a_header_mismatch(
+    env: Env,
+) -> None:
+    # It got HTTP 200 and "this session was opened with initialize", with no session at
+    # all (found by review): the header and the body disagree on the revision
+    client = env.live.client(env.token)
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    request = {"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {"_meta": envelope}}
+    answer = await client.post(request, **{"MCP-Protocol-Version": "2025-11-25"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == HEADER_MISMATCH
+    assert answer.json()["id"] == 7

@@ -31,6 +31,7 @@ from mcp_zero.errors import (
     PARSE_ERROR,
     SHUTTING_DOWN,
     UNSUPPORTED_PROTOCOL_VERSION,
+    HeaderMismatch,
     InvalidRequest,
     Unauthorized,
 )
@@ -590,6 +591,17 @@ class HttpApp:
             and has_envelope(message.params)
         ):
             await self._post_stateless(scope, receive, send, principal, message, version)
+            return
+        if (
+            session_id is None
+            and isinstance(message, jsonrpc.Request)
+            and has_envelope(message.params)  # (a 2025 header on a 2026-07-28 request)
+        ):
+            mismatch = HeaderMismatch(
+                f"the MCP-Protocol-Version header says {version}, but the request carries "
+                "MCP 2026-07-28's envelope (params._meta protocolVersion)"
+            )
+            await respond_json(send, 400, jsonrpc.error_from_exception(message.id, mismatch))
             return
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
             if isinstance(message.params.get("protocolVersion"), str):
