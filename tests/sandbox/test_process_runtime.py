@@ -1166,8 +1166,9 @@ async def test_a_worker_flooding_frames_for_no_call_is_killed(tmp_path, caplog):
     # An idle plugin whose thread wrote frames for a call that does not exist kept the
     # server's loop at 100% with no end: no call, so no timeout or kill (found by review)
     code = (
-        "import gc, threading\nfrom mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "import gc, threading, time\nfrom mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
         "def flood():\n"  # (the worker runs as __main__: found by its class's name)
+        "    time.sleep(0.5)\n"  # (once the call was answered: the worker is idle)
         "    worker = next(o for o in gc.get_objects() if type(o).__name__ == 'Worker')\n"
         "    for _ in range(100_000):\n"
         "        worker.send({'op': 'progress', 'call': 987654, 'progress': 1})\n"
