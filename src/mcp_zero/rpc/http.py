@@ -149,11 +149,10 @@ def _unreadable_post(scope: Scope) -> tuple[int, str] | None:
     """The status (415, 406) and reason when a POST to /mcp is not sent as MCP's streamable
     HTTP transport asks (one JSON message; answers as JSON or an SSE stream); else None."""
     headers = headers_of(scope)
-    sent = (
-        headers.get(b"content-type"),
-        headers.get(b"content-encoding"),
-        list_field(scope, b"accept"),
-    )
+    accept = headers.get(b"accept")
+    if accept is not None and len(headers) != len(scope["headers"]):  # (a field came twice)
+        accept = list_field(scope, b"accept")
+    sent = (headers.get(b"content-type"), headers.get(b"content-encoding"), accept)
     try:
         return _media_verdicts[sent]
     except KeyError:
@@ -526,10 +525,7 @@ class HttpApp:
         return self.runtime.agents.authenticate(token)
 
     def _authenticate(self, scope: Scope) -> Principal:
-        """:meth:`_principal`, or the one :meth:`vet_body` found; a refusal is counted."""
-        principal: Principal | None = scope.get("mcp0.principal")
-        if principal is not None:
-            return principal
+        """:meth:`_principal`; a refusal is counted."""
         try:
             principal = self._principal(scope)
         except Unauthorized:
@@ -563,7 +559,8 @@ class HttpApp:
             await respond_json(send, 413, jsonrpc.error_from_exception(None, error))
             return
         try:
-            principal = self._authenticate(scope)
+            # (found as its head came, by vet_body, for a request with a body)
+            principal = scope.get("mcp0.principal") or self._authenticate(scope)
         except Unauthorized as exc:
             await respond_json(
                 send,

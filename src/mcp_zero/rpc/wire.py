@@ -278,6 +278,7 @@ class _Connection(asyncio.Protocol):
         request.keep_alive = self.parser.should_keep_alive()
         request.http10 = self.parser.get_http_version() == "1.0"
         hosts = 0
+        sized = False  # a Content-Length other than 0
         codings: bytes | None = None  # the Transfer-Encoding headers' values, joined
         expects = False
         once: set[bytes] = set()  # the fields that may come once, as they came
@@ -291,6 +292,8 @@ class _Connection(asyncio.Protocol):
                 hosts += 1
             elif name == b"transfer-encoding":
                 codings = value if codings is None else codings + b"," + value
+            elif name == b"content-length":
+                sized = value != b"0"
             elif name == b"expect" and value.lower() == b"100-continue":
                 expects = True
         # RFC 9112 3.2: exactly one Host in HTTP/1.1 (at most one before), else 400.
@@ -307,7 +310,7 @@ class _Connection(asyncio.Protocol):
             self.refuse(501, b"only the chunked transfer coding is supported")
             return
         vet = self.server.vet_body
-        if vet is not None and self._has_body():
+        if vet is not None and (sized or codings is not None):
             # whether its body is worth keeping, from its head: one without the credentials
             # it needs is answered from its headers, its body parsed and dropped (else a
             # client without a token has the server hold max_body_bytes per connection)
