@@ -3,25 +3,41 @@ chain goes on once there is room again."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
 import orjson
 import pytest
-from rpc_live import FAULTY_DIR, error_of, make_runtime, serve
+from rpc_live import FAULTY_DIR, LiveServer, McpHttp, error_of, make_runtime, serve
 
 from mcp_zero.audit.chain import verify_store
 from mcp_zero.errors import STORAGE_FAILURE, StorageError
 from mcp_zero.runtime import Runtime
 from mcp_zero.storage.sqlite import SqliteStore
 
+JSON = dict[str, Any]
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def bumped_once(data: Path) -> AsyncIterator[tuple[Runtime, LiveServer, McpHttp, JSON]]:
+    """:func:`small_store` served, its faulty_bump called once (it counts its runs): the
+    runtime, the server, the agent's client and the bump call's params."""
+    runtime, token = await small_store(data)
+    async with serve(runtime) as live:
+        client = live.client(token)
+        bump = {"name": "faulty_bump", "arguments": {}}
+        assert "bumped to 1" in str(await client.request("tools/call", bump))
+        yield runtime, live, client, bump
 
 
 async def small_store(data: Path) -> tuple[Runtime, str]:
@@ -85,11 +101,7 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
     # A call whose record cannot be kept must not run: after the first failed commit, the
     # plugin is not reached (faulty_bump counts its runs) until the store has room again.
     data = tmp_path / "data"
-    runtime, token = await small_store(data)
-    async with serve(runtime) as live:
-        client = live.client(token)
-        bump = {"name": "faulty_bump", "arguments": {}}
-        assert "bumped to 1" in str(await client.request("tools/call", bump))
+    async with bumped_once(data) as (runtime, live, client, bump):
         with anyio.fail_after(120):
             for i in range(100_000):
                 echo = {"name": "faulty_echo", "arguments": {"text": "x" * 200 + str(i)}}
@@ -123,7 +135,7 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
     async with serve(again) as live:
         pidfile = tmp_path / "ran.pid"
         start = {"name": "faulty_daemon", "arguments": {"pidfile": str(pidfile), "then": "return"}}
-        refused = await live.client(token).request("tools/call", start)
+        refused = await live.client(client.token).request("tools/call", start)
         assert error_of(refused)["code"] == STORAGE_FAILURE
         assert not pidfile.exists()  # the plugin did not act
         async with httpx2.AsyncClient() as http:
@@ -135,12 +147,7 @@ async def test_an_admin_change_the_full_store_refuses_makes_calls_refused_too(
 ) -> None:
     # A spawn whose commit failed for want of room did not mark the log failing: the next
     # call still reached its plugin (found by review)
-    data = tmp_path / "data"
-    runtime, token = await small_store(data)
-    async with serve(runtime) as live:
-        client = live.client(token)
-        bump = {"name": "faulty_bump", "arguments": {}}
-        assert "bumped to 1" in str(await client.request("tools/call", bump))
+    async with bumped_once(tmp_path / "data") as (runtime, _, client, bump):
 
         async def fill() -> None:  # admin changes only, until one does not fit
             for i in range(100_000):

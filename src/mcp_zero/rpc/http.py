@@ -221,6 +221,18 @@ def _stateless(version: str | None) -> bool:
     return version is not None and version not in HEADER_VERSIONS
 
 
+async def _unknown_session(send: Send, request_id: Any) -> None:
+    """404 for a session id that names no session of the principal's (expired, ended, or
+    another agent's): the client initializes a new one."""
+    await respond_json(
+        send,
+        404,
+        jsonrpc.error_message(
+            request_id, -32001, "unknown or expired session: initialize a new one"
+        ),
+    )
+
+
 def _owns(session: Session, principal: Principal) -> bool:
     """Whether ``principal`` may use ``session``: the same agent, and token-less callers
     (--anonymous-agent) never a token holder's session, nor the other way round."""
@@ -619,15 +631,7 @@ class HttpApp:
         elif session_id is not None:
             found = self.sessions.get(session_id)
             if found is None or not _owns(found, principal):
-                await respond_json(
-                    send,
-                    404,
-                    jsonrpc.error_message(
-                        getattr(message, "id", None),
-                        -32001,
-                        "unknown or expired session: initialize a new one",
-                    ),
-                )
+                await _unknown_session(send, getattr(message, "id", None))
                 return
             session = found
             session.last_seen = time.monotonic()  # a notification or an answer counts too
@@ -865,13 +869,7 @@ class HttpApp:
             return None
         session = self.sessions.get(session_id)
         if session is None or not _owns(session, principal):
-            await respond_json(
-                send,
-                404,
-                jsonrpc.error_message(
-                    None, -32001, "unknown or expired session: initialize a new one"
-                ),
-            )
+            await _unknown_session(send, None)
             return None
         return session
 
