@@ -38,6 +38,13 @@ from __future__ import annotations
 
 from typing import Any
 
+
+def shown(value: str) -> str:
+    """``value`` as a message shows it: whole when short, its start when long (a name or
+    an id a client sent, which may be any size)."""
+    return repr(value) if len(value) <= 80 else f"{value[:64]!r}… ({len(value)} characters)"
+
+
 # JSON-RPC 2.0 standard codes.
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600

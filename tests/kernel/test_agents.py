@@ -157,6 +157,23 @@ async def test_snapshot_and_recover_restore_plugins_state_and_token(runtime: Run
         await runtime.agents.recover("snap_nothing")
 
 
+async def test_unknown_names_and_ids_a_client_sent_are_not_echoed_whole(runtime: Runtime) -> None:
+    # A 60,000-character snapshot id or agent name came back whole in the 404's message
+    # (found by review): a long one is shown by its start and its length
+    long = "x" * 60_000
+    await runtime.agents.spawn("eve", [])
+    attempts = [
+        (lambda: runtime.agents.recover(long), SnapshotNotFound),
+        (lambda: runtime.agents.snapshot(long), AgentNotFound),
+        (lambda: runtime.agents.attach("eve", long), PluginNotFound),
+    ]
+    for attempt, raised in attempts:
+        with pytest.raises(raised) as caught:
+            await attempt()
+        assert len(str(caught.value)) < 200
+        assert "(60000 characters)" in str(caught.value)
+
+
 async def test_removing_a_plugin_detaches_it_so_a_namesake_is_attached_to_no_one(
     runtime: Runtime,
 ) -> None:

@@ -590,8 +590,8 @@ def locked(slots: PluginSlots) -> bool:
 
 async def test_a_slot_is_free_while_questions_are_open_and_taken_again_after_the_last() -> None:
     slots = PluginSlots(1)
-    await slots.take()
-    slot = PluginSlot(slots)
+    await slots.take("ada")
+    slot = PluginSlot(slots, "ada")
     slot.client_wait_started()
     slot.client_wait_started()  # two questions at once (asyncio.gather)
     assert not locked(slots)
@@ -607,10 +607,10 @@ async def test_a_slot_is_free_while_questions_are_open_and_taken_again_after_the
 
 async def test_an_answered_call_queues_for_its_slot_and_leaks_none_when_it_ends() -> None:
     slots = PluginSlots(1)
-    await slots.take()
-    slot = PluginSlot(slots)
+    await slots.take("ada")
+    slot = PluginSlot(slots, "ada")
     slot.client_wait_started()
-    await slots.take()  # another call takes the free slot
+    await slots.take("bob")  # another call takes the free slot
     regain = asyncio.ensure_future(slot.client_wait_ended())
     await asyncio.sleep(0)
     assert not regain.done()  # queued behind the running call
@@ -623,10 +623,10 @@ async def test_an_answered_call_queues_for_its_slot_and_leaks_none_when_it_ends(
 
 async def test_a_call_that_asks_again_while_it_queues_for_its_slot_does_not_keep_it() -> None:
     slots = PluginSlots(1)
-    await slots.take()
-    slot = PluginSlot(slots)
+    await slots.take("ada")
+    slot = PluginSlot(slots, "ada")
     slot.client_wait_started()
-    await slots.take()
+    await slots.take("ada")
     regain = asyncio.ensure_future(slot.client_wait_ended())
     await asyncio.sleep(0)
     slot.client_wait_started()  # a second question while the first answer queues
@@ -646,7 +646,7 @@ async def test_plugin_slots_go_to_queued_calls_in_turn_and_a_cancelled_one_passe
     order: list[str] = []
 
     async def call(name: str) -> None:
-        await slots.take()
+        await slots.take("ada")
         order.append(name)
 
     first = asyncio.ensure_future(call("first"))
@@ -664,6 +664,53 @@ async def test_plugin_slots_go_to_queued_calls_in_turn_and_a_cancelled_one_passe
     assert second.cancelled()
     slots.give()  # the third call ends
     assert await free_slots(slots) == 1  # nothing lost, nothing made
+
+
+async def test_agents_queuing_for_a_busy_plugin_take_turns() -> None:
+    # One agent kept 16 calls queued on a 2-slot plugin and another agent's calls waited
+    # behind all of them, out to their time limit (found by review): slots go round the
+    # agents that queue, each agent's own calls in order
+    slots = PluginSlots(1)
+    assert slots.take_free()
+    order: list[str] = []
+
+    async def call(agent: str, name: str) -> None:
+        await slots.take(agent)
+        order.append(name)
+        slots.give()
+
+    calls = [asyncio.ensure_future(call("hog", f"hog{i}")) for i in range(4)]
+    await asyncio.sleep(0)
+    calls.append(asyncio.ensure_future(call("bob", "bob0")))
+    calls.append(asyncio.ensure_future(call("bob", "bob1")))
+    await asyncio.sleep(0)
+    slots.give()
+    with anyio.fail_after(5):
+        await asyncio.gather(*calls)
+    assert order == ["hog0", "bob0", "hog1", "bob1", "hog2", "hog3"]
+    assert await free_slots(slots) == 1
+
+
+async def test_a_cancelled_call_leaves_its_agents_turn_to_the_next_agent() -> None:
+    slots = PluginSlots(1)
+    assert slots.take_free()
+    order: list[str] = []
+
+    async def call(agent: str) -> None:
+        await slots.take(agent)
+        order.append(agent)
+
+    ada = asyncio.ensure_future(call("ada"))
+    bob = asyncio.ensure_future(call("bob"))
+    await asyncio.sleep(0)
+    ada.cancel()  # its agent queues no more: not met, not counted
+    await asyncio.sleep(0)
+    slots.give()
+    with anyio.fail_after(5):
+        await bob
+    assert order == ["bob"]
+    slots.give()
+    assert await free_slots(slots) == 1
 
 
 @pytest.mark.slow

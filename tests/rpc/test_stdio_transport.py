@@ -515,6 +515,34 @@ async def test_mcp0_serve_stdio_for_an_unknown_agent_fails_with_one_line(tmp_pat
     assert done.stderr.count(b"\n") == 1
 
 
+async def test_mcp0_serve_stdio_refuses_a_token_of_another_agent_than_agent(
+    tmp_path: Path,
+) -> None:
+    # With --agent and MCP0_TOKEN both set, the token was ignored, even a wrong one, and
+    # the session ran as --agent's (found by review): the two must name the same agent
+    data_dir = str(tmp_path / "d")
+    tokens = {}
+    for name in ("alice", "bob"):
+        created = await anyio.run_process(
+            [MCP0, "agent", "create", name, "--data-dir", data_dir, "--json"]
+        )
+        tokens[name] = orjson.loads(created.stdout)["token"]
+    ping = b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n'
+    command = [MCP0, "serve", "--stdio", "--agent", "bob", "--data-dir", data_dir]
+    for token in (tokens["alice"], "mcp0_not-a-token"):
+        done = await anyio.run_process(
+            command, input=ping, check=False, env={**os.environ, "MCP0_TOKEN": token}
+        )
+        assert done.returncode != 0
+        assert done.stdout == b""
+        assert done.stderr.count(b"\n") == 1
+    same = await anyio.run_process(
+        command, input=ping, check=False, env={**os.environ, "MCP0_TOKEN": tokens["bob"]}
+    )
+    assert same.returncode == 0, same.stderr
+    assert orjson.loads(same.stdout.splitlines()[0])["result"] == {}
+
+
 async def test_a_client_closing_stdout_ends_the_session_cleanly(tmp_path: Path) -> None:
     runtime = make_runtime(tmp_path / "data")
     runtime.plugins.install(FAULTY_DIR)

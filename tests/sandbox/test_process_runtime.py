@@ -323,6 +323,27 @@ async def test_cancelled_async_handler_keeps_the_worker(make_runtime):
         assert (await call(rt, "whoami"))["structuredContent"]["pid"] == pid
 
 
+async def test_a_call_cancelled_before_its_handler_started_is_answered(make_runtime):
+    # A call_tool frame and its cancel frame read at once: the task was cancelled before
+    # its first step, its handler never ran, nothing answered, and the worker was killed
+    # as ignoring the cancel, failing every other call on it (found by review)
+    rt = await make_runtime(cancel_grace=1.0)
+    pid = rt.pids[0]
+
+    async def frozen() -> None:
+        result = await call(rt, "freeze_loop", {"seconds": 0.4})
+        assert result["content"][0]["text"] == "thawed"
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(frozen)
+            await anyio.sleep(0.05)  # the worker's loop is blocked: frames wait unread
+            with pytest.raises(ToolTimeout):
+                await call(rt, "hang_async", timeout=0.05)  # and its cancel, behind it
+        await anyio.sleep(1.2)  # past the grace
+        assert (await call(rt, "whoami"))["structuredContent"]["pid"] == pid
+
+
 async def test_plugin_output_does_not_corrupt_the_protocol(make_runtime, caplog):
     caplog.set_level(logging.INFO, logger="mcp_zero.sandbox.plugin.kit")
     rt = await make_runtime()

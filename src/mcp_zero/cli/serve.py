@@ -220,6 +220,12 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     try:
         if agent:
             principal = runtime.agents.principal(agent)
+            # both: the token must be that agent's (it was ignored, even a wrong one)
+            if token and runtime.agents.authenticate(token).agent != principal.agent:
+                raise Unauthorized(
+                    f"the token in MCP0_TOKEN is not agent {agent!r}'s: give --agent "
+                    "(or MCP0_AGENT) or the agent's token, or both of the same agent"
+                )
         elif token:
             principal = runtime.agents.authenticate(token)
         else:

@@ -25,6 +25,7 @@ from mcp_zero.errors import (
     PolicyDenied,
     SnapshotNotFound,
     Unauthorized,
+    shown,
 )
 from mcp_zero.kernel.action import Outcome, Principal, Verb
 from mcp_zero.kernel.admin import admin_denial, admin_event
@@ -79,9 +80,8 @@ def agent_view(agent: AgentRecord) -> JSON:
 
 def check_name(name: str, what: str = "agent") -> str:
     if not _NAME.match(name):
-        shown = repr(name) if len(name) <= 80 else f"{name[:64]!r}… ({len(name)} characters)"
         raise InvalidParams(
-            f"invalid {what} name {shown}: use 1-64 letters, digits, '_', '.', '-', "
+            f"invalid {what} name {shown(name)}: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
         )
     return name
@@ -91,7 +91,7 @@ def require_agent(store: Store, name: str) -> AgentRecord:
     """Agent ``name`` from ``store``. Raises AgentNotFound."""
     agent = store.get_agent(name)
     if agent is None:
-        raise AgentNotFound(f"no agent named {name!r}: 'mcp0 agent list' shows them")
+        raise AgentNotFound(f"no agent named {shown(name)}: 'mcp0 agent list' shows them")
     return agent
 
 
@@ -344,7 +344,7 @@ class AgentService:
         """
         snap = self.store.get_snapshot(snapshot_id)
         if snap is None:
-            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
+            raise SnapshotNotFound(f"no snapshot {shown(snapshot_id)}")
         name = self.get(snap.agent).name
         await self._authorize(Verb.RECOVER_AGENT, name, via)
         state = dict(snap.data.get("state", {}))
@@ -408,7 +408,7 @@ class AgentService:
         for plugin in plugins:
             if self.store.get_plugin(plugin) is None:
                 raise PluginNotFound(
-                    f"no plugin named {plugin!r} is installed: 'mcp0 plugin list' shows them"
+                    f"no plugin named {shown(plugin)} is installed: 'mcp0 plugin list' shows them"
                 )
 
     async def _authorize(

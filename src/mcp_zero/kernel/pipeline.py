@@ -189,10 +189,12 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         )
 
 
-async def _wait_for_slot(slots: PluginSlots, timeout: float, plugin: str, limit: int) -> None:
+async def _wait_for_slot(
+    slots: PluginSlots, agent: str, timeout: float, plugin: str, limit: int
+) -> None:
     try:
         async with asyncio.timeout(timeout):
-            await slots.take()
+            await slots.take(agent)
     except TimeoutError:
         raise ToolTimeout(
             f"plugin {plugin!r} stayed busy with {limit} calls (its max_concurrency) for "
@@ -240,18 +242,20 @@ def _audit_failing(audit: AuditLog) -> StorageError:
 
 class PluginSlots:
     """A plugin's ``max_concurrency`` slots. A call takes a free one at once when no call
-    queues for one; otherwise it queues, first come first served, and a slot given back goes
-    to the first call in the queue. (asyncio.Semaphore's rules, but taking a free slot is
-    one plain call: the semaphore's ``locked()`` and ``acquire()`` were seven Python calls,
-    a generator and a coroutine on every tool call.)"""
+    queues for one; otherwise it queues, and a slot given back goes to a queuing call. The
+    agents that queue take turns (round robin), each agent's calls first come first served:
+    one agent's flood of calls makes its own calls wait, not every other agent's behind
+    them. (Taking a free slot is one plain call: an asyncio.Semaphore's ``locked()`` and
+    ``acquire()`` were seven Python calls, a generator and a coroutine on every tool call.)"""
 
-    __slots__ = ("_free", "_queue")
+    __slots__ = ("_free", "_queues")
 
     def __init__(self, limit: int) -> None:
         self._free = limit
-        # Calls waiting for a slot, in order (a cancelled one stays until met or it leaves).
-        # A slot is free only while nobody queues: ``give`` hands it to the first in line.
-        self._queue: deque[asyncio.Future[None]] = deque()
+        # Calls waiting for a slot, per agent, the agents in turn order (a cancelled call
+        # stays until met or it leaves). A slot is free only while nobody queues: ``give``
+        # hands it to the next agent's first call.
+        self._queues: dict[str, deque[asyncio.Future[None]]] = {}
 
     def take_free(self) -> bool:
         """Take a slot if one is free (then nobody queues); False, taking none, if not."""
@@ -260,29 +264,45 @@ class PluginSlots:
             return True
         return False
 
-    async def take(self) -> None:
-        """Take a slot, queuing for one when none is free."""
+    async def take(self, agent: str) -> None:
+        """Take a slot for a call of ``agent``, queuing for one when none is free."""
         if self.take_free():
             return
         waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(waiting)
+        queue = self._queues.get(agent)
+        if queue is None:
+            queue = self._queues[agent] = deque()
+        queue.append(waiting)
         try:
             await waiting
         except asyncio.CancelledError:
             if not waiting.cancelled():
                 self.give()  # handed a slot as the call was cancelled: on to the next
-            elif waiting in self._queue:  # (``give`` drops the cancelled ones it meets)
-                self._queue.remove(waiting)
+            else:  # (``give`` drops the cancelled ones it meets)
+                self._leave(agent, waiting)
             raise
 
+    def _leave(self, agent: str, waiting: asyncio.Future[None]) -> None:
+        queue = self._queues.get(agent)
+        if queue is not None and waiting in queue:
+            queue.remove(waiting)
+            if not queue:
+                del self._queues[agent]
+
     def give(self) -> None:
-        """Give a slot back: to the first call queuing for one, else to the free ones."""
-        queue = self._queue
-        while queue:
-            waiting = queue.popleft()
-            if not waiting.done():  # (not cancelled)
-                waiting.set_result(None)
-                return
+        """Give a slot back: to the first queuing call of the agent whose turn it is (that
+        agent's turn comes again after every other queuing agent's), else to the free ones."""
+        queues = self._queues
+        while queues:
+            agent = next(iter(queues))
+            queue = queues.pop(agent)
+            while queue:
+                waiting = queue.popleft()
+                if not waiting.done():  # (not cancelled)
+                    if queue:
+                        queues[agent] = queue  # its next call: after the other agents'
+                    waiting.set_result(None)
+                    return
         self._free += 1
 
 
@@ -291,10 +311,11 @@ class PluginSlot:
     call runs, given back while it has a question open to its client (``GovernedBridge``),
     taken again when the last one is answered."""
 
-    __slots__ = ("_closed", "_held", "_regaining", "_slots", "_waiting")
+    __slots__ = ("_agent", "_closed", "_held", "_regaining", "_slots", "_waiting")
 
-    def __init__(self, slots: PluginSlots) -> None:
+    def __init__(self, slots: PluginSlots, agent: str) -> None:
         self._slots = slots  # already taken by the caller
+        self._agent = agent
         self._held = True
         self._closed = False
         self._waiting = 0  # the call's questions to its client not answered yet
@@ -324,7 +345,7 @@ class PluginSlot:
         async with self._regaining:  # (a question asked and answered meanwhile: once)
             if self._held or self._closed or self._waiting:
                 return
-            await self._slots.take()
+            await self._slots.take(self._agent)
             if self._closed or self._waiting:  # the call ended, or asked again, meanwhile
                 self._slots.give()
             else:
@@ -882,7 +903,9 @@ class Kernel:
                 t = time.perf_counter()
                 queued = 0.0
                 if not slots.take_free():  # the plugin is busy: queue, within the time limit
-                    await _wait_for_slot(slots, timeout, action.plugin, quotas.max_concurrency)
+                    await _wait_for_slot(
+                        slots, principal.agent, timeout, action.plugin, quotas.max_concurrency
+                    )
                     queued = time.perf_counter() - t
                     timeout = max(timeout - queued, 0.001)
                     try:  # replaced or removed meanwhile? then the new code, or the error
@@ -890,7 +913,7 @@ class Kernel:
                     except BaseException:
                         slots.give()
                         raise
-                slot = PluginSlot(slots)
+                slot = PluginSlot(slots, principal.agent)
                 try:
                     # (it may have failed while we queued)
                     if self.audit.stats.failing and not self.audit.writable():

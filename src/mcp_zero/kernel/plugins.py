@@ -37,6 +37,7 @@ from mcp_zero.errors import (
     PluginFailure,
     PluginNotFound,
     StorageError,
+    shown,
 )
 from mcp_zero.sandbox.base import PluginRuntime
 from mcp_zero.sandbox.manifest import (
@@ -709,7 +710,7 @@ class PluginHost:
         record = self.store.get_plugin(name)
         detached = self.store.delete_plugin(name) if record is not None else None
         if record is None or detached is None:
-            raise PluginNotFound(f"no plugin named {name!r} is installed")
+            raise PluginNotFound(f"no plugin named {shown(name)} is installed")
         with contextlib.suppress(OSError):
             os.utime(self.copy_path(record))  # when it stopped being used
         return detached
@@ -950,7 +951,7 @@ class PluginHost:
         (with the reason) when the plugin could not start."""
         runtime = self.runtimes.get(name)
         if runtime is None:
-            raise PluginNotFound(f"plugin {name!r} is not installed")
+            raise PluginNotFound(f"plugin {shown(name)} is not installed")
         reason = self.failed.get(name)
         if reason is not None and name in self._unstarted:
             raise PluginFailure(f"plugin {name!r} is not running: {reason}")

@@ -1,8 +1,11 @@
 """Concurrency quotas per agent and per plugin, and the wall-clock limit of a call.
 
-A call over a limit fails at once with QuotaExceeded: nothing queues, so a
-flood from one agent cannot grow memory or starve the others. Counting needs
-no lock because the kernel runs on one asyncio event loop (one thread).
+A call over its agent's limit fails at once with QuotaExceeded: nothing queues
+there, so a flood from one agent cannot grow memory. (A plugin's own
+``max_concurrency`` is a queue, kernel.pipeline.PluginSlots, in which the
+agents take turns, so that flood cannot starve the other agents' calls either.)
+Counting needs no lock because the kernel runs on one asyncio event loop (one
+thread).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import importlib
 import itertools
 import os
@@ -227,9 +228,17 @@ class Worker:
         task = self._tasks.get(call_id)
         if task is not None:
             task.cancel()
+            # A task cancelled before its first step never runs its handler, nor the try
+            # that answers for it: then this answers (read with its call_tool, the cancel
+            # went unanswered and the worker was killed as "ignoring" it: found by review)
+            task.add_done_callback(functools.partial(self._answer_cancelled, call_id))
         for owner, fut in list(self._requests.values()):
             if owner == call_id:
                 fut.cancel()
+
+    def _answer_cancelled(self, call_id: int, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(call_id) is task:  # its coroutine ended without answering
+            self._respond(call_id, {"error": {"kind": "cancelled", "message": "cancelled"}})
 
     def _call_tool(self, frame: JSON) -> None:
         """``_start`` for the most frequent frame, with less on the way."""

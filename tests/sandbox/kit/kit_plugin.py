@@ -49,6 +49,12 @@ async def hang_async(ctx: Context) -> str:
     return "never"
 
 
+@plugin.tool("freeze_loop")
+async def freeze_loop(ctx: Context, seconds: float = 0.3) -> str:
+    time.sleep(seconds)  # on purpose: frames pile up unread meanwhile
+    return "thawed"
+
+
 @plugin.tool("crash")
 def crash(ctx: Context, status: int = 7) -> str:
     os._exit(status)
