@@ -185,6 +185,34 @@ def test_plugin_content_follows_attachment(
     assert denied.reasons[0].endswith("(attached: none)")
 
 
+@pytest.mark.parametrize(
+    ("ref", "target", "forbidden"),
+    [
+        ("resource", "item/{id}", 'Resource::"item/{id}"'),  # a template without a scheme
+        ("resource", "notes://inbox/{id}", 'Resource::"notes://inbox/{id}"'),
+        ("prompt", "summarize", 'Prompt::"summarize"'),
+        ("prompt", "a:b", 'Prompt::"a:b"'),  # a prompt name with a colon
+    ],
+)
+def test_a_completion_is_decided_on_what_its_reference_names(
+    ref: str, target: str, forbidden: str
+) -> None:
+    # Typed by a ':' in the target, a completion on a template whose URI has none was
+    # decided as a Prompt, and a forbid on its Resource forbade nothing (found by review)
+    engine = PolicyEngine.from_sources(
+        {
+            "default.cedar": DEFAULT_POLICIES,
+            "no.cedar": f'@id("no") forbid (principal, action, resource == {forbidden});',
+        }
+    )
+    alice = Principal("alice", frozenset({"notes"}))
+    action = Action(alice, Verb.COMPLETE, target, "notes", context={"ref": ref})
+    assert engine.decide(action).policies == ("no",)
+    other = "prompt" if ref == "resource" else "resource"
+    action = Action(alice, Verb.COMPLETE, target, "notes", context={"ref": other})
+    assert engine.decide(action).allowed  # the same string, the other kind: not forbidden
+
+
 def test_admin_verbs_need_the_admin(engine: PolicyEngine) -> None:
     spawn = Action(Principal("root", admin=True), Verb.SPAWN_AGENT, "worker")
     assert engine.decide(spawn).policies == ("admin-all",)

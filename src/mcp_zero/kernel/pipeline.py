@@ -725,7 +725,8 @@ class Kernel:
         request_id: str,
         transport: str,
     ) -> JSON:
-        if ref.get("type") == "ref/prompt":
+        kind = "prompt" if ref.get("type") == "ref/prompt" else "resource"
+        if kind == "prompt":
             target = str(ref.get("name", ""))
             hit = self.plugins.prompts.get(target)
             plugin = hit[0] if hit is not None else None
@@ -746,7 +747,7 @@ class Kernel:
             )
 
         missing: McpZeroError | None = None
-        if plugin is None and ref.get("type") == "ref/prompt":
+        if plugin is None and kind == "prompt":
             missing = PromptNotFound(f"unknown prompt {target!r}", data={"prompt": target})
         elif plugin is None:
             missing = ResourceNotFound(
@@ -759,7 +760,14 @@ class Kernel:
         if isinstance(given, dict) and given:
             typed = {"argument": typed, "context": {"arguments": given}}
         return await self._govern(
-            Action(principal, Verb.COMPLETE, target, plugin, typed, {"transport": transport}),
+            Action(
+                principal,
+                Verb.COMPLETE,
+                target,
+                plugin,
+                typed,
+                {"transport": transport, "ref": kind},
+            ),
             "completion/complete",
             request_id,
             run,

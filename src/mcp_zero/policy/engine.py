@@ -97,7 +97,8 @@ class PolicyEngine:
         """Decide ``action``. Never raises for a well-formed action.
 
         Cedar sees ``action.context["transport"]`` (default "unknown") and
-        ``action.context["labels"]`` (an iterable of strings, or one string);
+        ``action.context["labels"]`` (an iterable of strings, or one string); a
+        completion's ``action.context["ref"]`` ("prompt" or "resource") types its target;
         other context keys and the arguments are not part of the request.
         """
         context = action.context
@@ -115,6 +116,7 @@ class PolicyEngine:
             action.plugin,
             context.get("transport", "unknown"),
             _NO_LABELS if not labels else _label_set(labels),
+            context.get("ref"),
         )
         decision = self._decisions.get(key)
         if decision is None:
@@ -137,7 +139,7 @@ class PolicyEngine:
     def _evaluate(self, action: Action, key: tuple[Any, ...]) -> PolicyDecision:
         principal = action.principal
         verb = action.verb
-        rtype, rid, parent = target_of(verb, action.resource, action.plugin)
+        rtype, rid, parent = target_of(verb, action.resource, action.plugin, key[-1])
         request = {
             "principal": {"type": AGENT, "id": principal.agent},
             "action": _ACTIONS[verb],

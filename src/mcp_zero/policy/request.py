@@ -58,10 +58,15 @@ _TARGET_TYPES: dict[Verb, str] = {
 Uid = tuple[str, str]
 
 
-def target_of(verb: Verb, resource: str, plugin: str | None) -> tuple[str, str, Uid | None]:
-    """The Cedar type and id of the action's target, and its parent plugin uid."""
+def target_of(
+    verb: Verb, resource: str, plugin: str | None, ref: str | None = None
+) -> tuple[str, str, Uid | None]:
+    """The Cedar type and id of the action's target, and its parent plugin uid. A
+    completion's target is a ``Prompt`` when ``ref`` is "prompt", else a ``Resource`` (its
+    URI, or template: the client's ``ref/resource``). (Told apart by a ':' in the target,
+    a template whose URI has none was a Prompt, and a forbid on it forbade nothing.)"""
     if verb is Verb.COMPLETE:
-        rtype = RESOURCE if ":" in resource else PROMPT
+        rtype = PROMPT if ref == "prompt" else RESOURCE
     else:
         rtype = _TARGET_TYPES[verb]
     if rtype == PLUGIN:
