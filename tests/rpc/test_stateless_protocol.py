@@ -475,6 +475,11 @@ async def test_a_retry_must_be_the_same_request_by_the_same_agent(env: Env) -> N
         response = await post(env, body, token=token)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["data"]["path"] == "/requestState"
+        # a refused request of its agent: audited (neither was, and another agent trying
+        # someone's state left no trace: found by review)
+        [record] = audit_records(env, body["id"])
+        assert (record["outcome"], record["code"]) == ("error", "invalid_params")
+        assert record["agent"] == ("reader" if token else "modern")
     body = message(
         "tools/call",
         {**ASK, "inputResponses": answer, "requestState": state},
@@ -490,9 +495,11 @@ async def test_a_retry_with_answers_that_are_not_answers_keeps_the_call(env: Env
     key = next(iter(asked["result"]["inputRequests"]))
     for broken in ({key: 12345}, "yes"):
         bad = {**ASK, "inputResponses": broken, "requestState": state}
-        response = await post(env, message("tools/call", bad, meta=envelope(**capable())))
+        refused = message("tools/call", bad, meta=envelope(**capable()))
+        response = await post(env, refused)
         assert response.status_code == 400
         assert response.json()["error"]["data"]["path"].startswith("/inputResponses")
+        assert audit_outcomes(env, refused["id"]) == [("error", "invalid_params")]
     good = {**ASK, "inputResponses": {key: {"action": "cancel"}}, "requestState": state}
     done = (await post(env, message("tools/call", good, meta=envelope(**capable())))).json()
     assert "action=cancel" in done["result"]["content"][0]["text"]

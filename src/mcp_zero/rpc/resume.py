@@ -47,6 +47,11 @@ _SAME = {
 }
 
 
+class RetryRefused(InvalidParams):
+    """A retry refused for its ``requestState`` or ``inputResponses`` before it reached its
+    call: a refused request of its agent, audited and rate-limited as one."""
+
+
 class Continuation:
     """One call that may span several requests: a Channel that forwards to the request being
     answered (dropping messages while none is), and the client's pending questions."""
@@ -123,19 +128,19 @@ class Continuation:
         if responses is None:
             return {}
         if not isinstance(responses, dict):
-            raise InvalidParams(
+            raise RetryRefused(
                 "params.inputResponses must map each key of inputRequests to the client's result",
                 data={"path": "/inputResponses"},
             )
         answers = {key: responses[key] for key in self.pending if key in responses}
         for key, result in answers.items():
             if not isinstance(result, dict):
-                raise InvalidParams(
+                raise RetryRefused(
                     f"params.inputResponses.{key} must be the client's result (an object)",
                     data={"path": f"/inputResponses/{key}"},
                 )
             if too_deep_for_plugin(result):  # refused: the call waits for a usable answer
-                raise InvalidParams(
+                raise RetryRefused(
                     f"params.inputResponses.{key} nests too deep to be passed to the plugin",
                     data={"path": f"/inputResponses/{key}"},
                 )
@@ -268,14 +273,14 @@ class Resumptions:
         retry is refused."""
         parked = self._parked.get(state) if isinstance(state, str) else None
         if parked is None or parked[0].agent != agent:
-            raise InvalidParams(
+            raise RetryRefused(
                 "params.requestState is unknown or expired (an answer is awaited for "
                 f"{self.timeout_s:.0f} s): send the request again without it",
                 data={"path": "/requestState"},
             )
         call, timer = parked
         if call.key != key:
-            raise InvalidParams(
+            raise RetryRefused(
                 "params.requestState belongs to another request: a retry repeats the "
                 "original request's method and parameters",
                 data={"path": "/requestState"},

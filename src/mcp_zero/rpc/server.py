@@ -45,7 +45,7 @@ from mcp_zero.rpc.envelope import (
     open_envelope,
 )
 from mcp_zero.rpc.list_changes import Listener, versions
-from mcp_zero.rpc.resume import Continuation, Resumptions
+from mcp_zero.rpc.resume import Continuation, Resumptions, RetryRefused
 from mcp_zero.rpc.session import (
     JSON,
     LOG_LEVELS,
@@ -966,13 +966,16 @@ class McpServer:
 
     def _resumable(self, method: str, handler: Handler) -> Handler:
         async def run(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
-            return await self.resumptions.run(
-                (session.principal.agent, session.principal.anonymous),
-                method,
-                params,
-                channel,
-                lambda call: handler(session, params, call, rid),
-            )
+            try:
+                return await self.resumptions.run(
+                    (session.principal.agent, session.principal.anonymous),
+                    method,
+                    params,
+                    channel,
+                    lambda call: handler(session, params, call, rid),
+                )
+            except RetryRefused as exc:  # (an agent trying others' states leaves a trace)
+                await self._refuse(session, method, params, rid, exc)
 
         return run
 
