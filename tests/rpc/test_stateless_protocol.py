@@ -456,6 +456,35 @@ async def test_a_question_comes_back_as_input_required_and_the_retry_gets_the_re
     assert audit_outcomes(env, body["id"]) == [("allowed", None), ("allowed", None)]
 
 
+@pytest.mark.parametrize("first_asks", [True, False])
+async def test_a_retry_gets_progress_and_logs_as_it_asks_not_as_the_first_request(
+    env: Env, first_asks: bool
+) -> None:
+    # The retry got the first request's progress token and log level: progress for a
+    # request already answered, or none for its own (found by review)
+    asking = {"progressToken": "first", "io.modelcontextprotocol/logLevel": "warning"}
+    call = {"name": "faulty_ask_between"}
+    meta = envelope(**capable(), **(asking if first_asks else {}))
+    asked = messages_of(await post(env, message("tools/call", call, meta=meta)))
+    notes = [m for m in asked if "method" in m]
+    assert len(notes) == (2 if first_asks else 0)  # before the question: the first's
+    result = asked[-1]["result"]
+    key = next(iter(result["inputRequests"]))
+    retry = {**call, "inputResponses": {key: {"action": "accept"}}}
+    retry["requestState"] = result["requestState"]
+    again = {"progressToken": "retry", "io.modelcontextprotocol/logLevel": "warning"}
+    meta = envelope(**capable(), **({} if first_asks else again))
+    done = messages_of(await post(env, message("tools/call", retry, meta=meta)))
+    notes = [m for m in done if "method" in m]
+    assert done[-1]["result"]["content"][0]["text"] == "answered accept"
+    if first_asks:
+        assert notes == []
+    else:
+        progress = [m["params"]["progressToken"] for m in notes if "progress" in m["method"]]
+        logged = [m["params"]["data"] for m in notes if m["method"] == "notifications/message"]
+        assert (progress, logged) == (["retry"], ["after the question"])
+
+
 async def test_a_retry_must_be_the_same_request_by_the_same_agent(env: Env) -> None:
     asked = (await post(env, message("tools/call", ASK, meta=envelope(**capable())))).json()
     state = asked["result"]["requestState"]

@@ -25,7 +25,11 @@ CLIENT_REQUEST_TIMEOUT_S = 600.0  # a person may be answering an elicitation
 
 
 class Asker(Protocol):
-    """Where an MCP 2026-07-28 call's questions to the client go (rpc/resume.py)."""
+    """Where an MCP 2026-07-28 call's questions to the client go (rpc/resume.py), and which
+    of its requests is being answered: its session (what it declared) and progress token."""
+
+    session: Session
+    progress_token: Any
 
     async def ask(self, method: str, params: JSON, key: str | None) -> JSON: ...
 
@@ -55,9 +59,10 @@ class RequestBridge:
         self._related = related
 
     async def progress(self, progress: float, total: float | None, message: str | None) -> None:
-        if self._progress_token is None:
+        token = self._progress_token if self._ask is None else self._ask.progress_token
+        if token is None:
             return
-        params: JSON = {"progressToken": self._progress_token, "progress": progress}
+        params: JSON = {"progressToken": token, "progress": progress}
         if total is not None:
             params["total"] = total
         if message is not None:
@@ -67,7 +72,8 @@ class RequestBridge:
         )
 
     async def log(self, level: str, data: Any, logger: str | None) -> None:
-        if not self._session.wants_log(level):
+        session = self._session if self._ask is None else self._ask.session
+        if not session.wants_log(level):
             return
         params: JSON = {"level": level, "data": data}
         if logger is not None:
@@ -86,7 +92,8 @@ class RequestBridge:
         capability = _CAPABILITY.get(method)
         if capability is None:
             raise McpZeroError(f"plugins may not send {method!r} to the client")
-        if capability not in self._session.client_capabilities:
+        session = self._session if self._ask is None else self._ask.session
+        if capability not in session.client_capabilities:
             if self._ask is not None:
                 self._ask.lacks(capability)
             raise ClientRequestFailed(

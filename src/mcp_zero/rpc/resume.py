@@ -29,12 +29,18 @@ import contextlib
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from mcp_zero.errors import InvalidParams, McpZeroError, MissingClientCapability, QuotaExceeded
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc.bridge import CLIENT_REQUEST_TIMEOUT_S
-from mcp_zero.rpc.session import JSON, Channel, ClientRequestFailed, too_deep_for_plugin
+from mcp_zero.rpc.session import (
+    JSON,
+    Channel,
+    ClientRequestFailed,
+    Session,
+    too_deep_for_plugin,
+)
 
 _GATHER_S = 0.005  # a question this soon after the last travels with it
 _ENDED_KEPT_S = 60.0  # a parked call that ended is kept this long for its client's retry
@@ -45,6 +51,15 @@ _SAME = {
     "prompts/get": ("name", "arguments"),
     "resources/read": ("uri",),
 }
+
+
+class Request(NamedTuple):
+    """One request of a call that may span several: its channel, its (per-request)
+    session and its ``_meta.progressToken``."""
+
+    channel: Channel
+    session: Session
+    progress_token: Any
 
 
 class RetryRefused(InvalidParams):
@@ -65,15 +80,25 @@ class Continuation:
         "key",
         "lacking",
         "pending",
+        "progress_token",
+        "session",
         "work",
     )
 
     def __init__(
-        self, agent: tuple[str, bool], key: tuple[Any, ...], channel: Channel, given: Any = None
+        self,
+        agent: tuple[str, bool],
+        key: tuple[Any, ...],
+        request: Request,
+        given: Any = None,
     ) -> None:
         self.agent = agent  # the agent, and whether token-less (--anonymous-agent)
         self.key = key  # method and identifying params of the original request
-        self.current: Channel | None = channel
+        # The request being answered: where messages go, what it declared (its session:
+        # capabilities, log level) and its progress token. A retry brings its own.
+        self.current: Channel | None = request.channel
+        self.session = request.session
+        self.progress_token = request.progress_token
         self.work: asyncio.Task[JSON] | None = None
         self.pending: dict[str, tuple[JSON, asyncio.Future[JSON]]] = {}
         self._asked = asyncio.Event()
@@ -146,10 +171,13 @@ class Continuation:
                 )
         return answers
 
-    def resume(self, channel: Channel, answers: dict[str, JSON]) -> None:
-        """The client's retry: messages go to it now, its answers to the questions; a
+    def resume(self, request: Request, answers: dict[str, JSON]) -> None:
+        """The client's retry: messages go to it now, as its progress token and log level
+        say (not the first request's: found by review), its answers to the questions; a
         question it left unanswered is asked again in this retry's answer."""
-        self.current = channel
+        self.current = request.channel
+        self.session = request.session
+        self.progress_token = request.progress_token
         for key, result in answers.items():
             future = self.pending[key][1]
             if not future.done():
@@ -222,7 +250,7 @@ class Resumptions:
         agent: tuple[str, bool],
         method: str,
         params: JSON,
-        channel: Channel,
+        request: Request,
         start: Callable[[Continuation], Awaitable[JSON]],
     ) -> JSON:
         """Answer one request of a call that may ask the client: start the call (no
@@ -230,13 +258,13 @@ class Resumptions:
         key = (method, *(params.get(name) for name in _SAME[method]))
         state = params.get("requestState")
         if state is None:
-            call = Continuation(agent, key, channel, params.get("inputResponses"))
+            call = Continuation(agent, key, request, params.get("inputResponses"))
             call.work = asyncio.ensure_future(start(call))
             call.work.add_done_callback(_retrieve)
             call.work.add_done_callback(call.settle)
         else:
             call, answers = self._resume(agent, key, state, params.get("inputResponses"))
-            call.resume(channel, answers)
+            call.resume(request, answers)
         try:
             result = await call.outcome()
         except asyncio.CancelledError:

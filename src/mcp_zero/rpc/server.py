@@ -45,7 +45,7 @@ from mcp_zero.rpc.envelope import (
     open_envelope,
 )
 from mcp_zero.rpc.list_changes import Listener, versions
-from mcp_zero.rpc.resume import Continuation, Resumptions, RetryRefused
+from mcp_zero.rpc.resume import Continuation, Request, Resumptions, RetryRefused
 from mcp_zero.rpc.session import (
     JSON,
     LOG_LEVELS,
@@ -194,6 +194,26 @@ def _audited_target(verb: Verb, params: JSON) -> str:
     else:
         target, limit = params.get("name"), MAX_NAME_LENGTH
     return target if isinstance(target, str) and len(target) <= limit else ""
+
+
+def _progress_token(params: JSON) -> Any:
+    """The request's ``_meta.progressToken`` (None without one); InvalidParams when it is
+    not one."""
+    meta = params.get("_meta")
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    if token is not None and (type(token) is not int and type(token) is not str):
+        raise InvalidParams(
+            "params._meta.progressToken must be a string or an integer",
+            data={"path": "/_meta/progressToken"},
+        )
+    if type(token) is str and len(token) > MAX_PROGRESS_TOKEN_LENGTH:
+        # each progress notification of the call repeats it, and its stream keeps them
+        raise InvalidParams(
+            f"params._meta.progressToken has {len(token)} characters; at most "
+            f"{MAX_PROGRESS_TOKEN_LENGTH} are allowed",
+            data={"path": "/_meta/progressToken", "limit": MAX_PROGRESS_TOKEN_LENGTH},
+        )
+    return token
 
 
 def _optional_dict(params: JSON, name: str) -> JSON:
@@ -967,11 +987,16 @@ class McpServer:
     def _resumable(self, method: str, handler: Handler) -> Handler:
         async def run(session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
             try:
+                token = _progress_token(params)
+            except InvalidParams as exc:
+                await self._refuse(session, method, params, rid, exc)
+            try:
+                request = Request(channel, session, token)
                 return await self.resumptions.run(
                     (session.principal.agent, session.principal.anonymous),
                     method,
                     params,
-                    channel,
+                    request,
                     lambda call: handler(session, params, call, rid),
                 )
             except RetryRefused as exc:  # (an agent trying others' states leaves a trace)
@@ -980,19 +1005,6 @@ class McpServer:
         return run
 
     def _bridge(self, session: Session, params: JSON, channel: Channel, rid: Any) -> RequestBridge:
-        meta = params.get("_meta")
-        token = meta.get("progressToken") if isinstance(meta, dict) else None
-        if token is not None and (type(token) is not int and type(token) is not str):
-            raise InvalidParams(
-                "params._meta.progressToken must be a string or an integer",
-                data={"path": "/_meta/progressToken"},
-            )
-        if type(token) is str and len(token) > MAX_PROGRESS_TOKEN_LENGTH:
-            # each progress notification of the call repeats it, and its stream keeps them
-            raise InvalidParams(
-                f"params._meta.progressToken has {len(token)} characters; at most "
-                f"{MAX_PROGRESS_TOKEN_LENGTH} are allowed",
-                data={"path": "/_meta/progressToken", "limit": MAX_PROGRESS_TOKEN_LENGTH},
-            )
+        token = _progress_token(params)
         asker = channel if isinstance(channel, Continuation) else None
         return RequestBridge(session, channel, token, rid, self.announce_resource_updated, asker)

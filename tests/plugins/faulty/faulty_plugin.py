@@ -50,6 +50,17 @@ async def progress(ctx: Context, steps: int, pause: float = 0.01) -> str:
     return f"done {steps} steps"
 
 
+@plugin.tool("faulty_ask_between")
+async def ask_between(ctx: Context) -> str:
+    """Progress and a warning before and after a question to the client."""
+    ctx.progress(1, 2, "before")
+    ctx.log("warning", "before the question", "faulty")
+    answer = await ctx.elicit("go on?", {"type": "object", "properties": {}})
+    ctx.progress(2, 2, "after")
+    ctx.log("warning", "after the question", "faulty")
+    return f"answered {answer.get('action')}"
+
+
 @plugin.tool("faulty_started_then_wait")
 async def started_then_wait(ctx: Context) -> str:
     ctx.progress(1, None, "started")
