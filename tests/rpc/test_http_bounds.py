@@ -27,13 +27,17 @@ from rpc_live import (
     served_agent,
 )
 
+from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import bridge
 from mcp_zero.rpc.session import (
     CONSULTED_CAPABILITIES,
     MAX_CLIENT_INFO_LENGTH,
     MAX_SUBSCRIBED_BYTES,
     MAX_SUBSCRIPTIONS,
+    ClientRequestFailed,
+    Session,
     SubscriptionBudget,
+    kept_capabilities,
     subscription_cost,
 )
 
@@ -140,8 +144,58 @@ async def test_a_session_keeps_only_the_client_capabilities_it_consults(env: Env
     )
     assert response.status_code == 200, response.text
     session = env.live.app.sessions[response.headers["mcp-session-id"]]
-    assert session.client_capabilities == {"elicitation": {}, "roots": {}}
+    assert session.client_capabilities == {"elicitation": {"form": {}}, "roots": {}}
     assert session.client_info == {"name": "n" * MAX_CLIENT_INFO_LENGTH, "version": "1.2"}
+
+
+@pytest.mark.parametrize(
+    ("declared", "method", "params", "missing"),
+    [
+        ({"elicitation": {"url": {}}}, "elicitation/create", {"message": "m"}, "elicitation.form"),
+        ({"elicitation": {}}, "elicitation/create", {"mode": "url"}, "elicitation.url"),
+        ({"elicitation": {}}, "elicitation/create", {"message": "m"}, None),
+        ({"elicitation": {"form": {}, "url": {}}}, "elicitation/create", {"mode": "url"}, None),
+        ({"sampling": {}}, "sampling/createMessage", {"tools": []}, "sampling.tools"),
+        ({"sampling": {}}, "sampling/createMessage", {"toolChoice": {}}, "sampling.tools"),
+        ({"sampling": {"tools": {}}}, "sampling/createMessage", {"tools": []}, None),
+        (
+            {"sampling": {}},
+            "sampling/createMessage",
+            {"includeContext": "thisServer"},
+            "sampling.context",
+        ),
+        ({"sampling": {}}, "sampling/createMessage", {"includeContext": "none"}, None),
+        ({}, "roots/list", {}, "roots"),
+    ],
+)
+async def test_a_plugin_asks_the_client_only_what_it_declared_it_answers(
+    declared: JSON, method: str, params: JSON, missing: str | None
+) -> None:
+    # A client's sub-capabilities were dropped: a URL-only client was sent forms, and
+    # sampling with tools went to clients that declared no sampling.tools (found by review)
+    session = Session(Principal("a"), client_capabilities=kept_capabilities(declared))
+    sent: list[JSON] = []
+
+    class Recorder:
+        async def send(self, message: JSON) -> None:
+            sent.append(message)
+            session.resolve(message["id"], {"answer": True}, None)
+
+        async def close_stream(self) -> None:
+            pass
+
+    asking = bridge.RequestBridge(session, Recorder(), None, 1, _announce)
+    if missing is None:
+        assert await asking.request(method, params) == {"answer": True}
+        assert [m["method"] for m in sent] == [method]
+    else:
+        with pytest.raises(ClientRequestFailed, match=rf"'{missing}' capability"):
+            await asking.request(method, params)
+        assert sent == []
+
+
+async def _announce(uri: str) -> None:
+    raise AssertionError("no resource changes here")
 
 
 async def test_subscriptions_of_a_session_are_bounded_in_bytes(env: Env) -> None:

@@ -558,6 +558,29 @@ async def test_a_call_that_needs_an_undeclared_capability_says_which(env: Env) -
     assert error["data"]["requiredCapabilities"] == {"elicitation": {}}
 
 
+@pytest.mark.parametrize(
+    ("declared", "asked"),
+    [
+        ({"url": {}}, True),  # a URL-only client is never sent a form (found by review)
+        ({"form": {}}, False),
+        ({}, False),  # no mode named: form only
+        ({"form": {}, "url": {}}, False),
+    ],
+)
+async def test_a_form_is_asked_only_of_a_client_that_declares_forms(
+    env: Env, declared: JSON, asked: bool
+) -> None:
+    meta = envelope(**{"io.modelcontextprotocol/clientCapabilities": {"elicitation": declared}})
+    response = await post(env, message("tools/call", ASK, meta=meta))
+    if asked:
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == MISSING_CLIENT_CAPABILITY
+        assert error["data"]["requiredCapabilities"] == {"elicitation": {"form": {}}}
+    else:
+        assert response.json()["result"]["resultType"] == "input_required"
+
+
 async def test_an_unanswered_question_is_asked_again_and_unknown_answers_ignored(env: Env) -> None:
     ask = {"name": "test_input_required_result_multiple_inputs", "arguments": {}}
     meta = envelope(

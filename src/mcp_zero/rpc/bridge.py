@@ -93,12 +93,14 @@ class RequestBridge:
         if capability is None:
             raise McpZeroError(f"plugins may not send {method!r} to the client")
         session = self._session if self._ask is None else self._ask.session
-        if capability not in session.client_capabilities:
+        declared = session.client_capabilities.get(capability)
+        needed = capability if declared is None else _missing_part(capability, declared, params)
+        if needed is not None:
             if self._ask is not None:
-                self._ask.lacks(capability)
+                self._ask.lacks(needed)
             raise ClientRequestFailed(
-                f"the client did not declare the {capability!r} capability, so it cannot "
-                f"answer {method}"
+                f"the client did not declare the {needed!r} capability, so it cannot "
+                f"answer this {method}"
             )
         if self._session.stateless:
             if self._ask is None:  # a method that cannot answer input_required
@@ -120,6 +122,25 @@ class RequestBridge:
             ) from None
         finally:
             self._session.pending.pop(request_id, None)
+
+
+def _missing_part(capability: str, declared: JSON, params: JSON) -> str | None:
+    """The part of ``capability`` (declared with ``declared``'s parts) that the request's
+    ``params`` need and the client did not declare, as "capability.part"; None if none.
+    Elicitation's mode (an elicitation declared with no mode is form only) and sampling
+    with tools, or with context from servers (MCP 2025-11-25: a server MUST NOT send what
+    the client did not declare)."""
+    if capability == "elicitation":
+        mode = params.get("mode", "form")
+        if mode == "url":
+            return None if "url" in declared else "elicitation.url"
+        return None if "form" in declared or not declared else "elicitation.form"
+    if capability == "sampling":
+        if ("tools" in params or "toolChoice" in params) and "tools" not in declared:
+            return "sampling.tools"
+        if params.get("includeContext", "none") != "none" and "context" not in declared:
+            return "sampling.context"
+    return None
 
 
 def _forwardable(method: str, answer: JSON) -> JSON:

@@ -224,7 +224,7 @@ class Continuation:
             raise MissingClientCapability(
                 f"this call needs the client capability {needed}, which the request's "
                 "_meta clientCapabilities does not declare",
-                data={"requiredCapabilities": {name: {} for name in sorted(self.lacking)}},
+                data={"requiredCapabilities": _required(self.lacking)},
             )
         return result
 
@@ -232,6 +232,17 @@ class Continuation:
         return {
             key: request for key, (request, future) in self.pending.items() if not future.done()
         }
+
+
+def _required(lacking: set[str]) -> JSON:
+    """``lacking`` ("sampling", "elicitation.url"…) as ``requiredCapabilities`` has it."""
+    required: JSON = {}
+    for name in sorted(lacking):
+        capability, _, part = name.partition(".")
+        parts = required.setdefault(capability, {})
+        if part:
+            parts[part] = {}
+    return required
 
 
 class Resumptions:

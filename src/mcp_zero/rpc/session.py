@@ -28,9 +28,14 @@ HEADER_VERSIONS = frozenset((*HANDSHAKE_VERSIONS, "2025-03-26"))
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 # "off" (above every level): a 2026-07-28 request that did not ask for log messages gets none.
 LOG_RANK = {**{name: rank for rank, name in enumerate(LOG_LEVELS)}, "off": len(LOG_LEVELS)}
-# The client capabilities the server consults (rpc/bridge.py: may a plugin ask the client);
-# a session keeps only whether each was declared, not what the client sent under it.
-CONSULTED_CAPABILITIES = ("sampling", "elicitation", "roots")
+# The client capabilities the server consults (rpc/bridge.py: may a plugin ask the client),
+# with the parts of each it consults (elicitation's modes, what sampling may be asked for); a
+# session keeps only whether each was declared, not what the client sent under it.
+CONSULTED_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "sampling": ("tools", "context"),
+    "elicitation": ("form", "url"),
+    "roots": (),
+}
 # clientInfo is kept for what it says (name, version, title), each at most this long.
 CLIENT_INFO_FIELDS = ("name", "version", "title")
 MAX_CLIENT_INFO_LENGTH = 256
@@ -57,10 +62,17 @@ class ClientRequestFailed(McpZeroError):
 
 
 def kept_capabilities(capabilities: Any) -> JSON:
-    """What a session keeps of the client's ``capabilities``: the consulted ones declared."""
+    """What a session keeps of the client's ``capabilities``: the consulted ones declared,
+    each with the consulted parts it declares."""
     if not isinstance(capabilities, dict):
         return {}
-    return {name: {} for name in CONSULTED_CAPABILITIES if name in capabilities}
+    kept: JSON = {}
+    for name, parts in CONSULTED_CAPABILITIES.items():
+        if name in capabilities:
+            declared = capabilities[name]
+            declared = declared if isinstance(declared, dict) else {}
+            kept[name] = {part: {} for part in parts if part in declared}
+    return kept
 
 
 def kept_client_info(info: Any) -> JSON:
