@@ -648,7 +648,13 @@ class HttpApp:
             return
         if isinstance(message, jsonrpc.Response):
             self.server.handle_response(session, message)
-            await respond(send, 202, b"", [])
+            if message.problem is not None:
+                malformed = jsonrpc.error_message(
+                    message.id, jsonrpc.INVALID_REQUEST, message.problem
+                )
+                await respond_json(send, 400, malformed)
+            else:
+                await respond(send, 202, b"", [])
             return
         channel = PostChannel(session, send, self.settings.sse_buffer_bytes)
         if session.id == EPHEMERAL:  # no session to end: its agent's termination stops it

@@ -46,6 +46,9 @@ class Response:
     id: RequestId
     result: JSON | None
     error: JSON | None
+    # What is wrong with an answer whose result or error is not an object: it is refused
+    # (400), and fails the question it answers at once rather than leave it waiting.
+    problem: str | None = None
 
 
 Message = Request | Notification | Response
@@ -88,9 +91,9 @@ def classify(obj: Any) -> Message:
             )
         result, error = obj.get("result"), obj.get("error")
         if result is not None and not isinstance(result, dict):
-            raise InvalidRequest('"result" must be an object', data=_id_data(msg_id))
+            return Response(msg_id, None, None, '"result" must be an object')
         if error is not None and not isinstance(error, dict):
-            raise InvalidRequest('"error" must be an object', data=_id_data(msg_id))
+            return Response(msg_id, None, None, '"error" must be an object')
         return Response(msg_id, result, error)
     if not isinstance(method, str) or not method:
         raise InvalidRequest('"method" must be a non-empty string', data=_id_data(msg_id))

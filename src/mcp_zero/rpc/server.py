@@ -579,7 +579,7 @@ class McpServer:
             listener.mailbox.put_nowait(None)
 
     def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
-        session.resolve(response.id, response.result, response.error)
+        session.resolve(response.id, response.result, response.error, response.problem)
 
     def _lister(self, method: str, key: str) -> Handler:
         """The paginated ``method``: the list ``key`` as the kernel lets the principal see it."""

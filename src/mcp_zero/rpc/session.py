@@ -161,12 +161,19 @@ class Session:
         self.pending[request_id] = future
         return request_id, future
 
-    def resolve(self, request_id: Any, result: JSON | None, error: JSON | None) -> bool:
-        """Deliver the client's answer; False when no such request is pending."""
+    def resolve(
+        self, request_id: Any, result: JSON | None, error: JSON | None, problem: str | None = None
+    ) -> bool:
+        """Deliver the client's answer (``problem``: what makes it no answer); False when no
+        such request is pending."""
         future = self.pending.pop(request_id, None) if isinstance(request_id, int) else None
         if future is None or future.done():
             return False
-        if error is not None:
+        if problem is not None:
+            future.set_exception(
+                ClientRequestFailed(f"the client's answer is malformed: {problem}")
+            )
+        elif error is not None:
             future.set_exception(
                 ClientRequestFailed(
                     f"the client answered with an error: {error.get('message', error)}",

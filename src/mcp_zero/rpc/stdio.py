@@ -424,6 +424,10 @@ async def _serve_stdio(
                 server.handle_notification(session, message)
             else:
                 server.handle_response(session, message)
+                if message.problem is not None:
+                    await channel.send(
+                        jsonrpc.error_message(message.id, jsonrpc.INVALID_REQUEST, message.problem)
+                    )
         while queued:  # (the end of a file: what it asked for is yet to start)
             moved.clear()
             await moved.wait()
