@@ -535,6 +535,30 @@ async def test_a_call_waiting_on_its_client_leaves_its_plugin_slot_to_others(
         await runtime.aclose()
 
 
+async def test_a_request_a_plugin_may_not_make_of_its_client_is_refused_before_policy(
+    make_runtime: Any, bridge: Any
+) -> None:
+    # It was decided by Cedar (and allowed), then refused and audited as "internal", its
+    # 200,000-character method recorded whole (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(KIT_DIR)
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        method = "x" * 200_000
+        result = await call(runtime, ada, "ask_client", {"method": method}, "bad-ask", bridge)
+        text = result["content"][0]["text"]
+        assert text.startswith("refused: plugins may not send 'xxx")
+        assert "sampling/createMessage, elicitation/create, roots/list" in text
+        assert len(text) < 400
+        [asked] = records(runtime, request_id="bad-ask", verb="client_request")
+        assert (asked["outcome"], asked["code"]) == ("error", "invalid_params")
+        assert asked["resource"] == method[:256]
+        assert "policies" not in asked
+    finally:
+        await runtime.aclose()
+
+
 async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
     make_runtime: Any, tmp_path: Path, bridge: Any
 ) -> None:

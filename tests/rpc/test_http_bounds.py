@@ -28,6 +28,7 @@ from rpc_live import (
 )
 
 from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.client_requests import CLIENT_REQUEST_METHODS
 from mcp_zero.rpc import bridge
 from mcp_zero.rpc.session import (
     CONSULTED_CAPABILITIES,
@@ -121,6 +122,7 @@ async def test_a_session_keeps_only_the_client_capabilities_it_consults(env: Env
     # sessions held 1,214 MiB. Only whether sampling, elicitation and roots were declared is
     # consulted (a plugin's requests to the client), and only that is kept.
     assert set(bridge._CAPABILITY.values()) == set(CONSULTED_CAPABILITIES)
+    assert set(bridge._CAPABILITY) == set(CLIENT_REQUEST_METHODS)
     client = env.live.client(env.token)
     response = await client.post(
         {

@@ -15,7 +15,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from mcp_zero.errors import McpZeroError, PolicyDenied
+from mcp_zero.errors import InvalidParams, McpZeroError, PolicyDenied, shown
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
 
@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from mcp_zero.kernel.pipeline import Kernel, PluginSlot
 
 JSON = dict[str, Any]
+
+#: The requests a plugin may make of its client; any other is refused before policy.
+CLIENT_REQUEST_METHODS = ("sampling/createMessage", "elicitation/create", "roots/list")
+# A refused method is recorded cut to this many characters (a plugin chooses it).
+_MAX_RECORDED_METHOD = 256
 
 
 class GovernedBridge:
@@ -99,17 +104,23 @@ class GovernedBridge:
             self._plugin,
             context={"transport": self._transport},
         )
+        known = method in CLIENT_REQUEST_METHODS
         event: JSON = {
             "agent": self._principal.agent,
             "anonymous": self._principal.anonymous,
             "verb": Verb.CLIENT_REQUEST.value,
-            "resource": method,
+            "resource": method if known else method[:_MAX_RECORDED_METHOD],
             "plugin": self._plugin,
             "request_id": self._request_id,
             "transport": self._transport,
         }
         start = time.perf_counter()
         try:
+            if not known:  # (it was decided by policy, then refused as "internal")
+                raise InvalidParams(
+                    f"plugins may not send {shown(method)} to the client, only "
+                    + ", ".join(CLIENT_REQUEST_METHODS)
+                )
             decision = kernel.policy.decide(action)
             if not decision.allowed:
                 raise PolicyDenied(decision.message, data=decision.to_data())

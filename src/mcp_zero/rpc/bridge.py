@@ -15,7 +15,8 @@ from mcp_zero.rpc.session import (
     too_deep_for_plugin,
 )
 
-# Which client capability each server→client request needs.
+# Which client capability each server→client request needs (the kernel's
+# CLIENT_REQUEST_METHODS: what a plugin may ask).
 _CAPABILITY = {
     "sampling/createMessage": "sampling",
     "elicitation/create": "elicitation",

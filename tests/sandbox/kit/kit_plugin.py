@@ -10,7 +10,16 @@ import socket
 import time
 from typing import Any
 
-from mcp_zero.plugin import Context, NotFoundError, Plugin, ToolError, ToolResult, image, text
+from mcp_zero.plugin import (
+    ClientRequestError,
+    Context,
+    NotFoundError,
+    Plugin,
+    ToolError,
+    ToolResult,
+    image,
+    text,
+)
 
 plugin = Plugin("kit")
 
@@ -178,6 +187,14 @@ async def chatty(ctx: Context, question: str) -> dict[str, Any]:
     choice = await ctx.elicit("pick one", {"type": "object", "properties": {}})
     ctx.progress(3, 3, "done")
     return {"answer": answer, "choice": choice}
+
+
+@plugin.tool("ask_client")
+async def ask_client(ctx: Context, method: str) -> str:
+    try:
+        return str(await ctx.request(method, {}))
+    except ClientRequestError as exc:
+        return f"refused: {exc}"
 
 
 @plugin.tool("chatty_sync")
