@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from mcp_zero.sandbox.base import LOG_LEVELS
+
 __all__ = [
     "LOG_LEVELS",
     "Channel",
@@ -64,7 +66,6 @@ JSON = dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: MCP log levels, least to most severe (RFC 5424 names).
-LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _TEMPLATE_VAR = re.compile(r"\{([+]?)([A-Za-z0-9_]+)\}")
 

@@ -220,6 +220,16 @@ async def test_progress_log_and_requests_are_relayed_in_order(make_runtime):
     assert b.events[-1] == ("progress", (3, 3, "done"))
 
 
+async def test_progress_and_logs_that_break_mcps_schema_are_not_relayed(make_runtime):
+    # Frames written past the plugin API reached clients as progress "abc", a total of
+    # {"x": 1}, level "bogus" (found by review): only what MCP's notifications carry goes
+    rt = await make_runtime()
+    b = RecordingBridge(ANSWERS)
+    result = await call(rt, "forged_notes", bridge=b)
+    assert result["content"][0]["text"] == "forged"
+    assert b.events == [("progress", (1, 2, "real")), ("log", ("info", "real", None))]
+
+
 async def test_sync_handler_requests_and_client_errors(make_runtime):
     rt = await make_runtime()
     b = RecordingBridge(ANSWERS)

@@ -12,6 +12,9 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any, Protocol
 
+#: MCP's log levels, least severe first: what a plugin may log at (the PDK's LOG_LEVELS).
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
 JSON = dict[str, Any]
 
 #: True while a :meth:`ClientBridge.request` comes from a plain (threaded) handler: one of

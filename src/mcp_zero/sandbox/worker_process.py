@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import re
 import signal
@@ -31,7 +32,7 @@ from mcp_zero.errors import (
     ToolTimeout,
 )
 from mcp_zero.sandbox import proctree
-from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
+from mcp_zero.sandbox.base import LOG_LEVELS, REQUEST_HOLDS_THREAD, ClientBridge
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.stderr import StderrBudget
@@ -459,11 +460,16 @@ class WorkerProcess:
             return
         bridge = call.bridge
         if op == "progress":
+            if not _progress_frame(frame):  # (the plugin API sends none such: a forged frame)
+                return
             send: Callable[[], Awaitable[None]] = lambda: bridge.progress(  # noqa: E731
                 frame["progress"], frame.get("total"), frame.get("message")
             )
         elif op == "log":
-            send = lambda: bridge.log(frame["level"], frame.get("data"), frame.get("logger"))  # noqa: E731
+            level, logger = frame.get("level"), frame.get("logger")
+            if level not in LOG_LEVELS or not (logger is None or type(logger) is str):
+                return
+            send = lambda: bridge.log(level, frame.get("data"), logger)  # noqa: E731
         elif op == "resource_updated":
             send = lambda: bridge.resource_updated(str(frame["uri"]))  # noqa: E731
         else:
@@ -660,6 +666,22 @@ class WorkerProcess:
         if not self._exited.done():
             self._exited.set_result(None)
         self._on_exit(self)
+
+
+def _number(value: Any) -> bool:
+    return (type(value) is int or type(value) is float) and math.isfinite(value)
+
+
+def _progress_frame(frame: JSON) -> bool:
+    """Whether a progress frame is one MCP's notification can carry: a finite number of
+    progress, of a finite total if any, with a string message if any. A worker writing
+    other values (not through the plugin API) would send clients what breaks their schema."""
+    total, message = frame.get("total"), frame.get("message")
+    return (
+        _number(frame.get("progress"))
+        and (total is None or _number(total))
+        and (message is None or type(message) is str)
+    )
 
 
 class _Pipes(asyncio.SubprocessProtocol):

@@ -197,6 +197,26 @@ async def ask_client(ctx: Context, method: str) -> str:
         return f"refused: {exc}"
 
 
+@plugin.tool("forged_notes")
+async def forged_notes(ctx: Context) -> str:
+    """Progress and log frames the plugin API would refuse, written to the pipe as is."""
+    notify = ctx._channel.notify  # type: ignore[attr-defined]  # past the API, on purpose
+    call = ctx._call_id  # type: ignore[attr-defined]
+    for forged in (
+        {"progress": "abc"},
+        {"progress": True},
+        {"progress": None},
+        {"progress": 1, "total": {"x": 1}},
+        {"progress": 1, "message": 42},
+    ):
+        notify({"op": "progress", "call": call, **forged})
+    for level, logger in (("bogus", None), (7, None), ("info", 7)):
+        notify({"op": "log", "call": call, "level": level, "data": "x", "logger": logger})
+    ctx.progress(1, 2, "real")
+    ctx.log("info", "real")
+    return "forged"
+
+
 @plugin.tool("chatty_sync")
 def chatty_sync(ctx: Context, question: str) -> dict[str, Any]:
     ctx.progress(1, 2)
