@@ -196,6 +196,33 @@ async def test_a_plugin_asks_the_client_only_what_it_declared_it_answers(
         assert sent == []
 
 
+async def test_a_request_to_the_client_abandoned_by_its_call_is_cancelled_there() -> None:
+    # The call timed out (or was cancelled) and the client's form stayed open, its answer
+    # later dropped: it is told with notifications/cancelled (found by review)
+    session = Session(Principal("a"), client_capabilities=kept_capabilities({"elicitation": {}}))
+    sent: list[JSON] = []
+
+    class Recorder:
+        async def send(self, message: JSON) -> None:
+            sent.append(message)
+
+        async def close_stream(self) -> None:
+            pass
+
+    asking = bridge.RequestBridge(session, Recorder(), None, 1, _announce)
+    call = asyncio.ensure_future(asking.request("elicitation/create", {"message": "m"}))
+    with anyio.fail_after(5):
+        while not sent:
+            await asyncio.sleep(0)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    [asked, cancelled] = sent
+    assert cancelled["method"] == "notifications/cancelled"
+    assert cancelled["params"]["requestId"] == asked["id"]
+    assert session.pending == {}
+
+
 async def _announce(uri: str) -> None:
     raise AssertionError("no resource changes here")
 

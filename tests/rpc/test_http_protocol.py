@@ -591,6 +591,27 @@ async def test_subscribers_hear_resources_updated_when_a_tool_changes_the_resour
     assert read["result"]["contents"][0]["text"] != "0"
 
 
+async def test_an_update_announced_in_another_form_of_the_uri_reaches_its_subscribers(
+    env: Env,
+) -> None:
+    # Subscriptions hold URIs in normal form; an update a plugin announced as
+    # faulty://c%6Funter (the same resource) reached no one (found by review)
+    client = await session(env)
+    live = env.live
+    subscribed = await client.request("resources/subscribe", {"uri": "faulty://counter"})
+    assert subscribed["result"] == {}
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with http.stream(
+                "GET", live.url, headers=client.headers(Accept="text/event-stream")
+            ) as response:
+                events = sse_events(response)
+                assert (await anext(events)).data == ""
+                await live.app.server.announce_resource_updated("faulty://c%6Funter")
+                update = await anext(events)
+    assert update.message["params"] == {"uri": "faulty://counter"}
+
+
 async def test_a_quiet_get_stream_carries_keepalive_comments(env: Env) -> None:
     client = await session(env)
     live = env.live

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -118,11 +119,27 @@ class RequestBridge:
             async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT_S):
                 return _forwardable(method, await future)
         except TimeoutError:
+            await self._abandon(request_id, "the server waited too long for the answer")
             raise ClientRequestFailed(
                 f"the client did not answer {method} within {CLIENT_REQUEST_TIMEOUT_S:.0f} s"
             ) from None
+        except asyncio.CancelledError:  # the call ended (timeout, cancel, crash)
+            if future.cancelled() or not future.done():  # (not answered: cancelled with us)
+                await self._abandon(request_id, "the call that asked ended")
+            raise
         finally:
             self._session.pending.pop(request_id, None)
+
+    async def _abandon(self, request_id: int, reason: str) -> None:
+        """Tell the client an unanswered request is abandoned (its form or model call need
+        not stay open: found by review); best effort, the stream may be gone."""
+        note = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": request_id, "reason": reason},
+        }
+        with contextlib.suppress(Exception):
+            await self._channel.send(note)
 
 
 def _missing_part(capability: str, declared: JSON, params: JSON) -> str | None:

@@ -515,7 +515,9 @@ class McpServer:
 
     async def announce_resource_updated(self, uri: str) -> None:
         """``notifications/resources/updated`` to every session subscribed to ``uri``, on the
-        channel its transport gives for server-initiated messages (dropped where none)."""
+        channel its transport gives for server-initiated messages (dropped where none).
+        Subscriptions hold URIs in normal form, and so does the notification."""
+        uri = normal_uri(uri)  # (announced as test://x/%31, it reached no one: by review)
         note = {
             "jsonrpc": "2.0",
             "method": "notifications/resources/updated",
