@@ -28,7 +28,7 @@ from mcp_zero.audit.chain import GENESIS
 from mcp_zero.config import load_settings
 from mcp_zero.errors import ManifestError, PolicyDenied, StorageError
 from mcp_zero.kernel.action import Outcome
-from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
+from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_event
 from mcp_zero.kernel.admin_token import (
     MAX_READ_BACK,
     READ_BACK_PAGE,
@@ -273,7 +273,8 @@ def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
     token = finished["agent"]["token"]
     with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
         assert store.get_agent("default").token_hash == hash_token(token)  # type: ignore[union-attr]
-        reissued = orjson.loads(store.audit_head().body)  # type: ignore[union-attr]
+        records = [orjson.loads(e.body) for e in store.read_audit(0, 1000)]
+    reissued = [r for r in records if r["verb"] == "spawn_agent"][-1]
     assert (reissued["verb"], reissued["resource"]) == ("spawn_agent", "default")
     assert reissued["token_reissued"] is True
     again = serve_once(data_dir)  # done once: never again
@@ -349,9 +350,57 @@ async def _until(check: Any, what: str) -> None:
     raise AssertionError(f"waited 30 s for {what}")
 
 
+@pytest.mark.anyio
+async def test_policies_and_admin_token_changed_while_no_server_ran_are_recorded_at_start(
+    tmp_path: Path,
+) -> None:
+    # Changed while the server was stopped (or just before a kill -9), they were put in
+    # force at start with no record: calls were decided by a set the log never announced,
+    # the admin API taken by a token it never saw (found by review)
+    data_dir = tmp_path / "data"
+
+    def governing(runtime: Runtime) -> list[dict[str, Any]]:
+        bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
+        return [b for b in bodies if b["verb"] in (LOAD_POLICIES, CHANGE_ADMIN_TOKEN)]
+
+    async with started(data_dir) as runtime:
+        first = governing(runtime)  # what it started with, as the log first sees it
+        assert [(b["verb"], b["at_start"]) for b in first] == [
+            (LOAD_POLICIES, True),
+            (CHANGE_ADMIN_TOKEN, True),
+        ]
+        assert first[0]["policies_sha256"] == runtime.policy.engine.digest
+    (data_dir / "policies" / "late.cedar").write_text(
+        '@id("late")\nforbid (principal, action == Action::"install_plugin", resource);\n'
+    )
+    (data_dir / "admin.token").write_text("mcp0_written-while-stopped\n")
+    async with started(data_dir) as runtime:
+        changed = governing(runtime)[2:]
+        assert [(b["verb"], b["outcome"], b["at_start"]) for b in changed] == [
+            (LOAD_POLICIES, "allowed", True),
+            (CHANGE_ADMIN_TOKEN, "allowed", True),
+        ]
+        assert changed[0]["policies_sha256"] == runtime.policy.engine.digest
+        assert "late" in runtime.policy.engine.policies
+    async with started(data_dir) as runtime:
+        assert len(governing(runtime)) == 4  # nothing changed since: nothing more
+    (data_dir / "admin.token").unlink()  # a command lays out a new one, and records it
+    done = subprocess.run(
+        [MCP0, "agent", "create", "ada", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
+        bodies = [orjson.loads(e.body) for e in store.read_audit(0, 1000)]
+    assert [b["verb"] for b in bodies][-2:] == [CHANGE_ADMIN_TOKEN, "spawn_agent"]
+
+
 def _admin_token_changes(runtime: Runtime) -> list[dict[str, Any]]:
+    """The admin token's changes while the server ran (not the token it started with)."""
     bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
-    return [b for b in bodies if b["verb"] == "change_admin_token"]
+    return [b for b in bodies if b["verb"] == "change_admin_token" and "at_start" not in b]
 
 
 @asynccontextmanager
@@ -572,7 +621,7 @@ async def test_an_admin_token_change_the_log_could_not_record_is_recorded_later(
     # never recorded (found by review). It is tried again at each poll until it is.
     def changes(runtime: Runtime) -> list[dict[str, Any]]:
         bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
-        return [b for b in bodies if b["verb"] == CHANGE_ADMIN_TOKEN]
+        return [b for b in bodies if b["verb"] == CHANGE_ADMIN_TOKEN and "at_start" not in b]
 
     async with started(tmp_path / "data") as runtime:
         runtime.settings.admin_token_path.write_text("mcp0_written-by-hand\n")

@@ -25,7 +25,9 @@ from mcp_zero.errors import ConfigError, Conflict, PolicyError, StorageError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
 from mcp_zero.kernel.admin_token import (
+    ADMIN_TOKEN_RECORDED,
     finish_admin_token_rotations,
+    recorded_token_digest,
     rotation_recorded,
     rotations_held_off,
 )
@@ -80,6 +82,10 @@ def _create_signing_key(path: Path) -> None:
     if done.returncode != 0 or not path.exists():
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ConfigError(f"cannot create the signing key {path}: {last}")
+
+
+#: Store.recorded's name of the policy set in force (its digest)
+POLICIES_RECORDED = "policies"
 
 
 class Runtime:
@@ -149,9 +155,56 @@ class Runtime:
         head = self.store.audit_head()
         self._admin_token_since = head.seq if head is not None else 0  # when it was taken up
         self._admin_token_unrecorded: int | None = None  # (_refresh_admin_token_and_audit)
+        self._admin_token_refreshing = asyncio.Lock()
         self.refresh_admin_token()
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
+
+    def record_what_governs(self) -> None:
+        """Record the policy set and the admin token in force when they are not what the
+        log last recorded of them: changed while no server ran, or in the moments before
+        one was killed (they were taken up unrecorded: found by review). Called before a
+        server serves and before a CLI command changes anything, so that no action is
+        decided, and no admin request taken, under what the log lacks. Raises StorageError
+        when the record cannot be written."""
+        engine = self.policy.engine
+        if self.store.recorded(POLICIES_RECORDED) != engine.digest:
+            detail = {
+                "policies_sha256": engine.digest,
+                "generation": self.policy.generation,
+                "at_start": True,
+            }
+            self._record_file(
+                LOAD_POLICIES,
+                self.policy.policy_dir.name,
+                Outcome.ALLOWED,
+                detail,
+                (POLICIES_RECORDED, engine.digest),
+            )
+        token = self._admin_token
+        digest = recorded_token_digest(token)
+        if self.store.recorded(ADMIN_TOKEN_RECORDED) != digest:
+            self._record_file(
+                CHANGE_ADMIN_TOKEN,
+                self.settings.admin_token_path.name,
+                Outcome.ALLOWED if token is not None else Outcome.ERROR,
+                {"at_start": True} | ({} if token is not None else {"code": "no_admin_token"}),
+                (ADMIN_TOKEN_RECORDED, digest),
+            )
+
+    def _record_file(
+        self,
+        verb: str,
+        resource: str,
+        outcome: Outcome,
+        detail: dict[str, Any],
+        recorded: tuple[str, str],
+    ) -> None:
+        """Append the record of a change of a file that governs the server (it came from
+        the data dir's files, not through an API), and keep its digest with it."""
+        event = admin_event(verb, resource, "files", outcome, detail)
+        name, digest = recorded
+        self.audit.append_with(lambda: self.store.set_recorded(name, digest), lambda _: event)
 
     def _open_store(self) -> SqliteStore:
         s = self.settings
@@ -326,7 +379,9 @@ class Runtime:
         seconds at most for them (see ``PluginHost.refresh``), and the watcher that picks
         up plugin and policy changes. From here on the process is non-dumpable: its
         plugins' workers, though run by the same user, cannot read its environment or
-        memory through ``/proc``."""
+        memory through ``/proc``. First, what governs it is recorded if the log lacks it
+        (``record_what_governs``)."""
+        await asyncio.to_thread(self.record_what_governs)
         isolation.hide_process()
         await self.plugins.refresh(force=True, only=only, wait=wait)
         self._refresher = asyncio.create_task(self._watch())
@@ -353,6 +408,11 @@ class Runtime:
                 log.exception("taking up the admin token file failed; looking again later")
 
     async def _refresh_admin_token_and_audit(self) -> None:
+        # one at a time: the watcher's and another caller's would both record a change
+        async with self._admin_token_refreshing:
+            await self._refresh_admin_token_and_audit_now()
+
+    async def _refresh_admin_token_and_audit_now(self) -> None:
         # the log's position before a change taken up whose record could not be written yet
         # (a full disk): tried again at each poll until it is
         pending = self._admin_token_unrecorded
@@ -374,11 +434,13 @@ class Runtime:
         if token is None or not await asyncio.to_thread(
             rotation_recorded, self.store, token, since
         ):
-            await self._audit_file_change(
+            await asyncio.to_thread(
+                self._record_file,
                 CHANGE_ADMIN_TOKEN,
                 self.settings.admin_token_path.name,
                 Outcome.ALLOWED if token is not None else Outcome.ERROR,
                 {} if token is not None else {"code": "no_admin_token"},
+                (ADMIN_TOKEN_RECORDED, recorded_token_digest(token)),
             )
         self._admin_token_unrecorded = None
 
@@ -400,7 +462,14 @@ class Runtime:
         detail = {"policies_sha256": engine.digest, "generation": self.policy.generation + 1}
         try:
             # recorded before it is in force: no call is decided by a set the log lacks
-            await self._audit_file_change(LOAD_POLICIES, resource, Outcome.ALLOWED, detail)
+            await asyncio.to_thread(
+                self._record_file,
+                LOAD_POLICIES,
+                resource,
+                Outcome.ALLOWED,
+                detail,
+                (POLICIES_RECORDED, engine.digest),
+            )
         except StorageError as exc:
             log.error(
                 "policy files changed, but the audit log could not record it (%s): the "

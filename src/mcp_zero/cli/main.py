@@ -117,6 +117,7 @@ def _runtime(
     existed = settings.data_dir.exists()
     runtime = Runtime(settings if create else _existing(settings))
     try:
+        runtime.record_what_governs()  # before the command decides anything under them
         yield runtime
     except BaseException:
         runtime.close()

@@ -55,10 +55,11 @@ def rotate_admin_token(path: Path, audit: AuditLog, store: Store, via: str = "cl
             staged = path.with_name(f"{path.name}.{head.seq if head else 0}-{rotation}.next")
             write_secret_file(staged, token + "\n")
             try:
-                audit.append_sync(
-                    admin_event(
+                audit.append_with(
+                    lambda: store.set_recorded(ADMIN_TOKEN_RECORDED, rotation),
+                    lambda _: admin_event(
                         CHANGE_ADMIN_TOKEN, path.name, via, Outcome.ALLOWED, {"rotation": rotation}
-                    )
+                    ),
                 )
             except BaseException:
                 # a failed commit may still have landed: the log says whether it is in force
@@ -72,6 +73,16 @@ def rotate_admin_token(path: Path, audit: AuditLog, store: Store, via: str = "cl
             f"cannot write a new admin token to {path}: {exc.strerror or exc}; "
             "the old token still works"
         ) from exc
+
+
+#: Store.recorded's name of the admin token in force (recorded_token_digest)
+ADMIN_TOKEN_RECORDED = "admin_token"  # noqa: S105 - a name, not a token
+
+
+def recorded_token_digest(token: str | None) -> str:
+    """What the store keeps of the admin token the log last recorded: its rotation id, ""
+    for none."""
+    return rotation_id(token) if token else ""
 
 
 def rotation_id(token: str) -> str:

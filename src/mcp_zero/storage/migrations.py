@@ -66,6 +66,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
            EXISTS (SELECT 1 FROM agents) OR EXISTS (SELECT 1 FROM plugins)
            OR EXISTS (SELECT 1 FROM audit)""",
     ),
+    # 4: the digest of what governs a server from files in the data dir (the policy set,
+    # the admin token) as the log last recorded it, written with that record: a server
+    # starting on files changed while none ran records them before it serves.
+    ("CREATE TABLE recorded (name TEXT PRIMARY KEY, digest TEXT NOT NULL)",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -343,6 +343,21 @@ class SqliteStore:
         with self._transaction("record first start") as conn:
             conn.execute("UPDATE meta SET value = 1 WHERE key = 'first_start_done'")
 
+    def recorded(self, name: str) -> str | None:
+        """The digest of ``name`` (a governing file) as the audit log last recorded it."""
+        rows = self._query("read recorded", "SELECT digest FROM recorded WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    def set_recorded(self, name: str, digest: str) -> None:
+        """Keep ``digest`` as what the log records of ``name``: in the transaction of that
+        record (``append_audit_with``)."""
+        with self._transaction("keep what was recorded") as conn:
+            conn.execute(
+                "INSERT INTO recorded (name, digest) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET digest = excluded.digest",
+                (name, digest),
+            )
+
     # snapshots
 
     def put_snapshot(self, snapshot: SnapshotRecord) -> None:
