@@ -56,6 +56,7 @@ FAULTY_TOOLS = {
     "faulty_raise",
     "faulty_nap",
     "faulty_progress",
+    "faulty_ask_between",
     "faulty_started_then_wait",
     "faulty_log_levels",
     "faulty_close_then_finish",
