@@ -397,6 +397,40 @@ async def test_policies_and_admin_token_changed_while_no_server_ran_are_recorded
     assert [b["verb"] for b in bodies][-2:] == [CHANGE_ADMIN_TOKEN, "spawn_agent"]
 
 
+@pytest.mark.parametrize("how", ["emptied", "deleted"])
+def test_a_data_dir_whose_database_was_lost_is_refused_not_laid_out_anew(
+    tmp_path: Path, how: str
+) -> None:
+    # It was taken for a new data dir: the example installed, agent default made, a fresh
+    # chain that verified, the old agents and history gone without a word (found by review)
+    data_dir = tmp_path / "data"
+    for command in (["plugin", "install", str(NOTES_DIR)], ["agent", "create", "ada"]):
+        done = subprocess.run(
+            [MCP0, *command, "--data-dir", str(data_dir)], capture_output=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    db = data_dir / "mcp0.db"
+    for stale in data_dir.glob("mcp0.db-*"):
+        stale.unlink()
+    if how == "emptied":
+        db.write_bytes(b"")
+    else:
+        db.unlink()
+    for command in (["serve", "--port", "0"], ["agent", "create", "bob"]):
+        done = subprocess.run(
+            [MCP0, *command, "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1, command
+        assert done.stderr.startswith(f"mcp0: error: the database {db} is ")
+        assert "Restore mcp0.db" in done.stderr
+        assert done.stderr.count("\n") == 1
+    assert db.exists() == (how == "emptied")
+    assert not db.exists() or db.stat().st_size == 0  # nothing laid out in it
+
+
 def _admin_token_changes(runtime: Runtime) -> list[dict[str, Any]]:
     """The admin token's changes while the server ran (not the token it started with)."""
     bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]

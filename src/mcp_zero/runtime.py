@@ -88,6 +88,33 @@ def _create_signing_key(path: Path) -> None:
 POLICIES_RECORDED = "policies"
 
 
+def _check_store_not_lost(settings: Settings) -> None:
+    """Refuse a data dir whose database is missing or empty while plugins were installed
+    in it (which needs a database): laid out again as new, its agents, plugins and audit
+    history were silently gone, and a fresh chain looked valid (found by review). (A first
+    start killed before its database was made leaves no plugin: that one goes on.)"""
+    db = settings.db_path
+    if db.exists() and db.stat().st_size > 0:
+        return
+    held = []
+    for d in (settings.plugins_dir, settings.plugin_data_dir):
+        try:
+            if any(d.iterdir()):
+                held.append(d.name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot read {d}: {exc}") from exc
+    if held:
+        state = "missing" if not db.exists() else "empty"
+        raise ConfigError(
+            f"the database {db} is {state}, but {settings.data_dir} holds "
+            f"{' and '.join(held)} of plugins installed with one: its agents, plugins and "
+            "audit log would be lost. Restore mcp0.db (and mcp0.db-wal) from a backup, or "
+            "move the data dir aside to start anew"
+        )
+
+
 class Runtime:
     """Everything one server process (or one CLI command) works with."""
 
@@ -95,6 +122,7 @@ class Runtime:
         self.settings = settings
         # an existing store is opened first: another program's mcp0.db is refused before
         # anything (keys, token, policies) is laid out beside it
+        _check_store_not_lost(settings)
         opened = self._open_store() if settings.db_path.exists() else None
         try:
             self.created = self._prepare_data_dir()
