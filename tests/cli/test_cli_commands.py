@@ -740,6 +740,26 @@ def _without_file_permission_override() -> None:
             os._exit(97)
 
 
+def test_a_data_dir_file_a_command_may_not_use_is_one_error_line(data_dir: Path) -> None:
+    # An unreadable plugins/ made every changing command (and serve) die with a traceback
+    # (found by review)
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    plugins = data_dir / "plugins"
+    os.chmod(plugins, 0o000)
+    try:
+        done = subprocess.run(
+            [MCP0, "agent", "create", "bob", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_without_file_permission_override if os.geteuid() == 0 else None,
+        )
+    finally:
+        os.chmod(plugins, 0o700)
+    assert done.returncode == 1
+    assert done.stderr == f"mcp0: error: Permission denied: {plugins}\n"
+
+
 def test_reading_commands_work_on_a_data_dir_they_may_not_write(data_dir: Path) -> None:
     # "cannot create database ... Permission denied" though it exists
     run(data_dir, "agent", "create", "ada")

@@ -491,6 +491,24 @@ async def test_a_reinstall_of_the_same_version_restarts_it(make_runtime: Any) ->
         assert runtime.plugins.runtime("faulty") is not old
 
 
+async def test_a_plugin_whose_data_dir_cannot_be_made_fails_alone(make_runtime: Any) -> None:
+    # A file where its data dir goes: the server died at start with a traceback, and a
+    # running one could take up no install any more, every second (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    (runtime.settings.plugin_data_dir / "faulty").write_text("in the way")
+    try:
+        with anyio.fail_after(30):
+            await runtime.start()
+        assert "cannot make its data dir" in runtime.plugins.failed["faulty"]
+        runtime.plugins.install(NOTES_DIR)  # and later installs are taken up
+        with anyio.fail_after(30):
+            await runtime.plugins.refresh()
+        assert runtime.plugins.runtime("notes").pids  # type: ignore[attr-defined]
+    finally:
+        await runtime.aclose()
+
+
 async def test_a_plugin_that_cannot_start_does_not_take_the_others_down(
     make_runtime: Any, tmp_path: Path
 ) -> None:

@@ -68,6 +68,9 @@ def _errors(fn: F) -> F:
             _fail(exc.message)
         except ModuleNotFoundError as exc:
             _fail(f"{exc}: install the server side with: pip install 'mcp-zero[server]'")
+        except OSError as exc:  # a file of the data dir the command could not use
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}")
 
     return wrapper  # type: ignore[return-value]
 

@@ -856,8 +856,7 @@ class PluginHost:
             raise ManifestError(
                 f"plugin {manifest.name!r}: runtime {manifest.runtime!r} is unknown"
             )
-        data_dir = self.plugin_data_dir / manifest.name
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = self.plugin_data_dir / manifest.name  # made as it starts (its failure)
         return ProcessRuntime(
             manifest,
             path,

@@ -167,8 +167,14 @@ class ProcessRuntime:
         """Start every worker; raises :class:`PluginFailure` or :class:`ManifestError`
         (code and manifest disagree) when the plugin cannot be served."""
         self._closed = False
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.data_dir.chmod(0o700)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.data_dir.chmod(0o700)
+        except OSError as exc:  # this plugin fails; the server and other plugins go on
+            raise PluginFailure(
+                f"plugin {self.manifest.name!r}: cannot make its data dir {self.data_dir}: "
+                f"{exc.strerror or exc}"
+            ) from exc
         await asyncio.to_thread(self._prepare)
         tasks = [self._kick(i) for i in range(len(self._slots))]
         try:
