@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 
-from mcp_zero.rpc.wire import MAX_HEADER_BYTES, HttpServer
+from mcp_zero.rpc.wire import (
+    FD_RESERVE,
+    MAX_HEADER_BYTES,
+    HttpServer,
+    default_max_connections,
+    raise_open_files_limit,
+)
 
 pytestmark = pytest.mark.anyio
 LIMIT = 64
@@ -200,6 +207,43 @@ async def test_keep_alive_serves_several_requests_on_one_connection(served: Any)
             status, headers, answer = await read_response(reader)
             assert (status, answer) == (200, b"POST " + body)
             assert "date" in headers
+
+
+async def test_past_max_connections_a_new_connection_is_closed_and_the_open_ones_served() -> None:
+    # 1,100 connections trickling a byte a second took every descriptor of a server with
+    # the default `ulimit -n` 1024: /healthz, new calls, worker restarts and policy reloads
+    # all failed (found by review)
+    async with serving(max_connections=3) as (server, _, _task):
+        async with contextlib.AsyncExitStack() as stack:
+            held = [await stack.enter_async_context(connect(server)) for _ in range(3)]
+            with anyio.fail_after(TIMEOUT_S):
+                while len(server.connections) < 3:
+                    await asyncio.sleep(0.01)
+            async with connect(server) as (reader, _):
+                with anyio.fail_after(TIMEOUT_S):
+                    assert await reader.read() == b""  # closed at once
+            assert server.refused_connections == 1
+            reader, writer = held[0]
+            writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+            assert (await read_response(reader))[0] == 200
+        with anyio.fail_after(TIMEOUT_S):
+            while server.connections:
+                await asyncio.sleep(0.01)
+        async with connect(server) as (reader, writer):  # room again
+            writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+            assert (await read_response(reader))[0] == 200
+
+
+def test_the_server_takes_the_open_files_its_hard_limit_allows() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        assert raise_open_files_limit() == hard
+        assert default_max_connections() == (
+            100_000 if hard == resource.RLIM_INFINITY else max(hard - FD_RESERVE, 16)
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_pipelined_requests_are_answered_in_order(served: Any) -> None:

@@ -123,7 +123,7 @@ def _end_left_behind(settings: Settings) -> None:
 def run_http(settings: Settings, *, as_json: bool = False) -> None:
     """Serve MCP over streamable HTTP until SIGTERM or SIGINT."""
     from mcp_zero.rpc.http import HttpApp
-    from mcp_zero.rpc.wire import HttpServer
+    from mcp_zero.rpc.wire import HttpServer, raise_open_files_limit
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -141,6 +141,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     # A subreaper: what a plugin orphans comes to the server, not init, and the server
     # sweeps it (mcp_zero.sandbox.proctree).
     adopt_orphans()
+    raise_open_files_limit()  # (connections are bounded by what it allows: HttpServer)
     app = HttpApp(runtime)
     server = HttpServer(
         app, settings.host, settings.port, max_body_bytes=settings.max_body_bytes, tls=tls

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import ssl
 import time
@@ -63,6 +64,33 @@ REQUEST_READ_S = 30.0  # from a request's first byte to its last
 #: send waits until the client has read most of it (flow control: a stream goes at its
 #: client's pace, and the server holds no more than this for it).
 MAX_STREAM_BACKLOG = 4 * 1024 * 1024
+# Open files a server keeps for itself beside its connections (plugin workers' pipes, the
+# store, policy files, TLS, logs): past max_connections a new connection is closed at
+# once, so that a flood of them (a client trickling a byte a second on each) cannot take
+# the descriptors a worker restart, a commit or a policy reload needs.
+FD_RESERVE = 256
+MIN_CONNECTIONS = 16
+
+
+def default_max_connections() -> int:
+    """Connections at most, from this process's open-files limit (soft) less FD_RESERVE."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(soft - FD_RESERVE, MIN_CONNECTIONS)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft open-files limit to its hard one (Linux's default soft
+    1,024 is a select() era limit; an epoll server holds one per connection) and return the
+    soft limit now. Plugin workers set their own (isolation.apply_rlimits)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 #: A client that reads nothing of its backlog for this long is dropped (an SSE client
 #: resumes with Last-Event-ID): a waiting send is not held for ever.
 STREAM_STALL_S = 30.0
@@ -171,8 +199,14 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = (str(peer[0]), int(peer[1])) if peer else None
-        self.transport.set_write_buffer_limits(high=self.server.max_stream_backlog)
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            self.closed = True  # refused: its descriptor goes back at once
+            self.transport.abort()
+            server.refused_connection()
+            return
+        self.transport.set_write_buffer_limits(high=server.max_stream_backlog)
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -740,8 +774,14 @@ class HttpServer:
         stream_stall_s: float = STREAM_STALL_S,
         max_stream_backlog: int = MAX_STREAM_BACKLOG,
         tls: ssl.SSLContext | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.app = app
+        self.max_connections = (
+            default_max_connections() if max_connections is None else max_connections
+        )
+        self.refused_connections = 0
+        self._refusals_logged = 0.0
         # An app may judge from a request's head whether its body is to be kept (a callable
         # of the scope; False: the body is dropped, the scope marked "mcp0.body_withheld")
         self.vet_body: Callable[[Scope], bool] | None = getattr(app, "vet_body", None)
@@ -759,6 +799,20 @@ class HttpServer:
         self._server: asyncio.base_events.Server | None = None
         self._stopping: asyncio.Event | None = None
         self._reaper: asyncio.Task[None] | None = None
+
+    def refused_connection(self) -> None:
+        """A connection was refused for max_connections: counted, logged once a minute."""
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self._refusals_logged >= 60:
+            self._refusals_logged = now
+            log.warning(
+                "refusing new connections: %d are open, the most this server keeps (its "
+                "open-files limit less %d for itself; raise 'ulimit -n'); %d refused so far",
+                len(self.connections),
+                FD_RESERVE,
+                self.refused_connections,
+            )
 
     async def start(self) -> None:
         """Listen; the actual port is in ``self.port`` afterwards (useful with port 0)."""
