@@ -13,6 +13,7 @@ import pytest
 
 from mcp_zero.audit import GENESIS, AuditLog, ChainBroken, verify_chain, verify_store
 from mcp_zero.errors import StorageError
+from mcp_zero.kernel.pipeline import _audit_failing
 from mcp_zero.storage import AuditEntry, SqliteStore
 
 pytestmark = pytest.mark.anyio
@@ -353,6 +354,9 @@ async def test_a_lock_held_past_the_busy_timeout_fails_the_batch_and_the_chain_r
             assert log.stats.failing
             assert log.stats.failed_events == 2
             assert log.stats.busy_retries >= 1
+            # and the calls refused meanwhile say so, not "a full disk" (found by review)
+            assert "database is locked" in log.stats.last_failure
+            assert "database is locked" in str(_audit_failing(log))
         finally:
             other.close()  # (rolls back)
         entry = await log.append({"n": 3})

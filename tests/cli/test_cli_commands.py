@@ -760,6 +760,27 @@ def test_a_data_dir_file_a_command_may_not_use_is_one_error_line(data_dir: Path)
     assert done.stderr == f"mcp0: error: Permission denied: {plugins}\n"
 
 
+def test_policy_check_on_a_policy_directory_it_cannot_read_is_an_error(data_dir: Path) -> None:
+    # It said "ok: 0 policies" (Path.glob lists nothing there), found by review
+    run(data_dir, "agent", "create", "ada")
+    policies = data_dir / "policies"
+    os.chmod(policies, 0o000)
+    try:
+        done = subprocess.run(
+            [MCP0, "policy", "check", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_without_file_permission_override if os.geteuid() == 0 else None,
+        )
+    finally:
+        os.chmod(policies, 0o700)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"mcp0: error: cannot read policy directory {policies}: Permission denied\n"
+    )
+
+
 def test_reading_commands_work_on_a_data_dir_they_may_not_write(data_dir: Path) -> None:
     # "cannot create database ... Permission denied" though it exists
     run(data_dir, "agent", "create", "ada")

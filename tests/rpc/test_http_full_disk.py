@@ -110,7 +110,9 @@ async def test_once_the_log_cannot_be_written_calls_are_refused_before_the_plugi
         refused = await client.request("tools/call", bump)
         assert error_of(refused)["code"] == STORAGE_FAILURE  # (and its record failed too)
         # the refusal says why, not only that its own record failed as well
-        assert "refused until there is room again" in str(error_of(refused)["message"])
+        message = str(error_of(refused)["message"])
+        assert "refused until it can be written again" in message
+        assert "full" in message  # what the last commit failed of (a lock held: that)
         async with httpx2.AsyncClient() as http:
             ready = await http.get(f"{live.base}/readyz")
         assert ready.status_code == 503

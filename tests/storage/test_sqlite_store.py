@@ -397,3 +397,7 @@ def test_unwritable_location_raises_storage_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StorageError, match="cannot create database"):
         SqliteStore(blocker / "sub" / "mcp0.db")
+    # one that exists and cannot be opened is not "created" (found by review)
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StorageError, match=r"cannot open database .*: Is a directory"):
+        SqliteStore(tmp_path / "dir.db")

@@ -90,6 +90,7 @@ class AuditStats:
     largest_batch: int = 0
     busy_retries: int = 0  # times a batch found the store locked by another writer, retried
     failing: bool = False  # a batch failed (a full disk…) and the store has not room again
+    last_failure: str = ""  # why the last failed batch failed
 
 
 class _Pending:
@@ -416,6 +417,7 @@ class AuditLog:
             if retry and isinstance(exc, StoreBusy):
                 return False
             self.stats.failing = True  # until writable() finds room again
+            self.stats.last_failure = str(exc)
             self._room_checked = time.monotonic()
             self.stats.failed_batches += 1
             self.stats.failed_events += len(batch)

@@ -233,9 +233,10 @@ def _event(
 
 def _audit_failing(audit: AuditLog) -> StorageError:
     """The refusal of a call whose record could not be kept: before its plugin acts."""
+    why = audit.stats.last_failure or "a full disk, or its size limit"
     return StorageError(
-        "the audit log cannot be written (a commit failed: a full disk, or its size limit); "
-        "calls are refused until there is room again — free space and retry",
+        f"the audit log cannot be written (its last commit failed: {why}); calls are "
+        "refused until it can be written again (a full disk: free space) — retry",
         data={"failed_events": audit.stats.failed_events},
     )
 

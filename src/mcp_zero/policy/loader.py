@@ -8,7 +8,9 @@ so Cedar's diagnostics name our ids directly.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -100,9 +102,19 @@ def policy_files(policy_dir: Path) -> list[Path]:
 
     Hidden names are not: editors and systems leave them beside the files they
     belong to (Emacs's lock ``.#default.cedar``, a dangling symlink while the file
-    is being edited; macOS's ``._default.cedar`` on foreign file systems).
+    is being edited; macOS's ``._default.cedar`` on foreign file systems). None in a
+    missing directory; raises OSError for one that cannot be read (Path.glob saw none
+    there, and an unreadable policy directory was reported "ok: 0 policies").
     """
-    return sorted(p for p in policy_dir.glob(POLICY_GLOB) if not p.name.startswith("."))
+    try:
+        names = os.listdir(policy_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        policy_dir / name
+        for name in names
+        if fnmatch.fnmatchcase(name, POLICY_GLOB) and not name.startswith(".")
+    )
 
 
 def read_policy_dir(policy_dir: Path) -> dict[str, str]:
@@ -118,7 +130,13 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
             "or let mcp0 write the default policy there"
         )
     sources: dict[str, str] = {}
-    for path in policy_files(policy_dir):
+    try:
+        paths = policy_files(policy_dir)
+    except OSError as exc:
+        raise PolicyError(
+            f"cannot read policy directory {policy_dir}: {exc.strerror or exc}"
+        ) from exc
+    for path in paths:
         try:
             # utf-8-sig: a byte-order mark, as editors on Windows write, is not Cedar
             sources[path.name] = path.read_text(encoding="utf-8-sig")

@@ -478,9 +478,11 @@ class SqliteStore:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
         except OSError as exc:
+            doing = "open" if self.path.exists() else "create"
             raise StorageError(
-                f"cannot create database at {self.path}: {exc.strerror};"
-                " check the data directory's path and permissions",
+                f"cannot {doing} database at {self.path}: {exc.strerror};"
+                f" check the permissions of {'it' if doing == 'open' else 'the data directory'}"
+                " (the server writes to it) and that its file system is writable",
                 data={"path": str(self.path)},
             ) from exc
 
