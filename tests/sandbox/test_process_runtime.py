@@ -8,6 +8,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S
+from mcp_zero.sandbox.worker_process import spawn_failure
 from requires import require_root
 
 pytestmark = pytest.mark.anyio
@@ -218,6 +220,20 @@ async def test_progress_log_and_requests_are_relayed_in_order(make_runtime):
     assert params["messages"][0]["content"]["text"] == "meaning?"
     assert params["maxTokens"] == 10
     assert b.events[-1] == ("progress", (3, 3, "done"))
+
+
+def test_a_worker_start_failing_for_want_of_open_files_says_so():
+    # uvloop reported it as "[Errno -1] Unknown error -1" (found by review)
+    unknown = OSError(-1, "Unknown error -1")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 4, hard))
+        assert spawn_failure(unknown).startswith("too many open files (")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert spawn_failure(unknown) == str(unknown)  # room enough: not that
+    assert spawn_failure(FileNotFoundError(2, "No such file")) == "[Errno 2] No such file"
 
 
 async def test_progress_and_logs_that_break_mcps_schema_are_not_relayed(make_runtime):

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
@@ -231,7 +232,9 @@ class WorkerProcess:
                 start_new_session=True,  # own process group: one killpg takes its children too
             )
         except OSError as exc:
-            raise PluginFailure(f"plugin '{self.plugin}': cannot start a worker: {exc}") from exc
+            raise PluginFailure(
+                f"plugin '{self.plugin}': cannot start a worker: {spawn_failure(exc)}"
+            ) from exc
         finally:
             _starting[0] -= 1
         self._transport = transport
@@ -666,6 +669,21 @@ class WorkerProcess:
         if not self._exited.done():
             self._exited.set_result(None)
         self._on_exit(self)
+
+
+def spawn_failure(exc: OSError) -> str:
+    """What stopped a worker's start. uvloop reports some failures as errno -1 ("Unknown
+    error -1"): when this process's open files are (nearly) used up, that is the cause."""
+    if exc.errno is not None and exc.errno > 0:
+        return str(exc)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return str(exc)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and used + 8 >= soft:
+        return f"too many open files ({used} open, the limit is {soft}: raise 'ulimit -n')"
+    return str(exc)
 
 
 def _number(value: Any) -> bool:
