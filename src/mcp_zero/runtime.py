@@ -173,7 +173,11 @@ class Runtime:
             limiter=limiter,
         )
         self.agents = AgentService(
-            self.store, self.audit, policy=self.policy, anonymous_agent=settings.anonymous_agent
+            self.store,
+            self.audit,
+            policy=self.policy,
+            anonymous_agent=settings.anonymous_agent,
+            count_denials=self.metrics.count_denials,
         )
         self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
         self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
@@ -395,7 +399,9 @@ class Runtime:
         )
 
     def _authorize(self, verb: Verb, resource: str, via: str) -> None:
-        denial = admin_denial(self.policy, verb, resource, via, resource)
+        denial = admin_denial(
+            self.policy, verb, resource, via, resource, count=self.metrics.count_denials
+        )
         if denial is not None:
             self.audit.append_sync(denial[0])
             raise denial[1]

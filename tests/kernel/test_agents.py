@@ -262,6 +262,9 @@ async def test_agent_management_is_decided_by_policy_and_denials_are_audited(
         ("allowed", "cli"),
     ]
     assert records[0]["reasons"] == ["agents are created only with mcp0 on the server's machine"]
+    # counted as every denial is (it was not: found by review)
+    metrics = runtime.metrics.render()[0].decode()
+    assert 'mcp0_policy_denials_total{policy="spawn-from-cli-only"} 1' in metrics
 
 
 def refuse_audit_of(runtime: Runtime, verb: str) -> None:

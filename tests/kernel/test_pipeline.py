@@ -559,6 +559,30 @@ async def test_a_request_a_plugin_may_not_make_of_its_client_is_refused_before_p
         await runtime.aclose()
 
 
+async def test_a_request_to_the_client_that_policy_denies_is_counted_as_a_denial(
+    make_runtime: Any, bridge: Any
+) -> None:
+    # audited, but missing from mcp0_policy_denials_total (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(KIT_DIR)
+    (runtime.settings.policy_dir / "no-roots.cedar").write_text(
+        '@id("no-roots")\nforbid (principal, action == Action::"client_request", '
+        'resource == ClientRequest::"roots/list");\n'
+    )
+    runtime.policy.reload()
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        result = await call(runtime, ada, "ask_client", {"method": "roots/list"}, "r", bridge)
+        assert result["content"][0]["text"].startswith("refused: ")
+        [asked] = records(runtime, request_id="r", verb="client_request")
+        assert asked["outcome"] == "denied"
+        metrics = runtime.metrics.render()[0].decode()
+        assert 'mcp0_policy_denials_total{policy="no-roots"} 1' in metrics
+    finally:
+        await runtime.aclose()
+
+
 async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
     make_runtime: Any, tmp_path: Path, bridge: Any
 ) -> None:

@@ -7,6 +7,7 @@ principal ``Agent::"admin"`` with ``admin == true`` and the caller's transport
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mcp_zero.errors import PolicyDenied
@@ -36,16 +37,24 @@ def admin_event(verb: Verb | str, resource: str, via: str, outcome: Outcome, det
 
 
 def admin_denial(
-    policy: PolicyStore | None, verb: Verb, resource: str, via: str, plugin: str | None = None
+    policy: PolicyStore | None,
+    verb: Verb,
+    resource: str,
+    via: str,
+    plugin: str | None = None,
+    *,
+    count: Callable[[Sequence[str]], None] | None = None,
 ) -> tuple[JSON, PolicyDenied] | None:
     """None when policy lets the admin do this here; else the denial's audit event (naming
     the ``plugin`` the action concerns, if any) and error (the caller appends the one, then
-    raises the other)."""
+    raises the other), counted by ``count`` (Metrics.count_denials)."""
     if policy is None:
         return None
     decision = policy.decide(Action(ADMIN, verb, resource, plugin, context={"transport": via}))
     if decision.allowed:
         return None
+    if count is not None:
+        count(decision.policies)
     data = decision.to_data()
     detail = {"code": PolicyDenied.code, **data}
     if plugin is not None:

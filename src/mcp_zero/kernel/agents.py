@@ -10,7 +10,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -134,11 +134,13 @@ class AgentService:
         *,
         policy: PolicyStore | None = None,
         anonymous_agent: str | None = None,
+        count_denials: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.store = store
         self.audit = audit
         self.policy = policy
         self.anonymous_agent = anonymous_agent
+        self._count_denials = count_denials  # (the metrics' denial counter)
         self._principals: dict[str, tuple[float, Principal]] = {}
         # Told when an agent's plugins or status change here (the transports' list-change
         # checks: its sessions hear of it, or end, at once rather than within a second).
@@ -423,7 +425,7 @@ class AgentService:
         self, verb: Verb, resource: str, via: str, plugin: str | None = None
     ) -> PolicyDenied | None:
         """None when the policy lets the admin do this here; else the denial, audited."""
-        denial = admin_denial(self.policy, verb, resource, via, plugin)
+        denial = admin_denial(self.policy, verb, resource, via, plugin, count=self._count_denials)
         if denial is None:
             return None
         event, error = denial

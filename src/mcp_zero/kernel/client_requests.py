@@ -123,6 +123,7 @@ class GovernedBridge:
                 )
             decision = kernel.policy.decide(action)
             if not decision.allowed:
+                kernel.metrics.count_denials(decision.policies)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = list(decision.policies)
             if decision.errors:

@@ -510,8 +510,7 @@ class Kernel:
                 if decision.errors:
                     event["policy_errors"] = list(decision.errors)
                 if not decision.allowed:
-                    for policy in decision.policies or ("default-deny",):
-                        self.metrics.count_denial(policy)
+                    self.metrics.count_denials(decision.policies)
                     refused = PolicyDenied(decision.message, data=decision.to_data())
                     event["reasons"] = list(decision.reasons)
             if refused is None:
@@ -885,8 +884,7 @@ class Kernel:
             decision = self.policy.decide(action)
             policy_s = time.perf_counter() - t
             if not decision.allowed:
-                for policy in decision.policies or ("default-deny",):
-                    metrics.count_denial(policy)
+                metrics.count_denials(decision.policies)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
             if decision.errors:  # policies skipped: what they might have said is evidence

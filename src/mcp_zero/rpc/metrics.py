@@ -18,7 +18,7 @@ thread-safe, since the kernel records from one event loop.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGES = ("auth", "ratelimit", "policy", "quota", "schema", "sandbox", "audit", "total")
@@ -92,6 +92,11 @@ class Metrics:
         """Count one denial by ``policy`` (the decision's first policy id, or "default")."""
         denials = self._denials
         denials[policy] = denials.get(policy, 0) + 1
+
+    def count_denials(self, policies: Sequence[str]) -> None:
+        """Count one denial by each of a decision's ``policies`` ("default-deny" if none)."""
+        for policy in policies or ("default-deny",):
+            self.count_denial(policy)
 
     def count_plugin_restart(self, plugin: str) -> None:
         """Count one worker of ``plugin`` replaced (it died, or was killed past a timeout)."""
