@@ -583,6 +583,24 @@ async def test_a_request_to_the_client_that_policy_denies_is_counted_as_a_denial
         await runtime.aclose()
 
 
+async def test_a_call_cut_by_the_servers_max_timeout_names_that_setting(
+    make_runtime: Any, bridge: Any
+) -> None:
+    # It advised raising the plugin's timeout_ms, which cannot help (found by review)
+    runtime: Runtime = make_runtime(max_timeout_s=0.3)
+    runtime.plugins.install(KIT_DIR)  # timeout_ms 5000
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        with pytest.raises(ToolTimeout) as caught:
+            await call(runtime, ada, "hang_async", {}, "t", bridge)
+        message = str(caught.value)
+        assert "max_timeout_s (0.3 s) cut the plugin's timeout_ms (5000 ms)" in message
+        assert "raise the plugin's timeout_ms" not in message
+    finally:
+        await runtime.aclose()
+
+
 async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
     make_runtime: Any, tmp_path: Path, bridge: Any
 ) -> None:

@@ -49,7 +49,7 @@ from mcp_zero.policy.detectors import label_value, redact
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
-from mcp_zero.sandbox.base import ClientBridge, PluginRuntime
+from mcp_zero.sandbox.base import TIMEOUT_HINT, ClientBridge, PluginRuntime
 
 JSON = dict[str, Any]
 log = logging.getLogger("mcp_zero.kernel")
@@ -927,6 +927,15 @@ class Kernel:
                         raise _audit_failing(self.audit)
                     result = await run(runtime, timeout, slot)
                 except ToolTimeout as exc:
+                    cap = self.quotas.max_timeout_s
+                    if quotas.timeout_ms is not None and quotas.timeout_ms / 1000 > cap:
+                        exc.message = exc.message.replace(
+                            TIMEOUT_HINT,
+                            f"the server's max_timeout_s ({cap:g} s) cut the plugin's "
+                            f"timeout_ms ({quotas.timeout_ms} ms): raise max_timeout_s, or "
+                            "make it faster",
+                        )
+                        exc.args = (exc.message,)
                     if queued:  # (it ran for what its queueing left of the limit)
                         exc.message += (
                             f" (of its {timeout + queued:g} s limit, it waited {queued:.2f} s "

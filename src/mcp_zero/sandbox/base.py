@@ -12,6 +12,10 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any, Protocol
 
+#: What a timed-out call's message advises (the kernel says otherwise when the server's
+#: max_timeout_s, not the plugin's timeout_ms, was the limit)
+TIMEOUT_HINT = "raise the plugin's timeout_ms quota or make it faster"
+
 #: MCP's log levels, least severe first: what a plugin may log at (the PDK's LOG_LEVELS).
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 

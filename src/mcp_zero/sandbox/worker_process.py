@@ -33,7 +33,12 @@ from mcp_zero.errors import (
     ToolTimeout,
 )
 from mcp_zero.sandbox import proctree
-from mcp_zero.sandbox.base import LOG_LEVELS, REQUEST_HOLDS_THREAD, ClientBridge
+from mcp_zero.sandbox.base import (
+    LOG_LEVELS,
+    REQUEST_HOLDS_THREAD,
+    TIMEOUT_HINT,
+    ClientBridge,
+)
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.stderr import StderrBudget
@@ -361,7 +366,7 @@ class WorkerProcess:
         call.future.set_exception(
             ToolTimeout(
                 f"{call.label} of plugin '{self.plugin}' did not finish within {timeout:g} s; "
-                "raise the plugin's timeout_ms quota or make it faster"
+                + TIMEOUT_HINT
             )
         )
 
