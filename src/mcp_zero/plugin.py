@@ -450,11 +450,14 @@ class Plugin:
         return register
 
     def prompt(self, name: str) -> Callable[[F], F]:
-        """Register ``fn(ctx, **arguments)`` as the prompt ``name``.
+        """Register ``fn(ctx, **arguments)`` as the prompt ``name`` (1-128 of
+        [A-Za-z0-9_.-], as the manifest's prompt names).
 
         It returns a ``str`` (one user message), a list of messages (see :func:`message`)
         or content blocks, or a ``GetPromptResult`` dict with ``messages``.
         """
+        if not _NAME.match(name):
+            raise ValueError(f"prompt name {name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
 
         def register(fn: F) -> F:
             _unique(self.prompts, name, "prompt")

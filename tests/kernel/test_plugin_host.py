@@ -509,6 +509,27 @@ async def test_a_plugin_whose_data_dir_cannot_be_made_fails_alone(make_runtime: 
         await runtime.aclose()
 
 
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("faulty_plugin:nothere", "module 'faulty_plugin' has no attribute 'nothere'"),
+        ("faulty_plugin:asyncio", "'faulty_plugin:asyncio' is module, not a"),
+    ],
+)
+async def test_an_entry_naming_no_plugin_says_what_it_names(
+    make_runtime: Any, tmp_path: Path, entry: str, says: str
+) -> None:
+    # a missing attribute read "'faulty_plugin:nothere' is NoneType" (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(edited_copy(tmp_path, FAULTY_DIR, entry=entry))
+    try:
+        with anyio.fail_after(30):
+            await runtime.start()
+        assert says in runtime.plugins.failed["faulty"]
+    finally:
+        await runtime.aclose()
+
+
 async def test_a_plugin_that_cannot_start_does_not_take_the_others_down(
     make_runtime: Any, tmp_path: Path
 ) -> None:

@@ -436,7 +436,13 @@ def load_plugin(plugin_dir: str, entry: str) -> Plugin:
     module_name, _, attr = entry.partition(":")
     sys.path.insert(0, plugin_dir)
     module = importlib.import_module(module_name)
-    obj = getattr(module, attr or "plugin", None)
+    name = attr or "plugin"
+    if not hasattr(module, name):  # (it said "'m:x' is NoneType": found by review)
+        raise ImportError(
+            f"module {module_name!r} has no attribute {name!r}, which the manifest's entry "
+            f"{entry!r} names (module:attribute of the Plugin)"
+        )
+    obj = getattr(module, name)
     if not isinstance(obj, Plugin):
         raise TypeError(f"{entry!r} is {type(obj).__name__}, not a mcp_zero.plugin.Plugin")
     return obj
