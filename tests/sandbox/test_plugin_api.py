@@ -161,7 +161,7 @@ def test_registration_and_template_matching():
     with pytest.raises(ValueError, match="1-128"):
         p.tool("bad name")
     for bad in ("", "a b", "x" * 129):  # as the manifest refuses them (found by review)
-        with pytest.raises(ValueError, match="prompt name .* must be 1-128"):
+        with pytest.raises(ValueError, match=r"prompt name .* must be 1-128"):
             p.prompt(bad)
     with pytest.raises(ValueError, match="unsupported URI template"):
         p.resource_template("q://x{?page}")
