@@ -198,6 +198,28 @@ def test_minimal_manifest_gets_defaults():
         ),
         (variant(prompts=[{"name": "p"}, {"name": "p"}]), "prompts", "duplicate prompt name"),
         ([], "manifest", "must be an object"),
+        # a misspelt key of an entry silently meant its default (found by review)
+        (
+            variant(tools=[{**GOOD["tools"][0], "outputschema": {"type": "object"}}]),
+            "tools[0]",
+            "unknown key 'outputschema'",
+        ),
+        (
+            variant(resources=[{"uri": "a://b", "name": "b", "mimetype": "text/plain"}]),
+            "resources[0]",
+            "unknown key 'mimetype'",
+        ),
+        (
+            variant(resourceTemplates=[{"uriTemplate": "a://{x}", "name": "x", "desc": "d"}]),
+            "resourceTemplates[0]",
+            "unknown key 'desc'",
+        ),
+        (variant(prompts=[{"name": "p", "argument": []}]), "prompts[0]", "unknown key"),
+        (
+            variant(prompts=[{"name": "p", "arguments": [{"name": "a", "requried": True}]}]),
+            "prompts[p].arguments[0]",
+            "unknown key 'requried'",
+        ),
     ],
 )
 def test_invalid_manifests_name_the_field(manifest, field, says):
@@ -325,3 +347,8 @@ def test_load_manifest_errors(tmp_path: Path):
         load_manifest(tmp_path)
     (tmp_path / "notes_plugin.py").write_text("")
     assert load_manifest(tmp_path).name == "notes"
+    # a key twice: JSON keeps the last, silently (found by review)
+    twice = json.dumps(GOOD).replace('"name": "notes"', '"name": "notes", "name": "kv2"', 1)
+    (tmp_path / "plugin.json").write_text(twice)
+    with pytest.raises(ManifestError, match="key 'name' appears twice in one object"):
+        load_manifest(tmp_path)

@@ -72,6 +72,14 @@ _TOP_LEVEL_KEYS = (
     "prompts",
 )
 _CAPABILITY_KEYS = ("network", "filesystem")
+# The keys of each entry of tools[], resources[], resourceTemplates[], prompts[] and a
+# prompt's arguments[]: a misspelt one (outputschema) silently meant its default (no
+# output checking): found by review.
+_TOOL_KEYS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
+_RESOURCE_KEYS = ("uri", "name", "title", "description", "mimeType")
+_TEMPLATE_KEYS = ("uriTemplate", "name", "title", "description", "mimeType")
+_PROMPT_KEYS = ("name", "title", "description", "arguments")
+_ARGUMENT_KEYS = ("name", "description", "required")
 # RFC 6570 level 1 and 2 as the worker compiles them (mcp_zero.plugin): {var} and {+var}.
 _TEMPLATE_VAR = re.compile(r"\{(\+?)([A-Za-z0-9_]+)\}")
 # (key, default, minimum, maximum)
@@ -324,6 +332,7 @@ def _schema(value: Any, where: str, *, required: bool) -> JSON | None:
 def _tool(raw: Any, i: int) -> ToolSpec:
     where = f"tools[{i}]"
     d = _obj(raw, where)
+    _known_keys(d, where, _TOOL_KEYS)
     name = _str(d, "name", f"{where}.") or ""
     if not _MCP_NAME.match(name):
         raise _fail(f"{where}.name", f"{name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
@@ -424,6 +433,7 @@ def _param_header(path: tuple[str, ...] | None, node: JSON) -> ParamHeader:
 def _resource(raw: Any, i: int) -> ResourceSpec:
     where = f"resources[{i}]."
     d = _obj(raw, where[:-1])
+    _known_keys(d, where[:-1], _RESOURCE_KEYS)
     uri = _str(d, "uri", where) or ""
     if len(uri) > MAX_URI_LENGTH:
         raise _fail(f"{where}uri", f"is longer than {MAX_URI_LENGTH} characters")
@@ -439,6 +449,7 @@ def _resource(raw: Any, i: int) -> ResourceSpec:
 def _template(raw: Any, i: int) -> ResourceTemplateSpec:
     where = f"resourceTemplates[{i}]."
     d = _obj(raw, where[:-1])
+    _known_keys(d, where[:-1], _TEMPLATE_KEYS)
     uri_template = _str(d, "uriTemplate", where) or ""
     problem = _template_problem(uri_template)
     if len(uri_template) > MAX_URI_LENGTH:
@@ -470,6 +481,7 @@ def _template_problem(template: str) -> str | None:
 def _prompt(raw: Any, i: int) -> PromptSpec:
     where = f"prompts[{i}]"
     d = _obj(raw, where)
+    _known_keys(d, where, _PROMPT_KEYS)
     name = _str(d, "name", f"{where}.") or ""
     if not _MCP_NAME.match(name):
         raise _fail(f"{where}.name", f"{name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
@@ -477,6 +489,7 @@ def _prompt(raw: Any, i: int) -> PromptSpec:
     for j, a in enumerate(_list(d, "arguments")):
         aw = f"prompts[{name}].arguments[{j}]."
         ad = _obj(a, aw[:-1])
+        _known_keys(ad, aw[:-1], _ARGUMENT_KEYS)
         required = ad.get("required", False)
         if not isinstance(required, bool):
             raise _fail(f"{aw}required", "must be true or false")
@@ -642,6 +655,19 @@ def parse_manifest(raw: Any) -> PluginManifest:
     )
 
 
+class _KeyTwice(ValueError):
+    """A JSON object of the manifest names a key twice."""
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> JSON:
+    obj: JSON = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _KeyTwice(key)
+        obj[key] = value
+    return obj
+
+
 def load_manifest(plugin_dir: str | Path) -> PluginManifest:
     """Read and validate ``plugin_dir/plugin.json`` and check its entry module exists and
     is not named like a module of the standard library or of the worker.
@@ -650,9 +676,14 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
     """
     path = Path(plugin_dir) / MANIFEST_FILE
     try:
-        raw = json.loads(_read_regular(path).decode("utf-8"))
+        raw = json.loads(_read_regular(path).decode("utf-8"), object_pairs_hook=_once_each)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no plugin.json in the plugin directory") from None
+    except _KeyTwice as exc:
+        raise ManifestError(
+            f"{path}: key {exc.args[0]!r} appears twice in one object (JSON would keep the "
+            "last, silently): keep the one you mean"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read plugin.json ({exc})") from None
     except RecursionError:
