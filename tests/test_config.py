@@ -278,6 +278,11 @@ def test_tls_cert_and_key_go_together() -> None:
         ("data_dir = ''", "give a path"),  # was the current directory
         ("allowed_origins = [1, 2]", "list of strings"),
         ("host = 8", "give a string"),
+        # TOML has numbers, booleans and arrays: a string is none of them (found by review)
+        ("port = '19014'", "whole number"),
+        ("examples = 'true'", "true or false"),
+        ("max_timeout_s = '2.5'", "give a number"),
+        ("allowed_origins = 'https://a.example, https://b.example'", "list of strings"),
     ],
 )
 def test_a_value_of_the_wrong_kind_is_refused_not_bent(
@@ -285,6 +290,15 @@ def test_a_value_of_the_wrong_kind_is_refused_not_bent(
 ) -> None:
     with pytest.raises(ConfigError, match=says):
         load_settings(write(tmp_path, f"[server]\n{text}\n"), None, environ={})
+
+
+def test_a_bad_file_value_is_refused_also_when_a_later_source_sets_it(tmp_path: Path) -> None:
+    # A broken file went unnoticed while --port or MCP0_PORT overrode it (found by review)
+    config = write(tmp_path, "[server]\nport = true\nexamples = 'treu'\n")
+    with pytest.raises(ConfigError, match="'port'"):
+        load_settings(config, {"port": 19071}, environ={"MCP0_PORT": "19072"})
+    with pytest.raises(ConfigError, match="'port'"):
+        load_settings(None, {"port": 19071}, environ={"MCP0_PORT": "abc"})
 
 
 @pytest.mark.parametrize(

@@ -101,11 +101,13 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
+def _coerce(name: str, value: Any, default: Any, *, text: bool = True) -> Any:
     """``value`` (from TOML, the environment or the command line) as the setting's type; a
     value of another kind is a ConfigError, never silently made one (``port = true`` is
-    not port 1, nor ``examples = "treu"`` false). A path's leading ``~`` is the home
-    directory, wherever the path comes from."""
+    not port 1, nor ``examples = "treu"`` false). ``text``: a string may spell a number,
+    a boolean or a comma-separated list (the environment's and the command line's; TOML
+    has those types, so a string there is no number: ``port = "19014"``). A path's leading
+    ``~`` is the home directory, wherever the path comes from."""
     shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:64]}…"
     if name in _OPTIONAL_PATHS and value in (None, ""):
         return None
@@ -123,26 +125,26 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        if text and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"setting {name!r} is {shown}; use true or false")
     if isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,30}", value.strip()):
+        if text and isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,30}", value.strip()):
             return int(value)
         raise ConfigError(f"setting {name!r} is {shown}; give a whole number")
     if isinstance(default, float):
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         try:
-            if isinstance(value, str):
+            if text and isinstance(value, str):
                 return float(value)
         except ValueError:
             pass
         raise ConfigError(f"setting {name!r} is {shown}; give a number")
     if isinstance(default, tuple):
-        items = value.split(",") if isinstance(value, str) else value
+        items = value.split(",") if text and isinstance(value, str) else value
         if isinstance(items, list | tuple) and all(isinstance(v, str) for v in items):
             return tuple(v.strip() for v in items if v.strip())
         raise ConfigError(f"setting {name!r} is {shown}; give a list of strings")
@@ -172,17 +174,18 @@ def load_settings(
                 raise ConfigError(
                     f"unknown setting {key!r} in {config_file}; known: {', '.join(sorted(known))}"
                 )
-            values[name] = value
+            # each source checked, also one a later source overrides: a broken file must
+            # not go unnoticed until the override is dropped (found by review)
+            values[name] = _coerce(name, value, getattr(base, name), text=False)
     env = os.environ if environ is None else environ
     for name in known:
         env_value = env.get(_ENV_PREFIX + name.upper())
         if env_value is not None:
-            values[name] = env_value
+            values[name] = _coerce(name, env_value, getattr(base, name))
     for name, value in (overrides or {}).items():
         if value is not None:
-            values[name] = value
-    coerced = {n: _coerce(n, v, getattr(base, n)) for n, v in values.items()}
-    settings = replace(base, **coerced)
+            values[name] = _coerce(name, value, getattr(base, name))
+    settings = replace(base, **values)
     for name, low, high in _RANGES:
         value = getattr(settings, name)
         if not low <= value <= high:
