@@ -49,6 +49,7 @@ from mcp_zero.sandbox.manifest import (
 )
 from mcp_zero.sandbox.ownership import WORKER_USER, readable_to_all
 from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.security.files import sync_directory
 from mcp_zero.storage.base import PluginRecord, Store
 
 JSON = dict[str, Any]
@@ -297,9 +298,16 @@ def _copy_file(src: int, target: Path, info: os.stat_result) -> int:
             if copied > MAX_PLUGIN_BYTES:  # (grown since it was checked)
                 break
             fdio.write_all(dst, chunk)
+        os.fsync(dst)  # durable before the install's record is: not empty after a power loss
     finally:
         os.close(dst)
     return copied
+
+
+def _sync_dirs(root: Path) -> None:
+    """Flush the entries of ``root`` and of every directory below it to disk."""
+    for directory, _, _ in os.walk(root):
+        sync_directory(Path(directory))
 
 
 def _utf8(name: str) -> bool:
@@ -621,7 +629,9 @@ class PluginHost:
                 # copytree gave it the source's time; the sweep reads it as the copy's age
                 os.utime(staging)
                 digest = _tree_digest(staging)
+                _sync_dirs(staging)
                 staging.rename(target)
+                sync_directory(parent)  # the copy is where its record will say, durably
             except OSError as exc:  # an unreadable file, a full disk…
                 raise StorageError(
                     f"cannot copy plugin {manifest.name!r} from {source} into {parent}: "
