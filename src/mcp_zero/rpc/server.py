@@ -1007,6 +1007,7 @@ class McpServer:
         return run
 
     def _bridge(self, session: Session, params: JSON, channel: Channel, rid: Any) -> RequestBridge:
-        token = _progress_token(params)
+        # (most calls carry no _meta: no call to find no token in it)
+        token = _progress_token(params) if "_meta" in params else None
         asker = channel if isinstance(channel, Continuation) else None
         return RequestBridge(session, channel, token, rid, self.announce_resource_updated, asker)
