@@ -35,6 +35,7 @@ from mcp_zero.kernel.admin_token import (
     rotate_admin_token,
     rotation_id,
 )
+from mcp_zero.policy import write_default_policies
 from mcp_zero.runtime import Runtime
 from mcp_zero.security.files import exclusive_lock
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
@@ -395,6 +396,9 @@ async def test_policies_and_admin_token_changed_while_no_server_ran_are_recorded
     with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
         bodies = [orjson.loads(e.body) for e in store.read_audit(0, 1000)]
     assert [b["verb"] for b in bodies][-2:] == [CHANGE_ADMIN_TOKEN, "spawn_agent"]
+    # found by a command, not a server's start (which it is not: found by review)
+    assert "at_start" not in bodies[-2]
+    assert bodies[-2]["found_by_command"].endswith("agent create")
 
 
 @pytest.mark.parametrize("how", ["emptied", "deleted"])
@@ -425,10 +429,47 @@ def test_a_data_dir_whose_database_was_lost_is_refused_not_laid_out_anew(
         )
         assert done.returncode == 1, command
         assert done.stderr.startswith(f"mcp0: error: the database {db} is ")
+        assert "holds copies of installed plugins (notes/" in done.stderr
         assert "Restore mcp0.db" in done.stderr
         assert done.stderr.count("\n") == 1
     assert db.exists() == (how == "emptied")
     assert not db.exists() or db.stat().st_size == 0  # nothing laid out in it
+
+
+def test_a_data_dir_prepared_by_the_operator_is_not_taken_for_a_lost_one(tmp_path: Path) -> None:
+    # plugin-data/ on a file system of its own (docs/plugins.md) has its lost+found, and a
+    # plugins/.keep is no install: both were refused as a lost database (found by review)
+    data_dir = tmp_path / "data"
+    (data_dir / "plugin-data" / "lost+found").mkdir(parents=True)
+    (data_dir / "plugins").mkdir()
+    (data_dir / "plugins" / ".keep").write_text("")
+    done = subprocess.run(
+        [MCP0, "agent", "create", "bob", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_first_start_records_the_policies_it_decides_under_before_deciding(
+    tmp_path: Path,
+) -> None:
+    # The example's install and agent default were decided by the operator's policy set,
+    # and the set recorded after them (found by review)
+    data_dir = tmp_path / "data"
+    (data_dir / "policies").mkdir(parents=True)
+    write_default_policies(data_dir / "policies")
+    (data_dir / "policies" / "ops.cedar").write_text(
+        '@id("ops")\nforbid (principal, action == Action::"call_tool", resource)'
+        " when { context.anonymous };\n"
+    )
+    serve_once(data_dir)
+    with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
+        verbs = [orjson.loads(e.body)["verb"] for e in store.read_audit(0, 1000)]
+    assert verbs[:2] == [LOAD_POLICIES, CHANGE_ADMIN_TOKEN]
+    assert "install_plugin" in verbs[2:]
+    assert "spawn_agent" in verbs[2:]
 
 
 def _admin_token_changes(runtime: Runtime) -> list[dict[str, Any]]:

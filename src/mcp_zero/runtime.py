@@ -88,30 +88,43 @@ def _create_signing_key(path: Path) -> None:
 POLICIES_RECORDED = "policies"
 
 
+def _found_by(by: str) -> dict[str, Any]:
+    """What a record of governing files found unrecorded says of who found them: a server
+    as it started (``at_start``), or a command about to decide under them (which may run
+    beside a server that records the same change itself, a moment later)."""
+    return {"at_start": True} if by == "start" else {"found_by_command": by}
+
+
 def _check_store_not_lost(settings: Settings) -> None:
-    """Refuse a data dir whose database is missing or empty while plugins were installed
-    in it (which needs a database): laid out again as new, its agents, plugins and audit
-    history were silently gone, and a fresh chain looked valid (found by review). (A first
-    start killed before its database was made leaves no plugin: that one goes on.)"""
+    """Refuse a data dir whose database is missing or empty while it holds installed
+    plugins' copies (``plugins/NAME/VERSION-…``, made only by an install, which needs a
+    database): laid out again as new, its agents, plugins and audit history were silently
+    gone, and a fresh chain looked valid (found by review). A first start killed before its
+    database was made, or a data dir the operator prepared (``plugin-data/`` mounted on a
+    file system of its own, with its ``lost+found``), holds none and goes on."""
     db = settings.db_path
     if db.exists() and db.stat().st_size > 0:
         return
-    held = []
-    for d in (settings.plugins_dir, settings.plugin_data_dir):
-        try:
-            if any(d.iterdir()):
-                held.append(d.name)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ConfigError(f"cannot read {d}: {exc}") from exc
-    if held:
+    try:
+        copies = [
+            f"{plugin.name}/{copy.name}"
+            for plugin in settings.plugins_dir.iterdir()
+            if plugin.is_dir() and not plugin.name.startswith(".")
+            for copy in plugin.iterdir()
+            if copy.is_dir() and not copy.name.startswith(".")
+        ]
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot read {settings.plugins_dir}: {exc.strerror or exc}") from exc
+    if copies:
         state = "missing" if not db.exists() else "empty"
         raise ConfigError(
-            f"the database {db} is {state}, but {settings.data_dir} holds "
-            f"{' and '.join(held)} of plugins installed with one: its agents, plugins and "
-            "audit log would be lost. Restore mcp0.db (and mcp0.db-wal) from a backup, or "
-            "move the data dir aside to start anew"
+            f"the database {db} is {state}, but {settings.plugins_dir} holds copies of "
+            f"installed plugins ({', '.join(sorted(copies)[:3])}"
+            f"{', …' if len(copies) > 3 else ''}): the agents, plugins and audit log "
+            "recorded with them are gone. Restore mcp0.db (and mcp0.db-wal) if you have a "
+            "backup; else move the data dir aside to start anew"
         )
 
 
@@ -192,7 +205,7 @@ class Runtime:
         self._refresher: asyncio.Task[None] | None = None
         self.audit.start()
 
-    def record_what_governs(self) -> None:
+    def record_what_governs(self, by: str = "start") -> None:
         """Record the policy set and the admin token in force when they are not what the
         log last recorded of them: changed while no server ran, or in the moments before
         one was killed (they were taken up unrecorded: found by review). Called before a
@@ -204,7 +217,7 @@ class Runtime:
             detail = {
                 "policies_sha256": engine.digest,
                 "generation": self.policy.generation,
-                "at_start": True,
+                **_found_by(by),
             }
             self._record_file(
                 LOAD_POLICIES,
@@ -220,7 +233,7 @@ class Runtime:
                 CHANGE_ADMIN_TOKEN,
                 self.settings.admin_token_path.name,
                 Outcome.ALLOWED if token is not None else Outcome.ERROR,
-                {"at_start": True} | ({} if token is not None else {"code": "no_admin_token"}),
+                _found_by(by) | ({} if token is not None else {"code": "no_admin_token"}),
                 (ADMIN_TOKEN_RECORDED, digest),
             )
 

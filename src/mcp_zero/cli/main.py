@@ -120,7 +120,9 @@ def _runtime(
     existed = settings.data_dir.exists()
     runtime = Runtime(settings if create else _existing(settings))
     try:
-        runtime.record_what_governs()  # before the command decides anything under them
+        # before the command decides anything under them
+        ctx = click.get_current_context(silent=True)
+        runtime.record_what_governs(by=ctx.command_path if ctx is not None else "mcp0")
         yield runtime
     except BaseException:
         runtime.close()

@@ -93,6 +93,9 @@ def _prepare(settings: Settings, *, first_start: bool = False) -> tuple[Runtime,
     runtime = Runtime(settings)
     done = FirstStart([], None)
     try:
+        # the first start's install and agent are decided by policy: the set (and token)
+        # in force recorded before them (Runtime.start would have, after: found by review)
+        runtime.record_what_governs()
         if first_start:
             done = asyncio.run(runtime.finish_first_start(record=False))
         if settings.anonymous_agent and runtime.store.get_agent(settings.anonymous_agent) is None:
