@@ -299,6 +299,15 @@ def test_a_bad_file_value_is_refused_also_when_a_later_source_sets_it(tmp_path: 
         load_settings(config, {"port": 19071}, environ={"MCP0_PORT": "19072"})
     with pytest.raises(ConfigError, match="'port'"):
         load_settings(None, {"port": 19071}, environ={"MCP0_PORT": "abc"})
+    # out of range, an unknown level, no such user: the same (found by the fix's review)
+    for text, env, says in (
+        ("port = 99999", {"MCP0_PORT": "19072"}, "'port' is 99999"),
+        ("log_level = 'bogus'", {"MCP0_LOG_LEVEL": "info"}, "'log_level'"),
+        ("rate_limit = -5", {"MCP0_RATE_LIMIT": "5"}, "'rate_limit' is -5"),
+        ("worker_user = 'no-such-user-x'", {"MCP0_WORKER_USER": "nobody"}, "'worker_user'"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            load_settings(write(tmp_path, f"[server]\n{text}\n"), None, environ=env)
 
 
 @pytest.mark.parametrize(

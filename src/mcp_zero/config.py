@@ -176,41 +176,45 @@ def load_settings(
                 )
             # each source checked, also one a later source overrides: a broken file must
             # not go unnoticed until the override is dropped (found by review)
-            values[name] = _coerce(name, value, getattr(base, name), text=False)
+            values[name] = _checked(name, _coerce(name, value, getattr(base, name), text=False))
     env = os.environ if environ is None else environ
     for name in known:
         env_value = env.get(_ENV_PREFIX + name.upper())
         if env_value is not None:
-            values[name] = _coerce(name, env_value, getattr(base, name))
+            values[name] = _checked(name, _coerce(name, env_value, getattr(base, name)))
     for name, value in (overrides or {}).items():
         if value is not None:
-            values[name] = _coerce(name, value, getattr(base, name))
+            values[name] = _checked(name, _coerce(name, value, getattr(base, name)))
     settings = replace(base, **values)
-    for name, low, high in _RANGES:
-        value = getattr(settings, name)
-        if not low <= value <= high:
-            raise ConfigError(f"setting {name!r} is {value!r}; it must be in [{low}, {high}]")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together: give both for HTTPS, or neither")
-    if settings.log_level.lower() not in LOG_LEVELS:
+    return settings
+
+
+def _checked(name: str, value: Any) -> Any:
+    """``value`` (of the setting's type) if the setting may take it; else a ConfigError.
+    Each source's value is checked, also one a later source overrides."""
+    bounds = next(((low, high) for n, low, high in _RANGES if n == name), None)
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
         raise ConfigError(
-            f"setting 'log_level' is {settings.log_level!r}; use one of {', '.join(LOG_LEVELS)}"
+            f"setting {name!r} is {value!r}; it must be in [{bounds[0]}, {bounds[1]}]"
         )
-    if settings.worker_user != WORKER_USER:  # (nobody is 65534 where the system lacks it)
+    if name == "log_level" and value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"setting 'log_level' is {value!r}; use one of {', '.join(LOG_LEVELS)}")
+    if name == "worker_user" and value != WORKER_USER:  # (nobody is 65534 where none is)
         try:
-            entry = pwd.getpwnam(settings.worker_user)
+            entry = pwd.getpwnam(value)
         except KeyError:
             raise ConfigError(
-                f"setting 'worker_user' is {settings.worker_user!r}, which names no user on "
-                "this system; name one (the default is nobody), or root to keep workers root"
+                f"setting 'worker_user' is {value!r}, which names no user on this system; "
+                "name one (the default is nobody), or root to keep workers root"
             ) from None
         if entry.pw_uid != 0 and entry.pw_gid == 0:
             raise ConfigError(
-                f"setting 'worker_user' is {settings.worker_user!r}, whose group is root's "
-                "(gid 0): its workers would read the files of root's group; give the user a "
-                "group of its own"
+                f"setting 'worker_user' is {value!r}, whose group is root's (gid 0): its "
+                "workers would read the files of root's group; give the user a group of its own"
             )
-    return settings
+    return value
 
 
 def _file_section(raw: dict[str, Any], config_file: Path) -> dict[str, Any]:

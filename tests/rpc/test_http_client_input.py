@@ -277,7 +277,7 @@ async def sampled_with(env: Env, rid: str, answer: bytes) -> tuple[str, float]:
                 posted = await client.post_raw(
                     b'{"jsonrpc":"2.0","id":%d,"result":%s}' % (ask["id"], answer)
                 )
-                malformed = answer.lstrip()[:1] not in (b"{", b"n")
+                malformed = answer.lstrip()[:1] not in (b"{", b"n") or b'"error"' in answer
                 assert posted.status_code == (400 if malformed else 202)
                 start = anyio.current_time()
                 final = [e.message async for e in events if e.data][-1]
@@ -304,7 +304,7 @@ async def test_a_null_sampling_result_is_an_error_to_the_plugin(env: Env) -> Non
     assert [r["code"] for r in asked] == ["client_request_failed"]
 
 
-@pytest.mark.parametrize("answer", [b"[1, 2]", b'"str"', b"5", b"true"])
+@pytest.mark.parametrize("answer", [b"[1, 2]", b'"str"', b"5", b"true", b'{}, "error": {}'])
 async def test_a_sampling_result_that_is_no_object_fails_its_question_at_once(
     env: Env, answer: bytes
 ) -> None:
@@ -312,7 +312,8 @@ async def test_a_sampling_result_that_is_no_object_fails_its_question_at_once(
     # (found by review)
     rid = f"no-object-{answer.decode()}"
     text, took = await sampled_with(env, rid, answer)
-    assert '"result" must be an object' in text
+    # (or both result and error: an answer, but not one; found by the review of the fix)
+    assert '"result" must be an object' in text or "exactly one of result and error" in text
     assert took < 5  # not the plugin's timeout
     asked = [r for r in records_of(env.live, rid) if r["verb"] == "client_request"]
     assert [r["code"] for r in asked] == ["client_request_failed"]

@@ -84,11 +84,12 @@ def classify(obj: Any) -> Message:
         )
     method = obj.get("method")
     if method is None:
-        if msg_id is None or ("result" in obj) == ("error" in obj):
+        if msg_id is None:
             raise InvalidRequest(
-                "a message needs a method, or an id with exactly one of result and error",
-                data=_id_data(msg_id),
+                "a message needs a method, or an id with exactly one of result and error"
             )
+        if ("result" in obj) == ("error" in obj):  # an answer, but none: it fails its question
+            return Response(msg_id, None, None, "an answer needs exactly one of result and error")
         result, error = obj.get("result"), obj.get("error")
         if result is not None and not isinstance(result, dict):
             return Response(msg_id, None, None, '"result" must be an object')
