@@ -192,7 +192,6 @@ class _Connection(asyncio.Protocol):
         self.writable.set()
         self.dropped = False  # we dropped it: its client did not read its stream
         self.skipped = 0  # lossy messages not sent while its client had too much unread
-        self.handshake: asyncio.Task[None] | None = None  # TLS's, under way
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -207,37 +206,8 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
             server.refused_connection()
             return
-        server.connections.add(self)
-        if server.tls is not None:
-            # TLS begins once the connection is counted: one still in its handshake holds a
-            # descriptor too (with create_server(ssl=...), uncounted until the handshake
-            # ended, or 60 s: found by review)
-            self.transport.pause_reading()
-            # (kept here, not among the server's requests in flight: a stop closes it)
-            self.handshake = asyncio.get_running_loop().create_task(self._start_tls(server.tls))
-            return
         self.transport.set_write_buffer_limits(high=server.max_stream_backlog)
-
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
-        raw = self.transport
-        assert raw is not None
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                raw, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_S
-            )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.debug("TLS handshake with %s failed: %s", self.client, exc)
-            raw.abort()
-            self.connection_lost(None)
-            return
-        except asyncio.CancelledError:  # the server stops
-            raw.abort()
-            self.connection_lost(None)
-            raise
-        if tls is None or self.closed:
-            return
-        self.transport = tls
-        self.transport.set_write_buffer_limits(high=self.server.max_stream_backlog)
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -856,6 +826,10 @@ class HttpServer:
             self.port,
             reuse_address=True,
             backlog=1024,
+            ssl=self.tls,
+            # (a connection is counted once its handshake ended: one that never ends it
+            # holds a descriptor this long, uncounted)
+            ssl_handshake_timeout=TLS_HANDSHAKE_S if self.tls is not None else None,
         )
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
