@@ -436,6 +436,10 @@ class Runtime:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_INTERVAL_S)
+            try:  # room for the audit log: none, and calls are refused before they act
+                await asyncio.to_thread(self.audit.check_room)
+            except Exception:
+                log.exception("checking the audit log's room failed; looking again later")
             try:
                 if await self.plugins.refresh():
                     # replaced copies no process can still run (as at start): a server up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -393,3 +394,27 @@ async def test_admin_changes_in_threads_do_not_fail_the_loops_batches(tmp_path: 
         assert not log.stats.failing
         assert min(changes) > 0
         assert verify_store(store).count == 200 + sum(changes)
+
+
+async def test_a_store_without_room_fails_the_log_before_a_commit_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A disk filled by something else was found only by the next commit, after its call's
+    # plugin had acted, and nothing was logged, then or on recovery (found by review)
+    caplog.set_level(logging.INFO, logger="mcp_zero.audit")
+    with SqliteStore(tmp_path / "a.db", max_size_bytes=1 << 20) as store, AuditLog(store) as log:
+        assert log.check_room()
+        store._max_size_bytes = (tmp_path / "a.db").stat().st_size + 4096  # nearly full
+        assert not log.check_room()  # under 64 KiB of room
+        assert log.stats.failing
+        assert "less than 64 KiB of room" in log.stats.last_failure
+        assert "less than 64 KiB of room" in str(_audit_failing(log))
+        assert not log.check_room()
+        failed = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+        assert len(failed) == 1  # once
+        store._max_size_bytes = 64 << 20  # room again
+        store._audit_conn.execute("PRAGMA max_page_count = 1000000")
+        log._room_checked = 0.0  # (past ROOM_CHECK_S)
+        assert log.check_room()
+        assert not log.stats.failing
+        assert any("can be written again" in r.getMessage() for r in caplog.records)

@@ -39,6 +39,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +52,7 @@ from mcp_zero.errors import StorageError
 from mcp_zero.storage.base import AuditEntry, Store, StoreBusy
 
 T = TypeVar("T")
+log = logging.getLogger("mcp_zero.audit")
 
 #: What a failed log needs free (on disk, and under the store's size limit) to take calls
 #: again: a few batches' worth.
@@ -291,14 +293,12 @@ class AuditLog:
 
         try:
             self._write_chained(write)
-        except StorageError:
+        except StorageError as exc:
             # the store's failure, not the change's (a refused change raises its own): a
             # full store refuses calls from now on, before their plugins run, as a failed
             # batch makes it
             if not self._store.has_room(ROOM_BYTES):
-                with self._lock:
-                    self.stats.failing = True
-                    self._room_checked = time.monotonic()
+                self._fail(str(exc))
             raise
         with self._lock:  # (also the loop's thread counts)
             self.stats.batches += 1
@@ -316,7 +316,38 @@ class AuditLog:
             self._room_checked = now
             if self._store.has_room(ROOM_BYTES):
                 self.stats.failing = False
+                log.warning(
+                    "the audit log can be written again (%d events failed meanwhile): "
+                    "calls are taken again",
+                    self.stats.failed_events,
+                )
         return not self.stats.failing
+
+    def check_room(self) -> bool:
+        """Whether the store has room for a few batches; when it has not, the log fails
+        from now on (calls refused before their plugins act, /readyz 503) as a failed commit
+        makes it. A server asks every second: a disk filled by something else is found
+        before a call acts and then cannot be recorded (found by review)."""
+        if self.stats.failing:
+            return self.writable()
+        if self._store.has_room(ROOM_BYTES):
+            return True
+        self._fail("the store has less than 64 KiB of room left (a full disk, or its size limit)")
+        return False
+
+    def _fail(self, why: str) -> None:
+        """From now on calls are refused until writable() finds room; logged once."""
+        with self._lock:
+            self._room_checked = time.monotonic()
+            self.stats.last_failure = why
+            if self.stats.failing:
+                return
+            self.stats.failing = True
+        log.error(
+            "the audit log cannot be written (%s): every call is refused until it can; "
+            "free space, or raise db_max_mb",
+            why,
+        )
 
     def _gathered(self) -> list[_Pending]:
         """What this thread's loop has gathered and not committed (taken from its batch);
@@ -416,9 +447,7 @@ class AuditLog:
         except Exception as exc:  # any failure fails the batch, never the log
             if retry and isinstance(exc, StoreBusy):
                 return False
-            self.stats.failing = True  # until writable() finds room again
-            self.stats.last_failure = str(exc)
-            self._room_checked = time.monotonic()
+            self._fail(str(exc))  # until writable() finds room again
             self.stats.failed_batches += 1
             self.stats.failed_events += len(batch)
             _settle(batch, None, exc)
