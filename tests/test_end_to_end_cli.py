@@ -625,12 +625,42 @@ def test_what_plugins_left_running_after_kill_9_ends_at_the_next_start(
     assert "left behind" in server.output()
 
 
-def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server) -> None:
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s processes below it, from /proc (its plugin workers among them)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[1])
+    below, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        below += children
+        frontier += children
+    return below
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGQUIT", "SIGTERM to every process"])
+def test_sigterm_lets_calls_in_flight_finish_and_audits_them(server: Server, how: str) -> None:
+    # SIGHUP (a closed terminal or ssh session) and SIGQUIT killed the server on the spot,
+    # and systemd's KillMode=control-group SIGTERMs the workers too, which died under the
+    # calls given their grace (found by review)
     data_dir = str(server.data_dir)
     token = sleepy_agent(server)
     assert server.proc is not None
     proc = server.proc
-    answers = asyncio.run(nap_calls(server.url, token, 1.0, 3, proc.terminate))
+    number = getattr(signal, how.split()[0])
+
+    def stop() -> None:
+        targets = [proc.pid, *(_descendants(proc.pid) if "every" in how else [])]
+        for pid in targets:
+            os.kill(pid, number)
+
+    answers = asyncio.run(nap_calls(server.url, token, 1.0, 3, stop))
     assert proc.wait(timeout=15) == 0, server.output()
     assert "stopping: 3 request(s) in flight get up to 5 s" in server.output()
     assert "cut off" not in server.output()

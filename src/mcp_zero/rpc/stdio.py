@@ -16,7 +16,6 @@ import contextlib
 import io
 import logging
 import os
-import signal
 import stat
 import sys
 from collections.abc import Callable, Coroutine
@@ -25,7 +24,7 @@ from typing import Any, BinaryIO, cast
 from mcp_zero.errors import InvalidRequest, Unauthorized
 from mcp_zero.fdio import write_all
 from mcp_zero.kernel.action import Principal
-from mcp_zero.rpc import jsonrpc
+from mcp_zero.rpc import STOP_SIGNALS, jsonrpc
 from mcp_zero.rpc.envelope import has_envelope
 from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
@@ -233,7 +232,7 @@ async def serve_stdio(
                 signalled.append(number)
                 main.cancel()
 
-        for number in (signal.SIGTERM, signal.SIGINT):
+        for number in STOP_SIGNALS:
             asyncio.get_running_loop().add_signal_handler(number, stop, number)
     try:
         await _serve_stdio(runtime, principal, stdin, stdout)

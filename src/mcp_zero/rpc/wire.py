@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import resource
-import signal
 import ssl
 import time
 from collections import deque
@@ -38,6 +37,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from mcp_zero.errors import SHUTTING_DOWN
+from mcp_zero.rpc import STOP_SIGNALS
 from mcp_zero.rpc.asgi import Receive, Scope, Send
 
 App = Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]
@@ -910,12 +910,12 @@ class HttpServer:
             await on_start()
         if listen:
             await self.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.stop)
         try:
             await self.wait_stopped(grace)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
             if on_stop is not None:
                 await on_stop()

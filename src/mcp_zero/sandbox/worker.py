@@ -66,6 +66,7 @@ import importlib
 import itertools
 import os
 import resource
+import signal
 import sys
 import threading
 import traceback
@@ -75,6 +76,7 @@ from typing import Any
 from mcp_zero import memory
 from mcp_zero.fdio import write_all
 from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
+from mcp_zero.rpc import STOP_SIGNALS
 from mcp_zero.sandbox import isolation, ownership, proctree, results
 from mcp_zero.sandbox.frames import (
     LARGE_FRAME_CHARS,
@@ -605,6 +607,10 @@ def _load_failure(exc: BaseException, switched: bool) -> str:
     return message
 
 
+def _not_yours(number: int, frame: Any) -> None:
+    """A stop signal for the server: it ends this worker when its calls are done."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
@@ -613,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
     in_fd, out_fd = _isolate_stdio()
     isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
+    # The server ends its workers (their stdin closed, then SIGKILL): a stop signal sent to
+    # every process of the service (systemd's KillMode=control-group) must not kill them
+    # under the calls the server gives its grace to (found by review). A handler, not
+    # SIG_IGN: what the plugin runs gets the default again at exec.
+    for number in STOP_SIGNALS:
+        signal.signal(number, _not_yours)
     try:
         sandbox, switched = _confine(plugin_dir, env)
     except OSError as exc:  # (its data dir could not be prepared, say)
