@@ -74,6 +74,9 @@ log = logging.getLogger("mcp_zero.http")
 DROP_LOG_INTERVAL_S = 60.0  # an agent's dropped sessions are logged once a minute
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 _ALLOW = [(b"allow", b"GET, POST, DELETE, OPTIONS")]
+_ALLOW_GET = [(b"allow", b"GET, HEAD")]
+_PROBES = frozenset(("/healthz", "/readyz", "/metrics"))
+_FORBIDDEN_ORIGIN = {"error": {"code": "forbidden_origin", "message": "origin not allowed"}}
 _ALLOWED_HEADERS = (
     b"authorization, content-type, accept, mcp-session-id, mcp-protocol-version, "
     b"last-event-id, mcp-method, mcp-name"
@@ -451,6 +454,8 @@ class HttpApp:
                 await respond(send, 204, b"", _preflight(scope) if origin is not None else _ALLOW)
             else:
                 await respond(send, 405, b"", _ALLOW)
+        elif path in _PROBES and method not in ("GET", "HEAD"):
+            await respond(send, 405, b"", _ALLOW_GET)  # (they answered anything: by review)
         elif path == "/healthz":
             await respond_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
@@ -462,6 +467,11 @@ class HttpApp:
                 answer["audit"] = "failing"
             await respond_json(send, 200 if ready else 503, answer)
         elif path == "/metrics":
+            if not self._origin_allowed(scope, header(scope, b"origin")):
+                # (a page on another host, through DNS rebinding, read a loopback server's
+                # counters: found by review)
+                await respond_json(send, 403, _FORBIDDEN_ORIGIN)
+                return
             if not (self._loopback_only or self.settings.metrics_public):
                 # Beyond loopback the counters (agents' activity, policy ids) are the
                 # administrator's: the admin token, unless metrics_public says otherwise.
@@ -480,11 +490,7 @@ class HttpApp:
             await respond(send, 200, body, [(b"content-type", content_type.encode())])
         elif path.startswith("/api/v1/"):
             if not self._origin_allowed(scope, header(scope, b"origin")):
-                await respond_json(
-                    send,
-                    403,
-                    {"error": {"code": "forbidden_origin", "message": "origin not allowed"}},
-                )
+                await respond_json(send, 403, _FORBIDDEN_ORIGIN)
                 return
             body, error = await read_body(receive, self.settings.max_body_bytes)
             if error is not None:
