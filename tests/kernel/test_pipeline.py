@@ -779,6 +779,29 @@ async def test_a_cancelled_call_leaves_its_agents_turn_to_the_next_agent() -> No
     assert await free_slots(slots) == 1
 
 
+async def test_the_time_a_call_queued_for_a_slot_is_the_quota_stage(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # mcp0_stage_seconds{stage="quota"} (and "ratelimit") were exported and never observed
+    # (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        first = asyncio.ensure_future(
+            call(runtime, ada, "slow_sync", {"seconds": 0.5}, "first", bridge)
+        )
+        await anyio.sleep(0.2)  # running: the plugin's one slot is taken
+        await call(runtime, ada, "echo", {"text": "b"}, "second", bridge)
+        await first
+        text = runtime.metrics.render()[0].decode()
+    finally:
+        await runtime.aclose()
+    assert 'mcp0_stage_seconds_count{stage="quota"} 1' in text
+    assert 'stage="ratelimit"' not in text
+
+
 @pytest.mark.slow
 async def test_a_queued_call_that_times_out_says_how_long_it_queued(
     make_runtime: Any, tmp_path: Path, bridge: Any

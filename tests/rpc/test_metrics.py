@@ -207,19 +207,17 @@ async def test_probes_answer_get_only_and_metrics_only_to_this_host(tmp_path: Pa
     # /healthz, /readyz and /metrics answered POST and DELETE with 200, and a page on
     # another host (DNS rebinding) read a loopback server's counters (found by review)
     runtime = make_runtime(tmp_path / "data")
-    async with serve(runtime) as live:
-        async with httpx2.AsyncClient(verify=False, timeout=20) as http:
-            with anyio.fail_after(20):
-                for path in ("/healthz", "/readyz", "/metrics"):
-                    for method in ("POST", "PUT", "DELETE"):
-                        refused = await http.request(method, f"{live.base}{path}")
-                        assert refused.status_code == 405, (method, path)
-                        assert refused.headers["allow"] == "GET, HEAD"
-                    assert (await http.head(f"{live.base}{path}")).status_code in (200, 503)
-                rebound = await http.get(
-                    f"{live.base}/metrics", headers={"Host": "attacker.example:80"}
-                )
-                assert rebound.status_code == 403
-                assert "mcp0_calls" not in rebound.text
-                assert (await http.get(f"{live.base}/metrics")).status_code == 200
-
+    async with serve(runtime) as live, httpx2.AsyncClient(verify=False, timeout=20) as http:
+        with anyio.fail_after(20):
+            for path in ("/healthz", "/readyz", "/metrics"):
+                for method in ("POST", "PUT", "DELETE"):
+                    refused = await http.request(method, f"{live.base}{path}")
+                    assert refused.status_code == 405, (method, path)
+                    assert refused.headers["allow"] == "GET, HEAD"
+                assert (await http.head(f"{live.base}{path}")).status_code in (200, 503)
+            rebound = await http.get(
+                f"{live.base}/metrics", headers={"Host": "attacker.example:80"}
+            )
+            assert rebound.status_code == 403
+            assert "mcp0_calls" not in rebound.text
+            assert (await http.get(f"{live.base}/metrics")).status_code == 200

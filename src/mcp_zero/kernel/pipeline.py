@@ -914,6 +914,7 @@ class Kernel:
                         slots, principal.agent, timeout, action.plugin, quotas.max_concurrency
                     )
                     queued = time.perf_counter() - t
+                    metrics.observe_stage("quota", queued)
                     timeout = max(timeout - queued, 0.001)
                     try:  # replaced or removed meanwhile? then the new code, or the error
                         runtime = self.plugins.runtime(action.plugin)
