@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -818,12 +819,16 @@ def _napping_stdio(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     data_dir = str(tmp_path / "data")
     mcp0("plugin", "install", str(KIT_DIR), "--data-dir", data_dir)
     mcp0("agent", "create", "napper", "--plugin", "kit", "--data-dir", data_dir)
-    proc = subprocess.Popen(
-        [MCP0, "serve", "--stdio", "--agent", "napper", "--data-dir", data_dir],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    log = os.open(tmp_path / "stdio.log", os.O_WRONLY | os.O_CREAT, 0o600)  # its stderr
+    try:
+        proc = subprocess.Popen(
+            [MCP0, "serve", "--stdio", "--agent", "napper", "--data-dir", data_dir],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+    finally:
+        os.close(log)
     assert proc.stdin is not None
     assert proc.stdout is not None
     messages = [
@@ -857,6 +862,13 @@ def test_sigterm_ends_a_stdio_session_recording_the_call_it_cut_short(tmp_path: 
         assert proc.wait(timeout=30) == 0
     nap = _the_nap(data_dir)
     assert (nap["outcome"], nap.get("code")) == ("error", "cancelled")
+    # its log lines have their time, as the HTTP server's (they had none: found by review)
+    [stopped] = [
+        line
+        for line in (tmp_path / "stdio.log").read_text().splitlines()
+        if "stopped by signal" in line
+    ]
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO mcp_zero.stdio: ", stopped)
 
 
 def test_terminating_the_agent_of_a_stdio_session_stops_its_running_call(tmp_path: Path) -> None:

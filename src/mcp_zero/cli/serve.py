@@ -21,6 +21,10 @@ from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
 log = logging.getLogger("mcp_zero.serve")
 
 
+# The server's log lines (stderr), over HTTP and stdio alike.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -131,7 +135,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     _install_uvloop()
     tls = _tls_context(settings)
@@ -217,7 +221,8 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     if sys.stdin is None or sys.stdout is None:  # (started with `<&-` or `>&-`)
         closed = "stdin" if sys.stdin is None else "stdout"
         raise ConfigError(f"--stdio speaks MCP on stdin and stdout, and {closed} is closed")
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
+    # (as the HTTP server's: it had no times, found by review)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     _install_uvloop()
     # a stdio session's agent exists already: the first start is left to an HTTP server
     runtime, _ = _prepare(settings)
