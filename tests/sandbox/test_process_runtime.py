@@ -307,7 +307,8 @@ async def test_crash_fails_other_calls_in_flight(make_runtime):
     assert len(errors) == 1
 
 
-async def test_hung_sync_handler_times_out_and_worker_is_replaced(make_runtime):
+async def test_hung_sync_handler_times_out_and_worker_is_replaced(make_runtime, caplog):
+    caplog.set_level(logging.WARNING, logger="mcp_zero.sandbox")
     rt = await make_runtime(cancel_grace=0.3)
     first = rt.pids[0]
     started = time.monotonic()
@@ -319,6 +320,9 @@ async def test_hung_sync_handler_times_out_and_worker_is_replaced(make_runtime):
             await anyio.sleep(0.02)
         who = await call(rt, "whoami")
     assert who["structuredContent"]["pid"] != first
+    # and logged, which it was not (only counted): found by review
+    killed = [r.getMessage() for r in caplog.records if f"(pid {first})" in r.getMessage()]
+    assert any("was killed because" in m and "ignored cancellation" in m for m in killed)
 
 
 async def test_timeout_kill_fails_other_calls_on_that_worker(make_runtime):

@@ -303,7 +303,7 @@ class WorkerProcess:
         """Ask the worker to exit (end of its stdin); kill it if it lingers past ``grace``."""
         if self._exited is None:
             return
-        self._kill_reason = self._kill_reason or "the plugin runtime was closed"
+        self._kill_reason = self._kill_reason or _CLOSED
         if self._stdin is not None:
             self._stdin.close()
         try:
@@ -652,10 +652,11 @@ class WorkerProcess:
                 PluginFailure(f"{described} while starting; its stderr: {self._last_words()}")
             )
         calls, self._calls = self._calls, {}
-        if calls or (served and not self.retiring and self._kill_reason is None):
+        if calls or (served and not self.retiring and self._kill_reason != _CLOSED):
             # Its stderr goes to the log, not to the callers: agents sharing a worker would
             # read each other's tracebacks in it. (Also with no call in flight: a plugin
-            # that dies by itself, in a loop, is seen.)
+            # that dies by itself, in a loop, is seen; and one killed for a handler that
+            # ignored its cancel, which was counted but never logged: found by review.)
             self._log.warning("%s; its last stderr: %s", described, self._last_words())
         for call in calls.values():
             for task in call.requests or ():
@@ -674,6 +675,10 @@ class WorkerProcess:
         if not self._exited.done():
             self._exited.set_result(None)
         self._on_exit(self)
+
+
+# The kill reason of a worker ended because its runtime was closed (not worth a warning).
+_CLOSED = "the plugin runtime was closed"
 
 
 def spawn_failure(exc: OSError) -> str:
