@@ -60,6 +60,11 @@ class RequestBridge:
         self._progress_token = progress_token
         self._related = related
 
+    def _answering(self) -> Session:
+        """The session of the request being answered: a 2026-07-28 retry's own (what it
+        declared, its log level), else the call's."""
+        return self._session if self._ask is None else self._ask.session
+
     async def progress(self, progress: float, total: float | None, message: str | None) -> None:
         token = self._progress_token if self._ask is None else self._ask.progress_token
         if token is None:
@@ -74,8 +79,7 @@ class RequestBridge:
         )
 
     async def log(self, level: str, data: Any, logger: str | None) -> None:
-        session = self._session if self._ask is None else self._ask.session
-        if not session.wants_log(level):
+        if not self._answering().wants_log(level):
             return
         params: JSON = {"level": level, "data": data}
         if logger is not None:
@@ -94,8 +98,7 @@ class RequestBridge:
         capability = _CAPABILITY.get(method)
         if capability is None:
             raise McpZeroError(f"plugins may not send {method!r} to the client")
-        session = self._session if self._ask is None else self._ask.session
-        declared = session.client_capabilities.get(capability)
+        declared = self._answering().client_capabilities.get(capability)
         needed = capability if declared is None else _missing_part(capability, declared, params)
         if needed is not None:
             if self._ask is not None:

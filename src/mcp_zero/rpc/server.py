@@ -1007,7 +1007,8 @@ class McpServer:
         return run
 
     def _bridge(self, session: Session, params: JSON, channel: Channel, rid: Any) -> RequestBridge:
-        # (most calls carry no _meta: no call to find no token in it)
-        token = _progress_token(params) if "_meta" in params else None
         asker = channel if isinstance(channel, Continuation) else None
+        # A call that may span requests has the token of the request being answered in its
+        # Continuation (checked as the request came); most others carry no _meta at all.
+        token = None if asker is not None or "_meta" not in params else _progress_token(params)
         return RequestBridge(session, channel, token, rid, self.announce_resource_updated, asker)
