@@ -4,10 +4,12 @@ the audit record every outcome leaves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -779,25 +781,35 @@ async def test_a_cancelled_call_leaves_its_agents_turn_to_the_next_agent() -> No
     assert await free_slots(slots) == 1
 
 
-async def test_the_time_a_call_queued_for_a_slot_is_the_quota_stage(
-    make_runtime: Any, tmp_path: Path, bridge: Any
-) -> None:
-    # mcp0_stage_seconds{stage="quota"} (and "ratelimit") were exported and never observed
-    # (found by review)
-    runtime: Runtime = make_runtime()
+@contextlib.asynccontextmanager
+async def one_slot_taken(
+    runtime: Runtime, tmp_path: Path, bridge: Any, seconds: float
+) -> AsyncIterator[tuple[Runtime, Principal]]:
+    """``runtime`` started with a one-slot copy of the kit, its slot taken by agent ada's
+    slow_sync call of ``seconds`` for the block (the call awaited after it, the runtime
+    closed)."""
     runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
     await runtime.start()
     try:
         ada = Principal("ada", frozenset({"kit"}))
         first = asyncio.ensure_future(
-            call(runtime, ada, "slow_sync", {"seconds": 0.5}, "first", bridge)
+            call(runtime, ada, "slow_sync", {"seconds": seconds}, "first", bridge)
         )
         await anyio.sleep(0.2)  # running: the plugin's one slot is taken
-        await call(runtime, ada, "echo", {"text": "b"}, "second", bridge)
+        yield runtime, ada
         await first
-        text = runtime.metrics.render()[0].decode()
     finally:
         await runtime.aclose()
+
+
+async def test_the_time_a_call_queued_for_a_slot_is_the_quota_stage(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # mcp0_stage_seconds{stage="quota"} (and "ratelimit") were exported and never observed
+    # (found by review)
+    async with one_slot_taken(make_runtime(), tmp_path, bridge, 0.5) as (runtime, ada):
+        await call(runtime, ada, "echo", {"text": "b"}, "second", bridge)
+    text = runtime.metrics.render()[0].decode()
     assert 'mcp0_stage_seconds_count{stage="quota"} 1' in text
     assert 'stage="ratelimit"' not in text
 
@@ -808,19 +820,8 @@ async def test_a_queued_call_that_times_out_says_how_long_it_queued(
 ) -> None:
     # It said it "did not finish within 0.03 s; raise the plugin's timeout_ms", the quota
     # being 3 s: the rest went to queueing for a slot (found by review)
-    runtime: Runtime = make_runtime()
-    runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
-    await runtime.start()
-    try:
-        ada = Principal("ada", frozenset({"kit"}))
-        first = asyncio.ensure_future(
-            call(runtime, ada, "slow_sync", {"seconds": 3}, "first", bridge)
-        )
-        await anyio.sleep(0.3)  # running: the plugin's one slot is taken
+    async with one_slot_taken(make_runtime(), tmp_path, bridge, 3) as (runtime, ada):
         with anyio.fail_after(TIMEOUT_S), pytest.raises(ToolTimeout) as timed_out:
             await call(runtime, ada, "slow_sync", {"seconds": 3}, "second", bridge)
-        await first
-    finally:
-        await runtime.aclose()
     assert "of its 5 s limit, it waited" in timed_out.value.message
     assert "for one of the plugin's 1 slots" in timed_out.value.message

@@ -568,11 +568,9 @@ async def test_get_stream_needs_accept_event_stream(env: Env, accept: str) -> No
     assert response.status_code == 406
 
 
-async def test_subscribers_hear_resources_updated_when_a_tool_changes_the_resource(
-    env: Env,
-) -> None:
-    client = await session(env)
-    live = env.live
+async def counter_update_heard(client: Any, live: Any, change: Any) -> Any:
+    """Subscribe ``client`` to faulty://counter, open its GET stream, run ``change()`` and
+    return the event the stream carries next."""
     subscribed = await client.request("resources/subscribe", {"uri": "faulty://counter"})
     assert subscribed["result"] == {}
     async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
@@ -582,9 +580,20 @@ async def test_subscribers_hear_resources_updated_when_a_tool_changes_the_resour
             ) as response:
                 events = sse_events(response)
                 assert (await anext(events)).data == ""
-                reply = await client.call("faulty_bump")
-                assert "bumped to" in text_of(reply)
-                update = await anext(events)
+                await change()
+                return await anext(events)
+
+
+async def test_subscribers_hear_resources_updated_when_a_tool_changes_the_resource(
+    env: Env,
+) -> None:
+    client = await session(env)
+
+    async def bump() -> None:
+        reply = await client.call("faulty_bump")
+        assert "bumped to" in text_of(reply)
+
+    update = await counter_update_heard(client, env.live, bump)
     assert update.message["method"] == "notifications/resources/updated"
     assert update.message["params"] == {"uri": "faulty://counter"}
     read = await client.request("resources/read", {"uri": "faulty://counter"})
@@ -597,18 +606,11 @@ async def test_an_update_announced_in_another_form_of_the_uri_reaches_its_subscr
     # Subscriptions hold URIs in normal form; an update a plugin announced as
     # faulty://c%6Funter (the same resource) reached no one (found by review)
     client = await session(env)
-    live = env.live
-    subscribed = await client.request("resources/subscribe", {"uri": "faulty://counter"})
-    assert subscribed["result"] == {}
-    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
-        with anyio.fail_after(CALL_TIMEOUT_S):
-            async with http.stream(
-                "GET", live.url, headers=client.headers(Accept="text/event-stream")
-            ) as response:
-                events = sse_events(response)
-                assert (await anext(events)).data == ""
-                await live.app.server.announce_resource_updated("faulty://c%6Funter")
-                update = await anext(events)
+
+    async def announce() -> None:
+        await env.live.app.server.announce_resource_updated("faulty://c%6Funter")
+
+    update = await counter_update_heard(client, env.live, announce)
     assert update.message["params"] == {"uri": "faulty://counter"}
 
 
