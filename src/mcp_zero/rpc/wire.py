@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import resource
+import socket
 import ssl
 import time
 from collections import deque
@@ -761,6 +762,98 @@ class _Response:
             self.conn.release(self)
 
 
+class _TlsListener:
+    """Accepts HTTPS connections. Each counts against ``max_connections`` from its accept,
+    its TLS handshake included (with ``create_server(ssl=...)`` only once the handshake ended,
+    so that connections that never end theirs took descriptors past the limit: found by
+    review), and its handshake gets TLS_HANDSHAKE_S. (Not ``start_tls`` after a plain accept:
+    uvloop starts reading at the accept, pause or not, and the client's hello went to the
+    HTTP parser.)"""
+
+    def __init__(self, server: HttpServer, tls: ssl.SSLContext, sockets: list[socket.socket]):
+        self.server = server
+        self.tls = tls
+        self.sockets = sockets
+        self.handshakes = 0  # under way
+        self._failure_logged = -60.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        self._accepting = [loop.create_task(self._accept(sock)) for sock in sockets]
+
+    @classmethod
+    async def bind(cls, server: HttpServer, tls: ssl.SSLContext) -> _TlsListener:
+        """Listen on every address of the server's host, as ``create_server`` does."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            server.host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(1024)
+                sock.setblocking(False)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        return cls(server, tls, sockets)
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        server = self.server
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listening)
+            except OSError as exc:  # out of descriptors, or the like: the listener lives on
+                now = time.monotonic()
+                if now - self._failure_logged >= 60:  # (at most once a minute)
+                    self._failure_logged = now
+                    log.warning("accepting a connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if server.open_connections >= server.max_connections:
+                sock.close()  # refused: its descriptor goes back at once
+                server.refused_connection()
+                continue
+            self.handshakes += 1
+            task = loop.create_task(self._handshake(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Connection(self.server),
+                sock,
+                ssl=self.tls,
+                ssl_handshake_timeout=TLS_HANDSHAKE_S,
+            )
+        except (OSError, TimeoutError) as exc:  # (ssl.SSLError is an OSError)
+            log.debug("TLS handshake failed: %s", exc)
+            sock.close()
+        except asyncio.CancelledError:  # the server stops
+            sock.close()
+            raise
+        finally:
+            self.handshakes -= 1
+
+    def close(self) -> None:
+        """Stop accepting; connections in their handshake are dropped."""
+        for task in (*self._accepting, *self._tasks):
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, *self._tasks, return_exceptions=True)
+
+
 class HttpServer:
     """Serves ``app`` on ``host:port`` until :meth:`stop` (or SIGTERM/SIGINT in :meth:`run`)."""
 
@@ -797,9 +890,16 @@ class HttpServer:
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.base_events.Server | _TlsListener | None = None
         self._stopping: asyncio.Event | None = None
         self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections held: served, or in their TLS handshake."""
+        listener = self._server
+        handshakes = listener.handshakes if isinstance(listener, _TlsListener) else 0
+        return len(self.connections) + handshakes
 
     def refused_connection(self) -> None:
         """A connection was refused for max_connections: counted, logged once a minute."""
@@ -810,7 +910,7 @@ class HttpServer:
             log.warning(
                 "refusing new connections: %d are open, the most this server keeps (its "
                 "open-files limit less %d for itself; raise 'ulimit -n'); %d refused so far",
-                len(self.connections),
+                self.open_connections,
                 FD_RESERVE,
                 self.refused_connections,
             )
@@ -820,17 +920,12 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         if self._stopping is None:
             self._stopping = asyncio.Event()
-        self._server = await loop.create_server(
-            lambda: _Connection(self),
-            self.host,
-            self.port,
-            reuse_address=True,
-            backlog=1024,
-            ssl=self.tls,
-            # (a connection is counted once its handshake ended: one that never ends it
-            # holds a descriptor this long, uncounted)
-            ssl_handshake_timeout=TLS_HANDSHAKE_S if self.tls is not None else None,
-        )
+        if self.tls is None:
+            self._server = await loop.create_server(
+                lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
+            )
+        else:
+            self._server = await _TlsListener.bind(self, self.tls)
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         self.address = (self.host, self.port)
