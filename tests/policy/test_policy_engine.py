@@ -263,27 +263,40 @@ when { resource.plugins.contains("faulty") };
 OVERFLOWING = "when { 9223372036854775807 + 1 > 0 }"  # an evaluation error
 
 
-def test_a_forbid_that_fails_to_evaluate_denies_what_it_may_forbid() -> None:
+# Cedar escapes an id with a quote or backslash in its error texts, and a backtick ended the
+# id there: such a forbid that failed to evaluate was not recognised, and allowed (found by
+# review)
+AWKWARD_IDS = ["no-peer-snapshots", "don't-snapshot", 'a"b', "back\\slash", "a`b", "tab\there"]
+
+
+@pytest.mark.parametrize("policy_id", AWKWARD_IDS)
+def test_a_forbid_that_fails_to_evaluate_denies_what_it_may_forbid(policy_id: str) -> None:
     # Cedar skips a policy that errors: the forbid did not forbid, and nothing said so
     # (found by review). It denies now, naming itself and the error.
     admin_all = '@id("admin-all")\npermit (principal, action, resource);'
-    engine = PolicyEngine.from_sources({"admin.cedar": admin_all, "peers.cedar": PEERS_FORBID})
+    cedar_id = policy_id.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
+    forbid = PEERS_FORBID.replace('"no-peer-snapshots"', f'"{cedar_id}"')
+    engine = PolicyEngine.from_sources({"admin.cedar": admin_all, "peers.cedar": forbid})
+    assert policy_id in engine.policies
     decision = engine.decide(Action(Principal("bob"), Verb.SNAPSHOT_AGENT, "other"))
     assert not decision.allowed
-    assert decision.policies == ("no-peer-snapshots",)
+    assert decision.policies == (policy_id,)
     assert "could not be evaluated" in decision.message
-    assert "no-peer-snapshots" in decision.errors[0]
-    with pytest.raises(PolicyDenied, match="no-peer-snapshots"):
+    assert decision.errors[0].startswith(f'policy "{policy_id}": ')
+    with pytest.raises(PolicyDenied, match="could not be evaluated"):
         engine.require(Action(Principal("bob"), Verb.SNAPSHOT_AGENT, "other"))
     # what it cannot be about is allowed as before
     assert engine.decide(Action(Principal("bob"), Verb.TERMINATE_AGENT, "other")).allowed
 
 
-def test_the_obligations_of_a_permit_that_fails_to_evaluate_still_bind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy_id", ["careful", "don't-leak"])
+def test_the_obligations_of_a_permit_that_fails_to_evaluate_still_bind(
+    tmp_path: Path, policy_id: str
+) -> None:
     # It might have matched: its @redact and @audit("before") hold, and the error is kept
     write_default_policies(tmp_path)
     (tmp_path / "careful.cedar").write_text(
-        '@id("careful")\n@redact("secret")\n@audit("before")\n'
+        f'@id("{policy_id}")\n@redact("secret")\n@audit("before")\n'
         f'permit (principal, action == Action::"call_tool", resource) {OVERFLOWING};'
     )
     engine = PolicyEngine.load(tmp_path)
@@ -291,7 +304,7 @@ def test_the_obligations_of_a_permit_that_fails_to_evaluate_still_bind(tmp_path:
     assert decision.allowed
     assert decision.policies == ("attached-plugins-only",)
     assert (decision.redact, decision.audit_before) == (("secret",), True)
-    assert ["careful" in e for e in decision.errors] == [True]
+    assert [e.startswith(f'policy "{policy_id}": ') for e in decision.errors] == [True]
 
 
 def test_cached_decisions_equal_uncached_ones() -> None:

@@ -50,6 +50,7 @@ class PolicyEngine:
         self._compiled = compiled
         self._policy_set = compiled.policy_set
         self._infos = compiled.infos
+        self._by_cedar_id = compiled.by_cedar_id
         # Whether a policy can use the labels of an action's arguments: one reads them, or
         # carries an obligation (whose records show them). Else detectors need not run.
         self.uses_labels = any(info.reads_labels or info.redact for info in self._infos.values())
@@ -149,17 +150,18 @@ class PolicyEngine:
         entities = self._entities_for(principal, rtype, rid, parent)
         result = cedarpy.is_authorized(request, self._policy_set, entities)
         diagnostics = result.diagnostics
-        matched = tuple(diagnostics.reasons)
-        errors = tuple(_error_text(e) for e in diagnostics.errors)
+        by_cedar_id = self._by_cedar_id
+        matched = tuple(by_cedar_id[pid].id for pid in diagnostics.reasons)
+        # (each policy that failed to evaluate, with Cedar's error)
+        failed = [self._failure(error) for error in diagnostics.errors]
+        errors = tuple(text for _, _, text in failed)
         if errors:  # (once per decision cached)
             log.warning(
                 "policies failed to evaluate for %s: %s",
                 describe(principal.agent, verb, rid),
                 "; ".join(errors),
             )
-        # (each policy that failed to evaluate, with Cedar's error)
-        failed = [(i, e) for e in errors if (i := self._infos.get(_failed_id(e))) is not None]
-        unknown = [(info, error) for info, error in failed if info.effect == "forbid"]
+        unknown = [(info, what) for info, what, _ in failed if info and info.effect == "forbid"]
         if result.allowed and unknown:
             # Cedar skips a policy that fails to evaluate: a forbid would not forbid. Here
             # it does, as it might have: the action is denied until the policy is fixed
@@ -174,7 +176,7 @@ class PolicyEngine:
             reasons = tuple(self._reason(pid, "permits it") for pid in matched)
             # and the obligations of a permit that failed to evaluate: it might have matched
             infos = [info for pid in matched if (info := self._infos.get(pid)) is not None]
-            infos += [info for info, _ in failed]
+            infos += [info for info, _, _ in failed if info is not None]
             redact = sorted({label for info in infos for label in info.redact})
             before = any(info.audit_before for info in infos)
             message = "allowed by " + _ids(matched)
@@ -187,6 +189,19 @@ class PolicyEngine:
             )
             return PolicyDecision(False, matched, reasons, errors, sentence)
         return self._default_deny(action, rtype, rid, parent, errors)
+
+    def _failure(self, error: Any) -> tuple[PolicyInfo | None, str, str]:
+        """The policy a Cedar evaluation error is about (None if it names none of ours),
+        what went wrong, and the error's text for people, naming the policy by its @id."""
+        if isinstance(error, dict):  # (cedarpy has given either form)
+            cedar_id = str(error.get("policy_id") or error.get("policyId") or "")
+            what = str(error.get("error") or error.get("message") or error)
+        else:
+            cedar_id, what = _failed_id(str(error))
+        info = self._by_cedar_id.get(cedar_id)
+        if info is None:
+            return None, str(error), str(error)
+        return info, what, f'policy "{info.id}": {what}'
 
     def _default_deny(
         self, action: Action, rtype: str, rid: str, parent: Uid | None, errors: tuple[str, ...]
@@ -264,16 +279,11 @@ def _ids(policy_ids: tuple[str, ...]) -> str:
     return ", ".join(f'policy "{pid}"' for pid in policy_ids)
 
 
-def _failed_id(error: str) -> str:
-    """The id of the policy an evaluation error names ("error while evaluating policy
-    `ID`: …"), or ""."""
+def _failed_id(error: str) -> tuple[str, str]:
+    """The Cedar id of the policy an evaluation error names ("error while evaluating policy
+    `ID`: what"), and what; or "" and the error."""
     head, tick, rest = error.partition("policy `")
-    return rest.partition("`")[0] if tick and "evaluating" in head else ""
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        policy = error.get("policy_id") or error.get("policyId")
-        message = error.get("error") or error.get("message") or str(error)
-        return f'policy "{policy}": {message}' if policy else str(message)
-    return str(error)
+    cedar_id, tick2, what = rest.partition("`")
+    if tick and tick2 and "evaluating" in head:
+        return cedar_id, what.removeprefix(":").strip()
+    return "", error

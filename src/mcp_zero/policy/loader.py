@@ -92,6 +92,10 @@ class CompiledPolicies:
 
     policy_set: cedarpy.PolicySet
     infos: Mapping[str, PolicyInfo]
+    # The policy of each id Cedar knows (its diagnostics name these): ids of our own, as
+    # Cedar escapes an @id with a quote or backslash in its error texts, and a backtick
+    # ends the id there (a forbid that failed to evaluate went unrecognised: found by review)
+    by_cedar_id: Mapping[str, PolicyInfo]
     sources: Mapping[str, str]
     # sha256 over file names and contents: which policy set decided, for audit records.
     digest: str
@@ -155,6 +159,7 @@ def compile_sources(sources: Mapping[str, str], schema: cedarpy.Schema) -> Compi
     policies share an ``@id``.
     """
     infos: dict[str, PolicyInfo] = {}
+    by_cedar_id: dict[str, PolicyInfo] = {}
     statics: dict[str, pst.Template] = {}
     templates: dict[str, pst.Template] = {}
     digest = hashlib.sha256()
@@ -174,7 +179,9 @@ def compile_sources(sources: Mapping[str, str], schema: cedarpy.Schema) -> Compi
                     data={"file": name, "line": info.line, "policy": info.id},
                 )
             infos[info.id] = info
-            (templates if is_template else statics)[info.id] = replace(template, id=info.id)
+            cedar_id = f"mcp0-{len(by_cedar_id)}"
+            by_cedar_id[cedar_id] = info
+            (templates if is_template else statics)[cedar_id] = replace(template, id=cedar_id)
     joined = pst.PolicySet(
         templates=pst.FrozenMap(templates),
         static_policies=pst.FrozenMap(statics),
@@ -184,7 +191,7 @@ def compile_sources(sources: Mapping[str, str], schema: cedarpy.Schema) -> Compi
         policy_set = cedarpy.PolicySet.from_pst(joined)
     except ValueError as exc:  # pragma: no cover - every file was valid on its own
         raise PolicyError(f"cannot join the policy files: {exc}") from exc
-    return CompiledPolicies(policy_set, infos, dict(sources), digest.hexdigest())
+    return CompiledPolicies(policy_set, infos, by_cedar_id, dict(sources), digest.hexdigest())
 
 
 def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.Template, bool]]:
