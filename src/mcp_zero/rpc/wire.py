@@ -188,6 +188,10 @@ class _Connection(asyncio.Protocol):
         self.reading_since = 0.0  # when the request being received began; 0 between requests
         self.client: tuple[str, int] | None = None
         self.deaf = False  # after an Upgrade request: nothing more is read
+        # A refusal (400, 431...) of a request that came behind others: written once they
+        # are answered (RFC 9112 9.3.2); nothing more is read meanwhile
+        self.last_words: bytes | None = None
+        self.stalled_since = 0.0  # when an answer was left unread and reading stopped
         self.upgrade_body = False  # reading the body of an Upgrade request (not upgraded)
         self.writable = asyncio.Event()  # clear while the client has MAX_STREAM_BACKLOG unread
         self.writable.set()
@@ -221,10 +225,13 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writable.set()
+        if self.stalled_since:
+            self.stalled_since = 0.0
+            self._go_on()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        if self.deaf or self.closed:
+        if self.deaf or self.closed or self.last_words is not None:
             return
         # httptools holds a field until it ends: what it was fed for a head (or trailers)
         # counts against the limit, exactly when the section began before this data or at its
@@ -307,7 +314,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        if self.closed:
+        if self.closed or self.last_words is not None:
             return
         request = self.current
         request.method = self.parser.get_method().decode("ascii", "replace")
@@ -418,7 +425,7 @@ class _Connection(asyncio.Protocol):
             self.current.body.append(body[:room])
 
     def on_message_complete(self) -> None:
-        if self.closed:
+        if self.closed or self.last_words is not None:
             return
         if not self.upgrade_body and self.parser.should_upgrade() and self._has_body():
             # llhttp ends an Upgrade request at its head, the rest being another protocol's;
@@ -428,7 +435,7 @@ class _Connection(asyncio.Protocol):
         self.reading_since = 0.0
         self.trailing = False
         self.queue.append(self.current)
-        if not self.busy:
+        if not self.busy and not self.stalled_since:
             self._next()
         else:
             # Behind a long response (an event stream, a slow call) a client could pipeline
@@ -466,11 +473,24 @@ class _Connection(asyncio.Protocol):
         response.released = True
         self.busy = False
         if not response.keep_alive or not response.request.keep_alive:
-            self.close()
+            self.close()  # (and what came after it is not answered: RFC 9112 9.6)
             return
         self.last_active = time.monotonic()
+        if not self.writable.is_set():
+            # The client reads none of its answers (max_stream_backlog unsent): the next
+            # request waits for it to read, else pipelined requests would have every answer
+            # held here (found by review). resume_writing goes on; the reaper drops it.
+            self.stalled_since = self.last_active
+            self._pause()
+            return
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """After an answer: the next request, or the refusal that waited for it."""
         if self.queue:
             self._next()
+        elif self.last_words is not None:
+            self._write_and_close(self.last_words)
         elif self.paused:
             self._resume()
 
@@ -509,8 +529,26 @@ class _Connection(asyncio.Protocol):
         }
 
     def refuse(self, status: int, text: bytes) -> None:
+        """Answer ``status`` and close: at once, or, behind requests being answered, once
+        they are (their answers were lost: found by review), reading nothing more."""
+        if self.closed or self.last_words is not None:
+            return
+        if self.busy or self.queue:
+            self.last_words = _plain(status, text)
+            self.reading_since = 0.0
+            self._pause()
+            return
+        self._write_and_close(_plain(status, text))
+
+    def cut(self, status: int, text: bytes) -> None:
+        """Answer ``status`` (unless a response is being written) and close, at once."""
         if self.transport is not None and not self.closed and not self.busy:
             self.transport.write(_plain(status, text))
+        self.close()
+
+    def _write_and_close(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
         self.close()
 
     def close(self) -> None:
@@ -939,6 +977,9 @@ class HttpServer:
                     await self._stopping.wait()
             now = time.monotonic()
             for conn in list(self.connections):
+                if conn.stalled_since and now - conn.stalled_since > self.stream_stall_s:
+                    conn.abort()  # it read none of its answers for that long
+                    continue
                 if conn.paused:
                     continue  # what follows the request being answered is not read yet
                 silent = conn.last_active < now - KEEPALIVE_S
@@ -946,7 +987,7 @@ class HttpServer:
                 if conn.reading_since and (silent or late):
                     # also behind a long response (an event stream): closed, as no 408 can
                     # be written into it
-                    conn.refuse(408, b"the request did not arrive in time")
+                    conn.cut(408, b"the request did not arrive in time")
                 elif silent and not conn.busy and not conn.queue:
                     conn.close()
 
