@@ -1,5 +1,5 @@
-"""File descriptors: writing whole buffers, and walking a tree another process may be
-changing."""
+"""File descriptors: writing whole buffers, reading a file that must be a regular one, and
+walking a tree another process may be changing."""
 
 from __future__ import annotations
 
@@ -34,6 +34,41 @@ def write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
             select.select([], [fd], [])
+
+
+class NotRegularFile(OSError):
+    """A path that had to be a regular file is something else (its kind in ``kind``)."""
+
+    def __init__(self, path: object, kind: str) -> None:
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.kind = kind
+
+
+def read_regular(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path`` (or a link to one). Opened without blocking,
+    so that a named pipe in its place cannot hang the reader, nor a device (/dev/zero) feed
+    it without end: raises NotRegularFile for those, OSError as ``open`` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        kind = file_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise NotRegularFile(path, kind)
+        return file.read()
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file that is not a regular one is, for an error message; None if regular."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "a special file"
 
 
 def walk(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import cedarpy
@@ -83,6 +85,65 @@ def test_validation_error_names_file_policy_and_line(tmp_path: Path) -> None:
     assert 'typo.cedar:3: policy "typo": attribute `plugin` on entity type `Agent` not found' in (
         caught.value.message
     )
+
+
+def test_a_validation_error_names_a_policy_without_id_by_file_and_position(
+    tmp_path: Path,
+) -> None:
+    # It said "policy1" (Cedar's own name), where everything else says typo.cedar#1
+    (tmp_path / "typo.cedar").write_text(
+        'permit (principal, action == Action::"call_tool", resource);\n'
+        'permit (principal, action == Action::"call_tool", resource)\n'
+        "when { principal.plugin.contains(resource.plugin) };\n"
+    )
+    with pytest.raises(PolicyError, match=r'typo\.cedar:2: policy "typo\.cedar#1": attribute'):
+        PolicyEngine.load(tmp_path)
+
+
+def load_or_hang(policy_dir: Path) -> BaseException | None:
+    """What loading ``policy_dir`` raised, or None; fails the test if it does not end."""
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            PolicyEngine.load(policy_dir)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)  # (a hung one is left behind)
+    thread.start()
+    thread.join(timeout=10)
+    assert outcome, "loading the policies hung"
+    return outcome[0]
+
+
+def test_a_named_pipe_among_the_policies_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Loading hung, and a running server's watcher (and its shutdown) with it (found by review)
+    write_default_policies(tmp_path)
+    os.mkfifo(tmp_path / "zz.cedar")
+    error = load_or_hang(tmp_path)
+    assert isinstance(error, PolicyError)
+    assert error.message.startswith("zz.cedar: cannot read policy file: ")
+    assert "a named pipe (FIFO), not a regular file" in error.message
+
+
+def test_a_link_to_a_device_among_the_policies_is_refused(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    (tmp_path / "zz.cedar").symlink_to("/dev/zero")  # (read until memory ran out)
+    error = load_or_hang(tmp_path)
+    assert isinstance(error, PolicyError)
+    assert "a device file, not a regular file" in error.message
+
+
+def test_a_policy_file_whose_name_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    # UnicodeEncodeError traceback at every load, and no record of the refused change
+    write_default_policies(tmp_path)
+    (tmp_path / os.fsdecode(b"\xff-extra.cedar")).write_text(
+        "permit (principal, action, resource);"
+    )
+    with pytest.raises(PolicyError, match=r"^\\xff-extra\.cedar: a policy file's name must"):
+        PolicyEngine.load(tmp_path)
 
 
 def test_unknown_action_does_not_validate(tmp_path: Path) -> None:

@@ -39,11 +39,11 @@ from mcp_zero.errors import (
     StorageError,
     shown,
 )
+from mcp_zero.fdio import file_kind
 from mcp_zero.sandbox.base import PluginRuntime
 from mcp_zero.sandbox.manifest import (
     PluginManifest,
     ToolSpec,
-    file_kind,
     load_manifest,
     parse_manifest,
 )

@@ -21,6 +21,7 @@ import cedarpy
 from cedarpy import pst
 
 from mcp_zero.errors import PolicyError
+from mcp_zero.fdio import read_regular
 from mcp_zero.policy.detectors import LABELS
 
 POLICY_GLOB = "*.cedar"
@@ -141,12 +142,24 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
             f"cannot read policy directory {policy_dir}: {exc.strerror or exc}"
         ) from exc
     for path in paths:
+        name = path.name
         try:
-            # utf-8-sig: a byte-order mark, as editors on Windows write, is not Cedar
-            sources[path.name] = path.read_text(encoding="utf-8-sig")
+            # (a name is text in records and messages: one that is not UTF-8 could not be
+            # recorded, and crashed the load: found by review)
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            raise PolicyError(
+                f"{shown}: a policy file's name must be UTF-8; rename it", data={"file": shown}
+            ) from None
+        try:
+            # Not read blocking: a named pipe there hung every load, and the server's
+            # watcher with it; a link to /dev/zero read without end (found by review).
+            # utf-8-sig: a byte-order mark, as editors on Windows write, is not Cedar.
+            sources[name] = read_regular(path).decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise PolicyError(
-                f"{path.name}: cannot read policy file: {exc}", data={"file": path.name}
+                f"{name}: cannot read policy file: {exc}", data={"file": name}
             ) from exc
     return sources
 
@@ -211,7 +224,12 @@ def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.
         ids = validation.id_annotations_by_policy_id
         errors: list[str] = []
         for err in validation.errors:
-            label = ids.get(err.policy_id) or err.policy_id
+            # named as everywhere else: its @id, or FILE#N (Cedar's own is policyN)
+            label = ids.get(err.policy_id) or (
+                f"{name}#{_position(err.policy_id)}"
+                if _POSITIONAL_ID.fullmatch(err.policy_id)
+                else err.policy_id
+            )
             line = _line_of(err.policy_id, lines)
             where = f"{name}:{line}" if line is not None else name
             message = _FOR_POLICY.sub("", err.error)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import jsonschema_rs
 
 from mcp_zero.errors import ManifestError
+from mcp_zero.fdio import NotRegularFile, file_kind, read_regular
 
 JSON = dict[str, Any]
 ABI_VERSION = 1
@@ -705,16 +704,14 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
 
 
 def _read_regular(path: Path) -> bytes:
-    """The bytes of ``path``, refused (ManifestError) unless it is a regular file: opened
-    without blocking, so a named pipe in its place cannot hang the reader. Raises OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as file:
-        kind = file_kind(os.fstat(fd).st_mode)
-        if kind is not None:
-            raise ManifestError(
-                f"{path}: {kind}, not a regular file; plugin.json must be a file of JSON"
-            )
-        return file.read()
+    """The bytes of ``path``, refused (ManifestError) unless it is a regular file (a named
+    pipe in its place cannot hang the reader). Raises OSError."""
+    try:
+        return read_regular(path)
+    except NotRegularFile as exc:
+        raise ManifestError(
+            f"{path}: {exc.kind}, not a regular file; plugin.json must be a file of JSON"
+        ) from exc
 
 
 def _not_regular(path: Path) -> str | None:
@@ -723,21 +720,6 @@ def _not_regular(path: Path) -> str | None:
         return file_kind(path.stat().st_mode)
     except OSError:
         return None
-
-
-def file_kind(mode: int) -> str | None:
-    """What a file that is not a regular one is, for an error message; None if regular."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file"
-    return "a special file"
 
 
 __all__ = [
@@ -752,7 +734,6 @@ __all__ = [
     "ResourceSpec",
     "ResourceTemplateSpec",
     "ToolSpec",
-    "file_kind",
     "load_manifest",
     "parse_manifest",
 ]
