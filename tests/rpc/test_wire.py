@@ -612,12 +612,23 @@ async def test_the_scope_carries_path_query_and_lowercased_headers(served: Any) 
 async def test_the_scope_path_is_percent_decoded_as_asgi_says(served: Any) -> None:
     server, app = served
     async with connect(server) as (reader, writer):
-        writer.write(b"GET /a%2Fb%20c/%C3%A4?x=%20 HTTP/1.1\r\nHost: h\r\n\r\n")
+        writer.write(b"GET /a%62%20c/%C3%A4?x=%2F HTTP/1.1\r\nHost: h\r\n\r\n")
         assert (await read_response(reader))[0] == 200
     scope = app.scopes[-1]
-    assert scope["path"] == "/a/b c/\u00e4"
-    assert scope["raw_path"] == b"/a%2Fb%20c/%C3%A4"
-    assert scope["query_string"] == b"x=%20"
+    assert scope["path"] == "/ab c/\u00e4"
+    assert scope["raw_path"] == b"/a%62%20c/%C3%A4"
+    assert scope["query_string"] == b"x=%2F"
+
+
+async def test_an_encoded_slash_in_the_path_is_404(served: Any) -> None:
+    # /api%2Fv1/agents was routed as /api/v1/agents, past a proxy's rule for /api/v1/
+    # (found by review)
+    server, app = served
+    for path in (b"/api%2Fv1/agents", b"/mcp%2f"):
+        async with connect(server) as (reader, writer):
+            writer.write(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path)
+            assert b"encoded slash" in await read_closing_response(reader, 404)
+    assert app.scopes == []
 
 
 async def test_stopping_ends_a_waiting_stream_without_waiting_out_the_grace() -> None:
@@ -698,6 +709,72 @@ async def test_expect_100_continue_is_answered_before_the_body(served: Any, expe
         assert (await read_response(reader))[2] == b"POST body"
 
 
+async def test_expect_100_continue_from_http_1_0_gets_no_100(served: Any) -> None:
+    # HTTP/1.0 knows no 1xx: it took the 100 for the answer (RFC 9110 10.1.1, 15.2)
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"POST /x HTTP/1.0\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        await asyncio.sleep(0.1)  # (it would have been written by now)
+        writer.write(b"body")
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, b"POST body")
+
+
+async def test_expect_100_continue_is_answered_for_a_body_the_app_does_not_keep() -> None:
+    # Neither 100 nor the final status came for it: the client waited (RFC 9110 10.1.1 asks
+    # for one of them; found by review)
+    async with served_by(VettingApp()) as server, connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nX-Key: no\r\nContent-Length: 4\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"body")  # parsed and dropped
+        assert (await read_response(reader))[::2] == (200, b"POST ")
+
+
+@pytest.mark.parametrize("version", [b"HTTP/0.9", b"HTTP/2.0"])
+async def test_a_request_of_another_http_version_is_505(served: Any, version: bytes) -> None:
+    # Answered as 1.1: chunked and kept alive, which such a client may not know (RFC 9112 6.1)
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"GET /x %s\r\nHost: h\r\n\r\n" % version)
+        assert b"HTTP/1.1" in await read_closing_response(reader, 505)
+    assert app.scopes == []
+
+
+async def test_an_http_1_0_request_with_transfer_encoding_is_400(served: Any) -> None:
+    # RFC 9112 6.1: its framing is faulty, a smuggling defence; it was decoded as chunked
+    server, app = served
+    async with connect(server) as (reader, writer):
+        writer.write(
+            b"POST /x HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\n\r\nGET /x HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        assert b"Transfer-Encoding" in await read_closing_response(reader, 400)
+    assert app.scopes == []
+
+
+async def test_an_http_1_0_client_that_asks_to_keep_alive_is_told_it_is(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        for _ in range(2):
+            writer.write(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, _ = await read_response(reader)
+            assert (status, headers["connection"]) == (200, "keep-alive")
+
+
+async def test_the_servers_own_refusals_carry_a_date_and_a_reason(served: Any) -> None:
+    server, _ = served
+    async with connect(server) as (reader, writer):
+        writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n")
+        with anyio.fail_after(TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 Not Implemented\r\n")
+    assert b"\r\ndate: " in head
+
+
 async def test_a_head_answer_has_no_body(served: Any) -> None:
     server, _ = served
     async with connect(server) as (reader, writer):
@@ -771,15 +848,15 @@ async def test_a_transfer_coding_other_than_chunked_is_501(served: Any) -> None:
 async def test_a_request_head_past_64_kib_is_431_while_it_arrives(served: Any) -> None:
     server, app = served
     starts = (
-        b"GET /",  # a URL that never ends
-        b"GET /x HTTP/1.1\r\nHost: h\r\nX-Big: ",  # a header value that never ends
+        (b"GET /", 414),  # a URL that never ends
+        (b"GET /x HTTP/1.1\r\nHost: h\r\nX-Big: ", 431),  # a header value that never ends
     )
-    for start in starts:
+    for start, status in starts:
         async with connect(server) as (reader, writer):
             writer.write(start)
             for _ in range(4):  # 4 x 32 KiB, and no end: the server answers without one
                 writer.write(b"a" * (32 << 10))
-            assert b"64 KiB" in await read_refusal(reader, 431)
+            assert b"64 KiB" in await read_refusal(reader, status)
     async with connect(server) as (reader, writer):  # trailer fields that never end
         writer.write(
             b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -790,7 +867,7 @@ async def test_a_request_head_past_64_kib_is_431_while_it_arrives(served: Any) -
         assert b"trailer fields" in await read_refusal(reader, 431)
     async with connect(server) as (reader, writer):  # a whole request, not a header in it
         writer.write(b"GET /x?%s HTTP/1.0\r\n\r\n" % (b"v" * (70 << 10)))
-        assert b"64 KiB" in await read_closing_response(reader, 431)
+        assert b"64 KiB" in await read_closing_response(reader, 414)
     assert app.scopes == []
     async with connect(server) as (reader, writer):  # under the limit: served
         writer.write(b"GET /x?%s HTTP/1.1\r\nHost: h\r\n\r\n" % (b"v" * (60 << 10)))
@@ -885,6 +962,22 @@ async def test_an_http_1_0_client_gets_a_stream_unchunked_and_closed_at_its_end(
         assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
 
 
+@contextlib.asynccontextmanager
+async def served_by(app: Any) -> AsyncIterator[HttpServer]:
+    """``app`` served on a free port, stopped on exit."""
+    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT)
+    task = asyncio.create_task(server.run())
+    try:
+        with anyio.fail_after(TIMEOUT_S):
+            while server._server is None:
+                await asyncio.sleep(0.01)
+        yield server
+    finally:
+        server.stop()
+        with anyio.fail_after(TIMEOUT_S):
+            await task
+
+
 class VettingApp(EchoApp):
     """An EchoApp that keeps only the bodies of requests carrying ``X-Key: yes``."""
 
@@ -897,23 +990,12 @@ async def test_a_body_the_app_does_not_vet_is_parsed_and_dropped_not_held() -> N
     # app could refuse it from its headers (found by review): an app's vet_body decides, as
     # the head comes, whether the body is kept
     app = VettingApp()
-    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=LIMIT)
-    task = asyncio.create_task(server.run())
-    try:
-        with anyio.fail_after(TIMEOUT_S):
-            while server._server is None:
-                await asyncio.sleep(0.01)
-        async with connect(server) as (reader, writer):
-            for key in (b"no", b"yes", b"no"):
-                writer.write(
-                    b"POST /x HTTP/1.1\r\nHost: h\r\nX-Key: %s\r\nContent-Length: 5\r\n\r\nhello"
-                    % key
-                )
-                status, _, answer = await read_response(reader)
-                assert status == 200
-                assert answer == (b"POST hello" if key == b"yes" else b"POST ")
-        assert [s.get("mcp0.body_withheld", False) for s in app.scopes] == [True, False, True]
-    finally:
-        server.stop()
-        with anyio.fail_after(TIMEOUT_S):
-            await task
+    async with served_by(app) as server, connect(server) as (reader, writer):
+        for key in (b"no", b"yes", b"no"):
+            writer.write(
+                b"POST /x HTTP/1.1\r\nHost: h\r\nX-Key: %s\r\nContent-Length: 5\r\n\r\nhello" % key
+            )
+            status, _, answer = await read_response(reader)
+            assert status == 200
+            assert answer == (b"POST hello" if key == b"yes" else b"POST ")
+    assert [s.get("mcp0.body_withheld", False) for s in app.scopes] == [True, False, True]

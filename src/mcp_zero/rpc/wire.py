@@ -110,12 +110,16 @@ _REASONS = {
     408: b"Request Timeout",
     409: b"Conflict",
     413: b"Payload Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 
@@ -143,10 +147,12 @@ _STATUS_LINES = {
 
 
 def _plain(status: int, text: bytes) -> bytes:
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b""), len(text), text)
-    )
+    return b"HTTP/1.1 %d %s\r\n%scontent-type: text/plain\r\ncontent-length: %d\r\n" % (
+        status,
+        _REASONS.get(status, b""),
+        _date(),
+        len(text),
+    ) + (b"connection: close\r\n\r\n" + text)
 
 
 class _Request:
@@ -192,6 +198,7 @@ class _Connection(asyncio.Protocol):
         # are answered (RFC 9112 9.3.2); nothing more is read meanwhile
         self.last_words: bytes | None = None
         self.stalled_since = 0.0  # when an answer was left unread and reading stopped
+        self.stalled_unsent = 0  # bytes unsent then (or at its last progress)
         self.upgrade_body = False  # reading the body of an Upgrade request (not upgraded)
         self.writable = asyncio.Event()  # clear while the client has MAX_STREAM_BACKLOG unread
         self.writable.set()
@@ -293,7 +300,7 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.header_bytes += len(url)
         if self.header_bytes > MAX_HEADER_BYTES:
-            self.refuse(431, b"the request head (request line and headers) is over 64 KiB")
+            self.refuse(414, b"the request target is over 64 KiB")
             return
         self.current.target += url
 
@@ -319,7 +326,12 @@ class _Connection(asyncio.Protocol):
         request = self.current
         request.method = self.parser.get_method().decode("ascii", "replace")
         request.keep_alive = self.parser.should_keep_alive()
-        request.http10 = self.parser.get_http_version() == "1.0"
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # (its answers would go chunked, or keep-alive, to a client that may not know)
+            self.refuse(505, b"this server speaks HTTP/1.1 (and 1.0)")
+            return
+        request.http10 = version == "1.0"
         hosts = 0
         sized = False  # a Content-Length other than 0
         codings: bytes | None = None  # the Transfer-Encoding headers' values, joined
@@ -348,6 +360,15 @@ class _Connection(asyncio.Protocol):
             return
         if request.target[:1] != b"/" and not self._origin_form(request):
             return
+        if b"%" in request.target and b"%2f" in request.target.partition(b"?")[0].lower():
+            # Routed on the decoded path, /api%2Fv1/agents reached /api/v1/agents, past a
+            # proxy's rule for /api/v1/ (found by review); no route of ours has one
+            self.refuse(404, b"an encoded slash (%2F) in the path names no resource here")
+            return
+        if codings is not None and request.http10:
+            # RFC 9112 6.1: its framing is faulty (a smuggling defence)
+            self.refuse(400, b"an HTTP/1.0 request cannot carry Transfer-Encoding")
+            return
         if codings is not None and codings.replace(b" ", b"").lower() != b"chunked":
             # httptools would take "gzip, chunked" as chunked and hand on gzip as the body
             self.refuse(501, b"only the chunked transfer coding is supported")
@@ -364,9 +385,16 @@ class _Connection(asyncio.Protocol):
         # curl and others wait (1 s) for this before sending a body over 1 KiB. Not while
         # another response is being written (it would land in the middle of it; the client
         # sends the body after its wait anyway), and not for a body past the limit.
-        if expects and self.transport is not None and not self.busy and not self.queue:
-            if request.withheld:
-                return  # (not asked for: the client sends it after its wait, to be dropped)
+        # HTTP/1.0 knows no 100 (RFC 9110 10.1.1, 15.2). One whose body is withheld gets it
+        # too, the headers deciding nothing here (RFC 9110 10.1.1: 100 or the final status);
+        # its body is parsed and dropped.
+        if (
+            expects
+            and not request.http10
+            and self.transport is not None
+            and not self.busy
+            and not self.queue
+        ):
             if self._declared_length(request) > self.server.max_body_bytes:
                 self.refuse(413, b"the request body is over the size limit")
             else:
@@ -481,6 +509,7 @@ class _Connection(asyncio.Protocol):
             # request waits for it to read, else pipelined requests would have every answer
             # held here (found by review). resume_writing goes on; the reaper drops it.
             self.stalled_since = self.last_active
+            self.stalled_unsent = self.transport.get_write_buffer_size() if self.transport else 0
             self._pause()
             return
         self._go_on()
@@ -778,6 +807,8 @@ class _Response:
                     head.append(b"content-length: %d\r\n" % len(body))
             if not self.keep_alive or not self.request.keep_alive:
                 head.append(b"connection: close\r\n")
+            elif self.request.http10:  # (kept alive only when it asked, and told so)
+                head.append(b"connection: keep-alive\r\n")
             head.append(b"\r\n")
         if self.request.method == "HEAD":
             # a HEAD answer has the headers of a GET and no body
@@ -977,9 +1008,13 @@ class HttpServer:
                     await self._stopping.wait()
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.stalled_since and now - conn.stalled_since > self.stream_stall_s:
-                    conn.abort()  # it read none of its answers for that long
-                    continue
+                if conn.stalled_since and conn.transport is not None:
+                    unsent = conn.transport.get_write_buffer_size()
+                    if unsent < conn.stalled_unsent:  # a slow reader, but a reader
+                        conn.stalled_since, conn.stalled_unsent = now, unsent
+                    elif now - conn.stalled_since > self.stream_stall_s:
+                        conn.abort()  # it read nothing of its answers for that long
+                        continue
                 if conn.paused:
                     continue  # what follows the request being answered is not read yet
                 silent = conn.last_active < now - KEEPALIVE_S
