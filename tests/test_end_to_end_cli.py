@@ -890,6 +890,61 @@ def test_terminating_the_agent_of_a_stdio_session_stops_its_running_call(tmp_pat
     assert (nap["outcome"], nap.get("code")) == ("error", "cancelled")
 
 
+def waiting_plugin(directory: Path) -> Path:
+    """Plugin ``waiter``, whose tool ``wait`` touches ``started`` in its data dir, then
+    waits an hour (cancellable)."""
+    directory.mkdir()
+    (directory / "waiter.py").write_text(
+        "import asyncio\n"
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('waiter')\n"
+        "@plugin.tool('wait')\n"
+        "async def wait(ctx) -> str:\n"
+        "    (ctx.data_dir / 'started').touch()\n"
+        "    await asyncio.sleep(3600)\n"
+        "    return 'waited'\n"
+    )
+    manifest = {
+        "name": "waiter",
+        "version": "1.0.0",
+        "abi": 1,
+        "entry": "waiter:plugin",
+        "tools": [{"name": "wait", "description": "wait", "inputSchema": {"type": "object"}}],
+    }
+    (directory / "plugin.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_terminating_the_agent_of_agent_exec_stops_its_call(tmp_path: Path) -> None:
+    # `mcp0 agent exec` ran on to its end, printed the result and exited 0, and the call was
+    # audited allowed after the termination's record (found by review)
+    data_dir = str(tmp_path / "data")
+    mcp0("plugin", "install", str(waiting_plugin(tmp_path / "waiter")), "--data-dir", data_dir)
+    mcp0("agent", "create", "ada", "--plugin", "waiter", "--data-dir", data_dir)
+    started = tmp_path / "data" / "plugin-data" / "waiter" / "started"
+    with subprocess.Popen(
+        [MCP0, "agent", "exec", "ada", "wait", "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not started.exists():  # the call under way
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        mcp0("agent", "terminate", "ada", "--data-dir", data_dir)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 1
+    assert (out, err) == (
+        "",
+        "mcp0: error: agent 'ada' was terminated while the call ran; it was stopped\n",
+    )
+    records = [r for r in _audit(data_dir) if r["resource"] == "ada" or r["agent"] == "ada"]
+    ends = [(r["verb"], r["outcome"], r.get("code")) for r in records[-2:]]
+    assert ends == [("terminate_agent", "allowed", None), ("call_tool", "error", "cancelled")]
+
+
 def _audit(data_dir: str) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = json.loads(
         mcp0("audit", "list", "--after", "0", "--data-dir", data_dir, "--json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -13,10 +14,11 @@ import sys
 from typing import Any
 
 from mcp_zero.config import Settings
-from mcp_zero.errors import ConfigError, Unauthorized
-from mcp_zero.runtime import FirstStart, Runtime
+from mcp_zero.errors import ConfigError, Conflict, StorageError, Unauthorized
+from mcp_zero.runtime import REFRESH_INTERVAL_S, FirstStart, Runtime
 from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
+from mcp_zero.storage.base import Store
 
 log = logging.getLogger("mcp_zero.serve")
 
@@ -251,7 +253,9 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
 
 
 def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str, Any]) -> Any:
-    """Call one tool as ``agent`` through the governed path, in this process."""
+    """Call one tool as ``agent`` through the governed path, in this process. Raises
+    Conflict when the agent is terminated while the call runs (by a server, or another
+    command): the call is stopped and audited as ``cancelled``, as a server's would be."""
     from mcp_zero.rpc.admin import _NoBridge
 
     async def run() -> Any:
@@ -262,15 +266,43 @@ def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str,
             entry = runtime.plugins.tools.get(tool)
             if entry is not None:
                 await runtime.plugins.start_plugin(entry.plugin)
-            return await runtime.kernel.call_tool(
-                principal,
-                tool,
-                arguments,
-                _NoBridge(),
-                request_id=f"cli-{secrets.token_hex(8)}",
-                transport="cli",
+            call = asyncio.create_task(
+                runtime.kernel.call_tool(
+                    principal,
+                    tool,
+                    arguments,
+                    _NoBridge(),
+                    request_id=f"cli-{secrets.token_hex(8)}",
+                    transport="cli",
+                )
             )
+            watch = asyncio.create_task(_until_not_active(runtime.store, agent))
+            try:
+                await asyncio.wait((call, watch), return_when=asyncio.FIRST_COMPLETED)
+            finally:  # (also when this is cancelled: Ctrl-C)
+                watch.cancel()
+                if not call.done():
+                    call.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await call  # (its record, as cancelled, is written meanwhile)
+            if call.cancelled():
+                raise Conflict(f"agent {agent!r} was terminated while the call ran; it was stopped")
+            return call.result()
         finally:
             await runtime.aclose()
 
     return asyncio.run(run())
+
+
+async def _until_not_active(store: Store, agent: str) -> None:
+    """Return once ``agent`` is no longer active: terminated by a server or another command
+    on the data dir (a server's sessions hear of it from its watcher; this process has
+    none), looking at the store as often as that watcher does."""
+    while True:
+        await asyncio.sleep(REFRESH_INTERVAL_S)
+        try:
+            record = await asyncio.to_thread(store.get_agent, agent)
+        except StorageError:
+            continue  # (the store busy past its timeout: look again at the next poll)
+        if record is None or record.status != "active":
+            return
