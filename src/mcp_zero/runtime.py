@@ -23,7 +23,7 @@ from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
 from mcp_zero.errors import ConfigError, Conflict, PolicyError, StorageError
 from mcp_zero.kernel.action import Outcome, Verb
-from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_denial, admin_event
+from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_decision, admin_event
 from mcp_zero.kernel.admin_token import (
     ADMIN_TOKEN_RECORDED,
     finish_admin_token_rotations,
@@ -360,7 +360,7 @@ class Runtime:
     def _reissue_token(self, agent: AgentRecord) -> str:
         """A new token for ``agent`` (the old one stops working), decided and audited as its
         spawn was."""
-        self._authorize(Verb.SPAWN_AGENT, agent.name, "cli")
+        decided = self._authorize(Verb.SPAWN_AGENT, agent.name, "cli")
         token = new_token()
 
         def reissue(stored: AgentRecord) -> None:
@@ -375,7 +375,7 @@ class Runtime:
                 agent.name,
                 "cli",
                 Outcome.ALLOWED,
-                {"plugins": agent.plugins, "token_reissued": True},
+                {**decided, "plugins": agent.plugins, "token_reissued": True},
             ),
         )
         return token
@@ -388,9 +388,13 @@ class Runtime:
         Raises PolicyDenied, ManifestError, Conflict (see ``PluginHost.install``).
         """
         manifest = load_manifest(path)
-        self._authorize(Verb.INSTALL_PLUGIN, manifest.name, via)
+        decided = self._authorize(Verb.INSTALL_PLUGIN, manifest.name, via)
         event = admin_event(
-            Verb.INSTALL_PLUGIN, manifest.name, via, Outcome.ALLOWED, {"version": manifest.version}
+            Verb.INSTALL_PLUGIN,
+            manifest.name,
+            via,
+            Outcome.ALLOWED,
+            {**decided, "version": manifest.version},
         )
         # the record is written in the transaction that records the plugin (the copy before)
         self.plugins.install(
@@ -403,21 +407,28 @@ class Runtime:
     def remove_plugin(self, name: str, *, via: str = "cli") -> list[str]:
         """Remove plugin ``name`` as the admin: decided by policy, audited. Returns the
         agents it was detached from."""
-        self._authorize(Verb.REMOVE_PLUGIN, name, via)
+        decided = self._authorize(Verb.REMOVE_PLUGIN, name, via)
         return self.audit.append_with(
             lambda: self.plugins.remove(name),
             lambda detached: admin_event(
-                Verb.REMOVE_PLUGIN, name, via, Outcome.ALLOWED, {"detached_from": detached}
+                Verb.REMOVE_PLUGIN,
+                name,
+                via,
+                Outcome.ALLOWED,
+                {**decided, "detached_from": detached},
             ),
         )
 
-    def _authorize(self, verb: Verb, resource: str, via: str) -> None:
-        denial = admin_denial(
+    def _authorize(self, verb: Verb, resource: str, via: str) -> dict[str, Any]:
+        """Ask the policy whether the admin may do this here: what the action's record is to
+        say of the decision; a denial is audited and raised."""
+        decision = admin_decision(
             self.policy, verb, resource, via, resource, count=self.metrics.count_denials
         )
-        if denial is not None:
-            self.audit.append_sync(denial[0])
-            raise denial[1]
+        if decision.denial is not None:
+            self.audit.append_sync(decision.denial[0])
+            raise decision.denial[1]
+        return decision.record
 
     async def start(
         self, *, wait: float | None = None, only: Collection[str] | None = None

@@ -313,6 +313,46 @@ async def test_a_change_whose_record_cannot_be_written_is_not_made(runtime: Runt
     assert [a.name for a in runtime.store.list_agents()] == [a.name for a in before]
 
 
+async def test_allowed_admin_actions_are_audited_with_the_policies_that_decided_them(
+    runtime: Runtime,
+) -> None:
+    # Their records named neither the permits that allowed them nor the policies that failed
+    # to evaluate, as a tool call's do (docs/policy.md says they do: found by review)
+    (runtime.settings.policy_dir / "ops.cedar").write_text(
+        '@id("ops-terminate-bare")\n'
+        'permit (principal, action == Action::"terminate_agent", resource)\n'
+        "when { resource.plugins.isEmpty() };\n"  # (fails: no such entity)
+        '@id("ops-attach-notes")\n'
+        'permit (principal, action == Action::"attach_plugin", resource)\n'
+        'when { context has plugin && context.plugin == "notes" };\n'
+    )
+    runtime.policy.reload()
+    await runtime.agents.spawn("eve", ["notes"])
+    await runtime.agents.attach("eve", "faulty")
+    snap = await runtime.agents.snapshot("eve")
+    await runtime.agents.terminate("eve")
+    await runtime.agents.recover(snap.id)
+    runtime.install_plugin(NOTES_DIR, replace=True)
+    runtime.remove_plugin("faulty")
+    records = [
+        r
+        for r in (orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000))
+        if r["agent"] == "admin" and r["transport"] != "files"
+    ]
+    decided = [(r["verb"], r["policies"], r.get("policy_errors")) for r in records]
+    error = 'policy "ops-terminate-bare": entity `Agent::"eve"` does not exist'
+    both = ["admin-all", "ops-attach-notes"]  # (a spawn and a recover: its attaches' too)
+    assert decided == [
+        ("spawn_agent", both, None),
+        ("attach_plugin", ["admin-all"], None),
+        ("snapshot_agent", ["admin-all"], None),
+        ("terminate_agent", ["admin-all"], [error]),
+        ("recover_agent", both, None),
+        ("install_plugin", ["admin-all"], None),
+        ("remove_plugin", ["admin-all"], None),
+    ]
+
+
 NO_FAULTY_ATTACH = (
     '@id("no-faulty-attach")\n'
     '@reason("faulty may not be granted to any agent")\n'

@@ -8,6 +8,7 @@ principal ``Agent::"admin"`` with ``admin == true`` and the caller's transport
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mcp_zero.errors import PolicyDenied
@@ -36,7 +37,18 @@ def admin_event(verb: Verb | str, resource: str, via: str, outcome: Outcome, det
     }
 
 
-def admin_denial(
+@dataclass(frozen=True, slots=True)
+class AdminDecision:
+    """The policy's decision on an action of the admin, as the audit log is to tell it."""
+
+    # what the action's ``allowed`` record says of it, as a tool call's does: the
+    # ``policies`` that permitted it, and ``policy_errors`` when some failed to evaluate
+    record: JSON
+    # a denial's audit event (the caller appends it) and error (then raises it)
+    denial: tuple[JSON, PolicyDenied] | None = None
+
+
+def admin_decision(
     policy: PolicyStore | None,
     verb: Verb,
     resource: str,
@@ -44,15 +56,18 @@ def admin_denial(
     plugin: str | None = None,
     *,
     count: Callable[[Sequence[str]], None] | None = None,
-) -> tuple[JSON, PolicyDenied] | None:
-    """None when policy lets the admin do this here; else the denial's audit event (naming
-    the ``plugin`` the action concerns, if any) and error (the caller appends the one, then
-    raises the other), counted by ``count`` (Metrics.count_denials)."""
+) -> AdminDecision:
+    """The policy's decision on whether the admin may do this here; a denial's event names
+    the ``plugin`` the action concerns, if any, and is counted by ``count``
+    (Metrics.count_denials)."""
     if policy is None:
-        return None
+        return AdminDecision({})
     decision = policy.decide(Action(ADMIN, verb, resource, plugin, context={"transport": via}))
     if decision.allowed:
-        return None
+        record: JSON = {"policies": list(decision.policies)}
+        if decision.errors:
+            record["policy_errors"] = list(decision.errors)
+        return AdminDecision(record)
     if count is not None:
         count(decision.policies)
     data = decision.to_data()
@@ -60,4 +75,15 @@ def admin_denial(
     if plugin is not None:
         detail["plugin"] = plugin
     event = admin_event(verb, resource, via, Outcome.DENIED, detail)
-    return event, PolicyDenied(decision.message, data=data)
+    return AdminDecision({}, (event, PolicyDenied(decision.message, data=data)))
+
+
+def decided_together(records: Sequence[JSON]) -> JSON:
+    """What the record of an action that several decisions allowed says of them (a spawn's
+    and its plugins' attaches): their ``policies`` and ``policy_errors``, each once."""
+    together: JSON = {}
+    for key in ("policies", "policy_errors"):
+        values = list(dict.fromkeys(v for record in records for v in record.get(key, ())))
+        if values:  # (an allow has a permit: no policies, no policy store)
+            together[key] = values
+    return together

@@ -22,13 +22,12 @@ from mcp_zero.errors import (
     Conflict,
     InvalidParams,
     PluginNotFound,
-    PolicyDenied,
     SnapshotNotFound,
     Unauthorized,
     shown,
 )
 from mcp_zero.kernel.action import Outcome, Principal, Verb
-from mcp_zero.kernel.admin import admin_denial, admin_event
+from mcp_zero.kernel.admin import AdminDecision, admin_decision, admin_event, decided_together
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.security.tokens import hash_token, new_token
 from mcp_zero.storage.base import AgentRecord, SnapshotRecord, Store
@@ -226,10 +225,10 @@ class AgentService:
                 "'admin' names the administrator in policies and audit records; choose "
                 "another agent name"
             )
-        await self._authorize(Verb.SPAWN_AGENT, name, via)
+        decided = [await self._authorize(Verb.SPAWN_AGENT, name, via)]
         plugins = list(dict.fromkeys(plugins or []))
         for plugin in plugins:  # each as a standalone attach: a policy on it holds here too
-            await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
+            decided.append(await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin))
         _check_state(state or {})
         token = new_token()
         record = AgentRecord(
@@ -246,7 +245,14 @@ class AgentService:
             self._check_plugins(plugins)
             self.store.create_agent(record)
 
-        await self._audited(Verb.SPAWN_AGENT, name, via, create, lambda _: {"plugins": plugins})
+        await self._audited(
+            Verb.SPAWN_AGENT,
+            name,
+            via,
+            decided_together(decided),
+            create,
+            lambda _: {"plugins": plugins},
+        )
         return SpawnedAgent(record, token)
 
     def list_agents(self) -> list[AgentRecord]:
@@ -259,7 +265,7 @@ class AgentService:
         """Attach ``plugin`` to agent ``name``. Raises AgentNotFound, PluginNotFound, and
         Conflict for a terminated agent."""
         self.get(name)
-        await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
+        decided = await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
 
         def attach(agent: AgentRecord) -> None:
             # checked in the write transaction: a remove of the plugin that commits after
@@ -273,6 +279,7 @@ class AgentService:
             Verb.ATTACH_PLUGIN,
             name,
             via,
+            decided,
             lambda: self.store.change_agent(name, attach),
             lambda _: {"attached": plugin},
         )
@@ -286,7 +293,7 @@ class AgentService:
         another process at the same time): it is not terminated, nor audited, twice.
         """
         self.get(name)
-        await self._authorize(Verb.TERMINATE_AGENT, name, via)
+        decided = await self._authorize(Verb.TERMINATE_AGENT, name, via)
 
         def terminate(agent: AgentRecord) -> None:
             _not_terminated(agent)
@@ -296,6 +303,7 @@ class AgentService:
             Verb.TERMINATE_AGENT,
             name,
             via,
+            decided,
             lambda: self.store.change_agent(name, terminate),
             lambda _: {},
         )
@@ -306,7 +314,7 @@ class AgentService:
         """Persist the agent's plugins (and which installed copy of each), state and status;
         returns the snapshot (with its id)."""
         agent = self.get(name)
-        await self._authorize(Verb.SNAPSHOT_AGENT, name, via)
+        decided = await self._authorize(Verb.SNAPSHOT_AGENT, name, via)
         copies = {}
         for plugin in agent.plugins:
             record = self.store.get_plugin(plugin)
@@ -327,6 +335,7 @@ class AgentService:
             Verb.SNAPSHOT_AGENT,
             name,
             via,
+            decided,
             lambda: self.store.put_snapshot(snap),
             lambda _: {"snapshot_id": snap.id},
         )
@@ -348,15 +357,19 @@ class AgentService:
         if snap is None:
             raise SnapshotNotFound(f"no snapshot {shown(snapshot_id)}")
         name = self.get(snap.agent).name
-        await self._authorize(Verb.RECOVER_AGENT, name, via)
+        decided = await self._authorize(Verb.RECOVER_AGENT, name, via)
         state = dict(snap.data.get("state", {}))
         _check_state(state, f"the state of snapshot {snapshot_id!r}")
         wanted = list(dict.fromkeys(snap.data.get("plugins", [])))
         refused = {}
+        attach_decided = {}  # (of the plugins the policy lets the admin attach)
         for plugin in wanted:
-            denial = await self._denied(Verb.ATTACH_PLUGIN, name, via, plugin)
-            if denial is not None:
-                refused[plugin] = f"the policy does not let the admin attach it: {denial.message}"
+            decision = await self._decide(Verb.ATTACH_PLUGIN, name, via, plugin)
+            if decision.denial is not None:
+                why = decision.denial[1].message
+                refused[plugin] = f"the policy does not let the admin attach it: {why}"
+            else:
+                attach_decided[plugin] = decision.record
         copies = snap.data.get("plugin_copies") or {}
         not_restored: dict[str, str] = {}
 
@@ -373,14 +386,21 @@ class AgentService:
             agent.state = state
             agent.status = str(snap.data.get("status", "active"))
 
-        def detail(_: AgentRecord) -> JSON:
-            done: JSON = {"snapshot_id": snapshot_id}
+        def detail(agent: AgentRecord) -> JSON:
+            # the decisions that allowed what was done: the recover and the attaches again
+            done: JSON = decided_together([decided, *(attach_decided[p] for p in agent.plugins)])
+            done["snapshot_id"] = snapshot_id
             if not_restored:
                 done["not_restored"] = dict(not_restored)
             return done
 
         agent = await self._audited(
-            Verb.RECOVER_AGENT, name, via, lambda: self.store.change_agent(name, restore), detail
+            Verb.RECOVER_AGENT,
+            name,
+            via,
+            {},
+            lambda: self.store.change_agent(name, restore),
+            detail,
         )
         self._changed(name)
         return Recovery(agent, dict(not_restored))
@@ -415,38 +435,44 @@ class AgentService:
 
     async def _authorize(
         self, verb: Verb, resource: str, via: str, *, plugin: str | None = None
-    ) -> None:
-        """Ask the policy whether the admin may do this here; a denial is audited and raised."""
-        denied = await self._denied(verb, resource, via, plugin)
-        if denied is not None:
-            raise denied
+    ) -> JSON:
+        """Ask the policy whether the admin may do this here: what the action's record is to
+        say of the decision (``AdminDecision.record``); a denial is audited and raised."""
+        decision = await self._decide(verb, resource, via, plugin)
+        if decision.denial is not None:
+            raise decision.denial[1]
+        return decision.record
 
-    async def _denied(
+    async def _decide(
         self, verb: Verb, resource: str, via: str, plugin: str | None = None
-    ) -> PolicyDenied | None:
-        """None when the policy lets the admin do this here; else the denial, audited."""
-        denial = admin_denial(self.policy, verb, resource, via, plugin, count=self._count_denials)
-        if denial is None:
-            return None
-        event, error = denial
-        await self.audit.append(event)
-        return error
+    ) -> AdminDecision:
+        """The policy's decision on whether the admin may do this here, a denial audited."""
+        decision = admin_decision(
+            self.policy, verb, resource, via, plugin, count=self._count_denials
+        )
+        if decision.denial is not None:
+            await self.audit.append(decision.denial[0])
+        return decision
 
     async def _audited(
         self,
         verb: Verb,
         resource: str,
         via: str,
+        decided: JSON,
         change: Callable[[], T],
         detail: Callable[[T], JSON],
     ) -> T:
-        """Make ``change`` and its ``allowed`` record (``detail`` of its result) in one
-        transaction: no change without its record, even if the process dies in between.
+        """Make ``change`` and its ``allowed`` record (what ``decided`` it, and ``detail``
+        of its result) in one transaction: no change without its record, even if the process
+        dies in between.
 
         In a thread: the transaction may wait for another process's write lock (a CLI
         command), up to the store's busy timeout, and the loop serves calls meanwhile."""
         return await asyncio.to_thread(
             self.audit.append_with,
             change,
-            lambda done: admin_event(verb, resource, via, Outcome.ALLOWED, detail(done)),
+            lambda done: admin_event(
+                verb, resource, via, Outcome.ALLOWED, {**decided, **detail(done)}
+            ),
         )
