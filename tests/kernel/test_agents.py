@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +418,29 @@ async def test_recover_leaves_out_a_plugin_the_policy_forbids_to_attach(
     assert denied["policies"] == ["no-faulty-attach"]
     assert recovered["verb"] == "recover_agent"
     assert recovered["not_restored"] == recovery.not_restored
+
+
+async def test_spawn_and_recover_records_say_what_the_agent_became(runtime: Runtime) -> None:
+    # A recover that revoked the agent's token, or made it work again, was recorded with its
+    # snapshot's id alone, and the snapshots are not chained: the log did not say so; nor
+    # did a spawn's record say what state the agent began with (found by review)
+    await runtime.agents.spawn("fay", ["notes", "faulty"], {"step": 1, "k": [True, None]})
+    active = await runtime.agents.snapshot("fay")
+    await runtime.agents.terminate("fay")
+    terminated = await runtime.agents.snapshot("fay")
+    await runtime.agents.recover(active.id)
+    await runtime.agents.recover(terminated.id)
+    spawned, *_, made_active, made_terminated = records_of(runtime, "fay")
+    state = hashlib.sha256(b'{"k":[true,null],"step":1}').hexdigest()  # (not the state)
+    assert (spawned["plugins"], spawned["state_sha256"]) == (["notes", "faulty"], state)
+    became = [
+        (r["snapshot_id"], r["status"], r["plugins"], r["state_sha256"])
+        for r in (made_active, made_terminated)
+    ]
+    assert became == [
+        (active.id, "active", ["notes", "faulty"], state),
+        (terminated.id, "terminated", ["notes", "faulty"], state),
+    ]
 
 
 async def test_recover_refuses_a_snapshot_whose_state_could_not_be_shown(

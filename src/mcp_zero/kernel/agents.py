@@ -7,6 +7,7 @@ attached to it, and free-form state. Every change is an audited action.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 import time
@@ -121,6 +122,12 @@ def _check_state(state: JSON, what: str = '"state"') -> None:
             f"may have ({exc})",
             data={"path": "/state", "max_depth": MAX_STATE_DEPTH},
         ) from None
+
+
+def state_digest(state: JSON) -> str:
+    """What an audit record keeps of an agent's state, as of a tool call's arguments: their
+    SHA-256 (of canonical JSON), not the state, which may hold personal data."""
+    return hashlib.sha256(orjson.dumps(state, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 class AgentService:
@@ -251,7 +258,7 @@ class AgentService:
             via,
             decided_together(decided),
             create,
-            lambda _: {"plugins": plugins},
+            lambda _: {"plugins": plugins, "state_sha256": state_digest(record.state)},
         )
         return SpawnedAgent(record, token)
 
@@ -389,7 +396,13 @@ class AgentService:
         def detail(agent: AgentRecord) -> JSON:
             # the decisions that allowed what was done: the recover and the attaches again
             done: JSON = decided_together([decided, *(attach_decided[p] for p in agent.plugins)])
-            done["snapshot_id"] = snapshot_id
+            # what the agent became: its token works again, or no more, by this record
+            done.update(
+                snapshot_id=snapshot_id,
+                status=agent.status,
+                plugins=agent.plugins,
+                state_sha256=state_digest(agent.state),
+            )
             if not_restored:
                 done["not_restored"] = dict(not_restored)
             return done
