@@ -81,6 +81,33 @@ def test_an_existing_data_dir_keeps_its_mode(tmp_path: Path) -> None:
     assert stat.S_IMODE((shared / "keys" / "signing.key").stat().st_mode) == 0o600
 
 
+def test_a_removed_admin_token_stays_removed_until_a_rotation(tmp_path: Path) -> None:
+    # Removing it closes the admin API, but the next command (or restart) silently wrote a
+    # new one, which a running server took up a second later (found by review)
+    settings = load_settings(None, {"data_dir": tmp_path / "data"}, environ={})
+    Runtime(settings).close()  # a new data dir gets a token
+    settings.admin_token_path.unlink()
+    for _ in range(2):  # a restart, another command
+        runtime = Runtime(settings)
+        runtime.record_what_governs(by="mcp0 agent attach")
+        runtime.close()
+        assert runtime.admin_token_hash is None
+        assert not settings.admin_token_path.exists()
+    runtime = Runtime(settings)
+    try:
+        rotate_admin_token(settings.admin_token_path, runtime.audit, runtime.store)
+        assert runtime.refresh_admin_token()
+        assert runtime.admin_token_hash == hash_token(runtime.admin_token())
+        closed = [
+            (b["outcome"], b.get("code"))
+            for b in (orjson.loads(e.body) for e in runtime.store.read_audit(0, 1000))
+            if b["verb"] == CHANGE_ADMIN_TOKEN
+        ]
+    finally:
+        runtime.close()
+    assert closed == [("error", "no_admin_token"), ("allowed", None)]  # (once, then rotated)
+
+
 def test_the_first_start_makes_the_signing_key_without_loading_cryptography(
     tmp_path: Path,
 ) -> None:
@@ -385,7 +412,7 @@ async def test_policies_and_admin_token_changed_while_no_server_ran_are_recorded
         assert "late" in runtime.policy.engine.policies
     async with started(data_dir) as runtime:
         assert len(governing(runtime)) == 4  # nothing changed since: nothing more
-    (data_dir / "admin.token").unlink()  # a command lays out a new one, and records it
+    (data_dir / "admin.token").unlink()  # a command records it, and lays out none
     done = subprocess.run(
         [MCP0, "agent", "create", "ada", "--data-dir", str(data_dir)],
         capture_output=True,
@@ -396,6 +423,8 @@ async def test_policies_and_admin_token_changed_while_no_server_ran_are_recorded
     with SqliteStore(data_dir / "mcp0.db", read_only=True) as store:
         bodies = [orjson.loads(e.body) for e in store.read_audit(0, 1000)]
     assert [b["verb"] for b in bodies][-2:] == [CHANGE_ADMIN_TOKEN, "spawn_agent"]
+    assert (bodies[-2]["outcome"], bodies[-2]["code"]) == ("error", "no_admin_token")
+    assert not (data_dir / "admin.token").exists()
     # found by a command, not a server's start (which it is not: found by review)
     assert "at_start" not in bodies[-2]
     assert bodies[-2]["found_by_command"].endswith("agent create")

@@ -256,7 +256,8 @@ class Runtime:
         return SqliteStore(s.db_path, max_size_bytes=s.db_max_mb * 2**20 or None)
 
     def _prepare_data_dir(self) -> bool:
-        """Create the data dir layout, keys, admin token and default policy; True if new."""
+        """Create the data dir layout and keys, and for a new one (True) the admin token and
+        default policy."""
         s = self.settings
         created = not s.db_path.exists()
         try:
@@ -270,13 +271,15 @@ class Runtime:
             key_path = s.keys_dir / "signing.key"
             if not key_path.exists():
                 _create_signing_key(key_path)
-            if not s.admin_token_path.exists():
-                write_secret_file(s.admin_token_path, new_token() + "\n")
             if created:
+                if not s.admin_token_path.exists():  # (a first start killed after it: kept)
+                    write_secret_file(s.admin_token_path, new_token() + "\n")
                 write_default_policies(s.policy_dir)
             else:
-                # Never again: an admin who removed every policy meant "deny everything",
-                # as the running server already took it; a restart must not permit it all.
+                # Neither again: an admin who removed every policy meant "deny everything",
+                # and one who removed the token closed the admin API, as the running server
+                # took it; a restart, or another command, must not open either (a token is
+                # for 'mcp0 admin rotate-token' to write).
                 s.policy_dir.mkdir(exist_ok=True)
             s.plugins_dir.mkdir(exist_ok=True)
             s.plugin_data_dir.mkdir(exist_ok=True)

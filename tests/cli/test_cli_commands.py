@@ -836,6 +836,27 @@ def test_admin_rotate_token_writes_a_new_private_token_and_audits_it(data_dir: P
     assert verbs.count("change_admin_token") == 3  # the first token, then two rotations
 
 
+def test_a_removed_admin_token_is_written_again_only_by_a_rotation(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The next changing command wrote a new one, silently, and a running server took it up:
+    # the admin API its removal closed was open again (found by review)
+    from mcp_zero.cli.serve import _announce
+    from mcp_zero.runtime import FirstStart
+
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    token_file = data_dir / "admin.token"
+    token_file.unlink()
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    assert not token_file.exists()
+    # what `mcp0 serve` says of it (it printed the file's path, as if it held the token)
+    settings = load_settings(None, {"data_dir": data_dir}, environ={})
+    _announce(settings, 8390, FirstStart([], None), admin_closed=True, as_json=False)
+    assert f"admin API closed: no token in {token_file} " in capsys.readouterr().out
+    run(data_dir, "admin", "rotate-token")
+    assert token_file.read_text().startswith("mcp0_")
+
+
 def test_agent_exec_starts_only_the_plugin_of_its_tool(data_dir: Path, tmp_path: Path) -> None:
     # A plugin that hangs as it loads held every one-off call for its 15 s start timeout.
     marker = data_dir / "plugin-data" / "stuck" / "was-started"  # where it may write

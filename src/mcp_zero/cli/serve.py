@@ -168,7 +168,8 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         # writes nothing, so another process's write lock does not hold it up.)
         if not runtime.store.first_start_done():
             runtime.store.finish_first_start()
-        _announce(settings, server.port, first_start, as_json=as_json)
+        closed = runtime.admin_token_hash is None
+        _announce(settings, server.port, first_start, admin_closed=closed, as_json=as_json)
 
     try:
         asyncio.run(
@@ -183,7 +184,9 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         end_adopted()
 
 
-def _announce(settings: Settings, port: int, first_start: FirstStart, *, as_json: bool) -> None:
+def _announce(
+    settings: Settings, port: int, first_start: FirstStart, *, admin_closed: bool, as_json: bool
+) -> None:
     installed, token = first_start.installed, first_start.token
     scheme = "https" if settings.tls_cert is not None else "http"
     url = f"{scheme}://{settings.host}:{port}/mcp"
@@ -212,7 +215,14 @@ def _announce(settings: Settings, port: int, first_start: FirstStart, *, as_json
             "created agent 'default' with the example plugins; its token (shown once):", flush=True
         )
         print(f"  {token}", flush=True)
-    print(f"admin token: {settings.admin_token_path}", flush=True)
+    if admin_closed:  # (its file removed or emptied: no start writes it again)
+        print(
+            f"admin API closed: no token in {settings.admin_token_path} "
+            "('mcp0 admin rotate-token' writes one)",
+            flush=True,
+        )
+    else:
+        print(f"admin token: {settings.admin_token_path}", flush=True)
     print(f"mcp0 listening on {url}", flush=True)
 
 
