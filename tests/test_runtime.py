@@ -583,6 +583,41 @@ async def test_a_rotation_beside_a_running_server_is_recorded_once_and_a_hand_ed
     assert "rotation" not in changes[1]
 
 
+@pytest.mark.anyio
+async def test_a_change_a_command_recorded_first_is_not_recorded_again_by_the_server(
+    tmp_path: Path,
+) -> None:
+    # One change of a governing file was audited twice when a command noticed it before the
+    # server did: by the command ("found_by_command"), then by the server (found by review)
+    settings = load_settings(None, {"data_dir": tmp_path / "data", "examples": False}, environ={})
+    server = Runtime(settings)  # (not started: its watcher's steps are taken here)
+    try:
+        server.record_what_governs()
+        (settings.policy_dir / "extra.cedar").write_text(
+            '@id("extra")\npermit (principal, action == Action::"call_tool", resource)'
+            " when { false };\n"
+        )
+        settings.admin_token_path.write_text("mcp0_written-by-hand\n")
+        command = Runtime(settings)
+        command.record_what_governs(by="mcp0 agent snapshot")
+        command.close()
+        assert not await server.refresh_policies()  # (seen once)
+        assert await server.refresh_policies()
+        await server._refresh_admin_token_and_audit()
+        assert "extra" in server.policy.engine.policies  # taken up all the same
+        assert server.admin_token_hash == hash_token("mcp0_written-by-hand")
+        bodies = [orjson.loads(e.body) for e in server.store.read_audit(0, 1000)]
+    finally:
+        await server.aclose()
+    recorded = [(b["verb"], b.get("found_by_command")) for b in bodies]
+    assert recorded == [
+        (LOAD_POLICIES, None),  # (at start)
+        (CHANGE_ADMIN_TOKEN, None),
+        (LOAD_POLICIES, "mcp0 agent snapshot"),
+        (CHANGE_ADMIN_TOKEN, "mcp0 agent snapshot"),
+    ]
+
+
 class _ReadBackStore(SqliteStore):
     """A store that notes how many entries each read_audit asks for."""
 

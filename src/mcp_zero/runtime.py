@@ -88,6 +88,10 @@ def _create_signing_key(path: Path) -> None:
 POLICIES_RECORDED = "policies"
 
 
+class _RecordedAlready(Exception):
+    """The change of a governing file is recorded already (``Runtime._record_file``)."""
+
+
 def _found_by(by: str) -> dict[str, Any]:
     """What a record of governing files found unrecorded says of who found them: a server
     as it started (``at_start``), or a command about to decide under them (which may run
@@ -246,10 +250,20 @@ class Runtime:
         recorded: tuple[str, str],
     ) -> None:
         """Append the record of a change of a file that governs the server (it came from
-        the data dir's files, not through an API), and keep its digest with it."""
+        the data dir's files, not through an API), and keep its digest with it; nothing if
+        the log has recorded that digest last already: another process noticed the change
+        first (a command about to decide under it), and it is recorded once."""
         event = admin_event(verb, resource, "files", outcome, detail)
         name, digest = recorded
-        self.audit.append_with(lambda: self.store.set_recorded(name, digest), lambda _: event)
+
+        def keep() -> None:
+            # in the record's write transaction: of two processes, the second sees the first's
+            if self.store.recorded(name) == digest:
+                raise _RecordedAlready
+            self.store.set_recorded(name, digest)
+
+        with contextlib.suppress(_RecordedAlready):
+            self.audit.append_with(keep, lambda _: event)
 
     def _open_store(self) -> SqliteStore:
         s = self.settings
