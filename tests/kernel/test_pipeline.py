@@ -135,6 +135,23 @@ async def test_an_unknown_tool_is_tool_not_found_and_audited(started: Runtime, b
     assert record["plugin"] is None
 
 
+async def test_a_huge_unknown_tool_name_is_neither_echoed_nor_audited_whole(
+    started: Runtime, bridge: Any
+) -> None:
+    # The admin's execute answered a 500,000-character name with a 1 MB error and audited it
+    # whole: /mcp refuses a name past 128 characters before the kernel, which took any
+    # (found by review)
+    with pytest.raises(InvalidParams) as refused:
+        await call(started, Principal("erin", ALL), "z" * 500_000, {}, "k6b", bridge)
+    assert refused.value.message == "the tool name has 500000 characters; at most 128 are allowed"
+    assert refused.value.data == {"limit": 128}
+    [record] = records(started, request_id="k6b")
+    assert (record["resource"], record["code"]) == ("", "invalid_params")
+    with pytest.raises(ToolNotFound) as unknown:  # one a tool could have: shown in part
+        await call(started, Principal("erin", ALL), "y" * 128, {}, "k6c", bridge)
+    assert unknown.value.message.startswith(f"unknown tool {'y' * 64!r}… (128 characters)")
+
+
 async def test_progress_and_logs_go_to_the_bridge(started: Runtime, bridge: Any) -> None:
     agent = Principal("frank", ALL)
     await call(started, agent, "faulty_progress", {"steps": 3}, "k7", bridge)

@@ -40,6 +40,7 @@ from mcp_zero.errors import (
     StorageError,
     ToolNotFound,
     ToolTimeout,
+    shown,
 )
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.kernel.client_requests import GovernedBridge
@@ -50,6 +51,7 @@ from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox.base import TIMEOUT_HINT, ClientBridge, PluginRuntime
+from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH
 
 JSON = dict[str, Any]
 log = logging.getLogger("mcp_zero.kernel")
@@ -556,10 +558,18 @@ class Kernel:
         digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
         refused: McpZeroError | None = None
         if entry is None:
-            refused = ToolNotFound(
-                f"unknown tool {name!r}: tools/list shows the tools you may call",
-                data={"tool": name},
-            )
+            if len(name) <= MAX_NAME_LENGTH:
+                refused = ToolNotFound(
+                    f"unknown tool {shown(name)}: tools/list shows the tools you may call",
+                    data={"tool": name},
+                )
+            else:  # (the admin's execute, `mcp0 agent exec`: /mcp refuses it before this)
+                refused = InvalidParams(
+                    f"the tool name has {len(name)} characters; at most {MAX_NAME_LENGTH} "
+                    "are allowed",
+                    data={"limit": MAX_NAME_LENGTH},
+                )
+                name = ""  # audited as /mcp audits it: no part of it
         elif digest == _TOO_DEEP:
             refused = InvalidParams(
                 f"the arguments nest deeper than {MAX_ARGUMENT_DEPTH} levels",
