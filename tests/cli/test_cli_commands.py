@@ -342,7 +342,8 @@ def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
     said = run(data_dir, "agent", "recover", snap["snapshot_id"]).stdout
     assert f"not attached again: notes: {reason}" in said
     audited = [r for r in as_json(data_dir, "audit", "list") if r["verb"] == "recover_agent"]
-    assert audited[-1]["not_restored"] == {"notes": reason}
+    # the record shows them as the answer does (it was an object: found by review)
+    assert audited[-1]["not_restored"] == [{"plugin": "notes", "reason": reason}]
 
 
 def test_create_with_a_plugin_the_policy_forbids_to_attach_is_refused(data_dir: Path) -> None:

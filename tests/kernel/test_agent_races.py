@@ -150,7 +150,7 @@ async def test_recovering_while_a_plugin_is_removed_leaves_it_out(runtime: Runti
     assert runtime.agents.get("victim").plugins == ["faulty"]
     bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000)]
     [record] = [r for r in bodies if r["verb"] == "recover_agent"]
-    assert record["not_restored"] == {"notes": "it is not installed any more"}
+    assert record["not_restored"] == [{"plugin": "notes", "reason": "it is not installed any more"}]
 
 
 async def test_spawning_with_a_plugin_while_it_is_removed_spawns_nothing(

@@ -19,6 +19,7 @@ from mcp_zero.errors import (
     StorageError,
     Unauthorized,
 )
+from mcp_zero.kernel.agents import recovery_view
 from mcp_zero.runtime import Runtime
 from mcp_zero.security.tokens import hash_token
 from mcp_zero.storage import SnapshotRecord
@@ -417,7 +418,7 @@ async def test_recover_leaves_out_a_plugin_the_policy_forbids_to_attach(
     )
     assert denied["policies"] == ["no-faulty-attach"]
     assert recovered["verb"] == "recover_agent"
-    assert recovered["not_restored"] == recovery.not_restored
+    assert recovered["not_restored"] == recovery_view(recovery)["not_restored"]
 
 
 async def test_spawn_and_recover_records_say_what_the_agent_became(runtime: Runtime) -> None:

@@ -58,13 +58,14 @@ class Recovery:
 
 def recovery_view(recovery: Recovery) -> JSON:
     """A recovery as the admin API and ``--json`` output show it: the agent and
-    ``not_restored``, a list of ``{"plugin", "reason"}``."""
-    return {
-        **agent_view(recovery.agent),
-        "not_restored": [
-            {"plugin": plugin, "reason": reason} for plugin, reason in recovery.not_restored.items()
-        ],
-    }
+    ``not_restored``."""
+    return {**agent_view(recovery.agent), "not_restored": _listed(recovery.not_restored)}
+
+
+def _listed(not_restored: dict[str, str]) -> list[JSON]:
+    """``not_restored`` as the answers and the audit record show it: a list of
+    ``{"plugin", "reason"}``."""
+    return [{"plugin": plugin, "reason": reason} for plugin, reason in not_restored.items()]
 
 
 def agent_view(agent: AgentRecord) -> JSON:
@@ -404,7 +405,7 @@ class AgentService:
                 state_sha256=state_digest(agent.state),
             )
             if not_restored:
-                done["not_restored"] = dict(not_restored)
+                done["not_restored"] = _listed(not_restored)
             return done
 
         agent = await self._audited(
