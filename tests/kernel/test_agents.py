@@ -99,8 +99,10 @@ async def test_attach_takes_effect_at_once_and_is_idempotent(runtime: Runtime) -
     spawned = await runtime.agents.spawn("bea", ["notes"])
     assert runtime.agents.authenticate(spawned.token).plugins == frozenset({"notes"})
     await runtime.agents.attach("bea", "faulty")
-    await runtime.agents.attach("bea", "faulty")
-    assert runtime.agents.get("bea").plugins == ["notes", "faulty"]
+    again = await runtime.agents.attach("bea", "faulty")
+    assert again.plugins == runtime.agents.get("bea").plugins == ["notes", "faulty"]
+    # recorded once: the second changed nothing (each was a record: found by review)
+    assert audited(runtime, "bea") == ["spawn_agent", "attach_plugin"]
     assert runtime.agents.authenticate(spawned.token).plugins == frozenset({"notes", "faulty"})
     with pytest.raises(PluginNotFound):
         await runtime.agents.attach("bea", "nope")

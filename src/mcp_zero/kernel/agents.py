@@ -131,6 +131,14 @@ def state_digest(state: JSON) -> str:
     return hashlib.sha256(orjson.dumps(state, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+class _AttachedAlready(Exception):
+    """The plugin is attached to the agent already: nothing to change, nor to record."""
+
+    def __init__(self, agent: AgentRecord) -> None:
+        super().__init__(agent.name)
+        self.agent = agent
+
+
 class AgentService:
     """Agent lifecycle on a store, audited through an audit log."""
 
@@ -271,7 +279,8 @@ class AgentService:
 
     async def attach(self, name: str, plugin: str, *, via: str = "admin") -> AgentRecord:
         """Attach ``plugin`` to agent ``name``. Raises AgentNotFound, PluginNotFound, and
-        Conflict for a terminated agent."""
+        Conflict for a terminated agent. A plugin attached already is left so, and its
+        attach not recorded again (nothing changed; a denial is recorded all the same)."""
         self.get(name)
         decided = await self._authorize(Verb.ATTACH_PLUGIN, name, via, plugin=plugin)
 
@@ -280,17 +289,21 @@ class AgentService:
             # this attach began is either seen here or waits for it, and then detaches it
             self._check_plugins([plugin])
             _not_terminated(agent)  # (its token no longer works: recover it from a snapshot)
-            if plugin not in agent.plugins:
-                agent.plugins.append(plugin)
+            if plugin in agent.plugins:
+                raise _AttachedAlready(agent)  # (its transaction ends, writing nothing)
+            agent.plugins.append(plugin)
 
-        agent = await self._audited(
-            Verb.ATTACH_PLUGIN,
-            name,
-            via,
-            decided,
-            lambda: self.store.change_agent(name, attach),
-            lambda _: {"attached": plugin},
-        )
+        try:
+            agent = await self._audited(
+                Verb.ATTACH_PLUGIN,
+                name,
+                via,
+                decided,
+                lambda: self.store.change_agent(name, attach),
+                lambda _: {"attached": plugin},
+            )
+        except _AttachedAlready as already:
+            return already.agent
         self._changed(name)
         return agent
 
