@@ -3,6 +3,7 @@ their errors (one line, non-zero exit), and what they change."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -311,6 +312,24 @@ def test_agent_lifecycle_from_the_command_line(data_dir: Path) -> None:
     assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["ada"]
     # the token is never shown again
     assert "token" not in as_json(data_dir, "agent", "show", "ada")
+
+
+def test_agent_show_prints_the_plugins_and_state_as_json(data_dir: Path) -> None:
+    # It printed Python's reprs: plugins: ['notes'], state: {'k': [1, True, None]} (found by
+    # review)
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    runtime = Runtime(load_settings(None, {"data_dir": data_dir}, environ={}))
+    try:
+        asyncio.run(runtime.agents.spawn("ada", ["notes"], {"k": [1, True, None]}))
+    finally:
+        runtime.close()
+    shown = run(data_dir, "agent", "show", "ada").stdout.splitlines()
+    assert shown[:4] == [
+        "name: ada",
+        'plugins: ["notes"]',
+        'state: {"k": [1, true, null]}',
+        "status: active",
+    ]
 
 
 @pytest.mark.parametrize("change", ["removed, then another installed", "replaced"])

@@ -295,7 +295,9 @@ def agent_show(config_file: Path | None, data_dir: Path | None, as_json: bool, n
 
     with _store(config_file, data_dir) as store:
         view = _agent_view(require_agent(store, name))
-    _out(as_json, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
+    # its plugins and state as JSON (Python's repr of them was no format: found by review)
+    lines = [f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in view.items()]
+    _out(as_json, view, "\n".join(lines))
 
 
 @agent.command("attach")
