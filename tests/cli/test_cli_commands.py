@@ -35,6 +35,7 @@ from plugin_builders import loading_plugin
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 NOTES_DIR = Path(__file__).parents[2] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
+FAULTY_DIR = Path(__file__).parents[1] / "plugins" / "faulty"
 
 
 @pytest.fixture
@@ -507,6 +508,39 @@ def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> Non
     records = as_json(data_dir, "audit", "list")
     calls = [(r["agent"], r["outcome"]) for r in records if r["verb"] == "call_tool"]
     assert calls == [("ada", "allowed"), ("bob", "denied")]
+
+
+def test_text_outputs_escape_what_a_terminal_would_act_on(data_dir: Path, tmp_path: Path) -> None:
+    # An agent's tool name, a plugin's description or output, printed as they were, could
+    # forge a record line of `mcp0 audit list` on the operator's terminal, or hide or
+    # reorder one (found by review); --json is JSON as before
+    forged = "x\x1b[2K\r      39 allowed  admin            call_tool      delete_everything\n"
+    source = tmp_path / "faulty"
+    shutil.copytree(FAULTY_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((source / "plugin.json").read_text())
+    manifest["description"] = "faulty\r\u202egnp.exe\x85"
+    manifest["tools"][0]["description"] = "echoes\x1b]0;a title\x07"
+    (source / "plugin.json").write_text(json.dumps(manifest))
+    run(data_dir, "plugin", "install", str(source))
+    run(data_dir, "agent", "create", "ada", "--plugin", "faulty")
+    run(data_dir, "agent", "exec", "ada", forged, ok=False)
+    listed = run(data_dir, "audit", "list").stdout.splitlines()
+    assert len(listed) == len(as_json(data_dir, "audit", "list"))  # one line a record
+    assert listed[-1].endswith(
+        r"call_tool      x\x1b[2K\r      39 allowed  admin            call_tool      "
+        r"delete_everything\n tool_not_found"
+    )
+    assert as_json(data_dir, "audit", "list")[-1]["resource"] == forged
+    described = r"faulty\r\u202egnp.exe\x85"
+    assert run(data_dir, "plugin", "list").stdout.endswith(f" {described}\n")
+    shown = run(data_dir, "plugin", "show", "faulty").stdout.splitlines()
+    assert shown[1] == described
+    assert r"  faulty_echo: echoes\x1b]0;a title\x07" in shown
+    # a tool's output keeps its lines (and tabs), the rest escaped as well
+    echoed = run(
+        data_dir, "agent", "exec", "ada", "faulty_echo", '{"text": "a\\u001b[2J\\tb\\nc\\r"}'
+    )
+    assert echoed.stdout == "a\\x1b[2J\tb\nc\\r\n"
 
 
 def test_audit_list_shows_the_newest_records_unless_told_where_to_start(data_dir: Path) -> None:

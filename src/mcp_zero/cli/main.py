@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -54,8 +55,29 @@ def _common(fn: F) -> F:
     return fn
 
 
+# What a terminal acts on rather than shows: C0 and C1 control characters, DEL, the Unicode
+# line and paragraph separators and the bidirectional controls. The text outputs show
+# strings that agents and plugins chose (a tool name, a description, a tool's output) with
+# them escaped (\x1b, \u2028): else one could forge, hide or reorder a line on the
+# operator's terminal (found by review). --json escapes them as JSON does.
+_SEPARATORS_AND_BIDI = r"\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_IN_A_FIELD = re.compile(rf"[\x00-\x1f\x7f-\x9f{_SEPARATORS_AND_BIDI}]")
+_IN_TEXT = re.compile(rf"[\x00-\x08\x0b-\x1f\x7f-\x9f{_SEPARATORS_AND_BIDI}]")  # lines kept
+
+
+def _escaped(value: Any, unsafe: re.Pattern[str] = _IN_A_FIELD) -> str:
+    """``value`` as text to print, what a terminal would act on escaped (``unsafe``: in a
+    field of a line, every control character; ``_IN_TEXT``: all but newline and tab)."""
+    return unsafe.sub(_escape, str(value))
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
 def _fail(message: str) -> None:
-    click.echo(f"mcp0: error: {message}", err=True)
+    # (one line, though it may quote a plugin's error)
+    click.echo(f"mcp0: error: {_escaped(message)}", err=True)
     sys.exit(1)
 
 
@@ -281,7 +303,11 @@ def agent_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -
     """List agents."""
     with _store(config_file, data_dir) as store:
         views = [_agent_view(a) for a in store.list_agents()]
-    lines = [f"{v['name']:24} {v['status']:11} {','.join(v['plugins']) or '-'}" for v in views]
+    lines = [
+        f"{_escaped(v['name']):24} {_escaped(v['status']):11} "
+        f"{_escaped(','.join(v['plugins'])) or '-'}"
+        for v in views
+    ]
     _out(as_json, views, "\n".join(lines) or "no agents")
 
 
@@ -296,7 +322,9 @@ def agent_show(config_file: Path | None, data_dir: Path | None, as_json: bool, n
     with _store(config_file, data_dir) as store:
         view = _agent_view(require_agent(store, name))
     # its plugins and state as JSON (Python's repr of them was no format: found by review)
-    lines = [f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in view.items()]
+    lines = [
+        f"{k}: {_escaped(v) if isinstance(v, str) else json.dumps(v)}" for k, v in view.items()
+    ]
     _out(as_json, view, "\n".join(lines))
 
 
@@ -389,7 +417,7 @@ def agent_exec(
     settings = _existing(_settings(config_file, data_dir))
     result = execute_once(settings, name, tool, args)
     texts = [c.get("text", "") for c in result.get("content", []) if c.get("type") == "text"]
-    _out(as_json, result, "\n".join(texts))
+    _out(as_json, result, _escaped("\n".join(texts), _IN_TEXT))
     if result.get("isError"):
         sys.exit(1)
 
@@ -432,7 +460,10 @@ def plugin_list(config_file: Path | None, data_dir: Path | None, as_json: bool) 
 
     with _store(config_file, data_dir) as store:
         views = [plugin_view(r.manifest, tools=False) for r in store.list_plugins()]
-    lines = [f"{v['name']:24} {v['version']:10} {v['description']}" for v in views]
+    lines = [
+        f"{_escaped(v['name']):24} {_escaped(v['version']):10} {_escaped(v['description'])}"
+        for v in views
+    ]
     _out(as_json, views, "\n".join(lines) or "no plugins")
 
 
@@ -450,8 +481,11 @@ def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, 
     if record is None:
         raise PluginNotFound(f"no plugin named {name!r} is installed")
     view = plugin_view(record.manifest, tools=True)
-    lines = [f"{view['name']} {view['version']} ({view['runtime']})", view["description"], ""]
-    lines += [f"  {t['name']}: {t.get('description', '')}" for t in view["tools"]]
+    head = f"{view['name']} {view['version']} ({view['runtime']})"
+    lines = [_escaped(head), _escaped(view["description"]), ""]
+    lines += [
+        f"  {_escaped(t['name'])}: {_escaped(t.get('description', ''))}" for t in view["tools"]
+    ]
     _out(as_json, view, "\n".join(lines))
 
 
@@ -504,8 +538,9 @@ def audit_list(
         start = max(0, last - limit) if after is None else after
         views = [audit_view(e) for e in store.read_audit(start, limit)]
     lines = [
-        f"{v['seq']:>8} {v.get('outcome', ''):8} {v.get('agent', ''):16} "
-        f"{v.get('verb', ''):14} {v.get('resource', '')} {v.get('code', '')}"
+        f"{v['seq']:>8} {_escaped(v.get('outcome', '')):8} {_escaped(v.get('agent', '')):16} "
+        f"{_escaped(v.get('verb', '')):14} {_escaped(v.get('resource', ''))} "
+        f"{_escaped(v.get('code', ''))}"
         for v in views
     ]
     if not as_json and views and (views[0]["seq"] > 1 or views[-1]["seq"] < last):
