@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import stat
 import threading
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mcp_zero.audit import GENESIS, ChainBroken, canonical, chain_hash, verify_store
 from mcp_zero.errors import AgentNotFound, Conflict, StorageError
 from mcp_zero.storage import (
     AgentRecord,
@@ -294,6 +296,39 @@ def test_audit_table_refuses_update_and_delete(db: Path, store: SqliteStore) -> 
     finally:
         raw.close()
     assert store.read_audit() == [_entry(1), _entry(2)]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "body = 1.5",
+        "body = 1125899906842624",  # (bytes() of it: a petabyte)
+        "body = CAST(X'FF' AS TEXT)",  # text that is not UTF-8, which sqlite3 fails to decode
+        "hash = CAST(X'FF' AS TEXT)",
+        "prev_hash = CAST(X'FF' AS TEXT)",
+        "ts = CAST(X'FF' AS TEXT)",
+    ],
+)
+def test_an_audit_row_edited_to_hold_anything_is_read_and_fails_verification(
+    db: Path, store: SqliteStore, edit: str
+) -> None:
+    # a number in the body was given to bytes(): TypeError, or MemoryError for an integer;
+    # text that is not UTF-8 failed the read of the whole page
+    prev = GENESIS
+    for seq in (1, 2, 3):
+        body = canonical({"n": seq, "ts": float(seq)})
+        entry = AuditEntry(seq, float(seq), body, prev, chain_hash(prev, body))
+        store.append_audit_batch([entry])
+        prev = entry.hash
+    with contextlib.closing(sqlite3.connect(db)) as raw, raw:
+        raw.execute("DROP TRIGGER audit_no_update")
+        raw.execute(f"UPDATE audit SET {edit} WHERE seq = 3")
+    read = store.read_audit()
+    assert [entry.seq for entry in read] == [1, 2, 3]
+    assert store.audit_head() == read[-1]
+    with pytest.raises(ChainBroken) as caught:
+        verify_store(store)
+    assert caught.value.seq == 3
 
 
 def test_audit_batch_is_all_or_nothing(store: SqliteStore) -> None:

@@ -85,8 +85,15 @@ _SNAPSHOTS_OF_AGENT = (
     "SELECT id, agent, data, created_at FROM snapshots WHERE agent = ? ORDER BY created_at, id"
 )
 _INSERT_AUDIT = "INSERT INTO audit (seq, ts, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)"
-_AUDIT_AFTER = "SELECT seq, ts, body, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?"
-_AUDIT_HEAD = "SELECT seq, ts, body, prev_hash, hash FROM audit ORDER BY seq DESC LIMIT 1"
+# A row as written or as a hand edit left it: the body and the hashes as bytes whatever they
+# hold (a number as its text, TEXT as it is even if not UTF-8, which sqlite3 fails to decode),
+# and so is a ts that is not a number: verification reports the row instead of the read failing.
+_AUDIT_ROW = (
+    "SELECT seq, CASE typeof(ts) WHEN 'real' THEN ts ELSE CAST(ts AS BLOB) END,"
+    " CAST(body AS BLOB), CAST(prev_hash AS BLOB), CAST(hash AS BLOB) FROM audit"
+)
+_AUDIT_AFTER = _AUDIT_ROW + " WHERE seq > ? ORDER BY seq LIMIT ?"
+_AUDIT_HEAD = _AUDIT_ROW + " ORDER BY seq DESC LIMIT 1"
 _SQLITE_BUSY = 5  # the primary result code of a lock another connection holds
 
 
@@ -733,7 +740,11 @@ def _snapshot(row: Any) -> SnapshotRecord:
 
 def _audit(row: Any) -> AuditEntry:
     seq, ts, body, prev_hash, entry_hash = row
-    # Written as a BLOB; a row edited by hand may hold TEXT: read it as it is, so the
-    # verifier reports the tampering instead of the reader crashing on it.
-    raw = body.encode() if isinstance(body, str) else bytes(body)
-    return AuditEntry(seq=seq, ts=ts, body=raw, prev_hash=prev_hash, hash=entry_hash)
+    # (a hash that is not UTF-8 is no hex digest either: replaced, it still is none)
+    return AuditEntry(
+        seq=seq,
+        ts=ts,
+        body=body,
+        prev_hash=prev_hash.decode(errors="replace"),
+        hash=entry_hash.decode(errors="replace"),
+    )
