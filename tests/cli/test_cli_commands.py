@@ -646,6 +646,31 @@ def test_audit_verify_reports_a_tampered_chain(data_dir: Path) -> None:
     assert verdict["reason"]
 
 
+def test_audit_list_shows_damaged_records_as_such(data_dir: Path) -> None:
+    # a body that is not JSON, or an outcome that is not text, was a traceback, --json too
+    for name in ("ada", "bob", "cy"):
+        run(data_dir, "agent", "create", name)
+    with contextlib.closing(sqlite3.connect(data_dir / "mcp0.db")) as conn, conn:
+        conn.execute("DROP TRIGGER audit_no_update")
+        conn.execute("UPDATE audit SET body = X'41' WHERE seq = 3")
+        conn.execute("UPDATE audit SET body = replace(body, '\"allowed\"', 'null') WHERE seq = 4")
+    hint = "records altered or damaged since they were written: 3, 4; 'mcp0 audit verify'"
+    listed = run(data_dir, "audit", "list", "--json")
+    assert hint in listed.stderr
+    records = json.loads(listed.stdout)
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[2]["damaged"] == "body is not JSON"
+    assert (records[3]["resource"], records[3]["outcome"]) == ("bob", None)
+    assert records[3]["damaged"] == "hash does not match prev_hash and body"
+    text = run(data_dir, "audit", "list")
+    assert hint in text.stderr
+    lines = text.stdout.splitlines()
+    assert " ".join(lines[2].split()) == "3 DAMAGED: body is not JSON"
+    assert lines[3].split()[:5] == ["4", "null", "admin", "spawn_agent", "bob"]
+    assert lines[3].endswith(" DAMAGED: hash does not match prev_hash and body")
+    assert "DAMAGED" not in lines[4]
+
+
 def test_policy_check_names_the_policies_and_refuses_a_broken_file(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "ada")  # lays out a new data dir, default policy included
     checked = as_json(data_dir, "policy", "check")

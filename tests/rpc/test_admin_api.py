@@ -4,7 +4,9 @@ list, get, attach, execute, snapshot, terminate, recover), plugins and the audit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,6 +323,52 @@ async def test_audit_list_pages_and_verify(admin: Admin) -> None:
     assert verified["count"] == len(seqs)
     assert verified["head_seq"] == seqs[-1]
     assert verified["head_hash"] == everything[-1]["hash"]
+
+
+async def test_damaged_audit_records_are_listed_as_such_and_verify_reports_the_first(
+    tmp_path: Path,
+) -> None:
+    # GET /audit was a 500 on a body that is not JSON, and both were on one edited to a number
+    runtime = make_runtime(tmp_path / "data")
+    for name in ("a", "b", "c", "d"):
+        await runtime.agents.spawn(name, [])
+    async with (
+        serve(runtime) as live,
+        httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {runtime.admin_token()}"}, timeout=TIMEOUT_S
+        ) as http,
+    ):
+        whole = (await http.get(f"{live.base}/api/v1/audit")).json()
+        assert not any("damaged" in record for record in whole)
+        seqs = [record["seq"] for record in whole if record["verb"] == "spawn_agent"]
+        edits = [
+            "body = 1.5",
+            "body = X'41'",
+            "body = replace(body, '\"allowed\"', 'null')",
+            'body = replace(body, \'"allowed"\', \'"allowed","seq":1\')',
+        ]
+        with contextlib.closing(sqlite3.connect(runtime.settings.db_path)) as raw, raw:
+            raw.execute("DROP TRIGGER audit_no_update")
+            for seq, edit in zip(seqs, edits, strict=True):
+                raw.execute(f"UPDATE audit SET {edit} WHERE seq = ?", (seq,))
+        listed = await http.get(f"{live.base}/api/v1/audit")
+        verified = (await http.get(f"{live.base}/api/v1/audit/verify")).json()
+    assert listed.status_code == 200, listed.text
+    damaged = [record for record in listed.json() if record["seq"] in seqs]
+    assert [record["seq"] for record in damaged] == seqs  # the store's, whatever a body says
+    assert [record["damaged"] for record in damaged] == [
+        "body is not a JSON object",
+        "body is not JSON",
+        "hash does not match prev_hash and body",
+        "hash does not match prev_hash and body",
+    ]
+    assert [record.get("resource") for record in damaged] == [None, None, "c", "d"]
+    assert damaged[2]["outcome"] is None
+    assert verified == {
+        "ok": False,
+        "seq": seqs[0],
+        "reason": "hash does not match prev_hash and body",
+    }
 
 
 LONG_LOG = 200_000  # ~8 us a record to verify: over a second here

@@ -29,6 +29,7 @@ from mcp_zero.errors import McpZeroError
 from mcp_zero.storage.base import AuditEntry, Store
 
 GENESIS = "0" * 64
+HASH_MISMATCH = "hash does not match prev_hash and body"
 
 _CANONICAL = orjson.OPT_SORT_KEYS
 
@@ -100,7 +101,7 @@ def verify_chain(
         if entry.prev_hash != prev:
             raise ChainBroken(entry.seq, "prev_hash does not match the previous entry's hash")
         if chain_hash(prev, entry.body) != entry.hash:
-            raise ChainBroken(entry.seq, "hash does not match prev_hash and body")
+            raise ChainBroken(entry.seq, HASH_MISMATCH)
         _check_body(entry)
         prev = entry.hash
         head_seq = entry.seq
@@ -126,13 +127,29 @@ def verify_store(store: Store, *, page: int = 10_000) -> ChainReport:
         )
 
 
-def _check_body(entry: AuditEntry) -> None:
+def hash_matches(entry: AuditEntry) -> bool:
+    """Whether ``entry.hash`` is the hash of its ``prev_hash`` and body: whether the entry is
+    as written, as far as it alone tells (its place in the chain is :func:`verify_chain`'s)."""
+    try:
+        return chain_hash(entry.prev_hash, entry.body) == entry.hash
+    except ValueError:  # a prev_hash that is not hex
+        return False
+
+
+def read_event(entry: AuditEntry) -> dict[str, Any]:
+    """The event ``entry``'s body holds; raises :class:`ChainBroken` if it holds none (the
+    body is not a JSON object), without checking the chain."""
     try:
         event = orjson.loads(entry.body)
     except orjson.JSONDecodeError:
         raise ChainBroken(entry.seq, "body is not JSON") from None
     if not isinstance(event, dict):
         raise ChainBroken(entry.seq, "body is not a JSON object")
+    return event
+
+
+def _check_body(entry: AuditEntry) -> None:
+    event = read_event(entry)
     if canonical(event) != entry.body:
         raise ChainBroken(entry.seq, "body is not in canonical form")
     if event.get("ts") != entry.ts:

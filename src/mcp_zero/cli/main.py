@@ -537,13 +537,23 @@ def audit_list(
         last = head.seq if head is not None else 0
         start = max(0, last - limit) if after is None else after
         views = [audit_view(e) for e in store.read_audit(start, limit)]
+    damaged = [str(v["seq"]) for v in views if "damaged" in v]
+    if damaged:  # (to stderr, with --json too: stdout stays records only)
+        click.echo(
+            f"records altered or damaged since they were written: {', '.join(damaged)};"
+            " 'mcp0 audit verify' checks the whole log",
+            err=True,
+        )
+    if as_json:
+        _out(as_json, views, "")
+        return
     lines = [
-        f"{v['seq']:>8} {_escaped(v.get('outcome', '')):8} {_escaped(v.get('agent', '')):16} "
-        f"{_escaped(v.get('verb', '')):14} {_escaped(v.get('resource', ''))} "
-        f"{_escaped(v.get('code', ''))}"
+        f"{v['seq']:>8} {_field(v, 'outcome'):8} {_field(v, 'agent'):16} "
+        f"{_field(v, 'verb'):14} {_field(v, 'resource')} {_field(v, 'code')}"
+        + (f" DAMAGED: {_escaped(v['damaged'])}" if "damaged" in v else "")
         for v in views
     ]
-    if not as_json and views and (views[0]["seq"] > 1 or views[-1]["seq"] < last):
+    if views and (views[0]["seq"] > 1 or views[-1]["seq"] < last):
         # (to stderr: the lines on stdout stay records only)
         click.echo(
             f"records {views[0]['seq']}-{views[-1]['seq']} of {last}; "
@@ -551,6 +561,13 @@ def audit_list(
             err=True,
         )
     _out(as_json, views, "\n".join(lines) or "no records")
+
+
+def _field(view: dict[str, Any], key: str) -> str:
+    """A record's ``key`` for its text line: "" if absent, as JSON if not text (altered),
+    escaped."""
+    value = view.get(key, "")
+    return _escaped(value if isinstance(value, str) else json.dumps(value))
 
 
 @audit.command("verify")

@@ -27,7 +27,13 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from mcp_zero.audit.chain import ChainBroken, verify_store
+from mcp_zero.audit.chain import (
+    HASH_MISMATCH,
+    ChainBroken,
+    hash_matches,
+    read_event,
+    verify_store,
+)
 from mcp_zero.errors import (
     Conflict,
     InvalidRequest,
@@ -44,6 +50,7 @@ from mcp_zero.security.tokens import hash_token
 if TYPE_CHECKING:
     from mcp_zero.rpc.server import McpServer
     from mcp_zero.runtime import Runtime
+    from mcp_zero.storage.base import AuditEntry
 
 JSON = dict[str, Any]
 AUDIT_PAGE_MAX = 10_000  # records one GET /audit returns at most
@@ -312,7 +319,18 @@ class AdminApi:
         }
 
 
-def audit_view(entry: Any) -> JSON:
-    """An audit entry as the admin API and ``mcp0 audit list --json`` show it."""
-    record: JSON = orjson.loads(entry.body)
-    return {"seq": entry.seq, "hash": entry.hash, "prev_hash": entry.prev_hash, **record}
+def audit_view(entry: AuditEntry) -> JSON:
+    """An audit entry as the admin API and ``mcp0 audit list --json`` show it. One altered or
+    damaged since it was written, as far as it alone tells (its hash does not match, its body
+    holds no event), has ``"damaged"``: why, and what could be read of it; verifying the log
+    tells more (``audit verify``: the chain)."""
+    stored = {"seq": entry.seq, "hash": entry.hash, "prev_hash": entry.prev_hash}
+    try:
+        event = read_event(entry)
+    except ChainBroken as exc:
+        return {**stored, "damaged": exc.reason}
+    # where a body names them too (none we wrote does), the store's seq and hashes stand
+    view = {**stored, **event, **stored}
+    if not hash_matches(entry):
+        view["damaged"] = HASH_MISMATCH
+    return view
