@@ -581,6 +581,35 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
         assert option[0] in bad_page.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["agent", "exec", "ada", "bad\udcff", "{}"], "TOOL"),
+        (["agent", "exec", "ada", "notes_add", '{"text": "\udcff"}'], "[ARGUMENTS]"),
+        (["agent", "attach", "ada", "p\udcff"], "PLUGIN"),
+        (["agent", "create", "bo", "--plugin", "p\udcff"], "--plugin"),
+        (["agent", "show", "a\udcff"], "NAME"),
+        (["agent", "terminate", "a\udcff"], "NAME"),
+        (["agent", "recover", "s\udcff"], "SNAPSHOT_ID"),
+        (["plugin", "remove", "p\udcff"], "NAME"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    data_dir: Path, args: list[str], name: str
+) -> None:
+    # (bytes that are not UTF-8 reach Python as lone surrogates) they were tracebacks from the
+    # store, the policy engine or the audit log, a call recorded as holding a huge integer
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    before = as_json(data_dir, "audit", "verify")["count"]
+    refused = run(data_dir, *args, ok=False)
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"mcp0: error: invalid value for '{name}': it is not text: its bytes are not UTF-8"
+    )
+    assert as_json(data_dir, "audit", "verify")["count"] == before  # nothing was done
+
+
 def test_agent_exec_refuses_arguments_nested_deeper_than_a_tool_takes(data_dir: Path) -> None:
     # 5,000 levels were a RecursionError traceback
     run(data_dir, "plugin", "install", str(NOTES_DIR))

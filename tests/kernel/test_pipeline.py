@@ -463,6 +463,19 @@ async def test_an_integer_past_64_bits_is_refused_as_such(started: Runtime, brid
     assert record["code"] == "invalid_params"
 
 
+async def test_a_string_that_is_not_utf8_is_refused_as_such(started: Runtime, bridge: Any) -> None:
+    # (from a Python caller: lone surrogates, bytes that were not UTF-8) — it was refused as
+    # "an integer past 64 bits"
+    jo = Principal("jo", frozenset({"notes"}))
+    with pytest.raises(InvalidParams, match="not valid Unicode") as refused:
+        await started.kernel.call_tool(
+            jo, "notes_add", {"text": "bad\udcff"}, bridge, request_id="bad", transport="t"
+        )
+    assert refused.value.data == {"path": "/arguments"}
+    [record] = records(started, request_id="bad")
+    assert record["code"] == "invalid_params"
+
+
 async def test_a_question_to_the_client_cut_off_by_a_cancel_is_audited(
     started: Runtime, bridge: Any
 ) -> None:

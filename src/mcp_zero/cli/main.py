@@ -37,6 +37,23 @@ class _PathGiven(click.Path):
         return super().convert(value, param, ctx)
 
 
+class _Text(click.types.StringParamType):
+    """A name or other text given on the command line. Bytes that are not UTF-8 reach Python
+    as lone surrogates, which no name, policy or audit record can hold: refused as a usage
+    error before the command does anything."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = super().convert(value, param, ctx)
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            self.fail("it is not text: its bytes are not UTF-8", param, ctx)
+        return text
+
+
+_TEXT = _Text()
+
+
 def _common(fn: F) -> F:
     fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
     fn = click.option(
@@ -215,12 +232,15 @@ def main() -> None:
 
 @main.command()
 @_common
-@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--host", type=_TEXT, default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 8390).")
 @click.option("--stdio", is_flag=True, help="Speak MCP on stdin/stdout instead of HTTP.")
-@click.option("--agent", default=None, help="With --stdio: the agent the session runs as.")
+@click.option(
+    "--agent", type=_TEXT, default=None, help="With --stdio: the agent the session runs as."
+)
 @click.option(
     "--anonymous-agent",
+    type=_TEXT,
     default=None,
     help="Let requests without a token act as this agent (loopback only; audited as anonymous).",
 )
@@ -279,8 +299,10 @@ def _agent_view(record: Any) -> dict[str, Any]:
 
 @agent.command("create")
 @_common
-@click.argument("name")
-@click.option("--plugin", "plugins", multiple=True, help="Attach this plugin (repeatable).")
+@click.argument("name", type=_TEXT)
+@click.option(
+    "--plugin", "plugins", type=_TEXT, multiple=True, help="Attach this plugin (repeatable)."
+)
 @_errors
 def agent_create(
     config_file: Path | None,
@@ -313,7 +335,7 @@ def agent_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -
 
 @agent.command("show")
 @_common
-@click.argument("name")
+@click.argument("name", type=_TEXT)
 @_errors
 def agent_show(config_file: Path | None, data_dir: Path | None, as_json: bool, name: str) -> None:
     """Show one agent."""
@@ -330,8 +352,8 @@ def agent_show(config_file: Path | None, data_dir: Path | None, as_json: bool, n
 
 @agent.command("attach")
 @_common
-@click.argument("name")
-@click.argument("plugin")
+@click.argument("name", type=_TEXT)
+@click.argument("plugin", type=_TEXT)
 @_errors
 def agent_attach(
     config_file: Path | None, data_dir: Path | None, as_json: bool, name: str, plugin: str
@@ -344,7 +366,7 @@ def agent_attach(
 
 @agent.command("terminate")
 @_common
-@click.argument("name")
+@click.argument("name", type=_TEXT)
 @_errors
 def agent_terminate(
     config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
@@ -357,7 +379,7 @@ def agent_terminate(
 
 @agent.command("snapshot")
 @_common
-@click.argument("name")
+@click.argument("name", type=_TEXT)
 @_errors
 def agent_snapshot(
     config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
@@ -370,7 +392,7 @@ def agent_snapshot(
 
 @agent.command("recover")
 @_common
-@click.argument("snapshot_id")
+@click.argument("snapshot_id", type=_TEXT)
 @_errors
 def agent_recover(
     config_file: Path | None, data_dir: Path | None, as_json: bool, snapshot_id: str
@@ -387,9 +409,9 @@ def agent_recover(
 
 @agent.command("exec")
 @_common
-@click.argument("name")
-@click.argument("tool")
-@click.argument("arguments", default="{}")
+@click.argument("name", type=_TEXT)
+@click.argument("tool", type=_TEXT)
+@click.argument("arguments", type=_TEXT, default="{}")
 @_errors
 def agent_exec(
     config_file: Path | None,
@@ -469,7 +491,7 @@ def plugin_list(config_file: Path | None, data_dir: Path | None, as_json: bool) 
 
 @plugin.command("show")
 @_common
-@click.argument("name")
+@click.argument("name", type=_TEXT)
 @_errors
 def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, name: str) -> None:
     """Show plugin NAME with its tools."""
@@ -491,7 +513,7 @@ def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, 
 
 @plugin.command("remove")
 @_common
-@click.argument("name")
+@click.argument("name", type=_TEXT)
 @_errors
 def plugin_remove(
     config_file: Path | None, data_dir: Path | None, as_json: bool, name: str

@@ -120,6 +120,7 @@ def _outcome_of(exc: BaseException) -> Outcome:
 MAX_ARGUMENT_DEPTH = 253
 _TOO_DEEP = hashlib.sha256(b"<arguments nested too deep to encode>").hexdigest()
 _UNENCODABLE = hashlib.sha256(b"<arguments JSON cannot carry>").hexdigest()
+_NOT_UTF8 = hashlib.sha256(b"<arguments holding text that is not UTF-8>").hexdigest()
 
 
 def _arguments_digest(arguments: JSON) -> str:
@@ -128,8 +129,12 @@ def _arguments_digest(arguments: JSON) -> str:
         encoded = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
     except TypeError as exc:  # the call is refused (see call_tool)
         # too deep, or what JSON between programs cannot carry: an integer past 64 bits (a
-        # JSON parser reads it as a float, or refuses it)
-        return _TOO_DEEP if "ecursion" in str(exc) else _UNENCODABLE
+        # JSON parser reads it as a float, or refuses it), or a string with lone surrogates
+        # (a Python caller's: the servers' JSON decoder makes none)
+        reason = str(exc)
+        if "ecursion" in reason:
+            return _TOO_DEEP
+        return _NOT_UTF8 if "UTF-8" in reason else _UNENCODABLE
     return hashlib.sha256(encoded).hexdigest()
 
 
@@ -579,6 +584,12 @@ class Kernel:
             refused = InvalidParams(
                 "the arguments hold an integer past 64 bits, which JSON between programs "
                 "cannot carry exactly; send it as a string",
+                data={"path": "/arguments"},
+            )
+        elif digest == _NOT_UTF8:
+            refused = InvalidParams(
+                "the arguments hold a string that is not valid Unicode (lone surrogates: "
+                "bytes that were not UTF-8), which JSON between programs cannot carry",
                 data={"path": "/arguments"},
             )
         # (a partial, not a closure: no cell per variable it would capture, on every call)
