@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from pathlib import Path
 
 import orjson
 import pytest
 
-from mcp_zero.audit import GENESIS, ChainBroken, canonical, chain_hash, verify_chain
-from mcp_zero.storage import AuditEntry
+from mcp_zero.audit import (
+    GENESIS,
+    ChainBroken,
+    canonical,
+    chain_hash,
+    verify_chain,
+    verify_store,
+)
+from mcp_zero.storage import AuditEntry, SqliteStore
 
 
 def _chain(
@@ -75,6 +83,20 @@ def test_chain_must_start_at_genesis() -> None:
     entries = _chain([{"i": 1}], prev="11" * 32)
     with pytest.raises(ChainBroken, match="prev_hash"):
         verify_chain(entries)
+
+
+@pytest.mark.parametrize("seq", [0, -7])
+def test_a_row_stored_below_seq_1_is_reported(tmp_path: Path, seq: int) -> None:
+    # it was outside what verification read: "ok" over a table holding a row more
+    with SqliteStore(tmp_path / "mcp0.db") as store:
+        store.append_audit_batch(_chain([{"i": i} for i in range(3)]))
+        assert verify_store(store).count == 3
+        forged = _chain([{"agent": "a1", "outcome": "allowed"}])[0]
+        store.append_audit_batch([replace(forged, seq=seq)])
+        with pytest.raises(ChainBroken) as caught:
+            verify_store(store)
+    assert caught.value.seq == seq
+    assert caught.value.reason == "entry outside the chain, which starts at seq 1"
 
 
 def test_rehashed_non_canonical_body_is_reported() -> None:

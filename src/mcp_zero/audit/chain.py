@@ -113,9 +113,12 @@ def verify_chain(
 def verify_store(store: Store, *, page: int = 10_000) -> ChainReport:
     """Verify a store's whole audit log from GENESIS, ``page`` entries at a time.
 
-    Raises :class:`ChainBroken` at the first bad entry, and
-    :class:`~mcp_zero.errors.StorageError` if the store cannot be read.
+    Raises :class:`ChainBroken` at the first bad entry (a row below seq 1, outside the
+    chain, first), and :class:`~mcp_zero.errors.StorageError` if the store cannot be read.
     """
+    lowest = store.lowest_audit_seq()
+    if lowest is not None and lowest < 1:
+        raise ChainBroken(lowest, "entry outside the chain, which starts at seq 1")
     report = ChainReport(count=0, head_seq=0, head_hash=GENESIS)
     while True:
         batch = store.read_audit(after_seq=report.head_seq, limit=page)

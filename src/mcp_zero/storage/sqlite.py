@@ -476,6 +476,13 @@ class SqliteStore:
         )
         return _audit(rows[0]) if rows else None
 
+    def lowest_audit_seq(self) -> int | None:
+        """The lowest seq in the audit table, or None for an empty log. The chain starts at
+        1: a row below (added by hand) is outside it, where reading from seq 0 finds none."""
+        rows = self._query("read audit log", "SELECT min(seq) FROM audit")
+        lowest: int | None = rows[0][0]
+        return lowest
+
     # internals
 
     def _create_file(self) -> None:
