@@ -27,7 +27,7 @@ from mcp_zero.errors import (
     ToolNotFound,
     ToolTimeout,
 )
-from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import PluginSlot, PluginSlots
 from mcp_zero.runtime import Runtime
 
@@ -362,6 +362,67 @@ async def test_resources_prompts_and_completions_are_governed(
         "r6": ("get_prompt", "error"),
         "r7": ("get_prompt", "error"),
         "r8": ("get_prompt", "denied"),
+    }
+
+
+async def test_prompt_and_completion_records_hold_the_digest_of_their_arguments(
+    started: Runtime, bridge: Any
+) -> None:
+    # docs/architecture.md: whatever the outcome; only tools/call records had it
+    kernel = started.kernel
+    kim = Principal("kim", frozenset({"conformance"}))
+    lee = Principal("lee", frozenset({"notes"}))
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    prompt = "test_prompt_with_arguments"
+    given = {"arg1": "alpha", "arg2": "beta"}
+    await kernel.get_prompt(kim, prompt, given, bridge, request_id="p1", transport="t")
+    with pytest.raises(PolicyDenied):
+        await kernel.get_prompt(lee, prompt, given, bridge, request_id="p2", transport="t")
+    with pytest.raises(InvalidParams):
+        await kernel.get_prompt(kim, prompt, {"arg1": "a"}, bridge, request_id="p3", transport="t")
+    await kernel.audit_cancelled(
+        kim,
+        Verb.GET_PROMPT,
+        prompt,
+        method="prompts/get",
+        request_id="p4",
+        transport="t",
+        arguments=given,
+    )
+    ref = {"type": "ref/prompt", "name": prompt}
+    argument = {"name": "arg1", "value": "al"}
+    context = {"arguments": {"arg2": "beta"}}
+    await kernel.complete(kim, ref, argument, None, request_id="c1", transport="t")
+    with pytest.raises(PolicyDenied):
+        await kernel.complete(lee, ref, argument, context, request_id="c2", transport="t")
+    await kernel.audit_cancelled(
+        kim,
+        Verb.COMPLETE,
+        prompt,
+        method="completion/complete",
+        request_id="c3",
+        transport="t",
+        arguments={"argument": argument, "context": context},
+    )
+    sent = {
+        "p1": given,
+        "p2": given,
+        "p3": {"arg1": "a"},
+        "p4": given,
+        "c1": {"argument": argument, "context": None},
+        "c2": {"argument": argument, "context": context},
+        "c3": {"argument": argument, "context": context},
+    }
+    held = {r["request_id"]: r for r in records(started) if r.get("request_id") in sent}
+    assert [held[rid]["outcome"] for rid in sent] == [
+        *("allowed", "denied", "error", "error"),
+        *("allowed", "denied", "error"),
+    ]
+    assert {rid: held[rid]["arguments_sha256"] for rid in sent} == {
+        rid: digest(value) for rid, value in sent.items()
     }
 
 

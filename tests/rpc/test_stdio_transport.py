@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import os
 import shutil
@@ -664,6 +665,38 @@ async def test_a_cancel_in_the_same_write_as_its_request_keeps_it_from_running(
         assert records[0]["transport"] == "stdio"
         peer.send({"jsonrpc": "2.0", "id": "c1", "method": "ping"})  # its id is free again
         assert (await peer.receive()) == {"jsonrpc": "2.0", "id": "c1", "result": {}}
+
+
+async def test_a_prompt_or_completion_cancelled_before_it_ran_is_audited_with_its_digest(
+    tmp_path: Path,
+) -> None:
+    # as a tools/call is: the record of a cancelled one was the only one to hold it
+    prompt = {"name": "brief", "arguments": {"topic": "cats"}}
+    completion = {
+        "ref": {"type": "ref/prompt", "name": "brief"},
+        "argument": {"name": "topic", "value": "ca"},
+        "context": {"arguments": {"tone": "dry"}},
+    }
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        lines = [
+            {"jsonrpc": "2.0", "id": "g1", "method": "prompts/get", "params": prompt},
+            cancelled("g1"),
+            {"jsonrpc": "2.0", "id": "k1", "method": "completion/complete", "params": completion},
+            cancelled("k1"),
+            call("e1", "faulty_echo", {"text": "after"}),
+        ]
+        peer.send_line(b"\n".join(orjson.dumps(m) for m in lines))
+        await peer.until_id("e1")  # (the records of both were submitted before the echo's)
+        [got] = peer.audited("g1")
+        [completed] = peer.audited("k1")
+    assert (got["code"], completed["code"]) == ("cancelled", "cancelled")
+    digest = hashlib.sha256(orjson.dumps(prompt["arguments"], option=orjson.OPT_SORT_KEYS))
+    assert got["arguments_sha256"] == digest.hexdigest()
+    del completion["ref"]  # (the argument completed and its context)
+    digest = hashlib.sha256(orjson.dumps(completion, option=orjson.OPT_SORT_KEYS))
+    assert completed["arguments_sha256"] == digest.hexdigest()
 
 
 async def test_a_cancel_of_initialize_is_ignored(tmp_path: Path) -> None:

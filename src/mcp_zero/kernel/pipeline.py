@@ -138,6 +138,12 @@ def _arguments_digest(arguments: JSON) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
+def completion_arguments(argument: Any, context: Any) -> JSON:
+    """What the record of a completion digests as its arguments (``arguments_sha256``): the
+    argument completed and the context, as the client sent them (None: it sent none)."""
+    return {"argument": argument, "context": context}
+
+
 def normal_uri(uri: str) -> str:
     """``uri`` in RFC 3986 normal form as far as percent-encoding goes (6.2.2.1-2): escapes
     of unreserved characters decoded, the others in upper case. What policy and audit see,
@@ -693,6 +699,7 @@ class Kernel:
     ) -> JSON:
         hit = self.plugins.prompts.get(name)
         plugin = hit[0] if hit is not None else None
+        digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
 
         async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
             assert hit is not None
@@ -733,7 +740,7 @@ class Kernel:
             request_id,
             run,
             missing,
-            {},
+            {"arguments_sha256": digest},
         )
 
     async def complete(
@@ -747,6 +754,7 @@ class Kernel:
         transport: str,
     ) -> JSON:
         kind = "prompt" if ref.get("type") == "ref/prompt" else "resource"
+        digest = _arguments_digest(completion_arguments(argument, context))
         if kind == "prompt":
             target = str(ref.get("name", ""))
             hit = self.plugins.prompts.get(target)
@@ -793,7 +801,7 @@ class Kernel:
             request_id,
             run,
             missing,
-            {},
+            {"arguments_sha256": digest},
         )
 
     async def audit_cancelled(
@@ -808,9 +816,10 @@ class Kernel:
         arguments: JSON | None = None,
     ) -> None:
         """Audit an action the client cancelled before it started: it reached neither policy
-        nor a plugin, and it is recorded as ``cancelled``, like one cut off while it ran."""
+        nor a plugin, and it is recorded as ``cancelled``, like one cut off while it ran, with
+        the digest of its ``arguments`` (a completion's: :func:`completion_arguments`)."""
         event = _event(principal, verb, target, self._owner(verb, target), request_id, transport)
-        if verb is Verb.CALL_TOOL:
+        if verb in (Verb.CALL_TOOL, Verb.GET_PROMPT, Verb.COMPLETE):  # (those with arguments)
             event["arguments_sha256"] = _arguments_digest(arguments or {})
         event.update(outcome=Outcome.ERROR.value, code="cancelled", duration_ms=0.0)
         await self.audit.submit(event)

@@ -30,7 +30,7 @@ from mcp_zero.errors import (
     QuotaExceeded,
 )
 from mcp_zero.kernel.action import Principal, Verb
-from mcp_zero.kernel.pipeline import Kernel, normal_uri
+from mcp_zero.kernel.pipeline import Kernel, completion_arguments, normal_uri
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
 from mcp_zero.rpc.envelope import (
@@ -496,6 +496,8 @@ class McpServer:
             return
         params = request.params
         arguments = params.get("arguments")
+        if verb is Verb.COMPLETE:
+            arguments = completion_arguments(params.get("argument"), params.get("context"))
         await self.kernel.audit_cancelled(
             session.principal,
             verb,
