@@ -610,6 +610,19 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     assert as_json(data_dir, "audit", "verify")["count"] == before  # nothing was done
 
 
+@pytest.mark.parametrize("value", ["abc", "1_0", " 4", "\uff14", "-1"])
+def test_audit_list_takes_only_digits_after_and_says_so(data_dir: Path, value: str) -> None:
+    # int() took "1_0", " 4" and full-width digits; click called the others "not a valid
+    # integer range"
+    run(data_dir, "agent", "create", "ada")
+    refused = run(data_dir, "audit", "list", "--after", value, ok=False)
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"mcp0: error: invalid value for '--after': {value!r} is not a whole number in the "
+        "digits 0-9"
+    )
+
+
 def test_agent_exec_refuses_arguments_nested_deeper_than_a_tool_takes(data_dir: Path) -> None:
     # 5,000 levels were a RecursionError traceback
     run(data_dir, "plugin", "install", str(NOTES_DIR))

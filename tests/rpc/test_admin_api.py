@@ -214,6 +214,12 @@ async def test_execute_is_governed_and_audited(admin: Admin) -> None:
         ("GET", "/audit?after=-1", None, 400, "invalid_request"),
         ("GET", "/audit?after=99999999999999999999999", None, 400, "invalid_request"),
         ("GET", "/audit?after=9223372036854775808", None, 400, "invalid_request"),
+        ("GET", "/audit?after=" + "9" * 5000, None, 400, "invalid_request"),
+        # int() reads these as 10, 40 and 40
+        ("GET", "/audit?after=1_0", None, 400, "invalid_request"),
+        ("GET", "/audit?after=%20%2040", None, 400, "invalid_request"),
+        ("GET", "/audit?after=%EF%BC%94%EF%BC%90", None, 400, "invalid_request"),
+        ("GET", "/audit?limit=1_0", None, 400, "invalid_request"),
     ],
 )
 async def test_admin_errors_have_status_and_code(

@@ -54,6 +54,18 @@ class _Text(click.types.StringParamType):
 _TEXT = _Text()
 
 
+class _WholeNumber(click.IntRange):
+    """A whole number within a range, in decimal digits only: int() also takes "1_0", " 40"
+    and other scripts' digits, and click's own error calls it "a valid integer range"."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            self.fail(f"{value!r} is not a whole number in the digits 0-9", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _common(fn: F) -> F:
     fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
     fn = click.option(
@@ -537,13 +549,13 @@ def audit() -> None:
 @_common
 @click.option(
     "--after",
-    type=click.IntRange(min=0, max=(1 << 63) - 1),
+    type=_WholeNumber(min=0, max=(1 << 63) - 1),
     default=None,
     help="The records after this sequence number (0: from the first); without it, the newest.",
 )
 @click.option(
     "--limit",
-    type=click.IntRange(min=1, max=(1 << 63) - 1),
+    type=_WholeNumber(min=1, max=(1 << 63) - 1),
     default=100,
     help="At most this many records (default 100).",
 )

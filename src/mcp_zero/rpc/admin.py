@@ -287,11 +287,8 @@ class AdminApi:
     async def _audit(
         self, m: re.Match[str], body: JSON, q: dict[str, list[str]]
     ) -> tuple[int, Any]:
-        try:
-            after = int(q.get("after", ["0"])[0])
-            limit = int(q.get("limit", ["100"])[0])
-        except ValueError:
-            raise InvalidRequest("after and limit must be integers") from None
+        after = _whole_number(q, "after", "0")
+        limit = _whole_number(q, "limit", "100")
         if not 0 <= after < 1 << 63 or limit < 1:
             # SQLite reads a negative LIMIT as "no limit": that would be the whole log; and
             # past 64 bits it cannot bind the number at all
@@ -317,6 +314,17 @@ class AdminApi:
             "head_seq": report.head_seq,
             "head_hash": report.head_hash,
         }
+
+
+def _whole_number(q: dict[str, list[str]], name: str, default: str) -> int:
+    """Query parameter ``name`` (``default`` if absent), in decimal digits only: int() also
+    takes "1_0", " 40" and other scripts' digits, which no client means as a number."""
+    text = q.get(name, [default])[0]
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidRequest(f"{name} must be a whole number in the digits 0-9, not {text!r}")
+    digits = text.lstrip("0")
+    # past 19 digits, more than any bound here (int() would refuse past 4,300)
+    return int(digits or "0") if len(digits) <= 19 else 1 << 64
 
 
 def audit_view(entry: AuditEntry) -> JSON:
