@@ -107,6 +107,14 @@ def test_rehashed_non_canonical_body_is_reported() -> None:
         verify_chain([forged])
 
 
+def test_rehashed_body_nested_too_deep_to_encode_is_reported() -> None:
+    # it raised the encoder's TypeError (past 254 levels) instead
+    body = b'{"deep":' + b"[" * 300 + b"]" * 300 + b',"ts":1001.0}'
+    forged = AuditEntry(1, 1001.0, body, GENESIS, chain_hash(GENESIS, body))
+    with pytest.raises(ChainBroken, match="canonical"):
+        verify_chain([forged])
+
+
 def test_ts_column_must_match_the_hashed_ts() -> None:
     entry = _chain([{"i": 1}])[0]
     with pytest.raises(ChainBroken, match="ts column"):

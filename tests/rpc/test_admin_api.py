@@ -18,6 +18,7 @@ import orjson
 import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
 
+from mcp_zero.audit import chain_hash
 from mcp_zero.sandbox.isolation import landlock_abi
 from plugin_builders import loading_plugin
 
@@ -375,6 +376,36 @@ async def test_damaged_audit_records_are_listed_as_such_and_verify_reports_the_f
         "seq": seqs[0],
         "reason": "hash does not match prev_hash and body",
     }
+
+
+async def test_a_record_forged_too_deep_to_encode_is_listed_as_damaged(tmp_path: Path) -> None:
+    # its hash made right, a body nested past what the encoder takes (254 levels) failed
+    # verification with a TypeError and the listing's answer with a 500
+    runtime = make_runtime(tmp_path / "data")
+    async with (
+        serve(runtime) as live,
+        httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {runtime.admin_token()}"}, timeout=TIMEOUT_S
+        ) as http,
+    ):
+        head = runtime.store.audit_head()
+        assert head is not None
+        body = b'{"deep":' + b"[" * 300 + b"]" * 300 + b',"ts":1.0}'
+        forged = (head.seq + 1, 1.0, body, head.hash, chain_hash(head.hash, body))
+        with contextlib.closing(sqlite3.connect(runtime.settings.db_path)) as raw, raw:
+            raw.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?)", forged)
+        listed = await http.get(f"{live.base}/api/v1/audit", params={"after": head.seq})
+        verified = (await http.get(f"{live.base}/api/v1/audit/verify")).json()
+    assert listed.status_code == 200, listed.text
+    assert listed.json() == [
+        {
+            "seq": forged[0],
+            "hash": forged[4],
+            "prev_hash": head.hash,
+            "damaged": "body is not in canonical form",
+        }
+    ]
+    assert verified == {"ok": False, "seq": forged[0], "reason": "body is not in canonical form"}
 
 
 LONG_LOG = 200_000  # ~8 us a record to verify: over a second here

@@ -29,7 +29,9 @@ import orjson
 
 from mcp_zero.audit.chain import (
     HASH_MISMATCH,
+    NOT_CANONICAL,
     ChainBroken,
+    canonical,
     hash_matches,
     read_event,
     verify_store,
@@ -330,15 +332,21 @@ def _whole_number(q: dict[str, list[str]], name: str, default: str) -> int:
 def audit_view(entry: AuditEntry) -> JSON:
     """An audit entry as the admin API and ``mcp0 audit list --json`` show it. One altered or
     damaged since it was written, as far as it alone tells (its hash does not match, its body
-    holds no event), has ``"damaged"``: why, and what could be read of it; verifying the log
-    tells more (``audit verify``: the chain)."""
+    holds no event or is not in canonical form), has ``"damaged"``: why, and what could be read
+    of it; verifying the log tells more (``audit verify``: the chain)."""
     stored = {"seq": entry.seq, "hash": entry.hash, "prev_hash": entry.prev_hash}
     try:
         event = read_event(entry)
     except ChainBroken as exc:
         return {**stored, "damaged": exc.reason}
+    try:
+        in_form = canonical(event) == entry.body
+    except TypeError:  # nested deeper than the encoder goes, as an answer would be
+        return {**stored, "damaged": NOT_CANONICAL}
     # where a body names them too (none we wrote does), the store's seq and hashes stand
     view = {**stored, **event, **stored}
     if not hash_matches(entry):
         view["damaged"] = HASH_MISMATCH
+    elif not in_form:
+        view["damaged"] = NOT_CANONICAL
     return view
