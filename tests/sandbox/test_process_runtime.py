@@ -116,6 +116,20 @@ async def test_async_tool_results_and_failures(make_runtime):
     assert rt.pids == [pid]
 
 
+@pytest.mark.parametrize("how", ["surrogate", "long_surrogate"])
+async def test_an_async_tool_returning_text_that_is_no_utf8_gets_an_error_result(make_runtime, how):
+    # A str with a lone surrogate killed the task before it answered: the call timed out
+    # and the worker was killed as ignoring its cancel, with others' calls (found by review)
+    rt = await make_runtime(cancel_grace=0.2)
+    pid = rt.pids[0]
+    with anyio.fail_after(3):
+        result = await call(rt, "afail", {"how": how})
+    assert result["isError"] is True
+    assert result["content"][0]["text"].startswith("result is not JSON: ")
+    assert "surrogate" in result["content"][0]["text"]
+    assert (await call(rt, "whoami"))["structuredContent"]["pid"] == pid
+
+
 @pytest.mark.parametrize(
     ("how", "where"),
     [

@@ -19,7 +19,10 @@ def _stdlib_line(frame: dict[str, Any]) -> bytes:
         text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError as exc:  # a NaN, an infinity or a cycle: not JSON (the stdlib writes NaN)
         raise TypeError(str(exc)) from None
-    return (text + "\n").encode()
+    try:
+        return (text + "\n").encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate: what orjson says of it
+        raise TypeError(f"str is not valid UTF-8: {exc.reason}") from None
 
 
 #: ``encode(frame)``: ``frame`` as one line; raises ``TypeError`` when it is not

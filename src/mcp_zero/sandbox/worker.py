@@ -142,9 +142,7 @@ class Worker:
         try:
             data = encode_result({"id": call_id, **body})
         except TypeError as exc:
-            data = encode(
-                {"id": call_id, "result": results.error_result(f"result is not JSON: {exc}")}
-            )
+            data = _not_json(call_id, exc)
         except MemoryError:
             self._retire("MemoryError")  # the heap may be fragmented: ask to be replaced
             message = "MemoryError: the result does not fit the plugin's memory_mb quota"
@@ -275,7 +273,13 @@ class Worker:
             # The most frequent result, small for certain: no walk for large strings.
             self._active.pop(call_id, None)
             self._tasks.pop(call_id, None)
-            data = encode({"id": call_id, "result": {"content": [{"type": "text", "text": value}]}})
+            try:
+                data = encode(
+                    {"id": call_id, "result": {"content": [{"type": "text", "text": value}]}}
+                )
+            except TypeError as exc:  # a lone surrogate is no UTF-8 (the task died unanswered
+                # and the worker was killed as ignoring its cancel: found by review)
+                data = _not_json(call_id, exc)
             self._write(data)
             return
         try:
@@ -416,6 +420,11 @@ class Worker:
         memory.trim()
         if self._loop is not None and self._done is not None and not self._done.done():
             self._loop.call_later(memory.TRIM_EVERY_S, self._trim)
+
+
+def _not_json(call_id: int, exc: TypeError) -> bytes:
+    """The answer to call ``call_id`` whose result could not be encoded (``exc``)."""
+    return encode({"id": call_id, "result": results.error_result(f"result is not JSON: {exc}")})
 
 
 class _FrameReader(asyncio.Protocol):

@@ -137,6 +137,10 @@ async def afail(ctx: Context, how: str) -> Any:
         return "x" * (1 << 20) + "y"  # just over the size the worker sends without a check
     if how == "number":
         return 7
+    if how == "surrogate":
+        return "bad \ud800 text"  # not UTF-8: no frame can carry it
+    if how == "long_surrogate":
+        return "x" * (1 << 20) + "\ud800"
     if how == "unprintable":
 
         class Unprintable(Exception):
