@@ -198,6 +198,30 @@ async def test_resources_prompts_completion(make_runtime):
     assert nothing["completion"]["values"] == []
 
 
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("surrogate", "result is not JSON: str is not valid UTF-8"),
+        ("object", "result is not JSON: "),
+        ("text_int", "TypeError: a contents dict's 'text' must be a str, not int"),
+        ("huge", "the result is 40.0 MiB as JSON; a plugin's result may be at most 32 MiB"),
+        ("wrong_type", "TypeError: a resource handler returns str, bytes or a contents dict"),
+    ],
+)
+async def test_a_resource_no_result_can_carry_is_the_plugins_failure(make_runtime, how, says):
+    # It was answered with a tool's error result ({"content": [...], "isError": true}), which
+    # clients refuse as a ReadResourceResult, or passed on ({"text": 5}), or made the
+    # caller's InvalidParams (found by review)
+    rt = await make_runtime()
+    pid = rt.pids[0]
+    uri = f"kit://unsendable/{how}"
+    with pytest.raises(PluginFailure, match=re.escape(f"failed in resource '{uri}': {says}")):
+        await rt.read_resource(uri, agent="a", bridge=RecordingBridge(), timeout=5)
+    with pytest.raises(PluginFailure, match="result is not JSON: str is not valid UTF-8"):
+        await rt.get_prompt("unsendable", {}, agent="a", bridge=RecordingBridge(), timeout=5)
+    assert rt.pids == [pid]
+
+
 async def test_slow_calls_overlap(make_runtime):
     rt = await make_runtime()
     for tool in ("slow_sync", "slow_async"):

@@ -16,6 +16,7 @@ from mcp_zero.plugin import Content, ToolResult
 JSON = dict[str, Any]
 _BLOCK_TYPES = frozenset({"text", "image", "audio", "resource", "resource_link"})
 _MAX_COMPLETIONS = 100  # the MCP spec caps completion values per response
+_CONTENTS_STRINGS = ("uri", "mimeType", "text", "blob")  # (a blob's is its base64)
 
 
 def _block(item: Any) -> JSON:
@@ -112,6 +113,11 @@ def _contents(uri: str, item: Any, mime_type: str | None) -> JSON:
         out = {"uri": uri, **item}
         if mime_type and "mimeType" not in out:
             out["mimeType"] = mime_type
+        for key in _CONTENTS_STRINGS:  # (a "text" of 5 was passed on: found by review)
+            if key in out and not isinstance(out[key], str):
+                raise TypeError(
+                    f"a contents dict's {key!r} must be a str, not {type(out[key]).__name__}"
+                )
         return out
     raise TypeError(
         f"a resource handler returns str, bytes or a contents dict, not {type(item).__name__}"

@@ -136,24 +136,34 @@ class Worker:
             data = encode(frame)
         self._write(data)
 
-    def _respond(self, call_id: int, body: JSON) -> None:
+    def _respond(self, call_id: int, op: str, body: JSON) -> None:
+        """Answer call ``call_id`` (an ``op`` frame) with what its handler came to. A result
+        that cannot be sent (not JSON, too large) fails the call: a tool's with an error
+        result, others' with an error (not a tool's result, which clients refuse: found
+        by review)."""
         self._active.pop(call_id, None)
         self._tasks.pop(call_id, None)
         try:
             data = encode_result({"id": call_id, **body})
         except TypeError as exc:
-            data = _not_json(call_id, exc)
+            data = _unsendable(call_id, op, f"result is not JSON: {exc}")
         except MemoryError:
             self._retire("MemoryError")  # the heap may be fragmented: ask to be replaced
             message = "MemoryError: the result does not fit the plugin's memory_mb quota"
-            data = encode({"id": call_id, "result": results.error_result(message)})
+            data = _unsendable(call_id, op, message)
         if len(data) > MAX_FRAME_BYTES:
             message = (
                 f"the result is {len(data) / 2**20:.1f} MiB as JSON; a plugin's result may be "
                 f"at most {MAX_FRAME_BYTES >> 20} MiB"
             )
-            data = encode({"id": call_id, "result": results.error_result(message)})
+            data = _unsendable(call_id, op, message)
         self._write(data)
+
+    def _refuse(self, call_id: int, kind: str, message: str) -> None:
+        """Answer call ``call_id`` with an error of the worker's own."""
+        self._active.pop(call_id, None)
+        self._tasks.pop(call_id, None)
+        self._write(encode({"id": call_id, "error": {"kind": kind, "message": message}}))
 
     # -- requests to the client ----------------------------------------------
 
@@ -238,7 +248,7 @@ class Worker:
 
     def _answer_cancelled(self, call_id: int, task: asyncio.Task[None]) -> None:
         if self._tasks.get(call_id) is task:  # its coroutine ended without answering
-            self._respond(call_id, {"error": {"kind": "cancelled", "message": "cancelled"}})
+            self._refuse(call_id, "cancelled", "cancelled")
 
     def _call_tool(self, frame: JSON) -> None:
         """``_start`` for the most frequent frame, with less on the way."""
@@ -247,7 +257,7 @@ class Worker:
         tool = self.plugin.tools.get(name)
         if tool is None:
             message = f"tool {name!r} is not served by this plugin"
-            self._respond(call_id, {"error": {"kind": "not_found", "message": message}})
+            self._refuse(call_id, "not_found", message)
             return
         ctx = self._active[call_id] = Context(
             str(frame.get("agent", "")), self.data_dir, call_id, self
@@ -267,7 +277,7 @@ class Worker:
         try:
             value = await tool.fn(ctx, **arguments)
         except BaseException as exc:  # the handler's failure is the caller's answer
-            self._respond(call_id, self._failure("call_tool", exc))
+            self._respond(call_id, "call_tool", self._failure("call_tool", exc))
             return
         if type(value) is str and len(value) <= LARGE_FRAME_CHARS:
             # The most frequent result, small for certain: no walk for large strings.
@@ -279,14 +289,14 @@ class Worker:
                 )
             except TypeError as exc:  # a lone surrogate is no UTF-8 (the task died unanswered
                 # and the worker was killed as ignoring its cancel: found by review)
-                data = _not_json(call_id, exc)
+                data = _unsendable(call_id, "call_tool", f"result is not JSON: {exc}")
             self._write(data)
             return
         try:
             body = {"result": results.tool_result(value)}
-        except TypeError as exc:
-            body = self._failure("call_tool", exc)
-        self._respond(call_id, body)
+        except Exception as exc:  # no result can be made of it: the plugin's failure
+            body = self._failure("call_tool", exc, returned=True)
+        self._respond(call_id, "call_tool", body)
 
     def _start(self, frame: JSON) -> None:
         call_id = int(frame["id"])
@@ -294,10 +304,10 @@ class Worker:
         try:
             handler, args, kwargs, finish = self._resolve(op, frame)
         except LookupError as exc:
-            self._respond(call_id, {"error": {"kind": "not_found", "message": str(exc)}})
+            self._refuse(call_id, "not_found", str(exc))
             return
         if handler is None:  # nothing registered: an empty answer (completion)
-            self._respond(call_id, {"result": finish(None)})
+            self._respond(call_id, op, {"result": finish(None)})
             return
         ctx = Context(str(frame.get("agent", "")), self.data_dir, call_id, self)
         self._active[call_id] = ctx
@@ -352,10 +362,15 @@ class Worker:
         finish: Any,
     ) -> None:
         try:
-            body = {"result": finish(await handler.fn(ctx, *args, **kwargs))}
+            value = await handler.fn(ctx, *args, **kwargs)
         except BaseException as exc:  # the handler's failure is the caller's answer
-            body = self._failure(op, exc)
-        self._respond(call_id, body)
+            self._respond(call_id, op, self._failure(op, exc))
+            return
+        try:
+            body = {"result": finish(value)}
+        except Exception as exc:  # no result can be made of it: the plugin's failure
+            body = self._failure(op, exc, returned=True)
+        self._respond(call_id, op, body)
 
     def _run_sync(
         self,
@@ -368,12 +383,20 @@ class Worker:
         finish: Any,
     ) -> None:
         try:
-            body = {"result": finish(handler.fn(ctx, *args, **kwargs))}
+            value = handler.fn(ctx, *args, **kwargs)
         except BaseException as exc:  # the handler's failure is the caller's answer
-            body = self._failure(op, exc)
-        self._respond(call_id, body)
+            self._respond(call_id, op, self._failure(op, exc))
+            return
+        try:
+            body = {"result": finish(value)}
+        except Exception as exc:  # no result can be made of it: the plugin's failure
+            body = self._failure(op, exc, returned=True)
+        self._respond(call_id, op, body)
 
-    def _failure(self, op: str, exc: BaseException) -> JSON:
+    def _failure(self, op: str, exc: BaseException, *, returned: bool = False) -> JSON:
+        """The answer to an ``op`` call whose handler raised ``exc``, or whose return value
+        no result could be made of (``returned``: never the caller's InvalidParams, which
+        a resource handler returning an ``object()`` was)."""
         if isinstance(exc, asyncio.CancelledError | concurrent.futures.CancelledError):
             return {"error": {"kind": "cancelled", "message": "cancelled"}}
         if isinstance(exc, MemoryError):
@@ -390,7 +413,8 @@ class Worker:
             return {"result": results.error_result(described)}
         if isinstance(exc, NotFoundError):
             return {"error": {"kind": "not_found", "message": text}}
-        kind = "invalid" if isinstance(exc, ToolError | TypeError) else "failed"
+        invalid = not returned and isinstance(exc, ToolError | TypeError)
+        kind = "invalid" if invalid else "failed"
         return {"error": {"kind": kind, "message": described}}
 
     def _retire(self, reason: str) -> None:
@@ -422,9 +446,11 @@ class Worker:
             self._loop.call_later(memory.TRIM_EVERY_S, self._trim)
 
 
-def _not_json(call_id: int, exc: TypeError) -> bytes:
-    """The answer to call ``call_id`` whose result could not be encoded (``exc``)."""
-    return encode({"id": call_id, "result": results.error_result(f"result is not JSON: {exc}")})
+def _unsendable(call_id: int, op: str, message: str) -> bytes:
+    """The answer to call ``call_id`` (an ``op`` frame) whose result cannot be sent."""
+    if op == "call_tool":
+        return encode({"id": call_id, "result": results.error_result(message)})
+    return encode({"id": call_id, "error": {"kind": "failed", "message": message}})
 
 
 class _FrameReader(asyncio.Protocol):

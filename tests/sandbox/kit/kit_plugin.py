@@ -349,6 +349,25 @@ def item(ctx: Context, id: str) -> dict[str, Any]:
     return {"text": f"item {id}", "mimeType": "text/plain"}
 
 
+@plugin.resource_template("kit://unsendable/{how}")
+def unsendable(ctx: Context, how: str) -> Any:
+    """Results no ReadResourceResult can carry."""
+    if how == "surrogate":
+        return "bad \ud800 text"
+    if how == "object":
+        return {"text": "x", "extra": object()}
+    if how == "text_int":
+        return {"text": 5}
+    if how == "huge":
+        return "x" * (40 << 20)
+    return object()
+
+
+@plugin.prompt("unsendable")
+def unsendable_prompt(ctx: Context) -> str:
+    return "bad \ud800 text"
+
+
 @plugin.prompt("greet")
 def greet(ctx: Context, name: str) -> str:
     return f"Say hello to {name}"
