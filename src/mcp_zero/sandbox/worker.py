@@ -33,10 +33,10 @@ Kernel → worker::
 
 Worker → kernel::
 
-    {"op": "ready", "pid", "sandbox": {"network_isolated", "files_confined",
-     "mounts_confined", "processes_hidden", "syscalls_restricted", "unprivileged": bool},
-     "tools",
-     "resources", "templates", "prompts"}
+    {"op": "confined", "sandbox": {"network_isolated", "files_confined",
+     "mounts_confined", "processes_hidden", "syscalls_restricted", "unprivileged": bool}}
+                                                    # first, before any plugin code runs
+    {"op": "ready", "pid", "tools", "resources", "templates", "prompts"}
                                                     # once, after the plugin loaded
     {"op": "fatal", "message": str}                 # the plugin failed to load; exits 3
     {"id": N, "result": {...}}                      # an MCP result object
@@ -664,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         sandbox, switched = _confine(plugin_dir, env)
     except OSError as exc:  # (its data dir could not be prepared, say)
         return _fatal(out_fd, f"its sandbox could not be set up: {exc}")
+    # Told before the plugin's code runs, which could rewrite a later frame (its import
+    # patched Worker.send to claim every measure held: found by review).
+    write_all(out_fd, encode({"op": "confined", "sandbox": sandbox}))
     try:
         plugin = load_plugin(plugin_dir, entry)
     except BaseException as exc:  # report any load failure to the kernel, then exit
@@ -679,7 +682,6 @@ def main(argv: list[str] | None = None) -> int:
     ready = {
         "op": "ready",
         "pid": os.getpid(),
-        "sandbox": sandbox,
         "tools": sorted(plugin.tools),
         "resources": sorted(plugin.resources),
         "templates": sorted(t.template for t in plugin.templates),

@@ -264,8 +264,6 @@ class WorkerProcess:
             self.kill("its start was cancelled")
             await self.wait_gone()
             raise
-        held = ready.get("sandbox") or {}
-        self.sandbox = {measure: bool(held.get(measure)) for measure in MEASURES}
         self.alive = True
         return ready
 
@@ -397,7 +395,7 @@ class WorkerProcess:
                 self._on_notification(op, frame)
             elif op == "request":
                 self._on_request(frame)
-            elif op == "ready" or op == "fatal":
+            elif op == "confined" or op == "ready" or op == "fatal":
                 self._on_hello(op, frame)
             elif op == "retire":
                 self._log.warning(
@@ -579,12 +577,19 @@ class WorkerProcess:
     def _on_hello(self, op: str, frame: JSON) -> None:
         if self._ready is None or self._ready.done():
             raise ValueError(f"unexpected {op} frame")
-        if op == "ready":
-            self._ready.set_result(frame)
-        else:
+        if op == "fatal":
             self._ready.set_exception(
                 PluginFailure(f"plugin '{self.plugin}' failed to load: {frame.get('message')}")
             )
+        elif op == "confined" and not self.sandbox:
+            # Its first frame, sent before the plugin's code runs: that code could send any
+            # later one (found by review: it claimed every measure held in its ready frame)
+            held = frame.get("sandbox") or {}
+            self.sandbox = {measure: held.get(measure) is True for measure in MEASURES}
+        elif op == "ready" and self.sandbox:
+            self._ready.set_result(frame)
+        else:  # a second confined frame, or a ready one before it
+            raise ValueError(f"unexpected {op} frame")
 
     def on_stderr(self, data: bytes) -> None:
         """Keep the tail of the worker's stderr and pass its lines to logging, within the
