@@ -36,7 +36,7 @@ from mcp_zero.sandbox.isolation import landlock_abi
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime
-from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S
+from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S, StderrBudget
 from mcp_zero.sandbox.worker_process import spawn_failure
 from requires import require_root
 
@@ -517,6 +517,36 @@ async def test_stderr_without_newlines_is_logged_in_pieces(make_runtime, caplog)
     assert max(len(p) for p in pieces) == 8 << 10  # never one 1 MiB line held and logged
     assert accounted() <= 1 << 20
     assert (await call(rt, "echo", {"text": "after"}))["content"][0]["text"] == "after"
+
+
+async def test_a_plugin_flooding_stderr_costs_the_server_no_work_per_line(
+    make_runtime, caplog, monkeypatch
+):
+    # Each line of a flood of short ones was cut out and passed to the budget, which dropped
+    # it: the server's loop was kept busy, and every plugin's calls slowed 10-20 times (found
+    # by review). Past the budget the rest is counted, and the pipe is read with pauses.
+    caplog.set_level(logging.INFO, logger="mcp_zero.sandbox.plugin.kit")
+    handled = [0]
+    emit = StderrBudget.emit
+
+    def counted(budget: StderrBudget, raw: bytes) -> bool:
+        handled[0] += 1
+        return emit(budget, raw)
+
+    monkeypatch.setattr(StderrBudget, "emit", counted)
+    rt = await make_runtime()
+    written = int((await call(rt, "yes", {"seconds": 0.5}))["content"][0]["text"])
+
+    def accounted() -> int:
+        logged, dropped, _, _ = stderr_seen(caplog, "y")
+        return len(logged) + dropped
+
+    with anyio.fail_after(5):
+        while accounted() < written // 2:
+            await anyio.sleep(0.05)
+    assert accounted() == written // 2  # each "y" line logged or counted
+    assert handled[0] < written // 200  # not one by one
+    assert written < 4 << 20  # its writes waited while its stderr was not read
 
 
 async def test_memory_limit_fails_cleanly_and_worker_is_replaced(make_runtime):

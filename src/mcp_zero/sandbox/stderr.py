@@ -48,24 +48,32 @@ class StderrBudget:
         self.dropped_bytes = 0
         self._report: asyncio.TimerHandle | None = None
 
-    def emit(self, raw: bytes) -> None:
-        """Log one stderr line (without its newline), or count it as dropped."""
+    def emit(self, raw: bytes) -> bool:
+        """Log one stderr line (without its newline), or count it as dropped (``False``)."""
         now = self._clock()
         elapsed, self._refilled_at = now - self._refilled_at, now
         self._lines = min(self._bursts[0], self._lines + elapsed * self._rates[0])
         self._bytes = min(self._bursts[1], self._bytes + elapsed * self._rates[1])
         size = max(len(raw), 1)
-        if self._lines < 1 or self._bytes < size:
-            self.dropped_lines += 1
-            self.dropped_bytes += len(raw)
-            if self._report is None:
-                self._schedule_report()
-            return
+        # While a report of lines dropped is due, the lines after them are dropped too: the
+        # count comes first in the log, once a second (not once per line a flood slowed to
+        # the budget's rate gets logged)
+        if self._lines < 1 or self._bytes < size or self._report is not None:
+            self.drop(1, len(raw))
+            return False
         self._lines -= 1
         self._bytes -= size
         if self.dropped_lines:
             self.report()  # the count first, so the log reads in order
         self._log.info("%s", raw.decode("utf-8", "replace"))
+        return True
+
+    def drop(self, lines: int, size: int) -> None:
+        """Count ``lines`` lines of ``size`` bytes as dropped, unseen (a flood's)."""
+        self.dropped_lines += lines
+        self.dropped_bytes += size
+        if self._report is None:
+            self._schedule_report()
 
     def report(self) -> None:
         """Log how many lines were dropped since the last report, if any."""

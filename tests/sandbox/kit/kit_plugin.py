@@ -112,6 +112,17 @@ def spew(ctx: Context, lines: int) -> str:
     return "spewed"
 
 
+@plugin.tool("yes")
+def yes(ctx: Context, seconds: float) -> int:
+    """Writes "y" lines to stderr as fast as the pipe takes them for ``seconds``: how many
+    bytes it could."""
+    chunk = b"y\n" * (32 << 10)
+    written, until = 0, time.monotonic() + seconds
+    while time.monotonic() < until:
+        written += os.write(2, chunk)
+    return written
+
+
 @plugin.tool("noisy")
 def noisy(ctx: Context) -> str:
     print("noise from print()")
