@@ -33,7 +33,7 @@ from mcp_zero.errors import (
     ToolTimeout,
 )
 from mcp_zero.sandbox.isolation import landlock_abi
-from mcp_zero.sandbox.manifest import load_manifest
+from mcp_zero.sandbox.manifest import load_manifest, parse_manifest
 from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S, StderrBudget
@@ -811,6 +811,28 @@ async def test_import_error_is_a_clear_start_failure(tmp_path):
     with (
         anyio.fail_after(20),
         pytest.raises(PluginFailure, match="No module named 'no_such_module_here'"),
+    ):
+        await rt.start()
+
+
+async def test_an_entry_module_the_worker_has_imported_already_is_a_clear_start_failure(
+    tmp_path,
+):
+    # Its import gave the worker's module: "module has no attribute 'plugin'" (found by
+    # review). (Installing refuses this name: here the manifest skips that check.)
+    d = _plugin(tmp_path, "raise SystemExit('its own orjson was imported')\n", ["x"])
+    (d / "broken_plugin.py").rename(d / "orjson.py")
+    manifest = parse_manifest(
+        {**json.loads((d / "plugin.json").read_text()), "entry": "orjson:plugin"}
+    )
+    rt = ProcessRuntime(manifest, d, tmp_path / "data")
+    with (
+        anyio.fail_after(20),
+        pytest.raises(
+            PluginFailure,
+            match=r"module 'orjson', which the manifest's entry 'orjson:plugin' names, is one "
+            r"the worker has imported already \(its Python's, not the plugin's\)",
+        ),
     ):
         await rt.start()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,20 @@ def test_load_manifest_errors(tmp_path: Path):
     (tmp_path / "plugin.json").write_text(twice)
     with pytest.raises(ManifestError, match="key 'name' appears twice in one object"):
         load_manifest(tmp_path)
+
+
+def test_an_entry_module_the_workers_python_imports_as_it_starts_is_refused(tmp_path: Path):
+    # setuptools' distutils-precedence.pth has every Python of its site-packages import
+    # _distutils_hack: a plugin module of that name was installed, then never loaded (the
+    # worker's import gave setuptools' module: found by review)
+    if "_distutils_hack" not in sys.modules:  # (this Python starts as the worker's does)
+        pytest.skip("no .pth file of this Python's site-packages imports _distutils_hack")
+    (tmp_path / "_distutils_hack.py").write_text("from mcp_zero.plugin import Plugin\n")
+    (tmp_path / "plugin.json").write_text(json.dumps(variant(entry="_distutils_hack:plugin")))
+    with pytest.raises(ManifestError) as refused:
+        load_manifest(tmp_path)
+    assert refused.value.message == (
+        "plugin.json: entry: module '_distutils_hack' has the name of a module the plugin "
+        "worker's Python imports as it starts: in the worker one would hide the other; "
+        "rename the plugin's module (e.g. to plugin_distutils_hack.py) and its entry"
+    )

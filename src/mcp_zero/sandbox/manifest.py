@@ -7,9 +7,11 @@ offending field; inside the kernel a :class:`PluginManifest` is trusted.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +36,9 @@ MAX_NAME_LENGTH = 128
 MAX_URI_LENGTH = 8192
 _MCP_NAME = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_NAME_LENGTH}}}\Z")
 _ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
-# What the worker has imported before it loads the plugin, besides the standard library:
-# a plugin module of one of these names would be shadowed by it and never loaded.
+# What the worker imports, besides the standard library and what its interpreter imports
+# at start (_started_with): a plugin module of one of these names would be shadowed by it
+# and never loaded, or (uvloop, imported once the plugin is) hide it from the worker.
 _WORKER_MODULES = frozenset({"__main__", "mcp_zero", "orjson", "uvloop"})
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}\Z")
 # The dialects a schema may name in "$schema"; anything else is refused before it is
@@ -563,6 +566,8 @@ def _check_module_name(top: str) -> None:
         clash = "a module of Python's standard library"
     elif top in _WORKER_MODULES:
         clash = "a module the plugin worker itself imports"
+    elif top in _started_with():
+        clash = "a module the plugin worker's Python imports as it starts"
     else:
         return
     raise _fail(
@@ -570,6 +575,27 @@ def _check_module_name(top: str) -> None:
         f"module {top!r} has the name of {clash}: in the worker one would hide the other; "
         f"rename the plugin's module (e.g. to plugin_{top.strip('_')}.py) and its entry",
     )
+
+
+@functools.cache
+def _started_with() -> frozenset[str]:
+    """The top-level modules the worker's Python has imported before any of its code runs:
+    those the ``.pth`` files of its site-packages import (setuptools' ``_distutils_hack``,
+    editable installs' finders…), which differ between installs; asked of a Python started
+    as the worker is (found by review: ``_distutils_hack`` was installed, then never loaded).
+    """
+    try:
+        started = subprocess.run(
+            [sys.executable, "-P", "-s", "-c", "import sys; print(*sys.modules)"],
+            capture_output=True,
+            text=True,
+            env={"LC_ALL": "C.UTF-8"},  # (the worker's environment has none of the server's)
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):  # the worker refuses them as it loads
+        return frozenset()
+    return frozenset(name.partition(".")[0] for name in started.stdout.split())
 
 
 def _check_values(manifest: JSON) -> None:

@@ -471,6 +471,13 @@ class _FrameReader(asyncio.Protocol):
 def load_plugin(plugin_dir: str, entry: str) -> Plugin:
     """Import ``module:attribute`` from ``plugin_dir``; raises ``ImportError`` / ``TypeError``."""
     module_name, _, attr = entry.partition(":")
+    top = module_name.partition(".")[0]
+    if top in sys.modules:  # its import would give that module (found by review)
+        raise ImportError(
+            f"module {top!r}, which the manifest's entry {entry!r} names, is one the worker "
+            "has imported already (its Python's, not the plugin's): rename the plugin's "
+            "module and its entry"
+        )
     sys.path.insert(0, plugin_dir)
     module = importlib.import_module(module_name)
     name = attr or "plugin"
