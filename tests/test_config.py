@@ -99,6 +99,18 @@ def test_environment_values_are_coerced() -> None:
     assert settings.anonymous_agent == "guest"
 
 
+@pytest.mark.parametrize("variable", ["MCP0_ANONYMOUS_AGENT", "MCP0_LOG_LEVEL", "MCP0_HOST"])
+def test_an_environment_value_that_is_not_utf8_is_a_config_error(variable: str) -> None:
+    # (its bytes reach Python as lone surrogates) a traceback at its first use (found by review)
+    with pytest.raises(ConfigError, match="not text, its bytes are not UTF-8"):
+        load_settings(None, None, environ={variable: "guest\udcff"})
+
+
+def test_a_path_from_the_environment_may_hold_any_bytes() -> None:
+    settings = load_settings(None, None, environ={"MCP0_DATA_DIR": "/tmp/data\udcff"})
+    assert bytes(settings.data_dir) == b"/tmp/data\xff"
+
+
 def test_an_unknown_key_is_a_config_error_naming_it(tmp_path: Path) -> None:
     config = write(tmp_path, "[server]\nport = 9000\nmax_bodysize = 12\n")
     with pytest.raises(ConfigError, match="max_bodysize") as caught:

@@ -111,11 +111,16 @@ def _coerce(name: str, value: Any, default: Any, *, text: bool = True) -> Any:
     shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:64]}…"
     if name in _OPTIONAL_PATHS and value in (None, ""):
         return None
+    path = name in _OPTIONAL_PATHS or isinstance(default, Path)
+    if isinstance(value, str) and not path and not _is_text(value):
+        # (an MCP0_* variable's bytes that are not UTF-8: lone surrogates, which no name or
+        # record can hold; a traceback at the first use of it: found by review)
+        raise ConfigError(f"setting {name!r} is {shown}: not text, its bytes are not UTF-8")
     if name in _OPTIONAL_STRINGS:
         if value is None or isinstance(value, str):
             return value
         raise ConfigError(f"setting {name!r} is {shown}; give a string")
-    if name in _OPTIONAL_PATHS or isinstance(default, Path):
+    if path:
         if isinstance(value, str | Path) and str(value).strip():
             try:
                 return Path(value).expanduser()
@@ -189,6 +194,15 @@ def load_settings(
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together: give both for HTTPS, or neither")
     return settings
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is Unicode text (no lone surrogates: bytes that were not UTF-8)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _checked(name: str, value: Any) -> Any:

@@ -610,6 +610,19 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     assert as_json(data_dir, "audit", "verify")["count"] == before  # nothing was done
 
 
+@pytest.mark.parametrize("variable", ["MCP0_AGENT", "MCP0_TOKEN"])
+def test_an_agent_or_token_variable_that_is_not_utf8_is_a_usage_error(
+    data_dir: Path, variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(data_dir, "agent", "create", "ada")
+    monkeypatch.setenv(variable, "ada\udcff")
+    refused = run(data_dir, "serve", "--stdio", ok=False)
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"mcp0: error: {variable} is not text: its bytes are not UTF-8"
+    )
+
+
 @pytest.mark.parametrize("value", ["abc", "1_0", " 4", "\uff14", "-1"])
 def test_audit_list_takes_only_digits_after_and_says_so(data_dir: Path, value: str) -> None:
     # int() took "1_0", " 4" and full-width digits; click called the others "not a valid

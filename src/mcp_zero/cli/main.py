@@ -54,6 +54,17 @@ class _Text(click.types.StringParamType):
 _TEXT = _Text()
 
 
+def _environ_text(name: str) -> str | None:
+    """The environment variable ``name``, refused (a usage error) if it is not text."""
+    value = os.environ.get(name)
+    if value is not None:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise click.UsageError(f"{name} is not text: its bytes are not UTF-8") from None
+    return value
+
+
 class _WholeNumber(click.IntRange):
     """A whole number within a range, in decimal digits only: int() also takes "1_0", " 40"
     and other scripts' digits, and click's own error calls it "a valid integer range"."""
@@ -289,7 +300,7 @@ def serve(
     if stdio:
         # its agent must exist already: a mistyped --data-dir must not lay out a new, empty one
         run_stdio(
-            _existing(settings), agent or os.environ.get("MCP0_AGENT"), os.environ.get("MCP0_TOKEN")
+            _existing(settings), agent or _environ_text("MCP0_AGENT"), _environ_text("MCP0_TOKEN")
         )
     else:
         run_http(settings, as_json=as_json)
