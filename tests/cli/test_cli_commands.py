@@ -636,6 +636,13 @@ def test_audit_list_takes_only_digits_after_and_says_so(data_dir: Path, value: s
     )
 
 
+@pytest.mark.parametrize("value", ["8_390", "\uff18\uff13\uff19\uff10"])
+def test_serve_takes_a_port_in_the_digits_0_9_only(data_dir: Path, value: str) -> None:
+    refused = run(data_dir, "serve", "--port", value, ok=False)
+    assert refused.exit_code == 2
+    assert "is not a whole number in the digits 0-9" in refused.stderr
+
+
 def test_agent_exec_refuses_arguments_nested_deeper_than_a_tool_takes(data_dir: Path) -> None:
     # 5,000 levels were a RecursionError traceback
     run(data_dir, "plugin", "install", str(NOTES_DIR))

@@ -256,7 +256,9 @@ def main() -> None:
 @main.command()
 @_common
 @click.option("--host", type=_TEXT, default=None, help="Address to listen on (default 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port (default 8390).")
+@click.option(
+    "--port", type=_WholeNumber(min=0, max=65535), default=None, help="Port (default 8390)."
+)
 @click.option("--stdio", is_flag=True, help="Speak MCP on stdin/stdout instead of HTTP.")
 @click.option(
     "--agent", type=_TEXT, default=None, help="With --stdio: the agent the session runs as."
