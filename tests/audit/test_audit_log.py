@@ -122,6 +122,26 @@ async def test_tampered_row_is_found_by_seq(tmp_path: Path) -> None:
         assert verify_chain(store.read_audit(limit=16)).head_seq == 16
 
 
+async def test_a_newest_record_with_a_damaged_hash_is_named_as_such_by_the_appends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every append failed with "non-hexadecimal number found in fromhex()", logged as a
+    # full disk ("free space, or raise db_max_mb")
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store, AuditLog(store) as log:
+        await _append_many(log, 3)
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TRIGGER audit_no_update")  # an attacker with file access
+    raw.execute("UPDATE audit SET hash = 'not hex' WHERE seq = 3")
+    raw.commit()
+    raw.close()
+    with SqliteStore(path) as store, AuditLog(store) as log:
+        with pytest.raises(StorageError, match=r"newest audit record \(seq 3\) is damaged"):
+            await log.append(_event(4))
+        assert "free space" not in caplog.text
+        assert "the newest audit record (seq 3) is damaged" in caplog.text
+
+
 async def test_failed_batch_errors_every_appender_and_the_chain_resumes(tmp_path: Path) -> None:
     with FullDiskStore(tmp_path / "a.db") as store, AuditLog(store) as log:
         before = await _append_many(log, 10)

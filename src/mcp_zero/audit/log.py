@@ -53,6 +53,7 @@ from mcp_zero.storage.base import AuditEntry, Store, StoreBusy
 
 T = TypeVar("T")
 log = logging.getLogger("mcp_zero.audit")
+_DAMAGED = "the newest audit record"
 
 #: What a failed log needs free (on disk, and under the store's size limit) to take calls
 #: again: a few batches' worth.
@@ -344,9 +345,9 @@ class AuditLog:
                 return
             self.stats.failing = True
         log.error(
-            "the audit log cannot be written (%s): every call is refused until it can; "
-            "free space, or raise db_max_mb",
+            "the audit log cannot be written (%s): every call is refused until it can%s",
             why,
+            "" if why.startswith(_DAMAGED) else "; free space, or raise db_max_mb",
         )
 
     def _gathered(self) -> list[_Pending]:
@@ -468,7 +469,13 @@ class AuditLog:
         head = self._head
         prev_hex = head.hash if head is not None else GENESIS
         seq = head.seq + 1 if head is not None else 1
-        prev = bytes.fromhex(prev_hex)
+        try:
+            prev = bytes.fromhex(prev_hex)
+        except ValueError:  # (no append could follow it: say so, not "free space")
+            raise StorageError(
+                f"{_DAMAGED} (seq {seq - 1}) is damaged: its hash {prev_hex[:80]!r} is not a "
+                "SHA-256 in hex, so no record can follow it; 'mcp0 audit verify' tells more"
+            ) from None
         entries = []
         for pending in batch:
             digest = hashlib.sha256(prev + pending.body).digest()
