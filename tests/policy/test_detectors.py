@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import time
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -660,8 +662,6 @@ def test_tokens_not_named_as_cursors_are_still_credentials(pair: dict[str, str])
 def test_a_blob_of_text_is_redacted_inside_its_base64_and_a_binary_one_is_left() -> None:
     # An embedded resource's blob (a .env file read as a resource) went out with its
     # secrets while the record said the redaction ran (found by review)
-    import base64
-
     env = "DB_PASSWORD=hunter2hunter2\nmail bob@example.com\n"
     blob = base64.b64encode(env.encode()).decode()
     result = {"contents": [{"uri": "file:///app/.env", "blob": blob}]}
@@ -672,3 +672,46 @@ def test_a_blob_of_text_is_redacted_inside_its_base64_and_a_binary_one_is_left()
     assert result["contents"][0]["blob"] == blob  # (a copy was changed)
     image = {"blob": base64.b64encode(bytes(range(256))).decode()}
     assert redact(image, ("secret", "pii")) == (image, 0)
+
+
+ENV = "DB_PASSWORD=hunter2hunter2\nmail bob@example.com\n" + "#" * 81 + "\n"  # (130 bytes)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "encode", "media_type"),
+    [
+        (b"", base64.encodebytes, None),  # MIME's: a line break every 76 characters
+        (b"", lambda data: base64.b64encode(data).rstrip(b"="), None),
+        ("\u00ff\u00fe".encode(), base64.urlsafe_b64encode, None),
+        ("caf\u00e9 ".encode("latin-1"), base64.b64encode, "text/plain"),
+    ],
+    ids=["line-wrapped", "unpadded", "url-safe", "latin-1 text"],
+)
+def test_a_blob_lenient_decoders_read_as_text_is_redacted(
+    prefix: bytes, encode: Callable[[bytes], bytes], media_type: str | None
+) -> None:
+    # A blob line-wrapped as Python's base64.encodebytes writes it, or unpadded, went out
+    # with its secrets while the record said "redacted": 0; so did a text/plain one with a
+    # byte that is not UTF-8 (found by review)
+    contents = {"uri": "file:///app/.env", "blob": encode(prefix + ENV.encode()).decode()}
+    if media_type is not None:
+        contents["mimeType"] = media_type
+    redacted, count = redact({"contents": [contents]}, ("secret", "pii"))
+    assert count == 2
+    blob = redacted["contents"][0]["blob"]
+    data = base64.b64decode(blob, validate=True)
+    assert blob == base64.b64encode(data).decode()  # (encoded again canonically)
+    expected = ENV.replace("hunter2hunter2", "[redacted:secret]").replace(
+        "bob@example.com", "[redacted:pii]"
+    )
+    assert data == prefix + expected.encode()  # (its other bytes as they were)
+
+
+def test_a_blob_that_is_not_utf8_is_read_as_text_only_under_a_text_media_type() -> None:
+    latin1 = base64.b64encode("caf\u00e9 password=hunter22".encode("latin-1")).decode()
+    text, count = redact({"blob": latin1, "mimeType": "text/csv; charset=latin-1"}, ["secret"])
+    assert count == 1
+    assert base64.b64decode(text["blob"]) == b"caf\xe9 password=[redacted:secret]"
+    for media_type in ("application/octet-stream", "image/png", None):
+        binary = {"blob": latin1, "mimeType": media_type}
+        assert redact(binary, ["secret"]) == (binary, 0)

@@ -22,7 +22,6 @@ Policies see the labels of an action's arguments as ``context.labels``; a permit
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -480,7 +479,7 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
             if (keys and _credential_value(key, item)) or (named is not None and key == named):
                 new, count = _SECRET_MARKER, 1
             elif key == "blob" and isinstance(item, str):  # MCP's base64 resource contents
-                new, count = _redact_blob(item, detectors)
+                new, count = _redact_blob(item, value.get("mimeType"), detectors)
             else:
                 new, count = _redact(item, detectors, keys)
             if count:
@@ -506,16 +505,51 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
     return value, 0
 
 
-def _redact_blob(blob: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
-    """A base64 ``blob`` whose bytes are UTF-8 text (a ``.env`` file, JSON, a log read as a
-    resource) with that text redacted, encoded again; one that is not text (an image) as it
-    was: its bytes are not the detectors' to read."""
-    try:
-        text = base64.b64decode(blob, validate=True).decode()
-    except (binascii.Error, ValueError):  # (UnicodeDecodeError is a ValueError)
+# What lenient decoders (Node's Buffer, a browser's atob, Python's b64decode) read in a blob
+# and the strict alphabet refuses: line breaks (MIME's, every 76 characters), whitespace, the
+# URL-safe alphabet (``-`` and ``_``, which Node reads); padding left off is added back.
+_LENIENT_BASE64 = str.maketrans("-_", "+/", " \t\n\r\f\v")
+# Media types of text: a blob of one is redacted even with bytes that are not UTF-8 (a
+# Latin-1 log); a blob of another type only when all of it is UTF-8.
+_TEXT_MEDIA_TYPE = re.compile(
+    r"text/|application/(?:[\w.-]+\+)?(?:json|xml|yaml|x-yaml|toml|javascript)(?![\w.+-])",
+    re.IGNORECASE,
+)
+
+
+def _redact_blob(blob: str, media_type: Any, detectors: tuple[Detector, ...]) -> tuple[str, int]:
+    """A base64 ``blob`` whose bytes are text (a ``.env`` file, JSON, a log read as a resource)
+    with that text redacted, encoded again (canonically: padded, on one line); one that is
+    not text (an image) as it was: its bytes are not the detectors' to read. Its bytes are
+    text when they are UTF-8, or when ``media_type`` says they are text: then a byte that is
+    not UTF-8 is kept as it is, and what is around it is read."""
+    data = _blob_bytes(blob)
+    if data is None:
         return blob, 0
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        if not isinstance(media_type, str) or not _TEXT_MEDIA_TYPE.match(media_type):
+            return blob, 0
+        text = data.decode(errors="surrogateescape")  # (encoded back to the same bytes)
     redacted, count = _redact_text(text, detectors)
-    return (base64.b64encode(redacted.encode()).decode(), count) if count else (blob, 0)
+    if not count:
+        return blob, 0
+    return base64.b64encode(redacted.encode(errors="surrogateescape")).decode(), count
+
+
+def _blob_bytes(blob: str) -> bytes | None:
+    """The bytes of a base64 ``blob``, read as lenient decoders read it, or None when it is
+    not base64 even to them."""
+    try:
+        return base64.b64decode(blob, validate=True)
+    except ValueError:  # (binascii.Error is one, as is a character that is not ASCII)
+        pass
+    compact = blob.translate(_LENIENT_BASE64)
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except ValueError:
+        return None
 
 
 def _named_value(pair: dict[Any, Any]) -> str | None:
