@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
 
+from mcp_zero.plugin import ToolResult
 from mcp_zero.policy.detectors import LABELS, label_text, label_value, redact
+from mcp_zero.sandbox.results import tool_result
 
 PEM = (
     "-----BEGIN RSA PRIVATE KEY-----\n"
@@ -367,6 +371,50 @@ def test_a_card_number_sent_as_a_number_is_redacted() -> None:
     # (labelled pii, and returned in structuredContent as it was)
     assert redact({"card": 4111111111111111, "n": 7}, ("pii",)) == (
         {"card": "[redacted:pii]", "n": 7},
+        1,
+    )
+
+
+def test_a_card_number_sent_as_a_float_is_redacted() -> None:
+    # (it went out as it was, found by review)
+    value = {"card": 4111111111111111.0, "n": 2.5, "big": 1e22, "id": 4111111111111112}
+    assert redact(value, ("pii",)) == ({**value, "card": "[redacted:pii]"}, 1)
+
+
+@pytest.mark.parametrize(
+    ("structured", "count"),
+    [
+        ({"card": 4111111111111111}, 1),
+        ({"card": 4111111111111111.0, "n": 2.5}, 1),
+        ({"token": 10, "page": {"password": "hunter22", "to": "jane@example.com"}}, 2),
+        ({"note": "deploy:\nAKIAIOSFODNN7EXAMPLE", "ids": [1, 2]}, 1),
+    ],
+    ids=["card as an int", "card as a float", "credential names", "a secret after a newline"],
+)
+def test_the_text_mirroring_structured_content_stays_its_json(
+    structured: dict[str, Any], count: int
+) -> None:
+    # A tool returning {"card": 4111111111111111.0} had it kept in structuredContent and
+    # its text become {"card":[redacted:pii].0}, which is no JSON; as an int, or under a
+    # credential name ({"token":10} became {"token":[redacted:secret]), the same (found by
+    # review)
+    result = tool_result(structured)
+    pretty = {**result, "content": [{"type": "text", "text": json.dumps(structured, indent=2)}]}
+    for value in (result, pretty):
+        redacted, found = redact(value, ("secret", "pii"))
+        assert found == 2 * count  # (in structuredContent, and in its mirror)
+        [block] = redacted["content"]
+        assert orjson.loads(block["text"]) == redacted["structuredContent"]
+        shown = orjson.dumps(redacted).decode()
+        for leaked in ("4111111111111111", "hunter22", "jane@", "AKIA"):
+            assert leaked not in shown
+    # a text of its own is redacted as a text
+    own = ToolResult(["card 4111111111111111.0"], {"other": 1}, False)
+    assert redact(tool_result(own), ("pii",)) == (
+        {
+            "content": [{"type": "text", "text": "card [redacted:pii].0"}],
+            "structuredContent": {"other": 1},
+        },
         1,
     )
 

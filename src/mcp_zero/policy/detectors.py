@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 SECRET = "secret"  # noqa: S105 (the name of a label)
 PII = "pii"
 LABELS = frozenset({SECRET, PII})
@@ -435,13 +437,66 @@ def _texts(value: Any, parts: list[str]) -> None:
 
 def redact(value: Any, labels: Iterable[str]) -> tuple[Any, int]:
     """``value`` (JSON: dicts, lists, strings, numbers...) with every match of the detectors
-    of ``labels`` in its strings replaced by ``[redacted:<label>]``, and how many matches
-    were; under ``secret``, the value of an object's credential-named key too (``{"password":
-    "…"}``). Object keys are kept as they are. ``value`` itself is not changed: what changed
-    is copied. Raises KeyError for a label that is not one of :data:`LABELS`."""
+    of ``labels`` in its strings replaced by ``[redacted:<label>]`` (a number in which one
+    matches, by that string), and how many matches were; under ``secret``, the value of an
+    object's credential-named key too (``{"password": "…"}``). Object keys are kept as they
+    are. A tool's result keeps the text that mirrors its structured content the JSON of it.
+    ``value`` itself is not changed: what changed is copied. Raises KeyError for a label
+    that is not one of :data:`LABELS`."""
     labels = sorted(labels)
     detectors = tuple(d for label in labels for d in _BY_LABEL[label])
+    if isinstance(value, dict) and isinstance(value.get("structuredContent"), dict):
+        return _redact_tool_result(value, detectors, SECRET in labels)
     return _redact(value, detectors, SECRET in labels)
+
+
+def _redact_tool_result(
+    result: dict[str, Any], detectors: tuple[Detector, ...], keys: bool
+) -> tuple[dict[str, Any], int]:
+    """A tool's result redacted, with each text of its ``content`` that is the JSON of its
+    ``structuredContent`` (a tool returning a dict has one) made the JSON of the redacted
+    ``structuredContent``, its matches counted again: redacted as a text of its own, a
+    number there would become ``[redacted:pii]``, which is no JSON."""
+    structured = result["structuredContent"]
+    content = result.get("content")
+    if not isinstance(content, list):
+        return _redact(result, detectors, keys)
+    mirrors = [_mirrors(block, structured) for block in content]
+    if not any(mirrors):
+        return _redact(result, detectors, keys)
+    # (what else it has, ``isError`` or ``_meta``, as an object of its own)
+    rest = {
+        key: item for key, item in result.items() if key not in ("content", "structuredContent")
+    }
+    out, total = _redact(rest, detectors, keys)
+    new_structured, found = _redact(structured, detectors, keys)
+    total += found
+    mirror = orjson.dumps(new_structured).decode() if found else None
+    blocks = list(content)
+    for i, block in enumerate(content):
+        if not mirrors[i]:
+            blocks[i], count = _redact(block, detectors, keys)
+        elif mirror is not None:
+            blocks[i], count = {**block, "text": mirror}, found
+        else:
+            count = 0
+        total += count
+    if not total:
+        return result, 0
+    return {**result, **out, "content": blocks, "structuredContent": new_structured}, total
+
+
+def _mirrors(block: Any, structured: dict[str, Any]) -> bool:
+    """Whether a content block is a text holding the JSON of ``structured``."""
+    if not isinstance(block, dict) or block.get("type") != "text":
+        return False
+    text = block.get("text")
+    if not isinstance(text, str) or not text.startswith("{"):
+        return False
+    try:
+        return bool(orjson.loads(text) == structured)
+    except orjson.JSONDecodeError:
+        return False
 
 
 _SECRET_MARKER = f"[redacted:{SECRET}]"
@@ -499,10 +554,26 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
                 items[i] = new
                 total += count
         return (value if items is None else items), total
-    if isinstance(value, int) and not isinstance(value, bool):  # a card number as a number
-        text, count = _redact_text(str(value), detectors)
-        return (text, count) if count else (value, 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _redact_number(value, detectors)
     return value, 0
+
+
+# A number smaller holds nothing the detectors find (a card number has 13 to 19 digits).
+_SMALLEST_FOUND = 10**12
+
+
+def _redact_number(number: float, detectors: tuple[Detector, ...]) -> tuple[Any, int]:
+    """A number in which the detectors find something (a card number sent as a number,
+    ``4111111111111111`` or ``4111111111111111.0``) as the marker of its label, whole (a
+    number partly replaced is no JSON); any other as it was."""
+    if abs(number) < _SMALLEST_FOUND:  # (this runs on each number of a result)
+        return number, 0
+    text = str(number)
+    for detector in detectors:
+        if _first(detector, text) is not None:
+            return f"[redacted:{detector.label}]", 1
+    return number, 0
 
 
 # What lenient decoders (Node's Buffer, a browser's atob, Python's b64decode) read in a blob
