@@ -188,8 +188,10 @@ ADVERSARIAL_UNITS = [
     "Bearer ",  # an HTTP credential
     "Basic aaaaaaaaaaaaaaaa ",
     "a://a:",  # a URL's password
+    "a:\\/\\/a:",  # (its slashes escaped)
     "//a:a@a.co ",
     "//a@a.co",  # a URL's login, not an address
+    ":\\/\\/a@a.co",
     "a@bb.cc.",  # an address before a remote's path
     "x@a.b:",
     "%20eyJaaaaaaaa.",  # a token after a percent-escape
@@ -506,6 +508,16 @@ URL_PASSWORDS = {
         "amqp://guest:p@ss@rabbit/vhost",
         "amqp://guest:[redacted:secret]@rabbit/vhost",
     ),
+    # (in JSON that escapes a slash, as PHP's and some Java encoders do: it went out as it
+    # was, found by review)
+    "slashes escaped": (
+        '{"dsn": "postgres:\\/\\/app:S3cretPw@db:5432\\/x"}',
+        '{"dsn": "postgres:\\/\\/app:[redacted:secret]@db:5432\\/x"}',
+    ),
+    "slashes escaped, a host with a dot": (
+        "mysql:\\/\\/root:s3cret@db.example.com\\/app",
+        "mysql:\\/\\/root:[redacted:secret]@db.example.com\\/app",
+    ),
 }
 
 
@@ -645,6 +657,7 @@ def test_a_valid_ssn_standing_alone_is_pii(text: str) -> None:
         "scp build.tgz deploy@host.example.org:~/releases/",
         "ssh://git@github.com/org/repo.git",
         "https://jane@example.com/dav/",
+        "https:\\/\\/jane@example.com\\/dav\\/",  # (in JSON that escapes a slash)
         "postgres://app:s3cret@db.example.com:5432/x",
     ],
 )

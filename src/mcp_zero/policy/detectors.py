@@ -165,8 +165,9 @@ _EMAIL_DOMAIN = re.compile(
     + r"(?![A-Za-z0-9.-]*+:(?:[~/]|[0-9]++(?![A-Za-z_])|[A-Za-z0-9_.-]*+/))"
 )
 _LOCAL_REVERSED = re.compile(r"[A-Za-z0-9._%+-]{1,64}")
-# what precedes a URL's login, read backwards: ``https://`` or ``postgres://app:``
-_USERINFO_REVERSED = re.compile(r"(?::[^\s:/@?#\"'\\]{0,256}+)?//:")
+# what precedes a URL's login, read backwards: ``https://`` or ``postgres://app:`` (or
+# ``https:\/\/``: in JSON that escapes a slash)
+_USERINFO_REVERSED = re.compile(r"(?::[^\s:/@?#\"'\\]{0,256}+)?(?://|/\\/\\):")
 _HEX4 = re.compile(r"[0-9A-Fa-f]{4}")
 
 
@@ -190,6 +191,17 @@ def _local_part(text: str, at: int) -> int | None:
         elif text[begin] == "u" and _HEX4.fullmatch(text, begin + 1, begin + 5):
             begin += 5
     return begin if begin < at else None
+
+
+def _url_password(separator: str) -> re.Pattern[str]:
+    """The pattern of a URL's password: ``scheme://user:password@host``
+    (``redis://:pw@localhost``), to the last ``@``, with ``separator`` after its scheme:
+    ``://``, or ``:\\/\\/`` in JSON that escapes a slash (PHP's, some Java encoders')."""
+    start = re.escape(separator)
+    return re.compile(
+        rf"{start}(?<=[A-Za-z0-9+.-]{start})[^\s:/@?#\"'\\]{{0,256}}+:"
+        r"(?P<value>(?!\[redacted:)[^\s/?#\"'\\]{1,256})@(?=[A-Za-z0-9\[_])"
+    )
 
 
 # What words lack: a digit, a lower-case letter before an upper-case one, base64's padding.
@@ -301,16 +313,8 @@ DETECTORS: tuple[Detector, ...] = (
         hints=("bearer", "basic"),
         fold=True,
     ),
-    Detector(
-        SECRET,
-        "url_password",
-        # ``scheme://user:password@host`` (``redis://:pw@localhost``), to the last ``@``
-        re.compile(
-            r"://(?<=[A-Za-z0-9+.-]://)[^\s:/@?#\"'\\]{0,256}+:"
-            r"(?P<value>(?!\[redacted:)[^\s/?#\"'\\]{1,256})@(?=[A-Za-z0-9\[_])"
-        ),
-        hints=("://",),
-    ),
+    Detector(SECRET, "url_password", _url_password("://"), hints=("://",)),
+    Detector(SECRET, "url_password_escaped", _url_password(":\\/\\/"), hints=(":\\/\\/",)),
     Detector(
         SECRET,
         "credential_assignment",
