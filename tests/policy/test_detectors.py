@@ -193,6 +193,9 @@ ADVERSARIAL_UNITS = [
     "//a@a.co",  # a URL's login, not an address
     ":\\/\\/a@a.co",
     "a@bb.cc.",  # an address before a remote's path
+    "ö@ää.",  # an address of any script
+    "例@例子.",
+    "a例@",
     "x@a.b:",
     "%20eyJaaaaaaaa.",  # a token after a percent-escape
     "%20sk-",
@@ -665,6 +668,25 @@ def test_a_remote_or_a_urls_login_is_not_an_email_address(text: str) -> None:
     # (``git@github.com`` was labelled pii and redacted out of clone commands)
     assert "pii" not in label_text(text)
     assert redact(text, ["pii"]) == (text, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("mail jöhn.smith@example.com", "mail [redacted:pii]"),
+        ("jane@exämple.com, 用户@例子.广告", "[redacted:pii], [redacted:pii]"),
+        # (in a text without spaces, the address alone)
+        ("请联系jane@example.com获取", "请联系[redacted:pii]获取"),
+        ("jane@example.com으로 보내세요", "[redacted:pii]으로 보내세요"),
+    ],
+    ids=["a local part", "a domain", "in chinese", "before a korean particle"],
+)
+def test_an_address_with_letters_of_any_script_is_redacted_whole(text: str, redacted: str) -> None:
+    # (jöhn.smith@example.com became jö[redacted:pii], 用户@例子.广告 was left, found by
+    # review)
+    assert label_text(text) == {"pii"}
+    assert redact(text, ["pii"]) == (redacted, redacted.count("[redacted:pii]"))
+    assert label_text(redacted) == set()
 
 
 @pytest.mark.parametrize(

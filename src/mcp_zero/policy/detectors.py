@@ -10,10 +10,10 @@ Two labels, each a handful of precompiled patterns:
   ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``; ``auth``,
   ``authorization`` and ``credentials`` when their value looks like a token), but not a
   pagination cursor (``page_token``, ``nextToken``…);
-- ``pii``: e-mail addresses (not ``git@host:path`` nor a URL's login), payment card numbers
-  (13 to 19 digits, spaces or dashes between them allowed, starting as card numbers do and
-  passing the Luhn check) and US social security numbers (valid ones, not part of a longer
-  code).
+- ``pii``: e-mail addresses, in any script (not ``git@host:path`` nor a URL's login),
+  payment card numbers (13 to 19 digits, spaces or dashes between them allowed, starting as
+  card numbers do and passing the Luhn check) and US social security numbers (valid ones,
+  not part of a longer code).
 
 Policies see the labels of an action's arguments as ``context.labels``; a permit's
 ``@redact("secret")`` obligation has its result redacted with :func:`redact`.
@@ -155,16 +155,24 @@ _KEY = "A-Za-z0-9_-"
 _WORD = "A-Za-z0-9_"
 
 # An e-mail address is found at its ``@`` (``re`` skips ahead to it); its local part, at
-# most 64 characters, is then read back from there.
+# most 64 characters, is then read back from there. Both may hold letters of any script
+# (``jöhn@exämple.com``, ``用户@例子.广告``). Where words are not spaced apart (Thai,
+# Japanese, Chinese; Korean, whose particles follow a word unspaced), the text an address
+# stands in is not part of it: a local part, and a domain's last label, is all of those
+# scripts or of none (in ``请联系jane@example.com获取``, the address is ``jane@example.com``).
+_UNSPACED = (
+    "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+    "\uff66-\uff9f\U00020000-\U0003134f"
+)
 # (``git@github.com:org/repo.git``, ``deploy@host:~/app``: a remote's path, not an address)
 _EMAIL_DOMAIN = re.compile(
-    r"@(?:[A-Za-z0-9-]{1,63}+\.){1,10}[A-Za-z]{2,63}+"
-    + _WORD_TAIL
+    rf"@(?:[^\W_]++(?:-[^\W_]*+)*+\.){{1,10}}"
+    rf"(?:[^\W\d_{_UNSPACED}]{{2,63}}+(?![^\W{_UNSPACED}])|[{_UNSPACED}]{{2,63}}+)"
     # not an scp-style remote: ``:`` then a path (``~``, ``/``, ``org/repo.git``) or a
     # port; ``jane@example.com:hunter2`` is still an address
     + r"(?![A-Za-z0-9.-]*+:(?:[~/]|[0-9]++(?![A-Za-z_])|[A-Za-z0-9_.-]*+/))"
 )
-_LOCAL_REVERSED = re.compile(r"[A-Za-z0-9._%+-]{1,64}")
+_LOCAL_REVERSED = re.compile(rf"(?:[^\W{_UNSPACED}]|[.%+-]){{1,64}}|[{_UNSPACED}0-9._%+-]{{1,64}}")
 # what precedes a URL's login, read backwards: ``https://`` or ``postgres://app:`` (or
 # ``https:\/\/``: in JSON that escapes a slash)
 _USERINFO_REVERSED = re.compile(r"(?::[^\s:/@?#\"'\\]{0,256}+)?(?://|/\\/\\):")
