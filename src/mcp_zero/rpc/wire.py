@@ -197,6 +197,7 @@ class _Connection(asyncio.Protocol):
         # A refusal (400, 431...) of a request that came behind others: written once they
         # are answered (RFC 9112 9.3.2); nothing more is read meanwhile
         self.last_words: bytes | None = None
+        self.write_paused = False  # writable, as a plain flag (checked after each answer)
         self.stalled_since = 0.0  # when an answer was left unread and reading stopped
         self.stalled_unsent = 0  # bytes unsent then (or at its last progress)
         self.upgrade_body = False  # reading the body of an Upgrade request (not upgraded)
@@ -228,9 +229,11 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self.writable.clear()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         self.writable.set()
         if self.stalled_since:
             self.stalled_since = 0.0
@@ -504,7 +507,7 @@ class _Connection(asyncio.Protocol):
             self.close()  # (and what came after it is not answered: RFC 9112 9.6)
             return
         self.last_active = time.monotonic()
-        if not self.writable.is_set():
+        if self.write_paused:
             # The client reads none of its answers (max_stream_backlog unsent): the next
             # request waits for it to read, else pipelined requests would have every answer
             # held here (found by review). resume_writing goes on; the reaper drops it.
