@@ -581,6 +581,8 @@ class WorkerProcess:
             )
 
     def _on_hello(self, op: str, frame: JSON) -> None:
+        if self._kill_reason is not None:
+            return  # (a ready frame after the kill must not make its start succeed)
         if self._ready is None or self._ready.done():
             raise ValueError(f"unexpected {op} frame")
         if op == "fatal":
