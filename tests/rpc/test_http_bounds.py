@@ -303,6 +303,24 @@ async def test_subscriptions_of_all_sessions_share_one_budget(env: Env) -> None:
         server.subscription_budget = saved
 
 
+async def test_a_request_without_a_session_may_not_subscribe(env: Env) -> None:
+    # A subscribe without Mcp-Session-Id took from the shared budget for a throwaway session
+    # that was never closed: 8,300 of them spent it, and every agent's subscribe was refused
+    # until restart (and nothing could deliver their updates: no session, no GET stream).
+    budget = env.live.app.server.subscription_budget
+    held = budget.held
+    sessionless = env.live.client(env.token)
+    for n, method in enumerate(("resources/subscribe", "resources/unsubscribe"), 900_101):
+        body = {"jsonrpc": "2.0", "id": n, "method": method, "params": {"uri": uri(n, 8000)}}
+        response = await sessionless.post(body)
+        assert response.status_code == 400, response.text
+        error = error_of(response.json())
+        assert (error["code"], error["data"]["code"]) == (-32600, "invalid_request")
+        assert f"{method} needs a session" in error["message"]
+        assert audited(env, n) == []  # refused before anything was decided
+    assert budget.held == held
+
+
 async def test_a_listen_names_a_bounded_number_of_uri_bytes(env: Env) -> None:
     # 300 listens of 1,000 URIs of 1 KB held 1,017 MiB.
     many = [uri(n, 1000) for n in range(MAX_SUBSCRIBED_BYTES // 1000)]

@@ -108,6 +108,9 @@ _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
 
 
 EPHEMERAL = "ephemeral"  # the id of a throwaway session (a POST without Mcp-Session-Id)
+# What a throwaway session cannot do: a subscription is a session's, its updates go out on
+# the session's GET stream, and what it holds is given back when the session ends.
+_SESSION_METHODS = frozenset(("resources/subscribe", "resources/unsubscribe"))
 # What a 401 carries (RFC 9110 11.6.1): the scheme that would be accepted
 CHALLENGE = [(b"www-authenticate", b'Bearer realm="mcp0"')]
 
@@ -664,6 +667,15 @@ class HttpApp:
             return
         channel = PostChannel(session, send, self.settings.sse_buffer_bytes)
         if session.id == EPHEMERAL:  # no session to end: its agent's termination stops it
+            if message.method in _SESSION_METHODS:
+                # (a subscription it took would be lost: no stream to deliver on, and the
+                # server's budget never given back: found by review)
+                refusal = InvalidRequest(
+                    f"{message.method} needs a session: initialize one and send its "
+                    "Mcp-Session-Id (resource updates come on the session's GET stream)"
+                )
+                await respond_json(send, 400, jsonrpc.error_from_exception(message.id, refusal))
+                return
             with self.server.running_alone(session):
                 response = await self.server.handle_request(session, message, channel)
         else:
