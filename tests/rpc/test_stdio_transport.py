@@ -806,3 +806,33 @@ async def test_a_cancel_naming_an_object_or_a_list_is_ignored(tmp_path: Path) ->
             peer.send({"jsonrpc": "2.0", **note})
         peer.send({"jsonrpc": "2.0", "id": 2, "method": "ping"})
         assert await peer.receive() == {"jsonrpc": "2.0", "id": 2, "result": {}}
+
+
+def initialize_asked(capabilities: JSON) -> JSON:
+    """An initialize that declares ``capabilities`` (what a plugin may ask the client)."""
+    message = initialize_message(version="2025-11-25")
+    message["params"]["capabilities"] = capabilities
+    return message
+
+
+async def test_a_malformed_answer_fails_its_question_and_gets_no_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It got an error response under its id: the id of the server's request, which was also
+    # the id of the client's own call (found by review).
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_asked({"elicitation": {}}))
+        await peer.receive()
+        peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        peer.send(call(1, "faulty_ask_between", {}))
+        ask = await peer.receive()
+        while ask.get("method") != "elicitation/create":
+            ask = await peer.receive()
+        assert ask["id"] == 1  # the server's first request: the client's call has its id
+        with caplog.at_level("WARNING", "mcp_zero.stdio"):
+            peer.send({"jsonrpc": "2.0", "id": 1, "result": "not an object"})
+            answers = [m for m in await peer.until_id(1) if "method" not in m]
+        [answer] = answers  # the call's, and no other
+        assert answer["result"]["isError"] is True
+        assert "the client's answer is malformed" in answer["result"]["content"][0]["text"]
+        assert "the client's answer to request 1 is malformed" in caplog.text

@@ -422,11 +422,15 @@ async def _serve_stdio(
             elif isinstance(message, jsonrpc.Notification):
                 server.handle_notification(session, message)
             else:
-                server.handle_response(session, message)
                 if message.problem is not None:
-                    await channel.send(
-                        jsonrpc.error_message(message.id, jsonrpc.INVALID_REQUEST, message.problem)
+                    # Said here only: JSON-RPC answers no answer, and an error under its id
+                    # would pass for the answer to the client's own request of that id.
+                    log.warning(
+                        "the client's answer to request %r is malformed: %s",
+                        message.id,
+                        message.problem,
                     )
+                server.handle_response(session, message)  # (a malformed one fails its question)
         while queued:  # (the end of a file: what it asked for is yet to start)
             moved.clear()
             await moved.wait()
