@@ -45,6 +45,11 @@ class StdioPeer:
         records = (orjson.loads(e.body) for e in self.runtime.store.read_audit(0, 100_000))
         return [r for r in records if r.get("request_id") == request_id]
 
+    def end_stdin(self) -> None:
+        """Close the server's stdin; a stand-in takes its descriptor, for the fixture's close."""
+        os.close(self.write_fd)
+        self.write_fd = os.open(os.devnull, os.O_WRONLY)
+
     def send_line(self, line: bytes) -> None:
         os.write(self.write_fd, line + b"\n")
 
@@ -624,8 +629,7 @@ async def test_listen_over_stdio_ends_when_cancelled_or_at_the_end_of_stdin(
         }
         peer.send(stateless(6, "tools/list"))
         assert (await peer.receive())["id"] == 6  # "l1" sent nothing after its cancel
-        os.close(peer.write_fd)  # end of stdin: "l2" ends with its result
-        peer.write_fd = os.open(os.devnull, os.O_WRONLY)  # for the fixture's close
+        peer.end_stdin()  # "l2" ends with its result
         ended = await peer.receive()
         assert ended["id"] == "l2"
         assert ended["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "l2"
@@ -836,3 +840,24 @@ async def test_a_malformed_answer_fails_its_question_and_gets_no_answer(
         assert answer["result"]["isError"] is True
         assert "the client's answer is malformed" in answer["result"]["content"][0]["text"]
         assert "the client's answer to request 1 is malformed" in caplog.text
+
+
+@pytest.mark.parametrize("asked", ["before", "after"])
+async def test_at_the_end_of_stdin_questions_to_the_client_fail_at_once(
+    tmp_path: Path, asked: str
+) -> None:
+    # No answer can come once stdin ends: the call waited the 30 s given to running calls,
+    # then was cut off (found by review). A question asked after the end fails too.
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_asked({"elicitation": {}}))
+        await peer.receive()
+        peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        peer.send(call("ask", "faulty_ask_between", {}))
+        while asked == "before" and (await peer.receive()).get("method") != "elicitation/create":
+            pass
+        peer.end_stdin()
+        with anyio.fail_after(5):
+            answer = (await peer.until_id("ask"))[-1]
+        assert "stdin ended: the client can answer no more" in str(answer["result"]["content"])
+        asked = [r for r in peer.audited("ask") if r["verb"] == "client_request"]
+        assert [(r["outcome"], r["code"]) for r in asked] == [("error", "client_request_failed")]

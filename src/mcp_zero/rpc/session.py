@@ -143,6 +143,7 @@ class Session:
     views: dict[str, str] = field(default_factory=dict)  # list versions the client knows of
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False  # ended by DELETE, expiry or shutdown
+    unanswerable: str | None = None  # why no answer from the client can come any more
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -155,7 +156,10 @@ class Session:
         return LOG_RANK.get(level, 0) >= LOG_RANK.get(self.log_level, 1)
 
     def new_request(self) -> tuple[int, asyncio.Future[JSON]]:
-        """Allocate an id for a request to the client and the future its answer resolves."""
+        """Allocate an id for a request to the client and the future its answer resolves;
+        ClientRequestFailed when no answer can come any more."""
+        if self.unanswerable is not None:
+            raise ClientRequestFailed(self.unanswerable)
         request_id = next(self._ids)
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
@@ -196,7 +200,13 @@ class Session:
         self.subscriptions.clear()
         for task in self.inflight.values():
             task.cancel()
+        self.end_answers("the session was closed")
+
+    def end_answers(self, reason: str) -> None:
+        """No answer from the client can come any more (``reason``): the requests to it
+        that wait for one fail now, and those asked later at once."""
+        self.unanswerable = reason
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(ClientRequestFailed("the session was closed"))
+                future.set_exception(ClientRequestFailed(reason))
         self.pending.clear()

@@ -431,6 +431,8 @@ async def _serve_stdio(
                         message.problem,
                     )
                 server.handle_response(session, message)  # (a malformed one fails its question)
+        # Answers come on stdin: the client's questions fail now, not at the wait below.
+        session.end_answers("stdin ended: the client can answer no more")
         while queued:  # (the end of a file: what it asked for is yet to start)
             moved.clear()
             await moved.wait()
@@ -440,7 +442,8 @@ async def _serve_stdio(
             if left := sum(not task.done() for task in tasks):  # (cancelled below)
                 log.warning(
                     "%d request(s) still running, or their answers unread, 30 s after the end "
-                    "of stdin: cancelled, their answers not sent",
+                    "of stdin: cancelled (a running one audited as such, and answered -32001 "
+                    "if the client still reads)",
                     left,
                 )
     finally:
