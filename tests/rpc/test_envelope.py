@@ -7,8 +7,15 @@ from typing import Any
 
 import pytest
 
-from mcp_zero.errors import HeaderMismatch
-from mcp_zero.rpc.envelope import HttpHeaders, check_param_headers, decode_header_value
+from mcp_zero.errors import HeaderMismatch, UnsupportedProtocolVersion
+from mcp_zero.rpc.envelope import (
+    CLIENT_CAPABILITIES,
+    PROTOCOL_VERSION,
+    HttpHeaders,
+    check_param_headers,
+    decode_header_value,
+    open_envelope,
+)
 from mcp_zero.sandbox.manifest import ParamHeader
 
 COUNT = ParamHeader(("count",), "Count", "integer")
@@ -74,3 +81,14 @@ def test_a_repeated_header_is_refused_when_read() -> None:
 )
 def test_header_values_decode(raw: str | None, decoded: str | None) -> None:
     assert decode_header_value(raw) == decoded
+
+
+@pytest.mark.parametrize("version", ["2025-11-25", "2099-01-01"])
+def test_an_envelope_is_told_the_versions_an_envelope_may_name(version: str) -> None:
+    # "2025-11-25" was refused with "this server speaks 2026-07-28, 2025-11-25, …" and
+    # listed as supported: true of initialize, not of an envelope (found by review).
+    params = {"_meta": {PROTOCOL_VERSION: version, CLIENT_CAPABILITIES: {}}}
+    with pytest.raises(UnsupportedProtocolVersion) as info:
+        open_envelope("tools/list", params)
+    assert info.value.data == {"supported": ["2026-07-28"], "requested": version}
+    assert "a request names 2026-07-28 there" in info.value.message

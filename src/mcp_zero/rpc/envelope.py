@@ -80,10 +80,22 @@ def has_envelope(params: JSON) -> bool:
 
 
 def unsupported(requested: str) -> UnsupportedProtocolVersion:
+    """The refusal of an MCP-Protocol-Version header that names a version we do not speak."""
     return UnsupportedProtocolVersion(
         f"protocol version {requested[:100]!r} is not supported; this server speaks "
         f"{', '.join(SUPPORTED_VERSIONS)}",
-        data={"supported": list(SUPPORTED_VERSIONS), "requested": requested},
+        data={"supported": list(SUPPORTED_VERSIONS), "requested": requested[:100]},
+    )
+
+
+def _unsupported_in_envelope(requested: str) -> UnsupportedProtocolVersion:
+    """The refusal of an envelope's version: only 2026-07-28's are valid there (the
+    handshake's are negotiated by initialize, not named in a request)."""
+    return UnsupportedProtocolVersion(
+        f"protocol version {requested[:100]!r} is not supported in params._meta: a request "
+        f"names {', '.join(MODERN_VERSIONS)} there ({', '.join(HANDSHAKE_VERSIONS)} are "
+        "negotiated with initialize)",
+        data={"supported": list(MODERN_VERSIONS), "requested": requested[:100]},
     )
 
 
@@ -112,7 +124,7 @@ def open_envelope(method: str, params: JSON, headers: HttpHeaders | None = None)
             data={"path": f"/_meta/{PROTOCOL_VERSION}"},
         )
     if version not in MODERN_VERSIONS:
-        raise unsupported(version)
+        raise _unsupported_in_envelope(version)
     capabilities = meta[CLIENT_CAPABILITIES]
     if not isinstance(capabilities, dict):
         raise InvalidParams(
