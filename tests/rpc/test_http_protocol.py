@@ -52,6 +52,12 @@ async def session(env: Env) -> McpHttp:
     return client
 
 
+def audited(env: Env, request_id: str) -> list[JSON]:
+    """The audit records of ``request_id``, as committed so far."""
+    records = (orjson.loads(e.body) for e in env.live.runtime.store.read_audit(0, 100_000))
+    return [r for r in records if r.get("request_id") == request_id]
+
+
 def call_message(rid: Any, tool: str, arguments: JSON, token: Any = None) -> bytes:
     params: JSON = {"name": tool, "arguments": arguments}
     if token is not None:
@@ -175,11 +181,7 @@ async def test_delete_during_a_call_answers_the_call_with_an_error(env: Env) -> 
     assert reply.status_code == 200
     assert reply.json()["id"] == "d1"
     assert reply.json()["error"]["code"] == -32001
-    record = [
-        orjson.loads(e.body)
-        for e in env.live.runtime.store.read_audit(0, 100_000)
-        if orjson.loads(e.body).get("request_id") == "d1"
-    ]
+    record = audited(env, "d1")
     assert [r["code"] for r in record] == ["cancelled"]
 
 
@@ -473,6 +475,12 @@ async def test_an_id_in_use_by_a_request_in_flight_is_refused(env: Env) -> None:
     assert "result" in (await client.post(PING_D1)).json()
 
 
+def cancelled_answer(request_id: str) -> JSON:
+    """What the POST of a request cancelled by notifications/cancelled is answered with."""
+    error = {"code": -32800, "message": "Request cancelled", "data": {"code": "cancelled"}}
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
 async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None:
     client = await session(env)
     runtime = env.live.runtime
@@ -484,14 +492,11 @@ async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None
             messages.append(event.message)
             if event.message.get("method") == "notifications/progress":
                 assert (await cancel(client, "c1", "user pressed stop")).status_code == 202
-    # the stream ended without a response to the cancelled request
-    assert [m.get("method") for m in messages] == ["notifications/progress"]
-    assert not any(m.get("id") == "c1" for m in messages)
-    records = [
-        orjson.loads(e.body)
-        for e in runtime.store.read_audit(0, 100_000)
-        if orjson.loads(e.body).get("request_id") == "c1"
-    ]
+    # the stream ended with the answer to its request: cancelled (it ended without one,
+    # and a POST that started no stream got 202: found by review)
+    assert [m.get("method") for m in messages] == ["notifications/progress", None]
+    assert messages[-1] == cancelled_answer("c1")
+    records = audited(env, "c1")
     assert len(records) == 1
     assert records[0]["code"] == "cancelled"
     assert records[0]["outcome"] == "error"
@@ -502,6 +507,29 @@ async def test_notifications_cancelled_stops_an_in_flight_call(env: Env) -> None
     ] == "next"
 
 
+async def test_a_cancelled_call_that_sent_nothing_yet_is_answered_as_json(env: Env) -> None:
+    # Its POST got 202 and no body: a POST carrying a request is answered with JSON or an
+    # SSE stream (streamable HTTP), whatever becomes of the request (found by review).
+    client = await session(env)
+    quotas = env.live.runtime.quotas
+    before = quotas.inflight("proto")
+    async with anyio.create_task_group() as group:
+        replies: list[httpx2.Response] = []
+
+        async def slow_call() -> None:
+            replies.append(await client.post_raw(call_message("c2", "faulty_nap", {"seconds": 5})))
+
+        group.start_soon(slow_call)
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            while quotas.inflight("proto") == before:
+                await anyio.sleep(0.01)
+        assert (await cancel(client, "c2")).status_code == 202
+    [reply] = replies
+    assert (reply.status_code, reply.headers["content-type"]) == (200, "application/json")
+    assert reply.json() == cancelled_answer("c2")
+    assert [r["code"] for r in audited(env, "c2")] == ["cancelled"]
+
+
 async def test_a_call_whose_id_is_the_string_initialize_can_be_cancelled(env: Env) -> None:
     client = await session(env)
     messages: list[JSON] = []
@@ -510,12 +538,9 @@ async def test_a_call_whose_id_is_the_string_initialize_can_be_cancelled(env: En
             if event.data:
                 messages.append(event.message)
                 assert (await cancel(client, "initialize")).status_code == 202
-    assert [m.get("method") for m in messages] == ["notifications/progress"]
-    records = [
-        orjson.loads(e.body)
-        for e in env.live.runtime.store.read_audit(0, 100_000)
-        if orjson.loads(e.body).get("request_id") == "initialize"
-    ]
+    assert [m.get("method") for m in messages] == ["notifications/progress", None]
+    assert messages[-1] == cancelled_answer("initialize")
+    records = audited(env, "initialize")
     assert [(r["verb"], r["code"]) for r in records] == [("call_tool", "cancelled")]
 
 

@@ -108,6 +108,8 @@ _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
 
 
 EPHEMERAL = "ephemeral"  # the id of a throwaway session (a POST without Mcp-Session-Id)
+# The error that answers the POST of a request the client cancelled (as the MCP SDKs answer it)
+REQUEST_CANCELLED = -32800
 # What a throwaway session cannot do: a subscription is a session's, its updates go out on
 # the session's GET stream, and what it holds is given back when the session ends.
 _SESSION_METHODS = frozenset(("resources/subscribe", "resources/unsubscribe"))
@@ -681,20 +683,21 @@ class HttpApp:
         else:
             response = await self.server.handle_request(session, message, channel)
         session.last_seen = time.monotonic()  # idle from the end of a long call, not its start
-        if message.method == "initialize" and response is not None and "error" in response:
+        if response is None:
+            # Cancelled by notifications/cancelled, which MCP answers with nothing; but the
+            # POST of a request is answered with JSON or a stream, and a stream (replayed
+            # too) ends with the answer to its request.
+            response = jsonrpc.error_message(
+                message.id, REQUEST_CANCELLED, "Request cancelled", {"code": "cancelled"}
+            )
+        elif message.method == "initialize" and "error" in response:
             self.sessions.pop(session.id, None)  # a refused initialize opens no session
             session.id = EPHEMERAL  # (and its answer names none)
         stream = channel.stream
         if stream is None:
-            if response is None:  # cancelled before anything was sent
-                await respond(send, 202, b"", [])
-            else:
-                await respond(
-                    send, 200, orjson.dumps(response), JSON_HEADERS + session_header(session)
-                )
+            await respond(send, 200, orjson.dumps(response), JSON_HEADERS + session_header(session))
             return
-        if response is not None:
-            await stream.push(response, wait=True)  # after the call: it holds up no one
+        await stream.push(response, wait=True)  # after the call: it holds up no one
         await channel.finish()
         if session.id == EPHEMERAL:
             session.streams.pop(stream.id, None)  # no session to resume it in: not kept
