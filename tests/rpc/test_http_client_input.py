@@ -279,6 +279,9 @@ async def sampled_with(env: Env, rid: str, answer: bytes) -> tuple[str, float]:
                 )
                 malformed = answer.lstrip()[:1] not in (b"{", b"n") or b'"error"' in answer
                 assert posted.status_code == (400 if malformed else 202)
+                if malformed:  # an error that answers no request: no id (found by review)
+                    assert posted.json()["id"] is None
+                    assert posted.json()["error"]["data"]["code"] == "invalid_request"
                 start = anyio.current_time()
                 final = [e.message async for e in events if e.data][-1]
     assert final["id"] == rid

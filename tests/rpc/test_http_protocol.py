@@ -181,6 +181,7 @@ async def test_delete_during_a_call_answers_the_call_with_an_error(env: Env) -> 
     assert reply.status_code == 200
     assert reply.json()["id"] == "d1"
     assert reply.json()["error"]["code"] == -32001
+    assert reply.json()["error"]["data"] == {"code": "session_ended"}
     record = audited(env, "d1")
     assert [r["code"] for r in record] == ["cancelled"]
 

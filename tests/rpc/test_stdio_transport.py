@@ -167,7 +167,11 @@ async def test_a_line_over_the_limit_is_dropped_whole_with_one_error(tmp_path: P
         await asyncio.to_thread(write_all, peer.write_fd, hidden + b"\n" + huge + b"\n")
         peer.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
         answers = await peer.until_id(8)
-        over = {"code": -32600, "message": f"message over {MAX_LINE} bytes"}
+        over = {
+            "code": -32600,
+            "message": f"message over {MAX_LINE} bytes",
+            "data": {"code": "payload_too_large"},  # (it had none: found by review)
+        }
         assert [(a["id"], a.get("error")) for a in answers] == [
             (None, over),
             (None, over),
@@ -797,7 +801,11 @@ async def test_initialize_on_a_stateless_stdio_connection_names_what_it_serves(
         peer.send(initialize_message(2, "2025-11-25"))
         refused = (await peer.receive())["error"]
         assert refused["code"] == -32022
-        assert refused["data"] == {"supported": ["2026-07-28"], "requested": "2025-11-25"}
+        assert refused["data"] == {
+            "supported": ["2026-07-28"],
+            "requested": "2025-11-25",
+            "code": "unsupported_protocol_version",  # (it had none: found by review)
+        }
 
 
 async def test_a_cancel_naming_an_object_or_a_list_is_ignored(tmp_path: Path) -> None:

@@ -102,6 +102,7 @@ _ERROR_STATUS = {
 }
 
 _MediaHeaders = tuple[bytes | None, bytes | None, bytes | None]
+_MEDIA_REFUSALS = {406: "not_acceptable", 415: "unsupported_media_type"}  # data.code by status
 # Verdicts by (Content-Type, Content-Encoding, Accept): a client sends the same ones on every
 # call, and parsing Accept each time was ~1 µs of the hot path. Bounded: cleared when full.
 _media_verdicts: dict[_MediaHeaders, tuple[int, str] | None] = {}
@@ -236,7 +237,10 @@ async def _unknown_session(send: Send, request_id: Any) -> None:
         send,
         404,
         jsonrpc.error_message(
-            request_id, -32001, "unknown or expired session: initialize a new one"
+            request_id,
+            -32001,
+            "unknown_session",
+            "unknown or expired session: initialize a new one",
         ),
     )
 
@@ -421,6 +425,7 @@ class HttpApp:
                     jsonrpc.error_message(
                         None,
                         -32600,
+                        "forbidden_origin",
                         "request refused: Host/Origin is not an allowed origin of this server "
                         "(DNS-rebinding protection); add it to allowed_origins if it is yours",
                     ),
@@ -595,7 +600,9 @@ class HttpApp:
         self.runtime.metrics.observe_stage("auth", time.perf_counter() - t0)
         refused = _unreadable_post(scope)
         if refused is not None:
-            await respond_json(send, refused[0], jsonrpc.error_message(None, -32600, refused[1]))
+            status, reason = refused
+            answer = jsonrpc.error_message(None, -32600, _MEDIA_REFUSALS[status], reason)
+            await respond_json(send, status, answer)
             return
         try:
             message = jsonrpc.decode(body)
@@ -632,7 +639,10 @@ class HttpApp:
                     send,
                     503,
                     jsonrpc.error_message(
-                        message.id, -32000, "too many open sessions; retry later"
+                        message.id,
+                        -32000,
+                        "too_many_sessions",
+                        "too many open sessions; retry later",
                     ),
                 )
                 return
@@ -660,9 +670,8 @@ class HttpApp:
         if isinstance(message, jsonrpc.Response):
             self.server.handle_response(session, message)
             if message.problem is not None:
-                malformed = jsonrpc.error_message(
-                    message.id, jsonrpc.INVALID_REQUEST, message.problem
-                )
+                # (the transport's error for an answer has no id: it answers no request)
+                malformed = jsonrpc.error_from_exception(None, InvalidRequest(message.problem))
                 await respond_json(send, 400, malformed)
             else:
                 await respond(send, 202, b"", [])
@@ -688,7 +697,7 @@ class HttpApp:
             # POST of a request is answered with JSON or a stream, and a stream (replayed
             # too) ends with the answer to its request.
             response = jsonrpc.error_message(
-                message.id, REQUEST_CANCELLED, "Request cancelled", {"code": "cancelled"}
+                message.id, REQUEST_CANCELLED, "cancelled", "Request cancelled"
             )
         elif message.method == "initialize" and "error" in response:
             self.sessions.pop(session.id, None)  # a refused initialize opens no session
@@ -794,7 +803,10 @@ class HttpApp:
                     send,
                     404,
                     jsonrpc.error_message(
-                        None, -32001, f"no stream to resume for Last-Event-ID {last[:100]!r}"
+                        None,
+                        -32001,
+                        "unknown_stream",
+                        f"no stream to resume for Last-Event-ID {last[:100]!r}",
                     ),
                 )
                 return
@@ -814,7 +826,9 @@ class HttpApp:
             await respond_json(
                 send,
                 409,
-                jsonrpc.error_message(None, -32600, "this session already has an open GET stream"),
+                jsonrpc.error_message(
+                    None, -32600, "conflict", "this session already has an open GET stream"
+                ),
             )
             return
         if previous is not None:  # not resumed: what it kept for a resume is not wanted
@@ -892,7 +906,9 @@ class HttpApp:
         session_id = header(scope, b"mcp-session-id")
         if session_id is None:
             message = "this request needs the Mcp-Session-Id header of an initialized session"
-            await respond_json(send, 400, jsonrpc.error_message(None, -32600, message))
+            await respond_json(
+                send, 400, jsonrpc.error_message(None, -32600, "invalid_request", message)
+            )
             return None
         session = self.sessions.get(session_id)
         if session is None or not _owns(session, principal):

@@ -120,18 +120,19 @@ def result_message(msg_id: RequestId, result: JSON) -> JSON:
     return {"jsonrpc": "2.0", "id": msg_id, "result": result}
 
 
-def error_message(msg_id: RequestId | None, code: int, message: str, data: Any = None) -> JSON:
-    error: JSON = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
+def error_message(
+    msg_id: RequestId | None, rpc_code: int, code: str, message: str, data: JSON | None = None
+) -> JSON:
+    """An error response; its ``data`` carries ``code``, the stable name of the error (as
+    :class:`McpZeroError`'s), whatever else it carries."""
+    error: JSON = {"code": rpc_code, "message": message, "data": {**(data or {}), "code": code}}
     return {"jsonrpc": "2.0", "id": msg_id, "error": error}
 
 
 def error_from_exception(msg_id: RequestId | None, exc: McpZeroError) -> JSON:
     data = dict(exc.data) if exc.data else {}
     data.pop("id", None)
-    data["code"] = exc.code
-    return error_message(msg_id, exc.rpc_code, exc.message, data)
+    return error_message(msg_id, exc.rpc_code, exc.code, exc.message, data)
 
 
 def error_id(exc: McpZeroError) -> RequestId | None:

@@ -22,12 +22,12 @@ from mcp_zero.errors import (
     SERVER_STOPPING,
     SHUTTING_DOWN,
     UNAUTHORIZED,
-    UNSUPPORTED_PROTOCOL_VERSION,
     InvalidParams,
     InvalidRequest,
     McpZeroError,
     MethodNotFound,
     QuotaExceeded,
+    UnsupportedProtocolVersion,
 )
 from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import Kernel, completion_arguments, normal_uri
@@ -329,11 +329,11 @@ class McpServer:
                 )
             # stdio: this connection chose 2026-07-28 with its first request (as the SDKs)
             asked = request.params.get("protocolVersion")
-            return jsonrpc.error_message(
+            return jsonrpc.error_from_exception(
                 request.id,
-                UNSUPPORTED_PROTOCOL_VERSION,
-                how,
-                {"supported": list(MODERN_VERSIONS), "requested": str(asked)[:100]},
+                UnsupportedProtocolVersion(
+                    how, data={"supported": list(MODERN_VERSIONS), "requested": str(asked)[:100]}
+                ),
             )
         try:
             envelope = open_envelope(request.method, request.params, headers)
@@ -442,6 +442,7 @@ class McpServer:
                 return jsonrpc.error_message(
                     request.id,
                     SERVER_STOPPING,
+                    "server_stopping",
                     "the server is shutting down and stopped this request; retry it",
                 )
             if task is not None and task.cancelling() and session.closed:
@@ -451,6 +452,7 @@ class McpServer:
                 return jsonrpc.error_message(
                     request.id,
                     UNAUTHORIZED,
+                    "session_ended",
                     "the session ended (or its agent was terminated) while this request was "
                     "running",
                 )
@@ -458,7 +460,7 @@ class McpServer:
         except Exception as exc:  # a bug of ours must not kill the session
             self.kernel.log_internal_error(request.method, exc)
             return jsonrpc.error_message(
-                request.id, INTERNAL_ERROR, f"internal error handling {request.method}"
+                request.id, INTERNAL_ERROR, "internal", f"internal error handling {request.method}"
             )
         finally:
             if session.inflight.get(request.id) is task:

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO, cast
 
-from mcp_zero.errors import InvalidRequest, Unauthorized
+from mcp_zero.errors import InvalidRequest, PayloadTooLarge, Unauthorized
 from mcp_zero.fdio import write_all
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import STOP_SIGNALS, jsonrpc
@@ -399,11 +399,8 @@ async def _serve_stdio(
             except asyncio.LimitOverrunError as exc:  # a line over MAX_LINE: dropped whole
                 await _skip_line(reader, exc.consumed)
                 wanted.clear()
-                await channel.send(
-                    jsonrpc.error_message(
-                        None, jsonrpc.INVALID_REQUEST, f"message over {MAX_LINE} bytes"
-                    )
-                )
+                too_large = PayloadTooLarge(f"message over {MAX_LINE} bytes")
+                await channel.send(jsonrpc.error_from_exception(None, too_large))
                 continue
             wanted.clear()
             if not line:
