@@ -594,3 +594,21 @@ async def test_spawn_and_recover_do_not_grant_a_plugin_the_policy_forbids_to_att
 
 def _nested(levels: int) -> bytes:
     return b'{"a":' * levels + b"1" + b"}" * levels
+
+
+async def test_an_integer_past_64_bits_is_400_naming_where_not_a_float(admin: Admin) -> None:
+    # It was read as a float: a state stored as 1.2345678901234568e+29, arguments passed to
+    # the plugin changed (found by review).
+    wide = b"123456789012345678901234567890"
+    spawned = await admin.call(
+        "POST", "/agents", content=b'{"name": "wide", "state": {"n": %s}}' % wide
+    )
+    assert spawned.status_code == 400, spawned.text
+    assert spawned.json()["error"]["data"] == {"path": "/state/n"}
+    assert "integer past 64 bits" in spawned.json()["error"]["message"]
+    assert (await admin.call("GET", "/agents/wide")).status_code == 404  # not created
+    await admin.call("POST", "/agents", {"name": "wide", "plugins": ["faulty"]})
+    body = b'{"tool": "faulty_echo", "arguments": {"text": "x", "n": %s}}' % wide
+    executed = await admin.call("POST", "/agents/wide/execute", content=body)
+    assert executed.status_code == 400, executed.text
+    assert executed.json()["error"]["data"] == {"path": "/arguments/n"}

@@ -5,6 +5,7 @@ answered as what they are (unknown ids, unsupported versions), never with a 500.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,11 @@ async def sampled_with(env: Env, rid: str, answer: bytes) -> tuple[str, float]:
                 posted = await client.post_raw(
                     b'{"jsonrpc":"2.0","id":%d,"result":%s}' % (ask["id"], answer)
                 )
-                malformed = answer.lstrip()[:1] not in (b"{", b"n") or b'"error"' in answer
+                malformed = (
+                    answer.lstrip()[:1] not in (b"{", b"n")
+                    or b'"error"' in answer
+                    or b"%d" % WIDE in answer
+                )
                 assert posted.status_code == (400 if malformed else 202)
                 if malformed:  # an error that answers no request: no id (found by review)
                     assert posted.json()["id"] is None
@@ -320,6 +325,39 @@ async def test_a_sampling_result_that_is_no_object_fails_its_question_at_once(
     assert took < 5  # not the plugin's timeout
     asked = [r for r in records_of(env.live, rid) if r["verb"] == "client_request"]
     assert [r["code"] for r in asked] == ["client_request_failed"]
+
+
+WIDE = 18446744073709551617  # 2**64 + 1: orjson reads it as a float
+
+
+@pytest.mark.parametrize("version", ["2025-11-25", V2026])
+async def test_an_integer_past_64_bits_is_32602_not_a_float(env: Env, version: str) -> None:
+    # It reached the plugin as 1.8446744073709552e19 (found by review)
+    params: JSON = {"name": "faulty_echo", "arguments": {"text": "x", "n": WIDE}}
+    client = env.live.client(env.token)
+    headers: dict[str, str] = {}
+    if version == V2026:
+        params["_meta"] = IR_META
+        headers = {**IR_HEADERS, "Mcp-Name": "faulty_echo"}
+    else:
+        await client.initialize(version)
+    rid = f"wide-{version}"
+    body = json.dumps(request(rid, "tools/call", params)).encode()  # (orjson writes no such)
+    response = await client.post_raw(body, **headers)
+    assert response.status_code == 400, response.text
+    error = error_of(response.json())
+    assert (error["code"], error["data"]["path"]) == (-32602, "/arguments/n")
+    assert "integer past 64 bits" in error["message"]
+    assert response.json()["id"] == rid
+
+
+async def test_a_sampling_answer_with_an_integer_past_64_bits_fails_its_question(
+    env: Env,
+) -> None:
+    answer = b'{"role":"assistant","model":"m","content":{"type":"text","text":"x"},"n":%d}'
+    text, took = await sampled_with(env, "wide-sampling", answer % WIDE)
+    assert "integer past 64 bits" in text
+    assert took < 5
 
 
 IR_TOOL = "test_input_required_result_sampling"

@@ -45,6 +45,7 @@ from mcp_zero.errors import (
     Unauthorized,
 )
 from mcp_zero.kernel.agents import agent_view, recovery_view
+from mcp_zero.rpc.jsonrpc import WIDE_INTEGER, wide_integer
 from mcp_zero.rpc.session import Session
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.security.tokens import hash_token
@@ -157,6 +158,11 @@ class AdminApi:
                     payload: Any = orjson.loads(body) if body.strip() else {}
                     if not isinstance(payload, dict):
                         raise InvalidRequest("the request body must be a JSON object")
+                    if (where := wide_integer(body)) is not None:  # (read as a float: changed)
+                        raise InvalidRequest(
+                            f"the value at {where} in the request body {WIDE_INTEGER}",
+                            data={"path": where},
+                        )
                     _check_fields(payload, fields)
                     return await route(match, payload, parse_qs(query))
             raise NotFound(f"no admin route {method} /api/v1{path}")
