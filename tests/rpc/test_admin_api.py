@@ -612,3 +612,31 @@ async def test_an_integer_past_64_bits_is_400_naming_where_not_a_float(admin: Ad
     executed = await admin.call("POST", "/agents/wide/execute", content=body)
     assert executed.status_code == 400, executed.text
     assert executed.json()["error"]["data"] == {"path": "/arguments/n"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/agents/default", "GET, HEAD, DELETE, OPTIONS"),
+        ("PATCH", "/agents", "GET, HEAD, POST, OPTIONS"),
+        ("GET", "/agents/someone/execute", "POST, OPTIONS"),
+    ],
+)
+async def test_a_method_a_route_does_not_take_is_405_with_what_it_takes(
+    admin: Admin, method: str, path: str, allow: str
+) -> None:
+    # It was 404 "no admin route", as if the path were unknown (found by review)
+    response = await admin.call(method, path)
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == allow
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    options = await admin.call("OPTIONS", path)
+    assert (options.status_code, options.headers["allow"], options.content) == (204, allow, b"")
+
+
+async def test_head_on_an_admin_route_is_its_get_without_the_body(admin: Admin) -> None:
+    got = await admin.call("GET", "/plugins")
+    head = await admin.call("HEAD", "/plugins")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers["content-length"] == str(len(got.content))

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from mcp_zero.storage.base import AuditEntry
 
 JSON = dict[str, Any]
+Headers = list[tuple[bytes, bytes]]
 AUDIT_PAGE_MAX = 10_000  # records one GET /audit returns at most
 Route = Callable[[re.Match[str], JSON, dict[str, list[str]]], Awaitable[tuple[int, Any]]]
 
@@ -73,6 +74,14 @@ def _check_fields(payload: JSON, fields: frozenset[str]) -> None:
         takes = f"it takes {', '.join(sorted(fields))}" if fields else "it takes no body"
         shown = ", ".join(repr(f[:64]) for f in unknown[:10])
         raise InvalidRequest(f"unknown field(s) {shown} in the request body: {takes}")
+
+
+def _allowed(methods: list[str]) -> str:
+    """The Allow header of a path whose routes take ``methods``: HEAD with GET, and OPTIONS."""
+    allowed: list[str] = []
+    for method in methods:
+        allowed += ("GET", "HEAD") if method == "GET" else (method,)
+    return ", ".join([*allowed, "OPTIONS"])
 
 
 class _NoBridge:
@@ -144,17 +153,24 @@ class AdminApi:
 
     async def handle(
         self, method: str, path: str, authorization: str | None, body: bytes, query: str
-    ) -> tuple[int, Any]:
-        """Route one admin request; returns (HTTP status, JSON body)."""
+    ) -> tuple[int, Any, Headers]:
+        """Route one admin request; returns (HTTP status, JSON body or None for none, headers
+        to add). HEAD is run as GET (the HTTP server sends no body); OPTIONS is answered with
+        the methods the path takes, and a method it does not take 405 with them (RFC 9110)."""
         try:
             try:
                 self.check_admin(authorization)
             except Unauthorized:
                 self.runtime.metrics.count_unauthorized("admin")
                 raise
+            asked = "GET" if method == "HEAD" else method
+            taken: list[str] = []  # the methods of the routes of this path
             for verb, pattern, route, fields in self._routes:
                 match = pattern.match(path)
-                if match and verb == method:
+                if match is None:
+                    continue
+                taken.append(verb)
+                if verb == asked:
                     payload: Any = orjson.loads(body) if body.strip() else {}
                     if not isinstance(payload, dict):
                         raise InvalidRequest("the request body must be a JSON object")
@@ -164,12 +180,19 @@ class AdminApi:
                             data={"path": where},
                         )
                     _check_fields(payload, fields)
-                    return await route(match, payload, parse_qs(query))
-            raise NotFound(f"no admin route {method} /api/v1{path}")
+                    status, answer = await route(match, payload, parse_qs(query))
+                    return status, answer, []
+            if not taken:
+                raise NotFound(f"no admin route {method} /api/v1{path}")
+            allow = [(b"allow", _allowed(taken).encode())]
+            if method == "OPTIONS":
+                return 204, None, allow
+            message = f"/api/v1{path} takes {_allowed(taken)}, not {method[:20]}"
+            return 405, {"error": {"code": "method_not_allowed", "message": message}}, allow
         except orjson.JSONDecodeError as exc:
-            return 400, {"error": {"code": "parse_error", "message": f"invalid JSON: {exc}"}}
+            return 400, {"error": {"code": "parse_error", "message": f"invalid JSON: {exc}"}}, []
         except McpZeroError as exc:
-            return exc.http_status, {"error": exc.to_dict()}
+            return exc.http_status, {"error": exc.to_dict()}, []
 
     def check_admin(self, authorization: str | None, what: str = "the admin API") -> None:
         """Raise Unauthorized unless ``authorization`` (the header) carries the admin token;

@@ -507,7 +507,7 @@ class HttpApp:
                 await respond_json(send, error.http_status, {"error": error.to_dict()})
                 return
             try:
-                status, payload = await self.admin.handle(
+                status, payload, headers = await self.admin.handle(
                     method,
                     path[len("/api/v1") :],
                     header(scope, b"authorization"),
@@ -523,7 +523,13 @@ class HttpApp:
                 task.uncancel()
                 message = "the server is shutting down and stopped this request; retry it"
                 status, payload = 503, {"error": {"code": "server_stopping", "message": message}}
-            await respond_json(send, status, payload, CHALLENGE if status == 401 else [])
+                headers = []
+            if status == 401:
+                headers = CHALLENGE
+            if payload is None:  # (204)
+                await respond(send, status, b"", headers)
+            else:
+                await respond_json(send, status, payload, headers)
         else:
             await respond_json(
                 send, 404, {"error": {"code": "not_found", "message": f"no route {path}"}}
