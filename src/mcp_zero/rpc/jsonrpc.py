@@ -101,10 +101,16 @@ def wide_integer(body: bytes, member: str | None = None) -> str | None:
     to that); None where it holds none."""
     if body.translate(_AS_DIGITS).find(_LONG_RUN) < 0:
         return None
+    # Read again by json's C scanner, calling back for each integer only: a body of digits
+    # in strings (a client's, up to max_body_bytes) is not walked in Python to find none
     try:
-        exact: Any = json.loads(body)
+        json.loads(body, parse_int=_exact_int)
+        return None
+    except _WideInteger:
+        pass
     except (ValueError, RecursionError):
         return None  # (orjson read it: nested deeper than json reads, refused for that later)
+    exact: Any = json.loads(body)
     if member is not None:
         exact = exact.get(member) if isinstance(exact, dict) else None
     low, high = _READ_EXACTLY
@@ -118,6 +124,17 @@ def wide_integer(body: bytes, member: str | None = None) -> str | None:
         elif isinstance(value, list):
             stack.extend((f"{path}/{index}", item) for index, item in enumerate(value))
     return None
+
+
+class _WideInteger(Exception):
+    """An integer past 64 bits, met while reading a body again (``_exact_int``)."""
+
+
+def _exact_int(text: str) -> int:
+    value = int(text)
+    if not _READ_EXACTLY[0] <= value <= _READ_EXACTLY[1]:
+        raise _WideInteger
+    return value
 
 
 def _pointer_step(key: str) -> str:
