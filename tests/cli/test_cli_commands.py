@@ -366,6 +366,22 @@ def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
     assert audited[-1]["not_restored"] == [{"plugin": "notes", "reason": reason}]
 
 
+def test_recover_prints_a_reason_with_control_characters_escaped(data_dir: Path) -> None:
+    # the one text output left unescaped (found by review)
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    snap = as_json(data_dir, "agent", "snapshot", "ada")
+    (data_dir / "policies" / "no-notes.cedar").write_text(
+        '@id("no-notes-attach")\n'
+        '@reason("notes is \\u{1b}[31mbanned")\n'
+        'forbid (principal, action == Action::"attach_plugin", resource)\n'
+        'when { context has plugin && context.plugin == "notes" };\n'
+    )
+    said = run(data_dir, "agent", "recover", snap["snapshot_id"]).stdout
+    assert "\x1b" not in said
+    assert r"notes is \x1b[31mbanned" in said
+
+
 def test_create_with_a_plugin_the_policy_forbids_to_attach_is_refused(data_dir: Path) -> None:
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     (data_dir / "policies" / "no-notes.cedar").write_text(

@@ -221,6 +221,8 @@ async def test_execute_is_governed_and_audited(admin: Admin) -> None:
         ("GET", "/audit?after=%20%2040", None, 400, "invalid_request"),
         ("GET", "/audit?after=%EF%BC%94%EF%BC%90", None, 400, "invalid_request"),
         ("GET", "/audit?limit=1_0", None, 400, "invalid_request"),
+        ("GET", "/audit?after=&limit=2", None, 400, "invalid_request"),  # (was the default)
+        ("GET", "/audit?after=1&after=x", None, 400, "invalid_request"),  # (was the first)
     ],
 )
 async def test_admin_errors_have_status_and_code(

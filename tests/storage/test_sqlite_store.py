@@ -331,6 +331,49 @@ def test_an_audit_row_edited_to_hold_anything_is_read_and_fails_verification(
     assert caught.value.seq == 3
 
 
+# The table re-created without its types and constraints: anyone who can edit the file can
+LOOSE_AUDIT = """
+CREATE TABLE audit_loose (seq, ts, body, prev_hash, hash);
+INSERT INTO audit_loose SELECT seq, ts, body, prev_hash, hash FROM audit;
+DROP TABLE audit;
+ALTER TABLE audit_loose RENAME TO audit;
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "read_seqs"),
+    [
+        ("body = NULL", [1, 2, 3]),
+        ("hash = NULL", [1, 2, 3]),
+        ("prev_hash = NULL", [1, 2, 3]),
+        ("seq = 'x' || char(27) || '[2Kok: 3 records'", [1, 2]),  # (text sorts last)
+        ("seq = 3.5", [1, 2]),
+        ("seq = NULL", [1, 2]),
+    ],
+)
+def test_an_audit_table_re_created_without_types_is_read_and_fails_verification(
+    db: Path, store: SqliteStore, edit: str, read_seqs: list[int]
+) -> None:
+    # NULL hashes and bodies were AttributeError/TypeError tracebacks in verify, list and the
+    # server's start; a text seq became the head (text sorts after numbers) and crashed them,
+    # and was printed raw: a terminal showed the line it held (found by review)
+    prev = GENESIS
+    for seq in (1, 2, 3):
+        body = canonical({"n": seq, "ts": float(seq)})
+        entry = AuditEntry(seq, float(seq), body, prev, chain_hash(prev, body))
+        store.append_audit_batch([entry])
+        prev = entry.hash
+    with contextlib.closing(sqlite3.connect(db)) as raw, raw:
+        raw.executescript(LOOSE_AUDIT)
+        raw.execute(f"UPDATE audit SET {edit} WHERE seq = 3")
+    read = store.read_audit()
+    assert [entry.seq for entry in read] == read_seqs
+    assert store.audit_head() == read[-1]
+    with pytest.raises(ChainBroken) as caught:
+        verify_store(store)
+    assert caught.value.seq == 3
+
+
 def test_audit_batch_is_all_or_nothing(store: SqliteStore) -> None:
     store.append_audit_batch([_entry(1)])
     with pytest.raises(StorageError, match="only one process may append"):

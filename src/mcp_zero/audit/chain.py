@@ -120,6 +120,13 @@ def verify_store(store: Store, *, page: int = 10_000) -> ChainReport:
     lowest = store.lowest_audit_seq()
     if lowest is not None and lowest < 1:
         raise ChainBroken(lowest, "entry outside the chain, which starts at seq 1")
+    outside = store.audit_rows_outside()
+    if outside:
+        head = store.audit_head()
+        raise ChainBroken(
+            head.seq + 1 if head is not None else 1,
+            f"{outside} row(s) whose seq is not an integer, outside the chain",
+        )
     report = ChainReport(count=0, head_seq=0, head_hash=GENESIS)
     while True:
         batch = store.read_audit(after_seq=report.head_seq, limit=page)

@@ -471,11 +471,13 @@ class AuditLog:
         seq = head.seq + 1 if head is not None else 1
         try:
             prev = bytes.fromhex(prev_hex)
-        except ValueError:  # (no append could follow it: say so, not "free space")
+        except ValueError:
+            prev = b""
+        if len(prev) != 32:  # (no append could follow it: say so, not "free space")
             raise StorageError(
                 f"{_DAMAGED} (seq {seq - 1}) is damaged: its hash {prev_hex[:80]!r} is not a "
                 "SHA-256 in hex, so no record can follow it; 'mcp0 audit verify' tells more"
-            ) from None
+            )
         entries = []
         for pending in batch:
             digest = hashlib.sha256(prev + pending.body).digest()

@@ -427,8 +427,11 @@ def agent_recover(
 
     with _runtime(config_file, data_dir) as rt:
         view = recovery_view(asyncio.run(rt.agents.recover(snapshot_id, via="cli")))
-    lines = [f"agent {view['name']} recovered from {snapshot_id}"]
-    lines += [f"not attached again: {n['plugin']}: {n['reason']}" for n in view["not_restored"]]
+    lines = [f"agent {_escaped(view['name'])} recovered from {_escaped(snapshot_id)}"]
+    lines += [
+        f"not attached again: {_escaped(n['plugin'])}: {_escaped(n['reason'])}"
+        for n in view["not_restored"]
+    ]
     _out(as_json, view, "\n".join(lines))
 
 
@@ -631,7 +634,7 @@ def audit_verify(config_file: Path | None, data_dir: Path | None, as_json: bool)
             _out(
                 as_json,
                 {"ok": False, "seq": exc.seq, "reason": exc.reason},
-                f"BROKEN at seq {exc.seq}: {exc.reason}",
+                f"BROKEN at seq {_escaped(exc.seq)}: {_escaped(exc.reason)}",
             )
             sys.exit(2)
     _out(

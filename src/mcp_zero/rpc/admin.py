@@ -180,7 +180,9 @@ class AdminApi:
                             data={"path": where},
                         )
                     _check_fields(payload, fields)
-                    status, answer = await route(match, payload, parse_qs(query))
+                    # (blank values kept: "after=" is refused, not taken for absent)
+                    query_params = parse_qs(query, keep_blank_values=True)
+                    status, answer = await route(match, payload, query_params)
                     return status, answer, []
             if not taken:
                 raise NotFound(f"no admin route {method} /api/v1{path}")
@@ -350,7 +352,10 @@ class AdminApi:
 def _whole_number(q: dict[str, list[str]], name: str, default: str) -> int:
     """Query parameter ``name`` (``default`` if absent), in decimal digits only: int() also
     takes "1_0", " 40" and other scripts' digits, which no client means as a number."""
-    text = q.get(name, [default])[0]
+    given = q.get(name, [default])
+    if len(given) > 1:
+        raise InvalidRequest(f"{name} is given {len(given)} times; give it once")
+    text = given[0]
     if not (text.isascii() and text.isdigit()):
         raise InvalidRequest(f"{name} must be a whole number in the digits 0-9, not {text!r}")
     digits = text.lstrip("0")

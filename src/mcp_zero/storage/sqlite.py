@@ -86,13 +86,16 @@ _SNAPSHOTS_OF_AGENT = (
 )
 _INSERT_AUDIT = "INSERT INTO audit (seq, ts, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?)"
 # A row as written or as a hand edit left it: the body and the hashes as bytes whatever they
-# hold (a number as its text, TEXT as it is even if not UTF-8, which sqlite3 fails to decode),
-# and so is a ts that is not a number: verification reports the row instead of the read failing.
+# hold (a number as its text, TEXT as it is even if not UTF-8, which sqlite3 fails to decode,
+# NULL as none), and so is a ts that is not a number: verification reports the row instead of
+# the read failing. Only rows whose seq is an integer are in the chain: one of another type
+# (a table re-created without its types) is counted by audit_rows_outside.
 _AUDIT_ROW = (
     "SELECT seq, CASE typeof(ts) WHEN 'real' THEN ts ELSE CAST(ts AS BLOB) END,"
-    " CAST(body AS BLOB), CAST(prev_hash AS BLOB), CAST(hash AS BLOB) FROM audit"
+    " coalesce(CAST(body AS BLOB), X''), coalesce(CAST(prev_hash AS BLOB), X''),"
+    " coalesce(CAST(hash AS BLOB), X'') FROM audit WHERE typeof(seq) = 'integer'"
 )
-_AUDIT_AFTER = _AUDIT_ROW + " WHERE seq > ? ORDER BY seq LIMIT ?"
+_AUDIT_AFTER = _AUDIT_ROW + " AND seq > ? ORDER BY seq LIMIT ?"
 _AUDIT_HEAD = _AUDIT_ROW + " ORDER BY seq DESC LIMIT 1"
 _SQLITE_BUSY = 5  # the primary result code of a lock another connection holds
 
@@ -479,9 +482,20 @@ class SqliteStore:
     def lowest_audit_seq(self) -> int | None:
         """The lowest seq in the audit table, or None for an empty log. The chain starts at
         1: a row below (added by hand) is outside it, where reading from seq 0 finds none."""
-        rows = self._query("read audit log", "SELECT min(seq) FROM audit")
+        rows = self._query(
+            "read audit log", "SELECT min(seq) FROM audit WHERE typeof(seq) = 'integer'"
+        )
         lowest: int | None = rows[0][0]
         return lowest
+
+    def audit_rows_outside(self) -> int:
+        """Audit rows whose seq is no integer (NULL, text, a number with a fraction: a
+        table re-created without its types, by hand), which no reading of the chain meets."""
+        rows = self._query(
+            "read audit log", "SELECT count(*) FROM audit WHERE typeof(seq) != 'integer'"
+        )
+        count: int = rows[0][0]
+        return count
 
     # internals
 
