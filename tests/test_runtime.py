@@ -282,6 +282,9 @@ def test_a_first_start_killed_midway_is_finished_by_the_next_start(tmp_path: Pat
     again = serve_once(data_dir)  # done once: never again
     assert again["plugins_installed"] == []
     assert "agent" not in again
+    assert again["admin_api_open"] is True
+    (data_dir / "admin.token").unlink()  # closed: and a script can tell (found by review)
+    assert serve_once(data_dir)["admin_api_open"] is False
 
 
 def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(

@@ -194,6 +194,7 @@ def _announce(
         "url": url,
         "data_dir": str(settings.data_dir),
         "admin_token_file": str(settings.admin_token_path),
+        "admin_api_open": not admin_closed,  # (a removed token stays removed: closed)
         "plugins_installed": installed,
     }
     if token:
