@@ -621,6 +621,38 @@ async def test_a_change_a_command_recorded_first_is_not_recorded_again_by_the_se
     ]
 
 
+@pytest.mark.anyio
+async def test_a_set_a_command_recorded_and_that_was_changed_back_is_followed_by_the_set_in_force(
+    tmp_path: Path,
+) -> None:
+    # A command recorded a policy set the server never saw (the file was removed again before
+    # it looked): the log's last word said it governed, while the server decided under its
+    # own (found by review). The server records its set again.
+    settings = load_settings(None, {"data_dir": tmp_path / "data", "examples": False}, environ={})
+    server = Runtime(settings)  # (not started: its watcher's steps are taken here)
+    try:
+        server.record_what_governs()
+        in_force = server.policy.engine.digest
+        extra = settings.policy_dir / "extra.cedar"
+        extra.write_text('@id("extra")\npermit (principal, action, resource) when { false };\n')
+        command = Runtime(settings)
+        command.record_what_governs(by="mcp0 agent snapshot")
+        command.close()
+        extra.unlink()
+        assert not await server.refresh_policies()
+        assert not await server.refresh_policies()  # (nothing new the second time)
+        bodies = [orjson.loads(e.body) for e in server.store.read_audit(0, 1000)]
+    finally:
+        await server.aclose()
+    loads = [b for b in bodies if b["verb"] == LOAD_POLICIES]
+    assert [(b.get("found_by_command"), b.get("restated")) for b in loads] == [
+        (None, None),
+        ("mcp0 agent snapshot", None),
+        (None, True),
+    ]
+    assert loads[-1]["policies_sha256"] == in_force
+
+
 class _ReadBackStore(SqliteStore):
     """A store that notes how many entries each read_audit asks for."""
 

@@ -537,6 +537,8 @@ class Runtime:
             )
             return False
         if engine is None:
+            if self.policy.files_in_force:
+                await self._restate_policies(resource)
             return False
         detail = {"policies_sha256": engine.digest, "generation": self.policy.generation + 1}
         try:
@@ -559,6 +561,27 @@ class Runtime:
         self.policy.put_in_force(engine)
         log.info("policy files changed: %d policies in force (%s)", len(engine.policies), resource)
         return True
+
+    async def _restate_policies(self, resource: str) -> None:
+        """Record the set in force again if the log's last word on the policies is another
+        set: one a command recorded, changed back before this server looked (the log said it
+        governed, while this server decided under its own: found by review)."""
+        in_force = self.policy.engine.digest
+        recorded = await asyncio.to_thread(self.store.recorded, POLICIES_RECORDED)
+        if recorded is None or recorded == in_force:
+            return
+        detail = {"policies_sha256": in_force, "generation": self.policy.generation}
+        try:
+            await asyncio.to_thread(
+                self._record_file,
+                LOAD_POLICIES,
+                resource,
+                Outcome.ALLOWED,
+                {**detail, "restated": True},
+                (POLICIES_RECORDED, in_force),
+            )
+        except StorageError as exc:
+            log.error("the policies in force could not be recorded again (%s)", exc)
 
     async def _audit_file_change(
         self, verb: str, resource: str, outcome: Outcome, detail: dict[str, Any]

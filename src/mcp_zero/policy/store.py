@@ -28,6 +28,8 @@ class PolicyStore:
         # The engine's ``uses_labels``, a plain attribute the kernel reads on every call.
         self.uses_labels = self._engine.uses_labels
         self._generation = 1
+        # whether the files read, at the last look (changed), as the set in force
+        self.files_in_force = True
         # What refresh() last failed on: the files that did not load, or the read error.
         self._refused: dict[str, str] | str | None = None
         # A change refresh() saw once and waits to read the same again before it loads it.
@@ -90,7 +92,9 @@ class PolicyStore:
         if sources == self._engine.sources:
             self._settling = None
             self._refused = None  # back to the set in force: a new failure is news again
+            self.files_in_force = True
             return None
+        self.files_in_force = False
         if sources == self._refused:
             return None
         if sources != self._settling:
