@@ -35,6 +35,7 @@ from mcp_zero.kernel.admin_token import (
     rotate_admin_token,
     rotation_id,
 )
+from mcp_zero.kernel.agents import state_digest
 from mcp_zero.policy import write_default_policies
 from mcp_zero.runtime import Runtime
 from mcp_zero.security.files import exclusive_lock
@@ -308,6 +309,7 @@ def test_a_first_start_killed_before_showing_the_token_gives_default_a_new_one(
     reissued = [r for r in records if r["verb"] == "spawn_agent"][-1]
     assert (reissued["verb"], reissued["resource"]) == ("spawn_agent", "default")
     assert reissued["token_reissued"] is True
+    assert reissued["state_sha256"] == state_digest({})  # (as every spawn record has)
     again = serve_once(data_dir)  # done once: never again
     assert "agent" not in again
 

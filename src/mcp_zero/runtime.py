@@ -31,7 +31,7 @@ from mcp_zero.kernel.admin_token import (
     rotation_recorded,
     rotations_held_off,
 )
-from mcp_zero.kernel.agents import AgentService
+from mcp_zero.kernel.agents import AgentService, state_digest
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
@@ -392,7 +392,12 @@ class Runtime:
                 agent.name,
                 "cli",
                 Outcome.ALLOWED,
-                {**decided, "plugins": agent.plugins, "token_reissued": True},
+                {
+                    **decided,
+                    "plugins": agent.plugins,
+                    "state_sha256": state_digest(agent.state),
+                    "token_reissued": True,
+                },
             ),
         )
         return token
