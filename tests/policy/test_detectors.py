@@ -387,6 +387,15 @@ def test_a_card_number_sent_as_a_float_is_redacted() -> None:
 
 
 @pytest.mark.parametrize(
+    "number", [1.6898647333460574e297, 9.697056041915216e150, 277509771854615.3, 6949742121413.71]
+)
+def test_a_float_with_a_fraction_or_past_19_digits_is_no_card_number(number: float) -> None:
+    # str() wrote 16 digits of its mantissa, which the card detector found: 4% of such
+    # floats became strings, breaking a tool's outputSchema (found by review)
+    assert redact({"x": number}, ("pii",)) == ({"x": number}, 0)
+
+
+@pytest.mark.parametrize(
     ("structured", "count"),
     [
         ({"card": 4111111111111111}, 1),
@@ -788,6 +797,39 @@ def test_a_blob_lenient_decoders_read_as_text_is_redacted(
         "bob@example.com", "[redacted:pii]"
     )
     assert data == prefix + expected.encode()  # (its other bytes as they were)
+
+
+def test_a_blob_with_a_stray_character_lenient_decoders_skip_is_redacted() -> None:
+    # Python's b64decode and Node's Buffer skip it and read the secret (found by review)
+    encoded = base64.b64encode(ENV.encode()).decode()
+    for stray in ("!", ".", "*", "%", "\\", "\u00a0"):
+        blob = encoded[:10] + stray + encoded[10:]
+        redacted, count = redact({"blob": blob}, ("secret", "pii"))
+        assert count == 2
+        assert b"hunter2" not in base64.b64decode(redacted["blob"])
+
+
+def test_a_string_under_a_key_named_blob_that_is_no_base64_is_redacted_as_text() -> None:
+    # It was left as it was (not base64: "not the detectors' to read"), and the text copy of
+    # the structuredContent holding it with it (found by review)
+    structured = {"path": "config/.env", "blob": "DB_PASSWORD=hunter2222\nADMIN=jane@example.com\n"}
+    redacted, count = redact(tool_result(structured), ("secret", "pii"))
+    assert count == 4  # (in structuredContent, and in its copy)
+    shown = orjson.dumps(redacted).decode()
+    assert "hunter2222" not in shown
+    assert "jane@" not in shown
+
+
+def test_a_text_copy_holding_more_than_its_structured_content_is_redacted() -> None:
+    # {"email": "jane@…", "email": "x"} parses as {"email": "x"}: taken for a copy of it,
+    # whose structuredContent had nothing to redact, it went out as it was (found by review)
+    result = tool_result(
+        ToolResult(['{"email": "jane@example.com", "email": "x"}'], {"email": "x"}, False)
+    )
+    redacted, count = redact(result, ("pii",))
+    assert count == 1
+    assert "jane@" not in orjson.dumps(redacted).decode()
+    assert orjson.loads(redacted["content"][0]["text"]) == redacted["structuredContent"]
 
 
 def test_a_blob_that_is_not_utf8_is_read_as_text_only_under_a_text_media_type() -> None:

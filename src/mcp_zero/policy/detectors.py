@@ -483,15 +483,19 @@ def _redact_tool_result(
     out, total = _redact(rest, detectors, keys)
     new_structured, found = _redact(structured, detectors, keys)
     total += found
-    mirror = orjson.dumps(new_structured).decode() if found else None
+    mirror = orjson.dumps(new_structured).decode()
     blocks = list(content)
     for i, block in enumerate(content):
         if not mirrors[i]:
             blocks[i], count = _redact(block, detectors, keys)
-        elif mirror is not None:
-            blocks[i], count = {**block, "text": mirror}, found
         else:
-            count = 0
+            # The copy's own text is read as well: it may hold what its structuredContent
+            # does not (a duplicate key, which the parse that found it a copy kept the last
+            # of: found by review). Anything found in either: it becomes the redacted
+            # structuredContent's JSON, which is what it copies.
+            count = found or _redact(block, detectors, keys)[1]
+            if count:
+                blocks[i] = {**block, "text": mirror}
         total += count
     if not total:
         return result, 0
@@ -581,17 +585,27 @@ def _redact_number(number: float, detectors: tuple[Detector, ...]) -> tuple[Any,
     number partly replaced is no JSON); any other as it was."""
     if abs(number) < _SMALLEST_FOUND:  # (this runs on each number of a result)
         return number, 0
-    text = str(number)
+    if isinstance(number, float):
+        # one with a fraction, or past 19 digits, is no card number: its digits as str()
+        # writes them (1.6898647333460574e+297) are not for the detectors (found by review)
+        if not number.is_integer() or abs(number) >= 1e19:
+            return number, 0
+        number_text = str(int(number))
+    else:
+        number_text = str(number)
+    text = number_text
     for detector in detectors:
         if _first(detector, text) is not None:
             return f"[redacted:{detector.label}]", 1
     return number, 0
 
 
-# What lenient decoders (Node's Buffer, a browser's atob, Python's b64decode) read in a blob
-# and the strict alphabet refuses: line breaks (MIME's, every 76 characters), whitespace, the
-# URL-safe alphabet (``-`` and ``_``, which Node reads); padding left off is added back.
-_LENIENT_BASE64 = str.maketrans("-_", "+/", " \t\n\r\f\v")
+# What lenient decoders (Node's Buffer, Python's b64decode) read in a blob and the strict
+# alphabet refuses: the URL-safe alphabet (``-`` and ``_``, which Node reads) as the other,
+# and any character outside the alphabet (line breaks, whitespace, a stray ``!``) skipped;
+# padding left off is added back.
+_URL_SAFE = str.maketrans("-_", "+/")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/]+")
 # Media types of text: a blob of one is redacted even with bytes that are not UTF-8 (a
 # Latin-1 log); a blob of another type only when all of it is UTF-8.
 _TEXT_MEDIA_TYPE = re.compile(
@@ -603,17 +617,21 @@ _TEXT_MEDIA_TYPE = re.compile(
 def _redact_blob(blob: str, media_type: Any, detectors: tuple[Detector, ...]) -> tuple[str, int]:
     """A base64 ``blob`` whose bytes are text (a ``.env`` file, JSON, a log read as a resource)
     with that text redacted, encoded again (canonically: padded, on one line); one that is
-    not text (an image) as it was: its bytes are not the detectors' to read. Its bytes are
+    not text (an image) redacted only where the detectors find something in its letters as
+    they are (its bytes are not theirs to read; a string that is no base64, too). Its bytes are
     text when they are UTF-8, or when ``media_type`` says they are text: then a byte that is
     not UTF-8 is kept as it is, and what is around it is read."""
     data = _blob_bytes(blob)
-    if data is None:
-        return blob, 0
+    if data is None:  # no base64: a string as any other (under a key "blob" in a result)
+        return _redact_text(blob, detectors)
     try:
         text = data.decode()
     except UnicodeDecodeError:
         if not isinstance(media_type, str) or not _TEXT_MEDIA_TYPE.match(media_type):
-            return blob, 0
+            # Bytes that are not text, or a string that is no base64 but reads as some
+            # once what is outside its alphabet is skipped (a .env file under a key "blob"):
+            # what the detectors find in it as it is, redacted (found by review)
+            return _redact_text(blob, detectors)
         text = data.decode(errors="surrogateescape")  # (encoded back to the same bytes)
     redacted, count = _redact_text(text, detectors)
     if not count:
@@ -628,7 +646,9 @@ def _blob_bytes(blob: str) -> bytes | None:
         return base64.b64decode(blob, validate=True)
     except ValueError:  # (binascii.Error is one, as is a character that is not ASCII)
         pass
-    compact = blob.translate(_LENIENT_BASE64)
+    compact = _NOT_BASE64.sub("", blob.translate(_URL_SAFE))
+    if not compact:
+        return None
     try:
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except ValueError:
