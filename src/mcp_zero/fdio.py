@@ -47,12 +47,27 @@ class NotRegularFile(OSError):
 def read_regular(path: str | os.PathLike[str]) -> bytes:
     """The bytes of the regular file at ``path`` (or a link to one). Opened without blocking,
     so that a named pipe in its place cannot hang the reader, nor a device (/dev/zero) feed
-    it without end: raises NotRegularFile for those, OSError as ``open`` does."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as file:
+    it without end: raises NotRegularFile for those (nothing left open), OSError as ``open``
+    does."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # (a socket: no opening one)
+            kind = file_kind(os.stat(path).st_mode)
+            if kind is not None:
+                raise NotRegularFile(path, kind) from None
+        raise
+    try:
         kind = file_kind(os.fstat(fd).st_mode)
         if kind is not None:
             raise NotRegularFile(path, kind)
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        # (fdopen of a directory raises, its descriptor left open: one a second leaked
+        # while a directory named *.cedar was in the policy dir: found by review)
+        os.close(fd)
+        raise
+    with file:
         return file.read()
 
 
