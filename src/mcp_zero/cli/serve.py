@@ -189,7 +189,8 @@ def _announce(
 ) -> None:
     installed, token = first_start.installed, first_start.token
     scheme = "https" if settings.tls_cert is not None else "http"
-    url = f"{scheme}://{settings.host}:{port}/mcp"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # (an IPv6 one)
+    url = f"{scheme}://{host}:{port}/mcp"
     info: dict[str, Any] = {
         "url": url,
         "data_dir": str(settings.data_dir),

@@ -1,9 +1,10 @@
 """Turn Cedar policy files into one validated, pre-parsed policy set.
 
 Each file is parsed and validated against the schema on its own, so an error
-names its file; the policies of all files are then renamed to their ``@id``
-(or ``<file>#<n>`` when they have none) and joined into one ``cedarpy.PolicySet``,
-so Cedar's diagnostics name our ids directly.
+names its file; the policies of all files are then joined into one
+``cedarpy.PolicySet`` under ids of our own (``mcp0-<n>``: Cedar escapes quotes and
+backslashes of an id in its diagnostics), mapped back to their ``@id`` (or
+``<file>#<n>`` when they have none) by ``CompiledPolicies.by_cedar_id``.
 """
 
 from __future__ import annotations

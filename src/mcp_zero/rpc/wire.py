@@ -15,7 +15,8 @@ HTTP/1.0 client unchunked, the connection closing at their end),
 a deadline for receiving a whole request (408 after 30 s from its first byte or
 5 s without one, so a client that trickles bytes cannot hold a connection), a
 size limit on the request head and on trailers, counted as they arrive (431),
-and 400 for what does not parse or repeats a field that must come once. No TLS,
+and 400 for what does not parse or repeats a field that must come once. TLS with
+an ``ssl.SSLContext`` (connections accepted here and counted from their accept);
 no HTTP/2, no WebSocket (an Upgrade is answered as HTTP/1.1): put a proxy in
 front for those.
 """
