@@ -549,6 +549,17 @@ async def test_a_plugin_flooding_stderr_costs_the_server_no_work_per_line(
     assert written < 4 << 20  # its writes waited while its stderr was not read
 
 
+async def test_a_crash_after_a_stderr_flood_is_reported_with_its_last_lines(make_runtime, caplog):
+    # Read with pauses, the flood's end was still unread when the worker died: the report
+    # quoted lines from before it (found by review)
+    caplog.set_level(logging.INFO, logger="mcp_zero.sandbox.plugin.kit")
+    rt = await make_runtime()
+    with pytest.raises(PluginCrashed):
+        await call(rt, "flood_then_crash", {"kb": 512})
+    [report] = [r.getMessage() for r in caplog.records if "its last stderr:" in r.getMessage()]
+    assert report.endswith("LAST-WORDS-1 | LAST-WORDS-2 | LAST-WORDS-3")
+
+
 async def test_memory_limit_fails_cleanly_and_worker_is_replaced(make_runtime):
     rt = await make_runtime()
     first = rt.pids[0]

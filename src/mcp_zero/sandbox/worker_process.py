@@ -54,6 +54,8 @@ _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in piec
 # A worker's stderr over its budget is read at most a pipe's worth (64 KiB) this often, the
 # time the budget takes to refill a line (stderr.LINES_PER_S): its writes wait meanwhile.
 _STDERR_PAUSE_S = 0.1
+# How long a worker's exit waits for the rest of a stderr read with pauses (its last words)
+_LAST_WORDS_S = 0.5
 
 
 #: Worker pids of this process that have not exited, so that a sweep of orphans never
@@ -202,6 +204,11 @@ class WorkerProcess:
         self._ready: asyncio.Future[JSON] | None = None
         self._exited: asyncio.Future[None] | None = None
         self._stdout_open = True
+        # stderr: open until its end; its last words are awaited (at most _LAST_WORDS_S)
+        # once the worker exited, when it was read with pauses (what was unread is the end)
+        self._stderr_open = True
+        self._stderr_paused_once = False
+        self._last_words_due: asyncio.TimerHandle | None = None
         self._process_running = True
         self._kill_reason: str | None = None
         self._strays: list[float] = [0, 0.0]  # frames for no call, since when (_stray)
@@ -634,8 +641,9 @@ class WorkerProcess:
         if tail:
             lines = tail.rsplit(b"\n", _STDERR_TAIL_LINES)[-_STDERR_TAIL_LINES:]
             self._stderr.extend(line[-_STDERR_LINE_BYTES:] for line in lines)
-        if self._stderr_resume is None and self._stderr_pipe is not None:
+        if self._stderr_resume is None and self._stderr_pipe is not None and self._process_running:
             assert self._loop is not None
+            self._stderr_paused_once = True
             self._stderr_pipe.pause_reading()
             self._stderr_resume = self._loop.call_later(_STDERR_PAUSE_S, self._resume_stderr)
 
@@ -650,6 +658,14 @@ class WorkerProcess:
 
     def on_stdout_closed(self) -> None:
         self._stdout_open = False
+        self._maybe_gone()
+
+    def on_stderr_closed(self) -> None:
+        self._stderr_open = False
+        self._maybe_gone()
+
+    def _last_words_waited(self) -> None:
+        self._stderr_open = False  # (a process it left holds stderr: no more waiting)
         self._maybe_gone()
 
     def on_process_exited(self) -> None:
@@ -681,8 +697,18 @@ class WorkerProcess:
     def _maybe_gone(self) -> None:
         if self._stdout_open or self._process_running:
             return
+        if self._exited is not None and self._exited.done():
+            return  # (gone already: its stderr ended after)
         if self._transport is None:
             return  # its start was cancelled as it spawned: asyncio killed and reaped it
+        if self._stderr_open and self._stderr_paused_once and self._exited is not None:
+            # Read with pauses, its stderr still holds what it wrote last: the crash report
+            # quoted lines from before the flood's end (found by review)
+            if self._last_words_due is None and self._loop is not None:
+                self._last_words_due = self._loop.call_later(_LAST_WORDS_S, self._last_words_waited)
+            return
+        if self._last_words_due is not None:
+            self._last_words_due.cancel()
         assert self._exited is not None
         served, self.alive = self.alive, False
         self.returncode = self._transport.get_returncode()
@@ -782,6 +808,8 @@ class _Pipes(asyncio.SubprocessProtocol):
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1:
             self._owner.on_stdout_closed()
+        elif fd == 2:
+            self._owner.on_stderr_closed()
 
     def process_exited(self) -> None:
         self._owner.on_process_exited()

@@ -123,6 +123,16 @@ def yes(ctx: Context, seconds: float) -> int:
     return written
 
 
+@plugin.tool("flood_then_crash")
+def flood_then_crash(ctx: Context, kb: int) -> str:
+    """Writes ``kb`` KiB of "y" lines to stderr, then three last lines, and exits (7)."""
+    chunk = b"y\n" * 512
+    for _ in range(kb):
+        os.write(2, chunk)
+    os.write(2, b"LAST-WORDS-1\nLAST-WORDS-2\nLAST-WORDS-3\n")
+    os._exit(7)
+
+
 @plugin.tool("noisy")
 def noisy(ctx: Context) -> str:
     print("noise from print()")
