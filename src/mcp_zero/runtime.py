@@ -548,14 +548,7 @@ class Runtime:
         detail = {"policies_sha256": engine.digest, "generation": self.policy.generation + 1}
         try:
             # recorded before it is in force: no call is decided by a set the log lacks
-            await asyncio.to_thread(
-                self._record_file,
-                LOAD_POLICIES,
-                resource,
-                Outcome.ALLOWED,
-                detail,
-                (POLICIES_RECORDED, engine.digest),
-            )
+            await self._record_policies(resource, engine.digest, detail)
         except StorageError as exc:
             log.error(
                 "policy files changed, but the audit log could not record it (%s): the "
@@ -577,16 +570,21 @@ class Runtime:
             return
         detail = {"policies_sha256": in_force, "generation": self.policy.generation}
         try:
-            await asyncio.to_thread(
-                self._record_file,
-                LOAD_POLICIES,
-                resource,
-                Outcome.ALLOWED,
-                {**detail, "restated": True},
-                (POLICIES_RECORDED, in_force),
-            )
+            await self._record_policies(resource, in_force, {**detail, "restated": True})
         except StorageError as exc:
             log.error("the policies in force could not be recorded again (%s)", exc)
+
+    async def _record_policies(self, resource: str, digest: str, detail: dict[str, Any]) -> None:
+        """Record the policy set of ``digest`` (``load_policies``), keeping its digest with
+        it. Raises StorageError."""
+        await asyncio.to_thread(
+            self._record_file,
+            LOAD_POLICIES,
+            resource,
+            Outcome.ALLOWED,
+            detail,
+            (POLICIES_RECORDED, digest),
+        )
 
     async def _audit_file_change(
         self, verb: str, resource: str, outcome: Outcome, detail: dict[str, Any]

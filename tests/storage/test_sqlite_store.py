@@ -298,6 +298,16 @@ def test_audit_table_refuses_update_and_delete(db: Path, store: SqliteStore) -> 
     assert store.read_audit() == [_entry(1), _entry(2)]
 
 
+def append_chain(store: SqliteStore, count: int) -> None:
+    """Append ``count`` entries chained as the audit log chains them."""
+    prev = GENESIS
+    for seq in range(1, count + 1):
+        body = canonical({"n": seq, "ts": float(seq)})
+        entry = AuditEntry(seq, float(seq), body, prev, chain_hash(prev, body))
+        store.append_audit_batch([entry])
+        prev = entry.hash
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -314,12 +324,7 @@ def test_an_audit_row_edited_to_hold_anything_is_read_and_fails_verification(
 ) -> None:
     # a number in the body was given to bytes(): TypeError, or MemoryError for an integer;
     # text that is not UTF-8 failed the read of the whole page
-    prev = GENESIS
-    for seq in (1, 2, 3):
-        body = canonical({"n": seq, "ts": float(seq)})
-        entry = AuditEntry(seq, float(seq), body, prev, chain_hash(prev, body))
-        store.append_audit_batch([entry])
-        prev = entry.hash
+    append_chain(store, 3)
     with contextlib.closing(sqlite3.connect(db)) as raw, raw:
         raw.execute("DROP TRIGGER audit_no_update")
         raw.execute(f"UPDATE audit SET {edit} WHERE seq = 3")
@@ -357,12 +362,7 @@ def test_an_audit_table_re_created_without_types_is_read_and_fails_verification(
     # NULL hashes and bodies were AttributeError/TypeError tracebacks in verify, list and the
     # server's start; a text seq became the head (text sorts after numbers) and crashed them,
     # and was printed raw: a terminal showed the line it held (found by review)
-    prev = GENESIS
-    for seq in (1, 2, 3):
-        body = canonical({"n": seq, "ts": float(seq)})
-        entry = AuditEntry(seq, float(seq), body, prev, chain_hash(prev, body))
-        store.append_audit_batch([entry])
-        prev = entry.hash
+    append_chain(store, 3)
     with contextlib.closing(sqlite3.connect(db)) as raw, raw:
         raw.executescript(LOOSE_AUDIT)
         raw.execute(f"UPDATE audit SET {edit} WHERE seq = 3")

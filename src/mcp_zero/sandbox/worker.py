@@ -366,11 +366,7 @@ class Worker:
         except BaseException as exc:  # the handler's failure is the caller's answer
             self._respond(call_id, op, self._failure(op, exc))
             return
-        try:
-            body = {"result": finish(value)}
-        except Exception as exc:  # no result can be made of it: the plugin's failure
-            body = self._failure(op, exc, returned=True)
-        self._respond(call_id, op, body)
+        self._finish(call_id, op, finish, value)
 
     def _run_sync(
         self,
@@ -387,6 +383,10 @@ class Worker:
         except BaseException as exc:  # the handler's failure is the caller's answer
             self._respond(call_id, op, self._failure(op, exc))
             return
+        self._finish(call_id, op, finish, value)
+
+    def _finish(self, call_id: int, op: str, finish: Any, value: Any) -> None:
+        """Answer with the result ``finish`` makes of what a handler returned."""
         try:
             body = {"result": finish(value)}
         except Exception as exc:  # no result can be made of it: the plugin's failure
