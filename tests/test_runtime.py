@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcp_zero.audit.chain import GENESIS
-from mcp_zero.config import load_settings
+from mcp_zero.config import Settings, load_settings
 from mcp_zero.errors import ManifestError, PolicyDenied, StorageError
 from mcp_zero.kernel.action import Outcome
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_event
@@ -588,6 +588,14 @@ async def test_a_rotation_beside_a_running_server_is_recorded_once_and_a_hand_ed
     assert "rotation" not in changes[1]
 
 
+def found_by_a_command(settings: Settings) -> None:
+    """What governs the data dir as a changing command (mcp0 agent snapshot) finds it: recorded
+    by it if it changed."""
+    command = Runtime(settings)
+    command.record_what_governs(by="mcp0 agent snapshot")
+    command.close()
+
+
 @pytest.mark.anyio
 async def test_a_change_a_command_recorded_first_is_not_recorded_again_by_the_server(
     tmp_path: Path,
@@ -603,9 +611,7 @@ async def test_a_change_a_command_recorded_first_is_not_recorded_again_by_the_se
             " when { false };\n"
         )
         settings.admin_token_path.write_text("mcp0_written-by-hand\n")
-        command = Runtime(settings)
-        command.record_what_governs(by="mcp0 agent snapshot")
-        command.close()
+        found_by_a_command(settings)
         assert not await server.refresh_policies()  # (seen once)
         assert await server.refresh_policies()
         await server._refresh_admin_token_and_audit()
@@ -637,9 +643,7 @@ async def test_a_set_a_command_recorded_and_that_was_changed_back_is_followed_by
         in_force = server.policy.engine.digest
         extra = settings.policy_dir / "extra.cedar"
         extra.write_text('@id("extra")\npermit (principal, action, resource) when { false };\n')
-        command = Runtime(settings)
-        command.record_what_governs(by="mcp0 agent snapshot")
-        command.close()
+        found_by_a_command(settings)
         extra.unlink()
         assert not await server.refresh_policies()
         assert not await server.refresh_policies()  # (nothing new the second time)

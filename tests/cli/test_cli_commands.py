@@ -897,22 +897,28 @@ def _without_file_permission_override() -> None:
             os._exit(97)
 
 
-def test_a_data_dir_file_a_command_may_not_use_is_one_error_line(data_dir: Path) -> None:
-    # An unreadable plugins/ made every changing command (and serve) die with a traceback
-    # (found by review)
-    run(data_dir, "plugin", "install", str(NOTES_DIR))
-    plugins = data_dir / "plugins"
-    os.chmod(plugins, 0o000)
+def run_shut_out_of(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mcp0 ARGS`` as a process that may not use ``directory`` (mode 000; as root, without
+    the capabilities that override it)."""
+    os.chmod(directory, 0o000)
     try:
-        done = subprocess.run(
-            [MCP0, "agent", "create", "bob", "--data-dir", str(data_dir)],
+        return subprocess.run(
+            [MCP0, *args],
             capture_output=True,
             text=True,
             timeout=60,
             preexec_fn=_without_file_permission_override if os.geteuid() == 0 else None,
         )
     finally:
-        os.chmod(plugins, 0o700)
+        os.chmod(directory, 0o700)
+
+
+def test_a_data_dir_file_a_command_may_not_use_is_one_error_line(data_dir: Path) -> None:
+    # An unreadable plugins/ made every changing command (and serve) die with a traceback
+    # (found by review)
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    plugins = data_dir / "plugins"
+    done = run_shut_out_of(plugins, "agent", "create", "bob", "--data-dir", str(data_dir))
     assert done.returncode == 1
     assert done.stderr == f"mcp0: error: Permission denied: {plugins}\n"
 
@@ -921,17 +927,7 @@ def test_policy_check_on_a_policy_directory_it_cannot_read_is_an_error(data_dir:
     # It said "ok: 0 policies" (Path.glob lists nothing there), found by review
     run(data_dir, "agent", "create", "ada")
     policies = data_dir / "policies"
-    os.chmod(policies, 0o000)
-    try:
-        done = subprocess.run(
-            [MCP0, "policy", "check", "--data-dir", str(data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_without_file_permission_override if os.geteuid() == 0 else None,
-        )
-    finally:
-        os.chmod(policies, 0o700)
+    done = run_shut_out_of(policies, "policy", "check", "--data-dir", str(data_dir))
     assert done.returncode == 1
     assert done.stderr == (
         f"mcp0: error: cannot read policy directory {policies}: Permission denied\n"

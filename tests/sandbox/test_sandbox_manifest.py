@@ -359,8 +359,8 @@ def test_an_entry_module_the_workers_python_imports_as_it_starts_is_refused(tmp_
     # setuptools' distutils-precedence.pth has every Python of its site-packages import
     # _distutils_hack: a plugin module of that name was installed, then never loaded (the
     # worker's import gave setuptools' module: found by review)
-    if "_distutils_hack" not in sys.modules:  # (this Python starts as the worker's does)
-        pytest.skip("no .pth file of this Python's site-packages imports _distutils_hack")
+    # (this Python starts as the worker's does; the dev extra installs setuptools)
+    assert "_distutils_hack" in sys.modules, "setuptools' distutils-precedence.pth is missing"
     (tmp_path / "_distutils_hack.py").write_text("from mcp_zero.plugin import Plugin\n")
     (tmp_path / "plugin.json").write_text(json.dumps(variant(entry="_distutils_hack:plugin")))
     with pytest.raises(ManifestError) as refused:
