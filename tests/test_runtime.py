@@ -30,8 +30,10 @@ from mcp_zero.errors import ManifestError, PolicyDenied, StorageError
 from mcp_zero.kernel.action import Outcome
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_event
 from mcp_zero.kernel.admin_token import (
+    ADMIN_TOKEN_RECORDED,
     MAX_READ_BACK,
     READ_BACK_PAGE,
+    recorded_token_digest,
     rotate_admin_token,
     rotation_id,
 )
@@ -819,3 +821,35 @@ async def test_an_admin_token_change_the_log_could_not_record_is_recorded_later(
         assert recorded["outcome"] == "allowed"
         await runtime._refresh_admin_token_and_audit()
         assert len(changes(runtime)) == 1  # once
+
+
+@pytest.mark.anyio
+async def test_a_token_a_command_rotated_in_and_that_was_changed_back_is_recorded_again(
+    tmp_path: Path,
+) -> None:
+    # `mcp0 admin rotate-token` recorded a token the server never saw (the old file was put
+    # back before it looked): the log's last word named a token not in force, while the
+    # server took requests with the old one (found by review)
+    settings = load_settings(None, {"data_dir": tmp_path / "data", "examples": False}, environ={})
+    server = Runtime(settings)  # (not started: its watcher's steps are taken here)
+    try:
+        server.record_what_governs()
+        old = settings.admin_token_path.read_text()
+        command = Runtime(settings)
+        rotate_admin_token(settings.admin_token_path, command.audit, command.store)
+        command.close()
+        settings.admin_token_path.write_text(old)
+        await server._refresh_admin_token_and_audit()
+        await server._refresh_admin_token_and_audit()  # (nothing new the second time)
+        bodies = [orjson.loads(e.body) for e in server.store.read_audit(0, 1000)]
+        recorded = server.store.recorded(ADMIN_TOKEN_RECORDED)
+    finally:
+        await server.aclose()
+    changes = [b for b in bodies if b["verb"] == CHANGE_ADMIN_TOKEN]
+    assert [(b["transport"], "rotation" in b, b.get("restated")) for b in changes] == [
+        ("files", False, None),  # (at start)
+        ("cli", True, None),
+        ("files", False, True),
+    ]
+    assert server.admin_token_hash == hash_token(old.strip())
+    assert recorded == recorded_token_digest(old.strip())

@@ -231,15 +231,18 @@ class Runtime:
                 (POLICIES_RECORDED, engine.digest),
             )
         token = self._admin_token
-        digest = recorded_token_digest(token)
-        if self.store.recorded(ADMIN_TOKEN_RECORDED) != digest:
-            self._record_file(
-                CHANGE_ADMIN_TOKEN,
-                self.settings.admin_token_path.name,
-                Outcome.ALLOWED if token is not None else Outcome.ERROR,
-                _found_by(by) | ({} if token is not None else {"code": "no_admin_token"}),
-                (ADMIN_TOKEN_RECORDED, digest),
-            )
+        if self.store.recorded(ADMIN_TOKEN_RECORDED) != recorded_token_digest(token):
+            self._record_admin_token(token, _found_by(by))
+
+    def _record_admin_token(self, token: str | None, detail: dict[str, Any]) -> None:
+        """Record ``token`` (None: no token) as the admin token in force (``_record_file``)."""
+        self._record_file(
+            CHANGE_ADMIN_TOKEN,
+            self.settings.admin_token_path.name,
+            Outcome.ALLOWED if token is not None else Outcome.ERROR,
+            detail | ({} if token is not None else {"code": "no_admin_token"}),
+            (ADMIN_TOKEN_RECORDED, recorded_token_digest(token)),
+        )
 
     def _record_file(
         self,
@@ -507,25 +510,26 @@ class Runtime:
                 return  # a rotation is under way: look again at the next poll
             head = self.store.audit_head()
             changed = self.refresh_admin_token()
-        if not changed and pending is None:
+            # (read under the lock: no rotation's record can land between this and the file)
+            quiet = not changed and pending is None
+            recorded = self.store.recorded(ADMIN_TOKEN_RECORDED) if quiet else None
+        token = self._admin_token
+        if quiet:
+            if recorded is not None and recorded != recorded_token_digest(token):
+                # the log's last word is a token a command wrote and that was changed back
+                # before this server looked: it records the one in force again (found by
+                # review, as for the policies)
+                await asyncio.to_thread(self._record_admin_token, token, {"restated": True})
             return
         since = self._admin_token_since if pending is None else pending
         if changed:
             self._admin_token_since = head.seq if head is not None else 0
         self._admin_token_unrecorded = since
-        token = self._admin_token
         # a rotation (mcp0 admin rotate-token) recorded the change before putting it in force
         if token is None or not await asyncio.to_thread(
             rotation_recorded, self.store, token, since
         ):
-            await asyncio.to_thread(
-                self._record_file,
-                CHANGE_ADMIN_TOKEN,
-                self.settings.admin_token_path.name,
-                Outcome.ALLOWED if token is not None else Outcome.ERROR,
-                {} if token is not None else {"code": "no_admin_token"},
-                (ADMIN_TOKEN_RECORDED, recorded_token_digest(token)),
-            )
+            await asyncio.to_thread(self._record_admin_token, token, {})
         self._admin_token_unrecorded = None
 
     async def refresh_policies(self) -> bool:
