@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +29,7 @@ LIMIT = 64
 TIMEOUT_S = 10.0
 FLOOD_BYTES = 32 << 20  # eight times what the server holds unsent for a stream
 BIG_BYTES = 64 << 10
+HUGE_BYTES = 1 << 20
 
 
 @pytest.fixture
@@ -105,9 +107,10 @@ class EchoApp:
             return
         if scope["path"] == "/crash":
             raise RuntimeError("the app broke")
-        if scope["path"] == "/big":  # one whole answer of BIG_BYTES
+        if scope["path"] in ("/big", "/huge"):  # one whole answer of BIG_BYTES, HUGE_BYTES
+            size = BIG_BYTES if scope["path"] == "/big" else HUGE_BYTES
             await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"b" * BIG_BYTES})
+            await send({"type": "http.response.body", "body": b"b" * size})
             return
         status = 413 if len(body) > LIMIT else 200
         await send(
@@ -325,6 +328,91 @@ async def test_a_request_sent_with_the_end_of_the_tls_handshake_is_answered(
             assert answer.startswith(b"HTTP/1.1 200 ")
         finally:
             writer.close()
+
+
+class SlowTlsReader:
+    """A TLS client over a socket with a small receive buffer, which takes its answer a
+    little at a time: what it has not read stays with the server."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 10)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+
+    async def _exchange(self) -> None:
+        """Send what TLS has to send; take one piece (at most 8 KiB) from the socket."""
+        loop = asyncio.get_running_loop()
+        if pending := self.outgoing.read():
+            await loop.sock_sendall(self.sock, pending)
+        data = await loop.sock_recv(self.sock, 8 << 10)
+        if not data:
+            raise ConnectionResetError("the server closed the connection")
+        self.incoming.write(data)
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await self._exchange()
+
+    async def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        await asyncio.get_running_loop().sock_sendall(self.sock, self.outgoing.read())
+
+    async def read(self, pause_s: float = 0.0) -> bytes:
+        """At most 8 KiB of what the connection has for it (waiting for some), after
+        ``pause_s``."""
+        await asyncio.sleep(pause_s)
+        while True:
+            try:
+                data = self.tls.read(8 << 10)
+            except ssl.SSLWantReadError:
+                await self._exchange()
+                continue
+            if not data:
+                raise ConnectionResetError("the server ended the TLS session")
+            return data
+
+
+@TLS_LOOPS
+async def test_a_slow_https_reader_of_a_large_answer_is_not_taken_for_idle(
+    tmp_path: Path,
+) -> None:
+    # The keep-alive timeout closed a connection whose client was still reading a large
+    # answer over TLS (the transport's buffer showed none of it: the layer under TLS held
+    # it), and the TLS shutdown's timeout then cut the answer off (found by review). A
+    # reader that pauses is dropped only after stream_stall_s, as a stream's is.
+    server_side, client_side = tls_contexts(tmp_path)
+    keepalive_s = 0.2
+    options = {"tls": server_side, "keepalive_s": keepalive_s, "stream_stall_s": 5.0}
+    async with serving(**options) as (server, _, _task):
+        client = SlowTlsReader(server.port, client_side)
+        try:
+            with anyio.fail_after(TIMEOUT_S):
+                await client.handshake()
+                await client.send(b"GET /huge HTTP/1.1\r\nHost: h\r\n\r\n")
+                answer, started = b"", asyncio.get_running_loop().time()
+                while len(answer) < HUGE_BYTES:
+                    answer += await client.read(pause_s=0.006)  # slowly
+                    if len(answer) >= HUGE_BYTES // 2 > len(answer) - (8 << 10):
+                        await asyncio.sleep(3 * keepalive_s)  # and with a pause
+                # the read outlasted the keep-alive timeout
+                assert asyncio.get_running_loop().time() - started > 2 * keepalive_s
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                while len(body) < HUGE_BYTES:
+                    body += await client.read()
+                assert body == b"b" * HUGE_BYTES
+                # the connection was kept for the next request
+                await client.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+                assert (await client.read()).endswith(b"POST hi")
+        finally:
+            client.sock.close()
 
 
 @TLS_LOOPS

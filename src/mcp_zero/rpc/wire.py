@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import resource
 import socket
 import ssl
+import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -172,6 +175,37 @@ class _Request:
         self.http10 = False
 
 
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64, since Linux 4.1
+_TCPI_BYTES_ACKED = struct.Struct("=Q")
+_TCPI_BYTES_ACKED_AT = 120
+
+
+def _bytes_acked(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes the peer of a TCP connection has acknowledged; -1 when unknown."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return -1
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
+    except OSError:
+        return -1
+    if len(info) < _TCPI_BYTES_ACKED_AT + _TCPI_BYTES_ACKED.size:
+        return -1
+    return int(_TCPI_BYTES_ACKED.unpack_from(info, _TCPI_BYTES_ACKED_AT)[0])
+
+
+def _unacked(transport: asyncio.BaseTransport) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (SIOCOUTQ)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        got = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(got, "little", signed=True)
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parses requests and runs the app for each, in order."""
 
@@ -201,6 +235,7 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False  # writable, as a plain flag (checked after each answer)
         self.stalled_since = 0.0  # when an answer was left unread and reading stopped
         self.stalled_unsent = 0  # bytes unsent then (or at its last progress)
+        self.acked = -1  # bytes the client had acknowledged at the last look (took_more)
         self.upgrade_body = False  # reading the body of an Upgrade request (not upgraded)
         self.writable = asyncio.Event()  # clear while the client has MAX_STREAM_BACKLOG unread
         self.writable.set()
@@ -300,6 +335,7 @@ class _Connection(asyncio.Protocol):
         self.trailing = False
         self.sections += 1
         self.body_bytes = 0
+        self.acked = -1  # (a keep-alive look after this request's answer starts afresh)
 
     def on_url(self, url: bytes) -> None:
         self.header_bytes += len(url)
@@ -514,6 +550,7 @@ class _Connection(asyncio.Protocol):
             # held here (found by review). resume_writing goes on; the reaper drops it.
             self.stalled_since = self.last_active
             self.stalled_unsent = self.transport.get_write_buffer_size() if self.transport else 0
+            self.took_more()  # (where the client's progress is measured from)
             self._pause()
             return
         self._go_on()
@@ -572,6 +609,32 @@ class _Connection(asyncio.Protocol):
             self._pause()
             return
         self._write_and_close(_plain(status, text))
+
+    def took_more(self) -> bool:
+        """Whether the client has acknowledged bytes since the last look (TCP_INFO). The
+        transport's buffer alone cannot tell: under TLS it does not count what the layer
+        beneath holds, an answer's worth (a slow HTTPS reader of a large answer was cut off
+        as idle: found by review)."""
+        acked = _bytes_acked(self.transport)
+        took, self.acked = acked != self.acked, acked
+        return took and acked >= 0
+
+    def taking_answer(self, now: float, stall_s: float) -> bool:
+        """Whether a connection silent since its last answer is still taking the answer, and
+        so is not idle: it acknowledged more since the last look (then it is active now), or
+        some of the answer is unsent or unacknowledged and it took some less than
+        ``stall_s`` ago. At the first look, only what is outstanding tells."""
+        first = self.acked < 0
+        if self.took_more() and not first:
+            self.last_active = now
+            return True
+        transport = self.transport
+        if transport is None or not (transport.get_write_buffer_size() or _unacked(transport)):
+            return False  # all of it taken
+        if first:
+            self.last_active = now
+            return True
+        return now - self.last_active < stall_s
 
     def cut(self, status: int, text: bytes) -> None:
         """Answer ``status`` (unless a response is being written) and close, at once."""
@@ -751,6 +814,7 @@ class _Response:
         conn = self.conn
         transport = conn.transport
         assert transport is not None
+        conn.took_more()  # (where the client's progress is measured from)
         while not conn.writable.is_set() and not conn.closed:
             unsent = transport.get_write_buffer_size()
             try:
@@ -758,7 +822,7 @@ class _Response:
                     await conn.writable.wait()
                 break
             except TimeoutError:
-                if transport.get_write_buffer_size() < unsent:
+                if transport.get_write_buffer_size() < unsent or conn.took_more():
                     continue  # a slow reader, but a reader
                 log.warning(
                     "dropping a stream to %s: it read nothing of %d KiB in %g s",
@@ -938,6 +1002,7 @@ class HttpServer:
         *,
         max_body_bytes: int,
         request_read_s: float = REQUEST_READ_S,
+        keepalive_s: float = KEEPALIVE_S,
         stream_stall_s: float = STREAM_STALL_S,
         max_stream_backlog: int = MAX_STREAM_BACKLOG,
         tls: ssl.SSLContext | None = None,
@@ -957,6 +1022,7 @@ class HttpServer:
         self.address = (host, port)
         self.max_body_bytes = max_body_bytes
         self.request_read_s = request_read_s
+        self.keepalive_s = keepalive_s
         self.stream_stall_s = stream_stall_s
         self.max_stream_backlog = max_stream_backlog
         self.tls = tls
@@ -1008,26 +1074,31 @@ class HttpServer:
         assert self._stopping is not None
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(KEEPALIVE_S, self.request_read_s) / 2):
+                async with asyncio.timeout(min(self.keepalive_s, self.request_read_s) / 2):
                     await self._stopping.wait()
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.stalled_since and conn.transport is not None:
                     unsent = conn.transport.get_write_buffer_size()
-                    if unsent < conn.stalled_unsent:  # a slow reader, but a reader
+                    if unsent < conn.stalled_unsent or conn.took_more():  # a slow reader
                         conn.stalled_since, conn.stalled_unsent = now, unsent
                     elif now - conn.stalled_since > self.stream_stall_s:
                         conn.abort()  # it read nothing of its answers for that long
                         continue
                 if conn.paused:
                     continue  # what follows the request being answered is not read yet
-                silent = conn.last_active < now - KEEPALIVE_S
+                silent = conn.last_active < now - self.keepalive_s
                 late = now - conn.reading_since > self.request_read_s
                 if conn.reading_since and (silent or late):
                     # also behind a long response (an event stream): closed, as no 408 can
                     # be written into it
                     conn.cut(408, b"the request did not arrive in time")
-                elif silent and not conn.busy and not conn.queue:
+                elif (
+                    silent
+                    and not conn.busy
+                    and not conn.queue
+                    and not conn.taking_answer(now, self.stream_stall_s)
+                ):
                     conn.close()
 
     def stop(self) -> None:
