@@ -201,3 +201,45 @@ async def test_a_subscription_is_audited_allowed_denied_or_unknown(env: Env) -> 
         if outcome == "allowed":
             assert record["plugin"] == "faulty"
             assert record["policies"]
+
+
+async def test_requests_7100_and_quoted_7100_each_have_a_record_with_their_own_id(
+    env: Env,
+) -> None:
+    """A record holds the request's id as the JSON value the client sent, an integer or a
+    string: held as a string, the records of requests 1 and "1" read the same, and the log
+    could not say which request one answers (found by review). Each governed request,
+    whatever its outcome."""
+    live = env.live
+    full, bare = live.client(env.full), live.client(env.bare)
+    await full.initialize()
+    echo = {"name": "faulty_echo", "arguments": {"text": "x"}}
+    unknown_prompt = {"type": "ref/prompt", "name": "none"}
+    # (client, method, params, outcome)
+    requests: list[tuple[McpHttp, str, dict[str, Any], str]] = [
+        (full, "tools/call", echo, "allowed"),
+        (bare, "tools/call", echo, "denied"),
+        (full, "tools/call", {"name": "notes_add", "arguments": {"text": 3}}, "error"),
+        (full, "tools/call", {"arguments": {}}, "error"),  # (refused for its params)
+        (full, "resources/read", {"uri": "faulty://counter"}, "allowed"),
+        (full, "resources/subscribe", {"uri": "faulty://counter"}, "allowed"),
+        (full, "prompts/get", {"name": "none"}, "error"),
+        (
+            full,
+            "completion/complete",
+            {"ref": unknown_prompt, "argument": {"name": "a", "value": "b"}},
+            "error",
+        ),
+    ]
+    for n, (client, method, params, outcome) in enumerate(requests, start=7100):
+        for rid in (n, str(n)):
+            message = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
+            reply = (await client.post(message)).json()
+            assert reply["id"] == rid
+            records = [
+                (type(r["request_id"]), r["outcome"])
+                for r in (orjson.loads(e.body) for e in live.runtime.store.read_audit(0, 100_000))
+                if r.get("request_id") == rid
+            ]
+            assert records == [(type(rid), outcome)], (method, rid)
+    assert verify_store(live.runtime.store).count == len(live.runtime.store.read_audit(0, 100_000))

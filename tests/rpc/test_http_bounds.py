@@ -62,7 +62,7 @@ def uri(n: int, length: int = 40) -> str:
 
 def audited(env: Env, request_id: Any) -> list[JSON]:
     records = [orjson.loads(e.body) for e in env.live.runtime.store.read_audit(0, 1_000_000)]
-    return [r for r in records if r.get("request_id") == str(request_id)]
+    return [r for r in records if r.get("request_id") == request_id]
 
 
 async def subscribe(client: McpHttp, target: str) -> JSON:

@@ -52,7 +52,7 @@ async def test_a_full_store_refuses_calls_clearly_and_loses_no_acknowledged_reco
 ) -> None:
     data = tmp_path / "data"
     runtime, token = await small_store(data)
-    answered: list[str] = []
+    answered: list[int] = []
     refused: list[dict[str, object]] = []
     async with serve(runtime) as live:
         client = live.client(token)
@@ -67,7 +67,7 @@ async def test_a_full_store_refuses_calls_clearly_and_loses_no_acknowledged_reco
                 if "error" in reply:
                     refused.append(error_of(reply))
                 else:
-                    answered.append(str(reply["id"]))
+                    answered.append(reply["id"])
 
         with anyio.fail_after(120):
             async with anyio.create_task_group() as tg:

@@ -123,16 +123,14 @@ def audit_records(env: Env, request_id: Any) -> list[JSON]:
     """The audit records of one request, in their order."""
     store = env.live.runtime.store
     records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
-    return [r for r in records if r.get("request_id") == str(request_id)]
+    return [r for r in records if r.get("request_id") == request_id]
 
 
 def audit_outcomes(env: Env, request_id: Any) -> list[tuple[str, str | None]]:
     """(outcome, code) of the audit records of one request."""
     store = env.live.runtime.store
     records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
-    return [
-        (r["outcome"], r.get("code")) for r in records if r.get("request_id") == str(request_id)
-    ]
+    return [(r["outcome"], r.get("code")) for r in records if r.get("request_id") == request_id]
 
 
 async def test_discover_says_what_the_server_speaks_without_a_session(env: Env) -> None:
@@ -638,7 +636,7 @@ async def test_questions_left_open_when_the_call_ends_are_settled_and_audited(
     with anyio.fail_after(TIMEOUT_S):
         while True:  # the call ends (the tool fails) while its client has not answered
             records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
-            mine = [r for r in records if r.get("request_id") == str(body["id"])]
+            mine = [r for r in records if r.get("request_id") == body["id"]]
             asked = sorted(
                 (r["resource"], r["outcome"]) for r in mine if r["verb"] == "client_request"
             )

@@ -493,7 +493,7 @@ async def test_a_cancel_in_a_file_is_heard_while_the_agents_calls_are_all_runnin
     records = {r["request_id"]: r for r in bodies if r.get("verb") == "call_tool"}
     outcomes = {rid: (r["outcome"], r.get("code")) for rid, r in records.items()}
     cut = ("error", "cancelled")
-    assert outcomes == {"c1": cut, "c2": cut, "3": ("allowed", None), "4": ("allowed", None)}
+    assert outcomes == {"c1": cut, "c2": cut, 3: ("allowed", None), 4: ("allowed", None)}
 
 
 async def test_mcp0_serve_stdio_with_stdout_closed_says_so(tmp_path: Path) -> None:
@@ -705,6 +705,38 @@ async def test_a_prompt_or_completion_cancelled_before_it_ran_is_audited_with_it
     del completion["ref"]  # (the argument completed and its context)
     digest = hashlib.sha256(orjson.dumps(completion, option=orjson.OPT_SORT_KEYS))
     assert completed["arguments_sha256"] == digest.hexdigest()
+
+
+async def test_requests_5_and_quoted_5_each_have_a_record_with_their_own_id(
+    tmp_path: Path,
+) -> None:
+    """A record holds the request's id as sent, an integer or a string, for a call that ran
+    and for one cancelled before it started: held as a string, the records of 5 and "5" read
+    the same (found by review)."""
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        lines = [call(5, "faulty_echo", {"text": "int"}), call("5", "faulty_echo", {"text": "s"})]
+        for rid in (6, "6"):  # (read with their cancels before their tasks first run)
+            lines += [call(rid, "faulty_started_then_wait", {}), cancelled(rid)]
+        lines.append(call("end", "faulty_echo", {"text": "after"}))
+        peer.send_line(b"\n".join(orjson.dumps(m) for m in lines))
+        answered: set[Any] = set()
+        while answered != {5, "5", "end"}:
+            message = await peer.receive()
+            assert "error" not in message, message
+            answered.add(message.get("id"))
+        records = [
+            (r["request_id"], r["outcome"], r.get("code"))
+            for r in audited(peer.runtime)
+            if r.get("request_id") in (5, "5", 6, "6")
+        ]
+    assert sorted(records, key=repr) == [
+        ("5", "allowed", None),
+        ("6", "error", "cancelled"),
+        (5, "allowed", None),
+        (6, "error", "cancelled"),
+    ]
 
 
 async def test_a_cancel_of_initialize_is_ignored(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mcp_zero.errors import InvalidParams, McpZeroError, PolicyDenied, shown
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.rpc.jsonrpc import RequestId
 from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class GovernedBridge:
         plugin: str,
         slot: PluginSlot,
         *,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
     ) -> None:
         self._kernel = kernel

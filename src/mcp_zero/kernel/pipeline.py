@@ -48,6 +48,7 @@ from mcp_zero.kernel.plugins import PluginHost, ToolEntry
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.detectors import label_value, redact
 from mcp_zero.policy.store import PolicyStore
+from mcp_zero.rpc.jsonrpc import RequestId
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox.base import TIMEOUT_HINT, ClientBridge, PluginRuntime
@@ -229,10 +230,12 @@ def _event(
     verb: Verb,
     resource: str | None,
     plugin: str | None,
-    request_id: str,
+    request_id: RequestId,
     transport: Any,
 ) -> JSON:
-    """What every audit record of an agent's action starts with."""
+    """What every audit record of an agent's action starts with. ``request_id`` is the
+    JSON-RPC id as the client sent it, an integer or a string (1 and "1" are two requests);
+    the admin API's and the CLI's are strings."""
     return {
         "agent": principal.agent,
         "anonymous": principal.anonymous,
@@ -471,7 +474,7 @@ class Kernel:
         uris: list[str],
         *,
         method: str,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
     ) -> list[McpZeroError | None]:
         """Decide the principal's subscription to each of ``uris`` (the policy asks
@@ -557,7 +560,7 @@ class Kernel:
         arguments: JSON,
         bridge: ClientBridge,
         *,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
     ) -> Coroutine[Any, Any, JSON]:
         """Call tool ``name`` as ``principal`` through the governed path; await what this
@@ -618,7 +621,7 @@ class Kernel:
         arguments: JSON,
         bridge: ClientBridge,
         principal: Principal,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
         runtime: PluginRuntime,
         timeout: float,
@@ -659,7 +662,7 @@ class Kernel:
         uri: str,
         bridge: ClientBridge,
         *,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
     ) -> JSON:
         uri = normal_uri(uri)  # the plugin, the policy and the audit see one form of it
@@ -694,7 +697,7 @@ class Kernel:
         arguments: dict[str, str],
         bridge: ClientBridge,
         *,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
     ) -> JSON:
         hit = self.plugins.prompts.get(name)
@@ -750,7 +753,7 @@ class Kernel:
         argument: JSON,
         context: JSON | None,
         *,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
     ) -> JSON:
         kind = "prompt" if ref.get("type") == "ref/prompt" else "resource"
@@ -811,7 +814,7 @@ class Kernel:
         target: str,
         *,
         method: str,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
         arguments: JSON | None = None,
     ) -> None:
@@ -833,7 +836,7 @@ class Kernel:
         refusal: McpZeroError,
         *,
         method: str,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
         detail: JSON | None = None,
     ) -> NoReturn:
@@ -876,7 +879,7 @@ class Kernel:
         self,
         action: Action,
         method: str,
-        request_id: str,
+        request_id: RequestId,
         run: Callable[[PluginRuntime, float, PluginSlot], Awaitable[JSON]],
         refused: McpZeroError | None,
         detail: JSON,
@@ -1035,7 +1038,7 @@ class Kernel:
         principal: Principal,
         plugin: str | None,
         slot: PluginSlot,
-        request_id: str,
+        request_id: RequestId,
         transport: str,
     ) -> ClientBridge:
         """The bridge a plugin's call gets: its requests to the client are governed too, and

@@ -505,7 +505,7 @@ class McpServer:
             verb,
             _audited_target(verb, params),
             method=request.method,
-            request_id=str(request.id),
+            request_id=request.id,
             transport=self.transport,
             arguments=arguments if isinstance(arguments, dict) else None,
         )
@@ -707,7 +707,7 @@ class McpServer:
                 session.principal,
                 uris,
                 method="subscriptions/listen",
-                request_id=str(rid),
+                request_id=rid,
                 transport=self.transport,
             )
         except BaseException:
@@ -769,7 +769,7 @@ class McpServer:
             uris[0] if uris else "",
             refusal,
             method="subscriptions/listen",
-            request_id=str(rid),
+            request_id=rid,
             transport=self.transport,
             detail={"method": "subscriptions/listen", "uri_count": len(uris)},
         )
@@ -825,7 +825,7 @@ class McpServer:
             name,
             arguments,
             bridge,
-            request_id=str(rid),
+            request_id=rid,
             transport=self.transport,
         )
 
@@ -840,7 +840,7 @@ class McpServer:
         except InvalidParams as exc:
             await self._refuse(session, "resources/read", params, rid, exc)
         return await self.kernel.read_resource(
-            session.principal, uri, bridge, request_id=str(rid), transport=self.transport
+            session.principal, uri, bridge, request_id=rid, transport=self.transport
         )
 
     async def _resources_subscribe(
@@ -875,7 +875,7 @@ class McpServer:
                     uri,
                     refusal,
                     method="resources/subscribe",
-                    request_id=str(rid),
+                    request_id=rid,
                     transport=self.transport,
                     detail={"method": "resources/subscribe"},
                 )
@@ -886,7 +886,7 @@ class McpServer:
                 session.principal,
                 [uri],
                 method="resources/subscribe",
-                request_id=str(rid),
+                request_id=rid,
                 transport=self.transport,
             )
         except BaseException:
@@ -934,7 +934,7 @@ class McpServer:
             name,
             arguments,
             bridge,
-            request_id=str(rid),
+            request_id=rid,
             transport=self.transport,
         )
 
@@ -970,7 +970,7 @@ class McpServer:
             ref,
             argument,
             context if params.get("context") is not None else None,
-            request_id=str(rid),
+            request_id=rid,
             transport=self.transport,
         )
 
@@ -986,7 +986,7 @@ class McpServer:
             _audited_target(verb, params),
             refusal,
             method=method,
-            request_id=str(rid),
+            request_id=rid,
             transport=self.transport,
         )
 
