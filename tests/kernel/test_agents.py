@@ -423,6 +423,48 @@ async def test_recover_leaves_out_a_plugin_the_policy_forbids_to_attach(
     assert recovered["not_restored"] == recovery_view(recovery)["not_restored"]
 
 
+async def test_admin_actions_name_the_policy_set_that_decided_them(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin action's record, allowed or denied, names the policy set that decided it
+    (``policies_sha256``), as a call's does (found by review); a recover and its attaches
+    are decided by one set, though another comes into force while a denied attach of it is
+    audited."""
+    first = runtime.policy.engine.digest
+    await runtime.agents.spawn("eve", ["faulty", "notes"])  # (with an attach of each)
+    snap = await runtime.agents.snapshot("eve")
+    runtime.install_plugin(NOTES_DIR, replace=True)
+    policy_dir = runtime.settings.policy_dir
+    (policy_dir / "no-faulty.cedar").write_text(NO_FAULTY_ATTACH)
+    second = runtime.policy.reload().digest
+    append = runtime.audit.append
+
+    async def append_then_reload(event: dict[str, Any]) -> Any:
+        entry = await append(event)
+        if event["outcome"] == "denied":  # (of faulty, before notes is decided)
+            (policy_dir / "more.cedar").write_text(
+                '@id("more")\npermit (principal, action, resource) when { false };\n'
+            )
+            runtime.policy.reload()
+        return entry
+
+    monkeypatch.setattr(runtime.audit, "append", append_then_reload)
+    recovery = await runtime.agents.recover(snap.id)
+    assert recovery.agent.plugins == ["notes"]
+    assert runtime.policy.engine.digest not in (first, second)
+    decided = [
+        (r["verb"], r["outcome"], r["policies_sha256"])
+        for r in (orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000))
+    ]
+    assert decided == [
+        ("spawn_agent", "allowed", first),
+        ("snapshot_agent", "allowed", first),
+        ("install_plugin", "allowed", first),
+        ("attach_plugin", "denied", second),
+        ("recover_agent", "allowed", second),
+    ]
+
+
 async def test_spawn_and_recover_records_say_what_the_agent_became(runtime: Runtime) -> None:
     # A recover that revoked the agent's token, or made it work again, was recorded with its
     # snapshot's id alone, and the snapshots are not chained: the log did not say so; nor

@@ -16,7 +16,9 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from mcp_zero.cli.main import main
 from mcp_zero.errors import (
     InvalidParams,
     McpZeroError,
@@ -626,6 +628,69 @@ async def test_a_call_waiting_on_its_client_leaves_its_plugin_slot_to_others(
         assert "action=accept" in (await waiting)["content"][0]["text"]
     finally:
         await runtime.aclose()
+
+
+async def test_each_record_names_the_policy_set_that_decided_it(
+    make_runtime: Any, bridge: Any
+) -> None:
+    """A decision's records name the policy set that made it (``policies_sha256``, as the
+    set's ``load_policies`` record has it): with sets changing under load, the order of the
+    records proved nothing of which set decided a call (found by review). A call decided
+    before another set came into force, and recorded after, names the set that decided it."""
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(CONFORMANCE_DIR)
+    runtime.plugins.install(FAULTY_DIR)
+    # (the start of a server but for its watcher, whose steps are taken here)
+    runtime.record_what_governs()
+    await runtime.plugins.refresh(force=True)
+    try:
+        first = runtime.policy.engine.digest
+        ada = Principal("ada", frozenset({"conformance", "faulty"}))
+        client = SlowClient({"action": "accept", "content": {"username": "ada"}})
+        asking = asyncio.ensure_future(
+            call(runtime, ada, "test_elicitation", {"message": "name?"}, "before", client)
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            await client.asked.wait()  # the call, and its question to the client, decided
+        (runtime.settings.policy_dir / "no-echo.cedar").write_text(
+            '@id("no-echo")\nforbid (principal, action, resource == Tool::"faulty_echo");\n'
+        )
+        assert not await runtime.refresh_policies()  # (seen once)
+        assert await runtime.refresh_policies()
+        second = runtime.policy.engine.digest
+        with pytest.raises(PolicyDenied):
+            await call(runtime, ada, "faulty_echo", {"text": "x"}, "after", bridge)
+        await runtime.kernel.subscribe(
+            ada,
+            ["faulty://counter"],
+            method="resources/subscribe",
+            request_id="after",
+            transport="t",
+        )
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S):
+            assert "action=accept" in (await asking)["content"][0]["text"]
+        loaded = [r["policies_sha256"] for r in records(runtime, verb="load_policies")]
+        decided = {
+            rid: [
+                (r["verb"], r["outcome"], r["policies_sha256"])
+                for r in records(runtime, request_id=rid)
+            ]
+            for rid in ("before", "after")
+        }
+    finally:
+        await runtime.aclose()
+    assert first != second
+    assert loaded == [first, second]
+    assert decided == {
+        "before": [("client_request", "allowed", first), ("call_tool", "allowed", first)],
+        "after": [("call_tool", "denied", second), ("read_resource", "allowed", second)],
+    }
+    verified = CliRunner().invoke(
+        main, ["audit", "verify", "--json", "--data-dir", str(runtime.settings.data_dir)]
+    )
+    assert verified.exit_code == 0, verified.output
+    assert orjson.loads(verified.output)["ok"] is True
 
 
 async def test_a_request_a_plugin_may_not_make_of_its_client_is_refused_before_policy(

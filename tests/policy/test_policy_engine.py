@@ -92,6 +92,7 @@ def test_explicit_forbid_reports_its_id_and_reason() -> None:
         errors=(),
         message='policy "no-anonymous-shell" forbids agent "anon" to call_tool "shell_exec": '
         "anonymous agents may not run shell commands",
+        policies_sha256=engine.digest,
     )
     with pytest.raises(PolicyDenied) as caught:
         engine.require(call(anon, "shell_exec", plugin="shell"))

@@ -42,7 +42,8 @@ class AdminDecision:
     """The policy's decision on an action of the admin, as the audit log is to tell it."""
 
     # what the action's ``allowed`` record says of it, as a tool call's does: the
-    # ``policies`` that permitted it, and ``policy_errors`` when some failed to evaluate
+    # ``policies`` that permitted it, the ``policies_sha256`` of their set, and
+    # ``policy_errors`` when some failed to evaluate
     record: JSON
     # a denial's audit event (the caller appends it) and error (then raises it)
     denial: tuple[JSON, PolicyDenied] | None = None
@@ -64,14 +65,17 @@ def admin_decision(
         return AdminDecision({})
     decision = policy.decide(Action(ADMIN, verb, resource, plugin, context={"transport": via}))
     if decision.allowed:
-        record: JSON = {"policies": list(decision.policies)}
+        record: JSON = {
+            "policies": list(decision.policies),
+            "policies_sha256": decision.policies_sha256,
+        }
         if decision.errors:
             record["policy_errors"] = list(decision.errors)
         return AdminDecision(record)
     if count is not None:
         count(decision.policies)
     data = decision.to_data()
-    detail = {"code": PolicyDenied.code, **data}
+    detail = {"code": PolicyDenied.code, **data, "policies_sha256": decision.policies_sha256}
     if plugin is not None:
         detail["plugin"] = plugin
     event = admin_event(verb, resource, via, Outcome.DENIED, detail)
@@ -80,10 +84,16 @@ def admin_decision(
 
 def decided_together(records: Sequence[JSON]) -> JSON:
     """What the record of an action that several decisions allowed says of them (a spawn's
-    and its plugins' attaches): their ``policies`` and ``policy_errors``, each once."""
+    and its plugins' attaches): their ``policies`` and ``policy_errors``, each once, and the
+    ``policies_sha256`` of the set that made them all. One set: the callers make them with
+    no await between, so no reload comes between them."""
     together: JSON = {}
     for key in ("policies", "policy_errors"):
         values = list(dict.fromkeys(v for record in records for v in record.get(key, ())))
         if values:  # (an allow has a permit: no policies, no policy store)
             together[key] = values
+    sets = {record["policies_sha256"] for record in records if "policies_sha256" in record}
+    assert len(sets) <= 1, "decisions of one action made by different policy sets"
+    if sets:
+        together["policies_sha256"] = sets.pop()
     return together

@@ -382,11 +382,19 @@ class AgentService:
         state = dict(snap.data.get("state", {}))
         _check_state(state, f"the state of snapshot {snapshot_id!r}")
         wanted = list(dict.fromkeys(snap.data.get("plugins", [])))
+        # every attach decided before a denial is audited (an await, during which another
+        # set may come into force): the recover and its attaches are decided by one set
+        decisions = {
+            plugin: admin_decision(
+                self.policy, Verb.ATTACH_PLUGIN, name, via, plugin, count=self._count_denials
+            )
+            for plugin in wanted
+        }
         refused = {}
         attach_decided = {}  # (of the plugins the policy lets the admin attach)
-        for plugin in wanted:
-            decision = await self._decide(Verb.ATTACH_PLUGIN, name, via, plugin)
+        for plugin, decision in decisions.items():
             if decision.denial is not None:
+                await self.audit.append(decision.denial[0])
                 why = decision.denial[1].message
                 refused[plugin] = f"the policy does not let the admin attach it: {why}"
             else:

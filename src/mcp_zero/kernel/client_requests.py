@@ -123,6 +123,7 @@ class GovernedBridge:
                     + ", ".join(CLIENT_REQUEST_METHODS)
                 )
             decision = kernel.policy.decide(action)
+            event["policies_sha256"] = decision.policies_sha256
             if not decision.allowed:
                 kernel.metrics.count_denials(decision.policies)
                 raise PolicyDenied(decision.message, data=decision.to_data())

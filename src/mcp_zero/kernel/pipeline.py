@@ -523,6 +523,7 @@ class Kernel:
                     Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, context)
                 )
                 event["policies"] = list(decision.policies)
+                event["policies_sha256"] = decision.policies_sha256
                 if decision.errors:
                     event["policy_errors"] = list(decision.errors)
                 if not decision.allowed:
@@ -916,6 +917,9 @@ class Kernel:
             t = time.perf_counter()
             decision = self.policy.decide(action)
             policy_s = time.perf_counter() - t
+            # the set that decided it, as the decision says: the store may have put another in
+            # force by the time the record is written
+            event["policies_sha256"] = decision.policies_sha256
             if not decision.allowed:
                 metrics.count_denials(decision.policies)
                 raise PolicyDenied(decision.message, data=decision.to_data())

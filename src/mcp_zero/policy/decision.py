@@ -21,7 +21,9 @@ class PolicyDecision:
     detectors' matches are redacted from the action's result: those the ``@redact``
     annotations of ``policies`` name, sorted. ``audit_before`` (an allow's obligation too):
     one of ``policies`` carries ``@audit("before")``, so the action is recorded, durably,
-    before it runs, as well as when it ends.
+    before it runs, as well as when it ends. ``policies_sha256`` names the policy set that
+    made it (``PolicyEngine.digest``, as its ``load_policies`` record has it): the records of
+    the decision carry it, so the log proves which set decided, whatever was loaded since.
     """
 
     allowed: bool
@@ -31,6 +33,7 @@ class PolicyDecision:
     message: str = ""
     redact: tuple[str, ...] = ()
     audit_before: bool = False
+    policies_sha256: str = ""
 
     def to_data(self) -> dict[str, Any]:
         """The decision as JSON-ready ``data`` for errors and audit records."""

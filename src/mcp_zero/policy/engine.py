@@ -51,6 +51,7 @@ class PolicyEngine:
         self._policy_set = compiled.policy_set
         self._infos = compiled.infos
         self._by_cedar_id = compiled.by_cedar_id
+        self._digest = compiled.digest
         # Whether a policy can use the labels of an action's arguments: one reads them, or
         # carries an obligation (whose records show them). Else detectors need not run.
         self.uses_labels = any(info.reads_labels or info.redact for info in self._infos.values())
@@ -91,8 +92,9 @@ class PolicyEngine:
 
     @property
     def digest(self) -> str:
-        """sha256 (hex) of the loaded files: names the policy set in audit records."""
-        return self._compiled.digest
+        """sha256 (hex) of the loaded files: names the policy set in audit records (each of
+        its decisions carries it, as ``policies_sha256``)."""
+        return self._digest
 
     def decide(self, action: Action) -> PolicyDecision:
         """Decide ``action``. Never raises for a well-formed action.
@@ -171,7 +173,9 @@ class PolicyEngine:
                 for info, error in unknown
             )
             ids = tuple(info.id for info, _ in unknown)
-            return PolicyDecision(False, ids, (sentence,) * len(ids), errors, sentence)
+            return PolicyDecision(
+                False, ids, (sentence,) * len(ids), errors, sentence, policies_sha256=self._digest
+            )
         if result.allowed:
             reasons = tuple(self._reason(pid, "permits it") for pid in matched)
             # and the obligations of a permit that failed to evaluate: it might have matched
@@ -180,14 +184,25 @@ class PolicyEngine:
             redact = sorted({label for info in infos for label in info.redact})
             before = any(info.audit_before for info in infos)
             message = "allowed by " + _ids(matched)
-            return PolicyDecision(True, matched, reasons, errors, message, tuple(redact), before)
+            return PolicyDecision(
+                True,
+                matched,
+                reasons,
+                errors,
+                message,
+                tuple(redact),
+                before,
+                policies_sha256=self._digest,
+            )
         if matched:
             reasons = tuple(self._reason(pid, "forbids it") for pid in matched)
             sentence = "; ".join(
                 f'policy "{pid}" forbids {describe(principal.agent, verb, rid)}: {reason}'
                 for pid, reason in zip(matched, reasons, strict=True)
             )
-            return PolicyDecision(False, matched, reasons, errors, sentence)
+            return PolicyDecision(
+                False, matched, reasons, errors, sentence, policies_sha256=self._digest
+            )
         return self._default_deny(action, rtype, rid, parent, errors)
 
     def _failure(self, error: Any) -> tuple[PolicyInfo | None, str, str]:
@@ -232,7 +247,9 @@ class PolicyEngine:
             why += " (policies that failed to evaluate: " + "; ".join(errors) + ")"
         sentence = f"no policy permits {describe(agent, action.verb, rid)}: {why}"
         ids = tuple(info.id for info in candidates)
-        return PolicyDecision(False, ids, (sentence,), errors, sentence)
+        return PolicyDecision(
+            False, ids, (sentence,), errors, sentence, policies_sha256=self._digest
+        )
 
     def _reason(self, policy_id: str, fallback: str) -> str:
         info = self._infos.get(policy_id)
