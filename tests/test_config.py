@@ -4,6 +4,7 @@ the errors a user gets for a bad file, key or value."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from dataclasses import fields
@@ -211,14 +212,53 @@ def test_data_dir_paths_derive_from_the_data_dir(tmp_path: Path) -> None:
     assert settings.admin_token_path == tmp_path / "admin.token"
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "localhost", "::1"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "127.1", "localhost", "::1"])
 def test_loopback_hosts(host: str) -> None:
     assert Settings(host=host).on_loopback_only()
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.com"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "192.168.1.10", "::", "no-such-host.invalid"])
 def test_non_loopback_hosts(host: str) -> None:
     assert not Settings(host=host).on_loopback_only()
+
+
+def resolving(monkeypatch: pytest.MonkeyPatch, name: str, address: str) -> None:
+    """Have ``name`` resolve to ``address`` in this process (as /etc/hosts or DNS may)."""
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return resolve(address if host == name else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.parametrize("name", ["127.example.net", "localhost"])
+def test_a_host_is_loopback_by_what_it_resolves_to_not_by_its_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # A host spelt like loopback ("localhost", "127.…") was taken for it, whatever it
+    # resolved to: the server listened on the network, served token-less requests as the
+    # anonymous agent, /metrics to anyone, plain HTTP without a warning (found by review)
+    resolving(monkeypatch, name, "0.0.0.0")
+    result = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            *("--data-dir", str(tmp_path / "d"), "--host", name, "--port", "0"),
+            *("--anonymous-agent", "guest"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert f"--anonymous-agent is refused on {name}: " in result.output
+    assert not (tmp_path / "d").exists()  # refused before anything was created
+    settings = Settings(host=name)
+    assert settings.listen_addresses() == ["0.0.0.0"]
+    assert not settings.on_loopback_only()
+    from mcp_zero.cli.serve import plain_http_warning
+
+    warning = plain_http_warning(settings, settings.listen_addresses())
+    assert warning is not None
+    assert warning.startswith(f"serving plain HTTP on {name} (0.0.0.0): ")
 
 
 def test_anonymous_agent_is_refused_off_loopback(tmp_path: Path) -> None:
@@ -228,7 +268,7 @@ def test_anonymous_agent_is_refused_off_loopback(tmp_path: Path) -> None:
         environ={},
     )
     with pytest.raises(ConfigError, match="loopback"):
-        _prepare(settings)
+        _prepare(settings, on_loopback_only=settings.on_loopback_only())
     assert not (tmp_path / "d").exists()  # refused before anything was created
 
 
@@ -239,7 +279,7 @@ def test_anonymous_agent_must_exist(tmp_path: Path) -> None:
         environ={},
     )
     with pytest.raises(ConfigError, match="guest"):
-        _prepare(settings)
+        _prepare(settings, on_loopback_only=True)
 
 
 def test_mcp0_serve_refuses_anonymous_off_loopback_with_one_line(tmp_path: Path) -> None:
@@ -266,12 +306,12 @@ def test_plain_http_off_loopback_gets_a_warning_and_https_or_loopback_none(
     from mcp_zero.cli.serve import plain_http_warning
 
     exposed = load_settings(None, {"host": "0.0.0.0"}, environ={})
-    warning = plain_http_warning(exposed)
+    warning = plain_http_warning(exposed, ["0.0.0.0"])
     assert warning is not None
     assert "--tls-cert" in warning
-    assert plain_http_warning(load_settings(None, {}, environ={})) is None
+    assert plain_http_warning(load_settings(None, {}, environ={}), ["127.0.0.1"]) is None
     tls = {"host": "0.0.0.0", "tls_cert": tmp_path / "c.pem", "tls_key": tmp_path / "k.pem"}
-    assert plain_http_warning(load_settings(None, tls, environ={})) is None
+    assert plain_http_warning(load_settings(None, tls, environ={}), ["0.0.0.0"]) is None
 
 
 def test_tls_cert_and_key_go_together() -> None:

@@ -3,9 +3,11 @@ then command-line options — each later source overriding the earlier ones."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -86,8 +88,40 @@ class Settings:
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin.token"
 
+    def listen_addresses(self) -> list[str]:
+        """The IP addresses a server on ``host`` listens on: the host resolved once, as a
+        listening socket's address is (``""`` is every interface). Raises OSError
+        (socket.gaierror) when it names none."""
+        infos = socket.getaddrinfo(
+            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
     def on_loopback_only(self) -> bool:
-        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        """Whether every address ``host`` resolves to is a loopback one: decided on what the
+        name resolves to, not on how it is spelt (``localhost`` or ``127.example.net`` may
+        resolve to a network address)."""
+        try:
+            return loopback_only(self.listen_addresses())
+        except OSError:  # it names no address: nothing to listen on, loopback or not
+            return False
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` is a loopback IP address (127.0.0.0/8, ``::1``, or an IPv4-mapped
+    ``::ffff:127.x.y.z``); a name, or anything else that is no IP address, is not."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # (an IPv6 one may have a zone)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def loopback_only(addresses: list[str]) -> bool:
+    """Whether a server listening on ``addresses`` (IP addresses) is reached on loopback only."""
+    return bool(addresses) and all(map(is_loopback, addresses))
 
 
 _ENV_PREFIX = "MCP0_"

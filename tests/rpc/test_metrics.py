@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,23 @@ async def test_metrics_beyond_loopback_need_the_admin_token(
     assert "mcp0_calls" not in response.text
     found = samples(runtime.metrics)["mcp0_unauthorized"]
     assert value(found, "mcp0_unauthorized_total", endpoint="metrics") == 1
+
+
+@pytest.mark.anyio
+async def test_metrics_of_a_loopback_name_resolving_beyond_it_need_the_admin_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "localhost" was loopback by its spelling: served to anyone, whatever it resolved to
+    # (found by review)
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return resolve("192.0.2.7" if host == "localhost" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    response, _ = await get_metrics(tmp_path, host="localhost")
+    assert response.status_code == 401
+    assert "mcp0_calls" not in response.text
 
 
 @pytest.mark.anyio

@@ -13,7 +13,7 @@ import ssl
 import sys
 from typing import Any
 
-from mcp_zero.config import Settings
+from mcp_zero.config import Settings, loopback_only
 from mcp_zero.errors import ConfigError, Conflict, StorageError, Unauthorized
 from mcp_zero.runtime import REFRESH_INTERVAL_S, FirstStart, Runtime
 from mcp_zero.sandbox import proctree
@@ -46,12 +46,18 @@ def _cannot_listen(settings: Settings, exc: OSError) -> ConfigError:
     return ConfigError(f"{where}; {hint}")
 
 
-def plain_http_warning(settings: Settings) -> str | None:
-    """What to tell the operator of a server that others reach without TLS, if it is one."""
-    if settings.tls_cert is not None or settings.on_loopback_only():
+def plain_http_warning(settings: Settings, addresses: list[str]) -> str | None:
+    """What to tell the operator of a server listening on ``addresses`` that others reach
+    without TLS, if it is one."""
+    if settings.tls_cert is not None or loopback_only(addresses):
         return None
+    where = (
+        settings.host
+        if addresses == [settings.host]
+        else f"{settings.host} ({', '.join(addresses)})"
+    )
     return (
-        f"serving plain HTTP on {settings.host}: bearer tokens cross the network in clear; "
+        f"serving plain HTTP on {where}: bearer tokens cross the network in clear; "
         "give --tls-cert and --tls-key, or put a TLS proxy in front"
     )
 
@@ -72,29 +78,41 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _check_listen(settings: Settings) -> None:
-    """Fail before the data dir is touched (and a first start's token shown to nobody) when
-    the address cannot be bound; the server's own bind can still lose a race, see run_http."""
-    if settings.port == 0:
-        return
+def _listen_addresses(settings: Settings) -> list[str]:
+    """The addresses the server listens on: its host resolved once, here, and bound as it
+    resolved (what is decided of them, loopback or not, holds of what is bound: a name
+    resolved again could name other addresses). Fails before the data dir is touched (and a
+    first start's token shown to nobody) when one cannot be bound; the server's own bind
+    can still lose a race, see run_http."""
     try:
-        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+        addresses = settings.listen_addresses()
+        if settings.port != 0:
+            for address in addresses:
+                family, kind, proto, _, bound = socket.getaddrinfo(
+                    address, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+                )[0]
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:  # (as the server's: IPv6 only)
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.bind(bound)
     except OSError as exc:
         raise _cannot_listen(settings, exc) from exc
+    return addresses
 
 
-def _prepare(settings: Settings, *, first_start: bool = False) -> tuple[Runtime, FirstStart]:
+def _prepare(
+    settings: Settings, *, on_loopback_only: bool, first_start: bool = False
+) -> tuple[Runtime, FirstStart]:
     """The runtime, with the data dir's first start done if ``first_start`` (the example
     plugins installed and the default agent's token, if this start made them); the caller
-    records it finished once the token is shown."""
-    if settings.anonymous_agent and not settings.on_loopback_only():
+    records it finished once the token is shown. ``on_loopback_only``: whether every
+    address the server listens on is a loopback one (token-less access needs it)."""
+    if settings.anonymous_agent and not on_loopback_only:
         raise ConfigError(
             f"--anonymous-agent is refused on {settings.host}: token-less access is allowed "
-            "only when the server listens on loopback (127.0.0.1, ::1, localhost)"
+            "only when every address the server listens on is a loopback one (127.0.0.1, "
+            "::1, or a name that resolves to loopback addresses only)"
         )
     runtime = Runtime(settings)
     done = FirstStart([], None)
@@ -141,19 +159,20 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     )
     _install_uvloop()
     tls = _tls_context(settings)
-    _check_listen(settings)
-    warning = plain_http_warning(settings)
+    addresses = _listen_addresses(settings)
+    loopback = loopback_only(addresses)
+    warning = plain_http_warning(settings, addresses)
     if warning is not None:
         log.warning("%s", warning)
-    runtime, first_start = _prepare(settings, first_start=True)
+    runtime, first_start = _prepare(settings, on_loopback_only=loopback, first_start=True)
     _end_left_behind(settings)
     # A subreaper: what a plugin orphans comes to the server, not init, and the server
     # sweeps it (mcp_zero.sandbox.proctree).
     adopt_orphans()
     raise_open_files_limit()  # (connections are bounded by what it allows: HttpServer)
-    app = HttpApp(runtime)
+    app = HttpApp(runtime, on_loopback_only=loopback)
     server = HttpServer(
-        app, settings.host, settings.port, max_body_bytes=settings.max_body_bytes, tls=tls
+        app, addresses, settings.port, max_body_bytes=settings.max_body_bytes, tls=tls
     )
 
     async def started() -> None:
@@ -239,7 +258,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     _install_uvloop()
     # a stdio session's agent exists already: the first start is left to an HTTP server
-    runtime, _ = _prepare(settings)
+    runtime, _ = _prepare(settings, on_loopback_only=settings.on_loopback_only())
     try:
         if agent:
             principal = runtime.agents.principal(agent)

@@ -275,7 +275,9 @@ SSE_KEEPALIVE_S = 25.0
 class HttpApp:
     """The ASGI application of one runtime."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, on_loopback_only: bool | None = None) -> None:
+        """``on_loopback_only``: whether every address the server listens on is a loopback
+        one (None: whether its host resolves to loopback addresses only)."""
         self.runtime = runtime
         self.settings = runtime.settings
         self.server = McpServer(
@@ -300,7 +302,9 @@ class HttpApp:
             self.server.end_agent,
         )
         self._list_watch: asyncio.Task[None] | None = None
-        self._loopback_only = runtime.settings.on_loopback_only()
+        self._loopback_only = (
+            runtime.settings.on_loopback_only() if on_loopback_only is None else on_loopback_only
+        )
         self._allowed = _Allowed(runtime.settings.allowed_origins)
         self.sse_keepalive_s = SSE_KEEPALIVE_S
         self.finished = FinishedStreams()  # finished SSE streams, kept a minute for a resume

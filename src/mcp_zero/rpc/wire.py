@@ -34,7 +34,7 @@ import struct
 import termios
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from email.utils import formatdate
 from typing import Any, NoReturn, cast
 from urllib.parse import unquote_to_bytes
@@ -919,11 +919,16 @@ class _TlsListener:
 
     @classmethod
     async def bind(cls, server: HttpServer, tls: ssl.SSLContext) -> _TlsListener:
-        """Listen on every address of the server's host, as ``create_server`` does."""
+        """Listen on every address of the server's hosts, as ``create_server`` does."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(
-            server.host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        hosts = [server.host] if isinstance(server.host, str) else server.host
+        infos = [
+            info
+            for host in hosts
+            for info in await loop.getaddrinfo(
+                host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        ]
         sockets: list[socket.socket] = []
         try:
             for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -992,12 +997,13 @@ class _TlsListener:
 
 
 class HttpServer:
-    """Serves ``app`` on ``host:port`` until :meth:`stop` (or SIGTERM/SIGINT in :meth:`run`)."""
+    """Serves ``app`` on ``host:port`` until :meth:`stop` (or SIGTERM/SIGINT in :meth:`run`);
+    ``host`` may be several (each an address or a name: every address of each is listened on)."""
 
     def __init__(
         self,
         app: App,
-        host: str,
+        host: str | Sequence[str],
         port: int,
         *,
         max_body_bytes: int,
@@ -1019,7 +1025,8 @@ class HttpServer:
         self.vet_body: Callable[[Scope], bool] | None = getattr(app, "vet_body", None)
         self.host = host
         self.port = port
-        self.address = (host, port)
+        # (ASGI's "server" of a request: the first host, when there are several)
+        self.address = (host if isinstance(host, str) else host[0], port)
         self.max_body_bytes = max_body_bytes
         self.request_read_s = request_read_s
         self.keepalive_s = keepalive_s
@@ -1067,7 +1074,7 @@ class HttpServer:
             self._server = await _TlsListener.bind(self, self.tls)
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
-        self.address = (self.host, self.port)
+        self.address = (self.address[0], self.port)
         self._reaper = loop.create_task(self._reap_idle())
 
     async def _reap_idle(self) -> None:
