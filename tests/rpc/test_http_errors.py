@@ -416,8 +416,19 @@ async def test_a_session_used_with_another_agents_token_is_404(env: Env) -> None
         {"Origin": "http://[::1]evil.example.com"},
         {"Host": "localhost:1.evil.example.com"},  # (read as localhost, the "port" unchecked)
         {"Origin": "http://localhost:1.evil.example.com"},
+        {"Host": "127.example.net"},  # (a name, whatever it resolves to: it can be rebound)
+        {"Host": "127.0.0.1 evil.example.com"},  # (which inet_aton reads as 127.0.0.1)
     ],
-    ids=["host", "origin", "bracketed-host", "bracketed-origin", "port-host", "port-origin"],
+    ids=[
+        "host",
+        "origin",
+        "bracketed-host",
+        "bracketed-origin",
+        "port-host",
+        "port-origin",
+        "loopback-like-name",
+        "address-then-name",
+    ],
 )
 async def test_foreign_host_or_origin_is_403_on_loopback(env: Env, headers: dict[str, str]) -> None:
     client = env.live.client(env.full)
@@ -428,6 +439,20 @@ async def test_foreign_host_or_origin_is_403_on_loopback(env: Env, headers: dict
         Origin=f"http://localhost:{env.live.port}",
     )
     assert local.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.2", "127.1", "0x7f.0.0.3", "[::1]", "[::ffff:127.0.0.2]", "localhost"]
+)
+async def test_loopback_addresses_are_accepted_as_host_and_origin_on_loopback(
+    env: Env, host: str
+) -> None:
+    # Only 127.0.0.1 and [::1] were: `mcp0 serve --host 127.0.0.2` refused its own URL with
+    # 403 forbidden_origin (found by review)
+    client = env.live.client(env.full)
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    assert (await client.post(ping, Host=f"{host}:{env.live.port}")).status_code == 200
+    assert (await client.post(ping, Origin=f"http://{host}:3000")).status_code == 200
 
 
 async def test_allowed_origins_name_origins_or_hosts_in_any_case(tmp_path: Path) -> None:

@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import time
 from typing import Any
 
 import orjson
 
 from mcp_zero import memory
+from mcp_zero.config import is_loopback
 from mcp_zero.errors import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
@@ -151,7 +153,30 @@ class _Allowed:
     @staticmethod
     def _host(authority: str, listed: set[str]) -> bool:
         name = hostname(authority)
-        return name in _LOOPBACK_HOSTS or authority in listed or name in listed
+        return _loopback_host(name) or authority in listed or name in listed
+
+
+# A host of digits, dots and 0x is an IPv4 address to a browser (127.1, 0x7f.0.0.1: the URL
+# standard's IPv4 parser), never a DNS name; inet_aton reads the same forms (and ignores
+# what follows a space, which this keeps out).
+_IPV4_NUMBERS = re.compile(r"[0-9A-Fa-fXx.]+")
+
+
+def _loopback_host(name: str) -> bool:
+    """Whether ``name`` (a Host's or an origin's host, without its port) names loopback by
+    what it is: ``localhost``, or a loopback IP address (``127.0.0.2``, ``127.1``,
+    ``[::1]``). A DNS name never does, whatever it resolves to now: it can be made to
+    resolve there (DNS rebinding); allowed_origins may name one."""
+    if name in _LOOPBACK_HOSTS:
+        return True
+    if name.startswith("["):
+        return name.endswith("]") and is_loopback(name[1:-1])
+    if _IPV4_NUMBERS.fullmatch(name):
+        try:
+            return socket.inet_aton(name)[0] == 127
+        except OSError:
+            return False
+    return False
 
 
 def _unreadable_post(scope: Scope) -> tuple[int, str] | None:
@@ -545,7 +570,7 @@ class HttpApp:
             return False
         if self._loopback_only:
             host = header(scope, b"host")
-            if host is not None and hostname(host) not in _LOOPBACK_HOSTS:
+            if host is not None and not _loopback_host(hostname(host)):
                 return self._allowed.host(host)
         return True
 
