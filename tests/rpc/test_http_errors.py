@@ -418,6 +418,8 @@ async def test_a_session_used_with_another_agents_token_is_404(env: Env) -> None
         {"Origin": "http://localhost:1.evil.example.com"},
         {"Host": "127.example.net"},  # (a name, whatever it resolves to: it can be rebound)
         {"Host": "127.0.0.1 evil.example.com"},  # (which inet_aton reads as 127.0.0.1)
+        # a sandboxed iframe's or a file:// page's (it was let in: found by review)
+        {"Origin": "null"},
     ],
     ids=[
         "host",
@@ -428,6 +430,7 @@ async def test_a_session_used_with_another_agents_token_is_404(env: Env) -> None
         "port-origin",
         "loopback-like-name",
         "address-then-name",
+        "null-origin",
     ],
 )
 async def test_foreign_host_or_origin_is_403_on_loopback(env: Env, headers: dict[str, str]) -> None:

@@ -460,7 +460,7 @@ class HttpApp:
                     ),
                 )
                 return
-            if origin is not None and origin != "null":
+            if origin is not None:
                 # A browser's page from an allowed origin (checked above): let it read the
                 # answers and the session header (CORS); other clients send no Origin.
                 send = _with_cors(send, origin)
@@ -565,8 +565,10 @@ class HttpApp:
             )
 
     def _origin_allowed(self, scope: Scope, origin: str | None) -> bool:
-        """Whether the request's Origin (``origin``) and Host may reach this server."""
-        if origin is not None and origin != "null" and not self._allowed.origin(origin):
+        """Whether the request's Origin (``origin``) and Host may reach this server. An
+        opaque origin (``null``: a sandboxed iframe's, a file:// page's) is no allowed one:
+        its page could be anyone's."""
+        if origin is not None and not self._allowed.origin(origin):
             return False
         if self._loopback_only:
             host = header(scope, b"host")
