@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from mcp_zero.sandbox.base import LOG_LEVELS
+from mcp_zero.uri import normal_uri
 
 __all__ = [
     "LOG_LEVELS",
@@ -404,6 +405,8 @@ class Plugin:
         self.name = name
         self.tools: dict[str, Handler] = {}
         self.resources: dict[str, Handler] = {}
+        # the resources by normal_uri: the kernel sends a read's URI in normal form
+        self._by_uri: dict[str, Handler] = {}
         self.templates: list[_Template] = []
         self.prompts: dict[str, Handler] = {}
         #: (ref type, prompt name or template, argument name) -> handler
@@ -429,7 +432,9 @@ class Plugin:
 
         def register(fn: F) -> F:
             _unique(self.resources, uri, "resource")
-            self.resources[uri] = _handler(fn, mime_type)
+            if normal_uri(uri) in self._by_uri:
+                raise ValueError(f"resource {uri!r} is registered twice (escaped otherwise)")
+            self.resources[uri] = self._by_uri[normal_uri(uri)] = _handler(fn, mime_type)
             return fn
 
         return register
@@ -439,7 +444,7 @@ class Plugin:
     ) -> Callable[[F], F]:
         """Register ``fn(ctx, **variables)`` for URIs matching ``uri_template`` (``{var}``,
         ``{+var}``); variables arrive percent-decoded."""
-        pattern = _compile_template(uri_template)
+        pattern = _compile_template(normal_uri(uri_template))
 
         def register(fn: F) -> F:
             if any(t.template == uri_template for t in self.templates):
@@ -490,8 +495,10 @@ class Plugin:
         return register
 
     def match_resource(self, uri: str) -> tuple[Handler, dict[str, str]] | None:
-        """The handler serving ``uri`` and its template variables, or ``None``."""
-        handler = self.resources.get(uri)
+        """The handler serving ``uri`` (however escaped: ``mem://%61bc`` is ``mem://abc``)
+        and its template variables, or ``None``."""
+        uri = normal_uri(uri)
+        handler = self._by_uri.get(uri)
         if handler is not None:
             return handler, {}
         for t in self.templates:

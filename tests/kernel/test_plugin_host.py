@@ -781,6 +781,26 @@ def test_templates_are_compared_in_few_steps_each_and_each_pair_once() -> None:
             "resource 'mem://notes/today' of plugin 'alpha' matches resource template "
             "'mem://notes/{day}' of plugin 'zeta'",
         ),
+        # one URI however escaped, as reads look it up: the other plugin got its reads, or
+        # neither did (found by review)
+        (
+            {"resources": ("mem://abc",)},
+            {"resources": ("mem://%61bc",)},
+            "resource 'mem://%61bc' of plugin 'alpha' is resource 'mem://abc' (one URI, "
+            "escaped otherwise), already served by plugin 'zeta'",
+        ),
+        (
+            {"resources": ("http://h/%7Euser",)},
+            {"resources": ("http://h/~user",)},
+            "resource 'http://h/~user' of plugin 'alpha' is resource 'http://h/%7Euser' (one "
+            "URI, escaped otherwise), already served by plugin 'zeta'",
+        ),
+        (
+            {"templates": ("mem://%61/{id}",)},
+            {"resources": ("mem://a/1",)},
+            "resource 'mem://a/1' of plugin 'alpha' matches resource template 'mem://%61/{id}' "
+            "of plugin 'zeta'",
+        ),
         (  # a catch-all would take the other plugin's URIs
             {"templates": ("mem://t/{id}/data",)},
             {"templates": ("mem://{+rest}",)},
@@ -807,6 +827,34 @@ async def test_prompts_resources_and_templates_another_plugin_serves_are_refused
         runtime.plugins.install(serving_plugin(tmp_path / "alpha", "alpha", **alpha))
     assert refused.value.message.startswith(refusal + "; "), refused.value.message
     assert [r.name for r in runtime.store.list_plugins()] == ["zeta"]
+
+
+async def test_a_resource_declared_escaped_is_read_under_its_listed_uri(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # A read is looked up in normal form, the index held URIs as declared: a resource listed
+    # as http://h/%7Euser was no plugin's, resource_not_found (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(
+        serving_plugin(
+            tmp_path / "zeta",
+            "zeta",
+            resources=("http://h/%7Euser", "mem://%61bc"),
+            templates=("t://%41/{id}",),
+        )
+    )
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"zeta"}))
+        listed = [r["uri"] for r in runtime.kernel.list_resources(ada)]
+        assert listed == ["http://h/%7Euser", "mem://%61bc"]
+        for uri in (*listed, "http://h/~user", "http://h/%7euser", "t://%41/1", "t://A/1"):
+            read = await runtime.kernel.read_resource(
+                ada, uri, bridge, request_id="escaped", transport="t"
+            )
+            assert read["contents"][0]["text"] == "zeta", uri
+    finally:
+        await runtime.aclose()
 
 
 async def test_templates_no_uri_matches_twice_and_other_names_are_accepted(

@@ -158,6 +158,14 @@ def test_registration_and_template_matching():
     assert p.match_resource("items://7/x/v/2") is None
     with pytest.raises(ValueError, match="registered twice"):
         p.tool("a.b-c_1")(t)
+    # found as the kernel sends a read's URI: in normal form (found by review)
+    p.resource("mem://%61bc")(t)
+    p.resource_template("t://%7E/{x}")(item)
+    assert p.match_resource("mem://abc") == (p.resources["mem://%61bc"], {})
+    assert p.match_resource("mem://%61b%63") == (p.resources["mem://%61bc"], {})
+    assert p.match_resource("t://~/7")[1] == {"x": "7"}
+    with pytest.raises(ValueError, match=r"resource 'mem://abc' is registered twice \(escaped"):
+        p.resource("mem://abc")(t)
     with pytest.raises(ValueError, match="1-128"):
         p.tool("bad name")
     for bad in ("", "a b", "x" * 129):  # as the manifest refuses them (found by review)

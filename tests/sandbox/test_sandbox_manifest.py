@@ -192,6 +192,21 @@ def test_minimal_manifest_gets_defaults():
         ),
         (variant(resources=[{"uri": "a://b"}]), "resources[0].name", "is required"),
         (variant(resources=[{"uri": "a://b", "name": "b"}] * 2), "resources", "duplicate"),
+        (  # one URI, however escaped, as reads look it up (found by review)
+            variant(resources=[{"uri": "a://b", "name": "b"}, {"uri": "a://%62", "name": "c"}]),
+            "resources",
+            "duplicate resource uri 'a://%62' (it is 'a://b', escaped otherwise)",
+        ),
+        (
+            variant(
+                resourceTemplates=[
+                    {"uriTemplate": "a://%7E/{x}", "name": "t"},
+                    {"uriTemplate": "a://~/{x}", "name": "u"},
+                ]
+            ),
+            "resourceTemplates",
+            "duplicate uriTemplate 'a://~/{x}' (it is 'a://%7E/{x}', escaped otherwise)",
+        ),
         (
             variant(prompts=[{"name": "p", "arguments": [{"name": "a", "required": "y"}]}]),
             "prompts[p].arguments[0].required",

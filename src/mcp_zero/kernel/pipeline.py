@@ -21,7 +21,6 @@ import asyncio
 import functools
 import hashlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -53,6 +52,7 @@ from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox.base import TIMEOUT_HINT, ClientBridge, PluginRuntime
 from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH
+from mcp_zero.uri import normal_uri
 
 JSON = dict[str, Any]
 log = logging.getLogger("mcp_zero.kernel")
@@ -143,24 +143,6 @@ def completion_arguments(argument: Any, context: Any) -> JSON:
     """What the record of a completion digests as its arguments (``arguments_sha256``): the
     argument completed and the context, as the client sent them (None: it sent none)."""
     return {"argument": argument, "context": context}
-
-
-def normal_uri(uri: str) -> str:
-    """``uri`` in RFC 3986 normal form as far as percent-encoding goes (6.2.2.1-2): escapes
-    of unreserved characters decoded, the others in upper case. What policy and audit see,
-    so that ``test://x/%31`` is not another resource than ``test://x/1``."""
-    if "%" not in uri:
-        return uri
-    return _ESCAPE.sub(_normal_escape, uri)
-
-
-_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-
-
-def _normal_escape(match: re.Match[str]) -> str:
-    char = chr(int(match.group(1), 16))
-    return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
 def _pointer(parts: Any) -> str:

@@ -51,6 +51,7 @@ from mcp_zero.sandbox.ownership import WORKER_USER, readable_to_all
 from mcp_zero.sandbox.process import ProcessRuntime
 from mcp_zero.security.files import sync_directory
 from mcp_zero.storage.base import PluginRecord, Store
+from mcp_zero.uri import normal_uri
 
 JSON = dict[str, Any]
 log = logging.getLogger("mcp_zero.plugins")
@@ -405,7 +406,8 @@ class _Clash:
 def _clashes(mine: _Offer, theirs: _Offer) -> Iterator[_Clash]:
     """What of ``mine`` ``theirs`` also serves: the same tool or prompt name, the same
     resource URI, a template matching the other's resource, or two templates some one URI
-    matches (a ``{+var}`` catch-all included)."""
+    matches (a ``{+var}`` catch-all included). URIs and templates are compared in normal form
+    (normal_uri), the form a read is looked up in: ``mem://%61bc`` is ``mem://abc``."""
     for tool in mine.tools:
         if tool in theirs.tools:
             yield _Clash(("tool", tool), ("tool", tool), f"tool {tool!r}", "is already provided by")
@@ -417,13 +419,19 @@ def _clashes(mine: _Offer, theirs: _Offer) -> Iterator[_Clash]:
                 f"prompt {prompt!r}",
                 "is already provided by",
             )
+    served = {normal_uri(uri): uri for uri in theirs.resources}
     for uri in mine.resources:
-        if uri in theirs.resources:
-            yield _Clash(
-                ("resource", uri), ("resource", uri), f"resource {uri!r}", "is already served by"
+        normal = normal_uri(uri)
+        other = served.get(normal)
+        if other is not None:
+            how = (
+                "is already served by"
+                if other == uri
+                else f"is resource {other!r} (one URI, escaped otherwise), already served by"
             )
+            yield _Clash(("resource", uri), ("resource", other), f"resource {uri!r}", how)
         for template in theirs.templates:
-            if _template_pattern(template).match(uri):
+            if _template_pattern(normal_uri(template)).match(normal):
                 yield _Clash(
                     ("resource", uri),
                     ("template", template),
@@ -431,9 +439,9 @@ def _clashes(mine: _Offer, theirs: _Offer) -> Iterator[_Clash]:
                     f"matches resource template {template!r} of",
                 )
     for template in mine.templates:
-        pattern = _template_pattern(template)
+        pattern = _template_pattern(normal_uri(template))
         for uri in theirs.resources:
-            if pattern.match(uri):
+            if pattern.match(normal_uri(uri)):
                 yield _Clash(
                     ("template", template),
                     ("resource", uri),
@@ -441,7 +449,7 @@ def _clashes(mine: _Offer, theirs: _Offer) -> Iterator[_Clash]:
                     f"matches resource {uri!r} of",
                 )
         for other in theirs.templates:
-            overlap = _templates_overlap(template, other)
+            overlap = _templates_overlap(normal_uri(template), normal_uri(other))
             if overlap is None:
                 yield _Clash(
                     ("template", template),
@@ -902,16 +910,14 @@ class PluginHost:
                         _validator(spec.output_schema) if spec.output_schema else None,
                     ),
                 )
+            # by the normal form a read is looked up in (listed as declared)
             for resource in manifest.resources:
                 if ("resource", resource.uri) not in withheld:
-                    resources.setdefault(resource.uri, (name, resource.to_mcp()))
+                    resources.setdefault(normal_uri(resource.uri), (name, resource.to_mcp()))
             for template in manifest.resource_templates:
                 if ("template", template.uri_template) not in withheld:
-                    templates.append(
-                        TemplateEntry(
-                            name, _template_pattern(template.uri_template), template.to_mcp()
-                        )
-                    )
+                    pattern = _template_pattern(normal_uri(template.uri_template))
+                    templates.append(TemplateEntry(name, pattern, template.to_mcp()))
             for prompt in manifest.prompts:
                 if ("prompt", prompt.name) not in withheld:
                     prompts.setdefault(prompt.name, (name, prompt.to_mcp()))
@@ -946,7 +952,8 @@ class PluginHost:
         return shared
 
     def resource_owner(self, uri: str) -> str | None:
-        """The plugin serving ``uri``, by exact resource or by template."""
+        """The plugin serving ``uri`` (in normal form: normal_uri), by exact resource or by
+        template."""
         hit = self.resources.get(uri)
         if hit is not None:
             return hit[0]

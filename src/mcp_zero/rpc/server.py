@@ -30,7 +30,7 @@ from mcp_zero.errors import (
     UnsupportedProtocolVersion,
 )
 from mcp_zero.kernel.action import Principal, Verb
-from mcp_zero.kernel.pipeline import Kernel, completion_arguments, normal_uri
+from mcp_zero.kernel.pipeline import Kernel, completion_arguments
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.bridge import RequestBridge
 from mcp_zero.rpc.envelope import (
@@ -60,6 +60,7 @@ from mcp_zero.rpc.session import (
     subscription_cost,
 )
 from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH, MAX_URI_LENGTH
+from mcp_zero.uri import normal_uri
 
 Handler = Callable[[Session, JSON, Channel, Any], Awaitable[JSON]]
 # The methods that take the governed path, and the verb each is audited as.

@@ -21,6 +21,7 @@ import jsonschema_rs
 
 from mcp_zero.errors import ManifestError
 from mcp_zero.fdio import NotRegularFile, file_kind, read_regular
+from mcp_zero.uri import normal_uri
 
 JSON = dict[str, Any]
 ABI_VERSION = 1
@@ -519,6 +520,19 @@ def _unique(names: list[str], where: str, what: str) -> None:
         seen.add(n)
 
 
+def _unique_uris(uris: list[str], where: str, what: str) -> None:
+    """As _unique, of URIs (or templates) compared in normal form (normal_uri), as reads are
+    looked up: ``mem://%61bc`` is ``mem://abc`` again."""
+    seen: dict[str, str] = {}
+    for uri in uris:
+        normal = normal_uri(uri)
+        first = seen.get(normal)
+        if first is not None:
+            again = "" if first == uri else f" (it is {first!r}, escaped otherwise)"
+            raise _fail(where, f"duplicate {what} {uri!r}{again}")
+        seen[normal] = uri
+
+
 def _known_keys(d: JSON, where: str, known: tuple[str, ...]) -> None:
     """Refuse keys of ``d`` not in ``known`` (a typo would silently mean a default);
     ``where`` "" is the manifest itself."""
@@ -658,9 +672,9 @@ def parse_manifest(raw: Any) -> PluginManifest:
     tools = tuple(_tool(t, i) for i, t in enumerate(_list(d, "tools")))
     _unique([t.name for t in tools], "tools", "tool name")
     resources = tuple(_resource(r, i) for i, r in enumerate(_list(d, "resources")))
-    _unique([r.uri for r in resources], "resources", "resource uri")
+    _unique_uris([r.uri for r in resources], "resources", "resource uri")
     templates = tuple(_template(r, i) for i, r in enumerate(_list(d, "resourceTemplates")))
-    _unique([t.uri_template for t in templates], "resourceTemplates", "uriTemplate")
+    _unique_uris([t.uri_template for t in templates], "resourceTemplates", "uriTemplate")
     prompts = tuple(_prompt(p, i) for i, p in enumerate(_list(d, "prompts")))
     _unique([p.name for p in prompts], "prompts", "prompt name")
     return PluginManifest(
