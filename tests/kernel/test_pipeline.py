@@ -577,6 +577,59 @@ def one_slot_copy(tmp_path: Path, source: Path) -> Path:
     return plugin
 
 
+def announcing_plugin(tmp_path: Path, name: str, resources: tuple[str, ...] = ()) -> Path:
+    """Plugin ``name`` serving ``resources`` and ``<name>_announce``, which announces a
+    change of each URI of its argument ``uris`` (ctx.resource_updated)."""
+    plugin = tmp_path / name
+    plugin.mkdir()
+    manifest = {
+        "name": name,
+        "version": "1.0.0",
+        "abi": 1,
+        "entry": f"{name}_plugin:plugin",
+        "tools": [
+            {"name": f"{name}_announce", "description": "d", "inputSchema": {"type": "object"}}
+        ],
+        "resources": [{"uri": uri, "name": f"r{i}"} for i, uri in enumerate(resources)],
+    }
+    (plugin / "plugin.json").write_bytes(orjson.dumps(manifest))
+    code = [
+        "from mcp_zero.plugin import Plugin",
+        f"plugin = Plugin({name!r})",
+        f"@plugin.tool({name + '_announce'!r})",
+        "def announce(ctx, uris):",
+        "    for uri in uris:",
+        "        ctx.resource_updated(uri)",
+    ]
+    for i, uri in enumerate(resources):
+        code += [f"@plugin.resource({uri!r})", f"def r{i}(ctx):", "    return ''"]
+    (plugin / f"{name}_plugin.py").write_text("\n".join(code) + "\n")
+    return plugin
+
+
+async def test_a_plugin_announces_changes_of_its_own_resources_only_however_escaped(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # Ownership was looked up in the spelling the plugin gave, the subscribers in normal
+    # form: a plugin that declared mem://%61bc announced mem://abc, another plugin's, to its
+    # subscribers; one that gave its own resource's other spelling was dropped (found by
+    # review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(announcing_plugin(tmp_path, "vic", ("mem://abc", "http://h/%7Euser")))
+    runtime.plugins.install(announcing_plugin(tmp_path, "evil"))
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"vic", "evil"}))
+        uris = ["mem://abc", "mem://%61bc", "http://h/%7Euser", "http://h/%7euser"]
+        await call(runtime, ada, "evil_announce", {"uris": uris}, "spoof", bridge)
+        assert bridge.events == []
+        await call(runtime, ada, "vic_announce", {"uris": uris}, "own", bridge)
+        announced = ["mem://abc", "mem://abc", "http://h/~user", "http://h/~user"]
+        assert bridge.events == [("resource_updated", uri) for uri in announced]
+    finally:
+        await runtime.aclose()
+
+
 class SlowClient:
     """A client whose user takes their time: each request waits until ``answered`` is set."""
 

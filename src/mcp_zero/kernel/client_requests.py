@@ -19,6 +19,7 @@ from mcp_zero.errors import InvalidParams, McpZeroError, PolicyDenied, shown
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.rpc.jsonrpc import RequestId
 from mcp_zero.sandbox.base import REQUEST_HOLDS_THREAD, ClientBridge
+from mcp_zero.uri import normal_uri
 
 if TYPE_CHECKING:
     from mcp_zero.kernel.pipeline import Kernel, PluginSlot
@@ -74,7 +75,9 @@ class GovernedBridge:
         await self._inner.close_stream()
 
     async def resource_updated(self, uri: str) -> None:
-        # A plugin speaks only for its own resources: no spoofed updates of another's.
+        # A plugin speaks only for its own resources: no spoofed updates of another's. Owned
+        # as read, in normal form: mem://%61bc is mem://abc, whoever serves it.
+        uri = normal_uri(uri)
         if self._kernel.plugins.resource_owner(uri) == self._plugin:
             await self._inner.resource_updated(uri)
 
