@@ -174,3 +174,29 @@ async def test_two_attaches_at_once_keep_both_plugins(runtime: Runtime) -> None:
     )
     assert attached.plugins == ["notes", "faulty"]
     assert runtime.agents.get("victim").plugins == ["notes", "faulty"]
+
+
+async def test_a_snapshot_taken_while_the_agent_changes_stores_it_as_its_record_places_it(
+    runtime: Runtime,
+) -> None:
+    # Read before its transaction, a snapshot recorded after a terminate stored the agent
+    # active: recovering it, the newest, gave the terminated agent's token back (found by
+    # review)
+    await runtime.agents.spawn("victim", ["notes"])
+
+    def attach_and_terminate(other: SqliteStore) -> None:  # as another process's change
+        def change(agent: Any) -> None:
+            agent.plugins.append("faulty")
+            agent.status = "terminated"
+
+        other.change_agent("victim", change)
+
+    snap = await while_another_writes(
+        runtime, attach_and_terminate, lambda: runtime.agents.snapshot("victim")
+    )
+    assert (snap.data["status"], snap.data["plugins"]) == ("terminated", ["notes", "faulty"])
+    assert set(snap.data["plugin_copies"]) == {"notes", "faulty"}
+    assert runtime.store.get_snapshot(snap.id) == snap
+    bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000)]
+    [record] = [r for r in bodies if r["verb"] == "snapshot_agent"]
+    assert record["snapshot_id"] == snap.id

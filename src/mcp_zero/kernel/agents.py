@@ -334,33 +334,40 @@ class AgentService:
     async def snapshot(self, name: str, *, via: str = "admin") -> SnapshotRecord:
         """Persist the agent's plugins (and which installed copy of each), state and status;
         returns the snapshot (with its id)."""
-        agent = self.get(name)
+        self.get(name)
         decided = await self._authorize(Verb.SNAPSHOT_AGENT, name, via)
-        copies = {}
-        for plugin in agent.plugins:
-            record = self.store.get_plugin(plugin)
-            if record is not None:
-                copies[plugin] = {"version": record.version, "sha256": record.digest}
-        snap = SnapshotRecord(
-            id="snap_" + secrets.token_hex(12),
-            agent=name,
-            data={
-                "plugins": list(agent.plugins),
-                "plugin_copies": copies,
-                "state": agent.state,
-                "status": agent.status,
-            },
-            created_at=time.time(),
-        )
-        await self._audited(
+
+        def take() -> SnapshotRecord:
+            # read in the write transaction its record is made in: the agent as it is at the
+            # record's place in the log, not before a terminate or attach that came between
+            agent = self.get(name)
+            copies = {}
+            for plugin in agent.plugins:
+                record = self.store.get_plugin(plugin)
+                if record is not None:
+                    copies[plugin] = {"version": record.version, "sha256": record.digest}
+            snap = SnapshotRecord(
+                id="snap_" + secrets.token_hex(12),
+                agent=name,
+                data={
+                    "plugins": list(agent.plugins),
+                    "plugin_copies": copies,
+                    "state": agent.state,
+                    "status": agent.status,
+                },
+                created_at=time.time(),
+            )
+            self.store.put_snapshot(snap)
+            return snap
+
+        return await self._audited(
             Verb.SNAPSHOT_AGENT,
             name,
             via,
             decided,
-            lambda: self.store.put_snapshot(snap),
-            lambda _: {"snapshot_id": snap.id},
+            take,
+            lambda snap: {"snapshot_id": snap.id},
         )
-        return snap
 
     async def recover(self, snapshot_id: str, *, via: str = "admin") -> Recovery:
         """Restore an agent from a snapshot (also after terminate); its token is kept.
