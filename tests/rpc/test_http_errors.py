@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import httpx2
+import orjson
 import pytest
 from rpc_live import (
     FAULTY_DIR,
@@ -190,6 +191,35 @@ async def test_refused_credentials_are_counted_in_metrics_not_audited(env: Env) 
     assert response.status_code == 401
     assert (refused("mcp"), refused("admin")) == (mcp + 1, admin + 1)
     assert len(env.live.runtime.store.read_audit(0, 100_000)) == audited
+
+
+async def test_a_body_that_comes_after_its_agent_is_terminated_is_401(env: Env) -> None:
+    # The token was checked as the request's head came, and not again: a body sent after the
+    # agent's terminate still ran its call, audited allowed after the terminate (found by
+    # review). The 100 Continue says the head was taken (and its token found good).
+    runtime = env.live.runtime
+    token = (await runtime.agents.spawn("doomed", ["notes"])).token
+    call = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_list"}}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.live.port)
+    try:
+        writer.write(
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{env.live.port}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Accept: application/json, text/event-stream\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {len(call)}\r\n\r\n".encode()
+        )
+        with anyio.fail_after(10):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await runtime.agents.terminate("doomed")
+            writer.write(call)
+            assert int((await reader.readline()).split()[1]) == 401
+    finally:
+        writer.close()
+    records = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
+    assert [r["verb"] for r in records if "doomed" in (r["agent"], r["resource"])] == [
+        "spawn_agent",
+        "terminate_agent",
+    ]
 
 
 # -- body size -------------------------------------------------------------------------------

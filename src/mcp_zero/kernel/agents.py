@@ -48,6 +48,17 @@ class SpawnedAgent:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """The principal a token (or the anonymous agent) was found to stand for, remembered
+    until ``until`` (``time.monotonic()``) unless its agent changes first:
+    :meth:`AgentService.stands` tells whether it still is, without hashing the token again."""
+
+    principal: Principal
+    until: float
+    key: str  # (its place among the remembered principals)
+
+
+@dataclass(frozen=True, slots=True)
 class Recovery:
     """An agent restored from a snapshot, and the plugins it had then that were not
     attached again (name -> why): the plugin installed under that name now is another."""
@@ -156,7 +167,7 @@ class AgentService:
         self.policy = policy
         self.anonymous_agent = anonymous_agent
         self._count_denials = count_denials  # (the metrics' denial counter)
-        self._principals: dict[str, tuple[float, Principal]] = {}
+        self._principals: dict[str, Admission] = {}
         # Told when an agent's plugins or status change here (the transports' list-change
         # checks: its sessions hear of it, or end, at once rather than within a second).
         self.on_change: Callable[[], None] | None = None
@@ -166,49 +177,60 @@ class AgentService:
     def authenticate(self, token: str | None) -> Principal:
         """The principal a bearer token stands for; the anonymous agent for no token when
         one is configured. Raises Unauthorized."""
+        return self.admit(token).principal
+
+    def admit(self, token: str | None) -> Admission:
+        """:meth:`authenticate`, with how long its answer holds (:meth:`stands`)."""
         if not token:
             if self.anonymous_agent is None:
                 raise Unauthorized(
                     "missing bearer token: send 'Authorization: Bearer <token>' "
                     "(create one with 'mcp0 agent create NAME')"
                 )
-            return self._principal_for(self.anonymous_agent, anonymous=True)
+            return self._admit(self.anonymous_agent, anonymous=True)
         token_hash = hash_token(token)
         now = time.monotonic()
         cached = self._principals.get(token_hash)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None and cached.until > now:
+            return cached
         agent = self.store.agent_by_token_hash(token_hash)
         if agent is None or agent.status != "active":
             raise Unauthorized("invalid or revoked bearer token")
         principal = Principal(agent.name, frozenset(agent.plugins))
-        if cached is not None and cached[1] == principal:
+        if cached is not None and cached.principal == principal:
             # The same object while nothing changed: caches keyed by the principal (policy
             # decisions, sessions) then find it by identity, without comparing fields.
-            principal = cached[1]
+            principal = cached.principal
         if len(self._principals) > 10_000:
             self._principals.clear()
-        self._principals[token_hash] = (now + PRINCIPAL_TTL_S, principal)
-        return principal
+        admitted = self._principals[token_hash] = Admission(
+            principal, now + PRINCIPAL_TTL_S, token_hash
+        )
+        return admitted
 
-    def _principal_for(self, name: str, *, anonymous: bool = False) -> Principal:
+    def stands(self, admitted: Admission) -> bool:
+        """Whether :meth:`admit` would give ``admitted`` again now (its agent unchanged here,
+        and not to be read again from the store yet): one look-up, no hash."""
+        return self._principals.get(admitted.key) is admitted and admitted.until > time.monotonic()
+
+    def _admit(self, name: str, *, anonymous: bool = False) -> Admission:
         # The anonymity is part of the key: a token-less caller and the admin's execute may
         # name the same agent, and each must be audited (and judged by policy) as it is.
         key = ("anon:" if anonymous else "name:") + name
         now = time.monotonic()
         cached = self._principals.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None and cached.until > now:
+            return cached
         agent = self.store.get_agent(name)
         if agent is None or agent.status != "active":
             raise Unauthorized(f"agent {name!r} does not exist or was terminated")
         principal = Principal(agent.name, frozenset(agent.plugins), anonymous=anonymous)
-        self._principals[key] = (now + PRINCIPAL_TTL_S, principal)
-        return principal
+        admitted = self._principals[key] = Admission(principal, now + PRINCIPAL_TTL_S, key)
+        return admitted
 
     def principal(self, name: str, *, anonymous: bool = False) -> Principal:
         """The principal of agent ``name`` (stdio sessions, the admin's execute)."""
-        return self._principal_for(name, anonymous=anonymous)
+        return self._admit(name, anonymous=anonymous).principal
 
     def forget(self, name: str) -> None:
         """Drop what is remembered of agent ``name`` (another process changed it): its next
@@ -216,7 +238,7 @@ class AgentService:
         self._forget(name)
 
     def _forget(self, name: str) -> None:
-        self._principals = {k: v for k, v in self._principals.items() if v[1].agent != name}
+        self._principals = {k: v for k, v in self._principals.items() if v.principal.agent != name}
 
     def _changed(self, name: str) -> None:
         self._forget(name)

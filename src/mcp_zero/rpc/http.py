@@ -38,6 +38,7 @@ from mcp_zero.errors import (
     Unauthorized,
 )
 from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.agents import Admission
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.admin import AdminApi
 from mcp_zero.rpc.asgi import (
@@ -578,7 +579,7 @@ class HttpApp:
 
     # -- MCP --------------------------------------------------------------------------------
 
-    def _principal(self, scope: Scope) -> Principal:
+    def _admission(self, scope: Scope) -> Admission:
         """The agent the request's bearer token stands for. Raises Unauthorized."""
         auth = header(scope, b"authorization")
         token = None
@@ -587,12 +588,12 @@ class HttpApp:
             if scheme.lower() != "bearer" or not value.strip():
                 raise Unauthorized("the Authorization header must be 'Bearer <token>'")
             token = value.strip()
-        return self.runtime.agents.authenticate(token)
+        return self.runtime.agents.admit(token)
 
     def _authenticate(self, scope: Scope) -> Principal:
-        """:meth:`_principal`; a refusal is counted."""
+        """:meth:`_admission`'s principal; a refusal is counted."""
         try:
-            principal = self._principal(scope)
+            principal = self._admission(scope).principal
         except Unauthorized:
             self.runtime.metrics.count_unauthorized("mcp")
             raise
@@ -607,7 +608,7 @@ class HttpApp:
         path = scope["path"]
         try:
             if path == "/mcp" or path == "/mcp/":
-                scope["mcp0.principal"] = self._principal(scope)
+                scope["mcp0.admitted"] = self._admission(scope)
                 return True
             if path.startswith("/api/v1/"):
                 self.admin.check_admin(header(scope, b"authorization"))
@@ -623,9 +624,15 @@ class HttpApp:
         if error is not None:
             await respond_json(send, 413, jsonrpc.error_from_exception(None, error))
             return
+        admitted: Admission | None = scope.get("mcp0.admitted")
         try:
-            # (found as its head came, by vet_body, for a request with a body)
-            principal = scope.get("mcp0.principal") or self._authenticate(scope)
+            if admitted is not None and self.runtime.agents.stands(admitted):
+                principal = admitted.principal  # (found as its head came, by vet_body)
+            else:
+                # No body, or what its head was found to stand for no longer holds: its agent
+                # changed while the body came (a terminate: its token works no more, for a
+                # request under way too: found by review), or is due to be read again
+                principal = self._authenticate(scope)
         except Unauthorized as exc:
             await respond_json(
                 send,
