@@ -44,6 +44,7 @@ from mcp_zero.security.files import exclusive_lock
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
 from mcp_zero.storage.base import AuditEntry
 from mcp_zero.storage.sqlite import SqliteStore
+from plugin_builders import loading_plugin
 
 NOTES_DIR = Path(__file__).parents[1] / "src" / "mcp_zero" / "examples" / "plugins" / "notes"
 MCP0 = str(Path(sys.executable).parent / "mcp0")
@@ -556,6 +557,23 @@ async def test_an_admin_token_file_that_is_not_utf8_closes_the_admin_api_and_the
     unreadable = [r for r in caplog.records if "cannot read the admin token file" in r.message]
     assert len(unreadable) == 1  # once, with the reason
     assert "utf-8" in unreadable[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_a_plugin_slow_to_start_holds_up_no_admin_token_change(tmp_path: Path) -> None:
+    # The watcher waited for a plugin installed under it to start before it looked at the
+    # policies and the admin token: one whose import took 8 s kept a rotated token out of
+    # force as long, one that hung for its whole start timeout (found by review)
+    data_dir = tmp_path / "data"
+    pid_file = data_dir / "plugin-data" / "slow" / "slow.pid"  # (its data dir)
+    async with started(data_dir) as runtime:
+        runtime.plugins.install(loading_plugin(tmp_path / "slow", pid_file))  # as the CLI
+        await _until(pid_file.exists, "the watcher starting the plugin")  # (it hangs loading)
+        runtime.settings.admin_token_path.write_text("mcp0_written-while-it-loads\n")
+        with anyio.fail_after(5):  # (the watcher looks once a second)
+            while runtime.admin_token_hash != hash_token("mcp0_written-while-it-loads"):
+                await anyio.sleep(0.05)
+        assert "slow" in runtime.plugins.starting
 
 
 @pytest.mark.anyio

@@ -477,7 +477,9 @@ class Runtime:
             except Exception:
                 log.exception("checking the audit log's room failed; looking again later")
             try:
-                if await self.plugins.refresh():
+                # not waiting for new plugins to start (their calls wait): a slow import
+                # must not hold up the policies and the admin token below (found by review)
+                if await self.plugins.refresh(wait=0):
                     # replaced copies no process can still run (as at start): a server up
                     # for months under frequent replaces keeps two hours' worth, not all
                     await asyncio.to_thread(self.plugins.sweep_copies)

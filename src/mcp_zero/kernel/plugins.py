@@ -746,9 +746,9 @@ class PluginHost:
 
         New runtimes are started (those named in ``only``, if given: a one-off call needs
         one plugin), and waited for ``wait`` seconds at most (None: until all started or
-        failed): one that takes longer goes on starting, its calls wait for it, and a
-        failure is recorded when it comes. A plugin that hangs while it loads must not keep
-        a server from serving the others for its whole start timeout."""
+        failed; 0: not at all): one that takes longer goes on starting, its calls wait for
+        it, and a failure is recorded when it comes. A plugin that hangs while it loads must
+        not keep a server from serving the others for its whole start timeout."""
         version = self.store.plugins_version()
         if version == self.version and not force:
             return False
@@ -805,16 +805,16 @@ class PluginHost:
                     self.starting.add(name)
                     task.add_done_callback(functools.partial(self._started, name, runtime))
                     starting[name] = task
-            if starting:
+            if starting and wait != 0:
                 await asyncio.wait(starting.values(), timeout=wait)
-            for name, task in starting.items():
-                if not task.done():
-                    log.warning(
-                        "plugin %r is still starting after %g s; serving the others, its "
-                        "calls wait for it",
-                        name,
-                        wait,
-                    )
+                for name, task in starting.items():
+                    if not task.done():
+                        log.warning(
+                            "plugin %r is still starting after %g s; serving the others, its "
+                            "calls wait for it",
+                            name,
+                            wait,
+                        )
         if self.on_change is not None:
             self.on_change()
         return True
