@@ -844,6 +844,35 @@ async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
         await runtime.aclose()
 
 
+async def test_a_cancelled_call_keeps_its_slot_until_its_handler_has_ended(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # Its slot was given back as the call was cancelled while its handler (slow to heed the
+    # cancel) ran on: a client that cancelled calls and sent them again had the plugin run
+    # more than its max_concurrency at once (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"kit"}))
+        stubborn = asyncio.ensure_future(call(runtime, ada, "stubborn", {}, "c", bridge))
+        with anyio.fail_after(TIMEOUT_S):
+            while ("progress", 1) not in bridge.events:  # its handler runs
+                await anyio.sleep(0.01)
+        stubborn.cancel()
+        with anyio.fail_after(1), pytest.raises(asyncio.CancelledError):
+            await stubborn  # answered at once
+        again = asyncio.ensure_future(call(runtime, ada, "aecho", {}, "a", bridge))
+        await anyio.sleep(0.3)
+        assert not again.done()  # the plugin's one slot is still the running handler's
+        (runtime.settings.data_dir / "plugin-data" / "kit" / "gate").touch()
+        with anyio.fail_after(4):
+            assert (await again)["structuredContent"] == {"text": "hi", "agent": "ada"}
+        assert [r["code"] for r in records(runtime, request_id="c")] == ["cancelled"]
+    finally:
+        await runtime.aclose()
+
+
 # -- PluginSlot: the accounting of one call's slot -------------------------------------------
 
 

@@ -3,6 +3,7 @@ exist in this tree and ``from conftest import`` would pick whichever was loaded 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ NOTES_DIR = Path(__file__).parents[2] / "src" / "mcp_zero" / "examples" / "plugi
 
 
 class RecordingBridge:
-    """A ClientBridge that records what the tool sent and answers requests from a table."""
+    """A CallBridge that records what the tool sent (and when its handler ran on after its
+    call ended, and ended) and answers requests from a table."""
 
     def __init__(self, answers: dict[str, dict[str, Any]] | None = None) -> None:
         self.events: list[tuple[str, Any]] = []
@@ -32,6 +34,10 @@ class RecordingBridge:
 
     async def resource_updated(self, uri: str) -> None:
         self.events.append(("resource_updated", uri))
+
+    def handler_runs_on(self) -> Callable[[], None]:
+        self.events.append(("handler_runs_on", None))
+        return lambda: self.events.append(("handler_ended", None))
 
     async def request(
         self, method: str, params: dict[str, Any], key: str | None = None

@@ -391,6 +391,50 @@ async def test_cancelled_async_handler_keeps_the_worker(make_runtime):
         assert (await call(rt, "whoami"))["structuredContent"]["pid"] == pid
 
 
+async def test_a_cancelled_handler_that_runs_on_kills_no_other_call(make_runtime):
+    # A plain handler slow to heed its cancel had the worker killed after the grace, and
+    # the other calls on it failed, maybe other agents': one client's notifications/cancelled
+    # could fail anyone's call (found by review). Its call's hold on the plugin lasts until
+    # the handler has ended.
+    rt = await make_runtime(cancel_grace=0.1)
+    pid = rt.pids[0]
+    bridge = RecordingBridge()
+    with anyio.fail_after(10):
+        stubborn = asyncio.ensure_future(call(rt, "stubborn", bridge=bridge))
+        while ("progress", (1, None, None)) not in bridge.events:  # it runs
+            await anyio.sleep(0.01)
+        stubborn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stubborn
+        # past the grace: the worker serves on
+        assert await call(rt, "slow_async", {"seconds": 0.4}, agent="bob") == {
+            "content": [{"type": "text", "text": "slept"}]
+        }
+        assert bridge.events[-1] == ("handler_runs_on", None)  # (it still runs)
+        (rt.data_dir / "gate").touch()
+        while bridge.events[-1] != ("handler_ended", None):
+            await anyio.sleep(0.01)
+    assert rt.pids == [pid]
+
+
+async def test_a_cancelled_handler_that_runs_past_its_time_limit_is_killed(make_runtime, caplog):
+    caplog.set_level(logging.WARNING, logger="mcp_zero.sandbox")
+    rt = await make_runtime(cancel_grace=0.1)
+    first = rt.pids[0]
+    bridge = RecordingBridge()
+    with anyio.fail_after(10):
+        with anyio.move_on_after(0.1):  # its caller gives up
+            await call(rt, "hang_sync", bridge=bridge, timeout=0.4)
+        while rt.pids == [first]:  # killed once its time limit and the grace have passed
+            await anyio.sleep(0.02)
+    assert bridge.events == [("handler_runs_on", None), ("handler_ended", None)]
+    killed = [r.getMessage() for r in caplog.records if f"(pid {first})" in r.getMessage()]
+    assert any(
+        "hang_sync' was cancelled and still ran 0.1 s past its time limit (0.4 s)" in m
+        for m in killed
+    )
+
+
 async def test_a_call_cancelled_before_its_handler_started_is_answered(make_runtime):
     # A call_tool frame and its cancel frame read at once: the task was cancelled before
     # its first step, its handler never ran, nothing answered, and the worker was killed

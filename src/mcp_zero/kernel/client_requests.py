@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mcp_zero.errors import InvalidParams, McpZeroError, PolicyDenied, shown
@@ -80,6 +81,9 @@ class GovernedBridge:
         uri = normal_uri(uri)
         if self._kernel.plugins.resource_owner(uri) == self._plugin:
             await self._inner.resource_updated(uri)
+
+    def handler_runs_on(self) -> Callable[[], None]:
+        return self._slot.handler_runs_on()
 
     async def request(self, method: str, params: JSON, key: str | None = None) -> JSON:
         if REQUEST_HOLDS_THREAD.get():

@@ -308,15 +308,17 @@ class PluginSlots:
 class PluginSlot:
     """One call's claim on one of its plugin's slots (``_plugin_slots``): held while the
     call runs, given back while it has a question open to its client (``GovernedBridge``),
-    taken again when the last one is answered."""
+    taken again when the last one is answered; held past the call's end while its handler
+    runs on (``handler_runs_on``)."""
 
-    __slots__ = ("_agent", "_closed", "_held", "_regaining", "_slots", "_waiting")
+    __slots__ = ("_agent", "_closed", "_held", "_regaining", "_running_on", "_slots", "_waiting")
 
     def __init__(self, slots: PluginSlots, agent: str) -> None:
         self._slots = slots  # already taken by the caller
         self._agent = agent
         self._held = True
         self._closed = False
+        self._running_on = False  # its handler runs on after the call (see handler_runs_on)
         self._waiting = 0  # the call's questions to its client not answered yet
         self._regaining: asyncio.Lock | None = None  # made at the first question
 
@@ -355,10 +357,25 @@ class PluginSlot:
         if not self._closed:
             self._waiting -= 1
 
+    def handler_runs_on(self) -> Callable[[], None]:
+        """The call ends (cancelled, timed out) while its handler still runs: the slot is
+        given back once the function returned is called, when the handler has ended, not
+        when the call does. So a plugin runs no more than its max_concurrency handlers,
+        however many calls a client cancels and sends again (found by review)."""
+        self._running_on = True
+
+        def ended() -> None:
+            self._running_on = False
+            if self._closed and self._held:
+                self._held = False
+                self._slots.give()
+
+        return ended
+
     def close(self) -> None:
-        """The call ended: give the slot back if it holds one."""
+        """The call ended: give the slot back if it holds one, and its handler ended too."""
         self._closed = True
-        if self._held:
+        if self._held and not self._running_on:
             self._held = False
             self._slots.give()
 
@@ -1026,7 +1043,7 @@ class Kernel:
         slot: PluginSlot,
         request_id: RequestId,
         transport: str,
-    ) -> ClientBridge:
+    ) -> GovernedBridge:
         """The bridge a plugin's call gets: its requests to the client are governed too, and
         free the call's plugin slot while they wait for the client."""
         assert plugin is not None

@@ -9,6 +9,7 @@ the sandbox never sees the transport.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -50,6 +51,18 @@ class ClientBridge(Protocol):
         ...
 
 
+class CallBridge(ClientBridge, Protocol):
+    """The bridge a runtime gets with a call (the kernel's ``GovernedBridge``): the client,
+    and the call's hold on its plugin."""
+
+    def handler_runs_on(self) -> Callable[[], None]:
+        """The call ends (its client cancelled it, or it timed out) while its handler, told
+        to stop, still runs: what the call holds of its plugin (one of its
+        ``max_concurrency`` slots) is held until the function returned is called, once the
+        handler has ended. So calls cancelled and sent again cannot pile up in a plugin."""
+        ...
+
+
 class PluginRuntime(Protocol):
     """A started plugin. All methods are safe to call concurrently.
 
@@ -61,7 +74,9 @@ class PluginRuntime(Protocol):
     Raises ``ToolTimeout`` when ``timeout`` (seconds) passes (the call is abandoned
     and the worker killed or told to cancel), ``PluginCrashed`` when the worker
     dies mid-call (it is restarted for later calls), ``ResourceNotFound`` /
-    ``PromptNotFound`` for unknown names.
+    ``PromptNotFound`` for unknown names. A call cancelled (its task) is answered at
+    once; its handler is told to stop, and may run on until its time is up
+    (:meth:`CallBridge.handler_runs_on`).
     """
 
     name: str
@@ -69,11 +84,11 @@ class PluginRuntime(Protocol):
     async def start(self) -> None: ...
 
     async def call_tool(
-        self, tool: str, arguments: JSON, *, agent: str, bridge: ClientBridge, timeout: float
+        self, tool: str, arguments: JSON, *, agent: str, bridge: CallBridge, timeout: float
     ) -> JSON: ...
 
     async def read_resource(
-        self, uri: str, *, agent: str, bridge: ClientBridge, timeout: float
+        self, uri: str, *, agent: str, bridge: CallBridge, timeout: float
     ) -> JSON: ...
 
     async def get_prompt(
@@ -82,7 +97,7 @@ class PluginRuntime(Protocol):
         arguments: dict[str, str],
         *,
         agent: str,
-        bridge: ClientBridge,
+        bridge: CallBridge,
         timeout: float,
     ) -> JSON: ...
 

@@ -42,7 +42,7 @@ from mcp_zero.errors import (
     ToolNotFound,
     ToolTimeout,
 )
-from mcp_zero.sandbox.base import ClientBridge
+from mcp_zero.sandbox.base import CallBridge
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.manifest import PluginManifest
 from mcp_zero.sandbox.ownership import (
@@ -186,8 +186,9 @@ class ProcessRuntime:
     async def drain(self) -> None:
         """Take no more calls; let those in flight finish, then stop the workers.
 
-        A call runs for the manifest's ``timeout_ms`` at most, and an abandoned one is killed
-        after the cancel grace, so this ends by then; what is left is killed.
+        A call runs for the manifest's ``timeout_ms`` at most, and an abandoned one (timed
+        out, cancelled) is killed once past that and the cancel grace, so this ends by then;
+        what is left is killed.
         """
         self._closed = True  # no new calls, no restarts
         for t in self._starting:
@@ -405,7 +406,7 @@ class ProcessRuntime:
     # -- calls ----------------------------------------------------------------
 
     async def _call(
-        self, frame: JSON, bridge: ClientBridge | None, timeout: float, label: str
+        self, frame: JSON, bridge: CallBridge | None, timeout: float, label: str
     ) -> JSON:
         worker = self._running()
         if worker is None:
@@ -429,7 +430,7 @@ class ProcessRuntime:
         raise PluginFailure(f"plugin '{self.name}' failed in {label}: {message}")
 
     async def call_tool(
-        self, tool: str, arguments: JSON, *, agent: str, bridge: ClientBridge, timeout: float
+        self, tool: str, arguments: JSON, *, agent: str, bridge: CallBridge, timeout: float
     ) -> JSON:
         """Run ``tool``; returns its ``CallToolResult`` (handler errors are ``isError``)."""
         frame = {"op": "call_tool", "name": tool, "arguments": arguments, "agent": agent}
@@ -447,7 +448,7 @@ class ProcessRuntime:
         return result
 
     async def read_resource(
-        self, uri: str, *, agent: str, bridge: ClientBridge, timeout: float
+        self, uri: str, *, agent: str, bridge: CallBridge, timeout: float
     ) -> JSON:
         """Read ``uri``; returns its ``ReadResourceResult``."""
         frame = {"op": "read_resource", "uri": uri, "agent": agent}
@@ -462,7 +463,7 @@ class ProcessRuntime:
         arguments: dict[str, str],
         *,
         agent: str,
-        bridge: ClientBridge,
+        bridge: CallBridge,
         timeout: float,
     ) -> JSON:
         """Render prompt ``name``; returns its ``GetPromptResult``."""

@@ -37,7 +37,7 @@ from mcp_zero.sandbox.base import (
     LOG_LEVELS,
     REQUEST_HOLDS_THREAD,
     TIMEOUT_HINT,
-    ClientBridge,
+    CallBridge,
 )
 from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
 from mcp_zero.sandbox.isolation import MEASURES
@@ -146,7 +146,7 @@ class _Call:
 
     __slots__ = ("bridge", "chain", "future", "label", "requests")
 
-    def __init__(self, future: asyncio.Future[JSON], bridge: ClientBridge | None, label: str):
+    def __init__(self, future: asyncio.Future[JSON], bridge: CallBridge | None, label: str):
         self.future = future
         self.bridge = bridge
         self.label = label
@@ -154,6 +154,20 @@ class _Call:
         self.chain: asyncio.Task[None] | None = None
         # Its requests to the client being relayed (made at the first: most calls ask none).
         self.requests: set[asyncio.Task[None]] | None = None
+
+
+class _Abandoned:
+    """A call whose caller has its answer while its handler, told to stop, runs on."""
+
+    __slots__ = ("ended", "kill")
+
+    def __init__(self, kill: asyncio.TimerHandle, ended: Callable[[], None]) -> None:
+        self.kill = kill  # (the worker's, if the handler has not stopped by then)
+        self.ended = ended  # ends the call's hold on its plugin (CallBridge.handler_runs_on)
+
+
+def _holds_nothing() -> None:
+    """A call without a bridge (a completion) holds nothing that waits for its handler."""
 
 
 class WorkerProcess:
@@ -190,7 +204,7 @@ class WorkerProcess:
         self._on_exit = on_exit
         self._on_retire = on_retire
         self._calls: dict[int, _Call] = {}
-        self._zombies: dict[int, asyncio.TimerHandle] = {}
+        self._zombies: dict[int, _Abandoned] = {}
         self._ids = itertools.count(1)
         self._stderr: deque[bytes] = deque(maxlen=_STDERR_TAIL_LINES)  # also lines not logged
         self._stderr_partial = b""
@@ -327,13 +341,14 @@ class WorkerProcess:
     # -- calls ----------------------------------------------------------------
 
     async def call(
-        self, frame: JSON, bridge: ClientBridge | None, timeout: float, label: str
+        self, frame: JSON, bridge: CallBridge | None, timeout: float, label: str
     ) -> JSON:
         """Send a call frame and return the worker's response frame.
 
         Raises :class:`ToolTimeout` after ``timeout`` seconds (the worker is told to
         cancel and is killed if the handler does not stop within the grace), and
-        :class:`PluginCrashed` if the worker dies first.
+        :class:`PluginCrashed` if the worker dies first. Cancelled, the worker is told to
+        cancel, and killed only if the handler runs past ``timeout`` and the grace.
         """
         if not self.alive:
             raise PluginCrashed(f"plugin '{self.plugin}': worker is not running")
@@ -355,9 +370,17 @@ class WorkerProcess:
         try:
             reply = await fut
         except asyncio.CancelledError:
-            # Our caller gave up (client cancelled): stop the handler as on timeout.
+            # Our caller gave up (client cancelled): the handler is told to stop, but not
+            # killed sooner than a timeout kills it, with the worker and the other calls on
+            # it, which may be other agents' (found by review)
             if self._calls.pop(call_id, None) is not None:
-                self._abandon(call_id, call)
+                self._abandon(
+                    call_id,
+                    call,
+                    max(timer.when() - self._loop.time(), 0.0) + self._grace,
+                    f"{call.label} was cancelled and still ran {self._grace:g} s past its "
+                    f"time limit ({timeout:g} s)",
+                )
             raise
         finally:
             timer.cancel()
@@ -381,14 +404,20 @@ class WorkerProcess:
             )
         )
 
-    def _abandon(self, call_id: int, call: _Call) -> None:
+    def _abandon(
+        self, call_id: int, call: _Call, kill_in: float | None = None, why: str = ""
+    ) -> None:
+        """Tell the handler of a call its caller has given up to stop; kill the worker if it
+        has not in ``kill_in`` seconds (``why``; by default, the grace: it ignored the
+        cancel). Until it stops, its call keeps its hold on the plugin."""
         for task in call.requests or ():
             task.cancel()
         self._send({"op": "cancel", "id": call_id})
         assert self._loop is not None
-        self._zombies[call_id] = self._loop.call_later(
-            self._grace, self.kill, f"{call.label} ignored cancellation for {self._grace:g} s"
-        )
+        if kill_in is None:
+            kill_in, why = self._grace, f"{call.label} ignored cancellation for {self._grace:g} s"
+        ended = call.bridge.handler_runs_on() if call.bridge is not None else _holds_nothing
+        self._zombies[call_id] = _Abandoned(self._loop.call_later(kill_in, self.kill, why), ended)
         self._close_if_retired()
 
     def _close_if_retired(self) -> None:
@@ -460,8 +489,9 @@ class WorkerProcess:
         call = self._calls.pop(call_id, None)
         if call is None:
             zombie = self._zombies.pop(call_id, None)
-            if zombie is not None:
-                zombie.cancel()  # the abandoned handler did stop: no need to kill
+            if zombie is not None:  # the abandoned handler did stop: no need to kill
+                zombie.kill.cancel()
+                zombie.ended()
             else:
                 self._stray()
             self._close_if_retired()
@@ -739,7 +769,8 @@ class WorkerProcess:
                     )
                 )
         for zombie in self._zombies.values():
-            zombie.cancel()
+            zombie.kill.cancel()
+            zombie.ended()
         self._zombies.clear()
         self._transport.close()
         if not self._exited.done():

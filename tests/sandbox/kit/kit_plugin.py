@@ -52,6 +52,16 @@ def hang_sync(ctx: Context) -> str:
     return "never"
 
 
+@plugin.tool("stubborn")
+def stubborn(ctx: Context) -> str:
+    """Says it started (progress 1), then ignores cancellation until a file ``gate``
+    appears in its data dir."""
+    ctx.progress(1)
+    while not (ctx.data_dir / "gate").exists():
+        time.sleep(0.01)
+    return "let through"
+
+
 @plugin.tool("hang_async")
 async def hang_async(ctx: Context) -> str:
     await asyncio.sleep(3600)
