@@ -258,6 +258,36 @@ def test_a_redact_on_a_forbid_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("annotations", "named", "problem"),
+    [
+        ('@id("notes")\n@Redact("pii")\n', "notes", "unknown annotation @Redact"),
+        ('@id("notes")\n@redacted("pii")\n', "notes", "unknown annotation @redacted"),
+        ('@Audit("before")\n', "t.cedar#1", "unknown annotation @Audit"),
+        (
+            '@audit_before("yes")\n@note("x")\n',
+            "t.cedar#1",
+            "unknown annotation @audit_before, @note",
+        ),
+    ],
+)
+def test_an_unknown_annotation_is_refused_naming_the_policy_and_annotation(
+    tmp_path: Path, annotations: str, named: str, problem: str
+) -> None:
+    # a misspelt obligation would otherwise not hold: nothing redacted, nothing recorded first
+    (tmp_path / "t.cedar").write_text(
+        "permit (principal, action, resource);\n"
+        f"{annotations}permit (principal, action, resource);\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(tmp_path)
+    assert caught.value.message == (
+        f't.cedar:2: policy "{named}": {problem}; '
+        "the annotations are: @id, @reason, @redact, @audit"
+    )
+    assert caught.value.data == {"file": "t.cedar", "line": 2, "policy": named}
+
+
+@pytest.mark.parametrize(
     ("condition", "uses"),
     [
         ('when { context.labels.contains("secret") }', True),

@@ -256,6 +256,9 @@ def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.
 
 # The actions obligations apply to: those a plugin runs (the kernel's governed path).
 _OBLIGED_VERBS = frozenset({"call_tool", "read_resource", "get_prompt", "complete"})
+# Every annotation MCP-ZERO reads: another is a typo whose obligation would silently not
+# hold (``@Redact("pii")`` redacted nothing: found by review).
+_ANNOTATIONS = ("id", "reason", "redact", "audit")
 
 
 def _describe(name: str, template: pst.Template, lines: list[int], is_template: bool) -> PolicyInfo:
@@ -263,6 +266,15 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     position = _position(template.id)
     policy_id = annotations.get("id") or f"{name}#{position}"
     line = _line_of(template.id, lines)
+    unknown = sorted(set(annotations).difference(_ANNOTATIONS))
+    if unknown:
+        raise _annotation_error(
+            name,
+            line,
+            policy_id,
+            f"unknown annotation {', '.join('@' + key for key in unknown)}; "
+            f"the annotations are: {', '.join('@' + key for key in _ANNOTATIONS)}",
+        )
     redact = frozenset[str]()
     if "redact" in annotations:
         redact = _redact_labels(name, line, policy_id, template.effect, annotations["redact"])
@@ -279,7 +291,7 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
         verbs = None
     if (redact or audit_before) and verbs is not None and verbs.isdisjoint(_OBLIGED_VERBS):
         obligation = "@redact" if redact else "@audit"
-        raise _obligation_error(
+        raise _annotation_error(
             name,
             line,
             policy_id,
@@ -303,7 +315,7 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     )
 
 
-def _obligation_error(name: str, line: int | None, policy_id: str, problem: str) -> PolicyError:
+def _annotation_error(name: str, line: int | None, policy_id: str, problem: str) -> PolicyError:
     where = f"{name}:{line}" if line is not None else name
     return PolicyError(
         f'{where}: policy "{policy_id}": {problem}',
@@ -318,7 +330,7 @@ def _redact_labels(
     on a forbid, one that names no label, or one that names a label no detector gives."""
     known = ", ".join(sorted(LABELS))
     if effect != "permit":
-        raise _obligation_error(
+        raise _annotation_error(
             name,
             line,
             policy_id,
@@ -327,12 +339,12 @@ def _redact_labels(
         )
     labels = [part.strip() for part in value.split(",")]
     if not any(labels):
-        raise _obligation_error(
+        raise _annotation_error(
             name, line, policy_id, f"@redact names no label; name some of: {known}"
         )
     unknown = [label for label in labels if label not in LABELS]
     if unknown:
-        raise _obligation_error(
+        raise _annotation_error(
             name,
             line,
             policy_id,
@@ -346,7 +358,7 @@ def _audit_when(name: str, line: int | None, policy_id: str, effect: str, value:
     """An ``@audit("before")`` annotation (True). Raises PolicyError for one on a forbid (a
     denial is recorded anyway) or with another value."""
     if effect != "permit":
-        raise _obligation_error(
+        raise _annotation_error(
             name,
             line,
             policy_id,
@@ -354,7 +366,7 @@ def _audit_when(name: str, line: int | None, policy_id: str, effect: str, value:
             "recorded anyway)",
         )
     if value.strip() != "before":
-        raise _obligation_error(
+        raise _annotation_error(
             name,
             line,
             policy_id,
