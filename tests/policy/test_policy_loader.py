@@ -189,6 +189,38 @@ def test_a_dangling_symlink_that_is_not_hidden_is_an_error_naming_it(tmp_path: P
         PolicyEngine.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("misplaced", "problem"),
+    [
+        ("team/deny.cedar", "policies are read from {dir} itself, not from its subdirectories"),
+        ("team/DENY.Cedar", "policies are read from {dir} itself, not from its subdirectories"),
+        ("DENY.CEDAR", 'a policy file\'s name must end in ".cedar", in lower case; rename it'),
+        ("deny.Cedar", 'a policy file\'s name must end in ".cedar", in lower case; rename it'),
+    ],
+)
+def test_a_policy_filed_where_it_would_not_be_read_is_refused_naming_it(
+    tmp_path: Path, misplaced: str, problem: str
+) -> None:
+    # a forbid there was silently not in force: the set loaded without it
+    write_default_policies(tmp_path)
+    (tmp_path / misplaced).parent.mkdir(exist_ok=True)
+    (tmp_path / misplaced).write_text("forbid (principal, action, resource);\n")
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(tmp_path)
+    assert caught.value.message.startswith(f"{misplaced}: {problem.format(dir=tmp_path)}")
+    assert caught.value.data == {"file": misplaced}
+
+
+def test_subdirectories_without_policies_and_hidden_ones_are_left_alone(tmp_path: Path) -> None:
+    write_default_policies(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("forbid shell")
+    (tmp_path / "notes" / ".#deny.cedar").symlink_to("someone@host.1234:1700000000")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "deny.cedar").write_text("forbid (principal, action, resource);\n")
+    assert set(PolicyEngine.load(tmp_path).sources) == {DEFAULT_POLICY_FILE}
+
+
 def test_no_default_policy_is_written_beside_only_hidden_files(tmp_path: Path) -> None:
     (tmp_path / ".#default.cedar").symlink_to("someone@host.1234:1700000000")
     assert write_default_policies(tmp_path)

@@ -116,11 +116,47 @@ def policy_files(policy_dir: Path) -> list[Path]:
         names = os.listdir(policy_dir)
     except FileNotFoundError:
         return []
-    return sorted(
-        policy_dir / name
-        for name in names
-        if fnmatch.fnmatchcase(name, POLICY_GLOB) and not name.startswith(".")
-    )
+    return sorted(policy_dir / name for name in names if _is_policy_name(name))
+
+
+def _is_policy_name(name: str) -> bool:
+    return fnmatch.fnmatchcase(name, POLICY_GLOB) and not name.startswith(".")
+
+
+def _refuse_misplaced_policies(policy_dir: Path) -> None:
+    """Raise PolicyError for the first entry of ``policy_dir`` that looks like a policy but
+    would not be read: a ``.CEDAR`` name in another case, or a subdirectory holding a
+    ``.cedar`` file (a forbid filed in ``team/`` was silently not in force: found by review).
+    Raises OSError when ``policy_dir`` cannot be read."""
+    with os.scandir(policy_dir) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") or _is_policy_name(name):
+            continue
+        if _is_policy_name(name.lower()):
+            shown = _shown(name)
+            raise PolicyError(
+                f'{shown}: a policy file\'s name must end in ".cedar", in lower case; rename it',
+                data={"file": shown},
+            )
+        if entry.is_dir():
+            try:
+                inside = sorted(n for n in os.listdir(entry.path) if _is_policy_name(n.lower()))
+            except OSError:
+                continue  # nothing to tell of a directory no one can list
+            if inside:
+                misplaced = _shown(f"{name}/{inside[0]}")
+                raise PolicyError(
+                    f"{misplaced}: policies are read from {policy_dir} itself, not from its "
+                    "subdirectories; move the file up, or the directory out of it",
+                    data={"file": misplaced},
+                )
+
+
+def _shown(name: str) -> str:
+    """A file name as text for messages and records, its bytes that are not UTF-8 escaped."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def read_policy_dir(policy_dir: Path) -> dict[str, str]:
@@ -128,7 +164,8 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
     (UTF-8, a leading BOM dropped).
 
     Raises PolicyError when the directory is missing or a file cannot be read (a
-    dangling symlink among them too: it may be a policy the operator meant).
+    dangling symlink among them too: it may be a policy the operator meant), or a
+    policy is filed where it would not be read (see :func:`_refuse_misplaced_policies`).
     """
     if not policy_dir.is_dir():
         raise PolicyError(
@@ -138,6 +175,7 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
     sources: dict[str, str] = {}
     try:
         paths = policy_files(policy_dir)
+        _refuse_misplaced_policies(policy_dir)
     except OSError as exc:
         raise PolicyError(
             f"cannot read policy directory {policy_dir}: {exc.strerror or exc}"
@@ -149,7 +187,7 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
             # recorded, and crashed the load: found by review)
             name.encode("utf-8")
         except UnicodeEncodeError:
-            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            shown = _shown(name)
             raise PolicyError(
                 f"{shown}: a policy file's name must be UTF-8; rename it", data={"file": shown}
             ) from None
