@@ -56,6 +56,7 @@ def test_default_deny_names_the_permit_and_the_attached_plugins(engine: PolicyEn
     decision = engine.decide(call(Principal("bob"), "notes_add"))
     assert not decision.allowed
     assert decision.policies == ("attached-plugins-only",)
+    assert decision.denied_by == ()  # the permit it names did not match: denied by default
     assert decision.reasons == (
         'no policy permits agent "bob" to call_tool "notes_add": policy '
         '"attached-plugins-only" permits only tools of plugins attached to the agent '
@@ -93,6 +94,7 @@ def test_explicit_forbid_reports_its_id_and_reason() -> None:
         message='policy "no-anonymous-shell" forbids agent "anon" to call_tool "shell_exec": '
         "anonymous agents may not run shell commands",
         policies_sha256=engine.digest,
+        denied_by=("no-anonymous-shell",),
     )
     with pytest.raises(PolicyDenied) as caught:
         engine.require(call(anon, "shell_exec", plugin="shell"))
@@ -281,7 +283,7 @@ def test_a_forbid_that_fails_to_evaluate_denies_what_it_may_forbid(policy_id: st
     assert policy_id in engine.policies
     decision = engine.decide(Action(Principal("bob"), Verb.SNAPSHOT_AGENT, "other"))
     assert not decision.allowed
-    assert decision.policies == (policy_id,)
+    assert decision.policies == decision.denied_by == (policy_id,)
     assert "could not be evaluated" in decision.message
     assert decision.errors[0].startswith(f'policy "{policy_id}": ')
     with pytest.raises(PolicyDenied, match="could not be evaluated"):

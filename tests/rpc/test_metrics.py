@@ -12,8 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from rpc_live import make_runtime, serve
+from rpc_live import NOTES_DIR, make_runtime, serve
 
+from mcp_zero.policy import write_default_policies
 from mcp_zero.rpc.metrics import CONTENT_TYPE, DEFAULT_BUCKETS, STAGES, Metrics
 from mcp_zero.runtime import Runtime
 
@@ -150,6 +151,43 @@ def test_label_values_are_escaped() -> None:
     m.count_denial(nasty)
     found = samples(m)["mcp0_policy_denials"]
     assert value(found, "mcp0_policy_denials_total", policy=nasty) == 1
+
+
+# -- what is counted -------------------------------------------------------------------------
+
+DENIALS_POLICY = """
+@id("notes-redacted")
+@reason("notes, with e-mail addresses redacted")
+@redact("pii")
+permit (principal is Agent, action == Action::"call_tool", resource in Plugin::"notes")
+when { principal.plugins.contains(resource.plugin) };
+
+@id("no-notes-for-eve")
+forbid (principal == Agent::"eve", action, resource in Plugin::"notes");
+"""
+
+
+@pytest.mark.anyio
+async def test_a_denial_is_counted_once_under_what_denied_it(tmp_path: Path) -> None:
+    # A default deny was counted under every permit it names, none of which denied it: one
+    # call counted attached-plugins-only 1 and notes-redacted 1 (found by review)
+    write_default_policies(tmp_path / "data" / "policies")
+    (tmp_path / "data" / "policies" / "notes.cedar").write_text(DENIALS_POLICY)
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(NOTES_DIR)
+    bob = await runtime.agents.spawn("bob", [])
+    eve = await runtime.agents.spawn("eve", ["notes"])
+    async with serve(runtime) as live:
+        refused = await live.client(bob.token).call("notes_list")
+        assert refused["error"]["data"]["policies"] == ["attached-plugins-only", "notes-redacted"]
+        forbidden = await live.client(eve.token).call("notes_list")
+        assert forbidden["error"]["data"]["policies"] == ["no-notes-for-eve"]
+    found = samples(runtime.metrics)
+    denials = {s.labels["policy"]: s.value for s in found["mcp0_policy_denials"]}
+    assert denials == {"default-deny": 1, "no-notes-for-eve": 1}
+    assert (
+        value(found["mcp0_calls"], "mcp0_calls_total", method="tools/call", outcome="denied") == 2
+    )
 
 
 # -- who may read /metrics -------------------------------------------------------------------

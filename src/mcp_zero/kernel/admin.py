@@ -73,7 +73,7 @@ def admin_decision(
             record["policy_errors"] = list(decision.errors)
         return AdminDecision(record)
     if count is not None:
-        count(decision.policies)
+        count(decision.denied_by)
     data = decision.to_data()
     detail = {"code": PolicyDenied.code, **data, "policies_sha256": decision.policies_sha256}
     if plugin is not None:

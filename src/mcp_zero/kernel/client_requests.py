@@ -132,7 +132,7 @@ class GovernedBridge:
             decision = kernel.policy.decide(action)
             event["policies_sha256"] = decision.policies_sha256
             if not decision.allowed:
-                kernel.metrics.count_denials(decision.policies)
+                kernel.metrics.count_denials(decision.denied_by)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = list(decision.policies)
             if decision.errors:

@@ -526,7 +526,7 @@ class Kernel:
                 if decision.errors:
                     event["policy_errors"] = list(decision.errors)
                 if not decision.allowed:
-                    self.metrics.count_denials(decision.policies)
+                    self.metrics.count_denials(decision.denied_by)
                     refused = PolicyDenied(decision.message, data=decision.to_data())
                     event["reasons"] = list(decision.reasons)
             if refused is None:
@@ -920,7 +920,7 @@ class Kernel:
             # force by the time the record is written
             event["policies_sha256"] = decision.policies_sha256
             if not decision.allowed:
-                metrics.count_denials(decision.policies)
+                metrics.count_denials(decision.denied_by)
                 raise PolicyDenied(decision.message, data=decision.to_data())
             event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
             if decision.errors:  # policies skipped: what they might have said is evidence

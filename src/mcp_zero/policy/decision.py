@@ -24,6 +24,9 @@ class PolicyDecision:
     before it runs, as well as when it ends. ``policies_sha256`` names the policy set that
     made it (``PolicyEngine.digest``, as its ``load_policies`` record has it): the records of
     the decision carry it, so the log proves which set decided, whatever was loaded since.
+    ``denied_by`` (a denial's) holds the forbids that denied it: those that matched, or that
+    failed to evaluate and might have; empty for a default deny, where ``policies`` names
+    permits that did not match and so denied nothing.
     """
 
     allowed: bool
@@ -34,6 +37,7 @@ class PolicyDecision:
     redact: tuple[str, ...] = ()
     audit_before: bool = False
     policies_sha256: str = ""
+    denied_by: tuple[str, ...] = ()
 
     def to_data(self) -> dict[str, Any]:
         """The decision as JSON-ready ``data`` for errors and audit records."""

@@ -174,7 +174,13 @@ class PolicyEngine:
             )
             ids = tuple(info.id for info, _ in unknown)
             return PolicyDecision(
-                False, ids, (sentence,) * len(ids), errors, sentence, policies_sha256=self._digest
+                False,
+                ids,
+                (sentence,) * len(ids),
+                errors,
+                sentence,
+                policies_sha256=self._digest,
+                denied_by=ids,
             )
         if result.allowed:
             reasons = tuple(self._reason(pid, "permits it") for pid in matched)
@@ -201,7 +207,13 @@ class PolicyEngine:
                 for pid, reason in zip(matched, reasons, strict=True)
             )
             return PolicyDecision(
-                False, matched, reasons, errors, sentence, policies_sha256=self._digest
+                False,
+                matched,
+                reasons,
+                errors,
+                sentence,
+                policies_sha256=self._digest,
+                denied_by=matched,
             )
         return self._default_deny(action, rtype, rid, parent, errors)
 

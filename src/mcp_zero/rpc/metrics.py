@@ -7,7 +7,8 @@ records about ten samples. One ``Metrics`` per server instance; not
 thread-safe, since the kernel records from one event loop.
 
     mcp0_calls_total{method,outcome}        counter
-    mcp0_policy_denials_total{policy}       counter
+    mcp0_policy_denials_total{policy}       counter (by the forbid that denied; "default-deny":
+                                            no permit matched)
     mcp0_stage_seconds{stage}               histogram (auth, ratelimit, policy, quota,
                                             schema, sandbox, audit, total)
     mcp0_inflight_calls                     gauge
@@ -92,13 +93,15 @@ class Metrics:
         calls[key] = calls.get(key, 0) + 1
 
     def count_denial(self, policy: str) -> None:
-        """Count one denial by ``policy`` (the decision's first policy id, or "default")."""
+        """Count one denial by ``policy`` (a forbid's id, or "default-deny")."""
         denials = self._denials
         denials[policy] = denials.get(policy, 0) + 1
 
-    def count_denials(self, policies: Sequence[str]) -> None:
-        """Count one denial by each of a decision's ``policies`` ("default-deny" if none)."""
-        for policy in policies or ("default-deny",):
+    def count_denials(self, forbids: Sequence[str]) -> None:
+        """Count one denial by each of the ``forbids`` that denied it (a decision's
+        ``denied_by``), or by "default-deny" when none did: no permit matched, and the
+        permits a default deny names did not deny it (each was counted: found by review)."""
+        for policy in forbids or ("default-deny",):
             self.count_denial(policy)
 
     def count_plugin_restart(self, plugin: str) -> None:
@@ -176,7 +179,8 @@ class Metrics:
             out.append(
                 f'mcp0_calls_total{{method="{_esc(method)}",outcome="{_esc(outcome)}"}} {value}'
             )
-        _family(out, "mcp0_policy_denials_total", "counter", "Denied actions by policy id.")
+        help_text = "Denials by the forbid that denied, or default-deny (no permit matched)."
+        _family(out, "mcp0_policy_denials_total", "counter", help_text)
         for policy, value in sorted(self._denials.items()):
             out.append(f'mcp0_policy_denials_total{{policy="{_esc(policy)}"}} {value}')
         _family(out, "mcp0_stage_seconds", "histogram", "Time spent per pipeline stage.")
