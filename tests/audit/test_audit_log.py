@@ -181,7 +181,7 @@ async def test_really_full_database_loses_no_acknowledged_entry(tmp_path: Path) 
                     acked.append(await log.append({"pad": "x" * 1500, "n": len(acked)}))
                 except StorageError as exc:
                     failure = exc
-        assert "free space" in failure.message
+        assert "it reached its size limit" in failure.message
         assert acked  # some fitted before the cap
         # Still full: a retry fails the same way and skips no seq.
         with pytest.raises(StorageError, match="full"):
@@ -357,7 +357,7 @@ async def test_a_store_locked_by_another_writer_does_not_hold_up_the_loop(tmp_pa
 
 
 async def test_a_lock_held_past_the_busy_timeout_fails_the_batch_and_the_chain_resumes(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "a.db"
     with SqliteStore(path, busy_timeout=0.2) as store, AuditLog(store, window=0) as log:
@@ -378,6 +378,12 @@ async def test_a_lock_held_past_the_busy_timeout_fails_the_batch_and_the_chain_r
             # and the calls refused meanwhile say so, not "a full disk" (found by review)
             assert "database is locked" in log.stats.last_failure
             assert "database is locked" in str(_audit_failing(log))
+            # nor is the lock's holder told to free space, or raise db_max_mb (found by review)
+            [logged] = [r.getMessage() for r in caplog.records if "cannot be written" in r.msg]
+            for told in (logged, str(_audit_failing(log))):
+                assert "another process held it too long" in told
+                assert "free space" not in told
+                assert "db_max_mb" not in told
         finally:
             other.close()  # (rolls back)
         entry = await log.append({"n": 3})
@@ -427,8 +433,10 @@ async def test_a_store_without_room_fails_the_log_before_a_commit_does(
         store._max_size_bytes = (tmp_path / "a.db").stat().st_size + 4096  # nearly full
         assert not log.check_room()  # under 64 KiB of room
         assert log.stats.failing
-        assert "less than 64 KiB of room" in log.stats.last_failure
-        assert "less than 64 KiB of room" in str(_audit_failing(log))
+        # which room: the disk's or the size limit's (this one), and what to do about it
+        for told in (log.stats.last_failure, str(_audit_failing(log))):
+            assert "is nearly full (less than 64 KiB left under its size limit" in told
+            assert "raise db_max_mb and restart" in told
         assert not log.check_room()
         failed = [r for r in caplog.records if "cannot be written" in r.getMessage()]
         assert len(failed) == 1  # once

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,21 @@ def test_message_names_the_file_and_the_next_step(raised: sqlite3.Error, expecte
     assert error.code == "storage"
     assert error.data is not None
     assert error.data["sqlite"] == str(raised)
+
+
+def test_a_full_database_under_a_size_limit_says_which_limit_was_reached(tmp_path: Path) -> None:
+    # SQLite reports a size limit reached as it does a full disk: with room on the disk, it is
+    # the limit
+    full = sqlite3.OperationalError("database or disk is full")
+    path = tmp_path / "x.db"
+    assert storage_error(full, path, "write", size_limit=3 << 19).message == (
+        f"database at {path} is full: it reached its size limit, db_max_mb (1.5 MiB); "
+        "raise db_max_mb and restart"
+    )
+    # without a limit, or where the disk's room cannot be told, both are named
+    assert storage_error(full, path, "write").message == (
+        f"database or disk is full at {path}: free space and retry"
+    )
+    assert storage_error(full, "/nowhere/x.db", "write", size_limit=1 << 20).message == (
+        "database or disk is full at /nowhere/x.db: free space, or raise db_max_mb (1 MiB)"
+    )

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -381,7 +386,89 @@ def test_audit_batch_is_all_or_nothing(store: SqliteStore) -> None:
     assert [e.seq for e in store.read_audit()] == [1]
 
 
-def test_full_database_raises_actionable_storage_error(tmp_path: Path) -> None:
+ON_A_FULL_DISK = """
+import json, os, sys
+from mcp_zero.errors import StorageError
+from mcp_zero.storage import PluginRecord, SqliteStore
+
+disk = sys.argv[1]
+
+
+def fill():
+    filler = os.open(os.path.join(disk, "filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(filler, bytes(4096))
+    except OSError:
+        pass
+    finally:
+        os.close(filler)
+
+
+def refusal(act):
+    try:
+        act()
+    except StorageError as exc:
+        return exc.message
+    return None
+
+
+seen = {}
+# a write under a size limit still far off
+writing = SqliteStore(os.path.join(disk, "write.db"), max_size_bytes=64 << 20)
+fill()
+big = PluginRecord(name="p", version="1", manifest={"x": "y" * 70_000}, path="/")
+seen["write.db"] = refusal(lambda: writing.put_plugin(big))
+seen["room"] = writing.short_of_room(64 << 10)
+print(json.dumps(seen))
+"""
+
+
+def _on_a_full_disk(tmp_path: Path) -> dict[str, str | None]:
+    """What :data:`ON_A_FULL_DISK` saw: a real full disk, a 1 MiB tmpfs mounted in a mount
+    namespace of its own (root and util-linux's unshare, as on every machine CI runs on; the
+    test fails, not skips, without)."""
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "this test needs unshare(1) (util-linux)"
+    assert os.geteuid() == 0, "this test needs root, to mount a tmpfs in a mount namespace"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(
+        [
+            unshare,
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=1m tmpfs "$1" || exit 77; exec "$2" -c "$3" "$1"',
+            "sh",
+            str(disk),
+            sys.executable,
+            ON_A_FULL_DISK,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 77, f"cannot mount a tmpfs here: {done.stderr.strip()}"
+    assert done.returncode == 0, done.stderr
+    seen: dict[str, str | None] = json.loads(done.stdout)
+    return {
+        name: None if told is None else told.replace(str(disk), "DISK")
+        for name, told in seen.items()
+    }
+
+
+def test_a_full_disk_is_told_as_one_under_a_size_limit_too(tmp_path: Path) -> None:
+    seen = _on_a_full_disk(tmp_path)
+    assert seen["write.db"] == "disk is full at DISK/write.db: free space and retry"
+    assert seen["room"] == (
+        "the disk holding DISK/write.db is nearly full (less than 64 KiB free): free space"
+    )
+
+
+def test_a_database_at_its_size_limit_says_so_not_that_the_disk_is_full(tmp_path: Path) -> None:
+    # a cap reached was reported "database or disk is full: free space", the disk having
+    # gigabytes free (found by review)
     path = tmp_path / "small.db"
     store = SqliteStore(path, max_size_bytes=64 * 1024)
     try:
@@ -394,13 +481,16 @@ def test_full_database_raises_actionable_storage_error(tmp_path: Path) -> None:
             except StorageError as exc:
                 failure = exc
         assert seq > 1
-        assert failure.message == f"database or disk is full at {path}: free space and retry"
+        assert failure.message == (
+            f"database at {path} is full: it reached its size limit, db_max_mb (0.0625 MiB); "
+            "raise db_max_mb and restart"
+        )
         assert failure.data is not None
         assert failure.data["sqlite_error"] == "SQLITE_FULL"
         # Everything committed before the failure is still there, nothing after it.
         assert [e.seq for e in store.read_audit(limit=100_000)] == list(range(1, seq))
         # Admin writes fail the same way, reads keep working.
-        with pytest.raises(StorageError, match="free space"):
+        with pytest.raises(StorageError, match="it reached its size limit"):
             store.put_plugin(
                 PluginRecord(name="p", version="1", manifest={"x": "y" * 70_000}, path="/")
             )

@@ -53,7 +53,6 @@ from mcp_zero.storage.base import AuditEntry, Store, StoreBusy
 
 T = TypeVar("T")
 log = logging.getLogger("mcp_zero.audit")
-_DAMAGED = "the newest audit record"
 
 #: What a failed log needs free (on disk, and under the store's size limit) to take calls
 #: again: a few batches' worth.
@@ -181,7 +180,10 @@ class AuditLog:
             with self._write_lock:
                 self._head = self._store.audit_head()
             # a store already full refuses the first call too, not only those after a failure
-            self.stats.failing = not self._store.has_room(ROOM_BYTES)
+            short = self._store.short_of_room(ROOM_BYTES)
+            if short is not None:
+                self.stats.failing = True
+                self.stats.last_failure = short
             self._room_checked = time.monotonic()
             self._started = True
 
@@ -298,7 +300,7 @@ class AuditLog:
             # the store's failure, not the change's (a refused change raises its own): a
             # full store refuses calls from now on, before their plugins run, as a failed
             # batch makes it
-            if not self._store.has_room(ROOM_BYTES):
+            if self._store.short_of_room(ROOM_BYTES) is not None:
                 self._fail(str(exc))
             raise
         with self._lock:  # (also the loop's thread counts)
@@ -315,7 +317,7 @@ class AuditLog:
         now = time.monotonic()
         if now - self._room_checked >= ROOM_CHECK_S:
             self._room_checked = now
-            if self._store.has_room(ROOM_BYTES):
+            if self._store.short_of_room(ROOM_BYTES) is None:
                 self.stats.failing = False
                 log.warning(
                     "the audit log can be written again (%d events failed meanwhile): "
@@ -331,9 +333,10 @@ class AuditLog:
         before a call acts and then cannot be recorded (found by review)."""
         if self.stats.failing:
             return self.writable()
-        if self._store.has_room(ROOM_BYTES):
+        short = self._store.short_of_room(ROOM_BYTES)
+        if short is None:
             return True
-        self._fail("the store has less than 64 KiB of room left (a full disk, or its size limit)")
+        self._fail(short)
         return False
 
     def _fail(self, why: str) -> None:
@@ -344,11 +347,8 @@ class AuditLog:
             if self.stats.failing:
                 return
             self.stats.failing = True
-        log.error(
-            "the audit log cannot be written (%s): every call is refused until it can%s",
-            why,
-            "" if why.startswith(_DAMAGED) else "; free space, or raise db_max_mb",
-        )
+        # (``why`` says what to do: a full disk's advice was added to a lock's too)
+        log.error("the audit log cannot be written (%s): every call is refused until it can", why)
 
     def _gathered(self) -> list[_Pending]:
         """What this thread's loop has gathered and not committed (taken from its batch);
@@ -475,8 +475,9 @@ class AuditLog:
             prev = b""
         if len(prev) != 32:  # (no append could follow it: say so, not "free space")
             raise StorageError(
-                f"{_DAMAGED} (seq {seq - 1}) is damaged: its hash {prev_hex[:80]!r} is not a "
-                "SHA-256 in hex, so no record can follow it; 'mcp0 audit verify' tells more"
+                f"the newest audit record (seq {seq - 1}) is damaged: its hash "
+                f"{prev_hex[:80]!r} is not a SHA-256 in hex, so no record can follow it; "
+                "'mcp0 audit verify' tells more"
             )
         entries = []
         for pending in batch:

@@ -234,7 +234,7 @@ def _audit_failing(audit: AuditLog) -> StorageError:
     why = audit.stats.last_failure or "a full disk, or its size limit"
     return StorageError(
         f"the audit log cannot be written (its last commit failed: {why}); calls are "
-        "refused until it can be written again (a full disk: free space) — retry",
+        "refused until it can be written again — retry",
         data={"failed_events": audit.stats.failed_events},
     )
 

@@ -107,7 +107,7 @@ class SqliteStore:
     directories if missing, and migrates the schema to the current version.
     ``busy_timeout`` is how long, in seconds, a write waits for another writer.
     ``max_size_bytes`` caps the database file (for small devices); past it,
-    writes fail with ``StorageError`` like a full disk.
+    writes fail with ``StorageError`` (saying so: not a full disk).
 
     ``read_only`` opens an existing store for reading only (commands that only
     read): nothing is created, migrated or switched to WAL, and a data dir that is
@@ -435,22 +435,26 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 raise _collision(entries, self.path, exc) from exc
             except sqlite3.Error as exc:
-                error = storage_error(exc, self.path, "append audit entries")
+                error = self._storage_error(exc, "append audit entries")
                 if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY:
                     raise StoreBusy(error.message, data=error.data) from exc
                 raise error from exc
 
-    def has_room(self, min_bytes: int) -> bool:
-        """Whether ``min_bytes`` more can be written: free on the filesystem and, under a
-        size limit, in the database (True when that cannot be told: a commit will tell)."""
+    def short_of_room(self, min_bytes: int) -> str | None:
+        """Why ``min_bytes`` more cannot be written, saying what to do: too little free on
+        the filesystem, or, under a size limit, in the database; None when they can be
+        (or that cannot be told: a commit will tell)."""
         try:
             fs = os.statvfs(self.path.parent)
         except OSError:
-            return True
+            return None
         if fs.f_bavail * fs.f_frsize < min_bytes:
-            return False
+            return (
+                f"the disk holding {self.path} is nearly full (less than {min_bytes >> 10} KiB "
+                "free): free space"
+            )
         if self._max_size_bytes is None:
-            return True
+            return None
         with self._audit_lock:
             self._check_open()
             try:
@@ -459,8 +463,14 @@ class SqliteStore:
                     for pragma in ("page_count", "freelist_count", "page_size")
                 )
             except sqlite3.Error:
-                return True
-        return self._max_size_bytes - (pages - free) * size >= min_bytes
+                return None
+        if self._max_size_bytes - (pages - free) * size >= min_bytes:
+            return None
+        return (
+            f"the database at {self.path} is nearly full (less than {min_bytes >> 10} KiB left "
+            f"under its size limit, db_max_mb ({self._max_size_bytes / 2**20:g} MiB)): raise "
+            "db_max_mb and restart"
+        )
 
     def read_audit(self, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
         """Up to ``limit`` audit entries with ``seq > after_seq``, in seq order."""
@@ -523,7 +533,7 @@ class SqliteStore:
                 check_same_thread=False,  # guarded by our locks
             )
         except sqlite3.Error as exc:
-            raise storage_error(exc, self.path, "open database") from exc
+            raise self._storage_error(exc, "open database") from exc
         try:
             check_ours(conn)  # before WAL: another program's file is left as it is
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -540,7 +550,7 @@ class SqliteStore:
                 conn.execute(f"PRAGMA max_page_count = {pages:d}")
         except sqlite3.Error as exc:
             conn.close()
-            raise storage_error(exc, self.path, "open database") from exc
+            raise self._storage_error(exc, "open database") from exc
         except NotOurs:
             conn.close()
             raise self._not_ours() from None
@@ -562,7 +572,7 @@ class SqliteStore:
                     raise
                 conn, version = _open_checked(uri + "&immutable=1", self._busy_timeout)
         except sqlite3.Error as exc:
-            raise storage_error(exc, self.path, "open database for reading") from exc
+            raise self._storage_error(exc, "open database for reading") from exc
         except NotOurs:
             raise self._not_ours() from None
         except OSError as exc:
@@ -582,6 +592,9 @@ class SqliteStore:
                 data={"path": str(self.path), "found": version, "supported": SCHEMA_VERSION},
             )
         return conn
+
+    def _storage_error(self, exc: sqlite3.Error, doing: str) -> StorageError:
+        return storage_error(exc, self.path, doing, size_limit=self._max_size_bytes)
 
     def _not_ours(self) -> StorageError:
         return StorageError(
@@ -605,7 +618,7 @@ class SqliteStore:
         except NotOurs:
             raise self._not_ours() from None
         except sqlite3.Error as exc:
-            raise storage_error(exc, self.path, "migrate database schema") from exc
+            raise self._storage_error(exc, "migrate database schema") from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -620,7 +633,7 @@ class SqliteStore:
             try:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise storage_error(exc, self.path, doing) from exc
+                raise self._storage_error(exc, doing) from exc
 
     @contextmanager
     def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
@@ -644,7 +657,7 @@ class SqliteStore:
             finally:
                 self._in_transaction = False
         except sqlite3.Error as exc:
-            raise storage_error(exc, self.path, doing) from exc
+            raise self._storage_error(exc, doing) from exc
         finally:
             self._lock.release()
 
@@ -675,7 +688,7 @@ class SqliteStore:
                     raise
                 busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY
                 if not busy or time.monotonic() >= deadline:
-                    raise storage_error(exc, self.path, doing) from exc
+                    raise self._storage_error(exc, doing) from exc
             time.sleep(max(min(delay, deadline - time.monotonic()), 0))  # waiting: write lock
             delay = min(delay * 2, 0.05)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -28,6 +29,17 @@ _BY_MESSAGE = {
     "database disk image is malformed": _SQLITE_CORRUPT,
 }
 
+# SQLite reports a full disk and a database at its max_page_count (db_max_mb) alike: a
+# write that failed for want of disk took what room the file system had, so the room left
+# tells them apart (a cap was reported as a full disk beside gigabytes free: found by review).
+_DISK_FULL_BELOW = 1 << 20
+_DISK_FULL = "disk is full at {path}: free space and retry"
+_AT_SIZE_LIMIT = (
+    "database at {path} is full: it reached its size limit, db_max_mb ({limit}); "
+    "raise db_max_mb and restart"
+)
+_FULL_UNDER_LIMIT = "database or disk is full at {path}: free space, or raise db_max_mb ({limit})"
+
 _ADVICE = {
     _SQLITE_FULL: "database or disk is full at {path}: free space and retry",
     _SQLITE_BUSY: (
@@ -47,23 +59,46 @@ _ADVICE = {
 }
 
 
-def storage_error(exc: sqlite3.Error, path: Path | str, doing: str) -> StorageError:
-    """A :class:`StorageError` for ``exc`` raised while ``doing`` something to ``path``.
+def storage_error(
+    exc: sqlite3.Error, path: Path | str, doing: str, *, size_limit: int | None = None
+) -> StorageError:
+    """A :class:`StorageError` for ``exc`` raised while ``doing`` something to ``path``, a
+    database capped at ``size_limit`` bytes (db_max_mb) if given.
 
-    The message names the file and the next step; ``data`` keeps the SQLite
+    The message names the file, the cause and the next step; ``data`` keeps the SQLite
     error name and the original text for logs.
     """
     code = _primary_code(exc)
     text = str(exc)
     template = _ADVICE.get(code) if code is not None else None
-    message = (
-        template.format(path=path) if template is not None else f"{doing} failed at {path}: {text}"
-    )
+    if code == _SQLITE_FULL:
+        message = _full(path, size_limit)
+    elif template is not None:
+        message = template.format(path=path)
+    else:
+        message = f"{doing} failed at {path}: {text}"
     data = {"path": str(path), "while": doing, "sqlite": text}
     name = getattr(exc, "sqlite_errorname", None)
     if name:
         data["sqlite_error"] = name
     return StorageError(message, data=data)
+
+
+def _full(path: Path | str, size_limit: int | None) -> str:
+    """What SQLITE_FULL at ``path`` means: the disk is full, or the database reached
+    ``size_limit``."""
+    try:
+        fs = os.statvfs(Path(path).parent)
+    except OSError:
+        free = None
+    else:
+        free = fs.f_bavail * fs.f_frsize
+    if free is not None and free < _DISK_FULL_BELOW:
+        return _DISK_FULL.format(path=path)
+    if size_limit is None:  # (room here: the disk of SQLite's temporary files, maybe)
+        return _ADVICE[_SQLITE_FULL].format(path=path)
+    template = _AT_SIZE_LIMIT if free is not None else _FULL_UNDER_LIMIT
+    return template.format(path=path, limit=f"{size_limit / 2**20:g} MiB")
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
