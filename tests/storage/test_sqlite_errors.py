@@ -55,3 +55,12 @@ def test_a_full_database_under_a_size_limit_says_which_limit_was_reached(tmp_pat
     assert storage_error(full, "/nowhere/x.db", "write", size_limit=1 << 20).message == (
         "database or disk is full at /nowhere/x.db: free space, or raise db_max_mb (1 MiB)"
     )
+
+
+def test_an_io_error_a_full_disk_can_give_is_an_io_error_beside_room(tmp_path: Path) -> None:
+    # (on a full disk it is told as one: test_sqlite_store's full disk tests)
+    grow_shm = sqlite3.OperationalError("disk I/O error")
+    grow_shm.sqlite_errorcode = 10 | 19 << 8  # SQLITE_IOERR_SHMSIZE
+    assert storage_error(grow_shm, tmp_path / "x.db", "open").message == (
+        f"disk I/O error at {tmp_path / 'x.db'}: check the disk (dmesg) and retry"
+    )

@@ -409,14 +409,17 @@ def refusal(act):
     try:
         act()
     except StorageError as exc:
-        return exc.message
+        return f"{exc.message} [{exc.data['sqlite_error']}]"
     return None
 
 
 seen = {}
+# a store closed cleanly (its -wal and -shm files removed), to be opened on the full disk
+SqliteStore(os.path.join(disk, "open.db")).close()
 # a write under a size limit still far off
 writing = SqliteStore(os.path.join(disk, "write.db"), max_size_bytes=64 << 20)
 fill()
+seen["open.db"] = refusal(lambda: SqliteStore(os.path.join(disk, "open.db")))
 big = PluginRecord(name="p", version="1", manifest={"x": "y" * 70_000}, path="/")
 seen["write.db"] = refusal(lambda: writing.put_plugin(big))
 seen["room"] = writing.short_of_room(64 << 10)
@@ -458,9 +461,19 @@ def _on_a_full_disk(tmp_path: Path) -> dict[str, str | None]:
     }
 
 
+def test_a_store_opened_on_a_full_disk_is_told_the_disk_is_full(tmp_path: Path) -> None:
+    # opening a store needs room for its -shm file: SQLite's I/O error was told as "disk I/O
+    # error: check the disk (dmesg)", and a restart on a full disk did not say why it failed
+    # (found by review)
+    seen = _on_a_full_disk(tmp_path)
+    assert seen["open.db"] == (
+        "disk is full at DISK/open.db: free space and retry [SQLITE_IOERR_SHMSIZE]"
+    )
+
+
 def test_a_full_disk_is_told_as_one_under_a_size_limit_too(tmp_path: Path) -> None:
     seen = _on_a_full_disk(tmp_path)
-    assert seen["write.db"] == "disk is full at DISK/write.db: free space and retry"
+    assert seen["write.db"] == "disk is full at DISK/write.db: free space and retry [SQLITE_FULL]"
     assert seen["room"] == (
         "the disk holding DISK/write.db is nearly full (less than 64 KiB free): free space"
     )

@@ -17,6 +17,17 @@ _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
 _SQLITE_NOTADB = 26
+# The I/O errors a full disk gives too (ENOSPC growing the -shm file, as opening a store
+# does; writing, syncing or extending a file): restarting on a full disk said "disk I/O
+# error: check the disk (dmesg)" (found by review). sqlite3 does not give the errno, so the
+# room left on the file system tells.
+_SQLITE_IOERR_WRITE = _SQLITE_IOERR | 3 << 8
+_SQLITE_IOERR_FSYNC = _SQLITE_IOERR | 4 << 8
+_SQLITE_IOERR_TRUNCATE = _SQLITE_IOERR | 6 << 8
+_SQLITE_IOERR_SHMSIZE = _SQLITE_IOERR | 19 << 8
+_OUT_OF_SPACE_IOERRS = frozenset(
+    {_SQLITE_IOERR_WRITE, _SQLITE_IOERR_FSYNC, _SQLITE_IOERR_TRUNCATE, _SQLITE_IOERR_SHMSIZE}
+)
 
 # Fallback when an error carries no code (raised by hand, or by an older sqlite3 module).
 _BY_MESSAGE = {
@@ -73,6 +84,8 @@ def storage_error(
     template = _ADVICE.get(code) if code is not None else None
     if code == _SQLITE_FULL:
         message = _full(path, size_limit)
+    elif getattr(exc, "sqlite_errorcode", None) in _OUT_OF_SPACE_IOERRS and _disk_full(path):
+        message = _DISK_FULL.format(path=path)
     elif template is not None:
         message = template.format(path=path)
     else:
@@ -87,18 +100,27 @@ def storage_error(
 def _full(path: Path | str, size_limit: int | None) -> str:
     """What SQLITE_FULL at ``path`` means: the disk is full, or the database reached
     ``size_limit``."""
-    try:
-        fs = os.statvfs(Path(path).parent)
-    except OSError:
-        free = None
-    else:
-        free = fs.f_bavail * fs.f_frsize
+    free = _free_bytes(path)
     if free is not None and free < _DISK_FULL_BELOW:
         return _DISK_FULL.format(path=path)
     if size_limit is None:  # (room here: the disk of SQLite's temporary files, maybe)
         return _ADVICE[_SQLITE_FULL].format(path=path)
     template = _AT_SIZE_LIMIT if free is not None else _FULL_UNDER_LIMIT
     return template.format(path=path, limit=f"{size_limit / 2**20:g} MiB")
+
+
+def _disk_full(path: Path | str) -> bool:
+    free = _free_bytes(path)
+    return free is not None and free < _DISK_FULL_BELOW
+
+
+def _free_bytes(path: Path | str) -> int | None:
+    """The bytes free on the file system of ``path``'s directory; None if it cannot be told."""
+    try:
+        fs = os.statvfs(Path(path).parent)
+    except OSError:
+        return None
+    return fs.f_bavail * fs.f_frsize
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
