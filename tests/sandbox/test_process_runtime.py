@@ -319,6 +319,31 @@ async def test_a_worker_dying_with_a_child_on_its_pipes_is_replaced(make_runtime
     assert rt.pids[0] != pid
 
 
+async def test_a_worker_closing_its_stdout_and_running_on_is_replaced_at_once(tmp_path):
+    # The server had the end of its pipe, yet the calls hung until the first one timed out,
+    # then failed as if it had ignored a cancel (found by review)
+    code = (
+        "import os, time\nfrom mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "@plugin.tool('mute')\ndef mute(ctx):\n"
+        "    os.close(ctx._channel._out_fd)\n    time.sleep(30)\n"
+        "@plugin.tool('whoami')\ndef whoami(ctx): return {'pid': os.getpid()}\n"
+    )
+    d = _plugin(tmp_path, code, ["mute", "whoami"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    await rt.start()
+    try:
+        first = rt.pids[0]
+        with anyio.fail_after(2), pytest.raises(PluginCrashed) as crashed:
+            await call(rt, "mute", timeout=10)
+        assert f"(pid {first}) was killed because it closed its stdout" in str(crashed.value)
+        with anyio.fail_after(5):
+            who = await call(rt, "whoami")
+        assert who["structuredContent"]["pid"] != first
+        assert not _running(first)
+    finally:
+        await rt.close()
+
+
 async def test_segfault_is_reported_as_a_signal(make_runtime):
     rt = await make_runtime()
     with pytest.raises(PluginCrashed, match="SIGSEGV"):

@@ -56,6 +56,9 @@ _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in piec
 _STDERR_PAUSE_S = 0.1
 # How long a worker's exit waits for the rest of a stderr read with pauses (its last words)
 _LAST_WORDS_S = 0.5
+# A worker's stdout ends as it exits, a moment before its exit is reported: one still running
+# this long after closed its stdout itself, and can answer no call.
+_STDOUT_CLOSED_GRACE_S = 0.2
 
 
 #: Worker pids of this process that have not exited, so that a sweep of orphans never
@@ -688,7 +691,16 @@ class WorkerProcess:
 
     def on_stdout_closed(self) -> None:
         self._stdout_open = False
+        if self._process_running and self._loop is not None:
+            self._loop.call_later(_STDOUT_CLOSED_GRACE_S, self._answers_cut_off)
         self._maybe_gone()
+
+    def _answers_cut_off(self) -> None:
+        """A worker that closed its stdout but runs on is dead to the protocol: its calls
+        hung until the first one timed out, then failed as if it ignored a cancel (found by
+        review). It is ended now, its calls failing with the cause; a new one takes its place."""
+        if self._process_running:
+            self.kill("it closed its stdout (its answers' pipe) yet kept running")
 
     def on_stderr_closed(self) -> None:
         self._stderr_open = False
