@@ -230,6 +230,11 @@ class PluginFailure(McpZeroError):
     http_status = 502
 
 
+class PluginLoadFailure(PluginFailure):
+    """The plugin's code failed to load (its import raised): no new start of it can do
+    better, a new install of it can."""
+
+
 class PluginCrashed(PluginFailure):
     code = "plugin_crashed"
     rpc_code = PLUGIN_CRASHED

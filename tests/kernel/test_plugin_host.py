@@ -491,20 +491,76 @@ async def test_a_reinstall_of_the_same_version_restarts_it(make_runtime: Any) ->
         assert runtime.plugins.runtime("faulty") is not old
 
 
-async def test_a_plugin_whose_data_dir_cannot_be_made_fails_alone(make_runtime: Any) -> None:
+async def test_a_plugin_whose_data_dir_cannot_be_made_fails_alone_until_it_can(
+    make_runtime: Any, bridge: Any
+) -> None:
     # A file where its data dir goes: the server died at start with a traceback, and a
     # running one could take up no install any more, every second (found by review)
     runtime: Runtime = make_runtime()
     runtime.plugins.install(FAULTY_DIR)
-    (runtime.settings.plugin_data_dir / "faulty").write_text("in the way")
+    in_the_way = runtime.settings.plugin_data_dir / "faulty"
+    in_the_way.write_text("in the way")
     try:
         with anyio.fail_after(30):
             await runtime.start()
-        assert "cannot make its data dir" in runtime.plugins.failed["faulty"]
+        faulty = runtime.plugins.runtime("faulty")  # (no failure of its code: not failed)
+        assert "cannot make its data dir" in faulty.start_failure  # type: ignore[attr-defined]
         runtime.plugins.install(NOTES_DIR)  # and later installs are taken up
         with anyio.fail_after(30):
             await runtime.plugins.refresh()
         assert runtime.plugins.runtime("notes").pids  # type: ignore[attr-defined]
+        # Once the way is clear, a call starts it (it needed a reinstall: found by review)
+        in_the_way.unlink()
+        with anyio.fail_after(30):
+            result = await runtime.kernel.call_tool(
+                Principal("alice", frozenset({"faulty"})),
+                "faulty_echo",
+                {"text": "made"},
+                bridge,
+                request_id="d1",
+                transport="test",
+            )
+        assert result["content"] == [{"type": "text", "text": "made"}]
+        assert in_the_way.is_dir()
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_plugin_whose_worker_is_killed_as_it_starts_is_started_again(
+    make_runtime: Any, bridge: Any, tmp_path: Path
+) -> None:
+    # A worker killed while it loaded (by the OOM killer, say) left its plugin failed, every
+    # call told to fix and reinstall it, until a reinstall or a restart (found by review)
+    source = tmp_path / "once"
+    source.mkdir()
+    tool = {"name": "once_echo", "description": "echo", "inputSchema": {"type": "object"}}
+    (source / "plugin.json").write_text(
+        json.dumps(
+            {"name": "once", "version": "1", "abi": 1, "entry": "once:plugin", "tools": [tool]}
+        )
+    )
+    (source / "once.py").write_text(
+        "import os, pathlib, signal\nfrom mcp_zero.plugin import Plugin\n"
+        "first = pathlib.Path('started-once')\n"  # (in its data dir, its cwd)
+        "if not first.exists():\n    first.touch()\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "plugin = Plugin()\n@plugin.tool('once_echo')\ndef echo(ctx): return 'again'\n"
+    )
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(source)
+    try:
+        with anyio.fail_after(20):
+            await runtime.start()
+        assert "once" not in runtime.plugins.failed
+        with anyio.fail_after(20):
+            result = await runtime.kernel.call_tool(
+                Principal("alice", frozenset({"once"})),
+                "once_echo",
+                {},
+                bridge,
+                request_id="k1",
+                transport="test",
+            )
+        assert result["content"] == [{"type": "text", "text": "again"}]
     finally:
         await runtime.aclose()
 

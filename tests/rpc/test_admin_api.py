@@ -87,6 +87,23 @@ async def test_a_plugin_still_starting_is_shown_starting_not_running(tmp_path: P
     assert states == {"slow": (False, True, None), "faulty": (True, None, None)}
 
 
+async def test_a_plugin_whose_start_failed_is_shown_with_why_while_it_is_tried_again(
+    tmp_path: Path,
+) -> None:
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(FAULTY_DIR)
+    (runtime.settings.plugin_data_dir / "faulty").write_text("in the way of its data dir")
+    async with serve(runtime) as live:
+        token = runtime.admin_token()
+        async with httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_S
+        ) as http:
+            shown = (await http.get(f"{live.base}/api/v1/plugins/faulty")).json()
+    assert shown["running"] is False
+    assert "cannot make its data dir" in shown["error"]
+    assert shown["failures_in_a_row"] >= 1
+
+
 async def test_an_agent_token_is_not_an_admin_token(admin: Admin) -> None:
     spawned = (await admin.call("POST", "/agents", {"name": "not-admin"})).json()
     async with httpx2.AsyncClient(verify=False, timeout=TIMEOUT_S) as http:

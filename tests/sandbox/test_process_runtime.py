@@ -27,11 +27,13 @@ from mcp_zero.errors import (
     ManifestError,
     PluginCrashed,
     PluginFailure,
+    PluginLoadFailure,
     PromptNotFound,
     ResourceNotFound,
     ToolNotFound,
     ToolTimeout,
 )
+from mcp_zero.sandbox import process
 from mcp_zero.sandbox.isolation import landlock_abi
 from mcp_zero.sandbox.manifest import load_manifest, parse_manifest
 from mcp_zero.sandbox.ownership import worker_identity
@@ -890,9 +892,71 @@ async def test_import_error_is_a_clear_start_failure(tmp_path):
     rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
     with (
         anyio.fail_after(20),
-        pytest.raises(PluginFailure, match="No module named 'no_such_module_here'"),
+        pytest.raises(PluginLoadFailure, match="No module named 'no_such_module_here'"),
     ):
         await rt.start()
+    # no new start can load it: not tried again (a new install is)
+    with pytest.raises(PluginFailure, match="runtime is closed"):
+        await call(rt, "x")
+
+
+# Its first worker, as it loads, is killed (as by the OOM killer), or takes too long to be ready
+FIRST_START = {
+    "killed": "os.kill(os.getpid(), signal.SIGKILL)",
+    "slow": "time.sleep(30)",
+}
+
+
+@pytest.mark.parametrize(("how", "says"), [("killed", "SIGKILL while"), ("slow", "not ready")])
+async def test_a_worker_whose_start_failed_once_is_started_again(tmp_path, caplog, how, says):
+    # Its plugin stayed failed until it was reinstalled, or the server restarted (found by
+    # review)
+    code = (
+        "import os, pathlib, signal, time\nfrom mcp_zero.plugin import Plugin\n"
+        "first = pathlib.Path('started-once')\n"  # (in its data dir, its cwd)
+        f"if not first.exists():\n    first.touch()\n    {FIRST_START[how]}\n"
+        "plugin = Plugin()\n@plugin.tool('x')\ndef x(ctx): return 'x'\n"
+    )
+    d = _plugin(tmp_path, code, ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data", start_timeout=1.0)
+    try:
+        with anyio.fail_after(10), pytest.raises(PluginFailure) as failed:
+            await rt.start()
+        assert says in str(failed.value)
+        assert str(failed.value).endswith(" (started again in 0.05 s)")
+        assert str(failed.value) in caplog.messages
+        with anyio.fail_after(10):
+            assert (await call(rt, "x"))["content"] == [{"type": "text", "text": "x"}]
+        assert rt.start_failure is None
+    finally:
+        await rt.close()
+
+
+async def test_a_worker_whose_start_always_fails_is_started_again_only_for_calls(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(process, "_backoff", lambda failures: 0.01)  # (the test's time)
+    code = (
+        "import os, signal\n"
+        "with open('starts', 'a') as starts: starts.write('.')\n"  # (in its data dir)
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    d = _plugin(tmp_path, code, ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    starts = tmp_path / "data" / "starts"
+    try:
+        with anyio.fail_after(10), pytest.raises(PluginFailure, match="started again in"):
+            await rt.start()
+        with anyio.fail_after(20):
+            while "started again by the next call" not in (rt.start_failure or ""):
+                await asyncio.sleep(0.02)
+        assert "failed 6 times in a row" in rt.start_failure
+        assert starts.read_text() == "." * 6
+        with anyio.fail_after(10), pytest.raises(PluginFailure, match="failed 7 times"):
+            await call(rt, "x")
+        assert starts.read_text() == "." * 7
+    finally:
+        await rt.close()
 
 
 async def test_an_entry_module_the_worker_has_imported_already_is_a_clear_start_failure(

@@ -48,7 +48,7 @@ from mcp_zero.sandbox.manifest import (
     parse_manifest,
 )
 from mcp_zero.sandbox.ownership import WORKER_USER, readable_to_all
-from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.sandbox.process import ProcessRuntime, retried
 from mcp_zero.security.files import sync_directory
 from mcp_zero.storage.base import PluginRecord, Store
 from mcp_zero.uri import normal_uri
@@ -831,13 +831,15 @@ class PluginHost:
         await asyncio.wait([task])
 
     def _started(self, name: str, runtime: PluginRuntime, task: asyncio.Future[None]) -> None:
-        """A runtime's start ended: record its failure, if it is still the one installed."""
+        """A runtime's start ended: record its failure, if it is still the one installed and
+        no new start can mend it (after any other the runtime, which logged it, starts its
+        workers again: its calls wait for them)."""
         if self.runtimes.get(name) is runtime:
             self.starting.discard(name)
         if task.cancelled():
             return
         failure = task.exception()
-        if failure is not None and self.runtimes.get(name) is runtime:
+        if failure is not None and self.runtimes.get(name) is runtime and not retried(failure):
             self.failed[name] = str(failure)
             log.error("plugin %r could not start: %s", name, failure)
 
@@ -964,7 +966,8 @@ class PluginHost:
 
     def runtime(self, name: str) -> PluginRuntime:
         """The running runtime of plugin ``name``. Raises PluginNotFound, or PluginFailure
-        (with the reason) when the plugin could not start."""
+        (with the reason) when the plugin cannot start until it is reinstalled (its code
+        fails to load) or until workers are free."""
         runtime = self.runtimes.get(name)
         if runtime is None:
             raise PluginNotFound(f"plugin {shown(name)} is not installed")

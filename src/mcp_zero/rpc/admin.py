@@ -303,6 +303,8 @@ class AdminApi:
         error = host.failed.get(view["name"])
         if error is None and view["name"] not in host.runtimes:
             error = "not loaded yet: the server takes installs up within a second"
+        if error is None:  # (a start that failed, and is tried again)
+            error = getattr(host.runtimes[view["name"]], "start_failure", None)
         starting = error is None and view["name"] in host.starting
         view["running"] = error is None and not starting
         if view["running"]:  # what of the sandbox held on this host (docs/plugins.md)

@@ -37,6 +37,7 @@ from mcp_zero.errors import (
     McpZeroError,
     NotFound,
     PluginFailure,
+    PluginLoadFailure,
     PromptNotFound,
     ResourceNotFound,
     ToolNotFound,
@@ -62,6 +63,19 @@ _EAGER_RESTARTS = 5
 
 
 logger = logging.getLogger(__name__)
+
+
+def _backoff(failures: int) -> float:
+    """How long a slot waits before it starts a worker after ``failures`` in a row."""
+    return min(0.05 * 2.0 ** (failures - 1), _MAX_BACKOFF_S)
+
+
+def retried(failure: BaseException) -> bool:
+    """Whether a worker's failed start is tried again: not when the plugin's code failed
+    to load, or serves other names than its manifest declares (only a new install can
+    mend those), but when it was killed, not ready in time, or its sandbox or data dir
+    could not be set up, which a later start may not meet."""
+    return isinstance(failure, PluginFailure) and not isinstance(failure, PluginLoadFailure)
 
 
 class ProcessRuntime:
@@ -101,6 +115,7 @@ class ProcessRuntime:
         self._slots: list[WorkerProcess | None] = [None] * n
         self._starting: list[asyncio.Task[WorkerProcess] | None] = [None] * n
         self._failures = [0] * n
+        self._start_failure: str | None = None
         self._retired: set[WorkerProcess] = set()
         self._closed = False
         # One for all the workers, restarted ones too: a crash loop earns no fresh allowance.
@@ -165,8 +180,28 @@ class ProcessRuntime:
 
     async def start(self) -> None:
         """Start every worker; raises :class:`PluginFailure` or :class:`ManifestError`
-        (code and manifest disagree) when the plugin cannot be served."""
+        (code and manifest disagree) when one could not start. A failure of the plugin's
+        code (that, or :class:`PluginLoadFailure`) closes the runtime: no new start can do
+        better. Any other (a worker killed or not ready in time, its data dir not made)
+        leaves it open, the worker started again as a crashed one is (see ``retried``)."""
         self._closed = False
+        await asyncio.to_thread(self._prepare)
+        failure: Exception | None = None
+        try:
+            for started in asyncio.as_completed([self._kick(i) for i in range(len(self._slots))]):
+                try:
+                    await started
+                except Exception as exc:
+                    if not retried(exc):
+                        raise
+                    failure = failure or exc
+        except BaseException:
+            await self.close()
+            raise
+        if failure is not None:
+            raise failure
+
+    def _make_data_dir(self) -> None:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.data_dir.chmod(0o700)
@@ -175,13 +210,6 @@ class ProcessRuntime:
                 f"plugin {self.manifest.name!r}: cannot make its data dir {self.data_dir}: "
                 f"{exc.strerror or exc}"
             ) from exc
-        await asyncio.to_thread(self._prepare)
-        tasks = [self._kick(i) for i in range(len(self._slots))]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            await self.close()
-            raise
 
     async def drain(self) -> None:
         """Take no more calls; let those in flight finish, then stop the workers.
@@ -231,7 +259,7 @@ class ProcessRuntime:
         try:
             failures = self._failures[slot]
             if failures:
-                await asyncio.sleep(min(0.05 * 2 ** (failures - 1), _MAX_BACKOFF_S))
+                await asyncio.sleep(_backoff(failures))
             worker = WorkerProcess(
                 self.name,
                 self._argv,
@@ -243,26 +271,56 @@ class ProcessRuntime:
                 stderr_budget=self._stderr_budget,
             )
             try:
+                self._make_data_dir()
                 ready = await worker.start(self._start_timeout)
                 self._check_ready(ready)
             except McpZeroError as exc:
                 self._failures[slot] += 1
                 worker.kill("its plugin could not be served")
                 await worker.wait_gone()
-                if self._failures[slot] > 1:
-                    exc.message = f"{exc.message} (failed {self._failures[slot]} times in a row)"
-                    exc.args = (exc.message,)
+                self._start_failed(slot, exc)
                 raise
             if self._closed:
                 await worker.close()
                 raise PluginFailure(f"plugin '{self.name}' runtime is closed")
             self._slots[slot] = worker
+            self._start_failure = None
             self._update_isolation()
             if self._identity is not None and not worker.sandbox.get("unprivileged"):
                 self._warn_privileged()
             return worker
         finally:
             self._starting[slot] = None
+
+    def _start_failed(self, slot: int, exc: McpZeroError) -> None:
+        """Say in ``exc`` how often the slot's start failed in a row and, if it is retried,
+        when it starts again: at once (after the backoff) the first _EAGER_RESTARTS times,
+        as a crashed worker's slot, then when a call needs it. A worker killed as it started
+        (an OOM kill) left its plugin failed until a reinstall or restart (found by review)."""
+        failures = self._failures[slot]
+        notes = [f"failed {failures} times in a row"] if failures > 1 else []
+        again = retried(exc) and not self._closed
+        if again and failures <= _EAGER_RESTARTS:
+            notes.append(f"started again in {_backoff(failures):g} s")
+            asyncio.get_running_loop().call_soon(self._restart_slot, slot)
+        elif again:
+            notes.append(f"started again by the next call, after {_backoff(failures):g} s")
+        if notes:
+            exc.message = f"{exc.message} ({'; '.join(notes)})"
+            exc.args = (exc.message,)
+        self._start_failure = exc.message
+        if again:  # (one no new start can mend is for the host to record and log)
+            logger.warning("%s", exc.message)
+
+    def _restart_slot(self, slot: int) -> None:
+        if not self._closed and self._slots[slot] is None:
+            self._kick(slot)
+
+    @property
+    def start_failure(self) -> str | None:
+        """Why the last start of a worker failed, while none runs (a failure a new start
+        may not have: it is started again); None once one runs."""
+        return None if self.pids else self._start_failure
 
     def _check_ready(self, ready: JSON) -> None:
         m = self.manifest

@@ -30,6 +30,7 @@ from mcp_zero.errors import (
     McpZeroError,
     PluginCrashed,
     PluginFailure,
+    PluginLoadFailure,
     ToolTimeout,
 )
 from mcp_zero.sandbox import proctree
@@ -626,8 +627,11 @@ class WorkerProcess:
         if self._ready is None or self._ready.done():
             raise ValueError(f"unexpected {op} frame")
         if op == "fatal":
+            # Before its confined frame: its sandbox could not be set up (its data dir, say),
+            # which a later start may overcome; after, the plugin's code failed to load
+            failed = PluginLoadFailure if self.sandbox else PluginFailure
             self._ready.set_exception(
-                PluginFailure(f"plugin '{self.plugin}' failed to load: {frame.get('message')}")
+                failed(f"plugin '{self.plugin}' failed to load: {frame.get('message')}")
             )
         elif op == "confined" and not self.sandbox:
             # Its first frame, sent before the plugin's code runs: that code could send any
