@@ -43,7 +43,7 @@ from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
-from mcp_zero.storage.base import AgentRecord
+from mcp_zero.storage.base import AgentRecord, PluginRecord
 from mcp_zero.storage.sqlite import SqliteStore
 
 log = logging.getLogger("mcp_zero")
@@ -406,9 +406,11 @@ class Runtime:
         return token
 
     def install_plugin(
-        self, path: Path, *, replace: bool = False, via: str = "cli"
+        self, path: Path, *, replace: bool = False, adopt_data: bool = False, via: str = "cli"
     ) -> PluginManifest:
-        """Install the plugin at ``path`` as the admin: decided by policy, audited.
+        """Install the plugin at ``path`` as the admin: decided by policy, audited. With
+        ``adopt_data`` it gets the data a removed plugin of its name left (its record says
+        ``adopted_data`` when there was some).
 
         Raises PolicyDenied, ManifestError, Conflict (see ``PluginHost.install``).
         """
@@ -421,18 +423,27 @@ class Runtime:
             Outcome.ALLOWED,
             {**decided, "version": manifest.version},
         )
+
+        def recorded(replaced: PluginRecord | None) -> dict[str, Any]:
+            if adopt_data and replaced is None and self.plugins.left_data(manifest.name):
+                return {**event, "adopted_data": True}
+            return event
+
         # the record is written in the transaction that records the plugin (the copy before)
         self.plugins.install(
             path,
             replace=replace,
-            commit=lambda write: self.audit.append_with(write, lambda _: event),
+            adopt_data=adopt_data,
+            commit=lambda write: self.audit.append_with(write, recorded),
         )
         return manifest
 
     def remove_plugin(self, name: str, *, via: str = "cli") -> list[str]:
-        """Remove plugin ``name`` as the admin: decided by policy, audited. Returns the
-        agents it was detached from."""
+        """Remove plugin ``name`` as the admin: decided by policy, audited (with whether its
+        data dir kept data: a later install of the name gets it only when told to adopt
+        it). Returns the agents it was detached from."""
         decided = self._authorize(Verb.REMOVE_PLUGIN, name, via)
+        kept = self.plugins.left_data(name) is not None
         return self.audit.append_with(
             lambda: self.plugins.remove(name),
             lambda detached: admin_event(
@@ -440,7 +451,7 @@ class Runtime:
                 name,
                 via,
                 Outcome.ALLOWED,
-                {**decided, "detached_from": detached},
+                {**decided, "detached_from": detached, "data_kept": kept},
             ),
         )
 

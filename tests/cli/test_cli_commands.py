@@ -66,7 +66,12 @@ def test_plugin_commands_print_their_documented_shapes(data_dir: Path) -> None:
     assert tools["notes_add"]["description"]
     run(data_dir, "agent", "create", "reader", "--plugin", "notes")
     removed = as_json(data_dir, "plugin", "remove", "notes")
-    assert removed == {"name": "notes", "removed": True, "detached_from": ["reader"]}
+    assert removed == {
+        "name": "notes",
+        "removed": True,
+        "detached_from": ["reader"],
+        "data_kept": None,  # (it never ran: it has no data)
+    }
     assert as_json(data_dir, "plugin", "list") == []
     assert as_json(data_dir, "agent", "show", "reader")["plugins"] == []
 
@@ -364,6 +369,37 @@ def test_recover_does_not_attach_another_plugin_installed_under_the_same_name(
     audited = [r for r in as_json(data_dir, "audit", "list") if r["verb"] == "recover_agent"]
     # the record shows them as the answer does (it was an object: found by review)
     assert audited[-1]["not_restored"] == [{"plugin": "notes", "reason": reason}]
+
+
+def test_a_plugin_installed_under_a_removed_ones_name_gets_its_data_only_when_told(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # Someone else's "notes" installed after the removal of the example read alice's notes
+    # (found by review)
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "alice", "--plugin", "notes")
+    run(data_dir, "agent", "exec", "alice", "notes_add", '{"text": "alice private"}')
+    removed = as_json(data_dir, "plugin", "remove", "notes")
+    kept = data_dir / "plugin-data" / "notes"
+    assert removed["data_kept"] == str(kept)
+    other = tmp_path / "other-notes"
+    shutil.copytree(NOTES_DIR, other, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((other / "plugin.json").read_text())
+    (other / "plugin.json").write_text(json.dumps({**manifest, "version": "6.6.6"}))
+    refused = run(data_dir, "plugin", "install", str(other), ok=False)
+    assert refused.exit_code != 0
+    assert f"{kept} holds the data of a plugin 'notes' removed earlier" in refused.stderr
+    assert as_json(data_dir, "plugin", "list") == []
+    # the operator who removed it installs it again, with its data
+    run(data_dir, "plugin", "install", str(NOTES_DIR), "--adopt-data")
+    run(data_dir, "agent", "attach", "alice", "notes")
+    listed = as_json(data_dir, "agent", "exec", "alice", "notes_list", "{}")
+    assert [n["text"] for n in listed["structuredContent"]["notes"]] == ["alice private"]
+    records = as_json(data_dir, "audit", "list")
+    removal = next(r for r in records if r["verb"] == "remove_plugin")
+    assert removal["data_kept"] is True
+    installs = [r for r in records if r["verb"] == "install_plugin"]
+    assert [r.get("adopted_data") for r in installs] == [None, True]
 
 
 def test_recover_prints_a_reason_with_control_characters_escaped(data_dir: Path) -> None:

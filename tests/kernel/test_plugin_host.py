@@ -274,6 +274,30 @@ async def test_remove_leaves_the_copy_to_the_drain_then_the_sweep(make_runtime: 
     assert not copy.exists()
 
 
+async def test_a_removed_plugins_data_goes_to_a_later_one_of_its_name_only_when_told(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # Another plugin installed under a removed one's name read its users' data as its own
+    # (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(FAULTY_DIR)
+    data = runtime.settings.plugin_data_dir / "faulty"
+    (data / ".tmp").mkdir(parents=True)  # what every worker is given: no data
+    runtime.plugins.remove("faulty")
+    runtime.plugins.install(FAULTY_DIR)
+    (data / "users.db").write_text("alice's")
+    runtime.plugins.install(FAULTY_DIR, replace=True)  # an upgrade keeps its data
+    runtime.plugins.remove("faulty")
+    other = edited_copy(tmp_path, FAULTY_DIR, version="6.6.6")
+    with pytest.raises(Conflict, match=r"faulty holds the data of a plugin 'faulty' removed"):
+        runtime.plugins.install(other)
+    with pytest.raises(Conflict, match="--adopt-data"):
+        runtime.plugins.install(other, replace=True)  # (nothing installed to replace)
+    assert runtime.store.get_plugin("faulty") is None
+    runtime.plugins.install(FAULTY_DIR, adopt_data=True)  # the same plugin, back
+    assert (data / "users.db").read_text() == "alice's"
+
+
 async def test_a_copied_data_dir_uses_and_touches_only_its_own_copies(
     make_runtime: Any, tmp_path: Path
 ) -> None:

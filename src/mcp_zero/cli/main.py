@@ -484,13 +484,24 @@ def plugin() -> None:
 @_common
 @click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--replace", is_flag=True, help="Replace an installed plugin of the same name.")
+@click.option(
+    "--adopt-data",
+    is_flag=True,
+    help="Give it the data a removed plugin of the same name left in plugin-data/ "
+    "(installing that plugin again).",
+)
 @_errors
 def plugin_install(
-    config_file: Path | None, data_dir: Path | None, as_json: bool, path: Path, replace: bool
+    config_file: Path | None,
+    data_dir: Path | None,
+    as_json: bool,
+    path: Path,
+    replace: bool,
+    adopt_data: bool,
 ) -> None:
     """Install the plugin in directory PATH (it holds plugin.json)."""
     with _runtime(config_file, data_dir, create=True) as rt:
-        manifest = rt.install_plugin(path, replace=replace)
+        manifest = rt.install_plugin(path, replace=replace, adopt_data=adopt_data)
     view = {
         "name": manifest.name,
         "version": manifest.version,
@@ -546,11 +557,19 @@ def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, 
 def plugin_remove(
     config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
 ) -> None:
-    """Remove plugin NAME and detach it from every agent (its data stays in plugin-data/)."""
+    """Remove plugin NAME and detach it from every agent. Its data stays in plugin-data/,
+    for a later install of it with --adopt-data (a new plugin of the name is not given it)."""
     with _runtime(config_file, data_dir) as rt:
         detached = rt.remove_plugin(name)
+        kept = rt.plugins.left_data(name)
     text = f"removed {name}" + (f" (detached from {', '.join(detached)})" if detached else "")
-    _out(as_json, {"name": name, "removed": True, "detached_from": detached}, text)
+    if kept is not None:
+        text += (
+            f"; its data stays in {kept}: a plugin installed later under this name gets it "
+            "only with 'mcp0 plugin install --adopt-data'"
+        )
+    view = {"name": name, "removed": True, "detached_from": detached}
+    _out(as_json, {**view, "data_kept": None if kept is None else str(kept)}, _escaped(text))
 
 
 # -- audit and policy -------------------------------------------------------------------------

@@ -590,7 +590,12 @@ class PluginHost:
     # -- installing (works without a running server) -----------------------------------------
 
     def install(
-        self, source: Path, *, replace: bool = False, commit: Commit | None = None
+        self,
+        source: Path,
+        *,
+        replace: bool = False,
+        adopt_data: bool = False,
+        commit: Commit | None = None,
     ) -> PluginManifest:
         """Validate the plugin at ``source``, copy it into the data dir and record it.
 
@@ -598,14 +603,21 @@ class PluginHost:
         the install's audit record); the copy is made before, outside any transaction.
         Raises ManifestError for an invalid plugin, Conflict when the name is
         installed (unless ``replace``) or another plugin serves one of its names or URIs
-        (``_check_unique``); of two installs racing (from two processes), one gets Conflict.
-        StorageError when the copy cannot be made.
+        (``_check_unique``), or when a removed plugin of its name left data, which it gets
+        only if ``adopt_data`` (``_check_data``); of two installs racing (from two
+        processes), one gets Conflict. StorageError when the copy cannot be made.
         """
         source = source.resolve()  # (a link to the directory names it; copied without one)
         _check_holds_no_data_dir(source, self.protect or self.plugins_dir.parent)
         _check_tree(source)  # first: reading a named pipe as plugin.json would never end
         manifest = load_manifest(source)
-        _check_unique(manifest, self.store.list_plugins(), replace)  # before copying it all
+
+        def check(installed: list[PluginRecord]) -> None:
+            _check_unique(manifest, installed, replace)
+            if not adopt_data:
+                self._check_data(manifest.name, installed)
+
+        check(self.store.list_plugins())  # before copying it all
         parent = self.plugins_dir / manifest.name
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -657,7 +669,7 @@ class PluginHost:
                 lambda: self.store.put_plugin(
                     record,
                     # again, where no other install can come in between
-                    check=lambda installed: _check_unique(manifest, installed, replace),
+                    check=check,
                 )
             )
         except BaseException:
@@ -671,6 +683,37 @@ class PluginHost:
             with contextlib.suppress(OSError):
                 os.utime(self.copy_path(replaced))
         return manifest
+
+    def _check_data(self, name: str, installed: list[PluginRecord]) -> None:
+        """Raise Conflict when no plugin ``name`` is installed and its data dir holds what a
+        removed one left: its users' data, which a new plugin of that name read as its own,
+        whoever wrote it (found by review). The operator gives it to the plugin if it is to
+        have it (``--adopt-data``: the same plugin installed again), or moves it away."""
+        left = None if any(r.name == name for r in installed) else self.left_data(name)
+        if left is not None:
+            raise Conflict(
+                f"{left} holds the data of a plugin {name!r} removed earlier, which a new "
+                f"plugin {name!r} is not given unless told: install with --adopt-data if "
+                "this plugin is to have it (the same plugin installed again), or move it "
+                "out of the way first"
+            )
+
+    def left_data(self, name: str) -> Path | None:
+        """The data dir of plugin ``name`` if it holds data: more than the empty ``.tmp``
+        its workers are given (one that cannot be read is taken to hold some)."""
+        data_dir = self.plugin_data_dir / name
+        try:
+            entries = os.listdir(data_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # (a file in its way is no plugin's data: its start says so)
+        except OSError:
+            return data_dir
+        if entries == [".tmp"]:
+            try:
+                entries = os.listdir(data_dir / ".tmp")
+            except OSError:
+                return data_dir
+        return data_dir if entries else None
 
     def copy_path(self, record: PluginRecord) -> Path:
         """The directory of ``record``'s installed copy: always ``plugins/<name>/<copy>`` of
@@ -723,8 +766,8 @@ class PluginHost:
     def remove(self, name: str) -> list[str]:
         """Forget plugin ``name`` and detach it from every agent; returns the agents it was
         detached from. Its installed files go as a replaced copy's do: a running server
-        deletes them once its calls on them are done, a later start sweeps them (its data
-        dir stays)."""
+        deletes them once its calls on them are done, a later start sweeps them. Its data
+        dir stays, for a later install of it to adopt (``install``'s ``adopt_data``)."""
         record = self.store.get_plugin(name)
         detached = self.store.delete_plugin(name) if record is not None else None
         if record is None or detached is None:
