@@ -695,6 +695,68 @@ def test_serve_takes_a_port_in_the_digits_0_9_only(data_dir: Path, value: str) -
     assert "is not a whole number in the digits 0-9" in refused.stderr
 
 
+def test_serve_with_agent_but_without_stdio_is_a_usage_error(data_dir: Path) -> None:
+    # A client's configuration that forgot --stdio got an HTTP server: its "mcp0 listening on"
+    # line on stdout was no JSON-RPC to the client, and --agent was ignored (found by review)
+    done = subprocess.run(
+        [MCP0, "serve", "--agent", "ada", "--port", "0", "--data-dir", str(data_dir)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines()[-1] == (
+        "mcp0: error: --agent names the agent of a stdio session: add --stdio (an HTTP "
+        "server's clients send their agents' tokens)"
+    )
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--host", "0.0.0.0"],
+        ["--port", "9000"],
+        ["--anonymous-agent", "ada"],
+        ["--no-examples"],
+        ["--tls-cert", "cert.pem", "--tls-key", "key.pem"],
+    ],
+)
+def test_serve_stdio_refuses_the_options_of_an_http_server(
+    data_dir: Path, option: list[str]
+) -> None:
+    # they were ignored without a word
+    run(data_dir, "agent", "create", "ada")
+    refused = run(data_dir, "serve", "--stdio", "--agent", "ada", *option, ok=False)
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"mcp0: error: {option[0]} is for an HTTP server; a stdio session (--stdio) has no use "
+        "for it: drop it"
+    )
+
+
+@pytest.mark.parametrize("variable", ["MCP0_AGENT", "MCP0_TOKEN"])
+def test_serve_without_stdio_warns_that_it_ignores_a_stdio_sessions_variable(
+    data_dir: Path, variable: str
+) -> None:
+    # (said before the server starts: here it cannot listen on an address of another machine)
+    done = subprocess.run(
+        [MCP0, "serve", "--host", "192.0.2.1", "--data-dir", str(data_dir)],
+        env={**os.environ, variable: "ada"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    warning, error = done.stderr.splitlines()
+    assert warning.endswith(
+        f" WARNING mcp_zero.serve: {variable} is set, and ignored: it is for a stdio session "
+        "(mcp0 serve --stdio); the clients of an HTTP server send their agents' tokens"
+    )
+    assert error.startswith("mcp0: error: cannot listen on 192.0.2.1:")
+
+
 def test_agent_exec_refuses_arguments_nested_deeper_than_a_tool_takes(data_dir: Path) -> None:
     # 5,000 levels were a RecursionError traceback
     run(data_dir, "plugin", "install", str(NOTES_DIR))

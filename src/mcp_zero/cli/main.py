@@ -289,6 +289,28 @@ def serve(
     """Run the server: MCP at /mcp (or on stdio), admin API at /api/v1."""
     from mcp_zero.cli.serve import run_http, run_stdio
 
+    # An option of the other mode was ignored: a client's config that forgot --stdio got an
+    # HTTP server, whose "listening" line on stdout it could not read (found by review).
+    if stdio:
+        http_only = {
+            "--host": host,
+            "--port": port,
+            "--anonymous-agent": anonymous_agent,
+            "--no-examples": no_examples or None,
+            "--tls-cert": tls_cert,
+            "--tls-key": tls_key,
+        }
+        given = next((option for option, value in http_only.items() if value is not None), None)
+        if given is not None:
+            raise click.UsageError(
+                f"{given} is for an HTTP server; a stdio session (--stdio) has no use for it: "
+                "drop it"
+            )
+    elif agent is not None:
+        raise click.UsageError(
+            "--agent names the agent of a stdio session: add --stdio (an HTTP server's "
+            "clients send their agents' tokens)"
+        )
     settings = _settings(
         config_file,
         data_dir,

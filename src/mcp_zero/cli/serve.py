@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -158,6 +159,15 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         format=LOG_FORMAT,
     )
     _install_uvloop()
+    for variable in ("MCP0_AGENT", "MCP0_TOKEN"):
+        # who a stdio session runs as; ignored, not refused: an environment is shared (a
+        # shell's, a service manager's), a command line is this server's
+        if variable in os.environ:
+            log.warning(
+                "%s is set, and ignored: it is for a stdio session (mcp0 serve --stdio); the "
+                "clients of an HTTP server send their agents' tokens",
+                variable,
+            )
     tls = _tls_context(settings)
     addresses = _listen_addresses(settings)
     loopback = loopback_only(addresses)
