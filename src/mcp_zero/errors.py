@@ -10,7 +10,8 @@ to on the admin API, and a message that tells the user what to do next.
     ├── InvalidRequest           malformed JSON-RPC or MCP request
     │   ├── ParseError           body is not JSON
     │   ├── MethodNotFound       unknown JSON-RPC method
-    │   ├── InvalidParams        params fail the method's or the tool's schema
+    │   ├── InvalidParams        params fail the method's schema
+    │   │   └── InvalidArguments a tool's arguments fail its inputSchema
     │   ├── HeaderMismatch       an HTTP header disagrees with the body (MCP 2026-07-28)
     │   ├── UnsupportedProtocolVersion   a request's protocol version is not one we speak
     │   ├── MissingClientCapability      the call needs what the request did not declare
@@ -124,6 +125,12 @@ class MethodNotFound(InvalidRequest):
 class InvalidParams(InvalidRequest):
     code = "invalid_params"
     rpc_code = INVALID_PARAMS
+
+
+class InvalidArguments(InvalidParams):
+    """A tool's arguments fail its inputSchema. From MCP 2025-11-25 on (SEP-1303) the client
+    is answered with a tool execution error (``isError``), which the model sees and can
+    correct its call by; 2025-06-18 answers -32602."""
 
 
 class HeaderMismatch(InvalidRequest):

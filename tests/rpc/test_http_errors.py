@@ -129,14 +129,47 @@ async def test_unknown_method_is_32601(env: Env) -> None:
         ({}, "/"),
     ],
 )
-async def test_arguments_failing_the_schema_are_32602_naming_the_path(
+async def test_arguments_failing_the_schema_are_32602_naming_the_path_in_mcp_2025_06_18(
     env: Env, arguments: dict[str, object], path: str
 ) -> None:
-    reply = await env.live.client(env.full).call("notes_add", arguments)
+    client = env.live.client(env.full)
+    await client.initialize("2025-06-18")
+    reply = await client.call("notes_add", arguments)
     error = error_of(reply)
     assert error["code"] == -32602
     assert error["data"]["path"] == path
     assert error["data"]["code"] == "invalid_params"
+
+
+@pytest.mark.parametrize("version", ["2025-11-25", None], ids=["session", "no-session"])
+async def test_arguments_failing_the_schema_are_a_tool_error_from_mcp_2025_11_25(
+    env: Env, version: str | None
+) -> None:
+    # SEP-1303: a tool execution error, which the model sees and can correct its call by; a
+    # -32602 the client keeps from it (found by review)
+    client = env.live.client(env.full)
+    if version is not None:
+        await client.initialize(version)
+    reply = await client.call("notes_add", {"text": "ok", "tags": ["not a tag!"]})
+    assert reply["result"] == {
+        "content": [
+            {
+                "type": "text",
+                "text": 'invalid arguments at /tags/0: "not a tag!" does not match '
+                '"^[A-Za-z0-9_.-]{1,64}$"',
+            }
+        ],
+        "isError": True,
+    }
+    head = env.live.runtime.store.audit_head()
+    assert head is not None
+    [record] = env.live.runtime.store.read_audit(head.seq - 1, 1)
+    event = orjson.loads(record.body)
+    assert (event["verb"], event["outcome"], event["code"]) == (
+        "call_tool",
+        "error",
+        "invalid_params",
+    )
 
 
 async def test_unknown_tool_is_tool_not_found(env: Env) -> None:

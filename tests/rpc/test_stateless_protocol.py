@@ -160,6 +160,19 @@ async def test_results_carry_result_type_and_lists_their_cache_hints(env: Env) -
     assert called["content"] == [{"type": "text", "text": "x"}]
 
 
+async def test_arguments_failing_the_schema_are_a_tool_error(env: Env) -> None:
+    # as in 2025-11-25 (SEP-1303): the model sees it, and can correct its call (it was -32602)
+    body = message("tools/call", {"name": "notes_add", "arguments": {"text": ""}})
+    response = await post(env, body)
+    assert response.status_code == 200
+    result = response.json()["result"]
+    assert result["content"] == [
+        {"type": "text", "text": 'invalid arguments at /text: "" is shorter than 1 character'}
+    ]
+    assert (result["isError"], result["resultType"]) == (True, "complete")
+    assert "structuredContent" not in result  # (notes_add's outputSchema has no error shape)
+
+
 async def test_a_request_without_the_envelope_is_refused_with_the_missing_keys(env: Env) -> None:
     body = message("tools/list", meta={"io.modelcontextprotocol/protocolVersion": V})
     response = await post(env, body)

@@ -30,6 +30,7 @@ import orjson
 
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.errors import (
+    InvalidArguments,
     InvalidParams,
     McpZeroError,
     PluginFailure,
@@ -160,9 +161,9 @@ def _brief(message: str) -> str:
     return f"{message[:80]}…({len(message) - 180} characters omitted)…{message[-100:]}"
 
 
-def _schema_error(exc: Any) -> InvalidParams:
+def _schema_error(exc: Any) -> InvalidArguments:
     path = _pointer(exc.instance_path)
-    return InvalidParams(
+    return InvalidArguments(
         f"invalid arguments at {path}: {_brief(exc.message)}",
         data={"path": path, "schemaPath": _pointer(exc.schema_path)},
     )

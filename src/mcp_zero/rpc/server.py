@@ -22,6 +22,7 @@ from mcp_zero.errors import (
     SERVER_STOPPING,
     SHUTTING_DOWN,
     UNAUTHORIZED,
+    InvalidArguments,
     InvalidParams,
     InvalidRequest,
     McpZeroError,
@@ -60,6 +61,7 @@ from mcp_zero.rpc.session import (
     subscription_cost,
 )
 from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH, MAX_URI_LENGTH
+from mcp_zero.sandbox.results import error_result
 from mcp_zero.uri import normal_uri
 
 Handler = Callable[[Session, JSON, Channel, Any], Awaitable[JSON]]
@@ -90,6 +92,9 @@ _CACHEABLE = frozenset(
         "prompts/list",
     )
 )
+# The first version answering arguments that fail a tool's inputSchema with a tool execution
+# error (SEP-1303): the model sees it, and can correct its call; 2025-06-18 answers -32602.
+ARGUMENT_ERRORS_AS_RESULTS_FROM = "2025-11-25"
 # Resources one subscriptions/listen may name (each is decided and audited).
 MAX_LISTEN_RESOURCES = 1000
 # The longest string progressToken: it is copied into each progress notification of the call.
@@ -431,6 +436,10 @@ class McpServer:
         try:
             result = await handler(session, request.params, channel, request.id)
             return jsonrpc.result_message(request.id, result)
+        except InvalidArguments as exc:  # (audited as invalid_params all the same)
+            if session.protocol_version >= ARGUMENT_ERRORS_AS_RESULTS_FROM:
+                return jsonrpc.result_message(request.id, error_result(exc.message))
+            return jsonrpc.error_from_exception(request.id, exc)
         except McpZeroError as exc:
             return jsonrpc.error_from_exception(request.id, exc)
         except asyncio.CancelledError as exc:
