@@ -172,6 +172,61 @@ def test_a_bad_value_is_a_config_error_naming_the_setting(
         load_settings(None, None, environ=source)
 
 
+@pytest.mark.parametrize(
+    ("text", "environ", "overrides", "error"),
+    [
+        ("port = true", {}, {}, "setting 'port' is true (port in {file}); give a whole number"),
+        (
+            "page-size = 0",
+            {},
+            {},
+            "setting 'page_size' is 0 (page-size in {file}); it must be in [1, 2147483648]",
+        ),
+        (
+            "allowed_origins = [1, 'a']",
+            {},
+            {},
+            "setting 'allowed_origins' is [1, \"a\"] (allowed_origins in {file}); give a list "
+            "of strings",
+        ),
+        (
+            "rate_limit = inf",
+            {},
+            {},
+            "setting 'rate_limit' is inf (rate_limit in {file}); it must be in [0, 1000000000]",
+        ),
+        (
+            "",
+            {"MCP0_EXAMPLES": "treu"},
+            {},
+            "setting 'examples' is treu (environment variable MCP0_EXAMPLES); use true or false",
+        ),
+        (
+            "",
+            {"MCP0_PORT": " 4 x"},
+            {},
+            "setting 'port' is ' 4 x' (environment variable MCP0_PORT); give a whole number",
+        ),
+        (
+            "",
+            {},
+            {"port": 70000},
+            "setting 'port' is 70000 (option --port); it must be in [0, 65535]",
+        ),
+    ],
+)
+def test_a_bad_value_says_where_it_came_from_spelled_as_it_is_there(
+    tmp_path: Path, text: str, environ: dict[str, str], overrides: dict[str, Any], error: str
+) -> None:
+    # MCP0_EXAMPLES=treu was "setting 'examples' is 'treu'", port = true in a file "setting
+    # 'port' is True": neither said where to look, and True is Python's spelling (found by
+    # review)
+    config = write(tmp_path, f"[server]\n{text}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, overrides, environ=environ)
+    assert caught.value.message == error.format(file=config)
+
+
 def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "absent.toml", None, environ={})
@@ -426,7 +481,7 @@ def test_a_setting_of_a_kind_it_does_not_take_is_a_config_error_naming_it(
 
 
 def test_a_whole_number_with_thousands_of_digits_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="'port' is '9999"):  # was int()'s ValueError
+    with pytest.raises(ConfigError, match="'port' is 9999"):  # was int()'s ValueError
         load_settings(None, None, environ={"MCP0_PORT": "9" * 5000})
 
 
@@ -479,7 +534,7 @@ def test_an_empty_path_option_is_refused_like_an_empty_setting(tmp_path: Path, o
 def test_worker_user_must_name_a_user_of_the_system() -> None:
     assert load_settings(None, None, environ={}).worker_user == "nobody"
     assert load_settings(None, None, environ={"MCP0_WORKER_USER": "root"}).worker_user == "root"
-    with pytest.raises(ConfigError, match=r"'worker_user' is 'no-such-user-here'.*names no user"):
+    with pytest.raises(ConfigError, match=r"'worker_user' is no-such-user-here .*names no user"):
         load_settings(None, None, environ={"MCP0_WORKER_USER": "no-such-user-here"})
 
 
@@ -514,7 +569,10 @@ def test_a_worker_user_in_roots_group_is_refused(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert "'worker_user' is 'wheelie', whose group is root's (gid 0)" in done.stdout
+    assert (
+        "'worker_user' is wheelie (environment variable MCP0_WORKER_USER), whose group is "
+        "root's (gid 0)"
+    ) in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,14 @@ then command-line options — each later source overriding the earlier ones."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import json
+import math
 import os
 import pwd
 import re
+import shlex
 import socket
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -135,44 +139,52 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+class _Refused(Exception):
+    """A value the setting does not take; ``tail`` says why, or what to give instead
+    (``"; give a path"``). load_settings names where the value came from before it."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__(tail)
+        self.tail = tail
+
+
 def _coerce(name: str, value: Any, default: Any, *, text: bool = True) -> Any:
     """``value`` (from TOML, the environment or the command line) as the setting's type; a
-    value of another kind is a ConfigError, never silently made one (``port = true`` is
-    not port 1, nor ``examples = "treu"`` false). ``text``: a string may spell a number,
-    a boolean or a comma-separated list (the environment's and the command line's; TOML
-    has those types, so a string there is no number: ``port = "19014"``). A path's leading
-    ``~`` is the home directory, wherever the path comes from."""
-    shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:64]}…"
+    value of another kind is refused, never silently made one (``port = true`` is not port
+    1, nor ``examples = "treu"`` false). ``text``: a string may spell a number, a boolean or
+    a comma-separated list (the environment's and the command line's; TOML has those
+    types, so a string there is no number: ``port = "19014"``). A path's leading ``~`` is
+    the home directory, wherever the path comes from. Raises _Refused."""
     if name in _OPTIONAL_PATHS and value in (None, ""):
         return None
     path = name in _OPTIONAL_PATHS or isinstance(default, Path)
     if isinstance(value, str) and not path and not _is_text(value):
         # (an MCP0_* variable's bytes that are not UTF-8: lone surrogates, which no name or
         # record can hold; a traceback at the first use of it: found by review)
-        raise ConfigError(f"setting {name!r} is {shown}: not text, its bytes are not UTF-8")
+        raise _Refused(": not text, its bytes are not UTF-8")
     if name in _OPTIONAL_STRINGS:
         if value is None or isinstance(value, str):
             return value
-        raise ConfigError(f"setting {name!r} is {shown}; give a string")
+        raise _Refused("; give a string")
     if path:
         if isinstance(value, str | Path) and str(value).strip():
             try:
                 return Path(value).expanduser()
             except RuntimeError as exc:  # ~user of no such user, or no home to expand
-                raise ConfigError(f"setting {name!r} is {shown}: {exc}") from None
-        raise ConfigError(f"setting {name!r} is {shown}; give a path")
+                raise _Refused(f": {exc}") from None
+        raise _Refused("; give a path")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
         if text and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
-        raise ConfigError(f"setting {name!r} is {shown}; use true or false")
+        raise _Refused("; use true or false")
     if isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if text and isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,30}", value.strip()):
             return int(value)
-        raise ConfigError(f"setting {name!r} is {shown}; give a whole number")
+        raise _Refused("; give a whole number")
     if isinstance(default, float):
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -181,14 +193,14 @@ def _coerce(name: str, value: Any, default: Any, *, text: bool = True) -> Any:
                 return float(value)
         except ValueError:
             pass
-        raise ConfigError(f"setting {name!r} is {shown}; give a number")
+        raise _Refused("; give a number")
     if isinstance(default, tuple):
         items = value.split(",") if text and isinstance(value, str) else value
         if isinstance(items, list | tuple) and all(isinstance(v, str) for v in items):
             return tuple(v.strip() for v in items if v.strip())
-        raise ConfigError(f"setting {name!r} is {shown}; give a list of strings")
+        raise _Refused("; give a list of strings")
     if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"setting {name!r} is {shown}; give a string")
+        raise _Refused("; give a string")
     return value
 
 
@@ -197,7 +209,9 @@ def load_settings(
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Settings:
-    """Resolve settings. Raises ConfigError for an unreadable file or an unknown or bad setting."""
+    """Resolve settings; ``overrides`` are the command line's options (None: not given).
+    Raises ConfigError for an unreadable file or an unknown or bad setting, naming where
+    a bad value came from and showing it as it is spelled there."""
     base = Settings()
     known = {f.name: f for f in fields(Settings)}
     values: dict[str, Any] = {}
@@ -215,19 +229,60 @@ def load_settings(
                 )
             # each source checked, also one a later source overrides: a broken file must
             # not go unnoticed until the override is dropped (found by review)
-            values[name] = _checked(name, _coerce(name, value, getattr(base, name), text=False))
+            where = f"{key} in {config_file}"
+            values[name] = _taken(name, value, base, where, text=False)
     env = os.environ if environ is None else environ
     for name in known:
-        env_value = env.get(_ENV_PREFIX + name.upper())
+        variable = _ENV_PREFIX + name.upper()
+        env_value = env.get(variable)
         if env_value is not None:
-            values[name] = _checked(name, _coerce(name, env_value, getattr(base, name)))
+            where = f"environment variable {variable}"
+            values[name] = _taken(name, env_value, base, where)
     for name, value in (overrides or {}).items():
         if value is not None:
-            values[name] = _checked(name, _coerce(name, value, getattr(base, name)))
+            where = f"option --{name.replace('_', '-')}"
+            values[name] = _taken(name, value, base, where)
     settings = replace(base, **values)
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together: give both for HTTPS, or neither")
     return settings
+
+
+def _taken(name: str, value: Any, base: Settings, where: str, *, text: bool = True) -> Any:
+    """``value`` of setting ``name`` from ``where`` (``text``: the environment or the
+    command line; else a TOML file), coerced and checked; if the setting does not take it,
+    a ConfigError saying where it came from, the value spelled as it is written there."""
+    try:
+        return _checked(name, _coerce(name, value, getattr(base, name), text=text))
+    except _Refused as refused:
+        spelled = shlex.quote(str(value)) if text else _in_toml(value)
+        if len(spelled) > 80:
+            spelled = f"{spelled[:64]}…"
+        # (shown escaped: lone surrogates, bytes of the environment that were not UTF-8)
+        shown = spelled.encode("utf-8", "backslashreplace").decode()
+        raise ConfigError(f"setting {name!r} is {shown} ({where}){refused.tail}") from None
+
+
+def _in_toml(value: Any) -> str:
+    """``value`` (as tomllib read it) as TOML spells it: ``true``, ``"22067"``, ``[1, 2]``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # (JSON's escapes are TOML's too)
+    if isinstance(value, list):
+        return f"[{', '.join(_in_toml(item) for item in value)}]"
+    if isinstance(value, dict):
+        pairs = (f"{_in_toml_key(k)} = {_in_toml(v)}" for k, v in value.items())
+        return f"{{ {', '.join(pairs)} }}"
+    if isinstance(value, datetime.date | datetime.time):  # (a datetime is a date)
+        return value.isoformat()
+    return repr(value)  # an int, a float
+
+
+def _in_toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
 
 
 def _is_text(value: str) -> bool:
@@ -240,29 +295,32 @@ def _is_text(value: str) -> bool:
 
 
 def _checked(name: str, value: Any) -> Any:
-    """``value`` (of the setting's type) if the setting may take it; else a ConfigError.
-    Each source's value is checked, also one a later source overrides."""
+    """``value`` (of the setting's type) if the setting may take it; else _Refused. Each
+    source's value is checked, also one a later source overrides."""
     bounds = next(((low, high) for n, low, high in _RANGES if n == name), None)
     if bounds is not None and not bounds[0] <= value <= bounds[1]:
-        raise ConfigError(
-            f"setting {name!r} is {value!r}; it must be in [{bounds[0]}, {bounds[1]}]"
-        )
+        raise _Refused(f"; it must be in [{_bound(bounds[0])}, {_bound(bounds[1])}]")
     if name == "log_level" and value.lower() not in LOG_LEVELS:
-        raise ConfigError(f"setting 'log_level' is {value!r}; use one of {', '.join(LOG_LEVELS)}")
+        raise _Refused(f"; use one of {', '.join(LOG_LEVELS)}")
     if name == "worker_user" and value != WORKER_USER:  # (nobody is 65534 where none is)
         try:
             entry = pwd.getpwnam(value)
         except KeyError:
-            raise ConfigError(
-                f"setting 'worker_user' is {value!r}, which names no user on this system; "
-                "name one (the default is nobody), or root to keep workers root"
+            raise _Refused(
+                ", which names no user on this system; name one (the default is nobody), or "
+                "root to keep workers root"
             ) from None
         if entry.pw_uid != 0 and entry.pw_gid == 0:
-            raise ConfigError(
-                f"setting 'worker_user' is {value!r}, whose group is root's (gid 0): its "
-                "workers would read the files of root's group; give the user a group of its own"
+            raise _Refused(
+                ", whose group is root's (gid 0): its workers would read the files of root's "
+                "group; give the user a group of its own"
             )
     return value
+
+
+def _bound(number: float) -> str:
+    """A bound of ``_RANGES`` as a setting is written: 1000000000, not 1e+09 or 1000000000.0."""
+    return str(int(number)) if float(number).is_integer() else repr(number)
 
 
 def _file_section(raw: dict[str, Any], config_file: Path) -> dict[str, Any]:
