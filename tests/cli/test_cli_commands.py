@@ -927,6 +927,29 @@ READING_COMMANDS = (
 )
 
 
+def test_a_missing_relative_data_dir_is_named_by_its_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "no MCP-ZERO data dir at .mcp0" said not where it looked: a stdio session's MCP client
+    # starts it in a working directory of its own choosing (found by review)
+    monkeypatch.chdir(tmp_path)
+    listed = CliRunner().invoke(main, ["agent", "list", "--data-dir", "typo"])
+    assert listed.exit_code == 1
+    assert listed.stderr == (
+        f"mcp0: error: no MCP-ZERO data dir at {tmp_path / 'typo'} (no mcp0.db): check "
+        "--data-dir, or create one with 'mcp0 serve', 'mcp0 agent create' or 'mcp0 plugin "
+        "install'\n"
+    )
+    served = CliRunner().invoke(main, ["serve", "--stdio", "--agent", "ada"])  # (./.mcp0)
+    assert served.exit_code == 1
+    assert served.stderr == (
+        f"mcp0: error: no MCP-ZERO data dir at {tmp_path / '.mcp0'} (no mcp0.db): a relative "
+        "data dir is looked for in the working directory that the MCP client started 'mcp0 "
+        f"serve --stdio' in (here {tmp_path}): give --data-dir as an absolute path\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def _file_state(directory: Path) -> dict[str, bytes]:
     """The files in ``directory`` but SQLite's shared-memory index (a reader of a WAL store
     may make it) and an empty -wal: what a write would change."""

@@ -147,15 +147,25 @@ def _settings(config_file: Path | None, data_dir: Path | None, **overrides: Any)
     return load_settings(config_file, {"data_dir": data_dir, **overrides})
 
 
-def _existing(settings: Any) -> Any:
+def _existing(settings: Any, *, stdio: bool = False) -> Any:
     """``settings``, if their data dir has been set up: a command that reads or changes what is
-    there must not lay out a new one (with new keys) at a mistyped path and report it empty."""
+    there must not lay out a new one (with new keys) at a mistyped path and report it empty.
+    ``stdio``: for a session an MCP client started, in a working directory of its choosing."""
     if not settings.db_path.exists():
-        raise ConfigError(
-            f"no MCP-ZERO data dir at {settings.data_dir} (no {settings.db_path.name}): check "
-            "--data-dir, or create one with 'mcp0 serve', 'mcp0 agent create' or "
-            "'mcp0 plugin install'"
-        )
+        # the path it looked at, absolute: a relative one does not say from where
+        looked = os.path.abspath(settings.data_dir)
+        if stdio and not settings.data_dir.is_absolute():
+            hint = (
+                "a relative data dir is looked for in the working directory that the MCP "
+                f"client started 'mcp0 serve --stdio' in (here {os.getcwd()}): give "
+                "--data-dir as an absolute path"
+            )
+        else:
+            hint = (
+                "check --data-dir, or create one with 'mcp0 serve', 'mcp0 agent create' or "
+                "'mcp0 plugin install'"
+            )
+        raise ConfigError(f"no MCP-ZERO data dir at {looked} (no {settings.db_path.name}): {hint}")
     return settings
 
 
@@ -324,7 +334,9 @@ def serve(
     if stdio:
         # its agent must exist already: a mistyped --data-dir must not lay out a new, empty one
         run_stdio(
-            _existing(settings), agent or _environ_text("MCP0_AGENT"), _environ_text("MCP0_TOKEN")
+            _existing(settings, stdio=True),
+            agent or _environ_text("MCP0_AGENT"),
+            _environ_text("MCP0_TOKEN"),
         )
     else:
         run_http(settings, as_json=as_json)
