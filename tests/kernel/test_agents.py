@@ -19,6 +19,7 @@ from mcp_zero.errors import (
     StorageError,
     Unauthorized,
 )
+from mcp_zero.kernel.admin_token import rotate_admin_token
 from mcp_zero.kernel.agents import recovery_view
 from mcp_zero.runtime import Runtime
 from mcp_zero.security.tokens import hash_token
@@ -93,6 +94,25 @@ async def test_authenticate_refuses_missing_and_wrong_tokens(make_runtime: Any) 
         runtime.agents.authenticate(None)
     with pytest.raises(Unauthorized):
         runtime.agents.authenticate("forged")
+
+
+async def test_the_admin_token_is_refused_saying_what_it_is_for(make_runtime: Any) -> None:
+    # "invalid or revoked bearer token" sent its holder looking for a typo (found by review)
+    runtime = make_runtime()
+    runtime.record_what_governs()  # (as a server does before it serves)
+    admin = runtime.admin_token()
+    with pytest.raises(Unauthorized) as caught:
+        runtime.agents.authenticate(admin)
+    assert caught.value.message == (
+        "this is the admin token, for the admin API (/api/v1); MCP takes an agent's token "
+        "('mcp0 agent create NAME' prints one)"
+    )
+    rotate_admin_token(runtime.settings.admin_token_path, runtime.audit, runtime.store)
+    with pytest.raises(Unauthorized) as caught:  # the old one is just a wrong token now
+        runtime.agents.authenticate(admin)
+    assert caught.value.message == "invalid or revoked bearer token"
+    with pytest.raises(Unauthorized, match=r"^this is the admin token"):
+        runtime.agents.authenticate(runtime.admin_token())
 
 
 async def test_attach_takes_effect_at_once_and_is_idempotent(runtime: Runtime) -> None:

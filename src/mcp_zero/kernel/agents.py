@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import re
 import secrets
 import time
@@ -24,11 +25,13 @@ from mcp_zero.errors import (
     InvalidParams,
     PluginNotFound,
     SnapshotNotFound,
+    StorageError,
     Unauthorized,
     shown,
 )
 from mcp_zero.kernel.action import Outcome, Principal, Verb
 from mcp_zero.kernel.admin import AdminDecision, admin_decision, admin_event, decided_together
+from mcp_zero.kernel.admin_token import ADMIN_TOKEN_RECORDED, recorded_token_digest
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.security.tokens import hash_token, new_token
 from mcp_zero.storage.base import AgentRecord, SnapshotRecord, Store
@@ -195,7 +198,7 @@ class AgentService:
             return cached
         agent = self.store.agent_by_token_hash(token_hash)
         if agent is None or agent.status != "active":
-            raise Unauthorized("invalid or revoked bearer token")
+            raise Unauthorized(self._refusal(token))
         principal = Principal(agent.name, frozenset(agent.plugins))
         if cached is not None and cached.principal == principal:
             # The same object while nothing changed: caches keyed by the principal (policy
@@ -212,6 +215,20 @@ class AgentService:
         """Whether :meth:`admit` would give ``admitted`` again now (its agent unchanged here,
         and not to be read again from the store yet): one look-up, no hash."""
         return self._principals.get(admitted.key) is admitted and admitted.until > time.monotonic()
+
+    def _refusal(self, token: str) -> str:
+        """Why ``token`` is no agent's: also when it is the admin token, which a newcomer
+        sends to /mcp (that tells its sender nothing it did not know: it sent the token)."""
+        try:
+            admin = self.store.recorded(ADMIN_TOKEN_RECORDED)  # (as the log last recorded it)
+        except StorageError:
+            admin = None
+        if admin and hmac.compare_digest(admin, recorded_token_digest(token)):
+            return (
+                "this is the admin token, for the admin API (/api/v1); MCP takes an agent's "
+                "token ('mcp0 agent create NAME' prints one)"
+            )
+        return "invalid or revoked bearer token"
 
     def _admit(self, name: str, *, anonymous: bool = False) -> Admission:
         # The anonymity is part of the key: a token-less caller and the admin's execute may
