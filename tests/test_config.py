@@ -213,6 +213,28 @@ def test_a_bad_value_is_a_config_error_naming_the_setting(
             {"port": 70000},
             "setting 'port' is 70000 (option --port); it must be in [0, 65535]",
         ),
+        # a value in quotes, which the environment would take: how to write it in TOML
+        (
+            "port = '22067'",
+            {},
+            {},
+            "setting 'port' is \"22067\" (port in {file}); give a whole number: write port = "
+            "22067 (in TOML a value in quotes is a string)",
+        ),
+        (
+            "allowed_origins = 'https://a.example, b.example'",
+            {},
+            {},
+            "setting 'allowed_origins' is \"https://a.example, b.example\" (allowed_origins in "
+            '{file}); give a list of strings: write allowed_origins = ["https://a.example", '
+            '"b.example"] (in TOML a value in quotes is a string)',
+        ),
+        (
+            "port = '99999'",
+            {},
+            {},
+            "setting 'port' is \"99999\" (port in {file}); give a whole number",
+        ),
     ],
 )
 def test_a_bad_value_says_where_it_came_from_spelled_as_it_is_there(

@@ -236,6 +236,35 @@ def test_a_certificate_without_its_key_or_with_a_wrong_one_is_one_line(tmp_path:
         assert done.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("cert", "key", "error"),
+    [
+        ("cert", "cert", "the TLS key {cert} holds no PEM private key, but a certificate"),
+        ("key", "key", "the TLS certificate {key} holds no PEM certificate, but a private key"),
+        ("cert", "other", "the TLS key {other} is not the key of the certificate in {cert}"),
+        ("cert", "missing", "cannot read the TLS key {missing}: No such file or directory"),
+    ],
+)
+def test_a_certificate_or_key_that_will_not_do_is_named_with_what_is_wrong(
+    tmp_path: Path, cert: str, key: str, error: str
+) -> None:
+    # the key file given the certificate was "[SSL] PEM lib (_ssl.c:3926)" (found by review)
+    (tmp_path / "other").mkdir()
+    files = dict(zip(("cert", "key"), self_signed_certificate(tmp_path), strict=True))
+    files["other"] = self_signed_certificate(tmp_path / "other")[1]
+    files["missing"] = tmp_path / "missing.pem"
+    tls = ["--tls-cert", str(files[cert]), "--tls-key", str(files[key])]
+    done = subprocess.run(
+        [MCP0, "serve", "--port", "0", "--data-dir", str(tmp_path / "data"), *tls],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"mcp0: error: {error.format(**files)}\n"
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(("mode", "version"), [("legacy", "2025-11-25"), ("auto", "2026-07-28")])
 async def test_official_client_over_stdio_lists_adds_and_finds_a_note(

@@ -260,7 +260,21 @@ def _taken(name: str, value: Any, base: Settings, where: str, *, text: bool = Tr
             spelled = f"{spelled[:64]}…"
         # (shown escaped: lone surrogates, bytes of the environment that were not UTF-8)
         shown = spelled.encode("utf-8", "backslashreplace").decode()
-        raise ConfigError(f"setting {name!r} is {shown} ({where}){refused.tail}") from None
+        tail = refused.tail
+        if not text and isinstance(value, str):
+            tail += _unquoted(name, value, base)
+        raise ConfigError(f"setting {name!r} is {shown} ({where}){tail}") from None
+
+
+def _unquoted(name: str, value: str, base: Settings) -> str:
+    """How to write what TOML string ``value`` means, if the setting takes that but not the
+    string (``port = "22067"``: in the environment a value is text, in TOML it is typed)."""
+    try:
+        meant = _checked(name, _coerce(name, value, getattr(base, name)))
+    except _Refused:
+        return ""
+    written = _in_toml(list(meant) if isinstance(meant, tuple) else meant)
+    return f": write {name} = {written} (in TOML a value in quotes is a string)"
 
 
 def _in_toml(value: Any) -> str:

@@ -562,6 +562,45 @@ def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> Non
     assert calls == [("ada", "allowed"), ("bob", "denied")]
 
 
+def test_agent_exec_of_an_unknown_tool_points_to_the_commands_that_list_tools(
+    data_dir: Path,
+) -> None:
+    # it told a command-line user to send tools/list (found by review)
+    run(data_dir, "agent", "create", "ada")
+    unknown = run(data_dir, "agent", "exec", "ada", "nope", ok=False)
+    assert unknown.exit_code == 1
+    assert unknown.stderr == (
+        "mcp0: error: unknown tool 'nope': 'mcp0 plugin list' shows the plugins installed, "
+        "'mcp0 plugin show PLUGIN' their tools\n"
+    )
+    [record] = as_json(data_dir, "audit", "list", "--limit", "1")
+    assert (record["verb"], record["resource"], record["code"]) == (
+        "call_tool",
+        "nope",
+        "tool_not_found",
+    )
+
+
+def test_serve_stdio_with_another_agents_token_says_so_in_plain_words(data_dir: Path) -> None:
+    # "the token in MCP0_TOKEN is not agent 'bob''s" (found by review)
+    run(data_dir, "agent", "create", "ada")
+    bob = as_json(data_dir, "agent", "create", "bob")["token"]
+    done = subprocess.run(
+        [MCP0, "serve", "--stdio", "--agent", "ada", "--data-dir", str(data_dir)],
+        env={**os.environ, "MCP0_TOKEN": bob},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.splitlines()[-1] == (
+        "mcp0: error: the token in MCP0_TOKEN is not the token of agent 'ada': give --agent "
+        "(or MCP0_AGENT) or the agent's token, or both of the same agent"
+    )
+
+
 def test_text_outputs_escape_what_a_terminal_would_act_on(data_dir: Path, tmp_path: Path) -> None:
     # An agent's tool name, a plugin's description or output, printed as they were, could
     # forge a record line of `mcp0 audit list` on the operator's terminal, or hide or
@@ -857,6 +896,19 @@ def test_policy_check_names_the_policies_and_refuses_a_broken_file(data_dir: Pat
     assert "broken.cedar" in broken.stderr
 
 
+def test_policy_check_counts_the_policies_in_words(data_dir: Path) -> None:
+    # none was "ok: 0 policies: ", with nothing after the colon (found by review)
+    run(data_dir, "agent", "create", "ada")
+    policies = data_dir / "policies"
+    for policy in policies.iterdir():
+        policy.unlink()
+    assert run(data_dir, "policy", "check").stdout == (
+        "ok: 0 policies: every action is denied, the admin's too\n"
+    )
+    (policies / "one.cedar").write_text('@id("only")\npermit (principal, action, resource);\n')
+    assert run(data_dir, "policy", "check").stdout == "ok: 1 policy: only\n"
+
+
 def test_policy_files_with_a_byte_order_mark_are_read(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "ada")
     default = data_dir / "policies" / "default.cedar"
@@ -948,6 +1000,21 @@ def test_a_missing_relative_data_dir_is_named_by_its_absolute_path(
         f"serve --stdio' in (here {tmp_path}): give --data-dir as an absolute path\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_given_as_the_data_dir_is_said_to_be_one(tmp_path: Path) -> None:
+    # "cannot read afile/plugins: Not a directory", as if a data dir were damaged (found by
+    # review)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for command in (("agent", "list"), ("agent", "create", "ada"), ("serve", "--port", "0")):
+        refused = run(afile, *command, ok=False)
+        assert refused.exit_code == 1, command
+        assert refused.stderr == (
+            f"mcp0: error: the data dir {afile} is a file, not a directory: check --data-dir "
+            "(a new data dir is made where there is nothing)\n"
+        ), command
+    assert afile.read_text() == "mine"
 
 
 def _file_state(directory: Path) -> dict[str, bytes]:

@@ -144,7 +144,14 @@ def _out(as_json: bool, value: Any, text: str) -> None:
 def _settings(config_file: Path | None, data_dir: Path | None, **overrides: Any) -> Any:
     from mcp_zero.config import load_settings
 
-    return load_settings(config_file, {"data_dir": data_dir, **overrides})
+    settings = load_settings(config_file, {"data_dir": data_dir, **overrides})
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        # (else "cannot read afile/plugins: Not a directory", as if a data dir were broken)
+        raise ConfigError(
+            f"the data dir {os.path.abspath(settings.data_dir)} is a file, not a directory: "
+            "check --data-dir (a new data dir is made where there is nothing)"
+        )
+    return settings
 
 
 def _existing(settings: Any, *, stdio: bool = False) -> Any:
@@ -740,7 +747,10 @@ def policy_check(config_file: Path | None, data_dir: Path | None, as_json: bool)
     settings = _existing(_settings(config_file, data_dir))
     engine = PolicyEngine.load(settings.policy_dir)
     ids = sorted(engine.policies)
-    _out(as_json, {"ok": True, "policies": ids}, f"ok: {len(ids)} policies: {', '.join(ids)}")
+    counted = f"{len(ids)} {'policy' if len(ids) == 1 else 'policies'}"
+    listed = ", ".join(ids) if ids else "every action is denied, the admin's too"
+    text = f"ok: {counted}: {listed}"
+    _out(as_json, {"ok": True, "policies": ids}, text)
 
 
 def _depth(value: Any) -> int:

@@ -8,14 +8,16 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 from mcp_zero.config import Settings, loopback_only
-from mcp_zero.errors import ConfigError, Conflict, StorageError, Unauthorized
+from mcp_zero.errors import ConfigError, Conflict, StorageError, ToolNotFound, Unauthorized, shown
 from mcp_zero.runtime import REFRESH_INTERVAL_S, FirstStart, Runtime
 from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
@@ -72,11 +74,33 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"cannot use TLS certificate {settings.tls_cert} with key {settings.tls_key}: "
-            f"{getattr(exc, 'strerror', None) or exc}"
-        ) from exc
+        raise ConfigError(_tls_problem(settings.tls_cert, settings.tls_key, exc)) from exc
     return context
+
+
+# What a PEM file may hold, by the label of its blocks ("-----BEGIN RSA PRIVATE KEY-----").
+_PEM_BLOCKS = {
+    "certificate": re.compile(rb"-----BEGIN (TRUSTED )?CERTIFICATE-----"),
+    "private key": re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+}
+
+
+def _tls_problem(cert: Path, key: Path, exc: OSError) -> str:
+    """What is wrong with ``cert`` and ``key``, which OpenSSL refused with ``exc`` (its
+    "[SSL] PEM lib" names neither the file nor what is wrong with it)."""
+    if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+        return f"the TLS key {key} is not the key of the certificate in {cert}"
+    for role, path, wanted in (("certificate", cert, "certificate"), ("key", key, "private key")):
+        try:
+            pem = path.read_bytes()
+        except OSError as unreadable:
+            return f"cannot read the TLS {role} {path}: {unreadable.strerror or unreadable}"
+        held = [kind for kind, block in _PEM_BLOCKS.items() if block.search(pem)]
+        if wanted not in held:
+            return f"the TLS {role} {path} holds no PEM {wanted}" + (
+                f", but a {held[0]}" if held else ""
+            )
+    return f"cannot use TLS certificate {cert} with key {key}: {exc.strerror or exc}"
 
 
 def _listen_addresses(settings: Settings) -> list[str]:
@@ -275,8 +299,8 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
             # both: the token must be that agent's (it was ignored, even a wrong one)
             if token and runtime.agents.authenticate(token).agent != principal.agent:
                 raise Unauthorized(
-                    f"the token in MCP0_TOKEN is not agent {agent!r}'s: give --agent "
-                    "(or MCP0_AGENT) or the agent's token, or both of the same agent"
+                    f"the token in MCP0_TOKEN is not the token of agent {agent!r}: give "
+                    "--agent (or MCP0_AGENT) or the agent's token, or both of the same agent"
                 )
         elif token:
             principal = runtime.agents.authenticate(token)
@@ -328,7 +352,14 @@ def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str,
                         await call  # (its record, as cancelled, is written meanwhile)
             if call.cancelled():
                 raise Conflict(f"agent {agent!r} was terminated while the call ran; it was stopped")
-            return call.result()
+            try:
+                return call.result()
+            except ToolNotFound as exc:  # (audited as such; the kernel's advice is a client's)
+                raise ToolNotFound(
+                    f"unknown tool {shown(tool)}: 'mcp0 plugin list' shows the plugins "
+                    "installed, 'mcp0 plugin show PLUGIN' their tools",
+                    data=exc.data,
+                ) from None
         finally:
             await runtime.aclose()
 
