@@ -1416,6 +1416,27 @@ def test_a_rotation_killed_after_its_record_is_put_in_force(data_dir: Path) -> N
     assert len(_token_records(data_dir)) == 2
 
 
+@pytest.mark.parametrize("limit", [1000, 64000], ids=["as-it-lays-out", "in-the-store"])
+@pytest.mark.parametrize("command", [("serve", "--port", "0"), ("agent", "create", "ada")])
+def test_a_first_command_out_of_disk_space_leaves_no_data_dir_behind(
+    tmp_path: Path, command: tuple[str, ...], limit: int
+) -> None:
+    # A first `mcp0 serve` on a full disk left admin.token, keys/, policies/ and part of a
+    # store, and so did any command that failed while it laid the data dir out (found by
+    # review). A write past RLIMIT_FSIZE fails with EFBIG, as one on a full disk fails.
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [MCP0, *command, "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("mcp0: error: "), done.stderr
+    assert not data.exists()
+
+
 def test_a_setting_up_command_that_fails_leaves_no_data_dir_behind(tmp_path: Path) -> None:
     # It laid out a whole data dir (keys, token, store) and marked its first start done: the
     # first `mcp0 serve` there then installed no example and printed no token (found by

@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -192,23 +191,16 @@ def _store(config_file: Path | None, data_dir: Path | None) -> Iterator[Any]:
 def _runtime(
     config_file: Path | None, data_dir: Path | None, *, create: bool = False
 ) -> Iterator[Any]:
-    """The runtime on the data dir; only ``create`` commands may lay out a new one."""
-    from mcp_zero.runtime import Runtime
+    """The runtime on the data dir; only ``create`` commands may lay out a new one (and one
+    that fails leaves none behind: a full disk, a mistyped --data-dir)."""
+    from mcp_zero.cli.serve import runtime_on
 
     settings = _settings(config_file, data_dir)
-    existed = settings.data_dir.exists()
-    runtime = Runtime(settings if create else _existing(settings))
-    try:
+    with runtime_on(settings if create else _existing(settings)) as runtime:
         # before the command decides anything under them
         ctx = click.get_current_context(silent=True)
         runtime.record_what_governs(by=ctx.command_path if ctx is not None else "mcp0")
         yield runtime
-    except BaseException:
-        runtime.close()
-        if runtime.created and not existed:
-            # (a failed command, a mistyped --data-dir: nothing of it is left behind)
-            shutil.rmtree(settings.data_dir, ignore_errors=True)
-        raise
     if runtime.created:
         # laid out by this command, not by `mcp0 serve`: a later serve installs no examples
         runtime.store.finish_first_start()

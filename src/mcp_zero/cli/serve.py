@@ -10,9 +10,11 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import ssl
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,28 @@ def _listen_addresses(settings: Settings) -> list[str]:
     return addresses
 
 
+@contextlib.contextmanager
+def runtime_on(settings: Settings) -> Iterator[Runtime]:
+    """The runtime on ``settings``' data dir, closed if the block fails; a data dir it laid
+    out (none was there) is removed then, with all it made: a command or first start that
+    failed (a full disk, a refused first action) leaves none behind. When the block
+    succeeds, closing the runtime is the caller's."""
+    existed = settings.data_dir.exists()
+    try:
+        runtime = Runtime(settings)
+    except BaseException:  # (it may have made keys, a token, policies, a store)
+        if not existed:
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+        raise
+    try:
+        yield runtime
+    except BaseException:
+        runtime.close()
+        if runtime.created and not existed:
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+        raise
+
+
 def _prepare(
     settings: Settings, *, on_loopback_only: bool, first_start: bool = False
 ) -> tuple[Runtime, FirstStart]:
@@ -139,9 +163,8 @@ def _prepare(
             "only when every address the server listens on is a loopback one (127.0.0.1, "
             "::1, or a name that resolves to loopback addresses only)"
         )
-    runtime = Runtime(settings)
     done = FirstStart([], None)
-    try:
+    with runtime_on(settings) as runtime:
         # the first start's install and agent are decided by policy: the set (and token)
         # in force recorded before them (Runtime.start would have, after: found by review)
         runtime.record_what_governs()
@@ -152,9 +175,6 @@ def _prepare(
                 f"--anonymous-agent {settings.anonymous_agent!r}: no such agent; create it "
                 f"first with 'mcp0 agent create {settings.anonymous_agent} --plugin ...'"
             )
-    except BaseException:
-        runtime.close()
-        raise
     return runtime, done
 
 
