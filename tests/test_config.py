@@ -3,6 +3,7 @@ the errors a user gets for a bad file, key or value."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -375,6 +376,18 @@ def test_mcp0_serve_refuses_anonymous_off_loopback_with_one_line(tmp_path: Path)
     assert result.exit_code != 0
     assert "loopback" in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_leaves_the_event_loop_policy_of_its_process_as_it_was(tmp_path: Path) -> None:
+    # serve made uvloop the process's policy: in one pytest process the stdio tests that came
+    # after it failed on uvloop handles left behind (and an embedder's loop would change)
+    before = asyncio.get_event_loop_policy()
+    result = CliRunner().invoke(
+        main,
+        ["serve", "--data-dir", str(tmp_path / "d"), "--host", "0.0.0.0", "--anonymous-agent", "a"],
+    )
+    assert result.exit_code != 0
+    assert asyncio.get_event_loop_policy() is before
 
 
 def test_plain_http_off_loopback_gets_a_warning_and_https_or_loopback_none(

@@ -14,9 +14,9 @@ import shutil
 import socket
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mcp_zero.config import Settings, loopback_only
 from mcp_zero.errors import ConfigError, Conflict, StorageError, ToolNotFound, Unauthorized, shown
@@ -25,6 +25,8 @@ from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
 from mcp_zero.storage.base import Store
 
+T = TypeVar("T")
+
 log = logging.getLogger("mcp_zero.serve")
 
 
@@ -32,12 +34,16 @@ log = logging.getLogger("mcp_zero.serve")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _install_uvloop() -> None:
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop if it is installed (plain asyncio works, only slower), without
+    making uvloop the process's event loop policy: a program that runs the CLI's commands in
+    its own process (the tests, an embedder) keeps its own."""
     try:
         import uvloop
-    except ImportError:  # optional: plain asyncio works, only slower
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def _cannot_listen(settings: Settings, exc: OSError) -> ConfigError:
@@ -202,7 +208,6 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         stream=sys.stderr,
         format=LOG_FORMAT,
     )
-    _install_uvloop()
     for variable in ("MCP0_AGENT", "MCP0_TOKEN"):
         # who a stdio session runs as; ignored, not refused: an environment is shared (a
         # shell's, a service manager's), a command line is this server's
@@ -245,7 +250,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
         _announce(settings, server.port, first_start, admin_closed=closed, as_json=as_json)
 
     try:
-        asyncio.run(
+        _run(
             server.run(
                 on_start=started,
                 on_stop=app.shutdown,
@@ -310,7 +315,6 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
         raise ConfigError(f"--stdio speaks MCP on stdin and stdout, and {closed} is closed")
     # (as the HTTP server's: it had no times, found by review)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
-    _install_uvloop()
     # a stdio session's agent exists already: the first start is left to an HTTP server
     runtime, _ = _prepare(settings, on_loopback_only=settings.on_loopback_only())
     try:
@@ -332,7 +336,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     _end_left_behind(settings)
     adopt_orphans()
     try:
-        asyncio.run(serve_stdio(runtime, principal, handle_signals=True))
+        _run(serve_stdio(runtime, principal, handle_signals=True))
     finally:
         end_adopted()
 
