@@ -22,6 +22,7 @@ import anyio
 import pytest
 from click.testing import CliRunner, Result
 
+from full_disk import on_a_full_disk
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.cli.main import main
 from mcp_zero.config import load_settings
@@ -1294,33 +1295,9 @@ def test_admin_rotate_token_on_a_full_disk_is_one_line_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:
     # an OSError traceback, and admin.token.tmp left behind
-    # A real full disk: a 1 MiB tmpfs, mounted in a mount namespace of its own (root and
-    # util-linux's unshare, as on every machine CI runs on; the test fails, not skips, without)
-    unshare = shutil.which("unshare")
-    assert unshare is not None, "this test needs unshare(1) (util-linux)"
-    assert os.geteuid() == 0, "this test needs root, to mount a tmpfs in a mount namespace"
+    # A real full disk (full_disk.on_a_full_disk)
     disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(
-        [
-            unshare,
-            "--mount",
-            "sh",
-            "-c",
-            'mount -t tmpfs -o size=1m tmpfs "$1" || exit 77; exec "$2" -c "$3" "$1" "$4"',
-            "sh",
-            str(disk),
-            sys.executable,
-            ON_A_FULL_DISK,
-            MCP0,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode != 77, f"cannot mount a tmpfs here: {done.stderr.strip()}"
-    assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout)
+    seen = json.loads(on_a_full_disk(disk, ON_A_FULL_DISK, MCP0))
     assert seen["returncode"] == 1
     assert seen["stderr"] == (
         f"mcp0: error: cannot write a new admin token to {disk}/data/admin.token: No space left "

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from full_disk import on_a_full_disk
 from mcp_zero.audit import GENESIS, ChainBroken, canonical, chain_hash, verify_store
 from mcp_zero.errors import AgentNotFound, Conflict, StorageError
 from mcp_zero.storage import (
@@ -428,33 +425,9 @@ print(json.dumps(seen))
 
 
 def _on_a_full_disk(tmp_path: Path) -> dict[str, str | None]:
-    """What :data:`ON_A_FULL_DISK` saw: a real full disk, a 1 MiB tmpfs mounted in a mount
-    namespace of its own (root and util-linux's unshare, as on every machine CI runs on; the
-    test fails, not skips, without)."""
-    unshare = shutil.which("unshare")
-    assert unshare is not None, "this test needs unshare(1) (util-linux)"
-    assert os.geteuid() == 0, "this test needs root, to mount a tmpfs in a mount namespace"
+    """What :data:`ON_A_FULL_DISK` saw on a real full disk (full_disk.on_a_full_disk)."""
     disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(
-        [
-            unshare,
-            "--mount",
-            "sh",
-            "-c",
-            'mount -t tmpfs -o size=1m tmpfs "$1" || exit 77; exec "$2" -c "$3" "$1"',
-            "sh",
-            str(disk),
-            sys.executable,
-            ON_A_FULL_DISK,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 77, f"cannot mount a tmpfs here: {done.stderr.strip()}"
-    assert done.returncode == 0, done.stderr
-    seen: dict[str, str | None] = json.loads(done.stdout)
+    seen: dict[str, str | None] = json.loads(on_a_full_disk(disk, ON_A_FULL_DISK, timeout=60))
     return {
         name: None if told is None else told.replace(str(disk), "DISK")
         for name, told in seen.items()
