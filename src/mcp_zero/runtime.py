@@ -181,6 +181,13 @@ class Runtime:
             if settings.rate_limit > 0
             else None
         )
+        self.agents = AgentService(
+            self.store,
+            self.audit,
+            policy=self.policy,
+            anonymous_agent=settings.anonymous_agent,
+            count_denials=self.metrics.count_denials,
+        )
         self.kernel = Kernel(
             plugins=self.plugins,
             policy=self.policy,
@@ -188,13 +195,7 @@ class Runtime:
             quotas=self.quotas,
             metrics=self.metrics,
             limiter=limiter,
-        )
-        self.agents = AgentService(
-            self.store,
-            self.audit,
-            policy=self.policy,
-            anonymous_agent=settings.anonymous_agent,
-            count_denials=self.metrics.count_denials,
+            agents=self.agents,
         )
         self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
         self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read

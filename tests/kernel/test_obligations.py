@@ -242,6 +242,8 @@ async def test_an_audit_before_obligation_records_a_call_durably_before_it_runs(
 ) -> None:
     """The intent is committed while the plugin still runs (so a kill -9 then leaves it in
     the log), and the outcome follows under the same request id."""
+    # (an agent of the store: a call that waited for its intent's record looks it up again)
+    await started.agents.spawn("alice", sorted(ALL))
     (started.settings.policy_dir / "default.cedar").unlink()
     use_policy(started, "audited.cedar", AUDITED_FIRST)
     running = asyncio.ensure_future(call(started, "faulty_nap", {"seconds": 1.0}, "i1", bridge))
@@ -393,9 +395,11 @@ async def test_a_large_result_is_redacted_while_other_calls_go_on(
 ) -> None:
     started.plugins.install(LEAKY_DIR)
     await started.plugins.refresh(force=True)
+    # (an agent of the store: a call that waited for a slot looks it up again)
+    await started.agents.spawn("alice", sorted(ALL | {"leaky"}))
+    principal = started.agents.principal("alice")
     (started.settings.policy_dir / "default.cedar").unlink()
     use_policy(started, "redact.cedar", redacting("secret"))
-    principal = Principal("alice", ALL | {"leaky"})
     kernel = started.kernel
     bulk = asyncio.create_task(
         kernel.call_tool(

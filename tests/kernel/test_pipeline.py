@@ -28,6 +28,7 @@ from mcp_zero.errors import (
     ResourceNotFound,
     ToolNotFound,
     ToolTimeout,
+    Unauthorized,
 )
 from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import PluginSlot, PluginSlots
@@ -57,6 +58,13 @@ async def call(
         return await runtime.kernel.call_tool(
             principal, tool, args, bridge, request_id=rid, transport="test"
         )
+
+
+async def new_agent(runtime: Runtime, name: str, *plugins: str) -> Principal:
+    """A new agent ``name`` with ``plugins`` attached: a call that waited for its plugin looks
+    its agent up again (its status, its plugins), as a new call would."""
+    await runtime.agents.spawn(name, list(plugins))
+    return runtime.agents.principal(name)
 
 
 async def test_an_allowed_call_returns_the_result_and_is_audited(
@@ -431,14 +439,16 @@ async def test_prompt_and_completion_records_hold_the_digest_of_their_arguments(
 async def test_a_call_queued_for_a_slot_runs_on_the_new_code_after_an_upgrade(
     started: Runtime, bridge: Any
 ) -> None:
-    agent = Principal("queuer", frozenset({"faulty"}))
+    queuer = await new_agent(started, "queuer", "faulty")
     slots = started.plugins.manifests["faulty"].quotas.max_concurrency
     naps = [
-        asyncio.ensure_future(call(started, agent, "faulty_nap", {"seconds": 1.0}, f"n{i}", bridge))
+        asyncio.ensure_future(
+            call(started, queuer, "faulty_nap", {"seconds": 1.0}, f"n{i}", bridge)
+        )
         for i in range(slots)
     ]
     await anyio.sleep(0.2)  # every slot is taken
-    queued = asyncio.ensure_future(call(started, agent, "faulty_echo", {"text": "q"}, "q", bridge))
+    queued = asyncio.ensure_future(call(started, queuer, "faulty_echo", {"text": "q"}, "q", bridge))
     await anyio.sleep(0.1)
     assert not queued.done()
     old = started.plugins.runtime("faulty")
@@ -830,7 +840,7 @@ async def test_a_plain_handler_waiting_on_its_client_keeps_its_slot_and_thread(
         )
         with anyio.fail_after(TIMEOUT_S):
             await client.asked.wait()
-        bob = Principal("bob", frozenset({"kit"}))
+        bob = await new_agent(runtime, "bob", "kit")
         queued = asyncio.ensure_future(call(runtime, bob, "echo", {"text": "b"}, "e", bridge))
         await anyio.sleep(0.2)
         assert not queued.done()  # it waits for the slot, not for a thread in the worker
@@ -854,7 +864,7 @@ async def test_a_cancelled_call_keeps_its_slot_until_its_handler_has_ended(
     runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
     await runtime.start()
     try:
-        ada = Principal("ada", frozenset({"kit"}))
+        ada = await new_agent(runtime, "ada", "kit")
         stubborn = asyncio.ensure_future(call(runtime, ada, "stubborn", {}, "c", bridge))
         with anyio.fail_after(TIMEOUT_S):
             while ("progress", 1) not in bridge.events:  # its handler runs
@@ -871,6 +881,150 @@ async def test_a_cancelled_call_keeps_its_slot_until_its_handler_has_ended(
         assert [r["code"] for r in records(runtime, request_id="c")] == ["cancelled"]
     finally:
         await runtime.aclose()
+
+
+@contextlib.asynccontextmanager
+async def slot_held(
+    runtime: Runtime, tmp_path: Path
+) -> AsyncIterator[tuple[Principal, SlowClient, Path]]:
+    """``runtime`` started with a one-slot copy of the kit (its directory yielded), agent ada
+    made with it attached, and its slot held by her plain call that waits on its client until
+    the client yielded is answered (at the end, if not before; the runtime closed after)."""
+    kit = one_slot_copy(tmp_path, KIT_DIR)
+    runtime.plugins.install(kit)
+    client = SlowClient({"role": "assistant", "content": {"type": "text", "text": "42"}})
+    await runtime.start()
+    try:
+        ada = await new_agent(runtime, "ada", "kit")
+        holder = asyncio.ensure_future(
+            call(runtime, ada, "chatty_sync", {"question": "?"}, "holder", client)
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            await client.asked.wait()  # (a plain handler's call keeps its slot meanwhile)
+        yield ada, client, kit
+        client.answered.set()
+        await holder
+    finally:
+        await runtime.aclose()
+
+
+async def queue_one(runtime: Runtime, principal: Principal, bridge: Any) -> asyncio.Future[Any]:
+    """An echo call of ``principal``'s, once it queues for the kit's slot."""
+    queued = asyncio.ensure_future(call(runtime, principal, "echo", {"text": "q"}, "q", bridge))
+    with anyio.fail_after(TIMEOUT_S):
+        while runtime.quotas.inflight(principal.agent) < 2:  # (the holder's, and this one)
+            await asyncio.sleep(0.01)
+    return queued
+
+
+NO_ECHO = """
+@id("no-echo")
+@reason("echo is off")
+forbid (principal, action, resource == Tool::"echo");
+"""
+
+
+async def test_a_call_queued_for_a_slot_is_decided_again_by_a_policy_put_in_force_meanwhile(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # It ran, audited as allowed by the policies of before, after the forbid's load_policies
+    # record and after new calls were denied by it (found by review)
+    runtime: Runtime = make_runtime()
+    async with slot_held(runtime, tmp_path) as (ada, client, _):
+        queued = await queue_one(runtime, ada, bridge)
+        (runtime.settings.policy_dir / "no-echo.cedar").write_text(NO_ECHO)
+        runtime.policy.reload()
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S), pytest.raises(PolicyDenied) as denied:
+            await queued
+        [record] = records(runtime, request_id="q")
+    assert denied.value.data is not None
+    assert denied.value.data["policies"] == ["no-echo"]
+    assert (record["outcome"], record["policies"]) == ("denied", ["no-echo"])
+    assert record["policies_sha256"] == runtime.policy.engine.digest  # (the set with no-echo)
+
+
+async def test_a_call_queued_for_a_plugin_removed_and_installed_again_is_not_run_by_the_new_one(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # The plugin installed again is attached to no one; the queued call ran on it, allowed by
+    # the attachment of the plugin removed (found by review)
+    runtime: Runtime = make_runtime()
+    async with slot_held(runtime, tmp_path) as (ada, client, kit):
+        queued = await queue_one(runtime, ada, bridge)
+        assert runtime.remove_plugin("kit") == ["ada"]
+        runtime.install_plugin(kit)
+        with anyio.fail_after(TIMEOUT_S):
+            assert await runtime.plugins.refresh() is True
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S), pytest.raises(PolicyDenied) as denied:
+            await queued
+        [record] = records(runtime, request_id="q")
+    assert "attached: none" in denied.value.message
+    assert (record["outcome"], record["policies"]) == ("denied", ["attached-plugins-only"])
+
+
+async def test_a_call_queued_for_a_slot_whose_agent_was_terminated_meanwhile_does_not_run(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    runtime: Runtime = make_runtime()
+    async with slot_held(runtime, tmp_path) as (ada, client, _):
+        queued = await queue_one(runtime, ada, bridge)
+        await runtime.agents.terminate("ada")
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S), pytest.raises(Unauthorized):
+            await queued
+        [record] = records(runtime, request_id="q")
+    assert (record["outcome"], record["code"]) == ("error", "unauthorized")
+
+
+AUDITED_FIRST = """
+@id("echo-audited-first")
+@audit("before")
+permit (principal is Agent, action == Action::"call_tool", resource == Tool::"echo")
+when { principal.plugins.contains(resource.plugin) };
+"""
+
+
+async def test_a_call_queued_for_a_slot_meets_an_audit_before_obligation_put_in_force_meanwhile(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    runtime: Runtime = make_runtime()
+    async with slot_held(runtime, tmp_path) as (ada, client, _):
+        queued = await queue_one(runtime, ada, bridge)
+        (runtime.settings.policy_dir / "audited.cedar").write_text(AUDITED_FIRST)
+        runtime.policy.reload()
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S):
+            assert (await queued)["content"] == [{"type": "text", "text": "q"}]
+        intent, outcome = records(runtime, request_id="q")
+    assert (intent["outcome"], outcome["outcome"]) == ("intent", "allowed")
+    assert outcome["obligations"] == ["audit:before"]
+    assert "echo-audited-first" in outcome["policies"]
+
+
+async def test_a_call_is_decided_again_by_a_policy_put_in_force_while_its_intent_is_recorded(
+    make_runtime: Any, bridge: Any
+) -> None:
+    # (a long batching window: the intent's record waits in it while the forbid comes)
+    runtime: Runtime = make_runtime(audit_window_ms=300)
+    runtime.plugins.install(KIT_DIR)
+    (runtime.settings.policy_dir / "audited.cedar").write_text(AUDITED_FIRST)
+    runtime.policy.reload()
+    await runtime.start()
+    try:
+        ada = await new_agent(runtime, "ada", "kit")
+        running = asyncio.ensure_future(call(runtime, ada, "echo", {"text": "i"}, "i", bridge))
+        await asyncio.sleep(0)  # its first step: decided, its intent submitted
+        (runtime.settings.policy_dir / "no-echo.cedar").write_text(NO_ECHO)
+        runtime.policy.reload()
+        with anyio.fail_after(TIMEOUT_S), pytest.raises(PolicyDenied):
+            await running
+        intent, outcome = records(runtime, request_id="i")
+    finally:
+        await runtime.aclose()
+    assert (intent["outcome"], outcome["outcome"]) == ("intent", "denied")
+    assert outcome["policies"] == ["no-echo"]
 
 
 # -- PluginSlot: the accounting of one call's slot -------------------------------------------
@@ -1029,7 +1183,7 @@ async def one_slot_taken(
     runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
     await runtime.start()
     try:
-        ada = Principal("ada", frozenset({"kit"}))
+        ada = await new_agent(runtime, "ada", "kit")
         first = asyncio.ensure_future(
             call(runtime, ada, "slow_sync", {"seconds": seconds}, "first", bridge)
         )

@@ -34,6 +34,7 @@ from mcp_zero.errors import (
     InvalidParams,
     McpZeroError,
     PluginFailure,
+    PluginNotFound,
     PolicyDenied,
     PromptNotFound,
     ResourceNotFound,
@@ -43,9 +44,11 @@ from mcp_zero.errors import (
     shown,
 )
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
+from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.client_requests import GovernedBridge
 from mcp_zero.kernel.plugins import PluginHost, ToolEntry
 from mcp_zero.kernel.quotas import QuotaGate
+from mcp_zero.policy.decision import PolicyDecision
 from mcp_zero.policy.detectors import label_value, redact
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.jsonrpc import RequestId
@@ -393,8 +396,10 @@ class Kernel:
         quotas: QuotaGate,
         metrics: Metrics,
         limiter: RateLimiter | None,
+        agents: AgentService,
     ) -> None:
         self.plugins = plugins
+        self.agents = agents  # (a call that waited looks its agent up again)
         self.policy = policy
         self.audit = audit
         self.quotas = quotas
@@ -901,6 +906,8 @@ class Kernel:
         failure: BaseException | None = None
         # the labels the permits that allowed it have redacted, from its result or its error
         redacting: tuple[str, ...] = ()
+        # what was in force when it was decided, once it waits (None: it has not waited)
+        decided_under: tuple[int, int] | None = None
         # the stages' seconds, recorded together at the end (None: the stage did not run)
         policy_s: float | None = None
         sandbox_s: float | None = None
@@ -909,57 +916,51 @@ class Kernel:
                 self.limiter.check(principal.agent)
             if refused is not None:
                 raise refused
-            if self.policy.uses_labels and action.arguments:  # (else detectors need not run)
-                labels = label_value(action.arguments)
-                if labels:
-                    action.context["labels"] = labels
-                    event["labels"] = sorted(labels)
             t = time.perf_counter()
-            decision = self.policy.decide(action)
+            decision = self._decide(action, event)
             policy_s = time.perf_counter() - t
-            # the set that decided it, as the decision says: the store may have put another in
-            # force by the time the record is written
-            event["policies_sha256"] = decision.policies_sha256
-            if not decision.allowed:
-                metrics.count_denials(decision.denied_by)
-                raise PolicyDenied(decision.message, data=decision.to_data())
-            event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
-            if decision.errors:  # policies skipped: what they might have said is evidence
-                event["policy_errors"] = decision.errors
             # its record could not be kept: refuse first (writable() asks the store again
             # only once the log failed)
             if self.audit.stats.failing and not self.audit.writable():
                 raise _audit_failing(self.audit)
             redacting = decision.redact
             if decision.audit_before:  # an obligation: recorded, durably, before it can act
-                event["obligations"] = ["audit:before"]
-                intent = await self.audit.submit({**event, "outcome": INTENT})
-                # the action's own record names its intent: a request_id is the client's,
-                # and every session of every client reuses them
-                event["intent_seq"] = intent.seq
-            assert action.plugin is not None
-            runtime = self.plugins.runtime(action.plugin)
-            quotas = self.plugins.manifests[action.plugin].quotas
+                decided_under = self._in_force()
+                await self._record_intent(event)
+            plugin = action.plugin
+            assert plugin is not None
+            runtime = self.plugins.runtime(plugin)
+            quotas = self.plugins.manifests[plugin].quotas
             timeout = self.quotas.timeout_for(None, quotas.timeout_ms)
             self.quotas.enter(principal.agent)
             try:
-                slots = self._plugin_slots(action.plugin, quotas.max_concurrency)
+                slots = self._plugin_slots(plugin, quotas.max_concurrency)
                 t = time.perf_counter()
                 queued = 0.0
                 if not slots.take_free():  # the plugin is busy: queue, within the time limit
+                    if decided_under is None:
+                        decided_under = self._in_force()
                     await _wait_for_slot(
-                        slots, principal.agent, timeout, action.plugin, quotas.max_concurrency
+                        slots, principal.agent, timeout, plugin, quotas.max_concurrency
                     )
                     queued = time.perf_counter() - t
                     metrics.observe_stage("quota", queued)
                     timeout = max(timeout - queued, 0.001)
-                    try:  # replaced or removed meanwhile? then the new code, or the error
-                        runtime = self.plugins.runtime(action.plugin)
-                    except BaseException:
-                        slots.give()
-                        raise
                 slot = PluginSlot(slots, principal.agent)
                 try:
+                    # It waited (for a slot, or its intent's record): a change recorded
+                    # meanwhile (policies, plugins, its agent) governs it as it would a new
+                    # call, and a plugin replaced meanwhile runs it with the new code.
+                    while decided_under is not None:
+                        changed = self._decide_again(action, event, decided_under)
+                        decided_under = None
+                        if changed is not None:
+                            action, decision = changed
+                            redacting = decision.redact
+                            if decision.audit_before and "intent_seq" not in event:
+                                decided_under = self._in_force()
+                                await self._record_intent(event)
+                        runtime = self.plugins.runtime(plugin)
                     # (it may have failed while we queued)
                     if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)
@@ -1035,6 +1036,68 @@ class Kernel:
             raise failure
         assert result is not None
         return result
+
+    def _decide(self, action: Action, event: JSON) -> PolicyDecision:
+        """The policy's decision on ``action`` if it allows it, noted in the action's audit
+        ``event`` (with the labels of its arguments); raises PolicyDenied (counted) if not."""
+        if self.policy.uses_labels and action.arguments:  # (else detectors need not run)
+            labels = label_value(action.arguments)
+            if labels:
+                action.context["labels"] = labels
+                event["labels"] = sorted(labels)
+        decision = self.policy.decide(action)
+        # the set that decided it, as the decision says: the store may have put another in
+        # force by the time the record is written
+        event["policies_sha256"] = decision.policies_sha256
+        if not decision.allowed:
+            self.metrics.count_denials(decision.denied_by)
+            raise PolicyDenied(decision.message, data=decision.to_data())
+        event["policies"] = decision.policies  # (a tuple: the same JSON as a list)
+        if decision.errors:  # policies skipped: what they might have said is evidence
+            event["policy_errors"] = decision.errors
+        return decision
+
+    def _in_force(self) -> tuple[int, int]:
+        """What decides an action that may change while it waits: the policy set's generation
+        and the installed plugins' version (its agent is looked up again)."""
+        return self.policy.generation, self.plugins.version
+
+    def _decide_again(
+        self, action: Action, event: JSON, decided_under: tuple[int, int]
+    ) -> tuple[Action, PolicyDecision] | None:
+        """For ``action``, decided under ``decided_under`` (``_in_force``) and then made to
+        wait: None if neither the policy set, nor the installed plugins, nor its agent (its
+        status, its plugins) changed since; else the action with its principal as it is now,
+        and the policy's decision on it, noted in ``event`` instead of the first. Raises what
+        a new call would meet: Unauthorized (its agent was terminated), PluginNotFound (its
+        plugin no longer serves its target), PolicyDenied."""
+        principal = now = action.principal
+        plugins_changed = self.plugins.version != decided_under[1]
+        if not principal.admin:  # (the admin is no agent)
+            if plugins_changed:  # a removal detached its plugin from every agent, in the store
+                self.agents.forget(principal.agent)
+            now = self.agents.principal(principal.agent, anonymous=principal.anonymous)
+        if now == principal and not plugins_changed and self.policy.generation == decided_under[0]:
+            return None
+        if self._owner(action.verb, action.resource) != action.plugin:
+            raise PluginNotFound(
+                f"plugin {action.plugin!r} no longer serves {action.resource!r}: it was removed "
+                "or replaced while this call waited for it; the lists show what you may use"
+            )
+        action = Action(
+            now, action.verb, action.resource, action.plugin, action.arguments, action.context
+        )
+        event.pop("policy_errors", None)
+        return action, self._decide(action, event)
+
+    async def _record_intent(self, event: JSON) -> None:
+        """Commit the ``intent`` record of the action of ``event`` (the ``@audit("before")``
+        obligation), and name it in the action's own."""
+        event["obligations"] = ["audit:before"]
+        intent = await self.audit.submit({**event, "outcome": INTENT})
+        # the action's own record names its intent: a request_id is the client's, and every
+        # session of every client reuses them
+        event["intent_seq"] = intent.seq
 
     def _client_bridge(
         self,
