@@ -1027,6 +1027,50 @@ async def test_a_call_is_decided_again_by_a_policy_put_in_force_while_its_intent
     assert outcome["policies"] == ["no-echo"]
 
 
+async def test_a_call_queued_while_its_plugin_is_replaced_is_checked_and_run_by_the_new_one(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # It was checked against the old inputSchema, then run by the new code; its timeout was
+    # the old manifest's too, and a prompt's arguments were checked as it declared them (found
+    # by review)
+    runtime: Runtime = make_runtime()
+    async with slot_held(runtime, tmp_path) as (ada, client, kit):
+        stricter = tmp_path / "kit-2"
+        shutil.copytree(kit, stricter)
+        manifest = orjson.loads((stricter / "plugin.json").read_bytes())
+        manifest["quotas"]["timeout_ms"] = 1500  # (the old: 5,000)
+        [echo] = [tool for tool in manifest["tools"] if tool["name"] == "echo"]
+        echo["inputSchema"] = {"type": "object", "properties": {"text": {"maxLength": 1}}}
+        [greet] = [prompt for prompt in manifest["prompts"] if prompt["name"] == "greet"]
+        greet["arguments"].append({"name": "title", "required": True})
+        (stricter / "plugin.json").write_bytes(orjson.dumps(manifest))
+        queued = await queue_one(runtime, ada, bridge)  # {"text": "q"}: valid in both
+        too_long = asyncio.ensure_future(call(runtime, ada, "echo", {"text": "long"}, "l", bridge))
+        prompt = asyncio.ensure_future(
+            runtime.kernel.get_prompt(
+                ada, "greet", {"name": "x"}, bridge, request_id="p", transport="test"
+            )
+        )
+        slow = asyncio.ensure_future(call(runtime, ada, "slow_sync", {"seconds": 3}, "s", bridge))
+        with anyio.fail_after(TIMEOUT_S):
+            while runtime.quotas.inflight("ada") < 5:
+                await asyncio.sleep(0.01)
+        runtime.install_plugin(stricter, replace=True)
+        with anyio.fail_after(TIMEOUT_S):
+            assert await runtime.plugins.refresh() is True
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S):
+            assert (await queued)["content"] == [{"type": "text", "text": "q"}]
+            with pytest.raises(InvalidParams) as refused:
+                await too_long
+            with pytest.raises(InvalidParams) as unprompted:
+                await prompt
+            with pytest.raises(ToolTimeout):
+                await slow
+    assert refused.value.data == {"path": "/text", "schemaPath": "/properties/text/maxLength"}
+    assert unprompted.value.data == {"path": "/arguments/title"}
+
+
 # -- PluginSlot: the accounting of one call's slot -------------------------------------------
 
 

@@ -46,7 +46,7 @@ from mcp_zero.errors import (
 from mcp_zero.kernel.action import Action, Outcome, Principal, Verb
 from mcp_zero.kernel.agents import AgentService
 from mcp_zero.kernel.client_requests import GovernedBridge
-from mcp_zero.kernel.plugins import PluginHost, ToolEntry
+from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.decision import PolicyDecision
 from mcp_zero.policy.detectors import label_value, redact
@@ -609,7 +609,7 @@ class Kernel:
             )
         # (a partial, not a closure: no cell per variable it would capture, on every call)
         run = functools.partial(
-            self._run_tool, entry, name, arguments, bridge, principal, request_id, transport
+            self._run_tool, name, arguments, bridge, principal, request_id, transport
         )
         return self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
@@ -622,7 +622,6 @@ class Kernel:
 
     async def _run_tool(
         self,
-        entry: ToolEntry | None,
         name: str,
         arguments: JSON,
         bridge: ClientBridge,
@@ -634,8 +633,10 @@ class Kernel:
         slot: PluginSlot,
     ) -> JSON:
         """The part of a tool call in its plugin (``call_tool``'s ``run``): its arguments
-        checked against the tool's schema, the call, the result against its outputSchema."""
-        assert entry is not None
+        checked against the tool's schema, the call, the result against its outputSchema.
+        The tool as the plugin serves it now (``_govern`` checked that it does): a call that
+        waited while its plugin was replaced runs on the new code, under the new schemas."""
+        entry = self.plugins.tools[name]
         t = time.perf_counter()
         errors = entry.validator.iter_errors(arguments)
         first = next(errors, None)
@@ -711,8 +712,9 @@ class Kernel:
         digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
 
         async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
-            assert hit is not None
-            declared = [arg["name"] for arg in hit[1].get("arguments", [])]
+            # as its plugin serves it now: one replaced while the call waited, anew
+            owner, prompt = self.plugins.prompts[name]
+            declared = [arg["name"] for arg in prompt.get("arguments", [])]
             unknown = sorted(set(arguments) - set(declared))
             if unknown:
                 # the plugin's handler would fail on it with a Python TypeError
@@ -722,7 +724,7 @@ class Kernel:
                     f"(its arguments: {takes}); prompts/list shows them",
                     data={"path": f"/arguments/{unknown[0]}"},
                 )
-            for arg in hit[1].get("arguments", []):
+            for arg in prompt.get("arguments", []):
                 if arg.get("required") and arg["name"] not in arguments:
                     raise InvalidParams(
                         f"prompt {name!r} needs argument {arg['name']!r}",
@@ -732,7 +734,7 @@ class Kernel:
                 name,
                 arguments,
                 agent=principal.agent,
-                bridge=self._client_bridge(bridge, principal, hit[0], slot, request_id, transport),
+                bridge=self._client_bridge(bridge, principal, owner, slot, request_id, transport),
                 timeout=timeout,
             )
 
@@ -945,12 +947,12 @@ class Kernel:
                     )
                     queued = time.perf_counter() - t
                     metrics.observe_stage("quota", queued)
-                    timeout = max(timeout - queued, 0.001)
                 slot = PluginSlot(slots, principal.agent)
                 try:
                     # It waited (for a slot, or its intent's record): a change recorded
                     # meanwhile (policies, plugins, its agent) governs it as it would a new
-                    # call, and a plugin replaced meanwhile runs it with the new code.
+                    # call, and a plugin replaced meanwhile runs it with the new code, under
+                    # the new manifest (its schemas: see ``run``; its timeout).
                     while decided_under is not None:
                         changed = self._decide_again(action, event, decided_under)
                         decided_under = None
@@ -961,6 +963,10 @@ class Kernel:
                                 decided_under = self._in_force()
                                 await self._record_intent(event)
                         runtime = self.plugins.runtime(plugin)
+                        quotas = self.plugins.manifests[plugin].quotas
+                        timeout = max(
+                            self.quotas.timeout_for(None, quotas.timeout_ms) - queued, 0.001
+                        )
                     # (it may have failed while we queued)
                     if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)
