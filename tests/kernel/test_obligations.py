@@ -438,6 +438,41 @@ async def test_a_large_result_is_redacted_while_other_calls_go_on(
     assert max(seqs[f"s{i}"] for i in range(3)) < seqs["bulk"]
 
 
+async def test_a_call_cancelled_while_its_result_is_redacted_is_answered_as_recorded(
+    started: Runtime, bridge: Any
+) -> None:
+    # The plugin had answered; the cancel cut the redaction, and the call was recorded and
+    # answered as cancelled (found by review, as for its record's commit)
+    started.plugins.install(LEAKY_DIR)
+    await started.plugins.refresh(force=True)
+    (started.settings.policy_dir / "default.cedar").unlink()
+    use_policy(started, "redact.cedar", redacting("secret"))
+    bulk = asyncio.create_task(
+        started.kernel.call_tool(
+            Principal("alice", ALL | {"leaky"}),
+            "leaky_bulk",
+            {"mib": 8},
+            bridge,
+            request_id="bulk",
+            transport="test",
+        )
+    )
+    with anyio.fail_after(TIMEOUT_S):
+        while ("log", "info") not in bridge.events:  # it runs
+            await asyncio.sleep(0.01)
+        while started.quotas.inflight("alice"):  # its plugin answered: its result is redacted
+            assert not bulk.done(), bulk.result()
+            await asyncio.sleep(0.01)
+    assert not bulk.done()
+    bulk.cancel()
+    with anyio.fail_after(TIMEOUT_S):
+        result = await bulk
+    assert LEAKY_KEY not in result["content"][0]["text"]
+    [record] = records(started, "bulk")
+    assert record["outcome"] == "allowed"
+    assert record["redacted"] > 0
+
+
 async def test_a_large_error_is_redacted_too(started: Runtime, bridge: Any) -> None:
     started.plugins.install(LEAKY_DIR)
     await started.plugins.refresh(force=True)

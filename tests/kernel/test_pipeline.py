@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,36 @@ async def test_a_cancelled_call_is_still_audited(started: Runtime, bridge: Any) 
     [record] = records(started, request_id="k13")
     assert record["code"] == "cancelled"
     assert started.quotas.inflight("ivy") == 0
+
+
+async def test_a_call_cancelled_while_its_record_is_written_is_answered_as_recorded(
+    started: Runtime, bridge: Any
+) -> None:
+    # The caller was told "cancelled" while the record of the call, which had run, was
+    # committed as allowed (found by review)
+    other = sqlite3.connect(started.settings.db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # (as a CLI command writing beside the server)
+        agent = Principal("ivy", ALL)
+        task = asyncio.create_task(call(started, agent, "faulty_echo", {"text": "x"}, "c", bridge))
+        with anyio.fail_after(TIMEOUT_S):
+            while started.audit.stats.busy_retries == 0:  # it ran; its record waits
+                assert not task.done(), task.result()
+                await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()  # (a second cancel too)
+        await asyncio.sleep(0)
+        assert not task.done()  # no answer before its record is durable
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    with anyio.fail_after(TIMEOUT_S):
+        result = await task
+    assert result["content"] == [{"type": "text", "text": "x"}]
+    assert task.cancelling() == 0  # the cancels came too late, and were withdrawn
+    [record] = records(started, request_id="c")
+    assert record["outcome"] == "allowed"
 
 
 async def test_list_tools_shows_only_attached_plugins_and_follows_policy_reloads(

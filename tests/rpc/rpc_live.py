@@ -63,10 +63,10 @@ class LiveServer:
 
 
 @contextlib.asynccontextmanager
-async def serve(runtime: Runtime, **options: Any) -> AsyncIterator[LiveServer]:
+async def serve(runtime: Runtime, grace: float = 5.0, **options: Any) -> AsyncIterator[LiveServer]:
     """Serve the runtime the way `mcp0 serve` does (HttpApp on our HTTP/1.1 server, port 0)
-    until the block ends; startup starts the runtime and shutdown closes it. ``options`` go
-    to the HttpServer."""
+    until the block ends (or ``server.stop()``, giving requests ``grace`` seconds); startup
+    starts the runtime and shutdown closes it. ``options`` go to the HttpServer."""
     app = HttpApp(runtime)
     server = HttpServer(
         app, "127.0.0.1", 0, max_body_bytes=runtime.settings.max_body_bytes, **options
@@ -78,7 +78,7 @@ async def serve(runtime: Runtime, **options: Any) -> AsyncIterator[LiveServer]:
         await server.start()
         started.set()
 
-    task = asyncio.create_task(server.run(on_start, app.shutdown, listen=False))
+    task = asyncio.create_task(server.run(on_start, app.shutdown, listen=False, grace=grace))
     with anyio.fail_after(START_TIMEOUT_S):
         while not started.is_set():
             if task.done():

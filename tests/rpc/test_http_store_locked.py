@@ -4,8 +4,11 @@ dir) holds up the calls whose records wait for it, not the server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -14,6 +17,7 @@ import pytest
 from rpc_live import CALL_TIMEOUT_S, FAULTY_DIR, make_runtime, serve, text_of
 
 from mcp_zero.audit.chain import verify_store
+from mcp_zero.runtime import Runtime
 from mcp_zero.storage.sqlite import SqliteStore
 
 pytestmark = pytest.mark.anyio
@@ -22,6 +26,13 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def outcomes(runtime: Runtime, match: str) -> list[str]:
+    """The outcomes of the records whose request id or resource is ``match``."""
+    with SqliteStore(runtime.settings.db_path) as store:
+        bodies = [orjson.loads(e.body) for e in store.read_audit(0, 10_000)]
+    return [b["outcome"] for b in bodies if match in (b.get("request_id"), b.get("resource"))]
 
 
 async def test_the_server_answers_while_another_process_holds_the_store(tmp_path: Path) -> None:
@@ -57,6 +68,94 @@ async def test_the_server_answers_while_another_process_holds_the_store(tmp_path
         bodies = [orjson.loads(e.body) for e in store.read_audit(0, 10_000)]
         assert [b["outcome"] for b in bodies if b.get("resource") == "faulty_echo"] == ["allowed"]
         assert verify_store(store).count == len(bodies)
+
+
+@contextlib.contextmanager
+def store_held(data: Path) -> Iterator[sqlite3.Connection]:
+    """The store's write lock, held by another process's connection until it is rolled back
+    (or the block ends)."""
+    other = sqlite3.connect(data / "mcp0.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # as `mcp0 agent create` does, for a moment
+        yield other
+    finally:
+        other.close()
+
+
+async def until_its_record_waits(runtime: Runtime, call: asyncio.Task[Any]) -> None:
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        while runtime.audit.stats.busy_retries == 0:  # it ran; its record waits for the lock
+            assert not call.done(), call.result()
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("stop", ["notifications/cancelled", "DELETE"])
+async def test_a_call_stopped_while_its_record_waits_is_answered_as_recorded(
+    tmp_path: Path, stop: str
+) -> None:
+    # It was answered -32800 "cancelled" (or -32001 session_ended) at once, and its record,
+    # committed later, said allowed (found by review)
+    data = tmp_path / "data"
+    runtime = make_runtime(data, rate_limit=0)
+    runtime.plugins.install(FAULTY_DIR)
+    token = (await runtime.agents.spawn("alice", ["faulty"])).token
+    async with serve(runtime) as live:
+        client = live.client(token)
+        await client.initialize()
+        with store_held(data) as other:
+            body = {"jsonrpc": "2.0", "id": "cut", "method": "tools/call"}
+            body["params"] = {"name": "faulty_echo", "arguments": {"text": "done"}}
+            call = asyncio.create_task(client.post(body))
+            await until_its_record_waits(runtime, call)
+            if stop == "DELETE":
+                async with httpx2.AsyncClient(verify=False) as http:
+                    ended = await http.delete(live.url, headers=client.headers())
+                assert ended.status_code == 204
+            else:
+                cancel = {"requestId": "cut", "reason": "late"}
+                await client.post({"jsonrpc": "2.0", "method": stop, "params": cancel})
+            assert not call.done()  # no answer before its record is durable
+            other.execute("ROLLBACK")
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            reply = (await call).json()
+        assert text_of(reply) == "done"
+        assert outcomes(runtime, "cut") == ["allowed"]
+
+
+@pytest.mark.parametrize("version", ["2025-11-25", "2026-07-28"])
+async def test_a_call_whose_record_waits_when_the_server_stops_is_answered_with_its_result(
+    tmp_path: Path, version: str
+) -> None:
+    # It was answered -32013 "the server ... stopped this request; retry it": a client doing so
+    # would have done it twice (found by review)
+    data = tmp_path / "data"
+    runtime = make_runtime(data, rate_limit=0)
+    runtime.plugins.install(FAULTY_DIR)
+    token = (await runtime.agents.spawn("alice", ["faulty"])).token
+    async with serve(runtime, grace=0.05) as live:
+        client = live.client(token)
+        params: dict[str, Any] = {"name": "faulty_echo", "arguments": {"text": "done"}}
+        headers = {}
+        if version == "2026-07-28":
+            params["_meta"] = {
+                "io.modelcontextprotocol/protocolVersion": version,
+                "io.modelcontextprotocol/clientCapabilities": {},
+            }
+            headers = {"MCP-Protocol-Version": version, "Mcp-Method": "tools/call"}
+            headers["Mcp-Name"] = "faulty_echo"
+        with store_held(data) as other:
+            call = asyncio.create_task(client.request("tools/call", params, **headers))
+            await until_its_record_waits(runtime, call)
+            live.server.stop()
+            with anyio.fail_after(CALL_TIMEOUT_S):  # cut off after its grace
+                while not any(task.cancelling() for task in live.server.tasks):
+                    assert not call.done(), call.result()
+                    await asyncio.sleep(0.01)
+            other.execute("ROLLBACK")
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            reply = await call
+        assert text_of(reply) == "done"
+    assert outcomes(runtime, "faulty_echo") == ["allowed"]
 
 
 async def test_an_admin_change_waits_for_another_process_without_holding_up_calls(

@@ -373,7 +373,9 @@ def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str,
                 if not call.done():
                     call.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
-                        await call  # (its record, as cancelled, is written meanwhile)
+                        # (its record is written meanwhile: as cancelled, unless its plugin
+                        # had answered; then as it ended, and that is the answer)
+                        await call
             if call.cancelled():
                 raise Conflict(f"agent {agent!r} was terminated while the call ran; it was stopped")
             try:

@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 
@@ -59,6 +59,7 @@ from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH
 from mcp_zero.uri import normal_uri
 
 JSON = dict[str, Any]
+T = TypeVar("T")
 log = logging.getLogger("mcp_zero.kernel")
 
 
@@ -86,11 +87,41 @@ def _large(value: Any, budget: int = REDACT_OFF_LOOP_CHARS) -> bool:
     return False
 
 
+async def uncancellable(future: asyncio.Future[T]) -> T:
+    """What ``future`` comes to, waited for whatever cancels the task meanwhile: each is
+    withdrawn (``Task.uncancel``). For what follows an action's outcome once it has one (its
+    redaction, its record's commit): the action is done, and its caller is to be told what
+    its record says, not that it was stopped. Raises what ``future`` raises."""
+    withdrawn = 0
+    while not future.done():
+        # (a waiter of its own that a cancel may cut, not ``future``; not asyncio.shield,
+        # three times the Python calls: this runs for every call's record)
+        waiter: asyncio.Future[None] = future.get_loop().create_future()
+        future.add_done_callback(functools.partial(_wake, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            withdrawn += 1
+    if withdrawn:
+        task = asyncio.current_task()
+        assert task is not None
+        for _ in range(withdrawn):
+            task.uncancel()
+    return future.result()
+
+
+def _wake(waiter: asyncio.Future[None], done: asyncio.Future[Any]) -> None:
+    """``uncancellable``'s callback: ``done`` is, wake the task waiting for it on ``waiter``."""
+    if not waiter.done():  # (else a cancel cut it, and its task waits on another one)
+        waiter.set_result(None)
+
+
 async def _redacted(value: Any, labels: tuple[str, ...]) -> tuple[Any, int]:
     """``redact(value, labels)``, in a thread when ``value`` is large (the loop goes on; the
-    thread still holds the GIL through each pattern's scan of one string)."""
+    thread still holds the GIL through each pattern's scan of one string), not to be cut
+    off by a cancel (see ``uncancellable``)."""
     if _large(value):
-        return await asyncio.to_thread(redact, value, labels)
+        return await uncancellable(asyncio.ensure_future(asyncio.to_thread(redact, value, labels)))
     return redact(value, labels)
 
 
@@ -1005,12 +1036,9 @@ class Kernel:
         except McpZeroError as exc:
             failure = exc
             if redacting:  # a plugin's error message can carry what its result would have
-                try:
-                    await _redact_error(exc, redacting, event)
-                except asyncio.CancelledError as cancelled:  # (still audited, as cancelled)
-                    failure = cancelled
-            event["outcome"] = _outcome_of(failure).value
-            event["code"] = exc.code if failure is exc else "cancelled"
+                await _redact_error(exc, redacting, event)
+            event["outcome"] = _outcome_of(exc).value
+            event["code"] = exc.code
             if isinstance(exc, PolicyDenied) and exc.data:
                 event["policies"] = exc.data.get("policies", [])
                 event["reasons"] = exc.data.get("reasons", [])
@@ -1023,13 +1051,14 @@ class Kernel:
             event["outcome"] = _ALLOWED
         t = time.perf_counter()
         event["duration_ms"] = round((t - start) * 1000, 3)
-        # The record must be durable before the caller learns the outcome. A cancelled caller
-        # stops waiting here, but its submitted event is still committed with its batch.
+        # The record must be durable before the caller learns the outcome, and the caller
+        # learns what it records: a cancel from here on (the client's, its session's end, a
+        # stopping server) is too late to stop the action, and is withdrawn.
         try:
-            await self.audit.submit(event)
+            await uncancellable(self.audit.submit(event))
         except BaseException as exc:
             # the stages that ran are observed all the same; a call whose record failed is
-            # counted as an error (a cancelled wait is not counted: its record is committed)
+            # counted as an error
             record_failed = isinstance(exc, StorageError)
             outcome = _ERROR if record_failed else None
             metrics.finish_call(method, outcome, policy_s, sandbox_s, None, None)

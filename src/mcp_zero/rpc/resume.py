@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 from mcp_zero.errors import InvalidParams, McpZeroError, MissingClientCapability, QuotaExceeded
 from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.pipeline import uncancellable
 from mcp_zero.rpc.bridge import CLIENT_REQUEST_TIMEOUT_S
 from mcp_zero.rpc.session import (
     JSON,
@@ -279,9 +280,19 @@ class Resumptions:
         try:
             result = await call.outcome()
         except asyncio.CancelledError:
-            assert call.work is not None
-            call.work.cancel()  # the client cancelled (or left): so is the call
-            raise
+            work = call.work
+            assert work is not None
+            work.cancel()  # the client cancelled (or left), or the server stops: so is the call
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # (looked at below)
+                await uncancellable(work)
+            if work.cancelled():
+                raise
+            # It had its outcome already, which its record says (see uncancellable): that is
+            # the answer, not that it was stopped.
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            result = call._result(work)
         if result is not None:
             return result
         waiting = sum(1 for parked, _ in self._parked.values() if not _ended(parked))
