@@ -871,3 +871,27 @@ async def test_a_token_a_command_rotated_in_and_that_was_changed_back_is_recorde
     ]
     assert server.admin_token_hash == hash_token(old.strip())
     assert recorded == recorded_token_digest(old.strip())
+
+
+@pytest.mark.anyio
+async def test_a_plugin_removed_and_installed_again_by_a_command_is_not_taken_for_the_old_one(
+    tmp_path: Path,
+) -> None:
+    # An agent's principal, kept for up to 2 s, still listed a plugin a command had removed
+    # (detaching it): for that long the agent could call the plugin installed under its name,
+    # attached to no one (found by review)
+    settings = load_settings(None, {"data_dir": tmp_path / "data", "examples": False}, environ={})
+    server = Runtime(settings)  # (not started: its watcher's steps are taken here)
+    try:
+        server.install_plugin(NOTES_DIR)
+        token = (await server.agents.spawn("ada", ["notes"], via="cli")).token
+        await server.plugins.refresh(only=())
+        assert server.agents.authenticate(token).plugins == {"notes"}  # (and kept)
+        command = Runtime(settings)
+        command.remove_plugin("notes")
+        command.install_plugin(NOTES_DIR, adopt_data=True)
+        command.close()
+        assert await server.plugins.refresh(only=())
+        assert server.agents.authenticate(token).plugins == frozenset()
+    finally:
+        await server.aclose()

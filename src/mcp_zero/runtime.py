@@ -188,6 +188,9 @@ class Runtime:
             anonymous_agent=settings.anonymous_agent,
             count_denials=self.metrics.count_denials,
         )
+        # (a removal by a command detached its plugin in the store: agents' principals, kept
+        # for up to PRINCIPAL_TTL_S, would still list it for a plugin installed under its name)
+        self.plugins.on_reindex = self.agents.forget_all
         self.kernel = Kernel(
             plugins=self.plugins,
             policy=self.policy,

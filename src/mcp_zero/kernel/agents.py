@@ -254,6 +254,12 @@ class AgentService:
         authentication reads the store."""
         self._forget(name)
 
+    def forget_all(self) -> None:
+        """Drop what is remembered of every agent: their next authentications read the store
+        (the plugins changed: a removal detached a plugin from its agents in another process,
+        and one installed under its name must not be taken for the one they had)."""
+        self._principals = {}
+
     def _forget(self, name: str) -> None:
         self._principals = {k: v for k, v in self._principals.items() if v.principal.agent != name}
 

@@ -580,6 +580,9 @@ class PluginHost:
         self._unstarted: set[str] = set()  # refused for want of workers: retried on refresh
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # told after the index changed
+        # told as the index changes, before anything is decided under it: what was read of
+        # the store under the old one (agents' attachments) is read again
+        self.on_reindex: Callable[[], None] | None = None
         self.on_restart: Callable[[str], None] | None = None  # a plugin's worker replaced
         self._lock = asyncio.Lock()
         self._leaving: dict[asyncio.Task[None], PluginRuntime] = {}  # replaced, draining
@@ -837,6 +840,8 @@ class PluginHost:
                 self._fingerprints[name] = _fingerprint(record)
                 fresh.append((name, runtime))
             self._reindex()
+            if self.on_reindex is not None:
+                self.on_reindex()
             self.version = version
             fresh = self._within_worker_budget(fresh)
             # Only the new runtimes start (a running one would get a second set of workers);
