@@ -346,7 +346,16 @@ class PluginSlot:
     taken again when the last one is answered; held past the call's end while its handler
     runs on (``handler_runs_on``)."""
 
-    __slots__ = ("_agent", "_closed", "_held", "_regaining", "_running_on", "_slots", "_waiting")
+    __slots__ = (
+        "_agent",
+        "_closed",
+        "_held",
+        "_regaining",
+        "_running_on",
+        "_slots",
+        "_then",
+        "_waiting",
+    )
 
     def __init__(self, slots: PluginSlots, agent: str) -> None:
         self._slots = slots  # already taken by the caller
@@ -356,6 +365,7 @@ class PluginSlot:
         self._running_on = False  # its handler runs on after the call (see handler_runs_on)
         self._waiting = 0  # the call's questions to its client not answered yet
         self._regaining: asyncio.Lock | None = None  # made at the first question
+        self._then: Callable[[str], None] | None = None  # (outlives_call)
 
     def client_wait_started(self) -> None:
         """The call asked its client something: the slot is free for others meanwhile."""
@@ -404,8 +414,22 @@ class PluginSlot:
             if self._closed and self._held:
                 self._held = False
                 self._slots.give()
+            then, self._then = self._then, None
+            if then is not None and self._closed:
+                then(self._agent)
 
         return ended
+
+    def outlives_call(self, then: Callable[[str], None]) -> bool:
+        """After :meth:`close`: whether the call's handler still runs on; if so, ``then`` is
+        called with the agent once it has ended. The agent's count of calls in flight goes
+        with it: a handler its client cancelled still counts against the agent's limit, so
+        that cancelling and sending again cannot take every slot of a plugin (found by
+        review)."""
+        if not self._running_on:
+            return False
+        self._then = then
+        return True
 
     def close(self) -> None:
         """The call ended: give the slot back if it holds one, and its handler ended too."""
@@ -966,6 +990,7 @@ class Kernel:
             quotas = self.plugins.manifests[plugin].quotas
             timeout = self.quotas.timeout_for(None, quotas.timeout_ms)
             self.quotas.enter(principal.agent)
+            slot: PluginSlot | None = None
             try:
                 slots = self._plugin_slots(plugin, quotas.max_concurrency)
                 t = time.perf_counter()
@@ -1023,7 +1048,8 @@ class Kernel:
                     slot.close()
                     sandbox_s = time.perf_counter() - t
             finally:
-                self.quotas.leave(principal.agent)
+                if slot is None or not slot.outlives_call(self.quotas.leave):
+                    self.quotas.leave(principal.agent)
             if redacting:  # the obligation of the permits that allowed it
                 result, redacted = await _redacted(result, redacting)
                 _note_redaction(event, redacting, redacted)
