@@ -618,6 +618,7 @@ class Runtime:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self.kernel.settle()  # (before the audit log closes: their records)
         await self.plugins.close()
         await self.audit.aclose()
         self.store.close()

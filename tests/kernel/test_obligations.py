@@ -15,6 +15,7 @@ import pytest
 from mcp_zero.errors import McpZeroError, PolicyDenied, PolicyError
 from mcp_zero.kernel.action import Principal
 from mcp_zero.runtime import Runtime
+from mcp_zero.storage.sqlite import SqliteStore
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 20.0
@@ -471,6 +472,42 @@ async def test_a_call_cancelled_while_its_result_is_redacted_is_answered_as_reco
     [record] = records(started, "bulk")
     assert record["outcome"] == "allowed"
     assert record["redacted"] > 0
+
+
+async def test_a_runtime_closed_while_a_result_is_redacted_keeps_the_calls_record(
+    make_runtime: Any, bridge: Any
+) -> None:
+    # A stopping server cut the call off while its large result was redacted (in a thread,
+    # not to be cut), then closed the audit log: the record of a call whose plugin had
+    # answered was never written (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(LEAKY_DIR)
+    await runtime.start()
+    (runtime.settings.policy_dir / "default.cedar").unlink()
+    use_policy(runtime, "redact.cedar", redacting("secret"))
+    bulk = asyncio.create_task(
+        runtime.kernel.call_tool(
+            Principal("alice", ALL | {"leaky"}),
+            "leaky_bulk",
+            {"mib": 8},
+            bridge,
+            request_id="bulk",
+            transport="test",
+        )
+    )
+    with anyio.fail_after(TIMEOUT_S):
+        while ("log", "info") not in bridge.events:  # it runs
+            await asyncio.sleep(0.01)
+        while runtime.quotas.inflight("alice"):  # its plugin answered: its result is redacted
+            await asyncio.sleep(0.01)
+    assert not bulk.done()
+    bulk.cancel()  # as a stopping server does
+    with anyio.fail_after(TIMEOUT_S):
+        await runtime.aclose()
+    with SqliteStore(runtime.settings.db_path) as store:
+        bodies = [orjson.loads(e.body) for e in store.read_audit(0, 1000)]
+    [record] = [body for body in bodies if body.get("request_id") == "bulk"]
+    assert (record["outcome"], record["redacted"] > 0) == ("allowed", True)
 
 
 async def test_a_large_error_is_redacted_too(started: Runtime, bridge: Any) -> None:

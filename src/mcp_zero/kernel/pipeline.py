@@ -455,6 +455,9 @@ class Kernel:
     ) -> None:
         self.plugins = plugins
         self.agents = agents  # (a call that waited looks its agent up again)
+        # calls whose plugin answered, redacting a large result in a thread: a stopping
+        # server waits for them to submit their records (settle)
+        self._settling: set[asyncio.Task[Any]] = set()
         self.policy = policy
         self.audit = audit
         self.quotas = quotas
@@ -472,6 +475,22 @@ class Kernel:
         # The in-flight gauge is the quota gate's count of calls admitted to their plugins
         # (unless the metrics were given a source of their own).
         metrics.inflight_from(lambda: quotas.total_inflight)
+
+    def _hold_shutdown(self) -> None:
+        """The current call (its plugin answered) is to record its outcome before the audit
+        log closes, however long its large result's redaction takes (settle)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def settle(self) -> None:
+        """Wait for the calls whose plugin answered and whose large result is being
+        redacted: a stopping server cut them off (their clients get no answer), but their
+        records must be written before the audit log closes (the record of a call whose
+        plugin had answered was lost: found by review)."""
+        while self._settling:
+            await asyncio.wait(set(self._settling))
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
 
@@ -1051,6 +1070,8 @@ class Kernel:
                 if slot is None or not slot.outlives_call(self.quotas.leave):
                     self.quotas.leave(principal.agent)
             if redacting:  # the obligation of the permits that allowed it
+                if _large(result):
+                    self._hold_shutdown()
                 result, redacted = await _redacted(result, redacting)
                 _note_redaction(event, redacting, redacted)
             if result.get("isError"):
