@@ -33,7 +33,7 @@ from mcp_zero.kernel.admin_token import (
 )
 from mcp_zero.kernel.agents import AgentService, state_digest
 from mcp_zero.kernel.pipeline import Kernel
-from mcp_zero.kernel.plugins import PluginHost
+from mcp_zero.kernel.plugins import Installed, PluginHost, Removal
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.defaults import write_default_policies
 from mcp_zero.policy.loader import policy_files
@@ -43,7 +43,7 @@ from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
-from mcp_zero.storage.base import AgentRecord, PluginRecord
+from mcp_zero.storage.base import AgentRecord
 from mcp_zero.storage.sqlite import SqliteStore
 
 log = logging.getLogger("mcp_zero")
@@ -414,7 +414,7 @@ class Runtime:
     ) -> PluginManifest:
         """Install the plugin at ``path`` as the admin: decided by policy, audited. With
         ``adopt_data`` it gets the data a removed plugin of its name left (its record says
-        ``adopted_data`` when there was some).
+        which: ``adopted_data``, the directory's name under plugin-data/).
 
         Raises PolicyDenied, ManifestError, Conflict (see ``PluginHost.install``).
         """
@@ -428,9 +428,9 @@ class Runtime:
             {**decided, "version": manifest.version},
         )
 
-        def recorded(replaced: PluginRecord | None) -> dict[str, Any]:
-            if adopt_data and replaced is None and self.plugins.left_data(manifest.name):
-                return {**event, "adopted_data": True}
+        def recorded(installed: Installed) -> dict[str, Any]:
+            if installed.adopted_data is not None:
+                return {**event, "adopted_data": installed.adopted_data}
             return event
 
         # the record is written in the transaction that records the plugin (the copy before)
@@ -442,20 +442,26 @@ class Runtime:
         )
         return manifest
 
-    def remove_plugin(self, name: str, *, via: str = "cli") -> list[str]:
-        """Remove plugin ``name`` as the admin: decided by policy, audited (with whether its
-        data dir kept data: a later install of the name gets it only when told to adopt
-        it). Returns the agents it was detached from."""
+    def remove_plugin(self, name: str, *, via: str = "cli") -> Removal:
+        """Remove plugin ``name`` as the admin: decided by policy, audited (with the name its
+        data dir was set aside under, ``data_kept``: a later install of the name gets it only
+        when told to adopt it). Returns the agents it was detached from and that dir."""
         decided = self._authorize(Verb.REMOVE_PLUGIN, name, via)
-        kept = self.plugins.left_data(name) is not None
-        return self.audit.append_with(
-            lambda: self.plugins.remove(name),
-            lambda detached: admin_event(
-                Verb.REMOVE_PLUGIN,
-                name,
-                via,
-                Outcome.ALLOWED,
-                {**decided, "detached_from": detached, "data_kept": kept},
+        return self.plugins.remove(
+            name,
+            commit=lambda write: self.audit.append_with(
+                write,
+                lambda removal: admin_event(
+                    Verb.REMOVE_PLUGIN,
+                    name,
+                    via,
+                    Outcome.ALLOWED,
+                    {
+                        **decided,
+                        "detached_from": removal.detached,
+                        "data_kept": None if removal.data_kept is None else removal.data_kept.name,
+                    },
+                ),
             ),
         )
 

@@ -204,7 +204,7 @@ async def test_removing_a_plugin_detaches_it_so_a_namesake_is_attached_to_no_one
     await runtime.agents.spawn("ann", ["notes", "faulty"])
     await runtime.agents.spawn("bob", ["faulty"])
     await runtime.agents.spawn("cyd", ["notes"])
-    assert runtime.remove_plugin("faulty") == ["ann", "bob"]
+    assert runtime.remove_plugin("faulty").detached == ["ann", "bob"]
     assert runtime.agents.get("ann").plugins == ["notes"]
     assert runtime.agents.get("bob").plugins == []
     runtime.plugins.install(FAULTY_DIR)  # a new plugin under the old name

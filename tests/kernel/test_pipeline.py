@@ -990,7 +990,7 @@ async def test_a_call_queued_for_a_plugin_removed_and_installed_again_is_not_run
     runtime: Runtime = make_runtime()
     async with slot_held(runtime, tmp_path) as (ada, client, kit):
         queued = await queue_one(runtime, ada, bridge)
-        assert runtime.remove_plugin("kit") == ["ada"]
+        assert runtime.remove_plugin("kit").detached == ["ada"]
         runtime.install_plugin(kit)
         with anyio.fail_after(TIMEOUT_S):
             assert await runtime.plugins.refresh() is True

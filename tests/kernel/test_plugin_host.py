@@ -278,24 +278,153 @@ async def test_a_removed_plugins_data_goes_to_a_later_one_of_its_name_only_when_
     make_runtime: Any, tmp_path: Path
 ) -> None:
     # Another plugin installed under a removed one's name read its users' data as its own
-    # (found by review)
+    # (found by review): a removal sets the data dir aside, an install takes it back only
+    # when told to adopt it
     runtime: Runtime = make_runtime()
+    plugin_data = runtime.settings.plugin_data_dir
+    data = plugin_data / "faulty"
     runtime.plugins.install(FAULTY_DIR)
-    data = runtime.settings.plugin_data_dir / "faulty"
-    (data / ".tmp").mkdir(parents=True)  # what every worker is given: no data
-    runtime.plugins.remove("faulty")
+    assert runtime.plugins.remove("faulty").data_kept is None  # (it never ran: no data dir)
     runtime.plugins.install(FAULTY_DIR)
+    (data / ".tmp").mkdir(parents=True)  # as its worker's start makes it
     (data / "users.db").write_text("alice's")
     runtime.plugins.install(FAULTY_DIR, replace=True)  # an upgrade keeps its data
-    runtime.plugins.remove("faulty")
+    kept = runtime.plugins.remove("faulty").data_kept
+    assert kept is not None
+    assert kept.parent == plugin_data
+    assert kept.name.startswith("faulty.removed-")
+    assert not data.exists()
+    assert (kept / "users.db").read_text() == "alice's"
     other = edited_copy(tmp_path, FAULTY_DIR, version="6.6.6")
+    runtime.plugins.install(other)  # another plugin of the name: it starts with no data
+    assert not data.exists()
+    assert runtime.plugins.remove("faulty").data_kept is None
+    runtime.plugins.install(FAULTY_DIR, adopt_data=True)  # the same plugin, back
+    assert (data / "users.db").read_text() == "alice's"
+    assert not kept.exists()
+    # a removal made before data dirs were set aside left it in place: refused, or adopted
+    runtime.store.delete_plugin("faulty")
     with pytest.raises(Conflict, match=r"faulty holds the data of a plugin 'faulty' removed"):
         runtime.plugins.install(other)
     with pytest.raises(Conflict, match="--adopt-data"):
         runtime.plugins.install(other, replace=True)  # (nothing installed to replace)
     assert runtime.store.get_plugin("faulty") is None
-    runtime.plugins.install(FAULTY_DIR, adopt_data=True)  # the same plugin, back
+    runtime.plugins.install(FAULTY_DIR, adopt_data=True)
     assert (data / "users.db").read_text() == "alice's"
+
+
+async def test_a_removal_or_adoption_rolled_back_puts_the_data_dir_back(
+    make_runtime: Any,
+) -> None:
+    # the data dir is renamed in the transaction: one that does not commit renames it back
+    runtime: Runtime = make_runtime()
+    data = runtime.settings.plugin_data_dir / "faulty"
+    runtime.plugins.install(FAULTY_DIR)
+    data.mkdir(parents=True)
+    (data / "users.db").write_text("alice's")
+
+    def unrecordable(_: Any) -> dict[str, Any]:
+        raise StorageError("disk full")
+
+    def failing(write: Callable[[], Any]) -> Any:  # the write's transaction is rolled back
+        return runtime.audit.append_with(write, unrecordable)
+
+    with pytest.raises(StorageError):
+        runtime.plugins.remove("faulty", commit=failing)
+    assert (data / "users.db").read_text() == "alice's"
+    assert runtime.store.get_plugin("faulty") is not None
+    kept = runtime.plugins.remove("faulty").data_kept
+    assert kept is not None
+    with pytest.raises(StorageError):
+        runtime.plugins.install(FAULTY_DIR, adopt_data=True, commit=failing)
+    assert (kept / "users.db").read_text() == "alice's"
+    assert not data.exists()
+    assert runtime.store.get_plugin("faulty") is None
+
+
+class HeldBridge:
+    """A bridge that holds a call's question to its client until told to answer, then
+    answers as ``bridge`` (the kernel tests' KernelBridge), which does all else."""
+
+    def __init__(self, bridge: Any) -> None:
+        self.bridge = bridge
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.bridge, name)
+
+    async def request(
+        self, method: str, params: dict[str, Any], key: str | None = None
+    ) -> dict[str, Any]:
+        self.asked.set()
+        await self.answer.wait()
+        answer: dict[str, Any] = await self.bridge.request(method, params, key)
+        return answer
+
+
+async def test_a_removed_plugins_last_call_writes_where_its_data_was_set_aside(
+    make_runtime: Any, bridge: Any, tmp_path: Path
+) -> None:
+    # A call of a removed plugin that wrote after another plugin of its name was installed
+    # wrote into the new one's data dir: the new plugin read it (found by review). Its
+    # worker is confined to its data dir's inode, which the removal renamed.
+    source = tmp_path / "keeper"
+    source.mkdir()
+    manifest = {
+        "name": "keeper",
+        "version": "1.0.0",
+        "abi": 1,
+        "runtime": "process",
+        "entry": "keeper_plugin:plugin",
+        "description": "writes once its client answers",
+        "tools": [
+            {"name": name, "description": name, "inputSchema": {"type": "object"}}
+            for name in ("keeper_write", "keeper_list")
+        ],
+    }
+    (source / "plugin.json").write_text(json.dumps(manifest))
+    (source / "keeper_plugin.py").write_text(
+        "from mcp_zero.plugin import Context, Plugin\n"
+        "plugin = Plugin('keeper')\n"
+        "@plugin.tool('keeper_write')\n"
+        "async def keeper_write(ctx: Context) -> str:\n"
+        "    await ctx.sample('go on?', max_tokens=1)\n"
+        "    (ctx.data_dir / 'secrets.txt').write_text(\"first users' secrets\")\n"
+        "    return 'written'\n"
+        "@plugin.tool('keeper_list')\n"
+        "def keeper_list(ctx: Context) -> str:\n"
+        "    return ' '.join(sorted(p.name for p in ctx.data_dir.iterdir()))\n"
+    )
+    other = edited_copy(tmp_path, source, version="2.0.0", publisher="another")
+    runtime: Runtime = make_runtime()
+    runtime.install_plugin(source)
+    principal = Principal("alice", frozenset({"keeper"}))
+    held = HeldBridge(bridge)
+    try:
+        with anyio.fail_after(20):
+            await runtime.plugins.refresh(force=True)
+            writing = asyncio.ensure_future(
+                runtime.kernel.call_tool(
+                    principal, "keeper_write", {}, held, request_id="w", transport="test"
+                )
+            )
+            await held.asked.wait()
+            removal = runtime.remove_plugin("keeper")
+            runtime.install_plugin(other)  # no data in the way: no --adopt-data needed
+            held.answer.set()
+            assert (await writing)["content"][0]["text"] == "written"
+            await runtime.plugins.refresh()
+            listed = await runtime.kernel.call_tool(
+                principal, "keeper_list", {}, bridge, request_id="l", transport="test"
+            )
+        assert listed["content"][0]["text"] == ".tmp"
+        assert removal.data_kept is not None
+        assert (removal.data_kept / "secrets.txt").read_text() == "first users' secrets"
+        records = [json.loads(e.body) for e in runtime.store.read_audit(0, 1000)]
+        [removed] = [r for r in records if r.get("verb") == "remove_plugin"]
+        assert removed["data_kept"] == removal.data_kept.name
+    finally:
+        await runtime.aclose()
 
 
 async def test_a_copied_data_dir_uses_and_touches_only_its_own_copies(

@@ -590,15 +590,16 @@ def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, 
 def plugin_remove(
     config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
 ) -> None:
-    """Remove plugin NAME and detach it from every agent. Its data stays in plugin-data/,
-    for a later install of it with --adopt-data (a new plugin of the name is not given it)."""
+    """Remove plugin NAME and detach it from every agent. Its data is set aside in
+    plugin-data/, for a later install of it with --adopt-data (a new plugin of the name is not
+    given it)."""
     with _runtime(config_file, data_dir) as rt:
-        detached = rt.remove_plugin(name)
-        kept = rt.plugins.left_data(name)
+        removal = rt.remove_plugin(name)
+    detached, kept = removal.detached, removal.data_kept
     text = f"removed {name}" + (f" (detached from {', '.join(detached)})" if detached else "")
     if kept is not None:
         text += (
-            f"; its data stays in {kept}: a plugin installed later under this name gets it "
+            f"; its data is set aside in {kept}: a plugin installed later under this name gets it "
             "only with 'mcp0 plugin install --adopt-data'"
         )
     view = {"name": name, "removed": True, "detached_from": detached}

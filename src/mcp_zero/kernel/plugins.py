@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import errno
 import fcntl
 import fnmatch
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema_rs
 
@@ -536,12 +537,37 @@ def _walk_templates(first: str, second: str) -> tuple[bool | None, int]:
     return False, len(seen)
 
 
-#: How an install's store write is made: given the write, make it (and what else belongs in
-#: its transaction) and return what it returned.
-Commit = Callable[[Callable[[], PluginRecord | None]], PluginRecord | None]
+_T = TypeVar("_T")
+
+#: How an install's or removal's store write is made: given the write, make it (and what
+#: else belongs in its transaction) and return what it returned. The write may be made again
+#: when its transaction is rolled back (the audit log retries it after another process's).
+Commit = Callable[[Callable[[], _T]], _T]
+
+#: What a removed plugin's data dir is renamed to: ``<name>.removed-<UTC time>``, a name no
+#: plugin can have (plugin names hold no dot).
+_REMOVED = ".removed-"
 
 
-def _now(write: Callable[[], PluginRecord | None]) -> PluginRecord | None:
+@dataclass(frozen=True)
+class Installed:
+    """What an install's store write did: the record it replaced, and the data dir it gave
+    the plugin (``adopt_data``: the name it had, under plugin-data/), if any."""
+
+    replaced: PluginRecord | None
+    adopted_data: str | None
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What a removal did: the agents it detached the plugin from, and where it set its data
+    dir aside (None: it had none)."""
+
+    detached: list[str]
+    data_kept: Path | None
+
+
+def _now(write: Callable[[], _T]) -> _T:
     return write()
 
 
@@ -598,7 +624,7 @@ class PluginHost:
         *,
         replace: bool = False,
         adopt_data: bool = False,
-        commit: Commit | None = None,
+        commit: Commit[Installed] | None = None,
     ) -> PluginManifest:
         """Validate the plugin at ``source``, copy it into the data dir and record it.
 
@@ -608,7 +634,9 @@ class PluginHost:
         installed (unless ``replace``) or another plugin serves one of its names or URIs
         (``_check_unique``), or when a removed plugin of its name left data, which it gets
         only if ``adopt_data`` (``_check_data``); of two installs racing (from two
-        processes), one gets Conflict. StorageError when the copy cannot be made.
+        processes), one gets Conflict. StorageError when the copy cannot be made. With
+        ``adopt_data``, a plugin of a name none is installed under is given the data dir the
+        last removal of the name set aside (``remove``), in its transaction.
         """
         source = source.resolve()  # (a link to the directory names it; copied without one)
         _check_holds_no_data_dir(source, self.protect or self.plugins_dir.parent)
@@ -668,13 +696,30 @@ class PluginHost:
                 installed_at=time.time(),
                 digest=digest,
             )
-            replaced = (commit or _now)(
-                lambda: self.store.put_plugin(
-                    record,
-                    # again, where no other install can come in between
-                    check=check,
-                )
-            )
+            adopted: list[Path] = []  # the set-aside data dir this try gave the plugin
+
+            def write() -> Installed:
+                if adopted:  # an earlier try's transaction was rolled back
+                    self._rename_data(manifest.name, adopted.pop())
+                # again, where no other install can come in between
+                replaced = self.store.put_plugin(record, check=check)
+                if replaced is not None or not adopt_data:
+                    return Installed(replaced, None)
+                if self.left_data(manifest.name) is not None:
+                    return Installed(None, manifest.name)  # left by a removal before set-asides
+                aside = self._removed_data(manifest.name)
+                if aside is None:
+                    return Installed(None, None)
+                self._rename_data(aside.name, self.plugin_data_dir / manifest.name)
+                adopted.append(aside)
+                return Installed(None, aside.name)
+
+            try:
+                replaced = (commit or _now)(write).replaced
+            except BaseException:
+                if adopted:
+                    self._rename_data(manifest.name, adopted.pop())
+                raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(target, ignore_errors=True)
@@ -700,6 +745,30 @@ class PluginHost:
                 "this plugin is to have it (the same plugin installed again), or move it "
                 "out of the way first"
             )
+
+    def _removed_data(self, name: str) -> Path | None:
+        """The data dir the last removal of plugin ``name`` set aside, if any."""
+        try:
+            removed = [e for e in os.listdir(self.plugin_data_dir) if e.startswith(name + _REMOVED)]
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.plugin_data_dir}: {exc}") from exc
+        return self.plugin_data_dir / max(removed) if removed else None  # (UTC times sort)
+
+    def _rename_data(self, name: str, to: Path) -> None:
+        """Rename ``name`` under plugin-data/ to ``to``, whose place may hold an empty data
+        dir (no more than an empty ``.tmp``: no plugin's data), which goes."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.rmdir(to / ".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(to)
+        try:
+            os.rename(self.plugin_data_dir / name, to)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot rename {self.plugin_data_dir / name} to {to}: {exc}"
+            ) from exc
 
     def left_data(self, name: str) -> Path | None:
         """The data dir of plugin ``name`` if it holds data: more than the empty ``.tmp``
@@ -766,18 +835,43 @@ class PluginHost:
             if copy not in used:
                 _delete_unleased(copy)
 
-    def remove(self, name: str) -> list[str]:
-        """Forget plugin ``name`` and detach it from every agent; returns the agents it was
-        detached from. Its installed files go as a replaced copy's do: a running server
-        deletes them once its calls on them are done, a later start sweeps them. Its data
-        dir stays, for a later install of it to adopt (``install``'s ``adopt_data``)."""
-        record = self.store.get_plugin(name)
-        detached = self.store.delete_plugin(name) if record is not None else None
-        if record is None or detached is None:
-            raise PluginNotFound(f"no plugin named {shown(name)} is installed")
+    def remove(self, name: str, *, commit: Commit[Removal] | None = None) -> Removal:
+        """Forget plugin ``name`` and detach it from every agent. Its installed files go as a
+        replaced copy's do: a running server deletes them once its calls on them are done, a
+        later start sweeps them. Its data dir is renamed to ``<name>.removed-<UTC time>``
+        in the removal's transaction, before it commits (rolled back, it is renamed back):
+        a later plugin of the name starts with none of it, but one installed with
+        ``adopt_data``, and a call of the removed one still running writes into it there
+        (its worker's mount and Landlock rule hold the directory, not its path).
+        ``commit`` is as ``install``'s."""
+        aside: list[Path] = []  # where this try set the data dir aside
+        removed: list[PluginRecord] = []
+
+        def write() -> Removal:
+            if aside:  # an earlier try's transaction was rolled back
+                self._rename_data(aside.pop().name, self.plugin_data_dir / name)
+            record = self.store.get_plugin(name)
+            detached = self.store.delete_plugin(name) if record is not None else None
+            if record is None or detached is None:
+                raise PluginNotFound(f"no plugin named {shown(name)} is installed")
+            removed[:] = [record]
+            if not os.path.lexists(self.plugin_data_dir / name):
+                return Removal(detached, None)
+            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            to = self.plugin_data_dir / f"{name}{_REMOVED}{stamp}"
+            self._rename_data(name, to)
+            aside.append(to)
+            return Removal(detached, to)
+
+        try:
+            removal = (commit or _now)(write)
+        except BaseException:
+            if aside:
+                self._rename_data(aside.pop().name, self.plugin_data_dir / name)
+            raise
         with contextlib.suppress(OSError):
-            os.utime(self.copy_path(record))  # when it stopped being used
-        return detached
+            os.utime(self.copy_path(removed[0]))  # when it stopped being used
+        return removal
 
     # -- running -------------------------------------------------------------------------------
 
