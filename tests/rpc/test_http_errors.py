@@ -141,6 +141,20 @@ async def test_arguments_failing_the_schema_are_32602_naming_the_path_in_mcp_202
     assert error["data"]["code"] == "invalid_params"
 
 
+async def test_a_request_without_a_session_is_answered_under_the_version_it_declares(
+    env: Env,
+) -> None:
+    # A POST without Mcp-Session-Id ran as MCP 2025-11-25 whatever its MCP-Protocol-Version
+    # said: a 2025-06-18 client's schema failure came as a tool error (found by review)
+    client = env.live.client(env.full)
+    reply = await client.request(
+        "tools/call",
+        {"name": "notes_add", "arguments": {"text": 5}},
+        **{"MCP-Protocol-Version": "2025-06-18"},
+    )
+    assert (error_of(reply)["code"], error_of(reply)["data"]["path"]) == (-32602, "/text")
+
+
 @pytest.mark.parametrize("version", ["2025-11-25", None], ids=["session", "no-session"])
 async def test_arguments_failing_the_schema_are_a_tool_error_from_mcp_2025_11_25(
     env: Env, version: str | None

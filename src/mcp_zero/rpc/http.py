@@ -57,7 +57,13 @@ from mcp_zero.rpc.asgi import (
     respond,
     respond_json,
 )
-from mcp_zero.rpc.envelope import MODERN_VERSIONS, HttpHeaders, has_envelope, unsupported
+from mcp_zero.rpc.envelope import (
+    HANDSHAKE_VERSIONS,
+    MODERN_VERSIONS,
+    HttpHeaders,
+    has_envelope,
+    unsupported,
+)
 from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import HEADER_VERSIONS, Session
@@ -705,8 +711,12 @@ class HttpApp:
             if found.principal is not principal:
                 session.principal = principal
         else:
-            # No session header: a self-contained request (curl, stateless clients).
+            # No session header: a self-contained request (curl, stateless clients), under the
+            # version it declares (a 2025-06-18 client's schema failure is -32602: found by
+            # review)
             session = Session(principal, id=EPHEMERAL)
+            if version in HANDSHAKE_VERSIONS:
+                session.protocol_version = version
         if isinstance(message, jsonrpc.Notification):
             self.server.handle_notification(session, message)
             await respond(send, 202, b"", [])
