@@ -1014,6 +1014,8 @@ async def test_a_call_queued_for_a_slot_whose_agent_was_terminated_meanwhile_doe
             await queued
         [record] = records(runtime, request_id="q")
     assert (record["outcome"], record["code"]) == ("error", "unauthorized")
+    # no decision refused it: the record names none (it named the permit of the first)
+    assert not {"policies", "policies_sha256"} & set(record)
 
 
 AUDITED_FIRST = """

@@ -1155,17 +1155,29 @@ class Kernel:
         plugin no longer serves its target), PolicyDenied."""
         principal = now = action.principal
         plugins_changed = self.plugins.version != decided_under[1]
-        if not principal.admin:  # (the admin is no agent)
-            if plugins_changed:  # a removal detached its plugin from every agent, in the store
-                self.agents.forget(principal.agent)
-            now = self.agents.principal(principal.agent, anonymous=principal.anonymous)
-        if now == principal and not plugins_changed and self.policy.generation == decided_under[0]:
-            return None
-        if self._owner(action.verb, action.resource) != action.plugin:
-            raise PluginNotFound(
-                f"plugin {action.plugin!r} no longer serves {action.resource!r}: it was removed "
-                "or replaced while this call waited for it; the lists show what you may use"
-            )
+        try:
+            if not principal.admin:  # (the admin is no agent)
+                if plugins_changed:  # a removal detached its plugin from every agent, in the store
+                    self.agents.forget(principal.agent)
+                now = self.agents.principal(principal.agent, anonymous=principal.anonymous)
+            if (
+                now == principal
+                and not plugins_changed
+                and self.policy.generation == decided_under[0]
+            ):
+                return None
+            if self._owner(action.verb, action.resource) != action.plugin:
+                raise PluginNotFound(
+                    f"plugin {action.plugin!r} no longer serves {action.resource!r}: it was "
+                    "removed or replaced while this call waited for it; the lists show what "
+                    "you may use"
+                )
+        except McpZeroError:
+            # refused before any policy decided it again: its record names no decision (the
+            # first one's policies are not what refused it: found by review)
+            for key in ("policies", "policies_sha256", "policy_errors"):
+                event.pop(key, None)
+            raise
         action = Action(
             now, action.verb, action.resource, action.plugin, action.arguments, action.context
         )
