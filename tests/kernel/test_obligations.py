@@ -439,17 +439,13 @@ async def test_a_large_result_is_redacted_while_other_calls_go_on(
     assert max(seqs[f"s{i}"] for i in range(3)) < seqs["bulk"]
 
 
-async def test_a_call_cancelled_while_its_result_is_redacted_is_answered_as_recorded(
-    started: Runtime, bridge: Any
-) -> None:
-    # The plugin had answered; the cancel cut the redaction, and the call was recorded and
-    # answered as cancelled (found by review, as for its record's commit)
-    started.plugins.install(LEAKY_DIR)
-    await started.plugins.refresh(force=True)
-    (started.settings.policy_dir / "default.cedar").unlink()
-    use_policy(started, "redact.cedar", redacting("secret"))
+async def redacting_a_large_result(runtime: Runtime, bridge: Any) -> asyncio.Task[Any]:
+    """A call of the leaky plugin's 8 MiB result (request "bulk"), under a policy that
+    redacts it, once its plugin has answered and its result is being redacted."""
+    (runtime.settings.policy_dir / "default.cedar").unlink()
+    use_policy(runtime, "redact.cedar", redacting("secret"))
     bulk = asyncio.create_task(
-        started.kernel.call_tool(
+        runtime.kernel.call_tool(
             Principal("alice", ALL | {"leaky"}),
             "leaky_bulk",
             {"mib": 8},
@@ -461,10 +457,21 @@ async def test_a_call_cancelled_while_its_result_is_redacted_is_answered_as_reco
     with anyio.fail_after(TIMEOUT_S):
         while ("log", "info") not in bridge.events:  # it runs
             await asyncio.sleep(0.01)
-        while started.quotas.inflight("alice"):  # its plugin answered: its result is redacted
+        while runtime.quotas.inflight("alice"):  # its plugin answered: its result is redacted
             assert not bulk.done(), bulk.result()
             await asyncio.sleep(0.01)
     assert not bulk.done()
+    return bulk
+
+
+async def test_a_call_cancelled_while_its_result_is_redacted_is_answered_as_recorded(
+    started: Runtime, bridge: Any
+) -> None:
+    # The plugin had answered; the cancel cut the redaction, and the call was recorded and
+    # answered as cancelled (found by review, as for its record's commit)
+    started.plugins.install(LEAKY_DIR)
+    await started.plugins.refresh(force=True)
+    bulk = await redacting_a_large_result(started, bridge)
     bulk.cancel()
     with anyio.fail_after(TIMEOUT_S):
         result = await bulk
@@ -483,24 +490,7 @@ async def test_a_runtime_closed_while_a_result_is_redacted_keeps_the_calls_recor
     runtime: Runtime = make_runtime()
     runtime.plugins.install(LEAKY_DIR)
     await runtime.start()
-    (runtime.settings.policy_dir / "default.cedar").unlink()
-    use_policy(runtime, "redact.cedar", redacting("secret"))
-    bulk = asyncio.create_task(
-        runtime.kernel.call_tool(
-            Principal("alice", ALL | {"leaky"}),
-            "leaky_bulk",
-            {"mib": 8},
-            bridge,
-            request_id="bulk",
-            transport="test",
-        )
-    )
-    with anyio.fail_after(TIMEOUT_S):
-        while ("log", "info") not in bridge.events:  # it runs
-            await asyncio.sleep(0.01)
-        while runtime.quotas.inflight("alice"):  # its plugin answered: its result is redacted
-            await asyncio.sleep(0.01)
-    assert not bulk.done()
+    bulk = await redacting_a_large_result(runtime, bridge)
     bulk.cancel()  # as a stopping server does
     with anyio.fail_after(TIMEOUT_S):
         await runtime.aclose()
