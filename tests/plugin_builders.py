@@ -37,3 +37,42 @@ def loading_plugin(directory: Path, pid_file: Path, *, name: str = "slow") -> Pa
         "time.sleep(1000)\n"
     )
     return directory
+
+
+def gated_plugin(directory: Path, gate: Path, *, name: str = "gated") -> Path:
+    """Plugin ``name`` whose module, as it loads, waits until ``gate`` exists: a worker whose
+    start the test ends. Its one tool, ``<name>_echo``, returns its ``text``. ``gate`` must be
+    in the plugin's data dir (``<data dir>/plugin-data/<name>``), the one place its worker
+    may see beyond its code."""
+    directory.mkdir(parents=True)
+    (directory / "plugin.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "version": "1.0.0",
+                "abi": 1,
+                "entry": f"{name}_plugin:plugin",
+                "tools": [
+                    {
+                        "name": f"{name}_echo",
+                        "description": "echoes",
+                        "inputSchema": {
+                            "type": "object",
+                            "properties": {"text": {"type": "string"}},
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    (directory / f"{name}_plugin.py").write_text(
+        "import os, time\n"
+        "from mcp_zero.plugin import Plugin\n"
+        f"while not os.path.exists({str(gate)!r}):\n"
+        "    time.sleep(0.01)\n"
+        f"plugin = Plugin({name!r})\n"
+        f"@plugin.tool({name + '_echo'!r})\n"
+        "async def echo(ctx, text=''):\n"
+        "    return text\n"
+    )
+    return directory

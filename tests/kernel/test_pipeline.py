@@ -34,6 +34,7 @@ from mcp_zero.errors import (
 from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import PluginSlot, PluginSlots
 from mcp_zero.runtime import Runtime
+from plugin_builders import gated_plugin
 
 pytestmark = pytest.mark.anyio
 ALL = frozenset({"notes", "faulty", "conformance"})
@@ -214,7 +215,8 @@ async def test_a_policy_can_forbid_a_plugin_to_sample_the_client(
 async def test_crash_and_timeout_are_audited_with_their_outcomes(
     started: Runtime, bridge: Any
 ) -> None:
-    agent = Principal("hank", ALL)
+    # (a real agent: the call after the crash waits for a worker, and looks its agent up again)
+    agent = await new_agent(started, "hank", *ALL)
     with pytest.raises(PluginCrashed):
         await call(started, agent, "faulty_crash", {}, "k10", bridge)
     with pytest.raises(ToolTimeout):
@@ -248,7 +250,7 @@ async def test_each_replaced_worker_counts_one_plugin_restart(
                 await asyncio.sleep(0.02)
         return int(pids[0])
 
-    agent = Principal("rita", ALL)
+    agent = await new_agent(started, "rita", *ALL)  # (calls wait for restarted workers)
     assert restarts() == 0
     with pytest.raises(PluginCrashed):
         await call(started, agent, "faulty_crash", {}, "r1", bridge)
@@ -980,6 +982,39 @@ async def test_a_call_queued_for_a_slot_is_decided_again_by_a_policy_put_in_forc
     assert denied.value.data["policies"] == ["no-echo"]
     assert (record["outcome"], record["policies"]) == ("denied", ["no-echo"])
     assert record["policies_sha256"] == runtime.policy.engine.digest  # (the set with no-echo)
+
+
+async def test_a_call_that_waited_for_its_worker_to_start_is_decided_again(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # A call that waited for its plugin's worker to start (after a crash, a slow import) ran
+    # on the decision made before it waited: a forbid put in force meanwhile did not stop it
+    # (found by review)
+    runtime: Runtime = make_runtime()
+    gate = runtime.settings.plugin_data_dir / "gated" / "gate"
+    runtime.plugins.install(gated_plugin(tmp_path / "gated", gate))
+    await runtime.start(wait=0)  # (its worker waits for the gate)
+    try:
+        ada = await new_agent(runtime, "ada", "gated")
+        waiting = asyncio.ensure_future(
+            call(runtime, ada, "gated_echo", {"text": "hi"}, "w", bridge)
+        )
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # (its worker is starting)
+        (runtime.settings.policy_dir / "no-gated.cedar").write_text(
+            '@id("no-gated")\nforbid (principal, action == Action::"call_tool", '
+            'resource == Tool::"gated_echo");\n'
+        )
+        runtime.policy.reload()
+        gate.touch()
+        with anyio.fail_after(TIMEOUT_S), pytest.raises(PolicyDenied) as denied:
+            await waiting
+        [record] = records(runtime, request_id="w")
+    finally:
+        await runtime.aclose()
+    assert denied.value.data is not None
+    assert denied.value.data["policies"] == ["no-gated"]
+    assert (record["outcome"], record["policies"]) == ("denied", ["no-gated"])
 
 
 async def test_a_call_queued_for_a_plugin_removed_and_installed_again_is_not_run_by_the_new_one(

@@ -664,9 +664,10 @@ async def test_a_plugin_whose_data_dir_cannot_be_made_fails_alone_until_it_can(
         assert runtime.plugins.runtime("notes").pids  # type: ignore[attr-defined]
         # Once the way is clear, a call starts it (it needed a reinstall: found by review)
         in_the_way.unlink()
-        with anyio.fail_after(30):
+        await runtime.agents.spawn("alice", ["faulty"])  # (a call that waits for a worker
+        with anyio.fail_after(30):  # looks its agent up again)
             result = await runtime.kernel.call_tool(
-                Principal("alice", frozenset({"faulty"})),
+                runtime.agents.principal("alice"),
                 "faulty_echo",
                 {"text": "made"},
                 bridge,
@@ -704,9 +705,10 @@ async def test_a_plugin_whose_worker_is_killed_as_it_starts_is_started_again(
         with anyio.fail_after(20):
             await runtime.start()
         assert "once" not in runtime.plugins.failed
-        with anyio.fail_after(20):
+        await runtime.agents.spawn("alice", ["once"])  # (a call that waits for a worker
+        with anyio.fail_after(20):  # looks its agent up again)
             result = await runtime.kernel.call_tool(
-                Principal("alice", frozenset({"once"})),
+                runtime.agents.principal("alice"),
                 "once_echo",
                 {},
                 bridge,

@@ -1013,7 +1013,7 @@ class Kernel:
             try:
                 slots = self._plugin_slots(plugin, quotas.max_concurrency)
                 t = time.perf_counter()
-                queued = 0.0
+                queued = starting = 0.0
                 if not slots.take_free():  # the plugin is busy: queue, within the time limit
                     if decided_under is None:
                         decided_under = self._in_force()
@@ -1024,24 +1024,34 @@ class Kernel:
                     metrics.observe_stage("quota", queued)
                 slot = PluginSlot(slots, principal.agent)
                 try:
-                    # It waited (for a slot, or its intent's record): a change recorded
-                    # meanwhile (policies, plugins, its agent) governs it as it would a new
-                    # call, and a plugin replaced meanwhile runs it with the new code, under
+                    # It waited (for a slot, its worker, or its intent's record): a change
+                    # recorded meanwhile (policies, plugins, its agent) governs it as it would a
+                    # new call, and a plugin replaced meanwhile runs it with the new code, under
                     # the new manifest (its schemas: see ``run``; its timeout).
-                    while decided_under is not None:
-                        changed = self._decide_again(action, event, decided_under)
-                        decided_under = None
-                        if changed is not None:
-                            action, decision = changed
-                            redacting = decision.redact
-                            if decision.audit_before and "intent_seq" not in event:
-                                decided_under = self._in_force()
-                                await self._record_intent(event)
-                        runtime = self.plugins.runtime(plugin)
-                        quotas = self.plugins.manifests[plugin].quotas
-                        timeout = max(
-                            self.quotas.timeout_for(None, quotas.timeout_ms) - queued, 0.001
-                        )
+                    while True:
+                        while decided_under is not None:
+                            changed = self._decide_again(action, event, decided_under)
+                            decided_under = None
+                            if changed is not None:
+                                action, decision = changed
+                                redacting = decision.redact
+                                if decision.audit_before and "intent_seq" not in event:
+                                    decided_under = self._in_force()
+                                    await self._record_intent(event)
+                            runtime = self.plugins.runtime(plugin)
+                            quotas = self.plugins.manifests[plugin].quotas
+                            limit = self.quotas.timeout_for(None, quotas.timeout_ms)
+                            timeout = max(limit - queued - starting, 0.001)
+                        if runtime.ready():
+                            break
+                        # its worker is (re)starting (a crash, a slow import): a wait too, that
+                        # a change recorded meanwhile is to govern (it ran on the decision of
+                        # before: found by review)
+                        decided_under = self._in_force()
+                        began = time.perf_counter()
+                        await runtime.until_ready(timeout, f"{method} of {action.resource!r}")
+                        starting += time.perf_counter() - began
+                        timeout = max(timeout - (time.perf_counter() - began), 0.001)
                     # (it may have failed while we queued)
                     if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)

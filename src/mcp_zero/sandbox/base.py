@@ -83,6 +83,14 @@ class PluginRuntime(Protocol):
 
     async def start(self) -> None: ...
 
+    def ready(self) -> bool:
+        """Whether a worker can take a call now (else a call waits for one to start)."""
+
+    async def until_ready(self, timeout: float, label: str) -> float:
+        """Wait for a worker to take calls (one is starting: :meth:`ready` said none can);
+        returns what is left of ``timeout``. Raises ToolTimeout (naming ``label``) when it
+        is not up in time, PluginFailure when the plugin was stopped meanwhile."""
+
     async def call_tool(
         self, tool: str, arguments: JSON, *, agent: str, bridge: CallBridge, timeout: float
     ) -> JSON: ...

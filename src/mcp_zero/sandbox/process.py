@@ -436,6 +436,12 @@ class ProcessRuntime:
                 best = w
         return best
 
+    def ready(self) -> bool:
+        return self._running() is not None
+
+    async def until_ready(self, timeout: float, label: str) -> float:
+        return (await self._started(timeout, label))[1]
+
     async def _started(self, timeout: float, label: str) -> tuple[WorkerProcess, float]:
         """A worker being started, once it runs (when :meth:`_running` found none), and what
         is left of the call's ``timeout``: a start that takes longer (a plugin whose import
