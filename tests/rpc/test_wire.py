@@ -1087,3 +1087,37 @@ async def test_a_body_the_app_does_not_vet_is_parsed_and_dropped_not_held() -> N
             assert status == 200
             assert answer == (b"POST hello" if key == b"yes" else b"POST ")
     assert [s.get("mcp0.body_withheld", False) for s in app.scopes] == [True, False, True]
+
+
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+async def test_port_0_on_several_addresses_is_one_port_on_all(tmp_path: Path, https: bool) -> None:
+    # Each address was given a port of its own, and only the first one's was announced: a
+    # client of localhost's other address found nothing there (found by review)
+    server_side, client_side = tls_contexts(tmp_path)
+    server = HttpServer(
+        EchoApp(),
+        ["127.0.0.1", "::1"],
+        0,
+        max_body_bytes=LIMIT,
+        tls=server_side if https else None,
+    )
+    task = asyncio.create_task(server.run())
+    try:
+        with anyio.fail_after(TIMEOUT_S):
+            while server._server is None:
+                await asyncio.sleep(0.01)
+        assert server._server is not None
+        listening = {sock.getsockname()[:2] for sock in server._server.sockets}
+        assert listening == {("127.0.0.1", server.port), ("::1", server.port)}
+        tls = {"ssl": client_side, "server_hostname": "127.0.0.1"} if https else {}
+        reader, writer = await asyncio.open_connection("::1", server.port, **tls)
+        try:
+            writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+            status, _, answer = await read_response(reader)
+            assert (status, answer) == (200, b"POST hi")
+        finally:
+            writer.close()
+    finally:
+        server.stop()
+        with anyio.fail_after(TIMEOUT_S):
+            await task

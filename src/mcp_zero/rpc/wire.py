@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import resource
@@ -899,6 +900,62 @@ class _Response:
             self.conn.release(self)
 
 
+async def _listening_sockets(host: str | Sequence[str], port: int) -> list[socket.socket]:
+    """Sockets listening on every address of ``host`` (a name, or several), on ``port``: with
+    port 0, all on the port the first was given (each had a port of its own, and only the
+    first was announced: found by review), a few tries when another process takes it."""
+    loop = asyncio.get_running_loop()
+    hosts = [host] if isinstance(host, str) else host
+    infos = [
+        info
+        for name in hosts
+        for info in await loop.getaddrinfo(
+            name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    ]
+    for attempt in range(_PORT_TRIES if port == 0 and len(infos) > 1 else 1):
+        sockets: list[socket.socket] = []
+        chosen = port
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], chosen, *address[2:]))
+                chosen = sock.getsockname()[1]
+                sock.listen(1024)
+                sock.setblocking(False)
+            return sockets
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            if exc.errno != errno.EADDRINUSE or port != 0 or attempt == _PORT_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_PORT_TRIES = 8  # (port 0 on several addresses: another process took the first one's port)
+
+
+class _Servers:
+    """asyncio Servers, one per listening socket, closed together (``create_server`` takes
+    one socket)."""
+
+    def __init__(self, servers: list[asyncio.base_events.Server]) -> None:
+        self._servers = servers
+        self.sockets = [sock for server in servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self._servers:
+            await server.wait_closed()
+
+
 class _TlsListener:
     """Accepts HTTPS connections. Each counts against ``max_connections`` from its accept,
     its TLS handshake included (with ``create_server(ssl=...)`` only once the handshake ended,
@@ -920,31 +977,7 @@ class _TlsListener:
     @classmethod
     async def bind(cls, server: HttpServer, tls: ssl.SSLContext) -> _TlsListener:
         """Listen on every address of the server's hosts, as ``create_server`` does."""
-        loop = asyncio.get_running_loop()
-        hosts = [server.host] if isinstance(server.host, str) else server.host
-        infos = [
-            info
-            for host in hosts
-            for info in await loop.getaddrinfo(
-                host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-        ]
-        sockets: list[socket.socket] = []
-        try:
-            for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                sock.listen(1024)
-                sock.setblocking(False)
-        except OSError:
-            for sock in sockets:
-                sock.close()
-            raise
-        return cls(server, tls, sockets)
+        return cls(server, tls, await _listening_sockets(server.host, server.port))
 
     async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -1036,7 +1069,7 @@ class HttpServer:
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.base_events.Server | _TlsListener | None = None
+        self._server: _Servers | _TlsListener | None = None
         self._stopping: asyncio.Event | None = None
         self._reaper: asyncio.Task[None] | None = None
 
@@ -1067,8 +1100,11 @@ class HttpServer:
         if self._stopping is None:
             self._stopping = asyncio.Event()
         if self.tls is None:
-            self._server = await loop.create_server(
-                lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
+            self._server = _Servers(
+                [
+                    await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
+                    for sock in await _listening_sockets(self.host, self.port)
+                ]
             )
         else:
             self._server = await _TlsListener.bind(self, self.tls)
