@@ -610,6 +610,7 @@ class PluginHost:
         # the store under the old one (agents' attachments) is read again
         self.on_reindex: Callable[[], None] | None = None
         self.on_restart: Callable[[str], None] | None = None  # a plugin's worker replaced
+        self._start_tasks: set[asyncio.Task[None]] = set()  # runtimes' starts (_start)
         self._lock = asyncio.Lock()
         self._leaving: dict[asyncio.Task[None], PluginRuntime] = {}  # replaced, draining
         self._copies: dict[str, Path] = {}  # the installed copy each runtime runs
@@ -943,10 +944,7 @@ class PluginHost:
             starting = {}
             for name, runtime in fresh:
                 if only is None or name in only:
-                    task = asyncio.ensure_future(runtime.start())
-                    self.starting.add(name)
-                    task.add_done_callback(functools.partial(self._started, name, runtime))
-                    starting[name] = task
+                    starting[name] = self._start(name, runtime)
             if starting and wait != 0:
                 await asyncio.wait(starting.values(), timeout=wait)
                 for name, task in starting.items():
@@ -967,10 +965,18 @@ class PluginHost:
         runtime = self.runtimes.get(name)
         if runtime is None:
             return
+        await asyncio.wait([self._start(name, runtime)])
+
+    def _start(self, name: str, runtime: PluginRuntime) -> asyncio.Task[None]:
+        """Start ``runtime`` (plugin ``name``) in a task of its own, which :meth:`close`
+        ends: a start nobody waits for (the watcher's) outlived the host, and the workers it
+        made after the host closed were left running when the loop closed."""
         task = asyncio.ensure_future(runtime.start())
         self.starting.add(name)
+        self._start_tasks.add(task)
+        task.add_done_callback(self._start_tasks.discard)
         task.add_done_callback(functools.partial(self._started, name, runtime))
-        await asyncio.wait([task])
+        return task
 
     def _started(self, name: str, runtime: PluginRuntime, task: asyncio.Future[None]) -> None:
         """A runtime's start ended: record its failure, if it is still the one installed and
@@ -1146,6 +1152,10 @@ class PluginHost:
             log.error("plugin %r did not stop cleanly: %s", runtime.name, task.exception())
 
     async def close(self) -> None:
+        starts = list(self._start_tasks)  # (a start cancelled closes its runtime)
+        for task in starts:
+            task.cancel()
+        await asyncio.gather(*starts, return_exceptions=True)
         runtimes, self.runtimes = list(self.runtimes.values()), {}
         leaving, self._leaving = dict(self._leaving), {}
         for task in leaving:

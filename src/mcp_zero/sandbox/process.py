@@ -186,6 +186,8 @@ class ProcessRuntime:
         leaves it open, the worker started again as a crashed one is (see ``retried``)."""
         self._closed = False
         await asyncio.to_thread(self._prepare)
+        if self._closed:  # closed meanwhile (its plugin removed, the server stopping)
+            raise PluginFailure(f"plugin '{self.name}' runtime was closed as it started")
         failure: Exception | None = None
         try:
             for started in asyncio.as_completed([self._kick(i) for i in range(len(self._slots))]):
