@@ -13,24 +13,7 @@ def loading_plugin(directory: Path, pid_file: Path, *, name: str = "slow") -> Pa
 
     A worker may write only its own data dir (``<data dir>/plugin-data/<name>``), so that
     is where ``pid_file`` must be."""
-    directory.mkdir(parents=True)
-    (directory / "plugin.json").write_text(
-        json.dumps(
-            {
-                "name": name,
-                "version": "1.0.0",
-                "abi": 1,
-                "entry": f"{name}_plugin:plugin",
-                "tools": [
-                    {
-                        "name": f"{name}_echo",
-                        "description": "never",
-                        "inputSchema": {"type": "object"},
-                    }
-                ],
-            }
-        )
-    )
+    _manifest(directory, name, "never", {"type": "object"})
     (directory / f"{name}_plugin.py").write_text(
         "import os, pathlib, time\n"
         f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
@@ -44,27 +27,8 @@ def gated_plugin(directory: Path, gate: Path, *, name: str = "gated") -> Path:
     start the test ends. Its one tool, ``<name>_echo``, returns its ``text``. ``gate`` must be
     in the plugin's data dir (``<data dir>/plugin-data/<name>``), the one place its worker
     may see beyond its code."""
-    directory.mkdir(parents=True)
-    (directory / "plugin.json").write_text(
-        json.dumps(
-            {
-                "name": name,
-                "version": "1.0.0",
-                "abi": 1,
-                "entry": f"{name}_plugin:plugin",
-                "tools": [
-                    {
-                        "name": f"{name}_echo",
-                        "description": "echoes",
-                        "inputSchema": {
-                            "type": "object",
-                            "properties": {"text": {"type": "string"}},
-                        },
-                    }
-                ],
-            }
-        )
-    )
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}}
+    _manifest(directory, name, "echoes", schema)
     (directory / f"{name}_plugin.py").write_text(
         "import os, time\n"
         "from mcp_zero.plugin import Plugin\n"
@@ -76,3 +40,18 @@ def gated_plugin(directory: Path, gate: Path, *, name: str = "gated") -> Path:
         "    return text\n"
     )
     return directory
+
+
+def _manifest(directory: Path, name: str, description: str, schema: dict[str, object]) -> None:
+    """``directory`` made, with the plugin.json of plugin ``name``: module ``<name>_plugin``,
+    one tool ``<name>_echo``."""
+    directory.mkdir(parents=True)
+    tool = {"name": f"{name}_echo", "description": description, "inputSchema": schema}
+    manifest = {
+        "name": name,
+        "version": "1.0.0",
+        "abi": 1,
+        "entry": f"{name}_plugin:plugin",
+        "tools": [tool],
+    }
+    (directory / "plugin.json").write_text(json.dumps(manifest))
