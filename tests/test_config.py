@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from dataclasses import fields
@@ -300,43 +299,57 @@ def test_non_loopback_hosts(host: str) -> None:
     assert not Settings(host=host).on_loopback_only()
 
 
-def resolving(monkeypatch: pytest.MonkeyPatch, name: str, address: str) -> None:
-    """Have ``name`` resolve to ``address`` in this process (as /etc/hosts or DNS may)."""
-    resolve = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        return resolve(address if host == name else host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+# ``name`` resolving to 0.0.0.0, as /etc/hosts (or DNS) may have it: a private /etc/hosts in a
+# mount namespace of its own, and there the refused serve and what Settings make of the name
+RESOLVING_ELSEWHERE = """
+set -e
+echo "0.0.0.0 $1" > "$2/hosts"
+mount --bind "$2/hosts" /etc/hosts
+exec "$3" -c '
+import json, subprocess, sys
+from mcp_zero.cli.serve import plain_http_warning
+from mcp_zero.config import Settings
+name, data = sys.argv[1:3]
+mcp0 = sys.executable.rsplit("/", 1)[0] + "/mcp0"
+served = subprocess.run(
+    [mcp0, "serve", "--data-dir", data, "--host", name, "--port", "0",
+     "--anonymous-agent", "guest"],
+    capture_output=True, text=True, timeout=60,
+)
+settings = Settings(host=name)
+addresses = settings.listen_addresses()
+print(json.dumps({
+    "returncode": served.returncode,
+    "stderr": served.stderr,
+    "addresses": addresses,
+    "loopback": settings.on_loopback_only(),
+    "warning": plain_http_warning(settings, addresses),
+}))
+' "$1" "$2/d"
+"""
 
 
 @pytest.mark.parametrize("name", ["127.example.net", "localhost"])
 def test_a_host_is_loopback_by_what_it_resolves_to_not_by_its_spelling(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+    tmp_path: Path, name: str
 ) -> None:
     # A host spelt like loopback ("localhost", "127.…") was taken for it, whatever it
     # resolved to: the server listened on the network, served token-less requests as the
     # anonymous agent, /metrics to anyone, plain HTTP without a warning (found by review)
-    resolving(monkeypatch, name, "0.0.0.0")
-    result = CliRunner().invoke(
-        main,
-        [
-            "serve",
-            *("--data-dir", str(tmp_path / "d"), "--host", name, "--port", "0"),
-            *("--anonymous-agent", "guest"),
-        ],
+    require_root("unshare")
+    done = subprocess.run(
+        [*UNSHARE, "sh", "-c", RESOLVING_ELSEWHERE, "-", name, str(tmp_path), sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert result.exit_code != 0
-    assert f"--anonymous-agent is refused on {name}: " in result.output
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["returncode"] != 0
+    assert f"--anonymous-agent is refused on {name}: " in seen["stderr"]
     assert not (tmp_path / "d").exists()  # refused before anything was created
-    settings = Settings(host=name)
-    assert settings.listen_addresses() == ["0.0.0.0"]
-    assert not settings.on_loopback_only()
-    from mcp_zero.cli.serve import plain_http_warning
-
-    warning = plain_http_warning(settings, settings.listen_addresses())
-    assert warning is not None
-    assert warning.startswith(f"serving plain HTTP on {name} (0.0.0.0): ")
+    assert (seen["addresses"], seen["loopback"]) == (["0.0.0.0"], False)
+    assert seen["warning"].startswith(f"serving plain HTTP on {name} (0.0.0.0): ")
 
 
 def test_anonymous_agent_is_refused_off_loopback(tmp_path: Path) -> None:
