@@ -412,6 +412,9 @@ def test_plain_http_off_loopback_gets_a_warning_and_https_or_loopback_none(
     warning = plain_http_warning(exposed, ["0.0.0.0"])
     assert warning is not None
     assert "--tls-cert" in warning
+    everywhere = plain_http_warning(load_settings(None, {"host": ""}, environ={}), ["0.0.0.0"])
+    assert everywhere is not None
+    assert everywhere.startswith("serving plain HTTP on every interface (0.0.0.0): ")
     assert plain_http_warning(load_settings(None, {}, environ={}), ["127.0.0.1"]) is None
     tls = {"host": "0.0.0.0", "tls_cert": tmp_path / "c.pem", "tls_key": tmp_path / "k.pem"}
     assert plain_http_warning(load_settings(None, tls, environ={}), ["0.0.0.0"]) is None
@@ -636,4 +639,30 @@ def test_the_announced_url_brackets_an_ipv6_host(
 
     settings = load_settings(None, {"host": host}, environ={})
     _announce(settings, 8390, FirstStart([], None), admin_closed=False, as_json=True)
-    assert json.loads(capsys.readouterr().out)["url"] == url
+    announced = json.loads(capsys.readouterr().out)
+    assert (announced["url"], announced["every_interface"]) == (url, False)
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("", "http://127.0.0.1:8390/mcp"),
+        ("0.0.0.0", "http://127.0.0.1:8390/mcp"),
+        ("::", "http://[::1]:8390/mcp"),
+    ],
+)
+def test_a_server_on_every_interface_announces_a_url_to_connect_to(
+    host: str, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--host ""` was announced as http://:8390/mcp, and 0.0.0.0 as a URL to connect to
+    from mcp_zero.cli.serve import _announce
+    from mcp_zero.runtime import FirstStart
+
+    settings = load_settings(None, {"host": host}, environ={})
+    _announce(settings, 8390, FirstStart([], None), admin_closed=False, as_json=True)
+    announced = json.loads(capsys.readouterr().out)
+    assert (announced["url"], announced["every_interface"]) == (url, True)
+    _announce(settings, 8390, FirstStart([], None), admin_closed=False, as_json=False)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"mcp0 listening on every interface, port 8390; on this machine: {url}"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -62,11 +63,12 @@ def plain_http_warning(settings: Settings, addresses: list[str]) -> str | None:
     without TLS, if it is one."""
     if settings.tls_cert is not None or loopback_only(addresses):
         return None
-    where = (
-        settings.host
-        if addresses == [settings.host]
-        else f"{settings.host} ({', '.join(addresses)})"
-    )
+    if not settings.host:
+        where = f"every interface ({', '.join(addresses)})"
+    elif addresses == [settings.host]:
+        where = settings.host
+    else:
+        where = f"{settings.host} ({', '.join(addresses)})"
     return (
         f"serving plain HTTP on {where}: bearer tokens cross the network in clear; "
         "give --tls-cert and --tls-key, or put a TLS proxy in front"
@@ -267,10 +269,13 @@ def _announce(
 ) -> None:
     installed, token = first_start.installed, first_start.token
     scheme = "https" if settings.tls_cert is not None else "http"
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # (an IPv6 one)
+    every_interface = _names_every_interface(settings.host)
+    host = _local_address(settings.host) if every_interface else settings.host
+    host = f"[{host}]" if ":" in host else host  # (an IPv6 one)
     url = f"{scheme}://{host}:{port}/mcp"
     info: dict[str, Any] = {
         "url": url,
+        "every_interface": every_interface,
         "data_dir": str(settings.data_dir),
         "admin_token_file": str(settings.admin_token_path),
         "admin_api_open": not admin_closed,  # (a removed token stays removed: closed)
@@ -303,7 +308,26 @@ def _announce(
         )
     else:
         print(f"admin token: {settings.admin_token_path}", flush=True)
-    print(f"mcp0 listening on {url}", flush=True)
+    if every_interface:
+        print(f"mcp0 listening on every interface, port {port}; on this machine: {url}", flush=True)
+    else:
+        print(f"mcp0 listening on {url}", flush=True)
+
+
+def _names_every_interface(host: str) -> bool:
+    """Whether ``host`` is a wildcard (``""``, ``0.0.0.0``, ``::``): a server listens on every
+    interface, and the host is no address a client can connect to."""
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name
+        return False
+
+
+def _local_address(wildcard: str) -> str:
+    """The loopback address a client on this machine reaches a server on ``wildcard`` at."""
+    return "::1" if ":" in wildcard else "127.0.0.1"
 
 
 def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
