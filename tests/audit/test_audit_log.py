@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from mcp_zero.audit import GENESIS, AuditLog, ChainBroken, verify_chain, verify_store
+from mcp_zero.audit.log import BLOCKED_FOR_S, ROOM_CHECK_S
 from mcp_zero.errors import StorageError
 from mcp_zero.kernel.pipeline import _audit_failing
 from mcp_zero.storage import AuditEntry, SqliteStore
@@ -446,3 +447,53 @@ async def test_a_store_without_room_fails_the_log_before_a_commit_does(
         assert log.check_room()
         assert not log.stats.failing
         assert any("can be written again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_log_failed_on_a_lock_stays_failing_while_the_lock_is_held(
+    tmp_path: Path,
+) -> None:
+    # Room on the disk reopened it within a second while another process still held the
+    # lock: the next calls ran their plugins and their records failed (found by review)
+    path = tmp_path / "a.db"
+    with SqliteStore(path, busy_timeout=0.1) as store, AuditLog(store, window=0) as log:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with anyio.fail_after(10), pytest.raises(StorageError, match="database is locked"):
+                await log.append({"n": 1})
+            await asyncio.sleep(ROOM_CHECK_S)
+            assert not log.writable()  # asked again: still locked
+            assert "database is locked" in log.stats.last_failure
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        await asyncio.sleep(ROOM_CHECK_S)
+        assert log.writable()
+        assert (await log.append({"n": 2})).seq == 1
+
+
+async def test_a_lock_held_at_two_looks_fails_the_log_before_a_call_acts(tmp_path: Path) -> None:
+    # /readyz said ready, and calls ran their plugins, until a record had waited out the
+    # busy timeout and failed (found by review); a lock held for a moment is no failure
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store, AuditLog(store, window=0) as log:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            assert log.check_room()  # one look: another command's write, for all it tells
+            other.execute("ROLLBACK")
+            assert log.check_room()
+            other.execute("BEGIN IMMEDIATE")
+            assert log.check_room()
+            await asyncio.sleep(BLOCKED_FOR_S)
+            assert not log.check_room()
+            assert log.stats.failing
+            assert "database is locked" in log.stats.last_failure
+            assert "database is locked" in str(_audit_failing(log))
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        await asyncio.sleep(ROOM_CHECK_S)
+        assert log.check_room()
+        assert (await log.append({"n": 1})).seq == 1
+        assert log.stats.failed_events == 0  # nothing was lost: nothing had acted

@@ -14,7 +14,7 @@ import anyio
 import httpx2
 import orjson
 import pytest
-from rpc_live import CALL_TIMEOUT_S, FAULTY_DIR, make_runtime, serve, text_of
+from rpc_live import CALL_TIMEOUT_S, FAULTY_DIR, NOTES_DIR, error_of, make_runtime, serve, text_of
 
 from mcp_zero.audit.chain import verify_store
 from mcp_zero.runtime import Runtime
@@ -189,3 +189,37 @@ async def test_an_admin_change_waits_for_another_process_without_holding_up_call
             attached = await attach
         assert attached.status_code == 200, attached.text
         assert attached.json()["plugins"] == ["faulty"]
+
+
+async def test_a_store_held_locked_makes_the_server_unready_and_calls_refused_before_acting(
+    tmp_path: Path,
+) -> None:
+    # /readyz said ready until a call's record had waited out the busy timeout and failed;
+    # a second later the log took calls again while the lock was still held, and each ran
+    # its plugin (a note added) and left no record (found by review)
+    data = tmp_path / "data"
+    runtime = make_runtime(data, rate_limit=0)
+    runtime.plugins.install(NOTES_DIR)
+    token = (await runtime.agents.spawn("alice", ["notes"])).token
+    async with serve(runtime) as live, httpx2.AsyncClient() as http:
+        client = live.client(token)
+        with store_held(data) as other:
+            with anyio.fail_after(CALL_TIMEOUT_S):  # the server's look every second
+                while (await http.get(f"{live.base}/readyz")).status_code == 200:
+                    await asyncio.sleep(0.05)
+            unready = await http.get(f"{live.base}/readyz")
+            assert unready.json() == {"ready": False, "audit": "failing"}
+            refused = await client.call("notes_add", {"text": "while locked"})
+            assert "database is locked" in error_of(refused)["message"]
+            await asyncio.sleep(1.5)  # past the server's next looks: the lock still held
+            assert (await http.get(f"{live.base}/readyz")).status_code == 503
+            refused = await client.call("notes_add", {"text": "still locked"})
+            assert "database is locked" in error_of(refused)["message"]
+            other.execute("ROLLBACK")
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            while (await http.get(f"{live.base}/readyz")).status_code != 200:
+                await asyncio.sleep(0.05)
+        listed = await client.call("notes_list", {})
+        assert "locked" not in text_of(listed)  # no plugin acted for a refused call
+    with SqliteStore(data / "mcp0.db") as store:
+        assert verify_store(store).count == len(store.read_audit(0, 10_000))

@@ -58,6 +58,7 @@ log = logging.getLogger("mcp_zero.audit")
 #: again: a few batches' worth.
 ROOM_BYTES = 64 << 10
 ROOM_CHECK_S = 0.5
+BLOCKED_FOR_S = 0.5  # a store's write lock held this long by another process fails the log
 
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
 # The running loop, or None outside one: asyncio's C function, without the exception (and
@@ -162,6 +163,7 @@ class AuditLog:
         self._head: AuditEntry | None = None
         self.stats = AuditStats()
         self._room_checked = 0.0  # when writable() last asked the store for room
+        self._blocked_since: float | None = None  # when check_room() found it locked
 
     @property
     def head(self) -> AuditEntry | None:
@@ -310,33 +312,50 @@ class AuditLog:
 
     def writable(self) -> bool:
         """Whether calls may run: False from a failed commit until the store has room again
-        (``ROOM_BYTES``; asked at most every ``ROOM_CHECK_S``). A record that still fits
-        does not reopen a full log: its calls' records, bigger and more, would not."""
+        (``ROOM_BYTES``) and no other process holds its write lock (asked at most every
+        ``ROOM_CHECK_S``). A record that still fits does not reopen a full log: its calls'
+        records, bigger and more, would not; nor does room while the store is still locked:
+        calls taken again would act, and their records fail (found by review)."""
         if not self.stats.failing:
             return True
         now = time.monotonic()
         if now - self._room_checked >= ROOM_CHECK_S:
             self._room_checked = now
-            if self._store.short_of_room(ROOM_BYTES) is None:
+            why = self._store.short_of_room(ROOM_BYTES) or self._store.write_blocked()
+            if why is None:
+                self._blocked_since = None
                 self.stats.failing = False
                 log.warning(
                     "the audit log can be written again (%d events failed meanwhile): "
                     "calls are taken again",
                     self.stats.failed_events,
                 )
+            else:
+                self.stats.last_failure = why
         return not self.stats.failing
 
     def check_room(self) -> bool:
-        """Whether the store has room for a few batches; when it has not, the log fails
-        from now on (calls refused before their plugins act, /readyz 503) as a failed commit
-        makes it. A server asks every second: a disk filled by something else is found
-        before a call acts and then cannot be recorded (found by review)."""
+        """Whether the store has room for a few batches and is not held locked by another
+        process; when it is not, the log fails from now on (calls refused before their
+        plugins act, /readyz 503) as a failed commit makes it. A server asks every second:
+        a disk filled by something else is found before a call acts and then cannot be
+        recorded (found by review). A lock is a failure when it is found held at two looks
+        ``BLOCKED_FOR_S`` apart: another command's write holds it for milliseconds."""
         if self.stats.failing:
             return self.writable()
-        short = self._store.short_of_room(ROOM_BYTES)
-        if short is None:
+        why = self._store.short_of_room(ROOM_BYTES)
+        if why is None:
+            blocked = self._store.write_blocked()
+            now = time.monotonic()
+            if blocked is None:
+                self._blocked_since = None
+            elif self._blocked_since is None:
+                self._blocked_since = now
+            elif now - self._blocked_since >= BLOCKED_FOR_S:
+                why = blocked
+        if why is None:
             return True
-        self._fail(short)
+        self._fail(why)
         return False
 
     def _fail(self, why: str) -> None:

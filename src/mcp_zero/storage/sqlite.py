@@ -472,6 +472,22 @@ class SqliteStore:
             "db_max_mb and restart"
         )
 
+    def write_blocked(self) -> str | None:
+        """Why the audit log cannot be written now without waiting: another connection holds
+        the write lock (asked by taking it and letting go at once, nothing written); None
+        when it can."""
+        with self._audit_lock:
+            self._check_open()
+            cursor = self._audit_cursor
+            try:
+                cursor.execute("BEGIN IMMEDIATE")  # (the connection waits for no lock)
+                cursor.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                if self._audit_conn.in_transaction:
+                    cursor.execute("ROLLBACK")
+                return self._storage_error(exc, "write the audit log").message
+        return None
+
     def read_audit(self, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
         """Up to ``limit`` audit entries with ``seq > after_seq``, in seq order."""
         rows = self._query(
