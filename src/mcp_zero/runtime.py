@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from mcp_zero import PACKAGE_ROOT
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
+from mcp_zero.data_dir import claim_data_dir
 from mcp_zero.errors import ConfigError, Conflict, PolicyError, StorageError
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_decision, admin_event
@@ -135,83 +136,103 @@ def _check_store_not_lost(settings: Settings) -> None:
 class Runtime:
     """Everything one server process (or one CLI command) works with."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, hold_new: bool = False) -> None:
+        """The runtime on ``settings``' data dir, laid out if it is new. ``hold_new``: keep
+        the claim on a data dir this process laid out (``self.claim``: others wait) for the
+        caller to release, or to abandon if what it does with the runtime fails (which
+        removes the data dir if this process made it).
+
+        Raises ConfigError and StorageError (the data dir cannot be laid out or opened); a
+        data dir this process made is removed then.
+        """
         self.settings = settings
-        # an existing store is opened first: another program's mcp0.db is refused before
-        # anything (keys, token, policies) is laid out beside it
-        _check_store_not_lost(settings)
-        opened = self._open_store() if settings.db_path.exists() else None
         try:
-            self.created = self._prepare_data_dir()
-        except BaseException:
-            if opened is not None:
-                opened.close()
-            raise
-        self.store = opened or self._open_store()
-        self.audit = AuditLog(
-            self.store,
-            window=settings.audit_window_ms / 1000,
-            max_batch=settings.audit_max_batch,
-        )
-        self.policy = PolicyStore(settings.policy_dir)
-        if not policy_files(settings.policy_dir):
-            log.warning(
-                "no policy in %s: every action is denied, the admin's too; docs/policy.md "
-                "shows the default policy to start from",
-                settings.policy_dir,
+            # before anything is read or laid out: of processes started together where no
+            # data dir is, one lays it out (data_dir.py)
+            self.claim = claim_data_dir(settings.data_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot prepare data dir {settings.data_dir}: {exc}") from exc
+        try:
+            # an existing store is opened first: another program's mcp0.db is refused before
+            # anything (keys, token, policies) is laid out beside it
+            _check_store_not_lost(settings)
+            opened = self._open_store() if settings.db_path.exists() else None
+            try:
+                self.created = self._prepare_data_dir()
+            except BaseException:
+                if opened is not None:
+                    opened.close()
+                raise
+            self.store = opened or self._open_store()
+            self.audit = AuditLog(
+                self.store,
+                window=settings.audit_window_ms / 1000,
+                max_batch=settings.audit_max_batch,
             )
-        self.plugins = PluginHost(
-            self.store,
-            settings.plugins_dir,
-            settings.plugin_data_dir,
-            max_workers=settings.max_workers,
-            protect=settings.data_dir,
-            worker_user=settings.worker_user,
-        )
-        self.plugins.record_digests()  # copies installed before digests were kept
-        self.plugins.sweep_copies()  # replaced copies no server deleted
-        self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
-        self.plugins.on_restart = self.metrics.count_plugin_restart
-        self.quotas = QuotaGate(
-            agent_concurrency=settings.max_concurrency,
-            max_timeout_s=settings.max_timeout_s,
-        )
-        limiter = (
-            RateLimiter(settings.rate_limit, settings.rate_burst)
-            if settings.rate_limit > 0
-            else None
-        )
-        self.agents = AgentService(
-            self.store,
-            self.audit,
-            policy=self.policy,
-            anonymous_agent=settings.anonymous_agent,
-            count_denials=self.metrics.count_denials,
-        )
-        # (a removal by a command detached its plugin in the store: agents' principals, kept
-        # for up to PRINCIPAL_TTL_S, would still list it for a plugin installed under its name)
-        self.plugins.on_reindex = self.agents.forget_all
-        self.kernel = Kernel(
-            plugins=self.plugins,
-            policy=self.policy,
-            audit=self.audit,
-            quotas=self.quotas,
-            metrics=self.metrics,
-            limiter=limiter,
-            agents=self.agents,
-        )
-        self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
-        self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
-        self._admin_token: str | None = None  # the token in force
-        # a rotation a crash cut short: in force if its record was committed, else dropped
-        finish_admin_token_rotations(settings.admin_token_path, self.store)
-        head = self.store.audit_head()
-        self._admin_token_since = head.seq if head is not None else 0  # when it was taken up
-        self._admin_token_unrecorded: int | None = None  # (_refresh_admin_token_and_audit)
-        self._admin_token_refreshing = asyncio.Lock()
-        self.refresh_admin_token()
-        self._refresher: asyncio.Task[None] | None = None
-        self.audit.start()
+            self.policy = PolicyStore(settings.policy_dir)
+            if not policy_files(settings.policy_dir):
+                log.warning(
+                    "no policy in %s: every action is denied, the admin's too; docs/policy.md "
+                    "shows the default policy to start from",
+                    settings.policy_dir,
+                )
+            self.plugins = PluginHost(
+                self.store,
+                settings.plugins_dir,
+                settings.plugin_data_dir,
+                max_workers=settings.max_workers,
+                protect=settings.data_dir,
+                worker_user=settings.worker_user,
+            )
+            self.plugins.record_digests()  # copies installed before digests were kept
+            self.plugins.sweep_copies()  # replaced copies no server deleted
+            self.metrics = Metrics(inflight=lambda: self.quotas.total_inflight)
+            self.plugins.on_restart = self.metrics.count_plugin_restart
+            self.quotas = QuotaGate(
+                agent_concurrency=settings.max_concurrency,
+                max_timeout_s=settings.max_timeout_s,
+            )
+            limiter = (
+                RateLimiter(settings.rate_limit, settings.rate_burst)
+                if settings.rate_limit > 0
+                else None
+            )
+            self.agents = AgentService(
+                self.store,
+                self.audit,
+                policy=self.policy,
+                anonymous_agent=settings.anonymous_agent,
+                count_denials=self.metrics.count_denials,
+            )
+            # (a removal by a command detached its plugin in the store: agents' principals, kept
+            # for up to PRINCIPAL_TTL_S, would still list it for a plugin installed under its name)
+            self.plugins.on_reindex = self.agents.forget_all
+            self.kernel = Kernel(
+                plugins=self.plugins,
+                policy=self.policy,
+                audit=self.audit,
+                quotas=self.quotas,
+                metrics=self.metrics,
+                limiter=limiter,
+                agents=self.agents,
+            )
+            self.admin_token_hash: str | None = None  # None: the admin API refuses everyone
+            self._admin_token_seen: object = _UNSEEN  # the file's (inode, mtime, size) last read
+            self._admin_token: str | None = None  # the token in force
+            # a rotation a crash cut short: in force if its record was committed, else dropped
+            finish_admin_token_rotations(settings.admin_token_path, self.store)
+            head = self.store.audit_head()
+            self._admin_token_since = head.seq if head is not None else 0  # when it was taken up
+            self._admin_token_unrecorded: int | None = None  # (_refresh_admin_token_and_audit)
+            self._admin_token_refreshing = asyncio.Lock()
+            self.refresh_admin_token()
+            self._refresher: asyncio.Task[None] | None = None
+            self.audit.start()
+        except BaseException:  # (it may have made keys, a token, policies, a store)
+            self.claim.abandon()
+            raise
+        if not (hold_new and self.created):
+            self.claim.release()
 
     def record_what_governs(self, by: str = "start") -> None:
         """Record the policy set and the admin token in force when they are not what the
@@ -277,17 +298,11 @@ class Runtime:
         return SqliteStore(s.db_path, max_size_bytes=s.db_max_mb * 2**20 or None)
 
     def _prepare_data_dir(self) -> bool:
-        """Create the data dir layout and keys, and for a new one (True) the admin token and
-        default policy."""
+        """Create the data dir layout (in the claimed directory) and keys, and for a new one
+        (True) the admin token and default policy."""
         s = self.settings
         created = not s.db_path.exists()
         try:
-            try:
-                s.data_dir.mkdir(parents=True)
-            except FileExistsError:
-                pass  # the operator's directory (maybe /srv/x or shared): its mode is theirs
-            else:
-                os.chmod(s.data_dir, 0o700)  # ours: private whatever the umask
             s.keys_dir.mkdir(exist_ok=True)
             key_path = s.keys_dir / "signing.key"
             if not key_path.exists():

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ import anyio
 import pytest
 from click.testing import CliRunner, Result
 
+import mcp_zero.data_dir as claims
 from full_disk import on_a_full_disk
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.cli.main import main
+from mcp_zero.cli.serve import runtime_on
 from mcp_zero.config import load_settings
 from mcp_zero.kernel.action import Outcome
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
@@ -1439,3 +1442,110 @@ def test_a_setting_up_command_that_fails_leaves_no_data_dir_behind(tmp_path: Pat
         assert not runtime.store.first_start_done()
     finally:
         runtime.close()
+
+
+def _lock_on(directory: Path, pid: int) -> str | None:
+    """How process ``pid`` stands to a flock on ``directory``: "holds", "waits" or None."""
+    inode = f":{directory.stat().st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        waits = fields[1] == "->"
+        owner, lock = fields[5:7] if waits else fields[4:6]
+        if owner == str(pid) and lock.endswith(inode):
+            return "waits" if waits else "holds"
+    return None
+
+
+def _until_lock_or_exit(directory: Path, process: subprocess.Popen[str], stand: str) -> None:
+    """Return once ``process`` stands to a flock on ``directory`` as ``stand`` says, or ended."""
+    deadline = time.monotonic() + 30
+    while process.poll() is None and _lock_on(directory, process.pid) != stand:
+        assert time.monotonic() < deadline, f"the command never came to {stand} the lock"
+        time.sleep(0.005)
+
+
+class _FirstCommandFailed(Exception):
+    pass
+
+
+def _fail_first_command(data: Path, during: Callable[[Runtime], None]) -> None:
+    """Run a command on the data dir ``data`` (in this process) that calls ``during`` and
+    fails."""
+    with runtime_on(load_settings(None, {"data_dir": data}, environ={})) as runtime:
+        during(runtime)
+        raise _FirstCommandFailed
+
+
+def test_a_first_command_that_fails_removes_no_data_dir_another_command_used(
+    tmp_path: Path,
+) -> None:
+    # Two commands started together where no data dir was: the one that failed (a plugin
+    # that is not there) removed the data dir as one it had made, with the agent the other
+    # had created in it, its token shown (found by review). Now the other waits while the
+    # first one runs, and lays the data dir out anew once it is removed.
+    data = tmp_path / "data"
+    others: list[subprocess.Popen[str]] = []
+
+    def start_another(_: Runtime) -> None:
+        other = subprocess.Popen(
+            [MCP0, "agent", "create", "bob", "--data-dir", str(data)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        others.append(other)
+        _until_lock_or_exit(data, other, "waits")
+
+    with pytest.raises(_FirstCommandFailed):
+        _fail_first_command(data, start_another)
+    out, err = others[0].communicate(timeout=60)
+    assert others[0].returncode == 0, err
+    assert out.startswith("agent bob created")
+    assert [agent["name"] for agent in as_json(data, "agent", "list")] == ["bob"]
+
+
+def test_a_first_command_removes_no_data_dir_another_laid_out_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command that made the directory is not always the first to lock it: another that
+    # found it there may lay it out first, and it is theirs then
+    data = tmp_path / "data"
+    make = claims._make
+
+    def made_then_laid_out_by_another(path: Path) -> bool:
+        made = make(path)
+        subprocess.run([MCP0, "agent", "create", "bob", "--data-dir", str(path)], check=True)
+        return made
+
+    def laid_out_before(runtime: Runtime) -> None:
+        assert not runtime.created
+
+    monkeypatch.setattr(claims, "_make", made_then_laid_out_by_another)
+    with pytest.raises(_FirstCommandFailed):
+        _fail_first_command(data, laid_out_before)
+    monkeypatch.undo()
+    assert [agent["name"] for agent in as_json(data, "agent", "list")] == ["bob"]
+
+
+def test_a_data_dir_whose_layout_was_killed_midway_is_laid_out_by_the_next_command(
+    tmp_path: Path,
+) -> None:
+    # the claim dies with its process: a first command killed as it lays the data dir out
+    # (kill -9) leaves it to the next, not refused forever
+    data = tmp_path / "data"
+    first = subprocess.Popen(
+        [MCP0, "agent", "create", "ada", "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not data.exists():
+        assert first.poll() is None, "it ended without making the data dir"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    _until_lock_or_exit(data, first, "holds")
+    first.kill()
+    first.wait(timeout=30)
+    run(data, "agent", "create", "bob")
+    assert "bob" in [agent["name"] for agent in as_json(data, "agent", "list")]

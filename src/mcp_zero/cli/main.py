@@ -201,9 +201,10 @@ def _runtime(
         ctx = click.get_current_context(silent=True)
         runtime.record_what_governs(by=ctx.command_path if ctx is not None else "mcp0")
         yield runtime
-    if runtime.created:
-        # laid out by this command, not by `mcp0 serve`: a later serve installs no examples
-        runtime.store.finish_first_start()
+        if runtime.created:
+            # laid out by this command, not by `mcp0 serve`: a later serve installs no
+            # examples (marked before a serve waiting for the new data dir is let in)
+            runtime.store.finish_first_start()
     runtime.close()
 
 

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import socket
 import ssl
 import sys
@@ -138,24 +137,19 @@ def _listen_addresses(settings: Settings) -> list[str]:
 
 @contextlib.contextmanager
 def runtime_on(settings: Settings) -> Iterator[Runtime]:
-    """The runtime on ``settings``' data dir, closed if the block fails; a data dir it laid
-    out (none was there) is removed then, with all it made: a command or first start that
-    failed (a full disk, a refused first action) leaves none behind. When the block
-    succeeds, closing the runtime is the caller's."""
-    existed = settings.data_dir.exists()
-    try:
-        runtime = Runtime(settings)
-    except BaseException:  # (it may have made keys, a token, policies, a store)
-        if not existed:
-            shutil.rmtree(settings.data_dir, ignore_errors=True)
-        raise
+    """The runtime on ``settings``' data dir, closed if the block fails; a data dir it made
+    (none was there) is removed then, with all it made: a command or first start that
+    failed (a full disk, a refused first action) leaves none behind. Other processes wait
+    for a data dir it laid out until the block has ended (``Runtime.claim``): none has used
+    it when it is removed. When the block succeeds, closing the runtime is the caller's."""
+    runtime = Runtime(settings, hold_new=True)
     try:
         yield runtime
     except BaseException:
         runtime.close()
-        if runtime.created and not existed:
-            shutil.rmtree(settings.data_dir, ignore_errors=True)
+        runtime.claim.abandon()
         raise
+    runtime.claim.release()
 
 
 def _prepare(
