@@ -47,18 +47,20 @@ class DataDirClaim:
             self.release()
 
 
-def claim_data_dir(path: Path) -> DataDirClaim:
-    """Claim the data dir at ``path``, making it (private: mode 0700) if none is there, and
-    waiting while another process lays it out, or runs the command that made it.
+def claim_data_dir(path: Path, *, make: bool = True) -> DataDirClaim:
+    """Claim the data dir at ``path``, making it (private: mode 0700) if none is there and
+    ``make``, and waiting while another process lays it out, or runs the command that made
+    it.
 
-    Raises OSError (not a directory, one that cannot be made or read).
+    Raises OSError (not a directory, one that cannot be made or read), FileNotFoundError
+    when there is none and not ``make``.
     """
     while True:
-        made = _make(path)
+        made = make and _make(path)
         try:
             fd = os.open(path, _DIR_FLAGS)
         except FileNotFoundError:
-            if os.path.lexists(path):  # (a dangling symbolic link)
+            if not make or os.path.lexists(path):  # (or a dangling symbolic link)
                 raise
             continue  # removed since: by a process that made it and failed
         try:

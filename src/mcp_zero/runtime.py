@@ -136,11 +136,11 @@ def _check_store_not_lost(settings: Settings) -> None:
 class Runtime:
     """Everything one server process (or one CLI command) works with."""
 
-    def __init__(self, settings: Settings, *, hold_new: bool = False) -> None:
-        """The runtime on ``settings``' data dir, laid out if it is new. ``hold_new``: keep
-        the claim on a data dir this process laid out (``self.claim``: others wait) for the
-        caller to release, or to abandon if what it does with the runtime fails (which
-        removes the data dir if this process made it).
+    def __init__(self, settings: Settings, *, create: bool = True, hold_new: bool = False) -> None:
+        """The runtime on ``settings``' data dir, laid out if it is new; made if there is
+        none and ``create``. ``hold_new``: keep the claim on a data dir this process laid
+        out (``self.claim``: others wait) for the caller to release, or to abandon if what
+        it does with the runtime fails (which removes the data dir if this process made it).
 
         Raises ConfigError and StorageError (the data dir cannot be laid out or opened); a
         data dir this process made is removed then.
@@ -149,8 +149,14 @@ class Runtime:
         try:
             # before anything is read or laid out: of processes started together where no
             # data dir is, one lays it out (data_dir.py)
-            self.claim = claim_data_dir(settings.data_dir)
+            self.claim = claim_data_dir(settings.data_dir, make=create)
         except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and not create:
+                # (it was there as the command began: removed by the one that made it)
+                raise ConfigError(
+                    f"no MCP-ZERO data dir at {os.path.abspath(settings.data_dir)} any more: "
+                    "the command that was laying it out failed, and removed it"
+                ) from exc
             raise ConfigError(f"cannot prepare data dir {settings.data_dir}: {exc}") from exc
         try:
             # an existing store is opened first: another program's mcp0.db is refused before

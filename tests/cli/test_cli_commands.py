@@ -1549,3 +1549,32 @@ def test_a_data_dir_whose_layout_was_killed_midway_is_laid_out_by_the_next_comma
     first.wait(timeout=30)
     run(data, "agent", "create", "bob")
     assert "bob" in [agent["name"] for agent in as_json(data, "agent", "list")]
+
+
+def test_a_command_on_a_data_dir_removed_as_it_waited_for_it_fails_saying_so(
+    tmp_path: Path,
+) -> None:
+    # a command that needs an existing data dir found it there, as the one laying it out
+    # ran, and must not lay out a new one once that one failed and removed it
+    data = tmp_path / "data"
+    others: list[subprocess.Popen[str]] = []
+
+    def start_another(_: Runtime) -> None:
+        other = subprocess.Popen(
+            [MCP0, "admin", "rotate-token", "--data-dir", str(data)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        others.append(other)
+        _until_lock_or_exit(data, other, "waits")
+
+    with pytest.raises(_FirstCommandFailed):
+        _fail_first_command(data, start_another)
+    _, err = others[0].communicate(timeout=60)
+    assert others[0].returncode == 1
+    assert err == (
+        f"mcp0: error: no MCP-ZERO data dir at {data} any more: the command that was laying "
+        "it out failed, and removed it\n"
+    )
+    assert not data.exists()

@@ -196,7 +196,7 @@ def _runtime(
     from mcp_zero.cli.serve import runtime_on
 
     settings = _settings(config_file, data_dir)
-    with runtime_on(settings if create else _existing(settings)) as runtime:
+    with runtime_on(settings if create else _existing(settings), create=create) as runtime:
         # before the command decides anything under them
         ctx = click.get_current_context(silent=True)
         runtime.record_what_governs(by=ctx.command_path if ctx is not None else "mcp0")

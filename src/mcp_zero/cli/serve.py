@@ -136,13 +136,14 @@ def _listen_addresses(settings: Settings) -> list[str]:
 
 
 @contextlib.contextmanager
-def runtime_on(settings: Settings) -> Iterator[Runtime]:
-    """The runtime on ``settings``' data dir, closed if the block fails; a data dir it made
+def runtime_on(settings: Settings, *, create: bool = True) -> Iterator[Runtime]:
+    """The runtime on ``settings``' data dir (made if there is none and ``create``), closed
+    if the block fails; a data dir it made
     (none was there) is removed then, with all it made: a command or first start that
     failed (a full disk, a refused first action) leaves none behind. Other processes wait
     for a data dir it laid out until the block has ended (``Runtime.claim``): none has used
     it when it is removed. When the block succeeds, closing the runtime is the caller's."""
-    runtime = Runtime(settings, hold_new=True)
+    runtime = Runtime(settings, create=create, hold_new=True)
     try:
         yield runtime
     except BaseException:
@@ -366,7 +367,7 @@ def execute_once(settings: Settings, agent: str, tool: str, arguments: dict[str,
     from mcp_zero.rpc.admin import _NoBridge
 
     async def run() -> Any:
-        runtime = Runtime(settings)
+        runtime = Runtime(settings, create=False)
         try:
             principal = runtime.agents.principal(agent)
             await runtime.start(only=())  # one call: start only the plugin that serves it
