@@ -1146,6 +1146,74 @@ async def test_a_call_queued_while_its_plugin_is_replaced_is_checked_and_run_by_
     assert unprompted.value.data == {"path": "/arguments/title"}
 
 
+def overlapping_plugin(directory: Path, max_concurrency: int) -> Path:
+    """Plugin "overlap" at ``directory``, with ``max_concurrency`` slots: ``hold`` keeps its
+    slot (a plain handler) until its client answers; ``overlap`` runs for a moment and
+    returns the most of its calls its worker ever ran at once."""
+    directory.mkdir()
+    manifest = {
+        "name": "overlap",
+        "version": f"{max_concurrency}.0.0",
+        "abi": 1,
+        "entry": "overlap_plugin:plugin",
+        "quotas": {"max_concurrency": max_concurrency},
+        "tools": [
+            {"name": name, "description": name, "inputSchema": {"type": "object"}}
+            for name in ("hold", "overlap")
+        ],
+    }
+    (directory / "plugin.json").write_bytes(orjson.dumps(manifest))
+    (directory / "overlap_plugin.py").write_text(
+        "import asyncio\n"
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('overlap')\n"
+        "running = most = 0\n"
+        "@plugin.tool('hold')\n"
+        "def hold(ctx):\n"
+        "    return ctx.sample_sync('?')\n"
+        "@plugin.tool('overlap')\n"
+        "async def overlap(ctx):\n"
+        "    global running, most\n"
+        "    running += 1\n"
+        "    most = max(most, running)\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    running -= 1\n"
+        "    return str(most)\n"
+    )
+    return directory
+
+
+async def test_calls_queued_while_their_plugin_is_replaced_count_against_the_new_versions_slots(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # They took the old version's slots as its calls ended: lowering max_concurrency from 2
+    # to 1 let two of them run at once on the new one (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(overlapping_plugin(tmp_path / "two", 2))
+    client = SlowClient({"role": "assistant", "content": {"type": "text", "text": "42"}})
+    await runtime.start()
+    try:
+        ada = await new_agent(runtime, "ada", "overlap")
+        holders = [
+            asyncio.ensure_future(call(runtime, ada, "hold", {}, f"h{i}", client)) for i in range(2)
+        ]
+        queued = []
+        for i in range(2):
+            queued.append(asyncio.ensure_future(call(runtime, ada, "overlap", {}, f"q{i}", bridge)))
+            with anyio.fail_after(TIMEOUT_S):
+                while runtime.quotas.inflight("ada") < 3 + i:  # (the holders', and these)
+                    await asyncio.sleep(0.01)
+        runtime.install_plugin(overlapping_plugin(tmp_path / "one", 1), replace=True)
+        with anyio.fail_after(TIMEOUT_S):
+            assert await runtime.plugins.refresh() is True
+            client.answered.set()
+            answers = [(await q)["content"][0]["text"] for q in queued]
+            await asyncio.gather(*holders)
+    finally:
+        await runtime.aclose()
+    assert answers == ["1", "1"]
+
+
 # -- PluginSlot: the accounting of one call's slot -------------------------------------------
 
 

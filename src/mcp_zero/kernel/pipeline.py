@@ -220,12 +220,10 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         )
 
 
-async def _wait_for_slot(
-    slots: PluginSlots, agent: str, timeout: float, plugin: str, limit: int
-) -> None:
+async def _wait_for_slot(taking: Awaitable[None], timeout: float, plugin: str, limit: int) -> None:
     try:
         async with asyncio.timeout(timeout):
-            await slots.take(agent)
+            await taking
     except TimeoutError:
         raise ToolTimeout(
             f"plugin {plugin!r} stayed busy with {limit} calls (its max_concurrency) for "
@@ -367,6 +365,21 @@ class PluginSlot:
         self._regaining: asyncio.Lock | None = None  # made at the first question
         self._then: Callable[[str], None] | None = None  # (outlives_call)
 
+    @property
+    def slots(self) -> PluginSlots:
+        """The slots its slot is one of."""
+        return self._slots
+
+    async def move(self, slots: PluginSlots) -> None:
+        """Give the slot back and take one of ``slots`` (its plugin's new version's),
+        queuing for it as a new call would: for a call that has not begun to run."""
+        if self._held:
+            self._held = False
+            self._slots.give()
+        self._slots = slots
+        await slots.take(self._agent)
+        self._held = True
+
     def client_wait_started(self) -> None:
         """The call asked its client something: the slot is free for others meanwhile."""
         if self._closed:
@@ -471,7 +484,8 @@ class Kernel:
             "resourceTemplates": self.list_resource_templates,
             "prompts": self.list_prompts,
         }
-        self._slots: dict[tuple[str, int], PluginSlots] = {}
+        # each plugin's slots, with the runtime (the installed version) they are for
+        self._slots: dict[str, tuple[PluginRuntime, PluginSlots]] = {}
         # The in-flight gauge is the quota gate's count of calls admitted to their plugins
         # (unless the metrics were given a source of their own).
         metrics.inflight_from(lambda: quotas.total_inflight)
@@ -1011,14 +1025,14 @@ class Kernel:
             self.quotas.enter(principal.agent)
             slot: PluginSlot | None = None
             try:
-                slots = self._plugin_slots(plugin, quotas.max_concurrency)
+                slots = self._plugin_slots(plugin, runtime, quotas.max_concurrency)
                 t = time.perf_counter()
                 queued = starting = 0.0
                 if not slots.take_free():  # the plugin is busy: queue, within the time limit
                     if decided_under is None:
                         decided_under = self._in_force()
                     await _wait_for_slot(
-                        slots, principal.agent, timeout, plugin, quotas.max_concurrency
+                        slots.take(principal.agent), timeout, plugin, quotas.max_concurrency
                     )
                     queued = time.perf_counter() - t
                     metrics.observe_stage("quota", queued)
@@ -1042,6 +1056,17 @@ class Kernel:
                             quotas = self.plugins.manifests[plugin].quotas
                             limit = self.quotas.timeout_for(None, quotas.timeout_ms)
                             timeout = max(limit - queued - starting, 0.001)
+                            slots = self._plugin_slots(plugin, runtime, quotas.max_concurrency)
+                            if slot.slots is not slots:
+                                # the new version's max_concurrency holds it, not the old one's
+                                # (with the old slots, lowering it let as many run as before:
+                                # found by review); a wait, after which it is decided again
+                                decided_under = self._in_force()
+                                began = time.perf_counter()
+                                await _wait_for_slot(
+                                    slot.move(slots), timeout, plugin, quotas.max_concurrency
+                                )
+                                queued += time.perf_counter() - began
                         if runtime.ready():
                             break
                         # its worker is (re)starting (a crash, a slow import): a wait too, that
@@ -1219,13 +1244,15 @@ class Kernel:
             self, bridge, principal, plugin, slot, request_id=request_id, transport=transport
         )
 
-    def _plugin_slots(self, plugin: str, limit: int) -> PluginSlots:
-        """The slots holding a plugin to its manifest's max_concurrency calls at once."""
-        key = (plugin, limit)
-        slots = self._slots.get(key)
-        if slots is None:
-            slots = self._slots[key] = PluginSlots(limit)
-        return slots
+    def _plugin_slots(self, plugin: str, runtime: PluginRuntime, limit: int) -> PluginSlots:
+        """The slots holding ``runtime``, plugin ``plugin``'s, to its manifest's ``limit``
+        (max_concurrency) calls at once. Each version installed has its own: the calls a
+        replaced one runs finish on its slots, the calls admitted after count against the
+        new one's."""
+        held = self._slots.get(plugin)
+        if held is None or held[0] is not runtime:
+            held = self._slots[plugin] = (runtime, PluginSlots(limit))
+        return held[1]
 
     def log_internal_error(self, method: str, exc: BaseException) -> None:
         log.error("internal error handling %s", method, exc_info=exc)
