@@ -270,6 +270,8 @@ def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None
         ("max_workers", 5000),
         ("shutdown_grace_s", -1),
         ("shutdown_grace_s", float("inf")),
+        ("max_restart_backoff_s", -1),
+        ("max_restart_backoff_s", 3601),
         ("rate_limit", float("inf")),
         ("rate_limit", float("nan")),
         ("max_timeout_s", float("inf")),
@@ -494,6 +496,7 @@ _KINDS: dict[str, set[str]] = {
     **{n: {"int"} for n in ("max_sessions", "max_sessions_per_agent")},
     **{n: {"int", "float"} for n in ("rate_limit", "max_timeout_s", "shutdown_grace_s")},
     **{n: {"int", "float"} for n in ("audit_window_ms", "session_idle_s")},
+    "max_restart_backoff_s": {"int", "float"},
     **{n: {"bool"} for n in ("examples", "metrics_public")},
     **{n: {"str"} for n in ("data_dir", "tls_cert", "tls_key", "host", "anonymous_agent")},
     "log_level": set(),  # a string, but "x" is no level

@@ -20,6 +20,7 @@ from typing import Any
 from mcp_zero.audit.log import DEFAULT_MAX_BATCH, DEFAULT_WINDOW
 from mcp_zero.errors import ConfigError
 from mcp_zero.sandbox.ownership import WORKER_USER
+from mcp_zero.sandbox.process import MAX_RESTART_BACKOFF_S
 
 DEFAULT_PORT = 8390
 #: Worker processes of all plugins together (``max_workers``): each is a Python process
@@ -43,6 +44,8 @@ class Settings:
     max_timeout_s: float = 300.0
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long requests in flight may still run
     max_workers: int = DEFAULT_MAX_WORKERS  # plugin worker processes, all plugins together
+    # the longest wait before a worker that keeps dying as it starts is started again
+    max_restart_backoff_s: float = MAX_RESTART_BACKOFF_S
     db_max_mb: int = 0  # cap on the SQLite file (small devices); 0: only the disk limits it
     # Group commit of audit events: a batch gathers for up to audit_window_ms after its
     # first event, or until audit_max_batch events wait (see mcp_zero.audit.log).
@@ -375,6 +378,7 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("max_concurrency", 1, 1 << 31),
     ("max_timeout_s", 1e-3, 7 * 86_400),
     ("max_workers", 1, 4096),
+    ("max_restart_backoff_s", 0, 3600),
     ("shutdown_grace_s", 0, 3600),
     ("audit_window_ms", 0, 60_000),
     ("audit_max_batch", 1, 1 << 20),

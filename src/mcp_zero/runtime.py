@@ -189,6 +189,7 @@ class Runtime:
                 max_workers=settings.max_workers,
                 protect=settings.data_dir,
                 worker_user=settings.worker_user,
+                max_restart_backoff_s=settings.max_restart_backoff_s,
             )
             self.plugins.record_digests()  # copies installed before digests were kept
             self.plugins.sweep_copies()  # replaced copies no server deleted

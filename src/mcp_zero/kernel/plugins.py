@@ -49,7 +49,7 @@ from mcp_zero.sandbox.manifest import (
     parse_manifest,
 )
 from mcp_zero.sandbox.ownership import WORKER_USER, readable_to_all
-from mcp_zero.sandbox.process import ProcessRuntime, retried
+from mcp_zero.sandbox.process import MAX_RESTART_BACKOFF_S, ProcessRuntime, retried
 from mcp_zero.security.files import sync_directory
 from mcp_zero.storage.base import PluginRecord, Store
 from mcp_zero.uri import normal_uri
@@ -583,10 +583,12 @@ class PluginHost:
         max_workers: int = DEFAULT_MAX_WORKERS,
         protect: Path | None = None,
         worker_user: str = WORKER_USER,
+        max_restart_backoff_s: float = MAX_RESTART_BACKOFF_S,
     ) -> None:
         self.store = store
         # Who a root server's workers run as (the worker_user setting)
         self.worker_user = worker_user
+        self.max_restart_backoff_s = max_restart_backoff_s
         # Workers must not reach this directory (the server's data dir) but for their own
         # parts of it: their plugin's copy and data dir.
         self.protect = protect
@@ -1032,6 +1034,7 @@ class PluginHost:
             on_restart=self._restarted,
             protect=self.protect,
             worker_user=self.worker_user,
+            max_restart_backoff_s=self.max_restart_backoff_s,
         )
 
     def _restarted(self, plugin: str) -> None:

@@ -57,7 +57,9 @@ from mcp_zero.sandbox.worker_process import WorkerProcess
 JSON = dict[str, Any]
 # A worker that dies sooner than this after starting counts as failing to start.
 _EARLY_DEATH_S = 1.0
-_MAX_BACKOFF_S = 2.0
+#: The longest wait before a worker that keeps dying as it starts is started again (the
+#: server's ``max_restart_backoff_s``).
+MAX_RESTART_BACKOFF_S = 2.0
 # Past this many early deaths in a row, restart only when a call needs a worker.
 _EAGER_RESTARTS = 5
 
@@ -65,9 +67,10 @@ _EAGER_RESTARTS = 5
 logger = logging.getLogger(__name__)
 
 
-def _backoff(failures: int) -> float:
-    """How long a slot waits before it starts a worker after ``failures`` in a row."""
-    return min(0.05 * 2.0 ** (failures - 1), _MAX_BACKOFF_S)
+def _backoff(failures: int, longest: float) -> float:
+    """How long a slot waits before it starts a worker after ``failures`` in a row: 50 ms,
+    doubling each time up to ``longest``."""
+    return min(0.05 * 2.0 ** (failures - 1), longest)
 
 
 def retried(failure: BaseException) -> bool:
@@ -84,6 +87,8 @@ class ProcessRuntime:
     ``plugin_dir`` holds ``plugin.json`` and the code; ``data_dir`` is the plugin's
     private writable directory (created if missing). All call methods are safe to
     use concurrently and raise what :class:`~mcp_zero.sandbox.base.PluginRuntime` says.
+    A worker that keeps dying as it starts is started again after 50 ms, doubling each time
+    up to ``max_restart_backoff_s``.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class ProcessRuntime:
         on_restart: Callable[[str], None] | None = None,
         protect: str | Path | None = None,
         worker_user: str = WORKER_USER,
+        max_restart_backoff_s: float = MAX_RESTART_BACKOFF_S,
     ) -> None:
         self.name = manifest.name
         #: Told (with the plugin's name) each time a worker that died or was killed (a call
@@ -111,6 +117,7 @@ class ProcessRuntime:
         self._protect = str(Path(protect).resolve()) if protect is not None else ""
         self._start_timeout = start_timeout
         self._grace = cancel_grace
+        self._max_backoff = max_restart_backoff_s
         n = manifest.quotas.workers
         self._slots: list[WorkerProcess | None] = [None] * n
         self._starting: list[asyncio.Task[WorkerProcess] | None] = [None] * n
@@ -261,7 +268,7 @@ class ProcessRuntime:
         try:
             failures = self._failures[slot]
             if failures:
-                await asyncio.sleep(_backoff(failures))
+                await asyncio.sleep(_backoff(failures, self._max_backoff))
             worker = WorkerProcess(
                 self.name,
                 self._argv,
@@ -300,13 +307,14 @@ class ProcessRuntime:
         as a crashed worker's slot, then when a call needs it. A worker killed as it started
         (an OOM kill) left its plugin failed until a reinstall or restart (found by review)."""
         failures = self._failures[slot]
+        wait = _backoff(failures, self._max_backoff)
         notes = [f"failed {failures} times in a row"] if failures > 1 else []
         again = retried(exc) and not self._closed
         if again and failures <= _EAGER_RESTARTS:
-            notes.append(f"started again in {_backoff(failures):g} s")
+            notes.append(f"started again in {wait:g} s")
             asyncio.get_running_loop().call_soon(self._restart_slot, slot)
         elif again:
-            notes.append(f"started again by the next call, after {_backoff(failures):g} s")
+            notes.append(f"started again by the next call, after {wait:g} s")
         if notes:
             exc.message = f"{exc.message} ({'; '.join(notes)})"
             exc.args = (exc.message,)
