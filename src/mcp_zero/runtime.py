@@ -23,6 +23,7 @@ from mcp_zero.audit.log import AuditLog
 from mcp_zero.config import Settings
 from mcp_zero.data_dir import claim_data_dir
 from mcp_zero.errors import ConfigError, Conflict, PolicyError, StorageError
+from mcp_zero.kernel import plugin_data
 from mcp_zero.kernel.action import Outcome, Verb
 from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, LOAD_POLICIES, admin_decision, admin_event
 from mcp_zero.kernel.admin_token import (
@@ -34,6 +35,7 @@ from mcp_zero.kernel.admin_token import (
 )
 from mcp_zero.kernel.agents import AgentService, state_digest
 from mcp_zero.kernel.pipeline import Kernel
+from mcp_zero.kernel.plugin_data import SetAside
 from mcp_zero.kernel.plugins import Installed, PluginHost, Removal
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.defaults import write_default_policies
@@ -432,11 +434,17 @@ class Runtime:
         return token
 
     def install_plugin(
-        self, path: Path, *, replace: bool = False, adopt_data: bool = False, via: str = "cli"
+        self,
+        path: Path,
+        *,
+        replace: bool = False,
+        adopt_data: bool | str = False,
+        via: str = "cli",
     ) -> PluginManifest:
         """Install the plugin at ``path`` as the admin: decided by policy, audited. With
-        ``adopt_data`` it gets the data a removed plugin of its name left (its record says
-        which: ``adopted_data``, the directory's name under plugin-data/).
+        ``adopt_data`` it gets data a removed plugin of its name left: the set-aside dir it
+        names, or (True) the one there is (its record says which: ``adopted_data``, the
+        directory's name under plugin-data/).
 
         Raises PolicyDenied, ManifestError, Conflict (see ``PluginHost.install``).
         """
@@ -483,6 +491,28 @@ class Runtime:
                         "detached_from": removal.detached,
                         "data_kept": None if removal.data_kept is None else removal.data_kept.name,
                     },
+                ),
+            ),
+        )
+
+    def purge_plugin_data(self, directory: str, *, via: str = "cli") -> SetAside:
+        """Delete ``directory``, a data dir a removal set aside in plugin-data/, as the admin:
+        decided by policy (``purge_plugin_data`` on its plugin), audited (``data_purged``:
+        its name, with its ``bytes``). Raises NotFound, PolicyDenied, StorageError."""
+        where = self.settings.plugin_data_dir
+        aside = plugin_data.find(where, directory)
+        decided = self._authorize(Verb.PURGE_PLUGIN_DATA, aside.plugin, via)
+        return plugin_data.purge(
+            where,
+            directory,
+            lambda write: self.audit.append_with(
+                write,
+                lambda purged: admin_event(
+                    Verb.PURGE_PLUGIN_DATA,
+                    purged.plugin,
+                    via,
+                    Outcome.ALLOWED,
+                    {**decided, "data_purged": purged.dir, "bytes": purged.bytes},
                 ),
             ),
         )

@@ -411,6 +411,72 @@ def test_a_plugin_installed_under_a_removed_ones_name_gets_its_data_only_when_to
     assert [r.get("adopted_data") for r in installs] == [None, None, kept.name]
 
 
+def set_aside_twice(data_dir: Path) -> list[str]:
+    """Plugin notes installed and removed twice, its data dir holding "first", then "second":
+    the names of the two data dirs its removals set aside, oldest first."""
+    kept = []
+    for text in ("first", "second"):
+        run(data_dir, "plugin", "install", str(NOTES_DIR))
+        (data_dir / "plugin-data" / "notes").mkdir(parents=True)
+        (data_dir / "plugin-data" / "notes" / "data.txt").write_text(text)
+        kept.append(Path(as_json(data_dir, "plugin", "remove", "notes")["data_kept"]).name)
+    return kept
+
+
+def test_adopt_data_takes_the_set_aside_dir_it_names_and_will_not_choose_among_several(
+    data_dir: Path,
+) -> None:
+    # It took the last one set aside, whichever plugin of the name had left it (found by
+    # review)
+    first, second = set_aside_twice(data_dir)
+    refused = run(data_dir, "plugin", "install", str(NOTES_DIR), "--adopt-data", ok=False)
+    assert refused.exit_code == 1
+    assert f"left data in {data_dir / 'plugin-data'}: {first}, {second}; name" in refused.stderr
+    assert as_json(data_dir, "plugin", "list") == []
+    unknown = run(
+        data_dir, "plugin", "install", "--adopt-data", "notes.removed-x", str(NOTES_DIR), ok=False
+    )
+    assert unknown.exit_code == 1
+    assert "no data dir 'notes.removed-x' of plugin 'notes'" in unknown.stderr
+    run(data_dir, "plugin", "install", "--adopt-data", first, str(NOTES_DIR))
+    assert (data_dir / "plugin-data" / "notes" / "data.txt").read_text() == "first"
+    [install] = [r for r in as_json(data_dir, "audit", "list") if r.get("adopted_data")]
+    assert install["adopted_data"] == first
+    # now one holds data: the bare flag, even before PATH, takes it
+    run(data_dir, "plugin", "remove", "notes")
+    run(data_dir, "plugin", "purge-data", second)
+    run(data_dir, "plugin", "install", "--adopt-data", str(NOTES_DIR))
+    assert (data_dir / "plugin-data" / "notes" / "data.txt").read_text() == "first"
+
+
+def test_removed_data_lists_what_removals_set_aside_and_purge_data_deletes_it_audited(
+    data_dir: Path,
+) -> None:
+    first, second = set_aside_twice(data_dir)
+    listed = as_json(data_dir, "plugin", "removed-data")
+    assert [(e["name"], e["dir"], e["bytes"]) for e in listed] == [
+        ("notes", first, len("first")),
+        ("notes", second, len("second")),
+    ]
+    assert listed[0]["path"] == str(data_dir / "plugin-data" / first)
+    assert listed[0]["removed_at"] < listed[1]["removed_at"]
+    assert listed[0]["removed_at"].endswith("Z")
+    assert run(data_dir, "plugin", "removed-data").stdout.splitlines()[1].startswith(second)
+    purged = as_json(data_dir, "plugin", "purge-data", first)
+    assert purged == {"purged": [listed[0]]}
+    assert not (data_dir / "plugin-data" / first).exists()
+    assert as_json(data_dir, "plugin", "purge-data", "--older-than", "1") == {"purged": []}
+    assert as_json(data_dir, "plugin", "purge-data", "--older-than", "0") == {"purged": [listed[1]]}
+    assert os.listdir(data_dir / "plugin-data") == []
+    assert run(data_dir, "plugin", "removed-data").stdout == "no data set aside\n"
+    records = [r for r in as_json(data_dir, "audit", "list") if r["verb"] == "purge_plugin_data"]
+    assert [(r["resource"], r["data_purged"], r["bytes"]) for r in records] == [
+        ("notes", first, len("first")),
+        ("notes", second, len("second")),
+    ]
+    assert all(r["outcome"] == "allowed" for r in records)
+
+
 def test_recover_prints_a_reason_with_control_characters_escaped(data_dir: Path) -> None:
     # the one text output left unescaped (found by review)
     run(data_dir, "plugin", "install", str(NOTES_DIR))

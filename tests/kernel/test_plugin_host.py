@@ -28,6 +28,7 @@ from mcp_zero.errors import (
     PluginNotFound,
     StorageError,
 )
+from mcp_zero.kernel import plugin_data
 from mcp_zero.kernel.action import Principal
 from mcp_zero.kernel.plugins import (
     MAX_OVERLAP_STEPS,
@@ -340,6 +341,10 @@ async def test_a_removal_or_adoption_rolled_back_puts_the_data_dir_back(
     assert (kept / "users.db").read_text() == "alice's"
     assert not data.exists()
     assert runtime.store.get_plugin("faulty") is None
+    with pytest.raises(StorageError):  # a purge too: the data dir is back where it was
+        plugin_data.purge(runtime.settings.plugin_data_dir, kept.name, failing)
+    assert (kept / "users.db").read_text() == "alice's"
+    assert [a.dir for a in plugin_data.set_aside(runtime.settings.plugin_data_dir)] == [kept.name]
 
 
 class HeldBridge:

@@ -8,6 +8,7 @@ print the usage line before it and exit with status 2.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import json
 import os
@@ -514,28 +515,44 @@ def plugin() -> None:
     """Install, inspect and remove plugins."""
 
 
+_PLUGIN_DIR = click.Path(path_type=Path, exists=True, file_okay=False)
+
+
 @plugin.command("install")
 @_common
-@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+# (not required of click: see "--adopt-data PATH" below)
+@click.argument("path", type=_PLUGIN_DIR, required=False, metavar="PATH")
 @click.option("--replace", is_flag=True, help="Replace an installed plugin of the same name.")
 @click.option(
     "--adopt-data",
-    is_flag=True,
-    help="Give it the data a removed plugin of the same name left in plugin-data/ "
-    "(installing that plugin again).",
+    type=_TEXT,
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[DIR]",
+    help="Give it data a removed plugin of the same name left in plugin-data/ (installing "
+    "that plugin again): the set-aside DIR 'mcp0 plugin removed-data' lists, or without "
+    "DIR the one there is.",
 )
 @_errors
 def plugin_install(
     config_file: Path | None,
     data_dir: Path | None,
     as_json: bool,
-    path: Path,
+    path: Path | None,
     replace: bool,
-    adopt_data: bool,
+    adopt_data: str | None,
 ) -> None:
     """Install the plugin in directory PATH (it holds plugin.json)."""
+    if path is None:
+        if not adopt_data:
+            raise click.UsageError("missing argument 'PATH'", click.get_current_context())
+        # "--adopt-data PATH": click took the plugin's directory for the option's DIR
+        path = _PLUGIN_DIR.convert(adopt_data, None, click.get_current_context())
+        adopt_data = ""
+    adopt = False if adopt_data is None else adopt_data or True
     with _runtime(config_file, data_dir, create=True) as rt:
-        manifest = rt.install_plugin(path, replace=replace, adopt_data=adopt_data)
+        manifest = rt.install_plugin(path, replace=replace, adopt_data=adopt)
     view = {
         "name": manifest.name,
         "version": manifest.version,
@@ -601,10 +618,73 @@ def plugin_remove(
     if kept is not None:
         text += (
             f"; its data is set aside in {kept}: a plugin installed later under this name gets it "
-            "only with 'mcp0 plugin install --adopt-data'"
+            f"only with 'mcp0 plugin install PATH --adopt-data {kept.name}' ('mcp0 plugin "
+            "purge-data' deletes it)"
         )
     view = {"name": name, "removed": True, "detached_from": detached}
     _out(as_json, {**view, "data_kept": None if kept is None else str(kept)}, _escaped(text))
+
+
+@plugin.command("removed-data")
+@_common
+@_errors
+def plugin_removed_data(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """List the data dirs removed plugins left, set aside in plugin-data/."""
+    from mcp_zero.kernel.plugin_data import set_aside
+
+    settings = _existing(_settings(config_file, data_dir))
+    found = set_aside(settings.plugin_data_dir)
+    lines = [
+        f"{_escaped(a.dir):48} {a.removed_at:%Y-%m-%d %H:%M:%S}Z {_size(a.bytes):>10}"
+        for a in found
+    ]
+    _out(as_json, [a.to_json() for a in found], "\n".join(lines) or "no data set aside")
+
+
+@plugin.command("purge-data")
+@_common
+@click.argument("dirs", nargs=-1, type=_TEXT, metavar="[DIR]...")
+@click.option(
+    "--older-than",
+    type=_WholeNumber(min=0, max=1 << 20),
+    default=None,
+    metavar="DAYS",
+    help="Every set-aside data dir whose plugin was removed over DAYS days ago.",
+)
+@_errors
+def plugin_purge_data(
+    config_file: Path | None,
+    data_dir: Path | None,
+    as_json: bool,
+    dirs: tuple[str, ...],
+    older_than: int | None,
+) -> None:
+    """Delete data dirs removed plugins left (each DIR as 'mcp0 plugin removed-data' lists
+    it, or those --older-than says); each deletion is audited."""
+    from mcp_zero.kernel.plugin_data import find, set_aside
+
+    if bool(dirs) == (older_than is not None):
+        raise click.UsageError("give the DIRs to delete, or --older-than DAYS (not both)")
+    settings = _existing(_settings(config_file, data_dir))
+    if older_than is None:
+        doomed = [find(settings.plugin_data_dir, d).dir for d in dict.fromkeys(dirs)]
+    else:
+        before = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=older_than)
+        doomed = [a.dir for a in set_aside(settings.plugin_data_dir) if a.removed_at < before]
+    with _runtime(config_file, data_dir) as rt:
+        purged = [rt.purge_plugin_data(d) for d in doomed]
+    lines = [f"deleted {_escaped(a.dir)} ({_size(a.bytes)})" for a in purged]
+    _out(as_json, {"purged": [a.to_json() for a in purged]}, "\n".join(lines) or "none to delete")
+
+
+def _size(n: int) -> str:
+    """``n`` bytes, for a reader."""
+    size, unit = float(n), "B"
+    for larger in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, larger
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 # -- audit and policy -------------------------------------------------------------------------

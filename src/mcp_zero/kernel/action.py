@@ -23,6 +23,7 @@ class Verb(StrEnum):
     RECOVER_AGENT = "recover_agent"
     INSTALL_PLUGIN = "install_plugin"
     REMOVE_PLUGIN = "remove_plugin"
+    PURGE_PLUGIN_DATA = "purge_plugin_data"  # delete the data a removal set aside
 
 
 class Outcome(StrEnum):

@@ -41,6 +41,7 @@ from mcp_zero.errors import (
     shown,
 )
 from mcp_zero.fdio import file_kind
+from mcp_zero.kernel import plugin_data
 from mcp_zero.sandbox.base import PluginRuntime
 from mcp_zero.sandbox.manifest import (
     PluginManifest,
@@ -544,10 +545,6 @@ _T = TypeVar("_T")
 #: when its transaction is rolled back (the audit log retries it after another process's).
 Commit = Callable[[Callable[[], _T]], _T]
 
-#: What a removed plugin's data dir is renamed to: ``<name>.removed-<UTC time>``, a name no
-#: plugin can have (plugin names hold no dot).
-_REMOVED = ".removed-"
-
 
 @dataclass(frozen=True)
 class Installed:
@@ -626,7 +623,7 @@ class PluginHost:
         source: Path,
         *,
         replace: bool = False,
-        adopt_data: bool = False,
+        adopt_data: bool | str = False,
         commit: Commit[Installed] | None = None,
     ) -> PluginManifest:
         """Validate the plugin at ``source``, copy it into the data dir and record it.
@@ -638,8 +635,11 @@ class PluginHost:
         (``_check_unique``), or when a removed plugin of its name left data, which it gets
         only if ``adopt_data`` (``_check_data``); of two installs racing (from two
         processes), one gets Conflict. StorageError when the copy cannot be made. With
-        ``adopt_data``, a plugin of a name none is installed under is given the data dir the
-        last removal of the name set aside (``remove``), in its transaction.
+        ``adopt_data``, a plugin of a name none is installed under is given, in its
+        transaction, a data dir a removal of the name set aside (``remove``): the one
+        ``adopt_data`` names (NotFound if it is none), or with ``adopt_data`` True the one
+        that holds data (Conflict if several do: which one is the operator's to say).
+        Naming one for a plugin installed, or one whose data dir holds data, is a Conflict.
         """
         source = source.resolve()  # (a link to the directory names it; copied without one)
         _check_holds_no_data_dir(source, self.protect or self.plugins_dir.parent)
@@ -648,7 +648,9 @@ class PluginHost:
 
         def check(installed: list[PluginRecord]) -> None:
             _check_unique(manifest, installed, replace)
-            if not adopt_data:
+            if adopt_data:
+                self._check_adoptable(manifest.name, installed, adopt_data)
+            else:
                 self._check_data(manifest.name, installed)
 
         check(self.store.list_plugins())  # before copying it all
@@ -710,12 +712,12 @@ class PluginHost:
                     return Installed(replaced, None)
                 if self.left_data(manifest.name) is not None:
                     return Installed(None, manifest.name)  # left by a removal before set-asides
-                aside = self._removed_data(manifest.name)
+                aside = plugin_data.to_adopt(self.plugin_data_dir, manifest.name, adopt_data)
                 if aside is None:
                     return Installed(None, None)
-                self._rename_data(aside.name, self.plugin_data_dir / manifest.name)
-                adopted.append(aside)
-                return Installed(None, aside.name)
+                self._rename_data(aside.dir, self.plugin_data_dir / manifest.name)
+                adopted.append(aside.path)
+                return Installed(None, aside.dir)
 
             try:
                 replaced = (commit or _now)(write).replaced
@@ -749,15 +751,28 @@ class PluginHost:
                 "out of the way first"
             )
 
-    def _removed_data(self, name: str) -> Path | None:
-        """The data dir the last removal of plugin ``name`` set aside, if any."""
-        try:
-            removed = [e for e in os.listdir(self.plugin_data_dir) if e.startswith(name + _REMOVED)]
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.plugin_data_dir}: {exc}") from exc
-        return self.plugin_data_dir / max(removed) if removed else None  # (UTC times sort)
+    def _check_adoptable(
+        self, name: str, installed: list[PluginRecord], choice: bool | str
+    ) -> None:
+        """Raise what adopting ``choice`` (``install``'s ``adopt_data``) would: Conflict when
+        a set-aside data dir is named for a plugin installed (it has its own) or whose data
+        dir holds data, or when several may be meant; NotFound when the one named is none."""
+        if any(r.name == name for r in installed):
+            if isinstance(choice, str):
+                raise Conflict(
+                    f"plugin {name!r} is installed, with a data dir of its own: --adopt-data "
+                    f"{choice} gives set-aside data only to a plugin installed anew (remove "
+                    "it first)"
+                )
+            return  # (a replace keeps its data dir)
+        left = self.left_data(name)
+        if left is not None and isinstance(choice, str):
+            raise Conflict(
+                f"{left} holds data already, which {choice} would replace: move it out of "
+                "the way first"
+            )
+        if left is None:
+            plugin_data.to_adopt(self.plugin_data_dir, name, choice)
 
     def _rename_data(self, name: str, to: Path) -> None:
         """Rename ``name`` under plugin-data/ to ``to``, whose place may hold an empty data
@@ -774,21 +789,10 @@ class PluginHost:
             ) from exc
 
     def left_data(self, name: str) -> Path | None:
-        """The data dir of plugin ``name`` if it holds data: more than the empty ``.tmp``
-        its workers are given (one that cannot be read is taken to hold some)."""
+        """The data dir of plugin ``name`` if it holds data (``plugin_data.holds_data``; a
+        file in its way is no plugin's data: its start says so)."""
         data_dir = self.plugin_data_dir / name
-        try:
-            entries = os.listdir(data_dir)
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # (a file in its way is no plugin's data: its start says so)
-        except OSError:
-            return data_dir
-        if entries == [".tmp"]:
-            try:
-                entries = os.listdir(data_dir / ".tmp")
-            except OSError:
-                return data_dir
-        return data_dir if entries else None
+        return data_dir if plugin_data.holds_data(data_dir) else None
 
     def copy_path(self, record: PluginRecord) -> Path:
         """The directory of ``record``'s installed copy: always ``plugins/<name>/<copy>`` of
@@ -860,8 +864,8 @@ class PluginHost:
             removed[:] = [record]
             if not os.path.lexists(self.plugin_data_dir / name):
                 return Removal(detached, None)
-            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            to = self.plugin_data_dir / f"{name}{_REMOVED}{stamp}"
+            now = datetime.datetime.now(datetime.UTC)
+            to = self.plugin_data_dir / plugin_data.aside_name(name, now)
             self._rename_data(name, to)
             aside.append(to)
             return Removal(detached, to)

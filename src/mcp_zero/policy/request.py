@@ -8,7 +8,8 @@ Target by verb:
 - ``get_prompt``: ``Prompt::"<name>"`` in its plugin
 - ``client_request``: ``ClientRequest::"<method>"`` in the plugin that asks
 - ``complete``: ``Resource`` when the target has a URI scheme (contains ``:``), else ``Prompt``
-- ``list_tools``, ``install_plugin``, ``remove_plugin``: ``Plugin::"<plugin or resource>"``
+- ``list_tools``, ``install_plugin``, ``remove_plugin``, ``purge_plugin_data``:
+  ``Plugin::"<plugin or resource>"``
 - agent verbs (``spawn_agent``, ``attach_plugin``, ...): ``Agent::"<resource>"``; only the
   principal's own entity carries attributes, another agent is known by id alone.
 """
@@ -47,6 +48,7 @@ _TARGET_TYPES: dict[Verb, str] = {
     Verb.LIST_TOOLS: PLUGIN,
     Verb.INSTALL_PLUGIN: PLUGIN,
     Verb.REMOVE_PLUGIN: PLUGIN,
+    Verb.PURGE_PLUGIN_DATA: PLUGIN,
     Verb.SPAWN_AGENT: AGENT,
     Verb.TERMINATE_AGENT: AGENT,
     Verb.ATTACH_PLUGIN: AGENT,
