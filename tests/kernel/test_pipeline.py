@@ -1061,6 +1061,41 @@ when { principal.plugins.contains(resource.plugin) };
 """
 
 
+NO_ASKING_WITH_VIC = """
+@id("no-asking-with-vic")
+forbid (principal, action == Action::"client_request", resource)
+when { principal.plugins.contains("vic") };
+"""
+
+
+async def test_a_call_decided_again_asks_its_client_as_the_principal_of_that_decision(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # Its questions to the client were decided for the principal it started with: an agent
+    # given another plugin while the call queued asked as it was before (found by review)
+    runtime: Runtime = make_runtime()
+    async with slot_held(runtime, tmp_path) as (ada, client, _):
+        runtime.install_plugin(announcing_plugin(tmp_path, "vic"))
+        with anyio.fail_after(TIMEOUT_S):
+            assert await runtime.plugins.refresh() is True
+        (runtime.settings.policy_dir / "no-asking.cedar").write_text(NO_ASKING_WITH_VIC)
+        runtime.policy.reload()
+        method = "sampling/createMessage"
+        queued = asyncio.ensure_future(
+            call(runtime, ada, "ask_client", {"method": method}, "a", bridge)
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            while runtime.quotas.inflight("ada") < 2:  # (the holder's, and this one)
+                await asyncio.sleep(0.01)
+        await runtime.agents.attach("ada", "vic")
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S):
+            answer = await queued
+        [asked] = records(runtime, request_id="a", verb="client_request")
+    assert answer["content"][0]["text"].startswith("refused:")
+    assert (asked["outcome"], asked["policies"]) == ("denied", ["no-asking-with-vic"])
+
+
 async def test_a_call_queued_for_a_slot_meets_an_audit_before_obligation_put_in_force_meanwhile(
     make_runtime: Any, tmp_path: Path, bridge: Any
 ) -> None:

@@ -696,9 +696,7 @@ class Kernel:
                 data={"path": "/arguments"},
             )
         # (a partial, not a closure: no cell per variable it would capture, on every call)
-        run = functools.partial(
-            self._run_tool, name, arguments, bridge, principal, request_id, transport
-        )
+        run = functools.partial(self._run_tool, name, arguments, bridge, request_id, transport)
         return self._govern(
             Action(principal, Verb.CALL_TOOL, name, plugin, arguments, {"transport": transport}),
             "tools/call",
@@ -713,9 +711,9 @@ class Kernel:
         name: str,
         arguments: JSON,
         bridge: ClientBridge,
-        principal: Principal,
         request_id: RequestId,
         transport: str,
+        principal: Principal,
         runtime: PluginRuntime,
         timeout: float,
         slot: PluginSlot,
@@ -763,7 +761,9 @@ class Kernel:
         uri = normal_uri(uri)  # the plugin, the policy and the audit see one form of it
         plugin = self.plugins.resource_owner(uri)
 
-        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
+        async def run(
+            principal: Principal, runtime: PluginRuntime, timeout: float, slot: PluginSlot
+        ) -> JSON:
             return await runtime.read_resource(
                 uri,
                 agent=principal.agent,
@@ -799,7 +799,9 @@ class Kernel:
         plugin = hit[0] if hit is not None else None
         digest = _arguments_digest(arguments)  # (computed for the audit record anyway)
 
-        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
+        async def run(
+            principal: Principal, runtime: PluginRuntime, timeout: float, slot: PluginSlot
+        ) -> JSON:
             # as its plugin serves it now: one replaced while the call waited, anew
             owner, prompt = self.plugins.prompts[name]
             declared = [arg["name"] for arg in prompt.get("arguments", [])]
@@ -869,7 +871,9 @@ class Kernel:
                 None,
             )
 
-        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
+        async def run(
+            principal: Principal, runtime: PluginRuntime, timeout: float, slot: PluginSlot
+        ) -> JSON:
             return await runtime.complete(
                 ref, argument, context, agent=principal.agent, timeout=timeout
             )
@@ -941,7 +945,9 @@ class Kernel:
         refused calls — over the rate limit it is refused as such — and raise ``refusal``.
         ``detail`` goes into the record (a subscription's ``method``)."""
 
-        async def run(runtime: PluginRuntime, timeout: float, slot: PluginSlot) -> JSON:
+        async def run(
+            principal: Principal, runtime: PluginRuntime, timeout: float, slot: PluginSlot
+        ) -> JSON:
             raise AssertionError("a refused request does not run")  # pragma: no cover
 
         await self._govern(
@@ -976,14 +982,15 @@ class Kernel:
         action: Action,
         method: str,
         request_id: RequestId,
-        run: Callable[[PluginRuntime, float, PluginSlot], Awaitable[JSON]],
+        run: Callable[[Principal, PluginRuntime, float, PluginSlot], Awaitable[JSON]],
         refused: McpZeroError | None,
         detail: JSON,
     ) -> JSON:
-        """Govern ``action``: ``run`` it in its plugin's runtime if the rate limit, the
-        policy, the quotas and the audit log let it, or raise ``refused`` (a target that
-        does not exist, arguments that cannot be carried) once the rate limit is passed.
-        Every outcome is audited before this returns or raises."""
+        """Govern ``action``: ``run`` it in its plugin's runtime, as the principal of the
+        decision that let it, if the rate limit, the policy, the quotas and the audit log let
+        it, or raise ``refused`` (a target that does not exist, arguments that cannot be
+        carried) once the rate limit is passed. Every outcome is audited before this returns
+        or raises."""
         metrics = self.metrics
         start = time.perf_counter()
         principal = action.principal
@@ -1080,7 +1087,9 @@ class Kernel:
                     # (it may have failed while we queued)
                     if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)
-                    result = await run(runtime, timeout, slot)
+                    # (as decided again, if it was: its questions to its client are decided for
+                    # the principal that is now, not the one it started with: found by review)
+                    result = await run(action.principal, runtime, timeout, slot)
                 except ToolTimeout as exc:
                     cap = self.quotas.max_timeout_s
                     if quotas.timeout_ms is not None and quotas.timeout_ms / 1000 > cap:
