@@ -923,6 +923,34 @@ async def test_a_cancelled_call_keeps_its_slot_and_counts_for_its_agent_until_it
         await runtime.aclose()
 
 
+async def test_a_call_cancelled_while_it_asks_its_client_keeps_a_slot_until_its_handler_ends(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # It had given its slot back to wait for the answer, and did not take one again as it
+    # ended though its handler, told to stop, still ran (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(one_slot_copy(tmp_path, KIT_DIR))
+    client = SlowClient({"roots": []})  # (never answered)
+    await runtime.start()
+    try:
+        ada = await new_agent(runtime, "ada", "kit")
+        asking = asyncio.ensure_future(call(runtime, ada, "ask_stubbornly", {}, "c", client))
+        with anyio.fail_after(TIMEOUT_S):
+            await client.asked.wait()
+        asking.cancel()
+        with anyio.fail_after(1), pytest.raises(asyncio.CancelledError):
+            await asking  # answered at once
+        again = asyncio.ensure_future(call(runtime, ada, "aecho", {}, "a", bridge))
+        await anyio.sleep(0.3)
+        assert not again.done()  # the plugin's one slot is the running handler's again
+        (runtime.settings.data_dir / "plugin-data" / "kit" / "gate").touch()
+        with anyio.fail_after(4):
+            assert (await again)["structuredContent"] == {"text": "hi", "agent": "ada"}
+        assert runtime.quotas.inflight("ada") == 0
+    finally:
+        await runtime.aclose()
+
+
 @contextlib.asynccontextmanager
 async def slot_held(
     runtime: Runtime, tmp_path: Path
@@ -1320,6 +1348,29 @@ async def test_a_call_that_asks_again_while_it_queues_for_its_slot_does_not_keep
     assert locked(slots)
     slot.close()
     assert await free_slots(slots) == 1
+
+
+async def test_a_handler_cut_off_while_its_call_asks_its_client_takes_a_slot_back_at_once() -> None:
+    # (it cannot queue: it runs) another call took its slot meanwhile: the next slot given
+    # back is owed to it, not to a call that queues
+    slots = PluginSlots(1)
+    await slots.take("ada")
+    slot = PluginSlot(slots, "ada")
+    slot.client_wait_started()
+    await slots.take("bob")
+    queued = asyncio.ensure_future(slots.take("cy"))
+    await asyncio.sleep(0)
+    ended = slot.handler_runs_on()  # ada's call is cancelled while it asks
+    slot.client_wait_dropped()
+    slot.close()
+    slots.give()  # bob's call ends: its slot pays for ada's handler
+    await asyncio.sleep(0)
+    assert not queued.done()
+    ended()  # ada's handler ends
+    with anyio.fail_after(5):
+        await queued
+    slots.give()
+    assert await free_slots(slots) == 1  # nothing lost, nothing made
 
 
 async def test_plugin_slots_go_to_queued_calls_in_turn_and_a_cancelled_one_passes_its_on() -> None:

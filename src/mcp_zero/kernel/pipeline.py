@@ -321,11 +321,18 @@ class PluginSlots:
             if not queue:
                 del self._queues[agent]
 
+    def take_owed(self) -> None:
+        """Take a slot now, free or not, for a handler that runs and cannot queue for one
+        (``PluginSlot.handler_runs_on``): with none free, it is owed, and the next one given
+        back pays for it instead of going to a queuing call."""
+        self._free -= 1
+
     def give(self) -> None:
-        """Give a slot back: to the first queuing call of the agent whose turn it is (that
-        agent's turn comes again after every other queuing agent's), else to the free ones."""
+        """Give a slot back: to pay for one owed (``take_owed``), else to the first queuing
+        call of the agent whose turn it is (that agent's turn comes again after every other
+        queuing agent's), else to the free ones."""
         queues = self._queues
-        while queues:
+        while queues and self._free == 0:  # (below 0: one is owed; above: nobody queues)
             agent = next(iter(queues))
             queue = queues.pop(agent)
             while queue:
@@ -342,7 +349,7 @@ class PluginSlot:
     """One call's claim on one of its plugin's slots (``_plugin_slots``): held while the
     call runs, given back while it has a question open to its client (``GovernedBridge``),
     taken again when the last one is answered; held past the call's end while its handler
-    runs on (``handler_runs_on``)."""
+    runs on (``handler_runs_on``), taken again at once for that if it was given back."""
 
     __slots__ = (
         "_agent",
@@ -419,8 +426,14 @@ class PluginSlot:
         """The call ends (cancelled, timed out) while its handler still runs: the slot is
         given back once the function returned is called, when the handler has ended, not
         when the call does. So a plugin runs no more than its max_concurrency handlers,
-        however many calls a client cancels and sends again (found by review)."""
+        however many calls a client cancels and sends again (found by review). A call
+        cut off while it asks its client takes a slot again at once, owed if none is free
+        (``PluginSlots.take_owed``): its handler, waiting for the answer, runs on too (it
+        had none: found by review)."""
         self._running_on = True
+        if not self._held:
+            self._held = True
+            self._slots.take_owed()
 
         def ended() -> None:
             self._running_on = False

@@ -62,6 +62,18 @@ def stubborn(ctx: Context) -> str:
     return "let through"
 
 
+@plugin.tool("ask_stubbornly")
+async def ask_stubbornly(ctx: Context) -> str:
+    """Asks the client for its roots; cancelled meanwhile, runs on until a file ``gate``
+    appears in its data dir."""
+    try:
+        return str(await ctx.request("roots/list", {}))
+    except asyncio.CancelledError:
+        while not (ctx.data_dir / "gate").exists():
+            await asyncio.sleep(0.01)
+        raise
+
+
 @plugin.tool("hang_async")
 async def hang_async(ctx: Context) -> str:
     await asyncio.sleep(3600)
