@@ -312,6 +312,41 @@ async def test_a_call_cancelled_while_its_record_is_written_is_answered_as_recor
     assert record["outcome"] == "allowed"
 
 
+async def test_a_subscription_cancelled_while_its_records_are_written_is_answered_as_recorded(
+    started: Runtime,
+) -> None:
+    # (as a call: answered "cancelled" while its records were committed as allowed, and the
+    # subscription not made: found by review)
+    other = sqlite3.connect(started.settings.db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        deciding = asyncio.ensure_future(
+            started.kernel.subscribe(
+                Principal("ivy", ALL),
+                ["faulty://counter", "notes://nowhere"],
+                method="resources/subscribe",
+                request_id="s",
+                transport="test",
+            )
+        )
+        with anyio.fail_after(TIMEOUT_S):
+            while started.audit.stats.busy_retries == 0:  # decided; its records wait
+                assert not deciding.done(), deciding.result()
+                await asyncio.sleep(0.01)
+        deciding.cancel()
+        await asyncio.sleep(0)
+        assert not deciding.done()  # no answer before its records are durable
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    with anyio.fail_after(TIMEOUT_S):
+        allowed, unknown = await deciding
+    assert allowed is None
+    assert isinstance(unknown, ResourceNotFound)
+    outcomes = [(r["resource"], r["outcome"]) for r in records(started, request_id="s")]
+    assert outcomes == [("faulty://counter", "allowed"), ("notes://nowhere", "error")]
+
+
 async def test_list_tools_shows_only_attached_plugins_and_follows_policy_reloads(
     started: Runtime,
 ) -> None:

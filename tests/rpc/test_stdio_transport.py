@@ -11,6 +11,7 @@ import itertools
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -637,6 +638,69 @@ async def test_listen_over_stdio_ends_when_cancelled_or_at_the_end_of_stdin(
         ended = await peer.receive()
         assert ended["id"] == "l2"
         assert ended["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "l2"
+
+
+async def cancel_while_recorded(peer: StdioPeer, request: JSON, marker: JSON) -> None:
+    """Send ``request`` while another process holds the audit log's write lock, cancel it
+    once its records wait for the lock (the cancel read: ``marker``, a request that writes
+    no record, answered), then let them be written."""
+    other = sqlite3.connect(peer.runtime.settings.db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        retries = peer.runtime.audit.stats.busy_retries
+        peer.send(request)
+        with anyio.fail_after(TIMEOUT_S):
+            while peer.runtime.audit.stats.busy_retries == retries:
+                await asyncio.sleep(0.01)
+        peer.send(cancelled(request["id"]))
+        peer.send(marker)
+        assert (await peer.receive())["id"] == marker["id"]
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+async def test_a_subscribe_cancelled_while_its_record_is_written_is_answered_as_recorded(
+    tmp_path: Path,
+) -> None:
+    # Answered as cancelled (nothing) while its record was committed as allowed, and the
+    # subscription was not made (found by review)
+    async with stdio_server(tmp_path) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        subscribe = {
+            "jsonrpc": "2.0",
+            "id": "s",
+            "method": "resources/subscribe",
+            "params": {"uri": "faulty://counter"},
+        }
+        await cancel_while_recorded(peer, subscribe, {"jsonrpc": "2.0", "id": 2, "method": "ping"})
+        assert await peer.receive() == {"jsonrpc": "2.0", "id": "s", "result": {}}
+        [record] = peer.audited("s")
+        assert record["outcome"] == "allowed"
+        peer.send(call(3, "faulty_bump", {}))
+        updated = {"uri": "faulty://counter"}
+        assert updated in [m.get("params") for m in await peer.until_id(3)]  # subscribed
+
+
+async def test_a_listen_cancelled_while_its_records_are_written_is_acknowledged_then_ends(
+    tmp_path: Path,
+) -> None:
+    # It ended unacknowledged while its records were committed as allowed (found by review)
+    async with stdio_server(tmp_path) as peer:
+        wanted = {"notifications": {"resourceSubscriptions": ["faulty://counter"]}}
+        listen = stateless("l", "subscriptions/listen", wanted)
+        peer.send(stateless(1, "server/discover"))  # (the server has started: it records)
+        assert (await peer.receive())["id"] == 1
+        await cancel_while_recorded(peer, listen, stateless(2, "server/discover"))
+        ack = await peer.receive()
+        assert ack["method"] == "notifications/subscriptions/acknowledged"
+        assert ack["params"]["notifications"] == {"resourceSubscriptions": ["faulty://counter"]}
+        ended = await peer.receive()  # at once: it was cancelled
+        assert ended["id"] == "l"
+        assert ended["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "l"
+        [record] = peer.audited("l")
+        assert record["outcome"] == "allowed"
 
 
 def call(rid: Any, tool: str, arguments: JSON, token: Any = None) -> JSON:

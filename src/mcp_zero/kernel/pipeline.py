@@ -589,7 +589,8 @@ class Kernel:
         token of the agent's rate limit first; over it, the request is audited once as
         refused (its first URI, and ``uri_count``: how many it named) and RateLimited is
         raised. Returns, for each URI, None (allowed) or why not (ResourceNotFound,
-        PolicyDenied)."""
+        PolicyDenied), once the records are durable: a cancel while they commit is withdrawn,
+        as a call's is (``uncancellable``), and the caller answers what they say."""
         start = time.perf_counter()
         try:
             self.charge(principal)
@@ -598,7 +599,7 @@ class Kernel:
             # 1,000, and an agent over its limit must not fill the audit log with them.
             first = normal_uri(uris[0]) if uris else None
             owner = self.plugins.resource_owner(first) if first else None
-            await self.audit.submit(
+            refusal = self.audit.submit(
                 {
                     **_event(principal, Verb.READ_RESOURCE, first, owner, request_id, transport),
                     "uri_count": len(uris),
@@ -608,6 +609,7 @@ class Kernel:
                     "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                 }
             )
+            await uncancellable(refusal)
             raise
         verdicts: list[McpZeroError | None] = []
         pending = []
@@ -644,8 +646,9 @@ class Kernel:
             event["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
             pending.append(self.audit.submit(event))
             verdicts.append(refused)
-        if pending:  # durable before the caller learns the outcome
-            await asyncio.gather(*pending)
+        if pending:  # durable before the caller learns the outcome, which is what they say
+            # (it was answered "cancelled" while they committed as allowed: found by review)
+            await uncancellable(asyncio.gather(*pending))
         return verdicts
 
     def check_resource(self, principal: Principal, uri: str) -> None:

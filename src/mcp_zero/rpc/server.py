@@ -752,6 +752,11 @@ class McpServer:
                     "params": {"notifications": granted, "_meta": tag},
                 }
             )
+            if rid in session.cancelled or session.closed:
+                # cancelled (by its client, by its agent's end) while its records were
+                # committed, which withdrew the cancel (Kernel.subscribe): acknowledged as
+                # they say, it ends now
+                return {"_meta": tag}
             keepalive = getattr(channel, "keepalive", None)
             while True:
                 try:
