@@ -188,6 +188,11 @@ async def test_a_denial_is_counted_once_under_what_denied_it(tmp_path: Path) -> 
     assert (
         value(found["mcp0_calls"], "mcp0_calls_total", method="tools/call", outcome="denied") == 2
     )
+    # and the policy stage timed the decisions that denied them: it left them out, so its
+    # count was below the auth and audit stages' (found by the operator probe)
+    stages = found["mcp0_stage_seconds"]
+    assert value(stages, "mcp0_stage_seconds_count", stage="policy") == 2
+    assert value(stages, "mcp0_stage_seconds_count", stage="audit") == 2
 
 
 # -- who may read /metrics -------------------------------------------------------------------

@@ -1030,8 +1030,10 @@ class Kernel:
             if refused is not None:
                 raise refused
             t = time.perf_counter()
-            decision = self._decide(action, event)
-            policy_s = time.perf_counter() - t
+            try:
+                decision = self._decide(action, event)
+            finally:  # a denial was decided too
+                policy_s = time.perf_counter() - t
             # its record could not be kept: refuse first (writable() asks the store again
             # only once the log failed)
             if self.audit.stats.failing and not self.audit.writable():
