@@ -1542,19 +1542,14 @@ def _fail_first_command(data: Path, during: Callable[[Runtime], None]) -> None:
         raise _FirstCommandFailed
 
 
-def test_a_first_command_that_fails_removes_no_data_dir_another_command_used(
-    tmp_path: Path,
-) -> None:
-    # Two commands started together where no data dir was: the one that failed (a plugin
-    # that is not there) removed the data dir as one it had made, with the agent the other
-    # had created in it, its token shown (found by review). Now the other waits while the
-    # first one runs, and lays the data dir out anew once it is removed.
-    data = tmp_path / "data"
+def _while_it_fails(data: Path, *command: str) -> subprocess.Popen[str]:
+    """``mcp0 COMMAND`` on ``data``, started by a first command on it (in this process) once
+    it holds the data dir, and seen waiting for it before that command fails."""
     others: list[subprocess.Popen[str]] = []
 
     def start_another(_: Runtime) -> None:
         other = subprocess.Popen(
-            [MCP0, "agent", "create", "bob", "--data-dir", str(data)],
+            [MCP0, *command, "--data-dir", str(data)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -1564,8 +1559,20 @@ def test_a_first_command_that_fails_removes_no_data_dir_another_command_used(
 
     with pytest.raises(_FirstCommandFailed):
         _fail_first_command(data, start_another)
-    out, err = others[0].communicate(timeout=60)
-    assert others[0].returncode == 0, err
+    return others[0]
+
+
+def test_a_first_command_that_fails_removes_no_data_dir_another_command_used(
+    tmp_path: Path,
+) -> None:
+    # Two commands started together where no data dir was: the one that failed (a plugin
+    # that is not there) removed the data dir as one it had made, with the agent the other
+    # had created in it, its token shown (found by review). Now the other waits while the
+    # first one runs, and lays the data dir out anew once it is removed.
+    data = tmp_path / "data"
+    other = _while_it_fails(data, "agent", "create", "bob")
+    out, err = other.communicate(timeout=60)
+    assert other.returncode == 0, err
     assert out.startswith("agent bob created")
     assert [agent["name"] for agent in as_json(data, "agent", "list")] == ["bob"]
 
@@ -1623,22 +1630,9 @@ def test_a_command_on_a_data_dir_removed_as_it_waited_for_it_fails_saying_so(
     # a command that needs an existing data dir found it there, as the one laying it out
     # ran, and must not lay out a new one once that one failed and removed it
     data = tmp_path / "data"
-    others: list[subprocess.Popen[str]] = []
-
-    def start_another(_: Runtime) -> None:
-        other = subprocess.Popen(
-            [MCP0, "admin", "rotate-token", "--data-dir", str(data)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        others.append(other)
-        _until_lock_or_exit(data, other, "waits")
-
-    with pytest.raises(_FirstCommandFailed):
-        _fail_first_command(data, start_another)
-    _, err = others[0].communicate(timeout=60)
-    assert others[0].returncode == 1
+    other = _while_it_fails(data, "admin", "rotate-token")
+    _, err = other.communicate(timeout=60)
+    assert other.returncode == 1
     assert err == (
         f"mcp0: error: no MCP-ZERO data dir at {data} any more: the command that was laying "
         "it out failed, and removed it\n"
