@@ -34,6 +34,7 @@ from mcp_zero.kernel.admin import CHANGE_ADMIN_TOKEN, admin_event
 from mcp_zero.kernel.plugins import REPLACED_COPY_KEPT_S
 from mcp_zero.rpc.admin import _NoBridge
 from mcp_zero.runtime import Runtime
+from mcp_zero.security.tokens import hash_token
 from mcp_zero.storage.sqlite import SqliteStore
 from plugin_builders import loading_plugin
 
@@ -623,6 +624,45 @@ def test_terminating_a_terminated_agent_is_an_error_and_audited_once(data_dir: P
     assert verbs == ["spawn_agent", "terminate_agent"]
 
 
+def test_agent_rotate_token_prints_a_new_token_once_and_the_old_one_stops_working(
+    data_dir: Path,
+) -> None:
+    created = as_json(data_dir, "agent", "create", "ada")
+    rotated = as_json(data_dir, "agent", "rotate-token", "ada")
+    assert rotated == {**created, "token": rotated["token"]}
+    assert rotated["token"].startswith("mcp0_")
+    assert rotated["token"] != created["token"]
+    text = run(data_dir, "agent", "rotate-token", "ada").stdout
+    assert text.startswith("agent ada has a new token (shown once); the old one no longer works")
+    latest = text.splitlines()[-1]
+    with SqliteStore(data_dir / "mcp0.db") as store:  # (the token a server looks up)
+        revoked = (created["token"], rotated["token"])
+        assert [store.agent_by_token_hash(hash_token(t)) for t in revoked] == [None, None]
+        found = store.agent_by_token_hash(hash_token(latest))
+    assert found is not None
+    assert found.name == "ada"
+    records = [r for r in as_json(data_dir, "audit", "list") if r["resource"] == "ada"]
+    assert [(r["verb"], r["transport"]) for r in records] == [
+        ("spawn_agent", "cli"),
+        ("rotate_agent_token", "cli"),
+        ("rotate_agent_token", "cli"),
+    ]
+    assert not any(t in json.dumps(records) for t in (created["token"], rotated["token"], latest))
+
+
+def test_agent_rotate_token_of_an_unknown_or_terminated_agent_is_an_error(data_dir: Path) -> None:
+    run(data_dir, "agent", "create", "ada")
+    unknown = run(data_dir, "agent", "rotate-token", "bob", ok=False)
+    assert unknown.exit_code == 1
+    assert unknown.stderr.startswith("mcp0: error: no agent named 'bob'")
+    run(data_dir, "agent", "terminate", "ada")
+    terminated = run(data_dir, "agent", "rotate-token", "ada", ok=False)
+    assert terminated.exit_code == 1
+    assert terminated.stderr.startswith("mcp0: error: agent 'ada' is already terminated")
+    verbs = [r["verb"] for r in as_json(data_dir, "audit", "list") if r["resource"] == "ada"]
+    assert verbs == ["spawn_agent", "terminate_agent"]
+
+
 def test_agent_exec_runs_a_tool_through_the_governed_path(data_dir: Path) -> None:
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     run(data_dir, "agent", "create", "ada", "--plugin", "notes")
@@ -756,6 +796,7 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
         (["agent", "create", "bo", "--plugin", "p\udcff"], "--plugin"),
         (["agent", "show", "a\udcff"], "NAME"),
         (["agent", "terminate", "a\udcff"], "NAME"),
+        (["agent", "rotate-token", "a\udcff"], "NAME"),
         (["agent", "recover", "s\udcff"], "SNAPSHOT_ID"),
         (["plugin", "remove", "p\udcff"], "NAME"),
     ],
@@ -1024,6 +1065,7 @@ def test_commands_on_a_mistyped_data_dir_fail_instead_of_creating_one(tmp_path: 
         ("agent", "list"),
         ("agent", "show", "ada"),
         ("agent", "terminate", "ada"),
+        ("agent", "rotate-token", "ada"),
         ("agent", "exec", "ada", "notes_list"),
         ("plugin", "list"),
         ("plugin", "remove", "notes"),

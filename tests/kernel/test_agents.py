@@ -1,4 +1,5 @@
-"""Agents: spawn, authenticate, attach, terminate, snapshot and recover, each audited."""
+"""Agents: spawn, authenticate, attach, rotate the token, terminate, snapshot and recover, each
+audited."""
 
 from __future__ import annotations
 
@@ -145,6 +146,85 @@ async def test_terminate_revokes_the_token_at_once(runtime: Runtime) -> None:
     with pytest.raises(Conflict, match="already terminated"):  # not given plugins either
         await runtime.agents.attach("cid", "faulty")
     assert runtime.agents.get("cid").plugins == ["notes"]
+
+
+async def test_rotate_token_revokes_the_old_token_at_once_and_records_neither(
+    runtime: Runtime,
+) -> None:
+    spawned = await runtime.agents.spawn("rho", ["notes"], {"k": 1})
+    admitted = runtime.agents.admit(spawned.token)  # remembered now, as a request's head is
+    rotated = await runtime.agents.rotate_token("rho")
+    assert rotated.token != spawned.token
+    assert (rotated.agent.plugins, rotated.agent.state) == (["notes"], {"k": 1})
+    assert not runtime.agents.stands(admitted)  # (a body still coming is authenticated again)
+    with pytest.raises(Unauthorized, match="invalid or revoked"):
+        runtime.agents.authenticate(spawned.token)
+    assert runtime.agents.authenticate(rotated.token).agent == "rho"
+    stored = runtime.store.get_agent("rho")
+    assert stored is not None
+    assert stored.token_hash == hash_token(rotated.token)
+    assert audited(runtime, "rho") == ["spawn_agent", "rotate_agent_token"]
+    record = orjson.dumps(records_of(runtime, "rho")[-1]).decode()
+    for secret in (spawned.token, rotated.token, hash_token(spawned.token), stored.token_hash):
+        assert secret not in record
+    assert orjson.loads(record)["policies"] == ["admin-all"]  # (the default policy permits it)
+
+
+async def test_rotate_token_refuses_an_unknown_or_terminated_agent(runtime: Runtime) -> None:
+    with pytest.raises(AgentNotFound):
+        await runtime.agents.rotate_token("nobody")
+    spawned = await runtime.agents.spawn("tau", ["notes"])
+    await runtime.agents.terminate("tau")
+    with pytest.raises(Conflict, match="already terminated"):
+        await runtime.agents.rotate_token("tau")
+    assert audited(runtime, "tau") == ["spawn_agent", "terminate_agent"]
+    stored = runtime.store.get_agent("tau")
+    assert stored is not None
+    assert stored.token_hash == hash_token(spawned.token)
+
+
+async def test_a_rotation_whose_record_cannot_be_written_keeps_the_old_token(
+    runtime: Runtime,
+) -> None:
+    spawned = await runtime.agents.spawn("ups", ["notes"])
+    refuse_audit_of(runtime, "rotate_agent_token")
+    with pytest.raises(StorageError):
+        await runtime.agents.rotate_token("ups")
+    assert runtime.agents.authenticate(spawned.token).agent == "ups"
+
+
+async def test_rotate_token_is_decided_by_policy(runtime: Runtime) -> None:
+    (runtime.settings.policy_dir / "no-rotation.cedar").write_text(
+        '@id("no-rotation-by-api")\n'
+        '@reason("tokens are rotated only with mcp0 on the server\'s machine")\n'
+        'forbid (principal, action == Action::"rotate_agent_token", resource)\n'
+        'unless { context.transport == "cli" };\n'
+    )
+    runtime.policy.reload()
+    spawned = await runtime.agents.spawn("phi", ["notes"])
+    with pytest.raises(PolicyDenied):
+        await runtime.agents.rotate_token("phi")
+    assert runtime.agents.authenticate(spawned.token).agent == "phi"
+    rotated = await runtime.agents.rotate_token("phi", via="cli")
+    assert runtime.agents.authenticate(rotated.token).agent == "phi"
+    assert [(r["verb"], r["outcome"]) for r in records_of(runtime, "phi")] == [
+        ("spawn_agent", "allowed"),
+        ("rotate_agent_token", "denied"),
+        ("rotate_agent_token", "allowed"),
+    ]
+
+
+async def test_recover_of_a_snapshot_from_before_a_rotation_keeps_the_new_token(
+    runtime: Runtime,
+) -> None:
+    spawned = await runtime.agents.spawn("psi", ["notes"])
+    snap = await runtime.agents.snapshot("psi")
+    rotated = await runtime.agents.rotate_token("psi")
+    await runtime.agents.terminate("psi")
+    await runtime.agents.recover(snap.id)
+    with pytest.raises(Unauthorized):
+        runtime.agents.authenticate(spawned.token)
+    assert runtime.agents.authenticate(rotated.token).agent == "psi"
 
 
 async def test_snapshot_and_recover_restore_plugins_state_and_token(runtime: Runtime) -> None:

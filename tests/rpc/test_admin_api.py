@@ -1,5 +1,6 @@
 """The admin API under /api/v1 over HTTP with the admin token: the agent lifecycle (spawn,
-list, get, attach, execute, snapshot, terminate, recover), plugins and the audit log."""
+list, get, attach, execute, snapshot, rotate the token, terminate, recover), plugins and the
+audit log."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +22,13 @@ import pytest
 from rpc_live import FAULTY_DIR, NOTES_DIR, LiveServer, make_runtime, serve
 
 from mcp_zero.audit import chain_hash
+from mcp_zero.kernel.agents import PRINCIPAL_TTL_S
 from mcp_zero.sandbox.isolation import landlock_abi
 from plugin_builders import loading_plugin
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 20.0
+MCP0 = str(Path(sys.executable).parent / "mcp0")
 
 
 @dataclass
@@ -198,6 +203,66 @@ async def test_agent_lifecycle_through_the_admin_api(admin: Admin) -> None:
         ("terminate_agent", "worker"),
         ("recover_agent", "worker"),
     ]
+
+
+async def test_rotating_a_token_through_the_admin_api_revokes_the_old_one_at_once(
+    admin: Admin,
+) -> None:
+    live = admin.live
+    old = (await admin.call("POST", "/agents", {"name": "rotor", "plugins": ["faulty"]})).json()
+    client = live.client(old["token"])
+    await client.initialize()  # a session opened with the old token
+    rotated = await admin.call("POST", "/agents/rotor/token")
+    assert rotated.status_code == 200
+    new = rotated.json()
+    assert new == {**old, "token": new["token"]}
+    assert new["token"] != old["token"]
+    # the old token's next request, on its session or without one, is refused
+    assert (await client.post({"jsonrpc": "2.0", "id": 9, "method": "ping"})).status_code == 401
+    assert (await mcp_call(live, old["token"], "faulty_echo", {"text": "x"})).status_code == 401
+    # the session is the agent's: its holder goes on in it with the new token
+    client.token = new["token"]
+    echoed = await client.call("faulty_echo", {"text": "rotated"})
+    assert echoed["result"]["content"][0]["text"] == "rotated"
+    records = (await admin.call("GET", "/audit", params={"limit": 10_000})).json()
+    rotation = [r for r in records if r.get("resource") == "rotor"][-1]
+    assert (rotation["verb"], rotation["outcome"]) == ("rotate_agent_token", "allowed")
+    assert old["token"] not in str(rotation)
+    assert new["token"] not in str(rotation)
+
+
+async def test_a_running_server_takes_up_a_rotation_by_the_cli_within_the_refresh_time(
+    admin: Admin,
+) -> None:
+    # (another process writes the store: the server's remembered principals go stale within
+    # PRINCIPAL_TTL_S, as after an `mcp0 agent terminate`)
+    live = admin.live
+    old = (await admin.call("POST", "/agents", {"name": "rotor-cli", "plugins": ["faulty"]})).json()
+    assert (await mcp_call(live, old["token"], "faulty_echo", {"text": "x"})).status_code == 200
+    remembered_until = time.monotonic() + PRINCIPAL_TTL_S  # (at the latest)
+    data_dir = str(live.runtime.settings.data_dir)
+    done = await anyio.run_process(
+        [MCP0, "agent", "rotate-token", "rotor-cli", "--json", "--data-dir", data_dir]
+    )
+    new = orjson.loads(done.stdout)["token"]
+    echoed = (await mcp_call(live, new, "faulty_echo", {"text": "new"})).json()
+    assert echoed["result"]["content"][0]["text"] == "new"
+    with anyio.fail_after(PRINCIPAL_TTL_S + TIMEOUT_S):  # (bounds a stuck server, not the test)
+        while (await mcp_call(live, old["token"], "faulty_echo", {"text": "x"})).status_code != 401:
+            await anyio.sleep(0.05)
+    assert time.monotonic() < remembered_until + 0.5
+
+
+async def test_rotating_the_token_of_an_unknown_or_terminated_agent_is_404_or_409(
+    admin: Admin,
+) -> None:
+    unknown = await admin.call("POST", "/agents/nobody-here/token")
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "agent_not_found")
+    await admin.call("POST", "/agents", {"name": "rotor-gone"})
+    await admin.call("DELETE", "/agents/rotor-gone")
+    gone = await admin.call("POST", "/agents/rotor-gone/token")
+    assert gone.status_code == 409
+    assert gone.json()["error"]["message"].startswith("agent 'rotor-gone' is already terminated")
 
 
 async def test_execute_is_governed_and_audited(admin: Admin) -> None:

@@ -240,12 +240,18 @@ async def test_refused_credentials_are_counted_in_metrics_not_audited(env: Env) 
     assert len(env.live.runtime.store.read_audit(0, 100_000)) == audited
 
 
-async def test_a_body_that_comes_after_its_agent_is_terminated_is_401(env: Env) -> None:
+@pytest.mark.parametrize("verb", ["terminate_agent", "rotate_agent_token"])
+async def test_a_body_that_comes_after_its_token_is_revoked_is_401(env: Env, verb: str) -> None:
     # The token was checked as the request's head came, and not again: a body sent after the
     # agent's terminate still ran its call, audited allowed after the terminate (found by
     # review). The 100 Continue says the head was taken (and its token found good).
     runtime = env.live.runtime
-    token = (await runtime.agents.spawn("doomed", ["notes"])).token
+    revoke = {
+        "terminate_agent": runtime.agents.terminate,
+        "rotate_agent_token": runtime.agents.rotate_token,
+    }
+    doomed = f"doomed-{verb}"
+    token = (await runtime.agents.spawn(doomed, ["notes"])).token
     call = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_list"}}'
     reader, writer = await asyncio.open_connection("127.0.0.1", env.live.port)
     try:
@@ -257,15 +263,15 @@ async def test_a_body_that_comes_after_its_agent_is_terminated_is_401(env: Env) 
         )
         with anyio.fail_after(10):
             assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
-            await runtime.agents.terminate("doomed")
+            await revoke[verb](doomed)
             writer.write(call)
             assert int((await reader.readline()).split()[1]) == 401
     finally:
         writer.close()
     records = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
-    assert [r["verb"] for r in records if "doomed" in (r["agent"], r["resource"])] == [
+    assert [r["verb"] for r in records if doomed in (r["agent"], r["resource"])] == [
         "spawn_agent",
-        "terminate_agent",
+        verb,
     ]
 
 

@@ -348,13 +348,19 @@ def serve(
 
 @main.group()
 def agent() -> None:
-    """Create, inspect and terminate agents."""
+    """Create, inspect and terminate agents, and rotate their tokens."""
 
 
 def _agent_view(record: Any) -> dict[str, Any]:
     from mcp_zero.kernel.agents import agent_view
 
     return agent_view(record)
+
+
+def _issued_view(issued: Any) -> dict[str, Any]:
+    from mcp_zero.kernel.agents import issued_view
+
+    return issued_view(issued)
 
 
 @agent.command("create")
@@ -374,8 +380,11 @@ def agent_create(
     """Create agent NAME and print its bearer token (shown only this once)."""
     with _runtime(config_file, data_dir, create=True) as rt:
         spawned = asyncio.run(rt.agents.spawn(name, list(plugins), via="cli"))
-    view = {**_agent_view(spawned.agent), "token": spawned.token}
-    _out(as_json, view, f"agent {name} created; its token (shown once):\n{spawned.token}")
+    _out(
+        as_json,
+        _issued_view(spawned),
+        f"agent {name} created; its token (shown once):\n{spawned.token}",
+    )
 
 
 @agent.command("list")
@@ -435,6 +444,24 @@ def agent_terminate(
     with _runtime(config_file, data_dir) as rt:
         view = _agent_view(asyncio.run(rt.agents.terminate(name, via="cli")))
     _out(as_json, view, f"agent {name} terminated")
+
+
+@agent.command("rotate-token")
+@_common
+@click.argument("name", type=_TEXT)
+@_errors
+def agent_rotate_token(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, name: str
+) -> None:
+    """Give agent NAME a new bearer token (shown only this once); the old one stops working
+    (a running server takes that up within 2 seconds)."""
+    with _runtime(config_file, data_dir) as rt:
+        rotated = asyncio.run(rt.agents.rotate_token(name, via="cli"))
+    _out(
+        as_json,
+        _issued_view(rotated),
+        f"agent {name} has a new token (shown once); the old one no longer works:\n{rotated.token}",
+    )
 
 
 @agent.command("snapshot")

@@ -18,6 +18,7 @@ class Verb(StrEnum):
     CLIENT_REQUEST = "client_request"  # a plugin asks the agent's client (sampling, elicitation)
     SPAWN_AGENT = "spawn_agent"
     TERMINATE_AGENT = "terminate_agent"
+    ROTATE_AGENT_TOKEN = "rotate_agent_token"  # noqa: S105 - a verb, not a secret
     ATTACH_PLUGIN = "attach_plugin"
     SNAPSHOT_AGENT = "snapshot_agent"
     RECOVER_AGENT = "recover_agent"

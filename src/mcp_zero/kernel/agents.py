@@ -1,4 +1,5 @@
-"""Agents: spawn, list, get, attach a plugin, execute, snapshot, recover, terminate.
+"""Agents: spawn, list, get, attach a plugin, execute, snapshot, recover, rotate the token,
+terminate.
 
 An agent is a principal with a bearer token (kept only as a hash), the plugins
 attached to it, and free-form state. Every change is an audited action.
@@ -45,7 +46,9 @@ PRINCIPAL_TTL_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
-class SpawnedAgent:
+class IssuedToken:
+    """An agent and the bearer token it was just given (by a spawn or a rotation)."""
+
     agent: AgentRecord
     token: str  # shown once; only its hash is stored
 
@@ -91,6 +94,11 @@ def agent_view(agent: AgentRecord) -> JSON:
         "status": agent.status,
         "created_at": agent.created_at,
     }
+
+
+def issued_view(issued: IssuedToken) -> JSON:
+    """A spawn's or a rotation's answer (admin API, ``--json``): the agent and its token."""
+    return {**agent_view(issued.agent), "token": issued.token}
 
 
 def check_name(name: str, what: str = "agent") -> str:
@@ -277,7 +285,7 @@ class AgentService:
         state: JSON | None = None,
         *,
         via: str = "admin",
-    ) -> SpawnedAgent:
+    ) -> IssuedToken:
         """Create agent ``name``. Raises Conflict, InvalidParams, PluginNotFound."""
         check_name(name)
         if name.lower() == "admin":
@@ -314,7 +322,7 @@ class AgentService:
             create,
             lambda _: {"plugins": plugins, "state_sha256": state_digest(record.state)},
         )
-        return SpawnedAgent(record, token)
+        return IssuedToken(record, token)
 
     def list_agents(self) -> list[AgentRecord]:
         return self.store.list_agents()
@@ -375,6 +383,32 @@ class AgentService:
         )
         self._changed(name)
         return agent
+
+    async def rotate_token(self, name: str, *, via: str = "admin") -> IssuedToken:
+        """Give agent ``name`` a new token: the old one stops working at once in this
+        process, within ``PRINCIPAL_TTL_S`` in another that serves it. The record says
+        nothing of either token (as a spawn's).
+
+        Raises AgentNotFound, and Conflict for a terminated agent (recover it first).
+        """
+        self.get(name)
+        decided = await self._authorize(Verb.ROTATE_AGENT_TOKEN, name, via)
+        token = new_token()
+
+        def rotate(agent: AgentRecord) -> None:
+            _not_terminated(agent)
+            agent.token_hash = hash_token(token)
+
+        agent = await self._audited(
+            Verb.ROTATE_AGENT_TOKEN,
+            name,
+            via,
+            decided,
+            lambda: self.store.change_agent(name, rotate),
+            lambda _: {},
+        )
+        self._changed(name)
+        return IssuedToken(agent, token)
 
     async def snapshot(self, name: str, *, via: str = "admin") -> SnapshotRecord:
         """Persist the agent's plugins (and which installed copy of each), state and status;

@@ -4,6 +4,7 @@ GET    /agents                         list agents
 POST   /agents                         spawn {name, plugins?, state?} → agent + token (once)
 GET    /agents/{name}                  one agent
 DELETE /agents/{name}                  terminate
+POST   /agents/{name}/token            rotate its token → agent + new token (once)
 POST   /agents/{name}/plugins          attach {plugin}
 POST   /agents/{name}/execute          call a tool as the agent {tool, arguments?}
 POST   /agents/{name}/snapshot         → {snapshot_id}
@@ -44,7 +45,7 @@ from mcp_zero.errors import (
     PluginNotFound,
     Unauthorized,
 )
-from mcp_zero.kernel.agents import agent_view, recovery_view
+from mcp_zero.kernel.agents import agent_view, issued_view, recovery_view
 from mcp_zero.rpc.jsonrpc import WIDE_INTEGER, wide_integer
 from mcp_zero.rpc.session import Session
 from mcp_zero.sandbox.isolation import MEASURES
@@ -131,6 +132,7 @@ class AdminApi:
             ("POST", re.compile(r"/agents/?\Z"), self._spawn, _fields("name plugins state")),
             ("GET", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._get_agent, _NO_BODY),
             ("DELETE", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._terminate, _NO_BODY),
+            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/token\Z"), self._rotate_token, _NO_BODY),
             (
                 "POST",
                 re.compile(r"/agents/(?P<name>[^/]+)/plugins\Z"),
@@ -227,14 +229,16 @@ class AdminApi:
             raise InvalidRequest('"plugins" must be a list of plugin names')
         if not isinstance(state, dict):
             raise InvalidRequest('"state" must be an object')
-        spawned = await self.runtime.agents.spawn(name, plugins, state)
-        return 201, {**agent_view(spawned.agent), "token": spawned.token}
+        return 201, issued_view(await self.runtime.agents.spawn(name, plugins, state))
 
     async def _get_agent(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         return 200, agent_view(self.runtime.agents.get(m["name"]))
 
     async def _terminate(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         return 200, agent_view(await self.runtime.agents.terminate(m["name"]))
+
+    async def _rotate_token(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
+        return 200, issued_view(await self.runtime.agents.rotate_token(m["name"]))
 
     async def _attach(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         plugin = body.get("plugin")
