@@ -170,17 +170,35 @@ async def test_rotate_token_revokes_the_old_token_at_once_and_records_neither(
     assert orjson.loads(record)["policies"] == ["admin-all"]  # (the default policy permits it)
 
 
-async def test_rotate_token_refuses_an_unknown_or_terminated_agent(runtime: Runtime) -> None:
+async def test_rotate_token_refuses_an_unknown_agent(runtime: Runtime) -> None:
     with pytest.raises(AgentNotFound):
         await runtime.agents.rotate_token("nobody")
+    assert not runtime.store.list_agents()
+
+
+async def test_a_terminated_agent_rotated_stays_terminated_and_comes_back_with_the_new_token(
+    runtime: Runtime,
+) -> None:
+    # An agent terminated because its token leaked, then recovered, came back with the
+    # leaked token: its token could not be rotated while it was terminated
     spawned = await runtime.agents.spawn("tau", ["notes"])
+    snap = await runtime.agents.snapshot("tau")
     await runtime.agents.terminate("tau")
-    with pytest.raises(Conflict, match="already terminated"):
-        await runtime.agents.rotate_token("tau")
-    assert audited(runtime, "tau") == ["spawn_agent", "terminate_agent"]
-    stored = runtime.store.get_agent("tau")
-    assert stored is not None
-    assert stored.token_hash == hash_token(spawned.token)
+    rotated = await runtime.agents.rotate_token("tau")
+    assert rotated.agent.status == "terminated"
+    with pytest.raises(Unauthorized):
+        runtime.agents.authenticate(rotated.token)
+    await runtime.agents.recover(snap.id)
+    assert runtime.agents.authenticate(rotated.token).agent == "tau"
+    with pytest.raises(Unauthorized):
+        runtime.agents.authenticate(spawned.token)
+    assert audited(runtime, "tau") == [
+        "spawn_agent",
+        "snapshot_agent",
+        "terminate_agent",
+        "rotate_agent_token",
+        "recover_agent",
+    ]
 
 
 async def test_a_rotation_whose_record_cannot_be_written_keeps_the_old_token(

@@ -253,7 +253,7 @@ async def test_a_running_server_takes_up_a_rotation_by_the_cli_within_the_refres
     assert time.monotonic() < remembered_until + 0.5
 
 
-async def test_rotating_the_token_of_an_unknown_or_terminated_agent_is_404_or_409(
+async def test_rotating_the_token_of_an_unknown_agent_is_404_and_of_a_terminated_one_200(
     admin: Admin,
 ) -> None:
     unknown = await admin.call("POST", "/agents/nobody-here/token")
@@ -261,8 +261,9 @@ async def test_rotating_the_token_of_an_unknown_or_terminated_agent_is_404_or_40
     await admin.call("POST", "/agents", {"name": "rotor-gone"})
     await admin.call("DELETE", "/agents/rotor-gone")
     gone = await admin.call("POST", "/agents/rotor-gone/token")
-    assert gone.status_code == 409
-    assert gone.json()["error"]["message"].startswith("agent 'rotor-gone' is already terminated")
+    assert gone.status_code == 200
+    assert gone.json()["status"] == "terminated"
+    assert gone.json()["token"]
 
 
 async def test_execute_is_governed_and_audited(admin: Admin) -> None:

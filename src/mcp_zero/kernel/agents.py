@@ -389,14 +389,16 @@ class AgentService:
         process, within ``PRINCIPAL_TTL_S`` in another that serves it. The record says
         nothing of either token (as a spawn's).
 
-        Raises AgentNotFound, and Conflict for a terminated agent (recover it first).
+        A terminated agent's token is rotated too, and it stays terminated: a recover brings
+        it back with the new token, not with one that was terminated for leaking.
+
+        Raises AgentNotFound.
         """
         self.get(name)
         decided = await self._authorize(Verb.ROTATE_AGENT_TOKEN, name, via)
         token = new_token()
 
         def rotate(agent: AgentRecord) -> None:
-            _not_terminated(agent)
             agent.token_hash = hash_token(token)
 
         agent = await self._audited(
