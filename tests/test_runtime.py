@@ -473,6 +473,36 @@ def test_a_data_dir_whose_database_was_lost_is_refused_not_laid_out_anew(
     assert not db.exists() or db.stat().st_size == 0  # nothing laid out in it
 
 
+def test_a_copy_of_a_running_data_dir_without_its_wal_is_refused_not_laid_out_anew(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # Until the WAL is checkpointed, a running server's mcp0.db is one page without tables:
+    # a backup that left out mcp0.db-wal was set up as a new store, and the reading commands
+    # advised 'mcp0 serve' to do so (found by review)
+    runtime.install_plugin(NOTES_DIR)
+    copy = tmp_path / "copy"
+    shutil.copytree(runtime.settings.data_dir, copy, ignore=shutil.ignore_patterns("mcp0.db-*"))
+    db, installed = copy / "mcp0.db", next((copy / "plugins" / "notes").iterdir()).name
+    for command in (["serve", "--port", "0"], ["audit", "verify"]):
+        done = subprocess.run(
+            [MCP0, *command, "--data-dir", str(copy)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, command
+        assert done.stderr == (
+            f"mcp0: error: the database {db} is without tables (copied without its "
+            f"mcp0.db-wal?), but {copy / 'plugins'} holds copies of installed plugins "
+            f"(notes/{installed}): the agents, plugins and audit log recorded with them are "
+            "gone. Restore mcp0.db (and mcp0.db-wal) if you have a backup; else move the data "
+            "dir aside to start anew\n"
+        )
+    assert sorted(p.name for p in copy.glob("mcp0.db*")) == ["mcp0.db"]  # left as it was
+    conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
+    try:
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
 def test_a_data_dir_prepared_by_the_operator_is_not_taken_for_a_lost_one(tmp_path: Path) -> None:
     # plugin-data/ on a file system of its own (docs/plugins.md) has its lost+found, and a
     # plugins/.keep is no install: both were refused as a lost database (found by review)

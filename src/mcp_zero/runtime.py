@@ -47,7 +47,7 @@ from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
 from mcp_zero.storage.base import AgentRecord
-from mcp_zero.storage.sqlite import SqliteStore
+from mcp_zero.storage.sqlite import SqliteStore, holds_no_store
 
 log = logging.getLogger("mcp_zero")
 EXAMPLES_DIR = Path(__file__).parent / "examples" / "plugins"
@@ -102,15 +102,16 @@ def _found_by(by: str) -> dict[str, Any]:
     return {"at_start": True} if by == "start" else {"found_by_command": by}
 
 
-def _check_store_not_lost(settings: Settings) -> None:
-    """Refuse a data dir whose database is missing or empty while it holds installed
-    plugins' copies (``plugins/NAME/VERSION-…``, made only by an install, which needs a
-    database): laid out again as new, its agents, plugins and audit history were silently
-    gone, and a fresh chain looked valid (found by review). A first start killed before its
-    database was made, or a data dir the operator prepared (``plugin-data/`` mounted on a
-    file system of its own, with its ``lost+found``), holds none and goes on."""
+def check_store_not_lost(settings: Settings) -> None:
+    """Refuse a data dir whose database is missing or empty (``holds_no_store``: also a
+    copy of ``mcp0.db`` without its ``mcp0.db-wal``) while it holds installed plugins'
+    copies (``plugins/NAME/VERSION-…``, made only by an install, which needs a database):
+    laid out again as new, its agents, plugins and audit history were silently gone, and a
+    fresh chain looked valid (found by review). A first start killed before its database
+    was made, or a data dir the operator prepared (``plugin-data/`` mounted on a file
+    system of its own, with its ``lost+found``), holds none and goes on."""
     db = settings.db_path
-    if db.exists() and db.stat().st_size > 0:
+    if not holds_no_store(db):
         return
     try:
         copies = [
@@ -126,6 +127,8 @@ def _check_store_not_lost(settings: Settings) -> None:
         raise ConfigError(f"cannot read {settings.plugins_dir}: {exc.strerror or exc}") from exc
     if copies:
         state = "missing" if not db.exists() else "empty"
+        if state == "empty" and db.stat().st_size > 0:  # (the main file of a WAL, alone)
+            state = "without tables (copied without its mcp0.db-wal?)"
         raise ConfigError(
             f"the database {db} is {state}, but {settings.plugins_dir} holds copies of "
             f"installed plugins ({', '.join(sorted(copies)[:3])}"
@@ -163,7 +166,7 @@ class Runtime:
         try:
             # an existing store is opened first: another program's mcp0.db is refused before
             # anything (keys, token, policies) is laid out beside it
-            _check_store_not_lost(settings)
+            check_store_not_lost(settings)
             opened = self._open_store() if settings.db_path.exists() else None
             try:
                 self.created = self._prepare_data_dir()

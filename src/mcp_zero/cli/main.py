@@ -158,6 +158,14 @@ def _existing(settings: Any, *, stdio: bool = False) -> Any:
     """``settings``, if their data dir has been set up: a command that reads or changes what is
     there must not lay out a new one (with new keys) at a mistyped path and report it empty.
     ``stdio``: for a session an MCP client started, in a working directory of its choosing."""
+    from mcp_zero.storage.sqlite import holds_no_store
+
+    if holds_no_store(settings.db_path):
+        # a lost store is refused as such, not taken for one to set up (the runtime's
+        # check: imported only here, the runtime is slow to import for a reading command)
+        from mcp_zero.runtime import check_store_not_lost
+
+        check_store_not_lost(settings)
     if not settings.db_path.exists():
         # the path it looked at, absolute: a relative one does not say from where
         looked = os.path.abspath(settings.data_dir)

@@ -725,6 +725,32 @@ class SqliteStore:
         return result
 
 
+def holds_no_store(path: Path) -> bool:
+    """Whether ``path`` holds no store: no file, an empty one, or a database without tables
+    and without a ``-wal`` beside it. The last is what a first start killed as it began
+    leaves, and a copy of a running server's ``mcp0.db`` alone: until its WAL is
+    checkpointed, the store is in ``mcp0.db-wal`` and the main file one page without tables.
+    A file SQLite cannot read holds one, as far as this says (opening it tells what it is)."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            return False
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    # immutable: read as it is, without making the -shm (or -wal) a WAL database needs
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro&immutable=1"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            tables: int = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.Error:
+        return False
+    return tables == 0
+
+
 def _open_checked(uri: str, timeout: float) -> tuple[sqlite3.Connection, int]:
     """A read-only connection to ``uri`` and its store's version (see ``check_ours``)."""
     conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
