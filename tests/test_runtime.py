@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -554,6 +555,31 @@ async def started(data_dir: Path) -> AsyncIterator[Runtime]:
         yield runtime
     finally:
         await runtime.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_started_runtime_checkpoints_its_wal_so_a_copy_of_mcp0_db_alone_holds_the_store(
+    tmp_path: Path,
+) -> None:
+    # mcp0.db stayed one page without tables until ~4 MB of WAL: a backup of it alone, a
+    # common mistake, held nothing (found by review)
+    async with started(tmp_path / "data") as runtime:
+        checkpointed, loop = asyncio.Event(), asyncio.get_running_loop()
+        checkpoint = runtime.store.checkpoint
+
+        def checkpoint_and_tell() -> None:  # (on a thread of the loop's)
+            checkpoint()
+            loop.call_soon_threadsafe(checkpointed.set)
+
+        runtime.store.checkpoint = checkpoint_and_tell  # type: ignore[method-assign]
+        with anyio.fail_after(5):
+            await checkpointed.wait()  # the watcher's first round
+        head = runtime.store.audit_head()
+        copy = tmp_path / "copy.db"
+        copy.write_bytes(runtime.settings.db_path.read_bytes())
+    assert head is not None
+    with SqliteStore(copy, read_only=True) as copied:
+        assert copied.audit_head() == head
 
 
 @pytest.mark.anyio

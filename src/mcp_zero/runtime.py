@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +53,9 @@ from mcp_zero.storage.sqlite import SqliteStore, holds_no_store
 log = logging.getLogger("mcp_zero")
 EXAMPLES_DIR = Path(__file__).parent / "examples" / "plugins"
 REFRESH_INTERVAL_S = 1.0
+#: How often a server copies its WAL into mcp0.db (``SqliteStore.checkpoint``): a copy of
+#: mcp0.db alone, a backup that left out mcp0.db-wal, lacks at most that much.
+CHECKPOINT_INTERVAL_S = 60.0
 #: How long a server waits for its plugins to start before it serves: one that takes longer
 #: (hanging as it loads) goes on starting, and its calls wait for it.
 STARTUP_WAIT_S = 3.0
@@ -546,8 +550,15 @@ class Runtime:
         self._refresher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
+        next_checkpoint = 0.0  # the first at once: the records of the start
         while True:
             await asyncio.sleep(REFRESH_INTERVAL_S)
+            if time.monotonic() >= next_checkpoint:
+                next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_S
+                try:
+                    await asyncio.to_thread(self.store.checkpoint)
+                except StorageError as exc:  # (a full disk: said where it matters, at writes)
+                    log.warning("%s; trying again in %g s", exc, CHECKPOINT_INTERVAL_S)
             try:  # room for the audit log: none, and calls are refused before they act
                 await asyncio.to_thread(self.audit.check_room)
             except Exception:

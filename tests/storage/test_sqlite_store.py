@@ -23,6 +23,7 @@ from mcp_zero.storage import (
 )
 from mcp_zero.storage.base import StoreBusy
 from mcp_zero.storage.migrations import MIGRATIONS, SCHEMA_VERSION
+from mcp_zero.storage.sqlite import holds_no_store
 
 
 @pytest.fixture
@@ -308,6 +309,37 @@ def append_chain(store: SqliteStore, count: int) -> None:
         entry = AuditEntry(seq, float(seq), body, prev, chain_hash(prev, body))
         store.append_audit_batch([entry])
         prev = entry.hash
+
+
+def test_a_checkpoint_puts_the_store_into_mcp0_db_so_a_copy_of_it_alone_holds_it(
+    db: Path, store: SqliteStore, tmp_path: Path
+) -> None:
+    # Until the WAL reached ~4 MB, mcp0.db was one page without tables: a backup that left
+    # out mcp0.db-wal held nothing of the store (found by review)
+    append_chain(store, 3)
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    assert holds_no_store(copy)  # (what SQLite left it as)
+    store.checkpoint()
+    copy.write_bytes(db.read_bytes())  # the main file alone, as the WAL is left out
+    assert not holds_no_store(copy)
+    with SqliteStore(copy, read_only=True) as copied:
+        assert [e.seq for e in copied.read_audit()] == [1, 2, 3]
+        verify_store(copied)
+
+
+def test_holds_no_store_looks_at_the_wal_and_makes_nothing_beside_the_file(
+    db: Path, store: SqliteStore, tmp_path: Path
+) -> None:
+    assert holds_no_store(tmp_path / "missing.db")
+    (tmp_path / "empty.db").write_bytes(b"")
+    assert holds_no_store(tmp_path / "empty.db")
+    assert not holds_no_store(db)  # one page without tables, and the store in its -wal
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "mcp0.db").write_bytes(db.read_bytes())
+    assert holds_no_store(lone / "mcp0.db")
+    assert [p.name for p in lone.iterdir()] == ["mcp0.db"]  # no -shm, no -wal made
 
 
 @pytest.mark.parametrize(
