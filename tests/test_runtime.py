@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import select
 import shutil
@@ -66,6 +67,31 @@ def test_first_start_lays_out_the_data_dir_with_private_secrets(runtime: Runtime
     for secret in (s.admin_token_path, s.keys_dir / "signing.key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert runtime.admin_token().startswith("mcp0_")
+
+
+def test_secret_files_a_restore_left_open_to_others_are_made_private_saying_so(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # sqlite3 .backup writes the database 0644 under the usual umask, and a token written
+    # by hand takes it too: they were served as they were, without a word (found by review)
+    s = runtime.settings
+    runtime.close()
+    secrets = [s.db_path, s.admin_token_path, s.keys_dir / "signing.key"]
+    for secret in secrets:
+        secret.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="mcp_zero"):
+        reopened = Runtime(s)
+    try:
+        # its -wal and -shm, which SQLite makes with the database's mode: private too
+        made = sorted(p.name for p in s.data_dir.glob("mcp0.db-*"))
+        assert made == ["mcp0.db-shm", "mcp0.db-wal"]
+        for secret in [*secrets, *s.data_dir.glob("mcp0.db-*")]:
+            assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    finally:
+        reopened.close()
+    for secret in secrets:
+        assert f"{secret} was mode 0644, open to others: made 0600" in caplog.text
+    assert "replace it: mcp0 admin rotate-token" in caplog.text  # (the token's)
 
 
 def test_a_data_dir_mcp0_creates_is_private(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
+from mcp_zero.security.files import make_private
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
 from mcp_zero.storage.base import AgentRecord
 from mcp_zero.storage.sqlite import SqliteStore, holds_no_store
@@ -142,6 +143,24 @@ def check_store_not_lost(settings: Settings) -> None:
         )
 
 
+def _make_private(path: Path, more: str = "") -> None:
+    """Make the secret file ``path`` 0600 if others may read or write it, with a warning that
+    ends in ``more``: a restore leaves such files (``sqlite3 .backup`` writes the database
+    under the umask, 0644 as a rule), and they were used as they were (found by review)."""
+    try:
+        was = make_private(path)
+    except OSError as exc:
+        log.warning(
+            "%s is open to others, and cannot be made private (%s): chmod 600 it%s",
+            path,
+            exc.strerror or exc,
+            more,
+        )
+        return
+    if was is not None:
+        log.warning("%s was mode %04o, open to others: made 0600%s", path, was, more)
+
+
 class Runtime:
     """Everything one server process (or one CLI command) works with."""
 
@@ -171,6 +190,11 @@ class Runtime:
             # an existing store is opened first: another program's mcp0.db is refused before
             # anything (keys, token, policies) is laid out beside it
             check_store_not_lost(settings)
+            # (before the store opens: SQLite makes its -wal and -shm with the database's mode)
+            db = settings.db_path
+            for suffix in ("", "-wal", "-shm"):
+                _make_private(db.with_name(db.name + suffix))
+            _make_private(settings.keys_dir / "signing.key")
             opened = self._open_store() if settings.db_path.exists() else None
             try:
                 self.created = self._prepare_data_dir()
@@ -360,6 +384,8 @@ class Runtime:
         if seen == self._admin_token_seen:
             return False
         first, self._admin_token_seen = self._admin_token_seen is _UNSEEN, seen
+        if seen is not None:  # (a token written by hand takes the umask)
+            _make_private(path, "; if others could read it, replace it: mcp0 admin rotate-token")
         unreadable = None
         try:
             token = self.admin_token() if seen is not None else ""

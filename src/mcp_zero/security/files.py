@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +61,18 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def make_private(path: Path) -> int | None:
+    """Take from ``path`` (a secret file) what its mode gives others (group and world), if
+    anything; the mode it had then, or None (it gave them nothing, or it cannot be looked
+    at: no file, or a directory we may not search, which reading it will tell). Raises
+    OSError when its mode cannot be changed (another user's file)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    os.chmod(path, mode & 0o700)
+    return mode
