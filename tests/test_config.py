@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from mcp_zero.cli.main import main
 from mcp_zero.cli.serve import _prepare
-from mcp_zero.config import DEFAULT_PORT, Settings, load_settings
+from mcp_zero.config import DEFAULT_PORT, SETTING_NAMES, Settings, load_settings, stray_variables
 from mcp_zero.errors import ConfigError
 from requires import require_root
 
@@ -348,7 +348,10 @@ def test_a_host_is_loopback_by_what_it_resolves_to_not_by_its_spelling(
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen["returncode"] != 0
-    assert f"--anonymous-agent is refused on {name}: " in seen["stderr"]
+    refused = (
+        f"setting 'anonymous_agent' is 'guest' (option --anonymous-agent), refused on {name}: "
+    )
+    assert refused in seen["stderr"]
     assert not (tmp_path / "d").exists()  # refused before anything was created
     assert (seen["addresses"], seen["loopback"]) == (["0.0.0.0"], False)
     assert seen["warning"].startswith(f"serving plain HTTP on {name} (0.0.0.0): ")
@@ -373,6 +376,73 @@ def test_anonymous_agent_must_exist(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="guest"):
         _prepare(settings, on_loopback_only=True)
+
+
+@pytest.mark.parametrize("source", ["environment", "file"])
+def test_an_anonymous_agent_refused_at_start_is_named_by_where_it_came_from(
+    tmp_path: Path, source: str
+) -> None:
+    # One from MCP0_ANONYMOUS_AGENT was reported as "--anonymous-agent 'ghost': …", an
+    # option the operator had not given (found by review)
+    environ, config = {}, None
+    if source == "environment":
+        environ, where = (
+            {"MCP0_ANONYMOUS_AGENT": "ghost"},
+            "environment variable MCP0_ANONYMOUS_AGENT",
+        )
+    else:
+        config = write(tmp_path, 'anonymous_agent = "ghost"\n')
+        where = f"anonymous_agent in {config}"
+    given = f"setting 'anonymous_agent' is 'ghost' ({where})"
+    for host, loopback, tail in (
+        ("0.0.0.0", False, ", refused on 0.0.0.0: token-less access is allowed only when "),
+        ("127.0.0.1", True, ", which names no agent; create it first with 'mcp0 agent create "),
+    ):
+        settings = load_settings(
+            config,
+            {"data_dir": tmp_path / "d", "host": host, "examples": False},
+            environ=environ,
+        )
+        with pytest.raises(ConfigError) as refused:
+            _prepare(settings, on_loopback_only=loopback)
+        assert str(refused.value).startswith(given + tail)
+
+
+def test_the_source_of_a_setting_is_the_last_that_gave_it(tmp_path: Path) -> None:
+    config = write(tmp_path, "port = 1\nhost = '::1'\npage_size = 7\n")
+    settings = load_settings(config, {"port": 3}, environ={"MCP0_PORT": "2", "MCP0_HOST": "::1"})
+    assert settings.source("port") == "option --port"
+    assert settings.source("host") == "environment variable MCP0_HOST"
+    assert settings.source("page_size") == f"page_size in {config}"
+    assert settings.source("rate_limit") == "the default"
+
+
+def test_a_mistyped_mcp0_variable_is_warned_of_naming_the_nearest_setting(tmp_path: Path) -> None:
+    # An unknown key of mcp0.toml is an error, but MCP0_RATELIMIT was ignored without a word
+    # (found by review)
+    environ = {
+        "MCP0_RATELIMIT": "5",
+        "MCP0_BOGUS": "1",
+        "MCP0_PORT": "9000",  # a setting
+        "MCP0_TOKEN": "mcp0_x",  # a stdio session's, no setting
+        "MCP0_PARENT_PID": "1",  # a plugin worker's
+        "PATH": "/bin",
+    }
+    assert stray_variables(environ) == [
+        "environment variable MCP0_BOGUS is no setting, and is ignored: see docs/configuration.md",
+        "environment variable MCP0_RATELIMIT is no setting, and is ignored: did you mean "
+        "MCP0_RATE_LIMIT?",
+    ]
+    result = CliRunner().invoke(
+        main,
+        ["agent", "list", "--data-dir", str(tmp_path / "none")],
+        env={"MCP0_DATADIR": str(tmp_path)},
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "mcp0: warning: environment variable MCP0_DATADIR is no setting, and is ignored: did "
+        "you mean MCP0_DATA_DIR?\nmcp0: error: no MCP-ZERO data dir at "
+    )
 
 
 def test_mcp0_serve_refuses_anonymous_off_loopback_with_one_line(tmp_path: Path) -> None:
@@ -516,7 +586,8 @@ _VALUES = {
 
 
 def test_every_setting_is_in_the_table_of_kinds() -> None:
-    assert set(_KINDS) == {f.name for f in fields(Settings)}
+    assert set(_KINDS) == set(SETTING_NAMES)
+    assert set(SETTING_NAMES) == {f.name for f in fields(Settings)} - {"_sources"}
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ then command-line options — each later source overriding the earlier ones."""
 from __future__ import annotations
 
 import datetime
+import difflib
 import ipaddress
 import json
 import math
@@ -13,7 +14,8 @@ import re
 import shlex
 import socket
 import tomllib
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,13 @@ class Settings:
     # Who the plugin workers of a server run as root run as ("root": they stay root,
     # without capabilities)
     worker_user: str = WORKER_USER
+    # where each setting not left at its default came from (load_settings): not a setting
+    _sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def source(self, name: str) -> str:
+        """Where setting ``name`` came from, as an error names it: ``option --port``,
+        ``environment variable MCP0_PORT``, ``port in mcp0.toml`` or ``the default``."""
+        return self._sources.get(name, "the default")
 
     @property
     def db_path(self) -> Path:
@@ -132,6 +141,27 @@ def loopback_only(addresses: list[str]) -> bool:
 
 
 _ENV_PREFIX = "MCP0_"
+#: The settings' names (a Settings field starting with "_" is none).
+SETTING_NAMES = tuple(f.name for f in fields(Settings) if not f.name.startswith("_"))
+#: MCP0_* variables that are no settings: a stdio session's agent and token (cli), and what
+#: a server sets for its plugins' workers (sandbox/process.py), which a plugin's own
+#: subprocesses inherit.
+OTHER_VARIABLES = frozenset(
+    {
+        "MCP0_AGENT",
+        "MCP0_TOKEN",
+        "MCP0_PLUGIN_DIR",
+        "MCP0_PLUGIN_ENTRY",
+        "MCP0_MEMORY_MB",
+        "MCP0_MAX_THREADS",
+        "MCP0_NETWORK",
+        "MCP0_FILESYSTEM",
+        "MCP0_PROTECT",
+        "MCP0_PARENT_PID",
+        "MCP0_WORKER_UID",
+        "MCP0_WORKER_GID",
+    }
+)
 
 
 _OPTIONAL_PATHS = frozenset({"tls_cert", "tls_key"})
@@ -216,8 +246,8 @@ def load_settings(
     Raises ConfigError for an unreadable file or an unknown or bad setting, naming where
     a bad value came from and showing it as it is spelled there."""
     base = Settings()
-    known = {f.name: f for f in fields(Settings)}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if config_file is not None:
         try:
             # utf-8-sig: a byte-order mark (as Notepad saves UTF-8) is not part of the TOML
@@ -226,29 +256,54 @@ def load_settings(
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
         for key, value in _file_section(raw, config_file).items():
             name = key.replace("-", "_")
-            if name not in known:
+            if name not in SETTING_NAMES:
                 raise ConfigError(
-                    f"unknown setting {key!r} in {config_file}; known: {', '.join(sorted(known))}"
+                    f"unknown setting {key!r} in {config_file}; known: "
+                    f"{', '.join(sorted(SETTING_NAMES))}"
                 )
             # each source checked, also one a later source overrides: a broken file must
             # not go unnoticed until the override is dropped (found by review)
-            where = f"{key} in {config_file}"
-            values[name] = _taken(name, value, base, where, text=False)
+            sources[name] = f"{key} in {config_file}"
+            values[name] = _taken(name, value, base, sources[name], text=False)
     env = os.environ if environ is None else environ
-    for name in known:
+    for name in SETTING_NAMES:
         variable = _ENV_PREFIX + name.upper()
         env_value = env.get(variable)
         if env_value is not None:
-            where = f"environment variable {variable}"
-            values[name] = _taken(name, env_value, base, where)
+            sources[name] = f"environment variable {variable}"
+            values[name] = _taken(name, env_value, base, sources[name])
     for name, value in (overrides or {}).items():
         if value is not None:
-            where = f"option --{name.replace('_', '-')}"
-            values[name] = _taken(name, value, base, where)
-    settings = replace(base, **values)
+            sources[name] = f"option --{name.replace('_', '-')}"
+            values[name] = _taken(name, value, base, sources[name])
+    settings = replace(base, **values, _sources=sources)
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together: give both for HTTPS, or neither")
     return settings
+
+
+def stray_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What to warn of the ``MCP0_*`` variables of ``environ`` (default: the process's) that
+    are neither settings nor ``OTHER_VARIABLES``: a mistyped one (``MCP0_RATELIMIT``) was
+    ignored without a word, where an unknown key of a config file is an error. Each names
+    the nearest setting's variable, if one is near."""
+    env = os.environ if environ is None else environ
+    settings = [_ENV_PREFIX + name.upper() for name in SETTING_NAMES]
+    stray = [
+        variable
+        for variable in sorted(env)
+        if variable.startswith(_ENV_PREFIX)
+        and variable not in settings
+        and variable not in OTHER_VARIABLES
+    ]
+    warnings = []
+    for variable in stray:
+        near = difflib.get_close_matches(variable, settings, n=1, cutoff=0.75)
+        warnings.append(
+            f"environment variable {variable} is no setting, and is ignored: "
+            + (f"did you mean {near[0]}?" if near else "see docs/configuration.md")
+        )
+    return warnings
 
 
 def _taken(name: str, value: Any, base: Settings, where: str, *, text: bool = True) -> Any:
@@ -355,7 +410,7 @@ def _file_section(raw: dict[str, Any], config_file: Path) -> dict[str, Any]:
     beside = sorted(key for key in raw if key != "server")
     if beside:
         key = beside[0]
-        where = "setting" if key.replace("-", "_") in {f.name for f in fields(Settings)} else "key"
+        where = "setting" if key.replace("-", "_") in SETTING_NAMES else "key"
         raise ConfigError(
             f"{where} {key!r} in {config_file} is at the top level, beside the [server] table, "
             "where it would be ignored; put it under [server] (a key after the [server] line "

@@ -142,9 +142,11 @@ def _out(as_json: bool, value: Any, text: str) -> None:
 
 
 def _settings(config_file: Path | None, data_dir: Path | None, **overrides: Any) -> Any:
-    from mcp_zero.config import load_settings
+    from mcp_zero.config import load_settings, stray_variables
 
     settings = load_settings(config_file, {"data_dir": data_dir, **overrides})
+    for warning in stray_variables():
+        click.echo(f"mcp0: warning: {warning}", err=True)
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         # (else "cannot read afile/plugins: Not a directory", as if a data dir were broken)
         raise ConfigError(

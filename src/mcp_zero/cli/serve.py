@@ -160,11 +160,14 @@ def _prepare(
     plugins installed and the default agent's token, if this start made them); the caller
     records it finished once the token is shown. ``on_loopback_only``: whether every
     address the server listens on is a loopback one (token-less access needs it)."""
-    if settings.anonymous_agent and not on_loopback_only:
+    anonymous = settings.anonymous_agent
+    # (named as settings errors name it: it may come from the environment or a file)
+    given = f"setting 'anonymous_agent' is {anonymous!r} ({settings.source('anonymous_agent')})"
+    if anonymous and not on_loopback_only:
         raise ConfigError(
-            f"--anonymous-agent is refused on {settings.host}: token-less access is allowed "
-            "only when every address the server listens on is a loopback one (127.0.0.1, "
-            "::1, or a name that resolves to loopback addresses only)"
+            f"{given}, refused on {settings.host}: token-less access is allowed only when "
+            "every address the server listens on is a loopback one (127.0.0.1, ::1, or a "
+            "name that resolves to loopback addresses only)"
         )
     done = FirstStart([], None)
     with runtime_on(settings) as runtime:
@@ -173,10 +176,10 @@ def _prepare(
         runtime.record_what_governs()
         if first_start:
             done = asyncio.run(runtime.finish_first_start(record=False))
-        if settings.anonymous_agent and runtime.store.get_agent(settings.anonymous_agent) is None:
+        if anonymous and runtime.store.get_agent(anonymous) is None:
             raise ConfigError(
-                f"--anonymous-agent {settings.anonymous_agent!r}: no such agent; create it "
-                f"first with 'mcp0 agent create {settings.anonymous_agent} --plugin ...'"
+                f"{given}, which names no agent; create it first with 'mcp0 agent create "
+                f"{anonymous} --plugin ...'"
             )
     return runtime, done
 
