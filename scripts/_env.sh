@@ -47,3 +47,16 @@ mcp0_ensure_package() {
     (cd "$MCP0_ROOT" && "$MCP0_VENV/bin/python" -m pip install -q -e ".[$extra]")
     echo "$digest" >"$MCP0_VENV/.mcp0-installed-$extra"
 }
+
+# Makes sure the command COMMAND is on PATH: installed from the Debian package
+# PACKAGE when it is not and apt-get can (as root), otherwise an error saying so.
+mcp0_ensure_command() {
+    local command="$1" package="$2"
+    command -v "$command" >/dev/null 2>&1 && return 0
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package"
+        command -v "$command" >/dev/null 2>&1 && return 0
+    fi
+    echo "mcp0 setup: the tests need '$command': install it (e.g. apt-get install $package)" >&2
+    return 1
+}
