@@ -140,7 +140,14 @@ async def test_discover_says_what_the_server_speaks_without_a_session(env: Env) 
     result = response.json()["result"]
     assert result["supportedVersions"][0] == V
     assert {"2025-11-25", "2025-06-18"} <= set(result["supportedVersions"])
-    assert set(result["capabilities"]) == {"tools", "resources", "prompts", "completions"}
+    # Logging is declared: the server sends notifications/message when a request asks.
+    assert set(result["capabilities"]) == {
+        "tools",
+        "resources",
+        "prompts",
+        "logging",
+        "completions",
+    }
     assert result["resultType"] == "complete"
     assert result["ttlMs"] == 0
     assert result["cacheScope"] == "private"

@@ -624,26 +624,27 @@ class McpServer:
         session.client_info = kept_client_info(params.get("clientInfo"))
         return {
             "protocolVersion": session.protocol_version,
-            "capabilities": self._capabilities(handshake=True),
+            "capabilities": self._capabilities(),
             "serverInfo": SERVER_INFO,
             "instructions": INSTRUCTIONS,
         }
 
-    def _capabilities(self, *, handshake: bool) -> JSON:
-        caps: JSON = {
+    @staticmethod
+    def _capabilities() -> JSON:
+        return {
             "tools": {"listChanged": True},
             "resources": {"subscribe": True, "listChanged": True},
             "prompts": {"listChanged": True},
+            # 2026-07-28 deprecates logging but still requires a server that sends
+            # notifications/message to declare it (the request asks for them in its _meta).
+            "logging": {},
             "completions": {},
         }
-        if handshake:
-            caps["logging"] = {}  # 2026-07-28: a request asks for log messages in its _meta
-        return caps
 
     async def _discover(self, session: Session, params: JSON, channel: Channel, rid: Any) -> JSON:
         return {
             "supportedVersions": list(SUPPORTED_VERSIONS),
-            "capabilities": self._capabilities(handshake=False),
+            "capabilities": self._capabilities(),
             "serverInfo": SERVER_INFO,
             "instructions": INSTRUCTIONS,
         }
