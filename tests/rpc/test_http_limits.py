@@ -13,6 +13,7 @@ import pytest
 from rpc_live import FAULTY_DIR, LiveServer, McpHttp, error_of, make_runtime, serve, text_of
 
 pytestmark = pytest.mark.anyio
+JSON = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,53 @@ async def test_an_agent_opening_too_many_sessions_loses_its_least_recent(
     assert refused.status_code == 503
     assert refused.json()["error"]["message"] == "too many open sessions; retry later"
     assert "result" in await other.request("ping")
+
+
+async def test_a_new_session_pushes_out_an_idle_one_never_one_running_a_call(
+    few_sessions: LiveServer,
+) -> None:
+    # The least recently used session was dropped even while it ran calls, which were cut
+    # off and whose answers were lost (found by review)
+    live = few_sessions
+    quotas = live.runtime.quotas
+    token = (await live.runtime.agents.spawn("crowded", ["faulty"])).token
+    first, second, third, fourth = (live.client(token) for _ in range(4))
+    await first.initialize()
+    await second.initialize()
+    replies: dict[str, JSON] = {}
+
+    async def nap(name: str, client: McpHttp) -> None:
+        replies[name] = await client.call("faulty_nap", {"seconds": 0.5})
+
+    async def running(count: int) -> None:
+        with anyio.fail_after(10):
+            while quotas.inflight("crowded") < count:
+                await asyncio.sleep(0.01)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(nap, "first", first)
+        await running(1)
+        assert "result" in await second.request("ping")  # `first` is the least recent, busy
+        await third.initialize()
+        gone = await second.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert gone.status_code == 404
+        group.start_soon(nap, "third", third)
+        await running(2)
+        # every session of the agent runs a call: the new one is refused, none cut off
+        refused = await fourth.post(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}},
+            }
+        )
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert error["data"] == {"code": "too_many_sessions"}
+        assert "max_sessions_per_agent" in error["message"]
+        assert "mcp-session-id" not in refused.headers
+    assert {name: text_of(reply) for name, reply in replies.items()} == {
+        "first": "napped 0.5",
+        "third": "napped 0.5",
+    }

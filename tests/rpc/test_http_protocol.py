@@ -186,6 +186,39 @@ async def test_delete_during_a_call_answers_the_call_with_an_error(env: Env) -> 
     assert [r["code"] for r in record] == ["cancelled"]
 
 
+@pytest.mark.parametrize("how", ["delete", "terminate"])
+async def test_a_call_on_its_sse_stream_gets_its_answer_when_the_session_ends(
+    env: Env, how: str
+) -> None:
+    # The stream of a call that had sent progress was closed before the call's -32001
+    # answer came, which was lost: the official client gave up with "SSE stream ended"
+    # (found by review)
+    agent = f"ended-by-{how}"
+    client = env.live.client((await env.live.runtime.agents.spawn(agent, ["faulty"])).token)
+    await client.initialize()
+    rid = f"sse-{how}"
+    async with waiting_call(env, client, rid, "p") as events:
+        messages: list[JSON] = []
+        async for event in events:
+            if not event.data:
+                continue
+            messages.append(event.message)
+            if len(messages) == 1:  # the progress notice: the call runs, on an SSE stream
+                if how == "delete":
+                    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+                        deleted = await http.delete(env.live.url, headers=client.headers())
+                    assert deleted.status_code == 204
+                else:
+                    await env.live.runtime.agents.terminate(agent)
+    assert messages[0]["method"] == "notifications/progress"
+    answer = messages[-1]
+    assert answer["id"] == rid
+    assert answer["error"]["code"] == -32001
+    assert answer["error"]["data"] == {"code": "session_ended"}
+    # the stream closed once the answer was written, and the record was written before it
+    assert [(r["outcome"], r["code"]) for r in audited(env, rid)] == [("error", "cancelled")]
+
+
 async def test_other_http_methods_are_405(env: Env) -> None:
     async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
         response = await http.put(env.live.url, headers=env.live.client(env.token).headers())

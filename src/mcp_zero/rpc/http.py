@@ -404,16 +404,21 @@ class HttpApp:
             await self._close_session(self.sessions.pop(sid))
         return idle
 
-    async def _make_room_for(self, principal: Principal) -> None:
-        """Drop the principal's least recently used session if it has as many as it may
-        (token-less callers of --anonymous-agent and the agent's token holder count apart:
-        neither may use, nor push out, the other's sessions)."""
+    async def _make_room_for(self, principal: Principal) -> bool:
+        """Drop the principal's least recently used idle session if it has as many as it
+        may (token-less callers of --anonymous-agent and the agent's token holder count
+        apart: neither may use, nor push out, the other's sessions); False when every one
+        is busy (a running call is not cut off for a new session: the new one is refused)."""
         mine = [s for s in self.sessions.values() if _owns(s, principal)]
-        if len(mine) >= self.settings.max_sessions_per_agent:
-            oldest = min(mine, key=lambda s: s.last_seen)
-            agent = principal.agent
-            self._log_dropped(agent, oldest.id)
-            await self._close_session(self.sessions.pop(oldest.id))
+        if len(mine) < self.settings.max_sessions_per_agent:
+            return True
+        idle = [s for s in mine if not _busy(s)]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: s.last_seen)
+        self._log_dropped(principal.agent, oldest.id)
+        await self._close_session(self.sessions.pop(oldest.id))
+        return True
 
     def _log_dropped(self, agent: str, session_id: str) -> None:
         """Log that ``agent``'s session was dropped for a new one, once a minute an agent
@@ -681,9 +686,20 @@ class HttpApp:
             await respond_json(send, 400, jsonrpc.error_from_exception(message.id, mismatch))
             return
         if isinstance(message, jsonrpc.Request) and message.method == "initialize":
-            if isinstance(message.params.get("protocolVersion"), str):
-                # (only for one McpServer._initialize takes: a refused one pushes out none)
-                await self._make_room_for(principal)
+            # (only for one McpServer._initialize takes: a refused one pushes out none)
+            taken = isinstance(message.params.get("protocolVersion"), str)
+            if taken and not await self._make_room_for(principal):
+                busy = (
+                    f"agent {principal.agent!r} has {self.settings.max_sessions_per_agent} "
+                    "sessions open (max_sessions_per_agent), each running a request or holding "
+                    "a stream open: end one (DELETE) or retry when one is idle"
+                )
+                await respond_json(
+                    send,
+                    503,
+                    jsonrpc.error_message(message.id, -32000, "too_many_sessions", busy),
+                )
+                return
             if len(self.sessions) >= self.settings.max_sessions:
                 await respond_json(
                     send,
@@ -981,8 +997,11 @@ class HttpApp:
             await self._close_session(self.sessions.pop(session.id))
 
     async def _close_session(self, session: Session) -> None:
-        """End ``session``: its calls, and its streams' connections (their clients would
-        otherwise hold them open for a session that is gone)."""
+        """End ``session``: its calls, and its GET stream's connection (its client would
+        otherwise hold it open for a session that is gone). A call's own stream stays open
+        until the call has answered (-32001 session_ended, once audited): its POST ends it
+        then, as it ends every call's stream (MCP: a server should not close a request's
+        stream before its response)."""
         session.close()
-        for stream in list(session.streams.values()):
-            await stream.close()
+        if session.notices is not None:
+            await session.notices.close()
