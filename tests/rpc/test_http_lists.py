@@ -105,6 +105,96 @@ async def test_a_cursor_stays_good_while_its_list_does_not_change(env: Env) -> N
     assert (await client.request("tools/list", {"cursor": cursor}))["result"]["tools"]
 
 
+# The conformance plugin's items one agent may not use, each forbidden alone.
+PICKY_FORBIDS = """
+@id("picky-no-simple-text")
+forbid (principal == Agent::"picky", action == Action::"call_tool",
+        resource == Tool::"test_simple_text");
+@id("picky-no-static-text")
+forbid (principal == Agent::"picky", action == Action::"read_resource",
+        resource == Resource::"test://static-text");
+@id("picky-no-one-template-uri")
+forbid (principal == Agent::"picky", action == Action::"read_resource",
+        resource == Resource::"test://template/1/data");
+@id("picky-no-simple-prompt")
+forbid (principal == Agent::"picky", action == Action::"get_prompt",
+        resource == Prompt::"test_simple_prompt");
+"""
+ALL_LISTS = [
+    ("tools/list", "tools", "name"),
+    ("resources/list", "resources", "uri"),
+    ("resources/templates/list", "resourceTemplates", "uriTemplate"),
+    ("prompts/list", "prompts", "name"),
+]
+
+
+async def legacy_list(client: McpHttp, method: str, key: str, field: str) -> list[str]:
+    """Every item of the list as the client's session gets it, page by page."""
+    names: list[str] = []
+    params: JSON = {}
+    for _ in range(50):
+        page = (await client.request(method, params))["result"]
+        names += [item[field] for item in page[key]]
+        if "nextCursor" not in page:
+            return names
+        params = {"cursor": page["nextCursor"]}
+    raise AssertionError(f"{method} did not end")
+
+
+async def modern_list(env: Env, token: str, method: str, key: str, field: str) -> list[str]:
+    """Every item of the list as MCP 2026-07-28 requests (no session) get it."""
+    names: list[str] = []
+    params: JSON = {}
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": method,
+    }
+    async with httpx2.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+        for _ in range(50):
+            body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params}}
+            body["params"]["_meta"] = envelope
+            page = (await http.post(env.live.url, json=body, headers=headers)).json()["result"]
+            names += [item[field] for item in page[key]]
+            if "nextCursor" not in page:
+                return names
+            params = {"cursor": page["nextCursor"]}
+    raise AssertionError(f"{method} did not end")
+
+
+async def test_lists_leave_out_what_policy_forbids_the_agent_to_use(env: Env) -> None:
+    # Only list_tools on the whole plugin counted: a tool, resource or prompt the agent may
+    # never use was listed all the same (found by review)
+    picky = await agent_session(env, "picky", ["conformance"])
+    token = picky.token
+    assert token is not None
+    free = await agent_session(env, "unbound", ["conformance"])
+    rules = env.live.runtime.settings.policy_dir / "picky.cedar"
+    rules.write_text(PICKY_FORBIDS)
+    env.live.runtime.policy.reload()
+    try:
+        hidden = {"test_simple_text", "test://static-text", "test_simple_prompt"}
+        for method, key, field in ALL_LISTS:
+            everything = await legacy_list(free, method, key, field)  # (pages of 2)
+            legacy = await legacy_list(picky, method, key, field)
+            modern = await modern_list(env, token, method, key, field)
+            assert legacy == modern == [item for item in everything if item not in hidden]
+        # one URI of a template forbidden leaves the template, whose other URIs it may read
+        templates = await legacy_list(picky, *ALL_LISTS[2])
+        assert templates == ["test://template/{id}/data"]
+        refused = await picky.call("test_simple_text")
+        assert error_of(refused)["code"] == -32003
+    finally:
+        rules.unlink()
+        env.live.runtime.policy.reload()
+    assert "test_simple_text" in await every_page(picky, "tools/list", "tools")
+
+
 # -- list_changed -------------------------------------------------------------------------------
 
 

@@ -491,7 +491,7 @@ class Kernel:
         self.limiter = limiter
         self._listing_cache: dict[Any, list[JSON]] = {}
         self._listings: dict[Any, tuple[list[JSON], str]] = {}
-        self._listers: dict[str, Callable[[Principal], list[JSON]]] = {
+        self._listers: dict[str, Callable[[Principal, str], list[JSON]]] = {
             "tools": self.list_tools,
             "resources": self.list_resources,
             "resourceTemplates": self.list_resource_templates,
@@ -521,46 +521,87 @@ class Kernel:
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
 
-    def visible_plugins(self, principal: Principal) -> list[str]:
+    def visible_plugins(self, principal: Principal, transport: str = "unknown") -> list[str]:
         # The whole principal: a policy may name the agent, so two agents with the same
         # plugins may see different lists.
-        key = ("plugins", principal, self.policy.generation, self.plugins.version)
+        key = ("plugins", principal, transport, self.policy.generation, self.plugins.version)
         cached = self._listing_cache.get(key)
         if cached is None:
+            context = {"transport": transport}
             cached = [
                 {"name": name}
                 for name in self.plugins.manifests
-                if self.policy.decide(Action(principal, Verb.LIST_TOOLS, name, name)).allowed
+                if self.policy.decide(
+                    Action(principal, Verb.LIST_TOOLS, name, name, {}, context)
+                ).allowed
             ]
             if len(self._listing_cache) > 4096:
                 self._listing_cache.clear()
             self._listing_cache[key] = cached
         return [entry["name"] for entry in cached]
 
-    def list_tools(self, principal: Principal) -> list[JSON]:
-        visible = set(self.visible_plugins(principal))
-        return [t.listing for t in self.plugins.tools.values() if t.plugin in visible]
+    def _usable(
+        self, principal: Principal, verb: Verb, target: str, plugin: str, transport: str
+    ) -> bool:
+        """Whether policy lets the principal use a listed item (call a tool, read a resource,
+        get a prompt) as it would be used: no arguments, so no labels."""
+        action = Action(principal, verb, target, plugin, {}, {"transport": transport})
+        return self.policy.decide(action).allowed
 
-    def list_resources(self, principal: Principal) -> list[JSON]:
-        visible = set(self.visible_plugins(principal))
-        return [r for plugin, r in self.plugins.resources.values() if plugin in visible]
+    def list_tools(self, principal: Principal, transport: str = "unknown") -> list[JSON]:
+        visible = set(self.visible_plugins(principal, transport))
+        return [
+            t.listing
+            for name, t in self.plugins.tools.items()
+            if t.plugin in visible
+            and self._usable(principal, Verb.CALL_TOOL, name, t.plugin, transport)
+        ]
 
-    def list_resource_templates(self, principal: Principal) -> list[JSON]:
-        visible = set(self.visible_plugins(principal))
-        return [t.listing for t in self.plugins.templates if t.plugin in visible]
+    def list_resources(self, principal: Principal, transport: str = "unknown") -> list[JSON]:
+        visible = set(self.visible_plugins(principal, transport))
+        return [
+            r
+            for uri, (plugin, r) in self.plugins.resources.items()
+            if plugin in visible
+            and self._usable(principal, Verb.READ_RESOURCE, uri, plugin, transport)
+        ]
 
-    def list_prompts(self, principal: Principal) -> list[JSON]:
-        visible = set(self.visible_plugins(principal))
-        return [p for plugin, p in self.plugins.prompts.values() if plugin in visible]
+    def list_resource_templates(
+        self, principal: Principal, transport: str = "unknown"
+    ) -> list[JSON]:
+        # A template is decided as a resource named by its template (as a completion of it
+        # is): a policy on the plugin's resources hides it, one on a single URI does not.
+        visible = set(self.visible_plugins(principal, transport))
+        return [
+            t.listing
+            for t in self.plugins.templates
+            if t.plugin in visible
+            and self._usable(
+                principal, Verb.READ_RESOURCE, t.listing["uriTemplate"], t.plugin, transport
+            )
+        ]
 
-    def listing(self, principal: Principal, kind: str) -> tuple[list[JSON], str]:
+    def list_prompts(self, principal: Principal, transport: str = "unknown") -> list[JSON]:
+        visible = set(self.visible_plugins(principal, transport))
+        return [
+            p
+            for name, (plugin, p) in self.plugins.prompts.items()
+            if plugin in visible
+            and self._usable(principal, Verb.GET_PROMPT, name, plugin, transport)
+        ]
+
+    def listing(
+        self, principal: Principal, kind: str, transport: str = "unknown"
+    ) -> tuple[list[JSON], str]:
         """The list ``kind`` (``tools``, ``resources``, ``resourceTemplates``, ``prompts``)
-        as the principal may see it, and its version: a digest of the list, which changes
-        when (and only when) what the principal sees in it does."""
-        key = (kind, principal, self.policy.generation, self.plugins.version)
+        as the principal may see it over ``transport`` (policy may name it): the plugins it
+        may list (``list_tools``), of which the items it may use, and the list's version: a
+        digest of the list, which changes when (and only when) what the principal sees in
+        it does."""
+        key = (kind, principal, transport, self.policy.generation, self.plugins.version)
         hit = self._listings.get(key)
         if hit is None:
-            items = self._listers[kind](principal)
+            items = self._listers[kind](principal, transport)
             hit = (items, hashlib.sha256(orjson.dumps(items)).hexdigest()[:16])
             if len(self._listings) > 4096:
                 self._listings.clear()

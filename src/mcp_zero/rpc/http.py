@@ -332,6 +332,7 @@ class HttpApp:
             self._end_terminated,
             self.server.principals_at_work,
             self.server.end_agent,
+            self.server.transport,
         )
         self._list_watch: asyncio.Task[None] | None = None
         self._loopback_only = (

@@ -101,8 +101,10 @@ class ListChanges:
         ended: Callable[[Session], Awaitable[None]] | None = None,
         at_work: Callable[[], Iterable[Principal]] = tuple,
         end_agent: Callable[[str], None] | None = None,
+        transport: str = "http",
     ) -> None:
         self.kernel = kernel
+        self.transport = transport  # what its sessions' lists are decided for (policy)
         self.agents = agents
         self.listeners = listeners
         self.streams = streams  # the open listen streams
@@ -113,7 +115,7 @@ class ListChanges:
 
     def seen(self, session: Session) -> None:
         """Take what ``session`` sees now as what its client knows (a new session)."""
-        session.views = versions(self.kernel, session.principal)
+        session.views = versions(self.kernel, session.principal, self.transport)
 
     def poke(self) -> None:
         """Check soon (from synchronous code: the plugin host's ``on_change``)."""
@@ -133,7 +135,7 @@ class ListChanges:
     async def check(self) -> None:
         """Bring each session's principal up to date (its agent's plugins may have changed)
         and send it a ``list_changed`` for each list whose version changed."""
-        now = _Now(self.kernel, self.agents)
+        now = _Now(self.kernel, self.agents, self.transport)
         for session, channel in list(self.listeners()):
             if session.closed:
                 continue
@@ -166,9 +168,9 @@ class ListChanges:
             stream.views = current
 
 
-def versions(kernel: Kernel, principal: Principal) -> dict[str, str]:
-    """The version of each list as ``principal`` sees it."""
-    return {kind: kernel.listing(principal, kind)[1] for kind in LISTS}
+def versions(kernel: Kernel, principal: Principal, transport: str) -> dict[str, str]:
+    """The version of each list as ``principal`` sees it over ``transport``."""
+    return {kind: kernel.listing(principal, kind, transport)[1] for kind in LISTS}
 
 
 def _changed(known: dict[str, str], current: dict[str, str], notices: Iterable[str]) -> list[str]:
@@ -184,9 +186,10 @@ class _Now:
     """One check's view of the principals (their agents' plugins may have changed in another
     process) and of what each sees: many sessions and streams share one."""
 
-    def __init__(self, kernel: Kernel, agents: AgentService) -> None:
+    def __init__(self, kernel: Kernel, agents: AgentService, transport: str) -> None:
         self.kernel = kernel
         self.agents = agents
+        self.transport = transport
         self._principals: dict[tuple[str, bool], Principal | None] = {}
         self._versions: dict[Principal, dict[str, str]] = {}
 
@@ -209,5 +212,5 @@ class _Now:
             self.agents.forget(known.agent)
         current = self._versions.get(principal)
         if current is None:
-            current = self._versions[principal] = versions(self.kernel, principal)
+            current = self._versions[principal] = versions(self.kernel, principal, self.transport)
         return principal, current

@@ -604,7 +604,7 @@ class McpServer:
             # Rate-limited as calls are, but not audited: a list changes nothing and shows
             # only what policy lets the agent see (a record each would flood the log).
             self.kernel.charge(session.principal)
-            items, version = self.kernel.listing(session.principal, key)
+            items, version = self.kernel.listing(session.principal, key, self.transport)
             cursor = params.get("cursor")
             return _page(items, cursor, self.page_size, key, method, version)
 
@@ -738,7 +738,7 @@ class McpServer:
         del wanted, uris, verdicts
         notices = frozenset(_LISTEN_FLAGS[flag] for flag in flags)
         listener = Listener(session.principal, notices, honoured)
-        listener.views = versions(self.kernel, session.principal)
+        listener.views = versions(self.kernel, session.principal, self.transport)
         tag = {SUBSCRIPTION_ID: rid}
         key = (channel, rid)
         if key in self.listeners:  # (a request id in use is refused before this)

@@ -381,6 +381,7 @@ async def _serve_stdio(
         end_terminated,
         at_work=server.principals_at_work,
         end_agent=server.end_agent,
+        transport=server.transport,
     )
     list_changes.seen(session)
     runtime.plugins.on_change = list_changes.poke
