@@ -62,6 +62,7 @@ FAULTY_TOOLS = {
     "faulty_log_levels",
     "faulty_close_then_finish",
     "faulty_bump",
+    "faulty_bump_later",
     "faulty_daemon",
     "faulty_runner",
 }

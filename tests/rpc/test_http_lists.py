@@ -276,6 +276,24 @@ async def test_a_changed_plugin_is_told_only_to_sessions_that_see_it_and_only_wh
             assert await next_method(other_heard) == "notifications/resources/updated"
 
 
+async def test_a_plugin_tells_subscribers_of_a_change_after_its_call_returned(env: Env) -> None:
+    # An update from a background job of the plugin, once the call that started it had
+    # returned, was dropped as a frame for no call (found by review)
+    client = await agent_session(env, "background", ["faulty"])
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        async with listening(env, client) as heard:
+            started = await client.call("faulty_bump_later", {"seconds": 0.05})
+            assert started["result"]["content"][0]["text"] == "bumping in 0.05 s"
+            # (the call's records are written: the call has returned before the job runs)
+            update = (await anext(heard)).message
+    # the job announced notes://not-ours first: not the plugin's, it reached no one
+    assert update == {
+        "jsonrpc": "2.0",
+        "method": "notifications/resources/updated",
+        "params": {"uri": "faulty://counter"},
+    }
+
+
 async def test_terminating_an_agent_ends_its_sessions_and_their_streams(env: Env) -> None:
     doomed = await agent_session(env, "terminated-one", ["faulty"])
     bystander = await agent_session(env, "onlooker", ["faulty"])

@@ -23,7 +23,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -609,6 +609,10 @@ class PluginHost:
         # the store under the old one (agents' attachments) is read again
         self.on_reindex: Callable[[], None] | None = None
         self.on_restart: Callable[[str], None] | None = None  # a plugin's worker replaced
+        # tells a resource's subscribers that it changed (the transport's; see _updated)
+        self.on_resource_updated: Callable[[str], Awaitable[None]] | None = None
+        self._updating: set[str] = set()  # URIs whose subscribers are about to be told
+        self._announcing: set[asyncio.Task[None]] = set()
         self._start_tasks: set[asyncio.Task[None]] = set()  # runtimes' starts (_start)
         self._lock = asyncio.Lock()
         self._leaving: dict[asyncio.Task[None], PluginRuntime] = {}  # replaced, draining
@@ -1036,10 +1040,33 @@ class PluginHost:
             path,
             data_dir,
             on_restart=self._restarted,
+            on_update=self._updated,
             protect=self.protect,
             worker_user=self.worker_user,
             max_restart_backoff_s=self.max_restart_backoff_s,
         )
+
+    def _updated(self, plugin: str, uri: str) -> None:
+        """``plugin`` said, outside any call, that resource ``uri`` changed: its subscribers
+        are told as of an update during a call, if the resource is the plugin's own (no
+        spoofed updates of another's). One not told yet is told once, however often it
+        changed meanwhile (a plugin that sends many costs each session a look, not each)."""
+        uri = normal_uri(uri)
+        announce = self.on_resource_updated
+        if announce is None or uri in self._updating or self.resource_owner(uri) != plugin:
+            return
+        self._updating.add(uri)
+
+        async def tell() -> None:
+            self._updating.discard(uri)  # a change from now on is one they have not heard of
+            try:
+                await announce(uri)
+            except Exception:  # a session's trouble must not leave the task's error unread
+                log.exception("telling the subscribers of %s that it changed failed", uri)
+
+        task = asyncio.get_running_loop().create_task(tell())
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
 
     def _restarted(self, plugin: str) -> None:
         if self.on_restart is not None:

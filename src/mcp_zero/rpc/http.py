@@ -367,6 +367,7 @@ class HttpApp:
     async def startup(self) -> None:
         await self.runtime.start(wait=STARTUP_WAIT_S)
         self.runtime.plugins.on_change = self.list_changes.poke
+        self.runtime.plugins.on_resource_updated = self.server.announce_resource_updated
         self.runtime.agents.on_change = self.list_changes.poke
         self._janitor = asyncio.create_task(self._expire_sessions())
         self._list_watch = asyncio.create_task(self.list_changes.run())
@@ -375,6 +376,7 @@ class HttpApp:
     async def shutdown(self) -> None:
         self.ready = False
         self.runtime.plugins.on_change = None
+        self.runtime.plugins.on_resource_updated = None
         self.runtime.agents.on_change = None
         self.server.end_listeners()
         for task in (self._janitor, self._list_watch):

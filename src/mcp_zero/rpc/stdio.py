@@ -385,6 +385,7 @@ async def _serve_stdio(
     )
     list_changes.seen(session)
     runtime.plugins.on_change = list_changes.poke
+    runtime.plugins.on_resource_updated = server.announce_resource_updated
     runtime.agents.on_change = list_changes.poke
     watch = asyncio.create_task(list_changes.run())
     try:
@@ -447,6 +448,7 @@ async def _serve_stdio(
     finally:
         watch.cancel()
         runtime.plugins.on_change = None
+        runtime.plugins.on_resource_updated = None
         runtime.agents.on_change = None
         session.close()
         for task in tasks:

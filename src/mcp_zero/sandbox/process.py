@@ -101,6 +101,7 @@ class ProcessRuntime:
         start_timeout: float = 15.0,
         cancel_grace: float = 0.5,
         on_restart: Callable[[str], None] | None = None,
+        on_update: Callable[[str, str], None] | None = None,
         protect: str | Path | None = None,
         worker_user: str = WORKER_USER,
         max_restart_backoff_s: float = MAX_RESTART_BACKOFF_S,
@@ -109,6 +110,8 @@ class ProcessRuntime:
         #: Told (with the plugin's name) each time a worker that died or was killed (a call
         #: past its timeout) is replaced: the ``mcp0_plugin_restarts_total`` counter.
         self.on_restart = on_restart
+        #: Told (the plugin's name, a URI) of a resource update a worker sent outside any call.
+        self.on_update = on_update
         self.manifest = manifest
         self.plugin_dir = Path(plugin_dir).resolve()
         self.data_dir = Path(data_dir).resolve()
@@ -277,6 +280,7 @@ class ProcessRuntime:
                 cancel_grace=self._grace,
                 on_exit=self._on_exit,
                 on_retire=self._on_retire,
+                on_update=self._updated,
                 stderr_budget=self._stderr_budget,
             )
             try:
@@ -407,6 +411,10 @@ class ProcessRuntime:
                     self._restarting()
                     if self._failures[i] <= _EAGER_RESTARTS:
                         self._kick(i)
+
+    def _updated(self, uri: str) -> None:
+        if self.on_update is not None:
+            self.on_update(self.name, uri)
 
     def _on_retire(self, worker: WorkerProcess) -> None:
         for i, w in enumerate(self._slots):

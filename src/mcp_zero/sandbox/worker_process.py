@@ -178,8 +178,10 @@ class WorkerProcess:
     """One running worker. Create, ``await start()``, then ``await call(...)`` concurrently.
 
     ``on_exit`` runs once when the child has gone; ``on_retire`` when the child asks
-    to be replaced (it then finishes its calls and exits). Its stderr is logged within
-    ``stderr_budget`` (the plugin's, shared by its workers; one of its own if None).
+    to be replaced (it then finishes its calls and exits); ``on_update`` with the URI of a
+    resource update the plugin sent outside any call (a watcher, a background job). Its
+    stderr is logged within ``stderr_budget`` (the plugin's, shared by its workers; one of
+    its own if None).
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class WorkerProcess:
         cancel_grace: float,
         on_exit: Callable[[WorkerProcess], None],
         on_retire: Callable[[WorkerProcess], None],
+        on_update: Callable[[str], None] | None = None,
         stderr_budget: StderrBudget | None = None,
     ) -> None:
         self.plugin = plugin
@@ -207,6 +210,7 @@ class WorkerProcess:
         self._grace = cancel_grace
         self._on_exit = on_exit
         self._on_retire = on_retire
+        self._on_update = on_update
         self._calls: dict[int, _Call] = {}
         self._zombies: dict[int, _Abandoned] = {}
         self._ids = itertools.count(1)
@@ -507,9 +511,15 @@ class WorkerProcess:
 
     def _on_notification(self, op: str, frame: JSON) -> None:
         call = self._calls.get(int(frame["call"]))
+        if call is None:
+            self._stray()  # (an update too: a flood of frames for no call is a runaway)
+        if op == "resource_updated" and (call is None or call.bridge is None):
+            # A resource's subscribers are not the call's: its plugin may tell them of a
+            # change at any time, after the call that started a job too.
+            if self._on_update is not None and self.alive:
+                self._on_update(str(frame["uri"]))
+            return
         if call is None or call.bridge is None:
-            if call is None:
-                self._stray()
             return
         bridge = call.bridge
         if op == "progress":

@@ -151,6 +151,25 @@ def bump(ctx: Context) -> str:
     return f"bumped to {_bumps[0]}"
 
 
+_jobs: set[asyncio.Task[None]] = set()
+
+
+@plugin.tool("faulty_bump_later")
+async def bump_later(ctx: Context, seconds: float) -> str:
+    """Returns at once; a background job bumps the counter ``seconds`` later and says so."""
+
+    async def job() -> None:
+        await asyncio.sleep(seconds)
+        _bumps[0] += 1
+        ctx.resource_updated("notes://not-ours")  # dropped after the call as during it
+        ctx.resource_updated("faulty://counter")
+
+    task = asyncio.get_running_loop().create_task(job())
+    _jobs.add(task)
+    task.add_done_callback(_jobs.discard)
+    return f"bumping in {seconds} s"
+
+
 @plugin.tool("faulty_log_levels")
 def log_levels(ctx: Context) -> str:
     for level in ("debug", "info", "warning", "error"):
