@@ -17,6 +17,7 @@ import pytest
 from rpc_live import CALL_TIMEOUT_S, FAULTY_DIR, NOTES_DIR, error_of, make_runtime, serve, text_of
 
 from mcp_zero.audit.chain import verify_store
+from mcp_zero.audit.log import ROOM_CHECK_S
 from mcp_zero.runtime import Runtime
 from mcp_zero.storage.sqlite import SqliteStore
 
@@ -191,35 +192,49 @@ async def test_an_admin_change_waits_for_another_process_without_holding_up_call
         assert attached.json()["plugins"] == ["faulty"]
 
 
-async def test_a_store_held_locked_makes_the_server_unready_and_calls_refused_before_acting(
+async def test_calls_wait_while_records_wait_for_a_lock_and_never_act_once_they_failed(
     tmp_path: Path,
 ) -> None:
-    # /readyz said ready until a call's record had waited out the busy timeout and failed;
-    # a second later the log took calls again while the lock was still held, and each ran
-    # its plugin (a note added) and left no record (found by review)
+    # A second after a commit failed on another process's lock, the log took calls again
+    # while the lock was still held: each ran its plugin (a note added) and left no record.
+    # And calls taken while a batch waited for the lock acted, their records failing with it.
+    # /readyz said ready all along (found by review)
     data = tmp_path / "data"
     runtime = make_runtime(data, rate_limit=0)
     runtime.plugins.install(NOTES_DIR)
     token = (await runtime.agents.spawn("alice", ["notes"])).token
     async with serve(runtime) as live, httpx2.AsyncClient() as http:
         client = live.client(token)
+        readyz = f"{live.base}/readyz"
         with store_held(data) as other:
-            with anyio.fail_after(CALL_TIMEOUT_S):  # the server's look every second
-                while (await http.get(f"{live.base}/readyz")).status_code == 200:
+            first = asyncio.create_task(client.call("notes_add", {"text": "acted first"}))
+            with anyio.fail_after(CALL_TIMEOUT_S):  # it acted; its record waits for the lock
+                while runtime.audit.stats.blocked_since is None:
+                    assert not first.done(), first.result()
+                    await asyncio.sleep(0.01)
+            second = asyncio.create_task(client.call("notes_add", {"text": "waited"}))
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                while (await http.get(readyz)).status_code == 200:
                     await asyncio.sleep(0.05)
-            unready = await http.get(f"{live.base}/readyz")
-            assert unready.json() == {"ready": False, "audit": "failing"}
-            refused = await client.call("notes_add", {"text": "while locked"})
-            assert "database is locked" in error_of(refused)["message"]
-            await asyncio.sleep(1.5)  # past the server's next looks: the lock still held
-            assert (await http.get(f"{live.base}/readyz")).status_code == 503
+            assert (await http.get(readyz)).json() == {"ready": False, "audit": "blocked"}
+            assert not second.done()
+            with anyio.fail_after(CALL_TIMEOUT_S):  # the store's busy timeout (5 s) passes
+                failed = await first
+                refused = await second
+            assert "database is locked" in error_of(failed)["message"]
+            assert "the audit log cannot be written" in error_of(refused)["message"]
+            await asyncio.sleep(ROOM_CHECK_S)  # asked again: it is still locked
+            assert (await http.get(readyz)).json() == {"ready": False, "audit": "failing"}
             refused = await client.call("notes_add", {"text": "still locked"})
-            assert "database is locked" in error_of(refused)["message"]
+            assert "the audit log cannot be written" in error_of(refused)["message"]
             other.execute("ROLLBACK")
         with anyio.fail_after(CALL_TIMEOUT_S):
-            while (await http.get(f"{live.base}/readyz")).status_code != 200:
+            while (await http.get(readyz)).status_code != 200:
                 await asyncio.sleep(0.05)
-        listed = await client.call("notes_list", {})
-        assert "locked" not in text_of(listed)  # no plugin acted for a refused call
+        listed = text_of(await client.call("notes_list", {}))
+    # (a call that had acted as the lock came lost its record: the gap the docs name)
+    assert "acted first" in listed
+    assert "waited" not in listed
+    assert "still locked" not in listed
     with SqliteStore(data / "mcp0.db") as store:
         assert verify_store(store).count == len(store.read_audit(0, 10_000))

@@ -58,7 +58,6 @@ log = logging.getLogger("mcp_zero.audit")
 #: again: a few batches' worth.
 ROOM_BYTES = 64 << 10
 ROOM_CHECK_S = 0.5
-BLOCKED_FOR_S = 0.5  # a store's write lock held this long by another process fails the log
 
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
 # The running loop, or None outside one: asyncio's C function, without the exception (and
@@ -93,6 +92,8 @@ class AuditStats:
     largest_batch: int = 0
     busy_retries: int = 0  # times a batch found the store locked by another writer, retried
     failing: bool = False  # a batch failed (a full disk…) and the store has not room again
+    # since when a batch waits for another writer's lock (None: none does); calls wait
+    blocked_since: float | None = None
     last_failure: str = ""  # why the last failed batch failed
 
 
@@ -163,7 +164,8 @@ class AuditLog:
         self._head: AuditEntry | None = None
         self.stats = AuditStats()
         self._room_checked = 0.0  # when writable() last asked the store for room
-        self._blocked_since: float | None = None  # when check_room() found it locked
+        # per loop whose batch waits for another writer's lock: done when it no longer does
+        self._unblocked: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}
 
     @property
     def head(self) -> AuditEntry | None:
@@ -323,7 +325,6 @@ class AuditLog:
             self._room_checked = now
             why = self._store.short_of_room(ROOM_BYTES) or self._store.write_blocked()
             if why is None:
-                self._blocked_since = None
                 self.stats.failing = False
                 log.warning(
                     "the audit log can be written again (%d events failed meanwhile): "
@@ -335,28 +336,25 @@ class AuditLog:
         return not self.stats.failing
 
     def check_room(self) -> bool:
-        """Whether the store has room for a few batches and is not held locked by another
-        process; when it is not, the log fails from now on (calls refused before their
-        plugins act, /readyz 503) as a failed commit makes it. A server asks every second:
-        a disk filled by something else is found before a call acts and then cannot be
-        recorded (found by review). A lock is a failure when it is found held at two looks
-        ``BLOCKED_FOR_S`` apart: another command's write holds it for milliseconds."""
+        """Whether the store has room for a few batches; when it has not, the log fails
+        from now on (calls refused before their plugins act, /readyz 503) as a failed commit
+        makes it. A server asks every second: a disk filled by something else is found
+        before a call acts and then cannot be recorded (found by review)."""
         if self.stats.failing:
             return self.writable()
-        why = self._store.short_of_room(ROOM_BYTES)
-        if why is None:
-            blocked = self._store.write_blocked()
-            now = time.monotonic()
-            if blocked is None:
-                self._blocked_since = None
-            elif self._blocked_since is None:
-                self._blocked_since = now
-            elif now - self._blocked_since >= BLOCKED_FOR_S:
-                why = blocked
-        if why is None:
+        short = self._store.short_of_room(ROOM_BYTES)
+        if short is None:
             return True
-        self._fail(why)
+        self._fail(short)
         return False
+
+    def unblocked(self) -> asyncio.Future[None] | None:
+        """While this loop's batch waits for another writer's lock (``stats.blocked_since``):
+        a future done once that batch has committed or failed; None when it does not wait.
+        A call that acted meanwhile would have its record in a batch that may fail (the lock
+        held past the busy timeout): calls wait for it before they act (found by review)."""
+        loop = _running_loop()
+        return self._unblocked.get(loop) if loop is not None else None
 
     def _fail(self, why: str) -> None:
         """From now on calls are refused until writable() finds room; logged once."""
@@ -398,13 +396,19 @@ class AuditLog:
             return
         if wait or loop is not _running_loop():
             self._commit(items)
+            self._unblock(loop)
             return
         now = time.monotonic()
         final = busy_since is not None and now - busy_since >= self._store.busy_timeout
         if self._commit(items, wait=False, retry=not final):
+            self._unblock(loop)
             return
         self.stats.busy_retries += 1
         since = now if busy_since is None else busy_since
+        if loop not in self._unblocked:
+            self._unblocked[loop] = loop.create_future()
+            if self.stats.blocked_since is None:
+                self.stats.blocked_since = since
         delay = min(max((now - since) / 2, _BUSY_MIN_DELAY), _BUSY_MAX_DELAY)
         with self._lock:  # back in front of what was submitted meanwhile, tried again later
             batch.pending[:0] = items
@@ -412,6 +416,19 @@ class AuditLog:
             if batch.timer is not None:
                 batch.timer.cancel()
             batch.timer = loop.call_later(delay, self._flush, loop)
+
+    def _unblock(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``loop``'s batch no longer waits for another writer's lock (committed or failed)."""
+        waiter = self._unblocked.pop(loop, None)
+        if waiter is None:
+            return
+        if not self._unblocked:
+            self.stats.blocked_since = None
+        if loop is _running_loop():
+            _release(waiter)
+        else:  # (close, from another thread)
+            with contextlib.suppress(RuntimeError):  # (its loop closed: no one waits)
+                loop.call_soon_threadsafe(_release, waiter)
 
     def _write_chained(
         self,
@@ -512,6 +529,11 @@ class AuditLog:
         # still have landed); if it cannot say, keep the last entry we saw land.
         with contextlib.suppress(Exception):
             self._head = self._store.audit_head()
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _take(

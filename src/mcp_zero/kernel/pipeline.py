@@ -1133,16 +1133,27 @@ class Kernel:
                                     slot.move(slots), timeout, plugin, quotas.max_concurrency
                                 )
                                 queued += time.perf_counter() - began
-                        if runtime.ready():
+                        if not runtime.ready():
+                            # its worker is (re)starting (a crash, a slow import): a wait too,
+                            # that a change recorded meanwhile is to govern (it ran on the
+                            # decision of before: found by review)
+                            decided_under = self._in_force()
+                            began = time.perf_counter()
+                            await runtime.until_ready(timeout, f"{method} of {action.resource!r}")
+                            starting += time.perf_counter() - began
+                            timeout = max(timeout - (time.perf_counter() - began), 0.001)
+                            continue
+                        if self.audit.stats.blocked_since is None:
                             break
-                        # its worker is (re)starting (a crash, a slow import): a wait too, that
-                        # a change recorded meanwhile is to govern (it ran on the decision of
-                        # before: found by review)
+                        unblocked = self.audit.unblocked()
+                        if unblocked is None:
+                            break
+                        # Records wait for another process's lock, and fail if it is held past
+                        # the busy timeout: a call that acted now would lose its record with
+                        # them (found by review). It waits for them (a wait too), and is
+                        # refused below if they failed.
                         decided_under = self._in_force()
-                        began = time.perf_counter()
-                        await runtime.until_ready(timeout, f"{method} of {action.resource!r}")
-                        starting += time.perf_counter() - began
-                        timeout = max(timeout - (time.perf_counter() - began), 0.001)
+                        await asyncio.wait((unblocked,))  # (a cancel must not cancel it)
                     # (it may have failed while we queued)
                     if self.audit.stats.failing and not self.audit.writable():
                         raise _audit_failing(self.audit)

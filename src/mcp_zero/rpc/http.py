@@ -81,6 +81,7 @@ from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 
 log = logging.getLogger("mcp_zero.http")
 DROP_LOG_INTERVAL_S = 60.0  # an agent's dropped sessions are logged once a minute
+READY_BLOCKED_S = 1.0  # /readyz says not ready once audit records wait this long for a lock
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 _ALLOW = [(b"allow", b"GET, POST, DELETE, OPTIONS")]
 _ALLOW_GET = [(b"allow", b"GET, HEAD")]
@@ -513,12 +514,18 @@ class HttpApp:
         elif path == "/healthz":
             await respond_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
-            # not ready while the audit log cannot be written: calls are refused then
-            writable = self.runtime.audit.writable()
-            ready = self.ready and writable
+            # not ready while the audit log cannot be written (calls are refused then), nor
+            # while its records have waited a while for another process's lock (calls wait)
+            audit = self.runtime.audit
+            writable = audit.writable()
+            since = audit.stats.blocked_since
+            blocked = since is not None and time.monotonic() - since >= READY_BLOCKED_S
+            ready = self.ready and writable and not blocked
             answer: dict[str, Any] = {"ready": ready}
             if not writable:
                 answer["audit"] = "failing"
+            elif blocked:
+                answer["audit"] = "blocked"
             await respond_json(send, 200 if ready else 503, answer)
         elif path == "/metrics":
             if not self._origin_allowed(scope, header(scope, b"origin")):
