@@ -722,7 +722,9 @@ def test_the_announced_url_brackets_an_ipv6_host(
     [
         ("", "http://127.0.0.1:8390/mcp"),
         ("0.0.0.0", "http://127.0.0.1:8390/mcp"),
+        ("0", "http://127.0.0.1:8390/mcp"),  # (inet_aton's spelling of it)
         ("::", "http://[::1]:8390/mcp"),
+        ("0::0", "http://[::1]:8390/mcp"),
     ],
 )
 def test_a_server_on_every_interface_announces_a_url_to_connect_to(

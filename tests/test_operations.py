@@ -40,6 +40,8 @@ def test_the_documented_backup_restore_and_verification_run_as_written(tmp_path:
         assert shutil.which(tool), f"{tool}: docs/operations.md's commands need it"
     backup, restore, verify = re.findall(r"```sh\n(.*?)```", OPERATIONS.read_text(), re.S)
     data, copies, restored = tmp_path / "data", tmp_path / "backup", tmp_path / "restored"
+    data.mkdir()  # the operator's, 0755 as many are: a restore must not copy its mode
+    data.chmod(0o755)
     runtime = Runtime(load_settings(None, {"data_dir": data}, environ={}))
     try:
         runtime.record_what_governs()  # (as a server starts: two records)

@@ -313,14 +313,16 @@ def _announce(
 
 
 def _names_every_interface(host: str) -> bool:
-    """Whether ``host`` is a wildcard (``""``, ``0.0.0.0``, ``::``): a server listens on every
-    interface, and the host is no address a client can connect to."""
+    """Whether ``host`` is a wildcard (``""``, ``0.0.0.0``, ``::``, and spellings such as
+    ``0``): a server listens on every interface, and the host is no address a client can
+    connect to. Decided as the listening socket's address is, by resolving it."""
     if not host:
         return True
     try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:  # a name
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:  # (it was listened on: resolved as well then)
         return False
+    return all(ipaddress.ip_address(str(info[4][0])).is_unspecified for info in infos)
 
 
 def _local_address(wildcard: str) -> str:
