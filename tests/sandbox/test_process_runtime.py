@@ -36,7 +36,7 @@ from mcp_zero.errors import (
 from mcp_zero.sandbox.isolation import landlock_abi
 from mcp_zero.sandbox.manifest import load_manifest, parse_manifest
 from mcp_zero.sandbox.ownership import worker_identity
-from mcp_zero.sandbox.process import ProcessRuntime
+from mcp_zero.sandbox.process import ProcessRuntime, _backoff
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S, StderrBudget
 from mcp_zero.sandbox.worker_process import spawn_failure
 from requires import require_root
@@ -929,6 +929,16 @@ async def test_a_worker_whose_start_failed_once_is_started_again(tmp_path, caplo
         assert rt.start_failure is None
     finally:
         await rt.close()
+
+
+@pytest.mark.parametrize("failures", [1, 2, 6, 1024, 1025, 10**6])
+def test_the_restart_backoff_doubles_up_to_its_longest_however_many_failures(
+    failures: int,
+) -> None:
+    # 1,025 deaths in a row (a plugin crashing on every call, called for 40 minutes) made
+    # it an OverflowError, every later call's failure, until a restart (found by review)
+    assert _backoff(failures, 2.0) == min(0.05 * 2 ** min(failures - 1, 10), 2.0)
+    assert _backoff(failures, 0.0) == 0.0
 
 
 async def test_a_worker_whose_start_always_fails_is_started_again_only_for_calls(tmp_path):

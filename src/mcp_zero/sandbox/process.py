@@ -69,8 +69,9 @@ logger = logging.getLogger(__name__)
 
 def _backoff(failures: int, longest: float) -> float:
     """How long a slot waits before it starts a worker after ``failures`` in a row: 50 ms,
-    doubling each time up to ``longest``."""
-    return min(0.05 * 2.0 ** (failures - 1), longest)
+    doubling each time up to ``longest``. (The doubling stops at 2**30: 2.0 ** 1024 is an
+    OverflowError, and a plugin crashing on every call gets there: found by review.)"""
+    return min(0.05 * 2.0 ** min(failures - 1, 30), longest)
 
 
 def retried(failure: BaseException) -> bool:
