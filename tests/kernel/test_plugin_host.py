@@ -58,6 +58,7 @@ FAULTY_TOOLS = {
     "faulty_nap",
     "faulty_progress",
     "faulty_ask_between",
+    "faulty_ask_then_answer",
     "faulty_started_then_wait",
     "faulty_log_levels",
     "faulty_close_then_finish",

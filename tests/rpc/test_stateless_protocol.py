@@ -28,6 +28,7 @@ from rpc_live import (
 )
 
 from mcp_zero.errors import HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION
+from mcp_zero.rpc.resume import EndedCalls
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -798,6 +799,107 @@ async def test_calls_parked_on_their_client_leave_the_plugin_to_other_agents(nar
         retry = {**ASK, "inputResponses": answer, "requestState": asked["requestState"]}
         done = await post(narrow, message("tools/call", retry, meta=envelope(**capable())))
         assert "action=accept" in done.json()["result"]["content"][0]["text"]
+
+
+# -- answers of calls that ended while they waited for their client -------------------------------
+
+
+@pytest.fixture(scope="module")
+async def keeping(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    """A server with two agents of the faulty plugin, whose calls end while they wait."""
+    runtime = make_runtime(tmp_path_factory.mktemp("keeping") / "data")
+    runtime.plugins.install(FAULTY_DIR)
+    first = await runtime.agents.spawn("first", ["faulty"])
+    second = await runtime.agents.spawn("second", ["faulty"])
+    async with serve(runtime) as live:
+        yield Env(live, first.token, second.token)
+
+
+async def ended_call(env: Env, token: str, size: int) -> tuple[JSON, str]:
+    """A call that asks its client, is not answered and ends with ``size`` bytes of text while
+    its answer waits for the retry: its params and its requestState."""
+    params = {"name": "faulty_ask_then_answer", "arguments": {"size": size, "patience": 0.2}}
+    body = message("tools/call", params, meta=envelope(**capable()))
+    asked = (await post(env, body, token=token)).json()["result"]
+    assert asked["resultType"] == "input_required", asked
+    state: str = asked["requestState"]
+    ended = env.live.app.server.resumptions.ended
+    with anyio.fail_after(TIMEOUT_S):
+        while state not in ended:  # it is kept once it has ended (and never dropped at once)
+            await asyncio.sleep(0.01)
+    return params, state
+
+
+async def retry_ended(env: Env, token: str, params: JSON, state: str) -> httpx2.Response:
+    retry = {**params, "inputResponses": {}, "requestState": state}
+    body = message("tools/call", retry, meta=envelope(**capable()))
+    response = await post(env, body, token=token)
+    if response.status_code != 200:  # a refused request of its agent, audited as such
+        assert audit_outcomes(env, body["id"]) == [("error", "answer_not_kept")]
+    return response
+
+
+@pytest.mark.parametrize(
+    ("bounds", "size"),
+    [
+        ({"limit": 3, "agent_limit": 2}, 10),
+        ({"limit_bytes": 350_000, "agent_bytes": 220_000}, 100_000),
+    ],
+)
+async def test_answers_kept_for_retries_are_bounded_for_each_agent_and_in_all(
+    keeping: Env, bounds: JSON, size: int
+) -> None:
+    # A client that never retried made the server keep its every answer for a minute: 1 GB
+    # in 16 s of 1 MiB answers (found by review).
+    resumptions = keeping.live.app.server.resumptions
+    before, resumptions.ended = resumptions.ended, EndedCalls(**bounds)
+    try:
+        first, second = keeping.token, keeping.reader_token
+        tokens = [first, first, first, second, second]
+        calls = [await ended_call(keeping, token, size) for token in tokens]
+        # the first agent's oldest went past its share, its next past the bound of all
+        kept = [state in resumptions.ended for _, state in calls]
+        assert kept == [False, False, True, True, True]
+        ended = resumptions.ended
+        assert len(ended) <= ended.limit
+        assert ended.held <= ended.limit_bytes
+        for token, (params, state) in zip(tokens[:2], calls[:2], strict=True):
+            refused = await retry_ended(keeping, token, params, state)
+            assert refused.status_code == 400
+            error = refused.json()["error"]
+            assert error["data"] == {"code": "answer_not_kept", "path": "/requestState"}
+            assert "the call ran" in error["message"]
+        for token, (params, state) in zip(tokens[2:], calls[2:], strict=True):
+            answered = await retry_ended(keeping, token, params, state)
+            assert answered.json()["result"]["content"][0]["text"] == "x" * size
+        assert (len(ended), ended.held) == (0, 0)  # each answer went with its retry
+    finally:
+        resumptions.ended.close()
+        resumptions.ended = before
+
+
+async def test_a_retry_after_its_answer_expired_hears_that_the_call_ran(keeping: Env) -> None:
+    resumptions = keeping.live.app.server.resumptions
+    before, resumptions.ended = resumptions.ended, EndedCalls(keep_s=0.3)
+    try:
+        params, state = await ended_call(keeping, keeping.token, 10)
+        with anyio.fail_after(TIMEOUT_S):
+            while state in resumptions.ended:
+                await asyncio.sleep(0.01)
+        refused = await retry_ended(keeping, keeping.token, params, state)
+        assert refused.json()["error"]["data"]["code"] == "answer_not_kept"
+        # another agent learns nothing of it: the state is unknown to it
+        stranger = message(
+            "tools/call",
+            {**params, "inputResponses": {}, "requestState": state},
+            meta=envelope(**capable()),
+        )
+        unknown = (await post(keeping, stranger, token=keeping.reader_token)).json()
+        assert unknown["error"]["data"]["code"] == "invalid_params"
+        assert "unknown or expired" in unknown["error"]["message"]
+    finally:
+        resumptions.ended.close()
+        resumptions.ended = before
 
 
 # -- Mcp-Param-* headers: the arguments a schema marks with x-mcp-header ---------------------------

@@ -16,10 +16,11 @@ A parked call still counts against its agent's concurrency and its plugin's
 wall-clock timeout still runs, but it holds no plugin slot: a call waiting on its
 client gives its slot back and takes one again when answered (kernel/pipeline.py
 ``PluginSlot``; a plain handler's call keeps it), so parked calls cannot starve a
-plugin's other callers. One that ends meanwhile (timeout, crash) is kept a minute
-so that the retry hears how it ended; one nobody comes back to is cancelled after
-``CLIENT_REQUEST_TIMEOUT_S`` (audited as cancelled). Questions still open when a
-call ends are answered with an error, so that each is audited.
+plugin's other callers. One that ends meanwhile (timeout, crash) keeps its answer a
+minute so that the retry hears how it ended (:class:`EndedCalls`, within bounds); one
+nobody comes back to is cancelled after ``CLIENT_REQUEST_TIMEOUT_S`` (audited as
+cancelled). Questions still open when a call ends are answered with an error, so that
+each is audited.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import itertools
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
+
+import orjson
 
 from mcp_zero.errors import InvalidParams, McpZeroError, MissingClientCapability, QuotaExceeded
 from mcp_zero.kernel.action import Principal
@@ -44,8 +47,18 @@ from mcp_zero.rpc.session import (
 )
 
 _GATHER_S = 0.005  # a question this soon after the last travels with it
-_ENDED_KEPT_S = 60.0  # a parked call that ended is kept this long for its client's retry
 _GATHER_MAX_S = 0.05
+_ENDED_KEPT_S = 60.0  # a parked call that ended keeps its answer this long for the retry
+# What the answers of ended calls hold at most, the oldest going first: a client that never
+# retries made the server keep its every answer, 1 GB in 16 s of 1 MiB ones (found by review).
+_ENDED_MAX = 1000
+_ENDED_MAX_BYTES = 32 << 20
+# An agent's share (its newest answer whatever its size), so that one cannot push out all
+# others' answers.
+_ENDED_AGENT_MAX = 100
+_ENDED_AGENT_MAX_BYTES = 8 << 20
+_ENDED_ENTRY_BYTES = 300  # what an answer costs besides its JSON and its request's key
+_NOT_KEPT_MAX = 10_000  # requestStates of answers no longer kept, remembered to say so
 # What identifies "the same request again": the method and these params.
 _SAME = {
     "tools/call": ("name", "arguments"),
@@ -66,6 +79,13 @@ class Request(NamedTuple):
 class RetryRefused(InvalidParams):
     """A retry refused for its ``requestState`` or ``inputResponses`` before it reached its
     call: a refused request of its agent, audited and rate-limited as one."""
+
+
+class AnswerNotKept(RetryRefused):
+    """A retry of a call that ended while it waited, whose answer is no longer kept: the
+    call ran, so the request should not be sent again blindly."""
+
+    code = "answer_not_kept"
 
 
 class Continuation:
@@ -247,12 +267,14 @@ def _required(lacking: set[str]) -> JSON:
 
 
 class Resumptions:
-    """The calls parked while their client answers, by ``requestState``."""
+    """The calls parked while their client answers, by ``requestState``, and the answers of
+    those that ended meanwhile (:class:`EndedCalls`)."""
 
     def __init__(self, limit: int = 1000, timeout_s: float = CLIENT_REQUEST_TIMEOUT_S) -> None:
         self.limit = limit
         self.timeout_s = timeout_s
         self._parked: dict[str, tuple[Continuation, asyncio.TimerHandle]] = {}
+        self.ended = EndedCalls()
 
     def __len__(self) -> int:
         return len(self._parked)
@@ -275,6 +297,9 @@ class Resumptions:
             call.work.add_done_callback(_retrieve)
             call.work.add_done_callback(call.settle)
         else:
+            ended = self.ended.take(agent, key, state)
+            if ended is not None:
+                return ended
             call, answers = self._resume(agent, key, state, params.get("inputResponses"))
             call.resume(request, answers)
         try:
@@ -295,13 +320,12 @@ class Resumptions:
             result = call._result(work)
         if result is not None:
             return result
-        waiting = sum(1 for parked, _ in self._parked.values() if not _ended(parked))
-        if waiting >= self.limit:
+        if len(self._parked) >= self.limit:
             assert call.work is not None
             call.work.cancel()
             raise QuotaExceeded(
-                f"{waiting} calls already wait for their clients' answers, this server's "
-                "limit; retry later"
+                f"{len(self._parked)} calls already wait for their clients' answers, this "
+                "server's limit; retry later"
             )
         call.current = None
         token = secrets.token_urlsafe(24)
@@ -323,30 +347,21 @@ class Resumptions:
         retry is refused."""
         parked = self._parked.get(state) if isinstance(state, str) else None
         if parked is None or parked[0].agent != agent:
-            raise RetryRefused(
-                "params.requestState is unknown or expired (an answer is awaited for "
-                f"{self.timeout_s:.0f} s): send the request again without it",
-                data={"path": "/requestState"},
-            )
+            raise _unknown(self.timeout_s)
         call, timer = parked
         if call.key != key:
-            raise RetryRefused(
-                "params.requestState belongs to another request: a retry repeats the "
-                "original request's method and parameters",
-                data={"path": "/requestState"},
-            )
+            raise _another_request()
         answers = call.answers(responses)
         del self._parked[state]
         timer.cancel()
         return call, answers
 
     def _keep_ended(self, token: str) -> None:
-        """A parked call ended (timeout, crash, cancel): keep it a little for the retry."""
-        parked = self._parked.get(token)
+        """A parked call ended (timeout, crash): keep its answer a little for the retry."""
+        parked = self._parked.pop(token, None)
         if parked is not None:
             parked[1].cancel()
-            timer = asyncio.get_running_loop().call_later(_ENDED_KEPT_S, self._expire, token)
-            self._parked[token] = (parked[0], timer)
+            self.ended.keep(token, parked[0])
 
     def principals(self) -> list[Principal]:
         """The callers whose calls wait here (and have not ended)."""
@@ -364,6 +379,7 @@ class Resumptions:
                 timer.cancel()
                 if call.work is not None:
                     call.work.cancel()
+        self.ended.end_agent(agent)
 
     def _expire(self, token: str) -> None:
         parked = self._parked.pop(token, None)
@@ -376,6 +392,163 @@ class Resumptions:
             if call.work is not None:
                 call.work.cancel()
         self._parked.clear()
+        self.ended.close()
+
+
+class _Kept(NamedTuple):
+    """What the retry of a call that ended needs: whose call and which request it was, and
+    how it ended (its result's JSON, or its error); with its cost and when it goes."""
+
+    agent: tuple[str, bool]
+    key: tuple[Any, ...]
+    answer: bytes | Exception
+    size: int
+    until: float
+
+
+class EndedCalls:
+    """The answers of parked calls that ended before their client came back, each kept
+    ``keep_s`` (a minute) for the retry, by ``requestState``: at most ``limit`` answers and
+    ``limit_bytes`` of them (their JSON, their request's key and ~300 bytes of bookkeeping),
+    of which an agent holds at most ``agent_limit`` and ``agent_bytes`` (its newest whatever
+    its size). Past a bound the oldest go first, the agent's own past its share; a retry of
+    one gone hears so (:class:`AnswerNotKept`), as long as the last ``_NOT_KEPT_MAX`` are
+    remembered."""
+
+    def __init__(
+        self,
+        keep_s: float = _ENDED_KEPT_S,
+        limit: int = _ENDED_MAX,
+        limit_bytes: int = _ENDED_MAX_BYTES,
+        agent_limit: int = _ENDED_AGENT_MAX,
+        agent_bytes: int = _ENDED_AGENT_MAX_BYTES,
+    ) -> None:
+        self.keep_s = keep_s
+        self.limit = limit
+        self.limit_bytes = limit_bytes
+        self.agent_limit = agent_limit
+        self.agent_bytes = agent_bytes
+        self.held = 0  # bytes the kept answers cost
+        self._kept: dict[str, _Kept] = {}  # the first ended first
+        self._agents: dict[tuple[str, bool], dict[str, int]] = {}  # each one's: state -> size
+        self._not_kept: dict[str, tuple[str, bool]] = {}  # state -> agent, the oldest first
+        # One timer for all (one each would cost ~420 bytes an answer): they go in the order
+        # they came.
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __contains__(self, state: str) -> bool:
+        return state in self._kept
+
+    def keep(self, state: str, call: Continuation) -> None:
+        """Keep how ``call`` (parked under ``state``) ended for its retry, not the call."""
+        work = call.work
+        assert work is not None
+        if work.cancelled():  # (no answer: its retry hears that its state is unknown)
+            return
+        answer: bytes | Exception
+        try:
+            # a copy: orjson's bytes take ~16 times their length (15.8 MiB for 1 MiB)
+            answer = memoryview(orjson.dumps(call._result(work))).tobytes()
+            size = len(answer)
+        except Exception as error:
+            # its traceback (and what it was raised during) holds the call's frames
+            error.__traceback__ = error.__context__ = error.__cause__ = None
+            answer, size = error, len(str(error))
+        size += len(orjson.dumps(call.key)) + _ENDED_ENTRY_BYTES
+        loop = asyncio.get_running_loop()
+        self._kept[state] = _Kept(call.agent, call.key, answer, size, loop.time() + self.keep_s)
+        self.held += size
+        mine = self._agents.setdefault(call.agent, {})
+        mine[state] = size
+        while len(mine) > 1 and (
+            len(mine) > self.agent_limit or sum(mine.values()) > self.agent_bytes
+        ):
+            self._drop(next(iter(mine)))
+        while self._kept and (len(self._kept) > self.limit or self.held > self.limit_bytes):
+            self._drop(next(iter(self._kept)))
+        if self._timer is None and self._kept:
+            self._timer = loop.call_at(next(iter(self._kept.values())).until, self._expire)
+
+    def take(self, agent: tuple[str, bool], key: tuple[Any, ...], state: Any) -> JSON | None:
+        """The answer kept for ``state``'s retry by ``agent`` of request ``key`` (its error
+        raised), None when none is; AnswerNotKept when it was and is gone."""
+        if not isinstance(state, str):
+            return None
+        kept = self._kept.get(state)
+        if kept is None or kept.agent != agent:
+            if self._not_kept.get(state) == agent:
+                raise AnswerNotKept(
+                    "params.requestState is of a call that ended before this retry, and its "
+                    "answer is no longer kept (a minute at most, less when many wait): the "
+                    "call ran and its audit record, under the first request's id, says how "
+                    "it ended; send the request again only if running it twice is harmless",
+                    data={"path": "/requestState"},
+                )
+            return None
+        if kept.key != key:
+            raise _another_request()
+        self._forget(state)
+        if isinstance(kept.answer, Exception):
+            raise kept.answer
+        result: JSON = orjson.loads(kept.answer)
+        return result
+
+    def end_agent(self, agent: str) -> None:
+        """Forget the answers of agent ``agent`` (it was terminated: no retry of its comes)."""
+        for state in [state for state, kept in self._kept.items() if kept.agent[0] == agent]:
+            self._forget(state)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._kept.clear()
+        self._agents.clear()
+        self.held = 0
+
+    def _forget(self, state: str) -> None:
+        kept = self._kept.pop(state)
+        self.held -= kept.size
+        mine = self._agents[kept.agent]
+        del mine[state]
+        if not mine:
+            del self._agents[kept.agent]
+
+    def _drop(self, state: str) -> None:
+        """Drop the answer kept for ``state``, remembering that it was (its retry hears so)."""
+        self._not_kept[state] = self._kept[state].agent
+        if len(self._not_kept) > _NOT_KEPT_MAX:
+            del self._not_kept[next(iter(self._not_kept))]
+        self._forget(state)
+
+    def _expire(self) -> None:
+        now = asyncio.get_running_loop().time()
+        while self._kept:
+            state, kept = next(iter(self._kept.items()))
+            if kept.until > now:
+                self._timer = asyncio.get_running_loop().call_at(kept.until, self._expire)
+                return
+            self._drop(state)
+        self._timer = None
+
+
+def _unknown(wait_s: float) -> RetryRefused:
+    return RetryRefused(
+        "params.requestState is unknown or expired (an answer is awaited for "
+        f"{wait_s:.0f} s): send the request again without it",
+        data={"path": "/requestState"},
+    )
+
+
+def _another_request() -> RetryRefused:
+    return RetryRefused(
+        "params.requestState belongs to another request: a retry repeats the "
+        "original request's method and parameters",
+        data={"path": "/requestState"},
+    )
 
 
 def _ended(call: Continuation) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -59,6 +60,14 @@ async def ask_between(ctx: Context) -> str:
     ctx.progress(2, 2, "after")
     ctx.log("warning", "after the question", "faulty")
     return f"answered {answer.get('action')}"
+
+
+@plugin.tool("faulty_ask_then_answer")
+async def ask_then_answer(ctx: Context, size: int, patience: float) -> str:
+    """Asks the client, gives up on the answer after ``patience`` s, returns ``size`` bytes."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ctx.elicit("go on?", {"type": "object", "properties": {}}), patience)
+    return "x" * size
 
 
 @plugin.tool("faulty_started_then_wait")
