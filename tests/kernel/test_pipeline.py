@@ -352,23 +352,23 @@ async def test_list_tools_shows_only_attached_plugins_and_follows_policy_reloads
 ) -> None:
     kernel = started.kernel
     notes_only = Principal("jo", frozenset({"notes"}))
-    assert {t["name"] for t in kernel.list_tools(notes_only)} == {
+    assert {t["name"] for t in kernel.listing(notes_only, "tools")[0]} == {
         "notes_add",
         "notes_search",
         "notes_list",
         "notes_delete",
     }
-    assert kernel.list_tools(Principal("nobody")) == []
+    assert kernel.listing(Principal("nobody"), "tools")[0] == []
     hide = started.settings.policy_dir / "hide.cedar"
     hide.write_text(
         '@id("hide-notes")\n@reason("notes are hidden")\n'
         'forbid (principal, action == Action::"list_tools", resource == Plugin::"notes");\n'
     )
     started.policy.reload()
-    assert kernel.list_tools(notes_only) == []
+    assert kernel.listing(notes_only, "tools")[0] == []
     hide.unlink()
     started.policy.reload()
-    assert len(kernel.list_tools(notes_only)) == 4
+    assert len(kernel.listing(notes_only, "tools")[0]) == 4
 
 
 async def test_a_policy_naming_one_agent_hides_its_list_whoever_listed_first(
@@ -382,9 +382,8 @@ async def test_a_policy_naming_one_agent_hides_its_list_whoever_listed_first(
         'forbid (principal == Agent::"bob", action == Action::"list_tools", resource);\n'
     )
     started.policy.reload()
-    assert len(kernel.list_tools(alice)) == 4
-    assert kernel.list_tools(bob) == []  # not alice's list, cached for the same plugins
-    assert kernel.listing(bob, "tools")[0] == []
+    assert len(kernel.listing(alice, "tools")[0]) == 4
+    assert kernel.listing(bob, "tools")[0] == []  # not alice's list, cached for the same plugins
 
 
 async def test_resources_prompts_and_completions_are_governed(

@@ -1064,7 +1064,7 @@ async def test_a_resource_declared_escaped_is_read_under_its_listed_uri(
     await runtime.start()
     try:
         ada = Principal("ada", frozenset({"zeta"}))
-        listed = [r["uri"] for r in runtime.kernel.list_resources(ada)]
+        listed = [r["uri"] for r in runtime.kernel.listing(ada, "resources")[0]]
         assert listed == ["http://h/%7Euser", "mem://%61bc"]
         for uri in (*listed, "http://h/~user", "http://h/%7euser", "t://%41/1", "t://A/1"):
             read = await runtime.kernel.read_resource(

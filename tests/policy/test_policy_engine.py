@@ -354,6 +354,52 @@ def test_decisions_about_long_resource_ids_are_not_cached() -> None:
     assert len(engine._decisions) == len(engine._entities) == 2
 
 
+LIST_RULES = f"""
+@id("no-notes-delete")
+forbid (principal, action == Action::"call_tool", resource == Tool::"notes_delete");
+@id("overflowing-resources")
+forbid (principal, action == Action::"read_resource", resource == Resource::"notes://broken")
+{OVERFLOWING};
+"""
+
+
+def test_a_list_is_decided_item_by_item_as_decide_would_and_leaves_the_cache_alone() -> None:
+    # A list's hundreds of decisions went through the 4,096-entry cache, pushing the calls'
+    # decisions out of it (found by review)
+    engine = PolicyEngine.from_sources(
+        {"default.cedar": DEFAULT_POLICIES, "list.cedar": LIST_RULES}, cache_size=4
+    )
+    alice = Principal("alice", frozenset({"notes"}), anonymous=True)
+    hot = call(alice, "notes_add", transport="http")
+    assert engine.decide(hot).allowed
+    cases = {
+        Verb.CALL_TOOL: [
+            ("notes_add", "notes"),
+            ("notes_delete", "notes"),  # forbidden
+            ("mail_send", "mail"),  # not attached
+        ]
+        + [(f"notes_{n}", "notes") for n in range(20)],
+        Verb.READ_RESOURCE: [
+            ("notes://inbox", "notes"),
+            ("notes://broken", "notes"),  # a forbid that fails to evaluate: denied
+            ("notes://{id}", "notes"),
+            ("notes://{id}", "mail"),  # one id in two plugins
+        ],
+        Verb.LIST_TOOLS: [("notes", "notes"), ("mail", "mail")],
+    }
+    for verb, targets in cases.items():
+        one_by_one = [
+            engine.decide(Action(alice, verb, t, p, {}, {"transport": "http"})).allowed
+            for t, p in targets
+        ]
+        assert engine.allowed_each(alice, verb, targets, "http") == one_by_one
+        assert set(one_by_one) == {True, False}  # (each verb has both outcomes)
+    fresh = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES}, cache_size=4)
+    assert fresh.decide(hot).allowed
+    fresh.allowed_each(alice, Verb.CALL_TOOL, cases[Verb.CALL_TOOL], "http")
+    assert list(fresh._decisions.values()) == [fresh.decide(hot)]  # still the call's alone
+
+
 def test_digest_names_the_policy_set() -> None:
     a = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES})
     b = PolicyEngine.from_sources({"default.cedar": DEFAULT_POLICIES})

@@ -22,8 +22,9 @@ import functools
 import hashlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import orjson
@@ -68,6 +69,44 @@ log = logging.getLogger("mcp_zero.kernel")
 # text here, more where patterns nearly match), which would hold up every other request. A
 # smaller one costs less there than the hop to a thread (~1 ms at most).
 REDACT_OFF_LOOP_CHARS = 16 << 10
+
+
+# The lists an agent sees (Kernel.listing), and the verb that decides each item of one.
+_LIST_VERBS = {
+    "tools": Verb.CALL_TOOL,
+    "resources": Verb.READ_RESOURCE,
+    "resourceTemplates": Verb.READ_RESOURCE,
+    "prompts": Verb.GET_PROMPT,
+}
+LISTS = tuple(_LIST_VERBS)
+# What principals see (plugins and list versions): more than the principals of as many
+# sessions as max_sessions allows by default, as the list check goes through all each second.
+VIEW_CACHE_SIZE = 16384
+# Lists as principals see them (references to the items), those listed most recently.
+LIST_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _ListView:
+    """What a principal sees over a transport: the plugins it may list, each list's version."""
+
+    visible: frozenset[str]
+    versions: dict[str, str]
+
+
+def _recall(cache: OrderedDict[Any, T], key: Any) -> T | None:
+    """``cache[key]`` (now the most recently used), or None."""
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _keep(cache: OrderedDict[Any, T], key: Any, value: T, size: int) -> None:
+    """Put ``value`` in ``cache``, dropping the least recently used entry beyond ``size``."""
+    cache[key] = value
+    if len(cache) > size:
+        cache.popitem(last=False)
 
 
 def _large(value: Any, budget: int = REDACT_OFF_LOOP_CHARS) -> bool:
@@ -489,14 +528,8 @@ class Kernel:
         self.quotas = quotas
         self.metrics = metrics
         self.limiter = limiter
-        self._listing_cache: dict[Any, list[JSON]] = {}
-        self._listings: dict[Any, tuple[list[JSON], str]] = {}
-        self._listers: dict[str, Callable[[Principal, str], list[JSON]]] = {
-            "tools": self.list_tools,
-            "resources": self.list_resources,
-            "resourceTemplates": self.list_resource_templates,
-            "prompts": self.list_prompts,
-        }
+        self._views: OrderedDict[Any, _ListView] = OrderedDict()
+        self._lists: OrderedDict[Any, list[JSON]] = OrderedDict()
         # each plugin's slots, with the runtime (the installed version) they are for
         self._slots: dict[str, tuple[PluginRuntime, PluginSlots]] = {}
         # The in-flight gauge is the quota gate's count of calls admitted to their plugins
@@ -521,92 +554,69 @@ class Kernel:
 
     # -- listing (not audited: it changes nothing and reveals only what policy permits) --------
 
-    def visible_plugins(self, principal: Principal, transport: str = "unknown") -> list[str]:
+    def _view(self, principal: Principal, transport: str) -> _ListView:
         # The whole principal: a policy may name the agent, so two agents with the same
         # plugins may see different lists.
-        key = ("plugins", principal, transport, self.policy.generation, self.plugins.version)
-        cached = self._listing_cache.get(key)
-        if cached is None:
-            context = {"transport": transport}
-            cached = [
-                {"name": name}
-                for name in self.plugins.manifests
-                if self.policy.decide(
-                    Action(principal, Verb.LIST_TOOLS, name, name, {}, context)
-                ).allowed
-            ]
-            if len(self._listing_cache) > 4096:
-                self._listing_cache.clear()
-            self._listing_cache[key] = cached
-        return [entry["name"] for entry in cached]
-
-    def _usable(
-        self, principal: Principal, verb: Verb, target: str, plugin: str, transport: str
-    ) -> bool:
-        """Whether policy lets the principal use a listed item (call a tool, read a resource,
-        get a prompt) as it would be used: no arguments, so no labels."""
-        action = Action(principal, verb, target, plugin, {}, {"transport": transport})
-        return self.policy.decide(action).allowed
-
-    def list_tools(self, principal: Principal, transport: str = "unknown") -> list[JSON]:
-        visible = set(self.visible_plugins(principal, transport))
-        return [
-            t.listing
-            for name, t in self.plugins.tools.items()
-            if t.plugin in visible
-            and self._usable(principal, Verb.CALL_TOOL, name, t.plugin, transport)
-        ]
-
-    def list_resources(self, principal: Principal, transport: str = "unknown") -> list[JSON]:
-        visible = set(self.visible_plugins(principal, transport))
-        return [
-            r
-            for uri, (plugin, r) in self.plugins.resources.items()
-            if plugin in visible
-            and self._usable(principal, Verb.READ_RESOURCE, uri, plugin, transport)
-        ]
-
-    def list_resource_templates(
-        self, principal: Principal, transport: str = "unknown"
-    ) -> list[JSON]:
-        # A template is decided as a resource named by its template (as a completion of it
-        # is): a policy on the plugin's resources hides it, one on a single URI does not.
-        visible = set(self.visible_plugins(principal, transport))
-        return [
-            t.listing
-            for t in self.plugins.templates
-            if t.plugin in visible
-            and self._usable(
-                principal, Verb.READ_RESOURCE, t.listing["uriTemplate"], t.plugin, transport
+        key = (principal, transport, self.policy.generation, self.plugins.version)
+        view = _recall(self._views, key)
+        if view is None:
+            engine = self.policy.engine
+            names = list(self.plugins.manifests)
+            listable = engine.allowed_each(
+                principal, Verb.LIST_TOOLS, [(name, name) for name in names], transport
             )
-        ]
+            visible = frozenset(name for name, ok in zip(names, listable, strict=True) if ok)
+            versions: dict[str, str] = {}
+            for kind in LISTS:
+                items = [(plugin, item) for plugin, _, item in self._items(kind, visible)]
+                # With the policy set that decides each item: a reload changes the version
+                # of every list that has items (the client lists again, for nothing at worst)
+                basis = [engine.digest, items] if items else []
+                versions[kind] = hashlib.sha256(orjson.dumps(basis)).hexdigest()[:16]
+            view = _ListView(visible, versions)
+            _keep(self._views, key, view, VIEW_CACHE_SIZE)
+        return view
 
-    def list_prompts(self, principal: Principal, transport: str = "unknown") -> list[JSON]:
-        visible = set(self.visible_plugins(principal, transport))
-        return [
-            p
-            for name, (plugin, p) in self.plugins.prompts.items()
-            if plugin in visible
-            and self._usable(principal, Verb.GET_PROMPT, name, plugin, transport)
-        ]
+    def _items(self, kind: str, plugins: frozenset[str]) -> list[tuple[str, str, JSON]]:
+        """The items of the list ``kind`` from ``plugins``: each one's plugin, what policy
+        knows it by (a template: its own text, as a completion of it is known) and listing."""
+        host = self.plugins
+        if kind == "tools":
+            every = [(t.plugin, name, t.listing) for name, t in host.tools.items()]
+        elif kind == "resources":
+            every = [(plugin, uri, r) for uri, (plugin, r) in host.resources.items()]
+        elif kind == "resourceTemplates":
+            every = [(t.plugin, t.listing["uriTemplate"], t.listing) for t in host.templates]
+        else:
+            every = [(plugin, name, p) for name, (plugin, p) in host.prompts.items()]
+        return [item for item in every if item[0] in plugins]
+
+    def list_versions(self, principal: Principal, transport: str = "unknown") -> dict[str, str]:
+        """The version of each list (``LISTS``) as the principal sees it over ``transport``:
+        a digest of the items of the plugins it may list (``list_tools``) and, when there
+        are any, of the policy set that decides which of them it may use. Decides no item:
+        checked every second for every session."""
+        return self._view(principal, transport).versions
 
     def listing(
         self, principal: Principal, kind: str, transport: str = "unknown"
     ) -> tuple[list[JSON], str]:
-        """The list ``kind`` (``tools``, ``resources``, ``resourceTemplates``, ``prompts``)
-        as the principal may see it over ``transport`` (policy may name it): the plugins it
-        may list (``list_tools``), of which the items it may use, and the list's version: a
-        digest of the list, which changes when (and only when) what the principal sees in
-        it does."""
+        """The list ``kind`` (of ``LISTS``) as the principal may see it over ``transport``
+        (policy may name it): of the plugins it may list, the items it may use (call a tool,
+        read a resource or a template's own text, get a prompt; without labels), and the
+        list's version (``list_versions``)."""
+        view = self._view(principal, transport)
         key = (kind, principal, transport, self.policy.generation, self.plugins.version)
-        hit = self._listings.get(key)
-        if hit is None:
-            items = self._listers[kind](principal, transport)
-            hit = (items, hashlib.sha256(orjson.dumps(items)).hexdigest()[:16])
-            if len(self._listings) > 4096:
-                self._listings.clear()
-            self._listings[key] = hit
-        return hit
+        items = _recall(self._lists, key)
+        if items is None:
+            candidates = self._items(kind, view.visible)
+            targets = [(target, plugin) for plugin, target, _ in candidates]
+            usable = self.policy.engine.allowed_each(
+                principal, _LIST_VERBS[kind], targets, transport
+            )
+            items = [item for (_, _, item), ok in zip(candidates, usable, strict=True) if ok]
+            _keep(self._lists, key, items, LIST_CACHE_SIZE)
+        return items, view.versions[kind]
 
     def charge(self, principal: Principal) -> None:
         """Take one request from the agent's rate limit, as ``_govern`` does; raises

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from mcp_zero.policy.request import (
     AGENT,
     PLUGIN_VERBS,
     Uid,
+    batch_entities_json,
     context_json,
     describe,
     entities_json,
@@ -127,6 +128,52 @@ class PolicyEngine:
             if self._cache_size > 0 and len(action.resource) <= MAX_CACHED_RESOURCE_LENGTH:
                 _remember(self._decisions, key, decision, self._cache_size)
         return decision
+
+    def allowed_each(
+        self, principal: Principal, verb: Verb, targets: Sequence[tuple[str, str]], transport: str
+    ) -> list[bool]:
+        """Whether ``decide`` would allow ``verb`` on each of ``targets`` (resource, plugin),
+        without labels, over ``transport``: the items of a list, decided in one Cedar batch
+        (a third of the time one by one) and not remembered, so that a list of hundreds
+        does not push the calls' decisions out of the cache. A target Cedar reports an
+        error for (a forbid that fails to evaluate denies) is left to ``decide``."""
+        allowed = [False] * len(targets)
+        batched: list[int] = []  # (the index of each request's target)
+        alone: list[int] = []
+        requests: list[dict[str, Any]] = []
+        uids: dict[Uid, Uid | None] = {}  # each target's (type, id): its parent plugin
+        contexts: dict[str, str] = {}
+        agent, action = {"type": AGENT, "id": principal.agent}, _ACTIONS[verb]
+        for index, (resource, plugin) in enumerate(targets):
+            rtype, rid, parent = target_of(verb, resource, plugin)
+            if (rtype, rid) in uids:  # (one entity per uid: a template of two plugins)
+                alone.append(index)
+                continue
+            uids[(rtype, rid)] = parent
+            context = contexts.get(plugin)
+            if context is None:
+                context = contexts[plugin] = context_json(
+                    transport, principal.anonymous, _NO_LABELS, plugin
+                )
+            target = {"type": rtype, "id": rid}
+            requests.append(
+                {"principal": agent, "action": action, "resource": target, "context": context}
+            )
+            batched.append(index)
+        if requests:
+            needed = batch_entities_json(principal, [(t, i, p) for (t, i), p in uids.items()])
+            entities = cedarpy.Entities.from_json_str(needed)
+            results = cedarpy.is_authorized_batch(requests, self._policy_set, entities)
+            for index, result in zip(batched, results, strict=True):
+                if result.diagnostics.errors:
+                    alone.append(index)
+                else:
+                    allowed[index] = result.allowed
+        for index in alone:
+            resource, plugin = targets[index]
+            one = Action(principal, verb, resource, plugin, {}, {"transport": transport})
+            allowed[index] = self.decide(one).allowed
+        return allowed
 
     def require(self, action: Action) -> PolicyDecision:
         """Decide ``action`` and return the decision when it is allowed.

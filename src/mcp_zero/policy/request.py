@@ -81,6 +81,14 @@ def target_of(
 
 def entities_json(principal: Principal, rtype: str, rid: str, parent: Uid | None) -> str:
     """The Cedar JSON entities a request about this principal and target needs."""
+    return batch_entities_json(principal, [(rtype, rid, parent)])
+
+
+def batch_entities_json(
+    principal: Principal, targets: Iterable[tuple[str, str, Uid | None]]
+) -> str:
+    """The Cedar JSON entities requests about this principal and each target (type, id and
+    parent plugin: ``target_of``; no two of one type and id) need."""
     entities: dict[Uid, dict[str, Any]] = {}
     entities[(AGENT, principal.agent)] = {
         "uid": {"type": AGENT, "id": principal.agent},
@@ -91,16 +99,17 @@ def entities_json(principal: Principal, rtype: str, rid: str, parent: Uid | None
         },
         "parents": [],
     }
-    if parent is not None:
-        entities[parent] = _plugin_entity(parent[1])
-    if rtype == PLUGIN:
-        entities[(PLUGIN, rid)] = _plugin_entity(rid)
-    elif rtype != AGENT:
-        entities[(rtype, rid)] = {
-            "uid": {"type": rtype, "id": rid},
-            "attrs": {"plugin": parent[1] if parent else ""},
-            "parents": [{"type": PLUGIN, "id": parent[1]}] if parent else [],
-        }
+    for rtype, rid, parent in targets:
+        if parent is not None:
+            entities[parent] = _plugin_entity(parent[1])
+        if rtype == PLUGIN:
+            entities[(PLUGIN, rid)] = _plugin_entity(rid)
+        elif rtype != AGENT:
+            entities[(rtype, rid)] = {
+                "uid": {"type": rtype, "id": rid},
+                "attrs": {"plugin": parent[1] if parent else ""},
+                "parents": [{"type": PLUGIN, "id": parent[1]}] if parent else [],
+            }
     return json.dumps(list(entities.values()))
 
 

@@ -7,8 +7,9 @@ each for the lists it asked about.
 What a session sees depends on its agent's attached plugins, on the installed plugins and
 on the policies. Each can change in this process (the admin API) or in another (the CLI
 writes the store), so sessions are checked when the plugin host reports a new index and
-every second. A check compares each list's version (``Kernel.listing``: a digest, cached)
-with the one the session was last told of: a few dictionary lookups per session.
+every second. A check compares each list's version (``Kernel.list_versions``: a digest,
+cached, which decides no item) with the one the session was last told of: a few dictionary
+lookups per session. Only a list request decides what of the list the agent may use.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ NOTICES = {
     "notifications/resources/list_changed": ("resources", "resourceTemplates"),
     "notifications/prompts/list_changed": ("prompts",),
 }
-LISTS = tuple(kind for kinds in NOTICES.values() for kind in kinds)
 CHECK_INTERVAL_S = 1.0
 
 Listeners = Callable[[], Iterable[tuple[Session, Channel | None]]]
@@ -170,7 +170,7 @@ class ListChanges:
 
 def versions(kernel: Kernel, principal: Principal, transport: str) -> dict[str, str]:
     """The version of each list as ``principal`` sees it over ``transport``."""
-    return {kind: kernel.listing(principal, kind, transport)[1] for kind in LISTS}
+    return kernel.list_versions(principal, transport)
 
 
 def _changed(known: dict[str, str], current: dict[str, str], notices: Iterable[str]) -> list[str]:
