@@ -8,9 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import orjson
 import pytest
-from rpc_live import FAULTY_DIR, LiveServer, McpHttp, error_of, make_runtime, serve, text_of
+from rpc_live import (
+    CALL_TIMEOUT_S,
+    FAULTY_DIR,
+    LiveServer,
+    McpHttp,
+    error_of,
+    make_runtime,
+    serve,
+    sse_events,
+    text_of,
+)
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -230,3 +241,40 @@ async def test_a_new_session_pushes_out_an_idle_one_never_one_running_a_call(
         "first": "napped 0.5",
         "third": "napped 0.5",
     }
+
+
+async def test_a_session_that_only_holds_its_get_stream_open_is_pushed_out_for_a_new_one(
+    few_sessions: LiveServer,
+) -> None:
+    # A GET stream held open (keepalives keep an idle one open for ever) kept its session
+    # from being pushed out: a client holding two locked its agent out of new sessions, the
+    # agent's owner after a token rotation too (found by review)
+    live = few_sessions
+    token = (await live.runtime.agents.spawn("streamer", ["faulty"])).token
+    calling, streaming, new = (live.client(token) for _ in range(3))
+    await calling.initialize()
+    await streaming.initialize()
+    replies: list[JSON] = []
+
+    async def nap() -> None:
+        replies.append(await calling.call("faulty_nap", {"seconds": 0.5}))
+
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        async with (
+            httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http,
+            http.stream(
+                "GET", live.url, headers=streaming.headers(Accept="text/event-stream")
+            ) as got,
+            anyio.create_task_group() as group,
+        ):
+            held = sse_events(got)
+            assert (await anext(held)).data == ""  # the stream is open
+            group.start_soon(nap)
+            while live.runtime.quotas.inflight("streamer") < 1:
+                await asyncio.sleep(0.01)
+            assert "result" in await streaming.request("ping")  # `calling` is the least recent
+            await new.initialize()
+            assert [event async for event in held] == []  # its stream ended with it
+            gone = await streaming.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            assert gone.status_code == 404
+    assert [text_of(reply) for reply in replies] == ["napped 0.5"]

@@ -409,14 +409,16 @@ class HttpApp:
         return idle
 
     async def _make_room_for(self, principal: Principal) -> bool:
-        """Drop the principal's least recently used idle session if it has as many as it
-        may (token-less callers of --anonymous-agent and the agent's token holder count
-        apart: neither may use, nor push out, the other's sessions); False when every one
-        is busy (a running call is not cut off for a new session: the new one is refused)."""
+        """Drop the principal's least recently used session that runs no request if it has
+        as many as it may (token-less callers of --anonymous-agent and the agent's token
+        holder count apart: neither may use, nor push out, the other's sessions); False
+        when every one runs one (a running call is not cut off for a new session: the new
+        one is refused). A GET stream held open does not keep its session: kept open by
+        keepalives for as long as its client likes, it would lock the agent out."""
         mine = [s for s in self.sessions.values() if _owns(s, principal)]
         if len(mine) < self.settings.max_sessions_per_agent:
             return True
-        idle = [s for s in mine if not _busy(s)]
+        idle = [s for s in mine if not s.inflight]
         if not idle:
             return False
         oldest = min(idle, key=lambda s: s.last_seen)
@@ -701,8 +703,8 @@ class HttpApp:
             if taken and not await self._make_room_for(principal):
                 busy = (
                     f"agent {principal.agent!r} has {self.settings.max_sessions_per_agent} "
-                    "sessions open (max_sessions_per_agent), each running a request or holding "
-                    "a stream open: end one (DELETE) or retry when one is idle"
+                    "sessions open (max_sessions_per_agent), each running a request: end one "
+                    "(DELETE) or retry when one has answered"
                 )
                 await respond_json(
                     send,
