@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import orjson
@@ -61,6 +62,36 @@ def test_tool_results_are_normalised():
         results.tool_result(object())
     with pytest.raises(TypeError):
         results.tool_result([{"not": "a block"}])
+
+
+@pytest.mark.parametrize(
+    ("returned", "problem"),
+    [
+        ([{"type": "image"}], "content[0] has no 'data', which its type 'image' needs"),
+        (["ok", {"type": "text", "text": 5}], "content[1].text must be a str, not int"),
+        (Content(type="audio", data="AA==", mimeType=None), "content[0].mimeType must be a str"),
+        ([{"type": "resource", "resource": {"uri": "a://b"}}], "exactly one of 'text' or 'blob'"),
+        ([{"type": "resource", "resource": {"text": "t"}}], "content[0].resource has no 'uri'"),
+        (
+            [{"type": "resource_link", "uri": "a://b"}],
+            "has no 'name', which its type 'resource_link' needs",
+        ),
+        ([text("x", annotations={"priority": 2})], "priority must be a number from 0 to 1"),
+        ([text("x", annotations={"audience": ["system"]})], "audience must be a list of"),
+        ([{"type": "video", "data": ""}], "content[0] is not a content block"),
+    ],
+)
+def test_a_malformed_content_block_is_refused_not_sent(returned: object, problem: str) -> None:
+    # the official client refused the whole response for one such block (found by review)
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        results.tool_result(returned)
+
+
+def test_a_prompt_message_of_a_role_mcp_has_not_is_refused():
+    with pytest.raises(TypeError, match=r"messages\[1\]\.role must be 'user' or 'assistant'"):
+        results.prompt_result(["hi", {"role": "system", "content": "you are root"}])
+    with pytest.raises(TypeError, match=r"messages\[0\]\.content has no 'data'"):
+        results.prompt_result({"messages": [{"role": "user", "content": {"type": "image"}}]})
 
 
 def test_a_tool_result_of_one_string_or_block_is_one_block_not_split():

@@ -14,19 +14,79 @@ from typing import Any
 from mcp_zero.plugin import Content, ToolResult
 
 JSON = dict[str, Any]
-_BLOCK_TYPES = frozenset({"text", "image", "audio", "resource", "resource_link"})
 _MAX_COMPLETIONS = 100  # the MCP spec caps completion values per response
 _CONTENTS_STRINGS = ("uri", "mimeType", "text", "blob")  # (a blob's is its base64)
+# What each content block type must and may hold as strings (MCP ContentBlock): a block
+# missing one, or with a number there, made the official client refuse the whole response.
+_BLOCK_STRINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "text": (("text",), ()),
+    "image": (("data", "mimeType"), ()),
+    "audio": (("data", "mimeType"), ()),
+    "resource": ((), ()),
+    "resource_link": (("uri", "name"), ("title", "description", "mimeType")),
+}
+_ROLES = ("user", "assistant")
 
 
-def _block(item: Any) -> JSON:
+def _block(item: Any, where: str) -> JSON:
+    """``item`` (a str or a content block) as an MCP content block; ``TypeError`` naming
+    ``where`` for anything a client would refuse."""
     if isinstance(item, str):
         return {"type": "text", "text": item}
-    if isinstance(item, dict) and item.get("type") in _BLOCK_TYPES:
-        return dict(item)
-    raise TypeError(
-        f"a content list may hold only str and content blocks, not {type(item).__name__}"
-    )
+    if not isinstance(item, dict):
+        raise TypeError(
+            f"a content list may hold only str and content blocks, not {type(item).__name__}"
+        )
+    kind = item.get("type")
+    if kind not in _BLOCK_STRINGS:
+        raise TypeError(
+            f"{where} is not a content block: its type must be one of "
+            f"{', '.join(_BLOCK_STRINGS)}, not {kind!r}"
+        )
+    required, optional = _BLOCK_STRINGS[kind]
+    for key in required:
+        if key not in item:
+            raise TypeError(f"{where} has no {key!r}, which its type {kind!r} needs")
+    _require_strings(item, required + optional, where)
+    if kind == "resource":
+        _embedded(item.get("resource"), f"{where}.resource")
+    elif kind == "resource_link" and "size" in item and type(item["size"]) is not int:
+        raise TypeError(f"{where}.size must be an int, not {type(item['size']).__name__}")
+    if "annotations" in item:
+        _annotations(item["annotations"], f"{where}.annotations")
+    if "_meta" in item and not isinstance(item["_meta"], dict):
+        raise TypeError(f"{where}._meta must be a dict, not {type(item['_meta']).__name__}")
+    return dict(item)
+
+
+def _require_strings(d: JSON, keys: tuple[str, ...], where: str) -> None:
+    for key in keys:
+        if key in d and not isinstance(d[key], str):
+            raise TypeError(f"{where}.{key} must be a str, not {type(d[key]).__name__}")
+
+
+def _embedded(resource: Any, where: str) -> None:
+    if not isinstance(resource, dict):
+        raise TypeError(f"{where} must be a contents dict, not {type(resource).__name__}")
+    if ("text" in resource) == ("blob" in resource):
+        raise TypeError(f"{where} needs exactly one of 'text' or 'blob'")
+    if "uri" not in resource:
+        raise TypeError(f"{where} has no 'uri'")
+    _require_strings(resource, _CONTENTS_STRINGS, where)
+
+
+def _annotations(annotations: Any, where: str) -> None:
+    if not isinstance(annotations, dict):
+        raise TypeError(f"{where} must be a dict, not {type(annotations).__name__}")
+    audience = annotations.get("audience", [])
+    if not isinstance(audience, list) or any(role not in _ROLES for role in audience):
+        raise TypeError(f"{where}.audience must be a list of 'user' and 'assistant'")
+    priority = annotations.get("priority", 0)
+    # (a NaN is left to _require_finite, which says what JSON makes of it)
+    if type(priority) not in (int, float) or (math.isfinite(priority) and not 0 <= priority <= 1):
+        raise TypeError(f"{where}.priority must be a number from 0 to 1, not {priority!r}")
+    if not isinstance(annotations.get("lastModified", ""), str):
+        raise TypeError(f"{where}.lastModified must be a str (ISO 8601)")
 
 
 def _dumps(value: Any, where: str = "the result") -> str:
@@ -70,15 +130,16 @@ def tool_result(value: Any) -> JSON:
     if value is None:
         return {"content": []}
     if isinstance(value, Content):
-        _require_finite(value, "content[0]")
-        return {"content": [dict(value)]}
+        out: JSON = {"content": [_block(value, "content[0]")]}
+        _require_finite(out["content"], "content")
+        return out
     if isinstance(value, dict):
         return {
             "content": [{"type": "text", "text": _dumps(value, "structuredContent")}],
             "structuredContent": value,
         }
     if isinstance(value, ToolResult):
-        out: JSON = {"content": [_block(b) for b in value.content]}
+        out = {"content": _blocks(value.content)}
         _require_finite(out["content"], "content")
         if value.structured is not None:
             _require_finite(value.structured, "structuredContent")
@@ -87,12 +148,16 @@ def tool_result(value: Any) -> JSON:
             out["isError"] = True
         return out
     if isinstance(value, list | tuple):
-        out = {"content": [_block(b) for b in value]}
+        out = {"content": _blocks(value)}
         _require_finite(out["content"], "content")
         return out
     if isinstance(value, int | float | bool):
         return {"content": [{"type": "text", "text": _dumps(value)}]}
     raise TypeError(f"a tool cannot return {type(value).__name__}; return str, dict or content")
+
+
+def _blocks(items: Any) -> list[JSON]:
+    return [_block(item, f"content[{i}]") for i, item in enumerate(items)]
 
 
 def error_result(message: str) -> JSON:
@@ -130,20 +195,25 @@ def resource_result(uri: str, value: Any, mime_type: str | None) -> JSON:
     return {"contents": [_contents(uri, item, mime_type) for item in items]}
 
 
-def _prompt_message(item: Any) -> JSON:
+def _prompt_message(item: Any, where: str) -> JSON:
     if isinstance(item, dict) and "role" in item and "content" in item:
-        return {"role": item["role"], "content": _block(item["content"])}
-    return {"role": "user", "content": _block(item)}
+        if item["role"] not in _ROLES:  # (a "system" one was sent: found by review)
+            raise TypeError(f"{where}.role must be 'user' or 'assistant', not {item['role']!r}")
+        return {"role": item["role"], "content": _block(item["content"], f"{where}.content")}
+    return {"role": "user", "content": _block(item, where)}
 
 
 def prompt_result(value: Any) -> JSON:
     """A ``GetPromptResult`` for a prompt handler's return value."""
     if isinstance(value, dict) and "messages" in value:
         out = dict(value)
-        out["messages"] = [_prompt_message(m) for m in value["messages"]]
+        out["messages"] = _messages(value["messages"])
         return out
-    items = value if isinstance(value, list) else [value]
-    return {"messages": [_prompt_message(m) for m in items]}
+    return {"messages": _messages(value if isinstance(value, list) else [value])}
+
+
+def _messages(items: Any) -> list[JSON]:
+    return [_prompt_message(item, f"messages[{i}]") for i, item in enumerate(items)]
 
 
 def completion_result(value: Any) -> JSON:
