@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime
 import re
 from pathlib import Path
 
@@ -92,6 +94,27 @@ def test_a_prompt_message_of_a_role_mcp_has_not_is_refused():
         results.prompt_result(["hi", {"role": "system", "content": "you are root"}])
     with pytest.raises(TypeError, match=r"messages\[0\]\.content has no 'data'"):
         results.prompt_result({"messages": [{"role": "user", "content": {"type": "image"}}]})
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+    when: datetime.date
+
+
+def test_a_dict_results_text_is_the_json_of_its_structured_content():
+    # the text was json.dumps(default=str) of it, the frame orjson's: the two disagreed
+    returned = {
+        "at": datetime.datetime(2026, 1, 2, 3, 4, 5),
+        "p": _Point(3, datetime.date(2026, 1, 2)),
+    }
+    result = results.tool_result(returned)
+    sent = orjson.loads(encode_result({"id": 1, "result": result}))["result"]
+    assert sent["structuredContent"] == {
+        "at": "2026-01-02T03:04:05",
+        "p": {"x": 3, "when": "2026-01-02"},
+    }
+    assert orjson.loads(sent["content"][0]["text"]) == sent["structuredContent"]
 
 
 def test_a_tool_result_of_one_string_or_block_is_one_block_not_split():

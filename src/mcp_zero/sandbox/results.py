@@ -7,6 +7,9 @@ handler returned something it cannot express, with a message for the author.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime
+import enum
 import json
 import math
 from typing import Any
@@ -89,14 +92,43 @@ def _annotations(annotations: Any, where: str) -> None:
         raise TypeError(f"{where}.lastModified must be a str (ISO 8601)")
 
 
-def _dumps(value: Any, where: str = "the result") -> str:
+def _dumps(value: Any, where: str = "the result", default: Any = str) -> str:
     try:
         return json.dumps(
-            value, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False
+            value, ensure_ascii=False, separators=(",", ":"), default=default, allow_nan=False
         )
     except ValueError:  # a NaN or an infinity: Python writes them, JSON has no such numbers
         _require_finite(value, where)
         raise
+
+
+def _json_and_value(value: Any, where: str) -> tuple[str, Any]:
+    """The JSON text of ``value`` and the value that text is, which is ``value`` unless it
+    held values JSON has no type for (see :func:`_plain`): the frame's encoder, left to
+    write those its own way, sent a text block other than the structured content (a
+    datetime with a space in one and a "T" in the other: found by review)."""
+    converted = False
+
+    def plain(item: Any) -> Any:
+        nonlocal converted
+        converted = True
+        return _plain(item)
+
+    text = _dumps(value, where, plain)
+    return text, json.loads(text) if converted else value
+
+
+def _plain(item: Any) -> Any:
+    """A value JSON has no type for as JSON writes it: a date or time in ISO 8601, a
+    dataclass as the object of its fields, an enum member as its value, anything else as
+    its ``str``."""
+    if isinstance(item, datetime.date | datetime.time):
+        return item.isoformat()
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+    if isinstance(item, enum.Enum):
+        return item.value
+    return str(item)
 
 
 def _require_finite(value: Any, where: str) -> None:
@@ -134,10 +166,8 @@ def tool_result(value: Any) -> JSON:
         _require_finite(out["content"], "content")
         return out
     if isinstance(value, dict):
-        return {
-            "content": [{"type": "text", "text": _dumps(value, "structuredContent")}],
-            "structuredContent": value,
-        }
+        text, structured = _json_and_value(value, "structuredContent")
+        return {"content": [{"type": "text", "text": text}], "structuredContent": structured}
     if isinstance(value, ToolResult):
         out = {"content": _blocks(value.content)}
         _require_finite(out["content"], "content")
