@@ -117,6 +117,11 @@ def test_a_dict_results_text_is_the_json_of_its_structured_content():
     assert orjson.loads(sent["content"][0]["text"]) == sent["structuredContent"]
 
 
+def test_structured_content_other_than_an_object_is_refused():
+    with pytest.raises(TypeError, match=r"structuredContent must be a dict .*, not list"):
+        results.tool_result(ToolResult("x", [1, 2]))  # type: ignore[arg-type]
+
+
 def test_a_tool_result_of_one_string_or_block_is_one_block_not_split():
     # a str is iterable: taken as a list, "done" was four one-letter text blocks
     assert results.tool_result(ToolResult("done", {"n": 1})) == {

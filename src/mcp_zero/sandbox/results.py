@@ -172,6 +172,11 @@ def tool_result(value: Any) -> JSON:
         out = {"content": _blocks(value.content)}
         _require_finite(out["content"], "content")
         if value.structured is not None:
+            if not isinstance(value.structured, dict):  # (a list was sent: found by review)
+                raise TypeError(
+                    "structuredContent must be a dict (MCP sends a JSON object), "
+                    f"not {type(value.structured).__name__}"
+                )
             _require_finite(value.structured, "structuredContent")
             out["structuredContent"] = value.structured
         if value.is_error:
