@@ -170,6 +170,16 @@ def test_minimal_manifest_gets_defaults():
             "tools[0].annotations.title",
             "NaN is not a JSON number",
         ),
+        (  # a strict client refused every tools/list holding it (found by review)
+            variant(tools=[tool(annotations={"readOnlyHint": "yes", "foo": [1]})]),
+            "tools[notes_add].annotations.readOnlyHint",
+            "must be true or false, not str",
+        ),
+        (
+            variant(tools=[tool(annotations={"title": 7})]),
+            "tools[notes_add].annotations.title",
+            "must be a string, not int",
+        ),
         (
             variant(quotas={"timeout_ms": float("-inf")}),
             "quotas.timeout_ms",
@@ -244,6 +254,13 @@ def test_invalid_manifests_name_the_field(manifest, field, says):
     assert info.value.data == {"field": field}
     assert field in info.value.message
     assert says in info.value.message
+
+
+def test_tool_annotations_keys_mcp_does_not_name_pass_as_they_are():
+    annotations = {"title": "Add", "readOnlyHint": False, "x-vendor": [1]}
+    assert parse_manifest(variant(tools=[tool(annotations=annotations)])).tools[0].annotations == (
+        annotations
+    )
 
 
 def nested(depth: int) -> Any:

@@ -79,6 +79,13 @@ _CAPABILITY_KEYS = ("network", "filesystem")
 # prompt's arguments[]: a misspelt one (outputschema) silently meant its default (no
 # output checking): found by review.
 _TOOL_KEYS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
+_TOOL_ANNOTATIONS = {
+    "title": str,
+    "readOnlyHint": bool,
+    "destructiveHint": bool,
+    "idempotentHint": bool,
+    "openWorldHint": bool,
+}
 _RESOURCE_KEYS = ("uri", "name", "title", "description", "mimeType")
 _TEMPLATE_KEYS = ("uriTemplate", "name", "title", "description", "mimeType")
 _PROMPT_KEYS = ("name", "title", "description", "arguments")
@@ -343,7 +350,7 @@ def _tool(raw: Any, i: int) -> ToolSpec:
     description = _str(d, "description", f"{where}.") or ""
     annotations = d.get("annotations")
     if annotations is not None:
-        _obj(annotations, f"{where}.annotations")
+        _tool_annotations(_obj(annotations, f"{where}.annotations"), f"{where}.annotations")
     input_schema = _schema(d.get("inputSchema"), f"{where}.inputSchema", required=True) or {}
     try:
         headers = param_headers(input_schema)
@@ -358,6 +365,16 @@ def _tool(raw: Any, i: int) -> ToolSpec:
         annotations=annotations,
         title=_str(d, "title", f"{where}.", required=False),
     )
+
+
+def _tool_annotations(annotations: JSON, where: str) -> None:
+    """MCP ``ToolAnnotations``: its keys of the wrong type (``"readOnlyHint": "yes"``) made
+    strict clients refuse every ``tools/list`` holding the tool (found by review); other
+    keys pass, as MCP's schema lets them."""
+    for key, kind in _TOOL_ANNOTATIONS.items():
+        if key in annotations and not isinstance(annotations[key], kind):
+            must = "a string" if kind is str else "true or false"
+            raise _fail(f"{where}.{key}", f"must be {must}, not {type(annotations[key]).__name__}")
 
 
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 token
