@@ -866,7 +866,7 @@ async def test_calls_spread_over_workers(make_runtime, tmp_path):
     assert len(seen) == 1
 
 
-def _plugin(tmp_path: Path, code: str, tools: list[str]) -> Path:
+def _plugin(tmp_path: Path, code: str, tools: list[str], **manifest: Any) -> Path:
     d = tmp_path / "broken"
     d.mkdir()
     (d / "broken_plugin.py").write_text(code)
@@ -880,6 +880,7 @@ def _plugin(tmp_path: Path, code: str, tools: list[str]) -> Path:
                 "tools": [
                     {"name": t, "description": t, "inputSchema": {"type": "object"}} for t in tools
                 ],
+                **manifest,
             }
         )
     )
@@ -1078,6 +1079,45 @@ async def test_code_and_manifest_must_agree(tmp_path):
         pytest.raises(ManifestError, match=r"declared but not registered: \['x'\]"),
     ):
         await rt.start()
+
+
+async def test_a_difference_names_only_what_differs(tmp_path):
+    code = (
+        "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "@plugin.tool('x')\ndef x(ctx): return 'x'\n"
+        "@plugin.tool('y')\ndef y(ctx): return 'y'\n"
+    )
+    d = _plugin(tmp_path, code, ["x"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    with anyio.fail_after(20), pytest.raises(ManifestError) as info:
+        await rt.start()
+    assert info.value.message.endswith("differ (registered but not declared: ['y'])")
+
+
+async def test_code_and_manifest_spelling_one_uri_otherwise_agree(tmp_path):
+    # the manifest's mem://b/%61bc is the code's mem://b/abc: the plugin never started
+    code = (
+        "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "@plugin.resource('mem://b/abc')\ndef abc(ctx): return 'abc'\n"
+        "@plugin.resource_template('mem://b/%7Eu/{id}')\ndef u(ctx, id): return id\n"
+    )
+    d = _plugin(
+        tmp_path,
+        code,
+        [],
+        resources=[{"uri": "mem://b/%61bc", "name": "abc"}],
+        resourceTemplates=[{"uriTemplate": "mem://b/~u/{id}", "name": "u"}],
+    )
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    try:
+        with anyio.fail_after(20):
+            await rt.start()
+            read = await rt.read_resource(
+                "mem://b/abc", agent="a", bridge=RecordingBridge(), timeout=5
+            )
+        assert read["contents"][0]["text"] == "abc"
+    finally:
+        await rt.close()
 
 
 def _loading_forever(tmp_path: Path) -> tuple[Path, Path]:

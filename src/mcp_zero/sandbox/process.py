@@ -53,6 +53,7 @@ from mcp_zero.sandbox.ownership import (
 )
 from mcp_zero.sandbox.stderr import StderrBudget
 from mcp_zero.sandbox.worker_process import WorkerProcess
+from mcp_zero.uri import normal_uri
 
 JSON = dict[str, Any]
 # A worker that dies sooner than this after starting counts as failing to start.
@@ -338,22 +339,30 @@ class ProcessRuntime:
         return None if self.pids else self._start_failure
 
     def _check_ready(self, ready: JSON) -> None:
+        """Refuse a plugin whose code serves other tools, resources, templates or prompts
+        than its manifest declares. URIs are compared in normal form: the manifest's
+        ``mem://x/%61bc`` is the code's ``mem://x/abc`` (it was held a difference: found
+        by review)."""
         m = self.manifest
         declared = {
-            "tools": sorted(t.name for t in m.tools),
-            "resources": sorted(r.uri for r in m.resources),
-            "templates": sorted(t.uri_template for t in m.resource_templates),
-            "prompts": sorted(p.name for p in m.prompts),
+            "tools": [t.name for t in m.tools],
+            "resources": [normal_uri(r.uri) for r in m.resources],
+            "templates": [normal_uri(t.uri_template) for t in m.resource_templates],
+            "prompts": [p.name for p in m.prompts],
         }
         for kind, names in declared.items():
-            served = sorted(ready.get(kind) or [])
-            if served != names:
-                missing = sorted(set(names) - set(served))
-                extra = sorted(set(served) - set(names))
+            served = ready.get(kind) or []
+            if kind in ("resources", "templates"):
+                served = [normal_uri(str(uri)) for uri in served]
+            missing = sorted(set(names) - set(served))
+            extra = sorted(set(served) - set(names))
+            if missing or extra:
+                differences = [f"declared but not registered: {missing}"] if missing else []
+                if extra:
+                    differences.append(f"registered but not declared: {extra}")
                 raise ManifestError(
                     f"plugin '{self.name}': {kind} in plugin.json and in {m.entry} differ "
-                    f"(declared but not registered: {missing}; registered but not declared: "
-                    f"{extra})",
+                    f"({'; '.join(differences)})",
                     data={"field": kind},
                 )
 
