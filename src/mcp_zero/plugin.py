@@ -494,6 +494,28 @@ class Plugin:
 
         return register
 
+    def declare_mime_types(self, declared: dict[str, str]) -> None:
+        """Take the manifest's ``mimeType`` of each resource and template (``declared``, by
+        URI or template in normal form) as the one its reads give when the decorator gives
+        none, so that a listing and a read agree. Raises ``ValueError`` for one the
+        decorator gives otherwise. The worker calls it as the plugin loads."""
+        for uri, handler in list(self.resources.items()):
+            key = normal_uri(uri)
+            chosen = _mime_type(f"resource {uri!r}", handler, declared.get(key))
+            self.resources[uri] = self._by_uri[key] = chosen
+        self.templates = [
+            _Template(
+                t.template,
+                t.pattern,
+                _mime_type(
+                    f"resource template {t.template!r}",
+                    t.handler,
+                    declared.get(normal_uri(t.template)),
+                ),
+            )
+            for t in self.templates
+        ]
+
     def match_resource(self, uri: str) -> tuple[Handler, dict[str, str]] | None:
         """The handler serving ``uri`` (however escaped: ``mem://%61bc`` is ``mem://abc``)
         and its template variables, or ``None``."""
@@ -506,6 +528,17 @@ class Plugin:
             if m:
                 return t.handler, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
         return None
+
+
+def _mime_type(what: str, handler: Handler, declared: str | None) -> Handler:
+    if declared is None or handler.mime_type == declared:
+        return handler
+    if handler.mime_type is None:
+        return Handler(handler.fn, handler.is_async, declared)
+    raise ValueError(
+        f"{what} is {handler.mime_type} in the code (mime_type=) but {declared} in "
+        "plugin.json (mimeType): give it one type"
+    )
 
 
 def _unique(registry: dict[Any, Handler], key: Any, kind: str) -> None:

@@ -1120,6 +1120,44 @@ async def test_code_and_manifest_spelling_one_uri_otherwise_agree(tmp_path):
         await rt.close()
 
 
+_MIME_CODE = (
+    "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+    "@plugin.resource('mem://m/a', mime_type={a!r})\ndef a(ctx): return '{{}}'\n"
+    "@plugin.resource_template('mem://m/t/{{x}}')\ndef t(ctx, x): return '{{}}'\n"
+)
+_MIME_MANIFEST = {
+    "resources": [{"uri": "mem://m/a", "name": "a", "mimeType": "application/json"}],
+    "resourceTemplates": [{"uriTemplate": "mem://m/t/{x}", "name": "t", "mimeType": "text/csv"}],
+}
+
+
+async def test_reads_give_the_mime_type_the_manifest_lists(tmp_path):
+    # a template listed as text/csv was read as text/plain (found by review)
+    d = _plugin(tmp_path, _MIME_CODE.format(a=None), [], **_MIME_MANIFEST)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    try:
+        with anyio.fail_after(20):
+            await rt.start()
+            types = []
+            for uri in ("mem://m/a", "mem://m/t/1"):
+                read = await rt.read_resource(uri, agent="a", bridge=RecordingBridge(), timeout=5)
+                types.append(read["contents"][0]["mimeType"])
+        assert types == ["application/json", "text/csv"]
+    finally:
+        await rt.close()
+
+
+async def test_a_mime_type_the_code_and_manifest_give_otherwise_is_refused(tmp_path):
+    d = _plugin(tmp_path, _MIME_CODE.format(a="text/markdown"), [], **_MIME_MANIFEST)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    with anyio.fail_after(20), pytest.raises(PluginLoadFailure) as info:
+        await rt.start()
+    assert (
+        "resource 'mem://m/a' is text/markdown in the code (mime_type=) but application/json "
+        "in plugin.json (mimeType)"
+    ) in info.value.message
+
+
 def _loading_forever(tmp_path: Path) -> tuple[Path, Path]:
     """A plugin that, as it loads, writes its pid to a file and then sleeps 1,000 s."""
     pid_file = tmp_path / "data" / "loading.pid"  # the plugin may write only its data dir

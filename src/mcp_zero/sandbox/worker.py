@@ -9,7 +9,8 @@ the network; otherwise the worker enters an empty network namespace when the
 host allows it), ``MCP0_FILESYSTEM`` (``private``: it may write its data dir;
 ``none``: nowhere), ``MCP0_PROTECT`` (a directory it must not reach: the
 server's data dir), ``MCP0_WORKER_UID`` / ``MCP0_WORKER_GID`` (the user a worker
-started as root runs as) and ``MCP0_PARENT_PID``. Where the kernel has Landlock, the
+started as root runs as), ``MCP0_MIME_TYPES`` (the manifest's ``mimeType`` by
+resource URI and template, JSON) and ``MCP0_PARENT_PID``. Where the kernel has Landlock, the
 worker confines its own file access before it loads the plugin: it reads the
 system's files, its interpreter and import path and the plugin's code, and
 writes only its data dir. In its own mount namespace, every filesystem is
@@ -676,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     write_all(out_fd, encode({"op": "confined", "sandbox": sandbox}))
     try:
         plugin = load_plugin(plugin_dir, entry)
+        plugin.declare_mime_types(decode(env.get("MCP0_MIME_TYPES", "{}").encode()))
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
         proctree.kill_tree(os.getpid(), include_root=False)  # what its import started
