@@ -518,7 +518,9 @@ class Plugin:
 
     def match_resource(self, uri: str) -> tuple[Handler, dict[str, str]] | None:
         """The handler serving ``uri`` (however escaped: ``mem://%61bc`` is ``mem://abc``)
-        and its template variables, or ``None``."""
+        and its template variables, percent-decoded, or ``None``. Raises ``LookupError``
+        for a variable whose escapes are not UTF-8 (``%FF``), which no str can hold: each
+        became U+FFFD, so that two URIs reached a handler as one value (found by review)."""
         uri = normal_uri(uri)
         handler = self._by_uri.get(uri)
         if handler is not None:
@@ -526,8 +528,17 @@ class Plugin:
         for t in self.templates:
             m = t.pattern.match(uri)
             if m:
-                return t.handler, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+                return t.handler, {k: _decoded(uri, k, v) for k, v in m.groupdict().items()}
         return None
+
+
+def _decoded(uri: str, name: str, value: str) -> str:
+    try:
+        return urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise LookupError(
+            f"no resource {uri!r}: its {name!r} is not UTF-8 once percent-decoded"
+        ) from None
 
 
 def _mime_type(what: str, handler: Handler, declared: str | None) -> Handler:

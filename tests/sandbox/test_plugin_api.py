@@ -225,6 +225,15 @@ def test_registration_and_template_matching():
     assert p.match_resource("t://~/7")[1] == {"x": "7"}
     with pytest.raises(ValueError, match=r"resource 'mem://abc' is registered twice \(escaped"):
         p.resource("mem://abc")(t)
+
+
+def test_a_template_variable_escaping_no_utf8_matches_no_resource():
+    # %FF and %FE both reached the handler as U+FFFD: two URIs, one value (found by review)
+    p = Plugin("t")
+    p.resource_template("items://{id}")(lambda ctx, id: id)
+    assert p.match_resource("items://%C3%A9")[1] == {"id": "é"}
+    with pytest.raises(LookupError, match=r"no resource 'items://%FF': its 'id' is not UTF-8"):
+        p.match_resource("items://%FF")
     with pytest.raises(ValueError, match="1-128"):
         p.tool("bad name")
     for bad in ("", "a b", "x" * 129):  # as the manifest refuses them (found by review)
