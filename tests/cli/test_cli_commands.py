@@ -149,6 +149,11 @@ def test_a_plugin_module_named_like_a_stdlib_or_worker_module_is_refused_at_inst
             "prompts",
         ),
         ({"runtime": []}, "plugin.json: runtime: must be a string, not list"),  # was a traceback
+        (  # echoed whole: a 5,000-character line (found by review)
+            {"version": "1" + "x" * 5000},
+            f"plugin.json: version: {'1' + 'x' * 63!r}… (5001 characters) is not a version "
+            "(e.g. 1.2.0)",
+        ),
     ],
 )
 def test_a_manifest_the_server_could_not_serve_is_refused_at_install(

@@ -19,7 +19,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from mcp_zero.errors import ManifestError
+from mcp_zero.errors import ManifestError, shown
 from mcp_zero.fdio import NotRegularFile, file_kind, read_regular
 from mcp_zero.uri import normal_uri
 
@@ -320,7 +320,7 @@ def _schema(value: Any, where: str, *, required: bool) -> JSON | None:
         raise _fail(where, 'must be an object schema ("type": "object")')
     dialect = schema.get("$schema")
     if dialect is not None and str(dialect).rstrip("#") not in _DIALECTS:
-        raise _fail(f"{where}.$schema", f"unknown JSON Schema dialect {dialect!r}")
+        raise _fail(f"{where}.$schema", f"unknown JSON Schema dialect {shown(str(dialect))}")
     try:
         # Checked against its dialect's meta-schema (2020-12 when "$schema" is absent).
         jsonschema_rs.meta.validate(schema)
@@ -345,7 +345,7 @@ def _tool(raw: Any, i: int) -> ToolSpec:
     _known_keys(d, where, _TOOL_KEYS)
     name = _str(d, "name", f"{where}.") or ""
     if not _MCP_NAME.match(name):
-        raise _fail(f"{where}.name", f"{name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
+        raise _fail(f"{where}.name", f"{shown(name)} must be 1-128 characters of [A-Za-z0-9_.-]")
     where = f"tools[{name}]"
     description = _str(d, "description", f"{where}.") or ""
     annotations = d.get("annotations")
@@ -475,7 +475,7 @@ def _template(raw: Any, i: int) -> ResourceTemplateSpec:
     if len(uri_template) > MAX_URI_LENGTH:
         problem = f"is longer than {MAX_URI_LENGTH} characters"
     if problem is not None:
-        raise _fail(f"{where}uriTemplate", f"{uri_template!r} {problem}")
+        raise _fail(f"{where}uriTemplate", f"{shown(uri_template)} {problem}")
     return ResourceTemplateSpec(
         uri_template=uri_template,
         name=_str(d, "name", where) or "",
@@ -504,7 +504,7 @@ def _prompt(raw: Any, i: int) -> PromptSpec:
     _known_keys(d, where, _PROMPT_KEYS)
     name = _str(d, "name", f"{where}.") or ""
     if not _MCP_NAME.match(name):
-        raise _fail(f"{where}.name", f"{name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
+        raise _fail(f"{where}.name", f"{shown(name)} must be 1-128 characters of [A-Za-z0-9_.-]")
     args: list[PromptArgument] = []
     for j, a in enumerate(_list(d, "arguments")):
         aw = f"prompts[{name}].arguments[{j}]."
@@ -533,7 +533,7 @@ def _unique(names: list[str], where: str, what: str) -> None:
     seen: set[str] = set()
     for n in names:
         if n in seen:
-            raise _fail(where, f"duplicate {what} {n!r}")
+            raise _fail(where, f"duplicate {what} {shown(n)}")
         seen.add(n)
 
 
@@ -545,8 +545,8 @@ def _unique_uris(uris: list[str], where: str, what: str) -> None:
         normal = normal_uri(uri)
         first = seen.get(normal)
         if first is not None:
-            again = "" if first == uri else f" (it is {first!r}, escaped otherwise)"
-            raise _fail(where, f"duplicate {what} {uri!r}{again}")
+            again = "" if first == uri else f" (it is {shown(first)}, escaped otherwise)"
+            raise _fail(where, f"duplicate {what} {shown(uri)}{again}")
         seen[normal] = uri
 
 
@@ -560,7 +560,7 @@ def _known_keys(d: JSON, where: str, known: tuple[str, ...]) -> None:
     if not where:
         raise _fail(", ".join(unknown), f"unknown {keys}; a manifest has {', '.join(known)}")
     raise _fail(
-        where, f"unknown {keys} {', '.join(map(repr, unknown))} (known: {', '.join(known)})"
+        where, f"unknown {keys} {', '.join(map(shown, unknown))} (known: {', '.join(known)})"
     )
 
 
@@ -666,10 +666,10 @@ def parse_manifest(raw: Any) -> PluginManifest:
     _known_keys(d, "", _TOP_LEVEL_KEYS)
     name = _str(d, "name", "") or ""
     if not _PLUGIN_NAME.match(name):
-        raise _fail("name", f"{name!r} must be 1-64 of [a-z0-9_-], starting with a letter")
+        raise _fail("name", f"{shown(name)} must be 1-64 of [a-z0-9_-], starting with a letter")
     version = _str(d, "version", "") or ""
     if not _VERSION.match(version):
-        raise _fail("version", f"{version!r} is not a version (e.g. 1.2.0)")
+        raise _fail("version", f"{shown(version)} is not a version (e.g. 1.2.0)")
     abi = d.get("abi")
     if isinstance(abi, bool) or not isinstance(abi, int) or abi != ABI_VERSION:
         raise _fail(
@@ -681,11 +681,13 @@ def parse_manifest(raw: Any) -> PluginManifest:
         raise _fail("runtime", f"must be a string, not {type(runtime).__name__}")
     if runtime not in RUNTIMES:
         raise _fail(
-            "runtime", f"{runtime!r} is not a known runtime ({', '.join(sorted(RUNTIMES))})"
+            "runtime", f"{shown(runtime)} is not a known runtime ({', '.join(sorted(RUNTIMES))})"
         )
     entry = _str(d, "entry", "") or ""
     if not _ENTRY.match(entry):
-        raise _fail("entry", f"{entry!r} must be 'module:attribute' (e.g. notes_plugin:plugin)")
+        raise _fail(
+            "entry", f"{shown(entry)} must be 'module:attribute' (e.g. notes_plugin:plugin)"
+        )
     tools = tuple(_tool(t, i) for i, t in enumerate(_list(d, "tools")))
     _unique([t.name for t in tools], "tools", "tool name")
     resources = tuple(_resource(r, i) for i, r in enumerate(_list(d, "resources")))
@@ -737,7 +739,7 @@ def load_manifest(plugin_dir: str | Path) -> PluginManifest:
         raise ManifestError(f"{path}: no plugin.json in the plugin directory") from None
     except _KeyTwice as exc:
         raise ManifestError(
-            f"{path}: key {exc.args[0]!r} appears twice in one object (JSON would keep the "
+            f"{path}: key {shown(exc.args[0])} appears twice in one object (JSON would keep the "
             "last, silently): keep the one you mean"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
