@@ -168,6 +168,19 @@ def test_a_manifest_the_server_could_not_serve_is_refused_at_install(
     assert not data_dir.exists()  # (refused on a new data dir: none is left)
 
 
+def test_common_options_may_come_before_the_command(data_dir: Path, tmp_path: Path) -> None:
+    # "Every command takes --data-dir": before the command it was "no such option"
+    runner = CliRunner()
+    given = ["--data-dir", str(data_dir), "--json"]
+    installed = runner.invoke(main, [*given, "plugin", "install", str(NOTES_DIR)])
+    assert installed.exit_code == 0, installed.output
+    assert json.loads(installed.stdout)["name"] == "notes"
+    # given in both places, the value after the command's name is used
+    elsewhere = ["--data-dir", str(tmp_path / "elsewhere")]
+    listed = runner.invoke(main, [*elsewhere, "plugin", "list", "--json", *given])
+    assert [p["name"] for p in json.loads(listed.stdout)] == ["notes"]
+
+
 def test_nan_in_a_manifest_is_refused_so_plugin_show_prints_json(
     data_dir: Path, tmp_path: Path
 ) -> None:

@@ -1,8 +1,9 @@
 """``mcp0``: serve, and manage agents, plugins, policies and the audit log of a data dir.
 
-Every command takes ``--data-dir`` and ``--json`` (stable output shapes for scripts:
-see docs/cli.md). Errors print one line to stderr and exit with status 1; usage errors
-print the usage line before it and exit with status 2.
+Every command takes ``--config``, ``--data-dir`` and ``--json`` (stable output shapes for
+scripts: see docs/cli.md), after its name or before it. Errors print one line to stderr
+and exit with status 1; usage errors print the usage line before it and exit with
+status 2.
 """
 
 from __future__ import annotations
@@ -78,11 +79,21 @@ class _WholeNumber(click.IntRange):
 
 
 def _common(fn: F) -> F:
-    fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
+    """``--config``, ``--data-dir`` and ``--json``, which every command takes, before its
+    name (``mcp0 --data-dir X plugin list``) or after it; given in both places, the value
+    after it is used."""
+    fn = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=_or_before,
+        help="Print machine-readable JSON.",
+    )(fn)
     fn = click.option(
         "--data-dir",
         type=_PathGiven(path_type=Path),
         default=None,
+        callback=_or_before,
         help="Data directory (default ./.mcp0, or $MCP0_DATA_DIR).",
     )(fn)
     fn = click.option(
@@ -90,9 +101,19 @@ def _common(fn: F) -> F:
         "config_file",
         type=click.Path(path_type=Path, exists=True),
         default=None,
+        callback=_or_before,
         help="Settings file (mcp0.toml).",
     )(fn)
     return fn
+
+
+def _or_before(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A common option's value, or, when the command was not given it, the one given
+    before the command's name (README and docs/cli.md say every command takes them: found
+    by review)."""
+    if value is None or value is False:
+        return ctx.find_root().params.get(param.name or "", value)
+    return value
 
 
 # What a terminal acts on rather than shows: C0 and C1 control characters, DEL, the Unicode
@@ -267,7 +288,8 @@ class _Main(click.Group):
 
 @click.group(cls=_Main)
 @click.version_option(__version__, prog_name="mcp0")
-def main() -> None:
+@_common
+def main(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """MCP-ZERO: a governed, verifiable runtime for AI agents and their MCP tools."""
 
 
