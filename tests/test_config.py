@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -742,3 +743,18 @@ def test_a_server_on_every_interface_announces_a_url_to_connect_to(
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"mcp0 listening on every interface, port 8390; on this machine: {url}"
     )
+
+
+def test_every_mcp0_variable_the_source_names_is_a_setting_or_known_to_be_none() -> None:
+    # A variable the server sets for its workers was warned of as a mistyped setting in a
+    # plugin's own subprocess (MCP0_MIME_TYPES, added without its entry)
+    from mcp_zero.config import OTHER_VARIABLES, SETTING_NAMES
+
+    source = Path(__file__).parents[1] / "src" / "mcp_zero"
+    named = {
+        name
+        for path in source.rglob("*.py")
+        for name in re.findall(r"[\"'](MCP0_[A-Z][A-Z0-9_]*)[\"']", path.read_text())
+    }
+    settings = {f"MCP0_{name.upper()}" for name in SETTING_NAMES}
+    assert named - settings - OTHER_VARIABLES == set()
