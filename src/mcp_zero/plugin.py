@@ -241,7 +241,8 @@ class Context:
         """Report progress to the client (dropped if the client asked for none). Never blocks.
 
         Raises ``ValueError`` for a NaN or infinite ``progress`` or ``total`` (JSON has no
-        such numbers, and a client needs a number there).
+        such numbers, and a client needs a number there), or a notification over 1 MiB as
+        JSON.
         """
         if not math.isfinite(progress) or (total is not None and not math.isfinite(total)):
             raise ValueError(f"progress must be a finite number, not {progress!r} of {total!r}")
@@ -258,7 +259,8 @@ class Context:
     def log(self, level: str, data: Any, logger: str | None = None) -> None:
         """Send a log message to the client at ``level`` (one of :data:`LOG_LEVELS`).
 
-        Raises ``ValueError`` for an unknown level. Never blocks.
+        Raises ``ValueError`` for an unknown level, or a notification over 1 MiB as JSON.
+        Never blocks.
         """
         if level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
@@ -268,7 +270,8 @@ class Context:
 
     def resource_updated(self, uri: str) -> None:
         """Tell the clients subscribed to ``uri`` (one of this plugin's resources) that it
-        changed: they get ``notifications/resources/updated``. Never blocks."""
+        changed: they get ``notifications/resources/updated``. Never blocks; raises
+        ``ValueError`` for a ``uri`` over 1 MiB."""
         self._channel.notify({"op": "resource_updated", "call": self._call_id, "uri": uri})
 
     def close_stream(self) -> None:
@@ -284,8 +287,9 @@ class Context:
     async def request(self, method: str, params: JSON, *, key: str | None = None) -> JSON:
         """Send a request to the MCP client (e.g. ``sampling/createMessage``) and return its result.
 
-        Raises :class:`ClientRequestError` when the client refuses or cannot be reached.
-        Use :meth:`request_sync` from a plain (non-async) handler.
+        Raises :class:`ClientRequestError` when the client refuses or cannot be reached,
+        ``ValueError`` for a request over 32 MiB as JSON. Use :meth:`request_sync` from a
+        plain (non-async) handler.
 
         ``key`` names the question where MCP 2026-07-28 carries it (the ``inputRequests``
         of an ``input_required`` result; requests made at once travel together); by

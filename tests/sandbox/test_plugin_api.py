@@ -24,7 +24,7 @@ from mcp_zero.plugin import (
     text,
 )
 from mcp_zero.sandbox import results
-from mcp_zero.sandbox.frames import LARGE_FRAME_CHARS, MAX_DEPTH, encode_result
+from mcp_zero.sandbox.frames import LARGE_FRAME_CHARS, MAX_DEPTH, encode_frame
 
 
 def test_helpers_build_mcp_blocks():
@@ -140,7 +140,7 @@ def test_a_large_frame_with_nan_is_refused_not_written_as_nan():
     # past LARGE_FRAME_CHARS the stdlib encodes, and it writes NaN, which no JSON reader takes
     frame = {"id": 1, "result": {"big": "x" * (LARGE_FRAME_CHARS + 1), "n": float("nan")}}
     with pytest.raises(TypeError, match="not JSON compliant"):
-        encode_result(frame)
+        encode_frame(frame)
 
 
 def test_a_large_result_nested_deeper_than_the_server_encodes_is_refused_by_the_worker():
@@ -150,11 +150,11 @@ def test_a_large_result_nested_deeper_than_the_server_encodes_is_refused_by_the_
     for _ in range(MAX_DEPTH):
         deep = [deep]
     with pytest.raises(TypeError, match=f"deeper than {MAX_DEPTH}"):
-        encode_result({"id": 1, "result": {"structuredContent": {"v": deep}}})
+        encode_frame({"id": 1, "result": {"structuredContent": {"v": deep}}})
     fits: object = "x" * (LARGE_FRAME_CHARS + 1)
     for _ in range(MAX_DEPTH - 1):  # (under the frame: as deep as may be)
         fits = [fits]
-    assert orjson.loads(encode_result({"id": 1, "v": fits}))["id"] == 1
+    assert orjson.loads(encode_frame({"id": 1, "v": fits}))["id"] == 1
 
 
 class _Sink:

@@ -205,7 +205,7 @@ async def test_resources_prompts_completion(make_runtime):
         ("surrogate", "result is not JSON: str is not valid UTF-8"),
         ("object", "result is not JSON: "),
         ("text_int", "TypeError: a contents dict's 'text' must be a str, not int"),
-        ("huge", "the result is 40.0 MiB as JSON; a plugin's result may be at most 32 MiB"),
+        ("huge", "the result is over 40.0 MiB as JSON; it may be at most 32 MiB"),
         ("wrong_type", "TypeError: a resource handler returns str, bytes or a contents dict"),
     ],
 )
@@ -500,13 +500,58 @@ async def test_a_result_over_the_frame_limit_is_an_error_result(make_runtime):
     assert (await call(rt, "huge", {"mb": 20}))["content"][0]["text"] == "x" * (20 << 20)
     too_big = await call(rt, "huge", {"mb": 40})
     assert too_big["isError"] is True
-    assert "a plugin's result may be at most 32 MiB" in too_big["content"][0]["text"]
-    no_room = await call(rt, "huge", {"mb": 100})  # built, but no room to encode it
+    says = "the result is over 40.0 MiB as JSON; it may be at most 32 MiB"
+    assert too_big["content"][0]["text"] == says
+    assert rt.pids == [first]  # (refused before it was encoded: no memory went to it)
+    # built, but no room to encode it: 30 MiB of control characters, 6 bytes each as JSON
+    no_room = await call(rt, "huge", {"mb": 30, "char": "\x01"})
     assert no_room["isError"] is True
     assert no_room["content"][0]["text"].startswith("MemoryError")
     with anyio.fail_after(10):
         who = await call(rt, "whoami")
     assert who["structuredContent"]["pid"] != first  # replaced after its MemoryError
+
+
+@pytest.mark.parametrize("kind", ["log", "progress", "resource_updated", "elicit"])
+async def test_a_notification_or_request_over_its_limit_fails_the_handler_not_the_worker(
+    make_runtime, kind
+):
+    # orjson crashed the 256 MB worker reserving room for a 20 MiB log line (SIGSEGV), and
+    # with it every other agent's call on that worker (found by review)
+    rt = await make_runtime()
+    first = rt.pids[0]
+    b = RecordingBridge()
+    mb = 40 if kind == "elicit" else 20  # (a request, as a result, may be up to 32 MiB)
+    text = (await call(rt, "loud", {"kind": kind, "mb": mb}, bridge=b))["content"][0]["text"]
+    assert text.startswith("ValueError: "), text[:200]
+    limit = "32 MiB" if kind == "elicit" else "1 MiB"
+    assert f"over {mb}.0 MiB as JSON" in text
+    assert f"may be at most {limit}" in text
+    assert b.events == []
+    assert rt.pids == [first]
+
+
+async def test_a_request_under_the_frame_limit_reaches_the_client(make_runtime):
+    rt = await make_runtime()
+    first = rt.pids[0]
+    b = RecordingBridge()  # which supports no request
+    text = (await call(rt, "loud", {"kind": "elicit", "mb": 20}, bridge=b))["content"][0]["text"]
+    assert text == "ClientRequestError: client does not support elicitation/create"
+    [(kind, (method, params))] = b.events
+    assert (kind, method) == ("request", "elicitation/create")
+    assert len(params["message"]) == 20 << 20
+    assert rt.pids == [first]
+
+
+async def test_a_notification_over_its_limit_is_not_relayed(make_runtime, caplog):
+    rt = await make_runtime()
+    first = rt.pids[0]
+    b = RecordingBridge()
+    result = await call(rt, "forged_loud_log", {"mb": 2}, bridge=b)
+    assert result["content"][0]["text"] == "forged"
+    assert b.events == []
+    assert "sent a log frame of 2097" in caplog.text
+    assert rt.pids == [first]
 
 
 @pytest.mark.parametrize("room_mb", [45, 120])  # no room to assemble the frame; to parse it

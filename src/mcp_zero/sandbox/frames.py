@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -44,12 +45,23 @@ except ImportError:  # pragma: no cover - exercised only where orjson is absent
 #: worker answers a larger result with an error; a worker that sends one anyway is killed by
 #: the kernel, as a crash would be, before the kernel holds it all.
 MAX_FRAME_BYTES = 32 * 1024 * 1024
+#: The largest notification (log, progress, resource update) a worker may send, as JSON: a
+#: larger one is refused in the plugin's handler, and dropped by the kernel if sent anyway.
+MAX_NOTIFICATION_BYTES = 1024 * 1024
 #: Strings adding up to more than this many characters are encoded with the stdlib (below).
 LARGE_FRAME_CHARS = 1 << 20
 
 
-def _has_large_strings(value: Any) -> bool:
-    total, limit = 0, LARGE_FRAME_CHARS
+class FrameTooLarge(ValueError):
+    """A frame is over the size it may have; the message says by how much."""
+
+    def __init__(self, size: str, limit: int) -> None:
+        super().__init__(f"is {size} as JSON; it may be at most {limit >> 20} MiB")
+
+
+def _string_chars(value: Any, limit: int) -> int:
+    """The characters of the strings in ``value``, counted until they are over ``limit``."""
+    total = 0
     pending = [value]
     pop, extend = pending.pop, pending.extend
     while pending:
@@ -58,7 +70,7 @@ def _has_large_strings(value: Any) -> bool:
         if kind is str:
             total += len(item)
             if total > limit:
-                return True
+                return total
         elif kind is dict:
             extend(item.values())
         elif kind is list:
@@ -68,27 +80,38 @@ def _has_large_strings(value: Any) -> bool:
         elif isinstance(item, str):
             total += len(item)
             if total > limit:
-                return True
+                return total
         elif isinstance(item, dict):
             extend(item.values())
         elif isinstance(item, list | tuple):
             extend(item)
-    return False
+    return total
 
 
-def encode_result(frame: dict[str, Any]) -> bytes:
-    """:func:`encode` for a worker's results, which may be large, under its address-space limit.
+def encode_frame(frame: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
+    """:func:`encode` for every frame a worker sends, which may be large, under its
+    address-space limit. Raises ``TypeError`` when ``frame`` is not JSON, ``MemoryError``
+    when there is no room to encode it, :class:`FrameTooLarge` when it is over ``limit``
+    bytes as JSON (strings over ``limit`` characters are refused before they are encoded).
 
     orjson reserves several times a string's length before writing it, and when that
     reservation fails under RLIMIT_AS it crashes the process (SIGSEGV) instead of raising
-    MemoryError: a tool returning 20 MB of text killed a 256 MB worker. A frame with more than
-    ``LARGE_FRAME_CHARS`` of strings is encoded by the stdlib, which raises MemoryError.
+    MemoryError: a tool returning 20 MB of text, or logging it, killed a 256 MB worker. A
+    frame with more than ``LARGE_FRAME_CHARS`` of strings is encoded by the stdlib, which
+    raises MemoryError.
     """
-    if not _has_large_strings(frame):
-        return encode(frame)
-    if _deeper_than(frame, MAX_DEPTH):  # (orjson refuses those; the stdlib would not)
+    chars = _string_chars(frame, max(limit, LARGE_FRAME_CHARS))
+    if chars <= LARGE_FRAME_CHARS:
+        data = encode(frame)
+    elif chars > limit:
+        raise FrameTooLarge(f"over {_string_chars(frame, sys.maxsize) / 2**20:.1f} MiB", limit)
+    elif _deeper_than(frame, MAX_DEPTH):  # (orjson refuses those; the stdlib would not)
         raise TypeError(f"it nests deeper than {MAX_DEPTH} levels")
-    return _stdlib_line(frame)
+    else:
+        data = _stdlib_line(frame)
+    if len(data) > limit:
+        raise FrameTooLarge(f"{len(data) / 2**20:.1f} MiB", limit)
+    return data
 
 
 #: How deep a frame may nest: what orjson, which the kernel answers clients with, encodes.
@@ -177,8 +200,10 @@ class LineSplitter:
 __all__ = [
     "LARGE_FRAME_CHARS",
     "MAX_FRAME_BYTES",
+    "MAX_NOTIFICATION_BYTES",
+    "FrameTooLarge",
     "LineSplitter",
     "decode",
     "encode",
-    "encode_result",
+    "encode_frame",
 ]

@@ -81,11 +81,12 @@ from mcp_zero.rpc import STOP_SIGNALS
 from mcp_zero.sandbox import isolation, ownership, proctree, results
 from mcp_zero.sandbox.frames import (
     LARGE_FRAME_CHARS,
-    MAX_FRAME_BYTES,
+    MAX_NOTIFICATION_BYTES,
+    FrameTooLarge,
     LineSplitter,
     decode,
     encode,
-    encode_result,
+    encode_frame,
 )
 
 JSON = dict[str, Any]
@@ -125,16 +126,23 @@ class Worker:
             write_all(self._out_fd, data)
 
     def send(self, frame: JSON) -> None:
-        """Write one frame; safe from any thread."""
-        self._write(encode(frame))
+        """Write one frame; safe from any thread. Raises what :func:`encode_frame` raises."""
+        self._write(encode_frame(frame))
 
     def notify(self, frame: JSON) -> None:
-        """:class:`~mcp_zero.plugin.Channel` notifications; unserializable data is stringified."""
+        """:class:`~mcp_zero.plugin.Channel` notifications; unserializable data is stringified.
+        Raises ``ValueError`` for one over ``MAX_NOTIFICATION_BYTES`` as JSON."""
         try:
-            data = encode(frame)
-        except TypeError:
-            frame = {**frame, "data": repr(frame.get("data"))}
-            data = encode(frame)
+            try:
+                data = encode_frame(frame, MAX_NOTIFICATION_BYTES)
+            except TypeError:
+                frame = {**frame, "data": repr(frame.get("data"))}
+                data = encode_frame(frame, MAX_NOTIFICATION_BYTES)
+        except FrameTooLarge as exc:  # (the kernel would not relay it to the client)
+            raise ValueError(
+                f"this {frame['op']} notification {exc}: send large data as the call's "
+                "result or as a resource"
+            ) from None
         self._write(data)
 
     def _respond(self, call_id: int, op: str, body: JSON) -> None:
@@ -145,26 +153,22 @@ class Worker:
         self._active.pop(call_id, None)
         self._tasks.pop(call_id, None)
         try:
-            data = encode_result({"id": call_id, **body})
+            data = encode_frame({"id": call_id, **body})
         except TypeError as exc:
             data = _unsendable(call_id, op, f"result is not JSON: {exc}")
         except MemoryError:
             self._retire("MemoryError")  # the heap may be fragmented: ask to be replaced
             message = "MemoryError: the result does not fit the plugin's memory_mb quota"
             data = _unsendable(call_id, op, message)
-        if len(data) > MAX_FRAME_BYTES:
-            message = (
-                f"the result is {len(data) / 2**20:.1f} MiB as JSON; a plugin's result may be "
-                f"at most {MAX_FRAME_BYTES >> 20} MiB"
-            )
-            data = _unsendable(call_id, op, message)
+        except FrameTooLarge as exc:
+            data = _unsendable(call_id, op, f"the result {exc}")
         self._write(data)
 
     def _refuse(self, call_id: int, kind: str, message: str) -> None:
         """Answer call ``call_id`` with an error of the worker's own."""
         self._active.pop(call_id, None)
         self._tasks.pop(call_id, None)
-        self._write(encode({"id": call_id, "error": {"kind": kind, "message": message}}))
+        self.send({"id": call_id, "error": {"kind": kind, "message": message}})
 
     # -- requests to the client ----------------------------------------------
 
@@ -190,7 +194,10 @@ class Worker:
         if thread:
             frame["thread"] = True
         try:
-            self.send(frame)
+            try:
+                self.send(frame)
+            except FrameTooLarge as exc:  # (the kernel would kill a worker sending it)
+                raise ValueError(f"this {method} request {exc}") from None
             return await fut
         finally:
             self._requests.pop(rid, None)
@@ -450,8 +457,8 @@ class Worker:
 def _unsendable(call_id: int, op: str, message: str) -> bytes:
     """The answer to call ``call_id`` (an ``op`` frame) whose result cannot be sent."""
     if op == "call_tool":
-        return encode({"id": call_id, "result": results.error_result(message)})
-    return encode({"id": call_id, "error": {"kind": "failed", "message": message}})
+        return encode_frame({"id": call_id, "result": results.error_result(message)})
+    return encode_frame({"id": call_id, "error": {"kind": "failed", "message": message}})
 
 
 class _FrameReader(asyncio.Protocol):
@@ -542,7 +549,7 @@ def _file_access(plugin_dir: str, env: os._Environ[str]) -> tuple[list[str], lis
 
 def _fatal(out_fd: int, message: str) -> int:
     """Tell the kernel why this worker cannot serve (its load error), and end."""
-    write_all(out_fd, encode({"op": "fatal", "message": message}))
+    write_all(out_fd, encode_frame({"op": "fatal", "message": message}))
     return FATAL_EXIT
 
 
@@ -674,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fatal(out_fd, f"its sandbox could not be set up: {exc}")
     # Told before the plugin's code runs, which could rewrite a later frame (its import
     # patched Worker.send to claim every measure held: found by review).
-    write_all(out_fd, encode({"op": "confined", "sandbox": sandbox}))
+    write_all(out_fd, encode_frame({"op": "confined", "sandbox": sandbox}))
     try:
         plugin = load_plugin(plugin_dir, entry)
         plugin.declare_mime_types(decode(env.get("MCP0_MIME_TYPES", "{}").encode()))

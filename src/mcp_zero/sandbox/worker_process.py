@@ -40,7 +40,13 @@ from mcp_zero.sandbox.base import (
     TIMEOUT_HINT,
     CallBridge,
 )
-from mcp_zero.sandbox.frames import MAX_FRAME_BYTES, LineSplitter, decode, encode
+from mcp_zero.sandbox.frames import (
+    MAX_FRAME_BYTES,
+    MAX_NOTIFICATION_BYTES,
+    LineSplitter,
+    decode,
+    encode,
+)
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.stderr import StderrBudget
 
@@ -442,7 +448,17 @@ class WorkerProcess:
             if op is None:
                 self._on_response(int(frame["id"]), frame)
             elif op in ("progress", "log", "close_stream", "resource_updated"):
-                self._on_notification(op, frame)
+                if len(line) > MAX_NOTIFICATION_BYTES:  # (the worker refuses to send those)
+                    self._log.warning(
+                        "worker %d sent a %s frame of %d bytes, over the %d a notification "
+                        "may have: not relayed",
+                        self.pid,
+                        op,
+                        len(line),
+                        MAX_NOTIFICATION_BYTES,
+                    )
+                else:
+                    self._on_notification(op, frame)
             elif op == "request":
                 self._on_request(frame)
             elif op == "confined" or op == "ready" or op == "fatal":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import json
 import os
 import socket
 import time
@@ -104,8 +105,8 @@ def alloc(ctx: Context, mb: int) -> str:
 
 
 @plugin.tool("huge")
-def huge(ctx: Context, mb: int) -> str:
-    return "x" * (mb << 20)
+def huge(ctx: Context, mb: int, char: str = "x") -> str:
+    return char * (mb << 20)
 
 
 @plugin.tool("flood")
@@ -261,6 +262,32 @@ async def forged_notes(ctx: Context) -> str:
         notify({"op": "log", "call": call, "level": level, "data": "x", "logger": logger})
     ctx.progress(1, 2, "real")
     ctx.log("info", "real")
+    return "forged"
+
+
+@plugin.tool("loud")
+async def loud(ctx: Context, kind: str, mb: int) -> str:
+    """One notification or client request (``kind``) carrying ``mb`` MiB of text."""
+    big = "m" * (mb << 20)
+    try:
+        if kind == "log":
+            ctx.log("info", big)
+        elif kind == "progress":
+            ctx.progress(1, 2, big)
+        elif kind == "resource_updated":
+            ctx.resource_updated("kit://hello?" + big)
+        else:
+            await ctx.elicit(big, {"type": "object", "properties": {}})
+    except (ValueError, ClientRequestError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "sent"
+
+
+@plugin.tool("forged_loud_log")
+def forged_loud_log(ctx: Context, mb: int) -> str:
+    """A log frame of ``mb`` MiB written to the pipe as is, past the worker's limit."""
+    frame = {"op": "log", "call": ctx._call_id, "level": "info", "data": "f" * (mb << 20)}  # type: ignore[attr-defined]
+    ctx._channel._write(json.dumps(frame).encode() + b"\n")  # type: ignore[attr-defined]
     return "forged"
 
 
