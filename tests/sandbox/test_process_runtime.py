@@ -506,7 +506,9 @@ async def test_a_result_over_the_frame_limit_is_an_error_result(make_runtime):
     # built, but no room to encode it: 30 MiB of control characters, 6 bytes each as JSON
     no_room = await call(rt, "huge", {"mb": 30, "char": "\x01"})
     assert no_room["isError"] is True
-    assert no_room["content"][0]["text"].startswith("MemoryError")
+    assert no_room["content"][0]["text"].startswith(
+        "MemoryError: no room to encode the result; the plugin reached its memory quota (256 MiB"
+    )
     with anyio.fail_after(10):
         who = await call(rt, "whoami")
     assert who["structuredContent"]["pid"] != first  # replaced after its MemoryError
@@ -680,7 +682,11 @@ async def test_memory_limit_fails_cleanly_and_worker_is_replaced(make_runtime):
     first = rt.pids[0]
     result = await call(rt, "alloc", {"mb": 1024})  # the kit's limit is 256 MB
     assert result["isError"] is True
-    assert result["content"][0]["text"].startswith("MemoryError")
+    # It said "MemoryError: ", nothing more (found by review)
+    assert result["content"][0]["text"] == (
+        "MemoryError: the plugin reached its memory quota (256 MiB of address space): raise "
+        "quotas.memory_mb in its plugin.json, or make it use less"
+    )
     with anyio.fail_after(10):
         who = await call(rt, "whoami")
     assert who["structuredContent"]["pid"] != first
@@ -943,6 +949,14 @@ async def test_import_error_is_a_clear_start_failure(tmp_path):
     # no new start can load it: not tried again (a new install is)
     with pytest.raises(PluginFailure, match="runtime is closed"):
         await call(rt, "x")
+
+
+async def test_an_import_out_of_memory_says_which_quota_it_reached(tmp_path):
+    d = _plugin(tmp_path, "x = bytearray(400 << 20)\n", ["x"])  # (its quota: 256 MiB)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    says = "failed to load: MemoryError: the plugin reached its memory quota (256 MiB of "
+    with anyio.fail_after(20), pytest.raises(PluginLoadFailure, match=re.escape(says)):
+        await rt.start()
 
 
 # Its first worker, as it loads, is killed (as by the OOM killer), or takes too long to be ready

@@ -99,9 +99,12 @@ _THREAD_STACK_BYTES = 1 << 20
 class Worker:
     """Serves one loaded :class:`~mcp_zero.plugin.Plugin` over the frame protocol."""
 
-    def __init__(self, plugin: Plugin, out_fd: int, data_dir: Path, max_threads: int) -> None:
+    def __init__(
+        self, plugin: Plugin, out_fd: int, data_dir: Path, max_threads: int, memory_mb: int = 0
+    ) -> None:
         self.plugin = plugin
         self.data_dir = data_dir
+        self.memory_mb = memory_mb  # its address-space limit (0: none)
         self._out_fd = out_fd
         self._write_lock = threading.Lock()
         # Handler threads are counted against RLIMIT_AS: the default 8 MiB stack each would
@@ -158,7 +161,7 @@ class Worker:
             data = _unsendable(call_id, op, f"result is not JSON: {exc}")
         except MemoryError:
             self._retire("MemoryError")  # the heap may be fragmented: ask to be replaced
-            message = "MemoryError: the result does not fit the plugin's memory_mb quota"
+            message = "MemoryError: " + _over_quota("no room to encode the result", self.memory_mb)
             data = _unsendable(call_id, op, message)
         except FrameTooLarge as exc:
             data = _unsendable(call_id, op, f"the result {exc}")
@@ -416,6 +419,8 @@ class Worker:
             text = str(exc)
         except Exception as broken:  # the exception's own __str__ failed: the call still ends
             text = f"(its message could not be made: {type(broken).__name__})"
+        if isinstance(exc, MemoryError):  # (its message is empty, or says nothing of why)
+            text = _over_quota(text, self.memory_mb)
         described = text if isinstance(exc, ToolError) else f"{type(exc).__name__}: {text}"
         if op == "call_tool":
             return {"result": results.error_result(described)}
@@ -642,9 +647,23 @@ def _confine(plugin_dir: str, env: os._Environ[str]) -> tuple[dict[str, bool], b
     return sandbox, bool(switch)
 
 
-def _load_failure(exc: BaseException, switched: bool) -> str:
+def _over_quota(message: str, memory_mb: int) -> str:
+    """A MemoryError's ``message``, which says that the plugin reached its memory quota
+    and what to do."""
+    if memory_mb <= 0:  # (no quota: the machine's memory ran out)
+        return message
+    quota = (
+        f"the plugin reached its memory quota ({memory_mb} MiB of address space): raise "
+        "quotas.memory_mb in its plugin.json, or make it use less"
+    )
+    return f"{message}; {quota}" if message else quota
+
+
+def _load_failure(exc: BaseException, switched: bool, memory_mb: int) -> str:
     """The load error the kernel shows; one that a switched worker could not read a file
-    on its import path says why."""
+    on its import path says why, one out of memory which quota it reached."""
+    if isinstance(exc, MemoryError):
+        return f"MemoryError: {_over_quota(str(exc), memory_mb)}"
     message = f"{type(exc).__name__}: {exc}"
     denied = str(getattr(exc, "filename", "") or "")
     on_path = bool(denied) and any(p and isolation.is_within(denied, p) for p in sys.path)
@@ -682,18 +701,20 @@ def main(argv: list[str] | None = None) -> int:
     # Told before the plugin's code runs, which could rewrite a later frame (its import
     # patched Worker.send to claim every measure held: found by review).
     write_all(out_fd, encode_frame({"op": "confined", "sandbox": sandbox}))
+    memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     try:
         plugin = load_plugin(plugin_dir, entry)
         plugin.declare_mime_types(decode(env.get("MCP0_MIME_TYPES", "{}").encode()))
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
         proctree.kill_tree(os.getpid(), include_root=False)  # what its import started
-        return _fatal(out_fd, _load_failure(exc, switched))
+        return _fatal(out_fd, _load_failure(exc, switched, memory_mb))
     worker = Worker(
         plugin,
         out_fd,
         Path(env.get("MCP0_DATA_DIR") or os.getcwd()),
         int(env.get("MCP0_MAX_THREADS", "8")),
+        memory_mb,
     )
     ready = {
         "op": "ready",
