@@ -371,6 +371,16 @@ async def test_crash_fails_other_calls_in_flight(make_runtime):
     assert len(errors) == 1
 
 
+@pytest.mark.parametrize(
+    ("timeout", "says"), [(0.997701, "1"), (0.2345, "0.23"), (0.3, "0.3"), (0.0312, "0.031")]
+)
+async def test_a_timeout_says_its_limit_rounded(make_runtime, timeout, says):
+    # A limit left after queueing read "did not finish within 0.997701 s" (found by review)
+    rt = await make_runtime()
+    with pytest.raises(ToolTimeout, match=rf"did not finish within {re.escape(says)} s;"):
+        await call(rt, "slow_async", {"seconds": 2}, timeout=timeout)
+
+
 async def test_hung_sync_handler_times_out_and_worker_is_replaced(make_runtime, caplog):
     caplog.set_level(logging.WARNING, logger="mcp_zero.sandbox")
     rt = await make_runtime(cancel_grace=0.3)

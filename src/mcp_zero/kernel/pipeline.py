@@ -55,7 +55,7 @@ from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.jsonrpc import RequestId
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
-from mcp_zero.sandbox.base import TIMEOUT_HINT, ClientBridge, PluginRuntime
+from mcp_zero.sandbox.base import TIMEOUT_HINT, ClientBridge, PluginRuntime, seconds
 from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH
 from mcp_zero.uri import normal_uri
 
@@ -265,8 +265,9 @@ async def _wait_for_slot(taking: Awaitable[None], timeout: float, plugin: str, l
             await taking
     except TimeoutError:
         raise ToolTimeout(
-            f"plugin {plugin!r} stayed busy with {limit} calls (its max_concurrency) for "
-            f"{timeout:g} s; retry later or raise the plugin's max_concurrency quota"
+            f"plugin {plugin!r} stayed busy with {limit} call{'' if limit == 1 else 's'} (its "
+            f"max_concurrency) for {seconds(timeout)} s; retry later or raise the plugin's "
+            "max_concurrency quota"
         ) from None
 
 
@@ -1181,9 +1182,12 @@ class Kernel:
                         )
                         exc.args = (exc.message,)
                     if queued:  # (it ran for what its queueing left of the limit)
+                        n = quotas.max_concurrency
                         exc.message += (
-                            f" (of its {timeout + queued:g} s limit, it waited {queued:.2f} s "
-                            f"for one of the plugin's {quotas.max_concurrency} slots)"
+                            f" (it waited {seconds(queued)} s of its "
+                            f"{seconds(timeout + queued + starting)} s limit for a free slot: "
+                            f"the plugin runs {n} call{'' if n == 1 else 's'} at a time, its "
+                            "max_concurrency)"
                         )
                         exc.args = (exc.message,)
                     raise

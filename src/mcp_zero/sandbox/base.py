@@ -17,6 +17,15 @@ from typing import Any, Protocol
 #: max_timeout_s, not the plugin's timeout_ms, was the limit)
 TIMEOUT_HINT = "raise the plugin's timeout_ms quota or make it faster"
 
+
+def seconds(value: float) -> str:
+    """``value`` seconds as a message shows them: to the hundredth, with no trailing zeros
+    (a time limit left after a wait, 0.997701 s, is "1"), what is under 0.1 s to 2 digits."""
+    if value < 0.1:
+        return f"{value:.2g}"
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
 #: MCP's log levels, least severe first: what a plugin may log at (the PDK's LOG_LEVELS).
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 

@@ -44,7 +44,7 @@ from mcp_zero.errors import (
     ToolNotFound,
     ToolTimeout,
 )
-from mcp_zero.sandbox.base import CallBridge
+from mcp_zero.sandbox.base import CallBridge, seconds
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.manifest import PluginManifest
 from mcp_zero.sandbox.ownership import (
@@ -494,7 +494,7 @@ class ProcessRuntime:
             return worker, max(timeout - (time.monotonic() - began), 0.001)
         except TimeoutError:
             raise ToolTimeout(
-                f"{label} of plugin '{self.name}' did not finish within {timeout:g} s: its "
+                f"{label} of plugin '{self.name}' did not finish within {seconds(timeout)} s: its "
                 "worker was still starting"
             ) from None
         except asyncio.CancelledError:

@@ -39,6 +39,7 @@ from mcp_zero.sandbox.base import (
     REQUEST_HOLDS_THREAD,
     TIMEOUT_HINT,
     CallBridge,
+    seconds,
 )
 from mcp_zero.sandbox.frames import (
     MAX_FRAME_BYTES,
@@ -297,7 +298,7 @@ class WorkerProcess:
             self.kill("it was not ready in time")
             await self.wait_gone()
             raise PluginFailure(
-                f"plugin '{self.plugin}': worker not ready within {timeout:g} s; "
+                f"plugin '{self.plugin}': worker not ready within {seconds(timeout)} s; "
                 f"its stderr: {self._last_words()}"
             ) from None
         except asyncio.CancelledError:
@@ -393,7 +394,7 @@ class WorkerProcess:
                     call,
                     max(timer.when() - self._loop.time(), 0.0) + self._grace,
                     f"{call.label} was cancelled and still ran {self._grace:g} s past its "
-                    f"time limit ({timeout:g} s)",
+                    f"time limit ({seconds(timeout)} s)",
                 )
             raise
         finally:
@@ -413,8 +414,8 @@ class WorkerProcess:
         self._abandon(call_id, call)
         call.future.set_exception(
             ToolTimeout(
-                f"{call.label} of plugin '{self.plugin}' did not finish within {timeout:g} s; "
-                + TIMEOUT_HINT
+                f"{call.label} of plugin '{self.plugin}' did not finish within "
+                f"{seconds(timeout)} s; {TIMEOUT_HINT}"
             )
         )
 
