@@ -16,7 +16,8 @@ The module is loaded inside a sandboxed worker process, so it imports nothing
 but the standard library from MCP-ZERO (this module is stdlib only). Handlers
 may be plain functions (run in a thread pool) or ``async def`` coroutines (run
 on the worker's event loop); either way they receive a :class:`Context` first,
-then the call's arguments as keyword arguments.
+then the call's arguments as keyword arguments. An ``async def`` handler must not
+block (``time.sleep``, blocking I/O): that stops every call on its worker.
 
 What a tool returns becomes an MCP ``CallToolResult``:
 
