@@ -791,8 +791,8 @@ async def test_plugins_get_workers_only_within_the_servers_max_workers(
             runtime.plugins.runtime("notes")
         assert str(refused.value) == (
             "plugin 'notes' is not running: it needs 1 worker process (quotas.workers) and 0 of "
-            "the server's max_workers = 3 are free; lower its quotas.workers, remove a plugin, "
-            "or raise max_workers"
+            "the server's max_workers = 3 are free (held by faulty (2), conformance (1)); lower "
+            "its quotas.workers, remove a plugin, or raise max_workers"
         )
         # A removal frees workers: the refused plugin starts at the next refresh.
         runtime.plugins.remove("faulty")
@@ -805,6 +805,37 @@ async def test_plugins_get_workers_only_within_the_servers_max_workers(
         assert pids_of(runtime, "faulty") == []
         assert "needs 4 worker processes" in runtime.plugins.failed["faulty"]
         assert "1 of the server's max_workers = 3 are free" in runtime.plugins.failed["faulty"]
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_plugin_refused_workers_names_one_failing_to_start_that_holds_them(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # "0 of the server's max_workers = 16 are free" while a plugin stuck in its start's
+    # backoff held them: which, and why, the message did not say (found by review)
+    runtime: Runtime = make_runtime(max_workers=2)
+    dying = tmp_path / "dying"
+    dying.mkdir()
+    (dying / "dying_plugin.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    tool = {"name": "dying_echo", "description": "d", "inputSchema": {"type": "object"}}
+    manifest = {"name": "dying", "version": "1.0.0", "abi": 1, "entry": "dying_plugin:plugin"}
+    manifest |= {"tools": [tool], "quotas": {"workers": 2}}
+    (dying / "plugin.json").write_text(json.dumps(manifest))
+    runtime.plugins.install(dying)
+    try:
+        with anyio.fail_after(30):
+            await runtime.start()
+        assert "dying" not in runtime.plugins.failed  # (it is started again, after a backoff)
+        runtime.plugins.install(NOTES_DIR)
+        await assert_refresh_changes(runtime)
+        assert runtime.plugins.failed["notes"] == (
+            "it needs 1 worker process (quotas.workers) and 0 of the server's max_workers = 2 "
+            "are free (held by dying (2, failing to start: kept for when it starts)); lower "
+            "its quotas.workers, remove a plugin, or raise max_workers"
+        )
     finally:
         await runtime.aclose()
 

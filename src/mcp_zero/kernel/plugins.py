@@ -121,6 +121,8 @@ MAX_PLUGIN_BYTES = 512 << 20  # a plugin directory's files, as copied at install
 _IGNORED = ("__pycache__", "*.pyc", ".*")  # not copied at install
 _NOT_COPIED = shutil.ignore_patterns(*_IGNORED)
 _STAGING = ".install-"
+#: A plugin refused for want of workers names this many of the plugins that hold them.
+_HOLDERS_NAMED = 5
 
 
 def _copy_time(copy: Path) -> float:
@@ -1007,27 +1009,46 @@ class PluginHost:
         """The fresh runtimes whose workers fit in ``max_workers`` beside the running ones
         (in name order); the others are marked failed, with what to change, and not started."""
         starting = {name for name, _ in fresh}
-        in_use = sum(
-            self.manifests[name].quotas.workers
+        holding = {
+            name: self.manifests[name].quotas.workers
             for name in self.runtimes
             if name not in starting and name not in self.failed
-        )
+        }
+        in_use = sum(holding.values())
         fits = []
         for name, runtime in sorted(fresh, key=lambda item: item[0]):
             need = self.manifests[name].quotas.workers
             if in_use + need <= self.max_workers:
                 in_use += need
+                holding[name] = need
                 fits.append((name, runtime))
                 continue
             self._unstarted.add(name)
             self.failed[name] = (
                 f"it needs {need} worker process{'es' if need > 1 else ''} (quotas.workers) "
                 f"and {max(self.max_workers - in_use, 0)} of the server's max_workers = "
-                f"{self.max_workers} are free; lower its quotas.workers, remove a plugin, or "
-                "raise max_workers"
+                f"{self.max_workers} are free{self._holders(holding)}; lower its "
+                "quotas.workers, remove a plugin, or raise max_workers"
             )
             log.error("plugin %r not started: %s", name, self.failed[name])
         return fits
+
+    def _holders(self, holding: dict[str, int]) -> str:
+        """`` (held by …)``: which plugins hold the server's workers (``holding``: how many
+        each), the most first. One failing to start holds its workers too: they are for when
+        it starts again (a backoff), and counted so that they are there then."""
+        if not holding:
+            return ""
+        ranked = sorted(holding, key=lambda name: (-holding[name], name))
+        held = []
+        for name in ranked[:_HOLDERS_NAMED]:
+            failing = getattr(self.runtimes.get(name), "start_failure", None) is not None
+            note = ", failing to start: kept for when it starts" if failing else ""
+            held.append(f"{name} ({holding[name]}{note})")
+        rest = ranked[_HOLDERS_NAMED:]
+        if rest:
+            held.append(f"{len(rest)} other plugins ({sum(holding[name] for name in rest)})")
+        return f" (held by {', '.join(held)})"
 
     def _runtime(self, manifest: PluginManifest, path: Path) -> PluginRuntime:
         if manifest.runtime != "process":
