@@ -109,7 +109,7 @@ def test_a_dict_results_text_is_the_json_of_its_structured_content():
         "p": _Point(3, datetime.date(2026, 1, 2)),
     }
     result = results.tool_result(returned)
-    sent = orjson.loads(encode_result({"id": 1, "result": result}))["result"]
+    sent = orjson.loads(encode_frame({"id": 1, "result": result}))["result"]
     assert sent["structuredContent"] == {
         "at": "2026-01-02T03:04:05",
         "p": {"x": 3, "when": "2026-01-02"},
