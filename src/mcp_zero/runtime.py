@@ -261,6 +261,8 @@ class Runtime:
             self._admin_token: str | None = None  # the token in force
             # a rotation a crash cut short: in force if its record was committed, else dropped
             finish_admin_token_rotations(settings.admin_token_path, self.store)
+            # a purge of set-aside data a crash cut short: deleted if recorded, else set back
+            plugin_data.finish_purges(settings.plugin_data_dir, self.store)
             head = self.store.audit_head()
             self._admin_token_since = head.seq if head is not None else 0  # when it was taken up
             self._admin_token_unrecorded: int | None = None  # (_refresh_admin_token_and_audit)
@@ -538,6 +540,7 @@ class Runtime:
         return plugin_data.purge(
             where,
             directory,
+            self.store,
             lambda write: self.audit.append_with(
                 write,
                 lambda purged: admin_event(

@@ -496,6 +496,20 @@ def test_removed_data_lists_what_removals_set_aside_and_purge_data_deletes_it_au
     assert all(r["outcome"] == "allowed" for r in records)
 
 
+def test_removed_data_and_purge_data_set_back_a_purge_cut_short_before_its_record(
+    data_dir: Path,
+) -> None:
+    # renamed as its purge began, which was killed before its record (found by review)
+    first, second = set_aside_twice(data_dir)
+    where = data_dir / "plugin-data"
+    os.rename(where / first, where / f".purging-0-{first}")
+    assert [e["dir"] for e in as_json(data_dir, "plugin", "removed-data")] == [first, second]
+    os.rename(where / first, where / f".purging-0-{first}")
+    purged = as_json(data_dir, "plugin", "purge-data", first)
+    assert [e["dir"] for e in purged["purged"]] == [first]
+    assert os.listdir(where) == [second]
+
+
 def test_recover_prints_a_reason_with_control_characters_escaped(data_dir: Path) -> None:
     # the one text output left unescaped (found by review)
     run(data_dir, "plugin", "install", str(NOTES_DIR))

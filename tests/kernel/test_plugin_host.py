@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 
+from mcp_zero.audit.chain import read_event
 from mcp_zero.errors import (
     Conflict,
     ManifestError,
@@ -29,7 +30,8 @@ from mcp_zero.errors import (
     StorageError,
 )
 from mcp_zero.kernel import plugin_data
-from mcp_zero.kernel.action import Principal
+from mcp_zero.kernel.action import Outcome, Principal, Verb
+from mcp_zero.kernel.admin import admin_event
 from mcp_zero.kernel.plugins import (
     MAX_OVERLAP_STEPS,
     MAX_PLUGIN_BYTES,
@@ -344,9 +346,49 @@ async def test_a_removal_or_adoption_rolled_back_puts_the_data_dir_back(
     assert not data.exists()
     assert runtime.store.get_plugin("faulty") is None
     with pytest.raises(StorageError):  # a purge too: the data dir is back where it was
-        plugin_data.purge(runtime.settings.plugin_data_dir, kept.name, failing)
+        plugin_data.purge(runtime.settings.plugin_data_dir, kept.name, runtime.store, failing)
     assert (kept / "users.db").read_text() == "alice's"
     assert [a.dir for a in plugin_data.set_aside(runtime.settings.plugin_data_dir)] == [kept.name]
+
+
+def test_a_purge_cut_short_is_finished_as_its_record_says(make_runtime: Any) -> None:
+    # A purge killed between its rename and its commit left the dir hidden, and the next
+    # purge of another dir deleted it unrecorded (found by review): now it is deleted only
+    # if its record is in the log, else set aside again, by the next purge or runtime
+    runtime: Runtime = make_runtime()
+    where = runtime.settings.plugin_data_dir
+    kept = []
+    for text in ("first", "second", "third"):
+        runtime.plugins.install(FAULTY_DIR)
+        (where / "faulty").mkdir(parents=True)
+        (where / "faulty" / "users.db").write_text(text)
+        removal = runtime.plugins.remove("faulty")
+        assert removal.data_kept is not None
+        kept.append(removal.data_kept.name)
+    first, second, third = kept
+    # both renamed as their purges began (the log empty then); only the second's record
+    # was committed
+    os.rename(where / first, where / f".purging-0-{first}")
+    os.rename(where / second, where / f".purging-0-{second}")
+    runtime.audit.append_sync(
+        admin_event(
+            Verb.PURGE_PLUGIN_DATA, "faulty", "cli", Outcome.ALLOWED, {"data_purged": second}
+        )
+    )
+    assert plugin_data.set_aside(where) == [plugin_data.find(where, third)]
+    runtime.purge_plugin_data(third)
+    assert os.listdir(where) == [first]
+    assert (where / first / "users.db").read_text() == "first"
+    purges = [
+        event["data_purged"]
+        for event in map(read_event, runtime.store.read_audit())
+        if event["verb"] == Verb.PURGE_PLUGIN_DATA
+    ]
+    assert purges == [second, third]
+    # cut short again: a runtime finishes it as it opens
+    os.rename(where / first, where / f".purging-0-{first}")
+    make_runtime()
+    assert [aside.dir for aside in plugin_data.set_aside(where)] == [first]
 
 
 class HeldBridge:

@@ -689,9 +689,11 @@ def plugin_remove(
 @_errors
 def plugin_removed_data(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """List the data dirs removed plugins left, set aside in plugin-data/."""
-    from mcp_zero.kernel.plugin_data import set_aside
+    from mcp_zero.kernel.plugin_data import finish_purges, set_aside
 
     settings = _existing(_settings(config_file, data_dir))
+    with _store(config_file, data_dir) as store:
+        finish_purges(settings.plugin_data_dir, store)  # as a runtime does as it opens
     found = set_aside(settings.plugin_data_dir)
     lines = [
         f"{_escaped(a.dir):48} {a.removed_at:%Y-%m-%d %H:%M:%S}Z {_size(a.bytes):>10}"
@@ -724,13 +726,14 @@ def plugin_purge_data(
 
     if bool(dirs) == (older_than is not None):
         raise click.UsageError("give the DIRs to delete, or --older-than DAYS (not both)")
-    settings = _existing(_settings(config_file, data_dir))
-    if older_than is None:
-        doomed = [find(settings.plugin_data_dir, d).dir for d in dict.fromkeys(dirs)]
-    else:
-        before = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=older_than)
-        doomed = [a.dir for a in set_aside(settings.plugin_data_dir) if a.removed_at < before]
     with _runtime(config_file, data_dir) as rt:
+        # (looked for once the runtime has finished the purges a crash cut short)
+        where = rt.settings.plugin_data_dir
+        if older_than is None:
+            doomed = [find(where, d).dir for d in dict.fromkeys(dirs)]
+        else:
+            before = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=older_than)
+            doomed = [a.dir for a in set_aside(where) if a.removed_at < before]
         purged = [rt.purge_plugin_data(d) for d in doomed]
     lines = [f"deleted {_escaped(a.dir)} ({_size(a.bytes)})" for a in purged]
     _out(as_json, {"purged": [a.to_json() for a in purged]}, "\n".join(lines) or "none to delete")

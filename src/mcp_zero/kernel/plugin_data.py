@@ -1,25 +1,40 @@
 """The data dirs removed plugins left: set aside in plugin-data/ as ``<name>.removed-<UTC
 time>`` (a name no plugin can have: plugin names hold no dot) until a plugin installed under
-the name adopts one, or the operator purges it."""
+the name adopts one, or the operator purges it.
+
+A purge renames the dir out of the way (``.purging-<the audit head's seq>-<its name>``) in the
+transaction of its ``purge_plugin_data`` record, then deletes it, under a lock on plugin-data/.
+The record is the commit point: a purge a crash cut short is finished — the dir deleted if its
+record is in the log, renamed back if not — by :func:`finish_purges`, which every runtime runs
+as it opens, as ``mcp0 plugin removed-data`` does before it lists."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
+import logging
 import os
+import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from mcp_zero.errors import Conflict, NotFound, StorageError
+from mcp_zero.kernel.action import Verb
+from mcp_zero.storage.base import Store
+
+log = logging.getLogger("mcp_zero.plugins")
 
 REMOVED = ".removed-"
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
-# A set-aside dir being purged is renamed to this prefix first (in the purge's transaction);
-# one a crash left there is deleted by the next purge.
 _PURGING = ".purging-"
+# <the audit head's seq when the purge began>-<the set-aside dir's name>
+_PURGING_NAME = re.compile(r"\.purging-(\d+)-(.+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,39 +140,108 @@ def to_adopt(plugin_data_dir: Path, plugin: str, choice: bool | str) -> SetAside
 def purge(
     plugin_data_dir: Path,
     directory: str,
+    store: Store,
     commit: Callable[[Callable[[], SetAside]], SetAside],
 ) -> SetAside:
     """Delete the set-aside data dir named ``directory``. It is renamed out of the way in
-    ``commit``'s transaction (which records the purge; rolled back, it is renamed back), then
-    deleted. Raises NotFound, StorageError."""
-    aside = find(plugin_data_dir, directory)
-    trash = plugin_data_dir / f"{_PURGING}{directory}"
-    moved: list[Path] = []
+    ``commit``'s transaction (which records the purge in ``store``'s log; rolled back, it is
+    renamed back), then deleted. Raises NotFound, StorageError."""
+    with _purges_held(plugin_data_dir):
+        _finish(plugin_data_dir, store)  # a purge cut short first: its record comes before ours
+        aside = find(plugin_data_dir, directory)
+        head = store.audit_head()
+        trash = plugin_data_dir / f"{_PURGING}{head.seq if head else 0}-{directory}"
+        moved: list[Path] = []
 
-    def write() -> SetAside:
-        if moved:  # an earlier try's transaction was rolled back
-            _rename(moved.pop(), aside.path)
-        _rename(aside.path, trash)
-        moved.append(trash)
-        return aside
+        def write() -> SetAside:
+            if moved:  # an earlier try's transaction was rolled back
+                _rename(moved.pop(), aside.path)
+            _rename(aside.path, trash)
+            moved.append(trash)
+            return aside
 
-    try:
-        commit(write)
-    except BaseException:
-        if moved:
-            _rename(moved.pop(), aside.path)
-        raise
-    _delete_purged(plugin_data_dir)
+        try:
+            commit(write)
+        except BaseException:
+            # a failed commit may still have landed: the log says whether the dir goes
+            with contextlib.suppress(Exception):
+                _finish(plugin_data_dir, store)
+            raise
+    shutil.rmtree(trash, ignore_errors=True)
     return aside
 
 
-def _delete_purged(plugin_data_dir: Path) -> None:
-    """Delete the set-aside dirs purges renamed out of the way (this one's, and any a crash
-    left)."""
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(plugin_data_dir):
-            if entry.startswith(_PURGING):
-                shutil.rmtree(plugin_data_dir / entry, ignore_errors=True)
+def finish_purges(plugin_data_dir: Path, store: Store) -> None:
+    """Finish the purges in ``plugin_data_dir`` that a crash cut short: a set-aside dir whose
+    purge is recorded in ``store``'s log is deleted, one whose purge is not is renamed back
+    (listed, adoptable and purged again as before). Nothing to do (one directory listing)
+    unless a purge was cut short. Raises StorageError."""
+    if _cut_short(plugin_data_dir):
+        with _purges_held(plugin_data_dir):
+            _finish(plugin_data_dir, store)
+
+
+def _cut_short(plugin_data_dir: Path) -> list[tuple[int, str, Path]]:
+    """The set-aside dirs renamed out of the way by purges not finished: (audit seq when the
+    purge began, the dir's name, its path now)."""
+    try:
+        entries = os.listdir(plugin_data_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"cannot read {plugin_data_dir}: {exc}") from exc
+    found = []
+    for entry in entries:
+        match = _PURGING_NAME.fullmatch(entry)
+        if match is not None:
+            found.append((int(match[1]), match[2], plugin_data_dir / entry))
+    return found
+
+
+def _finish(plugin_data_dir: Path, store: Store) -> None:
+    for after_seq, directory, path in _cut_short(plugin_data_dir):
+        if _purge_recorded(store, after_seq, directory):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            log.warning(
+                "a purge of %s was cut short before it was recorded: the data dir is set "
+                "aside again",
+                plugin_data_dir / directory,
+            )
+            _rename(path, plugin_data_dir / directory)
+
+
+def _purge_recorded(store: Store, after_seq: int, directory: str) -> bool:
+    """Whether the log holds, after seq ``after_seq``, the record of a purge of the set-aside
+    dir ``directory``."""
+    marker = directory.encode()
+    while entries := store.read_audit(after_seq, 1000):
+        for entry in entries:
+            if marker in entry.body:  # (a record is parsed only if it may be the one)
+                body = orjson.loads(entry.body)
+                if (
+                    body.get("verb") == Verb.PURGE_PLUGIN_DATA
+                    and body.get("data_purged") == directory
+                ):
+                    return True
+        after_seq = entries[-1].seq
+    return False
+
+
+@contextlib.contextmanager
+def _purges_held(plugin_data_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``plugin_data_dir`` itself (no lock file among the data
+    dirs) while the block runs: a purge from its rename to its commit, or the finishing of
+    those cut short, in any process."""
+    try:
+        fd = os.open(plugin_data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StorageError(f"cannot open {plugin_data_dir}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _rename(source: Path, target: Path) -> None:
