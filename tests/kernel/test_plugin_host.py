@@ -1384,3 +1384,83 @@ def installed_copy_of(runtime: Runtime, name: str) -> Path:
     record = runtime.store.get_plugin(name)
     assert record is not None
     return runtime.plugins.copy_path(record)
+
+
+def flooding_plugin(directory: Path) -> Path:
+    """Plugin ``flood`` serving flood://one and flood://done; its tool ``flood_start``
+    returns at once, and a job it started then says that flood://one changed, and once
+    the file ``go`` is in its data dir, says so ``n`` times more, then once that
+    flood://done changed."""
+    directory.mkdir(parents=True)
+    manifest = {
+        "name": "flood",
+        "version": "1.0.0",
+        "abi": 1,
+        "entry": "flood_plugin:plugin",
+        "tools": [{"name": "flood_start", "description": "d", "inputSchema": {"type": "object"}}],
+        "resources": [{"uri": "flood://one", "name": "one"}, {"uri": "flood://done", "name": "d"}],
+    }
+    (directory / "plugin.json").write_text(json.dumps(manifest))
+    (directory / "flood_plugin.py").write_text(
+        "import asyncio\n"
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('flood')\n"
+        "jobs = set()\n"
+        "@plugin.resource('flood://one')\n"
+        "def one(ctx):\n"
+        "    return 'one'\n"
+        "@plugin.resource('flood://done')\n"
+        "def done(ctx):\n"
+        "    return 'done'\n"
+        "@plugin.tool('flood_start')\n"
+        "async def flood_start(ctx, n):\n"
+        "    async def job():\n"
+        "        ctx.resource_updated('flood://one')\n"
+        "        while not (ctx.data_dir / 'go').exists():\n"
+        "            await asyncio.sleep(0.01)\n"
+        "        for _ in range(n):\n"
+        "            ctx.resource_updated('flood://one')\n"
+        "        ctx.resource_updated('flood://done')\n"
+        "    jobs.add(asyncio.get_running_loop().create_task(job()))\n"
+        "    return 'started'\n"
+    )
+    return directory
+
+
+async def test_updates_after_a_call_to_a_client_that_does_not_read_wait_once_per_uri(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # The URI was let go as its announcement began: while a client that did not read held
+    # it up, every later update started an announcement of its own, without bound (found by
+    # review). Now one being told is told once more after, however often it changed.
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(flooding_plugin(tmp_path / "flood"))
+    told: list[str] = []
+    done, read, told_again = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def announce(uri: str) -> None:
+        told.append(uri)
+        if uri == "flood://done":
+            done.set()
+        elif told.count(uri) == 1:
+            (runtime.settings.plugin_data_dir / "flood" / "go").touch()  # the flood, now
+            await read.wait()  # the client does not read
+        else:
+            told_again.set()
+
+    runtime.plugins.on_resource_updated = announce
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"flood"}))
+        with anyio.fail_after(20):
+            started = await runtime.kernel.call_tool(
+                ada, "flood_start", {"n": 300}, bridge, request_id="f", transport="test"
+            )
+            assert started["content"][0]["text"] == "started"
+            await done.wait()  # (sent after the 300: all of them were heard meanwhile)
+            assert told.count("flood://one") == 1
+            read.set()
+            await told_again.wait()
+        assert told.count("flood://one") == 2
+    finally:
+        await runtime.aclose()

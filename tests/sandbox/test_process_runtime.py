@@ -1691,3 +1691,35 @@ async def test_a_worker_flooding_frames_for_no_call_is_killed(tmp_path, caplog):
                 await asyncio.sleep(0.05)
     finally:
         await rt.close()
+
+
+class UnreadBridge(RecordingBridge):
+    """A bridge whose first resource update waits until the client reads (``read`` set),
+    which its first request does: the update of a subscriber that does not read."""
+
+    def __init__(self) -> None:
+        super().__init__(ANSWERS)
+        self.read = asyncio.Event()
+
+    async def resource_updated(self, uri: str) -> None:
+        await super().resource_updated(uri)
+        await self.read.wait()
+
+    async def request(
+        self, method: str, params: dict[str, Any], key: str | None = None
+    ) -> dict[str, Any]:
+        self.read.set()  # (its frame came after the updates': all of them were heard)
+        return await super().request(method, params, key)
+
+
+async def test_updates_in_a_call_held_up_by_a_subscriber_wait_once_per_uri(make_runtime):
+    # Each update frame queued a relay of its own behind the one a subscriber that did not
+    # read held up, for as long as the call ran (found by review): now one waiting is told
+    # once, however often repeated meanwhile
+    rt = await make_runtime()
+    b = UnreadBridge()
+    assert (await call(rt, "updates_then_ask", {"n": 300}, bridge=b))["content"][0]["text"] == (
+        "asked"
+    )
+    told = [event for event in b.events if event[0] == "resource_updated"]
+    assert 1 <= len(told) <= 2  # the one held up, and one of the changes meanwhile

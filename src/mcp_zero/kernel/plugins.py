@@ -613,7 +613,9 @@ class PluginHost:
         self.on_restart: Callable[[str], None] | None = None  # a plugin's worker replaced
         # tells a resource's subscribers that it changed (the transport's; see _updated)
         self.on_resource_updated: Callable[[str], Awaitable[None]] | None = None
-        self._updating: set[str] = set()  # URIs whose subscribers are about to be told
+        # URIs whose subscribers are being told, each by one task: True when it changed again
+        # since the task began to tell them (it tells them once more)
+        self._updating: dict[str, bool] = {}
         self._announcing: set[asyncio.Task[None]] = set()
         self._start_tasks: set[asyncio.Task[None]] = set()  # runtimes' starts (_start)
         self._lock = asyncio.Lock()
@@ -1071,23 +1073,34 @@ class PluginHost:
         """``plugin`` said, outside any call, that resource ``uri`` changed: its subscribers
         are told as of an update during a call, if the resource is the plugin's own (no
         spoofed updates of another's). One not told yet is told once, however often it
-        changed meanwhile (a plugin that sends many costs each session a look, not each)."""
+        changed meanwhile, and one being told is told once more after: a plugin that sends
+        many costs each session a look, not each, and a client that does not read holds up
+        one announcement of the URI, not one per change."""
         uri = normal_uri(uri)
-        announce = self.on_resource_updated
-        if announce is None or uri in self._updating or self.resource_owner(uri) != plugin:
+        if self.on_resource_updated is None or self.resource_owner(uri) != plugin:
             return
-        self._updating.add(uri)
-
-        async def tell() -> None:
-            self._updating.discard(uri)  # a change from now on is one they have not heard of
-            try:
-                await announce(uri)
-            except Exception:  # a session's trouble must not leave the task's error unread
-                log.exception("telling the subscribers of %s that it changed failed", uri)
-
-        task = asyncio.get_running_loop().create_task(tell())
+        if uri in self._updating:
+            self._updating[uri] = True
+            return
+        self._updating[uri] = False
+        task = asyncio.get_running_loop().create_task(self._tell_updated(uri))
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
+
+    async def _tell_updated(self, uri: str) -> None:
+        """Tell the subscribers of ``uri`` that it changed, again while it changed again
+        meanwhile (``_updated``)."""
+        try:
+            while (announce := self.on_resource_updated) is not None:
+                self._updating[uri] = False  # a change from now on is one they have not heard of
+                try:
+                    await announce(uri)
+                except Exception:  # a session's trouble must not leave the task's error unread
+                    log.exception("telling the subscribers of %s that it changed failed", uri)
+                if not self._updating[uri]:
+                    return
+        finally:
+            del self._updating[uri]
 
     def _restarted(self, plugin: str) -> None:
         if self.on_restart is not None:

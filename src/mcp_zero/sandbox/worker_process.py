@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -155,7 +156,7 @@ def _end_tree(pid: int) -> None:
 class _Call:
     """One call in flight."""
 
-    __slots__ = ("bridge", "chain", "future", "label", "requests")
+    __slots__ = ("bridge", "chain", "future", "label", "requests", "updates")
 
     def __init__(self, future: asyncio.Future[JSON], bridge: CallBridge | None, label: str):
         self.future = future
@@ -165,6 +166,14 @@ class _Call:
         self.chain: asyncio.Task[None] | None = None
         # Its requests to the client being relayed (made at the first: most calls ask none).
         self.requests: set[asyncio.Task[None]] | None = None
+        # The resources whose update waits in the chain, not yet begun (as ``requests``).
+        self.updates: set[str] | None = None
+
+
+async def _tell_updated(bridge: CallBridge, waiting: set[str], uri: str) -> None:
+    """Tell the subscribers of ``uri`` that it changed (a call's update, its turn come)."""
+    waiting.discard(uri)  # a change from now on is one they have not heard of
+    await bridge.resource_updated(uri)
 
 
 class _Abandoned:
@@ -551,7 +560,15 @@ class WorkerProcess:
                 return
             send = lambda: bridge.log(level, frame.get("data"), logger)  # noqa: E731
         elif op == "resource_updated":
-            send = lambda: bridge.resource_updated(str(frame["uri"]))  # noqa: E731
+            # One waiting is told once, however often repeated meanwhile: a subscriber that
+            # does not read holds up the chain, which must not grow by a task per frame.
+            uri = str(frame["uri"])
+            if call.updates is None:
+                call.updates = set()
+            if uri in call.updates:
+                return
+            call.updates.add(uri)
+            send = functools.partial(_tell_updated, bridge, call.updates, uri)
         else:
             send = bridge.close_stream
         assert self._loop is not None

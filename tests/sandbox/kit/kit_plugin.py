@@ -237,6 +237,15 @@ async def chatty(ctx: Context, question: str) -> dict[str, Any]:
     return {"answer": answer, "choice": choice}
 
 
+@plugin.tool("updates_then_ask")
+async def updates_then_ask(ctx: Context, n: int) -> str:
+    """Says ``n`` times that kit://hello changed, then asks the client (a point after them)."""
+    for _ in range(n):
+        ctx.resource_updated("kit://hello")
+    await ctx.elicit("seen?", {"type": "object", "properties": {}})
+    return "asked"
+
+
 @plugin.tool("ask_client")
 async def ask_client(ctx: Context, method: str) -> str:
     try:
