@@ -1312,6 +1312,35 @@ async def test_calls_queued_while_their_plugin_is_replaced_count_against_the_new
     assert answers == ["1", "1"]
 
 
+async def test_a_call_queued_when_its_plugin_is_replaced_goes_to_the_new_version_at_once(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # It moved to the new version's slots only once handed one of the old version's: the
+    # new version idle, it waited behind an old call waiting on its client, until that
+    # client answered (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(overlapping_plugin(tmp_path / "one", 1))
+    client = SlowClient({"role": "assistant", "content": {"type": "text", "text": "42"}})
+    await runtime.start()
+    try:
+        ada = await new_agent(runtime, "ada", "overlap")
+        holder = asyncio.ensure_future(call(runtime, ada, "hold", {}, "h", client))
+        with anyio.fail_after(TIMEOUT_S):
+            await client.asked.wait()  # (the holder has the one slot)
+            queued = asyncio.ensure_future(call(runtime, ada, "overlap", {}, "q", bridge))
+            while runtime.quotas.inflight("ada") < 2:
+                await asyncio.sleep(0.01)
+            runtime.install_plugin(overlapping_plugin(tmp_path / "again", 1), replace=True)
+            assert await runtime.plugins.refresh() is True
+            assert (await queued)["content"][0]["text"] == "1"
+        assert not holder.done()  # still waiting on its client, on the old version's slot
+        client.answered.set()
+        with anyio.fail_after(TIMEOUT_S):
+            await holder
+    finally:
+        await runtime.aclose()
+
+
 # -- PluginSlot: the accounting of one call's slot -------------------------------------------
 
 
@@ -1529,3 +1558,27 @@ async def test_a_queued_call_that_times_out_says_how_long_it_queued(
         r"limit for a free slot: the plugin runs 1 call at a time, its max_concurrency\)$",
         timed_out.value.message,
     ), timed_out.value.message
+
+
+async def test_retired_slots_send_queued_new_calls_on_and_keep_calls_taking_theirs_back() -> None:
+    # A replace woke the calls queuing for the old version's slots: those that have not
+    # begun go to the new version's; one taking its slot back after its client answered
+    # runs on the old worker, and stays (found by review)
+    slots = PluginSlots(1)
+    await slots.take("ada")
+    asking = PluginSlot(slots, "ada")
+    asking.client_wait_started()
+    await slots.take("bob")  # another call takes the slot given back meanwhile
+    regain = asyncio.ensure_future(asking.client_wait_ended())
+    queued = asyncio.ensure_future(slots.take_unless_retired("cy"))
+    await asyncio.sleep(0)
+    slots.retire()
+    with anyio.fail_after(5):
+        assert await queued is False  # it holds none of them
+    assert not regain.done()
+    slots.give()  # bob's call ends
+    with anyio.fail_after(5):
+        await regain
+    assert locked(slots)  # the asking call holds it again
+    asking.close()
+    assert await free_slots(slots) == 1

@@ -259,10 +259,10 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
         )
 
 
-async def _wait_for_slot(taking: Awaitable[None], timeout: float, plugin: str, limit: int) -> None:
+async def _wait_for_slot(taking: Awaitable[T], timeout: float, plugin: str, limit: int) -> T:
     try:
         async with asyncio.timeout(timeout):
-            await taking
+            return await taking
     except TimeoutError:
         raise ToolTimeout(
             f"plugin {plugin!r} stayed busy with {limit} call{'' if limit == 1 else 's'} (its "
@@ -320,14 +320,16 @@ class PluginSlots:
     them. (Taking a free slot is one plain call: an asyncio.Semaphore's ``locked()`` and
     ``acquire()`` were seven Python calls, a generator and a coroutine on every tool call.)"""
 
-    __slots__ = ("_free", "_queues")
+    __slots__ = ("_free", "_queues", "_unbegun")
 
     def __init__(self, limit: int) -> None:
         self._free = limit
         # Calls waiting for a slot, per agent, the agents in turn order (a cancelled call
-        # stays until met or it leaves). A slot is free only while nobody queues: ``give``
-        # hands it to the next agent's first call.
-        self._queues: dict[str, deque[asyncio.Future[None]]] = {}
+        # stays until met or it leaves), each told True when given one. A slot is free only
+        # while nobody queues: ``give`` hands it to the next agent's first call.
+        self._queues: dict[str, deque[asyncio.Future[bool]]] = {}
+        # those of calls that have not begun to run (``take_unless_retired``)
+        self._unbegun: set[asyncio.Future[bool]] = set()
 
     def take_free(self) -> bool:
         """Take a slot if one is free (then nobody queues); False, taking none, if not."""
@@ -337,24 +339,55 @@ class PluginSlots:
         return False
 
     async def take(self, agent: str) -> None:
-        """Take a slot for a call of ``agent``, queuing for one when none is free."""
+        """Take a slot for a call of ``agent``, queuing for one when none is free: a call
+        that ran already (its handler waits for it), which stays when they are retired."""
+        if not self.take_free():
+            await self._queue(agent, self._waiter(agent))
+
+    async def take_unless_retired(self, agent: str) -> bool:
+        """Take a slot for a call of ``agent`` that has not begun to run, queuing for one
+        when none is free: False, taking none, if they are retired meanwhile (``retire``)."""
         if self.take_free():
-            return
-        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return True
+        waiting = self._waiter(agent)
+        self._unbegun.add(waiting)
+        try:
+            return await self._queue(agent, waiting)
+        finally:
+            self._unbegun.discard(waiting)
+
+    def retire(self) -> None:
+        """Their version was replaced or removed: the calls queuing that have not begun to
+        run leave the queue, told False (to go to the new version's slots, as a new call
+        would); those that ran already stay, and finish here."""
+        for agent, queue in list(self._queues.items()):
+            for waiting in [waiting for waiting in queue if waiting in self._unbegun]:
+                queue.remove(waiting)
+                if not waiting.done():
+                    waiting.set_result(False)
+            if not queue:
+                del self._queues[agent]
+
+    def _waiter(self, agent: str) -> asyncio.Future[bool]:
+        waiting: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         queue = self._queues.get(agent)
         if queue is None:
             queue = self._queues[agent] = deque()
         queue.append(waiting)
+        return waiting
+
+    async def _queue(self, agent: str, waiting: asyncio.Future[bool]) -> bool:
         try:
-            await waiting
+            return await waiting
         except asyncio.CancelledError:
             if not waiting.cancelled():
-                self.give()  # handed a slot as the call was cancelled: on to the next
+                if waiting.result():
+                    self.give()  # handed a slot as the call was cancelled: on to the next
             else:  # (``give`` drops the cancelled ones it meets)
                 self._leave(agent, waiting)
             raise
 
-    def _leave(self, agent: str, waiting: asyncio.Future[None]) -> None:
+    def _leave(self, agent: str, waiting: asyncio.Future[bool]) -> None:
         queue = self._queues.get(agent)
         if queue is not None and waiting in queue:
             queue.remove(waiting)
@@ -380,7 +413,7 @@ class PluginSlots:
                 if not waiting.done():  # (not cancelled)
                     if queue:
                         queues[agent] = queue  # its next call: after the other agents'
-                    waiting.set_result(None)
+                    waiting.set_result(True)
                     return
         self._free += 1
 
@@ -402,10 +435,10 @@ class PluginSlot:
         "_waiting",
     )
 
-    def __init__(self, slots: PluginSlots, agent: str) -> None:
-        self._slots = slots  # already taken by the caller
+    def __init__(self, slots: PluginSlots, agent: str, *, held: bool = True) -> None:
+        self._slots = slots  # taken by the caller if ``held`` (not: they were retired)
         self._agent = agent
-        self._held = True
+        self._held = held
         self._closed = False
         self._running_on = False  # its handler runs on after the call (see handler_runs_on)
         self._waiting = 0  # the call's questions to its client not answered yet
@@ -419,13 +452,13 @@ class PluginSlot:
 
     async def move(self, slots: PluginSlots) -> None:
         """Give the slot back and take one of ``slots`` (its plugin's new version's),
-        queuing for it as a new call would: for a call that has not begun to run."""
+        queuing for it as a new call would: for a call that has not begun to run. Holds
+        none after if ``slots`` are retired meanwhile (a version newer still)."""
         if self._held:
             self._held = False
             self._slots.give()
         self._slots = slots
-        await slots.take(self._agent)
-        self._held = True
+        self._held = await slots.take_unless_retired(self._agent)
 
     def client_wait_started(self) -> None:
         """The call asked its client something: the slot is free for others meanwhile."""
@@ -533,6 +566,7 @@ class Kernel:
         self._lists: OrderedDict[Any, list[JSON]] = OrderedDict()
         # each plugin's slots, with the runtime (the installed version) they are for
         self._slots: dict[str, tuple[PluginRuntime, PluginSlots]] = {}
+        plugins.on_leave = self._retire_slots
         # The in-flight gauge is the quota gate's count of calls admitted to their plugins
         # (unless the metrics were given a source of their own).
         metrics.inflight_from(lambda: quotas.total_inflight)
@@ -1105,15 +1139,20 @@ class Kernel:
                 slots = self._plugin_slots(plugin, runtime, quotas.max_concurrency)
                 t = time.perf_counter()
                 queued = starting = 0.0
-                if not slots.take_free():  # the plugin is busy: queue, within the time limit
+                held = slots.take_free()
+                if not held:  # the plugin is busy: queue, within the time limit
                     if decided_under is None:
                         decided_under = self._in_force()
-                    await _wait_for_slot(
-                        slots.take(principal.agent), timeout, plugin, quotas.max_concurrency
+                    # (none, if its version is replaced meanwhile: it moves to the new one's)
+                    held = await _wait_for_slot(
+                        slots.take_unless_retired(principal.agent),
+                        timeout,
+                        plugin,
+                        quotas.max_concurrency,
                     )
                     queued = time.perf_counter() - t
                     metrics.observe_stage("quota", queued)
-                slot = PluginSlot(slots, principal.agent)
+                slot = PluginSlot(slots, principal.agent, held=held)
                 try:
                     # It waited (for a slot, its worker, or its intent's record): a change
                     # recorded meanwhile (policies, plugins, its agent) governs it as it would a
@@ -1138,6 +1177,7 @@ class Kernel:
                                 # the new version's max_concurrency holds it, not the old one's
                                 # (with the old slots, lowering it let as many run as before:
                                 # found by review); a wait, after which it is decided again
+                                # (and moves again if its version was replaced meanwhile)
                                 decided_under = self._in_force()
                                 began = time.perf_counter()
                                 await _wait_for_slot(
@@ -1336,6 +1376,15 @@ class Kernel:
         return GovernedBridge(
             self, bridge, principal, plugin, slot, request_id=request_id, transport=transport
         )
+
+    def _retire_slots(self, runtime: PluginRuntime) -> None:
+        """``runtime`` was replaced or removed: the calls queuing for its slots that have not
+        begun to run go on at once (to the new version's slots, decided again), not when
+        its calls give one back (``PluginSlots.retire``)."""
+        held = self._slots.get(runtime.name)
+        if held is not None and held[0] is runtime:
+            del self._slots[runtime.name]
+            held[1].retire()
 
     def _plugin_slots(self, plugin: str, runtime: PluginRuntime, limit: int) -> PluginSlots:
         """The slots holding ``runtime``, plugin ``plugin``'s, to its manifest's ``limit``

@@ -611,6 +611,8 @@ class PluginHost:
         # the store under the old one (agents' attachments) is read again
         self.on_reindex: Callable[[], None] | None = None
         self.on_restart: Callable[[str], None] | None = None  # a plugin's worker replaced
+        # told, after the index changed, of each runtime that left (replaced or removed)
+        self.on_leave: Callable[[PluginRuntime], None] | None = None
         # tells a resource's subscribers that it changed (the transport's; see _updated)
         self.on_resource_updated: Callable[[str], Awaitable[None]] | None = None
         # URIs whose subscribers are being told, each by one task: True when it changed again
@@ -911,6 +913,7 @@ class PluginHost:
             if version == self.version and not force:
                 return False
             records = {r.name: r for r in self.store.list_plugins()}
+            left = []
             for name in list(self.runtimes):
                 record = records.get(name)
                 # A reinstall (even of the same version) replaces the code: restart it; one
@@ -930,6 +933,7 @@ class PluginHost:
                     # New calls go to the new code at once; the calls the old one is running
                     # finish there (an upgrade must not cut a tool off mid-way).
                     self._leave(runtime, copy)
+                    left.append(runtime)
             fresh: list[tuple[str, PluginRuntime]] = []
             for name, record in records.items():
                 if name in self.runtimes:
@@ -951,6 +955,9 @@ class PluginHost:
             self._reindex()
             if self.on_reindex is not None:
                 self.on_reindex()
+            if self.on_leave is not None:
+                for runtime in left:
+                    self.on_leave(runtime)
             self.version = version
             fresh = self._within_worker_budget(fresh)
             # Only the new runtimes start (a running one would get a second set of workers);
