@@ -153,7 +153,6 @@ OTHER_VARIABLES = frozenset(
         "MCP0_PLUGIN_DIR",
         "MCP0_PLUGIN_ENTRY",
         "MCP0_MEMORY_MB",
-        "MCP0_MIME_TYPES",
         "MCP0_MAX_THREADS",
         "MCP0_NETWORK",
         "MCP0_FILESYSTEM",

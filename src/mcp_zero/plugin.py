@@ -37,7 +37,7 @@ import base64
 import math
 import re
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -397,6 +397,17 @@ def _compile_template(template: str) -> re.Pattern[str]:
     if any("{" in lit or "}" in lit for lit in literals):
         raise ValueError(f"unsupported URI template expression in {template!r}")
     return re.compile("^" + "".join(parts) + "$")
+
+
+def declared_mime_types(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The ``mimeType`` a plugin.json (``manifest``, as parsed JSON) gives each resource and
+    resource template that has one, by URI or template in normal form."""
+    declared: dict[str, str] = {}
+    for listed, key in (("resources", "uri"), ("resourceTemplates", "uriTemplate")):
+        for item in manifest.get(listed) or ():
+            if item.get("mimeType"):
+                declared[normal_uri(item[key])] = item["mimeType"]
+    return declared
 
 
 class Plugin:

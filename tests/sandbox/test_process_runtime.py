@@ -543,6 +543,22 @@ async def test_a_notification_or_request_over_its_limit_fails_the_handler_not_th
     assert rt.pids == [first]
 
 
+async def test_a_log_under_its_limit_from_a_worker_short_of_memory_does_not_crash_it(
+    make_runtime,
+):
+    # 200,000 emoji (800 KB as JSON, under the 1 MiB limit) went to orjson, which crashed
+    # the worker (SIGSEGV) reserving room for them with 8 MiB of its quota left: only
+    # strings over a million characters went to the stdlib (found by review)
+    rt = await make_runtime()
+    first = rt.pids[0]
+    b = RecordingBridge()
+    text = (await call(rt, "crowded_log", {"free_mb": 8, "chars": 200_000}, bridge=b))["content"][
+        0
+    ]["text"]
+    assert text == "logged" or text.startswith("MemoryError"), text[:200]
+    assert rt.pids == [first]
+
+
 async def test_a_request_under_the_frame_limit_reaches_the_client(make_runtime):
     rt = await make_runtime()
     first = rt.pids[0]
@@ -1212,6 +1228,30 @@ async def test_reads_give_the_mime_type_the_manifest_lists(tmp_path):
                 read = await rt.read_resource(uri, agent="a", bridge=RecordingBridge(), timeout=5)
                 types.append(read["contents"][0]["mimeType"])
         assert types == ["application/json", "text/csv"]
+    finally:
+        await rt.close()
+
+
+async def test_a_plugin_of_many_resources_with_mime_types_starts(tmp_path):
+    # The types went to the worker in one environment variable, which Linux caps at 128 KiB:
+    # 16 templates 8 KiB long, or 1,500 resources, and no worker ever started (found by
+    # review)
+    templates = [f"mem://m/{'x' * 8000}{n}/{{v}}" for n in range(20)]
+    code = "from mcp_zero.plugin import Plugin\nplugin = Plugin()\n" + "".join(
+        f"@plugin.resource_template({t!r})\ndef t{n}(ctx, v): return v\n"
+        for n, t in enumerate(templates)
+    )
+    listed = [
+        {"uriTemplate": t, "name": f"t{n}", "mimeType": "text/csv"} for n, t in enumerate(templates)
+    ]
+    d = _plugin(tmp_path, code, [], resourceTemplates=listed)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    try:
+        with anyio.fail_after(20):
+            await rt.start()
+            uri = templates[19].replace("{v}", "1")
+            read = await rt.read_resource(uri, agent="a", bridge=RecordingBridge(), timeout=5)
+        assert read["contents"][0]["mimeType"] == "text/csv"
     finally:
         await rt.close()
 

@@ -48,8 +48,10 @@ MAX_FRAME_BYTES = 32 * 1024 * 1024
 #: The largest notification (log, progress, resource update) a worker may send, as JSON: a
 #: larger one is refused in the plugin's handler, and dropped by the kernel if sent anyway.
 MAX_NOTIFICATION_BYTES = 1024 * 1024
-#: Strings adding up to more than this many characters are encoded with the stdlib (below).
-LARGE_FRAME_CHARS = 1 << 20
+#: Strings adding up to more than this many characters are encoded with the stdlib (below):
+#: orjson reserves up to six bytes a character, and a worker short of memory must not be
+#: crashed by that reservation (a million emoji was 4 MB of it: found by review).
+LARGE_FRAME_CHARS = 1 << 16
 
 
 class FrameTooLarge(ValueError):

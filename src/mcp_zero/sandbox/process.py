@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -172,21 +171,10 @@ class ProcessRuntime:
             "MCP0_FILESYSTEM": self.manifest.capabilities.filesystem,
             "MCP0_PROTECT": self._protect,
             "MCP0_PARENT_PID": str(os.getpid()),
-            "MCP0_MIME_TYPES": json.dumps(self._mime_types()),
         }
         if self._identity is not None:
             env["MCP0_WORKER_UID"], env["MCP0_WORKER_GID"] = map(str, self._identity)
         return env
-
-    def _mime_types(self) -> dict[str, str]:
-        """The manifest's ``mimeType`` of each resource and template that has one, by URI or
-        template in normal form: its reads' type, where the decorator gives none."""
-        m = self.manifest
-        declared = {normal_uri(r.uri): r.mime_type for r in m.resources if r.mime_type}
-        for t in m.resource_templates:
-            if t.mime_type:
-                declared[normal_uri(t.uri_template)] = t.mime_type
-        return declared
 
     def _prepare(self) -> None:
         """Let the workers' user read the plugin's code (a server's copies are made readable

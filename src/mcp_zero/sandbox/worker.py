@@ -9,8 +9,8 @@ the network; otherwise the worker enters an empty network namespace when the
 host allows it), ``MCP0_FILESYSTEM`` (``private``: it may write its data dir;
 ``none``: nowhere), ``MCP0_PROTECT`` (a directory it must not reach: the
 server's data dir), ``MCP0_WORKER_UID`` / ``MCP0_WORKER_GID`` (the user a worker
-started as root runs as), ``MCP0_MIME_TYPES`` (the manifest's ``mimeType`` by
-resource URI and template, JSON) and ``MCP0_PARENT_PID``. Where the kernel has Landlock, the
+started as root runs as) and ``MCP0_PARENT_PID``; the ``mimeType`` of each resource and
+template it reads from the plugin's plugin.json. Where the kernel has Landlock, the
 worker confines its own file access before it loads the plugin: it reads the
 system's files, its interpreter and import path and the plugin's code, and
 writes only its data dir. In its own mount namespace, every filesystem is
@@ -76,7 +76,15 @@ from typing import Any
 
 from mcp_zero import memory
 from mcp_zero.fdio import write_all
-from mcp_zero.plugin import ClientRequestError, Context, Handler, NotFoundError, Plugin, ToolError
+from mcp_zero.plugin import (
+    ClientRequestError,
+    Context,
+    Handler,
+    NotFoundError,
+    Plugin,
+    ToolError,
+    declared_mime_types,
+)
 from mcp_zero.rpc import STOP_SIGNALS
 from mcp_zero.sandbox import isolation, ownership, proctree, results
 from mcp_zero.sandbox.frames import (
@@ -704,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
     memory_mb = int(env.get("MCP0_MEMORY_MB", "0"))
     try:
         plugin = load_plugin(plugin_dir, entry)
-        plugin.declare_mime_types(decode(env.get("MCP0_MIME_TYPES", "{}").encode()))
+        # (from its plugin.json, which the server checked: in an environment variable, a
+        # plugin of many resources passed the 128 KiB one may hold, and no worker started:
+        # found by review)
+        manifest = decode(Path(plugin_dir, "plugin.json").read_bytes())
+        plugin.declare_mime_types(declared_mime_types(manifest))
     except BaseException as exc:  # report any load failure to the kernel, then exit
         traceback.print_exc(file=sys.stderr)
         proctree.kill_tree(os.getpid(), include_root=False)  # what its import started

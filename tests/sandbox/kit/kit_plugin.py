@@ -292,6 +292,25 @@ async def loud(ctx: Context, kind: str, mb: int) -> str:
     return "sent"
 
 
+@plugin.tool("crowded_log")
+def crowded_log(ctx: Context, free_mb: int, chars: int) -> str:
+    """Fill the worker's address space but ``free_mb`` MiB, then log ``chars`` emoji: how
+    the log ended."""
+    hog = []
+    try:
+        while True:
+            hog.append(bytearray(1 << 20))
+    except MemoryError:
+        del hog[-free_mb:]
+    try:
+        ctx.log("info", "\U0001f600" * chars)
+    except (ValueError, MemoryError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        hog.clear()
+    return "logged"
+
+
 @plugin.tool("forged_loud_log")
 def forged_loud_log(ctx: Context, mb: int) -> str:
     """A log frame of ``mb`` MiB written to the pipe as is, past the worker's limit."""
