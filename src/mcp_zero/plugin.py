@@ -558,7 +558,7 @@ def _decoded(uri: str, name: str, value: str) -> str:
 
 
 def _mime_type(what: str, handler: Handler, declared: str | None) -> Handler:
-    if declared is None or handler.mime_type == declared:
+    if declared is None or _same_type(handler.mime_type, declared):
         return handler
     if handler.mime_type is None:
         return Handler(handler.fn, handler.is_async, declared)
@@ -566,6 +566,24 @@ def _mime_type(what: str, handler: Handler, declared: str | None) -> Handler:
         f"{what} is {handler.mime_type} in the code (mime_type=) but {declared} in "
         "plugin.json (mimeType): give it one type"
     )
+
+
+def _same_type(given: str | None, declared: str) -> bool:
+    """Whether a decorator's MIME type is the manifest's: its type, subtype and parameter
+    names are compared without regard to case (RFC 2045), and the spaces around them
+    ignored (``text/Markdown`` is ``text/markdown``: found by review)."""
+    if given is None:
+        return False
+    return _type_key(given) == _type_key(declared)
+
+
+def _type_key(mime_type: str) -> tuple[str, ...]:
+    kind, *parameters = mime_type.split(";")
+    keyed = []
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        keyed.append(f"{name.strip().lower()}={value.strip()}")
+    return (kind.strip().lower(), *sorted(keyed))
 
 
 def _unique(registry: dict[Any, Handler], key: Any, kind: str) -> None:

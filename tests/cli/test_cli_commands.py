@@ -510,6 +510,29 @@ def test_removed_data_and_purge_data_set_back_a_purge_cut_short_before_its_recor
     assert os.listdir(where) == [second]
 
 
+def test_removed_data_lists_on_a_data_dir_it_may_not_write(data_dir: Path) -> None:
+    # Its setting back of a purge cut short failed for a user who may only read, after a
+    # warning that it had been set back (found by review)
+    first, second = set_aside_twice(data_dir)
+    where = data_dir / "plugin-data"
+    os.rename(where / first, where / f".purging-0-{first}")
+    os.chmod(where, 0o500)
+    try:
+        done = subprocess.run(
+            [MCP0, "plugin", "removed-data", "--data-dir", str(data_dir), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_without_file_permission_override if os.geteuid() == 0 else None,
+        )
+    finally:
+        os.chmod(where, 0o700)
+    assert done.returncode == 0, done.stderr
+    assert [e["dir"] for e in json.loads(done.stdout)] == [second]
+    assert "set aside again" not in done.stderr
+    assert sorted(os.listdir(where)) == sorted([f".purging-0-{first}", second])
+
+
 def test_recover_prints_a_reason_with_control_characters_escaped(data_dir: Path) -> None:
     # the one text output left unescaped (found by review)
     run(data_dir, "plugin", "install", str(NOTES_DIR))

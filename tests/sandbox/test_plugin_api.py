@@ -66,12 +66,35 @@ def test_tool_results_are_normalised():
         results.tool_result([{"not": "a block"}])
 
 
+def test_blocks_the_official_sdk_makes_are_sent_without_their_nulls() -> None:
+    # model_dump writes the fields not set as null (annotations, _meta, priority...): such
+    # blocks were refused, though the SDK's own client takes them (found by review)
+    from mcp import types
+
+    made = [
+        types.TextContent(type="text", text="hi", annotations=types.Annotations(audience=["user"])),
+        types.ResourceLink(type="resource_link", uri="a://b", name="b"),
+        types.EmbeddedResource(
+            type="resource",
+            resource=types.TextResourceContents(uri="a://b", text="t"),
+        ),
+    ]
+    sent = results.tool_result([m.model_dump(by_alias=True, mode="json") for m in made])
+    assert sent["content"] == [
+        {"type": "text", "text": "hi", "annotations": {"audience": ["user"]}},
+        {"type": "resource_link", "uri": "a://b", "name": "b"},
+        {"type": "resource", "resource": {"uri": "a://b", "text": "t"}},
+    ]
+    types.CallToolResult.model_validate(sent)
+
+
 @pytest.mark.parametrize(
     ("returned", "problem"),
     [
         ([{"type": "image"}], "content[0] has no 'data', which its type 'image' needs"),
         (["ok", {"type": "text", "text": 5}], "content[1].text must be a str, not int"),
-        (Content(type="audio", data="AA==", mimeType=None), "content[0].mimeType must be a str"),
+        (Content(type="audio", data="AA==", mimeType=None), "has no 'mimeType', which its type"),
+        (Content(type="audio", data="AA==", mimeType=3), "content[0].mimeType must be a str"),
         ([{"type": "resource", "resource": {"uri": "a://b"}}], "exactly one of 'text' or 'blob'"),
         ([{"type": "resource", "resource": {"text": "t"}}], "content[0].resource has no 'uri'"),
         (
@@ -244,3 +267,21 @@ def test_a_template_variable_escaping_no_utf8_matches_no_resource():
     with pytest.raises(ValueError, match="exactly one"):
         p.completion(argument="a")
     assert isinstance(text("x"), Content)
+
+
+def test_a_mime_type_is_the_manifests_whatever_the_case_of_its_names() -> None:
+    # text/markdown in the code against text/Markdown in plugin.json took the plugin down at
+    # load, though RFC 2045 makes them one type (found by review)
+    plugin = Plugin()
+
+    @plugin.resource("mem://m/a", mime_type="Text/Markdown; Charset=utf-8")
+    def a(ctx: Context) -> str:
+        return "a"
+
+    plugin.declare_mime_types({"mem://m/a": "text/markdown;charset=utf-8"})
+    with pytest.raises(ValueError, match=r"but text/plain in plugin\.json"):
+        plugin.declare_mime_types({"mem://m/a": "text/plain"})
+    other = Plugin()
+    other.resource("mem://m/b", mime_type="text/plain")(a)
+    with pytest.raises(ValueError, match="charset=latin1"):  # (a value's case is its own)
+        other.declare_mime_types({"mem://m/b": "text/plain; charset=latin1"})

@@ -692,8 +692,10 @@ def plugin_removed_data(config_file: Path | None, data_dir: Path | None, as_json
     from mcp_zero.kernel.plugin_data import finish_purges, set_aside
 
     settings = _existing(_settings(config_file, data_dir))
-    with _store(config_file, data_dir) as store:
-        finish_purges(settings.plugin_data_dir, store)  # as a runtime does as it opens
+    # as a runtime does as it opens, unless only allowed to read (a listing: found by review)
+    if os.access(settings.plugin_data_dir, os.W_OK):
+        with _store(config_file, data_dir) as store:
+            finish_purges(settings.plugin_data_dir, store)
     found = set_aside(settings.plugin_data_dir)
     lines = [
         f"{_escaped(a.dir):48} {a.removed_at:%Y-%m-%d %H:%M:%S}Z {_size(a.bytes):>10}"

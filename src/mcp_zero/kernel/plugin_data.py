@@ -203,12 +203,12 @@ def _finish(plugin_data_dir: Path, store: Store) -> None:
         if _purge_recorded(store, after_seq, directory):
             shutil.rmtree(path, ignore_errors=True)
         else:
+            _rename(path, plugin_data_dir / directory)
             log.warning(
                 "a purge of %s was cut short before it was recorded: the data dir is set "
                 "aside again",
                 plugin_data_dir / directory,
             )
-            _rename(path, plugin_data_dir / directory)
 
 
 def _purge_recorded(store: Store, after_seq: int, directory: str) -> bool:

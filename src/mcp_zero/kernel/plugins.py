@@ -1056,7 +1056,8 @@ class PluginHost:
             held.append(f"{name} ({holding[name]}{note})")
         rest = ranked[_HOLDERS_NAMED:]
         if rest:
-            held.append(f"{len(rest)} other plugins ({sum(holding[name] for name in rest)})")
+            others = "1 other plugin" if len(rest) == 1 else f"{len(rest)} other plugins"
+            held.append(f"{others} ({sum(holding[name] for name in rest)})")
         return f" (held by {', '.join(held)})"
 
     def _runtime(self, manifest: PluginManifest, path: Path) -> PluginRuntime:

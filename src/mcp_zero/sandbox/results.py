@@ -40,6 +40,13 @@ def _block(item: Any, where: str) -> JSON:
         raise TypeError(
             f"a content list may hold only str and content blocks, not {type(item).__name__}"
         )
+    # (what the official SDK's model_dump writes for a field not set: MCP's schema has no
+    # null there, and leaving it out says the same; refused, such blocks failed: by review)
+    block = _without_nulls(item)
+    for key in ("annotations", "resource"):
+        if isinstance(block.get(key), dict):
+            block[key] = _without_nulls(block[key])
+    item = block
     kind = item.get("type")
     if kind not in _BLOCK_STRINGS:
         raise TypeError(
@@ -59,7 +66,12 @@ def _block(item: Any, where: str) -> JSON:
         _annotations(item["annotations"], f"{where}.annotations")
     if "_meta" in item and not isinstance(item["_meta"], dict):
         raise TypeError(f"{where}._meta must be a dict, not {type(item['_meta']).__name__}")
-    return dict(item)
+    return block
+
+
+def _without_nulls(d: JSON) -> JSON:
+    """A copy of ``d`` without its keys whose value is None."""
+    return {key: value for key, value in d.items() if value is not None}
 
 
 def _require_strings(d: JSON, keys: tuple[str, ...], where: str) -> None:
