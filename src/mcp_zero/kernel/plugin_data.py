@@ -68,14 +68,8 @@ def aside_name(plugin: str, when: datetime.datetime) -> str:
 def set_aside(plugin_data_dir: Path, plugin: str | None = None) -> list[SetAside]:
     """The data dirs set aside in ``plugin_data_dir`` (of plugin ``plugin`` only, if given),
     by name then removal time. Raises StorageError when the directory cannot be read."""
-    try:
-        entries = os.listdir(plugin_data_dir)
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise StorageError(f"cannot read {plugin_data_dir}: {exc}") from exc
     found = []
-    for entry in entries:
+    for entry in _entries(plugin_data_dir):
         name, removed, stamp = entry.partition(REMOVED)
         if not removed or entry.startswith(_PURGING) or (plugin is not None and name != plugin):
             continue
@@ -181,17 +175,21 @@ def finish_purges(plugin_data_dir: Path, store: Store) -> None:
             _finish(plugin_data_dir, store)
 
 
-def _cut_short(plugin_data_dir: Path) -> list[tuple[int, str, Path]]:
-    """The set-aside dirs renamed out of the way by purges not finished: (audit seq when the
-    purge began, the dir's name, its path now)."""
+def _entries(plugin_data_dir: Path) -> list[str]:
+    """The names in ``plugin_data_dir`` (none if there is none). Raises StorageError."""
     try:
-        entries = os.listdir(plugin_data_dir)
+        return os.listdir(plugin_data_dir)
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise StorageError(f"cannot read {plugin_data_dir}: {exc}") from exc
+
+
+def _cut_short(plugin_data_dir: Path) -> list[tuple[int, str, Path]]:
+    """The set-aside dirs renamed out of the way by purges not finished: (audit seq when the
+    purge began, the dir's name, its path now)."""
     found = []
-    for entry in entries:
+    for entry in _entries(plugin_data_dir):
         match = _PURGING_NAME.fullmatch(entry)
         if match is not None:
             found.append((int(match[1]), match[2], plugin_data_dir / entry))
