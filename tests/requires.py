@@ -9,6 +9,10 @@ import shutil
 
 import pytest
 
+#: A command's prefix for a mount namespace of its own, whose mounts (a private /etc/hosts,
+#: /etc/passwd) no other process sees.
+UNSHARE = ("unshare", "-m", "--propagation", "private")
+
 
 def require(condition: bool, reason: str) -> None:
     """Go on when ``condition`` holds; otherwise skip, or in CI fail, saying ``reason``."""

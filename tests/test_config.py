@@ -19,7 +19,7 @@ from mcp_zero.cli.main import main
 from mcp_zero.cli.serve import _prepare
 from mcp_zero.config import DEFAULT_PORT, SETTING_NAMES, Settings, load_settings, stray_variables
 from mcp_zero.errors import ConfigError
-from requires import require_root
+from requires import UNSHARE, require_root
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -680,9 +680,6 @@ except ConfigError as exc:
     print(exc)
 '
 """
-
-
-UNSHARE = ("unshare", "-m", "--propagation", "private")
 
 
 def test_a_worker_user_in_roots_group_is_refused(tmp_path: Path) -> None:

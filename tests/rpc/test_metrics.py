@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import socket
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from rpc_live import NOTES_DIR, make_runtime, serve
 from mcp_zero.policy import write_default_policies
 from mcp_zero.rpc.metrics import CONTENT_TYPE, DEFAULT_BUCKETS, STAGES, Metrics
 from mcp_zero.runtime import Runtime
+from requires import UNSHARE, require_root
 
 
 def samples(metrics: Metrics) -> dict[str, list[Sample]]:
@@ -228,21 +231,52 @@ async def test_metrics_beyond_loopback_need_the_admin_token(
     assert value(found, "mcp0_unauthorized_total", endpoint="metrics") == 1
 
 
-@pytest.mark.anyio
-async def test_metrics_of_a_loopback_name_resolving_beyond_it_need_the_admin_token(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# A server on "localhost" where /etc/hosts (a private one, bound over it in a mount namespace
+# of its own) makes it every interface; /metrics asked for from this machine.
+METRICS_OF_LOCALHOST_ELSEWHERE = """
+set -e
+echo "0.0.0.0 localhost" > "$1/hosts"
+mount --bind "$1/hosts" /etc/hosts
+exec "$2" -c '
+import json, subprocess, sys, urllib.error, urllib.request
+mcp0 = sys.executable.rsplit("/", 1)[0] + "/mcp0"
+server = subprocess.Popen(
+    [mcp0, "serve", "--data-dir", sys.argv[1], "--host", "localhost", "--port", "0",
+     "--no-examples", "--json"],
+    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+)
+try:
+    url = json.loads(server.stdout.readline())["url"]
+    try:
+        with urllib.request.urlopen(url.replace("/mcp", "/metrics"), timeout=30) as got:
+            status, body = got.status, got.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read().decode()
+    print(json.dumps({"url": url, "status": status, "body": body}))
+finally:
+    server.terminate()
+    server.wait(30)
+' "$1/d"
+"""
+
+
+def test_metrics_of_a_loopback_name_resolving_beyond_it_need_the_admin_token(
+    tmp_path: Path,
 ) -> None:
     # "localhost" was loopback by its spelling: served to anyone, whatever it resolved to
-    # (found by review)
-    resolve = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        return resolve("192.0.2.7" if host == "localhost" else host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    response, _ = await get_metrics(tmp_path, host="localhost")
-    assert response.status_code == 401
-    assert "mcp0_calls" not in response.text
+    # (found by review). The name is resolved for real, through a private /etc/hosts.
+    require_root("unshare")
+    done = subprocess.run(
+        [*UNSHARE, "sh", "-c", METRICS_OF_LOCALHOST_ELSEWHERE, "-", str(tmp_path), sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["url"].startswith("http://127.0.0.1:")  # (it listens on every interface)
+    assert seen["status"] == 401
+    assert "mcp0_calls" not in seen["body"]
 
 
 @pytest.mark.anyio
