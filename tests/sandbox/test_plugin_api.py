@@ -285,3 +285,10 @@ def test_a_mime_type_is_the_manifests_whatever_the_case_of_its_names() -> None:
     other.resource("mem://m/b", mime_type="text/plain")(a)
     with pytest.raises(ValueError, match="charset=latin1"):  # (a value's case is its own)
         other.declare_mime_types({"mem://m/b": "text/plain; charset=latin1"})
+
+
+def test_a_nan_in_a_dataclass_of_a_result_is_named_where_it_is() -> None:
+    # a bare "Out of range float values are not JSON compliant" (found by review)
+    returned = {"a": [_Point(x=float("nan"), when=datetime.date(2026, 1, 2))]}  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^structuredContent\.a\[0\]\.x is nan, which JSON"):
+        results.tool_result(returned)

@@ -154,6 +154,8 @@ def _require_finite(value: Any, where: str) -> None:
                 f"{path} is {item}, which JSON cannot express (it has no NaN or Infinity); "
                 "return None or a string there instead"
             )
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            item = _plain(item)  # (as it is written: the NaN in it had no place named)
         if isinstance(item, dict | list | tuple):
             if id(item) in seen:
                 continue
