@@ -427,12 +427,14 @@ def test_a_mistyped_mcp0_variable_is_warned_of_naming_the_nearest_setting(tmp_pa
         "MCP0_PORT": "9000",  # a setting
         "MCP0_TOKEN": "mcp0_x",  # a stdio session's, no setting
         "MCP0_PARENT_PID": "1",  # a plugin worker's
+        "MCP0_TOKN": "mcp0_x",  # (a stdio session's, mistyped)
         "PATH": "/bin",
     }
     assert stray_variables(environ) == [
         "environment variable MCP0_BOGUS is no setting, and is ignored: see docs/configuration.md",
         "environment variable MCP0_RATELIMIT is no setting, and is ignored: did you mean "
         "MCP0_RATE_LIMIT?",
+        "environment variable MCP0_TOKN is no setting, and is ignored: did you mean MCP0_TOKEN?",
     ]
     result = CliRunner().invoke(
         main,

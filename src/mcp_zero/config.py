@@ -298,7 +298,9 @@ def stray_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     ]
     warnings = []
     for variable in stray:
-        near = difflib.get_close_matches(variable, settings, n=1, cutoff=0.75)
+        # (the stdio session's MCP0_AGENT and MCP0_TOKEN are near misses too)
+        known = [*settings, "MCP0_AGENT", "MCP0_TOKEN"]
+        near = difflib.get_close_matches(variable, known, n=1, cutoff=0.75)
         warnings.append(
             f"environment variable {variable} is no setting, and is ignored: "
             + (f"did you mean {near[0]}?" if near else "see docs/configuration.md")
