@@ -590,6 +590,8 @@ class Runtime:
                     log.warning("%s; trying again in %g s", exc, CHECKPOINT_INTERVAL_S)
             try:  # room for the audit log: none, and calls are refused before they act
                 await asyncio.to_thread(self.audit.check_room)
+                # (on the loop: its calls wait while another process holds the lock)
+                self.audit.watch_lock()
             except Exception:
                 log.exception("checking the audit log's room failed; looking again later")
             try:

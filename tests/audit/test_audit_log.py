@@ -505,3 +505,38 @@ async def test_while_a_batch_waits_for_a_lock_calls_are_told_to_wait_until_it_is
             with pytest.raises(StorageError, match="database is locked"):
                 await first
             assert log.stats.failing  # the calls that waited are refused before they act
+
+
+async def test_a_lock_another_process_holds_holds_calls_before_any_batch_finds_it(
+    tmp_path: Path,
+) -> None:
+    # A call that came a while after another process took the lock acted, as no batch had
+    # found it taken yet, and its record failed with the lock held past the busy timeout
+    # (found by review). The server's look every second holds calls too.
+    path = tmp_path / "a.db"
+    with SqliteStore(path, busy_timeout=0.3) as store, AuditLog(store, window=0) as log:
+        log.watch_lock()
+        assert log.unblocked() is None  # free: nothing held
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            log.watch_lock()
+            waiter = log.unblocked()
+            assert waiter is not None
+            assert log.stats.blocked_since is not None
+            other.execute("ROLLBACK")  # let go within the busy timeout: calls go on
+            with anyio.fail_after(10):
+                await asyncio.wait((waiter,))
+            assert not log.stats.failing
+            assert log.unblocked() is None
+            other.execute("BEGIN IMMEDIATE")  # held past it: the log fails
+            log.watch_lock()
+            waiter = log.unblocked()
+            assert waiter is not None
+            with anyio.fail_after(10):
+                await asyncio.wait((waiter,))
+            assert log.stats.failing
+            assert "database is locked" in log.stats.last_failure
+        finally:
+            other.close()
+        assert log.stats.blocked_since is None

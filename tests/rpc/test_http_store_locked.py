@@ -238,3 +238,43 @@ async def test_calls_wait_while_records_wait_for_a_lock_and_never_act_once_they_
     assert "still locked" not in listed
     with SqliteStore(data / "mcp0.db") as store:
         assert verify_store(store).count == len(store.read_audit(0, 10_000))
+
+
+async def test_a_call_after_another_process_took_the_lock_waits_for_it_before_acting(
+    tmp_path: Path,
+) -> None:
+    # Taken 2 s before, with no call running, the lock was found by no batch: the next call
+    # ran its plugin (a note added), and its record failed with the lock held past the busy
+    # timeout (found by review). The server's look every second now holds calls first.
+    data = tmp_path / "data"
+    runtime = make_runtime(data, rate_limit=0)
+    runtime.plugins.install(NOTES_DIR)
+    token = (await runtime.agents.spawn("alice", ["notes"])).token
+    async with serve(runtime) as live, httpx2.AsyncClient() as http:
+        client = live.client(token)
+        readyz = f"{live.base}/readyz"
+        with store_held(data) as other:
+            with anyio.fail_after(CALL_TIMEOUT_S):  # found by a look, with no call running
+                while runtime.audit.stats.blocked_since is None:
+                    await asyncio.sleep(0.05)
+            call = asyncio.create_task(client.call("notes_add", {"text": "after the lock"}))
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                while (await http.get(readyz)).status_code == 200:
+                    await asyncio.sleep(0.05)
+            assert not call.done()
+            assert noted(data) == []  # it waits: its plugin has not acted
+            other.execute("ROLLBACK")
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            added = await call
+        assert "after the lock" in text_of(added)
+    assert noted(data) == ["after the lock"]
+    assert outcomes(runtime, "notes_add") == ["allowed"]
+
+
+def noted(data: Path) -> list[str]:
+    """The texts of the notes the notes plugin has stored, read from its own database."""
+    db = data / "plugin-data" / "notes" / "notes.db"
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return [text for (text,) in conn.execute("SELECT text FROM notes")]

@@ -58,6 +58,7 @@ log = logging.getLogger("mcp_zero.audit")
 #: again: a few batches' worth.
 ROOM_BYTES = 64 << 10
 ROOM_CHECK_S = 0.5
+LOCK_LOOK_S = 0.05  # while calls wait for a lock another process holds, looked at so often
 
 _Waiter: TypeAlias = asyncio.Future[AuditEntry] | concurrent.futures.Future[AuditEntry]
 # The running loop, or None outside one: asyncio's C function, without the exception (and
@@ -355,6 +356,40 @@ class AuditLog:
         held past the busy timeout): calls wait for it before they act (found by review)."""
         loop = _running_loop()
         return self._unblocked.get(loop) if loop is not None else None
+
+    def watch_lock(self) -> None:
+        """(On the loop, every second: the server's watcher.) Hold the loop's calls as a
+        waiting batch does while another process holds the store's write lock, looked at
+        again every ``LOCK_LOOK_S``: the calls that came before a batch had found it taken
+        acted, and lost their records with it (found by review). Held past the busy timeout,
+        the log fails, and calls are refused; a lock let go lets them act. Nothing is
+        failed by a look alone: a command's write holds the lock for milliseconds."""
+        loop = _running_loop()
+        if loop is None or self.stats.failing or loop in self._unblocked:
+            return
+        if self._store.write_blocked() is None:
+            return
+        waiter = self._unblocked[loop] = loop.create_future()
+        since = time.monotonic()
+        if self.stats.blocked_since is None:
+            self.stats.blocked_since = since
+        loop.call_later(LOCK_LOOK_S, self._look_again, loop, waiter, since)
+
+    def _look_again(
+        self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None], since: float
+    ) -> None:
+        if self._unblocked.get(loop) is not waiter:  # (a batch committed meanwhile, or failed)
+            return
+        try:
+            why = None if self._closing else self._store.write_blocked()
+        except StorageError:  # (closed under it: the calls meet that themselves)
+            why = None
+        if why is not None and time.monotonic() - since >= self._store.busy_timeout:
+            self._fail(why)
+        elif why is not None:
+            loop.call_later(LOCK_LOOK_S, self._look_again, loop, waiter, since)
+            return
+        self._unblock(loop)
 
     def _fail(self, why: str) -> None:
         """From now on calls are refused until writable() finds room; logged once."""
