@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import enum
 import re
+import uuid
 from pathlib import Path
 
 import orjson
@@ -25,6 +27,16 @@ from mcp_zero.plugin import (
 )
 from mcp_zero.sandbox import results
 from mcp_zero.sandbox.frames import LARGE_FRAME_CHARS, MAX_DEPTH, encode_frame
+
+
+class _Shade(enum.Enum):
+    DARK = "dark"
+
+
+@dataclasses.dataclass
+class _Cell:
+    row: int
+    _hidden: int
 
 
 def test_helpers_build_mcp_blocks():
@@ -178,6 +190,52 @@ def test_a_large_result_nested_deeper_than_the_server_encodes_is_refused_by_the_
     for _ in range(MAX_DEPTH - 1):  # (under the frame: as deep as may be)
         fits = [fits]
     assert orjson.loads(encode_frame({"id": 1, "v": fits}))["id"] == 1
+
+
+_EXOTIC_VALUES = [
+    2**64 - 1,
+    -(2**63),
+    2**64,
+    -(2**63) - 1,
+    {1: 2},
+    {"k": {None: 1}},
+    datetime.datetime(2020, 1, 2, 3, 4, 5, 6),
+    datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC),
+    datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone(-datetime.timedelta(seconds=3599))),
+    datetime.date(2020, 1, 2),
+    datetime.time(1, 2, 3, 4),
+    datetime.time(1, 2, tzinfo=datetime.UTC),
+    uuid.UUID(int=5),
+    _Shade.DARK,
+    _Cell(1, 2),
+    (1, "a"),
+    {1, 2},
+    b"bytes",
+]
+
+
+@pytest.mark.parametrize("value", _EXOTIC_VALUES, ids=repr)
+def test_a_value_encodes_the_same_in_a_large_frame_as_in_a_small_one(value: object) -> None:
+    # past LARGE_FRAME_CHARS the stdlib encoded: an int past 64 bits was written (and read
+    # back as a float), a datetime refused, an int key taken, where orjson did otherwise
+    large = "x" * (LARGE_FRAME_CHARS + 1)
+    outcomes = []
+    for padding in ("x", large):
+        try:
+            outcomes.append(orjson.loads(encode_frame({"v": value, "s": padding}))["v"])
+        except TypeError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_tool_result_structured_is_converted_as_a_dict_result_is():
+    when = datetime.datetime(2020, 1, 1, 12, 0, 0, 0, datetime.UTC)
+    sent = results.tool_result(ToolResult("x", {"at": when, "shade": _Shade.DARK}))
+    assert (
+        sent["structuredContent"]
+        == results.tool_result({"at": when, "shade": _Shade.DARK})["structuredContent"]
+    )
+    assert sent["structuredContent"] == {"at": "2020-01-01T12:00:00+00:00", "shade": "dark"}
 
 
 class _Sink:

@@ -8,9 +8,13 @@ The frames themselves are described in :mod:`mcp_zero.sandbox.worker`.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import functools
 import json
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -107,10 +111,8 @@ def encode_frame(frame: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
         data = encode(frame)
     elif chars > limit:
         raise FrameTooLarge(f"over {_string_chars(frame, sys.maxsize) / 2**20:.1f} MiB", limit)
-    elif _deeper_than(frame, MAX_DEPTH):  # (orjson refuses those; the stdlib would not)
-        raise TypeError(f"it nests deeper than {MAX_DEPTH} levels")
     else:
-        data = _stdlib_line(frame)
+        data = _stdlib_line(_as_orjson_writes(frame))
     if len(data) > limit:
         raise FrameTooLarge(f"{len(data) / 2**20:.1f} MiB", limit)
     return data
@@ -120,16 +122,62 @@ def encode_frame(frame: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
 MAX_DEPTH = 250
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict | list | tuple):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            pending.extend((child, depth + 1) for child in children)
-    return False
+def _as_orjson_writes(value: Any, depth: int = 1) -> Any:
+    """``value`` for the stdlib to write as orjson writes it: what orjson writes its own way
+    (dates and times, UUIDs, dataclasses, enums) replaced by what it writes; ``TypeError``,
+    with orjson's message, for what orjson refuses. The same value was refused or written
+    differently once its frame was large (an int past 64 bits read back as a float, a
+    datetime refused: found by review). A NaN is left to the stdlib, which refuses it."""
+    if isinstance(value, str) or value is None or type(value) is bool or type(value) is float:
+        return value
+    if isinstance(value, enum.Enum):  # (before int: an IntEnum is one)
+        return _as_orjson_writes(value.value, depth)
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < 1 << 64:
+            raise TypeError("Integer exceeds 64-bit range")
+        return value
+    if isinstance(value, dict | list) or type(value) is tuple:
+        if depth > MAX_DEPTH:  # (orjson refuses those; the stdlib would not)
+            raise TypeError(f"it nests deeper than {MAX_DEPTH} levels")
+        if not isinstance(value, dict):
+            return [_as_orjson_writes(item, depth + 1) for item in value]
+        copy = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError("Dict key must be str")
+            copy[key] = _as_orjson_writes(item, depth + 1)
+        return copy
+    kind = type(value)
+    if kind is datetime.datetime:
+        return _datetime(value)
+    if kind is datetime.date:
+        return value.isoformat()
+    if kind is datetime.time:
+        if value.tzinfo is not None:
+            raise TypeError("datetime.time must not have tzinfo set")
+        return value.isoformat()
+    if kind is uuid.UUID:
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = (
+            vars(value)  # (orjson's: a field with only a class default is not written)
+            if hasattr(value, "__dict__")
+            else {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+        )
+        public = {name: item for name, item in fields.items() if not name.startswith("_")}
+        return _as_orjson_writes(public, depth)
+    raise TypeError(f"Type is not JSON serializable: {kind.__name__}")
+
+
+def _datetime(value: datetime.datetime) -> str:
+    """``value`` in ISO 8601 as orjson writes it: an offset rounded to the minute."""
+    text = value.replace(tzinfo=None).isoformat()
+    offset = value.utcoffset()
+    if offset is None:
+        return text
+    seconds = int(offset.total_seconds())
+    hours, rest = divmod(abs(seconds), 3600)
+    return f"{text}{'-' if seconds < 0 else '+'}{hours:02}:{(rest + 30) // 60:02}"
 
 
 class LineSplitter:

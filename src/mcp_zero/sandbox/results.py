@@ -191,8 +191,8 @@ def tool_result(value: Any) -> JSON:
                     "structuredContent must be a dict (MCP sends a JSON object), "
                     f"not {type(value.structured).__name__}"
                 )
-            _require_finite(value.structured, "structuredContent")
-            out["structuredContent"] = value.structured
+            # (as a dict's is: unconverted, the frame's encoder wrote it its own way)
+            _, out["structuredContent"] = _json_and_value(value.structured, "structuredContent")
         if value.is_error:
             out["isError"] = True
         return out
