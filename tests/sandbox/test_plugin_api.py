@@ -238,6 +238,54 @@ def test_a_tool_result_structured_is_converted_as_a_dict_result_is():
     assert sent["structuredContent"] == {"at": "2020-01-01T12:00:00+00:00", "shade": "dark"}
 
 
+def test_a_resource_links_icons_must_be_a_list_of_icons():
+    link = {"type": "resource_link", "uri": "a://b", "name": "b"}
+    for icons in ("notalist", ["a.png"], [{"mimeType": "image/png"}], [{"src": 5}]):
+        with pytest.raises(TypeError, match=r"content\[0\]\.icons"):
+            results.tool_result([{**link, "icons": icons}])
+    fine = [{**link, "icons": [{"src": "https://x/a.png", "sizes": ["48x48"]}]}]
+    assert results.tool_result(fine)["content"] == fine
+
+
+def test_an_embedded_resources_meta_must_be_a_dict():
+    block = {"type": "resource", "resource": {"uri": "a://b", "text": "t", "_meta": 5}}
+    with pytest.raises(TypeError, match=r"content\[0\]\.resource\._meta must be a dict"):
+        results.tool_result([block])
+
+
+def test_a_prompt_result_holds_only_what_mcp_gives_it():
+    with pytest.raises(TypeError, match=r"description must be a str, not int"):
+        results.prompt_result({"description": 5, "messages": ["hi"]})
+    with pytest.raises(TypeError, match="not 'extra'"):
+        results.prompt_result({"messages": ["hi"], "extra": {"x": 1}})
+    with pytest.raises(TypeError, match="_meta must be a dict"):
+        results.prompt_result({"messages": ["hi"], "_meta": 5})
+    # a str is iterable: "hi" was two messages, "h" and "i"
+    with pytest.raises(TypeError, match="messages must be a list, not str"):
+        results.prompt_result({"messages": "hi"})
+
+
+def test_a_prompt_with_nan_is_refused_naming_where():
+    block = {"type": "text", "text": "x", "annotations": {"priority": float("nan")}}
+    with pytest.raises(TypeError, match=r"messages\[0\]\.content\.annotations\.priority is nan"):
+        results.prompt_result([block])
+
+
+def test_a_read_gives_the_uri_read_and_the_declared_mime_type():
+    html = {"text": "<script></script>", "mimeType": "text/html"}
+    with pytest.raises(TypeError, match="'notes://other', not the 'evil://r' read"):
+        results.resource_result("evil://r", {**html, "uri": "notes://other"}, None)
+    with pytest.raises(TypeError, match="'text/html', but the resource's is 'text/plain'"):
+        results.resource_result("evil://r", html, "text/plain")
+    assert results.resource_result("evil://r", html, None)["contents"] == [
+        {**html, "uri": "evil://r"}
+    ]
+    same = {"text": "t", "uri": "evil://%72", "mimeType": "text/plain"}  # (r, escaped)
+    assert results.resource_result("evil://r", same, "text/plain")["contents"] == [
+        {"text": "t", "uri": "evil://r", "mimeType": "text/plain"}
+    ]
+
+
 class _Sink:
     def __init__(self) -> None:
         self.frames: list[dict[str, object]] = []

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from mcp_zero.plugin import Content, ToolResult
+from mcp_zero.uri import normal_uri
 
 JSON = dict[str, Any]
 _MAX_COMPLETIONS = 100  # the MCP spec caps completion values per response
@@ -29,6 +30,7 @@ _BLOCK_STRINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "resource_link": (("uri", "name"), ("title", "description", "mimeType")),
 }
 _ROLES = ("user", "assistant")
+_PROMPT_KEYS = ("description", "messages", "_meta")  # (MCP GetPromptResult's)
 
 
 def _block(item: Any, where: str) -> JSON:
@@ -60,13 +62,33 @@ def _block(item: Any, where: str) -> JSON:
     _require_strings(item, required + optional, where)
     if kind == "resource":
         _embedded(item.get("resource"), f"{where}.resource")
-    elif kind == "resource_link" and "size" in item and type(item["size"]) is not int:
-        raise TypeError(f"{where}.size must be an int, not {type(item['size']).__name__}")
+    elif kind == "resource_link":
+        if "size" in item and type(item["size"]) is not int:
+            raise TypeError(f"{where}.size must be an int, not {type(item['size']).__name__}")
+        if "icons" in item:
+            _icons(item["icons"], f"{where}.icons")
     if "annotations" in item:
         _annotations(item["annotations"], f"{where}.annotations")
-    if "_meta" in item and not isinstance(item["_meta"], dict):
-        raise TypeError(f"{where}._meta must be a dict, not {type(item['_meta']).__name__}")
+    _require_meta(item, where)
     return block
+
+
+def _require_meta(d: JSON, where: str) -> None:
+    if "_meta" in d and not isinstance(d["_meta"], dict):
+        raise TypeError(f"{where}._meta must be a dict, not {type(d['_meta']).__name__}")
+
+
+def _icons(icons: Any, where: str) -> None:
+    """Refuse ``icons`` unless it is a list of MCP Icon objects (a ``src`` and strings)."""
+    if not isinstance(icons, list):
+        raise TypeError(f"{where} must be a list of icons, not {type(icons).__name__}")
+    for i, icon in enumerate(icons):
+        if not isinstance(icon, dict) or "src" not in icon:
+            raise TypeError(f"{where}[{i}] must be an icon: a dict with a 'src'")
+        _require_strings(icon, ("src", "mimeType", "theme"), f"{where}[{i}]")
+        sizes = icon.get("sizes", [])
+        if not isinstance(sizes, list) or not all(isinstance(size, str) for size in sizes):
+            raise TypeError(f"{where}[{i}].sizes must be a list of str")
 
 
 def _without_nulls(d: JSON) -> JSON:
@@ -88,6 +110,7 @@ def _embedded(resource: Any, where: str) -> None:
     if "uri" not in resource:
         raise TypeError(f"{where} has no 'uri'")
     _require_strings(resource, _CONTENTS_STRINGS, where)
+    _require_meta(resource, where)
 
 
 def _annotations(annotations: Any, where: str) -> None:
@@ -224,14 +247,24 @@ def _contents(uri: str, item: Any, mime_type: str | None) -> JSON:
             "blob": base64.b64encode(bytes(item)).decode("ascii"),
         }
     if isinstance(item, dict) and ("text" in item or "blob" in item):
-        out = {"uri": uri, **item}
-        if mime_type and "mimeType" not in out:
-            out["mimeType"] = mime_type
         for key in _CONTENTS_STRINGS:  # (a "text" of 5 was passed on: found by review)
-            if key in out and not isinstance(out[key], str):
+            if key in item and not isinstance(item[key], str):
                 raise TypeError(
-                    f"a contents dict's {key!r} must be a str, not {type(out[key]).__name__}"
+                    f"a contents dict's {key!r} must be a str, not {type(item[key]).__name__}"
                 )
+        # (a handler's own were sent as they were: another plugin's URI for this one's
+        # contents, text/html for a resource listed as text/plain: found by review)
+        if "uri" in item and normal_uri(item["uri"]) != normal_uri(uri):
+            raise TypeError(f"a contents dict's 'uri' is {item['uri']!r}, not the {uri!r} read")
+        if mime_type and item.get("mimeType", mime_type) != mime_type:
+            raise TypeError(
+                f"a contents dict's 'mimeType' is {item['mimeType']!r}, "
+                f"but the resource's is {mime_type!r}"
+            )
+        _require_meta(item, "a contents dict")
+        out = {**item, "uri": uri}
+        if mime_type:
+            out["mimeType"] = mime_type
         return out
     raise TypeError(
         f"a resource handler returns str, bytes or a contents dict, not {type(item).__name__}"
@@ -253,15 +286,29 @@ def _prompt_message(item: Any, where: str) -> JSON:
 
 
 def prompt_result(value: Any) -> JSON:
-    """A ``GetPromptResult`` for a prompt handler's return value."""
+    """A ``GetPromptResult`` for a prompt handler's return value.
+
+    Raises ``TypeError`` also for a float NaN or infinity anywhere in it, naming where.
+    """
     if isinstance(value, dict) and "messages" in value:
+        unknown = [key for key in value if key not in _PROMPT_KEYS]
+        if unknown:
+            raise TypeError(
+                f"a prompt result holds only {', '.join(_PROMPT_KEYS)}, not {unknown[0]!r}"
+            )
+        if not isinstance(value["messages"], list | tuple):  # ("hi" was "h" and "i")
+            raise TypeError(f"messages must be a list, not {type(value['messages']).__name__}")
+        _require_strings(value, ("description",), "the prompt result")
+        _require_meta(value, "the prompt result")
         out = dict(value)
         out["messages"] = _messages(value["messages"])
-        return out
-    return {"messages": _messages(value if isinstance(value, list) else [value])}
+    else:
+        out = {"messages": _messages(value if isinstance(value, list) else [value])}
+    _require_finite(out["messages"], "messages")
+    return out
 
 
-def _messages(items: Any) -> list[JSON]:
+def _messages(items: list[Any] | tuple[Any, ...]) -> list[JSON]:
     return [_prompt_message(item, f"messages[{i}]") for i, item in enumerate(items)]
 
 
