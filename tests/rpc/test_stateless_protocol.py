@@ -6,6 +6,7 @@ the GET stream. The official client in that mode is in test_official_client_inpr
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import shutil
 from collections.abc import AsyncIterator
@@ -445,6 +446,69 @@ async def test_a_listen_stream_ends_with_its_result_when_the_server_stops(
     assert last["id"] == body["id"]
     assert last["result"]["resultType"] == "complete"
     assert last["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == body["id"]
+
+
+async def test_a_listen_past_the_agents_limit_ends_its_oldest_stream(tmp_path: Any) -> None:
+    # Refused instead, with -32005: streams opened with a token before its rotation locked
+    # the owner, holding the new one, out of listen streams for as long as they stayed open
+    # (found by review)
+    runtime = make_runtime(tmp_path / "data", max_sessions_per_agent=2)
+    runtime.plugins.install(NOTES_DIR)
+    agent = await runtime.agents.spawn("rotated", ["notes"])
+    listen = functools.partial(
+        message, "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+    )
+    async with serve(runtime) as live:
+        leaked = Env(live, agent.token, agent.token)
+        first, second = listen(), listen()
+        async with streamed(leaked, first) as oldest, streamed(leaked, second) as older:
+            oldest_lines, older_lines = oldest.aiter_lines(), older.aiter_lines()
+            for lines in (oldest_lines, older_lines):
+                await _next_message(lines)  # the acknowledgement
+            owner = Env(live, (await runtime.agents.rotate_token("rotated")).token, "")
+            third = listen()
+            async with streamed(owner, third) as newest:
+                newest_lines = newest.aiter_lines()
+                acknowledged = await _next_message(newest_lines)
+                assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
+                # the oldest ends with its result, as when the server stops; the other stays
+                ended = await _next_message(oldest_lines)
+                assert ended["id"] == first["id"]
+                assert ended["result"]["resultType"] == "complete"
+                assert len(live.app.server.listeners) == 2
+                assert [lis.mailbox.ended for lis in live.app.server.listeners.values()] == [
+                    False,
+                    False,
+                ]
+
+
+async def test_token_less_listens_neither_push_out_nor_are_pushed_out_by_token_holders(
+    tmp_path: Any,
+) -> None:
+    runtime = make_runtime(tmp_path / "data", anonymous_agent="shared", max_sessions_per_agent=1)
+    runtime.plugins.install(NOTES_DIR)
+    agent = await runtime.agents.spawn("shared", ["notes"])
+    listen = functools.partial(
+        message, "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+    )
+    async with serve(runtime) as live:
+        holder = Env(live, agent.token, agent.token)
+        async with streamed(holder, listen()) as held, httpx2.AsyncClient() as http:
+            held_lines = held.aiter_lines()  # (held: a generator dropped closes the stream)
+            await _next_message(held_lines)
+            body = listen()
+            headers = headers_for(holder, body)
+            del headers["Authorization"]
+            with anyio.fail_after(TIMEOUT_S):
+                async with http.stream(
+                    "POST", live.url, content=orjson.dumps(body), headers=headers
+                ) as token_less:
+                    token_less_lines = token_less.aiter_lines()
+                    acknowledged = await _next_message(token_less_lines)
+                    assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
+                    streams = live.app.server.listeners.values()
+                    assert [lis.principal.anonymous for lis in streams] == [False, True]
+                    assert not any(lis.mailbox.ended for lis in streams)
 
 
 # -- input_required: a tool that asks the client, across requests ---------------------------------

@@ -50,6 +50,11 @@ class Mailbox:
         self._ended = False
         self._posted = asyncio.Event()
 
+    @property
+    def ended(self) -> bool:
+        """Whether the stream is to end (what waits is still sent first)."""
+        return self._ended
+
     def qsize(self) -> int:
         """Notices waiting (and the end, once posted)."""
         return len(self._notes) + self._ended

@@ -694,18 +694,12 @@ class McpServer:
                     },
                 ),
             )
-        if len(self.listeners) >= self.max_listeners:
+        # (an agent at its own limit takes the place of its oldest stream: no more in all)
+        at_own_limit = len(self._listening(session.principal)) >= self.max_listeners_per_agent
+        if len(self.listeners) >= self.max_listeners and not at_own_limit:
             raise QuotaExceeded(
                 f"this server has {len(self.listeners)} open subscriptions/listen streams, "
                 "its limit; retry later"
-            )
-        agent = session.principal.agent
-        if sum(lis.principal.agent == agent for lis in self.listeners.values()) >= (
-            self.max_listeners_per_agent
-        ):
-            raise QuotaExceeded(
-                f"agent {agent!r} has {self.max_listeners_per_agent} open subscriptions/listen "
-                "streams, as many as it may; close one first"
             )
         try:
             held = self._hold_subscriptions(cost)
@@ -744,6 +738,14 @@ class McpServer:
         if key in self.listeners:  # (a request id in use is refused before this)
             self.subscription_budget.release(held)
             raise InvalidRequest(f"request id {rid!r} is in use by a listen stream")
+        # Past the agent's limit its oldest streams end (with their result), as its least
+        # recently used session is dropped for a new one: kept open for as long as their
+        # clients like, they would lock the agent out, its owner after a token rotation too.
+        # (Counted here, where no await comes before the stream is added: listens decided
+        # concurrently cannot overshoot the limit together.)
+        mine = self._listening(session.principal)
+        for oldest in mine[: max(0, len(mine) + 1 - self.max_listeners_per_agent)]:
+            oldest.mailbox.put_nowait(None)
         self.listeners[key] = listener
         try:
             await channel.send(
@@ -773,6 +775,18 @@ class McpServer:
         finally:
             del self.listeners[key]
             self.subscription_budget.release(held)
+
+    def _listening(self, principal: Principal) -> list[Listener]:
+        """The principal's agent's listen streams that are not ending, oldest first
+        (token-less callers of --anonymous-agent and the agent's token holders count apart,
+        as their sessions do)."""
+        return [
+            lis
+            for lis in self.listeners.values()
+            if lis.principal.agent == principal.agent
+            and lis.principal.anonymous == principal.anonymous
+            and not lis.mailbox.ended
+        ]
 
     async def _refuse_listen(
         self, session: Session, uris: list[str], rid: Any, refusal: McpZeroError
