@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,17 @@ async def test_an_admin_change_waits_for_another_process_without_holding_up_call
         assert attached.json()["plugins"] == ["faulty"]
 
 
+@contextlib.asynccontextmanager
+async def notes_served(data: Path) -> AsyncIterator[tuple[Runtime, Any, httpx2.AsyncClient, str]]:
+    """A live server on ``data`` with the notes plugin, agent alice's client of it, an HTTP
+    client and the server's /readyz."""
+    runtime = make_runtime(data, rate_limit=0)
+    runtime.plugins.install(NOTES_DIR)
+    token = (await runtime.agents.spawn("alice", ["notes"])).token
+    async with serve(runtime) as live, httpx2.AsyncClient() as http:
+        yield runtime, live.client(token), http, f"{live.base}/readyz"
+
+
 async def test_calls_wait_while_records_wait_for_a_lock_and_never_act_once_they_failed(
     tmp_path: Path,
 ) -> None:
@@ -200,12 +211,7 @@ async def test_calls_wait_while_records_wait_for_a_lock_and_never_act_once_they_
     # And calls taken while a batch waited for the lock acted, their records failing with it.
     # /readyz said ready all along (found by review)
     data = tmp_path / "data"
-    runtime = make_runtime(data, rate_limit=0)
-    runtime.plugins.install(NOTES_DIR)
-    token = (await runtime.agents.spawn("alice", ["notes"])).token
-    async with serve(runtime) as live, httpx2.AsyncClient() as http:
-        client = live.client(token)
-        readyz = f"{live.base}/readyz"
+    async with notes_served(data) as (runtime, client, http, readyz):
         with store_held(data) as other:
             first = asyncio.create_task(client.call("notes_add", {"text": "acted first"}))
             with anyio.fail_after(CALL_TIMEOUT_S):  # it acted; its record waits for the lock
@@ -247,12 +253,7 @@ async def test_a_call_after_another_process_took_the_lock_waits_for_it_before_ac
     # ran its plugin (a note added), and its record failed with the lock held past the busy
     # timeout (found by review). The server's look every second now holds calls first.
     data = tmp_path / "data"
-    runtime = make_runtime(data, rate_limit=0)
-    runtime.plugins.install(NOTES_DIR)
-    token = (await runtime.agents.spawn("alice", ["notes"])).token
-    async with serve(runtime) as live, httpx2.AsyncClient() as http:
-        client = live.client(token)
-        readyz = f"{live.base}/readyz"
+    async with notes_served(data) as (runtime, client, http, readyz):
         with store_held(data) as other:
             with anyio.fail_after(CALL_TIMEOUT_S):  # found by a look, with no call running
                 while runtime.audit.stats.blocked_since is None:
