@@ -56,22 +56,31 @@ def claim_data_dir(path: Path, *, make: bool = True) -> DataDirClaim:
     when there is none and not ``make``.
     """
     while True:
-        made = make and _make(path)
-        try:
-            fd = os.open(path, _DIR_FLAGS)
-        except FileNotFoundError:
-            if not make or os.path.lexists(path):  # (or a dangling symbolic link)
-                raise
-            continue  # removed since: by a process that made it and failed
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if _still_at(fd, path):
-                return DataDirClaim(path, fd, fresh=made and not os.listdir(fd))
-        except BaseException:
-            os.close(fd)
+        claim = lock_data_dir(path, made=make and _make(path), make=make)
+        if claim is not None:
+            return claim
+
+
+def lock_data_dir(path: Path, *, made: bool, make: bool = True) -> DataDirClaim | None:
+    """The claim on the data dir at ``path`` once its lock is held (waiting for it), fresh
+    if ``made`` by this process and found empty then; None when it was removed meanwhile
+    (by a process that made it and failed: claim it again). Raises as :func:`claim_data_dir`.
+    """
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        if not make or os.path.lexists(path):  # (or a dangling symbolic link)
             raise
-        # the process that made it failed, and removed it while this one waited: start again
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _still_at(fd, path):
+            return DataDirClaim(path, fd, fresh=made and not os.listdir(fd))
+    except BaseException:
         os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def _make(path: Path) -> bool:

@@ -1675,26 +1675,16 @@ def test_a_first_command_that_fails_removes_no_data_dir_another_command_used(
     assert [agent["name"] for agent in as_json(data, "agent", "list")] == ["bob"]
 
 
-def test_a_first_command_removes_no_data_dir_another_laid_out_before_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_first_command_removes_no_data_dir_another_laid_out_before_it(tmp_path: Path) -> None:
     # The command that made the directory is not always the first to lock it: another that
     # found it there may lay it out first, and it is theirs then
     data = tmp_path / "data"
-    make = claims._make
-
-    def made_then_laid_out_by_another(path: Path) -> bool:
-        made = make(path)
-        subprocess.run([MCP0, "agent", "create", "bob", "--data-dir", str(path)], check=True)
-        return made
-
-    def laid_out_before(runtime: Runtime) -> None:
-        assert not runtime.created
-
-    monkeypatch.setattr(claims, "_make", made_then_laid_out_by_another)
-    with pytest.raises(_FirstCommandFailed):
-        _fail_first_command(data, laid_out_before)
-    monkeypatch.undo()
+    data.mkdir()  # made by this process, as a first command's claim makes it...
+    run(data, "agent", "create", "bob")  # ...laid out by another before it takes the lock
+    claim = claims.lock_data_dir(data, made=True)
+    assert claim is not None
+    assert not claim.fresh
+    claim.abandon()  # what the first command does as it fails
     assert [agent["name"] for agent in as_json(data, "agent", "list")] == ["bob"]
 
 

@@ -60,6 +60,8 @@ class PolicyEngine:
         self._decisions: dict[tuple[Any, ...], PolicyDecision] = {}
         self._entities: dict[tuple[Any, ...], cedarpy.Entities] = {}
         self._contexts: dict[tuple[Any, ...], str] = {}
+        #: how many requests this engine has asked Cedar to decide (its caches' misses)
+        self.requests_decided = 0
 
     @classmethod
     def load(cls, policy_dir: Path, *, cache_size: int = DEFAULT_CACHE_SIZE) -> PolicyEngine:
@@ -164,6 +166,7 @@ class PolicyEngine:
             needed = batch_entities_json(principal, [(t, i, p) for (t, i), p in uids.items()])
             entities = cedarpy.Entities.from_json_str(needed)
             results = cedarpy.is_authorized_batch(requests, self._policy_set, entities)
+            self.requests_decided += len(requests)
             for index, result in zip(batched, results, strict=True):
                 if result.diagnostics.errors:
                     alone.append(index)
@@ -198,6 +201,7 @@ class PolicyEngine:
         }
         entities = self._entities_for(principal, rtype, rid, parent)
         result = cedarpy.is_authorized(request, self._policy_set, entities)
+        self.requests_decided += 1
         diagnostics = result.diagnostics
         by_cedar_id = self._by_cedar_id
         matched = tuple(by_cedar_id[pid].id for pid in diagnostics.reasons)
