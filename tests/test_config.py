@@ -745,8 +745,8 @@ def test_a_server_on_every_interface_announces_a_url_to_connect_to(
 
 
 def test_every_mcp0_variable_the_source_names_is_a_setting_or_known_to_be_none() -> None:
-    # A variable the server sets for its workers was warned of as a mistyped setting in a
-    # plugin's own subprocess (MCP0_MIME_TYPES, added without its entry)
+    # A variable the server sets for its workers, added without its entry in
+    # OTHER_VARIABLES, is warned of as a mistyped setting in a plugin's own mcp0 subprocess
     from mcp_zero.config import OTHER_VARIABLES, SETTING_NAMES
 
     source = Path(__file__).parents[1] / "src" / "mcp_zero"
