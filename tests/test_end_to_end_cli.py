@@ -842,19 +842,27 @@ async def test_a_call_in_flight_reads_its_files_though_the_plugin_is_replaced(
                 assert (new / "data.txt").read_text() == "data of 2.0.0"
 
 
-def _napping_stdio(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`mcp0 serve --stdio` as agent napper, initialized, its call of the kit's slow_async
-    (4.5 s of its 5 s timeout, id 2) under way; and its data dir."""
+def _napping_stdio(
+    tmp_path: Path, *, with_token: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`mcp0 serve --stdio` as agent napper (``with_token``: opened with its token in
+    MCP0_TOKEN, not --agent), initialized, its call of the kit's slow_async (4.5 s of its
+    5 s timeout, id 2) under way; and its data dir."""
     data_dir = str(tmp_path / "data")
     mcp0("plugin", "install", str(KIT_DIR), "--data-dir", data_dir)
-    mcp0("agent", "create", "napper", "--plugin", "kit", "--data-dir", data_dir)
+    created = mcp0("agent", "create", "napper", "--plugin", "kit", "--data-dir", data_dir, "--json")
+    if with_token:
+        opened = {"MCP0_TOKEN": json.loads(created)["token"]}
+    else:
+        opened = {"MCP0_AGENT": "napper"}
     log = os.open(tmp_path / "stdio.log", os.O_WRONLY | os.O_CREAT, 0o600)  # its stderr
     try:
         proc = subprocess.Popen(
-            [MCP0, "serve", "--stdio", "--agent", "napper", "--data-dir", data_dir],
+            [MCP0, "serve", "--stdio", "--data-dir", data_dir],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
+            env={**os.environ, **opened},
         )
     finally:
         os.close(log)
@@ -917,6 +925,32 @@ def test_terminating_the_agent_of_a_stdio_session_stops_its_running_call(tmp_pat
     assert answer["error"]["code"] == -32001, answer
     nap = _the_nap(data_dir)
     assert (nap["outcome"], nap.get("code")) == ("error", "cancelled")
+
+
+def test_rotating_the_token_a_stdio_session_was_opened_with_ends_it(tmp_path: Path) -> None:
+    # It went on serving the rotated token's client: every request was looked up by the
+    # agent's name (found by review)
+    proc, data_dir = _napping_stdio(tmp_path, with_token=True)
+    with proc:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        mcp0("agent", "rotate-token", "napper", "--data-dir", data_dir)
+        ready, _, _ = select.select([proc.stdout], [], [], CLI_TIMEOUT_S)
+        assert ready, "no answer to the call after the session's token was rotated"
+        cut = json.loads(proc.stdout.readline())
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":3,"method":"tools/list"}\n')
+        proc.stdin.flush()
+        later = json.loads(proc.stdout.readline())
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    assert cut["id"] == 2
+    assert cut["error"]["code"] == -32001, cut
+    assert later["id"] == 3
+    assert "has a new token" in later["error"]["message"], later
+    nap = _the_nap(data_dir)
+    assert (nap["outcome"], nap.get("code")) == ("error", "cancelled")
+    log = (tmp_path / "stdio.log").read_text()
+    assert "agent 'napper' has a new token (the one this was opened with was rotated)" in log
 
 
 def waiting_plugin(directory: Path) -> Path:

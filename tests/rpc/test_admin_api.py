@@ -220,8 +220,12 @@ async def test_rotating_a_token_through_the_admin_api_revokes_the_old_one_at_onc
     # the old token's next request, on its session or without one, is refused
     assert (await client.post({"jsonrpc": "2.0", "id": 9, "method": "ping"})).status_code == 401
     assert (await mcp_call(live, old["token"], "faulty_echo", {"text": "x"})).status_code == 401
-    # the session is the agent's: its holder goes on in it with the new token
+    # the session the old token opened ended with it: 404 for the new token too, whose
+    # holder initializes again
     client.token = new["token"]
+    assert (await client.post({"jsonrpc": "2.0", "id": 10, "method": "ping"})).status_code == 404
+    client.session_id = None
+    await client.initialize()
     echoed = await client.call("faulty_echo", {"text": "rotated"})
     assert echoed["result"]["content"][0]["text"] == "rotated"
     records = (await admin.call("GET", "/audit", params={"limit": 10_000})).json()

@@ -348,6 +348,37 @@ async def test_terminating_an_agent_ends_its_sessions_and_their_streams(env: Env
     assert doomed.session_id not in env.live.app.sessions
 
 
+@pytest.mark.parametrize("via", ["admin-api", "cli"])
+async def test_rotating_a_token_ends_the_sessions_and_streams_opened_with_the_old_one(
+    env: Env, via: str
+) -> None:
+    # They kept receiving notices (resource updates, list changes) until they closed: a
+    # rotation for a leaked token left the leak's open streams listening (found by review)
+    name = f"leaky-{via}"
+    leaked = await agent_session(env, name, ["faulty"])
+    bystander = await agent_session(env, f"onlooker-{via}", ["faulty"])
+    with anyio.fail_after(CALL_TIMEOUT_S):
+        async with listening(env, leaked) as heard, listening(env, bystander) as still_heard:
+            if via == "cli":  # another process: seen within a few seconds (PRINCIPAL_TTL_S)
+                await mcp0(env, "agent", "rotate-token", name)
+            else:
+                rotated = await env.live.runtime.agents.rotate_token(name)
+            rest = [event async for event in heard]  # the stream ends
+            await bump(bystander)  # another agent's session and stream go on
+            assert await next_method(still_heard) == "notifications/resources/updated"
+    assert [e.message["method"] for e in rest if e.data] == []
+    assert leaked.session_id not in env.live.app.sessions
+    assert bystander.session_id in env.live.app.sessions
+    if via == "admin-api":  # the old session is gone for the new token too; a new one works
+        owner = env.live.client(rotated.token)
+        owner.session_id = leaked.session_id
+        assert (await owner.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})).status_code == 404
+        owner.session_id = None
+        await owner.initialize()
+        assert "result" in await owner.request("ping")
+        assert owner.session_id in env.live.app.sessions
+
+
 async def test_terminating_an_agent_stops_its_calls_that_have_no_session(env: Env) -> None:
     # A POST without Mcp-Session-Id, and the admin API's execute, ran on to their end after
     # the agent was terminated, and were audited as allowed after the termination's record

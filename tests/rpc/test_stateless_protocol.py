@@ -449,25 +449,23 @@ async def test_a_listen_stream_ends_with_its_result_when_the_server_stops(
 
 
 async def test_a_listen_past_the_agents_limit_ends_its_oldest_stream(tmp_path: Any) -> None:
-    # Refused instead, with -32005: streams opened with a token before its rotation locked
-    # the owner, holding the new one, out of listen streams for as long as they stayed open
-    # (found by review)
+    # Refused instead, with -32005: streams kept open by one client (a leaked token's) locked
+    # the agent's other clients out of listen streams for as long as they stayed open (found
+    # by review)
     runtime = make_runtime(tmp_path / "data", max_sessions_per_agent=2)
     runtime.plugins.install(NOTES_DIR)
-    agent = await runtime.agents.spawn("rotated", ["notes"])
+    agent = await runtime.agents.spawn("busy", ["notes"])
     listen = functools.partial(
         message, "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
     )
     async with serve(runtime) as live:
-        leaked = Env(live, agent.token, agent.token)
+        client = Env(live, agent.token, agent.token)
         first, second = listen(), listen()
-        async with streamed(leaked, first) as oldest, streamed(leaked, second) as older:
+        async with streamed(client, first) as oldest, streamed(client, second) as older:
             oldest_lines, older_lines = oldest.aiter_lines(), older.aiter_lines()
             for lines in (oldest_lines, older_lines):
                 await _next_message(lines)  # the acknowledgement
-            owner = Env(live, (await runtime.agents.rotate_token("rotated")).token, "")
-            third = listen()
-            async with streamed(owner, third) as newest:
+            async with streamed(client, listen()) as newest:
                 newest_lines = newest.aiter_lines()
                 acknowledged = await _next_message(newest_lines)
                 assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
@@ -480,6 +478,35 @@ async def test_a_listen_past_the_agents_limit_ends_its_oldest_stream(tmp_path: A
                     False,
                     False,
                 ]
+
+
+async def test_rotating_a_token_ends_the_listen_streams_opened_with_the_old_one(
+    tmp_path: Any,
+) -> None:
+    # They went on hearing the agent's notices until their clients closed them (found by
+    # review): a rotation for a leaked token left the leak listening
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(NOTES_DIR)
+    agent = await runtime.agents.spawn("rotated", ["notes"])
+    listen = functools.partial(
+        message, "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+    )
+    async with serve(runtime) as live:
+        leaked = Env(live, agent.token, agent.token)
+        first = listen()
+        async with streamed(leaked, first) as old:
+            old_lines = old.aiter_lines()
+            await _next_message(old_lines)  # the acknowledgement
+            owner = Env(live, (await runtime.agents.rotate_token("rotated")).token, "")
+            with anyio.fail_after(TIMEOUT_S):
+                ended = await _next_message(old_lines)  # with its result, at once
+            assert ended["id"] == first["id"]
+            assert ended["result"]["resultType"] == "complete"
+            async with streamed(owner, listen()) as new:  # the new token's stream stays
+                acknowledged = await _next_message(new.aiter_lines())
+                assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
+                await live.app.list_changes.check()  # (what the once-a-second check sees)
+                assert [lis.mailbox.ended for lis in live.app.server.listeners.values()] == [False]
 
 
 async def test_token_less_listens_neither_push_out_nor_are_pushed_out_by_token_holders(

@@ -23,6 +23,7 @@ from mcp_zero.errors import ConfigError, Conflict, StorageError, ToolNotFound, U
 from mcp_zero.runtime import REFRESH_INTERVAL_S, FirstStart, Runtime
 from mcp_zero.sandbox import proctree
 from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
+from mcp_zero.security.tokens import hash_token
 from mcp_zero.storage.base import Store
 
 T = TypeVar("T")
@@ -360,7 +361,9 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     _end_left_behind(settings)
     adopt_orphans()
     try:
-        _run(serve_stdio(runtime, principal, handle_signals=True))
+        # (bound to its token, if it came with one: the session ends when it is rotated)
+        credential = hash_token(token) if token else None
+        _run(serve_stdio(runtime, principal, handle_signals=True, credential=credential))
     finally:
         end_adopted()
 

@@ -62,6 +62,9 @@ class Admission:
     principal: Principal
     until: float
     key: str  # (its place among the remembered principals)
+    # the hash of the agent's token as the store held it then ("" for none): a session or
+    # stream opened with another token ends (the token was rotated since)
+    token_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +218,7 @@ class AgentService:
         if len(self._principals) > 10_000:
             self._principals.clear()
         admitted = self._principals[token_hash] = Admission(
-            principal, now + PRINCIPAL_TTL_S, token_hash
+            principal, now + PRINCIPAL_TTL_S, token_hash, token_hash
         )
         return admitted
 
@@ -250,12 +253,19 @@ class AgentService:
         if agent is None or agent.status != "active":
             raise Unauthorized(f"agent {name!r} does not exist or was terminated")
         principal = Principal(agent.name, frozenset(agent.plugins), anonymous=anonymous)
-        admitted = self._principals[key] = Admission(principal, now + PRINCIPAL_TTL_S, key)
+        admitted = self._principals[key] = Admission(
+            principal, now + PRINCIPAL_TTL_S, key, agent.token_hash
+        )
         return admitted
 
     def principal(self, name: str, *, anonymous: bool = False) -> Principal:
         """The principal of agent ``name`` (stdio sessions, the admin's execute)."""
         return self._admit(name, anonymous=anonymous).principal
+
+    def admission(self, name: str, *, anonymous: bool = False) -> Admission:
+        """:meth:`principal`, with the hash of the agent's token now (``token_hash``): what
+        the list-change checks compare a session's token with. Raises Unauthorized."""
+        return self._admit(name, anonymous=anonymous)
 
     def forget(self, name: str) -> None:
         """Drop what is remembered of agent ``name`` (another process changed it): its next

@@ -278,6 +278,12 @@ async def _unknown_session(send: Send, request_id: Any) -> None:
     )
 
 
+def _credential(admitted: Admission) -> str | None:
+    """What binds a session opened by ``admitted`` to its token (Session.credential): the
+    token's hash; None for a token-less caller (its anonymous agent has no token to rotate)."""
+    return None if admitted.principal.anonymous else admitted.key
+
+
 def _owns(session: Session, principal: Principal) -> bool:
     """Whether ``principal`` may use ``session``: the same agent, and token-less callers
     (--anonymous-agent) never a token holder's session, nor the other way round."""
@@ -613,16 +619,16 @@ class HttpApp:
             token = value.strip()
         return self.runtime.agents.admit(token)
 
-    def _authenticate(self, scope: Scope) -> Principal:
-        """:meth:`_admission`'s principal; a refusal is counted."""
+    def _authenticate(self, scope: Scope) -> Admission:
+        """:meth:`_admission`; a refusal is counted."""
         try:
-            principal = self._admission(scope).principal
+            admitted = self._admission(scope)
         except Unauthorized:
             self.runtime.metrics.count_unauthorized("mcp")
             raise
         if scope.get("mcp0.body_withheld"):  # (its token became valid while it was sent)
             raise Unauthorized("the request's token was not valid when it came: send it again")
-        return principal
+        return admitted
 
     def vet_body(self, scope: Scope) -> bool:
         """Whether the body of the request whose head is ``scope`` is worth reading (the
@@ -649,13 +655,12 @@ class HttpApp:
             return
         admitted: Admission | None = scope.get("mcp0.admitted")
         try:
-            if admitted is not None and self.runtime.agents.stands(admitted):
-                principal = admitted.principal  # (found as its head came, by vet_body)
-            else:
+            if admitted is None or not self.runtime.agents.stands(admitted):
                 # No body, or what its head was found to stand for no longer holds: its agent
                 # changed while the body came (a terminate: its token works no more, for a
                 # request under way too: found by review), or is due to be read again
-                principal = self._authenticate(scope)
+                admitted = self._authenticate(scope)
+            principal = admitted.principal
         except Unauthorized as exc:
             await respond_json(
                 send,
@@ -684,7 +689,7 @@ class HttpApp:
             and isinstance(message, jsonrpc.Request)
             and has_envelope(message.params)
         ):
-            await self._post_stateless(scope, receive, send, principal, message, version)
+            await self._post_stateless(scope, receive, send, admitted, message, version)
             return
         if (
             session_id is None
@@ -724,7 +729,7 @@ class HttpApp:
                     ),
                 )
                 return
-            session = Session(principal)
+            session = Session(principal, credential=_credential(admitted))
             self.list_changes.seen(session)
             self.sessions[session.id] = session
         elif session_id is not None:
@@ -742,7 +747,7 @@ class HttpApp:
             # No session header: a self-contained request (curl, stateless clients), under the
             # version it declares (a 2025-06-18 client's schema failure is -32602: found by
             # review)
-            session = Session(principal, id=EPHEMERAL)
+            session = Session(principal, id=EPHEMERAL, credential=_credential(admitted))
             if version in HANDSHAKE_VERSIONS:
                 session.protocol_version = version
         if isinstance(message, jsonrpc.Notification):
@@ -801,7 +806,7 @@ class HttpApp:
         scope: Scope,
         receive: Receive,
         send: Send,
-        principal: Principal,
+        admitted: Admission,
         request: jsonrpc.Message,
         version: str | None,
     ) -> None:
@@ -826,7 +831,7 @@ class HttpApp:
             answer = jsonrpc.error_from_exception(request.id, unsupported(version))
             await respond_json(send, 400, answer)
             return
-        connection = Session(principal, id=EPHEMERAL)
+        connection = Session(admitted.principal, id=EPHEMERAL, credential=_credential(admitted))
         channel = ExchangeChannel(send)
 
         async def until_disconnect() -> None:
@@ -858,7 +863,7 @@ class HttpApp:
 
     async def _get(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            principal = self._authenticate(scope)
+            principal = self._authenticate(scope).principal
         except Unauthorized as exc:
             await respond_json(send, 401, jsonrpc.error_from_exception(None, exc), CHALLENGE)
             return
@@ -971,7 +976,7 @@ class HttpApp:
 
     async def _delete(self, scope: Scope, send: Send) -> None:
         try:
-            principal = self._authenticate(scope)
+            principal = self._authenticate(scope).principal
         except Unauthorized as exc:
             await respond_json(send, 401, jsonrpc.error_from_exception(None, exc), CHALLENGE)
             return
@@ -998,14 +1003,11 @@ class HttpApp:
             return None
         return session
 
-    async def _end_terminated(self, session: Session) -> None:
-        """The session's agent was terminated: end it (its calls, its streams)."""
+    async def _end_terminated(self, session: Session, why: str) -> None:
+        """The session's agent was terminated, or its token rotated (``why``): end it (its
+        calls, its streams)."""
         if self.sessions.get(session.id) is session:
-            log.info(
-                "agent %r was terminated: ending its session %s",
-                session.principal.agent,
-                session.id,
-            )
+            log.info("agent %r %s: ending its session %s", session.principal.agent, why, session.id)
             await self._close_session(self.sessions.pop(session.id))
 
     async def _close_session(self, session: Session) -> None:

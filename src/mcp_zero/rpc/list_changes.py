@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from mcp_zero.errors import Unauthorized
 from mcp_zero.kernel.action import Principal
-from mcp_zero.kernel.agents import AgentService
+from mcp_zero.kernel.agents import Admission, AgentService
 from mcp_zero.kernel.pipeline import Kernel
 from mcp_zero.rpc.session import JSON, Channel, Session
 
@@ -32,6 +32,9 @@ NOTICES = {
     "notifications/prompts/list_changed": ("prompts",),
 }
 CHECK_INTERVAL_S = 1.0
+# why a session or stream ends (_Now.look), as its log line says it: "agent 'x' <why>"
+TERMINATED = "was terminated"
+ROTATED = "has a new token (the one this was opened with was rotated)"
 
 Listeners = Callable[[], Iterable[tuple[Session, Channel | None]]]
 
@@ -83,10 +86,17 @@ class Listener:
     """One open ``subscriptions/listen`` request (MCP 2026-07-28): the list notices and the
     resources it asked for, the list versions its client knows, and its mailbox."""
 
-    __slots__ = ("mailbox", "notices", "principal", "uris", "views")
+    __slots__ = ("credential", "mailbox", "notices", "principal", "uris", "views")
 
-    def __init__(self, principal: Principal, notices: frozenset[str], uris: frozenset[str]) -> None:
+    def __init__(
+        self,
+        principal: Principal,
+        notices: frozenset[str],
+        uris: frozenset[str],
+        credential: str | None = None,
+    ) -> None:
         self.principal = principal
+        self.credential = credential  # its session's (Session.credential)
         self.notices = notices  # of NOTICES
         self.uris = uris
         self.views: dict[str, str] = {}
@@ -103,7 +113,7 @@ class ListChanges:
         agents: AgentService,
         listeners: Listeners,
         streams: Callable[[], Iterable[Listener]] = tuple,
-        ended: Callable[[Session], Awaitable[None]] | None = None,
+        ended: Callable[[Session, str], Awaitable[None]] | None = None,
         at_work: Callable[[], Iterable[Principal]] = tuple,
         end_agent: Callable[[str], None] | None = None,
         transport: str = "http",
@@ -113,7 +123,9 @@ class ListChanges:
         self.agents = agents
         self.listeners = listeners
         self.streams = streams  # the open listen streams
-        self.ended = ended  # ends a session whose agent was terminated (its transport's way)
+        # ends a session (its transport's way) whose agent was terminated, or whose token was
+        # rotated: given why, as "agent 'x' <why>"
+        self.ended = ended
         self.at_work = at_work  # whose sessionless calls run now
         self.end_agent = end_agent  # stops a terminated agent's sessionless calls
         self._checks: set[asyncio.Task[None]] = set()
@@ -144,10 +156,10 @@ class ListChanges:
         for session, channel in list(self.listeners()):
             if session.closed:
                 continue
-            looked = now.look(session.principal)
-            if looked is None:  # the agent was terminated: so is the session, streams and all
+            looked = now.look(session.principal, session.credential)
+            if isinstance(looked, str):  # terminated, or rotated: it ends, streams and all
                 if self.ended is not None:
-                    await self.ended(session)
+                    await self.ended(session, looked)
                 continue
             session.principal, current = looked
             if not session.views:  # a session no one took a first look at
@@ -160,11 +172,11 @@ class ListChanges:
                     await channel.send({"jsonrpc": "2.0", "method": method})
         if self.end_agent is not None:
             for principal in {p.agent: p for p in self.at_work()}.values():
-                if now.look(principal) is None:
+                if now.look(principal) == TERMINATED:
                     self.end_agent(principal.agent)
         for stream in list(self.streams()):
-            looked = now.look(stream.principal)
-            if looked is None:  # the agent was terminated: its stream ends
+            looked = now.look(stream.principal, stream.credential)
+            if isinstance(looked, str):  # terminated, or rotated: the stream ends
                 stream.mailbox.put_nowait(None)
                 continue
             stream.principal, current = looked
@@ -195,22 +207,31 @@ class _Now:
         self.kernel = kernel
         self.agents = agents
         self.transport = transport
-        self._principals: dict[tuple[str, bool], Principal | None] = {}
+        self._admissions: dict[tuple[str, bool], Admission | None] = {}
         self._versions: dict[Principal, dict[str, str]] = {}
 
-    def look(self, known: Principal) -> tuple[Principal, dict[str, str]] | None:
-        """The principal as it is now and what it sees; None for a terminated agent."""
+    def look(
+        self, known: Principal, credential: str | None = None
+    ) -> tuple[Principal, dict[str, str]] | str:
+        """The principal as it is now and what it sees; or why what it opened ends: its
+        agent was terminated (:data:`TERMINATED`), or ``credential`` (the hash of the token
+        it was opened with) is no longer its agent's token (:data:`ROTATED`)."""
         key = (known.agent, known.anonymous)
-        if key not in self._principals:
+        if key not in self._admissions:
             try:
-                self._principals[key] = self.agents.principal(
+                self._admissions[key] = self.agents.admission(
                     known.agent, anonymous=known.anonymous
                 )
             except Unauthorized:
-                self._principals[key] = None
-        principal = self._principals[key]
-        if principal is None:
-            return None
+                self._admissions[key] = None
+        admitted = self._admissions[key]
+        if admitted is None:
+            return TERMINATED
+        if credential is not None and credential != admitted.token_hash:
+            # (rotated by another process: the old token is not to open another meanwhile)
+            self.agents.forget(known.agent)
+            return ROTATED
+        principal = admitted.principal
         if principal != known:
             # Changed by another process: the token cache must not hand the old plugins
             # back to the client that relists on this notice.

@@ -372,6 +372,7 @@ class McpServer:
         session = Session(
             connection.principal,
             id="ephemeral",
+            credential=connection.credential,
             protocol_version=envelope.protocol_version,
             client_info=kept_client_info(envelope.client_info),
             client_capabilities=kept_capabilities(envelope.client_capabilities),
@@ -731,7 +732,7 @@ class McpServer:
         params.clear()
         del wanted, uris, verdicts
         notices = frozenset(_LISTEN_FLAGS[flag] for flag in flags)
-        listener = Listener(session.principal, notices, honoured)
+        listener = Listener(session.principal, notices, honoured, session.credential)
         listener.views = versions(self.kernel, session.principal, self.transport)
         tag = {SUBSCRIPTION_ID: rid}
         key = (channel, rid)

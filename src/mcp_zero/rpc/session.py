@@ -127,6 +127,9 @@ class Session:
 
     principal: Principal
     id: str = field(default_factory=lambda: secrets.token_hex(16))
+    # the hash of the bearer token that opened it (None: opened without one): when its agent's
+    # token is rotated, the session ends, streams and all
+    credential: str | None = None
     protocol_version: str = HANDSHAKE_VERSIONS[0]
     client_info: JSON = field(default_factory=dict)
     client_capabilities: JSON = field(default_factory=dict)

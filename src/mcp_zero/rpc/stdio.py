@@ -219,10 +219,12 @@ async def serve_stdio(
     stdout: BinaryIO | None = None,
     *,
     handle_signals: bool = False,
+    credential: str | None = None,
 ) -> None:
     """Serve one MCP session on stdin/stdout until stdin closes (or, ``handle_signals``,
     SIGTERM or SIGINT: the requests still running are cancelled and audited, the runtime
-    closed, as at the end of stdin but without waiting for them)."""
+    closed, as at the end of stdin but without waiting for them). ``credential``: the hash
+    of the token it was opened with, if any; the session ends when that token is rotated."""
     main = asyncio.current_task()
     signalled: list[int] = []
     if handle_signals and main is not None:
@@ -235,7 +237,7 @@ async def serve_stdio(
         for number in STOP_SIGNALS:
             asyncio.get_running_loop().add_signal_handler(number, stop, number)
     try:
-        await _serve_stdio(runtime, principal, stdin, stdout)
+        await _serve_stdio(runtime, principal, stdin, stdout, credential)
     except asyncio.CancelledError:
         if not signalled:
             raise
@@ -247,9 +249,10 @@ async def _serve_stdio(
     principal: Principal,
     stdin: BinaryIO | None,
     stdout: BinaryIO | None,
+    credential: str | None,
 ) -> None:
     server = McpServer(runtime.kernel, page_size=runtime.settings.page_size, transport="stdio")
-    session = Session(principal)
+    session = Session(principal, credential=credential)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
     source = stdin or sys.stdin.buffer
@@ -292,10 +295,14 @@ async def _serve_stdio(
         if turn is not None:
             await turn  # (a cancel while it waits ends it unstarted)
         try:  # as HTTP authenticates each request: the agent's plugins may have changed
-            session.principal = runtime.agents.principal(
-                principal.agent, anonymous=principal.anonymous
-            )
-        except Unauthorized as exc:  # terminated
+            admitted = runtime.agents.admission(principal.agent, anonymous=principal.anonymous)
+            if credential is not None and credential != admitted.token_hash:
+                raise Unauthorized(
+                    f"agent {principal.agent!r} has a new token: the one in MCP0_TOKEN, which "
+                    "opened this session, was rotated (start the session again with the new one)"
+                )
+            session.principal = admitted.principal
+        except Unauthorized as exc:  # terminated, or its token rotated
             await channel.send(jsonrpc.error_from_exception(request.id, exc))
             return
         if stateless:
@@ -367,10 +374,10 @@ async def _serve_stdio(
 
     await runtime.start(wait=STARTUP_WAIT_S)
 
-    async def end_terminated(ended: Session) -> None:
-        """The session's agent was terminated: its calls running now stop, answered -32001
-        (later ones are refused as the agent's)."""
-        log.info("agent %r was terminated: ending this session", ended.principal.agent)
+    async def end_terminated(ended: Session, why: str) -> None:
+        """The session's agent was terminated, or the token it was opened with rotated
+        (``why``): its calls running now stop, answered -32001 (later ones are refused)."""
+        log.info("agent %r %s: ending this session", ended.principal.agent, why)
         ended.close()
 
     list_changes = ListChanges(
