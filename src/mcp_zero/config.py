@@ -4,7 +4,6 @@ then command-line options — each later source overriding the earlier ones."""
 from __future__ import annotations
 
 import datetime
-import difflib
 import ipaddress
 import json
 import math
@@ -13,7 +12,6 @@ import pwd
 import re
 import shlex
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -249,6 +247,8 @@ def load_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if config_file is not None:
+        import tomllib  # (only with a config file: it costs the server about 0.5 MiB)
+
         try:
             # utf-8-sig: a byte-order mark (as Notepad saves UTF-8) is not part of the TOML
             raw = tomllib.loads(config_file.read_text(encoding="utf-8-sig"))
@@ -297,10 +297,12 @@ def stray_variables(environ: Mapping[str, str] | None = None) -> list[str]:
         and variable not in OTHER_VARIABLES
     ]
     warnings = []
+    if stray:
+        from difflib import get_close_matches  # (only then: the server saves its memory)
     for variable in stray:
         # (the stdio session's MCP0_AGENT and MCP0_TOKEN are near misses too)
         known = [*settings, "MCP0_AGENT", "MCP0_TOKEN"]
-        near = difflib.get_close_matches(variable, known, n=1, cutoff=0.75)
+        near = get_close_matches(variable, known, n=1, cutoff=0.75)
         warnings.append(
             f"environment variable {variable} is no setting, and is ignored: "
             + (f"did you mean {near[0]}?" if near else "see docs/configuration.md")

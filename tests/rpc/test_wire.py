@@ -9,6 +9,7 @@ import resource
 import socket
 import ssl
 from collections.abc import AsyncIterator
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from mcp_zero.rpc.wire import (
     MAX_HEADER_BYTES,
     HttpServer,
     default_max_connections,
+    http_date,
     raise_open_files_limit,
 )
 
@@ -35,6 +37,15 @@ HUGE_BYTES = 1 << 20
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    # the epoch; a leap day; each weekday and month of a year; a second before a new year
+    [0, 951_782_400, *range(1_700_000_000, 1_731_622_400, 781_207), 1_735_689_599.9],
+)
+def test_the_date_header_is_written_as_http_writes_dates(seconds: float) -> None:
+    assert http_date(seconds) == formatdate(seconds, usegmt=True)
 
 
 class EchoApp:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from importlib.resources import files
+from pathlib import Path
 
 import cedarpy
 
@@ -12,7 +12,9 @@ SCHEMA_FILE = "schema.cedarschema"
 
 def schema_text() -> str:
     """The schema in Cedar's human-readable schema syntax."""
-    return files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
+    # (beside this module: the package runs from files, never from a zip; importlib.resources
+    # would cost the server about 1 MiB of memory, with zipfile, for this one read)
+    return (Path(__file__).parent / SCHEMA_FILE).read_text(encoding="utf-8")
 
 
 @cache

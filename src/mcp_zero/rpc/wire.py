@@ -36,7 +36,6 @@ import termios
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from email.utils import formatdate
 from typing import Any, NoReturn, cast
 from urllib.parse import unquote_to_bytes
 
@@ -136,12 +135,27 @@ _LOWERED_MAX = 256
 _date_cache: list[Any] = [0, b""]
 
 
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(seconds: float) -> str:
+    """``seconds`` (since the epoch) as HTTP writes a date (RFC 9110 5.6.7, IMF-fixdate):
+    English names whatever the locale (email.utils would cost the server the email package
+    and calendar, about 0.6 MiB, for this)."""
+    t = time.gmtime(seconds)
+    return (
+        f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
+
+
 def _date() -> bytes:
     """The Date header HTTP/1.1 asks for, formatted once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
         _date_cache[0] = now
-        _date_cache[1] = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        _date_cache[1] = b"date: %s\r\n" % http_date(now).encode()
     value: bytes = _date_cache[1]
     return value
 
