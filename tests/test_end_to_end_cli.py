@@ -655,6 +655,36 @@ def test_what_plugins_left_running_after_kill_9_ends_at_the_next_start(
     assert "left behind" in server.output()
 
 
+def test_what_plugins_left_with_an_environment_of_their_own_ends_at_the_next_start(
+    server: Server,
+) -> None:
+    # A process a plugin starts with an environment of its own (`Popen(cmd, env={})`) carries
+    # no trace of its worker there: after kill -9 of the server it ran on for good (found by
+    # review). It is still in its worker's session, which the server had listed.
+    token = sleepy_agent(server)
+    pidfile = server.data_dir / "plugin-data" / "faulty" / "clean.pid"
+    arguments = {"pidfile": str(pidfile), "then": "return", "clean_env": True}
+    answer = call_faulty(server, token, "faulty_daemon", arguments)
+    assert answer["result"]["content"][0]["text"] == "daemon started", answer
+    left = int(pidfile.read_text())
+    # one of the same shape that no worker started: kept
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], env={}, start_new_session=True
+    )
+    try:
+        server.kill9()
+        assert alive(left)  # nothing ended it
+        server.start()
+        wait_gone(
+            left, server, "a process with an empty environment a plugin of a killed server left"
+        )
+        assert "left behind" in server.output()
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def _descendants(pid: int) -> list[int]:
     """``pid``'s processes below it, from /proc (its plugin workers among them)."""
     parents: dict[int, int] = {}

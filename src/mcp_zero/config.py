@@ -95,6 +95,11 @@ class Settings:
         return self.data_dir / "plugin-data"
 
     @property
+    def workers_dir(self) -> Path:
+        """Where each server lists the workers it runs (``sandbox.leftovers``)."""
+        return self.data_dir / "workers"
+
+    @property
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
 

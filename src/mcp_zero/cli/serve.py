@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from mcp_zero.config import Settings, loopback_only
 from mcp_zero.errors import ConfigError, Conflict, StorageError, ToolNotFound, Unauthorized, shown
 from mcp_zero.runtime import REFRESH_INTERVAL_S, FirstStart, Runtime
-from mcp_zero.sandbox import proctree
-from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted
+from mcp_zero.sandbox import leftovers, proctree
+from mcp_zero.sandbox.worker_process import adopt_orphans, end_adopted, record_workers
 from mcp_zero.security.tokens import hash_token
 from mcp_zero.storage.base import Store
 
@@ -188,14 +188,17 @@ def _prepare(
 def _end_left_behind(settings: Settings) -> None:
     """End what plugins of a server on this data dir started and left running when that
     server went without ending them (``kill -9``, the OOM killer): its workers die with it
-    (their parent-death signal), what they started is re-parented to init."""
+    (their parent-death signal), what they started is re-parented to init. Found in the
+    sessions of the workers it listed, and by their environment (a record lost, a process
+    that left its worker's session)."""
+    killed = set(leftovers.end_sessions(leftovers.left_sessions(settings.workers_dir)))
     roots = proctree.left_behind(str(settings.plugin_data_dir.resolve()))
-    killed = sorted({pid for root in roots for pid in proctree.kill_tree(root, include_root=True)})
+    killed.update(pid for root in roots for pid in proctree.kill_tree(root, include_root=True))
     if killed:
         log.warning(
             "ended %d process(es) that plugins of a server no longer running left behind: %s",
             len(killed),
-            ", ".join(map(str, killed)),
+            ", ".join(map(str, sorted(killed))),
         )
 
 
@@ -229,6 +232,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     # A subreaper: what a plugin orphans comes to the server, not init, and the server
     # sweeps it (mcp_zero.sandbox.proctree).
     adopt_orphans()
+    record_workers(settings.workers_dir)
     raise_open_files_limit()  # (connections are bounded by what it allows: HttpServer)
     app = HttpApp(runtime, on_loopback_only=loopback)
     server = HttpServer(
@@ -360,6 +364,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
         raise
     _end_left_behind(settings)
     adopt_orphans()
+    record_workers(settings.workers_dir)
     try:
         # (bound to its token, if it came with one: the session ends when it is rotated)
         credential = hash_token(token) if token else None

@@ -19,11 +19,12 @@ process whose parent exits is re-parented — to init, out of reach. Two measure
 The workers are not subreapers themselves: a subreaper must reap what it
 adopts, and a worker cannot tell an adopted orphan from the plugin's own child,
 which the plugin waits for (``subprocess`` takes a child someone else reaped for
-a success). After ``kill -9`` of the server
-nothing is left to end what its plugins started until the next server on the data dir
-finds it by its environment (:func:`left_behind`); and nothing here caps how many
-processes a plugin starts — a cgroup (its ``pids`` controller, ``cgroup.kill``) is the
-tool for both.
+a success). After ``kill -9`` of the server nothing is left to end what its plugins
+started until the next server on the data dir finds it: in the session of a worker the
+dead server listed (:mod:`~mcp_zero.sandbox.leftovers`), or by its environment
+(:func:`left_behind`). A process that left its worker's session (``setsid``) and replaced
+its environment is found by neither; nor does anything here cap how many processes a
+plugin starts — a cgroup (its ``pids`` controller, ``cgroup.kill``) is the tool for both.
 
 Stdlib only: the worker imports it.
 """
@@ -51,6 +52,7 @@ class Proc:
     pgid: int
     state: str  # R, S, D, T (stopped), Z (zombie)…
     started: int = 0  # clock ticks after boot
+    session: int = 0
 
 
 def become_subreaper() -> bool:
@@ -62,19 +64,19 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-def _read(pid: int | str) -> Proc | None:
+def process(pid: int | str) -> Proc | None:
+    """What ``/proc`` says of process ``pid`` (None: there is none)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             line = stat.read()
     except OSError:  # gone meanwhile
         return None
-    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+    # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
     fields = line[line.rfind(b")") + 2 :].split()
     if len(fields) < 20:
         return None
-    return Proc(
-        int(fields[1]), int(fields[2]), fields[0].decode("ascii", "replace"), int(fields[19])
-    )
+    state = fields[0].decode("ascii", "replace")
+    return Proc(int(fields[1]), int(fields[2]), state, int(fields[19]), int(fields[3]))
 
 
 def processes() -> dict[int, Proc]:
@@ -86,7 +88,7 @@ def processes() -> dict[int, Proc]:
     found = {}
     for name in names:
         if name.isdigit():
-            proc = _read(name)
+            proc = process(name)
             if proc is not None:
                 found[int(name)] = proc
     return found
@@ -106,7 +108,7 @@ def descendants(root: int, table: dict[int, Proc] | None = None) -> list[int]:
 
 
 def _state(pid: int) -> str:
-    proc = _read(pid)
+    proc = process(pid)
     return "X" if proc is None else proc.state
 
 
@@ -177,7 +179,7 @@ def children() -> dict[int, Proc]:
         return {pid: proc for pid, proc in processes().items() if proc.ppid == me}
     found = {}
     for pid in pids:
-        proc = _read(pid)
+        proc = process(pid)
         if proc is not None and proc.ppid == me:  # not reaped and reused meanwhile
             found[pid] = proc
     return found
@@ -314,6 +316,7 @@ __all__ = [
     "kill_groups",
     "kill_tree",
     "left_behind",
+    "process",
     "processes",
     "reap",
 ]

@@ -34,7 +34,7 @@ from mcp_zero.errors import (
     PluginLoadFailure,
     ToolTimeout,
 )
-from mcp_zero.sandbox import proctree
+from mcp_zero.sandbox import leftovers, proctree
 from mcp_zero.sandbox.base import (
     LOG_LEVELS,
     REQUEST_HOLDS_THREAD,
@@ -79,6 +79,9 @@ _subreaper = [False]
 _SWEEP_DELAY_S = 0.1  # after a worker exits: the kernel re-parents what it left meanwhile
 _SWEEP_EVERY_S = 1.0
 _sweep_log = logging.getLogger("mcp_zero.sandbox.proctree")
+#: Where this process lists its workers, if it does (a server: ``record_workers``), and them.
+_record: list[leftovers.WorkerRecord | None] = [None]
+_RECORDED: dict[int, leftovers.Worker] = {}
 
 
 def adopt_orphans() -> bool:
@@ -88,6 +91,20 @@ def adopt_orphans() -> bool:
     it starts no other processes than workers."""
     _subreaper[0] = proctree.become_subreaper()
     return _subreaper[0]
+
+
+def record_workers(directory: Path) -> None:
+    """List this process's workers in a file in ``directory`` from now on, so that the next
+    server on the data dir can end what they leave if this one is killed (see
+    :mod:`~mcp_zero.sandbox.leftovers`). For a server's process."""
+    _record[0] = leftovers.WorkerRecord(directory)
+
+
+def _rewrite_record(record: leftovers.WorkerRecord) -> None:
+    try:
+        record.write(list(_RECORDED.values()))
+    except OSError as exc:  # (a full disk): the workers run all the same
+        _sweep_log.warning("cannot list the running workers in %s: %s", record.path, exc)
 
 
 def _keep_sweeping(loop: asyncio.AbstractEventLoop) -> None:
@@ -296,6 +313,7 @@ class WorkerProcess:
         self.pid = transport.get_pid()
         if self._process_running:  # (it may have exited already: then it is no worker)
             _LIVE.add(self.pid)
+            self._list_in_record()
         _keep_sweeping(loop)
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
@@ -317,6 +335,19 @@ class WorkerProcess:
             raise
         self.alive = True
         return ready
+
+    def _list_in_record(self) -> None:
+        """List this worker in the record of the workers, if this process keeps one: before
+        it loads its plugin, which may start processes."""
+        record = _record[0]
+        proc = None if record is None else proctree.process(self.pid)
+        if record is None or proc is None:  # (none kept; or the worker is gone already)
+            return
+        uids = {os.geteuid()}
+        if "MCP0_WORKER_UID" in self._env:  # (a root server's: the user it switches to)
+            uids.add(int(self._env["MCP0_WORKER_UID"]))
+        _RECORDED[self.pid] = leftovers.Worker(self.pid, proc.started, tuple(sorted(uids)))
+        _rewrite_record(record)
 
     def kill(self, reason: str) -> None:
         """SIGKILL the worker and everything it started; calls in flight fail with
@@ -762,6 +793,9 @@ class WorkerProcess:
         self._process_running = False
         self._resume_stderr()  # its last words
         _LIVE.discard(self.pid)
+        record = _record[0]
+        if record is not None and _RECORDED.pop(self.pid, None) is not None:
+            _rewrite_record(record)
         if _subreaper[0] and self._loop is not None:
             self._loop.call_later(_SWEEP_DELAY_S, _sweep)  # what it left came to us
         if self._stdout_open:

@@ -87,23 +87,31 @@ async def close_then_finish(ctx: Context) -> str:
 
 # Run by a child of the worker, which exits at once: the sleeper it starts is orphaned —
 # in a session of its own if "detach", else in the worker's process group (as `cmd &` of a
-# shell) — and holds none of the worker's pipes.
+# shell) — and holds none of the worker's pipes; with "clean", nor any of its environment.
 _DAEMONIZE = (
     "import subprocess, sys\n"
     "nap = f'import time; time.sleep({float(sys.argv[3])})'\n"
     "sleeper = subprocess.Popen([sys.executable, '-c', nap],"
     " start_new_session=sys.argv[2] == 'detach', stdin=subprocess.DEVNULL,"
-    " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,"
+    " env={} if sys.argv[4] == 'clean' else None)\n"
     "open(sys.argv[1], 'w').write(str(sleeper.pid))\n"
 )
 
 
 @plugin.tool("faulty_daemon")
 def daemon(
-    ctx: Context, pidfile: str, then: str, detach: bool = False, seconds: float = 600
+    ctx: Context,
+    pidfile: str,
+    then: str,
+    detach: bool = False,
+    seconds: float = 600,
+    clean_env: bool = False,
 ) -> str:
+    session = "detach" if detach else "stay"
+    environment = "clean" if clean_env else "inherited"
     subprocess.run(
-        [sys.executable, "-c", _DAEMONIZE, pidfile, "detach" if detach else "stay", str(seconds)],
+        [sys.executable, "-c", _DAEMONIZE, pidfile, session, str(seconds), environment],
         check=True,
         stdin=subprocess.DEVNULL,
         capture_output=True,

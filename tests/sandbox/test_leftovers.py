@@ -1,0 +1,166 @@
+"""What a killed server's workers leave (mcp_zero.sandbox.leftovers), on real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcp_zero.sandbox import leftovers, proctree
+
+# A server: starts a worker (a session of its own) that starts a sleeper with an empty
+# environment and exits; lists the worker in its record, says the sleeper's pid, and waits.
+SERVER = """
+import os, subprocess, sys, time
+from pathlib import Path
+from mcp_zero.sandbox import leftovers, proctree
+worker = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', "
+    "'import time; time.sleep(600)'], env={}, stdin=subprocess.DEVNULL).pid)"],
+    start_new_session=True, stdout=subprocess.PIPE)
+started = proctree.process(worker.pid).started  # (a zombie once it exits: until reaped)
+leftovers.WorkerRecord(Path(sys.argv[1])).write(
+    [leftovers.Worker(worker.pid, started, (os.geteuid(),))])
+print(int(worker.stdout.readline()), flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    process = proctree.process(pid)
+    return process is not None and process.state != "Z"
+
+
+def wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} runs on"
+        time.sleep(0.01)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    sleeper: int  # what its worker left: in the worker's session, with no environment
+    directory: Path
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    directory = tmp_path / "workers"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(directory)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.stdout is not None
+    started = Server(proc, int(proc.stdout.readline()), directory)
+    try:
+        yield started
+    finally:
+        started.kill9()
+        proc.stdout.close()
+        proctree.kill_tree(started.sleeper, include_root=True)
+
+
+@contextmanager
+def stranger() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of the same shape as a worker's leftover: a session of its own, with no
+    environment."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], env={}, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_servers_workers_sessions_are_ended(server: Server) -> None:
+    with stranger() as other:
+        assert leftovers.left_sessions(server.directory) == []  # its server runs: its own
+        assert alive(server.sleeper)
+        server.kill9()
+        found = leftovers.left_sessions(server.directory)
+        assert [worker.pid for worker in found] != []
+        assert list(server.directory.iterdir()) == []  # once: the record is done with
+        assert server.sleeper in leftovers.end_sessions(found)
+        wait_gone(server.sleeper)
+        assert other.poll() is None
+
+
+def _edited(server: Server, change: Callable[[dict[str, Any]], None]) -> None:
+    [path] = server.directory.iterdir()
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _another_boot(record: dict[str, Any]) -> None:
+    record["boot"] = "a boot before, or another machine's"
+
+
+def _another_user(record: dict[str, Any]) -> None:
+    record["workers"][0][2] = [os.geteuid() + 1]
+
+
+def _started_later(record: dict[str, Any]) -> None:
+    record["workers"][0][1] += 10**9  # the sleeper started before the worker: not its
+
+
+@pytest.mark.parametrize(
+    "change", [_another_boot, _another_user, _started_later], ids=lambda c: c.__name__[1:]
+)
+def test_a_session_that_is_not_the_workers_is_left(server: Server, change: Any) -> None:
+    server.kill9()
+    _edited(server, change)
+    assert leftovers.end_sessions(leftovers.left_sessions(server.directory)) == []
+    assert alive(server.sleeper)
+
+
+def test_a_session_whose_leader_runs_is_not_the_workers(server: Server) -> None:
+    # its pid taken again (after the pids wrapped around) by a process that leads a session
+    # of its own: the worker's session had ended
+    server.kill9()
+    with stranger() as other:
+        leader = proctree.process(other.pid)
+        assert leader is not None
+
+        def taken_again(record: dict[str, Any]) -> None:
+            record["workers"][0][:2] = [other.pid, leader.started - 1]
+
+        _edited(server, taken_again)
+        assert leftovers.end_sessions(leftovers.left_sessions(server.directory)) == []
+        assert other.poll() is None
+
+
+def test_a_record_that_cannot_be_read_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "1-2.json").write_text('{"boot": ')
+    (tmp_path / "3-4.json").write_text("[]")
+    assert leftovers.left_sessions(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+    assert leftovers.left_sessions(tmp_path / "none") == []
+
+
+def test_a_record_lists_the_running_workers_and_goes_with_the_last(tmp_path: Path) -> None:
+    record = leftovers.WorkerRecord(tmp_path / "workers")
+    record.write([leftovers.Worker(os.getpid(), 1, (0,))])
+    assert record.path.exists()
+    assert leftovers.left_sessions(tmp_path / "workers") == []  # this server runs
+    record.write([])
+    assert not record.path.exists()
