@@ -24,12 +24,13 @@ from typing import Any, BinaryIO, cast
 from mcp_zero.errors import InvalidRequest, PayloadTooLarge, Unauthorized
 from mcp_zero.fdio import write_all
 from mcp_zero.kernel.action import Principal
-from mcp_zero.rpc import STOP_SIGNALS, jsonrpc
+from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.envelope import has_envelope
 from mcp_zero.rpc.list_changes import ListChanges
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
+from mcp_zero.sandbox import proctree
 
 MAX_LINE = 16 << 20
 # Requests read from a file past the agent's free slots, waiting their turn (reading pauses
@@ -234,7 +235,7 @@ async def serve_stdio(
                 signalled.append(number)
                 main.cancel()
 
-        for number in STOP_SIGNALS:
+        for number in proctree.STOP_SIGNALS:
             asyncio.get_running_loop().add_signal_handler(number, stop, number)
     try:
         await _serve_stdio(runtime, principal, stdin, stdout, credential)

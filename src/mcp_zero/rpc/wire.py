@@ -42,8 +42,8 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from mcp_zero.errors import SHUTTING_DOWN
-from mcp_zero.rpc import STOP_SIGNALS
 from mcp_zero.rpc.asgi import Receive, Scope, Send
+from mcp_zero.sandbox.proctree import STOP_SIGNALS
 
 App = Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]
 log = logging.getLogger("mcp_zero.wire")

@@ -40,6 +40,11 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 PR_SET_CHILD_SUBREAPER = 36
+#: The signals that stop a server gracefully (requests in flight get their grace, and their
+#: records): SIGHUP too, which a server started from a terminal or ssh session gets when
+#: that session closes, and SIGQUIT; before, those two killed it on the spot (found by
+#: review). A worker holds them off (the server stops it).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 _MAX_ROUNDS = 16  # walks of a tree whose processes keep forking while it is being stopped
 _STOP_WAIT_S = 0.5  # how long one round waits for the processes it stopped to stop
 

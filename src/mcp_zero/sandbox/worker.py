@@ -85,7 +85,6 @@ from mcp_zero.plugin import (
     ToolError,
     declared_mime_types,
 )
-from mcp_zero.rpc import STOP_SIGNALS
 from mcp_zero.sandbox import isolation, ownership, proctree, results
 from mcp_zero.sandbox.frames import (
     LARGE_FRAME_CHARS,
@@ -701,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     # every process of the service (systemd's KillMode=control-group) must not kill them
     # under the calls the server gives its grace to (found by review). A handler, not
     # SIG_IGN: what the plugin runs gets the default again at exec.
-    for number in STOP_SIGNALS:
+    for number in proctree.STOP_SIGNALS:
         signal.signal(number, _not_yours)
     try:
         sandbox, switched = _confine(plugin_dir, env)
