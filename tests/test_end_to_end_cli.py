@@ -39,6 +39,7 @@ from mcp_zero.errors import SERVER_STOPPING
 from mcp_zero.sandbox import proctree
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
+REPO = Path(__file__).resolve().parent.parent
 FAULTY_DIR = Path(__file__).parent / "plugins" / "faulty"
 KIT_DIR = Path(__file__).parent / "sandbox" / "kit"
 NOTES_TOOLS = {"notes_add", "notes_search", "notes_list", "notes_delete"}
@@ -195,6 +196,38 @@ async def test_official_client_over_http_lists_adds_and_finds_a_note(
             transport = streamable_http_client(server.url, http_client=http)
             async with Client(transport, mode=mode) as client:
                 await add_then_search(client)
+
+
+def test_the_readmes_python_client_finds_the_note_the_curl_added(server: Server) -> None:
+    # It never closed its HTTP client: under -W error it ended with a ResourceWarning
+    # (found by review)
+    token = create_agent(server.data_dir, "readme")
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("With the official MCP Python client:\n\n```python\n")[1]
+    snippet = snippet.split("```")[0]
+    assert 'TOKEN = "mcp0_Jl…"' in snippet
+    assert "http://127.0.0.1:8390/mcp" in snippet
+    snippet = snippet.replace('"mcp0_Jl…"', repr(token)).replace(
+        "http://127.0.0.1:8390/mcp", server.url
+    )
+    with httpx2.Client(timeout=CLIENT_TIMEOUT_S) as http:  # the README's curl, before it
+        added = http.post(
+            server.url,
+            headers={"Authorization": f"Bearer {token}"},
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+                "name": "notes_add", "arguments": {"text": "buy milk", "tags": ["home"]}}},
+        )  # fmt: skip
+    assert "result" in added.json(), added.text
+    ran = subprocess.run(
+        [sys.executable, "-W", "error", "-c", snippet],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr == ""  # (a warning left unraised at exit is printed there)
+    assert "'text': 'buy milk'" in ran.stdout
+    assert "is_error=False" in ran.stdout
 
 
 @pytest.mark.anyio
