@@ -53,3 +53,19 @@ def test_a_long_path_is_cut_short() -> None:
     assert where is not None
     assert len(where) < 210
     assert where.endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        # (read as an answer of nothing, it was told "an answer needs exactly one of result
+        # and error": to a client that forgot the method, no help; found by review)
+        (b'{"jsonrpc":"2.0","id":1}', 'needs a "method" (a request)'),
+        (b'{"jsonrpc":"2.0","id":1,"result":{},"error":{}}', "not both"),
+    ],
+)
+def test_a_message_with_an_id_and_no_method_says_what_it_lacks(body: bytes, says: str) -> None:
+    message = decode(body)
+    assert isinstance(message, Response)
+    assert message.problem is not None
+    assert says in message.problem

@@ -168,7 +168,16 @@ def classify(obj: Any) -> Message:
                 "a message needs a method, or an id with exactly one of result and error"
             )
         if ("result" in obj) == ("error" in obj):  # an answer, but none: it fails its question
-            return Response(msg_id, None, None, "an answer needs exactly one of result and error")
+            if "result" in obj:
+                return Response(msg_id, None, None, "an answer has a result or an error, not both")
+            # (a request that lost its method, most likely: say what both would need)
+            return Response(
+                msg_id,
+                None,
+                None,
+                'a message with an id needs a "method" (a request) or exactly one of "result" '
+                'and "error" (an answer)',
+            )
         result, error = obj.get("result"), obj.get("error")
         if result is not None and not isinstance(result, dict):
             return Response(msg_id, None, None, '"result" must be an object')
