@@ -6,7 +6,6 @@ the GET stream. The official client in that mode is in test_official_client_inpr
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import shutil
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from rpc_live import (
 
 from mcp_zero.errors import HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION
 from mcp_zero.rpc.resume import EndedCalls
+from mcp_zero.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -429,20 +429,42 @@ async def test_get_and_delete_have_no_sessions_to_serve(env: Env) -> None:
             assert response.headers["allow"] == "POST"
 
 
-async def test_a_listen_stream_ends_with_its_result_when_the_server_stops(
-    tmp_path: Any,
-) -> None:
-    runtime = make_runtime(tmp_path / "data")
+async def notes_agent(tmp_path: Any, name: str, **settings: Any) -> tuple[Runtime, str]:
+    """A runtime on a fresh data dir (``settings``) with the notes plugin, and the token of
+    agent ``name``, to whom it is attached."""
+    runtime = make_runtime(tmp_path / "data", **settings)
     runtime.plugins.install(NOTES_DIR)
-    agent = await runtime.agents.spawn("stopper", ["notes"])
+    return runtime, (await runtime.agents.spawn(name, ["notes"])).token
+
+
+def listen_to_tools() -> JSON:
+    """A new ``subscriptions/listen`` request for the tools list's changes."""
+    return message("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+
+
+@pytest.mark.parametrize("ending", ["the server stops", "its token is rotated"])
+async def test_a_listen_stream_ends_with_its_result_when(tmp_path: Any, ending: str) -> None:
+    # Rotated, it went on hearing the agent's notices until its client closed it: a rotation
+    # for a leaked token left the leak listening (found by review)
+    runtime, token = await notes_agent(tmp_path, "listener")
     async with serve(runtime) as live:
-        local = Env(live, agent.token, agent.token)
-        body = message("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
-        async with streamed(local, body) as response:
+        body = listen_to_tools()
+        async with streamed(Env(live, token, token), body) as response:
             lines = response.aiter_lines()
             await _next_message(lines)  # the acknowledgement
-            live.server.stop()
-            last = await _next_message(lines)
+            if ending == "the server stops":
+                live.server.stop()
+            else:
+                owner = Env(live, (await runtime.agents.rotate_token("listener")).token, "")
+            with anyio.fail_after(TIMEOUT_S):
+                last = await _next_message(lines)  # at once
+            if ending == "its token is rotated":
+                async with streamed(owner, listen_to_tools()) as new:  # the new token's stays
+                    acknowledged = await _next_message(new.aiter_lines())
+                    assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
+                    await live.app.list_changes.check()  # (what the once-a-second check sees)
+                    streams = live.app.server.listeners.values()
+                    assert [listener.mailbox.ended for listener in streams] == [False]
     assert last["id"] == body["id"]
     assert last["result"]["resultType"] == "complete"
     assert last["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == body["id"]
@@ -452,20 +474,15 @@ async def test_a_listen_past_the_agents_limit_ends_its_oldest_stream(tmp_path: A
     # Refused instead, with -32005: streams kept open by one client (a leaked token's) locked
     # the agent's other clients out of listen streams for as long as they stayed open (found
     # by review)
-    runtime = make_runtime(tmp_path / "data", max_sessions_per_agent=2)
-    runtime.plugins.install(NOTES_DIR)
-    agent = await runtime.agents.spawn("busy", ["notes"])
-    listen = functools.partial(
-        message, "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
-    )
+    runtime, token = await notes_agent(tmp_path, "busy", max_sessions_per_agent=2)
     async with serve(runtime) as live:
-        client = Env(live, agent.token, agent.token)
-        first, second = listen(), listen()
+        client = Env(live, token, token)
+        first, second = listen_to_tools(), listen_to_tools()
         async with streamed(client, first) as oldest, streamed(client, second) as older:
             oldest_lines, older_lines = oldest.aiter_lines(), older.aiter_lines()
             for lines in (oldest_lines, older_lines):
                 await _next_message(lines)  # the acknowledgement
-            async with streamed(client, listen()) as newest:
+            async with streamed(client, listen_to_tools()) as newest:
                 newest_lines = newest.aiter_lines()
                 acknowledged = await _next_message(newest_lines)
                 assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
@@ -480,50 +497,18 @@ async def test_a_listen_past_the_agents_limit_ends_its_oldest_stream(tmp_path: A
                 ]
 
 
-async def test_rotating_a_token_ends_the_listen_streams_opened_with_the_old_one(
-    tmp_path: Any,
-) -> None:
-    # They went on hearing the agent's notices until their clients closed them (found by
-    # review): a rotation for a leaked token left the leak listening
-    runtime = make_runtime(tmp_path / "data")
-    runtime.plugins.install(NOTES_DIR)
-    agent = await runtime.agents.spawn("rotated", ["notes"])
-    listen = functools.partial(
-        message, "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
-    )
-    async with serve(runtime) as live:
-        leaked = Env(live, agent.token, agent.token)
-        first = listen()
-        async with streamed(leaked, first) as old:
-            old_lines = old.aiter_lines()
-            await _next_message(old_lines)  # the acknowledgement
-            owner = Env(live, (await runtime.agents.rotate_token("rotated")).token, "")
-            with anyio.fail_after(TIMEOUT_S):
-                ended = await _next_message(old_lines)  # with its result, at once
-            assert ended["id"] == first["id"]
-            assert ended["result"]["resultType"] == "complete"
-            async with streamed(owner, listen()) as new:  # the new token's stream stays
-                acknowledged = await _next_message(new.aiter_lines())
-                assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
-                await live.app.list_changes.check()  # (what the once-a-second check sees)
-                assert [lis.mailbox.ended for lis in live.app.server.listeners.values()] == [False]
-
-
 async def test_token_less_listens_neither_push_out_nor_are_pushed_out_by_token_holders(
     tmp_path: Any,
 ) -> None:
-    runtime = make_runtime(tmp_path / "data", anonymous_agent="shared", max_sessions_per_agent=1)
-    runtime.plugins.install(NOTES_DIR)
-    agent = await runtime.agents.spawn("shared", ["notes"])
-    listen = functools.partial(
-        message, "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+    runtime, token = await notes_agent(
+        tmp_path, "shared", anonymous_agent="shared", max_sessions_per_agent=1
     )
     async with serve(runtime) as live:
-        holder = Env(live, agent.token, agent.token)
-        async with streamed(holder, listen()) as held, httpx2.AsyncClient() as http:
+        holder = Env(live, token, token)
+        async with streamed(holder, listen_to_tools()) as held, httpx2.AsyncClient() as http:
             held_lines = held.aiter_lines()  # (held: a generator dropped closes the stream)
             await _next_message(held_lines)
-            body = listen()
+            body = listen_to_tools()
             headers = headers_for(holder, body)
             del headers["Authorization"]
             with anyio.fail_after(TIMEOUT_S):
