@@ -31,6 +31,9 @@ from rpc_live import (
     sse_events,
 )
 
+from mcp_zero.security.tokens import hash_token, new_token
+from mcp_zero.storage.base import AgentRecord
+
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
 MCP0 = str(Path(sys.executable).parent / "mcp0")
@@ -377,6 +380,27 @@ async def test_rotating_a_token_ends_the_sessions_and_streams_opened_with_the_ol
         await owner.initialize()
         assert "result" in await owner.request("ping")
         assert owner.session_id in env.live.app.sessions
+
+
+async def test_a_rotation_by_another_process_ends_no_session_of_the_new_token(env: Env) -> None:
+    # The check remembered the old token's hash for up to 2 s: a session the new token opened
+    # at once was ended as the old token's, its running calls cut off (found by review)
+    old = await agent_session(env, "swift", ["faulty"])
+    await env.live.app.list_changes.check()  # (it remembers the agent with its token now)
+    token = new_token()
+
+    def rotate(agent: AgentRecord) -> None:
+        agent.token_hash = hash_token(token)
+
+    env.live.runtime.store.change_agent("swift", rotate)  # as `mcp0 agent rotate-token` does
+    new = env.live.client(token)
+    await new.initialize()
+    await env.live.app.list_changes.check()
+    assert new.session_id in env.live.app.sessions
+    await env.live.app.list_changes.check()  # the old token's ends by the next check
+    assert old.session_id not in env.live.app.sessions
+    assert new.session_id in env.live.app.sessions
+    assert "result" in await new.request("ping")
 
 
 async def test_terminating_an_agent_stops_its_calls_that_have_no_session(env: Env) -> None:

@@ -208,7 +208,14 @@ class _Now:
         self.agents = agents
         self.transport = transport
         self._admissions: dict[tuple[str, bool], Admission | None] = {}
+        self._read: set[tuple[str, bool]] = set()  # admissions read from the store by this check
         self._versions: dict[Principal, dict[str, str]] = {}
+
+    def _admit(self, key: tuple[str, bool]) -> None:
+        try:
+            self._admissions[key] = self.agents.admission(key[0], anonymous=key[1])
+        except Unauthorized:
+            self._admissions[key] = None
 
     def look(
         self, known: Principal, credential: str | None = None
@@ -218,19 +225,21 @@ class _Now:
         it was opened with) is no longer its agent's token (:data:`ROTATED`)."""
         key = (known.agent, known.anonymous)
         if key not in self._admissions:
-            try:
-                self._admissions[key] = self.agents.admission(
-                    known.agent, anonymous=known.anonymous
-                )
-            except Unauthorized:
-                self._admissions[key] = None
+            self._admit(key)
         admitted = self._admissions[key]
+        if admitted is not None and credential not in (None, admitted.token_hash):
+            if key not in self._read:
+                # What is remembered may be older than the session: rotated by another
+                # process, and the session opened with the new token at once (it was ended:
+                # found by review). The store says; and then the old token opens no other.
+                self.agents.forget(known.agent)
+                self._admit(key)
+                self._read.add(key)
+                admitted = self._admissions[key]
+            if admitted is not None and credential != admitted.token_hash:
+                return ROTATED
         if admitted is None:
             return TERMINATED
-        if credential is not None and credential != admitted.token_hash:
-            # (rotated by another process: the old token is not to open another meanwhile)
-            self.agents.forget(known.agent)
-            return ROTATED
         principal = admitted.principal
         if principal != known:
             # Changed by another process: the token cache must not hand the old plugins
