@@ -695,11 +695,20 @@ def test_what_plugins_left_with_an_environment_of_their_own_ends_at_the_next_sta
     # no trace of its worker there: after kill -9 of the server it ran on for good (found by
     # review). It is still in its worker's session, which the server had listed.
     token = sleepy_agent(server)
+    [record] = (server.data_dir / "workers").glob("*.json")
+    # As if the server had last said it ran a minute ago: what started since would be no
+    # leftover (a pid taken again after its death), unless the server says so again
+    minute_ago = time.time() - 60
+    os.utime(record, (minute_ago, minute_ago))
     pidfile = server.data_dir / "plugin-data" / "faulty" / "clean.pid"
     arguments = {"pidfile": str(pidfile), "then": "return", "clean_env": True}
     answer = call_faulty(server, token, "faulty_daemon", arguments)
     assert answer["result"]["content"][0]["text"] == "daemon started", answer
     left = int(pidfile.read_text())
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while record.stat().st_mtime < time.time() - 1.5:  # its next heartbeat
+        assert time.monotonic() < deadline, "the server no longer touches its record"
+        time.sleep(0.05)
     # one of the same shape that no worker started: kept
     stranger = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(600)"], env={}, start_new_session=True

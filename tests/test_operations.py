@@ -49,6 +49,10 @@ def test_the_documented_backup_restore_and_verification_run_as_written(tmp_path:
         head = verify_store(runtime.store)
         assert head.count == 3
         assert (data / "mcp0.db-wal").stat().st_size > 0  # live: what it wrote is in its WAL
+        # a running server's list of its workers: restored, it could make the next start
+        # take a process that has its worker's pid since for a leftover (found by review)
+        (data / "workers").mkdir()
+        (data / "workers" / "4242-17.json").write_text("{}")
         backed_up = shell(backup, DATA=data, BACKUP=copies)
         live = shell(verify, DB=data / "mcp0.db")
     finally:
@@ -60,6 +64,7 @@ def test_the_documented_backup_restore_and_verification_run_as_written(tmp_path:
     assert (done.returncode, done.stdout) == (0, verified), done.stderr  # mcp0 audit verify's
     assert "open to others" not in done.stderr  # (the umask of the backup)
     assert stat.S_IMODE(restored.stat().st_mode) == 0o700
+    assert not (restored / "workers").exists()
     for secret in ("mcp0.db", "admin.token", "keys/signing.key"):
         assert stat.S_IMODE((restored / secret).stat().st_mode) == 0o600, secret
     assert sorted(p.name for p in (restored / "plugins" / "notes").iterdir()) == sorted(

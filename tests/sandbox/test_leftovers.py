@@ -149,6 +149,41 @@ def test_a_session_whose_leader_runs_is_not_the_workers(server: Server) -> None:
         assert other.poll() is None
 
 
+def test_a_record_naming_pid_0_is_dropped(server: Server) -> None:
+    # A hand-written one: ending "its session" killed the starting server's own process
+    # group (killpg(0)), and session 0 is the kernel's threads (found by review)
+    server.kill9()
+
+    def pid_zero(record: dict[str, Any]) -> None:
+        record["workers"][0][0] = 0
+
+    _edited(server, pid_zero)
+    assert leftovers.left_sessions(server.directory) == []
+    assert list(server.directory.iterdir()) == []
+
+
+def test_what_started_after_the_server_last_said_it_ran_is_left(server: Server) -> None:
+    # A daemon whose double fork left it in a session of a dead worker's pid, taken again
+    # after the server died (a restored backup's record makes that window as long as you
+    # like), was killed as a leftover (found by review)
+    server.kill9()
+    [record] = server.directory.iterdir()
+    os.utime(record, (time.time() - 60, time.time() - 60))  # its last touch: a minute ago
+    assert leftovers.end_sessions(leftovers.left_sessions(server.directory)) == []
+    assert alive(server.sleeper)
+
+
+def test_a_half_written_record_goes_once_its_server_is_gone(tmp_path: Path) -> None:
+    me = proctree.process(os.getpid())
+    assert me is not None
+    mine = tmp_path / f"{os.getpid()}-{me.started}.partial"  # a server running: its own
+    gone = tmp_path / f"{os.getpid()}-{me.started + 1}.partial"  # its pid, another process
+    for path in (mine, gone):
+        path.write_text("{")
+    assert leftovers.left_sessions(tmp_path) == []
+    assert sorted(tmp_path.iterdir()) == [mine]
+
+
 def test_a_record_that_cannot_be_read_is_dropped(tmp_path: Path) -> None:
     (tmp_path / "1-2.json").write_text('{"boot": ')
     (tmp_path / "3-4.json").write_text("[]")

@@ -15,15 +15,20 @@ daemon) and replaced its environment is found by neither.
 Linux takes no pid again while it is the session id of a live process: while anything of a
 worker's session runs, no stranger has the worker's pid, nor a session of that id. Once the
 session is empty, the pid may be taken again (after the pids wrapped around) by a process
-that starts a session of its own; the checks below (same boot and pid namespace, started
-after the worker, run by the worker's user or the server's) make it most unlikely that
-such a session is taken for a leftover, not impossible: a session whose new leader has
-exited, leaving its members running, between the server's death and the next start.
+that starts a session of its own — a daemon's double fork leaves one whose leader has
+exited. What is in a session of that id now is a leftover only if it started while the
+server ran: the running server touches its record every second (:data:`HEARTBEAT_S`), and
+a process that started after the record's last touch (and a margin) is left alone. So
+is one in a session of a record restored from a backup, unless it started before the
+backup was taken. The other checks: the same boot and pid namespace, started after the
+worker, run by the worker's user or the server's. A stranger is taken for a leftover only
+if it took the pid within seconds of the server's death, when the pids had wrapped round.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -31,6 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcp_zero.sandbox import proctree
+
+HEARTBEAT_S = 1.0  # how often a running server touches its record
+# how late after the record's last touch a process may have started and still be a leftover
+# (the next touch, the second /proc/stat's boot time is rounded to, and clock adjustments)
+_LATE_S = HEARTBEAT_S + 2.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +52,9 @@ class Worker:
     pid: int
     started: int
     uids: tuple[int, ...]
+    # (found by left_sessions) the latest start, in clock ticks after boot, of a process in
+    # its session that is its leftover: one that started later came after its server died
+    until: int | None = None
 
 
 def _boot_id() -> str:
@@ -49,6 +63,18 @@ def _boot_id() -> str:
             return boot.read().strip()
     except OSError:
         return ""
+
+
+def _boot_time() -> float | None:
+    """When the machine booted (seconds since the epoch), as /proc/stat says."""
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _pid_namespace() -> str:
@@ -85,8 +111,18 @@ class WorkerRecord:
         }
         self._directory.mkdir(mode=0o700, exist_ok=True)
         partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(body))
-        os.replace(partial, self.path)
+        try:
+            partial.write_text(json.dumps(body))
+            os.replace(partial, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise
+
+    def touch(self) -> None:
+        """Say this server still runs (every :data:`HEARTBEAT_S`, while it has workers)."""
+        with contextlib.suppress(OSError):  # (none listed now; or a full disk: it is late)
+            os.utime(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,19 +131,25 @@ class _Recorded:
     pid_namespace: str
     server: tuple[int, int]
     workers: list[Worker]
+    touched: float  # when its server last said it ran (the file's mtime)
 
 
 def _load(path: Path) -> _Recorded | None:
     try:
         body = json.loads(path.read_text())
-        return _Recorded(
+        recorded = _Recorded(
             str(body["boot"]),
             str(body["pid_namespace"]),
             (int(body["server"][0]), int(body["server"][1])),
             [Worker(int(p), int(s), tuple(int(u) for u in uids)) for p, s, uids in body["workers"]],
+            path.stat().st_mtime,
         )
     except (OSError, ValueError, TypeError, KeyError, IndexError):
         return None
+    # (pid 0 or 1 is no worker: a session 0 is the kernel's, and killpg(0) our own group)
+    if recorded.server[0] <= 1 or any(worker.pid <= 1 for worker in recorded.workers):
+        return None
+    return recorded
 
 
 def left_sessions(directory: Path) -> list[Worker]:
@@ -119,22 +161,35 @@ def left_sessions(directory: Path) -> list[Worker]:
         paths = sorted(directory.glob("*.json"))
     except OSError:
         return []
-    boot, namespace = _boot_id(), _pid_namespace()
+    boot, namespace, booted = _boot_id(), _pid_namespace(), _boot_time()
     table = proctree.processes()
-    found = []
+    found: list[Worker] = []
     for path in paths:
         recorded = _load(path)
-        if recorded is not None and recorded.boot == boot:
+        if recorded is not None and recorded.boot == boot and booted is not None:
             if recorded.pid_namespace != namespace:
                 continue  # its pids are not ours: whether its server runs is not ours to tell
             pid, started = recorded.server
             server = table.get(pid)
             if server is not None and server.state != "Z" and server.started == started:
                 continue  # a server running on the data dir beside us: its workers are its own
-            found.extend(recorded.workers)
+            until = int((recorded.touched + _LATE_S - booted) * _CLK_TCK)
+            found.extend(dataclasses.replace(worker, until=until) for worker in recorded.workers)
         with contextlib.suppress(OSError):
             path.unlink()
+    _drop_partial(directory, table)
     return found
+
+
+def _drop_partial(directory: Path, table: dict[int, proctree.Proc]) -> None:
+    """Remove the half-written records (``PID-TICKS.partial``) of servers no longer running:
+    killed while writing, or short of room."""
+    for path in directory.glob("*.partial"):
+        pid, _, started = path.stem.partition("-")
+        server = table.get(int(pid)) if pid.isdigit() else None
+        if server is None or server.state == "Z" or str(server.started) != started:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _uid(pid: int) -> int | None:
@@ -155,12 +210,16 @@ def _members(worker: Worker, table: dict[int, proctree.Proc]) -> list[int]:
     leader = table.get(worker.pid)
     if leader is not None and leader.state != "Z" and leader.started != worker.started:
         return []
+    until = worker.until
+    if until is None:  # (not found by left_sessions: when its server died is not known)
+        return []
     return [
         pid
         for pid, proc in table.items()
         if proc.session == worker.pid
         and proc.state != "Z"
-        and proc.started >= worker.started
+        and worker.started <= proc.started
+        and proc.started <= until
         and _uid(pid) in worker.uids
     ]
 

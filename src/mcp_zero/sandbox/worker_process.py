@@ -82,6 +82,7 @@ _sweep_log = logging.getLogger("mcp_zero.sandbox.proctree")
 #: Where this process lists its workers, if it does (a server: ``record_workers``), and them.
 _record: list[leftovers.WorkerRecord | None] = [None]
 _RECORDED: dict[int, leftovers.Worker] = {}
+_touching: list[asyncio.AbstractEventLoop | None] = [None]  # the loop whose touches run
 
 
 def adopt_orphans() -> bool:
@@ -98,6 +99,23 @@ def record_workers(directory: Path) -> None:
     server on the data dir can end what they leave if this one is killed (see
     :mod:`~mcp_zero.sandbox.leftovers`). For a server's process."""
     _record[0] = leftovers.WorkerRecord(directory)
+
+
+def _keep_touching(loop: asyncio.AbstractEventLoop) -> None:
+    """Touch the record every ``HEARTBEAT_S`` on ``loop`` (once started, for the loop's life):
+    what starts in a worker's session after the touches stop is no leftover of this server
+    (a pid taken again after it died, see ``sandbox.leftovers``)."""
+    if _touching[0] is not loop:
+        _touching[0] = loop
+        loop.call_later(leftovers.HEARTBEAT_S, _touch_every, loop)
+
+
+def _touch_every(loop: asyncio.AbstractEventLoop) -> None:
+    record = _record[0]
+    if _touching[0] is loop and not loop.is_closed() and record is not None:
+        if _RECORDED:
+            record.touch()
+        loop.call_later(leftovers.HEARTBEAT_S, _touch_every, loop)
 
 
 def _rewrite_record(record: leftovers.WorkerRecord) -> None:
@@ -348,6 +366,7 @@ class WorkerProcess:
             uids.add(int(self._env["MCP0_WORKER_UID"]))
         _RECORDED[self.pid] = leftovers.Worker(self.pid, proc.started, tuple(sorted(uids)))
         _rewrite_record(record)
+        _keep_touching(asyncio.get_running_loop())
 
     def kill(self, reason: str) -> None:
         """SIGKILL the worker and everything it started; calls in flight fail with
