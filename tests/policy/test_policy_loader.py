@@ -338,3 +338,38 @@ def test_the_engine_knows_whether_a_policy_reads_the_labels(
     assert not PolicyEngine.load(tmp_path).uses_labels
     (tmp_path / "c.cedar").write_text(f"forbid (principal, action, resource) {condition};")
     assert PolicyEngine.load(tmp_path).uses_labels is uses
+
+
+@pytest.mark.parametrize(
+    ("condition", "unknown"),
+    [
+        ('when { context.labels.contains("secrets") }', "'secrets'"),
+        ('when { context.labels.contains("secret") || context.labels.contains("PII") }', "'PII'"),
+        ('when { context.labels.containsAny(["pii", "Secret"]) }', "'Secret'"),
+        ('unless { ["pii", "email"].containsAll(context.labels) }', "'email'"),
+        ('when { context.labels == ["token"] || context.labels != ["ssn"] }', "'ssn', 'token'"),
+    ],
+)
+def test_a_condition_naming_an_unknown_label_is_refused(
+    tmp_path: Path, condition: str, unknown: str
+) -> None:
+    # it could never match: a forbid on a misspelt label let every secret through
+    (tmp_path / "c.cedar").write_text(
+        f'\n@id("typo")\nforbid (principal, action == Action::"call_tool", resource) {condition};\n'
+    )
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(tmp_path)
+    assert caught.value.message == (
+        f'c.cedar:2: policy "typo": a condition compares context.labels with unknown label '
+        f"{unknown}; the labels are: pii, secret"
+    )
+    assert caught.value.data == {"file": "c.cedar", "line": 2, "policy": "typo"}
+
+
+def test_a_condition_naming_known_labels_or_other_strings_loads(tmp_path: Path) -> None:
+    (tmp_path / "c.cedar").write_text(
+        "forbid (principal, action, resource) when { "
+        'context.labels.containsAll(["secret", "pii"]) && context.transport == "stdio" '
+        "&& context.labels.contains(context.transport) };"
+    )
+    assert PolicyEngine.load(tmp_path).uses_labels

@@ -306,7 +306,7 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     line = _line_of(template.id, lines)
     unknown = sorted(set(annotations).difference(_ANNOTATIONS))
     if unknown:
-        raise _annotation_error(
+        raise _policy_error(
             name,
             line,
             policy_id,
@@ -329,13 +329,24 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
         verbs = None
     if (redact or audit_before) and verbs is not None and verbs.isdisjoint(_OBLIGED_VERBS):
         obligation = "@redact" if redact else "@audit"
-        raise _annotation_error(
+        raise _policy_error(
             name,
             line,
             policy_id,
             f"{obligation} cannot apply to the actions it allows ({', '.join(sorted(verbs))}): "
             f"obligations apply to {', '.join(sorted(_OBLIGED_VERBS))}; widen its action "
             "scope or drop it",
+        )
+    reads_labels, named_labels = _label_reading(template.clauses)
+    if unknown_labels := sorted(named_labels - LABELS):
+        # it could never match: a forbid on a misspelt label never fired (found by review)
+        raise _policy_error(
+            name,
+            line,
+            policy_id,
+            "a condition compares context.labels with unknown label "
+            f"{', '.join(repr(label) for label in unknown_labels)}; "
+            f"the labels are: {', '.join(sorted(LABELS))}",
         )
     return PolicyInfo(
         id=policy_id,
@@ -348,12 +359,12 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
         resource=_scope(template.resource),
         template=is_template,
         redact=redact,
-        reads_labels=_reads_labels(template.clauses),
+        reads_labels=reads_labels,
         audit_before=audit_before,
     )
 
 
-def _annotation_error(name: str, line: int | None, policy_id: str, problem: str) -> PolicyError:
+def _policy_error(name: str, line: int | None, policy_id: str, problem: str) -> PolicyError:
     where = f"{name}:{line}" if line is not None else name
     return PolicyError(
         f'{where}: policy "{policy_id}": {problem}',
@@ -368,7 +379,7 @@ def _redact_labels(
     on a forbid, one that names no label, or one that names a label no detector gives."""
     known = ", ".join(sorted(LABELS))
     if effect != "permit":
-        raise _annotation_error(
+        raise _policy_error(
             name,
             line,
             policy_id,
@@ -377,12 +388,10 @@ def _redact_labels(
         )
     labels = [part.strip() for part in value.split(",")]
     if not any(labels):
-        raise _annotation_error(
-            name, line, policy_id, f"@redact names no label; name some of: {known}"
-        )
+        raise _policy_error(name, line, policy_id, f"@redact names no label; name some of: {known}")
     unknown = [label for label in labels if label not in LABELS]
     if unknown:
-        raise _annotation_error(
+        raise _policy_error(
             name,
             line,
             policy_id,
@@ -396,7 +405,7 @@ def _audit_when(name: str, line: int | None, policy_id: str, effect: str, value:
     """An ``@audit("before")`` annotation (True). Raises PolicyError for one on a forbid (a
     denial is recorded anyway) or with another value."""
     if effect != "permit":
-        raise _annotation_error(
+        raise _policy_error(
             name,
             line,
             policy_id,
@@ -404,7 +413,7 @@ def _audit_when(name: str, line: int | None, policy_id: str, effect: str, value:
             "recorded anyway)",
         )
     if value.strip() != "before":
-        raise _annotation_error(
+        raise _policy_error(
             name,
             line,
             policy_id,
@@ -414,25 +423,43 @@ def _audit_when(name: str, line: int | None, policy_id: str, effect: str, value:
     return True
 
 
-def _reads_labels(clauses: tuple[pst.Clause, ...]) -> bool:
+_CONTEXT_LABELS = pst.GetAttr(pst.Var("context"), "labels")
+# The operators by which a condition compares ``context.labels`` with labels it names.
+_LABEL_COMPARISONS = frozenset({"contains", "contains_any", "contains_all", "eq", "not_eq"})
+
+
+def _label_reading(clauses: tuple[pst.Clause, ...]) -> tuple[bool, set[str]]:
     """Whether a condition reads ``context.labels``, or the context whole (``context ==
-    {...}``): only then do detectors need to run for the policy."""
+    {...}``): only then do detectors need to run for the policy; and the labels it compares
+    ``context.labels`` with (``contains("secret")``, ``containsAny(["pii"])``, ``==``...)."""
+    reads = False
+    named: set[str] = set()
     stack: list[object] = list(clauses)
     while stack:
         node = stack.pop()
         if isinstance(node, pst.GetAttr) and node.base == pst.Var("context"):
-            if node.attr == "labels":
-                return True
-            continue  # another attribute of the context
+            reads = reads or node.attr == "labels"
+            continue  # nothing inside but the context
         if isinstance(node, pst.Var) and node.name == "context":
-            return True
+            reads = True
+        elif isinstance(node, pst.BinaryOp) and node.op in _LABEL_COMPARISONS:
+            if node.left == _CONTEXT_LABELS:
+                named.update(_string_literals(node.right))
+            elif node.right == _CONTEXT_LABELS:
+                named.update(_string_literals(node.left))
         if isinstance(node, Mapping):
             stack.extend(node.values())
         elif isinstance(node, tuple):
             stack.extend(node)
         elif is_dataclass(node) and not isinstance(node, type):
             stack.extend(getattr(node, f.name) for f in fields(node))
-    return False
+    return reads, named
+
+
+def _string_literals(expr: pst.Expr) -> list[str]:
+    """The strings ``expr`` is, or its set holds, written out."""
+    elements = expr.elements if isinstance(expr, pst.Set) else (expr,)
+    return [element.value for element in elements if isinstance(element, pst.StringLit)]
 
 
 def _scope(scope: pst.PrincipalOrResourceConstraint) -> TargetScope:
