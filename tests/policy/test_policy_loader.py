@@ -373,3 +373,30 @@ def test_a_condition_naming_known_labels_or_other_strings_loads(tmp_path: Path) 
         "&& context.labels.contains(context.transport) };"
     )
     assert PolicyEngine.load(tmp_path).uses_labels
+
+
+@pytest.mark.parametrize(
+    ("policy_id", "named", "problem"),
+    [
+        (
+            "default-deny",
+            "default-deny",
+            '@id "default-deny" is reserved: it counts the denials no permit matched; '
+            "give the policy another name",
+        ),
+        ("", "t.cedar#1", "@id names nothing; give the policy a name, or drop the @id"),
+        ("  ", "t.cedar#1", "@id names nothing; give the policy a name, or drop the @id"),
+    ],
+)
+def test_an_id_that_is_reserved_or_empty_is_refused(
+    tmp_path: Path, policy_id: str, named: str, problem: str
+) -> None:
+    # a forbid named default-deny had its denials counted as "no permit matched"
+    (tmp_path / "t.cedar").write_text(
+        "permit (principal, action, resource);\n"
+        f'@id("{policy_id}")\nforbid (principal, action, resource);\n'
+    )
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(tmp_path)
+    assert caught.value.message == f't.cedar:2: policy "{named}": {problem}'
+    assert caught.value.data == {"file": "t.cedar", "line": 2, "policy": named}

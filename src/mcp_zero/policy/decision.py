@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# What a default deny (no permit matched) is counted under in place of a forbid's @id; no
+# policy may take the name.
+DEFAULT_DENY = "default-deny"
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyDecision:

@@ -23,6 +23,7 @@ from cedarpy import pst
 
 from mcp_zero.errors import PolicyError
 from mcp_zero.fdio import read_regular
+from mcp_zero.policy.decision import DEFAULT_DENY
 from mcp_zero.policy.detectors import LABELS
 
 POLICY_GLOB = "*.cedar"
@@ -304,6 +305,22 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
     position = _position(template.id)
     policy_id = annotations.get("id") or f"{name}#{position}"
     line = _line_of(template.id, lines)
+    if "id" in annotations and not annotations["id"].strip():
+        raise _policy_error(
+            name,
+            line,
+            f"{name}#{position}",
+            "@id names nothing; give the policy a name, or drop the @id",
+        )
+    if policy_id == DEFAULT_DENY:
+        # its denials would be counted with those no permit matched (found by review)
+        raise _policy_error(
+            name,
+            line,
+            policy_id,
+            f'@id "{DEFAULT_DENY}" is reserved: it counts the denials no permit matched; '
+            "give the policy another name",
+        )
     unknown = sorted(set(annotations).difference(_ANNOTATIONS))
     if unknown:
         raise _policy_error(

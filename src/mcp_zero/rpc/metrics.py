@@ -21,6 +21,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 
+from mcp_zero.policy.decision import DEFAULT_DENY
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # "quota": the time a call queued for one of its plugin's max_concurrency slots, when it
 # had to (also inside "sandbox"); a stage nothing measures is not exported (a rate-limit
@@ -101,7 +103,7 @@ class Metrics:
         """Count one denial by each of the ``forbids`` that denied it (a decision's
         ``denied_by``), or by "default-deny" when none did: no permit matched, and the
         permits a default deny names did not deny it (each was counted: found by review)."""
-        for policy in forbids or ("default-deny",):
+        for policy in forbids or (DEFAULT_DENY,):
             self.count_denial(policy)
 
     def count_plugin_restart(self, plugin: str) -> None:
