@@ -1081,6 +1081,26 @@ def test_policy_check_counts_the_policies_in_words(data_dir: Path) -> None:
     assert run(data_dir, "policy", "check").stdout == "ok: 1 policy: only\n"
 
 
+def test_policy_check_checks_a_directory_of_files_without_a_data_dir(tmp_path: Path) -> None:
+    # files could be checked only once in a data dir, where a server takes them up at once
+    # (found by review)
+    drafts = tmp_path / "drafts"
+    drafts.mkdir()
+    (drafts / "a.cedar").write_text('@id("only")\npermit (principal, action, resource);\n')
+    nowhere = tmp_path / "no-data-dir"
+    assert as_json(nowhere, "policy", "check", str(drafts)) == {"ok": True, "policies": ["only"]}
+    (drafts / "b.cedar").write_text('@id("only")\nforbid (principal, action, resource);\n')
+    refused = run(nowhere, "policy", "check", str(drafts), ok=False)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        'mcp0: error: b.cedar:1: policy id "only" is already used at a.cedar:1; '
+        "give each policy its own @id\n"
+    )
+    assert not nowhere.exists()
+    missing = run(nowhere, "policy", "check", str(tmp_path / "typo"), ok=False)
+    assert missing.exit_code == 2
+
+
 def test_policy_files_with_a_byte_order_mark_are_read(data_dir: Path) -> None:
     run(data_dir, "agent", "create", "ada")
     default = data_dir / "policies" / "default.cedar"

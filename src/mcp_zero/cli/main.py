@@ -876,14 +876,23 @@ def policy() -> None:
 
 
 @policy.command("check")
+@click.argument(
+    "policy_dir",
+    required=False,
+    type=_PathGiven(path_type=Path, exists=True, file_okay=False),
+)
 @_common
 @_errors
-def policy_check(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
-    """Parse and validate the data dir's policies against the schema."""
+def policy_check(
+    policy_dir: Path | None, config_file: Path | None, data_dir: Path | None, as_json: bool
+) -> None:
+    """Parse and validate the policies of POLICY_DIR (default: the data dir's) against the
+    schema, as a server loads them: files can be checked before they reach one."""
     from mcp_zero.policy.engine import PolicyEngine
 
-    settings = _existing(_settings(config_file, data_dir))
-    engine = PolicyEngine.load(settings.policy_dir)
+    if policy_dir is None:
+        policy_dir = _existing(_settings(config_file, data_dir)).policy_dir
+    engine = PolicyEngine.load(policy_dir)
     ids = sorted(engine.policies)
     counted = f"{len(ids)} {'policy' if len(ids) == 1 else 'policies'}"
     listed = ", ".join(ids) if ids else "every action is denied, the admin's too"
