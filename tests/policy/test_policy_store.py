@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,31 @@ def test_a_file_being_written_in_place_is_not_put_in_force_half_written(tmp_path
     assert store.refresh() is None
     assert store.refresh() is not None
     assert store.decide(alice).allowed
+
+
+def test_removing_a_broken_file_logs_that_the_set_in_force_is_valid_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the error was logged, and its end was not: the operator could not tell it was over
+    caplog.set_level(logging.INFO, logger="mcp_zero.policy")
+    write_default_policies(tmp_path)
+    store = PolicyStore(tmp_path)
+    broken = tmp_path / "broken.cedar"
+    broken.write_text("permit (principal, action, resource")
+    assert store.changed() is None  # seen once
+    with pytest.raises(PolicyError, match=r"broken\.cedar"):
+        store.changed()
+    assert store.changed() is None  # not reported again
+    assert not caplog.records
+    broken.unlink()
+    assert store.changed() is None  # nothing to put in force: it is in force
+    assert store.files_in_force
+    assert store.generation == 1
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.INFO,
+            f"policy files are valid again: they are the set in force, unchanged ({tmp_path.name})",
+        )
+    ]
+    assert store.changed() is None  # and said once
+    assert len(caplog.records) == 1

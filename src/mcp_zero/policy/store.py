@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mcp_zero.errors import PolicyError
@@ -9,6 +10,8 @@ from mcp_zero.kernel.action import Action
 from mcp_zero.policy.decision import PolicyDecision
 from mcp_zero.policy.engine import DEFAULT_CACHE_SIZE, PolicyEngine
 from mcp_zero.policy.loader import read_policy_dir
+
+log = logging.getLogger(__name__)
 
 
 class PolicyStore:
@@ -79,7 +82,8 @@ class PolicyStore:
         the new file under another name and renaming it over the old is atomic.
         Raises PolicyError (as :meth:`reload`) once for a changed set that does not
         load, or a directory that cannot be read; the old set stays in force, and the same
-        failure is not reported again until something changes.
+        failure is not reported again until something changes. Files changed back to the set
+        in force after such a failure (the broken file removed) are logged as valid again.
         """
         try:
             sources = read_policy_dir(self._dir)
@@ -91,7 +95,13 @@ class PolicyStore:
             raise
         if sources == self._engine.sources:
             self._settling = None
-            self._refused = None  # back to the set in force: a new failure is news again
+            if self._refused is not None:
+                # its failure was reported: say that it is over (found by review)
+                log.info(
+                    "policy files are valid again: they are the set in force, unchanged (%s)",
+                    self._dir.name,
+                )
+                self._refused = None  # a new failure is news again
             self.files_in_force = True
             return None
         self.files_in_force = False
