@@ -443,7 +443,7 @@ async def test_allowed_admin_actions_are_audited_with_the_policies_that_decided_
     (runtime.settings.policy_dir / "ops.cedar").write_text(
         '@id("ops-terminate-bare")\n'
         'permit (principal, action == Action::"terminate_agent", resource)\n'
-        "when { resource.plugins.isEmpty() };\n"  # (fails: no such entity)
+        "when { resource.plugins.isEmpty() };\n"  # (fails: known by id alone)
         '@id("ops-attach-notes")\n'
         'permit (principal, action == Action::"attach_plugin", resource)\n'
         'when { context has plugin && context.plugin == "notes" };\n'
@@ -462,7 +462,10 @@ async def test_allowed_admin_actions_are_audited_with_the_policies_that_decided_
         if r["agent"] == "admin" and r["transport"] != "files"
     ]
     decided = [(r["verb"], r["policies"], r.get("policy_errors")) for r in records]
-    error = 'policy "ops-terminate-bare": entity `Agent::"eve"` does not exist'
+    error = (
+        'policy "ops-terminate-bare": it reads an attribute of Agent::"eve": an agent other '
+        "than the one acting is known by its id alone"
+    )
     both = ["admin-all", "ops-attach-notes"]  # (a spawn and a recover: its attaches' too)
     assert decided == [
         ("spawn_agent", both, None),

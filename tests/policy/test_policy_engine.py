@@ -292,6 +292,23 @@ def test_a_forbid_that_fails_to_evaluate_denies_what_it_may_forbid(policy_id: st
     assert engine.decide(Action(Principal("bob"), Verb.TERMINATE_AGENT, "other")).allowed
 
 
+@pytest.mark.parametrize("target", ["other", 'we"ird'])
+def test_a_forbid_reading_a_target_agents_attribute_says_the_agent_is_known_by_id(
+    target: str,
+) -> None:
+    # Cedar's error said the agent "does not exist", of one that does (found by review)
+    admin_all = '@id("admin-all")\npermit (principal, action, resource);'
+    engine = PolicyEngine.from_sources({"admin.cedar": admin_all, "peers.cedar": PEERS_FORBID})
+    decision = engine.decide(Action(Principal("bob"), Verb.SNAPSHOT_AGENT, target))
+    assert not decision.allowed
+    quoted = target.replace('"', '\\"')
+    assert decision.errors == (
+        f'policy "no-peer-snapshots": it reads an attribute of Agent::"{quoted}": an agent '
+        "other than the one acting is known by its id alone",
+    )
+    assert "does not exist" not in decision.message
+
+
 @pytest.mark.parametrize("policy_id", ["careful", "don't-leak"])
 def test_the_obligations_of_a_permit_that_fails_to_evaluate_still_bind(
     tmp_path: Path, policy_id: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ DEFAULT_CACHE_SIZE = 4096
 # are not cached: the caches hold a few hundred bytes an entry, not the client's kilobytes.
 MAX_CACHED_RESOURCE_LENGTH = 256
 _NO_LABELS: frozenset[str] = frozenset()
+# Cedar's error for reading an attribute of an agent other than the one acting (the target of
+# an admin action), known by its id alone: it said that an agent that exists "does not
+# exist" (found by review).
+_TARGET_AGENT_UNKNOWN = re.compile(r'entity `(Agent::"(?:[^"\\]|\\.)*")` does not exist')
 log = logging.getLogger(__name__)
 _ACTIONS = {verb: {"type": "Action", "id": verb.value} for verb in Verb}
 
@@ -279,6 +284,11 @@ class PolicyEngine:
         info = self._by_cedar_id.get(cedar_id)
         if info is None:
             return None, str(error), str(error)
+        what = _TARGET_AGENT_UNKNOWN.sub(
+            r"it reads an attribute of \1: an agent other than the one acting is known by its "
+            "id alone",
+            what,
+        )
         return info, what, f'policy "{info.id}": {what}'
 
     def _default_deny(
