@@ -563,6 +563,27 @@ def test_create_with_a_plugin_the_policy_forbids_to_attach_is_refused(data_dir: 
     assert as_json(data_dir, "agent", "list") == []
 
 
+def test_recover_that_would_terminate_an_agent_the_policy_keeps_is_refused(
+    data_dir: Path,
+) -> None:
+    # It terminated the agent: only recover_agent was decided (found by review)
+    run(data_dir, "agent", "create", "ada")
+    active = as_json(data_dir, "agent", "snapshot", "ada")["snapshot_id"]
+    run(data_dir, "agent", "terminate", "ada")
+    terminated = as_json(data_dir, "agent", "snapshot", "ada")["snapshot_id"]
+    run(data_dir, "agent", "recover", active)
+    (data_dir / "policies" / "keep-ada.cedar").write_text(
+        '@id("keep-ada")\n'
+        '@reason("ada may not be terminated")\n'
+        'forbid (principal, action == Action::"terminate_agent", resource == Agent::"ada");\n'
+    )
+    refused = run(data_dir, "agent", "recover", terminated, ok=False)
+    assert refused.exit_code != 0
+    assert 'policy "keep-ada" forbids' in refused.output
+    assert "ada may not be terminated" in refused.output
+    assert as_json(data_dir, "agent", "show", "ada")["status"] == "active"
+
+
 def mcp0_in(cwd: Path, *args: str) -> Any:
     """``mcp0 ARGS --json`` run as a process in directory ``cwd``; its JSON output."""
     done = subprocess.run(

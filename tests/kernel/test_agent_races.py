@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from mcp_zero.errors import PluginNotFound
+from mcp_zero.errors import Conflict, PluginNotFound
 from mcp_zero.runtime import Runtime
 from mcp_zero.storage import SqliteStore
 
@@ -151,6 +151,26 @@ async def test_recovering_while_a_plugin_is_removed_leaves_it_out(runtime: Runti
     bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000)]
     [record] = [r for r in bodies if r["verb"] == "recover_agent"]
     assert record["not_restored"] == [{"plugin": "notes", "reason": "it is not installed any more"}]
+
+
+async def test_recovering_a_terminated_snapshot_while_another_revives_the_agent_is_refused(
+    runtime: Runtime,
+) -> None:
+    # Its terminate is decided only if the agent is active when the recover is decided: one
+    # made active after that is not terminated undecided
+    await runtime.agents.spawn("victim", ["notes"])
+    await runtime.agents.terminate("victim")
+    snap = await runtime.agents.snapshot("victim")
+
+    def revive(other: SqliteStore) -> None:  # as another process's recover writes it
+        other.change_agent("victim", lambda agent: setattr(agent, "status", "active"))
+
+    outcome = await while_another_writes(runtime, revive, lambda: runtime.agents.recover(snap.id))
+    assert isinstance(outcome, Conflict)
+    assert "recovered by another process meanwhile" in str(outcome)
+    assert runtime.agents.get("victim").status == "active"
+    bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 10_000)]
+    assert [r["verb"] for r in bodies if r["verb"] == "recover_agent"] == []
 
 
 async def test_spawning_with_a_plugin_while_it_is_removed_spawns_nothing(

@@ -544,6 +544,71 @@ async def test_recover_leaves_out_a_plugin_the_policy_forbids_to_attach(
     assert recovered["not_restored"] == recovery_view(recovery)["not_restored"]
 
 
+KEEP_EVE = (
+    '@id("keep-eve")\n'
+    '@reason("eve may not be terminated")\n'
+    'forbid (principal, action == Action::"terminate_agent", resource == Agent::"eve");\n'
+)
+
+
+@pytest.mark.parametrize("via", ["admin", "cli"])
+async def test_recover_that_would_terminate_an_agent_the_policy_keeps_is_refused(
+    runtime: Runtime, via: str
+) -> None:
+    # Recovering a snapshot taken while the agent was terminated terminated it, though the
+    # policy forbids that terminate: only recover_agent was decided (found by review)
+    spawned = await runtime.agents.spawn("eve", ["notes"], {"step": 1})
+    active = await runtime.agents.snapshot("eve")
+    await runtime.agents.terminate("eve")
+    terminated = await runtime.agents.snapshot("eve")
+    await runtime.agents.recover(active.id)
+    (runtime.settings.policy_dir / "keep-eve.cedar").write_text(KEEP_EVE)
+    runtime.policy.reload()
+    with pytest.raises(PolicyDenied) as caught:
+        await runtime.agents.recover(terminated.id, via=via)
+    assert caught.value.data is not None
+    assert caught.value.data["policies"] == ["keep-eve"]
+    assert "eve may not be terminated" in str(caught.value)
+    assert runtime.agents.get("eve").status == "active"
+    assert runtime.agents.authenticate(spawned.token).agent == "eve"
+    denied = records_of(runtime, "eve")[-1]  # (and no recover_agent record after it)
+    assert (denied["verb"], denied["outcome"], denied["transport"], denied["policies"]) == (
+        "terminate_agent",
+        "denied",
+        via,
+        ["keep-eve"],
+    )
+    # a terminated agent kept so, or brought back, is the recover's alone to decide
+    (runtime.settings.policy_dir / "keep-eve.cedar").unlink()
+    runtime.policy.reload()
+    await runtime.agents.terminate("eve")
+    (runtime.settings.policy_dir / "keep-eve.cedar").write_text(KEEP_EVE)
+    runtime.policy.reload()
+    assert (await runtime.agents.recover(terminated.id, via=via)).agent.status == "terminated"
+    assert (await runtime.agents.recover(active.id, via=via)).agent.status == "active"
+
+
+async def test_recover_that_terminates_is_recorded_with_the_terminate_permit(
+    runtime: Runtime,
+) -> None:
+    (runtime.settings.policy_dir / "ops.cedar").write_text(
+        '@id("ops-terminate")\npermit (principal, action == Action::"terminate_agent", resource);\n'
+    )
+    runtime.policy.reload()
+    await runtime.agents.spawn("eve", [])
+    active = await runtime.agents.snapshot("eve")
+    await runtime.agents.terminate("eve")
+    terminated = await runtime.agents.snapshot("eve")
+    await runtime.agents.recover(active.id)
+    await runtime.agents.recover(terminated.id)
+    made_active, made_terminated = records_of(runtime, "eve")[-2:]
+    assert (made_active["status"], made_active["policies"]) == ("active", ["admin-all"])
+    assert (made_terminated["status"], made_terminated["policies"]) == (
+        "terminated",
+        ["admin-all", "ops-terminate"],
+    )
+
+
 async def test_admin_actions_name_the_policy_set_that_decided_them(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

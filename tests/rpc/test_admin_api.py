@@ -681,6 +681,31 @@ async def test_spawn_and_recover_do_not_grant_a_plugin_the_policy_forbids_to_att
             assert "faulty may not be granted to any agent" in left_out["reason"]
 
 
+async def test_a_recover_that_would_terminate_an_agent_the_policy_keeps_is_403(
+    tmp_path: Path,
+) -> None:
+    # It terminated the agent: only recover_agent was decided (found by review)
+    runtime = make_runtime(tmp_path / "data")
+    async with serve(runtime) as live:
+        headers = {"Authorization": f"Bearer {runtime.admin_token()}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=TIMEOUT_S) as http:
+            admin = Admin(live, http)
+            assert (await admin.call("POST", "/agents", {"name": "q"})).status_code == 201
+            active = (await admin.call("POST", "/agents/q/snapshot")).json()["snapshot_id"]
+            assert (await admin.call("DELETE", "/agents/q")).status_code == 200
+            snap = (await admin.call("POST", "/agents/q/snapshot")).json()["snapshot_id"]
+            (runtime.settings.policy_dir / "keep-q.cedar").write_text(
+                '@id("keep-q")\n'
+                'forbid (principal, action == Action::"terminate_agent", resource == Agent::"q");\n'
+            )
+            runtime.policy.reload()
+            assert (await admin.call("POST", f"/snapshots/{active}/recover")).status_code == 200
+            refused = await admin.call("POST", f"/snapshots/{snap}/recover")
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"]["data"]["policies"] == ["keep-q"]
+            assert (await admin.call("GET", "/agents/q")).json()["status"] == "active"
+
+
 def _nested(levels: int) -> bytes:
     return b'{"a":' * levels + b"1" + b"}" * levels
 

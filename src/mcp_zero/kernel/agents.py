@@ -469,14 +469,25 @@ class AgentService:
         the write transaction; one refused, removed, upgraded or replaced by another plugin
         since is left out and reported in ``not_restored``, as in the audit record:
         granting the agent a plugin it never had is an attach, for the admin to decide.
-        Raises SnapshotNotFound, AgentNotFound, and InvalidParams for a snapshot whose state
-        nests too deep to be shown (taken before that was refused).
+
+        A snapshot of the agent terminated, recovered while it is active, terminates it:
+        that is decided as a terminate too (``terminate_agent``), and a denial of it refuses
+        the recover. Bringing a terminated agent back is what ``recover_agent`` decides.
+
+        Raises SnapshotNotFound, AgentNotFound, PolicyDenied, InvalidParams for a snapshot
+        whose state nests too deep to be shown (taken before that was refused), and Conflict
+        when another process made the agent active after that was decided.
         """
         snap = self.store.get_snapshot(snapshot_id)
         if snap is None:
             raise SnapshotNotFound(f"no snapshot {shown(snapshot_id)}")
-        name = self.get(snap.agent).name
-        decided = await self._authorize(Verb.RECOVER_AGENT, name, via)
+        current = self.get(snap.agent)
+        name = current.name
+        status = str(snap.data.get("status", "active"))
+        terminates = status == "terminated" and current.status == "active"
+        decided = [await self._authorize(Verb.RECOVER_AGENT, name, via)]
+        if terminates:  # (the recover allowed: no await since, so decided by the same set)
+            decided.append(await self._authorize(Verb.TERMINATE_AGENT, name, via))
         state = dict(snap.data.get("state", {}))
         _check_state(state, f"the state of snapshot {snapshot_id!r}")
         wanted = list(dict.fromkeys(snap.data.get("plugins", [])))
@@ -501,6 +512,13 @@ class AgentService:
         not_restored: dict[str, str] = {}
 
         def restore(agent: AgentRecord) -> None:
+            if status == "terminated" and agent.status == "active" and not terminates:
+                # (terminated when the recover was decided: its terminate was not)
+                raise Conflict(
+                    f"agent {name!r} was recovered by another process meanwhile; recover "
+                    f"{snapshot_id!r} again to terminate it",
+                    data={"agent": name},
+                )
             not_restored.clear()  # (run again if the audit chain moved meanwhile)
             plugins = []
             for plugin in wanted:
@@ -511,11 +529,12 @@ class AgentService:
                     not_restored[plugin] = why
             agent.plugins = plugins
             agent.state = state
-            agent.status = str(snap.data.get("status", "active"))
+            agent.status = status
 
         def detail(agent: AgentRecord) -> JSON:
-            # the decisions that allowed what was done: the recover and the attaches again
-            done: JSON = decided_together([decided, *(attach_decided[p] for p in agent.plugins)])
+            # the decisions that allowed what was done: the recover (and the terminate it
+            # makes) and the attaches again
+            done: JSON = decided_together([*decided, *(attach_decided[p] for p in agent.plugins)])
             # what the agent became: its token works again, or no more, by this record
             done.update(
                 snapshot_id=snapshot_id,
