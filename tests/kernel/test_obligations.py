@@ -321,6 +321,31 @@ async def test_the_arguments_a_completion_is_given_as_context_are_labelled(
     assert records(started, "c1")[0]["labels"] == ["secret"]
 
 
+NO_SECRET_QUESTIONS = """
+@id("no-secret-questions")
+@reason("a plugin may not send a secret to the client's model")
+forbid (principal, action == Action::"client_request", resource)
+when { context.labels.contains("secret") };
+"""
+
+
+async def test_a_client_request_is_decided_with_the_labels_of_what_it_would_send(
+    started: Runtime, bridge: Any
+) -> None:
+    use_policy(started, "no-secret-questions.cedar", NO_SECRET_QUESTIONS)
+    result = await call(started, "test_sampling", {"prompt": f"my key is {AWS_KEY}"}, "q1", bridge)
+    assert result["isError"] is True  # the client was not asked
+    assert "no-secret-questions" in result["content"][0]["text"]
+    [asked] = [r for r in records(started, "q1") if r["verb"] == "client_request"]
+    assert (asked["outcome"], asked["labels"]) == ("denied", ["secret"])
+    assert asked["policies"] == ["no-secret-questions"]
+    result = await call(started, "test_sampling", {"prompt": "the capital?"}, "q2", bridge)
+    assert result["content"][0]["text"] == "LLM response: sampled"
+    [asked] = [r for r in records(started, "q2") if r["verb"] == "client_request"]
+    assert asked["outcome"] == "allowed"
+    assert "labels" not in asked
+
+
 async def test_a_secret_in_a_text_that_is_json_is_redacted(started: Runtime, bridge: Any) -> None:
     (started.settings.policy_dir / "default.cedar").unlink()
     use_policy(started, "redact.cedar", redacting("secret, pii"))

@@ -551,6 +551,30 @@ async def test_a_question_comes_back_as_input_required_and_the_retry_gets_the_re
     assert audit_outcomes(env, body["id"]) == [("allowed", None), ("allowed", None)]
 
 
+async def test_a_question_carrying_a_secret_is_not_asked_when_a_policy_forbids_it(
+    env: Env,
+) -> None:
+    runtime = env.live.runtime
+    forbid = runtime.settings.policy_dir / "no-secret-questions.cedar"
+    forbid.write_text(
+        '@id("no-secret-questions")\n'
+        'forbid (principal, action == Action::"client_request", resource)\n'
+        'when { context.labels.contains("secret") };\n'
+    )
+    runtime.policy.reload()
+    try:
+        secret = {**ASK, "arguments": {"message": "my key is AKIAIOSFODNN7EXAMPLE"}}
+        body = message("tools/call", secret, meta=envelope(**capable()))
+        done = (await post(env, body)).json()["result"]
+    finally:
+        forbid.unlink()
+        runtime.policy.reload()
+    # no input_required: the question was not put to the client
+    assert (done["resultType"], done["isError"]) == ("complete", True)
+    [asked] = [r for r in audit_records(env, body["id"]) if r["verb"] == "client_request"]
+    assert (asked["outcome"], asked["labels"]) == ("denied", ["secret"])
+
+
 @pytest.mark.parametrize("first_asks", [True, False])
 async def test_a_retry_gets_progress_and_logs_as_it_asks_not_as_the_first_request(
     env: Env, first_asks: bool

@@ -3,10 +3,11 @@
 A tool may ask the client for a completion (``sampling/createMessage``), for the
 user's input (``elicitation/create``) or for its roots (``roots/list``). Each such
 request is an action of its own: Cedar decides it (``client_request`` on
-``ClientRequest::"<method>"`` in the plugin), and its outcome is audited, before
-and after it travels to the client. While it waits for the answer, the call gives its
-plugin slot back (``PluginSlot``): a call waiting on its client is not running —
-unless a plain handler asked, whose worker thread stays taken meanwhile.
+``ClientRequest::"<method>"`` in the plugin, with the labels of what it would send the
+client: its params), and its outcome is audited, before and after it travels to the
+client. While it waits for the answer, the call gives its plugin slot back
+(``PluginSlot``): a call waiting on its client is not running — unless a plain handler
+asked, whose worker thread stays taken meanwhile.
 """
 
 from __future__ import annotations
@@ -105,12 +106,14 @@ class GovernedBridge:
 
     async def _request(self, method: str, params: JSON, key: str | None) -> JSON:
         kernel = self._kernel
+        # its params are what it would send to the client: labelled, as a call's arguments are
         action = Action(
             self._principal,
             Verb.CLIENT_REQUEST,
             method,
             self._plugin,
-            context={"transport": self._transport},
+            params,
+            {"transport": self._transport},
         )
         known = method in CLIENT_REQUEST_METHODS
         event: JSON = {
@@ -129,14 +132,7 @@ class GovernedBridge:
                     f"plugins may not send {shown(method)} to the client, only "
                     + ", ".join(CLIENT_REQUEST_METHODS)
                 )
-            decision = kernel.policy.decide(action)
-            event["policies_sha256"] = decision.policies_sha256
-            if not decision.allowed:
-                kernel.metrics.count_denials(decision.denied_by)
-                raise PolicyDenied(decision.message, data=decision.to_data())
-            event["policies"] = list(decision.policies)
-            if decision.errors:
-                event["policy_errors"] = list(decision.errors)
+            kernel.decide(action, event)
             result = await self._inner.request(method, params, key)
         except McpZeroError as exc:
             event["outcome"] = (

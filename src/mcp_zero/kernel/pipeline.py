@@ -1117,7 +1117,7 @@ class Kernel:
                 raise refused
             t = time.perf_counter()
             try:
-                decision = self._decide(action, event)
+                decision = self.decide(action, event)
             finally:  # a denial was decided too
                 policy_s = time.perf_counter() - t
             # its record could not be kept: refuse first (writable() asks the store again
@@ -1287,9 +1287,10 @@ class Kernel:
         assert result is not None
         return result
 
-    def _decide(self, action: Action, event: JSON) -> PolicyDecision:
+    def decide(self, action: Action, event: JSON) -> PolicyDecision:
         """The policy's decision on ``action`` if it allows it, noted in the action's audit
-        ``event`` (with the labels of its arguments); raises PolicyDenied (counted) if not."""
+        ``event`` (with the labels of its arguments: a tool's, a prompt's, what a client
+        request would send); raises PolicyDenied (counted) if not."""
         if self.policy.uses_labels and action.arguments:  # (else detectors need not run)
             labels = label_value(action.arguments)
             if labels:
@@ -1350,7 +1351,7 @@ class Kernel:
             now, action.verb, action.resource, action.plugin, action.arguments, action.context
         )
         event.pop("policy_errors", None)
-        return action, self._decide(action, event)
+        return action, self.decide(action, event)
 
     async def _record_intent(self, event: JSON) -> None:
         """Commit the ``intent`` record of the action of ``event`` (the ``@audit("before")``
