@@ -346,6 +346,42 @@ async def test_a_client_request_is_decided_with_the_labels_of_what_it_would_send
     assert "labels" not in asked
 
 
+async def test_a_read_and_a_subscription_are_decided_with_the_labels_of_their_uri(
+    started: Runtime, bridge: Any
+) -> None:
+    use_policy(started, "no-secrets-out.cedar", NO_SECRETS_OUT)
+    kernel, alice = started.kernel, Principal("alice", ALL)
+    # a token in a template's variable, as written or escaped (the plugin reads it unescaped)
+    for rid, uri in (
+        ("u1", f"test://template/{AWS_KEY}/data"),
+        ("u2", "test://template/password%3Dhunter22/data"),
+    ):
+        with pytest.raises(PolicyDenied), anyio.fail_after(TIMEOUT_S):
+            await kernel.read_resource(alice, uri, bridge, request_id=rid, transport="test")
+        [record] = records(started, rid)
+        assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
+        with pytest.raises(PolicyDenied):  # nor is it told of the resource's changes
+            kernel.check_resource(alice, uri)
+    with anyio.fail_after(TIMEOUT_S):
+        [refused] = await kernel.subscribe(
+            alice,
+            [f"test://template/{AWS_KEY}/data"],
+            method="resources/subscribe",
+            request_id="u3",
+            transport="test",
+        )
+    assert isinstance(refused, PolicyDenied)
+    [record] = records(started, "u3")
+    assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
+    with anyio.fail_after(TIMEOUT_S):
+        await kernel.read_resource(
+            alice, "test://template/7/data", bridge, request_id="u4", transport="test"
+        )
+    [record] = records(started, "u4")
+    assert record["outcome"] == "allowed"
+    assert "labels" not in record
+
+
 async def test_a_secret_in_a_text_that_is_json_is_redacted(started: Runtime, bridge: Any) -> None:
     (started.settings.policy_dir / "default.cedar").unlink()
     use_policy(started, "redact.cedar", redacting("secret, pii"))

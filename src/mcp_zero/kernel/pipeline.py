@@ -50,7 +50,7 @@ from mcp_zero.kernel.client_requests import GovernedBridge
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.decision import PolicyDecision
-from mcp_zero.policy.detectors import label_value, redact
+from mcp_zero.policy.detectors import label_uri, label_value, redact
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.jsonrpc import RequestId
 from mcp_zero.rpc.metrics import Metrics
@@ -713,8 +713,8 @@ class Kernel:
                 )
             if refused is None:
                 context = {"transport": transport}
-                decision = self.policy.decide(
-                    Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, context)
+                decision = self._decision(
+                    Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, context), event
                 )
                 event["policies"] = list(decision.policies)
                 event["policies_sha256"] = decision.policies_sha256
@@ -745,7 +745,10 @@ class Kernel:
             raise ResourceNotFound(
                 f"no installed plugin serves resource {uri!r}", data={"uri": uri}
             )
-        self.policy.require(Action(principal, Verb.READ_RESOURCE, uri, plugin))
+        action = Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, {})
+        decision = self._decision(action, {})
+        if not decision.allowed:
+            raise PolicyDenied(decision.message, data=decision.to_data())
 
     # -- the governed actions ---------------------------------------------------------------
 
@@ -1288,15 +1291,9 @@ class Kernel:
         return result
 
     def decide(self, action: Action, event: JSON) -> PolicyDecision:
-        """The policy's decision on ``action`` if it allows it, noted in the action's audit
-        ``event`` (with the labels of its arguments: a tool's, a prompt's, what a client
-        request would send); raises PolicyDenied (counted) if not."""
-        if self.policy.uses_labels and action.arguments:  # (else detectors need not run)
-            labels = label_value(action.arguments)
-            if labels:
-                action.context["labels"] = labels
-                event["labels"] = sorted(labels)
-        decision = self.policy.decide(action)
+        """The policy's decision on ``action`` (``_decision``) if it allows it, noted in the
+        action's audit ``event``; raises PolicyDenied (counted) if not."""
+        decision = self._decision(action, event)
         # the set that decided it, as the decision says: the store may have put another in
         # force by the time the record is written
         event["policies_sha256"] = decision.policies_sha256
@@ -1307,6 +1304,22 @@ class Kernel:
         if decision.errors:  # policies skipped: what they might have said is evidence
             event["policy_errors"] = decision.errors
         return decision
+
+    def _decision(self, action: Action, event: JSON) -> PolicyDecision:
+        """The policy's decision on ``action``, with the labels of what it carries (noted in
+        its audit ``event``): the URI it reads, or its arguments (a tool's, a prompt's, what
+        a client request would send)."""
+        policy = self.policy
+        if policy.uses_labels:  # (else detectors need not run)
+            labels = (
+                label_uri(action.resource)
+                if action.verb is Verb.READ_RESOURCE
+                else label_value(action.arguments)
+            )
+            if labels:
+                action.context["labels"] = labels
+                event["labels"] = sorted(labels)
+        return policy.decide(action)
 
     def _in_force(self) -> tuple[int, int]:
         """What decides an action that may change while it waits: the policy set's generation

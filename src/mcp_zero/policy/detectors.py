@@ -15,8 +15,9 @@ Two labels, each a handful of precompiled patterns:
   card numbers do and passing the Luhn check) and US social security numbers (valid ones,
   not part of a longer code).
 
-Policies see the labels of an action's arguments as ``context.labels``; a permit's
-``@redact("secret")`` obligation has its result redacted with :func:`redact`.
+Policies see the labels of what an action carries (its arguments, the URI it reads) as
+``context.labels``; a permit's ``@redact("secret")`` obligation has its result redacted
+with :func:`redact`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -419,6 +421,14 @@ def label_value(value: Any) -> frozenset[str]:
     parts: list[str] = []
     _texts(value, parts)
     return label_text("\n".join(parts)) if parts else frozenset()
+
+
+def label_uri(uri: str) -> frozenset[str]:
+    """The labels of a URI (the target of a read): of it as written and, when it has
+    percent-escapes, as its plugin reads them (``password%3Dhunter2`` is ``password=hunter2``
+    there)."""
+    decoded = unquote(uri) if "%" in uri else uri
+    return label_text(uri if decoded == uri else f"{uri}\n{decoded}")
 
 
 def _texts(value: Any, parts: list[str]) -> None:
