@@ -382,6 +382,30 @@ async def test_a_read_and_a_subscription_are_decided_with_the_labels_of_their_ur
     assert "labels" not in record
 
 
+async def test_the_obligations_of_a_permit_on_a_template_bind_the_reads_of_its_uris(
+    started: Runtime, bridge: Any
+) -> None:
+    use_policy(
+        started,
+        "template-redacted.cedar",
+        '@id("template-redacted")\n@redact("secret")\n'
+        'permit (principal, action == Action::"read_resource", '
+        'resource == Resource::"test://template/{id}/data");\n',
+    )
+    with anyio.fail_after(TIMEOUT_S):
+        read = await started.kernel.read_resource(
+            Principal("alice", ALL),
+            f"test://template/{AWS_KEY}/data",
+            bridge,
+            request_id="t1",
+            transport="test",
+        )
+    assert AWS_KEY not in read["contents"][0]["text"]
+    [record] = records(started, "t1")
+    assert record["policies"] == ["attached-plugins-content", "template-redacted"]
+    assert record["obligations"] == ["redact:secret"]
+
+
 async def test_a_secret_in_a_text_that_is_json_is_redacted(started: Runtime, bridge: Any) -> None:
     (started.settings.policy_dir / "default.cedar").unlink()
     use_policy(started, "redact.cedar", redacting("secret, pii"))

@@ -555,6 +555,58 @@ async def test_a_forbidden_resource_is_not_reached_under_a_percent_encoded_name(
     assert {r["resource"] for r in records(started, request_id="pct")} == {"test://template/1/data"}
 
 
+async def test_a_forbid_on_a_template_holds_for_every_uri_it_serves(
+    started: Runtime, bridge: Any
+) -> None:
+    kernel = started.kernel
+    kim, lee = (
+        Principal("kim", frozenset({"conformance"})),
+        Principal("lee", frozenset({"conformance"})),
+    )
+    (started.settings.policy_dir / "no-template.cedar").write_text(
+        '@id("no-template-data")\n'
+        'forbid (principal == Agent::"kim", action in [Action::"read_resource", '
+        'Action::"complete"], resource == Resource::"test://template/{id}/data");\n'
+    )
+    started.policy.reload()
+    assert kernel.listing(kim, "resourceTemplates")[0] == []  # (as it was: the list hides it)
+    uri = "test://template/7/data"
+    with pytest.raises(PolicyDenied) as denied, anyio.fail_after(TIMEOUT_S):
+        await kernel.read_resource(kim, uri, bridge, request_id="tpl1", transport="t")
+    assert denied.value.data is not None
+    assert denied.value.data["policies"] == ["no-template-data"]
+    [record] = records(started, request_id="tpl1")
+    assert (record["outcome"], record["resource"]) == ("denied", uri)
+    assert record["policies"] == ["no-template-data"]
+    with anyio.fail_after(TIMEOUT_S):
+        [refused] = await kernel.subscribe(
+            kim, [uri], method="resources/subscribe", request_id="tpl2", transport="t"
+        )
+    assert isinstance(refused, PolicyDenied)
+    with pytest.raises(PolicyDenied):
+        kernel.check_resource(kim, uri)
+    for rid, ref in (("tpl3", uri), ("tpl4", "test://template/{id}/data")):
+        with pytest.raises(PolicyDenied), anyio.fail_after(TIMEOUT_S):
+            await kernel.complete(
+                kim,
+                {"type": "ref/resource", "uri": ref},
+                {"name": "id", "value": "1"},
+                None,
+                request_id=rid,
+                transport="t",
+            )
+    # the plugin's own resources are no URIs of the template; another agent reads it as ever,
+    # allowed by the one permit that allows both
+    with anyio.fail_after(TIMEOUT_S):
+        await kernel.read_resource(
+            kim, "test://static-text", bridge, request_id="tpl5", transport="t"
+        )
+        read = await kernel.read_resource(lee, uri, bridge, request_id="tpl6", transport="t")
+    assert read["contents"][0]["uri"] == uri
+    [record] = records(started, request_id="tpl6")
+    assert (record["outcome"], record["policies"]) == ("allowed", ["attached-plugins-content"])
+
+
 async def test_arguments_nested_too_deep_are_refused_and_audited(
     started: Runtime, bridge: Any
 ) -> None:

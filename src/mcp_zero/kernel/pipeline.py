@@ -1291,9 +1291,15 @@ class Kernel:
         return result
 
     def decide(self, action: Action, event: JSON) -> PolicyDecision:
-        """The policy's decision on ``action`` (``_decision``) if it allows it, noted in the
-        action's audit ``event``; raises PolicyDenied (counted) if not."""
-        decision = self._decision(action, event)
+        """The policy's decision on ``action`` (as ``_decision`` makes it) if it allows it,
+        noted in the action's audit ``event``; raises PolicyDenied (counted) if not."""
+        policy = self.policy
+        # (``_decision``, inline: every tools/call comes this way)
+        if policy.uses_labels:  # (else detectors need not run)
+            self._label(action, event)
+        decision = policy.decide(action)
+        if decision.allowed and action.verb is not Verb.CALL_TOOL:
+            decision = self._as_templates_too(action, decision)
         # the set that decided it, as the decision says: the store may have put another in
         # force by the time the record is written
         event["policies_sha256"] = decision.policies_sha256
@@ -1306,20 +1312,55 @@ class Kernel:
         return decision
 
     def _decision(self, action: Action, event: JSON) -> PolicyDecision:
-        """The policy's decision on ``action``, with the labels of what it carries (noted in
-        its audit ``event``): the URI it reads, or its arguments (a tool's, a prompt's, what
-        a client request would send)."""
+        """The policy's decision on ``action``, with the labels of what it carries
+        (``_label``) and, of a URI a template serves, under the template too
+        (``_as_templates_too``)."""
         policy = self.policy
         if policy.uses_labels:  # (else detectors need not run)
-            labels = (
-                label_uri(action.resource)
-                if action.verb is Verb.READ_RESOURCE
-                else label_value(action.arguments)
-            )
-            if labels:
-                action.context["labels"] = labels
-                event["labels"] = sorted(labels)
-        return policy.decide(action)
+            self._label(action, event)
+        decision = policy.decide(action)
+        return self._as_templates_too(action, decision) if decision.allowed else decision
+
+    def _label(self, action: Action, event: JSON) -> None:
+        """Put the labels of what ``action`` carries, if any, in its context and its audit
+        ``event``: of the URI it reads, or of its arguments (a tool's, a prompt's, what a
+        client request would send)."""
+        if action.verb is Verb.READ_RESOURCE:
+            labels = label_uri(action.resource)
+        else:
+            labels = label_value(action.arguments) if action.arguments else frozenset()
+        if labels:
+            action.context["labels"] = labels
+            event["labels"] = sorted(labels)
+
+    def _as_templates_too(self, action: Action, decision: PolicyDecision) -> PolicyDecision:
+        """``decision``, an allow of ``action``, joined with the policy's decisions on it
+        under the text of each template of its plugin that serves the URI it reads or
+        completes: both must allow it, as the lists and completions know it by that text (a
+        forbid on it hid the template, whose every URI could still be read: found by
+        review). Not for a URI a resource serves, nor for a template's own text."""
+        verb, uri = action.verb, action.resource
+        if verb is not Verb.READ_RESOURCE and (
+            verb is not Verb.COMPLETE or action.context.get("ref") == "prompt"
+        ):
+            return decision
+        if uri in self.plugins.resources:
+            return decision
+        templates = [t for t in self.plugins.templates if t.plugin == action.plugin]
+        if any(t.listing["uriTemplate"] == uri for t in templates):
+            return decision
+        for template in templates:
+            if template.pattern.match(uri):
+                seen_as = Action(
+                    action.principal,
+                    verb,
+                    template.listing["uriTemplate"],
+                    action.plugin,
+                    {},
+                    action.context,
+                )
+                decision = decision.joined(self.policy.decide(seen_as))
+        return decision
 
     def _in_force(self) -> tuple[int, int]:
         """What decides an action that may change while it waits: the policy set's generation

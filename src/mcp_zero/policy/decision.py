@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # What a default deny (no permit matched) is counted under in place of a forbid's @id; no
@@ -42,6 +42,29 @@ class PolicyDecision:
     audit_before: bool = False
     policies_sha256: str = ""
     denied_by: tuple[str, ...] = ()
+
+    def joined(self, other: PolicyDecision) -> PolicyDecision:
+        """This decision and ``other``, on the same action under another name of its target
+        (a URI, and the template it is read by): a denial if either is (this one first),
+        else an allow by the permits of both, bound by the obligations of both."""
+        if not self.allowed:
+            return self
+        if not other.allowed:
+            return other
+        added = [
+            (policy, reason)
+            for policy, reason in zip(other.policies, other.reasons, strict=True)
+            if policy not in self.policies
+        ]
+        return replace(
+            self,
+            policies=self.policies + tuple(policy for policy, _ in added),
+            reasons=self.reasons + tuple(reason for _, reason in added),
+            errors=self.errors + tuple(e for e in other.errors if e not in self.errors),
+            message=self.message + "".join(f', policy "{policy}"' for policy, _ in added),
+            redact=tuple(sorted({*self.redact, *other.redact})),
+            audit_before=self.audit_before or other.audit_before,
+        )
 
     def to_data(self) -> dict[str, Any]:
         """The decision as JSON-ready ``data`` for errors and audit records."""
