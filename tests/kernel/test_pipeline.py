@@ -607,6 +607,31 @@ async def test_a_forbid_on_a_template_holds_for_every_uri_it_serves(
     assert (record["outcome"], record["policies"]) == ("allowed", ["attached-plugins-content"])
 
 
+async def test_a_permit_on_one_uri_of_a_template_allows_it_without_one_on_the_template(
+    started: Runtime, bridge: Any
+) -> None:
+    # Decided as "both must allow", it needed a permit on the template too: a permit naming
+    # one URI stopped working. Only a forbid on the template counts (lead's review).
+    max_ = Principal("max")  # no plugin attached: the default policy permits it nothing
+    (started.settings.policy_dir / "one-uri.cedar").write_text(
+        '@id("max-reads-seven")\n'
+        'permit (principal == Agent::"max", action == Action::"read_resource", '
+        'resource == Resource::"test://template/7/data");\n'
+    )
+    started.policy.reload()
+    with anyio.fail_after(TIMEOUT_S):
+        read = await started.kernel.read_resource(
+            max_, "test://template/7/data", bridge, request_id="one1", transport="t"
+        )
+        with pytest.raises(PolicyDenied):
+            await started.kernel.read_resource(
+                max_, "test://template/8/data", bridge, request_id="one2", transport="t"
+            )
+    assert read["contents"][0]["uri"] == "test://template/7/data"
+    [record] = records(started, request_id="one1")
+    assert (record["outcome"], record["policies"]) == ("allowed", ["max-reads-seven"])
+
+
 async def test_arguments_nested_too_deep_are_refused_and_audited(
     started: Runtime, bridge: Any
 ) -> None:

@@ -1336,9 +1336,10 @@ class Kernel:
     def _as_templates_too(self, action: Action, decision: PolicyDecision) -> PolicyDecision:
         """``decision``, an allow of ``action``, joined with the policy's decisions on it
         under the text of each template of its plugin that serves the URI it reads or
-        completes: both must allow it, as the lists and completions know it by that text (a
-        forbid on it hid the template, whose every URI could still be read: found by
-        review). Not for a URI a resource serves, nor for a template's own text."""
+        completes (``PolicyDecision.joined``): a forbid there denies it, as the lists and
+        completions know it by that text (a forbid on it hid the template, whose every URI
+        could still be read: found by review). Not for a URI a resource serves, nor for a
+        template's own text."""
         verb, uri = action.verb, action.resource
         if verb is not Verb.READ_RESOURCE and (
             verb is not Verb.COMPLETE or action.context.get("ref") == "prompt"

@@ -45,12 +45,13 @@ class PolicyDecision:
 
     def joined(self, other: PolicyDecision) -> PolicyDecision:
         """This decision and ``other``, on the same action under another name of its target
-        (a URI, and the template it is read by): a denial if either is (this one first),
-        else an allow by the permits of both, bound by the obligations of both."""
+        (a URI, and the template it is read by): a denial if this one is, or if a forbid
+        denied ``other`` (not for want of a permit: a permit on the URI alone allows it);
+        else an allow bound by the obligations of both (``other``'s permits named too)."""
         if not self.allowed:
             return self
         if not other.allowed:
-            return other
+            return other if other.denied_by else self
         added = [
             (policy, reason)
             for policy, reason in zip(other.policies, other.reasons, strict=True)
