@@ -20,6 +20,14 @@ from mcp_zero.policy import (
 )
 
 
+def refused(policy_dir: Path, name: str, text: str) -> PolicyError:
+    """The error a policy set of ``text`` in file ``name`` of ``policy_dir`` is refused with."""
+    (policy_dir / name).write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        PolicyEngine.load(policy_dir)
+    return caught.value
+
+
 @pytest.mark.parametrize("verb", list(Verb))
 def test_schema_declares_an_action_for_every_verb(verb: Verb) -> None:
     policy = f'permit (principal, action == Action::"{verb.value}", resource);'
@@ -56,34 +64,33 @@ def test_default_policies_carry_id_and_reason(tmp_path: Path) -> None:
 
 def test_parse_error_names_file_and_line(tmp_path: Path) -> None:
     write_default_policies(tmp_path)
-    (tmp_path / "broken.cedar").write_text(
+    error = refused(
+        tmp_path,
+        "broken.cedar",
         '@id("fine")\npermit (principal, action, resource);\n\n'
         "// a comment; with a semicolon\n"
         '@id("has;semicolon")\n'
         "forbid (principal, action, resource)\n"
-        "when { context.anonymous == };\n"
+        "when { context.anonymous == };\n",
     )
-    with pytest.raises(PolicyError) as caught:
-        PolicyEngine.load(tmp_path)
-    err = caught.value
-    assert err.message.startswith("broken.cedar:5: cannot parse policy: ")
-    assert "unexpected token" in err.message
-    assert err.data is not None
-    assert err.data["file"] == "broken.cedar"
-    assert err.data["line"] == 5
+    assert error.message.startswith("broken.cedar:5: cannot parse policy: ")
+    assert "unexpected token" in error.message
+    assert error.data is not None
+    assert error.data["file"] == "broken.cedar"
+    assert error.data["line"] == 5
 
 
 def test_validation_error_names_file_policy_and_line(tmp_path: Path) -> None:
-    (tmp_path / "typo.cedar").write_text(
+    error = refused(
+        tmp_path,
+        "typo.cedar",
         '@id("ok")\npermit (principal, action == Action::"call_tool", resource);\n'
         '@id("typo")\n'
         'permit (principal, action == Action::"call_tool", resource)\n'
-        "when { principal.plugin.contains(resource.plugin) };\n"
+        "when { principal.plugin.contains(resource.plugin) };\n",
     )
-    with pytest.raises(PolicyError) as caught:
-        PolicyEngine.load(tmp_path)
     assert 'typo.cedar:3: policy "typo": attribute `plugin` on entity type `Agent` not found' in (
-        caught.value.message
+        error.message
     )
 
 
@@ -268,13 +275,13 @@ def test_a_redact_obligation_is_read_with_its_labels(tmp_path: Path) -> None:
 def test_a_redact_naming_no_known_label_is_refused(
     tmp_path: Path, annotation: str, problem: str
 ) -> None:
-    (tmp_path / "r.cedar").write_text(
-        f'\n@id("bad-redact")\n{annotation}\npermit (principal, action, resource);\n'
+    error = refused(
+        tmp_path,
+        "r.cedar",
+        f'\n@id("bad-redact")\n{annotation}\npermit (principal, action, resource);\n',
     )
-    with pytest.raises(PolicyError) as caught:
-        PolicyEngine.load(tmp_path)
-    assert caught.value.message.startswith(f'r.cedar:2: policy "bad-redact": {problem}')
-    assert caught.value.data == {"file": "r.cedar", "line": 2, "policy": "bad-redact"}
+    assert error.message.startswith(f'r.cedar:2: policy "bad-redact": {problem}')
+    assert error.data == {"file": "r.cedar", "line": 2, "policy": "bad-redact"}
 
 
 def test_a_redact_on_a_forbid_is_refused(tmp_path: Path) -> None:
@@ -306,17 +313,17 @@ def test_an_unknown_annotation_is_refused_naming_the_policy_and_annotation(
     tmp_path: Path, annotations: str, named: str, problem: str
 ) -> None:
     # a misspelt obligation would otherwise not hold: nothing redacted, nothing recorded first
-    (tmp_path / "t.cedar").write_text(
+    error = refused(
+        tmp_path,
+        "t.cedar",
         "permit (principal, action, resource);\n"
-        f"{annotations}permit (principal, action, resource);\n"
+        f"{annotations}permit (principal, action, resource);\n",
     )
-    with pytest.raises(PolicyError) as caught:
-        PolicyEngine.load(tmp_path)
-    assert caught.value.message == (
+    assert error.message == (
         f't.cedar:2: policy "{named}": {problem}; '
         "the annotations are: @id, @reason, @redact, @audit"
     )
-    assert caught.value.data == {"file": "t.cedar", "line": 2, "policy": named}
+    assert error.data == {"file": "t.cedar", "line": 2, "policy": named}
 
 
 @pytest.mark.parametrize(
@@ -354,16 +361,17 @@ def test_a_condition_naming_an_unknown_label_is_refused(
     tmp_path: Path, condition: str, unknown: str
 ) -> None:
     # it could never match: a forbid on a misspelt label let every secret through
-    (tmp_path / "c.cedar").write_text(
-        f'\n@id("typo")\nforbid (principal, action == Action::"call_tool", resource) {condition};\n'
+    error = refused(
+        tmp_path,
+        "c.cedar",
+        f'\n@id("typo")\nforbid (principal, action == Action::"call_tool", resource)'
+        f" {condition};\n",
     )
-    with pytest.raises(PolicyError) as caught:
-        PolicyEngine.load(tmp_path)
-    assert caught.value.message == (
+    assert error.message == (
         f'c.cedar:2: policy "typo": a condition compares context.labels with unknown label '
         f"{unknown}; the labels are: pii, secret"
     )
-    assert caught.value.data == {"file": "c.cedar", "line": 2, "policy": "typo"}
+    assert error.data == {"file": "c.cedar", "line": 2, "policy": "typo"}
 
 
 def test_a_condition_naming_known_labels_or_other_strings_loads(tmp_path: Path) -> None:
@@ -392,11 +400,11 @@ def test_an_id_that_is_reserved_or_empty_is_refused(
     tmp_path: Path, policy_id: str, named: str, problem: str
 ) -> None:
     # a forbid named default-deny had its denials counted as "no permit matched"
-    (tmp_path / "t.cedar").write_text(
+    error = refused(
+        tmp_path,
+        "t.cedar",
         "permit (principal, action, resource);\n"
-        f'@id("{policy_id}")\nforbid (principal, action, resource);\n'
+        f'@id("{policy_id}")\nforbid (principal, action, resource);\n',
     )
-    with pytest.raises(PolicyError) as caught:
-        PolicyEngine.load(tmp_path)
-    assert caught.value.message == f't.cedar:2: policy "{named}": {problem}'
-    assert caught.value.data == {"file": "t.cedar", "line": 2, "policy": named}
+    assert error.message == f't.cedar:2: policy "{named}": {problem}'
+    assert error.data == {"file": "t.cedar", "line": 2, "policy": named}
