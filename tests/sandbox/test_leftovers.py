@@ -149,6 +149,83 @@ def test_a_session_whose_leader_runs_is_not_the_workers(server: Server) -> None:
         assert other.poll() is None
 
 
+# A worker that leaves a sleeper and a walker (a process that forks its next generation and
+# exits, every 0.1 s, in a process group of its own) in its session, both with an empty
+# environment.
+WALKING_SERVER = """
+import os, subprocess, sys, time
+from pathlib import Path
+from mcp_zero.sandbox import leftovers, proctree
+walk = (
+    "import os, time\\n"
+    "os.setpgid(0, 0)\\n"
+    "while True:\\n"
+    "    time.sleep(0.1)\\n"
+    "    if os.fork():\\n"
+    "        os._exit(0)\\n"
+)
+worker = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', "
+    "'import time; time.sleep(600)'], env={}, stdin=subprocess.DEVNULL).pid); "
+    f"subprocess.Popen([sys.executable, '-c', {walk!r}], env={{}}, stdin=subprocess.DEVNULL)"],
+    start_new_session=True, stdout=subprocess.PIPE)
+started = proctree.process(worker.pid).started
+leftovers.WorkerRecord(Path(sys.argv[1])).write(
+    [leftovers.Worker(worker.pid, started, (os.geteuid(),))])
+print(worker.pid, int(worker.stdout.readline()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_what_forks_on_in_a_session_the_worker_had_before_its_server_died_is_ended(
+    tmp_path: Path,
+) -> None:
+    # Only processes started before the server's last touch were taken for leftovers: a
+    # walker's generation is always newer, and it ran on (found by review). A session with
+    # a member that old is the worker's (no stranger made one of its id since): all of it.
+    directory = tmp_path / "workers"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WALKING_SERVER, str(directory)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.stdout is not None
+    session, sleeper = map(int, proc.stdout.readline().split())
+    try:
+        proc.kill()
+        proc.wait()
+        [record] = directory.iterdir()
+        # The server's last touch: just before the sleeper started (less the margin), so the
+        # sleeper is older than it and every walker generation since is newer
+        sleeper_proc = proctree.process(sleeper)
+        assert sleeper_proc is not None
+        with open("/proc/stat") as stat:
+            booted = next(float(line.split()[1]) for line in stat if line.startswith("btime "))
+        ticks = os.sysconf("SC_CLK_TCK")
+        touched = booted + sleeper_proc.started / ticks - leftovers.LATE_S + 0.05
+        os.utime(record, (touched, touched))
+        until = sleeper_proc.started + 0.05 * ticks
+        deadline = time.monotonic() + 5
+        while not any(
+            p.session == session and p.started > until and p.state != "Z"
+            for pid, p in proctree.processes().items()
+            if pid != sleeper
+        ):
+            assert time.monotonic() < deadline, "no walker generation after the touch"
+            time.sleep(0.05)
+        ended = leftovers.end_sessions(leftovers.left_sessions(directory))
+        assert sleeper in ended
+        wait_gone(sleeper)
+        left = [p for p in proctree.processes().values() if p.session == session]
+        assert [p for p in left if p.state != "Z"] == []
+    finally:
+        proctree.kill_tree(sleeper, include_root=True)
+        for pid, p in proctree.processes().items():
+            if p.session == session:
+                proctree.kill_tree(pid, include_root=True)
+        proc.stdout.close()
+
+
 def test_a_record_naming_pid_0_is_dropped(server: Server) -> None:
     # A hand-written one: ending "its session" killed the starting server's own process
     # group (killpg(0)), and session 0 is the kernel's threads (found by review)

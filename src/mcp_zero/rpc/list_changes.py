@@ -180,20 +180,26 @@ class ListChanges:
             running.set_result(None)
 
     async def _check_once(self) -> None:
-        now = _Now(self.kernel, self.agents, self.transport)
+        # What was open as it began (one opened meanwhile took its first look itself: the
+        # next check has it); and, after each wait, what it knows of the agents read again:
+        # a token rotated or a plugin attached meanwhile ended a new token's stream, or sent
+        # a stream opened since a notice of nothing (found by review)
+        sessions, streams = list(self.listeners()), list(self.streams())
+        now = self._now()
         worked_since = time.perf_counter()
-        for session, channel in list(self.listeners()):
+        for session, channel in sessions:
             if time.perf_counter() - worked_since >= self.yield_after_s:
                 # (found by review: a reload with 3,000 sessions held every request for 63 s,
                 # a call that ended in time among them, recorded as a timeout)
                 await asyncio.sleep(0)
-                worked_since = time.perf_counter()
+                now, worked_since = self._now(), time.perf_counter()
             if session.closed:
                 continue
             looked = now.look(session.principal, session.credential)
             if isinstance(looked, str):  # terminated, or rotated: it ends, streams and all
                 if self.ended is not None:
                     await self.ended(session, looked)
+                    now = self._now()
                 continue
             session.principal, current = looked
             if not session.views:  # a session no one took a first look at
@@ -201,17 +207,18 @@ class ListChanges:
                 continue
             changed = _changed(session.views, current, NOTICES)
             session.views = current  # before sending: a check meanwhile finds nothing new
-            if channel is not None:
+            if channel is not None and changed:
                 for method in changed:
                     await channel.send({"jsonrpc": "2.0", "method": method})
+                now = self._now()
         if self.end_agent is not None:
             for principal in {p.agent: p for p in self.at_work()}.values():
                 if now.look(principal) == TERMINATED:
                     self.end_agent(principal.agent)
-        for stream in list(self.streams()):
+        for stream in streams:
             if time.perf_counter() - worked_since >= self.yield_after_s:
                 await asyncio.sleep(0)
-                worked_since = time.perf_counter()
+                now, worked_since = self._now(), time.perf_counter()
             if stream.mailbox.ended:
                 continue
             looked = now.look(stream.principal, stream.credential)
@@ -222,6 +229,9 @@ class ListChanges:
             for method in _changed(stream.views, current, stream.notices):
                 stream.mailbox.put_nowait({"jsonrpc": "2.0", "method": method})
             stream.views = current
+
+    def _now(self) -> _Now:
+        return _Now(self.kernel, self.agents, self.transport)
 
 
 def versions(kernel: Kernel, principal: Principal, transport: str) -> dict[str, str]:

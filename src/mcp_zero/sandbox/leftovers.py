@@ -40,7 +40,7 @@ from mcp_zero.sandbox import proctree
 HEARTBEAT_S = 1.0  # how often a running server touches its record
 # how late after the record's last touch a process may have started and still be a leftover
 # (the next touch, the second /proc/stat's boot time is rounded to, and clock adjustments)
-_LATE_S = HEARTBEAT_S + 2.0
+LATE_S = HEARTBEAT_S + 2.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -173,7 +173,7 @@ def left_sessions(directory: Path) -> list[Worker]:
             server = table.get(pid)
             if server is not None and server.state != "Z" and server.started == started:
                 continue  # a server running on the data dir beside us: its workers are its own
-            until = int((recorded.touched + _LATE_S - booted) * _CLK_TCK)
+            until = int((recorded.touched + LATE_S - booted) * _CLK_TCK)
             found.extend(dataclasses.replace(worker, until=until) for worker in recorded.workers)
         with contextlib.suppress(OSError):
             path.unlink()
@@ -203,25 +203,30 @@ def _uid(pid: int) -> int | None:
     return None
 
 
-def _members(worker: Worker, table: dict[int, proctree.Proc]) -> list[int]:
+def _members(worker: Worker, table: dict[int, proctree.Proc], known: bool = False) -> list[int]:
     """The live processes of ``worker``'s session, itself included if it still runs (its
     server is gone: it is on its way out); none if its pid was taken again: its session
-    had ended then."""
+    had ended then. The session is the worker's only while one of them started before its
+    server last touched its record (``until``): no stranger can have made a session of that
+    id while that one ran, so the others, started later (a leftover forking on and on), are
+    the worker's too. ``known``: the session was found the worker's already."""
     leader = table.get(worker.pid)
     if leader is not None and leader.state != "Z" and leader.started != worker.started:
         return []
     until = worker.until
     if until is None:  # (not found by left_sessions: when its server died is not known)
         return []
-    return [
-        pid
+    members = [
+        (pid, proc.started)
         for pid, proc in table.items()
         if proc.session == worker.pid
         and proc.state != "Z"
         and worker.started <= proc.started
-        and proc.started <= until
         and _uid(pid) in worker.uids
     ]
+    if known or any(started <= until for _, started in members):
+        return [pid for pid, _ in members]
+    return []
 
 
 _ROUNDS = 4  # scans of the sessions: a process may fork while the last scan's are killed
@@ -231,12 +236,14 @@ def end_sessions(workers: list[Worker]) -> list[int]:
     """SIGKILL what runs in the sessions of ``workers`` (of servers no longer running), each
     with its tree; the pids killed."""
     killed: set[int] = set()
+    known: set[int] = set()  # sessions found the workers' (their forks since are too)
     for _ in range(_ROUNDS):
         table = proctree.processes()
-        found = {worker.pid: _members(worker, table) for worker in workers}
+        found = {w.pid: _members(w, table, w.pid in known) for w in workers}
         found = {session: pids for session, pids in found.items() if pids}
         if not found:
             break
+        known.update(found)
         for session, pids in found.items():
             # its group (the session's first, of the same id) at once: a process forking in
             # a loop is undone; then each tree, for those that made groups of their own
