@@ -59,14 +59,21 @@ class Server:
         self.proc.wait()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    directory = tmp_path / "workers"
+def start(script: str, directory: Path) -> subprocess.Popen[bytes]:
+    """A server of ``script`` that lists its worker in ``directory`` (what it says: stdout)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(directory)],
+        [sys.executable, "-c", script, str(directory)],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
+    assert proc.stdout is not None
+    return proc
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    directory = tmp_path / "workers"
+    proc = start(SERVER, directory)
     assert proc.stdout is not None
     started = Server(proc, int(proc.stdout.readline()), directory)
     try:
@@ -184,11 +191,7 @@ def test_what_forks_on_in_a_session_the_worker_had_before_its_server_died_is_end
     # walker's generation is always newer, and it ran on (found by review). A session with
     # a member that old is the worker's (no stranger made one of its id since): all of it.
     directory = tmp_path / "workers"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WALKING_SERVER, str(directory)],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    proc = start(WALKING_SERVER, directory)
     assert proc.stdout is not None
     session, sleeper = map(int, proc.stdout.readline().split())
     try:
