@@ -826,6 +826,16 @@ def test_text_outputs_escape_what_a_terminal_would_act_on(data_dir: Path, tmp_pa
     assert echoed.stdout == "a\\x1b[2J\tb\nc\\r\n"
 
 
+def test_agent_list_takes_a_page_after_a_name(data_dir: Path) -> None:
+    for name in ("c", "a", "b"):
+        run(data_dir, "agent", "create", name)
+    assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["a", "b", "c"]
+    page = as_json(data_dir, "agent", "list", "--after", "a", "--limit", "1")
+    assert [a["name"] for a in page] == ["b"]
+    assert run(data_dir, "agent", "list", "--after", "c").stdout == "no agents\n"
+    assert run(data_dir, "agent", "list", "--limit", "0", ok=False).exit_code == 2
+
+
 def test_audit_list_prints_a_log_longer_than_a_page_page_by_page(data_dir: Path) -> None:
     # It read the whole log, and made every line, before it printed one: 4 GB for 1.5
     # million records (found by review). Its output is the same, in order and whole.

@@ -205,6 +205,24 @@ async def test_agent_lifecycle_through_the_admin_api(admin: Admin) -> None:
     ]
 
 
+async def test_agents_come_a_page_at_a_time_when_asked(admin: Admin) -> None:
+    # ?limit was ignored: 21,000 agents were 2 MB in one answer, built on the event loop
+    # (found by review)
+    for name in ("page-c", "page-a", "page-b"):
+        assert (await admin.call("POST", "/agents", {"name": name})).status_code == 201
+    every = [a["name"] for a in (await admin.call("GET", "/agents")).json()]
+    assert every == sorted(every)
+    mine = [name for name in every if name.startswith("page-")]
+    assert mine == ["page-a", "page-b", "page-c"]
+    first = (await admin.call("GET", "/agents", params={"after": "page-", "limit": "2"})).json()
+    assert [a["name"] for a in first] == ["page-a", "page-b"]
+    rest = await admin.call("GET", "/agents", params={"after": "page-b", "limit": "2"})
+    assert [a["name"] for a in rest.json()][:1] == ["page-c"]
+    for params in ({"limit": "0"}, {"limit": "two"}, {"after": ["a", "b"]}):
+        refused = await admin.call("GET", "/agents", params=params)
+        assert refused.status_code == 400, params
+
+
 async def test_rotating_a_token_through_the_admin_api_revokes_the_old_one_at_once(
     admin: Admin,
 ) -> None:

@@ -422,11 +422,20 @@ def agent_create(
 
 @agent.command("list")
 @_common
+@click.option("--after", default="", help="The agents named after this one (by name).")
+@click.option(
+    "--limit",
+    type=_WholeNumber(min=1, max=(1 << 63) - 1),
+    default=None,
+    help="At most this many agents (default: all).",
+)
 @_errors
-def agent_list(config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
-    """List agents."""
+def agent_list(
+    config_file: Path | None, data_dir: Path | None, as_json: bool, after: str, limit: int | None
+) -> None:
+    """List agents, by name."""
     with _store(config_file, data_dir) as store:
-        views = [_agent_view(a) for a in store.list_agents()]
+        views = [_agent_view(a) for a in store.list_agents(after, limit)]
     lines = [
         f"{_escaped(v['name']):24} {_escaped(v['status']):11} "
         f"{_escaped(','.join(v['plugins'])) or '-'}"

@@ -334,8 +334,9 @@ class AgentService:
         )
         return IssuedToken(record, token)
 
-    def list_agents(self) -> list[AgentRecord]:
-        return self.store.list_agents()
+    def list_agents(self, after: str = "", limit: int | None = None) -> list[AgentRecord]:
+        """The agents named after ``after``, by name; at most ``limit`` (None: all)."""
+        return self.store.list_agents(after, limit)
 
     def get(self, name: str) -> AgentRecord:
         return require_agent(self.store, name)

@@ -66,8 +66,9 @@ _AGENT_BY_CREDENTIAL = (
     "FROM agents "
     "WHERE token_hash = ? LIMIT 1"
 )
-_ALL_AGENTS = (
-    "SELECT name, token_hash, plugins, state, status, created_at FROM agents ORDER BY name"
+_AGENTS_AFTER = (
+    "SELECT name, token_hash, plugins, state, status, created_at FROM agents WHERE name > ? "
+    "ORDER BY name LIMIT ?"
 )
 _PUT_PLUGIN = (
     "INSERT OR REPLACE INTO plugins (name, version, manifest, path, installed_at, digest) "
@@ -219,10 +220,12 @@ class SqliteStore:
         )
         return _agent(rows[0]) if rows else None
 
-    def list_agents(self) -> list[AgentRecord]:
+    def list_agents(self, after: str = "", limit: int | None = None) -> list[AgentRecord]:
+        """The agents named after ``after``, by name; at most ``limit`` (None: all)."""
         rows = self._query(
             "list agents",
-            _ALL_AGENTS,
+            _AGENTS_AFTER,
+            (after, -1 if limit is None else limit),  # (a negative LIMIT: none)
         )
         return [_agent(row) for row in rows]
 
