@@ -185,21 +185,22 @@ class ListChanges:
         # a token rotated or a plugin attached meanwhile ended a new token's stream, or sent
         # a stream opened since a notice of nothing (found by review)
         sessions, streams = list(self.listeners()), list(self.streams())
-        now = self._now()
+        now = _Now(self.kernel, self.agents, self.transport)
         worked_since = time.perf_counter()
         for session, channel in sessions:
             if time.perf_counter() - worked_since >= self.yield_after_s:
                 # (found by review: a reload with 3,000 sessions held every request for 63 s,
                 # a call that ended in time among them, recorded as a timeout)
                 await asyncio.sleep(0)
-                now, worked_since = self._now(), time.perf_counter()
+                now.forget()
+                worked_since = time.perf_counter()
             if session.closed:
                 continue
             looked = now.look(session.principal, session.credential)
             if isinstance(looked, str):  # terminated, or rotated: it ends, streams and all
                 if self.ended is not None:
                     await self.ended(session, looked)
-                    now = self._now()
+                    now.forget()
                 continue
             session.principal, current = looked
             if not session.views:  # a session no one took a first look at
@@ -210,7 +211,7 @@ class ListChanges:
             if channel is not None and changed:
                 for method in changed:
                     await channel.send({"jsonrpc": "2.0", "method": method})
-                now = self._now()
+                now.forget()
         if self.end_agent is not None:
             for principal in {p.agent: p for p in self.at_work()}.values():
                 if now.look(principal) == TERMINATED:
@@ -218,7 +219,8 @@ class ListChanges:
         for stream in streams:
             if time.perf_counter() - worked_since >= self.yield_after_s:
                 await asyncio.sleep(0)
-                now, worked_since = self._now(), time.perf_counter()
+                now.forget()
+                worked_since = time.perf_counter()
             if stream.mailbox.ended:
                 continue
             looked = now.look(stream.principal, stream.credential)
@@ -229,9 +231,6 @@ class ListChanges:
             for method in _changed(stream.views, current, stream.notices):
                 stream.mailbox.put_nowait({"jsonrpc": "2.0", "method": method})
             stream.views = current
-
-    def _now(self) -> _Now:
-        return _Now(self.kernel, self.agents, self.transport)
 
 
 def versions(kernel: Kernel, principal: Principal, transport: str) -> dict[str, str]:
@@ -259,6 +258,14 @@ class _Now:
         self._admissions: dict[tuple[str, bool], Admission | None] = {}
         self._read: set[tuple[str, bool]] = set()  # admissions read from the store by this check
         self._versions: dict[Principal, dict[str, str]] = {}
+
+    def forget(self) -> None:
+        """Forget the principals and versions looked at (the check waited: they may have
+        changed), not which agents were read from the store this check: reading one again
+        for each of its sessions (a rotation) cost a read and a cache rebuild per session
+        (found by review)."""
+        self._admissions.clear()
+        self._versions.clear()
 
     def _admit(self, key: tuple[str, bool]) -> None:
         try:
