@@ -23,7 +23,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 from urllib.parse import parse_qs
 
 import orjson
@@ -226,17 +226,11 @@ class AdminApi:
         if len(afters) > 1:
             raise InvalidRequest(f"after is given {len(afters)} times; give it once")
         after = afters[0]
-        limit: int | None = None
-        if "limit" in q:
-            limit = _whole_number(q, "limit", "0")
-            if limit < 1:
-                raise InvalidRequest("limit must be 1 or more")
-            limit = min(limit, AGENT_PAGE_MAX)
+        limit = _page_size(q, None, AGENT_PAGE_MAX)
         agents = self.runtime.agents
-        page = await asyncio.to_thread(
+        return 200, await asyncio.to_thread(
             lambda: [agent_view(a) for a in agents.list_agents(after, limit)]
         )
-        return 200, page
 
     async def _spawn(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         name = body.get("name")
@@ -346,18 +340,14 @@ class AdminApi:
         self, m: re.Match[str], body: JSON, q: dict[str, list[str]]
     ) -> tuple[int, Any]:
         after = _whole_number(q, "after", "0")
-        limit = _whole_number(q, "limit", "100")
-        if not 0 <= after < 1 << 63 or limit < 1:
-            # SQLite reads a negative LIMIT as "no limit": that would be the whole log; and
-            # past 64 bits it cannot bind the number at all
-            raise InvalidRequest("after must be from 0 to 2**63 - 1, and limit 1 or more")
-        limit = min(limit, AUDIT_PAGE_MAX)
+        if not 0 <= after < 1 << 63:  # (past 64 bits SQLite cannot bind the number at all)
+            raise InvalidRequest("after must be from 0 to 2**63 - 1")
+        limit = _page_size(q, "100", AUDIT_PAGE_MAX)
         store = self.runtime.store
         # a full page is tens of ms of reading and decoding: off the event loop too
-        page = await asyncio.to_thread(
+        return 200, await asyncio.to_thread(
             lambda: [audit_view(e) for e in store.read_audit(after, limit)]
         )
-        return 200, page
 
     async def _verify(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         try:
@@ -372,6 +362,21 @@ class AdminApi:
             "head_seq": report.head_seq,
             "head_hash": report.head_hash,
         }
+
+
+@overload
+def _page_size(q: dict[str, list[str]], default: str, most: int) -> int: ...
+@overload
+def _page_size(q: dict[str, list[str]], default: None, most: int) -> int | None: ...
+def _page_size(q: dict[str, list[str]], default: str | None, most: int) -> int | None:
+    """Query parameter ``limit`` (``default`` if absent; None for none), at most ``most``;
+    refused below 1 (SQLite reads a negative LIMIT as none: the whole table)."""
+    if default is None and "limit" not in q:
+        return None
+    limit = _whole_number(q, "limit", default or "0")
+    if limit < 1:
+        raise InvalidRequest("limit must be 1 or more")
+    return min(limit, most)
 
 
 def _whole_number(q: dict[str, list[str]], name: str, default: str) -> int:
