@@ -125,7 +125,8 @@ def daemon(
 
 
 # A daemon that outruns a walk of its tree: in a session of its own, each generation forks
-# the next and exits at once; every 50th writes its pid to the heartbeat file.
+# the next and exits at once; every 50th writes its pid to the heartbeat file (whole: a
+# generation killed while it wrote left it empty, and the test read '' for a pid)
 _RUNNER = (
     "import os, sys, time\n"
     "if os.fork():\n    os._exit(0)\n"
@@ -135,7 +136,9 @@ _RUNNER = (
     "    if os.fork():\n        os._exit(0)\n"
     "    n += 1\n"
     "    if n % 50 == 0:\n"
-    "        with open(sys.argv[1], 'w') as beat:\n            beat.write(str(os.getpid()))\n"
+    "        partial = f'{sys.argv[1]}.{os.getpid()}'\n"
+    "        with open(partial, 'w') as beat:\n            beat.write(str(os.getpid()))\n"
+    "        os.replace(partial, sys.argv[1])\n"
 )
 
 
