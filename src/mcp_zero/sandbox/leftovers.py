@@ -77,13 +77,6 @@ def _boot_time() -> float | None:
     return None
 
 
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
 class WorkerRecord:
     """The file in ``directory`` that lists this process's running workers: made with the
     first, rewritten (whole, atomically) as each starts or exits, removed with the last.
@@ -105,7 +98,7 @@ class WorkerRecord:
             return
         body = {
             "boot": _boot_id(),
-            "pid_namespace": _pid_namespace(),
+            "pid_namespace": proctree.pid_namespace() or "",
             "server": [os.getpid(), self._started],
             "workers": [[w.pid, w.started, list(w.uids)] for w in workers],
         }
@@ -161,7 +154,7 @@ def left_sessions(directory: Path) -> list[Worker]:
         paths = sorted(directory.glob("*.json"))
     except OSError:
         return []
-    boot, namespace, booted = _boot_id(), _pid_namespace(), _boot_time()
+    boot, namespace, booted = _boot_id(), proctree.pid_namespace() or "", _boot_time()
     table = proctree.processes()
     found: list[Worker] = []
     for path in paths:

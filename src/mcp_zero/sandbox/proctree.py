@@ -281,12 +281,13 @@ def left_behind(plugin_data_dir: str) -> list[int]:
             continue  # not set by a worker
         gone = server is None or server.state == "Z" or server.started > proc.started
         # in another pid namespace (a container beside us), its server's pid is not ours
-        if gone and _pid_namespace(pid) == _pid_namespace("self"):
+        if gone and pid_namespace(pid) == pid_namespace():
             found.append(pid)
     return found
 
 
-def _pid_namespace(pid: int | str) -> str | None:
+def pid_namespace(pid: int | str = "self") -> str | None:
+    """The pid namespace of process ``pid`` (None: gone, or not to be read)."""
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
@@ -321,6 +322,7 @@ __all__ = [
     "kill_groups",
     "kill_tree",
     "left_behind",
+    "pid_namespace",
     "process",
     "processes",
     "reap",

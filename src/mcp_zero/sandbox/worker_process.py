@@ -74,15 +74,15 @@ _STDOUT_CLOSED_GRACE_S = 0.2
 #: takes a worker (nor sweeps while one starts, its pid not known yet).
 _LIVE: set[int] = set()
 _starting = [0]
-_sweeping: list[asyncio.AbstractEventLoop | None] = [None]  # the loop whose sweeps run
+_ticking: list[asyncio.AbstractEventLoop | None] = [None]  # the loop whose ticks run
 _subreaper = [False]
 _SWEEP_DELAY_S = 0.1  # after a worker exits: the kernel re-parents what it left meanwhile
-_SWEEP_EVERY_S = 1.0
+# a subreaper's sweeps, and the touches of the workers' record, come every second
+_TICK_S = leftovers.HEARTBEAT_S
 _sweep_log = logging.getLogger("mcp_zero.sandbox.proctree")
 #: Where this process lists its workers, if it does (a server: ``record_workers``), and them.
 _record: list[leftovers.WorkerRecord | None] = [None]
 _RECORDED: dict[int, leftovers.Worker] = {}
-_touching: list[asyncio.AbstractEventLoop | None] = [None]  # the loop whose touches run
 
 
 def adopt_orphans() -> bool:
@@ -101,23 +101,6 @@ def record_workers(directory: Path) -> None:
     _record[0] = leftovers.WorkerRecord(directory)
 
 
-def _keep_touching(loop: asyncio.AbstractEventLoop) -> None:
-    """Touch the record every ``HEARTBEAT_S`` on ``loop`` (once started, for the loop's life):
-    what starts in a worker's session after the touches stop is no leftover of this server
-    (a pid taken again after it died, see ``sandbox.leftovers``)."""
-    if _touching[0] is not loop:
-        _touching[0] = loop
-        loop.call_later(leftovers.HEARTBEAT_S, _touch_every, loop)
-
-
-def _touch_every(loop: asyncio.AbstractEventLoop) -> None:
-    record = _record[0]
-    if _touching[0] is loop and not loop.is_closed() and record is not None:
-        if _RECORDED:
-            record.touch()
-        loop.call_later(leftovers.HEARTBEAT_S, _touch_every, loop)
-
-
 def _rewrite_record(record: leftovers.WorkerRecord) -> None:
     try:
         record.write(list(_RECORDED.values()))
@@ -125,17 +108,23 @@ def _rewrite_record(record: leftovers.WorkerRecord) -> None:
         _sweep_log.warning("cannot list the running workers in %s: %s", record.path, exc)
 
 
-def _keep_sweeping(loop: asyncio.AbstractEventLoop) -> None:
-    """In a subreaper: sweep on ``loop`` every second (once started, for the loop's life)."""
-    if _subreaper[0] and _sweeping[0] is not loop:
-        _sweeping[0] = loop
-        loop.call_later(_SWEEP_EVERY_S, _sweep_every, loop)
+def _keep_ticking(loop: asyncio.AbstractEventLoop) -> None:
+    """Every second on ``loop`` (once started, for the loop's life): in a subreaper, sweep;
+    with a record of the workers, touch it (what starts in a worker's session after the
+    touches stop is no leftover of this server: see ``sandbox.leftovers``)."""
+    if (_subreaper[0] or _record[0] is not None) and _ticking[0] is not loop:
+        _ticking[0] = loop
+        loop.call_later(_TICK_S, _tick, loop)
 
 
-def _sweep_every(loop: asyncio.AbstractEventLoop) -> None:
-    if _sweeping[0] is loop and not loop.is_closed():
-        _sweep()
-        loop.call_later(_SWEEP_EVERY_S, _sweep_every, loop)
+def _tick(loop: asyncio.AbstractEventLoop) -> None:
+    if _ticking[0] is loop and not loop.is_closed():
+        if _subreaper[0]:
+            _sweep()
+        record = _record[0]
+        if record is not None and _RECORDED:
+            record.touch()
+        loop.call_later(_TICK_S, _tick, loop)
 
 
 def _sweep() -> None:
@@ -332,7 +321,7 @@ class WorkerProcess:
         if self._process_running:  # (it may have exited already: then it is no worker)
             _LIVE.add(self.pid)
             self._list_in_record()
-        _keep_sweeping(loop)
+        _keep_ticking(loop)
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         self._stderr_pipe = cast(asyncio.ReadTransport, transport.get_pipe_transport(2))
@@ -366,7 +355,6 @@ class WorkerProcess:
             uids.add(int(self._env["MCP0_WORKER_UID"]))
         _RECORDED[self.pid] = leftovers.Worker(self.pid, proc.started, tuple(sorted(uids)))
         _rewrite_record(record)
-        _keep_touching(asyncio.get_running_loop())
 
     def kill(self, reason: str) -> None:
         """SIGKILL the worker and everything it started; calls in flight fail with
