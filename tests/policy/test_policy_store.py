@@ -26,7 +26,7 @@ def test_reload_puts_new_policies_in_force(tmp_path: Path) -> None:
     new_engine = store.reload()
     assert store.engine is new_engine is not old_engine
     assert store.generation == 2
-    assert store.require(BOB_CALL).policies == ("bob-notes",)
+    assert store.decide(BOB_CALL).policies == ("bob-notes",)
     # An engine taken before the reload keeps answering with its own set.
     assert not old_engine.decide(BOB_CALL).allowed
 
@@ -42,7 +42,7 @@ def test_a_policy_file_starting_with_a_byte_order_mark_is_put_in_force(tmp_path:
     )
     assert store.refresh() is None  # seen once
     assert store.refresh() is not None
-    assert store.require(BOB_CALL).policies == ("bob-notes",)
+    assert store.decide(BOB_CALL).policies == ("bob-notes",)
 
 
 def test_invalid_reload_keeps_the_old_set(tmp_path: Path) -> None:

@@ -130,7 +130,3 @@ class PolicyStore:
     def decide(self, action: Action) -> PolicyDecision:
         """``engine.decide(action)`` on the set in force."""
         return self._engine.decide(action)
-
-    def require(self, action: Action) -> PolicyDecision:
-        """``engine.require(action)`` on the set in force. Raises PolicyDenied."""
-        return self._engine.require(action)
