@@ -336,7 +336,7 @@ class HttpApp:
             runtime.agents,
             self._listening_sessions,
             lambda: self.server.listeners.values(),
-            self._end_terminated,
+            self._end_revoked,
             self.server.principals_at_work,
             self.server.end_agent,
             self.server.transport,
@@ -1004,7 +1004,7 @@ class HttpApp:
             return None
         return session
 
-    async def _end_terminated(self, session: Session, why: str) -> None:
+    async def _end_revoked(self, session: Session, why: str) -> None:
         """The session's agent was terminated, or its token rotated (``why``): end it (its
         calls, its streams)."""
         if self.sessions.get(session.id) is session:

@@ -375,7 +375,7 @@ async def _serve_stdio(
 
     await runtime.start(wait=STARTUP_WAIT_S)
 
-    async def end_terminated(ended: Session, why: str) -> None:
+    async def end_revoked(ended: Session, why: str) -> None:
         """The session's agent was terminated, or the token it was opened with rotated
         (``why``): its calls running now stop, answered -32001 (later ones are refused)."""
         log.info("agent %r %s: ending this session", ended.principal.agent, why)
@@ -386,7 +386,7 @@ async def _serve_stdio(
         runtime.agents,
         server.sessions,
         lambda: server.listeners.values(),
-        end_terminated,
+        end_revoked,
         at_work=server.principals_at_work,
         end_agent=server.end_agent,
         transport=server.transport,
