@@ -4,7 +4,9 @@ anywhere under tests/ import it by this unique name; tests/ is on pytest's pytho
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 def loading_plugin(directory: Path, pid_file: Path, *, name: str = "slow") -> Path:
@@ -13,13 +15,13 @@ def loading_plugin(directory: Path, pid_file: Path, *, name: str = "slow") -> Pa
 
     A worker may write only its own data dir (``<data dir>/plugin-data/<name>``), so that
     is where ``pid_file`` must be."""
-    _manifest(directory, name, "never", {"type": "object"})
-    (directory / f"{name}_plugin.py").write_text(
+    code = (
         "import os, pathlib, time\n"
         f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
         "time.sleep(1000)\n"
     )
-    return directory
+    tool = {"name": f"{name}_echo", "description": "never", "inputSchema": {"type": "object"}}
+    return write_plugin(directory, name, code, [tool])
 
 
 def gated_plugin(directory: Path, gate: Path, *, name: str = "gated") -> Path:
@@ -27,9 +29,7 @@ def gated_plugin(directory: Path, gate: Path, *, name: str = "gated") -> Path:
     start the test ends. Its one tool, ``<name>_echo``, returns its ``text``. ``gate`` must be
     in the plugin's data dir (``<data dir>/plugin-data/<name>``), the one place its worker
     may see beyond its code."""
-    schema = {"type": "object", "properties": {"text": {"type": "string"}}}
-    _manifest(directory, name, "echoes", schema)
-    (directory / f"{name}_plugin.py").write_text(
+    code = (
         "import os, time\n"
         "from mcp_zero.plugin import Plugin\n"
         f"while not os.path.exists({str(gate)!r}):\n"
@@ -39,19 +39,29 @@ def gated_plugin(directory: Path, gate: Path, *, name: str = "gated") -> Path:
         "async def echo(ctx, text=''):\n"
         "    return text\n"
     )
-    return directory
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}}
+    tool = {"name": f"{name}_echo", "description": "echoes", "inputSchema": schema}
+    return write_plugin(directory, name, code, [tool])
 
 
-def _manifest(directory: Path, name: str, description: str, schema: dict[str, object]) -> None:
-    """``directory`` made, with the plugin.json of plugin ``name``: module ``<name>_plugin``,
-    one tool ``<name>_echo``."""
+def write_plugin(
+    directory: Path,
+    name: str,
+    code: str,
+    tools: Iterable[str | dict[str, Any]] = (),
+    **manifest: Any,
+) -> Path:
+    """Plugin ``name`` made in ``directory``: module ``<name>_plugin`` of ``code``, and a
+    plugin.json listing ``tools`` (a name: described by itself, taking any object; or the
+    whole entry) with the rest of ``manifest`` (which may replace the version, 1.0.0)."""
     directory.mkdir(parents=True)
-    tool = {"name": f"{name}_echo", "description": description, "inputSchema": schema}
-    manifest = {
-        "name": name,
-        "version": "1.0.0",
-        "abi": 1,
-        "entry": f"{name}_plugin:plugin",
-        "tools": [tool],
-    }
-    (directory / "plugin.json").write_text(json.dumps(manifest))
+    (directory / f"{name}_plugin.py").write_text(code)
+    listed = [
+        t
+        if isinstance(t, dict)
+        else {"name": t, "description": t, "inputSchema": {"type": "object"}}
+        for t in tools
+    ]
+    written = {"name": name, "version": "1.0.0", "abi": 1, "entry": f"{name}_plugin:plugin"}
+    (directory / "plugin.json").write_text(json.dumps({**written, "tools": listed, **manifest}))
+    return directory

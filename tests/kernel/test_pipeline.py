@@ -35,7 +35,7 @@ from mcp_zero.errors import (
 from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import PluginSlot, PluginSlots
 from mcp_zero.runtime import Runtime
-from plugin_builders import gated_plugin
+from plugin_builders import gated_plugin, write_plugin
 
 pytestmark = pytest.mark.anyio
 ALL = frozenset({"notes", "faulty", "conformance"})
@@ -1325,20 +1325,9 @@ def overlapping_plugin(directory: Path, max_concurrency: int) -> Path:
     """Plugin "overlap" at ``directory``, with ``max_concurrency`` slots: ``hold`` keeps its
     slot (a plain handler) until its client answers; ``overlap`` runs for a moment and
     returns the most of its calls its worker ever ran at once."""
-    directory.mkdir()
-    manifest = {
-        "name": "overlap",
-        "version": f"{max_concurrency}.0.0",
-        "abi": 1,
-        "entry": "overlap_plugin:plugin",
-        "quotas": {"max_concurrency": max_concurrency},
-        "tools": [
-            {"name": name, "description": name, "inputSchema": {"type": "object"}}
-            for name in ("hold", "overlap")
-        ],
-    }
-    (directory / "plugin.json").write_bytes(orjson.dumps(manifest))
-    (directory / "overlap_plugin.py").write_text(
+    return write_plugin(
+        directory,
+        "overlap",
         "import asyncio\n"
         "from mcp_zero.plugin import Plugin\n"
         "plugin = Plugin('overlap')\n"
@@ -1353,9 +1342,11 @@ def overlapping_plugin(directory: Path, max_concurrency: int) -> Path:
         "    most = max(most, running)\n"
         "    await asyncio.sleep(0.2)\n"
         "    running -= 1\n"
-        "    return str(most)\n"
+        "    return str(most)\n",
+        ["hold", "overlap"],
+        version=f"{max_concurrency}.0.0",
+        quotas={"max_concurrency": max_concurrency},
     )
-    return directory
 
 
 async def test_calls_queued_while_their_plugin_is_replaced_count_against_the_new_versions_slots(

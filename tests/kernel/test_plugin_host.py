@@ -45,7 +45,7 @@ from mcp_zero.runtime import Runtime
 from mcp_zero.sandbox.isolation import landlock_abi
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.storage.base import PluginRecord
-from plugin_builders import loading_plugin
+from plugin_builders import loading_plugin, write_plugin
 
 pytestmark = pytest.mark.anyio
 TESTS_DIR = Path(__file__).parents[1]
@@ -857,15 +857,13 @@ async def test_a_plugin_refused_workers_names_one_failing_to_start_that_holds_th
     # "0 of the server's max_workers = 16 are free" while a plugin stuck in its start's
     # backoff held them: which, and why, the message did not say (found by review)
     runtime: Runtime = make_runtime(max_workers=2)
-    dying = tmp_path / "dying"
-    dying.mkdir()
-    (dying / "dying_plugin.py").write_text(
-        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    dying = write_plugin(
+        tmp_path / "dying",
+        "dying",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+        ["dying_echo"],
+        quotas={"workers": 2},
     )
-    tool = {"name": "dying_echo", "description": "d", "inputSchema": {"type": "object"}}
-    manifest = {"name": "dying", "version": "1.0.0", "abi": 1, "entry": "dying_plugin:plugin"}
-    manifest |= {"tools": [tool], "quotas": {"workers": 2}}
-    (dying / "plugin.json").write_text(json.dumps(manifest))
     runtime.plugins.install(dying)
     try:
         with anyio.fail_after(30):
@@ -1391,17 +1389,9 @@ def flooding_plugin(directory: Path) -> Path:
     returns at once, and a job it started then says that flood://one changed, and once
     the file ``go`` is in its data dir, says so ``n`` times more, then once that
     flood://done changed."""
-    directory.mkdir(parents=True)
-    manifest = {
-        "name": "flood",
-        "version": "1.0.0",
-        "abi": 1,
-        "entry": "flood_plugin:plugin",
-        "tools": [{"name": "flood_start", "description": "d", "inputSchema": {"type": "object"}}],
-        "resources": [{"uri": "flood://one", "name": "one"}, {"uri": "flood://done", "name": "d"}],
-    }
-    (directory / "plugin.json").write_text(json.dumps(manifest))
-    (directory / "flood_plugin.py").write_text(
+    return write_plugin(
+        directory,
+        "flood",
         "import asyncio\n"
         "from mcp_zero.plugin import Plugin\n"
         "plugin = Plugin('flood')\n"
@@ -1422,9 +1412,10 @@ def flooding_plugin(directory: Path) -> Path:
         "            ctx.resource_updated('flood://one')\n"
         "        ctx.resource_updated('flood://done')\n"
         "    jobs.add(asyncio.get_running_loop().create_task(job()))\n"
-        "    return 'started'\n"
+        "    return 'started'\n",
+        ["flood_start"],
+        resources=[{"uri": "flood://one", "name": "one"}, {"uri": "flood://done", "name": "d"}],
     )
-    return directory
 
 
 async def test_updates_after_a_call_to_a_client_that_does_not_read_wait_once_per_uri(

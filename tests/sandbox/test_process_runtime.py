@@ -39,6 +39,7 @@ from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime, _backoff
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S, StderrBudget
 from mcp_zero.sandbox.worker_process import spawn_failure
+from plugin_builders import write_plugin
 from requires import require_root
 
 pytestmark = pytest.mark.anyio
@@ -944,24 +945,9 @@ async def test_calls_spread_over_workers(make_runtime, tmp_path):
 
 
 def _plugin(tmp_path: Path, code: str, tools: list[str], **manifest: Any) -> Path:
-    d = tmp_path / "broken"
-    d.mkdir()
-    (d / "broken_plugin.py").write_text(code)
-    (d / "plugin.json").write_text(
-        json.dumps(
-            {
-                "name": "broken",
-                "version": "1.0",
-                "abi": 1,
-                "entry": "broken_plugin:plugin",
-                "tools": [
-                    {"name": t, "description": t, "inputSchema": {"type": "object"}} for t in tools
-                ],
-                **manifest,
-            }
-        )
+    return write_plugin(
+        tmp_path / "broken", "broken", code, tools, **{"version": "1.0", **manifest}
     )
-    return d
 
 
 async def test_import_error_is_a_clear_start_failure(tmp_path):
