@@ -1349,17 +1349,28 @@ def overlapping_plugin(directory: Path, max_concurrency: int) -> Path:
     )
 
 
+@contextlib.asynccontextmanager
+async def overlap_running(
+    make_runtime: Any, directory: Path, max_concurrency: int
+) -> AsyncIterator[tuple[Runtime, Principal, SlowClient]]:
+    """A started runtime with plugin "overlap" (``overlapping_plugin``) attached to agent ada,
+    and the client its ``hold`` calls wait on (they do until ``client.answered`` is set)."""
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(overlapping_plugin(directory, max_concurrency))
+    client = SlowClient({"role": "assistant", "content": {"type": "text", "text": "42"}})
+    await runtime.start()
+    try:
+        yield runtime, await new_agent(runtime, "ada", "overlap"), client
+    finally:
+        await runtime.aclose()
+
+
 async def test_calls_queued_while_their_plugin_is_replaced_count_against_the_new_versions_slots(
     make_runtime: Any, tmp_path: Path, bridge: Any
 ) -> None:
     # They took the old version's slots as its calls ended: lowering max_concurrency from 2
     # to 1 let two of them run at once on the new one (found by review)
-    runtime: Runtime = make_runtime()
-    runtime.plugins.install(overlapping_plugin(tmp_path / "two", 2))
-    client = SlowClient({"role": "assistant", "content": {"type": "text", "text": "42"}})
-    await runtime.start()
-    try:
-        ada = await new_agent(runtime, "ada", "overlap")
+    async with overlap_running(make_runtime, tmp_path / "two", 2) as (runtime, ada, client):
         holders = [
             asyncio.ensure_future(call(runtime, ada, "hold", {}, f"h{i}", client)) for i in range(2)
         ]
@@ -1375,8 +1386,6 @@ async def test_calls_queued_while_their_plugin_is_replaced_count_against_the_new
             client.answered.set()
             answers = [(await q)["content"][0]["text"] for q in queued]
             await asyncio.gather(*holders)
-    finally:
-        await runtime.aclose()
     assert answers == ["1", "1"]
 
 
@@ -1386,12 +1395,7 @@ async def test_a_call_queued_when_its_plugin_is_replaced_goes_to_the_new_version
     # It moved to the new version's slots only once handed one of the old version's: the
     # new version idle, it waited behind an old call waiting on its client, until that
     # client answered (found by review)
-    runtime: Runtime = make_runtime()
-    runtime.plugins.install(overlapping_plugin(tmp_path / "one", 1))
-    client = SlowClient({"role": "assistant", "content": {"type": "text", "text": "42"}})
-    await runtime.start()
-    try:
-        ada = await new_agent(runtime, "ada", "overlap")
+    async with overlap_running(make_runtime, tmp_path / "one", 1) as (runtime, ada, client):
         holder = asyncio.ensure_future(call(runtime, ada, "hold", {}, "h", client))
         with anyio.fail_after(TIMEOUT_S):
             await client.asked.wait()  # (the holder has the one slot)
@@ -1405,8 +1409,6 @@ async def test_a_call_queued_when_its_plugin_is_replaced_goes_to_the_new_version
         client.answered.set()
         with anyio.fail_after(TIMEOUT_S):
             await holder
-    finally:
-        await runtime.aclose()
 
 
 # -- PluginSlot: the accounting of one call's slot -------------------------------------------
