@@ -516,17 +516,8 @@ def test_removed_data_lists_on_a_data_dir_it_may_not_write(data_dir: Path) -> No
     first, second = set_aside_twice(data_dir)
     where = data_dir / "plugin-data"
     os.rename(where / first, where / f".purging-0-{first}")
-    os.chmod(where, 0o500)
-    try:
-        done = subprocess.run(
-            [MCP0, "plugin", "removed-data", "--data-dir", str(data_dir), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_without_file_permission_override if os.geteuid() == 0 else None,
-        )
-    finally:
-        os.chmod(where, 0o700)
+    args = ("plugin", "removed-data", "--data-dir", str(data_dir), "--json")
+    done = run_shut_out_of(where, *args, mode=0o500)  # (it may read it)
     assert done.returncode == 0, done.stderr
     assert [e["dir"] for e in json.loads(done.stdout)] == [second]
     assert "set aside again" not in done.stderr
@@ -1333,10 +1324,12 @@ def _without_file_permission_override() -> None:
             os._exit(97)
 
 
-def run_shut_out_of(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``mcp0 ARGS`` as a process that may not use ``directory`` (mode 000; as root, without
-    the capabilities that override it)."""
-    os.chmod(directory, 0o000)
+def run_shut_out_of(
+    directory: Path, *args: str, mode: int = 0o000
+) -> subprocess.CompletedProcess[str]:
+    """``mcp0 ARGS`` as a process that may not use ``directory`` (mode 000, or ``mode``; as
+    root, without the capabilities that override it); the directory's mode is 700 after."""
+    os.chmod(directory, mode)
     try:
         return subprocess.run(
             [MCP0, *args],
