@@ -436,7 +436,8 @@ class AuditLog:
         now = time.monotonic()
         final = busy_since is not None and now - busy_since >= self._store.busy_timeout
         if self._commit(items, wait=False, retry=not final):
-            self._unblock(loop)
+            if self._unblocked:  # (a batch waited for a lock: once in a blue moon)
+                self._unblock(loop)
             return
         self.stats.busy_retries += 1
         since = now if busy_since is None else busy_since
