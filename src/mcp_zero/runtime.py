@@ -46,6 +46,7 @@ from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox import isolation
 from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
+from mcp_zero.sandbox.worker_process import worker_outputs
 from mcp_zero.security.files import make_private
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
 from mcp_zero.storage.base import AgentRecord
@@ -575,6 +576,8 @@ class Runtime:
         (``record_what_governs``)."""
         await asyncio.to_thread(self.record_what_governs)
         isolation.hide_process()
+        # (the workers' answers wake the loop once per batch: WorkerOutputs)
+        self.audit.gather_from(worker_outputs())
         await self.plugins.refresh(force=True, only=only, wait=wait)
         self._refresher = asyncio.create_task(self._watch())
 

@@ -540,3 +540,78 @@ async def test_a_lock_another_process_holds_holds_calls_before_any_batch_finds_i
         finally:
             other.close()
         assert log.stats.blocked_since is None
+
+
+class _HeldAnswers:
+    """A Gatherer whose answers (futures its callers await) are given only when the log takes
+    them in: as a plugin worker's are while its answers' pipe is held."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.holds = 0
+        self.due: list[asyncio.Future[None]] = []
+
+    def answer_later(self) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.due.append(future)
+        return future
+
+    def hold(self) -> None:
+        self.held = True
+        self.holds += 1
+
+    def release(self, take_in: bool) -> bool:
+        self.held = False
+        if not take_in:
+            return False
+        took, self.due = self.due, []
+        for future in took:
+            future.set_result(None)
+        return bool(took)
+
+
+async def test_calls_answered_while_a_batch_gathers_join_it_at_one_wake_up(
+    tmp_path: Path,
+) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0.05) as log:
+        answers = _HeldAnswers()
+        log.gather_from(answers)
+
+        async def call(i: int) -> AuditEntry:
+            await answers.answer_later()  # its plugin's answer
+            return await log.append({"call": i})
+
+        calls = [asyncio.create_task(call(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        first = log.submit({"call": "first"})  # a batch begins: the answers are held
+        assert answers.held
+        assert answers.holds == 1
+        with anyio.fail_after(10):
+            entries = [await first, *await asyncio.gather(*calls)]
+        # Taken in as the window closed, the answered calls' records joined its batch.
+        assert [e.seq for e in entries] == [1, 2, 3, 4]
+        assert (log.stats.batches, log.stats.largest_batch) == (1, 4)
+        assert not answers.held
+        # A batch that takes in nothing commits as it did.
+        assert (await log.append({"call": "alone"})).seq == 5
+        assert (answers.holds, log.stats.batches) == (2, 2)
+
+
+@pytest.mark.parametrize("how", ["append_sync", "close"])
+async def test_a_batch_taken_early_lets_go_of_what_it_held(tmp_path: Path, how: str) -> None:
+    with SqliteStore(tmp_path / "a.db") as store:
+        log = AuditLog(store, window=60)
+        log.start()
+        answers = _HeldAnswers()
+        log.gather_from(answers)
+        gathering = log.submit({"call": 1})
+        assert answers.held
+        if how == "append_sync":
+            assert log.append_sync({"admin": "change"}).seq == 2
+        else:
+            log.close()
+        # Nothing left held without a window to end it: answers are read as they come.
+        assert not answers.held
+        assert gathering.done()
+        assert gathering.result().seq == 1
+        log.close()

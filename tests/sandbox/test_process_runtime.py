@@ -22,6 +22,7 @@ import anyio
 import pytest
 from sandbox_support import KIT_DIR, RecordingBridge
 
+from mcp_zero.audit import AuditLog
 from mcp_zero.errors import (
     InvalidParams,
     ManifestError,
@@ -38,7 +39,8 @@ from mcp_zero.sandbox.manifest import load_manifest, parse_manifest
 from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime, _backoff
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S, StderrBudget
-from mcp_zero.sandbox.worker_process import spawn_failure
+from mcp_zero.sandbox.worker_process import spawn_failure, worker_outputs
+from mcp_zero.storage import AuditEntry, SqliteStore
 from plugin_builders import write_plugin
 from requires import require_root
 
@@ -1749,3 +1751,51 @@ async def test_updates_in_a_call_held_up_by_a_subscriber_wait_once_per_uri(make_
     )
     told = [event for event in b.events if event[0] == "resource_updated"]
     assert 1 <= len(told) <= 2  # the one held up, and one of the changes meanwhile
+
+
+async def test_answers_are_held_while_an_audit_batch_gathers_and_join_it(make_runtime, tmp_path):
+    rt = await make_runtime()
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=1.0) as log:
+        log.gather_from(worker_outputs())
+        first = log.submit({"call": "first"})  # a batch gathers: the workers' answers wait
+        answered: list[tuple[Any, bool]] = []
+
+        async def governed() -> AuditEntry:  # as the kernel's one task per call
+            result = await call(rt, "aecho", {"text": "held"})
+            answered.append((result, first.done()))
+            return await log.append({"call": "aecho"})
+
+        recorded = asyncio.create_task(governed())
+        await asyncio.sleep(0.3)  # the worker answered long ago; its answer is not read yet
+        assert not answered
+        with anyio.fail_after(10):
+            # taken in as the window closed, and its record submitted before the commit
+            second = await recorded
+        [(result, committed)] = answered
+        assert result["structuredContent"]["text"] == "held"
+        assert not committed
+        assert [first.result().seq, second.seq] == [1, 2]
+        assert (log.stats.batches, log.stats.largest_batch) == (1, 2)
+        # Read as they come again: a call outside a batch is not held.
+        with anyio.fail_after(0.9):
+            await call(rt, "aecho", {"text": "free"})
+
+
+async def test_a_worker_that_exits_while_its_answers_are_held_is_a_crash(make_runtime, tmp_path):
+    rt = await make_runtime()
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=1.0) as log:
+        log.gather_from(worker_outputs())
+        log.submit({"call": "first"})
+        # Its end of file was held too: not taken for a child left holding its pipe.
+        with pytest.raises(PluginCrashed, match="exited with status 7"):
+            await call(rt, "crash", {"status": 7})
+        with anyio.fail_after(10):
+            assert await call(rt, "echo", {"text": "after"}) == {
+                "content": [{"type": "text", "text": "after"}]
+            }
+
+
+async def test_workers_run_as_batch_work(make_runtime):
+    rt = await make_runtime()
+    # (its wake-ups do not preempt the server that sent it a call)
+    assert os.sched_getscheduler(rt.pids[0]) == os.SCHED_BATCH

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from mcp_zero.audit.chain import GENESIS, canonical
 from mcp_zero.errors import StorageError
@@ -124,13 +124,29 @@ class _Pending:
 class _Batch:
     """The events one event loop has gathered, and the timer that commits them."""
 
-    __slots__ = ("busy_since", "pending", "timer")
+    __slots__ = ("busy_since", "held", "pending", "timer")
 
     def __init__(self) -> None:
         self.pending: list[_Pending] = []
         self.timer: asyncio.Handle | None = None
         # when the first of ``pending`` found the store locked by another writer (monotonic)
         self.busy_since: float | None = None
+        self.held = False  # its loop's Gatherer is held while it gathers
+
+
+class Gatherer(Protocol):
+    """What on a loop leads to events and can keep back its input: the plugin workers, whose
+    answers end calls that then submit their records. While a batch gathers, the log holds
+    it (its answers are left unread), and takes in what it sent just before the batch
+    commits: a call answered within the window still joins that batch, and the loop is woken
+    once for the batch instead of once per answer (measured: docs/architecture.md)."""
+
+    def hold(self) -> None:
+        """Leave what it sends unread (a batch began to gather)."""
+
+    def release(self, take_in: bool) -> bool:
+        """Read what it sends again; with ``take_in``, first take in, now, what it sent
+        meanwhile. True when something was taken in."""
 
 
 class AuditLog:
@@ -167,6 +183,7 @@ class AuditLog:
         self._room_checked = 0.0  # when writable() last asked the store for room
         # per loop whose batch waits for another writer's lock: done when it no longer does
         self._unblocked: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}
+        self._gatherers: dict[asyncio.AbstractEventLoop, Gatherer] = {}
 
     @property
     def head(self) -> AuditEntry | None:
@@ -250,14 +267,27 @@ class AuditLog:
             batch.pending.append(pending)
             # (a batch waiting for another writer's lock is tried by its timer only)
             full = len(batch.pending) >= self._max_batch and batch.busy_since is None
+            gatherer = None
             if not full and batch.timer is None:
                 if self._window > 0:
                     batch.timer = loop.call_later(self._window, self._flush, loop)
+                    gatherer = self._gatherers.get(loop)
+                    batch.held = gatherer is not None
                 else:  # no window: what this loop turn submits is one batch
                     batch.timer = loop.call_soon(self._flush, loop)
         if full:
             self._flush(loop)
+        elif gatherer is not None:
+            gatherer.hold()
         return future
+
+    def gather_from(self, gatherer: Gatherer) -> None:
+        """(On its loop.) Hold ``gatherer`` while this loop's batch gathers, and take in what
+        it sent before the batch commits (see :class:`Gatherer`). Replaces the one given
+        before on this loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._gatherers[loop] = gatherer
 
     def append_sync(self, event: Mapping[str, Any]) -> AuditEntry:
         """Append ``event`` at once, for code without an event loop (the CLI).
@@ -409,7 +439,10 @@ class AuditLog:
         with self._lock:
             self._check_running()
             batch = self._batches.get(loop) if loop is not None else None
-            return _take(batch, loop)[0] if batch is not None else []
+            items = _take(batch, loop)[0] if batch is not None else []
+        if loop is not None:
+            self._let_go(loop, take_in=False)
+        return items
 
     def _check_running(self) -> None:
         if not self._started or self._closing:
@@ -422,6 +455,8 @@ class AuditLog:
         loop's own thread and without ``wait``, a store locked by another writer is not
         waited for: the batch goes back, to be tried again by a timer, until the store's
         busy timeout has passed since its first try."""
+        if self._let_go(loop, take_in=not wait):
+            return  # committed in this turn of the loop, after what was taken in
         with self._lock:
             batch = self._batches.get(loop)
             if batch is None:
@@ -452,6 +487,31 @@ class AuditLog:
             if batch.timer is not None:
                 batch.timer.cancel()
             batch.timer = loop.call_later(delay, self._flush, loop)
+
+    def _let_go(self, loop: asyncio.AbstractEventLoop, *, take_in: bool) -> bool:
+        """End the hold of ``loop``'s gatherer, if its batch holds it; with ``take_in``, what
+        it sent meanwhile is taken in first. True when something was: the calls it answered
+        go on to submit their records (their tasks are due in this turn of the loop), and
+        the batch is committed after them, in this turn too (its timer is that)."""
+        with self._lock:
+            batch = self._batches.get(loop)
+            if batch is None or not batch.held:
+                return False
+            batch.held = False
+            gatherer = self._gatherers.get(loop)
+        if gatherer is None:
+            return False
+        if loop is not _running_loop():  # (close, from another thread): the loop lets go
+            with contextlib.suppress(RuntimeError):  # (its loop closed: nothing to read)
+                loop.call_soon_threadsafe(gatherer.release, False)
+            return False
+        if not gatherer.release(take_in) or not take_in:
+            return False
+        with self._lock:
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.timer = loop.call_soon(self._flush, loop)
+        return True
 
     def _unblock(self, loop: asyncio.AbstractEventLoop) -> None:
         """``loop``'s batch no longer waits for another writer's lock (committed or failed)."""

@@ -684,6 +684,15 @@ def _load_failure(exc: BaseException, switched: bool, memory_mb: int) -> str:
     return message
 
 
+def _as_batch_work() -> None:
+    """Be scheduled as batch work (SCHED_BATCH; its threads and children inherit it, and may
+    go back): a call's frame wakes this worker without preempting the server that sent it,
+    which finishes what it was doing first. Measured at a paced 1,000 calls/s, the server
+    was preempted 0.6 times a call otherwise (docs/architecture.md)."""
+    with contextlib.suppress(AttributeError, OSError):  # (no such policy here: as it was)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 def _not_yours(number: int, frame: Any) -> None:
     """A stop signal for the server: it ends this worker when its calls are done."""
 
@@ -696,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = args[1] if len(args) > 1 else env.get("MCP0_PLUGIN_ENTRY", "")
     in_fd, out_fd = _isolate_stdio()
     isolation.tie_to_parent(int(env.get("MCP0_PARENT_PID", "0")))
+    _as_batch_work()
     # The server ends its workers (their stdin closed, then SIGKILL): a stop signal sent to
     # every process of the service (systemd's KillMode=control-group) must not kill them
     # under the calls the server gives its grace to (found by review). A handler, not

@@ -20,7 +20,9 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -68,6 +70,8 @@ _LAST_WORDS_S = 0.5
 # A worker's stdout ends as it exits, a moment before its exit is reported: one still running
 # this long after closed its stdout itself, and can answer no call.
 _STDOUT_CLOSED_GRACE_S = 0.2
+# What a held worker's pipe gives at most when its batch commits; the rest is read as usual
+_TAKE_IN_BYTES = 256 * 1024
 
 
 #: Worker pids of this process that have not exited, so that a sweep of orphans never
@@ -210,6 +214,52 @@ class _Abandoned:
         self.ended = ended  # ends the call's hold on its plugin (CallBridge.handler_runs_on)
 
 
+class WorkerOutputs:
+    """The answers' pipes of one loop's plugin workers, which its audit log holds while a
+    batch gathers (:class:`mcp_zero.audit.log.Gatherer`): what they answer meanwhile is left
+    unread, and taken in just before the batch commits. A worker that gets a call while they
+    are held is held too."""
+
+    __slots__ = ("_workers", "held")
+
+    def __init__(self) -> None:
+        self._workers: dict[WorkerProcess, None] = {}  # (ordered: taken in as they started)
+        self.held = False
+
+    def add(self, worker: WorkerProcess) -> None:
+        self._workers[worker] = None
+
+    def discard(self, worker: WorkerProcess) -> None:
+        self._workers.pop(worker, None)
+
+    def hold(self) -> None:
+        self.held = True
+        for worker in self._workers:
+            if worker.inflight:
+                worker.hold_output()
+
+    def release(self, take_in: bool) -> bool:
+        self.held = False
+        took = False
+        for worker in list(self._workers):
+            took = worker.release_output(take_in) or took
+        return took
+
+
+_outputs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkerOutputs] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def worker_outputs() -> WorkerOutputs:
+    """The answers' pipes of the running loop's workers."""
+    loop = asyncio.get_running_loop()
+    found = _outputs.get(loop)
+    if found is None:
+        found = _outputs[loop] = WorkerOutputs()
+    return found
+
+
 def _holds_nothing() -> None:
     """A call without a bridge (a completion) holds nothing that waits for its handler."""
 
@@ -275,6 +325,11 @@ class WorkerProcess:
         self._kill_reason: str | None = None
         self._strays: list[float] = [0, 0.0]  # frames for no call, since when (_stray)
         self._ending_tree = False
+        self._stdout: asyncio.ReadTransport | None = None
+        self._stdout_fd = -1  # (-1: its pipe is never held)
+        self._pipes: _Pipes | None = None
+        self._outputs: WorkerOutputs | None = None
+        self._output_held = False
 
     @property
     def inflight(self) -> int:
@@ -300,7 +355,7 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         _starting[0] += 1
         try:
-            transport, _ = await loop.subprocess_exec(
+            transport, pipes = await loop.subprocess_exec(
                 lambda: _Pipes(self),
                 *self._argv,
                 stdin=subprocess.PIPE,
@@ -325,6 +380,11 @@ class WorkerProcess:
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         self._stderr_pipe = cast(asyncio.ReadTransport, transport.get_pipe_transport(2))
+        self._stdout = cast(asyncio.ReadTransport, transport.get_pipe_transport(1))
+        self._stdout_fd = _fileno(self._stdout)
+        self._pipes = pipes
+        self._outputs = worker_outputs()
+        self._outputs.add(self)
         try:
             async with asyncio.timeout(timeout):
                 ready = await self._ready
@@ -422,6 +482,8 @@ class WorkerProcess:
         self._calls[call_id] = call
         try:
             self._send(frame)
+            if self._outputs is not None and self._outputs.held:
+                self.hold_output()
         except TypeError:  # nested deeper than a frame carries (orjson: 254 levels)
             del self._calls[call_id]
             raise InvalidParams(
@@ -449,6 +511,51 @@ class WorkerProcess:
         if call.chain is not None:
             await call.chain  # progress/log sent before the result reach the client first
         return reply
+
+    def hold_output(self) -> None:
+        """Leave what the worker answers unread (its loop's audit batch gathers)."""
+        out = self._stdout
+        if self._output_held or self._stdout_fd < 0 or out is None or out.is_closing():
+            return
+        out.pause_reading()
+        self._output_held = True
+
+    def release_output(self, take_in: bool) -> bool:
+        """Read what the worker answers again; with ``take_in``, first take in what it sent
+        meanwhile, up to ``_TAKE_IN_BYTES`` (the rest, and its end of file, are read by the
+        transport as usual). True when something was taken in."""
+        if not self._output_held:
+            return False
+        self._output_held = False
+        took = take_in and self._take_in(_TAKE_IN_BYTES)[0]
+        out = self._stdout
+        if out is not None and not out.is_closing():
+            out.resume_reading()
+        return took
+
+    def _take_in(self, limit: int) -> tuple[bool, bool]:
+        """Read up to ``limit`` bytes the worker sent and feed them to its frames, without
+        its transport (which must not be reading): whether something was read, and whether
+        its end of file was reached (which the transport is left to find again)."""
+        took = False
+        while limit > 0 and self._pipes is not None:
+            try:
+                data = os.read(self._stdout_fd, min(limit, _TAKE_IN_BYTES))
+            except BlockingIOError:  # (nothing more for now)
+                return took, False
+            except OSError:  # (its end, with an error: the transport finds it too)
+                return took, True
+            if not data:
+                return took, True
+            took = True
+            limit -= len(data)
+            try:
+                self._pipes.pipe_data_received(1, data)
+            except Exception:  # (as the loop would for the transport): logged, not raised
+                self._log.exception("taking in what the worker answered failed")
+                self.kill("what it answered could not be taken in")
+                return took, False
+        return took, False
 
     def _send(self, frame: JSON) -> None:
         if self._stdin is not None and not self._stdin.is_closing():
@@ -777,6 +884,7 @@ class WorkerProcess:
 
     def on_stdout_closed(self) -> None:
         self._stdout_open = False
+        self._forget_output()
         if self._process_running and self._loop is not None:
             self._loop.call_later(_STDOUT_CLOSED_GRACE_S, self._answers_cut_off)
         self._maybe_gone()
@@ -798,6 +906,10 @@ class WorkerProcess:
 
     def on_process_exited(self) -> None:
         self._process_running = False
+        # What it answered while held comes first, and its end of file (seen again, then, by
+        # the transport, which ends its stdout): it did not leave its pipe to another process
+        at_end = self._output_held and self._take_in(sys.maxsize)[1]
+        self._forget_output()
         self._resume_stderr()  # its last words
         _LIVE.discard(self.pid)
         record = _record[0]
@@ -805,11 +917,18 @@ class WorkerProcess:
             _rewrite_record(record)
         if _subreaper[0] and self._loop is not None:
             self._loop.call_later(_SWEEP_DELAY_S, _sweep)  # what it left came to us
-        if self._stdout_open:
+        if self._stdout_open and not at_end:
             # A process the worker started kept its protocol pipe open (it inherited it):
             # the worker is gone all the same, and so must be what it left behind.
             self.kill("it exited, leaving processes that held its pipes")
         self._maybe_gone()
+
+    def _forget_output(self) -> None:
+        """Its answers' pipe is no longer held, nor ever again (it exited, or closed it)."""
+        if self._outputs is not None:
+            self._outputs.discard(self)
+            self._outputs = None
+        self.release_output(take_in=False)
 
     def _last_words(self) -> str:
         lines = [raw.decode("utf-8", "replace") for raw in self._stderr if raw.strip()]
@@ -881,6 +1000,17 @@ class WorkerProcess:
 
 # The kill reason of a worker ended because its runtime was closed (not worth a warning).
 _CLOSED = "the plugin runtime was closed"
+
+
+def _fileno(pipe: asyncio.ReadTransport) -> int:
+    """The descriptor a subprocess pipe transport reads (uvloop's in its "socket", asyncio's
+    in its "pipe"), -1 when it does not say."""
+    for key in ("socket", "pipe"):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            found = pipe.get_extra_info(key)
+            if found is not None:
+                return int(found.fileno())
+    return -1
 
 
 def spawn_failure(exc: OSError) -> str:
