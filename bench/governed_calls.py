@@ -352,6 +352,27 @@ def rss_bytes(root: int) -> int:
     return total
 
 
+def context_switches(pid: int) -> tuple[int, int]:
+    """Voluntary and involuntary context switches so far of process ``pid``'s threads: the
+    times it slept (in epoll, say: each is a wake-up later) and was preempted."""
+    voluntary = involuntary = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in threads:
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
 def machine_busy_seconds() -> float:
     """CPU time all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -362,7 +383,8 @@ def machine_busy_seconds() -> float:
 def resource_watch(root: int) -> Iterator[dict[str, float]]:
     """Yields a dict filled on exit with cpu_percent (of one core; server and children),
     server_cpu_percent (the server process alone), machine_cpu_percent (every process,
-    of one core: up to 100 x cores) and peak_rss_bytes."""
+    of one core: up to 100 x cores), peak_rss_bytes, and the server process's
+    server_sleeps and server_preemptions (context switches)."""
     figures: dict[str, float] = {}
     peak = [rss_bytes(root)]
     stopped = threading.Event()
@@ -372,6 +394,7 @@ def resource_watch(root: int) -> Iterator[dict[str, float]]:
             peak[0] = max(peak[0], rss_bytes(root))
 
     sampler = threading.Thread(target=sample, daemon=True)
+    switches0 = context_switches(root)
     cpu0, busy0, wall0 = cpu_seconds(root), machine_busy_seconds(), time.monotonic()
     sampler.start()
     try:
@@ -386,6 +409,9 @@ def resource_watch(root: int) -> Iterator[dict[str, float]]:
         figures["server_cpu_percent"] = 100.0 * (own1 - cpu0[0]) / wall
         figures["machine_cpu_percent"] = 100.0 * (busy1 - busy0) / wall
         figures["peak_rss_bytes"] = float(peak[0])
+        switches1 = context_switches(root)
+        figures["server_sleeps"] = float(switches1[0] - switches0[0])
+        figures["server_preemptions"] = float(switches1[1] - switches0[1])
 
 
 # --- the load: wrk with a Lua script -----------------------------------------------------------
@@ -595,6 +621,10 @@ def measure(
             "cpu_percent_per_1k_calls_per_s": paced["cpu_percent"] * 1000 / fixed["calls_per_s"],
             "peak_rss_mib": paced["peak_rss_bytes"] / 2**20,
             "others_cpu_percent": others(paced, fixed),
+            # Wake-ups cost most at this load (bench/wake_penalty.py): the server's sleeps
+            # (each a wake-up) and preemptions per call
+            "server_sleeps_per_call": paced["server_sleeps"] / max(fixed["requests"], 1),
+            "server_preemptions_per_call": paced["server_preemptions"] / max(fixed["requests"], 1),
         },
     }
 
@@ -621,6 +651,8 @@ ROWS = [
     ("CPU % of one core (paced)", "fixed_rate", "cpu_percent", "{:.1f}"),
     ("  of which the server process", "fixed_rate", "server_cpu_percent", "{:.1f}"),
     ("CPU % per 1,000 calls/s (paced)", "fixed_rate", PER_1K, "{:.1f}"),
+    ("  server sleeps per call", "fixed_rate", "server_sleeps_per_call", "{:.2f}"),
+    ("  server preemptions per call", "fixed_rate", "server_preemptions_per_call", "{:.2f}"),
     ("p50 latency ms (paced)", "fixed_rate", "p50_ms", "{:.2f}"),
     ("p99 latency ms (paced)", "fixed_rate", "p99_ms", "{:.2f}"),
     ("failed calls (paced)", "fixed_rate", "failed", "{:d}"),

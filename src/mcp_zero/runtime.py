@@ -577,7 +577,9 @@ class Runtime:
         await asyncio.to_thread(self.record_what_governs)
         isolation.hide_process()
         # (the workers' answers wake the loop once per batch: WorkerOutputs)
-        self.audit.gather_from(worker_outputs())
+        outputs = worker_outputs()
+        outputs.on_call = self.audit.expect
+        self.audit.gather_from(outputs)
         await self.plugins.refresh(force=True, only=only, wait=wait)
         self._refresher = asyncio.create_task(self._watch())
 

@@ -615,3 +615,27 @@ async def test_a_batch_taken_early_lets_go_of_what_it_held(tmp_path: Path, how: 
         assert gathering.done()
         assert gathering.result().seq == 1
         log.close()
+
+
+async def test_a_call_sent_opens_the_window_its_answer_is_taken_in_with(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0.05) as log:
+        answers = _HeldAnswers()
+        log.gather_from(answers)
+
+        async def call() -> AuditEntry:
+            log.expect()  # as its plugin is sent the call: no batch gathers, one begins
+            assert answers.held
+            await answers.answer_later()
+            return await log.append({"call": 1})
+
+        with anyio.fail_after(10):
+            entry = await call()
+        assert entry.seq == 1
+        assert (answers.holds, log.stats.batches) == (1, 1)
+        # A window that closes before the plugin answers commits nothing, and lets go.
+        log.expect()
+        with anyio.fail_after(10):
+            while answers.held:
+                await asyncio.sleep(0.01)
+        assert log.stats.batches == 1
+        assert verify_store(store).count == 1

@@ -1781,6 +1781,31 @@ async def test_answers_are_held_while_an_audit_batch_gathers_and_join_it(make_ru
             await call(rt, "aecho", {"text": "free"})
 
 
+async def test_a_call_sent_outside_a_batch_opens_one_for_its_answer(make_runtime, tmp_path):
+    rt = await make_runtime()
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=1.0) as log:
+        outputs = worker_outputs()
+        outputs.on_call = log.expect  # as a server's runtime has it
+        log.gather_from(outputs)
+        try:
+            answered: list[Any] = []
+
+            async def governed() -> AuditEntry:
+                answered.append(await call(rt, "aecho", {"text": "expected"}))
+                return await log.append({"call": "aecho"})
+
+            recorded = asyncio.create_task(governed())
+            await asyncio.sleep(0.3)
+            assert not answered  # held from the moment it was sent
+            with anyio.fail_after(10):
+                entry = await recorded
+            assert answered[0]["structuredContent"]["text"] == "expected"
+            assert entry.seq == 1
+            assert (log.stats.batches, log.stats.largest_batch) == (1, 1)
+        finally:
+            outputs.on_call = None
+
+
 async def test_a_worker_that_exits_while_its_answers_are_held_is_a_crash(make_runtime, tmp_path):
     rt = await make_runtime()
     with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=1.0) as log:

@@ -281,6 +281,29 @@ class AuditLog:
             gatherer.hold()
         return future
 
+    def expect(self) -> None:
+        """(On a loop.) A record is on its way: a plugin was sent a call, whose record comes
+        once it answers. If no batch gathers on this loop, one begins now, with its window
+        and the hold of its gatherer: the answer, taken in as the window closes, costs no
+        wake-up of its own, and its record joins that batch (one that closes empty, the
+        plugin still at work, commits nothing)."""
+        loop = _running_loop()
+        if loop is None or self._window <= 0:
+            return
+        with self._lock:
+            if not self._started or self._closing:
+                return
+            batch = self._batches.get(loop)
+            if batch is None:
+                batch = self._batches[loop] = _Batch()
+            if batch.timer is not None:
+                return
+            batch.timer = loop.call_later(self._window, self._flush, loop)
+            gatherer = self._gatherers.get(loop)
+            batch.held = gatherer is not None
+        if gatherer is not None:
+            gatherer.hold()
+
     def gather_from(self, gatherer: Gatherer) -> None:
         """(On its loop.) Hold ``gatherer`` while this loop's batch gathers, and take in what
         it sent before the batch commits (see :class:`Gatherer`). Replaces the one given

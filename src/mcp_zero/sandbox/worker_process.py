@@ -220,17 +220,27 @@ class WorkerOutputs:
     unread, and taken in just before the batch commits. A worker that gets a call while they
     are held is held too."""
 
-    __slots__ = ("_workers", "held")
+    __slots__ = ("_workers", "held", "on_call")
 
     def __init__(self) -> None:
         self._workers: dict[WorkerProcess, None] = {}  # (ordered: taken in as they started)
         self.held = False
+        #: Told of each call sent while they are not held (the audit log's ``expect``,
+        #: which holds them: the call's answer is taken in with its batch)
+        self.on_call: Callable[[], None] | None = None
 
     def add(self, worker: WorkerProcess) -> None:
         self._workers[worker] = None
 
     def discard(self, worker: WorkerProcess) -> None:
         self._workers.pop(worker, None)
+
+    def called(self, worker: WorkerProcess) -> None:
+        """``worker`` was sent a call: held with the others, if they are (or now are)."""
+        if not self.held and self.on_call is not None:
+            self.on_call()
+        if self.held:
+            worker.hold_output()
 
     def hold(self) -> None:
         self.held = True
@@ -482,8 +492,8 @@ class WorkerProcess:
         self._calls[call_id] = call
         try:
             self._send(frame)
-            if self._outputs is not None and self._outputs.held:
-                self.hold_output()
+            if self._outputs is not None:
+                self._outputs.called(self)
         except TypeError:  # nested deeper than a frame carries (orjson: 254 levels)
             del self._calls[call_id]
             raise InvalidParams(
