@@ -580,6 +580,7 @@ class Runtime:
         outputs = worker_outputs()
         outputs.on_call = self.audit.expect
         self.audit.gather_from(outputs)
+        self.kernel.answers = outputs
         await self.plugins.refresh(force=True, only=only, wait=wait)
         self._refresher = asyncio.create_task(self._watch())
 

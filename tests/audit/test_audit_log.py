@@ -553,7 +553,10 @@ class _HeldAnswers:
 
     def answer_later(self) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.due.append(future)
+        if self.held:
+            self.due.append(future)
+        else:  # (read as it comes)
+            future.set_result(None)
         return future
 
     def hold(self) -> None:
@@ -639,3 +642,24 @@ async def test_a_call_sent_opens_the_window_its_answer_is_taken_in_with(tmp_path
                 await asyncio.sleep(0.01)
         assert log.stats.batches == 1
         assert verify_store(store).count == 1
+
+
+async def test_a_window_sent_a_batchs_worth_of_calls_lets_go_and_commits_them_full(
+    tmp_path: Path,
+) -> None:
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=60, max_batch=3) as log:
+        answers = _HeldAnswers()
+        log.gather_from(answers)
+
+        async def call(i: int) -> AuditEntry:
+            log.expect()
+            await answers.answer_later()
+            return await log.append({"call": i})
+
+        # The third call sent let the answers go: the batch filled and committed at once,
+        # not after its minute-long window.
+        with anyio.fail_after(10):
+            entries = await asyncio.gather(*(call(i) for i in range(3)))
+        assert sorted(e.seq for e in entries) == [1, 2, 3]
+        assert (log.stats.batches, log.stats.largest_batch) == (1, 3)
+        assert not answers.held

@@ -1652,3 +1652,29 @@ async def test_retired_slots_send_queued_new_calls_on_and_keep_calls_taking_thei
     assert locked(slots)  # the asking call holds it again
     asking.close()
     assert await free_slots(slots) == 1
+
+
+async def test_calls_queued_for_a_plugin_slot_do_not_wait_out_the_audit_window(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # While an audit batch gathers, the plugins' answers are read as it commits. A call
+    # queued for the slot a held answer would free has them read at once: they waited out a
+    # window each, one call per window.
+    kit = tmp_path / "kit-1"
+    shutil.copytree(KIT_DIR, kit)
+    manifest = orjson.loads((kit / "plugin.json").read_bytes())
+    manifest["quotas"]["max_concurrency"] = 1
+    (kit / "plugin.json").write_bytes(orjson.dumps(manifest))
+    runtime: Runtime = make_runtime(audit_window_ms=1000)
+    runtime.plugins.install(kit)
+    await runtime.start()
+    try:
+        ada = await new_agent(runtime, "ada", "kit")
+        results = await asyncio.gather(
+            *(call(runtime, ada, "echo", {"text": str(i)}, str(i), bridge) for i in range(3))
+        )
+        assert [r["content"][0]["text"] for r in results] == ["0", "1", "2"]
+        # all three ran, one after the other, within the first window: one batch
+        assert runtime.audit.stats.largest_batch == 3
+    finally:
+        await runtime.aclose()

@@ -124,7 +124,7 @@ class _Pending:
 class _Batch:
     """The events one event loop has gathered, and the timer that commits them."""
 
-    __slots__ = ("busy_since", "held", "pending", "timer")
+    __slots__ = ("busy_since", "expected", "held", "pending", "timer")
 
     def __init__(self) -> None:
         self.pending: list[_Pending] = []
@@ -132,6 +132,7 @@ class _Batch:
         # when the first of ``pending`` found the store locked by another writer (monotonic)
         self.busy_since: float | None = None
         self.held = False  # its loop's Gatherer is held while it gathers
+        self.expected = 0  # calls sent to plugins while it gathers (AuditLog.expect)
 
 
 class Gatherer(Protocol):
@@ -286,23 +287,34 @@ class AuditLog:
         once it answers. If no batch gathers on this loop, one begins now, with its window
         and the hold of its gatherer: the answer, taken in as the window closes, costs no
         wake-up of its own, and its record joins that batch (one that closes empty, the
-        plugin still at work, commits nothing)."""
+        plugin still at work, commits nothing). Once as many calls as fill a batch
+        (``max_batch``) were sent in a window, the gatherer is let go: their answers are
+        read as they come, and the batch commits when full, not when its window closes (a
+        load that fills batches keeps the loop awake anyway)."""
         loop = _running_loop()
         if loop is None or self._window <= 0:
             return
+        hold = let_go = False
         with self._lock:
             if not self._started or self._closing:
                 return
             batch = self._batches.get(loop)
             if batch is None:
                 batch = self._batches[loop] = _Batch()
-            if batch.timer is not None:
-                return
-            batch.timer = loop.call_later(self._window, self._flush, loop)
+            batch.expected += 1
             gatherer = self._gatherers.get(loop)
-            batch.held = gatherer is not None
-        if gatherer is not None:
+            if batch.timer is None:
+                batch.timer = loop.call_later(self._window, self._flush, loop)
+                hold = batch.held = gatherer is not None
+            elif batch.held and batch.expected >= self._max_batch:
+                batch.held = False
+                let_go = True
+        if gatherer is None:
+            return
+        if hold:
             gatherer.hold()
+        elif let_go:
+            gatherer.release(take_in=True)
 
     def gather_from(self, gatherer: Gatherer) -> None:
         """(On its loop.) Hold ``gatherer`` while this loop's batch gathers, and take in what
@@ -664,6 +676,7 @@ def _take(
     busy_since = batch.busy_since
     batch.pending = []
     batch.busy_since = None
+    batch.expected = 0
     if batch.timer is not None:
         # Only a loop's own thread may cancel its timer; elsewhere it is left to
         # fire on an empty batch, which does nothing.

@@ -18,6 +18,7 @@ its worker thread waits with it, so it keeps its slot; see ``GovernedBridge``.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -57,6 +58,7 @@ from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox.base import TIMEOUT_HINT, ClientBridge, PluginRuntime, seconds
 from mcp_zero.sandbox.manifest import MAX_NAME_LENGTH
+from mcp_zero.sandbox.worker_process import WorkerOutputs
 from mcp_zero.uri import normal_uri
 
 JSON = dict[str, Any]
@@ -562,6 +564,9 @@ class Kernel:
         self.quotas = quotas
         self.metrics = metrics
         self.limiter = limiter
+        #: The plugin workers' answers, which the audit log holds while a batch gathers: a
+        #: call that queues for a slot (which a held answer would free) has them read now.
+        self.answers: WorkerOutputs | None = None
         self._views: OrderedDict[Any, _ListView] = OrderedDict()
         self._lists: OrderedDict[Any, list[JSON]] = OrderedDict()
         # each plugin's slots, with the runtime (the installed version) they are for
@@ -570,6 +575,9 @@ class Kernel:
         # The in-flight gauge is the quota gate's count of calls admitted to their plugins
         # (unless the metrics were given a source of their own).
         metrics.inflight_from(lambda: quotas.total_inflight)
+
+    def _queued(self) -> contextlib.AbstractContextManager[None]:
+        return self.answers.queued() if self.answers is not None else contextlib.nullcontext()
 
     def _hold_shutdown(self) -> None:
         """The current call (its plugin answered) is to record its outcome before the audit
@@ -1147,12 +1155,13 @@ class Kernel:
                     if decided_under is None:
                         decided_under = self._in_force()
                     # (none, if its version is replaced meanwhile: it moves to the new one's)
-                    held = await _wait_for_slot(
-                        slots.take_unless_retired(principal.agent),
-                        timeout,
-                        plugin,
-                        quotas.max_concurrency,
-                    )
+                    with self._queued():
+                        held = await _wait_for_slot(
+                            slots.take_unless_retired(principal.agent),
+                            timeout,
+                            plugin,
+                            quotas.max_concurrency,
+                        )
                     queued = time.perf_counter() - t
                     metrics.observe_stage("quota", queued)
                 slot = PluginSlot(slots, principal.agent, held=held)
@@ -1183,9 +1192,10 @@ class Kernel:
                                 # (and moves again if its version was replaced meanwhile)
                                 decided_under = self._in_force()
                                 began = time.perf_counter()
-                                await _wait_for_slot(
-                                    slot.move(slots), timeout, plugin, quotas.max_concurrency
-                                )
+                                with self._queued():
+                                    await _wait_for_slot(
+                                        slot.move(slots), timeout, plugin, quotas.max_concurrency
+                                    )
                                 queued += time.perf_counter() - began
                         if not runtime.ready():
                             # its worker is (re)starting (a crash, a slow import): a wait too,

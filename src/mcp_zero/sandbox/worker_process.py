@@ -24,7 +24,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -220,13 +220,14 @@ class WorkerOutputs:
     unread, and taken in just before the batch commits. A worker that gets a call while they
     are held is held too."""
 
-    __slots__ = ("_workers", "held", "on_call")
+    __slots__ = ("_queued", "_workers", "held", "on_call")
 
     def __init__(self) -> None:
         self._workers: dict[WorkerProcess, None] = {}  # (ordered: taken in as they started)
         self.held = False
-        #: Told of each call sent while they are not held (the audit log's ``expect``,
-        #: which holds them: the call's answer is taken in with its batch)
+        self._queued = 0  # calls waiting for a plugin's slot: nothing is held meanwhile
+        #: Told of each call sent (the audit log's ``expect``, which holds them: the
+        #: call's answer is taken in with its batch; or lets them go)
         self.on_call: Callable[[], None] | None = None
 
     def add(self, worker: WorkerProcess) -> None:
@@ -237,12 +238,30 @@ class WorkerOutputs:
 
     def called(self, worker: WorkerProcess) -> None:
         """``worker`` was sent a call: held with the others, if they are (or now are)."""
-        if not self.held and self.on_call is not None:
+        if self._queued:
+            return
+        if self.on_call is not None:
             self.on_call()
         if self.held:
             worker.hold_output()
 
+    @contextlib.contextmanager
+    def queued(self) -> Iterator[None]:
+        """A call waits for a plugin's slot, which a held answer would free: while any
+        does, nothing is held (at a load that fills a plugin's slots the loop is awake
+        anyway), and what was is taken in now. Without this, a plugin's slots stayed taken
+        until the window closed: measured, 3,800 calls/s where 9,000 were served before."""
+        self._queued += 1
+        try:
+            if self.held:
+                self.release(take_in=True)
+            yield
+        finally:
+            self._queued -= 1
+
     def hold(self) -> None:
+        if self._queued:
+            return
         self.held = True
         for worker in self._workers:
             if worker.inflight:
