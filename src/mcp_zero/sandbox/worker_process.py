@@ -591,6 +591,8 @@ class WorkerProcess:
             self._stdin.write(encode(frame))
 
     def _timed_out(self, call_id: int, timeout: float) -> None:
+        if self._output_held:  # its answer may be waiting in the held pipe: it came in time
+            self._take_in(_TAKE_IN_BYTES)
         call = self._calls.pop(call_id, None)
         if call is None:
             return
