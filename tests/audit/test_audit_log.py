@@ -584,11 +584,10 @@ async def test_calls_answered_while_a_batch_gathers_join_it_at_one_wake_up(
             await answers.answer_later()  # its plugin's answer
             return await log.append({"call": i})
 
-        calls = [asyncio.create_task(call(i)) for i in range(3)]
-        await asyncio.sleep(0)
         first = log.submit({"call": "first"})  # a batch begins: the answers are held
         assert answers.held
         assert answers.holds == 1
+        calls = [asyncio.create_task(call(i)) for i in range(3)]
         with anyio.fail_after(10):
             entries = [await first, *await asyncio.gather(*calls)]
         # Taken in as the window closed, the answered calls' records joined its batch.
