@@ -579,6 +579,7 @@ class Runtime:
         # (the workers' answers wake the loop once per batch: WorkerOutputs)
         outputs = worker_outputs()
         outputs.on_call = self.audit.expect
+        outputs.quick_s = self.settings.audit_window_ms / 1000
         self.audit.gather_from(outputs)
         self.kernel.answers = outputs
         await self.plugins.refresh(force=True, only=only, wait=wait)

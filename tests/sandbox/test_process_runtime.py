@@ -1835,3 +1835,96 @@ async def test_an_answer_held_past_its_calls_time_limit_came_in_time(make_runtim
         with anyio.fail_after(10):
             result = await call(rt, "aecho", {"text": "in time"}, timeout=0.2)
         assert result["structuredContent"]["text"] == "in time"
+
+
+async def test_holds_and_take_ins_at_every_turn_keep_the_answers_whole_and_in_order(make_runtime):
+    # What the transport read before a hold reaches the frames a loop turn later: a take-in
+    # before that overtook it, broke a large frame and had the worker killed (found by review)
+    rt = await make_runtime()
+    outputs = worker_outputs()
+    done = asyncio.Event()
+
+    async def churn() -> None:
+        while not done.is_set():
+            outputs.hold()
+            outputs.release(take_in=True)  # in the turn the hold began
+            await asyncio.sleep(0)
+            outputs.hold()
+            await asyncio.sleep(0)
+            outputs.release(take_in=True)  # a turn after
+            await asyncio.sleep(0)
+
+    churning = asyncio.create_task(churn())
+    try:
+        with anyio.fail_after(60):
+            for _ in range(6):
+                result = await call(rt, "huge", {"mb": 2}, timeout=30)
+                assert len(result["content"][0]["text"]) == 2 << 20
+                chatty = await call(rt, "aecho", {"text": "small"}, timeout=30)
+                assert chatty["structuredContent"]["text"] == "small"
+    finally:
+        done.set()
+        await churning
+        outputs.release(take_in=False)
+
+
+FLOODER = """
+import os
+import time
+
+from mcp_zero.plugin import Plugin
+
+plugin = Plugin("flooder")
+
+
+@plugin.tool("flood_and_exit")
+def flood_and_exit(ctx) -> str:
+    fd = ctx._channel._out_fd  # (the worker's protocol pipe, as a child it forks inherits)
+    frame = b'{"op":"log","call":%d,"level":"info","data":"x"}\\n' % ctx._call_id
+    if os.fork() == 0:
+        while True:
+            os.write(fd, frame * 64)
+    time.sleep(0.05)
+    os._exit(3)
+"""
+
+
+async def test_a_worker_that_exits_held_while_its_child_floods_the_pipe_is_ended(
+    make_runtime, tmp_path
+):
+    # On its exit, what it sent was taken in to the end of file: a child writing for ever
+    # held the server's loop for ever (found by review). Now only a few MiB are, and the
+    # worker is ended as one that left its pipe to another process.
+    plugin = write_plugin(tmp_path / "flooder", "flooder", FLOODER, ["flood_and_exit"])
+    rt = await make_runtime(plugin)
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=5.0) as log:
+        log.gather_from(worker_outputs())
+        log.submit({"call": "first"})  # its answers are held from the call on
+        with anyio.fail_after(20), pytest.raises(PluginCrashed):
+            await call(rt, "flood_and_exit", timeout=15)
+
+
+async def test_a_large_answer_is_not_held_window_after_window(make_runtime, tmp_path):
+    # Each window took in 256 KiB of it and held the rest again: 8 MiB took 32 windows, past
+    # a time limit it met unheld by far (found by review)
+    rt = await make_runtime()
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0.1) as log:
+        outputs = worker_outputs()
+        outputs.on_call = log.expect
+        log.gather_from(outputs)
+        busy = True
+
+        async def steady_load() -> None:  # a window open all the time
+            while busy:
+                log.submit({"call": "other"})
+                await asyncio.sleep(0.01)
+
+        loading = asyncio.create_task(steady_load())
+        try:
+            with anyio.fail_after(20):
+                result = await call(rt, "huge", {"mb": 8}, timeout=2.0)
+            assert len(result["content"][0]["text"]) == 8 << 20
+        finally:
+            busy = False
+            await loading
+            outputs.on_call = None

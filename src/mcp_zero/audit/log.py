@@ -540,7 +540,12 @@ class AuditLog:
             with contextlib.suppress(RuntimeError):  # (its loop closed: nothing to read)
                 loop.call_soon_threadsafe(gatherer.release, False)
             return False
-        if not gatherer.release(take_in) or not take_in:
+        try:
+            took = gatherer.release(take_in)
+        except Exception:  # (its failure must not keep the batch from its commit)
+            log.exception("taking in what the audit batch held back failed")
+            return False
+        if not took or not take_in:
             return False
         with self._lock:
             if batch.timer is not None:

@@ -233,6 +233,11 @@ class LineSplitter:
             self._parts.append(rest)
         return [line for line in lines if line] if b"" in lines else lines
 
+    @property
+    def pending(self) -> int:
+        """Bytes of a line begun and not ended yet."""
+        return self._pending
+
     def _lose(self, head: bytes, chunk: bytes) -> list[bytes]:
         """No memory to assemble the line ending in ``chunk``: skip it, go on after it."""
         end = chunk.index(b"\n")

@@ -20,7 +20,6 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 import weakref
 from collections import deque
@@ -72,6 +71,10 @@ _LAST_WORDS_S = 0.5
 _STDOUT_CLOSED_GRACE_S = 0.2
 # What a held worker's pipe gives at most when its batch commits; the rest is read as usual
 _TAKE_IN_BYTES = 256 * 1024
+# ...and when its call's time limit fires or it exits: more than a pipe holds, so that a
+# whole answer (or the end of file) is found, but never without end (a child it left could
+# write for ever: it is killed instead)
+_TAKE_IN_ALL_BYTES = 4 << 20
 
 
 #: Worker pids of this process that have not exited, so that a sweep of orphans never
@@ -184,9 +187,10 @@ def _end_tree(pid: int) -> None:
 class _Call:
     """One call in flight."""
 
-    __slots__ = ("bridge", "chain", "future", "label", "requests", "updates")
+    __slots__ = ("bridge", "chain", "future", "label", "requests", "sent", "updates")
 
     def __init__(self, future: asyncio.Future[JSON], bridge: CallBridge | None, label: str):
+        self.sent = time.monotonic()
         self.future = future
         self.bridge = bridge
         self.label = label
@@ -220,7 +224,7 @@ class WorkerOutputs:
     unread, and taken in just before the batch commits. A worker that gets a call while they
     are held is held too."""
 
-    __slots__ = ("_held", "_queued", "_workers", "held", "on_call")
+    __slots__ = ("_held", "_queued", "_workers", "held", "on_call", "quick_s")
 
     def __init__(self) -> None:
         self._workers: dict[WorkerProcess, None] = {}  # (ordered: taken in as they started)
@@ -230,6 +234,9 @@ class WorkerOutputs:
         #: Told of each call sent (the audit log's ``expect``, which holds them: the
         #: call's answer is taken in with its batch; or lets them go)
         self.on_call: Callable[[], None] | None = None
+        #: A worker whose last answer took longer than this (the window) is not worth a
+        #: window of its own: its answer would come after it closed, a wake-up for nothing.
+        self.quick_s = 0.0
 
     def add(self, worker: WorkerProcess) -> None:
         self._workers[worker] = None
@@ -241,9 +248,9 @@ class WorkerOutputs:
         """``worker`` was sent a call: held with the others, if they are (or now are)."""
         if self._queued:
             return
-        if self.on_call is not None:
+        if self.on_call is not None and worker.last_answer_s <= self.quick_s:
             self.on_call()
-        if self.held and not worker._output_held and worker.hold_output():
+        if self.held and worker.holdable() and worker.hold_output():
             self._held.append(worker)
 
     @contextlib.contextmanager
@@ -265,7 +272,7 @@ class WorkerOutputs:
             return
         self.held = True
         for worker in self._workers:
-            if worker._calls and not worker._output_held and worker.hold_output():
+            if worker._calls and worker.holdable() and worker.hold_output():
                 self._held.append(worker)
 
     def release(self, take_in: bool) -> bool:
@@ -361,6 +368,12 @@ class WorkerProcess:
         self._pipes: _Pipes | None = None
         self._outputs: WorkerOutputs | None = None
         self._output_held = False
+        # Whether what its transport read before the hold has reached its frames (that
+        # comes a loop turn later): only then may a take-in read on, in order
+        self._drained = False
+        self._holds = 0  # (which hold a "drained" callback is for)
+        self._mid_frame = False  # the last take-in ended inside a frame
+        self.last_answer_s = 0.0  # how long its last answered call took
 
     @property
     def inflight(self) -> int:
@@ -543,15 +556,34 @@ class WorkerProcess:
             await call.chain  # progress/log sent before the result reach the client first
         return reply
 
+    def holdable(self) -> bool:
+        """Not held already, nor in the middle of a frame: the rest of a large answer is read
+        at once (held, it came a take-in per window)."""
+        return not (self._output_held or self._mid_frame or self._pipes is None) and (
+            not self._pipes.partial()
+        )
+
     def hold_output(self) -> bool:
         """Leave what the worker answers unread (its loop's audit batch gathers): whether it
         is held now."""
         out = self._stdout
-        if self._output_held or self._stdout_fd < 0 or out is None or out.is_closing():
+        loop = self._loop
+        if self._output_held or self._stdout_fd < 0 or out is None or loop is None:
             return self._output_held
+        if out.is_closing():
+            return False
         out.pause_reading()
         self._output_held = True
+        # What the transport read before the pause is handed to its frames a turn later
+        # (both loops call_soon it): until then a take-in would overtake it (found by review)
+        self._drained = False
+        self._holds += 1
+        loop.call_soon(self._drained_at, self._holds)
         return True
+
+    def _drained_at(self, hold: int) -> None:
+        if hold == self._holds and self._output_held:
+            self._drained = True
 
     def release_output(self, take_in: bool) -> bool:
         """Read what the worker answers again; with ``take_in``, first take in what it sent
@@ -559,8 +591,8 @@ class WorkerProcess:
         transport as usual). True when something was taken in."""
         if not self._output_held:
             return False
-        self._output_held = False
         took = take_in and self._take_in(_TAKE_IN_BYTES)[0]
+        self._output_held = False
         out = self._stdout
         if out is not None and not out.is_closing():
             out.resume_reading()
@@ -568,9 +600,13 @@ class WorkerProcess:
 
     def _take_in(self, limit: int) -> tuple[bool, bool]:
         """Read up to ``limit`` bytes the worker sent and feed them to its frames, without
-        its transport (which must not be reading): whether something was read, and whether
-        its end of file was reached (which the transport is left to find again)."""
+        its transport (which must not be reading, and whose last reads have reached them):
+        whether something was read, and whether its end of file was reached (which the
+        transport is left to find again)."""
         took = False
+        if not (self._output_held and self._drained):
+            return took, False
+        self._mid_frame = False
         while limit > 0 and self._pipes is not None:
             try:
                 data = os.read(self._stdout_fd, min(limit, _TAKE_IN_BYTES))
@@ -588,6 +624,7 @@ class WorkerProcess:
                 self._log.exception("taking in what the worker answered failed")
                 self.kill("what it answered could not be taken in")
                 return took, False
+        self._mid_frame = self._pipes is not None and self._pipes.partial()
         return took, False
 
     def _send(self, frame: JSON) -> None:
@@ -596,7 +633,7 @@ class WorkerProcess:
 
     def _timed_out(self, call_id: int, timeout: float) -> None:
         if self._output_held:  # its answer may be waiting in the held pipe: it came in time
-            self._take_in(_TAKE_IN_BYTES)
+            self._take_in(_TAKE_IN_ALL_BYTES)
         call = self._calls.pop(call_id, None)
         if call is None:
             return
@@ -710,6 +747,7 @@ class WorkerProcess:
                 self._stray()
             self._close_if_retired()
             return
+        self.last_answer_s = time.monotonic() - call.sent
         if not call.future.done():
             call.future.set_result(frame)
         if self.retiring:
@@ -940,10 +978,14 @@ class WorkerProcess:
         self._maybe_gone()
 
     def on_process_exited(self) -> None:
+        if self._output_held and not self._drained and self._loop is not None:
+            self._loop.call_soon(self.on_process_exited)  # (what was read reaches it first)
+            return
         self._process_running = False
         # What it answered while held comes first, and its end of file (seen again, then, by
-        # the transport, which ends its stdout): it did not leave its pipe to another process
-        at_end = self._output_held and self._take_in(sys.maxsize)[1]
+        # the transport, which ends its stdout): it did not leave its pipe to another process.
+        # Not without end: a child it left may write on (then it is killed, as below)
+        at_end = self._output_held and self._take_in(_TAKE_IN_ALL_BYTES)[1]
         self._forget_output()
         self._resume_stderr()  # its last words
         _LIVE.discard(self.pid)
@@ -1101,6 +1143,10 @@ class _Pipes(asyncio.SubprocessProtocol):
             self._owner.kill(
                 f"it sent a frame over {MAX_FRAME_BYTES >> 20} MiB (a result that large is refused)"
             )
+
+    def partial(self) -> bool:
+        """Whether a frame has begun and not ended (a large answer being read)."""
+        return self._lines.pending > 0
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1:
