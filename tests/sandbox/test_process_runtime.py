@@ -1837,21 +1837,35 @@ async def test_an_answer_held_past_its_calls_time_limit_came_in_time(make_runtim
         assert result["structuredContent"]["text"] == "in time"
 
 
+BOTH_LOOPS = pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
+
+
+@BOTH_LOOPS
 async def test_holds_and_take_ins_at_every_turn_keep_the_answers_whole_and_in_order(make_runtime):
     # What the transport read before a hold reaches the frames a loop turn later: a take-in
-    # before that overtook it, broke a large frame and had the worker killed (found by review)
+    # before that overtook it, broke a large frame and had the worker killed (found by
+    # review; uvloop's transport showed it). Held directly, even in the middle of a frame.
     rt = await make_runtime()
     outputs = worker_outputs()
     done = asyncio.Event()
 
+    def busy() -> list[Any]:
+        return [w for w in list(outputs._workers) if w.inflight]
+
     async def churn() -> None:
         while not done.is_set():
-            outputs.hold()
-            outputs.release(take_in=True)  # in the turn the hold began
+            for worker in busy():
+                worker.hold_output()
+                worker.release_output(take_in=True)  # in the turn the hold began
             await asyncio.sleep(0)
-            outputs.hold()
+            held = busy()
+            for worker in held:
+                worker.hold_output()
             await asyncio.sleep(0)
-            outputs.release(take_in=True)  # a turn after
+            for worker in held:
+                worker.release_output(take_in=True)  # a turn after
             await asyncio.sleep(0)
 
     churning = asyncio.create_task(churn())
@@ -1860,12 +1874,68 @@ async def test_holds_and_take_ins_at_every_turn_keep_the_answers_whole_and_in_or
             for _ in range(6):
                 result = await call(rt, "huge", {"mb": 2}, timeout=30)
                 assert len(result["content"][0]["text"]) == 2 << 20
-                chatty = await call(rt, "aecho", {"text": "small"}, timeout=30)
-                assert chatty["structuredContent"]["text"] == "small"
+                small = await call(rt, "aecho", {"text": "small"}, timeout=30)
+                assert small["structuredContent"]["text"] == "small"
     finally:
         done.set()
         await churning
-        outputs.release(take_in=False)
+        for worker in list(outputs._workers):
+            worker.release_output(take_in=False)
+
+
+@BOTH_LOOPS
+async def test_a_worker_exiting_while_windows_keep_holding_it_is_still_a_crash(
+    make_runtime, tmp_path
+):
+    # Its exit waited a turn for what was read; a new hold each turn put it off for ever, and
+    # the call ended at its time limit (found by review)
+    rt = await make_runtime()
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0.0002) as log:
+        outputs = worker_outputs()
+        outputs.on_call = log.expect
+        outputs.quick_s = 1.0
+        log.gather_from(outputs)
+        busy = True
+
+        async def load() -> None:  # loop turns longer than the window
+            while busy:
+                log.submit({"call": "other"})
+                await asyncio.sleep(0)
+
+        loading = asyncio.create_task(load())
+        try:
+            for _ in range(3):
+                with anyio.fail_after(20), pytest.raises(PluginCrashed, match="status 3"):
+                    await call(rt, "crash", {"status": 3}, timeout=10)
+        finally:
+            busy = False
+            await loading
+            outputs.on_call = None
+
+
+async def test_an_answer_taken_in_with_its_window_keeps_its_worker_quick(make_runtime, tmp_path):
+    # Read as the window closed, it measured the window, more than the window's worth: every
+    # other call opened none (found by review)
+    rt = await make_runtime()
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0.05) as log:
+        outputs = worker_outputs()
+        outputs.quick_s = 0.05
+        opened = []
+
+        def expect() -> None:
+            opened.append(1)
+            log.expect()
+
+        outputs.on_call = expect
+        log.gather_from(outputs)
+        try:
+            for _ in range(4):
+                with anyio.fail_after(10):
+                    await call(rt, "aecho", {"text": "x"})
+                    await log.append({"call": "aecho"})
+            assert len(opened) == 4
+        finally:
+            outputs.on_call = None
 
 
 FLOODER = """

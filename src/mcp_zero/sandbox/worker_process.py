@@ -87,6 +87,7 @@ _SWEEP_DELAY_S = 0.1  # after a worker exits: the kernel re-parents what it left
 # a subreaper's sweeps, and the touches of the workers' record, come every second
 _TICK_S = leftovers.HEARTBEAT_S
 _sweep_log = logging.getLogger("mcp_zero.sandbox.proctree")
+_log = logging.getLogger(__name__)
 #: Where this process lists its workers, if it does (a server: ``record_workers``), and them.
 _record: list[leftovers.WorkerRecord | None] = [None]
 _RECORDED: dict[int, leftovers.Worker] = {}
@@ -280,7 +281,10 @@ class WorkerOutputs:
         held, self._held = self._held, []
         took = False
         for worker in held:
-            took = worker.release_output(take_in) or took
+            try:
+                took = worker.release_output(take_in) or took
+            except Exception:  # (one worker's failure leaves none of the others held)
+                _log.exception("letting go of plugin %r's answers failed", worker.plugin)
         return took
 
 
@@ -372,8 +376,10 @@ class WorkerProcess:
         # comes a loop turn later): only then may a take-in read on, in order
         self._drained = False
         self._holds = 0  # (which hold a "drained" callback is for)
-        self._mid_frame = False  # the last take-in ended inside a frame
-        self.last_answer_s = 0.0  # how long its last answered call took
+        self._exit_seen = False  # its exit waits a turn for what was read (on_process_exited)
+        self._eof_taken = False  # a take-in reached its end of file
+        self._taking_in = False
+        self.last_answer_s = 0.0  # how long its last answer took (0: it came within a window)
 
     @property
     def inflight(self) -> int:
@@ -559,9 +565,7 @@ class WorkerProcess:
     def holdable(self) -> bool:
         """Not held already, nor in the middle of a frame: the rest of a large answer is read
         at once (held, it came a take-in per window)."""
-        return not (self._output_held or self._mid_frame or self._pipes is None) and (
-            not self._pipes.partial()
-        )
+        return not (self._output_held or self._pipes is None or self._pipes.partial())
 
     def hold_output(self) -> bool:
         """Leave what the worker answers unread (its loop's audit batch gathers): whether it
@@ -570,7 +574,7 @@ class WorkerProcess:
         loop = self._loop
         if self._output_held or self._stdout_fd < 0 or out is None or loop is None:
             return self._output_held
-        if out.is_closing():
+        if out.is_closing() or self._exit_seen:
             return False
         out.pause_reading()
         self._output_held = True
@@ -591,6 +595,8 @@ class WorkerProcess:
         transport as usual). True when something was taken in."""
         if not self._output_held:
             return False
+        if self._exit_seen and not self._drained:
+            return False  # (its exit, deferred a turn, takes it in: on_process_exited)
         took = take_in and self._take_in(_TAKE_IN_BYTES)[0]
         self._output_held = False
         out = self._stdout
@@ -606,25 +612,28 @@ class WorkerProcess:
         took = False
         if not (self._output_held and self._drained):
             return took, False
-        self._mid_frame = False
         while limit > 0 and self._pipes is not None:
             try:
                 data = os.read(self._stdout_fd, min(limit, _TAKE_IN_BYTES))
             except BlockingIOError:  # (nothing more for now)
                 return took, False
             except OSError:  # (its end, with an error: the transport finds it too)
+                self._eof_taken = True
                 return took, True
             if not data:
+                self._eof_taken = True
                 return took, True
             took = True
             limit -= len(data)
+            self._taking_in = True
             try:
                 self._pipes.pipe_data_received(1, data)
             except Exception:  # (as the loop would for the transport): logged, not raised
                 self._log.exception("taking in what the worker answered failed")
                 self.kill("what it answered could not be taken in")
                 return took, False
-        self._mid_frame = self._pipes is not None and self._pipes.partial()
+            finally:
+                self._taking_in = False
         return took, False
 
     def _send(self, frame: JSON) -> None:
@@ -747,7 +756,8 @@ class WorkerProcess:
                 self._stray()
             self._close_if_retired()
             return
-        self.last_answer_s = time.monotonic() - call.sent
+        # (one taken in came within its window, which its held wait does not say: review)
+        self.last_answer_s = 0.0 if self._taking_in else time.monotonic() - call.sent
         if not call.future.done():
             call.future.set_result(frame)
         if self.retiring:
@@ -979,13 +989,17 @@ class WorkerProcess:
 
     def on_process_exited(self) -> None:
         if self._output_held and not self._drained and self._loop is not None:
-            self._loop.call_soon(self.on_process_exited)  # (what was read reaches it first)
+            # What was read reaches its frames first; no new hold meanwhile, whose own wait
+            # for that would put its exit off again, for ever (found by review)
+            self._exit_seen = True
+            self._loop.call_soon(self.on_process_exited)
             return
         self._process_running = False
         # What it answered while held comes first, and its end of file (seen again, then, by
         # the transport, which ends its stdout): it did not leave its pipe to another process.
         # Not without end: a child it left may write on (then it is killed, as below)
-        at_end = self._output_held and self._take_in(_TAKE_IN_ALL_BYTES)[1]
+        held = self._output_held
+        at_end = (held and self._take_in(_TAKE_IN_ALL_BYTES)[1]) or self._eof_taken
         self._forget_output()
         self._resume_stderr()  # its last words
         _LIVE.discard(self.pid)
