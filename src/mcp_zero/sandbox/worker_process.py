@@ -283,8 +283,9 @@ class WorkerOutputs:
         for worker in held:
             try:
                 took = worker.release_output(take_in) or took
-            except Exception:  # (one worker's failure leaves none of the others held)
+            except Exception:  # (one worker's failure leaves none of the others held, nor it)
                 _log.exception("letting go of plugin %r's answers failed", worker.plugin)
+                worker.resume_output()
         return took
 
 
@@ -379,6 +380,7 @@ class WorkerProcess:
         self._exit_seen = False  # its exit waits a turn for what was read (on_process_exited)
         self._eof_taken = False  # a take-in reached its end of file
         self._taking_in = False
+        self._held_since = 0.0
         self.last_answer_s = 0.0  # how long its last answer took (0: it came within a window)
 
     @property
@@ -578,6 +580,7 @@ class WorkerProcess:
             return False
         out.pause_reading()
         self._output_held = True
+        self._held_since = time.monotonic()
         # What the transport read before the pause is handed to its frames a turn later
         # (both loops call_soon it): until then a take-in would overtake it (found by review)
         self._drained = False
@@ -598,11 +601,16 @@ class WorkerProcess:
         if self._exit_seen and not self._drained:
             return False  # (its exit, deferred a turn, takes it in: on_process_exited)
         took = take_in and self._take_in(_TAKE_IN_BYTES)[0]
+        self.resume_output()
+        return took
+
+    def resume_output(self) -> None:
+        """Read what the worker answers again, as its transport does, whatever held it."""
         self._output_held = False
         out = self._stdout
-        if out is not None and not out.is_closing():
-            out.resume_reading()
-        return took
+        with contextlib.suppress(Exception):
+            if out is not None and not out.is_closing():
+                out.resume_reading()
 
     def _take_in(self, limit: int) -> tuple[bool, bool]:
         """Read up to ``limit`` bytes the worker sent and feed them to its frames, without
@@ -756,8 +764,10 @@ class WorkerProcess:
                 self._stray()
             self._close_if_retired()
             return
-        # (one taken in came within its window, which its held wait does not say: review)
-        self.last_answer_s = 0.0 if self._taking_in else time.monotonic() - call.sent
+        # One taken in came by the time it was held, at the latest (its held wait does not
+        # count: found by review)
+        end = self._held_since if self._taking_in else time.monotonic()
+        self.last_answer_s = max(end - call.sent, 0.0)
         if not call.future.done():
             call.future.set_result(frame)
         if self.retiring:
