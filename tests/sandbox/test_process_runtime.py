@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from mcp_zero.sandbox.manifest import load_manifest, parse_manifest
 from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime, _backoff
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S, StderrBudget
-from mcp_zero.sandbox.worker_process import spawn_failure, worker_outputs
+from mcp_zero.sandbox.worker_process import WorkerOutputs, spawn_failure, worker_outputs
 from mcp_zero.storage import AuditEntry, SqliteStore
 from plugin_builders import write_plugin
 from requires import require_root
@@ -1837,6 +1839,32 @@ async def test_an_answer_held_past_its_calls_time_limit_came_in_time(make_runtim
         assert result["structuredContent"]["text"] == "in time"
 
 
+@contextlib.asynccontextmanager
+async def steady_audit_load(
+    log: AuditLog, every: float, quick_s: float = 0.0
+) -> AsyncIterator[WorkerOutputs]:
+    """The workers' answers wired to ``log`` as a server's are, and a record submitted every
+    ``every`` seconds (0: every loop turn), so that a window is open all the time."""
+    outputs = worker_outputs()
+    outputs.on_call = log.expect
+    outputs.quick_s = quick_s
+    log.gather_from(outputs)
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            log.submit({"call": "other"})
+            await asyncio.sleep(every)
+
+    loading = asyncio.create_task(load())
+    try:
+        yield outputs
+    finally:
+        stop.set()
+        await loading
+        outputs.on_call = None
+
+
 BOTH_LOOPS = pytest.mark.parametrize(
     "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
 )
@@ -1891,26 +1919,10 @@ async def test_a_worker_exiting_while_windows_keep_holding_it_is_still_a_crash(
     # the call ended at its time limit (found by review)
     rt = await make_runtime()
     with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0.0002) as log:
-        outputs = worker_outputs()
-        outputs.on_call = log.expect
-        outputs.quick_s = 1.0
-        log.gather_from(outputs)
-        busy = True
-
-        async def load() -> None:  # loop turns longer than the window
-            while busy:
-                log.submit({"call": "other"})
-                await asyncio.sleep(0)
-
-        loading = asyncio.create_task(load())
-        try:
+        async with steady_audit_load(log, every=0, quick_s=1.0):  # turns longer than windows
             for _ in range(3):
                 with anyio.fail_after(20), pytest.raises(PluginCrashed, match="status 3"):
                     await call(rt, "crash", {"status": 3}, timeout=10)
-        finally:
-            busy = False
-            await loading
-            outputs.on_call = None
 
 
 async def test_an_answer_taken_in_with_its_window_keeps_its_worker_quick(make_runtime, tmp_path):
@@ -1979,22 +1991,7 @@ async def test_a_large_answer_is_not_held_window_after_window(make_runtime, tmp_
     # a time limit it met unheld by far (found by review)
     rt = await make_runtime()
     with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=0.1) as log:
-        outputs = worker_outputs()
-        outputs.on_call = log.expect
-        log.gather_from(outputs)
-        busy = True
-
-        async def steady_load() -> None:  # a window open all the time
-            while busy:
-                log.submit({"call": "other"})
-                await asyncio.sleep(0.01)
-
-        loading = asyncio.create_task(steady_load())
-        try:
+        async with steady_audit_load(log, every=0.01):  # a window open all the time
             with anyio.fail_after(20):
                 result = await call(rt, "huge", {"mb": 8}, timeout=2.0)
             assert len(result["content"][0]["text"]) == 8 << 20
-        finally:
-            busy = False
-            await loading
-            outputs.on_call = None
