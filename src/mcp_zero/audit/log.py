@@ -262,18 +262,14 @@ class AuditLog:
         with self._lock:
             if not self._started or self._closing:  # (as _check_running, a call less per event)
                 raise _not_running()
-            batch = self._batches.get(loop)
-            if batch is None:
-                batch = self._batches[loop] = _Batch()
+            batch = self._batch(loop)
             batch.pending.append(pending)
             # (a batch waiting for another writer's lock is tried by its timer only)
             full = len(batch.pending) >= self._max_batch and batch.busy_since is None
             gatherer = None
             if not full and batch.timer is None:
                 if self._window > 0:
-                    batch.timer = loop.call_later(self._window, self._flush, loop)
-                    gatherer = self._gatherers.get(loop)
-                    batch.held = gatherer is not None
+                    gatherer = self._open_window(loop, batch)
                 else:  # no window: what this loop turn submits is one batch
                     batch.timer = loop.call_soon(self._flush, loop)
         if full:
@@ -294,27 +290,36 @@ class AuditLog:
         loop = _running_loop()
         if loop is None or self._window <= 0:
             return
-        hold = let_go = False
+        hold = let_go = None
         with self._lock:
             if not self._started or self._closing:
                 return
-            batch = self._batches.get(loop)
-            if batch is None:
-                batch = self._batches[loop] = _Batch()
+            batch = self._batch(loop)
             batch.expected += 1
-            gatherer = self._gatherers.get(loop)
             if batch.timer is None:
-                batch.timer = loop.call_later(self._window, self._flush, loop)
-                hold = batch.held = gatherer is not None
+                hold = self._open_window(loop, batch)
             elif batch.held and batch.expected >= self._max_batch:
                 batch.held = False
-                let_go = True
-        if gatherer is None:
-            return
-        if hold:
-            gatherer.hold()
-        elif let_go:
-            gatherer.release(take_in=True)
+                let_go = self._gatherers.get(loop)
+        if hold is not None:
+            hold.hold()
+        elif let_go is not None:
+            let_go.release(take_in=True)
+
+    def _batch(self, loop: asyncio.AbstractEventLoop) -> _Batch:
+        """``loop``'s batch, made at its first event (under the log's lock)."""
+        batch = self._batches.get(loop)
+        if batch is None:
+            batch = self._batches[loop] = _Batch()
+        return batch
+
+    def _open_window(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> Gatherer | None:
+        """Begin ``batch``'s window (under the log's lock): the gatherer it holds, if any, for
+        the caller to hold once the lock is let go."""
+        batch.timer = loop.call_later(self._window, self._flush, loop)
+        gatherer = self._gatherers.get(loop)
+        batch.held = gatherer is not None
+        return gatherer
 
     def gather_from(self, gatherer: Gatherer) -> None:
         """(On its loop.) Hold ``gatherer`` while this loop's batch gathers, and take in what

@@ -251,8 +251,8 @@ class WorkerOutputs:
             return
         if self.on_call is not None and worker.last_answer_s <= self.quick_s:
             self.on_call()
-        if self.held and worker.holdable() and worker.hold_output():
-            self._held.append(worker)
+        if self.held:
+            self._hold(worker)
 
     @contextlib.contextmanager
     def queued(self) -> Iterator[None]:
@@ -273,8 +273,12 @@ class WorkerOutputs:
             return
         self.held = True
         for worker in self._workers:
-            if worker._calls and worker.holdable() and worker.hold_output():
-                self._held.append(worker)
+            if worker._calls:
+                self._hold(worker)
+
+    def _hold(self, worker: WorkerProcess) -> None:
+        if worker.holdable() and worker.hold_output():
+            self._held.append(worker)
 
     def release(self, take_in: bool) -> bool:
         self.held = False
