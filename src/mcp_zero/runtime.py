@@ -435,7 +435,7 @@ class Runtime:
         default = self.store.get_agent("default")
         if default is not None and default.status == "active":
             token, reissued = self._reissue_token(default), True
-        elif installed and not self.store.list_agents():
+        elif installed and not self.store.list_agents(limit=1):
             token = (await self.agents.spawn("default", installed, via="cli")).token
         if record:
             self.store.finish_first_start()

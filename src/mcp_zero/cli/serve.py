@@ -185,6 +185,16 @@ def _prepare(
     return runtime, done
 
 
+def _take_over_workers(settings: Settings) -> None:
+    """Before this server starts workers: end what a dead one's left, become the subreaper
+    (what a plugin orphans comes to the server, not init, and the server sweeps it:
+    mcp_zero.sandbox.proctree), and list its own workers from now on. In this order: the
+    old records go before this server's are written."""
+    _end_left_behind(settings)
+    adopt_orphans()
+    record_workers(settings.workers_dir)
+
+
 def _end_left_behind(settings: Settings) -> None:
     """End what plugins of a server on this data dir started and left running when that
     server went without ending them (``kill -9``, the OOM killer): its workers die with it
@@ -228,11 +238,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     if warning is not None:
         log.warning("%s", warning)
     runtime, first_start = _prepare(settings, on_loopback_only=loopback, first_start=True)
-    _end_left_behind(settings)
-    # A subreaper: what a plugin orphans comes to the server, not init, and the server
-    # sweeps it (mcp_zero.sandbox.proctree).
-    adopt_orphans()
-    record_workers(settings.workers_dir)
+    _take_over_workers(settings)
     raise_open_files_limit()  # (connections are bounded by what it allows: HttpServer)
     app = HttpApp(runtime, on_loopback_only=loopback)
     server = HttpServer(
@@ -362,9 +368,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
     except Exception:
         runtime.close()
         raise
-    _end_left_behind(settings)
-    adopt_orphans()
-    record_workers(settings.workers_dir)
+    _take_over_workers(settings)
     try:
         # (bound to its token, if it came with one: the session ends when it is rotated)
         credential = hash_token(token) if token else None

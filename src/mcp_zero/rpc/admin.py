@@ -222,10 +222,7 @@ class AdminApi:
     ) -> tuple[int, Any]:
         # A page (?after=NAME&limit=N) or, without a limit, all: 21,000 agents are 2 MB, read
         # off the event loop; ?limit was ignored (found by review)
-        afters = q.get("after", [""])
-        if len(afters) > 1:
-            raise InvalidRequest(f"after is given {len(afters)} times; give it once")
-        after = afters[0]
+        after = _one(q, "after", "")
         limit = _page_size(q, None, AGENT_PAGE_MAX)
         agents = self.runtime.agents
         return 200, await asyncio.to_thread(
@@ -379,13 +376,18 @@ def _page_size(q: dict[str, list[str]], default: str | None, most: int) -> int |
     return min(limit, most)
 
 
-def _whole_number(q: dict[str, list[str]], name: str, default: str) -> int:
-    """Query parameter ``name`` (``default`` if absent), in decimal digits only: int() also
-    takes "1_0", " 40" and other scripts' digits, which no client means as a number."""
+def _one(q: dict[str, list[str]], name: str, default: str) -> str:
+    """Query parameter ``name`` (``default`` if absent), which may be given once."""
     given = q.get(name, [default])
     if len(given) > 1:
         raise InvalidRequest(f"{name} is given {len(given)} times; give it once")
-    text = given[0]
+    return given[0]
+
+
+def _whole_number(q: dict[str, list[str]], name: str, default: str) -> int:
+    """Query parameter ``name`` (``default`` if absent), in decimal digits only: int() also
+    takes "1_0", " 40" and other scripts' digits, which no client means as a number."""
+    text = _one(q, name, default)
     if not (text.isascii() and text.isdigit()):
         raise InvalidRequest(f"{name} must be a whole number in the digits 0-9, not {text!r}")
     digits = text.lstrip("0")

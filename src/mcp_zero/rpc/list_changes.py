@@ -185,15 +185,11 @@ class ListChanges:
         # a token rotated or a plugin attached meanwhile ended a new token's stream, or sent
         # a stream opened since a notice of nothing (found by review)
         sessions, streams = list(self.listeners()), list(self.streams())
-        now = _Now(self.kernel, self.agents, self.transport)
-        worked_since = time.perf_counter()
+        # (found by review: a reload with 3,000 sessions held every request for 63 s, a call
+        # that ended in time among them, recorded as a timeout): it lets others run meanwhile
+        now = _Now(self.kernel, self.agents, self.transport, self.yield_after_s)
         for session, channel in sessions:
-            if time.perf_counter() - worked_since >= self.yield_after_s:
-                # (found by review: a reload with 3,000 sessions held every request for 63 s,
-                # a call that ended in time among them, recorded as a timeout)
-                await asyncio.sleep(0)
-                now.forget()
-                worked_since = time.perf_counter()
+            await now.let_others_run()
             if session.closed:
                 continue
             looked = now.look(session.principal, session.credential)
@@ -217,10 +213,7 @@ class ListChanges:
                 if now.look(principal) == TERMINATED:
                     self.end_agent(principal.agent)
         for stream in streams:
-            if time.perf_counter() - worked_since >= self.yield_after_s:
-                await asyncio.sleep(0)
-                now.forget()
-                worked_since = time.perf_counter()
+            await now.let_others_run()
             if stream.mailbox.ended:
                 continue
             looked = now.look(stream.principal, stream.credential)
@@ -251,10 +244,14 @@ class _Now:
     """One check's view of the principals (their agents' plugins may have changed in another
     process) and of what each sees: many sessions and streams share one."""
 
-    def __init__(self, kernel: Kernel, agents: AgentService, transport: str) -> None:
+    def __init__(
+        self, kernel: Kernel, agents: AgentService, transport: str, yield_after_s: float
+    ) -> None:
         self.kernel = kernel
         self.agents = agents
         self.transport = transport
+        self._yield_after_s = yield_after_s
+        self._worked_since = time.perf_counter()
         self._admissions: dict[tuple[str, bool], Admission | None] = {}
         self._read: set[tuple[str, bool]] = set()  # admissions read from the store by this check
         self._versions: dict[Principal, dict[str, str]] = {}
@@ -266,6 +263,14 @@ class _Now:
         (found by review)."""
         self._admissions.clear()
         self._versions.clear()
+
+    async def let_others_run(self) -> None:
+        """Once the check has worked ``yield_after_s`` on end, let the loop run what waits,
+        and forget what may have changed meanwhile."""
+        if time.perf_counter() - self._worked_since >= self._yield_after_s:
+            await asyncio.sleep(0)
+            self.forget()
+            self._worked_since = time.perf_counter()
 
     def _admit(self, key: tuple[str, bool]) -> None:
         try:

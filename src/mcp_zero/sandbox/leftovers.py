@@ -32,10 +32,14 @@ import dataclasses
 import json
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from mcp_zero.sandbox import proctree
+
+T = TypeVar("T")
 
 HEARTBEAT_S = 1.0  # how often a running server touches its record
 # how late after the record's last touch a process may have started and still be a leftover
@@ -65,16 +69,22 @@ def _boot_id() -> str:
         return ""
 
 
-def _boot_time() -> float | None:
-    """When the machine booted (seconds since the epoch), as /proc/stat says."""
+def _proc_value(path: str, key: str, convert: Callable[[str], T]) -> T | None:
+    """The first word after ``key`` on the line of ``path`` that starts with it (a /proc
+    file), converted; None when there is none or it does not convert."""
     try:
-        with open("/proc/stat") as stat:
-            for line in stat:
-                if line.startswith("btime "):
-                    return float(line.split()[1])
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(key):
+                    return convert(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _boot_time() -> float | None:
+    """When the machine booted (seconds since the epoch), as /proc/stat says."""
+    return _proc_value("/proc/stat", "btime ", float)
 
 
 class WorkerRecord:
@@ -162,9 +172,7 @@ def left_sessions(directory: Path) -> list[Worker]:
         if recorded is not None and recorded.boot == boot and booted is not None:
             if recorded.pid_namespace != namespace:
                 continue  # its pids are not ours: whether its server runs is not ours to tell
-            pid, started = recorded.server
-            server = table.get(pid)
-            if server is not None and server.state != "Z" and server.started == started:
+            if _alive(table, *recorded.server):
                 continue  # a server running on the data dir beside us: its workers are its own
             until = int((recorded.touched + LATE_S - booted) * _CLK_TCK)
             found.extend(dataclasses.replace(worker, until=until) for worker in recorded.workers)
@@ -179,21 +187,20 @@ def _drop_partial(directory: Path, table: dict[int, proctree.Proc]) -> None:
     killed while writing, or short of room."""
     for path in directory.glob("*.partial"):
         pid, _, started = path.stem.partition("-")
-        server = table.get(int(pid)) if pid.isdigit() else None
-        if server is None or server.state == "Z" or str(server.started) != started:
+        digits = (pid + started).isascii() and pid.isdigit() and started.isdigit()
+        if not (digits and _alive(table, int(pid), int(started))):
             with contextlib.suppress(OSError):
                 path.unlink()
 
 
 def _uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_value(f"/proc/{pid}/status", "Uid:", int)
+
+
+def _alive(table: dict[int, proctree.Proc], pid: int, started: int) -> bool:
+    """Whether process ``pid``, started at ``started`` (clock ticks after boot), still runs."""
+    proc = table.get(pid)
+    return proc is not None and proc.state != "Z" and proc.started == started
 
 
 def _members(worker: Worker, table: dict[int, proctree.Proc], known: bool = False) -> list[int]:
