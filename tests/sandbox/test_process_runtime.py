@@ -1872,9 +1872,10 @@ BOTH_LOOPS = pytest.mark.parametrize(
 
 @BOTH_LOOPS
 async def test_holds_and_take_ins_at_every_turn_keep_the_answers_whole_and_in_order(make_runtime):
-    # What the transport read before a hold reaches the frames a loop turn later: a take-in
+    # What a transport read before a hold reached the frames a loop turn later: a take-in
     # before that overtook it, broke a large frame and had the worker killed (found by
-    # review; uvloop's transport showed it). Held directly, even in the middle of a frame.
+    # review; uvloop's transport showed it; the pipe is now read without one). Held
+    # directly, even in the middle of a frame.
     rt = await make_runtime()
     outputs = worker_outputs()
     done = asyncio.Event()
@@ -1995,3 +1996,56 @@ async def test_a_large_answer_is_not_held_window_after_window(make_runtime, tmp_
             with anyio.fail_after(20):
                 result = await call(rt, "huge", {"mb": 8}, timeout=2.0)
             assert len(result["content"][0]["text"]) == 8 << 20
+
+
+PARTING = """
+import os
+from mcp_zero.plugin import Plugin
+
+plugin = Plugin("parting")
+
+
+@plugin.tool("answer_and_exit")
+def answer_and_exit(ctx, kb=1):
+    # the whole answer frame written, then gone, in the same breath
+    text = "z" * (kb << 10)
+    ctx._channel.send({"id": ctx._call_id, "result": {"content": [{"type": "text", "text": text}]}})
+    os._exit(5)
+"""
+
+
+@BOTH_LOOPS
+@pytest.mark.parametrize("held", [False, True], ids=["read", "held"])
+@pytest.mark.parametrize("kb", [1, 1000])
+async def test_a_worker_that_answers_and_exits_at_once_is_told_as_the_exit_it_is(
+    tmp_path, caplog, kb, held
+):
+    # Its exit can be reported before the end of its pipe is read: that was taken for a
+    # child it left holding the pipe ("killed because it exited, leaving processes...")
+    # and so reported (found by review). The pipe is read to its end as the exit comes.
+    d = write_plugin(tmp_path / "parting", "parting", PARTING, ["answer_and_exit"])
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data", max_restart_backoff_s=0.01)
+    await rt.start()
+    try:
+        for _ in range(8):
+            caplog.clear()
+            with anyio.fail_after(10):
+                if held:  # (a large answer is taken in 256 KiB at the window's end, and read on)
+                    with (
+                        SqliteStore(tmp_path / "a.db") as store,
+                        AuditLog(store, window=0.005) as log,
+                    ):
+                        async with steady_audit_load(log, every=0.002):
+                            result = await call(rt, "answer_and_exit", {"kb": kb}, timeout=10)
+                else:
+                    result = await call(rt, "answer_and_exit", {"kb": kb}, timeout=10)
+                assert len(result["content"][0]["text"]) == kb << 10
+                while not (
+                    told := [
+                        r.getMessage() for r in caplog.records if "worker (pid" in r.getMessage()
+                    ]
+                ):
+                    await asyncio.sleep(0.01)
+            assert "exited with status 5" in told[0], told
+    finally:
+        await rt.close()

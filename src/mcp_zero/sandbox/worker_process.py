@@ -69,7 +69,8 @@ _LAST_WORDS_S = 0.5
 # A worker's stdout ends as it exits, a moment before its exit is reported: one still running
 # this long after closed its stdout itself, and can answer no call.
 _STDOUT_CLOSED_GRACE_S = 0.2
-# What a held worker's pipe gives at most when its batch commits; the rest is read as usual
+# What one read of a worker's answers' pipe takes at most; a held one's, when its batch commits
+# (the rest is read as usual)
 _TAKE_IN_BYTES = 256 * 1024
 # ...and when its call's time limit fires or it exits: more than a pipe holds, so that a
 # whole answer (or the end of file) is found, but never without end (a child it left could
@@ -372,17 +373,14 @@ class WorkerProcess:
         self._kill_reason: str | None = None
         self._strays: list[float] = [0, 0.0]  # frames for no call, since when (_stray)
         self._ending_tree = False
-        self._stdout: asyncio.ReadTransport | None = None
-        self._stdout_fd = -1  # (-1: its pipe is never held)
-        self._pipes: _Pipes | None = None
+        # Its answers' pipe is read here, not by a transport: what is read reaches its frames
+        # at once (a transport hands it over a loop turn later), and a held pipe leaves the
+        # loop's poll at once (uvloop's paused transport woke the loop once more per hold)
+        self._stdout_fd = -1  # (-1: not open, or read to its end)
+        self._reading = False  # its loop watches it
+        self._pipes = _Pipes(self)
         self._outputs: WorkerOutputs | None = None
         self._output_held = False
-        # Whether what its transport read before the hold has reached its frames (that
-        # comes a loop turn later): only then may a take-in read on, in order
-        self._drained = False
-        self._holds = 0  # (which hold a "drained" callback is for)
-        self._exit_seen = False  # its exit waits a turn for what was read (on_process_exited)
-        self._eof_taken = False  # a take-in reached its end of file
         self._taking_in = False
         self._held_since = 0.0
         self.last_answer_s = 0.0  # how long its last answer took (0: it came within a window)
@@ -411,22 +409,35 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         _starting[0] += 1
         try:
-            transport, pipes = await loop.subprocess_exec(
-                lambda: _Pipes(self),
+            self._stdout_fd, child_stdout = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            _starting[0] -= 1
+            raise PluginFailure(
+                f"plugin '{self.plugin}': cannot start a worker: {spawn_failure(exc)}"
+            ) from exc
+        pipes = self._pipes
+        try:
+            os.set_blocking(self._stdout_fd, False)
+            transport, _ = await loop.subprocess_exec(
+                lambda: pipes,
                 *self._argv,
                 stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
+                stdout=child_stdout,
                 stderr=subprocess.PIPE,
                 env=self._env,
                 cwd=str(self._cwd),
                 start_new_session=True,  # own process group: one killpg takes its children too
             )
-        except OSError as exc:
-            raise PluginFailure(
-                f"plugin '{self.plugin}': cannot start a worker: {spawn_failure(exc)}"
-            ) from exc
+        except BaseException as exc:
+            self._stdout_ended(tell=False)
+            if isinstance(exc, OSError):
+                raise PluginFailure(
+                    f"plugin '{self.plugin}': cannot start a worker: {spawn_failure(exc)}"
+                ) from exc
+            raise
         finally:
             _starting[0] -= 1
+            os.close(child_stdout)
         self._transport = transport
         self.pid = transport.get_pid()
         if self._process_running:  # (it may have exited already: then it is no worker)
@@ -436,11 +447,13 @@ class WorkerProcess:
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         self._stderr_pipe = cast(asyncio.ReadTransport, transport.get_pipe_transport(2))
-        self._stdout = cast(asyncio.ReadTransport, transport.get_pipe_transport(1))
-        self._stdout_fd = _fileno(self._stdout)
-        self._pipes = pipes
-        self._outputs = worker_outputs()
-        self._outputs.add(self)
+        if self._process_running:  # (one that exited already was read to its end, or
+            # is read on until a process it left lets go of the pipe: on_process_exited)
+            self.resume_output()
+            self._outputs = worker_outputs()
+            self._outputs.add(self)
+        else:  # (its exit came as it spawned: it could not be told gone then)
+            self._maybe_gone()
         try:
             async with asyncio.timeout(timeout):
                 ready = await self._ready
@@ -571,90 +584,108 @@ class WorkerProcess:
     def holdable(self) -> bool:
         """Not held already, nor in the middle of a frame: the rest of a large answer is read
         at once (held, it came a take-in per window)."""
-        return not (self._output_held or self._pipes is None or self._pipes.partial())
+        return not (self._output_held or self._pipes.partial())
 
     def hold_output(self) -> bool:
         """Leave what the worker answers unread (its loop's audit batch gathers): whether it
         is held now."""
-        out = self._stdout
-        loop = self._loop
-        if self._output_held or self._stdout_fd < 0 or out is None or loop is None:
-            return self._output_held
-        if out.is_closing() or self._exit_seen:
+        if self._output_held:
+            return True
+        if not self._reading or not self._process_running or self._loop is None:
             return False
-        out.pause_reading()
+        self._loop.remove_reader(self._stdout_fd)
+        self._reading = False
         self._output_held = True
         self._held_since = time.monotonic()
-        # What the transport read before the pause is handed to its frames a turn later
-        # (both loops call_soon it): until then a take-in would overtake it (found by review)
-        self._drained = False
-        self._holds += 1
-        loop.call_soon(self._drained_at, self._holds)
         return True
-
-    def _drained_at(self, hold: int) -> None:
-        if hold == self._holds and self._output_held:
-            self._drained = True
 
     def release_output(self, take_in: bool) -> bool:
         """Read what the worker answers again; with ``take_in``, first take in what it sent
-        meanwhile, up to ``_TAKE_IN_BYTES`` (the rest, and its end of file, are read by the
-        transport as usual). True when something was taken in."""
+        meanwhile, up to ``_TAKE_IN_BYTES`` (the rest, and its end of file, are read as
+        usual). True when something was taken in."""
         if not self._output_held:
             return False
-        if self._exit_seen and not self._drained:
-            return False  # (its exit, deferred a turn, takes it in: on_process_exited)
         took = take_in and self._take_in(_TAKE_IN_BYTES)[0]
         self.resume_output()
         return took
 
     def resume_output(self) -> None:
-        """Read what the worker answers again, as its transport does, whatever held it."""
+        """Read what the worker answers again, whatever held it (until its end of file)."""
         self._output_held = False
-        out = self._stdout
-        with contextlib.suppress(Exception):
-            if out is not None and not out.is_closing():
-                out.resume_reading()
+        loop = self._loop
+        if self._stdout_fd >= 0 and not self._reading and loop and not loop.is_closed():
+            loop.add_reader(self._stdout_fd, self._readable)
+            self._reading = True
+
+    def _readable(self) -> None:
+        """What the worker answered can be read (its loop's callback): one read, as a
+        transport does."""
+        try:
+            data = os.read(self._stdout_fd, _TAKE_IN_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:  # (its end, with an error)
+            data = b""
+        if data:
+            self._feed(data)
+        else:
+            self._stdout_ended()
 
     def _take_in(self, limit: int) -> tuple[bool, bool]:
-        """Read up to ``limit`` bytes the worker sent and feed them to its frames, without
-        its transport (which must not be reading, and whose last reads have reached them):
-        whether something was read, and whether its end of file was reached (which the
-        transport is left to find again)."""
+        """Read now, up to ``limit`` bytes, what the worker sent and feed it to its frames:
+        whether something was read, and whether its end of file was reached (which its
+        loop's reader finds again, if the pipe is watched)."""
         took = False
-        if not (self._output_held and self._drained):
-            return took, False
-        while limit > 0 and self._pipes is not None:
-            try:
-                data = os.read(self._stdout_fd, min(limit, _TAKE_IN_BYTES))
-            except BlockingIOError:  # (nothing more for now)
-                return took, False
-            except OSError:  # (its end, with an error: the transport finds it too)
-                self._eof_taken = True
-                return took, True
-            if not data:
-                self._eof_taken = True
-                return took, True
-            took = True
-            limit -= len(data)
-            self._taking_in = True
-            try:
-                self._pipes.pipe_data_received(1, data)
-            except Exception:  # (as the loop would for the transport): logged, not raised
-                self._log.exception("taking in what the worker answered failed")
-                self.kill("what it answered could not be taken in")
-                return took, False
-            finally:
-                self._taking_in = False
+        self._taking_in = self._output_held
+        try:
+            while limit > 0 and self._stdout_fd >= 0:
+                try:
+                    data = os.read(self._stdout_fd, min(limit, _TAKE_IN_BYTES))
+                except BlockingIOError:  # (nothing more for now)
+                    return took, False
+                except OSError:  # (its end, with an error)
+                    return took, True
+                if not data:
+                    return took, True
+                took = True
+                limit -= len(data)
+                if not self._feed(data):
+                    return took, False
+        finally:
+            self._taking_in = False
         return took, False
+
+    def _feed(self, data: bytes) -> bool:
+        """Hand what was read to the frames: False when that failed (logged; the worker is
+        ended, its calls failing, rather than left half read)."""
+        try:
+            self._pipes.pipe_data_received(1, data)
+        except Exception:
+            self._log.exception("reading what the worker answered failed")
+            self.kill("what it answered could not be read")
+            return False
+        return True
+
+    def _stdout_ended(self, tell: bool = True) -> None:
+        """Its answers' pipe was read to its end (or could not be read on): closed here."""
+        fd, self._stdout_fd = self._stdout_fd, -1
+        if fd < 0:
+            return
+        if self._reading and self._loop is not None:
+            self._reading = False
+            if not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+        os.close(fd)
+        if tell:
+            self.on_stdout_closed()
 
     def _send(self, frame: JSON) -> None:
         if self._stdin is not None and not self._stdin.is_closing():
             self._stdin.write(encode(frame))
 
     def _timed_out(self, call_id: int, timeout: float) -> None:
-        if self._output_held:  # its answer may be waiting in the held pipe: it came in time
-            self._take_in(_TAKE_IN_ALL_BYTES)
+        # Its answer may be waiting in the pipe (held, or not yet seen): it came in time
+        self._take_in(_TAKE_IN_ALL_BYTES)
         call = self._calls.pop(call_id, None)
         if call is None:
             return
@@ -1002,18 +1033,13 @@ class WorkerProcess:
         self._maybe_gone()
 
     def on_process_exited(self) -> None:
-        if self._output_held and not self._drained and self._loop is not None:
-            # What was read reaches its frames first; no new hold meanwhile, whose own wait
-            # for that would put its exit off again, for ever (found by review)
-            self._exit_seen = True
-            self._loop.call_soon(self.on_process_exited)
-            return
         self._process_running = False
-        # What it answered while held comes first, and its end of file (seen again, then, by
-        # the transport, which ends its stdout): it did not leave its pipe to another process.
-        # Not without end: a child it left may write on (then it is killed, as below)
-        held = self._output_held
-        at_end = (held and self._take_in(_TAKE_IN_ALL_BYTES)[1]) or self._eof_taken
+        # What it answered comes first, and its end of file. Its own ends of the pipe closed
+        # as it exited: unless a process it started holds one, what is left in the pipe (a
+        # pipe's worth at most) ends now. Not read without end: such a child may write on
+        # (then it is killed, as below). (Its exit could be reported before the pipe's end
+        # was read: that was taken for a child holding it, and reported as such.)
+        at_end = self._take_in(_TAKE_IN_ALL_BYTES)[1]
         self._forget_output()
         self._resume_stderr()  # its last words
         _LIVE.discard(self.pid)
@@ -1022,7 +1048,9 @@ class WorkerProcess:
             _rewrite_record(record)
         if _subreaper[0] and self._loop is not None:
             self._loop.call_later(_SWEEP_DELAY_S, _sweep)  # what it left came to us
-        if self._stdout_open and not at_end:
+        if at_end:
+            self._stdout_ended()
+        elif self._stdout_open:
             # A process the worker started kept its protocol pipe open (it inherited it):
             # the worker is gone all the same, and so must be what it left behind.
             self.kill("it exited, leaving processes that held its pipes")
@@ -1107,17 +1135,6 @@ class WorkerProcess:
 _CLOSED = "the plugin runtime was closed"
 
 
-def _fileno(pipe: asyncio.ReadTransport) -> int:
-    """The descriptor a subprocess pipe transport reads (uvloop's in its "socket", asyncio's
-    in its "pipe"), -1 when it does not say."""
-    for key in ("socket", "pipe"):
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            found = pipe.get_extra_info(key)
-            if found is not None:
-                return int(found.fileno())
-    return -1
-
-
 def spawn_failure(exc: OSError) -> str:
     """What stopped a worker's start. uvloop reports some failures as errno -1 ("Unknown
     error -1"): when this process's open files are (nearly) used up, that is the cause."""
@@ -1177,9 +1194,7 @@ class _Pipes(asyncio.SubprocessProtocol):
         return self._lines.pending > 0
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 1:
-            self._owner.on_stdout_closed()
-        elif fd == 2:
+        if fd == 2:  # (its stdout is read by its owner)
             self._owner.on_stderr_closed()
 
     def process_exited(self) -> None:
