@@ -41,7 +41,12 @@ from mcp_zero.sandbox.manifest import load_manifest, parse_manifest
 from mcp_zero.sandbox.ownership import worker_identity
 from mcp_zero.sandbox.process import ProcessRuntime, _backoff
 from mcp_zero.sandbox.stderr import BURST_LINES, LINES_PER_S, StderrBudget
-from mcp_zero.sandbox.worker_process import WorkerOutputs, spawn_failure, worker_outputs
+from mcp_zero.sandbox.worker_process import (
+    WorkerOutputs,
+    WorkerProcess,
+    spawn_failure,
+    worker_outputs,
+)
 from mcp_zero.storage import AuditEntry, SqliteStore
 from plugin_builders import write_plugin
 from requires import require_root
@@ -2049,3 +2054,35 @@ async def test_a_worker_that_answers_and_exits_at_once_is_told_as_the_exit_it_is
             assert "exited with status 5" in told[0], told
     finally:
         await rt.close()
+
+
+@BOTH_LOOPS
+async def test_a_worker_that_exits_as_it_spawns_is_told_gone(tmp_path):
+    # Its exit was reported before the spawn returned, while the pipe's other end was still
+    # the server's: it never reached its end, and the start waited for the worker to be gone,
+    # for ever (found by review, on asyncio's loop kept busy)
+    async def busy() -> None:
+        while True:
+            time.sleep(0.003)  # the loop's turns take a while: other work
+            await asyncio.sleep(0)
+
+    others = [asyncio.create_task(busy()) for _ in range(5)]
+    try:
+        for _ in range(3):
+            worker = WorkerProcess(
+                "p",
+                [sys.executable, "-S", "-c", "raise SystemExit(2)"],
+                dict(os.environ),
+                tmp_path,
+                cancel_grace=0.1,
+                on_exit=lambda w: None,
+                on_retire=lambda w: None,
+            )
+            with anyio.fail_after(10), pytest.raises(PluginFailure, match="exited with status 2"):
+                await worker.start(5.0)
+            with anyio.fail_after(10):
+                await worker.wait_gone()
+            assert worker._stdout_fd == -1  # (its answers' pipe was closed)
+    finally:
+        for task in others:
+            task.cancel()

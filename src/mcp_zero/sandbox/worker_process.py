@@ -452,8 +452,9 @@ class WorkerProcess:
             self.resume_output()
             self._outputs = worker_outputs()
             self._outputs.add(self)
-        else:  # (its exit came as it spawned: it could not be told gone then)
-            self._maybe_gone()
+        else:  # its exit came as it spawned, when the pipe's other end was still ours too
+            self.resume_output()
+            self.on_process_exited()
         try:
             async with asyncio.timeout(timeout):
                 ready = await self._ready
@@ -1034,6 +1035,8 @@ class WorkerProcess:
 
     def on_process_exited(self) -> None:
         self._process_running = False
+        if self._transport is None:  # (still spawning: start() tells it, found by review)
+            return
         # What it answered comes first, and its end of file. Its own ends of the pipe closed
         # as it exited: unless a process it started holds one, what is left in the pipe (a
         # pipe's worth at most) ends now. Not read without end: such a child may write on
