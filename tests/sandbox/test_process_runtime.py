@@ -1728,6 +1728,42 @@ async def test_a_worker_flooding_frames_for_no_call_is_killed(tmp_path, caplog):
         await rt.close()
 
 
+async def test_a_flood_of_frames_for_no_call_at_a_workers_exit_is_dropped_once_seen(
+    tmp_path, caplog, monkeypatch
+):
+    # A child the worker left on its pipe floods it as the worker exits: the pipe is read at
+    # the exit, up to 4 MiB, each frame handled in one callback (~0.3-1 s of the server's
+    # loop). Once the flood is seen (and the group killed), the rest is dropped unread.
+    code = (
+        "import os\nfrom mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
+        "@plugin.tool('x')\ndef x(ctx):\n"
+        "    fd, chunk = ctx._channel._out_fd, b'{\"id\":987654}\\n' * 20_000\n"
+        "    if os.fork() == 0:\n"
+        "        while True:\n"
+        "            os.write(fd, chunk)\n"
+        "    os._exit(3)\n"
+    )
+    d = _plugin(tmp_path, code, ["x"])
+    handled = [0]
+    on_line = WorkerProcess.on_line
+
+    def counted(self: WorkerProcess, line: bytes) -> None:
+        handled[0] += 1
+        on_line(self, line)
+
+    monkeypatch.setattr(WorkerProcess, "on_line", counted)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    await rt.start()
+    try:
+        with anyio.fail_after(20), pytest.raises(PluginCrashed):
+            await call(rt, "x", timeout=10)
+        assert any("for no call in flight" in r.getMessage() for r in caplog.records)
+        # (the 1,001 that tell a flood, and what came with them in its read)
+        assert handled[0] < 2_000, handled
+    finally:
+        await rt.close()
+
+
 class UnreadBridge(RecordingBridge):
     """A bridge whose first resource update waits until the client reads (``read`` set),
     which its first request does: the update of a subscriber that does not read."""

@@ -863,6 +863,9 @@ class WorkerProcess:
                 _MAX_STRAYS_PER_S,
             )
             self.kill(f"it sent over {_MAX_STRAYS_PER_S} frames a second for no call")
+            # What else it sends is not handled frame by frame: read at its exit, up to 4 MiB
+            # of them held the loop for a second
+            self._pipes.dropping = True
 
     async def _relay(
         self, previous: asyncio.Task[None] | None, send: Callable[[], Awaitable[None]]
@@ -1175,15 +1178,20 @@ class _Pipes(asyncio.SubprocessProtocol):
     def __init__(self, owner: WorkerProcess) -> None:
         self._owner = owner
         self._lines = LineSplitter(MAX_FRAME_BYTES)
+        #: Killed for what it sends (frames for no call): the rest is dropped unread as
+        #: frames (read all the same, to its end)
+        self.dropping = False
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 2:
             self._owner.on_stderr(data)
             return
         lines = self._lines
-        if lines.overflowed:
+        if lines.overflowed or self.dropping:
             return  # the worker is being killed; what it still sends is dropped
         for line in lines.feed(data):
+            if self.dropping:  # (the rest of a read's worth of them: found by review)
+                return
             self._owner.on_line(line)
         while lines.lost:  # frames the server had no memory to assemble
             self._owner.no_room(*lines.lost.pop(0))
