@@ -283,6 +283,28 @@ async def test_a_cancelled_call_is_still_audited(started: Runtime, bridge: Any) 
     assert started.quotas.inflight("ivy") == 0
 
 
+async def test_a_call_cancelled_once_its_plugin_answered_is_recorded_as_done(
+    make_runtime: Any, bridge: Any
+) -> None:
+    # Its answer waited unread (held while a long window gathers) when the client's cancel
+    # came: the call was recorded "cancelled", though the plugin had done it (found by
+    # review). The caller gets the answer, and the record says allowed.
+    runtime: Runtime = make_runtime(audit_window_ms=3000)
+    runtime.plugins.install(FAULTY_DIR)
+    await runtime.start()
+    agent = Principal("ivy", frozenset({"faulty"}))
+    task = asyncio.create_task(call(runtime, agent, "faulty_echo", {"text": "done"}, "h", bridge))
+    await asyncio.sleep(0.5)  # answered long ago, not read: its window is open for 3 s
+    assert not task.done()
+    task.cancel()
+    with anyio.fail_after(TIMEOUT_S):
+        result = await task
+    assert result["content"] == [{"type": "text", "text": "done"}]
+    assert task.cancelling() == 0
+    [record] = records(runtime, request_id="h")
+    assert record["outcome"] == "allowed"
+
+
 async def test_a_call_cancelled_while_its_record_is_written_is_answered_as_recorded(
     started: Runtime, bridge: Any
 ) -> None:

@@ -2122,3 +2122,32 @@ async def test_a_worker_that_exits_as_it_spawns_is_told_gone(tmp_path):
     finally:
         for task in others:
             task.cancel()
+
+
+@BOTH_LOOPS
+async def test_a_call_cancelled_once_its_answer_waits_in_the_pipe_gets_the_answer(
+    make_runtime, tmp_path
+):
+    # Its handler had finished, its answer held (or not yet read) when the client's cancel
+    # came: it was recorded "cancelled", though the plugin did what it was asked (found by
+    # review). The answer is read as the cancel comes, and the caller gets it.
+    rt = await make_runtime()
+    with SqliteStore(tmp_path / "a.db") as store, AuditLog(store, window=5.0) as log:
+        log.gather_from(worker_outputs())
+        log.submit({"call": "first"})  # a batch gathers: the workers' answers wait
+        calling = asyncio.create_task(call(rt, "aecho", {"text": "done"}))
+        await asyncio.sleep(0.3)  # answered long ago, not read
+        assert not calling.done()
+        calling.cancel()
+        with anyio.fail_after(10):
+            result = await calling
+        assert result["structuredContent"]["text"] == "done"
+        assert not calling.cancelled()
+        assert calling.cancelling() == 0
+        # a call still running when cancelled is cancelled, as before
+        running = asyncio.create_task(call(rt, "slow_async", {"seconds": 5}))
+        await asyncio.sleep(0.3)
+        running.cancel()
+        with anyio.fail_after(10), pytest.raises(asyncio.CancelledError):
+            await running
+        assert (await call(rt, "echo", {"text": "after"}))["content"][0]["text"] == "after"

@@ -189,7 +189,7 @@ def _end_tree(pid: int) -> None:
 class _Call:
     """One call in flight."""
 
-    __slots__ = ("bridge", "chain", "future", "label", "requests", "sent", "updates")
+    __slots__ = ("bridge", "chain", "future", "label", "late", "requests", "sent", "updates")
 
     def __init__(self, future: asyncio.Future[JSON], bridge: CallBridge | None, label: str):
         self.sent = time.monotonic()
@@ -202,6 +202,16 @@ class _Call:
         self.requests: set[asyncio.Task[None]] | None = None
         # The resources whose update waits in the chain, not yet begun (as ``requests``).
         self.updates: set[str] | None = None
+        # Its answer, when it came after its future was cancelled (its caller's cancel was
+        # on its way to it): the handler had finished, which the caller is then told.
+        self.late: JSON | None = None
+
+    def answer(self) -> JSON | None:
+        """What the worker answered, if it did."""
+        future = self.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()
+        return self.late
 
 
 async def _tell_updated(bridge: CallBridge, waiting: set[str], uri: str) -> None:
@@ -564,18 +574,29 @@ class WorkerProcess:
         try:
             reply = await fut
         except asyncio.CancelledError:
-            # Our caller gave up (client cancelled): the handler is told to stop, but not
-            # killed sooner than a timeout kills it, with the worker and the other calls on
-            # it, which may be other agents' (found by review)
-            if self._calls.pop(call_id, None) is not None:
-                self._abandon(
-                    call_id,
-                    call,
-                    max(timer.when() - self._loop.time(), 0.0) + self._grace,
-                    f"{call.label} was cancelled and still ran {self._grace:g} s past its "
-                    f"time limit ({seconds(timeout)} s)",
-                )
-            raise
+            # Our caller gave up (client cancelled). What the worker answered meanwhile is
+            # read first (held while a batch gathers, or not read yet): if the handler had
+            # finished, the cancel stopped nothing, and the caller is told what it did (its
+            # record says so; MCP lets a server answer a request whose processing completed).
+            self._take_in(_TAKE_IN_BYTES)
+            task = asyncio.current_task()
+            answered = call.answer()
+            if answered is not None and task is not None and self._calls.get(call_id) is None:
+                task.uncancel()
+                reply = answered
+            else:
+                # The handler is told to stop, but not killed sooner than a timeout kills
+                # it, with the worker and the other calls on it, which may be other agents'
+                # (found by review)
+                if self._calls.pop(call_id, None) is not None:
+                    self._abandon(
+                        call_id,
+                        call,
+                        max(timer.when() - self._loop.time(), 0.0) + self._grace,
+                        f"{call.label} was cancelled and still ran {self._grace:g} s past its "
+                        f"time limit ({seconds(timeout)} s)",
+                    )
+                raise
         finally:
             timer.cancel()
         if call.chain is not None:
@@ -806,6 +827,8 @@ class WorkerProcess:
         self.last_answer_s = max(end - call.sent, 0.0)
         if not call.future.done():
             call.future.set_result(frame)
+        else:  # (cancelled: its caller's cancel is on its way to it)
+            call.late = frame
         if self.retiring:
             self._close_if_retired()
 
