@@ -457,13 +457,11 @@ class WorkerProcess:
         # uvloop's pipe transports do not subclass asyncio's, but they quack alike.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         self._stderr_pipe = cast(asyncio.ReadTransport, transport.get_pipe_transport(2))
-        if self._process_running:  # (one that exited already was read to its end, or
-            # is read on until a process it left lets go of the pipe: on_process_exited)
-            self.resume_output()
+        self.resume_output()
+        if self._process_running:
             self._outputs = worker_outputs()
             self._outputs.add(self)
         else:  # its exit came as it spawned, when the pipe's other end was still ours too
-            self.resume_output()
             self.on_process_exited()
         try:
             async with asyncio.timeout(timeout):
