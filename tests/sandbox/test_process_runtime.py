@@ -2139,6 +2139,7 @@ async def test_a_call_cancelled_once_its_answer_waits_in_the_pipe_gets_the_answe
         await asyncio.sleep(0.3)  # answered long ago, not read
         assert not calling.done()
         calling.cancel()
+        calling.cancel()  # (twice: a closing session's, then its teardown's)
         with anyio.fail_after(10):
             result = await calling
         assert result["structuredContent"]["text"] == "done"

@@ -574,13 +574,17 @@ class WorkerProcess:
         except asyncio.CancelledError:
             # Our caller gave up (client cancelled). What the worker answered meanwhile is
             # read first (held while a batch gathers, or not read yet): if the handler had
-            # finished, the cancel stopped nothing, and the caller is told what it did (its
-            # record says so; MCP lets a server answer a request whose processing completed).
-            self._take_in(_TAKE_IN_BYTES)
+            # finished, its answer whole by now, the cancel stopped nothing, and the caller is
+            # told what it did (its record says so; MCP lets a server answer a request whose
+            # processing completed). Every cancel is withdrawn, as the kernel withdraws those
+            # that come once an action has its outcome (``uncancellable``): no caller may
+            # wrap this in a timeout scope, whose own cancel would be withdrawn too.
+            self._take_in(_TAKE_IN_ALL_BYTES)
             task = asyncio.current_task()
             answered = call.answer()
             if answered is not None and task is not None and self._calls.get(call_id) is None:
-                task.uncancel()
+                while task.cancelling():
+                    task.uncancel()
                 reply = answered
             else:
                 # The handler is told to stop, but not killed sooner than a timeout kills
@@ -710,12 +714,13 @@ class WorkerProcess:
         if call is None:
             return
         self._abandon(call_id, call)
-        call.future.set_exception(
-            ToolTimeout(
-                f"{call.label} of plugin '{self.plugin}' did not finish within "
-                f"{seconds(timeout)} s; {TIMEOUT_HINT}"
+        if not call.future.done():  # (cancelled in this turn, its caller not yet told)
+            call.future.set_exception(
+                ToolTimeout(
+                    f"{call.label} of plugin '{self.plugin}' did not finish within "
+                    f"{seconds(timeout)} s; {TIMEOUT_HINT}"
+                )
             )
-        )
 
     def _abandon(
         self, call_id: int, call: _Call, kill_in: float | None = None, why: str = ""
