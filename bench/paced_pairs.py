@@ -13,6 +13,8 @@ and p50, and the medians, the paired differences and the ratio of the medians.
 
 ``--a``/``--b`` take ``NAME=VALUE[,NAME=VALUE…]``: ``PYTHONPATH=<a checkout>/src`` runs
 that checkout's code (its workers too, whose PYTHONPATH is the server's package).
+``--a-venv``/``--b-venv`` run another venv's ``mcp0`` (another interpreter; its workers
+run on the server's interpreter).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ def environment(spec: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in spec.split(",") if item)
 
 
-def start(extra: dict[str, str], tool: str) -> tuple[bench.Target, Path]:
-    saved = dict(os.environ)
+def start(extra: dict[str, str], tool: str, venv: str | None) -> tuple[bench.Target, Path]:
+    saved, saved_bin = dict(os.environ), bench.VENV_BIN
     os.environ.update(extra)
+    if venv:
+        bench.VENV_BIN = Path(venv) / "bin"
     try:
         workdir = Path(tempfile.mkdtemp(prefix="mcp0-pairs-"))
         target = bench.start_mcp0(workdir, tool)
@@ -41,12 +45,15 @@ def start(extra: dict[str, str], tool: str) -> tuple[bench.Target, Path]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        bench.VENV_BIN = saved_bin
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--a", default="", help="NAME=VALUE,… for server A")
     parser.add_argument("--b", default="", help="NAME=VALUE,… for server B")
+    parser.add_argument("--a-venv", help="the venv whose mcp0 server A runs (default: this one)")
+    parser.add_argument("--b-venv", help="the venv whose mcp0 server B runs (default: this one)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--rate", type=float, default=1000.0)
@@ -54,8 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     wrk = bench.ensure_wrk()
     servers = {
-        "A": start(environment(args.a), args.tool),
-        "B": start(environment(args.b), args.tool),
+        "A": start(environment(args.a), args.tool, args.a_venv),
+        "B": start(environment(args.b), args.tool, args.b_venv),
     }
     runs: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
     try:

@@ -4,16 +4,59 @@
 MCP0_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MCP0_VENV="$MCP0_ROOT/.venv"
 
-# Prints the first interpreter on PATH that is Python >= 3.11.
+# Exit status of CANDIDATE run on this: 0 for Python >= 3.11 built for speed, 1 for
+# Python >= 3.11 built without it, 2 for anything else. "Built for speed": with
+# profile-guided optimisation (--enable-optimizations: python.org's, the official
+# container images', uv's), or an interpreter linked statically, as Debian and Ubuntu
+# ship /usr/bin/python3.x (built with PGO and LTO). pyenv's default build is neither:
+# every call inside the interpreter goes through libpython's PLT, and the server spends
+# ~15% more CPU on it (bench/README.md, "Which Python").
+_MCP0_PYTHON_PROBE='
+import sys, sysconfig
+if sys.version_info < (3, 11):
+    sys.exit(2)
+optimised = "--enable-optimizations" in (sysconfig.get_config_var("CONFIG_ARGS") or "")
+try:
+    with open("/proc/self/maps") as maps:
+        static = "libpython" not in maps.read()
+except OSError:
+    static = False
+sys.exit(0 if optimised or static else 1)
+'
+
+# Prints the interpreter .venv is made with: $MCP0_PYTHON when set; otherwise the first
+# Python >= 3.11 built for speed among those on PATH and the system's, else the first
+# Python >= 3.11 at all (saying so).
 mcp0_find_python() {
-    local candidate
-    for candidate in python3 python3.13 python3.12 python3.11 python; do
-        if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-            command -v "$candidate"
+    local candidate found="" status
+    if [[ -n "${MCP0_PYTHON:-}" ]]; then
+        status=0
+        "$MCP0_PYTHON" -c "$_MCP0_PYTHON_PROBE" 2>/dev/null || status=$?
+        if [[ $status -le 1 ]]; then
+            command -v "$MCP0_PYTHON"
             return 0
         fi
+        echo "mcp0 setup: MCP0_PYTHON=$MCP0_PYTHON is not Python >= 3.11" >&2
+        return 1
+    fi
+    for candidate in python3 python3.13 python3.12 python3.11 python \
+        /usr/bin/python3 /usr/local/bin/python3; do
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        status=0
+        "$candidate" -c "$_MCP0_PYTHON_PROBE" 2>/dev/null || status=$?
+        if [[ $status -eq 0 ]]; then
+            command -v "$candidate"
+            return 0
+        elif [[ $status -eq 1 && -z "$found" ]]; then
+            found="$(command -v "$candidate")"
+        fi
     done
+    if [[ -n "$found" ]]; then
+        echo "mcp0 setup: $found is built without profile-guided optimisation; the" \
+            "server runs ~15% slower on it (set MCP0_PYTHON to choose another)" >&2
+        echo "$found"
+        return 0
+    fi
     echo "mcp0 setup: Python >= 3.11 is required; install it (e.g. apt-get install python3)" >&2
     return 1
 }
