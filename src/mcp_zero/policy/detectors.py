@@ -120,13 +120,17 @@ _NOT_A_QUOTED_VALUE = r"(?!(?:null|true|false|none)\\?[\"']|\[redacted:)"
 # Its value after ``=`` or ``:``: a quoted one whole, to its closing quote (escapes inside
 # considered; an escaped quote ``\"`` opens and closes it in a text of escaped JSON), an
 # unquoted one to the next whitespace, quote or backslash (or ``&name=``, in a URL).
+# (A group repeated without backtracking is an atomic group here, ``(?>(?:…){3,})``, never
+# a possessive repeat ``(?:…){3,}+``: CPython before 3.11.5 matches the latter wrongly when
+# the group can backtrack or holds a lookahead, gh-100061 and gh-106052; Debian 12's Python
+# is 3.11.2, on which ``token=abc&page=2`` lost its ``&page=``.)
 _CREDENTIAL_VALUE = (
     r"(?:\\?[\"'])?[ \t]*+[:=][ \t]*+(?:"
-    rf"\"(?P<value_dq>{_NOT_A_QUOTED_VALUE}(?:[^\"\\\n]|\\[^\n]){{3,}}+)\""
-    rf"|'(?P<value_sq>{_NOT_A_QUOTED_VALUE}(?:[^'\\\n]|\\[^\n]){{3,}}+)'"
-    rf"|\\\"(?P<value_esc>{_NOT_A_QUOTED_VALUE}(?:[^\"\\\n]|\\[^\"\n]){{3,}}+)\\\""
+    rf"\"(?P<value_dq>{_NOT_A_QUOTED_VALUE}(?>(?:[^\"\\\n]|\\[^\n]){{3,}}))\""
+    rf"|'(?P<value_sq>{_NOT_A_QUOTED_VALUE}(?>(?:[^'\\\n]|\\[^\n]){{3,}}))'"
+    rf"|\\\"(?P<value_esc>{_NOT_A_QUOTED_VALUE}(?>(?:[^\"\\\n]|\\[^\"\n]){{3,}}))\\\""
     rf"|(?:\\?[\"'])?(?P<value>{_NOT_A_VALUE}"
-    r"(?:[^\s\"'\\&]|&(?![A-Za-z_][A-Za-z0-9_]{0,64}=)){3,}+))"
+    r"(?>(?:[^\s\"'\\&]|&(?![A-Za-z_][A-Za-z0-9_]{0,64}=)){3,})))"
 )
 # A name alone (an object's key), whose value is then a credential.
 CREDENTIAL_KEY = re.compile(
@@ -168,7 +172,7 @@ _UNSPACED = (
 )
 # (``git@github.com:org/repo.git``, ``deploy@host:~/app``: a remote's path, not an address)
 _EMAIL_DOMAIN = re.compile(
-    rf"@(?:[^\W_]++(?:-[^\W_]*+)*+\.){{1,10}}"
+    rf"@(?:[^\W_]++(?>(?:-[^\W_]*+)*)\.){{1,10}}"
     rf"(?:[^\W\d_{_UNSPACED}]{{2,63}}+(?![^\W{_UNSPACED}])|[{_UNSPACED}]{{2,63}}+)"
     # not an scp-style remote: ``:`` then a path (``~``, ``/``, ``org/repo.git``) or a
     # port; ``jane@example.com:hunter2`` is still an address
