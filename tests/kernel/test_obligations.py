@@ -321,6 +321,42 @@ async def test_the_arguments_a_completion_is_given_as_context_are_labelled(
     assert records(started, "c1")[0]["labels"] == ["secret"]
 
 
+async def test_a_resource_completion_is_decided_with_the_labels_of_its_uri(
+    started: Runtime, bridge: Any
+) -> None:
+    """A ref/resource names a URI (or a template): what it carries is labelled as a read's
+    URI is, written or escaped, with the value the client typed."""
+    use_policy(started, "no-secrets-out.cedar", NO_SECRETS_OUT)
+    alice = Principal("alice", ALL)
+    for rid, uri in (
+        ("r1", f"test://template/{AWS_KEY}/data"),
+        ("r2", "test://template/password%3Dhunter22/data"),
+    ):
+        with pytest.raises(PolicyDenied), anyio.fail_after(TIMEOUT_S):
+            await started.kernel.complete(
+                alice,
+                {"type": "ref/resource", "uri": uri},
+                {"name": "id", "value": "x"},
+                None,
+                request_id=rid,
+                transport="test",
+            )
+        [record] = records(started, rid)
+        assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
+    with anyio.fail_after(TIMEOUT_S):  # the template itself carries nothing
+        await started.kernel.complete(
+            alice,
+            {"type": "ref/resource", "uri": "test://template/{id}/data"},
+            {"name": "id", "value": "x"},
+            None,
+            request_id="r3",
+            transport="test",
+        )
+    [record] = records(started, "r3")
+    assert record["outcome"] == "allowed"
+    assert "labels" not in record
+
+
 NO_SECRET_QUESTIONS = """
 @id("no-secret-questions")
 @reason("a plugin may not send a secret to the client's model")

@@ -1334,11 +1334,13 @@ class Kernel:
     def _label(self, action: Action, event: JSON) -> None:
         """Put the labels of what ``action`` carries, if any, in its context and its audit
         ``event``: of the URI it reads, or of its arguments (a tool's, a prompt's, what a
-        client request would send)."""
+        client request would send), and of the URI a resource's completion names."""
         if action.verb is Verb.READ_RESOURCE:
             labels = label_uri(action.resource)
         else:
             labels = label_value(action.arguments) if action.arguments else frozenset()
+            if action.verb is Verb.COMPLETE and action.context.get("ref") == "resource":
+                labels |= label_uri(action.resource)
         if labels:
             action.context["labels"] = labels
             event["labels"] = sorted(labels)
