@@ -16,6 +16,7 @@ from mcp_zero.errors import McpZeroError, PolicyDenied, PolicyError
 from mcp_zero.kernel.action import Principal
 from mcp_zero.runtime import Runtime
 from mcp_zero.storage.sqlite import SqliteStore
+from plugin_builders import write_plugin
 
 pytestmark = pytest.mark.anyio
 TIMEOUT_S = 20.0
@@ -355,6 +356,51 @@ async def test_a_resource_completion_is_decided_with_the_labels_of_its_uri(
     [record] = records(started, "r3")
     assert record["outcome"] == "allowed"
     assert "labels" not in record
+
+
+async def test_a_template_whose_variables_are_named_as_credentials_is_completed(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    """A template's own text (``?token={token}``) names its variables: its completion is
+    not a credential's; a URI it serves with a token in it is."""
+    template = "vault://{name}?token={token}"
+    code = (
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('vault')\n"
+        f"@plugin.resource_template({template!r})\n"
+        "def entry(ctx, name, token):\n"
+        "    return name\n"
+        f"@plugin.completion(resource_template={template!r}, argument='name')\n"
+        "def names(ctx, value, arguments):\n"
+        "    return [n for n in ('db', 'dns') if n.startswith(value)]\n"
+    )
+    listed = {"resourceTemplates": [{"uriTemplate": template, "name": "vault-entry"}]}
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(write_plugin(tmp_path / "vault", "vault", code, **listed))
+    await runtime.start()
+    use_policy(runtime, "no-secrets-out.cedar", NO_SECRETS_OUT)
+    alice = Principal("alice", frozenset({"vault"}))
+
+    async def complete(uri: str, rid: str) -> Any:
+        with anyio.fail_after(TIMEOUT_S):
+            return await runtime.kernel.complete(
+                alice,
+                {"type": "ref/resource", "uri": uri},
+                {"name": "name", "value": "d"},
+                None,
+                request_id=rid,
+                transport="test",
+            )
+
+    completed = await complete(template, "v1")
+    assert completed["completion"]["values"] == ["db", "dns"]
+    [record] = records(runtime, "v1")
+    assert record["outcome"] == "allowed"
+    assert "labels" not in record
+    with pytest.raises(PolicyDenied):
+        await complete("vault://{name}?token=ghp_0123456789abcdefghijklmnopqrstuvwxyzAB", "v2")
+    [record] = records(runtime, "v2")
+    assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
 
 
 NO_SECRET_QUESTIONS = """

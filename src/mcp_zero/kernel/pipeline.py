@@ -1340,7 +1340,11 @@ class Kernel:
         else:
             labels = label_value(action.arguments) if action.arguments else frozenset()
             if action.verb is Verb.COMPLETE and action.context.get("ref") == "resource":
-                labels |= label_uri(action.resource)
+                # a URI, or the text of a template of its plugin: that one's variables
+                # (``?token={token}``) are names, not values
+                uri = action.resource
+                if not any(t.listing.get("uriTemplate") == uri for t in self.plugins.templates):
+                    labels |= label_uri(uri)
         if labels:
             action.context["labels"] = labels
             event["labels"] = sorted(labels)
