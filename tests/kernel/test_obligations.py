@@ -322,6 +322,21 @@ async def test_the_arguments_a_completion_is_given_as_context_are_labelled(
     assert records(started, "c1")[0]["labels"] == ["secret"]
 
 
+async def complete_resource(
+    runtime: Runtime, principal: Principal, uri: str, argument: str, rid: str
+) -> Any:
+    """``completion/complete`` of ``argument`` (typed: ``d``) of the resource ``uri``."""
+    with anyio.fail_after(TIMEOUT_S):
+        return await runtime.kernel.complete(
+            principal,
+            {"type": "ref/resource", "uri": uri},
+            {"name": argument, "value": "d"},
+            None,
+            request_id=rid,
+            transport="test",
+        )
+
+
 async def test_a_resource_completion_is_decided_with_the_labels_of_its_uri(
     started: Runtime, bridge: Any
 ) -> None:
@@ -333,26 +348,12 @@ async def test_a_resource_completion_is_decided_with_the_labels_of_its_uri(
         ("r1", f"test://template/{AWS_KEY}/data"),
         ("r2", "test://template/password%3Dhunter22/data"),
     ):
-        with pytest.raises(PolicyDenied), anyio.fail_after(TIMEOUT_S):
-            await started.kernel.complete(
-                alice,
-                {"type": "ref/resource", "uri": uri},
-                {"name": "id", "value": "x"},
-                None,
-                request_id=rid,
-                transport="test",
-            )
+        with pytest.raises(PolicyDenied):
+            await complete_resource(started, alice, uri, "id", rid)
         [record] = records(started, rid)
         assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
-    with anyio.fail_after(TIMEOUT_S):  # the template itself carries nothing
-        await started.kernel.complete(
-            alice,
-            {"type": "ref/resource", "uri": "test://template/{id}/data"},
-            {"name": "id", "value": "x"},
-            None,
-            request_id="r3",
-            transport="test",
-        )
+    # the template itself carries nothing
+    await complete_resource(started, alice, "test://template/{id}/data", "id", "r3")
     [record] = records(started, "r3")
     assert record["outcome"] == "allowed"
     assert "labels" not in record
@@ -380,25 +381,14 @@ async def test_a_template_whose_variables_are_named_as_credentials_is_completed(
     await runtime.start()
     use_policy(runtime, "no-secrets-out.cedar", NO_SECRETS_OUT)
     alice = Principal("alice", frozenset({"vault"}))
-
-    async def complete(uri: str, rid: str) -> Any:
-        with anyio.fail_after(TIMEOUT_S):
-            return await runtime.kernel.complete(
-                alice,
-                {"type": "ref/resource", "uri": uri},
-                {"name": "name", "value": "d"},
-                None,
-                request_id=rid,
-                transport="test",
-            )
-
-    completed = await complete(template, "v1")
+    completed = await complete_resource(runtime, alice, template, "name", "v1")
     assert completed["completion"]["values"] == ["db", "dns"]
     [record] = records(runtime, "v1")
     assert record["outcome"] == "allowed"
     assert "labels" not in record
+    uri = "vault://{name}?token=ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"
     with pytest.raises(PolicyDenied):
-        await complete("vault://{name}?token=ghp_0123456789abcdefghijklmnopqrstuvwxyzAB", "v2")
+        await complete_resource(runtime, alice, uri, "name", "v2")
     [record] = records(runtime, "v2")
     assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
 
