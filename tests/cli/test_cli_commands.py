@@ -897,6 +897,7 @@ def test_errors_are_one_line_and_exit_non_zero(data_dir: Path) -> None:
         (["agent", "attach", "ada", "p\udcff"], "PLUGIN"),
         (["agent", "create", "bo", "--plugin", "p\udcff"], "--plugin"),
         (["agent", "show", "a\udcff"], "NAME"),
+        (["agent", "list", "--after", "a\udcff"], "--after"),
         (["agent", "terminate", "a\udcff"], "NAME"),
         (["agent", "rotate-token", "a\udcff"], "NAME"),
         (["agent", "recover", "s\udcff"], "SNAPSHOT_ID"),
@@ -917,6 +918,27 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
         f"mcp0: error: invalid value for '{name}': it is not text: its bytes are not UTF-8"
     )
     assert as_json(data_dir, "audit", "verify")["count"] == before  # nothing was done
+
+
+@pytest.mark.parametrize(
+    "args", [["audit", "list", "--json"], ["agent", "list"], ["plugin", "show", "notes", "--json"]]
+)
+def test_a_reader_that_stops_ends_the_command_quietly(data_dir: Path, args: list[str]) -> None:
+    # (``mcp0 audit list --json | head -c 10``) it said "mcp0: error: Broken pipe"
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    run(data_dir, "agent", "create", "ada", "--plugin", "notes")
+    mcp0 = Path(sys.executable).parent / "mcp0"
+    with subprocess.Popen(
+        [str(mcp0), *args, "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as command:
+        assert command.stdout is not None
+        assert command.stderr is not None
+        command.stdout.close()  # the reader is gone before the command writes a line
+        stderr = command.stderr.read()
+        status = command.wait(timeout=60)
+    assert (status, stderr) == (1, b"")
 
 
 @pytest.mark.parametrize("variable", ["MCP0_AGENT", "MCP0_TOKEN"])

@@ -150,6 +150,12 @@ def _errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except McpZeroError as exc:
             _fail(exc.message)
+        except BrokenPipeError:
+            # what reads the output stopped (``| head``): the command is done, quietly, as
+            # a program that SIGPIPE ends (Python ignores it); the exit's flush of what is
+            # still buffered would fail again, so stdout goes nowhere from now on
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except ModuleNotFoundError as exc:
             _fail(f"{exc}: install the server side with: pip install 'mcp-zero[server]'")
         except OSError as exc:  # a file of the data dir the command could not use
@@ -422,7 +428,7 @@ def agent_create(
 
 @agent.command("list")
 @_common
-@click.option("--after", default="", help="The agents named after this one (by name).")
+@click.option("--after", type=_TEXT, default="", help="The agents named after this one (by name).")
 @click.option(
     "--limit",
     type=_WholeNumber(min=1, max=(1 << 63) - 1),
