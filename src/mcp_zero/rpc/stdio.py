@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import select
 import stat
 import sys
 from collections.abc import Callable, Coroutine
@@ -26,7 +27,7 @@ from mcp_zero.fdio import write_all
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import jsonrpc
 from mcp_zero.rpc.envelope import has_envelope
-from mcp_zero.rpc.list_changes import ListChanges
+from mcp_zero.rpc.list_changes import TERMINATED, ListChanges
 from mcp_zero.rpc.server import McpServer
 from mcp_zero.rpc.session import JSON, Session
 from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
@@ -173,9 +174,32 @@ def _own_pipe(out: BinaryIO) -> bool:
     return (err.st_dev, err.st_ino) != (mine.st_dev, mine.st_ino)
 
 
-def _regular_file(source: BinaryIO) -> bool:
+def _unpollable(source: BinaryIO) -> bool:
+    """Whether stdin is nothing a loop can wait on: a regular file (``< requests.jsonl``), or
+    a device that epoll refuses, such as ``/dev/null`` (``docker run`` without ``-i``,
+    systemd's ``StandardInput=null``): libuv aborted the process on one, and asyncio's loop
+    hung (found by review). A thread reads those."""
     try:
-        return stat.S_ISREG(os.fstat(source.fileno()).st_mode)
+        fd = source.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    if not hasattr(select, "epoll"):
+        return False
+    with select.epoll() as probe:
+        try:
+            probe.register(fd, select.EPOLLIN)
+        except PermissionError:  # (EPERM: a file or device that cannot be polled)
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _blocking(source: BinaryIO) -> bool:
+    try:
+        return os.get_blocking(source.fileno())
     except (OSError, ValueError, io.UnsupportedOperation):
         return False
 
@@ -259,7 +283,10 @@ async def _serve_stdio(
     source = stdin or sys.stdin.buffer
     stop_reading: Callable[[], None]
     wanted = asyncio.Event()  # the line loop waits on the reader (a file is read only then)
-    from_file = _regular_file(source)
+    from_file = _unpollable(source)
+    # (stdin's transport makes it non-blocking: a terminal shares that with the shell, which
+    # would read EAGAIN after the session; found by review)
+    was_blocking = _blocking(source)
     if from_file:  # (`< requests.jsonl`: no pipe transport takes a file)
         feeding = asyncio.create_task(_feed_from_file(source, reader, wanted))
 
@@ -377,9 +404,15 @@ async def _serve_stdio(
 
     async def end_revoked(ended: Session, why: str) -> None:
         """The session's agent was terminated, or the token it was opened with rotated
-        (``why``): its calls running now stop, answered -32001 (later ones are refused)."""
+        (``why``): its calls running now stop, answered -32001. A rotated token's session
+        refuses each later request. A terminated agent's ends, and the process with it, as
+        at the end of stdin: the client starts it again once the agent is recovered (over
+        HTTP it initializes again). Kept open, it served a recovered agent with no
+        subscriptions, notices or questions to the client (found by review)."""
         log.info("agent %r %s: ending this session", ended.principal.agent, why)
         ended.close()
+        if why == TERMINATED:
+            stop_reading()
 
     list_changes = ListChanges(
         runtime.kernel,
@@ -466,3 +499,6 @@ async def _serve_stdio(
         with contextlib.suppress(Exception):
             await runtime.aclose()
         await channel.aclose(_LAST_WRITE_S)
+        if was_blocking:
+            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                os.set_blocking(source.fileno(), True)
