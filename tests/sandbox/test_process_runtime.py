@@ -1734,13 +1734,19 @@ async def test_a_flood_of_frames_for_no_call_at_a_workers_exit_is_dropped_once_s
     # A child the worker left on its pipe floods it as the worker exits: the pipe is read at
     # the exit, up to 4 MiB, each frame handled in one callback (~0.3-1 s of the server's
     # loop). Once the flood is seen (and the group killed), the rest is dropped unread.
+    # (the worker exits once the child has written more than tells a flood: when it exited
+    # at once, a busy machine had not run the child yet, and no flood was there to see)
     code = (
         "import os\nfrom mcp_zero.plugin import Plugin\nplugin = Plugin()\n"
         "@plugin.tool('x')\ndef x(ctx):\n"
-        "    fd, chunk = ctx._channel._out_fd, b'{\"id\":987654}\\n' * 20_000\n"
+        "    fd, frame = ctx._channel._out_fd, b'{\"id\":987654}\\n'\n"
+        "    started, go = os.pipe()\n"
         "    if os.fork() == 0:\n"
+        "        os.write(fd, frame * 2_000)\n"
+        "        os.write(go, b'.')\n"
         "        while True:\n"
-        "            os.write(fd, chunk)\n"
+        "            os.write(fd, frame * 20_000)\n"
+        "    os.read(started, 1)\n"
         "    os._exit(3)\n"
     )
     d = _plugin(tmp_path, code, ["x"])
