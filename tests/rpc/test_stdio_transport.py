@@ -568,6 +568,33 @@ async def test_a_client_closing_stdout_ends_the_session_cleanly(tmp_path: Path) 
     os.close(in_w)
 
 
+async def test_a_terminal_on_stdin_is_made_blocking_again_when_the_session_ends(
+    tmp_path: Path,
+) -> None:
+    # stdin's transport made it non-blocking, and a terminal's is the shell's too; on
+    # asyncio's loop the transport closes the file object, and the restore looked for its
+    # descriptor there (found by review)
+    runtime = make_runtime(tmp_path / "data")
+    await runtime.agents.spawn("typist", [])
+    controller, terminal = os.openpty()
+    out_r, out_w = os.pipe()
+    try:
+        # (as sys.stdin is: closing the file object leaves the descriptor open)
+        with (
+            open(terminal, "rb", buffering=0, closefd=False) as stdin,
+            open(out_w, "wb", buffering=0) as stdout,
+        ):
+            ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+            os.write(controller, orjson.dumps(ping) + b"\n\x04")  # then the end of input
+            with anyio.fail_after(TIMEOUT_S):
+                await serve_stdio(runtime, runtime.agents.principal("typist"), stdin, stdout)
+        assert orjson.loads(os.read(out_r, 1 << 16)) == {"jsonrpc": "2.0", "id": 1, "result": {}}
+        assert os.get_blocking(terminal)
+    finally:
+        for fd in (controller, terminal, out_r):
+            os.close(fd)
+
+
 # --- MCP 2026-07-28 over stdio -----------------------------------------------------------------
 
 STATELESS_META = {

@@ -187,21 +187,26 @@ def _unpollable(source: BinaryIO) -> bool:
         return False
     if not hasattr(select, "epoll"):
         return False
-    with select.epoll() as probe:
-        try:
+    try:
+        with select.epoll() as probe:
             probe.register(fd, select.EPOLLIN)
-        except PermissionError:  # (EPERM: a file or device that cannot be polled)
-            return True
-        except OSError:
-            return False
+    except PermissionError:  # (EPERM: a file or device that cannot be polled)
+        return True
+    except OSError:
+        return False
     return False
 
 
-def _blocking(source: BinaryIO) -> bool:
+def _blocking_fd(source: BinaryIO) -> int | None:
+    """stdin's descriptor, if it is blocking now. Its transport makes it non-blocking, and a
+    terminal shares that with the shell, which read EAGAIN after the session (found by
+    review): it is made blocking again at the end, by its number (asyncio's transport closes
+    the file object, not the descriptor)."""
     try:
-        return os.get_blocking(source.fileno())
+        fd = source.fileno()
+        return fd if os.get_blocking(fd) else None
     except (OSError, ValueError, io.UnsupportedOperation):
-        return False
+        return None
 
 
 async def _feed_from_file(
@@ -261,18 +266,24 @@ async def serve_stdio(
 
         for number in proctree.STOP_SIGNALS:
             asyncio.get_running_loop().add_signal_handler(number, stop, number)
+    source = stdin or sys.stdin.buffer
+    blocking_fd = _blocking_fd(source)
     try:
-        await _serve_stdio(runtime, principal, stdin, stdout, credential)
+        await _serve_stdio(runtime, principal, source, stdout, credential)
     except asyncio.CancelledError:
         if not signalled:
             raise
         log.info("stopped by signal %d; the requests still running were cancelled", signalled[0])
+    finally:  # (also after a stop or a failure as it starts)
+        if blocking_fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(blocking_fd, True)
 
 
 async def _serve_stdio(
     runtime: Runtime,
     principal: Principal,
-    stdin: BinaryIO | None,
+    source: BinaryIO,
     stdout: BinaryIO | None,
     credential: str | None,
 ) -> None:
@@ -280,13 +291,9 @@ async def _serve_stdio(
     session = Session(principal, credential=credential)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
-    source = stdin or sys.stdin.buffer
     stop_reading: Callable[[], None]
     wanted = asyncio.Event()  # the line loop waits on the reader (a file is read only then)
     from_file = _unpollable(source)
-    # (stdin's transport makes it non-blocking: a terminal shares that with the shell, which
-    # would read EAGAIN after the session; found by review)
-    was_blocking = _blocking(source)
     if from_file:  # (`< requests.jsonl`: no pipe transport takes a file)
         feeding = asyncio.create_task(_feed_from_file(source, reader, wanted))
 
@@ -499,6 +506,3 @@ async def _serve_stdio(
         with contextlib.suppress(Exception):
             await runtime.aclose()
         await channel.aclose(_LAST_WRITE_S)
-        if was_blocking:
-            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-                os.set_blocking(source.fileno(), True)
