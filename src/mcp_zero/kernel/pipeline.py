@@ -975,14 +975,7 @@ class Kernel:
             plugin = hit[0] if hit is not None else None
         else:
             target = normal_uri(str(ref.get("uri", "")))  # as read_resource has it
-            plugin = self.plugins.resource_owner(target) or next(
-                (
-                    t.plugin
-                    for t in self.plugins.templates
-                    if t.listing.get("uriTemplate") == target
-                ),
-                None,
-            )
+            plugin = self.plugins.resource_owner(target) or self.plugins.template_owner(target)
 
         async def run(
             principal: Principal, runtime: PluginRuntime, timeout: float, slot: PluginSlot
@@ -1083,10 +1076,7 @@ class Kernel:
             return prompt[0] if prompt is not None else None
         if verb is Verb.COMPLETE and target in self.plugins.prompts:
             return self.plugins.prompts[target][0]
-        return self.plugins.resource_owner(target) or next(
-            (t.plugin for t in self.plugins.templates if t.listing.get("uriTemplate") == target),
-            None,
-        )
+        return self.plugins.resource_owner(target) or self.plugins.template_owner(target)
 
     # -- the one path ---------------------------------------------------------------------
 
@@ -1339,12 +1329,14 @@ class Kernel:
             labels = label_uri(action.resource)
         else:
             labels = label_value(action.arguments) if action.arguments else frozenset()
-            if action.verb is Verb.COMPLETE and action.context.get("ref") == "resource":
-                # a URI, or the text of a template of its plugin: that one's variables
-                # (``?token={token}``) are names, not values
-                uri = action.resource
-                if not any(t.listing.get("uriTemplate") == uri for t in self.plugins.templates):
-                    labels |= label_uri(uri)
+            # a resource's completion: of its URI too, unless it is a template's own text,
+            # whose variables (``?token={token}``) are names, not values
+            if (
+                action.verb is Verb.COMPLETE
+                and action.context.get("ref") == "resource"
+                and self.plugins.template_owner(action.resource) is None
+            ):
+                labels |= label_uri(action.resource)
         if labels:
             action.context["labels"] = labels
             event["labels"] = sorted(labels)
@@ -1361,13 +1353,10 @@ class Kernel:
             verb is not Verb.COMPLETE or action.context.get("ref") == "prompt"
         ):
             return decision
-        if uri in self.plugins.resources:
+        if uri in self.plugins.resources or self.plugins.template_owner(uri) == action.plugin:
             return decision
-        templates = [t for t in self.plugins.templates if t.plugin == action.plugin]
-        if any(t.listing["uriTemplate"] == uri for t in templates):
-            return decision
-        for template in templates:
-            if template.pattern.match(uri):
+        for template in self.plugins.templates:
+            if template.plugin == action.plugin and template.pattern.match(uri):
                 seen_as = Action(
                     action.principal,
                     verb,

@@ -1188,6 +1188,14 @@ class PluginHost:
                 return template.plugin
         return None
 
+    def template_owner(self, text: str) -> str | None:
+        """The plugin with a template whose own text is ``text`` (``files://{path}``: what a
+        completion of it, and policy, know it by), if one has."""
+        for template in self.templates:
+            if template.listing.get("uriTemplate") == text:
+                return template.plugin
+        return None
+
     def runtime(self, name: str) -> PluginRuntime:
         """The running runtime of plugin ``name``. Raises PluginNotFound, or PluginFailure
         (with the reason) when the plugin cannot start until it is reinstalled (its code
