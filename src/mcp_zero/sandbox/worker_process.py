@@ -683,7 +683,7 @@ class WorkerProcess:
         """Hand what was read to the frames: False when that failed (logged; the worker is
         ended, its calls failing, rather than left half read)."""
         try:
-            self._pipes.pipe_data_received(1, data)
+            self._pipes.frames(data)
         except Exception:
             self._log.exception("reading what the worker answered failed")
             self.kill("what it answered could not be read")
@@ -1199,7 +1199,8 @@ def _progress_frame(frame: JSON) -> bool:
 
 
 class _Pipes(asyncio.SubprocessProtocol):
-    """Feeds the worker's stdout frames and stderr bytes to its :class:`WorkerProcess`."""
+    """Feeds the worker's stderr bytes (from its transport) and its stdout frames (from
+    what its :class:`WorkerProcess` reads) to that worker."""
 
     def __init__(self, owner: WorkerProcess) -> None:
         self._owner = owner
@@ -1209,9 +1210,11 @@ class _Pipes(asyncio.SubprocessProtocol):
         self.dropping = False
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 2:
+        if fd == 2:  # (its stdout is read by its owner: frames)
             self._owner.on_stderr(data)
-            return
+
+    def frames(self, data: bytes) -> None:
+        """Bytes of its stdout: each whole frame to the worker."""
         lines = self._lines
         if lines.overflowed or self.dropping:
             return  # the worker is being killed; what it still sends is dropped
