@@ -34,7 +34,7 @@ sys.exit(0 if optimised or (static and sys.base_prefix == "/usr") else 1)
 # Python >= 3.11 built for speed among those on PATH and the system's, else the first
 # Python >= 3.11 at all, as before (saying why). Says so when that is not PATH's python3.
 mcp0_find_python() {
-    local candidate chosen="" fallback="" status version first=""
+    local candidate chosen="" status version first=""
     if [[ -n "${MCP0_PYTHON:-}" ]]; then
         status=0
         "$MCP0_PYTHON" -c "$_MCP0_PYTHON_PROBE" >/dev/null 2>&1 || status=$?
@@ -54,8 +54,6 @@ mcp0_find_python() {
         if [[ $status -eq 0 ]]; then
             chosen="$(command -v "$candidate") ($version)"
             break
-        elif [[ $status -eq 1 && -z "$fallback" ]]; then
-            fallback="$(command -v "$candidate")"
         fi
     done
     if [[ -n "$chosen" ]]; then
@@ -66,11 +64,11 @@ mcp0_find_python() {
         echo "${chosen% (*}"
         return 0
     fi
-    if [[ -n "$fallback" ]]; then
+    if [[ -n "$first" ]]; then
         echo "mcp0 setup: making .venv with $first; no Python >= 3.11 built for speed" \
             "(with PGO) that can make a venv was found, and the server spends ~14% more" \
             "CPU on one without (MCP0_PYTHON chooses)" >&2
-        echo "$fallback"
+        echo "${first% (*}"
         return 0
     fi
     echo "mcp0 setup: Python >= 3.11 is required; install it (e.g. apt-get install python3)" >&2
