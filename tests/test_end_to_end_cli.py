@@ -1004,6 +1004,62 @@ def test_terminating_the_agent_of_a_stdio_session_stops_its_running_call_and_end
     assert "agent 'napper' was terminated: ending this session" in log
 
 
+@pytest.mark.parametrize("ending", ["terminate", "close stdout"])
+def test_requests_a_stdio_session_read_from_a_file_and_queued_are_answered_and_recorded_at_its_end(
+    tmp_path: Path, ending: str
+) -> None:
+    # Requests read from a file wait their turn while the agent's slots are all taken: when
+    # the session ended (its agent terminated, or its client gone) they were dropped, with no
+    # answer and no audit record of what was asked (found by review). Each is answered
+    # -32001 now (if stdout is still read), and a governed one recorded as cancelled.
+    data_dir = str(tmp_path / "data")
+    mcp0("plugin", "install", str(KIT_DIR), "--data-dir", data_dir)
+    mcp0("agent", "create", "napper", "--plugin", "kit", "--data-dir", data_dir)
+    requests = tmp_path / "requests.jsonl"
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "tests", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        *({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {
+            "name": "slow_async", "arguments": {"seconds": 2}}} for n in (2, 3, 4, 5)),
+        {"jsonrpc": "2.0", "id": 6, "method": "ping"},
+    ]  # fmt: skip
+    requests.write_bytes(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+    with (
+        requests.open("rb") as source,
+        subprocess.Popen(
+            [MCP0, "serve", "--stdio", "--agent", "napper", "--data-dir", data_dir],
+            stdin=source,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "MCP0_MAX_CONCURRENCY": "2"},  # 2 and 3 run, 4, 5, 6 wait
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        if ending == "terminate":
+            time.sleep(0.5)  # the first two calls under way
+            mcp0("agent", "terminate", "napper", "--data-dir", data_dir)
+            answers = [json.loads(line) for line in proc.stdout.read().splitlines()]
+        else:
+            proc.stdout.close()  # heard as the first two calls' answers are written
+            answers = []
+        assert proc.wait(timeout=CLI_TIMEOUT_S) == 0
+    naps = {r["request_id"]: r for r in _audit(data_dir) if r.get("resource") == "slow_async"}
+    assert sorted(naps) == [2, 3, 4, 5], naps
+    for n in (4, 5):
+        assert (naps[n]["outcome"], naps[n].get("code")) == ("error", "cancelled"), naps[n]
+    if ending == "close stdout":
+        assert naps[2]["outcome"] == naps[3]["outcome"] == "allowed", naps
+        return
+    assert sorted(a["id"] for a in answers) == [2, 3, 4, 5, 6], answers
+    assert all(a["error"]["code"] == -32001 for a in answers), answers
+    unstarted = [a["error"]["message"] for a in answers if a["id"] in (4, 5, 6)]
+    assert all("before this request started" in m for m in unstarted), unstarted
+    assert naps[2]["code"] == naps[3]["code"] == "cancelled", naps
+
+
 def test_a_stdio_server_whose_stdin_is_dev_null_ends_as_at_the_end_of_stdin(
     tmp_path: Path,
 ) -> None:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO, cast
 
-from mcp_zero.errors import InvalidRequest, PayloadTooLarge, Unauthorized
+from mcp_zero.errors import UNAUTHORIZED, InvalidRequest, PayloadTooLarge, Unauthorized
 from mcp_zero.fdio import write_all
 from mcp_zero.kernel.action import Principal
 from mcp_zero.rpc import jsonrpc
@@ -228,6 +228,30 @@ async def _feed_from_file(
         reader.feed_eof()
 
 
+async def _turn_came(
+    turn: asyncio.Future[bool], request: jsonrpc.Request, session: Session
+) -> bool:
+    """Wait for the turn of a request read from a file: True when it may start, False when
+    the session ended first (its closing cancels the wait). A client's cancel ends it."""
+    try:
+        return await turn
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not session.closed or request.id in session.cancelled or task is None:
+            raise
+        task.uncancel()
+        return False
+
+
+async def _wait_all(tasks: set[asyncio.Task[Any]], seconds: float) -> None:
+    """Wait up to ``seconds`` for ``tasks`` to end, and for those their ends start (a
+    cancelled request's record) to end too."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while tasks and loop.time() < deadline:
+        await asyncio.wait(set(tasks), timeout=deadline - loop.time())
+
+
 async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> None:
     """Read and drop the rest of a line over MAX_LINE, through its newline (or the end of
     stdin): ``consumed`` bytes of it are buffered, without the newline."""
@@ -299,8 +323,13 @@ async def _serve_stdio(
 
         def stop_reading() -> None:
             feeding.cancel()
-            for _, _, waiting in list(queued.values()):  # no client to answer
-                waiting.cancel()
+            # What waits its turn does not start: each is answered (if stdout is still
+            # read) and recorded as cancelled before it started (`run`). Dropped, they had
+            # no answer and no record of what was asked (found by review).
+            for turn, (size, _, _) in list(queued.items()):
+                unqueue(turn, size)
+                if not turn.done():
+                    turn.set_result(False)
     else:
         stdin_transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), source
@@ -321,14 +350,24 @@ async def _serve_stdio(
     # that wait in order, MAX_QUEUED or MAX_QUEUED_BYTES of them; the file is read no further.
     ahead = [0, 0]  # requests started and not yet answered, and their bytes
     max_ahead = runtime.settings.max_concurrency
-    # waiting to start, in file order: their line's size, whether they take a slot, task
-    queued: dict[asyncio.Future[None], tuple[int, bool, asyncio.Task[None]]] = {}
+    # waiting to start, in file order: their line's size, whether they take a slot, task;
+    # each turn is set True when it starts, False when the session ends first
+    queued: dict[asyncio.Future[bool], tuple[int, bool, asyncio.Task[None]]] = {}
     queued_bytes = [0]
     moved = asyncio.Event()  # a request left the queue
 
-    async def run(request: jsonrpc.Request, turn: asyncio.Future[None] | None) -> None:
-        if turn is not None:
-            await turn  # (a cancel while it waits ends it unstarted)
+    async def run(request: jsonrpc.Request, turn: asyncio.Future[bool] | None) -> None:
+        if turn is not None and not await _turn_came(turn, request, session):
+            session.cancelled.add(request.id)  # `ended` records it, as a client's cancel
+            await channel.send(
+                jsonrpc.error_message(
+                    request.id,
+                    UNAUTHORIZED,
+                    "session_ended",
+                    "the session ended (or its agent was terminated) before this request started",
+                )
+            )
+            return
         try:  # as HTTP authenticates each request: the agent's plugins may have changed
             admitted = runtime.agents.admission(principal.agent, anonymous=principal.anonymous)
             if credential is not None and credential != admitted.token_hash:
@@ -368,7 +407,7 @@ async def _serve_stdio(
             task.add_done_callback(lambda _: answer_came(turn, size, slot))
             start_queued()
 
-    def unqueue(turn: asyncio.Future[None], size: int) -> None:
+    def unqueue(turn: asyncio.Future[bool], size: int) -> None:
         del queued[turn]
         queued_bytes[0] -= size
         moved.set()
@@ -387,12 +426,12 @@ async def _serve_stdio(
             if slot:
                 ahead[0] += 1
                 ahead[1] += size
-            turn.set_result(None)
+            turn.set_result(True)
 
-    def answer_came(turn: asyncio.Future[None], size: int, slot: bool) -> None:
+    def answer_came(turn: asyncio.Future[bool], size: int, slot: bool) -> None:
         if turn in queued:  # cancelled while it waited
             unqueue(turn, size)
-        elif slot and not turn.cancelled():  # it started (a cancelled turn never did)
+        elif slot and turn.done() and not turn.cancelled() and turn.result():  # it started
             ahead[0] -= 1
             ahead[1] -= size
         start_queued()
@@ -484,15 +523,14 @@ async def _serve_stdio(
             moved.clear()
             await moved.wait()
         server.end_listeners()  # stdin closed: subscriptions/listen streams end
-        if tasks:
-            await asyncio.wait(tasks, timeout=30)
-            if left := sum(not task.done() for task in tasks):  # (cancelled below)
-                log.warning(
-                    "%d request(s) still running, or their answers unread, 30 s after the end "
-                    "of stdin: cancelled (a running one audited as such, and answered -32001 "
-                    "if the client still reads)",
-                    left,
-                )
+        await _wait_all(tasks, 30)
+        if left := sum(not task.done() for task in tasks):  # (cancelled below)
+            log.warning(
+                "%d request(s) still running, or their answers unread, 30 s after the end "
+                "of stdin: cancelled (a running one audited as such, and answered -32001 "
+                "if the client still reads)",
+                left,
+            )
     finally:
         watch.cancel()
         runtime.plugins.on_change = None
@@ -501,8 +539,7 @@ async def _serve_stdio(
         session.close()
         for task in tasks:
             task.cancel()
-        if tasks:  # their records go in before the audit log closes
-            await asyncio.wait(tasks, timeout=_CANCEL_WAIT_S)
+        await _wait_all(tasks, _CANCEL_WAIT_S)  # their records go in before the log closes
         with contextlib.suppress(Exception):
             await runtime.aclose()
         await channel.aclose(_LAST_WRITE_S)
