@@ -37,6 +37,7 @@ from mcp.client.streamable_http import streamable_http_client
 from certificates import self_signed_certificate
 from mcp_zero.errors import SERVER_STOPPING
 from mcp_zero.sandbox import proctree
+from plugin_builders import loading_plugin
 
 MCP0 = str(Path(sys.executable).parent / "mcp0")
 REPO = Path(__file__).resolve().parent.parent
@@ -1058,6 +1059,42 @@ def test_requests_a_stdio_session_read_from_a_file_and_queued_are_answered_and_r
     unstarted = [a["error"]["message"] for a in answers if a["id"] in (4, 5, 6)]
     assert all("before this request started" in m for m in unstarted), unstarted
     assert naps[2]["code"] == naps[3]["code"] == "cancelled", naps
+
+
+def test_a_stdio_session_waits_for_its_agents_plugins_not_for_one_that_hangs_loading(
+    tmp_path: Path,
+) -> None:
+    # Every installed plugin was waited for, up to 3 s, before initialize was answered: one
+    # the agent does not use, hanging as it loaded, held up every client's launch (found
+    # by review). The agent's own are waited for; the others start beside the session.
+    data_dir = tmp_path / "data"
+    pid_file = data_dir / "plugin-data" / "slow" / "slow.pid"  # (its data dir)
+    mcp0("plugin", "install", str(loading_plugin(tmp_path / "slow", pid_file)),
+         "--data-dir", str(data_dir))  # fmt: skip
+    mcp0("plugin", "install", str(KIT_DIR), "--data-dir", str(data_dir))
+    mcp0("agent", "create", "ada", "--plugin", "kit", "--data-dir", str(data_dir))
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "tests", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "echo", "arguments": {"text": "hi"}}},
+    ]  # fmt: skip
+    done = subprocess.run(
+        [MCP0, "serve", "--stdio", "--agent", "ada", "--data-dir", str(data_dir)],
+        input=b"".join(json.dumps(m).encode() + b"\n" for m in messages),
+        capture_output=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["id"] for a in answers] == [1, 2]
+    assert answers[1]["result"]["content"][0]["text"] == "hi", answers
+    assert b"still starting" not in done.stderr, done.stderr.decode()
+    if pid_file.exists():  # started beside the session (if it got that far), it ended with it
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
 
 
 def test_a_stdio_server_whose_stdin_is_dev_null_ends_as_at_the_end_of_stdin(

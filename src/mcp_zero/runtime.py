@@ -566,14 +566,18 @@ class Runtime:
         return decision.record
 
     async def start(
-        self, *, wait: float | None = None, only: Collection[str] | None = None
+        self,
+        *,
+        wait: float | None = None,
+        only: Collection[str] | None = None,
+        wait_for: Collection[str] | None = None,
     ) -> None:
         """Start the plugin runtimes (those named in ``only``, if given), waiting ``wait``
-        seconds at most for them (see ``PluginHost.refresh``), and the watcher that picks
-        up plugin and policy changes. From here on the process is non-dumpable: its
-        plugins' workers, though run by the same user, cannot read its environment or
-        memory through ``/proc``. First, what governs it is recorded if the log lacks it
-        (``record_what_governs``)."""
+        seconds at most for them, or for those named in ``wait_for`` (see
+        ``PluginHost.refresh``), and the watcher that picks up plugin and policy changes.
+        From here on the process is non-dumpable: its plugins' workers, though run by the
+        same user, cannot read its environment or memory through ``/proc``. First, what
+        governs it is recorded if the log lacks it (``record_what_governs``)."""
         await asyncio.to_thread(self.record_what_governs)
         isolation.hide_process()
         # (the workers' answers wake the loop once per batch: WorkerOutputs)
@@ -582,7 +586,7 @@ class Runtime:
         outputs.quick_s = self.settings.audit_window_ms / 1000
         self.audit.gather_from(outputs)
         self.kernel.answers = outputs
-        await self.plugins.refresh(force=True, only=only, wait=wait)
+        await self.plugins.refresh(force=True, only=only, wait=wait, wait_for=wait_for)
         self._refresher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:

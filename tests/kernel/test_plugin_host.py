@@ -892,6 +892,28 @@ async def test_a_copy_is_dated_by_its_install_not_by_its_source(
     assert time.time() - installed_copy(runtime).stat().st_mtime < 600
 
 
+async def test_a_start_waits_only_for_the_plugins_it_is_told_to_and_starts_them_all(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # `mcp0 serve --stdio` waits for its agent's plugins: another plugin that hung as it
+    # loaded held up every client's launch by the whole wait (found by review)
+    pid_file = tmp_path / "data" / "plugin-data" / "slow" / "slow.pid"  # its data dir
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(loading_plugin(tmp_path / "slow", pid_file))
+    runtime.plugins.install(Path(__file__).parents[1] / "sandbox" / "kit")
+    try:
+        with anyio.fail_after(20):  # (the whole wait is 60 s)
+            await runtime.plugins.refresh(force=True, wait=60, wait_for={"kit"})
+        assert runtime.plugins.starting == {"slow"}  # not waited for, but started
+        assert runtime.plugins.runtimes["kit"].ready()
+        assert not runtime.plugins.failed
+        with anyio.fail_after(20):
+            while not pid_file.exists():
+                await anyio.sleep(0.02)
+    finally:
+        await runtime.aclose()
+
+
 @pytest.mark.parametrize("change", ["replace", "remove"])
 async def test_a_call_waiting_for_a_plugin_removed_or_replaced_as_it_starts_is_answered(
     make_runtime: Any, bridge: Any, tmp_path: Path, change: str

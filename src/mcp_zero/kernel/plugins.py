@@ -898,14 +898,16 @@ class PluginHost:
         force: bool = False,
         only: Collection[str] | None = None,
         wait: float | None = None,
+        wait_for: Collection[str] | None = None,
     ) -> bool:
         """Bring runtimes and index in line with the store; True when something changed.
 
         New runtimes are started (those named in ``only``, if given: a one-off call needs
-        one plugin), and waited for ``wait`` seconds at most (None: until all started or
-        failed; 0: not at all): one that takes longer goes on starting, its calls wait for
-        it, and a failure is recorded when it comes. A plugin that hangs while it loads must
-        not keep a server from serving the others for its whole start timeout."""
+        one plugin), and those named in ``wait_for`` (default: all) waited for ``wait``
+        seconds at most (None: until all started or failed; 0: not at all): one that takes
+        longer goes on starting, its calls wait for it, and a failure is recorded when it
+        comes. A plugin that hangs while it loads must not keep a server from serving the
+        others for its whole start timeout."""
         version = self.store.plugins_version()
         if version == self.version and not force:
             return False
@@ -965,7 +967,9 @@ class PluginHost:
             starting = {}
             for name, runtime in fresh:
                 if only is None or name in only:
-                    starting[name] = self._start(name, runtime)
+                    task = self._start(name, runtime)
+                    if wait_for is None or name in wait_for:
+                        starting[name] = task
             if starting and wait != 0:
                 await asyncio.wait(starting.values(), timeout=wait)
                 for name, task in starting.items():

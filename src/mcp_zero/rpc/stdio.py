@@ -446,7 +446,9 @@ async def _serve_stdio(
             session.cancelled.discard(request.id)
             spawn(server.audit_unstarted(session, request))
 
-    await runtime.start(wait=STARTUP_WAIT_S)
+    # Its agent's plugins are waited for (their calls are the ones it will make); the others
+    # start as well, and a slow one (it may hang as it loads) holds up no client's launch.
+    await runtime.start(wait=STARTUP_WAIT_S, wait_for=principal.plugins)
 
     async def end_revoked(ended: Session, why: str) -> None:
         """The session's agent was terminated, or the token it was opened with rotated
