@@ -915,6 +915,22 @@ async def test_a_call_in_flight_reads_its_files_though_the_plugin_is_replaced(
                 assert (new / "data.txt").read_text() == "data of 2.0.0"
 
 
+def _stdio_session(*requests: dict[str, Any]) -> bytes:
+    """The lines of a stdio session: initialize (id 1), initialized, then ``requests``
+    (each given its ``"jsonrpc"``)."""
+    initialize = {
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "tests", "version": "0"},
+        },
+    }
+    messages = [initialize, {"method": "notifications/initialized"}, *requests]
+    return b"".join(json.dumps({"jsonrpc": "2.0", **m}).encode() + b"\n" for m in messages)
+
+
 def _napping_stdio(
     tmp_path: Path, *, with_token: bool = False
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -941,15 +957,8 @@ def _napping_stdio(
         os.close(log)
     assert proc.stdin is not None
     assert proc.stdout is not None
-    messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "tests", "version": "0"}}},
-        {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-            "name": "slow_async", "arguments": {"seconds": 4.5}}},
-    ]  # fmt: skip
-    proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+    nap = {"name": "slow_async", "arguments": {"seconds": 4.5}}
+    proc.stdin.write(_stdio_session({"id": 2, "method": "tools/call", "params": nap}))
     proc.stdin.flush()
     assert json.loads(proc.stdout.readline())["id"] == 1  # initialized: the nap is next
     time.sleep(0.5)  # the call under way
@@ -1017,16 +1026,13 @@ def test_requests_a_stdio_session_read_from_a_file_and_queued_are_answered_and_r
     mcp0("plugin", "install", str(KIT_DIR), "--data-dir", data_dir)
     mcp0("agent", "create", "napper", "--plugin", "kit", "--data-dir", data_dir)
     requests = tmp_path / "requests.jsonl"
-    messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "tests", "version": "0"}}},
-        {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        *({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {
-            "name": "slow_async", "arguments": {"seconds": 2}}} for n in (2, 3, 4, 5)),
-        {"jsonrpc": "2.0", "id": 6, "method": "ping"},
-    ]  # fmt: skip
-    requests.write_bytes(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+    nap = {"name": "slow_async", "arguments": {"seconds": 2}}
+    requests.write_bytes(
+        _stdio_session(
+            *({"id": n, "method": "tools/call", "params": nap} for n in (2, 3, 4, 5)),
+            {"id": 6, "method": "ping"},
+        )
+    )
     with (
         requests.open("rb") as source,
         subprocess.Popen(
@@ -1073,17 +1079,10 @@ def test_a_stdio_session_waits_for_its_agents_plugins_not_for_one_that_hangs_loa
          "--data-dir", str(data_dir))  # fmt: skip
     mcp0("plugin", "install", str(KIT_DIR), "--data-dir", str(data_dir))
     mcp0("agent", "create", "ada", "--plugin", "kit", "--data-dir", str(data_dir))
-    messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "tests", "version": "0"}}},
-        {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-            "name": "echo", "arguments": {"text": "hi"}}},
-    ]  # fmt: skip
+    echo = {"name": "echo", "arguments": {"text": "hi"}}
     done = subprocess.run(
         [MCP0, "serve", "--stdio", "--agent", "ada", "--data-dir", str(data_dir)],
-        input=b"".join(json.dumps(m).encode() + b"\n" for m in messages),
+        input=_stdio_session({"id": 2, "method": "tools/call", "params": echo}),
         capture_output=True,
         timeout=CLI_TIMEOUT_S,
     )
