@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -408,3 +410,66 @@ def test_an_id_that_is_reserved_or_empty_is_refused(
     )
     assert error.message == f't.cedar:2: policy "{named}": {problem}'
     assert error.data == {"file": "t.cedar", "line": 2, "policy": named}
+
+
+def _alternatives(n: int) -> str:
+    tools = " || ".join(f'resource == Tool::"t{i}"' for i in range(n))
+    head = '@id("many")\npermit (principal, action == Action::"call_tool", resource)\n'
+    return f"{head}  when {{ {tools} }};\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "outcome"),
+    [
+        # (parentheses leave no level in the expression: Cedar takes these)
+        ('@id("deep")\nforbid (principal, action, resource) when { '
+         + "(" * 700 + "false" + ")" * 700 + " };\n", "ok"),
+        (_alternatives(1_500), "deep.cedar:1: policy uses Cedar syntax this version cannot "
+         "inspect: cedarpy: expression nesting exceeds the supported limit of 100 levels; for "
+         "many alternatives use a set"),
+        (_alternatives(3_000), "deep.cedar:1: policy is too large an expression to load (1 "
+         "brackets deep, 6000 operators; at most 1000 and 4000)"),
+        ("permit (principal, action, resource) when { " + "[" * 2_000 + "1" + "]" * 2_000
+         + " == 1 };\n", "deep.cedar:1: policy is too large an expression to load (2001 "
+         "brackets deep"),
+    ],
+    ids=["parentheses", "alternatives", "more-alternatives", "sets"],
+)  # fmt: skip
+def test_a_policy_nested_deeper_than_a_stack_takes_is_loaded_or_refused_not_a_crash(
+    tmp_path: Path, text: str, outcome: str
+) -> None:
+    # cedarpy parses recursively on the caller's stack: ~600 nested parentheses or ~1,500
+    # alternatives overflowed the main thread's and the process died (SIGSEGV), a server
+    # at each start and `mcp0 policy check` alike (found by review). In a child process, so
+    # that a crash fails this test only.
+    (tmp_path / "deep.cedar").write_text(text)
+    load = (
+        "import sys\n"
+        "from mcp_zero.errors import PolicyError\n"
+        "from pathlib import Path\n"
+        "from mcp_zero.policy import PolicyEngine\n"
+        "try:\n"
+        "    PolicyEngine.load(Path(sys.argv[1]))\n"
+        "except PolicyError as exc:\n"
+        "    print(exc.message)\n"
+        "else:\n"
+        "    print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", load, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.startswith(outcome), done.stdout
+
+
+def test_a_template_is_refused_naming_it_as_it_would_never_apply(tmp_path: Path) -> None:
+    # Loaded with no links, a template never applied: a forbid on ?principal forbade
+    # nothing, and the set loaded as valid (found by review)
+    error = refused(
+        tmp_path,
+        "t.cedar",
+        '@id("fine")\npermit (principal, action, resource);\n\n@id("tmpl-forbid")\n'
+        'forbid (principal == ?principal, action == Action::"call_tool", resource);\n',
+    )
+    assert error.message.startswith('t.cedar:4: policy "tmpl-forbid" is a template'), error
+    assert error.data == {"file": "t.cedar", "line": 4, "policy": "tmpl-forbid"}

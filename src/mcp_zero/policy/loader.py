@@ -13,10 +13,11 @@ import fnmatch
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import cedarpy
 from cedarpy import pst
@@ -204,6 +205,71 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
     return sources
 
 
+# Cedar (cedarpy's Rust) parses, validates and converts an expression recursively, on the
+# calling thread's stack: a policy nested ~600 parentheses deep, or an `||` chain of ~1,500
+# alternatives, overflowed the main thread's 8 MiB and the process died (SIGSEGV) at every
+# load, `mcp0 policy check` included (found by review). So a set is compiled on a thread of
+# its own with a stack of _PARSE_STACK_BYTES (reserved, touched only as deep as it goes:
+# ~20,000 levels), and a statement past these bounds is refused before Cedar sees it. Cedar
+# itself refuses an expression nested over 100 levels (in `to_pst`), so only absurd ones meet
+# them.
+_PARSE_STACK_BYTES = 256 << 20
+MAX_BRACKET_DEPTH = 1_000  # (, [ and { open at once in one statement
+MAX_OPERATORS = 4_000  # operators in one statement
+_CODE_ONLY = re.compile(r'"(?:[^"\\]|\\.)*"?|//[^\n]*')  # strings and comments, dropped
+_BRACKETS = re.compile(r"[\[\](){}]")
+_OPERATORS = re.compile(r"\|\||&&|[=!<>]=?|[-+*.]|\b(?:if|has|in|like|is)\b")
+_MANY_ALTERNATIVES = 'for many alternatives use a set, as in resource in [Tool::"a", Tool::"b"]'
+_T = TypeVar("_T")
+
+
+def _on_deep_stack(work: Callable[[], _T]) -> _T:
+    """``work()``, run on a thread with a stack of _PARSE_STACK_BYTES (its result, or what
+    it raised)."""
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # (re-raised in the caller's thread)
+            failure.append(exc)
+
+    with _STACK_SIZE_LOCK:  # (the size applies to every thread made while it is set)
+        previous = threading.stack_size(_PARSE_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=run, name="mcp0-policy-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+_STACK_SIZE_LOCK = threading.Lock()
+
+
+def _check_size(name: str, statements: list[tuple[int, str]]) -> None:
+    """Refuse a statement past MAX_BRACKET_DEPTH or MAX_OPERATORS, naming its line."""
+    for line, statement in statements:
+        code = _CODE_ONLY.sub(" ", statement)
+        depth = deepest = 0
+        for bracket in _BRACKETS.findall(code):
+            depth += 1 if bracket in "([{" else -1
+            deepest = max(deepest, depth)
+        operators = len(_OPERATORS.findall(code))
+        if deepest > MAX_BRACKET_DEPTH or operators > MAX_OPERATORS:
+            raise PolicyError(
+                f"{name}:{line}: policy is too large an expression to load ({deepest} brackets "
+                f"deep, {operators} operators; at most {MAX_BRACKET_DEPTH} and "
+                f"{MAX_OPERATORS}): Cedar nests an expression at most 100 levels deep; "
+                + _MANY_ALTERNATIVES,
+                data={"file": name, "line": line},
+            )
+
+
 def compile_sources(sources: Mapping[str, str], schema: cedarpy.Schema) -> CompiledPolicies:
     """Parse and validate every source (file name -> Cedar text) and join them.
 
@@ -211,6 +277,17 @@ def compile_sources(sources: Mapping[str, str], schema: cedarpy.Schema) -> Compi
     Cedar's message when a file does not parse or validate, or when two
     policies share an ``@id``.
     """
+    statements = {name: _statements(text) for name, text in sources.items()}
+    for name in sorted(sources):
+        _check_size(name, statements[name])
+    return _on_deep_stack(lambda: _compile(sources, statements, schema))
+
+
+def _compile(
+    sources: Mapping[str, str],
+    statements: Mapping[str, list[tuple[int, str]]],
+    schema: cedarpy.Schema,
+) -> CompiledPolicies:
     infos: dict[str, PolicyInfo] = {}
     by_cedar_id: dict[str, PolicyInfo] = {}
     statics: dict[str, pst.Template] = {}
@@ -221,7 +298,7 @@ def compile_sources(sources: Mapping[str, str], schema: cedarpy.Schema) -> Compi
         digest.update(f"{len(name)}:{name}{len(text)}:".encode())
         digest.update(text.encode())
         parsed = _parse_file(name, text, schema)
-        lines = [line for line, _ in _statements(text)]
+        lines = [line for line, _ in statements[name]]
         for template, is_template in parsed:
             info = _describe(name, template, lines, is_template)
             if info.id in infos:
@@ -283,12 +360,27 @@ def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.
     try:
         tree = parsed.to_pst()
     except ValueError as exc:
+        line = _failing_line(text, lambda statement: cedarpy.PolicySet.from_str(statement).to_pst())
+        where = f"{name}:{line}" if line is not None else name
+        hint = f"; {_MANY_ALTERNATIVES}" if "nesting" in str(exc) else ""
         raise PolicyError(
-            f"{name}: policy uses Cedar syntax this version cannot inspect: {exc}",
-            data={"file": name},
+            f"{where}: policy uses Cedar syntax this version cannot inspect: {exc}{hint}",
+            data={"file": name, "line": line},
         ) from exc
+    if tree.templates:
+        # Built into the set with no links, a template never applied: a forbid on
+        # ?principal forbade nothing, and the set loaded as valid (found by review)
+        lines = [line for line, _ in _statements(text)]
+        first = min(tree.templates.values(), key=lambda t: _position(t.id))
+        line = _line_of(first.id, lines)
+        label = first.annotations.get("id") or f"{name}#{_position(first.id)}"
+        raise PolicyError(
+            f'{name}:{line}: policy "{label}" is a template (it has ?principal or ?resource): '
+            "a template applies only to the principals and resources it is linked to, and "
+            "MCP-ZERO links none; name them in the policy instead",
+            data={"file": name, "line": line, "policy": label},
+        )
     found = [(t, False) for t in tree.static_policies.values()]
-    found += [(t, True) for t in tree.templates.values()]
     found.sort(key=lambda item: _position(item[0].id))
     return found
 
@@ -542,11 +634,14 @@ def _statements(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def _failing_line(text: str) -> int | None:
-    """The line where the first statement that does not parse on its own starts."""
+def _failing_line(
+    text: str, check: Callable[[str], object] = cedarpy.PolicySet.from_str
+) -> int | None:
+    """The line where the first statement that ``check`` (parsing, by default) refuses on
+    its own starts."""
     for line, statement in _statements(text):
         try:
-            cedarpy.PolicySet.from_str(statement)
+            check(statement)
         except ValueError:
             return line
     return None
