@@ -2151,3 +2151,59 @@ async def test_a_call_cancelled_once_its_answer_waits_in_the_pipe_gets_the_answe
         with anyio.fail_after(10), pytest.raises(asyncio.CancelledError):
             await running
         assert (await call(rt, "echo", {"text": "after"}))["content"][0]["text"] == "after"
+
+
+_THREADS_TO_THE_QUOTA = """\
+import threading
+import time
+from mcp_zero.plugin import Plugin
+
+plugin = Plugin("broken")
+
+
+@plugin.tool("hold")
+def hold(ctx):
+    # the plugin's memory quota taken by threads that wait (each stack is address space),
+    # until no more can start; then "full" written, and held for 2 s
+    release = threading.Event()
+    waiting = []
+    try:
+        while True:
+            waiting.append(threading.Thread(target=release.wait))
+            waiting[-1].start()
+    except RuntimeError:
+        waiting.pop()
+    (ctx.data_dir / "full").touch()
+    time.sleep(2)
+    release.set()
+    return "held"
+
+
+@plugin.tool("other")
+def other(ctx):
+    return "ran"
+"""
+
+
+async def test_a_call_no_thread_can_be_started_for_fails_alone(tmp_path):
+    # With its memory quota taken, a worker could not start a thread for a second call at
+    # once: the RuntimeError ended the worker, and the call running in it failed as crashed
+    # (found by review)
+    quotas = {"memory_mb": 128, "max_concurrency": 4, "workers": 1, "timeout_ms": 20_000}
+    d = _plugin(tmp_path, _THREADS_TO_THE_QUOTA, ["hold", "other"], quotas=quotas)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    await rt.start()
+    try:
+        holding = asyncio.ensure_future(call(rt, "hold", timeout=20))
+        with anyio.fail_after(15):
+            while not (rt.data_dir / "full").exists():
+                await asyncio.sleep(0.02)
+        other = await call(rt, "other", timeout=20)  # a thread of its own: none can start
+        assert other.get("isError") is True, other
+        assert other["content"][0]["text"].startswith(
+            "MemoryError: can't start new thread to run the call; the plugin reached its "
+            "memory quota (128 MiB"
+        ), other
+        assert (await holding)["content"][0]["text"] == "held"
+    finally:
+        await rt.close()

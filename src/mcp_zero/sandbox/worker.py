@@ -287,9 +287,7 @@ class Worker:
                 self._run_tool(call_id, tool, ctx, arguments)
             )
         else:
-            self._pool.submit(
-                self._run_sync, call_id, "call_tool", tool, ctx, (), arguments, results.tool_result
-            )
+            self._submit(call_id, "call_tool", tool, ctx, (), arguments, results.tool_result)
 
     async def _run_tool(self, call_id: int, tool: Handler, ctx: Context, arguments: JSON) -> None:
         try:
@@ -335,7 +333,26 @@ class Worker:
                 self._run_async(call_id, op, handler, ctx, args, kwargs, finish)
             )
         else:
+            self._submit(call_id, op, handler, ctx, args, kwargs, finish)
+
+    def _submit(
+        self,
+        call_id: int,
+        op: str,
+        handler: Handler,
+        ctx: Context,
+        args: tuple[Any, ...],
+        kwargs: JSON,
+        finish: Any,
+    ) -> None:
+        """Run a handler that is no coroutine on a pool thread. A thread that cannot be
+        started (its plugin's memory all taken: the stack is address space) fails this call,
+        as a MemoryError: it ended the worker, and every call running in it (found by
+        review). The pool keeps what it queued before it tried: ``_run_sync`` skips it."""
+        try:
             self._pool.submit(self._run_sync, call_id, op, handler, ctx, args, kwargs, finish)
+        except RuntimeError as exc:
+            self._respond(call_id, op, self._failure(op, MemoryError(f"{exc} to run the call")))
 
     def _resolve(self, op: str, frame: JSON) -> tuple[Handler | None, tuple[Any, ...], JSON, Any]:
         p = self.plugin
@@ -396,6 +413,8 @@ class Worker:
         kwargs: JSON,
         finish: Any,
     ) -> None:
+        if self._active.get(call_id) is not ctx:
+            return  # answered already: no thread could be started for it (_submit)
         try:
             value = handler.fn(ctx, *args, **kwargs)
         except BaseException as exc:  # the handler's failure is the caller's answer
