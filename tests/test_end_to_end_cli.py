@@ -36,6 +36,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from certificates import self_signed_certificate
 from mcp_zero.errors import SERVER_STOPPING
+from mcp_zero.rpc.stdio import MAX_QUEUED
 from mcp_zero.sandbox import proctree
 from plugin_builders import loading_plugin
 
@@ -1021,16 +1022,21 @@ def test_requests_a_stdio_session_read_from_a_file_and_queued_are_answered_and_r
     # Requests read from a file wait their turn while the agent's slots are all taken: when
     # the session ended (its agent terminated, or its client gone) they were dropped, with no
     # answer and no audit record of what was asked (found by review). Each is answered
-    # -32001 now (if stdout is still read), and a governed one recorded as cancelled.
+    # -32001 now (if stdout is still read), and a governed one recorded as cancelled. So are
+    # those read past the queue's bound into the reader's buffer: they went on to run once
+    # the running ones ended, their answers going nowhere (found by review).
     data_dir = str(tmp_path / "data")
     mcp0("plugin", "install", str(KIT_DIR), "--data-dir", data_dir)
     mcp0("agent", "create", "napper", "--plugin", "kit", "--data-dir", data_dir)
     requests = tmp_path / "requests.jsonl"
-    nap = {"name": "slow_async", "arguments": {"seconds": 2}}
+    nap = {"name": "slow_async", "arguments": {"seconds": 4.5}}  # (its timeout: 5 s)
+    quick = {"name": "slow_async", "arguments": {"seconds": 0}}
+    last = 3 + MAX_QUEUED + 96  # 1,000 queued (the bound), and 96 behind them
     requests.write_bytes(
         _stdio_session(
-            *({"id": n, "method": "tools/call", "params": nap} for n in (2, 3, 4, 5)),
-            {"id": 6, "method": "ping"},
+            *({"id": n, "method": "tools/call", "params": nap} for n in (2, 3)),
+            *({"id": n, "method": "tools/call", "params": quick} for n in range(4, last + 1)),
+            {"id": last + 1, "method": "ping"},
         )
     )
     with (
@@ -1040,7 +1046,7 @@ def test_requests_a_stdio_session_read_from_a_file_and_queued_are_answered_and_r
             stdin=source,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "MCP0_MAX_CONCURRENCY": "2"},  # 2 and 3 run, 4, 5, 6 wait
+            env={**os.environ, "MCP0_MAX_CONCURRENCY": "2"},  # 2 and 3 run, the rest wait
         ) as proc,
     ):
         assert proc.stdout is not None
@@ -1053,18 +1059,21 @@ def test_requests_a_stdio_session_read_from_a_file_and_queued_are_answered_and_r
             proc.stdout.close()  # heard as the first two calls' answers are written
             answers = []
         assert proc.wait(timeout=CLI_TIMEOUT_S) == 0
-    naps = {r["request_id"]: r for r in _audit(data_dir) if r.get("resource") == "slow_async"}
-    assert sorted(naps) == [2, 3, 4, 5], naps
-    for n in (4, 5):
-        assert (naps[n]["outcome"], naps[n].get("code")) == ("error", "cancelled"), naps[n]
+    records = _audit(data_dir, limit=10_000)
+    naps = {r["request_id"]: r for r in records if r.get("resource") == "slow_async"}
+    assert sorted(naps) == list(range(2, last + 1))
+    outcomes = {(r["outcome"], r.get("code")) for n, r in naps.items() if n > 3}
+    assert outcomes == {("error", "cancelled")}, outcomes
     if ending == "close stdout":
-        assert naps[2]["outcome"] == naps[3]["outcome"] == "allowed", naps
+        assert naps[2]["outcome"] == naps[3]["outcome"] == "allowed", naps[2]
         return
-    assert sorted(a["id"] for a in answers) == [2, 3, 4, 5, 6], answers
-    assert all(a["error"]["code"] == -32001 for a in answers), answers
-    unstarted = [a["error"]["message"] for a in answers if a["id"] in (4, 5, 6)]
-    assert all("before this request started" in m for m in unstarted), unstarted
-    assert naps[2]["code"] == naps[3]["code"] == "cancelled", naps
+    assert sorted(a["id"] for a in answers) == list(range(2, last + 2))
+    assert all(a["error"]["code"] == -32001 for a in answers), answers[:3]
+    unstarted = {a["error"]["message"] for a in answers if a["id"] > 3}
+    assert unstarted == {
+        "the session ended (or its agent was terminated) before this request started"
+    }, unstarted
+    assert naps[2]["code"] == naps[3]["code"] == "cancelled", naps[2]
 
 
 def test_a_stdio_session_waits_for_its_agents_plugins_not_for_one_that_hangs_loading(
@@ -1218,8 +1227,10 @@ def test_terminating_the_agent_of_agent_exec_stops_its_call(tmp_path: Path) -> N
     assert ends == [("terminate_agent", "allowed", None), ("call_tool", "error", "cancelled")]
 
 
-def _audit(data_dir: str) -> list[dict[str, Any]]:
+def _audit(data_dir: str, limit: int = 100) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = json.loads(
-        mcp0("audit", "list", "--after", "0", "--data-dir", data_dir, "--json")
+        mcp0(
+            "audit", "list", "--after", "0", "--limit", str(limit), "--data-dir", data_dir, "--json"
+        )
     )
     return records

@@ -214,6 +214,7 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
 # itself refuses an expression nested over 100 levels (in `to_pst`), so only absurd ones meet
 # them.
 _PARSE_STACK_BYTES = 256 << 20
+_PARSE_STACKS = (_PARSE_STACK_BYTES, 64 << 20)  # (64 MiB: ~4,800 levels)
 MAX_BRACKET_DEPTH = 1_000  # (, [ and { open at once in one statement
 MAX_OPERATORS = 4_000  # operators in one statement
 _CODE_ONLY = re.compile(r'"(?:[^"\\]|\\.)*"?|//[^\n]*')  # strings and comments, dropped
@@ -224,8 +225,9 @@ _T = TypeVar("_T")
 
 
 def _on_deep_stack(work: Callable[[], _T]) -> _T:
-    """``work()``, run on a thread with a stack of _PARSE_STACK_BYTES (its result, or what
-    it raised)."""
+    """``work()``, run on a thread with a stack of _PARSE_STACK_BYTES, or 64 MiB if an
+    address-space limit refuses that (its result, or what it raised); PolicyError if no
+    such thread can be started."""
     outcome: list[_T] = []
     failure: list[BaseException] = []
 
@@ -235,13 +237,21 @@ def _on_deep_stack(work: Callable[[], _T]) -> _T:
         except BaseException as exc:  # (re-raised in the caller's thread)
             failure.append(exc)
 
+    thread: threading.Thread | None = None
     with _STACK_SIZE_LOCK:  # (the size applies to every thread made while it is set)
-        previous = threading.stack_size(_PARSE_STACK_BYTES)
-        try:
-            thread = threading.Thread(target=run, name="mcp0-policy-compile", daemon=True)
-            thread.start()
-        finally:
-            threading.stack_size(previous)
+        for size in _PARSE_STACKS:  # (an address-space limit may refuse the largest)
+            previous = threading.stack_size(size)
+            candidate = threading.Thread(target=run, name="mcp0-policy-compile", daemon=True)
+            try:
+                candidate.start()
+                thread = candidate
+                break
+            except RuntimeError as exc:
+                refused = exc
+            finally:
+                threading.stack_size(previous)
+    if thread is None:
+        raise PolicyError(f"cannot start a thread to compile the policies: {refused}")
     thread.join()
     if failure:
         raise failure[0]

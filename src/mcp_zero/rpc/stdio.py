@@ -315,6 +315,7 @@ async def _serve_stdio(
     session = Session(principal, credential=credential)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
+    stopped = [False]  # the session ended before stdin did (a file's lines start no more)
     stop_reading: Callable[[], None]
     wanted = asyncio.Event()  # the line loop waits on the reader (a file is read only then)
     from_file = _unpollable(source)
@@ -322,6 +323,7 @@ async def _serve_stdio(
         feeding = asyncio.create_task(_feed_from_file(source, reader, wanted))
 
         def stop_reading() -> None:
+            stopped[0] = True  # (lines read into the buffer before are not started either)
             feeding.cancel()
             # What waits its turn does not start: each is answered (if stdout is still
             # read) and recorded as cancelled before it started (`run`). Dropped, they had
@@ -356,17 +358,26 @@ async def _serve_stdio(
     queued_bytes = [0]
     moved = asyncio.Event()  # a request left the queue
 
+    async def answer_ended(request: jsonrpc.Request) -> None:
+        """Answer a request the session ended before it started (if stdout is still read)."""
+        await channel.send(
+            jsonrpc.error_message(
+                request.id,
+                UNAUTHORIZED,
+                "session_ended",
+                "the session ended (or its agent was terminated) before this request started",
+            )
+        )
+
+    async def unstarted(request: jsonrpc.Request) -> None:
+        """:func:`answer_ended`, and record it as cancelled, as a client's cancel would be."""
+        await answer_ended(request)
+        await server.audit_unstarted(session, request)
+
     async def run(request: jsonrpc.Request, turn: asyncio.Future[bool] | None) -> None:
         if turn is not None and not await _turn_came(turn, request, session):
             session.cancelled.add(request.id)  # `ended` records it, as a client's cancel
-            await channel.send(
-                jsonrpc.error_message(
-                    request.id,
-                    UNAUTHORIZED,
-                    "session_ended",
-                    "the session ended (or its agent was terminated) before this request started",
-                )
-            )
+            await answer_ended(request)
             return
         try:  # as HTTP authenticates each request: the agent's plugins may have changed
             admitted = runtime.agents.admission(principal.agent, anonymous=principal.anonymous)
@@ -400,7 +411,9 @@ async def _serve_stdio(
         # answered when the task runs).
         server.admit(session, request, task)
         task.add_done_callback(lambda done: ended(request, done))
-        if turn is not None:
+        if turn is not None and stopped[0]:
+            turn.set_result(False)  # read before the session ended: it does not start
+        elif turn is not None:
             slot = request.method != "subscriptions/listen"
             queued[turn] = (size, slot, task)
             queued_bytes[0] += size
@@ -445,6 +458,9 @@ async def _serve_stdio(
         if request.id in session.cancelled:
             session.cancelled.discard(request.id)
             spawn(server.audit_unstarted(session, request))
+        elif session.closed and task.cancelled():
+            # The session's close cancelled it before its first step: run() never ran
+            spawn(unstarted(request))
 
     # Its agent's plugins are waited for (their calls are the ones it will make); the others
     # start as well, and a slow one (it may hang as it loads) holds up no client's launch.

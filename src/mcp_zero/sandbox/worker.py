@@ -114,6 +114,10 @@ class Worker:
         self.memory_mb = memory_mb  # its address-space limit (0: none)
         self._out_fd = out_fd
         self._write_lock = threading.Lock()
+        # Sync calls a pool thread has taken up, against the answer _submit gives one for
+        # which no thread could be started: whichever comes first has it (under the lock)
+        self._claim_lock = threading.Lock()
+        self._claimed: set[int] = set()
         # Handler threads are counted against RLIMIT_AS: the default 8 MiB stack each would
         # let 32 concurrent calls exhaust a 256 MiB plugin ("can't start new thread").
         threading.stack_size(_THREAD_STACK_BYTES)
@@ -348,11 +352,22 @@ class Worker:
         """Run a handler that is no coroutine on a pool thread. A thread that cannot be
         started (its plugin's memory all taken: the stack is address space) fails this call,
         as a MemoryError: it ended the worker, and every call running in it (found by
-        review). The pool keeps what it queued before it tried: ``_run_sync`` skips it."""
+        review). The pool keeps what it queued before it tried, and a thread of it that
+        comes free may take it up at once: the call is answered once, by whichever of the
+        two claims it first."""
         try:
             self._pool.submit(self._run_sync, call_id, op, handler, ctx, args, kwargs, finish)
         except RuntimeError as exc:
-            self._respond(call_id, op, self._failure(op, MemoryError(f"{exc} to run the call")))
+            with self._claim_lock:
+                if call_id in self._claimed or self._active.get(call_id) is not ctx:
+                    return  # a thread took it up after all: it answers
+                self._claimed.add(call_id)
+            try:
+                cause = MemoryError(f"{exc} to run the call") if "thread" in str(exc) else exc
+                self._respond(call_id, op, self._failure(op, cause))
+            finally:
+                with self._claim_lock:
+                    self._claimed.discard(call_id)
 
     def _resolve(self, op: str, frame: JSON) -> tuple[Handler | None, tuple[Any, ...], JSON, Any]:
         p = self.plugin
@@ -413,14 +428,20 @@ class Worker:
         kwargs: JSON,
         finish: Any,
     ) -> None:
-        if self._active.get(call_id) is not ctx:
-            return  # answered already: no thread could be started for it (_submit)
+        with self._claim_lock:
+            if call_id in self._claimed or self._active.get(call_id) is not ctx:
+                return  # answered already: no thread could be started for it (_submit)
+            self._claimed.add(call_id)
         try:
-            value = handler.fn(ctx, *args, **kwargs)
-        except BaseException as exc:  # the handler's failure is the caller's answer
-            self._respond(call_id, op, self._failure(op, exc))
-            return
-        self._finish(call_id, op, finish, value)
+            try:
+                value = handler.fn(ctx, *args, **kwargs)
+            except BaseException as exc:  # the handler's failure is the caller's answer
+                self._respond(call_id, op, self._failure(op, exc))
+                return
+            self._finish(call_id, op, finish, value)
+        finally:
+            with self._claim_lock:
+                self._claimed.discard(call_id)
 
     def _finish(self, call_id: int, op: str, finish: Any, value: Any) -> None:
         """Answer with the result ``finish`` makes of what a handler returned."""
