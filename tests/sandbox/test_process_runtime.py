@@ -2207,3 +2207,65 @@ async def test_a_call_no_thread_can_be_started_for_fails_alone(tmp_path):
         assert (await holding)["content"][0]["text"] == "held"
     finally:
         await rt.close()
+
+
+_FREED_AS_IT_FAILS = """\
+import os
+import threading
+import time
+from mcp_zero.plugin import Plugin
+
+plugin = Plugin("broken")
+freed = threading.Event()
+failing = False
+_start = threading.Thread.start
+
+
+def start(self):
+    # the next thread the pool starts fails, but only after the busy one came free
+    global failing
+    if failing:
+        failing = False
+        freed.set()
+        time.sleep(0.3)  # (the busy thread returns, and takes up the queued call)
+        raise RuntimeError("can't start new thread")
+    _start(self)
+
+
+threading.Thread.start = start
+
+
+@plugin.tool("busy")
+def busy(ctx):
+    global failing
+    failing = True
+    freed.wait(10)
+    return "done"
+
+
+@plugin.tool("pid")
+def pid(ctx):
+    return str(os.getpid())
+"""
+
+
+async def test_a_call_a_thread_takes_up_as_its_own_start_fails_is_answered_once(tmp_path):
+    # The pool queues a call before it starts a thread for it: a thread that came free took
+    # it up while the failed start answered it as failed too (two answers, and the worker
+    # retired for a MemoryError that was not), found by review
+    quotas = {"max_concurrency": 4, "workers": 1, "timeout_ms": 20_000}
+    d = _plugin(tmp_path, _FREED_AS_IT_FAILS, ["busy", "pid"], quotas=quotas)
+    rt = ProcessRuntime(load_manifest(d), d, tmp_path / "data")
+    await rt.start()
+    try:
+        first = (await call(rt, "pid"))["content"][0]["text"]  # (the pool's first thread)
+        await asyncio.sleep(0.3)  # (it counts itself idle after it answered: busy takes it)
+        busy = asyncio.ensure_future(call(rt, "busy", timeout=20))
+        await asyncio.sleep(0.3)  # busy holds the one thread; the next call needs another
+        assert (await call(rt, "pid", timeout=20))["content"][0]["text"] == first
+        assert (await busy)["content"][0]["text"] == "done"
+        await asyncio.sleep(0.5)  # (a retirement would replace the worker now)
+        assert (await call(rt, "pid"))["content"][0]["text"] == first
+        assert rt.pids == [int(first)]
+    finally:
+        await rt.close()
