@@ -295,6 +295,16 @@ async def test_progress_and_logs_that_break_mcps_schema_are_not_relayed(make_run
     assert b.events == [("progress", (1, 2, "real")), ("log", ("info", "real", None))]
 
 
+async def test_progress_that_does_not_increase_is_not_relayed(make_runtime):
+    # MCP: the progress value "MUST increase with each notification"; a plugin's 5, 3, 3
+    # reached the client as sent (found by review)
+    rt = await make_runtime()
+    b = RecordingBridge(ANSWERS)
+    result = await call(rt, "progress_steps", {"steps": [5, 3, 3, 7, 7.5, 7.5]}, bridge=b)
+    assert result["content"][0]["text"] == "stepped"
+    assert b.events == [("progress", (p, 10, None)) for p in (5, 7, 7.5)]
+
+
 async def test_sync_handler_requests_and_client_errors(make_runtime):
     rt = await make_runtime()
     b = RecordingBridge(ANSWERS)

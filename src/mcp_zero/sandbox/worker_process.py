@@ -189,7 +189,17 @@ def _end_tree(pid: int) -> None:
 class _Call:
     """One call in flight."""
 
-    __slots__ = ("bridge", "chain", "future", "label", "late", "requests", "sent", "updates")
+    __slots__ = (
+        "bridge",
+        "chain",
+        "future",
+        "label",
+        "late",
+        "progressed",
+        "requests",
+        "sent",
+        "updates",
+    )
 
     def __init__(self, future: asyncio.Future[JSON], bridge: CallBridge | None, label: str):
         self.sent = time.monotonic()
@@ -202,6 +212,8 @@ class _Call:
         self.requests: set[asyncio.Task[None]] | None = None
         # The resources whose update waits in the chain, not yet begun (as ``requests``).
         self.updates: set[str] | None = None
+        # The last progress relayed: MCP has each notification's progress increase
+        self.progressed: float | None = None
         # Its answer, when it came after its future was cancelled (its caller's cancel was
         # on its way to it): the handler had finished, which the caller is then told.
         self.late: JSON | None = None
@@ -851,6 +863,10 @@ class WorkerProcess:
         if op == "progress":
             if not _progress_frame(frame):  # (the plugin API sends none such: a forged frame)
                 return
+            progress = frame["progress"]
+            if call.progressed is not None and progress <= call.progressed:
+                return  # MCP: "MUST increase with each notification" (passed on: by review)
+            call.progressed = progress
             send: Callable[[], Awaitable[None]] = lambda: bridge.progress(  # noqa: E731
                 frame["progress"], frame.get("total"), frame.get("message")
             )

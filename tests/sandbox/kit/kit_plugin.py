@@ -274,6 +274,14 @@ async def forged_notes(ctx: Context) -> str:
     return "forged"
 
 
+@plugin.tool("progress_steps")
+async def progress_steps(ctx: Context, steps: list[float]) -> str:
+    """Each of ``steps`` sent as the call's progress, in order."""
+    for step in steps:
+        ctx.progress(step, 10)
+    return "stepped"
+
+
 @plugin.tool("loud")
 async def loud(ctx: Context, kind: str, mb: int) -> str:
     """One notification or client request (``kind``) carrying ``mb`` MiB of text."""
