@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import threading
@@ -468,8 +469,11 @@ async def test_a_log_failed_on_a_lock_stays_failing_while_the_lock_is_held(
         finally:
             other.close()
         await asyncio.sleep(ROOM_CHECK_S)
-        assert log.writable()
-        assert (await log.append({"n": 2})).seq == 1
+        assert log.writable()  # once its record of taking up again is durable (seq 1)
+        [resumed] = [json.loads(e.body) for e in store.read_audit(0, 10)]
+        assert (resumed["verb"], resumed["failed_events"]) == ("resume_audit_log", 1)
+        assert "database is locked" in resumed["failure"]
+        assert (await log.append({"n": 2})).seq == 2
 
 
 @pytest.mark.parametrize("released", [True, False])
@@ -662,3 +666,27 @@ async def test_a_window_sent_a_batchs_worth_of_calls_lets_go_and_commits_them_fu
         assert sorted(e.seq for e in entries) == [1, 2, 3]
         assert (log.stats.batches, log.stats.largest_batch) == (1, 3)
         assert not answers.held
+
+
+async def test_a_log_whose_newest_record_is_damaged_is_failing_from_its_start_and_stays_so(
+    tmp_path: Path,
+) -> None:
+    # It started writable, and reopened after each failed commit once the disk had room and
+    # no lock was held: every call between ran its plugin and lost its record (found by
+    # review). Taken up again only once a record of that is durable, which cannot follow a
+    # damaged one.
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store, AuditLog(store, window=0) as log:
+        await log.append({"n": 1})
+    damage = sqlite3.connect(path, isolation_level=None)
+    try:
+        damage.execute("DROP TRIGGER audit_no_update")
+        damage.execute("UPDATE audit SET hash = 'zz' WHERE seq = 1")
+    finally:
+        damage.close()
+    with SqliteStore(path) as store, AuditLog(store, window=0) as log:
+        assert not log.writable()
+        assert "newest audit record (seq 1) is damaged" in str(log.stats.last_failure)
+        await asyncio.sleep(ROOM_CHECK_S)
+        assert not log.writable()  # room, and no lock: still no record can be made
+        assert [e.seq for e in store.read_audit(0, 10)] == [1]

@@ -202,11 +202,16 @@ class AuditLog:
                 raise RuntimeError("AuditLog.start() called twice")
             with self._write_lock:
                 self._head = self._store.audit_head()
-            # a store already full refuses the first call too, not only those after a failure
-            short = self._store.short_of_room(ROOM_BYTES)
+            # a store already full refuses the first call too, not only those after a failure,
+            # and so does a newest record no record can follow (damaged)
+            short = self._store.short_of_room(ROOM_BYTES) or _unfollowable(self._head)
             if short is not None:
                 self.stats.failing = True
                 self.stats.last_failure = short
+                log.error(
+                    "the audit log cannot be written (%s): every call is refused until it can",
+                    short,
+                )
             self._room_checked = time.monotonic()
             self._started = True
 
@@ -394,7 +399,11 @@ class AuditLog:
         now = time.monotonic()
         if now - self._room_checked >= ROOM_CHECK_S:
             self._room_checked = now
-            why = self._store.short_of_room(ROOM_BYTES) or self._store.write_blocked()
+            why = (
+                self._store.short_of_room(ROOM_BYTES)
+                or self._store.write_blocked()
+                or self._record_resumption()
+            )
             if why is None:
                 self.stats.failing = False
                 log.warning(
@@ -405,6 +414,29 @@ class AuditLog:
             else:
                 self.stats.last_failure = why
         return not self.stats.failing
+
+    def _record_resumption(self) -> str | None:
+        """Commit the record that the log is taken up again, with how many events failed
+        and the last failure: the proof that a commit goes through, which room and a free
+        lock are not. An I/O error, a file system remounted read-only or a damaged newest
+        record reopened the log within a second, over and over, and each call between ran
+        its plugin and lost its record (found by review). None once durable; else why not."""
+        event = {
+            "agent": "admin",  # (the server's own doing, as its admin's: kernel.admin.ADMIN)
+            "anonymous": False,
+            "verb": "resume_audit_log",
+            "resource": "audit",
+            "transport": "server",
+            "outcome": "allowed",
+            "failed_events": self.stats.failed_events,
+            "failure": self.stats.last_failure,
+        }
+        pending = _Pending(event, concurrent.futures.Future(), None)
+        try:
+            self._write_chained(functools.partial(self._store_sealed, [pending], True))
+        except Exception as exc:
+            return str(exc)
+        return None
 
     def check_room(self) -> bool:
         """Whether the store has room for a few batches; when it has not, the log fails
@@ -646,16 +678,10 @@ class AuditLog:
         head = self._head
         prev_hex = head.hash if head is not None else GENESIS
         seq = head.seq + 1 if head is not None else 1
-        try:
-            prev = bytes.fromhex(prev_hex)
-        except ValueError:
-            prev = b""
-        if len(prev) != 32:  # (no append could follow it: say so, not "free space")
-            raise StorageError(
-                f"the newest audit record (seq {seq - 1}) is damaged: its hash "
-                f"{prev_hex[:80]!r} is not a SHA-256 in hex, so no record can follow it; "
-                "'mcp0 audit verify' tells more"
-            )
+        damaged = _unfollowable(head)
+        if damaged is not None:  # (no append could follow it: say so, not "free space")
+            raise StorageError(damaged)
+        prev = bytes.fromhex(prev_hex)
         entries = []
         for pending in batch:
             digest = hashlib.sha256(prev + pending.body).digest()
@@ -670,6 +696,21 @@ class AuditLog:
         # still have landed); if it cannot say, keep the last entry we saw land.
         with contextlib.suppress(Exception):
             self._head = self._store.audit_head()
+
+
+def _unfollowable(head: AuditEntry | None) -> str | None:
+    """Why no record can follow ``head`` (its hash is no SHA-256 in hex); None if one can."""
+    if head is None:
+        return None
+    try:
+        if len(bytes.fromhex(head.hash)) == 32:
+            return None
+    except ValueError:
+        pass
+    return (
+        f"the newest audit record (seq {head.seq}) is damaged: its hash {head.hash[:80]!r} "
+        "is not a SHA-256 in hex, so no record can follow it; 'mcp0 audit verify' tells more"
+    )
 
 
 def _release(waiter: asyncio.Future[None]) -> None:
