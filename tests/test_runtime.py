@@ -72,7 +72,7 @@ def test_first_start_lays_out_the_data_dir_with_private_secrets(runtime: Runtime
 def test_secret_files_a_restore_left_open_to_others_are_made_private_saying_so(
     runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # sqlite3 .backup writes the database 0644 under the usual umask, and a token written
+    # VACUUM INTO writes the database 0644 under the usual umask, and a token written
     # by hand takes it too: they were served as they were, without a word (found by review)
     s = runtime.settings
     runtime.close()
@@ -92,6 +92,13 @@ def test_secret_files_a_restore_left_open_to_others_are_made_private_saying_so(
     for secret in secrets:
         assert f"{secret} was mode 0644, open to others: made 0600" in caplog.text
     assert "replace it: mcp0 admin rotate-token" in caplog.text  # (the token's)
+    # what it gave its owner is kept, and said: 0444 became 0400, said "made 0600" (review)
+    s.keys_dir.joinpath("signing.key").chmod(0o444)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mcp_zero"):
+        Runtime(s).close()
+    assert stat.S_IMODE(s.keys_dir.joinpath("signing.key").stat().st_mode) == 0o400
+    assert "signing.key was mode 0444, open to others: made 0400" in caplog.text
 
 
 def test_a_data_dir_mcp0_creates_is_private(tmp_path: Path) -> None:

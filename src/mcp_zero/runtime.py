@@ -146,8 +146,8 @@ def check_store_not_lost(settings: Settings) -> None:
 
 def _make_private(path: Path, more: str = "") -> None:
     """Make the secret file ``path`` 0600 if others may read or write it, with a warning that
-    ends in ``more``: a restore leaves such files (``sqlite3 .backup`` writes the database
-    under the umask, 0644 as a rule), and they were used as they were (found by review)."""
+    ends in ``more``: a restore leaves such files (``VACUUM INTO`` writes the database under
+    the umask, 0644 as a rule), and they were used as they were (found by review)."""
     try:
         was = make_private(path)
     except OSError as exc:
@@ -159,7 +159,8 @@ def _make_private(path: Path, more: str = "") -> None:
         )
         return
     if was is not None:
-        log.warning("%s was mode %04o, open to others: made 0600%s", path, was, more)
+        # (what it gave its owner is kept: 0444 becomes 0400, not 0600: found by review)
+        log.warning("%s was mode %04o, open to others: made %04o%s", path, was, was & 0o700, more)
 
 
 class Runtime:
