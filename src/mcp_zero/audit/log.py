@@ -182,6 +182,7 @@ class AuditLog:
         self._head: AuditEntry | None = None
         self.stats = AuditStats()
         self._room_checked = 0.0  # when writable() last asked the store for room
+        self._probing = threading.Lock()  # held by the one writable() that looks
         # per loop whose batch waits for another writer's lock: done when it no longer does
         self._unblocked: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}
         self._gatherers: dict[asyncio.AbstractEventLoop, Gatherer] = {}
@@ -209,8 +210,7 @@ class AuditLog:
                 self.stats.failing = True
                 self.stats.last_failure = short
                 log.error(
-                    "the audit log cannot be written (%s): every call is refused until it can",
-                    short,
+                    "the audit log cannot be written (%s): no action is taken until it can", short
                 )
             self._room_checked = time.monotonic()
             self._started = True
@@ -396,23 +396,34 @@ class AuditLog:
         calls taken again would act, and their records fail (found by review)."""
         if not self.stats.failing:
             return True
-        now = time.monotonic()
-        if now - self._room_checked >= ROOM_CHECK_S:
-            self._room_checked = now
-            why = (
-                self._store.short_of_room(ROOM_BYTES)
-                or self._store.write_blocked()
-                or self._record_resumption()
-            )
-            if why is None:
-                self.stats.failing = False
-                log.warning(
-                    "the audit log can be written again (%d events failed meanwhile): "
-                    "calls are taken again",
-                    self.stats.failed_events,
+        # One look at a time (the loop's calls and /readyz, the watcher's thread): a second
+        # waited for the first's commit, then wrote a resumption record of its own (review)
+        if not self._probing.acquire(blocking=False):
+            return False
+        try:
+            now = time.monotonic()
+            if (
+                self.stats.failing
+                and self._started
+                and not self._closing
+                and now - self._room_checked >= ROOM_CHECK_S
+            ):
+                self._room_checked = now
+                why = (
+                    self._store.short_of_room(ROOM_BYTES)
+                    or self._store.write_blocked()
+                    or self._record_resumption()
                 )
-            else:
-                self.stats.last_failure = why
+                if why is None:
+                    log.warning(
+                        "the audit log can be written again (%d events failed meanwhile): "
+                        "calls are taken again",
+                        self.stats.failed_events,
+                    )
+                else:
+                    self.stats.last_failure = why
+        finally:
+            self._probing.release()
         return not self.stats.failing
 
     def _record_resumption(self) -> str | None:
@@ -432,10 +443,23 @@ class AuditLog:
             "failure": self.stats.last_failure,
         }
         pending = _Pending(event, concurrent.futures.Future(), None)
+        failed = self.stats.failed_batches
         try:
-            self._write_chained(functools.partial(self._store_sealed, [pending], True))
+            # Not waiting for another process's lock, nor this log's: on the loop, a wait
+            # would stall it up to the busy timeout (found by review)
+            self._write_chained(
+                functools.partial(self._store_sealed, [pending], False),
+                wait=False,
+                lock_timeout=0,
+            )
+        except StoreBusy as exc:
+            return f"the audit log's store is still locked by another writer ({exc})"
         except Exception as exc:
             return str(exc)
+        with self._lock:
+            if self.stats.failed_batches != failed:  # a batch failed meanwhile: not yet
+                return self.stats.last_failure or "a batch failed meanwhile"
+            self.stats.failing = False
         return None
 
     def check_room(self) -> bool:
