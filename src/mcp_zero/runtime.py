@@ -580,6 +580,11 @@ class Runtime:
         same user, cannot read its environment or memory through ``/proc``. First, what
         governs it is recorded if the log lacks it (``record_what_governs``)."""
         await asyncio.to_thread(self.record_what_governs)
+        if self.audit.stats.failing:  # (found as it started: a full disk, a damaged record)
+            log.error(
+                "the audit log cannot be written (%s): every call is refused until it can",
+                self.audit.stats.last_failure,
+            )
         isolation.hide_process()
         # (the workers' answers wake the loop once per batch: WorkerOutputs)
         outputs = worker_outputs()

@@ -209,9 +209,6 @@ class AuditLog:
             if short is not None:
                 self.stats.failing = True
                 self.stats.last_failure = short
-                log.error(
-                    "the audit log cannot be written (%s): no action is taken until it can", short
-                )
             self._room_checked = time.monotonic()
             self._started = True
 
