@@ -691,3 +691,29 @@ async def test_a_log_whose_newest_record_is_damaged_is_failing_from_its_start_an
         await asyncio.sleep(ROOM_CHECK_S)
         assert not log.writable()  # room, and no lock: still no record can be made
         assert [e.seq for e in store.read_audit(0, 10)] == [1]
+
+
+async def test_a_record_another_constraint_refuses_is_not_called_a_collision(
+    tmp_path: Path,
+) -> None:
+    # Any IntegrityError was reported as two processes appending ("only one process may
+    # append"), a trigger's refusal too (found by review)
+    path = tmp_path / "a.db"
+    with SqliteStore(path) as store, AuditLog(store, window=0) as log:
+        await log.append({"n": 1})
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute(
+            "CREATE TRIGGER no_more BEFORE INSERT ON audit "
+            "BEGIN SELECT RAISE(ABORT, 'appends are closed'); END"
+        )
+    finally:
+        other.close()
+    with (
+        SqliteStore(path) as store,
+        AuditLog(store, window=0) as log,
+        pytest.raises(StorageError) as refused,
+    ):
+        await log.append({"n": 2})
+    assert "appends are closed" in str(refused.value)
+    assert "only one process may append" not in str(refused.value)

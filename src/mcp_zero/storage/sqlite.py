@@ -436,7 +436,11 @@ class SqliteStore:
                         cursor.execute("ROLLBACK")
                     raise
             except sqlite3.IntegrityError as exc:
-                raise _collision(entries, self.path, exc) from exc
+                if exc.sqlite_errorname in _TAKEN_SEQ:
+                    raise _collision(entries, self.path, exc) from exc
+                # another constraint (a trigger added to the table): its own words, not
+                # "only one process may append" (found by review)
+                raise self._storage_error(exc, "append audit entries") from exc
             except sqlite3.Error as exc:
                 error = self._storage_error(exc, "append audit entries")
                 if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY:
@@ -783,6 +787,10 @@ def _open_checked(uri: str, timeout: float) -> tuple[sqlite3.Connection, int]:
 _audit_row: Callable[[AuditEntry], tuple[int, float, bytes, str, str]] = attrgetter(
     "seq", "ts", "body", "prev_hash", "hash"
 )
+
+
+# An entry's seq already stored: another process appended it
+_TAKEN_SEQ = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
 
 def _collision(entries: list[AuditEntry], path: Path, exc: sqlite3.Error) -> StorageError:
