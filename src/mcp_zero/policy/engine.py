@@ -299,9 +299,7 @@ class PolicyEngine:
         covering = [
             info
             for info in self._infos.values()
-            if info.effect == "permit"
-            and not info.template
-            and info.covers(agent, verb, rtype, rid, parent)
+            if info.effect == "permit" and info.covers(agent, verb, rtype, rid, parent)
         ]
         # Name the permits written for this verb; permits for every action
         # (e.g. admin-all) only when nothing more specific exists.

@@ -36,9 +36,8 @@ _FOR_POLICY = re.compile(r"^for policy `[^`]*`, ")
 class TargetScope:
     """A principal or resource scope of a policy, reduced to what denial messages need.
 
-    ``entity_type`` None means any type; ``entity`` None means any entity (or a
-    template slot); ``within`` is True for ``in``, where the entity or its
-    plugin may match.
+    ``entity_type`` None means any type; ``entity`` None means any entity; ``within`` is
+    True for ``in``, where the entity or its plugin may match.
     """
 
     entity_type: str | None = None
@@ -70,7 +69,6 @@ class PolicyInfo:
     verbs: frozenset[str] | None
     principal: TargetScope
     resource: TargetScope
-    template: bool = False
     # The labels a ``@redact`` obligation names: an allow it takes part in has them redacted
     # from the action's result.
     redact: frozenset[str] = frozenset()
@@ -301,16 +299,14 @@ def _compile(
     infos: dict[str, PolicyInfo] = {}
     by_cedar_id: dict[str, PolicyInfo] = {}
     statics: dict[str, pst.Template] = {}
-    templates: dict[str, pst.Template] = {}
     digest = hashlib.sha256()
     for name in sorted(sources):
         text = sources[name]
         digest.update(f"{len(name)}:{name}{len(text)}:".encode())
         digest.update(text.encode())
-        parsed = _parse_file(name, text, schema)
         lines = [line for line, _ in statements[name]]
-        for template, is_template in parsed:
-            info = _describe(name, template, lines, is_template)
+        for policy in _parse_file(name, text, lines, schema):
+            info = _describe(name, policy, lines)
             if info.id in infos:
                 first = infos[info.id]
                 raise PolicyError(
@@ -321,11 +317,9 @@ def _compile(
             infos[info.id] = info
             cedar_id = f"mcp0-{len(by_cedar_id)}"
             by_cedar_id[cedar_id] = info
-            (templates if is_template else statics)[cedar_id] = replace(template, id=cedar_id)
+            statics[cedar_id] = replace(policy, id=cedar_id)
     joined = pst.PolicySet(
-        templates=pst.FrozenMap(templates),
-        static_policies=pst.FrozenMap(statics),
-        template_links=(),
+        templates=pst.FrozenMap({}), static_policies=pst.FrozenMap(statics), template_links=()
     )
     try:
         policy_set = cedarpy.PolicySet.from_pst(joined)
@@ -334,8 +328,11 @@ def _compile(
     return CompiledPolicies(policy_set, infos, by_cedar_id, dict(sources), digest.hexdigest())
 
 
-def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.Template, bool]]:
-    """The file's policies in source order, each with whether it is a template."""
+def _parse_file(
+    name: str, text: str, lines: list[int], schema: cedarpy.Schema
+) -> list[pst.Template]:
+    """The file's policies in source order (``lines``: where each statement starts); a
+    template is refused."""
     try:
         parsed = cedarpy.PolicySet.from_str(text)
     except ValueError as exc:
@@ -347,7 +344,6 @@ def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.
         ) from exc
     validation = cedarpy.validate_policies(text, schema)
     if not validation.validation_passed:
-        lines = [line for line, _ in _statements(text)]
         ids = validation.id_annotations_by_policy_id
         errors: list[str] = []
         for err in validation.errors:
@@ -380,7 +376,6 @@ def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.
     if tree.templates:
         # Built into the set with no links, a template never applied: a forbid on
         # ?principal forbade nothing, and the set loaded as valid (found by review)
-        lines = [line for line, _ in _statements(text)]
         first = min(tree.templates.values(), key=lambda t: _position(t.id))
         line = _line_of(first.id, lines)
         label = first.annotations.get("id") or f"{name}#{_position(first.id)}"
@@ -390,9 +385,7 @@ def _parse_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[pst.
             "MCP-ZERO links none; name them in the policy instead",
             data={"file": name, "line": line, "policy": label},
         )
-    found = [(t, False) for t in tree.static_policies.values()]
-    found.sort(key=lambda item: _position(item[0].id))
-    return found
+    return sorted(tree.static_policies.values(), key=lambda t: _position(t.id))
 
 
 # The actions obligations apply to: those a plugin runs (the kernel's governed path).
@@ -402,7 +395,7 @@ _OBLIGED_VERBS = frozenset({"call_tool", "read_resource", "get_prompt", "complet
 _ANNOTATIONS = ("id", "reason", "redact", "audit")
 
 
-def _describe(name: str, template: pst.Template, lines: list[int], is_template: bool) -> PolicyInfo:
+def _describe(name: str, template: pst.Template, lines: list[int]) -> PolicyInfo:
     annotations = template.annotations
     position = _position(template.id)
     policy_id = annotations.get("id") or f"{name}#{position}"
@@ -476,7 +469,6 @@ def _describe(name: str, template: pst.Template, lines: list[int], is_template: 
         verbs=verbs,
         principal=_scope(template.principal),
         resource=_scope(template.resource),
-        template=is_template,
         redact=redact,
         reads_labels=reads_labels,
         audit_before=audit_before,
