@@ -205,7 +205,12 @@ class AuditLog:
                 self._head = self._store.audit_head()
             # a store already full refuses the first call too, not only those after a failure,
             # and so does a newest record no record can follow (damaged)
-            short = self._store.short_of_room(ROOM_BYTES) or _unfollowable(self._head)
+            short = self._store.short_of_room(ROOM_BYTES)
+            if short is None:
+                try:
+                    _chained_from(self._head)
+                except StorageError as exc:
+                    short = exc.message
             if short is not None:
                 self.stats.failing = True
                 self.stats.last_failure = short
@@ -699,10 +704,7 @@ class AuditLog:
         head = self._head
         prev_hex = head.hash if head is not None else GENESIS
         seq = head.seq + 1 if head is not None else 1
-        damaged = _unfollowable(head)
-        if damaged is not None:  # (no append could follow it: say so, not "free space")
-            raise StorageError(damaged)
-        prev = bytes.fromhex(prev_hex)
+        prev = _chained_from(head)
         entries = []
         for pending in batch:
             digest = hashlib.sha256(prev + pending.body).digest()
@@ -719,19 +721,25 @@ class AuditLog:
             self._head = self._store.audit_head()
 
 
-def _unfollowable(head: AuditEntry | None) -> str | None:
-    """Why no record can follow ``head`` (its hash is no SHA-256 in hex); None if one can."""
+def _chained_from(head: AuditEntry | None) -> bytes:
+    """The hash a record after ``head`` chains from. Raises StorageError when no record
+    can follow it: its hash is no SHA-256 in hex (say so, not "free space")."""
     if head is None:
-        return None
+        return _GENESIS_BYTES
     try:
-        if len(bytes.fromhex(head.hash)) == 32:
-            return None
+        prev = bytes.fromhex(head.hash)
     except ValueError:
-        pass
-    return (
-        f"the newest audit record (seq {head.seq}) is damaged: its hash {head.hash[:80]!r} "
-        "is not a SHA-256 in hex, so no record can follow it; 'mcp0 audit verify' tells more"
-    )
+        prev = b""
+    if len(prev) != 32:
+        raise StorageError(
+            f"the newest audit record (seq {head.seq}) is damaged: its hash "
+            f"{head.hash[:80]!r} is not a SHA-256 in hex, so no record can follow it; "
+            "'mcp0 audit verify' tells more"
+        )
+    return prev
+
+
+_GENESIS_BYTES = bytes.fromhex(GENESIS)
 
 
 def _release(waiter: asyncio.Future[None]) -> None:
