@@ -114,8 +114,8 @@ class Worker:
         self.memory_mb = memory_mb  # its address-space limit (0: none)
         self._out_fd = out_fd
         self._write_lock = threading.Lock()
-        # Sync calls a pool thread has taken up, against the answer _submit gives one for
-        # which no thread could be started: whichever comes first has it (under the lock)
+        # Sync calls a pool thread has taken up; _submit's answer for one no thread could
+        # be started for takes it out of _active: whichever comes first has it (the lock)
         self._claim_lock = threading.Lock()
         self._claimed: set[int] = set()
         # Handler threads are counted against RLIMIT_AS: the default 8 MiB stack each would
@@ -339,35 +339,23 @@ class Worker:
         else:
             self._submit(call_id, op, handler, ctx, args, kwargs, finish)
 
-    def _submit(
-        self,
-        call_id: int,
-        op: str,
-        handler: Handler,
-        ctx: Context,
-        args: tuple[Any, ...],
-        kwargs: JSON,
-        finish: Any,
-    ) -> None:
+    def _submit(self, call_id: int, op: str, handler: Handler, ctx: Context, *rest: Any) -> None:
         """Run a handler that is no coroutine on a pool thread. A thread that cannot be
         started (its plugin's memory all taken: the stack is address space) fails this call,
         as a MemoryError: it ended the worker, and every call running in it (found by
         review). The pool keeps what it queued before it tried, and a thread of it that
         comes free may take it up at once: the call is answered once, by whichever of the
-        two claims it first."""
+        two claims it first. (``rest``: the handler's args, kwargs and finish, for
+        ``_run_sync``.)"""
         try:
-            self._pool.submit(self._run_sync, call_id, op, handler, ctx, args, kwargs, finish)
+            self._pool.submit(self._run_sync, call_id, op, handler, ctx, *rest)
         except RuntimeError as exc:
             with self._claim_lock:
                 if call_id in self._claimed or self._active.get(call_id) is not ctx:
                     return  # a thread took it up after all: it answers
-                self._claimed.add(call_id)
-            try:
-                cause = MemoryError(f"{exc} to run the call") if "thread" in str(exc) else exc
-                self._respond(call_id, op, self._failure(op, cause))
-            finally:
-                with self._claim_lock:
-                    self._claimed.discard(call_id)
+                del self._active[call_id]  # (claimed: _run_sync skips it)
+            cause = MemoryError(f"{exc} to run the call") if "thread" in str(exc) else exc
+            self._respond(call_id, op, self._failure(op, cause))
 
     def _resolve(self, op: str, frame: JSON) -> tuple[Handler | None, tuple[Any, ...], JSON, Any]:
         p = self.plugin
