@@ -358,8 +358,9 @@ async def _serve_stdio(
     queued_bytes = [0]
     moved = asyncio.Event()  # a request left the queue
 
-    async def answer_ended(request: jsonrpc.Request) -> None:
-        """Answer a request the session ended before it started (if stdout is still read)."""
+    async def unstarted(request: jsonrpc.Request) -> None:
+        """Answer a request the session ended before it started (if stdout is still read),
+        and record it as cancelled, as a client's cancel of it would be."""
         await channel.send(
             jsonrpc.error_message(
                 request.id,
@@ -368,16 +369,11 @@ async def _serve_stdio(
                 "the session ended (or its agent was terminated) before this request started",
             )
         )
-
-    async def unstarted(request: jsonrpc.Request) -> None:
-        """:func:`answer_ended`, and record it as cancelled, as a client's cancel would be."""
-        await answer_ended(request)
         await server.audit_unstarted(session, request)
 
     async def run(request: jsonrpc.Request, turn: asyncio.Future[bool] | None) -> None:
         if turn is not None and not await _turn_came(turn, request, session):
-            session.cancelled.add(request.id)  # `ended` records it, as a client's cancel
-            await answer_ended(request)
+            await unstarted(request)
             return
         try:  # as HTTP authenticates each request: the agent's plugins may have changed
             admitted = runtime.agents.admission(principal.agent, anonymous=principal.anonymous)
