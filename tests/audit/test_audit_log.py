@@ -124,19 +124,27 @@ async def test_tampered_row_is_found_by_seq(tmp_path: Path) -> None:
         assert verify_chain(store.read_audit(limit=16)).head_seq == 16
 
 
+async def _written_then_altered(path: Path, records: int, *statements: str) -> None:
+    """A log of ``records`` records at ``path``, then ``statements`` run on its database
+    behind its back, as an attacker with file access would (its no-update trigger dropped
+    first)."""
+    with SqliteStore(path) as store, AuditLog(store) as log:
+        await _append_many(log, records)
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statement in ("DROP TRIGGER audit_no_update", *statements):
+            raw.execute(statement)
+    finally:
+        raw.close()
+
+
 async def test_a_newest_record_with_a_damaged_hash_is_named_as_such_by_the_appends(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Every append failed with "non-hexadecimal number found in fromhex()", logged as a
     # full disk ("free space, or raise db_max_mb")
     path = tmp_path / "a.db"
-    with SqliteStore(path) as store, AuditLog(store) as log:
-        await _append_many(log, 3)
-    raw = sqlite3.connect(path)
-    raw.execute("DROP TRIGGER audit_no_update")  # an attacker with file access
-    raw.execute("UPDATE audit SET hash = 'not hex' WHERE seq = 3")
-    raw.commit()
-    raw.close()
+    await _written_then_altered(path, 3, "UPDATE audit SET hash = 'not hex' WHERE seq = 3")
     with SqliteStore(path) as store, AuditLog(store) as log:
         with pytest.raises(StorageError, match=r"newest audit record \(seq 3\) is damaged"):
             await log.append(_event(4))
@@ -677,14 +685,7 @@ async def test_a_log_whose_newest_record_is_damaged_is_failing_from_its_start_an
     # review). Taken up again only once a record of that is durable, which cannot follow a
     # damaged one.
     path = tmp_path / "a.db"
-    with SqliteStore(path) as store, AuditLog(store, window=0) as log:
-        await log.append({"n": 1})
-    damage = sqlite3.connect(path, isolation_level=None)
-    try:
-        damage.execute("DROP TRIGGER audit_no_update")
-        damage.execute("UPDATE audit SET hash = 'zz' WHERE seq = 1")
-    finally:
-        damage.close()
+    await _written_then_altered(path, 1, "UPDATE audit SET hash = 'zz' WHERE seq = 1")
     with SqliteStore(path) as store, AuditLog(store, window=0) as log:
         assert not log.writable()
         assert "newest audit record (seq 1) is damaged" in str(log.stats.last_failure)
@@ -699,16 +700,12 @@ async def test_a_record_another_constraint_refuses_is_not_called_a_collision(
     # Any IntegrityError was reported as two processes appending ("only one process may
     # append"), a trigger's refusal too (found by review)
     path = tmp_path / "a.db"
-    with SqliteStore(path) as store, AuditLog(store, window=0) as log:
-        await log.append({"n": 1})
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        other.execute(
-            "CREATE TRIGGER no_more BEFORE INSERT ON audit "
-            "BEGIN SELECT RAISE(ABORT, 'appends are closed'); END"
-        )
-    finally:
-        other.close()
+    await _written_then_altered(
+        path,
+        1,
+        "CREATE TRIGGER no_more BEFORE INSERT ON audit "
+        "BEGIN SELECT RAISE(ABORT, 'appends are closed'); END",
+    )
     with (
         SqliteStore(path) as store,
         AuditLog(store, window=0) as log,
