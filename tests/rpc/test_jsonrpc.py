@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mcp_zero.errors import InvalidParams
-from mcp_zero.rpc.jsonrpc import Request, Response, decode, wide_integer
+from mcp_zero.errors import InvalidParams, InvalidRequest
+from mcp_zero.rpc.jsonrpc import (
+    MAX_ID_LENGTH,
+    Request,
+    Response,
+    decode,
+    error_id,
+    wide_integer,
+)
 
 CALL = b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"arguments":%s}}'
 
@@ -69,3 +76,14 @@ def test_a_message_with_an_id_and_no_method_says_what_it_lacks(body: bytes, says
     assert isinstance(message, Response)
     assert message.problem is not None
     assert says in message.problem
+
+
+@pytest.mark.parametrize("first_fault", [b'"jsonrpc":"1.0"', b'"jsonrpc":"2.0","params":[]'])
+def test_an_over_long_id_is_not_echoed_whatever_else_is_wrong(first_fault: bytes) -> None:
+    # (found by review: with a wrong "jsonrpc", a 300,000-character id came back whole)
+    for length, echoed in ((MAX_ID_LENGTH, True), (MAX_ID_LENGTH + 1, False), (300_000, False)):
+        msg_id = "A" * length
+        body = b'{%s,"id":"%s","method":"tools/list"}' % (first_fault, msg_id.encode())
+        with pytest.raises(InvalidRequest) as caught:
+            decode(body)
+        assert error_id(caught.value) == (msg_id if echoed else None)

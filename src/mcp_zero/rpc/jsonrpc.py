@@ -200,7 +200,12 @@ def classify(obj: Any) -> Message:
 
 
 def _id_data(msg_id: Any) -> JSON | None:
-    ok = msg_id is not None and not isinstance(msg_id, bool) and isinstance(msg_id, str | int)
+    """The id an error about the rest of the message answers with, if it is a valid one: an
+    over-long string is not echoed (a 300,000-character id came back whole when "jsonrpc"
+    was wrong too: found by review)."""
+    if isinstance(msg_id, str):
+        return {"id": msg_id} if len(msg_id) <= MAX_ID_LENGTH else None
+    ok = isinstance(msg_id, int) and not isinstance(msg_id, bool)
     return {"id": msg_id} if ok else None
 
 
