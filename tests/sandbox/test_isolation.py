@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,7 @@ def test_a_switch_that_fails_half_way_leaves_the_process_as_it_was() -> None:
 SIGNAL_CHILD = """
 import ctypes, errno, json, os, resource, sys
 from mcp_zero.sandbox import isolation
-server, group, bystander = json.loads(sys.argv[1])
+server, group, bystander, thread = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, as the worker has
 numbers = {"x86_64": (200, 234, 129), "aarch64": (130, 131, 138)}[os.uname().machine]
@@ -320,6 +321,14 @@ tries = {
     "affinity bystander": lambda: os.sched_setaffinity(bystander, {0}),
     "nice bystander": lambda: os.setpriority(os.PRIO_PROCESS, bystander, 19),
     "kill own group": lambda: os.kill(0, 0),
+    "kill server thread": lambda: os.kill(thread, 0),
+    "tgkill server thread": lambda: raw(tgkill, thread, thread, 0),
+    "prlimit server thread": lambda: resource.prlimit(thread, resource.RLIMIT_CPU, cpu(thread)),
+    "prlimit itself": lambda: resource.prlimit(os.getpid(), resource.RLIMIT_CPU, cpu(0)),
+    "prlimit 0": lambda: resource.prlimit(0, resource.RLIMIT_CPU, cpu(0)),
+    "affinity itself": lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)),
+    "nice itself": lambda: os.setpriority(os.PRIO_PROCESS, os.getpid(), nice(0)),
+    "nice 0": lambda: os.setpriority(os.PRIO_PROCESS, 0, nice(0)),
 }
 def threading_id():
     return __import__("threading").get_native_id()
@@ -327,7 +336,7 @@ def cpu(pid):  # (set to what it is: only whether it may is seen)
     return resource.prlimit(pid, resource.RLIMIT_CPU)
 def nice(pid):
     return os.getpriority(os.PRIO_PROCESS, pid)
-assert isolation.restrict_syscalls(protected=[server, group])
+assert isolation.restrict_syscalls(protected=[server, group, thread])
 outcome = {}
 for name, attempt in tries.items():
     try:
@@ -343,15 +352,19 @@ def test_a_worker_may_not_signal_the_server_nor_set_its_limits_or_scheduling() -
     # Nothing else keeps a non-root server's worker, of the server's own user, from setting
     # its RLIMIT_CPU to a second (which kills it), nor, before Landlock ABI 6 (Linux 6.12),
     # from stopping or killing it (here, without Landlock, the child could do all of it to
-    # the test's process)
+    # the test's process). Through a thread's id too: rlimits and signals are the process's
+    # (found by a bug hunt: RLIMIT_NOFILE 3 set through a thread starved the server).
     bystander = subprocess.Popen(["sleep", "60"])
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
     try:
         done = subprocess.run(
             [
                 sys.executable,
                 "-c",
                 SIGNAL_CHILD,
-                json.dumps([os.getpid(), os.getpgid(0), bystander.pid]),
+                json.dumps([os.getpid(), os.getpgid(0), bystander.pid, thread.native_id]),
             ],
             capture_output=True,
             text=True,
@@ -361,12 +374,35 @@ def test_a_worker_may_not_signal_the_server_nor_set_its_limits_or_scheduling() -
     finally:
         bystander.kill()
         bystander.wait()
+        stop.set()
+        thread.join()
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout)
     refused = ["kill server", "kill group", "kill all", "tgkill server", "queue server"]
     refused += ["pidfd server", "tkill itself", "prlimit server", "affinity server"]
-    refused += ["nice server", "nice user"]
+    refused += ["nice server", "nice user", "kill server thread", "tgkill server thread"]
+    # another process's rlimits, scheduling and priority: none, its own children's too
+    refused += ["prlimit server thread", "prlimit bystander", "affinity bystander"]
+    refused += ["nice bystander"]
     assert {name: outcome[name] for name in refused} == dict.fromkeys(refused, "EPERM")
     allowed = ["kill bystander", "queue bystander", "pidfd bystander", "kill itself"]
-    allowed += ["kill own group", "prlimit bystander", "affinity bystander", "nice bystander"]
+    allowed += ["kill own group", "prlimit itself", "prlimit 0", "affinity itself"]
+    allowed += ["nice itself", "nice 0"]
     assert {name: outcome[name] for name in allowed} == dict.fromkeys(allowed, "ok")
+
+
+def test_a_worker_names_the_server_s_threads_as_well_as_its_pid_and_group() -> None:
+    # (what restrict_syscalls is given in a worker: a signal to a thread's id is the process's)
+    from mcp_zero.sandbox import worker
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        named = worker._server({"MCP0_PARENT_PID": str(os.getpid())})  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        thread.join()
+    assert named[:2] == [os.getpid(), os.getpgid(0)]
+    assert thread.native_id in named
+    assert threading.main_thread().native_id in named

@@ -45,24 +45,28 @@ class _Syscalls(NamedTuple):
     # sees); tkill, which names a thread of any process.
     refused: tuple[int, ...]
     kill: int
-    # Those that act on the process their first argument names: tgkill, rt_sigqueueinfo,
-    # rt_tgsigqueueinfo and pidfd_open (a signal); prlimit64 (its rlimits: RLIMIT_CPU of 1 s
-    # kills it); sched_setaffinity, sched_setscheduler, sched_setparam, sched_setattr.
+    # Those that signal the process their first argument names: tgkill, rt_sigqueueinfo,
+    # rt_tgsigqueueinfo and pidfd_open (for pidfd_send_signal).
     on_first: tuple[int, ...]
+    # Those that change the process (or thread) their first argument names, allowed only on
+    # the caller itself: prlimit64 (its rlimits: RLIMIT_CPU of 1 s kills it, RLIMIT_NOFILE
+    # of 3 starves it, and through any thread id: rlimits are the whole process's, found by
+    # a bug hunt); sched_setaffinity, sched_setscheduler, sched_setparam, sched_setattr.
+    on_self: tuple[int, ...]
     # Those that act on a process, group or user their first two arguments name (which,
     # who): setpriority, and ioprio_set; with the ``which`` that means every process of a user
-    # (PRIO_USER, IOPRIO_WHO_USER)
+    # (PRIO_USER, IOPRIO_WHO_USER), refused; otherwise allowed on the caller only.
     on_who: tuple[tuple[int, int], ...]
 
 
 _SECCOMP_ARCH = {
     "x86_64": _Syscalls(
         0xC000003E, 41, (248, 249, 250, 425, 426, 427, 200), 62,
-        (234, 129, 297, 434, 302, 203, 144, 142, 314), ((141, 2), (251, 3)),
+        (234, 129, 297, 434), (302, 203, 144, 142, 314), ((141, 2), (251, 3)),
     ),
     "aarch64": _Syscalls(
         0xC00000B7, 198, (217, 218, 219, 425, 426, 427, 130), 129,
-        (131, 138, 240, 434, 261, 122, 119, 118, 274), ((140, 2), (30, 3)),
+        (131, 138, 240, 434), (261, 122, 119, 118, 274), ((140, 2), (30, 3)),
     ),
 }  # fmt: skip
 _X32_SYSCALL_BIT = 0x40000000
@@ -207,15 +211,16 @@ def _assemble(program: list[_Instruction | str]) -> list[tuple[int, int, int, in
 def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
     """Install a seccomp filter: no Unix-domain socket (``socket(AF_UNIX, …)`` fails with
     EACCES), no kernel keyring (``add_key``, ``request_key``, ``keyctl``), no io_uring
-    (through which a socket is made without ``socket()``), no ``tkill``; and nothing done
-    to the ``protected`` processes (the server: its pid and process group) that a process
-    of their user may do to them without tracing them — a signal, their rlimits, their
-    scheduling and priorities — nor to every process of the user at once (``kill(-1)``,
-    ``PRIO_USER``): EPERM. ``True`` when it is in force. Landlock governs none of this
-    (signals only from its ABI 6), nor connecting to a socket file: through one (tmux,
-    ssh-agent, Docker, D-Bus) a plugin could make the user's other programs act for it
-    outside the sandbox. ``socketpair()`` stays allowed. Needs ``PR_SET_NO_NEW_PRIVS``.
-    """
+    (through which a socket is made without ``socket()``), no ``tkill``; no signal to the
+    ``protected`` processes (the server: its pid, process group and threads), nor to every
+    process of the user at once (``kill(-1)``); and rlimits, scheduling and priorities set
+    on this process alone (its pid, or 0), never on another, nor on every process of the
+    user (``PRIO_USER``): EPERM. ``True`` when it is in force. A process of the server's
+    user may do all of that to it without tracing it, and through any of its threads' ids
+    too; Landlock governs none of this (signals only from its ABI 6), nor connecting to a
+    socket file: through one (tmux, ssh-agent, Docker, D-Bus) a plugin could make the
+    user's other programs act for it outside the sandbox. ``socketpair()`` stays allowed.
+    Needs ``PR_SET_NO_NEW_PRIVS``."""
     libc = _c()
     arch = _SECCOMP_ARCH.get(os.uname().machine)
     if libc is None or arch is None:
@@ -234,6 +239,7 @@ def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
     program += [(jeq, nr, "deny", 0) for nr in arch.refused]
     program.append((jeq, arch.kill, "kill", 0))
     program += [(jeq, nr, "first", 0) for nr in arch.on_first]
+    program += [(jeq, nr, "self", 0) for nr in arch.on_self]
     program += [(jeq, nr, f"which {every}", 0) for nr, every in arch.on_who]
     program += [
         (jeq, arch.socket, 0, "allow"),
@@ -252,7 +258,12 @@ def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
         ),
         "who",
         (ld, arg1, 0, 0),
-        (ja, 0, "pid", "pid"),
+        (ja, 0, "mine", "mine"),
+        "self",
+        (ld, arg0, 0, 0),
+        "mine",  # (a child of this process has another pid: only 0 means itself there)
+        (jeq, 0, "allow", 0),
+        (jeq, os.getpid(), "allow", "deny"),
         "first",
         (ld, arg0, 0, 0),
         "pid",
