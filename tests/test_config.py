@@ -548,6 +548,10 @@ def test_a_bad_file_value_is_refused_also_when_a_later_source_sets_it(tmp_path: 
     ("name", "value", "says"),
     [
         ("MCP0_PORT", "1_8731", "whole number"),
+        # (float() took these as 1000 and 10, which whole numbers refuse: found by review)
+        ("MCP0_RATE_LIMIT", "1_000", "give a number"),
+        ("MCP0_RATE_LIMIT", "\u0661\u0660", "give a number"),
+        ("MCP0_SHUTDOWN_GRACE_S", "nan", "give a number"),
         ("MCP0_EXAMPLES", "treu", "true or false"),
         ("MCP0_METRICS_PUBLIC", "public", "true or false"),
     ],
@@ -757,3 +761,20 @@ def test_every_mcp0_variable_the_source_names_is_a_setting_or_known_to_be_none()
     }
     settings = {f"MCP0_{name.upper()}" for name in SETTING_NAMES}
     assert named - settings - OTHER_VARIABLES == set()
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_anonymous_agent_is_none(tmp_path: Path, value: str) -> None:
+    # (an empty MCP0_ANONYMOUS_AGENT named agent '': every token-less request was refused as
+    # that agent's, past the start's checks; found by review)
+    assert (
+        load_settings(None, None, environ={"MCP0_ANONYMOUS_AGENT": value}).anonymous_agent is None
+    )
+    text = f"anonymous_agent = '{value}'\n"
+    assert load_settings(write(tmp_path, text), None, environ={}).anonymous_agent is None
+
+
+def test_plain_decimal_spellings_are_numbers() -> None:
+    for value, number in (("2.5", 2.5), (".5", 0.5), ("5.", 5.0), ("+1e3", 1000.0), ("7", 7.0)):
+        settings = load_settings(None, None, environ={"MCP0_RATE_LIMIT": value})
+        assert settings.rate_limit == number

@@ -171,6 +171,9 @@ _OPTIONAL_PATHS = frozenset({"tls_cert", "tls_key"})
 _OPTIONAL_STRINGS = frozenset({"anonymous_agent"})
 
 
+_DECIMAL = re.compile(
+    r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,4})?"
+)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -199,6 +202,8 @@ def _coerce(name: str, value: Any, default: Any, *, text: bool = True) -> Any:
         # record can hold; a traceback at the first use of it: found by review)
         raise _Refused(": not text, its bytes are not UTF-8")
     if name in _OPTIONAL_STRINGS:
+        if isinstance(value, str) and not value.strip():
+            return None  # (as unset: an empty MCP0_ANONYMOUS_AGENT named agent '': by review)
         if value is None or isinstance(value, str):
             return value
         raise _Refused("; give a string")
@@ -224,11 +229,10 @@ def _coerce(name: str, value: Any, default: Any, *, text: bool = True) -> Any:
     if isinstance(default, float):
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        try:
-            if text and isinstance(value, str):
-                return float(value)
-        except ValueError:
-            pass
+        # (float() also takes 1_000 and other scripts' digits, which whole numbers are not
+        # taken in: found by review)
+        if text and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)
         raise _Refused("; give a number")
     if isinstance(default, tuple):
         items = value.split(",") if text and isinstance(value, str) else value

@@ -110,3 +110,12 @@ def test_a_flood_of_names_keeps_memory_bounded() -> None:
 def test_bad_settings_are_refused(rate: float, burst: int) -> None:
     with pytest.raises(ValueError, match="must be"):
         RateLimiter(rate, burst)
+
+
+def test_a_rate_too_small_to_wait_for_says_a_year_not_an_overflow() -> None:
+    # (1e-320 calls/s made the wait infinite, and its ceil an OverflowError: the caller
+    # got an internal error; found by review)
+    clock = Clock()
+    limiter = RateLimiter(rate=1e-320, burst=1, clock=clock)
+    limiter.check("a")
+    assert retry_after(limiter, "a") == 365 * 86_400.0

@@ -711,22 +711,25 @@ async def test_the_scope_carries_path_query_and_lowercased_headers(served: Any) 
 async def test_the_scope_path_is_percent_decoded_as_asgi_says(served: Any) -> None:
     server, app = served
     async with connect(server) as (reader, writer):
-        writer.write(b"GET /a%62%20c/%C3%A4?x=%2F HTTP/1.1\r\nHost: h\r\n\r\n")
+        writer.write(b"GET /ab%20c/%C3%A4%3F?x=%2F HTTP/1.1\r\nHost: h\r\n\r\n")
         assert (await read_response(reader))[0] == 200
     scope = app.scopes[-1]
-    assert scope["path"] == "/ab c/\u00e4"
-    assert scope["raw_path"] == b"/a%62%20c/%C3%A4"
+    assert scope["path"] == "/ab c/\u00e4?"
+    assert scope["raw_path"] == b"/ab%20c/%C3%A4%3F"
     assert scope["query_string"] == b"x=%2F"
 
 
-async def test_an_encoded_slash_in_the_path_is_404(served: Any) -> None:
-    # /api%2Fv1/agents was routed as /api/v1/agents, past a proxy's rule for /api/v1/
-    # (found by review)
+async def test_an_encoded_slash_or_unreserved_character_in_the_path_is_404(served: Any) -> None:
+    # /api%2Fv1/agents was routed as /api/v1/agents, and /%61pi/v1/agents too, past a
+    # proxy's rule for /api/v1/ that matches raw paths (found by reviews); no URI encodes
+    # a letter, digit or -._~ (RFC 3986 2.3)
     server, app = served
-    for path in (b"/api%2Fv1/agents", b"/mcp%2f"):
+    paths = [b"/api%2Fv1/agents", b"/mcp%2f", b"/%61pi/v1/agents", b"/api/v%31/agents"]
+    paths += [b"/api/v1/%2E%2e/x", b"/m%43p", b"/x%5Fy", b"/x%7e", b"/x%2d", b"/%5A%7A"]
+    for path in paths:
         async with connect(server) as (reader, writer):
             writer.write(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path)
-            assert b"encoded slash" in await read_closing_response(reader, 404)
+            assert b"encoded slash, letter" in await read_closing_response(reader, 404), path
     assert app.scopes == []
 
 

@@ -166,7 +166,8 @@ def _prepare(
     given = f"setting 'anonymous_agent' is {anonymous!r} ({settings.source('anonymous_agent')})"
     if anonymous and not on_loopback_only:
         raise ConfigError(
-            f"{given}, refused on {settings.host}: token-less access is allowed only when "
+            f"{given}, refused on {settings.host or 'every interface'}: token-less access "
+            "is allowed only when "
             "every address the server listens on is a loopback one (127.0.0.1, ::1, or a "
             "name that resolves to loopback addresses only)"
         )

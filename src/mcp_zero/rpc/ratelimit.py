@@ -17,6 +17,10 @@ from mcp_zero.errors import RateLimited
 DEFAULT_MAX_BUCKETS = 10_000
 
 
+# The longest retry_after said: a year (a rate far below a call a year says no more)
+_MAX_RETRY_AFTER_S = 365 * 86_400.0
+
+
 class RateLimiter:
     """Token buckets keyed by agent name.
 
@@ -70,7 +74,9 @@ class RateLimiter:
             return
         bucket[0] = tokens
         bucket[1] = now
-        retry_after = math.ceil((1.0 - tokens) / self.rate * 1000.0) / 1000.0
+        # (a rate so small the wait overflows, 1e-320, made the ceil fail: found by review)
+        wait = min((1.0 - tokens) / self.rate, _MAX_RETRY_AFTER_S)
+        retry_after = math.ceil(wait * 1000.0) / 1000.0
         raise RateLimited(
             f'agent "{agent}" is over its rate limit of {self.rate:g} calls/s '
             f"(burst {self.burst}); retry after {retry_after:.3f} s",

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import re
 import resource
 import socket
 import ssl
@@ -172,6 +173,10 @@ def _plain(status: int, text: bytes) -> bytes:
         _date(),
         len(text),
     ) + (b"connection: close\r\n\r\n" + text)
+
+
+# A %-escape of "/" or of an unreserved character (RFC 3986 2.3), which no URI needs
+_ENCODED_PLAIN = re.compile(rb"%(?:2[dDeEfF]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
 
 
 class _Request:
@@ -415,10 +420,14 @@ class _Connection(asyncio.Protocol):
             return
         if request.target[:1] != b"/" and not self._origin_form(request):
             return
-        if b"%" in request.target and b"%2f" in request.target.partition(b"?")[0].lower():
-            # Routed on the decoded path, /api%2Fv1/agents reached /api/v1/agents, past a
-            # proxy's rule for /api/v1/ (found by review); no route of ours has one
-            self.refuse(404, b"an encoded slash (%2F) in the path names no resource here")
+        if b"%" in request.target and _ENCODED_PLAIN.search(request.target.partition(b"?")[0]):
+            # Routed on the decoded path, /api%2Fv1/agents reached /api/v1/agents, and
+            # /%61pi/v1/agents too, past a proxy's rule for /api/v1/ that matches the raw
+            # path (found by reviews). RFC 3986 2.3: a URI does not encode a letter, digit,
+            # "-", ".", "_" or "~" (nor a "/" meant as one); an agent's name in UTF-8 is.
+            self.refuse(
+                404, b"an encoded slash, letter, digit or -._~ in the path names no resource here"
+            )
             return
         if codings is not None and request.http10:
             # RFC 9112 6.1: its framing is faulty (a smuggling defence)
