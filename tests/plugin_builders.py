@@ -65,3 +65,32 @@ def write_plugin(
     written = {"name": name, "version": "1.0.0", "abi": 1, "entry": f"{name}_plugin:plugin"}
     (directory / "plugin.json").write_text(json.dumps({**written, "tools": listed, **manifest}))
     return directory
+
+
+# Each tool writes a frame of its own for its call to the worker's protocol pipe, as only
+# code past the plugin API can, then returns: the worker's own answer comes after it.
+_FORGING = """\
+import os
+from mcp_zero.plugin import Plugin
+
+plugin = Plugin("forger")
+
+
+def forge(ctx, body):
+    os.write(ctx._channel._out_fd, body % ctx._call_id + b"\\n")
+
+
+@plugin.tool("deep")
+def deep(ctx, depth):
+    nested = b"[" * depth + b"]" * depth
+    forge(ctx, b'{"id":%d,"result":{"content":[],"structuredContent":{"x":' + nested + b"}}}")
+    return "late"
+"""
+
+
+def forging_plugin(directory: Path) -> Path:
+    """Plugin ``forger``, whose tools write frames the plugin API never would to their
+    worker's pipe (a plugin is untrusted code): ``deep(depth)`` answers its call with a
+    result whose ``structuredContent.x`` is lists nested ``depth`` deep (the frame nests
+    three levels more)."""
+    return write_plugin(directory, "forger", _FORGING, ["deep"])

@@ -25,6 +25,7 @@ from mcp_zero.errors import (
     InvalidParams,
     McpZeroError,
     PluginCrashed,
+    PluginFailure,
     PolicyDenied,
     PromptNotFound,
     ResourceNotFound,
@@ -35,7 +36,7 @@ from mcp_zero.errors import (
 from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import PluginSlot, PluginSlots
 from mcp_zero.runtime import Runtime
-from plugin_builders import gated_plugin, write_plugin
+from plugin_builders import forging_plugin, gated_plugin, write_plugin
 
 pytestmark = pytest.mark.anyio
 ALL = frozenset({"notes", "faulty", "conformance"})
@@ -946,6 +947,24 @@ async def test_a_request_a_plugin_may_not_make_of_its_client_is_refused_before_p
         assert (asked["outcome"], asked["code"]) == ("error", "invalid_params")
         assert asked["resource"] == method[:256]
         assert "policies" not in asked
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_result_nested_deeper_than_an_answer_can_carry_is_a_failure_on_record(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # Its answer could not be written (an HTTP 500, a cut stream, none over stdio) while its
+    # record said allowed (found by review)
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(forging_plugin(tmp_path / "forger"))
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"forger"}))
+        with pytest.raises(PluginFailure, match="nests deeper than 253 levels"):
+            await call(runtime, ada, "deep", {"depth": 300}, "deep", bridge)
+        [record] = records(runtime, request_id="deep")
+        assert (record["outcome"], record["code"]) == ("error", "plugin_failure")
     finally:
         await runtime.aclose()
 

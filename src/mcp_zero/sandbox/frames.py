@@ -120,6 +120,10 @@ def encode_frame(frame: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
 
 #: How deep a frame may nest: what orjson, which the kernel answers clients with, encodes.
 MAX_DEPTH = 250
+#: How deep a frame the kernel reads may nest: what orjson writes (its parser reads 1,024).
+#: What a frame carries one level down (a result, a request's params) goes to the client one
+#: level down too, so it may nest 253 levels, as arguments may (``MAX_ARGUMENT_DEPTH``).
+MAX_READ_DEPTH = 254
 
 
 def _as_orjson_writes(value: Any, depth: int = 1) -> Any:
@@ -256,6 +260,7 @@ __all__ = [
     "LARGE_FRAME_CHARS",
     "MAX_FRAME_BYTES",
     "MAX_NOTIFICATION_BYTES",
+    "MAX_READ_DEPTH",
     "FrameTooLarge",
     "LineSplitter",
     "decode",

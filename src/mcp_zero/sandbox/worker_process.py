@@ -46,6 +46,7 @@ from mcp_zero.sandbox.base import (
 from mcp_zero.sandbox.frames import (
     MAX_FRAME_BYTES,
     MAX_NOTIFICATION_BYTES,
+    MAX_READ_DEPTH,
     LineSplitter,
     decode,
     encode,
@@ -762,7 +763,7 @@ class WorkerProcess:
             frame = decode(line)
             op = frame.get("op")
             if op is None:
-                self._on_response(int(frame["id"]), frame)
+                self._on_response(int(frame["id"]), frame, line)
             elif op in ("progress", "log", "close_stream", "resource_updated"):
                 if len(line) > MAX_NOTIFICATION_BYTES:  # (the worker refuses to send those)
                     self._log.warning(
@@ -825,8 +826,22 @@ class WorkerProcess:
                 )
             )
 
-    def _on_response(self, call_id: int, frame: JSON) -> None:
+    def _on_response(self, call_id: int, frame: JSON, line: bytes) -> None:
         call = self._calls.pop(call_id, None)
+        if call is not None and len(line) > 2 * MAX_READ_DEPTH and _too_deep(line, frame):
+            # The client's answer could not be written (HTTP 500, a stream cut, a stdio
+            # request never answered) while its record said allowed (found by review)
+            self._log.warning(
+                "worker %d answered %s with a frame nested deeper than %d levels: refused",
+                self.pid,
+                call.label,
+                MAX_READ_DEPTH,
+            )
+            message = (
+                f"its result nests deeper than {MAX_READ_DEPTH - 1} levels, more than an "
+                "answer to the client can carry"
+            )
+            frame = {"id": call_id, "error": {"kind": "failed", "message": message}}
         if call is None:
             zombie = self._zombies.pop(call_id, None)
             if zombie is not None:  # the abandoned handler did stop: no need to kill
@@ -1196,6 +1211,24 @@ def spawn_failure(exc: OSError) -> str:
     if soft != resource.RLIM_INFINITY and used + 8 >= soft:
         return f"too many open files ({used} open, the limit is {soft}: raise 'ulimit -n')"
     return str(exc)
+
+
+def _too_deep(line: bytes, frame: JSON) -> bool:
+    """Whether ``frame`` (read from ``line``) nests deeper than ``MAX_READ_DEPTH`` levels. Its
+    brackets are counted first (in C): only a frame with more of them than that is walked."""
+    if line.count(b"[") + line.count(b"{") <= MAX_READ_DEPTH:
+        return False
+    level: list[Any] = [frame]
+    for _ in range(MAX_READ_DEPTH):
+        below = []
+        for item in level:
+            for inner in item.values() if type(item) is dict else item:
+                if type(inner) is dict or type(inner) is list:
+                    below.append(inner)
+        if not below:
+            return False
+        level = below
+    return True
 
 
 def _number(value: Any) -> bool:
