@@ -94,3 +94,47 @@ def forging_plugin(directory: Path) -> Path:
     result whose ``structuredContent.x`` is lists nested ``depth`` deep (the frame nests
     three levels more)."""
     return write_plugin(directory, "forger", _FORGING, ["deep"])
+
+
+_ASKING = """\
+import asyncio
+from mcp_zero.plugin import ClientRequestError, Plugin
+
+plugin = Plugin("asker")
+
+
+def tally(outcomes):
+    refused = [str(o) for o in outcomes if isinstance(o, ClientRequestError)]
+    return {"answered": len(outcomes) - len(refused), "refused": sorted(set(refused))}
+
+
+@plugin.tool("ask_in_turn")
+async def ask_in_turn(ctx, n, method="roots/list"):
+    outcomes = []
+    for _ in range(n):
+        try:
+            outcomes.append(await ctx.request(method, {}))
+        except ClientRequestError as exc:
+            outcomes.append(exc)
+    return tally(outcomes)
+
+
+@plugin.tool("ask_at_once")
+async def ask_at_once(ctx, n, method="roots/list"):
+    def told(task):
+        if not task.cancelled() and task.exception() is not None:
+            ctx.log("info", "refused")
+
+    asked = [asyncio.ensure_future(ctx.request(method, {})) for _ in range(n)]
+    for task in asked:
+        task.add_done_callback(told)
+    return tally(await asyncio.gather(*asked, return_exceptions=True))
+"""
+
+
+def asking_plugin(directory: Path) -> Path:
+    """Plugin ``asker``, whose tools ``ask_in_turn(n, method="roots/list")`` and
+    ``ask_at_once(n, method=...)`` make ``n`` requests of their client, one after the other
+    or all at once, and return ``{"answered": N, "refused": [distinct messages]}``;
+    ``ask_at_once`` logs ``refused`` (info) as each request is refused."""
+    return write_plugin(directory, "asker", _ASKING, ["ask_in_turn", "ask_at_once"])

@@ -36,7 +36,7 @@ from mcp_zero.errors import (
 from mcp_zero.kernel.action import Principal, Verb
 from mcp_zero.kernel.pipeline import PluginSlot, PluginSlots
 from mcp_zero.runtime import Runtime
-from plugin_builders import forging_plugin, gated_plugin, write_plugin
+from plugin_builders import asking_plugin, forging_plugin, gated_plugin, write_plugin
 
 pytestmark = pytest.mark.anyio
 ALL = frozenset({"notes", "faulty", "conformance"})
@@ -965,6 +965,32 @@ async def test_a_result_nested_deeper_than_an_answer_can_carry_is_a_failure_on_r
             await call(runtime, ada, "deep", {"depth": 300}, "deep", bridge)
         [record] = records(runtime, request_id="deep")
         assert (record["outcome"], record["code"]) == ("error", "plugin_failure")
+    finally:
+        await runtime.aclose()
+
+
+async def test_each_request_to_the_client_takes_a_token_of_the_agents_rate_limit(
+    make_runtime: Any, tmp_path: Path, bridge: Any
+) -> None:
+    # Each is audited: without a token each, one call could leave records without limit
+    runtime: Runtime = make_runtime(rate_limit=0.001, rate_burst=3)
+    runtime.plugins.install(asking_plugin(tmp_path / "asker"))
+    await runtime.start()
+    try:
+        ada = Principal("ada", frozenset({"asker"}))
+        args = {"n": 4, "method": "sampling/createMessage"}
+        result = await call(runtime, ada, "ask_in_turn", args, "asks", bridge)
+        assert result["structuredContent"]["answered"] == 2  # (the call took the first)
+        refused = result["structuredContent"]["refused"]  # (each with its retry_after)
+        assert refused
+        assert all(r.startswith('agent "ada" is over its rate limit') for r in refused)
+        asked = records(runtime, request_id="asks", verb="client_request")
+        assert [(r["outcome"], r.get("code")) for r in asked] == [
+            ("allowed", None),
+            ("allowed", None),
+            ("error", "rate_limited"),
+            ("error", "rate_limited"),
+        ]
     finally:
         await runtime.aclose()
 

@@ -2,12 +2,12 @@
 
 A tool may ask the client for a completion (``sampling/createMessage``), for the
 user's input (``elicitation/create``) or for its roots (``roots/list``). Each such
-request is an action of its own: Cedar decides it (``client_request`` on
-``ClientRequest::"<method>"`` in the plugin, with the labels of what it would send the
-client: its params), and its outcome is audited, before and after it travels to the
-client. While it waits for the answer, the call gives its plugin slot back
-(``PluginSlot``): a call waiting on its client is not running — unless a plain handler
-asked, whose worker thread stays taken meanwhile.
+request is an action of its own: it takes a token of the agent's rate limit, Cedar
+decides it (``client_request`` on ``ClientRequest::"<method>"`` in the plugin, with the
+labels of what it would send the client: its params), and its outcome is audited, before
+and after it travels to the client. While it waits for the answer, the call gives its
+plugin slot back (``PluginSlot``): a call waiting on its client is not running — unless a
+plain handler asked, whose worker thread stays taken meanwhile.
 """
 
 from __future__ import annotations
@@ -127,6 +127,9 @@ class GovernedBridge:
         }
         start = time.perf_counter()
         try:
+            # A token of the agent's rate limit, as its calls take: each request is decided
+            # and audited, and a call may make many (the runtime bounds how many)
+            kernel.charge(self._principal)
             if not known:  # (it was decided by policy, then refused as "internal")
                 raise InvalidParams(
                     f"plugins may not send {shown(method)} to the client, only "

@@ -33,6 +33,7 @@ from mcp_zero.errors import (
     PluginCrashed,
     PluginFailure,
     PluginLoadFailure,
+    QuotaExceeded,
     ToolTimeout,
 )
 from mcp_zero.sandbox import leftovers, proctree
@@ -61,6 +62,12 @@ _DECODER_NO_MEMORY = "Not enough memory"
 #: A frame's call: ``{"id":N`` for its answer, ``{"op":"…","call":N`` for what it sends meanwhile.
 _FRAME_HEAD = re.compile(rb'\{"(id|op":"\w+","call)":(\d+)')
 _MAX_STRAYS_PER_S = 1000  # frames for no call in flight a worker may send in a second
+#: Requests to its client (sampling, elicitation, roots) one call may have open at once, and
+#: make in all. Each relayed one is decided and audited: a plugin writing request frames in a
+#: loop left 20,000 records of one call in 4 s (found by review). Past either, its request is
+#: answered with an error at once, neither relayed nor audited.
+MAX_OPEN_CLIENT_REQUESTS = 16
+MAX_CLIENT_REQUESTS = 1000
 _STDERR_LINE_BYTES = 8 * 1024  # a longer stderr line is kept and logged in pieces this big
 # A worker's stderr over its budget is read at most a pipe's worth (64 KiB) this often, the
 # time the budget takes to refill a line (stderr.LINES_PER_S): its writes wait meanwhile.
@@ -191,12 +198,14 @@ class _Call:
     """One call in flight."""
 
     __slots__ = (
+        "asked",
         "bridge",
         "chain",
         "future",
         "label",
         "late",
         "progressed",
+        "refused",
         "requests",
         "sent",
         "updates",
@@ -209,8 +218,11 @@ class _Call:
         self.label = label
         # The last progress/log relay; each awaits the one before, so order holds.
         self.chain: asyncio.Task[None] | None = None
-        # Its requests to the client being relayed (made at the first: most calls ask none).
+        # Its requests to the client being relayed (made at the first: most calls ask none),
+        # how many it made, and whether one was refused for the limits (logged once a call)
         self.requests: set[asyncio.Task[None]] | None = None
+        self.asked = 0
+        self.refused = False
         # The resources whose update waits in the chain, not yet begun (as ``requests``).
         self.updates: set[str] | None = None
         # The last progress relayed: MCP has each notification's progress increase
@@ -948,6 +960,17 @@ class WorkerProcess:
                 }
             )
             return
+        refusal = self._over_requests(call)
+        if refusal is not None:
+            self._send(
+                {
+                    "op": "reply",
+                    "id": request_id,
+                    "error": {"message": refusal, "code": QuotaExceeded.rpc_code},
+                }
+            )
+            return
+        call.asked += 1
         assert self._loop is not None
         task = self._loop.create_task(
             self._relay_request(
@@ -963,6 +986,30 @@ class WorkerProcess:
             call.requests = set()
         call.requests.add(task)
         task.add_done_callback(call.requests.discard)
+
+    def _over_requests(self, call: _Call) -> str | None:
+        """Why ``call`` may make no further request of its client now (logged the first time
+        for the call), or None."""
+        if call.requests is not None and len(call.requests) >= MAX_OPEN_CLIENT_REQUESTS:
+            why = (
+                f"{call.label} has {MAX_OPEN_CLIENT_REQUESTS} requests to its client open, the "
+                "most a call may have at once: await their answers before asking more"
+            )
+        elif call.asked >= MAX_CLIENT_REQUESTS:
+            why = (
+                f"{call.label} has made {MAX_CLIENT_REQUESTS} requests of its client, the most "
+                "a call may make"
+            )
+        else:
+            return None
+        if not call.refused:
+            call.refused = True
+            self._log.warning(
+                "worker %d: %s; its requests past that are refused, not relayed",
+                self.pid,
+                why,
+            )
+        return why
 
     async def _relay_request(
         self,
@@ -1290,4 +1337,4 @@ class _Pipes(asyncio.SubprocessProtocol):
         self._owner.on_process_exited()
 
 
-__all__ = ["WorkerProcess"]
+__all__ = ["MAX_CLIENT_REQUESTS", "MAX_OPEN_CLIENT_REQUESTS", "WorkerProcess"]
