@@ -71,7 +71,7 @@ def write_plugin(
 # code past the plugin API can, then returns: the worker's own answer comes after it.
 _FORGING = """\
 import os
-from mcp_zero.plugin import Plugin
+from mcp_zero.plugin import Plugin, image
 
 plugin = Plugin("forger")
 
@@ -85,6 +85,38 @@ def deep(ctx, depth):
     nested = b"[" * depth + b"]" * depth
     forge(ctx, b'{"id":%d,"result":{"content":[],"structuredContent":{"x":' + nested + b"}}}")
     return "late"
+
+
+@plugin.tool("many")
+def many(ctx, n):
+    items = b"{}," * (n - 1) + b"{}"
+    forge(ctx, b'{"id":%d,"result":{"content":[],"structuredContent":{"x":[' + items + b"]}}}")
+    return "late"
+
+
+@plugin.tool("strays")
+def strays(ctx, kind, mb, count):
+    data = b"y" * (mb << 20)
+    if kind == "answer":
+        frame = b'{"id":987654,"result":{"x":"' + data + b'"}}\\n'
+    elif kind == "not_json":
+        frame = b'{"id":987654,"result":' + data + b"}\\n"
+    else:
+        frame = b'{"op":"log","call":%d,"level":"info","data":"' % ctx._call_id + data + b'"}\\n'
+    for _ in range(count):
+        os.write(ctx._channel._out_fd, frame)
+    return "strayed"
+
+
+@plugin.tool("text")
+def text(ctx, mb):
+    line = 'he said "a, b: {c} [d]" \\\\ then left,\\n'
+    return (line * ((mb << 20) // len(line) + 1))[: mb << 20]
+
+
+@plugin.tool("blob")
+def blob(ctx, mb):
+    return image(os.urandom(mb << 20), "image/png")
 """
 
 
@@ -92,8 +124,14 @@ def forging_plugin(directory: Path) -> Path:
     """Plugin ``forger``, whose tools write frames the plugin API never would to their
     worker's pipe (a plugin is untrusted code): ``deep(depth)`` answers its call with a
     result whose ``structuredContent.x`` is lists nested ``depth`` deep (the frame nests
-    three levels more)."""
-    return write_plugin(directory, "forger", _FORGING, ["deep"])
+    three levels more); ``many(n)`` with one whose ``x`` is ``n`` empty objects;
+    ``strays(kind, mb, count)`` writes ``count`` frames of ``mb`` MiB: answers to a call
+    that does not exist (``kind`` "answer"; "not_json": not JSON either) or logs of its own
+    call (``"log"``). And two
+    that keep to the API: ``text(mb)`` returns ``mb`` MiB of text full of commas, colons,
+    brackets, quotes and backslashes; ``blob(mb)`` an image of ``mb`` MiB."""
+    tools = ["deep", "many", "strays", "text", "blob"]
+    return write_plugin(directory, "forger", _FORGING, tools, quotas={"memory_mb": 512})
 
 
 _ASKING = """\

@@ -13,11 +13,15 @@ import anyio
 import pytest
 from sandbox_support import RecordingBridge
 
-from mcp_zero.errors import PluginFailure
+from mcp_zero.errors import PluginCrashed, PluginFailure
 from mcp_zero.sandbox.frames import MAX_READ_DEPTH
 from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.process import ProcessRuntime
-from mcp_zero.sandbox.worker_process import MAX_CLIENT_REQUESTS, MAX_OPEN_CLIENT_REQUESTS
+from mcp_zero.sandbox.worker_process import (
+    MAX_CLIENT_REQUESTS,
+    MAX_FRAME_VALUES,
+    MAX_OPEN_CLIENT_REQUESTS,
+)
 from plugin_builders import asking_plugin, forging_plugin
 
 pytestmark = pytest.mark.anyio
@@ -131,3 +135,43 @@ async def test_a_call_makes_so_many_requests_of_its_client_at_most(asker, caplog
     assert caplog.text.count("refused, not relayed") == 1  # (once a call, not a request)
     # the next call may make its own
     assert (await call(asker, "ask_in_turn", client, n=1))["structuredContent"]["answered"] == 1
+
+
+async def test_an_answer_parsing_would_make_too_many_values_of_is_refused_unparsed(forger, caplog):
+    # One 31 MiB answer of {} items took the server from 56 MB to 1.08 GB as it was parsed
+    # (four at once, 1.9 GB: found by review)
+    pid = forger.pids[0]
+    n = MAX_FRAME_VALUES // 2 + 1  # (each item and the comma after it: two values)
+    holds = rf"its answer holds [\d,]+ values \(.*\), over the {MAX_FRAME_VALUES:,} an answer"
+    with pytest.raises(PluginFailure, match=holds):
+        await call(forger, "many", n=n)
+    assert "refused unparsed" in caplog.text
+    assert forger.pids == [pid]
+    assert len((await call(forger, "many", n=n - 10))["structuredContent"]["x"]) == n - 10
+
+
+@pytest.mark.parametrize(
+    ("tool", "mb", "kind"), [("text", 28, "text"), ("text", 2, "text"), ("blob", 20, "image")]
+)
+async def test_large_text_and_blobs_are_not_taken_for_many_values(forger, tool, mb, kind):
+    # text this long holds millions of commas and colons, but in one string: one value
+    [block] = (await call(forger, tool, mb=mb))["content"]
+    assert block["type"] == kind
+    assert len(block["text" if kind == "text" else "data"]) >= mb << 20
+
+
+async def test_a_frame_for_no_call_is_dropped_unparsed(forger, caplog):
+    # (parsed, a frame that is no JSON broke the protocol: the worker was killed)
+    pid = forger.pids[0]
+    assert (await call(forger, "strays", kind="not_json", mb=0, count=1))["content"]
+    assert forger.pids == [pid]
+    assert "broke the protocol" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["answer", "log"])
+async def test_frames_for_no_call_or_over_their_size_are_counted_by_bytes(forger, caplog, kind):
+    # A plugin thread writing 31 MiB frames for calls that do not exist held the server's
+    # loop up to 1.8 s at a time, and was never killed: it sent few frames (found by review)
+    with pytest.raises(PluginCrashed, match=r"8 MiB a second for no call"):
+        await call(forger, "strays", kind=kind, mb=3, count=4)
+    assert "for no call in flight or over their size" in caplog.text

@@ -51,6 +51,7 @@ from mcp_zero.sandbox.frames import (
     LineSplitter,
     decode,
     encode,
+    frame_values,
 )
 from mcp_zero.sandbox.isolation import MEASURES
 from mcp_zero.sandbox.stderr import StderrBudget
@@ -59,9 +60,22 @@ JSON = dict[str, Any]
 _STDERR_TAIL_LINES = 40
 #: What orjson's ValueError says when it had no memory to parse a frame (a MemoryError).
 _DECODER_NO_MEMORY = "Not enough memory"
-#: A frame's call: ``{"id":N`` for its answer, ``{"op":"…","call":N`` for what it sends meanwhile.
-_FRAME_HEAD = re.compile(rb'\{"(id|op":"\w+","call)":(\d+)')
+#: A frame's call, in its first ``_HEAD_BYTES``: ``{"id":N`` for its answer (group 1),
+#: ``{"op":"…","call":N`` for what it sends meanwhile (groups 2 and 3), a request's own id next
+#: (``,"id":R``, group 4). So the worker writes them; spaces allowed (a plugin's JSON).
+_FRAME_HEAD = re.compile(
+    rb'\{\s*"(?:id"\s*:\s*(\d+)|op"\s*:\s*"(\w+)"\s*,\s*"call"\s*:\s*(\d+)'
+    rb'(?:\s*,\s*"id"\s*:\s*(\d+))?)'
+)
+_HEAD_BYTES = 128
+_NOTIFICATIONS = frozenset((b"progress", b"log", b"close_stream", b"resource_updated"))
 _MAX_STRAYS_PER_S = 1000  # frames for no call in flight a worker may send in a second
+_MAX_STRAY_BYTES_PER_S = 8 << 20  # and bytes: what 1,000 updates of 8 KiB URIs make
+#: The most values (arrays, objects, their members) a frame over ``_COUNTED_FRAME_BYTES`` may
+#: hold, counted before it is parsed: about 75 MB of objects at most (a smaller frame cannot
+#: make that many). One 31 MiB answer of ``{}`` items made 1 GB of them.
+MAX_FRAME_VALUES = 1_000_000
+_COUNTED_FRAME_BYTES = 1 << 20
 #: Requests to its client (sampling, elicitation, roots) one call may have open at once, and
 #: make in all. Each relayed one is decided and audited: a plugin writing request frames in a
 #: loop left 20,000 records of one call in 4 s (found by review). Past either, its request is
@@ -406,7 +420,8 @@ class WorkerProcess:
         self._last_words_due: asyncio.TimerHandle | None = None
         self._process_running = True
         self._kill_reason: str | None = None
-        self._strays: list[float] = [0, 0.0]  # frames for no call, since when (_stray)
+        # frames for no call, since when, their bytes (_stray)
+        self._strays: list[float] = [0, 0.0, 0]
         self._ending_tree = False
         # Its answers' pipe is read here, not by a transport: what is read reaches its frames
         # at once (a transport hands it over a loop turn later), and a held pipe leaves the
@@ -770,37 +785,22 @@ class WorkerProcess:
     # -- frames from the worker -----------------------------------------------
 
     def on_line(self, line: bytes) -> None:
-        """Route one frame from the worker."""
+        """Route one frame from the worker. Its head, which names its call, is read first: a
+        frame no call waits for, and a notification over its size, are dropped unparsed (a
+        plugin thread writing 31 MiB frames for no call stalled the loop for seconds), and a
+        large one is parsed only if it holds few enough values (``_too_many_values``)."""
         try:
-            frame = decode(line)
-            op = frame.get("op")
-            if op is None:
-                self._on_response(int(frame["id"]), frame, line)
-            elif op in ("progress", "log", "close_stream", "resource_updated"):
-                if len(line) > MAX_NOTIFICATION_BYTES:  # (the worker refuses to send those)
-                    self._log.warning(
-                        "worker %d sent a %s frame of %d bytes, over the %d a notification "
-                        "may have: not relayed",
-                        self.pid,
-                        op,
-                        len(line),
-                        MAX_NOTIFICATION_BYTES,
-                    )
-                else:
-                    self._on_notification(op, frame)
-            elif op == "request":
-                self._on_request(frame)
-            elif op == "confined" or op == "ready" or op == "fatal":
-                self._on_hello(op, frame)
-            elif op == "retire":
-                self._log.warning(
-                    "worker %d asks to be replaced: %s", self.pid, frame.get("reason")
-                )
-                self.retiring = True
-                self._on_retire(self)
-                self._close_if_retired()
+            head = _FRAME_HEAD.match(line, 0, _HEAD_BYTES)
+            if head is None:
+                self._on_headless(line)
+            elif head[1] is not None:
+                self._on_response(int(head[1]), line)
+            elif head[2] == b"request":
+                self._on_request(int(head[3]), head[4], line)
+            elif head[2] in _NOTIFICATIONS:
+                self._on_notification(head[2].decode(), int(head[3]), line)
             else:
-                raise ValueError(f"unknown op {op!r}")
+                self._on_headless(line)
         except MemoryError:
             self.no_room(line, len(line))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -810,12 +810,38 @@ class WorkerProcess:
             self._log.error("worker %d broke the protocol: %s", self.pid, exc)
             self.kill(f"it broke the frame protocol ({exc})")
 
+    def _on_headless(self, line: bytes) -> None:
+        """A frame whose head names no call as the worker writes one: its hello and retire
+        frames, or one a plugin wrote otherwise (parsed if small, as the worker's would be)."""
+        if len(line) > MAX_NOTIFICATION_BYTES and self._ready is not None and self._ready.done():
+            raise ValueError(f"a frame of {len(line)} bytes that begins as none of its kind do")
+        values = _too_many_values(line)
+        if values:  # (a ready frame, the only large one)
+            raise ValueError(f"a frame of {values} values, over the {MAX_FRAME_VALUES} it may hold")
+        frame = decode(line)
+        op = frame.get("op")
+        if op is None:
+            self._on_response(int(frame["id"]), line, frame)
+        elif op in ("progress", "log", "close_stream", "resource_updated"):
+            self._on_notification(op, int(frame["call"]), line, frame)
+        elif op == "request":
+            self._on_request(int(frame["call"]), None, line, frame)
+        elif op == "confined" or op == "ready" or op == "fatal":
+            self._on_hello(op, frame)
+        elif op == "retire":
+            self._log.warning("worker %d asks to be replaced: %s", self.pid, frame.get("reason"))
+            self.retiring = True
+            self._on_retire(self)
+            self._close_if_retired()
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
     def no_room(self, frame: bytes, size: int) -> None:
         """The server had no memory for a frame of the worker (``size`` bytes, starting with
         ``frame``): not the worker's fault (it is kept); the call the frame belongs to fails,
         as it would miss what it was sent."""
-        head = _FRAME_HEAD.match(frame, 0, 64)
-        call_id = int(head[2]) if head else 0  # (call ids count from 1)
+        head = _FRAME_HEAD.match(frame, 0, _HEAD_BYTES)
+        call_id = int(head[1] or head[3]) if head else 0  # (call ids count from 1)
         self._log.error(
             "out of memory reading a frame of %d bytes from worker %d (call %d); the worker "
             "is kept, the call fails",
@@ -826,7 +852,7 @@ class WorkerProcess:
         call = self._calls.pop(call_id, None)
         if call is None:
             return
-        if head and head[1] != b"id":  # the call runs on (the frame was not its answer): stop it
+        if head and head[1] is None:  # the call runs on (the frame was not its answer): stop it
             self._abandon(call_id, call)
         if not call.future.done():
             call.future.set_exception(
@@ -838,9 +864,42 @@ class WorkerProcess:
                 )
             )
 
-    def _on_response(self, call_id: int, frame: JSON, line: bytes) -> None:
-        call = self._calls.pop(call_id, None)
-        if call is not None and len(line) > 2 * MAX_READ_DEPTH and _too_deep(line, frame):
+    def _on_response(self, call_id: int, line: bytes, frame: JSON | None = None) -> None:
+        """The answer to call ``call_id`` (``frame``, if it was parsed already): parsed only
+        when the call waits for it."""
+        call = self._calls.get(call_id)
+        if call is None:
+            zombie = self._zombies.pop(call_id, None)
+            if zombie is not None:  # the abandoned handler did stop: no need to kill
+                zombie.kill.cancel()
+                zombie.ended()
+            else:
+                self._stray(len(line))
+            self._close_if_retired()
+            return
+        # (a call of its own only for a large answer: this runs for every call)
+        values = _too_many_values(line) if len(line) > _COUNTED_FRAME_BYTES else 0
+        if values:
+            # One 31 MiB answer of {} items took the server from 56 MB to 1.08 GB as it was
+            # parsed (found by review)
+            self._log.warning(
+                "worker %d answered %s with a frame of %d bytes holding %d values, over the "
+                "%d one may hold: refused unparsed",
+                self.pid,
+                call.label,
+                len(line),
+                values,
+                MAX_FRAME_VALUES,
+            )
+            message = (
+                f"its answer holds {values:,} values (arrays, objects and their members), "
+                f"over the {MAX_FRAME_VALUES:,} an answer over 1 MiB may hold: send large "
+                "data as text or a blob"
+            )
+            frame = {"id": call_id, "error": {"kind": "failed", "message": message}}
+        elif frame is None:
+            frame = decode(line)
+        if len(line) > 2 * MAX_READ_DEPTH and _too_deep(line, frame):
             # The client's answer could not be written (HTTP 500, a stream cut, a stdio
             # request never answered) while its record said allowed (found by review)
             self._log.warning(
@@ -854,15 +913,7 @@ class WorkerProcess:
                 "answer to the client can carry"
             )
             frame = {"id": call_id, "error": {"kind": "failed", "message": message}}
-        if call is None:
-            zombie = self._zombies.pop(call_id, None)
-            if zombie is not None:  # the abandoned handler did stop: no need to kill
-                zombie.kill.cancel()
-                zombie.ended()
-            else:
-                self._stray()
-            self._close_if_retired()
-            return
+        del self._calls[call_id]
         # One taken in came by the time it was held, at the latest (its held wait does not
         # count: found by review)
         end = self._held_since if self._taking_in else time.monotonic()
@@ -874,10 +925,29 @@ class WorkerProcess:
         if self.retiring:
             self._close_if_retired()
 
-    def _on_notification(self, op: str, frame: JSON) -> None:
-        call = self._calls.get(int(frame["call"]))
+    def _on_notification(
+        self, op: str, call_id: int, line: bytes, frame: JSON | None = None
+    ) -> None:
+        """A notification of call ``call_id`` (``frame``, if it was parsed already): parsed
+        only when it is relayed, or is a resource update (told whenever it comes)."""
+        call = self._calls.get(call_id)
+        if len(line) > MAX_NOTIFICATION_BYTES:  # (the worker refuses to send those)
+            self._log.warning(
+                "worker %d sent a %s frame of %d bytes, over the %d a notification may have: "
+                "not relayed",
+                self.pid,
+                op,
+                len(line),
+                MAX_NOTIFICATION_BYTES,
+            )
+            self._stray(len(line))
+            return
         if call is None:
-            self._stray()  # (an update too: a flood of frames for no call is a runaway)
+            self._stray(len(line))  # (an update too: a flood of frames for no call is a runaway)
+            if op != "resource_updated":
+                return
+        if frame is None:
+            frame = decode(line)
         if op == "resource_updated" and (call is None or call.bridge is None):
             # A resource's subscribers are not the call's: its plugin may tell them of a
             # change at any time, after the call that started a job too.
@@ -917,21 +987,31 @@ class WorkerProcess:
         assert self._loop is not None
         call.chain = self._loop.create_task(self._relay(call.chain, send))
 
-    def _stray(self) -> None:
-        """A frame for no call in flight: one late from an abandoned handler is expected;
-        a stream of them (a plugin thread writing to the protocol pipe while the worker is
-        idle) would keep the server's loop busy with no call, timeout or kill to end it."""
+    def _stray(self, size: int) -> None:
+        """A frame of ``size`` bytes for no call in flight, or dropped for its size: one late
+        from an abandoned handler is expected; a stream of them (a plugin thread writing to the
+        protocol pipe while the worker is idle) would keep the server's loop busy with no call,
+        timeout or kill to end it."""
+        strays = self._strays
+        if self._pipes.dropping:
+            return
         now = time.monotonic()
-        if now - self._strays[1] > 1.0:
-            self._strays = [0, now]
-        self._strays[0] += 1
-        if self._strays[0] == _MAX_STRAYS_PER_S + 1:
+        if now - strays[1] > 1.0:
+            strays[:] = [0, now, 0]
+        strays[0] += 1
+        strays[2] += size
+        if strays[0] > _MAX_STRAYS_PER_S or strays[2] > _MAX_STRAY_BYTES_PER_S:
             self._log.error(
-                "worker %d sent over %d frames in a second for no call in flight",
+                "worker %d sent over %d frames or %d MiB in a second for no call in flight "
+                "or over their size",
                 self.pid,
                 _MAX_STRAYS_PER_S,
+                _MAX_STRAY_BYTES_PER_S >> 20,
             )
-            self.kill(f"it sent over {_MAX_STRAYS_PER_S} frames a second for no call")
+            self.kill(
+                f"it sent over {_MAX_STRAYS_PER_S} frames or {_MAX_STRAY_BYTES_PER_S >> 20} MiB "
+                "a second for no call"
+            )
             # What else it sends is not handled frame by frame: read at its exit, up to 4 MiB
             # of them held the loop for a second
             self._pipes.dropping = True
@@ -948,25 +1028,42 @@ class WorkerProcess:
         except Exception as exc:  # a lost notification must not fail the call
             self._log.debug("could not relay a notification: %s", exc)
 
-    def _on_request(self, frame: JSON) -> None:
-        request_id = int(frame["id"])
-        call = self._calls.get(int(frame["call"]))
+    def _on_request(
+        self, call_id: int, head_id: bytes | None, line: bytes, frame: JSON | None = None
+    ) -> None:
+        """A request of call ``call_id`` to its client (``frame``, if it was parsed already;
+        ``head_id`` its own id, as its head gives it): parsed only when the call runs."""
+        call = self._calls.get(call_id)
+        refusal = "call is over"
         if call is None:
-            self._send(
-                {
-                    "op": "reply",
-                    "id": request_id,
-                    "error": {"message": "call is over", "code": None},
-                }
+            self._stray(len(line))
+        elif _too_many_values(line):
+            refusal = (
+                f"this request holds over {MAX_FRAME_VALUES:,} values (arrays, objects and "
+                "their members), more than one over 1 MiB may hold"
             )
+            call = None
+        if call is None:
+            request_id = frame.get("id") if frame is not None else head_id
+            if request_id is not None:  # (none: a frame the worker would not write)
+                self._send(
+                    {
+                        "op": "reply",
+                        "id": int(request_id),
+                        "error": {"message": refusal, "code": None},
+                    }
+                )
             return
-        refusal = self._over_requests(call)
-        if refusal is not None:
+        if frame is None:
+            frame = decode(line)
+        request_id = int(frame["id"])
+        over = self._over_requests(call)
+        if over is not None:
             self._send(
                 {
                     "op": "reply",
                     "id": request_id,
-                    "error": {"message": refusal, "code": QuotaExceeded.rpc_code},
+                    "error": {"message": over, "code": QuotaExceeded.rpc_code},
                 }
             )
             return
@@ -1260,6 +1357,14 @@ def spawn_failure(exc: OSError) -> str:
     return str(exc)
 
 
+def _too_many_values(line: bytes) -> int:
+    """How many values parsing ``line`` would make, if over ``MAX_FRAME_VALUES``; else 0."""
+    if len(line) <= _COUNTED_FRAME_BYTES:
+        return 0
+    values = frame_values(line, MAX_FRAME_VALUES)
+    return values if values > MAX_FRAME_VALUES else 0
+
+
 def _too_deep(line: bytes, frame: JSON) -> bool:
     """Whether ``frame`` (read from ``line``) nests deeper than ``MAX_READ_DEPTH`` levels. Its
     brackets are counted first (in C): only a frame with more of them than that is walked."""
@@ -1337,4 +1442,9 @@ class _Pipes(asyncio.SubprocessProtocol):
         self._owner.on_process_exited()
 
 
-__all__ = ["MAX_CLIENT_REQUESTS", "MAX_OPEN_CLIENT_REQUESTS", "WorkerProcess"]
+__all__ = [
+    "MAX_CLIENT_REQUESTS",
+    "MAX_FRAME_VALUES",
+    "MAX_OPEN_CLIENT_REQUESTS",
+    "WorkerProcess",
+]
