@@ -118,8 +118,11 @@ class EchoApp:
             return
         if scope["path"] == "/crash":
             raise RuntimeError("the app broke")
-        if scope["path"] in ("/big", "/huge"):  # one whole answer of BIG_BYTES, HUGE_BYTES
+        if scope["path"] in ("/big", "/huge", "/sized"):  # one whole answer of BIG_BYTES,
+            # HUGE_BYTES, or as many bytes as the query says
             size = BIG_BYTES if scope["path"] == "/big" else HUGE_BYTES
+            if scope["path"] == "/sized":
+                size = int(scope["query_string"])
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"b" * size})
             return
@@ -564,6 +567,47 @@ async def test_a_client_that_reads_no_answers_is_dropped_after_the_stall_limit()
         with anyio.fail_after(TIMEOUT_S):  # 0.5 s, seen by the reaper within 2.5 s
             while server.connections:
                 await asyncio.sleep(0.05)
+
+
+async def test_answers_left_unread_past_the_server_s_bound_drop_the_oldest_first() -> None:
+    # Each whole answer a client leaves unread stays in the server's memory until the stall
+    # limit: ten unread 25 MiB answers held 250 MB (found by a bug hunt). Past the bound for
+    # all connections together, those that left theirs unread longest are dropped.
+    size = 16 << 20
+    async with serving(max_stream_backlog=64 << 10, max_unread_bytes=40 << 20) as (
+        server,
+        _,
+        _task,
+    ):
+        clients = []
+        try:
+            for i in range(5):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (takes little)
+                sock.connect(("127.0.0.1", server.port))
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_connection(sock=sock)
+                clients.append((reader, writer))
+                writer.write(b"GET /sized?%d HTTP/1.1\r\nHost: h\r\n\r\n" % size)
+                with anyio.fail_after(TIMEOUT_S):  # its answer written, unread
+                    while len(server.stalled) + server.unread_drops < i + 1:
+                        await asyncio.sleep(0.01)
+            unread = sum(c.transport.get_write_buffer_size() for c in server.stalled if c.transport)
+            assert unread <= 40 << 20
+            assert server.unread_drops >= 2  # (five of ~16 MiB: at most two fit)
+            # the first two were left unread longest: dropped, the last kept
+            first_reader = clients[0][0]
+            with anyio.fail_after(TIMEOUT_S), contextlib.suppress(ConnectionResetError):
+                while await first_reader.read(1 << 20):
+                    pass
+            assert clients[-1][1].transport.get_extra_info("socket") is not None
+            assert any(c.client is not None and not c.closed for c in server.stalled)
+            async with connect(server) as (reader, writer):  # others are served
+                writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+                assert (await read_response(reader))[0] == 200
+        finally:
+            for _, writer in clients:
+                writer.close()
 
 
 async def test_requests_pipelined_behind_a_long_response_are_not_read_ahead(

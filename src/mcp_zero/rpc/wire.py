@@ -101,6 +101,12 @@ def raise_open_files_limit() -> int:
 #: A client that reads nothing of its backlog for this long is dropped (an SSE client
 #: resumes with Last-Event-ID): a waiting send is not held for ever.
 STREAM_STALL_S = 30.0
+#: Answers written whole and left unread, all connections together, past which the
+#: connections that have left theirs unread longest are dropped: each holds its answer in
+#: the server's memory until its client reads it or STREAM_STALL_S pass, and an agent that
+#: opens many connections and reads none would otherwise take the server's memory
+#: (ten unread 25 MiB answers held 250 MB: found by a bug hunt).
+MAX_UNREAD_BYTES = 256 * 1024 * 1024
 _REASONS = {
     200: b"OK",
     201: b"Created",
@@ -283,6 +289,7 @@ class _Connection(asyncio.Protocol):
         self.gone.set()
         self.writable.set()  # a send waiting for the client hears it is gone
         self.server.connections.discard(self)
+        self.server.stalled.discard(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -293,6 +300,7 @@ class _Connection(asyncio.Protocol):
         self.writable.set()
         if self.stalled_since:
             self.stalled_since = 0.0
+            self.server.stalled.discard(self)
             self._go_on()
 
     def data_received(self, data: bytes) -> None:
@@ -576,6 +584,8 @@ class _Connection(asyncio.Protocol):
             self.stalled_unsent = self.transport.get_write_buffer_size() if self.transport else 0
             self.took_more()  # (where the client's progress is measured from)
             self._pause()
+            self.server.stalled.add(self)
+            self.server.bound_unread()
             return
         self._go_on()
 
@@ -1067,6 +1077,7 @@ class HttpServer:
         keepalive_s: float = KEEPALIVE_S,
         stream_stall_s: float = STREAM_STALL_S,
         max_stream_backlog: int = MAX_STREAM_BACKLOG,
+        max_unread_bytes: int = MAX_UNREAD_BYTES,
         tls: ssl.SSLContext | None = None,
         max_connections: int | None = None,
     ) -> None:
@@ -1088,6 +1099,11 @@ class HttpServer:
         self.keepalive_s = keepalive_s
         self.stream_stall_s = stream_stall_s
         self.max_stream_backlog = max_stream_backlog
+        self.max_unread_bytes = max_unread_bytes
+        # connections whose client left an answer unread (max_stream_backlog of it unsent)
+        self.stalled: set[_Connection] = set()
+        self.unread_drops = 0
+        self._unread_logged = (0.0, 0)  # when a drop was last logged, and drops since
         self.tls = tls
         self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
@@ -1116,6 +1132,43 @@ class HttpServer:
                 FD_RESERVE,
                 self.refused_connections,
             )
+
+    def bound_unread(self) -> None:
+        """Past ``max_unread_bytes`` of answers left unread on all connections together,
+        drop those that have left theirs unread longest until the rest fit (logged at most
+        every 10 s, with how many were dropped meanwhile)."""
+        unread = {
+            conn: conn.transport.get_write_buffer_size()
+            for conn in self.stalled
+            if conn.transport is not None and not conn.closed
+        }
+        total = sum(unread.values())
+        if total <= self.max_unread_bytes:
+            return
+        for conn in sorted(unread, key=lambda c: c.stalled_since):
+            if total <= self.max_unread_bytes:
+                break
+            total -= unread[conn]
+            self.unread_drops += 1
+            now = time.monotonic()
+            last, since = self._unread_logged
+            if now - last < 10:
+                self._unread_logged = (last, since + 1)
+            else:
+                self._unread_logged = (now, 0)
+                more = f" ({since} more since the last such line)" if since else ""
+                log.warning(
+                    "dropping a connection from %s: its %d KiB of answers left unread for "
+                    "%.1f s took the server's unread answers past %d MiB%s",
+                    conn.client,
+                    unread[conn] >> 10,
+                    now - conn.stalled_since,
+                    self.max_unread_bytes >> 20,
+                    more,
+                )
+            conn.dropped = True
+            conn.abort()
+            self.stalled.discard(conn)
 
     async def start(self) -> None:
         """Listen; the actual port is in ``self.port`` afterwards (useful with port 0)."""
