@@ -74,6 +74,16 @@ def test_the_documented_backup_restore_and_verification_run_as_written(tmp_path:
     assert shell(verify, DB=db).stdout == verified
     with contextlib.closing(sqlite3.connect(db)) as raw, raw:
         raw.execute("DROP TRIGGER audit_no_update")
+        body, right = raw.execute("SELECT body, hash FROM audit WHERE seq = 2").fetchone()
         raw.execute("UPDATE audit SET body = CAST('{}' AS BLOB) WHERE seq = 2")
     broken = shell(verify, DB=db)
     assert (broken.returncode, broken.stdout) == (2, "seq 2: hash does not match\n")
+    # A hash padded with spaces, or cut by a NUL, read as the hash itself: the recipe said
+    # ok where mcp0 audit verify did not (found by review)
+    for forged in ("' ' || hash", "hash || ' '", "hash || char(0) || 'junk'", "upper(hash)"):
+        with contextlib.closing(sqlite3.connect(db)) as raw, raw:
+            raw.execute("UPDATE audit SET body = ?, hash = ? WHERE seq = 2", (body, right))
+            raw.execute(f"UPDATE audit SET hash = {forged} WHERE seq = 3")
+        broken = shell(verify, DB=db)
+        expected = (2, "seq 3: a hash is not 64 lowercase hex digits\n")
+        assert (broken.returncode, broken.stdout) == expected, forged

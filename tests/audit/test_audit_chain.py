@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -97,6 +98,42 @@ def test_a_row_stored_below_seq_1_is_reported(tmp_path: Path, seq: int) -> None:
             verify_store(store)
     assert caught.value.seq == seq
     assert caught.value.reason == "entry outside the chain, which starts at seq 1"
+
+
+@pytest.mark.parametrize("twin", [4, 8, 2])
+def test_a_seq_stored_twice_is_reported_wherever_the_pages_end(tmp_path: Path, twin: int) -> None:
+    # A table re-created without its primary key took a second row of seq 4, chained from
+    # seq 3 and saying something else: reading pages of 4 after the last seq read, verify
+    # never met it and said ok with the true head (found by review)
+    path = tmp_path / "mcp0.db"
+    entries = _chain([{"i": i} for i in range(10)])
+    with SqliteStore(path) as store:
+        store.append_audit_batch(entries)
+    forged = _chain([{"agent": "a1", "outcome": "denied"}], entries[twin - 2].hash, twin)[0]
+    con = sqlite3.connect(path)
+    con.executescript(
+        """DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;
+        CREATE TABLE audit2 (seq INTEGER, ts REAL NOT NULL, body BLOB NOT NULL,
+            prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+        INSERT INTO audit2 SELECT * FROM audit ORDER BY seq;
+        DROP TABLE audit; ALTER TABLE audit2 RENAME TO audit;"""
+    )
+    con.execute(
+        "INSERT INTO audit VALUES (?, ?, ?, ?, ?)",
+        (forged.seq, forged.ts, forged.body, forged.prev_hash, forged.hash),
+    )
+    con.commit()
+    con.close()
+    with SqliteStore(path) as store, pytest.raises(ChainBroken) as caught:
+        verify_store(store, page=4)
+    if twin % 4:  # inside a page: the chain's order tells
+        assert (caught.value.seq, caught.value.reason) == (
+            twin,
+            f"expected seq {twin + 1} (entries missing?)",
+        )
+    else:  # the last of a page: the count tells
+        assert caught.value.seq == 10
+        assert caught.value.reason.startswith("1 row(s) up to here stored beside the chain's")
 
 
 def test_rehashed_non_canonical_body_is_reported() -> None:

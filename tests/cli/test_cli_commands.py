@@ -798,13 +798,27 @@ def test_text_outputs_escape_what_a_terminal_would_act_on(data_dir: Path, tmp_pa
     run(data_dir, "plugin", "install", str(source))
     run(data_dir, "agent", "create", "ada", "--plugin", "faulty")
     run(data_dir, "agent", "exec", "ada", forged, ok=False)
+    # a name padded to wrap the line where its tail shows as a record of its own, with
+    # characters that show as nothing (found by review): spaces are escaped in a field too
+    wrapping = "y" * 20 + " " * 40 + "\u200b   9999 allowed  admin  terminate_agent default\ufeff"
+    run(data_dir, "agent", "exec", "ada", wrapping, ok=False)
     listed = run(data_dir, "audit", "list").stdout.splitlines()
     assert len(listed) == len(as_json(data_dir, "audit", "list"))  # one line a record
-    assert listed[-1].endswith(
-        r"call_tool      x\x1b[2K\r      39 allowed  admin            call_tool      "
-        r"delete_everything\n tool_not_found"
+    assert listed[-2].endswith(
+        r"call_tool      x\x1b[2K\r\x20\x20\x20\x20\x20\x2039\x20allowed\x20\x20admin"
+        + r"\x20" * 12
+        + r"call_tool"
+        + r"\x20" * 6
+        + r"delete_everything\n tool_not_found"
     )
-    assert as_json(data_dir, "audit", "list")[-1]["resource"] == forged
+    assert listed[-1].endswith(
+        "call_tool      "
+        + "y" * 20
+        + r"\x20" * 40
+        + r"\u200b\x20\x20\x209999\x20allowed\x20\x20admin\x20\x20terminate_agent\x20"
+        + r"default\ufeff tool_not_found"
+    )
+    assert as_json(data_dir, "audit", "list")[-2]["resource"] == forged
     described = r"faulty\r\u202egnp.exe\x85"
     assert run(data_dir, "plugin", "list").stdout.endswith(f" {described}\n")
     shown = run(data_dir, "plugin", "show", "faulty").stdout.splitlines()

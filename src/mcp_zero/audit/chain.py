@@ -131,6 +131,17 @@ def verify_store(store: Store, *, page: int = 10_000) -> ChainReport:
     while True:
         batch = store.read_audit(after_seq=report.head_seq, limit=page)
         if not batch:
+            # Each page is read after the last seq of the one before: a second row of that
+            # seq (a table re-created without its primary key, a forged record chained from
+            # the one before) was never read, and the head still matched (found by review).
+            # Rows appended meanwhile have higher seqs.
+            stored = store.audit_rows_upto(report.head_seq)
+            if stored != report.count:
+                raise ChainBroken(
+                    report.head_seq,
+                    f"{stored - report.count} row(s) up to here stored beside the chain's "
+                    "(a seq stored twice: the table was altered)",
+                )
             return report
         part = verify_chain(batch, report.head_hash, start_seq=report.head_seq + 1)
         report = ChainReport(

@@ -134,7 +134,18 @@ def _escaped(value: Any, unsafe: re.Pattern[str] = _IN_A_FIELD) -> str:
 
 
 def _escape(match: re.Match[str]) -> str:
-    return match.group().encode("unicode_escape").decode("ascii")
+    found = match.group()
+    return "\\x20" if found == " " else found.encode("unicode_escape").decode("ascii")
+
+
+# In a field of an audit record's line, also every space and every character that shows as
+# none (zero-width, format, other spaces): a resource padded to wrap the line had its tail
+# show as a record of its own on the operator's terminal (found by review); a record line's
+# fields are separated by spaces, which a field then cannot hold.
+_IN_AN_AUDIT_FIELD = re.compile(
+    rf"[\x00-\x20\x7f-\xa0\xad{_SEPARATORS_AND_BIDI}\u1680\u180e\u2000-\u200f\u202f"
+    r"\u205f-\u206f\u3000\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]"
+)
 
 
 def _fail(message: str) -> None:
@@ -847,7 +858,7 @@ def _field(view: dict[str, Any], key: str) -> str:
     """A record's ``key`` for its text line: "" if absent, as JSON if not text (altered),
     escaped."""
     value = view.get(key, "")
-    return _escaped(value if isinstance(value, str) else json.dumps(value))
+    return _escaped(value if isinstance(value, str) else json.dumps(value), _IN_AN_AUDIT_FIELD)
 
 
 @audit.command("verify")

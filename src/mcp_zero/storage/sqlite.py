@@ -544,6 +544,17 @@ class SqliteStore:
         count: int = rows[0][0]
         return count
 
+    def audit_rows_upto(self, seq: int) -> int:
+        """Audit rows whose seq is an integer up to ``seq``: as many as the chain has up to
+        there, unless a row is stored twice (a table re-created without its primary key)."""
+        rows = self._query(
+            "read audit log",
+            "SELECT count(*) FROM audit WHERE typeof(seq) = 'integer' AND seq <= ?",
+            (seq,),
+        )
+        count: int = rows[0][0]
+        return count
+
     # internals
 
     def _create_file(self) -> None:
