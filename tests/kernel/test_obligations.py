@@ -432,6 +432,13 @@ async def test_a_read_and_a_subscription_are_decided_with_the_labels_of_their_ur
             await kernel.read_resource(alice, uri, bridge, request_id=rid, transport="test")
         [record] = records(started, rid)
         assert (record["outcome"], record["labels"]) == ("denied", ["secret"])
+        # recorded as its client would be shown it redacted, its reasons too: a URI holding
+        # a secret was recorded whole, though arguments are recorded as a digest (found by a
+        # bug hunt)
+        kept = orjson.dumps(record).decode()
+        assert AWS_KEY not in kept, kept
+        assert "hunter22" not in kept, kept
+        assert "[redacted:secret]" in record["resource"]
         with pytest.raises(PolicyDenied):  # nor is it told of the resource's changes
             kernel.check_resource(alice, uri)
     with anyio.fail_after(TIMEOUT_S):
@@ -691,3 +698,44 @@ async def test_a_permit_that_fails_to_evaluate_binds_its_obligations_and_is_reco
     [record] = records(started, "e1")
     assert record["outcome"] == "allowed"
     assert ["careful" in error for error in record["policy_errors"]] == [True]
+
+
+async def test_an_output_schema_failure_quoting_a_secret_is_redacted_not_cut(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # The message quoting the plugin's output was cut to its first 80 and last 100
+    # characters before its redaction: the cut took the credential's name, and its value
+    # went out whole (found by a bug hunt)
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    value = "x" * 160 + f" aws_secret_access_key = {secret} " + "y" * 30
+    code = (
+        "from mcp_zero.plugin import Plugin\n"
+        "plugin = Plugin('shaped')\n"
+        "@plugin.tool('shaped_get')\n"
+        "def get(ctx, long=True):\n"
+        f"    return {{'n': {value!r} if long else 'short ' + {secret[:8]!r}}}\n"
+    )
+    tool = {
+        "name": "shaped_get",
+        "description": "returns a string where a number is due",
+        "inputSchema": {"type": "object"},
+        "outputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}},
+    }
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(write_plugin(tmp_path / "shaped", "shaped", code, [tool]))
+    await runtime.start()
+    (runtime.settings.policy_dir / "default.cedar").unlink()
+    use_policy(runtime, "redact.cedar", redacting("secret"))
+    alice = Principal("alice", frozenset({"shaped"}))
+    for rid, long in (("o1", True), ("o2", False)):
+        with pytest.raises(McpZeroError) as caught, anyio.fail_after(TIMEOUT_S):
+            await runtime.kernel.call_tool(
+                alice, "shaped_get", {"long": long}, None, request_id=rid, transport="test"
+            )
+        shown = orjson.dumps([caught.value.message, caught.value.data]).decode()
+        assert secret[-12:] not in shown, shown
+        assert "outputSchema at /n" in caught.value.message
+        kept = orjson.dumps(records(runtime, rid)).decode()
+        assert secret[-12:] not in kept
+    # a short message quotes the value whole, as before: it is what the redaction sees
+    assert "is not of type" in caught.value.message

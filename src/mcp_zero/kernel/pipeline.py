@@ -24,9 +24,10 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import unquote
 
 import orjson
 
@@ -51,7 +52,7 @@ from mcp_zero.kernel.client_requests import GovernedBridge
 from mcp_zero.kernel.plugins import PluginHost
 from mcp_zero.kernel.quotas import QuotaGate
 from mcp_zero.policy.decision import PolicyDecision
-from mcp_zero.policy.detectors import label_uri, label_value, redact
+from mcp_zero.policy.detectors import label_text, label_uri, label_value, redact
 from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.jsonrpc import RequestId
 from mcp_zero.rpc.metrics import Metrics
@@ -254,9 +255,16 @@ def _check_output(tool: str, validator: Any, result: JSON) -> None:
     problem = next(validator.iter_errors(structured), None)
     if problem is not None:
         path = _pointer(problem.instance_path)
+        message = problem.message
+        if len(message) > _MESSAGE_LIMIT:
+            # Not cut, as _brief cuts arguments' (the caller's own): it quotes the plugin's
+            # output, which a @redact obligation redacts from this message, and a cut left
+            # a secret without the name its detector knows it by (found by a bug hunt)
+            keyword = problem.schema_path[-1] if problem.schema_path else "schema"
+            message = f"the value fails the schema's {keyword!r} (its message quotes it)"
         raise PluginFailure(
             f"tool {tool!r} returned structuredContent that does not match its outputSchema "
-            f"at {path}: {_brief(problem.message)}",
+            f"at {path}: {message}",
             data={"path": path},
         )
 
@@ -302,6 +310,30 @@ def _event(
         "request_id": request_id,
         "transport": transport,
     }
+
+
+def _recorded_uri(uri: str, labels: frozenset[str]) -> str:
+    """``uri``, in whose text or percent-decoded text the detectors found ``labels``, as its
+    record keeps it: redacted as written; else (found only once decoded) decoded and
+    redacted; else as its digest."""
+    shown: str = redact(uri, labels)[0]
+    if not label_uri(shown) & labels:
+        return shown
+    shown = redact(unquote(uri), labels)[0]
+    if not label_text(shown) & labels:
+        return shown
+    digest = hashlib.sha256(uri.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"[redacted:{','.join(sorted(labels))}] sha256:{digest}"
+
+
+def _recorded_reasons(reasons: Iterable[str], event: JSON) -> list[str]:
+    """A denial's ``reasons`` as its audit ``event`` records them: with what the labels the
+    event notes were found in redacted, as its resource is (a reason names the URI)."""
+    labels = event.get("labels")
+    if not labels:
+        return list(reasons)
+    redacted: list[str] = redact(list(reasons), labels)[0]
+    return redacted
 
 
 def _audit_failing(audit: AuditLog) -> StorageError:
@@ -731,7 +763,7 @@ class Kernel:
                 if not decision.allowed:
                     self.metrics.count_denials(decision.denied_by)
                     refused = PolicyDenied(decision.message, data=decision.to_data())
-                    event["reasons"] = list(decision.reasons)
+                    event["reasons"] = _recorded_reasons(decision.reasons, event)
             if refused is None:
                 event["outcome"] = Outcome.ALLOWED.value
             else:
@@ -1259,7 +1291,7 @@ class Kernel:
             event["code"] = exc.code
             if isinstance(exc, PolicyDenied) and exc.data:
                 event["policies"] = exc.data.get("policies", [])
-                event["reasons"] = exc.data.get("reasons", [])
+                event["reasons"] = _recorded_reasons(exc.data.get("reasons", []), event)
         except Exception as exc:
             failure = exc
             event["outcome"] = _ERROR
@@ -1325,8 +1357,9 @@ class Kernel:
         """Put the labels of what ``action`` carries, if any, in its context and its audit
         ``event``: of the URI it reads, or of its arguments (a tool's, a prompt's, what a
         client request would send), and of the URI a resource's completion names."""
+        in_uri: frozenset[str] = frozenset()
         if action.verb is Verb.READ_RESOURCE:
-            labels = label_uri(action.resource)
+            labels = in_uri = label_uri(action.resource)
         else:
             labels = label_value(action.arguments) if action.arguments else frozenset()
             # a resource's completion: of its URI too, unless it is a template's own text,
@@ -1336,10 +1369,15 @@ class Kernel:
                 and action.context.get("ref") == "resource"
                 and self.plugins.template_owner(action.resource) is None
             ):
-                labels |= label_uri(action.resource)
+                in_uri = label_uri(action.resource)
+                labels |= in_uri
         if labels:
             action.context["labels"] = labels
             event["labels"] = sorted(labels)
+        if in_uri:
+            # Recorded as its client would be shown it redacted: arguments are recorded as a
+            # digest, and a URI holding a secret was recorded whole (found by a bug hunt)
+            event["resource"] = _recorded_uri(action.resource, in_uri)
 
     def _as_templates_too(self, action: Action, decision: PolicyDecision) -> PolicyDecision:
         """``decision``, an allow of ``action``, joined with the policy's decisions on it
