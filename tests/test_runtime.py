@@ -984,3 +984,19 @@ async def test_a_plugin_removed_and_installed_again_by_a_command_is_not_taken_fo
         assert server.agents.authenticate(token).plugins == frozenset()
     finally:
         await server.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_server_s_start_records_the_audit_events_an_earlier_run_lost(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    async with started(data):
+        pass
+    note = data / "audit-lost.json"  # (as a run whose store filled up left it)
+    note.write_bytes(b'{"failed_events": 3, "failure": "the database is full"}')
+    async with started(data) as runtime:
+        bodies = [orjson.loads(e.body) for e in runtime.store.read_audit(0, 100_000)]
+        [said] = [b for b in bodies if b["verb"] == "resume_audit_log"]
+        assert (said["failed_before_restart"], said["failure"]) == (3, "the database is full")
+        assert not note.exists()

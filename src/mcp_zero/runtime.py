@@ -163,6 +163,11 @@ def _make_private(path: Path, more: str = "") -> None:
         log.warning("%s was mode %04o, open to others: made %04o%s", path, was, was & 0o700, more)
 
 
+#: In the data dir: how many audit events failed (their calls had acted) that no record
+#: says yet; the log's resumption record, or the next start's, says so (audit.log)
+LOST_EVENTS_NOTE = "audit-lost.json"
+
+
 class Runtime:
     """Everything one server process (or one CLI command) works with."""
 
@@ -209,6 +214,7 @@ class Runtime:
                 self.store,
                 window=settings.audit_window_ms / 1000,
                 max_batch=settings.audit_max_batch,
+                lost_path=settings.data_dir / LOST_EVENTS_NOTE,
             )
             self.policy = PolicyStore(settings.policy_dir)
             if not policy_files(settings.policy_dir):
@@ -580,6 +586,11 @@ class Runtime:
         same user, cannot read its environment or memory through ``/proc``. First, what
         governs it is recorded if the log lacks it (``record_what_governs``)."""
         await asyncio.to_thread(self.record_what_governs)
+        try:
+            # events an earlier run could not record (its calls had acted): said in the log
+            await asyncio.to_thread(self.audit.record_lost_before)
+        except StorageError as exc:  # (kept in the note for a later start, or resumption)
+            log.error("could not record the audit events an earlier run lost: %s", exc)
         if self.audit.stats.failing:  # (found as it started: a full disk, a damaged record)
             log.error(
                 "the audit log cannot be written (%s): every call is refused until it can",

@@ -714,3 +714,61 @@ async def test_a_record_another_constraint_refuses_is_not_called_a_collision(
         await log.append({"n": 2})
     assert "appends are closed" in str(refused.value)
     assert "only one process may append" not in str(refused.value)
+
+
+async def test_events_lost_in_one_run_are_recorded_by_the_next(tmp_path: Path) -> None:
+    # A full db_max_mb is cleared only by a restart: the calls of the failed batch had
+    # acted, and the next start recorded nothing of them; only memory had the count
+    # (found by review). A note beside the store carries it to the next start's record.
+    path, note = tmp_path / "a.db", tmp_path / "audit-lost.json"
+    with SqliteStore(path, busy_timeout=0.1) as store:
+        with AuditLog(store, window=0, lost_path=note) as log:
+            assert log.lost_before == 0
+            other = sqlite3.connect(path, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                with anyio.fail_after(10), pytest.raises(StorageError):
+                    await asyncio.gather(log.append({"n": 1}), log.append({"n": 2}))
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert json.loads(note.read_bytes())["failed_events"] == 2
+            assert "database is locked" in json.loads(note.read_bytes())["failure"]
+        # (the process ends before the log is taken up again: the next one says so)
+        with AuditLog(store, window=0, lost_path=note) as log:
+            assert log.lost_before == 2
+            assert log.record_lost_before()
+            assert not note.exists()
+            assert not log.record_lost_before()  # once
+        [said] = [json.loads(e.body) for e in store.read_audit(0, 10)]
+        assert (said["verb"], said["failed_before_restart"], said["failed_events"]) == (
+            "resume_audit_log",
+            2,
+            0,
+        )
+        assert "database is locked" in said["failure"]
+
+
+async def test_a_resumption_in_the_same_run_says_what_earlier_runs_lost_too(
+    tmp_path: Path,
+) -> None:
+    path, note = tmp_path / "a.db", tmp_path / "audit-lost.json"
+    note.write_bytes(b'{"failed_events": 3, "failure": "disk full"}')
+    with (
+        SqliteStore(path, busy_timeout=0.1) as store,
+        AuditLog(store, window=0, lost_path=note) as log,
+    ):
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with anyio.fail_after(10), pytest.raises(StorageError):
+                await log.append({"n": 1})
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert json.loads(note.read_bytes())["failed_events"] == 4
+        await asyncio.sleep(ROOM_CHECK_S)
+        assert log.writable()
+        [resumed] = [json.loads(e.body) for e in store.read_audit(0, 10)]
+        assert (resumed["failed_events"], resumed["failed_before_restart"]) == (1, 3)
+        assert not note.exists()

@@ -40,13 +40,18 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeAlias, TypeVar
 
+import orjson
+
+from mcp_zero import fdio
 from mcp_zero.audit.chain import GENESIS, canonical
 from mcp_zero.errors import StorageError
 from mcp_zero.storage.base import AuditEntry, Store, StoreBusy
@@ -164,6 +169,7 @@ class AuditLog:
         *,
         window: float = DEFAULT_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
+        lost_path: Path | None = None,
     ) -> None:
         if window < 0:
             raise ValueError("window must be >= 0 seconds")
@@ -186,6 +192,11 @@ class AuditLog:
         # per loop whose batch waits for another writer's lock: done when it no longer does
         self._unblocked: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}
         self._gatherers: dict[asyncio.AbstractEventLoop, Gatherer] = {}
+        # Where a server notes how many of its events failed, until a record says so: the
+        # count outlives the process (a full db_max_mb is cleared only by a restart, and
+        # the next start recorded nothing of the calls that had acted: found by review)
+        self._lost_path = lost_path
+        self.lost_before = _read_lost(lost_path)  # failed in earlier runs, not yet recorded
 
     @property
     def head(self) -> AuditEntry | None:
@@ -434,16 +445,7 @@ class AuditLog:
         lock are not. An I/O error, a file system remounted read-only or a damaged newest
         record reopened the log within a second, over and over, and each call between ran
         its plugin and lost its record (found by review). None once durable; else why not."""
-        event = {
-            "agent": "admin",  # (the server's own doing, as its admin's: kernel.admin.ADMIN)
-            "anonymous": False,
-            "verb": "resume_audit_log",
-            "resource": "audit",
-            "transport": "server",
-            "outcome": "allowed",
-            "failed_events": self.stats.failed_events,
-            "failure": self.stats.last_failure,
-        }
+        event = self._resumption(self.stats.failed_events, self.stats.last_failure)
         pending = _Pending(event, concurrent.futures.Future(), None)
         failed = self.stats.failed_batches
         try:
@@ -462,7 +464,69 @@ class AuditLog:
             if self.stats.failed_batches != failed:  # a batch failed meanwhile: not yet
                 return self.stats.last_failure or "a batch failed meanwhile"
             self.stats.failing = False
+        self._recorded_lost()
         return None
+
+    def _resumption(self, failed: int, failure: str) -> dict[str, Any]:
+        """The record of the log taken up again after ``failed`` events failed in this
+        process (the last failure: ``failure``), and those of earlier runs noted."""
+        event: dict[str, Any] = {
+            "agent": "admin",  # (the server's own doing, as its admin's: kernel.admin.ADMIN)
+            "anonymous": False,
+            "verb": "resume_audit_log",
+            "resource": "audit",
+            "transport": "server",
+            "outcome": "allowed",
+            "failed_events": failed,
+            "failure": failure,
+        }
+        if self.lost_before:
+            event["failed_before_restart"] = self.lost_before
+        return event
+
+    def record_lost_before(self) -> bool:
+        """(A server, at its start.) If events of an earlier run failed and no record says
+        so yet, commit the record that says how many (``resume_audit_log`` with
+        ``failed_before_restart``) while the log can be written: True when one was."""
+        if not self.lost_before or self.stats.failing:
+            return False
+        noted = _read_lost_note(self._lost_path)
+        self.append_sync(self._resumption(0, str(noted.get("failure", ""))))
+        self._recorded_lost()
+        return True
+
+    def _recorded_lost(self) -> None:
+        """A record now says how many events failed: the note of them goes."""
+        self.lost_before = 0
+        if self._lost_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._lost_path.unlink()
+
+    def _note_lost(self, count: int) -> None:
+        """Add ``count`` failed events to the note that outlives the process (written
+        whole, then renamed over the last); a note that cannot be written is logged."""
+        path = self._lost_path
+        if path is None:
+            return
+        noted = _read_lost_note(path)
+        noted["failed_events"] = int(noted.get("failed_events", 0)) + count
+        noted["failure"] = self.stats.last_failure
+        fresh = path.with_name(path.name + ".tmp")
+        try:
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                fdio.write_all(fd, orjson.dumps(noted))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(fresh, path)
+        except OSError as exc:
+            log.warning(
+                "could not note in %s that %d audit event(s) failed (%s): only this log says so",
+                path,
+                noted["failed_events"],
+                exc,
+            )
 
     def check_room(self) -> bool:
         """Whether the store has room for a few batches; when it has not, the log fails
@@ -686,6 +750,16 @@ class AuditLog:
             self._fail(str(exc))  # until writable() finds room again
             self.stats.failed_batches += 1
             self.stats.failed_events += len(batch)
+            if any(pending.loop is not None for pending in batch):
+                self._note_lost(len(batch))
+                # (each, a server's: its calls had acted, and how many is evidence; only the
+                # first failure said why, and none how many: found by review. A command's
+                # own failure is its error line.)
+                log.error(
+                    "an audit batch of %d event(s) failed; %d since this server started",
+                    len(batch),
+                    self.stats.failed_events,
+                )
             _settle(batch, None, exc)
             return True
         self.stats.batches += 1
@@ -740,6 +814,23 @@ def _chained_from(head: AuditEntry | None) -> bytes:
 
 
 _GENESIS_BYTES = bytes.fromhex(GENESIS)
+
+
+def _read_lost_note(path: Path | None) -> dict[str, Any]:
+    """The note of failed events at ``path``: {} if there is none, or it cannot be read (a
+    note half written is never renamed into place)."""
+    if path is None:
+        return {}
+    try:
+        noted = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return noted if isinstance(noted, dict) else {}
+
+
+def _read_lost(path: Path | None) -> int:
+    count = _read_lost_note(path).get("failed_events", 0)
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
 
 
 def _release(waiter: asyncio.Future[None]) -> None:
