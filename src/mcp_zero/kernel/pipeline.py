@@ -339,8 +339,10 @@ def _recorded_reasons(reasons: Iterable[str], event: JSON) -> list[str]:
 def _audit_failing(audit: AuditLog) -> StorageError:
     """The refusal of a call whose record could not be kept: before its plugin acts."""
     why = audit.stats.last_failure or "a full disk, or its size limit"
+    # (a store found full or damaged at the start had no commit fail: found by review)
+    when = "its last commit failed" if audit.stats.failed_batches else "found before a commit"
     return StorageError(
-        f"the audit log cannot be written (its last commit failed: {why}); calls are "
+        f"the audit log cannot be written ({when}: {why}); calls are "
         "refused until it can be written again — retry",
         data={"failed_events": audit.stats.failed_events},
     )
