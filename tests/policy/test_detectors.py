@@ -840,3 +840,58 @@ def test_a_blob_that_is_not_utf8_is_read_as_text_only_under_a_text_media_type() 
     for media_type in ("application/octet-stream", "image/png", None):
         binary = {"blob": latin1, "mimeType": media_type}
         assert redact(binary, ["secret"]) == (binary, 0)
+
+
+KEYS_NAMING_CREDENTIALS = [
+    "Admin Password",
+    "db password",
+    "Client Secret",
+    "Access Token",
+    "session token",
+    "csrf token",
+    "SSH Passphrase",
+    "db/password",
+    "db:password",
+    "DB__PASSWORD",
+    "$password",
+    "@password",
+    "my api-key",
+    "Password ",
+    "password:",
+    "Auth Token",
+    "x" * 200 + "_password",
+]
+KEYS_NOT_NAMING_CREDENTIALS = [
+    "token_count",
+    "password_hint",
+    "password_policy",
+    "max_tokens",
+    "page_token",
+    "note",
+    "API Key",  # (a space inside the name: no credential's name to labelling either)
+]
+
+
+@pytest.mark.parametrize("key", KEYS_NAMING_CREDENTIALS + KEYS_NOT_NAMING_CREDENTIALS)
+@pytest.mark.parametrize("value", ["Tr0ub4dor3xyz9", 48151623, "hunter22"])
+def test_a_value_is_redacted_under_its_key_exactly_when_it_is_labelled_so(
+    key: str, value: object
+) -> None:
+    # "Client Secret", "db:password", "DB__PASSWORD"… labelled the same key and value secret
+    # in arguments, and left it in clear in a result's structuredContent (found by a bug hunt)
+    labelled = label_value({key: value}) == {"secret"}
+    assert labelled == (key in KEYS_NAMING_CREDENTIALS)
+    redacted, count = redact({key: value}, ["secret"])
+    assert redacted == ({key: "[redacted:secret]"} if labelled else {key: value})
+    assert count == labelled
+    # and in a tool's result, its text copy with it
+    result = tool_result({key: value, "n": 5})
+    redacted, count = redact(result, ["secret"])
+    assert (str(value) in orjson.dumps(redacted).decode()) == (not labelled)
+    assert orjson.loads(redacted["content"][0]["text"]) == redacted["structuredContent"]
+
+
+def test_a_list_under_a_key_naming_a_credential_is_redacted_whole() -> None:
+    value = {"Client Secret": ["s3cr3t-one", "s3cr3t-two"], "Auth": {"type": "oauth2"}}
+    assert label_value(value) == {"secret"}
+    assert redact(value, ["secret"]) == ({**value, "Client Secret": "[redacted:secret]"}, 1)

@@ -534,23 +534,60 @@ _SECRET_MARKER = f"[redacted:{SECRET}]"
 
 def _credential_value(key: Any, item: Any) -> bool:
     """Whether ``item`` is the value of a credential given by name: ``"password": "…"``,
-    or a list or object under such a name (``"password": ["…"]``) whole."""
-    if isinstance(item, bool) or not isinstance(key, str) or len(key) > 128:
+    or a list or object under such a name (``"password": ["…"]``) whole. A name is one
+    when labelling finds it one in ``key=value`` (``Admin Password``, ``db/password``,
+    ``$password``), or when all of ``key`` is one."""
+    if isinstance(item, bool) or not isinstance(key, str):
         return False
     if isinstance(item, str):
-        text = item.strip()
+        raw = item
     elif isinstance(item, (int, float)):
-        text = str(item)
+        raw = str(item)
     elif isinstance(item, (list, dict)):
-        return bool(item) and CREDENTIAL_KEY.fullmatch(key) is not None
+        # (a name whose value is a credential whatever it looks like: not ``auth``)
+        return bool(item) and (
+            (len(key) <= 128 and CREDENTIAL_KEY.fullmatch(key) is not None)
+            or _named_credential(key, "value", _NAMES)
+        )
     else:
         return False
+    text = raw.strip()
     if len(text) < 3 or text.lower() in ("null", "true", "false", "none"):
         return False
-    if CREDENTIAL_KEY.fullmatch(key) is not None:
-        # (``{"PWD": "/home/me"}``: a working directory)
-        return not (key[-3:].lower() == "pwd" and _DIRECTORY.match(text))
-    return _AUTH_KEY.fullmatch(key) is not None and _AUTH_VALUE.fullmatch(text) is not None
+    if len(key) <= 128:  # (the patterns of a whole key backtrack: keys past it are read below)
+        if CREDENTIAL_KEY.fullmatch(key) is not None:
+            # (``{"PWD": "/home/me"}``: a working directory)
+            return not (key[-3:].lower() == "pwd" and _DIRECTORY.match(text))
+        if _AUTH_KEY.fullmatch(key) is not None and _AUTH_VALUE.fullmatch(text) is not None:
+            return True
+    # What a policy saw labelled secret in arguments (``label_value`` reads ``key=value``)
+    # is redacted in a result: a key named otherwise than the patterns of a whole key
+    # allow (``Client Secret``, ``DB__PASSWORD``, ``db:password``) kept its value in
+    # clear (found by a bug hunt).
+    return _named_credential(key, raw, _NAMES + _TOKEN_NAMES)
+
+
+# The detectors of a credential given by name, whose name an object's key may be.
+_NAMES = tuple(d for d in DETECTORS if d.name == "credential_assignment")
+_TOKEN_NAMES = tuple(d for d in DETECTORS if d.name == "credential_token_assignment")
+# How much of a value is read after its key: the detectors decide on its first characters.
+_VALUE_READ = 1024
+
+
+def _named_credential(key: str, value: str, detectors: tuple[Detector, ...]) -> bool:
+    """Whether ``detectors`` find a credential given by name in ``key=value``, the name in
+    ``key`` and its value past it."""
+    lowered = key.lower()
+    text = f"{key}={value[:_VALUE_READ]}"
+    for detector in detectors:
+        if not any(hint in lowered for hint in detector.hints):  # (each key of a result)
+            continue
+        for match in detector.pattern.finditer(text):
+            if match.start() >= len(key):
+                break
+            if match.end() > len(key):
+                return True
+    return False
 
 
 def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[Any, int]:
