@@ -895,3 +895,61 @@ def test_a_list_under_a_key_naming_a_credential_is_redacted_whole() -> None:
     value = {"Client Secret": ["s3cr3t-one", "s3cr3t-two"], "Auth": {"type": "oauth2"}}
     assert label_value(value) == {"secret"}
     assert redact(value, ["secret"]) == ({**value, "Client Secret": "[redacted:secret]"}, 1)
+
+
+@pytest.mark.parametrize(
+    "structured",
+    [
+        {"Admin Password": "\nhunter22", "n": 5},
+        {"Client Secret": "ab horse battery"},
+        {"cfg": [{"root password": 'p"ss w\u00f6rd'}], "note": 'p"ss w\u00f6rd it was'},
+    ],
+    ids=["after a newline", "with spaces", "escaped in the text"],
+)
+def test_what_the_text_copy_finds_is_redacted_in_the_structured_content(
+    structured: dict[str, Any],
+) -> None:
+    # The text found a credential the walk of structuredContent did not, and was replaced
+    # by the JSON of the structuredContent as it was: both went out in clear, counted as
+    # redacted (found by a bug hunt)
+    for result in (
+        tool_result(structured),
+        {
+            "content": [{"type": "text", "text": json.dumps(structured, indent=2)}],
+            "structuredContent": structured,
+        },
+    ):
+        redacted, count = redact(result, ["secret"])
+        assert count >= 2
+        shown = orjson.dumps(redacted).decode()
+        for leaked in ("hunter22", "horse", "w\u00f6rd", "w\\u00f6rd"):
+            assert leaked not in shown
+        assert orjson.loads(redacted["content"][0]["text"]) == redacted["structuredContent"]
+
+
+def test_a_text_copy_whose_finding_is_in_a_key_keeps_its_own_redaction() -> None:
+    # (keys are kept as they are: the text then says less than its structuredContent)
+    result = tool_result({"password=hunter22": 1})
+    redacted, count = redact(result, ["secret"])
+    assert count == 1
+    assert redacted["content"][0]["text"] == '{"password=[redacted:secret]":1}'
+    assert redacted["structuredContent"] == {"password=hunter22": 1}
+
+
+def test_a_text_copy_finding_only_json_around_values_stays_the_json() -> None:
+    # ("token":10} reads as a credential 10} in the text: the copy stays JSON)
+    for structured in ({"token": 10}, {"password": []}):
+        redacted, _ = redact(tool_result(structured), ["secret"])
+        assert redacted["content"][0]["text"] == orjson.dumps(structured).decode()
+        assert redacted["structuredContent"] == structured
+
+
+def test_many_findings_left_by_the_walk_are_redacted_equal_or_the_text_keeps_its_own() -> None:
+    # (each looked for in every string: their number is bounded, past it one is looked for
+    # as a whole string only, and the copy keeps its own redaction)
+    structured = {f"{i} Admin Password": f"\nhunter{i:04d}" for i in range(100)}
+    structured["note"] = "x password=hunter0042"
+    redacted, count = redact(tool_result(structured), ["secret"])
+    shown = orjson.dumps(redacted).decode()
+    assert "hunter" not in shown
+    assert count == 2 * 101

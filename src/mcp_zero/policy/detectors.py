@@ -482,7 +482,9 @@ def _redact_tool_result(
     """A tool's result redacted, with each text of its ``content`` that is the JSON of its
     ``structuredContent`` (a tool returning a dict has one) made the JSON of the redacted
     ``structuredContent``, its matches counted again: redacted as a text of its own, a
-    number there would become ``[redacted:pii]``, which is no JSON."""
+    number there would become ``[redacted:pii]``, which is no JSON. What the text's own
+    redaction finds is redacted in the ``structuredContent``'s strings too; a text whose
+    findings are left there (in a key) keeps its own redaction."""
     structured = result["structuredContent"]
     content = result.get("content")
     if not isinstance(content, list):
@@ -496,24 +498,123 @@ def _redact_tool_result(
     }
     out, total = _redact(rest, detectors, keys)
     new_structured, found = _redact(structured, detectors, keys)
-    total += found
+    # The copy's own text is read as well: it may hold what its structuredContent does
+    # not (a duplicate key, which the parse that found it a copy kept the last of: found
+    # by review), or what the walk of structuredContent missed. That was replaced by the
+    # JSON of the structuredContent as it was, found secret and all (found by a bug hunt):
+    # what the detectors find in the JSON of the redacted structuredContent (what the walk
+    # left) is redacted wherever its strings hold it, and the text becomes its JSON only
+    # when none of it is left there (in a key).
+    own: dict[int, tuple[str, int]] = {}
+    if not found:  # (else the copy becomes the JSON below, unless something is left)
+        own = {
+            i: _redact_text(block["text"], detectors)
+            for i, block in _mirror_blocks(content, mirrors)
+        }
+    left = False
     mirror = orjson.dumps(new_structured).decode()
+    if found or any(count for _, count in own.values()):
+        findings: list[str] = []
+        _redact_text(mirror, detectors, findings)
+        if findings:
+            new_structured, more, left = _redact_found(new_structured, _found_strings(findings))
+            if more:
+                found += more
+                mirror = orjson.dumps(new_structured).decode()
+    if left and len(own) < sum(mirrors):
+        own = {
+            i: _redact_text(block["text"], detectors)
+            for i, block in _mirror_blocks(content, mirrors)
+        }
+    total += found
     blocks = list(content)
     for i, block in enumerate(content):
         if not mirrors[i]:
             blocks[i], count = _redact(block, detectors, keys)
         else:
-            # The copy's own text is read as well: it may hold what its structuredContent
-            # does not (a duplicate key, which the parse that found it a copy kept the last
-            # of: found by review). Anything found in either: it becomes the redacted
-            # structuredContent's JSON, which is what it copies.
-            count = found or _redact(block, detectors, keys)[1]
-            if count:
+            text, count = own.get(i, ("", 0))
+            if left:
+                if count:
+                    blocks[i] = {**block, "text": text}
+            elif found or count:
                 blocks[i] = {**block, "text": mirror}
+                count = found or count
         total += count
     if not total:
         return result, 0
     return {**result, **out, "content": blocks, "structuredContent": new_structured}, total
+
+
+def _mirror_blocks(content: list[Any], mirrors: list[bool]) -> Iterator[tuple[int, Any]]:
+    return ((i, block) for i, block in enumerate(content) if mirrors[i])
+
+
+def _found_strings(findings: list[str]) -> frozenset[str]:
+    """What the redaction of a JSON text took, as the strings of the value it is the JSON of
+    hold it (``p\\"ss`` is ``p"ss``)."""
+    found = set(findings)
+    for finding in findings:
+        if "\\" in finding:
+            try:
+                unescaped = orjson.loads(f'"{finding}"')
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(unescaped, str):
+                found.add(unescaped)
+    found.discard("")
+    return frozenset(found)
+
+
+# How many of what the walk left are looked for inside each string (each is a pass over
+# it): past it, a string equal to one is redacted, and the text keeps its own redaction.
+_FOUND_SEARCHED = 32
+
+
+def _redact_found(value: Any, found: frozenset[str]) -> tuple[Any, int, bool]:
+    """``value`` with each of ``found`` in its strings replaced by the secret marker, how
+    many were, and whether one may be left (in an object key, which is kept as it is)."""
+    searched = sorted(found, key=len, reverse=True)[:_FOUND_SEARCHED]
+    out, count, left = _replace_found(value, found, searched)
+    return out, count, left or len(found) > _FOUND_SEARCHED
+
+
+def _replace_found(value: Any, found: frozenset[str], searched: list[str]) -> tuple[Any, int, bool]:
+    if isinstance(value, str):
+        if value in found:
+            return _SECRET_MARKER, 1, False
+        count = 0
+        for finding in searched:
+            if finding in value:
+                count += value.count(finding)
+                value = value.replace(finding, _SECRET_MARKER)
+        return value, count, False
+    if isinstance(value, dict):
+        total, left = 0, False
+        out: dict[Any, Any] | None = None
+        for key, item in value.items():
+            if isinstance(key, str) and any(finding in key for finding in searched):
+                left = True
+            new, count, in_key = _replace_found(item, found, searched)
+            left = left or in_key
+            if count:
+                if out is None:
+                    out = dict(value)
+                out[key] = new
+                total += count
+        return (value if out is None else out), total, left
+    if isinstance(value, list):
+        total, left = 0, False
+        items: list[Any] | None = None
+        for i, item in enumerate(value):
+            new, count, in_key = _replace_found(item, found, searched)
+            left = left or in_key
+            if count:
+                if items is None:
+                    items = list(value)
+                items[i] = new
+                total += count
+        return (value if items is None else items), total, left
+    return value, 0, False
 
 
 def _mirrors(block: Any, structured: dict[str, Any]) -> bool:
@@ -718,7 +819,10 @@ def _named_value(pair: dict[Any, Any]) -> str | None:
     return None
 
 
-def _redact_text(text: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
+def _redact_text(
+    text: str, detectors: tuple[Detector, ...], findings: list[str] | None = None
+) -> tuple[str, int]:
+    """``text`` redacted, and how many matches were; what each took added to ``findings``."""
     total = 0
     lowered: str | None = None
     for detector in detectors:
@@ -739,6 +843,8 @@ def _redact_text(text: str, detectors: tuple[Detector, ...]) -> tuple[str, int]:
         parts: list[str] = []
         end = 0
         for begin, stop in _spans(detector, text):
+            if findings is not None:
+                findings.append(text[begin:stop])
             parts.append(text[end:begin])
             parts.append(marker)
             end = stop
