@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import time
 from collections.abc import Callable
@@ -953,3 +954,42 @@ def test_many_findings_left_by_the_walk_are_redacted_equal_or_the_text_keeps_its
     shown = orjson.dumps(redacted).decode()
     assert "hunter" not in shown
     assert count == 2 * 101
+
+
+@pytest.mark.parametrize(
+    ("data", "media_type"),
+    [
+        (ENV.encode("utf-16"), "text/plain"),  # (a byte order mark, the machine's order)
+        (codecs.BOM_UTF16_BE + ENV.encode("utf-16-be"), None),
+        (ENV.encode("utf-16-le"), "text/plain; charset=utf-16"),
+        (ENV.encode("utf-16-be"), "text/plain; charset=UTF-16"),
+        (ENV.encode("utf-16-le"), "text/plain;charset=utf-16le"),
+        (ENV.encode("utf-32"), "text/plain"),
+        (ENV.encode("shift_jis"), 'text/plain; charset="Shift_JIS"'),
+    ],
+    ids=[
+        "utf-16 bom",
+        "utf-16-be bom",
+        "charset le",
+        "charset be",
+        "charset utf-16le",
+        "utf-32 bom",
+        "shift_jis",
+    ],
+)
+def test_a_blob_of_text_in_another_encoding_is_redacted_in_it(
+    data: bytes, media_type: str | None
+) -> None:
+    # A UTF-16 text/plain blob was read as UTF-8 and went out in clear (found by a bug hunt)
+    contents = {"uri": "file:///app/.env", "blob": base64.b64encode(data).decode()}
+    if media_type is not None:
+        contents["mimeType"] = media_type
+    redacted, count = redact({"contents": [contents]}, ("secret", "pii"))
+    assert count == 2
+    out = base64.b64decode(redacted["contents"][0]["blob"])
+    expected = ENV.replace("hunter2hunter2", "[redacted:secret]").replace(
+        "bob@example.com", "[redacted:pii]"
+    )
+    assert out[:4] == data[:4]  # (its mark and byte order kept)
+    assert out.replace(b"\0", b"").endswith(expected.encode()[-20:])
+    assert b"hunter2" not in out.replace(b"\0", b"")

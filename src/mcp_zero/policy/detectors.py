@@ -23,6 +23,7 @@ with :func:`redact`.
 from __future__ import annotations
 
 import base64
+import codecs
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -776,6 +777,19 @@ def _redact_blob(blob: str, media_type: Any, detectors: tuple[Detector, ...]) ->
     data = _blob_bytes(blob)
     if data is None:  # no base64: a string as any other (under a key "blob" in a result)
         return _redact_text(blob, detectors)
+    # A byte order mark, or a charset the media type names, says how its text is encoded: a
+    # UTF-16 text read as UTF-8 went out in clear (found by a bug hunt)
+    bom, encoding = _blob_encoding(data, media_type)
+    if encoding is not None:
+        try:
+            text = data[len(bom) :].decode(encoding)
+            redacted, count = _redact_text(text, detectors)
+            if not count:
+                return blob, 0
+            encoded = bom + redacted.encode(encoding)
+            return base64.b64encode(encoded).decode(), count
+        except (UnicodeError, LookupError):
+            pass  # (not that encoding after all: read as UTF-8, below)
     try:
         text = data.decode()
     except UnicodeDecodeError:
@@ -789,6 +803,38 @@ def _redact_blob(blob: str, media_type: Any, detectors: tuple[Detector, ...]) ->
     if not count:
         return blob, 0
     return base64.b64encode(redacted.encode(errors="surrogateescape")).decode(), count
+
+
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),  # (before UTF-16's, which starts it)
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_CHARSET = re.compile(r";\s*charset\s*=\s*\"?([A-Za-z0-9_.:-]{1,40})", re.IGNORECASE)
+
+
+def _blob_encoding(data: bytes, media_type: Any) -> tuple[bytes, str | None]:
+    """The byte order mark ``data`` starts with (kept as it is) and the encoding of what
+    follows it, or None for UTF-8's (the default): a UTF-16 or UTF-32 one the mark names, or
+    the charset of a text ``media_type`` (``text/plain; charset=utf-16``)."""
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        for bom, encoding in _BOMS:
+            if data.startswith(bom):
+                return bom, encoding
+    if isinstance(media_type, str) and _TEXT_MEDIA_TYPE.match(media_type):
+        charset = _CHARSET.search(media_type)
+        if charset is not None:
+            name = charset.group(1).lower().replace("_", "-")
+            if name in ("utf-16", "utf16", "utf-32", "utf32"):
+                # without a mark, in the byte order its zero bytes say (ASCII's high bytes):
+                # Python's codec would read the machine's, and write a mark back
+                width = 4 if "32" in name else 2
+                big = data[0::width].count(0) >= data[width - 1 :: width].count(0)
+                return b"", f"utf-{width * 8}-{'be' if big else 'le'}"
+            if name not in ("utf-8", "utf8"):
+                return b"", name
+    return b"", None
 
 
 def _blob_bytes(blob: str) -> bytes | None:
