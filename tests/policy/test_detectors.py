@@ -527,6 +527,15 @@ URL_PASSWORDS = {
         '{"dsn": "postgres:\\/\\/app:S3cretPw@db:5432\\/x"}',
         '{"dsn": "postgres:\\/\\/app:[redacted:secret]@db:5432\\/x"}',
     ),
+    # (a host of another script was not read as one: found by a bug hunt)
+    "a host with an accent": (
+        "https://deploy:Sup3rS3cret!@\u00e9xample.de/",
+        "https://deploy:[redacted:secret]@\u00e9xample.de/",
+    ),
+    "a host in chinese": (
+        "ftp://u:pw123@\u4f8b\u5b50.\u4e2d\u56fd/x",
+        "ftp://u:[redacted:secret]@\u4f8b\u5b50.\u4e2d\u56fd/x",
+    ),
     "slashes escaped, a host with a dot": (
         "mysql:\\/\\/root:s3cret@db.example.com\\/app",
         "mysql:\\/\\/root:[redacted:secret]@db.example.com\\/app",
@@ -549,6 +558,9 @@ def test_a_urls_password_is_a_secret_and_only_it_is_redacted(text: str, redacted
         "https://[::1]:8443/x y",
         "ssh://git@github.com/org/repo.git",  # a login without a password
         "see https://example.com/a:b@c",
+        "https://u:p@-x",  # (no host starts so)
+        "https://u:p@.x",
+        "https://u:p@ x",
     ],
 )
 def test_a_url_without_a_password_is_not_a_secret(text: str) -> None:

@@ -215,7 +215,9 @@ def _url_password(separator: str) -> re.Pattern[str]:
     start = re.escape(separator)
     return re.compile(
         rf"{start}(?<=[A-Za-z0-9+.-]{start})[^\s:/@?#\"'\\]{{0,256}}+:"
-        r"(?P<value>(?!\[redacted:)[^\s/?#\"'\\]{1,256})@(?=[A-Za-z0-9\[_])"
+        # a host of any script (``éxample.de``, ``例子.中国``: found by a bug hunt), or
+        # ``[::1]``; not one that starts as none does (``@.``, ``@-``, ``@:``)
+        r"(?P<value>(?!\[redacted:)[^\s/?#\"'\\]{1,256})@(?=[^\s/?#@:.\"'\\-])"
     )
 
 
