@@ -1005,3 +1005,27 @@ def test_a_blob_of_text_in_another_encoding_is_redacted_in_it(
     assert out[:4] == data[:4]  # (its mark and byte order kept)
     assert out.replace(b"\0", b"").endswith(expected.encode()[-20:])
     assert b"hunter2" not in out.replace(b"\0", b"")
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        {"Key": "DB_PASSWORD", "Value": "hunter22"},  # AWS tags
+        {"key": "api_key", "value": "abc123xyz"},  # Consul, etcd
+        {"label": "password", "value": "Tr0ub4dor&3", "type": "CONCEALED"},  # 1Password
+    ],
+    ids=["aws tag", "key-value", "1password field"],
+)
+def test_name_value_pairs_named_by_key_or_label_are_labelled_and_redacted(
+    pair: dict[str, str],
+) -> None:
+    # (only name/Name were read as a pair's name: found by a bug hunt)
+    value_key = "Value" if "Value" in pair else "value"
+    assert label_value({"items": [pair]}) == {"secret"}
+    assert redact({"items": [pair]}, ["secret"]) == (
+        {"items": [{**pair, value_key: "[redacted:secret]"}]},
+        1,
+    )
+    ordinary = {"Key": "env", "Value": "production-eu"}
+    assert label_value(ordinary) == set()
+    assert redact(ordinary, ["secret"]) == (ordinary, 0)

@@ -7,9 +7,9 @@ Two labels, each a handful of precompiled patterns:
   ``Bearer``/``Basic`` credentials, a URL's password) and a value given to a credential's
   name (``password``, ``pwd``, ``*_PASS``, ``passphrase``, ``secret``, ``api_key``,
   ``private_key``, ``token``…, after a separator or as a camelCase word: ``token=…``,
-  ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``; ``auth``,
-  ``authorization`` and ``credentials`` when their value looks like a token), but not a
-  pagination cursor (``page_token``, ``nextToken``…);
+  ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``, ``{"Key": …,
+  "Value": …}``; ``auth``, ``authorization`` and ``credentials`` when their value looks
+  like a token), but not a pagination cursor (``page_token``, ``nextToken``…);
 - ``pii``: e-mail addresses, in any script (not ``git@host:path`` nor a URL's login),
   payment card numbers (13 to 19 digits, spaces or dashes between them allowed, starting as
   card numbers do and passing the Luhn check) and US social security numbers (valid ones,
@@ -446,7 +446,7 @@ def _texts(value: Any, parts: list[str]) -> None:
     elif isinstance(value, dict):
         named = _named_value(value)
         if named is not None:  # {"name": "DB_PASSWORD", "value": "…"} reads as DB_PASSWORD=…
-            parts.append(f"{value.get('name', value.get('Name'))}={value[named]}")
+            parts.append(f"{named[0]}={value[named[1]]}")
         for key, item in value.items():
             if isinstance(item, str) or (
                 isinstance(item, (int, float)) and not isinstance(item, bool)
@@ -702,7 +702,7 @@ def _redact(value: Any, detectors: tuple[Detector, ...], keys: bool) -> tuple[An
         out: dict[Any, Any] | None = None
         named = _named_value(value) if keys else None  # {"name": "DB_PASSWORD", "value": …}
         for key, item in value.items():
-            if (keys and _credential_value(key, item)) or (named is not None and key == named):
+            if (keys and _credential_value(key, item)) or (named is not None and key == named[1]):
                 new, count = _SECRET_MARKER, 1
             elif key == "blob" and isinstance(item, str):  # MCP's base64 resource contents
                 new, count = _redact_blob(item, value.get("mimeType"), detectors)
@@ -855,15 +855,23 @@ def _blob_bytes(blob: str) -> bytes | None:
         return None
 
 
-def _named_value(pair: dict[Any, Any]) -> str | None:
-    """The key of a name/value pair's value when the name is a credential's (environment
-    lists: ``{"name": "DB_PASSWORD", "value": "…"}``), else None."""
-    name = pair.get("name", pair.get("Name"))
-    if not isinstance(name, str):
-        return None
-    for key in ("value", "Value"):
-        if key in pair and _credential_value(name, pair[key]):
-            return key
+# The keys of a name/value pair: an environment list's (``name``), AWS tags' and Consul's
+# (``Key``), 1Password fields' (``label``): only the first two were read (found by a bug
+# hunt).
+_PAIR_NAMES = ("name", "Name", "Key", "key", "label")
+_PAIR_VALUES = ("value", "Value")
+
+
+def _named_value(pair: dict[Any, Any]) -> tuple[str, str] | None:
+    """The name and the key of the value of a name/value pair whose name is a credential's
+    (``{"name": "DB_PASSWORD", "value": "…"}``, ``{"Key": "DB_PASSWORD", "Value": "…"}``),
+    else None."""
+    for name_key in _PAIR_NAMES:
+        name = pair.get(name_key)
+        if isinstance(name, str):
+            for key in _PAIR_VALUES:
+                if key in pair and _credential_value(name, pair[key]):
+                    return name, key
     return None
 
 
