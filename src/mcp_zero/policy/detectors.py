@@ -591,32 +591,26 @@ def _replace_found(value: Any, found: frozenset[str], searched: list[str]) -> tu
                 count += value.count(finding)
                 value = value.replace(finding, _SECRET_MARKER)
         return value, count, False
-    if isinstance(value, dict):
+    if isinstance(value, dict | list):
+        # (an object's and an array's members alike, copied at the first one changed; an
+        # object's keys are kept as they are, so one holding a finding is left)
+        is_dict = isinstance(value, dict)
+        members: Iterable[tuple[Any, Any]] = (
+            value.items() if isinstance(value, dict) else enumerate(value)
+        )
         total, left = 0, False
-        out: dict[Any, Any] | None = None
-        for key, item in value.items():
-            if isinstance(key, str) and any(finding in key for finding in searched):
+        out: Any = None
+        for key, item in members:
+            if is_dict and isinstance(key, str) and any(finding in key for finding in searched):
                 left = True
-            new, count, in_key = _replace_found(item, found, searched)
-            left = left or in_key
+            new, count, in_item = _replace_found(item, found, searched)
+            left = left or in_item
             if count:
                 if out is None:
-                    out = dict(value)
+                    out = dict(value) if is_dict else list(value)
                 out[key] = new
                 total += count
         return (value if out is None else out), total, left
-    if isinstance(value, list):
-        total, left = 0, False
-        items: list[Any] | None = None
-        for i, item in enumerate(value):
-            new, count, in_key = _replace_found(item, found, searched)
-            left = left or in_key
-            if count:
-                if items is None:
-                    items = list(value)
-                items[i] = new
-                total += count
-        return (value if items is None else items), total, left
     return value, 0, False
 
 
