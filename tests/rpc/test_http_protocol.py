@@ -453,6 +453,24 @@ async def test_a_2025_06_18_stream_has_no_priming_event_and_is_not_closed_early(
     assert events[-1].message["result"]["content"][0]["text"] == "finished after the close"
 
 
+async def test_a_post_without_a_session_is_not_closed_before_its_response(env: Env) -> None:
+    # A POST without Mcp-Session-Id cannot be resumed (GET needs a session): a tool that
+    # closes its stream (SEP-1699) left such a client with the priming event and no answer,
+    # though the call ran and was audited (found by review)
+    client = env.live.client(env.token)
+    async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            closing = await http.post(
+                env.live.url,
+                content=call_message("e1", "faulty_close_then_finish", {}, token="e"),
+                headers=client.headers(),
+            )
+    assert "mcp-session-id" not in closing.headers
+    events = [e for e in parse_sse_text(closing.text) if e.data]
+    assert events[-1].message["id"] == "e1"
+    assert events[-1].message["result"]["content"][0]["text"] == "finished after the close"
+
+
 async def test_resuming_an_unknown_stream_is_404(env: Env) -> None:
     client = await session(env)
     async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:

@@ -369,8 +369,9 @@ class PostChannel:
         """End the client's connection now (SSE first, so there is an event id to resume
         from); what the call sends later is kept for the client's GET with Last-Event-ID.
         Before MCP 2025-11-25 the stream stays: a server "SHOULD NOT close the SSE stream
-        before sending the JSON-RPC response", and those clients do not resume."""
-        if self.session.protocol_version < PRIMED_FROM:
+        before sending the JSON-RPC response", and those clients do not resume. Nor does a
+        POST without a session: a resume (GET) names its session, and it has none."""
+        if self.session.protocol_version < PRIMED_FROM or not session_header(self.session):
             return
         stream = self.stream or await self._open()
         await stream.detach()
