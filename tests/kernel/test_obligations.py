@@ -440,7 +440,7 @@ async def test_a_read_and_a_subscription_are_decided_with_the_labels_of_their_ur
         assert "hunter22" not in kept, kept
         assert "[redacted:secret]" in record["resource"]
         with pytest.raises(PolicyDenied):  # nor is it told of the resource's changes
-            kernel.check_resource(alice, uri)
+            kernel.check_resource(alice, uri, transport="test")
     with anyio.fail_after(TIMEOUT_S):
         [refused] = await kernel.subscribe(
             alice,

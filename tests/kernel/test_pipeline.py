@@ -607,7 +607,7 @@ async def test_a_forbid_on_a_template_holds_for_every_uri_it_serves(
         )
     assert isinstance(refused, PolicyDenied)
     with pytest.raises(PolicyDenied):
-        kernel.check_resource(kim, uri)
+        kernel.check_resource(kim, uri, transport="t")
     for rid, ref in (("tpl3", uri), ("tpl4", "test://template/{id}/data")):
         with pytest.raises(PolicyDenied), anyio.fail_after(TIMEOUT_S):
             await kernel.complete(

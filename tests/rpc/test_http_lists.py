@@ -364,6 +364,38 @@ async def test_a_plugin_tells_subscribers_of_a_change_after_its_call_returned(en
     }
 
 
+async def test_an_update_is_decided_for_the_transport_its_subscriber_reads_over(
+    env: Env,
+) -> None:
+    # As it was sent, an update was decided with no transport ("unknown"): a policy that
+    # forbids reads over HTTP let the HTTP subscribers hear of every change still, and one
+    # that permits them only over a transport told its subscribers of none (found by a hunt)
+    cut = await agent_session(env, "cut-off-http", ["faulty"])
+    keeps = await agent_session(env, "reads-on-http", ["faulty"])
+    rules = env.live.runtime.settings.policy_dir / "no-http-reads.cedar"
+    try:
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            async with listening(env, cut) as heard, listening(env, keeps) as other_heard:
+                rules.write_text(
+                    '@id("no-http-reads")\nforbid (principal == Agent::"cut-off-http", '
+                    'action == Action::"read_resource", resource) '
+                    'when { context.transport == "http" };\n'
+                )
+                env.live.runtime.policy.reload()
+                read = await cut.request("resources/read", {"uri": "faulty://counter"})
+                assert error_of(read)["data"]["policies"] == ["no-http-reads"]
+                await bump(keeps)
+                assert await next_method(other_heard) == "notifications/resources/updated"
+                told: list[str] = []
+                with anyio.move_on_after(0.5):  # (the update went to both in one turn)
+                    async for event in heard:
+                        told.append(event.message["method"])
+        assert "notifications/resources/updated" not in told
+    finally:
+        rules.unlink()
+        env.live.runtime.policy.reload()
+
+
 async def test_terminating_an_agent_ends_its_sessions_and_their_streams(env: Env) -> None:
     doomed = await agent_session(env, "terminated-one", ["faulty"])
     bystander = await agent_session(env, "onlooker", ["faulty"])

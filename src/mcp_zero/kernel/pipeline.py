@@ -779,15 +779,16 @@ class Kernel:
             await uncancellable(asyncio.gather(*pending))
         return verdicts
 
-    def check_resource(self, principal: Principal, uri: str) -> None:
-        """Raise unless ``uri`` exists and the principal may read it (for subscriptions)."""
+    def check_resource(self, principal: Principal, uri: str, *, transport: str) -> None:
+        """Raise unless ``uri`` exists and the principal may read it over ``transport`` (for
+        subscriptions: decided as the subscribe and a read are, with their transport)."""
         uri = normal_uri(uri)
         plugin = self.plugins.resource_owner(uri)
         if plugin is None:
             raise ResourceNotFound(
                 f"no installed plugin serves resource {uri!r}", data={"uri": uri}
             )
-        action = Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, {})
+        action = Action(principal, Verb.READ_RESOURCE, uri, plugin, {}, {"transport": transport})
         decision = self._decision(action, {})
         if not decision.allowed:
             raise PolicyDenied(decision.message, data=decision.to_data())

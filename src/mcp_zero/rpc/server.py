@@ -817,7 +817,8 @@ class McpServer:
 
     def _may_watch(self, principal: Principal, uri: str) -> bool:
         try:
-            self.kernel.check_resource(principal, uri)
+            # (as the subscribe was decided: a policy may name the transport)
+            self.kernel.check_resource(principal, uri, transport=self.transport)
         except McpZeroError:
             return False
         return True
