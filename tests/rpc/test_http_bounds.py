@@ -404,6 +404,58 @@ async def test_an_open_listen_keeps_nothing_of_its_request(env: Env) -> None:
     assert held < count * 200 * 1024, f"{count} listens hold {held} bytes"
 
 
+async def test_listens_decided_together_stay_within_the_servers_limit(tmp_path: Path) -> None:
+    # The server-wide count was taken before a listen's records were committed and its
+    # stream added after: listens of several agents sent together all passed it (found by
+    # a hunt: four streams open at a limit of three).
+    settings: dict[str, Any] = {"max_sessions": 3, "max_sessions_per_agent": 2, "rate_limit": 0}
+    async with served_agent(tmp_path / "data", "one", [CONFORMANCE_DIR], **settings) as env:
+        other = await env.live.runtime.agents.spawn("two", ["conformance"])
+        server = env.live.app.server
+        kernel = server.kernel
+        decide = kernel.subscribe
+        gate = asyncio.Event()
+        deciding = 0
+
+        async def held_subscribe(*args: Any, **kwargs: Any) -> list[Any]:
+            nonlocal deciding
+            deciding += 1
+            await gate.wait()  # (their records all wait, as under a slow commit)
+            return await decide(*args, **kwargs)
+
+        kernel.subscribe = held_subscribe  # type: ignore[method-assign]
+
+        async def listen(token: str, rid: int) -> tuple[int, str]:
+            async with httpx2.AsyncClient(verify=False, timeout=CALL_TIMEOUT_S) as http:
+                headers = {**listen_headers(env), "Authorization": f"Bearer {token}"}
+                body = orjson.dumps(listen_body([uri(rid)], rid))
+                async with http.stream("POST", env.live.url, content=body, headers=headers) as r:
+                    kind = r.headers["content-type"].split(";")[0]
+                    if kind == "application/json":
+                        await r.aread()
+                        return r.status_code, r.text
+                    async for line in r.aiter_lines():  # its acknowledgement, then it ends
+                        if "subscriptions/acknowledged" in line:
+                            return r.status_code, "acknowledged"
+                    return r.status_code, "ended"
+
+        tokens = [env.token, other.token, env.token, other.token]
+        calls = [asyncio.create_task(listen(t, n)) for n, t in enumerate(tokens)]
+        with anyio.fail_after(CALL_TIMEOUT_S):
+            while deciding + sum(c.done() for c in calls) < len(calls):
+                await asyncio.sleep(0.01)
+            gate.set()
+            answers = await asyncio.gather(*calls)
+    acknowledged = [a for a in answers if a[1] == "acknowledged"]
+    refused = [a for a in answers if a[1] != "acknowledged"]
+    assert len(acknowledged) == 3, answers
+    assert len(refused) == 1, answers
+    error = error_of(orjson.loads(refused[0][1]))
+    assert error["data"]["code"] == "quota_exceeded"
+    assert "3 open subscriptions/listen streams" in error["message"]
+    assert deciding == 3  # (the fourth was refused before its records were made)
+
+
 async def test_dropped_sessions_are_logged_once_a_while_with_a_count(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

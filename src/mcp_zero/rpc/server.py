@@ -292,6 +292,7 @@ class McpServer:
         self.stateless_calls: dict[asyncio.Task[Any], Session] = {}
         # by (channel, request id): over stdio one channel carries every listen stream
         self.listeners: dict[tuple[Channel, Any], Listener] = {}
+        self._listens_starting = 0  # listens decided but not yet added to listeners
         self.keepalive_s = 25.0  # a quiet listen stream gets a comment this often (HTTP)
 
     # -- entry points -------------------------------------------------------------------------
@@ -697,57 +698,25 @@ class McpServer:
             )
         # (an agent at its own limit takes the place of its oldest stream: no more in all)
         at_own_limit = len(self._listening(session.principal)) >= self.max_listeners_per_agent
-        if len(self.listeners) >= self.max_listeners and not at_own_limit:
+        # Listens still being decided count too: they wait for their records before their
+        # streams are added, and several decided at once all passed this (found by a hunt).
+        open_or_starting = len(self.listeners) + self._listens_starting
+        if open_or_starting >= self.max_listeners and not at_own_limit:
             raise QuotaExceeded(
-                f"this server has {len(self.listeners)} open subscriptions/listen streams, "
-                "its limit; retry later"
+                f"this server has {open_or_starting} open subscriptions/listen streams (or "
+                "being opened), its limit; retry later"
             )
+        starting = 0 if at_own_limit else 1
+        self._listens_starting += starting
         try:
-            held = self._hold_subscriptions(cost)
-        except QuotaExceeded as exc:
-            await self._refuse_listen(session, uris, rid, exc)
-        # Rate-limited, and each resource named decided and audited, as resources/subscribe
-        # (the notices each stream is sent later are checked again, not audited).
-        try:
-            verdicts = await self.kernel.subscribe(
-                session.principal,
-                uris,
-                method="subscriptions/listen",
-                request_id=rid,
-                transport=self.transport,
+            listener, key, granted, held = await self._start_listen(
+                session, params, wanted, uris, cost, channel, rid
             )
-        except BaseException:
-            self.subscription_budget.release(held)
-            raise
-        flags = sorted(flag for flag in _LISTEN_FLAGS if wanted.get(flag) is True)
-        honoured = frozenset(
-            normal_uri(uri) for uri, refused in zip(uris, verdicts, strict=True) if refused is None
-        )
-        self.subscription_budget.release(held - subscription_cost(honoured))
-        held = subscription_cost(honoured)
-        granted: JSON = dict.fromkeys(flags, True)
-        if "resourceSubscriptions" in wanted:
-            granted["resourceSubscriptions"] = sorted(honoured)
+        finally:
+            self._listens_starting -= starting
         # A stream may stay open for days: it keeps nothing of its request (a body's size).
-        params.clear()
-        del wanted, uris, verdicts
-        notices = frozenset(_LISTEN_FLAGS[flag] for flag in flags)
-        listener = Listener(session.principal, notices, honoured, session.credential)
-        listener.views = versions(self.kernel, session.principal, self.transport)
+        del wanted, uris
         tag = {SUBSCRIPTION_ID: rid}
-        key = (channel, rid)
-        if key in self.listeners:  # (a request id in use is refused before this)
-            self.subscription_budget.release(held)
-            raise InvalidRequest(f"request id {rid!r} is in use by a listen stream")
-        # Past the agent's limit its oldest streams end (with their result), as its least
-        # recently used session is dropped for a new one: kept open for as long as their
-        # clients like, they would lock the agent out, its owner after a token rotation too.
-        # (Counted here, where no await comes before the stream is added: listens decided
-        # concurrently cannot overshoot the limit together.)
-        mine = self._listening(session.principal)
-        for oldest in mine[: max(0, len(mine) + 1 - self.max_listeners_per_agent)]:
-            oldest.mailbox.put_nowait(None)
-        self.listeners[key] = listener
         try:
             await channel.send(
                 {
@@ -788,6 +757,64 @@ class McpServer:
             and lis.principal.anonymous == principal.anonymous
             and not lis.mailbox.ended
         ]
+
+    async def _start_listen(
+        self,
+        session: Session,
+        params: JSON,
+        wanted: JSON,
+        uris: list[str],
+        cost: int,
+        channel: Channel,
+        rid: Any,
+    ) -> tuple[Listener, tuple[Channel, Any], JSON, int]:
+        """Decide and audit a listen's subscriptions and add its stream: the stream, its key
+        in ``self.listeners``, what its acknowledgement grants, and the subscription budget
+        it holds."""
+        try:
+            held = self._hold_subscriptions(cost)
+        except QuotaExceeded as exc:
+            await self._refuse_listen(session, uris, rid, exc)
+        # Rate-limited, and each resource named decided and audited, as resources/subscribe
+        # (the notices each stream is sent later are checked again, not audited).
+        try:
+            verdicts = await self.kernel.subscribe(
+                session.principal,
+                uris,
+                method="subscriptions/listen",
+                request_id=rid,
+                transport=self.transport,
+            )
+        except BaseException:
+            self.subscription_budget.release(held)
+            raise
+        flags = sorted(flag for flag in _LISTEN_FLAGS if wanted.get(flag) is True)
+        honoured = frozenset(
+            normal_uri(uri) for uri, refused in zip(uris, verdicts, strict=True) if refused is None
+        )
+        self.subscription_budget.release(held - subscription_cost(honoured))
+        held = subscription_cost(honoured)
+        granted: JSON = dict.fromkeys(flags, True)
+        if "resourceSubscriptions" in wanted:
+            granted["resourceSubscriptions"] = sorted(honoured)
+        params.clear()  # (see _listen)
+        notices = frozenset(_LISTEN_FLAGS[flag] for flag in flags)
+        listener = Listener(session.principal, notices, honoured, session.credential)
+        listener.views = versions(self.kernel, session.principal, self.transport)
+        key = (channel, rid)
+        if key in self.listeners:  # (a request id in use is refused before this)
+            self.subscription_budget.release(held)
+            raise InvalidRequest(f"request id {rid!r} is in use by a listen stream")
+        # Past the agent's limit its oldest streams end (with their result), as its least
+        # recently used session is dropped for a new one: kept open for as long as their
+        # clients like, they would lock the agent out, its owner after a token rotation too.
+        # (Counted here, where no await comes before the stream is added: listens decided
+        # concurrently cannot overshoot the limit together.)
+        mine = self._listening(session.principal)
+        for oldest in mine[: max(0, len(mine) + 1 - self.max_listeners_per_agent)]:
+            oldest.mailbox.put_nowait(None)
+        self.listeners[key] = listener
+        return listener, key, granted, held
 
     async def _refuse_listen(
         self, session: Session, uris: list[str], rid: Any, refusal: McpZeroError
