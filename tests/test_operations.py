@@ -57,7 +57,7 @@ def test_the_documented_backup_restore_and_verification_run_as_written(tmp_path:
         live = shell(verify, DB=data / "mcp0.db")
     finally:
         runtime.close()
-    verified = f"ok: {head.count} records, head {head.head_hash}\n"
+    verified = f"ok: {head.count} records, head seq {head.head_seq}, hash {head.head_hash}\n"
     assert backed_up.returncode == 0, backed_up.stderr
     assert (live.returncode, live.stdout) == (0, verified), live.stderr
     done = shell(restore, BACKUP=copies, RESTORED=restored)

@@ -1096,6 +1096,17 @@ def test_usage_errors_keep_the_usage_line_and_end_in_the_documented_error_line(
     assert not any(line.startswith("Error") for line in lines)
 
 
+def test_audit_verify_prints_the_heads_seq_as_well_as_its_hash(data_dir: Path) -> None:
+    # The text form printed the head's hash alone, where the docs say to keep its seq too to
+    # check later (found by a docs review)
+    run(data_dir, "agent", "create", "ada")
+    report = as_json(data_dir, "audit", "verify")
+    assert run(data_dir, "audit", "verify").stdout == (
+        f"ok: {report['count']} records, head seq {report['head_seq']}, "
+        f"hash {report['head_hash']}\n"
+    )
+
+
 def test_audit_verify_reports_a_tampered_chain(data_dir: Path) -> None:
     run(data_dir, "plugin", "install", str(NOTES_DIR))
     run(data_dir, "agent", "create", "ada", "--plugin", "notes")

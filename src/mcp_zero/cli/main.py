@@ -886,7 +886,8 @@ def audit_verify(config_file: Path | None, data_dir: Path | None, as_json: bool)
             "head_seq": report.head_seq,
             "head_hash": report.head_hash,
         },
-        f"ok: {report.count} records, head {report.head_hash}",
+        # the head's seq as well as its hash: what to keep elsewhere, and look up later
+        f"ok: {report.count} records, head seq {report.head_seq}, hash {report.head_hash}",
     )
 
 
