@@ -955,6 +955,45 @@ def test_a_reader_that_stops_ends_the_command_quietly(data_dir: Path, args: list
     assert (status, stderr) == (1, b"")
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("_bad", "invalid agent name '_bad': use 1-64 letters, digits"),
+        ("has space", "invalid agent name 'has space': use 1-64 letters, digits"),
+        ("Admin", "'admin' names the administrator in policies and audit records"),
+    ],
+)
+def test_agent_create_with_a_name_no_agent_may_have_is_a_usage_error(
+    data_dir: Path, name: str, why: str
+) -> None:
+    # A bad value, which docs/cli.md counts a usage error: it exited 1, after laying out a
+    # data dir and taking it away again (found by a docs review)
+    refused = run(data_dir, "agent", "create", name, ok=False)
+    assert refused.exit_code == 2
+    lines = refused.stderr.splitlines()
+    assert lines[0].endswith(" agent create [OPTIONS] NAME")  # (the usage line)
+    assert lines[-1].startswith(f"mcp0: error: {why}")
+    assert not data_dir.exists()
+
+
+def test_serve_stdio_without_an_agent_is_a_usage_error_naming_every_way_to_give_one(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It exited 1 as an authentication failure, and did not name MCP0_AGENT, which it takes
+    # (found by a docs review)
+    run(data_dir, "agent", "create", "ada")
+    monkeypatch.delenv("MCP0_AGENT", raising=False)
+    monkeypatch.setenv("MCP0_TOKEN", "")  # (empty: none)
+    refused = run(data_dir, "serve", "--stdio", ok=False)
+    assert refused.exit_code == 2
+    lines = refused.stderr.splitlines()
+    assert lines[0].endswith(" serve [OPTIONS]")  # (the usage line)
+    assert lines[-1] == (
+        "mcp0: error: --stdio needs the agent the session runs as: --agent NAME (or "
+        "MCP0_AGENT), or the agent's token in MCP0_TOKEN"
+    )
+
+
 @pytest.mark.parametrize("variable", ["MCP0_AGENT", "MCP0_TOKEN"])
 def test_an_agent_or_token_variable_that_is_not_utf8_is_a_usage_error(
     data_dir: Path, variable: str, monkeypatch: pytest.MonkeyPatch
@@ -1708,14 +1747,15 @@ def test_a_setting_up_command_that_fails_leaves_no_data_dir_behind(tmp_path: Pat
     bad_manifest = tmp_path / "bad"
     bad_manifest.mkdir()
     (bad_manifest / "plugin.json").write_text("{not json")
-    for command in (("agent", "create", "bad_name!"), ("plugin", "install", str(bad_manifest))):
+    unknown_plugin = ("agent", "create", "ada", "--plugin", "nope")
+    for command in (unknown_plugin, ("plugin", "install", str(bad_manifest))):
         fresh = tmp_path / "fresh"
         assert run(fresh, *command, ok=False).exit_code == 1, command
         assert not fresh.exists(), command
     # in a directory that was there, what it made stays, but the first start is serve's
     mine = tmp_path / "mine"
     mine.mkdir()
-    assert run(mine, "agent", "create", "bad_name!", ok=False).exit_code == 1
+    assert run(mine, *unknown_plugin, ok=False).exit_code == 1
     runtime = Runtime(load_settings(None, {"data_dir": mine}, environ={}))
     try:
         assert not runtime.store.first_start_done()

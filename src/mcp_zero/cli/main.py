@@ -348,7 +348,7 @@ def serve(
     tls_key: Path | None,
 ) -> None:
     """Run the server: MCP at /mcp (or on stdio), admin API at /api/v1."""
-    from mcp_zero.cli.serve import run_http, run_stdio
+    from mcp_zero.cli.serve import STDIO_NEEDS_AN_AGENT, run_http, run_stdio
 
     # An option of the other mode was ignored: a client's config that forgot --stdio got an
     # HTTP server, whose "listening" line on stdout it could not read (found by review).
@@ -367,6 +367,9 @@ def serve(
                 f"{given} is for an HTTP server; a stdio session (--stdio) has no use for it: "
                 "drop it"
             )
+        agent = agent or _environ_text("MCP0_AGENT")
+        if not agent and not _environ_text("MCP0_TOKEN"):
+            raise click.UsageError(STDIO_NEEDS_AN_AGENT)
     elif agent is not None:
         raise click.UsageError(
             "--agent names the agent of a stdio session: add --stdio (an HTTP server's "
@@ -384,11 +387,7 @@ def serve(
     )
     if stdio:
         # its agent must exist already: a mistyped --data-dir must not lay out a new, empty one
-        run_stdio(
-            _existing(settings, stdio=True),
-            agent or _environ_text("MCP0_AGENT"),
-            _environ_text("MCP0_TOKEN"),
-        )
+        run_stdio(_existing(settings, stdio=True), agent, _environ_text("MCP0_TOKEN"))
     else:
         run_http(settings, as_json=as_json)
 
@@ -428,6 +427,13 @@ def agent_create(
     plugins: tuple[str, ...],
 ) -> None:
     """Create agent NAME and print its bearer token (shown only this once)."""
+    from mcp_zero.errors import InvalidParams
+    from mcp_zero.kernel.agents import check_new_name
+
+    try:
+        check_new_name(name)  # a bad value: refused before a data dir is laid out
+    except InvalidParams as exc:
+        raise click.UsageError(exc.message) from None
     with _runtime(config_file, data_dir, create=True) as rt:
         spawned = asyncio.run(rt.agents.spawn(name, list(plugins), via="cli"))
     _out(

@@ -34,6 +34,11 @@ log = logging.getLogger("mcp_zero.serve")
 # The server's log lines (stderr), over HTTP and stdio alike.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+STDIO_NEEDS_AN_AGENT = (
+    "--stdio needs the agent the session runs as: --agent NAME (or MCP0_AGENT), or the "
+    "agent's token in MCP0_TOKEN"
+)
+
 
 def _run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop if it is installed (plain asyncio works, only slower), without
@@ -365,7 +370,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
         elif token:
             principal = runtime.agents.authenticate(token)
         else:
-            raise Unauthorized("--stdio needs --agent NAME or the agent's token in MCP0_TOKEN")
+            raise Unauthorized(STDIO_NEEDS_AN_AGENT)
     except Exception:
         runtime.close()
         raise

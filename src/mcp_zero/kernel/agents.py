@@ -113,6 +113,18 @@ def check_name(name: str, what: str = "agent") -> str:
     return name
 
 
+def check_new_name(name: str) -> str:
+    """``name``, if a new agent may be given it. Raises InvalidParams."""
+    check_name(name)
+    if name.lower() == "admin":
+        # the administrator is Agent::"admin" to Cedar and "admin" in audit records
+        raise InvalidParams(
+            "'admin' names the administrator in policies and audit records; choose "
+            "another agent name"
+        )
+    return name
+
+
 def require_agent(store: Store, name: str) -> AgentRecord:
     """Agent ``name`` from ``store``. Raises AgentNotFound."""
     agent = store.get_agent(name)
@@ -297,13 +309,7 @@ class AgentService:
         via: str = "admin",
     ) -> IssuedToken:
         """Create agent ``name``. Raises Conflict, InvalidParams, PluginNotFound."""
-        check_name(name)
-        if name.lower() == "admin":
-            # the administrator is Agent::"admin" to Cedar and "admin" in audit records
-            raise InvalidParams(
-                "'admin' names the administrator in policies and audit records; choose "
-                "another agent name"
-            )
+        check_new_name(name)
         decided = [await self._authorize(Verb.SPAWN_AGENT, name, via)]
         plugins = list(dict.fromkeys(plugins or []))
         for plugin in plugins:  # each as a standalone attach: a policy on it holds here too
