@@ -173,7 +173,7 @@ def test_the_first_start_makes_the_signing_key_without_loading_cryptography(
 
 
 def test_plugin_install_and_remove_are_audited(runtime: Runtime) -> None:
-    manifest = runtime.install_plugin(NOTES_DIR)
+    manifest = runtime.install_plugin(NOTES_DIR).manifest
     assert runtime.store.get_plugin(manifest.name) is not None
     runtime.remove_plugin(manifest.name)
     assert runtime.store.get_plugin(manifest.name) is None

@@ -45,7 +45,7 @@ from mcp_zero.policy.store import PolicyStore
 from mcp_zero.rpc.metrics import Metrics
 from mcp_zero.rpc.ratelimit import RateLimiter
 from mcp_zero.sandbox import isolation
-from mcp_zero.sandbox.manifest import PluginManifest, load_manifest
+from mcp_zero.sandbox.manifest import load_manifest
 from mcp_zero.sandbox.worker_process import worker_outputs
 from mcp_zero.security.files import make_private
 from mcp_zero.security.tokens import hash_token, new_token, write_secret_file
@@ -420,7 +420,7 @@ class Runtime:
 
     def install_examples(self) -> list[str]:
         """Install the bundled example plugins."""
-        return [self.install_plugin(path, replace=True).name for path in example_plugins()]
+        return [self.install_plugin(path, replace=True).manifest.name for path in example_plugins()]
 
     async def finish_first_start(self, *, record: bool = True) -> FirstStart:
         """Do the data dir's first start if it has not finished: install the example plugins
@@ -483,11 +483,11 @@ class Runtime:
         replace: bool = False,
         adopt_data: bool | str = False,
         via: str = "cli",
-    ) -> PluginManifest:
+    ) -> Installed:
         """Install the plugin at ``path`` as the admin: decided by policy, audited. With
         ``adopt_data`` it gets data a removed plugin of its name left: the set-aside dir it
-        names, or (True) the one there is (its record says which: ``adopted_data``, the
-        directory's name under plugin-data/).
+        names, or (True) the one there is (its record and the answer say which:
+        ``adopted_data``, the directory's name under plugin-data/).
 
         Raises PolicyDenied, ManifestError, Conflict (see ``PluginHost.install``).
         """
@@ -507,13 +507,12 @@ class Runtime:
             return event
 
         # the record is written in the transaction that records the plugin (the copy before)
-        self.plugins.install(
+        return self.plugins.install(
             path,
             replace=replace,
             adopt_data=adopt_data,
             commit=lambda write: self.audit.append_with(write, recorded),
         )
-        return manifest
 
     def remove_plugin(self, name: str, *, via: str = "cli") -> Removal:
         """Remove plugin ``name`` as the admin: decided by policy, audited (with the name its

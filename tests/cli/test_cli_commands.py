@@ -468,6 +468,28 @@ def test_adopt_data_takes_the_set_aside_dir_it_names_and_will_not_choose_among_s
     assert (data_dir / "plugin-data" / "notes" / "data.txt").read_text() == "first"
 
 
+def test_plugin_install_says_which_data_dir_it_adopted(data_dir: Path) -> None:
+    # A bare --adopt-data chose the set-aside dir and said nothing of it but in the audit log
+    # (found by a docs review)
+    run(data_dir, "plugin", "install", str(NOTES_DIR))
+    (data_dir / "plugin-data" / "notes").mkdir(parents=True)
+    (data_dir / "plugin-data" / "notes" / "data.txt").write_text("kept")
+    kept = Path(as_json(data_dir, "plugin", "remove", "notes")["data_kept"]).name
+    adopted = run(data_dir, "plugin", "install", str(NOTES_DIR), "--adopt-data")
+    assert adopted.stdout.endswith(f"; it adopted the data in plugin-data/{kept}\n")
+    run(data_dir, "plugin", "remove", "notes")
+    run(data_dir, "plugin", "purge-data", "--older-than", "0")
+    none = run(data_dir, "plugin", "install", str(NOTES_DIR), "--adopt-data")
+    assert none.stdout.endswith("; there was no data set aside to adopt\n")
+    (data_dir / "plugin-data" / "notes").mkdir()
+    (data_dir / "plugin-data" / "notes" / "data.txt").write_text("again")
+    kept = Path(as_json(data_dir, "plugin", "remove", "notes")["data_kept"]).name
+    installed = as_json(data_dir, "plugin", "install", str(NOTES_DIR), "--adopt-data")
+    assert installed["adopted_data"] == kept
+    run(data_dir, "plugin", "remove", "notes")
+    assert as_json(data_dir, "plugin", "install", str(NOTES_DIR))["adopted_data"] is None
+
+
 def test_removed_data_lists_what_removals_set_aside_and_purge_data_deletes_it_audited(
     data_dir: Path,
 ) -> None:

@@ -104,7 +104,7 @@ async def assert_refresh_changes(runtime: Runtime) -> None:
 async def test_install_copies_the_plugin_and_records_it(make_runtime: Any, tmp_path: Path) -> None:
     runtime: Runtime = make_runtime()
     source = edited_copy(tmp_path, FAULTY_DIR)
-    manifest = runtime.plugins.install(source)
+    manifest = runtime.plugins.install(source).manifest
     assert manifest.name == "faulty"
     record = runtime.store.get_plugin("faulty")
     assert record is not None
@@ -138,7 +138,7 @@ async def test_installing_twice_needs_replace(make_runtime: Any) -> None:
     runtime.plugins.install(FAULTY_DIR)
     with pytest.raises(Conflict, match="already installed"):
         runtime.plugins.install(FAULTY_DIR)
-    assert runtime.plugins.install(FAULTY_DIR, replace=True).name == "faulty"
+    assert runtime.plugins.install(FAULTY_DIR, replace=True).manifest.name == "faulty"
 
 
 async def test_tool_names_must_be_unique_across_plugins(make_runtime: Any, tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ async def served_agent(
     agent named ``agent`` attached to all of them, served (HttpServer options ``server``)
     until the block ends."""
     runtime = make_runtime(data_dir, **settings)
-    names = [runtime.plugins.install(plugin).name for plugin in plugins]
+    names = [runtime.plugins.install(plugin).manifest.name for plugin in plugins]
     spawned = await runtime.agents.spawn(agent, names)
     async with serve(runtime, **(server or {})) as live:
         yield Env(live, spawned.token)

@@ -644,15 +644,20 @@ def plugin_install(
         adopt_data = ""
     adopt = False if adopt_data is None else adopt_data or True
     with _runtime(config_file, data_dir, create=True) as rt:
-        manifest = rt.install_plugin(path, replace=replace, adopt_data=adopt)
+        installed = rt.install_plugin(path, replace=replace, adopt_data=adopt)
+    manifest, adopted = installed.manifest, installed.adopted_data
     view = {
         "name": manifest.name,
         "version": manifest.version,
         "tools": [t.name for t in manifest.tools],
+        "adopted_data": adopted,
     }
-    _out(
-        as_json, view, f"installed {manifest.name} {manifest.version} ({len(manifest.tools)} tools)"
-    )
+    text = f"installed {manifest.name} {manifest.version} ({len(manifest.tools)} tools)"
+    if adopted is not None:  # (which one a bare --adopt-data chose: found by a docs review)
+        text += f"; it adopted the data in plugin-data/{adopted}"
+    elif adopt:
+        text += "; there was no data set aside to adopt"
+    _out(as_json, view, _escaped(text))
 
 
 @plugin.command("list")

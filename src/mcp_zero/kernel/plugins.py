@@ -576,9 +576,10 @@ Commit = Callable[[Callable[[], _T]], _T]
 
 @dataclass(frozen=True)
 class Installed:
-    """What an install's store write did: the record it replaced, and the data dir it gave
-    the plugin (``adopt_data``: the name it had, under plugin-data/), if any."""
+    """What an install did: the plugin it installed, the record it replaced, and the data
+    dir it gave the plugin (``adopt_data``: the name it had, under plugin-data/), if any."""
 
+    manifest: PluginManifest
     replaced: PluginRecord | None
     adopted_data: str | None
 
@@ -661,8 +662,9 @@ class PluginHost:
         replace: bool = False,
         adopt_data: bool | str = False,
         commit: Commit[Installed] | None = None,
-    ) -> PluginManifest:
-        """Validate the plugin at ``source``, copy it into the data dir and record it.
+    ) -> Installed:
+        """Validate the plugin at ``source``, copy it into the data dir and record it;
+        return what the install did.
 
         ``commit`` runs the store write it is given (and may make more in its transaction:
         the install's audit record); the copy is made before, outside any transaction.
@@ -745,18 +747,19 @@ class PluginHost:
                 # again, where no other install can come in between
                 replaced = self.store.put_plugin(record, check=check)
                 if replaced is not None or not adopt_data:
-                    return Installed(replaced, None)
+                    return Installed(manifest, replaced, None)
                 if self.left_data(manifest.name) is not None:
-                    return Installed(None, manifest.name)  # left by a removal before set-asides
+                    # left by a removal before set-asides
+                    return Installed(manifest, None, manifest.name)
                 aside = plugin_data.to_adopt(self.plugin_data_dir, manifest.name, adopt_data)
                 if aside is None:
-                    return Installed(None, None)
+                    return Installed(manifest, None, None)
                 self._rename_data(aside.dir, self.plugin_data_dir / manifest.name)
                 adopted.append(aside.path)
-                return Installed(None, aside.dir)
+                return Installed(manifest, None, aside.dir)
 
             try:
-                replaced = (commit or _now)(write).replaced
+                done = (commit or _now)(write)
             except BaseException:
                 if adopted:
                     self._rename_data(manifest.name, adopted.pop())
@@ -765,13 +768,14 @@ class PluginHost:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(target, ignore_errors=True)
             raise
+        replaced = done.replaced
         if replaced is not None and self.copy_path(replaced) != target:
             # A running server may still be finishing calls on the old copy: it deletes the
             # copy once they are done, else a later start sweeps it. Its time says when it
             # was replaced, so the sweep waits out any drain.
             with contextlib.suppress(OSError):
                 os.utime(self.copy_path(replaced))
-        return manifest
+        return done
 
     def _check_data(self, name: str, installed: list[PluginRecord]) -> None:
         """Raise Conflict when no plugin ``name`` is installed and its data dir holds what a
