@@ -468,6 +468,14 @@ def test_adopt_data_takes_the_set_aside_dir_it_names_and_will_not_choose_among_s
     assert (data_dir / "plugin-data" / "notes" / "data.txt").read_text() == "first"
 
 
+def test_plugin_install_counts_the_tools_in_words(data_dir: Path, tmp_path: Path) -> None:
+    # "(1 tools)" (found by a docs review)
+    one = run(data_dir, "plugin", "install", str(named_plugin(tmp_path, "clash_plugin")))
+    assert one.stdout == "installed clash 1.0.0 (1 tool)\n"
+    four = run(data_dir, "plugin", "install", str(NOTES_DIR))
+    assert four.stdout.startswith("installed notes 0.1.0 (4 tools)")
+
+
 def test_plugin_install_says_which_data_dir_it_adopted(data_dir: Path) -> None:
     # A bare --adopt-data chose the set-aside dir and said nothing of it but in the audit log
     # (found by a docs review)

@@ -652,7 +652,8 @@ def plugin_install(
         "tools": [t.name for t in manifest.tools],
         "adopted_data": adopted,
     }
-    text = f"installed {manifest.name} {manifest.version} ({len(manifest.tools)} tools)"
+    n = len(manifest.tools)
+    text = f"installed {manifest.name} {manifest.version} ({n} tool{'' if n == 1 else 's'})"
     if adopted is not None:  # (which one a bare --adopt-data chose: found by a docs review)
         text += f"; it adopted the data in plugin-data/{adopted}"
     elif adopt:
