@@ -391,6 +391,56 @@ async def test_a_body_field_the_route_does_not_take_is_400_and_nothing_happens(
     assert "takes no body" in snap.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/agents"),
+        ("POST", "/agents"),
+        ("GET", "/agents/by-query"),
+        ("DELETE", "/agents/by-query"),
+        ("POST", "/agents/by-query/token"),
+        ("POST", "/agents/by-query/plugins"),
+        ("POST", "/agents/by-query/execute"),
+        ("POST", "/agents/by-query/snapshot"),
+        ("POST", "/snapshots/none/recover"),
+        ("GET", "/plugins"),
+        ("GET", "/plugins/notes"),
+        ("GET", "/audit"),
+        ("GET", "/audit/verify"),
+        ("HEAD", "/audit/verify"),
+    ],
+)
+async def test_a_query_parameter_the_route_does_not_take_is_400_and_nothing_happens(
+    admin: Admin, method: str, path: str
+) -> None:
+    # It was ignored while an unknown body field was refused: "?limt=5" gave a page other than
+    # the one asked for, "?dry_run=1" did what it asked not to (found by a docs review)
+    before = (await admin.call("GET", "/audit/verify")).json()["count"]
+    body = {"name": "by-query"} if path == "/agents" and method == "POST" else None
+    refused = await admin.call(method, f"{path}?dry_run=1&x=", json=body)
+    assert refused.status_code == 400
+    if method != "HEAD":
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_request"
+        lists = method == "GET" and path in ("/agents", "/audit")
+        takes = "it takes after, limit" if lists else "it takes none"
+        assert error["message"] == f"unknown query parameter(s) 'dry_run', 'x': {takes}"
+    assert (await admin.call("GET", "/agents/by-query")).status_code == 404
+    assert (await admin.call("GET", "/audit/verify")).json()["count"] == before
+
+
+async def test_the_query_parameters_a_route_takes_are_taken(admin: Admin) -> None:
+    await admin.call("POST", "/agents", {"name": "by-query-a"})
+    await admin.call("POST", "/agents", {"name": "by-query-b"})
+    for path, after in (("/agents", "by-query-a"), ("/audit", "1")):
+        assert (await admin.call("GET", f"{path}?")).status_code == 200
+        page = await admin.call("GET", f"{path}?after={after}&limit=1")
+        assert page.status_code == 200
+        assert len(page.json()) == 1
+    [agent] = (await admin.call("GET", "/agents?after=by-query-a&limit=1")).json()
+    assert agent["name"] == "by-query-b"
+
+
 async def test_a_huge_bad_name_is_not_echoed_whole(admin: Admin) -> None:
     response = await admin.call("POST", "/agents", {"name": "x" * 100_000 + "!"})
     assert response.status_code == 400

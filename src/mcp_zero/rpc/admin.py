@@ -1,6 +1,6 @@
 """The admin API under ``/api/v1`` (bearer: the admin token from ``<data dir>/admin.token``).
 
-GET    /agents                         list agents
+GET    /agents?after=NAME&limit=N      list agents
 POST   /agents                         spawn {name, plugins?, state?} → agent + token (once)
 GET    /agents/{name}                  one agent
 DELETE /agents/{name}                  terminate
@@ -23,6 +23,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 from urllib.parse import parse_qs
 
@@ -78,6 +79,28 @@ def _check_fields(payload: JSON, fields: frozenset[str]) -> None:
         raise InvalidRequest(f"unknown field(s) {shown} in the request body: {takes}")
 
 
+def _check_params(query: dict[str, list[str]], params: frozenset[str]) -> None:
+    unknown = sorted(set(query) - params)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(params))}" if params else "it takes none"
+        shown = ", ".join(repr(p[:64]) for p in unknown[:10])
+        raise InvalidRequest(f"unknown query parameter(s) {shown}: {takes}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """An admin route: its method and path, its handler, and the body fields and query
+    parameters it takes. Any other is refused, and nothing done: a mistyped "plugin" for
+    "plugins" must not create an agent without its plugins, nor "limt" for "limit" give a
+    page other than the one asked for."""
+
+    method: str
+    path: re.Pattern[str]
+    handler: Route
+    fields: frozenset[str] = _NO_BODY
+    params: frozenset[str] = frozenset()
+
+
 def _allowed(methods: list[str]) -> str:
     """The Allow header of a path whose routes take ``methods``: HEAD with GET, and OPTIONS."""
     allowed: list[str] = []
@@ -126,32 +149,27 @@ class AdminApi:
     def __init__(self, runtime: Runtime, server: McpServer | None = None) -> None:
         self.runtime = runtime
         self.server = server  # whose end_agent stops an execute when its agent is terminated
-        # method, path, handler, and the body fields it takes (any other is refused: a
-        # mistyped "plugin" for "plugins" must not create an agent without its plugins)
-        self._routes: list[tuple[str, re.Pattern[str], Route, frozenset[str]]] = [
-            ("GET", re.compile(r"/agents/?\Z"), self._list_agents, _NO_BODY),
-            ("POST", re.compile(r"/agents/?\Z"), self._spawn, _fields("name plugins state")),
-            ("GET", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._get_agent, _NO_BODY),
-            ("DELETE", re.compile(r"/agents/(?P<name>[^/]+)\Z"), self._terminate, _NO_BODY),
-            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/token\Z"), self._rotate_token, _NO_BODY),
-            (
+        page = _fields("after limit")  # (the query parameters of a route that lists)
+        one_agent = r"/agents/(?P<name>[^/]+)"
+        self._routes = [
+            _Route("GET", re.compile(r"/agents/?\Z"), self._list_agents, params=page),
+            _Route("POST", re.compile(r"/agents/?\Z"), self._spawn, _fields("name plugins state")),
+            _Route("GET", re.compile(rf"{one_agent}\Z"), self._get_agent),
+            _Route("DELETE", re.compile(rf"{one_agent}\Z"), self._terminate),
+            _Route("POST", re.compile(rf"{one_agent}/token\Z"), self._rotate_token),
+            _Route("POST", re.compile(rf"{one_agent}/plugins\Z"), self._attach, _fields("plugin")),
+            _Route(
                 "POST",
-                re.compile(r"/agents/(?P<name>[^/]+)/plugins\Z"),
-                self._attach,
-                _fields("plugin"),
-            ),
-            (
-                "POST",
-                re.compile(r"/agents/(?P<name>[^/]+)/execute\Z"),
+                re.compile(rf"{one_agent}/execute\Z"),
                 self._execute,
                 _fields("tool arguments request_id"),
             ),
-            ("POST", re.compile(r"/agents/(?P<name>[^/]+)/snapshot\Z"), self._snapshot, _NO_BODY),
-            ("POST", re.compile(r"/snapshots/(?P<id>[^/]+)/recover\Z"), self._recover, _NO_BODY),
-            ("GET", re.compile(r"/plugins/?\Z"), self._list_plugins, _NO_BODY),
-            ("GET", re.compile(r"/plugins/(?P<name>[^/]+)\Z"), self._get_plugin, _NO_BODY),
-            ("GET", re.compile(r"/audit/?\Z"), self._audit, _NO_BODY),
-            ("GET", re.compile(r"/audit/verify\Z"), self._verify, _NO_BODY),
+            _Route("POST", re.compile(rf"{one_agent}/snapshot\Z"), self._snapshot),
+            _Route("POST", re.compile(r"/snapshots/(?P<id>[^/]+)/recover\Z"), self._recover),
+            _Route("GET", re.compile(r"/plugins/?\Z"), self._list_plugins),
+            _Route("GET", re.compile(r"/plugins/(?P<name>[^/]+)\Z"), self._get_plugin),
+            _Route("GET", re.compile(r"/audit/?\Z"), self._audit, params=page),
+            _Route("GET", re.compile(r"/audit/verify\Z"), self._verify),
         ]
 
     async def handle(
@@ -168,12 +186,12 @@ class AdminApi:
                 raise
             asked = "GET" if method == "HEAD" else method
             taken: list[str] = []  # the methods of the routes of this path
-            for verb, pattern, route, fields in self._routes:
-                match = pattern.match(path)
+            for route in self._routes:
+                match = route.path.match(path)
                 if match is None:
                     continue
-                taken.append(verb)
-                if verb == asked:
+                taken.append(route.method)
+                if route.method == asked:
                     payload: Any = orjson.loads(body) if body.strip() else {}
                     if not isinstance(payload, dict):
                         raise InvalidRequest("the request body must be a JSON object")
@@ -182,10 +200,11 @@ class AdminApi:
                             f"the value at {where} in the request body {WIDE_INTEGER}",
                             data={"path": where},
                         )
-                    _check_fields(payload, fields)
+                    _check_fields(payload, route.fields)
                     # (blank values kept: "after=" is refused, not taken for absent)
                     query_params = parse_qs(query, keep_blank_values=True)
-                    status, answer = await route(match, payload, query_params)
+                    _check_params(query_params, route.params)
+                    status, answer = await route.handler(match, payload, query_params)
                     return status, answer, []
             if not taken:
                 raise NotFound(f"no admin route {method} /api/v1{path}")
