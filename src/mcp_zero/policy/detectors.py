@@ -12,8 +12,8 @@ Two labels, each a handful of precompiled patterns:
   like a token), but not a pagination cursor (``page_token``, ``nextToken``…);
 - ``pii``: e-mail addresses, in any script (not ``git@host:path`` nor a URL's login),
   payment card numbers (13 to 19 digits, spaces or dashes between them allowed, starting as
-  card numbers do and passing the Luhn check) and US social security numbers (valid ones,
-  not part of a longer code).
+  card numbers do and passing the Luhn check; after a minus sign too, not after a digit and a
+  dash) and US social security numbers (valid ones, not part of a longer code).
 
 Policies see the labels of what an action carries (its arguments, the URI it reads) as
 ``context.labels``; a permit's ``@redact("secret")`` obligation has its result redacted
@@ -372,7 +372,10 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         PII,
         "payment_card",
-        re.compile(r"[0-9](?<![0-9-][0-9])(?:[ -]?[0-9]){12,18}(?![0-9])"),
+        # (its digits start a run of them: not right after a digit, nor after a dash that
+        # follows one, ``1234-4111…``, a longer code; right after a minus sign, ``-4111…``,
+        # ``x-4111 1111…``, they do: a dash there kept a card unfound, found by review)
+        re.compile(r"[0-9](?<![0-9][0-9])(?<![0-9]-[0-9])(?:[ -]?[0-9]){12,18}(?![0-9])"),
         _luhn,
     ),
     Detector(
