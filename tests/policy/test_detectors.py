@@ -36,6 +36,8 @@ SECRETS = {
     "github oauth token": "gho_" + "x" * 36,
     "github app token": "ghs_" + "9" * 36,
     "github fine-grained token": "github_pat_11ABCDEFG0123456789abc_" + "z" * 59,
+    "gitlab token": "glpat-Ab3dEf6hIj9kLm2nOp5q",
+    "npm token": "npm_" + "A1b2C3d4E5" * 3 + "F6g7H8",
     "slack token": "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp",
     "google api key": "AIzaSyA-1234567890abcdefghijklmnopqrstu",
     "stripe live key": "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
@@ -56,6 +58,9 @@ NOT_SECRETS = {
     "akia lower case": "akiaiosfodnn7example",
     "pem public key": "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A",
     "ghp too short": "ghp_abc123",
+    "glpat too short": "glpat-abc123def456ghi78",
+    "npm_ too short": "npm_abc123",
+    "an npm environment variable": "npm_config_cache=/home/me/.npm",
     "slack without a body": "xoxb-",
     "google prefix alone": "AIza is how Google keys start",
     "stripe test key": "sk_test_4eC39HqLyjWDarjtT1zdp7dc",
@@ -202,6 +207,8 @@ ADVERSARIAL_UNITS = [
     "%20eyJaaaaaaaa.",  # a token after a percent-escape
     "%20sk-",
     "%3Dghp_",
+    "glpat-",
+    "npm_",
     "auth=1",  # a name whose value is a credential when it looks like one
     '"credentials":"',
     "pwd=/",
@@ -625,6 +632,28 @@ def test_a_known_token_after_a_percent_escape_is_labelled_and_redacted(
     # (``%20ghp_…``: the escape's last hex digit read as the letter the token continued)
     assert label_text(text) == {"secret"}
     assert redact(text, ["secret"]) == (redacted, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("PRIVATE-TOKEN: glpat-Ab3dEf6hIj9kLm2nOp5q", "PRIVATE-TOKEN: [redacted:secret]"),
+        (
+            "git clone https://oauth2:glpat-x_Y-z1a2b3c4d5e6f7g8@gitlab.com/g/r.git",
+            "git clone https://oauth2:[redacted:secret]@gitlab.com/g/r.git",
+        ),
+        ("x-glpat-Ab3dEf6hIj9kLm2nOp5q.", "x-[redacted:secret]."),
+        ("export NPM_TOKEN=npm_" + "a1B2" * 9, "export NPM_TOKEN=[redacted:secret]"),
+        ('"publish with npm_' + "Z9y8" * 9 + '"', '"publish with [redacted:secret]"'),
+        ("\\nnpm_" + "a1B2" * 9, "\\n[redacted:secret]"),
+    ],
+)
+def test_gitlab_and_npm_tokens_are_labelled_and_redacted(text: str, redacted: str) -> None:
+    # (neither was a recognised format: found by review)
+    assert label_text(text) == {"secret"}
+    assert label_value({"args": text}) == {"secret"}
+    assert redact(text, ["secret"]) == (redacted, 1)
+    assert label_text(redacted) == set()
 
 
 MORE_CREDENTIAL_NAMES = {

@@ -3,13 +3,13 @@
 Two labels, each a handful of precompiled patterns:
 
 - ``secret``: credentials of well-known shapes (AWS access key ids and secret keys, PEM
-  private keys, GitHub, Slack, Google, Stripe, OpenAI and Anthropic keys, JWTs, HTTP
-  ``Bearer``/``Basic`` credentials, a URL's password) and a value given to a credential's
-  name (``password``, ``pwd``, ``*_PASS``, ``passphrase``, ``secret``, ``api_key``,
-  ``private_key``, ``token``…, after a separator or as a camelCase word: ``token=…``,
-  ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``, ``{"Key": …,
-  "Value": …}``; ``auth``, ``authorization`` and ``credentials`` when their value looks
-  like a token), but not a pagination cursor (``page_token``, ``nextToken``…);
+  private keys, GitHub, GitLab, npm, Slack, Google, Stripe, OpenAI and Anthropic keys,
+  JWTs, HTTP ``Bearer``/``Basic`` credentials, a URL's password) and a value given to a
+  credential's name (``password``, ``pwd``, ``*_PASS``, ``passphrase``, ``secret``,
+  ``api_key``, ``private_key``, ``token``…, after a separator or as a camelCase word:
+  ``token=…``, ``"accessToken": "…"``, ``{"name": "DB_PASSWORD", "value": "…"}``,
+  ``{"Key": …, "Value": …}``; ``auth``, ``authorization`` and ``credentials`` when their
+  value looks like a token), but not a pagination cursor (``page_token``, ``nextToken``…);
 - ``pii``: e-mail addresses, in any script (not ``git@host:path`` nor a URL's login),
   payment card numbers (13 to 19 digits, spaces or dashes between them allowed, starting as
   card numbers do and passing the Luhn check; after a minus sign too, not after a digit and a
@@ -274,6 +274,19 @@ DETECTORS: tuple[Detector, ...] = (
         "github_pat",
         re.compile(r"github_pat_" + _after(_WORD, 11) + r"[A-Za-z0-9_]{22,255}+" + _WORD_TAIL),
         hints=("github_pat_",),
+    ),
+    Detector(
+        SECRET,
+        "gitlab_token",
+        re.compile(r"glpat-" + _after(_WORD, 6) + r"[0-9A-Za-z_-]{20,255}+" + _KEY_TAIL),
+        hints=("glpat-",),
+    ),
+    Detector(
+        SECRET,
+        "npm_token",
+        # (not ``npm_config_cache``: npm's own environment variables are no token)
+        re.compile(r"npm_" + _after(_WORD, 4) + r"[A-Za-z0-9]{36}" + _WORD_TAIL),
+        hints=("npm_",),
     ),
     Detector(
         SECRET,
