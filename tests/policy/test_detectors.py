@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import base64
 import codecs
+import io
 import json
+import random
+import struct
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -1076,6 +1081,85 @@ def test_a_blob_of_text_in_another_encoding_is_redacted_in_it(
     assert out[:4] == data[:4]  # (its mark and byte order kept)
     assert out.replace(b"\0", b"").endswith(expected.encode()[-20:])
     assert b"hunter2" not in out.replace(b"\0", b"")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize(
+    "text",
+    [ENV, "Gr\u00fc\u00dfe \u2014 caf\u00e9 \u20ac\n\x1b[32mok\x1b[0m\t" + ENV * 40 + "\0"],
+    ids=["ascii", "latin-1, colours, 5 KiB, a c string"],
+)
+@pytest.mark.parametrize("media_type", [None, "text/plain", "application/octet-stream"])
+def test_a_utf16_blob_without_a_mark_or_charset_is_redacted_in_it(
+    encoding: str, text: str, media_type: str | None
+) -> None:
+    # (read as UTF-8, its zero bytes between the letters hid the secret: found by review)
+    contents = {"uri": "file:///app/.env", "blob": base64.b64encode(text.encode(encoding)).decode()}
+    if media_type is not None:
+        contents["mimeType"] = media_type
+    redacted, count = redact({"contents": [contents]}, ("secret", "pii"))
+    assert count == 2 * text.count(ENV)
+    expected = text.replace("hunter2hunter2", "[redacted:secret]").replace(
+        "bob@example.com", "[redacted:pii]"
+    )
+    # (in its byte order, no mark added)
+    assert base64.b64decode(redacted["contents"][0]["blob"]) == expected.encode(encoding)
+
+
+def _png(*chunks: tuple[bytes, bytes]) -> bytes:
+    """A 1x1 grey PNG with ``chunks`` before its image data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+    rest = b"".join(chunk(kind, data) for kind, data in chunks)
+    image = chunk(b"IDAT", zlib.compress(b"\0\x80")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + header + rest + image
+
+
+def _zip(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+_SECRET_UTF16 = ("DB_PASSWORD=hunter2hunter2\n" * 4).encode("utf-16-le")
+_NOISE = random.Random(28).randbytes(4096)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _NOISE[:1000] + _SECRET_UTF16 + _NOISE[1000:2000],
+        _NOISE + _SECRET_UTF16,
+        _png((b"teXt", _SECRET_UTF16)),
+        _zip("notes.txt", _SECRET_UTF16),
+        _zip("notes.txt", _SECRET_UTF16 * 40),
+        _SECRET_UTF16 * 40 + _zip("a", b"xy"),  # past what is sniffed (of even length)
+        struct.pack("<4sII", b"HDR1", 1, len(_SECRET_UTF16)) + _SECRET_UTF16,
+        b"".join(struct.pack("<I", n) for n in range(64)) + _SECRET_UTF16,  # 32-bit integers
+        bytes(4096) + _SECRET_UTF16,
+    ],
+    ids=[
+        "random",
+        "random then text",
+        "png",
+        "zip",
+        "zip, 8 KiB",
+        "text then an archive",
+        "a header",
+        "integers",
+        "zeros",
+    ],
+)
+def test_binary_bytes_holding_utf16_text_are_not_read_as_it(data: bytes) -> None:
+    # (their letters are what is read: their bytes are not the detectors'; an archive's
+    # member changed would no longer match its checksum)
+    blob = {"blob": base64.b64encode(data).decode()}
+    assert redact(blob, ("secret", "pii")) == (blob, 0)
 
 
 @pytest.mark.parametrize(

@@ -785,13 +785,17 @@ def _redact_blob(blob: str, media_type: Any, detectors: tuple[Detector, ...]) ->
     not text (an image) redacted only where the detectors find something in its letters as
     they are (its bytes are not theirs to read; a string that is no base64, too). Its bytes are
     text when they are UTF-8, or when ``media_type`` says they are text: then a byte that is
-    not UTF-8 is kept as it is, and what is around it is read."""
+    not UTF-8 is kept as it is, and what is around it is read; or when they are UTF-16 text
+    without a mark (see :func:`_unmarked_utf16`)."""
     data = _blob_bytes(blob)
     if data is None:  # no base64: a string as any other (under a key "blob" in a result)
         return _redact_text(blob, detectors)
     # A byte order mark, or a charset the media type names, says how its text is encoded: a
-    # UTF-16 text read as UTF-8 went out in clear (found by a bug hunt)
+    # UTF-16 text read as UTF-8 went out in clear (found by a bug hunt); without either, its
+    # zero bytes may (a UTF-16 text without a mark went out in clear, found by review)
     bom, encoding = _blob_encoding(data, media_type)
+    if encoding is None:
+        encoding = _unmarked_utf16(data)
     if encoding is not None:
         try:
             text = data[len(bom) :].decode(encoding)
@@ -847,6 +851,44 @@ def _blob_encoding(data: bytes, media_type: Any) -> tuple[bytes, str | None]:
             if name not in ("utf-8", "utf8"):
                 return b"", name
     return b"", None
+
+
+# How much of a blob with neither a mark nor a charset is read to tell whether it is UTF-16
+# text: all of it is read only when that much is (a blob is at most a frame, 32 MiB).
+_SNIFFED_BYTES = 4096
+# What text holds none of, in UTF-16 as much as in bytes: a control character other than
+# whitespace and ESC (a terminal's colours), a C1 control, U+FFFE and U+FFFF (no characters).
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f\ufffe\uffff]")
+
+
+def _unmarked_utf16(data: bytes) -> str | None:
+    """``utf-16-le`` or ``utf-16-be`` when ``data``, which has neither a byte order mark nor
+    a charset, is UTF-16 text of mostly ASCII or Latin-1 (.NET's ``Encoding.Unicode`` and
+    Windows' wide strings write it so): of even length, the high byte of at least 7 in 8 of
+    its first characters zero, and all of it text in that byte order (a zero only as its
+    last character); else None. Bytes that are not (an image, an archive, random ones) are
+    told at their first :data:`_SNIFFED_BYTES`."""
+    if len(data) < 12 or len(data) % 2:  # (6 characters, ``a@b.co``: the shortest finding)
+        return None
+    head = data[:_SNIFFED_BYTES]
+    half = len(head) // 2
+    if head[1::2].count(0) * 8 >= half * 7:
+        encoding = "utf-16-le"
+    elif head[0::2].count(0) * 8 >= half * 7:
+        encoding = "utf-16-be"
+    else:
+        return None
+    # (a pair of surrogates the head cuts in two is no sign of bytes that are not text)
+    text = head.decode(encoding, errors="replace")
+    if len(data) > len(head):
+        if _NOT_TEXT.search(text) is not None:
+            return None
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:  # (a lone surrogate)
+            return None
+    end = len(text) - 1 if text.endswith("\0") else len(text)  # (a C string's ending zero)
+    return None if _NOT_TEXT.search(text, 0, end) else encoding
 
 
 def _blob_bytes(blob: str) -> bytes | None:
