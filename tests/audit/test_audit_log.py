@@ -772,3 +772,47 @@ async def test_a_resumption_in_the_same_run_says_what_earlier_runs_lost_too(
         [resumed] = [json.loads(e.body) for e in store.read_audit(0, 10)]
         assert (resumed["failed_events"], resumed["failed_before_restart"]) == (1, 3)
         assert not note.exists()
+
+
+@pytest.mark.parametrize("where", ["loop", "thread"])
+async def test_records_gathered_while_failing_come_before_the_resumption(
+    tmp_path: Path, where: str
+) -> None:
+    # The resumption record was committed at once, and what the loop had gathered (the
+    # record of a call refused meanwhile) by its batch's timer after it: the log said the
+    # refusal came after the log was taken up again (found by review)
+    with FullDiskStore(tmp_path / "a.db") as store, AuditLog(store, window=30) as log:
+        store.full = True
+        with pytest.raises(StorageError, match="disk is full"):
+            log.append_sync({"n": "lost"})
+        assert log.stats.failing
+        refused = log.submit({"n": "refused"})  # gathers for 30 s
+        store.full = False
+        log._room_checked = 0.0  # (past ROOM_CHECK_S)
+        with anyio.fail_after(10):
+            if where == "loop":  # a call asks
+                assert log.writable()
+            else:  # the server's watcher asks, from a thread
+                assert await asyncio.to_thread(log.writable)
+            assert (await refused).seq == 1
+        records = [json.loads(e.body) for e in store.read_audit(0, 10)]
+        assert [r.get("n", r.get("verb")) for r in records] == ["refused", "resume_audit_log"]
+        assert records[1]["failed_events"] == 1
+        assert verify_store(store).count == 2
+
+
+async def test_records_gathered_while_a_resumption_fails_are_committed_by_their_batch(
+    tmp_path: Path,
+) -> None:
+    # What a resumption took along goes back to its batch when it cannot be written
+    with FullDiskStore(tmp_path / "a.db") as store, AuditLog(store, window=0.05) as log:
+        store.full = True
+        with pytest.raises(StorageError, match="disk is full"):
+            log.append_sync({"n": "lost"})
+        refused = log.submit({"n": "refused"})
+        log._room_checked = 0.0
+        assert not log.writable()  # its record fails too
+        store.full = False  # (before the loop turns again: the batch is tried then)
+        with anyio.fail_after(10):
+            assert (await refused).seq == 1  # committed by its batch's timer
+        assert log.stats.failing  # (no resumption record yet)

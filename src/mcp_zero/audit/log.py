@@ -444,28 +444,76 @@ class AuditLog:
         and the last failure: the proof that a commit goes through, which room and a free
         lock are not. An I/O error, a file system remounted read-only or a damaged newest
         record reopened the log within a second, over and over, and each call between ran
-        its plugin and lost its record (found by review). None once durable; else why not."""
-        event = self._resumption(self.stats.failed_events, self.stats.last_failure)
-        pending = _Pending(event, concurrent.futures.Future(), None)
+        its plugin and lost its record (found by review). What the loops gathered meanwhile
+        (the records of calls refused while it failed) is committed first, in the same
+        transaction: it came before, and its own timer committed it after the record (found
+        by review). None once durable; else why not."""
         failed = self.stats.failed_batches
+        taken = self._take_gathered()
+        event = self._resumption(self.stats.failed_events, self.stats.last_failure)
+        items = [pending for _, gathered, _ in taken for pending in gathered]
+        items.append(_Pending(event, concurrent.futures.Future(), None))
         try:
             # Not waiting for another process's lock, nor this log's: on the loop, a wait
             # would stall it up to the busy timeout (found by review)
-            self._write_chained(
-                functools.partial(self._store_sealed, [pending], False),
+            entries = self._write_chained(
+                functools.partial(self._store_sealed, items, False),
                 wait=False,
                 lock_timeout=0,
             )
         except StoreBusy as exc:
+            self._give_back(taken)
             return f"the audit log's store is still locked by another writer ({exc})"
         except Exception as exc:
+            self._give_back(taken)
             return str(exc)
+        self.stats.batches += 1
+        self.stats.events += len(entries)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(entries))
+        _settle(items, entries, None)
+        for loop, _, _ in taken:
+            self._unblock(loop)
         with self._lock:
             if self.stats.failed_batches != failed:  # a batch failed meanwhile: not yet
                 return self.stats.last_failure or "a batch failed meanwhile"
             self.stats.failing = False
         self._recorded_lost()
         return None
+
+    def _take_gathered(
+        self,
+    ) -> list[tuple[asyncio.AbstractEventLoop, list[_Pending], float | None]]:
+        """What every loop has gathered and not committed, taken from its batch: each loop,
+        its events, and since when its batch has found the store locked (None: it has not)."""
+        with self._lock:
+            taken = [
+                (loop, *_take(batch, loop))
+                for loop, batch in self._batches.items()
+                if batch.pending
+            ]
+        for loop, _, _ in taken:
+            self._let_go(loop, take_in=False)
+        return taken
+
+    def _give_back(
+        self, taken: list[tuple[asyncio.AbstractEventLoop, list[_Pending], float | None]]
+    ) -> None:
+        """Put what :meth:`_take_gathered` took back in front of its batches, to be committed
+        (or failed) by their timers, as if it had never been taken."""
+        here = _running_loop()
+        for loop, gathered, busy_since in taken:
+            with self._lock:
+                batch = self._batch(loop)
+                batch.pending[:0] = gathered
+                if busy_since is not None and batch.busy_since is None:
+                    batch.busy_since = busy_since
+                if batch.timer is not None:
+                    continue
+                if loop is here:
+                    batch.timer = loop.call_soon(self._flush, loop)
+                    continue
+                with contextlib.suppress(RuntimeError):  # (its loop closed: no one waits)
+                    batch.timer = loop.call_soon_threadsafe(self._flush, loop)
 
     def _resumption(self, failed: int, failure: str) -> dict[str, Any]:
         """The record of the log taken up again after ``failed`` events failed in this
