@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -460,6 +461,74 @@ def test_a_policy_nested_deeper_than_a_stack_takes_is_loaded_or_refused_not_a_cr
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.startswith(outcome), done.stdout
+
+
+def test_a_deep_policy_loads_on_a_smaller_stack_when_address_space_is_short(
+    tmp_path: Path,
+) -> None:
+    # An address-space limit that refuses the 256 MiB stack leaves the 64 MiB one
+    (tmp_path / "deep.cedar").write_text(
+        '@id("deep")\nforbid (principal, action, resource) when { '
+        + "(" * 700
+        + "false"
+        + ")" * 700
+        + " };\n"
+    )
+    load = (
+        "import re, resource, sys\n"
+        "from pathlib import Path\n"
+        "from mcp_zero.policy import PolicyEngine\n"
+        "PolicyEngine.load(Path(sys.argv[1]))\n"  # (what a load maps, mapped before the limit)
+        "size = int(re.search(rb'VmSize:\\s+(\\d+)', open('/proc/self/status', 'rb').read())[1])\n"
+        "room = (size << 10) + (160 << 20)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+        "PolicyEngine.load(Path(sys.argv[1]))\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", load, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr[-2000:]
+
+
+def _stack_bytes() -> int:
+    """The size of the calling thread's stack, as pthread has it."""
+    libc = ctypes.CDLL(None)
+    attr = ctypes.create_string_buffer(128)
+    assert libc.pthread_getattr_np(ctypes.c_ulong(threading.get_ident()), attr) == 0
+    size = ctypes.c_size_t()
+    assert libc.pthread_attr_getstacksize(attr, ctypes.byref(size)) == 0
+    libc.pthread_attr_destroy(attr)
+    return size.value
+
+
+def test_threads_started_while_policies_compile_keep_the_usual_stack(tmp_path: Path) -> None:
+    # The compile thread's 256 MiB stack was set with threading.stack_size, for the whole
+    # process: of the threads another thread started meanwhile (a server's to_thread, a
+    # pool's), nearly all got 256 MiB too, and kept it (found by review)
+    write_default_policies(tmp_path)
+    sizes: list[int] = []
+    usual = threading.Thread(target=lambda: sizes.append(_stack_bytes()))
+    usual.start()
+    usual.join()
+    compiled = threading.Event()
+
+    def start_threads() -> None:
+        while not compiled.is_set():
+            thread = threading.Thread(target=lambda: sizes.append(_stack_bytes()))
+            thread.start()
+            thread.join()
+
+    starter = threading.Thread(target=start_threads)
+    starter.start()
+    try:
+        for _ in range(20):
+            PolicyEngine.load(tmp_path)
+    finally:
+        compiled.set()
+        starter.join(30)
+    assert len(sizes) > 1
+    assert {size >> 20 for size in sizes} == {sizes[0] >> 20}
 
 
 def test_a_template_is_refused_naming_it_as_it_would_never_apply(tmp_path: Path) -> None:

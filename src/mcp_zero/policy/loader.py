@@ -13,7 +13,6 @@ import fnmatch
 import hashlib
 import os
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from mcp_zero.errors import PolicyError
 from mcp_zero.fdio import read_regular
 from mcp_zero.policy.decision import DEFAULT_DENY
 from mcp_zero.policy.detectors import LABELS
+from mcp_zero.policy.stack import start_thread
 
 POLICY_GLOB = "*.cedar"
 _POSITIONAL_ID = re.compile(r"policy(\d+)")
@@ -207,10 +207,10 @@ def read_policy_dir(policy_dir: Path) -> dict[str, str]:
 # calling thread's stack: a policy nested ~600 parentheses deep, or an `||` chain of ~1,500
 # alternatives, overflowed the main thread's 8 MiB and the process died (SIGSEGV) at every
 # load, `mcp0 policy check` included (found by review). So a set is compiled on a thread of
-# its own with a stack of _PARSE_STACK_BYTES (reserved, touched only as deep as it goes:
-# ~20,000 levels), and a statement past these bounds is refused before Cedar sees it. Cedar
-# itself refuses an expression nested over 100 levels (in `to_pst`), so only absurd ones meet
-# them.
+# its own with a stack of _PARSE_STACK_BYTES, that thread's alone (policy/stack.py;
+# reserved, touched only as deep as it goes: ~20,000 levels), and a statement past these
+# bounds is refused before Cedar sees it. Cedar itself refuses an expression nested over
+# 100 levels (in `to_pst`), so only absurd ones meet them.
 _PARSE_STACK_BYTES = 256 << 20
 _PARSE_STACKS = (_PARSE_STACK_BYTES, 64 << 20)  # (64 MiB: ~4,800 levels)
 MAX_BRACKET_DEPTH = 1_000  # (, [ and { open at once in one statement
@@ -225,38 +225,15 @@ _T = TypeVar("_T")
 def _on_deep_stack(work: Callable[[], _T]) -> _T:
     """``work()``, run on a thread with a stack of _PARSE_STACK_BYTES, or 64 MiB if an
     address-space limit refuses that (its result, or what it raised); PolicyError if no
-    such thread can be started."""
-    outcome: list[_T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
+    such thread can be started. Only that thread has the larger stack (see ``stack``)."""
+    for size in _PARSE_STACKS:  # (an address-space limit may refuse the largest)
         try:
-            outcome.append(work())
-        except BaseException as exc:  # (re-raised in the caller's thread)
-            failure.append(exc)
-
-    thread: threading.Thread | None = None
-    with _STACK_SIZE_LOCK:  # (the size applies to every thread made while it is set)
-        for size in _PARSE_STACKS:  # (an address-space limit may refuse the largest)
-            previous = threading.stack_size(size)
-            candidate = threading.Thread(target=run, name="mcp0-policy-compile", daemon=True)
-            try:
-                candidate.start()
-                thread = candidate
-                break
-            except RuntimeError as exc:
-                refused = exc
-            finally:
-                threading.stack_size(previous)
-    if thread is None:
-        raise PolicyError(f"cannot start a thread to compile the policies: {refused}")
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
-
-
-_STACK_SIZE_LOCK = threading.Lock()
+            join = start_thread(work, size)
+        except OSError as exc:
+            refused = exc
+            continue
+        return join()
+    raise PolicyError(f"cannot start a thread to compile the policies: {refused}")
 
 
 def _check_size(name: str, statements: list[tuple[int, str]]) -> None:
