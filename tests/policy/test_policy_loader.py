@@ -358,8 +358,15 @@ def test_the_engine_knows_whether_a_policy_reads_the_labels(
         ('when { context.labels.containsAny(["pii", "Secret"]) }', "'Secret'"),
         ('unless { ["pii", "email"].containsAll(context.labels) }', "'email'"),
         ('when { context.labels == ["token"] || context.labels != ["ssn"] }', "'ssn', 'token'"),
+        # through records and conditionals (they escaped the check: found by review)
+        ('when { {"l": context.labels}.l.contains("secrets") }', "'secrets'"),
+        ('when { {"l": context.labels} == {"l": ["token"]} }', "'token'"),
+        ('when { {"a": {"l": context.labels}} != {"a": {"l": ["ssn"]}} }', "'ssn'"),
+        ('when { (if context.anonymous then context.labels else ["pii"]).contains("email") }',
+         "'email'"),
+        ('when { context.labels.containsAny({"s": ["pii", "PII"]}.s) }', "'PII'"),
     ],
-)
+)  # fmt: skip
 def test_a_condition_naming_an_unknown_label_is_refused(
     tmp_path: Path, condition: str, unknown: str
 ) -> None:
@@ -381,7 +388,8 @@ def test_a_condition_naming_known_labels_or_other_strings_loads(tmp_path: Path) 
     (tmp_path / "c.cedar").write_text(
         "forbid (principal, action, resource) when { "
         'context.labels.containsAll(["secret", "pii"]) && context.transport == "stdio" '
-        "&& context.labels.contains(context.transport) };"
+        "&& context.labels.contains(context.transport) "
+        '&& {"l": context.labels, "t": context.transport} != {"l": ["pii"], "t": "http"} };'
     )
     assert PolicyEngine.load(tmp_path).uses_labels
 

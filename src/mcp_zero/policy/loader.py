@@ -531,10 +531,9 @@ def _label_reading(clauses: tuple[pst.Clause, ...]) -> tuple[bool, set[str]]:
         if isinstance(node, pst.Var) and node.name == "context":
             reads = True
         elif isinstance(node, pst.BinaryOp) and node.op in _LABEL_COMPARISONS:
-            if node.left == _CONTEXT_LABELS:
-                named.update(_string_literals(node.right))
-            elif node.right == _CONTEXT_LABELS:
-                named.update(_string_literals(node.left))
+            # (also through records and conditionals: `{"l": context.labels}.l.contains("x")`,
+            # `{"l": context.labels} == {"l": ["x"]}` escaped the check: found by review)
+            named |= _labels_named([node.left], [node.right], by_field=node.op in _EQUALITY)
         if isinstance(node, Mapping):
             stack.extend(node.values())
         elif isinstance(node, tuple):
@@ -544,10 +543,62 @@ def _label_reading(clauses: tuple[pst.Clause, ...]) -> tuple[bool, set[str]]:
     return reads, named
 
 
-def _string_literals(expr: pst.Expr) -> list[str]:
-    """The strings ``expr`` is, or its set holds, written out."""
-    elements = expr.elements if isinstance(expr, pst.Set) else (expr,)
-    return [element.value for element in elements if isinstance(element, pst.StringLit)]
+_EQUALITY = frozenset({"eq", "not_eq"})
+
+
+def _resolved(expr: pst.Expr) -> list[pst.Expr]:
+    """What ``expr`` may stand for, written out: the field of a record literal it reads
+    (``{"l": e}.l`` is ``e``), each branch of a conditional; else ``expr`` itself."""
+    if isinstance(expr, pst.IfThenElse):
+        return _resolved(expr.then_expr) + _resolved(expr.else_expr)
+    if isinstance(expr, pst.GetAttr):
+        fields_read = [
+            base.fields[expr.attr]
+            for base in _resolved(expr.base)
+            if isinstance(base, pst.Record) and expr.attr in base.fields
+        ]
+        if fields_read:
+            return [found for field in fields_read for found in _resolved(field)]
+    return [expr]
+
+
+def _labels_named(lefts: list[pst.Expr], rights: list[pst.Expr], *, by_field: bool) -> set[str]:
+    """The labels a comparison of what ``lefts`` and ``rights`` may stand for names, when
+    one side may be ``context.labels``; with ``by_field`` (``==``, ``!=``), also in the
+    fields of the same name of records on both sides. (Not in the context compared with a
+    record: Cedar's validator refuses that, its ``plugin`` being optional.) Each side is
+    taken whole, not branch by branch: linear in the expression's size."""
+    lefts = [found for expr in lefts for found in _resolved(expr)]
+    rights = [found for expr in rights for found in _resolved(expr)]
+    named: set[str] = set()
+    if _CONTEXT_LABELS in lefts:
+        named.update(_string_literals(rights))
+    if _CONTEXT_LABELS in rights:
+        named.update(_string_literals(lefts))
+    if by_field:
+        left_fields, right_fields = _fields(lefts), _fields(rights)
+        for name in left_fields.keys() & right_fields.keys():
+            named |= _labels_named(left_fields[name], right_fields[name], by_field=True)
+    return named
+
+
+def _fields(exprs: list[pst.Expr]) -> dict[str, list[pst.Expr]]:
+    """The fields of the record literals among ``exprs``, by name."""
+    fields_by_name: dict[str, list[pst.Expr]] = {}
+    for expr in exprs:
+        if isinstance(expr, pst.Record):
+            for name, value in expr.fields.items():
+                fields_by_name.setdefault(name, []).append(value)
+    return fields_by_name
+
+
+def _string_literals(exprs: list[pst.Expr]) -> list[str]:
+    """The strings ``exprs`` are, or their sets hold, written out."""
+    strings = []
+    for value in exprs:
+        for element in value.elements if isinstance(value, pst.Set) else (value,):
+            strings += [s.value for s in _resolved(element) if isinstance(s, pst.StringLit)]
+    return strings
 
 
 def _scope(scope: pst.PrincipalOrResourceConstraint) -> TargetScope:
