@@ -852,6 +852,27 @@ async def test_plugins_get_workers_only_within_the_servers_max_workers(
         await runtime.aclose()
 
 
+async def test_plugins_left_idle_hold_no_workers_of_max_workers(make_runtime: Any) -> None:
+    # A stdio session starts only its agent's plugins: the others must not take the
+    # workers its agent's need, nor those of the plugins it takes up later
+    runtime: Runtime = make_runtime(max_workers=1)
+    runtime.plugins.install(CONFORMANCE_DIR)  # 1 worker each
+    runtime.plugins.install(FAULTY_DIR)
+    runtime.plugins.install(NOTES_DIR)
+    runtime.plugins.starts_only = {"notes"}
+    try:
+        with anyio.fail_after(30):
+            await runtime.start()
+        assert len(pids_of(runtime, "notes")) == 1  # though conformance comes first
+        assert pids_of(runtime, "conformance") == pids_of(runtime, "faulty") == []
+        assert not runtime.plugins.failed
+        runtime.plugins.take_up({"notes", "faulty"})  # attached later: no worker left for it
+        assert "0 of the server's max_workers = 1 are free" in runtime.plugins.failed["faulty"]
+        assert pids_of(runtime, "conformance") == []
+    finally:
+        await runtime.aclose()
+
+
 async def test_a_plugin_refused_workers_names_one_failing_to_start_that_holds_them(
     make_runtime: Any, tmp_path: Path
 ) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
-from rpc_live import FAULTY_DIR, NOTES_DIR, make_runtime
+from rpc_live import CHATTY_DIR, FAULTY_DIR, NOTES_DIR, make_runtime
 
 from mcp_zero.rpc.stdio import MAX_LINE, serve_stdio
 from mcp_zero.runtime import Runtime
@@ -872,6 +872,36 @@ async def test_stdio_hears_list_changed_and_lists_a_plugin_another_process_attac
         assert await notices_until(peer, changed) == [changed]
         # notes has no resources or prompts: nothing else came before this answer
         assert "notes_add" in await tool_names(peer, "after")
+
+
+async def test_a_stdio_session_starts_only_its_agents_plugins_and_those_attached_later(
+    tmp_path: Path,
+) -> None:
+    # It started a worker for every installed plugin, though the session can call only its
+    # agent's: a start and a worker's memory each, for nothing (found by review)
+    async with stdio_server(tmp_path, plugins=("faulty",)) as peer:
+        peer.send(initialize_message())
+        await peer.receive()
+        plugins = peer.runtime.plugins
+        assert plugins.runtimes["faulty"].pids
+        assert plugins.runtimes["notes"].pids == []
+        # installed while it runs, attached to no one: not started either
+        await mcp0(peer, "plugin", "install", str(CHATTY_DIR))
+        with anyio.fail_after(TIMEOUT_S):
+            while "chatty" not in plugins.runtimes:
+                await asyncio.sleep(0.05)
+        assert plugins.runtimes["chatty"].pids == []
+        # attached by another process: started as the next request sees it, and called
+        await mcp0(peer, "agent", "attach", "piper", "notes")
+        changed = "notifications/tools/list_changed"
+        assert await notices_until(peer, changed) == [changed]  # (seen within 2 s)
+        call = {"name": "notes_add", "arguments": {"text": "attached later"}}
+        peer.send({"jsonrpc": "2.0", "id": "add", "method": "tools/call", "params": call})
+        reply = (await peer.until_id("add"))[-1]
+        assert "result" in reply, reply
+        assert reply["result"]["structuredContent"]["note"]["text"] == "attached later"
+        assert plugins.runtimes["notes"].pids
+        assert plugins.runtimes["chatty"].pids == []
 
 
 async def test_stdio_hears_which_lists_a_reinstalled_plugin_changed(tmp_path: Path) -> None:

@@ -632,6 +632,12 @@ class PluginHost:
         self.failed: dict[str, str] = {}  # plugins whose runtime could not start, and why
         self.starting: set[str] = set()  # plugins whose runtime is starting
         self._unstarted: set[str] = set()  # refused for want of workers: retried on refresh
+        # The plugins whose runtimes are started (None: all installed, as a server's). A stdio
+        # session serves one agent, who calls only its attached plugins: it starts those,
+        # and those attached later as it sees them (take_up); the others stay idle, their
+        # runtimes made (their manifests index the lists) but no worker started.
+        self.starts_only: set[str] | None = None
+        self._idle: set[str] = set()  # made and not started (``only``, ``starts_only``)
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # told after the index changed
         # told as the index changes, before anything is decided under it: what was read of
@@ -933,7 +939,8 @@ class PluginHost:
         """Bring runtimes and index in line with the store; True when something changed.
 
         New runtimes are started (those named in ``only``, if given: a one-off call needs
-        one plugin), and those named in ``wait_for`` (default: all) waited for ``wait``
+        one plugin; else those of ``starts_only``, if set), and those named in ``wait_for``
+        (default: all) waited for ``wait``
         seconds at most (None: until all started or failed; 0: not at all): one that takes
         longer goes on starting, its calls wait for it, and a failure is recorded when it
         comes. A plugin that hangs while it loads must not keep a server from serving the
@@ -962,6 +969,7 @@ class PluginHost:
                     self.failed.pop(name, None)
                     self.starting.discard(name)
                     self._unstarted.discard(name)
+                    self._idle.discard(name)
                     # New calls go to the new code at once; the calls the old one is running
                     # finish there (an upgrade must not cut a tool off mid-way).
                     self._leave(runtime, copy)
@@ -991,15 +999,19 @@ class PluginHost:
                 for runtime in left:
                     self.on_leave(runtime)
             self.version = version
+            if only is None:
+                only = self.starts_only
+            if only is not None:
+                self._idle.update(name for name, _ in fresh if name not in only)
+                fresh = [(name, runtime) for name, runtime in fresh if name in only]
             fresh = self._within_worker_budget(fresh)
             # Only the new runtimes start (a running one would get a second set of workers);
             # one plugin that cannot start must not keep the others, or the server, down.
             starting = {}
             for name, runtime in fresh:
-                if only is None or name in only:
-                    task = self._start(name, runtime)
-                    if wait_for is None or name in wait_for:
-                        starting[name] = task
+                task = self._start(name, runtime)
+                if wait_for is None or name in wait_for:
+                    starting[name] = task
             if starting and wait != 0:
                 await asyncio.wait(starting.values(), timeout=wait)
                 for name, task in starting.items():
@@ -1015,12 +1027,27 @@ class PluginHost:
         return True
 
     async def start_plugin(self, name: str) -> None:
-        """Start plugin ``name``'s runtime, which ``refresh(only=...)`` left unstarted; a
-        failure is recorded as ``refresh`` records it."""
+        """Start plugin ``name``'s runtime, which ``refresh(only=...)`` left unstarted, and
+        wait for it; a failure is recorded as ``refresh`` records it."""
         runtime = self.runtimes.get(name)
-        if runtime is None:
+        if runtime is None or name not in self._idle:
             return
-        await asyncio.wait([self._start(name, runtime)])
+        self._idle.discard(name)
+        if self._within_worker_budget([(name, runtime)]):
+            await asyncio.wait([self._start(name, runtime)])
+
+    def take_up(self, names: Collection[str]) -> None:
+        """(On the loop.) With ``starts_only`` set: start, from now on, the runtimes of the
+        plugins ``names`` as well (an agent's attachments, which may have changed since the
+        session began), not waiting for them: their calls wait for them, as for a plugin a
+        server's watcher took up. Within ``max_workers``, as at a refresh."""
+        if self.starts_only is None or self.starts_only.issuperset(names):
+            return
+        self.starts_only.update(names)
+        fresh = [(name, self.runtimes[name]) for name in sorted(self._idle.intersection(names))]
+        self._idle.difference_update(names)
+        for name, runtime in self._within_worker_budget(fresh):
+            self._start(name, runtime)
 
     def _start(self, name: str, runtime: PluginRuntime) -> asyncio.Task[None]:
         """Start ``runtime`` (plugin ``name``) in a task of its own, which :meth:`close`
@@ -1055,7 +1082,7 @@ class PluginHost:
         holding = {
             name: self.manifests[name].quotas.workers
             for name in self.runtimes
-            if name not in starting and name not in self.failed
+            if name not in starting and name not in self.failed and name not in self._idle
         }
         in_use = sum(holding.values())
         fits = []

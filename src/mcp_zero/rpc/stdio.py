@@ -383,6 +383,7 @@ async def _serve_stdio(
                     "opened this session, was rotated (start the session again with the new one)"
                 )
             session.principal = admitted.principal
+            runtime.plugins.take_up(admitted.principal.plugins)  # (attached since: started)
         except Unauthorized as exc:  # terminated, or its token rotated
             await channel.send(jsonrpc.error_from_exception(request.id, exc))
             return
@@ -458,9 +459,12 @@ async def _serve_stdio(
             # The session's close cancelled it before its first step: run() never ran
             spawn(unstarted(request))
 
-    # Its agent's plugins are waited for (their calls are the ones it will make); the others
-    # start as well, and a slow one (it may hang as it loads) holds up no client's launch.
-    await runtime.start(wait=STARTUP_WAIT_S, wait_for=principal.plugins)
+    # Only its agent's plugins start (its calls are the only ones made here: the others'
+    # workers cost a start, and memory, for nothing), waited for at most STARTUP_WAIT_S (a
+    # slow one, which may hang as it loads, holds up no client's launch); those attached
+    # later start as the session sees them (run), and those installed later if attached.
+    runtime.plugins.starts_only = set(principal.plugins)
+    await runtime.start(wait=STARTUP_WAIT_S)
 
     async def end_revoked(ended: Session, why: str) -> None:
         """The session's agent was terminated, or the token it was opened with rotated
