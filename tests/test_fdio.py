@@ -1,14 +1,16 @@
-"""fdio.read_regular: a regular file's bytes, and nothing else read or left open."""
+"""fdio.read_regular: a regular file's bytes, and nothing else read or left open.
+fdio.remove_tree and tree_bytes: a tree however deep, nothing outside it touched."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from mcp_zero.fdio import NotRegularFile, read_regular
+from mcp_zero.fdio import NotRegularFile, read_regular, remove_tree, tree_bytes, walk_up
 
 
 def open_descriptors() -> int:
@@ -49,3 +51,70 @@ def test_what_is_not_a_regular_file_is_refused_naming_it_and_nothing_is_left_ope
 def test_a_missing_file_is_the_os_error_it_is(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_regular(tmp_path / "nope")
+
+
+def test_a_tree_deeper_than_python_recurses_is_counted_and_removed(
+    deep_tree: Callable[[Path, int], None], tmp_path: Path
+) -> None:
+    # A plugin can make a data dir 1,500 levels deep: listing, purging or adopting it after
+    # the plugin's removal raised RecursionError (os.walk, shutil.rmtree: found by review)
+    deep_tree(tmp_path / "deep", 1500)
+    assert tree_bytes(tmp_path / "deep") == 1500 * 3
+    before = open_descriptors()
+    remove_tree(tmp_path / "deep")
+    assert open_descriptors() == before
+    assert os.listdir(tmp_path) == []
+    remove_tree(tmp_path / "deep")  # gone already: no error
+    assert tree_bytes(tmp_path / "deep") == 0
+
+
+def test_links_are_removed_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("kept")
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "to-dir").symlink_to(outside)
+    (tmp_path / "tree" / "to-file").symlink_to(outside / "keep")
+    assert tree_bytes(tmp_path / "tree") == 0
+    remove_tree(tmp_path / "tree")
+    assert sorted(os.listdir(tmp_path)) == ["outside"]
+    assert (outside / "keep").read_text() == "kept"
+
+
+def test_a_directory_moved_out_while_walked_stops_the_walk(tmp_path: Path) -> None:
+    # going back up through "..", the walk would be in the moved directory's new parent:
+    # it checks it is the one it left, so a removal never deletes outside its tree
+    (tmp_path / "tree" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "tree" / "a" / "b" / "file").write_text("x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep").write_text("kept")
+    walked = walk_up(tmp_path / "tree")
+    _, name, _ = next(walked)
+    assert name == "file"
+    os.rename(tmp_path / "tree" / "a" / "b", tmp_path / "elsewhere" / "b")
+    with pytest.raises(OSError, match="moved while walked"):
+        next(walked)
+    assert (tmp_path / "elsewhere" / "keep").read_text() == "kept"
+
+
+def test_what_cannot_be_removed_is_left_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a file the OS refuses to delete, made so for root too, who may delete anything a
+    # chmod could protect: os.unlink refuses one name)
+    (tmp_path / "tree" / "locked").mkdir(parents=True)
+    (tmp_path / "tree" / "locked" / "file").write_text("x")
+    (tmp_path / "tree" / "other").write_text("y")
+    unlink = os.unlink
+
+    def refusing(name: str, *, dir_fd: int | None = None) -> None:
+        if name == "file":
+            raise PermissionError(1, "Operation not permitted", name)
+        unlink(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", refusing)
+    with pytest.raises(PermissionError):
+        remove_tree(tmp_path / "tree")
+    assert os.listdir(tmp_path / "tree") == ["locked"]  # all else deleted
+    remove_tree(tmp_path / "tree", ignore_errors=True)
+    assert os.listdir(tmp_path / "tree" / "locked") == ["file"]

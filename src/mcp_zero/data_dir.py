@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from pathlib import Path
+
+from mcp_zero import fdio
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -42,7 +43,7 @@ class DataDirClaim:
         alone), then release it: a process that failed to set one up leaves none behind."""
         try:
             if self.fresh and self._fd is not None:
-                shutil.rmtree(self.path, ignore_errors=True)
+                fdio.remove_tree(self.path, ignore_errors=True)
         finally:
             self.release()
 

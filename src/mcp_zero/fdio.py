@@ -71,6 +71,104 @@ def read_regular(path: str | os.PathLike[str]) -> bytes:
         return file.read()
 
 
+def walk_up(path: str | os.PathLike[str]) -> Iterator[tuple[int, str, os.stat_result]]:
+    """Every entry below the directory at ``path``, however deep, each after all it holds:
+    (its directory's descriptor, its name, its own ``lstat``). For deleting a tree and for
+    adding up its bytes, where :func:`walk` (a descriptor per level, :data:`MAX_DEPTH`) and
+    ``os.walk`` or ``shutil.rmtree`` (recursion: RecursionError some 1,000 levels down, in
+    a tree a plugin can make in its data dir) stop short.
+
+    It holds one directory open at a time: it goes down by name and back up through
+    ``..``, checking each directory it comes back to is the one it left (else OSError: the
+    tree was moved meanwhile). It never follows a link, does not enter another file system
+    (a mount inside the tree is yielded, not entered), and leaves out a directory it cannot
+    enter (yielded, not entered). The descriptor is valid until the next item: act on the
+    entry through it (``dir_fd=fd``).
+    """
+    fd = os.open(path, DIR_FLAGS)
+    top = os.fstat(fd)
+    # a directory being walked: its stat, its name in its parent, its names still to come
+    stack: list[tuple[os.stat_result, str, Iterator[str]]] = [(top, "", iter(os.listdir(fd)))]
+    try:
+        while stack:
+            here, own, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                if not stack:
+                    break
+                parent = os.open("..", DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                if not os.path.samestat(os.fstat(fd), stack[-1][0]):
+                    raise OSError(errno.ENOENT, "moved while walked", own)
+                yield fd, own, here
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if not stat.S_ISDIR(st.st_mode) or st.st_dev != top.st_dev:
+                yield fd, name, st
+                continue
+            try:
+                sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                yield fd, name, st  # (cannot be entered, or replaced by a link meanwhile)
+                continue
+            try:
+                if not os.path.samestat(os.fstat(sub), st):
+                    raise FileNotFoundError(errno.ENOENT, "replaced while walked", name)
+                listed = iter(os.listdir(sub))
+            except OSError:
+                os.close(sub)
+                yield fd, name, st
+                continue
+            os.close(fd)
+            fd = sub
+            stack.append((st, name, listed))
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: str | os.PathLike[str], *, ignore_errors: bool = False) -> None:
+    """Delete the directory ``path`` and all it holds, however deep (:func:`walk_up`). What
+    cannot be deleted is left, and the first such error raised at the end (OSError), unless
+    ``ignore_errors``; a tree already gone is no error."""
+    failed: OSError | None = None
+    try:
+        for fd, name, st in walk_up(path):
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                failed = failed or exc
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        failed = failed or exc
+    if failed is not None and not ignore_errors:
+        raise failed
+
+
+def tree_bytes(path: str | os.PathLike[str]) -> int:
+    """The bytes of the regular files below the directory ``path``, however deep (links not
+    followed; what cannot be read, not counted; 0 if it cannot be read at all)."""
+    total = 0
+    try:
+        for _, _, st in walk_up(path):
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    except OSError:
+        pass
+    return total
+
+
 def file_kind(mode: int) -> str | None:
     """What a file that is not a regular one is, for an error message; None if regular."""
     if stat.S_ISREG(mode):

@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
+from mcp_zero import fdio
 from mcp_zero.audit.chain import read_event
 from mcp_zero.errors import (
     Conflict,
@@ -232,6 +233,43 @@ async def test_a_plugin_over_the_size_limit_is_refused(make_runtime: Any, tmp_pa
     with pytest.raises(ManifestError, match="more than a plugin may"):
         runtime.plugins.install(source)
     assert runtime.store.list_plugins() == []
+
+
+async def test_a_plugin_deeper_than_a_copy_goes_is_refused_by_name(
+    deep_tree: Callable[[Path, int], None], make_runtime: Any, tmp_path: Path
+) -> None:
+    # 129 levels failed as a copy (a StorageError), 1,500 raised RecursionError in the check
+    # before it (os.walk): both are the plugin's fault, said as such (found by review)
+    runtime: Runtime = make_runtime()
+    for levels in (fdio.MAX_DEPTH, 1500):
+        source = edited_copy(tmp_path, FAULTY_DIR)
+        deep_tree(source / "deep", levels)  # (directories down to levels + 1 deep)
+        with pytest.raises(ManifestError, match=f"more than {fdio.MAX_DEPTH} levels deep"):
+            runtime.plugins.install(source)
+    assert runtime.store.list_plugins() == []
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    deep_tree(source / "deep", fdio.MAX_DEPTH - 1)  # as deep as a plugin may go
+    runtime.plugins.install(source)
+    copy = runtime.plugins.copy_path(runtime.store.list_plugins()[0])
+    assert fdio.tree_bytes(copy / "deep") == (fdio.MAX_DEPTH - 1) * 3  # all of it copied
+
+
+async def test_a_removed_plugins_data_dir_however_deep_is_listed_and_purged(
+    deep_tree: Callable[[Path, int], None], make_runtime: Any
+) -> None:
+    # A plugin can make its data dir 1,500 levels deep: listing what removals set aside,
+    # purging it or adopting it raised RecursionError (os.walk, shutil.rmtree)
+    runtime: Runtime = make_runtime()
+    where = runtime.settings.plugin_data_dir
+    runtime.plugins.install(FAULTY_DIR)
+    deep_tree(where / "faulty", 1500)
+    kept = runtime.plugins.remove("faulty").data_kept
+    assert kept is not None
+    (aside,) = plugin_data.set_aside(where)
+    assert (aside.dir, aside.bytes) == (kept.name, 1500 * 3)
+    runtime.purge_plugin_data(kept.name)
+    assert plugin_data.set_aside(where) == []
+    assert os.listdir(where) == []
 
 
 @contextmanager

@@ -16,7 +16,6 @@ import fcntl
 import logging
 import os
 import re
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import orjson
 
+from mcp_zero import fdio
 from mcp_zero.errors import Conflict, NotFound, StorageError
 from mcp_zero.kernel.action import Verb
 from mcp_zero.storage.base import Store
@@ -80,7 +80,7 @@ def set_aside(plugin_data_dir: Path, plugin: str | None = None) -> list[SetAside
         path = plugin_data_dir / entry
         with contextlib.suppress(OSError):
             if stat.S_ISDIR(os.lstat(path).st_mode):
-                found.append(SetAside(name, entry, path, when, _tree_bytes(path)))
+                found.append(SetAside(name, entry, path, when, fdio.tree_bytes(path)))
     return sorted(found, key=lambda aside: (aside.plugin, aside.removed_at))
 
 
@@ -161,7 +161,7 @@ def purge(
             with contextlib.suppress(Exception):
                 _finish(plugin_data_dir, store)
             raise
-    shutil.rmtree(trash, ignore_errors=True)
+    fdio.remove_tree(trash, ignore_errors=True)
     return aside
 
 
@@ -199,7 +199,7 @@ def _cut_short(plugin_data_dir: Path) -> list[tuple[int, str, Path]]:
 def _finish(plugin_data_dir: Path, store: Store) -> None:
     for after_seq, directory, path in _cut_short(plugin_data_dir):
         if _purge_recorded(store, after_seq, directory):
-            shutil.rmtree(path, ignore_errors=True)
+            fdio.remove_tree(path, ignore_errors=True)
         else:
             _rename(path, plugin_data_dir / directory)
             log.warning(
@@ -247,14 +247,3 @@ def _rename(source: Path, target: Path) -> None:
         os.rename(source, target)
     except OSError as exc:
         raise StorageError(f"cannot rename {source} to {target}: {exc}") from exc
-
-
-def _tree_bytes(root: Path) -> int:
-    """The bytes of the files under ``root`` (links not followed; what cannot be read, not
-    counted)."""
-    total = 0
-    for parent, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(parent, name)).st_size
-    return total

@@ -171,7 +171,7 @@ def _delete_unleased(copy: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # in use by another process: the last to let go deletes it
             return False
-        shutil.rmtree(copy, ignore_errors=True)
+        fdio.remove_tree(copy, ignore_errors=True)
         return not copy.exists()
     finally:
         os.close(fd)
@@ -199,11 +199,18 @@ def _check_holds_no_data_dir(source: Path, data_dir: Path) -> None:
 def _check_tree(source: Path) -> None:
     """Refuse what must not be copied into the data dir: a symbolic link (one to ``/`` would
     copy the whole file system), a special file (a FIFO or a socket cannot be copied; a
-    device must not be read), and a tree over MAX_PLUGIN_BYTES."""
+    device must not be read), a tree over MAX_PLUGIN_BYTES, and one deeper than
+    ``fdio.MAX_DEPTH`` levels (what the copy, ``fdio.walk``, goes down)."""
     total = 0
     for root, dirs, files in os.walk(source):  # does not follow links
         ignored = _NOT_COPIED(root, dirs + files)
         dirs[:] = [d for d in dirs if d not in ignored]
+        if dirs and len(Path(root).relative_to(source).parts) >= fdio.MAX_DEPTH:
+            # (checked before os.walk goes down: it recurses, RecursionError ~1,000 down)
+            raise ManifestError(
+                f"{_shown(Path(root, dirs[0]).relative_to(source))} in {_shown(source)} is "
+                f"more than {fdio.MAX_DEPTH} levels deep, deeper than a plugin's files may be"
+            )
         for name in dirs + [f for f in files if f not in ignored]:
             path = Path(root, name)
             if not _utf8(name):
@@ -771,8 +778,8 @@ class PluginHost:
                     self._rename_data(manifest.name, adopted.pop())
                 raise
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(target, ignore_errors=True)
+            fdio.remove_tree(staging, ignore_errors=True)
+            fdio.remove_tree(target, ignore_errors=True)
             raise
         replaced = done.replaced
         if replaced is not None and self.copy_path(replaced) != target:
