@@ -512,6 +512,7 @@ class Runtime:
             replace=replace,
             adopt_data=adopt_data,
             commit=lambda write: self.audit.append_with(write, recorded),
+            decided=manifest,  # (the file may have changed since: that one is not installed)
         )
 
     def remove_plugin(self, name: str, *, via: str = "cli") -> Removal:

@@ -675,9 +675,12 @@ class PluginHost:
         replace: bool = False,
         adopt_data: bool | str = False,
         commit: Commit[Installed] | None = None,
+        decided: PluginManifest | None = None,
     ) -> Installed:
         """Validate the plugin at ``source``, copy it into the data dir and record it;
-        return what the install did.
+        return what the install did. ``decided``: the manifest a decision to install was
+        made on (the policy's, read from ``source`` before): a ManifestError if what is
+        there now is not that one, so what is installed is what was decided and audited.
 
         ``commit`` runs the store write it is given (and may make more in its transaction:
         the install's audit record); the copy is made before, outside any transaction.
@@ -696,6 +699,12 @@ class PluginHost:
         _check_holds_no_data_dir(source, self.protect or self.plugins_dir.parent)
         _check_tree(source)  # first: reading a named pipe as plugin.json would never end
         manifest = load_manifest(source)
+        if decided is not None and manifest.to_dict() != decided.to_dict():
+            raise ManifestError(
+                f"{_shown(source / 'plugin.json')} changed after the install of plugin "
+                f"{decided.name!r} {decided.version} was decided (it is plugin "
+                f"{manifest.name!r} {manifest.version} now): nothing installed; install again"
+            )
 
         def check(installed: list[PluginRecord]) -> None:
             _check_unique(manifest, installed, replace)
