@@ -1321,6 +1321,38 @@ async def test_what_two_plugins_installed_before_the_check_both_serve_neither_se
         await runtime.aclose()
 
 
+async def test_an_older_installs_backtracking_pattern_is_not_served_and_said(
+    make_runtime: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Installs now refuse a pattern the linear-time regex engine cannot run (lookaround,
+    # backreferences: what made argument checks backtrack for minutes); a plugin an older
+    # version installed with one is not served, and the log says why, the others served
+    runtime: Runtime = make_runtime()
+    runtime.plugins.install(NOTES_DIR)
+    source = write_plugin(tmp_path / "old", "old", "plugin = None\n", ["old_tool"])
+    manifest = load_manifest(source).to_dict()
+    manifest["tools"][0]["inputSchema"] = {
+        "type": "object",
+        "properties": {"a": {"type": "string", "pattern": r"(a|a)+\1b"}},
+    }
+    copy = runtime.settings.plugins_dir / "old" / "1.0.0-old"
+    shutil.copytree(source, copy)
+    runtime.store.put_plugin(PluginRecord("old", "1.0.0", manifest, str(copy), time.time()))
+    host = runtime.plugins
+    try:
+        with anyio.fail_after(30):
+            await host.refresh(force=True, only=())
+        assert "old_tool" not in host.tools
+        assert "notes_add" in host.tools
+        logged = [r.getMessage() for r in caplog.records if r.name == "mcp_zero.plugins"]
+        assert any(
+            m.startswith("plugin 'old' is not served: ") and "without lookaround" in m
+            for m in logged
+        ), logged
+    finally:
+        await runtime.aclose()
+
+
 def file_reading_plugin(directory: Path) -> Path:
     """Plugin ``pfile``: ``pfile_read`` says it started (``started`` in its data dir), waits
     for ``go`` there (60 s at most), then reads ``payload.txt`` beside its module."""

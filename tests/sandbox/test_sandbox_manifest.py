@@ -109,6 +109,36 @@ def test_minimal_manifest_gets_defaults():
             "tools[notes_add].inputSchema",
             "is not a usable JSON Schema",
         ),
+        (  # a backtracking pattern: (a|a)+\\1b took ~8 ms an item, minutes for 1 MiB
+            variant(
+                tools=[
+                    tool(
+                        inputSchema={
+                            "type": "object",
+                            "properties": {
+                                "a": {"type": "array", "items": {"pattern": r"(?:(a|a)+\1b|.)"}}
+                            },
+                        }
+                    )
+                ]
+            ),
+            "tools[notes_add].inputSchema",
+            "patterns run in linear time, without lookaround",
+        ),
+        (
+            variant(
+                tools=[
+                    tool(
+                        outputSchema={
+                            "type": "object",
+                            "properties": {"a": {"type": "string", "pattern": "^(?!admin).*"}},
+                        }
+                    )
+                ]
+            ),
+            "tools[notes_add].outputSchema",
+            "backreferences",
+        ),
         (
             variant(
                 tools=[
