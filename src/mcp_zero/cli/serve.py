@@ -33,6 +33,32 @@ log = logging.getLogger("mcp_zero.serve")
 
 # The server's log lines (stderr), over HTTP and stdio alike.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What a terminal acts on, escaped in a log line (tabs and newlines kept): a plugin's stderr
+# line or error message carrying ESC sequences recoloured, retitled or rewrote the
+# operator's terminal, or set its clipboard (OSC 52), and \r hid the line's start.
+_ACTED_ON = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class LogFormatter(logging.Formatter):
+    """LOG_FORMAT, with what a terminal would act on shown escaped (``\x1b``)."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return _ACTED_ON.sub(lambda found: found.group().encode("unicode_escape").decode(), line)
+
+
+def _log_to_stderr(settings: Settings) -> None:
+    """Send the server's log to stderr (unless the process configured logging already)."""
+    if logging.root.handlers:  # (as basicConfig: an embedder's or a test's own set-up)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter())
+    logging.root.addHandler(handler)
+    logging.root.setLevel(settings.log_level.upper())
+
 
 STDIO_NEEDS_AN_AGENT = (
     "--stdio needs the agent the session runs as: --agent NAME (or MCP0_AGENT), or the "
@@ -223,11 +249,7 @@ def run_http(settings: Settings, *, as_json: bool = False) -> None:
     from mcp_zero.rpc.http import HttpApp
     from mcp_zero.rpc.wire import HttpServer, raise_open_files_limit
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format=LOG_FORMAT,
-    )
+    _log_to_stderr(settings)
     for variable in ("MCP0_AGENT", "MCP0_TOKEN"):
         # who a stdio session runs as; ignored, not refused: an environment is shared (a
         # shell's, a service manager's), a command line is this server's
@@ -355,7 +377,7 @@ def run_stdio(settings: Settings, agent: str | None, token: str | None) -> None:
         closed = "stdin" if sys.stdin is None else "stdout"
         raise ConfigError(f"--stdio speaks MCP on stdin and stdout, and {closed} is closed")
     # (as the HTTP server's: it had no times, found by review)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    _log_to_stderr(settings)
     # a stdio session's agent exists already: the first start is left to an HTTP server
     runtime, _ = _prepare(settings, on_loopback_only=settings.on_loopback_only())
     try:
