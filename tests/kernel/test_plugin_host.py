@@ -1276,6 +1276,15 @@ async def test_templates_no_uri_matches_twice_and_other_names_are_accepted(
     assert sorted(r.name for r in runtime.store.list_plugins()) == ["alpha", "zeta"]
 
 
+def recorded_as_an_older_install(runtime: Runtime, source: Path, manifest: dict[str, Any]) -> None:
+    """Plugin ``source`` installed as an older version left it: copied, and recorded with
+    ``manifest`` without the checks installs make now."""
+    name = manifest["name"]
+    copy = runtime.settings.plugins_dir / name / "1.0.0-old"
+    shutil.copytree(source, copy)
+    runtime.store.put_plugin(PluginRecord(name, "1.0.0", manifest, str(copy), time.time()))
+
+
 async def test_what_two_plugins_installed_before_the_check_both_serve_neither_serves(
     make_runtime: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1298,10 +1307,7 @@ async def test_what_two_plugins_installed_before_the_check_both_serve_neither_se
         resources=("mem://shared", "mem://alpha"),
         templates=("mem://{+rest}",),
     )
-    copy = runtime.settings.plugins_dir / "alpha" / "1.0.0-old"  # as an older install left it
-    shutil.copytree(alpha, copy)
-    manifest = load_manifest(alpha).to_dict()
-    runtime.store.put_plugin(PluginRecord("alpha", "1.0.0", manifest, str(copy), time.time()))
+    recorded_as_an_older_install(runtime, alpha, load_manifest(alpha).to_dict())
     host = runtime.plugins
     try:
         with anyio.fail_after(30):
@@ -1335,9 +1341,7 @@ async def test_an_older_installs_backtracking_pattern_is_not_served_and_said(
         "type": "object",
         "properties": {"a": {"type": "string", "pattern": r"(a|a)+\1b"}},
     }
-    copy = runtime.settings.plugins_dir / "old" / "1.0.0-old"
-    shutil.copytree(source, copy)
-    runtime.store.put_plugin(PluginRecord("old", "1.0.0", manifest, str(copy), time.time()))
+    recorded_as_an_older_install(runtime, source, manifest)
     host = runtime.plugins
     try:
         with anyio.fail_after(30):
