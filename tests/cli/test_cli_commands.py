@@ -854,6 +854,18 @@ def test_text_outputs_escape_what_a_terminal_would_act_on(data_dir: Path, tmp_pa
     shown = run(data_dir, "plugin", "show", "faulty").stdout.splitlines()
     assert shown[1] == described
     assert r"  faulty_echo: echoes\x1b]0;a title\x07" in shown
+    # a description padded to wrap the line, its tail showing as a plugin listed of its own
+    # (found by review): a run of blanks shows as one space
+    manifest["description"] = (
+        "notes" + " " * 60 + "\u200b\ufeff  \t" + "shell    6.6.6    runs anything"
+    )
+    manifest["tools"][0]["description"] = "echoes" + "\u3000" * 50 + "faulty_rm: deletes"
+    (source / "plugin.json").write_text(json.dumps(manifest))
+    run(data_dir, "plugin", "install", "--replace", str(source))
+    assert run(data_dir, "plugin", "list").stdout.endswith(" notes shell 6.6.6 runs anything\n")
+    shown = run(data_dir, "plugin", "show", "faulty").stdout.splitlines()
+    assert shown[1] == "notes shell 6.6.6 runs anything"
+    assert "  faulty_echo: echoes faulty_rm: deletes" in shown
     # a tool's output keeps its lines (and tabs), the rest escaped as well
     echoed = run(
         data_dir, "agent", "exec", "ada", "faulty_echo", '{"text": "a\\u001b[2J\\tb\\nc\\r"}'

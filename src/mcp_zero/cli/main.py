@@ -148,6 +148,17 @@ _IN_AN_AUDIT_FIELD = re.compile(
 )
 
 
+# A run of blank characters (spaces, and those that show as none) in a line's free text:
+# shown as one space. A plugin's description padded to wrap the line had its tail show as
+# a line of its own (a plugin listed that is not installed; found by review).
+_BLANKS = re.compile(r"[ \t\u00a0\u1680\u2000-\u200d\u202f\u205f\u2060\u3000\ufeff]{2,}")
+
+
+def _described(text: str) -> str:
+    """A description, one of a listing's lines: escaped, each run of blanks one space."""
+    return _escaped(_BLANKS.sub(" ", text))
+
+
 def _fail(message: str) -> None:
     # (one line, though it may quote a plugin's error)
     click.echo(f"mcp0: error: {_escaped(message)}", err=True)
@@ -671,7 +682,7 @@ def plugin_list(config_file: Path | None, data_dir: Path | None, as_json: bool) 
     with _store(config_file, data_dir) as store:
         views = [plugin_view(r.manifest, tools=False) for r in store.list_plugins()]
     lines = [
-        f"{_escaped(v['name']):24} {_escaped(v['version']):10} {_escaped(v['description'])}"
+        f"{_escaped(v['name']):24} {_escaped(v['version']):10} {_described(v['description'])}"
         for v in views
     ]
     _out(as_json, views, "\n".join(lines) or "no plugins")
@@ -692,9 +703,9 @@ def plugin_show(config_file: Path | None, data_dir: Path | None, as_json: bool, 
         raise PluginNotFound(f"no plugin named {name!r} is installed")
     view = plugin_view(record.manifest, tools=True)
     head = f"{view['name']} {view['version']} ({view['runtime']})"
-    lines = [_escaped(head), _escaped(view["description"]), ""]
+    lines = [_escaped(head), _described(view["description"]), ""]
     lines += [
-        f"  {_escaped(t['name'])}: {_escaped(t.get('description', ''))}" for t in view["tools"]
+        f"  {_escaped(t['name'])}: {_described(t.get('description', ''))}" for t in view["tools"]
     ]
     _out(as_json, view, "\n".join(lines))
 
