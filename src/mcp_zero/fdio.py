@@ -44,11 +44,12 @@ class NotRegularFile(OSError):
         self.kind = kind
 
 
-def read_regular(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of the regular file at ``path`` (or a link to one). Opened without blocking,
-    so that a named pipe in its place cannot hang the reader, nor a device (/dev/zero) feed
-    it without end: raises NotRegularFile for those (nothing left open), OSError as ``open``
-    does."""
+def read_regular(path: str | os.PathLike[str], limit: int = -1) -> bytes:
+    """The bytes of the regular file at ``path`` (or a link to one); with a ``limit``, at
+    most that many and one more (a file over it tells by its length). Opened without
+    blocking, so that a named pipe in its place cannot hang the reader, nor a device
+    (/dev/zero) feed it without end: raises NotRegularFile for those (nothing left open),
+    OSError as ``open`` does."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -68,7 +69,7 @@ def read_regular(path: str | os.PathLike[str]) -> bytes:
         os.close(fd)
         raise
     with file:
-        return file.read()
+        return file.read(limit + 1 if limit >= 0 else -1)
 
 
 def walk_up(path: str | os.PathLike[str]) -> Iterator[tuple[int, str, os.stat_result]]:

@@ -12,7 +12,7 @@ import pytest
 from sandbox_support import CONFORMANCE_DIR, KIT_DIR, NOTES_DIR
 
 from mcp_zero.errors import ManifestError
-from mcp_zero.sandbox.manifest import Quotas, load_manifest, parse_manifest
+from mcp_zero.sandbox.manifest import MAX_MANIFEST_BYTES, Quotas, load_manifest, parse_manifest
 
 GOOD: dict[str, Any] = {
     "name": "notes",
@@ -415,6 +415,19 @@ def test_load_manifest_errors(tmp_path: Path):
     (tmp_path / "plugin.json").write_text(twice)
     with pytest.raises(ManifestError, match="key 'name' appears twice in one object"):
         load_manifest(tmp_path)
+
+
+def test_a_plugin_json_over_the_limit_is_refused_unread(tmp_path: Path):
+    # every server parses an installed plugin's record again at each refresh, on its event
+    # loop, and lists its tools to every client: a 100 MiB plugin.json was taken in whole
+    (tmp_path / "notes_plugin.py").write_text("")
+    empty = len(json.dumps({**GOOD, "description": ""}))
+    at_most = "x" * (MAX_MANIFEST_BYTES - empty)
+    (tmp_path / "plugin.json").write_text(json.dumps({**GOOD, "description": at_most + "x"}))
+    with pytest.raises(ManifestError, match=r"over 4 MiB, more than plugin\.json may be"):
+        load_manifest(tmp_path)
+    (tmp_path / "plugin.json").write_text(json.dumps({**GOOD, "description": at_most}))
+    assert load_manifest(tmp_path).description == at_most
 
 
 def test_an_entry_module_the_workers_python_imports_as_it_starts_is_refused(tmp_path: Path):

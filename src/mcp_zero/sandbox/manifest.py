@@ -57,6 +57,9 @@ _DIALECTS = frozenset(
 #: into tools/list and admin answers with orjson, which stops at 254 levels (the answer's
 #: own take a few); no manifest needs more than a few levels.
 MAX_MANIFEST_DEPTH = 64
+#: The largest plugin.json: every server parses its record again at each refresh, and lists
+#: its tools to every client (a thousand tools with schemas of a few KiB fit).
+MAX_MANIFEST_BYTES = 4 << 20
 # What orjson writes: a 64-bit integer, signed or not.
 _INT_RANGE = (-(2**63), 2**64 - 1)
 _TOP_LEVEL_KEYS = (
@@ -784,11 +787,17 @@ def _read_regular(path: Path) -> bytes:
     """The bytes of ``path``, refused (ManifestError) unless it is a regular file (a named
     pipe in its place cannot hang the reader). Raises OSError."""
     try:
-        return read_regular(path)
+        data = read_regular(path, MAX_MANIFEST_BYTES)
     except NotRegularFile as exc:
         raise ManifestError(
             f"{path}: {exc.kind}, not a regular file; plugin.json must be a file of JSON"
         ) from exc
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{path}: over {MAX_MANIFEST_BYTES >> 20} MiB, more than plugin.json may be (it is "
+            "read again at every refresh of every server, and listed to every client)"
+        )
+    return data
 
 
 def _not_regular(path: Path) -> str | None:
@@ -801,6 +810,7 @@ def _not_regular(path: Path) -> str | None:
 
 __all__ = [
     "ABI_VERSION",
+    "MAX_MANIFEST_BYTES",
     "MAX_NAME_LENGTH",
     "MAX_URI_LENGTH",
     "Capabilities",
