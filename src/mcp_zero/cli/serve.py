@@ -45,9 +45,10 @@ class LogFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(LOG_FORMAT)
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
-        return _ACTED_ON.sub(lambda found: found.group().encode("unicode_escape").decode(), line)
+    def format(self, record: logging.LogRecord) -> str:
+        # (the whole record: a traceback's exception message may quote a plugin too)
+        text = super().format(record)
+        return _ACTED_ON.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
 
 
 def _log_to_stderr(settings: Settings) -> None:
