@@ -225,6 +225,32 @@ async def test_a_symbolic_link_in_a_plugin_is_refused_before_anything_is_copied(
     assert not (runtime.settings.plugins_dir / "faulty").exists()  # nothing was copied
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to other users (chown)")
+async def test_a_hard_link_to_another_users_file_is_refused(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # Where fs.protected_hardlinks is 0, a user can link any file into a plugin directory
+    # (/etc/shadow): root's install copied it, for the plugin's workers to read (found by
+    # review). A link to a file of the directory's owner is the owner's to give.
+    runtime: Runtime = make_runtime()
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    user, other = 4242, 4343
+    os.chown(source, user, user)
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$secret")
+    os.chown(secret, other, other)
+    os.link(secret, source / "shadow")
+    with pytest.raises(
+        ManifestError, match=r"shadow in .* is a hard link to a file of another user \(uid 4343\)"
+    ):
+        runtime.plugins.install(source)
+    assert runtime.store.list_plugins() == []
+    os.chown(secret, user, user)  # the owner's own file, linked: a file of the plugin's
+    runtime.plugins.install(source)
+    copy = runtime.plugins.copy_path(runtime.store.list_plugins()[0])
+    assert (copy / "shadow").read_text() == "root:$6$secret"
+
+
 async def test_a_plugin_over_the_size_limit_is_refused(make_runtime: Any, tmp_path: Path) -> None:
     runtime: Runtime = make_runtime()
     source = edited_copy(tmp_path, FAULTY_DIR)

@@ -249,6 +249,7 @@ def _copy_tree(source: Path, into: Path) -> None:
     it is refused, not copied (it was: ``copytree`` follows links). Anything that cannot be
     copied fails the copy, naming the file (``shutil.Error``, as copytree's)."""
     top = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    owners = {os.fstat(top).st_uid, os.geteuid()}
     total = 0
     try:
         for fd, name, st, relative in fdio.walk(top, include=_copied, strict=True):
@@ -275,6 +276,16 @@ def _copy_tree(source: Path, into: Path) -> None:
                 info = os.fstat(src)
                 if not (stat.S_ISREG(info.st_mode) and os.path.samestat(info, st)):
                     raise changed
+                if info.st_nlink > 1 and info.st_uid not in owners:
+                    # Where the kernel lets anyone link any file (fs.protected_hardlinks=0),
+                    # a user's plugin could hold /etc/shadow as a link, read as root here
+                    # and given to the plugin's workers: a file of a third user that is a
+                    # hard link is no file of the plugin's
+                    raise ManifestError(
+                        f"{_shown(relative)} in {_shown(source)} is a hard link to a file of "
+                        f"another user (uid {info.st_uid}), not the directory's owner's: put "
+                        "a copy of the file there"
+                    )
                 total += _copy_file(src, target, info)
             except OSError as exc:  # (named as copytree names them: see _copy_failure)
                 raise shutil.Error([(str(source / relative), str(target), str(exc))]) from exc
