@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -1022,3 +1023,49 @@ async def test_at_the_end_of_stdin_questions_to_the_client_fail_at_once(
         assert "stdin ended: the client can answer no more" in str(answer["result"]["content"])
         asked = [r for r in peer.audited("ask") if r["verb"] == "client_request"]
         assert [(r["outcome"], r["code"]) for r in asked] == [("error", "client_request_failed")]
+
+
+async def test_sigterm_cancels_a_2026_call_waiting_for_its_retry_and_records_its_question(
+    tmp_path: Path,
+) -> None:
+    """A 2026-07-28 call parked on its input_required answer runs outside any request: at
+    SIGTERM (the official client's last step after closing stdin) it was left to the end of
+    its worker, recorded as a plugin failure, and the record of its question to the client
+    was lost, the audit log closed by then (found by a bug hunt). It is cancelled, as at the
+    end of stdin, and both records are written."""
+    data_dir = await data_dir_with_agent(tmp_path, "parker")
+    server = await asyncio.create_subprocess_exec(
+        *(MCP0, "serve", "--stdio", "--agent", "parker", "--data-dir", str(data_dir)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert server.stdin is not None
+    assert server.stdout is not None
+    try:
+        asking = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {}}}
+        server.stdin.write(
+            orjson.dumps(stateless("ask", "tools/call", {"name": "faulty_ask_between"}, **asking))
+            + b"\n"
+        )
+        await server.stdin.drain()
+        with anyio.fail_after(TIMEOUT_S):
+            answer = orjson.loads(await server.stdout.readline())
+        assert answer["result"]["resultType"] == "input_required", answer
+        server.send_signal(signal.SIGTERM)
+        with anyio.fail_after(TIMEOUT_S):
+            assert await server.wait() == 0
+    finally:
+        if server.returncode is None:
+            server.kill()
+            with anyio.fail_after(TIMEOUT_S):
+                await server.communicate()
+    with SqliteStore(data_dir / "mcp0.db") as store:
+        records = [orjson.loads(entry.body) for entry in store.read_audit(0, 1000)]
+    ended = sorted(
+        (r["verb"], r["outcome"], r.get("code")) for r in records if r.get("request_id") == "ask"
+    )
+    assert ended == [
+        ("call_tool", "error", "cancelled"),
+        ("client_request", "error", "cancelled"),
+    ]

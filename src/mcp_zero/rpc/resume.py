@@ -386,13 +386,18 @@ class Resumptions:
         if parked is not None and parked[0].work is not None:
             parked[0].work.cancel()
 
-    def close(self) -> None:
+    def close(self) -> list[asyncio.Task[JSON]]:
+        """Cancel the waiting calls (the server stops); their tasks, for the caller to wait
+        for their records before the audit log closes (they run outside any request)."""
+        works = []
         for call, timer in self._parked.values():
             timer.cancel()
             if call.work is not None:
                 call.work.cancel()
+                works.append(call.work)
         self._parked.clear()
         self.ended.close()
+        return works
 
 
 class _Kept(NamedTuple):

@@ -589,12 +589,14 @@ class McpServer:
                 task.cancel()
         self.resumptions.end_agent(agent)
 
-    def end_listeners(self) -> None:
+    def end_listeners(self) -> list[asyncio.Task[Any]]:
         """The server is stopping: every listen stream ends with its result, and calls that
-        wait for a client's input_required answer are cancelled."""
-        self.resumptions.close()
+        wait for a client's input_required answer are cancelled: their tasks, to wait for
+        (no request runs them)."""
+        cancelled: list[asyncio.Task[Any]] = self.resumptions.close()
         for listener in self.listeners.values():
             listener.mailbox.put_nowait(None)
+        return cancelled
 
     def handle_response(self, session: Session, response: jsonrpc.Response) -> None:
         session.resolve(response.id, response.result, response.error, response.problem)

@@ -276,9 +276,10 @@ async def serve_stdio(
     credential: str | None = None,
 ) -> None:
     """Serve one MCP session on stdin/stdout until stdin closes (or, ``handle_signals``,
-    SIGTERM or SIGINT: the requests still running are cancelled and audited, the runtime
-    closed, as at the end of stdin but without waiting for them). ``credential``: the hash
-    of the token it was opened with, if any; the session ends when that token is rotated."""
+    SIGTERM or SIGINT: the requests still running, and the calls waiting for a 2026-07-28
+    retry, are cancelled and audited, the runtime closed, as at the end of stdin but without
+    waiting for them). ``credential``: the hash of the token it was opened with, if any; the
+    session ends when that token is rotated."""
     main = asyncio.current_task()
     signalled: list[int] = []
     if handle_signals and main is not None:
@@ -396,9 +397,13 @@ async def _serve_stdio(
 
     def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
+        awaited(task)
+        return task
+
+    def awaited(task: asyncio.Task[Any]) -> None:
+        """Count ``task`` among those the session waits for as it ends."""
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        return task
 
     def start(request: jsonrpc.Request, size: int) -> None:
         turn = loop.create_future() if from_file else None
@@ -540,7 +545,10 @@ async def _serve_stdio(
         while queued:  # (the end of a file: what it asked for is yet to start)
             moved.clear()
             await moved.wait()
-        server.end_listeners()  # stdin closed: subscriptions/listen streams end
+        # stdin closed: subscriptions/listen streams end, and the calls parked on a 2026-07-28
+        # client's retry are cancelled (waited for with the requests: their records)
+        for parked in server.end_listeners():
+            awaited(parked)
         await _wait_all(tasks, 30)
         if left := sum(not task.done() for task in tasks):  # (cancelled below)
             log.warning(
@@ -554,6 +562,11 @@ async def _serve_stdio(
         runtime.plugins.on_change = None
         runtime.plugins.on_resource_updated = None
         runtime.agents.on_change = None
+        # (after a signal, not done above) Parked calls run in no request: left to the end of
+        # their workers, they were recorded as plugin failures and their questions' records
+        # lost, the audit log closed by then (found by a bug hunt).
+        for parked in server.end_listeners():
+            awaited(parked)
         session.close()
         for task in tasks:
             task.cancel()
