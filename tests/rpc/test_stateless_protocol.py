@@ -11,6 +11,7 @@ import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ from rpc_live import (
 from mcp_zero.errors import HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION
 from mcp_zero.rpc.resume import EndedCalls
 from mcp_zero.runtime import Runtime
+from mcp_zero.storage.sqlite import SqliteStore
 
 pytestmark = pytest.mark.anyio
 JSON = dict[str, Any]
@@ -549,6 +551,33 @@ async def test_a_question_comes_back_as_input_required_and_the_retry_gets_the_re
     assert "action=accept" in done["content"][0]["text"]
     # audited once, under the first request's id, and the question as an action of its own
     assert audit_outcomes(env, body["id"]) == [("allowed", None), ("allowed", None)]
+
+
+async def test_a_call_waiting_for_its_retry_when_the_server_stops_records_its_end(
+    tmp_path: Path,
+) -> None:
+    # It runs in no request the server waits for as it stops: cancelled there, its records
+    # (its own, and its question's) must go in before the audit log closes (found by a bug
+    # hunt on stdio, where they were lost)
+    runtime = make_runtime(tmp_path / "data")
+    runtime.plugins.install(CONFORMANCE_DIR)
+    agent = await runtime.agents.spawn("asker", ["conformance"])
+    body = message("tools/call", ASK, meta=envelope(**capable()))
+    async with serve(runtime) as live:
+        env = Env(live, agent.token, agent.token)
+        asked = (await post(env, body)).json()["result"]
+        assert asked["resultType"] == "input_required", asked
+    with SqliteStore(runtime.settings.db_path) as store:
+        records = [orjson.loads(e.body) for e in store.read_audit(0, 100_000)]
+    ended = [
+        (r["verb"], r["outcome"], r.get("code"))
+        for r in records
+        if r.get("request_id") == body["id"]
+    ]
+    assert sorted(ended) == [
+        ("call_tool", "error", "cancelled"),
+        ("client_request", "error", "cancelled"),
+    ], ended
 
 
 async def test_a_question_carrying_a_secret_is_not_asked_when_a_policy_forbids_it(

@@ -82,6 +82,7 @@ from mcp_zero.runtime import STARTUP_WAIT_S, Runtime
 log = logging.getLogger("mcp_zero.http")
 DROP_LOG_INTERVAL_S = 60.0  # an agent's dropped sessions are logged once a minute
 READY_BLOCKED_S = 1.0  # /readyz says not ready once audit records wait this long for a lock
+PARKED_CANCEL_WAIT_S = 5.0  # for parked calls cancelled at shutdown to record their end
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 _ALLOW = [(b"allow", b"GET, POST, DELETE, OPTIONS")]
 _ALLOW_GET = [(b"allow", b"GET, HEAD")]
@@ -386,7 +387,12 @@ class HttpApp:
         self.runtime.plugins.on_change = None
         self.runtime.plugins.on_resource_updated = None
         self.runtime.agents.on_change = None
-        self.server.end_listeners()
+        # calls parked on a 2026-07-28 client's retry run in no request the server waits
+        # for: cancelled here, they record their end before the audit log closes (found
+        # by a bug hunt: on stdio, where nothing else gave them the time, they did not)
+        parked = self.server.end_listeners()
+        if parked:
+            await asyncio.wait(parked, timeout=PARKED_CANCEL_WAIT_S)
         for task in (self._janitor, self._list_watch):
             if task is not None:
                 task.cancel()
