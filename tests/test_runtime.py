@@ -565,6 +565,47 @@ def test_a_copy_of_a_running_data_dir_without_its_wal_is_refused_not_laid_out_an
         conn.close()
 
 
+@pytest.mark.parametrize("how", ["emptied", "deleted", "copied without its wal"])
+def test_a_data_dir_without_plugins_whose_database_was_lost_is_refused_too(
+    tmp_path: Path, how: str
+) -> None:
+    # Only installed plugins' copies told a lost database from a new data dir: with none
+    # (examples declined, every plugin removed), a database lost, emptied or copied without
+    # its WAL was laid out anew, agents and audit history gone, and a fresh chain that
+    # verified; the reading commands advised 'mcp0 serve' to do so (found by a bug hunt)
+    data_dir = tmp_path / "data"
+    runtime = Runtime(load_settings(None, {"data_dir": data_dir}, environ={}))
+    try:
+        runtime.record_what_governs()
+        asyncio.run(runtime.agents.spawn("ada", [], via="cli"))
+        copy = tmp_path / "copy"  # (while it runs: what it wrote is in its WAL)
+        shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns("mcp0.db-*"))
+    finally:
+        runtime.close()
+    if how != "copied without its wal":
+        copy = data_dir
+        for stale in data_dir.glob("mcp0.db-*"):
+            stale.unlink()
+        if how == "emptied":
+            (data_dir / "mcp0.db").write_bytes(b"")
+        else:
+            (data_dir / "mcp0.db").unlink()
+    assert not (copy / "plugins").exists() or not any((copy / "plugins").iterdir())
+    db = copy / "mcp0.db"
+    for command in (["agent", "create", "bob"], ["audit", "verify"], ["agent", "list"]):
+        done = subprocess.run(
+            [MCP0, *command, "--data-dir", str(copy)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, (command, done.stdout)
+        assert done.stderr.startswith(f"mcp0: error: the database {db} is "), done.stderr
+        assert "the agents, plugins and audit log recorded in it are gone" in done.stderr
+        assert "Restore mcp0.db" in done.stderr
+        assert done.stderr.count("\n") == 1
+    assert sorted(p.name for p in copy.glob("mcp0.db*")) == (
+        [] if how == "deleted" else ["mcp0.db"]
+    )
+
+
 def test_a_data_dir_prepared_by_the_operator_is_not_taken_for_a_lost_one(tmp_path: Path) -> None:
     # plugin-data/ on a file system of its own (docs/plugins.md) has its lost+found, and a
     # plugins/.keep is no install: both were refused as a lost database (found by review)

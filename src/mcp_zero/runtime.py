@@ -108,14 +108,20 @@ def _found_by(by: str) -> dict[str, Any]:
     return {"at_start": True} if by == "start" else {"found_by_command": by}
 
 
+#: In the data dir, once its mcp0.db holds a store (check_store_not_lost)
+STORE_MADE = "store-made"
+
+
 def check_store_not_lost(settings: Settings) -> None:
     """Refuse a data dir whose database is missing or empty (``holds_no_store``: also a
-    copy of ``mcp0.db`` without its ``mcp0.db-wal``) while it holds installed plugins'
-    copies (``plugins/NAME/VERSION-…``, made only by an install, which needs a database):
-    laid out again as new, its agents, plugins and audit history were silently gone, and a
-    fresh chain looked valid (found by review). A first start killed before its database
-    was made, or a data dir the operator prepared (``plugin-data/`` mounted on a file
-    system of its own, with its ``lost+found``), holds none and goes on."""
+    copy of ``mcp0.db`` without its ``mcp0.db-wal``) while it holds ``STORE_MADE`` (written
+    once the database holds a store) or installed plugins' copies (``plugins/NAME/VERSION-…``,
+    made only by an install, which needs a database; what tells of a store in a data dir an
+    earlier release made): laid out again as new, its agents, plugins and audit history were
+    silently gone, and a fresh chain looked valid (found by review). A first start killed
+    before its database was made, or a data dir the operator prepared (``plugin-data/``
+    mounted on a file system of its own, with its ``lost+found``), holds neither and goes
+    on."""
     db = settings.db_path
     if not holds_no_store(db):
         return
@@ -128,20 +134,46 @@ def check_store_not_lost(settings: Settings) -> None:
             if copy.is_dir() and not copy.name.startswith(".")
         ]
     except FileNotFoundError:
-        return
+        copies = []
     except OSError as exc:
         raise ConfigError(f"cannot read {settings.plugins_dir}: {exc.strerror or exc}") from exc
-    if copies:
+    # (without plugins installed, copies told nothing: a lost store was laid out anew, its
+    # agents and audit history gone, and the fresh chain verified: found by a bug hunt)
+    made = settings.data_dir / STORE_MADE
+    if copies or os.path.lexists(made):
         state = "missing" if not db.exists() else "empty"
         if state == "empty" and db.stat().st_size > 0:  # (the main file of a WAL, alone)
             state = "without tables (copied without its mcp0.db-wal?)"
-        raise ConfigError(
-            f"the database {db} is {state}, but {settings.plugins_dir} holds copies of "
-            f"installed plugins ({', '.join(sorted(copies)[:3])}"
-            f"{', …' if len(copies) > 3 else ''}): the agents, plugins and audit log "
-            "recorded with them are gone. Restore mcp0.db (and mcp0.db-wal) if you have a "
-            "backup; else move the data dir aside to start anew"
+        held = (
+            f"{settings.plugins_dir} holds copies of installed plugins "
+            f"({', '.join(sorted(copies)[:3])}{', …' if len(copies) > 3 else ''}): the "
+            "agents, plugins and audit log recorded with them are gone"
+            if copies
+            else f"this data dir held a store ({made} says so): the agents, plugins and audit "
+            "log recorded in it are gone"
         )
+        raise ConfigError(
+            f"the database {db} is {state}, but {held}. Restore mcp0.db (and mcp0.db-wal) if "
+            "you have a backup; else move the data dir aside to start anew"
+        )
+
+
+def _note_store_made(data_dir: Path) -> None:
+    """Write ``STORE_MADE`` in ``data_dir`` (once), whose database now holds a store: from
+    now on, a data dir without it is one whose store was lost, not a new one. Raises
+    ConfigError when it cannot be written."""
+    made = data_dir / STORE_MADE
+    if os.path.lexists(made):
+        return
+    try:
+        made.write_text(
+            "mcp0.db beside this file holds this data dir's store (agents, plugins, the audit "
+            "log): without it, mcp0 refuses the data dir rather than start a new store in it. "
+            "Restore mcp0.db from a backup (docs/operations.md)\n",
+            encoding="utf-8",
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot prepare data dir {data_dir}: {exc}") from exc
 
 
 def _make_private(path: Path, more: str = "") -> None:
@@ -210,6 +242,7 @@ class Runtime:
                     opened.close()
                 raise
             self.store = opened or self._open_store()
+            _note_store_made(settings.data_dir)
             self.audit = AuditLog(
                 self.store,
                 window=settings.audit_window_ms / 1000,

@@ -1433,9 +1433,11 @@ def test_reading_commands_neither_create_nor_migrate_a_store(data_dir: Path) -> 
     # a changing command migrates it; then they read it
     run(data_dir, "agent", "create", "bob")
     assert [a["name"] for a in as_json(data_dir, "agent", "list")] == ["ada", "bob"]
-    # an empty mcp0.db (a first start killed as it began) is not set up yet
+    # an empty mcp0.db (a first start killed as it began: before it wrote store-made) is
+    # not set up yet
     db.unlink()
     db.touch()
+    (data_dir / "store-made").unlink()
     for command in READING_COMMANDS:
         refused = run(data_dir, *command, ok=False)
         assert "is not set up yet" in refused.stderr, command
