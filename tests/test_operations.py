@@ -87,3 +87,23 @@ def test_the_documented_backup_restore_and_verification_run_as_written(tmp_path:
         broken = shell(verify, DB=db)
         expected = (2, "seq 3: a hash is not 64 lowercase hex digits\n")
         assert (broken.returncode, broken.stdout) == expected, forged
+    # sqlite3's failure went to stderr, and the loop said ok of the rows read before it: a
+    # database corrupt at record N verified as "ok: N - 1 records", a mistyped path as "ok:
+    # 0 records", both exiting 0 (found by a bug hunt)
+    damaged = tmp_path / "damaged.db"
+    shutil.copy(copies / "mcp0.db", damaged)
+    with contextlib.closing(sqlite3.connect(damaged)) as raw:
+        (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'audit'").fetchone()
+        (page_size,) = raw.execute("PRAGMA page_size").fetchone()
+    assert shell(verify, DB=damaged).stdout == verified
+    with damaged.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+    scratch = tmp_path / "scratch"  # (where the rows are read to first)
+    scratch.mkdir()
+    for unreadable in (damaged, tmp_path / "mistyped.db"):
+        failed = shell(verify, DB=unreadable, TMPDIR=scratch)
+        assert (failed.returncode, failed.stdout) == (1, f"cannot read {unreadable}\n")
+        assert failed.stderr.startswith("Error: "), failed.stderr  # (sqlite3's: why)
+        assert list(scratch.iterdir()) == []
+    assert not (tmp_path / "mistyped.db").exists()
