@@ -23,7 +23,7 @@ from mcp_zero.storage import (
 )
 from mcp_zero.storage.base import StoreBusy
 from mcp_zero.storage.migrations import MIGRATIONS, SCHEMA_VERSION
-from mcp_zero.storage.sqlite import holds_no_store
+from mcp_zero.storage.sqlite import WAL_KEPT_BYTES, holds_no_store
 
 
 @pytest.fixture
@@ -326,6 +326,41 @@ def test_a_checkpoint_puts_the_store_into_mcp0_db_so_a_copy_of_it_alone_holds_it
     with SqliteStore(copy, read_only=True) as copied:
         assert [e.seq for e in copied.read_audit()] == [1, 2, 3]
         verify_store(copied)
+
+
+def test_a_wal_grown_while_a_reader_held_it_is_cut_back_once_it_is_reused(
+    db: Path, store: SqliteStore
+) -> None:
+    # While a read is open (VACUUM INTO of a backup, the sqlite3 check of the log) the WAL
+    # cannot start over, and grows by all that is written; it kept that size on disk for
+    # as long as the server ran, outside db_max_mb (found by a bug hunt)
+    wal = db.with_name(db.name + "-wal")
+    append_chain(store, 1)
+    reader = sqlite3.connect(db, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM audit").fetchone()  # (holds its snapshot)
+        head = append_chain_after(store, 2000, pad="x" * 4000)
+        assert wal.stat().st_size > 2 * WAL_KEPT_BYTES
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    store.checkpoint()  # (as a server does every minute)
+    assert append_chain_after(store, 1).seq == head.seq + 1  # the WAL starts over
+    assert wal.stat().st_size <= WAL_KEPT_BYTES
+    verify_store(store)
+
+
+def append_chain_after(store: SqliteStore, count: int, pad: str = "") -> AuditEntry:
+    """Append ``count`` entries (one commit each) chained after the store's head; the last."""
+    prev = store.audit_head()
+    assert prev is not None
+    for seq in range(prev.seq + 1, prev.seq + 1 + count):
+        body = canonical({"n": seq, "pad": pad, "ts": float(seq)})
+        entry = AuditEntry(seq, float(seq), body, prev.hash, chain_hash(prev.hash, body))
+        store.append_audit_batch([entry])
+        prev = entry
+    return prev
 
 
 def test_holds_no_store_looks_at_the_wal_and_makes_nothing_beside_the_file(

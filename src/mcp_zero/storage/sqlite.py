@@ -99,6 +99,9 @@ _AUDIT_ROW = (
 _AUDIT_AFTER = _AUDIT_ROW + " AND seq > ? ORDER BY seq LIMIT ?"
 _AUDIT_HEAD = _AUDIT_ROW + " ORDER BY seq DESC LIMIT 1"
 _SQLITE_BUSY = 5  # the primary result code of a lock another connection holds
+#: What the WAL is cut back to when it starts over: above what it grows to between SQLite's
+#: own checkpoints (~4 MB), so only one grown while a read held it back is cut.
+WAL_KEPT_BYTES = 8 << 20
 
 
 class SqliteStore:
@@ -592,6 +595,9 @@ class SqliteStore:
                     data={"path": str(self.path)},
                 )
             conn.execute("PRAGMA synchronous = FULL")
+            # A WAL grown while a read held it (a backup's VACUUM INTO) kept its size on disk,
+            # outside db_max_mb, for as long as the server ran (found by a bug hunt)
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES:d}")
             if self._max_size_bytes is not None:
                 page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
                 pages = max(1, self._max_size_bytes // page_size)
