@@ -35,6 +35,7 @@ from mcp_zero.kernel.admin_token import (
     ADMIN_TOKEN_RECORDED,
     MAX_READ_BACK,
     READ_BACK_PAGE,
+    _holds_record,
     recorded_token_digest,
     rotate_admin_token,
     rotation_id,
@@ -117,6 +118,18 @@ def test_an_existing_data_dir_keeps_its_mode(tmp_path: Path) -> None:
         assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     assert stat.S_IMODE((shared / "admin.token").stat().st_mode) == 0o600
     assert stat.S_IMODE((shared / "keys" / "signing.key").stat().st_mode) == 0o600
+
+
+def test_a_damaged_record_is_no_record_of_a_rotation() -> None:
+    # a record holding the rotation's id whose body is not JSON made the search for the
+    # rotation's record, and the runtime's start, fail with a bare JSONDecodeError (found by
+    # a bug hunt): it is passed over, as any record of something else
+    rotation = rotation_id("mcp0_admin_token")
+    damaged = AuditEntry(1, 0.0, b'{"rotation": "' + rotation.encode() + b'", damaged', "", "")
+    recorded = {"verb": "change_admin_token", "rotation": rotation}
+    whole = AuditEntry(2, 0.0, orjson.dumps(recorded), "", "")
+    assert not _holds_record([damaged], rotation)
+    assert _holds_record([damaged, whole], rotation)
 
 
 def test_a_removed_admin_token_stays_removed_until_a_rotation(tmp_path: Path) -> None:

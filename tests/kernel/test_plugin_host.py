@@ -10,6 +10,7 @@ import random
 import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -454,6 +455,42 @@ def test_a_purge_cut_short_is_finished_as_its_record_says(make_runtime: Any) -> 
     os.rename(where / first, where / f".purging-0-{first}")
     make_runtime()
     assert [aside.dir for aside in plugin_data.set_aside(where)] == [first]
+
+
+def test_a_damaged_record_where_a_purge_is_looked_for_is_no_record_of_it(
+    make_runtime: Any,
+) -> None:
+    # A record holding the set-aside dir's name whose body is not JSON (damaged) made the
+    # search for the purge's record, and so the runtime's start, fail with a bare
+    # JSONDecodeError (found by a bug hunt): it is no record of the purge, and the dir is
+    # set aside again, its data kept
+    runtime: Runtime = make_runtime()
+    where = runtime.settings.plugin_data_dir
+    runtime.plugins.install(FAULTY_DIR)
+    (where / "faulty").mkdir(parents=True)
+    (where / "faulty" / "users.db").write_text("kept")
+    kept = runtime.plugins.remove("faulty").data_kept
+    assert kept is not None
+    os.rename(where / kept.name, where / f".purging-0-{kept.name}")
+    runtime.audit.append_sync(
+        admin_event(
+            Verb.PURGE_PLUGIN_DATA, "faulty", "cli", Outcome.ALLOWED, {"data_purged": kept.name}
+        )
+    )
+    runtime.install_plugin(NOTES_DIR)  # (audited: the damaged record is not the newest)
+    runtime.close()
+    db = sqlite3.connect(runtime.settings.db_path, isolation_level=None)
+    try:  # behind the store's back, as a disk's fault or an attacker would
+        db.execute("DROP TRIGGER audit_no_update")
+        db.execute(
+            "UPDATE audit SET body = CAST(? AS BLOB) WHERE instr(body, CAST(? AS BLOB))",
+            (f'{{"data_purged": "{kept.name}", damaged', "data_purged"),
+        )
+    finally:
+        db.close()
+    make_runtime()  # finishes the purge cut short as it opens
+    assert [aside.dir for aside in plugin_data.set_aside(where)] == [kept.name]
+    assert (where / kept.name / "users.db").read_text() == "kept"
 
 
 class HeldBridge:

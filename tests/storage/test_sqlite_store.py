@@ -287,6 +287,26 @@ def test_audit_rows_round_trip_in_seq_order(store: SqliteStore) -> None:
     assert store.read_audit(after_seq=7) == []
 
 
+def test_a_corrupt_database_is_said_so_with_what_to_do(db: Path) -> None:
+    # the message advised to "export what is readable", with no command to do it (found by
+    # a bug hunt): it names sqlite3's .dump, which reads what it can of a damaged file
+    with SqliteStore(db) as store:
+        store.append_audit_batch([_entry(seq, body=b'{"n":%d}' % seq) for seq in range(1, 500)])
+        store.checkpoint()
+    with contextlib.closing(sqlite3.connect(db)) as raw:
+        (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'audit'").fetchone()
+        (page_size,) = raw.execute("PRAGMA page_size").fetchone()
+    with db.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+    with SqliteStore(db) as store, pytest.raises(StorageError) as failed:
+        store.read_audit()
+    assert str(failed.value).endswith(
+        f"database at {db} is corrupt: restore it from a backup (docs/operations.md), or save "
+        f"what is readable with: sqlite3 {db} .dump > readable.sql"
+    ), failed.value
+
+
 def test_audit_table_refuses_update_and_delete(db: Path, store: SqliteStore) -> None:
     store.append_audit_batch([_entry(1), _entry(2)])
     raw = sqlite3.connect(db)

@@ -23,8 +23,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
-
+from mcp_zero.audit.chain import readable_event
 from mcp_zero.audit.log import AuditLog
 from mcp_zero.errors import StorageError
 from mcp_zero.kernel.action import Outcome
@@ -192,7 +191,7 @@ def _holds_record(entries: list[AuditEntry], rotation: str) -> bool:
     marker = rotation.encode()
     for entry in entries:
         if marker in entry.body:  # (a record is parsed only if it may be the one)
-            body = orjson.loads(entry.body)
+            body = readable_event(entry)
             if body.get("verb") == CHANGE_ADMIN_TOKEN and body.get("rotation") == rotation:
                 return True
     return False

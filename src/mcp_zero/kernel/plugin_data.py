@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from mcp_zero import fdio
+from mcp_zero.audit.chain import readable_event
 from mcp_zero.errors import Conflict, NotFound, StorageError
 from mcp_zero.kernel.action import Verb
 from mcp_zero.storage.base import Store
@@ -216,7 +215,7 @@ def _purge_recorded(store: Store, after_seq: int, directory: str) -> bool:
     while entries := store.read_audit(after_seq, 1000):
         for entry in entries:
             if marker in entry.body:  # (a record is parsed only if it may be the one)
-                body = orjson.loads(entry.body)
+                body = readable_event(entry)
                 if (
                     body.get("verb") == Verb.PURGE_PLUGIN_DATA
                     and body.get("data_purged") == directory

@@ -65,7 +65,8 @@ _ADVICE = {
     ),
     _SQLITE_NOTADB: "{path} is not an SQLite database: point the data dir elsewhere",
     _SQLITE_CORRUPT: (
-        "database at {path} is corrupt: restore it from a backup or export what is readable"
+        "database at {path} is corrupt: restore it from a backup (docs/operations.md), or "
+        "save what is readable with: sqlite3 {path} .dump > readable.sql"
     ),
 }
 
