@@ -273,6 +273,17 @@ async def test_mcp0_serve_stdio_speaks_json_lines(tmp_path: Path) -> None:
     assert replies[2]["result"]["content"][0]["text"] == "from cli"
 
 
+async def piped_stdio_server(data_dir: Path, agent: str) -> asyncio.subprocess.Process:
+    """`mcp0 serve --stdio` as ``agent`` on ``data_dir``, its stdin and stdout piped to the
+    test (stderr discarded)."""
+    return await asyncio.create_subprocess_exec(
+        *(MCP0, "serve", "--stdio", "--agent", agent, "--data-dir", str(data_dir)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 async def test_a_client_slow_to_read_stdout_holds_up_its_answers_not_the_server(
     tmp_path: Path,
 ) -> None:
@@ -286,12 +297,7 @@ async def test_a_client_slow_to_read_stdout_holds_up_its_answers_not_the_server(
     big = "x" * (4 << 20)
     # The client reads nothing while it sends: its end of stdout holds at most the pipe's
     # buffer and its reader's (128 KiB, asyncio's default), the answer stays mostly unsent.
-    server = await asyncio.create_subprocess_exec(
-        *(MCP0, "serve", "--stdio", "--agent", "slow-reader", "--data-dir", str(data_dir)),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    server = await piped_stdio_server(data_dir, "slow-reader")
     assert server.stdin is not None
     assert server.stdout is not None
     try:
@@ -1034,12 +1040,7 @@ async def test_sigterm_cancels_a_2026_call_waiting_for_its_retry_and_records_its
     was lost, the audit log closed by then (found by a bug hunt). It is cancelled, as at the
     end of stdin, and both records are written."""
     data_dir = await data_dir_with_agent(tmp_path, "parker")
-    server = await asyncio.create_subprocess_exec(
-        *(MCP0, "serve", "--stdio", "--agent", "parker", "--data-dir", str(data_dir)),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    server = await piped_stdio_server(data_dir, "parker")
     assert server.stdin is not None
     assert server.stdout is not None
     try:
