@@ -49,7 +49,7 @@ from mcp_zero.sandbox.worker_process import (
 )
 from mcp_zero.storage import AuditEntry, SqliteStore
 from plugin_builders import write_plugin
-from requires import require_root
+from requires import require, require_root
 
 pytestmark = pytest.mark.anyio
 ANSWERS = {
@@ -855,6 +855,36 @@ async def test_a_worker_reaches_only_its_own_files(tmp_path, open_dir):
         assert reached["read /etc/shadow"] == "PermissionError"
     # the server: refused by Landlock from ABI 6, and by the worker's seccomp filter anyway
     assert reached[f"signal {os.getpid()}"] == "PermissionError"
+
+
+def _sysv_segments() -> set[int]:
+    """The keys of the System V shared memory segments this process's IPC namespace holds."""
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return {int(line.split()[0]) for line in lines}
+
+
+async def test_a_worker_s_system_v_shared_memory_is_its_own_and_within_its_quota(make_runtime):
+    # A segment's pages count against no address space once detached, and outlive their
+    # maker: a plugin of 256 MiB left 400 MiB of them on the host after its worker had gone,
+    # for every other plugin to find by their key (found by a bug hunt)
+    first, second = await make_runtime(), await make_runtime()
+    require(first.mounts_confined, "its worker has no mount view here")
+    key = 0x6D30_0000 + os.getpid() % 0xFFFF
+    assert await call(first, "sysv_shm", {"key": key, "mb": 8}) == {
+        "content": [{"type": "text", "text": "ok"}]
+    }
+    assert key not in _sysv_segments()  # not the host's, nor any other process's
+    found = await call(second, "sysv_shm", {"key": key})
+    assert found["content"][0]["text"] == "ENOENT"  # another plugin's worker: not there
+    # (a root server's workers, which may set their namespace's limits: as their /dev/shm)
+    if os.geteuid() == 0:
+        over = await call(first, "sysv_shm", {"key": key + 1, "mb": 257})
+        assert over["content"][0]["text"] == "EINVAL"  # one segment over it
+        made = [
+            (await call(first, "sysv_shm", {"key": key + 2 + i, "mb": 40}))["content"][0]["text"]
+            for i in range(7)
+        ]
+        assert made == ["ok"] * 6 + ["ENOSPC"]  # 8 + 6 * 40 MiB, and no more
 
 
 def _mounted_at(path: Path) -> bool:

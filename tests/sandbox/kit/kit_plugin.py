@@ -443,6 +443,27 @@ def reach(
     return outcome
 
 
+@plugin.tool("sysv_shm")
+def sysv_shm(ctx: Context, key: int, mb: int = 0) -> str:
+    """Make (``mb`` > 0) and fill a System V shared memory segment of ``key``, or find one
+    (``mb`` 0): "ok", or the errno's name."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+    libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmdt.argtypes = [ctypes.c_void_p]
+    segment = libc.shmget(key, mb << 20, 0o1000 | 0o600 if mb else 0)  # IPC_CREAT
+    if segment < 0:
+        return errno.errorcode[ctypes.get_errno()]
+    if mb:  # its pages made real, then let go: not in the address space, still held
+        address = libc.shmat(segment, None, 0)
+        if address is None or address == ctypes.c_void_p(-1).value:
+            return errno.errorcode[ctypes.get_errno()]
+        ctypes.memset(address, 0x41, mb << 20)
+        libc.shmdt(address)
+    return "ok"
+
+
 @plugin.resource("kit://hello", mime_type="text/plain")
 def hello(ctx: Context) -> str:
     return f"hello {ctx.agent}"
