@@ -420,9 +420,9 @@ def confine_mounts(
     # against no address space and outlive their maker, found by key by any process of the
     # user (a plugin of 256 MiB left 400 MiB of them to the host: found by a bug hunt). In
     # the user namespace the mount namespace may have needed, which gives the right to it.
-    if libc.unshare(CLONE_NEWIPC) != 0:
-        return False
-    _limit_shared_memory(private_mb)
+    # (a kernel without IPC namespaces keeps the host's: the mount view is no less worth it)
+    if libc.unshare(CLONE_NEWIPC) == 0:
+        _limit_shared_memory(private_mb)
     # Private first: nothing done here may reach the mounts of other processes.
     if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         return False
