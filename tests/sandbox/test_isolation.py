@@ -288,7 +288,7 @@ def test_a_switch_that_fails_half_way_leaves_the_process_as_it_was() -> None:
 # The child installs a worker's seccomp filter, naming the test's process (the server, for a
 # worker) and its process group, then signals each target with signal 0.
 SIGNAL_CHILD = """
-import ctypes, errno, json, os, resource, sys
+import ctypes, errno, fcntl, json, os, resource, signal, socket, struct, sys
 from mcp_zero.sandbox import isolation
 server, group, bystander, thread = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
@@ -329,7 +329,27 @@ tries = {
     "affinity itself": lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)),
     "nice itself": lambda: os.setpriority(os.PRIO_PROCESS, os.getpid(), nice(0)),
     "nice 0": lambda: os.setpriority(os.PRIO_PROCESS, 0, nice(0)),
+    # signals sent another way (found by a bug hunt): through an open /proc/<pid> as a
+    # pidfd, and as the owner of a file's signal-driven I/O (F_SETSIG: SIGKILL too)
+    "procfd server": lambda: procfd_signal(server),
+    "procfd bystander": lambda: procfd_signal(bystander),
+    "setown server": lambda: fcntl.fcntl(sock, fcntl.F_SETOWN, server),
+    "setown group": lambda: fcntl.fcntl(sock, fcntl.F_SETOWN, -group),
+    "setown server thread": lambda: fcntl.fcntl(sock, fcntl.F_SETOWN, thread),
+    "setown_ex server": lambda: fcntl.fcntl(sock, 15, struct.pack("ii", 1, server)),
+    "fiosetown server": lambda: fcntl.ioctl(sock, 0x8901, struct.pack("i", server)),
+    "siocspgrp server": lambda: fcntl.ioctl(sock, 0x8902, struct.pack("i", server)),
+    "setown bystander": lambda: fcntl.fcntl(sock, fcntl.F_SETOWN, bystander),
+    "setown itself": lambda: fcntl.fcntl(sock, fcntl.F_SETOWN, os.getpid()),
+    "getown": lambda: fcntl.fcntl(sock, fcntl.F_GETOWN),
 }
+sock, _ = socket.socketpair()
+def procfd_signal(pid):
+    fd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        signal.pidfd_send_signal(fd, 0)
+    finally:
+        os.close(fd)
 def threading_id():
     return __import__("threading").get_native_id()
 def cpu(pid):  # (set to what it is: only whether it may is seen)
@@ -384,10 +404,13 @@ def test_a_worker_may_not_signal_the_server_nor_set_its_limits_or_scheduling() -
     # another process's rlimits, scheduling and priority: none, its own children's too
     refused += ["prlimit server thread", "prlimit bystander", "affinity bystander"]
     refused += ["nice bystander"]
+    refused += ["procfd server", "procfd bystander", "setown server", "setown group"]
+    refused += ["setown server thread", "setown_ex server", "fiosetown server"]
+    refused += ["siocspgrp server"]
     assert {name: outcome[name] for name in refused} == dict.fromkeys(refused, "EPERM")
     allowed = ["kill bystander", "queue bystander", "pidfd bystander", "kill itself"]
     allowed += ["kill own group", "prlimit itself", "prlimit 0", "affinity itself"]
-    allowed += ["nice itself", "nice 0"]
+    allowed += ["nice itself", "nice 0", "setown bystander", "setown itself", "getown"]
     assert {name: outcome[name] for name in allowed} == dict.fromkeys(allowed, "ok")
 
 

@@ -43,7 +43,8 @@ class _Syscalls(NamedTuple):
     socket: int
     # Refused outright: the kernel keyring's add_key, request_key and keyctl; io_uring's
     # setup, enter and register (its IORING_OP_SOCKET makes a socket no filter of socket()
-    # sees); tkill, which names a thread of any process.
+    # sees); tkill, which names a thread of any process; pidfd_send_signal, whose pidfd may
+    # be an open /proc/<pid> directory as well as pidfd_open's (found by a bug hunt).
     refused: tuple[int, ...]
     kill: int
     # Those that signal the process their first argument names: tgkill, rt_sigqueueinfo,
@@ -58,18 +59,26 @@ class _Syscalls(NamedTuple):
     # who): setpriority, and ioprio_set; with the ``which`` that means every process of a user
     # (PRIO_USER, IOPRIO_WHO_USER), refused; otherwise allowed on the caller only.
     on_who: tuple[tuple[int, int], ...]
+    # fcntl and ioctl, through which a file's owner is set: signal-driven I/O then sends the
+    # owner any signal (F_SETSIG), SIGKILL too (found by a bug hunt). F_SETOWN is refused on
+    # a protected pid or group; F_SETOWN_EX and the socket ioctls FIOSETOWN and SIOCSPGRP,
+    # whose pid is behind a pointer the filter cannot read, outright.
+    fcntl: int
+    ioctl: int
 
 
 _SECCOMP_ARCH = {
     "x86_64": _Syscalls(
-        0xC000003E, 41, (248, 249, 250, 425, 426, 427, 200), 62,
-        (234, 129, 297, 434), (302, 203, 144, 142, 314), ((141, 2), (251, 3)),
+        0xC000003E, 41, (248, 249, 250, 425, 426, 427, 200, 424), 62,
+        (234, 129, 297, 434), (302, 203, 144, 142, 314), ((141, 2), (251, 3)), 72, 16,
     ),
     "aarch64": _Syscalls(
-        0xC00000B7, 198, (217, 218, 219, 425, 426, 427, 130), 129,
-        (131, 138, 240, 434), (261, 122, 119, 118, 274), ((140, 2), (30, 3)),
+        0xC00000B7, 198, (217, 218, 219, 425, 426, 427, 130, 424), 129,
+        (131, 138, 240, 434), (261, 122, 119, 118, 274), ((140, 2), (30, 3)), 25, 29,
     ),
 }  # fmt: skip
+_F_SETOWN, _F_SETOWN_EX = 8, 15
+_FIOSETOWN, _SIOCSPGRP = 0x8901, 0x8902
 _X32_SYSCALL_BIT = 0x40000000
 _AF_UNIX = 1
 _RET_ALLOW = 0x7FFF0000
@@ -212,9 +221,11 @@ def _assemble(program: list[_Instruction | str]) -> list[tuple[int, int, int, in
 def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
     """Install a seccomp filter: no Unix-domain socket (``socket(AF_UNIX, …)`` fails with
     EACCES), no kernel keyring (``add_key``, ``request_key``, ``keyctl``), no io_uring
-    (through which a socket is made without ``socket()``), no ``tkill``; no signal to the
-    ``protected`` processes (the server: its pid, process group and threads), nor to every
-    process of the user at once (``kill(-1)``); and rlimits, scheduling and priorities set
+    (through which a socket is made without ``socket()``), no ``tkill`` nor
+    ``pidfd_send_signal``; no signal to the ``protected`` processes (the server: its pid,
+    process group and threads), nor to every process of the user at once (``kill(-1)``),
+    nor a file owned by them for signal-driven I/O (``F_SETOWN``; ``F_SETOWN_EX``,
+    ``FIOSETOWN`` and ``SIOCSPGRP`` not at all); and rlimits, scheduling and priorities set
     on this process alone (its pid, or 0), never on another, nor on every process of the
     user (``PRIO_USER``): EPERM. ``True`` when it is in force. A process of the server's
     user may do all of that to it without tracing it, and through any of its threads' ids
@@ -228,7 +239,8 @@ def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
         return False
     # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_JMP|JA, BPF_RET|K
     ld, jeq, jge, ja, ret = 0x20, 0x15, 0x35, _BPF_JA, 0x06
-    arg0, arg1 = 16, 24  # seccomp_data.args[0] and [1]: their low words (pids are ints)
+    # seccomp_data.args[0], [1] and [2]: their low words (pids and commands are ints)
+    arg0, arg1, arg2 = 16, 24, 32
     pids = sorted({p for p in protected if p > 0})
     program: list[_Instruction | str] = [
         (ld, 4, 0, 0),  # seccomp_data.arch: another ABI's numbers (i386's socketcall): nothing
@@ -242,6 +254,7 @@ def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
     program += [(jeq, nr, "first", 0) for nr in arch.on_first]
     program += [(jeq, nr, "self", 0) for nr in arch.on_self]
     program += [(jeq, nr, f"which {every}", 0) for nr, every in arch.on_who]
+    program += [(jeq, arch.fcntl, "fcntl", 0), (jeq, arch.ioctl, "ioctl", 0)]
     program += [
         (jeq, arch.socket, 0, "allow"),
         (ld, arg0, 0, 0),  # socket()'s address family
@@ -265,6 +278,17 @@ def restrict_syscalls(protected: Iterable[int] = ()) -> bool:
         "mine",  # (a child of this process has another pid: only 0 means itself there)
         (jeq, 0, "allow", 0),
         (jeq, os.getpid(), "allow", "deny"),
+        "fcntl",
+        (ld, arg1, 0, 0),  # the command
+        (jeq, _F_SETOWN_EX, "deny", 0),
+        (jeq, _F_SETOWN, 0, "allow"),
+        (ld, arg2, 0, 0),  # the owner: a pid, or minus a group
+        *((jeq, -pid & 0xFFFFFFFF, "deny", 0) for pid in pids),
+        (ja, 0, "pid", "pid"),
+        "ioctl",
+        (ld, arg1, 0, 0),
+        (jeq, _FIOSETOWN, "deny", 0),
+        (jeq, _SIOCSPGRP, "deny", "allow"),
         "first",
         (ld, arg0, 0, 0),
         "pid",
