@@ -460,6 +460,22 @@ async def test_a_huge_bad_name_is_not_echoed_whole(admin: Admin) -> None:
     assert "100001 characters" in message
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/plugins/", 404), ("GET", "/nothing/", 404), ("PUT", "/agents/", 405)],
+)
+async def test_a_huge_path_is_not_echoed_whole(
+    admin: Admin, method: str, path: str, status: int
+) -> None:
+    # A plugin name, or a path no route takes, of 60,000 characters came back whole in the
+    # message, as the agent names above no longer do (found by a bug hunt)
+    response = await admin.call(method, path + "x" * 60_000)
+    assert response.status_code == status
+    message = response.json()["error"]["message"]
+    assert len(message) < 300
+    assert "characters)" in message
+
+
 async def test_malformed_admin_json_is_400(admin: Admin) -> None:
     response = await admin.http.post(f"{admin.live.base}/api/v1/agents", content=b"{nope")
     assert response.status_code == 400

@@ -45,6 +45,7 @@ from mcp_zero.errors import (
     NotFound,
     PluginNotFound,
     Unauthorized,
+    shown,
 )
 from mcp_zero.kernel.agents import agent_view, issued_view, recovery_view
 from mcp_zero.rpc.jsonrpc import WIDE_INTEGER, wide_integer
@@ -206,12 +207,14 @@ class AdminApi:
                     _check_params(query_params, route.params)
                     status, answer = await route.handler(match, payload, query_params)
                     return status, answer, []
+            # (a path may be 64 KiB: its start, as agent names are shown)
+            where = shown(f"/api/v1{path}")
             if not taken:
-                raise NotFound(f"no admin route {method} /api/v1{path}")
+                raise NotFound(f"no admin route {method[:20]} {where}")
             allow = [(b"allow", _allowed(taken).encode())]
             if method == "OPTIONS":
                 return 204, None, allow
-            message = f"/api/v1{path} takes {_allowed(taken)}, not {method[:20]}"
+            message = f"{where} takes {_allowed(taken)}, not {method[:20]}"
             return 405, {"error": {"code": "method_not_allowed", "message": message}}, allow
         except orjson.JSONDecodeError as exc:
             return 400, {"error": {"code": "parse_error", "message": f"invalid JSON: {exc}"}}, []
@@ -326,7 +329,7 @@ class AdminApi:
     async def _get_plugin(self, m: re.Match[str], body: JSON, q: Any) -> tuple[int, Any]:
         record = self.runtime.store.get_plugin(m["name"])
         if record is None:
-            raise PluginNotFound(f"no plugin named {m['name']!r} is installed")
+            raise PluginNotFound(f"no plugin named {shown(m['name'])} is installed")
         return 200, self._with_state(plugin_view(record.manifest, tools=True))
 
     def _with_state(self, view: JSON) -> JSON:
