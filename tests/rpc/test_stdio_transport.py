@@ -273,15 +273,27 @@ async def test_mcp0_serve_stdio_speaks_json_lines(tmp_path: Path) -> None:
     assert replies[2]["result"]["content"][0]["text"] == "from cli"
 
 
-async def piped_stdio_server(data_dir: Path, agent: str) -> asyncio.subprocess.Process:
+@contextlib.asynccontextmanager
+async def piped_stdio_server(
+    data_dir: Path, agent: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`mcp0 serve --stdio` as ``agent`` on ``data_dir``, its stdin and stdout piped to the
-    test (stderr discarded)."""
-    return await asyncio.create_subprocess_exec(
+    test (stderr discarded); killed at the end of the block if still running."""
+    server = await asyncio.create_subprocess_exec(
         *(MCP0, "serve", "--stdio", "--agent", agent, "--data-dir", str(data_dir)),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
+    assert server.stdin is not None
+    assert server.stdout is not None
+    try:
+        yield server
+    finally:
+        if server.returncode is None:
+            server.kill()
+            with anyio.fail_after(TIMEOUT_S):
+                await server.communicate()  # (reads stdout to its end: wait() needs that)
 
 
 async def test_a_client_slow_to_read_stdout_holds_up_its_answers_not_the_server(
@@ -297,36 +309,32 @@ async def test_a_client_slow_to_read_stdout_holds_up_its_answers_not_the_server(
     big = "x" * (4 << 20)
     # The client reads nothing while it sends: its end of stdout holds at most the pipe's
     # buffer and its reader's (128 KiB, asyncio's default), the answer stays mostly unsent.
-    server = await piped_stdio_server(data_dir, "slow-reader")
-    assert server.stdin is not None
-    assert server.stdout is not None
     try:
-        call = {"jsonrpc": "2.0", "method": "tools/call"}
-        server.stdin.write(orjson.dumps(initialize_message()) + b"\n")
-        for rid, text in (("big", big), ("after", "small")):
-            params = {"name": "faulty_echo", "arguments": {"text": text}}
-            server.stdin.write(orjson.dumps({**call, "id": rid, "params": params}) + b"\n")
-            await server.stdin.drain()
-            with anyio.fail_after(TIMEOUT_S):  # (an answer is sent once its record is)
-                while not any(r.get("request_id") == rid for r in audited(runtime)):
-                    await asyncio.sleep(0.05)
-        out = b""
-        with anyio.fail_after(TIMEOUT_S):
-            while out.count(b"\n") < 3:
-                chunk = await server.stdout.read(1 << 20)
-                assert chunk, "the server closed stdout"
-                out += chunk
-        answers = [orjson.loads(line) for line in out.splitlines()]
-        assert [a["id"] for a in answers] == [1, "big", "after"]
-        assert answers[1]["result"]["content"][0]["text"] == big
-        server.stdin.close()
-        with anyio.fail_after(TIMEOUT_S):
-            assert await server.wait() == 0
-    finally:
-        if server.returncode is None:
-            server.kill()
+        async with piped_stdio_server(data_dir, "slow-reader") as server:
+            assert server.stdin is not None
+            assert server.stdout is not None
+            call = {"jsonrpc": "2.0", "method": "tools/call"}
+            server.stdin.write(orjson.dumps(initialize_message()) + b"\n")
+            for rid, text in (("big", big), ("after", "small")):
+                params = {"name": "faulty_echo", "arguments": {"text": text}}
+                server.stdin.write(orjson.dumps({**call, "id": rid, "params": params}) + b"\n")
+                await server.stdin.drain()
+                with anyio.fail_after(TIMEOUT_S):  # (an answer is sent once its record is)
+                    while not any(r.get("request_id") == rid for r in audited(runtime)):
+                        await asyncio.sleep(0.05)
+            out = b""
             with anyio.fail_after(TIMEOUT_S):
-                await server.communicate()  # (reads stdout to its end: wait() needs that)
+                while out.count(b"\n") < 3:
+                    chunk = await server.stdout.read(1 << 20)
+                    assert chunk, "the server closed stdout"
+                    out += chunk
+            answers = [orjson.loads(line) for line in out.splitlines()]
+            assert [a["id"] for a in answers] == [1, "big", "after"]
+            assert answers[1]["result"]["content"][0]["text"] == big
+            server.stdin.close()
+            with anyio.fail_after(TIMEOUT_S):
+                assert await server.wait() == 0
+    finally:
         runtime.close()
 
 
@@ -1040,10 +1048,9 @@ async def test_sigterm_cancels_a_2026_call_waiting_for_its_retry_and_records_its
     was lost, the audit log closed by then (found by a bug hunt). It is cancelled, as at the
     end of stdin, and both records are written."""
     data_dir = await data_dir_with_agent(tmp_path, "parker")
-    server = await piped_stdio_server(data_dir, "parker")
-    assert server.stdin is not None
-    assert server.stdout is not None
-    try:
+    async with piped_stdio_server(data_dir, "parker") as server:
+        assert server.stdin is not None
+        assert server.stdout is not None
         asking = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {}}}
         server.stdin.write(
             orjson.dumps(stateless("ask", "tools/call", {"name": "faulty_ask_between"}, **asking))
@@ -1056,11 +1063,6 @@ async def test_sigterm_cancels_a_2026_call_waiting_for_its_retry_and_records_its
         server.send_signal(signal.SIGTERM)
         with anyio.fail_after(TIMEOUT_S):
             assert await server.wait() == 0
-    finally:
-        if server.returncode is None:
-            server.kill()
-            with anyio.fail_after(TIMEOUT_S):
-                await server.communicate()
     with SqliteStore(data_dir / "mcp0.db") as store:
         records = [orjson.loads(entry.body) for entry in store.read_audit(0, 1000)]
     ended = sorted(
