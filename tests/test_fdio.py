@@ -3,9 +3,11 @@ fdio.remove_tree and tree_bytes: a tree however deep, nothing outside it touched
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -97,24 +99,30 @@ def test_a_directory_moved_out_while_walked_stops_the_walk(tmp_path: Path) -> No
     assert (tmp_path / "elsewhere" / "keep").read_text() == "kept"
 
 
-def test_what_cannot_be_removed_is_left_and_said(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # (a file the OS refuses to delete, made so for root too, who may delete anything a
-    # chmod could protect: os.unlink refuses one name)
+@contextlib.contextmanager
+def undeletable(file: Path) -> Iterator[None]:
+    """``file`` made one the OS refuses to delete, for as long as the block runs: for root
+    (who deletes what a mode protects) immutable (``chattr +i``, ext4's and tmpfs's), for
+    another user in a directory without write permission."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(file)], check=True)
+        undo = ["chattr", "-i", str(file)]
+    else:
+        file.parent.chmod(0o500)
+        undo = ["chmod", "700", str(file.parent)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_what_cannot_be_removed_is_left_and_said(tmp_path: Path) -> None:
     (tmp_path / "tree" / "locked").mkdir(parents=True)
     (tmp_path / "tree" / "locked" / "file").write_text("x")
     (tmp_path / "tree" / "other").write_text("y")
-    unlink = os.unlink
-
-    def refusing(name: str, *, dir_fd: int | None = None) -> None:
-        if name == "file":
-            raise PermissionError(1, "Operation not permitted", name)
-        unlink(name, dir_fd=dir_fd)
-
-    monkeypatch.setattr(os, "unlink", refusing)
-    with pytest.raises(PermissionError):
-        remove_tree(tmp_path / "tree")
-    assert os.listdir(tmp_path / "tree") == ["locked"]  # all else deleted
-    remove_tree(tmp_path / "tree", ignore_errors=True)
-    assert os.listdir(tmp_path / "tree" / "locked") == ["file"]
+    with undeletable(tmp_path / "tree" / "locked" / "file"):
+        with pytest.raises(PermissionError):
+            remove_tree(tmp_path / "tree")
+        assert os.listdir(tmp_path / "tree") == ["locked"]  # all else deleted
+        remove_tree(tmp_path / "tree", ignore_errors=True)
+        assert os.listdir(tmp_path / "tree" / "locked") == ["file"]

@@ -229,34 +229,6 @@ def test_a_policy_can_forbid_installing_a_plugin(runtime: Runtime) -> None:
     assert record["policies"] == ["frozen-plugins"]
 
 
-def test_a_plugin_json_changed_after_the_decision_is_not_what_gets_installed(
-    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The policy decided on the plugin.json read first, the install read it again: a user
-    # who owns the directory root installs from could swap in another plugin meanwhile,
-    # installed under a decision (and an audit record) made for the first (found by review)
-    (runtime.settings.policy_dir / "no-shell.cedar").write_text(
-        '@id("no-shell")\n'
-        'forbid (principal, action == Action::"install_plugin", resource == Plugin::"shell");\n'
-    )
-    runtime.policy.reload()
-    source = tmp_path / "source"
-    shutil.copytree(NOTES_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
-    decide = runtime._authorize
-
-    def decided_then_swapped(*args: Any) -> dict[str, Any]:
-        decision = decide(*args)
-        manifest = json.loads((source / "plugin.json").read_text())
-        (source / "plugin.json").write_text(json.dumps({**manifest, "name": "shell"}))
-        return decision
-
-    monkeypatch.setattr(runtime, "_authorize", decided_then_swapped)
-    with pytest.raises(ManifestError, match="changed after the install of plugin 'notes'"):
-        runtime.install_plugin(source)
-    assert runtime.store.list_plugins() == []
-    assert list(runtime.store.read_audit(0, 100)) == []  # nothing was installed to record
-
-
 @pytest.mark.anyio
 async def test_changed_policy_files_are_put_in_force_or_refused_and_audited(
     runtime: Runtime,

@@ -252,6 +252,26 @@ async def test_a_hard_link_to_another_users_file_is_refused(
     assert (copy / "shadow").read_text() == "root:$6$secret"
 
 
+async def test_a_plugin_json_other_than_the_one_decided_on_is_not_installed(
+    make_runtime: Any, tmp_path: Path
+) -> None:
+    # The policy decided on the plugin.json read first (runtime.install_plugin), the install
+    # read it again: a user who owns the directory root installs from could swap in another
+    # plugin meanwhile, installed under a decision (and an audit record) made for the first
+    # (found by review). The host is given the manifest decided on, and refuses another.
+    runtime: Runtime = make_runtime()
+    source = edited_copy(tmp_path, FAULTY_DIR)
+    decided = load_manifest(source)
+    swapped = {**json.loads((source / "plugin.json").read_text()), "name": "shell"}
+    (source / "plugin.json").write_text(json.dumps(swapped))
+    with pytest.raises(ManifestError, match="changed after the install of plugin 'faulty'"):
+        runtime.plugins.install(source, decided=decided)
+    assert runtime.store.list_plugins() == []
+    assert not (runtime.settings.plugins_dir / "shell").exists()  # nothing was copied
+    runtime.plugins.install(source, decided=load_manifest(source))  # the one decided on
+    assert [r.name for r in runtime.store.list_plugins()] == ["shell"]
+
+
 async def test_a_plugin_over_the_size_limit_is_refused(make_runtime: Any, tmp_path: Path) -> None:
     runtime: Runtime = make_runtime()
     source = edited_copy(tmp_path, FAULTY_DIR)
